@@ -1,0 +1,123 @@
+"""The exception tree of eventbus: every error the package raises on purpose.
+
+    EventBusError
+     ├── ConfigError              settings or connector YAML is invalid
+     ├── RuleError                one problem in a rule file (file, line, rule name)
+     │    └── PatternError        an event pattern is malformed (raised by ``matches``)
+     ├── RuleSetError             a rule set failed to load: carries every RuleError at once
+     ├── CloudEventError          an incoming event or request is invalid (HTTP status + detail)
+     ├── BusError                 the durable bus refused or could not be reached
+     │    └── BusUnavailable      not reachable right now: retry later (HTTP 503)
+     ├── StoreError               Postgres could not be reached or rejected a write
+     └── DeliveryError            a target invocation failed (carries retryable / status)
+
+Third-party errors are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusError",
+    "BusUnavailable",
+    "CloudEventError",
+    "ConfigError",
+    "DeliveryError",
+    "EventBusError",
+    "PatternError",
+    "RuleError",
+    "RuleSetError",
+    "StoreError",
+]
+
+
+class EventBusError(Exception):
+    """Root of every error eventbus raises on purpose."""
+
+
+class ConfigError(EventBusError):
+    """Settings or connector definitions are invalid; the message names file and line."""
+
+
+class RuleError(EventBusError):
+    """One problem in one rule: where it is and what is wrong."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        rule: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.rule = rule
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = self.file if self.line is None else f"{self.file}:{self.line}"
+        if self.rule is not None:
+            where = f"{where} rule {self.rule!r}" if where else f"rule {self.rule!r}"
+        return f"{where}: {self.message}" if where else self.message
+
+
+class PatternError(RuleError):
+    """An event pattern is malformed; ``path`` is the dotted field path inside the pattern."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class RuleSetError(EventBusError):
+    """Loading a rule set failed; ``errors`` lists every problem found, not just the first."""
+
+    def __init__(self, errors: list[RuleError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+class CloudEventError(EventBusError):
+    """An incoming CloudEvent or request is invalid; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, detail: str, *, status: int = 400, title: str = "Invalid CloudEvent") -> None:
+        self.detail = detail
+        self.status = status
+        self.title = title
+        super().__init__(detail)
+
+
+class BusError(EventBusError):
+    """The durable bus rejected an operation."""
+
+
+class BusUnavailable(BusError):
+    """The bus cannot be reached now; the caller should retry later (HTTP 503)."""
+
+
+class StoreError(EventBusError):
+    """Postgres could not be reached or rejected a statement."""
+
+
+class DeliveryError(EventBusError):
+    """A target invocation failed.
+
+    ``retryable`` says whether trying again may succeed; ``status`` is the HTTP status (or None),
+    ``retry_after`` a server-requested delay in seconds (or None).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(message)
