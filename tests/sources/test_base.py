@@ -128,9 +128,12 @@ async def test_runner_restarts_failing_source_with_backoff_and_isolates_others()
     _Echo.runs = 0
     clock = ManualClock()
     published: list[dict[str, Any]] = []
+    two_published = asyncio.Event()
 
     async def publish(event: dict[str, Any]) -> None:
         published.append(event)
+        if len(published) == 2:
+            two_published.set()
 
     flaky = build_source({"name": "flaky", "type": "test-echo", "count": 2, "fail_times": 2})
     broken = build_source({"name": "broken", "type": "test-broken"})
@@ -149,8 +152,7 @@ async def test_runner_restarts_failing_source_with_backoff_and_isolates_others()
         await asyncio.sleep(0)
         assert published == []
         clock.advance(1.0)
-        while len(published) < 2:
-            await asyncio.sleep(0.001)
+        await two_published.wait()
         assert flaky_status.state == "running"
         assert flaky_status.errors == 2
         assert flaky_status.events == 2
