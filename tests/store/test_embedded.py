@@ -1,0 +1,49 @@
+"""The embedded PostgreSQL launcher and the per-test database fixture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from eventbus._errors import StoreError
+from eventbus.store import EmbeddedPostgres
+
+
+async def test_fresh_database_per_test(database_dsn: str) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute("CREATE TABLE t (x int)")
+        name = await conn.fetchval("SELECT current_database()")
+        assert database_dsn.startswith(f"postgresql://postgres:@/{name}?")
+    finally:
+        await conn.close()
+
+
+async def test_data_survives_restart(postgres_server: EmbeddedPostgres, database_dsn: str) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+    await conn.close()
+    await postgres_server.stop()
+    assert not postgres_server.running
+    with pytest.raises(StoreError, match="not running"):
+        _ = postgres_server.dsn
+    await postgres_server.start()
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        assert await conn.fetchval("SELECT x FROM kept") == 7
+    finally:
+        await conn.close()
+
+
+async def test_stop_and_start_are_idempotent(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    await pg.stop()
+    async with pg:
+        await pg.start()
+        conn = await asyncpg.connect(pg.dsn)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+    await pg.stop()
+    assert not pg.running
