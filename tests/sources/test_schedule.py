@@ -1,0 +1,88 @@
+"""Schedule parsing and tick arithmetic (pure: no servers)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from eventbus._errors import ConfigError
+from eventbus.sources._schedule import missed_ticks, parse_schedule
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("expression", "zone", "after", "expected"),
+    [
+        ("*/15 * * * *", "UTC", utc(2026, 1, 1, 10, 7), utc(2026, 1, 1, 10, 15)),
+        ("*/15 * * * *", "UTC", utc(2026, 1, 1, 10, 15), utc(2026, 1, 1, 10, 30)),
+        ("30 * * * * *", "UTC", utc(2026, 1, 1, 10, 0, 0), utc(2026, 1, 1, 10, 0, 30)),
+        ("0 9 * * *", "Europe/Berlin", utc(2026, 1, 1), utc(2026, 1, 1, 8)),
+        ("0 9 * * *", "Europe/Berlin", utc(2026, 7, 1), utc(2026, 7, 1, 7)),
+        # 02:30 does not exist on the spring-forward day: croniter fires right after the jump.
+        ("30 2 * * *", "Europe/Berlin", utc(2026, 3, 28, 23), utc(2026, 3, 29, 1)),
+        ("rate(5 minutes)", "UTC", utc(2026, 1, 1, 10, 2), utc(2026, 1, 1, 10, 5)),
+        ("rate(1 hour)", "Asia/Tokyo", utc(2026, 1, 1, 10), utc(2026, 1, 1, 11)),
+        ("rate(2 days)", "UTC", utc(2026, 1, 1, 12), utc(2026, 1, 3)),  # epoch-aligned
+        ("at(2030-06-01T09:00:00)", "Europe/Paris", utc(2026, 1, 1), utc(2030, 6, 1, 7)),
+        ("at(2030-06-01T09:00:00)", "UTC", utc(2030, 6, 1, 9), None),
+    ],
+)
+def test_next_after(expression: str, zone: str, after: datetime, expected: datetime | None) -> None:
+    assert parse_schedule(expression, zone).next_after(after) == expected
+
+
+def test_at_or_before_includes_an_exact_tick() -> None:
+    for expression in ("0 * * * *", "rate(1 hour)", "0 0 * * * *"):
+        schedule = parse_schedule(expression)
+        assert schedule.at_or_before(utc(2026, 1, 1, 10)) == utc(2026, 1, 1, 10)
+        assert schedule.at_or_before(utc(2026, 1, 1, 10, 59)) == utc(2026, 1, 1, 10)
+    at = parse_schedule("at(2030-01-01T00:00:00)")
+    assert at.at_or_before(utc(2029, 12, 31)) is None
+    assert at.at_or_before(utc(2030, 1, 1)) == utc(2030, 1, 1)
+
+
+def test_fall_back_hour_fires_every_real_hour() -> None:
+    schedule = parse_schedule("0 * * * *", "Europe/Berlin")
+    ticks = missed_ticks(schedule, utc(2026, 10, 24, 23), utc(2026, 10, 25, 3), 100)
+    assert ticks == [utc(2026, 10, 25, h) for h in (0, 1, 2, 3)]
+
+
+def test_missed_ticks_keeps_the_latest_within_the_limit() -> None:
+    schedule = parse_schedule("rate(1 minute)")
+    after, until = utc(2026, 1, 1, 0, 0), utc(2026, 1, 8)  # a week: 10,080 ticks
+    assert missed_ticks(schedule, after, until, 3) == [
+        utc(2026, 1, 7, 23, 58),
+        utc(2026, 1, 7, 23, 59),
+        utc(2026, 1, 8),
+    ]
+    assert missed_ticks(schedule, after, utc(2026, 1, 1, 0, 2), 100) == [
+        utc(2026, 1, 1, 0, 1),
+        utc(2026, 1, 1, 0, 2),
+    ]
+    assert missed_ticks(schedule, after, after, 100) == []
+    assert missed_ticks(schedule, after, until, 0) == []
+
+
+@pytest.mark.parametrize(
+    ("expression", "zone", "message"),
+    [
+        ("61 * * * *", "UTC", "invalid cron expression"),
+        ("* * * *", "UTC", "has 4 fields"),
+        ("* * * * * * *", "UTC", "has 7 fields"),
+        ("0 0 30 2 *", "UTC", "invalid cron expression"),
+        ("rate(5 fortnights)", "UTC", "rate unit 'fortnights'"),
+        ("rate(0 minutes)", "UTC", "positive"),
+        ("rate(five minutes)", "UTC", "malformed schedule"),
+        ("at(tomorrow)", "UTC", "is not YYYY-MM-DDTHH:MM:SS"),
+        ("at(2030-01-01T00:00:00+02:00)", "UTC", "must not carry an offset"),
+        ("*/5 * * * *", "Mars/Olympus_Mons", "unknown time zone"),
+        ("*/5 * * * *", "../etc/passwd", "unknown time zone"),
+    ],
+)
+def test_bad_schedules_raise_config_error(expression: str, zone: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_schedule(expression, zone)
