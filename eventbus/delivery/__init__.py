@@ -1,0 +1,29 @@
+"""Delivery: policies, per-target protection, the durable retry schedule, dead letters, and the
+dispatcher that ties them to the targets."""
+
+from eventbus.delivery._dispatcher import Dispatcher, RetryWorker
+from eventbus.delivery._guard import Guard
+from eventbus.delivery._policy import (
+    PRESETS,
+    BreakerPolicy,
+    DeliveryPolicy,
+    RetryPolicy,
+    parse_delivery,
+    parse_duration,
+)
+from eventbus.delivery._store import DeadLetterFilter, DeliveryStore, Pending
+
+__all__ = [
+    "PRESETS",
+    "BreakerPolicy",
+    "DeadLetterFilter",
+    "DeliveryPolicy",
+    "DeliveryStore",
+    "Dispatcher",
+    "Guard",
+    "Pending",
+    "RetryPolicy",
+    "RetryWorker",
+    "parse_delivery",
+    "parse_duration",
+]

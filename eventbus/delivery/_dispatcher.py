@@ -1,0 +1,454 @@
+"""The dispatcher: runs one delivery attempt and decides what happens next.
+
+    Router ─ dispatch(event, route) ─┐
+    RetryWorker ─ due rows ──────────┴─> guard (breaker, rate) ─> target.deliver ─> Outcome
+        delivered      -> done; reply published to the bus; on_success destination
+        retryable      -> durable retry row (policy: backoff, Retry-After, max attempts/age)
+        otherwise      -> durable dead letter (+ optional dead-letter target, on_failure)
+
+``dispatch`` returns only when the delivery is delivered or durably recorded (a retry row or
+a dead letter in Postgres), so the router may then acknowledge the bus message (guarantee 2).
+It raises StoreError when Postgres cannot record a failure; the router then naks the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from eventbus import metrics
+from eventbus.cloudevents import new_event
+from eventbus.delivery._guard import Guard
+from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
+from eventbus.delivery._store import DeliveryStore, Pending
+from eventbus.rules import Route
+from eventbus.targets import Outcome, Target
+
+__all__ = ["Dispatcher", "RetryWorker"]
+
+log = logging.getLogger("eventbus.delivery")
+
+HOPS = "eventbushops"
+_FOLLOW_UPS = ("#on-success", "#on-failure", "#dead-letter")
+_ERROR_MAX = 1024
+
+
+class _Audit(Protocol):
+    async def attempt(
+        self,
+        event: dict[str, Any],
+        *,
+        rule: str,
+        target: str,
+        attempt: int,
+        outcome: str,
+        status: int | None,
+        duration_ms: float,
+        error: str | None,
+    ) -> None: ...
+
+    async def event_accepted(
+        self, event: dict[str, Any], *, via: str, size: int | None = None
+    ) -> None: ...
+
+
+@dataclass
+class _Job:
+    event: dict[str, Any]
+    rule: str
+    target: str
+    payload: Any
+    is_cloudevent: bool
+    delivery: dict[str, Any] | None
+    attempts: int = 0
+    first_attempt_at: datetime | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    pending_id: int | None = None
+
+
+class Dispatcher:
+    """See the module docstring. One per process; shared by the router and the retry worker."""
+
+    def __init__(
+        self,
+        targets: Mapping[str, Target],
+        policies: Mapping[str, DeliveryPolicy],
+        store: DeliveryStore,
+        audit: _Audit,
+        publish: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        hop_limit: int = 8,
+        disabled: Mapping[str, str] | None = None,
+    ) -> None:
+        self._targets = targets
+        self._policies = policies
+        self._store = store
+        self._audit = audit
+        self._publish = publish
+        self._hop_limit = hop_limit
+        self._disabled = dict(disabled or {})
+        self._guards = {
+            name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()
+        }
+        self._override_cache: dict[tuple[str, bytes], DeliveryPolicy] = {}
+
+    def guard(self, target: str) -> Guard | None:
+        return self._guards.get(target)
+
+    def enable(self, target: str) -> None:
+        self._disabled.pop(target, None)
+
+    async def dispatch(self, event: dict[str, Any], route: Route) -> None:
+        """Deliver ``route`` for ``event`` once; on failure record a retry or a dead letter.
+
+        Raises StoreError if that record cannot be written (the caller must not ack)."""
+        delivery = dict(route.delivery) if route.delivery else None
+        await self.run(
+            _Job(event, route.rule, route.target, route.payload, route.is_cloudevent, delivery)
+        )
+
+    async def retry(self, pending: Pending) -> None:
+        """Run the next attempt of a row claimed from the retry schedule."""
+        await self.run(
+            _Job(
+                pending.event,
+                pending.rule,
+                pending.target,
+                pending.payload,
+                pending.is_cloudevent,
+                pending.delivery,
+                pending.attempts,
+                pending.first_attempt_at,
+                list(pending.history),
+                pending.id,
+            )
+        )
+
+    def _policy(self, job: _Job) -> DeliveryPolicy:
+        base = self._policies.get(job.target, DeliveryPolicy())
+        if not job.delivery:
+            return base
+        key = (job.target, orjson.dumps(job.delivery, option=orjson.OPT_SORT_KEYS))
+        policy = self._override_cache.get(key)
+        if policy is None:
+            policy = parse_delivery(job.delivery, base, where=f"rule {job.rule!r}")
+            self._override_cache[key] = policy
+        return policy
+
+    async def run(self, job: _Job) -> None:
+        target = self._targets.get(job.target)
+        if target is None:
+            await self._dead_letter(job, None, "unknown-target", f"no target {job.target!r}")
+            return
+        if job.target in self._disabled:
+            reason = self._disabled[job.target]
+            await self._dead_letter(job, None, "target-disabled", f"target disabled: {reason}")
+            return
+        policy = self._policy(job)
+        guard = self._guards.get(job.target)
+        if guard is not None:
+            admission = guard.admit()
+            if not admission.allowed:
+                await self._park(job, admission.reopen_in, "circuit")
+                return
+            await guard.throttle()
+        attempt = job.attempts + 1
+        if job.first_attempt_at is None:
+            job.first_attempt_at = datetime.now(UTC)
+        outcome = await target.deliver(
+            job.event, job.payload, is_cloudevent=job.is_cloudevent, attempt=attempt
+        )
+        if guard is not None:
+            # a non-retryable 4xx is the request's fault, not the endpoint's health
+            guard.record(outcome.delivered or not outcome.retryable)
+        job.attempts = attempt
+        job.history.append(_history_entry(attempt, outcome))
+        metrics.DELIVERY_SECONDS.labels(job.target).observe(outcome.duration_ms / 1000)
+        if outcome.delivered:
+            await self._delivered(job, outcome, policy)
+        else:
+            await self._failed(job, outcome, policy)
+
+    async def _delivered(self, job: _Job, outcome: Outcome, policy: DeliveryPolicy) -> None:
+        metrics.DELIVERIES.labels(job.target, "delivered").inc()
+        await self._audit_attempt(job, outcome, "delivered")
+        if job.pending_id is not None:
+            await self._store.complete(job.pending_id)
+        if outcome.reply is not None:
+            await self._reply(job, outcome.reply)
+        if policy.on_success and not job.rule.endswith(_FOLLOW_UPS):
+            await self._follow_up(job, policy.on_success, "#on-success", outcome, None)
+
+    async def _failed(self, job: _Job, outcome: Outcome, policy: DeliveryPolicy) -> None:
+        assert job.first_attempt_at is not None
+        reason: str | None = None
+        if outcome.gone:
+            reason = "gone"
+            if policy.disable_on_gone:
+                await self._store.disable_target(job.target, f"410 Gone at attempt {job.attempts}")
+                self._disabled[job.target] = "answered 410 Gone"
+                log.warning("target %s answered 410 Gone: disabled", job.target)
+        elif not outcome.retryable:
+            reason = "non-retryable"
+        else:
+            age = (datetime.now(UTC) - job.first_attempt_at).total_seconds()
+            delay = policy.retry.next_delay(job.attempts, age, outcome.retry_after)
+            if delay is not None:
+                metrics.DELIVERIES.labels(job.target, "retried").inc()
+                await self._audit_attempt(job, outcome, "retry-scheduled")
+                await self._park(job, delay, "retry")
+                return
+            reason = (
+                "attempts-exhausted" if job.attempts >= policy.retry.max_attempts else "too-old"
+            )
+        await self._audit_attempt(job, outcome, "dead-lettered")
+        await self._dead_letter(job, outcome, reason, outcome.error, policy)
+
+    async def _park(self, job: _Job, delay: float, waiting_for: str) -> None:
+        if job.pending_id is None:
+            job.pending_id = await self._store.schedule(
+                job.event,
+                rule=job.rule,
+                target=job.target,
+                payload=job.payload,
+                is_cloudevent=job.is_cloudevent,
+                delivery=job.delivery,
+                due_in=delay,
+                attempts=job.attempts,
+                history=job.history,
+                waiting_for=waiting_for,
+                first_attempt_at=job.first_attempt_at,
+            )
+        else:
+            await self._store.reschedule(
+                job.pending_id,
+                due_in=delay,
+                attempts=job.attempts,
+                history=job.history,
+                waiting_for=waiting_for,
+            )
+
+    async def _dead_letter(
+        self,
+        job: _Job,
+        outcome: Outcome | None,
+        reason: str,
+        error: str | None,
+        policy: DeliveryPolicy | None = None,
+    ) -> None:
+        metrics.DELIVERIES.labels(job.target, "dead_lettered").inc()
+        if outcome is None:
+            await self._audit.attempt(
+                job.event,
+                rule=job.rule,
+                target=job.target,
+                attempt=job.attempts,
+                outcome="dead-lettered",
+                status=None,
+                duration_ms=0.0,
+                error=error,
+            )
+        await self._store.dead_letter(
+            job.event,
+            rule=job.rule,
+            target=job.target,
+            payload=job.payload,
+            is_cloudevent=job.is_cloudevent,
+            delivery=job.delivery,
+            attempts=job.attempts,
+            history=job.history,
+            last_status=None if outcome is None else outcome.status,
+            final_error=(error or "")[:_ERROR_MAX] or None,
+            reason=reason,
+            first_attempt_at=job.first_attempt_at,
+            pending_id=job.pending_id,
+        )
+        log.info(
+            "dead-lettered %s/%s rule=%s target=%s reason=%s",
+            job.event.get("source"),
+            job.event.get("id"),
+            job.rule,
+            job.target,
+            reason,
+        )
+        if policy is None or job.rule.endswith(_FOLLOW_UPS):
+            return
+        if policy.dead_letter_target:
+            copy = dict(job.event)
+            copy.update(
+                deadletterreason=reason,
+                deadlettertarget=job.target,
+                deadletterrule=job.rule,
+                deadletterattempts=job.attempts,
+                deadlettererror=(error or "")[:256],
+            )
+            await self.run(
+                _Job(copy, job.rule + "#dead-letter", policy.dead_letter_target, copy, True, None)
+            )
+        if policy.on_failure:
+            await self._follow_up(job, policy.on_failure, "#on-failure", outcome, reason)
+
+    async def _follow_up(
+        self,
+        job: _Job,
+        target: str,
+        suffix: str,
+        outcome: Outcome | None,
+        reason: str | None,
+    ) -> None:
+        """A destination (Function Compute style): an outcome CloudEvent to another target."""
+        ok = suffix == "#on-success"
+        data = {
+            "rule": job.rule,
+            "target": job.target,
+            "attempts": job.attempts,
+            "status": None if outcome is None else outcome.status,
+            "error": None if outcome is None else outcome.error,
+            "reason": reason,
+            "event": job.event,
+        }
+        outcome_event = new_event(
+            type="eventbus.delivery." + ("succeeded" if ok else "failed"),
+            source=f"eventbus/targets/{job.target}",
+            subject=str(job.event.get("id", "")),
+            data=data,
+        )
+        await self.run(_Job(outcome_event, job.rule + suffix, target, outcome_event, True, None))
+
+    async def _reply(self, job: _Job, reply: dict[str, Any]) -> None:
+        """Knative-style reply: publish the function's answer back onto the bus, with a hop
+        count so two functions answering each other cannot loop forever."""
+        hops = _hops(job.event) + 1
+        if hops > self._hop_limit:
+            log.warning(
+                "reply from target %s to %s dropped: hop limit %d reached",
+                job.target,
+                job.event.get("id"),
+                self._hop_limit,
+            )
+            metrics.EVENTS_REJECTED.labels("reply", "hop-limit").inc()
+            return
+        reply = dict(reply)
+        reply[HOPS] = hops
+        await self._publish(reply)
+        metrics.EVENTS_RECEIVED.labels("reply").inc()
+        await self._audit.event_accepted(reply, via="reply")
+
+    async def _audit_attempt(self, job: _Job, outcome: Outcome, result: str) -> None:
+        await self._audit.attempt(
+            job.event,
+            rule=job.rule,
+            target=job.target,
+            attempt=job.attempts,
+            outcome=result,
+            status=outcome.status,
+            duration_ms=outcome.duration_ms,
+            error=outcome.error,
+        )
+
+
+def _hops(event: dict[str, Any]) -> int:
+    try:
+        return int(event.get(HOPS, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _history_entry(attempt: int, outcome: Outcome) -> dict[str, Any]:
+    return {
+        "attempt": attempt,
+        "at": datetime.now(UTC).isoformat(),
+        "status": outcome.status,
+        "duration_ms": round(outcome.duration_ms, 2),
+        "error": (outcome.error or None) and outcome.error[:_ERROR_MAX],
+        "retryable": outcome.retryable,
+    }
+
+
+class RetryWorker:
+    """Claims due rows from the durable schedule and runs their next attempt.
+
+    Several instances share the schedule (SKIP LOCKED + lease); at most ``concurrency``
+    attempts run at once in this process.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        store: DeliveryStore,
+        *,
+        instance: str,
+        lease: float = 120.0,
+        batch: int = 100,
+        concurrency: int = 64,
+        idle_poll: float = 0.5,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._store = store
+        self._instance = instance
+        self._lease = lease
+        self._batch = batch
+        self._sem = asyncio.Semaphore(concurrency)
+        self._idle_poll = idle_poll
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="eventbus-retry-worker")
+
+    def wake(self) -> None:
+        """Look for due rows now (after a replay, say) instead of at the next poll."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        last_count = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_count > 5:
+                    metrics.RETRY_BACKLOG.set(await self._store.backlog())
+                    last_count = time.monotonic()
+                claimed = await self._store.claim_due(
+                    limit=self._batch, lease=self._lease, instance=self._instance
+                )
+            except Exception as exc:  # StoreError, or Postgres restarting
+                log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
+                await asyncio.sleep(2.0)
+                continue
+            for pending in claimed:
+                await self._sem.acquire()
+                task = asyncio.create_task(self._one(pending))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            if len(claimed) < self._batch:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._idle_poll)
+                except TimeoutError:
+                    pass
+
+    async def _one(self, pending: Pending) -> None:
+        try:
+            await self._dispatcher.retry(pending)
+        except Exception as exc:
+            # The row stays claimed until its lease runs out, then is tried again.
+            log.warning("retry of %s/%s failed: %s", pending.event.get("id"), pending.target, exc)
+        finally:
+            self._sem.release()
+
+    async def stop(self, grace: float) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._inflight:
+            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

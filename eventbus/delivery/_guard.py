@@ -1,0 +1,110 @@
+"""Per-target protection in front of every delivery attempt: a circuit breaker and a rate limit.
+
+Where it sits: the dispatcher asks ``Guard.admit()`` before an attempt and reports the outcome
+with ``Guard.record()``. An open circuit does not drop anything: the dispatcher parks the
+delivery in the durable retry schedule until ``reopen_at``. State is per process (each instance
+learns an endpoint's health from its own attempts), as in Dapr's resiliency policies.
+
+Breaker states: closed (normal) -> open after N consecutive failures -> half-open once
+``open_for`` has passed, letting one probe through -> closed on its success, open again on
+its failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from eventbus import metrics
+from eventbus.delivery._policy import BreakerPolicy
+
+__all__ = ["Admission", "Guard"]
+
+CLOSED, HALF_OPEN, OPEN = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """``allowed`` or, when the circuit is open, the monotonic time it may be probed again."""
+
+    allowed: bool
+    reopen_in: float = 0.0
+
+
+class Guard:
+    """Circuit breaker plus token-bucket rate limit for one target."""
+
+    def __init__(
+        self,
+        target: str,
+        breaker: BreakerPolicy | None,
+        rate_limit: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._target = target
+        self._breaker = breaker
+        self._clock = clock
+        self._state = CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self._rate = rate_limit
+        self._tokens = rate_limit or 0.0
+        self._refilled = clock()
+        self._lock = asyncio.Lock()
+        metrics.CIRCUIT_STATE.labels(target).set(CLOSED)
+
+    @property
+    def state(self) -> str:
+        return ("closed", "half-open", "open")[self._state]
+
+    def admit(self) -> Admission:
+        """May an attempt go to the target now? Never waits."""
+        b = self._breaker
+        if b is None or self._state == CLOSED:
+            return Admission(True)
+        elapsed = self._clock() - self._opened_at
+        if self._state == OPEN and elapsed >= b.open_for:
+            self._set(HALF_OPEN)
+        if self._state == HALF_OPEN and not self._probing:
+            self._probing = True
+            return Admission(True)
+        return Admission(False, max(b.open_for - elapsed, 0.05))
+
+    def record(self, success: bool) -> None:
+        """Report the outcome of an admitted attempt."""
+        b = self._breaker
+        if b is None:
+            return
+        if success:
+            self._failures = 0
+            self._probing = False
+            if self._state != CLOSED:
+                self._set(CLOSED)
+            return
+        self._failures += 1
+        if self._state == HALF_OPEN or self._failures >= b.failures:
+            self._probing = False
+            self._opened_at = self._clock()
+            self._set(OPEN)
+
+    def _set(self, state: int) -> None:
+        self._state = state
+        metrics.CIRCUIT_STATE.labels(self._target).set(state)
+
+    async def throttle(self) -> None:
+        """Wait for a rate-limit token (no-op without a limit). Waits are short and bounded:
+        at most one token interval per waiter ahead in line."""
+        if self._rate is None:
+            return
+        async with self._lock:
+            while True:
+                now = self._clock()
+                self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+                self._refilled = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await asyncio.sleep((1.0 - self._tokens) / self._rate)

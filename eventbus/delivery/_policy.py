@@ -1,0 +1,283 @@
+"""Delivery policies: how often and how long a failed delivery is retried, and what protects an
+endpoint (circuit breaker, rate limit). Parsed once at load from a target's ``delivery:`` block,
+overridden per rule route, and frozen.
+
+    delivery:
+      retry: eventbridge            # a preset name, or a mapping:
+      retry: {strategy: exponential, initial_delay: 1s, factor: 2, max_delay: 5m,
+              max_attempts: 20, max_age: 6h, jitter: true}
+      circuit_breaker: {failures: 5, open_for: 60s}   # or false
+      rate_limit: 100               # events per second, optional
+      disable_on_gone: true         # a 410 stops further deliveries to the target
+      dead_letter_target: dlq-topic # optional copy of each dead letter
+      on_success: audit-log         # optional destinations (outcome CloudEvents)
+      on_failure: alerts
+
+Presets follow the anchors: ``eventbridge`` (up to 185 attempts within 24 h, exponential with
+jitter), ``alibaba-backoff`` (3 retries, random 10–20 s apart), ``alibaba-exponential``
+(176 retries over 1 day, exponential up to 512 s), ``none`` (one attempt).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from eventbus._errors import ConfigError
+
+__all__ = [
+    "PRESETS",
+    "BreakerPolicy",
+    "DeliveryPolicy",
+    "RetryPolicy",
+    "parse_delivery",
+    "parse_duration",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """``1.5``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"`` -> seconds (float, ≥ 0).
+
+    Raises ValueError for anything else, including negative numbers.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative: {value}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 6h, 1d)")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to try again. ``max_attempts`` counts every attempt, the first included."""
+
+    strategy: Literal["exponential", "linear", "fixed", "random"] = "exponential"
+    initial_delay: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 300.0
+    max_attempts: int = 10
+    max_age: float = 86400.0
+    jitter: bool = True
+    retry_after_cap: float = 3600.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before attempt ``attempt + 1`` after ``attempt`` failures (attempt ≥ 1)."""
+        r = rng or random
+        if self.strategy == "fixed":
+            base = self.initial_delay
+        elif self.strategy == "linear":
+            base = self.initial_delay * attempt
+        elif self.strategy == "random":
+            # initial_delay..max_delay uniformly (Alibaba BACKOFF_RETRY: 10–20 s)
+            return r.uniform(self.initial_delay, self.max_delay)
+        else:
+            base = self.initial_delay * self.factor ** (attempt - 1)
+        base = min(base, self.max_delay)
+        if self.jitter:
+            # "equal jitter": keeps at least half the backoff, spreads the rest
+            return base / 2 + r.uniform(0, base / 2)
+        return base
+
+    def next_delay(
+        self,
+        attempt: int,
+        age: float,
+        retry_after: float | None = None,
+        rng: random.Random | None = None,
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None when retrying must stop.
+
+        ``attempt`` attempts have been made; ``age`` seconds have passed since the first.
+        A server's ``Retry-After`` is honoured (capped by ``retry_after_cap``) when it is
+        longer than our own backoff.
+        """
+        if attempt >= self.max_attempts:
+            return None
+        delay = self.delay(attempt, rng)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.retry_after_cap))
+        if age + delay > self.max_age:
+            return None
+        return delay
+
+
+PRESETS: Mapping[str, RetryPolicy] = {
+    "eventbridge": RetryPolicy(
+        strategy="exponential",
+        initial_delay=1.0,
+        factor=2.0,
+        max_delay=600.0,
+        max_attempts=185,
+        max_age=86400.0,
+    ),
+    "alibaba-backoff": RetryPolicy(
+        strategy="random", initial_delay=10.0, max_delay=20.0, max_attempts=4, jitter=False
+    ),
+    "alibaba-exponential": RetryPolicy(
+        strategy="exponential",
+        initial_delay=1.0,
+        factor=2.0,
+        max_delay=512.0,
+        max_attempts=177,
+        max_age=86400.0,
+        jitter=False,
+    ),
+    "none": RetryPolicy(max_attempts=1),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Open after ``failures`` consecutive failures; probe again after ``open_for`` seconds."""
+
+    failures: int = 5
+    open_for: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    retry: RetryPolicy = PRESETS["eventbridge"]
+    breaker: BreakerPolicy | None = BreakerPolicy()
+    rate_limit: float | None = None
+    disable_on_gone: bool = True
+    dead_letter_target: str | None = None
+    on_success: str | None = None
+    on_failure: str | None = None
+
+
+class _RetrySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = None
+    strategy: Literal["exponential", "linear", "fixed", "random"] | None = None
+    initial_delay: float | None = None
+    factor: float | None = Field(None, ge=1.0, le=10.0)
+    max_delay: float | None = None
+    max_attempts: int | None = Field(None, ge=1, le=10_000)
+    max_age: float | None = None
+    jitter: bool | None = None
+    retry_after_cap: float | None = None
+
+    @field_validator(
+        "initial_delay", "max_delay", "max_age", "retry_after_cap", mode="before"
+    )
+    @classmethod
+    def _duration(cls, v: object) -> float | None:
+        return None if v is None else parse_duration(v)
+
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown retry preset {v!r}; known: {', '.join(sorted(PRESETS))}")
+        return v
+
+
+class _BreakerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    failures: int = Field(5, ge=1, le=10_000)
+    open_for: float = 60.0
+
+    @field_validator("open_for", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float:
+        return parse_duration(v)
+
+
+class _DeliverySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    retry: str | dict[str, Any] | None = None
+    circuit_breaker: bool | _BreakerSpec | None = None
+    rate_limit: float | None = Field(None, gt=0, le=1_000_000)
+    disable_on_gone: bool | None = None
+    dead_letter_target: str | None = None
+    on_success: str | None = None
+    on_failure: str | None = None
+
+    @model_validator(mode="after")
+    def _preset_name(self) -> _DeliverySpec:
+        if isinstance(self.retry, str) and self.retry not in PRESETS:
+            raise ValueError(
+                f"unknown retry preset {self.retry!r}; known: {', '.join(sorted(PRESETS))}"
+            )
+        return self
+
+
+def _apply_retry(base: RetryPolicy, raw: str | dict[str, Any]) -> RetryPolicy:
+    if isinstance(raw, str):
+        return PRESETS[raw]
+    try:
+        spec = _RetrySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(_describe(exc, "retry.")) from exc
+    policy = PRESETS[spec.preset] if spec.preset else base
+    changes = {
+        k: v
+        for k, v in spec.model_dump(exclude={"preset"}).items()
+        if v is not None
+    }
+    policy = replace(policy, **changes)
+    if policy.max_delay < policy.initial_delay and policy.strategy != "fixed":
+        raise ValueError(
+            f"max_delay ({policy.max_delay}s) is below initial_delay ({policy.initial_delay}s)"
+        )
+    return policy
+
+
+def parse_delivery(
+    spec: Mapping[str, Any] | None, base: DeliveryPolicy | None = None, *, where: str = ""
+) -> DeliveryPolicy:
+    """Build a DeliveryPolicy from a ``delivery:`` mapping layered over ``base``.
+
+    Raises ConfigError naming ``where`` and the field for an unknown preset, a negative or
+    malformed duration, an unknown key or an out-of-range value.
+    """
+    policy = base or DeliveryPolicy()
+    if not spec:
+        return policy
+    try:
+        parsed = _DeliverySpec.model_validate(dict(spec))
+        if parsed.retry is not None:
+            policy = replace(policy, retry=_apply_retry(policy.retry, parsed.retry))
+    except (ValidationError, ValueError) as exc:
+        raise ConfigError(f"{where}: delivery: {_describe(exc)}") from exc
+    if parsed.circuit_breaker is not None:
+        if parsed.circuit_breaker is False:
+            policy = replace(policy, breaker=None)
+        elif parsed.circuit_breaker is True:
+            policy = replace(policy, breaker=BreakerPolicy())
+        else:
+            b = parsed.circuit_breaker
+            policy = replace(policy, breaker=BreakerPolicy(b.failures, b.open_for))
+    for name in ("rate_limit", "disable_on_gone", "dead_letter_target", "on_success", "on_failure"):
+        value = getattr(parsed, name)
+        if value is not None:
+            policy = replace(policy, **{name: value})
+    return policy
+
+
+def _describe(exc: Exception, prefix: str = "") -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix}{msg}".rstrip())
+        return "; ".join(parts)
+    return str(exc)

@@ -1,0 +1,365 @@
+"""Postgres persistence of delivery state: the durable retry schedule and the dead letters.
+
+Where it sits: the dispatcher writes here whenever an attempt does not end delivered, and
+awaits the write before the bus message is acknowledged (guarantee 2); the retry worker claims
+due rows here; the API and CLI list, replay and purge dead letters here. Tables come from
+migration ``0002_delivery.sql``.
+
+Claiming uses ``FOR UPDATE SKIP LOCKED`` plus a lease (``locked_until``): several instances share
+the due rows without sending one twice, and rows claimed by an instance that died become due
+again when its lease runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from eventbus._errors import StoreError
+
+__all__ = ["DeadLetterFilter", "DeliveryStore", "Pending"]
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One delivery waiting in the retry schedule."""
+
+    id: int
+    event: dict[str, Any]
+    rule: str
+    target: str
+    payload: Any
+    is_cloudevent: bool
+    delivery: dict[str, Any] | None
+    attempts: int
+    first_attempt_at: datetime
+    history: list[dict[str, Any]]
+    waiting_for: str
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters a list, replay or purge applies to; every field is optional."""
+
+    ids: Sequence[int] = field(default_factory=tuple)
+    rule: str | None = None
+    target: str | None = None
+    status: int | None = None
+    reason: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    source: str | None = None
+
+    def where(self, first_param: int = 1) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+
+        def add(sql: str, value: Any) -> None:
+            args.append(value)
+            clauses.append(sql.format(f"${first_param + len(args) - 1}"))
+
+        if self.ids:
+            add("id = ANY({}::bigint[])", list(self.ids))
+        if self.rule is not None:
+            add("rule = {}", self.rule)
+        if self.target is not None:
+            add("target = {}", self.target)
+        if self.status is not None:
+            add("last_status = {}", self.status)
+        if self.reason is not None:
+            add("reason = {}", self.reason)
+        if self.since is not None:
+            add("created_at >= {}", self.since)
+        if self.until is not None:
+            add("created_at < {}", self.until)
+        if self.source is not None:
+            add("event_source = {}", self.source)
+        return (" AND ".join(clauses) or "TRUE"), args
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _load(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+_COLUMNS = (
+    "id, event, rule, target, payload, is_cloudevent, delivery, attempts, "
+    "first_attempt_at, history, waiting_for"
+)
+
+
+def _pending(row: asyncpg.Record) -> Pending:
+    return Pending(
+        id=row["id"],
+        event=_load(row["event"]),
+        rule=row["rule"],
+        target=row["target"],
+        payload=_load(row["payload"])["v"],
+        is_cloudevent=row["is_cloudevent"],
+        delivery=_load(row["delivery"]) if row["delivery"] is not None else None,
+        attempts=row["attempts"],
+        first_attempt_at=row["first_attempt_at"],
+        history=_load(row["history"]),
+        waiting_for=row["waiting_for"],
+    )
+
+
+def _dead_letter(row: asyncpg.Record) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("event", "history", "delivery"):
+        if out.get(key) is not None:
+            out[key] = _load(out[key])
+    if "payload" in out:
+        out["payload"] = _load(out["payload"])["v"]
+    for key in ("created_at", "first_attempt_at"):
+        if isinstance(out.get(key), datetime):
+            out[key] = out[key].isoformat()
+    return out
+
+
+class DeliveryStore:
+    """Every method raises StoreError when Postgres is unreachable or rejects the statement."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def _run(self, what: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise StoreError(f"{what}: {exc}") from exc
+
+    async def schedule(
+        self,
+        event: dict[str, Any],
+        *,
+        rule: str,
+        target: str,
+        payload: Any,
+        is_cloudevent: bool,
+        delivery: dict[str, Any] | None,
+        due_in: float,
+        attempts: int,
+        history: list[dict[str, Any]],
+        waiting_for: str = "retry",
+        first_attempt_at: datetime | None = None,
+    ) -> int:
+        """Insert a pending delivery due in ``due_in`` seconds; durable when this returns."""
+        return int(
+            await self._run(
+                "scheduling a retry",
+                self._pool.fetchval(
+                    "INSERT INTO delivery_retries (due_at, event_source, event_id, event, rule,"
+                    " target, payload, is_cloudevent, delivery, attempts, history, waiting_for,"
+                    " first_attempt_at)"
+                    " VALUES (now() + make_interval(secs => $1), $2, $3, $4::jsonb, $5, $6,"
+                    " $7::jsonb, $8, $9::jsonb, $10, $11::jsonb, $12, coalesce($13, now()))"
+                    " RETURNING id",
+                    due_in,
+                    str(event.get("source", "")),
+                    str(event.get("id", "")),
+                    _json(event),
+                    rule,
+                    target,
+                    _json({"v": payload}),
+                    is_cloudevent,
+                    None if delivery is None else _json(delivery),
+                    attempts,
+                    _json(history),
+                    waiting_for,
+                    first_attempt_at,
+                ),
+            )
+        )
+
+    async def claim_due(self, *, limit: int, lease: float, instance: str) -> list[Pending]:
+        """Claim up to ``limit`` due rows for ``lease`` seconds; others skip them meanwhile."""
+        rows = await self._run(
+            "claiming due retries",
+            self._pool.fetch(
+                f"UPDATE delivery_retries SET locked_by = $3,"
+                f" locked_until = now() + make_interval(secs => $2)"
+                f" WHERE id IN (SELECT id FROM delivery_retries"
+                f"   WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now())"
+                f"   ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {_COLUMNS}",
+                limit,
+                lease,
+                instance,
+            ),
+        )
+        return [_pending(r) for r in rows]
+
+    async def reschedule(
+        self,
+        pending_id: int,
+        *,
+        due_in: float,
+        attempts: int,
+        history: list[dict[str, Any]],
+        waiting_for: str = "retry",
+    ) -> None:
+        await self._run(
+            "rescheduling a retry",
+            self._pool.execute(
+                "UPDATE delivery_retries SET due_at = now() + make_interval(secs => $2),"
+                " attempts = $3, history = $4::jsonb, waiting_for = $5,"
+                " locked_by = NULL, locked_until = NULL WHERE id = $1",
+                pending_id,
+                due_in,
+                attempts,
+                _json(history),
+                waiting_for,
+            ),
+        )
+
+    async def complete(self, pending_id: int) -> None:
+        await self._run(
+            "completing a retry",
+            self._pool.execute("DELETE FROM delivery_retries WHERE id = $1", pending_id),
+        )
+
+    async def dead_letter(
+        self,
+        event: dict[str, Any],
+        *,
+        rule: str,
+        target: str,
+        payload: Any,
+        is_cloudevent: bool,
+        delivery: dict[str, Any] | None,
+        attempts: int,
+        history: list[dict[str, Any]],
+        last_status: int | None,
+        final_error: str | None,
+        reason: str,
+        first_attempt_at: datetime | None,
+        pending_id: int | None = None,
+    ) -> int:
+        """Store a dead letter (and drop its pending row, in the same transaction)."""
+
+        async def tx() -> int:
+            async with self._pool.acquire() as conn, conn.transaction():
+                dl_id = await conn.fetchval(
+                    "INSERT INTO dead_letters (event_source, event_id, event_type, event, rule,"
+                    " target, payload, is_cloudevent, delivery, attempts, history, last_status,"
+                    " final_error, reason, first_attempt_at)"
+                    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9::jsonb, $10,"
+                    " $11::jsonb, $12, $13, $14, coalesce($15, now())) RETURNING id",
+                    str(event.get("source", "")),
+                    str(event.get("id", "")),
+                    event.get("type"),
+                    _json(event),
+                    rule,
+                    target,
+                    _json({"v": payload}),
+                    is_cloudevent,
+                    None if delivery is None else _json(delivery),
+                    attempts,
+                    _json(history),
+                    last_status,
+                    final_error,
+                    reason,
+                    first_attempt_at,
+                )
+                if pending_id is not None:
+                    await conn.execute("DELETE FROM delivery_retries WHERE id = $1", pending_id)
+                return int(dl_id)
+
+        return int(await self._run("storing a dead letter", tx()))
+
+    async def backlog(self) -> int:
+        return int(
+            await self._run(
+                "counting retries", self._pool.fetchval("SELECT count(*) FROM delivery_retries")
+            )
+        )
+
+    async def list_dead_letters(
+        self, flt: DeadLetterFilter, *, limit: int = 100, after_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first; page with ``after_id`` = the last id of the previous page."""
+        where, args = flt.where()
+        if after_id is not None:
+            args.append(after_id)
+            where += f" AND id < ${len(args)}"
+        args.append(limit)
+        rows = await self._run(
+            "listing dead letters",
+            self._pool.fetch(
+                "SELECT id, created_at, event_source, event_id, event_type, rule, target,"
+                " attempts, last_status, final_error, reason, replay_count, first_attempt_at"
+                f" FROM dead_letters WHERE {where} ORDER BY id DESC LIMIT ${len(args)}",
+                *args,
+            ),
+        )
+        return [_dead_letter(r) for r in rows]
+
+    async def get_dead_letter(self, dl_id: int) -> dict[str, Any] | None:
+        row = await self._run(
+            "reading a dead letter",
+            self._pool.fetchrow("SELECT * FROM dead_letters WHERE id = $1", dl_id),
+        )
+        return None if row is None else _dead_letter(row)
+
+    async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
+        """Move matching dead letters back into the retry schedule, due now, with a fresh
+        attempt budget; returns what was replayed (id, source, event id, rule, target)."""
+        where, args = flt.where()
+        rows = await self._run(
+            "replaying dead letters",
+            self._pool.fetch(
+                "WITH moved AS (DELETE FROM dead_letters WHERE "
+                + where
+                + " RETURNING *),"
+                " queued AS (INSERT INTO delivery_retries (due_at, event_source, event_id,"
+                " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"
+                " waiting_for)"
+                " SELECT now(), event_source, event_id, event, rule, target, payload,"
+                " is_cloudevent, delivery, 0, '[]'::jsonb, 'replay' FROM moved)"
+                " SELECT id, event_source, event_id, rule, target FROM moved ORDER BY id",
+                *args,
+            ),
+        )
+        return [dict(r) for r in rows]
+
+    async def purge(self, flt: DeadLetterFilter) -> int:
+        where, args = flt.where()
+        status = await self._run(
+            "purging dead letters",
+            self._pool.execute(f"DELETE FROM dead_letters WHERE {where}", *args),
+        )
+        return int(str(status).split()[-1])
+
+    async def disable_target(self, target: str, reason: str) -> None:
+        await self._run(
+            "disabling a target",
+            self._pool.execute(
+                "INSERT INTO disabled_targets (target, reason) VALUES ($1, $2)"
+                " ON CONFLICT (target) DO NOTHING",
+                target,
+                reason,
+            ),
+        )
+
+    async def enable_target(self, target: str) -> bool:
+        status = await self._run(
+            "enabling a target",
+            self._pool.execute("DELETE FROM disabled_targets WHERE target = $1", target),
+        )
+        return str(status) != "DELETE 0"
+
+    async def disabled_targets(self) -> dict[str, str]:
+        rows = await self._run(
+            "reading disabled targets",
+            self._pool.fetch("SELECT target, reason FROM disabled_targets"),
+        )
+        return {r["target"]: r["reason"] for r in rows}

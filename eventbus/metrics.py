@@ -1,0 +1,73 @@
+"""Prometheus metrics: one registry for the process, exposed at ``GET /metrics``.
+
+Every component increments these directly; names follow Prometheus conventions
+(``eventbus_<thing>_<unit>``). Labels are bounded: target and rule names come from
+configuration, never from event content.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = [
+    "CIRCUIT_STATE",
+    "DELIVERIES",
+    "DELIVERY_SECONDS",
+    "EVENTS_MATCHED",
+    "EVENTS_RECEIVED",
+    "EVENTS_REJECTED",
+    "EVENTS_ROUTED",
+    "REGISTRY",
+    "RETRY_BACKLOG",
+    "render",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS_RECEIVED = Counter(
+    "eventbus_events_received",
+    "Events accepted onto the durable bus, by entry point",
+    ["via"],
+    registry=REGISTRY,
+)
+EVENTS_REJECTED = Counter(
+    "eventbus_events_rejected",
+    "Events or requests refused at an entry point, by reason",
+    ["via", "reason"],
+    registry=REGISTRY,
+)
+EVENTS_ROUTED = Counter(
+    "eventbus_events_routed", "Bus messages the router evaluated", registry=REGISTRY
+)
+EVENTS_MATCHED = Counter(
+    "eventbus_events_matched", "Bus messages that matched at least one rule", registry=REGISTRY
+)
+DELIVERIES = Counter(
+    "eventbus_deliveries",
+    "Delivery attempts by target and outcome (delivered, failed, retried, dead_lettered)",
+    ["target", "outcome"],
+    registry=REGISTRY,
+)
+DELIVERY_SECONDS = Histogram(
+    "eventbus_delivery_seconds",
+    "Duration of one delivery attempt",
+    ["target"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+CIRCUIT_STATE = Gauge(
+    "eventbus_circuit_state",
+    "Circuit breaker state per target: 0 closed, 1 half-open, 2 open",
+    ["target"],
+    registry=REGISTRY,
+)
+RETRY_BACKLOG = Gauge(
+    "eventbus_retry_backlog",
+    "Deliveries waiting in the durable retry schedule",
+    registry=REGISTRY,
+)
+
+
+def render() -> bytes:
+    """The exposition text of every metric."""
+    return generate_latest(REGISTRY)

@@ -1,0 +1,112 @@
+"""The router: consumes the durable bus, matches each event against the compiled rules and hands
+every matched route to the dispatcher; acknowledges a bus message only once every one of its
+deliveries is done or durably recorded (guarantee 2).
+
+    bus.messages() ─> Router.handle ─> RuleSet.route (pure) ─> Dispatcher.dispatch × routes ─> ack
+
+Memory is bounded by the bus: it never yields more than ``max_in_flight`` un-acknowledged
+messages, and the router runs at most that many handlers. A handler that fails (Postgres down
+while recording an outcome) naks its message so the bus redelivers it later; nothing is acked
+that is not done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from eventbus import metrics
+from eventbus._errors import EventBusError
+from eventbus.bus import Bus, BusMessage
+from eventbus.rules import Route, RuleSetHolder
+
+__all__ = ["Router"]
+
+log = logging.getLogger("eventbus.router")
+
+
+class _Dispatcher(Protocol):
+    async def dispatch(self, event: dict[str, Any], route: Route) -> None: ...
+
+
+class _Audit(Protocol):
+    async def rule_matched(self, event: dict[str, Any], rule: str, target: str) -> None: ...
+
+
+class Router:
+    """Pulls bus messages and routes them until ``stop()``; see the module docstring."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        rules: RuleSetHolder,
+        dispatcher: _Dispatcher,
+        audit: _Audit,
+        *,
+        nak_delay: float = 2.0,
+    ) -> None:
+        self._bus = bus
+        self._rules = rules
+        self._dispatcher = dispatcher
+        self._audit = audit
+        self._nak_delay = nak_delay
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pump: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._pump = asyncio.create_task(self._run(), name="eventbus-router")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for msg in self._bus.messages():
+                    task = asyncio.create_task(self.handle(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The consumer broke (broker restarted, connection lost): back off and resume;
+                # everything not acked is redelivered by the bus.
+                log.exception("bus consumer failed; resuming in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def handle(self, msg: BusMessage) -> None:
+        """Route one message; ack when all its deliveries are done or durably recorded."""
+        event = msg.event
+        metrics.EVENTS_ROUTED.inc()
+        routes = self._rules.current.route(event)
+        try:
+            for route in routes:
+                await self._audit.rule_matched(event, route.rule, route.target)
+            if routes:
+                metrics.EVENTS_MATCHED.inc()
+                await asyncio.gather(
+                    *(self._dispatcher.dispatch(event, route) for route in routes)
+                )
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: leave it un-acked, the bus redelivers it.
+            raise
+        except (EventBusError, OSError) as exc:
+            log.warning(
+                "routing %s/%s failed, redelivering later: %s",
+                event.get("source"),
+                event.get("id"),
+                exc,
+            )
+            await msg.nak(self._nak_delay)
+            return
+        await msg.ack()
+
+    async def stop(self, grace: float) -> None:
+        """Stop pulling, let in-flight handlers finish for up to ``grace`` seconds, then cancel
+        the rest (their messages stay un-acked and are redelivered)."""
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
