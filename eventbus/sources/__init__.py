@@ -4,6 +4,8 @@ Importing this package registers every built-in connector type with the framewor
 ``_base`` (the core never imports a specific connector; this registry does).
 """
 
+# Imported for their side effect: each connector module registers its source type.
+from eventbus.sources import _dirwatch, _s3poll  # noqa: F401
 from eventbus.sources._base import (
     Backoff,
     Checkpoints,
@@ -18,6 +20,11 @@ from eventbus.sources._base import (
     list_dead_letters,
     register_source,
 )
+from eventbus.sources._s3notify import (
+    notification_to_events,
+    oss_records_to_events,
+    s3_records_to_events,
+)
 
 __all__ = [
     "Backoff",
@@ -31,5 +38,8 @@ __all__ = [
     "SystemClock",
     "build_source",
     "list_dead_letters",
+    "notification_to_events",
+    "oss_records_to_events",
     "register_source",
+    "s3_records_to_events",
 ]
