@@ -1,0 +1,18 @@
+"""Delivery targets: where routed events go (function endpoints over HTTP, Kafka, NATS).
+
+Every target implements ``Target`` and reports each attempt as an ``Outcome``; the delivery layer
+above decides retries and dead letters from it.
+"""
+
+from eventbus.targets._base import Outcome, Target
+from eventbus.targets._http import HttpTarget, HttpTargetConfig
+from eventbus.targets._signing import sign_webhook, verify_webhook
+
+__all__ = [
+    "HttpTarget",
+    "HttpTargetConfig",
+    "Outcome",
+    "Target",
+    "sign_webhook",
+    "verify_webhook",
+]

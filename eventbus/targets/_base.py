@@ -1,0 +1,65 @@
+"""What every delivery target shares: the ``Target`` protocol and the ``Outcome`` of one attempt.
+
+Place in the pipeline: the router matches an event, transforms it, and hands the result to a
+target's ``deliver``; the delivery layer turns the returned ``Outcome`` into an audit row, a
+scheduled retry (``retryable``, ``retry_after``), a dead letter (``gone`` or not retryable), and
+publishes ``reply`` back onto the bus. Delivery failures are values, never exceptions, so one
+failing endpoint cannot unwind the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+__all__ = ["Outcome", "Target"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one delivery attempt.
+
+    ``delivered`` is True only for a 2xx answer. ``retryable`` says whether the same attempt may
+    succeed later (timeouts, connection errors, 408, 429, 5xx); ``gone`` marks an endpoint that
+    answered 410 and must not be tried again. ``retry_after`` is the delay in seconds the endpoint
+    asked for (429/503 only). ``reply`` is a validated CloudEvent the function answered with.
+    ``error`` is a short, bounded description; None when delivered.
+    """
+
+    delivered: bool
+    status: int | None
+    duration_ms: float
+    error: str | None
+    retryable: bool
+    retry_after: float | None
+    gone: bool = False
+    reply: dict[str, Any] | None = None
+
+
+class Target(Protocol):
+    """A function endpoint (HTTP, Kafka topic, NATS subject) that events are delivered to.
+
+    A target is opened with ``async with`` before the first ``deliver`` and closed after the last.
+    """
+
+    name: str
+
+    async def deliver(
+        self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool, attempt: int
+    ) -> Outcome:
+        """Deliver ``payload`` (a CloudEvent dict when ``is_cloudevent``, else any JSON value or
+        str) on behalf of the original ``event``; ``attempt`` counts from 1.
+
+        Never raises for a delivery failure: that is an ``Outcome`` with ``delivered=False``.
+        """
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

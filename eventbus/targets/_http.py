@@ -1,0 +1,319 @@
+"""The HTTP function target: delivers one event per POST with aiohttp.
+
+Place in the pipeline: last hop of the router. ``deliver`` turns a routed payload into a request
+(CloudEvents HTTP binding, or a plain JSON/text body for a transform's output), signs it
+(Standard Webhooks) when the target has a secret, and maps whatever happens into an ``Outcome``:
+the status classification that drives retries and dead letters, a server-requested
+``Retry-After``, and a CloudEvent reply that the router publishes back onto the bus.
+
+Only ``_outcome_from_error`` knows aiohttp's exception types; every library failure is
+translated there, so nothing from aiohttp escapes ``deliver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from eventbus._errors import CloudEventError, ConfigError
+from eventbus.cloudevents import from_http, to_http
+from eventbus.targets._base import Outcome
+from eventbus.targets._signing import decode_secret, signature
+
+__all__ = ["HttpTarget", "HttpTargetConfig", "parse_retry_after"]
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 1024 * 1024
+"""Response bodies are read up to this size; a larger body is cut off and the connection dropped."""
+
+MAX_ERROR_CHARS = 1024
+"""``Outcome.error`` is truncated to this length so audit rows and dead letters stay small."""
+
+_IDENTITY = ("specversion", "id", "source", "type")
+
+
+@dataclass(frozen=True)
+class HttpTargetConfig:
+    """One HTTP function endpoint.
+
+    ``mode`` picks the CloudEvents HTTP binding for CloudEvent payloads; ``timeout`` bounds one
+    attempt (connect, send, answer, body) in seconds; ``concurrency`` caps requests in flight to
+    this endpoint; ``headers`` are added to every request (e.g. ``Authorization``); ``secret``
+    turns on Standard Webhooks signing (``whsec_<base64>`` or a raw string).
+    """
+
+    name: str
+    url: str
+    mode: Literal["binary", "structured"] = "binary"
+    timeout: float = 10.0
+    concurrency: int = 16
+    headers: Mapping[str, str] = field(default_factory=dict)
+    secret: str | None = None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait according to a ``Retry-After`` value (delta-seconds or an HTTP-date).
+
+    Returns None when the value is absent or unreadable; a date in the past gives 0.0.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _failure(error: str, duration_ms: float, *, retryable: bool) -> Outcome:
+    return Outcome(
+        delivered=False,
+        status=None,
+        duration_ms=duration_ms,
+        error=_truncate(error),
+        retryable=retryable,
+        retry_after=None,
+    )
+
+
+def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> Outcome:
+    """Translate an aiohttp/socket failure into an ``Outcome``: the only place that knows them."""
+    if isinstance(exc, TimeoutError):
+        return _failure(f"timeout after {timeout:g}s", duration_ms, retryable=True)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        # A rejected certificate fails the same way until an operator fixes it: dead-letter it
+        # (replayable) rather than hammer the endpoint for a day.
+        return _failure(f"TLS certificate rejected: {exc}", duration_ms, retryable=False)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return _failure(f"DNS lookup failed for {exc.host}", duration_ms, retryable=True)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        where = f"{exc.host}:{exc.port}"
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return _failure(f"connection refused by {where}", duration_ms, retryable=True)
+        reason = exc.os_error.strerror or str(exc.os_error)
+        return _failure(f"cannot connect to {where}: {reason}", duration_ms, retryable=True)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return _failure("server disconnected before answering", duration_ms, retryable=True)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return _failure(f"malformed response body: {exc}", duration_ms, retryable=True)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return _failure(f"invalid URL: {exc}", duration_ms, retryable=False)
+    return _failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
+
+
+async def _read_bounded(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
+    """Read at most ``MAX_RESPONSE_BYTES``; the flag says whether the whole body was read."""
+    chunks: list[bytes] = []
+    size = 0
+    # Each pass reads at least one byte or stops, so the loop ends within the bound.
+    while size <= MAX_RESPONSE_BYTES:
+        chunk = await stream.read(MAX_RESPONSE_BYTES + 1 - size)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:MAX_RESPONSE_BYTES], False
+
+
+class HttpTarget:
+    """Delivers events to one HTTP endpoint; use as ``async with HttpTarget(config) as target``.
+
+    One aiohttp session per target, its connection pool sized to ``concurrency`` and a semaphore
+    making that a hard cap on requests in flight (callers beyond it wait their turn; the wait is
+    not part of the per-attempt timeout).
+    """
+
+    def __init__(self, config: HttpTargetConfig) -> None:
+        """Raises ``ConfigError`` if the URL, timeout, concurrency, headers or secret is invalid."""
+        where = f"HTTP target {config.name!r}"
+        try:
+            url = URL(config.url)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: invalid url {config.url!r}: {exc}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
+        if config.mode not in ("binary", "structured"):
+            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
+        if not config.timeout > 0:
+            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
+        if config.concurrency < 1:
+            raise ConfigError(f"{where}: concurrency must be >= 1: {config.concurrency!r}")
+        for key, value in config.headers.items():
+            if any(c in key + value for c in "\r\n\0"):
+                raise ConfigError(f"{where}: header {key!r} contains a line break or NUL")
+        self.name = config.name
+        self.config = config
+        self._url = url
+        self._structured = config.mode == "structured"
+        try:
+            self._key = None if config.secret is None else decode_secret(config.secret)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        self._static = {"User-Agent": "eventbus", **config.headers}
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(config.concurrency)
+
+    async def __aenter__(self) -> Self:
+        """Open the connection pool. Raises ``RuntimeError`` if the target is already open."""
+        if self._session is not None:
+            raise RuntimeError(f"HTTP target {self.name!r} is already open")
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.concurrency),
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+            # Uncompressed answers only: a compressed body could expand past the read bound.
+            skip_auto_headers=("Accept-Encoding",),
+            auto_decompress=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _request(
+        self, event: dict[str, Any], payload: Any, is_cloudevent: bool
+    ) -> tuple[dict[str, str], bytes, str]:
+        if is_cloudevent:
+            ce_headers, body = to_http(payload, structured=self._structured)
+            msg_id = str(payload["id"])
+        else:
+            # A transform's output is not a CloudEvent, but the function still gets the
+            # original event's identity so it can deduplicate redeliveries.
+            ce_headers, _ = to_http({name: event[name] for name in _IDENTITY})
+            if isinstance(payload, str):
+                body = payload.encode()
+                ce_headers["Content-Type"] = "text/plain; charset=utf-8"
+            else:
+                body = orjson.dumps(payload)
+                ce_headers["Content-Type"] = "application/json"
+            msg_id = str(event["id"])
+        return {**self._static, **ce_headers}, body, msg_id
+
+    async def deliver(
+        self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool, attempt: int
+    ) -> Outcome:
+        """POST ``payload`` to the endpoint once and classify the answer.
+
+        Never raises for a delivery failure (those are ``Outcome`` values); raises
+        ``RuntimeError`` if called outside ``async with``.
+        """
+        session = self._session
+        if session is None:
+            raise RuntimeError(f"HTTP target {self.name!r} is not open: use 'async with'")
+        try:
+            headers, body, msg_id = self._request(event, payload, is_cloudevent)
+        except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
+            # The payload itself is unsendable: no retry can fix it.
+            return _failure(f"cannot build the request: {exc}", 0.0, retryable=False)
+        if self._key is not None:
+            now = int(time.time())
+            headers["webhook-id"] = msg_id
+            headers["webhook-timestamp"] = str(now)
+            headers["webhook-signature"] = signature(self._key, msg_id, now, body)
+        async with self._slots:
+            start = time.perf_counter()
+            try:
+                async with session.post(
+                    self._url, data=body, headers=headers, allow_redirects=False
+                ) as resp:
+                    content, complete = await _read_bounded(resp.content)
+                    if not complete:
+                        resp.close()
+                    duration_ms = (time.perf_counter() - start) * 1000
+                    outcome = self._classify(resp, content, complete, duration_ms, msg_id)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                outcome = _outcome_from_error(
+                    exc, (time.perf_counter() - start) * 1000, self.config.timeout
+                )
+        if not outcome.delivered:
+            log.debug(
+                "target %s: event %s attempt %d failed: %s",
+                self.name,
+                msg_id,
+                attempt,
+                outcome.error,
+            )
+        return outcome
+
+    def _classify(
+        self,
+        resp: aiohttp.ClientResponse,
+        content: bytes,
+        complete: bool,
+        duration_ms: float,
+        msg_id: str,
+    ) -> Outcome:
+        status = resp.status
+        if 200 <= status < 300:
+            return Outcome(
+                delivered=True,
+                status=status,
+                duration_ms=duration_ms,
+                error=None,
+                retryable=False,
+                retry_after=None,
+                reply=self._reply(resp, content, complete, msg_id),
+            )
+        text = content[:MAX_ERROR_CHARS].decode(errors="replace").strip()
+        error = f"HTTP {status} {resp.reason or ''}".rstrip() + (f": {text}" if text else "")
+        if 300 <= status < 400:
+            # Redirects are not followed: aiohttp would turn the POST into a bodiless GET.
+            error += f" (redirect to {resp.headers.get('Location', '?')} not followed)"
+        return Outcome(
+            delivered=False,
+            status=status,
+            duration_ms=duration_ms,
+            error=_truncate(error),
+            retryable=status in (408, 429) or status >= 500,
+            retry_after=(
+                parse_retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
+            ),
+            gone=status == 410,
+        )
+
+    def _reply(
+        self, resp: aiohttp.ClientResponse, content: bytes, complete: bool, msg_id: str
+    ) -> dict[str, Any] | None:
+        headers = resp.headers
+        if "ce-specversion" not in headers and not headers.get("Content-Type", "").startswith(
+            "application/cloudevents"
+        ):
+            return None
+        reason: str
+        if not complete:
+            reason = f"larger than {MAX_RESPONSE_BYTES} bytes"
+        else:
+            try:
+                events = from_http(headers, content, max_size=MAX_RESPONSE_BYTES)
+            except CloudEventError as exc:
+                reason = exc.detail
+            else:
+                if len(events) == 1:
+                    return events[0]
+                reason = f"a batch of {len(events)} events, not one"
+        log.warning("target %s: reply to event %s ignored: %s", self.name, msg_id, reason)
+        return None

@@ -1,0 +1,419 @@
+"""The HTTP target against a real aiohttp function endpoint (``receiver`` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from eventbus._errors import ConfigError
+from eventbus.targets import HttpTarget, HttpTargetConfig, Outcome, verify_webhook
+from eventbus.targets._http import MAX_ERROR_CHARS, MAX_RESPONSE_BYTES, parse_retry_after
+from tests.fixtures.receiver import Receiver, Response
+
+
+def make_event(**overrides: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": "evt-1",
+        "source": "/tests/targets",
+        "type": "com.example.object.created",
+        "datacontenttype": "application/json",
+        "subject": "a.txt",
+        "data": {"key": "a.txt", "size": 3},
+    }
+    event.update(overrides)
+    return event
+
+
+async def deliver_once(config: HttpTargetConfig, payload: Any = None, **kw: Any) -> Outcome:
+    event = make_event()
+    async with HttpTarget(config) as target:
+        return await target.deliver(
+            event,
+            event if payload is None else payload,
+            is_cloudevent=kw.get("is_cloudevent", payload is None),
+            attempt=1,
+        )
+
+
+def config_for(receiver: Receiver, **kw: Any) -> HttpTargetConfig:
+    return HttpTargetConfig(name="fn", url=receiver.url("/fn"), **kw)
+
+
+# --- what is sent ---------------------------------------------------------------------------
+
+
+async def test_binary_mode_sends_ce_headers_and_data_body(receiver: Receiver) -> None:
+    outcome = await deliver_once(config_for(receiver, headers={"Authorization": "Bearer t"}))
+    assert outcome.delivered and outcome.status == 204 and outcome.error is None
+    (req,) = await receiver.wait_for(1)
+    assert (req.method, req.path) == ("POST", "/fn")
+    assert req.headers["ce-id"] == "evt-1"
+    assert req.headers["ce-source"] == "/tests/targets"
+    assert req.headers["ce-type"] == "com.example.object.created"
+    assert req.headers["ce-specversion"] == "1.0"
+    assert req.headers["ce-subject"] == "a.txt"
+    assert req.headers["Content-Type"].startswith("application/json")
+    assert req.headers["Authorization"] == "Bearer t"
+    assert "webhook-signature" not in req.headers
+    assert req.json() == {"key": "a.txt", "size": 3}
+    assert req.cloudevent is not None and req.cloudevent["id"] == "evt-1"
+
+
+async def test_structured_mode_sends_whole_event_as_json(receiver: Receiver) -> None:
+    outcome = await deliver_once(config_for(receiver, mode="structured"))
+    assert outcome.delivered
+    (req,) = await receiver.wait_for(1)
+    assert req.headers["Content-Type"].startswith("application/cloudevents+json")
+    assert "ce-id" not in req.headers
+    assert req.json() == make_event()
+
+
+@pytest.mark.parametrize(
+    ("payload", "content_type", "body"),
+    [
+        ({"file": "a.txt", "n": [1, 2]}, "application/json", b'{"file":"a.txt","n":[1,2]}'),
+        ([1, "two"], "application/json", b'[1,"two"]'),
+        ("object a.txt was created", "text/plain; charset=utf-8", b"object a.txt was created"),
+    ],
+)
+async def test_transformed_payload_sent_as_body_with_event_identity(
+    receiver: Receiver, payload: Any, content_type: str, body: bytes
+) -> None:
+    outcome = await deliver_once(config_for(receiver), payload, is_cloudevent=False)
+    assert outcome.delivered
+    (req,) = await receiver.wait_for(1)
+    assert req.body == body
+    assert req.headers["Content-Type"] == content_type
+    assert req.headers["ce-id"] == "evt-1"
+    assert req.headers["ce-source"] == "/tests/targets"
+    assert req.headers["ce-type"] == "com.example.object.created"
+    assert req.headers["ce-specversion"] == "1.0"
+    assert "ce-subject" not in req.headers
+
+
+async def test_signed_request_verifies_and_matches_independent_hmac(receiver: Receiver) -> None:
+    key = b"function secret key"
+    secret = "whsec_" + base64.b64encode(key).decode()
+    before = int(time.time())
+    outcome = await deliver_once(config_for(receiver, secret=secret))
+    assert outcome.delivered
+    (req,) = await receiver.wait_for(1)
+    verify_webhook(secret, req.headers, req.body)
+    assert req.headers["webhook-id"] == "evt-1"
+    ts = int(req.headers["webhook-timestamp"])
+    assert ts >= before
+    signed = f"evt-1.{ts}.".encode() + req.body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert req.headers["webhook-signature"] == f"v1,{expected}"
+
+
+async def test_signed_transformed_payload_uses_original_event_id(receiver: Receiver) -> None:
+    outcome = await deliver_once(
+        config_for(receiver, secret="raw secret"), {"a": 1}, is_cloudevent=False
+    )
+    assert outcome.delivered
+    (req,) = await receiver.wait_for(1)
+    assert req.headers["webhook-id"] == "evt-1"
+    verify_webhook("raw secret", req.headers, req.body)
+
+
+# --- classification ---------------------------------------------------------------------------
+
+
+def in_two_minutes() -> str:
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("answer", "delivered", "retryable", "gone"),
+    [
+        (Response(200), True, False, False),
+        (Response(201, body=b"created"), True, False, False),
+        (Response(204), True, False, False),
+        (Response(400, body=b"bad field 'size'"), False, False, False),
+        (Response(404), False, False, False),
+        (Response(408), False, True, False),
+        (Response(410), False, False, True),
+        (Response(429), False, True, False),
+        (Response(500, body=b"boom"), False, True, False),
+        (Response(502), False, True, False),
+        (Response(503), False, True, False),
+        (Response(302, headers={"Location": "/elsewhere"}), False, False, False),
+    ],
+    ids=lambda v: str(v.status) if isinstance(v, Response) else None,
+)
+async def test_status_classification(
+    receiver: Receiver, answer: Response, delivered: bool, retryable: bool, gone: bool
+) -> None:
+    receiver.script(answer)
+    outcome = await deliver_once(config_for(receiver))
+    assert outcome.status == answer.status
+    assert (outcome.delivered, outcome.retryable, outcome.gone) == (delivered, retryable, gone)
+    assert outcome.retry_after is None
+    assert outcome.reply is None
+    assert outcome.duration_ms >= 0
+    if delivered:
+        assert outcome.error is None
+    else:
+        assert outcome.error is not None and outcome.error.startswith(f"HTTP {answer.status}")
+        if answer.body:
+            assert answer.body.decode() in outcome.error
+    if answer.status == 302:
+        assert "redirect to /elsewhere not followed" in (outcome.error or "")
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_seconds_and_http_date(receiver: Receiver, status: int) -> None:
+    receiver.script(
+        Response(status, headers={"Retry-After": "7"}),
+        Response(status, headers={"Retry-After": in_two_minutes()}),
+        Response(status, headers={"Retry-After": "whenever"}),
+    )
+    config = config_for(receiver)
+    event = make_event()
+    async with HttpTarget(config) as target:
+        seconds, date, junk = [
+            await target.deliver(event, event, is_cloudevent=True, attempt=i) for i in (1, 2, 3)
+        ]
+    assert seconds.retryable and seconds.retry_after == 7.0
+    assert date.retry_after is not None and 60 < date.retry_after <= 121
+    assert junk.retryable and junk.retry_after is None
+
+
+async def test_retry_after_ignored_on_other_statuses(receiver: Receiver) -> None:
+    receiver.script(Response(500, headers={"Retry-After": "7"}))
+    outcome = await deliver_once(config_for(receiver))
+    assert outcome.retryable and outcome.retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("0", 0.0), (" 120 ", 120.0), ("-1", None), ("1.5", None), ("later", None)],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value) == expected
+
+
+def test_parse_retry_after_past_date_is_zero() -> None:
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+async def test_timeout_is_retryable(receiver: Receiver) -> None:
+    receiver.respond(Response(200, delay=30))
+    outcome = await deliver_once(config_for(receiver, timeout=0.2))
+    assert not outcome.delivered and outcome.retryable
+    assert outcome.status is None
+    assert outcome.error == "timeout after 0.2s"
+    await receiver.wait_for(1)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_connection_refused_is_retryable() -> None:
+    port = closed_port()
+    outcome = await deliver_once(HttpTargetConfig(name="fn", url=f"http://127.0.0.1:{port}/"))
+    assert not outcome.delivered and outcome.retryable and outcome.status is None
+    assert outcome.error == f"connection refused by 127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("url", "ftp://127.0.0.1/x", "url must be http"),
+        ("url", "http://", "url must be http"),
+        ("url", "no scheme at all", "url must be http"),
+        ("url", "http://[::1/", "invalid url"),
+        ("mode", "batched", "mode must be"),
+        ("timeout", 0, "timeout must be > 0"),
+        ("concurrency", 0, "concurrency must be >= 1"),
+        ("headers", {"X-Evil": "a\r\nInjected: yes"}, "line break"),
+        ("secret", "whsec_***", "not valid base64"),
+    ],
+)
+def test_bad_config_is_rejected_before_any_request(field: str, value: Any, reason: str) -> None:
+    kwargs: dict[str, Any] = {"name": "fn", "url": "http://127.0.0.1:1/", field: value}
+    with pytest.raises(ConfigError, match=reason) as info:
+        HttpTarget(HttpTargetConfig(**kwargs))
+    assert "'fn'" in str(info.value)
+
+
+# --- bad input at deliver -------------------------------------------------------------------
+
+
+async def test_deliver_outside_context_raises() -> None:
+    target = HttpTarget(HttpTargetConfig(name="fn", url="http://127.0.0.1:1/"))
+    with pytest.raises(RuntimeError, match="not open"):
+        await target.deliver(make_event(), make_event(), is_cloudevent=True, attempt=1)
+
+
+async def test_unsendable_payload_is_a_final_outcome_and_target_keeps_working(
+    receiver: Receiver,
+) -> None:
+    event = make_event()
+    async with HttpTarget(config_for(receiver)) as target:
+        not_json = await target.deliver(event, {1, 2}, is_cloudevent=False, attempt=1)
+        not_an_event = await target.deliver(event, {"data": 1}, is_cloudevent=True, attempt=1)
+        good = await target.deliver(event, event, is_cloudevent=True, attempt=1)
+    for bad in (not_json, not_an_event):
+        assert not bad.delivered and not bad.retryable and bad.status is None
+        assert bad.error is not None and bad.error.startswith("cannot build the request")
+    assert good.delivered
+    assert len(receiver.requests) == 1
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+async def test_concurrency_is_a_hard_cap(receiver: Receiver) -> None:
+    receiver.respond(Response(200, delay=0.3))
+    event = make_event()
+    async with HttpTarget(config_for(receiver, concurrency=3)) as target:
+        outcomes = await asyncio.gather(
+            *(target.deliver(event, event, is_cloudevent=True, attempt=1) for _ in range(10))
+        )
+    assert all(o.delivered for o in outcomes)
+    assert len(receiver.requests) == 10
+    assert 1 < receiver.max_in_flight <= 3
+
+
+# --- replies ----------------------------------------------------------------------------------
+
+REPLY = {
+    "specversion": "1.0",
+    "id": "reply-1",
+    "source": "/functions/thumbnail",
+    "type": "com.example.thumbnail.created",
+    "datacontenttype": "application/json",
+    "data": {"thumbnail": "a.small.png"},
+}
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_reply_event_is_parsed(receiver: Receiver, structured: bool) -> None:
+    receiver.script(Response(200, reply=REPLY, structured=structured))
+    outcome = await deliver_once(config_for(receiver))
+    assert outcome.delivered and outcome.reply is not None
+    assert {k: outcome.reply[k] for k in REPLY} == REPLY
+
+
+async def test_handwritten_binary_reply_is_parsed(receiver: Receiver) -> None:
+    receiver.script(
+        Response(
+            200,
+            headers={
+                "ce-specversion": "1.0",
+                "ce-id": "r-7",
+                "ce-source": "/fn",
+                "ce-type": "com.example.done",
+                "Content-Type": "application/json",
+            },
+            body=b'{"ok":true}',
+        )
+    )
+    outcome = await deliver_once(config_for(receiver))
+    assert outcome.reply is not None
+    assert (outcome.reply["id"], outcome.reply["type"]) == ("r-7", "com.example.done")
+    assert outcome.reply["data"] == {"ok": True}
+
+
+async def test_handwritten_structured_reply_is_parsed(receiver: Receiver) -> None:
+    receiver.script(
+        Response(
+            200,
+            headers={"Content-Type": "application/cloudevents+json; charset=utf-8"},
+            body=orjson.dumps(REPLY),
+        )
+    )
+    outcome = await deliver_once(config_for(receiver))
+    assert outcome.reply is not None and outcome.reply["id"] == "reply-1"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"ce-specversion": "1.0", "ce-source": "/fn", "ce-type": "t"}, b"{}"),
+        ({"Content-Type": "application/cloudevents+json"}, b"{not json"),
+        ({"Content-Type": "application/cloudevents+json"}, b'{"specversion":"1.0"}'),
+    ],
+    ids=["binary-missing-id", "structured-not-json", "structured-missing-attributes"],
+)
+async def test_invalid_reply_is_ignored_with_a_log_line(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture, headers: dict[str, str], body: bytes
+) -> None:
+    receiver.script(Response(200, headers=headers, body=body))
+    with caplog.at_level(logging.WARNING, logger="eventbus.targets._http"):
+        outcome = await deliver_once(config_for(receiver))
+    assert outcome.delivered and outcome.reply is None and outcome.error is None
+    assert "reply to event evt-1 ignored" in caplog.text
+
+
+async def test_plain_json_answer_is_not_a_reply(receiver: Receiver) -> None:
+    receiver.script(Response(200, headers={"Content-Type": "application/json"}, body=b'{"a":1}'))
+    outcome = await deliver_once(config_for(receiver))
+    assert outcome.delivered and outcome.reply is None
+
+
+async def test_error_answer_with_cloudevent_is_not_a_reply(receiver: Receiver) -> None:
+    receiver.script(Response(500, reply=REPLY))
+    outcome = await deliver_once(config_for(receiver))
+    assert not outcome.delivered and outcome.reply is None
+
+
+# --- bounded responses ------------------------------------------------------------------------
+
+HUGE = b"x" * (3 * MAX_RESPONSE_BYTES)
+
+
+async def test_huge_error_body_is_bounded_and_target_keeps_working(receiver: Receiver) -> None:
+    receiver.script(Response(500, body=HUGE), Response(200, body=HUGE), Response(204))
+    event = make_event()
+    async with HttpTarget(config_for(receiver)) as target:
+        error, ok, after = [
+            await target.deliver(event, event, is_cloudevent=True, attempt=1) for _ in range(3)
+        ]
+    assert error.retryable and error.error is not None
+    assert len(error.error) == MAX_ERROR_CHARS and error.error.endswith("...")
+    assert ok.delivered and ok.reply is None
+    assert after.delivered
+
+
+async def test_huge_reply_is_ignored(receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    big = dict(REPLY, data={"blob": "y" * (2 * MAX_RESPONSE_BYTES)})
+    receiver.script(Response(200, reply=big, structured=True))
+    with caplog.at_level(logging.WARNING, logger="eventbus.targets._http"):
+        outcome = await deliver_once(config_for(receiver))
+    assert outcome.delivered and outcome.reply is None
+    assert "larger than" in caplog.text
+
+
+async def test_target_reopens_after_close(receiver: Receiver) -> None:
+    target = HttpTarget(config_for(receiver))
+    event = make_event()
+    for _ in range(2):
+        async with target:
+            assert (await target.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+    assert len(receiver.requests) == 2
+
+
+async def test_opening_twice_raises(receiver: Receiver) -> None:
+    async with HttpTarget(config_for(receiver)) as target:
+        with pytest.raises(RuntimeError, match="already open"):
+            await target.__aenter__()
