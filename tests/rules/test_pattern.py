@@ -1,0 +1,133 @@
+"""The pattern language, case by case: every operator and the EventBridge edge cases, read from
+the table files in ``data/patterns`` (one JSON list per topic), plus every invalid pattern."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from eventbus._errors import PatternError, RuleError
+from eventbus.rules._index import PatternIndex
+from eventbus.rules._pattern import MAX_ALTERNATIVES, compile_pattern, matches
+
+DATA = Path(__file__).parent / "data" / "patterns"
+
+
+def _cases(kind: str) -> list[Any]:
+    params = []
+    for file in sorted(DATA.glob("*.json")):
+        if (file.stem == "invalid") != (kind == "invalid"):
+            continue
+        for case in orjson.loads(file.read_bytes()):
+            params.append(pytest.param(case, id=f"{file.stem}: {case['name']}"))
+    return params
+
+
+@pytest.mark.parametrize("case", _cases("valid"))
+def test_table_case(case: dict[str, Any]) -> None:
+    assert case["match"] or case["no_match"]
+    for event in case["match"]:
+        assert matches(case["pattern"], event), event
+    for event in case["no_match"]:
+        assert not matches(case["pattern"], event), event
+
+
+@pytest.mark.parametrize("case", _cases("valid"))
+def test_table_case_through_the_index(case: dict[str, Any]) -> None:
+    index = PatternIndex([("rule", compile_pattern(case["pattern"]))])
+    for event in case["match"]:
+        assert index.match(event) == ["rule"], event
+    for event in case["no_match"]:
+        assert index.match(event) == [], event
+
+
+@pytest.mark.parametrize("case", _cases("invalid"))
+def test_invalid_pattern(case: dict[str, Any]) -> None:
+    with pytest.raises(PatternError) as info:
+        compile_pattern(case["pattern"])
+    assert info.value.path == case["path"]
+    assert case["message"] in str(info.value)
+    if case["path"]:
+        assert str(info.value).startswith(f"{case['path']}: ")
+
+
+def test_invalid_pattern_through_matches_is_a_rule_error() -> None:
+    with pytest.raises(RuleError, match=r"^source: .*array"):
+        matches({"source": "x"}, {"source": "x"})
+
+
+def test_non_string_key_is_refused() -> None:
+    with pytest.raises(PatternError, match="field names must be strings"):
+        compile_pattern({1: ["x"]})
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    with pytest.raises(PatternError, match="finite"):
+        compile_pattern({"x": [float("nan")]})
+    with pytest.raises(PatternError, match="finite"):
+        compile_pattern({"x": [{"numeric": ["<", float("inf")]}]})
+
+
+def test_or_blow_up_is_bounded() -> None:
+    groups = {f"f{i}": {"$or": [{"a": ["x"]}, {"b": ["y"]}]} for i in range(11)}
+    assert MAX_ALTERNATIVES < 2**11
+    with pytest.raises(PatternError, match="more than 1024 alternatives"):
+        compile_pattern(groups)
+    ten = {f"f{i}": {"$or": [{"a": ["x"]}, {"b": ["y"]}]} for i in range(10)}
+    assert len(compile_pattern(ten).alternatives) == 1024
+
+
+def test_deep_nesting_is_refused() -> None:
+    pattern: dict[str, Any] = {"x": ["v"]}
+    for _ in range(40):
+        pattern = {"d": pattern}
+    with pytest.raises(PatternError, match="nested deeper"):
+        compile_pattern(pattern)
+
+
+def test_compiled_pattern_is_immutable_and_reusable() -> None:
+    compiled = compile_pattern({"source": ["a"], "$or": [{"x": [1]}, {"y": [2]}]})
+    with pytest.raises(AttributeError):
+        compiled.leaves = ()  # type: ignore[misc]
+    assert compiled.matches({"source": "a", "y": 2})
+    assert not compiled.matches({"source": "a", "y": 3})
+    assert len(compiled.alternatives) == 2
+
+
+def test_duplicate_alternatives_collapse() -> None:
+    compiled = compile_pattern({"x": ["a", "a", {"prefix": "b"}, {"prefix": "b"}]})
+    assert len(compiled.leaves[0].matchers) == 2
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {},
+        {"data": None},
+        {"data": [1, [2, [3]], {"x": {"y": []}}]},
+        {"source": {"nested": ["deep"]}},
+        {"data": {"x": [[[[[]]]]]}},
+        {"data": "a" * 10_000},
+    ],
+)
+def test_odd_events_never_raise(event: dict[str, Any]) -> None:
+    pattern = {
+        "source": [{"anything-but": "q"}, {"exists": False}],
+        "data": {"x": [{"numeric": [">", 1]}, {"cidr": "10.0.0.0/8"}, {"wildcard": "a*"}]},
+    }
+    assert isinstance(matches(pattern, event), bool)
+    index = PatternIndex([("r", compile_pattern(pattern))])
+    assert index.match(event) == (["r"] if matches(pattern, event) else [])
+
+
+def test_deeply_nested_event_does_not_hit_the_recursion_limit() -> None:
+    event: dict[str, Any] = {"leaf": "v"}
+    value: Any = event
+    for _ in range(5000):
+        value = [value]
+    deep = {"data": value}
+    assert matches({"data": {"leaf": ["v"]}}, deep)
+    assert PatternIndex([(1, compile_pattern({"data": {"leaf": ["v"]}}))]).match(deep) == [1]
