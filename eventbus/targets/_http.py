@@ -279,10 +279,12 @@ class HttpTarget:
                 reply=self._reply(resp, content, complete, msg_id),
             )
         text = content[:MAX_ERROR_CHARS].decode(errors="replace").strip()
-        error = f"HTTP {status} {resp.reason or ''}".rstrip() + (f": {text}" if text else "")
+        error = f"HTTP {status} {resp.reason or ''}".rstrip()
         if 300 <= status < 400:
             # Redirects are not followed: aiohttp would turn the POST into a bodiless GET.
             error += f" (redirect to {resp.headers.get('Location', '?')} not followed)"
+        if text:
+            error += f": {text}"
         return Outcome(
             delivered=False,
             status=status,

@@ -71,6 +71,18 @@ async def test_binary_mode_sends_ce_headers_and_data_body(receiver: Receiver) ->
     assert req.cloudevent is not None and req.cloudevent["id"] == "evt-1"
 
 
+async def test_binary_payload_arrives_as_raw_bytes(receiver: Receiver) -> None:
+    event = make_event(datacontenttype="image/png", data_base64="iVBORw0KGgo=")
+    del event["data"]
+    async with HttpTarget(config_for(receiver)) as target:
+        outcome = await target.deliver(event, event, is_cloudevent=True, attempt=1)
+    assert outcome.delivered
+    (req,) = await receiver.wait_for(1)
+    assert req.body == base64.b64decode("iVBORw0KGgo=")
+    assert req.headers["Content-Type"] == "image/png"
+    assert req.headers["ce-id"] == "evt-1"
+
+
 async def test_structured_mode_sends_whole_event_as_json(receiver: Receiver) -> None:
     outcome = await deliver_once(config_for(receiver, mode="structured"))
     assert outcome.delivered
