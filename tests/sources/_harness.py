@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -102,3 +102,13 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait (bounded by WAIT) until ``check()`` holds, for state with no event to wait on,
+    such as a checkpoint row written after a publish."""
+    for _ in range(int(WAIT / 0.01)):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition did not hold in time")

@@ -1,0 +1,45 @@
+"""The framework against a real PostgreSQL: checkpoints and source dead letters."""
+
+from __future__ import annotations
+
+import pytest
+
+from eventbus.sources import Checkpoints, list_dead_letters
+from tests.sources._harness import Recorder, make_context, source_pool
+
+
+async def test_checkpoints_are_scoped_per_source_and_upserted(database_dsn: str) -> None:
+    async with source_pool(database_dsn) as pool:
+        a, b = Checkpoints(pool, "a"), Checkpoints(pool, "b")
+        assert await a.get("offset") is None
+        await a.put("offset", {"pos": 1, "path": "/x"})
+        await a.put("offset", {"pos": 2, "path": "/x"})
+        await b.put("offset", 99)
+        await a.put_many({"o:k1": "e1", "o:k2": ["e2", 3]})
+        assert await a.get("offset") == {"pos": 2, "path": "/x"}
+        assert await b.get("offset") == 99
+        assert await a.items("o:") == {"o:k1": "e1", "o:k2": ["e2", 3]}
+        assert await b.items("o:") == {}
+        # starts_with, not LIKE: a prefix containing LIKE wildcards is taken literally.
+        await a.put("o_x", 1)
+        assert set(await a.items("o:")) == {"o:k1", "o:k2"}
+
+
+async def test_dead_letters_keep_payload_error_and_meta(database_dsn: str) -> None:
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "logs", Recorder())
+        await ctx.dead_letter("<34>garbage", "no PRI", {"peer": "127.0.0.1"})
+        await ctx.dead_letter(b"\xff\xfe", "binary junk")
+        other = make_context(pool, "other", Recorder())
+        await other.dead_letter("x", "other source")
+
+        listed = await list_dead_letters(pool, source="logs")
+        assert [d["error"] for d in listed] == ["binary junk", "no PRI"]
+        assert listed[0]["payload_base64"] == "//4="
+        assert listed[1]["payload"] == "<34>garbage"
+        assert listed[1]["meta"] == {"peer": "127.0.0.1"}
+        assert len(await list_dead_letters(pool)) == 3
+        assert ctx.status.errors == 2
+        assert ctx.status.last_error == "binary junk"
+        with pytest.raises(ValueError, match="limit"):
+            await list_dead_letters(pool, limit=0)

@@ -1,0 +1,112 @@
+"""The directory source on a real directory (tmp_path) with checkpoints in PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventbus._errors import ConfigError
+from eventbus.sources import build_source
+from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
+
+
+def _spec(path: Path, **extra: Any) -> dict[str, Any]:
+    return {"name": "drop", "type": "directory", "path": str(path), "interval": 0.02, **extra}
+
+
+def _write(path: Path, text: str, mtime: int) -> None:
+    path.write_text(text)
+    # Explicit mtimes: two writes within one clock tick would otherwise look unchanged.
+    os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
+
+
+async def test_new_and_changed_files_once_across_restart(tmp_path: Path, database_dsn: str) -> None:
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "a.csv", "id\n1\n", 1_000)
+    _write(tmp_path / "skip.tmp", "x", 1_001)
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        spec = _spec(tmp_path, pattern="**/*.csv", content_max_bytes=64)
+        source = build_source(spec)
+        ctx = make_context(pool, "drop", recorder)
+        async with running(source, ctx):
+            [first] = await recorder.wait_for(1)
+            _write(tmp_path / "sub" / "b.csv", "b" * 100, 1_002)
+            await recorder.wait_for(2)
+            _write(tmp_path / "a.csv", "id\n1\n2\n", 1_003)
+            await recorder.wait_for(3)
+            await eventually(lambda: _checkpointed(ctx.checkpoints, "f:a.csv", 1_003))
+        assert first == {
+            "specversion": "1.0",
+            "id": first["id"],
+            "source": "urn:eventbus:source:drop",
+            "type": "eventbus.file.created",
+            "subject": "a.csv",
+            "time": "1970-01-01T00:16:40Z",
+            "datacontenttype": "application/json",
+            "data": {
+                "path": str(tmp_path / "a.csv"),
+                "relative_path": "a.csv",
+                "size": 5,
+                "mtime": "1970-01-01T00:16:40+00:00",
+                "content": "id\n1\n",
+            },
+        }
+        second, third = recorder.events[1:]
+        assert second["subject"] == "sub/b.csv"
+        assert "content" not in second["data"]  # larger than content_max_bytes
+        assert third["type"] == "eventbus.file.modified"
+        assert third["data"]["content"] == "id\n1\n2\n"
+
+        _write(tmp_path / "c.csv", "c", 1_004)
+        restarted = Recorder()
+        async with running(build_source(spec), make_context(pool, "drop", restarted)):
+            await restarted.wait_for(1)
+            _write(tmp_path / "d.csv", "d", 1_005)
+            await restarted.wait_for(2)
+        assert [e["subject"] for e in restarted.events] == ["c.csv", "d.csv"]
+
+
+async def _checkpointed(checkpoints: Any, key: str, mtime: int) -> bool:
+    value = await checkpoints.get(key)
+    return value is not None and value["mtime_ns"] == mtime * 10**9
+
+
+async def test_bus_down_checkpoints_nothing_and_retries(tmp_path: Path, database_dsn: str) -> None:
+    _write(tmp_path / "a.txt", "a", 1_000)
+    recorder = Recorder()
+    recorder.down = True
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "drop", recorder)
+        async with running(build_source(_spec(tmp_path)), ctx):
+            await recorder.wait_refused(1)
+            assert await ctx.checkpoints.items() == {}
+            assert ctx.status.state == "backoff"
+            recorder.down = False
+            await recorder.wait_for(1)
+            await eventually(lambda: _checkpointed(ctx.checkpoints, "f:a.txt", 1_000))
+        assert [e["subject"] for e in recorder.events] == ["a.txt"]
+        assert ctx.status.errors == 1
+
+
+async def test_missing_directory_is_a_config_error(tmp_path: Path, database_dsn: str) -> None:
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "drop", Recorder())
+        with pytest.raises(ConfigError, match="does not exist"):
+            await build_source(_spec(tmp_path / "nope")).run(ctx)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"interval": -1}, "field 'interval'"),
+        ({"content_max_bytes": 10**9}, "field 'content_max_bytes'"),
+        ({"glob": "*"}, "field 'glob'"),
+    ],
+)
+def test_bad_settings_name_the_field(tmp_path: Path, extra: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        build_source(_spec(tmp_path, **extra))
