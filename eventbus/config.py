@@ -111,6 +111,8 @@ class Settings(_Model):
     router: RouterSettings = RouterSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    run_sources: bool = True
+    """False in the extra worker processes of `serve --workers N`: sources run once."""
 
     @field_validator("api_keys")
     @classmethod

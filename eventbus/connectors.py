@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eventbus._errors import ConfigError
 from eventbus._yaml import YamlDoc, load_yaml, pydantic_errors
+from eventbus.delivery._policy import Duration
 
 __all__ = [
     "ConnectorSet",
@@ -55,7 +56,7 @@ class HttpTargetSpec(_Spec):
     type: Literal["http"]
     url: str = Field(pattern=r"^https?://")
     mode: Literal["binary", "structured"] = "binary"
-    timeout: float = Field(10.0, gt=0, le=900)
+    timeout: Duration = Field(10.0, gt=0, le=900)
     concurrency: int = Field(16, ge=1, le=1024)
     headers: dict[str, str] = {}
     secret: str | None = None
@@ -77,7 +78,7 @@ class NatsTargetSpec(_Spec):
     subject: str
     jetstream: bool = False
     mode: Literal["binary", "structured"] = "structured"
-    timeout: float = Field(5.0, gt=0, le=300)
+    timeout: Duration = Field(5.0, gt=0, le=300)
 
 
 TargetSpec = Annotated[

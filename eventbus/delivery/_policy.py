@@ -24,15 +24,16 @@ import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from eventbus._errors import ConfigError
 
 __all__ = [
     "PRESETS",
     "BreakerPolicy",
+    "Duration",
     "DeliveryPolicy",
     "RetryPolicy",
     "parse_delivery",
@@ -59,6 +60,10 @@ def parse_duration(value: object) -> float:
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
     raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 6h, 1d)")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A pydantic field type accepting ``10``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,62 @@
+"""``eventbus display``: a small function endpoint that prints every CloudEvent it receives
+(the counterpart of Knative's event-display), for demos and for checking a rule by eye.
+
+It answers 200 to every POST; with ``--fail-rate`` it answers 503 to that fraction of
+requests, to watch retries and dead letters at work. It verifies Standard Webhooks
+signatures when given ``--secret``.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import orjson
+from aiohttp import web
+
+from eventbus._errors import CloudEventError
+from eventbus.cloudevents import from_http
+from eventbus.targets import verify_webhook
+
+__all__ = ["run_display"]
+
+
+def _app(fail_rate: float, secret: str | None, seed: int | None) -> web.Application:
+    rng = random.Random(seed)
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        if fail_rate and rng.random() < fail_rate:
+            sys.stdout.write(f"--- {request.path}: answered 503 (--fail-rate)\n")
+            return web.Response(status=503, headers={"Retry-After": "1"})
+        shown: object
+        try:
+            shown = from_http(dict(request.headers), body)
+        except CloudEventError:
+            try:
+                shown = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                shown = body.decode(errors="replace")
+        signed = ""
+        if secret is not None:
+            ok = verify_webhook(secret, dict(request.headers), body)
+            signed = " signature ok" if ok else " SIGNATURE INVALID"
+        sys.stdout.write(
+            f"--- {request.method} {request.path}{signed}\n"
+            + orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode()
+            + "\n"
+        )
+        sys.stdout.flush()
+        return web.Response(status=200)
+
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.router.add_route("POST", "/{tail:.*}", receive)
+    return app
+
+
+def run_display(
+    host: str, port: int, *, fail_rate: float = 0.0, secret: str | None = None,
+    seed: int | None = None,
+) -> None:
+    """Serve until interrupted."""
+    web.run_app(_app(fail_rate, secret, seed), host=host, port=port, print=None)

@@ -1,0 +1,141 @@
+"""``eventbus serve``: run the service under uvicorn, in one process or several.
+
+One process: ``Service`` (every component) plus the HTTP API on ``listen.host:port``.
+SIGTERM/SIGINT stop the HTTP server first (no new events accepted), then the service shuts
+down gracefully: in-flight deliveries finish, nothing undelivered is acknowledged.
+
+Several processes (``--workers N``, to use more than one core): the parent starts the embedded
+nats-server and PostgreSQL if no URLs are configured, binds the listening socket once, and
+runs N worker processes that share it and share the work through the bus's durable consumer
+(or consumer group). Sources run in the first worker only. The parent forwards SIGTERM to the
+workers, restarts one that dies, and stops the embedded servers last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from eventbus.api import create_app
+from eventbus.app import Service
+from eventbus.bus import NatsServer
+from eventbus.config import Settings
+from eventbus.store import EmbeddedPostgres
+
+__all__ = ["serve"]
+
+log = logging.getLogger("eventbus")
+
+
+def _quiet_signals() -> None:
+    # uvicorn re-raises the signal it caught once it has stopped; with these handlers that
+    # re-raise is harmless and the service below it still shuts down gracefully.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
+async def _serve_one(settings: Settings, fd: int | None) -> None:
+    async with Service(settings) as service:
+        config = uvicorn.Config(
+            create_app(service),
+            host=settings.listen.host,
+            port=settings.listen.port,
+            fd=fd,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(settings.router.shutdown_grace),
+        )
+        server = uvicorn.Server(config)
+        _quiet_signals()
+        # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
+        # every future garbage collection pass.
+        gc.freeze()
+        await server.serve()
+        log.info("HTTP server stopped; shutting the service down")
+
+
+def _bind(settings: Settings) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.listen.host, settings.listen.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _supervise(settings: Settings, workers: int, config_path: str | None) -> None:
+    env = dict(os.environ)
+    async with contextlib.AsyncExitStack() as stack:
+        data_dir = Path(settings.data_dir)
+        if settings.embedded_bus:
+            nats = await stack.enter_async_context(NatsServer(data_dir / "nats"))
+            env["EVENTBUS_BUS__NATS__URL"] = nats.url
+        if settings.embedded_database:
+            pg = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
+            env["EVENTBUS_DATABASE__URL"] = pg.dsn
+        sock = _bind(settings)
+        stack.callback(sock.close)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        procs: list[subprocess.Popen[bytes] | None] = [None] * workers
+
+        def spawn(i: int) -> subprocess.Popen[bytes]:
+            cmd = [sys.executable, "-m", "eventbus", "serve", "--fd", str(sock.fileno())]
+            if config_path:
+                cmd += ["--config", config_path]
+            worker_env = dict(env, EVENTBUS_RUN_SOURCES="true" if i == 0 else "false")
+            return subprocess.Popen(cmd, env=worker_env, pass_fds=(sock.fileno(),))
+
+        for i in range(workers):
+            procs[i] = spawn(i)
+        log.info("started %d workers on %s:%d", workers, settings.listen.host, settings.listen.port)
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            for i, proc in enumerate(procs):
+                if proc is not None and proc.poll() is not None and not stopping.is_set():
+                    log.warning("worker %d exited with %s; restarting", i, proc.returncode)
+                    procs[i] = spawn(i)
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = settings.router.shutdown_grace + 10
+        for proc in procs:
+            if proc is None:
+                continue
+            try:
+                await asyncio.to_thread(proc.wait, deadline)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def serve(
+    settings: Settings, *, workers: int = 1, fd: int | None = None, config_path: str | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
+    runner: Any
+    if workers > 1:
+        runner = _supervise(settings, workers, config_path)
+    else:
+        runner = _serve_one(settings, fd)
+    try:
+        import uvloop
+
+        uvloop.run(runner)
+    except ImportError:
+        asyncio.run(runner)

@@ -1,0 +1,329 @@
+"""The composition root: builds every component from the settings, starts them in order and
+stops them in reverse.
+
+    start:  [embedded nats-server] [embedded PostgreSQL] -> Store (migrations, audit writer)
+            -> Bus -> connectors + rules -> targets -> Dispatcher + RetryWorker -> Router
+            -> sources
+    stop:   sources -> Router (finish in-flight, ack nothing undelivered) -> RetryWorker
+            -> targets -> Bus -> Store (flush audit) -> embedded servers
+
+With no bus or database URL configured the service starts a real ``nats-server`` and a real
+PostgreSQL under ``data_dir`` (the embedded default); with URLs it connects to them instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from eventbus._errors import ConfigError
+from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
+from eventbus.config import Settings
+from eventbus.connectors import (
+    ConnectorSet,
+    HttpTargetSpec,
+    KafkaTargetSpec,
+    NatsTargetSpec,
+    load_connectors,
+)
+from eventbus.delivery import (
+    DeadLetterFilter,
+    DeliveryPolicy,
+    DeliveryStore,
+    Dispatcher,
+    RetryWorker,
+    parse_delivery,
+)
+from eventbus.router import Router
+from eventbus.rules import RuleSet, RuleSetHolder, compile_rules, load_rules
+from eventbus.sources import SourceRunner, SourceStatus, build_source
+from eventbus.store import EmbeddedPostgres, Store
+from eventbus.targets import (
+    HttpTarget,
+    HttpTargetConfig,
+    KafkaTarget,
+    KafkaTargetConfig,
+    NatsTarget,
+    NatsTargetConfig,
+    Target,
+)
+
+__all__ = ["Service", "build_target"]
+
+log = logging.getLogger("eventbus")
+
+
+def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Target:
+    """The adapter for one validated target definition."""
+    if isinstance(spec, HttpTargetSpec):
+        secret = spec.secret
+        if spec.secret_env:
+            secret = os.environ.get(spec.secret_env)
+            if not secret:
+                raise ConfigError(
+                    f"target {spec.name!r}: environment variable {spec.secret_env} is not set"
+                )
+        return HttpTarget(
+            HttpTargetConfig(
+                name=spec.name,
+                url=spec.url,
+                mode=spec.mode,
+                timeout=spec.timeout,
+                concurrency=spec.concurrency,
+                headers=dict(spec.headers),
+                secret=secret,
+            )
+        )
+    if isinstance(spec, KafkaTargetSpec):
+        return KafkaTarget(
+            KafkaTargetConfig(
+                name=spec.name,
+                bootstrap_servers=spec.bootstrap_servers,
+                topic=spec.topic,
+                key=spec.key,
+                mode=spec.mode,
+            )
+        )
+    return NatsTarget(
+        NatsTargetConfig(
+            name=spec.name,
+            url=spec.url,
+            subject=spec.subject,
+            jetstream=spec.jetstream,
+            mode=spec.mode,
+            timeout=spec.timeout,
+        )
+    )
+
+
+def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
+    errors = []
+    out = {}
+    for name, spec in connectors.targets.items():
+        try:
+            out[name] = parse_delivery(spec.delivery, where=f"target {name!r}")
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return out
+
+
+class Service:
+    """One running eventbus process (``async with Service(settings) as service``)."""
+
+    def __init__(self, settings: Settings, *, instance: str | None = None) -> None:
+        self.settings = settings
+        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._stack = AsyncExitStack()
+        self.store: Store
+        self.bus: Bus
+        self.rules: RuleSetHolder
+        self.connectors: ConnectorSet
+        self.deliveries: DeliveryStore
+        self.dispatcher: Dispatcher
+        self.targets: dict[str, Target] = {}
+        self._router: Router | None = None
+        self._retries: RetryWorker | None = None
+        self._sources: SourceRunner | None = None
+        self.nats_url: str | None = None
+        self.database_url: str | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self.settings
+        # Validate user files first: a typo should not cost a database start.
+        self.connectors = load_connectors(s.connectors)
+        rules = self._load_rules(self.connectors)
+        policies = _policies(self.connectors)
+
+        data_dir = Path(s.data_dir)
+        self.nats_url = s.bus.nats.url
+        if s.embedded_bus:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            nats = await self._stack.enter_async_context(NatsServer(data_dir / "nats"))
+            self.nats_url = nats.url
+            log.info("embedded nats-server at %s", nats.url)
+        self.database_url = s.database.url
+        if s.embedded_database:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            pg = await self._stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
+            self.database_url = pg.dsn
+            log.info("embedded PostgreSQL in %s", data_dir / "postgres")
+        assert self.database_url is not None
+
+        self.store = await Store.open(self.database_url, max_size=s.database.pool_size)
+        self._stack.push_async_callback(self.store.close)
+        self.bus = await self._stack.enter_async_context(open_bus(self._bus_config()))
+
+        self.rules = RuleSetHolder(rules)
+        for name, spec in self.connectors.targets.items():
+            self.targets[name] = await self._stack.enter_async_context(build_target(spec))
+        self.deliveries = DeliveryStore(self.store.pool)
+        self.dispatcher = Dispatcher(
+            self.targets,
+            policies,
+            self.deliveries,
+            self.store.audit,
+            self.bus.publish,
+            hop_limit=s.router.hop_limit,
+            disabled=await self.deliveries.disabled_targets(),
+        )
+        lease = max((getattr(t, "timeout", 10.0) for t in self.targets.values()), default=10.0)
+        self._retries = RetryWorker(
+            self.dispatcher, self.deliveries, instance=self.instance, lease=lease * 2 + 60
+        )
+        self._retries.start()
+        self._router = Router(self.bus, self.rules, self.dispatcher, self.store.audit)
+        self._router.start()
+        self._stack.push_async_callback(self._stop_workers)
+        await self._start_sources()
+        log.info(
+            "eventbus ready: %d rules, %d targets, %d sources, bus=%s",
+            len(rules.rules),
+            len(self.targets),
+            len(self.connectors.sources) if s.run_sources else 0,
+            s.bus.backend,
+        )
+
+    def _bus_config(self) -> NatsBusConfig | KafkaBusConfig:
+        s = self.settings
+        if s.bus.backend == "kafka":
+            if not s.bus.kafka.bootstrap_servers:
+                raise ConfigError("bus.kafka.bootstrap_servers is required with backend kafka")
+            return KafkaBusConfig(
+                bootstrap_servers=s.bus.kafka.bootstrap_servers,
+                topic=s.bus.kafka.topic,
+                group_id=s.bus.kafka.group_id,
+                partitions=s.bus.kafka.partitions,
+                max_in_flight=s.bus.max_in_flight,
+                publish_timeout=s.bus.publish_timeout,
+            )
+        assert self.nats_url is not None
+        return NatsBusConfig(
+            url=self.nats_url,
+            stream=s.bus.nats.stream,
+            subject=s.bus.nats.subject,
+            durable=s.bus.nats.durable,
+            max_in_flight=s.bus.max_in_flight,
+            ack_wait=s.bus.nats.ack_wait,
+            duplicate_window=s.bus.nats.duplicate_window,
+            publish_timeout=s.bus.publish_timeout,
+        )
+
+    def _load_rules(self, connectors: ConnectorSet) -> RuleSet:
+        path = Path(self.settings.rules)
+        if not path.exists():
+            log.warning("no rules at %s: routing nothing until rules are added", path)
+            return compile_rules([], known_targets=connectors.targets.keys())
+        return load_rules(path, known_targets=connectors.targets.keys())
+
+    async def _start_sources(self) -> None:
+        s = self.settings
+        specs: list[dict[str, Any]] = []
+        if s.run_sources:
+            specs.extend(dict(spec) for spec in self.connectors.sources.values())
+        if s.kafka_ingest is not None:
+            specs.append(
+                {
+                    "name": "kafka-ingest",
+                    "type": "kafka",
+                    "bootstrap_servers": s.kafka_ingest.bootstrap_servers,
+                    "topics": list(s.kafka_ingest.topics),
+                    "group_id": s.kafka_ingest.group_id,
+                    "format": "cloudevents",
+                }
+            )
+        sources = [build_source(spec) for spec in specs]
+        self._sources = await self._stack.enter_async_context(
+            SourceRunner(
+                sources,
+                publish=self._publish_from_source,
+                pool=self.store.pool,
+                instance_id=self.instance,
+            )
+        )
+
+    async def _publish_from_source(self, event: dict[str, Any]) -> None:
+        await self.bus.publish(event)
+        await self.store.audit.event_accepted(event, via="source")
+
+    async def _stop_workers(self) -> None:
+        grace = self.settings.router.shutdown_grace
+        if self._router is not None:
+            await self._router.stop(grace)
+        if self._retries is not None:
+            await self._retries.stop(grace)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    # -- operations used by the API and CLI ------------------------------------------------
+
+    def reload_rules(self) -> int:
+        """Reload connectors' target names and rules; an invalid set keeps the old one."""
+        connectors = load_connectors(self.settings.connectors)
+        missing = set(connectors.targets) - set(self.targets)
+        if missing:
+            raise ConfigError(
+                f"new targets {sorted(missing)} need a restart; rules were not reloaded"
+            )
+        self.rules.replace(self._load_rules(connectors))
+        return len(self.rules.current.rules)
+
+    async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
+        """Move dead letters back into the retry schedule (audited), due now."""
+        replayed = await self.deliveries.replay(flt)
+        for item in replayed:
+            await self.store.audit.attempt(
+                {"source": item["event_source"], "id": item["event_id"]},
+                rule=item["rule"],
+                target=item["target"],
+                attempt=0,
+                outcome="replay-requested",
+                status=None,
+                duration_ms=0.0,
+                error=None,
+            )
+        if self._retries is not None:
+            self._retries.wake()
+        return replayed
+
+    async def enable_target(self, name: str) -> bool:
+        found = await self.deliveries.enable_target(name)
+        self.dispatcher.enable(name)
+        return found
+
+    def describe_targets(self) -> list[dict[str, Any]]:
+        out = []
+        for name, spec in self.connectors.targets.items():
+            guard = self.dispatcher.guard(name)
+            out.append(
+                {
+                    "name": name,
+                    "type": spec.type,
+                    "circuit": None if guard is None else guard.state,
+                }
+            )
+        return out
+
+    def source_statuses(self) -> list[SourceStatus]:
+        return [] if self._sources is None else self._sources.statuses()
