@@ -60,13 +60,18 @@ def exact_key(value: object) -> object:
 
 @dataclass(frozen=True, slots=True)
 class Exact:
-    """``"x"``, ``5``, ``true``, ``null``: the leaf value equals this one (same JSON type)."""
+    """``"x"``, ``5``, ``true``, ``null``: the leaf value equals this one (same JSON type).
 
-    value: Scalar
+    Equality and hashing go by ``key`` alone: as plain values ``1``, ``1.0`` and ``true`` would
+    be one dict key and two different conditions would share one index edge.
+    """
 
-    @property
-    def key(self) -> object:
-        return exact_key(self.value)
+    key: object
+    value: Scalar = field(compare=False)
+
+    @classmethod
+    def of(cls, value: Scalar) -> Exact:
+        return cls(exact_key(value), value)
 
     def test(self, value: object) -> bool:
         return exact_key(value) == self.key
@@ -240,7 +245,7 @@ def parse_leaf(spec: object, path: tuple[str, ...], where: str) -> Leaf:
             elif op not in matchers:
                 matchers.append(op)
         else:
-            exact = Exact(_scalar(item, where, "an alternative"))
+            exact = Exact.of(_scalar(item, where, "an alternative"))
             if exact not in matchers:
                 matchers.append(exact)
     return Leaf(path, tuple(matchers), absent_ok)

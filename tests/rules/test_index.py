@@ -1,0 +1,177 @@
+"""``PatternIndex`` must agree with matching each pattern on its own: checked on hand-picked
+cases and on many seeded random patterns and events (bounded, reproducible)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from eventbus.rules._index import PatternIndex
+from eventbus.rules._pattern import CompiledPattern, compile_pattern
+
+STRINGS = ["a", "ab", "abc", "b", "B", "ba", "x.png", "X.PNG", "", "10.0.0.7", "2001:db8::1"]
+NUMBERS: list[int | float] = [0, 1, 1.0, 2, 2.5, 5, 10, -1, 300, 300.0, 1e9]
+SCALARS: list[Any] = [*STRINGS, *NUMBERS, True, False, None]
+PATHS = [
+    ("source",),
+    ("type",),
+    ("data", "a"),
+    ("data", "b"),
+    ("data", "n"),
+    ("data", "ip"),
+    ("data", "items", "sku"),
+]
+
+
+def _operator(rng: random.Random) -> Any:
+    text = rng.choice(STRINGS)
+    number = rng.choice(NUMBERS)
+    choice = rng.randrange(16)
+    if choice == 0:
+        return {"prefix": text}
+    if choice == 1:
+        return {"prefix": {"equals-ignore-case": text}}
+    if choice == 2:
+        return {"suffix": text}
+    if choice == 3:
+        return {"suffix": {"equals-ignore-case": text}}
+    if choice == 4:
+        return {"equals-ignore-case": text}
+    if choice == 5:
+        return {"wildcard": rng.choice(["*", "a*", "*b", "a*c", "*.png", "x\\*"])}
+    if choice == 6:
+        op = rng.choice(["=", "<", "<=", ">", ">="])
+        return {"numeric": [op, number]}
+    if choice == 7:
+        low, high = sorted(rng.sample([-1, 0, 1, 2, 2.5, 5, 10, 300], 2))
+        return {"numeric": [rng.choice([">", ">="]), low, rng.choice(["<", "<="]), high]}
+    if choice == 8:
+        return {"cidr": rng.choice(["10.0.0.0/8", "10.0.0.7", "2001:db8::/32", "0.0.0.0/0"])}
+    if choice == 9:
+        return {"exists": rng.random() < 0.5}
+    if choice == 10:
+        return {"anything-but": rng.choice([text, number, rng.sample(STRINGS, 2)])}
+    if choice == 11:
+        kind = rng.choice(["prefix", "suffix", "equals-ignore-case", "wildcard"])
+        operand = "a*" if kind == "wildcard" else text
+        return {"anything-but": {kind: operand}}
+    return rng.choice(SCALARS)
+
+
+def _insert(obj: dict[str, Any], path: tuple[str, ...], leaf: Any) -> None:
+    for key in path[:-1]:
+        obj = obj.setdefault(key, {})
+    obj[path[-1]] = leaf
+
+
+def random_pattern(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    pattern: dict[str, Any] = {}
+    for path in rng.sample(PATHS, rng.randint(1, 3)):
+        _insert(pattern, path, [_operator(rng) for _ in range(rng.randint(1, 3))])
+    if depth < 2 and rng.random() < 0.3:
+        branches = [random_pattern(rng, depth + 1) for _ in range(rng.randint(2, 3))]
+        where = pattern if rng.random() < 0.5 else pattern.setdefault("data", {})
+        if isinstance(where, dict):
+            where["$or"] = [b.get("data", b) if where is not pattern else b for b in branches]
+    return pattern
+
+
+def _value(rng: random.Random) -> Any:
+    roll = rng.random()
+    if roll < 0.7:
+        return rng.choice(SCALARS)
+    if roll < 0.85:
+        return [rng.choice(SCALARS) for _ in range(rng.randint(0, 3))]
+    return {"x": rng.choice(SCALARS)}
+
+
+def random_event(rng: random.Random) -> dict[str, Any]:
+    event: dict[str, Any] = {}
+    for path in PATHS:
+        if rng.random() < 0.35:
+            continue
+        if path == ("data", "items", "sku"):
+            items = [{"sku": _value(rng)} if rng.random() < 0.8 else {} for _ in range(3)]
+            data = event.setdefault("data", {})
+            if isinstance(data, dict):
+                data["items"] = items if rng.random() < 0.7 else items[0]
+            continue
+        if path[0] == "data" and isinstance(event.get("data"), str):
+            continue
+        _insert(event, path, _value(rng))
+    if rng.random() < 0.05:
+        event["data"] = "not an object"
+    return event
+
+
+def _expected(entries: list[tuple[int, CompiledPattern]], event: dict[str, Any]) -> list[int]:
+    seen: list[int] = []
+    for key, pattern in entries:
+        if key not in seen and pattern.matches(event):
+            seen.append(key)
+    order = list(dict.fromkeys(key for key, _ in entries))
+    return sorted(seen, key=order.index)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_index_agrees_with_single_pattern_matching(seed: int) -> None:
+    rng = random.Random(seed)
+    entries = [(rng.randrange(250), compile_pattern(random_pattern(rng))) for _ in range(300)]
+    index = PatternIndex(entries)
+    hits = 0
+    for _ in range(150):
+        event = random_event(rng)
+        expected = _expected(entries, event)
+        assert index.match(event) == expected, event
+        hits += len(expected)
+    # The generator must exercise matches, not only misses.
+    assert hits > 150
+
+
+def test_key_matches_once_when_several_alternatives_match() -> None:
+    pattern = compile_pattern(
+        {"$or": [{"source": ["a"]}, {"type": ["t"]}, {"source": [{"prefix": "a"}]}]}
+    )
+    index = PatternIndex([("r", pattern), ("r", compile_pattern({"source": ["a"]}))])
+    assert index.match({"source": "a", "type": "t"}) == ["r"]
+    assert len(index) == 1
+
+
+def test_keys_come_back_in_insertion_order() -> None:
+    entries = [(name, compile_pattern({"source": ["s"]})) for name in ("z", "b", "m", "a")]
+    entries.insert(2, ("other", compile_pattern({"source": ["x"]})))
+    assert PatternIndex(entries).match({"source": "s"}) == ["z", "b", "m", "a"]
+
+
+def test_shared_conditions_keep_their_own_keys() -> None:
+    index = PatternIndex(
+        [
+            (1, compile_pattern({"source": ["s"], "data": {"n": [{"numeric": [">", 5]}]}})),
+            (2, compile_pattern({"source": ["s"], "data": {"n": [{"numeric": [">", 5]}]}})),
+            (3, compile_pattern({"source": ["s"]})),
+            (4, compile_pattern({"source": ["s"], "data": {"n": [{"numeric": ["<", 5]}]}})),
+        ]
+    )
+    assert index.match({"source": "s", "data": {"n": 6}}) == [1, 2, 3]
+    assert index.match({"source": "s", "data": {"n": 4}}) == [3, 4]
+    assert index.match({"source": "t", "data": {"n": 6}}) == []
+
+
+def test_numeric_tables_with_many_bounds() -> None:
+    entries = []
+    for i in range(200):
+        entries.append((f"gt{i}", compile_pattern({"n": [{"numeric": [">", i]}]})))
+        entries.append((f"le{i}", compile_pattern({"n": [{"numeric": ["<=", i]}]})))
+        entries.append((f"in{i}", compile_pattern({"n": [{"numeric": [">=", i, "<", i + 3]}]})))
+        entries.append((f"eq{i}", compile_pattern({"n": [{"numeric": ["=", i]}]})))
+    index = PatternIndex(entries)
+    for x in (-1, 0, 0.5, 57, 57.0, 100.25, 199, 250):
+        event = {"n": x}
+        assert index.match(event) == [k for k, p in entries if p.matches(event)]
+
+
+def test_empty_index_and_empty_pattern() -> None:
+    assert PatternIndex([]).match({"source": "x"}) == []
+    assert PatternIndex([("all", compile_pattern({}))]).match({}) == ["all"]
