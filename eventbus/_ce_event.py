@@ -1,0 +1,283 @@
+"""The CloudEvent itself: validation, JSON event format, construction and the dedup key.
+
+Every event enters the pipeline through :func:`validate` (directly, or via a protocol binding in
+``_ce_bindings``), so the rule engine, the bus and the targets only ever see dicts that follow
+CloudEvents 1.0 in its JSON form. Validation is a hand-written pass over the attributes rather
+than a schema model because it runs once per ingested event on the hot path.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import re
+import uuid
+from base64 import b64encode
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+
+from eventbus._errors import CloudEventError
+
+DEFAULT_MAX_EVENT_SIZE = 256 * 1024
+SPEC_VERSION = "1.0"
+
+REQUIRED_ATTRIBUTES = ("id", "source", "specversion", "type")
+
+_INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
+
+_ASCII = re.ASCII
+_EXTENSION_NAME = re.compile(r"[a-z0-9]+\Z", _ASCII)
+# Control characters are forbidden in every CloudEvents string; rejecting them here also keeps
+# CR/LF out of the protocol headers that binary mode writes.
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_TIMESTAMP = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-]([0-9]{2}):([0-9]{2}))\Z",
+    _ASCII,
+)
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S*\Z")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}\s*(?:;.*)?\Z", _ASCII | re.DOTALL)
+
+
+def _clip(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _string(name: str, value: object) -> str:
+    if type(value) is not str:
+        raise CloudEventError(f"attribute {name!r} must be a string, got {type(value).__name__}")
+    if _FORBIDDEN_CHARS.search(value) is not None:
+        raise CloudEventError(f"attribute {name!r} contains a control character")
+    return value
+
+
+def _non_empty(name: str, value: object) -> None:
+    if not _string(name, value):
+        raise CloudEventError(f"attribute {name!r} must be a non-empty string")
+
+
+def _specversion(name: str, value: object) -> None:
+    if _string(name, value) != SPEC_VERSION:
+        raise CloudEventError(
+            f"attribute 'specversion' must be {SPEC_VERSION!r}, got {_clip(value)}"
+        )
+
+
+def _time(name: str, value: object) -> None:
+    match = _TIMESTAMP.match(_string(name, value))
+    if match is None or not _valid_moment(*match.groups()):
+        raise CloudEventError(f"attribute 'time' must be an RFC 3339 timestamp, got {_clip(value)}")
+
+
+def _valid_moment(
+    year: str,
+    month: str,
+    day: str,
+    hour: str,
+    minute: str,
+    second: str,
+    oh: str | None,
+    om: str | None,
+) -> bool:
+    try:
+        date(int(year), int(month), int(day))
+    except ValueError:
+        return False
+    # 60 admits a leap second, which RFC 3339 allows.
+    fields_ok = int(hour) < 24 and int(minute) < 60 and int(second) <= 60
+    return fields_ok and (oh is None or (int(oh) < 24 and int(om or 0) < 60))
+
+
+def _dataschema(name: str, value: object) -> None:
+    if _ABSOLUTE_URI.match(_string(name, value)) is None:
+        raise CloudEventError(f"attribute 'dataschema' must be an absolute URI, got {_clip(value)}")
+
+
+def _datacontenttype(name: str, value: object) -> None:
+    if _MEDIA_TYPE.match(_string(name, value)) is None:
+        raise CloudEventError(
+            f"attribute 'datacontenttype' must be a media type like 'application/json', "
+            f"got {_clip(value)}"
+        )
+
+
+def _data_base64(name: str, value: object) -> None:
+    if type(value) is not str:
+        raise CloudEventError(f"'data_base64' must be a base64 string, got {type(value).__name__}")
+    try:
+        binascii.a2b_base64(value, strict_mode=True)
+    except binascii.Error as exc:
+        raise CloudEventError(f"'data_base64' is not valid base64: {exc}") from exc
+
+
+_CHECKS = {
+    "id": _non_empty,
+    "source": _non_empty,
+    "type": _non_empty,
+    "subject": _non_empty,
+    "specversion": _specversion,
+    "time": _time,
+    "dataschema": _dataschema,
+    "datacontenttype": _datacontenttype,
+    "data_base64": _data_base64,
+}
+
+
+def _extension(name: str, value: object) -> None:
+    if _EXTENSION_NAME.match(name) is None:
+        raise CloudEventError(
+            f"extension attribute name {_clip(name)} is invalid: "
+            "use only lowercase letters a-z and digits 0-9"
+        )
+    kind = type(value)
+    if kind is str:
+        _string(name, value)
+    elif kind is int:
+        if not _INT32_MIN <= value <= _INT32_MAX:  # type: ignore[operator]
+            raise CloudEventError(f"extension attribute {name!r} is outside the 32-bit range")
+    elif kind is not bool:
+        raise CloudEventError(
+            f"extension attribute {name!r} has unsupported type {kind.__name__}: "
+            "use a string, an integer or a boolean"
+        )
+
+
+def validate(
+    event: object, *, max_size: int = DEFAULT_MAX_EVENT_SIZE, size: int | None = None
+) -> dict[str, Any]:
+    """Check that ``event`` is a CloudEvents 1.0 event in JSON form and return it.
+
+    ``size`` is the event's encoded length when the caller already knows it (the request body);
+    otherwise the event is serialized once to measure it. Attributes whose value is ``null``
+    count as absent, as the JSON format requires: they are left out of the returned dict (a new
+    dict, only in that case). ``data`` may be ``null``; it is the payload, not an attribute.
+
+    Raises :class:`CloudEventError` naming the offending attribute: status 400 for a missing or
+    malformed attribute, an unknown value type, or both ``data`` and ``data_base64``; 413 when
+    the event is larger than ``max_size`` bytes.
+    """
+    if type(event) is not dict:
+        raise CloudEventError(f"an event must be a JSON object, got {type(event).__name__}")
+    nulls = False
+    for name, value in event.items():
+        if value is None:
+            nulls = nulls or name != "data"
+            continue
+        check = _CHECKS.get(name)
+        if check is not None:
+            check(name, value)
+        elif name != "data":
+            _extension(name, value)
+    for name in REQUIRED_ATTRIBUTES:
+        if event.get(name) is None:
+            raise CloudEventError(f"missing required attribute {name!r}")
+    if "data" in event and event.get("data_base64") is not None:
+        raise CloudEventError("an event carries either 'data' or 'data_base64', not both")
+    if nulls:
+        event = {k: v for k, v in event.items() if v is not None or k == "data"}
+    if size is None:
+        size = len(encode(event))
+    check_size(size, max_size)
+    return event
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse JSON text with orjson; raises :class:`CloudEventError` (400) if it is malformed."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise CloudEventError(f"malformed JSON: {exc}") from exc
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """Serialize an event in the JSON event format (structured mode).
+
+    Raises :class:`CloudEventError` (400) if a value cannot be represented in JSON.
+    """
+    return json_bytes(event)
+
+
+def json_bytes(value: Any) -> bytes:
+    """Serialize any JSON value with orjson; raises :class:`CloudEventError` (400) if it is not."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise CloudEventError(f"value cannot be serialized as JSON: {exc}") from exc
+
+
+def decode(payload: bytes, *, max_size: int = DEFAULT_MAX_EVENT_SIZE) -> dict[str, Any]:
+    """Parse and validate one event in the JSON event format; raises as :func:`validate`.
+
+    The size limit is checked before parsing, so an oversized payload costs no parse.
+    """
+    check_size(len(payload), max_size)
+    return validate(parse_json(payload), max_size=max_size, size=len(payload))
+
+
+def check_size(size: int, max_size: int) -> None:
+    """Raise :class:`CloudEventError` (413) when ``size`` exceeds ``max_size``."""
+    if size > max_size:
+        raise CloudEventError(
+            f"event is {size} bytes, more than the {max_size}-byte limit",
+            status=413,
+            title="CloudEvent too large",
+        )
+
+
+def event_key(event: dict[str, Any]) -> str:
+    """A stable deduplication key for ``source`` + ``id``, the pair the spec makes unique.
+
+    The key is 32 lowercase hex digits, so it is safe as a header value (``Nats-Msg-Id``) and
+    as a database key whatever characters the source and id hold.
+    """
+    raw = f"{event['source']}\x1f{event['id']}".encode(errors="surrogatepass")
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def format_time(moment: datetime) -> str:
+    """Render ``moment`` as an RFC 3339 UTC timestamp ending in ``Z``; naive means UTC."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_event(
+    *,
+    type: str,
+    source: str,
+    data: Any = None,
+    subject: str | None = None,
+    id: str | None = None,
+    time: datetime | str | None = None,
+    **ext: Any,
+) -> dict[str, Any]:
+    """Build a validated event: a uuid4 ``id`` and the current UTC ``time`` unless given.
+
+    ``bytes`` data goes to ``data_base64``; any other non-None data goes to ``data`` and, unless
+    ``datacontenttype`` is passed, is declared ``application/json``. ``ext`` holds extension
+    attributes and may also set ``datacontenttype`` or ``dataschema``. Raises
+    :class:`CloudEventError` as :func:`validate` does.
+    """
+    if time is None:
+        time = datetime.now(UTC)
+    event: dict[str, Any] = {
+        "specversion": SPEC_VERSION,
+        "id": str(uuid.uuid4()) if id is None else id,
+        "source": source,
+        "type": type,
+        "time": format_time(time) if isinstance(time, datetime) else time,
+    }
+    if subject is not None:
+        event["subject"] = subject
+    event.update(ext)
+    if isinstance(data, bytes):
+        event["data_base64"] = b64encode(data).decode("ascii")
+    elif data is not None:
+        event.setdefault("datacontenttype", "application/json")
+        event["data"] = data
+    return validate(event)

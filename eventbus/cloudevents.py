@@ -1,0 +1,67 @@
+"""CloudEvents 1.0 for eventbus: the event model and its HTTP, Kafka and NATS bindings.
+
+Everything that enters the pipeline (ingest API, sources, bus consumers) becomes a plain ``dict``
+in the CloudEvents JSON form here: attributes at the top level, the payload under ``data`` (a
+JSON value or a string) or ``data_base64`` (binary). Readers validate; writers assume a valid
+event. Errors are :class:`eventbus._errors.CloudEventError` carrying the HTTP status to answer.
+
+    validate, parse_json, encode, decode, new_event, event_key   the event      (_ce_event)
+    parse_http, from_http, to_http, to_http_batch                 HTTP binding   (_ce_bindings)
+    from_kafka, to_kafka                                          Kafka binding
+    from_nats, to_nats                                            NATS binding
+
+Binary content mode carries attributes as header strings, so an integer or boolean extension
+read back from binary mode is a string: the receiving side cannot know the original type.
+"""
+
+from __future__ import annotations
+
+from eventbus._ce_bindings import (
+    BATCH_CONTENT_TYPE,
+    STRUCTURED_CONTENT_TYPE,
+    HttpParse,
+    from_http,
+    from_kafka,
+    from_nats,
+    parse_http,
+    to_http,
+    to_http_batch,
+    to_kafka,
+    to_nats,
+)
+from eventbus._ce_event import (
+    DEFAULT_MAX_EVENT_SIZE,
+    REQUIRED_ATTRIBUTES,
+    SPEC_VERSION,
+    decode,
+    encode,
+    event_key,
+    format_time,
+    new_event,
+    parse_json,
+    validate,
+)
+
+__all__ = [
+    "BATCH_CONTENT_TYPE",
+    "DEFAULT_MAX_EVENT_SIZE",
+    "REQUIRED_ATTRIBUTES",
+    "SPEC_VERSION",
+    "STRUCTURED_CONTENT_TYPE",
+    "HttpParse",
+    "decode",
+    "encode",
+    "event_key",
+    "format_time",
+    "from_http",
+    "from_kafka",
+    "from_nats",
+    "new_event",
+    "parse_http",
+    "parse_json",
+    "to_http",
+    "to_http_batch",
+    "to_kafka",
+    "to_nats",
+    "validate",
+]
