@@ -1,0 +1,27 @@
+"""The package's public names are deliberate: adding or removing one is a visible change."""
+
+import eventbus
+import eventbus.delivery
+
+
+def test_public_names_are_pinned() -> None:
+    assert eventbus.__all__ == [
+        "BusError",
+        "BusUnavailable",
+        "CloudEventError",
+        "ConfigError",
+        "DeliveryError",
+        "EventBusError",
+        "PatternError",
+        "RuleError",
+        "RuleSetError",
+        "StoreError",
+        "__version__",
+    ]
+    for name in eventbus.__all__:
+        assert hasattr(eventbus, name)
+
+
+def test_all_lists_are_sorted() -> None:
+    for module in (eventbus, eventbus.delivery):
+        assert module.__all__ == sorted(module.__all__)
