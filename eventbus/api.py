@@ -245,7 +245,22 @@ def create_app(service: Service) -> FastAPI:
     @route("GET", "/rules", "admin")
     async def list_rules(request: Request) -> Response:
         rules = service.rules.current.rules
-        return _json({"rules": [r.describe() for r in rules]})
+        return _json(
+            {
+                "rules": [
+                    {
+                        "name": r.name,
+                        "description": r.description,
+                        "enabled": r.enabled,
+                        "targets": [t.name for t in r.targets],
+                        "file": r.file,
+                        "line": r.line,
+                        "definition": r.definition,
+                    }
+                    for r in rules
+                ]
+            }
+        )
 
     @route("POST", "/rules/reload", "admin")
     async def reload_rules(request: Request) -> Response:

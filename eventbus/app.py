@@ -44,15 +44,7 @@ from eventbus.router import Router
 from eventbus.rules import RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import SourceRunner, SourceStatus, build_source
 from eventbus.store import EmbeddedPostgres, Store
-from eventbus.targets import (
-    HttpTarget,
-    HttpTargetConfig,
-    KafkaTarget,
-    KafkaTargetConfig,
-    NatsTarget,
-    NatsTargetConfig,
-    Target,
-)
+from eventbus.targets import HttpTarget, HttpTargetConfig, Target
 
 __all__ = ["Service", "build_target"]
 
@@ -81,6 +73,8 @@ def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Tar
             )
         )
     if isinstance(spec, KafkaTargetSpec):
+        from eventbus.targets import KafkaTarget, KafkaTargetConfig
+
         return KafkaTarget(
             KafkaTargetConfig(
                 name=spec.name,
@@ -90,6 +84,8 @@ def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Tar
                 mode=spec.mode,
             )
         )
+    from eventbus.targets import NatsTarget, NatsTargetConfig
+
     return NatsTarget(
         NatsTargetConfig(
             name=spec.name,
@@ -286,7 +282,7 @@ class Service:
             raise ConfigError(
                 f"new targets {sorted(missing)} need a restart; rules were not reloaded"
             )
-        self.rules.replace(self._load_rules(connectors))
+        self.rules.reload(self.settings.rules, known_targets=connectors.targets.keys())
         return len(self.rules.current.rules)
 
     async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:

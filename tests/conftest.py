@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.postgres",
     "tests.fixtures.receiver",
+    "tests.fixtures.service",
 ]
