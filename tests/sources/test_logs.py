@@ -1,0 +1,214 @@
+"""The log-tail source on real files (tmp_path), checkpoints in PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventbus._errors import ConfigError
+from eventbus.sources import SourceContext, build_source
+from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
+
+
+def _spec(pattern: Path | str, **extra: Any) -> dict[str, Any]:
+    return {"name": "app-log", "type": "log-tail", "path": str(pattern), "interval": 0.02, **extra}
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _messages(recorder: Recorder) -> list[str]:
+    return [e["data"]["message"] for e in recorder.events]
+
+
+async def _committed(ctx: SourceContext, path: Path) -> bool:
+    """True once every byte of ``path`` is checkpointed."""
+    st = os.stat(path)
+    saved = await ctx.checkpoints.get(f"{st.st_dev}:{st.st_ino}")
+    return saved is not None and saved["offset"] == st.st_size
+
+
+async def test_lines_become_events_and_restart_resumes_exactly(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("first\r\nsecond\npart")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(tmp_path / "*.log")), ctx):
+            first, _ = await recorder.wait_for(2)
+            _append(log, "ial\n")  # the unterminated line is held until it is complete
+            await recorder.wait_for(3)
+            await eventually(lambda: _committed(ctx, log))
+        assert first["type"] == "eventbus.log.line"
+        assert first["source"] == "urn:eventbus:source:app-log"
+        assert first["subject"] == str(log)
+        assert first["datacontenttype"] == "application/json"
+        assert first["data"] == {"path": str(log), "offset": 0, "message": "first"}
+        assert _messages(recorder) == ["first", "second", "partial"]
+        assert recorder.events[2]["data"]["offset"] == len("first\r\nsecond\n")
+
+        _append(log, "while stopped\n")
+        again = Recorder()
+        ctx = make_context(pool, "app-log", again)
+        async with running(build_source(_spec(tmp_path / "*.log")), ctx):
+            await again.wait_for(1)
+            _append(log, "after restart\n")
+            await again.wait_for(2)
+        assert _messages(again) == ["while stopped", "after restart"]
+
+
+async def test_rename_rotation_finishes_old_file_first(tmp_path: Path, database_dsn: str) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("a1\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log)), ctx):
+            await recorder.wait_for(1)
+            _append(log, "a2\na3 no newline")
+            log.rename(tmp_path / "app.log.1")
+            log.write_text("b1\n")
+            await recorder.wait_for(4)
+            _append(log, "b2\n")
+            await recorder.wait_for(5)
+        assert _messages(recorder) == ["a1", "a2", "a3 no newline", "b1", "b2"]
+        assert recorder.events[3]["data"]["offset"] == 0
+
+
+async def test_copy_truncate_restarts_at_zero(tmp_path: Path, database_dsn: str) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("old line one\nold line two\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log)), ctx):
+            await recorder.wait_for(2)
+            with log.open("r+") as handle:
+                handle.truncate(0)
+            _append(log, "new\n")
+            await recorder.wait_for(3)
+            await eventually(lambda: _committed(ctx, log))
+        assert _messages(recorder) == ["old line one", "old line two", "new"]
+        assert recorder.events[2]["data"]["offset"] == 0
+        assert recorder.events[2]["id"] != recorder.events[0]["id"]
+
+
+async def test_bus_down_checkpoints_nothing_then_delivers_everything(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("one\ntwo\n")
+    recorder = Recorder()
+    recorder.down = True
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log)), ctx):
+            await recorder.wait_refused(1)
+            assert await ctx.checkpoints.items() == {}
+            assert ctx.status.state == "backoff"
+            _append(log, "three\n")
+            recorder.down = False
+            await recorder.wait_for(3)
+            await eventually(lambda: _committed(ctx, log))
+        assert _messages(recorder) == ["one", "two", "three"]
+        assert ctx.status.lag == 0
+
+
+async def test_json_lines_and_bad_json_kept_with_error(tmp_path: Path, database_dsn: str) -> None:
+    log = tmp_path / "app.json"
+    log.write_text('{"level": "error", "n": 1}\nnot json\n')
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log, format="json")), ctx):
+            good, bad = await recorder.wait_for(2)
+    assert good["data"] == {"path": str(log), "offset": 0, "json": {"level": "error", "n": 1}}
+    assert bad["data"]["message"] == "not json"
+    assert "json_error" in bad["data"]
+
+
+async def test_multiline_joins_continuations_with_bounds(tmp_path: Path, database_dsn: str) -> None:
+    log = tmp_path / "app.log"
+    log.write_text(
+        "ERROR boom\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1\n'
+        "INFO next\n"
+        "  a\n  b\n  c\n"
+    )
+    recorder = Recorder()
+    multiline = {"pattern": r"^(\s|Traceback|Caused by)", "max_lines": 3, "flush_after": 0.05}
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log, multiline=multiline)), ctx):
+            # The last record has no following line: the flush timeout publishes it.
+            await recorder.wait_for(3)
+            await eventually(lambda: _committed(ctx, log))
+    assert _messages(recorder) == [
+        'ERROR boom\nTraceback (most recent call last):\n  File "x.py", line 1',
+        "INFO next\n  a\n  b",
+        "  c",
+    ]
+    assert recorder.events[0]["data"]["lines"] == 3
+
+
+async def test_batches_by_count_and_wait_and_long_lines_truncated(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("".join(f"line {i}\n" for i in range(7)) + "x" * 100 + "\n")
+    recorder = Recorder()
+    spec = _spec(log, batch={"max_lines": 3, "max_wait": 0.05}, max_line_bytes=16)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            events = await recorder.wait_for(3)
+            await eventually(lambda: _committed(ctx, log))
+    assert [e["type"] for e in events] == ["eventbus.log.batch"] * 3
+    sizes = [len(e["data"]["records"]) for e in events]
+    assert sizes == [3, 3, 2]
+    last = events[2]["data"]["records"]
+    assert last[0] == {"offset": 42, "message": "line 6"}
+    assert last[1] == {"offset": 49, "message": "x" * 16, "truncated": True}
+
+
+async def test_start_at_end_skips_existing_content_on_first_start(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("old\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log, start_at="end")), ctx):
+            await eventually(lambda: _committed_or_tracked(ctx))
+            _append(log, "new\n")
+            await recorder.wait_for(1)
+    assert _messages(recorder) == ["new"]
+
+
+async def _committed_or_tracked(ctx: SourceContext) -> bool:
+    return ctx.status.lag == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"multiline": {"pattern": "("}}, "invalid regular expression"),
+        ({"multiline": {"pattern": "^ ", "max_lines": 1}}, "field 'multiline.max_lines'"),
+        ({"batch": {"max_lines": 0}}, "field 'batch.max_lines'"),
+        ({"format": "xml"}, "field 'format'"),
+        ({"max_line_bytes": 1}, "field 'max_line_bytes'"),
+        ({"follow": True}, "field 'follow'"),
+    ],
+)
+def test_bad_settings_name_the_field(extra: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        build_source(_spec("/tmp/x.log", **extra))
