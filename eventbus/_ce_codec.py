@@ -79,14 +79,22 @@ def decode_header(name: str, value: str) -> str:
 
 
 def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -> None:
-    media = media_type(content_type) if content_type else ""
+    if not content_type:
+        # Some senders (the Python SDK among them) omit the type of a JSON body; anything that
+        # does not parse as JSON stays opaque bytes.
+        try:
+            event["data"] = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            event["data_base64"] = b64encode(body).decode("ascii")
+        return
+    media = media_type(content_type)
     if is_json(media):
         try:
             event["data"] = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise CloudEventError(f"malformed JSON in the {content_type} body: {exc}") from exc
     elif _is_text(media):
-        charset = _charset(content_type or "")
+        charset = _charset(content_type)
         try:
             event["data"] = body.decode(charset)
         except (LookupError, UnicodeDecodeError) as exc:
@@ -107,7 +115,8 @@ def event_from_binary(
 
     ``content_type`` becomes ``datacontenttype`` and decides how the body is read: JSON types
     become ``data`` as a JSON value, textual types (``text/*``, XML) a string, anything else
-    (or no content type) ``data_base64``. An empty body means no data. ``header_size`` is the
+    ``data_base64``. Without a content type, a body that parses as JSON is ``data`` and any
+    other body ``data_base64``. An empty body means no data. ``header_size`` is the
     attributes' wire size, counted with the body against ``max_size``. Raises
     :class:`CloudEventError` as :func:`validate` does, or 400 for an unreadable body.
     """
@@ -125,17 +134,19 @@ def event_from_binary(
 def body_of(event: dict[str, Any]) -> tuple[str | None, bytes | None]:
     """The binary-mode content type and body of an event; ``(…, None)`` when it has no data.
 
-    JSON data is declared ``application/json`` when the event names no ``datacontenttype``, as
-    the JSON format asks of re-serialized events. String data under a non-JSON type is encoded
+    Without a ``datacontenttype``, JSON data is declared ``application/json`` (as the JSON
+    format asks of re-serialized events) and binary data ``application/octet-stream`` (so no
+    reader takes it for JSON). String data under a non-JSON type is encoded
     with the type's charset (UTF-8 by default). Raises :class:`CloudEventError` (400) when the
     data cannot be encoded.
     """
     content_type: str | None = event.get("datacontenttype")
     if "data_base64" in event:
         try:
-            return content_type, b64decode(event["data_base64"], validate=True)
+            body = b64decode(event["data_base64"], validate=True)
         except binascii.Error as exc:
             raise CloudEventError(f"'data_base64' is not valid base64: {exc}") from exc
+        return content_type or "application/octet-stream", body
     if "data" not in event:
         return content_type, None
     data = event["data"]

@@ -117,8 +117,8 @@ def test_from_nats(case: dict[str, Any]) -> None:
 
 def _binary_view(event: dict[str, Any]) -> dict[str, Any]:
     """What a binary-mode round trip preserves: header values are strings, so integer and
-    boolean extensions come back as their canonical strings, and JSON data gets its implied
-    ``application/json`` content type made explicit."""
+    boolean extensions come back as their canonical strings, and data gets its implied
+    content type made explicit."""
     view: dict[str, Any] = {}
     for name, value in event.items():
         if isinstance(value, bool):
@@ -126,8 +126,11 @@ def _binary_view(event: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(value, int) and name != "data":
             value = str(value)
         view[name] = value
-    if "data" in event and "datacontenttype" not in event:
-        view["datacontenttype"] = "application/json"
+    if "datacontenttype" not in event:
+        if "data" in event:
+            view["datacontenttype"] = "application/json"
+        elif "data_base64" in event:
+            view["datacontenttype"] = "application/octet-stream"
     return view
 
 
@@ -225,8 +228,7 @@ def test_to_http_bodies() -> None:
     headers, body = to_http({**base, "data": {"a": 1}})
     assert (headers["Content-Type"], body) == ("application/json", b'{"a":1}')
     headers, body = to_http({**base, "data_base64": "AAE="})
-    assert "Content-Type" not in headers
-    assert body == b"\x00\x01"
+    assert (headers["Content-Type"], body) == ("application/octet-stream", b"\x00\x01")
     headers, body = to_http({**base, "datacontenttype": "text/plain; charset=iso-8859-1",
                              "data": "caf\u00e9"})  # fmt: skip
     assert body == b"caf\xe9"
