@@ -1,0 +1,189 @@
+"""The ``timer`` source: scheduled ticks become CloudEvents, each fired once across instances.
+
+Place in the pipeline: ``_schedule`` says which instants are ticks → this source claims a tick
+in Postgres, publishes its event onto the bus and records progress in its checkpoint.
+
+Exactly once across instances sharing one Postgres: a tick is claimed by inserting
+``(schedule, fire_time)`` into ``timer_fires`` inside a transaction that stays open while the
+event is published and is committed only after the bus has it. The commit is the "published"
+mark. Another instance inserting the same tick waits on the uncommitted row: if the claimant
+commits, the insert does nothing (already fired); if publishing failed, the claimant rolls back
+(the claim is released) and the waiter fires the tick itself. A claimant that dies or hangs
+between claim and publish loses its claim once its transaction has been idle for
+``claim_lease`` seconds (Postgres ``idle_in_transaction_session_timeout`` ends the session and
+rolls back), and a waiting instance takes the tick over; a live claimant whose publish hangs
+gives up after half the lease and rolls back itself. A claimant that published but could
+not commit leads to a second publish of the same event id, which the bus deduplicates.
+
+Event ids are ``<source name>/<scheduled time, ISO 8601 UTC>`` and ``time`` is the scheduled
+time, so every re-fire of a tick is the same event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import asyncpg
+import pydantic
+
+from eventbus._errors import BusError, BusUnavailable, ConfigError, StoreError
+from eventbus.cloudevents import new_event
+from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._schedule import Schedule, missed_ticks, parse_schedule
+
+__all__ = ["TimerConfig", "TimerSource"]
+
+_CHECKPOINT = "through"
+"""Checkpoint key: every tick at or before this instant has been handled (fired or skipped)."""
+
+
+class TimerConfig(pydantic.BaseModel):
+    """YAML settings of a ``type: timer`` source."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    schedule: str
+    timezone: str = "UTC"
+    data: Any = None
+    event_type: str = "eventbus.timer.tick"
+    subject: str | None = None
+    missed: Literal["skip", "once", "catch-up"] = "skip"
+    max_catch_up: int = pydantic.Field(100, ge=1, le=10_000)
+    claim_lease: float = pydantic.Field(30.0, gt=0, le=3600)
+
+    @pydantic.model_validator(mode="after")
+    def _check_schedule(self) -> TimerConfig:
+        try:
+            parsed = parse_schedule(self.schedule, self.timezone)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        if parsed.next_after(datetime.now(UTC)) is None:
+            raise ValueError(f"schedule {self.schedule!r} lies in the past and would never fire")
+        return self
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@register_source("timer", TimerConfig)
+class TimerSource:
+    """Fires the ticks of one schedule as CloudEvents; see the module docstring for guarantees.
+
+    ``run`` returns once a schedule has no more ticks (an ``at()`` that fired); otherwise it
+    runs until cancelled. Bus failures release the claim and retry the same tick with backoff;
+    StoreError from the checkpoint store propagates to the runner, which restarts the source.
+    """
+
+    def __init__(self, name: str, config: TimerConfig) -> None:
+        self.name = name
+        self.type = "timer"
+        self.config = config
+        self._schedule: Schedule = parse_schedule(config.schedule, config.timezone)
+
+    async def run(self, ctx: SourceContext) -> None:
+        stored = await ctx.checkpoints.get(_CHECKPOINT)
+        if stored is None:
+            cursor = ctx.clock.now()
+            await ctx.checkpoints.put(_CHECKPOINT, _iso(cursor))
+        else:
+            cursor = await self._handle_missed(ctx, datetime.fromisoformat(stored))
+        ctx.status.state = "running"
+        while (tick := self._schedule.next_after(cursor)) is not None:
+            while (now := ctx.clock.now()) < tick:
+                await ctx.clock.sleep((tick - now).total_seconds())
+            await self._fire(ctx, tick)
+            cursor = tick
+            await ctx.checkpoints.put(_CHECKPOINT, _iso(cursor))
+            # Ticks that came due while this one was being fired (a suspended process, a long
+            # bus outage) are missed ticks and follow the schedule's policy.
+            cursor = await self._handle_missed(ctx, cursor)
+
+    async def _handle_missed(self, ctx: SourceContext, cursor: datetime) -> datetime:
+        """Apply the missed policy to ticks in ``(cursor, now]``; return the new cursor."""
+        now = ctx.clock.now()
+        limit = {"skip": 0, "once": 1, "catch-up": self.config.max_catch_up}[self.config.missed]
+        due = self._schedule.at_or_before(now)
+        if due is None or due <= cursor:
+            return cursor
+        chosen = missed_ticks(self._schedule, cursor, now, limit) if limit else []
+        ctx.logger.info(
+            "timer %s: ticks missed since %s; policy %s fires %d of them",
+            self.name,
+            _iso(cursor),
+            self.config.missed,
+            len(chosen),
+        )
+        for tick in chosen:
+            await self._fire(ctx, tick)
+            await ctx.checkpoints.put(_CHECKPOINT, _iso(tick))
+        await ctx.checkpoints.put(_CHECKPOINT, _iso(due))
+        return due
+
+    async def _fire(self, ctx: SourceContext, tick: datetime) -> None:
+        """Fire ``tick`` unless another instance has; retry bus and store failures."""
+        backoff = Backoff(ctx.clock)
+        while True:
+            try:
+                fired = await self._claim_and_publish(ctx, tick)
+            except (BusError, StoreError) as exc:
+                ctx.report_error(exc)
+                await backoff.wait()
+                continue
+            ctx.status.state = "running"
+            if not fired:
+                ctx.logger.debug("timer %s: %s fired by another instance", self.name, _iso(tick))
+            return
+
+    async def _claim_and_publish(self, ctx: SourceContext, tick: datetime) -> bool:
+        """Claim, publish and commit one tick; False when another instance already fired it.
+
+        Raises BusError (claim released; BusUnavailable also when the publish took more than
+        half the lease) or StoreError.
+        """
+        lease_ms = int(self.config.claim_lease * 1000)
+        try:
+            async with ctx.pool.acquire() as conn, conn.transaction():
+                # SET LOCAL takes no bind parameters; lease_ms is an int from validated config.
+                await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {lease_ms}")
+                claimed = await conn.fetchval(
+                    "INSERT INTO timer_fires (schedule, fire_time, instance, fired_at)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                    self.name,
+                    tick,
+                    ctx.instance_id,
+                    ctx.clock.now(),
+                )
+                if not claimed:
+                    return False
+                # Give up well inside the lease and roll back ourselves, so Postgres's own
+                # release is left for claimants that cannot (frozen, dead, cut off).
+                patience = self.config.claim_lease / 2
+                try:
+                    async with asyncio.timeout(patience):
+                        await ctx.emit(self._event(tick))
+                except TimeoutError as exc:
+                    raise BusUnavailable(
+                        f"timer {self.name}: publishing {_iso(tick)} took over {patience:g} s"
+                    ) from exc
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ) as exc:
+            raise StoreError(f"timer {self.name}: claiming {_iso(tick)}: {exc}") from exc
+        return True
+
+    def _event(self, tick: datetime) -> dict[str, Any]:
+        when = _iso(tick)
+        return new_event(
+            type=self.config.event_type,
+            source=f"eventbus://timer/{self.name}",
+            id=f"{self.name}/{when}",
+            time=when,
+            subject=self.config.subject,
+            data=self.config.data,
+        )

@@ -1,0 +1,95 @@
+"""Helpers for the timer and queue source tests: the real NatsBus on a per-test stream, with a
+switch that makes publishing fail as it does when the bus is unreachable. Holds no tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from eventbus._errors import BusUnavailable
+from eventbus.bus import NatsBus, NatsBusConfig
+from eventbus.sources import Checkpoints, Clock, SourceContext, SourceStatus, SystemClock
+from tests.fixtures.nats import unique_name
+from tests.sources._harness import WAIT
+
+
+class BusTap:
+    """Publishes into a real bus and reads back what is on it.
+
+    ``down = True`` refuses publishes with BusUnavailable (counted in ``refused``); ``published``
+    counts publish calls the bus accepted, so a test can tell a duplicate publish from one the
+    bus deduplicated.
+    """
+
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+        self.down = False
+        self.refused = 0
+        self.published = 0
+        self._changed = asyncio.Condition()
+        self._messages = bus.messages().__aiter__()
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        if self.down:
+            self.refused += 1
+            async with self._changed:
+                self._changed.notify_all()
+            raise BusUnavailable("bus is down (test)")
+        await self.bus.publish(event)
+        self.published += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_refused(self, count: int = 1) -> None:
+        async with asyncio.timeout(WAIT), self._changed:
+            await self._changed.wait_for(lambda: self.refused >= count)
+
+    async def wait_published(self, count: int) -> None:
+        async with asyncio.timeout(WAIT), self._changed:
+            await self._changed.wait_for(lambda: self.published >= count)
+
+    async def take(self, count: int) -> list[dict[str, Any]]:
+        """The next ``count`` events on the bus, acknowledged (bounded by WAIT)."""
+        events = []
+        async with asyncio.timeout(WAIT):
+            for _ in range(count):
+                message = await anext(self._messages)
+                await message.ack()
+                events.append(message.event)
+        return events
+
+
+@contextlib.asynccontextmanager
+async def bus_tap(nats_url: str) -> AsyncIterator[BusTap]:
+    config = NatsBusConfig(
+        url=nats_url,
+        stream=unique_name("SRC"),
+        subject=unique_name("src"),
+        durable=unique_name("reader"),
+    )
+    async with NatsBus(config) as bus:
+        yield BusTap(bus)
+
+
+def context(
+    pool: asyncpg.Pool,
+    name: str,
+    tap: BusTap,
+    *,
+    type: str,
+    clock: Clock | None = None,
+    instance_id: str = "instance-a",
+) -> SourceContext:
+    return SourceContext(
+        name=name,
+        publish=tap.publish,
+        pool=pool,
+        checkpoints=Checkpoints(pool, name),
+        status=SourceStatus(name=name, type=type),
+        clock=clock or SystemClock(),
+        instance_id=instance_id,
+    )

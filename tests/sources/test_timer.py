@@ -1,0 +1,259 @@
+"""The timer source against real Postgres and the real NATS bus, on a ManualClock (no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from eventbus._errors import ConfigError
+from eventbus.sources import ManualClock, Source, SourceContext, build_source
+from eventbus.sources._timer import TimerSource
+from tests.sources._harness import WAIT, running, source_pool
+from tests.sources.test_queue_support import bus_tap, context
+
+START = datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC)
+
+
+def timer(name: str, **settings: Any) -> Source:
+    spec = {"name": name, "type": "timer", "schedule": "rate(1 minute)", **settings}
+    return build_source(spec)
+
+
+async def fires(pool: asyncpg.Pool, name: str) -> list[str]:
+    rows = await pool.fetch(
+        "SELECT fire_time FROM timer_fires WHERE schedule = $1 ORDER BY fire_time", name
+    )
+    return [row["fire_time"].astimezone(UTC).strftime("%H:%M") for row in rows]
+
+
+async def settle(clock: ManualClock, sleepers: int = 1) -> None:
+    """Wait until every running instance is asleep again, i.e. has handled what was due."""
+    async with asyncio.timeout(WAIT):
+        await clock.wait_for_sleepers(sleepers)
+
+
+async def test_ticks_arrive_on_the_bus_with_documented_attributes(
+    database_dsn: str, nats_url: str
+) -> None:
+    clock = ManualClock(START)
+    source = timer(
+        "nightly",
+        schedule="*/1 * * * *",
+        timezone="Europe/Berlin",
+        data={"job": "report"},
+        event_type="com.example.report.due",
+        subject="reports",
+    )
+    assert isinstance(source, TimerSource)
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "nightly", tap, type="timer", clock=clock)
+        async with running(source, ctx):
+            await settle(clock)
+            clock.advance(30)
+            await settle(clock)
+            clock.advance(60)
+            await settle(clock)
+        events = await tap.take(2)
+        assert [e["id"] for e in events] == [
+            "nightly/2026-01-01T10:01:00Z",
+            "nightly/2026-01-01T10:02:00Z",
+        ]
+        first = events[0]
+        assert first["time"] == "2026-01-01T10:01:00Z"
+        assert first["type"] == "com.example.report.due"
+        assert first["source"] == "eventbus://timer/nightly"
+        assert first["subject"] == "reports"
+        assert first["data"] == {"job": "report"}
+        assert ctx.status.events == 2
+        assert await ctx.checkpoints.get("through") == "2026-01-01T10:02:00Z"
+
+
+async def test_two_instances_fire_each_tick_exactly_once(database_dsn: str, nats_url: str) -> None:
+    clock = ManualClock(START)
+    async with (
+        source_pool(database_dsn) as pool_a,
+        source_pool(database_dsn) as pool_b,
+        bus_tap(nats_url) as tap,
+    ):
+        ctx_a = context(pool_a, "shared", tap, type="timer", clock=clock, instance_id="a")
+        ctx_b = context(pool_b, "shared", tap, type="timer", clock=clock, instance_id="b")
+        async with running(timer("shared"), ctx_a), running(timer("shared"), ctx_b):
+            await settle(clock, 2)
+            for _ in range(5):
+                clock.advance(60)
+                await settle(clock, 2)
+        # Counted at the publish call, before the bus could deduplicate anything.
+        assert tap.published == 5
+        assert ctx_a.status.events + ctx_b.status.events == 5
+        assert await fires(pool_a, "shared") == ["10:01", "10:02", "10:03", "10:04", "10:05"]
+        events = await tap.take(5)
+        assert len({e["id"] for e in events}) == 5
+
+
+@pytest.mark.parametrize(
+    ("missed", "expected"),
+    [
+        ("skip", ["10:01", "10:12"]),
+        ("once", ["10:01", "10:11", "10:12"]),
+        ("catch-up", ["10:01", "10:09", "10:10", "10:11", "10:12"]),
+    ],
+)
+async def test_downtime_follows_the_missed_policy(
+    database_dsn: str, nats_url: str, missed: str, expected: list[str]
+) -> None:
+    clock = ManualClock(START)
+    name = f"policy-{missed}"
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, name, tap, type="timer", clock=clock)
+        async with running(timer(name, missed=missed, max_catch_up=3), ctx):
+            await settle(clock)
+            clock.advance(60)
+            await settle(clock)
+        clock.advance(600)  # down from 10:01:30 to 10:11:30: ten ticks missed
+        async with running(timer(name, missed=missed, max_catch_up=3), ctx):
+            await settle(clock)
+            clock.advance(60)
+            await settle(clock)
+        assert await fires(pool, name) == expected
+        events = await tap.take(len(expected))
+        assert [e["time"][11:16] for e in events] == expected
+
+
+async def test_bus_down_releases_the_claim_and_retries(database_dsn: str, nats_url: str) -> None:
+    clock = ManualClock(START)
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "flaky", tap, type="timer", clock=clock)
+        async with running(timer("flaky"), ctx):
+            await settle(clock)
+            tap.down = True
+            clock.advance(30)
+            await tap.wait_refused(1)
+            await settle(clock)  # backing off
+            assert ctx.status.state == "backoff"
+            assert await fires(pool, "flaky") == []
+            assert await ctx.checkpoints.get("through") == "2026-01-01T10:00:30Z"
+            tap.down = False
+            clock.advance(5)
+            await tap.wait_published(1)
+            await settle(clock)
+        assert ctx.status.state == "running"
+        assert await fires(pool, "flaky") == ["10:01"]
+        assert [e["id"] for e in await tap.take(1)] == ["flaky/2026-01-01T10:01:00Z"]
+
+
+async def test_claimant_whose_publish_hangs_gives_the_tick_up(
+    database_dsn: str, nats_url: str
+) -> None:
+    clock = ManualClock(START)
+    hung = asyncio.Event()
+
+    async def hang(event: dict[str, Any]) -> None:
+        hung.set()
+        await asyncio.Event().wait()
+
+    async with (
+        source_pool(database_dsn) as pool_a,
+        source_pool(database_dsn) as pool_b,
+        bus_tap(nats_url) as tap,
+    ):
+        ctx_a = context(pool_a, "lease", tap, type="timer", clock=clock, instance_id="a")
+        ctx_a.publish = hang
+        ctx_b = context(pool_b, "lease", tap, type="timer", clock=clock, instance_id="b")
+        async with running(timer("lease", claim_lease=0.5, missed="once"), ctx_a):
+            await settle(clock)
+            clock.advance(30)
+            async with asyncio.timeout(WAIT):
+                await hung.wait()
+            # B starts late, so 10:01 is a missed tick it fires under "once"; it waits on A's
+            # claim until A gives up.
+            async with running(timer("lease", claim_lease=0.5, missed="once"), ctx_b):
+                await tap.wait_published(1)
+            assert ctx_a.status.state == "backoff"
+            assert "took over 0.25 s" in (ctx_a.status.last_error or "")
+        assert await fires(pool_b, "lease") == ["10:01"]
+        row = await pool_b.fetchrow("SELECT instance FROM timer_fires WHERE schedule = 'lease'")
+        assert row is not None and row["instance"] == "b"
+        assert [e["id"] for e in await tap.take(1)] == ["lease/2026-01-01T10:01:00Z"]
+
+
+async def test_dead_claimant_loses_its_claim_after_the_lease(
+    database_dsn: str, nats_url: str
+) -> None:
+    """A claim held by a session that never publishes nor commits (a frozen or dead process)
+    is released by Postgres after the lease, and the tick is fired by a live instance."""
+    clock = ManualClock(START)
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        frozen = await asyncpg.connect(database_dsn)
+        try:
+            # Exactly what TimerSource does before publishing, then nothing.
+            await frozen.execute("BEGIN")
+            await frozen.execute("SET LOCAL idle_in_transaction_session_timeout = 500")
+            await frozen.execute(
+                "INSERT INTO timer_fires (schedule, fire_time, instance) VALUES ($1, $2, 'x')",
+                "frozen",
+                datetime(2026, 1, 1, 10, 1, tzinfo=UTC),
+            )
+            ctx = context(pool, "frozen", tap, type="timer", clock=clock)
+            async with running(timer("frozen", claim_lease=0.5), ctx):
+                await settle(clock)
+                clock.advance(30)
+                await tap.wait_published(1)
+                await settle(clock)
+            assert frozen.is_closed() or not frozen.is_in_transaction()
+        finally:
+            await frozen.close()
+        assert await fires(pool, "frozen") == ["10:01"]
+        assert [e["id"] for e in await tap.take(1)] == ["frozen/2026-01-01T10:01:00Z"]
+
+
+async def test_at_schedule_fires_once_then_stops(database_dsn: str, nats_url: str) -> None:
+    clock = ManualClock(datetime(2030, 6, 1, 6, 59, tzinfo=UTC))
+    source = timer("launch", schedule="at(2030-06-01T09:00:00)", timezone="Europe/Paris")
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "launch", tap, type="timer", clock=clock)
+        task = asyncio.create_task(source.run(ctx))
+        await settle(clock)
+        clock.advance(60)
+        async with asyncio.timeout(WAIT):
+            await task  # returns: no ticks left
+        assert [e["time"] for e in await tap.take(1)] == ["2030-06-01T07:00:00Z"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"schedule": "61 * * * *"}, "field '\\(root\\)'.*invalid cron expression"),
+        ({"schedule": "rate(5 fortnights)"}, "rate unit 'fortnights'"),
+        ({"schedule": "rate(5 minutes)", "timezone": "Mars/Base"}, "unknown time zone"),
+        ({"schedule": "at(2020-01-01T00:00:00)"}, "lies in the past"),
+        ({"schedule": "rate(1 minute)", "missed": "all"}, "field 'missed'"),
+        ({"schedule": "rate(1 minute)", "max_catch_up": 0}, "field 'max_catch_up'"),
+        ({"schedule": "rate(1 minute)", "cron": "x"}, "field 'cron'"),
+        ({}, "field 'schedule'"),
+    ],
+)
+def test_bad_timer_config_names_the_source(settings: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=f"source 'bad-timer' \\(timer\\): .*{fragment}"):
+        build_source({"name": "bad-timer", "type": "timer", **settings})
+
+
+async def test_store_failure_does_not_lose_the_tick(database_dsn: str, nats_url: str) -> None:
+    """Postgres refusing the claim is a transient failure: backoff, then the tick fires."""
+    clock = ManualClock(START)
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx: SourceContext = context(pool, "pgdown", tap, type="timer", clock=clock)
+        async with running(timer("pgdown"), ctx):
+            await settle(clock)
+            await pool.execute("ALTER TABLE timer_fires RENAME TO timer_fires_away")
+            clock.advance(30)
+            await settle(clock)
+            assert ctx.status.state == "backoff"
+            assert "timer_fires" in (ctx.status.last_error or "")
+            await pool.execute("ALTER TABLE timer_fires_away RENAME TO timer_fires")
+            clock.advance(5)
+            await tap.wait_published(1)
+        assert await fires(pool, "pgdown") == ["10:01"]
