@@ -1,5 +1,14 @@
-"""The Postgres store: audit trail, migrations, and the embedded PostgreSQL launcher."""
+"""The Postgres store: the audit trail and the tables other components keep in Postgres.
 
+:class:`Store` is opened once by the composition root: it connects, applies the versioned
+migrations in ``migrations/`` (see :func:`migrate`) and runs the :class:`AuditWriter`, which
+batches audit rows into COPYs. :class:`EmbeddedPostgres` runs a real PostgreSQL under a data
+directory when no external database is configured.
+"""
+
+from eventbus.store._audit import AuditWriter
 from eventbus.store._embedded import EmbeddedPostgres
+from eventbus.store._migrate import migrate
+from eventbus.store._pool import EventTrail, Store
 
-__all__ = ["EmbeddedPostgres"]
+__all__ = ["AuditWriter", "EmbeddedPostgres", "EventTrail", "Store", "migrate"]

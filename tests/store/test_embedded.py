@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import shutil
 
 import asyncpg
 import pytest
 
 from eventbus._errors import StoreError
 from eventbus.store import EmbeddedPostgres
+from tests.fixtures.postgres import private_data_root
 
 
 async def test_fresh_database_per_test(database_dsn: str) -> None:
@@ -37,13 +38,17 @@ async def test_data_survives_restart(postgres_server: EmbeddedPostgres, database
         await conn.close()
 
 
-async def test_stop_and_start_are_idempotent(tmp_path: Path) -> None:
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    await pg.stop()
-    async with pg:
-        await pg.start()
-        conn = await asyncpg.connect(pg.dsn)
-        assert await conn.fetchval("SELECT 1") == 1
-        await conn.close()
-    await pg.stop()
-    assert not pg.running
+async def test_stop_and_start_are_idempotent() -> None:
+    root = private_data_root()
+    try:
+        pg = EmbeddedPostgres(root / "pg")
+        await pg.stop()
+        async with pg:
+            await pg.start()
+            conn = await asyncpg.connect(pg.dsn)
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+        await pg.stop()
+        assert not pg.running
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,341 @@
+"""The audit writer: the last stop of every event's trip, turning audit facts into Postgres rows.
+
+The router, the API and the sources call :class:`AuditWriter` methods on the hot path; each one
+turns its fact into a row tuple and appends it to an in-memory buffer, without I/O. One writer
+task drains the buffer in batches with ``COPY`` (``copy_records_to_table``), one transaction per
+batch, so a batch lands entirely or not at all.
+
+Guarantees:
+
+- Bounded memory: at most ``capacity`` rows are held (buffered or being written); a producer
+  that finds the buffer full waits for room (backpressure).
+- Nothing buffered is lost while the process lives: when Postgres is unreachable or restarts,
+  the writer retries the same batch with capped exponential backoff until it lands.
+- One bad row never stops the writer: a batch rejected for its data (SQLSTATE class 22/23, or a
+  value the driver cannot encode) is split in halves until the offending rows are isolated;
+  those are logged and counted in :attr:`AuditWriter.dropped`, every other row lands.
+- :meth:`AuditWriter.flush` is a group commit: concurrent callers share the same COPYs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from eventbus._errors import ConfigError, StoreError
+
+__all__ = ["AuditWriter"]
+
+_log = logging.getLogger(__name__)
+
+_COLUMNS: dict[str, tuple[str, ...]] = {
+    "events": ("source", "id", "type", "subject", "time", "received_at", "via", "event", "size"),
+    "matches": ("source", "id", "rule", "target", "at"),
+    "attempts": (
+        "source",
+        "id",
+        "rule",
+        "target",
+        "attempt",
+        "outcome",
+        "status",
+        "duration_ms",
+        "error",
+        "at",
+    ),
+    "refusals": ("at", "remote", "path", "reason"),
+}
+_ERROR_CHARS = 2048
+_WRITE_TIMEOUT = 30.0  # seconds for one batch; a hung server is treated like a lost one
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 2.0
+
+_Row = tuple[str, tuple[Any, ...]]
+
+
+class AuditWriter:
+    """Buffers audit rows and writes them to Postgres in COPY batches from one background task.
+
+    Built and started by :meth:`eventbus.store.Store.open`; ``batch`` rows per COPY at most,
+    a partial batch waits at most ``interval`` seconds, ``capacity`` rows are held at most.
+    The recording methods raise StoreError only once the writer is closed.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        batch: int = 1000,
+        interval: float = 0.05,
+        capacity: int = 50_000,
+    ) -> None:
+        if batch < 1 or capacity < batch or interval < 0:
+            raise ConfigError(
+                f"audit settings need batch >= 1, buffer >= batch and interval >= 0 "
+                f"(got batch={batch}, buffer={capacity}, interval={interval})"
+            )
+        self._pool = pool
+        self._batch = batch
+        self._interval = interval
+        self._capacity = capacity
+        self._rows: deque[_Row] = deque()
+        self._held = 0  # buffered plus in flight: what the capacity bounds
+        self._enqueued = 0  # rows ever accepted; a flush waits for _done to reach this mark
+        self._done = 0  # rows committed or dropped, in buffer order
+        self._dropped = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._urgent = False
+        self._closing = False
+        self._stopped: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Rows accepted but not yet committed (buffered or being written)."""
+        return self._held
+
+    @property
+    def dropped(self) -> int:
+        """Rows discarded because Postgres rejected their data or they could not be encoded."""
+        return self._dropped
+
+    def start(self) -> None:
+        """Start the writer task on the running loop; idempotent."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+            self._task.add_done_callback(self._on_exit)
+
+    async def event_accepted(
+        self, event: dict[str, Any], *, via: str, size: int | None = None
+    ) -> None:
+        """Record that ``event`` was accepted (``via``: http, kafka, source:<name>, reply, replay).
+
+        Missing or odd attributes are stored as NULL or text; ``size`` defaults to the length of
+        the event's JSON form.
+        """
+        try:
+            body = orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS)
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            self._dropped += 1
+            _log.error("audit: event from %s cannot be serialized, not recorded: %s", via, exc)
+            return
+        attrs = _attributes(event)
+        await self._put(
+            "events",
+            (
+                _text(attrs.get("source")),
+                _text(attrs.get("id")),
+                _text(attrs.get("type")),
+                _text(attrs.get("subject")),
+                _time(attrs.get("time")),
+                datetime.now(UTC),
+                via,
+                body.decode(),
+                len(body) if size is None else size,
+            ),
+        )
+
+    async def rule_matched(self, event: dict[str, Any], rule: str, target: str) -> None:
+        """Record that ``rule`` matched ``event`` and routes it to ``target``."""
+        attrs = _attributes(event)
+        await self._put(
+            "matches",
+            (_text(attrs.get("source")), _text(attrs.get("id")), rule, target, datetime.now(UTC)),
+        )
+
+    async def attempt(
+        self,
+        event: dict[str, Any],
+        *,
+        rule: str,
+        target: str,
+        attempt: int,
+        outcome: str,
+        status: int | None,
+        duration_ms: float,
+        error: str | None,
+    ) -> None:
+        """Record one delivery attempt and its outcome; ``error`` is cut to 2,048 characters."""
+        attrs = _attributes(event)
+        await self._put(
+            "attempts",
+            (
+                _text(attrs.get("source")),
+                _text(attrs.get("id")),
+                rule,
+                target,
+                attempt,
+                outcome,
+                status,
+                duration_ms,
+                None if error is None else error[:_ERROR_CHARS],
+                datetime.now(UTC),
+            ),
+        )
+
+    async def refused(self, *, remote: str | None, path: str, reason: str) -> None:
+        """Record a refused request (for example a missing or invalid API key)."""
+        await self._put("refusals", (datetime.now(UTC), remote, path, reason))
+
+    async def flush(self) -> None:
+        """Return once every row recorded before this call is committed (or dropped as bad).
+
+        Waits as long as Postgres is unreachable: bound it with your own timeout. Raises
+        StoreError if the writer is closed before those rows are written.
+        """
+        target = self._enqueued
+        if self._done >= target:
+            return
+        if self._stopped is not None:
+            raise StoreError(self._stopped)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, waiter))
+        self._urgent = True
+        self._wake.set()
+        await waiter
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Write out everything buffered, waiting at most ``grace`` seconds, then stop.
+
+        Rows still unwritten after that are lost; their count is logged and pending
+        :meth:`flush` calls raise StoreError. Idempotent.
+        """
+        self._closing = True
+        self._wake.set()
+        self._space.set()
+        task = self._task
+        if task is None or task.done():
+            self._stop("the audit writer is closed")
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            _log.error("audit: closed with %d rows still unwritten after %gs", self._held, grace)
+        self._stop("the audit writer closed before these rows were written")
+
+    async def _put(self, table: str, record: tuple[Any, ...]) -> None:
+        while self._held >= self._capacity and not self._closing:
+            self._space.clear()
+            await self._space.wait()
+        if self._closing:
+            raise StoreError("the audit writer is closed")
+        self._rows.append((table, record))
+        self._held += 1
+        self._enqueued += 1
+        if len(self._rows) == 1 or len(self._rows) >= self._batch:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._rows:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._rows) < self._batch and not (self._urgent or self._closing):
+                # Wait for a fuller batch: up to `interval` of latency buys far fewer COPYs.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+            count = min(len(self._rows), self._batch)
+            rows = [self._rows.popleft() for _ in range(count)]
+            if not self._rows:
+                self._urgent = False
+            await self._write(rows)
+            self._held -= count
+            self._done += count
+            self._space.set()
+            while self._waiters and self._waiters[0][0] <= self._done:
+                _, waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _write(self, rows: list[_Row]) -> None:
+        delay = _BACKOFF_FIRST
+        while True:
+            try:
+                await self._copy(rows)
+                return
+            except Exception as exc:
+                if not _bad_data(exc):
+                    _log.warning("audit: writing %d rows failed, retrying: %r", len(rows), exc)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, _BACKOFF_MAX)
+                    continue
+                if len(rows) == 1:
+                    self._dropped += 1
+                    table, record = rows[0]
+                    _log.error("audit: %s row rejected, dropped: %s: %.2000r", table, exc, record)
+                    return
+            # Bisect: each half is its own transaction, so good rows land and bad ones surface.
+            middle = len(rows) // 2
+            await self._write(rows[:middle])
+            await self._write(rows[middle:])
+            return
+
+    async def _copy(self, rows: list[_Row]) -> None:
+        by_table: dict[str, list[tuple[Any, ...]]] = {}
+        for table, record in rows:
+            by_table.setdefault(table, []).append(record)
+        async with self._pool.acquire(timeout=_WRITE_TIMEOUT) as conn, conn.transaction():
+            for table, records in by_table.items():
+                await conn.copy_records_to_table(
+                    table, records=records, columns=_COLUMNS[table], timeout=_WRITE_TIMEOUT
+                )
+
+    def _stop(self, reason: str) -> None:
+        self._stopped = reason
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(StoreError(reason))
+
+    def _on_exit(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("audit: writer task failed", exc_info=task.exception())
+            self._closing = True
+            self._space.set()
+            self._stop(f"the audit writer failed: {task.exception()!r}")
+
+
+def _bad_data(exc: Exception) -> bool:
+    """Whether ``exc`` blames the rows themselves rather than the connection or the server."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate)[:2] in {"22", "23"}
+    # asyncpg raises ValueError/TypeError subclasses for values it cannot encode for a column.
+    return isinstance(exc, ValueError | TypeError)
+
+
+def _attributes(event: object) -> dict[str, Any]:
+    return event if isinstance(event, dict) else {}
+
+
+def _text(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    # RFC 3339 requires an offset; a value without one is read as UTC rather than thrown away.
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)

@@ -1,0 +1,211 @@
+"""The Store: eventbus's one handle on Postgres, opened by the composition root at start-up.
+
+:meth:`Store.open` connects a pool (waiting a bounded time for Postgres to come up), applies the
+schema migrations and starts the :class:`~eventbus.store.AuditWriter`. Other components use
+``store.pool`` for their own tables (retries, dead letters, checkpoints) and ``store.audit`` to
+record what happened; the API reads an event's history back with :meth:`Store.event_trail`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import orjson
+
+from eventbus._errors import StoreError
+from eventbus.store._audit import AuditWriter
+from eventbus.store._migrate import migrate
+
+__all__ = ["EventTrail", "Store"]
+
+_CLOSE_TIMEOUT = 10.0
+_QUERY_TIMEOUT = 10.0
+_PASSWORD = re.compile(r"(//[^:/@?]*:)[^@/?]*@")
+# Postgres errors that mean "not ready yet" (starting up, shutting down, too busy): wait and retry.
+_NOT_YET = (
+    OSError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+)
+
+
+@dataclass(frozen=True)
+class EventTrail:
+    """What happened to one event: the event as first accepted, its matches and attempts.
+
+    ``matches`` items: rule, target, at. ``attempts`` items: rule, target, attempt, outcome,
+    status, duration_ms, error, at. Both are in time order; ``at`` values are datetimes.
+    """
+
+    event: dict[str, Any]
+    received_at: datetime
+    via: str
+    matches: list[dict[str, Any]]
+    attempts: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trail as JSON-ready values (timestamps as ISO 8601 strings)."""
+        return {
+            "event": self.event,
+            "received_at": self.received_at.isoformat(),
+            "via": self.via,
+            "matches": [_jsonable(m) for m in self.matches],
+            "attempts": [_jsonable(a) for a in self.attempts],
+        }
+
+
+class Store:
+    """Connection pool, migrated schema and audit writer; close it (or use ``async with``)."""
+
+    def __init__(self, pool: asyncpg.Pool, audit: AuditWriter) -> None:
+        self.pool = pool
+        self.audit = audit
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        audit_batch: int = 1000,
+        audit_interval: float = 0.05,
+        audit_buffer: int = 50_000,
+        connect_timeout: float = 10.0,
+    ) -> Store:
+        """Connect to ``dsn``, migrate the schema and start the audit writer.
+
+        Waits up to ``connect_timeout`` seconds for Postgres to accept connections. Raises
+        StoreError if it does not, if it refuses us (bad credentials, unknown database), if the
+        DSN is malformed, or if the schema cannot be migrated (including a database newer than
+        this code); ConfigError if the audit settings are inconsistent.
+        """
+        pool = await _connect(dsn, min_size, max_size, connect_timeout)
+        try:
+            audit = AuditWriter(
+                pool, batch=audit_batch, interval=audit_interval, capacity=audit_buffer
+            )
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            await pool.close()
+            raise StoreError(f"cannot prepare the schema at {_redact(dsn)}: {exc}") from exc
+        except BaseException:
+            await pool.close()
+            raise
+        audit.start()
+        return cls(pool, audit)
+
+    async def ping(self) -> bool:
+        """Whether Postgres answers a trivial query now (never raises)."""
+        try:
+            async with self.pool.acquire(timeout=_QUERY_TIMEOUT) as conn:
+                return bool(await conn.fetchval("SELECT true", timeout=_QUERY_TIMEOUT))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            return False
+
+    async def event_trail(self, source: str, id: str) -> EventTrail | None:
+        """The audit trail of the event ``(source, id)``, or None if it was never accepted.
+
+        If the event was accepted several times (redelivery, replay) the trail shows the first
+        acceptance and every match and attempt of all of them. Raises StoreError if Postgres
+        cannot be queried. Only committed rows are visible: flush the audit first if needed.
+        """
+        key = (source, id)
+        try:
+            async with (
+                self.pool.acquire(timeout=_QUERY_TIMEOUT) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                first = await conn.fetchrow(
+                    "SELECT event, received_at, via FROM events WHERE source = $1 AND id = $2 "
+                    "ORDER BY received_at, seq LIMIT 1",
+                    *key,
+                    timeout=_QUERY_TIMEOUT,
+                )
+                if first is None:
+                    return None
+                matches = await conn.fetch(
+                    "SELECT rule, target, at FROM matches WHERE source = $1 AND id = $2 "
+                    "ORDER BY at, seq",
+                    *key,
+                    timeout=_QUERY_TIMEOUT,
+                )
+                attempts = await conn.fetch(
+                    "SELECT rule, target, attempt, outcome, status, duration_ms, error, at "
+                    "FROM attempts WHERE source = $1 AND id = $2 ORDER BY at, seq",
+                    *key,
+                    timeout=_QUERY_TIMEOUT,
+                )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise StoreError(
+                f"cannot read the trail of event {id!r} from {source!r}: {exc}"
+            ) from exc
+        return EventTrail(
+            event=orjson.loads(first["event"]),
+            received_at=first["received_at"],
+            via=first["via"],
+            matches=[dict(row) for row in matches],
+            attempts=[dict(row) for row in attempts],
+        )
+
+    async def close(self) -> None:
+        """Flush the audit buffer (waiting at most 10 s; rows left over are logged as lost) and
+        close the pool. Idempotent."""
+        await self.audit.close(_CLOSE_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.pool.close(), _CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.pool.terminate()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _connect(dsn: str, min_size: int, max_size: int, wait: float) -> asyncpg.Pool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    delay = 0.1
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            return await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, timeout=max(remaining, 0.5)
+            )
+        except (asyncpg.ClientConfigurationError, ValueError) as exc:
+            raise StoreError(f"invalid Postgres DSN {_redact(dsn)}: {exc}") from exc
+        except _NOT_YET as exc:
+            last: BaseException = exc
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"Postgres at {_redact(dsn)} refused the connection: {exc}") from exc
+        if loop.time() + delay > deadline:
+            raise StoreError(
+                f"Postgres at {_redact(dsn)} is unreachable (gave up after {wait:g} s): "
+                f"{type(last).__name__}: {last}"
+            ) from last
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _redact(dsn: str) -> str:
+    return _PASSWORD.sub(r"\1***@", dsn)
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}

@@ -1,0 +1,213 @@
+"""The audit writer against a real PostgreSQL: COPY batches, flush, backpressure, bad rows and
+a Postgres restart in the middle of writing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from eventbus._errors import StoreError
+from eventbus.store import EmbeddedPostgres, Store
+
+# Guards against a hang, not speed assertions: every wait in these tests is bounded.
+BOUND = 60.0
+
+
+def _event(n: int, **extra: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "source": "/test", "id": f"e{n}", "type": "t", **extra}
+
+
+async def _count(store: Store, table: str) -> int:
+    count: int = await store.pool.fetchval(f"SELECT count(*) FROM {table}")
+    return count
+
+
+async def test_many_rows_land_in_batches(database_dsn: str) -> None:
+    async with await Store.open(database_dsn, audit_batch=100) as store:
+        for n in range(1000):
+            await store.audit.event_accepted(_event(n), via="http")
+            await store.audit.rule_matched(_event(n), "r", "t")
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert await _count(store, "events") == 1000
+        assert await _count(store, "matches") == 1000
+        assert store.audit.pending == 0
+
+
+async def test_flush_waits_for_rows_recorded_before_it(database_dsn: str) -> None:
+    # A long interval: without a flush the writer would sit on a partial batch for a minute.
+    async with await Store.open(database_dsn, audit_interval=60.0) as store:
+        await asyncio.wait_for(store.audit.flush(), BOUND)  # nothing buffered: returns
+        await store.audit.event_accepted(_event(1), via="http")
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert await _count(store, "events") == 1
+
+
+async def test_concurrent_flushes_share_the_writes(database_dsn: str) -> None:
+    async with await Store.open(database_dsn, audit_interval=60.0) as store:
+
+        async def produce_then_flush(k: int) -> int:
+            for n in range(50):
+                await store.audit.event_accepted(_event(k * 100 + n), via="http")
+            await store.audit.flush()
+            # Everything this producer recorded is committed when its flush returns.
+            count: int = await store.pool.fetchval(
+                "SELECT count(*) FROM events WHERE id LIKE $1", f"e{k}__"
+            )
+            return count
+
+        counts = await asyncio.wait_for(
+            asyncio.gather(*(produce_then_flush(k) for k in range(10, 30))), BOUND
+        )
+        assert counts == [50] * 20
+        assert await _count(store, "events") == 1000
+
+
+async def test_close_writes_out_the_buffer(database_dsn: str) -> None:
+    store = await Store.open(database_dsn, audit_interval=60.0)
+    for n in range(10):
+        await store.audit.event_accepted(_event(n), via="http")
+    await asyncio.wait_for(store.close(), BOUND)
+    async with await Store.open(database_dsn) as again:
+        assert await _count(again, "events") == 10
+
+
+async def test_backpressure_bounds_the_buffer_and_loses_nothing(database_dsn: str) -> None:
+    async with await Store.open(database_dsn, audit_batch=2, audit_buffer=4) as store:
+        most = 0
+
+        async def produce(k: int) -> None:
+            nonlocal most
+            for n in range(25):
+                await store.audit.attempt(
+                    _event(k * 100 + n),
+                    rule="r",
+                    target="t",
+                    attempt=1,
+                    outcome="delivered",
+                    status=200,
+                    duration_ms=1.0,
+                    error=None,
+                )
+                most = max(most, store.audit.pending)
+
+        await asyncio.wait_for(asyncio.gather(*(produce(k) for k in range(8))), BOUND)
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert most <= 4
+        assert await _count(store, "attempts") == 200
+
+
+async def test_a_bad_row_is_isolated_and_the_rest_land(
+    database_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with await Store.open(database_dsn, audit_batch=64) as store:
+        for n in range(100):
+            # Postgres text cannot hold NUL: these two rows are refused by the server.
+            subject = "a\x00b" if n in (17, 80) else "ok"
+            await store.audit.event_accepted(_event(n, subject=subject), via="http")
+        # The driver cannot encode a str as an integer column: refused before it is sent.
+        await store.audit.attempt(
+            _event(1),
+            rule="r",
+            target="t",
+            attempt=1,
+            outcome="failed",
+            status="500",  # type: ignore[arg-type]
+            duration_ms=1.0,
+            error=None,
+        )
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert await _count(store, "events") == 98
+        assert await _count(store, "attempts") == 0
+        assert store.audit.dropped == 3
+        assert "row rejected, dropped" in caplog.text
+        # The writer is still alive.
+        await store.audit.event_accepted(_event(1000), via="http")
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert await _count(store, "events") == 99
+
+
+async def test_odd_events_are_stored_with_what_they_have(database_dsn: str) -> None:
+    async with await Store.open(database_dsn) as store:
+        audit = store.audit
+        await audit.event_accepted({}, via="http")
+        await audit.event_accepted({"id": 7, "source": ["x"], "time": "yesterday"}, via="kafka")
+        await audit.event_accepted({"id": "naive", "time": "2026-11-28T12:00:00"}, via="reply")
+        await audit.event_accepted({"id": "set", "data": {1, 2}}, via="source:logs")
+        await audit.rule_matched({}, "r", "t")
+        await audit.attempt(
+            {"id": "long"},
+            rule="r",
+            target="t",
+            attempt=3,
+            outcome="dead-lettered",
+            status=None,
+            duration_ms=0.0,
+            error="x" * 10_000,
+        )
+        await asyncio.wait_for(audit.flush(), BOUND)
+        rows = await store.pool.fetch("SELECT source, id, time, via FROM events ORDER BY seq")
+        assert [(r["source"], r["id"], r["via"]) for r in rows] == [
+            (None, None, "http"),
+            ("['x']", "7", "kafka"),
+            (None, "naive", "reply"),
+            (None, "set", "source:logs"),
+        ]
+        assert rows[1]["time"] is None
+        assert rows[2]["time"].isoformat() == "2026-11-28T12:00:00+00:00"
+        assert await store.pool.fetchval("SELECT length(error) FROM attempts") == 2048
+        assert await _count(store, "matches") == 1
+        assert audit.dropped == 0
+
+
+async def test_postgres_restart_loses_no_buffered_row(
+    postgres_server: EmbeddedPostgres, database_dsn: str
+) -> None:
+    async with await Store.open(database_dsn, audit_batch=10, audit_buffer=50) as store:
+        for n in range(30):
+            await store.audit.event_accepted(_event(n), via="http")
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+
+        await postgres_server.stop()
+        try:
+
+            async def produce(k: int) -> None:
+                for n in range(20):
+                    await store.audit.event_accepted(_event(k * 100 + n), via="http")
+
+            producers = asyncio.gather(*(produce(k) for k in range(1, 6)))
+            flushed = asyncio.ensure_future(store.audit.flush())
+            # 100 rows against a buffer of 50 with Postgres down: producers must be waiting.
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if store.audit.pending == 50:
+                    break
+            assert store.audit.pending == 50
+            assert not producers.done()
+            assert not flushed.done()
+        finally:
+            await postgres_server.start()
+
+        await asyncio.wait_for(producers, BOUND)
+        await asyncio.wait_for(flushed, BOUND)
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert await _count(store, "events") == 130
+        assert store.audit.dropped == 0
+        assert await store.ping()
+
+
+async def test_close_gives_up_after_its_grace_when_postgres_stays_down(
+    postgres_server: EmbeddedPostgres, database_dsn: str
+) -> None:
+    store = await Store.open(database_dsn)
+    await postgres_server.stop()
+    try:
+        await store.audit.event_accepted(_event(1), via="http")
+        flushed = asyncio.ensure_future(store.audit.flush())
+        await asyncio.wait_for(store.audit.close(grace=0.5), BOUND)
+        with pytest.raises(StoreError, match="closed before these rows were written"):
+            await asyncio.wait_for(flushed, BOUND)
+    finally:
+        await postgres_server.start()
+        await store.close()
