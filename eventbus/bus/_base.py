@@ -1,0 +1,151 @@
+"""The durable bus contract: what ingest publishes into and what the router consumes from.
+
+Every event accepted by eventbus passes through a :class:`Bus` (JetStream or Kafka) between
+normalisation and routing. ``publish`` returns only once the broker has stored the event;
+``messages`` hands out work shared by every process using the same durable/group name, with
+at-least-once delivery: a message is redelivered until someone acks it.
+
+This module also holds the pieces both backends share: the wire encoding (the structured
+CloudEvents JSON of the event) and the in-flight window that bounds un-acked messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from eventbus._errors import BusError, BusUnavailable, CloudEventError
+from eventbus.cloudevents import encode, event_key, parse_json
+
+__all__ = ["Bus", "BusMessage", "InFlightWindow", "collect_acks", "wire_decode", "wire_encode"]
+
+
+class BusMessage(Protocol):
+    """One event handed out by :meth:`Bus.messages`; settle it with exactly one ack or nak."""
+
+    event: dict[str, Any]
+    deliveries: int
+    """1 on the first delivery, more on each redelivery."""
+
+    async def ack(self) -> None:
+        """Mark the event done: it is never delivered again to this durable/group."""
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Mark the event not done: it is delivered again, after ``delay`` seconds if given."""
+
+
+class Bus(Protocol):
+    """A durable event log shared by every eventbus process (async context manager)."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Store one event durably; raises BusUnavailable (retry later) or BusError."""
+
+    async def publish_many(self, events: Sequence[dict[str, Any]]) -> list[BaseException | None]:
+        """Store many events concurrently; one outcome per event, in order (None = stored)."""
+
+    def messages(self) -> AsyncIterator[BusMessage]:
+        """Yield events to process, never more than ``max_in_flight`` un-settled at a time."""
+
+    async def ping(self) -> bool:
+        """True when the broker answers right now."""
+
+
+def wire_encode(event: dict[str, Any]) -> tuple[bytes, str]:
+    """Return the bus payload (structured CloudEvents JSON) and the source+id dedup key.
+
+    Raises BusError when the event is not a dict with ``source`` and ``id`` or cannot be
+    encoded: nothing is published in that case.
+    """
+    if not isinstance(event, dict) or "source" not in event or "id" not in event:
+        raise BusError("cannot publish event: it must be a dict with 'source' and 'id'")
+    try:
+        return encode(event), event_key(event)
+    except CloudEventError as exc:
+        raise BusError(f"cannot publish event: {exc}") from exc
+
+
+def wire_decode(payload: bytes) -> dict[str, Any]:
+    """Parse a bus payload back into an event dict; raises BusError when it is not a JSON object.
+
+    No CloudEvents validation here: events are validated before they are published, and
+    re-checking (size limits included) on the way out could only drop accepted events.
+    """
+    try:
+        event = parse_json(payload)
+    except CloudEventError as exc:
+        raise BusError(f"malformed message on the bus: {exc}") from exc
+    if not isinstance(event, dict):
+        raise BusError("malformed message on the bus: not a JSON object")
+    return event
+
+
+async def collect_acks(
+    pending: dict[asyncio.Future[Any], int],
+    results: list[BaseException | None],
+    within: float,
+    translate: Callable[[BaseException], BusError],
+) -> None:
+    """Wait up to ``within`` s for the broker acks of pipelined publishes and record outcomes.
+
+    ``pending`` maps each publish future to its index in ``results``. A future without an answer
+    in time is cancelled and recorded as BusUnavailable (the broker may still store it later);
+    a failed one is recorded as ``translate(exc)``.
+    """
+    if not pending:
+        return
+    done, late = await asyncio.wait(pending, timeout=within)
+    for future in late:
+        future.cancel()
+        results[pending[future]] = BusUnavailable(f"no broker ack within {within} s")
+    for future in done:
+        if (exc := future.exception()) is not None:
+            results[pending[future]] = translate(exc)
+
+
+class InFlightWindow:
+    """Counts messages handed out but not settled, so a consumer never holds more than ``limit``.
+
+    This is the bus's backpressure: the consumer loop asks :meth:`room` before fetching and
+    fetches at most that many, so memory stays bounded however fast the broker delivers.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise BusError(f"max_in_flight must be at least 1, got {limit}")
+        self.limit = limit
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.limit - self.count
+
+    def take(self, n: int = 1) -> None:
+        self.count += n
+
+    def release(self) -> None:
+        self.count -= 1
+        self._changed.set()
+
+    def poke(self) -> None:
+        """Wake :meth:`wait` without changing the count (new local work is ready)."""
+        self._changed.set()
+
+    async def wait(self, at_most: float) -> None:
+        """Wait until a slot is released or :meth:`poke` is called, at most ``at_most`` s."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), at_most)
+        except TimeoutError:
+            return

@@ -1,0 +1,430 @@
+"""The Kafka bus: the alternative durable log between ingest and the router.
+
+Layout: one topic; each record's value is the event's structured CloudEvents JSON with the
+Kafka binding header ``content-type: application/cloudevents+json``, and its key is the event's
+source+id, so one event always lands on the same partition. The producer waits for ``acks=all``
+(idempotent unless disabled). Routers share one consumer group and split the partitions.
+
+Kafka only remembers one offset per partition, but routers ack out of order. So each partition
+tracks the offsets handed out and acked, and only the lowest un-acked offset is committed
+(periodically, on rebalance and on close): everything at or after it is redelivered to whoever
+owns the partition next. A nak keeps the message un-acked and hands it out again locally after
+the delay; if the partition moves meanwhile, the new owner redelivers it instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import aiokafka.errors as kerr
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from eventbus._errors import BusError, BusUnavailable
+from eventbus.bus._base import (
+    BusMessage,
+    InFlightWindow,
+    collect_acks,
+    wire_decode,
+    wire_encode,
+)
+
+__all__ = ["KafkaBus", "KafkaBusConfig"]
+
+log = logging.getLogger("eventbus.bus")
+
+_HEADERS = [("content-type", b"application/cloudevents+json")]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaBusConfig:
+    """Where the Kafka bus lives and how it delivers.
+
+    ``partitions`` and ``replication_factor`` apply when the bus creates the topic (an existing
+    topic is used as is); ``partitions`` caps how many processes can share the work.
+    ``max_in_flight`` bounds un-settled messages per :meth:`KafkaBus.messages` iterator.
+    ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
+    ``session_timeout`` is how long a silent member keeps its partitions (a killed process's
+    work moves after it; Tansu also delays each group join by about half of it);
+    ``poll_timeout`` is the long-poll length of one fetch; ``commit_interval`` how often done
+    offsets are committed (seconds).
+    """
+
+    bootstrap_servers: str
+    topic: str = "eventbus.events"
+    group_id: str = "eventbus-router"
+    partitions: int = 12
+    replication_factor: int = 1
+    max_in_flight: int = 1000
+    idempotent: bool = True
+    linger_ms: int = 5
+    session_timeout: float = 10.0
+    commit_interval: float = 1.0
+    poll_timeout: float = 0.5
+    publish_timeout: float = 5.0
+    connect_timeout: float = 5.0
+
+
+_UNAVAILABLE = (
+    TimeoutError,
+    OSError,
+    kerr.KafkaConnectionError,
+    kerr.KafkaTimeoutError,
+    kerr.RequestTimedOutError,
+    kerr.NodeNotReadyError,
+    kerr.NotLeaderForPartitionError,
+    kerr.LeaderNotAvailableError,
+    kerr.UnknownTopicOrPartitionError,
+    kerr.NotEnoughReplicasError,
+    kerr.NotEnoughReplicasAfterAppendError,
+    kerr.CoordinatorNotAvailableError,
+    kerr.ProducerClosed,
+)
+
+
+def _translate(exc: BaseException, doing: str) -> BusError:
+    """Map an aiokafka error to BusUnavailable (try again later) or BusError (will not help)."""
+    kind = BusUnavailable if isinstance(exc, _UNAVAILABLE) else BusError
+    return kind(f"Kafka {doing} failed: {exc!r}")
+
+
+class _Partition:
+    """Offsets of one assigned partition: handed out, acked, and committed so far."""
+
+    __slots__ = ("acked", "committed", "next_offset", "pending")
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.acked: set[int] = set()
+        self.next_offset: int | None = None
+        self.committed = -1
+
+    def fetched(self, offset: int) -> None:
+        self.pending.append(offset)
+        self.next_offset = offset + 1
+
+    def commit_point(self) -> int | None:
+        """The offset to commit: the lowest un-acked one, or the next to fetch if all are done."""
+        while self.pending and self.pending[0] in self.acked:
+            self.acked.discard(self.pending.popleft())
+        return self.pending[0] if self.pending else self.next_offset
+
+
+class _KafkaMessage:
+    __slots__ = ("_consumption", "_offset", "_part", "_settled", "_tp", "deliveries", "event")
+
+    def __init__(
+        self,
+        event: dict[str, Any],
+        consumption: _Consumption,
+        tp: TopicPartition,
+        part: _Partition,
+        offset: int,
+    ) -> None:
+        self.event = event
+        self.deliveries = 1
+        self._consumption = consumption
+        self._tp = tp
+        self._part = part
+        self._offset = offset
+        self._settled = False
+
+    async def ack(self) -> None:
+        """Mark done; committed with the next contiguous run. Later calls do nothing."""
+        if not self._settled:
+            self._settled = True
+            self._consumption.ack(self)
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Hand it out again after ``delay`` s (at once if None). Later calls do nothing."""
+        if not self._settled:
+            self._settled = True
+            self._consumption.nak(self, delay)
+
+
+class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One group member: its consumer, partition offsets, in-flight window and nak'd messages."""
+
+    def __init__(self, config: KafkaBusConfig) -> None:
+        self.config = config
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=config.bootstrap_servers,
+            group_id=config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(config.session_timeout * 1000),
+            heartbeat_interval_ms=int(config.session_timeout * 1000 / 3),
+        )
+        self.consumer.subscribe([config.topic], listener=self)
+        self.window = InFlightWindow(config.max_in_flight)
+        self.partitions: dict[TopicPartition, _Partition] = {}
+        self.ready: deque[_KafkaMessage] = deque()
+        self.timers: set[asyncio.TimerHandle] = set()
+        self.closed = False
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Commit what is done and forget the rest: the next owner redelivers it.
+        await self.commit(revoked)
+        for tp in revoked:
+            self.partitions.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            self.partitions[tp] = _Partition()
+
+    def current(self, msg: _KafkaMessage) -> bool:
+        return self.partitions.get(msg._tp) is msg._part
+
+    def ack(self, msg: _KafkaMessage) -> None:
+        self.window.release()
+        if self.current(msg):
+            msg._part.acked.add(msg._offset)
+
+    def nak(self, msg: _KafkaMessage, delay: float | None) -> None:
+        if self.closed or not self.current(msg):
+            self.window.release()
+            return
+        if not delay:
+            self._requeue(msg)
+            return
+
+        def fire() -> None:
+            self.timers.discard(handle)
+            self._requeue(msg)
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self.timers.add(handle)
+
+    def _requeue(self, msg: _KafkaMessage) -> None:
+        self.ready.append(msg)
+        self.window.poke()
+
+    async def commit(self, tps: set[TopicPartition] | None = None) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        for tp, part in self.partitions.items():
+            if tps is not None and tp not in tps:
+                continue
+            point = part.commit_point()
+            if point is not None and point > part.committed:
+                offsets[tp] = point
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (kerr.KafkaError, OSError) as exc:
+            # Not fatal: the offsets are committed next round, or the next owner redelivers.
+            log.warning("Kafka commit of %s failed: %r", offsets, exc)
+            return
+        for tp, offset in offsets.items():
+            self.partitions[tp].committed = offset
+
+    async def run(self) -> AsyncIterator[_KafkaMessage]:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        next_commit = loop.time() + cfg.commit_interval
+        while not self.closed:
+            if loop.time() >= next_commit:
+                await self.commit()
+                next_commit = loop.time() + cfg.commit_interval
+            if self.ready:
+                msg = self.ready.popleft()
+                if not self.current(msg):
+                    self.window.release()
+                    continue
+                msg.deliveries += 1
+                msg._settled = False
+                yield msg
+                continue
+            if self.window.free == 0:
+                await self.window.wait(cfg.poll_timeout)
+                continue
+            try:
+                batches = await self.consumer.getmany(
+                    timeout_ms=int(cfg.poll_timeout * 1000), max_records=self.window.free
+                )
+            except kerr.ConsumerStoppedError:
+                return
+            except kerr.KafkaError as exc:
+                log.warning("Kafka fetch failed: %r; retrying", exc)
+                await asyncio.sleep(cfg.poll_timeout)
+                continue
+            for tp, records in batches.items():
+                for record in records:
+                    part = self.partitions.get(tp)
+                    if part is None:
+                        break
+                    part.fetched(record.offset)
+                    try:
+                        event = wire_decode(record.value or b"")
+                    except BusError as exc:
+                        log.error("dropping %s offset %s: %s", tp, record.offset, exc)
+                        part.acked.add(record.offset)
+                        continue
+                    self.window.take()
+                    yield _KafkaMessage(event, self, tp, part, record.offset)
+
+    async def close(self) -> None:
+        """Commit what is done and leave the group; later acks change nothing on the broker."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in self.timers:
+            handle.cancel()
+        await self.commit()
+        with contextlib.suppress(kerr.KafkaError, OSError):
+            await self.consumer.stop()
+
+
+class KafkaBus:
+    """The :class:`~eventbus.bus.Bus` on Kafka; use as ``async with KafkaBus(cfg) as bus``."""
+
+    def __init__(self, config: KafkaBusConfig) -> None:
+        self.config = config
+        self._producer: AIOKafkaProducer | None = None
+        self._consumptions: set[_Consumption] = set()
+
+    async def __aenter__(self) -> Self:
+        """Make sure the topic exists and start the producer.
+
+        Raises BusUnavailable when the brokers cannot be reached within ``connect_timeout``,
+        BusError when the topic cannot be created.
+        """
+        cfg = self.config
+        await self._ensure_topic()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers,
+            acks="all",
+            enable_idempotence=cfg.idempotent,
+            linger_ms=cfg.linger_ms,
+            request_timeout_ms=int(cfg.publish_timeout * 1000),
+        )
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                await producer.start()
+        except (kerr.KafkaError, OSError, TimeoutError) as exc:
+            await producer.stop()
+            raise _translate(exc, f"connect to {cfg.bootstrap_servers}") from exc
+        self._producer = producer
+        return self
+
+    async def _ensure_topic(self) -> None:
+        cfg = self.config
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=cfg.bootstrap_servers,
+            request_timeout_ms=int(cfg.connect_timeout * 1000),
+        )
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                await admin.start()
+                response = await admin.create_topics(
+                    [NewTopic(cfg.topic, cfg.partitions, cfg.replication_factor)]
+                )
+        except (kerr.KafkaError, OSError, TimeoutError) as exc:
+            raise _translate(exc, f"create topic {cfg.topic}") from exc
+        finally:
+            await admin.close()
+        for _topic, code, *rest in response.topic_errors:
+            if code not in (0, kerr.TopicAlreadyExistsError.errno):
+                error = kerr.for_code(code)(*rest)
+                raise _translate(error, f"create topic {cfg.topic}")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Commit done offsets, leave the group, flush and stop the producer."""
+        for consumption in list(self._consumptions):
+            await consumption.close()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(kerr.KafkaError, OSError):
+                await producer.stop()
+
+    def _open_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise BusError("the bus is not open: use it inside `async with`")
+        return self._producer
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Store ``event`` on the topic and return once all in-sync replicas have it.
+
+        Raises BusUnavailable when no broker acks within ``publish_timeout`` (the event may
+        still be stored later), BusError when the event cannot be encoded or is rejected.
+        """
+        (result,) = await self.publish_many([event])
+        if result is not None:
+            raise result
+
+    async def publish_many(self, events: Sequence[dict[str, Any]]) -> list[BaseException | None]:
+        """Publish all events batched by the producer, then wait for their acks together.
+
+        Returns one outcome per event, in order: None when stored, else the BusError or
+        BusUnavailable that ``publish`` would have raised. The whole call takes at most about
+        twice ``publish_timeout``; never raises for a single event.
+        """
+        cfg = self.config
+        results: list[BaseException | None] = [None] * len(events)
+        pending: dict[asyncio.Future[Any], int] = {}
+        deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
+        for i, event in enumerate(events):
+            try:
+                payload, key = wire_encode(event)
+                producer = self._open_producer()
+                # send() waits for metadata and buffer space: one deadline bounds the loop.
+                async with asyncio.timeout_at(deadline):
+                    future = await producer.send(
+                        cfg.topic, payload, key=key.encode(), headers=_HEADERS
+                    )
+            except BusError as exc:
+                results[i] = exc
+            except (kerr.KafkaError, OSError, TimeoutError) as exc:
+                results[i] = _translate(exc, "publish")
+            else:
+                pending[future] = i
+        await collect_acks(
+            pending, results, cfg.publish_timeout, lambda exc: _translate(exc, "publish")
+        )
+        return results
+
+    async def messages(self) -> AsyncIterator[BusMessage]:
+        """Join the consumer group and yield its events until the bus closes.
+
+        At most ``max_in_flight`` yielded messages are un-settled at any time. A record that is
+        not a JSON object is logged and skipped (its offset counts as done). Raises
+        BusUnavailable when the brokers cannot be reached to join the group.
+        """
+        self._open_producer()
+        consumption = _Consumption(self.config)
+        try:
+            # No deadline: joining a group legitimately waits for the other members to rejoin.
+            await consumption.consumer.start()
+        except (kerr.KafkaError, OSError) as exc:
+            await consumption.close()
+            raise _translate(exc, f"join group {self.config.group_id}") from exc
+        self._consumptions.add(consumption)
+        try:
+            async for msg in consumption.run():
+                yield msg
+        finally:
+            self._consumptions.discard(consumption)
+            await consumption.close()
+
+    async def ping(self) -> bool:
+        """True when a broker answers a metadata request within ``connect_timeout``."""
+        try:
+            producer = self._open_producer()
+            async with asyncio.timeout(self.config.connect_timeout):
+                await producer.client.fetch_all_metadata()
+        except (kerr.KafkaError, OSError, TimeoutError, BusError):
+            return False
+        return True

