@@ -20,7 +20,6 @@ CREATE TABLE events (
 );
 CREATE INDEX events_source_id ON events (source, id);
 CREATE INDEX events_received_at ON events (received_at);
-CREATE INDEX events_type_received_at ON events (type, received_at);
 
 CREATE TABLE matches (
     seq         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
