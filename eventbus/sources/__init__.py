@@ -5,7 +5,7 @@ Importing this package registers every built-in connector type with the framewor
 """
 
 # Imported for their side effect: each connector module registers its source type.
-from eventbus.sources import _dirwatch, _logs, _s3poll, _timer  # noqa: F401
+from eventbus.sources import _dirwatch, _logs, _s3poll, _syslog, _timer  # noqa: F401
 from eventbus.sources._base import (
     Backoff,
     Checkpoints,

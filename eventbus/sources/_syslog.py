@@ -1,0 +1,395 @@
+"""The ``syslog`` source: a syslog receiver whose messages become events.
+
+    UDP datagram ─────────────┐
+    TCP stream ─> _Framer ────┴─> parse_syslog (RFC 5424 or RFC 3164) ─> ctx.emit
+                                   └─ unparseable ─> source_dead_letters
+
+TCP frames are octet-counted (``<len> <msg>``) or newline-terminated, detected per frame as
+RFC 6587 describes. Each TCP connection is handled in order and reads nothing more until its
+current message is on the bus, so a slow or unavailable bus pushes back on the sender instead
+of piling up in memory. UDP cannot push back: datagrams wait in a bounded queue, and when it is
+full they are dropped and counted in ``status.errors`` (syslog over UDP is lossy by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import pydantic
+
+from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus.cloudevents import new_event
+from eventbus.sources._base import Backoff, SourceContext, register_source
+
+__all__ = ["SyslogConfig", "SyslogSource", "parse_syslog"]
+
+_FACILITIES = [
+    "kern",
+    "user",
+    "mail",
+    "daemon",
+    "auth",
+    "syslog",
+    "lpr",
+    "news",
+    "uucp",
+    "cron",
+    "authpriv",
+    "ftp",
+    "ntp",
+    "security",
+    "console",
+    "solaris-cron",
+    "local0",
+    "local1",
+    "local2",
+    "local3",
+    "local4",
+    "local5",
+    "local6",
+    "local7",
+]
+_SEVERITIES = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
+
+_PRI = re.compile(r"<(\d{1,3})>")
+_RFC3164_HEADER = re.compile(r"([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) (\S+) ?(.*)", re.DOTALL)
+_RFC3164_TAG = re.compile(r"([^\s:\[\]]{1,48})(?:\[([^\]\s]{1,128})\])?: ?(.*)", re.DOTALL)
+_OCTET_COUNT = re.compile(rb"(\d{1,10}) ")
+_UDP_QUEUE = 10_000
+
+
+def _invalid(detail: str) -> CloudEventError:
+    return CloudEventError(detail, title="Invalid syslog message")
+
+
+def _nil(value: str) -> str | None:
+    return None if value == "-" else value
+
+
+def _parse_sd(text: str) -> tuple[dict[str, dict[str, str]], str]:
+    """Parse RFC 5424 STRUCTURED-DATA at the start of ``text``; return it and the rest."""
+    if text.startswith("-"):
+        return {}, text[1:]
+    if not text.startswith("["):
+        raise _invalid("STRUCTURED-DATA must be '-' or start with '['")
+    elements: dict[str, dict[str, str]] = {}
+    i = 0
+    while i < len(text) and text[i] == "[":
+        end = i + 1
+        while end < len(text) and text[end] not in " ]":
+            end += 1
+        sd_id = text[i + 1 : end]
+        if not sd_id or any(c in sd_id for c in '="'):
+            raise _invalid(f"invalid SD-ID {sd_id!r}")
+        params: dict[str, str] = {}
+        i = end
+        while i < len(text) and text[i] == " ":
+            eq = text.find('="', i + 1)
+            if eq < 0:
+                raise _invalid(f'SD element {sd_id!r}: expected name="value"')
+            name = text[i + 1 : eq]
+            value: list[str] = []
+            j = eq + 2
+            while j < len(text) and text[j] != '"':
+                if text[j] == "\\" and j + 1 < len(text) and text[j + 1] in '"\\]':
+                    j += 1
+                value.append(text[j])
+                j += 1
+            if j >= len(text):
+                raise _invalid(f"SD element {sd_id!r}: unterminated value of {name!r}")
+            params[name] = "".join(value)
+            i = j + 1
+        if i >= len(text) or text[i] != "]":
+            raise _invalid(f"SD element {sd_id!r}: missing ']'")
+        elements[sd_id] = params
+        i += 1
+    return elements, text[i:]
+
+
+def _rfc5424(fields: dict[str, Any], rest: str) -> None:
+    parts = rest.split(" ", 5)
+    if len(parts) < 6:
+        raise _invalid("RFC 5424 header needs TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD")
+    timestamp, hostname, app, procid, msgid, tail = parts
+    if timestamp != "-":
+        try:
+            datetime.fromisoformat(timestamp)
+        except ValueError as exc:
+            raise _invalid(f"invalid TIMESTAMP {timestamp!r}") from exc
+    sd, message = _parse_sd(tail)
+    if message and not message.startswith(" "):
+        raise _invalid("STRUCTURED-DATA must be followed by a space before MSG")
+    fields.update(
+        format="rfc5424",
+        timestamp=_nil(timestamp),
+        hostname=_nil(hostname),
+        app=_nil(app),
+        procid=_nil(procid),
+        msgid=_nil(msgid),
+        structured_data=sd,
+        message=message[1:].removeprefix("\ufeff"),
+    )
+
+
+def _rfc3164(fields: dict[str, Any], rest: str) -> None:
+    # RFC 3164 is a description of practice, not a grammar: take what is there.
+    fields.update(format="rfc3164", timestamp=None, hostname=None, app=None, procid=None)
+    fields.update(msgid=None, structured_data={})
+    header = _RFC3164_HEADER.fullmatch(rest)
+    content = rest
+    if header is not None:
+        fields["timestamp"], fields["hostname"], content = header.groups()
+    tag = _RFC3164_TAG.fullmatch(content)
+    if tag is not None:
+        fields["app"], fields["procid"], content = tag.groups()
+    fields["message"] = content
+
+
+def parse_syslog(raw: bytes) -> dict[str, Any]:
+    """Parse one syslog message (RFC 5424, else RFC 3164) into a JSON-ready dict.
+
+    Keys: format, facility, facility_name, severity, severity_name, version, timestamp (as
+    sent), hostname, app, procid, msgid, structured_data ({SD-ID: {name: value}}), message;
+    absent (NILVALUE) fields are None. Raises CloudEventError when there is no valid PRI or an
+    RFC 5424 message is malformed.
+    """
+    text = raw.decode("utf-8", errors="replace").rstrip("\r\n\x00")
+    pri = _PRI.match(text)
+    if pri is None:
+        raise _invalid("missing PRI: a syslog message starts with '<0..191>'")
+    value = int(pri.group(1))
+    if value > 191:
+        raise _invalid(f"PRI {value} is out of range 0..191")
+    rest = text[pri.end() :]
+    fields: dict[str, Any] = {
+        "facility": value // 8,
+        "facility_name": _FACILITIES[value // 8],
+        "severity": value % 8,
+        "severity_name": _SEVERITIES[value % 8],
+        "version": None,
+    }
+    version = re.match(r"([1-9]\d?) ", rest)
+    if version is not None:
+        fields["version"] = int(version.group(1))
+        _rfc5424(fields, rest[version.end() :])
+    else:
+        _rfc3164(fields, rest)
+    return fields
+
+
+class _Framer:
+    """Splits a TCP byte stream into syslog frames (RFC 6587), bounded by ``limit`` bytes.
+
+    ``feed`` returns (frame, error) pairs: error is None for a good frame, or says why the
+    frame was cut (its payload is then what was kept, possibly empty).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buf = bytearray()
+        self._skip = 0
+        self._skip_line = False
+
+    def feed(self, data: bytes) -> list[tuple[bytes, str | None]]:
+        self._buf += data
+        frames: list[tuple[bytes, str | None]] = []
+        # Each pass consumes a frame or stops for more input: bounded by the buffer's length.
+        while True:
+            if self._skip:
+                dropped = min(self._skip, len(self._buf))
+                del self._buf[:dropped]
+                self._skip -= dropped
+                if self._skip:
+                    return frames
+            if self._skip_line:
+                newline = self._buf.find(b"\n")
+                if newline < 0:
+                    self._buf.clear()
+                    return frames
+                del self._buf[: newline + 1]
+                self._skip_line = False
+            del self._buf[: len(self._buf) - len(self._buf.lstrip(b"\r\n"))]
+            if not self._buf:
+                return frames
+            count = _OCTET_COUNT.match(self._buf)
+            if count is not None:
+                size = int(count.group(1))
+                if size > self._limit:
+                    del self._buf[: count.end()]
+                    self._skip = size
+                    frames.append((b"", f"frame of {size} bytes exceeds {self._limit}"))
+                    continue
+                if len(self._buf) < count.end() + size:
+                    return frames
+                frames.append((bytes(self._buf[count.end() : count.end() + size]), None))
+                del self._buf[: count.end() + size]
+                continue
+            if self._buf[:10].isdigit() and len(self._buf) <= 10:
+                return frames  # an octet count still arriving
+            newline = self._buf.find(b"\n")
+            if newline < 0:
+                if len(self._buf) > self._limit:
+                    frames.append((bytes(self._buf[: self._limit]), self._too_long()))
+                    self._buf.clear()
+                    self._skip_line = True
+                return frames
+            frame = bytes(self._buf[:newline]).rstrip(b"\r")
+            del self._buf[: newline + 1]
+            if len(frame) > self._limit:
+                frames.append((frame[: self._limit], self._too_long()))
+            else:
+                frames.append((frame, None))
+
+    def close(self) -> list[tuple[bytes, str | None]]:
+        """The last frame of a stream that ended without a newline."""
+        rest = bytes(self._buf).strip(b"\r\n")
+        self._buf.clear()
+        if rest and not self._skip and not self._skip_line:
+            return [(rest, None)]
+        return []
+
+    def _too_long(self) -> str:
+        return f"message exceeds {self._limit} bytes"
+
+
+class SyslogConfig(pydantic.BaseModel):
+    """Settings of a ``type: syslog`` source."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(default=5514, ge=1, le=65535)
+    protocols: tuple[Literal["udp", "tcp"], ...] = pydantic.Field(
+        default=("udp", "tcp"), min_length=1
+    )
+    max_message_bytes: int = pydantic.Field(default=64 * 1024, ge=480, le=1024 * 1024)
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, queue: asyncio.Queue[tuple[bytes, str]], ctx: SourceContext) -> None:
+        self._queue = queue
+        self._ctx = ctx
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            self._queue.put_nowait((data, f"{addr[0]}:{addr[1]}"))
+        except asyncio.QueueFull:
+            self._ctx.status.errors += 1
+            self._ctx.status.last_error = "UDP queue full: datagram dropped"
+
+
+@register_source("syslog", SyslogConfig)
+class SyslogSource:
+    """Receives syslog over UDP and/or TCP; see the module docstring for the guarantees."""
+
+    def __init__(self, name: str, config: SyslogConfig) -> None:
+        self.name = name
+        self.type = "syslog"
+        self.config = config
+
+    async def run(self, ctx: SourceContext) -> None:
+        """Listen until cancelled. Raises OSError when the address cannot be bound (the runner
+        retries); bus and database failures are retried per message with backoff."""
+        cfg = self.config
+        connections: set[asyncio.Task[Any]] = set()
+
+        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            connections.add(task)
+            try:
+                await self._connection(ctx, reader, writer)
+            finally:
+                connections.discard(task)
+
+        async with contextlib.AsyncExitStack() as stack:
+            waiters: list[asyncio.Future[Any]] = []
+            if "tcp" in cfg.protocols:
+                server = await asyncio.start_server(on_connection, cfg.host, cfg.port)
+                stack.push_async_callback(server.wait_closed)
+                stack.callback(server.close)
+                waiters.append(asyncio.ensure_future(server.serve_forever()))
+            if "udp" in cfg.protocols:
+                queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue(_UDP_QUEUE)
+                transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda: _Datagrams(queue, ctx), local_addr=(cfg.host, cfg.port)
+                )
+                stack.callback(transport.close)
+                waiters.append(asyncio.ensure_future(self._drain_udp(ctx, queue)))
+            try:
+                await asyncio.gather(*waiters)
+            finally:
+                # Open connections are not the server's to end (Python 3.11): end them here.
+                pending = [*waiters, *connections]
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _drain_udp(self, ctx: SourceContext, queue: asyncio.Queue[tuple[bytes, str]]) -> None:
+        while True:
+            data, peer = await queue.get()
+            await self._handle(ctx, data[: self.config.max_message_bytes], peer, "udp", None)
+
+    async def _connection(
+        self, ctx: SourceContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        peer = f"{host}:{port}"
+        framer = _Framer(self.config.max_message_bytes)
+        try:
+            # Ends when the peer closes the connection (read returns b"").
+            while data := await reader.read(65536):
+                for frame, error in framer.feed(data):
+                    await self._handle(ctx, frame, peer, "tcp", error)
+            for frame, error in framer.close():
+                await self._handle(ctx, frame, peer, "tcp", error)
+        except ConnectionError as exc:
+            ctx.logger.info("syslog connection from %s ended: %s", peer, exc)
+        finally:
+            writer.close()
+
+    async def _handle(
+        self, ctx: SourceContext, raw: bytes, peer: str, transport: str, error: str | None
+    ) -> None:
+        """Publish one message, or dead-letter it; retried until one of them succeeds."""
+        event: dict[str, Any] | None = None
+        if error is None:
+            try:
+                data = parse_syslog(raw)
+            except CloudEventError as exc:
+                error = exc.detail
+            else:
+                event = self._event(ctx, data, peer, transport)
+        backoff = Backoff(ctx.clock, initial=0.1, maximum=5.0)
+        # Bounded by cancellation: the message is never given up while the bus is down.
+        while True:
+            try:
+                if event is not None:
+                    await ctx.emit(event)
+                else:
+                    meta = {"peer": peer, "transport": transport}
+                    await ctx.dead_letter(raw, error or "unparseable", meta)
+                return
+            except (BusError, StoreError) as exc:
+                ctx.report_error(exc)
+                await backoff.wait()
+
+    def _event(
+        self, ctx: SourceContext, data: dict[str, Any], peer: str, transport: str
+    ) -> dict[str, Any]:
+        when: datetime | str = ctx.clock.now()
+        if data["format"] == "rfc5424" and data["timestamp"] is not None:
+            when = data["timestamp"]
+        return new_event(
+            type="eventbus.syslog.message",
+            source=f"urn:eventbus:source:{self.name}",
+            subject=data["app"] or data["hostname"],
+            id=str(uuid.uuid4()),
+            time=when,
+            data={**data, "peer": peer, "transport": transport},
+        )

@@ -1,0 +1,225 @@
+"""The syslog source: parsing and framing (pure), then real UDP and TCP sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from eventbus._errors import CloudEventError, ConfigError
+from eventbus.sources import build_source
+from eventbus.sources._syslog import _Framer, parse_syslog
+from tests.sources._harness import (
+    Recorder,
+    dead_letters,
+    eventually,
+    free_port,
+    make_context,
+    running,
+    source_pool,
+)
+
+RFC5424 = (
+    b"<165>1 2003-10-11T22:14:15.003Z mymachine.example.com evntslog - ID47 "
+    b'[exampleSDID@32473 iut="3" eventSource="App\\"x\\]"][examplePriority@32473 class="high"]'
+    b" \xef\xbb\xbfAn application event log entry..."
+)
+
+
+def test_rfc5424_with_structured_data() -> None:
+    assert parse_syslog(RFC5424) == {
+        "format": "rfc5424",
+        "facility": 20,
+        "facility_name": "local4",
+        "severity": 5,
+        "severity_name": "notice",
+        "version": 1,
+        "timestamp": "2003-10-11T22:14:15.003Z",
+        "hostname": "mymachine.example.com",
+        "app": "evntslog",
+        "procid": None,
+        "msgid": "ID47",
+        "structured_data": {
+            "exampleSDID@32473": {"iut": "3", "eventSource": 'App"x]'},
+            "examplePriority@32473": {"class": "high"},
+        },
+        "message": "An application event log entry...",
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"<34>1 - - - - - -", {"hostname": None, "message": "", "structured_data": {}}),
+        (b"<0>1 2026-01-01T00:00:00+01:00 h a 42 m - hi\n", {"procid": "42", "message": "hi"}),
+        (
+            b"<13>Feb  5 17:32:18 10.0.0.99 myprog[123]: Use the BFG!\n",
+            {
+                "format": "rfc3164",
+                "timestamp": "Feb  5 17:32:18",
+                "hostname": "10.0.0.99",
+                "app": "myprog",
+                "procid": "123",
+                "message": "Use the BFG!",
+                "severity_name": "notice",
+            },
+        ),
+        (
+            b"<86>sshd: session opened",
+            {"hostname": None, "app": "sshd", "message": "session opened"},
+        ),
+        (b"<191>just text", {"facility_name": "local7", "severity": 7, "message": "just text"}),
+    ],
+)
+def test_parse_variants(raw: bytes, expected: dict[str, Any]) -> None:
+    parsed = parse_syslog(raw)
+    assert {k: parsed[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b"no pri here", "missing PRI"),
+        (b"<192>1 - - - - - -", "out of range"),
+        (b"<34>1 - host app", "RFC 5424 header needs"),
+        (b"<34>1 yesterday h a p m - x", "invalid TIMESTAMP"),
+        (b"<34>1 - h a p m nosd", "STRUCTURED-DATA must be"),
+        (b'<34>1 - h a p m [id k="v', "unterminated value"),
+        (b'<34>1 - h a p m [id k="v"', "missing ']'"),
+        (b'<34>1 - h a p m [id k="v"]x', "followed by a space"),
+    ],
+)
+def test_parse_errors(raw: bytes, fragment: str) -> None:
+    with pytest.raises(CloudEventError, match=fragment):
+        parse_syslog(raw)
+
+
+def test_framer_mixes_octet_counting_and_newlines_across_chunks() -> None:
+    framer = _Framer(limit=480)
+    frames = framer.feed(b"14 <1>1 - - - ")
+    frames += framer.feed(b"- -<2>line one\r\n")
+    frames += framer.feed(b"\n<3>line two\n6")
+    frames += framer.feed(b" <4>abcextra")
+    frames += framer.close()
+    assert frames == [
+        (b"<1>1 - - - - -", None),
+        (b"<2>line one", None),
+        (b"<3>line two", None),
+        (b"<4>abc", None),
+        (b"extra", None),
+    ]
+
+
+def test_framer_bounds_oversized_frames_and_resynchronizes() -> None:
+    framer = _Framer(limit=480)
+    frames = framer.feed(b"9999 " + b"x" * 5000)
+    frames += framer.feed(b"x" * 4999 + b"<5>ok\n" + b"y" * 600)
+    frames += framer.feed(b"yyy\n<6>fine\n")
+    assert frames == [
+        (b"", "frame of 9999 bytes exceeds 480"),
+        (b"<5>ok", None),
+        (b"y" * 480, "message exceeds 480 bytes"),
+        (b"<6>fine", None),
+    ]
+
+
+def _spec(port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": "syslog", "type": "syslog", "port": port, **extra}
+
+
+async def test_udp_and_tcp_messages_become_events(database_dsn: str) -> None:
+    port = free_port()
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "syslog", recorder)
+        async with running(build_source(_spec(port)), ctx):
+            _, writer = await _connect(port)
+            writer.write(b"<13>Feb  5 17:32:18 web1 nginx[7]: GET /\n")
+            writer.write(b"%d %s" % (len(RFC5424), RFC5424))
+            await writer.drain()
+            await recorder.wait_for(2)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.sendto(b"<11>1 - h app - - - over udp", ("127.0.0.1", port))
+                await recorder.wait_for(3)
+            writer.close()
+    tcp1, tcp2, udp_event = recorder.events
+    assert tcp1["type"] == "eventbus.syslog.message"
+    assert tcp1["source"] == "urn:eventbus:source:syslog"
+    assert tcp1["subject"] == "nginx"
+    assert tcp1["data"]["hostname"] == "web1"
+    assert tcp1["data"]["transport"] == "tcp"
+    assert tcp1["data"]["peer"].startswith("127.0.0.1:")
+    assert tcp2["time"] == "2003-10-11T22:14:15.003Z"
+    assert tcp2["data"]["structured_data"]["examplePriority@32473"] == {"class": "high"}
+    assert udp_event["data"]["message"] == "over udp"
+    assert udp_event["data"]["transport"] == "udp"
+
+
+async def test_unparseable_messages_are_dead_lettered_and_stream_continues(
+    database_dsn: str,
+) -> None:
+    port = free_port()
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "syslog", recorder)
+        async with running(build_source(_spec(port, protocols=["tcp"])), ctx):
+            _, writer = await _connect(port)
+            writer.write(b"garbage without pri\n<14>fine after garbage\n")
+            await writer.drain()
+            await recorder.wait_for(1)
+            writer.close()
+        [letter] = await dead_letters(pool, "syslog")
+    assert bytes(letter["payload"]) == b"garbage without pri"
+    assert "missing PRI" in letter["error"]
+    assert '"transport": "tcp"' in letter["meta"]
+    assert recorder.events[0]["data"]["message"] == "fine after garbage"
+
+
+async def test_bus_down_holds_the_message_and_retries(database_dsn: str) -> None:
+    port = free_port()
+    recorder = Recorder()
+    recorder.down = True
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "syslog", recorder)
+        async with running(build_source(_spec(port, protocols=["tcp"])), ctx):
+            _, writer = await _connect(port)
+            writer.write(b"<14>one\n<14>two\n")
+            await writer.drain()
+            await recorder.wait_refused(2)
+            assert ctx.status.state == "backoff"
+            recorder.down = False
+            await recorder.wait_for(2)
+            await eventually(lambda: _running(ctx))
+            writer.close()
+    assert [e["data"]["message"] for e in recorder.events] == ["one", "two"]
+
+
+async def _running(ctx: Any) -> bool:
+    return bool(ctx.status.state == "running")
+
+
+async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect once the source is listening (it binds right after its task starts)."""
+    for _ in range(500):
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            await asyncio.sleep(0.01)
+    raise AssertionError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"port": 70000}, "field 'port'"),
+        ({"protocols": []}, "field 'protocols'"),
+        ({"protocols": ["sctp"]}, "field 'protocols.0'"),
+        ({"max_message_bytes": 10}, "field 'max_message_bytes'"),
+        ({"listen": "0.0.0.0"}, "field 'listen'"),
+    ],
+)
+def test_bad_settings_name_the_field(extra: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        build_source({**_spec(5514), **extra})
