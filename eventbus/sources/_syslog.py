@@ -333,7 +333,9 @@ class SyslogSource:
     async def _drain_udp(self, ctx: SourceContext, queue: asyncio.Queue[tuple[bytes, str]]) -> None:
         while True:
             data, peer = await queue.get()
-            await self._handle(ctx, data[: self.config.max_message_bytes], peer, "udp", None)
+            limit = self.config.max_message_bytes
+            error = f"message exceeds {limit} bytes" if len(data) > limit else None
+            await self._handle(ctx, data[:limit], peer, "udp", error)
 
     async def _connection(
         self, ctx: SourceContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
