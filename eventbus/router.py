@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from eventbus import metrics
@@ -73,11 +74,13 @@ class Router:
                 await asyncio.sleep(1.0)
 
     async def handle(self, msg: BusMessage) -> None:
-        """Route one message; ack when all its deliveries are done or durably recorded."""
+        """Route one message; ack when all its deliveries are done or durably recorded.
+
+        Never raises: a failure naks the message so that the bus redelivers it later."""
         event = msg.event
         metrics.EVENTS_ROUTED.inc()
-        routes = self._rules.current.route(event)
         try:
+            routes = self._rules.current.route(event)
             for route in routes:
                 await self._audit.rule_matched(event, route.rule, route.target)
             if routes:
@@ -88,16 +91,30 @@ class Router:
         except asyncio.CancelledError:
             # Shutdown past the grace period: leave it un-acked, the bus redelivers it.
             raise
-        except (EventBusError, OSError) as exc:
-            log.warning(
-                "routing %s/%s failed, redelivering later: %s",
-                event.get("source"),
-                event.get("id"),
-                exc,
-            )
-            await msg.nak(self._nak_delay)
+        except Exception as exc:
+            if isinstance(exc, EventBusError | OSError):
+                log.warning(
+                    "routing %s/%s failed, redelivering later: %s",
+                    event.get("source"),
+                    event.get("id"),
+                    exc,
+                )
+            else:
+                log.exception(
+                    "routing %s/%s failed unexpectedly, redelivering later",
+                    event.get("source"),
+                    event.get("id"),
+                )
+            await self._settle(msg.nak(self._nak_delay))
             return
-        await msg.ack()
+        await self._settle(msg.ack())
+
+    async def _settle(self, op: Awaitable[None]) -> None:
+        try:
+            await op
+        except Exception as exc:
+            # The bus connection dropped: the message stays un-acked and is redelivered.
+            log.warning("could not settle a bus message: %s", exc)
 
     async def stop(self, grace: float) -> None:
         """Stop pulling, let in-flight handlers finish for up to ``grace`` seconds, then cancel

@@ -1,0 +1,311 @@
+"""End to end over HTTP on real NATS JetStream, PostgreSQL and a real function endpoint:
+publish in every CloudEvents HTTP mode, routing, transforms, replies, the audit trail, access
+keys, and every kind of bad input (the service stays up and loses nothing else)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+from cloudevents.v1.http import CloudEvent, to_binary, to_structured
+
+from eventbus.bus import NatsServer
+from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.service import RunningService, StartService
+
+RULES = """
+- name: orders
+  match:
+    type: [com.example.order.created]
+    data:
+      total: [{numeric: [">", 100]}]
+  targets: [fn]
+- name: order-summary
+  match:
+    type: [com.example.order.created]
+  transform:
+    input_paths: {total: $.data.total, who: $.data.customer}
+    template: {"amount": <total>, "customer": <who>}
+  targets: [summary]
+- name: replies
+  match:
+    type: [com.example.order.reply]
+  targets: [replies]
+"""
+
+
+def _event(i: int | str, **extra: Any) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": f"e-{i}",
+        "source": "tests/shop",
+        "type": "com.example.order.created",
+        "data": {"total": 150, "customer": "ann"},
+        **extra,
+    }
+
+
+async def _start(eventbus: StartService, receiver: Receiver, **kw: Any) -> RunningService:
+    return await eventbus(
+        rules=RULES,
+        targets=[
+            {"name": n, "type": "http", "url": receiver.url(f"/{n}")}
+            for n in ("fn", "summary", "replies")
+        ],
+        **kw,
+    )
+
+
+async def _trail(svc: RunningService, source: str, event_id: str, attempts: int) -> Any:
+    """The audit trail once ``attempts`` attempts are in it (the audit is batched)."""
+    for _ in range(100):
+        status, _, body = await svc.request(
+            "GET", f"/events/trail?source={source}&id={event_id}"
+        )
+        if status == 200 and len(body["attempts"]) >= attempts:
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"trail of {source}/{event_id} incomplete: {status} {body}")
+
+
+async def test_structured_binary_and_batch_modes_route_and_audit(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    status, body = await svc.post_event(_event("s"))
+    assert (status, body) == (202, {"id": "e-s", "source": "tests/shop"})
+
+    status, _, body = await svc.request(
+        "POST",
+        "/events",
+        orjson.dumps({"total": 500, "customer": "bo"}),
+        {
+            "Content-Type": "application/json",
+            "ce-specversion": "1.0",
+            "ce-id": "e-b",
+            "ce-source": "tests/shop",
+            "ce-type": "com.example.order.created",
+            "ce-subject": "orders/%C3%A9",
+        },
+    )
+    assert status == 202, body
+
+    batch = [_event("b1"), _event("b2", data={"total": 5, "customer": "cy"})]
+    status, _, body = await svc.request(
+        "POST", "/events", orjson.dumps(batch), {"Content-Type": "application/cloudevents-batch+json"}
+    )
+    assert status == 202, body
+    assert [e["status"] for e in body["entries"]] == [202, 202]
+
+    # fn: only totals > 100 (e-s, e-b, e-b1); summary: all four, transformed
+    fn = await receiver.wait_for(3, path="/fn")
+    summary = await receiver.wait_for(4, path="/summary")
+    await asyncio.sleep(0.3)
+    assert sorted(r.cloudevent["id"] for r in receiver.requests if r.path == "/fn") == [
+        "e-b",
+        "e-b1",
+        "e-s",
+    ]
+    binary = next(r for r in fn if r.cloudevent["id"] == "e-b")
+    assert binary.cloudevent["subject"] == "orders/é"
+    assert binary.cloudevent["data"] == {"total": 500, "customer": "bo"}
+    assert binary.headers["ce-type"] == "com.example.order.created"
+    bodies = sorted((r.json()["amount"], r.json()["customer"]) for r in summary)
+    assert bodies == [(5, "cy"), (150, "ann"), (150, "ann"), (500, "bo")]
+    assert all(r.headers["ce-source"] == "tests/shop" for r in summary)
+
+    trail = await _trail(svc, "tests/shop", "e-s", 2)
+    assert trail["via"] == "http"
+    assert {(m["rule"], m["target"]) for m in trail["matches"]} == {
+        ("orders", "fn"),
+        ("order-summary", "summary"),
+    }
+    assert {a["outcome"] for a in trail["attempts"]} == {"delivered"}
+    assert all(a["status"] == 204 for a in trail["attempts"])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_cloudevents_sdk_client_events_arrive_intact(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    attrs = {
+        "type": "com.example.order.created",
+        "source": "tests/sdk",
+        "subject": "sku-1",
+        "partitionkey": "k1",
+        "datacontenttype": "application/json",
+    }
+    ev1 = CloudEvent(dict(attrs, id="sdk-1"), {"total": 101, "customer": "di"})
+    ev2 = CloudEvent(dict(attrs, id="sdk-2"), {"total": 102, "customer": "ed"})
+    for headers, body in (to_binary(ev1), to_structured(ev2)):
+        status, _, resp = await svc.request("POST", "/events", body, dict(headers))
+        assert status == 202, resp
+    got = {r.cloudevent["id"]: r.cloudevent for r in await receiver.wait_for(2, path="/fn")}
+    for ev in (ev1, ev2):
+        arrived = got[ev["id"]]
+        for name in ("type", "source", "subject", "partitionkey", "specversion", "time",
+                     "datacontenttype"):
+            assert arrived[name] == ev[name], name
+        assert arrived["data"] == ev.data
+
+
+async def test_function_reply_is_published_back_and_routed(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    reply = {
+        "specversion": "1.0",
+        "id": "r-1",
+        "source": "tests/fn",
+        "type": "com.example.order.reply",
+        "data": {"ok": True},
+    }
+    receiver.script(Response(200, reply=reply))
+    receiver.respond(Response(204))
+    status, _ = await svc.post_event(_event("with-reply", data={"total": 101, "customer": "x"}))
+    assert status == 202
+    routed = await receiver.wait_for(1, path="/replies")
+    assert routed[0].cloudevent["id"] == "r-1"
+    assert int(routed[0].cloudevent["eventbushops"]) == 1  # binary mode: headers are strings
+    trail = await _trail(svc, "tests/fn", "r-1", 1)
+    assert trail["via"] == "reply"
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", {"Content-Type": "application/cloudevents+json"}, b'{"id": ', 400, "JSON"),
+    ("not an object", {"Content-Type": "application/cloudevents+json"}, b"[1, 2]", 400, ""),
+    (
+        "missing type",
+        {"Content-Type": "application/cloudevents+json"},
+        orjson.dumps({"specversion": "1.0", "id": "x", "source": "s"}),
+        400,
+        "type",
+    ),
+    (
+        "bad specversion",
+        {"Content-Type": "application/cloudevents+json"},
+        orjson.dumps({"specversion": "0.3", "id": "x", "source": "s", "type": "t"}),
+        400,
+        "specversion",
+    ),
+    (
+        "bad time",
+        {"Content-Type": "application/cloudevents+json"},
+        orjson.dumps({"specversion": "1.0", "id": "x", "source": "s", "type": "t", "time": "x"}),
+        400,
+        "time",
+    ),
+    ("binary without ce headers", {"Content-Type": "application/json"}, b"{}", 400, "specversion"),
+    ("empty batch", {"Content-Type": "application/cloudevents-batch+json"}, b"[]", 400, "empty"),
+    ("xml format", {"Content-Type": "application/cloudevents+xml"}, b"<e/>", 415, ""),
+    (
+        "huge event",
+        {"Content-Type": "application/cloudevents+json"},
+        orjson.dumps(_event("huge", data={"blob": "x" * 300_000})),
+        413,
+        "",
+    ),
+    (
+        "huge request",
+        {"Content-Type": "application/cloudevents-batch+json"},
+        b"[" + b" " * 2_000_000 + b"]",
+        413,
+        "exceeds",
+    ),
+]
+
+
+async def test_bad_input_gets_problem_details_and_service_stays_up(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    for name, headers, body, want, word in BAD_REQUESTS:
+        status, resp_headers, problem = await svc.request("POST", "/events", body, headers)
+        assert status == want, (name, problem)
+        assert resp_headers["Content-Type"].startswith("application/problem+json"), name
+        assert problem["status"] == want and problem["detail"], name
+        assert word.lower() in problem["detail"].lower(), (name, problem["detail"])
+
+    # a batch with one bad entry: the good ones are accepted, the bad one reported
+    batch = [_event("ok-1"), {"specversion": "1.0", "id": "bad"}, _event("ok-2")]
+    status, _, body = await svc.request(
+        "POST", "/events", orjson.dumps(batch), {"Content-Type": "application/cloudevents-batch+json"}
+    )
+    assert status == 207, body
+    assert body["failed"] == 1
+    assert [e["status"] for e in body["entries"]] == [202, 400, 202]
+    assert "source" in body["entries"][1]["error"]
+
+    status, _ = await svc.post_event(_event("after-bad"))
+    assert status == 202
+    ids = {r.cloudevent["id"] for r in await receiver.wait_for(3, path="/fn")}
+    assert ids == {"e-ok-1", "e-ok-2", "e-after-bad"}
+
+    status, _, problem = await svc.request("GET", "/dead-letters/not-a-number")
+    assert status == 400
+    status, _, problem = await svc.request("POST", "/dead-letters/999999/replay")
+    assert status == 404 and "999999" in problem["detail"]
+
+
+async def test_api_keys_refuse_and_audit(eventbus: StartService, receiver: Receiver) -> None:
+    keys = [
+        {"name": "pub", "key": "publish-key-0123456789", "scopes": ["publish"]},
+        {"name": "ops", "key": "admin-key-0123456789ab", "scopes": ["admin"]},
+    ]
+    svc = await _start(eventbus, receiver, settings={"api_keys": keys})
+    status, problem = await svc.post_event(_event("nokey"))
+    assert status == 401 and problem["detail"] == "missing API key"
+    status, problem = await svc.post_event(_event("badkey"), Authorization="Bearer wrong-key-xxxxxxxx")
+    assert status == 401 and problem["detail"] == "invalid API key"
+    status, _ = await svc.post_event(_event("good"), Authorization="Bearer publish-key-0123456789")
+    assert status == 202
+    status, _, problem = await svc.request(
+        "GET", "/dead-letters", headers={"X-API-Key": "publish-key-0123456789"}
+    )
+    assert status == 403 and "admin" in problem["detail"]
+    status, _, _ = await svc.request(
+        "GET", "/dead-letters", headers={"Authorization": "Bearer admin-key-0123456789ab"}
+    )
+    assert status == 200
+    status, _, _ = await svc.request("GET", "/healthz")
+    assert status == 200
+
+    await svc.service.store.audit.flush()
+    rows = await svc.service.store.pool.fetch("SELECT reason, path FROM refusals ORDER BY at")
+    assert [(r["reason"], r["path"]) for r in rows][:2] == [
+        ("missing API key", "/events"),
+        ("invalid API key", "/events"),
+    ]
+    assert any("lacks scope" in r["reason"] for r in rows)
+
+
+@pytest.mark.timeout(120)
+async def test_bus_down_answers_503_with_retry_after_then_recovers(
+    eventbus: StartService, receiver: Receiver, tmp_path: Any
+) -> None:
+    async with NatsServer(tmp_path / "own-nats") as nats:
+        svc = await _start(eventbus, receiver, settings={
+            "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
+        })
+        assert (await svc.post_event(_event("before")))[0] == 202
+        await receiver.wait_for(1, path="/fn")
+        await nats.stop()
+        status, _, problem = await svc.request(
+            "POST", "/events", orjson.dumps(_event("during")),
+            {"Content-Type": "application/cloudevents+json"},
+        )
+        assert status == 503, problem
+        status, headers, _ = await svc.request("GET", "/readyz")
+        assert status == 503
+        await nats.start()
+        for _ in range(100):
+            status, _ = await svc.post_event(_event("after"))
+            if status == 202:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 202
+        got = await receiver.wait_for(2, path="/fn", timeout=30)
+        assert {r.cloudevent["id"] for r in got} == {"e-before", "e-after"}
