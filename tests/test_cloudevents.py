@@ -149,6 +149,15 @@ def test_data_that_is_not_json_is_rejected() -> None:
         validate(event)
 
 
+def test_encode_rejects_values_json_cannot_hold() -> None:
+    event = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+    assert orjson.loads(encode(event)) == event
+    for data in ({1, 2}, b"raw", 2**64):
+        with pytest.raises(CloudEventError, match="cannot be serialized as JSON") as info:
+            encode({**event, "data": data})
+        assert info.value.status == 400
+
+
 def test_parse_json() -> None:
     assert parse_json(b'{"a": [1, "b"]}') == {"a": [1, "b"]}
     for bad in (b"", b"{", b"\xff", b"[1,]", b"NaN"):
