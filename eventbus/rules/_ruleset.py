@@ -1,0 +1,418 @@
+"""The compiled rule set: rule documents in, ``RuleSet.route(event) -> [Route]`` out.
+
+Where it sits: the router calls ``RuleSet.route`` for every bus message and hands each ``Route``
+to delivery. Loading (``load_rules``/``compile_rules``) validates every rule at the edge
+(pydantic, ``extra="forbid"``), compiles patterns, CEL conditions and transforms once, and
+reports every problem at once; routing is pure and synchronous:
+
+    event ─> PatternIndex (every enabled rule's pattern, no loop over rules)
+          ─> CEL ``when`` (only rules whose pattern matched; event converted at most once)
+          ─> per target: transform (target's own, else the rule's, else the whole event)
+          ─> [Route(rule, target, payload, is_cloudevent, delivery)]
+
+``RuleSetHolder`` swaps whole rule sets copy-on-write, so a reload never exposes a half-built
+set and an invalid set never replaces a valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from eventbus._errors import PatternError, RuleError, RuleSetError
+from eventbus.rules._cel import Condition, Outcome, activation, compile_condition
+from eventbus.rules._index import PatternIndex
+from eventbus.rules._loader import KeyPath, RuleDoc, read_rule_files
+from eventbus.rules._pattern import CompiledPattern, compile_pattern
+from eventbus.rules._transform import Transform, TransformSpec
+
+__all__ = [
+    "Route",
+    "Rule",
+    "RuleSet",
+    "RuleSetHolder",
+    "RuleTarget",
+    "compile_rules",
+    "load_rules",
+]
+
+log = logging.getLogger("eventbus.rules")
+
+# The same shape as connector names: rule names appear in audit rows, metrics and URLs.
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# A failing condition is logged at most once per rule per interval; the rest are counted.
+_LOG_INTERVAL = 60.0
+
+
+def _compile_match(value: object) -> CompiledPattern:
+    try:
+        return compile_pattern({} if value is None else value)
+    except PatternError as exc:
+        raise PydanticCustomError(
+            "pattern", "{message}", {"message": exc.message, "path": exc.path}
+        ) from exc
+
+
+def _compile_when(value: object) -> Condition:
+    if not isinstance(value, str) or not value.strip():
+        raise PydanticCustomError("cel", "a condition must be a non-empty CEL string")
+    try:
+        return compile_condition(value)
+    except RuleError as exc:
+        raise PydanticCustomError("cel", "{message}", {"message": exc.message}) from exc
+
+
+def _name_only(value: object) -> object:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class _TargetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    transform: TransformSpec | None = None
+    delivery: dict[str, Any] | None = None
+
+
+class _RuleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=_NAME)
+    description: str = ""
+    enabled: bool = True
+    match: Annotated[CompiledPattern, BeforeValidator(_compile_match)] = Field(
+        default_factory=lambda: compile_pattern({})
+    )
+    when: Annotated[Condition, BeforeValidator(_compile_when)] | None = None
+    transform: TransformSpec | None = None
+    targets: list[Annotated[_TargetSpec, BeforeValidator(_name_only)]] = Field(min_length=1)
+
+
+_KEYS = sorted({*_RuleSpec.model_fields, *_TargetSpec.model_fields, *TransformSpec.model_fields})
+
+
+@dataclass(frozen=True)
+class RuleTarget:
+    """One target of a rule: its name, the transform it gets (None: the whole event) and its
+    delivery override (validated later by the delivery code)."""
+
+    name: str
+    transform: Transform | None
+    delivery: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A compiled rule. ``definition`` is the rule as written (for listing and display)."""
+
+    name: str
+    description: str
+    enabled: bool
+    targets: tuple[RuleTarget, ...]
+    file: str
+    line: int | None
+    definition: Mapping[str, Any] = field(repr=False)
+    pattern: CompiledPattern = field(repr=False, compare=False)
+    condition: Condition | None = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One delivery to make: ``payload`` is a CloudEvent dict when ``is_cloudevent``, else the
+    transform's output (a JSON value or a string). Payloads may be shared between routes and
+    with the event itself: treat them as read-only."""
+
+    rule: str
+    target: str
+    payload: Any
+    is_cloudevent: bool
+    delivery: Mapping[str, Any] | None
+
+
+class RuleSet:
+    """An immutable set of compiled rules; ``route`` is pure apart from the error counters.
+
+    ``cel_errors`` counts, per rule name, the events whose pattern matched but whose ``when``
+    condition failed at run time or did not return a bool (treated as no match).
+    """
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules: tuple[Rule, ...] = tuple(rules)
+        self._active = tuple(rule for rule in self.rules if rule.enabled)
+        self._index: PatternIndex[int] = PatternIndex(
+            (position, rule.pattern) for position, rule in enumerate(self._active)
+        )
+        self.cel_errors: Counter[str] = Counter()
+        self._next_log: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def route(self, event: dict[str, Any]) -> list[Route]:
+        """Every route ``event`` takes, in rule order then target order; never raises for a
+        JSON-shaped event (a failing condition means no match for that rule)."""
+        routes: list[Route] = []
+        context: dict[str, Any] | None = None
+        for position in self._index.match(event):
+            rule = self._active[position]
+            if rule.condition is not None:
+                if context is None:
+                    context = activation(event)
+                outcome, reason = rule.condition.evaluate(context)
+                if outcome is not Outcome.MATCH:
+                    if outcome is not Outcome.NO_MATCH:
+                        self._condition_failed(rule, event, reason)
+                    continue
+            last: Transform | None = None
+            payload: Any = event
+            for target in rule.targets:
+                if target.transform is None:
+                    routes.append(Route(rule.name, target.name, event, True, target.delivery))
+                    continue
+                if target.transform is not last:
+                    last, payload = target.transform, target.transform.apply(event)
+                routes.append(
+                    Route(
+                        rule.name,
+                        target.name,
+                        payload,
+                        target.transform.keep_cloudevent,
+                        target.delivery,
+                    )
+                )
+        return routes
+
+    def _condition_failed(self, rule: Rule, event: dict[str, Any], reason: str) -> None:
+        self.cel_errors[rule.name] += 1
+        now = time.monotonic()
+        if now < self._next_log.get(rule.name, 0.0):
+            self._unlogged[rule.name] += 1
+            return
+        self._next_log[rule.name] = now + _LOG_INTERVAL
+        skipped = self._unlogged.pop(rule.name, 0)
+        log.warning(
+            "rule %r: condition failed for event %s/%s, treated as no match: %s%s",
+            rule.name,
+            event.get("source"),
+            event.get("id"),
+            reason,
+            f" ({skipped} more since the last report)" if skipped else "",
+        )
+
+
+class RuleSetHolder:
+    """The current rule set, swapped whole (copy-on-write) on reload."""
+
+    def __init__(self, rules: RuleSet) -> None:
+        self._current = rules
+
+    @property
+    def current(self) -> RuleSet:
+        """The rule set to route with; read it once per event."""
+        return self._current
+
+    def reload(self, path: str | Path, *, known_targets: Collection[str] | None = None) -> RuleSet:
+        """Load ``path`` and make it current; returns the new set.
+
+        Raises ``RuleSetError`` (with every problem) and keeps the current set if it is invalid.
+        """
+        rules = load_rules(path, known_targets=known_targets)
+        self._current = rules
+        return rules
+
+
+def _pattern_loc(path: str) -> KeyPath:
+    # PatternError paths look like "detail.state" or "$or[1].source".
+    return tuple(
+        int(index) if index else key for key, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path)
+    )
+
+
+def _describe(error: ErrorDetails) -> str:
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden" and loc:
+        hint = difflib.get_close_matches(str(loc[-1]), _KEYS, n=1)
+        return f"unknown key {loc[-1]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    if kind == "missing" and loc:
+        return f"missing required key {loc[-1]!r}"
+    if kind == "too_short" and loc == ("targets",):
+        return "a rule needs at least one target"
+    return error["msg"]
+
+
+def _validation_errors(
+    doc: RuleDoc, rule: str | None, prefix: str, exc: ValidationError
+) -> list[RuleError]:
+    errors = []
+    for error in exc.errors():
+        loc: KeyPath = tuple(error["loc"])
+        message = _describe(error)
+        if error["type"] == "pattern":
+            path = (error.get("ctx") or {}).get("path", "")
+            loc = (*loc, *_pattern_loc(str(path)))
+        elif loc[-1:] == ("[key]",):
+            loc = loc[:-1]
+        where = ".".join(str(step) for step in error["loc"] if step != "[key]")
+        errors.append(
+            RuleError(
+                prefix + (f"{where}: {message}" if where else message),
+                file=doc.file,
+                line=doc.line(loc),
+                rule=rule,
+            )
+        )
+    return errors
+
+
+def _compile_one(doc: RuleDoc, position: int) -> tuple[Rule | None, list[RuleError]]:
+    data = doc.data
+    if not isinstance(data, dict):
+        message = f"rule #{position}: a rule is a mapping of keys, got {type(data).__name__}"
+        return None, [RuleError(message, file=doc.file, line=doc.line())]
+    name = data.get("name")
+    label = name if isinstance(name, str) and name else None
+    try:
+        spec = _RuleSpec.model_validate(data)
+    except ValidationError as exc:
+        prefix = "" if label else f"rule #{position}: "
+        return None, _validation_errors(doc, label, prefix, exc)
+    default = None if spec.transform is None else Transform.compile(spec.transform)
+    targets = tuple(
+        RuleTarget(
+            target.name,
+            default if target.transform is None else Transform.compile(target.transform),
+            target.delivery,
+        )
+        for target in spec.targets
+    )
+    rule = Rule(
+        name=spec.name,
+        description=spec.description,
+        enabled=spec.enabled,
+        targets=targets,
+        file=doc.file,
+        line=doc.line(),
+        definition=data,
+        pattern=spec.match,
+        condition=spec.when,
+    )
+    return rule, []
+
+
+def _raw_targets(data: dict[str, Any]) -> list[tuple[int, str]]:
+    targets = data.get("targets")
+    if not isinstance(targets, list):
+        return []
+    named = [(i, t.get("name") if isinstance(t, dict) else t) for i, t in enumerate(targets)]
+    return [(i, name) for i, name in named if isinstance(name, str) and name]
+
+
+def _check_names(
+    doc: RuleDoc,
+    position: int,
+    first: dict[str, str],
+    known_targets: Collection[str] | None,
+) -> list[RuleError]:
+    # Runs on the raw document, so these problems are reported even when the rule has others.
+    data = doc.data
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        return []
+    errors = []
+    line = doc.line()
+    where = f"{doc.file} rule #{position}" if line is None else f"{doc.file}:{line}"
+    if name in first:
+        errors.append(
+            RuleError(
+                f"duplicate rule name (first defined at {first[name]})",
+                file=doc.file,
+                line=doc.line(("name",)),
+                rule=name,
+            )
+        )
+    else:
+        first[name] = where
+    seen: set[str] = set()
+    for index, target in _raw_targets(data):
+        if target in seen:
+            problem = f"targets.{index}: target {target!r} is listed twice"
+        elif known_targets is not None and target not in known_targets:
+            problem = f"targets.{index}: unknown target {target!r}" + _suggest(
+                target, known_targets
+            )
+        else:
+            problem = None
+        seen.add(target)
+        if problem is not None:
+            line = doc.line(("targets", index, "name"))
+            errors.append(RuleError(problem, file=doc.file, line=line, rule=name))
+    return errors
+
+
+def _compile(docs: Sequence[RuleDoc], known_targets: Collection[str] | None) -> RuleSet:
+    errors: list[RuleError] = []
+    rules: list[Rule] = []
+    first: dict[str, str] = {}
+    positions: Counter[str] = Counter()
+    for doc in docs:
+        positions[doc.file] += 1
+        rule, problems = _compile_one(doc, positions[doc.file])
+        errors.extend(problems)
+        errors.extend(_check_names(doc, positions[doc.file], first, known_targets))
+        if rule is not None:
+            rules.append(rule)
+    if errors:
+        raise RuleSetError(errors)
+    return RuleSet(rules)
+
+
+def _suggest(name: str, known: Collection[str]) -> str:
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    if hint:
+        return f" (did you mean {hint[0]!r}?)"
+    return f" (defined targets: {', '.join(sorted(known)) or 'none'})"
+
+
+def compile_rules(
+    docs: list[dict[str, Any]],
+    *,
+    source: str = "<memory>",
+    known_targets: Collection[str] | None = None,
+) -> RuleSet:
+    """Compile rule documents already in memory (as parsed from YAML or JSON).
+
+    ``known_targets``, when given, is every target name a rule may use. Raises
+    ``RuleSetError`` carrying every problem found (errors name ``source`` and the rule; lines
+    are unknown for in-memory documents).
+    """
+    return _compile([RuleDoc(doc, source) for doc in docs], known_targets)
+
+
+def load_rules(path: str | Path, *, known_targets: Collection[str] | None = None) -> RuleSet:
+    """Load a rule file, or every ``*.yaml``/``*.yml`` file of a directory (in name order).
+
+    Raises ``RuleSetError`` carrying every problem of every file at once, each naming file,
+    line and rule: unreadable file, invalid YAML, duplicate keys, unknown keys, a malformed
+    pattern, a CEL syntax error or unknown name, a bad JSONPath or template, a duplicate rule
+    name (across files), an unknown target (when ``known_targets`` is given).
+    """
+    docs, errors = read_rule_files(path)
+    try:
+        rules = _compile(docs, known_targets)
+    except RuleSetError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        errors.sort(key=lambda e: (e.file or "", e.line or 0))
+        raise RuleSetError(errors)
+    return rules

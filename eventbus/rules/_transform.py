@@ -1,0 +1,221 @@
+"""Transforms: what a target receives once a rule matched (EventBridge input transformers).
+
+The last step of routing: ``RuleSet.route`` applies a rule's (or a target's) ``Transform`` to
+the matched event and puts the result in the ``Route``. Everything is parsed at rule load
+(JSONPath parsing costs ~0.4 ms, a lookup ~6 µs); applying a transform never raises.
+
+A transform is either a ``constant`` or ``input_paths`` (named JSONPath expressions over the
+whole CloudEvent) filled into a ``template``:
+
+* a template that is a mapping or list is a JSON template: a string value that is exactly one
+  placeholder (``"<key>"``) becomes the variable's JSON value with its type (string, number,
+  object...; ``null`` when the path finds nothing); placeholders inside a longer string are
+  interpolated as text. JSON quoting is therefore never the user's concern;
+* a template that is a string is a string template: the result is that text;
+* as text, a string variable is inserted as is and any other value as compact JSON.
+
+A variable whose path can select several values (``[*]``, ``..``, filters, slices, unions)
+is always a list; any other path gives one value or ``null``. With ``keep_cloudevent: true``
+the result replaces only ``data`` and the attributes stay, so the target still gets a CloudEvent.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import orjson
+from jsonpath_ng import JSONPath
+from jsonpath_ng import jsonpath as jp
+from jsonpath_ng.exceptions import JSONPathError
+from jsonpath_ng.ext.parser import ExtentedJsonPathParser
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = ["Transform", "TransformSpec", "Variable"]
+
+_PLACEHOLDER = re.compile(r"<([A-Za-z_][A-Za-z0-9_.-]*)>")
+_VARIABLE_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+
+Render = Callable[[dict[str, Any]], Any]
+
+
+@functools.cache
+def _parser() -> ExtentedJsonPathParser:
+    # Building the parser tables costs ~15 ms: do it once, on the first rule that needs it.
+    return ExtentedJsonPathParser()
+
+
+def _definite(path: JSONPath) -> bool:
+    if isinstance(path, jp.Child):
+        return _definite(path.left) and _definite(path.right)
+    if isinstance(path, jp.Fields):
+        return len(path.fields) == 1 and path.fields[0] != "*"
+    if isinstance(path, jp.Index):
+        return len(path.indices) == 1
+    return isinstance(path, jp.Root | jp.This)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One named JSONPath expression, parsed once."""
+
+    name: str
+    path: JSONPath
+    many: bool
+
+    def value(self, event: dict[str, Any]) -> Any:
+        """The selected value (or list of values when ``many``); ``None`` when nothing matches."""
+        try:
+            found = [match.value for match in self.path.find(event)]
+        except Exception:
+            # jsonpath-ng filters coerce with int() and raise on a null or object value: a path
+            # that cannot be followed in this event selects nothing, like a missing field.
+            found = []
+        if self.many:
+            return found
+        return found[0] if found else None
+
+
+def _parse_path(source: object) -> JSONPath:
+    if not isinstance(source, str):
+        raise PydanticCustomError("jsonpath", "a JSONPath must be a string")
+    if not source.startswith("$"):
+        raise PydanticCustomError(
+            "jsonpath", "JSONPath '{source}' must start at the event root '$'", {"source": source}
+        )
+    try:
+        return _parser().parse(source)
+    except (JSONPathError, ValueError, TypeError, AttributeError) as exc:
+        # jsonpath-ng's parser reports some malformed input as plain Python errors.
+        raise PydanticCustomError(
+            "jsonpath", "invalid JSONPath '{source}': {reason}", {"source": source, "reason": exc}
+        ) from exc
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _placeholders(template: Any) -> set[str]:
+    if isinstance(template, dict):
+        return set().union(*(_placeholders(value) for value in template.values()))
+    if isinstance(template, list):
+        return set().union(*(_placeholders(item) for item in template))
+    return set(_PLACEHOLDER.findall(template)) if isinstance(template, str) else set()
+
+
+def _compile_template(template: Any) -> Render:
+    if isinstance(template, dict):
+        items = [(key, _compile_template(value)) for key, value in template.items()]
+        return lambda values: {key: render(values) for key, render in items}
+    if isinstance(template, list):
+        renders = [_compile_template(item) for item in template]
+        return lambda values: [render(values) for render in renders]
+    if not isinstance(template, str):
+        return lambda values: template
+    # split() alternates literal text (even indexes) and variable names (odd indexes).
+    parts = _PLACEHOLDER.split(template)
+    if len(parts) == 1:
+        return lambda values: template
+    if len(parts) == 3 and parts[0] == parts[2] == "":
+        name = parts[1]
+        return lambda values: values[name]
+    return lambda values: "".join(
+        _text(values[part]) if odd else part for odd, part in _alternating(parts)
+    )
+
+
+def _alternating(parts: list[str]) -> list[tuple[bool, str]]:
+    return [(index % 2 == 1, part) for index, part in enumerate(parts) if part]
+
+
+class TransformSpec(BaseModel):
+    """A transform as written in a rule (validated edge form; see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    input_paths: dict[
+        Annotated[str, Field(pattern=_VARIABLE_NAME)],
+        Annotated[JSONPath, BeforeValidator(_parse_path)],
+    ] = Field(default_factory=dict)
+    template: Any = None
+    constant: Any = None
+    keep_cloudevent: bool = False
+
+    @field_validator("template")
+    @classmethod
+    def _known_placeholders(cls, template: Any, info: ValidationInfo) -> Any:
+        if "input_paths" not in info.data:
+            return template  # already reported: a broken input_paths
+        unknown = _placeholders(template) - set(info.data["input_paths"])
+        if unknown:
+            raise PydanticCustomError(
+                "template",
+                "unknown variable <{name}> (define it under input_paths)",
+                {"name": min(unknown)},
+            )
+        return template
+
+    @model_validator(mode="after")
+    def _one_output(self) -> TransformSpec:
+        has_template = "template" in self.model_fields_set
+        has_constant = "constant" in self.model_fields_set
+        if has_template == has_constant:
+            raise PydanticCustomError("transform", "give exactly one of 'template' or 'constant'")
+        if has_constant and self.input_paths:
+            raise PydanticCustomError(
+                "transform", "'input_paths' are only used by a 'template', not a 'constant'"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A compiled transform; ``apply`` never raises for a JSON-shaped event."""
+
+    variables: tuple[Variable, ...]
+    render: Render
+    keep_cloudevent: bool
+
+    @classmethod
+    def compile(cls, spec: TransformSpec) -> Transform:
+        """Compile a validated spec; never raises (validation already checked everything)."""
+        variables = tuple(
+            Variable(name, path, not _definite(path)) for name, path in spec.input_paths.items()
+        )
+        if "constant" in spec.model_fields_set:
+            constant = spec.constant
+            render: Render = lambda values: constant  # noqa: E731
+        else:
+            render = _compile_template(spec.template)
+        return cls(variables, render, spec.keep_cloudevent)
+
+    def apply(self, event: dict[str, Any]) -> Any:
+        """The payload for a target: the rendered output, or with ``keep_cloudevent`` a copy of
+        ``event`` whose ``data`` is that output (``data_base64`` and ``dataschema`` dropped,
+        ``datacontenttype`` set to match)."""
+        output = self.render({v.name: v.value(event) for v in self.variables})
+        if not self.keep_cloudevent:
+            return output
+        attributes = {
+            key: value
+            for key, value in event.items()
+            if key not in ("data", "data_base64", "dataschema")
+        }
+        attributes["datacontenttype"] = (
+            "text/plain" if isinstance(output, str) else "application/json"
+        )
+        attributes["data"] = output
+        return attributes

@@ -1,0 +1,57 @@
+"""CEL conditions: load-time checks and total run-time evaluation (no servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import celpy
+import pytest
+import yaml
+
+from eventbus._errors import RuleError
+from eventbus.rules._cel import Outcome, activation, compile_condition
+
+TABLE = yaml.safe_load((Path(__file__).parent / "data" / "cel_cases.yaml").read_text())
+EVENT: dict[str, Any] = TABLE["event"]
+RUNS = [c for c in TABLE["cases"] if "outcome" in c]
+LOAD_ERRORS = [c for c in TABLE["cases"] if "load_error" in c]
+
+
+@pytest.mark.parametrize("case", RUNS, ids=[c["expr"] for c in RUNS])
+def test_evaluation(case: dict[str, str]) -> None:
+    condition = compile_condition(case["expr"])
+    outcome, reason = condition.evaluate(activation(EVENT))
+    assert outcome is Outcome(case["outcome"])
+    assert bool(reason) == (outcome in (Outcome.ERROR, Outcome.NOT_BOOL))
+
+
+@pytest.mark.parametrize("case", LOAD_ERRORS, ids=[c["expr"] for c in LOAD_ERRORS])
+def test_load_errors(case: dict[str, str]) -> None:
+    with pytest.raises(RuleError) as caught:
+        compile_condition(case["expr"])
+    assert case["load_error"] in caught.value.message
+    # The rule compiler adds file, line and rule; the condition knows none of them.
+    assert (caught.value.file, caught.value.line, caught.value.rule) == (None, None, None)
+
+
+def test_uses_the_compiled_runner() -> None:
+    assert isinstance(compile_condition("true").runner, celpy.CompiledRunner)
+
+
+def test_one_activation_serves_many_conditions() -> None:
+    context = activation(EVENT)
+    conditions = [compile_condition(c["expr"]) for c in RUNS]
+    assert [c.evaluate(context)[0].value for c in conditions] == [c["outcome"] for c in RUNS]
+
+
+def test_error_reason_names_the_problem() -> None:
+    outcome, reason = compile_condition('event.data.coupon == "X"').evaluate(activation(EVENT))
+    assert outcome is Outcome.ERROR
+    assert "coupon" in reason
+
+
+def test_evaluation_survives_odd_events() -> None:
+    condition = compile_condition("event.data.total > 1")
+    for event in ({}, {"data": None}, {"data": "text"}, {"data": [1, 2]}, {"data": {"total": {}}}):
+        assert condition.evaluate(activation(event))[0] is Outcome.ERROR

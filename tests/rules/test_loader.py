@@ -1,0 +1,140 @@
+"""Rule files to documents: YAML dialect, line table, file-level errors (no servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eventbus.rules._loader import read_rule_files
+
+DATA = Path(__file__).parent / "data"
+
+
+def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_scalars_stay_the_strings_the_user_typed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "- name: r\n"
+        "  match: {state: [on, off, yes, no, 2026-11-28, '1'], flag: [true, false]}\n"
+        "  targets: [t]\n",
+    )
+    docs, errors = read_rule_files(path)
+    assert errors == []
+    assert docs[0].data["match"] == {
+        "state": ["on", "off", "yes", "no", "2026-11-28", "1"],
+        "flag": [True, False],
+    }
+
+
+def test_lines_of_keys_and_items(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "# comment\n"
+        "- name: first\n"
+        "  targets:\n"
+        "    - a\n"
+        "    - name: b\n"
+        "      delivery: {retry: 3}\n"
+        "- name: second\n"
+        "  targets: [c]\n",
+    )
+    docs, errors = read_rule_files(path)
+    assert errors == []
+    first, second = docs
+    assert (first.file, second.file) == (str(path), str(path))
+    assert first.line() == 2
+    assert first.line(("targets",)) == 3
+    assert first.line(("targets", 0)) == 4
+    assert first.line(("targets", 1, "delivery", "retry")) == 6
+    # A path the file does not have resolves to its closest ancestor.
+    assert first.line(("targets", 1, "transform", "template")) == 5
+    assert second.line(("name",)) == 7
+
+
+def test_directory_reads_yaml_files_in_name_order() -> None:
+    docs, errors = read_rule_files(DATA / "good")
+    assert errors == []
+    assert [Path(d.file).name for d in docs] == ["01-uploads.yaml"] * 2 + ["02-orders.yml"] * 3
+
+
+def test_merge_keys_yield_to_own_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "- name: a\n"
+        "  targets:\n"
+        "    - name: t\n"
+        "      delivery: &slow {timeout: 30, retry: {attempts: 3}}\n"
+        "- name: b\n"
+        "  targets:\n"
+        "    - name: t\n"
+        "      delivery:\n"
+        "        <<: *slow\n"
+        "        timeout: 5\n",
+    )
+    docs, errors = read_rule_files(path)
+    assert errors == []
+    assert docs[1].data["targets"][0]["delivery"] == {"timeout": 5, "retry": {"attempts": 3}}
+    assert docs[1].line(("targets", 0, "delivery", "timeout")) == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("- name: a\n  match: {x: [1]\n", 3, "invalid YAML"),
+        ("- name: a\n\tmatch: {}\n", 2, "invalid YAML"),
+        ("name: a\ntargets: [t]\n", 1, "a rule file holds a YAML list of rules"),
+        ("just text\n", 1, "a rule file holds a YAML list of rules"),
+        ("- name: a\n  name: b\n", 2, "duplicate key 'name' (first at line 1)"),
+        ("- name: a\n  ? [x, y]\n  : 1\n", 2, "must be a string"),
+        ("- &a [*a]\n", 1, "an alias refers to itself"),
+        ("- !!python/object:os.system {}\n", 1, "unsupported YAML tag"),
+        ("- !!python/name:os.system x\n", 1, "invalid YAML"),
+    ],
+    ids=[
+        "unclosed",
+        "tab",
+        "mapping",
+        "scalar",
+        "duplicate",
+        "list-key",
+        "recursive",
+        "tag",
+        "scalar-tag",
+    ],
+)
+def test_file_level_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    path = write(tmp_path, text)
+    _, errors = read_rule_files(path)
+    assert len(errors) == 1
+    assert errors[0].file == str(path)
+    assert errors[0].line == line
+    assert message in errors[0].message
+
+
+def test_every_file_problem_is_reported(tmp_path: Path) -> None:
+    write(tmp_path, "- name: a\n  name: b\n  targets: [t]\n  targets: [u]\n", "a.yaml")
+    write(tmp_path, "- name: [\n", "b.yaml")
+    write(tmp_path, b"\xff\xfe".decode("latin-1"), "c.yml")
+    (tmp_path / "c.yml").write_bytes(b"\xff\xfe- x")
+    docs, errors = read_rule_files(tmp_path)
+    assert [d.data["name"] for d in docs] == ["a"]
+    assert [(Path(e.file or "").name, e.line) for e in errors] == [
+        ("a.yaml", 2),
+        ("a.yaml", 4),
+        ("b.yaml", 2),
+        ("c.yml", None),
+    ]
+    assert "cannot read rule file" in errors[-1].message
+
+
+def test_empty_file_and_missing_path(tmp_path: Path) -> None:
+    assert read_rule_files(write(tmp_path, "# nothing yet\n")) == ([], [])
+    docs, errors = read_rule_files(tmp_path / "absent")
+    assert docs == []
+    assert [e.message for e in errors] == ["no such rule file or directory"]

@@ -1,0 +1,294 @@
+"""The compiled rule set: loading with every error at once, routing, reload (no servers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+import eventbus.rules
+from eventbus.rules import (
+    Route,
+    RuleError,
+    RuleSet,
+    RuleSetError,
+    RuleSetHolder,
+    _ruleset,
+    compile_rules,
+    load_rules,
+)
+
+DATA = Path(__file__).parent / "data"
+KNOWN = {"audit-log", "thumbnailer", "orders-topic"}
+ROUTE_CASES = yaml.safe_load((DATA / "route_cases.yaml").read_text())
+BAD_FILES = sorted((DATA / "bad").glob("*.yaml"))
+EXPECT = re.compile(r"^# expect: (\d+) (\S+) (.+)$", re.MULTILINE)
+
+
+def event(name: str) -> dict[str, Any]:
+    value: dict[str, Any] = orjson.loads((DATA / "events" / name).read_bytes())
+    return value
+
+
+def test_public_names_are_pinned() -> None:
+    assert eventbus.rules.__all__ == sorted(eventbus.rules.__all__)
+    assert set(eventbus.rules.__all__) == {
+        "PatternError",
+        "Route",
+        "Rule",
+        "RuleError",
+        "RuleSet",
+        "RuleSetError",
+        "RuleSetHolder",
+        "RuleTarget",
+        "compile_rules",
+        "load_rules",
+        "matches",
+    }
+
+
+def test_good_rules_load() -> None:
+    rules = load_rules(DATA / "good", known_targets=KNOWN)
+    assert [r.name for r in rules.rules] == [
+        "thumbnails",
+        "big-uploads",
+        "gift-orders",
+        "everything",
+        "paused",
+    ]
+    thumbnails = rules.rules[0]
+    assert Path(thumbnails.file).name == "01-uploads.yaml"
+    assert thumbnails.line == 2
+    assert thumbnails.description.startswith("Make a thumbnail")
+    assert [t.name for t in thumbnails.targets] == ["thumbnailer", "audit-log"]
+    assert thumbnails.definition["when"] == "event.data.size > 1024"
+    assert [r.enabled for r in rules.rules] == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=[c["event"] for c in ROUTE_CASES])
+def test_route(case: dict[str, Any]) -> None:
+    rules = load_rules(DATA / "good", known_targets=KNOWN)
+    ev = event(case["event"])
+    routes = rules.route(ev)
+    assert [(r.rule, r.target, r.is_cloudevent) for r in routes] == [
+        (c["rule"], c["target"], c["is_cloudevent"]) for c in case["routes"]
+    ]
+    for route, expected in zip(routes, case["routes"], strict=True):
+        if "payload" in expected:
+            assert route.payload == expected["payload"]
+        else:
+            assert route.payload is ev
+        assert route.delivery == expected.get("delivery")
+    assert sorted(rules.cel_errors) == sorted(case.get("cel_errors", []))
+    assert ev == event(case["event"]), "routing never modifies the event"
+
+
+def expectations(path: Path) -> list[tuple[int, str | None, str]]:
+    return [
+        (int(line), None if rule == "-" else rule, text)
+        for line, rule, text in EXPECT.findall(path.read_text())
+    ]
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=[p.stem for p in BAD_FILES])
+def test_bad_file_reports_every_error_with_file_line_and_rule(path: Path) -> None:
+    expected = expectations(path)
+    assert expected, f"{path.name} has no '# expect:' lines"
+    with pytest.raises(RuleSetError) as caught:
+        load_rules(path, known_targets=KNOWN)
+    errors = caught.value.errors
+    got = [(e.file, e.line, e.rule, e.message) for e in errors]
+    assert len(errors) == len(expected), got
+    for (line, rule, text), error in zip(expected, errors, strict=True):
+        assert (error.file, error.line, error.rule) == (str(path), line, rule), got
+        assert text in str(error), got
+        assert str(error).startswith(f"{path}:{line}")
+
+
+def test_a_directory_reports_the_errors_of_every_file_at_once(tmp_path: Path) -> None:
+    for path in BAD_FILES:
+        shutil.copy(path, tmp_path / path.name)
+    with pytest.raises(RuleSetError) as caught:
+        load_rules(tmp_path, known_targets=KNOWN)
+    assert len(caught.value.errors) == sum(len(expectations(p)) for p in BAD_FILES)
+    assert {Path(e.file or "").name for e in caught.value.errors} == {p.name for p in BAD_FILES}
+
+
+def test_duplicate_rule_names_across_files() -> None:
+    with pytest.raises(RuleSetError) as caught:
+        load_rules(DATA / "dup", known_targets=KNOWN)
+    [error] = caught.value.errors
+    assert (Path(error.file or "").name, error.line, error.rule) == ("b.yaml", 3, "shared")
+    assert f"first defined at {DATA / 'dup' / 'a.yaml'}:1" in error.message
+
+
+def test_targets_are_checked_only_when_known() -> None:
+    assert len(load_rules(DATA / "good", known_targets=None)) == 5
+    with pytest.raises(RuleSetError) as caught:
+        load_rules(DATA / "good", known_targets={"audit-log"})
+    assert [(e.rule, e.message) for e in caught.value.errors] == [
+        ("thumbnails", "targets.0: unknown target 'thumbnailer' (defined targets: audit-log)"),
+        ("gift-orders", "targets.0: unknown target 'orders-topic' (defined targets: audit-log)"),
+    ]
+
+
+def test_missing_path() -> None:
+    with pytest.raises(RuleSetError) as caught:
+        load_rules(DATA / "absent")
+    assert [str(e) for e in caught.value.errors] == [
+        f"{DATA / 'absent'}: no such rule file or directory"
+    ]
+
+
+def test_compile_rules_in_memory() -> None:
+    rules = compile_rules(
+        [{"name": "a", "match": {"type": ["t"]}, "targets": ["x"]}], known_targets={"x"}
+    )
+    assert [(r.rule, r.target) for r in rules.route({"type": "t"})] == [("a", "x")]
+    assert rules.rules[0].file == "<memory>"
+    assert rules.rules[0].line is None
+    with pytest.raises(RuleSetError) as caught:
+        compile_rules(
+            [{"name": "a", "targets": ["x"]}, {"name": "a", "match": [], "targets": ["y"]}],
+            source="api",
+            known_targets={"x"},
+        )
+    assert [str(e) for e in caught.value.errors] == [
+        "api rule 'a': match: a pattern must be a JSON object, got list",
+        "api rule 'a': duplicate rule name (first defined at api rule #1)",
+        "api rule 'a': targets.0: unknown target 'y' (defined targets: x)",
+    ]
+    assert all(isinstance(e, RuleError) and e.line is None for e in caught.value.errors)
+
+
+def test_empty_rule_set_routes_nothing() -> None:
+    rules = compile_rules([])
+    assert rules.rules == ()
+    assert rules.route(event("upload-image.json")) == []
+
+
+def test_missing_or_empty_match_means_every_event() -> None:
+    rules = compile_rules(
+        [
+            {"name": "no-match", "targets": ["t"]},
+            {"name": "null-match", "match": None, "targets": ["t"]},
+            {"name": "empty-match", "match": {}, "targets": ["t"]},
+        ]
+    )
+    for ev in ({}, {"type": "x"}, event("binary.json")):
+        assert [r.rule for r in rules.route(ev)] == ["no-match", "null-match", "empty-match"]
+
+
+def test_target_transform_overrides_the_rule_transform() -> None:
+    rules = compile_rules(
+        [
+            {
+                "name": "r",
+                "transform": {"constant": "rule-level"},
+                "targets": [
+                    "a",
+                    {"name": "b", "transform": {"constant": "own"}},
+                    {"name": "c", "delivery": {"timeout": 1}},
+                ],
+            }
+        ]
+    )
+    routes = rules.route({"type": "x"})
+    assert [(r.target, r.payload, r.delivery) for r in routes] == [
+        ("a", "rule-level", None),
+        ("b", "own", None),
+        ("c", "rule-level", {"timeout": 1}),
+    ]
+
+
+def test_routes_are_frozen() -> None:
+    route = compile_rules([{"name": "r", "targets": ["t"]}]).route({})[0]
+    assert isinstance(route, Route)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        route.target = "other"  # type: ignore[misc]
+
+
+def test_condition_runs_only_after_a_pattern_hit_and_converts_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conversions: list[dict[str, Any]] = []
+    real = _ruleset.activation
+
+    def counting(ev: dict[str, Any]) -> dict[str, Any]:
+        conversions.append(ev)
+        return real(ev)
+
+    monkeypatch.setattr(_ruleset, "activation", counting)
+    rules = compile_rules(
+        [
+            {
+                "name": f"r{i}",
+                "match": {"type": ["t"]},
+                "when": f"event.data.n > {i}",
+                "targets": ["x"],
+            }
+            for i in range(5)
+        ]
+    )
+    assert rules.route({"type": "other", "data": {"n": 10}}) == []
+    assert conversions == []
+    routes = rules.route({"type": "t", "data": {"n": 3}})
+    assert [r.rule for r in routes] == ["r0", "r1", "r2"]
+    assert len(conversions) == 1
+
+
+def test_failing_conditions_are_counted_and_logged_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rules = compile_rules(
+        [
+            {"name": "fails", "when": "event.data.size > 1", "targets": ["x"]},
+            {"name": "not-bool", "when": "event.data.size", "targets": ["x"]},
+            {"name": "fine", "targets": ["y"]},
+        ]
+    )
+    with caplog.at_level(logging.WARNING, logger="eventbus.rules"):
+        for i in range(3):
+            routes = rules.route({"id": str(i), "source": "s", "data": {}})
+            assert [r.rule for r in routes] == ["fine"]
+        routes = rules.route({"id": "3", "source": "s", "data": {"size": 5}})
+        assert [r.rule for r in routes] == ["fails", "fine"]
+    assert rules.cel_errors == {"fails": 3, "not-bool": 4}
+    logged = [r.getMessage() for r in caplog.records if r.name == "eventbus.rules"]
+    assert len(logged) == 2, logged
+    assert "rule 'fails'" in logged[0] and "size" in logged[0]
+    assert "rule 'not-bool'" in logged[1]
+
+
+def test_holder_swaps_valid_sets_and_keeps_the_old_one_otherwise(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("- name: one\n  targets: [audit-log]\n")
+    holder = RuleSetHolder(load_rules(path, known_targets=KNOWN))
+    first = holder.current
+
+    path.write_text("- name: two\n  targets: [audit-log]\n- name: three\n  targets: [audit-log]\n")
+    returned = holder.reload(path, known_targets=KNOWN)
+    assert returned is holder.current is not first
+    assert [r.name for r in holder.current.rules] == ["two", "three"]
+
+    good = holder.current
+    path.write_text("- name: broken\n  targets: [nowhere]\n  when: 'event.type =='\n")
+    with pytest.raises(RuleSetError) as caught:
+        holder.reload(path, known_targets=KNOWN)
+    assert len(caught.value.errors) == 2
+    assert holder.current is good
+
+
+def test_rule_set_is_a_plain_value() -> None:
+    rules = load_rules(DATA / "good", known_targets=KNOWN)
+    assert isinstance(rules, RuleSet)
+    assert len(rules) == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rules.rules[0].name = "x"  # type: ignore[misc]

@@ -1,0 +1,74 @@
+"""Transforms: JSONPath variables, JSON and string templates, constants (no servers)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from eventbus.rules._transform import Transform, TransformSpec
+
+TABLE = yaml.safe_load((Path(__file__).parent / "data" / "transform_cases.yaml").read_text())
+EVENT: dict[str, Any] = TABLE["event"]
+
+
+def build(spec: dict[str, Any]) -> Transform:
+    return Transform.compile(TransformSpec.model_validate(spec))
+
+
+@pytest.mark.parametrize("case", TABLE["cases"], ids=[c["id"] for c in TABLE["cases"]])
+def test_apply(case: dict[str, Any]) -> None:
+    event = copy.deepcopy(EVENT)
+    transform = build(case["spec"])
+    payload = transform.apply(event)
+    if "payload_is_event_under" in case:
+        assert payload == {case["payload_is_event_under"]: EVENT}
+    else:
+        assert payload == case["payload"]
+    assert transform.keep_cloudevent == case.get("is_cloudevent", False)
+    assert event == EVENT, "the event itself is never modified"
+    orjson.dumps(payload)  # always JSON-serializable
+
+
+def test_results_are_fresh_per_event() -> None:
+    transform = build({"input_paths": {"k": "$.data.key"}, "template": {"k": "<k>", "l": [1]}})
+    first, second = transform.apply(EVENT), transform.apply(EVENT)
+    assert first == second
+    assert first is not second and first["l"] is not second["l"]
+
+
+def test_definite_paths_give_one_value_others_a_list() -> None:
+    transform = build(
+        {
+            "input_paths": {"one": "$.data.parts[0]", "many": "$.data.parts[0,1]"},
+            "template": {"one": "<one>", "many": "<many>"},
+        }
+    )
+    assert [(v.name, v.many) for v in transform.variables] == [("one", False), ("many", True)]
+    assert transform.apply(EVENT)["many"] == EVENT["data"]["parts"]
+
+
+@pytest.mark.parametrize("event", [{}, {"data": None}, {"data": "text"}, {"data": [1]}])
+def test_apply_never_raises_on_odd_events(event: dict[str, Any]) -> None:
+    transform = build(
+        {
+            "input_paths": {"key": "$.data.key", "odd": "$.data[?(@.n > 1)]"},
+            "template": "<key>/<odd>",
+        }
+    )
+    assert transform.apply(event) == "null/[]"
+
+
+@pytest.mark.parametrize("case", TABLE["errors"], ids=[c["id"] for c in TABLE["errors"]])
+def test_invalid_specs(case: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError) as caught:
+        TransformSpec.model_validate(case["spec"])
+    errors = caught.value.errors()
+    assert any(list(e["loc"]) == case["loc"] and case["message"] in e["msg"] for e in errors), (
+        errors
+    )
