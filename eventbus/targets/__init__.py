@@ -6,11 +6,17 @@ above decides retries and dead letters from it.
 
 from eventbus.targets._base import Outcome, Target
 from eventbus.targets._http import HttpTarget, HttpTargetConfig
+from eventbus.targets._kafka import KafkaTarget, KafkaTargetConfig
+from eventbus.targets._nats import NatsTarget, NatsTargetConfig
 from eventbus.targets._signing import sign_webhook, verify_webhook
 
 __all__ = [
     "HttpTarget",
     "HttpTargetConfig",
+    "KafkaTarget",
+    "KafkaTargetConfig",
+    "NatsTarget",
+    "NatsTargetConfig",
     "Outcome",
     "Target",
     "sign_webhook",

@@ -1,13 +1,25 @@
 """Pins the public names of ``eventbus.targets``: the router and delivery layer import these."""
 
 import eventbus.targets
-from eventbus.targets import HttpTarget, HttpTargetConfig, Target
+from eventbus.targets import (
+    HttpTarget,
+    HttpTargetConfig,
+    KafkaTarget,
+    KafkaTargetConfig,
+    NatsTarget,
+    NatsTargetConfig,
+    Target,
+)
 
 
 def test_public_names() -> None:
     assert eventbus.targets.__all__ == [
         "HttpTarget",
         "HttpTargetConfig",
+        "KafkaTarget",
+        "KafkaTargetConfig",
+        "NatsTarget",
+        "NatsTargetConfig",
         "Outcome",
         "Target",
         "sign_webhook",
@@ -21,3 +33,12 @@ def test_http_target_is_a_target() -> None:
     # Checked by mypy: the assignment fails type checking if HttpTarget drifts from Target.
     target: Target = HttpTarget(HttpTargetConfig(name="fn", url="http://127.0.0.1:1/"))
     assert target.name == "fn"
+
+
+def test_kafka_and_nats_targets_are_targets() -> None:
+    # Checked by mypy, as above: these assignments fail type checking if an adapter drifts.
+    kafka: Target = KafkaTarget(
+        KafkaTargetConfig(name="k", bootstrap_servers="127.0.0.1:1", topic="t")
+    )
+    nats: Target = NatsTarget(NatsTargetConfig(name="n", url="nats://127.0.0.1:1", subject="s"))
+    assert (kafka.name, nats.name) == ("k", "n")

@@ -1,0 +1,298 @@
+"""The Kafka topic target: produces one record per delivery with aiokafka.
+
+Place in the pipeline: last hop of the router, a twin of the HTTP target. ``deliver`` turns a
+routed payload into a record (CloudEvents Kafka binding, or a plain JSON/text value carrying the
+original event's identity in ``ce_`` headers), waits until every in-sync replica has it
+(``acks=all``, idempotent producer) and reports the attempt as an ``Outcome``.
+
+A broker that is down must not stop the service from starting, so the producer is started in the
+background when the target opens and again by the first delivery that finds it not running; until
+then deliveries fail as retryable outcomes. Only ``_outcome_from_error`` knows aiokafka's
+exception types: nothing from aiokafka escapes ``deliver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiokafka.errors as kerr
+import orjson
+from aiokafka import AIOKafkaProducer
+from jsonpath_ng import JSONPath
+from jsonpath_ng.exceptions import JSONPathError
+from jsonpath_ng.ext import parse as parse_jsonpath
+
+from eventbus._errors import CloudEventError, ConfigError
+from eventbus.cloudevents import to_kafka
+from eventbus.targets._base import Outcome
+from eventbus.targets._http import _failure
+
+__all__ = ["KafkaTarget", "KafkaTargetConfig"]
+
+log = logging.getLogger(__name__)
+
+_IDENTITY = ("specversion", "id", "source", "type")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+_NOT_RETRYABLE = (
+    kerr.MessageSizeTooLargeError,
+    kerr.RecordListTooLargeError,
+    kerr.RecordTooLargeError,
+    kerr.InvalidTopicError,
+    kerr.TopicAuthorizationFailedError,
+    kerr.ClusterAuthorizationFailedError,
+    kerr.TransactionalIdAuthorizationFailed,
+    kerr.PolicyViolationError,
+    kerr.InvalidRequiredAcksError,
+    kerr.UnsupportedVersionError,
+    kerr.UnsupportedForMessageFormatError,
+)
+"""Errors that the same record meets again on every retry until an operator changes something."""
+
+
+@dataclass(frozen=True)
+class KafkaTargetConfig:
+    """One Kafka topic.
+
+    ``key`` is a JSONPath into the original event whose first match becomes the record key (a
+    string as its UTF-8 text, any other JSON value as compact JSON, no match or ``null`` gives no
+    key); without it the key is the CloudEvents ``partitionkey`` extension, if any. ``mode``
+    picks the Kafka binding's content mode for CloudEvent payloads. ``timeout`` bounds one
+    attempt in seconds, including starting the producer when it is not running.
+    ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
+    """
+
+    name: str
+    bootstrap_servers: str
+    topic: str
+    key: str | None = None
+    mode: Literal["binary", "structured"] = "binary"
+    timeout: float = 10.0
+    idempotent: bool = True
+
+
+def _outcome_from_error(
+    exc: BaseException, duration_ms: float, config: KafkaTargetConfig
+) -> Outcome:
+    """Translate an aiokafka/socket failure into an ``Outcome``: the only place that knows them."""
+    if isinstance(exc, TimeoutError | kerr.KafkaTimeoutError | kerr.RequestTimedOutError):
+        return _failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+    if isinstance(exc, kerr.KafkaConnectionError | OSError):
+        return _failure(
+            f"cannot reach Kafka at {config.bootstrap_servers}: {exc}", duration_ms, retryable=True
+        )
+    if isinstance(exc, kerr.MessageSizeTooLargeError | kerr.RecordListTooLargeError):
+        return _failure(f"record too large: {exc}", duration_ms, retryable=False)
+    if isinstance(exc, kerr.TopicAuthorizationFailedError | kerr.ClusterAuthorizationFailedError):
+        return _failure(
+            f"not authorized to produce to topic {config.topic!r}: {exc}",
+            duration_ms,
+            retryable=False,
+        )
+    if isinstance(exc, kerr.UnknownTopicOrPartitionError):
+        # The topic may be created later (brokers often disable auto-creation): worth a retry.
+        return _failure(f"topic {config.topic!r} does not exist", duration_ms, retryable=True)
+    retryable = not isinstance(exc, _NOT_RETRYABLE)
+    return _failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=retryable)
+
+
+def _key_bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode()
+    # Sorted keys: equal objects must land on the same partition.
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+class KafkaTarget:
+    """Produces events to one Kafka topic; use as ``async with KafkaTarget(config) as target``.
+
+    One producer per target, shared by concurrent deliveries (aiokafka batches them). Ordering
+    holds per key and partition, as Kafka defines it; a retried attempt may land after later
+    records, and a record whose acknowledgement was lost may be stored twice (consumers can
+    deduplicate on the ``ce_id`` header).
+    """
+
+    def __init__(self, config: KafkaTargetConfig) -> None:
+        """Raises ``ConfigError`` if the servers, topic, key path, mode or timeout is invalid."""
+        where = f"Kafka target {config.name!r}"
+        servers = [s.strip() for s in config.bootstrap_servers.split(",")]
+        if not all(servers):
+            raise ConfigError(
+                f"{where}: bootstrap_servers must be host:port[,host:port...]: "
+                f"{config.bootstrap_servers!r}"
+            )
+        if not _TOPIC.match(config.topic) or config.topic in (".", ".."):
+            raise ConfigError(
+                f"{where}: topic must be 1-249 characters of A-Z a-z 0-9 . _ -: {config.topic!r}"
+            )
+        if config.mode not in ("binary", "structured"):
+            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
+        if not config.timeout > 0:
+            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
+        self._key_path: JSONPath | None = None
+        if config.key is not None:
+            if not config.key.startswith("$"):
+                raise ConfigError(
+                    f"{where}: key must be a JSONPath starting at '$': {config.key!r}"
+                )
+            try:
+                self._key_path = parse_jsonpath(config.key)
+            except (JSONPathError, ValueError, TypeError, AttributeError) as exc:
+                # jsonpath-ng's parser reports some malformed input as plain Python errors.
+                raise ConfigError(f"{where}: invalid key JSONPath {config.key!r}: {exc}") from exc
+        self.name = config.name
+        self.config = config
+        self._servers = ",".join(servers)
+        self._structured = config.mode == "structured"
+        self._open = False
+        self._producer: AIOKafkaProducer | None = None
+        self._starting: asyncio.Task[AIOKafkaProducer] | None = None
+
+    async def __aenter__(self) -> Self:
+        """Begin starting the producer in the background and return at once.
+
+        A broker that cannot be reached is logged, not raised: deliveries retry the start and
+        fail as retryable outcomes meanwhile. Raises ``RuntimeError`` if already open.
+        """
+        if self._open:
+            raise RuntimeError(f"Kafka target {self.name!r} is already open")
+        self._open = True
+        self._start_in_background()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop a pending start, then flush and stop the producer (errors are logged)."""
+        self._open = False
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await producer.stop()
+            except (kerr.KafkaError, OSError) as exc:
+                log.warning("Kafka target %s: stopping the producer failed: %r", self.name, exc)
+
+    def _start_in_background(self) -> asyncio.Task[AIOKafkaProducer]:
+        task = asyncio.create_task(self._start(), name=f"kafka-target-start-{self.name}")
+        task.add_done_callback(self._started)
+        self._starting = task
+        return task
+
+    def _started(self, task: asyncio.Task[AIOKafkaProducer]) -> None:
+        # Retrieve the failure here so a start nobody awaited does not warn at garbage collection.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("Kafka target %s: cannot start the producer: %r", self.name, exc)
+
+    async def _start(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._servers,
+            acks="all",
+            enable_idempotence=self.config.idempotent,
+            request_timeout_ms=int(self.config.timeout * 1000),
+        )
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await producer.start()
+        except BaseException:
+            with contextlib.suppress(kerr.KafkaError, OSError):
+                await producer.stop()
+            raise
+        self._producer = producer
+        return producer
+
+    async def _running(self) -> AIOKafkaProducer:
+        """The started producer, joining the start in progress or beginning a new one."""
+        if self._producer is not None:
+            return self._producer
+        task = self._starting
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._start_in_background()
+        # Shielded: a delivery that gives up must not cancel the start others are waiting on.
+        return await asyncio.shield(task)
+
+    def _record(
+        self, event: dict[str, Any], payload: Any, is_cloudevent: bool
+    ) -> tuple[bytes | None, list[tuple[str, bytes]], bytes]:
+        if is_cloudevent:
+            key, headers, value = to_kafka(payload, structured=self._structured)
+        else:
+            # A transform's output is not a CloudEvent, but the consumer still gets the original
+            # event's identity so it can deduplicate redeliveries.
+            _, headers, _ = to_kafka({name: event[name] for name in _IDENTITY})
+            key = _key_bytes(event.get("partitionkey"))
+            if isinstance(payload, str):
+                value = payload.encode()
+                headers.append(("content-type", b"text/plain; charset=utf-8"))
+            else:
+                value = orjson.dumps(payload)
+                headers.append(("content-type", b"application/json"))
+        if self._key_path is not None:
+            key = self._find_key(event)
+        return key, headers, value
+
+    def _find_key(self, event: dict[str, Any]) -> bytes | None:
+        assert self._key_path is not None
+        try:
+            found = self._key_path.find(event)
+        except Exception:
+            # jsonpath-ng filters coerce with int() and raise on a null or object value: a path
+            # that cannot be followed in this event selects nothing, like a missing field.
+            return None
+        return _key_bytes(found[0].value) if found else None
+
+    async def deliver(
+        self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool, attempt: int
+    ) -> Outcome:
+        """Produce ``payload`` to the topic once and wait for all in-sync replicas.
+
+        Never raises for a delivery failure (those are ``Outcome`` values, ``status`` None);
+        raises ``RuntimeError`` if called outside ``async with``.
+        """
+        if not self._open:
+            raise RuntimeError(f"Kafka target {self.name!r} is not open: use 'async with'")
+        try:
+            key, headers, value = self._record(event, payload, is_cloudevent)
+        except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
+            # The payload itself is unsendable: no retry can fix it.
+            return _failure(f"cannot build the record: {exc}", 0.0, retryable=False)
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                producer = await self._running()
+                sent = await producer.send(self.config.topic, value, key=key, headers=headers)
+                await sent
+        except (kerr.KafkaError, OSError, TimeoutError) as exc:
+            outcome = _outcome_from_error(exc, (time.perf_counter() - start) * 1000, self.config)
+            log.debug(
+                "target %s: event %s attempt %d failed: %s",
+                self.name,
+                event.get("id"),
+                attempt,
+                outcome.error,
+            )
+            return outcome
+        return Outcome(
+            delivered=True,
+            status=None,
+            duration_ms=(time.perf_counter() - start) * 1000,
+            error=None,
+            retryable=False,
+            retry_after=None,
+        )

@@ -1,0 +1,306 @@
+"""The NATS subject target: publishes one message per delivery with nats-py.
+
+Place in the pipeline: last hop of the router, a twin of the Kafka target. ``deliver`` turns a
+routed payload into a message (CloudEvents NATS binding, or a plain JSON/text payload carrying
+the original event's identity in ``ce-`` headers), publishes it and reports the attempt as an
+``Outcome``:
+
+* core NATS has no acknowledgement: the target flushes (a PING/PONG round trip), so "delivered"
+  means the server received the message, not that a subscriber did; with no subscriber the
+  server drops it;
+* JetStream waits for the stream's publish acknowledgement, so "delivered" means stored. With no
+  stream capturing the subject the server answers "no responders": that outcome is retryable,
+  because a stream may be created later, and its error says what is missing.
+
+A server that is down must not stop the service from starting, so the connection is made in the
+background when the target opens, and again by the first delivery that finds it closed; until
+then deliveries fail as retryable outcomes. The client does not reconnect by itself (a message
+buffered during a reconnect would be sent after its attempt already failed). Only
+``_outcome_from_error`` knows nats-py's exception types: nothing from nats-py escapes ``deliver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client
+
+from eventbus._errors import CloudEventError, ConfigError
+from eventbus.cloudevents import to_nats
+from eventbus.targets._base import Outcome
+from eventbus.targets._http import _failure
+
+__all__ = ["NatsTarget", "NatsTargetConfig"]
+
+log = logging.getLogger(__name__)
+
+_IDENTITY = ("specversion", "id", "source", "type")
+_SUBJECT = re.compile(r"^[^.*>\s]+(\.[^.*>\s]+)*$")
+_SCHEMES = ("nats", "tls", "ws", "wss")
+_RETRY_WAIT = 0.1
+"""Seconds between the two connection attempts one connect makes (nats-py makes at least two)."""
+
+
+@dataclass(frozen=True)
+class NatsTargetConfig:
+    """One NATS subject.
+
+    ``url`` is one server URL or several, comma-separated (``nats://``, ``tls://``, ``ws://``,
+    ``wss://``). ``jetstream`` waits for a stream's publish acknowledgement instead of a core
+    publish. ``mode`` picks the NATS binding's content mode for CloudEvent payloads.
+    ``timeout`` bounds one attempt in seconds, including connecting when not connected.
+    """
+
+    name: str
+    url: str
+    subject: str
+    jetstream: bool = False
+    mode: Literal["binary", "structured"] = "structured"
+    timeout: float = 5.0
+
+
+def _outcome_from_error(
+    exc: BaseException, duration_ms: float, config: NatsTargetConfig
+) -> Outcome:
+    """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them."""
+    if isinstance(exc, TimeoutError):
+        return _failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+    if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        return _failure(
+            f"no JetStream stream captures subject {config.subject!r} (no responders); "
+            "create one and the delivery will be retried",
+            duration_ms,
+            retryable=True,
+        )
+    if isinstance(exc, nats.js.errors.APIError):
+        # 400 is the stream refusing this message (too large, wrong headers): a retry meets the
+        # same answer. Anything else (503 storage unavailable, 500) may pass later.
+        return _failure(
+            f"JetStream rejected the message: {exc.description} "
+            f"(code {exc.code}, err_code {exc.err_code})",
+            duration_ms,
+            retryable=exc.code != 400,
+        )
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return _failure(
+            "message larger than the server's max_payload", duration_ms, retryable=False
+        )
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return _failure(f"NATS authorization failed: {exc}", duration_ms, retryable=False)
+    if isinstance(exc, nats.errors.BadSubjectError | nats.errors.BadHeaderError):
+        return _failure(f"NATS refused the message: {exc!r}", duration_ms, retryable=False)
+    if isinstance(
+        exc,
+        OSError
+        | nats.errors.NoServersError
+        | nats.errors.ConnectionClosedError
+        | nats.errors.StaleConnectionError,
+    ):
+        return _failure(f"cannot reach NATS at {config.url}: {exc}", duration_ms, retryable=True)
+    return _failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
+
+
+class NatsTarget:
+    """Publishes events to one NATS subject; use as ``async with NatsTarget(config) as target``.
+
+    One connection per target, shared by concurrent deliveries. A message whose acknowledgement
+    was lost may arrive twice: consumers can deduplicate on the ``ce-id`` header (or the ``id``
+    of a structured event).
+    """
+
+    def __init__(self, config: NatsTargetConfig) -> None:
+        """Raises ``ConfigError`` if the URL, subject, mode or timeout is invalid."""
+        where = f"NATS target {config.name!r}"
+        servers = [s.strip() for s in config.url.split(",")]
+        for server in servers:
+            try:
+                parts = urlsplit(server)
+                # .port raises ValueError for a port out of range or not a number.
+                host, _port = parts.hostname, parts.port
+            except ValueError as exc:
+                raise ConfigError(f"{where}: invalid url {server!r}: {exc}") from exc
+            if parts.scheme not in _SCHEMES or not host:
+                raise ConfigError(
+                    f"{where}: url must be nats://host:port (or tls://, ws://, wss://), "
+                    f"comma-separated for several servers: {config.url!r}"
+                )
+        if not _SUBJECT.match(config.subject):
+            raise ConfigError(
+                f"{where}: subject must be dot-separated tokens without spaces or wildcards "
+                f"(* >): {config.subject!r}"
+            )
+        if config.mode not in ("binary", "structured"):
+            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
+        if not config.timeout > 0:
+            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
+        self.name = config.name
+        self.config = config
+        self._servers = servers
+        self._structured = config.mode == "structured"
+        self._open = False
+        self._nc: Client | None = None
+        self._connecting: asyncio.Task[Client] | None = None
+
+    async def __aenter__(self) -> Self:
+        """Begin connecting in the background and return at once.
+
+        A server that cannot be reached is logged, not raised: deliveries retry the connection
+        and fail as retryable outcomes meanwhile. Raises ``RuntimeError`` if already open.
+        """
+        if self._open:
+            raise RuntimeError(f"NATS target {self.name!r} is already open")
+        self._open = True
+        self._connect_in_background()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop a pending connect, then flush and close the connection (errors are logged)."""
+        self._open = False
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.close()
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("NATS target %s: closing the connection failed: %r", self.name, exc)
+
+    def _connect_in_background(self) -> asyncio.Task[Client]:
+        task = asyncio.create_task(self._connect(), name=f"nats-target-connect-{self.name}")
+        task.add_done_callback(self._connected)
+        self._connecting = task
+        return task
+
+    def _connected(self, task: asyncio.Task[Client]) -> None:
+        # Retrieve the failure here so a connect nobody awaited does not warn at garbage collection.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("NATS target %s: cannot connect to %s: %r", self.name, self.config.url, exc)
+
+    async def _on_error(self, exc: Exception) -> None:
+        # Connection attempts are reported through outcomes; what else arrives here happens on
+        # an open connection, such as a publish permissions violation (core NATS reports those
+        # only asynchronously, so the delivery itself cannot see them).
+        if not isinstance(exc, OSError):
+            log.warning("NATS target %s: %r", self.name, exc)
+
+    async def _connect(self) -> Client:
+        nc = Client()
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await nc.connect(
+                    self._servers,
+                    name=f"eventbus target {self.name}",
+                    connect_timeout=math.ceil(self.config.timeout),
+                    allow_reconnect=False,
+                    # At least one: nats-py retries an initial connect forever when it is <= 0.
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=_RETRY_WAIT,  # type: ignore[arg-type]
+                    error_cb=self._on_error,
+                )
+        except nats.errors.NoServersError as exc:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await nc.close()
+            # NoServersError says nothing; the last attempt's error says why (refused, auth...).
+            if isinstance(nc.last_error, Exception) and nc.last_error is not exc:
+                raise nc.last_error from exc
+            raise
+        except BaseException:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await nc.close()
+            raise
+        self._nc = nc
+        return nc
+
+    async def _connection(self) -> Client:
+        """The open connection, joining the connect in progress or beginning a new one."""
+        nc = self._nc
+        if nc is not None and nc.is_connected:
+            return nc
+        task = self._connecting
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._connect_in_background()
+        elif task.done():
+            # The connection that task made has been lost since: make a new one.
+            self._nc = None
+            task = self._connect_in_background()
+        # Shielded: a delivery that gives up must not cancel the connect others are waiting on.
+        return await asyncio.shield(task)
+
+    def _message(
+        self, event: dict[str, Any], payload: Any, is_cloudevent: bool
+    ) -> tuple[dict[str, str], bytes]:
+        if is_cloudevent:
+            return to_nats(payload, structured=self._structured)
+        # A transform's output is not a CloudEvent, but the consumer still gets the original
+        # event's identity so it can deduplicate redeliveries.
+        headers, _ = to_nats({name: event[name] for name in _IDENTITY}, structured=False)
+        if isinstance(payload, str):
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+            return headers, payload.encode()
+        headers["Content-Type"] = "application/json"
+        return headers, orjson.dumps(payload)
+
+    async def deliver(
+        self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool, attempt: int
+    ) -> Outcome:
+        """Publish ``payload`` to the subject once: flushed (core) or acknowledged (JetStream).
+
+        Never raises for a delivery failure (those are ``Outcome`` values, ``status`` None);
+        raises ``RuntimeError`` if called outside ``async with``.
+        """
+        if not self._open:
+            raise RuntimeError(f"NATS target {self.name!r} is not open: use 'async with'")
+        try:
+            headers, body = self._message(event, payload, is_cloudevent)
+        except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
+            # The payload itself is unsendable: no retry can fix it.
+            return _failure(f"cannot build the message: {exc}", 0.0, retryable=False)
+        cfg = self.config
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                nc = await self._connection()
+                if cfg.jetstream:
+                    js = nc.jetstream(timeout=cfg.timeout)
+                    await js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                else:
+                    await nc.publish(cfg.subject, body, headers=headers)
+                    await nc.flush(timeout=math.ceil(cfg.timeout))
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            outcome = _outcome_from_error(exc, (time.perf_counter() - start) * 1000, cfg)
+            log.debug(
+                "target %s: event %s attempt %d failed: %s",
+                self.name,
+                event.get("id"),
+                attempt,
+                outcome.error,
+            )
+            return outcome
+        return Outcome(
+            delivered=True,
+            status=None,
+            duration_ms=(time.perf_counter() - start) * 1000,
+            error=None,
+            retryable=False,
+            retry_after=None,
+        )
