@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Hashable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
-from eventbus.rules._pattern import CompiledPattern, flatten
+from eventbus.rules._pattern import CompiledPattern
 from eventbus.rules._pattern_ops import (
     EqualsIgnoreCase,
     Exact,
@@ -32,8 +32,6 @@ from eventbus.rules._pattern_ops import (
     Numeric,
     Prefix,
     Suffix,
-    exact_key,
-    is_number,
 )
 
 __all__ = ["PatternIndex"]
@@ -41,29 +39,110 @@ __all__ = ["PatternIndex"]
 K = TypeVar("K", bound=Hashable)
 
 
+_MISSING = object()
+
+# The field paths some pattern mentions, as a trie of keys: each key maps to the number of its
+# full path and to the keys below it. Paths are numbered once, so flattening an event allocates
+# no path tuples and every later lookup hashes a small int.
+_PathTrie: TypeAlias = dict[str, tuple[int, "_PathTrie"]]
+
+
+def _add_path(trie: _PathTrie, path: tuple[str, ...], ids: dict[tuple[str, ...], int]) -> int:
+    """Put ``path`` and its prefixes in ``trie``; returns the number of ``path``."""
+    for depth, key in enumerate(path):
+        if key not in trie:
+            trie[key] = (ids.setdefault(path[: depth + 1], len(ids)), {})
+        trie = trie[key][1]
+    return ids[path]
+
+
+def _flatten(event: dict[str, Any], trie: _PathTrie) -> dict[int, list[object]]:
+    """Map each wanted leaf path (by number) of ``event`` to its leaf values, without recursion.
+
+    Only keys in ``trie`` are looked up, so the cost follows the patterns, not the size of the
+    payload. Arrays (also of objects, also nested) are crossed; objects are not leaves. Agrees
+    with ``values_at`` for every path in the trie.
+    """
+    out: dict[int, list[object]] = {}
+    objects: list[tuple[_PathTrie, dict[str, Any]]] = [(trie, event)]
+    while objects:
+        level, obj = objects.pop()
+        for key, (path, below) in level.items():
+            value = obj.get(key, _MISSING)
+            if value is _MISSING:
+                continue
+            if isinstance(value, dict):
+                if below:
+                    objects.append((below, value))
+            elif isinstance(value, list):
+                _cross(value, path, below, objects, out)
+            else:
+                leaves = out.get(path)
+                if leaves is None:
+                    out[path] = [value]
+                else:
+                    leaves.append(value)
+    return out
+
+
+def _cross(
+    array: list[Any],
+    path: int,
+    below: _PathTrie,
+    objects: list[tuple[_PathTrie, dict[str, Any]]],
+    out: dict[int, list[object]],
+) -> None:
+    """Record the scalars of ``array`` (nested arrays included) at ``path`` and queue its
+    objects for the keys ``below``."""
+    pending = list(array)
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if below:
+                objects.append((below, value))
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif path in out:
+            out[path].append(value)
+        else:
+            out[path] = [value]
+
+
 class _Node:
     """A trie node: conditions leading further (per path), and the entries that end here."""
 
-    __slots__ = ("absent", "children", "ends", "fields")
+    __slots__ = ("absent", "children", "edges", "ends", "fields")
 
     def __init__(self) -> None:
         self.children: dict[Leaf, _Node] = {}
-        self.fields: dict[tuple[str, ...], _FieldIndex] = {}
+        # Keyed by path number (see ``_add_path``).
+        self.fields: dict[int, _FieldIndex] = {}
         # Children reached because the event has no value at a path ({"exists": false}).
-        self.absent: list[tuple[tuple[str, ...], _Node]] = []
+        self.absent: list[tuple[int, _Node]] = []
         self.ends: list[int] = []
+        # ``fields`` as the matching loop reads it (set by ``freeze``): path number, index, and
+        # the index's exact-value dict when that is all it holds.
+        self.edges: tuple[tuple[int, _FieldIndex, dict[object, list[_Node]] | None], ...] = ()
 
-    def child(self, leaf: Leaf) -> _Node:
+    def freeze(self) -> None:
+        for index in self.fields.values():
+            index.freeze()
+        self.edges = tuple(
+            (path, index, index.exact if index.exact_only else None)
+            for path, index in self.fields.items()
+        )
+
+    def child(self, leaf: Leaf, path: int) -> _Node:
         node = self.children.get(leaf)
         if node is None:
             node = self.children[leaf] = _Node()
-            index = self.fields.get(leaf.path)
+            index = self.fields.get(path)
             if index is None:
-                index = self.fields[leaf.path] = _FieldIndex()
+                index = self.fields[path] = _FieldIndex()
             for matcher in leaf.matchers:
                 index.add(matcher, node)
             if leaf.absent_ok:
-                self.absent.append((leaf.path, node))
+                self.absent.append((path, node))
         return node
 
 
@@ -108,80 +187,75 @@ class _FixedLength:
                 out.update(hit)
 
 
+# The four one-sided comparisons of ``_Bounds``: x > b, x >= b, x < b, x <= b.
+_ABOVE, _AT_LEAST, _BELOW, _AT_MOST = range(4)
+
+
 class _Bounds:
     """Numeric intervals sorted so that one bisect finds every interval holding a number.
 
-    One-sided intervals are answered by a contiguous slice of a sorted table (all of it
-    matches); two-sided ones are sorted by lower bound and only those starting at or below
-    the number are checked against their upper bound.
+    One-sided intervals live in four sorted tables (``x > b``, ``x >= b``, ``x < b``,
+    ``x <= b``): for each, the intervals holding ``x`` are one contiguous slice, all matches.
+    Two-sided ones are sorted by lower bound; only those starting at or below ``x`` are
+    checked against their upper bound.
     """
 
-    __slots__ = ("_pending", "above", "above_eq", "below", "below_eq", "equal", "ranges")
+    __slots__ = ("_pending", "equal", "lows", "rows", "sides")
 
     def __init__(self) -> None:
         self._pending: list[tuple[Numeric, _Node]] = []
         self.equal: dict[int | float, list[_Node]] = {}
-        self.above: tuple[list[int | float], list[_Node]] = ([], [])
-        self.above_eq: tuple[list[int | float], list[_Node]] = ([], [])
-        self.below: tuple[list[int | float], list[_Node]] = ([], [])
-        self.below_eq: tuple[list[int | float], list[_Node]] = ([], [])
-        self.ranges: tuple[list[int | float], list[tuple[Numeric, _Node]]] = ([], [])
+        # (sorted bounds, their nodes, which of the four comparisons), non-empty tables only.
+        self.sides: list[tuple[list[int | float], list[_Node], int]] = []
+        self.lows: list[int | float] = []
+        self.rows: list[tuple[int | float, bool, int | float, bool, _Node]] = []
 
     def add(self, numeric: Numeric, node: _Node) -> None:
         self._pending.append((numeric, node))
 
     def freeze(self) -> None:
-        above: list[tuple[int | float, int, _Node]] = []
-        above_eq: list[tuple[int | float, int, _Node]] = []
-        below: list[tuple[int | float, int, _Node]] = []
-        below_eq: list[tuple[int | float, int, _Node]] = []
-        ranges: list[tuple[int | float, int, Numeric, _Node]] = []
+        tables: list[list[tuple[int | float, int, _Node]]] = [[], [], [], []]
+        ranges: list[tuple[int | float, int, bool, int | float, bool, _Node]] = []
         # The sequence number keeps sorting away from comparing nodes on equal bounds.
         for seq, (n, node) in enumerate(self._pending):
             if n.low is not None and n.low == n.high:
                 _add_to(self.equal, n.low, node)
             elif n.high is None:
                 assert n.low is not None
-                (above if n.low_open else above_eq).append((n.low, seq, node))
+                tables[_ABOVE if n.low_open else _AT_LEAST].append((n.low, seq, node))
             elif n.low is None:
-                (below if n.high_open else below_eq).append((n.high, seq, node))
+                tables[_BELOW if n.high_open else _AT_MOST].append((n.high, seq, node))
             else:
-                ranges.append((n.low, seq, n, node))
+                ranges.append((n.low, seq, n.low_open, n.high, n.high_open, node))
         self._pending = []
-        for target, rows in (
-            (self.above, above),
-            (self.above_eq, above_eq),
-            (self.below, below),
-            (self.below_eq, below_eq),
-        ):
-            rows.sort(key=lambda row: (row[0], row[1]))
-            target[0].extend(row[0] for row in rows)
-            target[1].extend(row[2] for row in rows)
+        for kind, rows in enumerate(tables):
+            if rows:
+                rows.sort(key=lambda row: (row[0], row[1]))
+                self.sides.append(([row[0] for row in rows], [row[2] for row in rows], kind))
         ranges.sort(key=lambda row: (row[0], row[1]))
-        self.ranges[0].extend(row[0] for row in ranges)
-        self.ranges[1].extend((row[2], row[3]) for row in ranges)
+        self.lows = [row[0] for row in ranges]
+        self.rows = [(row[0], row[2], row[3], row[4], row[5]) for row in ranges]
 
     def collect(self, x: int | float, out: set[_Node]) -> None:
         hit = self.equal.get(x)
         if hit:
             out.update(hit)
-        bounds, nodes = self.above
-        if bounds:
-            out.update(nodes[: bisect.bisect_left(bounds, x)])
-        bounds, nodes = self.above_eq
-        if bounds:
-            out.update(nodes[: bisect.bisect_right(bounds, x)])
-        bounds, nodes = self.below
-        if bounds:
-            out.update(nodes[bisect.bisect_right(bounds, x) :])
-        bounds, nodes = self.below_eq
-        if bounds:
-            out.update(nodes[bisect.bisect_left(bounds, x) :])
-        lows, rows = self.ranges
-        for i in range(bisect.bisect_right(lows, x)):
-            numeric, node = rows[i]
-            if node not in out and numeric.test(x):
-                out.add(node)
+        for bounds, nodes, kind in self.sides:
+            if kind == _ABOVE:
+                out.update(nodes[: bisect.bisect_left(bounds, x)])
+            elif kind == _AT_LEAST:
+                out.update(nodes[: bisect.bisect_right(bounds, x)])
+            elif kind == _BELOW:
+                out.update(nodes[bisect.bisect_right(bounds, x) :])
+            else:
+                out.update(nodes[bisect.bisect_left(bounds, x) :])
+        if self.lows:
+            rows = self.rows
+            for i in range(bisect.bisect_right(self.lows, x)):
+                low, low_open, high, high_open, node = rows[i]
+                # low <= x holds by the bisect.
+                if (x < high or (x == high and not high_open)) and not (low_open and x == low):
+                    out.add(node)
 
 
 class _FieldIndex:
@@ -189,9 +263,11 @@ class _FieldIndex:
 
     __slots__ = (
         "exact",
+        "exact_only",
         "folded",
         "folded_prefix",
         "folded_suffix",
+        "folding",
         "numbers",
         "prefix",
         "residual",
@@ -207,6 +283,10 @@ class _FieldIndex:
         self.folded_suffix: _FixedLength | None = None
         self.numbers: _Bounds | None = None
         self.residual: list[tuple[Matcher, _Node]] = []
+        # Whether case-insensitive operators, or only exact values, are indexed here: both set
+        # by freeze to pick the lookup path.
+        self.folding = False
+        self.exact_only = False
 
     def add(self, matcher: Matcher, node: _Node) -> None:
         if isinstance(matcher, Exact):
@@ -236,33 +316,46 @@ class _FieldIndex:
     def freeze(self) -> None:
         if self.numbers is not None:
             self.numbers.freeze()
+        self.folding = bool(self.folded or self.folded_prefix or self.folded_suffix)
+        self.exact_only = not (
+            self.folding or self.prefix or self.suffix or self.numbers or self.residual
+        )
 
     def collect(self, values: list[object], out: set[_Node]) -> None:
         """Add to ``out`` every child whose edge condition some value satisfies."""
+        exact = self.exact
         for value in values:
-            hit = self.exact.get(exact_key(value))
-            if hit:
-                out.update(hit)
-            if type(value) is str:
+            kind = type(value)
+            if kind is str:
+                assert isinstance(value, str)
+                hit = exact.get(value)
+                if hit:
+                    out.update(hit)
                 if self.prefix is not None:
                     self.prefix.collect_prefixes(value, out)
                 if self.suffix is not None:
                     self.suffix.collect_suffixes(value, out)
-                if self.folded or self.folded_prefix is not None or self.folded_suffix is not None:
-                    folded = value.casefold()
-                    hit = self.folded.get(folded)
-                    if hit:
-                        out.update(hit)
-                    if self.folded_prefix is not None:
-                        self.folded_prefix.collect_prefixes(folded, out)
-                    if self.folded_suffix is not None:
-                        self.folded_suffix.collect_suffixes(folded, out)
-            elif self.numbers is not None and is_number(value):
-                assert isinstance(value, int | float)
-                self.numbers.collect(value, out)
+                if self.folding:
+                    self._collect_folded(value.casefold(), out)
+            else:
+                hit = exact.get((kind, value))  # the key of ``exact_key``, inlined
+                if hit:
+                    out.update(hit)
+                if self.numbers is not None and (kind is int or kind is float):
+                    assert isinstance(value, int | float)
+                    self.numbers.collect(value, out)
             for matcher, node in self.residual:
                 if node not in out and matcher.test(value):
                     out.add(node)
+
+    def _collect_folded(self, folded: str, out: set[_Node]) -> None:
+        hit = self.folded.get(folded)
+        if hit:
+            out.update(hit)
+        if self.folded_prefix is not None:
+            self.folded_prefix.collect_prefixes(folded, out)
+        if self.folded_suffix is not None:
+            self.folded_suffix.collect_suffixes(folded, out)
 
 
 def _rank(leaf: Leaf) -> int:
@@ -286,6 +379,20 @@ def _rank(leaf: Leaf) -> int:
     return worst
 
 
+def _spread(patterns: list[CompiledPattern]) -> dict[tuple[str, ...], int]:
+    """Per path, how many different conditions the patterns place on it: among equally ranked
+    conditions, the path with the most different values splits the rules most finely."""
+    seen: set[Leaf] = set()
+    spread: dict[tuple[str, ...], int] = {}
+    for pattern in patterns:
+        for conjunction in pattern.alternatives:
+            for leaf in conjunction:
+                if leaf not in seen:
+                    seen.add(leaf)
+                    spread[leaf.path] = spread.get(leaf.path, 0) + 1
+    return spread
+
+
 class PatternIndex(Generic[K]):
     """An immutable index of compiled patterns, each under a key (typically a rule name).
 
@@ -295,31 +402,35 @@ class PatternIndex(Generic[K]):
 
     def __init__(self, entries: Iterable[tuple[K, CompiledPattern]]) -> None:
         """Build the index; never raises for compiled patterns (they are already valid)."""
+        listed = list(entries)
+        spread = _spread([pattern for _, pattern in listed])
+
+        def order(leaf: Leaf) -> tuple[int, int, tuple[str, ...]]:
+            return (_rank(leaf), -spread[leaf.path], leaf.path)
+
         self._keys: list[K] = []
         slot_of: dict[K, int] = {}
         self._root = _Node()
-        wanted: set[tuple[str, ...]] = set()
-        for key, pattern in entries:
+        self._paths: _PathTrie = {}
+        path_ids: dict[tuple[str, ...], int] = {}
+        for key, pattern in listed:
             slot = slot_of.get(key)
             if slot is None:
                 slot = slot_of[key] = len(self._keys)
                 self._keys.append(key)
             for conjunction in pattern.alternatives:
                 node = self._root
-                for leaf in sorted(conjunction, key=lambda c: (_rank(c), c.path)):
-                    node = node.child(leaf)
-                    wanted.update(leaf.path[:i] for i in range(1, len(leaf.path) + 1))
+                for leaf in sorted(conjunction, key=order):
+                    node = node.child(leaf, _add_path(self._paths, leaf.path, path_ids))
                 if slot not in node.ends:
                     node.ends.append(slot)
-        self._wanted = frozenset(wanted)
         self._freeze()
 
     def _freeze(self) -> None:
         stack = [self._root]
         while stack:
             node = stack.pop()
-            for index in node.fields.values():
-                index.freeze()
+            node.freeze()
             stack.extend(node.children.values())
 
     def __len__(self) -> int:
@@ -332,20 +443,33 @@ class PatternIndex(Generic[K]):
         Agrees with testing each pattern's ``matches`` in turn; never raises for a JSON-shaped
         event (unexpected shapes simply do not match).
         """
-        values = flatten(event, self._wanted)
-        slots: set[int] = set()
+        values = _flatten(event, self._paths)
+        get = values.get
+        slots: list[int] = []
         stack = [self._root]
         while stack:
             node = stack.pop()
             if node.ends:
-                slots.update(node.ends)
-            following: set[_Node] = set()
-            for path, index in node.fields.items():
-                found = values.get(path)
-                if found:
+                slots.extend(node.ends)
+            # Each child hangs under one field of one parent, so children found through
+            # different fields never coincide, and an exact lookup of a single value yields
+            # each child once: only the general case needs a set to reach a child only once.
+            for path, index, exact in node.edges:
+                found = get(path)
+                if not found:
+                    continue
+                if exact is not None and len(found) == 1:
+                    value = found[0]
+                    # The key of ``exact_key``, inlined.
+                    hit = exact.get(value if type(value) is str else (type(value), value))
+                    if hit:
+                        stack.extend(hit)
+                else:
+                    following: set[_Node] = set()
                     index.collect(found, following)
+                    stack.extend(following)
             for path, child in node.absent:
                 if path not in values:
-                    following.add(child)
-            stack.extend(following)
-        return [self._keys[slot] for slot in sorted(slots)]
+                    stack.append(child)
+        keys = self._keys
+        return [keys[slot] for slot in sorted(set(slots))]

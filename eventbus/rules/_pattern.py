@@ -25,7 +25,6 @@ __all__ = [
     "MAX_ALTERNATIVES",
     "CompiledPattern",
     "compile_pattern",
-    "flatten",
     "matches",
     "values_at",
 ]
@@ -161,31 +160,4 @@ def _expand(nodes: list[object]) -> list[object]:
             stack.extend(reversed(node))
         else:
             out.append(node)
-    return out
-
-
-def flatten(
-    event: dict[str, Any], wanted: frozenset[tuple[str, ...]]
-) -> dict[tuple[str, ...], list[object]]:
-    """Map each leaf path of ``event`` to its leaf values, in one pass and without recursion.
-
-    Only paths in ``wanted`` (the paths and path prefixes some pattern mentions) are followed,
-    so a large payload nobody filters on costs one set lookup per key. Agrees with
-    ``values_at`` for every wanted leaf path.
-    """
-    out: dict[tuple[str, ...], list[object]] = {}
-    stack: list[tuple[tuple[str, ...], object]] = [((), event)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, dict):
-            for key, value in node.items():
-                child = (*path, key)
-                if child in wanted:
-                    stack.append((child, value))
-        elif isinstance(node, list):
-            stack.extend((path, item) for item in node)
-        elif path in out:
-            out[path].append(node)
-        else:
-            out[path] = [node]
     return out
