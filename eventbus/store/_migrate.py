@@ -10,6 +10,7 @@ is refused: an older eventbus must not write into a schema it does not understan
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -73,17 +74,20 @@ async def migrate(
     ``migrations`` defaults to :func:`discover`. Safe to call concurrently from several
     processes (an advisory lock serializes them) and idempotent. Raises StoreError if the
     database records a version newer than the newest known one, or if a migration's SQL fails
-    (that migration is rolled back; earlier ones stay applied).
+    (that migration is rolled back; earlier ones stay applied) or the connection is lost.
+    Migrations run inside a transaction, so they cannot use ``CREATE INDEX CONCURRENTLY``.
     """
     known = discover() if migrations is None else migrations
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
-    except (asyncpg.PostgresError, OSError) as exc:
-        raise StoreError(f"cannot take the migration lock: {exc}") from exc
-    try:
-        return await _apply_locked(conn, known)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        try:
+            return await _apply_locked(conn, known)
+        finally:
+            # A lost connection has released its session lock already; keep the first error.
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StoreError(f"cannot migrate the schema: {exc}") from exc
 
 
 async def _apply_locked(conn: asyncpg.Connection, known: list[Migration]) -> list[Migration]:

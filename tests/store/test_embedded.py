@@ -38,12 +38,18 @@ async def test_data_survives_restart(postgres_server: EmbeddedPostgres, database
         await conn.close()
 
 
-async def test_stop_and_start_are_idempotent() -> None:
+async def test_stop_start_idempotent_and_robust_to_a_parent_turning_private() -> None:
     root = private_data_root()
     try:
-        pg = EmbeddedPostgres(root / "pg")
+        pg = EmbeddedPostgres(root / "parent" / "pg")
         await pg.stop()
         async with pg:
+            await pg.start()
+            # What a new pytest session does to its temp root: the server's user (when run as
+            # root) loses the path to its data directory; stop and start must restore it.
+            root.chmod(0o700)
+            await pg.stop()
+            root.chmod(0o700)
             await pg.start()
             conn = await asyncpg.connect(pg.dsn)
             assert await conn.fetchval("SELECT 1") == 1
