@@ -52,6 +52,10 @@ __all__ = [
 ]
 
 
+# What asyncpg raises when Postgres rejects a statement or the connection is gone.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
 class Checkpoints:
     """Durable key/value progress of one source (table ``source_checkpoints``).
 
@@ -71,7 +75,7 @@ class Checkpoints:
                 self._source,
                 key,
             )
-        except (asyncpg.PostgresError, OSError) as exc:
+        except _DB_ERRORS as exc:
             raise StoreError(f"reading checkpoint {self._source}/{key}: {exc}") from exc
         return None if text is None else orjson.loads(text)
 
@@ -84,7 +88,7 @@ class Checkpoints:
                 self._source,
                 prefix,
             )
-        except (asyncpg.PostgresError, OSError) as exc:
+        except _DB_ERRORS as exc:
             raise StoreError(f"reading checkpoints of {self._source}: {exc}") from exc
         return {row["key"]: orjson.loads(row["value"]) for row in rows}
 
@@ -98,14 +102,15 @@ class Checkpoints:
         if not rows:
             return
         try:
-            await self._pool.executemany(
-                "INSERT INTO source_checkpoints (source, key, value, updated_at)"
-                " VALUES ($1, $2, $3::jsonb, now())"
-                " ON CONFLICT (source, key) DO UPDATE"
-                " SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at",
-                rows,
-            )
-        except (asyncpg.PostgresError, OSError) as exc:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.executemany(
+                    "INSERT INTO source_checkpoints (source, key, value, updated_at)"
+                    " VALUES ($1, $2, $3::jsonb, now())"
+                    " ON CONFLICT (source, key) DO UPDATE"
+                    " SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at",
+                    rows,
+                )
+        except _DB_ERRORS as exc:
             raise StoreError(f"writing checkpoints of {self._source}: {exc}") from exc
 
 
@@ -265,7 +270,7 @@ class SourceContext:
                 error,
                 orjson.dumps(dict(meta or {})).decode(),
             )
-        except (asyncpg.PostgresError, OSError) as exc:
+        except _DB_ERRORS as exc:
             raise StoreError(f"writing a dead letter of {self.name}: {exc}") from exc
         self.status.errors += 1
         self.status.last_error = error
@@ -454,7 +459,7 @@ async def list_dead_letters(
             source,
             limit,
         )
-    except (asyncpg.PostgresError, OSError) as exc:
+    except _DB_ERRORS as exc:
         raise StoreError(f"listing source dead letters: {exc}") from exc
     result = []
     for row in rows:

@@ -165,7 +165,13 @@ class LogTailSource:
                         loaded = True
                     more = await self._cycle(ctx, first_start)
                     first_start = False
-                except (BusError, StoreError, OSError) as exc:
+                except StoreError as exc:
+                    # What is on the bus stays known in memory (and in _dirty until saved):
+                    # re-reading it would publish it again on every retry.
+                    ctx.report_error(exc)
+                    await backoff.wait()
+                    continue
+                except (BusError, OSError) as exc:
                     ctx.report_error(exc)
                     for f in self._files.values():
                         f.rewind()
@@ -182,6 +188,8 @@ class LogTailSource:
 
     async def _cycle(self, ctx: SourceContext, first_start: bool) -> bool:
         """Read and publish what is new in every file; True when a file has more to read."""
+        # Progress not yet saved is saved first: nothing more is read while Postgres is down.
+        await self._save(ctx)
         try:
             current = await asyncio.to_thread(self._scan)
             # Rotated away or deleted: finish the old file before reading its successor.

@@ -10,6 +10,7 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
+from eventbus.store import EmbeddedPostgres
 from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
 
 
@@ -212,3 +213,32 @@ async def _committed_or_tracked(ctx: SourceContext) -> bool:
 def test_bad_settings_name_the_field(extra: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         build_source(_spec("/tmp/x.log", **extra))
+
+
+async def test_postgres_outage_neither_loses_nor_repeats_lines(
+    tmp_path: Path, database_dsn: str, postgres_server: EmbeddedPostgres
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("before\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log)), ctx):
+            await recorder.wait_for(1)
+            await eventually(lambda: _committed(ctx, log))
+            await postgres_server.stop()
+            try:
+                _append(log, "during outage\n")
+                await recorder.wait_for(2)  # the bus is up: the line is published
+                await eventually(lambda: _state_is(ctx, "backoff"))
+                assert "StoreError" in (ctx.status.last_error or "")
+                _append(log, "after outage\n")
+            finally:
+                await postgres_server.start()
+            await recorder.wait_for(3)
+            await eventually(lambda: _committed(ctx, log))
+    assert _messages(recorder) == ["before", "during outage", "after outage"]
+
+
+async def _state_is(ctx: SourceContext, state: str) -> bool:
+    return ctx.status.state == state
