@@ -131,3 +131,40 @@ def test_deeply_nested_event_does_not_hit_the_recursion_limit() -> None:
     deep = {"data": value}
     assert matches({"data": {"leaf": ["v"]}}, deep)
     assert PatternIndex([(1, compile_pattern({"data": {"leaf": ["v"]}}))]).match(deep) == [1]
+
+
+def _doc_examples() -> list[Any]:
+    doc = (Path(__file__).parents[2] / "docs" / "patterns.md").read_text()
+    examples = []
+    for block in doc.split("```json\n")[1:]:
+        text = block.split("```", 1)[0]
+        try:
+            examples.append(orjson.loads(text))
+        except orjson.JSONDecodeError:
+            examples.extend(orjson.loads(line) for line in text.splitlines() if line.strip())
+    return examples
+
+
+def test_every_pattern_in_the_docs_compiles() -> None:
+    examples = _doc_examples()
+    event = examples[0]
+    assert event["specversion"] == "1.0"
+    for pattern in examples[1:]:
+        compile_pattern(pattern)
+    # The first pattern on the page matches the example event shown above it.
+    assert matches(examples[1], event)
+
+
+def _doc_errors() -> list[tuple[str, str]]:
+    doc = (Path(__file__).parents[2] / "docs" / "patterns.md").read_text()
+    section = doc.split("## Invalid patterns")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [(row.split(" | ")[0][2:], row.split(" | ")[1].rstrip(" |")) for row in rows]
+
+
+@pytest.mark.parametrize(("pattern", "message"), _doc_errors())
+def test_every_error_in_the_docs_is_raised(pattern: str, message: str) -> None:
+    for text in pattern.split("` (")[0].split("`, `"):
+        with pytest.raises(PatternError) as info:
+            compile_pattern(orjson.loads(text.strip("`")))
+        assert message in str(info.value)
