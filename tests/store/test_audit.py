@@ -186,6 +186,10 @@ async def test_postgres_restart_loses_no_buffered_row(
             assert store.audit.pending == 50
             assert not producers.done()
             assert not flushed.done()
+            # Meanwhile reads fail clearly instead of hanging.
+            assert not await store.ping()
+            with pytest.raises(StoreError, match="cannot read the trail"):
+                await asyncio.wait_for(store.event_trail("/test", "e1"), BOUND)
         finally:
             await postgres_server.start()
 
