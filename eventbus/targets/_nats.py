@@ -196,15 +196,19 @@ class NatsTarget:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("NATS target %s: cannot connect to %s: %r", self.name, self.config.url, exc)
 
-    async def _on_error(self, exc: Exception) -> None:
-        # Connection attempts are reported through outcomes; what else arrives here happens on
-        # an open connection, such as a publish permissions violation (core NATS reports those
-        # only asynchronously, so the delivery itself cannot see them).
-        if not isinstance(exc, OSError):
-            log.warning("NATS target %s: %r", self.name, exc)
-
     async def _connect(self) -> Client:
         nc = Client()
+        attempts: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            # Failed attempts of this connect are reported through its outcome. Later errors
+            # happen on the open connection: a lost server, or a publish permissions violation
+            # (core NATS reports those only asynchronously, so no delivery can see them).
+            if nc.is_connected:
+                log.warning("NATS target %s: %r", self.name, exc)
+            else:
+                attempts.append(exc)
+
         try:
             async with asyncio.timeout(self.config.timeout):
                 await nc.connect(
@@ -215,18 +219,14 @@ class NatsTarget:
                     # At least one: nats-py retries an initial connect forever when it is <= 0.
                     max_reconnect_attempts=1,
                     reconnect_time_wait=_RETRY_WAIT,  # type: ignore[arg-type]
-                    error_cb=self._on_error,
+                    error_cb=on_error,
                 )
-        except nats.errors.NoServersError as exc:
+        except BaseException as exc:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await nc.close()
-            # NoServersError says nothing; the last attempt's error says why (refused, auth...).
-            if isinstance(nc.last_error, Exception) and nc.last_error is not exc:
-                raise nc.last_error from exc
-            raise
-        except BaseException:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await nc.close()
+            if isinstance(exc, nats.errors.NoServersError) and attempts:
+                # NoServersError says nothing; the last attempt's error says why (refused...).
+                raise attempts[-1] from exc
             raise
         self._nc = nc
         return nc
