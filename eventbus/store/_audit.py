@@ -271,21 +271,23 @@ class AuditWriter:
                 await self._copy(rows)
                 return
             except Exception as exc:
-                if not _bad_data(exc):
-                    _log.warning("audit: writing %d rows failed, retrying: %r", len(rows), exc)
-                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                    delay = min(delay * 2, _BACKOFF_MAX)
-                    continue
-                if len(rows) == 1:
-                    self._dropped += 1
-                    table, record = rows[0]
-                    _log.error("audit: %s row rejected, dropped: %s: %.2000r", table, exc, record)
+                if _bad_data(exc):
+                    await self._isolate(rows, exc)
                     return
-            # Bisect: each half is its own transaction, so good rows land and bad ones surface.
-            middle = len(rows) // 2
-            await self._write(rows[:middle])
-            await self._write(rows[middle:])
+                _log.warning("audit: writing %d rows failed, retrying: %r", len(rows), exc)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _isolate(self, rows: list[_Row], exc: Exception) -> None:
+        if len(rows) == 1:
+            self._dropped += 1
+            table, record = rows[0]
+            _log.error("audit: %s row rejected, dropped: %s: %.2000r", table, exc, record)
             return
+        # Bisect: each half is its own transaction, so good rows land and bad ones surface.
+        middle = len(rows) // 2
+        await self._write(rows[:middle])
+        await self._write(rows[middle:])
 
     async def _copy(self, rows: list[_Row]) -> None:
         by_table: dict[str, list[tuple[Any, ...]]] = {}
