@@ -45,8 +45,7 @@ class EmbeddedPostgres:
         self._running = False
 
     async def start(self) -> None:
-        """Make sure the server runs: start it (initialising ``data_dir`` on first use) unless
-        it already does, which includes restarting it after it died.
+        """Start the server (initialising ``data_dir`` on first use); no-op if it is running.
 
         Raises StoreError naming the server log if PostgreSQL does not come up.
         """
