@@ -237,6 +237,8 @@ class _Bounds:
         self.rows = [(row[0], row[2], row[3], row[4], row[5]) for row in ranges]
 
     def collect(self, x: int | float, out: set[_Node]) -> None:
+        if x != x:
+            return  # NaN lies in no interval, but would confuse the bisects
         hit = self.equal.get(x)
         if hit:
             out.update(hit)

@@ -137,7 +137,8 @@ class Numeric:
     high_open: bool
 
     def test(self, value: object) -> bool:
-        if not is_number(value):
+        # NaN (which Python's json module, unlike JSON, lets through) compares as nothing.
+        if not is_number(value) or value != value:
             return False
         assert isinstance(value, int | float)
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):

@@ -175,3 +175,15 @@ def test_numeric_tables_with_many_bounds() -> None:
 def test_empty_index_and_empty_pattern() -> None:
     assert PatternIndex([]).match({"source": "x"}) == []
     assert PatternIndex([("all", compile_pattern({}))]).match({}) == ["all"]
+
+
+def test_nan_from_a_lenient_json_parser_matches_no_numeric_condition() -> None:
+    entries = [
+        ("ge", compile_pattern({"n": [{"numeric": [">=", 0]}]})),
+        ("le", compile_pattern({"n": [{"numeric": ["<=", 0]}]})),
+        ("in", compile_pattern({"n": [{"numeric": [">", -1, "<", 1]}]})),
+        ("but", compile_pattern({"n": [{"anything-but": 1}]})),
+    ]
+    event = {"n": float("nan")}
+    assert [k for k, p in entries if p.matches(event)] == ["but"]
+    assert PatternIndex(entries).match(event) == ["but"]
