@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from eventbus.bus import NatsBusConfig, open_bus
-from eventbus.sources import SourceRunner, build_source
+from eventbus.sources import Checkpoints, SourceRunner, build_source
 from tests.fixtures.nats import unique_name
-from tests.sources._harness import WAIT, source_pool
+from tests.sources._harness import WAIT, eventually, source_pool
 
 
 async def _take(bus: Any, count: int) -> list[dict[str, Any]]:
@@ -21,6 +21,11 @@ async def _take(bus: Any, count: int) -> list[dict[str, Any]]:
             if len(events) == count:
                 return events
     raise AssertionError("bus closed early")
+
+
+async def _checkpointed(pool: Any, offset: int) -> bool:
+    saved = await Checkpoints(pool, "app").items()
+    return [v["offset"] for v in saved.values()] == [offset]
 
 
 async def test_runner_puts_log_lines_on_the_bus_across_restart(
@@ -41,6 +46,7 @@ async def test_runner_puts_log_lines_on_the_bus_across_restart(
             [status] = runner.statuses()
             assert status.state == "running"
             assert status.events == 2
+            await eventually(lambda: _checkpointed(pool, len("one\ntwo\n")))
         log.write_text("one\ntwo\nthree\n")
         async with SourceRunner([build_source(spec)], pool=pool, publish=bus.publish):
             second = await _take(bus, 1)

@@ -75,6 +75,7 @@ async def test_new_and_changed_objects_become_events_once_across_restart(
             # An overwrite is a change: new ETag and LastModified.
             await asyncio.to_thread(s3.put_object, Bucket="photos", Key="in/a b.jpg", Body=b"A")
             await recorder.wait_for(3)
+            await eventually(lambda: _caught_up(ctx))
         assert first["type"] == "com.amazonaws.s3.ObjectCreated:Put"
         assert first["source"] == "aws:s3.us-east-1.photos"
         assert first["subject"] == "in/a+b.jpg"
@@ -119,6 +120,11 @@ async def test_bus_down_checkpoints_nothing_and_retries(
             await recorder.wait_for(1)
             await eventually(lambda: _has_checkpoint(ctx, "o:x"))
         assert [e["subject"] for e in recorder.events] == ["x"]
+
+
+async def _caught_up(ctx: SourceContext) -> bool:
+    """True once every emitted object is checkpointed too (lag counts down after each)."""
+    return ctx.status.lag == 0
 
 
 async def _has_checkpoint(ctx: SourceContext, key: str) -> bool:
