@@ -58,3 +58,15 @@ async def test_stop_start_idempotent_and_robust_to_a_parent_turning_private() ->
         assert not pg.running
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_unusable_data_dir_is_a_clear_error() -> None:
+    root = private_data_root()
+    try:
+        (root / "a-file").write_text("not a directory")
+        pg = EmbeddedPostgres(root / "a-file" / "pg")
+        with pytest.raises(StoreError, match="failed to start"):
+            await pg.start()
+        assert not pg.running
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
