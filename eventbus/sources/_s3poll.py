@@ -53,21 +53,28 @@ class _BucketError(Exception):
 
 @register_source("s3-poll", S3PollConfig)
 class S3PollSource:
-    """Polls one bucket prefix; see the module docstring for the guarantees."""
+    """Polls one bucket prefix; see the module docstring for the guarantees.
+
+    Raises ConfigError when botocore rejects the endpoint URL or region.
+    """
 
     def __init__(self, name: str, config: S3PollConfig) -> None:
         self.name = name
         self.type = "s3-poll"
         self.config = config
         secret = config.secret_access_key
-        self._client = boto3.client(
-            "s3",
-            endpoint_url=config.endpoint_url,
-            region_name=config.region,
-            aws_access_key_id=config.access_key_id,
-            aws_secret_access_key=None if secret is None else secret.get_secret_value(),
-            config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5),
-        )
+        try:
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=config.endpoint_url,
+                region_name=config.region,
+                aws_access_key_id=config.access_key_id,
+                aws_secret_access_key=None if secret is None else secret.get_secret_value(),
+                config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5),
+            )
+        except (ValueError, botocore.exceptions.BotoCoreError) as exc:
+            # botocore checks endpoint_url and region only here; report them like other fields.
+            raise ConfigError(f"source {name!r} (s3-poll): {exc}") from exc
 
     async def run(self, ctx: SourceContext) -> None:
         """Poll until cancelled. Transient failures (bucket or bus unreachable) are reported in

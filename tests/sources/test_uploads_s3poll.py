@@ -148,6 +148,8 @@ async def test_missing_bucket_is_a_config_error(s3_endpoint: str, database_dsn: 
         ({"secret_access_key": 5}, "field 'secret_access_key'"),
         ({"region": None}, "field 'region'"),
         ({"prefx": "a/"}, "field 'prefx'"),
+        ({"endpoint_url": "not a url"}, "Invalid endpoint"),
+        ({"region": "bad region!"}, "region_name 'bad region!'"),
     ],
 )
 def test_bad_settings_name_the_field(extra: dict[str, Any], fragment: str) -> None:
