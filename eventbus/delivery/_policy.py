@@ -208,7 +208,7 @@ class _DeliverySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     retry: str | dict[str, Any] | None = None
-    circuit_breaker: bool | _BreakerSpec | None = None
+    circuit_breaker: bool | dict[str, Any] | None = None
     rate_limit: float | None = Field(None, gt=0, le=1_000_000)
     disable_on_gone: bool | None = None
     dead_letter_target: str | None = None
@@ -245,6 +245,18 @@ def _apply_retry(base: RetryPolicy, raw: str | dict[str, Any]) -> RetryPolicy:
     return policy
 
 
+def _breaker(raw: bool | dict[str, Any]) -> BreakerPolicy | None:
+    if raw is False:
+        return None
+    if raw is True:
+        return BreakerPolicy()
+    try:
+        b = _BreakerSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(_describe(exc, "circuit_breaker.")) from exc
+    return BreakerPolicy(b.failures, b.open_for)
+
+
 def parse_delivery(
     spec: Mapping[str, Any] | None, base: DeliveryPolicy | None = None, *, where: str = ""
 ) -> DeliveryPolicy:
@@ -260,16 +272,10 @@ def parse_delivery(
         parsed = _DeliverySpec.model_validate(dict(spec))
         if parsed.retry is not None:
             policy = replace(policy, retry=_apply_retry(policy.retry, parsed.retry))
+        if parsed.circuit_breaker is not None:
+            policy = replace(policy, breaker=_breaker(parsed.circuit_breaker))
     except (ValidationError, ValueError) as exc:
         raise ConfigError(f"{where}: delivery: {_describe(exc)}") from exc
-    if parsed.circuit_breaker is not None:
-        if parsed.circuit_breaker is False:
-            policy = replace(policy, breaker=None)
-        elif parsed.circuit_breaker is True:
-            policy = replace(policy, breaker=BreakerPolicy())
-        else:
-            b = parsed.circuit_breaker
-            policy = replace(policy, breaker=BreakerPolicy(b.failures, b.open_for))
     for name in ("rate_limit", "disable_on_gone", "dead_letter_target", "on_success", "on_failure"):
         value = getattr(parsed, name)
         if value is not None:

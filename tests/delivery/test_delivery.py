@@ -1,0 +1,327 @@
+"""Delivery guarantees end to end on real NATS JetStream, PostgreSQL and HTTP functions:
+retries until delivered, dead letters with their history, replay, classification of every
+kind of failure, the circuit breaker, destinations, and a PostgreSQL restart mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+
+from eventbus.store import EmbeddedPostgres
+from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.service import RunningService, StartService, free_port
+
+FAST = {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": 40, "jitter": False}
+RULES = """
+- name: all
+  match: {type: [t]}
+  targets: [fn]
+"""
+
+
+def _target(receiver: Receiver, **delivery: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 2}
+    spec["delivery"] = {"retry": FAST, "circuit_breaker": False, **delivery}
+    return spec
+
+
+def _event(i: int | str) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": f"d-{i}", "source": "tests/delivery", "type": "t",
+            "data": {"i": i}}
+
+
+async def _publish(svc: RunningService, ids: range | list[int]) -> None:
+    events = [_event(i) for i in ids]
+    for start in range(0, len(events), 50):
+        status, _, body = await svc.request(
+            "POST", "/events", orjson.dumps(events[start:start + 50]),
+            {"Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert status == 202, body
+
+
+async def _until(check: Any, timeout: float = 30.0, what: str = "") -> Any:  # noqa: ASYNC109
+    for _ in range(int(timeout / 0.1)):
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def _ok_ids(receiver: Receiver) -> Counter[str]:
+    return Counter(r.cloudevent["id"] for r in receiver.requests
+                   if r.cloudevent and 200 <= r.status < 300)
+
+
+async def _dead_letters(svc: RunningService, query: str = "") -> list[dict[str, Any]]:
+    status, _, body = await svc.request("GET", "/dead-letters" + query)
+    assert status == 200, body
+    return list(body["items"])
+
+
+async def test_half_the_requests_fail_and_everything_is_delivered(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    receiver.fail_randomly(0.5, 503, seed=11)
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    await _publish(svc, range(60))
+
+    async def all_delivered() -> bool:
+        return len(_ok_ids(receiver)) == 60
+
+    await _until(all_delivered, 60, "every event delivered")
+    failures = sum(1 for r in receiver.requests if r.status == 503)
+    assert failures > 20  # the target really failed about half the time
+
+    await svc.service.store.audit.flush()
+    pool = svc.service.store.pool
+    rows = await pool.fetch("SELECT outcome, status FROM attempts")
+    outcomes = Counter(r["outcome"] for r in rows)
+    assert outcomes["delivered"] == 60
+    assert outcomes["retry-scheduled"] == failures  # every failed attempt is audited
+    assert await _dead_letters(svc) == []
+    assert await pool.fetchval("SELECT count(*) FROM delivery_retries") == 0
+
+
+async def test_target_down_dead_letters_then_replay_by_filter(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    receiver.respond(503)
+    policy = {"retry": {**FAST, "max_attempts": 3}}
+    svc = await eventbus(rules=RULES, targets=[_target(receiver, **policy)])
+    await _publish(svc, range(20))
+
+    async def all_dead() -> list[dict[str, Any]]:
+        items = await _dead_letters(svc)
+        return items if len(items) == 20 else []
+
+    items = await _until(all_dead, 60, "20 dead letters")
+    assert {i["reason"] for i in items} == {"attempts-exhausted"}
+    assert {i["attempts"] for i in items} == {3}
+    assert {i["last_status"] for i in items} == {503}
+    one = items[0]
+    status, _, full = await svc.request("GET", f"/dead-letters/{one['id']}")
+    assert status == 200
+    assert full["event"]["id"] == one["event_id"] and full["rule"] == "all"
+    assert [a["status"] for a in full["history"]] == [503, 503, 503]
+    assert full["payload"]["id"] == one["event_id"]
+    assert len(receiver.requests) == 60
+
+    # filters and paging
+    assert len(await _dead_letters(svc, "?target=fn&status=503")) == 20
+    assert await _dead_letters(svc, "?target=other") == []
+    first_page = await _dead_letters(svc, "?limit=15")
+    rest = await _dead_letters(svc, f"?limit=15&after={first_page[-1]['id']}")
+    assert len(first_page) == 15 and len(rest) == 5
+
+    # bad replays are refused without touching anything
+    status, _, problem = await svc.request("POST", "/dead-letters/replay")
+    assert status == 400 and "filter" in problem["detail"]
+    status, _, _ = await svc.request("POST", "/dead-letters/424242/replay")
+    assert status == 404
+
+    receiver.reset()
+    receiver.respond(204)
+    status, _, body = await svc.request("POST", "/dead-letters/replay?target=fn")
+    assert status == 202 and len(body["replayed"]) == 20
+
+    async def all_delivered() -> bool:
+        return len(_ok_ids(receiver)) == 20
+
+    await _until(all_delivered, 30, "replayed events delivered")
+    assert await _dead_letters(svc) == []
+    await svc.service.store.audit.flush()
+    replays = await svc.service.store.pool.fetchval(
+        "SELECT count(*) FROM attempts WHERE outcome = 'replay-requested'"
+    )
+    assert replays == 20
+
+
+async def test_classification_of_failures(eventbus: StartService, receiver: Receiver) -> None:
+    closed = free_port()
+    rules = """
+- name: r400
+  match: {type: [t400]}
+  targets: [fn]
+- name: r429
+  match: {type: [t429]}
+  targets: [fn]
+- name: rtimeout
+  match: {type: [tslow]}
+  targets: [slow]
+- name: rrefused
+  match: {type: [tdown]}
+  targets: [down]
+"""
+    targets = [
+        _target(receiver),
+        {"name": "slow", "type": "http", "url": receiver.url("/slow"), "timeout": 0.3,
+         "delivery": {"retry": {**FAST, "max_attempts": 2}, "circuit_breaker": False}},
+        {"name": "down", "type": "http", "url": f"http://127.0.0.1:{closed}/",
+         "delivery": {"retry": {**FAST, "max_attempts": 2}, "circuit_breaker": False}},
+    ]
+    svc = await eventbus(rules=rules, targets=targets)
+    receiver.script(400, Response(429, headers={"Retry-After": "1"}))
+    receiver.respond(204)
+
+    def ev(kind: str) -> dict[str, Any]:
+        return {"specversion": "1.0", "id": f"c-{kind}", "source": "tests/cls", "type": kind}
+
+    await svc.post_event(ev("t400"))
+    dead = await _until(lambda: _dead_letters(svc, "?rule=r400"), 20, "400 dead letter")
+    assert dead[0]["reason"] == "non-retryable" and dead[0]["attempts"] == 1
+
+    await svc.post_event(ev("t429"))
+    await receiver.wait_for(3, path="/fn")
+    got = [r for r in receiver.requests if r.cloudevent and r.cloudevent["id"] == "c-t429"]
+    assert [r.status for r in got] == [429, 204]
+    trail = await _until(lambda: _trail_attempts(svc, "tests/cls", "c-t429", 2), 20)
+    assert [a["outcome"] for a in trail] == ["retry-scheduled", "delivered"]
+    # the second attempt waited for Retry-After (1 s), not the 50 ms backoff
+    first_at, second_at = (a["at"] for a in trail)
+    assert _seconds_between(first_at, second_at) >= 0.9
+
+    receiver.script(Response(204, delay=5), Response(204, delay=5))
+    await svc.post_event(ev("tslow"))
+    dead = await _until(lambda: _dead_letters(svc, "?rule=rtimeout"), 20, "timeout dead letter")
+    assert dead[0]["reason"] == "attempts-exhausted" and "timeout" in dead[0]["final_error"]
+
+    await svc.post_event(ev("tdown"))
+    dead = await _until(lambda: _dead_letters(svc, "?rule=rrefused"), 20, "refused dead letter")
+    assert dead[0]["reason"] == "attempts-exhausted" and dead[0]["attempts"] == 2
+    assert dead[0]["last_status"] is None and dead[0]["final_error"]
+
+
+async def test_410_dead_letters_and_disables_the_target(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    receiver.script(410)
+    await _publish(svc, [1])
+    dead = await _until(lambda: _dead_letters(svc), 20, "gone")
+    assert dead[0]["reason"] == "gone"
+    await _publish(svc, [2])
+
+    async def two() -> list[dict[str, Any]]:
+        items = await _dead_letters(svc)
+        return items if len(items) == 2 else []
+
+    items = await _until(two, 20, "second dead letter")
+    assert items[0]["reason"] == "target-disabled" and items[0]["attempts"] == 0
+    assert len(receiver.requests) == 1  # the second event never reached the gone endpoint
+
+    status, _, _ = await svc.request("POST", "/targets/fn/enable")
+    assert status == 200
+    status, _, _ = await svc.request("POST", "/targets/fn/enable")
+    assert status == 404
+    status, _, body = await svc.request("POST", "/dead-letters/replay?reason=target-disabled")
+    assert status == 202 and len(body["replayed"]) == 1
+    await receiver.wait_for(2)
+    assert receiver.requests[-1].status == 204
+
+
+async def test_circuit_breaker_parks_deliveries_and_recovers(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    receiver.respond(503)
+    svc = await eventbus(rules=RULES, targets=[_target(
+        receiver, circuit_breaker={"failures": 3, "open_for": "1s"})])
+    await _publish(svc, range(10))
+
+    async def open_circuit() -> bool:
+        status, _, body = await svc.request("GET", "/targets")
+        return bool(body["targets"][0]["circuit"] == "open")
+
+    await _until(open_circuit, 20, "circuit open")
+    pool = svc.service.store.pool
+
+    async def parked() -> bool:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM delivery_retries WHERE waiting_for = 'circuit'")
+        return bool(n)
+
+    await _until(parked, 20, "deliveries parked behind the open circuit")
+    # while open, the endpoint sees only probes: far fewer requests than deliveries waiting
+    seen = len(receiver.requests)
+    await asyncio.sleep(0.5)
+    assert len(receiver.requests) - seen <= 2
+    status, _, text = await svc.request("GET", "/metrics")
+    assert 'eventbus_circuit_state{target="fn"} 2.0' in text
+
+    receiver.respond(204)
+
+    async def all_delivered() -> bool:
+        return len(_ok_ids(receiver)) == 10
+
+    await _until(all_delivered, 60, "delivered after the circuit closed")
+    assert await _dead_letters(svc) == []
+
+
+async def test_destinations_and_dead_letter_target(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    targets = [
+        _target(receiver, on_success="audit", on_failure="alerts", dead_letter_target="dlq",
+                retry={**FAST, "max_attempts": 1}),
+        {"name": "audit", "type": "http", "url": receiver.url("/audit")},
+        {"name": "alerts", "type": "http", "url": receiver.url("/alerts")},
+        {"name": "dlq", "type": "http", "url": receiver.url("/dlq")},
+    ]
+    svc = await eventbus(rules=RULES, targets=targets)
+    receiver.script(204, 204, 500)  # fn, then the audit destination, then fn fails
+    await _publish(svc, [1])
+    (ok,) = await receiver.wait_for(1, path="/audit")
+    assert ok.cloudevent["type"] == "eventbus.delivery.succeeded"
+    assert ok.cloudevent["data"]["event"]["id"] == "d-1"
+    await _publish(svc, [2])
+    (alert,) = await receiver.wait_for(1, path="/alerts")
+    assert alert.cloudevent["type"] == "eventbus.delivery.failed"
+    assert alert.cloudevent["data"]["reason"] == "attempts-exhausted"
+    assert alert.cloudevent["data"]["status"] == 500
+    (dlq,) = await receiver.wait_for(1, path="/dlq")
+    assert dlq.cloudevent["id"] == "d-2"
+    assert dlq.cloudevent["deadletterreason"] == "attempts-exhausted"
+    assert dlq.cloudevent["deadlettertarget"] == "fn"
+
+
+@pytest.mark.timeout(180)
+async def test_postgres_restart_mid_run_loses_nothing(
+    eventbus: StartService, receiver: Receiver, postgres_server: EmbeddedPostgres
+) -> None:
+    receiver.fail_randomly(0.3, 503, seed=5)
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    await _publish(svc, range(30))
+    await postgres_server.stop()
+    try:
+        await _publish(svc, range(30, 60))  # the bus still accepts while Postgres is down
+        await asyncio.sleep(1.0)
+    finally:
+        await postgres_server.start()
+
+    async def all_delivered() -> bool:
+        return len(_ok_ids(receiver)) == 60
+
+    await _until(all_delivered, 120, "every event delivered after the restart")
+    status, _, body = await svc.request("GET", "/readyz")
+    assert status == 200, body
+
+
+async def _trail_attempts(
+    svc: RunningService, source: str, event_id: str, n: int
+) -> list[dict[str, Any]]:
+    await svc.service.store.audit.flush()
+    status, _, body = await svc.request("GET", f"/events/trail?source={source}&id={event_id}")
+    if status != 200 or len(body["attempts"]) < n:
+        return []
+    return list(body["attempts"])
+
+
+def _seconds_between(a: str, b: str) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()

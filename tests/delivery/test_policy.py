@@ -1,0 +1,115 @@
+"""Delivery policies are pure: presets match the anchors, bad settings are refused clearly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from eventbus._errors import ConfigError
+from eventbus.delivery import PRESETS, DeliveryPolicy, RetryPolicy, parse_delivery, parse_duration
+
+
+def _schedule(policy: RetryPolicy, seed: int = 1) -> list[float]:
+    rng = random.Random(seed)
+    delays, elapsed, attempt = [], 0.0, 1
+    while (d := policy.next_delay(attempt, elapsed, rng=rng)) is not None:
+        delays.append(d)
+        elapsed += d
+        attempt += 1
+    return delays
+
+
+def test_eventbridge_preset_up_to_185_attempts_within_a_day() -> None:
+    delays = _schedule(PRESETS["eventbridge"])
+    assert len(delays) + 1 == 185
+    assert sum(delays) <= 24 * 3600
+    assert delays[0] < delays[5] < delays[10]  # exponential growth
+    assert max(delays) <= 600
+
+
+def test_alibaba_presets() -> None:
+    backoff = _schedule(PRESETS["alibaba-backoff"])
+    assert len(backoff) == 3 and all(10 <= d <= 20 for d in backoff)
+    exponential = _schedule(PRESETS["alibaba-exponential"])
+    assert len(exponential) == 176
+    assert max(exponential) == 512 and sum(exponential) <= 24 * 3600
+    assert _schedule(PRESETS["none"]) == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (RetryPolicy(strategy="fixed", initial_delay=3, jitter=False, max_attempts=4), [3, 3, 3]),
+        (RetryPolicy(strategy="linear", initial_delay=2, max_delay=5, jitter=False, max_attempts=5),
+         [2, 4, 5, 5]),
+        (RetryPolicy(initial_delay=1, factor=3, max_delay=20, jitter=False, max_attempts=5),
+         [1, 3, 9, 20]),
+        (RetryPolicy(initial_delay=10, jitter=False, max_attempts=100, max_age=35, max_delay=10),
+         [10, 10, 10]),
+    ],
+)
+def test_strategies_and_limits(policy: RetryPolicy, expected: list[float]) -> None:
+    assert _schedule(policy) == expected
+
+
+def test_jitter_keeps_at_least_half_the_backoff() -> None:
+    policy = RetryPolicy(initial_delay=8, factor=1, max_delay=8, max_attempts=1000)
+    rng = random.Random(3)
+    delays = [policy.delay(1, rng) for _ in range(200)]
+    assert all(4 <= d <= 8 for d in delays) and len(set(delays)) > 100
+
+
+def test_retry_after_is_honoured_and_capped() -> None:
+    policy = RetryPolicy(initial_delay=1, jitter=False, retry_after_cap=60, max_attempts=5)
+    assert policy.next_delay(1, 0, retry_after=30) == 30
+    assert policy.next_delay(1, 0, retry_after=7200) == 60
+    assert policy.next_delay(1, 0, retry_after=0.1) == 1
+
+
+def test_overrides_layer_on_the_target_policy() -> None:
+    base = parse_delivery({"retry": "alibaba-backoff", "rate_limit": 5})
+    over = parse_delivery({"retry": {"max_attempts": 2}, "circuit_breaker": False}, base)
+    assert over.retry.strategy == "random" and over.retry.max_attempts == 2
+    assert over.rate_limit == 5 and over.breaker is None
+    assert parse_delivery(None, base) is base
+    assert parse_delivery({}) == DeliveryPolicy()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"retry": "forever"}, "unknown retry preset 'forever'"),
+        ({"retry": {"preset": "nope"}}, "retry.preset: unknown retry preset 'nope'"),
+        ({"retry": {"initial_delay": -1}}, "retry.initial_delay: duration must not be negative"),
+        ({"retry": {"max_delay": "ten minutes"}}, "retry.max_delay: not a duration"),
+        ({"retry": {"max_attempts": 0}}, "retry.max_attempts"),
+        ({"retry": {"initial_delay": "1m", "max_delay": "10s"}}, "max_delay (10.0s) is below"),
+        ({"retry": {"factor": 0.5}}, "retry.factor"),
+        ({"circuit_breaker": {"failures": 0}}, "circuit_breaker.failures"),
+        ({"circuit_breaker": {"open_for": "-5s"}}, "circuit_breaker.open_for"),
+        ({"rate_limit": -3}, "rate_limit"),
+        ({"retries": 3}, "retries: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_policies_are_refused_with_the_field(spec: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_delivery(spec, where="connectors/t.yaml:3 target 'fn'")
+    text = str(info.value)
+    assert text.startswith("connectors/t.yaml:3 target 'fn': delivery: ")
+    assert message in text
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(5, 5.0), (0.5, 0.5), ("250ms", 0.25), ("10s", 10.0), ("5m", 300.0), ("6h", 21600.0),
+     ("1d", 86400.0), (" 2 s ", 2.0)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", [-1, "-1s", "1 week", "", True, None, [1]])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
