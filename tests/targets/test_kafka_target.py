@@ -245,6 +245,27 @@ async def test_broker_down_is_retryable_and_target_recovers_when_it_appears(
         broker.stop()
 
 
+async def test_broker_lost_after_start_is_retryable_and_target_recovers(
+    tansu_binary: str,
+) -> None:
+    broker = TansuBroker(tansu_binary)
+    broker.start()
+    # A short timeout: with the broker gone, the attempt waits for it until the timeout.
+    config = config_for(broker.bootstrap, timeout=1.0)
+    event = make_event()
+    try:
+        async with KafkaTarget(config) as target:
+            assert (await target.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+            broker.stop()
+            outcome = await target.deliver(event, event, is_cloudevent=True, attempt=2)
+            assert not outcome.delivered and outcome.retryable and outcome.status is None
+            broker.start()  # same port; Tansu's memory storage starts empty
+            outcome = await target.deliver(event, event, is_cloudevent=True, attempt=3)
+            assert outcome.delivered, outcome.error
+    finally:
+        broker.stop()
+
+
 async def test_idempotent_producer_on_a_broker_without_it_is_a_retryable_failure(
     kafka_bootstrap: str,
 ) -> None:
