@@ -8,10 +8,11 @@ event and evaluates CEL and transforms only for the keys it returns.
 How it works (the idea of aws/event-ruler and quamina, built independently): every pattern is
 multiplied out into conjunctions of field conditions (``CompiledPattern.alternatives``), each
 conjunction is sorted with its most selective conditions first, and the conjunctions are merged
-into a trie whose edges are conditions. A node keeps, per field path, one ``_FieldIndex`` that
-maps a leaf value to the child nodes whose edge condition it satisfies: a dict for exact values,
-dicts by length for prefixes and suffixes, sorted bound tables for numeric ranges, and a short
-residual list only for what cannot be hashed or sorted (wildcard, cidr, anything-but, exists).
+into a trie whose edges are conditions. A node keeps, per field path, one ``FieldIndex``
+(``_pattern_tables``) that maps a leaf value to the child nodes whose edge condition it
+satisfies: a dict for exact values, dicts by length for prefixes and suffixes, sorted bound
+tables for numeric ranges, and a short residual list only for what cannot be hashed or sorted
+(wildcard, cidr, anything-but, exists).
 Matching flattens the event once and walks the trie from the root; a node is reached at most
 once, and only through edges the event satisfies, so rules that fail on their first selective
 field are never looked at.
@@ -19,7 +20,6 @@ field are never looked at.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Hashable, Iterable
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -28,11 +28,11 @@ from eventbus.rules._pattern_ops import (
     EqualsIgnoreCase,
     Exact,
     Leaf,
-    Matcher,
     Numeric,
     Prefix,
     Suffix,
 )
+from eventbus.rules._pattern_tables import FieldIndex
 
 __all__ = ["PatternIndex"]
 
@@ -116,13 +116,13 @@ class _Node:
     def __init__(self) -> None:
         self.children: dict[Leaf, _Node] = {}
         # Keyed by path number (see ``_add_path``).
-        self.fields: dict[int, _FieldIndex] = {}
+        self.fields: dict[int, FieldIndex[_Node]] = {}
         # Children reached because the event has no value at a path ({"exists": false}).
         self.absent: list[tuple[int, _Node]] = []
         self.ends: list[int] = []
         # ``fields`` as the matching loop reads it (set by ``freeze``): path number, index, and
         # the index's exact-value dict when that is all it holds.
-        self.edges: tuple[tuple[int, _FieldIndex, dict[object, list[_Node]] | None], ...] = ()
+        self.edges: tuple[tuple[int, FieldIndex[_Node], dict[object, list[_Node]] | None], ...] = ()
 
     def freeze(self) -> None:
         for index in self.fields.values():
@@ -138,226 +138,12 @@ class _Node:
             node = self.children[leaf] = _Node()
             index = self.fields.get(path)
             if index is None:
-                index = self.fields[path] = _FieldIndex()
+                index = self.fields[path] = FieldIndex[_Node]()
             for matcher in leaf.matchers:
                 index.add(matcher, node)
             if leaf.absent_ok:
                 self.absent.append((path, node))
         return node
-
-
-def _add_to(table: dict[Any, list[_Node]], key: object, node: _Node) -> None:
-    bucket = table.get(key)
-    if bucket is None:
-        table[key] = [node]
-    elif node not in bucket:
-        bucket.append(node)
-
-
-class _FixedLength:
-    """Prefixes (or suffixes) grouped by length: a value needs one slice and one dict lookup
-    per distinct length, however many prefixes share that length."""
-
-    __slots__ = ("by_length", "lengths")
-
-    def __init__(self) -> None:
-        self.by_length: dict[int, dict[str, list[_Node]]] = {}
-        self.lengths: list[int] = []
-
-    def add(self, text: str, node: _Node) -> None:
-        if len(text) not in self.by_length:
-            self.by_length[len(text)] = {}
-            bisect.insort(self.lengths, len(text))
-        _add_to(self.by_length[len(text)], text, node)
-
-    def collect_prefixes(self, value: str, out: set[_Node]) -> None:
-        for length in self.lengths:
-            if length > len(value):
-                break
-            hit = self.by_length[length].get(value[:length])
-            if hit:
-                out.update(hit)
-
-    def collect_suffixes(self, value: str, out: set[_Node]) -> None:
-        for length in self.lengths:
-            if length > len(value):
-                break
-            hit = self.by_length[length].get(value[len(value) - length :])
-            if hit:
-                out.update(hit)
-
-
-# The four one-sided comparisons of ``_Bounds``: x > b, x >= b, x < b, x <= b.
-_ABOVE, _AT_LEAST, _BELOW, _AT_MOST = range(4)
-
-
-class _Bounds:
-    """Numeric intervals sorted so that one bisect finds every interval holding a number.
-
-    One-sided intervals live in four sorted tables (``x > b``, ``x >= b``, ``x < b``,
-    ``x <= b``): for each, the intervals holding ``x`` are one contiguous slice, all matches.
-    Two-sided ones are sorted by lower bound; only those starting at or below ``x`` are
-    checked against their upper bound.
-    """
-
-    __slots__ = ("_pending", "equal", "lows", "rows", "sides")
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[Numeric, _Node]] = []
-        self.equal: dict[int | float, list[_Node]] = {}
-        # (sorted bounds, their nodes, which of the four comparisons), non-empty tables only.
-        self.sides: list[tuple[list[int | float], list[_Node], int]] = []
-        self.lows: list[int | float] = []
-        self.rows: list[tuple[int | float, bool, int | float, bool, _Node]] = []
-
-    def add(self, numeric: Numeric, node: _Node) -> None:
-        self._pending.append((numeric, node))
-
-    def freeze(self) -> None:
-        tables: list[list[tuple[int | float, int, _Node]]] = [[], [], [], []]
-        ranges: list[tuple[int | float, int, bool, int | float, bool, _Node]] = []
-        # The sequence number keeps sorting away from comparing nodes on equal bounds.
-        for seq, (n, node) in enumerate(self._pending):
-            if n.low is not None and n.low == n.high:
-                _add_to(self.equal, n.low, node)
-            elif n.high is None:
-                assert n.low is not None
-                tables[_ABOVE if n.low_open else _AT_LEAST].append((n.low, seq, node))
-            elif n.low is None:
-                tables[_BELOW if n.high_open else _AT_MOST].append((n.high, seq, node))
-            else:
-                ranges.append((n.low, seq, n.low_open, n.high, n.high_open, node))
-        self._pending = []
-        for kind, rows in enumerate(tables):
-            if rows:
-                rows.sort(key=lambda row: (row[0], row[1]))
-                self.sides.append(([row[0] for row in rows], [row[2] for row in rows], kind))
-        ranges.sort(key=lambda row: (row[0], row[1]))
-        self.lows = [row[0] for row in ranges]
-        self.rows = [(row[0], row[2], row[3], row[4], row[5]) for row in ranges]
-
-    def collect(self, x: int | float, out: set[_Node]) -> None:
-        if x != x:
-            return  # NaN lies in no interval, but would confuse the bisects
-        hit = self.equal.get(x)
-        if hit:
-            out.update(hit)
-        for bounds, nodes, kind in self.sides:
-            if kind == _ABOVE:
-                out.update(nodes[: bisect.bisect_left(bounds, x)])
-            elif kind == _AT_LEAST:
-                out.update(nodes[: bisect.bisect_right(bounds, x)])
-            elif kind == _BELOW:
-                out.update(nodes[bisect.bisect_right(bounds, x) :])
-            else:
-                out.update(nodes[bisect.bisect_left(bounds, x) :])
-        if self.lows:
-            rows = self.rows
-            for i in range(bisect.bisect_right(self.lows, x)):
-                low, low_open, high, high_open, node = rows[i]
-                # low <= x holds by the bisect.
-                if (x < high or (x == high and not high_open)) and not (low_open and x == low):
-                    out.add(node)
-
-
-class _FieldIndex:
-    """Every edge condition leaving one node on one field path, indexed by matcher kind."""
-
-    __slots__ = (
-        "exact",
-        "exact_only",
-        "folded",
-        "folded_prefix",
-        "folded_suffix",
-        "folding",
-        "numbers",
-        "prefix",
-        "residual",
-        "suffix",
-    )
-
-    def __init__(self) -> None:
-        self.exact: dict[object, list[_Node]] = {}
-        self.folded: dict[str, list[_Node]] = {}
-        self.prefix: _FixedLength | None = None
-        self.suffix: _FixedLength | None = None
-        self.folded_prefix: _FixedLength | None = None
-        self.folded_suffix: _FixedLength | None = None
-        self.numbers: _Bounds | None = None
-        self.residual: list[tuple[Matcher, _Node]] = []
-        # Whether case-insensitive operators, or only exact values, are indexed here: both set
-        # by freeze to pick the lookup path.
-        self.folding = False
-        self.exact_only = False
-
-    def add(self, matcher: Matcher, node: _Node) -> None:
-        if isinstance(matcher, Exact):
-            _add_to(self.exact, matcher.key, node)
-        elif isinstance(matcher, EqualsIgnoreCase):
-            _add_to(self.folded, matcher.text, node)
-        elif isinstance(matcher, Prefix):
-            if matcher.ignore_case:
-                self.folded_prefix = self.folded_prefix or _FixedLength()
-                self.folded_prefix.add(matcher.text, node)
-            else:
-                self.prefix = self.prefix or _FixedLength()
-                self.prefix.add(matcher.text, node)
-        elif isinstance(matcher, Suffix):
-            if matcher.ignore_case:
-                self.folded_suffix = self.folded_suffix or _FixedLength()
-                self.folded_suffix.add(matcher.text, node)
-            else:
-                self.suffix = self.suffix or _FixedLength()
-                self.suffix.add(matcher.text, node)
-        elif isinstance(matcher, Numeric):
-            self.numbers = self.numbers or _Bounds()
-            self.numbers.add(matcher, node)
-        else:
-            self.residual.append((matcher, node))
-
-    def freeze(self) -> None:
-        if self.numbers is not None:
-            self.numbers.freeze()
-        self.folding = bool(self.folded or self.folded_prefix or self.folded_suffix)
-        self.exact_only = not (
-            self.folding or self.prefix or self.suffix or self.numbers or self.residual
-        )
-
-    def collect(self, values: list[object], out: set[_Node]) -> None:
-        """Add to ``out`` every child whose edge condition some value satisfies."""
-        exact = self.exact
-        for value in values:
-            kind = type(value)
-            if kind is str:
-                assert isinstance(value, str)
-                hit = exact.get(value)
-                if hit:
-                    out.update(hit)
-                if self.prefix is not None:
-                    self.prefix.collect_prefixes(value, out)
-                if self.suffix is not None:
-                    self.suffix.collect_suffixes(value, out)
-                if self.folding:
-                    self._collect_folded(value.casefold(), out)
-            else:
-                hit = exact.get((kind, value))  # the key of ``exact_key``, inlined
-                if hit:
-                    out.update(hit)
-                if self.numbers is not None and (kind is int or kind is float):
-                    assert isinstance(value, int | float)
-                    self.numbers.collect(value, out)
-            for matcher, node in self.residual:
-                if node not in out and matcher.test(value):
-                    out.add(node)
-
-    def _collect_folded(self, folded: str, out: set[_Node]) -> None:
-        hit = self.folded.get(folded)
-        if hit:
-            out.update(hit)
-        if self.folded_prefix is not None:
-            self.folded_prefix.collect_prefixes(folded, out)
-        if self.folded_suffix is not None:
-            self.folded_suffix.collect_suffixes(folded, out)
 
 
 def _rank(leaf: Leaf) -> int:

@@ -6,10 +6,11 @@ transforms. ``matches`` and ``CompiledPattern.matches`` evaluate one pattern dir
 the reference semantics the index must agree with.
 
 An event is a CloudEvent in JSON form: attributes at the top level, payload under ``data``. A
-pattern mirrors that shape; every leaf is an array of alternatives (see ``_pattern_ops``), the
-fields of one object are ANDed, and ``"$or": [{...}, {...}]`` ORs sub-patterns. Field paths are
-tuples of keys, so a key containing a dot is never confused with nesting. The language is
-specified in ``docs/patterns.md``.
+pattern mirrors that shape; every leaf is an array of alternatives (parsed by
+``_pattern_parse`` into the matchers of ``_pattern_ops``), the fields of one object are ANDed,
+and ``"$or": [{...}, {...}]`` ORs sub-patterns. Field paths are tuples of keys, so a key
+containing a dot is never confused with nesting. The language is specified in
+``docs/patterns.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventbus._errors import PatternError
-from eventbus.rules._pattern_ops import Leaf, parse_leaf
+from eventbus.rules._pattern_ops import Leaf
+from eventbus.rules._pattern_parse import parse_leaf
 
 __all__ = [
     "MAX_ALTERNATIVES",

@@ -1,0 +1,243 @@
+"""The lookup tables of the pattern index: for one field at one trie node, every leaf value is
+mapped to the child nodes whose edge condition it satisfies, without testing conditions one by
+one where a hash lookup or a bisection can answer.
+
+Rule engine, step two (with ``_index``, which owns the trie): exact values and case-folded
+values in dicts, prefixes and suffixes in dicts by length, numeric intervals in sorted bound
+tables; only wildcard, cidr, anything-but and exists stay in a residual list tested in turn.
+The tables are generic in the node type so that they know nothing of the trie.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Hashable
+from typing import Any, Generic, TypeVar
+
+from eventbus.rules._pattern_ops import (
+    EqualsIgnoreCase,
+    Exact,
+    Matcher,
+    Numeric,
+    Prefix,
+    Suffix,
+)
+
+__all__ = ["Bounds", "FieldIndex", "FixedLength", "add_to"]
+
+N = TypeVar("N", bound=Hashable)
+
+
+def add_to(table: dict[Any, list[N]], key: object, node: N) -> None:
+    """File ``node`` under ``key``, once: a lookup then yields each node at most once."""
+    bucket = table.get(key)
+    if bucket is None:
+        table[key] = [node]
+    elif node not in bucket:
+        bucket.append(node)
+
+
+class FixedLength(Generic[N]):
+    """Prefixes (or suffixes) grouped by length: a value needs one slice and one dict lookup
+    per distinct length, however many prefixes share that length."""
+
+    __slots__ = ("by_length", "lengths")
+
+    def __init__(self) -> None:
+        self.by_length: dict[int, dict[str, list[N]]] = {}
+        self.lengths: list[int] = []
+
+    def add(self, text: str, node: N) -> None:
+        if len(text) not in self.by_length:
+            self.by_length[len(text)] = {}
+            bisect.insort(self.lengths, len(text))
+        add_to(self.by_length[len(text)], text, node)
+
+    def collect_prefixes(self, value: str, out: set[N]) -> None:
+        for length in self.lengths:
+            if length > len(value):
+                break
+            hit = self.by_length[length].get(value[:length])
+            if hit:
+                out.update(hit)
+
+    def collect_suffixes(self, value: str, out: set[N]) -> None:
+        for length in self.lengths:
+            if length > len(value):
+                break
+            hit = self.by_length[length].get(value[len(value) - length :])
+            if hit:
+                out.update(hit)
+
+
+# The four one-sided comparisons of ``Bounds``: x > b, x >= b, x < b, x <= b.
+_ABOVE, _AT_LEAST, _BELOW, _AT_MOST = range(4)
+
+
+class Bounds(Generic[N]):
+    """Numeric intervals sorted so that one bisect finds every interval holding a number.
+
+    One-sided intervals live in four sorted tables (``x > b``, ``x >= b``, ``x < b``,
+    ``x <= b``): for each, the intervals holding ``x`` are one contiguous slice, all matches.
+    Two-sided ones are sorted by lower bound; only those starting at or below ``x`` are
+    checked against their upper bound.
+    """
+
+    __slots__ = ("_pending", "equal", "lows", "rows", "sides")
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Numeric, N]] = []
+        self.equal: dict[int | float, list[N]] = {}
+        # (sorted bounds, their nodes, which of the four comparisons), non-empty tables only.
+        self.sides: list[tuple[list[int | float], list[N], int]] = []
+        self.lows: list[int | float] = []
+        self.rows: list[tuple[int | float, bool, int | float, bool, N]] = []
+
+    def add(self, numeric: Numeric, node: N) -> None:
+        self._pending.append((numeric, node))
+
+    def freeze(self) -> None:
+        tables: list[list[tuple[int | float, int, N]]] = [[], [], [], []]
+        ranges: list[tuple[int | float, int, bool, int | float, bool, N]] = []
+        # The sequence number keeps sorting away from comparing nodes on equal bounds.
+        for seq, (n, node) in enumerate(self._pending):
+            if n.low is not None and n.low == n.high:
+                add_to(self.equal, n.low, node)
+            elif n.high is None:
+                assert n.low is not None
+                tables[_ABOVE if n.low_open else _AT_LEAST].append((n.low, seq, node))
+            elif n.low is None:
+                tables[_BELOW if n.high_open else _AT_MOST].append((n.high, seq, node))
+            else:
+                ranges.append((n.low, seq, n.low_open, n.high, n.high_open, node))
+        self._pending = []
+        for kind, rows in enumerate(tables):
+            if rows:
+                rows.sort(key=lambda row: (row[0], row[1]))
+                self.sides.append(([row[0] for row in rows], [row[2] for row in rows], kind))
+        ranges.sort(key=lambda row: (row[0], row[1]))
+        self.lows = [row[0] for row in ranges]
+        self.rows = [(row[0], row[2], row[3], row[4], row[5]) for row in ranges]
+
+    def collect(self, x: int | float, out: set[N]) -> None:
+        if x != x:
+            return  # NaN lies in no interval, but would confuse the bisects
+        hit = self.equal.get(x)
+        if hit:
+            out.update(hit)
+        for bounds, nodes, kind in self.sides:
+            if kind == _ABOVE:
+                out.update(nodes[: bisect.bisect_left(bounds, x)])
+            elif kind == _AT_LEAST:
+                out.update(nodes[: bisect.bisect_right(bounds, x)])
+            elif kind == _BELOW:
+                out.update(nodes[bisect.bisect_right(bounds, x) :])
+            else:
+                out.update(nodes[bisect.bisect_left(bounds, x) :])
+        if self.lows:
+            rows = self.rows
+            for i in range(bisect.bisect_right(self.lows, x)):
+                low, low_open, high, high_open, node = rows[i]
+                # low <= x holds by the bisect.
+                if (x < high or (x == high and not high_open)) and not (low_open and x == low):
+                    out.add(node)
+
+
+class FieldIndex(Generic[N]):
+    """Every edge condition leaving one node on one field path, indexed by matcher kind."""
+
+    __slots__ = (
+        "exact",
+        "exact_only",
+        "folded",
+        "folded_prefix",
+        "folded_suffix",
+        "folding",
+        "numbers",
+        "prefix",
+        "residual",
+        "suffix",
+    )
+
+    def __init__(self) -> None:
+        self.exact: dict[object, list[N]] = {}
+        self.folded: dict[str, list[N]] = {}
+        self.prefix: FixedLength[N] | None = None
+        self.suffix: FixedLength[N] | None = None
+        self.folded_prefix: FixedLength[N] | None = None
+        self.folded_suffix: FixedLength[N] | None = None
+        self.numbers: Bounds[N] | None = None
+        self.residual: list[tuple[Matcher, N]] = []
+        # Whether case-insensitive operators, or only exact values, are indexed here: both set
+        # by freeze to pick the lookup path.
+        self.folding = False
+        self.exact_only = False
+
+    def add(self, matcher: Matcher, node: N) -> None:
+        if isinstance(matcher, Exact):
+            add_to(self.exact, matcher.key, node)
+        elif isinstance(matcher, EqualsIgnoreCase):
+            add_to(self.folded, matcher.text, node)
+        elif isinstance(matcher, Prefix):
+            if matcher.ignore_case:
+                self.folded_prefix = self.folded_prefix or FixedLength()
+                self.folded_prefix.add(matcher.text, node)
+            else:
+                self.prefix = self.prefix or FixedLength()
+                self.prefix.add(matcher.text, node)
+        elif isinstance(matcher, Suffix):
+            if matcher.ignore_case:
+                self.folded_suffix = self.folded_suffix or FixedLength()
+                self.folded_suffix.add(matcher.text, node)
+            else:
+                self.suffix = self.suffix or FixedLength()
+                self.suffix.add(matcher.text, node)
+        elif isinstance(matcher, Numeric):
+            self.numbers = self.numbers or Bounds()
+            self.numbers.add(matcher, node)
+        else:
+            self.residual.append((matcher, node))
+
+    def freeze(self) -> None:
+        if self.numbers is not None:
+            self.numbers.freeze()
+        self.folding = bool(self.folded or self.folded_prefix or self.folded_suffix)
+        self.exact_only = not (
+            self.folding or self.prefix or self.suffix or self.numbers or self.residual
+        )
+
+    def collect(self, values: list[object], out: set[N]) -> None:
+        """Add to ``out`` every child whose edge condition some value satisfies."""
+        exact = self.exact
+        for value in values:
+            kind = type(value)
+            if kind is str:
+                assert isinstance(value, str)
+                hit = exact.get(value)
+                if hit:
+                    out.update(hit)
+                if self.prefix is not None:
+                    self.prefix.collect_prefixes(value, out)
+                if self.suffix is not None:
+                    self.suffix.collect_suffixes(value, out)
+                if self.folding:
+                    self._collect_folded(value.casefold(), out)
+            else:
+                hit = exact.get((kind, value))  # the key of ``exact_key``, inlined
+                if hit:
+                    out.update(hit)
+                if self.numbers is not None and (kind is int or kind is float):
+                    assert isinstance(value, int | float)
+                    self.numbers.collect(value, out)
+            for matcher, node in self.residual:
+                if node not in out and matcher.test(value):
+                    out.add(node)
+
+    def _collect_folded(self, folded: str, out: set[N]) -> None:
+        hit = self.folded.get(folded)
+        if hit:
+            out.update(hit)
+        if self.folded_prefix is not None:
+            self.folded_prefix.collect_prefixes(folded, out)
+        if self.folded_suffix is not None:
+            self.folded_suffix.collect_suffixes(folded, out)
