@@ -219,9 +219,11 @@ class Backoff:
         self._next = initial
 
     def reset(self) -> None:
+        """Start again from ``initial`` (call after a success)."""
         self._next = self._initial
 
     async def wait(self) -> None:
+        """Sleep the current delay on the clock, then double it (up to ``maximum``)."""
         delay = self._next
         self._next = min(self._next * 2, self._maximum)
         await self._clock.sleep(delay)
