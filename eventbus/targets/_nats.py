@@ -97,7 +97,11 @@ def _outcome_from_error(
         return _failure(
             "message larger than the server's max_payload", duration_ms, retryable=False
         )
-    if isinstance(exc, nats.errors.AuthorizationError):
+    if isinstance(exc, nats.errors.AuthorizationError) or (
+        # nats-py raises the server's -ERR at connect as a plain Error carrying its text.
+        isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+    ):
+        # Fails the same way until an operator fixes the credentials: dead-letter (replayable).
         return _failure(f"NATS authorization failed: {exc}", duration_ms, retryable=False)
     if isinstance(exc, nats.errors.BadSubjectError | nats.errors.BadHeaderError):
         return _failure(f"NATS refused the message: {exc!r}", duration_ms, retryable=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,39 @@ async def test_concurrent_deliveries_while_down_share_one_connect(
     assert len({o.error for o in outcomes}) == 1
     # The connect begun on open is still in progress when they arrive: all of them wait for it.
     assert sum("cannot connect" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_rejected_credentials_are_final(tmp_path: Path) -> None:
+    binary = shutil.which("nats-server")
+    assert binary is not None
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--auth",
+        "s3cret",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        event = make_event()
+        for _ in range(100):  # until it listens: a refused connect is a retryable outcome
+            outcome = await deliver_once(
+                config_for(f"nats://127.0.0.1:{port}", timeout=2.0), event, event
+            )
+            if not outcome.retryable:
+                break
+            await asyncio.sleep(0.05)
+        assert not outcome.delivered and not outcome.retryable
+        assert outcome.error is not None and "authorization failed" in outcome.error
+        token_config = config_for(f"nats://s3cret@127.0.0.1:{port}")
+        assert (await deliver_once(token_config, event, event)).delivered
+    finally:
+        proc.terminate()
+        await proc.wait()
 
 
 # --- contract -------------------------------------------------------------------------------
