@@ -242,3 +242,30 @@ async def test_postgres_outage_neither_loses_nor_repeats_lines(
 
 async def _state_is(ctx: SourceContext, state: str) -> bool:
     return ctx.status.state == state
+
+
+async def test_restart_rereads_an_unfinished_multiline_record_whole(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("INFO ok\nERROR boom\n  at a\n")
+    spec = _spec(log, multiline={"pattern": r"^\s", "flush_after": 60})
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            await recorder.wait_for(1)  # "INFO ok" closed by the next record's first line
+            await eventually(lambda: _offset_is(ctx, log, len("INFO ok\n")))
+        _append(log, "  at b\nINFO next\n")
+        again = Recorder()
+        async with running(build_source(spec), make_context(pool, "app-log", again)):
+            await again.wait_for(1)
+    assert _messages(recorder) == ["INFO ok"]
+    assert _messages(again)[0] == "ERROR boom\n  at a\n  at b"
+    assert again.events[0]["data"]["offset"] == len("INFO ok\n")
+
+
+async def _offset_is(ctx: SourceContext, path: Path, offset: int) -> bool:
+    st = os.stat(path)
+    saved = await ctx.checkpoints.get(f"{st.st_dev}:{st.st_ino}")
+    return saved is not None and saved["offset"] == offset
