@@ -112,6 +112,16 @@ def _key_bytes(value: Any) -> bytes | None:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
+def _find_key(path: JSONPath, event: dict[str, Any]) -> bytes | None:
+    try:
+        found = path.find(event)
+    except Exception:
+        # jsonpath-ng filters coerce with int() and raise on a null or object value: a path
+        # that cannot be followed in this event selects nothing, like a missing field.
+        return None
+    return _key_bytes(found[0].value) if found else None
+
+
 class KafkaTarget:
     """Produces events to one Kafka topic; use as ``async with KafkaTarget(config) as target``.
 
@@ -244,18 +254,8 @@ class KafkaTarget:
                 value = orjson.dumps(payload)
                 headers.append(("content-type", b"application/json"))
         if self._key_path is not None:
-            key = self._find_key(event)
+            key = _find_key(self._key_path, event)
         return key, headers, value
-
-    def _find_key(self, event: dict[str, Any]) -> bytes | None:
-        assert self._key_path is not None
-        try:
-            found = self._key_path.find(event)
-        except Exception:
-            # jsonpath-ng filters coerce with int() and raise on a null or object value: a path
-            # that cannot be followed in this event selects nothing, like a missing field.
-            return None
-        return _key_bytes(found[0].value) if found else None
 
     async def deliver(
         self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool, attempt: int
