@@ -4,8 +4,8 @@ bench/RESULTS.md is this output).
 
 Rules mix exact, prefix, numeric and anything-but conditions over CloudEvents with about twenty
 leaf fields; everything is derived from ``--seed``, so a run is reproducible. Each size is timed
-for ``--duration`` seconds of matching (at most ``--max-rounds`` passes over the event pool);
-the median pass is reported.
+for about ``--duration`` seconds of matching (at most ``--max-rounds`` passes over the event
+pool), the sizes taking turns pass by pass; the median pass is reported.
 
     python bench/rules_bench.py                       # 10, 100, 1000, 10000 rules, 2 s each
     python bench/rules_bench.py --sizes 10,10000 --duration 5
@@ -23,6 +23,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +131,10 @@ def build_events(n: int, seed: int) -> list[dict[str, Any]]:
     return events
 
 
-def _run(size: int, args: argparse.Namespace, events: list[dict[str, Any]]) -> dict[str, float]:
+def _prepare(size: int, args: argparse.Namespace) -> tuple[Callable[[Any], list[Any]], float]:
+    """The matching function for ``size`` rules, and how long building it took."""
     patterns = build_patterns(size, args.seed)
     started = time.perf_counter()
-    index = PatternIndex((i, compile_pattern(p)) for i, p in enumerate(patterns))
-    build_s = time.perf_counter() - started
-    route: Any = None
     if args.cel:
         from eventbus.rules import compile_rules
 
@@ -143,36 +142,50 @@ def _run(size: int, args: argparse.Namespace, events: list[dict[str, Any]]) -> d
         # rule set is measured through RuleSet.route: the pattern index, CEL only on pattern
         # hits, the event converted for CEL once, Route objects built. The build time then
         # is the whole rule set's (index and CEL compilation).
-        started = time.perf_counter()
         route = compile_rules(
             [
                 {"name": f"r{i}", "match": p, "when": "event.data.priority < 3", "targets": ["t"]}
                 for i, p in enumerate(patterns)
             ]
         ).route
-        build_s = time.perf_counter() - started
+        return route, time.perf_counter() - started
+    index = PatternIndex((i, compile_pattern(p)) for i, p in enumerate(patterns))
+    return index.match, time.perf_counter() - started
+
+
+def _measure(
+    sizes: list[int], args: argparse.Namespace, events: list[dict[str, Any]]
+) -> list[dict[str, float]]:
+    """Time passes over ``events`` for every size in turn, round after round, so that load
+    from other processes on a shared machine falls on all sizes alike; report the median."""
+    prepared = [_prepare(size, args) for size in sizes]
     gc.collect()
     gc.freeze()
-    matched = 0
-    passes: list[float] = []
-    deadline = time.perf_counter() + args.duration
+    passes: list[list[float]] = [[] for _ in sizes]
+    matched = [0 for _ in sizes]
+    deadline = time.perf_counter() + args.duration * len(sizes)
     for _ in range(args.max_rounds):
-        started = time.perf_counter()
-        for event in events:
-            matched += len(route(event) if route is not None else index.match(event))
-        passes.append(time.perf_counter() - started)
+        for i, (match, _build_s) in enumerate(prepared):
+            started = time.perf_counter()
+            for event in events:
+                matched[i] += len(match(event))
+            passes[i].append(time.perf_counter() - started)
         if time.perf_counter() >= deadline:
             break
     gc.unfreeze()
-    # The median pass, not the mean: other processes on a shared machine slow some passes.
-    us_per_event = statistics.median(passes) / len(events) * 1e6
-    return {
-        "rules": size,
-        "build_s": build_s,
-        "events_per_s": 1e6 / us_per_event,
-        "us_per_event": us_per_event,
-        "matches_per_event": matched / (len(passes) * len(events)),
-    }
+    rows = []
+    for i, size in enumerate(sizes):
+        us_per_event = statistics.median(passes[i]) / len(events) * 1e6
+        rows.append(
+            {
+                "rules": size,
+                "build_s": prepared[i][1],
+                "events_per_s": 1e6 / us_per_event,
+                "us_per_event": us_per_event,
+                "matches_per_event": matched[i] / (len(passes[i]) * len(events)),
+            }
+        )
+    return rows
 
 
 def _machine() -> str:
@@ -199,7 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     events = build_events(args.events, args.seed)
-    rows = [_run(size, args, events) for size in sizes]
+    rows = _measure(sizes, args, events)
     print(
         f"Machine: {_machine()}; seed {args.seed}, {args.events} events, "
         f"{args.duration:g} s per size{', with CEL' if args.cel else ''}\n"

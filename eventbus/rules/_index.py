@@ -259,5 +259,7 @@ class PatternIndex(Generic[K]):
             for path, child in node.absent:
                 if path not in values:
                     stack.append(child)
+        if len(slots) < 2:
+            return [self._keys[slot] for slot in slots]
         keys = self._keys
         return [keys[slot] for slot in sorted(set(slots))]
