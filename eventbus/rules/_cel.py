@@ -166,23 +166,47 @@ def _check_names(tree: lark.Tree[lark.Token]) -> None:
                 raise RuleError(f"unknown method .{name}()")
 
 
-def _names_event(tree: lark.Tree[lark.Token]) -> bool:
-    return any(node.data == "ident" for node in _walk(tree))
+def _with_variables(tree: lark.Tree[lark.Token]) -> set[int]:
+    """The ids of the nodes that contain a name (``event`` or a macro variable)."""
+    found: set[int] = set()
+
+    def visit(node: lark.Tree[lark.Token]) -> bool:
+        named = node.data == "ident"
+        for child in node.children:
+            if isinstance(child, lark.Tree) and visit(child):
+                named = True
+        if named:
+            found.add(id(node))
+        return named
+
+    visit(tree)
+    return found
 
 
-def _constant_subtrees(tree: lark.Tree[lark.Token]) -> Iterator[lark.Tree[lark.Token]]:
-    if tree.data in _COMPLETE and not _names_event(tree):
+def _lone_literal(tree: lark.Tree[lark.Token]) -> bool:
+    while len(tree.children) == 1 and isinstance(tree.children[0], lark.Tree):
+        tree = tree.children[0]
+    return tree.data == "literal"
+
+
+def _constant_subtrees(
+    tree: lark.Tree[lark.Token], variable: set[int]
+) -> Iterator[lark.Tree[lark.Token]]:
+    # Top-down: only the largest constant sub-expressions are yielded.
+    if tree.data in _COMPLETE and id(tree) not in variable:
         yield tree
         return
     for child in tree.children:
         if isinstance(child, lark.Tree):
-            yield from _constant_subtrees(child)
+            yield from _constant_subtrees(child, variable)
 
 
 def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
     # Sub-expressions made only of literals evaluate the same for every event: evaluating them
     # now turns an obvious type error such as `"a" + 1` into a load error.
-    for node in _constant_subtrees(tree):
+    for node in _constant_subtrees(tree, _with_variables(tree)):
+        if node is not tree and _lone_literal(node):
+            continue  # the `3` of `x < 3` cannot fail
         start, end = getattr(node.meta, "start_pos", None), getattr(node.meta, "end_pos", None)
         if start is None or end is None:
             continue  # the parser leaves some ternary branches without positions
