@@ -39,8 +39,11 @@ def _app(fail_rate: float, secret: str | None, seed: int | None) -> web.Applicat
                 shown = body.decode(errors="replace")
         signed = ""
         if secret is not None:
-            ok = verify_webhook(secret, dict(request.headers), body)
-            signed = " signature ok" if ok else " SIGNATURE INVALID"
+            try:
+                verify_webhook(secret, dict(request.headers), body)
+                signed = " signature ok"
+            except CloudEventError as exc:
+                signed = f" SIGNATURE INVALID: {exc.detail}"
         sys.stdout.write(
             f"--- {request.method} {request.path}{signed}\n"
             + orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode()
@@ -55,7 +58,11 @@ def _app(fail_rate: float, secret: str | None, seed: int | None) -> web.Applicat
 
 
 def run_display(
-    host: str, port: int, *, fail_rate: float = 0.0, secret: str | None = None,
+    host: str,
+    port: int,
+    *,
+    fail_rate: float = 0.0,
+    secret: str | None = None,
     seed: int | None = None,
 ) -> None:
     """Serve until interrupted."""

@@ -129,10 +129,7 @@ def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
     runner: Any
-    if workers > 1:
-        runner = _supervise(settings, workers, config_path)
-    else:
-        runner = _serve_one(settings, fd)
+    runner = _supervise(settings, workers, config_path) if workers > 1 else _serve_one(settings, fd)
     try:
         import uvloop
 

@@ -36,11 +36,7 @@ class YamlDoc:
         parts = list(loc)
         for i, part in enumerate(parts):
             nxt = parts[i + 1] if i + 1 < len(parts) else None
-            if (
-                (*out, part) not in self.lines
-                and nxt is not None
-                and (*out, nxt) in self.lines
-            ):
+            if (*out, part) not in self.lines and nxt is not None and (*out, nxt) in self.lines:
                 continue
             out = (*out, part)
         return out

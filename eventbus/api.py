@@ -58,7 +58,12 @@ _ERRORS = {
 
 class _Problem(Exception):
     def __init__(
-        self, status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.status = status
         self.detail = detail
@@ -68,14 +73,21 @@ class _Problem(Exception):
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        orjson.dumps(body, default=str), status_code=status, media_type="application/json",
+        orjson.dumps(body, default=str),
+        status_code=status,
+        media_type="application/json",
         headers=headers,
     )
 
 
 def _problem(p: _Problem, instance: str) -> Response:
-    body = {"type": "about:blank", "title": p.title, "status": p.status, "detail": p.detail,
-            "instance": instance}
+    body = {
+        "type": "about:blank",
+        "title": p.title,
+        "status": p.status,
+        "detail": p.detail,
+        "instance": instance,
+    }
     return Response(orjson.dumps(body), status_code=p.status, media_type=PROBLEM, headers=p.headers)
 
 
@@ -162,16 +174,25 @@ def create_app(service: Service) -> FastAPI:
                     return _problem(p, request.url.path)
                 except CloudEventError as exc:
                     metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
-                    return _problem(_Problem(exc.status, exc.detail, title=exc.title),
-                                    request.url.path)
+                    return _problem(
+                        _Problem(exc.status, exc.detail, title=exc.title), request.url.path
+                    )
                 except BusUnavailable as exc:
                     return _problem(
-                        _Problem(503, f"the event bus is unavailable: {exc}",
-                                 headers={"Retry-After": "5"}), request.url.path)
+                        _Problem(
+                            503,
+                            f"the event bus is unavailable: {exc}",
+                            headers={"Retry-After": "5"},
+                        ),
+                        request.url.path,
+                    )
                 except StoreError as exc:
                     return _problem(
-                        _Problem(503, f"the database is unavailable: {exc}",
-                                 headers={"Retry-After": "5"}), request.url.path)
+                        _Problem(
+                            503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"}
+                        ),
+                        request.url.path,
+                    )
 
             endpoint.__name__ = fn.__name__
             app.add_api_route(path, endpoint, methods=[method], include_in_schema=True)
@@ -187,8 +208,9 @@ def create_app(service: Service) -> FastAPI:
                 await service.store.audit.event_accepted(event, via=via)
         return results
 
-    async def ingest(events: list[dict[str, Any] | CloudEventError], batch: bool, via: str
-                     ) -> Response:
+    async def ingest(
+        events: list[dict[str, Any] | CloudEventError], batch: bool, via: str
+    ) -> Response:
         valid = [e for e in events if not isinstance(e, CloudEventError)]
         results = iter(await publish(valid, via) if valid else [])
         if not batch:
@@ -211,8 +233,14 @@ def create_app(service: Service) -> FastAPI:
             else:
                 failed += 1
                 unavailable += isinstance(err, BusUnavailable)
-                entries.append({"status": 503 if isinstance(err, BusUnavailable) else 500,
-                                "id": entry["id"], "source": entry["source"], "error": str(err)})
+                entries.append(
+                    {
+                        "status": 503 if isinstance(err, BusUnavailable) else 500,
+                        "id": entry["id"],
+                        "source": entry["source"],
+                        "error": str(err),
+                    }
+                )
         if unavailable and unavailable == len(entries):
             raise BusUnavailable("no entry of the batch could be stored")
         return _json({"failed": failed, "entries": entries}, 207 if failed else 202)
@@ -267,7 +295,9 @@ def create_app(service: Service) -> FastAPI:
         try:
             count = service.reload_rules()
         except RuleSetError as exc:
-            raise _Problem(400, str(exc), title="Invalid rule set; the previous one stays") from None
+            raise _Problem(
+                400, str(exc), title="Invalid rule set; the previous one stays"
+            ) from None
         except ConfigError as exc:
             raise _Problem(400, str(exc), title="Invalid connectors") from None
         return _json({"rules": count})
@@ -280,8 +310,9 @@ def create_app(service: Service) -> FastAPI:
             after = int(q["after"]) if "after" in q else None
         except ValueError:
             raise _Problem(400, "limit and after must be integers") from None
-        items = await service.deliveries.list_dead_letters(_filter(request), limit=limit,
-                                                           after_id=after)
+        items = await service.deliveries.list_dead_letters(
+            _filter(request), limit=limit, after_id=after
+        )
         nxt = items[-1]["id"] if len(items) == limit else None
         return _json({"items": items, "next_after": nxt})
 
@@ -341,8 +372,9 @@ def create_app(service: Service) -> FastAPI:
         from eventbus.sources import list_dead_letters
 
         q = request.query_params
-        items = await list_dead_letters(service.store.pool, source=q.get("source"),
-                                        limit=min(int(q.get("limit", "100")), 1000))
+        items = await list_dead_letters(
+            service.store.pool, source=q.get("source"), limit=min(int(q.get("limit", "100")), 1000)
+        )
         return _json({"items": items})
 
     @route("GET", "/healthz", None)
@@ -353,7 +385,10 @@ def create_app(service: Service) -> FastAPI:
     async def readyz(request: Request) -> Response:
         bus_ok = await service.bus.ping()
         db_ok = await service.store.ping()
-        body = {"bus": "ok" if bus_ok else "unreachable", "database": "ok" if db_ok else "unreachable"}
+        body = {
+            "bus": "ok" if bus_ok else "unreachable",
+            "database": "ok" if db_ok else "unreachable",
+        }
         return _json(body, 200 if bus_ok and db_ok else 503)
 
     @route("GET", "/metrics", None)
@@ -381,5 +416,8 @@ def _int_path(request: Request, name: str) -> int:
 
 def _require_filter(flt: DeadLetterFilter, request: Request) -> None:
     if flt == DeadLetterFilter() and request.query_params.get("all") != "true":
-        raise _Problem(400, "give at least one filter (rule, target, status, reason, since, "
-                            "until, source, id) or all=true")
+        raise _Problem(
+            400,
+            "give at least one filter (rule, target, status, reason, since, "
+            "until, source, id) or all=true",
+        )

@@ -98,6 +98,10 @@ def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Tar
     )
 
 
+def _make_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
     errors = []
     out = {}
@@ -148,14 +152,14 @@ class Service:
 
         data_dir = Path(s.data_dir)
         self.nats_url = s.bus.nats.url
+        if s.embedded_bus or s.embedded_database:
+            _make_dir(data_dir)
         if s.embedded_bus:
-            data_dir.mkdir(parents=True, exist_ok=True)
             nats = await self._stack.enter_async_context(NatsServer(data_dir / "nats"))
             self.nats_url = nats.url
             log.info("embedded nats-server at %s", nats.url)
         self.database_url = s.database.url
         if s.embedded_database:
-            data_dir.mkdir(parents=True, exist_ok=True)
             pg = await self._stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
             self.database_url = pg.dsn
             log.info("embedded PostgreSQL in %s", data_dir / "postgres")
@@ -205,6 +209,7 @@ class Service:
                 topic=s.bus.kafka.topic,
                 group_id=s.bus.kafka.group_id,
                 partitions=s.bus.kafka.partitions,
+                idempotent=s.bus.kafka.idempotent,
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
             )

@@ -49,8 +49,13 @@ class _ApiError(Exception):
     pass
 
 
-def _request(args: argparse.Namespace, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> Any:
+def _request(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Any:
     req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
     for k, v in (headers or {}).items():
         req.add_header(k, v)
@@ -78,8 +83,11 @@ def _print(value: Any) -> None:
 
 
 def _query(args: argparse.Namespace, **extra: Any) -> str:
-    q = {k: getattr(args, k) for k in ("rule", "target", "status", "reason", "since", "until",
-                                        "source") if getattr(args, k, None) is not None}
+    q = {
+        k: getattr(args, k)
+        for k in ("rule", "target", "status", "reason", "since", "until", "source")
+        if getattr(args, k, None) is not None
+    }
     q.update({k: v for k, v in extra.items() if v is not None})
     return "?" + urllib.parse.urlencode(q, doseq=True) if q else ""
 
@@ -108,8 +116,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     except orjson.JSONDecodeError as exc:
         raise _ApiError(f"--data is not valid JSON: {exc}") from None
     event = new_event(type=args.type, source=args.source, subject=args.subject, data=data)
-    _print(_request(args, "POST", "/events", orjson.dumps(event),
-                    {"Content-Type": "application/cloudevents+json"}))
+    _print(
+        _request(
+            args,
+            "POST",
+            "/events",
+            orjson.dumps(event),
+            {"Content-Type": "application/cloudevents+json"},
+        )
+    )
     return 0
 
 
@@ -122,30 +137,40 @@ def _cmd_events_show(args: argparse.Namespace) -> int:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     action = args.action
     if action == "list":
-        _print(_request(args, "GET", "/dead-letters" + _query(args, limit=args.limit,
-                                                               after=args.after)))
+        _print(
+            _request(
+                args, "GET", "/dead-letters" + _query(args, limit=args.limit, after=args.after)
+            )
+        )
     elif action == "show":
         _print(_request(args, "GET", f"/dead-letters/{args.id}"))
     elif action == "replay":
         if args.id is not None:
             _print(_request(args, "POST", f"/dead-letters/{args.id}/replay"))
         else:
-            _print(_request(args, "POST", "/dead-letters/replay" + _query(
-                args, all="true" if args.all else None)))
+            _print(
+                _request(
+                    args,
+                    "POST",
+                    "/dead-letters/replay" + _query(args, all="true" if args.all else None),
+                )
+            )
     elif action == "purge":
         if args.id is not None:
             _print(_request(args, "DELETE", f"/dead-letters/{args.id}"))
         else:
-            _print(_request(args, "DELETE", "/dead-letters" + _query(
-                args, all="true" if args.all else None)))
+            _print(
+                _request(
+                    args, "DELETE", "/dead-letters" + _query(args, all="true" if args.all else None)
+                )
+            )
     return 0
 
 
 def _cmd_display(args: argparse.Namespace) -> int:
     from eventbus._display import run_display
 
-    run_display(args.host, args.port, fail_rate=args.fail_rate, secret=args.secret,
-                seed=args.seed)
+    run_display(args.host, args.port, fail_rate=args.fail_rate, secret=args.secret, seed=args.seed)
     return 0
 
 
@@ -162,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the service (embedded NATS + PostgreSQL by default)")
-    p.add_argument("--config", default=os.environ.get("EVENTBUS_CONFIG"),
-                   help="settings YAML (default: built-in defaults + EVENTBUS_* env)")
+    p.add_argument(
+        "--config",
+        default=os.environ.get("EVENTBUS_CONFIG"),
+        help="settings YAML (default: built-in defaults + EVENTBUS_* env)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the bus")
     p.add_argument("--host")
     p.add_argument("--port", type=int)

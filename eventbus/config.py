@@ -64,6 +64,8 @@ class KafkaSettings(_Model):
     topic: str = "eventbus.events"
     group_id: str = "eventbus-router"
     partitions: int = Field(6, ge=1)
+    idempotent: bool = True
+    """Idempotent producer; turn off only for brokers without InitProducerId support."""
 
 
 class BusSettings(_Model):

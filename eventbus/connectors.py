@@ -84,7 +84,7 @@ class NatsTargetSpec(_Spec):
 TargetSpec = Annotated[
     HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec, Field(discriminator="type")
 ]
-_TARGET = TypeAdapter(TargetSpec)
+_TARGET: TypeAdapter[HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec] = TypeAdapter(TargetSpec)
 
 
 class _File(BaseModel):

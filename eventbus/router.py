@@ -2,7 +2,7 @@
 every matched route to the dispatcher; acknowledges a bus message only once every one of its
 deliveries is done or durably recorded (guarantee 2).
 
-    bus.messages() ─> Router.handle ─> RuleSet.route (pure) ─> Dispatcher.dispatch × routes ─> ack
+    bus.messages() ─> Router.handle ─> RuleSet.route (pure) ─> Dispatcher.dispatch x routes ─> ack
 
 Memory is bounded by the bus: it never yields more than ``max_in_flight`` un-acknowledged
 messages, and the router runs at most that many handlers. A handler that fails (Postgres down
@@ -85,9 +85,7 @@ class Router:
                 await self._audit.rule_matched(event, route.rule, route.target)
             if routes:
                 metrics.EVENTS_MATCHED.inc()
-                await asyncio.gather(
-                    *(self._dispatcher.dispatch(event, route) for route in routes)
-                )
+                await asyncio.gather(*(self._dispatcher.dispatch(event, route) for route in routes))
         except asyncio.CancelledError:
             # Shutdown past the grace period: leave it un-acked, the bus redelivers it.
             raise

@@ -14,6 +14,7 @@ It raises StoreError when Postgres cannot record a failure; the router then naks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -94,9 +95,7 @@ class Dispatcher:
         self._publish = publish
         self._hop_limit = hop_limit
         self._disabled = dict(disabled or {})
-        self._guards = {
-            name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()
-        }
+        self._guards = {name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()}
         self._override_cache: dict[tuple[str, bytes], DeliveryPolicy] = {}
 
     def guard(self, target: str) -> Guard | None:
@@ -429,10 +428,8 @@ class RetryWorker:
                 task.add_done_callback(self._inflight.discard)
             if len(claimed) < self._batch:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_poll)
-                except TimeoutError:
-                    pass
 
     async def _one(self, pending: Pending) -> None:
         try:

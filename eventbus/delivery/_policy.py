@@ -14,7 +14,7 @@ overridden per rule route, and frozen.
       on_failure: alerts
 
 Presets follow the anchors: ``eventbridge`` (up to 185 attempts within 24 h, exponential with
-jitter), ``alibaba-backoff`` (3 retries, random 10–20 s apart), ``alibaba-exponential``
+jitter), ``alibaba-backoff`` (3 retries, random 10-20 s apart), ``alibaba-exponential``
 (176 retries over 1 day, exponential up to 512 s), ``none`` (one attempt).
 """
 
@@ -26,15 +26,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from eventbus._errors import ConfigError
 
 __all__ = [
     "PRESETS",
     "BreakerPolicy",
-    "Duration",
     "DeliveryPolicy",
+    "Duration",
     "RetryPolicy",
     "parse_delivery",
     "parse_duration",
@@ -87,7 +95,7 @@ class RetryPolicy:
         elif self.strategy == "linear":
             base = self.initial_delay * attempt
         elif self.strategy == "random":
-            # initial_delay..max_delay uniformly (Alibaba BACKOFF_RETRY: 10–20 s)
+            # initial_delay..max_delay uniformly (Alibaba BACKOFF_RETRY: 10-20 s)
             return r.uniform(self.initial_delay, self.max_delay)
         else:
             base = self.initial_delay * self.factor ** (attempt - 1)
@@ -177,9 +185,7 @@ class _RetrySpec(BaseModel):
     jitter: bool | None = None
     retry_after_cap: float | None = None
 
-    @field_validator(
-        "initial_delay", "max_delay", "max_age", "retry_after_cap", mode="before"
-    )
+    @field_validator("initial_delay", "max_delay", "max_age", "retry_after_cap", mode="before")
     @classmethod
     def _duration(cls, v: object) -> float | None:
         return None if v is None else parse_duration(v)
@@ -232,11 +238,7 @@ def _apply_retry(base: RetryPolicy, raw: str | dict[str, Any]) -> RetryPolicy:
     except ValidationError as exc:
         raise ValueError(_describe(exc, "retry.")) from exc
     policy = PRESETS[spec.preset] if spec.preset else base
-    changes = {
-        k: v
-        for k, v in spec.model_dump(exclude={"preset"}).items()
-        if v is not None
-    }
+    changes = {k: v for k, v in spec.model_dump(exclude={"preset"}).items() if v is not None}
     policy = replace(policy, **changes)
     if policy.max_delay < policy.initial_delay and policy.strategy != "fixed":
         raise ValueError(

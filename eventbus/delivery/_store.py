@@ -317,9 +317,7 @@ class DeliveryStore:
         rows = await self._run(
             "replaying dead letters",
             self._pool.fetch(
-                "WITH moved AS (DELETE FROM dead_letters WHERE "
-                + where
-                + " RETURNING *),"
+                "WITH moved AS (DELETE FROM dead_letters WHERE " + where + " RETURNING *),"
                 " queued AS (INSERT INTO delivery_retries (due_at, event_source, event_id,"
                 " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"
                 " waiting_for)"

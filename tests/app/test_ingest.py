@@ -61,9 +61,7 @@ async def _start(eventbus: StartService, receiver: Receiver, **kw: Any) -> Runni
 async def _trail(svc: RunningService, source: str, event_id: str, attempts: int) -> Any:
     """The audit trail once ``attempts`` attempts are in it (the audit is batched)."""
     for _ in range(100):
-        status, _, body = await svc.request(
-            "GET", f"/events/trail?source={source}&id={event_id}"
-        )
+        status, _, body = await svc.request("GET", f"/events/trail?source={source}&id={event_id}")
         if status == 200 and len(body["attempts"]) >= attempts:
             return body
         await asyncio.sleep(0.1)
@@ -94,7 +92,10 @@ async def test_structured_binary_and_batch_modes_route_and_audit(
 
     batch = [_event("b1"), _event("b2", data={"total": 5, "customer": "cy"})]
     status, _, body = await svc.request(
-        "POST", "/events", orjson.dumps(batch), {"Content-Type": "application/cloudevents-batch+json"}
+        "POST",
+        "/events",
+        orjson.dumps(batch),
+        {"Content-Type": "application/cloudevents-batch+json"},
     )
     assert status == 202, body
     assert [e["status"] for e in body["entries"]] == [202, 202]
@@ -146,8 +147,15 @@ async def test_cloudevents_sdk_client_events_arrive_intact(
     got = {r.cloudevent["id"]: r.cloudevent for r in await receiver.wait_for(2, path="/fn")}
     for ev in (ev1, ev2):
         arrived = got[ev["id"]]
-        for name in ("type", "source", "subject", "partitionkey", "specversion", "time",
-                     "datacontenttype"):
+        for name in (
+            "type",
+            "source",
+            "subject",
+            "partitionkey",
+            "specversion",
+            "time",
+            "datacontenttype",
+        ):
             assert arrived[name] == ev[name], name
         assert arrived["data"] == ev.data
 
@@ -232,7 +240,10 @@ async def test_bad_input_gets_problem_details_and_service_stays_up(
     # a batch with one bad entry: the good ones are accepted, the bad one reported
     batch = [_event("ok-1"), {"specversion": "1.0", "id": "bad"}, _event("ok-2")]
     status, _, body = await svc.request(
-        "POST", "/events", orjson.dumps(batch), {"Content-Type": "application/cloudevents-batch+json"}
+        "POST",
+        "/events",
+        orjson.dumps(batch),
+        {"Content-Type": "application/cloudevents-batch+json"},
     )
     assert status == 207, body
     assert body["failed"] == 1
@@ -258,7 +269,9 @@ async def test_api_keys_refuse_and_audit(eventbus: StartService, receiver: Recei
     svc = await _start(eventbus, receiver, settings={"api_keys": keys})
     status, problem = await svc.post_event(_event("nokey"))
     assert status == 401 and problem["detail"] == "missing API key"
-    status, problem = await svc.post_event(_event("badkey"), Authorization="Bearer wrong-key-xxxxxxxx")
+    status, problem = await svc.post_event(
+        _event("badkey"), Authorization="Bearer wrong-key-xxxxxxxx"
+    )
     assert status == 401 and problem["detail"] == "invalid API key"
     status, _ = await svc.post_event(_event("good"), Authorization="Bearer publish-key-0123456789")
     assert status == 202
@@ -287,18 +300,24 @@ async def test_bus_down_answers_503_with_retry_after_then_recovers(
     eventbus: StartService, receiver: Receiver, tmp_path: Any
 ) -> None:
     async with NatsServer(tmp_path / "own-nats") as nats:
-        svc = await _start(eventbus, receiver, settings={
-            "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
-        })
+        svc = await _start(
+            eventbus,
+            receiver,
+            settings={
+                "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
+            },
+        )
         assert (await svc.post_event(_event("before")))[0] == 202
         await receiver.wait_for(1, path="/fn")
         await nats.stop()
         status, _, problem = await svc.request(
-            "POST", "/events", orjson.dumps(_event("during")),
+            "POST",
+            "/events",
+            orjson.dumps(_event("during")),
             {"Content-Type": "application/cloudevents+json"},
         )
         assert status == 503, problem
-        status, headers, _ = await svc.request("GET", "/readyz")
+        status, _headers, _ = await svc.request("GET", "/readyz")
         assert status == 503
         await nats.start()
         for _ in range(100):

@@ -9,9 +9,17 @@ RULES = """
 
 
 async def test_http_event_is_routed(eventbus, receiver: Receiver) -> None:
-    svc = await eventbus(rules=RULES, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}])
+    svc = await eventbus(
+        rules=RULES, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
     status, body = await svc.post_event(
-        {"specversion": "1.0", "id": "e1", "source": "shop", "type": "com.example.order.created", "data": {"a": 1}}
+        {
+            "specversion": "1.0",
+            "id": "e1",
+            "source": "shop",
+            "type": "com.example.order.created",
+            "data": {"a": 1},
+        }
     )
     assert status == 202, body
     reqs = await receiver.wait_for(1, timeout=10)

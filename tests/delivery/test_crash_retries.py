@@ -25,8 +25,10 @@ async def test_sigkill_with_pending_retries_then_restart(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
 ) -> None:
     receiver.respond(503)
-    delivery = {"retry": {"strategy": "fixed", "initial_delay": "2s", "max_attempts": 50,
-                          "jitter": False}, "circuit_breaker": False}
+    delivery = {
+        "retry": {"strategy": "fixed", "initial_delay": "2s", "max_attempts": 50, "jitter": False},
+        "circuit_breaker": False,
+    }
     targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "delivery": delivery}]
     first = serve_process(rules=RULES, targets=targets)
     await first.start()

@@ -30,15 +30,22 @@ def _target(receiver: Receiver, **delivery: Any) -> dict[str, Any]:
 
 
 def _event(i: int | str) -> dict[str, Any]:
-    return {"specversion": "1.0", "id": f"d-{i}", "source": "tests/delivery", "type": "t",
-            "data": {"i": i}}
+    return {
+        "specversion": "1.0",
+        "id": f"d-{i}",
+        "source": "tests/delivery",
+        "type": "t",
+        "data": {"i": i},
+    }
 
 
 async def _publish(svc: RunningService, ids: range | list[int]) -> None:
     events = [_event(i) for i in ids]
     for start in range(0, len(events), 50):
         status, _, body = await svc.request(
-            "POST", "/events", orjson.dumps(events[start:start + 50]),
+            "POST",
+            "/events",
+            orjson.dumps(events[start : start + 50]),
             {"Content-Type": "application/cloudevents-batch+json"},
         )
         assert status == 202, body
@@ -54,8 +61,9 @@ async def _until(check: Any, timeout: float = 30.0, what: str = "") -> Any:  # n
 
 
 def _ok_ids(receiver: Receiver) -> Counter[str]:
-    return Counter(r.cloudevent["id"] for r in receiver.requests
-                   if r.cloudevent and 200 <= r.status < 300)
+    return Counter(
+        r.cloudevent["id"] for r in receiver.requests if r.cloudevent and 200 <= r.status < 300
+    )
 
 
 async def _dead_letters(svc: RunningService, query: str = "") -> list[dict[str, Any]]:
@@ -160,10 +168,19 @@ async def test_classification_of_failures(eventbus: StartService, receiver: Rece
 """
     targets = [
         _target(receiver),
-        {"name": "slow", "type": "http", "url": receiver.url("/slow"), "timeout": 0.3,
-         "delivery": {"retry": {**FAST, "max_attempts": 2}, "circuit_breaker": False}},
-        {"name": "down", "type": "http", "url": f"http://127.0.0.1:{closed}/",
-         "delivery": {"retry": {**FAST, "max_attempts": 2}, "circuit_breaker": False}},
+        {
+            "name": "slow",
+            "type": "http",
+            "url": receiver.url("/slow"),
+            "timeout": 0.3,
+            "delivery": {"retry": {**FAST, "max_attempts": 2}, "circuit_breaker": False},
+        },
+        {
+            "name": "down",
+            "type": "http",
+            "url": f"http://127.0.0.1:{closed}/",
+            "delivery": {"retry": {**FAST, "max_attempts": 2}, "circuit_breaker": False},
+        },
     ]
     svc = await eventbus(rules=rules, targets=targets)
     receiver.script(400, Response(429, headers={"Retry-After": "1"}))
@@ -229,12 +246,13 @@ async def test_circuit_breaker_parks_deliveries_and_recovers(
     eventbus: StartService, receiver: Receiver
 ) -> None:
     receiver.respond(503)
-    svc = await eventbus(rules=RULES, targets=[_target(
-        receiver, circuit_breaker={"failures": 3, "open_for": "1s"})])
+    svc = await eventbus(
+        rules=RULES, targets=[_target(receiver, circuit_breaker={"failures": 3, "open_for": "1s"})]
+    )
     await _publish(svc, range(10))
 
     async def open_circuit() -> bool:
-        status, _, body = await svc.request("GET", "/targets")
+        _status, _, body = await svc.request("GET", "/targets")
         return bool(body["targets"][0]["circuit"] == "open")
 
     await _until(open_circuit, 20, "circuit open")
@@ -242,7 +260,8 @@ async def test_circuit_breaker_parks_deliveries_and_recovers(
 
     async def parked() -> bool:
         n = await pool.fetchval(
-            "SELECT count(*) FROM delivery_retries WHERE waiting_for = 'circuit'")
+            "SELECT count(*) FROM delivery_retries WHERE waiting_for = 'circuit'"
+        )
         return bool(n)
 
     await _until(parked, 20, "deliveries parked behind the open circuit")
@@ -250,7 +269,7 @@ async def test_circuit_breaker_parks_deliveries_and_recovers(
     seen = len(receiver.requests)
     await asyncio.sleep(0.5)
     assert len(receiver.requests) - seen <= 2
-    status, _, text = await svc.request("GET", "/metrics")
+    _status, _, text = await svc.request("GET", "/metrics")
     assert 'eventbus_circuit_state{target="fn"} 2.0' in text
 
     receiver.respond(204)
@@ -266,8 +285,13 @@ async def test_destinations_and_dead_letter_target(
     eventbus: StartService, receiver: Receiver
 ) -> None:
     targets = [
-        _target(receiver, on_success="audit", on_failure="alerts", dead_letter_target="dlq",
-                retry={**FAST, "max_attempts": 1}),
+        _target(
+            receiver,
+            on_success="audit",
+            on_failure="alerts",
+            dead_letter_target="dlq",
+            retry={**FAST, "max_attempts": 1},
+        ),
         {"name": "audit", "type": "http", "url": receiver.url("/audit")},
         {"name": "alerts", "type": "http", "url": receiver.url("/alerts")},
         {"name": "dlq", "type": "http", "url": receiver.url("/dlq")},

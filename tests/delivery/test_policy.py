@@ -41,12 +41,20 @@ def test_alibaba_presets() -> None:
     ("policy", "expected"),
     [
         (RetryPolicy(strategy="fixed", initial_delay=3, jitter=False, max_attempts=4), [3, 3, 3]),
-        (RetryPolicy(strategy="linear", initial_delay=2, max_delay=5, jitter=False, max_attempts=5),
-         [2, 4, 5, 5]),
-        (RetryPolicy(initial_delay=1, factor=3, max_delay=20, jitter=False, max_attempts=5),
-         [1, 3, 9, 20]),
-        (RetryPolicy(initial_delay=10, jitter=False, max_attempts=100, max_age=35, max_delay=10),
-         [10, 10, 10]),
+        (
+            RetryPolicy(
+                strategy="linear", initial_delay=2, max_delay=5, jitter=False, max_attempts=5
+            ),
+            [2, 4, 5, 5],
+        ),
+        (
+            RetryPolicy(initial_delay=1, factor=3, max_delay=20, jitter=False, max_attempts=5),
+            [1, 3, 9, 20],
+        ),
+        (
+            RetryPolicy(initial_delay=10, jitter=False, max_attempts=100, max_age=35, max_delay=10),
+            [10, 10, 10],
+        ),
     ],
 )
 def test_strategies_and_limits(policy: RetryPolicy, expected: list[float]) -> None:
@@ -102,8 +110,16 @@ def test_bad_policies_are_refused_with_the_field(spec: dict[str, object], messag
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [(5, 5.0), (0.5, 0.5), ("250ms", 0.25), ("10s", 10.0), ("5m", 300.0), ("6h", 21600.0),
-     ("1d", 86400.0), (" 2 s ", 2.0)],
+    [
+        (5, 5.0),
+        (0.5, 0.5),
+        ("250ms", 0.25),
+        ("10s", 10.0),
+        ("5m", 300.0),
+        ("6h", 21600.0),
+        ("1d", 86400.0),
+        (" 2 s ", 2.0),
+    ],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
