@@ -11,7 +11,7 @@ The tables are generic in the node type so that they know nothing of the trie.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from eventbus.rules._pattern_ops import (
@@ -122,9 +122,10 @@ class Bounds(Generic[N]):
     def collect(self, x: int | float, out: set[N]) -> None:
         if x != x:
             return  # NaN lies in no interval, but would confuse the bisects
-        hit = self.equal.get(x)
-        if hit:
-            out.update(hit)
+        if self.equal:
+            hit = self.equal.get(x)
+            if hit:
+                out.update(hit)
         for bounds, nodes, kind in self.sides:
             if kind == _ABOVE:
                 out.update(nodes[: bisect.bisect_left(bounds, x)])
@@ -156,6 +157,7 @@ class FieldIndex(Generic[N]):
         "numbers",
         "prefix",
         "residual",
+        "string_steps",
         "suffix",
     )
 
@@ -168,10 +170,11 @@ class FieldIndex(Generic[N]):
         self.folded_suffix: FixedLength[N] | None = None
         self.numbers: Bounds[N] | None = None
         self.residual: list[tuple[Matcher, N]] = []
-        # Whether case-insensitive operators, or only exact values, are indexed here: both set
-        # by freeze to pick the lookup path.
+        # Set by freeze to pick the lookup path: whether case-insensitive operators, or only
+        # exact values, are indexed here, and the lookups a string value goes through.
         self.folding = False
         self.exact_only = False
+        self.string_steps: tuple[Callable[[str, set[N]], None], ...] = ()
 
     def add(self, matcher: Matcher, node: N) -> None:
         if isinstance(matcher, Exact):
@@ -205,35 +208,38 @@ class FieldIndex(Generic[N]):
         self.exact_only = not (
             self.folding or self.prefix or self.suffix or self.numbers or self.residual
         )
+        steps: list[Callable[[str, set[N]], None]] = []
+        if self.prefix is not None:
+            steps.append(self.prefix.collect_prefixes)
+        if self.suffix is not None:
+            steps.append(self.suffix.collect_suffixes)
+        if self.folding:
+            steps.append(self._collect_folded)
+        self.string_steps = tuple(steps)
 
     def collect(self, values: list[object], out: set[N]) -> None:
         """Add to ``out`` every child whose edge condition some value satisfies."""
         exact = self.exact
         for value in values:
             kind = type(value)
+            if exact:
+                # The key of ``exact_key``, inlined.
+                hit = exact.get(value if kind is str else (kind, value))
+                if hit:
+                    out.update(hit)
             if kind is str:
                 assert isinstance(value, str)
-                hit = exact.get(value)
-                if hit:
-                    out.update(hit)
-                if self.prefix is not None:
-                    self.prefix.collect_prefixes(value, out)
-                if self.suffix is not None:
-                    self.suffix.collect_suffixes(value, out)
-                if self.folding:
-                    self._collect_folded(value.casefold(), out)
-            else:
-                hit = exact.get((kind, value))  # the key of ``exact_key``, inlined
-                if hit:
-                    out.update(hit)
-                if self.numbers is not None and (kind is int or kind is float):
-                    assert isinstance(value, int | float)
-                    self.numbers.collect(value, out)
+                for step in self.string_steps:
+                    step(value, out)
+            elif self.numbers is not None and (kind is int or kind is float):
+                assert isinstance(value, int | float)
+                self.numbers.collect(value, out)
             for matcher, node in self.residual:
                 if node not in out and matcher.test(value):
                     out.add(node)
 
-    def _collect_folded(self, folded: str, out: set[N]) -> None:
+    def _collect_folded(self, value: str, out: set[N]) -> None:
+        folded = value.casefold()
         hit = self.folded.get(folded)
         if hit:
             out.update(hit)
