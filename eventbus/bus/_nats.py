@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -41,7 +41,7 @@ log = logging.getLogger("eventbus.bus")
 
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_EXISTS_DIFFERENT = 10058
-_RECONNECT_WAIT = 0.5
+_RECONNECT_WAIT = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,17 +149,22 @@ class NatsBus:
         BusError when the stream cannot be created.
         """
         cfg = self.config
+        nc = Client()
         try:
-            self._nc = await nats.connect(
-                cfg.url,
-                connect_timeout=cfg.connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=_RECONNECT_WAIT,
-                error_cb=self._on_error,
-            )
+            # Reconnects are unlimited once connected; the first connect gets connect_timeout.
+            async with asyncio.timeout(cfg.connect_timeout):
+                await nc.connect(
+                    cfg.url,
+                    connect_timeout=math.ceil(cfg.connect_timeout),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=_RECONNECT_WAIT,
+                    error_cb=self._on_error,
+                )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
+            await nc.close()
             raise _translate(exc, f"connect to {cfg.url}") from exc
+        self._nc = nc
         self._js = self._nc.jetstream(timeout=cfg.publish_timeout)
         try:
             await self._ensure_stream(self._js)
@@ -205,8 +210,10 @@ class NatsBus:
         for msg in list(self._unsettled):
             with contextlib.suppress(BusError):
                 await msg.nak()
+        # Not drain(): it waits for every pull subscription's queue to empty, which a consumer
+        # that stopped iterating never does. Flushing is enough to get acks and naks out.
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-            await nc.drain()
+            await nc.flush(timeout=max(1, round(self.config.connect_timeout)))
         await nc.close()
 
     def _jetstream(self) -> JetStreamContext:

@@ -106,19 +106,29 @@ class NatsServer:
                 raise BusError(
                     f"nats-server exited with code {self._proc.returncode}: {self._log_tail()}"
                 )
-            try:
-                _, writer = await asyncio.open_connection(_HOST, self.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
+            if await self._greets():
+                return
+            await asyncio.sleep(0.05)
         raise BusError(
             f"nats-server did not accept connections on {self.url} within "
             f"{self.startup_timeout} s: {self._log_tail()}"
         )
+
+    async def _greets(self) -> bool:
+        """True when the port answers with the NATS ``INFO`` greeting (so it is our server)."""
+        try:
+            reader, writer = await asyncio.open_connection(_HOST, self.port)
+        except OSError:
+            return False
+        try:
+            line = await asyncio.wait_for(reader.readline(), 1.0)
+        except (OSError, TimeoutError):
+            line = b""
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        return line.startswith(b"INFO")
 
     def _log_tail(self) -> str:
         try:

