@@ -82,6 +82,8 @@ def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Tar
                 topic=spec.topic,
                 key=spec.key,
                 mode=spec.mode,
+                timeout=spec.timeout,
+                idempotent=spec.idempotent,
             )
         )
     from eventbus.targets import NatsTarget, NatsTargetConfig

@@ -70,6 +70,9 @@ class KafkaTargetSpec(_Spec):
     key: str | None = None
     """A JSONPath into the event for the message key; default: the ``partitionkey`` extension."""
     mode: Literal["binary", "structured"] = "binary"
+    timeout: Duration = Field(10.0, gt=0, le=300)
+    idempotent: bool = True
+    """Idempotent producer; turn off only for brokers without InitProducerId support."""
 
 
 class NatsTargetSpec(_Spec):
