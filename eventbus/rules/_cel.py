@@ -112,9 +112,40 @@ def _reason(exc: CELEvalError) -> str:
 def activation(event: dict[str, Any]) -> dict[str, Any]:
     """The CEL context for one event: ``{"event": <event as CEL values>}``.
 
-    Raises ``ValueError``/``TypeError`` only for values that are not JSON (events are JSON).
+    Integers outside CEL's int64 range become doubles. Raises ``ValueError`` only for values
+    that are not JSON (events on the bus always are).
     """
-    return {"event": json_to_cel(event)}
+    return {"event": _to_cel(event)}
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_new_str, _new_int, _new_float, _update = str.__new__, int.__new__, float.__new__, dict.update
+
+
+def _to_cel(value: Any) -> Any:
+    # json_to_cel's result, 4x faster: the celtypes constructors re-check their argument (and
+    # IntType builds a range-checking closure per call), MapType copies key by key in Python.
+    # The values here are already of the exact JSON types, so the checks are done once here.
+    kind = type(value)
+    if kind is str:
+        return _new_str(celtypes.StringType, value)
+    if kind is dict:
+        mapping = celtypes.MapType()
+        _update(mapping, {_new_str(celtypes.StringType, k): _to_cel(v) for k, v in value.items()})
+        return mapping
+    if kind is int:
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return _new_int(celtypes.IntType, value)
+        return celtypes.DoubleType(value)
+    if kind is float:
+        return _new_float(celtypes.DoubleType, value)
+    if kind is list:
+        return celtypes.ListType([_to_cel(item) for item in value])
+    if kind is bool:
+        return celtypes.BoolType(value)
+    if value is None:
+        return None
+    return json_to_cel(value)
 
 
 def _walk(tree: lark.Tree[lark.Token]) -> Iterator[lark.Tree[lark.Token]]:

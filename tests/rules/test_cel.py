@@ -8,6 +8,7 @@ from typing import Any
 import celpy
 import pytest
 import yaml
+from celpy.adapter import json_to_cel
 
 from eventbus._errors import RuleError
 from eventbus.rules._cel import Outcome, activation, compile_condition
@@ -55,3 +56,16 @@ def test_evaluation_survives_odd_events() -> None:
     condition = compile_condition("event.data.total > 1")
     for event in ({}, {"data": None}, {"data": "text"}, {"data": [1, 2]}, {"data": {"total": {}}}):
         assert condition.evaluate(activation(event))[0] is Outcome.ERROR
+
+
+def test_activation_matches_cel_pythons_own_conversion() -> None:
+    event = {**EVENT, "extra": {"flag": True, "ratio": 0.5, "neg": -3, "list": [[1], {"a": None}]}}
+    converted = activation(event)["event"]
+    assert converted == json_to_cel(event)
+    assert repr(converted) == repr(json_to_cel(event))
+
+
+def test_integers_beyond_int64_become_doubles() -> None:
+    context = activation({"data": {"big": 2**70, "small": -(2**70)}})
+    assert compile_condition("event.data.big > 1.0e21").evaluate(context)[0] is Outcome.MATCH
+    assert compile_condition("event.data.small < 0.0").evaluate(context)[0] is Outcome.MATCH
