@@ -87,7 +87,7 @@ async def test_kafka_and_nats_targets(
         assert got["id"] == "k1" and got["type"] == "k"
 
         for _ in range(100):
-            status, _, body = await svc.request("GET", "/dead-letters?target=down")
+            _status, _, body = await svc.request("GET", "/dead-letters?target=down")
             if body["items"]:
                 break
             await asyncio.sleep(0.1)
