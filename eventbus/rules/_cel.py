@@ -21,8 +21,8 @@ import celpy
 import lark
 from celpy import celtypes
 from celpy.adapter import json_to_cel
-from celpy.celparser import CELParseError
-from celpy.evaluation import CELEvalError, base_functions
+from celpy.celparser import CELParseError, CELParser
+from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
 
@@ -50,7 +50,11 @@ class _CompiledRunner(celpy.CompiledRunner):
 
 # cel-python 0.5 builds its lark parser once per process, with the tree class of the first
 # Environment created. The compiled runner (~5x faster) needs its own tree class, so this
-# environment must be created before any default one anywhere in the process.
+# environment must be created before any default one; if one came first, the parser is rebuilt
+# (its trees suit the interpreter too, TranspilerTree being a lark.Tree).
+_SHARED = CELParser.CEL_PARSER
+if _SHARED is not None and _SHARED.options.tree_class is not TranspilerTree:
+    CELParser.CEL_PARSER = None
 _ENV = celpy.Environment(runner_class=_CompiledRunner)
 
 # The transpiler logs every evaluation error at ERROR; here such errors are expected ("no match")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,21 @@ def test_integers_beyond_int64_become_doubles() -> None:
     context = activation({"data": {"big": 2**70, "small": -(2**70)}})
     assert compile_condition("event.data.big > 1.0e21").evaluate(context)[0] is Outcome.MATCH
     assert compile_condition("event.data.small < 0.0").evaluate(context)[0] is Outcome.MATCH
+
+
+def test_compiled_runner_works_even_after_a_default_environment() -> None:
+    # cel-python shares one parser per process: a fresh interpreter shows the import order.
+    code = (
+        "import celpy; celpy.Environment()\n"
+        "from eventbus.rules._cel import activation, compile_condition\n"
+        "print(compile_condition('event.a == 1').evaluate(activation({'a': 1}))[0].value)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "match\n"), done.stderr
