@@ -292,3 +292,21 @@ def test_rule_set_is_a_plain_value() -> None:
     assert len(rules) == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         rules.rules[0].name = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {},
+        {"type": "com.example.object.created"},
+        {"type": "com.example.object.created", "data": None},
+        {"type": "com.example.object.created", "data": "text", "subject": 5},
+        {"type": "com.example.object.created", "data": {"key": 5, "size": "big"}},
+        {"type": "com.example.order.placed", "source": "shop/x", "data": {"items": "none"}},
+        {"type": ["not", "a", "string"], "data": {"size": 10**30, "key": "x.jpg"}},
+    ],
+)
+def test_odd_events_never_break_routing(odd: dict[str, Any]) -> None:
+    rules = load_rules(DATA / "good", known_targets=KNOWN)
+    routes = rules.route(odd)
+    assert [(r.rule, r.target) for r in routes][-1:] == [("everything", "audit-log")]
