@@ -69,7 +69,7 @@ def compile_pattern(pattern: object) -> CompiledPattern:
     """
     if not isinstance(pattern, dict):
         raise PatternError(f"a pattern must be a JSON object, got {type(pattern).__name__}")
-    return _compile_object(pattern, (), "", top=True)
+    return _compile_object(pattern, (), "", depth=0)
 
 
 def matches(pattern: dict[str, Any], event: dict[str, Any]) -> bool:
@@ -81,11 +81,12 @@ def matches(pattern: dict[str, Any], event: dict[str, Any]) -> bool:
 
 
 def _compile_object(
-    obj: dict[Any, Any], prefix: tuple[str, ...], where: str, *, top: bool = False
+    obj: dict[Any, Any], prefix: tuple[str, ...], where: str, *, depth: int
 ) -> CompiledPattern:
-    if not obj and not top:
+    """``depth`` counts objects from the top, ``$or`` branches included."""
+    if not obj and depth:
         raise PatternError("empty object: give at least one field", path=where)
-    if len(prefix) > _MAX_DEPTH:
+    if depth > _MAX_DEPTH:
         raise PatternError(f"pattern nested deeper than {_MAX_DEPTH} levels", path=where)
     leaves: list[Leaf] = []
     any_of: list[tuple[CompiledPattern, ...]] = []
@@ -94,9 +95,9 @@ def _compile_object(
             raise PatternError(f"field names must be strings, got {key!r}", path=where)
         at = f"{where}.{key}" if where else key
         if key == "$or":
-            any_of.append(_compile_or(spec, prefix, at))
+            any_of.append(_compile_or(spec, prefix, at, depth + 1))
         elif isinstance(spec, dict):
-            sub = _compile_object(spec, (*prefix, key), at)
+            sub = _compile_object(spec, (*prefix, key), at, depth=depth + 1)
             leaves.extend(sub.leaves)
             any_of.extend(sub.any_of)
         else:
@@ -105,7 +106,9 @@ def _compile_object(
     return CompiledPattern(tuple(leaves), tuple(any_of), alternatives)
 
 
-def _compile_or(spec: object, prefix: tuple[str, ...], where: str) -> tuple[CompiledPattern, ...]:
+def _compile_or(
+    spec: object, prefix: tuple[str, ...], where: str, depth: int
+) -> tuple[CompiledPattern, ...]:
     if not isinstance(spec, list) or len(spec) < 2:
         raise PatternError("$or takes an array of at least two pattern objects", path=where)
     subs: list[CompiledPattern] = []
@@ -113,7 +116,7 @@ def _compile_or(spec: object, prefix: tuple[str, ...], where: str) -> tuple[Comp
         at = f"{where}[{i}]"
         if not isinstance(sub, dict):
             raise PatternError("each $or alternative must be a pattern object", path=at)
-        subs.append(_compile_object(sub, prefix, at))
+        subs.append(_compile_object(sub, prefix, at, depth=depth))
     return tuple(subs)
 
 

@@ -88,6 +88,14 @@ def test_deep_nesting_is_refused() -> None:
         compile_pattern(pattern)
 
 
+def test_deeply_nested_or_is_refused() -> None:
+    pattern: dict[str, Any] = {"x": ["v"]}
+    for _ in range(2000):
+        pattern = {"$or": [pattern, {"y": ["w"]}]}
+    with pytest.raises(PatternError, match="nested deeper"):
+        compile_pattern(pattern)
+
+
 def test_compiled_pattern_is_immutable_and_reusable() -> None:
     compiled = compile_pattern({"source": ["a"], "$or": [{"x": [1]}, {"y": [2]}]})
     with pytest.raises(AttributeError):
