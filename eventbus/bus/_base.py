@@ -16,10 +16,18 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from eventbus._errors import BusError, BusUnavailable, CloudEventError
+from eventbus._errors import BusError, BusUnavailable, CloudEventError, ConfigError
 from eventbus.cloudevents import encode, event_key, parse_json
 
-__all__ = ["Bus", "BusMessage", "InFlightWindow", "collect_acks", "wire_decode", "wire_encode"]
+__all__ = [
+    "Bus",
+    "BusMessage",
+    "InFlightWindow",
+    "collect_acks",
+    "require_positive",
+    "wire_decode",
+    "wire_encode",
+]
 
 
 class BusMessage(Protocol):
@@ -59,6 +67,14 @@ class Bus(Protocol):
 
     async def ping(self) -> bool:
         """True when the broker answers right now."""
+
+
+def require_positive(config: object, *names: str) -> None:
+    """Raise ConfigError naming the first of ``names`` whose value on ``config`` is not > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ConfigError(f"{type(config).__name__}.{name} must be positive, got {value!r}")
 
 
 def wire_encode(event: dict[str, Any]) -> tuple[bytes, str]:
@@ -121,8 +137,6 @@ class InFlightWindow:
     """
 
     def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise BusError(f"max_in_flight must be at least 1, got {limit}")
         self.limit = limit
         self.count = 0
         self._changed = asyncio.Event()

@@ -33,6 +33,7 @@ from eventbus.bus._base import (
     BusMessage,
     InFlightWindow,
     collect_acks,
+    require_positive,
     wire_decode,
     wire_encode,
 )
@@ -71,6 +72,20 @@ class KafkaBusConfig:
     poll_timeout: float = 0.5
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        """Raises ConfigError when a count or duration is not positive (``linger_ms`` may be 0)."""
+        require_positive(
+            self,
+            "partitions",
+            "replication_factor",
+            "max_in_flight",
+            "session_timeout",
+            "commit_interval",
+            "poll_timeout",
+            "publish_timeout",
+            "connect_timeout",
+        )
 
 
 _UNAVAILABLE = (

@@ -31,6 +31,7 @@ from eventbus.bus._base import (
     BusMessage,
     InFlightWindow,
     collect_acks,
+    require_positive,
     wire_decode,
     wire_encode,
 )
@@ -68,6 +69,21 @@ class NatsBusConfig:
     fetch_timeout: float = 1.0
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        """Raises ConfigError when a count or duration is not positive."""
+        require_positive(
+            self,
+            "max_in_flight",
+            "ack_wait",
+            "duplicate_window",
+            "max_age",
+            "replicas",
+            "fetch_batch",
+            "fetch_timeout",
+            "publish_timeout",
+            "connect_timeout",
+        )
 
 
 def _translate(exc: BaseException, doing: str) -> BusError:

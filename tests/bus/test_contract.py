@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from eventbus._errors import BusError
-from eventbus.bus import BusMessage, open_bus
-from tests.bus.conftest import MakeConfig, event, take, take_until
+from eventbus.bus import BusMessage, NatsBusConfig, open_bus
+from tests.bus.conftest import PATIENCE, MakeConfig, event, take, take_until
 
 
 async def test_publish_consume_ack(make_config: MakeConfig) -> None:
@@ -62,6 +65,55 @@ async def test_unacked_messages_go_to_the_next_consumer(make_config: MakeConfig)
     async with open_bus(config) as second:
         seen = await take_until(second.messages(), ids - acked)
         assert ids - acked <= {m.event["id"] for m in seen}
+
+
+_HOLDER = """
+import asyncio, json, sys
+from eventbus.bus import KafkaBusConfig, NatsBusConfig, open_bus
+
+kind, settings, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+config = (NatsBusConfig if kind == "NatsBusConfig" else KafkaBusConfig)(**settings)
+
+async def main():
+    async with open_bus(config) as bus:
+        messages = bus.messages()
+        for _ in range(n):
+            await anext(messages)
+        print("holding", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_killed_consumer_work_is_redelivered(make_config: MakeConfig) -> None:
+    config = make_config()
+    if isinstance(config, NatsBusConfig):
+        config = make_config(ack_wait=1.0)
+    ids = {f"e-{n}" for n in range(5)}
+    async with open_bus(config) as bus:
+        await bus.publish_many([event(n) for n in range(5)])
+        settings = {name: getattr(config, name) for name in config.__dataclass_fields__}
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _HOLDER,
+            type(config).__name__,
+            json.dumps(settings),
+            "5",
+            stdout=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            assert holder.stdout is not None
+            async with asyncio.timeout(PATIENCE):
+                assert await holder.stdout.readline() == b"holding\n"
+        finally:
+            holder.kill()
+            await holder.wait()
+        # The holder died with every message un-acked: this consumer must get them all.
+        seen = await take_until(bus.messages(), ids)
+        assert ids <= {m.event["id"] for m in seen}
 
 
 async def test_two_consumers_split_the_work_and_see_everything(make_config: MakeConfig) -> None:

@@ -1,0 +1,129 @@
+"""Kafka-specific behaviour: record layout, offset tracking, malformed records, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from eventbus._errors import BusUnavailable
+from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
+from eventbus.bus._kafka import _Partition
+from eventbus.bus._nats_server import free_port
+from eventbus.cloudevents import encode, event_key
+from tests.bus.conftest import PATIENCE, event, kafka_config, take, take_until
+from tests.fixtures.kafka import TansuBroker
+
+
+def test_commit_point_is_the_lowest_unacked_offset() -> None:
+    part = _Partition()
+    assert part.commit_point() is None
+    for offset in range(10, 15):
+        part.fetched(offset)
+    assert part.commit_point() == 10
+    part.acked.update({11, 12, 14})
+    assert part.commit_point() == 10
+    part.acked.add(10)
+    assert part.commit_point() == 13
+    part.acked.add(13)
+    assert part.commit_point() == 15
+    assert not part.pending and not part.acked
+
+
+async def test_record_layout(kafka_bootstrap: str) -> None:
+    config = kafka_config(kafka_bootstrap)
+    async with open_bus(config) as bus:
+        await bus.publish(event(1))
+        await bus.publish(event(1))
+    reader = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
+    await reader.start()
+    try:
+        partitions = [TopicPartition(config.topic, p) for p in range(config.partitions)]
+        reader.assign(partitions)
+        records = []
+        async with asyncio.timeout(PATIENCE):
+            while len(records) < 2:
+                for batch in (await reader.getmany(timeout_ms=200)).values():
+                    records.extend(batch)
+    finally:
+        await reader.stop()
+    assert records[0].partition == records[1].partition
+    for record in records:
+        assert record.key == event_key(event(1)).encode()
+        assert record.value == encode(event(1))
+        assert ("content-type", b"application/cloudevents+json") in list(record.headers)
+
+
+async def test_offsets_are_committed_only_up_to_the_lowest_unacked(kafka_bootstrap: str) -> None:
+    config = kafka_config(kafka_bootstrap, partitions=1)
+    async with open_bus(config) as first:
+        for n in range(6):
+            await first.publish(event(n))
+        got = await take(first.messages(), 6)
+        assert [m.event["id"] for m in got] == [f"e-{n}" for n in range(6)]
+        for n in (0, 1, 3, 4):
+            await got[n].ack()
+    async with open_bus(config) as second:
+        again = await take(second.messages(), 4)
+        assert [m.event["id"] for m in again] == ["e-2", "e-3", "e-4", "e-5"]
+
+
+async def test_malformed_record_is_skipped_not_fatal(kafka_bootstrap: str) -> None:
+    config = kafka_config(kafka_bootstrap, partitions=1)
+    async with open_bus(config) as bus:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(config.topic, b"not json")
+            await producer.send_and_wait(config.topic, None, key=b"tombstone")
+        finally:
+            await producer.stop()
+        await bus.publish(event(1))
+        (first,) = await take(bus.messages(), 1)
+        assert first.event == event(1)
+        await first.ack()
+
+
+async def test_connect_to_nothing_is_unavailable() -> None:
+    config = KafkaBusConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", connect_timeout=1.0)
+    with pytest.raises(BusUnavailable):
+        async with KafkaBus(config):
+            pass
+
+
+@pytest.fixture
+def own_broker(tansu_binary: str) -> Iterator[TansuBroker]:
+    broker = TansuBroker(tansu_binary)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def test_publish_while_broker_down_then_recover(own_broker: TansuBroker) -> None:
+    config = kafka_config(own_broker.bootstrap, publish_timeout=1.0)
+    async with open_bus(config) as bus:
+        await bus.publish(event(1))
+        own_broker.stop()
+        with pytest.raises(BusUnavailable):
+            await bus.publish(event(2))
+        results = await bus.publish_many([event(3), event(4)])
+        assert all(isinstance(r, BusUnavailable) for r in results)
+        assert await bus.ping() is False
+
+        own_broker.start()
+        for _ in range(int(PATIENCE / 0.2)):
+            try:
+                await bus.publish(event(5))
+                break
+            except BusUnavailable:
+                await asyncio.sleep(0.2)
+        else:
+            pytest.fail("publishing never recovered after the broker came back")
+        assert await bus.ping() is True
+        # Tansu's memory storage forgot everything before the restart; e-5 is there.
+        got = await take_until(bus.messages(), {"e-5"})
+        assert got[-1].event == event(5)
