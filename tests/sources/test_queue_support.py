@@ -31,7 +31,11 @@ class BusTap:
         self.refused = 0
         self.published = 0
         self._changed = asyncio.Condition()
-        self._messages = bus.messages().__aiter__()
+        self._messages = bus.messages()
+
+    async def close(self) -> None:
+        """Stop reading before the bus closes, so closing does not wait on our subscription."""
+        await self._messages.aclose()
 
     async def publish(self, event: dict[str, Any]) -> None:
         if self.down:
@@ -72,7 +76,11 @@ async def bus_tap(nats_url: str) -> AsyncIterator[BusTap]:
         durable=unique_name("reader"),
     )
     async with NatsBus(config) as bus:
-        yield BusTap(bus)
+        tap = BusTap(bus)
+        try:
+            yield tap
+        finally:
+            await tap.close()
 
 
 def context(

@@ -1,0 +1,128 @@
+"""The ``kafka`` source: records of Kafka topics become events on the bus (consumer group).
+
+Place in the pipeline: Kafka topic → this consumer group → :func:`_queues.deliver` → bus →
+offset commit. Offsets are committed by hand and only after every record before them in their
+partition is on the bus (or dead-lettered), so committed offsets are always contiguous and a
+crash re-reads, never skips. Several eventbus instances with the same ``group_id`` share the
+partitions. When the bus or Postgres fails, the consumer stays in its group, rewinds to the
+first record not yet on the bus and retries after backoff; broker failures reconnect.
+``status.lag`` is the sum over assigned partitions of high watermark minus position.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pydantic
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from eventbus._errors import BusError, StoreError
+from eventbus.cloudevents import from_kafka
+from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+
+__all__ = ["KafkaSource", "KafkaSourceConfig"]
+
+
+class KafkaSourceConfig(QueueConfig):
+    """YAML settings of a ``type: kafka`` source.
+
+    ``group_id`` defaults to ``eventbus-source-<name>``; ``start`` is where a group with no
+    committed offset begins.
+    """
+
+    bootstrap_servers: str
+    topics: list[str] = pydantic.Field(min_length=1)
+    group_id: str | None = None
+    start: str = pydantic.Field("earliest", pattern="^(earliest|latest)$")
+    batch: int = pydantic.Field(100, ge=1, le=10_000)
+
+
+@register_source("kafka", KafkaSourceConfig)
+class KafkaSource:
+    """Consumes ``topics`` in a consumer group; commits an offset only after publishing."""
+
+    def __init__(self, name: str, config: KafkaSourceConfig) -> None:
+        self.name = name
+        self.type = "kafka"
+        self.config = config
+
+    async def run(self, ctx: SourceContext) -> None:
+        """Consume until cancelled; broker or bus outages back off and reconnect."""
+        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), (KafkaError,))
+
+    async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
+        consumer = AIOKafkaConsumer(
+            *self.config.topics,
+            bootstrap_servers=self.config.bootstrap_servers,
+            group_id=self.config.group_id or f"eventbus-source-{self.name}",
+            enable_auto_commit=False,
+            auto_offset_reset=self.config.start,
+        )
+        try:
+            await consumer.start()
+            ctx.status.state = "running"
+            backoff.reset()
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=self.config.batch)
+                done: dict[TopicPartition, int] = {}
+                try:
+                    for tp, records in batches.items():
+                        for record in records:
+                            await self._deliver(ctx, record)
+                            done[tp] = record.offset + 1
+                except (BusError, StoreError) as exc:
+                    # Keep the consumer (rejoining a group is slow): commit the prefix that is
+                    # on the bus, rewind to the first record that is not, back off, go again.
+                    if done:
+                        await consumer.commit(done)
+                    assigned = consumer.assignment()
+                    for tp, records in batches.items():
+                        if tp in assigned:
+                            consumer.seek(tp, done.get(tp, records[0].offset))
+                    ctx.report_error(exc)
+                    await backoff.wait()
+                    continue
+                if done:
+                    await consumer.commit(done)
+                    backoff.reset()
+                ctx.status.lag = await _lag(consumer)
+        finally:
+            await consumer.stop()
+
+    async def _deliver(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> None:
+        value = record.value or b""
+        position = f"{record.topic}/{record.partition}/{record.offset}"
+
+        def convert() -> list[dict[str, Any]]:
+            return events_of(
+                self.config,
+                value,
+                lambda: from_kafka(record.headers, record.key, record.value),
+                id=position,
+                subject=_text(record.key),
+                time=datetime.fromtimestamp(record.timestamp / 1000, UTC),
+            )
+
+        meta = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        await deliver(ctx, value, convert, meta)
+
+
+def _text(key: bytes | None) -> str | None:
+    if key is None:
+        return None
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+async def _lag(consumer: AIOKafkaConsumer) -> int:
+    total = 0
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            total += max(0, highwater - await consumer.position(tp))
+    return total

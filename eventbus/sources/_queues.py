@@ -1,0 +1,147 @@
+"""What every queue source shares: message → event conversion, and consume-with-backoff.
+
+Place in the pipeline: a broker (Kafka, NATS, JetStream, RabbitMQ, MQTT) → a queue source
+(``_kafka_src``, ``_nats_src``, ``_amqp_src``, ``_mqtt_src``, each the same shape: a config, the
+source, its consume loop) → :func:`deliver` → the bus. Only after :func:`deliver` returns does a
+source acknowledge the message to its broker; a message that cannot become an event is kept in
+``source_dead_letters`` and then acknowledged, so it neither blocks the stream nor vanishes.
+
+Formats: ``cloudevents`` (the message is a CloudEvent in the broker's binding, or structured
+JSON), ``s3-notification`` (an S3/MinIO or OSS bucket notification, mapped by ``_s3notify``;
+one message may become several events) and ``raw`` (the payload is wrapped: JSON if it parses,
+else UTF-8 text, else base64, with the configured ``event_type`` and ``event_source``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+import pydantic
+
+from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus.cloudevents import new_event
+from eventbus.sources._base import Backoff, SourceContext
+from eventbus.sources._s3notify import notification_to_events
+
+__all__ = ["QueueConfig", "consume_forever", "deliver", "events_of", "raw_event"]
+
+
+class QueueConfig(pydantic.BaseModel):
+    """Settings every queue source has: how a message becomes an event."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["cloudevents", "s3-notification", "raw"] = "cloudevents"
+    event_type: str | None = None
+    event_source: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _raw_needs_type_and_source(self) -> QueueConfig:
+        if self.format == "raw" and not (self.event_type and self.event_source):
+            raise ValueError("format 'raw' needs both 'event_type' and 'event_source'")
+        return self
+
+
+def raw_event(
+    config: QueueConfig,
+    payload: bytes,
+    *,
+    id: str | None = None,
+    subject: str | None = None,
+    time: datetime | None = None,
+) -> dict[str, Any]:
+    """Wrap an opaque payload as an event of the configured type and source.
+
+    JSON payloads become ``data``; other UTF-8 text becomes ``data`` with ``text/plain``;
+    anything else goes to ``data_base64``. ``id`` defaults to a fresh uuid (use a broker
+    position where there is one, so a redelivery keeps its id). Raises CloudEventError.
+    """
+    if config.event_type is None or config.event_source is None:
+        raise CloudEventError("format 'raw' needs event_type and event_source")
+    common: dict[str, Any] = {
+        "type": config.event_type,
+        "source": config.event_source,
+        "id": id,
+        "subject": subject,
+        "time": time,
+    }
+    try:
+        return new_event(data=orjson.loads(payload), **common)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        return new_event(data=payload, datacontenttype="application/octet-stream", **common)
+    return new_event(data=text, datacontenttype="text/plain; charset=utf-8", **common)
+
+
+def events_of(
+    config: QueueConfig,
+    payload: bytes,
+    cloudevent: Callable[[], dict[str, Any]],
+    *,
+    id: str | None = None,
+    subject: str | None = None,
+    time: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The events one message carries in the configured format; raises CloudEventError.
+
+    ``cloudevent`` reads the message in its broker's CloudEvents binding; ``id``, ``subject``
+    and ``time`` are used by the ``raw`` format only (see :func:`raw_event`).
+    """
+    if config.format == "cloudevents":
+        return [cloudevent()]
+    if config.format == "s3-notification":
+        return notification_to_events(payload)
+    return [raw_event(config, payload, id=id, subject=subject, time=time)]
+
+
+async def deliver(
+    ctx: SourceContext,
+    payload: bytes,
+    convert: Callable[[], list[dict[str, Any]]],
+    meta: Mapping[str, Any],
+) -> bool:
+    """Publish the events ``convert`` makes of one message, or dead-letter the message.
+
+    Returns True when published, False when the message was dead-lettered (``convert`` raised
+    CloudEventError); either way the caller may now acknowledge it. Raises BusError (nothing may
+    be acknowledged; some of a multi-event message may be on the bus already, which a redelivery
+    repeats with the same ids) or StoreError (the dead letter was not written: do not ack).
+    """
+    try:
+        events = convert()
+    except CloudEventError as exc:
+        await ctx.dead_letter(payload, str(exc), meta)
+        return False
+    for event in events:
+        await ctx.emit(event)
+    return True
+
+
+async def consume_forever(
+    ctx: SourceContext,
+    consume: Callable[[Backoff], Awaitable[None]],
+    transient: tuple[type[BaseException], ...],
+) -> None:
+    """Run ``consume`` (connect, then read and deliver) again and again until cancelled.
+
+    ``consume`` calls ``backoff.reset()`` once it is connected. Broker, bus and store failures
+    (``transient`` plus BusError and StoreError) are reported in the status (``backoff``) and
+    retried after a capped exponential backoff on a fresh connection, which also makes the
+    broker redeliver whatever was not acknowledged. Anything else propagates to the runner.
+    """
+    backoff = Backoff(ctx.clock)
+    retry: tuple[type[BaseException], ...] = (BusError, StoreError, *transient)
+    while True:
+        try:
+            await consume(backoff)
+        except retry as exc:
+            ctx.report_error(exc)
+        else:
+            ctx.report_error(ConnectionError("the broker ended the subscription"))
+        await backoff.wait()

@@ -1,0 +1,226 @@
+"""The kafka source against a real broker (Tansu), real Postgres and the real NATS bus."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from eventbus._errors import ConfigError
+from eventbus.sources import SourceContext, build_source
+from eventbus.sources._kafka_src import KafkaSource
+from tests.fixtures.nats import unique_name
+from tests.sources._harness import dead_letters, eventually, running, source_pool
+from tests.sources.test_queue_support import bus_tap, context
+
+
+@contextlib.asynccontextmanager
+async def topic(bootstrap: str) -> AsyncIterator[tuple[str, AIOKafkaProducer]]:
+    """A fresh one-partition topic and a producer for it."""
+    name = unique_name("src")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        yield name, producer
+    finally:
+        await producer.stop()
+
+
+def kafka(name: str, bootstrap: str, topic_name: str, **settings: Any) -> KafkaSource:
+    source = build_source(
+        {
+            "name": name,
+            "type": "kafka",
+            "bootstrap_servers": bootstrap,
+            "topics": [topic_name],
+            **settings,
+        }
+    )
+    assert isinstance(source, KafkaSource)
+    return source
+
+
+async def committed(bootstrap: str, group: str, topic_name: str) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        offset: int | None = await consumer.committed(TopicPartition(topic_name, 0))
+        return offset
+    finally:
+        await consumer.stop()
+
+
+async def wait_committed(bootstrap: str, group: str, topic_name: str, offset: int) -> None:
+    """Wait until ``group`` has committed ``offset``. Bounded generously: Tansu only lets a
+    restarted member rejoin its group after the old member's session timed out (~15 s)."""
+    for _ in range(200):
+        if await committed(bootstrap, group, topic_name) == offset:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"group {group} did not commit offset {offset}")
+
+
+async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    async with (
+        topic(kafka_bootstrap) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        await producer.send_and_wait(
+            name,
+            b'{"size": 3}',
+            key=b"k1",
+            headers=[
+                ("ce_specversion", b"1.0"),
+                ("ce_id", b"e-1"),
+                ("ce_source", b"/orders"),
+                ("ce_type", b"order.created"),
+                ("content-type", b"application/json"),
+            ],
+        )
+        structured = {"specversion": "1.0", "id": "e-2", "source": "/o", "type": "t", "data": 1}
+        await producer.send_and_wait(
+            name,
+            orjson.dumps(structured),
+            headers=[("content-type", b"application/cloudevents+json")],
+        )
+        await producer.send_and_wait(name, b"{not json")
+        await producer.send_and_wait(name, orjson.dumps({**structured, "id": "e-3"}))
+        ctx = context(pool, "orders", tap, type="kafka")
+        async with running(kafka("orders", kafka_bootstrap, name), ctx):
+            first, second, third = await tap.take(3)
+            await wait_committed(kafka_bootstrap, "eventbus-source-orders", name, 4)
+        assert (first["id"], first["type"], first["source"]) == ("e-1", "order.created", "/orders")
+        assert first["data"] == {"size": 3}
+        assert first["partitionkey"] == "k1"
+        assert (second["id"], second["data"]) == ("e-2", 1)
+        # The malformed record is kept with its error and does not stop the stream.
+        assert third["id"] == "e-3"
+        rows = await dead_letters(pool, "orders")
+        assert [r["payload"] for r in rows] == [b"{not json"]
+        assert orjson.loads(rows[0]["meta"]) == {"topic": name, "partition": 0, "offset": 2}
+        assert rows[0]["error"]
+        assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 1, 0)
+
+
+async def _backing_off(ctx: SourceContext) -> bool:
+    return ctx.status.state == "backoff"
+
+
+async def test_raw_format_wraps_json_text_and_bytes(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    async with (
+        topic(kafka_bootstrap) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        for value in (b'{"a": 1}', "héllo".encode(), b"\xff\x00\xfe"):
+            await producer.send_and_wait(name, value, key=b"device-7")
+        source = kafka(
+            "raw", kafka_bootstrap, name, format="raw", event_type="t.raw", event_source="/kafka"
+        )
+        async with running(source, context(pool, "raw", tap, type="kafka")):
+            events = await tap.take(3)
+    assert [e["id"] for e in events] == [f"{name}/0/{i}" for i in range(3)]
+    assert all(e["type"] == "t.raw" and e["source"] == "/kafka" for e in events)
+    assert all(e["subject"] == "device-7" for e in events)
+    assert events[0]["data"] == {"a": 1}
+    assert events[1]["data"] == "héllo"
+    assert events[1]["datacontenttype"].startswith("text/plain")
+    assert base64.b64decode(events[2]["data_base64"]) == b"\xff\x00\xfe"
+
+
+async def test_s3_notification_format_maps_every_record(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    def record(key: str) -> dict[str, Any]:
+        return {
+            "eventVersion": "2.1",
+            "eventSource": "minio:s3",
+            "eventTime": "2026-01-01T10:00:00.000Z",
+            "eventName": "s3:ObjectCreated:Put",
+            "responseElements": {"x-amz-request-id": f"req-{key}", "x-amz-id-2": "host"},
+            "s3": {
+                "bucket": {"name": "photos"},
+                "object": {"key": key, "size": 10, "eTag": "abc", "sequencer": "0001"},
+            },
+        }
+
+    async with (
+        topic(kafka_bootstrap) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        body = orjson.dumps({"Records": [record("a.jpg"), record("b.jpg")]})
+        await producer.send_and_wait(name, body)
+        source = kafka("minio", kafka_bootstrap, name, format="s3-notification")
+        async with running(source, context(pool, "minio", tap, type="kafka")):
+            events = await tap.take(2)
+    assert [e["subject"] for e in events] == ["a.jpg", "b.jpg"]
+
+
+async def test_bus_down_commits_nothing_then_restart_loses_nothing(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    def event(i: int) -> bytes:
+        return orjson.dumps({"specversion": "1.0", "id": f"n{i}", "source": "/s", "type": "t"})
+
+    group = "eventbus-source-restart"
+    async with (
+        topic(kafka_bootstrap) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        for i in range(3):
+            await producer.send_and_wait(name, event(i))
+        ctx = context(pool, "restart", tap, type="kafka")
+        async with running(kafka("restart", kafka_bootstrap, name), ctx):
+            await tap.wait_published(3)
+            await wait_committed(kafka_bootstrap, group, name, 3)
+            tap.down = True
+            for i in range(3, 6):
+                await producer.send_and_wait(name, event(i))
+            await tap.wait_refused(1)
+            await eventually(lambda: _backing_off(ctx))
+            assert await committed(kafka_bootstrap, group, name) == 3
+        # Stopped while the bus was down (a crash); produce more, come back with the bus up.
+        for i in range(6, 8):
+            await producer.send_and_wait(name, event(i))
+        tap.down = False
+        async with running(kafka("restart", kafka_bootstrap, name), ctx):
+            await wait_committed(kafka_bootstrap, group, name, 8)
+        ids = [e["id"] for e in await tap.take(8)]
+    assert sorted(ids) == [f"n{i}" for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"topics": []}, "field 'topics'"),
+        ({"format": "raw"}, "needs both 'event_type' and 'event_source'"),
+        ({"format": "avro"}, "field 'format'"),
+        ({"start": "middle"}, "field 'start'"),
+        ({"batch": 0}, "field 'batch'"),
+        ({"topic": "x"}, "field 'topic'"),
+    ],
+)
+def test_bad_kafka_config_names_the_source(settings: dict[str, Any], fragment: str) -> None:
+    spec = {"name": "k", "type": "kafka", "bootstrap_servers": "127.0.0.1:9", "topics": ["t"]}
+    with pytest.raises(ConfigError, match=f"source 'k' \\(kafka\\): .*{fragment}"):
+        build_source({**spec, **settings})
