@@ -66,7 +66,7 @@ class KafkaBusConfig:
     replication_factor: int = 1
     max_in_flight: int = 1000
     idempotent: bool = True
-    linger_ms: int = 5
+    linger_ms: int = 0
     session_timeout: float = 10.0
     commit_interval: float = 1.0
     poll_timeout: float = 0.5

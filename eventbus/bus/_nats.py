@@ -259,19 +259,20 @@ class NatsBus:
         cfg = self.config
         results: list[BaseException | None] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
+        deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
         for i, event in enumerate(events):
             try:
                 payload, key = wire_encode(event)
                 js = self._jetstream()
-                future = await js.publish_async(
-                    cfg.subject,
-                    payload,
-                    wait_stall=cfg.publish_timeout,
-                    headers={"Nats-Msg-Id": key},
-                )
+                # publish_async waits when too many acks are pending: one deadline bounds the
+                # loop. (Its own wait_stall would yield to the loop, one socket write per event.)
+                async with asyncio.timeout_at(deadline):
+                    future = await js.publish_async(
+                        cfg.subject, payload, headers={"Nats-Msg-Id": key}
+                    )
             except BusError as exc:
                 results[i] = exc
-            except (nats.errors.Error, OSError) as exc:
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
                 results[i] = _translate(exc, "publish")
             else:
                 pending[future] = i
