@@ -1,0 +1,179 @@
+"""The ``nats`` and ``jetstream`` sources: NATS messages become events on the bus.
+
+Place in the pipeline: NATS subject or JetStream stream → this source →
+:func:`_queues.deliver` → bus → ack. The two differ in what they can promise:
+
+* ``jetstream`` reads a durable pull consumer on an existing stream and acks a message only
+  after its events are on the bus (nak when publishing fails, so it comes back): at-least-once.
+  Instances with the same ``durable`` share the messages. ``status.lag`` is the consumer's
+  pending count.
+* ``nats`` subscribes to core NATS subjects. Core NATS has no acknowledgement: a message is
+  delivered once, while the source is connected, and never again. The source holds a message
+  and retries publishing it while the bus is down, but a message that arrives while the source
+  is disconnected, or that a crash interrupts, is gone. Use JetStream for at-least-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats
+import nats.errors
+import pydantic
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from eventbus._errors import BusError, StoreError
+from eventbus.cloudevents import from_nats
+from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+
+__all__ = ["JetStreamSource", "JetStreamSourceConfig", "NatsSource", "NatsSourceConfig"]
+
+_TRANSIENT = (nats.errors.Error, OSError)
+
+
+class NatsSourceConfig(QueueConfig):
+    """YAML settings of a ``type: nats`` source (core NATS subscription)."""
+
+    url: str = pydantic.Field(pattern=r"^(nats|tls)://")
+    subjects: list[str] = pydantic.Field(min_length=1)
+    queue_group: str | None = None
+
+
+class JetStreamSourceConfig(QueueConfig):
+    """YAML settings of a ``type: jetstream`` source.
+
+    ``durable`` defaults to ``eventbus-source-<name>``; ``subject`` filters the stream (all of
+    it when unset); ``batch`` is how many messages one pull asks for.
+    """
+
+    url: str = pydantic.Field(pattern=r"^(nats|tls)://")
+    stream: str = pydantic.Field(min_length=1)
+    durable: str | None = None
+    subject: str | None = None
+    batch: int = pydantic.Field(100, ge=1, le=10_000)
+
+
+async def _connect(url: str, closed: asyncio.Event) -> Client:
+    async def on_closed() -> None:
+        closed.set()
+
+    # No client-side reconnect: the consume loop reconnects with backoff and reports it.
+    return await nats.connect(url, allow_reconnect=False, connect_timeout=5, closed_cb=on_closed)
+
+
+@register_source("nats", NatsSourceConfig)
+class NatsSource:
+    """Subscribes to core NATS subjects; at-most-once (see the module docstring)."""
+
+    def __init__(self, name: str, config: NatsSourceConfig) -> None:
+        self.name = name
+        self.type = "nats"
+        self.config = config
+
+    async def run(self, ctx: SourceContext) -> None:
+        """Consume until cancelled; reconnects with backoff when the server goes away."""
+        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), _TRANSIENT)
+
+    async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
+        closed = asyncio.Event()
+        nc = await _connect(self.config.url, closed)
+        try:
+
+            async def handle(msg: Msg) -> None:
+                await self._deliver(ctx, msg)
+
+            for subject in self.config.subjects:
+                await nc.subscribe(subject, queue=self.config.queue_group or "", cb=handle)
+            await nc.flush()
+            ctx.status.state = "running"
+            backoff.reset()
+            await closed.wait()
+        finally:
+            await nc.close()
+        raise ConnectionError(f"connection to {self.config.url} closed")
+
+    async def _deliver(self, ctx: SourceContext, msg: Msg) -> None:
+        def convert() -> list[dict[str, Any]]:
+            return events_of(
+                self.config, msg.data, lambda: from_nats(msg.headers, msg.data), subject=msg.subject
+            )
+
+        # Core NATS will not redeliver, so the message is held here until the bus takes it.
+        retry = Backoff(ctx.clock)
+        while True:
+            try:
+                await deliver(ctx, msg.data, convert, {"subject": msg.subject})
+                return
+            except (BusError, StoreError) as exc:
+                ctx.report_error(exc)
+                await retry.wait()
+
+
+@register_source("jetstream", JetStreamSourceConfig)
+class JetStreamSource:
+    """Reads a durable pull consumer; acks after publishing (at-least-once)."""
+
+    def __init__(self, name: str, config: JetStreamSourceConfig) -> None:
+        self.name = name
+        self.type = "jetstream"
+        self.config = config
+
+    async def run(self, ctx: SourceContext) -> None:
+        """Consume until cancelled; reconnects with backoff when the server goes away."""
+        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), _TRANSIENT)
+
+    async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
+        closed = asyncio.Event()
+        nc = await _connect(self.config.url, closed)
+        try:
+            psub = await nc.jetstream().pull_subscribe(
+                self.config.subject or "",
+                durable=self.config.durable or f"eventbus-source-{self.name}",
+                stream=self.config.stream,
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+            )
+            ctx.status.state = "running"
+            backoff.reset()
+            while not closed.is_set():
+                try:
+                    batch = await psub.fetch(self.config.batch, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                for i, msg in enumerate(batch):
+                    try:
+                        await self._deliver(ctx, msg)
+                    except (BusError, StoreError) as exc:
+                        # Give back everything not yet on the bus; it is redelivered after the
+                        # backoff, in order, to this or another instance.
+                        for rest in batch[i:]:
+                            await rest.nak()
+                        ctx.report_error(exc)
+                        await backoff.wait()
+                        break
+                    await msg.ack()
+                    ctx.status.lag = msg.metadata.num_pending
+                else:
+                    backoff.reset()
+        finally:
+            await nc.close()
+        raise ConnectionError(f"connection to {self.config.url} closed")
+
+    async def _deliver(self, ctx: SourceContext, msg: Msg) -> None:
+        meta = msg.metadata
+
+        def convert() -> list[dict[str, Any]]:
+            return events_of(
+                self.config,
+                msg.data,
+                lambda: from_nats(msg.headers, msg.data),
+                id=f"{meta.stream}/{meta.sequence.stream}",
+                subject=msg.subject,
+                time=meta.timestamp,
+            )
+
+        where = {"stream": meta.stream, "sequence": meta.sequence.stream, "subject": msg.subject}
+        await deliver(ctx, msg.data, convert, where)

@@ -1,0 +1,226 @@
+"""The nats and jetstream sources against real nats-servers, real Postgres and the real bus."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import pytest
+from nats.aio.client import Client
+from nats.js.api import ConsumerInfo
+
+from eventbus._errors import ConfigError
+from eventbus.bus import NatsServer
+from eventbus.sources import SourceContext, build_source
+from eventbus.sources._nats_src import JetStreamSource, NatsSource
+from tests.fixtures.nats import unique_name
+from tests.sources._harness import dead_letters, eventually, running, source_pool
+from tests.sources.test_queue_support import bus_tap, context
+
+
+def ce(i: int | str) -> bytes:
+    return orjson.dumps({"specversion": "1.0", "id": f"m{i}", "source": "/s", "type": "t"})
+
+
+@contextlib.asynccontextmanager
+async def client(url: str) -> AsyncIterator[Client]:
+    nc = await nats.connect(url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def stream(nc: Client) -> tuple[str, str]:
+    """A fresh stream and the subject prefix it captures."""
+    name, prefix = unique_name("IN"), unique_name("in")
+    await nc.jetstream().add_stream(name=name, subjects=[f"{prefix}.>"])
+    return name, prefix
+
+
+def jetstream(name: str, url: str, stream_name: str, **settings: Any) -> JetStreamSource:
+    spec = {"name": name, "type": "jetstream", "url": url, "stream": stream_name, **settings}
+    source = build_source(spec)
+    assert isinstance(source, JetStreamSource)
+    return source
+
+
+async def consumer(nc: Client, stream_name: str, source: str) -> ConsumerInfo:
+    return await nc.jetstream().consumer_info(stream_name, f"eventbus-source-{source}")
+
+
+async def _backing_off(ctx: SourceContext) -> bool:
+    return ctx.status.state == "backoff"
+
+
+async def test_jetstream_messages_arrive_and_malformed_ones_are_kept(
+    nats_url: str, database_dsn: str
+) -> None:
+    async with (
+        client(nats_url) as nc,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        name, prefix = await stream(nc)
+        js = nc.jetstream()
+        await js.publish(f"{prefix}.a", ce(1))
+        binary = {"ce-specversion": "1.0", "ce-id": "m2", "ce-source": "/b", "ce-type": "t.b"}
+        await js.publish(f"{prefix}.b", b'{"x": 1}', headers=binary)
+        await js.publish(f"{prefix}.c", b"\x00garbage")
+        await js.publish(f"{prefix}.a", ce(3))
+        ctx = context(pool, "js", tap, type="jetstream")
+        async with running(jetstream("js", nats_url, name), ctx):
+            events = await tap.take(3)
+
+            async def all_acked() -> bool:
+                info = await consumer(nc, name, "js")
+                return info.num_ack_pending == 0 and info.num_pending == 0
+
+            await eventually(all_acked)
+        assert [e["id"] for e in events] == ["m1", "m2", "m3"]
+        assert events[1]["source"] == "/b" and events[1]["data"] == {"x": 1}
+        rows = await dead_letters(pool, "js")
+        assert [r["payload"] for r in rows] == [b"\x00garbage"]
+        assert orjson.loads(rows[0]["meta"]) == {
+            "stream": name,
+            "sequence": 3,
+            "subject": f"{prefix}.c",
+        }
+        assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 1, 0)
+
+
+async def test_jetstream_raw_format_ids_are_stream_positions(
+    nats_url: str, database_dsn: str
+) -> None:
+    async with (
+        client(nats_url) as nc,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        name, prefix = await stream(nc)
+        await nc.jetstream().publish(f"{prefix}.temp", b"21.5")
+        await nc.jetstream().publish(f"{prefix}.note", b"plain words")
+        source = jetstream(
+            "raw", nats_url, name, format="raw", event_type="sensor", event_source="/nats"
+        )
+        async with running(source, context(pool, "raw", tap, type="jetstream")):
+            first, second = await tap.take(2)
+    assert (first["id"], first["subject"], first["data"]) == (f"{name}/1", f"{prefix}.temp", 21.5)
+    assert (second["id"], second["data"]) == (f"{name}/2", "plain words")
+    assert first["type"] == "sensor" and first["source"] == "/nats"
+
+
+async def test_jetstream_bus_down_acks_nothing_and_restart_loses_nothing(
+    nats_url: str, database_dsn: str
+) -> None:
+    async with (
+        client(nats_url) as nc,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        name, prefix = await stream(nc)
+        js = nc.jetstream()
+        for i in range(3):
+            await js.publish(f"{prefix}.x", ce(i))
+        ctx = context(pool, "restart", tap, type="jetstream")
+        async with running(jetstream("restart", nats_url, name), ctx):
+            await tap.wait_published(3)
+            tap.down = True
+            for i in range(3, 6):
+                await js.publish(f"{prefix}.x", ce(i))
+            await tap.wait_refused(1)
+            await eventually(lambda: _backing_off(ctx))
+            info = await consumer(nc, name, "restart")
+            assert info.ack_floor.stream_seq == 3  # nothing after the outage was acked
+        # Stopped while the bus was down (a crash): more arrives, then the bus comes back.
+        for i in range(6, 8):
+            await js.publish(f"{prefix}.x", ce(i))
+        tap.down = False
+        async with running(jetstream("restart", nats_url, name), ctx):
+            await tap.wait_published(8)
+
+            async def all_acked() -> bool:
+                return (await consumer(nc, name, "restart")).ack_floor.stream_seq == 8
+
+            await eventually(all_acked)
+        ids = [e["id"] for e in await tap.take(8)]
+    assert sorted(ids) == [f"m{i}" for i in range(8)]
+
+
+async def test_core_nats_subjects_and_dead_letters(nats_url: str, database_dsn: str) -> None:
+    prefix = unique_name("core")
+    async with (
+        client(nats_url) as nc,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        source = build_source(
+            {"name": "core", "type": "nats", "url": nats_url, "subjects": [f"{prefix}.*"]}
+        )
+        assert isinstance(source, NatsSource)
+        ctx = context(pool, "core", tap, type="nats")
+        async with running(source, ctx):
+            await eventually(lambda: _is_running(ctx))
+            await nc.publish(f"{prefix}.a", ce("a"))
+            await nc.publish(f"{prefix}.b", b"not an event")
+            await nc.publish(f"{prefix}.c", ce("c"))
+            await nc.flush()
+            events = await tap.take(2)
+        assert [e["id"] for e in events] == ["ma", "mc"]
+        rows = await dead_letters(pool, "core")
+        assert [r["payload"] for r in rows] == [b"not an event"]
+        assert orjson.loads(rows[0]["meta"]) == {"subject": f"{prefix}.b"}
+
+
+async def _is_running(ctx: SourceContext) -> bool:
+    return ctx.status.state == "running"
+
+
+async def test_source_broker_outage_backs_off_and_resumes(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    """The broker the source reads from goes away and comes back; the bus stays up."""
+    async with (
+        NatsServer(tmp_path) as server,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        async with client(server.url) as nc:
+            name, prefix = await stream(nc)
+            await nc.jetstream().publish(f"{prefix}.x", ce(0))
+        ctx = context(pool, "outage", tap, type="jetstream")
+        async with running(jetstream("outage", server.url, name), ctx):
+            await tap.wait_published(1)
+            await server.stop()
+            await eventually(lambda: _backing_off(ctx))
+            await server.start()
+            async with client(server.url) as nc:
+                await nc.jetstream().publish(f"{prefix}.x", ce(1))
+            await tap.wait_published(2)
+        assert [e["id"] for e in await tap.take(2)] == ["m0", "m1"]
+        assert ctx.status.errors >= 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"type": "nats", "url": "nats://127.0.0.1:4222", "subjects": []}, "field 'subjects'"),
+        ({"type": "nats", "url": "http://x", "subjects": ["a"]}, "field 'url'"),
+        ({"type": "jetstream", "url": "nats://127.0.0.1:4222"}, "field 'stream'"),
+        (
+            {"type": "jetstream", "url": "nats://127.0.0.1:4222", "stream": "S", "batch": 0},
+            "field 'batch'",
+        ),
+        (
+            {"type": "jetstream", "url": "nats://127.0.0.1:4222", "stream": "S", "format": "raw"},
+            "needs both 'event_type' and 'event_source'",
+        ),
+    ],
+)
+def test_bad_nats_config_names_the_source(spec: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=f"source 'n' \\({spec['type']}\\): .*{fragment}"):
+        build_source({"name": "n", **spec})
