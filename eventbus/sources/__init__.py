@@ -5,7 +5,17 @@ Importing this package registers every built-in connector type with the framewor
 """
 
 # Imported for their side effect: each connector module registers its source type.
-from eventbus.sources import _dirwatch, _logs, _s3poll, _syslog, _timer  # noqa: F401
+from eventbus.sources import (  # noqa: F401
+    _amqp_src,
+    _dirwatch,
+    _kafka_src,
+    _logs,
+    _mqtt_src,
+    _nats_src,
+    _s3poll,
+    _syslog,
+    _timer,
+)
 from eventbus.sources._base import (
     Backoff,
     Checkpoints,

@@ -1,0 +1,108 @@
+"""The ``rabbitmq`` source: messages of an AMQP 0-9-1 queue become events on the bus.
+
+Place in the pipeline: RabbitMQ queue → this consumer (manual acks, ``prefetch`` unacked at
+most) → :func:`_queues.deliver` → bus → ack. A message whose events cannot be published is
+rejected with requeue and the consumer backs off, so it comes back; a crash leaves it unacked
+and RabbitMQ redelivers it: at-least-once. The queue must exist (it is not declared here, so
+its durability and arguments stay the operator's). Several instances on one queue share it.
+
+``format: cloudevents`` reads the AMQP binding: binary mode when the message has
+``cloudEvents:`` (or ``cloudEvents_``) application properties, structured JSON otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+import aiormq
+import pydantic
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import AMQPError
+
+from eventbus._errors import BusError, StoreError
+from eventbus.cloudevents import from_kafka
+from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+
+__all__ = ["RabbitMQSource", "RabbitMQSourceConfig"]
+
+_PREFIXES = ("cloudEvents:", "cloudEvents_")
+
+
+class RabbitMQSourceConfig(QueueConfig):
+    """YAML settings of a ``type: rabbitmq`` source."""
+
+    url: str = pydantic.Field(pattern=r"^amqps?://")
+    queue: str = pydantic.Field(min_length=1)
+    prefetch: int = pydantic.Field(100, ge=1, le=65_535)
+
+
+def _cloudevent(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The event of an AMQP message (binary or structured mode); raises CloudEventError."""
+    # The AMQP binary mode is the Kafka one with another header prefix: translate the names
+    # and let the Kafka binding do the reading.
+    headers: list[tuple[str, bytes]] = []
+    for name, value in (message.headers or {}).items():
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                raw = value if isinstance(value, bytes) else str(value).encode()
+                headers.append(("ce_" + name.removeprefix(prefix), raw))
+    if message.content_type:
+        headers.append(("content-type", message.content_type.encode()))
+    return from_kafka(headers, None, message.body)
+
+
+@register_source("rabbitmq", RabbitMQSourceConfig)
+class RabbitMQSource:
+    """Consumes one queue; acks after publishing, rejects with requeue when that fails."""
+
+    def __init__(self, name: str, config: RabbitMQSourceConfig) -> None:
+        self.name = name
+        self.type = "rabbitmq"
+        self.config = config
+
+    async def run(self, ctx: SourceContext) -> None:
+        """Consume until cancelled; reconnects with backoff when the broker goes away."""
+        transient = (AMQPError, aiormq.exceptions.AMQPError, OSError)
+        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), transient)
+
+    async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
+        connection = await aio_pika.connect(self.config.url, timeout=10)
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=self.config.prefetch)
+            queue = await channel.get_queue(self.config.queue, ensure=True)
+            ctx.status.state = "running"
+            backoff.reset()
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    try:
+                        await self._deliver(ctx, message)
+                    except (BusError, StoreError) as exc:
+                        await message.reject(requeue=True)
+                        ctx.report_error(exc)
+                        await backoff.wait()
+                        continue
+                    await message.ack()
+                    backoff.reset()
+        finally:
+            await connection.close()
+
+    async def _deliver(self, ctx: SourceContext, message: AbstractIncomingMessage) -> None:
+        def convert() -> list[dict[str, Any]]:
+            return events_of(
+                self.config,
+                message.body,
+                lambda: _cloudevent(message),
+                id=message.message_id,
+                subject=message.routing_key,
+                time=message.timestamp,
+            )
+
+        meta = {
+            "queue": self.config.queue,
+            "routing_key": message.routing_key,
+            "message_id": message.message_id,
+        }
+        await deliver(ctx, message.body, convert, meta)

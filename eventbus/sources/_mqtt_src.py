@@ -1,0 +1,94 @@
+"""The ``mqtt`` source: MQTT messages (QoS 1) become events on the bus.
+
+Place in the pipeline: MQTT broker → this client (persistent session) →
+:func:`_queues.deliver` → bus → PUBACK. The client connects with a stable client id and
+``clean_session = false`` and subscribes with QoS 1, so the broker keeps messages for it while
+it is away and resends every message it has not acknowledged when it reconnects.
+
+Acknowledgement after publish: aiomqtt 2.x has no manual-ack API, and its paho-mqtt client
+would otherwise PUBACK a message on receipt, before it is on the bus. The source switches the
+underlying paho client to manual acks (``manual_ack_set``, paho-mqtt 2.x) and acks each
+message only after its events are on the bus; when publishing fails it disconnects, backs off
+and reconnects, and the broker redelivers what was not acked: at-least-once. The broker's
+in-flight limit (Mosquitto: ``max_inflight_messages``, 20) bounds how many unacked messages the
+client holds. MQTT 3.1.1 carries no headers, so ``format: cloudevents`` means structured mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiomqtt
+import pydantic
+
+from eventbus.cloudevents import decode
+from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+
+__all__ = ["MqttSource", "MqttSourceConfig"]
+
+
+class MqttSourceConfig(QueueConfig):
+    """YAML settings of a ``type: mqtt`` source.
+
+    ``client_id`` defaults to ``eventbus-source-<name>``; it names the broker-side session, so
+    it must be stable across restarts and unique per source (instances of one source cannot
+    share it: MQTT 3.1.1 has no shared subscriptions).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(1883, ge=1, le=65_535)
+    username: str | None = None
+    password: str | None = None
+    topics: list[str] = pydantic.Field(min_length=1)
+    client_id: str | None = None
+
+
+@register_source("mqtt", MqttSourceConfig)
+class MqttSource:
+    """Subscribes to ``topics`` at QoS 1; acks after publishing (see the module docstring)."""
+
+    def __init__(self, name: str, config: MqttSourceConfig) -> None:
+        self.name = name
+        self.type = "mqtt"
+        self.config = config
+
+    async def run(self, ctx: SourceContext) -> None:
+        """Consume until cancelled; reconnects with backoff when the broker goes away."""
+        await consume_forever(
+            ctx, lambda backoff: self._consume(ctx, backoff), (aiomqtt.MqttError, OSError)
+        )
+
+    async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
+        client = aiomqtt.Client(
+            self.config.host,
+            self.config.port,
+            username=self.config.username,
+            password=self.config.password,
+            identifier=self.config.client_id or f"eventbus-source-{self.name}",
+            clean_session=False,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            timeout=10,
+        )
+        # aiomqtt exposes no manual ack; its paho client does (see the module docstring).
+        paho = client._client
+        paho.manual_ack_set(True)
+        async with client:
+            for topic in self.config.topics:
+                await client.subscribe(topic, qos=1)
+            ctx.status.state = "running"
+            backoff.reset()
+            async for message in client.messages:
+                await self._deliver(ctx, message)
+                if message.qos > 0:
+                    paho.ack(message.mid, message.qos)
+
+    async def _deliver(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
+        raw = message.payload
+        payload = raw if isinstance(raw, bytes) else str(raw).encode()
+        topic = message.topic.value
+
+        def convert() -> list[dict[str, Any]]:
+            return events_of(self.config, payload, lambda: decode(payload), subject=topic)
+
+        await deliver(ctx, payload, convert, {"topic": topic})

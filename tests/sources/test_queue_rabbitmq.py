@@ -1,0 +1,179 @@
+"""The rabbitmq source against the RabbitMQ on this machine (127.0.0.1:5672, guest/guest),
+real Postgres and the real bus. Skipped, with the reason, when that broker is not reachable."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from eventbus._errors import ConfigError
+from eventbus.sources import SourceContext, build_source
+from eventbus.sources._amqp_src import RabbitMQSource
+from tests.fixtures.nats import unique_name
+from tests.sources._harness import dead_letters, eventually, running, source_pool
+from tests.sources.test_queue_support import bus_tap, context
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _reachable() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+needs_rabbitmq = pytest.mark.skipif(
+    not _reachable(), reason="no RabbitMQ on 127.0.0.1:5672 on this machine"
+)
+
+
+@contextlib.asynccontextmanager
+async def queue() -> AsyncIterator[tuple[str, AbstractChannel]]:
+    """A fresh durable queue (deleted afterwards) and a channel to publish with."""
+    connection = await aio_pika.connect(URL)
+    name = unique_name("src")
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(name, durable=True)
+        try:
+            yield name, channel
+        finally:
+            await declared.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
+
+
+async def send(channel: AbstractChannel, queue_name: str, body: bytes, **props: Any) -> None:
+    await channel.default_exchange.publish(aio_pika.Message(body, **props), routing_key=queue_name)
+
+
+def ce(i: int | str) -> bytes:
+    return orjson.dumps({"specversion": "1.0", "id": f"r{i}", "source": "/s", "type": "t"})
+
+
+def rabbit(name: str, queue_name: str, **settings: Any) -> RabbitMQSource:
+    spec = {"name": name, "type": "rabbitmq", "url": URL, "queue": queue_name, **settings}
+    source = build_source(spec)
+    assert isinstance(source, RabbitMQSource)
+    return source
+
+
+async def _backing_off(ctx: SourceContext) -> bool:
+    return ctx.status.state == "backoff"
+
+
+@needs_rabbitmq
+async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
+    database_dsn: str, nats_url: str
+) -> None:
+    async with (
+        queue() as (name, channel),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        await send(channel, name, ce(1), content_type="application/cloudevents+json")
+        binary = {
+            "cloudEvents:specversion": "1.0",
+            "cloudEvents:id": "r2",
+            "cloudEvents:source": "/amqp",
+            "cloudEvents:type": "t.binary",
+        }
+        await send(channel, name, b'{"n": 2}', headers=binary, content_type="application/json")
+        await send(channel, name, b"<xml/>")
+        await send(channel, name, ce(3))
+        ctx = context(pool, "amqp", tap, type="rabbitmq")
+        async with running(rabbit("amqp", name), ctx):
+            events = await tap.take(3)
+
+            async def drained() -> bool:
+                info = await channel.declare_queue(name, passive=True)
+                return info.declaration_result.message_count == 0
+
+            await eventually(drained)
+        assert [e["id"] for e in events] == ["r1", "r2", "r3"]
+        assert (events[1]["source"], events[1]["data"]) == ("/amqp", {"n": 2})
+        rows = await dead_letters(pool, "amqp")
+        assert [r["payload"] for r in rows] == [b"<xml/>"]
+        assert orjson.loads(rows[0]["meta"])["queue"] == name
+        assert (ctx.status.events, ctx.status.errors) == (3, 1)
+
+
+@needs_rabbitmq
+async def test_raw_format_uses_message_id_and_routing_key(database_dsn: str, nats_url: str) -> None:
+    sent = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    async with (
+        queue() as (name, channel),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        await send(channel, name, b'{"t": 1}', message_id="order-1", timestamp=sent)
+        source = rabbit("raw", name, format="raw", event_type="order", event_source="/rabbit")
+        async with running(source, context(pool, "raw", tap, type="rabbitmq")):
+            (event,) = await tap.take(1)
+    assert (event["id"], event["subject"], event["data"]) == ("order-1", name, {"t": 1})
+    assert (event["type"], event["source"]) == ("order", "/rabbit")
+    assert event["time"].startswith("2026-01-01T12:00:00")
+
+
+@needs_rabbitmq
+async def test_bus_down_requeues_and_restart_loses_nothing(
+    database_dsn: str, nats_url: str
+) -> None:
+    async with (
+        queue() as (name, channel),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        for i in range(3):
+            await send(channel, name, ce(i))
+        ctx = context(pool, "requeue", tap, type="rabbitmq")
+        async with running(rabbit("requeue", name, prefetch=2), ctx):
+            await tap.wait_published(3)
+            tap.down = True
+            for i in range(3, 6):
+                await send(channel, name, ce(i))
+            await tap.wait_refused(2)  # the same message, requeued and refused again
+            await eventually(lambda: _backing_off(ctx))
+        # Stopped while the bus was down (a crash): unacked messages went back to the queue.
+        info = await channel.declare_queue(name, passive=True)
+        assert info.declaration_result.message_count == 3
+        tap.down = False
+        async with running(rabbit("requeue", name), ctx):
+            await tap.wait_published(6)
+        ids = [e["id"] for e in await tap.take(6)]
+    assert sorted(ids) == [f"r{i}" for i in range(6)]
+
+
+@needs_rabbitmq
+async def test_missing_queue_backs_off_without_stopping(database_dsn: str, nats_url: str) -> None:
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "nowhere", tap, type="rabbitmq")
+        async with running(rabbit("nowhere", unique_name("missing")), ctx) as task:
+            await eventually(lambda: _backing_off(ctx))
+            assert not task.done()
+        assert "NOT_FOUND" in (ctx.status.last_error or ""), ctx.status.last_error
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"url": "http://x"}, "field 'url'"),
+        ({"queue": ""}, "field 'queue'"),
+        ({"prefetch": 0}, "field 'prefetch'"),
+        ({"exchange": "x"}, "field 'exchange'"),
+    ],
+)
+def test_bad_rabbitmq_config_names_the_source(settings: dict[str, Any], fragment: str) -> None:
+    spec = {"name": "r", "type": "rabbitmq", "url": URL, "queue": "q", **settings}
+    with pytest.raises(ConfigError, match=f"source 'r' \\(rabbitmq\\): .*{fragment}"):
+        build_source(spec)
