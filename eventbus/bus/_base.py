@@ -125,7 +125,9 @@ async def collect_acks(
         future.cancel()
         results[pending[future]] = BusUnavailable(f"no broker ack within {within} s")
     for future in done:
-        if (exc := future.exception()) is not None:
+        if future.cancelled():
+            results[pending[future]] = BusUnavailable("the publish was cancelled (bus closing)")
+        elif (exc := future.exception()) is not None:
             results[pending[future]] = translate(exc)
 
 

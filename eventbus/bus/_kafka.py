@@ -273,8 +273,9 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             for tp, records in batches.items():
                 for record in records:
+                    # Re-checked per record: the consumer may close or lose tp between yields.
                     part = self.partitions.get(tp)
-                    if part is None:
+                    if part is None or self.closed:
                         break
                     part.fetched(record.offset)
                     try:

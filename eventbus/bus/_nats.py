@@ -106,6 +106,13 @@ def _translate(exc: BaseException, doing: str) -> BusError:
     return kind(f"NATS {doing} failed: {exc!r}")
 
 
+async def _hand_back(batch: deque[Msg]) -> None:
+    """Nak fetched messages nobody took, so they are redelivered now rather than after ack_wait."""
+    while batch:
+        with contextlib.suppress(nats.errors.Error):
+            await batch.popleft().nak()
+
+
 class _NatsMessage:
     __slots__ = ("_bus", "_raw", "_settled", "_window", "deliveries", "event")
 
@@ -157,6 +164,8 @@ class NatsBus:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._unsettled: set[_NatsMessage] = set()
+        # Per iterator: fetched but not yet handed out (handed back on close).
+        self._batches: list[deque[Msg]] = []
 
     async def __aenter__(self) -> Self:
         """Connect and make sure the stream exists.
@@ -226,6 +235,8 @@ class NatsBus:
         for msg in list(self._unsettled):
             with contextlib.suppress(BusError):
                 await msg.nak()
+        for batch in self._batches:
+            await _hand_back(batch)
         # Not drain(): it waits for every pull subscription's queue to empty, which a consumer
         # that stopped iterating never does. Flushing is enough to get acks and naks out.
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
@@ -307,6 +318,7 @@ class NatsBus:
             raise _translate(exc, f"create consumer {cfg.durable}") from exc
         window = InFlightWindow(cfg.max_in_flight)
         batch: deque[Msg] = deque()
+        self._batches.append(batch)
         try:
             while not self._closing:
                 if not batch:
@@ -328,10 +340,8 @@ class NatsBus:
                 self._unsettled.add(msg)
                 yield msg
         finally:
-            # Fetched but never handed out: give them back now rather than after ack_wait.
-            for raw in batch:
-                with contextlib.suppress(nats.errors.Error):
-                    await raw.nak()
+            self._batches.remove(batch)
+            await _hand_back(batch)
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
 

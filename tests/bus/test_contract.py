@@ -216,3 +216,17 @@ async def test_bus_must_be_entered(make_config: MakeConfig) -> None:
 async def test_ping(make_config: MakeConfig) -> None:
     async with open_bus(make_config()) as bus:
         assert await bus.ping() is True
+
+
+async def test_iteration_ends_when_the_bus_closes(make_config: MakeConfig) -> None:
+    config = make_config()
+    async with open_bus(config) as bus:
+        await bus.publish_many([event(n) for n in range(3)])
+        messages = bus.messages()
+        (first,) = await take(messages, 1)
+        await first.ack()
+    with pytest.raises(StopAsyncIteration):
+        await anext(messages)
+    # The two never handed out (or handed back on close) are still there for the next consumer.
+    async with open_bus(config) as bus:
+        await take_until(bus.messages(), {"e-0", "e-1", "e-2"} - {first.event["id"]})
