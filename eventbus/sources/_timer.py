@@ -108,7 +108,7 @@ class TimerSource:
         due = self._schedule.at_or_before(now)
         if due is None or due <= cursor:
             return cursor
-        chosen = missed_ticks(self._schedule, cursor, now, limit) if limit else []
+        chosen = missed_ticks(self._schedule, cursor, now, limit)
         ctx.logger.info(
             "timer %s: ticks missed since %s; policy %s fires %d of them",
             self.name,
