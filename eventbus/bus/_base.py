@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from eventbus._errors import BusError, BusUnavailable, CloudEventError, ConfigError
+from eventbus._errors import BusError, CloudEventError, ConfigError
 from eventbus.cloudevents import encode, event_key, parse_json
 
 __all__ = [
@@ -114,19 +114,19 @@ async def collect_acks(
 ) -> None:
     """Wait up to ``within`` s for the broker acks of pipelined publishes and record outcomes.
 
-    ``pending`` maps each publish future to its index in ``results``. A future without an answer
-    in time is cancelled and recorded as BusUnavailable (the broker may still store it later);
-    a failed one is recorded as ``translate(exc)``.
+    ``pending`` maps each publish future to its index in ``results``; a failed one is recorded
+    as ``translate(exc)``. A future without an answer in time is cancelled and recorded as
+    ``translate(TimeoutError)``, which must be a BusUnavailable (the broker may still store it).
     """
     if not pending:
         return
     done, late = await asyncio.wait(pending, timeout=within)
     for future in late:
         future.cancel()
-        results[pending[future]] = BusUnavailable(f"no broker ack within {within} s")
+        results[pending[future]] = translate(TimeoutError(f"no ack within {within} s"))
     for future in done:
         if future.cancelled():
-            results[pending[future]] = BusUnavailable("the publish was cancelled (bus closing)")
+            results[pending[future]] = translate(TimeoutError("cancelled: the bus is closing"))
         elif (exc := future.exception()) is not None:
             results[pending[future]] = translate(exc)
 

@@ -104,7 +104,7 @@ def own_broker(tansu_binary: str) -> Iterator[TansuBroker]:
 
 
 async def test_publish_while_broker_down_then_recover(own_broker: TansuBroker) -> None:
-    config = kafka_config(own_broker.bootstrap, publish_timeout=1.0)
+    config = kafka_config(own_broker.bootstrap, publish_timeout=1.0, connect_timeout=1.0)
     async with open_bus(config) as bus:
         await bus.publish(event(1))
         own_broker.stop()
