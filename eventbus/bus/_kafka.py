@@ -224,12 +224,14 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def commit(self, tps: set[TopicPartition] | None = None) -> None:
         offsets: dict[TopicPartition, int] = {}
+        parts: list[tuple[_Partition, int]] = []
         for tp, part in self.partitions.items():
             if tps is not None and tp not in tps:
                 continue
             point = part.commit_point()
             if point is not None and point > part.committed:
                 offsets[tp] = point
+                parts.append((part, point))
         if not offsets:
             return
         try:
@@ -238,8 +240,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             # Not fatal: the offsets are committed next round, or the next owner redelivers.
             log.warning("Kafka commit of %s failed: %r", offsets, exc)
             return
-        for tp, offset in offsets.items():
-            self.partitions[tp].committed = offset
+        for part, point in parts:
+            part.committed = point
 
     async def run(self) -> AsyncIterator[_KafkaMessage]:
         cfg = self.config
@@ -272,10 +274,11 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 await asyncio.sleep(cfg.poll_timeout)
                 continue
             for tp, records in batches.items():
+                part = self.partitions.get(tp)
                 for record in records:
-                    # Re-checked per record: the consumer may close or lose tp between yields.
-                    part = self.partitions.get(tp)
-                    if part is None or self.closed:
+                    # Re-checked per record: between yields the consumer may close, or lose tp
+                    # (and maybe get it back, re-reading from the commit: these are stale).
+                    if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
                     part.fetched(record.offset)
                     try:
