@@ -16,6 +16,7 @@ Place in the pipeline: NATS subject or JetStream stream → this source →
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import nats
@@ -33,6 +34,7 @@ from eventbus.sources._queues import QueueConfig, consume_forever, deliver, even
 __all__ = ["JetStreamSource", "JetStreamSourceConfig", "NatsSource", "NatsSourceConfig"]
 
 _TRANSIENT = (nats.errors.Error, OSError)
+log = logging.getLogger("eventbus.sources")
 
 
 class NatsSourceConfig(QueueConfig):
@@ -61,8 +63,22 @@ async def _connect(url: str, closed: asyncio.Event) -> Client:
     async def on_closed() -> None:
         closed.set()
 
-    # No client-side reconnect: the consume loop reconnects with backoff and reports it.
-    return await nats.connect(url, allow_reconnect=False, connect_timeout=5, closed_cb=on_closed)
+    async def on_error(exc: Exception) -> None:
+        # The consume loop reports the failure that matters; nats-py's default handler would
+        # print a traceback for every attempt.
+        log.debug("nats %s: %r", url, exc)
+
+    # No client-side reconnect, and one connect attempt: the consume loop reconnects with
+    # backoff and reports it in the status.
+    return await nats.connect(
+        url,
+        allow_reconnect=False,
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0,
+        connect_timeout=5,
+        closed_cb=on_closed,
+        error_cb=on_error,
+    )
 
 
 @register_source("nats", NatsSourceConfig)
