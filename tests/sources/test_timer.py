@@ -123,6 +123,28 @@ async def test_downtime_follows_the_missed_policy(
         assert [e["time"][11:16] for e in events] == expected
 
 
+async def test_two_instances_catching_up_fire_each_missed_tick_once(
+    database_dsn: str, nats_url: str
+) -> None:
+    clock = ManualClock(START)
+    async with (
+        source_pool(database_dsn) as pool_a,
+        source_pool(database_dsn) as pool_b,
+        bus_tap(nats_url) as tap,
+    ):
+        await pool_a.execute(
+            "INSERT INTO source_checkpoints (source, key, value)"
+            " VALUES ('both', 'through', '\"2026-01-01T09:55:00Z\"')"
+        )
+        ctx_a = context(pool_a, "both", tap, type="timer", clock=clock, instance_id="a")
+        ctx_b = context(pool_b, "both", tap, type="timer", clock=clock, instance_id="b")
+        catch_up = timer("both", missed="catch-up")
+        async with running(catch_up, ctx_a), running(timer("both", missed="catch-up"), ctx_b):
+            await settle(clock, 2)
+        assert tap.published == 5
+        assert await fires(pool_a, "both") == ["09:56", "09:57", "09:58", "09:59", "10:00"]
+
+
 async def test_bus_down_releases_the_claim_and_retries(database_dsn: str, nats_url: str) -> None:
     clock = ManualClock(START)
     async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
