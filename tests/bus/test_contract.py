@@ -32,7 +32,6 @@ async def test_publish_consume_ack(make_config: MakeConfig) -> None:
         (after,) = await take(messages, 1)
         assert after.event["id"] == "e-99"
         await after.ack()
-        await messages.aclose()
 
 
 async def test_nak_redelivers(make_config: MakeConfig) -> None:
@@ -49,7 +48,6 @@ async def test_nak_redelivers(make_config: MakeConfig) -> None:
         assert third.event == first.event
         assert third.deliveries == 3
         await third.ack()
-        await messages.aclose()
 
 
 async def test_unacked_messages_go_to_the_next_consumer(make_config: MakeConfig) -> None:
@@ -168,7 +166,11 @@ async def test_in_flight_is_bounded(make_config: MakeConfig) -> None:
         await bus.publish_many([event(n) for n in range(10)])
         messages = bus.messages()
         held = await take(messages, 3)
-        blocked = asyncio.create_task(anext(messages))
+
+        async def fourth_message() -> BusMessage:
+            return await anext(messages)
+
+        blocked = asyncio.create_task(fourth_message())
         await asyncio.sleep(0.5)
         assert not blocked.done(), "a fourth message was handed out while three were un-acked"
         await held[0].ack()
@@ -177,7 +179,6 @@ async def test_in_flight_is_bounded(make_config: MakeConfig) -> None:
         assert fourth.event["id"] not in {m.event["id"] for m in held}
         for msg in [*held[1:], fourth]:
             await msg.ack()
-        await messages.aclose()
 
 
 async def test_publish_many_reports_each_event(make_config: MakeConfig) -> None:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from eventbus._errors import BusUnavailable
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
@@ -42,7 +42,7 @@ async def test_record_layout(kafka_bootstrap: str) -> None:
     try:
         partitions = [TopicPartition(config.topic, p) for p in range(config.partitions)]
         reader.assign(partitions)
-        records = []
+        records: list[ConsumerRecord[bytes, bytes]] = []
         async with asyncio.timeout(PATIENCE):
             while len(records) < 2:
                 for batch in (await reader.getmany(timeout_ms=200)).values():

@@ -64,7 +64,6 @@ async def test_malformed_payload_is_dropped_not_fatal(nats_url: str) -> None:
         (first,) = await take(messages, 1)
         assert first.event == event(1)
         await first.ack()
-        await messages.aclose()
 
 
 async def test_unacked_message_is_redelivered_after_ack_wait(nats_url: str) -> None:
