@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from eventbus._errors import BusError, BusUnavailable
+from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus._base import (
     BusMessage,
     InFlightWindow,
@@ -74,7 +74,9 @@ class KafkaBusConfig:
     connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        """Raises ConfigError when a count or duration is not positive (``linger_ms`` may be 0)."""
+        """Raises ConfigError when no server is given or a count or duration is not positive."""
+        if not self.bootstrap_servers:
+            raise ConfigError("KafkaBusConfig.bootstrap_servers must name host:port, got nothing")
         require_positive(
             self,
             "partitions",
@@ -348,6 +350,9 @@ class KafkaBus:
                 )
         except (kerr.KafkaError, OSError, TimeoutError) as exc:
             raise _translate(exc, f"create topic {cfg.topic}") from exc
+        except ValueError as exc:
+            bad = cfg.bootstrap_servers
+            raise ConfigError(f"bad Kafka bootstrap_servers {bad!r}: {exc}") from exc
         finally:
             await admin.close()
         for _topic, code, *rest in response.topic_errors:

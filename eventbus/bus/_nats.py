@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from eventbus._errors import BusError, BusUnavailable
+from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus._base import (
     BusMessage,
     InFlightWindow,
@@ -71,7 +71,9 @@ class NatsBusConfig:
     connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        """Raises ConfigError when a count or duration is not positive."""
+        """Raises ConfigError when the URL is empty or a count or duration is not positive."""
+        if not self.url:
+            raise ConfigError("NatsBusConfig.url must be a nats:// URL, got an empty string")
         require_positive(
             self,
             "max_in_flight",
@@ -150,7 +152,7 @@ class _NatsMessage:
         """Ask JetStream to redeliver, after ``delay`` seconds if given; same rules as ack."""
         if self._settle():
             try:
-                await self._raw.nak(delay=delay)
+                await self._raw.nak(delay=delay if delay and delay > 0 else None)
             except nats.errors.Error as exc:
                 raise _translate(exc, "nak") from exc
 
@@ -187,7 +189,9 @@ class NatsBus:
                     error_cb=self._on_error,
                 )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            await nc.close()
+            # close() asserts that connect() got as far as a transport; else nothing is open.
+            with contextlib.suppress(AssertionError):
+                await nc.close()
             raise _translate(exc, f"connect to {cfg.url}") from exc
         self._nc = nc
         self._js = self._nc.jetstream(timeout=cfg.publish_timeout)

@@ -47,7 +47,11 @@ async def test_nak_redelivers(make_config: MakeConfig) -> None:
         (third,) = await take(messages, 1)
         assert third.event == first.event
         assert third.deliveries == 3
-        await third.ack()
+        await third.nak(delay=-1.0)  # a negative delay means at once
+        (fourth,) = await take(messages, 1)
+        assert fourth.deliveries == 4
+        await fourth.ack()
+        await fourth.nak()  # settling twice does nothing
 
 
 async def test_unacked_messages_go_to_the_next_consumer(make_config: MakeConfig) -> None:

@@ -37,9 +37,11 @@ def test_open_bus_picks_the_backend_from_the_config() -> None:
         (lambda: NatsBusConfig(url="nats://x", ack_wait=0.0), "ack_wait"),
         (lambda: KafkaBusConfig(bootstrap_servers="x", partitions=0), "partitions"),
         (lambda: KafkaBusConfig(bootstrap_servers="x", max_in_flight=0), "max_in_flight"),
+        (lambda: NatsBusConfig(url=""), "url must be"),
+        (lambda: KafkaBusConfig(bootstrap_servers=""), "bootstrap_servers must"),
     ],
 )
 def test_configs_reject_non_positive_settings(make: object, field: str) -> None:
     assert callable(make)
-    with pytest.raises(ConfigError, match=f"{field} must be positive"):
+    with pytest.raises(ConfigError, match=field):
         make()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from eventbus._errors import BusUnavailable
+from eventbus._errors import BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
 from eventbus.bus._kafka import _Partition
 from eventbus.bus._nats_server import free_port
@@ -90,6 +90,12 @@ async def test_connect_to_nothing_is_unavailable() -> None:
     config = KafkaBusConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", connect_timeout=1.0)
     with pytest.raises(BusUnavailable):
         async with KafkaBus(config):
+            pass
+
+
+async def test_unparsable_bootstrap_servers_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="bootstrap_servers"):
+        async with KafkaBus(KafkaBusConfig(bootstrap_servers="127.0.0.1:port")):
             pass
 
 
