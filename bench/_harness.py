@@ -171,6 +171,26 @@ def _exit_on_sigterm(*_: object) -> None:
     raise SystemExit(143)
 
 
+def python_cpu(groups: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the Python processes of these process
+    groups: the service's own work, without the brokers and databases it talks to."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        comm_end = stat.rindex(")")
+        comm = stat[stat.index("(") + 1 : comm_end]
+        fields = stat[comm_end + 2 :].split()
+        # fields[2] is the process group, fields[11:13] user and system time in ticks
+        if comm.startswith("python") and int(fields[2]) in groups:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def wait_ready(url: str, proc: subprocess.Popen[bytes], bound: float = READY_BOUND) -> None:
     """Return once ``url`` answers 200. Raises RuntimeError if ``proc`` exits or ``bound``
     seconds pass first."""

@@ -45,7 +45,6 @@ async def _post_all(http: aiohttp.ClientSession, target: str, bodies: list[bytes
 
 async def _nats(args: argparse.Namespace, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
     import nats
-    from nats.errors import TimeoutError as NatsTimeout
 
     nc = await nats.connect(args.nats)
     js = nc.jetstream()
@@ -57,7 +56,7 @@ async def _nats(args: argparse.Namespace, http: aiohttp.ClientSession, stop: asy
 
     async def consume() -> None:
         while not stop.is_set():
-            with contextlib.suppress(NatsTimeout):
+            with contextlib.suppress(TimeoutError):  # nats-py raises both kinds on an empty pull
                 msgs = await sub.fetch(BATCH, timeout=FETCH_WAIT)
                 ok = await _post_all(http, args.target, [m.data for m in msgs])
                 await asyncio.gather(
@@ -136,7 +135,11 @@ async def _serve(
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port, reuse_port=True, backlog=2048).start()
     consumer = asyncio.create_task(consume())
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    # A consumer that fails ends the process (with its traceback) rather than leaving an
+    # ingest-only forwarder behind.
+    await asyncio.wait([consumer, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
     await runner.cleanup()
     await consumer
 
