@@ -1,0 +1,189 @@
+"""Running the service: two processes sharing the bus (one killed), rule reload (an invalid
+set keeps the old one), bucket notifications over HTTP, and a configured source feeding the
+rules, with its state under ``GET /sources``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.app.test_crash import _publish, _wait_all
+from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.service import ServeProcess, StartService
+
+EVERYTHING = """
+- name: everything
+  targets: [fn]
+"""
+
+
+@pytest.mark.timeout(240)
+async def test_two_processes_split_the_work_and_survive_a_kill(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver
+) -> None:
+    receiver.respond(Response(204, delay=0.01))
+
+    def targets(instance: str) -> list[dict[str, Any]]:
+        # each process tags its deliveries, so the test can see who delivered what
+        return [
+            {
+                "name": "fn",
+                "type": "http",
+                "url": receiver.url("/fn"),
+                "concurrency": 8,
+                "headers": {"x-instance": instance},
+            }
+        ]
+
+    a = serve_process(rules=EVERYTHING, targets=targets("a"))
+    await a.start()  # reads its connectors before b's are written
+    b = serve_process(rules=EVERYTHING, targets=targets("b"))
+    await b.start()
+    first = await asyncio.gather(_publish(a.url, 300, prefix="a"), _publish(b.url, 300, prefix="b"))
+    accepted = first[0] | first[1]
+    assert len(accepted) == 600
+    await _wait_all(receiver, accepted, timeout=60)
+    by_instance = Counter(r.headers["x-instance"] for r in receiver.requests)
+    # the durable consumer hands work to whichever process pulls: both did a real share
+    assert by_instance["a"] >= 60 and by_instance["b"] >= 60, by_instance
+
+    receiver.respond(Response(204, delay=0.05))
+    more = asyncio.create_task(_publish(b.url, 300, prefix="c"))
+    late = await _publish(a.url, 100, prefix="d")
+    await a.kill()
+    accepted |= late | await more
+    await _wait_all(receiver, accepted, timeout=120)
+    await b.terminate()
+
+
+async def test_rules_reload_swaps_and_an_invalid_set_keeps_the_old(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    svc = await eventbus(
+        rules="- name: a\n  match: {type: [a]}\n  targets: [fn]\n", targets=targets
+    )
+    rules_file = tmp_path / "rules" / "rules.yaml"
+
+    def ev(i: str, t: str) -> dict[str, Any]:
+        return {"specversion": "1.0", "id": i, "source": "tests/reload", "type": t}
+
+    await svc.post_event(ev("1", "a"))
+    await receiver.wait_for(1)
+
+    rules_file.write_text(
+        "- name: b\n  match: {type: [b]}\n  targets: [fn]\n"
+        "- name: broken\n  match: {type: []}\n  when: 'event.type =='\n  targets: [nope]\n"
+    )
+    status, _, problem = await svc.request("POST", "/rules/reload")
+    assert status == 400
+    detail = problem["detail"]
+    assert "rules.yaml:" in detail and "broken" in detail and "nope" in detail
+    status, _, body = await svc.request("GET", "/rules")
+    assert [r["name"] for r in body["rules"]] == ["a"]  # the old set stays
+
+    rules_file.write_text("- name: b\n  match: {type: [b]}\n  targets: [fn]\n")
+    status, _, body = await svc.request("POST", "/rules/reload")
+    assert (status, body) == (200, {"rules": 1})
+    await svc.post_event(ev("2", "a"))  # no longer routed
+    await svc.post_event(ev("3", "b"))
+    await receiver.wait_for(2)
+    await asyncio.sleep(0.3)
+    assert [r.cloudevent["id"] for r in receiver.requests] == ["1", "3"]
+
+
+S3_NOTIFICATION = {
+    "Records": [
+        {
+            "eventVersion": "2.1",
+            "eventSource": "aws:s3",
+            "awsRegion": "us-east-1",
+            "eventTime": "2026-11-28T10:00:00.000Z",
+            "eventName": "ObjectCreated:Put",
+            "responseElements": {"x-amz-request-id": "REQ1", "x-amz-id-2": "ID2"},
+            "s3": {
+                "bucket": {"name": "photos"},
+                "object": {"key": "cats/tom.png", "size": 10, "eTag": "abc"},
+            },
+        }
+    ]
+}
+
+
+async def test_bucket_notifications_over_http(eventbus: StartService, receiver: Receiver) -> None:
+    rules = """
+- name: thumbnails
+  match:
+    type: [{prefix: com.amazonaws.s3.ObjectCreated}]
+    subject: [{suffix: .png}]
+  transform:
+    input_paths: {bucket: $.data.s3.bucket.name, key: $.subject}
+    template: {"bucket": <bucket>, "key": <key>}
+  targets: [fn]
+"""
+    svc = await eventbus(
+        rules=rules, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    status, _, body = await svc.request(
+        "POST",
+        "/notifications",
+        orjson.dumps(S3_NOTIFICATION),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 202, body
+    assert body["entries"][0]["id"] == "REQ1.ID2"
+    (req,) = await receiver.wait_for(1)
+    assert req.json() == {"bucket": "photos", "key": "cats/tom.png"}
+    assert req.headers["ce-source"] == "aws:s3.us-east-1.photos"
+
+    status, _, problem = await svc.request(
+        "POST",
+        "/notifications",
+        b'{"Records": [{"eventSource": "aws:s3"}]}',
+        {"Content-Type": "application/json"},
+    )
+    assert status == 400 and "Records[0]" in problem["detail"]
+    status, _, problem = await svc.request("POST", "/notifications", b"nope")
+    assert status == 400
+
+
+async def test_configured_source_feeds_the_rules(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    rules = """
+- name: csv-files
+  match:
+    type: [eventbus.file.created]
+    subject: [{suffix: .csv}]
+  targets: [fn]
+"""
+    sources = [
+        {
+            "name": "drop",
+            "type": "directory",
+            "path": str(drop),
+            "pattern": "*.csv",
+            "interval": 0.1,
+        }
+    ]
+    svc = await eventbus(
+        rules=rules,
+        sources=sources,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+    )
+    (drop / "a.csv").write_text("x,y\n")
+    (drop / "b.txt").write_text("ignored")
+    (req,) = await receiver.wait_for(1)
+    assert req.cloudevent["subject"] == "a.csv"
+    status, _, body = await svc.request("GET", "/sources")
+    assert status == 200
+    (state,) = body["sources"]
+    assert state["name"] == "drop" and state["state"] == "running" and state["events"] == 1
