@@ -11,17 +11,17 @@ from eventbus.delivery._policy import (
     parse_delivery,
     parse_duration,
 )
-from eventbus.delivery._store import DeadLetterFilter, DeliveryStore, Pending
+from eventbus.delivery._store import DeadLetterFilter, Delivery, DeliveryStore
 
 __all__ = [
     "PRESETS",
     "BreakerPolicy",
     "DeadLetterFilter",
+    "Delivery",
     "DeliveryPolicy",
     "DeliveryStore",
     "Dispatcher",
     "Guard",
-    "Pending",
     "RetryPolicy",
     "RetryWorker",
     "parse_delivery",

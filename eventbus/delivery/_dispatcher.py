@@ -18,7 +18,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -28,7 +27,7 @@ from eventbus import metrics
 from eventbus.cloudevents import new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
-from eventbus.delivery._store import DeliveryStore, Pending
+from eventbus.delivery._store import Delivery, DeliveryStore
 from eventbus.rules import Route
 from eventbus.targets import Outcome, Target
 
@@ -58,20 +57,6 @@ class _Audit(Protocol):
     async def event_accepted(
         self, event: dict[str, Any], *, via: str, size: int | None = None
     ) -> None: ...
-
-
-@dataclass
-class _Job:
-    event: dict[str, Any]
-    rule: str
-    target: str
-    payload: Any
-    is_cloudevent: bool
-    delivery: dict[str, Any] | None
-    attempts: int = 0
-    first_attempt_at: datetime | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    pending_id: int | None = None
 
 
 class Dispatcher:
@@ -110,27 +95,14 @@ class Dispatcher:
         Raises StoreError if that record cannot be written (the caller must not ack)."""
         delivery = dict(route.delivery) if route.delivery else None
         await self.run(
-            _Job(event, route.rule, route.target, route.payload, route.is_cloudevent, delivery)
+            Delivery(event, route.rule, route.target, route.payload, route.is_cloudevent, delivery)
         )
 
-    async def retry(self, pending: Pending) -> None:
+    async def retry(self, pending: Delivery) -> None:
         """Run the next attempt of a row claimed from the retry schedule."""
-        await self.run(
-            _Job(
-                pending.event,
-                pending.rule,
-                pending.target,
-                pending.payload,
-                pending.is_cloudevent,
-                pending.delivery,
-                pending.attempts,
-                pending.first_attempt_at,
-                list(pending.history),
-                pending.id,
-            )
-        )
+        await self.run(pending)
 
-    def _policy(self, job: _Job) -> DeliveryPolicy:
+    def _policy(self, job: Delivery) -> DeliveryPolicy:
         base = self._policies.get(job.target, DeliveryPolicy())
         if not job.delivery:
             return base
@@ -141,7 +113,7 @@ class Dispatcher:
             self._override_cache[key] = policy
         return policy
 
-    async def run(self, job: _Job) -> None:
+    async def run(self, job: Delivery) -> None:
         target = self._targets.get(job.target)
         if target is None:
             await self._dead_letter(job, None, "unknown-target", f"no target {job.target!r}")
@@ -175,7 +147,7 @@ class Dispatcher:
         else:
             await self._failed(job, outcome, policy)
 
-    async def _delivered(self, job: _Job, outcome: Outcome, policy: DeliveryPolicy) -> None:
+    async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         metrics.DELIVERIES.labels(job.target, "delivered").inc()
         await self._audit_attempt(job, outcome, "delivered")
         if job.pending_id is not None:
@@ -185,7 +157,7 @@ class Dispatcher:
         if policy.on_success and not job.rule.endswith(_FOLLOW_UPS):
             await self._follow_up(job, policy.on_success, "#on-success", outcome, None)
 
-    async def _failed(self, job: _Job, outcome: Outcome, policy: DeliveryPolicy) -> None:
+    async def _failed(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         assert job.first_attempt_at is not None
         reason: str | None = None
         if outcome.gone:
@@ -210,21 +182,9 @@ class Dispatcher:
         await self._audit_attempt(job, outcome, "dead-lettered")
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
 
-    async def _park(self, job: _Job, delay: float, waiting_for: str) -> None:
+    async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
         if job.pending_id is None:
-            job.pending_id = await self._store.schedule(
-                job.event,
-                rule=job.rule,
-                target=job.target,
-                payload=job.payload,
-                is_cloudevent=job.is_cloudevent,
-                delivery=job.delivery,
-                due_in=delay,
-                attempts=job.attempts,
-                history=job.history,
-                waiting_for=waiting_for,
-                first_attempt_at=job.first_attempt_at,
-            )
+            job.pending_id = await self._store.schedule(job, due_in=delay, waiting_for=waiting_for)
         else:
             await self._store.reschedule(
                 job.pending_id,
@@ -236,7 +196,7 @@ class Dispatcher:
 
     async def _dead_letter(
         self,
-        job: _Job,
+        job: Delivery,
         outcome: Outcome | None,
         reason: str,
         error: str | None,
@@ -255,19 +215,10 @@ class Dispatcher:
                 error=error,
             )
         await self._store.dead_letter(
-            job.event,
-            rule=job.rule,
-            target=job.target,
-            payload=job.payload,
-            is_cloudevent=job.is_cloudevent,
-            delivery=job.delivery,
-            attempts=job.attempts,
-            history=job.history,
+            job,
             last_status=None if outcome is None else outcome.status,
             final_error=(error or "")[:_ERROR_MAX] or None,
             reason=reason,
-            first_attempt_at=job.first_attempt_at,
-            pending_id=job.pending_id,
         )
         log.info(
             "dead-lettered %s/%s rule=%s target=%s reason=%s",
@@ -289,14 +240,16 @@ class Dispatcher:
                 deadlettererror=(error or "")[:256],
             )
             await self.run(
-                _Job(copy, job.rule + "#dead-letter", policy.dead_letter_target, copy, True, None)
+                Delivery(
+                    copy, job.rule + "#dead-letter", policy.dead_letter_target, copy, True, None
+                )
             )
         if policy.on_failure:
             await self._follow_up(job, policy.on_failure, "#on-failure", outcome, reason)
 
     async def _follow_up(
         self,
-        job: _Job,
+        job: Delivery,
         target: str,
         suffix: str,
         outcome: Outcome | None,
@@ -319,9 +272,11 @@ class Dispatcher:
             subject=str(job.event.get("id", "")),
             data=data,
         )
-        await self.run(_Job(outcome_event, job.rule + suffix, target, outcome_event, True, None))
+        await self.run(
+            Delivery(outcome_event, job.rule + suffix, target, outcome_event, True, None)
+        )
 
-    async def _reply(self, job: _Job, reply: dict[str, Any]) -> None:
+    async def _reply(self, job: Delivery, reply: dict[str, Any]) -> None:
         """Knative-style reply: publish the function's answer back onto the bus, with a hop
         count so two functions answering each other cannot loop forever."""
         hops = _hops(job.event) + 1
@@ -340,7 +295,7 @@ class Dispatcher:
         metrics.EVENTS_RECEIVED.labels("reply").inc()
         await self._audit.event_accepted(reply, via="reply")
 
-    async def _audit_attempt(self, job: _Job, outcome: Outcome, result: str) -> None:
+    async def _audit_attempt(self, job: Delivery, outcome: Outcome, result: str) -> None:
         await self._audit.attempt(
             job.event,
             rule=job.rule,
@@ -431,7 +386,7 @@ class RetryWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_poll)
 
-    async def _one(self, pending: Pending) -> None:
+    async def _one(self, pending: Delivery) -> None:
         try:
             await self._dispatcher.retry(pending)
         except Exception as exc:

@@ -22,24 +22,46 @@ import orjson
 
 from eventbus._errors import StoreError
 
-__all__ = ["DeadLetterFilter", "DeliveryStore", "Pending"]
+__all__ = ["DeadLetterFilter", "Delivery", "DeliveryStore"]
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """One delivery waiting in the retry schedule."""
+@dataclass(slots=True)
+class Delivery:
+    """One delivery of one event to one target, as the dispatcher advances it and as the
+    retry schedule and the dead letters store it. ``pending_id`` is its row in the schedule."""
 
-    id: int
     event: dict[str, Any]
     rule: str
     target: str
     payload: Any
     is_cloudevent: bool
     delivery: dict[str, Any] | None
-    attempts: int
-    first_attempt_at: datetime
-    history: list[dict[str, Any]]
-    waiting_for: str
+    attempts: int = 0
+    first_attempt_at: datetime | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    pending_id: int | None = None
+
+    def columns(self) -> tuple[Any, ...]:
+        """Values of the columns both tables share, in ``_SHARED`` order."""
+        return (
+            str(self.event.get("source", "")),
+            str(self.event.get("id", "")),
+            _json(self.event),
+            self.rule,
+            self.target,
+            _json({"v": self.payload}),
+            self.is_cloudevent,
+            None if self.delivery is None else _json(self.delivery),
+            self.attempts,
+            _json(self.history),
+        )
+
+
+_SHARED = (
+    "event_source, event_id, event, rule, target, payload, is_cloudevent, delivery, attempts,"
+    " history"
+)
+_SHARED_VALUES = "$1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10::jsonb"
 
 
 @dataclass(frozen=True)
@@ -91,14 +113,12 @@ def _load(value: Any) -> Any:
 
 
 _COLUMNS = (
-    "id, event, rule, target, payload, is_cloudevent, delivery, attempts, "
-    "first_attempt_at, history, waiting_for"
+    "id, event, rule, target, payload, is_cloudevent, delivery, attempts, first_attempt_at, history"
 )
 
 
-def _pending(row: asyncpg.Record) -> Pending:
-    return Pending(
-        id=row["id"],
+def _pending(row: asyncpg.Record) -> Delivery:
+    return Delivery(
         event=_load(row["event"]),
         rule=row["rule"],
         target=row["target"],
@@ -108,7 +128,7 @@ def _pending(row: asyncpg.Record) -> Pending:
         attempts=row["attempts"],
         first_attempt_at=row["first_attempt_at"],
         history=_load(row["history"]),
-        waiting_for=row["waiting_for"],
+        pending_id=row["id"],
     )
 
 
@@ -137,50 +157,25 @@ class DeliveryStore:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise StoreError(f"{what}: {exc}") from exc
 
-    async def schedule(
-        self,
-        event: dict[str, Any],
-        *,
-        rule: str,
-        target: str,
-        payload: Any,
-        is_cloudevent: bool,
-        delivery: dict[str, Any] | None,
-        due_in: float,
-        attempts: int,
-        history: list[dict[str, Any]],
-        waiting_for: str = "retry",
-        first_attempt_at: datetime | None = None,
-    ) -> int:
-        """Insert a pending delivery due in ``due_in`` seconds; durable when this returns."""
+    async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
+        """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns."""
         return int(
             await self._run(
                 "scheduling a retry",
                 self._pool.fetchval(
-                    "INSERT INTO delivery_retries (due_at, event_source, event_id, event, rule,"
-                    " target, payload, is_cloudevent, delivery, attempts, history, waiting_for,"
-                    " first_attempt_at)"
-                    " VALUES (now() + make_interval(secs => $1), $2, $3, $4::jsonb, $5, $6,"
-                    " $7::jsonb, $8, $9::jsonb, $10, $11::jsonb, $12, coalesce($13, now()))"
+                    f"INSERT INTO delivery_retries ({_SHARED}, due_at, waiting_for,"
+                    f" first_attempt_at) VALUES ({_SHARED_VALUES},"
+                    " now() + make_interval(secs => $11), $12, coalesce($13, now()))"
                     " RETURNING id",
+                    *d.columns(),
                     due_in,
-                    str(event.get("source", "")),
-                    str(event.get("id", "")),
-                    _json(event),
-                    rule,
-                    target,
-                    _json({"v": payload}),
-                    is_cloudevent,
-                    None if delivery is None else _json(delivery),
-                    attempts,
-                    _json(history),
                     waiting_for,
-                    first_attempt_at,
+                    d.first_attempt_at,
                 ),
             )
         )
 
-    async def claim_due(self, *, limit: int, lease: float, instance: str) -> list[Pending]:
+    async def claim_due(self, *, limit: int, lease: float, instance: str) -> list[Delivery]:
         """Claim up to ``limit`` due rows for ``lease`` seconds; others skip them meanwhile."""
         rows = await self._run(
             "claiming due retries",
@@ -229,49 +224,29 @@ class DeliveryStore:
 
     async def dead_letter(
         self,
-        event: dict[str, Any],
+        d: Delivery,
         *,
-        rule: str,
-        target: str,
-        payload: Any,
-        is_cloudevent: bool,
-        delivery: dict[str, Any] | None,
-        attempts: int,
-        history: list[dict[str, Any]],
         last_status: int | None,
         final_error: str | None,
         reason: str,
-        first_attempt_at: datetime | None,
-        pending_id: int | None = None,
     ) -> int:
-        """Store a dead letter (and drop its pending row, in the same transaction)."""
+        """Store ``d`` as a dead letter and drop its schedule row, in one transaction."""
 
         async def tx() -> int:
             async with self._pool.acquire() as conn, conn.transaction():
                 dl_id = await conn.fetchval(
-                    "INSERT INTO dead_letters (event_source, event_id, event_type, event, rule,"
-                    " target, payload, is_cloudevent, delivery, attempts, history, last_status,"
-                    " final_error, reason, first_attempt_at)"
-                    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9::jsonb, $10,"
-                    " $11::jsonb, $12, $13, $14, coalesce($15, now())) RETURNING id",
-                    str(event.get("source", "")),
-                    str(event.get("id", "")),
-                    event.get("type"),
-                    _json(event),
-                    rule,
-                    target,
-                    _json({"v": payload}),
-                    is_cloudevent,
-                    None if delivery is None else _json(delivery),
-                    attempts,
-                    _json(history),
+                    f"INSERT INTO dead_letters ({_SHARED}, event_type, last_status, final_error,"
+                    f" reason, first_attempt_at) VALUES ({_SHARED_VALUES}, $11, $12, $13, $14,"
+                    " coalesce($15, now())) RETURNING id",
+                    *d.columns(),
+                    d.event.get("type"),
                     last_status,
                     final_error,
                     reason,
-                    first_attempt_at,
+                    d.first_attempt_at,
                 )
-                if pending_id is not None:
-                    await conn.execute("DELETE FROM delivery_retries WHERE id = $1", pending_id)
+                if d.pending_id is not None:
+                    await conn.execute("DELETE FROM delivery_retries WHERE id = $1", d.pending_id)
                 return int(dl_id)
 
         return int(await self._run("storing a dead letter", tx()))
