@@ -212,6 +212,7 @@ class Service:
                 group_id=s.bus.kafka.group_id,
                 partitions=s.bus.kafka.partitions,
                 idempotent=s.bus.kafka.idempotent,
+                session_timeout=s.bus.kafka.session_timeout,
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
             )

@@ -66,6 +66,8 @@ class KafkaSettings(_Model):
     partitions: int = Field(6, ge=1)
     idempotent: bool = True
     """Idempotent producer; turn off only for brokers without InitProducerId support."""
+    session_timeout: float = Field(10.0, gt=0, le=300)
+    """Seconds a silent process keeps its partitions before they move to another."""
 
 
 class BusSettings(_Model):
