@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-__all__ = ["Outcome", "Target"]
+__all__ = ["MAX_ERROR_CHARS", "Outcome", "Target", "failure", "truncate_error"]
+
+MAX_ERROR_CHARS = 1024
+"""``Outcome.error`` is truncated to this length so audit rows and dead letters stay small."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,23 @@ class Outcome:
     retry_after: float | None
     gone: bool = False
     reply: dict[str, Any] | None = None
+
+
+def truncate_error(text: str) -> str:
+    """``text`` cut to ``MAX_ERROR_CHARS`` (ending in "..." when cut)."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def failure(error: str, duration_ms: float, *, retryable: bool) -> Outcome:
+    """The ``Outcome`` of an attempt that got no status from the endpoint, ``error`` truncated."""
+    return Outcome(
+        delivered=False,
+        status=None,
+        duration_ms=duration_ms,
+        error=truncate_error(error),
+        retryable=retryable,
+        retry_after=None,
+    )
 
 
 class Target(Protocol):

@@ -27,7 +27,7 @@ from yarl import URL
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import from_http, to_http
-from eventbus.targets._base import Outcome
+from eventbus.targets._base import MAX_ERROR_CHARS, Outcome, failure, truncate_error
 from eventbus.targets._signing import decode_secret, signature
 
 __all__ = ["HttpTarget", "HttpTargetConfig", "parse_retry_after"]
@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 1024 * 1024
 """Response bodies are read up to this size; a larger body is cut off and the connection dropped."""
-
-MAX_ERROR_CHARS = 1024
-"""``Outcome.error`` is truncated to this length so audit rows and dead letters stay small."""
 
 _IDENTITY = ("specversion", "id", "source", "type")
 
@@ -79,44 +76,29 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _truncate(text: str) -> str:
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def _failure(error: str, duration_ms: float, *, retryable: bool) -> Outcome:
-    return Outcome(
-        delivered=False,
-        status=None,
-        duration_ms=duration_ms,
-        error=_truncate(error),
-        retryable=retryable,
-        retry_after=None,
-    )
-
-
 def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> Outcome:
     """Translate an aiohttp/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError):
-        return _failure(f"timeout after {timeout:g}s", duration_ms, retryable=True)
+        return failure(f"timeout after {timeout:g}s", duration_ms, retryable=True)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         # A rejected certificate fails the same way until an operator fixes it: dead-letter it
         # (replayable) rather than hammer the endpoint for a day.
-        return _failure(f"TLS certificate rejected: {exc}", duration_ms, retryable=False)
+        return failure(f"TLS certificate rejected: {exc}", duration_ms, retryable=False)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return _failure(f"DNS lookup failed for {exc.host}", duration_ms, retryable=True)
+        return failure(f"DNS lookup failed for {exc.host}", duration_ms, retryable=True)
     if isinstance(exc, aiohttp.ClientConnectorError):
         where = f"{exc.host}:{exc.port}"
         if isinstance(exc.os_error, ConnectionRefusedError):
-            return _failure(f"connection refused by {where}", duration_ms, retryable=True)
+            return failure(f"connection refused by {where}", duration_ms, retryable=True)
         reason = exc.os_error.strerror or str(exc.os_error)
-        return _failure(f"cannot connect to {where}: {reason}", duration_ms, retryable=True)
+        return failure(f"cannot connect to {where}: {reason}", duration_ms, retryable=True)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return _failure("server disconnected before answering", duration_ms, retryable=True)
+        return failure("server disconnected before answering", duration_ms, retryable=True)
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return _failure(f"malformed response body: {exc}", duration_ms, retryable=True)
+        return failure(f"malformed response body: {exc}", duration_ms, retryable=True)
     if isinstance(exc, aiohttp.InvalidURL):
-        return _failure(f"invalid URL: {exc}", duration_ms, retryable=False)
-    return _failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
+        return failure(f"invalid URL: {exc}", duration_ms, retryable=False)
+    return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
 
 
 async def _read_bounded(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
@@ -228,7 +210,7 @@ class HttpTarget:
             headers, body, msg_id = self._request(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
-            return _failure(f"cannot build the request: {exc}", 0.0, retryable=False)
+            return failure(f"cannot build the request: {exc}", 0.0, retryable=False)
         if self._key is not None:
             now = int(time.time())
             headers["webhook-id"] = msg_id
@@ -289,7 +271,7 @@ class HttpTarget:
             delivered=False,
             status=status,
             duration_ms=duration_ms,
-            error=_truncate(error),
+            error=truncate_error(error),
             retryable=status in (408, 429) or status >= 500,
             retry_after=(
                 parse_retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None

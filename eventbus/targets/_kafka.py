@@ -31,8 +31,8 @@ from jsonpath_ng.ext import parse as parse_jsonpath
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_kafka
-from eventbus.targets._base import Outcome
-from eventbus.targets._http import _failure
+from eventbus.targets._base import Outcome, failure
+from eventbus.targets._lazy import LazyClient
 
 __all__ = ["KafkaTarget", "KafkaTargetConfig"]
 
@@ -83,24 +83,24 @@ def _outcome_from_error(
 ) -> Outcome:
     """Translate an aiokafka/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError | kerr.KafkaTimeoutError | kerr.RequestTimedOutError):
-        return _failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+        return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
     if isinstance(exc, kerr.KafkaConnectionError | OSError):
-        return _failure(
+        return failure(
             f"cannot reach Kafka at {config.bootstrap_servers}: {exc}", duration_ms, retryable=True
         )
     if isinstance(exc, kerr.MessageSizeTooLargeError | kerr.RecordListTooLargeError):
-        return _failure(f"record too large: {exc}", duration_ms, retryable=False)
+        return failure(f"record too large: {exc}", duration_ms, retryable=False)
     if isinstance(exc, kerr.TopicAuthorizationFailedError | kerr.ClusterAuthorizationFailedError):
-        return _failure(
+        return failure(
             f"not authorized to produce to topic {config.topic!r}: {exc}",
             duration_ms,
             retryable=False,
         )
     if isinstance(exc, kerr.UnknownTopicOrPartitionError):
         # The topic may be created later (brokers often disable auto-creation): worth a retry.
-        return _failure(f"topic {config.topic!r} does not exist", duration_ms, retryable=True)
+        return failure(f"topic {config.topic!r} does not exist", duration_ms, retryable=True)
     retryable = not isinstance(exc, _NOT_RETRYABLE)
-    return _failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=retryable)
+    return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=retryable)
 
 
 def _key_bytes(value: Any) -> bytes | None:
@@ -164,8 +164,13 @@ class KafkaTarget:
         self._servers = ",".join(servers)
         self._structured = config.mode == "structured"
         self._open = False
-        self._producer: AIOKafkaProducer | None = None
-        self._starting: asyncio.Task[AIOKafkaProducer] | None = None
+        self._producer = LazyClient(
+            self._start,
+            usable=lambda _: True,
+            log=log,
+            failed=f"Kafka target {self.name}: cannot start the producer",
+            task_name=f"kafka-target-start-{self.name}",
+        )
 
     async def __aenter__(self) -> Self:
         """Begin starting the producer in the background and return at once.
@@ -176,7 +181,7 @@ class KafkaTarget:
         if self._open:
             raise RuntimeError(f"Kafka target {self.name!r} is already open")
         self._open = True
-        self._start_in_background()
+        self._producer.begin()
         return self
 
     async def __aexit__(
@@ -187,28 +192,12 @@ class KafkaTarget:
     ) -> None:
         """Stop a pending start, then flush and stop the producer (errors are logged)."""
         self._open = False
-        starting, self._starting = self._starting, None
-        if starting is not None and not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await starting
-        producer, self._producer = self._producer, None
+        producer = await self._producer.close()
         if producer is not None:
             try:
                 await producer.stop()
             except (kerr.KafkaError, OSError) as exc:
                 log.warning("Kafka target %s: stopping the producer failed: %r", self.name, exc)
-
-    def _start_in_background(self) -> asyncio.Task[AIOKafkaProducer]:
-        task = asyncio.create_task(self._start(), name=f"kafka-target-start-{self.name}")
-        task.add_done_callback(self._started)
-        self._starting = task
-        return task
-
-    def _started(self, task: asyncio.Task[AIOKafkaProducer]) -> None:
-        # Retrieve the failure here so a start nobody awaited does not warn at garbage collection.
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("Kafka target %s: cannot start the producer: %r", self.name, exc)
 
     async def _start(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
@@ -224,18 +213,7 @@ class KafkaTarget:
             with contextlib.suppress(kerr.KafkaError, OSError):
                 await producer.stop()
             raise
-        self._producer = producer
         return producer
-
-    async def _running(self) -> AIOKafkaProducer:
-        """The started producer, joining the start in progress or beginning a new one."""
-        if self._producer is not None:
-            return self._producer
-        task = self._starting
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = self._start_in_background()
-        # Shielded: a delivery that gives up must not cancel the start others are waiting on.
-        return await asyncio.shield(task)
 
     def _record(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool
@@ -271,11 +249,11 @@ class KafkaTarget:
             key, headers, value = self._record(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
-            return _failure(f"cannot build the record: {exc}", 0.0, retryable=False)
+            return failure(f"cannot build the record: {exc}", 0.0, retryable=False)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout):
-                producer = await self._running()
+                producer = await self._producer.get()
                 sent = await producer.send(self.config.topic, value, key=key, headers=headers)
                 await sent
         except (kerr.KafkaError, OSError, TimeoutError) as exc:

@@ -39,8 +39,8 @@ from nats.aio.client import Client
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
-from eventbus.targets._base import Outcome
-from eventbus.targets._http import _failure
+from eventbus.targets._base import Outcome, failure
+from eventbus.targets._lazy import LazyClient
 
 __all__ = ["NatsTarget", "NatsTargetConfig"]
 
@@ -76,9 +76,9 @@ def _outcome_from_error(
 ) -> Outcome:
     """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError):
-        return _failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+        return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
-        return _failure(
+        return failure(
             f"no JetStream stream captures subject {config.subject!r} (no responders); "
             "create one and the delivery will be retried",
             duration_ms,
@@ -87,24 +87,22 @@ def _outcome_from_error(
     if isinstance(exc, nats.js.errors.APIError):
         # 400 is the stream refusing this message (too large, wrong headers): a retry meets the
         # same answer. Anything else (503 storage unavailable, 500) may pass later.
-        return _failure(
+        return failure(
             f"JetStream rejected the message: {exc.description} "
             f"(code {exc.code}, err_code {exc.err_code})",
             duration_ms,
             retryable=exc.code != 400,
         )
     if isinstance(exc, nats.errors.MaxPayloadError):
-        return _failure(
-            "message larger than the server's max_payload", duration_ms, retryable=False
-        )
+        return failure("message larger than the server's max_payload", duration_ms, retryable=False)
     if isinstance(exc, nats.errors.AuthorizationError) or (
         # nats-py raises the server's -ERR at connect as a plain Error carrying its text.
         isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
     ):
         # Fails the same way until an operator fixes the credentials: dead-letter (replayable).
-        return _failure(f"NATS authorization failed: {exc}", duration_ms, retryable=False)
+        return failure(f"NATS authorization failed: {exc}", duration_ms, retryable=False)
     if isinstance(exc, nats.errors.BadSubjectError | nats.errors.BadHeaderError):
-        return _failure(f"NATS refused the message: {exc!r}", duration_ms, retryable=False)
+        return failure(f"NATS refused the message: {exc!r}", duration_ms, retryable=False)
     if isinstance(
         exc,
         OSError
@@ -112,8 +110,8 @@ def _outcome_from_error(
         | nats.errors.ConnectionClosedError
         | nats.errors.StaleConnectionError,
     ):
-        return _failure(f"cannot reach NATS at {config.url}: {exc}", duration_ms, retryable=True)
-    return _failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
+        return failure(f"cannot reach NATS at {config.url}: {exc}", duration_ms, retryable=True)
+    return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
 
 
 class NatsTarget:
@@ -154,8 +152,13 @@ class NatsTarget:
         self._servers = servers
         self._structured = config.mode == "structured"
         self._open = False
-        self._nc: Client | None = None
-        self._connecting: asyncio.Task[Client] | None = None
+        self._nc = LazyClient(
+            self._connect,
+            usable=lambda nc: nc.is_connected,
+            log=log,
+            failed=f"NATS target {self.name}: cannot connect to {config.url}",
+            task_name=f"nats-target-connect-{self.name}",
+        )
 
     async def __aenter__(self) -> Self:
         """Begin connecting in the background and return at once.
@@ -166,7 +169,7 @@ class NatsTarget:
         if self._open:
             raise RuntimeError(f"NATS target {self.name!r} is already open")
         self._open = True
-        self._connect_in_background()
+        self._nc.begin()
         return self
 
     async def __aexit__(
@@ -177,28 +180,12 @@ class NatsTarget:
     ) -> None:
         """Stop a pending connect, then flush and close the connection (errors are logged)."""
         self._open = False
-        connecting, self._connecting = self._connecting, None
-        if connecting is not None and not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await connecting
-        nc, self._nc = self._nc, None
+        nc = await self._nc.close()
         if nc is not None and not nc.is_closed:
             try:
                 await nc.close()
             except (nats.errors.Error, OSError) as exc:
                 log.warning("NATS target %s: closing the connection failed: %r", self.name, exc)
-
-    def _connect_in_background(self) -> asyncio.Task[Client]:
-        task = asyncio.create_task(self._connect(), name=f"nats-target-connect-{self.name}")
-        task.add_done_callback(self._connected)
-        self._connecting = task
-        return task
-
-    def _connected(self, task: asyncio.Task[Client]) -> None:
-        # Retrieve the failure here so a connect nobody awaited does not warn at garbage collection.
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("NATS target %s: cannot connect to %s: %r", self.name, self.config.url, exc)
 
     async def _connect(self) -> Client:
         nc = Client()
@@ -232,23 +219,7 @@ class NatsTarget:
                 # NoServersError says nothing; the last attempt's error says why (refused...).
                 raise attempts[-1] from exc
             raise
-        self._nc = nc
         return nc
-
-    async def _connection(self) -> Client:
-        """The open connection, joining the connect in progress or beginning a new one."""
-        nc = self._nc
-        if nc is not None and nc.is_connected:
-            return nc
-        task = self._connecting
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = self._connect_in_background()
-        elif task.done():
-            # The connection that task made has been lost since: make a new one.
-            self._nc = None
-            task = self._connect_in_background()
-        # Shielded: a delivery that gives up must not cancel the connect others are waiting on.
-        return await asyncio.shield(task)
 
     def _message(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool
@@ -278,12 +249,12 @@ class NatsTarget:
             headers, body = self._message(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
-            return _failure(f"cannot build the message: {exc}", 0.0, retryable=False)
+            return failure(f"cannot build the message: {exc}", 0.0, retryable=False)
         cfg = self.config
         start = time.perf_counter()
         try:
             async with asyncio.timeout(cfg.timeout):
-                nc = await self._connection()
+                nc = await self._nc.get()
                 if cfg.jetstream:
                     js = nc.jetstream(timeout=cfg.timeout)
                     await js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)

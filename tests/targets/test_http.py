@@ -18,7 +18,8 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.targets import HttpTarget, HttpTargetConfig, Outcome, verify_webhook
-from eventbus.targets._http import MAX_ERROR_CHARS, MAX_RESPONSE_BYTES, parse_retry_after
+from eventbus.targets._base import MAX_ERROR_CHARS
+from eventbus.targets._http import MAX_RESPONSE_BYTES, parse_retry_after
 from tests.fixtures.receiver import Receiver, Response
 
 

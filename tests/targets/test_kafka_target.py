@@ -18,7 +18,7 @@ from aiokafka.structs import ConsumerRecord
 from eventbus._errors import ConfigError
 from eventbus.cloudevents import from_kafka
 from eventbus.targets import KafkaTarget, KafkaTargetConfig, Outcome
-from eventbus.targets._http import MAX_ERROR_CHARS
+from eventbus.targets._base import MAX_ERROR_CHARS
 from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
 

@@ -26,7 +26,7 @@ from eventbus.bus import NatsServer
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import from_nats
 from eventbus.targets import NatsTarget, NatsTargetConfig, Outcome
-from eventbus.targets._http import MAX_ERROR_CHARS
+from eventbus.targets._base import MAX_ERROR_CHARS
 from tests.fixtures.nats import unique_name
 
 

@@ -1,0 +1,97 @@
+"""A client started in the background and shared by concurrent deliveries.
+
+Place in the pipeline: inside the Kafka and NATS targets, between ``deliver`` and the library's
+producer or connection. A broker that is down must not stop the service from starting, so a
+target begins the start when it opens and returns at once; deliveries join the start in
+progress, and the first delivery after a failed start (or after the client died) begins a new
+one. The library-specific parts (how to start, whether a client is still usable, how to stop
+it) stay in each target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+__all__ = ["LazyClient"]
+
+T = TypeVar("T")
+
+
+class LazyClient(Generic[T]):
+    """One client of type ``T``, started in the background by ``start``.
+
+    ``start`` makes a started client or raises (and cleans up after itself); ``usable`` says
+    whether a started client can still be used (a lost connection cannot). A failed start is
+    logged as a warning on ``log`` (the target's logger), prefixed with ``failed``; ``task_name``
+    names the start task.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], Awaitable[T]],
+        *,
+        usable: Callable[[T], bool],
+        log: logging.Logger,
+        failed: str,
+        task_name: str,
+    ) -> None:
+        self._start = start
+        self._usable = usable
+        self._log = log
+        self._failed = failed
+        self._task_name = task_name
+        self._client: T | None = None
+        self._task: asyncio.Task[T] | None = None
+
+    def begin(self) -> None:
+        """Begin a start in the background; never raises for a failing start (it is logged)."""
+        self._begin()
+
+    async def get(self) -> T:
+        """The started client, joining the start in progress or beginning a new one.
+
+        Raises whatever ``start`` raises. Cancelling the caller does not cancel the start that
+        other deliveries may be waiting on.
+        """
+        client = self._client
+        if client is not None and self._usable(client):
+            return client
+        task = self._task
+        if task is None or task.done():
+            # Never begun, failed, or its client has become unusable since: start again.
+            self._client = None
+            task = self._begin()
+        return await asyncio.shield(task)
+
+    async def close(self) -> T | None:
+        """Cancel a pending start and hand back the client, if any, for the caller to stop.
+
+        Never raises for the start: its failure has already been logged.
+        """
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        client, self._client = self._client, None
+        return client
+
+    def _begin(self) -> asyncio.Task[T]:
+        task = asyncio.create_task(self._run(), name=self._task_name)
+        task.add_done_callback(self._done)
+        self._task = task
+        return task
+
+    async def _run(self) -> T:
+        client = await self._start()
+        self._client = client
+        return client
+
+    def _done(self, task: asyncio.Task[T]) -> None:
+        # Retrieve the failure here so a start nobody awaited does not warn at garbage collection.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.warning("%s: %r", self._failed, exc)
