@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from eventbus import metrics
@@ -42,10 +42,12 @@ class Guard:
         breaker: BreakerPolicy | None,
         rate_limit: float | None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._target = target
         self._breaker = breaker
         self._clock = clock
+        self._sleep = sleep
         self._state = CLOSED
         self._failures = 0
         self._opened_at = 0.0
@@ -107,4 +109,4 @@ class Guard:
                 if self._tokens >= 1.0:
                     self._tokens -= 1.0
                     return
-                await asyncio.sleep((1.0 - self._tokens) / self._rate)
+                await self._sleep((1.0 - self._tokens) / self._rate)

@@ -1,0 +1,66 @@
+"""Circuit breaker and rate limit, on an injected clock: pure state machines, no servers."""
+
+from __future__ import annotations
+
+from eventbus.delivery import BreakerPolicy, Guard
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
+    clock = Clock()
+    guard = Guard("t1", BreakerPolicy(failures=3, open_for=60), None, clock)
+    for _ in range(2):
+        assert guard.admit().allowed
+        guard.record(False)
+    guard.record(True)  # a success resets the count
+    for _ in range(3):
+        assert guard.admit().allowed
+        guard.record(False)
+    assert guard.state == "open"
+    refused = guard.admit()
+    assert not refused.allowed and refused.reopen_in == 60
+
+    clock.now += 30
+    assert guard.admit().reopen_in == 30
+    clock.now += 30
+    assert guard.admit().allowed  # the one probe
+    assert guard.state == "half-open"
+    assert not guard.admit().allowed  # nobody else while the probe is out
+    guard.record(False)
+    assert guard.state == "open"
+
+    clock.now += 60
+    assert guard.admit().allowed
+    guard.record(True)
+    assert guard.state == "closed"
+    assert all(guard.admit().allowed for _ in range(10))
+
+
+def test_no_breaker_always_admits() -> None:
+    guard = Guard("t2", None, None, Clock())
+    for _ in range(100):
+        guard.record(False)
+    assert guard.admit().allowed and guard.state == "closed"
+
+
+async def test_rate_limit_spaces_attempts() -> None:
+    clock = Clock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    guard = Guard("t3", None, 10.0, clock, sleep)
+    for _ in range(30):
+        await guard.throttle()
+    # a burst of one second's worth (10) goes at once; the other 20 wait 0.1 s each
+    assert len(slept) == 20
+    assert abs(sum(slept) - 2.0) < 1e-6
