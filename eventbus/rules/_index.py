@@ -13,17 +13,19 @@ into a trie whose edges are conditions. A node keeps, per field path, one ``Fiel
 satisfies: a dict for exact values, dicts by length for prefixes and suffixes, sorted bound
 tables for numeric ranges, and a short residual list only for what cannot be hashed or sorted
 (wildcard, cidr, anything-but, exists).
-Matching flattens the event once and walks the trie from the root; a node is reached at most
-once, and only through edges the event satisfies, so rules that fail on their first selective
-field are never looked at.
+Matching walks the trie from the root; a node is reached at most once, and only through edges
+the event satisfies, so rules that fail on their first selective field are never looked at.
+The event is not flattened up front: a field is looked up the first time a node asks for it
+and remembered for the rest of the walk, so an event costs the lookups of the fields its walk
+reaches, whatever the size of its payload or the number of paths the patterns mention.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeVar
 
-from eventbus.rules._pattern import CompiledPattern
+from eventbus.rules._pattern import CompiledPattern, values_at
 from eventbus.rules._pattern_ops import (
     EqualsIgnoreCase,
     Exact,
@@ -39,73 +41,41 @@ __all__ = ["PatternIndex"]
 K = TypeVar("K", bound=Hashable)
 
 
-_MISSING = object()
-
-# The field paths some pattern mentions, as a trie of keys: each key maps to the number of its
-# full path and to the keys below it. Paths are numbered once, so flattening an event allocates
-# no path tuples and every later lookup hashes a small int.
-_PathTrie: TypeAlias = dict[str, tuple[int, "_PathTrie"]]
-
-
-def _add_path(trie: _PathTrie, path: tuple[str, ...], ids: dict[tuple[str, ...], int]) -> int:
-    """Put ``path`` and its prefixes in ``trie``; returns the number of ``path``."""
-    for depth, key in enumerate(path):
-        if key not in trie:
-            trie[key] = (ids.setdefault(path[: depth + 1], len(ids)), {})
-        trie = trie[key][1]
-    return ids[path]
+# Per event, what a path holds: ``_UNSEEN`` until first looked up, then ``_ABSENT``, one leaf
+# value, or a list of two or more. Leaf values are never lists (arrays are crossed), so a list
+# is unambiguous, and the common single scalar needs no list allocated for it.
+_UNSEEN = object()
+_ABSENT = object()
 
 
-def _flatten(event: dict[str, Any], trie: _PathTrie) -> dict[int, list[object]]:
-    """Map each wanted leaf path (by number) of ``event`` to its leaf values, without recursion.
+def _lookup(event: dict[str, Any], keys: tuple[str, ...]) -> object:
+    """The leaf values of ``event`` at ``keys``, in the per-event form above.
 
-    Only keys in ``trie`` are looked up, so the cost follows the patterns, not the size of the
-    payload. Arrays (also of objects, also nested) are crossed; objects are not leaves. Agrees
-    with ``values_at`` for every path in the trie.
+    The plain walk down nested objects to one scalar is the common case; anything else (an
+    array on the way or at the end, a dict subclass) defers to ``values_at``, the reference, so
+    the index cannot disagree with ``CompiledPattern.matches`` about which values a path holds.
     """
-    out: dict[int, list[object]] = {}
-    objects: list[tuple[_PathTrie, dict[str, Any]]] = [(trie, event)]
-    while objects:
-        level, obj = objects.pop()
-        for key, (path, below) in level.items():
-            value = obj.get(key, _MISSING)
-            if value is _MISSING:
-                continue
-            if isinstance(value, dict):
-                if below:
-                    objects.append((below, value))
-            elif isinstance(value, list):
-                _cross(value, path, below, objects, out)
-            else:
-                leaves = out.get(path)
-                if leaves is None:
-                    out[path] = [value]
-                else:
-                    leaves.append(value)
-    return out
+    value: object = event
+    for key in keys:
+        if type(value) is not dict:
+            if isinstance(value, list | dict):
+                return _general(event, keys)
+            return _ABSENT
+        value = value.get(key, _ABSENT)
+        if value is _ABSENT:
+            return _ABSENT
+    if isinstance(value, list):
+        return _general(event, keys)
+    if isinstance(value, dict):
+        return _ABSENT
+    return value
 
 
-def _cross(
-    array: list[Any],
-    path: int,
-    below: _PathTrie,
-    objects: list[tuple[_PathTrie, dict[str, Any]]],
-    out: dict[int, list[object]],
-) -> None:
-    """Record the scalars of ``array`` (nested arrays included) at ``path`` and queue its
-    objects for the keys ``below``."""
-    pending = list(array)
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            if below:
-                objects.append((below, value))
-        elif isinstance(value, list):
-            pending.extend(value)
-        elif path in out:
-            out[path].append(value)
-        else:
-            out[path] = [value]
+def _general(event: dict[str, Any], keys: tuple[str, ...]) -> object:
+    values = values_at(event, keys)
+    if not values:
+        return _ABSENT
+    return values[0] if len(values) == 1 else values
 
 
 class _Node:
@@ -115,7 +85,7 @@ class _Node:
 
     def __init__(self) -> None:
         self.children: dict[Leaf, _Node] = {}
-        # Keyed by path number (see ``_add_path``).
+        # Keyed by path number (``PatternIndex._paths``).
         self.fields: dict[int, FieldIndex[_Node]] = {}
         # Children reached because the event has no value at a path ({"exists": false}).
         self.absent: list[tuple[int, _Node]] = []
@@ -199,7 +169,7 @@ class PatternIndex(Generic[K]):
         self._keys: list[K] = []
         slot_of: dict[K, int] = {}
         self._root = _Node()
-        self._paths: _PathTrie = {}
+        # Paths are numbered so that a per-event list, not a dict, remembers their lookups.
         path_ids: dict[tuple[str, ...], int] = {}
         for key, pattern in listed:
             slot = slot_of.get(key)
@@ -209,9 +179,10 @@ class PatternIndex(Generic[K]):
             for conjunction in pattern.alternatives:
                 node = self._root
                 for leaf in sorted(conjunction, key=order):
-                    node = node.child(leaf, _add_path(self._paths, leaf.path, path_ids))
+                    node = node.child(leaf, path_ids.setdefault(leaf.path, len(path_ids)))
                 if slot not in node.ends:
                     node.ends.append(slot)
+        self._paths = tuple(path_ids)
         self._freeze()
 
     def _freeze(self) -> None:
@@ -231,8 +202,10 @@ class PatternIndex(Generic[K]):
         Agrees with testing each pattern's ``matches`` in turn; never raises for a JSON-shaped
         event (unexpected shapes simply do not match).
         """
-        values = _flatten(event, self._paths)
-        get = values.get
+        paths = self._paths
+        # A path is often tested at several nodes (``type`` at the root and under each
+        # ``source``): it is looked up once per event, and only when some node asks for it.
+        seen: list[object] = [_UNSEEN] * len(paths)
         slots: list[int] = []
         stack = [self._root]
         while stack:
@@ -243,21 +216,30 @@ class PatternIndex(Generic[K]):
             # different fields never coincide, and an exact lookup of a single value yields
             # each child once: only the general case needs a set to reach a child only once.
             for path, index, exact in node.edges:
-                found = get(path)
-                if not found:
+                found = seen[path]
+                if found is _UNSEEN:
+                    found = seen[path] = _lookup(event, paths[path])
+                if found is _ABSENT:
                     continue
-                if exact is not None and len(found) == 1:
-                    value = found[0]
+                if type(found) is list:
+                    following: set[_Node] = set()
+                    for value in found:
+                        index.collect(value, following)
+                    stack.extend(following)
+                elif exact is not None:
                     # The key of ``exact_key``, inlined.
-                    hit = exact.get(value if type(value) is str else (type(value), value))
+                    hit = exact.get(found if type(found) is str else (type(found), found))
                     if hit:
                         stack.extend(hit)
                 else:
-                    following: set[_Node] = set()
+                    following = set()
                     index.collect(found, following)
                     stack.extend(following)
             for path, child in node.absent:
-                if path not in values:
+                found = seen[path]
+                if found is _UNSEEN:
+                    found = seen[path] = _lookup(event, paths[path])
+                if found is _ABSENT:
                     stack.append(child)
         if len(slots) < 2:
             return [self._keys[slot] for slot in slots]

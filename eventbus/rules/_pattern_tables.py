@@ -217,26 +217,24 @@ class FieldIndex(Generic[N]):
             steps.append(self._collect_folded)
         self.string_steps = tuple(steps)
 
-    def collect(self, values: list[object], out: set[N]) -> None:
-        """Add to ``out`` every child whose edge condition some value satisfies."""
-        exact = self.exact
-        for value in values:
-            kind = type(value)
-            if exact:
-                # The key of ``exact_key``, inlined.
-                hit = exact.get(value if kind is str else (kind, value))
-                if hit:
-                    out.update(hit)
-            if kind is str:
-                assert isinstance(value, str)
-                for step in self.string_steps:
-                    step(value, out)
-            elif self.numbers is not None and (kind is int or kind is float):
-                assert isinstance(value, int | float)
-                self.numbers.collect(value, out)
-            for matcher, node in self.residual:
-                if node not in out and matcher.test(value):
-                    out.add(node)
+    def collect(self, value: object, out: set[N]) -> None:
+        """Add to ``out`` every child whose edge condition the leaf ``value`` satisfies."""
+        kind = type(value)
+        if self.exact:
+            # The key of ``exact_key``, inlined.
+            hit = self.exact.get(value if kind is str else (kind, value))
+            if hit:
+                out.update(hit)
+        if kind is str:
+            assert isinstance(value, str)
+            for step in self.string_steps:
+                step(value, out)
+        elif self.numbers is not None and (kind is int or kind is float):
+            assert isinstance(value, int | float)
+            self.numbers.collect(value, out)
+        for matcher, node in self.residual:
+            if node not in out and matcher.test(value):
+                out.add(node)
 
     def _collect_folded(self, value: str, out: set[N]) -> None:
         folded = value.casefold()
