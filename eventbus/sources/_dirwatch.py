@@ -22,7 +22,8 @@ from typing import Any
 import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
-from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._base import SourceContext, register_source
+from eventbus.sources._changes import poll_changes
 
 __all__ = ["DirectoryConfig", "DirectorySource"]
 
@@ -55,37 +56,24 @@ class DirectorySource:
     async def run(self, ctx: SourceContext) -> None:
         """Poll until cancelled. A missing directory raises ConfigError; bus or database
         failures are reported in ``ctx.status`` and retried with backoff."""
-        seen: dict[str, Any] | None = None
-        backoff = Backoff(ctx.clock, maximum=max(self.config.interval, 30.0))
-        while True:
-            try:
-                if seen is None:
-                    seen = await ctx.checkpoints.items("f:")
-                await self._poll(ctx, seen)
-            except (BusError, StoreError, OSError) as exc:
-                ctx.report_error(exc)
-                seen = None
-                await backoff.wait()
-                continue
-            backoff.reset()
-            ctx.status.state = "running"
-            await ctx.clock.sleep(self.config.interval)
+        await poll_changes(
+            ctx,
+            prefix="f:",
+            interval=self.config.interval,
+            transient=(BusError, StoreError, OSError),
+            scan=self._scan,
+            order=lambda file: (file[1].st_mtime_ns, file[0]),
+            event=lambda file, known: asyncio.to_thread(self._event, *file, known),
+        )
 
-    async def _poll(self, ctx: SourceContext, seen: dict[str, Any]) -> None:
+    async def _scan(self) -> list[tuple[str, dict[str, int], tuple[str, os.stat_result]]]:
         if not self.root.is_dir():
             raise ConfigError(f"source {self.name!r}: directory {str(self.root)!r} does not exist")
-        changed = await asyncio.to_thread(self._scan, seen)
-        ctx.status.lag = len(changed)
-        for rel, marker, stat in changed:
-            event = await asyncio.to_thread(self._event, rel, marker, stat, "f:" + rel in seen)
-            await ctx.emit(event)
-            await ctx.checkpoints.put("f:" + rel, marker)
-            seen["f:" + rel] = marker
-        ctx.status.lag = 0
+        return await asyncio.to_thread(self._list)
 
-    def _scan(self, seen: dict[str, Any]) -> list[tuple[str, dict[str, int], os.stat_result]]:
-        """Files whose size or mtime differ from their checkpoint, oldest first."""
-        changed = []
+    def _list(self) -> list[tuple[str, dict[str, int], tuple[str, os.stat_result]]]:
+        """Every file matching the pattern with its marker (size, mtime). Runs in a thread."""
+        files = []
         for path in self.root.glob(self.config.pattern):
             try:
                 stat = path.stat()
@@ -94,15 +82,10 @@ class DirectorySource:
             if not path.is_file():
                 continue
             rel = path.relative_to(self.root).as_posix()
-            marker = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            if seen.get("f:" + rel) != marker:
-                changed.append((rel, marker, stat))
-        changed.sort(key=lambda item: (item[1]["mtime_ns"], item[0]))
-        return changed
+            files.append((rel, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, (rel, stat)))
+        return files
 
-    def _event(
-        self, rel: str, marker: dict[str, int], stat: os.stat_result, known: bool
-    ) -> dict[str, Any]:
+    def _event(self, rel: str, stat: os.stat_result, known: bool) -> dict[str, Any]:
         path = self.root / rel
         modified = datetime.fromtimestamp(stat.st_mtime_ns / 1e9, UTC)
         data: dict[str, Any] = {
@@ -118,7 +101,7 @@ class DirectorySource:
         return {
             "specversion": "1.0",
             # The file version names the event, so a re-emitted one has the same id.
-            "id": str(uuid.uuid5(_NAMESPACE, f"{path}#{marker['size']}@{marker['mtime_ns']}")),
+            "id": str(uuid.uuid5(_NAMESPACE, f"{path}#{stat.st_size}@{stat.st_mtime_ns}")),
             "source": f"urn:eventbus:source:{self.name}",
             "type": "eventbus.file.modified" if known else "eventbus.file.created",
             "subject": rel,

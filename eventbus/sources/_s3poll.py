@@ -25,7 +25,8 @@ import botocore.exceptions
 import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
-from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._base import SourceContext, register_source
+from eventbus.sources._changes import poll_changes
 from eventbus.sources._s3notify import s3_event
 
 __all__ = ["S3PollConfig", "S3PollSource"]
@@ -80,41 +81,26 @@ class S3PollSource:
         """Poll until cancelled. Transient failures (bucket or bus unreachable) are reported in
         ``ctx.status`` and retried with backoff; a missing bucket or denied access raises
         ConfigError (the runner marks the source failed)."""
-        seen: dict[str, Any] | None = None
-        backoff = Backoff(ctx.clock, maximum=max(self.config.interval, 30.0))
-        while True:
-            try:
-                if seen is None:
-                    seen = await ctx.checkpoints.items("o:")
-                await self._poll(ctx, seen)
-            except (_BucketError, BusError, StoreError) as exc:
-                # Progress is rebuilt from checkpoints, so nothing half-done is trusted.
-                ctx.report_error(exc)
-                seen = None
-                await backoff.wait()
-                continue
-            backoff.reset()
-            ctx.status.state = "running"
-            await ctx.clock.sleep(self.config.interval)
+        await poll_changes(
+            ctx,
+            prefix="o:",
+            interval=self.config.interval,
+            transient=(_BucketError, BusError, StoreError),
+            scan=self._scan,
+            order=lambda obj: (obj["LastModified"], obj["Key"]),
+            event=self._event,
+        )
 
-    async def _poll(self, ctx: SourceContext, seen: dict[str, Any]) -> None:
-        pages = await asyncio.to_thread(self._list_all)
-        changed = []
-        for obj in pages:
-            marker = {"etag": obj["ETag"], "last_modified": obj["LastModified"].isoformat()}
-            if seen.get("o:" + obj["Key"]) != marker:
-                changed.append((obj, marker))
-        remaining = len(changed)
-        ctx.status.lag = remaining
-        # Oldest first, so consumers see uploads in the order they happened.
-        changed.sort(key=lambda item: (item[0]["LastModified"], item[0]["Key"]))
-        for obj, marker in changed:
-            await ctx.emit(self._event(obj))
-            key = "o:" + obj["Key"]
-            await ctx.checkpoints.put(key, marker)
-            seen[key] = marker
-            remaining -= 1
-            ctx.status.lag = remaining
+    async def _scan(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+        objects = await asyncio.to_thread(self._list_all)
+        return [
+            (
+                obj["Key"],
+                {"etag": obj["ETag"], "last_modified": obj["LastModified"].isoformat()},
+                obj,
+            )
+            for obj in objects
+        ]
 
     def _list_all(self) -> list[dict[str, Any]]:
         """Every object under the prefix (all pages). Runs in a worker thread."""
@@ -138,7 +124,8 @@ class S3PollSource:
         except botocore.exceptions.BotoCoreError as exc:
             raise _BucketError(f"listing bucket {self.config.bucket!r}: {exc}") from exc
 
-    def _event(self, obj: dict[str, Any]) -> dict[str, Any]:
+    async def _event(self, obj: dict[str, Any], known: bool) -> dict[str, Any]:
+        # ``known`` is not asked: S3 reports an overwritten object as ObjectCreated:Put too.
         modified: datetime = obj["LastModified"].astimezone(UTC)
         etag = obj["ETag"].strip('"')
         record = {
