@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, Generic, TypeVar
 
 import nats
 import nats.errors
@@ -81,13 +82,20 @@ async def _connect(url: str, closed: asyncio.Event) -> Client:
     )
 
 
-@register_source("nats", NatsSourceConfig)
-class NatsSource:
-    """Subscribes to core NATS subjects; at-most-once (see the module docstring)."""
+_C = TypeVar("_C", bound=NatsSourceConfig | JetStreamSourceConfig)
 
-    def __init__(self, name: str, config: NatsSourceConfig) -> None:
+
+class _NatsConsumer(ABC, Generic[_C]):
+    """What both NATS sources share: one connection per consume, reconnected with backoff.
+
+    A subclass's ``_serve`` reads and delivers until the connection closes, calling
+    ``backoff.reset()`` once it is reading.
+    """
+
+    type: str
+
+    def __init__(self, name: str, config: _C) -> None:
         self.name = name
-        self.type = "nats"
         self.config = config
 
     async def run(self, ctx: SourceContext) -> None:
@@ -98,19 +106,36 @@ class NatsSource:
         closed = asyncio.Event()
         nc = await _connect(self.config.url, closed)
         try:
-
-            async def handle(msg: Msg) -> None:
-                await self._deliver(ctx, msg)
-
-            for subject in self.config.subjects:
-                await nc.subscribe(subject, queue=self.config.queue_group or "", cb=handle)
-            await nc.flush()
-            ctx.status.state = "running"
-            backoff.reset()
-            await closed.wait()
+            await self._serve(ctx, nc, closed, backoff)
         finally:
             await nc.close()
         raise ConnectionError(f"connection to {self.config.url} closed")
+
+    @abstractmethod
+    async def _serve(
+        self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
+    ) -> None:
+        """Read from ``nc`` and deliver until ``closed`` is set."""
+
+
+@register_source("nats", NatsSourceConfig)
+class NatsSource(_NatsConsumer[NatsSourceConfig]):
+    """Subscribes to core NATS subjects; at-most-once (see the module docstring)."""
+
+    type = "nats"
+
+    async def _serve(
+        self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
+    ) -> None:
+        async def handle(msg: Msg) -> None:
+            await self._deliver(ctx, msg)
+
+        for subject in self.config.subjects:
+            await nc.subscribe(subject, queue=self.config.queue_group or "", cb=handle)
+        await nc.flush()
+        ctx.status.state = "running"
+        backoff.reset()
+        await closed.wait()
 
     async def _deliver(self, ctx: SourceContext, msg: Msg) -> None:
         def convert() -> list[dict[str, Any]]:
@@ -130,53 +155,42 @@ class NatsSource:
 
 
 @register_source("jetstream", JetStreamSourceConfig)
-class JetStreamSource:
+class JetStreamSource(_NatsConsumer[JetStreamSourceConfig]):
     """Reads a durable pull consumer; acks after publishing (at-least-once)."""
 
-    def __init__(self, name: str, config: JetStreamSourceConfig) -> None:
-        self.name = name
-        self.type = "jetstream"
-        self.config = config
+    type = "jetstream"
 
-    async def run(self, ctx: SourceContext) -> None:
-        """Consume until cancelled; reconnects with backoff when the server goes away."""
-        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), _TRANSIENT)
-
-    async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
-        closed = asyncio.Event()
-        nc = await _connect(self.config.url, closed)
-        try:
-            psub = await nc.jetstream().pull_subscribe(
-                self.config.subject or "",
-                durable=self.config.durable or f"eventbus-source-{self.name}",
-                stream=self.config.stream,
-                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
-            )
-            ctx.status.state = "running"
-            backoff.reset()
-            while not closed.is_set():
+    async def _serve(
+        self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
+    ) -> None:
+        psub = await nc.jetstream().pull_subscribe(
+            self.config.subject or "",
+            durable=self.config.durable or f"eventbus-source-{self.name}",
+            stream=self.config.stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+        )
+        ctx.status.state = "running"
+        backoff.reset()
+        while not closed.is_set():
+            try:
+                batch = await psub.fetch(self.config.batch, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            for i, msg in enumerate(batch):
                 try:
-                    batch = await psub.fetch(self.config.batch, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue
-                for i, msg in enumerate(batch):
-                    try:
-                        await self._deliver(ctx, msg)
-                    except (BusError, StoreError) as exc:
-                        # Give back everything not yet on the bus; it is redelivered after the
-                        # backoff, in order, to this or another instance.
-                        for rest in batch[i:]:
-                            await rest.nak()
-                        ctx.report_error(exc)
-                        await backoff.wait()
-                        break
-                    await msg.ack()
-                    ctx.status.lag = msg.metadata.num_pending
-                else:
-                    backoff.reset()
-        finally:
-            await nc.close()
-        raise ConnectionError(f"connection to {self.config.url} closed")
+                    await self._deliver(ctx, msg)
+                except (BusError, StoreError) as exc:
+                    # Give back everything not yet on the bus; it is redelivered after the
+                    # backoff, in order, to this or another instance.
+                    for rest in batch[i:]:
+                        await rest.nak()
+                    ctx.report_error(exc)
+                    await backoff.wait()
+                    break
+                await msg.ack()
+                ctx.status.lag = msg.metadata.num_pending
+            else:
+                backoff.reset()
 
     async def _deliver(self, ctx: SourceContext, msg: Msg) -> None:
         meta = msg.metadata
