@@ -106,7 +106,8 @@ class Guard:
                 now = self._clock()
                 self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
                 self._refilled = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                # the epsilon keeps float rounding (0.1 * 10 == 0.9999...) from looping forever
+                if self._tokens >= 1.0 - 1e-9:
+                    self._tokens = max(self._tokens - 1.0, 0.0)
                     return
-                await self._sleep((1.0 - self._tokens) / self._rate)
+                await self._sleep(max((1.0 - self._tokens) / self._rate, 1e-3))
