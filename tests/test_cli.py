@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -97,3 +98,26 @@ async def test_cli_errors_are_one_line() -> None:
     assert code == 1 and "--data is not valid JSON" in err
     code, _, err = await _cli("serve", "--config", "/nonexistent.yaml")
     assert code == 1 and "cannot read settings" in err and "Traceback" not in err
+
+
+async def test_serve_refuses_bad_rules_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "connectors").mkdir()
+    (tmp_path / "connectors" / "t.yaml").write_text(
+        "targets:\n  - {name: fn, type: http, url: 'http://127.0.0.1:1/'}\n"
+    )
+    (tmp_path / "rules" / "r.yaml").write_text(
+        "- name: ok\n  targets: [fn]\n"
+        "- name: bad-cel\n  when: 'event.data.x >'\n  targets: [fn]\n"
+        "- name: bad-target\n  targets: [nope]\n"
+    )
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(
+        f"rules: {tmp_path / 'rules'}\nconnectors: {tmp_path / 'connectors'}\n"
+        f"data_dir: {tmp_path / 'data'}\n"
+    )
+    code, _, err = await _cli("serve", "--config", str(cfg))
+    assert code == 1 and "Traceback" not in err
+    assert "r.yaml:4" in err and "bad-cel" in err
+    assert "r.yaml:7" in err and "nope" in err
+    assert not (tmp_path / "data").exists()  # nothing was started
