@@ -91,8 +91,7 @@ def write_section(title: str, body: str) -> None:
             new += ["\n", *notes]
             while new[-1] == "\n":
                 new.pop()
-        tail = ["\n", *lines[end:]] if end < len(lines) else []
-        lines[start:end] = new + tail
+        lines[start:end] = new + (["\n"] if end < len(lines) else [])
     else:
         if lines and lines[-1].strip():
             lines.append("\n")
