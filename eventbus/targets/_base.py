@@ -9,11 +9,22 @@ failing endpoint cannot unwind the router.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-__all__ = ["MAX_ERROR_CHARS", "Outcome", "Target", "failure", "truncate_error"]
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "Outcome",
+    "Target",
+    "failure",
+    "send_once",
+    "trace_attempt",
+    "truncate_error",
+]
 
 MAX_ERROR_CHARS = 1024
 """``Outcome.error`` is truncated to this length so audit rows and dead letters stay small."""
@@ -53,6 +64,43 @@ def failure(error: str, duration_ms: float, *, retryable: bool) -> Outcome:
         duration_ms=duration_ms,
         error=truncate_error(error),
         retryable=retryable,
+        retry_after=None,
+    )
+
+
+def trace_attempt(
+    log: logging.Logger, target: str, event_id: Any, attempt: int, outcome: Outcome
+) -> None:
+    """Log a failed attempt at debug level; a delivered one is not logged (audit records both)."""
+    if not outcome.delivered:
+        log.debug(
+            "target %s: event %s attempt %d failed: %s", target, event_id, attempt, outcome.error
+        )
+
+
+async def send_once(
+    send: Callable[[], Awaitable[None]],
+    *,
+    errors: tuple[type[Exception], ...],
+    outcome_from_error: Callable[[Exception, float], Outcome],
+) -> Outcome:
+    """Run ``send`` once, timed, and report it as an ``Outcome``.
+
+    For transports without a status (Kafka, NATS): delivered when ``send`` returns; when it
+    raises one of ``errors``, whatever ``outcome_from_error(exc, duration_ms)`` makes of it.
+    Other exceptions propagate. ``send`` bounds itself (``asyncio.timeout``).
+    """
+    start = time.perf_counter()
+    try:
+        await send()
+    except errors as exc:
+        return outcome_from_error(exc, (time.perf_counter() - start) * 1000)
+    return Outcome(
+        delivered=True,
+        status=None,
+        duration_ms=(time.perf_counter() - start) * 1000,
+        error=None,
+        retryable=False,
         retry_after=None,
     )
 

@@ -27,7 +27,13 @@ from yarl import URL
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import from_http, to_http
-from eventbus.targets._base import MAX_ERROR_CHARS, Outcome, failure, truncate_error
+from eventbus.targets._base import (
+    MAX_ERROR_CHARS,
+    Outcome,
+    failure,
+    trace_attempt,
+    truncate_error,
+)
 from eventbus.targets._signing import decode_secret, signature
 
 __all__ = ["HttpTarget", "HttpTargetConfig", "parse_retry_after"]
@@ -231,14 +237,7 @@ class HttpTarget:
                 outcome = _outcome_from_error(
                     exc, (time.perf_counter() - start) * 1000, self.config.timeout
                 )
-        if not outcome.delivered:
-            log.debug(
-                "target %s: event %s attempt %d failed: %s",
-                self.name,
-                msg_id,
-                attempt,
-                outcome.error,
-            )
+        trace_attempt(log, self.name, msg_id, attempt, outcome)
         return outcome
 
     def _classify(

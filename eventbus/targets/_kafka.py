@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -31,7 +30,7 @@ from jsonpath_ng.ext import parse as parse_jsonpath
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_kafka
-from eventbus.targets._base import Outcome, failure
+from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
 __all__ = ["KafkaTarget", "KafkaTargetConfig"]
@@ -163,9 +162,9 @@ class KafkaTarget:
         self.config = config
         self._servers = ",".join(servers)
         self._structured = config.mode == "structured"
-        self._open = False
         self._producer = LazyClient(
             self._start,
+            owner=f"Kafka target {self.name!r}",
             usable=lambda _: True,
             log=log,
             failed=f"Kafka target {self.name}: cannot start the producer",
@@ -178,10 +177,7 @@ class KafkaTarget:
         A broker that cannot be reached is logged, not raised: deliveries retry the start and
         fail as retryable outcomes meanwhile. Raises ``RuntimeError`` if already open.
         """
-        if self._open:
-            raise RuntimeError(f"Kafka target {self.name!r} is already open")
-        self._open = True
-        self._producer.begin()
+        self._producer.open()
         return self
 
     async def __aexit__(
@@ -191,7 +187,6 @@ class KafkaTarget:
         tb: TracebackType | None,
     ) -> None:
         """Stop a pending start, then flush and stop the producer (errors are logged)."""
-        self._open = False
         producer = await self._producer.close()
         if producer is not None:
             try:
@@ -243,34 +238,23 @@ class KafkaTarget:
         Never raises for a delivery failure (those are ``Outcome`` values, ``status`` None);
         raises ``RuntimeError`` if called outside ``async with``.
         """
-        if not self._open:
-            raise RuntimeError(f"Kafka target {self.name!r} is not open: use 'async with'")
+        self._producer.check_open()
         try:
             key, headers, value = self._record(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
             return failure(f"cannot build the record: {exc}", 0.0, retryable=False)
-        start = time.perf_counter()
-        try:
+
+        async def send() -> None:
             async with asyncio.timeout(self.config.timeout):
                 producer = await self._producer.get()
                 sent = await producer.send(self.config.topic, value, key=key, headers=headers)
                 await sent
-        except (kerr.KafkaError, OSError, TimeoutError) as exc:
-            outcome = _outcome_from_error(exc, (time.perf_counter() - start) * 1000, self.config)
-            log.debug(
-                "target %s: event %s attempt %d failed: %s",
-                self.name,
-                event.get("id"),
-                attempt,
-                outcome.error,
-            )
-            return outcome
-        return Outcome(
-            delivered=True,
-            status=None,
-            duration_ms=(time.perf_counter() - start) * 1000,
-            error=None,
-            retryable=False,
-            retry_after=None,
+
+        outcome = await send_once(
+            send,
+            errors=(kerr.KafkaError, OSError, TimeoutError),
+            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, self.config),
         )
+        trace_attempt(log, self.name, event.get("id"), attempt, outcome)
+        return outcome

@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 class LazyClient(Generic[T]):
-    """One client of type ``T``, started in the background by ``start``.
+    """One client of type ``T``, started in the background by ``start`` while ``owner`` is open.
 
     ``start`` makes a started client or raises (and cleans up after itself); ``usable`` says
     whether a started client can still be used (a lost connection cannot). A failed start is
@@ -34,22 +34,36 @@ class LazyClient(Generic[T]):
         self,
         start: Callable[[], Awaitable[T]],
         *,
+        owner: str,
         usable: Callable[[T], bool],
         log: logging.Logger,
         failed: str,
         task_name: str,
     ) -> None:
         self._start = start
+        self._owner = owner
         self._usable = usable
         self._log = log
         self._failed = failed
         self._task_name = task_name
         self._client: T | None = None
         self._task: asyncio.Task[T] | None = None
+        self._open = False
 
-    def begin(self) -> None:
-        """Begin a start in the background; never raises for a failing start (it is logged)."""
+    def open(self) -> None:
+        """Begin a start in the background and return at once.
+
+        Never raises for a failing start (it is logged); raises ``RuntimeError`` if already open.
+        """
+        if self._open:
+            raise RuntimeError(f"{self._owner} is already open")
+        self._open = True
         self._begin()
+
+    def check_open(self) -> None:
+        """Raises ``RuntimeError`` unless open (the owner is used outside ``async with``)."""
+        if not self._open:
+            raise RuntimeError(f"{self._owner} is not open: use 'async with'")
 
     async def get(self) -> T:
         """The started client, joining the start in progress or beginning a new one.
@@ -68,10 +82,11 @@ class LazyClient(Generic[T]):
         return await asyncio.shield(task)
 
     async def close(self) -> T | None:
-        """Cancel a pending start and hand back the client, if any, for the caller to stop.
+        """Close: cancel a pending start and hand back the client, if any, for the caller to stop.
 
         Never raises for the start: its failure has already been logged.
         """
+        self._open = False
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -39,7 +38,7 @@ from nats.aio.client import Client
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
-from eventbus.targets._base import Outcome, failure
+from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
 __all__ = ["NatsTarget", "NatsTargetConfig"]
@@ -151,9 +150,9 @@ class NatsTarget:
         self.config = config
         self._servers = servers
         self._structured = config.mode == "structured"
-        self._open = False
         self._nc = LazyClient(
             self._connect,
+            owner=f"NATS target {self.name!r}",
             usable=lambda nc: nc.is_connected,
             log=log,
             failed=f"NATS target {self.name}: cannot connect to {config.url}",
@@ -166,10 +165,7 @@ class NatsTarget:
         A server that cannot be reached is logged, not raised: deliveries retry the connection
         and fail as retryable outcomes meanwhile. Raises ``RuntimeError`` if already open.
         """
-        if self._open:
-            raise RuntimeError(f"NATS target {self.name!r} is already open")
-        self._open = True
-        self._nc.begin()
+        self._nc.open()
         return self
 
     async def __aexit__(
@@ -179,7 +175,6 @@ class NatsTarget:
         tb: TracebackType | None,
     ) -> None:
         """Stop a pending connect, then flush and close the connection (errors are logged)."""
-        self._open = False
         nc = await self._nc.close()
         if nc is not None and not nc.is_closed:
             try:
@@ -243,16 +238,15 @@ class NatsTarget:
         Never raises for a delivery failure (those are ``Outcome`` values, ``status`` None);
         raises ``RuntimeError`` if called outside ``async with``.
         """
-        if not self._open:
-            raise RuntimeError(f"NATS target {self.name!r} is not open: use 'async with'")
+        self._nc.check_open()
         try:
             headers, body = self._message(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
             return failure(f"cannot build the message: {exc}", 0.0, retryable=False)
         cfg = self.config
-        start = time.perf_counter()
-        try:
+
+        async def send() -> None:
             async with asyncio.timeout(cfg.timeout):
                 nc = await self._nc.get()
                 if cfg.jetstream:
@@ -261,21 +255,11 @@ class NatsTarget:
                 else:
                     await nc.publish(cfg.subject, body, headers=headers)
                     await nc.flush(timeout=math.ceil(cfg.timeout))
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            outcome = _outcome_from_error(exc, (time.perf_counter() - start) * 1000, cfg)
-            log.debug(
-                "target %s: event %s attempt %d failed: %s",
-                self.name,
-                event.get("id"),
-                attempt,
-                outcome.error,
-            )
-            return outcome
-        return Outcome(
-            delivered=True,
-            status=None,
-            duration_ms=(time.perf_counter() - start) * 1000,
-            error=None,
-            retryable=False,
-            retry_after=None,
+
+        outcome = await send_once(
+            send,
+            errors=(nats.errors.Error, OSError, TimeoutError),
+            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
         )
+        trace_attempt(log, self.name, event.get("id"), attempt, outcome)
+        return outcome

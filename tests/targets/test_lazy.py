@@ -39,6 +39,7 @@ class _Starter:
 def _lazy(starter: _Starter) -> LazyClient[_Conn]:
     return LazyClient(
         starter,
+        owner="test client",
         usable=lambda conn: conn.alive,
         log=log,
         failed="test client: cannot start",
@@ -50,7 +51,7 @@ async def test_concurrent_callers_share_one_start() -> None:
     starter = _Starter()
     starter.gate.clear()
     client = _lazy(starter)
-    client.begin()
+    client.open()
     waiting = [asyncio.create_task(client.get()) for _ in range(5)]
     await asyncio.sleep(0)
     starter.gate.set()
@@ -103,7 +104,20 @@ async def test_close_cancels_a_pending_start_and_returns_nothing() -> None:
     starter = _Starter()
     starter.gate.clear()
     client = _lazy(starter)
-    client.begin()
+    client.open()
     await asyncio.sleep(0)
     assert await client.close() is None
     assert await client.close() is None
+
+
+async def test_open_twice_and_use_before_open_are_errors() -> None:
+    client = _lazy(_Starter())
+    with pytest.raises(RuntimeError, match="test client is not open"):
+        client.check_open()
+    client.open()
+    client.check_open()
+    with pytest.raises(RuntimeError, match="test client is already open"):
+        client.open()
+    await client.close()
+    with pytest.raises(RuntimeError, match="not open"):
+        client.check_open()
