@@ -46,6 +46,8 @@ K = TypeVar("K", bound=Hashable)
 # is unambiguous, and the common single scalar needs no list allocated for it.
 _UNSEEN = object()
 _ABSENT = object()
+# What JSON leaves are; any other value found at a top-level key goes the general way.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _lookup(event: dict[str, Any], keys: tuple[str, ...]) -> object:
@@ -79,41 +81,61 @@ def _general(event: dict[str, Any], keys: tuple[str, ...]) -> object:
 
 
 class _Node:
-    """A trie node: conditions leading further (per path), and the entries that end here."""
+    """A trie node as the walk reads it: the entries that end here and the edges leaving it.
 
-    __slots__ = ("absent", "children", "edges", "ends", "fields")
+    Immutable once built; nodes without ends or absence edges share the empty tuple, so the
+    walk touches as little memory as possible (at 10,000 rules the index is megabytes, and
+    cache misses, not instructions, are much of the cost of an event).
+    """
+
+    __slots__ = ("absent", "edges", "ends")
 
     def __init__(self) -> None:
-        self.children: dict[Leaf, _Node] = {}
-        # Keyed by path number (``PatternIndex._paths``).
-        self.fields: dict[int, FieldIndex[_Node]] = {}
+        self.ends: tuple[int, ...] = ()
+        # Per path number (``PatternIndex._paths``): the field's index, and its exact-value
+        # dict when that is all it holds (the walk then looks the value up inline).
+        self.edges: tuple[tuple[int, FieldIndex[_Node], dict[object, list[_Node]] | None], ...] = ()
         # Children reached because the event has no value at a path ({"exists": false}).
+        self.absent: tuple[tuple[int, _Node], ...] = ()
+
+
+class _Draft:
+    """A node while the index is built: what it takes to insert conditions, dropped after."""
+
+    __slots__ = ("absent", "children", "ends", "fields", "node")
+
+    def __init__(self) -> None:
+        self.node = _Node()
+        self.children: dict[Leaf, _Draft] = {}
+        self.fields: dict[int, FieldIndex[_Node]] = {}
         self.absent: list[tuple[int, _Node]] = []
         self.ends: list[int] = []
-        # ``fields`` as the matching loop reads it (set by ``freeze``): path number, index, and
-        # the index's exact-value dict when that is all it holds.
-        self.edges: tuple[tuple[int, FieldIndex[_Node], dict[object, list[_Node]] | None], ...] = ()
 
-    def freeze(self) -> None:
-        for index in self.fields.values():
-            index.freeze()
-        self.edges = tuple(
-            (path, index, index.exact if index.exact_only else None)
-            for path, index in self.fields.items()
-        )
-
-    def child(self, leaf: Leaf, path: int) -> _Node:
-        node = self.children.get(leaf)
-        if node is None:
-            node = self.children[leaf] = _Node()
+    def child(self, leaf: Leaf, path: int) -> _Draft:
+        draft = self.children.get(leaf)
+        if draft is None:
+            draft = self.children[leaf] = _Draft()
             index = self.fields.get(path)
             if index is None:
                 index = self.fields[path] = FieldIndex[_Node]()
             for matcher in leaf.matchers:
-                index.add(matcher, node)
+                index.add(matcher, draft.node)
             if leaf.absent_ok:
-                self.absent.append((path, node))
-        return node
+                self.absent.append((path, draft.node))
+        return draft
+
+    def freeze(self) -> None:
+        for index in self.fields.values():
+            index.freeze()
+        node = self.node
+        if self.ends:
+            node.ends = tuple(self.ends)
+        if self.absent:
+            node.absent = tuple(self.absent)
+        node.edges = tuple(
+            (path, index, index.exact if index.exact_only else None)
+            for path, index in self.fields.items()
+        )
 
 
 def _rank(leaf: Leaf) -> int:
@@ -168,7 +190,7 @@ class PatternIndex(Generic[K]):
 
         self._keys: list[K] = []
         slot_of: dict[K, int] = {}
-        self._root = _Node()
+        root = _Draft()
         # Paths are numbered so that a per-event list, not a dict, remembers their lookups.
         path_ids: dict[tuple[str, ...], int] = {}
         for key, pattern in listed:
@@ -177,20 +199,18 @@ class PatternIndex(Generic[K]):
                 slot = slot_of[key] = len(self._keys)
                 self._keys.append(key)
             for conjunction in pattern.alternatives:
-                node = self._root
+                draft = root
                 for leaf in sorted(conjunction, key=order):
-                    node = node.child(leaf, path_ids.setdefault(leaf.path, len(path_ids)))
-                if slot not in node.ends:
-                    node.ends.append(slot)
+                    draft = draft.child(leaf, path_ids.setdefault(leaf.path, len(path_ids)))
+                if slot not in draft.ends:
+                    draft.ends.append(slot)
         self._paths = tuple(path_ids)
-        self._freeze()
-
-    def _freeze(self) -> None:
-        stack = [self._root]
+        self._root = root.node
+        stack = [root]
         while stack:
-            node = stack.pop()
-            node.freeze()
-            stack.extend(node.children.values())
+            draft = stack.pop()
+            draft.freeze()
+            stack.extend(draft.children.values())
 
     def __len__(self) -> int:
         """The number of distinct keys."""
@@ -218,7 +238,16 @@ class PatternIndex(Generic[K]):
             for path, index, exact in node.edges:
                 found = seen[path]
                 if found is _UNSEEN:
-                    found = seen[path] = _lookup(event, paths[path])
+                    steps = paths[path]
+                    # Top-level attributes (source, type, subject) are most of the lookups,
+                    # and a plain scalar there needs no function call.
+                    if len(steps) == 1:
+                        found = event.get(steps[0], _ABSENT)
+                        if type(found) not in _SCALARS and found is not _ABSENT:
+                            found = _lookup(event, steps)
+                    else:
+                        found = _lookup(event, steps)
+                    seen[path] = found
                 if found is _ABSENT:
                     continue
                 if type(found) is list:
