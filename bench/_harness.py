@@ -150,6 +150,10 @@ class Processes:
             self._procs.remove(proc)
 
     def stop_all(self) -> None:
+        """Stop every child, newest first; all are asked to stop before any is waited for."""
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
         for proc in reversed(list(self._procs)):
             self.stop(proc)
 

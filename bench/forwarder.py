@@ -64,7 +64,9 @@ async def _nats(args: argparse.Namespace, http: aiohttp.ClientSession, stop: asy
                 )
 
     await _serve(args, publish, consume, stop)
-    await nc.drain()
+    # Not drain(): it waits for the pull subscription's queue to empty, which it never does
+    # once the consumer loop has stopped. Closing flushes the acks already written.
+    await nc.close()
 
 
 async def _kafka(
