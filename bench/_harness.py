@@ -417,7 +417,8 @@ def load_command(
 
 async def run_load(procs: Processes, cmd: list[str], bound: float = 600.0) -> dict[str, Any]:
     """Run the load generator to completion and return its report: ``{sent, accepted,
-    rejected, errors, skipped, started_at, ended_at}``. Raises RuntimeError if it fails."""
+    rejected, errors, skipped, started_at, ended_at, ack_p50_ms, ack_p99_ms}`` (the ack
+    figures: send to 202 answer, accepted requests only). Raises RuntimeError if it fails."""
     proc = procs.start("load", cmd, capture=True)
     try:
         out, _ = await asyncio.to_thread(proc.communicate, None, bound)
@@ -439,6 +440,7 @@ class _Load:
         self.rejected = 0
         self.errors = 0
         self.skipped = 0
+        self.ack_ms: list[float] = []
 
     def body(self) -> bytes:
         n = self.seq
@@ -449,6 +451,7 @@ class _Load:
         return orjson.dumps(event)
 
     async def post(self, http: aiohttp.ClientSession) -> None:
+        started = time.perf_counter()
         try:
             async with http.post(
                 self.url,
@@ -458,6 +461,7 @@ class _Load:
                 await resp.read()
                 if resp.status == 202:
                     self.accepted += 1
+                    self.ack_ms.append((time.perf_counter() - started) * 1000)
                 else:
                     self.rejected += 1
         except (aiohttp.ClientError, TimeoutError):
@@ -502,6 +506,8 @@ async def _load_main(args: argparse.Namespace) -> None:
         "rejected": load.rejected,
         "errors": load.errors,
         "skipped": load.skipped,
+        "ack_p50_ms": _percentile(load.ack_ms, 0.50),
+        "ack_p99_ms": _percentile(load.ack_ms, 0.99),
         "started_at": started,
         "ended_at": time.time(),
     }
