@@ -66,6 +66,8 @@ def _lookup(event: dict[str, Any], keys: tuple[str, ...]) -> object:
         value = value.get(key, _ABSENT)
         if value is _ABSENT:
             return _ABSENT
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, list):
         return _general(event, keys)
     if isinstance(value, dict):

@@ -225,12 +225,11 @@ class FieldIndex(Generic[N]):
             hit = self.exact.get(value if kind is str else (kind, value))
             if hit:
                 out.update(hit)
-        if kind is str:
-            assert isinstance(value, str)
+        # Exact types, as the matchers test them: ``bool`` is an ``int`` but no JSON number.
+        if type(value) is str:
             for step in self.string_steps:
                 step(value, out)
-        elif self.numbers is not None and (kind is int or kind is float):
-            assert isinstance(value, int | float)
+        elif self.numbers is not None and (type(value) is int or type(value) is float):
             self.numbers.collect(value, out)
         for matcher, node in self.residual:
             if node not in out and matcher.test(value):
