@@ -1,10 +1,10 @@
 """The HTTP edge: publish events, inspect the audit trail, rules, dead letters and sources,
 health and metrics.
 
-Where it sits: a thin layer over the running ``Service`` (``eventbus.app``). The ingest route
-reads the raw body (bounded) and parses it with ``eventbus.cloudevents`` (orjson, no pydantic on
-the hot path); a 2xx answer means the event is on the durable bus (guarantee 1). Every error is
-an RFC 9457 problem+json body with a specific ``detail``.
+Where it sits: a thin layer over the running ``Service`` (``eventbus.app``). The ingest routes
+(``POST /events``, ``POST /notifications``) are served as bare ASGI by ``eventbus._ingest`` in
+front of this FastAPI application, which serves the rest. Every error is an RFC 9457
+problem+json body with a specific ``detail``.
 
 Access: with API keys configured, every route but ``/healthz``, ``/readyz`` and ``/metrics``
 needs ``Authorization: Bearer <key>`` (or ``X-API-Key``). Scope ``publish`` may publish;
@@ -13,7 +13,6 @@ needs ``Authorization: Bearer <key>`` (or ``X-API-Key``). Scope ``publish`` may 
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -25,15 +24,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eventbus import metrics
-from eventbus._errors import (
-    BusUnavailable,
-    CloudEventError,
-    ConfigError,
-    EventBusError,
-    RuleSetError,
-    StoreError,
-)
-from eventbus.cloudevents import parse_http
+from eventbus._errors import ConfigError, EventBusError, RuleSetError
+from eventbus._ingest import PROBLEM, Access, ASGIApp, IngestApp, Problem, problem_for
 from eventbus.delivery import DeadLetterFilter
 
 if TYPE_CHECKING:
@@ -42,33 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 log = logging.getLogger("eventbus.api")
-
-PROBLEM = "application/problem+json"
-_ERRORS = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    409: "Conflict",
-    413: "Payload Too Large",
-    415: "Unsupported Media Type",
-    503: "Service Unavailable",
-}
-
-
-class _Problem(Exception):
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        *,
-        title: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.status = status
-        self.detail = detail
-        self.title = title or _ERRORS.get(status, "Error")
-        self.headers = headers or {}
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -80,34 +45,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def _problem(p: _Problem, instance: str) -> Response:
-    body = {
-        "type": "about:blank",
-        "title": p.title,
-        "status": p.status,
-        "detail": p.detail,
-        "instance": instance,
-    }
-    return Response(orjson.dumps(body), status_code=p.status, media_type=PROBLEM, headers=p.headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` without buffering it whole."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise _Problem(413, f"request body of {declared} bytes exceeds {limit} bytes")
-        except ValueError:
-            raise _Problem(400, "invalid Content-Length header") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Problem(413, f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _problem(p: Problem, instance: str) -> Response:
+    return Response(p.body(instance), status_code=p.status, media_type=PROBLEM, headers=p.headers)
 
 
 def _filter(request: Request) -> DeadLetterFilter:
@@ -118,7 +57,7 @@ def _filter(request: Request) -> DeadLetterFilter:
         since = datetime.fromisoformat(q["since"]) if "since" in q else None
         until = datetime.fromisoformat(q["until"]) if "until" in q else None
     except ValueError as exc:
-        raise _Problem(400, f"invalid filter: {exc}") from None
+        raise Problem(400, f"invalid filter: {exc}") from None
     return DeadLetterFilter(
         ids=ids,
         rule=q.get("rule"),
@@ -131,35 +70,11 @@ def _filter(request: Request) -> DeadLetterFilter:
     )
 
 
-def create_app(service: Service) -> FastAPI:
-    """Build the FastAPI application over a started ``service``."""
-    settings = service.settings
-    keys = [(k.key.encode(), set(k.scopes), k.name) for k in settings.api_keys]
-    max_event = settings.max_event_size
-    max_request = max_event * 4
+def create_app(service: Service) -> ASGIApp:
+    """The whole HTTP API over a started ``service``: the bare-ASGI ingest routes
+    (``eventbus._ingest``) in front of a FastAPI application for everything else."""
+    access = Access(service.settings.api_keys, service)
     app = FastAPI(title="eventbus", version="0.1.0", docs_url="/docs", redoc_url=None)
-
-    async def authorize(request: Request, scope: str) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        given = given or request.headers.get("x-api-key", "")
-        remote = request.client.host if request.client else None
-        found = None
-        for key, scopes, name in keys:
-            if given and hmac.compare_digest(given.encode(), key):
-                found = (scopes, name)
-        if found is None:
-            reason = "missing API key" if not given else "invalid API key"
-            await service.store.audit.refused(remote=remote, path=request.url.path, reason=reason)
-            metrics.EVENTS_REJECTED.labels("http", "unauthorized").inc()
-            raise _Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
-        scopes, name = found
-        if scope not in scopes and "admin" not in scopes:
-            reason = f"key {name!r} lacks scope {scope!r}"
-            await service.store.audit.refused(remote=remote, path=request.url.path, reason=reason)
-            raise _Problem(403, reason)
 
     def route(
         method: str, path: str, scope: str | None
@@ -168,31 +83,15 @@ def create_app(service: Service) -> FastAPI:
             async def endpoint(request: Request) -> Response:
                 try:
                     if scope is not None:
-                        await authorize(request, scope)
+                        headers = {k.lower(): v for k, v in request.headers.items()}
+                        remote = request.client.host if request.client else None
+                        await access.check(headers, request.url.path, remote, scope)
                     return await fn(request)
-                except _Problem as p:
-                    return _problem(p, request.url.path)
-                except CloudEventError as exc:
-                    metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
-                    return _problem(
-                        _Problem(exc.status, exc.detail, title=exc.title), request.url.path
-                    )
-                except BusUnavailable as exc:
-                    return _problem(
-                        _Problem(
-                            503,
-                            f"the event bus is unavailable: {exc}",
-                            headers={"Retry-After": "5"},
-                        ),
-                        request.url.path,
-                    )
-                except StoreError as exc:
-                    return _problem(
-                        _Problem(
-                            503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"}
-                        ),
-                        request.url.path,
-                    )
+                except Exception as exc:
+                    problem = problem_for(exc)
+                    if problem is None:
+                        raise
+                    return _problem(problem, request.url.path)
 
             endpoint.__name__ = fn.__name__
             app.add_api_route(path, endpoint, methods=[method], include_in_schema=True)
@@ -200,74 +99,14 @@ def create_app(service: Service) -> FastAPI:
 
         return wrap
 
-    async def publish(events: list[dict[str, Any]], via: str) -> list[BaseException | None]:
-        results = await service.bus.publish_many(events)
-        for event, err in zip(events, results, strict=True):
-            if err is None:
-                metrics.EVENTS_RECEIVED.labels(via).inc()
-                await service.store.audit.event_accepted(event, via=via)
-        return results
-
-    async def ingest(
-        events: list[dict[str, Any] | CloudEventError], batch: bool, via: str
-    ) -> Response:
-        valid = [e for e in events if not isinstance(e, CloudEventError)]
-        results = iter(await publish(valid, via) if valid else [])
-        if not batch:
-            event = events[0]
-            assert not isinstance(event, CloudEventError)
-            err = next(results)
-            if err is not None:
-                raise err
-            return _json({"id": event["id"], "source": event["source"]}, 202)
-        entries: list[dict[str, Any]] = []
-        failed = unavailable = 0
-        for entry in events:
-            if isinstance(entry, CloudEventError):
-                failed += 1
-                entries.append({"status": entry.status, "error": entry.detail})
-                continue
-            err = next(results)
-            if err is None:
-                entries.append({"status": 202, "id": entry["id"], "source": entry["source"]})
-            else:
-                failed += 1
-                unavailable += isinstance(err, BusUnavailable)
-                entries.append(
-                    {
-                        "status": 503 if isinstance(err, BusUnavailable) else 500,
-                        "id": entry["id"],
-                        "source": entry["source"],
-                        "error": str(err),
-                    }
-                )
-        if unavailable and unavailable == len(entries):
-            raise BusUnavailable("no entry of the batch could be stored")
-        return _json({"failed": failed, "entries": entries}, 207 if failed else 202)
-
-    @route("POST", "/events", "publish")
-    async def post_events(request: Request) -> Response:
-        body = await _read_body(request, max_request)
-        parsed = parse_http(request.headers, body, max_size=max_event)
-        return await ingest(parsed.events, parsed.batch, "http")
-
-    @route("POST", "/notifications", "publish")
-    async def post_notifications(request: Request) -> Response:
-        """S3 / MinIO / OSS bucket notifications, one CloudEvent per record."""
-        from eventbus.sources import notification_to_events
-
-        body = await _read_body(request, max_request)
-        events = notification_to_events(body)
-        return await ingest(list(events), True, "http:notification")
-
     @route("GET", "/events/trail", "admin")
     async def event_trail(request: Request) -> Response:
         source, event_id = request.query_params.get("source"), request.query_params.get("id")
         if not source or not event_id:
-            raise _Problem(400, "query parameters 'source' and 'id' are required")
+            raise Problem(400, "query parameters 'source' and 'id' are required")
         trail = await service.store.event_trail(source, event_id)
         if trail is None:
-            raise _Problem(404, f"no event with source {source!r} and id {event_id!r}")
+            raise Problem(404, f"no event with source {source!r} and id {event_id!r}")
         return _json(trail.to_dict())
 
     @route("GET", "/rules", "admin")
@@ -295,11 +134,9 @@ def create_app(service: Service) -> FastAPI:
         try:
             count = service.reload_rules()
         except RuleSetError as exc:
-            raise _Problem(
-                400, str(exc), title="Invalid rule set; the previous one stays"
-            ) from None
+            raise Problem(400, str(exc), title="Invalid rule set; the previous one stays") from None
         except ConfigError as exc:
-            raise _Problem(400, str(exc), title="Invalid connectors") from None
+            raise Problem(400, str(exc), title="Invalid connectors") from None
         return _json({"rules": count})
 
     @route("GET", "/dead-letters", "admin")
@@ -309,7 +146,7 @@ def create_app(service: Service) -> FastAPI:
             limit = min(int(q.get("limit", "100")), 1000)
             after = int(q["after"]) if "after" in q else None
         except ValueError:
-            raise _Problem(400, "limit and after must be integers") from None
+            raise Problem(400, "limit and after must be integers") from None
         items = await service.deliveries.list_dead_letters(
             _filter(request), limit=limit, after_id=after
         )
@@ -321,7 +158,7 @@ def create_app(service: Service) -> FastAPI:
         dl_id = _int_path(request, "dl_id")
         item = await service.deliveries.get_dead_letter(dl_id)
         if item is None:
-            raise _Problem(404, f"no dead letter {dl_id}")
+            raise Problem(404, f"no dead letter {dl_id}")
         return _json(item)
 
     @route("POST", "/dead-letters/{dl_id}/replay", "admin")
@@ -329,7 +166,7 @@ def create_app(service: Service) -> FastAPI:
         dl_id = _int_path(request, "dl_id")
         replayed = await service.replay(DeadLetterFilter(ids=(dl_id,)))
         if not replayed:
-            raise _Problem(404, f"no dead letter {dl_id}")
+            raise Problem(404, f"no dead letter {dl_id}")
         return _json({"replayed": replayed}, 202)
 
     @route("POST", "/dead-letters/replay", "admin")
@@ -343,7 +180,7 @@ def create_app(service: Service) -> FastAPI:
         dl_id = _int_path(request, "dl_id")
         n = await service.deliveries.purge(DeadLetterFilter(ids=(dl_id,)))
         if not n:
-            raise _Problem(404, f"no dead letter {dl_id}")
+            raise Problem(404, f"no dead letter {dl_id}")
         return _json({"purged": n})
 
     @route("DELETE", "/dead-letters", "admin")
@@ -356,7 +193,7 @@ def create_app(service: Service) -> FastAPI:
     async def enable_target(request: Request) -> Response:
         name = request.path_params["name"]
         if not await service.enable_target(name):
-            raise _Problem(404, f"target {name!r} is not disabled")
+            raise Problem(404, f"target {name!r} is not disabled")
         return _json({"enabled": name})
 
     @route("GET", "/targets", "admin")
@@ -397,26 +234,26 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return _problem(_Problem(exc.status_code, str(exc.detail)), request.url.path)
+        return _problem(Problem(exc.status_code, str(exc.detail)), request.url.path)
 
     @app.exception_handler(EventBusError)
     async def bus_error(request: Request, exc: EventBusError) -> Response:
         log.exception("unhandled error on %s", request.url.path)
-        return _problem(_Problem(500, str(exc), title="Internal error"), request.url.path)
+        return _problem(Problem(500, str(exc), title="Internal error"), request.url.path)
 
-    return app
+    return IngestApp(service, app)
 
 
 def _int_path(request: Request, name: str) -> int:
     try:
         return int(request.path_params[name])
     except ValueError:
-        raise _Problem(400, f"{name} must be an integer") from None
+        raise Problem(400, f"{name} must be an integer") from None
 
 
 def _require_filter(flt: DeadLetterFilter, request: Request) -> None:
     if flt == DeadLetterFilter() and request.query_params.get("all") != "true":
-        raise _Problem(
+        raise Problem(
             400,
             "give at least one filter (rule, target, status, reason, since, "
             "until, source, id) or all=true",

@@ -1,0 +1,259 @@
+"""The hot HTTP path: ``POST /events`` and ``POST /notifications`` served as bare ASGI, in front
+of the FastAPI application that serves everything else.
+
+Where it sits: the first thing a published event meets. Measured on the 2-core machine, the
+framework layers around a FastAPI route (middleware stack, routing, request objects) cost more
+CPU than the ingest work itself, so this path reads the body straight from ``receive``
+(bounded), parses it with ``eventbus.cloudevents`` (orjson), publishes it to the durable bus
+and answers; a 2xx means the event is on the bus (guarantee 1).
+
+Also here, shared with the FastAPI routes: ``Problem`` (an RFC 9457 problem+json answer),
+``problem_for`` (which eventbus errors become which answer) and ``Access`` (API keys).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from eventbus import metrics
+from eventbus._errors import BusUnavailable, CloudEventError, StoreError
+from eventbus.cloudevents import parse_http
+from eventbus.config import ApiKey
+
+if TYPE_CHECKING:
+    from eventbus.app import Service
+
+__all__ = ["PROBLEM", "Access", "IngestApp", "Problem", "problem_for"]
+
+PROBLEM = "application/problem+json"
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    500: "Internal error",
+    503: "Service Unavailable",
+}
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class Problem(Exception):
+    """An error answer: status, a specific detail, optional headers."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title or _TITLES.get(status, "Error")
+        self.headers = headers or {}
+
+    def body(self, instance: str) -> bytes:
+        return orjson.dumps(
+            {
+                "type": "about:blank",
+                "title": self.title,
+                "status": self.status,
+                "detail": self.detail,
+                "instance": instance,
+            }
+        )
+
+
+def problem_for(exc: Exception) -> Problem | None:
+    """The answer for an error an API operation may raise on purpose; None for the others."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, CloudEventError):
+        metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
+        return Problem(exc.status, exc.detail, title=exc.title)
+    if isinstance(exc, BusUnavailable):
+        return Problem(503, f"the event bus is unavailable: {exc}", headers={"Retry-After": "5"})
+    if isinstance(exc, StoreError):
+        return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
+    return None
+
+
+class Access:
+    """API keys with scopes ``publish`` and ``admin``; no keys configured means open access.
+
+    ``check`` raises Problem 401 (no or unknown key) or 403 (key without the scope) and
+    audits the refusal."""
+
+    def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
+        self._keys = [(k.key.encode(), frozenset(k.scopes), k.name) for k in keys]
+        self._service = service
+
+    async def check(
+        self, headers: Mapping[str, str], path: str, remote: str | None, scope: str
+    ) -> None:
+        """``headers`` with lower-case names."""
+        if not self._keys:
+            return
+        header = headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        given = given or headers.get("x-api-key", "")
+        found = None
+        for key, scopes, name in self._keys:
+            # compare against every key, so timing does not tell which prefix matched
+            if given and hmac.compare_digest(given.encode(), key):
+                found = (scopes, name)
+        audit = self._service.store.audit
+        if found is None:
+            reason = "missing API key" if not given else "invalid API key"
+            await audit.refused(remote=remote, path=path, reason=reason)
+            metrics.EVENTS_REJECTED.labels("http", "unauthorized").inc()
+            raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
+        scopes, name = found
+        if scope not in scopes and "admin" not in scopes:
+            reason = f"key {name!r} lacks scope {scope!r}"
+            await audit.refused(remote=remote, path=path, reason=reason)
+            raise Problem(403, reason)
+
+
+async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` without buffering it whole."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Problem(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise Problem(413, f"request body of {declared} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "the client went away before the body was read")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class IngestApp:
+    """ASGI: serves the ingest routes itself and hands every other request to ``fallback``."""
+
+    def __init__(self, service: Service, fallback: ASGIApp) -> None:
+        self._service = service
+        self._fallback = fallback
+        self._access = Access(service.settings.api_keys, service)
+        self._max_event = service.settings.max_event_size
+        self._max_request = self._max_event * 4
+        self._routes: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[Any]]] = {
+            "/events": self._events,
+            "/notifications": self._notifications,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if handler is None:
+            await self._fallback(scope, receive, send)
+            return
+        path = scope["path"]
+        status, extra, body, media = 200, {}, b"", "application/json"
+        try:
+            if scope["method"] != "POST":
+                raise Problem(405, f"{path} accepts POST only", headers={"Allow": "POST"})
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            client = scope.get("client")
+            await self._access.check(headers, path, client[0] if client else None, "publish")
+            raw = await _read_body(receive, headers, self._max_request)
+            status, payload = await handler(headers, raw)
+            body = orjson.dumps(payload)
+        except Exception as exc:
+            problem = problem_for(exc)
+            if problem is None:
+                raise
+            status, extra, media = problem.status, problem.headers, PROBLEM
+            body = problem.body(path)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", media.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _events(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+        parsed = parse_http(headers, raw, max_size=self._max_event)
+        return await self._accept(parsed.events, parsed.batch, "http")
+
+    async def _notifications(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+        """S3 / MinIO / OSS bucket notifications, one CloudEvent per record."""
+        from eventbus.sources import notification_to_events
+
+        events: list[dict[str, Any] | CloudEventError] = list(notification_to_events(raw))
+        return await self._accept(events, True, "http:notification")
+
+    async def _accept(
+        self, events: list[dict[str, Any] | CloudEventError], batch: bool, via: str
+    ) -> tuple[int, Any]:
+        """Publish the valid events; answer for one event, or per entry (like PutEvents)."""
+        valid = [e for e in events if not isinstance(e, CloudEventError)]
+        outcomes = await self._service.bus.publish_many(valid) if valid else []
+        audit = self._service.store.audit
+        for event, err in zip(valid, outcomes, strict=True):
+            if err is None:
+                metrics.EVENTS_RECEIVED.labels(via).inc()
+                await audit.event_accepted(event, via=via)
+        results = iter(outcomes)
+        if not batch:
+            (single,) = valid  # a single bad event raised in parse_http already
+            err = next(results)
+            if err is not None:
+                raise err
+            return 202, {"id": single["id"], "source": single["source"]}
+        entries: list[dict[str, Any]] = []
+        failed = unavailable = 0
+        for entry in events:
+            if isinstance(entry, CloudEventError):
+                failed += 1
+                entries.append({"status": entry.status, "error": entry.detail})
+                continue
+            err = next(results)
+            if err is None:
+                entries.append({"status": 202, "id": entry["id"], "source": entry["source"]})
+                continue
+            failed += 1
+            down = isinstance(err, BusUnavailable)
+            unavailable += down
+            entries.append(
+                {
+                    "status": 503 if down else 500,
+                    "id": entry["id"],
+                    "source": entry["source"],
+                    "error": str(err),
+                }
+            )
+        if unavailable and unavailable == len(entries):
+            raise BusUnavailable("no entry of the batch could be stored")
+        return (207 if failed else 202), {"failed": failed, "entries": entries}
