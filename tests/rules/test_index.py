@@ -187,3 +187,20 @@ def test_nan_from_a_lenient_json_parser_matches_no_numeric_condition() -> None:
     event = {"n": float("nan")}
     assert [k for k, p in entries if p.matches(event)] == ["but"]
     assert PatternIndex(entries).match(event) == ["but"]
+
+
+def test_a_field_tested_at_several_nodes_is_read_the_same_everywhere() -> None:
+    # ``type`` is tested at the root (rule "t"), under ``source`` (rules "st", "sa") and for
+    # absence; the walk looks it up once and must reuse that value (scalar, array, object,
+    # missing) at every node.
+    entries = [
+        ("t", compile_pattern({"type": ["x"]})),
+        ("st", compile_pattern({"source": ["s"], "type": ["x", "y"]})),
+        ("sa", compile_pattern({"source": ["s"], "type": [{"exists": False}]})),
+        ("sp", compile_pattern({"source": ["s"], "type": [{"prefix": "y"}]})),
+        ("n", compile_pattern({"data": {"type": [{"numeric": [">", 1]}]}})),
+    ]
+    index = PatternIndex(entries)
+    for value in ("x", "y", ["y", "x"], [], {"type": "x"}, None, 2, [[["x"]]]):
+        for event in ({"source": "s", "type": value}, {"source": "s", "data": {"type": value}}):
+            assert index.match(event) == [k for k, p in entries if p.matches(event)], event
