@@ -5,10 +5,11 @@ SIGTERM/SIGINT stop the HTTP server first (no new events accepted), then the ser
 down gracefully: in-flight deliveries finish, nothing undelivered is acknowledged.
 
 Several processes (``--workers N``, to use more than one core): the parent starts the embedded
-nats-server and PostgreSQL if no URLs are configured, binds the listening socket once, and
-runs N worker processes that share it and share the work through the bus's durable consumer
-(or consumer group). Sources run in the first worker only. The parent forwards SIGTERM to the
-workers, restarts one that dies, and stops the embedded servers last.
+nats-server and PostgreSQL if no URLs are configured and runs N worker processes; each binds
+the port with ``SO_REUSEPORT`` so the kernel spreads connections evenly among them (one shared
+listening socket let one worker take most of them), and they share the work through the bus's
+durable consumer (or consumer group). Sources run in the first worker only. The parent
+forwards SIGTERM to the workers, restarts one that dies, and stops the embedded servers last.
 """
 
 from __future__ import annotations
@@ -45,13 +46,12 @@ def _quiet_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
-async def _serve_one(settings: Settings, fd: int | None) -> None:
+async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     async with Service(settings) as service:
         config = uvicorn.Config(
             create_app(service),
             host=settings.listen.host,
             port=settings.listen.port,
-            fd=fd,
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -62,16 +62,19 @@ async def _serve_one(settings: Settings, fd: int | None) -> None:
         # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
         # every future garbage collection pass.
         gc.freeze()
-        await server.serve()
+        await server.serve(sockets=[_bind(settings, listen=True)] if reuse_port else None)
         log.info("HTTP server stopped; shutting the service down")
 
 
-def _bind(settings: Settings) -> socket.socket:
+def _bind(settings: Settings, *, listen: bool) -> socket.socket:
+    """A socket on the listen address with SO_REUSEPORT; only listening ones get connections,
+    so the parent's unlistened one just holds the port (and fails early if it is taken)."""
     sock = socket.socket(socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.listen.host, settings.listen.port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    if listen:
+        sock.listen(2048)
     return sock
 
 
@@ -85,7 +88,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         if settings.embedded_database:
             pg = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
             env["EVENTBUS_DATABASE__URL"] = pg.dsn
-        sock = _bind(settings)
+        sock = _bind(settings, listen=False)
         stack.callback(sock.close)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -94,11 +97,16 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         procs: list[subprocess.Popen[bytes] | None] = [None] * workers
 
         def spawn(i: int) -> subprocess.Popen[bytes]:
-            cmd = [sys.executable, "-m", "eventbus", "serve", "--fd", str(sock.fileno())]
+            cmd = [sys.executable, "-m", "eventbus", "serve", "--reuse-port"]
             if config_path:
                 cmd += ["--config", config_path]
-            worker_env = dict(env, EVENTBUS_RUN_SOURCES="true" if i == 0 else "false")
-            return subprocess.Popen(cmd, env=worker_env, pass_fds=(sock.fileno(),))
+            worker_env = dict(
+                env,
+                EVENTBUS_RUN_SOURCES="true" if i == 0 else "false",
+                EVENTBUS_LISTEN__HOST=settings.listen.host,
+                EVENTBUS_LISTEN__PORT=str(settings.listen.port),
+            )
+            return subprocess.Popen(cmd, env=worker_env)
 
         for i in range(workers):
             procs[i] = spawn(i)
@@ -125,11 +133,19 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
 
 
 def serve(
-    settings: Settings, *, workers: int = 1, fd: int | None = None, config_path: str | None = None
+    settings: Settings,
+    *,
+    workers: int = 1,
+    reuse_port: bool = False,
+    config_path: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
     runner: Any
-    runner = _supervise(settings, workers, config_path) if workers > 1 else _serve_one(settings, fd)
+    runner = (
+        _supervise(settings, workers, config_path)
+        if workers > 1
+        else _serve_one(settings, reuse_port)
+    )
     try:
         import uvloop
 

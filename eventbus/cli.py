@@ -104,7 +104,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         settings = settings.model_copy(update={"listen": listen})
     configure_logging(settings.log_level, settings.log_format)
-    serve(settings, workers=args.workers, fd=args.fd, config_path=args.config)
+    serve(settings, workers=args.workers, reuse_port=args.reuse_port, config_path=args.config)
     return 0
 
 
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the bus")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("publish", help="publish one CloudEvent to a running service")
