@@ -248,7 +248,10 @@ class NatsBus:
         # that stopped iterating never does. Flushing is enough to get acks and naks out.
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
             await nc.flush(timeout=max(1, round(self.config.connect_timeout)))
-        await nc.close()
+        # With the server already gone, nats-py may write to a closed transport while closing
+        # (uvloop raises RuntimeError for that): there is nothing left to flush.
+        with contextlib.suppress(nats.errors.Error, OSError, RuntimeError):
+            await nc.close()
 
     def _jetstream(self) -> JetStreamContext:
         if self._js is None or self._nc is None:
