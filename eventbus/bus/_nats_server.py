@@ -16,6 +16,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import psutil
+
 from eventbus._errors import BusError, ConfigError
 
 __all__ = ["NatsServer", "free_port"]
@@ -29,6 +31,27 @@ def free_port() -> int:
         sock.bind((_HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _stop_leftover(pid_file: Path, timeout: float = 5.0) -> None:
+    """Stop a nats-server left running on this store directory by an eventbus process that was
+    killed (SIGKILL leaves children behind): two servers must never share one store."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        proc = psutil.Process(pid)
+        if "nats-server" not in proc.name():
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    except psutil.Error:
+        return
 
 
 class NatsServer:
@@ -78,6 +101,8 @@ class NatsServer:
                 "or configure an external NATS URL"
             )
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = self.store_dir / "nats-server.pid"
+        await asyncio.to_thread(_stop_leftover, pid_file)
         self._log = self.log_path.open("ab")
         self._proc = await asyncio.create_subprocess_exec(
             binary,
@@ -88,9 +113,14 @@ class NatsServer:
             str(self.port),
             "-sd",
             str(self.store_dir),
+            "-P",
+            str(pid_file),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
+            # Its own session: a Ctrl-C meant for eventbus must not stop the bus under it while
+            # it shuts down gracefully; eventbus stops the server itself, last.
+            start_new_session=True,
         )
         try:
             await self._wait_ready()
