@@ -188,6 +188,7 @@ class Service:
         self._retries = RetryWorker(
             self.dispatcher, self.deliveries, instance=self.instance, lease=lease * 2 + 60
         )
+        self.dispatcher.scheduled = self._retries.due_in
         self._retries.start()
         self._router = Router(self.bus, self.rules, self.dispatcher, self.store.audit)
         self._router.start()

@@ -14,7 +14,6 @@ It raises StoreError when Postgres cannot record a failure; the router then naks
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -82,6 +81,9 @@ class Dispatcher:
         self._disabled = dict(disabled or {})
         self._guards = {name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()}
         self._override_cache: dict[tuple[str, bytes], DeliveryPolicy] = {}
+        # Told about every retry this process schedules (RetryWorker.due_in), so a retry due
+        # sooner than the worker's next poll is not late by up to a poll interval.
+        self.scheduled: Callable[[float], None] = lambda delay: None
 
     def guard(self, target: str) -> Guard | None:
         return self._guards.get(target)
@@ -183,6 +185,7 @@ class Dispatcher:
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
+        self.scheduled(delay)
         if job.pending_id is None:
             job.pending_id = await self._store.schedule(job, due_in=delay, waiting_for=waiting_for)
         else:
@@ -354,6 +357,7 @@ class RetryWorker:
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._next_due = float("inf")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="eventbus-retry-worker")
@@ -361,6 +365,14 @@ class RetryWorker:
     def wake(self) -> None:
         """Look for due rows now (after a replay, say) instead of at the next poll."""
         self._wake.set()
+
+    def due_in(self, delay: float) -> None:
+        """A row will be due in ``delay`` seconds: look for it then, even mid-poll interval.
+        (Rows other instances schedule are found by the regular poll.)"""
+        due = time.monotonic() + delay
+        if due < self._next_due:
+            self._next_due = due
+            self._wake.set()
 
     async def _loop(self) -> None:
         last_count = 0.0
@@ -382,9 +394,25 @@ class RetryWorker:
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
             if len(claimed) < self._batch:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._idle_poll)
+                await self._idle()
+
+    async def _idle(self) -> None:
+        """Sleep until the next poll, the earliest known due time, or a wake-up."""
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            if self._next_due <= now:
+                self._next_due = float("inf")
+                return
+            wait = min(self._idle_poll, self._next_due - now)
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                if self._next_due <= time.monotonic():
+                    self._next_due = float("inf")
+                return
+            if self._next_due == float("inf"):
+                return  # woken by wake(): a replay
 
     async def _one(self, pending: Delivery) -> None:
         try:
