@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,7 @@ from eventbus.delivery import (
     DeliveryStore,
     Dispatcher,
     RetryWorker,
+    override_checker,
     parse_delivery,
 )
 from eventbus.router import Router
@@ -149,8 +151,8 @@ class Service:
         s = self.settings
         # Validate user files first: a typo should not cost a database start.
         self.connectors = load_connectors(s.connectors)
-        rules = self._load_rules(self.connectors)
         policies = _policies(self.connectors)
+        rules = self._load_rules(self.connectors, policies)
 
         data_dir = Path(s.data_dir)
         self.nats_url = s.bus.nats.url
@@ -229,12 +231,18 @@ class Service:
             publish_timeout=s.bus.publish_timeout,
         )
 
-    def _load_rules(self, connectors: ConnectorSet) -> RuleSet:
+    def _load_rules(
+        self, connectors: ConnectorSet, policies: Mapping[str, DeliveryPolicy]
+    ) -> RuleSet:
         path = Path(self.settings.rules)
         if not path.exists():
             log.warning("no rules at %s: routing nothing until rules are added", path)
             return compile_rules([], known_targets=connectors.targets.keys())
-        return load_rules(path, known_targets=connectors.targets.keys())
+        return load_rules(
+            path,
+            known_targets=connectors.targets.keys(),
+            check_delivery=override_checker(policies),
+        )
 
     async def _start_sources(self) -> None:
         s = self.settings
@@ -291,7 +299,11 @@ class Service:
             raise ConfigError(
                 f"new targets {sorted(missing)} need a restart; rules were not reloaded"
             )
-        self.rules.reload(self.settings.rules, known_targets=connectors.targets.keys())
+        self.rules.reload(
+            self.settings.rules,
+            known_targets=connectors.targets.keys(),
+            check_delivery=override_checker(_policies(connectors)),
+        )
         return len(self.rules.current.rules)
 
     async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:

@@ -121,3 +121,28 @@ async def test_serve_refuses_bad_rules_with_file_and_line(tmp_path: Path) -> Non
     assert "r.yaml:4" in err and "bad-cel" in err
     assert "r.yaml:7" in err and "nope" in err
     assert not (tmp_path / "data").exists()  # nothing was started
+
+
+async def test_bad_delivery_override_in_a_rule_is_refused_at_load(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "connectors").mkdir()
+    (tmp_path / "connectors" / "t.yaml").write_text(
+        "targets:\n  - {name: fn, type: http, url: 'http://127.0.0.1:1/'}\n"
+    )
+    (tmp_path / "rules" / "r.yaml").write_text(
+        "- name: over\n"
+        "  targets:\n"
+        "    - name: fn\n"
+        "      delivery: {retry: {max_attempts: 0}}\n"
+        "- name: extra\n"
+        "  targets:\n"
+        "    - name: fn\n"
+        "      delivery: {bogus: 1}\n"
+    )
+    code, out, err = await _cli(
+        "rules", "validate", str(tmp_path / "rules"), "--connectors", str(tmp_path / "connectors")
+    )
+    text = str(out) + err
+    assert code == 1, text
+    assert "r.yaml:4 rule 'over': targets.0.delivery: retry.max_attempts" in text
+    assert "r.yaml:8 rule 'extra': targets.0.delivery: bogus" in text

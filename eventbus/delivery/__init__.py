@@ -8,6 +8,7 @@ from eventbus.delivery._policy import (
     BreakerPolicy,
     DeliveryPolicy,
     RetryPolicy,
+    override_checker,
     parse_delivery,
     parse_duration,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Guard",
     "RetryPolicy",
     "RetryWorker",
+    "override_checker",
     "parse_delivery",
     "parse_duration",
 ]

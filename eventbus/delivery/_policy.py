@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
@@ -44,6 +44,7 @@ __all__ = [
     "DeliveryPolicy",
     "Duration",
     "RetryPolicy",
+    "override_checker",
     "parse_delivery",
     "parse_duration",
 ]
@@ -283,6 +284,21 @@ def parse_delivery(
         if value is not None:
             policy = replace(policy, **{name: value})
     return policy
+
+
+def override_checker(
+    base: Mapping[str, DeliveryPolicy],
+) -> Callable[[str, Mapping[str, Any]], None]:
+    """A check for the rule loader: does a route's ``delivery`` override parse on top of its
+    target's policy? Raises ConfigError ``delivery: <field>: <problem>``."""
+
+    def check(target: str, override: Mapping[str, Any]) -> None:
+        try:
+            parse_delivery(override, base.get(target, DeliveryPolicy()), where="")
+        except ConfigError as exc:
+            raise ConfigError(str(exc).removeprefix(": ")) from exc
+
+    return check
 
 
 def _describe(exc: Exception, prefix: str = "") -> str:

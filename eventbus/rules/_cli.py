@@ -22,7 +22,7 @@ import orjson
 from eventbus._errors import PatternError, RuleSetError
 from eventbus.rules._cel import Outcome, activation
 from eventbus.rules._pattern import compile_pattern
-from eventbus.rules._ruleset import RuleSet, load_rules
+from eventbus.rules._ruleset import DeliveryCheck, RuleSet, load_rules
 
 __all__ = ["register", "test_command", "test_pattern_command", "validate_command"]
 
@@ -58,11 +58,15 @@ def _write_errors(exc: RuleSetError, out: TextIO) -> int:
 
 
 def validate_command(
-    path: str | Path, *, known_targets: Collection[str] | None, out: TextIO
+    path: str | Path,
+    *,
+    known_targets: Collection[str] | None,
+    out: TextIO,
+    check_delivery: DeliveryCheck | None = None,
 ) -> int:
     """Load the rules at ``path``; print ``N rules OK`` (exit 0) or every problem (exit 1)."""
     try:
-        rules = load_rules(path, known_targets=known_targets)
+        rules = load_rules(path, known_targets=known_targets, check_delivery=check_delivery)
     except RuleSetError as exc:
         return _write_errors(exc, out)
     disabled = sum(1 for rule in rules.rules if not rule.enabled)
@@ -89,6 +93,7 @@ def test_command(
     *,
     known_targets: Collection[str] | None,
     out: TextIO,
+    check_delivery: DeliveryCheck | None = None,
 ) -> int:
     """Route the event in ``event_file`` through the rules at ``path`` and print, as JSON, the
     matched rules, every route with the payload its target would receive, and the rules whose
@@ -100,7 +105,7 @@ def test_command(
         out.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT
     try:
-        rules = load_rules(path, known_targets=known_targets)
+        rules = load_rules(path, known_targets=known_targets, check_delivery=check_delivery)
     except RuleSetError as exc:
         return _write_errors(exc, out)
     routes = rules.route(event)
@@ -139,27 +144,36 @@ def test_pattern_command(pattern_file: str | Path, event_file: str | Path, *, ou
     return EXIT_OK
 
 
-def _known_targets(connectors: str) -> Collection[str] | None:
-    """Target names from the connector definitions; None (no check) when there are none.
+def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryCheck | None]:
+    """Target names from the connector definitions and a check of the rules' delivery
+    overrides against their targets' policies; (None, None), no checks, when there are none.
 
     Raises ``ConfigError`` for invalid connector files (``eventbus.cli`` prints it).
     """
-    # Imported here: the rule engine itself never depends on connector definitions.
+    # Imported here: the rule engine itself never depends on connector or delivery definitions.
     from eventbus.connectors import load_connectors
+    from eventbus.delivery import override_checker, parse_delivery
 
     if not Path(connectors).exists():
-        return None
-    return set(load_connectors(connectors).targets)
+        return None, None
+    targets = load_connectors(connectors).targets
+    policies = {
+        name: parse_delivery(spec.delivery, where=f"target {name!r}")
+        for name, spec in targets.items()
+    }
+    return set(targets), override_checker(policies)
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    targets = _known_targets(args.connectors)
-    return validate_command(args.path, known_targets=targets, out=sys.stdout)
+    targets, check = _known_targets(args.connectors)
+    return validate_command(args.path, known_targets=targets, out=sys.stdout, check_delivery=check)
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    targets = _known_targets(args.connectors)
-    return test_command(args.event, args.path, known_targets=targets, out=sys.stdout)
+    targets, check = _known_targets(args.connectors)
+    return test_command(
+        args.event, args.path, known_targets=targets, out=sys.stdout, check_delivery=check
+    )
 
 
 def _run_test_pattern(args: argparse.Namespace) -> int:

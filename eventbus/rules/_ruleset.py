@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +29,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from eventbus._errors import PatternError, RuleError, RuleSetError
+from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
 from eventbus.rules._cel import Condition, Outcome, activation, compile_condition
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._loader import KeyPath, RuleDoc, read_rule_files
@@ -222,12 +222,18 @@ class RuleSetHolder:
         """The rule set to route with; read it once per event."""
         return self._current
 
-    def reload(self, path: str | Path, *, known_targets: Collection[str] | None = None) -> RuleSet:
+    def reload(
+        self,
+        path: str | Path,
+        *,
+        known_targets: Collection[str] | None = None,
+        check_delivery: DeliveryCheck | None = None,
+    ) -> RuleSet:
         """Load ``path`` and make it current; returns the new set.
 
         Raises ``RuleSetError`` (with every problem) and keeps the current set if it is invalid.
         """
-        rules = load_rules(path, known_targets=known_targets)
+        rules = load_rules(path, known_targets=known_targets, check_delivery=check_delivery)
         self._current = rules
         return rules
 
@@ -318,6 +324,34 @@ def _raw_targets(data: dict[str, Any]) -> list[tuple[int, str]]:
     return [(i, name) for i, name in named if isinstance(name, str) and name]
 
 
+DeliveryCheck = Callable[[str, Mapping[str, Any]], None]
+"""Validates a route's ``delivery`` override for a target; raises EventBusError or ValueError
+with a message naming the field (the delivery code provides it: the rule engine only knows
+that an override is a mapping)."""
+
+
+def _check_delivery(doc: RuleDoc, name: str, check: DeliveryCheck | None) -> list[RuleError]:
+    targets = doc.data.get("targets") if isinstance(doc.data, dict) else None
+    if check is None or not isinstance(targets, list):
+        return []
+    errors = []
+    for index, target in enumerate(targets):
+        if not isinstance(target, dict) or not isinstance(target.get("delivery"), dict):
+            continue
+        try:
+            check(str(target.get("name")), target["delivery"])
+        except (EventBusError, ValueError) as exc:
+            errors.append(
+                RuleError(
+                    f"targets.{index}.{exc}",
+                    file=doc.file,
+                    line=doc.line(("targets", index, "delivery")),
+                    rule=name,
+                )
+            )
+    return errors
+
+
 def _check_names(
     doc: RuleDoc,
     position: int,
@@ -360,7 +394,11 @@ def _check_names(
     return errors
 
 
-def _compile(docs: Sequence[RuleDoc], known_targets: Collection[str] | None) -> RuleSet:
+def _compile(
+    docs: Sequence[RuleDoc],
+    known_targets: Collection[str] | None,
+    check_delivery: DeliveryCheck | None = None,
+) -> RuleSet:
     errors: list[RuleError] = []
     rules: list[Rule] = []
     first: dict[str, str] = {}
@@ -371,6 +409,7 @@ def _compile(docs: Sequence[RuleDoc], known_targets: Collection[str] | None) -> 
         errors.extend(problems)
         errors.extend(_check_names(doc, positions[doc.file], first, known_targets))
         if rule is not None:
+            errors.extend(_check_delivery(doc, rule.name, check_delivery))
             rules.append(rule)
     if errors:
         raise RuleSetError(errors)
@@ -389,6 +428,7 @@ def compile_rules(
     *,
     source: str = "<memory>",
     known_targets: Collection[str] | None = None,
+    check_delivery: DeliveryCheck | None = None,
 ) -> RuleSet:
     """Compile rule documents already in memory (as parsed from YAML or JSON).
 
@@ -396,20 +436,26 @@ def compile_rules(
     ``RuleSetError`` carrying every problem found (errors name ``source`` and the rule; lines
     are unknown for in-memory documents).
     """
-    return _compile([RuleDoc(doc, source) for doc in docs], known_targets)
+    return _compile([RuleDoc(doc, source) for doc in docs], known_targets, check_delivery)
 
 
-def load_rules(path: str | Path, *, known_targets: Collection[str] | None = None) -> RuleSet:
+def load_rules(
+    path: str | Path,
+    *,
+    known_targets: Collection[str] | None = None,
+    check_delivery: DeliveryCheck | None = None,
+) -> RuleSet:
     """Load a rule file, or every ``*.yaml``/``*.yml`` file of a directory (in name order).
 
     Raises ``RuleSetError`` carrying every problem of every file at once, each naming file,
     line and rule: unreadable file, invalid YAML, duplicate keys, unknown keys, a malformed
     pattern, a CEL syntax error or unknown name, a bad JSONPath or template, a duplicate rule
-    name (across files), an unknown target (when ``known_targets`` is given).
+    name (across files), an unknown target (when ``known_targets`` is given), an invalid
+    ``delivery`` override (when ``check_delivery`` is given).
     """
     docs, errors = read_rule_files(path)
     try:
-        rules = _compile(docs, known_targets)
+        rules = _compile(docs, known_targets, check_delivery)
     except RuleSetError as exc:
         errors.extend(exc.errors)
     if errors:
