@@ -18,9 +18,9 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
 
 from eventbus._errors import StoreError
+from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 
 __all__ = ["DeadLetterFilter", "Delivery", "DeliveryStore"]
 
@@ -104,12 +104,8 @@ class DeadLetterFilter:
         return (" AND ".join(clauses) or "TRUE"), args
 
 
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _load(value: Any) -> Any:
-    return orjson.loads(value) if isinstance(value, str | bytes) else value
+_json = dumps_jsonb
+_load = loads_jsonb
 
 
 _COLUMNS = (

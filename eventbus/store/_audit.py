@@ -31,6 +31,7 @@ import asyncpg
 import orjson
 
 from eventbus._errors import ConfigError, StoreError
+from eventbus.store._jsonb import dumps_jsonb
 
 __all__ = ["AuditWriter"]
 
@@ -124,7 +125,7 @@ class AuditWriter:
         the event's JSON form.
         """
         try:
-            body = orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS)
+            body = dumps_jsonb(event, default=str)
         except (orjson.JSONEncodeError, TypeError) as exc:
             self._dropped += 1
             _log.error("audit: event from %s cannot be serialized, not recorded: %s", via, exc)
@@ -140,7 +141,7 @@ class AuditWriter:
                 _time(attrs.get("time")),
                 datetime.now(UTC),
                 via,
-                body.decode(),
+                body,
                 len(body) if size is None else size,
             ),
         )

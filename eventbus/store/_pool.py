@@ -16,10 +16,10 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
-import orjson
 
 from eventbus._errors import StoreError
 from eventbus.store._audit import AuditWriter
+from eventbus.store._jsonb import loads_jsonb
 from eventbus.store._migrate import migrate
 
 __all__ = ["EventTrail", "Store"]
@@ -150,7 +150,7 @@ class Store:
                 f"cannot read the trail of event {id!r} from {source!r}: {exc}"
             ) from exc
         return EventTrail(
-            event=orjson.loads(first["event"]),
+            event=loads_jsonb(first["event"]),
             received_at=first["received_at"],
             via=first["via"],
             matches=[dict(row) for row in matches],

@@ -349,3 +349,31 @@ def _seconds_between(a: str, b: str) -> float:
     from datetime import datetime
 
     return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
+
+
+async def test_nul_in_data_is_audited_dead_lettered_and_replayed_intact(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    receiver.respond(503)
+    svc = await eventbus(
+        rules=RULES, targets=[_target(receiver, retry={**FAST, "max_attempts": 2})]
+    )
+    event = {
+        "specversion": "1.0",
+        "id": "nul-1",
+        "source": "tests/nul",
+        "type": "t",
+        "data": {"text": "a\u0000b", "k\u0000": ["\u0000"]},
+    }
+    assert (await svc.post_event(event))[0] == 202
+    (dead,) = await _until(lambda: _dead_letters(svc), 20, "dead letter")
+    status, _, full = await svc.request("GET", f"/dead-letters/{dead['id']}")
+    assert full["event"]["data"] == event["data"]
+    await svc.service.store.audit.flush()
+    status, _, trail = await svc.request("GET", "/events/trail?source=tests/nul&id=nul-1")
+    assert status == 200 and trail["event"]["data"] == event["data"]
+    receiver.respond(204)
+    status, _, _ = await svc.request("POST", f"/dead-letters/{dead['id']}/replay")
+    assert status == 202
+    await receiver.wait_for(3)
+    assert receiver.requests[-1].cloudevent["data"] == event["data"]

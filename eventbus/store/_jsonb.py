@@ -1,0 +1,35 @@
+"""JSON for PostgreSQL ``jsonb`` columns, lossless for every JSON value.
+
+``jsonb`` cannot hold the character U+0000, which CloudEvents data may carry. Such a value is
+stored as ``{"$eventbus.b64": "<base64 of its JSON>"}`` and read back as the original value, so
+an event with a NUL in its data is audited, retried and dead-lettered like any other instead
+of failing every write (and being redelivered forever).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+__all__ = ["dumps_jsonb", "loads_jsonb"]
+
+_WRAP = "$eventbus.b64"
+_NUL = b"\\u0000"
+
+
+def dumps_jsonb(value: Any, *, default: Any = None) -> str:
+    """Text for a jsonb parameter. Raises orjson.JSONEncodeError / TypeError as orjson does."""
+    raw = orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
+    if _NUL in raw:
+        return orjson.dumps({_WRAP: base64.b64encode(raw).decode()}).decode()
+    return raw.decode()
+
+
+def loads_jsonb(text: str | bytes | Any) -> Any:
+    """The value ``dumps_jsonb`` stored (``text`` as asyncpg returns jsonb: a str)."""
+    value = orjson.loads(text) if isinstance(text, str | bytes) else text
+    if isinstance(value, dict) and len(value) == 1 and _WRAP in value:
+        return orjson.loads(base64.b64decode(value[_WRAP]))
+    return value
