@@ -192,7 +192,14 @@ class Service:
         )
         self.dispatcher.scheduled = self._retries.due_in
         self._retries.start()
-        self._router = Router(self.bus, self.rules, self.dispatcher, self.store.audit)
+        self._router = Router(
+            self.bus,
+            self.rules,
+            self.dispatcher,
+            self.store.audit,
+            # well inside JetStream's ack_wait (Kafka needs no progress reports)
+            progress_every=s.bus.nats.ack_wait / 2,
+        )
         self._router.start()
         self._stack.push_async_callback(self._stop_workers)
         await self._start_sources()

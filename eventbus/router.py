@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
@@ -46,17 +47,22 @@ class Router:
         audit: _Audit,
         *,
         nak_delay: float = 2.0,
+        progress_every: float = 10.0,
     ) -> None:
         self._bus = bus
         self._rules = rules
         self._dispatcher = dispatcher
         self._audit = audit
         self._nak_delay = nak_delay
+        self._progress_every = progress_every
         self._tasks: set[asyncio.Task[None]] = set()
         self._pump: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._handling: dict[BusMessage, float] = {}
 
     def start(self) -> None:
         self._pump = asyncio.create_task(self._run(), name="eventbus-router")
+        self._keeper = asyncio.create_task(self._keep_alive(), name="eventbus-router-keepalive")
 
     async def _run(self) -> None:
         while True:
@@ -79,6 +85,7 @@ class Router:
         Never raises: a failure naks the message so that the bus redelivers it later."""
         event = msg.event
         metrics.EVENTS_ROUTED.inc()
+        self._handling[msg] = time.monotonic()
         try:
             routes = self._rules.current.route(event)
             for route in routes:
@@ -103,9 +110,23 @@ class Router:
                     event.get("source"),
                     event.get("id"),
                 )
-            await self._settle(msg.nak(self._nak_delay))
+            # back off per redelivery, so a long outage is not a hot loop
+            delay = min(self._nak_delay * 2 ** min(msg.deliveries - 1, 5), 60.0)
+            await self._settle(msg.nak(delay))
             return
+        finally:
+            self._handling.pop(msg, None)
         await self._settle(msg.ack())
+
+    async def _keep_alive(self) -> None:
+        """Tell the bus about messages still being handled after ``progress_every`` seconds: a
+        delivery slower than the bus's ack wait must not be redelivered to another consumer
+        meanwhile. One loop for all messages, not a timer per message."""
+        while True:
+            await asyncio.sleep(self._progress_every / 2)
+            old = time.monotonic() - self._progress_every
+            for msg in [m for m, since in self._handling.items() if since <= old]:
+                await msg.in_progress()
 
     async def _settle(self, op: Awaitable[None]) -> None:
         try:
@@ -125,3 +146,6 @@ class Router:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)

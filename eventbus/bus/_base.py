@@ -37,6 +37,10 @@ class BusMessage(Protocol):
     deliveries: int
     """1 on the first delivery, more on each redelivery."""
 
+    async def in_progress(self) -> None:
+        """Still working on it: do not redeliver it to another consumer yet (a long delivery
+        must not be mistaken for a dead consumer). Never raises."""
+
     async def ack(self) -> None:
         """Mark the event done: it is never delivered again to this durable/group."""
 

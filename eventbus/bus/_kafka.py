@@ -160,6 +160,10 @@ class _KafkaMessage:
             self._settled = True
             self._consumption.ack(self)
 
+    async def in_progress(self) -> None:
+        """Nothing to do: a partition stays with this consumer while it keeps polling, however
+        long one message takes (its commit point simply waits)."""
+
     async def nak(self, delay: float | None = None) -> None:
         """Hand it out again after ``delay`` s (at once if None). Later calls do nothing."""
         if not self._settled:

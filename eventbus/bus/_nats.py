@@ -151,6 +151,12 @@ class _NatsMessage:
             except nats.errors.Error as exc:
                 raise _translate(exc, "ack") from exc
 
+    async def in_progress(self) -> None:
+        """Reset JetStream's ack_wait timer for this message (a WPI ack)."""
+        if not self._settled:
+            with contextlib.suppress(nats.errors.Error):
+                await self._raw.in_progress()
+
     async def nak(self, delay: float | None = None) -> None:
         """Ask JetStream to redeliver, after ``delay`` seconds if given; same rules as ack."""
         if self._settle():

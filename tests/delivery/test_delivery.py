@@ -377,3 +377,16 @@ async def test_nul_in_data_is_audited_dead_lettered_and_replayed_intact(
     assert status == 202
     await receiver.wait_for(3)
     assert receiver.requests[-1].cloudevent["data"] == event["data"]
+
+
+async def test_delivery_slower_than_ack_wait_is_not_redelivered(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    receiver.respond(Response(204, delay=3.5))
+    target = _target(receiver)
+    target["timeout"] = 10
+    svc = await eventbus(rules=RULES, targets=[target], settings={"bus": {"nats": {"ack_wait": 1}}})
+    await _publish(svc, [1])
+    await receiver.wait_for(1)
+    await asyncio.sleep(5)  # several ack waits: the router reports progress meanwhile
+    assert len(receiver.requests) == 1
