@@ -186,9 +186,11 @@ class Service:
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
         )
-        lease = max((getattr(t, "timeout", 10.0) for t in self.targets.values()), default=10.0)
+        # A claimed row must outlive its attempt: the slowest target's timeout, twice, plus
+        # room for waiting on a concurrency slot. Writes check the claim token regardless.
+        slowest = max((spec.timeout for spec in self.connectors.targets.values()), default=10.0)
         self._retries = RetryWorker(
-            self.dispatcher, self.deliveries, instance=self.instance, lease=lease * 2 + 60
+            self.dispatcher, self.deliveries, instance=self.instance, lease=slowest * 2 + 60
         )
         self.dispatcher.scheduled = self._retries.due_in
         self._retries.start()

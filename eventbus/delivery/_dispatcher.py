@@ -152,12 +152,14 @@ class Dispatcher:
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         metrics.DELIVERIES.labels(job.target, "delivered").inc()
         await self._audit_attempt(job, outcome, "delivered")
-        if job.pending_id is not None:
-            await self._store.complete(job.pending_id)
+        # Reply and destination first, the row last: if either fails, the row is still there
+        # (claimed until its lease ends) and the delivery is tried again: at-least-once.
         if outcome.reply is not None:
             await self._reply(job, outcome.reply)
         if policy.on_success and not job.rule.endswith(_FOLLOW_UPS):
             await self._follow_up(job, policy.on_success, "#on-success", outcome, None)
+        if job.pending_id is not None and not await self._store.complete(job):
+            log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
 
     async def _failed(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         assert job.first_attempt_at is not None
@@ -188,14 +190,8 @@ class Dispatcher:
         self.scheduled(delay)
         if job.pending_id is None:
             job.pending_id = await self._store.schedule(job, due_in=delay, waiting_for=waiting_for)
-        else:
-            await self._store.reschedule(
-                job.pending_id,
-                due_in=delay,
-                attempts=job.attempts,
-                history=job.history,
-                waiting_for=waiting_for,
-            )
+        elif not await self._store.reschedule(job, due_in=delay, waiting_for=waiting_for):
+            log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
 
     async def _dead_letter(
         self,
@@ -217,12 +213,15 @@ class Dispatcher:
                 duration_ms=0.0,
                 error=error,
             )
-        await self._store.dead_letter(
+        stored = await self._store.dead_letter(
             job,
             last_status=None if outcome is None else outcome.status,
             final_error=(error or "")[:_ERROR_MAX] or None,
             reason=reason,
         )
+        if stored is None:
+            log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
+            return
         log.info(
             "dead-lettered %s/%s rule=%s target=%s reason=%s",
             job.event.get("source"),
@@ -352,6 +351,7 @@ class RetryWorker:
         self._instance = instance
         self._lease = lease
         self._batch = batch
+        self._concurrency = concurrency
         self._sem = asyncio.Semaphore(concurrency)
         self._idle_poll = idle_poll
         self._task: asyncio.Task[None] | None = None
@@ -381,8 +381,15 @@ class RetryWorker:
                 if time.monotonic() - last_count > 5:
                     metrics.RETRY_BACKLOG.set(await self._store.backlog())
                     last_count = time.monotonic()
+                # Claim only what can start now: a claimed row waiting here for a free slot
+                # would spend its lease waiting.
+                await self._sem.acquire()
+                self._sem.release()
+                free = self._concurrency - len(self._inflight)
                 claimed = await self._store.claim_due(
-                    limit=self._batch, lease=self._lease, instance=self._instance
+                    limit=max(1, min(self._batch, free)),
+                    lease=self._lease,
+                    instance=self._instance,
                 )
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
@@ -393,7 +400,7 @@ class RetryWorker:
                 task = asyncio.create_task(self._one(pending))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
-            if len(claimed) < self._batch:
+            if not claimed:
                 await self._idle()
 
     async def _idle(self) -> None:

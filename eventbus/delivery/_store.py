@@ -40,6 +40,9 @@ class Delivery:
     first_attempt_at: datetime | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     pending_id: int | None = None
+    claim: str | None = None
+    """The token of the claim that handed this row out; writes to the row check it, so an
+    attempt whose lease ran out cannot overwrite what the row's new owner decided."""
 
     def columns(self) -> tuple[Any, ...]:
         """Values of the columns both tables share, in ``_SHARED`` order."""
@@ -109,7 +112,8 @@ _load = loads_jsonb
 
 
 _COLUMNS = (
-    "id, event, rule, target, payload, is_cloudevent, delivery, attempts, first_attempt_at, history"
+    "id, event, rule, target, payload, is_cloudevent, delivery, attempts, first_attempt_at,"
+    " history, locked_by"
 )
 
 
@@ -125,6 +129,7 @@ def _pending(row: asyncpg.Record) -> Delivery:
         first_attempt_at=row["first_attempt_at"],
         history=_load(row["history"]),
         pending_id=row["id"],
+        claim=row["locked_by"],
     )
 
 
@@ -176,7 +181,7 @@ class DeliveryStore:
         rows = await self._run(
             "claiming due retries",
             self._pool.fetch(
-                f"UPDATE delivery_retries SET locked_by = $3,"
+                f"UPDATE delivery_retries SET locked_by = $3 || '/' || gen_random_uuid(),"
                 f" locked_until = now() + make_interval(secs => $2)"
                 f" WHERE id IN (SELECT id FROM delivery_retries"
                 f"   WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now())"
@@ -189,34 +194,37 @@ class DeliveryStore:
         )
         return [_pending(r) for r in rows]
 
-    async def reschedule(
-        self,
-        pending_id: int,
-        *,
-        due_in: float,
-        attempts: int,
-        history: list[dict[str, Any]],
-        waiting_for: str = "retry",
-    ) -> None:
-        await self._run(
+    async def reschedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> bool:
+        """Set the row's next due time and history and release it; False (nothing written)
+        when the row is no longer ``d``'s: its lease ran out and another claim took it."""
+        status = await self._run(
             "rescheduling a retry",
             self._pool.execute(
                 "UPDATE delivery_retries SET due_at = now() + make_interval(secs => $2),"
                 " attempts = $3, history = $4::jsonb, waiting_for = $5,"
-                " locked_by = NULL, locked_until = NULL WHERE id = $1",
-                pending_id,
+                " locked_by = NULL, locked_until = NULL"
+                " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $6",
+                d.pending_id,
                 due_in,
-                attempts,
-                _json(history),
+                d.attempts,
+                _json(d.history),
                 waiting_for,
+                d.claim,
             ),
         )
+        return str(status) != "UPDATE 0"
 
-    async def complete(self, pending_id: int) -> None:
-        await self._run(
+    async def complete(self, d: Delivery) -> bool:
+        """Drop the row of a delivered ``d``; False when the row is no longer ``d``'s."""
+        status = await self._run(
             "completing a retry",
-            self._pool.execute("DELETE FROM delivery_retries WHERE id = $1", pending_id),
+            self._pool.execute(
+                "DELETE FROM delivery_retries WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2",
+                d.pending_id,
+                d.claim,
+            ),
         )
+        return str(status) != "DELETE 0"
 
     async def dead_letter(
         self,
@@ -225,11 +233,21 @@ class DeliveryStore:
         last_status: int | None,
         final_error: str | None,
         reason: str,
-    ) -> int:
-        """Store ``d`` as a dead letter and drop its schedule row, in one transaction."""
+    ) -> int | None:
+        """Store ``d`` as a dead letter and drop its schedule row, in one transaction; None
+        (nothing written) when the row is no longer ``d``'s."""
 
-        async def tx() -> int:
+        async def tx() -> int | None:
             async with self._pool.acquire() as conn, conn.transaction():
+                if d.pending_id is not None:
+                    mine = await conn.fetchval(
+                        "DELETE FROM delivery_retries"
+                        " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2 RETURNING id",
+                        d.pending_id,
+                        d.claim,
+                    )
+                    if mine is None:
+                        return None
                 dl_id = await conn.fetchval(
                     f"INSERT INTO dead_letters ({_SHARED}, event_type, last_status, final_error,"
                     f" reason, first_attempt_at) VALUES ({_SHARED_VALUES}, $11, $12, $13, $14,"
@@ -241,11 +259,10 @@ class DeliveryStore:
                     reason,
                     d.first_attempt_at,
                 )
-                if d.pending_id is not None:
-                    await conn.execute("DELETE FROM delivery_retries WHERE id = $1", d.pending_id)
                 return int(dl_id)
 
-        return int(await self._run("storing a dead letter", tx()))
+        result: int | None = await self._run("storing a dead letter", tx())
+        return result
 
     async def backlog(self) -> int:
         return int(

@@ -1,0 +1,59 @@
+"""The retry schedule on a real PostgreSQL: claims skip each other, a claim whose lease ran out
+cannot overwrite what the row's new owner decided."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest_asyncio
+
+from eventbus.delivery import DeadLetterFilter, Delivery, DeliveryStore
+from eventbus.store import migrate
+
+
+@pytest_asyncio.fixture
+async def store(database_dsn: str) -> AsyncIterator[DeliveryStore]:
+    pool = await asyncpg.create_pool(database_dsn, min_size=1, max_size=4)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    yield DeliveryStore(pool)
+    await pool.close()
+
+
+def _delivery(i: int) -> Delivery:
+    event = {"specversion": "1.0", "id": f"s-{i}", "source": "tests/store", "type": "t"}
+    return Delivery(event, "rule", "fn", event, True, None)
+
+
+async def test_two_claimers_split_due_rows(store: DeliveryStore) -> None:
+    for i in range(10):
+        await store.schedule(_delivery(i), due_in=0)
+    a, b = await asyncio.gather(
+        store.claim_due(limit=6, lease=60, instance="a"),
+        store.claim_due(limit=6, lease=60, instance="b"),
+    )
+    ids_a = {d.pending_id for d in a}
+    ids_b = {d.pending_id for d in b}
+    assert len(ids_a | ids_b) == 10 and not ids_a & ids_b
+    assert await store.claim_due(limit=10, lease=60, instance="c") == []
+
+
+async def test_a_stale_claim_cannot_write(store: DeliveryStore) -> None:
+    await store.schedule(_delivery(1), due_in=0)
+    (first,) = await store.claim_due(limit=1, lease=0.2, instance="a")
+    await asyncio.sleep(0.3)  # the lease runs out while "a" is still busy
+    (second,) = await store.claim_due(limit=1, lease=60, instance="a")
+    assert second.pending_id == first.pending_id and second.claim != first.claim
+
+    first.attempts = 5
+    assert not await store.complete(first)
+    assert not await store.reschedule(first, due_in=10)
+    assert await store.dead_letter(first, last_status=500, final_error="x", reason="r") is None
+
+    second.attempts = 2
+    assert await store.dead_letter(second, last_status=503, final_error="y", reason="r")
+    assert await store.backlog() == 0
+    (item,) = await store.list_dead_letters(DeadLetterFilter())
+    assert item["attempts"] == 2 and item["last_status"] == 503
