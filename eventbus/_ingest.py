@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import BusUnavailable, CloudEventError, StoreError
+from eventbus._errors import BusError, BusUnavailable, CloudEventError, StoreError
 from eventbus.cloudevents import parse_http
 from eventbus.config import ApiKey
 
@@ -38,6 +38,7 @@ _TITLES = {
     405: "Method Not Allowed",
     413: "Payload Too Large",
     415: "Unsupported Media Type",
+    422: "Unprocessable Content",
     500: "Internal error",
     503: "Service Unavailable",
 }
@@ -89,6 +90,9 @@ def problem_for(exc: Exception) -> Problem | None:
         return Problem(503, f"the event bus is unavailable: {exc}", headers={"Retry-After": "5"})
     if isinstance(exc, StoreError):
         return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
+    if isinstance(exc, BusError):
+        # the broker refused this event (too large for it, say): retrying will not help
+        return Problem(422, f"the event bus refused the event: {exc}")
     return None
 
 

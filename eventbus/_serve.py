@@ -121,7 +121,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         for proc in procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = settings.router.shutdown_grace + 10
+        # a worker's grace for deliveries, then the audit flush (up to 10 s), then margin
+        deadline = settings.router.shutdown_grace + 30
         for proc in procs:
             if proc is None:
                 continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -49,13 +49,26 @@ def _problem(p: Problem, instance: str) -> Response:
     return Response(p.body(instance), status_code=p.status, media_type=PROBLEM, headers=p.headers)
 
 
+def _utc(text: str) -> datetime:
+    """An ISO 8601 time; one without a zone is UTC (not the server's local time)."""
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise Problem(400, f"limit must be an integer from 1 to 1000, got {raw!r}")
+    return int(raw)
+
+
 def _filter(request: Request) -> DeadLetterFilter:
     q = request.query_params
     try:
         ids = tuple(int(x) for x in q.getlist("id"))
         status = int(q["status"]) if "status" in q else None
-        since = datetime.fromisoformat(q["since"]) if "since" in q else None
-        until = datetime.fromisoformat(q["until"]) if "until" in q else None
+        since = _utc(q["since"]) if "since" in q else None
+        until = _utc(q["until"]) if "until" in q else None
     except ValueError as exc:
         raise Problem(400, f"invalid filter: {exc}") from None
     return DeadLetterFilter(
@@ -142,11 +155,13 @@ def create_app(service: Service) -> ASGIApp:
     @route("GET", "/dead-letters", "admin")
     async def list_dead_letters(request: Request) -> Response:
         q = request.query_params
+        limit = _limit(request)
         try:
-            limit = min(int(q.get("limit", "100")), 1000)
             after = int(q["after"]) if "after" in q else None
         except ValueError:
-            raise Problem(400, "limit and after must be integers") from None
+            raise Problem(
+                400, "after must be an integer (the last id of the previous page)"
+            ) from None
         items = await service.deliveries.list_dead_letters(
             _filter(request), limit=limit, after_id=after
         )
@@ -210,7 +225,7 @@ def create_app(service: Service) -> ASGIApp:
 
         q = request.query_params
         items = await list_dead_letters(
-            service.store.pool, source=q.get("source"), limit=min(int(q.get("limit", "100")), 1000)
+            service.store.pool, source=q.get("source"), limit=_limit(request)
         )
         return _json({"items": items})
 

@@ -13,6 +13,7 @@ PostgreSQL under ``data_dir`` (the embedded default); with URLs it connects to t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -284,11 +285,11 @@ class Service:
         await self.store.audit.event_accepted(event, via="source")
 
     async def _stop_workers(self) -> None:
+        # both under one deadline, so a worker's whole shutdown fits the supervisor's wait
         grace = self.settings.router.shutdown_grace
-        if self._router is not None:
-            await self._router.stop(grace)
-        if self._retries is not None:
-            await self._retries.stop(grace)
+        await asyncio.gather(
+            *(w.stop(grace) for w in (self._router, self._retries) if w is not None)
+        )
 
     async def __aexit__(
         self,

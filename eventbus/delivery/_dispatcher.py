@@ -91,6 +91,11 @@ class Dispatcher:
     def enable(self, target: str) -> None:
         self._disabled.pop(target, None)
 
+    async def refresh_disabled(self) -> None:
+        """Re-read which targets are switched off: another instance may have seen a 410, or an
+        operator enabled one through another instance."""
+        self._disabled = dict(await self._store.disabled_targets())
+
     async def dispatch(self, event: dict[str, Any], route: Route) -> None:
         """Deliver ``route`` for ``event`` once; on failure record a retry or a dead letter.
 
@@ -135,9 +140,14 @@ class Dispatcher:
         attempt = job.attempts + 1
         if job.first_attempt_at is None:
             job.first_attempt_at = datetime.now(UTC)
-        outcome = await target.deliver(
-            job.event, job.payload, is_cloudevent=job.is_cloudevent, attempt=attempt
-        )
+        try:
+            outcome = await target.deliver(
+                job.event, job.payload, is_cloudevent=job.is_cloudevent, attempt=attempt
+            )
+        except BaseException:
+            if guard is not None:
+                guard.record(False)  # never leave a half-open probe outstanding
+            raise
         if guard is not None:
             # a non-retryable 4xx is the request's fault, not the endpoint's health
             guard.record(outcome.delivered or not outcome.retryable)
@@ -380,6 +390,7 @@ class RetryWorker:
             try:
                 if time.monotonic() - last_count > 5:
                     metrics.RETRY_BACKLOG.set(await self._store.backlog())
+                    await self._dispatcher.refresh_disabled()
                     last_count = time.monotonic()
                 # Claim only what can start now: a claimed row waiting here for a free slot
                 # would spend its lease waiting.

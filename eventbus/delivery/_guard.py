@@ -70,9 +70,12 @@ class Guard:
         elapsed = self._clock() - self._opened_at
         if self._state == OPEN and elapsed >= b.open_for:
             self._set(HALF_OPEN)
-        if self._state == HALF_OPEN and not self._probing:
-            self._probing = True
-            return Admission(True)
+        if self._state == HALF_OPEN:
+            if not self._probing:
+                self._probing = True
+                return Admission(True)
+            # the probe is out: the others wait a full period, not a busy loop of re-parking
+            return Admission(False, b.open_for)
         return Admission(False, max(b.open_for - elapsed, 0.05))
 
     def record(self, success: bool) -> None:

@@ -99,7 +99,8 @@ class RetryPolicy:
             # initial_delay..max_delay uniformly (Alibaba BACKOFF_RETRY: 10-20 s)
             return r.uniform(self.initial_delay, self.max_delay)
         else:
-            base = self.initial_delay * self.factor ** (attempt - 1)
+            # cap the exponent: factor ** 1024 overflows a float long before max_attempts
+            base = self.initial_delay * self.factor ** min(attempt - 1, 64)
         base = min(base, self.max_delay)
         if self.jitter:
             # "equal jitter": keeps at least half the backoff, spreads the rest

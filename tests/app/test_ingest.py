@@ -257,6 +257,14 @@ async def test_bad_input_gets_problem_details_and_service_stays_up(
 
     status, _, problem = await svc.request("GET", "/dead-letters/not-a-number")
     assert status == 400
+    for query in ("limit=0", "limit=-1", "limit=abc", "limit=5000", "after=x", "since=yesterday"):
+        status, headers, problem = await svc.request("GET", f"/dead-letters?{query}")
+        assert status == 400, (query, problem)
+        assert headers["Content-Type"].startswith("application/problem+json")
+    status, _, _ = await svc.request("GET", "/sources/dead-letters?limit=0")
+    assert status == 400
+    status, _, body = await svc.request("GET", "/dead-letters?since=2026-01-01T00:00:00")
+    assert status == 200 and body["items"] == []
     status, _, problem = await svc.request("POST", "/dead-letters/999999/replay")
     assert status == 404 and "999999" in problem["detail"]
 

@@ -32,7 +32,8 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
     clock.now += 30
     assert guard.admit().allowed  # the one probe
     assert guard.state == "half-open"
-    assert not guard.admit().allowed  # nobody else while the probe is out
+    waiting = guard.admit()  # nobody else while the probe is out, and not a busy loop
+    assert not waiting.allowed and waiting.reopen_in == 60
     guard.record(False)
     assert guard.state == "open"
 

@@ -129,3 +129,8 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_huge_attempt_counts_do_not_overflow() -> None:
+    policy = RetryPolicy(initial_delay=1, max_delay=1, max_attempts=5000, max_age=10**9)
+    assert policy.next_delay(2000, 0.0, rng=random.Random(1)) is not None
