@@ -14,6 +14,7 @@ PostgreSQL under ``data_dir`` (the embedded default); with URLs it connects to t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from eventbus._errors import ConfigError
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
@@ -53,6 +54,17 @@ __all__ = ["Service", "build_target"]
 
 log = logging.getLogger("eventbus")
 
+_C = TypeVar("_C")
+
+
+def _config(
+    cls: type[_C], spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec, **extra: Any
+) -> _C:
+    """The adapter's frozen config from the validated spec: the fields both have, by name."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in spec.model_dump().items() if k in names}
+    return cls(**{**values, **extra})
+
 
 def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Target:
     """The adapter for one validated target definition."""
@@ -64,43 +76,14 @@ def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Tar
                 raise ConfigError(
                     f"target {spec.name!r}: environment variable {spec.secret_env} is not set"
                 )
-        return HttpTarget(
-            HttpTargetConfig(
-                name=spec.name,
-                url=spec.url,
-                mode=spec.mode,
-                timeout=spec.timeout,
-                concurrency=spec.concurrency,
-                headers=dict(spec.headers),
-                secret=secret,
-            )
-        )
+        return HttpTarget(_config(HttpTargetConfig, spec, secret=secret))
     if isinstance(spec, KafkaTargetSpec):
         from eventbus.targets import KafkaTarget, KafkaTargetConfig
 
-        return KafkaTarget(
-            KafkaTargetConfig(
-                name=spec.name,
-                bootstrap_servers=spec.bootstrap_servers,
-                topic=spec.topic,
-                key=spec.key,
-                mode=spec.mode,
-                timeout=spec.timeout,
-                idempotent=spec.idempotent,
-            )
-        )
+        return KafkaTarget(_config(KafkaTargetConfig, spec))
     from eventbus.targets import NatsTarget, NatsTargetConfig
 
-    return NatsTarget(
-        NatsTargetConfig(
-            name=spec.name,
-            url=spec.url,
-            subject=spec.subject,
-            jetstream=spec.jetstream,
-            mode=spec.mode,
-            timeout=spec.timeout,
-        )
-    )
+    return NatsTarget(_config(NatsTargetConfig, spec))
 
 
 def _make_dir(path: Path) -> None:
