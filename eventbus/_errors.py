@@ -83,7 +83,9 @@ class RuleSetError(EventBusError):
 class CloudEventError(EventBusError):
     """An incoming CloudEvent or request is invalid; ``status`` is the HTTP status to answer."""
 
-    def __init__(self, detail: str, *, status: int = 400, title: str = "Invalid CloudEvent") -> None:
+    def __init__(
+        self, detail: str, *, status: int = 400, title: str = "Invalid CloudEvent"
+    ) -> None:
         self.detail = detail
         self.status = status
         self.title = title
