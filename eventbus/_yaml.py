@@ -1,38 +1,42 @@
-"""YAML with line numbers: the one loader every user-edited file (settings, connectors) goes
-through, so that an error can name the file and the line of the offending key.
+"""YAML with line numbers: the one reader every user-edited file (settings, connectors, rules)
+goes through, so that an error can name the file and the line of the offending key.
 
-``load_yaml`` returns plain Python data plus a side table mapping each node's path (a tuple of
-keys and list indexes) to its 1-based line; ``line_of`` finds the nearest known line for a path
-that pydantic reports, walking up to the closest ancestor that exists in the file.
+``NodeBuilder`` turns a composed YAML node tree into plain data plus a side table mapping each
+node's path (a tuple of keys and list indexes) to its 1-based line, noting every problem
+(duplicate or non-string keys, self-referencing aliases, unsupported tags) instead of stopping
+at the first. ``YamlDoc.line`` finds the nearest known line for a path that a validator
+reports, walking up to the closest ancestor that exists in the file. Callers choose the YAML
+dialect by the loader class they hand in (rules use a narrower one; see ``eventbus.rules``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from eventbus._errors import ConfigError
 
-__all__ = ["YamlDoc", "load_yaml", "pydantic_errors"]
+__all__ = ["KeyPath", "NodeBuilder", "YamlDoc", "load_yaml", "pydantic_errors", "yaml_files"]
 
-Path = tuple[str | int, ...]
+KeyPath = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
 class YamlDoc:
-    """A parsed YAML document and where each of its nodes stands in the file."""
+    """A parsed YAML document (or one item of it) and where each of its nodes stands."""
 
     data: Any
     file: str
-    lines: dict[Path, int] = field(default_factory=dict)
+    lines: dict[KeyPath, int] = field(default_factory=dict)
 
-    def normalize(self, loc: Sequence[str | int]) -> Path:
+    def normalize(self, loc: Sequence[str | int]) -> KeyPath:
         """Drop components a validator adds that are not in the file (union tags), so that
         ``targets.1.http.url`` becomes ``targets.1.url``."""
-        out: Path = ()
+        out: KeyPath = ()
         parts = list(loc)
         for i, part in enumerate(parts):
             nxt = parts[i + 1] if i + 1 < len(parts) else None
@@ -41,68 +45,110 @@ class YamlDoc:
             out = (*out, part)
         return out
 
-    def line_of(self, path: Sequence[str | int]) -> int | None:
-        """The line of ``path`` or of its closest ancestor present in the file."""
-        p = tuple(path)
-        while p:
-            if p in self.lines:
-                return self.lines[p]
-            p = p[:-1]
-        return self.lines.get((), None)
+    def line(self, loc: Sequence[str | int] = ()) -> int | None:
+        """The line of ``loc`` or of its closest ancestor in the file (None when unknown, as
+        for documents that never were in a file)."""
+        path = tuple(loc)
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path)
 
 
-def _construct(node: yaml.Node, path: Path, lines: dict[Path, int]) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _scalar(key_node)
-            if key in out:
-                raise ConfigError(f"{key_node.start_mark.line + 1}: duplicate key {key!r}")
-            child = (*path, key)
-            out[key] = _construct(value_node, child, lines)
-            lines[child] = key_node.start_mark.line + 1
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, i), lines) for i, item in enumerate(node.value)]
-    return _scalar(node)
+class NodeBuilder:
+    """Turns a composed YAML node tree into plain data and a line table, noting every problem
+    in ``problems`` as (line, message)."""
+
+    def __init__(self, loader: yaml.SafeLoader) -> None:
+        self.loader = loader
+        self.problems: list[tuple[int, str]] = []
+        self._open: set[int] = set()
+
+    def build(self, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in self._open:
+            self.problems.append((node.start_mark.line + 1, "an alias refers to itself"))
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            return self.loader.construct_object(node)
+        if node.tag not in ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
+            self.problems.append((node.start_mark.line + 1, f"unsupported YAML tag {node.tag}"))
+            return None
+        self._open.add(id(node))
+        try:
+            return self._build_collection(node, path, lines)
+        finally:
+            self._open.discard(id(node))
+
+    def _build_collection(self, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+            self.loader.flatten_mapping(node)
+            # flatten_mapping puts the pairs merged in by `<<` first; own keys override them.
+            merged = len(node.value) - own
+            mapping: dict[str, Any] = {}
+            from_merge: set[str] = set()
+            for index, (key_node, value_node) in enumerate(node.value):
+                line = key_node.start_mark.line + 1
+                key = self.build(key_node, (*path, "<key>"), {})
+                if not isinstance(key, str):
+                    self.problems.append((line, f"key {key!r} must be a string (quote it)"))
+                    continue
+                if key in mapping and key not in from_merge:
+                    if index >= merged:
+                        first = lines[(*path, key)]
+                        self.problems.append(
+                            (line, f"duplicate key {key!r} (first at line {first})")
+                        )
+                    continue
+                if index < merged:
+                    from_merge.add(key)
+                else:
+                    from_merge.discard(key)
+                lines[(*path, key)] = line
+                mapping[key] = self.build(value_node, (*path, key), lines)
+            return mapping
+        return [self.build(item, (*path, i), lines) for i, item in enumerate(node.value)]
 
 
-def _scalar(node: yaml.Node) -> Any:
-    if not isinstance(node, yaml.ScalarNode):
-        raise ConfigError(f"{node.start_mark.line + 1}: a mapping key must be a scalar")
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node)
-    finally:
-        loader.dispose()
+def yaml_files(path: Path) -> list[Path]:
+    """``path`` itself, or every ``*.yaml``/``*.yml`` file of a directory in name order."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return [path]
 
 
 def load_yaml(text: str, file: str) -> YamlDoc:
-    """Parse one YAML document.
+    """Parse one YAML document (YAML 1.1 safe dialect).
 
-    Raises ConfigError naming the file and line for a syntax error or a duplicate key.
-    An empty document gives ``data=None``.
+    Raises ConfigError naming the file and the line of every problem: a syntax error, a
+    duplicate or non-string key, a self-referencing alias. An empty document gives
+    ``data=None``.
     """
+    loader = yaml.SafeLoader(text)
+    lines: dict[KeyPath, int] = {}
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        if node is None:
+            return YamlDoc(None, file, lines)
+        builder = NodeBuilder(loader)
+        data = builder.build(node, (), lines)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
+        mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{file}{line}: invalid YAML: {exc.problem}") from exc
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"{file}{line}: invalid YAML: {problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {exc}") from exc
-    lines: dict[Path, int] = {}
-    if node is None:
-        return YamlDoc(None, file, lines)
-    try:
-        data = _construct(node, (), lines)
-    except ConfigError as exc:
-        raise ConfigError(f"{file}:{exc}") from exc
+    finally:
+        loader.dispose()
+    if builder.problems:
+        raise ConfigError(
+            "\n".join(f"{file}:{line}: {message}" for line, message in builder.problems)
+        )
     return YamlDoc(data, file, lines)
 
 
-def pydantic_errors(doc: YamlDoc, exc: Any, *, prefix: Path = ()) -> list[str]:
+def pydantic_errors(doc: YamlDoc, exc: Any, *, prefix: KeyPath = ()) -> list[str]:
     """Render a pydantic ValidationError as ``file:line: field.path: message`` lines."""
     out = []
     for err in exc.errors():
@@ -112,7 +158,7 @@ def pydantic_errors(doc: YamlDoc, exc: Any, *, prefix: Path = ()) -> list[str]:
             tag = str(err.get("ctx", {}).get("discriminator", "")).strip("'")
             if tag:
                 loc = (*loc, tag)
-        line = doc.line_of(loc)
+        line = doc.line(loc)
         where = f"{doc.file}:{line}" if line is not None else doc.file
         dotted = ".".join(str(p) for p in loc) or "(document)"
         out.append(f"{where}: {dotted}: {err['msg']}")

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eventbus._errors import ConfigError
-from eventbus._yaml import YamlDoc, load_yaml, pydantic_errors
+from eventbus._yaml import YamlDoc, load_yaml, pydantic_errors, yaml_files
 from eventbus.delivery._policy import Duration
 
 __all__ = [
@@ -108,14 +108,6 @@ class ConnectorSet:
     source_lines: Mapping[str, str] = field(default_factory=dict)
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-    if path.exists():
-        return [path]
-    return []
-
-
 def load_connectors(path: str | Path) -> ConnectorSet:
     """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file).
 
@@ -127,7 +119,8 @@ def load_connectors(path: str | Path) -> ConnectorSet:
     sources: dict[str, Mapping[str, Any]] = {}
     where: dict[str, str] = {}
     target_where: dict[str, str] = {}
-    for file in _files(Path(path)):
+    root = Path(path)
+    for file in yaml_files(root) if root.exists() else []:
         try:
             doc = load_yaml(file.read_text(encoding="utf-8"), str(file))
         except ConfigError as exc:
@@ -144,7 +137,7 @@ def load_connectors(path: str | Path) -> ConnectorSet:
             _load_target(doc, i, raw, targets, target_where, errors)
         for i, raw in enumerate(parsed.sources):
             name = raw.get("name")
-            loc = f"{doc.file}:{doc.line_of(('sources', i))}"
+            loc = f"{doc.file}:{doc.line(('sources', i))}"
             if not isinstance(name, str) or not name:
                 errors.append(f"{loc}: sources.{i}: a source needs a name")
             elif name in sources:
@@ -165,7 +158,7 @@ def _load_target(
     where: dict[str, str],
     errors: list[str],
 ) -> None:
-    loc = f"{doc.file}:{doc.line_of(('targets', i))}"
+    loc = f"{doc.file}:{doc.line(('targets', i))}"
     try:
         spec = _TARGET.validate_python(raw)
     except ValidationError as exc:
