@@ -159,10 +159,10 @@ async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -
 class IngestApp:
     """ASGI: serves the ingest routes itself and hands every other request to ``fallback``."""
 
-    def __init__(self, service: Service, fallback: ASGIApp) -> None:
+    def __init__(self, service: Service, access: Access, fallback: ASGIApp) -> None:
         self._service = service
         self._fallback = fallback
-        self._access = Access(service.settings.api_keys, service)
+        self._access = access
         self._max_event = service.settings.max_event_size
         self._max_request = self._max_event * 4
         self._routes: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[Any]]] = {

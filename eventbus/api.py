@@ -256,7 +256,7 @@ def create_app(service: Service) -> ASGIApp:
         log.exception("unhandled error on %s", request.url.path)
         return _problem(Problem(500, str(exc), title="Internal error"), request.url.path)
 
-    return IngestApp(service, app)
+    return IngestApp(service, access, app)
 
 
 def _int_path(request: Request, name: str) -> int:

@@ -16,24 +16,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Any, Protocol
 
 from eventbus import metrics
 from eventbus._errors import EventBusError
 from eventbus.bus import Bus, BusMessage
-from eventbus.rules import Route, RuleSetHolder
+from eventbus.delivery import Dispatcher
+from eventbus.rules import RuleSetHolder
+from eventbus.store import AuditWriter
 
 __all__ = ["Router"]
 
 log = logging.getLogger("eventbus.router")
-
-
-class _Dispatcher(Protocol):
-    async def dispatch(self, event: dict[str, Any], route: Route) -> None: ...
-
-
-class _Audit(Protocol):
-    async def rule_matched(self, event: dict[str, Any], rule: str, target: str) -> None: ...
 
 
 class Router:
@@ -43,8 +36,8 @@ class Router:
         self,
         bus: Bus,
         rules: RuleSetHolder,
-        dispatcher: _Dispatcher,
-        audit: _Audit,
+        dispatcher: Dispatcher,
+        audit: AuditWriter,
         *,
         nak_delay: float = 2.0,
         progress_every: float = 10.0,

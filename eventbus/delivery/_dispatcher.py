@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -28,6 +28,7 @@ from eventbus.delivery._guard import Guard
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
 from eventbus.delivery._store import Delivery, DeliveryStore
 from eventbus.rules import Route
+from eventbus.store import AuditWriter
 from eventbus.targets import Outcome, Target
 
 __all__ = ["Dispatcher", "RetryWorker"]
@@ -39,25 +40,6 @@ _FOLLOW_UPS = ("#on-success", "#on-failure", "#dead-letter")
 _ERROR_MAX = 1024
 
 
-class _Audit(Protocol):
-    async def attempt(
-        self,
-        event: dict[str, Any],
-        *,
-        rule: str,
-        target: str,
-        attempt: int,
-        outcome: str,
-        status: int | None,
-        duration_ms: float,
-        error: str | None,
-    ) -> None: ...
-
-    async def event_accepted(
-        self, event: dict[str, Any], *, via: str, size: int | None = None
-    ) -> None: ...
-
-
 class Dispatcher:
     """See the module docstring. One per process; shared by the router and the retry worker."""
 
@@ -66,7 +48,7 @@ class Dispatcher:
         targets: Mapping[str, Target],
         policies: Mapping[str, DeliveryPolicy],
         store: DeliveryStore,
-        audit: _Audit,
+        audit: AuditWriter,
         publish: Callable[[dict[str, Any]], Awaitable[None]],
         *,
         hop_limit: int = 8,
