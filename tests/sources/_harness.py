@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -94,14 +93,6 @@ async def dead_letters(pool: asyncpg.Pool, source: str) -> list[asyncpg.Record]:
         " WHERE source = $1 ORDER BY id",
         source,
     )
-
-
-def free_port() -> int:
-    """A currently free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def eventually(check: Callable[[], Awaitable[bool]]) -> None:

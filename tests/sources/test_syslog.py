@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus.bus._nats_server import free_port
 from eventbus.sources import build_source
 from eventbus.sources._syslog import _Framer, parse_syslog
 from tests.sources._harness import (
     Recorder,
     dead_letters,
     eventually,
-    free_port,
     make_context,
     running,
     source_pool,

@@ -11,12 +11,12 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from eventbus._errors import ConfigError
+from eventbus.bus._nats_server import free_port
 from eventbus.sources import SourceContext, build_source
 from tests.sources._harness import (
     WAIT,
     Recorder,
     eventually,
-    free_port,
     make_context,
     running,
     source_pool,

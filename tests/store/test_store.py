@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import orjson
 import pytest
 
 from eventbus._errors import ConfigError, StoreError
+from eventbus.bus._nats_server import free_port as _free_port
 from eventbus.store import EmbeddedPostgres, Store
 
 
@@ -121,13 +121,6 @@ async def test_ping_and_idempotent_close(database_dsn: str) -> None:
     assert not await store.ping()
     with pytest.raises(StoreError, match="closed"):
         await store.audit.event_accepted(_event(), via="http")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_unreachable_postgres_is_a_clear_error_after_a_bounded_wait() -> None:
