@@ -42,7 +42,7 @@ from eventbus.delivery import (
     Dispatcher,
     RetryWorker,
     override_checker,
-    parse_delivery,
+    target_policies,
 )
 from eventbus.router import Router
 from eventbus.rules import RuleSet, RuleSetHolder, compile_rules, load_rules
@@ -91,16 +91,7 @@ def _make_dir(path: Path) -> None:
 
 
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
-    errors = []
-    out = {}
-    for name, spec in connectors.targets.items():
-        try:
-            out[name] = parse_delivery(spec.delivery, where=f"target {name!r}")
-        except ConfigError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise ConfigError("\n".join(errors))
-    return out
+    return target_policies({name: spec.delivery for name, spec in connectors.targets.items()})
 
 
 class Service:

@@ -11,6 +11,7 @@ from eventbus.delivery._policy import (
     override_checker,
     parse_delivery,
     parse_duration,
+    target_policies,
 )
 from eventbus.delivery._store import DeadLetterFilter, Delivery, DeliveryStore
 
@@ -28,4 +29,5 @@ __all__ = [
     "override_checker",
     "parse_delivery",
     "parse_duration",
+    "target_policies",
 ]

@@ -47,6 +47,7 @@ __all__ = [
     "override_checker",
     "parse_delivery",
     "parse_duration",
+    "target_policies",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -285,6 +286,22 @@ def parse_delivery(
         if value is not None:
             policy = replace(policy, **{name: value})
     return policy
+
+
+def target_policies(specs: Mapping[str, Mapping[str, Any] | None]) -> dict[str, DeliveryPolicy]:
+    """Each target's policy from its ``delivery:`` block (target name -> block or None).
+
+    Raises ConfigError listing every invalid block, each naming its target."""
+    errors = []
+    out = {}
+    for name, spec in specs.items():
+        try:
+            out[name] = parse_delivery(spec, where=f"target {name!r}")
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return out
 
 
 def override_checker(

@@ -152,15 +152,12 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
     """
     # Imported here: the rule engine itself never depends on connector or delivery definitions.
     from eventbus.connectors import load_connectors
-    from eventbus.delivery import override_checker, parse_delivery
+    from eventbus.delivery import override_checker, target_policies
 
     if not Path(connectors).exists():
         return None, None
     targets = load_connectors(connectors).targets
-    policies = {
-        name: parse_delivery(spec.delivery, where=f"target {name!r}")
-        for name, spec in targets.items()
-    }
+    policies = target_policies({name: spec.delivery for name, spec in targets.items()})
     return set(targets), override_checker(policies)
 
 
