@@ -338,10 +338,17 @@ class NatsBus:
         try:
             while not self._closing:
                 if not batch:
-                    if window.free == 0:
+                    # Messages that arrived late for an earlier pull wait in the subscription
+                    # and come with the next fetch whatever it asks for: they count as held.
+                    free = window.free
+                    if free <= 0:
                         await window.wait(cfg.fetch_timeout)
                         continue
-                    batch.extend(await self._fetch(psub, min(window.free, cfg.fetch_batch)))
+                    want = min(free - psub.pending_msgs, cfg.fetch_batch)
+                    fetched = await self._fetch(psub, max(1, want))
+                    # Never hold more than the window: hand back whatever does not fit.
+                    batch.extend(fetched[:free])
+                    await _hand_back(deque(fetched[free:]))
                     continue
                 raw = batch.popleft()
                 try:

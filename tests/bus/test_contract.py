@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -235,3 +236,54 @@ async def test_iteration_ends_when_the_bus_closes(make_config: MakeConfig) -> No
     # The two never handed out (or handed back on close) are still there for the next consumer.
     async with open_bus(config) as bus:
         await take_until(bus.messages(), {"e-0", "e-1", "e-2"} - {first.event["id"]})
+
+
+async def test_in_flight_stays_bounded_under_load(make_config: MakeConfig) -> None:
+    """A consumer settling messages slowly and concurrently, as the router does behind a slow
+    target, never holds more than ``max_in_flight``: however the broker batches its answers."""
+    limit = 20
+    linger = {"fetch_linger": 0.001} if _is_nats(make_config) else {}
+    config = make_config(max_in_flight=limit, **linger)
+    total = 1500
+    async with open_bus(config) as bus:
+        for start in range(0, total, 500):
+            assert await bus.publish_many([event(n) for n in range(start, start + 500)]) == [
+                None
+            ] * 500
+        held = peak = 0
+        done = asyncio.Event()
+        seen: set[str] = set()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def settle(msg: BusMessage) -> None:
+            nonlocal held
+            await asyncio.sleep(random.uniform(0, 0.004))
+            held -= 1
+            await msg.ack()
+
+        async def consume() -> None:
+            nonlocal held, peak
+            async for msg in bus.messages():
+                held += 1
+                peak = max(peak, held)
+                seen.add(msg.event["id"])
+                task = asyncio.create_task(settle(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                if len(seen) == total:
+                    done.set()
+
+        consumer = asyncio.create_task(consume())
+        try:
+            async with asyncio.timeout(PATIENCE * 2):
+                await done.wait()
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await asyncio.gather(*tasks, return_exceptions=True)
+    assert peak <= limit, f"{peak} messages held at once against a limit of {limit}"
+
+
+def _is_nats(make_config: MakeConfig) -> bool:
+    return isinstance(make_config(), NatsBusConfig)
