@@ -247,9 +247,10 @@ async def test_in_flight_stays_bounded_under_load(make_config: MakeConfig) -> No
     total = 1500
     async with open_bus(config) as bus:
         for start in range(0, total, 500):
-            assert await bus.publish_many([event(n) for n in range(start, start + 500)]) == [
-                None
-            ] * 500
+            assert (
+                await bus.publish_many([event(n) for n in range(start, start + 500)])
+                == [None] * 500
+            )
         held = peak = 0
         done = asyncio.Event()
         seen: set[str] = set()
