@@ -123,13 +123,13 @@ class Access:
         audit = self._service.store.audit
         if found is None:
             reason = "missing API key" if not given else "invalid API key"
-            await audit.refused(remote=remote, path=path, reason=reason)
+            audit.refused(remote=remote, path=path, reason=reason)
             metrics.EVENTS_REJECTED.labels("http", "unauthorized").inc()
             raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
         scopes, name = found
         if scope not in scopes and "admin" not in scopes:
             reason = f"key {name!r} lacks scope {scope!r}"
-            await audit.refused(remote=remote, path=path, reason=reason)
+            audit.refused(remote=remote, path=path, reason=reason)
             raise Problem(403, reason)
 
 
@@ -223,12 +223,11 @@ class IngestApp:
     ) -> tuple[int, Any]:
         """Publish the valid events; answer for one event, or per entry (like PutEvents)."""
         valid = [e for e in events if not isinstance(e, CloudEventError)]
-        outcomes = await self._service.bus.publish_many(valid) if valid else []
-        audit = self._service.store.audit
-        for event, err in zip(valid, outcomes, strict=True):
-            if err is None:
-                metrics.EVENTS_RECEIVED.labels(via).inc()
-                await audit.event_accepted(event, via=via)
+        # Audited as accepted when the router takes them off the bus (crash-safe).
+        outcomes = await self._service.bus.publish_many(valid, via=via) if valid else []
+        accepted = outcomes.count(None)
+        if accepted:
+            metrics.EVENTS_RECEIVED.labels(via).inc(accepted)
         results = iter(outcomes)
         if not batch:
             (single,) = valid  # a single bad event raised in parse_http already

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -47,7 +48,7 @@ from eventbus.delivery import (
 from eventbus.router import Router
 from eventbus.rules import RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import SourceRunner, SourceStatus, build_source
-from eventbus.store import EmbeddedPostgres, Store
+from eventbus.store import EmbeddedPostgres, Store, set_aside
 from eventbus.targets import HttpTarget, HttpTargetConfig, Target
 
 __all__ = ["Service", "build_target"]
@@ -157,7 +158,7 @@ class Service:
             policies,
             self.deliveries,
             self.store.audit,
-            self.bus.publish,
+            functools.partial(self.bus.publish, via="reply"),
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
         )
@@ -174,6 +175,7 @@ class Service:
             self.rules,
             self.dispatcher,
             self.store.audit,
+            functools.partial(set_aside, self.store.pool, "bus"),
             # well inside JetStream's ack_wait (Kafka needs no progress reports)
             progress_every=s.bus.nats.ack_wait / 2,
         )
@@ -248,15 +250,11 @@ class Service:
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
-                publish=self._publish_from_source,
+                publish=self.bus.publish,
                 pool=self.store.pool,
                 instance_id=self.instance,
             )
         )
-
-    async def _publish_from_source(self, event: dict[str, Any]) -> None:
-        await self.bus.publish(event)
-        await self.store.audit.event_accepted(event, via="source")
 
     async def _stop_workers(self) -> None:
         # both under one deadline, so a worker's whole shutdown fits the supervisor's wait

@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = [
+    "AUDIT_QUARANTINED",
+    "BUS_REJECTED",
     "CIRCUIT_STATE",
     "DELIVERIES",
     "DELIVERY_SECONDS",
@@ -64,6 +66,17 @@ CIRCUIT_STATE = Gauge(
 RETRY_BACKLOG = Gauge(
     "eventbus_retry_backlog",
     "Deliveries waiting in the durable retry schedule",
+    registry=REGISTRY,
+)
+AUDIT_QUARANTINED = Counter(
+    "eventbus_audit_quarantined",
+    "Audit rows the database could not take, set aside in audit_quarantine, by table",
+    ["table"],
+    registry=REGISTRY,
+)
+BUS_REJECTED = Counter(
+    "eventbus_bus_rejected",
+    "Bus messages that were not valid CloudEvents, set aside instead of routed",
     registry=REGISTRY,
 )
 

@@ -1,8 +1,16 @@
 """The router: consumes the durable bus, matches each event against the compiled rules and hands
 every matched route to the dispatcher; acknowledges a bus message only once every one of its
-deliveries is done or durably recorded (guarantee 2).
+deliveries is done or durably recorded (guarantee 2) and its audit rows are committed
+(guarantee 7).
 
-    bus.messages() ─> Router.handle ─> RuleSet.route (pure) ─> Dispatcher.dispatch x routes ─> ack
+    bus.messages() ─> Router.handle ─> accepted row ─> RuleSet.route (pure)
+        ─> Dispatcher.dispatch x routes ─> audit flush ─> ack
+                  └─ not a CloudEvent ─> set aside (source_dead_letters, source "bus") ─> ack
+
+The accepted row is written here, on the consuming side, rather than where the event came in:
+a crash between the bus and the audit then only means a redelivery, which records the event
+again under the same bus message (``ref``), a no-op. The router never routes a message that is
+not a valid CloudEvent, whoever managed to write it to the bus.
 
 Memory is bounded by the bus: it never yields more than ``max_in_flight`` un-acknowledged
 messages, and the router runs at most that many handlers. A handler that fails (Postgres down
@@ -15,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from eventbus import metrics
 from eventbus._errors import EventBusError
@@ -38,6 +47,7 @@ class Router:
         rules: RuleSetHolder,
         dispatcher: Dispatcher,
         audit: AuditWriter,
+        set_aside: Callable[[bytes, str, dict[str, Any]], Awaitable[None]],
         *,
         nak_delay: float = 2.0,
         progress_every: float = 10.0,
@@ -46,6 +56,7 @@ class Router:
         self._rules = rules
         self._dispatcher = dispatcher
         self._audit = audit
+        self._set_aside_input = set_aside
         self._nak_delay = nak_delay
         self._progress_every = progress_every
         self._tasks: set[asyncio.Task[None]] = set()
@@ -73,19 +84,18 @@ class Router:
                 await asyncio.sleep(1.0)
 
     async def handle(self, msg: BusMessage) -> None:
-        """Route one message; ack when all its deliveries are done or durably recorded.
+        """Route one message; ack when all its deliveries are done or durably recorded and
+        its audit rows are committed (waiting out a database outage meanwhile).
 
         Never raises: a failure naks the message so that the bus redelivers it later."""
         event = msg.event
         metrics.EVENTS_ROUTED.inc()
         self._handling[msg] = time.monotonic()
         try:
-            routes = self._rules.current.route(event)
-            for route in routes:
-                await self._audit.rule_matched(event, route.rule, route.target)
-            if routes:
-                metrics.EVENTS_MATCHED.inc()
-                await asyncio.gather(*(self._dispatcher.dispatch(event, route) for route in routes))
+            if msg.rejected is not None:
+                await self._set_aside(msg, msg.rejected)
+            else:
+                await self._route(msg)
         except asyncio.CancelledError:
             # Shutdown past the grace period: leave it un-acked, the bus redelivers it.
             raise
@@ -110,6 +120,25 @@ class Router:
         finally:
             self._handling.pop(msg, None)
         await self._settle(msg.ack())
+
+    async def _route(self, msg: BusMessage) -> None:
+        event = msg.event
+        await self._audit.event_accepted(
+            event, via=msg.via, received_at=msg.published_at, ref=msg.ref, size=len(msg.payload)
+        )
+        routes = self._rules.current.route(event)
+        for route in routes:
+            await self._audit.rule_matched(event, route.rule, route.target)
+        if routes:
+            metrics.EVENTS_MATCHED.inc()
+            await asyncio.gather(*(self._dispatcher.dispatch(event, route) for route in routes))
+        await self._audit.flush()
+
+    async def _set_aside(self, msg: BusMessage, why: str) -> None:
+        metrics.BUS_REJECTED.inc()
+        log.error("bus message %s set aside: %s", msg.ref, why)
+        meta = {"ref": msg.ref, "via": msg.via, "published_at": msg.published_at.isoformat()}
+        await self._set_aside_input(msg.payload, why, meta)
 
     async def _keep_alive(self) -> None:
         """Tell the bus about messages still being handled after ``progress_every`` seconds: a

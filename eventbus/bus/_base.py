@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 from eventbus._errors import BusError, CloudEventError, ConfigError
-from eventbus.cloudevents import encode, event_key, parse_json
+from eventbus.cloudevents import encode, event_key, parse_json, validate
 
 __all__ = [
+    "DIRECT",
     "Bus",
     "BusMessage",
     "InFlightWindow",
@@ -30,10 +32,31 @@ __all__ = [
 ]
 
 
+DIRECT = "bus"
+"""The ``via`` of an event published straight onto the bus by a caller that did not say."""
+
+_NO_SIZE_LIMIT = 2**62
+
+
 class BusMessage(Protocol):
-    """One event handed out by :meth:`Bus.messages`; settle it with exactly one ack or nak."""
+    """One message handed out by :meth:`Bus.messages`; settle it with exactly one ack or nak.
+
+    ``rejected`` is None for a valid CloudEvent (then in ``event``); otherwise it says why the
+    payload is not one (``event`` is then empty) and the message must be set aside, never
+    routed: only eventbus itself should write to its bus, but a payload is checked, not trusted.
+    """
 
     event: dict[str, Any]
+    payload: bytes
+    """The message as stored on the bus (the structured CloudEvents JSON)."""
+    rejected: str | None
+    via: str
+    """How the event reached the bus (``http``, ``source:<name>``, ``reply`` ...), as its
+    publisher declared it."""
+    published_at: datetime
+    """When the broker stored the message."""
+    ref: str
+    """Identifies this bus message (not the event): equal across redeliveries of it."""
     deliveries: int
     """1 on the first delivery, more on each redelivery."""
 
@@ -60,10 +83,14 @@ class Bus(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def publish(self, event: dict[str, Any]) -> None:
-        """Store one event durably; raises BusUnavailable (retry later) or BusError."""
+    async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:
+        """Store one event durably; raises BusUnavailable (retry later) or BusError.
 
-    async def publish_many(self, events: Sequence[dict[str, Any]]) -> list[BaseException | None]:
+        ``via`` travels with the message (see :attr:`BusMessage.via`)."""
+
+    async def publish_many(
+        self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
+    ) -> list[BaseException | None]:
         """Store many events concurrently; one outcome per event, in order (None = stored)."""
 
     def messages(self) -> AsyncIterator[BusMessage]:
@@ -95,19 +122,17 @@ def wire_encode(event: dict[str, Any]) -> tuple[bytes, str]:
         raise BusError(f"cannot publish event: {exc}") from exc
 
 
-def wire_decode(payload: bytes) -> dict[str, Any]:
-    """Parse a bus payload back into an event dict; raises BusError when it is not a JSON object.
+def wire_decode(payload: bytes) -> tuple[dict[str, Any], str | None]:
+    """Read a bus payload: ``(event, None)`` for a valid CloudEvent, ``({}, why)`` otherwise.
 
-    No CloudEvents validation here: events are validated before they are published, and
-    re-checking (size limits included) on the way out could only drop accepted events.
+    The event is validated again (anyone able to reach the broker could have written the
+    message) against every rule but the size limit: a limit lowered since the event was
+    accepted must not turn it away.
     """
     try:
-        event = parse_json(payload)
+        return validate(parse_json(payload), max_size=_NO_SIZE_LIMIT, size=len(payload)), None
     except CloudEventError as exc:
-        raise BusError(f"malformed message on the bus: {exc}") from exc
-    if not isinstance(event, dict):
-        raise BusError("malformed message on the bus: not a JSON object")
-    return event
+        return {}, f"not a valid CloudEvent: {exc}"
 
 
 async def collect_acks(

@@ -20,16 +20,18 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
 import aiokafka.errors as kerr
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus._base import (
+    DIRECT,
     BusMessage,
     InFlightWindow,
     collect_acks,
@@ -42,7 +44,15 @@ __all__ = ["KafkaBus", "KafkaBusConfig"]
 
 log = logging.getLogger("eventbus.bus")
 
-_HEADERS = [("content-type", b"application/cloudevents+json")]
+_CONTENT_TYPE = ("content-type", b"application/cloudevents+json")
+_VIA = "eventbus-via"
+
+
+def _via(headers: Sequence[tuple[str, bytes]]) -> str:
+    for name, value in headers:
+        if name == _VIA:
+            return value.decode("utf-8", "replace")
+    return DIRECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,22 +146,40 @@ class _Partition:
 
 
 class _KafkaMessage:
-    __slots__ = ("_consumption", "_offset", "_part", "_settled", "_tp", "deliveries", "event")
+    __slots__ = (
+        "_consumption",
+        "_offset",
+        "_part",
+        "_settled",
+        "_tp",
+        "deliveries",
+        "event",
+        "payload",
+        "published_at",
+        "ref",
+        "rejected",
+        "via",
+    )
 
     def __init__(
         self,
-        event: dict[str, Any],
+        record: ConsumerRecord[Any, Any],
         consumption: _Consumption,
         tp: TopicPartition,
         part: _Partition,
-        offset: int,
     ) -> None:
-        self.event = event
+        self.payload: bytes = record.value or b""
+        self.event, self.rejected = wire_decode(self.payload)
         self.deliveries = 1
+        self.published_at = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+        # The offset names the record; its timestamp tells apart an offset reused by a topic
+        # that was deleted and made again.
+        self.ref = f"kafka:{tp.topic}:{tp.partition}:{record.offset}:{record.timestamp}"
+        self.via = _via(record.headers)
         self._consumption = consumption
         self._tp = tp
         self._part = part
-        self._offset = offset
+        self._offset: int = record.offset
         self._settled = False
 
     async def ack(self) -> None:
@@ -287,14 +315,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
                     part.fetched(record.offset)
-                    try:
-                        event = wire_decode(record.value or b"")
-                    except BusError as exc:
-                        log.error("dropping %s offset %s: %s", tp, record.offset, exc)
-                        part.acked.add(record.offset)
-                        continue
                     self.window.take()
-                    yield _KafkaMessage(event, self, tp, part, record.offset)
+                    yield _KafkaMessage(record, self, tp, part)
 
     async def close(self) -> None:
         """Commit what is done and leave the group; later acks change nothing on the broker."""
@@ -383,17 +405,19 @@ class KafkaBus:
             raise BusError("the bus is not open: use it inside `async with`")
         return self._producer
 
-    async def publish(self, event: dict[str, Any]) -> None:
+    async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:
         """Store ``event`` on the topic and return once all in-sync replicas have it.
 
         Raises BusUnavailable when no broker acks within ``publish_timeout`` (the event may
         still be stored later), BusError when the event cannot be encoded or is rejected.
         """
-        (result,) = await self.publish_many([event])
+        (result,) = await self.publish_many([event], via=via)
         if result is not None:
             raise result
 
-    async def publish_many(self, events: Sequence[dict[str, Any]]) -> list[BaseException | None]:
+    async def publish_many(
+        self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
+    ) -> list[BaseException | None]:
         """Publish all events batched by the producer, then wait for their acks together.
 
         Returns one outcome per event, in order: None when stored, else the BusError or
@@ -404,6 +428,7 @@ class KafkaBus:
         results: list[BaseException | None] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
+        headers = [_CONTENT_TYPE, (_VIA, via.encode())]
         for i, event in enumerate(events):
             try:
                 payload, key = wire_encode(event)
@@ -411,7 +436,7 @@ class KafkaBus:
                 # send() waits for metadata and buffer space: one deadline bounds the loop.
                 async with asyncio.timeout_at(deadline):
                     future = await producer.send(
-                        cfg.topic, payload, key=key.encode(), headers=_HEADERS
+                        cfg.topic, payload, key=key.encode(), headers=headers
                     )
             except BusError as exc:
                 results[i] = exc
@@ -428,8 +453,8 @@ class KafkaBus:
         """Join the consumer group and yield its events until the bus closes.
 
         At most ``max_in_flight`` yielded messages are un-settled at any time. A record that is
-        not a JSON object is logged and skipped (its offset counts as done). Raises
-        BusUnavailable when the brokers cannot be reached to join the group.
+        not a valid CloudEvent is handed out marked ``rejected``, for the consumer to set
+        aside. Raises BusUnavailable when the brokers cannot be reached to join the group.
         """
         self._open_producer()
         consumption = _Consumption(self.config)

@@ -16,6 +16,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,6 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus._base import (
+    DIRECT,
     BusMessage,
     InFlightWindow,
     collect_acks,
@@ -43,6 +45,7 @@ log = logging.getLogger("eventbus.bus")
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_EXISTS_DIFFERENT = 10058
 _RECONNECT_WAIT = 1
+_VIA = "Eventbus-Via"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +122,30 @@ async def _hand_back(batch: deque[Msg]) -> None:
 
 
 class _NatsMessage:
-    __slots__ = ("_bus", "_raw", "_settled", "_window", "deliveries", "event")
+    __slots__ = (
+        "_bus",
+        "_raw",
+        "_settled",
+        "_window",
+        "deliveries",
+        "event",
+        "payload",
+        "published_at",
+        "ref",
+        "rejected",
+        "via",
+    )
 
-    def __init__(
-        self, event: dict[str, Any], raw: Msg, window: InFlightWindow, bus: NatsBus
-    ) -> None:
-        self.event = event
-        self.deliveries = raw.metadata.num_delivered or 1
+    def __init__(self, raw: Msg, window: InFlightWindow, bus: NatsBus) -> None:
+        self.payload = raw.data
+        self.event, self.rejected = wire_decode(raw.data)
+        meta = raw.metadata
+        self.deliveries = meta.num_delivered or 1
+        self.published_at = meta.timestamp or datetime.now(UTC)
+        # The stream sequence names the message; the store time tells apart a sequence reused
+        # by a stream that was deleted and made again.
+        self.ref = f"nats:{meta.stream}:{meta.sequence.stream}:{self.published_at.timestamp()}"
+        self.via = (raw.headers or {}).get(_VIA, DIRECT)
         self._raw = raw
         self._window = window
         self._bus = bus
@@ -266,18 +286,20 @@ class NatsBus:
             raise BusUnavailable(f"NATS at {self.config.url} is not connected")
         return self._js
 
-    async def publish(self, event: dict[str, Any]) -> None:
+    async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:
         """Store ``event`` in the stream and return once JetStream acked it.
 
         Raises BusUnavailable when NATS is not connected or does not ack within
         ``publish_timeout`` (the event may still be stored: republishing is safe inside the
         duplicate window), BusError when the event cannot be encoded or JetStream rejects it.
         """
-        (result,) = await self.publish_many([event])
+        (result,) = await self.publish_many([event], via=via)
         if result is not None:
             raise result
 
-    async def publish_many(self, events: Sequence[dict[str, Any]]) -> list[BaseException | None]:
+    async def publish_many(
+        self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
+    ) -> list[BaseException | None]:
         """Publish all events pipelined (async publish, then wait for the acks together).
 
         Returns one outcome per event, in order: None when stored, else the BusError or
@@ -295,7 +317,7 @@ class NatsBus:
                 # loop. (Its own wait_stall would yield to the loop, one socket write per event.)
                 async with asyncio.timeout_at(deadline):
                     future = await js.publish_async(
-                        cfg.subject, payload, headers={"Nats-Msg-Id": key}
+                        cfg.subject, payload, headers={"Nats-Msg-Id": key, _VIA: via}
                     )
             except BusError as exc:
                 results[i] = exc
@@ -312,8 +334,8 @@ class NatsBus:
         """Pull events from the shared durable consumer until the bus closes.
 
         At most ``max_in_flight`` yielded messages are un-settled at any time: the iterator
-        waits for an ack/nak before pulling more. A payload that is not a JSON object is logged
-        and terminated (never redelivered) instead of stopping the stream. While the server is
+        waits for an ack/nak before pulling more. A payload that is not a valid CloudEvent is
+        handed out too, marked ``rejected``, for the consumer to set aside. While the server is
         unreachable the iterator keeps polling and resumes on reconnect. Raises BusUnavailable
         or BusError when the consumer cannot be created.
         """
@@ -350,15 +372,7 @@ class NatsBus:
                     batch.extend(fetched[:free])
                     await _hand_back(deque(fetched[free:]))
                     continue
-                raw = batch.popleft()
-                try:
-                    event = wire_decode(raw.data)
-                except BusError as exc:
-                    log.error("dropping message %s: %s", raw.metadata.sequence, exc)
-                    with contextlib.suppress(nats.errors.Error):
-                        await raw.term()
-                    continue
-                msg = _NatsMessage(event, raw, window, self)
+                msg = _NatsMessage(batch.popleft(), window, self)
                 window.take()
                 self._unsettled.add(msg)
                 yield msg

@@ -285,9 +285,9 @@ class Dispatcher:
             return
         reply = dict(reply)
         reply[HOPS] = hops
+        # Audited as accepted (via "reply") when the router takes it off the bus.
         await self._publish(reply)
         metrics.EVENTS_RECEIVED.labels("reply").inc()
-        await self._audit.event_accepted(reply, via="reply")
 
     async def _audit_attempt(self, job: Delivery, outcome: Outcome, result: str) -> None:
         await self._audit.attempt(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import heapq
 import itertools
 import logging
@@ -35,6 +36,7 @@ import orjson
 import pydantic
 
 from eventbus._errors import ConfigError, StoreError
+from eventbus.store import set_aside
 
 __all__ = [
     "Backoff",
@@ -263,17 +265,7 @@ class SourceContext:
         input.
         """
         raw = payload.encode() if isinstance(payload, str) else payload
-        try:
-            await self.pool.execute(
-                "INSERT INTO source_dead_letters (source, payload, error, meta)"
-                " VALUES ($1, $2, $3, $4::jsonb)",
-                self.name,
-                raw,
-                error,
-                orjson.dumps(dict(meta or {})).decode(),
-            )
-        except _DB_ERRORS as exc:
-            raise StoreError(f"writing a dead letter of {self.name}: {exc}") from exc
+        await set_aside(self.pool, self.name, raw, error, meta)
         self.status.errors += 1
         self.status.last_error = error
         self.logger.warning("source %s: dead-lettered input: %s", self.name, error)
@@ -359,7 +351,8 @@ class SourceRunner:
 
     A source whose ``run`` raises is restarted after a capped exponential backoff (reset once
     it has emitted again); a ConfigError raised at run time marks it ``failed`` for good.
-    Leaving the context cancels every source and waits for it to stop.
+    Leaving the context cancels every source and waits for it to stop. ``publish`` is called
+    as ``publish(event, via="source:<name>")`` (:meth:`eventbus.bus.Bus.publish` fits).
     """
 
     def __init__(
@@ -367,7 +360,7 @@ class SourceRunner:
         sources: Sequence[Source],
         *,
         pool: asyncpg.Pool,
-        publish: Callable[[dict[str, Any]], Awaitable[None]],
+        publish: Callable[..., Awaitable[None]],
         clock: Clock | None = None,
         instance_id: str | None = None,
         backoff_initial: float = 1.0,
@@ -384,7 +377,7 @@ class SourceRunner:
         self._contexts = [
             SourceContext(
                 name=s.name,
-                publish=publish,
+                publish=functools.partial(publish, via=f"source:{s.name}"),
                 pool=pool,
                 checkpoints=Checkpoints(pool, s.name),
                 status=SourceStatus(name=s.name, type=s.type),

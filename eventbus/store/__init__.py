@@ -9,6 +9,6 @@ directory when no external database is configured.
 from eventbus.store._audit import AuditWriter
 from eventbus.store._embedded import EmbeddedPostgres
 from eventbus.store._migrate import migrate
-from eventbus.store._pool import EventTrail, Store
+from eventbus.store._pool import EventTrail, Store, set_aside
 
-__all__ = ["AuditWriter", "EmbeddedPostgres", "EventTrail", "Store", "migrate"]
+__all__ = ["AuditWriter", "EmbeddedPostgres", "EventTrail", "Store", "migrate", "set_aside"]

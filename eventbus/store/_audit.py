@@ -11,9 +11,15 @@ Guarantees:
   that finds the buffer full waits for room (backpressure).
 - Nothing buffered is lost while the process lives: when Postgres is unreachable or restarts,
   the writer retries the same batch with capped exponential backoff until it lands.
-- One bad row never stops the writer: a batch rejected for its data (SQLSTATE class 22/23, or a
-  value the driver cannot encode) is split in halves until the offending rows are isolated;
-  those are logged and counted in :attr:`AuditWriter.dropped`, every other row lands.
+- One bad row never stops the writer: a batch rejected for its data (SQLSTATE class 22/23, or
+  any value the driver cannot encode, whatever it raises) is split in halves until the
+  offending rows are isolated; those are set aside in ``audit_quarantine`` with their error,
+  logged and counted (:attr:`AuditWriter.quarantined`), and every other row lands. Errors that
+  blame the server or the connection are retried instead: they say nothing about the rows.
+- Idempotent acceptance: an ``events`` row recorded again under the same bus message
+  (``bus_ref``, a redelivery after a crash) is skipped, not duplicated.
+- Progress is visible: :meth:`AuditWriter.health` says whether writes are failing and for how
+  long, so readiness turns red when the trail cannot be written.
 - :meth:`AuditWriter.flush` is a group commit: concurrent callers share the same COPYs.
 """
 
@@ -23,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +37,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from eventbus import metrics
 from eventbus._errors import ConfigError, StoreError
 from eventbus.store._jsonb import dumps_jsonb
 
@@ -38,7 +46,18 @@ __all__ = ["AuditWriter"]
 _log = logging.getLogger(__name__)
 
 _COLUMNS: dict[str, tuple[str, ...]] = {
-    "events": ("source", "id", "type", "subject", "time", "received_at", "via", "event", "size"),
+    "events": (
+        "source",
+        "id",
+        "type",
+        "subject",
+        "time",
+        "received_at",
+        "via",
+        "event",
+        "size",
+        "bus_ref",
+    ),
     "matches": ("source", "id", "rule", "target", "at"),
     "attempts": (
         "source",
@@ -55,6 +74,7 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "refusals": ("at", "remote", "path", "reason"),
 }
 _ERROR_CHARS = 2048
+_QUARANTINE_CHARS = 64 * 1024
 _WRITE_TIMEOUT = 30.0  # seconds for one batch; a hung server is treated like a lost one
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
@@ -91,7 +111,9 @@ class AuditWriter:
         self._held = 0  # buffered plus in flight: what the capacity bounds
         self._enqueued = 0  # rows ever accepted; a flush waits for _done to reach this mark
         self._done = 0  # rows committed or dropped, in buffer order
-        self._dropped = 0
+        self._quarantined = 0
+        self._failing_since: float | None = None  # monotonic time the current write first failed
+        self._last_error: str | None = None
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -106,9 +128,26 @@ class AuditWriter:
         return self._held
 
     @property
-    def dropped(self) -> int:
-        """Rows discarded because Postgres rejected their data or they could not be encoded."""
-        return self._dropped
+    def quarantined(self) -> int:
+        """Rows set aside in ``audit_quarantine`` (or, failing even that, only logged) because
+        Postgres rejected their data or the driver could not encode them."""
+        return self._quarantined
+
+    def health(self, stall_after: float = 5.0) -> tuple[bool, str]:
+        """``(True, "ok")`` while writes land; ``(False, why)`` once writing has been failing
+        for ``stall_after`` seconds, or the writer stopped (readiness reads this)."""
+        if self._stopped is not None:
+            return False, self._stopped
+        since = self._failing_since
+        if since is None:
+            return True, "ok"
+        failing = time.monotonic() - since
+        if failing < stall_after:
+            return True, "ok"
+        return False, (
+            f"audit writes failing for {failing:.0f} s, {self._held} rows waiting: "
+            f"{self._last_error}"
+        )
 
     def start(self) -> None:
         """Start the writer task on the running loop; idempotent."""
@@ -117,18 +156,24 @@ class AuditWriter:
             self._task.add_done_callback(self._on_exit)
 
     async def event_accepted(
-        self, event: dict[str, Any], *, via: str, size: int | None = None
+        self,
+        event: dict[str, Any],
+        *,
+        via: str,
+        received_at: datetime | None = None,
+        ref: str | None = None,
+        size: int | None = None,
     ) -> None:
-        """Record that ``event`` was accepted (``via``: http, kafka, source:<name>, reply, replay).
+        """Record that ``event`` was accepted (``via``: http, kafka, source:<name>, reply, ...).
 
-        Missing or odd attributes are stored as NULL or text; ``size`` defaults to the length of
-        the event's JSON form.
+        ``received_at`` defaults to now; ``ref`` names the bus message the event came in, so a
+        redelivery of it is recorded once. Missing or odd attributes are stored as NULL or
+        text; ``size`` defaults to the length of the event's JSON form.
         """
         try:
             body = dumps_jsonb(event, default=str)
         except (orjson.JSONEncodeError, TypeError) as exc:
-            self._dropped += 1
-            _log.error("audit: event from %s cannot be serialized, not recorded: %s", via, exc)
+            await self._quarantine("events", (via, ref, repr(event)), exc)
             return
         attrs = _attributes(event)
         await self._put(
@@ -139,10 +184,11 @@ class AuditWriter:
                 _text(attrs.get("type")),
                 _text(attrs.get("subject")),
                 _time(attrs.get("time")),
-                datetime.now(UTC),
+                received_at or datetime.now(UTC),
                 via,
                 body,
                 len(body) if size is None else size,
+                ref,
             ),
         )
 
@@ -184,9 +230,15 @@ class AuditWriter:
             ),
         )
 
-    async def refused(self, *, remote: str | None, path: str, reason: str) -> None:
-        """Record a refused request (for example a missing or invalid API key)."""
-        await self._put("refusals", (datetime.now(UTC), remote, path, reason))
+    def refused(self, *, remote: str | None, path: str, reason: str) -> bool:
+        """Record a refused request (for example a missing or invalid API key).
+
+        Never waits: a refusal must not hold up the refusing of the next one, so with the
+        buffer full the row is not recorded and False is returned."""
+        if self._held >= self._capacity or self._closing:
+            return False
+        self._append("refusals", (datetime.now(UTC), remote, path, reason))
+        return True
 
     async def flush(self) -> None:
         """Return once every row recorded before this call is committed (or dropped as bad).
@@ -233,6 +285,9 @@ class AuditWriter:
             await self._space.wait()
         if self._closing:
             raise StoreError("the audit writer is closed")
+        self._append(table, record)
+
+    def _append(self, table: str, record: tuple[Any, ...]) -> None:
         self._rows.append((table, record))
         self._held += 1
         self._enqueued += 1
@@ -265,40 +320,91 @@ class AuditWriter:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def _write(self, rows: list[_Row]) -> None:
+    async def _write(self, rows: list[_Row], *, skip_known: bool = False) -> None:
         delay = _BACKOFF_FIRST
         while True:
             try:
-                await self._copy(rows)
-                return
+                await self._copy(rows, skip_known=skip_known)
             except Exception as exc:
+                if _already_recorded(exc) and not skip_known:
+                    # A redelivered event's acceptance is in already: write this batch again,
+                    # skipping such rows (the rare slow path; COPY cannot skip conflicts).
+                    skip_known = True
+                    continue
                 if _bad_data(exc):
-                    await self._isolate(rows, exc)
+                    self._progress()
+                    await self._isolate(rows, exc, skip_known)
                     return
+                self._failed(exc)
                 _log.warning("audit: writing %d rows failed, retrying: %r", len(rows), exc)
+            else:
+                self._progress()
+                return
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    async def _isolate(self, rows: list[_Row], exc: Exception) -> None:
+    async def _isolate(self, rows: list[_Row], exc: Exception, skip_known: bool) -> None:
         if len(rows) == 1:
-            self._dropped += 1
             table, record = rows[0]
-            _log.error("audit: %s row rejected, dropped: %s: %.2000r", table, exc, record)
+            await self._quarantine(table, record, exc)
             return
         # Bisect: each half is its own transaction, so good rows land and bad ones surface.
         middle = len(rows) // 2
-        await self._write(rows[:middle])
-        await self._write(rows[middle:])
+        await self._write(rows[:middle], skip_known=skip_known)
+        await self._write(rows[middle:], skip_known=skip_known)
 
-    async def _copy(self, rows: list[_Row]) -> None:
+    async def _quarantine(self, table: str, record: tuple[Any, ...], exc: BaseException) -> None:
+        """Set one unwritable row aside with its error, retrying while Postgres is away."""
+        self._quarantined += 1
+        metrics.AUDIT_QUARANTINED.labels(table).inc()
+        # ascii(): whatever made the row unwritable (a NUL, an unpaired surrogate, a date out of
+        # range) becomes plain escapes that a text column always holds.
+        text = ascii(record)[:_QUARANTINE_CHARS]
+        error = ascii(exc)[:_ERROR_CHARS]
+        _log.error("audit: %s row rejected, set aside in audit_quarantine: %s", table, error)
+        delay = _BACKOFF_FIRST
+        while True:
+            try:
+                async with self._pool.acquire(timeout=_WRITE_TIMEOUT) as conn:
+                    await conn.execute(
+                        "INSERT INTO audit_quarantine (table_name, record, error)"
+                        " VALUES ($1, $2, $3)",
+                        table,
+                        text,
+                        error,
+                        timeout=_WRITE_TIMEOUT,
+                    )
+                return
+            except Exception as retry_exc:
+                if _bad_data(retry_exc):
+                    _log.error("audit: quarantine refused the row too, lost: %.2000s", text)
+                    return
+                self._failed(retry_exc)
+                _log.warning("audit: quarantining a row failed, retrying: %r", retry_exc)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _copy(self, rows: list[_Row], *, skip_known: bool) -> None:
         by_table: dict[str, list[tuple[Any, ...]]] = {}
         for table, record in rows:
             by_table.setdefault(table, []).append(record)
         async with self._pool.acquire(timeout=_WRITE_TIMEOUT) as conn, conn.transaction():
             for table, records in by_table.items():
+                if table == "events" and skip_known:
+                    await _insert_new_events(conn, records)
+                    continue
                 await conn.copy_records_to_table(
                     table, records=records, columns=_COLUMNS[table], timeout=_WRITE_TIMEOUT
                 )
+
+    def _progress(self) -> None:
+        self._failing_since = None
+        self._last_error = None
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self._last_error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
 
     def _stop(self, reason: str) -> None:
         self._stopped = reason
@@ -315,12 +421,55 @@ class AuditWriter:
             self._stop(f"the audit writer failed: {task.exception()!r}")
 
 
+# What a failed write may blame other than its rows: the connection, the server's state.
+_NOT_THE_ROWS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+)
+
+
 def _bad_data(exc: Exception) -> bool:
-    """Whether ``exc`` blames the rows themselves rather than the connection or the server."""
+    """Whether ``exc`` blames the rows themselves rather than the connection or the server.
+
+    A server error blames the rows only in SQLSTATE classes 22 (data exception) and 23
+    (integrity); any other server error (a missing table, no permission, a full disk) is the
+    server's state, retried until it changes. An error raised on our side of the wire is the
+    driver failing to encode a value (asyncpg raises what the encoder raises: ValueError,
+    TypeError, OverflowError, UnicodeEncodeError ...) unless it is a connection error.
+    """
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate)[:2] in {"22", "23"}
-    # asyncpg raises ValueError/TypeError subclasses for values it cannot encode for a column.
-    return isinstance(exc, ValueError | TypeError)
+    if isinstance(exc, asyncpg.DataError):  # an InterfaceError raised for a value
+        return True
+    return not isinstance(exc, _NOT_THE_ROWS)
+
+
+def _already_recorded(exc: Exception) -> bool:
+    return (
+        isinstance(exc, asyncpg.UniqueViolationError)
+        and getattr(exc, "constraint_name", None) == "events_bus_ref"
+    )
+
+
+async def _insert_new_events(conn: asyncpg.Connection, records: list[tuple[Any, ...]]) -> None:
+    """Insert ``events`` rows whose bus message is not recorded yet: COPY into a scratch table,
+    then one INSERT that skips conflicts on ``bus_ref``."""
+    columns = ", ".join(_COLUMNS["events"])
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS events_incoming ON COMMIT DELETE ROWS AS"
+        f" SELECT {columns} FROM events WITH NO DATA"
+    )
+    await conn.copy_records_to_table(
+        "events_incoming", records=records, columns=_COLUMNS["events"], timeout=_WRITE_TIMEOUT
+    )
+    await conn.execute(
+        f"INSERT INTO events ({columns}) SELECT {columns} FROM events_incoming"
+        " ON CONFLICT (bus_ref) DO NOTHING",
+        timeout=_WRITE_TIMEOUT,
+    )
 
 
 def _attributes(event: object) -> dict[str, Any]:
@@ -338,7 +487,8 @@ def _time(value: object) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        # RFC 3339 requires an offset; one without is read as UTC rather than thrown away.
+        # Normalising here also turns a moment outside datetime's range into a NULL.
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         return None
-    # RFC 3339 requires an offset; a value without one is read as UTC rather than thrown away.
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -19,10 +20,10 @@ import asyncpg
 
 from eventbus._errors import StoreError
 from eventbus.store._audit import AuditWriter
-from eventbus.store._jsonb import loads_jsonb
+from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 from eventbus.store._migrate import migrate
 
-__all__ = ["EventTrail", "Store"]
+__all__ = ["EventTrail", "Store", "set_aside"]
 
 _CLOSE_TIMEOUT = 10.0
 _QUERY_TIMEOUT = 10.0
@@ -176,6 +177,33 @@ class Store:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def set_aside(
+    pool: asyncpg.Pool,
+    source: str,
+    payload: bytes,
+    error: str,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Keep input that could not become an event, with its error, in ``source_dead_letters``
+    (a source's unreadable input; ``source="bus"`` for a bus message that is not a CloudEvent).
+
+    Durable when this returns; raises StoreError when the row could not be written, in which
+    case the caller must not skip the input.
+    """
+    try:
+        await pool.execute(
+            "INSERT INTO source_dead_letters (source, payload, error, meta)"
+            " VALUES ($1, $2, $3, $4::jsonb)",
+            source,
+            payload,
+            error.replace("\x00", "\\x00"),
+            dumps_jsonb(dict(meta or {}), default=str),
+            timeout=_QUERY_TIMEOUT,
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise StoreError(f"setting aside input of {source}: {exc}") from exc
 
 
 async def _connect(dsn: str, min_size: int, max_size: int, wait: float) -> asyncpg.Pool:

@@ -83,7 +83,7 @@ async def test_kafka_bus_with_http_and_kafka_ingest(
 
     await svc.service.store.audit.flush()
     status, _, trail = await svc.request("GET", "/events/trail?source=tests/kafka&id=k1")
-    assert status == 200 and trail["via"] == "source"
+    assert status == 200 and trail["via"] == "source:kafka-ingest"
     assert [a["outcome"] for a in trail["attempts"]] == ["delivered"]
     status, _, dead = await svc.request("GET", "/sources/dead-letters?source=kafka-ingest")
     assert status == 200 and len(dead["items"]) == 1

@@ -7,9 +7,11 @@ import contextlib
 import json
 import random
 import sys
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from eventbus._errors import BusError
@@ -33,6 +35,25 @@ async def test_publish_consume_ack(make_config: MakeConfig) -> None:
         (after,) = await take(messages, 1)
         assert after.event["id"] == "e-99"
         await after.ack()
+
+
+async def test_a_message_names_its_bus_message_and_publisher(make_config: MakeConfig) -> None:
+    async with open_bus(make_config()) as bus:
+        before = datetime.now(UTC) - timedelta(seconds=5)
+        await bus.publish(event(1), via="http")
+        await bus.publish(event(2))
+        messages = bus.messages()
+        # (Kafka orders per partition only)
+        first, second = sorted(await take(messages, 2), key=lambda m: str(m.event["id"]))
+        assert (first.via, second.via) == ("http", "bus")
+        assert first.rejected is None and orjson.loads(first.payload) == event(1)
+        assert before < first.published_at < datetime.now(UTC) + timedelta(seconds=5)
+        assert first.ref != second.ref
+        await first.nak()
+        (again,) = await take(messages, 1)
+        assert (again.ref, again.published_at) == (first.ref, first.published_at)
+        for msg in (again, second):
+            await msg.ack()
 
 
 async def test_nak_redelivers(make_config: MakeConfig) -> None:

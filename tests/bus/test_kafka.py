@@ -70,7 +70,9 @@ async def test_offsets_are_committed_only_up_to_the_lowest_unacked(kafka_bootstr
         assert [m.event["id"] for m in again] == ["e-2", "e-3", "e-4", "e-5"]
 
 
-async def test_malformed_record_is_skipped_not_fatal(kafka_bootstrap: str) -> None:
+async def test_records_that_are_not_cloudevents_are_handed_out_rejected(
+    kafka_bootstrap: str,
+) -> None:
     config = kafka_config(kafka_bootstrap, partitions=1)
     async with open_bus(config) as bus:
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -78,12 +80,20 @@ async def test_malformed_record_is_skipped_not_fatal(kafka_bootstrap: str) -> No
         try:
             await producer.send_and_wait(config.topic, b"not json")
             await producer.send_and_wait(config.topic, None, key=b"tombstone")
+            await producer.send_and_wait(config.topic, b'{"id": "x", "source": "s"}')
         finally:
             await producer.stop()
-        await bus.publish(event(1))
-        (first,) = await take(bus.messages(), 1)
-        assert first.event == event(1)
-        await first.ack()
+        await bus.publish(event(1), via="http")
+        got = await take(bus.messages(), 4)
+        assert [m.payload for m in got[:3]] == [b"not json", b"", b'{"id": "x", "source": "s"}']
+        assert all(m.rejected and m.event == {} for m in got[:3])
+        assert "malformed JSON" in (got[0].rejected or "")
+        assert "specversion" in (got[2].rejected or "")
+        assert [m.via for m in got] == ["bus", "bus", "bus", "http"]
+        assert got[3].rejected is None and got[3].event == event(1)
+        assert len({m.ref for m in got}) == 4
+        for msg in got:
+            await msg.ack()
 
 
 async def test_connect_to_nothing_is_unavailable() -> None:

@@ -49,21 +49,26 @@ async def test_stream_layout(nats_url: str) -> None:
         await nc.close()
 
 
-async def test_malformed_payload_is_dropped_not_fatal(nats_url: str) -> None:
+async def test_payloads_that_are_not_cloudevents_are_handed_out_rejected(nats_url: str) -> None:
     config = nats_config(nats_url)
     async with open_bus(config) as bus:
         nc = await nats.connect(nats_url)
         try:
             js = nc.jetstream()
             await js.publish(config.subject, b"not json")
-            await js.publish(config.subject, b"[1, 2]")
+            await js.publish(config.subject, b"[1, 2]", headers={"Eventbus-Via": "http"})
         finally:
             await nc.close()
-        await bus.publish(event(1))
-        messages = bus.messages()
-        (first,) = await take(messages, 1)
-        assert first.event == event(1)
-        await first.ack()
+        await bus.publish(event(1), via="source:logs")
+        got = await take(bus.messages(), 3)
+        assert [m.payload for m in got[:2]] == [b"not json", b"[1, 2]"]
+        assert "malformed JSON" in (got[0].rejected or "")
+        assert "must be a JSON object" in (got[1].rejected or "")
+        # via is what the publisher declared: a claim, recorded as such
+        assert [m.via for m in got] == ["bus", "http", "source:logs"]
+        assert got[2].rejected is None and got[2].event == event(1)
+        for msg in got:
+            await msg.ack()
 
 
 async def test_unacked_message_is_redelivered_after_ack_wait(nats_url: str) -> None:

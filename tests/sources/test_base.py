@@ -130,7 +130,8 @@ async def test_runner_restarts_failing_source_with_backoff_and_isolates_others()
     published: list[dict[str, Any]] = []
     two_published = asyncio.Event()
 
-    async def publish(event: dict[str, Any]) -> None:
+    async def publish(event: dict[str, Any], *, via: str) -> None:
+        assert via == "source:flaky"
         published.append(event)
         if len(published) == 2:
             two_published.set()

@@ -37,13 +37,13 @@ class BusTap:
         """Stop reading before the bus closes, so closing does not wait on our subscription."""
         await self._messages.aclose()
 
-    async def publish(self, event: dict[str, Any]) -> None:
+    async def publish(self, event: dict[str, Any], *, via: str = "test") -> None:
         if self.down:
             self.refused += 1
             async with self._changed:
                 self._changed.notify_all()
             raise BusUnavailable("bus is down (test)")
-        await self.bus.publish(event)
+        await self.bus.publish(event, via=via)
         self.published += 1
         async with self._changed:
             self._changed.notify_all()

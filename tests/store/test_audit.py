@@ -117,15 +117,69 @@ async def test_a_bad_row_is_isolated_and_the_rest_land(
             duration_ms=1.0,
             error=None,
         )
+        # Nor an integer beyond the column's range: asyncpg raises OverflowError for that,
+        # neither a ValueError nor a server error, and the writer must still set it aside.
+        await store.audit.attempt(
+            _event(2),
+            rule="r",
+            target="t",
+            attempt=2**40,
+            outcome="failed",
+            status=None,
+            duration_ms=1.0,
+            error=None,
+        )
         await asyncio.wait_for(store.audit.flush(), BOUND)
         assert await _count(store, "events") == 98
         assert await _count(store, "attempts") == 0
-        assert store.audit.dropped == 3
-        assert "row rejected, dropped" in caplog.text
+        assert store.audit.quarantined == 4
+        assert "set aside in audit_quarantine" in caplog.text
+        kept = await store.pool.fetch(
+            "SELECT table_name, record, error FROM audit_quarantine ORDER BY id"
+        )
+        assert [r["table_name"] for r in kept] == ["events", "events", "attempts", "attempts"]
+        assert "a\\x00b" in kept[0]["record"] and "e17" in kept[0]["record"]
+        assert "'500'" in kept[2]["record"]
+        assert "OverflowError" in kept[3]["error"] or "out of range" in kept[3]["error"]
+        assert store.audit.health() == (True, "ok")
         # The writer is still alive.
         await store.audit.event_accepted(_event(1000), via="http")
         await asyncio.wait_for(store.audit.flush(), BOUND)
         assert await _count(store, "events") == 99
+
+
+async def test_a_time_outside_datetime_range_is_stored_as_null(database_dsn: str) -> None:
+    # Valid RFC 3339 whose instant in UTC is before year 1 or after 9999: Python cannot hold
+    # it as a datetime, PostgreSQL's timestamptz could, the row keeps the event and no time.
+    async with await Store.open(database_dsn) as store:
+        for n, moment in enumerate(("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-00:01")):
+            await store.audit.event_accepted(_event(n, time=moment), via="http")
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        rows = await store.pool.fetch("SELECT time, event->>'time' AS raw FROM events")
+        assert [r["time"] for r in rows] == [None, None]
+        assert {r["raw"] for r in rows} == {
+            "0001-01-01T00:00:00+23:59",
+            "9999-12-31T23:59:59-00:01",
+        }
+        assert store.audit.quarantined == 0
+
+
+async def test_a_redelivered_acceptance_is_recorded_once(database_dsn: str) -> None:
+    async with await Store.open(database_dsn, audit_interval=60.0) as store:
+        await store.audit.event_accepted(_event(1), via="http", ref="nats:S:1:0")
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        # The same bus message again (a redelivery after a crash) among new ones, in one batch.
+        for n, ref in ((1, "nats:S:1:0"), (2, "nats:S:2:0"), (3, None), (3, None)):
+            await store.audit.event_accepted(_event(n), via="http", ref=ref)
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        rows = await store.pool.fetch("SELECT id, bus_ref FROM events ORDER BY seq")
+        assert [(r["id"], r["bus_ref"]) for r in rows] == [
+            ("e1", "nats:S:1:0"),
+            ("e2", "nats:S:2:0"),
+            ("e3", None),
+            ("e3", None),
+        ]
+        assert store.audit.quarantined == 0
 
 
 async def test_odd_events_are_stored_with_what_they_have(database_dsn: str) -> None:
@@ -158,7 +212,7 @@ async def test_odd_events_are_stored_with_what_they_have(database_dsn: str) -> N
         assert rows[2]["time"].isoformat() == "2026-11-28T12:00:00+00:00"
         assert await store.pool.fetchval("SELECT length(error) FROM attempts") == 2048
         assert await _count(store, "matches") == 1
-        assert audit.dropped == 0
+        assert audit.quarantined == 0
 
 
 async def test_postgres_restart_loses_no_buffered_row(
@@ -197,7 +251,7 @@ async def test_postgres_restart_loses_no_buffered_row(
         await asyncio.wait_for(flushed, BOUND)
         await asyncio.wait_for(store.audit.flush(), BOUND)
         assert await _count(store, "events") == 130
-        assert store.audit.dropped == 0
+        assert store.audit.quarantined == 0
         assert await store.ping()
 
 

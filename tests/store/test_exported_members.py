@@ -11,6 +11,7 @@ def test_exported_members() -> None:
         "EventTrail",
         "Store",
         "migrate",
+        "set_aside",
     ]
     for name in eventbus.store.__all__:
         assert getattr(eventbus.store, name).__module__.startswith("eventbus.store.")

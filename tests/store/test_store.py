@@ -103,14 +103,28 @@ async def test_duplicates_are_kept_and_the_trail_shows_the_first(database_dsn: s
 
 async def test_refusals_are_recorded(database_dsn: str) -> None:
     async with await Store.open(database_dsn) as store:
-        await store.audit.refused(remote="127.0.0.1", path="/events", reason="missing API key")
-        await store.audit.refused(remote=None, path="/rules", reason="invalid API key")
+        assert store.audit.refused(remote="127.0.0.1", path="/events", reason="missing API key")
+        assert store.audit.refused(remote=None, path="/rules", reason="invalid API key")
         await store.audit.flush()
         rows = await store.pool.fetch("SELECT remote, path, reason FROM refusals ORDER BY seq")
         assert [tuple(r) for r in rows] == [
             ("127.0.0.1", "/events", "missing API key"),
             (None, "/rules", "invalid API key"),
         ]
+
+
+async def test_a_refusal_never_waits_for_room(database_dsn: str) -> None:
+    # A flood of refused requests must not queue behind a full buffer: beyond it, not recorded.
+    async with await Store.open(
+        database_dsn, audit_batch=2, audit_buffer=4, audit_interval=60
+    ) as store:
+        recorded = [
+            store.audit.refused(remote=None, path="/events", reason="missing API key")
+            for _ in range(10)
+        ]
+        assert recorded == [True] * 4 + [False] * 6
+        await store.audit.flush()
+        assert await store.pool.fetchval("SELECT count(*) FROM refusals") == 4
 
 
 async def test_ping_and_idempotent_close(database_dsn: str) -> None:
