@@ -3,13 +3,12 @@ never routes a bus message that is not a CloudEvent, whoever wrote it onto the b
 
 from __future__ import annotations
 
-import asyncio
-
 import nats
 import orjson
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
+from tests.sources._harness import eventually
 
 RULES = """
 - name: everything
@@ -50,9 +49,11 @@ async def test_messages_that_are_not_cloudevents_are_set_aside_never_routed(
     got = await receiver.wait_for(2, path="/fn", timeout=30)
     assert sorted(r.cloudevent["id"] for r in got) == ["e-0", "e-1"]
     pool = svc.service.store.pool
-    async with asyncio.timeout(30):
-        while await pool.fetchval("SELECT count(*) FROM source_dead_letters") < 2:
-            await asyncio.sleep(0.05)
+
+    async def both_set_aside() -> bool:
+        return bool(await pool.fetchval("SELECT count(*) FROM source_dead_letters") == 2)
+
+    await eventually(both_set_aside)
     rows = await pool.fetch(
         "SELECT source, payload, error, meta::jsonb->>'via' AS via FROM source_dead_letters"
         " ORDER BY id"

@@ -7,8 +7,8 @@ import contextlib
 import json
 import random
 import sys
-from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
