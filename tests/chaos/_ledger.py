@@ -158,8 +158,8 @@ class Publisher:
         self._stop = True
 
     async def wait_accepted(self, n: int, timeout: float = 60.0) -> None:  # noqa: ASYNC109
-        """Wait until ``n`` events were accepted; AssertionError if the run ends or ``timeout``
-        passes first."""
+        """Wait until ``n`` events were accepted. Raises AssertionError if the run ends first,
+        TimeoutError after ``timeout`` seconds."""
         async with asyncio.timeout(timeout):
             while len(self.accepted) < n:
                 if self._stop:
