@@ -1,4 +1,5 @@
-"""The ``receiver`` fixture itself: scripting order, seeded randomness, waiting, isolation."""
+"""The ``receiver`` fixture itself: scripting order, seeded randomness, waiting, isolation,
+restarting on the same port."""
 
 from __future__ import annotations
 
@@ -57,3 +58,18 @@ async def test_non_cloudevent_request_is_recorded_without_parse(receiver: Receiv
 def test_bad_fraction_is_rejected() -> None:
     with pytest.raises(ValueError, match="fraction"):
         Receiver().fail_randomly(1.5)
+
+
+async def test_stopped_receiver_refuses_then_starts_again_on_the_same_url(
+    receiver: Receiver,
+) -> None:
+    url = receiver.url("/fn")
+    await post_many(receiver, 1, "/fn")
+    await receiver.stop()
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await post_many(receiver, 1, "/fn")
+    await receiver.start()
+    assert receiver.url("/fn") == url
+    await post_many(receiver, 1, "/fn")
+    first, second = receiver.requests
+    assert first.at <= second.at
