@@ -9,6 +9,7 @@
      ├── BusError                 the durable bus refused or could not be reached
      │    └── BusUnavailable      not reachable right now: retry later (HTTP 503)
      ├── StoreError               Postgres could not be reached or rejected a write
+     │    └── StoreUnavailable    not reachable right now: retry later (HTTP 503)
      └── DeliveryError            a target invocation failed (carries retryable / status)
 
 Third-party errors are translated at the boundary with ``raise ... from exc``.
@@ -27,6 +28,7 @@ __all__ = [
     "RuleError",
     "RuleSetError",
     "StoreError",
+    "StoreUnavailable",
 ]
 
 
@@ -102,6 +104,11 @@ class BusUnavailable(BusError):
 
 class StoreError(EventBusError):
     """Postgres could not be reached or rejected a statement."""
+
+
+class StoreUnavailable(StoreError):
+    """Postgres cannot be reached right now (down, restarting, the connection lost): the same
+    statement may succeed later."""
 
 
 class DeliveryError(EventBusError):

@@ -9,7 +9,8 @@ nats-server and PostgreSQL if no URLs are configured and runs N worker processes
 the port with ``SO_REUSEPORT`` so the kernel spreads connections evenly among them (one shared
 listening socket let one worker take most of them), and they share the work through the bus's
 durable consumer (or consumer group). Sources run in the first worker only. The parent
-forwards SIGTERM to the workers, restarts one that dies, and stops the embedded servers last.
+forwards SIGTERM to the workers, restarts one that dies, supervises the embedded servers (and
+stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
 """
 
 from __future__ import annotations
@@ -23,16 +24,14 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from eventbus._errors import EventBusError
 from eventbus.api import create_app
-from eventbus.app import Service
-from eventbus.bus import NatsServer
+from eventbus.app import Service, start_embedded
 from eventbus.config import Settings
-from eventbus.store import EmbeddedPostgres
 
 __all__ = ["serve"]
 
@@ -81,13 +80,11 @@ def _bind(settings: Settings, *, listen: bool) -> socket.socket:
 async def _supervise(settings: Settings, workers: int, config_path: str | None) -> None:
     env = dict(os.environ)
     async with contextlib.AsyncExitStack() as stack:
-        data_dir = Path(settings.data_dir)
+        embedded = await start_embedded(stack, settings)
         if settings.embedded_bus:
-            nats = await stack.enter_async_context(NatsServer(data_dir / "nats"))
-            env["EVENTBUS_BUS__NATS__URL"] = nats.url
+            env["EVENTBUS_BUS__NATS__URL"] = str(embedded.nats_url)
         if settings.embedded_database:
-            pg = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
-            env["EVENTBUS_DATABASE__URL"] = pg.dsn
+            env["EVENTBUS_DATABASE__URL"] = embedded.database_url
         sock = _bind(settings, listen=False)
         stack.callback(sock.close)
         stopping = asyncio.Event()
@@ -95,6 +92,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         procs: list[subprocess.Popen[bytes] | None] = [None] * workers
+        failed = False
 
         def spawn(i: int) -> subprocess.Popen[bytes]:
             cmd = [sys.executable, "-m", "eventbus", "serve", "--reuse-port"]
@@ -114,6 +112,12 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), 1.0)
+            if embedded.supervisor.failed is not None:
+                # The workers cannot work without their servers: stop everything and exit
+                # non-zero, so whatever runs eventbus restarts it.
+                log.error("giving up: %s", embedded.supervisor.failed)
+                failed = True
+                break
             for i, proc in enumerate(procs):
                 if proc is not None and proc.poll() is not None and not stopping.is_set():
                     log.warning("worker %d exited with %s; restarting", i, proc.returncode)
@@ -131,6 +135,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    if failed:
+        raise EventBusError(f"stopped: {embedded.supervisor.failed}")
 
 
 def serve(

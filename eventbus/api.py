@@ -231,17 +231,15 @@ def create_app(service: Service) -> ASGIApp:
 
     @route("GET", "/healthz", None)
     async def healthz(request: Request) -> Response:
+        failed = service.liveness()
+        if failed is not None:
+            return _json({"status": "failed", "detail": failed}, 503)
         return _json({"status": "ok"})
 
     @route("GET", "/readyz", None)
     async def readyz(request: Request) -> Response:
-        bus_ok = await service.bus.ping()
-        db_ok = await service.store.ping()
-        body = {
-            "bus": "ok" if bus_ok else "unreachable",
-            "database": "ok" if db_ok else "unreachable",
-        }
-        return _json(body, 200 if bus_ok and db_ok else 503)
+        ready, body = await service.readiness()
+        return _json(body, 200 if ready else 503)
 
     @route("GET", "/metrics", None)
     async def get_metrics(request: Request) -> Response:

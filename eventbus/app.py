@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from eventbus._errors import ConfigError
+from eventbus._supervisor import Supervised, Supervisor
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
 from eventbus.config import Settings
 from eventbus.connectors import (
@@ -51,7 +52,7 @@ from eventbus.sources import SourceRunner, SourceStatus, build_source
 from eventbus.store import EmbeddedPostgres, Store, set_aside
 from eventbus.targets import HttpTarget, HttpTargetConfig, Target
 
-__all__ = ["Service", "build_target"]
+__all__ = ["Embedded", "Service", "build_target", "start_embedded"]
 
 log = logging.getLogger("eventbus")
 
@@ -87,8 +88,43 @@ def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Tar
     return NatsTarget(_config(NatsTargetConfig, spec))
 
 
-def _make_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """Where the bus and the database are: the embedded servers' URLs where they run, the
+    configured ones otherwise; ``supervisor`` watches the embedded ones."""
+
+    nats_url: str | None
+    database_url: str
+    supervisor: Supervisor
+
+
+async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
+    """Start the embedded nats-server and PostgreSQL the settings call for, supervised, on
+    ``stack`` (which stops the supervisor first, then the servers). Raises BusError or
+    StoreError when one does not come up."""
+    data_dir = Path(settings.data_dir)
+    nats_url, database_url = settings.bus.nats.url, settings.database.url
+    servers: list[Supervised] = []
+    if settings.embedded_bus:
+        nats = await stack.enter_async_context(NatsServer(data_dir / "nats"))
+        servers.append(nats)
+        nats_url = nats.url
+        log.info("embedded nats-server at %s", nats.display_url)
+    if settings.embedded_database:
+        pg = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
+        servers.append(pg)
+        database_url = pg.dsn
+        log.info("embedded PostgreSQL in %s", data_dir / "postgres")
+    assert database_url is not None
+    supervisor = Supervisor(servers)
+    supervisor.start()
+    stack.push_async_callback(supervisor.stop)
+    return Embedded(nats_url, database_url, supervisor)
 
 
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
@@ -114,6 +150,7 @@ class Service:
         self._sources: SourceRunner | None = None
         self.nats_url: str | None = None
         self.database_url: str | None = None
+        self.supervisor: Supervisor | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -130,20 +167,9 @@ class Service:
         policies = _policies(self.connectors)
         rules = self._load_rules(self.connectors, policies)
 
-        data_dir = Path(s.data_dir)
-        self.nats_url = s.bus.nats.url
-        if s.embedded_bus or s.embedded_database:
-            _make_dir(data_dir)
-        if s.embedded_bus:
-            nats = await self._stack.enter_async_context(NatsServer(data_dir / "nats"))
-            self.nats_url = nats.url
-            log.info("embedded nats-server at %s", nats.url)
-        self.database_url = s.database.url
-        if s.embedded_database:
-            pg = await self._stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
-            self.database_url = pg.dsn
-            log.info("embedded PostgreSQL in %s", data_dir / "postgres")
-        assert self.database_url is not None
+        embedded = await start_embedded(self._stack, s)
+        self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
+        self.supervisor = embedded.supervisor
 
         self.store = await Store.open(self.database_url, max_size=s.database.pool_size)
         self._stack.push_async_callback(self.store.close)
@@ -305,6 +331,31 @@ class Service:
         if self._retries is not None:
             self._retries.wake()
         return replayed
+
+    def liveness(self) -> str | None:
+        """Why this process should be restarted (an embedded server that cannot be brought
+        back), or None while it can make progress by itself."""
+        return None if self.supervisor is None else self.supervisor.failed
+
+    async def readiness(self, within: float = 0.8) -> tuple[bool, dict[str, str]]:
+        """Whether the service can take and route events now, per component, answered within
+        about ``within`` seconds whatever state the bus and the database are in."""
+
+        pings = [asyncio.ensure_future(self.bus.ping()), asyncio.ensure_future(self.store.ping())]
+        await asyncio.wait(pings, timeout=within)
+        for ping in pings:
+            if not ping.done():
+                # Not awaited: cancelling a query on a frozen server can itself wait on it.
+                ping.cancel()
+                ping.add_done_callback(_ignore_outcome)
+        bus_ok, db_ok = (p.done() and not p.cancelled() and p.result() for p in pings)
+        audit_ok, audit = self.store.audit.health()
+        body = {
+            "bus": "ok" if bus_ok else "unreachable",
+            "database": "ok" if db_ok else "unreachable",
+            "audit": audit,
+        }
+        return bus_ok and db_ok and audit_ok, body
 
     async def enable_target(self, name: str) -> bool:
         found = await self.deliveries.enable_target(name)

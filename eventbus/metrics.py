@@ -15,6 +15,7 @@ __all__ = [
     "CIRCUIT_STATE",
     "DELIVERIES",
     "DELIVERY_SECONDS",
+    "EMBEDDED_RESTARTS",
     "EVENTS_MATCHED",
     "EVENTS_RECEIVED",
     "EVENTS_REJECTED",
@@ -77,6 +78,12 @@ AUDIT_QUARANTINED = Counter(
 BUS_REJECTED = Counter(
     "eventbus_bus_rejected",
     "Bus messages that were not valid CloudEvents, set aside instead of routed",
+    registry=REGISTRY,
+)
+EMBEDDED_RESTARTS = Counter(
+    "eventbus_embedded_restarts",
+    "Embedded servers (nats-server, postgresql) restarted after they died",
+    ["server"],
     registry=REGISTRY,
 )
 

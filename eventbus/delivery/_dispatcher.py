@@ -8,21 +8,26 @@
 
 ``dispatch`` returns only when the delivery is delivered or durably recorded (a retry row or
 a dead letter in Postgres), so the router may then acknowledge the bus message (guarantee 2).
-It raises StoreError when Postgres cannot record a failure; the router then naks the message.
+While Postgres is unreachable it waits (no attempt beyond the policy goes unrecorded); it
+raises StoreError only when Postgres refuses a write, and the router then naks the message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from eventbus import metrics
+from eventbus._errors import StoreError, StoreUnavailable
 from eventbus.cloudevents import new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
@@ -38,6 +43,9 @@ log = logging.getLogger("eventbus.delivery")
 HOPS = "eventbushops"
 _FOLLOW_UPS = ("#on-success", "#on-failure", "#dead-letter")
 _ERROR_MAX = 1024
+_OUTAGE_BACKOFF_MAX = 5.0
+_CLOCK_MARGIN = 0.002  # seconds past a row's due time before claiming it
+_T = TypeVar("_T")
 
 
 class Dispatcher:
@@ -150,7 +158,7 @@ class Dispatcher:
             await self._reply(job, outcome.reply)
         if policy.on_success and not job.rule.endswith(_FOLLOW_UPS):
             await self._follow_up(job, policy.on_success, "#on-success", outcome, None)
-        if job.pending_id is not None and not await self._store.complete(job):
+        if job.pending_id is not None and not await self._settle_row(job, self._store.complete):
             log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
 
     async def _failed(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
@@ -159,7 +167,8 @@ class Dispatcher:
         if outcome.gone:
             reason = "gone"
             if policy.disable_on_gone:
-                await self._store.disable_target(job.target, f"410 Gone at attempt {job.attempts}")
+                why = f"410 Gone at attempt {job.attempts}"
+                await _durably(lambda: self._store.disable_target(job.target, why))
                 self._disabled[job.target] = "answered 410 Gone"
                 log.warning("target %s answered 410 Gone: disabled", job.target)
         elif not outcome.retryable:
@@ -179,11 +188,17 @@ class Dispatcher:
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
-        self.scheduled(delay)
         if job.pending_id is None:
-            job.pending_id = await self._store.schedule(job, due_in=delay, waiting_for=waiting_for)
-        elif not await self._store.reschedule(job, due_in=delay, waiting_for=waiting_for):
-            log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
+            job.pending_id = await _durably(
+                lambda: self._store.schedule(job, due_in=delay, waiting_for=waiting_for)
+            )
+        else:
+            row = functools.partial(self._store.reschedule, due_in=delay, waiting_for=waiting_for)
+            if not await self._settle_row(job, row):
+                log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
+                return
+        # Told once the row is written: the timer then cannot run out before the row is due.
+        self.scheduled(delay)
 
     async def _dead_letter(
         self,
@@ -205,12 +220,13 @@ class Dispatcher:
                 duration_ms=0.0,
                 error=error,
             )
-        stored = await self._store.dead_letter(
-            job,
+        row = functools.partial(
+            self._store.dead_letter,
             last_status=None if outcome is None else outcome.status,
             final_error=(error or "")[:_ERROR_MAX] or None,
             reason=reason,
         )
+        stored = await self._settle_row(job, row)
         if stored is None:
             log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
             return
@@ -289,6 +305,14 @@ class Dispatcher:
         await self._publish(reply)
         metrics.EVENTS_RECEIVED.labels("reply").inc()
 
+    async def _settle_row(self, job: Delivery, write: Callable[[Delivery], Awaitable[_T]]) -> _T:
+        """Write the outcome of ``job`` where it is kept (its retry row, or a dead letter),
+        waiting out a database outage. A job from the retry schedule has its attempt rows
+        committed first: once its row says done, nothing else brings the attempt back."""
+        if job.pending_id is not None:
+            await self._audit.flush()
+        return await _durably(lambda: write(job))
+
     async def _audit_attempt(self, job: Delivery, outcome: Outcome, result: str) -> None:
         await self._audit.attempt(
             job.event,
@@ -300,6 +324,24 @@ class Dispatcher:
             duration_ms=outcome.duration_ms,
             error=outcome.error,
         )
+
+
+async def _durably(write: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``write`` until Postgres takes it, waiting out an outage (backing off up to 5 s).
+
+    An outcome that cannot be recorded must not be forgotten either: raising would let the
+    bus redeliver the event, or the retry row's lease run out, and the target would see an
+    attempt beyond the policy's budget that no record counts. So the delivery waits, holding
+    its place in the bound on work in flight. Raises StoreError when Postgres refuses the
+    statement itself (that will not change by waiting)."""
+    delay = 0.2
+    while True:
+        try:
+            return await write()
+        except StoreUnavailable as exc:
+            log.warning("recording a delivery outcome: %s; retrying in %.1f s", exc, delay)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, _OUTAGE_BACKOFF_MAX)
 
 
 def _hops(event: dict[str, Any]) -> int:
@@ -394,6 +436,12 @@ class RetryWorker:
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
             if not claimed:
+                # Due times are the database's: a local timer for a retry may fire a moment
+                # before the row is due by its clock, so ask it when the next one is.
+                with contextlib.suppress(StoreError):
+                    due = await self._store.next_due_in()
+                    if due is not None:
+                        self.due_in(due + _CLOCK_MARGIN)
                 await self._idle()
 
     async def _idle(self) -> None:

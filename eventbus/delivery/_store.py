@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from eventbus._errors import StoreError
+from eventbus._errors import StoreError, StoreUnavailable
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 
 __all__ = ["DeadLetterFilter", "Delivery", "DeliveryStore"]
@@ -108,6 +108,16 @@ class DeadLetterFilter:
 
 
 _json = dumps_jsonb
+# Errors that say Postgres is away (down, restarting, the connection lost), not that it
+# refused the statement: the same write may succeed later.
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+)
 _load = loads_jsonb
 
 
@@ -147,7 +157,8 @@ def _dead_letter(row: asyncpg.Record) -> dict[str, Any]:
 
 
 class DeliveryStore:
-    """Every method raises StoreError when Postgres is unreachable or rejects the statement."""
+    """Every method raises StoreUnavailable when Postgres cannot be reached right now and
+    StoreError when it rejects the statement."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -155,7 +166,9 @@ class DeliveryStore:
     async def _run(self, what: str, coro: Any) -> Any:
         try:
             return await coro
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"{what}: {exc!r}") from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"{what}: {exc}") from exc
 
     async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
@@ -193,6 +206,18 @@ class DeliveryStore:
             ),
         )
         return [_pending(r) for r in rows]
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until the earliest unclaimed row that is not yet due becomes due, by the
+        database's clock (the one ``due_at`` is written and claimed by); None if none."""
+        value = await self._run(
+            "reading the retry schedule",
+            self._pool.fetchval(
+                "SELECT extract(epoch FROM due_at - now()) FROM delivery_retries"
+                " WHERE due_at > now() AND locked_until IS NULL ORDER BY due_at LIMIT 1"
+            ),
+        )
+        return None if value is None else float(value)
 
     async def reschedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> bool:
         """Set the row's next due time and history and release it; False (nothing written)

@@ -45,10 +45,35 @@ class EmbeddedPostgres:
     and :meth:`stop` directly (a stopped server can be started again; its data persists).
     """
 
+    name = "postgresql"
+
     def __init__(self, data_dir: str | Path) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self._server: PostgresServer | None = None
         self._running = False
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id as of the last start, or None if not started."""
+        if not self._running or self._server is None:
+            return None
+        return self._server.get_pid()
+
+    def alive(self) -> bool:
+        """Whether the postmaster this handle started is still running (a stopped, frozen
+        one counts as running: that is the database being slow, not gone)."""
+        pid = self.pid
+        try:
+            return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    async def restart(self) -> None:
+        """Start a server that died again on the same data (raises as :meth:`start`).
+
+        PostgreSQL recovers from its write-ahead log on the way up, so nothing it committed
+        is lost."""
+        await self.start()
 
     async def start(self) -> None:
         """Start the server (initialising ``data_dir`` on first use); no-op if it is running.

@@ -8,7 +8,7 @@ import orjson
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
-from tests.sources._harness import eventually
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: everything

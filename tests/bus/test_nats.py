@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import nats
+import psutil
 import pytest
 from nats.js.api import StreamConfig
 
@@ -15,6 +16,7 @@ from eventbus.bus import NatsBus, NatsBusConfig, NatsServer, open_bus
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import event_key
 from tests.bus.conftest import PATIENCE, event, nats_config, take, take_until
+from tests.fixtures.wait import eventually
 
 
 async def test_same_source_and_id_is_stored_once(nats_url: str) -> None:
@@ -141,6 +143,44 @@ async def test_server_restarts_on_the_same_url(tmp_path: Path) -> None:
         assert server.url == url
         nc = await nats.connect(url)
         await nc.close()
+
+
+async def test_only_eventbus_may_use_the_embedded_server(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "nats") as server:
+        # An anonymous local client, or one with a guessed password, is refused.
+        for url in (
+            f"nats://127.0.0.1:{server.port}",
+            f"nats://eventbus:guess@127.0.0.1:{server.port}",
+        ):
+            with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+                await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+        nc = await nats.connect(server.url)
+        await nc.close()
+        # The password is in a file only the owner reads, never on the command line.
+        password = server.url.split(":")[2].split("@")[0]
+        conf = tmp_path / "nats" / "nats-server.conf"
+        assert conf.stat().st_mode & 0o077 == 0 and password in conf.read_text()
+        pid = int((tmp_path / "nats" / "nats-server.pid").read_text())
+        assert not any(password in arg for arg in psutil.Process(pid).cmdline())
+        assert password not in server.display_url and "***" in server.display_url
+
+
+async def test_a_killed_server_is_seen_dead_and_restarts_on_the_same_url(
+    tmp_path: Path,
+) -> None:
+    async with NatsServer(tmp_path / "nats") as server:
+        config = nats_config(server.url, publish_timeout=1.0)
+        async with open_bus(config) as bus:
+            await bus.publish(event(1))
+            pid = int((tmp_path / "nats" / "nats-server.pid").read_text())
+            psutil.Process(pid).kill()
+            await eventually(lambda: not server.alive(), what="the kill seen")
+            await server.restart()
+            assert server.alive()
+            await eventually(bus.ping, what="the client reconnected by itself")
+            await bus.publish(event(2))
+            got = await take_until(bus.messages(), {"e-1", "e-2"})
+            assert {"e-1", "e-2"} <= {m.event["id"] for m in got}
 
 
 async def test_server_without_binary_is_a_config_error(

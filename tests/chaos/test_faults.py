@@ -34,10 +34,6 @@ async def test_sigkill_service_mid_stream(rig: Rig) -> None:
     report.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 defect 3: the embedded nats-server is not supervised, nothing restarts it",
-)
 async def test_sigkill_embedded_nats_server(rig: Rig) -> None:
     async def inject() -> Fault:
         killed = rig.nats_server()

@@ -10,6 +10,7 @@ import pytest
 
 from eventbus._errors import StoreError
 from eventbus.store import EmbeddedPostgres, Store
+from tests.fixtures.wait import eventually
 
 # Guards against a hang, not speed assertions: every wait in these tests is bounded.
 BOUND = 60.0
@@ -269,3 +270,30 @@ async def test_close_gives_up_after_its_grace_when_postgres_stays_down(
     finally:
         await postgres_server.start()
         await store.close()
+
+
+async def test_a_server_side_failure_is_retried_not_quarantined_and_reported(
+    database_dsn: str,
+) -> None:
+    # A missing table is the server's state, not the rows' fault: no bisecting, no setting
+    # aside; the writer keeps the rows, reports the stall, and writes them once it is back.
+    async with await Store.open(database_dsn) as store:
+        await store.pool.execute("ALTER TABLE matches RENAME TO matches_away")
+        try:
+            await store.audit.rule_matched(_event(1), "r", "t")
+            flushed = asyncio.ensure_future(store.audit.flush())
+
+            def stalled() -> bool:
+                return not store.audit.health(stall_after=0.2)[0]
+
+            await eventually(stalled, within=BOUND)
+            healthy, why = store.audit.health(stall_after=0.2)
+            assert not healthy
+            assert "1 rows waiting" in why and "matches" in why
+            assert not flushed.done()
+        finally:
+            await store.pool.execute("ALTER TABLE matches_away RENAME TO matches")
+        await asyncio.wait_for(flushed, BOUND)
+        assert await _count(store, "matches") == 1
+        assert store.audit.quarantined == 0
+        assert store.audit.health(stall_after=0.2) == (True, "ok")

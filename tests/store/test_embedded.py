@@ -5,11 +5,14 @@ from __future__ import annotations
 import shutil
 
 import asyncpg
+import psutil
 import pytest
 
 from eventbus._errors import StoreError
+from eventbus._supervisor import Supervisor
 from eventbus.store import EmbeddedPostgres
 from tests.fixtures.postgres import private_data_root
+from tests.fixtures.wait import eventually
 
 
 async def test_fresh_database_per_test(database_dsn: str) -> None:
@@ -70,3 +73,46 @@ async def test_unusable_data_dir_is_a_clear_error() -> None:
         assert not pg.running
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_killed_server_is_brought_back_by_the_supervisor() -> None:
+    root = private_data_root()
+    server = EmbeddedPostgres(root / "data")
+    supervisor = Supervisor([server], check_every=0.1, backoff_first=0.2)
+    try:
+        await server.start()
+        supervisor.start()
+        conn = await asyncpg.connect(server.dsn)
+        await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+        await conn.close()
+        pid = server.pid
+        assert pid is not None and server.alive()
+        psutil.Process(pid).kill()
+        # The supervisor sees it die and starts it again (its children may hold the shared
+        # memory a moment longer: the first restarts can fail, it backs off and retries).
+        await eventually(lambda: not psutil.pid_exists(pid) or not server.alive())
+        await eventually(server.alive, within=60, what="postgres restarted")
+        conn = await _connect_when_up(server.dsn)
+        try:
+            assert await conn.fetchval("SELECT x FROM kept") == 7
+        finally:
+            await conn.close()
+        assert supervisor.failed is None
+    finally:
+        await supervisor.stop()
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _connect_when_up(dsn: str) -> asyncpg.Connection:
+    found: list[asyncpg.Connection] = []
+
+    async def connects() -> bool:
+        try:
+            found.append(await asyncpg.connect(dsn))
+        except (OSError, asyncpg.PostgresError):
+            return False
+        return True
+
+    await eventually(connects, within=60)
+    return found[0]

@@ -1,0 +1,106 @@
+"""Supervision of the embedded servers: the real ``nats-server`` and PostgreSQL that
+``eventbus serve`` runs under its data directory when no external URLs are configured.
+
+    Supervisor ─ every ``check_every`` s ─> server.alive()? ─ no ─> server.restart()
+        restart fails ─> back off (0.5 s doubling to ``backoff_max``), try again
+        ``give_up_after`` failures in a row ─> ``failed`` set: liveness (GET /healthz) fails,
+        so whatever runs eventbus (systemd, Kubernetes, the ``--workers`` parent) restarts it
+
+Clients need no help: the bus reconnects to the same URL (the server keeps its port and its
+JetStream store) and the database pool opens new connections. What a dead server costs is
+the time until it is back: publishes answer 503 meanwhile, routing waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from eventbus import metrics
+
+__all__ = ["Supervised", "Supervisor"]
+
+log = logging.getLogger("eventbus.supervisor")
+
+
+class Supervised(Protocol):
+    """A child server the supervisor can check and bring back."""
+
+    @property
+    def name(self) -> str:
+        """Short name for logs, metrics and the health answer."""
+
+    def alive(self) -> bool:
+        """Whether the server process is still running (a frozen one is alive)."""
+
+    async def restart(self) -> None:
+        """Start the server again on the same address and data; raises when it cannot."""
+
+
+class Supervisor:
+    """Watches ``servers`` from one task; see the module docstring."""
+
+    def __init__(
+        self,
+        servers: Sequence[Supervised],
+        *,
+        check_every: float = 0.5,
+        backoff_first: float = 0.5,
+        backoff_max: float = 10.0,
+        give_up_after: int = 5,
+    ) -> None:
+        self._servers = list(servers)
+        self._check_every = check_every
+        self._backoff = (backoff_first, backoff_max)
+        self._give_up_after = give_up_after
+        self._failed: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def failed(self) -> str | None:
+        """Why liveness fails: the servers that could not be brought back, or None."""
+        if not self._failed:
+            return None
+        return "; ".join(f"{name}: {why}" for name, why in self._failed.items())
+
+    def start(self) -> None:
+        if self._task is None and self._servers:
+            self._task = asyncio.create_task(self._run(), name="eventbus-supervisor")
+
+    async def stop(self) -> None:
+        """Stop watching (before the servers are stopped on purpose). Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_every)
+            for server in self._servers:
+                if not server.alive():
+                    await self._bring_back(server)
+
+    async def _bring_back(self, server: Supervised) -> None:
+        log.error("embedded %s is gone; restarting it", server.name)
+        delay, most = self._backoff
+        failures = 0
+        while True:
+            try:
+                await server.restart()
+            except Exception as exc:
+                failures += 1
+                if failures >= self._give_up_after:
+                    self._failed[server.name] = f"not running, {failures} restarts failed: {exc}"
+                log.error("restarting embedded %s failed (%d): %s", server.name, failures, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, most)
+                continue
+            metrics.EMBEDDED_RESTARTS.labels(server.name).inc()
+            self._failed.pop(server.name, None)
+            log.warning("embedded %s restarted", server.name)
+            return

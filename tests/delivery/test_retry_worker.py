@@ -1,0 +1,115 @@
+"""The retry worker against a real PostgreSQL and a real function endpoint: it attempts a row
+when the row falls due by the database's clock (not at its next poll), and an outcome it
+cannot record while Postgres is down is waited out, never paid for with an extra attempt."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from eventbus.delivery import (
+    DeadLetterFilter,
+    Delivery,
+    DeliveryStore,
+    Dispatcher,
+    RetryWorker,
+    target_policies,
+)
+from eventbus.store import EmbeddedPostgres, Store
+from eventbus.targets import HttpTarget, HttpTargetConfig
+from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.wait import eventually
+
+
+@dataclass
+class Rig:
+    store: Store
+    deliveries: DeliveryStore
+    dispatcher: Dispatcher
+
+
+@pytest_asyncio.fixture
+async def rig(database_dsn: str, receiver: Receiver) -> AsyncIterator[Rig]:
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(await Store.open(database_dsn))
+        target = await stack.enter_async_context(
+            HttpTarget(HttpTargetConfig(name="fn", url=receiver.url("/fn"), timeout=10))
+        )
+        policies = target_policies(
+            {
+                "fn": {
+                    "retry": {
+                        "strategy": "fixed",
+                        "initial_delay": "200ms",
+                        "max_attempts": 4,
+                        "jitter": False,
+                    },
+                    "circuit_breaker": False,
+                }
+            }
+        )
+        deliveries = DeliveryStore(store.pool)
+
+        async def publish(event: dict[str, object]) -> None:
+            raise AssertionError("nothing replies in these tests")
+
+        dispatcher = Dispatcher({"fn": target}, policies, deliveries, store.audit, publish)
+        # A poll so slow that only knowing the next due time can make an attempt on time,
+        # and a short lease, so an unrecorded outcome would soon be attempted again.
+        worker = RetryWorker(dispatcher, deliveries, instance="t", lease=2.0, idle_poll=60.0)
+        dispatcher.scheduled = worker.due_in
+        worker.start()
+        stack.push_async_callback(worker.stop, 5.0)
+        yield Rig(store, deliveries, dispatcher)
+
+
+def _delivery(i: int) -> Delivery:
+    event = {"specversion": "1.0", "id": f"r-{i}", "source": "tests/retry", "type": "t"}
+    return Delivery(event, "rule", "fn", event, True, None)
+
+
+async def test_a_retry_is_attempted_when_due_not_at_the_next_poll(
+    rig: Rig, receiver: Receiver
+) -> None:
+    # The first attempt fails: the retry is due 200 ms later by the database's clock, which
+    # runs a moment behind the worker's own timer. The worker polls once a minute.
+    receiver.script(503)
+    await rig.dispatcher.run(_delivery(1))
+    await receiver.wait_for(2, path="/fn", timeout=15)
+
+
+@pytest.mark.timeout(120)
+async def test_no_attempt_beyond_the_budget_while_postgres_is_down(
+    rig: Rig, receiver: Receiver, postgres_server: EmbeddedPostgres
+) -> None:
+    # Attempts 1-3 fail and are rescheduled; the 4th (the last) answers slowly, and Postgres
+    # goes down meanwhile, so its outcome cannot be written when it comes back.
+    receiver.script(503, 503, 503, Response(503, delay=2.0))
+    await rig.dispatcher.run(_delivery(2))
+    await receiver.wait_for(4, path="/fn", timeout=30)
+    await postgres_server.stop()
+    try:
+        await asyncio.sleep(6)  # three leases: time enough for an unrecorded re-attempt
+    finally:
+        await postgres_server.start()
+
+    async def dead_lettered() -> bool:
+        return bool(await rig.deliveries.list_dead_letters(DeadLetterFilter(ids=())))
+
+    await eventually(dead_lettered, within=60)
+    (letter,) = await rig.deliveries.list_dead_letters(DeadLetterFilter())
+    assert letter["attempts"] == 4 and letter["reason"] == "attempts-exhausted"
+    assert len(receiver.requests) == 4
+    await rig.store.audit.flush()
+    outcomes = await rig.store.pool.fetch("SELECT attempt, outcome FROM attempts ORDER BY seq")
+    assert [tuple(r) for r in outcomes] == [
+        (1, "retry-scheduled"),
+        (2, "retry-scheduled"),
+        (3, "retry-scheduled"),
+        (4, "dead-lettered"),
+    ]

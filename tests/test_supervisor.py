@@ -1,0 +1,72 @@
+"""The supervisor's state machine on scripted servers (no processes): restart what died, back
+off while a restart fails, fail liveness after enough failures, recover when it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from eventbus._supervisor import Supervisor
+from tests.fixtures.wait import eventually
+
+
+class Scripted:
+    """A server that is dead until restarted, and whose restarts fail ``failures`` times."""
+
+    def __init__(self, name: str, failures: int = 0) -> None:
+        self.name = name
+        self.failures = failures
+        self.up = True
+        self.restarts = 0
+        self.restarted = asyncio.Event()
+
+    def alive(self) -> bool:
+        return self.up
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError(f"{self.name} will not start")
+        self.up = True
+        self.restarted.set()
+
+
+async def test_a_dead_server_is_restarted_and_a_live_one_left_alone() -> None:
+    dead, fine = Scripted("a"), Scripted("b")
+    sup = Supervisor([dead, fine], check_every=0.01)
+    sup.start()
+    try:
+        dead.up = False
+        async with asyncio.timeout(10):
+            await dead.restarted.wait()
+        assert (dead.restarts, fine.restarts) == (1, 0)
+        assert sup.failed is None
+    finally:
+        await sup.stop()
+
+
+async def test_liveness_fails_after_repeated_failures_and_recovers() -> None:
+    server = Scripted("nats-server", failures=4)
+    sup = Supervisor(
+        [server], check_every=0.01, backoff_first=0.01, backoff_max=0.02, give_up_after=3
+    )
+    sup.start()
+    try:
+        server.up = False
+        await eventually(lambda: sup.failed is not None, within=10, every=0.005)
+        assert sup.failed is not None
+        assert "nats-server" in sup.failed and "will not start" in sup.failed
+        async with asyncio.timeout(10):
+            await server.restarted.wait()
+        assert server.restarts == 5
+        assert sup.failed is None
+    finally:
+        await sup.stop()
+
+
+async def test_stop_is_idempotent_and_nothing_to_watch_is_fine() -> None:
+    sup = Supervisor([])
+    sup.start()
+    await sup.stop()
+    await sup.stop()
+    assert sup.failed is None
