@@ -36,6 +36,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Payload Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
@@ -67,14 +68,15 @@ class Problem(Exception):
         self.title = title or _TITLES.get(status, "Error")
         self.headers = headers or {}
 
-    def body(self, instance: str) -> bytes:
+    def body(self, instance: str | None) -> bytes:
+        """The problem+json body; ``instance`` (the request path) is left out when unknown."""
         return orjson.dumps(
             {
                 "type": "about:blank",
                 "title": self.title,
                 "status": self.status,
                 "detail": self.detail,
-                "instance": instance,
+                **({} if instance is None else {"instance": instance}),
             }
         )
 

@@ -10,6 +10,9 @@ the port with ``SO_REUSEPORT`` so the kernel spreads connections evenly among th
 listening socket let one worker take most of them), and they share the work through the bus's
 durable consumer (or consumer group). Sources run in the first worker only. The parent
 forwards SIGTERM to the workers, restarts one that dies, and stops the embedded servers last.
+
+Either way the HTTP server runs with the limits of ``listen`` (header and body deadlines, a
+connection cap: ``eventbus._connections``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -28,15 +32,20 @@ from typing import Any
 
 import uvicorn
 
+from eventbus._connections import ConnectionGuard
+from eventbus._ingest import ASGIApp
 from eventbus.api import create_app
 from eventbus.app import Service
 from eventbus.bus import NatsServer
 from eventbus.config import Settings
 from eventbus.store import EmbeddedPostgres
 
-__all__ = ["serve"]
+__all__ = ["http_server", "serve"]
 
 log = logging.getLogger("eventbus")
+
+# descriptors a process needs besides client connections: database pool, bus, targets, logs
+_OTHER_FILES = 256
 
 
 def _quiet_signals() -> None:
@@ -46,18 +55,49 @@ def _quiet_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
+def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvicorn.Server:
+    """The uvicorn server for ``app`` on ``listen.host:port`` with the ``listen`` limits;
+    ``http`` picks uvicorn's parser (``auto``: httptools when installed, else h11)."""
+    listen = settings.listen
+    guard = ConnectionGuard(
+        header_timeout=listen.header_timeout,
+        body_timeout=listen.body_timeout,
+        max_connections=listen.max_connections,
+    )
+    config = uvicorn.Config(
+        guard.wrap(app),
+        host=listen.host,
+        port=listen.port,
+        http=guard.protocol(http),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(settings.router.shutdown_grace),
+    )
+    return uvicorn.Server(config)
+
+
+def _room_for_connections(settings: Settings) -> None:
+    """Raise the soft open-file limit (up to the hard one) so that ``listen.max_connections``,
+    not a failing accept() or database connect, is what turns clients away."""
+    want = settings.listen.max_connections + _OTHER_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.warning(
+            "the open-file limit (hard %d) leaves room for fewer than listen.max_connections "
+            "(%d) clients; raise it (ulimit -n) or lower the setting",
+            hard,
+            settings.listen.max_connections,
+        )
+
+
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     async with Service(settings) as service:
-        config = uvicorn.Config(
-            create_app(service),
-            host=settings.listen.host,
-            port=settings.listen.port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=int(settings.router.shutdown_grace),
-        )
-        server = uvicorn.Server(config)
+        server = http_server(create_app(service), settings)
         _quiet_signals()
         # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
         # every future garbage collection pass.
@@ -141,6 +181,7 @@ def serve(
     config_path: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
+    _room_for_connections(settings)
     runner: Any
     runner = (
         _supervise(settings, workers, config_path)

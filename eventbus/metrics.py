@@ -17,6 +17,7 @@ __all__ = [
     "EVENTS_RECEIVED",
     "EVENTS_REJECTED",
     "EVENTS_ROUTED",
+    "HTTP_CONNECTIONS_DROPPED",
     "REGISTRY",
     "RETRY_BACKLOG",
     "render",
@@ -59,6 +60,13 @@ CIRCUIT_STATE = Gauge(
     "eventbus_circuit_state",
     "Circuit breaker state per target: 0 closed, 1 half-open, 2 open",
     ["target"],
+    registry=REGISTRY,
+)
+HTTP_CONNECTIONS_DROPPED = Counter(
+    "eventbus_http_connections_dropped",
+    "HTTP connections closed by the server's limits, by reason (header_timeout, body_timeout, "
+    "shed: the longest-waiting one made room at the connection cap, refused: at the cap)",
+    ["reason"],
     registry=REGISTRY,
 )
 RETRY_BACKLOG = Gauge(

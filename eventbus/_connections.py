@@ -1,0 +1,291 @@
+"""Slow and surplus HTTP clients: a header deadline, a body deadline and a connection cap,
+around uvicorn's own HTTP protocol (h11 or httptools).
+
+Where it sits: at the very front of the HTTP edge, between the listening socket and the ASGI
+application of ``eventbus.api``; ``eventbus._serve`` builds one ``ConnectionGuard`` per server.
+
+- **Header deadline** (``listen.header_timeout``): a connection that has no request inside the
+  application (new, or idle after a response) is closed once it has waited that long for a
+  complete request head, however slowly it trickles bytes.
+- **Body deadline** (``listen.body_timeout``): an application that reads a request body gets it
+  whole within that many seconds of the request head, or the request is answered 408 and the
+  connection closed.
+- **Connection cap** (``listen.max_connections``): a connection beyond the cap sheds the one
+  that has waited longest without a request in the application (an idle keep-alive or a slow
+  head); when every connection has a request in progress, the new one is answered 503.
+
+Why a wrapper around the protocol: uvicorn 0.54 offers ``timeout_keep_alive`` (armed only after
+a response, and cancelled by any byte that arrives) and ``limit_concurrency`` (answered 503 once
+a request head is complete, so a head that never completes is never refused), in both of its
+HTTP implementations; nothing bounds the time a client takes to send its request head. What it
+does offer publicly is ``Config(http=<protocol class>)``, constructed with the same keyword
+arguments as its own classes. ``ConnectionGuard.protocol`` is such a class: it owns one
+instance of uvicorn's protocol per connection and forwards every ``asyncio.Protocol`` callback
+to it unchanged, so nothing private of uvicorn is touched.
+
+The application tells the guard when a request is inside it: while forwarding received bytes
+the wrapper sets a context variable to its connection, and the task uvicorn creates for a
+request (or a pipelined one, started from the previous request's task) copies that context.
+This relies on uvicorn's default ``reset_contextvars=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextvars import ContextVar
+from typing import Any, cast
+
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
+
+from eventbus import metrics
+from eventbus._ingest import PROBLEM, ASGIApp, Message, Problem, Receive, Scope, Send
+
+__all__ = ["ConnectionGuard"]
+
+log = logging.getLogger("eventbus.http")
+
+_CONNECTION: ContextVar[_Connection | None] = ContextVar("eventbus_connection", default=None)
+
+
+def _answer(problem: Problem, instance: str | None) -> tuple[Message, Message]:
+    """The two ASGI messages of a problem answer that also closes the connection."""
+    body = problem.body(instance)
+    start = {
+        "type": "http.response.start",
+        "status": problem.status,
+        "headers": [
+            (b"content-type", PROBLEM.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *((k.lower().encode(), v.encode()) for k, v in problem.headers.items()),
+        ],
+    }
+    return start, {"type": "http.response.body", "body": body}
+
+
+class ConnectionGuard:
+    """The limits of one HTTP server: ``Config(app=guard.wrap(app), http=guard.protocol())``.
+
+    Timeouts are in seconds; ``max_connections`` counts every open connection of this server.
+    """
+
+    def __init__(self, *, header_timeout: float, body_timeout: float, max_connections: int) -> None:
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        self._open: set[_Connection] = set()
+        # connections without a request in the application, the one waiting longest first
+        self._waiting: dict[_Connection, None] = {}
+
+    @property
+    def open(self) -> int:
+        """Connections admitted and not yet closed."""
+        return len(self._open)
+
+    def protocol(self, http: str = "auto") -> type[asyncio.Protocol]:
+        """The protocol class for ``uvicorn.Config(http=...)``, wrapping uvicorn's ``http``
+        implementation (``auto``, ``h11`` or ``httptools``)."""
+        inner: type[asyncio.Protocol] = import_from_string(HTTP_PROTOCOLS[http])
+        guard = self
+
+        class GuardedProtocol(_Connection):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(guard, inner(**kwargs))
+
+        return GuardedProtocol
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        """``app`` with the body deadline, telling the guard which connections are busy."""
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            connection = _CONNECTION.get()
+            if connection is not None:
+                connection.busy(True)
+            try:
+                request = _BodyDeadline(self.body_timeout, receive, send, connection)
+                await request.run(app, scope)
+            finally:
+                if connection is not None:
+                    connection.busy(False)
+
+        return guarded
+
+    def _admit(self, connection: _Connection) -> bool:
+        if len(self._open) >= self.max_connections:
+            if not self._waiting:
+                metrics.HTTP_CONNECTIONS_DROPPED.labels("refused").inc()
+                return False
+            oldest = next(iter(self._waiting))
+            metrics.HTTP_CONNECTIONS_DROPPED.labels("shed").inc()
+            oldest.close()
+        self._open.add(connection)
+        return True
+
+    def _waits(self, connection: _Connection, waiting: bool) -> None:
+        if waiting and connection in self._open:
+            self._waiting[connection] = None
+        else:
+            self._waiting.pop(connection, None)
+
+    def _release(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+        self._waiting.pop(connection, None)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: uvicorn's protocol inside, the header deadline around it."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self._guard = guard
+        self._inner = inner
+        self._transport: asyncio.Transport | None = None
+        self._live = False  # admitted, handed to the inner protocol, not yet lost
+        self._requests = 0  # this connection's requests inside the application
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport, though uvloop's do not subclass asyncio.Transport
+        self._transport = transport = cast(asyncio.Transport, transport)
+        if not self._guard._admit(self):
+            limit = self._guard.max_connections
+            refusal = Problem(
+                503,
+                f"too many open connections (listen.max_connections is {limit})",
+                headers={"Retry-After": "1"},
+            )
+            start, body = _answer(refusal, None)
+            head = b"".join(b"%s: %s\r\n" % header for header in start["headers"])
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\n" + head + b"\r\n")
+            transport.write(body["body"])
+            transport.close()
+            return
+        self._live = True
+        self._wait_for_request()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._live:
+            return
+        token = _CONNECTION.set(self)
+        try:
+            self._inner.data_received(data)
+        finally:
+            _CONNECTION.reset(token)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._live else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._live:
+            return
+        self._live = False
+        self._cancel_deadline()
+        self._guard._release(self)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._live:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._live:
+            self._inner.resume_writing()
+
+    def busy(self, entering: bool) -> None:
+        """A request of this connection enters (True) or leaves (False) the application."""
+        self._requests += 1 if entering else -1
+        if not self._live:
+            return
+        if self._requests == 0:
+            self._wait_for_request()
+        else:
+            self._cancel_deadline()
+            self._guard._waits(self, False)
+
+    def close(self) -> None:
+        """Drop the connection now, unsent bytes included (a stalled reader must not keep it);
+        it stops counting against the cap at once."""
+        self._guard._release(self)
+        self._cancel_deadline()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _wait_for_request(self) -> None:
+        self._cancel_deadline()
+        self._guard._waits(self, True)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self._guard.header_timeout, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        self._deadline = None
+        metrics.HTTP_CONNECTIONS_DROPPED.labels("header_timeout").inc()
+        self.close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+class _BodyDeadline:
+    """One request: ``receive`` bounded by the body deadline until the body is complete."""
+
+    def __init__(
+        self, timeout: float, receive: Receive, send: Send, connection: _Connection | None
+    ) -> None:
+        self._timeout = timeout
+        self._receive = receive
+        self._send = send
+        self._connection = connection
+        self._deadline = asyncio.get_running_loop().time() + timeout
+        self._body_done = False
+        self._started = False  # the application began its answer
+        self._expired = False  # the deadline passed: the client got its 408 (or a close)
+        self._path: str | None = None
+
+    async def run(self, app: ASGIApp, scope: Scope) -> None:
+        self._path = scope.get("path")
+        try:
+            await app(scope, self.receive, self.send)
+        except Exception:
+            # after the deadline the application was told the client left; how it gives up
+            # (Starlette raises ClientDisconnect) does not matter any more
+            if not self._expired:
+                raise
+
+    async def receive(self) -> Message:
+        if self._expired:
+            return {"type": "http.disconnect"}
+        if self._body_done:
+            return await self._receive()
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                message = await self._receive()
+        except TimeoutError:
+            await self._expire()
+            return {"type": "http.disconnect"}
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self._body_done = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self._expired:
+            return  # the application's answer to the disconnect; the client has its 408
+        self._started = True
+        await self._send(message)
+
+    async def _expire(self) -> None:
+        self._expired = True
+        metrics.HTTP_CONNECTIONS_DROPPED.labels("body_timeout").inc()
+        if self._started:
+            if self._connection is not None:
+                self._connection.close()
+            return
+        late = Problem(408, f"the request body did not arrive within {self._timeout:g} s")
+        for message in _answer(late, self._path):
+            await self._send(message)
