@@ -12,7 +12,8 @@ durable consumer (or consumer group). Sources run in the first worker only. The 
 forwards SIGTERM to the workers, restarts one that dies, and stops the embedded servers last.
 
 Either way the HTTP server runs with the limits of ``listen`` (header and body deadlines, a
-connection cap: ``eventbus._connections``).
+connection cap: ``eventbus._connections``), and a ``listen.host`` reachable from the network is
+refused without ``api_keys`` unless ``allow_unauthenticated`` says otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import os
 import resource
@@ -33,6 +35,7 @@ from typing import Any
 import uvicorn
 
 from eventbus._connections import ConnectionGuard
+from eventbus._errors import ConfigError
 from eventbus._ingest import ASGIApp
 from eventbus.api import create_app
 from eventbus.app import Service
@@ -75,6 +78,37 @@ def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvic
         timeout_graceful_shutdown=int(settings.router.shutdown_grace),
     )
     return uvicorn.Server(config)
+
+
+def _check_exposure(settings: Settings) -> None:
+    """Refuse (ConfigError) to offer purge, replay and reload to the network without API keys;
+    with ``allow_unauthenticated`` say loudly that it is so."""
+    host = settings.listen.host
+    if settings.api_keys or _loopback(host):
+        return
+    if not settings.allow_unauthenticated:
+        raise ConfigError(
+            f"listen.host {host!r} is reachable from the network but no api_keys are set: "
+            "anyone could publish events, purge and replay dead letters and reload rules. "
+            "Set api_keys (for example EVENTBUS_API_KEYS, see docs/configuration.md), listen on "
+            "127.0.0.1, or set allow_unauthenticated: true when something in front of eventbus "
+            "authenticates every request"
+        )
+    log.warning(
+        "NO AUTHENTICATION: listening on %s:%d without api_keys (allow_unauthenticated: true); "
+        "anyone who reaches this port may publish, purge, replay and reload",
+        host,
+        settings.listen.port,
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name, which may resolve to anything
 
 
 def _room_for_connections(settings: Settings) -> None:
@@ -181,6 +215,7 @@ def serve(
     config_path: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
+    _check_exposure(settings)
     _room_for_connections(settings)
     runner: Any
     runner = (

@@ -117,6 +117,8 @@ class Settings(_Model):
     database: DatabaseSettings = DatabaseSettings()
     max_event_size: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
     api_keys: tuple[ApiKey, ...] = ()
+    allow_unauthenticated: bool = False
+    """Serve a non-loopback ``listen.host`` without ``api_keys`` (refused otherwise)."""
     kafka_ingest: KafkaIngestSettings | None = None
     router: RouterSettings = RouterSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
