@@ -21,6 +21,7 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import BusError, BusUnavailable, CloudEventError, StoreError
+from eventbus._refusals import RefusalLog
 from eventbus.cloudevents import parse_http
 from eventbus.config import ApiKey
 
@@ -102,11 +103,11 @@ class Access:
     """API keys with scopes ``publish`` and ``admin``; no keys configured means open access.
 
     ``check`` raises Problem 401 (no or unknown key) or 403 (key without the scope) and
-    audits the refusal."""
+    audits the refusal (rate-limited: ``eventbus._refusals``)."""
 
     def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
         self._keys = [(k.key.encode(), frozenset(k.scopes), k.name) for k in keys]
-        self._service = service
+        self._refusals = RefusalLog(service.store.audit)
 
     async def check(
         self, headers: Mapping[str, str], path: str, remote: str | None, scope: str
@@ -122,16 +123,15 @@ class Access:
             # compare against every key, so timing does not tell which prefix matched
             if given and hmac.compare_digest(given.encode(), key):
                 found = (scopes, name)
-        audit = self._service.store.audit
         if found is None:
             reason = "missing API key" if not given else "invalid API key"
-            await audit.refused(remote=remote, path=path, reason=reason)
+            await self._refusals.record(remote=remote, path=path, reason=reason)
             metrics.EVENTS_REJECTED.labels("http", "unauthorized").inc()
             raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
         scopes, name = found
         if scope not in scopes and "admin" not in scopes:
             reason = f"key {name!r} lacks scope {scope!r}"
-            await audit.refused(remote=remote, path=path, reason=reason)
+            await self._refusals.record(remote=remote, path=path, reason=reason)
             raise Problem(403, reason)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "EVENTS_REJECTED",
     "EVENTS_ROUTED",
     "HTTP_CONNECTIONS_DROPPED",
+    "REFUSALS_UNRECORDED",
     "REGISTRY",
     "RETRY_BACKLOG",
     "render",
@@ -67,6 +68,11 @@ HTTP_CONNECTIONS_DROPPED = Counter(
     "HTTP connections closed by the server's limits, by reason (header_timeout, body_timeout, "
     "shed: the longest-waiting one made room at the connection cap, refused: at the cap)",
     ["reason"],
+    registry=REGISTRY,
+)
+REFUSALS_UNRECORDED = Counter(
+    "eventbus_refusals_unrecorded",
+    "Refused requests over the audit rate limit: counted here and in one summary row a second",
     registry=REGISTRY,
 )
 RETRY_BACKLOG = Gauge(
