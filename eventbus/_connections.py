@@ -32,7 +32,6 @@ This relies on uvicorn's default ``reset_contextvars=False``.
 from __future__ import annotations
 
 import asyncio
-import logging
 from contextvars import ContextVar
 from typing import Any, cast
 
@@ -43,8 +42,6 @@ from eventbus import metrics
 from eventbus._ingest import PROBLEM, ASGIApp, Message, Problem, Receive, Scope, Send
 
 __all__ = ["ConnectionGuard"]
-
-log = logging.getLogger("eventbus.http")
 
 _CONNECTION: ContextVar[_Connection | None] = ContextVar("eventbus_connection", default=None)
 
@@ -79,11 +76,6 @@ class ConnectionGuard:
         # connections without a request in the application, the one waiting longest first
         self._waiting: dict[_Connection, None] = {}
 
-    @property
-    def open(self) -> int:
-        """Connections admitted and not yet closed."""
-        return len(self._open)
-
     def protocol(self, http: str = "auto") -> type[asyncio.Protocol]:
         """The protocol class for ``uvicorn.Config(http=...)``, wrapping uvicorn's ``http``
         implementation (``auto``, ``h11`` or ``httptools``)."""
@@ -97,21 +89,23 @@ class ConnectionGuard:
         return GuardedProtocol
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
-        """``app`` with the body deadline, telling the guard which connections are busy."""
+        """``app`` with the body deadline, telling each connection (of a server using
+        ``protocol``) when its requests are in the application."""
 
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
             connection = _CONNECTION.get()
-            if connection is not None:
-                connection.busy(True)
+            if connection is None:  # not served through ``protocol``: no limits to apply
+                await app(scope, receive, send)
+                return
+            connection.busy(True)
             try:
-                request = _BodyDeadline(self.body_timeout, receive, send, connection)
+                request = _Request(connection, self.body_timeout, receive, send, scope["path"])
                 await request.run(app, scope)
             finally:
-                if connection is not None:
-                    connection.busy(False)
+                connection.busy(False)
 
         return guarded
 
@@ -138,15 +132,21 @@ class ConnectionGuard:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection: uvicorn's protocol inside, the header deadline around it."""
+    """One connection: uvicorn's protocol inside, the deadlines around it.
+
+    One timer per connection, re-armed only when it fires early (the connection became busy or
+    waited anew meanwhile): a request costs no timer of its own on the hot path."""
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
         self._guard = guard
         self._inner = inner
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._live = False  # admitted, handed to the inner protocol, not yet lost
         self._requests = 0  # this connection's requests inside the application
-        self._deadline: asyncio.TimerHandle | None = None
+        self._waiting_since = 0.0
+        self._reading: _Request | None = None  # a request waiting for more of its body
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport, though uvloop's do not subclass asyncio.Transport
@@ -164,6 +164,7 @@ class _Connection(asyncio.Protocol):
             transport.write(body["body"])
             transport.close()
             return
+        self._loop = asyncio.get_running_loop()
         self._live = True
         self._wait_for_request()
         self._inner.connection_made(transport)
@@ -184,7 +185,8 @@ class _Connection(asyncio.Protocol):
         if not self._live:
             return
         self._live = False
-        self._cancel_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
         self._guard._release(self)
         self._inner.connection_lost(exc)
 
@@ -204,52 +206,74 @@ class _Connection(asyncio.Protocol):
         if self._requests == 0:
             self._wait_for_request()
         else:
-            self._cancel_deadline()
             self._guard._waits(self, False)
+
+    def reading(self, request: _Request | None) -> None:
+        """``request`` waits for more of its body (None: no longer)."""
+        self._reading = request
+        if request is not None and self._live:
+            self._check_by(request.deadline)
 
     def close(self) -> None:
         """Drop the connection now, unsent bytes included (a stalled reader must not keep it);
         it stops counting against the cap at once."""
         self._guard._release(self)
-        self._cancel_deadline()
         if self._transport is not None:
             self._transport.abort()
 
     def _wait_for_request(self) -> None:
-        self._cancel_deadline()
+        assert self._loop is not None
+        self._waiting_since = self._loop.time()
         self._guard._waits(self, True)
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self._guard.header_timeout, self._head_too_slow)
+        self._check_by(self._waiting_since + self._guard.header_timeout)
 
-    def _head_too_slow(self) -> None:
-        self._deadline = None
-        metrics.HTTP_CONNECTIONS_DROPPED.labels("header_timeout").inc()
-        self.close()
+    def _check_by(self, deadline: float) -> None:
+        """Make sure the timer fires by ``deadline``; an earlier one looks again when it does."""
+        assert self._loop is not None
+        if self._timer is not None:
+            if self._timer.when() <= deadline:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._check)
 
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+    def _check(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        if not self._live:
+            return
+        if self._requests == 0:
+            deadline = self._waiting_since + self._guard.header_timeout
+        elif self._reading is not None:
+            deadline = self._reading.deadline
+        else:
+            return  # the application has the request; it arms the timer again when due
+        if deadline > self._loop.time():
+            self._check_by(deadline)
+        elif self._reading is not None:
+            self._reading.expire()
+        else:
+            metrics.HTTP_CONNECTIONS_DROPPED.labels("header_timeout").inc()
+            self.close()
 
 
-class _BodyDeadline:
-    """One request: ``receive`` bounded by the body deadline until the body is complete."""
+class _Request:
+    """One request in the application: its ``receive`` and ``send``, and the body deadline."""
 
     def __init__(
-        self, timeout: float, receive: Receive, send: Send, connection: _Connection | None
+        self, connection: _Connection, timeout: float, receive: Receive, send: Send, path: str
     ) -> None:
+        self._connection = connection
         self._timeout = timeout
         self._receive = receive
         self._send = send
-        self._connection = connection
-        self._deadline = asyncio.get_running_loop().time() + timeout
+        self._path = path
+        self.deadline = asyncio.get_running_loop().time() + timeout
         self._body_done = False
         self._started = False  # the application began its answer
         self._expired = False  # the deadline passed: the client got its 408 (or a close)
-        self._path: str | None = None
+        self._answering: asyncio.Task[None] | None = None
 
     async def run(self, app: ASGIApp, scope: Scope) -> None:
-        self._path = scope.get("path")
         try:
             await app(scope, self.receive, self.send)
         except Exception:
@@ -263,12 +287,11 @@ class _BodyDeadline:
             return {"type": "http.disconnect"}
         if self._body_done:
             return await self._receive()
+        self._connection.reading(self)
         try:
-            async with asyncio.timeout_at(self._deadline):
-                message = await self._receive()
-        except TimeoutError:
-            await self._expire()
-            return {"type": "http.disconnect"}
+            message = await self._receive()
+        finally:
+            self._connection.reading(None)
         if message["type"] != "http.request" or not message.get("more_body", False):
             self._body_done = True
         return message
@@ -279,13 +302,17 @@ class _BodyDeadline:
         self._started = True
         await self._send(message)
 
-    async def _expire(self) -> None:
+    def expire(self) -> None:
+        """The body is late: answer 408 and close (or just close, once an answer began); the
+        application's pending ``receive`` then returns ``http.disconnect``."""
         self._expired = True
         metrics.HTTP_CONNECTIONS_DROPPED.labels("body_timeout").inc()
         if self._started:
-            if self._connection is not None:
-                self._connection.close()
-            return
+            self._connection.close()
+        else:
+            self._answering = asyncio.get_running_loop().create_task(self._answer_late())
+
+    async def _answer_late(self) -> None:
         late = Problem(408, f"the request body did not arrive within {self._timeout:g} s")
         for message in _answer(late, self._path):
             await self._send(message)
