@@ -26,7 +26,9 @@ to it unchanged, so nothing private of uvicorn is touched.
 The application tells the guard when a request is inside it: while forwarding received bytes
 the wrapper sets a context variable to its connection, and the task uvicorn creates for a
 request (or a pipelined one, started from the previous request's task) copies that context.
-This relies on uvicorn's default ``reset_contextvars=False``.
+This relies on uvicorn's default ``reset_contextvars=False`` and on uvicorn starting a
+request's task while it parses the bytes; ``tests/test_connections.py`` pins both behaviours
+for h11 and httptools, on asyncio's loop and (through ``eventbus serve``) on uvloop.
 """
 
 from __future__ import annotations
