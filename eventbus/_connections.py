@@ -10,6 +10,9 @@ application of ``eventbus.api``; ``eventbus._serve`` builds one ``ConnectionGuar
 - **Body deadline** (``listen.body_timeout``): an application that reads a request body gets it
   whole within that many seconds of the request head, or the request is answered 408 and the
   connection closed.
+- **Head size**: a request head (request line and headers) over 16 KiB is answered 431 and the
+  connection closed. h11 has this limit built in (and answers 400); httptools has none, so a
+  client could otherwise fill memory with one endless head until the deadline.
 - **Connection cap** (``listen.max_connections``): a connection beyond the cap sheds the one
   that has waited longest without a request in the application (an idle keep-alive or a slow
   head); when every connection has a request in progress, the new one is answered 503.
@@ -46,6 +49,16 @@ from eventbus._ingest import PROBLEM, ASGIApp, Message, Problem, Receive, Scope,
 __all__ = ["ConnectionGuard"]
 
 _CONNECTION: ContextVar[_Connection | None] = ContextVar("eventbus_connection", default=None)
+
+MAX_HEAD = 16 * 1024  # bytes of a request head; h11's own default limit
+
+
+def _refuse(transport: asyncio.Transport, status: bytes, problem: Problem) -> None:
+    """Answer ``problem`` on a connection no request of which reached uvicorn, and close it."""
+    start, body = _answer(problem, None)
+    head = b"".join(b"%s: %s\r\n" % header for header in start["headers"])
+    transport.write(b"HTTP/1.1 " + status + b"\r\n" + head + b"\r\n" + body["body"])
+    transport.close()
 
 
 def _answer(problem: Problem, instance: str | None) -> tuple[Message, Message]:
@@ -147,6 +160,8 @@ class _Connection(asyncio.Protocol):
         self._live = False  # admitted, handed to the inner protocol, not yet lost
         self._requests = 0  # this connection's requests inside the application
         self._waiting_since = 0.0
+        self._head_bytes = 0  # received since the connection began waiting for a request
+        self._head_check = False
         self._reading: _Request | None = None  # a request waiting for more of its body
         self._timer: asyncio.TimerHandle | None = None
 
@@ -160,11 +175,7 @@ class _Connection(asyncio.Protocol):
                 f"too many open connections (listen.max_connections is {limit})",
                 headers={"Retry-After": "1"},
             )
-            start, body = _answer(refusal, None)
-            head = b"".join(b"%s: %s\r\n" % header for header in start["headers"])
-            transport.write(b"HTTP/1.1 503 Service Unavailable\r\n" + head + b"\r\n")
-            transport.write(body["body"])
-            transport.close()
+            _refuse(transport, b"503 Service Unavailable", refusal)
             return
         self._loop = asyncio.get_running_loop()
         self._live = True
@@ -179,6 +190,16 @@ class _Connection(asyncio.Protocol):
             self._inner.data_received(data)
         finally:
             _CONNECTION.reset(token)
+        if self._requests == 0:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD and not self._head_check:
+                # These bytes may hold the end of a head and the start of its body: look again
+                # once the request's task, which uvicorn started while parsing them (just now,
+                # or for an earlier chunk), has run its first step: callbacks run in the order
+                # they were scheduled.
+                assert self._loop is not None
+                self._head_check = True
+                self._loop.call_soon(self._check_head)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._live else None
@@ -226,8 +247,19 @@ class _Connection(asyncio.Protocol):
     def _wait_for_request(self) -> None:
         assert self._loop is not None
         self._waiting_since = self._loop.time()
+        self._head_bytes = 0
         self._guard._waits(self, True)
         self._check_by(self._waiting_since + self._guard.header_timeout)
+
+    def _check_head(self) -> None:
+        self._head_check = False
+        if not self._live or self._requests or self._head_bytes <= MAX_HEAD:
+            return
+        assert self._transport is not None
+        if not self._transport.is_closing():  # else the parser refused it already (h11: 400)
+            metrics.HTTP_CONNECTIONS_DROPPED.labels("head_too_large").inc()
+            too_large = Problem(431, f"the request head exceeds {MAX_HEAD} bytes")
+            _refuse(self._transport, b"431 Request Header Fields Too Large", too_large)
 
     def _check_by(self, deadline: float) -> None:
         """Make sure the timer fires by ``deadline``; an earlier one looks again when it does."""

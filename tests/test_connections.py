@@ -194,6 +194,27 @@ async def test_connection_cap_sheds_the_longest_waiting_then_refuses_when_all_ar
         assert all([await _quiet(conn) for conn in busy])
 
 
+@PARSERS
+async def test_request_heads_are_bounded_but_bodies_that_come_with_them_are_not(
+    eventbus: StartService, receiver: Receiver, http: str
+) -> None:
+    svc = await _start(eventbus, receiver, http)
+    status, body = await svc.post_event(orjson.loads(_event(1)), **{"X-Pad": "p" * 12_000})
+    assert status == 202, body
+
+    # head and a 200 KB body in one write: the body must not count as head
+    big = orjson.dumps({**orjson.loads(_event(2)), "data": {"blob": "b" * 200_000}})
+    conn = await _open(svc.url, _head("/events", big) + big)
+    async with _closing([conn]):
+        assert (await conn[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 202")
+
+    endless = b"POST /events HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"p" * 20_000
+    answer = await _until_closed(await _open(svc.url, endless))
+    # h11 refuses it itself (400); with httptools the guard does (431 problem+json)
+    assert answer.startswith(b"HTTP/1.1 400 " if http == "h11" else b"HTTP/1.1 431 "), answer
+    await _served(svc, 3)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.timeout(180)
 async def test_eventbus_serve_closes_slow_clients(
