@@ -115,12 +115,12 @@ class ConnectionGuard:
             if connection is None:  # not served through ``protocol``: no limits to apply
                 await app(scope, receive, send)
                 return
-            connection.busy(True)
+            connection.entered()
+            request = _Request(connection, self.body_timeout, receive, send, scope)
             try:
-                request = _Request(connection, self.body_timeout, receive, send, scope["path"])
-                await request.run(app, scope)
+                await request.run(app)
             finally:
-                connection.busy(False)
+                connection.left(request.unread)
 
         return guarded
 
@@ -161,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self._requests = 0  # this connection's requests inside the application
         self._waiting_since = 0.0
         self._head_bytes = 0  # received since the connection began waiting for a request
+        self._head_room = MAX_HEAD  # of which this many may arrive (a skipped body counts too)
         self._head_check = False
         self._reading: _Request | None = None  # a request waiting for more of its body
         self._timer: asyncio.TimerHandle | None = None
@@ -179,7 +180,7 @@ class _Connection(asyncio.Protocol):
             return
         self._loop = asyncio.get_running_loop()
         self._live = True
-        self._wait_for_request()
+        self._wait_for_request(0)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -192,7 +193,7 @@ class _Connection(asyncio.Protocol):
             _CONNECTION.reset(token)
         if self._requests == 0:
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD and not self._head_check:
+            if self._head_bytes > self._head_room and not self._head_check:
                 # These bytes may hold the end of a head and the start of its body: look again
                 # once the request's task, which uvicorn started while parsing them (just now,
                 # or for an earlier chunk), has run its first step: callbacks run in the order
@@ -221,15 +222,17 @@ class _Connection(asyncio.Protocol):
         if self._live:
             self._inner.resume_writing()
 
-    def busy(self, entering: bool) -> None:
-        """A request of this connection enters (True) or leaves (False) the application."""
-        self._requests += 1 if entering else -1
-        if not self._live:
-            return
-        if self._requests == 0:
-            self._wait_for_request()
-        else:
-            self._guard._waits(self, False)
+    def entered(self) -> None:
+        """A request of this connection is in the application."""
+        self._requests += 1
+        self._guard._waits(self, False)
+
+    def left(self, unread: int) -> None:
+        """A request left the application with ``unread`` bytes of its body still to come,
+        which the parser skips before the next head."""
+        self._requests -= 1
+        if self._requests == 0 and self._live:
+            self._wait_for_request(unread)
 
     def reading(self, request: _Request | None) -> None:
         """``request`` waits for more of its body (None: no longer)."""
@@ -244,16 +247,17 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _wait_for_request(self) -> None:
+    def _wait_for_request(self, unread: int) -> None:
         assert self._loop is not None
         self._waiting_since = self._loop.time()
         self._head_bytes = 0
+        self._head_room = MAX_HEAD + unread
         self._guard._waits(self, True)
         self._check_by(self._waiting_since + self._guard.header_timeout)
 
     def _check_head(self) -> None:
         self._head_check = False
-        if not self._live or self._requests or self._head_bytes <= MAX_HEAD:
+        if not self._live or self._requests or self._head_bytes <= self._head_room:
             return
         assert self._transport is not None
         if not self._transport.is_closing():  # else the parser refused it already (h11: 400)
@@ -290,26 +294,46 @@ class _Connection(asyncio.Protocol):
             self.close()
 
 
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body length a request head declares: 0 without a body, None when chunked."""
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return 0
+
+
 class _Request:
     """One request in the application: its ``receive`` and ``send``, and the body deadline."""
 
     def __init__(
-        self, connection: _Connection, timeout: float, receive: Receive, send: Send, path: str
+        self, connection: _Connection, timeout: float, receive: Receive, send: Send, scope: Scope
     ) -> None:
         self._connection = connection
         self._timeout = timeout
         self._receive = receive
         self._send = send
-        self._path = path
+        self._scope = scope
         self.deadline = asyncio.get_running_loop().time() + timeout
-        self._body_done = False
+        self._declared = _declared_length(scope["headers"])
+        self._received = 0  # body bytes the application has received
+        self._body_done = self._declared == 0
         self._started = False  # the application began its answer
         self._expired = False  # the deadline passed: the client got its 408 (or a close)
         self._answering: asyncio.Task[None] | None = None
 
-    async def run(self, app: ASGIApp, scope: Scope) -> None:
+    @property
+    def unread(self) -> int:
+        """Declared body bytes the application has not received (at most: some may already
+        be buffered); 0 for a body of unknown length, whose connection closes instead."""
+        if self._body_done or self._declared is None:
+            return 0
+        return max(self._declared - self._received, 0)
+
+    async def run(self, app: ASGIApp) -> None:
         try:
-            await app(scope, self.receive, self.send)
+            await app(self._scope, self.receive, self.send)
         except Exception:
             # after the deadline the application was told the client left; how it gives up
             # (Starlette raises ClientDisconnect) does not matter any more
@@ -326,6 +350,7 @@ class _Request:
             message = await self._receive()
         finally:
             self._connection.reading(None)
+        self._received += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             self._body_done = True
         return message
@@ -333,6 +358,11 @@ class _Request:
     async def send(self, message: Message) -> None:
         if self._expired:
             return  # the application's answer to the disconnect; the client has its 408
+        if not self._started and not self._body_done and self._declared is None:
+            # The rest of a chunked body will be skipped, and nothing tells where it ends: the
+            # connection closes after this answer rather than let it pass for a request head.
+            headers = [*message.get("headers", ()), (b"connection", b"close")]
+            message = {**message, "headers": headers}
         self._started = True
         await self._send(message)
 
@@ -348,5 +378,5 @@ class _Request:
 
     async def _answer_late(self) -> None:
         late = Problem(408, f"the request body did not arrive within {self._timeout:g} s")
-        for message in _answer(late, self._path):
+        for message in _answer(late, self._scope["path"]):
             await self._send(message)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -97,6 +98,15 @@ async def _refused(url: str) -> bytes:
             continue
         return first + await _until_closed((reader, writer))
     raise AssertionError("a connection beyond the cap was never refused")
+
+
+async def _response(conn: Conn) -> tuple[bytes, bytes]:
+    """The next response's head and body (by its Content-Length)."""
+    reader, _ = conn
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSED_WITHIN)
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    assert length, head
+    return head, await reader.readexactly(int(length[1]))
 
 
 async def _trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -208,11 +218,25 @@ async def test_request_heads_are_bounded_but_bodies_that_come_with_them_are_not(
     async with _closing([conn]):
         assert (await conn[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 202")
 
+    # a body the application answers without reading is skipped, not taken for the next head
+    unread = b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n"
+    conn = await _open(svc.url, unread + b"u" * 10)
+    async with _closing([conn]):
+        assert (await _response(conn))[0].startswith(b"HTTP/1.1 405 ")
+        conn[1].write(b"u" * 99_990 + _head("/events", _event(3)) + _event(3))
+        assert (await _response(conn))[0].startswith(b"HTTP/1.1 202 ")
+    # ... unless it is chunked: nothing says where it ends, so the connection closes
+    chunked = b"POST /healthz HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    conn = await _open(svc.url, chunked + b"4e20\r\n" + b"c" * 20_000 + b"\r\n0\r\n\r\n")
+    head, _ = await _response(conn)
+    assert head.startswith(b"HTTP/1.1 405 ") and b"connection: close" in head.lower(), head
+    assert await _until_closed(conn) == b""
+
     endless = b"POST /events HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"p" * 20_000
     answer = await _until_closed(await _open(svc.url, endless))
     # h11 refuses it itself (400); with httptools the guard does (431 problem+json)
     assert answer.startswith(b"HTTP/1.1 400 " if http == "h11" else b"HTTP/1.1 431 "), answer
-    await _served(svc, 3)
+    await _served(svc, 4)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
