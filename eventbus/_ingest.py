@@ -21,6 +21,7 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import BusError, BusUnavailable, CloudEventError, StoreError
+from eventbus._refusals import RefusalLog
 from eventbus.cloudevents import parse_http
 from eventbus.config import ApiKey
 
@@ -36,9 +37,11 @@ _TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Payload Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    431: "Request Header Fields Too Large",
     500: "Internal error",
     503: "Service Unavailable",
 }
@@ -67,14 +70,15 @@ class Problem(Exception):
         self.title = title or _TITLES.get(status, "Error")
         self.headers = headers or {}
 
-    def body(self, instance: str) -> bytes:
+    def body(self, instance: str | None) -> bytes:
+        """The problem+json body; ``instance`` (the request path) is left out when unknown."""
         return orjson.dumps(
             {
                 "type": "about:blank",
                 "title": self.title,
                 "status": self.status,
                 "detail": self.detail,
-                "instance": instance,
+                **({} if instance is None else {"instance": instance}),
             }
         )
 
@@ -100,11 +104,11 @@ class Access:
     """API keys with scopes ``publish`` and ``admin``; no keys configured means open access.
 
     ``check`` raises Problem 401 (no or unknown key) or 403 (key without the scope) and
-    audits the refusal."""
+    audits the refusal (rate-limited: ``eventbus._refusals``)."""
 
     def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
         self._keys = [(k.key.encode(), frozenset(k.scopes), k.name) for k in keys]
-        self._service = service
+        self._refusals = RefusalLog(service.store.audit)
 
     async def check(
         self, headers: Mapping[str, str], path: str, remote: str | None, scope: str
@@ -120,16 +124,15 @@ class Access:
             # compare against every key, so timing does not tell which prefix matched
             if given and hmac.compare_digest(given.encode(), key):
                 found = (scopes, name)
-        audit = self._service.store.audit
         if found is None:
             reason = "missing API key" if not given else "invalid API key"
-            audit.refused(remote=remote, path=path, reason=reason)
+            self._refusals.record(remote=remote, path=path, reason=reason)
             metrics.EVENTS_REJECTED.labels("http", "unauthorized").inc()
             raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
         scopes, name = found
         if scope not in scopes and "admin" not in scopes:
             reason = f"key {name!r} lacks scope {scope!r}"
-            audit.refused(remote=remote, path=path, reason=reason)
+            self._refusals.record(remote=remote, path=path, reason=reason)
             raise Problem(403, reason)
 
 

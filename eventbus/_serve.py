@@ -11,6 +11,10 @@ listening socket let one worker take most of them), and they share the work thro
 durable consumer (or consumer group). Sources run in the first worker only. The parent
 forwards SIGTERM to the workers, restarts one that dies, supervises the embedded servers (and
 stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
+
+Either way the HTTP server runs with the limits of ``listen`` (header and body deadlines, a
+connection cap: ``eventbus._connections``), and a ``listen.host`` reachable from the network is
+refused without ``api_keys`` unless ``allow_unauthenticated`` says otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -28,14 +34,19 @@ from typing import Any
 
 import uvicorn
 
-from eventbus._errors import EventBusError
+from eventbus._connections import ConnectionGuard
+from eventbus._errors import ConfigError, EventBusError
+from eventbus._ingest import ASGIApp
 from eventbus.api import create_app
 from eventbus.app import Service, start_embedded
 from eventbus.config import Settings
 
-__all__ = ["serve"]
+__all__ = ["http_server", "serve"]
 
 log = logging.getLogger("eventbus")
+
+# descriptors a process needs besides client connections: database pool, bus, targets, logs
+_OTHER_FILES = 256
 
 
 def _quiet_signals() -> None:
@@ -45,18 +56,80 @@ def _quiet_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
+def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvicorn.Server:
+    """The uvicorn server for ``app`` on ``listen.host:port`` with the ``listen`` limits;
+    ``http`` picks uvicorn's parser (``auto``: httptools when installed, else h11)."""
+    listen = settings.listen
+    guard = ConnectionGuard(
+        header_timeout=listen.header_timeout,
+        body_timeout=listen.body_timeout,
+        max_connections=listen.max_connections,
+    )
+    config = uvicorn.Config(
+        guard.wrap(app),
+        host=listen.host,
+        port=listen.port,
+        http=guard.protocol(http),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(settings.router.shutdown_grace),
+    )
+    return uvicorn.Server(config)
+
+
+def _check_exposure(settings: Settings) -> None:
+    """Refuse (ConfigError) to offer purge, replay and reload to the network without API keys;
+    with ``allow_unauthenticated`` say loudly that it is so."""
+    host = settings.listen.host
+    if settings.api_keys or _loopback(host):
+        return
+    if not settings.allow_unauthenticated:
+        raise ConfigError(
+            f"listen.host {host!r} is reachable from the network but no api_keys are set: "
+            "anyone could publish events, purge and replay dead letters and reload rules. "
+            "Set api_keys (for example EVENTBUS_API_KEYS, see docs/configuration.md), listen on "
+            "127.0.0.1, or set allow_unauthenticated: true when something in front of eventbus "
+            "authenticates every request"
+        )
+    log.warning(
+        "NO AUTHENTICATION: listening on %s:%d without api_keys (allow_unauthenticated: true); "
+        "anyone who reaches this port may publish, purge, replay and reload",
+        host,
+        settings.listen.port,
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name, which may resolve to anything
+
+
+def _room_for_connections(settings: Settings) -> None:
+    """Raise the soft open-file limit (up to the hard one) so that ``listen.max_connections``,
+    not a failing accept() or database connect, is what turns clients away."""
+    want = settings.listen.max_connections + _OTHER_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.warning(
+            "the open-file limit (hard %d) leaves room for fewer than listen.max_connections "
+            "(%d) clients; raise it (ulimit -n) or lower the setting",
+            hard,
+            settings.listen.max_connections,
+        )
+
+
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     async with Service(settings) as service:
-        config = uvicorn.Config(
-            create_app(service),
-            host=settings.listen.host,
-            port=settings.listen.port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=int(settings.router.shutdown_grace),
-        )
-        server = uvicorn.Server(config)
+        server = http_server(create_app(service), settings)
         _quiet_signals()
         # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
         # every future garbage collection pass.
@@ -147,6 +220,8 @@ def serve(
     config_path: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
+    _check_exposure(settings)
+    _room_for_connections(settings)
     runner: Any
     runner = (
         _supervise(settings, workers, config_path)

@@ -48,6 +48,12 @@ class _Model(BaseModel):
 class ListenSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    header_timeout: float = Field(10.0, gt=0, le=3600)
+    """Seconds a connection may wait for a complete request head (new or between requests)."""
+    body_timeout: float = Field(30.0, gt=0, le=3600)
+    """Seconds from a request head to the end of its body, for routes that read one (408)."""
+    max_connections: int = Field(1000, ge=1, le=1_000_000)
+    """Open HTTP connections per process; beyond it the longest-idle one is closed (or 503)."""
 
 
 class NatsSettings(_Model):
@@ -111,6 +117,8 @@ class Settings(_Model):
     database: DatabaseSettings = DatabaseSettings()
     max_event_size: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
     api_keys: tuple[ApiKey, ...] = ()
+    allow_unauthenticated: bool = False
+    """Serve a non-loopback ``listen.host`` without ``api_keys`` (refused otherwise)."""
     kafka_ingest: KafkaIngestSettings | None = None
     router: RouterSettings = RouterSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -20,6 +20,8 @@ __all__ = [
     "EVENTS_RECEIVED",
     "EVENTS_REJECTED",
     "EVENTS_ROUTED",
+    "HTTP_CONNECTIONS_DROPPED",
+    "REFUSALS_UNRECORDED",
     "REGISTRY",
     "RETRY_BACKLOG",
     "render",
@@ -62,6 +64,19 @@ CIRCUIT_STATE = Gauge(
     "eventbus_circuit_state",
     "Circuit breaker state per target: 0 closed, 1 half-open, 2 open",
     ["target"],
+    registry=REGISTRY,
+)
+HTTP_CONNECTIONS_DROPPED = Counter(
+    "eventbus_http_connections_dropped",
+    "HTTP connections closed by the server's limits, by reason (header_timeout, body_timeout, "
+    "head_too_large, shed: the longest-waiting one made room at the connection cap, refused: "
+    "at the cap)",
+    ["reason"],
+    registry=REGISTRY,
+)
+REFUSALS_UNRECORDED = Counter(
+    "eventbus_refusals_unrecorded",
+    "Refused requests over the audit rate limit: counted here and in one summary row a second",
     registry=REGISTRY,
 )
 RETRY_BACKLOG = Gauge(

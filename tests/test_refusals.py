@@ -1,0 +1,74 @@
+"""Refused requests are audited at a bounded rate: a flood of requests without a valid key
+costs at most 20 rows a second plus one summary row, and every refusal is still accounted for
+(rows, summary counts and the ``eventbus_refusals_unrecorded`` metric)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+
+import pytest
+
+from tests.fixtures.receiver import Receiver
+from tests.fixtures.service import RunningService, StartService
+
+RULES = """
+- name: all
+  targets: [fn]
+"""
+FLOOD = 400
+PER_SECOND = 20
+
+
+async def _unrecorded_metric(svc: RunningService) -> float:
+    _, _, text = await svc.request("GET", "/metrics")
+    found = re.search(r"^eventbus_refusals_unrecorded_total (\S+)$", text, re.MULTILINE)
+    assert found, "metric eventbus_refusals_unrecorded_total missing"
+    return float(found[1])
+
+
+async def _accounted(svc: RunningService) -> tuple[int, int, int]:
+    """(rows one by one, summary rows, refusals the summary rows count)."""
+    rows = await svc.service.store.pool.fetch("SELECT path, reason FROM refusals")
+    single = [r for r in rows if r["path"] != "*"]
+    summaries = [r for r in rows if r["path"] == "*"]
+    counted = sum(int(r["reason"].split()[0]) for r in summaries)
+    return len(single), len(summaries), counted
+
+
+@pytest.mark.timeout(120)
+async def test_a_flood_of_refused_requests_costs_a_bounded_number_of_rows(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        settings={"api_keys": [{"name": "pub", "key": "p" * 32, "scopes": ["publish"]}]},
+    )
+    metric_before = await _unrecorded_metric(svc)
+    sem = asyncio.Semaphore(20)
+
+    async def refused(i: int) -> int:
+        async with sem:
+            headers = {"Authorization": "Bearer wrong-key-0123456789"} if i % 2 else {}
+            status, _, _ = await svc.request("POST", "/events", b"{}", headers)
+            return status
+
+    started = time.monotonic()
+    statuses = await asyncio.gather(*(refused(i) for i in range(FLOOD)))
+    elapsed = time.monotonic() - started
+    assert statuses == [401] * FLOOD
+
+    for _ in range(300):  # the summary row follows the end of its second
+        await svc.service.store.audit.flush()
+        single, summaries, counted = await _accounted(svc)
+        if single + counted == FLOOD:
+            break
+        await asyncio.sleep(0.1)
+    assert single + counted == FLOOD, (single, summaries, counted)
+    seconds = math.ceil(elapsed) + 1  # at most this many one-second windows saw the flood
+    assert single <= PER_SECOND * seconds
+    assert 1 <= summaries <= seconds
+    assert await _unrecorded_metric(svc) - metric_before == counted
