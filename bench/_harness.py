@@ -303,6 +303,10 @@ class Receiver:
         """From now on answer 503 to a seeded ``rate`` of requests."""
         await self._call("POST", "/control", {"fail_rate": rate, "seed": seed})
 
+    async def slow_down(self, seconds: float) -> None:
+        """From now on answer every request after ``seconds`` (a slow function)."""
+        await self._call("POST", "/control", {"delay": seconds})
+
     async def wait_delivered(
         self, run: str, expected: int, *, bound: float = 120.0, stall: float = 15.0
     ) -> dict[str, Any]:
@@ -341,7 +345,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def receiver_app() -> web.Application:
     runs: dict[str, _Run] = {}
-    control: dict[str, Any] = {"fail_rate": 0.0, "rng": random.Random(1)}
+    control: dict[str, Any] = {"fail_rate": 0.0, "rng": random.Random(1), "delay": 0.0}
 
     async def deliver(request: web.Request) -> web.Response:
         now = time.time()
@@ -351,6 +355,8 @@ def receiver_app() -> web.Application:
         data = body.get("data", body) if "specversion" in body else body
         event_id = request.headers.get("ce-id") or body["id"]
         run = runs.setdefault(str(data.get("run")), _Run())
+        if control["delay"]:
+            await asyncio.sleep(control["delay"])
         if control["fail_rate"] and control["rng"].random() < control["fail_rate"]:
             run.failed += 1
             return web.Response(status=503)
@@ -380,9 +386,10 @@ def receiver_app() -> web.Application:
 
     async def set_control(request: web.Request) -> web.Response:
         body = await request.json()
-        control["fail_rate"] = float(body["fail_rate"])
-        control["rng"] = random.Random(int(body["seed"]))
-        return web.json_response({"fail_rate": control["fail_rate"]})
+        control["fail_rate"] = float(body.get("fail_rate", control["fail_rate"]))
+        control["rng"] = random.Random(int(body.get("seed", 1)))
+        control["delay"] = float(body.get("delay", control["delay"]))
+        return web.json_response({"fail_rate": control["fail_rate"], "delay": control["delay"]})
 
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_get("/stats", stats)
