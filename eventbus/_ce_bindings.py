@@ -13,18 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventbus._ce_codec import (
-    body_of,
-    decode_header,
-    event_from_binary,
-    header_value,
-    media_type,
-)
+from eventbus._ce_codec import body_of, decode_header, event_from_binary, media_type
 from eventbus._ce_event import (
     DEFAULT_MAX_EVENT_SIZE,
     check_size,
     decode,
     encode,
+    header_value,
     json_bytes,
     parse_json,
     validate,

@@ -1,9 +1,10 @@
 """Binary content mode, shared by the HTTP, Kafka and NATS bindings in ``_ce_bindings``.
 
 In binary mode the attributes travel as protocol headers and the payload as the raw message
-body. This module maps between the two halves and the JSON form of an event: header values to
-and from their canonical strings (with the percent-encoding the HTTP and NATS bindings require),
-and the body to and from ``data`` / ``data_base64`` according to the content type.
+body. This module maps between the two halves and the JSON form of an event: header values back
+to attribute strings (undoing the percent-encoding the HTTP and NATS bindings require; writing
+them is ``_ce_event.header_value``, as validation measures the headers an event will need), and
+the body to and from ``data`` / ``data_base64`` according to the content type.
 """
 
 from __future__ import annotations
@@ -12,17 +13,13 @@ import binascii
 import re
 from base64 import b64decode, b64encode
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
 from eventbus._ce_event import check_size, json_bytes, validate
 from eventbus._errors import CloudEventError
 
-# Everything printable in ASCII except the three characters the bindings single out: space is
-# outside the range already, and '"' and '%' must be escaped too.
-_PERCENT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
-_NEEDS_PERCENT = re.compile(r'[^\x21-\x7e]|["%]')
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
@@ -46,18 +43,6 @@ def _charset(content_type: str) -> str:
         if key.strip().lower() == "charset":
             return value.strip().strip('"')
     return "utf-8"
-
-
-def header_value(value: str | int | bool, *, percent: bool) -> str:
-    """The canonical string of an attribute value, percent-encoded when ``percent`` is set."""
-    if value is True or value is False:
-        return "true" if value else "false"
-    if type(value) is int:
-        return str(value)
-    text = str(value)
-    if percent and _NEEDS_PERCENT.search(text) is not None:
-        return quote(text, safe=_PERCENT_SAFE)
-    return text
 
 
 def decode_header(name: str, value: str) -> str:

@@ -6,6 +6,7 @@ JSON value or a string) or ``data_base64`` (binary). Readers validate; writers a
 event. Errors are :class:`eventbus._errors.CloudEventError` carrying the HTTP status to answer.
 
     validate, parse_json, encode, decode, new_event, event_key   the event      (_ce_event)
+    MAX_DATA_DEPTH, MAX_EXTENSIONS, MAX_HEADER_BYTES              what an event may carry
     parse_http, from_http, to_http, to_http_batch                 HTTP binding   (_ce_bindings)
     from_kafka, to_kafka                                          Kafka binding
     from_nats, to_nats                                            NATS binding
@@ -31,6 +32,9 @@ from eventbus._ce_bindings import (
 )
 from eventbus._ce_event import (
     DEFAULT_MAX_EVENT_SIZE,
+    MAX_DATA_DEPTH,
+    MAX_EXTENSIONS,
+    MAX_HEADER_BYTES,
     REQUIRED_ATTRIBUTES,
     SPEC_VERSION,
     decode,
@@ -45,6 +49,9 @@ from eventbus._ce_event import (
 __all__ = [
     "BATCH_CONTENT_TYPE",
     "DEFAULT_MAX_EVENT_SIZE",
+    "MAX_DATA_DEPTH",
+    "MAX_EXTENSIONS",
+    "MAX_HEADER_BYTES",
     "REQUIRED_ATTRIBUTES",
     "SPEC_VERSION",
     "STRUCTURED_CONTENT_TYPE",
