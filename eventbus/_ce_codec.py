@@ -21,6 +21,7 @@ from eventbus._ce_event import check_size, json_bytes, validate
 from eventbus._errors import CloudEventError
 
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_DATA_ATTRIBUTES = ("data", "data_base64")
 
 
 def media_type(content_type: str) -> str:
@@ -103,10 +104,17 @@ def event_from_binary(
     ``data_base64``. Without a content type, a body that parses as JSON is ``data`` and any
     other body ``data_base64``. An empty body means no data. ``header_size`` is the
     attributes' wire size, counted with the body against ``max_size``. Raises
-    :class:`CloudEventError` as :func:`validate` does, or 400 for an unreadable body.
+    :class:`CloudEventError` as :func:`validate` does, or 400 for an unreadable body or a
+    ``data`` / ``data_base64`` attribute among the headers.
     """
     size = header_size + (len(body) if body else 0)
     check_size(size, max_size)
+    for name in _DATA_ATTRIBUTES:
+        if name in attributes:
+            raise CloudEventError(
+                f"attribute {name!r} cannot travel as a header: in binary mode the data is the "
+                "message body"
+            )
     event: dict[str, Any] = dict(attributes)
     event.pop("datacontenttype", None)
     if content_type:

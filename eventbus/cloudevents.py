@@ -8,6 +8,7 @@ event. Errors are :class:`eventbus._errors.CloudEventError` carrying the HTTP st
     validate, parse_json, encode, decode, new_event, event_key   the event      (_ce_event)
     MAX_DATA_DEPTH, MAX_EXTENSIONS, MAX_HEADER_BYTES              what an event may carry
     parse_http, from_http, to_http, to_http_batch                 HTTP binding   (_ce_bindings)
+    DEFAULT_MAX_BATCH_ENTRIES, check_entries                      batch size
     from_kafka, to_kafka                                          Kafka binding
     from_nats, to_nats                                            NATS binding
 
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 from eventbus._ce_bindings import (
     BATCH_CONTENT_TYPE,
+    DEFAULT_MAX_BATCH_ENTRIES,
     STRUCTURED_CONTENT_TYPE,
     HttpParse,
+    check_entries,
     from_http,
     from_kafka,
     from_nats,
@@ -48,6 +51,7 @@ from eventbus._ce_event import (
 
 __all__ = [
     "BATCH_CONTENT_TYPE",
+    "DEFAULT_MAX_BATCH_ENTRIES",
     "DEFAULT_MAX_EVENT_SIZE",
     "MAX_DATA_DEPTH",
     "MAX_EXTENSIONS",
@@ -56,6 +60,7 @@ __all__ = [
     "SPEC_VERSION",
     "STRUCTURED_CONTENT_TYPE",
     "HttpParse",
+    "check_entries",
     "decode",
     "encode",
     "event_key",

@@ -54,6 +54,7 @@ def _invalid_event(case: dict[str, Any]) -> object:
 def test_public_names_are_pinned() -> None:
     assert set(cloudevents.__all__) == {
         "BATCH_CONTENT_TYPE",
+        "DEFAULT_MAX_BATCH_ENTRIES",
         "DEFAULT_MAX_EVENT_SIZE",
         "MAX_DATA_DEPTH",
         "MAX_EXTENSIONS",
@@ -62,6 +63,7 @@ def test_public_names_are_pinned() -> None:
         "SPEC_VERSION",
         "STRUCTURED_CONTENT_TYPE",
         "HttpParse",
+        "check_entries",
         "decode",
         "encode",
         "event_key",
