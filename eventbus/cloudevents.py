@@ -7,6 +7,7 @@ event. Errors are :class:`eventbus._errors.CloudEventError` carrying the HTTP st
 
     validate, parse_json, encode, decode, new_event, event_key   the event      (_ce_event)
     MAX_DATA_DEPTH, MAX_EXTENSIONS, MAX_HEADER_BYTES              what an event may carry
+    header_value                                                  an attribute as a header
     parse_http, from_http, to_http, to_http_batch                 HTTP binding   (_ce_bindings)
     DEFAULT_MAX_BATCH_ENTRIES, check_entries                      batch size
     from_kafka, to_kafka                                          Kafka binding
@@ -44,6 +45,7 @@ from eventbus._ce_event import (
     encode,
     event_key,
     format_time,
+    header_value,
     new_event,
     parse_json,
     validate,
@@ -68,6 +70,7 @@ __all__ = [
     "from_http",
     "from_kafka",
     "from_nats",
+    "header_value",
     "new_event",
     "parse_http",
     "parse_json",

@@ -71,6 +71,7 @@ def test_public_names_are_pinned() -> None:
         "from_http",
         "from_kafka",
         "from_nats",
+        "header_value",
         "new_event",
         "parse_http",
         "parse_json",
