@@ -9,6 +9,7 @@
      ├── BusError                 the durable bus refused or could not be reached
      │    └── BusUnavailable      not reachable right now: retry later (HTTP 503)
      ├── StoreError               Postgres could not be reached or rejected a write
+     │    └── StoreDataError      Postgres refused a value of the statement (HTTP 400)
      └── DeliveryError            a target invocation failed (carries retryable / status)
 
 Third-party errors are translated at the boundary with ``raise ... from exc``.
@@ -26,6 +27,7 @@ __all__ = [
     "PatternError",
     "RuleError",
     "RuleSetError",
+    "StoreDataError",
     "StoreError",
 ]
 
@@ -102,6 +104,11 @@ class BusUnavailable(BusError):
 
 class StoreError(EventBusError):
     """Postgres could not be reached or rejected a statement."""
+
+
+class StoreDataError(StoreError):
+    """Postgres refused a value of the statement (SQLSTATE class 22, a number out of range, a
+    character text cannot hold): the caller's input is at fault, and retrying cannot help."""
 
 
 class DeliveryError(EventBusError):

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import BusError, BusUnavailable, CloudEventError, StoreError
+from eventbus._errors import (
+    BusError,
+    BusUnavailable,
+    CloudEventError,
+    StoreDataError,
+    StoreError,
+)
 from eventbus.cloudevents import parse_http
 from eventbus.config import ApiKey
 
@@ -88,6 +94,8 @@ def problem_for(exc: Exception) -> Problem | None:
         return Problem(exc.status, exc.detail, title=exc.title)
     if isinstance(exc, BusUnavailable):
         return Problem(503, f"the event bus is unavailable: {exc}", headers={"Retry-After": "5"})
+    if isinstance(exc, StoreDataError):
+        return Problem(400, f"the database cannot take a value of this request: {exc}")
     if isinstance(exc, StoreError):
         return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
     if isinstance(exc, BusError):

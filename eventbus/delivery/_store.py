@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from eventbus._errors import StoreError
+from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 
 __all__ = ["DeadLetterFilter", "Delivery", "DeliveryStore"]
@@ -147,16 +147,15 @@ def _dead_letter(row: asyncpg.Record) -> dict[str, Any]:
 
 
 class DeliveryStore:
-    """Every method raises StoreError when Postgres is unreachable or rejects the statement."""
+    """Every method raises StoreError when Postgres is unreachable or rejects the statement,
+    StoreDataError (a StoreError) when it refuses a value given (a filter, say). The reads the
+    API serves give up after ``READ_TIMEOUT`` seconds."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def _run(self, what: str, coro: Any) -> Any:
-        try:
-            return await coro
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            raise StoreError(f"{what}: {exc}") from exc
+    async def _run(self, what: str, coro: Any, *, deadline: float | None = None) -> Any:
+        return await run_db(what, coro, deadline=deadline)
 
     async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
         """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns."""
@@ -288,6 +287,7 @@ class DeliveryStore:
                 f" FROM dead_letters WHERE {where} ORDER BY id DESC LIMIT ${len(args)}",
                 *args,
             ),
+            deadline=READ_TIMEOUT,
         )
         return [_dead_letter(r) for r in rows]
 
@@ -295,6 +295,7 @@ class DeliveryStore:
         row = await self._run(
             "reading a dead letter",
             self._pool.fetchrow("SELECT * FROM dead_letters WHERE id = $1", dl_id),
+            deadline=READ_TIMEOUT,
         )
         return None if row is None else _dead_letter(row)
 
