@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventbus._ce_codec import body_of, decode_header, event_from_binary, media_type
+from eventbus._ce_codec import body_of, decode_header, event_from_binary
 from eventbus._ce_event import (
     DEFAULT_MAX_EVENT_SIZE,
     check_size,
@@ -21,6 +21,7 @@ from eventbus._ce_event import (
     encode,
     header_value,
     json_bytes,
+    media_type,
     parse_json,
     validate,
 )

@@ -17,33 +17,22 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 
-from eventbus._ce_event import check_size, json_bytes, validate
+from eventbus._ce_event import (
+    charset_of,
+    check_size,
+    is_json,
+    json_bytes,
+    media_type,
+    validate,
+)
 from eventbus._errors import CloudEventError
 
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _DATA_ATTRIBUTES = ("data", "data_base64")
 
 
-def media_type(content_type: str) -> str:
-    """The bare, lowercased media type of a Content-Type value (parameters dropped)."""
-    return content_type.partition(";")[0].strip().lower()
-
-
-def is_json(media: str) -> bool:
-    """True for ``*/json`` and ``*/*+json``: the JSON format's test for JSON data."""
-    return media.endswith("/json") or media.endswith("+json")
-
-
 def _is_text(media: str) -> bool:
     return media.startswith("text/") or media.endswith("/xml") or media.endswith("+xml")
-
-
-def _charset(content_type: str) -> str:
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            return value.strip().strip('"')
-    return "utf-8"
 
 
 def decode_header(name: str, value: str) -> str:
@@ -80,7 +69,7 @@ def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -
         except orjson.JSONDecodeError as exc:
             raise CloudEventError(f"malformed JSON in the {content_type} body: {exc}") from exc
     elif _is_text(media):
-        charset = _charset(content_type)
+        charset = charset_of(content_type)
         try:
             event["data"] = body.decode(charset)
         except (LookupError, UnicodeDecodeError) as exc:
@@ -146,7 +135,7 @@ def body_of(event: dict[str, Any]) -> tuple[str | None, bytes | None]:
     if content_type is None or is_json(media_type(content_type)):
         return content_type or "application/json", json_bytes(data)
     if isinstance(data, str):
-        charset = _charset(content_type)
+        charset = charset_of(content_type)
         try:
             return content_type, data.encode(charset)
         except (LookupError, UnicodeEncodeError) as exc:

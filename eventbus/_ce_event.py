@@ -141,11 +141,50 @@ def _dataschema(name: str, value: object) -> None:
 
 
 def _datacontenttype(name: str, value: object) -> None:
-    if _MEDIA_TYPE.match(_string(name, value)) is None:
+    text = _string(name, value)
+    # ASCII as media types are (RFC 2045): binary mode sends it as the Content-Type header.
+    if not text.isascii() or _MEDIA_TYPE.match(text) is None:
         raise CloudEventError(
             f"attribute 'datacontenttype' must be a media type like 'application/json', "
             f"got {_clip(value)}"
         )
+
+
+def media_type(content_type: str) -> str:
+    """The bare, lowercased media type of a Content-Type value (parameters dropped)."""
+    return content_type.partition(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    """True for ``*/json`` and ``*/*+json``: the JSON format's test for JSON data."""
+    return media.endswith("/json") or media.endswith("+json")
+
+
+def charset_of(content_type: str) -> str:
+    """The ``charset`` parameter of a Content-Type value; UTF-8 when it has none."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"')
+    return "utf-8"
+
+
+def _check_charset(content_type: str, data: object) -> None:
+    # Binary mode writes string data in this charset (and reads text bodies with it): an
+    # event eventbus could not encode would be accepted but never delivered.
+    charset = charset_of(content_type)
+    text = data if type(data) is str and not is_json(media_type(content_type)) else ""
+    try:
+        text.encode(charset)
+    except LookupError:  # unknown, or not a text encoding ("base64", "rot13")
+        raise CloudEventError(
+            f"attribute 'datacontenttype' names an unknown charset {_clip(charset)}"
+        ) from None
+    except UnicodeEncodeError as exc:
+        raise CloudEventError(
+            f"'data' cannot be encoded as {charset}, the charset of its datacontenttype: "
+            f"{exc.reason} at position {exc.start}"
+        ) from None
 
 
 def _data_base64(value: object) -> None:
@@ -285,6 +324,9 @@ def validate(
         raise CloudEventError("an event carries either 'data' or 'data_base64', not both")
     if nulls:
         event = {k: v for k, v in event.items() if v is not None or k == "data"}
+    content_type = event.get("datacontenttype")
+    if content_type is not None and ";" in content_type:
+        _check_charset(content_type, event.get("data"))
     if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES:
         _check_headers(event)
     _check_depth(event.get("data"))
