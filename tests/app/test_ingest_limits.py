@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 
@@ -67,16 +66,6 @@ async def _refused(
     assert fragment in problem["detail"], problem["detail"]
 
 
-async def _trail(svc: RunningService, event_id: str, attempts: int = 0) -> Any:
-    query = f"/events/trail?source={SOURCE}&id={quote(event_id)}"
-    for _ in range(100):
-        status, _, body = await svc.request("GET", query)
-        if status == 200 and len(body["attempts"]) >= attempts:
-            return body
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no complete trail for {event_id}: {status} {body}")
-
-
 async def _dead_letter(svc: RunningService, event_id: str) -> Any:
     for _ in range(100):
         status, _, body = await svc.request("GET", "/dead-letters")
@@ -109,7 +98,7 @@ async def test_times_outside_years_1_to_9999_in_utc_are_refused(
         status, body = await svc.post_event(_event(name, type="audit-only", time=time))
         assert status == 202, body
     for name, time in accepted.items():
-        trail = await _trail(svc, name)
+        trail = await svc.trail(SOURCE, name)
         assert trail["event"]["time"] == time
     rows = await svc.service.store.pool.fetch(
         "SELECT id, time FROM events WHERE source = $1", SOURCE
@@ -197,12 +186,12 @@ async def test_data_at_the_depth_limit_is_stored_read_delivered_and_dead_lettere
     assert status == 202, body
     [delivered] = await receiver.wait_for(1, path="/fn")
     assert delivered.headers["ce-id"] == "deep" and delivered.json() == deepest
-    trail = await _trail(svc, "deep", attempts=1)
+    trail = await svc.trail(SOURCE, "deep", 1)
     assert trail["event"]["data"] == deepest
     assert trail["attempts"][0]["outcome"] == "delivered"
     dead = await _dead_letter(svc, "deep-dead")
     assert dead["event"]["data"] == deepest
-    assert (await _trail(svc, "deep-dead", attempts=1))["event"]["data"] == deepest
+    assert (await svc.trail(SOURCE, "deep-dead", 1))["event"]["data"] == deepest
 
 
 async def test_every_accepted_event_fits_binary_mode_headers(
@@ -234,7 +223,7 @@ async def test_every_accepted_event_fits_binary_mode_headers(
     assert status == 202, body
     [delivered] = await receiver.wait_for(1, path="/fn")
     assert delivered.status == 204 and delivered.cloudevent == event
-    assert (await _trail(svc, "fits", attempts=1))["attempts"][0]["outcome"] == "delivered"
+    assert (await svc.trail(SOURCE, "fits", 1))["attempts"][0]["outcome"] == "delivered"
 
 
 async def test_binary_mode_refuses_raw_non_ascii_and_data_headers(
