@@ -18,6 +18,7 @@ from eventbus._errors import (
     PatternError,
     RuleError,
     RuleSetError,
+    StoreDataError,
     StoreError,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "PatternError",
     "RuleError",
     "RuleSetError",
+    "StoreDataError",
     "StoreError",
     "__version__",
 ]

@@ -13,24 +13,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventbus._ce_codec import (
-    body_of,
-    decode_header,
-    event_from_binary,
-    header_value,
-    media_type,
-)
+from eventbus._ce_codec import body_of, decode_header, event_from_binary
 from eventbus._ce_event import (
     DEFAULT_MAX_EVENT_SIZE,
     check_size,
     decode,
     encode,
+    header_value,
     json_bytes,
+    media_type,
     parse_json,
     validate,
 )
 from eventbus._errors import CloudEventError
 
+DEFAULT_MAX_BATCH_ENTRIES = 1000
+"""Events one batch request may carry (the ``max_batch_entries`` setting)."""
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 _CLOUDEVENTS_MEDIA = "application/cloudevents"
@@ -71,9 +69,18 @@ def _attribute_headers(
 
 
 def _from_ce_headers(
-    lowered: dict[str, str], body: bytes, *, content_header_first: bool, max_size: int
+    lowered: dict[str, str],
+    body: bytes,
+    *,
+    content_header_first: bool,
+    max_size: int,
+    ascii_only: bool,
 ) -> dict[str, Any]:
-    """Binary mode with ``ce-`` headers, percent-encoded: HTTP and NATS share it."""
+    """Binary mode with ``ce-`` headers, percent-encoded: HTTP and NATS share it.
+
+    ``ascii_only`` refuses raw non-ASCII header values: HTTP servers hand those over decoded as
+    Latin-1, so UTF-8 text would arrive garbled (``café`` as ``cafÃ©``).
+    """
     if "ce-specversion" not in lowered:
         raise CloudEventError(
             "not a CloudEvent: expected Content-Type "
@@ -83,7 +90,13 @@ def _from_ce_headers(
     attributes: dict[str, str] = {}
     header_size = 0
     for name, value in lowered.items():
-        if name.startswith("ce-"):
+        attribute = name.startswith("ce-")
+        if ascii_only and (attribute or name == "content-type") and not value.isascii():
+            raise CloudEventError(
+                f"header {name[:40]!r} holds raw non-ASCII bytes: percent-encode its UTF-8 "
+                "bytes (é as %C3%A9), as the CloudEvents HTTP binding requires"
+            )
+        if attribute:
             attributes[name[3:]] = decode_header(name, value)
             header_size += len(name) + len(value)
     content_header = lowered.get("content-type")
@@ -96,12 +109,15 @@ def _from_ce_headers(
     )
 
 
-def _batch(body: bytes, max_size: int) -> list[dict[str, Any] | CloudEventError]:
+def _batch(body: bytes, max_size: int, max_entries: int) -> list[dict[str, Any] | CloudEventError]:
     entries = parse_json(body)
     if type(entries) is not list:
         raise CloudEventError("a batch must be a JSON array of events")
     if not entries:
         raise CloudEventError("the batch is empty")
+    # Refused before any entry is validated: the answer lists every entry, so a request of
+    # many tiny entries would cost far more to answer than to send.
+    check_entries(len(entries), max_entries)
     results: list[dict[str, Any] | CloudEventError] = []
     for entry in entries:
         try:
@@ -111,29 +127,46 @@ def _batch(body: bytes, max_size: int) -> list[dict[str, Any] | CloudEventError]
     return results
 
 
+def check_entries(count: int, max_entries: int) -> None:
+    """Raise :class:`CloudEventError` (413) when a batch of ``count`` events is too many."""
+    if count > max_entries:
+        raise CloudEventError(
+            f"the batch holds {count} events, more than the limit of {max_entries}",
+            status=413,
+            title="Batch too large",
+        )
+
+
 def parse_http(
-    headers: Mapping[str, str], body: bytes, *, max_size: int = DEFAULT_MAX_EVENT_SIZE
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
+    max_entries: int = DEFAULT_MAX_BATCH_ENTRIES,
 ) -> HttpParse:
     """Read the events of an HTTP request in any content mode, chosen by its Content-Type.
 
     ``application/cloudevents+json`` is one structured event, ``application/cloudevents-batch
     +json`` a batch, anything else binary mode (``ce-*`` headers, matched case-insensitively and
-    percent-decoded). Batch entries are validated one by one (each against ``max_size``) and a
-    bad entry becomes a :class:`CloudEventError` in ``events``; bounding the whole body is the
-    HTTP server's job. Raises :class:`CloudEventError` for a request that holds no usable event
-    list: 400 (malformed JSON, no ``ce-specversion``, a batch that is empty or not an array,
-    an invalid single event), 413 (single event over ``max_size``) or 415 (a CloudEvents format
-    other than JSON).
+    percent-decoded; raw non-ASCII values are refused). Batch entries are validated one by one
+    (each against ``max_size``) and a bad entry becomes a :class:`CloudEventError` in
+    ``events``; bounding the whole body is the HTTP server's job. Raises
+    :class:`CloudEventError` for a request that holds no usable event list: 400 (malformed
+    JSON, no ``ce-specversion``, a batch that is empty or not an array, an invalid single
+    event), 413 (single event over ``max_size``, a batch of more than ``max_entries``) or 415
+    (a CloudEvents format other than JSON).
     """
     lowered = {name.lower(): value for name, value in headers.items()}
     media = media_type(lowered.get("content-type", ""))
     if media == STRUCTURED_CONTENT_TYPE:
         return HttpParse(events=[decode(body, max_size=max_size)], batch=False)
     if media == BATCH_CONTENT_TYPE:
-        return HttpParse(events=_batch(body, max_size), batch=True)
+        return HttpParse(events=_batch(body, max_size, max_entries), batch=True)
     if media.startswith(_CLOUDEVENTS_MEDIA):
         raise _unsupported(media)
-    event = _from_ce_headers(lowered, body, content_header_first=True, max_size=max_size)
+    event = _from_ce_headers(
+        lowered, body, content_header_first=True, max_size=max_size, ascii_only=True
+    )
     return HttpParse(events=[event], batch=False)
 
 
@@ -283,7 +316,9 @@ def from_nats(
         if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:
             raise _unsupported(media)
         return decode(payload, max_size=max_size)
-    return _from_ce_headers(lowered, payload, content_header_first=False, max_size=max_size)
+    return _from_ce_headers(
+        lowered, payload, content_header_first=False, max_size=max_size, ascii_only=False
+    )
 
 
 def to_nats(event: dict[str, Any], *, structured: bool = True) -> tuple[dict[str, str], bytes]:

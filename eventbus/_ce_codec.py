@@ -1,9 +1,10 @@
 """Binary content mode, shared by the HTTP, Kafka and NATS bindings in ``_ce_bindings``.
 
 In binary mode the attributes travel as protocol headers and the payload as the raw message
-body. This module maps between the two halves and the JSON form of an event: header values to
-and from their canonical strings (with the percent-encoding the HTTP and NATS bindings require),
-and the body to and from ``data`` / ``data_base64`` according to the content type.
+body. This module maps between the two halves and the JSON form of an event: header values back
+to attribute strings (undoing the percent-encoding the HTTP and NATS bindings require; writing
+them is ``_ce_event.header_value``, as validation measures the headers an event will need), and
+the body to and from ``data`` / ``data_base64`` according to the content type.
 """
 
 from __future__ import annotations
@@ -12,52 +13,26 @@ import binascii
 import re
 from base64 import b64decode, b64encode
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
-from eventbus._ce_event import check_size, json_bytes, validate
+from eventbus._ce_event import (
+    charset_of,
+    check_size,
+    is_json,
+    json_bytes,
+    media_type,
+    validate,
+)
 from eventbus._errors import CloudEventError
 
-# Everything printable in ASCII except the three characters the bindings single out: space is
-# outside the range already, and '"' and '%' must be escaped too.
-_PERCENT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
-_NEEDS_PERCENT = re.compile(r'[^\x21-\x7e]|["%]')
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
-
-
-def media_type(content_type: str) -> str:
-    """The bare, lowercased media type of a Content-Type value (parameters dropped)."""
-    return content_type.partition(";")[0].strip().lower()
-
-
-def is_json(media: str) -> bool:
-    """True for ``*/json`` and ``*/*+json``: the JSON format's test for JSON data."""
-    return media.endswith("/json") or media.endswith("+json")
+_DATA_ATTRIBUTES = ("data", "data_base64")
 
 
 def _is_text(media: str) -> bool:
     return media.startswith("text/") or media.endswith("/xml") or media.endswith("+xml")
-
-
-def _charset(content_type: str) -> str:
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            return value.strip().strip('"')
-    return "utf-8"
-
-
-def header_value(value: str | int | bool, *, percent: bool) -> str:
-    """The canonical string of an attribute value, percent-encoded when ``percent`` is set."""
-    if value is True or value is False:
-        return "true" if value else "false"
-    if type(value) is int:
-        return str(value)
-    text = str(value)
-    if percent and _NEEDS_PERCENT.search(text) is not None:
-        return quote(text, safe=_PERCENT_SAFE)
-    return text
 
 
 def decode_header(name: str, value: str) -> str:
@@ -94,7 +69,7 @@ def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -
         except orjson.JSONDecodeError as exc:
             raise CloudEventError(f"malformed JSON in the {content_type} body: {exc}") from exc
     elif _is_text(media):
-        charset = _charset(content_type)
+        charset = charset_of(content_type)
         try:
             event["data"] = body.decode(charset)
         except (LookupError, UnicodeDecodeError) as exc:
@@ -118,10 +93,17 @@ def event_from_binary(
     ``data_base64``. Without a content type, a body that parses as JSON is ``data`` and any
     other body ``data_base64``. An empty body means no data. ``header_size`` is the
     attributes' wire size, counted with the body against ``max_size``. Raises
-    :class:`CloudEventError` as :func:`validate` does, or 400 for an unreadable body.
+    :class:`CloudEventError` as :func:`validate` does, or 400 for an unreadable body or a
+    ``data`` / ``data_base64`` attribute among the headers.
     """
     size = header_size + (len(body) if body else 0)
     check_size(size, max_size)
+    for name in _DATA_ATTRIBUTES:
+        if name in attributes:
+            raise CloudEventError(
+                f"attribute {name!r} cannot travel as a header: in binary mode the data is the "
+                "message body"
+            )
     event: dict[str, Any] = dict(attributes)
     event.pop("datacontenttype", None)
     if content_type:
@@ -153,7 +135,7 @@ def body_of(event: dict[str, Any]) -> tuple[str | None, bytes | None]:
     if content_type is None or is_json(media_type(content_type)):
         return content_type or "application/json", json_bytes(data)
     if isinstance(data, str):
-        charset = _charset(content_type)
+        charset = charset_of(content_type)
         try:
             return content_type, data.encode(charset)
         except (LookupError, UnicodeEncodeError) as exc:

@@ -4,6 +4,13 @@ Every event enters the pipeline through :func:`validate` (directly, or via a pro
 ``_ce_bindings``), so the rule engine, the bus and the targets only ever see dicts that follow
 CloudEvents 1.0 in its JSON form. Validation is a hand-written pass over the attributes rather
 than a schema model because it runs once per ingested event on the hot path.
+
+Beyond the spec, validation refuses what eventbus could accept but not carry to the end: a
+``time`` whose instant in UTC falls outside years 1-9999 (Python and the audit trail cannot
+hold it), ``data`` nested deeper than :data:`MAX_DATA_DEPTH` (the JSON views that wrap an event
+must stay serializable), more than :data:`MAX_EXTENSIONS` extension attributes, and attributes
+whose binary-mode headers exceed :data:`MAX_HEADER_BYTES` (HTTP servers refuse such requests, so
+the event could never be delivered in binary mode).
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import hashlib
 import re
 import uuid
 from base64 import b64encode
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import orjson
 
@@ -25,21 +33,45 @@ SPEC_VERSION = "1.0"
 
 REQUIRED_ATTRIBUTES = ("id", "source", "specversion", "type")
 
+MAX_DATA_DEPTH = 64
+"""Levels of objects and arrays ``data`` may nest (``{"a": [1]}`` is two). The JSON serializer
+stops at 254 levels, and the audit trail and dead-letter views wrap an event a few levels
+deeper; 64 leaves room for that and for transform templates, and no real payload needs more."""
+MAX_EXTENSIONS = 50
+"""Extension attributes per event: with the context attributes and a delivery's own headers a
+binary-mode request stays under the 100 header fields that Apache httpd, for one, accepts."""
+MAX_HEADER_BYTES = 8192
+"""The attributes written as binary-mode headers (``ce-name: value``, percent-encoded, one line
+each) may take this many bytes: the size of the one header line (or the whole header block)
+that common HTTP servers accept."""
+
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
+
+_NOT_HEADERS = frozenset({"data", "data_base64"})
+# Every header character takes at most 12 once percent-encoded (4 UTF-8 bytes, 3 characters
+# each), so attributes this short need no exact count.
+_HEADER_EXPANSION = 12
+# The bytes a header line adds to its attribute's name and value: "ce-", ": " and CRLF.
+_HEADER_LINE = 7
 
 _EXTENSION_NAME = re.compile(r"[a-z0-9]+\Z", re.ASCII)
 # Control characters are forbidden in every CloudEvents string; rejecting them here also keeps
 # CR/LF out of the protocol headers that binary mode writes.
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TIMESTAMP = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]+)?"
-    r"(?:[Zz]|[+-]([0-9]{2}):([0-9]{2}))\Z",
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:([0-9]{2})(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:([0-9]{2}))\Z",
     re.ASCII,
 )
+_LEAP_SECOND = timedelta(seconds=1)
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S*\Z")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+"
 _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}\s*(?:;.*)?\Z", re.ASCII | re.DOTALL)
+# Everything printable in ASCII except the three characters the bindings single out: space is
+# outside the range already, and '"' and '%' must be escaped too.
+_PERCENT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_NEEDS_PERCENT = re.compile(r'[^\x21-\x7e]|["%]')
 
 
 def _clip(value: object) -> str:
@@ -49,11 +81,13 @@ def _clip(value: object) -> str:
 
 def _string(name: str, value: object) -> str:
     if type(value) is not str:
-        raise CloudEventError(f"attribute {name!r} must be a string, got {type(value).__name__}")
+        raise CloudEventError(
+            f"attribute {_clip(name)} must be a string, got {type(value).__name__}"
+        )
     # isprintable() is a cheap C pass that clears almost every string; only the rest (with
     # non-ASCII spaces, say) need the exact search.
     if not value.isprintable() and _FORBIDDEN_CHARS.search(value) is not None:
-        raise CloudEventError(f"attribute {name!r} contains a control character")
+        raise CloudEventError(f"attribute {_clip(name)} contains a control character")
     return value
 
 
@@ -70,39 +104,35 @@ def _specversion(name: str, value: object) -> None:
 
 
 def _time(name: str, value: object) -> None:
-    match = _TIMESTAMP.match(_string(name, value))
-    if match is None:
+    text = _string(name, value)
+    match = _TIMESTAMP.match(text)
+    # The offset's minutes are checked here: the C parser below would read "+05:75" as 6:15.
+    if match is None or (match[2] is not None and match[2] >= "60"):
         _bad_time(value)
+    # The C parser refuses leap seconds and lower-case t/z, which RFC 3339 allows: those are
+    # read as the instant they name (":60" is one second after ":59").
+    leap = match[1] == "60"
     try:
-        # The C parser settles the common case; it refuses leap seconds and lower-case t/z,
-        # which RFC 3339 allows, so those take the slow path.
-        datetime.fromisoformat(match.string)
+        moment = datetime.fromisoformat(text)
     except ValueError:
-        if not _valid_moment(*match.groups()):
+        try:
+            moment = datetime.fromisoformat(
+                (text[:17] + "59" + text[19:] if leap else text).upper()
+            )
+        except ValueError:
             _bad_time(value)
+    try:
+        # Python, and so the audit trail, holds years 1-9999 only: "0001-01-01T00:00:00+01:00"
+        # parses, but the instant it names in UTC does not.
+        (moment + _LEAP_SECOND if leap else moment).astimezone(UTC)
+    except OverflowError:
+        raise CloudEventError(
+            f"attribute 'time' must fall within years 0001-9999 in UTC, got {_clip(value)}"
+        ) from None
 
 
 def _bad_time(value: object) -> NoReturn:
     raise CloudEventError(f"attribute 'time' must be an RFC 3339 timestamp, got {_clip(value)}")
-
-
-def _valid_moment(
-    year: str,
-    month: str,
-    day: str,
-    hour: str,
-    minute: str,
-    second: str,
-    oh: str | None,
-    om: str | None,
-) -> bool:
-    try:
-        date(int(year), int(month), int(day))
-    except ValueError:
-        return False
-    # 60 admits a leap second, which RFC 3339 allows.
-    fields_ok = int(hour) < 24 and int(minute) < 60 and int(second) <= 60
-    return fields_ok and (oh is None or (int(oh) < 24 and int(om or 0) < 60))
 
 
 def _dataschema(name: str, value: object) -> None:
@@ -111,16 +141,57 @@ def _dataschema(name: str, value: object) -> None:
 
 
 def _datacontenttype(name: str, value: object) -> None:
-    if _MEDIA_TYPE.match(_string(name, value)) is None:
+    text = _string(name, value)
+    # ASCII as media types are (RFC 2045): binary mode sends it as the Content-Type header.
+    if not text.isascii() or _MEDIA_TYPE.match(text) is None:
         raise CloudEventError(
             f"attribute 'datacontenttype' must be a media type like 'application/json', "
             f"got {_clip(value)}"
         )
 
 
-def _data_base64(name: str, value: object) -> None:
+def media_type(content_type: str) -> str:
+    """The bare, lowercased media type of a Content-Type value (parameters dropped)."""
+    return content_type.partition(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    """True for ``*/json`` and ``*/*+json``: the JSON format's test for JSON data."""
+    return media.endswith("/json") or media.endswith("+json")
+
+
+def charset_of(content_type: str) -> str:
+    """The ``charset`` parameter of a Content-Type value; UTF-8 when it has none."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"')
+    return "utf-8"
+
+
+def _check_charset(content_type: str, data: object) -> None:
+    # Binary mode writes string data in this charset (and reads text bodies with it): an
+    # event eventbus could not encode would be accepted but never delivered.
+    charset = charset_of(content_type)
+    text = data if type(data) is str and not is_json(media_type(content_type)) else ""
+    try:
+        text.encode(charset)
+    except LookupError:  # unknown, or not a text encoding ("base64", "rot13")
+        raise CloudEventError(
+            f"attribute 'datacontenttype' names an unknown charset {_clip(charset)}"
+        ) from None
+    except UnicodeEncodeError as exc:
+        raise CloudEventError(
+            f"'data' cannot be encoded as {charset}, the charset of its datacontenttype: "
+            f"{exc.reason} at position {exc.start}"
+        ) from None
+
+
+def _data_base64(value: object) -> None:
     if type(value) is not str:
         raise CloudEventError(f"'data_base64' must be a base64 string, got {type(value).__name__}")
+    if not value.isascii():
+        raise CloudEventError("'data_base64' is not valid base64: it holds non-ASCII characters")
     try:
         binascii.a2b_base64(value, strict_mode=True)
     except binascii.Error as exc:
@@ -136,7 +207,6 @@ _CHECKS = {
     "time": _time,
     "dataschema": _dataschema,
     "datacontenttype": _datacontenttype,
-    "data_base64": _data_base64,
 }
 
 
@@ -152,12 +222,58 @@ def _extension(name: str, value: object) -> None:
         return
     elif isinstance(value, int):
         if not _INT32_MIN <= value <= _INT32_MAX:
-            raise CloudEventError(f"extension attribute {name!r} is outside the 32-bit range")
+            raise CloudEventError(f"extension attribute {_clip(name)} is outside the 32-bit range")
     else:
         raise CloudEventError(
-            f"extension attribute {name!r} has unsupported type {type(value).__name__}: "
+            f"extension attribute {_clip(name)} has unsupported type {type(value).__name__}: "
             "use a string, an integer or a boolean"
         )
+
+
+def header_value(value: str | int | bool, *, percent: bool) -> str:
+    """The canonical string of an attribute value, percent-encoded when ``percent`` is set."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return str(value)
+    text = str(value)
+    if percent and _NEEDS_PERCENT.search(text) is not None:
+        return quote(text, safe=_PERCENT_SAFE)
+    return text
+
+
+def _check_headers(event: dict[str, Any]) -> None:
+    size = sum(
+        len(name) + _HEADER_LINE + len(header_value(value, percent=True))
+        for name, value in event.items()
+        if name not in _NOT_HEADERS
+    )
+    if size > MAX_HEADER_BYTES:
+        raise CloudEventError(
+            f"the attributes take {size} bytes as binary-mode headers, more than the "
+            f"{MAX_HEADER_BYTES}-byte limit: carry large values in 'data'"
+        )
+
+
+_CONTAINERS = frozenset((dict, list, tuple))
+
+
+def _check_depth(data: object) -> None:
+    # One pass per level, over containers only; scalars and flat data cost almost nothing.
+    # Exact types, not isinstance: parsed JSON holds no subclasses, and this is the hot path.
+    if type(data) not in _CONTAINERS:
+        return
+    level: list[Any] = [data]
+    for _ in range(MAX_DATA_DEPTH):
+        level = [
+            child
+            for container in level
+            for child in (container.values() if type(container) is dict else container)
+            if type(child) in _CONTAINERS
+        ]
+        if not level:
+            return
+    raise CloudEventError(f"'data' nests objects and arrays more than {MAX_DATA_DEPTH} levels deep")
 
 
 def validate(
@@ -171,12 +287,16 @@ def validate(
     dict, only in that case). ``data`` may be ``null``; it is the payload, not an attribute.
 
     Raises :class:`CloudEventError` naming the offending attribute: status 400 for a missing or
-    malformed attribute, an unknown value type, or both ``data`` and ``data_base64``; 413 when
-    the event is larger than ``max_size`` bytes.
+    malformed attribute, an unknown value type, both ``data`` and ``data_base64``, a ``time``
+    outside years 1-9999 in UTC, ``data`` nested deeper than :data:`MAX_DATA_DEPTH`, more than
+    :data:`MAX_EXTENSIONS` extensions or attributes over :data:`MAX_HEADER_BYTES` as headers;
+    413 when the event is larger than ``max_size`` bytes.
     """
     if type(event) is not dict:
         raise CloudEventError(f"an event must be a JSON object, got {type(event).__name__}")
     nulls = False
+    extensions = 0
+    header_chars = 0  # an upper bound of the header bytes, divided by _HEADER_EXPANSION
     for name, value in event.items():
         if value is None:
             nulls = nulls or name != "data"
@@ -184,8 +304,19 @@ def validate(
         check = _CHECKS.get(name)
         if check is not None:
             check(name, value)
-        elif name != "data":
+        elif name == "data":
+            continue
+        elif name == "data_base64":
+            _data_base64(value)
+            continue
+        else:
             _extension(name, value)
+            extensions += 1
+            if extensions > MAX_EXTENSIONS:
+                raise CloudEventError(
+                    f"the event has more than {MAX_EXTENSIONS} extension attributes"
+                )
+        header_chars += len(name) + _HEADER_LINE + (len(value) if type(value) is str else 11)
     for name in REQUIRED_ATTRIBUTES:
         if event.get(name) is None:
             raise CloudEventError(f"missing required attribute {name!r}")
@@ -193,6 +324,12 @@ def validate(
         raise CloudEventError("an event carries either 'data' or 'data_base64', not both")
     if nulls:
         event = {k: v for k, v in event.items() if v is not None or k == "data"}
+    content_type = event.get("datacontenttype")
+    if content_type is not None and ";" in content_type:
+        _check_charset(content_type, event.get("data"))
+    if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES:
+        _check_headers(event)
+    _check_depth(event.get("data"))
     if size is None:
         size = len(encode(event))
     check_size(size, max_size)

@@ -9,7 +9,8 @@
      ├── BusError                 the durable bus refused or could not be reached
      │    └── BusUnavailable      not reachable right now: retry later (HTTP 503)
      ├── StoreError               Postgres could not be reached or rejected a write
-     │    └── StoreUnavailable    not reachable right now: retry later (HTTP 503)
+     │    ├── StoreUnavailable    not reachable right now: retry later (HTTP 503)
+     │    └── StoreDataError      Postgres refused a value of the statement (HTTP 400)
      └── DeliveryError            a target invocation failed (carries retryable / status)
 
 Third-party errors are translated at the boundary with ``raise ... from exc``.
@@ -27,6 +28,7 @@ __all__ = [
     "PatternError",
     "RuleError",
     "RuleSetError",
+    "StoreDataError",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -109,6 +111,11 @@ class StoreError(EventBusError):
 class StoreUnavailable(StoreError):
     """Postgres cannot be reached right now (down, restarting, the connection lost): the same
     statement may succeed later."""
+
+
+class StoreDataError(StoreError):
+    """Postgres refused a value of the statement (SQLSTATE class 22, a number out of range, a
+    character text cannot hold): the caller's input is at fault, and retrying cannot help."""
 
 
 class DeliveryError(EventBusError):

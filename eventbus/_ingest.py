@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import BusError, BusUnavailable, CloudEventError, StoreError
+from eventbus._errors import (
+    BusError,
+    BusUnavailable,
+    CloudEventError,
+    StoreDataError,
+    StoreError,
+)
 from eventbus._refusals import RefusalLog
 from eventbus.cloudevents import parse_http
 from eventbus.config import ApiKey
@@ -92,6 +98,8 @@ def problem_for(exc: Exception) -> Problem | None:
         return Problem(exc.status, exc.detail, title=exc.title)
     if isinstance(exc, BusUnavailable):
         return Problem(503, f"the event bus is unavailable: {exc}", headers={"Retry-After": "5"})
+    if isinstance(exc, StoreDataError):
+        return Problem(400, f"the database cannot take a value of this request: {exc}")
     if isinstance(exc, StoreError):
         return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
     if isinstance(exc, BusError):
@@ -167,6 +175,7 @@ class IngestApp:
         self._fallback = fallback
         self._access = access
         self._max_event = service.settings.max_event_size
+        self._max_batch = service.settings.max_batch_entries
         self._max_request = self._max_event * 4
         self._routes: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[Any]]] = {
             "/events": self._events,
@@ -211,14 +220,16 @@ class IngestApp:
         await send({"type": "http.response.body", "body": body})
 
     async def _events(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
-        parsed = parse_http(headers, raw, max_size=self._max_event)
+        parsed = parse_http(headers, raw, max_size=self._max_event, max_entries=self._max_batch)
         return await self._accept(parsed.events, parsed.batch, "http")
 
     async def _notifications(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
         """S3 / MinIO / OSS bucket notifications, one CloudEvent per record."""
         from eventbus.sources import notification_to_events
 
-        events: list[dict[str, Any] | CloudEventError] = list(notification_to_events(raw))
+        events: list[dict[str, Any] | CloudEventError] = list(
+            notification_to_events(raw, max_records=self._max_batch)
+        )
         return await self._accept(events, True, "http:notification")
 
     async def _accept(

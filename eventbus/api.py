@@ -49,37 +49,72 @@ def _problem(p: Problem, instance: str) -> Response:
     return Response(p.body(instance), status_code=p.status, media_type=PROBLEM, headers=p.headers)
 
 
-def _utc(text: str) -> datetime:
+# Parameters are checked against what their PostgreSQL columns can hold, so a value the
+# database would refuse is a 400 naming the parameter, not a failed query.
+_BIGINT = 64
+_INTEGER = 32
+
+
+def _clip(value: str) -> str:
+    return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+
+
+def _text(name: str, value: str) -> str:
+    """A text parameter; PostgreSQL text cannot hold U+0000."""
+    if "\x00" in value:
+        raise Problem(400, f"{name} must not contain the character U+0000")
+    return value
+
+
+def _integer(name: str, raw: str, bits: int = _BIGINT) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Problem(400, f"{name} must be an integer, got {_clip(raw)}") from None
+    bound = 2 ** (bits - 1)
+    if not -bound <= value < bound:
+        raise Problem(400, f"{name} must be a {bits}-bit integer, got {_clip(raw)}")
+    return value
+
+
+def _moment(name: str, raw: str) -> datetime:
     """An ISO 8601 time; one without a zone is UTC (not the server's local time)."""
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:
+        moment = datetime.fromisoformat(raw)
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        # The instant must exist in UTC, where PostgreSQL receives it.
+        moment.astimezone(UTC)
+    except ValueError:
+        raise Problem(400, f"{name} must be an ISO 8601 time, got {_clip(raw)}") from None
+    except OverflowError:
+        raise Problem(400, f"{name} must fall within years 0001-9999 in UTC") from None
+    return moment
+
+
+def _query_text(request: Request, name: str) -> str | None:
+    raw = request.query_params.get(name)
+    return None if raw is None else _text(name, raw)
 
 
 def _limit(request: Request) -> int:
     raw = request.query_params.get("limit", "100")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise Problem(400, f"limit must be an integer from 1 to 1000, got {raw!r}")
+        raise Problem(400, f"limit must be an integer from 1 to 1000, got {_clip(raw)}")
     return int(raw)
 
 
 def _filter(request: Request) -> DeadLetterFilter:
     q = request.query_params
-    try:
-        ids = tuple(int(x) for x in q.getlist("id"))
-        status = int(q["status"]) if "status" in q else None
-        since = _utc(q["since"]) if "since" in q else None
-        until = _utc(q["until"]) if "until" in q else None
-    except ValueError as exc:
-        raise Problem(400, f"invalid filter: {exc}") from None
     return DeadLetterFilter(
-        ids=ids,
-        rule=q.get("rule"),
-        target=q.get("target"),
-        status=status,
-        reason=q.get("reason"),
-        since=since,
-        until=until,
-        source=q.get("source"),
+        ids=tuple(_integer("id", raw) for raw in q.getlist("id")),
+        rule=_query_text(request, "rule"),
+        target=_query_text(request, "target"),
+        status=_integer("status", q["status"], _INTEGER) if "status" in q else None,
+        reason=_query_text(request, "reason"),
+        since=_moment("since", q["since"]) if "since" in q else None,
+        until=_moment("until", q["until"]) if "until" in q else None,
+        source=_query_text(request, "source"),
     )
 
 
@@ -114,7 +149,7 @@ def create_app(service: Service) -> ASGIApp:
 
     @route("GET", "/events/trail", "admin")
     async def event_trail(request: Request) -> Response:
-        source, event_id = request.query_params.get("source"), request.query_params.get("id")
+        source, event_id = _query_text(request, "source"), _query_text(request, "id")
         if not source or not event_id:
             raise Problem(400, "query parameters 'source' and 'id' are required")
         trail = await service.store.event_trail(source, event_id)
@@ -156,12 +191,7 @@ def create_app(service: Service) -> ASGIApp:
     async def list_dead_letters(request: Request) -> Response:
         q = request.query_params
         limit = _limit(request)
-        try:
-            after = int(q["after"]) if "after" in q else None
-        except ValueError:
-            raise Problem(
-                400, "after must be an integer (the last id of the previous page)"
-            ) from None
+        after = _integer("after", q["after"]) if "after" in q else None
         items = await service.deliveries.list_dead_letters(
             _filter(request), limit=limit, after_id=after
         )
@@ -206,7 +236,7 @@ def create_app(service: Service) -> ASGIApp:
 
     @route("POST", "/targets/{name}/enable", "admin")
     async def enable_target(request: Request) -> Response:
-        name = request.path_params["name"]
+        name = _text("target name", request.path_params["name"])
         if not await service.enable_target(name):
             raise Problem(404, f"target {name!r} is not disabled")
         return _json({"enabled": name})
@@ -223,9 +253,8 @@ def create_app(service: Service) -> ASGIApp:
     async def source_dead_letters(request: Request) -> Response:
         from eventbus.sources import list_dead_letters
 
-        q = request.query_params
         items = await list_dead_letters(
-            service.store.pool, source=q.get("source"), limit=_limit(request)
+            service.store.pool, source=_query_text(request, "source"), limit=_limit(request)
         )
         return _json({"items": items})
 
@@ -258,10 +287,7 @@ def create_app(service: Service) -> ASGIApp:
 
 
 def _int_path(request: Request, name: str) -> int:
-    try:
-        return int(request.path_params[name])
-    except ValueError:
-        raise Problem(400, f"{name} must be an integer") from None
+    return _integer(name, request.path_params[name])
 
 
 def _require_filter(flt: DeadLetterFilter, request: Request) -> None:

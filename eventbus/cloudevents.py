@@ -6,7 +6,10 @@ JSON value or a string) or ``data_base64`` (binary). Readers validate; writers a
 event. Errors are :class:`eventbus._errors.CloudEventError` carrying the HTTP status to answer.
 
     validate, parse_json, encode, decode, new_event, event_key   the event      (_ce_event)
+    MAX_DATA_DEPTH, MAX_EXTENSIONS, MAX_HEADER_BYTES              what an event may carry
+    header_value                                                  an attribute as a header
     parse_http, from_http, to_http, to_http_batch                 HTTP binding   (_ce_bindings)
+    DEFAULT_MAX_BATCH_ENTRIES, check_entries                      batch size
     from_kafka, to_kafka                                          Kafka binding
     from_nats, to_nats                                            NATS binding
 
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 from eventbus._ce_bindings import (
     BATCH_CONTENT_TYPE,
+    DEFAULT_MAX_BATCH_ENTRIES,
     STRUCTURED_CONTENT_TYPE,
     HttpParse,
+    check_entries,
     from_http,
     from_kafka,
     from_nats,
@@ -31,12 +36,16 @@ from eventbus._ce_bindings import (
 )
 from eventbus._ce_event import (
     DEFAULT_MAX_EVENT_SIZE,
+    MAX_DATA_DEPTH,
+    MAX_EXTENSIONS,
+    MAX_HEADER_BYTES,
     REQUIRED_ATTRIBUTES,
     SPEC_VERSION,
     decode,
     encode,
     event_key,
     format_time,
+    header_value,
     new_event,
     parse_json,
     validate,
@@ -44,11 +53,16 @@ from eventbus._ce_event import (
 
 __all__ = [
     "BATCH_CONTENT_TYPE",
+    "DEFAULT_MAX_BATCH_ENTRIES",
     "DEFAULT_MAX_EVENT_SIZE",
+    "MAX_DATA_DEPTH",
+    "MAX_EXTENSIONS",
+    "MAX_HEADER_BYTES",
     "REQUIRED_ATTRIBUTES",
     "SPEC_VERSION",
     "STRUCTURED_CONTENT_TYPE",
     "HttpParse",
+    "check_entries",
     "decode",
     "encode",
     "event_key",
@@ -56,6 +70,7 @@ __all__ = [
     "from_http",
     "from_kafka",
     "from_nats",
+    "header_value",
     "new_event",
     "parse_http",
     "parse_json",

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from eventbus._errors import ConfigError
 from eventbus._yaml import YamlDoc, load_yaml, pydantic_errors
+from eventbus.cloudevents import DEFAULT_MAX_BATCH_ENTRIES
 
 __all__ = [
     "ApiKey",
@@ -116,6 +117,8 @@ class Settings(_Model):
     bus: BusSettings = BusSettings()
     database: DatabaseSettings = DatabaseSettings()
     max_event_size: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_batch_entries: int = Field(DEFAULT_MAX_BATCH_ENTRIES, ge=1, le=100_000)
+    """Events one batch request (or bucket notification) may carry; more is answered 413."""
     api_keys: tuple[ApiKey, ...] = ()
     allow_unauthenticated: bool = False
     """Serve a non-loopback ``listen.host`` without ``api_keys`` (refused otherwise)."""

@@ -17,6 +17,9 @@ from eventbus import cloudevents
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents import (
     DEFAULT_MAX_EVENT_SIZE,
+    MAX_DATA_DEPTH,
+    MAX_EXTENSIONS,
+    MAX_HEADER_BYTES,
     decode,
     encode,
     event_key,
@@ -51,11 +54,16 @@ def _invalid_event(case: dict[str, Any]) -> object:
 def test_public_names_are_pinned() -> None:
     assert set(cloudevents.__all__) == {
         "BATCH_CONTENT_TYPE",
+        "DEFAULT_MAX_BATCH_ENTRIES",
         "DEFAULT_MAX_EVENT_SIZE",
+        "MAX_DATA_DEPTH",
+        "MAX_EXTENSIONS",
+        "MAX_HEADER_BYTES",
         "REQUIRED_ATTRIBUTES",
         "SPEC_VERSION",
         "STRUCTURED_CONTENT_TYPE",
         "HttpParse",
+        "check_entries",
         "decode",
         "encode",
         "event_key",
@@ -63,6 +71,7 @@ def test_public_names_are_pinned() -> None:
         "from_http",
         "from_kafka",
         "from_nats",
+        "header_value",
         "new_event",
         "parse_http",
         "parse_json",
@@ -156,6 +165,66 @@ def test_encode_rejects_values_json_cannot_hold() -> None:
         with pytest.raises(CloudEventError, match="cannot be serialized as JSON") as info:
             encode({**event, "data": data})
         assert info.value.status == 400
+
+
+def _nested(depth: int) -> Any:
+    """``depth`` levels of objects and arrays, alternating, around a scalar."""
+    value: Any = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+BASE = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+
+
+def test_data_may_nest_exactly_to_the_depth_limit() -> None:
+    event = {**BASE, "data": _nested(MAX_DATA_DEPTH)}
+    assert validate(event) is event
+    assert decode(encode(event)) == event
+    with pytest.raises(CloudEventError, match=f"more than {MAX_DATA_DEPTH} levels") as info:
+        decode(encode({**BASE, "data": _nested(MAX_DATA_DEPTH + 1)}))
+    assert info.value.status == 400
+
+
+def test_depth_counts_the_deepest_branch_and_tuples() -> None:
+    wide = {"flat": list(range(1000)), "deep": _nested(MAX_DATA_DEPTH - 1)}
+    assert validate({**BASE, "data": wide})
+    # 300 levels: deeper than the JSON serializer goes, so the depth check must come first
+    for data in ({**wide, "x": _nested(MAX_DATA_DEPTH)}, (_nested(300),)):
+        with pytest.raises(CloudEventError, match="levels deep"):
+            validate({**BASE, "data": data})
+
+
+def test_extension_attributes_are_capped() -> None:
+    many = {f"ext{i}": "v" for i in range(MAX_EXTENSIONS)}
+    assert validate({**BASE, **many})
+    with pytest.raises(CloudEventError, match=f"more than {MAX_EXTENSIONS} extension") as info:
+        validate({**BASE, **many, "onemore": 1})
+    assert info.value.status == 400
+
+
+def test_attributes_must_fit_in_binary_mode_headers() -> None:
+    # "ce-" + name + ": " + value + CRLF per attribute, the value percent-encoded
+    fixed = sum(len(name) + 7 + len(value) for name, value in BASE.items())
+    room = MAX_HEADER_BYTES - fixed - len("big") - 7
+    assert validate({**BASE, "big": "x" * room})
+    with pytest.raises(CloudEventError, match="binary-mode headers") as info:
+        validate({**BASE, "big": "x" * (room + 1)})
+    assert info.value.status == 400
+    # measured percent-encoded: each é takes six bytes on the wire
+    assert validate({**BASE, "big": "\u00e9" * (room // 6)})
+    with pytest.raises(CloudEventError, match="binary-mode headers"):
+        validate({**BASE, "big": "\u00e9" * (room // 6 + 1)})
+    # data is the body, not a header
+    assert validate({**BASE, "data": "x" * MAX_HEADER_BYTES, "datacontenttype": "text/plain"})
+
+
+def test_details_quote_long_names_clipped() -> None:
+    name = "x" * 10_000
+    with pytest.raises(CloudEventError) as info:
+        validate({**BASE, name: 1.5})
+    assert len(info.value.detail) < 200
 
 
 def test_parse_json() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents import (
+    DEFAULT_MAX_BATCH_ENTRIES,
     DEFAULT_MAX_EVENT_SIZE,
     from_http,
     from_kafka,
@@ -325,3 +326,18 @@ def test_batch_entries_are_limited_one_by_one() -> None:
     assert isinstance(parsed.events[1], CloudEventError)
     assert parsed.events[1].status == 413
     assert parsed.events[2] == small
+
+
+def test_batch_entries_are_capped_before_any_is_validated() -> None:
+    headers = {"content-type": "application/cloudevents-batch+json"}
+    event = new_event(type="t", source="/s")
+    assert len(parse_http(headers, orjson.dumps([event] * DEFAULT_MAX_BATCH_ENTRIES)).events) == (
+        DEFAULT_MAX_BATCH_ENTRIES
+    )
+    # entries that are not even events: refused for their number, not reported one by one
+    with pytest.raises(CloudEventError) as info:
+        parse_http(headers, orjson.dumps([{}] * (DEFAULT_MAX_BATCH_ENTRIES + 1)))
+    assert info.value.status == 413
+    assert f"more than the limit of {DEFAULT_MAX_BATCH_ENTRIES}" in info.value.detail
+    with pytest.raises(CloudEventError, match="3 events, more than the limit of 2"):
+        parse_http(headers, orjson.dumps([event] * 3), max_entries=2)

@@ -15,6 +15,7 @@ def test_public_names_are_pinned() -> None:
         "PatternError",
         "RuleError",
         "RuleSetError",
+        "StoreDataError",
         "StoreError",
         "__version__",
     ]

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from eventbus._errors import StoreError, StoreUnavailable
+from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 
 __all__ = ["DeadLetterFilter", "Delivery", "DeliveryStore"]
@@ -108,16 +108,6 @@ class DeadLetterFilter:
 
 
 _json = dumps_jsonb
-# Errors that say Postgres is away (down, restarting, the connection lost), not that it
-# refused the statement: the same write may succeed later.
-_UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.ConnectionDoesNotExistError,
-)
 _load = loads_jsonb
 
 
@@ -157,19 +147,16 @@ def _dead_letter(row: asyncpg.Record) -> dict[str, Any]:
 
 
 class DeliveryStore:
-    """Every method raises StoreUnavailable when Postgres cannot be reached right now and
-    StoreError when it rejects the statement."""
+    """Every method raises StoreUnavailable (a StoreError) when Postgres cannot be reached right
+    now, StoreDataError (a StoreError) when it refuses a value given (a filter, say), and
+    StoreError for any other refusal. The reads the
+    API serves give up after ``READ_TIMEOUT`` seconds."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def _run(self, what: str, coro: Any) -> Any:
-        try:
-            return await coro
-        except _UNREACHABLE as exc:
-            raise StoreUnavailable(f"{what}: {exc!r}") from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StoreError(f"{what}: {exc}") from exc
+    async def _run(self, what: str, coro: Any, *, deadline: float | None = None) -> Any:
+        return await run_db(what, coro, deadline=deadline)
 
     async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
         """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns."""
@@ -313,6 +300,7 @@ class DeliveryStore:
                 f" FROM dead_letters WHERE {where} ORDER BY id DESC LIMIT ${len(args)}",
                 *args,
             ),
+            deadline=READ_TIMEOUT,
         )
         return [_dead_letter(r) for r in rows]
 
@@ -320,6 +308,7 @@ class DeliveryStore:
         row = await self._run(
             "reading a dead letter",
             self._pool.fetchrow("SELECT * FROM dead_letters WHERE id = $1", dl_id),
+            deadline=READ_TIMEOUT,
         )
         return None if row is None else _dead_letter(row)
 

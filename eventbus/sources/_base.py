@@ -37,6 +37,7 @@ import pydantic
 
 from eventbus._errors import ConfigError, StoreError
 from eventbus.store import set_aside
+from eventbus.store._failures import READ_TIMEOUT, run_db
 
 __all__ = [
     "Backoff",
@@ -442,20 +443,22 @@ async def list_dead_letters(
     pool: asyncpg.Pool, source: str | None = None, limit: int = 100
 ) -> list[dict[str, Any]]:
     """Newest first: ``id, source, received_at, error, meta`` and the payload as ``payload``
-    (UTF-8 text) or ``payload_base64`` (binary). Raises StoreError on database failure and
+    (UTF-8 text) or ``payload_base64`` (binary). Raises StoreError on database failure (also
+    after ``READ_TIMEOUT`` seconds), StoreDataError for a ``source`` the database refuses, and
     ValueError for a limit outside 1..1000."""
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be between 1 and 1000, got {limit}")
-    try:
-        rows = await pool.fetch(
+    rows = await run_db(
+        "listing source dead letters",
+        pool.fetch(
             "SELECT id, source, received_at, payload, error, meta::text AS meta"
             " FROM source_dead_letters WHERE ($1::text IS NULL OR source = $1)"
             " ORDER BY id DESC LIMIT $2",
             source,
             limit,
-        )
-    except _DB_ERRORS as exc:
-        raise StoreError(f"listing source dead letters: {exc}") from exc
+        ),
+        deadline=READ_TIMEOUT,
+    )
     result = []
     for row in rows:
         item: dict[str, Any] = {

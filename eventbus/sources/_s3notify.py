@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from eventbus._errors import CloudEventError
+from eventbus.cloudevents import check_entries, validate
 
 __all__ = [
     "notification_to_events",
@@ -127,11 +128,15 @@ def oss_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return events
 
 
-def notification_to_events(body: bytes | Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Detect the notification format (S3/MinIO or OSS) and map it to CloudEvents.
+def notification_to_events(
+    body: bytes | Mapping[str, Any], *, max_records: int | None = None
+) -> list[dict[str, Any]]:
+    """Detect the notification format (S3/MinIO or OSS) and map it to valid CloudEvents.
 
-    Accepts raw JSON bytes or an already-parsed object. Raises CloudEventError (status 400,
-    with a specific detail) for invalid JSON, an unknown format or a malformed record.
+    Accepts raw JSON bytes or an already-parsed object. Raises CloudEventError naming the
+    record: 400 for invalid JSON, an unknown format, a malformed record or one whose event is
+    not valid (see :func:`eventbus.cloudevents.validate`), 413 for more than ``max_records``
+    records or an event over the size limit.
     """
     if isinstance(body, bytes | bytearray | memoryview):
         try:
@@ -143,9 +148,22 @@ def notification_to_events(body: bytes | Mapping[str, Any]) -> list[dict[str, An
     if not isinstance(parsed, Mapping):
         raise _invalid(f"notification must be a JSON object, got {type(parsed).__name__}")
     if "Records" in parsed or parsed.get("Event") == "s3:TestEvent":
-        return s3_records_to_events(parsed)
-    if "events" in parsed:
-        return oss_records_to_events(parsed)
-    raise _invalid(
-        "not a bucket notification: expected an S3/MinIO 'Records' list or an OSS 'events' list"
-    )
+        key, convert = "Records", s3_records_to_events
+    elif "events" in parsed:
+        key, convert = "events", oss_records_to_events
+    else:
+        raise _invalid(
+            "not a bucket notification: expected an S3/MinIO 'Records' list or an OSS 'events' list"
+        )
+    records = parsed.get(key)
+    if max_records is not None and isinstance(records, list):
+        check_entries(len(records), max_records)
+    events = convert(parsed)
+    for i, event in enumerate(events):
+        try:
+            validate(event)
+        except CloudEventError as exc:
+            raise CloudEventError(
+                f"{key}[{i}]: {exc.detail}", status=exc.status, title="Invalid bucket notification"
+            ) from exc
+    return events

@@ -20,6 +20,7 @@ import asyncpg
 
 from eventbus._errors import StoreError
 from eventbus.store._audit import AuditWriter
+from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 from eventbus.store._migrate import migrate
 
@@ -118,38 +119,18 @@ class Store:
 
         If the event was accepted several times (redelivery, replay) the trail shows the first
         acceptance and every match and attempt of all of them. Raises StoreError if Postgres
-        cannot be queried. Only committed rows are visible: flush the audit first if needed.
+        cannot be queried within ``READ_TIMEOUT`` seconds, StoreDataError if it refuses the
+        values (a NUL character, say). Only committed rows are visible: flush the audit first
+        if needed.
         """
-        key = (source, id)
-        try:
-            async with (
-                self.pool.acquire(timeout=_QUERY_TIMEOUT) as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                first = await conn.fetchrow(
-                    "SELECT event, received_at, via FROM events WHERE source = $1 AND id = $2 "
-                    "ORDER BY received_at, seq LIMIT 1",
-                    *key,
-                    timeout=_QUERY_TIMEOUT,
-                )
-                if first is None:
-                    return None
-                matches = await conn.fetch(
-                    "SELECT rule, target, at FROM matches WHERE source = $1 AND id = $2 "
-                    "ORDER BY at, seq",
-                    *key,
-                    timeout=_QUERY_TIMEOUT,
-                )
-                attempts = await conn.fetch(
-                    "SELECT rule, target, attempt, outcome, status, duration_ms, error, at "
-                    "FROM attempts WHERE source = $1 AND id = $2 ORDER BY at, seq",
-                    *key,
-                    timeout=_QUERY_TIMEOUT,
-                )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            raise StoreError(
-                f"cannot read the trail of event {id!r} from {source!r}: {exc}"
-            ) from exc
+        rows = await run_db(
+            f"cannot read the trail of event {id[:200]!r} from {source[:200]!r}",
+            self._trail_rows(source, id),
+            deadline=READ_TIMEOUT,
+        )
+        if rows is None:
+            return None
+        first, matches, attempts = rows
         return EventTrail(
             event=loads_jsonb(first["event"]),
             received_at=first["received_at"],
@@ -157,6 +138,33 @@ class Store:
             matches=[dict(row) for row in matches],
             attempts=[dict(row) for row in attempts],
         )
+
+    async def _trail_rows(
+        self, source: str, id: str
+    ) -> tuple[asyncpg.Record, list[asyncpg.Record], list[asyncpg.Record]] | None:
+        key = (source, id)
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            first = await conn.fetchrow(
+                "SELECT event, received_at, via FROM events WHERE source = $1 AND id = $2 "
+                "ORDER BY received_at, seq LIMIT 1",
+                *key,
+            )
+            if first is None:
+                return None
+            matches = await conn.fetch(
+                "SELECT rule, target, at FROM matches WHERE source = $1 AND id = $2 "
+                "ORDER BY at, seq",
+                *key,
+            )
+            attempts = await conn.fetch(
+                "SELECT rule, target, attempt, outcome, status, duration_ms, error, at "
+                "FROM attempts WHERE source = $1 AND id = $2 ORDER BY at, seq",
+                *key,
+            )
+        return first, matches, attempts
 
     async def close(self) -> None:
         """Flush the audit buffer (waiting at most 10 s; rows left over are logged as lost) and
@@ -192,8 +200,9 @@ async def set_aside(
     Durable when this returns; raises StoreError when the row could not be written, in which
     case the caller must not skip the input.
     """
-    try:
-        await pool.execute(
+    await run_db(
+        f"setting aside input of {source}",
+        pool.execute(
             "INSERT INTO source_dead_letters (source, payload, error, meta)"
             " VALUES ($1, $2, $3, $4::jsonb)",
             source,
@@ -201,9 +210,8 @@ async def set_aside(
             error.replace("\x00", "\\x00"),
             dumps_jsonb(dict(meta or {}), default=str),
             timeout=_QUERY_TIMEOUT,
-        )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise StoreError(f"setting aside input of {source}: {exc}") from exc
+        ),
+    )
 
 
 async def _connect(dsn: str, min_size: int, max_size: int, wait: float) -> asyncpg.Pool:

@@ -34,7 +34,7 @@ from eventbus.targets._base import (
     trace_attempt,
     truncate_error,
 )
-from eventbus.targets._signing import decode_secret, signature
+from eventbus.targets._signing import decode_secret, signature, webhook_id
 
 __all__ = ["HttpTarget", "HttpTargetConfig", "parse_retry_after"]
 
@@ -167,7 +167,9 @@ class HttpTarget:
             connector=aiohttp.TCPConnector(limit=self.config.concurrency),
             timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             # Uncompressed answers only: a compressed body could expand past the read bound.
-            skip_auto_headers=("Accept-Encoding",),
+            # No default Content-Type either: in binary mode it is the event's datacontenttype,
+            # so an event without data must arrive without one.
+            skip_auto_headers=("Accept-Encoding", "Content-Type"),
             auto_decompress=False,
         )
         return self
@@ -219,9 +221,10 @@ class HttpTarget:
             return failure(f"cannot build the request: {exc}", 0.0, retryable=False)
         if self._key is not None:
             now = int(time.time())
-            headers["webhook-id"] = msg_id
+            signed_id = webhook_id(msg_id)
+            headers["webhook-id"] = signed_id
             headers["webhook-timestamp"] = str(now)
-            headers["webhook-signature"] = signature(self._key, msg_id, now, body)
+            headers["webhook-signature"] = signature(self._key, signed_id, now, body)
         async with self._slots:
             start = time.perf_counter()
             try:

@@ -4,10 +4,11 @@ Place in the pipeline: the HTTP target signs each request body just before it is
 function can prove the request came from this bus and was not replayed. ``verify_webhook`` is the
 receiving side, for users' functions and for tests.
 
-Headers: ``webhook-id`` (the CloudEvent id), ``webhook-timestamp`` (unix seconds) and
-``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``. A secret written as
-``whsec_<base64>`` is the base64 of the HMAC key, as the spec serializes it; any other secret is
-used as UTF-8 bytes.
+Headers: ``webhook-id`` (the CloudEvent id, percent-encoded as the ``ce-id`` header carries it:
+see :func:`webhook_id`), ``webhook-timestamp`` (unix seconds) and ``webhook-signature:
+v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``. A secret written as ``whsec_<base64>``
+is the base64 of the HMAC key, as the spec serializes it; any other secret is used as UTF-8
+bytes.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 from collections.abc import Mapping
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus.cloudevents import header_value
 
-__all__ = ["decode_secret", "sign_webhook", "signature", "verify_webhook"]
+__all__ = ["decode_secret", "sign_webhook", "signature", "verify_webhook", "webhook_id"]
 
 _PREFIX = "whsec_"
 
@@ -42,6 +44,17 @@ def decode_secret(secret: str) -> bytes:
     if not key:
         raise ConfigError("webhook secret after 'whsec_' is empty")
     return key
+
+
+def webhook_id(event_id: str) -> str:
+    """The ``webhook-id`` of a delivery: the event's id as the ``ce-id`` header carries it.
+
+    Percent-encoding (as the CloudEvents HTTP binding does) keeps the header ASCII, so every
+    receiver reads back the string that was signed: ASGI servers, among others, decode header
+    bytes as Latin-1, and a raw UTF-8 id would reach them altered. ASCII ids without space,
+    ``"`` or ``%`` are unchanged.
+    """
+    return header_value(event_id, percent=True)
 
 
 def signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

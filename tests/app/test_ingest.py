@@ -58,16 +58,6 @@ async def _start(eventbus: StartService, receiver: Receiver, **kw: Any) -> Runni
     )
 
 
-async def _trail(svc: RunningService, source: str, event_id: str, attempts: int) -> Any:
-    """The audit trail once ``attempts`` attempts are in it (the audit is batched)."""
-    for _ in range(100):
-        status, _, body = await svc.request("GET", f"/events/trail?source={source}&id={event_id}")
-        if status == 200 and len(body["attempts"]) >= attempts:
-            return body
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"trail of {source}/{event_id} incomplete: {status} {body}")
-
-
 async def test_structured_binary_and_batch_modes_route_and_audit(
     eventbus: StartService, receiver: Receiver
 ) -> None:
@@ -117,7 +107,7 @@ async def test_structured_binary_and_batch_modes_route_and_audit(
     assert bodies == [(5, "cy"), (150, "ann"), (150, "ann"), (500, "bo")]
     assert all(r.headers["ce-source"] == "tests/shop" for r in summary)
 
-    trail = await _trail(svc, "tests/shop", "e-s", 2)
+    trail = await svc.trail("tests/shop", "e-s", 2)
     assert trail["via"] == "http"
     assert {(m["rule"], m["target"]) for m in trail["matches"]} == {
         ("orders", "fn"),
@@ -178,7 +168,7 @@ async def test_function_reply_is_published_back_and_routed(
     routed = await receiver.wait_for(1, path="/replies")
     assert routed[0].cloudevent["id"] == "r-1"
     assert int(routed[0].cloudevent["eventbushops"]) == 1  # binary mode: headers are strings
-    trail = await _trail(svc, "tests/fn", "r-1", 1)
+    trail = await svc.trail("tests/fn", "r-1", 1)
     assert trail["via"] == "reply"
 
 

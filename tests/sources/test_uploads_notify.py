@@ -122,3 +122,41 @@ def test_bad_notifications_raise_400_with_detail(body: Any, fragment: str) -> No
         notification_to_events(body)
     assert info.value.status == 400
     assert info.value.title == "Invalid bucket notification"
+
+
+def _with(record: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(record)
+    node = out
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (
+            {"Records": [S3_RECORD, _with(S3_RECORD, "eventTime", "0001-01-01T00:00:00+23:59")]},
+            "Records[1]: attribute 'time' must fall within years 0001-9999",
+        ),
+        (
+            {"events": [_with(OSS_RECORD, "oss.object.key", "a\nb")]},
+            "events[0]: attribute 'subject' contains a control character",
+        ),
+    ],
+)
+def test_mapped_events_are_validated(body: Any, fragment: str) -> None:
+    with pytest.raises(CloudEventError) as info:
+        notification_to_events(orjson.dumps(body))
+    assert info.value.status == 400
+    assert fragment in info.value.detail
+
+
+def test_records_are_capped_before_mapping() -> None:
+    body = {"Records": [S3_RECORD] * 3}
+    assert len(notification_to_events(body, max_records=3)) == 3
+    with pytest.raises(CloudEventError, match="3 events, more than the limit of 2") as info:
+        notification_to_events({"Records": [{}] * 3}, max_records=2)
+    assert info.value.status == 413

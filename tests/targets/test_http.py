@@ -430,3 +430,15 @@ async def test_opening_twice_raises(receiver: Receiver) -> None:
     async with HttpTarget(config_for(receiver)) as target:
         with pytest.raises(RuntimeError, match="already open"):
             await target.__aenter__()
+
+
+async def test_event_without_data_arrives_without_a_content_type(receiver: Receiver) -> None:
+    # aiohttp would otherwise declare the empty body application/octet-stream, and a binding
+    # reader would take that for the event's datacontenttype
+    event = make_event()
+    del event["data"], event["datacontenttype"]
+    async with HttpTarget(config_for(receiver)) as target:
+        assert (await target.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+    (req,) = await receiver.wait_for(1)
+    assert "Content-Type" not in req.headers
+    assert req.cloudevent == event

@@ -1,0 +1,67 @@
+"""The store's reads on a real PostgreSQL: a value the database refuses is StoreDataError (the
+caller's fault: the API answers 400), distinct from StoreError (the database's: 503)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from eventbus._errors import StoreDataError, StoreError
+from eventbus.delivery import DeadLetterFilter, DeliveryStore
+from eventbus.sources import list_dead_letters
+from eventbus.store import Store
+from eventbus.store._failures import run_db
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        DeadLetterFilter(rule="a\x00b"),
+        DeadLetterFilter(source="\x00"),
+        DeadLetterFilter(ids=(2**70,)),
+        DeadLetterFilter(status=2**40),
+    ],
+    ids=["NUL in text", "NUL alone", "id beyond bigint", "status beyond integer"],
+)
+async def test_refused_filter_values_are_data_errors(
+    database_dsn: str, flt: DeadLetterFilter
+) -> None:
+    async with await Store.open(database_dsn) as store:
+        deliveries = DeliveryStore(store.pool)
+        with pytest.raises(StoreDataError, match="listing dead letters"):
+            await deliveries.list_dead_letters(flt)
+        with pytest.raises(StoreDataError, match="purging dead letters"):
+            await deliveries.purge(flt)
+        # the pool is fine afterwards
+        assert await deliveries.list_dead_letters(DeadLetterFilter()) == []
+
+
+async def test_trail_and_source_dead_letters_refuse_nul_as_data_errors(database_dsn: str) -> None:
+    async with await Store.open(database_dsn) as store:
+        with pytest.raises(StoreDataError, match="cannot read the trail"):
+            await store.event_trail("/s", "a\x00")
+        with pytest.raises(StoreDataError, match="listing source dead letters"):
+            await list_dead_letters(store.pool, source="\x00")
+        with pytest.raises(StoreDataError):
+            await DeliveryStore(store.pool).get_dead_letter(-(2**64))
+        assert await store.event_trail("/s", "a") is None
+
+
+async def test_a_deadline_turns_a_slow_statement_into_store_error(database_dsn: str) -> None:
+    async with await Store.open(database_dsn) as store:
+        with pytest.raises(StoreError, match=r"did not answer within 0\.2 s") as info:
+            await run_db("sleeping", store.pool.execute("SELECT pg_sleep(30)"), deadline=0.2)
+        assert not isinstance(info.value, StoreDataError)
+        # the statement is cancelled on the server, and its connection returns to the pool
+        for _ in range(100):
+            if (
+                await store.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
+                )
+                == 0
+            ):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the abandoned statement still runs")
