@@ -24,6 +24,7 @@ __all__ = [
     "DIRECT",
     "Bus",
     "BusMessage",
+    "DecodedMessage",
     "InFlightWindow",
     "collect_acks",
     "require_positive",
@@ -133,6 +134,23 @@ def wire_decode(payload: bytes) -> tuple[dict[str, Any], str | None]:
         return validate(parse_json(payload), max_size=_NO_SIZE_LIMIT, size=len(payload)), None
     except CloudEventError as exc:
         return {}, f"not a valid CloudEvent: {exc}"
+
+
+class DecodedMessage:
+    """What every backend's message carries (see :class:`BusMessage`), its payload read once;
+    the backends' message classes add how to settle it."""
+
+    __slots__ = ("deliveries", "event", "payload", "published_at", "ref", "rejected", "via")
+
+    def __init__(
+        self, payload: bytes, *, via: str, published_at: datetime, ref: str, deliveries: int
+    ) -> None:
+        self.payload = payload
+        self.event, self.rejected = wire_decode(payload)
+        self.via = via
+        self.published_at = published_at
+        self.ref = ref
+        self.deliveries = deliveries
 
 
 async def collect_acks(

@@ -33,10 +33,10 @@ from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
+    DecodedMessage,
     InFlightWindow,
     collect_acks,
     require_positive,
-    wire_decode,
     wire_encode,
 )
 
@@ -145,21 +145,8 @@ class _Partition:
         return self.pending[0] if self.pending else self.next_offset
 
 
-class _KafkaMessage:
-    __slots__ = (
-        "_consumption",
-        "_offset",
-        "_part",
-        "_settled",
-        "_tp",
-        "deliveries",
-        "event",
-        "payload",
-        "published_at",
-        "ref",
-        "rejected",
-        "via",
-    )
+class _KafkaMessage(DecodedMessage):
+    __slots__ = ("_consumption", "_offset", "_part", "_settled", "_tp")
 
     def __init__(
         self,
@@ -168,14 +155,15 @@ class _KafkaMessage:
         tp: TopicPartition,
         part: _Partition,
     ) -> None:
-        self.payload: bytes = record.value or b""
-        self.event, self.rejected = wire_decode(self.payload)
-        self.deliveries = 1
-        self.published_at = datetime.fromtimestamp(record.timestamp / 1000, UTC)
-        # The offset names the record; its timestamp tells apart an offset reused by a topic
-        # that was deleted and made again.
-        self.ref = f"kafka:{tp.topic}:{tp.partition}:{record.offset}:{record.timestamp}"
-        self.via = _via(record.headers)
+        super().__init__(
+            record.value or b"",
+            via=_via(record.headers),
+            published_at=datetime.fromtimestamp(record.timestamp / 1000, UTC),
+            # The offset names the record; its timestamp tells apart an offset reused by a
+            # topic that was deleted and made again.
+            ref=f"kafka:{tp.topic}:{tp.partition}:{record.offset}:{record.timestamp}",
+            deliveries=1,
+        )
         self._consumption = consumption
         self._tp = tp
         self._part = part

@@ -31,10 +31,10 @@ from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
+    DecodedMessage,
     InFlightWindow,
     collect_acks,
     require_positive,
-    wire_decode,
     wire_encode,
 )
 
@@ -121,31 +121,21 @@ async def _hand_back(batch: deque[Msg]) -> None:
             await batch.popleft().nak()
 
 
-class _NatsMessage:
-    __slots__ = (
-        "_bus",
-        "_raw",
-        "_settled",
-        "_window",
-        "deliveries",
-        "event",
-        "payload",
-        "published_at",
-        "ref",
-        "rejected",
-        "via",
-    )
+class _NatsMessage(DecodedMessage):
+    __slots__ = ("_bus", "_raw", "_settled", "_window")
 
     def __init__(self, raw: Msg, window: InFlightWindow, bus: NatsBus) -> None:
-        self.payload = raw.data
-        self.event, self.rejected = wire_decode(raw.data)
         meta = raw.metadata
-        self.deliveries = meta.num_delivered or 1
-        self.published_at = meta.timestamp or datetime.now(UTC)
-        # The stream sequence names the message; the store time tells apart a sequence reused
-        # by a stream that was deleted and made again.
-        self.ref = f"nats:{meta.stream}:{meta.sequence.stream}:{self.published_at.timestamp()}"
-        self.via = (raw.headers or {}).get(_VIA, DIRECT)
+        published_at = meta.timestamp or datetime.now(UTC)
+        super().__init__(
+            raw.data,
+            via=(raw.headers or {}).get(_VIA, DIRECT),
+            published_at=published_at,
+            # The stream sequence names the message; the store time tells apart a sequence
+            # reused by a stream that was deleted and made again.
+            ref=f"nats:{meta.stream}:{meta.sequence.stream}:{published_at.timestamp()}",
+            deliveries=meta.num_delivered or 1,
+        )
         self._raw = raw
         self._window = window
         self._bus = bus
