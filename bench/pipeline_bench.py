@@ -13,7 +13,7 @@ brokers and PostgreSQL. For each backend and worker count, each system gets:
 2. a sustained phase: closed loop, ``CONCURRENCY`` requests outstanding, for ``--duration``
    seconds; throughput = distinct events arrived at the endpoint / (last arrival - first send),
    waiting a bounded time for the backlog to drain;
-3. a fixed-rate phase: open loop at ``RATE`` events/s for ``--duration`` seconds; latency =
+3. a fixed-rate phase: open loop at ``--rate`` events/s for ``--duration`` seconds; latency =
    arrival at the endpoint - ``data.sent`` (the sender's ``time.time()``, same clock).
 
 The 10 rules are a mix of pattern operators (exact, prefix, suffix, numeric, anything-but,
@@ -44,7 +44,6 @@ from eventbus.bus import NatsServer
 SECTION = "Pipeline: HTTP in to function out"
 WARMUP = 3.0
 CONCURRENCY = 64
-RATE = 1000
 DRAIN_BOUND = 90.0
 TARGET_CONCURRENCY = 64
 
@@ -153,6 +152,7 @@ async def _measure(
     groups: list[int],
     tag: str,
     duration: float,
+    rate: int,
 ) -> tuple[float, float, float, int, dict[str, Any], int]:
     warm = await h.run_load(procs, h.load_command(url, EVENTS, f"{tag}-warm", duration=WARMUP))
     await receiver.wait_delivered(f"{tag}-warm", warm["accepted"], bound=DRAIN_BOUND)
@@ -170,7 +170,7 @@ async def _measure(
     missing = load["accepted"] - got["delivered"]
 
     run = f"{tag}-rate"
-    load = await h.run_load(procs, h.load_command(url, EVENTS, run, duration=duration, rate=RATE))
+    load = await h.run_load(procs, h.load_command(url, EVENTS, run, duration=duration, rate=rate))
     fixed = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
     fixed["ack_p99_ms"] = load["ack_p99_ms"]
     missing += load["accepted"] - fixed["delivered"]
@@ -187,6 +187,7 @@ async def _bench(
     workers: int,
     duration: float,
     kafka: str | None,
+    rate: int,
 ) -> Row:
     tag = f"{backend}-{system}-w{workers}"
     where = work / tag
@@ -202,14 +203,14 @@ async def _bench(
             procs, where, workers=workers, rules=RULES, targets=[target], bus=bus
         )
         try:
-            result = await _measure(procs, receiver, url, [proc.pid], tag, duration)
+            result = await _measure(procs, receiver, url, [proc.pid], tag, duration, rate)
         finally:
             procs.stop(proc)
     else:
         forwarders = _Forwarders(procs, where, workers, backend, fn, kafka)
         async with forwarders as url:
             groups = [p.pid for p in forwarders.running]
-            result = await _measure(procs, receiver, url, groups, tag, duration)
+            result = await _measure(procs, receiver, url, groups, tag, duration, rate)
     ingest, delivered, cpu_ms, missing, fixed, sent = result
     return Row(
         backend,
@@ -303,13 +304,13 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         f"Sustained: closed loop, {CONCURRENCY} requests outstanding, {args.duration:g} s, one "
         "CloudEvent per request (structured JSON, ~300 bytes); delivered/s counts distinct "
         "events at the function endpoint from the first send to the last arrival. Fixed rate: "
-        f"open loop at {RATE} events/s for {args.duration:g} s; latency is send to arrival at "
+        f"open loop at {args.rate} events/s for {args.duration:g} s; latency is send to arrival at "
         "the endpoint (202 p99: send to the ingest's answer). eventbus: 10 rules (2 with CEL, "
         f"1 transform), audit on, target concurrency {TARGET_CONCURRENCY} per worker; the "
         "forwarder runs as many processes.",
         "",
         "| backend | system | procs | ingest/s | delivered/s | CPU ms/event | undelivered | "
-        f"at {RATE}/s: delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms |",
+        f"at {args.rate}/s: delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -367,7 +368,15 @@ async def main(args: argparse.Namespace) -> str:
                 for workers in args.workers:
                     for system in ("forwarder", "eventbus"):
                         row = await _bench(
-                            procs, receiver, work, backend, system, workers, args.duration, kafka
+                            procs,
+                            receiver,
+                            work,
+                            backend,
+                            system,
+                            workers,
+                            args.duration,
+                            kafka,
+                            args.rate,
                         )
                         print(f"  {row}", file=sys.stderr)
                         rows.append(row)
@@ -381,6 +390,7 @@ async def main(args: argparse.Namespace) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--rate", type=int, default=1000, help="events/s of the fixed-rate phase")
     parser.add_argument("--backend", choices=["nats", "kafka", "both"], default="both")
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[2], help="process counts to compare"

@@ -132,7 +132,9 @@ class Router:
         if routes:
             metrics.EVENTS_MATCHED.inc()
             await asyncio.gather(*(self._dispatcher.dispatch(event, route) for route in routes))
-        await self._audit.flush()
+        # Not urgent: the ack can wait for the writer's next batch (the delivery is done), and
+        # a thousand messages in flight then share a few large COPYs instead of many small ones.
+        await self._audit.flush(urgent=False)
 
     async def _set_aside(self, msg: BusMessage, why: str) -> None:
         metrics.BUS_REJECTED.inc()

@@ -310,7 +310,7 @@ class Dispatcher:
         waiting out a database outage. A job from the retry schedule has its attempt rows
         committed first: once its row says done, nothing else brings the attempt back."""
         if job.pending_id is not None:
-            await self._audit.flush()
+            await self._audit.flush(urgent=False)
         return await _durably(lambda: write(job))
 
     async def _audit_attempt(self, job: Delivery, outcome: Outcome, result: str) -> None:

@@ -240,11 +240,14 @@ class AuditWriter:
         self._append("refusals", (datetime.now(UTC), remote, path, reason))
         return True
 
-    async def flush(self) -> None:
-        """Return once every row recorded before this call is committed (or dropped as bad).
+    async def flush(self, *, urgent: bool = True) -> None:
+        """Return once every row recorded before this call is committed (or set aside as bad).
 
-        Waits as long as Postgres is unreachable: bound it with your own timeout. Raises
-        StoreError if the writer is closed before those rows are written.
+        ``urgent`` writes a partial batch at once; otherwise the rows go with the writer's
+        next batch (within ``interval``), which keeps batches large when many callers wait
+        (the router, before acknowledging each bus message). Waits as long as Postgres is
+        unreachable: bound it with your own timeout. Raises StoreError if the writer is closed
+        before those rows are written.
         """
         target = self._enqueued
         if self._done >= target:
@@ -253,8 +256,9 @@ class AuditWriter:
             raise StoreError(self._stopped)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, waiter))
-        self._urgent = True
-        self._wake.set()
+        if urgent:
+            self._urgent = True
+            self._wake.set()
         await waiter
 
     async def close(self, grace: float = 10.0) -> None:

@@ -297,3 +297,19 @@ async def test_a_server_side_failure_is_retried_not_quarantined_and_reported(
         assert await _count(store, "matches") == 1
         assert store.audit.quarantined == 0
         assert store.audit.health(stall_after=0.2) == (True, "ok")
+
+
+async def test_a_flush_that_is_not_urgent_waits_for_the_next_batch(database_dsn: str) -> None:
+    # A minute between partial batches: only a full batch (or an urgent flush) writes.
+    async with await Store.open(database_dsn, audit_batch=10, audit_interval=60.0) as store:
+        for n in range(5):
+            await store.audit.event_accepted(_event(n), via="http")
+        lazy = asyncio.ensure_future(store.audit.flush(urgent=False))
+        for n in range(5, 10):
+            await store.audit.event_accepted(_event(n), via="http")
+        await asyncio.wait_for(lazy, BOUND)  # the tenth row filled the batch
+        assert await _count(store, "events") == 10
+        await store.audit.event_accepted(_event(10), via="http")
+        lazy = asyncio.ensure_future(store.audit.flush(urgent=False))
+        await asyncio.wait_for(store.audit.flush(), BOUND)  # an urgent one takes it along
+        assert lazy.done()
