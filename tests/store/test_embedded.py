@@ -15,12 +15,14 @@ from tests.fixtures.postgres import private_data_root
 from tests.fixtures.wait import eventually
 
 
-async def test_fresh_database_per_test(database_dsn: str) -> None:
+async def test_fresh_database_per_test(
+    postgres_server: EmbeddedPostgres, database_dsn: str
+) -> None:
     conn = await asyncpg.connect(database_dsn)
     try:
         await conn.execute("CREATE TABLE t (x int)")
         name = await conn.fetchval("SELECT current_database()")
-        assert database_dsn.startswith(f"postgresql://postgres:@/{name}?")
+        assert name.startswith("test_") and database_dsn == postgres_server.dsn_for(name)
     finally:
         await conn.close()
 
