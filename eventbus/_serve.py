@@ -154,6 +154,9 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     env = dict(os.environ)
     async with contextlib.AsyncExitStack() as stack:
         embedded = await start_embedded(stack, settings)
+        # The workers get the embedded servers' URLs, passwords included, in their environment:
+        # only the same user (and root) can read a process's environment, unlike its command
+        # line, which every local user can see.
         if settings.embedded_bus:
             env["EVENTBUS_BUS__NATS__URL"] = str(embedded.nats_url)
         if settings.embedded_database:

@@ -119,7 +119,7 @@ async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
         pg = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
         servers.append(pg)
         database_url = pg.dsn
-        log.info("embedded PostgreSQL in %s", data_dir / "postgres")
+        log.info("embedded PostgreSQL at %s", pg.display_dsn)
     assert database_url is not None
     supervisor = Supervisor(servers)
     supervisor.start()

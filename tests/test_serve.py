@@ -1,7 +1,8 @@
 """``eventbus serve`` start-up checks: a listen address reachable from the network needs API
 keys (or an explicit, loudly logged ``allow_unauthenticated``), in one process and with
 ``--workers``; the shipped compose settings pass it with the keys compose provides; the
-open-file limit is raised to fit the connection cap."""
+open-file limit is raised to fit the connection cap; the embedded database's password stays out
+of the logs and of every command line, also with ``--workers``."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import asyncio
 import logging
 import re
 import resource
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from eventbus._errors import ConfigError
 from eventbus._serve import _check_exposure
+from eventbus.bus._nats_server import free_port
 from eventbus.config import Settings, load_settings
-from tests.fixtures.service import ServeProcess
+from tests.fixtures.postgres import private_data_root, stop_servers_under
+from tests.fixtures.service import ServeProcess, settings_for, write_config
 
 COMPOSE = Path(__file__).parents[1] / "compose"
 KEY = {"name": "ops", "key": "k" * 32, "scopes": ["admin"]}
@@ -117,3 +122,28 @@ async def test_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     soft, hard = (int(x) for x in out.split())
     assert soft == (900 + 256 if hard == resource.RLIM_INFINITY else min(900 + 256, hard))
+
+
+@pytest.mark.timeout(180)
+async def test_the_embedded_database_password_stays_out_of_logs_and_command_lines() -> None:
+    # not tmp_path: see private_data_root
+    root = private_data_root()
+    try:
+        write_config(root, rules="[]", targets=[])
+        port = free_port()
+        config = root / "settings.yaml"
+        config.write_text(yaml.safe_dump(settings_for(root, database_url=None, port=port)))
+        proc = ServeProcess(config, port, root / "serve.log", workers=2)
+        await proc.start()
+        try:
+            password = (root / "data" / "postgres.password").read_text().strip()
+            for running in psutil.process_iter(["cmdline"]):
+                assert password not in " ".join(running.info["cmdline"] or ()), running
+        finally:
+            assert await proc.terminate() == 0
+        log = proc.log.read_text()
+        assert "embedded PostgreSQL at postgresql://postgres:***@/postgres?host=" in log
+        assert password not in log
+    finally:
+        stop_servers_under(root)
+        shutil.rmtree(root, ignore_errors=True)

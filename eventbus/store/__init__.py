@@ -3,7 +3,7 @@
 :class:`Store` is opened once by the composition root: it connects, applies the versioned
 migrations in ``migrations/`` (see :func:`migrate`) and runs the :class:`AuditWriter`, which
 batches audit rows into COPYs. :class:`EmbeddedPostgres` runs a real PostgreSQL under a data
-directory when no external database is configured.
+directory when no external database is configured, closed to everyone without its password.
 """
 
 from eventbus.store._audit import AuditWriter

