@@ -20,6 +20,7 @@ from eventbus._errors import (
     RuleSetError,
     StoreDataError,
     StoreError,
+    StoreUnavailable,
 )
 
 __version__ = "0.1.0"
@@ -36,5 +37,6 @@ __all__ = [
     "RuleSetError",
     "StoreDataError",
     "StoreError",
+    "StoreUnavailable",
     "__version__",
 ]

@@ -17,6 +17,7 @@ def test_public_names_are_pinned() -> None:
         "RuleSetError",
         "StoreDataError",
         "StoreError",
+        "StoreUnavailable",
         "__version__",
     ]
     for name in eventbus.__all__:

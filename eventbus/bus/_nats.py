@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
+from eventbus._redact import redact_url
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -211,7 +212,7 @@ class NatsBus:
             # close() asserts that connect() got as far as a transport; else nothing is open.
             with contextlib.suppress(AssertionError):
                 await nc.close()
-            raise _translate(exc, f"connect to {cfg.url}") from exc
+            raise _translate(exc, f"connect to {redact_url(cfg.url)}") from exc
         self._nc = nc
         self._js = self._nc.jetstream(timeout=cfg.publish_timeout)
         try:
@@ -222,7 +223,7 @@ class NatsBus:
         return self
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS connection to %s: %r", self.config.url, exc)
+        log.warning("NATS connection to %s: %r", redact_url(self.config.url), exc)
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         cfg = self.config
@@ -273,7 +274,7 @@ class NatsBus:
         if self._js is None or self._nc is None:
             raise BusError("the bus is not open: use it inside `async with`")
         if not self._nc.is_connected:
-            raise BusUnavailable(f"NATS at {self.config.url} is not connected")
+            raise BusUnavailable(f"NATS at {redact_url(self.config.url)} is not connected")
         return self._js
 
     async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from eventbus._errors import BusError, StoreError
+from eventbus._redact import redact_url
 from eventbus.cloudevents import from_nats
 from eventbus.sources._base import Backoff, SourceContext, register_source
 from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
@@ -67,7 +68,7 @@ async def _connect(url: str, closed: asyncio.Event) -> Client:
     async def on_error(exc: Exception) -> None:
         # The consume loop reports the failure that matters; nats-py's default handler would
         # print a traceback for every attempt.
-        log.debug("nats %s: %r", url, exc)
+        log.debug("nats %s: %r", redact_url(url), exc)
 
     # No client-side reconnect, and one connect attempt: the consume loop reconnects with
     # backoff and reports it in the status.
@@ -109,7 +110,7 @@ class _NatsConsumer(ABC, Generic[_C]):
             await self._serve(ctx, nc, closed, backoff)
         finally:
             await nc.close()
-        raise ConnectionError(f"connection to {self.config.url} closed")
+        raise ConnectionError(f"connection to {redact_url(self.config.url)} closed")
 
     @abstractmethod
     async def _serve(

@@ -9,7 +9,6 @@ record what happened; the API reads an event's history back with :meth:`Store.ev
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from eventbus._errors import StoreError
+from eventbus._redact import redact_url
 from eventbus.store._audit import AuditWriter
 from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
@@ -28,7 +28,6 @@ __all__ = ["EventTrail", "Store", "set_aside"]
 
 _CLOSE_TIMEOUT = 10.0
 _QUERY_TIMEOUT = 10.0
-_PASSWORD = re.compile(r"(//[^:/@?]*:)[^@/?]*@")
 # Postgres errors that mean "not ready yet" (starting up, shutting down, too busy): wait and retry.
 _NOT_YET = (
     OSError,
@@ -99,7 +98,7 @@ class Store:
                 await migrate(conn)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             await pool.close()
-            raise StoreError(f"cannot prepare the schema at {_redact(dsn)}: {exc}") from exc
+            raise StoreError(f"cannot prepare the schema at {redact_url(dsn)}: {exc}") from exc
         except BaseException:
             await pool.close()
             raise
@@ -225,22 +224,20 @@ async def _connect(dsn: str, min_size: int, max_size: int, wait: float) -> async
                 dsn, min_size=min_size, max_size=max_size, timeout=max(remaining, 0.5)
             )
         except (asyncpg.ClientConfigurationError, ValueError) as exc:
-            raise StoreError(f"invalid Postgres DSN {_redact(dsn)}: {exc}") from exc
+            raise StoreError(f"invalid Postgres DSN {redact_url(dsn)}: {exc}") from exc
         except _NOT_YET as exc:
             last: BaseException = exc
         except asyncpg.PostgresError as exc:
-            raise StoreError(f"Postgres at {_redact(dsn)} refused the connection: {exc}") from exc
+            raise StoreError(
+                f"Postgres at {redact_url(dsn)} refused the connection: {exc}"
+            ) from exc
         if loop.time() + delay > deadline:
             raise StoreError(
-                f"Postgres at {_redact(dsn)} is unreachable (gave up after {wait:g} s): "
+                f"Postgres at {redact_url(dsn)} is unreachable (gave up after {wait:g} s): "
                 f"{type(last).__name__}: {last}"
             ) from last
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
-
-
-def _redact(dsn: str) -> str:
-    return _PASSWORD.sub(r"\1***@", dsn)
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

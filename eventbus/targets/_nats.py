@@ -37,6 +37,7 @@ import orjson
 from nats.aio.client import Client
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus._redact import redact_url
 from eventbus.cloudevents import to_nats
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
@@ -109,7 +110,9 @@ def _outcome_from_error(
         | nats.errors.ConnectionClosedError
         | nats.errors.StaleConnectionError,
     ):
-        return failure(f"cannot reach NATS at {config.url}: {exc}", duration_ms, retryable=True)
+        return failure(
+            f"cannot reach NATS at {redact_url(config.url)}: {exc}", duration_ms, retryable=True
+        )
     return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
 
 
@@ -155,7 +158,7 @@ class NatsTarget:
             owner=f"NATS target {self.name!r}",
             usable=lambda nc: nc.is_connected,
             log=log,
-            failed=f"NATS target {self.name}: cannot connect to {config.url}",
+            failed=f"NATS target {self.name}: cannot connect to {redact_url(config.url)}",
             task_name=f"nats-target-connect-{self.name}",
         )
 

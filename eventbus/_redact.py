@@ -1,0 +1,20 @@
+"""Keeping secrets out of what eventbus says: the one place that masks the password of a URL
+(a bus, a database, a broker a connector reaches) before it goes into a log line or an error
+message. Every module that reports a URL it was configured with passes it through here."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["redact_url"]
+
+# scheme://user:password@host, for each URL of a comma-separated list of servers
+_PASSWORD = re.compile(r"(//[^:/@?,\s]*:)[^@/?,\s]*@")
+# NATS takes a bare token as the user part: nats://TOKEN@host
+_TOKEN = re.compile(r"\b((?:nats|tls|ws|wss)://)[^:/@?,\s]+@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every ``user:password@`` part shown as ``user:***@``, and a NATS token
+    (``nats://token@``) as ``***``."""
+    return _TOKEN.sub(r"\1***@", _PASSWORD.sub(r"\1***@", url))
