@@ -19,12 +19,14 @@ import asyncio
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from contextlib import suppress
+from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -51,7 +53,8 @@ def free_port() -> int:
 
 
 def machine() -> str:
-    """One markdown line: cores, CPU model, memory, Python."""
+    """One markdown line: cores, CPU model, memory, Python, and the hot-path libraries
+    (:func:`environment`, which exits when the environment would make the figures wrong)."""
     cpu = "unknown CPU"
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
@@ -65,8 +68,113 @@ def machine() -> str:
                 mem_kib = int(line.split()[1])
     return (
         f"{os.cpu_count()} cores ({cpu}), {mem_kib / 1024 / 1024:.1f} GiB RAM, "
-        f"Python {platform.python_version()} on {platform.system()} {platform.release()}"
+        f"Python {platform.python_version()} on {platform.system()} {platform.release()}. "
+        f"{environment()}"
     )
+
+
+# Libraries on the hot path of a benchmark: their versions go in every results header, and one
+# that is installed without eventbus requiring it would make a figure no `pip install .` gives.
+HOT_PATH = (
+    "aiohttp",
+    "aiokafka",
+    "asyncpg",
+    "cel-python",
+    "fastapi",
+    "h11",
+    "httptools",
+    "jsonpath-ng",
+    "nats-py",
+    "orjson",
+    "pydantic",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+)
+
+
+def _runtime_requirements(name: str) -> set[str]:
+    """Every distribution ``name`` needs at run time, itself included (extras left out)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = _canonical(todo.pop())
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            requires = metadata.requires(current) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for spec in requires:
+            requirement, _, marker = spec.partition(";")
+            if "extra ==" in marker or "extra==" in marker:
+                continue
+            if marker.strip() and not _marker_holds(marker):
+                continue
+            todo.append(re.split(r"[\s\[<>=!~(]", requirement.strip(), maxsplit=1)[0])
+    return seen
+
+
+def _marker_holds(marker: str) -> bool:
+    # Only the markers eventbus's tree uses: platform and Python version checks.
+    env = {"sys_platform": sys.platform, "platform_system": platform.system()}
+    for key, value in env.items():
+        for op, want in re.findall(key + r"\s*(==|!=)\s*['\"]([^'\"]+)['\"]", marker):
+            if (op == "==") != (value == want):
+                return False
+    return True
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def environment() -> str:
+    """One markdown line with the versions of the hot-path libraries, after checking that the
+    figures will be what a user's ``pip install .`` gets.
+
+    Exits (SystemExit with the reason) when eventbus is not installed in this environment,
+    when the installed copy differs from this source tree (reinstall it), or when a hot-path
+    library is installed that eventbus does not require (measure from a fresh virtual
+    environment with only ``pip install .``)."""
+    # Look where pip installs, not in the source tree (an editable install leaves its metadata
+    # beside the sources, which the current directory would otherwise find first).
+    installed = [p for p in sys.path if p and Path(p).resolve() != ROOT]
+    dist = next(iter(metadata.distributions(name="eventbus", path=installed)), None)
+    if dist is None:
+        raise SystemExit(
+            "eventbus is not installed here: run benchmarks from a fresh virtual environment "
+            "with `pip install .` (plus the benchmark's own needs)"
+        )
+    stale = [
+        str(path)
+        for path in dist.files or []
+        if str(path).startswith("eventbus/")
+        and str(path).endswith(".py")
+        and (ROOT / str(path)).read_bytes() != Path(str(dist.locate_file(path))).read_bytes()
+    ]
+    if stale:
+        raise SystemExit(
+            f"the installed eventbus differs from this source tree ({stale[0]} and "
+            f"{len(stale) - 1} more): reinstall it with `pip install .`"
+        )
+    wanted = _runtime_requirements("eventbus")
+    versions, extra = [], []
+    for name in HOT_PATH:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        versions.append(f"{name} {version}")
+        if _canonical(name) not in wanted:
+            extra.append(name)
+    if extra:
+        raise SystemExit(
+            f"{', '.join(extra)} installed but not required by eventbus: the figures would not "
+            "be what `pip install .` gives; measure from a fresh virtual environment"
+        )
+    return "Hot path: " + ", ".join(versions) + "."
 
 
 def load_average() -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import shutil
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import _harness as h
 from eventbus.store import EmbeddedPostgres, Store
 
 FLUSH_BOUND = 300.0  # seconds: the run is abandoned rather than left hanging
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--buffer", type=int, default=50_000)
     args = parser.parse_args()
     rows, elapsed = asyncio.run(run(args.events, args.producers, args.batch, args.buffer))
-    print(f"python {platform.python_version()}, {platform.machine()}")
+    print(h.machine())
     print("| rows | batch | buffer | producers | seconds | rows/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     print(

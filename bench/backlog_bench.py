@@ -171,6 +171,7 @@ def render(samples: list[Sample], args: argparse.Namespace, loads: tuple[str, st
 
 
 async def main(args: argparse.Namespace) -> str:
+    h.environment()  # refuse an environment that would make the figures wrong, first
     before = h.load_average()
     samples = []
     for backlog in (args.baseline, args.backlog):

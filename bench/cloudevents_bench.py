@@ -12,7 +12,6 @@ The event is fixed (no randomness); each row takes the best of ``--repeat`` timi
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import timeit
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import _harness as h
 from eventbus.cloudevents import (
     from_http,
     from_kafka,
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
 
     size = len(orjson.dumps(EVENT))
-    print(f"Python {platform.python_version()}, {platform.machine()}, event {size} bytes")
+    print(f"{h.machine()} Event {size} bytes.")
     print()
     print("| mode | µs/event | events/s |")
     print("|---|---:|---:|")

@@ -133,6 +133,7 @@ async def _draining(
 
 
 async def main(args: argparse.Namespace) -> str:
+    h.environment()  # refuse an environment that would make the figures wrong, first
     work = Path(tempfile.mkdtemp(prefix="eventbus-delivery-bench-"))
     before = h.load_average()
     try:

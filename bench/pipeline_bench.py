@@ -355,6 +355,7 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
 
 
 async def main(args: argparse.Namespace) -> str:
+    h.environment()  # refuse an environment that would make the figures wrong, first
     backends = ["nats", "kafka"] if args.backend == "both" else [args.backend]
     work = Path(tempfile.mkdtemp(prefix="eventbus-pipeline-bench-"))
     rows: list[Row] = []

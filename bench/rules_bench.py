@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import random
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import _harness as h
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._pattern import compile_pattern
 
@@ -188,17 +188,6 @@ def _measure(
     return rows
 
 
-def _machine() -> str:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    import os
-
-    return f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10,100,1000,10000", help="rule counts, comma-separated")
@@ -214,7 +203,7 @@ def main() -> None:
     events = build_events(args.events, args.seed)
     rows = _measure(sizes, args, events)
     print(
-        f"Machine: {_machine()}; seed {args.seed}, {args.events} events, "
+        f"Machine: {h.machine()}; seed {args.seed}, {args.events} events, "
         f"{args.duration:g} s per size{', with CEL' if args.cel else ''}\n"
     )
     build = "rule set build (s)" if args.cel else "index build (s)"
