@@ -15,6 +15,10 @@ tables for numeric ranges, and a short residual list only for what cannot be has
 (wildcard, cidr, anything-but, exists).
 Matching walks the trie from the root; a node is reached at most once, and only through edges
 the event satisfies, so rules that fail on their first selective field are never looked at.
+Values inside arrays carry their membership (``_pattern``): an edge taken through such a value
+fixes its arrays' positions for the rest of that branch of the walk, so the conditions of one
+rule are met by one element of an array, as EventBridge requires (array consistency); a node
+may then be reached once per distinct set of fixed positions.
 The event is not flattened up front: a field is looked up the first time a node asks for it
 and remembered for the rest of the walk, so an event costs the lookups of the fields its walk
 reaches, whatever the size of its payload or the number of paths the patterns mention.
@@ -25,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
-from eventbus.rules._pattern import CompiledPattern, values_at
+from eventbus.rules._pattern import CompiledPattern, Membership, consistent, members_at
 from eventbus.rules._pattern_ops import (
     EqualsIgnoreCase,
     Exact,
@@ -42,8 +46,9 @@ K = TypeVar("K", bound=Hashable)
 
 
 # Per event, what a path holds: ``_UNSEEN`` until first looked up, then ``_ABSENT``, one leaf
-# value, or a list of two or more. Leaf values are never lists (arrays are crossed), so a list
-# is unambiguous, and the common single scalar needs no list allocated for it.
+# value outside any array, or a list of ``(value, membership)`` pairs (values in arrays). Leaf
+# values are never lists (arrays are crossed), so a list is unambiguous, and the common single
+# scalar needs no list allocated for it.
 _UNSEEN = object()
 _ABSENT = object()
 # What JSON leaves are; any other value found at a top-level key goes the general way.
@@ -54,7 +59,7 @@ def _lookup(event: dict[str, Any], keys: tuple[str, ...]) -> object:
     """The leaf values of ``event`` at ``keys``, in the per-event form above.
 
     The plain walk down nested objects to one scalar is the common case; anything else (an
-    array on the way or at the end, a dict subclass) defers to ``values_at``, the reference, so
+    array on the way or at the end, a dict subclass) defers to ``members_at``, the reference, so
     the index cannot disagree with ``CompiledPattern.matches`` about which values a path holds.
     """
     value: object = event
@@ -76,10 +81,30 @@ def _lookup(event: dict[str, Any], keys: tuple[str, ...]) -> object:
 
 
 def _general(event: dict[str, Any], keys: tuple[str, ...]) -> object:
-    values = values_at(event, keys)
-    if not values:
+    members = members_at(event, keys)
+    if not members:
         return _ABSENT
-    return values[0] if len(values) == 1 else values
+    if len(members) == 1 and not members[0][1]:
+        return members[0][0]  # one value outside any array (under a dict subclass, say)
+    return members
+
+
+def _bind(
+    members: list[tuple[object, Membership]],
+    positions: dict[int, int],
+    index: FieldIndex[_Node],
+    bound: list[tuple[_Node, dict[int, int]]],
+) -> None:
+    """Queue the children of ``index`` each array value in ``members`` leads to, bound to that
+    value's array elements; values in an element other than one ``positions`` holds are
+    skipped."""
+    for value, membership in members:
+        fixed = consistent(positions, membership)
+        if fixed is None:
+            continue
+        following: set[_Node] = set()
+        index.collect(value, following)
+        bound.extend((child, fixed) for child in following)
 
 
 class _Node:
@@ -218,6 +243,46 @@ class PatternIndex(Generic[K]):
         """The number of distinct keys."""
         return len(self._keys)
 
+    def _walk_bound(
+        self,
+        event: dict[str, Any],
+        seen: list[object],
+        bound: list[tuple[_Node, dict[int, int]]],
+        slots: list[int],
+    ) -> None:
+        """The walk below edges taken through values inside arrays: each branch carries the
+        array elements it is bound to, and an edge through another value in one of those
+        arrays is taken only from the same element (array consistency). Rare and short next
+        to the free walk in ``match``, which it is kept apart from so that one stays lean; a
+        node is visited once per distinct binding."""
+        visited: set[tuple[_Node, frozenset[tuple[int, int]]]] = set()
+        while bound:
+            node, positions = bound.pop()
+            key = (node, frozenset(positions.items()))
+            if key in visited:
+                continue
+            visited.add(key)
+            if node.ends:
+                slots.extend(node.ends)
+            for path, index, _ in node.edges:
+                found = seen[path]
+                if found is _UNSEEN:
+                    found = seen[path] = _lookup(event, self._paths[path])
+                if found is _ABSENT:
+                    continue
+                if type(found) is list:
+                    _bind(found, positions, index, bound)
+                    continue
+                following: set[_Node] = set()
+                index.collect(found, following)
+                bound.extend((child, positions) for child in following)
+            for path, child in node.absent:
+                found = seen[path]
+                if found is _UNSEEN:
+                    found = seen[path] = _lookup(event, self._paths[path])
+                if found is _ABSENT:
+                    bound.append((child, positions))
+
     def match(self, event: dict[str, Any]) -> list[K]:
         """Keys of every pattern ``event`` matches, each once, in first-insertion order.
 
@@ -229,6 +294,9 @@ class PatternIndex(Generic[K]):
         # ``source``): it is looked up once per event, and only when some node asks for it.
         seen: list[object] = [_UNSEEN] * len(paths)
         slots: list[int] = []
+        # Branches that took an edge through a value inside an array: walked after the free
+        # walk below, bound to that value's array elements (see ``_walk_bound``).
+        bound: list[tuple[_Node, dict[int, int]]] = []
         stack = [self._root]
         while stack:
             node = stack.pop()
@@ -253,17 +321,14 @@ class PatternIndex(Generic[K]):
                 if found is _ABSENT:
                     continue
                 if type(found) is list:
-                    following: set[_Node] = set()
-                    for value in found:
-                        index.collect(value, following)
-                    stack.extend(following)
+                    _bind(found, {}, index, bound)
                 elif exact is not None:
                     # The key of ``exact_key``, inlined.
                     hit = exact.get(found if type(found) is str else (type(found), found))
                     if hit:
                         stack.extend(hit)
                 else:
-                    following = set()
+                    following: set[_Node] = set()
                     index.collect(found, following)
                     stack.extend(following)
             for path, child in node.absent:
@@ -272,6 +337,8 @@ class PatternIndex(Generic[K]):
                     found = seen[path] = _lookup(event, paths[path])
                 if found is _ABSENT:
                     stack.append(child)
+        if bound:
+            self._walk_bound(event, seen, bound, slots)
         if len(slots) < 2:
             return [self._keys[slot] for slot in slots]
         keys = self._keys

@@ -11,6 +11,13 @@ pattern mirrors that shape; every leaf is an array of alternatives (parsed by
 and ``"$or": [{...}, {...}]`` ORs sub-patterns. Field paths are tuples of keys, so a key
 containing a dot is never confused with nesting. The language is specified in
 ``docs/patterns.md``.
+
+Arrays are matched as EventBridge matches them ("array consistency"): a field under an array
+matches if any element does, and the fields of one pattern that lie under the same array must
+be matched by the same element of it. Each leaf value therefore comes with its *membership*:
+for every array on its way down, which array (``id`` of the list, stable while one event is
+matched) and which position. Values whose memberships name the same array at different
+positions cannot be used together.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ from eventbus.rules._pattern_parse import parse_leaf
 __all__ = [
     "MAX_ALTERNATIVES",
     "CompiledPattern",
+    "Membership",
     "compile_pattern",
+    "consistent",
     "matches",
+    "members_at",
     "values_at",
 ]
 
@@ -36,6 +46,10 @@ __all__ = [
 MAX_ALTERNATIVES = 1024
 # Deeper patterns than any real event shape are refused rather than risking recursion limits.
 _MAX_DEPTH = 32
+
+Membership = tuple[tuple[int, int], ...]
+"""Where a leaf value sits in the event's arrays: ``(array id, position)`` per array crossed."""
+_TOP: Membership = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +67,62 @@ class CompiledPattern:
     alternatives: tuple[tuple[Leaf, ...], ...]
 
     def matches(self, event: dict[str, Any]) -> bool:
-        """True when ``event`` satisfies the pattern; never raises for any JSON-shaped event."""
-        for leaf in self.leaves:
-            if not leaf.test(values_at(event, leaf.path)):
-                return False
-        return all(any(sub.matches(event) for sub in group) for group in self.any_of)
+        """True when ``event`` satisfies the pattern; never raises for any JSON-shaped event.
+
+        The reference semantics the index must agree with: some conjunction of
+        ``alternatives`` has, for every condition, a value satisfying it (or, for
+        ``{"exists": false}``, no value), and the chosen values are array-consistent.
+        """
+        found: dict[tuple[str, ...], list[tuple[object, Membership]]] = {}
+        for conjunction in self.alternatives:
+            options: list[list[Membership]] = []
+            for leaf in conjunction:
+                members = found.get(leaf.path)
+                if members is None:
+                    members = found[leaf.path] = members_at(event, leaf.path)
+                if not members:
+                    if not leaf.absent_ok:
+                        break
+                    options.append([_TOP])
+                    continue
+                fits = list(
+                    dict.fromkeys(m for v, m in members if any(t.test(v) for t in leaf.matchers))
+                )
+                if not fits:
+                    break
+                options.append(fits)
+            else:
+                if _choose(sorted(options, key=len), {}):
+                    return True
+        return False
+
+
+def consistent(constraint: dict[int, int], membership: Membership) -> dict[int, int] | None:
+    """``constraint`` (array id -> position) extended by ``membership``, or None when they
+    place the same array at different positions. Returns ``constraint`` itself (not a copy)
+    when the membership adds nothing."""
+    added = None
+    for array, position in membership:
+        held = constraint.get(array)
+        if held is None:
+            if added is None:
+                added = dict(constraint)
+            added[array] = position
+        elif held != position:
+            return None
+    return constraint if added is None else added
+
+
+def _choose(options: list[list[Membership]], constraint: dict[int, int]) -> bool:
+    """Whether one membership per entry of ``options`` can be picked, all consistent."""
+    if not options:
+        return True
+    first, rest = options[0], options[1:]
+    for membership in first:
+        extended = consistent(constraint, membership)
+        if extended is not None and _choose(rest, extended):
+            return True
+    return False
 
 
 def compile_pattern(pattern: object) -> CompiledPattern:
@@ -141,28 +206,40 @@ def _multiply(
 
 
 def values_at(event: dict[str, Any], path: tuple[str, ...]) -> list[object]:
-    """Every leaf value of ``event`` at ``path``: arrays (also arrays of objects) are crossed
-    and flattened, objects are not leaves. An empty list means the field is absent."""
-    current: list[object] = [event]
+    """Every leaf value of ``event`` at ``path`` (arrays crossed and flattened, objects are not
+    leaves); an empty list means the field is absent."""
+    return [value for value, _ in members_at(event, path)]
+
+
+def members_at(event: dict[str, Any], path: tuple[str, ...]) -> list[tuple[object, Membership]]:
+    """Every leaf value of ``event`` at ``path`` with its membership in the event's arrays, in
+    document order: arrays (also arrays of objects, and arrays of arrays) are crossed, objects
+    are not leaves. An empty list means the field is absent."""
+    current: list[tuple[object, Membership]] = [(event, _TOP)]
     for key in path:
-        following: list[object] = []
-        for node in _expand(current):
+        following: list[tuple[object, Membership]] = []
+        for node, membership in _expand(current):
             if isinstance(node, dict) and key in node:
-                following.append(node[key])
+                following.append((node[key], membership))
         if not following:
             return []
         current = following
-    return [v for v in _expand(current) if not isinstance(v, dict)]
+    return [(v, m) for v, m in _expand(current) if not isinstance(v, dict)]
 
 
-def _expand(nodes: list[object]) -> list[object]:
-    """``nodes`` with arrays (at any depth) replaced by their elements, without recursion."""
-    out: list[object] = []
+def _expand(nodes: list[tuple[object, Membership]]) -> list[tuple[object, Membership]]:
+    """``nodes`` with arrays (at any depth) replaced by their elements, each element's
+    membership extended by its array and position; without recursion."""
+    out: list[tuple[object, Membership]] = []
     stack = list(reversed(nodes))
     while stack:
-        node = stack.pop()
+        node, membership = stack.pop()
         if isinstance(node, list):
-            stack.extend(reversed(node))
+            array = id(node)
+            stack.extend(
+                (element, (*membership, (array, position)))
+                for position, element in reversed(list(enumerate(node)))
+            )
         else:
-            out.append(node)
+            out.append((node, membership))
     return out

@@ -22,6 +22,7 @@ PATHS = [
     ("data", "n"),
     ("data", "ip"),
     ("data", "items", "sku"),
+    ("data", "items", "qty"),
 ]
 
 
@@ -87,13 +88,23 @@ def _value(rng: random.Random) -> Any:
     return {"x": rng.choice(SCALARS)}
 
 
+def _item(rng: random.Random) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    for key in ("sku", "qty"):
+        if rng.random() < 0.8:
+            item[key] = _value(rng)
+    return item
+
+
 def random_event(rng: random.Random) -> dict[str, Any]:
     event: dict[str, Any] = {}
     for path in PATHS:
         if rng.random() < 0.35:
             continue
+        if path == ("data", "items", "qty"):
+            continue  # made with sku: two fields of one array's elements (array consistency)
         if path == ("data", "items", "sku"):
-            items = [{"sku": _value(rng)} if rng.random() < 0.8 else {} for _ in range(3)]
+            items = [_item(rng) for _ in range(3)]
             data = event.setdefault("data", {})
             if isinstance(data, dict):
                 data["items"] = items if rng.random() < 0.7 else items[0]
