@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from cloudevents.v1.http import from_http as sdk_from_http
 
 from eventbus._errors import ConfigError
 from eventbus.targets import HttpTarget, HttpTargetConfig, Outcome, verify_webhook
@@ -442,3 +443,7 @@ async def test_event_without_data_arrives_without_a_content_type(receiver: Recei
     (req,) = await receiver.wait_for(1)
     assert "Content-Type" not in req.headers
     assert req.cloudevent == event
+    # and the CloudEvents SDK's reader sees no datacontenttype that was never set
+    sdk_event = sdk_from_http(dict(req.headers), req.body)
+    assert sdk_event.get("datacontenttype") is None and sdk_event.data is None
+    assert sdk_event["id"] == event["id"]
