@@ -1,7 +1,7 @@
 """Delivery: policies, per-target protection, the durable retry schedule, dead letters, and the
 dispatcher that ties them to the targets."""
 
-from eventbus.delivery._dispatcher import Dispatcher, RetryWorker
+from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._policy import (
     PRESETS,
@@ -13,6 +13,7 @@ from eventbus.delivery._policy import (
     parse_duration,
     target_policies,
 )
+from eventbus.delivery._retry_worker import RetryWorker
 from eventbus.delivery._store import DeadLetterFilter, Delivery, DeliveryStore
 
 __all__ = [

@@ -15,11 +15,9 @@ raises StoreError only when Postgres refuses a write, and the router then naks t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -27,7 +25,7 @@ from typing import Any, TypeVar
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import StoreError, StoreUnavailable
+from eventbus._errors import StoreUnavailable
 from eventbus.cloudevents import new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
@@ -36,7 +34,7 @@ from eventbus.rules import Route
 from eventbus.store import AuditWriter
 from eventbus.targets import Outcome, Target
 
-__all__ = ["Dispatcher", "RetryWorker"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger("eventbus.delivery")
 
@@ -44,7 +42,6 @@ HOPS = "eventbushops"
 _FOLLOW_UPS = ("#on-success", "#on-failure", "#dead-letter")
 _ERROR_MAX = 1024
 _OUTAGE_BACKOFF_MAX = 5.0
-_CLOCK_MARGIN = 0.002  # seconds past a row's due time before claiming it
 _T = TypeVar("_T")
 
 
@@ -360,123 +357,3 @@ def _history_entry(attempt: int, outcome: Outcome) -> dict[str, Any]:
         "error": (outcome.error or None) and outcome.error[:_ERROR_MAX],
         "retryable": outcome.retryable,
     }
-
-
-class RetryWorker:
-    """Claims due rows from the durable schedule and runs their next attempt.
-
-    Several instances share the schedule (SKIP LOCKED + lease); at most ``concurrency``
-    attempts run at once in this process.
-    """
-
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        store: DeliveryStore,
-        *,
-        instance: str,
-        lease: float = 120.0,
-        batch: int = 100,
-        concurrency: int = 64,
-        idle_poll: float = 0.5,
-    ) -> None:
-        self._dispatcher = dispatcher
-        self._store = store
-        self._instance = instance
-        self._lease = lease
-        self._batch = batch
-        self._concurrency = concurrency
-        self._sem = asyncio.Semaphore(concurrency)
-        self._idle_poll = idle_poll
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
-        self._next_due = float("inf")
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="eventbus-retry-worker")
-
-    def wake(self) -> None:
-        """Look for due rows now (after a replay, say) instead of at the next poll."""
-        self._wake.set()
-
-    def due_in(self, delay: float) -> None:
-        """A row will be due in ``delay`` seconds: look for it then, even mid-poll interval.
-        (Rows other instances schedule are found by the regular poll.)"""
-        due = time.monotonic() + delay
-        if due < self._next_due:
-            self._next_due = due
-            self._wake.set()
-
-    async def _loop(self) -> None:
-        last_count = 0.0
-        while True:
-            try:
-                if time.monotonic() - last_count > 5:
-                    metrics.RETRY_BACKLOG.set(await self._store.backlog())
-                    await self._dispatcher.refresh_disabled()
-                    last_count = time.monotonic()
-                # Claim only what can start now: a claimed row waiting here for a free slot
-                # would spend its lease waiting.
-                await self._sem.acquire()
-                self._sem.release()
-                free = self._concurrency - len(self._inflight)
-                claimed = await self._store.claim_due(
-                    limit=max(1, min(self._batch, free)),
-                    lease=self._lease,
-                    instance=self._instance,
-                )
-            except Exception as exc:  # StoreError, or Postgres restarting
-                log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
-                await asyncio.sleep(2.0)
-                continue
-            for pending in claimed:
-                await self._sem.acquire()
-                task = asyncio.create_task(self._one(pending))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-            if not claimed:
-                # Due times are the database's: a local timer for a retry may fire a moment
-                # before the row is due by its clock, so ask it when the next one is.
-                with contextlib.suppress(StoreError):
-                    due = await self._store.next_due_in()
-                    if due is not None:
-                        self.due_in(due + _CLOCK_MARGIN)
-                await self._idle()
-
-    async def _idle(self) -> None:
-        """Sleep until the next poll, the earliest known due time, or a wake-up."""
-        while True:
-            self._wake.clear()
-            now = time.monotonic()
-            if self._next_due <= now:
-                self._next_due = float("inf")
-                return
-            wait = min(self._idle_poll, self._next_due - now)
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                if self._next_due <= time.monotonic():
-                    self._next_due = float("inf")
-                return
-            if self._next_due == float("inf"):
-                return  # woken by wake(): a replay
-
-    async def _one(self, pending: Delivery) -> None:
-        try:
-            await self._dispatcher.retry(pending)
-        except Exception as exc:
-            # The row stays claimed until its lease runs out, then is tried again.
-            log.warning("retry of %s/%s failed: %s", pending.event.get("id"), pending.target, exc)
-        finally:
-            self._sem.release()
-
-    async def stop(self, grace: float) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
