@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import StoreUnavailable
+from eventbus._errors import StoreUnavailable, truncate_error
 from eventbus.cloudevents import new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
@@ -40,7 +40,6 @@ log = logging.getLogger("eventbus.delivery")
 
 HOPS = "eventbushops"
 _FOLLOW_UPS = ("#on-success", "#on-failure", "#dead-letter")
-_ERROR_MAX = 1024
 _OUTAGE_BACKOFF_MAX = 5.0
 _T = TypeVar("_T")
 
@@ -220,7 +219,7 @@ class Dispatcher:
         row = functools.partial(
             self._store.dead_letter,
             last_status=None if outcome is None else outcome.status,
-            final_error=(error or "")[:_ERROR_MAX] or None,
+            final_error=truncate_error(error) if error else None,
             reason=reason,
         )
         stored = await self._settle_row(job, row)
@@ -244,7 +243,7 @@ class Dispatcher:
                 deadlettertarget=job.target,
                 deadletterrule=job.rule,
                 deadletterattempts=job.attempts,
-                deadlettererror=(error or "")[:256],
+                deadlettererror=truncate_error(error or ""),
             )
             await self.run(
                 Delivery(
@@ -354,6 +353,6 @@ def _history_entry(attempt: int, outcome: Outcome) -> dict[str, Any]:
         "at": datetime.now(UTC).isoformat(),
         "status": outcome.status,
         "duration_ms": round(outcome.duration_ms, 2),
-        "error": (outcome.error or None) and outcome.error[:_ERROR_MAX],
+        "error": truncate_error(outcome.error) if outcome.error else None,
         "retryable": outcome.retryable,
     }

@@ -38,7 +38,7 @@ import asyncpg
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, StoreError
+from eventbus._errors import ConfigError, StoreError, truncate_error
 from eventbus.store._jsonb import dumps_jsonb
 
 __all__ = ["AuditWriter"]
@@ -73,7 +73,6 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "refusals": ("at", "remote", "path", "reason"),
 }
-_ERROR_CHARS = 2048
 _QUARANTINE_CHARS = 64 * 1024
 _WRITE_TIMEOUT = 30.0  # seconds for one batch; a hung server is treated like a lost one
 _BACKOFF_FIRST = 0.05
@@ -212,7 +211,7 @@ class AuditWriter:
         duration_ms: float,
         error: str | None,
     ) -> None:
-        """Record one delivery attempt and its outcome; ``error`` is cut to 2,048 characters."""
+        """Record one delivery attempt and its outcome; ``error`` is cut to ``MAX_ERROR_CHARS``."""
         attrs = _attributes(event)
         await self._put(
             "attempts",
@@ -225,7 +224,7 @@ class AuditWriter:
                 outcome,
                 status,
                 duration_ms,
-                None if error is None else error[:_ERROR_CHARS],
+                None if error is None else truncate_error(error),
                 datetime.now(UTC),
             ),
         )
@@ -364,7 +363,7 @@ class AuditWriter:
         # ascii(): whatever made the row unwritable (a NUL, an unpaired surrogate, a date out of
         # range) becomes plain escapes that a text column always holds.
         text = ascii(record)[:_QUARANTINE_CHARS]
-        error = ascii(exc)[:_ERROR_CHARS]
+        error = truncate_error(ascii(exc))
         _log.error("audit: %s row rejected, set aside in audit_quarantine: %s", table, error)
         delay = _BACKOFF_FIRST
         while True:
@@ -408,7 +407,7 @@ class AuditWriter:
     def _failed(self, exc: BaseException) -> None:
         if self._failing_since is None:
             self._failing_since = time.monotonic()
-        self._last_error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+        self._last_error = truncate_error(f"{type(exc).__name__}: {exc}")
 
     def _stop(self, reason: str) -> None:
         self._stopped = reason

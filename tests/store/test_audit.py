@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from eventbus._errors import StoreError
+from eventbus._errors import MAX_ERROR_CHARS, StoreError
 from eventbus.store import EmbeddedPostgres, Store
 from tests.fixtures.wait import eventually
 
@@ -211,7 +211,7 @@ async def test_odd_events_are_stored_with_what_they_have(database_dsn: str) -> N
         ]
         assert rows[1]["time"] is None
         assert rows[2]["time"].isoformat() == "2026-11-28T12:00:00+00:00"
-        assert await store.pool.fetchval("SELECT length(error) FROM attempts") == 2048
+        assert await store.pool.fetchval("SELECT length(error) FROM attempts") == MAX_ERROR_CHARS
         assert await _count(store, "matches") == 1
         assert audit.quarantined == 0
 
