@@ -31,7 +31,7 @@ from eventbus.delivery._guard import Guard
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
 from eventbus.delivery._store import Delivery, DeliveryStore
 from eventbus.rules import Route
-from eventbus.store import AuditWriter
+from eventbus.store import Attempt, AttemptOutcome, AuditWriter
 from eventbus.targets import Outcome, Target
 
 __all__ = ["Dispatcher"]
@@ -146,8 +146,7 @@ class Dispatcher:
             await self._failed(job, outcome, policy)
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
-        metrics.DELIVERIES.labels(job.target, "delivered").inc()
-        await self._audit_attempt(job, outcome, "delivered")
+        await self._record(job, AttemptOutcome.DELIVERED, outcome)
         # Reply and destination first, the row last: if either fails, the row is still there
         # (claimed until its lease ends) and the delivery is tried again: at-least-once.
         if outcome.reply is not None:
@@ -173,14 +172,12 @@ class Dispatcher:
             age = (datetime.now(UTC) - job.first_attempt_at).total_seconds()
             delay = policy.retry.next_delay(job.attempts, age, outcome.retry_after)
             if delay is not None:
-                metrics.DELIVERIES.labels(job.target, "retried").inc()
-                await self._audit_attempt(job, outcome, "retry-scheduled")
+                await self._record(job, AttemptOutcome.RETRY_SCHEDULED, outcome)
                 await self._park(job, delay, "retry")
                 return
             reason = (
                 "attempts-exhausted" if job.attempts >= policy.retry.max_attempts else "too-old"
             )
-        await self._audit_attempt(job, outcome, "dead-lettered")
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
@@ -204,18 +201,7 @@ class Dispatcher:
         error: str | None,
         policy: DeliveryPolicy | None = None,
     ) -> None:
-        metrics.DELIVERIES.labels(job.target, "dead_lettered").inc()
-        if outcome is None:
-            await self._audit.attempt(
-                job.event,
-                rule=job.rule,
-                target=job.target,
-                attempt=job.attempts,
-                outcome="dead-lettered",
-                status=None,
-                duration_ms=0.0,
-                error=error,
-            )
+        await self._record(job, AttemptOutcome.DEAD_LETTERED, outcome, error)
         row = functools.partial(
             self._store.dead_letter,
             last_status=None if outcome is None else outcome.status,
@@ -309,16 +295,27 @@ class Dispatcher:
             await self._audit.flush(urgent=False)
         return await _durably(lambda: write(job))
 
-    async def _audit_attempt(self, job: Delivery, outcome: Outcome, result: str) -> None:
+    async def _record(
+        self,
+        job: Delivery,
+        result: AttemptOutcome,
+        outcome: Outcome | None,
+        error: str | None = None,
+    ) -> None:
+        """Count what became of ``job``'s latest attempt and write its audit row, both under
+        one spelling; ``outcome`` None (with ``error`` saying why) when none was made."""
+        metrics.DELIVERIES.labels(job.target, result.value).inc()
         await self._audit.attempt(
-            job.event,
-            rule=job.rule,
-            target=job.target,
-            attempt=job.attempts,
-            outcome=result,
-            status=outcome.status,
-            duration_ms=outcome.duration_ms,
-            error=outcome.error,
+            Attempt(
+                event=job.event,
+                rule=job.rule,
+                target=job.target,
+                number=job.attempts,
+                outcome=result,
+                status=None if outcome is None else outcome.status,
+                duration_ms=0.0 if outcome is None else outcome.duration_ms,
+                error=error if outcome is None else outcome.error,
+            )
         )
 
 

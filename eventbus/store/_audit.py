@@ -31,7 +31,10 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
@@ -41,7 +44,7 @@ from eventbus import metrics
 from eventbus._errors import ConfigError, StoreError, truncate_error
 from eventbus.store._jsonb import dumps_jsonb
 
-__all__ = ["AuditWriter"]
+__all__ = ["Attempt", "AttemptOutcome", "AuditWriter"]
 
 _log = logging.getLogger(__name__)
 
@@ -79,6 +82,36 @@ _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
 
 _Row = tuple[str, tuple[Any, ...]]
+
+
+class AttemptOutcome(StrEnum):
+    """What became of a delivery attempt. Each value is spelled as the ``outcome`` column of
+    ``attempts`` stores it and, but for ``REPLAY_REQUESTED`` (not an attempt), as the
+    ``outcome`` label of the metric ``eventbus_deliveries_total``."""
+
+    DELIVERED = "delivered"
+    RETRY_SCHEDULED = "retry-scheduled"
+    DEAD_LETTERED = "dead-lettered"
+    """Also written for a delivery dead-lettered without a further attempt (its target unknown
+    or disabled): ``number`` is then the count of attempts made so far, ``status`` None."""
+    REPLAY_REQUESTED = "replay-requested"
+    """An operator moved the dead letter back into the retry schedule (attempt number 0)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One row of ``attempts``: attempt ``number`` (from 1) of delivering ``event`` for
+    ``rule`` to ``target``, and what became of it. Only the event's ``source`` and ``id`` are
+    recorded; ``status`` is the endpoint's HTTP status, if it answered one."""
+
+    event: Mapping[str, Any]
+    rule: str
+    target: str
+    number: int
+    outcome: AttemptOutcome
+    status: int | None = None
+    duration_ms: float = 0.0
+    error: str | None = None
 
 
 class AuditWriter:
@@ -199,32 +232,22 @@ class AuditWriter:
             (_text(attrs.get("source")), _text(attrs.get("id")), rule, target, datetime.now(UTC)),
         )
 
-    async def attempt(
-        self,
-        event: dict[str, Any],
-        *,
-        rule: str,
-        target: str,
-        attempt: int,
-        outcome: str,
-        status: int | None,
-        duration_ms: float,
-        error: str | None,
-    ) -> None:
-        """Record one delivery attempt and its outcome; ``error`` is cut to ``MAX_ERROR_CHARS``."""
-        attrs = _attributes(event)
+    async def attempt(self, record: Attempt) -> None:
+        """Record one delivery attempt and its outcome; the error text is cut to
+        ``MAX_ERROR_CHARS``."""
+        attrs = _attributes(record.event)
         await self._put(
             "attempts",
             (
                 _text(attrs.get("source")),
                 _text(attrs.get("id")),
-                rule,
-                target,
-                attempt,
-                outcome,
-                status,
-                duration_ms,
-                None if error is None else truncate_error(error),
+                record.rule,
+                record.target,
+                record.number,
+                record.outcome.value,
+                record.status,
+                record.duration_ms,
+                None if record.error is None else truncate_error(record.error),
                 datetime.now(UTC),
             ),
         )
