@@ -28,8 +28,9 @@ from eventbus import metrics
 from eventbus._errors import StoreUnavailable, truncate_error
 from eventbus.cloudevents import new_event
 from eventbus.delivery._guard import Guard
+from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
-from eventbus.delivery._store import Delivery, DeliveryStore
+from eventbus.delivery._store import DeliveryStore
 from eventbus.rules import Route
 from eventbus.store import Attempt, AttemptOutcome, AuditWriter
 from eventbus.targets import Outcome, Target
@@ -39,7 +40,6 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("eventbus.delivery")
 
 HOPS = "eventbushops"
-_FOLLOW_UPS = ("#on-success", "#on-failure", "#dead-letter")
 _OUTAGE_BACKOFF_MAX = 5.0
 _T = TypeVar("_T")
 
@@ -86,9 +86,15 @@ class Dispatcher:
         """Deliver ``route`` for ``event`` once; on failure record a retry or a dead letter.
 
         Raises StoreError if that record cannot be written (the caller must not ack)."""
-        delivery = dict(route.delivery) if route.delivery else None
         await self.run(
-            Delivery(event, route.rule, route.target, route.payload, route.is_cloudevent, delivery)
+            Delivery(
+                event=event,
+                rule=route.rule,
+                target=route.target,
+                payload=route.payload,
+                is_cloudevent=route.is_cloudevent,
+                override=dict(route.delivery) if route.delivery else None,
+            )
         )
 
     async def retry(self, pending: Delivery) -> None:
@@ -97,23 +103,25 @@ class Dispatcher:
 
     def _policy(self, job: Delivery) -> DeliveryPolicy:
         base = self._policies.get(job.target, DeliveryPolicy())
-        if not job.delivery:
+        if not job.override:
             return base
-        key = (job.target, orjson.dumps(job.delivery, option=orjson.OPT_SORT_KEYS))
+        key = (job.target, orjson.dumps(job.override, option=orjson.OPT_SORT_KEYS))
         policy = self._override_cache.get(key)
         if policy is None:
-            policy = parse_delivery(job.delivery, base, where=f"rule {job.rule!r}")
+            policy = parse_delivery(job.override, base, where=f"rule {job.rule!r}")
             self._override_cache[key] = policy
         return policy
 
     async def run(self, job: Delivery) -> None:
         target = self._targets.get(job.target)
         if target is None:
-            await self._dead_letter(job, None, "unknown-target", f"no target {job.target!r}")
+            await self._dead_letter(
+                job, None, DeadLetterReason.UNKNOWN_TARGET, f"no target {job.target!r}"
+            )
             return
         if job.target in self._disabled:
-            reason = self._disabled[job.target]
-            await self._dead_letter(job, None, "target-disabled", f"target disabled: {reason}")
+            why = f"target disabled: {self._disabled[job.target]}"
+            await self._dead_letter(job, None, DeadLetterReason.TARGET_DISABLED, why)
             return
         policy = self._policy(job)
         guard = self._guards.get(job.target)
@@ -151,23 +159,23 @@ class Dispatcher:
         # (claimed until its lease ends) and the delivery is tried again: at-least-once.
         if outcome.reply is not None:
             await self._reply(job, outcome.reply)
-        if policy.on_success and not job.rule.endswith(_FOLLOW_UPS):
-            await self._follow_up(job, policy.on_success, "#on-success", outcome, None)
+        if policy.on_success and job.kind is DeliveryKind.ROUTE:
+            kind = DeliveryKind.ON_SUCCESS
+            await self._follow_up(job, kind, policy.on_success, _destination(job, kind, outcome))
         if job.pending_id is not None and not await self._settle_row(job, self._store.complete):
             log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
 
     async def _failed(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         assert job.first_attempt_at is not None
-        reason: str | None = None
         if outcome.gone:
-            reason = "gone"
+            reason = DeadLetterReason.GONE
             if policy.disable_on_gone:
                 why = f"410 Gone at attempt {job.attempts}"
                 await _durably(lambda: self._store.disable_target(job.target, why))
                 self._disabled[job.target] = "answered 410 Gone"
                 log.warning("target %s answered 410 Gone: disabled", job.target)
         elif not outcome.retryable:
-            reason = "non-retryable"
+            reason = DeadLetterReason.NON_RETRYABLE
         else:
             age = (datetime.now(UTC) - job.first_attempt_at).total_seconds()
             delay = policy.retry.next_delay(job.attempts, age, outcome.retry_after)
@@ -176,7 +184,9 @@ class Dispatcher:
                 await self._park(job, delay, "retry")
                 return
             reason = (
-                "attempts-exhausted" if job.attempts >= policy.retry.max_attempts else "too-old"
+                DeadLetterReason.ATTEMPTS_EXHAUSTED
+                if job.attempts >= policy.retry.max_attempts
+                else DeadLetterReason.TOO_OLD
             )
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
 
@@ -197,7 +207,7 @@ class Dispatcher:
         self,
         job: Delivery,
         outcome: Outcome | None,
-        reason: str,
+        reason: DeadLetterReason,
         error: str | None,
         policy: DeliveryPolicy | None = None,
     ) -> None:
@@ -216,56 +226,40 @@ class Dispatcher:
             "dead-lettered %s/%s rule=%s target=%s reason=%s",
             job.event.get("source"),
             job.event.get("id"),
-            job.rule,
+            job.stored_rule,
             job.target,
-            reason,
+            reason.value,
         )
-        if policy is None or job.rule.endswith(_FOLLOW_UPS):
+        if policy is None or job.kind is not DeliveryKind.ROUTE:
             return
         if policy.dead_letter_target:
             copy = dict(job.event)
             copy.update(
-                deadletterreason=reason,
+                deadletterreason=reason.value,
                 deadlettertarget=job.target,
                 deadletterrule=job.rule,
                 deadletterattempts=job.attempts,
                 deadlettererror=truncate_error(error or ""),
             )
-            await self.run(
-                Delivery(
-                    copy, job.rule + "#dead-letter", policy.dead_letter_target, copy, True, None
-                )
-            )
+            await self._follow_up(job, DeliveryKind.DEAD_LETTER, policy.dead_letter_target, copy)
         if policy.on_failure:
-            await self._follow_up(job, policy.on_failure, "#on-failure", outcome, reason)
+            kind = DeliveryKind.ON_FAILURE
+            destination = _destination(job, kind, outcome, reason)
+            await self._follow_up(job, kind, policy.on_failure, destination)
 
     async def _follow_up(
-        self,
-        job: Delivery,
-        target: str,
-        suffix: str,
-        outcome: Outcome | None,
-        reason: str | None,
+        self, job: Delivery, kind: DeliveryKind, target: str, event: dict[str, Any]
     ) -> None:
-        """A destination (Function Compute style): an outcome CloudEvent to another target."""
-        ok = suffix == "#on-success"
-        data = {
-            "rule": job.rule,
-            "target": job.target,
-            "attempts": job.attempts,
-            "status": None if outcome is None else outcome.status,
-            "error": None if outcome is None else outcome.error,
-            "reason": reason,
-            "event": job.event,
-        }
-        outcome_event = new_event(
-            type="eventbus.delivery." + ("succeeded" if ok else "failed"),
-            source=f"eventbus/targets/{job.target}",
-            subject=str(job.event.get("id", "")),
-            data=data,
-        )
+        """Deliver ``event`` to ``target`` as a follow-up of ``job`` (which starts none)."""
         await self.run(
-            Delivery(outcome_event, job.rule + suffix, target, outcome_event, True, None)
+            Delivery(
+                event=event,
+                rule=job.rule,
+                kind=kind,
+                target=target,
+                payload=event,
+                is_cloudevent=True,
+            )
         )
 
     async def _reply(self, job: Delivery, reply: dict[str, Any]) -> None:
@@ -308,7 +302,7 @@ class Dispatcher:
         await self._audit.attempt(
             Attempt(
                 event=job.event,
-                rule=job.rule,
+                rule=job.stored_rule,
                 target=job.target,
                 number=job.attempts,
                 outcome=result,
@@ -335,6 +329,31 @@ async def _durably(write: Callable[[], Awaitable[_T]]) -> _T:
             log.warning("recording a delivery outcome: %s; retrying in %.1f s", exc, delay)
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         delay = min(delay * 2, _OUTAGE_BACKOFF_MAX)
+
+
+def _destination(
+    job: Delivery,
+    kind: DeliveryKind,
+    outcome: Outcome | None,
+    reason: DeadLetterReason | None = None,
+) -> dict[str, Any]:
+    """A destination's outcome CloudEvent (Function Compute style) for ``job``."""
+    data = {
+        "rule": job.rule,
+        "target": job.target,
+        "attempts": job.attempts,
+        "status": None if outcome is None else outcome.status,
+        "error": None if outcome is None else outcome.error,
+        "reason": None if reason is None else reason.value,
+        "event": job.event,
+    }
+    ok = kind is DeliveryKind.ON_SUCCESS
+    return new_event(
+        type="eventbus.delivery." + ("succeeded" if ok else "failed"),
+        source=f"eventbus/targets/{job.target}",
+        subject=str(job.event.get("id", "")),
+        data=data,
+    )
 
 
 def _hops(event: dict[str, Any]) -> int:

@@ -20,7 +20,8 @@ from eventbus import metrics
 from eventbus._errors import StoreError
 from eventbus._tasks import stop_with_grace
 from eventbus.delivery._dispatcher import Dispatcher
-from eventbus.delivery._store import Delivery, DeliveryStore
+from eventbus.delivery._model import Delivery
+from eventbus.delivery._store import DeliveryStore
 
 __all__ = ["RetryWorker"]
 
