@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _harness as h
-from eventbus.store import EmbeddedPostgres, Store
+from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
 
 FLUSH_BOUND = 300.0  # seconds: the run is abandoned rather than left hanging
 
@@ -58,14 +58,15 @@ async def run(events: int, producers: int, batch: int, buffer: int) -> tuple[int
                     await audit.event_accepted(event, via="http")
                     await audit.rule_matched(event, "thumbnails", "resize-fn")
                     await audit.attempt(
-                        event,
-                        rule="thumbnails",
-                        target="resize-fn",
-                        attempt=1,
-                        outcome="delivered",
-                        status=200,
-                        duration_ms=4.2,
-                        error=None,
+                        Attempt(
+                            event=event,
+                            rule="thumbnails",
+                            target="resize-fn",
+                            number=1,
+                            outcome=AttemptOutcome.DELIVERED,
+                            status=200,
+                            duration_ms=4.2,
+                        )
                     )
 
             started = time.perf_counter()

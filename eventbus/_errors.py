@@ -13,12 +13,15 @@
      │    └── StoreDataError      Postgres refused a value of the statement (HTTP 400)
      └── DeliveryError            a target invocation failed (carries retryable / status)
 
-Third-party errors are translated at the boundary with ``raise ... from exc``.
+Third-party errors are translated at the boundary with ``raise ... from exc``. An error's text,
+wherever eventbus records or forwards it (an attempt's outcome, the audit trail, a dead letter
+and its ``deadlettererror`` attribute, a health reason), is cut by ``truncate_error``.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "MAX_ERROR_CHARS",
     "BusError",
     "BusUnavailable",
     "CloudEventError",
@@ -31,7 +34,13 @@ __all__ = [
     "StoreDataError",
     "StoreError",
     "StoreUnavailable",
+    "truncate_error",
 ]
+
+MAX_ERROR_CHARS = 1024
+"""The one limit for error texts: long enough for a status line and the start of a response
+body or a traceback's last line, short enough that an attempt row, a dead letter's history of
+185 attempts and a header carrying the text (``deadlettererror``) stay small."""
 
 
 class EventBusError(Exception):
@@ -137,3 +146,8 @@ class DeliveryError(EventBusError):
         self.status = status
         self.retry_after = retry_after
         super().__init__(message)
+
+
+def truncate_error(text: str) -> str:
+    """``text`` cut to ``MAX_ERROR_CHARS`` (ending in "..." when cut)."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."

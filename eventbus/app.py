@@ -49,7 +49,7 @@ from eventbus.delivery import (
 from eventbus.router import Router
 from eventbus.rules import RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import SourceRunner, SourceStatus, build_source
-from eventbus.store import EmbeddedPostgres, Store, set_aside
+from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store, set_aside
 from eventbus.targets import HttpTarget, HttpTargetConfig, Target
 
 __all__ = ["Embedded", "Service", "build_target", "start_embedded"]
@@ -319,14 +319,13 @@ class Service:
         replayed = await self.deliveries.replay(flt)
         for item in replayed:
             await self.store.audit.attempt(
-                {"source": item["event_source"], "id": item["event_id"]},
-                rule=item["rule"],
-                target=item["target"],
-                attempt=0,
-                outcome="replay-requested",
-                status=None,
-                duration_ms=0.0,
-                error=None,
+                Attempt(
+                    event={"source": item["event_source"], "id": item["event_id"]},
+                    rule=item["rule"],
+                    target=item["target"],
+                    number=0,
+                    outcome=AttemptOutcome.REPLAY_REQUESTED,
+                )
             )
         if self._retries is not None:
             self._retries.wake()

@@ -49,7 +49,8 @@ EVENTS_MATCHED = Counter(
 )
 DELIVERIES = Counter(
     "eventbus_deliveries",
-    "Delivery attempts by target and outcome (delivered, failed, retried, dead_lettered)",
+    "Delivery attempts by target and outcome (delivered, retry-scheduled, dead-lettered: the "
+    "audit trail's spellings)",
     ["target", "outcome"],
     registry=REGISTRY,
 )

@@ -28,6 +28,7 @@ from typing import Any
 
 from eventbus import metrics
 from eventbus._errors import EventBusError
+from eventbus._tasks import cancel_and_wait, stop_with_grace
 from eventbus.bus import Bus, BusMessage
 from eventbus.delivery import Dispatcher
 from eventbus.rules import RuleSetHolder
@@ -162,14 +163,6 @@ class Router:
     async def stop(self, grace: float) -> None:
         """Stop pulling, let in-flight handlers finish for up to ``grace`` seconds, then cancel
         the rest (their messages stay un-acked and are redelivered)."""
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        await stop_with_grace(self._pump, self._tasks, grace)
+        # Last: messages still being handled during the grace period need their progress reports.
+        await cancel_and_wait(self._keeper)

@@ -1,8 +1,9 @@
-"""Delivery: policies, per-target protection, the durable retry schedule, dead letters, and the
-dispatcher that ties them to the targets."""
+"""Delivery: the delivery model, policies, per-target protection, the durable retry schedule,
+dead letters, and the dispatcher that ties them to the targets."""
 
-from eventbus.delivery._dispatcher import Dispatcher, RetryWorker
+from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.delivery._guard import Guard
+from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
 from eventbus.delivery._policy import (
     PRESETS,
     BreakerPolicy,
@@ -13,13 +14,16 @@ from eventbus.delivery._policy import (
     parse_duration,
     target_policies,
 )
-from eventbus.delivery._store import DeadLetterFilter, Delivery, DeliveryStore
+from eventbus.delivery._retry_worker import RetryWorker
+from eventbus.delivery._store import DeadLetterFilter, DeliveryStore
 
 __all__ = [
     "PRESETS",
     "BreakerPolicy",
     "DeadLetterFilter",
+    "DeadLetterReason",
     "Delivery",
+    "DeliveryKind",
     "DeliveryPolicy",
     "DeliveryStore",
     "Dispatcher",

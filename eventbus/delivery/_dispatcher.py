@@ -15,11 +15,9 @@ raises StoreError only when Postgres refuses a write, and the router then naks t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -27,24 +25,22 @@ from typing import Any, TypeVar
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import StoreError, StoreUnavailable
+from eventbus._errors import StoreUnavailable, truncate_error
 from eventbus.cloudevents import new_event
 from eventbus.delivery._guard import Guard
+from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
-from eventbus.delivery._store import Delivery, DeliveryStore
+from eventbus.delivery._store import DeliveryStore
 from eventbus.rules import Route
-from eventbus.store import AuditWriter
+from eventbus.store import Attempt, AttemptOutcome, AuditWriter
 from eventbus.targets import Outcome, Target
 
-__all__ = ["Dispatcher", "RetryWorker"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger("eventbus.delivery")
 
 HOPS = "eventbushops"
-_FOLLOW_UPS = ("#on-success", "#on-failure", "#dead-letter")
-_ERROR_MAX = 1024
 _OUTAGE_BACKOFF_MAX = 5.0
-_CLOCK_MARGIN = 0.002  # seconds past a row's due time before claiming it
 _T = TypeVar("_T")
 
 
@@ -90,9 +86,15 @@ class Dispatcher:
         """Deliver ``route`` for ``event`` once; on failure record a retry or a dead letter.
 
         Raises StoreError if that record cannot be written (the caller must not ack)."""
-        delivery = dict(route.delivery) if route.delivery else None
         await self.run(
-            Delivery(event, route.rule, route.target, route.payload, route.is_cloudevent, delivery)
+            Delivery(
+                event=event,
+                rule=route.rule,
+                target=route.target,
+                payload=route.payload,
+                is_cloudevent=route.is_cloudevent,
+                override=dict(route.delivery) if route.delivery else None,
+            )
         )
 
     async def retry(self, pending: Delivery) -> None:
@@ -101,23 +103,25 @@ class Dispatcher:
 
     def _policy(self, job: Delivery) -> DeliveryPolicy:
         base = self._policies.get(job.target, DeliveryPolicy())
-        if not job.delivery:
+        if not job.override:
             return base
-        key = (job.target, orjson.dumps(job.delivery, option=orjson.OPT_SORT_KEYS))
+        key = (job.target, orjson.dumps(job.override, option=orjson.OPT_SORT_KEYS))
         policy = self._override_cache.get(key)
         if policy is None:
-            policy = parse_delivery(job.delivery, base, where=f"rule {job.rule!r}")
+            policy = parse_delivery(job.override, base, where=f"rule {job.rule!r}")
             self._override_cache[key] = policy
         return policy
 
     async def run(self, job: Delivery) -> None:
         target = self._targets.get(job.target)
         if target is None:
-            await self._dead_letter(job, None, "unknown-target", f"no target {job.target!r}")
+            await self._dead_letter(
+                job, None, DeadLetterReason.UNKNOWN_TARGET, f"no target {job.target!r}"
+            )
             return
         if job.target in self._disabled:
-            reason = self._disabled[job.target]
-            await self._dead_letter(job, None, "target-disabled", f"target disabled: {reason}")
+            why = f"target disabled: {self._disabled[job.target]}"
+            await self._dead_letter(job, None, DeadLetterReason.TARGET_DISABLED, why)
             return
         policy = self._policy(job)
         guard = self._guards.get(job.target)
@@ -150,41 +154,40 @@ class Dispatcher:
             await self._failed(job, outcome, policy)
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
-        metrics.DELIVERIES.labels(job.target, "delivered").inc()
-        await self._audit_attempt(job, outcome, "delivered")
+        await self._record(job, AttemptOutcome.DELIVERED, outcome)
         # Reply and destination first, the row last: if either fails, the row is still there
         # (claimed until its lease ends) and the delivery is tried again: at-least-once.
         if outcome.reply is not None:
             await self._reply(job, outcome.reply)
-        if policy.on_success and not job.rule.endswith(_FOLLOW_UPS):
-            await self._follow_up(job, policy.on_success, "#on-success", outcome, None)
+        if policy.on_success and job.kind is DeliveryKind.ROUTE:
+            kind = DeliveryKind.ON_SUCCESS
+            await self._follow_up(job, kind, policy.on_success, _destination(job, kind, outcome))
         if job.pending_id is not None and not await self._settle_row(job, self._store.complete):
             log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
 
     async def _failed(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         assert job.first_attempt_at is not None
-        reason: str | None = None
         if outcome.gone:
-            reason = "gone"
+            reason = DeadLetterReason.GONE
             if policy.disable_on_gone:
                 why = f"410 Gone at attempt {job.attempts}"
                 await _durably(lambda: self._store.disable_target(job.target, why))
                 self._disabled[job.target] = "answered 410 Gone"
                 log.warning("target %s answered 410 Gone: disabled", job.target)
         elif not outcome.retryable:
-            reason = "non-retryable"
+            reason = DeadLetterReason.NON_RETRYABLE
         else:
             age = (datetime.now(UTC) - job.first_attempt_at).total_seconds()
             delay = policy.retry.next_delay(job.attempts, age, outcome.retry_after)
             if delay is not None:
-                metrics.DELIVERIES.labels(job.target, "retried").inc()
-                await self._audit_attempt(job, outcome, "retry-scheduled")
+                await self._record(job, AttemptOutcome.RETRY_SCHEDULED, outcome)
                 await self._park(job, delay, "retry")
                 return
             reason = (
-                "attempts-exhausted" if job.attempts >= policy.retry.max_attempts else "too-old"
+                DeadLetterReason.ATTEMPTS_EXHAUSTED
+                if job.attempts >= policy.retry.max_attempts
+                else DeadLetterReason.TOO_OLD
             )
-        await self._audit_attempt(job, outcome, "dead-lettered")
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
@@ -204,26 +207,15 @@ class Dispatcher:
         self,
         job: Delivery,
         outcome: Outcome | None,
-        reason: str,
+        reason: DeadLetterReason,
         error: str | None,
         policy: DeliveryPolicy | None = None,
     ) -> None:
-        metrics.DELIVERIES.labels(job.target, "dead_lettered").inc()
-        if outcome is None:
-            await self._audit.attempt(
-                job.event,
-                rule=job.rule,
-                target=job.target,
-                attempt=job.attempts,
-                outcome="dead-lettered",
-                status=None,
-                duration_ms=0.0,
-                error=error,
-            )
+        await self._record(job, AttemptOutcome.DEAD_LETTERED, outcome, error)
         row = functools.partial(
             self._store.dead_letter,
             last_status=None if outcome is None else outcome.status,
-            final_error=(error or "")[:_ERROR_MAX] or None,
+            final_error=truncate_error(error) if error else None,
             reason=reason,
         )
         stored = await self._settle_row(job, row)
@@ -234,56 +226,40 @@ class Dispatcher:
             "dead-lettered %s/%s rule=%s target=%s reason=%s",
             job.event.get("source"),
             job.event.get("id"),
-            job.rule,
+            job.stored_rule,
             job.target,
-            reason,
+            reason.value,
         )
-        if policy is None or job.rule.endswith(_FOLLOW_UPS):
+        if policy is None or job.kind is not DeliveryKind.ROUTE:
             return
         if policy.dead_letter_target:
             copy = dict(job.event)
             copy.update(
-                deadletterreason=reason,
+                deadletterreason=reason.value,
                 deadlettertarget=job.target,
                 deadletterrule=job.rule,
                 deadletterattempts=job.attempts,
-                deadlettererror=(error or "")[:256],
+                deadlettererror=truncate_error(error or ""),
             )
-            await self.run(
-                Delivery(
-                    copy, job.rule + "#dead-letter", policy.dead_letter_target, copy, True, None
-                )
-            )
+            await self._follow_up(job, DeliveryKind.DEAD_LETTER, policy.dead_letter_target, copy)
         if policy.on_failure:
-            await self._follow_up(job, policy.on_failure, "#on-failure", outcome, reason)
+            kind = DeliveryKind.ON_FAILURE
+            destination = _destination(job, kind, outcome, reason)
+            await self._follow_up(job, kind, policy.on_failure, destination)
 
     async def _follow_up(
-        self,
-        job: Delivery,
-        target: str,
-        suffix: str,
-        outcome: Outcome | None,
-        reason: str | None,
+        self, job: Delivery, kind: DeliveryKind, target: str, event: dict[str, Any]
     ) -> None:
-        """A destination (Function Compute style): an outcome CloudEvent to another target."""
-        ok = suffix == "#on-success"
-        data = {
-            "rule": job.rule,
-            "target": job.target,
-            "attempts": job.attempts,
-            "status": None if outcome is None else outcome.status,
-            "error": None if outcome is None else outcome.error,
-            "reason": reason,
-            "event": job.event,
-        }
-        outcome_event = new_event(
-            type="eventbus.delivery." + ("succeeded" if ok else "failed"),
-            source=f"eventbus/targets/{job.target}",
-            subject=str(job.event.get("id", "")),
-            data=data,
-        )
+        """Deliver ``event`` to ``target`` as a follow-up of ``job`` (which starts none)."""
         await self.run(
-            Delivery(outcome_event, job.rule + suffix, target, outcome_event, True, None)
+            Delivery(
+                event=event,
+                rule=job.rule,
+                kind=kind,
+                target=target,
+                payload=event,
+                is_cloudevent=True,
+            )
         )
 
     async def _reply(self, job: Delivery, reply: dict[str, Any]) -> None:
@@ -313,16 +289,27 @@ class Dispatcher:
             await self._audit.flush(urgent=False)
         return await _durably(lambda: write(job))
 
-    async def _audit_attempt(self, job: Delivery, outcome: Outcome, result: str) -> None:
+    async def _record(
+        self,
+        job: Delivery,
+        result: AttemptOutcome,
+        outcome: Outcome | None,
+        error: str | None = None,
+    ) -> None:
+        """Count what became of ``job``'s latest attempt and write its audit row, both under
+        one spelling; ``outcome`` None (with ``error`` saying why) when none was made."""
+        metrics.DELIVERIES.labels(job.target, result.value).inc()
         await self._audit.attempt(
-            job.event,
-            rule=job.rule,
-            target=job.target,
-            attempt=job.attempts,
-            outcome=result,
-            status=outcome.status,
-            duration_ms=outcome.duration_ms,
-            error=outcome.error,
+            Attempt(
+                event=job.event,
+                rule=job.stored_rule,
+                target=job.target,
+                number=job.attempts,
+                outcome=result,
+                status=None if outcome is None else outcome.status,
+                duration_ms=0.0 if outcome is None else outcome.duration_ms,
+                error=error if outcome is None else outcome.error,
+            )
         )
 
 
@@ -344,6 +331,31 @@ async def _durably(write: Callable[[], Awaitable[_T]]) -> _T:
         delay = min(delay * 2, _OUTAGE_BACKOFF_MAX)
 
 
+def _destination(
+    job: Delivery,
+    kind: DeliveryKind,
+    outcome: Outcome | None,
+    reason: DeadLetterReason | None = None,
+) -> dict[str, Any]:
+    """A destination's outcome CloudEvent (Function Compute style) for ``job``."""
+    data = {
+        "rule": job.rule,
+        "target": job.target,
+        "attempts": job.attempts,
+        "status": None if outcome is None else outcome.status,
+        "error": None if outcome is None else outcome.error,
+        "reason": None if reason is None else reason.value,
+        "event": job.event,
+    }
+    ok = kind is DeliveryKind.ON_SUCCESS
+    return new_event(
+        type="eventbus.delivery." + ("succeeded" if ok else "failed"),
+        source=f"eventbus/targets/{job.target}",
+        subject=str(job.event.get("id", "")),
+        data=data,
+    )
+
+
 def _hops(event: dict[str, Any]) -> int:
     try:
         return int(event.get(HOPS, 0))
@@ -357,126 +369,6 @@ def _history_entry(attempt: int, outcome: Outcome) -> dict[str, Any]:
         "at": datetime.now(UTC).isoformat(),
         "status": outcome.status,
         "duration_ms": round(outcome.duration_ms, 2),
-        "error": (outcome.error or None) and outcome.error[:_ERROR_MAX],
+        "error": truncate_error(outcome.error) if outcome.error else None,
         "retryable": outcome.retryable,
     }
-
-
-class RetryWorker:
-    """Claims due rows from the durable schedule and runs their next attempt.
-
-    Several instances share the schedule (SKIP LOCKED + lease); at most ``concurrency``
-    attempts run at once in this process.
-    """
-
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        store: DeliveryStore,
-        *,
-        instance: str,
-        lease: float = 120.0,
-        batch: int = 100,
-        concurrency: int = 64,
-        idle_poll: float = 0.5,
-    ) -> None:
-        self._dispatcher = dispatcher
-        self._store = store
-        self._instance = instance
-        self._lease = lease
-        self._batch = batch
-        self._concurrency = concurrency
-        self._sem = asyncio.Semaphore(concurrency)
-        self._idle_poll = idle_poll
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
-        self._next_due = float("inf")
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="eventbus-retry-worker")
-
-    def wake(self) -> None:
-        """Look for due rows now (after a replay, say) instead of at the next poll."""
-        self._wake.set()
-
-    def due_in(self, delay: float) -> None:
-        """A row will be due in ``delay`` seconds: look for it then, even mid-poll interval.
-        (Rows other instances schedule are found by the regular poll.)"""
-        due = time.monotonic() + delay
-        if due < self._next_due:
-            self._next_due = due
-            self._wake.set()
-
-    async def _loop(self) -> None:
-        last_count = 0.0
-        while True:
-            try:
-                if time.monotonic() - last_count > 5:
-                    metrics.RETRY_BACKLOG.set(await self._store.backlog())
-                    await self._dispatcher.refresh_disabled()
-                    last_count = time.monotonic()
-                # Claim only what can start now: a claimed row waiting here for a free slot
-                # would spend its lease waiting.
-                await self._sem.acquire()
-                self._sem.release()
-                free = self._concurrency - len(self._inflight)
-                claimed = await self._store.claim_due(
-                    limit=max(1, min(self._batch, free)),
-                    lease=self._lease,
-                    instance=self._instance,
-                )
-            except Exception as exc:  # StoreError, or Postgres restarting
-                log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
-                await asyncio.sleep(2.0)
-                continue
-            for pending in claimed:
-                await self._sem.acquire()
-                task = asyncio.create_task(self._one(pending))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-            if not claimed:
-                # Due times are the database's: a local timer for a retry may fire a moment
-                # before the row is due by its clock, so ask it when the next one is.
-                with contextlib.suppress(StoreError):
-                    due = await self._store.next_due_in()
-                    if due is not None:
-                        self.due_in(due + _CLOCK_MARGIN)
-                await self._idle()
-
-    async def _idle(self) -> None:
-        """Sleep until the next poll, the earliest known due time, or a wake-up."""
-        while True:
-            self._wake.clear()
-            now = time.monotonic()
-            if self._next_due <= now:
-                self._next_due = float("inf")
-                return
-            wait = min(self._idle_poll, self._next_due - now)
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                if self._next_due <= time.monotonic():
-                    self._next_due = float("inf")
-                return
-            if self._next_due == float("inf"):
-                return  # woken by wake(): a replay
-
-    async def _one(self, pending: Delivery) -> None:
-        try:
-            await self._dispatcher.retry(pending)
-        except Exception as exc:
-            # The row stays claimed until its lease runs out, then is tried again.
-            log.warning("retry of %s/%s failed: %s", pending.event.get("id"), pending.target, exc)
-        finally:
-            self._sem.release()
-
-    async def stop(self, grace: float) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)

@@ -19,45 +19,27 @@ from typing import Any
 
 import asyncpg
 
+from eventbus.delivery._model import DeadLetterReason, Delivery, split_stored_rule
 from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 
-__all__ = ["DeadLetterFilter", "Delivery", "DeliveryStore"]
+__all__ = ["DeadLetterFilter", "DeliveryStore"]
 
 
-@dataclass(slots=True)
-class Delivery:
-    """One delivery of one event to one target, as the dispatcher advances it and as the
-    retry schedule and the dead letters store it. ``pending_id`` is its row in the schedule."""
-
-    event: dict[str, Any]
-    rule: str
-    target: str
-    payload: Any
-    is_cloudevent: bool
-    delivery: dict[str, Any] | None
-    attempts: int = 0
-    first_attempt_at: datetime | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    pending_id: int | None = None
-    claim: str | None = None
-    """The token of the claim that handed this row out; writes to the row check it, so an
-    attempt whose lease ran out cannot overwrite what the row's new owner decided."""
-
-    def columns(self) -> tuple[Any, ...]:
-        """Values of the columns both tables share, in ``_SHARED`` order."""
-        return (
-            str(self.event.get("source", "")),
-            str(self.event.get("id", "")),
-            _json(self.event),
-            self.rule,
-            self.target,
-            _json({"v": self.payload}),
-            self.is_cloudevent,
-            None if self.delivery is None else _json(self.delivery),
-            self.attempts,
-            _json(self.history),
-        )
+def _columns(d: Delivery) -> tuple[Any, ...]:
+    """Values of the columns both tables share, in ``_SHARED`` order."""
+    return (
+        str(d.event.get("source", "")),
+        str(d.event.get("id", "")),
+        _json(d.event),
+        d.stored_rule,
+        d.target,
+        _json({"v": d.payload}),
+        d.is_cloudevent,
+        None if d.override is None else _json(d.override),
+        d.attempts,
+        _json(d.history),
+    )
 
 
 _SHARED = (
@@ -118,13 +100,15 @@ _COLUMNS = (
 
 
 def _pending(row: asyncpg.Record) -> Delivery:
+    rule, kind = split_stored_rule(row["rule"])
     return Delivery(
         event=_load(row["event"]),
-        rule=row["rule"],
+        rule=rule,
+        kind=kind,
         target=row["target"],
         payload=_load(row["payload"])["v"],
         is_cloudevent=row["is_cloudevent"],
-        delivery=_load(row["delivery"]) if row["delivery"] is not None else None,
+        override=_load(row["delivery"]) if row["delivery"] is not None else None,
         attempts=row["attempts"],
         first_attempt_at=row["first_attempt_at"],
         history=_load(row["history"]),
@@ -168,7 +152,7 @@ class DeliveryStore:
                     f" first_attempt_at) VALUES ({_SHARED_VALUES},"
                     " now() + make_interval(secs => $11), $12, coalesce($13, now()))"
                     " RETURNING id",
-                    *d.columns(),
+                    *_columns(d),
                     due_in,
                     waiting_for,
                     d.first_attempt_at,
@@ -244,7 +228,7 @@ class DeliveryStore:
         *,
         last_status: int | None,
         final_error: str | None,
-        reason: str,
+        reason: DeadLetterReason,
     ) -> int | None:
         """Store ``d`` as a dead letter and drop its schedule row, in one transaction; None
         (nothing written) when the row is no longer ``d``'s."""
@@ -264,11 +248,11 @@ class DeliveryStore:
                     f"INSERT INTO dead_letters ({_SHARED}, event_type, last_status, final_error,"
                     f" reason, first_attempt_at) VALUES ({_SHARED_VALUES}, $11, $12, $13, $14,"
                     " coalesce($15, now())) RETURNING id",
-                    *d.columns(),
+                    *_columns(d),
                     d.event.get("type"),
                     last_status,
                     final_error,
-                    reason,
+                    reason.value,
                     d.first_attempt_at,
                 )
                 return int(dl_id)

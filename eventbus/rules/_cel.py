@@ -5,7 +5,7 @@ matched, and converts each event to CEL values at most once (``activation``), be
 conversion costs about as much as one evaluation. Conditions see the CloudEvent as ``event``.
 
 Evaluation is total: a runtime error (missing field, type mismatch, division by zero) or a
-non-bool result is "no match", reported through ``Outcome`` so that the caller counts and logs it.
+non-bool result is "no match", reported through ``Verdict`` so that the caller counts and logs it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
 
-__all__ = ["Condition", "Outcome", "activation", "compile_condition"]
+__all__ = ["Condition", "Verdict", "activation", "compile_condition"]
 
 # cel-python 0.5 transpiles has() to a Python bool, which its && / || / ?: reject, so the usual
 # guard `has(event.data.x) && event.data.x > 1` fails. Wrap the result as the interpreter does.
@@ -69,7 +69,7 @@ _TYPE_NAMES = frozenset(
 )
 
 
-class Outcome(Enum):
+class Verdict(Enum):
     """The result of one evaluation; only ``MATCH`` lets the event through."""
 
     MATCH = "match"
@@ -85,21 +85,21 @@ class Condition:
     source: str
     runner: celpy.Runner
 
-    def evaluate(self, context: dict[str, Any]) -> tuple[Outcome, str]:
+    def evaluate(self, context: dict[str, Any]) -> tuple[Verdict, str]:
         """Evaluate against an ``activation(event)``; never raises.
 
-        Returns the outcome and, for ``ERROR`` and ``NOT_BOOL``, a short reason for the log.
+        Returns the verdict and, for ``ERROR`` and ``NOT_BOOL``, a short reason for the log.
         """
         try:
             value = self.runner.evaluate(context)
         except CELEvalError as exc:
-            return Outcome.ERROR, _reason(exc)
+            return Verdict.ERROR, _reason(exc)
         # A CEL error is a value in cel-python; it escapes as an exception only at the top.
         except Exception as exc:
-            return Outcome.ERROR, f"{type(exc).__name__}: {exc}"
+            return Verdict.ERROR, f"{type(exc).__name__}: {exc}"
         if isinstance(value, bool | celtypes.BoolType):
-            return (Outcome.MATCH if value else Outcome.NO_MATCH), ""
-        return Outcome.NOT_BOOL, f"returned {type(value).__name__}, not bool"
+            return (Verdict.MATCH if value else Verdict.NO_MATCH), ""
+        return Verdict.NOT_BOOL, f"returned {type(value).__name__}, not bool"
 
 
 def _reason(exc: CELEvalError) -> str:

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import orjson
 
 from eventbus._errors import PatternError, RuleSetError
-from eventbus.rules._cel import Outcome, activation
+from eventbus.rules._cel import Verdict, activation
 from eventbus.rules._pattern import compile_pattern
 from eventbus.rules._ruleset import DeliveryCheck, RuleSet, load_rules
 
@@ -81,8 +81,8 @@ def _failed_conditions(rules: RuleSet, event: dict[str, Any]) -> dict[str, str]:
     failed = {}
     for rule in rules.rules:
         if rule.name in rules.cel_errors and rule.condition is not None:
-            outcome, reason = rule.condition.evaluate(activation(event))
-            if outcome in (Outcome.ERROR, Outcome.NOT_BOOL):
+            verdict, reason = rule.condition.evaluate(activation(event))
+            if verdict in (Verdict.ERROR, Verdict.NOT_BOOL):
                 failed[rule.name] = reason
     return failed
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
-from eventbus.rules._cel import Condition, Outcome, activation, compile_condition
+from eventbus.rules._cel import Condition, Verdict, activation, compile_condition
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._loader import KeyPath, RuleDoc, read_rule_files
 from eventbus.rules._pattern import CompiledPattern, compile_pattern
@@ -169,9 +169,9 @@ class RuleSet:
             if rule.condition is not None:
                 if context is None:
                     context = activation(event)
-                outcome, reason = rule.condition.evaluate(context)
-                if outcome is not Outcome.MATCH:
-                    if outcome is not Outcome.NO_MATCH:
+                verdict, reason = rule.condition.evaluate(context)
+                if verdict is not Verdict.MATCH:
+                    if verdict is not Verdict.NO_MATCH:
                         self._condition_failed(rule, event, reason)
                     continue
             last: Transform | None = None

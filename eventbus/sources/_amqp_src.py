@@ -1,7 +1,7 @@
 """The ``rabbitmq`` source: messages of an AMQP 0-9-1 queue become events on the bus.
 
 Place in the pipeline: RabbitMQ queue → this consumer (manual acks, ``prefetch`` unacked at
-most) → :func:`_queues.deliver` → bus → ack. A message whose events cannot be published is
+most) → :func:`_queues.publish_message` → bus → ack. A message whose events cannot be published is
 rejected with requeue and the consumer backs off, so it comes back; a crash leaves it unacked
 and RabbitMQ redelivers it: at-least-once. The queue must exist (it is not declared here, so
 its durability and arguments stay the operator's). Several instances on one queue share it.
@@ -23,7 +23,7 @@ from aio_pika.exceptions import AMQPError
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_kafka
 from eventbus.sources._base import Backoff, SourceContext, register_source
-from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
 
 __all__ = ["RabbitMQSource", "RabbitMQSourceConfig"]
 
@@ -78,7 +78,7 @@ class RabbitMQSource:
             async with queue.iterator() as messages:
                 async for message in messages:
                     try:
-                        await self._deliver(ctx, message)
+                        await self._publish(ctx, message)
                     except (BusError, StoreError) as exc:
                         await message.reject(requeue=True)
                         ctx.report_error(exc)
@@ -89,7 +89,7 @@ class RabbitMQSource:
         finally:
             await connection.close()
 
-    async def _deliver(self, ctx: SourceContext, message: AbstractIncomingMessage) -> None:
+    async def _publish(self, ctx: SourceContext, message: AbstractIncomingMessage) -> None:
         def convert() -> list[dict[str, Any]]:
             return events_of(
                 self.config,
@@ -105,4 +105,4 @@ class RabbitMQSource:
             "routing_key": message.routing_key,
             "message_id": message.message_id,
         }
-        await deliver(ctx, message.body, convert, meta)
+        await publish_message(ctx, message.body, convert, meta)

@@ -1,6 +1,6 @@
 """The ``kafka`` source: records of Kafka topics become events on the bus (consumer group).
 
-Place in the pipeline: Kafka topic → this consumer group → :func:`_queues.deliver` → bus →
+Place in the pipeline: Kafka topic → this consumer group → :func:`_queues.publish_message` → bus →
 offset commit. Offsets are committed by hand and only after every record before them in their
 partition is on the bus (or dead-lettered), so committed offsets are always contiguous and a
 crash re-reads, never skips. Several eventbus instances with the same ``group_id`` share the
@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_kafka
 from eventbus.sources._base import Backoff, SourceContext, register_source
-from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
 
 __all__ = ["KafkaSource", "KafkaSourceConfig"]
 
@@ -71,7 +71,7 @@ class KafkaSource:
                 try:
                     for tp, records in batches.items():
                         for record in records:
-                            await self._deliver(ctx, record)
+                            await self._publish(ctx, record)
                             done[tp] = record.offset + 1
                 except (BusError, StoreError) as exc:
                     # Keep the consumer (rejoining a group is slow): commit the prefix that is
@@ -92,7 +92,7 @@ class KafkaSource:
         finally:
             await consumer.stop()
 
-    async def _deliver(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _publish(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> None:
         value = record.value or b""
         position = f"{record.topic}/{record.partition}/{record.offset}"
 
@@ -107,7 +107,7 @@ class KafkaSource:
             )
 
         meta = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        await deliver(ctx, value, convert, meta)
+        await publish_message(ctx, value, convert, meta)
 
 
 def _text(key: bytes | None) -> str | None:

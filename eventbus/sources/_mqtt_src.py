@@ -1,7 +1,7 @@
 """The ``mqtt`` source: MQTT messages (QoS 1) become events on the bus.
 
 Place in the pipeline: MQTT broker → this client (persistent session) →
-:func:`_queues.deliver` → bus → PUBACK. The client connects with a stable client id and
+:func:`_queues.publish_message` → bus → PUBACK. The client connects with a stable client id and
 ``clean_session = false`` and subscribes with QoS 1, so the broker keeps messages for it while
 it is away and resends every message it has not acknowledged when it reconnects.
 
@@ -23,7 +23,7 @@ import pydantic
 
 from eventbus.cloudevents import decode
 from eventbus.sources._base import Backoff, SourceContext, register_source
-from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
 
 __all__ = ["MqttSource", "MqttSourceConfig"]
 
@@ -79,11 +79,11 @@ class MqttSource:
             ctx.status.state = "running"
             backoff.reset()
             async for message in client.messages:
-                await self._deliver(ctx, message)
+                await self._publish(ctx, message)
                 if message.qos > 0:
                     paho.ack(message.mid, message.qos)
 
-    async def _deliver(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
+    async def _publish(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
         raw = message.payload
         payload = raw if isinstance(raw, bytes) else str(raw).encode()
         topic = message.topic.value
@@ -91,4 +91,4 @@ class MqttSource:
         def convert() -> list[dict[str, Any]]:
             return events_of(self.config, payload, lambda: decode(payload), subject=topic)
 
-        await deliver(ctx, payload, convert, {"topic": topic})
+        await publish_message(ctx, payload, convert, {"topic": topic})

@@ -1,7 +1,7 @@
 """The ``nats`` and ``jetstream`` sources: NATS messages become events on the bus.
 
 Place in the pipeline: NATS subject or JetStream stream → this source →
-:func:`_queues.deliver` → bus → ack. The two differ in what they can promise:
+:func:`_queues.publish_message` → bus → ack. The two differ in what they can promise:
 
 * ``jetstream`` reads a durable pull consumer on an existing stream and acks a message only
   after its events are on the bus (nak when publishing fails, so it comes back): at-least-once.
@@ -31,7 +31,7 @@ from eventbus._errors import BusError, StoreError
 from eventbus._redact import redact_url
 from eventbus.cloudevents import from_nats
 from eventbus.sources._base import Backoff, SourceContext, register_source
-from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
 
 __all__ = ["JetStreamSource", "JetStreamSourceConfig", "NatsSource", "NatsSourceConfig"]
 
@@ -89,7 +89,7 @@ _C = TypeVar("_C", bound=NatsSourceConfig | JetStreamSourceConfig)
 class _NatsConsumer(ABC, Generic[_C]):
     """What both NATS sources share: one connection per consume, reconnected with backoff.
 
-    A subclass's ``_serve`` reads and delivers until the connection closes, calling
+    A subclass's ``_serve`` reads and publishes until the connection closes, calling
     ``backoff.reset()`` once it is reading.
     """
 
@@ -116,7 +116,7 @@ class _NatsConsumer(ABC, Generic[_C]):
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
     ) -> None:
-        """Read from ``nc`` and deliver until ``closed`` is set."""
+        """Read from ``nc`` and publish until ``closed`` is set."""
 
 
 @register_source("nats", NatsSourceConfig)
@@ -129,7 +129,7 @@ class NatsSource(_NatsConsumer[NatsSourceConfig]):
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
     ) -> None:
         async def handle(msg: Msg) -> None:
-            await self._deliver(ctx, msg)
+            await self._publish(ctx, msg)
 
         for subject in self.config.subjects:
             await nc.subscribe(subject, queue=self.config.queue_group or "", cb=handle)
@@ -138,7 +138,7 @@ class NatsSource(_NatsConsumer[NatsSourceConfig]):
         backoff.reset()
         await closed.wait()
 
-    async def _deliver(self, ctx: SourceContext, msg: Msg) -> None:
+    async def _publish(self, ctx: SourceContext, msg: Msg) -> None:
         def convert() -> list[dict[str, Any]]:
             return events_of(
                 self.config, msg.data, lambda: from_nats(msg.headers, msg.data), subject=msg.subject
@@ -148,7 +148,7 @@ class NatsSource(_NatsConsumer[NatsSourceConfig]):
         retry = Backoff(ctx.clock)
         while True:
             try:
-                await deliver(ctx, msg.data, convert, {"subject": msg.subject})
+                await publish_message(ctx, msg.data, convert, {"subject": msg.subject})
                 return
             except (BusError, StoreError) as exc:
                 ctx.report_error(exc)
@@ -179,7 +179,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceConfig]):
                 continue
             for i, msg in enumerate(batch):
                 try:
-                    await self._deliver(ctx, msg)
+                    await self._publish(ctx, msg)
                 except (BusError, StoreError) as exc:
                     # Give back everything not yet on the bus; it is redelivered after the
                     # backoff, in order, to this or another instance.
@@ -193,7 +193,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceConfig]):
             else:
                 backoff.reset()
 
-    async def _deliver(self, ctx: SourceContext, msg: Msg) -> None:
+    async def _publish(self, ctx: SourceContext, msg: Msg) -> None:
         meta = msg.metadata
 
         def convert() -> list[dict[str, Any]]:
@@ -207,4 +207,4 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceConfig]):
             )
 
         where = {"stream": meta.stream, "sequence": meta.sequence.stream, "subject": msg.subject}
-        await deliver(ctx, msg.data, convert, where)
+        await publish_message(ctx, msg.data, convert, where)

@@ -2,9 +2,10 @@
 
 Place in the pipeline: a broker (Kafka, NATS, JetStream, RabbitMQ, MQTT) → a queue source
 (``_kafka_src``, ``_nats_src``, ``_amqp_src``, ``_mqtt_src``, each the same shape: a config, the
-source, its consume loop) → :func:`deliver` → the bus. Only after :func:`deliver` returns does a
-source acknowledge the message to its broker; a message that cannot become an event is kept in
-``source_dead_letters`` and then acknowledged, so it neither blocks the stream nor vanishes.
+source, its consume loop) → :func:`publish_message` → the bus. Only after :func:`publish_message`
+returns does a source acknowledge the message to its broker; a message that cannot become an
+event is kept in ``source_dead_letters`` and then acknowledged, so it neither blocks the stream
+nor vanishes. (Publishing, not delivering: delivery is what the dispatcher does to targets.)
 
 Formats: ``cloudevents`` (the message is a CloudEvent in the broker's binding, or structured
 JSON), ``s3-notification`` (an S3/MinIO or OSS bucket notification, mapped by ``_s3notify``;
@@ -26,7 +27,7 @@ from eventbus.cloudevents import new_event
 from eventbus.sources._base import Backoff, SourceContext
 from eventbus.sources._s3notify import notification_to_events
 
-__all__ = ["QueueConfig", "consume_forever", "deliver", "events_of", "raw_event"]
+__all__ = ["QueueConfig", "consume_forever", "events_of", "publish_message", "raw_event"]
 
 
 class QueueConfig(pydantic.BaseModel):
@@ -100,7 +101,7 @@ def events_of(
     return [raw_event(config, payload, id=id, subject=subject, time=time)]
 
 
-async def deliver(
+async def publish_message(
     ctx: SourceContext,
     payload: bytes,
     convert: Callable[[], list[dict[str, Any]]],
@@ -128,7 +129,7 @@ async def consume_forever(
     consume: Callable[[Backoff], Awaitable[None]],
     transient: tuple[type[BaseException], ...],
 ) -> None:
-    """Run ``consume`` (connect, then read and deliver) again and again until cancelled.
+    """Run ``consume`` (connect, then read and publish) again and again until cancelled.
 
     ``consume`` calls ``backoff.reset()`` once it is connected. Broker, bus and store failures
     (``transient`` plus BusError and StoreError) are reported in the status (``backoff``) and

@@ -6,9 +6,18 @@ batches audit rows into COPYs. :class:`EmbeddedPostgres` runs a real PostgreSQL 
 directory when no external database is configured, closed to everyone without its password.
 """
 
-from eventbus.store._audit import AuditWriter
+from eventbus.store._audit import Attempt, AttemptOutcome, AuditWriter
 from eventbus.store._embedded import EmbeddedPostgres
 from eventbus.store._migrate import migrate
 from eventbus.store._pool import EventTrail, Store, set_aside
 
-__all__ = ["AuditWriter", "EmbeddedPostgres", "EventTrail", "Store", "migrate", "set_aside"]
+__all__ = [
+    "Attempt",
+    "AttemptOutcome",
+    "AuditWriter",
+    "EmbeddedPostgres",
+    "EventTrail",
+    "Store",
+    "migrate",
+    "set_aside",
+]

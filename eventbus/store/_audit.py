@@ -31,17 +31,20 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, StoreError
+from eventbus._errors import ConfigError, StoreError, truncate_error
 from eventbus.store._jsonb import dumps_jsonb
 
-__all__ = ["AuditWriter"]
+__all__ = ["Attempt", "AttemptOutcome", "AuditWriter"]
 
 _log = logging.getLogger(__name__)
 
@@ -73,13 +76,42 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "refusals": ("at", "remote", "path", "reason"),
 }
-_ERROR_CHARS = 2048
 _QUARANTINE_CHARS = 64 * 1024
 _WRITE_TIMEOUT = 30.0  # seconds for one batch; a hung server is treated like a lost one
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
 
 _Row = tuple[str, tuple[Any, ...]]
+
+
+class AttemptOutcome(StrEnum):
+    """What became of a delivery attempt. Each value is spelled as the ``outcome`` column of
+    ``attempts`` stores it and, but for ``REPLAY_REQUESTED`` (not an attempt), as the
+    ``outcome`` label of the metric ``eventbus_deliveries_total``."""
+
+    DELIVERED = "delivered"
+    RETRY_SCHEDULED = "retry-scheduled"
+    DEAD_LETTERED = "dead-lettered"
+    """Also written for a delivery dead-lettered without a further attempt (its target unknown
+    or disabled): ``number`` is then the count of attempts made so far, ``status`` None."""
+    REPLAY_REQUESTED = "replay-requested"
+    """An operator moved the dead letter back into the retry schedule (attempt number 0)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One row of ``attempts``: attempt ``number`` (from 1) of delivering ``event`` for
+    ``rule`` to ``target``, and what became of it. Only the event's ``source`` and ``id`` are
+    recorded; ``status`` is the endpoint's HTTP status, if it answered one."""
+
+    event: Mapping[str, Any]
+    rule: str
+    target: str
+    number: int
+    outcome: AttemptOutcome
+    status: int | None = None
+    duration_ms: float = 0.0
+    error: str | None = None
 
 
 class AuditWriter:
@@ -200,32 +232,22 @@ class AuditWriter:
             (_text(attrs.get("source")), _text(attrs.get("id")), rule, target, datetime.now(UTC)),
         )
 
-    async def attempt(
-        self,
-        event: dict[str, Any],
-        *,
-        rule: str,
-        target: str,
-        attempt: int,
-        outcome: str,
-        status: int | None,
-        duration_ms: float,
-        error: str | None,
-    ) -> None:
-        """Record one delivery attempt and its outcome; ``error`` is cut to 2,048 characters."""
-        attrs = _attributes(event)
+    async def attempt(self, record: Attempt) -> None:
+        """Record one delivery attempt and its outcome; the error text is cut to
+        ``MAX_ERROR_CHARS``."""
+        attrs = _attributes(record.event)
         await self._put(
             "attempts",
             (
                 _text(attrs.get("source")),
                 _text(attrs.get("id")),
-                rule,
-                target,
-                attempt,
-                outcome,
-                status,
-                duration_ms,
-                None if error is None else error[:_ERROR_CHARS],
+                record.rule,
+                record.target,
+                record.number,
+                record.outcome.value,
+                record.status,
+                record.duration_ms,
+                None if record.error is None else truncate_error(record.error),
                 datetime.now(UTC),
             ),
         )
@@ -364,7 +386,7 @@ class AuditWriter:
         # ascii(): whatever made the row unwritable (a NUL, an unpaired surrogate, a date out of
         # range) becomes plain escapes that a text column always holds.
         text = ascii(record)[:_QUARANTINE_CHARS]
-        error = ascii(exc)[:_ERROR_CHARS]
+        error = truncate_error(ascii(exc))
         _log.error("audit: %s row rejected, set aside in audit_quarantine: %s", table, error)
         delay = _BACKOFF_FIRST
         while True:
@@ -408,7 +430,7 @@ class AuditWriter:
     def _failed(self, exc: BaseException) -> None:
         if self._failing_since is None:
             self._failing_since = time.monotonic()
-        self._last_error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+        self._last_error = truncate_error(f"{type(exc).__name__}: {exc}")
 
     def _stop(self, reason: str) -> None:
         self._stopped = reason

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from eventbus._errors import MAX_ERROR_CHARS, truncate_error
+
 __all__ = [
     "MAX_ERROR_CHARS",
     "Outcome",
@@ -26,9 +28,6 @@ __all__ = [
     "truncate_error",
 ]
 
-MAX_ERROR_CHARS = 1024
-"""``Outcome.error`` is truncated to this length so audit rows and dead letters stay small."""
-
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -38,7 +37,7 @@ class Outcome:
     succeed later (timeouts, connection errors, 408, 429, 5xx); ``gone`` marks an endpoint that
     answered 410 and must not be tried again. ``retry_after`` is the delay in seconds the endpoint
     asked for (429/503 only). ``reply`` is a validated CloudEvent the function answered with.
-    ``error`` is a short, bounded description; None when delivered.
+    ``error`` is a short description (at most ``MAX_ERROR_CHARS``); None when delivered.
     """
 
     delivered: bool
@@ -49,11 +48,6 @@ class Outcome:
     retry_after: float | None
     gone: bool = False
     reply: dict[str, Any] | None = None
-
-
-def truncate_error(text: str) -> str:
-    """``text`` cut to ``MAX_ERROR_CHARS`` (ending in "..." when cut)."""
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def failure(error: str, duration_ms: float, *, retryable: bool) -> Outcome:

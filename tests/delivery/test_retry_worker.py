@@ -70,7 +70,7 @@ async def rig(database_dsn: str, receiver: Receiver) -> AsyncIterator[Rig]:
 
 def _delivery(i: int) -> Delivery:
     event = {"specversion": "1.0", "id": f"r-{i}", "source": "tests/retry", "type": "t"}
-    return Delivery(event, "rule", "fn", event, True, None)
+    return Delivery(event=event, rule="rule", target="fn", payload=event, is_cloudevent=True)
 
 
 async def test_a_retry_is_attempted_when_due_not_at_the_next_poll(

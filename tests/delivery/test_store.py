@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest_asyncio
 
-from eventbus.delivery import DeadLetterFilter, Delivery, DeliveryStore
+from eventbus.delivery import (
+    DeadLetterFilter,
+    DeadLetterReason,
+    Delivery,
+    DeliveryKind,
+    DeliveryStore,
+)
 from eventbus.store import migrate
 
 
@@ -24,7 +30,7 @@ async def store(database_dsn: str) -> AsyncIterator[DeliveryStore]:
 
 def _delivery(i: int) -> Delivery:
     event = {"specversion": "1.0", "id": f"s-{i}", "source": "tests/store", "type": "t"}
-    return Delivery(event, "rule", "fn", event, True, None)
+    return Delivery(event=event, rule="rule", target="fn", payload=event, is_cloudevent=True)
 
 
 async def test_two_claimers_split_due_rows(store: DeliveryStore) -> None:
@@ -50,10 +56,40 @@ async def test_a_stale_claim_cannot_write(store: DeliveryStore) -> None:
     first.attempts = 5
     assert not await store.complete(first)
     assert not await store.reschedule(first, due_in=10)
-    assert await store.dead_letter(first, last_status=500, final_error="x", reason="r") is None
+    assert (
+        await store.dead_letter(
+            first, last_status=500, final_error="x", reason=DeadLetterReason.GONE
+        )
+        is None
+    )
 
     second.attempts = 2
-    assert await store.dead_letter(second, last_status=503, final_error="y", reason="r")
+    assert await store.dead_letter(
+        second, last_status=503, final_error="y", reason=DeadLetterReason.GONE
+    )
     assert await store.backlog() == 0
     (item,) = await store.list_dead_letters(DeadLetterFilter())
     assert item["attempts"] == 2 and item["last_status"] == 503
+
+
+async def test_a_follow_up_is_stored_under_its_rule_and_kind(store: DeliveryStore) -> None:
+    # Rows name a follow-up "<rule>#<kind>", as they always have: rows written before the kind
+    # was explicit read back the same, and the dead letters' rule filter keeps its meaning.
+    for kind in DeliveryKind:
+        event = {"specversion": "1.0", "id": f"k-{kind.value}", "source": "tests/store"}
+        follow_up = Delivery(
+            event=event, rule="orders", kind=kind, target="fn", payload=event, is_cloudevent=True
+        )
+        await store.schedule(follow_up, due_in=0)
+    claimed = await store.claim_due(limit=10, lease=60, instance="a")
+    assert sorted((d.rule, d.kind) for d in claimed) == sorted(
+        ("orders", kind) for kind in DeliveryKind
+    )
+    for d in claimed:
+        await store.dead_letter(
+            d, last_status=None, final_error=None, reason=DeadLetterReason.NON_RETRYABLE
+        )
+    rules = {item["rule"] for item in await store.list_dead_letters(DeadLetterFilter())}
+    assert rules == {"orders", "orders#dead-letter", "orders#on-success", "orders#on-failure"}
+    only = await store.list_dead_letters(DeadLetterFilter(rule="orders#on-failure"))
+    assert [item["event_id"] for item in only] == ["k-on-failure"]

@@ -13,7 +13,7 @@ import yaml
 from celpy.adapter import json_to_cel
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel import Outcome, activation, compile_condition
+from eventbus.rules._cel import Verdict, activation, compile_condition
 
 TABLE = yaml.safe_load((Path(__file__).parent / "data" / "cel_cases.yaml").read_text())
 EVENT: dict[str, Any] = TABLE["event"]
@@ -24,9 +24,9 @@ LOAD_ERRORS = [c for c in TABLE["cases"] if "load_error" in c]
 @pytest.mark.parametrize("case", RUNS, ids=[c["expr"] for c in RUNS])
 def test_evaluation(case: dict[str, str]) -> None:
     condition = compile_condition(case["expr"])
-    outcome, reason = condition.evaluate(activation(EVENT))
-    assert outcome is Outcome(case["outcome"])
-    assert bool(reason) == (outcome in (Outcome.ERROR, Outcome.NOT_BOOL))
+    verdict, reason = condition.evaluate(activation(EVENT))
+    assert verdict is Verdict(case["outcome"])
+    assert bool(reason) == (verdict in (Verdict.ERROR, Verdict.NOT_BOOL))
 
 
 @pytest.mark.parametrize("case", LOAD_ERRORS, ids=[c["expr"] for c in LOAD_ERRORS])
@@ -49,15 +49,15 @@ def test_one_activation_serves_many_conditions() -> None:
 
 
 def test_error_reason_names_the_problem() -> None:
-    outcome, reason = compile_condition('event.data.coupon == "X"').evaluate(activation(EVENT))
-    assert outcome is Outcome.ERROR
+    verdict, reason = compile_condition('event.data.coupon == "X"').evaluate(activation(EVENT))
+    assert verdict is Verdict.ERROR
     assert "coupon" in reason
 
 
 def test_evaluation_survives_odd_events() -> None:
     condition = compile_condition("event.data.total > 1")
     for event in ({}, {"data": None}, {"data": "text"}, {"data": [1, 2]}, {"data": {"total": {}}}):
-        assert condition.evaluate(activation(event))[0] is Outcome.ERROR
+        assert condition.evaluate(activation(event))[0] is Verdict.ERROR
 
 
 def test_activation_matches_cel_pythons_own_conversion() -> None:
@@ -69,8 +69,8 @@ def test_activation_matches_cel_pythons_own_conversion() -> None:
 
 def test_integers_beyond_int64_become_doubles() -> None:
     context = activation({"data": {"big": 2**70, "small": -(2**70)}})
-    assert compile_condition("event.data.big > 1.0e21").evaluate(context)[0] is Outcome.MATCH
-    assert compile_condition("event.data.small < 0.0").evaluate(context)[0] is Outcome.MATCH
+    assert compile_condition("event.data.big > 1.0e21").evaluate(context)[0] is Verdict.MATCH
+    assert compile_condition("event.data.small < 0.0").evaluate(context)[0] is Verdict.MATCH
 
 
 def test_compiled_runner_works_even_after_a_default_environment() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from eventbus._errors import StoreError
-from eventbus.store import EmbeddedPostgres, Store
+from eventbus._errors import MAX_ERROR_CHARS, StoreError
+from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
 from tests.fixtures.wait import eventually
 
 # Guards against a hang, not speed assertions: every wait in these tests is bounded.
@@ -82,14 +82,15 @@ async def test_backpressure_bounds_the_buffer_and_loses_nothing(database_dsn: st
             nonlocal most
             for n in range(25):
                 await store.audit.attempt(
-                    _event(k * 100 + n),
-                    rule="r",
-                    target="t",
-                    attempt=1,
-                    outcome="delivered",
-                    status=200,
-                    duration_ms=1.0,
-                    error=None,
+                    Attempt(
+                        event=_event(k * 100 + n),
+                        rule="r",
+                        target="t",
+                        number=1,
+                        outcome=AttemptOutcome.DELIVERED,
+                        status=200,
+                        duration_ms=1.0,
+                    )
                 )
                 most = max(most, store.audit.pending)
 
@@ -109,26 +110,27 @@ async def test_a_bad_row_is_isolated_and_the_rest_land(
             await store.audit.event_accepted(_event(n, subject=subject), via="http")
         # The driver cannot encode a str as an integer column: refused before it is sent.
         await store.audit.attempt(
-            _event(1),
-            rule="r",
-            target="t",
-            attempt=1,
-            outcome="failed",
-            status="500",  # type: ignore[arg-type]
-            duration_ms=1.0,
-            error=None,
+            Attempt(
+                event=_event(1),
+                rule="r",
+                target="t",
+                number=1,
+                outcome=AttemptOutcome.RETRY_SCHEDULED,
+                status="500",  # type: ignore[arg-type]
+                duration_ms=1.0,
+            )
         )
         # Nor an integer beyond the column's range: asyncpg raises OverflowError for that,
         # neither a ValueError nor a server error, and the writer must still set it aside.
         await store.audit.attempt(
-            _event(2),
-            rule="r",
-            target="t",
-            attempt=2**40,
-            outcome="failed",
-            status=None,
-            duration_ms=1.0,
-            error=None,
+            Attempt(
+                event=_event(2),
+                rule="r",
+                target="t",
+                number=2**40,
+                outcome=AttemptOutcome.RETRY_SCHEDULED,
+                duration_ms=1.0,
+            )
         )
         await asyncio.wait_for(store.audit.flush(), BOUND)
         assert await _count(store, "events") == 98
@@ -192,14 +194,14 @@ async def test_odd_events_are_stored_with_what_they_have(database_dsn: str) -> N
         await audit.event_accepted({"id": "set", "data": {1, 2}}, via="source:logs")
         await audit.rule_matched({}, "r", "t")
         await audit.attempt(
-            {"id": "long"},
-            rule="r",
-            target="t",
-            attempt=3,
-            outcome="dead-lettered",
-            status=None,
-            duration_ms=0.0,
-            error="x" * 10_000,
+            Attempt(
+                event={"id": "long"},
+                rule="r",
+                target="t",
+                number=3,
+                outcome=AttemptOutcome.DEAD_LETTERED,
+                error="x" * 10_000,
+            )
         )
         await asyncio.wait_for(audit.flush(), BOUND)
         rows = await store.pool.fetch("SELECT source, id, time, via FROM events ORDER BY seq")
@@ -211,7 +213,7 @@ async def test_odd_events_are_stored_with_what_they_have(database_dsn: str) -> N
         ]
         assert rows[1]["time"] is None
         assert rows[2]["time"].isoformat() == "2026-11-28T12:00:00+00:00"
-        assert await store.pool.fetchval("SELECT length(error) FROM attempts") == 2048
+        assert await store.pool.fetchval("SELECT length(error) FROM attempts") == MAX_ERROR_CHARS
         assert await _count(store, "matches") == 1
         assert audit.quarantined == 0
 

@@ -6,6 +6,8 @@ import eventbus.store
 def test_exported_members() -> None:
     assert eventbus.store.__all__ == sorted(eventbus.store.__all__)
     assert eventbus.store.__all__ == [
+        "Attempt",
+        "AttemptOutcome",
         "AuditWriter",
         "EmbeddedPostgres",
         "EventTrail",

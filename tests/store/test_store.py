@@ -10,7 +10,7 @@ import pytest
 
 from eventbus._errors import ConfigError, StoreError
 from eventbus.bus._nats_server import free_port as _free_port
-from eventbus.store import EmbeddedPostgres, Store
+from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
 
 
 def _event(n: int = 1, **extra: Any) -> dict[str, Any]:
@@ -33,24 +33,27 @@ async def test_event_trail_returns_event_matches_and_attempts_in_order(database_
         await store.audit.rule_matched(event, "thumbnails", "resize-fn")
         await store.audit.rule_matched(event, "archive", "archive-topic")
         await store.audit.attempt(
-            event,
-            rule="thumbnails",
-            target="resize-fn",
-            attempt=1,
-            outcome="retry-scheduled",
-            status=503,
-            duration_ms=12.5,
-            error="503 Service Unavailable",
+            Attempt(
+                event=event,
+                rule="thumbnails",
+                target="resize-fn",
+                number=1,
+                outcome=AttemptOutcome.RETRY_SCHEDULED,
+                status=503,
+                duration_ms=12.5,
+                error="503 Service Unavailable",
+            )
         )
         await store.audit.attempt(
-            event,
-            rule="thumbnails",
-            target="resize-fn",
-            attempt=2,
-            outcome="delivered",
-            status=200,
-            duration_ms=3.0,
-            error=None,
+            Attempt(
+                event=event,
+                rule="thumbnails",
+                target="resize-fn",
+                number=2,
+                outcome=AttemptOutcome.DELIVERED,
+                status=200,
+                duration_ms=3.0,
+            )
         )
         await store.audit.event_accepted(_event(2), via="kafka")
         await store.audit.flush()

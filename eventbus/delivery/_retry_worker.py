@@ -1,0 +1,145 @@
+"""The retry worker: runs the next attempt of every delivery parked in the durable retry schedule.
+
+    delivery_retries (Postgres) ─ claim due rows (SKIP LOCKED + lease) ─> Dispatcher.retry
+        ─> delivered (row dropped) | retry again (row rescheduled) | dead letter (row moved)
+
+Every instance runs one; they share the schedule without sending a row twice, and the rows an
+instance that died had claimed become due again when their lease ends. A retry this process
+schedules wakes the worker when it falls due (``due_in``); rows scheduled elsewhere are found
+by the regular poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from eventbus import metrics
+from eventbus._errors import StoreError
+from eventbus._tasks import stop_with_grace
+from eventbus.delivery._dispatcher import Dispatcher
+from eventbus.delivery._model import Delivery
+from eventbus.delivery._store import DeliveryStore
+
+__all__ = ["RetryWorker"]
+
+log = logging.getLogger("eventbus.delivery")
+
+_CLOCK_MARGIN = 0.002  # seconds past a row's due time before claiming it
+
+
+class RetryWorker:
+    """Claims due rows from the durable schedule and runs their next attempt.
+
+    Several instances share the schedule (SKIP LOCKED + lease); at most ``concurrency``
+    attempts run at once in this process.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        store: DeliveryStore,
+        *,
+        instance: str,
+        lease: float = 120.0,
+        batch: int = 100,
+        concurrency: int = 64,
+        idle_poll: float = 0.5,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._store = store
+        self._instance = instance
+        self._lease = lease
+        self._batch = batch
+        self._concurrency = concurrency
+        self._sem = asyncio.Semaphore(concurrency)
+        self._idle_poll = idle_poll
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._next_due = float("inf")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="eventbus-retry-worker")
+
+    def wake(self) -> None:
+        """Look for due rows now (after a replay, say) instead of at the next poll."""
+        self._wake.set()
+
+    def due_in(self, delay: float) -> None:
+        """A row will be due in ``delay`` seconds: look for it then, even mid-poll interval.
+        (Rows other instances schedule are found by the regular poll.)"""
+        due = time.monotonic() + delay
+        if due < self._next_due:
+            self._next_due = due
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        last_count = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_count > 5:
+                    metrics.RETRY_BACKLOG.set(await self._store.backlog())
+                    await self._dispatcher.refresh_disabled()
+                    last_count = time.monotonic()
+                # Claim only what can start now: a claimed row waiting here for a free slot
+                # would spend its lease waiting.
+                await self._sem.acquire()
+                self._sem.release()
+                free = self._concurrency - len(self._inflight)
+                claimed = await self._store.claim_due(
+                    limit=max(1, min(self._batch, free)),
+                    lease=self._lease,
+                    instance=self._instance,
+                )
+            except Exception as exc:  # StoreError, or Postgres restarting
+                log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
+                await asyncio.sleep(2.0)
+                continue
+            for pending in claimed:
+                await self._sem.acquire()
+                task = asyncio.create_task(self._one(pending))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            if not claimed:
+                # Due times are the database's: a local timer for a retry may fire a moment
+                # before the row is due by its clock, so ask it when the next one is.
+                with contextlib.suppress(StoreError):
+                    due = await self._store.next_due_in()
+                    if due is not None:
+                        self.due_in(due + _CLOCK_MARGIN)
+                await self._idle()
+
+    async def _idle(self) -> None:
+        """Sleep until the next poll, the earliest known due time, or a wake-up."""
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            if self._next_due <= now:
+                self._next_due = float("inf")
+                return
+            wait = min(self._idle_poll, self._next_due - now)
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                if self._next_due <= time.monotonic():
+                    self._next_due = float("inf")
+                return
+            if self._next_due == float("inf"):
+                return  # woken by wake(): a replay
+
+    async def _one(self, pending: Delivery) -> None:
+        try:
+            await self._dispatcher.retry(pending)
+        except Exception as exc:
+            # The row stays claimed until its lease runs out, then is tried again.
+            log.warning("retry of %s/%s failed: %s", pending.event.get("id"), pending.target, exc)
+        finally:
+            self._sem.release()
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming rows; attempts still running after ``grace`` seconds are cancelled
+        (their rows stay claimed until the lease ends, then are tried again)."""
+        await stop_with_grace(self._task, self._inflight, grace)
