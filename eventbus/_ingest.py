@@ -28,7 +28,7 @@ from eventbus._errors import (
     StoreError,
 )
 from eventbus._refusals import RefusalLog
-from eventbus.cloudevents import parse_http
+from eventbus.cloudevents import notification_to_events, parse_http
 from eventbus.config import ApiKey
 
 if TYPE_CHECKING:
@@ -225,8 +225,6 @@ class IngestApp:
 
     async def _notifications(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
         """S3 / MinIO / OSS bucket notifications, one CloudEvent per record."""
-        from eventbus.sources import notification_to_events
-
         events: list[dict[str, Any] | CloudEventError] = list(
             notification_to_events(raw, max_records=self._max_batch)
         )

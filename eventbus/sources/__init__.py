@@ -30,11 +30,6 @@ from eventbus.sources._base import (
     list_dead_letters,
     register_source,
 )
-from eventbus.sources._s3notify import (
-    notification_to_events,
-    oss_records_to_events,
-    s3_records_to_events,
-)
 
 __all__ = [
     "Backoff",
@@ -48,8 +43,5 @@ __all__ = [
     "SystemClock",
     "build_source",
     "list_dead_letters",
-    "notification_to_events",
-    "oss_records_to_events",
     "register_source",
-    "s3_records_to_events",
 ]

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from eventbus._errors import CloudEventError
-from eventbus.sources import notification_to_events, oss_records_to_events, s3_records_to_events
+from eventbus.cloudevents import notification_to_events, oss_records_to_events, s3_records_to_events
 
 S3_RECORD: dict[str, Any] = {
     "eventVersion": "2.1",

@@ -1,4 +1,4 @@
-"""Bucket notifications to CloudEvents: the one mapping every upload path shares.
+"""Bucket notifications to CloudEvents: the adapter mapping every upload path shares.
 
     S3 / MinIO notification (``Records[]``) ──┐
     Alibaba OSS notification (``events[]``) ──┼─> notification_to_events ─> [CloudEvent, ...]
@@ -17,7 +17,8 @@ from typing import Any
 import orjson
 
 from eventbus._errors import CloudEventError
-from eventbus.cloudevents import check_entries, validate
+from eventbus.cloudevents._bindings import check_entries
+from eventbus.cloudevents._event import validate
 
 __all__ = [
     "notification_to_events",
@@ -135,7 +136,7 @@ def notification_to_events(
 
     Accepts raw JSON bytes or an already-parsed object. Raises CloudEventError naming the
     record: 400 for invalid JSON, an unknown format, a malformed record or one whose event is
-    not valid (see :func:`eventbus.cloudevents.validate`), 413 for more than ``max_records``
+    not valid (see :func:`validate`), 413 for more than ``max_records``
     records or an event over the size limit.
     """
     if isinstance(body, bytes | bytearray | memoryview):

@@ -1,7 +1,7 @@
 """The CloudEvent itself: validation, JSON event format, construction and the dedup key.
 
 Every event enters the pipeline through :func:`validate` (directly, or via a protocol binding in
-``_ce_bindings``), so the rule engine, the bus and the targets only ever see dicts that follow
+``_bindings``), so the rule engine, the bus and the targets only ever see dicts that follow
 CloudEvents 1.0 in its JSON form. Validation is a hand-written pass over the attributes rather
 than a schema model because it runs once per ingested event on the hot path.
 

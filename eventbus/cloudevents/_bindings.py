@@ -4,7 +4,7 @@ This is the edge of the pipeline: the ingest API, the Kafka and NATS sources and
 adapters read messages with ``from_*`` / ``parse_http`` and the targets write them with
 ``to_*``. Each binding has the same two content modes: *structured* (the JSON event format is
 the whole body) and *binary* (attributes as headers, ``data`` as the raw body; see
-``_ce_codec``). HTTP adds the JSON batch format. Every reader validates what it returns.
+``_codec``). HTTP adds the JSON batch format. Every reader validates what it returns.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventbus._ce_codec import body_of, decode_header, event_from_binary
-from eventbus._ce_event import (
+from eventbus._errors import CloudEventError
+from eventbus.cloudevents._codec import body_of, decode_header, event_from_binary
+from eventbus.cloudevents._event import (
     DEFAULT_MAX_EVENT_SIZE,
     check_size,
     decode,
@@ -25,7 +26,6 @@ from eventbus._ce_event import (
     parse_json,
     validate,
 )
-from eventbus._errors import CloudEventError
 
 DEFAULT_MAX_BATCH_ENTRIES = 1000
 """Events one batch request may carry (the ``max_batch_entries`` setting)."""

@@ -1,9 +1,9 @@
-"""Binary content mode, shared by the HTTP, Kafka and NATS bindings in ``_ce_bindings``.
+"""Binary content mode, shared by the HTTP, Kafka and NATS bindings in ``_bindings``.
 
 In binary mode the attributes travel as protocol headers and the payload as the raw message
 body. This module maps between the two halves and the JSON form of an event: header values back
 to attribute strings (undoing the percent-encoding the HTTP and NATS bindings require; writing
-them is ``_ce_event.header_value``, as validation measures the headers an event will need), and
+them is ``_event.header_value``, as validation measures the headers an event will need), and
 the body to and from ``data`` / ``data_base64`` according to the content type.
 """
 
@@ -17,7 +17,8 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 
-from eventbus._ce_event import (
+from eventbus._errors import CloudEventError
+from eventbus.cloudevents._event import (
     charset_of,
     check_size,
     is_json,
@@ -25,7 +26,6 @@ from eventbus._ce_event import (
     media_type,
     validate,
 )
-from eventbus._errors import CloudEventError
 
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _DATA_ATTRIBUTES = ("data", "data_base64")
