@@ -29,12 +29,12 @@ from typing import Any, Self, TypeVar
 from eventbus._errors import ConfigError
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
-from eventbus.config import Settings
-from eventbus.connectors import (
+from eventbus.config import (
     ConnectorSet,
     HttpTargetSpec,
     KafkaTargetSpec,
     NatsTargetSpec,
+    Settings,
     load_connectors,
 )
 from eventbus.delivery import (

@@ -10,7 +10,6 @@ from eventbus.delivery._policy import (
     RetryPolicy,
     override_checker,
     parse_delivery,
-    parse_duration,
     target_policies,
 )
 from eventbus.delivery._store import DeadLetterFilter, Delivery, DeliveryStore
@@ -28,6 +27,5 @@ __all__ = [
     "RetryWorker",
     "override_checker",
     "parse_delivery",
-    "parse_duration",
     "target_policies",
 ]

@@ -151,7 +151,7 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
     Raises ``ConfigError`` for invalid connector files (``eventbus.cli`` prints it).
     """
     # Imported here: the rule engine itself never depends on connector or delivery definitions.
-    from eventbus.connectors import load_connectors
+    from eventbus.config import load_connectors
     from eventbus.delivery import override_checker, target_policies
 
     if not Path(connectors).exists():

@@ -28,8 +28,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from eventbus._errors import BusError, StoreError
-from eventbus._redact import redact_url
 from eventbus.cloudevents import from_nats
+from eventbus.config import redact_url
 from eventbus.sources._base import Backoff, SourceContext, register_source
 from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
 

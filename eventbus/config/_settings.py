@@ -23,8 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from eventbus._errors import ConfigError
-from eventbus._yaml import YamlDoc, load_yaml, pydantic_errors
-from eventbus.cloudevents import DEFAULT_MAX_BATCH_ENTRIES
+from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
     "ApiKey",
@@ -116,8 +115,11 @@ class Settings(_Model):
     connectors: Path = Path("connectors")
     bus: BusSettings = BusSettings()
     database: DatabaseSettings = DatabaseSettings()
+    # These two defaults are eventbus.cloudevents' DEFAULT_MAX_EVENT_SIZE and
+    # DEFAULT_MAX_BATCH_ENTRIES, written out so that the configuration imports no pipeline
+    # package; tests/config/test_settings.py pins that they agree.
     max_event_size: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
-    max_batch_entries: int = Field(DEFAULT_MAX_BATCH_ENTRIES, ge=1, le=100_000)
+    max_batch_entries: int = Field(1000, ge=1, le=100_000)
     """Events one batch request (or bucket notification) may carry; more is answered 413."""
     api_keys: tuple[ApiKey, ...] = ()
     allow_unauthenticated: bool = False

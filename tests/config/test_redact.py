@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eventbus._redact import redact_url
+from eventbus.config import redact_url
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eventbus._errors import ConfigError
-from eventbus._yaml import YamlDoc, load_yaml, pydantic_errors, yaml_files
-from eventbus.delivery._policy import Duration
+from eventbus.config._units import Duration
+from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors, yaml_files
 
 __all__ = [
     "ConnectorSet",
