@@ -142,11 +142,15 @@ EXPORTS: dict[str, list[str]] = {
         "register_source",
     ],
     "eventbus.store": [
+        "READ_TIMEOUT",
         "AuditWriter",
         "EmbeddedPostgres",
         "EventTrail",
         "Store",
+        "dumps_jsonb",
+        "loads_jsonb",
         "migrate",
+        "run_db",
         "set_aside",
     ],
     "eventbus.targets": [

@@ -36,8 +36,7 @@ import orjson
 import pydantic
 
 from eventbus._errors import ConfigError, StoreError
-from eventbus.store import set_aside
-from eventbus.store._failures import READ_TIMEOUT, run_db
+from eventbus.store import READ_TIMEOUT, run_db, set_aside
 
 __all__ = [
     "Backoff",
