@@ -63,6 +63,7 @@ EXPORTS: dict[str, list[str]] = {
         "validate",
     ],
     "eventbus.rules": [
+        "DeliveryCheck",
         "PatternError",
         "Route",
         "Rule",
@@ -85,6 +86,7 @@ EXPORTS: dict[str, list[str]] = {
         "NatsServer",
         "open_bus",
     ],
+    "eventbus.cli": ["main"],
     "eventbus.config": [
         "ApiKey",
         "BusSettings",
@@ -127,6 +129,7 @@ EXPORTS: dict[str, list[str]] = {
         "parse_delivery",
         "target_policies",
     ],
+    "eventbus.http": ["create_app", "http_server"],
     "eventbus.sources": [
         "Backoff",
         "Checkpoints",

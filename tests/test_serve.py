@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from eventbus._errors import ConfigError
-from eventbus._serve import _check_exposure
 from eventbus.bus._nats_server import free_port
+from eventbus.cli._serve import _check_exposure
 from eventbus.config import Settings, load_settings
 from tests.fixtures.postgres import private_data_root, stop_servers_under
 from tests.fixtures.service import ServeProcess, settings_for, write_config
@@ -111,7 +111,7 @@ async def test_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
         "import resource\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))\n"
-        "from eventbus._serve import _room_for_connections\n"
+        "from eventbus.cli._serve import _room_for_connections\n"
         "from eventbus.config import Settings\n"
         "_room_for_connections(Settings.model_validate({'listen': {'max_connections': 900}}))\n"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"

@@ -10,12 +10,12 @@ from typing import Any
 import orjson
 import pytest
 
-from eventbus.rules import _cli
+from eventbus.cli import _rules as _cli
 
 # Imported through the module: pytest would collect functions named test_* as tests.
 register, validate_command = _cli.register, _cli.validate_command
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "rules" / "data"  # the rule engine's own test data
 EVENTS = DATA / "events"
 KNOWN = {"audit-log", "thumbnailer", "orders-topic"}
 

@@ -1,9 +1,9 @@
-"""The HTTP edge: publish events, inspect the audit trail, rules, dead letters and sources,
+"""The admin API of the HTTP edge: inspect the audit trail, rules, dead letters and sources,
 health and metrics.
 
 Where it sits: a thin layer over the running ``Service`` (``eventbus.app``). The ingest routes
-(``POST /events``, ``POST /notifications``) are served as bare ASGI by ``eventbus._ingest`` in
-front of this FastAPI application, which serves the rest. Every error is an RFC 9457
+(``POST /events``, ``POST /notifications``) are served as bare ASGI by ``_ingest`` in front of
+this FastAPI application, which serves the rest. Every error is an RFC 9457
 problem+json body with a specific ``detail``.
 
 Access: with API keys configured, every route but ``/healthz``, ``/readyz`` and ``/metrics``
@@ -25,8 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError, RuleSetError
-from eventbus._ingest import PROBLEM, Access, ASGIApp, IngestApp, Problem, problem_for
 from eventbus.delivery import DeadLetterFilter
+from eventbus.http._access import Access
+from eventbus.http._ingest import IngestApp
+from eventbus.http._problem import PROBLEM, Problem, problem_for
+from eventbus.http._types import ASGIApp
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -120,7 +123,7 @@ def _filter(request: Request) -> DeadLetterFilter:
 
 def create_app(service: Service) -> ASGIApp:
     """The whole HTTP API over a started ``service``: the bare-ASGI ingest routes
-    (``eventbus._ingest``) in front of a FastAPI application for everything else."""
+    (``_ingest``) in front of a FastAPI application for everything else."""
     access = Access(service.settings.api_keys, service)
     app = FastAPI(title="eventbus", version="0.1.0", docs_url="/docs", redoc_url=None)
 

@@ -13,7 +13,7 @@ forwards SIGTERM to the workers, restarts one that dies, supervises the embedded
 stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
 
 Either way the HTTP server runs with the limits of ``listen`` (header and body deadlines, a
-connection cap: ``eventbus._connections``), and a ``listen.host`` reachable from the network is
+connection cap: ``eventbus.http``), and a ``listen.host`` reachable from the network is
 refused without ``api_keys`` unless ``allow_unauthenticated`` says otherwise.
 """
 
@@ -32,16 +32,12 @@ import subprocess
 import sys
 from typing import Any
 
-import uvicorn
-
-from eventbus._connections import ConnectionGuard
 from eventbus._errors import ConfigError, EventBusError
-from eventbus._ingest import ASGIApp
-from eventbus.api import create_app
 from eventbus.app import Service, start_embedded
 from eventbus.config import Settings
+from eventbus.http import create_app, http_server
 
-__all__ = ["http_server", "serve"]
+__all__ = ["serve"]
 
 log = logging.getLogger("eventbus")
 
@@ -54,28 +50,6 @@ def _quiet_signals() -> None:
     # re-raise is harmless and the service below it still shuts down gracefully.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-
-
-def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvicorn.Server:
-    """The uvicorn server for ``app`` on ``listen.host:port`` with the ``listen`` limits;
-    ``http`` picks uvicorn's parser (``auto``: httptools when installed, else h11)."""
-    listen = settings.listen
-    guard = ConnectionGuard(
-        header_timeout=listen.header_timeout,
-        body_timeout=listen.body_timeout,
-        max_connections=listen.max_connections,
-    )
-    config = uvicorn.Config(
-        guard.wrap(app),
-        host=listen.host,
-        port=listen.port,
-        http=guard.protocol(http),
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=int(settings.router.shutdown_grace),
-    )
-    return uvicorn.Server(config)
 
 
 def _check_exposure(settings: Settings) -> None:

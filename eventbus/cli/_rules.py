@@ -6,7 +6,7 @@
 
 The command functions take plain arguments, write to ``out`` and return the exit code (0 fine,
 1 invalid rules, 2 unusable input); they never let a traceback reach the user. ``register``
-wires them into the ``eventbus`` argparse tree (``eventbus.cli`` owns the top level).
+wires them into the ``eventbus`` argparse tree (``_main`` owns the top level).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from typing import Any, TextIO
 import orjson
 
 from eventbus._errors import PatternError, RuleSetError
-from eventbus.rules._cel import Outcome, activation
-from eventbus.rules._pattern import compile_pattern
-from eventbus.rules._ruleset import DeliveryCheck, RuleSet, load_rules
+from eventbus.rules import DeliveryCheck, load_rules, matches
 
 __all__ = ["register", "test_command", "test_pattern_command", "validate_command"]
 
@@ -76,17 +74,6 @@ def validate_command(
     return EXIT_OK
 
 
-def _failed_conditions(rules: RuleSet, event: dict[str, Any]) -> dict[str, str]:
-    # RuleSet.route only counts failures; re-evaluate those few rules to show the reason.
-    failed = {}
-    for rule in rules.rules:
-        if rule.name in rules.cel_errors and rule.condition is not None:
-            outcome, reason = rule.condition.evaluate(activation(event))
-            if outcome in (Outcome.ERROR, Outcome.NOT_BOOL):
-                failed[rule.name] = reason
-    return failed
-
-
 def test_command(
     event_file: str | Path,
     path: str | Path,
@@ -121,7 +108,7 @@ def test_command(
             }
             for route in routes
         ],
-        "condition_errors": _failed_conditions(rules, event),
+        "condition_errors": rules.condition_errors(event),
     }
     out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
@@ -133,14 +120,14 @@ def test_pattern_command(pattern_file: str | Path, event_file: str | Path, *, ou
     try:
         pattern = _read_json(pattern_file, "pattern file")
         event = _read_object(event_file, "event file")
-        compiled = compile_pattern(pattern)
+        matched = matches(pattern, event)
     except _InputError as exc:
         out.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT
     except PatternError as exc:
         out.write(f"error: invalid pattern in {str(pattern_file)!r}: {exc}\n")
         return EXIT_BAD_INPUT
-    out.write("true\n" if compiled.matches(event) else "false\n")
+    out.write("true\n" if matched else "false\n")
     return EXIT_OK
 
 
@@ -148,9 +135,10 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
     """Target names from the connector definitions and a check of the rules' delivery
     overrides against their targets' policies; (None, None), no checks, when there are none.
 
-    Raises ``ConfigError`` for invalid connector files (``eventbus.cli`` prints it).
+    Raises ``ConfigError`` for invalid connector files (``main`` prints it).
     """
-    # Imported here: the rule engine itself never depends on connector or delivery definitions.
+    # Imported here, not at the top: the delivery layer loads every driver, which ``eventbus
+    # rules test-pattern`` and ``eventbus --help`` do without.
     from eventbus.config import load_connectors
     from eventbus.delivery import override_checker, target_policies
 

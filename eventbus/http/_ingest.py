@@ -1,147 +1,31 @@
 """The hot HTTP path: ``POST /events`` and ``POST /notifications`` served as bare ASGI, in front
-of the FastAPI application that serves everything else.
+of the FastAPI application (``_api``) that serves everything else.
 
 Where it sits: the first thing a published event meets. Measured on the 2-core machine, the
 framework layers around a FastAPI route (middleware stack, routing, request objects) cost more
 CPU than the ingest work itself, so this path reads the body straight from ``receive``
 (bounded), parses it with ``eventbus.cloudevents`` (orjson), publishes it to the durable bus
 and answers; a 2xx means the event is on the bus (guarantee 1).
-
-Also here, shared with the FastAPI routes: ``Problem`` (an RFC 9457 problem+json answer),
-``problem_for`` (which eventbus errors become which answer) and ``Access`` (API keys).
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import (
-    BusError,
-    BusUnavailable,
-    CloudEventError,
-    StoreDataError,
-    StoreError,
-)
-from eventbus._refusals import RefusalLog
+from eventbus._errors import BusUnavailable, CloudEventError
 from eventbus.cloudevents import notification_to_events, parse_http
-from eventbus.config import ApiKey
+from eventbus.http._access import Access
+from eventbus.http._problem import PROBLEM, Problem, problem_for
+from eventbus.http._types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from eventbus.app import Service
 
-__all__ = ["PROBLEM", "Access", "IngestApp", "Problem", "problem_for"]
-
-PROBLEM = "application/problem+json"
-_TITLES = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Payload Too Large",
-    415: "Unsupported Media Type",
-    422: "Unprocessable Content",
-    431: "Request Header Fields Too Large",
-    500: "Internal error",
-    503: "Service Unavailable",
-}
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class Problem(Exception):
-    """An error answer: status, a specific detail, optional headers."""
-
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        *,
-        title: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.title = title or _TITLES.get(status, "Error")
-        self.headers = headers or {}
-
-    def body(self, instance: str | None) -> bytes:
-        """The problem+json body; ``instance`` (the request path) is left out when unknown."""
-        return orjson.dumps(
-            {
-                "type": "about:blank",
-                "title": self.title,
-                "status": self.status,
-                "detail": self.detail,
-                **({} if instance is None else {"instance": instance}),
-            }
-        )
-
-
-def problem_for(exc: Exception) -> Problem | None:
-    """The answer for an error an API operation may raise on purpose; None for the others."""
-    if isinstance(exc, Problem):
-        return exc
-    if isinstance(exc, CloudEventError):
-        metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
-        return Problem(exc.status, exc.detail, title=exc.title)
-    if isinstance(exc, BusUnavailable):
-        return Problem(503, f"the event bus is unavailable: {exc}", headers={"Retry-After": "5"})
-    if isinstance(exc, StoreDataError):
-        return Problem(400, f"the database cannot take a value of this request: {exc}")
-    if isinstance(exc, StoreError):
-        return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
-    if isinstance(exc, BusError):
-        # the broker refused this event (too large for it, say): retrying will not help
-        return Problem(422, f"the event bus refused the event: {exc}")
-    return None
-
-
-class Access:
-    """API keys with scopes ``publish`` and ``admin``; no keys configured means open access.
-
-    ``check`` raises Problem 401 (no or unknown key) or 403 (key without the scope) and
-    audits the refusal (rate-limited: ``eventbus._refusals``)."""
-
-    def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
-        self._keys = [(k.key.encode(), frozenset(k.scopes), k.name) for k in keys]
-        self._refusals = RefusalLog(service.store.audit)
-
-    async def check(
-        self, headers: Mapping[str, str], path: str, remote: str | None, scope: str
-    ) -> None:
-        """``headers`` with lower-case names."""
-        if not self._keys:
-            return
-        header = headers.get("authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        given = given or headers.get("x-api-key", "")
-        found = None
-        for key, scopes, name in self._keys:
-            # compare against every key, so timing does not tell which prefix matched
-            if given and hmac.compare_digest(given.encode(), key):
-                found = (scopes, name)
-        if found is None:
-            reason = "missing API key" if not given else "invalid API key"
-            self._refusals.record(remote=remote, path=path, reason=reason)
-            metrics.EVENTS_REJECTED.labels("http", "unauthorized").inc()
-            raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
-        scopes, name = found
-        if scope not in scopes and "admin" not in scopes:
-            reason = f"key {name!r} lacks scope {scope!r}"
-            self._refusals.record(remote=remote, path=path, reason=reason)
-            raise Problem(403, reason)
+__all__ = ["IngestApp"]
 
 
 async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:

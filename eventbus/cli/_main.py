@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from eventbus._errors import EventBusError
+from eventbus.cli import _rules
 
 __all__ = ["main"]
 
@@ -93,8 +94,8 @@ def _query(args: argparse.Namespace, **extra: Any) -> str:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from eventbus._logging import configure_logging
-    from eventbus._serve import serve
+    from eventbus.cli._logging import configure_logging
+    from eventbus.cli._serve import serve
     from eventbus.config import load_settings
 
     settings = load_settings(args.config)
@@ -168,7 +169,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _cmd_display(args: argparse.Namespace) -> int:
-    from eventbus._display import run_display
+    from eventbus.cli._display import run_display
 
     run_display(args.host, args.port, fail_rate=args.fail_rate, secret=args.secret, seed=args.seed)
     return 0
@@ -181,8 +182,6 @@ def _cmd_sources(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eventbus.rules import _cli as rules_cli
-
     parser = argparse.ArgumentParser(
         prog="eventbus", description="A self-hosted event bus and trigger router."
     )
@@ -209,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_publish)
 
     p = sub.add_parser("rules", help="validate and test routing rules offline")
-    rules_cli.register(p.add_subparsers(dest="rules_command", required=True))
+    _rules.register(p.add_subparsers(dest="rules_command", required=True))
 
     p = sub.add_parser("events", help="inspect the audit trail")
     ev = p.add_subparsers(dest="events_command", required=True)
@@ -261,7 +260,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

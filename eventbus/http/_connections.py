@@ -2,7 +2,8 @@
 around uvicorn's own HTTP protocol (h11 or httptools).
 
 Where it sits: at the very front of the HTTP edge, between the listening socket and the ASGI
-application of ``eventbus.api``; ``eventbus._serve`` builds one ``ConnectionGuard`` per server.
+application (``_ingest`` in front of ``_api``); ``http_server`` builds one ``ConnectionGuard``
+per server.
 
 - **Header deadline** (``listen.header_timeout``): a connection that has no request inside the
   application (new, or idle after a response) is closed once it has waited that long for a
@@ -44,7 +45,8 @@ from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
 from eventbus import metrics
-from eventbus._ingest import PROBLEM, ASGIApp, Message, Problem, Receive, Scope, Send
+from eventbus.http._problem import PROBLEM, Problem
+from eventbus.http._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["ConnectionGuard"]
 
