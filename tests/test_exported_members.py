@@ -134,7 +134,6 @@ EXPORTS: dict[str, list[str]] = {
         "Backoff",
         "Checkpoints",
         "Clock",
-        "ManualClock",
         "Source",
         "SourceContext",
         "SourceRunner",

@@ -30,8 +30,10 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_nats
 from eventbus.config import redact_url
-from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueConfig, consume_forever, deliver, events_of
+from eventbus.sources._runner import register_source
 
 __all__ = ["JetStreamSource", "JetStreamSourceConfig", "NatsSource", "NatsSourceConfig"]
 

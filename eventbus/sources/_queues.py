@@ -24,7 +24,8 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import new_event, notification_to_events
-from eventbus.sources._base import Backoff, SourceContext
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
 
 __all__ = ["QueueConfig", "consume_forever", "deliver", "events_of", "raw_event"]
 

@@ -27,8 +27,9 @@ import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
 from eventbus.cloudevents import s3_event
-from eventbus.sources._base import SourceContext, register_source
+from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
+from eventbus.sources._runner import register_source
 
 __all__ = ["S3PollConfig", "S3PollSource"]
 

@@ -10,13 +10,13 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.sources import (
-    ManualClock,
     SourceContext,
     SourceRunner,
     SourceStatus,
     build_source,
     register_source,
 )
+from tests.sources._harness import ManualClock
 
 
 class _EchoConfig(pydantic.BaseModel):
