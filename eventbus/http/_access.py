@@ -27,7 +27,6 @@ from eventbus.http._problem import Problem
 
 if TYPE_CHECKING:
     from eventbus.app import Service
-    from eventbus.store import AuditWriter
 
 __all__ = ["Access", "RefusalLog"]
 
@@ -35,10 +34,10 @@ log = logging.getLogger("eventbus.http")
 
 
 class RefusalLog:
-    """Records refusals through ``audit``, at most ``per_second`` one by one each second."""
+    """Records refusals through ``service``, at most ``per_second`` one by one each second."""
 
-    def __init__(self, audit: AuditWriter, per_second: int = 20) -> None:
-        self._audit = audit
+    def __init__(self, service: Service, per_second: int = 20) -> None:
+        self._service = service
         self._per_second = per_second
         self._second = -1
         self._recorded = 0  # rows written in the current second
@@ -54,7 +53,7 @@ class RefusalLog:
             self._second, self._recorded = second, 0
         if self._recorded < self._per_second:
             self._recorded += 1
-            if self._audit.refused(remote=remote, path=path, reason=reason):
+            if self._service.record_refusal(remote=remote, path=path, reason=reason):
                 return
         self._unrecorded += 1
         metrics.REFUSALS_UNRECORDED.inc()
@@ -70,7 +69,7 @@ class RefusalLog:
             f"(over {self._per_second} a second)"
         )
         log.warning("refused requests: %s", reason)
-        if not self._audit.refused(remote=None, path="*", reason=reason):
+        if not self._service.record_refusal(remote=None, path="*", reason=reason):
             # the audit buffer is full or the service stopping: the log line and metric remain
             log.warning("refused requests: summary row not written")
 
@@ -83,7 +82,7 @@ class Access:
 
     def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
         self._keys = [(k.key.encode(), frozenset(k.scopes), k.name) for k in keys]
-        self._refusals = RefusalLog(service.store.audit)
+        self._refusals = RefusalLog(service)
 
     async def check(
         self, headers: Mapping[str, str], path: str, remote: str | None, scope: str

@@ -155,14 +155,14 @@ def create_app(service: Service) -> ASGIApp:
         source, event_id = _query_text(request, "source"), _query_text(request, "id")
         if not source or not event_id:
             raise Problem(400, "query parameters 'source' and 'id' are required")
-        trail = await service.store.event_trail(source, event_id)
+        trail = await service.event_trail(source, event_id)
         if trail is None:
             raise Problem(404, f"no event with source {source!r} and id {event_id!r}")
         return _json(trail.to_dict())
 
     @route("GET", "/rules", "admin")
     async def list_rules(request: Request) -> Response:
-        rules = service.rules.current.rules
+        rules = service.current_rules()
         return _json(
             {
                 "rules": [
@@ -195,16 +195,14 @@ def create_app(service: Service) -> ASGIApp:
         q = request.query_params
         limit = _limit(request)
         after = _integer("after", q["after"]) if "after" in q else None
-        items = await service.deliveries.list_dead_letters(
-            _filter(request), limit=limit, after_id=after
-        )
+        items = await service.dead_letters(_filter(request), limit=limit, after=after)
         nxt = items[-1]["id"] if len(items) == limit else None
         return _json({"items": items, "next_after": nxt})
 
     @route("GET", "/dead-letters/{dl_id}", "admin")
     async def show_dead_letter(request: Request) -> Response:
         dl_id = _int_path(request, "dl_id")
-        item = await service.deliveries.get_dead_letter(dl_id)
+        item = await service.dead_letter(dl_id)
         if item is None:
             raise Problem(404, f"no dead letter {dl_id}")
         return _json(item)
@@ -226,7 +224,7 @@ def create_app(service: Service) -> ASGIApp:
     @route("DELETE", "/dead-letters/{dl_id}", "admin")
     async def delete_one(request: Request) -> Response:
         dl_id = _int_path(request, "dl_id")
-        n = await service.deliveries.purge(DeadLetterFilter(ids=(dl_id,)))
+        n = await service.purge(DeadLetterFilter(ids=(dl_id,)))
         if not n:
             raise Problem(404, f"no dead letter {dl_id}")
         return _json({"purged": n})
@@ -235,7 +233,7 @@ def create_app(service: Service) -> ASGIApp:
     async def purge(request: Request) -> Response:
         flt = _filter(request)
         _require_filter(flt, request)
-        return _json({"purged": await service.deliveries.purge(flt)})
+        return _json({"purged": await service.purge(flt)})
 
     @route("POST", "/targets/{name}/enable", "admin")
     async def enable_target(request: Request) -> Response:
@@ -254,10 +252,8 @@ def create_app(service: Service) -> ASGIApp:
 
     @route("GET", "/sources/dead-letters", "admin")
     async def source_dead_letters(request: Request) -> Response:
-        from eventbus.sources import list_dead_letters
-
-        items = await list_dead_letters(
-            service.store.pool, source=_query_text(request, "source"), limit=_limit(request)
+        items = await service.source_dead_letters(
+            source=_query_text(request, "source"), limit=_limit(request)
         )
         return _json({"items": items})
 

@@ -120,7 +120,7 @@ class IngestApp:
         """Publish the valid events; answer for one event, or per entry (like PutEvents)."""
         valid = [e for e in events if not isinstance(e, CloudEventError)]
         # Audited as accepted when the router takes them off the bus (crash-safe).
-        outcomes = await self._service.bus.publish_many(valid, via=via) if valid else []
+        outcomes = await self._service.publish_many(valid, via=via) if valid else []
         accepted = outcomes.count(None)
         if accepted:
             metrics.EVENTS_RECEIVED.labels(via).inc(accepted)
