@@ -31,7 +31,7 @@ The application tells the guard when a request is inside it: while forwarding re
 the wrapper sets a context variable to its connection, and the task uvicorn creates for a
 request (or a pipelined one, started from the previous request's task) copies that context.
 This relies on uvicorn's default ``reset_contextvars=False`` and on uvicorn starting a
-request's task while it parses the bytes; ``tests/test_connections.py`` pins both behaviours
+request's task while it parses the bytes; ``tests/http/test_connections.py`` pins both behaviours
 for h11 and httptools, on asyncio's loop and (through ``eventbus serve``) on uvloop.
 """
 

@@ -26,7 +26,7 @@ from eventbus.cloudevents import (
     to_nats,
 )
 
-DATA = Path(__file__).parent / "data" / "cloudevents"
+DATA = Path(__file__).parent / "data"
 
 
 def _cases(name: str) -> list[dict[str, Any]]:

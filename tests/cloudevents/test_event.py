@@ -28,7 +28,7 @@ from eventbus.cloudevents import (
     validate,
 )
 
-DATA = Path(__file__).parent / "data" / "cloudevents"
+DATA = Path(__file__).parent / "data"
 
 
 def _table(name: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from eventbus.config import Settings, load_settings
 from tests.fixtures.postgres import private_data_root, stop_servers_under
 from tests.fixtures.service import ServeProcess, settings_for, write_config
 
-COMPOSE = Path(__file__).parents[1] / "compose"
+COMPOSE = Path(__file__).parents[2] / "compose"
 KEY = {"name": "ops", "key": "k" * 32, "scopes": ["admin"]}
 
 
