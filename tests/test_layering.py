@@ -24,7 +24,8 @@ PACKAGE = Path(eventbus.__file__).parent
 
 # Bottom to top: a unit may import itself and the units of earlier layers only.
 LAYERS: list[set[str]] = [
-    {"_errors", "metrics"},
+    {"_errors"},
+    {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"cloudevents", "config"},
     {"bus", "rules", "store", "targets"},
     {"delivery", "sources"},
@@ -32,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"app"},
     {"http"},
     {"cli"},
-    {"__init__", "__main__"},
+    {"__main__"},
 ]
 RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 
@@ -125,8 +126,13 @@ def _imported_units(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module is not None:
             assert node.level == 0, "eventbus uses absolute imports only"
             names = [node.module]
-            if node.module == "eventbus":  # from eventbus import metrics
-                names = [f"eventbus.{alias.name}" for alias in node.names]
+            if node.module == "eventbus":  # from eventbus import metrics, __version__
+                names = [
+                    f"eventbus.{alias.name}"
+                    if (PACKAGE / alias.name).is_dir() or (PACKAGE / f"{alias.name}.py").exists()
+                    else "eventbus.__init__"
+                    for alias in node.names
+                ]
         for name in names:
             parts = name.split(".")
             if parts[0] == "eventbus" and len(parts) > 1:

@@ -17,7 +17,12 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import BusUnavailable, CloudEventError
-from eventbus.cloudevents import notification_to_events, parse_http
+from eventbus.cloudevents import (
+    BATCH_CONTENT_TYPE,
+    STRUCTURED_CONTENT_TYPE,
+    notification_to_events,
+    parse_http,
+)
 from eventbus.http._access import Access
 from eventbus.http._problem import PROBLEM, Problem, problem_for
 from eventbus.http._types import ASGIApp, Receive, Scope, Send
@@ -25,7 +30,86 @@ from eventbus.http._types import ASGIApp, Receive, Scope, Send
 if TYPE_CHECKING:
     from eventbus.app import Service
 
-__all__ = ["IngestApp"]
+__all__ = ["INGEST_OPERATIONS", "IngestApp"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _answers(accepted: dict[str, Any], *problems: int) -> dict[str, Any]:
+    problem = {"content": {PROBLEM: {"schema": _ref("ProblemDetails")}}}
+    batch = {"application/json": {"schema": _ref("BatchAccepted")}}
+    return {
+        "202": {"description": "On the durable bus", "content": accepted},
+        "207": {"description": "A batch of which some entries failed", "content": batch},
+        **{str(status): {"description": _TITLES[status], **problem} for status in problems},
+    }
+
+
+_TITLES = {
+    400: "Invalid request or event",
+    401: "No or unknown API key",
+    403: "The key lacks scope publish",
+    405: "Not POST",
+    408: "The body did not arrive in time",
+    413: "The body or the batch is too large",
+    415: "A CloudEvents format other than JSON",
+    422: "The event bus refused the event",
+    503: "The event bus is unavailable: retry later",
+}
+_REFUSED = (400, 401, 403, 405, 408, 413, 422, 503)
+
+INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
+    "/events": {
+        "post": {
+            "summary": "Publish CloudEvents: 202 once they are on the durable bus",
+            "description": (
+                "Structured mode (one event), batch mode (a JSON array; each entry answered on "
+                "its own, 207 when any failed) or binary mode (any other Content-Type: the "
+                "attributes in ce-* headers, the body is the event's data)."
+            ),
+            "operationId": "publish_events",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    STRUCTURED_CONTENT_TYPE: {"schema": _ref("CloudEvent")},
+                    BATCH_CONTENT_TYPE: {"schema": {"type": "array", "items": _ref("CloudEvent")}},
+                    "*/*": {"schema": {"description": "binary mode: the event's data"}},
+                },
+            },
+            "responses": _answers(
+                {
+                    "application/json": {
+                        "schema": {"anyOf": [_ref("Accepted"), _ref("BatchAccepted")]}
+                    }
+                },
+                *_REFUSED,
+                415,
+            ),
+        }
+    },
+    "/notifications": {
+        "post": {
+            "summary": "Publish bucket notifications (S3, MinIO, Alibaba OSS), one event each",
+            "description": (
+                'An S3 or MinIO notification ({"Records": [...]}) or an OSS one '
+                '({"events": [...]}); every record becomes a CloudEvent (the S3 adapter\'s '
+                "mapping), answered per entry."
+            ),
+            "operationId": "publish_notifications",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "responses": _answers(
+                {"application/json": {"schema": _ref("BatchAccepted")}}, *_REFUSED
+            ),
+        }
+    },
+}
+"""The ingest routes in the OpenAPI document (``GET /openapi.json``): served here, not by the
+FastAPI application that writes the document."""
 
 
 async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
