@@ -37,7 +37,9 @@ LAYERS: list[set[str]] = [
 ]
 RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 
-# What importing each package loads of eventbus, besides itself and the package root.
+# What importing each package loads of eventbus, besides itself and the package root. The
+# delivery layer's set recurs: the router, the composition root and the edge stand on it.
+_DELIVERY = {"_errors", "cloudevents", "config", "metrics", "rules", "store", "targets"}
 PULLS: dict[str, set[str]] = {
     "eventbus.cloudevents": {"_errors"},
     "eventbus.config": {"_errors"},
@@ -45,52 +47,13 @@ PULLS: dict[str, set[str]] = {
     "eventbus.bus": {"_errors", "cloudevents", "config"},
     "eventbus.store": {"_errors", "config", "metrics"},
     "eventbus.targets": {"_errors", "cloudevents", "config"},
-    "eventbus.delivery": {
-        "_errors",
-        "cloudevents",
-        "config",
-        "metrics",
-        "rules",
-        "store",
-        "targets",
-    },
+    "eventbus.delivery": _DELIVERY,
     "eventbus.sources": {"_errors", "cloudevents", "config", "metrics", "store"},
-    "eventbus.router": {
-        "_errors",
-        "bus",
-        "cloudevents",
-        "config",
-        "delivery",
-        "metrics",
-        "rules",
-        "store",
-        "targets",
-    },
-    "eventbus.app": {
-        "_errors",
-        "_supervisor",
-        "bus",
-        "cloudevents",
-        "config",
-        "delivery",
-        "metrics",
-        "router",
-        "rules",
-        "sources",
-        "store",
-        "targets",
-    },
-    # the edge knows the service's type only for checking; its commands load the rest lazily
-    "eventbus.http": {
-        "_errors",
-        "cloudevents",
-        "config",
-        "delivery",
-        "metrics",
-        "rules",
-        "store",
-        "targets",
-    },
+    "eventbus.router": _DELIVERY | {"bus", "delivery"},
+    "eventbus.app": _DELIVERY | {"_supervisor", "bus", "delivery", "router", "sources"},
+    # the edge knows the service's type only for checking; the service arrives at run time
+    "eventbus.http": _DELIVERY | {"delivery"},
+    # the commands import what they need when they run
     "eventbus.cli": {"_errors", "config", "rules"},
 }
 
