@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -29,12 +29,12 @@ from typing import Any, Self, TypeVar
 from eventbus._errors import ConfigError
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
-from eventbus.config import Settings
-from eventbus.connectors import (
+from eventbus.config import (
     ConnectorSet,
     HttpTargetSpec,
     KafkaTargetSpec,
     NatsTargetSpec,
+    Settings,
     load_connectors,
 )
 from eventbus.delivery import (
@@ -47,9 +47,9 @@ from eventbus.delivery import (
     target_policies,
 )
 from eventbus.router import Router
-from eventbus.rules import RuleSet, RuleSetHolder, compile_rules, load_rules
-from eventbus.sources import SourceRunner, SourceStatus, build_source
-from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store, set_aside
+from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
+from eventbus.sources import SourceRunner, SourceStatus, build_source, list_dead_letters
+from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
 from eventbus.targets import HttpTarget, HttpTargetConfig, Target
 
 __all__ = ["Embedded", "Service", "build_target", "start_embedded"]
@@ -298,6 +298,8 @@ class Service:
         await self._stack.aclose()
 
     # -- operations used by the API and CLI ------------------------------------------------
+    # The HTTP edge and the CLI go through these methods only, never through the components
+    # behind them, so those can change without the edge noticing.
 
     def reload_rules(self) -> int:
         """Reload connectors' target names and rules; an invalid set keeps the old one."""
@@ -376,3 +378,44 @@ class Service:
 
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()
+
+    async def publish_many(
+        self, events: Sequence[dict[str, Any]], *, via: str
+    ) -> list[BaseException | None]:
+        """Put valid events on the durable bus; one outcome per event, in order: None once it
+        is durable (the publisher may be answered 2xx), else BusUnavailable or BusError."""
+        return await self.bus.publish_many(events, via=via)
+
+    def record_refusal(self, *, remote: str | None, path: str, reason: str) -> bool:
+        """Audit one refused request; False when the audit cannot take it now (never waits)."""
+        return self.store.audit.refused(remote=remote, path=path, reason=reason)
+
+    async def event_trail(self, source: str, event_id: str) -> EventTrail | None:
+        """An event's acceptance, matches and delivery attempts, or None for an unknown event.
+        Raises StoreError (StoreDataError for a value the database refuses)."""
+        return await self.store.event_trail(source, event_id)
+
+    def current_rules(self) -> Sequence[Rule]:
+        """The rules routing now, in load order, disabled ones included."""
+        return self.rules.current.rules
+
+    async def dead_letters(
+        self, flt: DeadLetterFilter, *, limit: int, after: int | None = None
+    ) -> list[dict[str, Any]]:
+        """One page of the dead letters ``flt`` selects, by id, after the id ``after``."""
+        return await self.deliveries.list_dead_letters(flt, limit=limit, after_id=after)
+
+    async def dead_letter(self, dl_id: int) -> dict[str, Any] | None:
+        """One dead letter with its event and every attempt, or None."""
+        return await self.deliveries.get_dead_letter(dl_id)
+
+    async def purge(self, flt: DeadLetterFilter) -> int:
+        """Delete the dead letters ``flt`` selects; how many were deleted."""
+        return await self.deliveries.purge(flt)
+
+    async def source_dead_letters(
+        self, *, source: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Input sources could not turn into events, newest first (see
+        :func:`eventbus.sources.list_dead_letters`)."""
+        return await list_dead_letters(self.store.pool, source=source, limit=limit)

@@ -28,7 +28,6 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
-from eventbus._redact import redact_url
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -38,6 +37,7 @@ from eventbus.bus._base import (
     require_positive,
     wire_encode,
 )
+from eventbus.config import redact_url
 
 __all__ = ["NatsBus", "NatsBusConfig"]
 

@@ -11,7 +11,6 @@ from eventbus.delivery._policy import (
     RetryPolicy,
     override_checker,
     parse_delivery,
-    parse_duration,
     target_policies,
 )
 from eventbus.delivery._retry_worker import RetryWorker
@@ -32,6 +31,5 @@ __all__ = [
     "RetryWorker",
     "override_checker",
     "parse_delivery",
-    "parse_duration",
     "target_policies",
 ]

@@ -21,14 +21,12 @@ jitter), ``alibaba-backoff`` (3 retries, random 10-20 s apart), ``alibaba-expone
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -37,43 +35,17 @@ from pydantic import (
 )
 
 from eventbus._errors import ConfigError
+from eventbus.config import parse_duration
 
 __all__ = [
     "PRESETS",
     "BreakerPolicy",
     "DeliveryPolicy",
-    "Duration",
     "RetryPolicy",
     "override_checker",
     "parse_delivery",
-    "parse_duration",
     "target_policies",
 ]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """``1.5``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"`` -> seconds (float, ≥ 0).
-
-    Raises ValueError for anything else, including negative numbers.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"duration must not be negative: {value}")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 6h, 1d)")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-"""A pydantic field type accepting ``10``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,7 @@ from typing import Any
 import asyncpg
 
 from eventbus.delivery._model import DeadLetterReason, Delivery, split_stored_rule
-from eventbus.store._failures import READ_TIMEOUT, run_db
-from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
+from eventbus.store import READ_TIMEOUT, dumps_jsonb, loads_jsonb, run_db
 
 __all__ = ["DeadLetterFilter", "DeliveryStore"]
 

@@ -10,6 +10,7 @@ The rule format is specified in ``docs/rules.md``, the pattern language in ``doc
 from eventbus._errors import PatternError, RuleError, RuleSetError
 from eventbus.rules._pattern import matches
 from eventbus.rules._ruleset import (
+    DeliveryCheck,
     Route,
     Rule,
     RuleSet,
@@ -20,6 +21,7 @@ from eventbus.rules._ruleset import (
 )
 
 __all__ = [
+    "DeliveryCheck",
     "PatternError",
     "Route",
     "Rule",

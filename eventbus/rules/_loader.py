@@ -4,7 +4,7 @@ The rule compiler (``_ruleset``) turns these documents into a ``RuleSet``; this 
 YAML, so that every later error can name the file, the line of the offending key and the rule.
 
 A rule file holds a YAML list of rule mappings (an empty file holds no rules). Rule files are
-read with the same node builder as settings and connector files (``eventbus._yaml``), with two
+read with the same node builder as settings and connector files (``eventbus.config``), with two
 differences: every problem of every file is reported at once as ``RuleError``s, and the YAML
 dialect is narrower, because rules carry event-pattern values that must stay the strings the
 user typed:
@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from eventbus._errors import RuleError
-from eventbus._yaml import KeyPath, NodeBuilder, YamlDoc, yaml_files
+from eventbus.config import KeyPath, NodeBuilder, YamlDoc, yaml_files
 
 __all__ = ["KeyPath", "RuleDoc", "read_rule_files"]
 

@@ -193,6 +193,18 @@ class RuleSet:
                 )
         return routes
 
+    def condition_errors(self, event: dict[str, Any]) -> dict[str, str]:
+        """Why the ``when`` condition of each rule counted in ``cel_errors`` fails on ``event``
+        (rule name to reason), for ``eventbus rules test``: ``route`` only counts failures, so
+        the few failing conditions are evaluated again here."""
+        failed = {}
+        for rule in self.rules:
+            if rule.name in self.cel_errors and rule.condition is not None:
+                verdict, reason = rule.condition.evaluate(activation(event))
+                if verdict in (Verdict.ERROR, Verdict.NOT_BOOL):
+                    failed[rule.name] = reason
+        return failed
+
     def _condition_failed(self, rule: Rule, event: dict[str, Any], reason: str) -> None:
         self.cel_errors[rule.name] += 1
         now = time.monotonic()

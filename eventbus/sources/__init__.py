@@ -1,7 +1,8 @@
 """Sources: connectors that turn outside input into CloudEvents on the bus.
 
-Importing this package registers every built-in connector type with the framework in
-``_base`` (the core never imports a specific connector; this registry does).
+Importing this package registers every built-in connector type with the registry in
+``_runner`` (the core never imports a specific connector; this registry does). The framework
+the connectors plug into: ``_base`` (the contract), ``_checkpoints``, ``_clock``, ``_runner``.
 """
 
 # Imported for their side effect: each connector module registers its source type.
@@ -16,31 +17,15 @@ from eventbus.sources import (  # noqa: F401
     _syslog,
     _timer,
 )
-from eventbus.sources._base import (
-    Backoff,
-    Checkpoints,
-    Clock,
-    ManualClock,
-    Source,
-    SourceContext,
-    SourceRunner,
-    SourceStatus,
-    SystemClock,
-    build_source,
-    list_dead_letters,
-    register_source,
-)
-from eventbus.sources._s3notify import (
-    notification_to_events,
-    oss_records_to_events,
-    s3_records_to_events,
-)
+from eventbus.sources._base import Source, SourceContext, SourceStatus
+from eventbus.sources._checkpoints import Checkpoints, list_dead_letters
+from eventbus.sources._clock import Backoff, Clock, SystemClock
+from eventbus.sources._runner import SourceRunner, build_source, register_source
 
 __all__ = [
     "Backoff",
     "Checkpoints",
     "Clock",
-    "ManualClock",
     "Source",
     "SourceContext",
     "SourceRunner",
@@ -48,8 +33,5 @@ __all__ = [
     "SystemClock",
     "build_source",
     "list_dead_letters",
-    "notification_to_events",
-    "oss_records_to_events",
     "register_source",
-    "s3_records_to_events",
 ]

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
-from eventbus.sources._base import Backoff, SourceContext
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
 
 __all__ = ["poll_changes"]
 

@@ -22,8 +22,9 @@ from typing import Any
 import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
-from eventbus.sources._base import SourceContext, register_source
+from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
+from eventbus.sources._runner import register_source
 
 __all__ = ["DirectoryConfig", "DirectorySource"]
 

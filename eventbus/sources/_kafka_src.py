@@ -20,8 +20,10 @@ from aiokafka.errors import KafkaError
 
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_kafka
-from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
+from eventbus.sources._runner import register_source
 
 __all__ = ["KafkaSource", "KafkaSourceConfig"]
 

@@ -33,7 +33,9 @@ import pydantic
 
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import new_event
-from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
+from eventbus.sources._runner import register_source
 
 __all__ = ["LogTailConfig", "LogTailSource"]
 

@@ -28,10 +28,12 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from eventbus._errors import BusError, StoreError
-from eventbus._redact import redact_url
 from eventbus.cloudevents import from_nats
-from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.config import redact_url
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
+from eventbus.sources._runner import register_source
 
 __all__ = ["JetStreamSource", "JetStreamSourceConfig", "NatsSource", "NatsSourceConfig"]
 

@@ -8,9 +8,10 @@ event is kept in ``source_dead_letters`` and then acknowledged, so it neither bl
 nor vanishes. (Publishing, not delivering: delivery is what the dispatcher does to targets.)
 
 Formats: ``cloudevents`` (the message is a CloudEvent in the broker's binding, or structured
-JSON), ``s3-notification`` (an S3/MinIO or OSS bucket notification, mapped by ``_s3notify``;
-one message may become several events) and ``raw`` (the payload is wrapped: JSON if it parses,
-else UTF-8 text, else base64, with the configured ``event_type`` and ``event_source``).
+JSON), ``s3-notification`` (an S3/MinIO or OSS bucket notification, mapped by
+``eventbus.cloudevents``; one message may become several events) and ``raw`` (the payload is
+wrapped: JSON if it parses, else UTF-8 text, else base64, with the configured ``event_type`` and
+``event_source``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import orjson
 import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
-from eventbus.cloudevents import new_event
-from eventbus.sources._base import Backoff, SourceContext
-from eventbus.sources._s3notify import notification_to_events
+from eventbus.cloudevents import new_event, notification_to_events
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
 
 __all__ = ["QueueConfig", "consume_forever", "events_of", "publish_message", "raw_event"]
 

@@ -6,7 +6,8 @@ For buckets that cannot send notifications (or whose notifications cannot reach 
 object's ETag and LastModified are checkpointed (key ``o:<object key>``) after its event is
 on the bus, so a restart emits nothing twice and misses nothing; a crash between the two
 re-emits that one object (at-least-once). Events have the shape of the S3 adapter's
-``ObjectCreated:Put`` events (one mapping in ``_s3notify``). Deleted objects are not reported.
+``ObjectCreated:Put`` events (one mapping, in ``eventbus.cloudevents``). Deleted objects are
+not reported.
 
 boto3 is synchronous: its calls run in a worker thread so the event loop never blocks.
 """
@@ -25,9 +26,10 @@ import botocore.exceptions
 import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
-from eventbus.sources._base import SourceContext, register_source
+from eventbus.cloudevents import s3_event
+from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
-from eventbus.sources._s3notify import s3_event
+from eventbus.sources._runner import register_source
 
 __all__ = ["S3PollConfig", "S3PollSource"]
 

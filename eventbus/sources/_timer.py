@@ -30,7 +30,9 @@ import pydantic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError, StoreError
 from eventbus.cloudevents import new_event
-from eventbus.sources._base import Backoff, SourceContext, register_source
+from eventbus.sources._base import SourceContext
+from eventbus.sources._clock import Backoff
+from eventbus.sources._runner import register_source
 from eventbus.sources._schedule import Schedule, missed_ticks, parse_schedule
 
 __all__ = ["TimerConfig", "TimerSource"]

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from eventbus._errors import StoreError
-from eventbus._redact import redact_url
+from eventbus.config import redact_url
 from eventbus.store._audit import AuditWriter
 from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb

@@ -37,8 +37,8 @@ import orjson
 from nats.aio.client import Client
 
 from eventbus._errors import CloudEventError, ConfigError
-from eventbus._redact import redact_url
 from eventbus.cloudevents import to_nats
+from eventbus.config import redact_url
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 

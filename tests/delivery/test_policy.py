@@ -7,7 +7,7 @@ import random
 import pytest
 
 from eventbus._errors import ConfigError
-from eventbus.delivery import PRESETS, DeliveryPolicy, RetryPolicy, parse_delivery, parse_duration
+from eventbus.delivery import PRESETS, DeliveryPolicy, RetryPolicy, parse_delivery
 
 
 def _schedule(policy: RetryPolicy, seed: int = 1) -> list[float]:
@@ -106,29 +106,6 @@ def test_bad_policies_are_refused_with_the_field(spec: dict[str, object], messag
     text = str(info.value)
     assert text.startswith("connectors/t.yaml:3 target 'fn': delivery: ")
     assert message in text
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        (5, 5.0),
-        (0.5, 0.5),
-        ("250ms", 0.25),
-        ("10s", 10.0),
-        ("5m", 300.0),
-        ("6h", 21600.0),
-        ("1d", 86400.0),
-        (" 2 s ", 2.0),
-    ],
-)
-def test_durations(text: object, seconds: float) -> None:
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("bad", [-1, "-1s", "1 week", "", True, None, [1]])
-def test_bad_durations(bad: object) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(bad)
 
 
 def test_huge_attempt_counts_do_not_overflow() -> None:

@@ -15,8 +15,8 @@ import orjson
 import pytest
 import yaml
 
-from eventbus.connectors import load_connectors
-from eventbus.delivery._policy import parse_delivery
+from eventbus.config import load_connectors
+from eventbus.delivery import parse_delivery
 from eventbus.rules import load_rules
 
 ROOT = Path(__file__).resolve().parents[2]

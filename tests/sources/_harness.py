@@ -1,11 +1,14 @@
-"""Helpers for the source tests (engineer A's): a migrated pool, a recording publish seam, and a
-source running in a task. Not collected by pytest."""
+"""Helpers for the source tests (engineer A's): a migrated pool, a recording publish seam, a
+source running in a task, and a clock moved by hand. Not collected by pytest."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -103,3 +106,49 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition did not hold in time")
+
+
+class ManualClock:
+    """A clock that only moves when told to, so timing logic is tested without real sleeps.
+
+    ``sleep`` blocks until :meth:`advance` moves the clock past its deadline; sleepers wake in
+    deadline order.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
+        self._sleepers: list[tuple[datetime, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._slept = asyncio.Event()
+
+    def now(self) -> datetime:
+        return self._now
+
+    @property
+    def sleepers(self) -> int:
+        """How many ``sleep`` calls are waiting right now."""
+        return sum(1 for _, _, fut in self._sleepers if not fut.done())
+
+    async def sleep(self, seconds: float) -> None:
+        deadline = self._now + timedelta(seconds=max(seconds, 0.0))
+        if deadline <= self._now:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (deadline, next(self._seq), fut))
+        self._slept.set()
+        await fut
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward and wake every sleeper whose deadline has passed."""
+        self._now += timedelta(seconds=seconds)
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            _, _, fut = heapq.heappop(self._sleepers)
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_for_sleepers(self, count: int = 1) -> None:
+        """Return once at least ``count`` sleepers are waiting (wrap in ``asyncio.timeout``)."""
+        while self.sleepers < count:
+            self._slept.clear()
+            await self._slept.wait()

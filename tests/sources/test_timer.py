@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 
 from eventbus._errors import ConfigError
-from eventbus.sources import ManualClock, Source, SourceContext, build_source
+from eventbus.sources import Source, SourceContext, build_source
 from eventbus.sources._timer import TimerSource
-from tests.sources._harness import WAIT, running, source_pool
+from tests.sources._harness import WAIT, ManualClock, running, source_pool
 from tests.sources.test_queue_support import bus_tap, context
 
 START = datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC)

@@ -1,0 +1,189 @@
+"""``eventbus rules ...``: check and try rules offline, without a running service.
+
+    eventbus rules validate [PATH]                       every problem, with file:line and rule
+    eventbus rules test --event E.json [PATH]            which rules match, what targets receive
+    eventbus rules test-pattern --pattern P.json --event E.json     true/false
+
+The command functions take plain arguments, write to ``out`` and return the exit code (0 fine,
+1 invalid rules, 2 unusable input); they never let a traceback reach the user. ``register``
+wires them into the ``eventbus`` argparse tree (``_main`` owns the top level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from eventbus._errors import PatternError, RuleSetError
+from eventbus.rules import DeliveryCheck, load_rules, matches
+
+__all__ = ["register", "test_command", "test_pattern_command", "validate_command"]
+
+EXIT_OK, EXIT_INVALID_RULES, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _InputError(Exception):
+    """An input file is missing or not the JSON expected; never escapes this module."""
+
+
+def _read_json(path: str | Path, what: str) -> Any:
+    try:
+        return orjson.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise _InputError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise _InputError(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
+
+
+def _read_object(path: str | Path, what: str) -> dict[str, Any]:
+    value = _read_json(path, what)
+    if not isinstance(value, dict):
+        raise _InputError(f"{what} {str(path)!r} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _write_errors(exc: RuleSetError, out: TextIO) -> int:
+    for error in exc.errors:
+        out.write(f"{error}\n")
+    count = len(exc.errors)
+    out.write(f"{count} problem{'s' if count != 1 else ''} found\n")
+    return EXIT_INVALID_RULES
+
+
+def validate_command(
+    path: str | Path,
+    *,
+    known_targets: Collection[str] | None,
+    out: TextIO,
+    check_delivery: DeliveryCheck | None = None,
+) -> int:
+    """Load the rules at ``path``; print ``N rules OK`` (exit 0) or every problem (exit 1)."""
+    try:
+        rules = load_rules(path, known_targets=known_targets, check_delivery=check_delivery)
+    except RuleSetError as exc:
+        return _write_errors(exc, out)
+    disabled = sum(1 for rule in rules.rules if not rule.enabled)
+    count = len(rules.rules)
+    note = f" ({disabled} disabled)" if disabled else ""
+    out.write(f"{count} rule{'s' if count != 1 else ''} OK{note}\n")
+    return EXIT_OK
+
+
+def test_command(
+    event_file: str | Path,
+    path: str | Path,
+    *,
+    known_targets: Collection[str] | None,
+    out: TextIO,
+    check_delivery: DeliveryCheck | None = None,
+) -> int:
+    """Route the event in ``event_file`` through the rules at ``path`` and print, as JSON, the
+    matched rules, every route with the payload its target would receive, and the rules whose
+    condition failed on this event. Exit 0, 1 for invalid rules, 2 for an unusable event file.
+    """
+    try:
+        event = _read_object(event_file, "event file")
+    except _InputError as exc:
+        out.write(f"error: {exc}\n")
+        return EXIT_BAD_INPUT
+    try:
+        rules = load_rules(path, known_targets=known_targets, check_delivery=check_delivery)
+    except RuleSetError as exc:
+        return _write_errors(exc, out)
+    routes = rules.route(event)
+    report = {
+        "matched": list(dict.fromkeys(route.rule for route in routes)),
+        "routes": [
+            {
+                "rule": route.rule,
+                "target": route.target,
+                "is_cloudevent": route.is_cloudevent,
+                "payload": route.payload,
+                "delivery": route.delivery,
+            }
+            for route in routes
+        ],
+        "condition_errors": rules.condition_errors(event),
+    }
+    out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+def test_pattern_command(pattern_file: str | Path, event_file: str | Path, *, out: TextIO) -> int:
+    """Print ``true`` or ``false``: does the event match the event pattern (as EventBridge's
+    TestEventPattern)? Exit 0, or 2 with a clear message for a bad pattern or JSON file."""
+    try:
+        pattern = _read_json(pattern_file, "pattern file")
+        event = _read_object(event_file, "event file")
+        matched = matches(pattern, event)
+    except _InputError as exc:
+        out.write(f"error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except PatternError as exc:
+        out.write(f"error: invalid pattern in {str(pattern_file)!r}: {exc}\n")
+        return EXIT_BAD_INPUT
+    out.write("true\n" if matched else "false\n")
+    return EXIT_OK
+
+
+def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryCheck | None]:
+    """Target names from the connector definitions and a check of the rules' delivery
+    overrides against their targets' policies; (None, None), no checks, when there are none.
+
+    Raises ``ConfigError`` for invalid connector files (``main`` prints it).
+    """
+    # Imported here, not at the top: the delivery layer loads every driver, which ``eventbus
+    # rules test-pattern`` and ``eventbus --help`` do without.
+    from eventbus.config import load_connectors
+    from eventbus.delivery import override_checker, target_policies
+
+    if not Path(connectors).exists():
+        return None, None
+    targets = load_connectors(connectors).targets
+    policies = target_policies({name: spec.delivery for name, spec in targets.items()})
+    return set(targets), override_checker(policies)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    targets, check = _known_targets(args.connectors)
+    return validate_command(args.path, known_targets=targets, out=sys.stdout, check_delivery=check)
+
+
+def _run_test(args: argparse.Namespace) -> int:
+    targets, check = _known_targets(args.connectors)
+    return test_command(
+        args.event, args.path, known_targets=targets, out=sys.stdout, check_delivery=check
+    )
+
+
+def _run_test_pattern(args: argparse.Namespace) -> int:
+    return test_pattern_command(args.pattern, args.event, out=sys.stdout)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``validate``, ``test`` and ``test-pattern`` to the ``eventbus rules`` subparsers
+    (an ``argparse`` subparsers action); each sets ``func(args) -> exit code``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("path", nargs="?", default="rules", help="rule file or directory")
+    common.add_argument(
+        "--connectors",
+        default="connectors",
+        help="connector definitions naming the targets (targets are not checked when absent)",
+    )
+
+    p = subparsers.add_parser("validate", parents=[common], help="check rules, list problems")
+    p.set_defaults(func=_run_validate)
+
+    p = subparsers.add_parser("test", parents=[common], help="route one event through the rules")
+    p.add_argument("--event", required=True, help="a CloudEvent in JSON form")
+    p.set_defaults(func=_run_test)
+
+    p = subparsers.add_parser("test-pattern", help="does an event match an event pattern?")
+    p.add_argument("--pattern", required=True, help="an event pattern (JSON)")
+    p.add_argument("--event", required=True, help="an event (JSON)")
+    p.set_defaults(func=_run_test_pattern)

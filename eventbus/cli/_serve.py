@@ -1,0 +1,213 @@
+"""``eventbus serve``: run the service under uvicorn, in one process or several.
+
+One process: ``Service`` (every component) plus the HTTP API on ``listen.host:port``.
+SIGTERM/SIGINT stop the HTTP server first (no new events accepted), then the service shuts
+down gracefully: in-flight deliveries finish, nothing undelivered is acknowledged.
+
+Several processes (``--workers N``, to use more than one core): the parent starts the embedded
+nats-server and PostgreSQL if no URLs are configured and runs N worker processes; each binds
+the port with ``SO_REUSEPORT`` so the kernel spreads connections evenly among them (one shared
+listening socket let one worker take most of them), and they share the work through the bus's
+durable consumer (or consumer group). Sources run in the first worker only. The parent
+forwards SIGTERM to the workers, restarts one that dies, supervises the embedded servers (and
+stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
+
+Either way the HTTP server runs with the limits of ``listen`` (header and body deadlines, a
+connection cap: ``eventbus.http``), and a ``listen.host`` reachable from the network is
+refused without ``api_keys`` unless ``allow_unauthenticated`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import ipaddress
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from eventbus._errors import ConfigError, EventBusError
+from eventbus.app import Service, start_embedded
+from eventbus.config import Settings
+from eventbus.http import create_app, http_server
+
+__all__ = ["serve"]
+
+log = logging.getLogger("eventbus")
+
+# descriptors a process needs besides client connections: database pool, bus, targets, logs
+_OTHER_FILES = 256
+
+
+def _quiet_signals() -> None:
+    # uvicorn re-raises the signal it caught once it has stopped; with these handlers that
+    # re-raise is harmless and the service below it still shuts down gracefully.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
+def _check_exposure(settings: Settings) -> None:
+    """Refuse (ConfigError) to offer purge, replay and reload to the network without API keys;
+    with ``allow_unauthenticated`` say loudly that it is so."""
+    host = settings.listen.host
+    if settings.api_keys or _loopback(host):
+        return
+    if not settings.allow_unauthenticated:
+        raise ConfigError(
+            f"listen.host {host!r} is reachable from the network but no api_keys are set: "
+            "anyone could publish events, purge and replay dead letters and reload rules. "
+            "Set api_keys (for example EVENTBUS_API_KEYS, see docs/configuration.md), listen on "
+            "127.0.0.1, or set allow_unauthenticated: true when something in front of eventbus "
+            "authenticates every request"
+        )
+    log.warning(
+        "NO AUTHENTICATION: listening on %s:%d without api_keys (allow_unauthenticated: true); "
+        "anyone who reaches this port may publish, purge, replay and reload",
+        host,
+        settings.listen.port,
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name, which may resolve to anything
+
+
+def _room_for_connections(settings: Settings) -> None:
+    """Raise the soft open-file limit (up to the hard one) so that ``listen.max_connections``,
+    not a failing accept() or database connect, is what turns clients away."""
+    want = settings.listen.max_connections + _OTHER_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.warning(
+            "the open-file limit (hard %d) leaves room for fewer than listen.max_connections "
+            "(%d) clients; raise it (ulimit -n) or lower the setting",
+            hard,
+            settings.listen.max_connections,
+        )
+
+
+async def _serve_one(settings: Settings, reuse_port: bool) -> None:
+    async with Service(settings) as service:
+        server = http_server(create_app(service), settings)
+        _quiet_signals()
+        # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
+        # every future garbage collection pass.
+        gc.freeze()
+        await server.serve(sockets=[_bind(settings, listen=True)] if reuse_port else None)
+        log.info("HTTP server stopped; shutting the service down")
+
+
+def _bind(settings: Settings, *, listen: bool) -> socket.socket:
+    """A socket on the listen address with SO_REUSEPORT; only listening ones get connections,
+    so the parent's unlistened one just holds the port (and fails early if it is taken)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.listen.host, settings.listen.port))
+    if listen:
+        sock.listen(2048)
+    return sock
+
+
+async def _supervise(settings: Settings, workers: int, config_path: str | None) -> None:
+    env = dict(os.environ)
+    async with contextlib.AsyncExitStack() as stack:
+        embedded = await start_embedded(stack, settings)
+        # The workers get the embedded servers' URLs, passwords included, in their environment:
+        # only the same user (and root) can read a process's environment, unlike its command
+        # line, which every local user can see.
+        if settings.embedded_bus:
+            env["EVENTBUS_BUS__NATS__URL"] = str(embedded.nats_url)
+        if settings.embedded_database:
+            env["EVENTBUS_DATABASE__URL"] = embedded.database_url
+        sock = _bind(settings, listen=False)
+        stack.callback(sock.close)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        procs: list[subprocess.Popen[bytes] | None] = [None] * workers
+        failed = False
+
+        def spawn(i: int) -> subprocess.Popen[bytes]:
+            cmd = [sys.executable, "-m", "eventbus", "serve", "--reuse-port"]
+            if config_path:
+                cmd += ["--config", config_path]
+            worker_env = dict(
+                env,
+                EVENTBUS_RUN_SOURCES="true" if i == 0 else "false",
+                EVENTBUS_LISTEN__HOST=settings.listen.host,
+                EVENTBUS_LISTEN__PORT=str(settings.listen.port),
+            )
+            return subprocess.Popen(cmd, env=worker_env)
+
+        for i in range(workers):
+            procs[i] = spawn(i)
+        log.info("started %d workers on %s:%d", workers, settings.listen.host, settings.listen.port)
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            if embedded.supervisor.failed is not None:
+                # The workers cannot work without their servers: stop everything and exit
+                # non-zero, so whatever runs eventbus restarts it.
+                log.error("giving up: %s", embedded.supervisor.failed)
+                failed = True
+                break
+            for i, proc in enumerate(procs):
+                if proc is not None and proc.poll() is not None and not stopping.is_set():
+                    log.warning("worker %d exited with %s; restarting", i, proc.returncode)
+                    procs[i] = spawn(i)
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        # a worker's grace for deliveries, then the audit flush (up to 10 s), then margin
+        deadline = settings.router.shutdown_grace + 30
+        for proc in procs:
+            if proc is None:
+                continue
+            try:
+                await asyncio.to_thread(proc.wait, deadline)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if failed:
+        raise EventBusError(f"stopped: {embedded.supervisor.failed}")
+
+
+def serve(
+    settings: Settings,
+    *,
+    workers: int = 1,
+    reuse_port: bool = False,
+    config_path: str | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
+    _check_exposure(settings)
+    _room_for_connections(settings)
+    runner: Any
+    runner = (
+        _supervise(settings, workers, config_path)
+        if workers > 1
+        else _serve_one(settings, reuse_port)
+    )
+    try:
+        import uvloop
+
+        uvloop.run(runner)
+    except ImportError:
+        asyncio.run(runner)

@@ -1,0 +1,337 @@
+"""CloudEvents protocol bindings: HTTP, Kafka and NATS messages to and from event dicts.
+
+This is the edge of the pipeline: the ingest API, the Kafka and NATS sources and the bus
+adapters read messages with ``from_*`` / ``parse_http`` and the targets write them with
+``to_*``. Each binding has the same two content modes: *structured* (the JSON event format is
+the whole body) and *binary* (attributes as headers, ``data`` as the raw body; see
+``_codec``). HTTP adds the JSON batch format. Every reader validates what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eventbus._errors import CloudEventError
+from eventbus.cloudevents._codec import body_of, decode_header, event_from_binary
+from eventbus.cloudevents._event import (
+    DEFAULT_MAX_EVENT_SIZE,
+    check_size,
+    decode,
+    encode,
+    header_value,
+    json_bytes,
+    media_type,
+    parse_json,
+    validate,
+)
+
+DEFAULT_MAX_BATCH_ENTRIES = 1000
+"""Events one batch request may carry (the ``max_batch_entries`` setting)."""
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+_CLOUDEVENTS_MEDIA = "application/cloudevents"
+
+_NOT_HEADERS = frozenset({"data", "data_base64", "datacontenttype"})
+_NOT_NATS_HEADERS = frozenset({"data", "data_base64"})
+
+
+@dataclass(frozen=True, slots=True)
+class HttpParse:
+    """What one HTTP request carried: one result per event, in request order.
+
+    A result is the validated event or the :class:`CloudEventError` that rejected it; only a
+    batch can hold errors, so one bad entry does not cost the others.
+    """
+
+    events: list[dict[str, Any] | CloudEventError]
+    batch: bool
+
+
+def _unsupported(media: str) -> CloudEventError:
+    return CloudEventError(
+        f"unsupported event format {media!r}: use {STRUCTURED_CONTENT_TYPE} "
+        f"or {BATCH_CONTENT_TYPE}",
+        status=415,
+        title="Unsupported CloudEvent format",
+    )
+
+
+def _attribute_headers(
+    event: dict[str, Any], prefix: str, skip: frozenset[str], *, percent: bool
+) -> dict[str, str]:
+    return {
+        prefix + name: header_value(value, percent=percent)
+        for name, value in event.items()
+        if name not in skip
+    }
+
+
+def _from_ce_headers(
+    lowered: dict[str, str],
+    body: bytes,
+    *,
+    content_header_first: bool,
+    max_size: int,
+    ascii_only: bool,
+) -> dict[str, Any]:
+    """Binary mode with ``ce-`` headers, percent-encoded: HTTP and NATS share it.
+
+    ``ascii_only`` refuses raw non-ASCII header values: HTTP servers hand those over decoded as
+    Latin-1, so UTF-8 text would arrive garbled (``café`` as ``cafÃ©``).
+    """
+    if "ce-specversion" not in lowered:
+        raise CloudEventError(
+            "not a CloudEvent: expected Content-Type "
+            f"{STRUCTURED_CONTENT_TYPE} or {BATCH_CONTENT_TYPE}, "
+            "or binary mode with ce-* headers (ce-specversion is missing)"
+        )
+    attributes: dict[str, str] = {}
+    header_size = 0
+    for name, value in lowered.items():
+        attribute = name.startswith("ce-")
+        if ascii_only and (attribute or name == "content-type") and not value.isascii():
+            raise CloudEventError(
+                f"header {name[:40]!r} holds raw non-ASCII bytes: percent-encode its UTF-8 "
+                "bytes (é as %C3%A9), as the CloudEvents HTTP binding requires"
+            )
+        if attribute:
+            attributes[name[3:]] = decode_header(name, value)
+            header_size += len(name) + len(value)
+    content_header = lowered.get("content-type")
+    declared = attributes.get("datacontenttype")
+    content_type = (
+        (content_header or declared) if content_header_first else (declared or content_header)
+    )
+    return event_from_binary(
+        attributes, content_type, body, header_size=header_size, max_size=max_size
+    )
+
+
+def _batch(body: bytes, max_size: int, max_entries: int) -> list[dict[str, Any] | CloudEventError]:
+    entries = parse_json(body)
+    if type(entries) is not list:
+        raise CloudEventError("a batch must be a JSON array of events")
+    if not entries:
+        raise CloudEventError("the batch is empty")
+    # Refused before any entry is validated: the answer lists every entry, so a request of
+    # many tiny entries would cost far more to answer than to send.
+    check_entries(len(entries), max_entries)
+    results: list[dict[str, Any] | CloudEventError] = []
+    for entry in entries:
+        try:
+            results.append(validate(entry, max_size=max_size))
+        except CloudEventError as exc:
+            results.append(exc)
+    return results
+
+
+def check_entries(count: int, max_entries: int) -> None:
+    """Raise :class:`CloudEventError` (413) when a batch of ``count`` events is too many."""
+    if count > max_entries:
+        raise CloudEventError(
+            f"the batch holds {count} events, more than the limit of {max_entries}",
+            status=413,
+            title="Batch too large",
+        )
+
+
+def parse_http(
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
+    max_entries: int = DEFAULT_MAX_BATCH_ENTRIES,
+) -> HttpParse:
+    """Read the events of an HTTP request in any content mode, chosen by its Content-Type.
+
+    ``application/cloudevents+json`` is one structured event, ``application/cloudevents-batch
+    +json`` a batch, anything else binary mode (``ce-*`` headers, matched case-insensitively and
+    percent-decoded; raw non-ASCII values are refused). Batch entries are validated one by one
+    (each against ``max_size``) and a bad entry becomes a :class:`CloudEventError` in
+    ``events``; bounding the whole body is the HTTP server's job. Raises
+    :class:`CloudEventError` for a request that holds no usable event list: 400 (malformed
+    JSON, no ``ce-specversion``, a batch that is empty or not an array, an invalid single
+    event), 413 (single event over ``max_size``, a batch of more than ``max_entries``) or 415
+    (a CloudEvents format other than JSON).
+    """
+    lowered = {name.lower(): value for name, value in headers.items()}
+    media = media_type(lowered.get("content-type", ""))
+    if media == STRUCTURED_CONTENT_TYPE:
+        return HttpParse(events=[decode(body, max_size=max_size)], batch=False)
+    if media == BATCH_CONTENT_TYPE:
+        return HttpParse(events=_batch(body, max_size, max_entries), batch=True)
+    if media.startswith(_CLOUDEVENTS_MEDIA):
+        raise _unsupported(media)
+    event = _from_ce_headers(
+        lowered, body, content_header_first=True, max_size=max_size, ascii_only=True
+    )
+    return HttpParse(events=[event], batch=False)
+
+
+def from_http(
+    headers: Mapping[str, str], body: bytes, *, max_size: int = DEFAULT_MAX_EVENT_SIZE
+) -> list[dict[str, Any]]:
+    """Every event of an HTTP request, all valid, or an error for the first that is not.
+
+    Raises :class:`CloudEventError` as :func:`parse_http` does, and for the first bad batch
+    entry (its detail prefixed with the entry's index).
+    """
+    events: list[dict[str, Any]] = []
+    for index, entry in enumerate(parse_http(headers, body, max_size=max_size).events):
+        if isinstance(entry, CloudEventError):
+            raise CloudEventError(
+                f"batch entry {index}: {entry.detail}", status=entry.status, title=entry.title
+            ) from entry
+        events.append(entry)
+    return events
+
+
+def to_http(event: dict[str, Any], *, structured: bool = False) -> tuple[dict[str, str], bytes]:
+    """Headers and body of an HTTP message carrying a valid event.
+
+    Binary mode (the default) writes ``ce-*`` headers, percent-encoded as the binding requires,
+    and the data as the body with ``Content-Type`` from ``datacontenttype`` (JSON data without
+    one is declared ``application/json``; an event without data has an empty body). Structured
+    mode writes the JSON event format. Raises :class:`CloudEventError` if the data cannot be
+    encoded.
+    """
+    if structured:
+        return {"Content-Type": STRUCTURED_CONTENT_TYPE}, encode(event)
+    content_type, body = body_of(event)
+    headers = _attribute_headers(event, "ce-", _NOT_HEADERS, percent=True)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return headers, body or b""
+
+
+def to_http_batch(events: Iterable[dict[str, Any]]) -> tuple[dict[str, str], bytes]:
+    """Headers and body of an HTTP message carrying valid events in the JSON batch format."""
+    return {"Content-Type": BATCH_CONTENT_TYPE}, json_bytes(list(events))
+
+
+def _kafka_text(name: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CloudEventError(f"Kafka header {name!r} is not UTF-8: {exc}") from exc
+
+
+def from_kafka(
+    headers: Sequence[tuple[str, bytes]],
+    key: bytes | None,
+    value: bytes | None,
+    *,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
+) -> dict[str, Any]:
+    """The valid event carried by a Kafka record (headers as aiokafka delivers them).
+
+    A ``content-type`` starting with ``application/cloudevents`` means structured mode;
+    otherwise ``ce_`` headers mean binary mode (a record with no value has no data); a record
+    with neither is read as a structured event. A UTF-8 record key becomes the ``partitionkey``
+    extension unless the event sets one. Raises :class:`CloudEventError`: 400 (invalid event,
+    header that is not UTF-8, structured record without value), 413, or 415 (a CloudEvents
+    format other than JSON).
+    """
+    lowered: dict[str, str] = {}
+    for name, raw in headers:
+        name = name.lower()
+        if name.startswith("ce_") or name == "content-type":
+            lowered[name] = _kafka_text(name, raw)
+    content_type = lowered.get("content-type")
+    media = media_type(content_type) if content_type else ""
+    partition_key = _partition_key(key)
+    if media.startswith(_CLOUDEVENTS_MEDIA) or "ce_specversion" not in lowered:
+        if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:
+            raise _unsupported(media)
+        if value is None:
+            raise CloudEventError("the Kafka record has no value and no ce_specversion header")
+        check_size(len(value), max_size)
+        event = parse_json(value)
+        if partition_key is not None and type(event) is dict and "partitionkey" not in event:
+            event["partitionkey"] = partition_key
+        return validate(event, max_size=max_size, size=len(value))
+    attributes = {name[3:]: text for name, text in lowered.items() if name.startswith("ce_")}
+    if partition_key is not None:
+        attributes.setdefault("partitionkey", partition_key)
+    header_size = sum(len(name) + len(text) for name, text in attributes.items())
+    return event_from_binary(
+        attributes,
+        content_type or attributes.get("datacontenttype"),
+        value,
+        header_size=header_size,
+        max_size=max_size,
+    )
+
+
+def _partition_key(key: bytes | None) -> str | None:
+    # Keys are often not text (Avro, integers); those stay out of the event rather than fail it.
+    if key is None:
+        return None
+    try:
+        return key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def to_kafka(
+    event: dict[str, Any], *, structured: bool = False
+) -> tuple[bytes | None, list[tuple[str, bytes]], bytes]:
+    """``(key, headers, value)`` of a Kafka record carrying a valid event.
+
+    The key is the ``partitionkey`` extension, if any (the attribute still travels with the
+    event). Binary mode writes ``ce_`` headers and ``content-type``; the value is the raw data.
+    An event without data gets an empty value, not the binding's null value: on a compacted
+    topic a null value is a tombstone that deletes the key. Structured mode writes the JSON
+    event format. Raises :class:`CloudEventError` if the data cannot be encoded.
+    """
+    partition_key = event.get("partitionkey")
+    key = None if partition_key is None else header_value(partition_key, percent=False).encode()
+    if structured:
+        return key, [("content-type", STRUCTURED_CONTENT_TYPE.encode())], encode(event)
+    content_type, body = body_of(event)
+    headers = [
+        (name, text.encode())
+        for name, text in _attribute_headers(event, "ce_", _NOT_HEADERS, percent=False).items()
+    ]
+    if content_type is not None:
+        headers.append(("content-type", content_type.encode()))
+    return key, headers, body or b""
+
+
+def from_nats(
+    headers: Mapping[str, str] | None, payload: bytes, *, max_size: int = DEFAULT_MAX_EVENT_SIZE
+) -> dict[str, Any]:
+    """The valid event carried by a NATS message.
+
+    Binary mode (NATS binding 1.0.2+) when there is a ``ce-specversion`` header and the
+    Content-Type is not a CloudEvents format: ``ce-`` headers, percent-decoded, with
+    ``ce-datacontenttype`` (or else Content-Type) typing the payload. Otherwise the payload is
+    the JSON event format. Raises :class:`CloudEventError` as :func:`from_http` does.
+    """
+    lowered = {name.lower(): value for name, value in headers.items()} if headers else {}
+    media = media_type(lowered.get("content-type", ""))
+    if media.startswith(_CLOUDEVENTS_MEDIA) or "ce-specversion" not in lowered:
+        if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:
+            raise _unsupported(media)
+        return decode(payload, max_size=max_size)
+    return _from_ce_headers(
+        lowered, payload, content_header_first=False, max_size=max_size, ascii_only=False
+    )
+
+
+def to_nats(event: dict[str, Any], *, structured: bool = True) -> tuple[dict[str, str], bytes]:
+    """Headers and payload of a NATS message carrying a valid event.
+
+    Structured mode (the default) sends the JSON event format with its Content-Type; binary
+    mode sends percent-encoded ``ce-`` headers, ``datacontenttype`` included, and the raw data.
+    Raises :class:`CloudEventError` if the data cannot be encoded.
+    """
+    if structured:
+        return {"Content-Type": STRUCTURED_CONTENT_TYPE}, encode(event)
+    content_type, body = body_of(event)
+    headers = _attribute_headers(event, "ce-", _NOT_NATS_HEADERS, percent=True)
+    if content_type is not None:
+        headers["ce-datacontenttype"] = content_type
+    return headers, body or b""

@@ -1,0 +1,433 @@
+"""The CloudEvent itself: validation, JSON event format, construction and the dedup key.
+
+Every event enters the pipeline through :func:`validate` (directly, or via a protocol binding in
+``_bindings``), so the rule engine, the bus and the targets only ever see dicts that follow
+CloudEvents 1.0 in its JSON form. Validation is a hand-written pass over the attributes rather
+than a schema model because it runs once per ingested event on the hot path.
+
+Beyond the spec, validation refuses what eventbus could accept but not carry to the end: a
+``time`` whose instant in UTC falls outside years 1-9999 (Python and the audit trail cannot
+hold it), ``data`` nested deeper than :data:`MAX_DATA_DEPTH` (the JSON views that wrap an event
+must stay serializable), more than :data:`MAX_EXTENSIONS` extension attributes, and attributes
+whose binary-mode headers exceed :data:`MAX_HEADER_BYTES` (HTTP servers refuse such requests, so
+the event could never be delivered in binary mode).
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import re
+import uuid
+from base64 import b64encode
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import orjson
+
+from eventbus._errors import CloudEventError
+
+DEFAULT_MAX_EVENT_SIZE = 256 * 1024
+SPEC_VERSION = "1.0"
+
+REQUIRED_ATTRIBUTES = ("id", "source", "specversion", "type")
+
+MAX_DATA_DEPTH = 64
+"""Levels of objects and arrays ``data`` may nest (``{"a": [1]}`` is two). The JSON serializer
+stops at 254 levels, and the audit trail and dead-letter views wrap an event a few levels
+deeper; 64 leaves room for that and for transform templates, and no real payload needs more."""
+MAX_EXTENSIONS = 50
+"""Extension attributes per event: with the context attributes and a delivery's own headers a
+binary-mode request stays under the 100 header fields that Apache httpd, for one, accepts."""
+MAX_HEADER_BYTES = 8192
+"""The attributes written as binary-mode headers (``ce-name: value``, percent-encoded, one line
+each) may take this many bytes: the size of the one header line (or the whole header block)
+that common HTTP servers accept."""
+
+_INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
+
+_NOT_HEADERS = frozenset({"data", "data_base64"})
+# Every header character takes at most 12 once percent-encoded (4 UTF-8 bytes, 3 characters
+# each), so attributes this short need no exact count.
+_HEADER_EXPANSION = 12
+# The bytes a header line adds to its attribute's name and value: "ce-", ": " and CRLF.
+_HEADER_LINE = 7
+
+_EXTENSION_NAME = re.compile(r"[a-z0-9]+\Z", re.ASCII)
+# Control characters are forbidden in every CloudEvents string; rejecting them here also keeps
+# CR/LF out of the protocol headers that binary mode writes.
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_TIMESTAMP = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:([0-9]{2})(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:([0-9]{2}))\Z",
+    re.ASCII,
+)
+_LEAP_SECOND = timedelta(seconds=1)
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S*\Z")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}\s*(?:;.*)?\Z", re.ASCII | re.DOTALL)
+# Everything printable in ASCII except the three characters the bindings single out: space is
+# outside the range already, and '"' and '%' must be escaped too.
+_PERCENT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_NEEDS_PERCENT = re.compile(r'[^\x21-\x7e]|["%]')
+
+
+def _clip(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _string(name: str, value: object) -> str:
+    if type(value) is not str:
+        raise CloudEventError(
+            f"attribute {_clip(name)} must be a string, got {type(value).__name__}"
+        )
+    # isprintable() is a cheap C pass that clears almost every string; only the rest (with
+    # non-ASCII spaces, say) need the exact search.
+    if not value.isprintable() and _FORBIDDEN_CHARS.search(value) is not None:
+        raise CloudEventError(f"attribute {_clip(name)} contains a control character")
+    return value
+
+
+def _non_empty(name: str, value: object) -> None:
+    if not _string(name, value):
+        raise CloudEventError(f"attribute {name!r} must be a non-empty string")
+
+
+def _specversion(name: str, value: object) -> None:
+    if _string(name, value) != SPEC_VERSION:
+        raise CloudEventError(
+            f"attribute 'specversion' must be {SPEC_VERSION!r}, got {_clip(value)}"
+        )
+
+
+def _time(name: str, value: object) -> None:
+    text = _string(name, value)
+    match = _TIMESTAMP.match(text)
+    # The offset's minutes are checked here: the C parser below would read "+05:75" as 6:15.
+    if match is None or (match[2] is not None and match[2] >= "60"):
+        _bad_time(value)
+    # The C parser refuses leap seconds and lower-case t/z, which RFC 3339 allows: those are
+    # read as the instant they name (":60" is one second after ":59").
+    leap = match[1] == "60"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(
+                (text[:17] + "59" + text[19:] if leap else text).upper()
+            )
+        except ValueError:
+            _bad_time(value)
+    try:
+        # Python, and so the audit trail, holds years 1-9999 only: "0001-01-01T00:00:00+01:00"
+        # parses, but the instant it names in UTC does not.
+        (moment + _LEAP_SECOND if leap else moment).astimezone(UTC)
+    except OverflowError:
+        raise CloudEventError(
+            f"attribute 'time' must fall within years 0001-9999 in UTC, got {_clip(value)}"
+        ) from None
+
+
+def _bad_time(value: object) -> NoReturn:
+    raise CloudEventError(f"attribute 'time' must be an RFC 3339 timestamp, got {_clip(value)}")
+
+
+def _dataschema(name: str, value: object) -> None:
+    if _ABSOLUTE_URI.match(_string(name, value)) is None:
+        raise CloudEventError(f"attribute 'dataschema' must be an absolute URI, got {_clip(value)}")
+
+
+def _datacontenttype(name: str, value: object) -> None:
+    text = _string(name, value)
+    # ASCII as media types are (RFC 2045): binary mode sends it as the Content-Type header.
+    if not text.isascii() or _MEDIA_TYPE.match(text) is None:
+        raise CloudEventError(
+            f"attribute 'datacontenttype' must be a media type like 'application/json', "
+            f"got {_clip(value)}"
+        )
+
+
+def media_type(content_type: str) -> str:
+    """The bare, lowercased media type of a Content-Type value (parameters dropped)."""
+    return content_type.partition(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    """True for ``*/json`` and ``*/*+json``: the JSON format's test for JSON data."""
+    return media.endswith("/json") or media.endswith("+json")
+
+
+def charset_of(content_type: str) -> str:
+    """The ``charset`` parameter of a Content-Type value; UTF-8 when it has none."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"')
+    return "utf-8"
+
+
+def _check_charset(content_type: str, data: object) -> None:
+    # Binary mode writes string data in this charset (and reads text bodies with it): an
+    # event eventbus could not encode would be accepted but never delivered.
+    charset = charset_of(content_type)
+    text = data if type(data) is str and not is_json(media_type(content_type)) else ""
+    try:
+        text.encode(charset)
+    except LookupError:  # unknown, or not a text encoding ("base64", "rot13")
+        raise CloudEventError(
+            f"attribute 'datacontenttype' names an unknown charset {_clip(charset)}"
+        ) from None
+    except UnicodeEncodeError as exc:
+        raise CloudEventError(
+            f"'data' cannot be encoded as {charset}, the charset of its datacontenttype: "
+            f"{exc.reason} at position {exc.start}"
+        ) from None
+
+
+def _data_base64(value: object) -> None:
+    if type(value) is not str:
+        raise CloudEventError(f"'data_base64' must be a base64 string, got {type(value).__name__}")
+    if not value.isascii():
+        raise CloudEventError("'data_base64' is not valid base64: it holds non-ASCII characters")
+    try:
+        binascii.a2b_base64(value, strict_mode=True)
+    except binascii.Error as exc:
+        raise CloudEventError(f"'data_base64' is not valid base64: {exc}") from exc
+
+
+_CHECKS = {
+    "id": _non_empty,
+    "source": _non_empty,
+    "type": _non_empty,
+    "subject": _non_empty,
+    "specversion": _specversion,
+    "time": _time,
+    "dataschema": _dataschema,
+    "datacontenttype": _datacontenttype,
+}
+
+
+def _extension(name: str, value: object) -> None:
+    if _EXTENSION_NAME.match(name) is None:
+        raise CloudEventError(
+            f"extension attribute name {_clip(name)} is invalid: "
+            "use only lowercase letters a-z and digits 0-9"
+        )
+    if isinstance(value, str):
+        _string(name, value)
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not _INT32_MIN <= value <= _INT32_MAX:
+            raise CloudEventError(f"extension attribute {_clip(name)} is outside the 32-bit range")
+    else:
+        raise CloudEventError(
+            f"extension attribute {_clip(name)} has unsupported type {type(value).__name__}: "
+            "use a string, an integer or a boolean"
+        )
+
+
+def header_value(value: str | int | bool, *, percent: bool) -> str:
+    """The canonical string of an attribute value, percent-encoded when ``percent`` is set."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return str(value)
+    text = str(value)
+    if percent and _NEEDS_PERCENT.search(text) is not None:
+        return quote(text, safe=_PERCENT_SAFE)
+    return text
+
+
+def _check_headers(event: dict[str, Any]) -> None:
+    size = sum(
+        len(name) + _HEADER_LINE + len(header_value(value, percent=True))
+        for name, value in event.items()
+        if name not in _NOT_HEADERS
+    )
+    if size > MAX_HEADER_BYTES:
+        raise CloudEventError(
+            f"the attributes take {size} bytes as binary-mode headers, more than the "
+            f"{MAX_HEADER_BYTES}-byte limit: carry large values in 'data'"
+        )
+
+
+_CONTAINERS = frozenset((dict, list, tuple))
+
+
+def _check_depth(data: object) -> None:
+    # One pass per level, over containers only; scalars and flat data cost almost nothing.
+    # Exact types, not isinstance: parsed JSON holds no subclasses, and this is the hot path.
+    if type(data) not in _CONTAINERS:
+        return
+    level: list[Any] = [data]
+    for _ in range(MAX_DATA_DEPTH):
+        level = [
+            child
+            for container in level
+            for child in (container.values() if type(container) is dict else container)
+            if type(child) in _CONTAINERS
+        ]
+        if not level:
+            return
+    raise CloudEventError(f"'data' nests objects and arrays more than {MAX_DATA_DEPTH} levels deep")
+
+
+def validate(
+    event: object, *, max_size: int = DEFAULT_MAX_EVENT_SIZE, size: int | None = None
+) -> dict[str, Any]:
+    """Check that ``event`` is a CloudEvents 1.0 event in JSON form and return it.
+
+    ``size`` is the event's encoded length when the caller already knows it (the request body);
+    otherwise the event is serialized once to measure it. Attributes whose value is ``null``
+    count as absent, as the JSON format requires: they are left out of the returned dict (a new
+    dict, only in that case). ``data`` may be ``null``; it is the payload, not an attribute.
+
+    Raises :class:`CloudEventError` naming the offending attribute: status 400 for a missing or
+    malformed attribute, an unknown value type, both ``data`` and ``data_base64``, a ``time``
+    outside years 1-9999 in UTC, ``data`` nested deeper than :data:`MAX_DATA_DEPTH`, more than
+    :data:`MAX_EXTENSIONS` extensions or attributes over :data:`MAX_HEADER_BYTES` as headers;
+    413 when the event is larger than ``max_size`` bytes.
+    """
+    if type(event) is not dict:
+        raise CloudEventError(f"an event must be a JSON object, got {type(event).__name__}")
+    nulls = False
+    extensions = 0
+    header_chars = 0  # an upper bound of the header bytes, divided by _HEADER_EXPANSION
+    for name, value in event.items():
+        if value is None:
+            nulls = nulls or name != "data"
+            continue
+        check = _CHECKS.get(name)
+        if check is not None:
+            check(name, value)
+        elif name == "data":
+            continue
+        elif name == "data_base64":
+            _data_base64(value)
+            continue
+        else:
+            _extension(name, value)
+            extensions += 1
+            if extensions > MAX_EXTENSIONS:
+                raise CloudEventError(
+                    f"the event has more than {MAX_EXTENSIONS} extension attributes"
+                )
+        header_chars += len(name) + _HEADER_LINE + (len(value) if type(value) is str else 11)
+    for name in REQUIRED_ATTRIBUTES:
+        if event.get(name) is None:
+            raise CloudEventError(f"missing required attribute {name!r}")
+    if "data" in event and event.get("data_base64") is not None:
+        raise CloudEventError("an event carries either 'data' or 'data_base64', not both")
+    if nulls:
+        event = {k: v for k, v in event.items() if v is not None or k == "data"}
+    content_type = event.get("datacontenttype")
+    if content_type is not None and ";" in content_type:
+        _check_charset(content_type, event.get("data"))
+    if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES:
+        _check_headers(event)
+    _check_depth(event.get("data"))
+    if size is None:
+        size = len(encode(event))
+    check_size(size, max_size)
+    return event
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse JSON text with orjson; raises :class:`CloudEventError` (400) if it is malformed."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise CloudEventError(f"malformed JSON: {exc}") from exc
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """Serialize an event in the JSON event format (structured mode).
+
+    Raises :class:`CloudEventError` (400) if a value cannot be represented in JSON.
+    """
+    return json_bytes(event)
+
+
+def json_bytes(value: Any) -> bytes:
+    """Serialize any JSON value with orjson; raises :class:`CloudEventError` (400) if it is not."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise CloudEventError(f"value cannot be serialized as JSON: {exc}") from exc
+
+
+def decode(payload: bytes, *, max_size: int = DEFAULT_MAX_EVENT_SIZE) -> dict[str, Any]:
+    """Parse and validate one event in the JSON event format; raises as :func:`validate`.
+
+    The size limit is checked before parsing, so an oversized payload costs no parse.
+    """
+    check_size(len(payload), max_size)
+    return validate(parse_json(payload), max_size=max_size, size=len(payload))
+
+
+def check_size(size: int, max_size: int) -> None:
+    """Raise :class:`CloudEventError` (413) when ``size`` exceeds ``max_size``."""
+    if size > max_size:
+        raise CloudEventError(
+            f"event is {size} bytes, more than the {max_size}-byte limit",
+            status=413,
+            title="CloudEvent too large",
+        )
+
+
+def event_key(event: dict[str, Any]) -> str:
+    """A stable deduplication key for ``source`` + ``id``, the pair the spec makes unique.
+
+    The key is 32 lowercase hex digits, so it is safe as a header value (``Nats-Msg-Id``) and
+    as a database key whatever characters the source and id hold.
+    """
+    raw = f"{event['source']}\x1f{event['id']}".encode(errors="surrogatepass")
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def format_time(moment: datetime) -> str:
+    """Render ``moment`` as an RFC 3339 UTC timestamp ending in ``Z``; naive means UTC."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_event(
+    *,
+    type: str,
+    source: str,
+    data: Any = None,
+    subject: str | None = None,
+    id: str | None = None,
+    time: datetime | str | None = None,
+    **ext: Any,
+) -> dict[str, Any]:
+    """Build a validated event: a uuid4 ``id`` and the current UTC ``time`` unless given.
+
+    ``bytes`` data goes to ``data_base64``; any other non-None data goes to ``data`` and, unless
+    ``datacontenttype`` is passed, is declared ``application/json``. ``ext`` holds extension
+    attributes and may also set ``datacontenttype`` or ``dataschema``. Raises
+    :class:`CloudEventError` as :func:`validate` does.
+    """
+    if time is None:
+        time = datetime.now(UTC)
+    event: dict[str, Any] = {
+        "specversion": SPEC_VERSION,
+        "id": str(uuid.uuid4()) if id is None else id,
+        "source": source,
+        "type": type,
+        "time": format_time(time) if isinstance(time, datetime) else time,
+    }
+    if subject is not None:
+        event["subject"] = subject
+    event.update(ext)
+    if isinstance(data, bytes):
+        event["data_base64"] = b64encode(data).decode("ascii")
+    elif data is not None:
+        event.setdefault("datacontenttype", "application/json")
+        event["data"] = data
+    return validate(event)

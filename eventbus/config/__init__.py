@@ -1,0 +1,74 @@
+"""Configuration: what the user writes, read and validated in one place before anything runs.
+
+    settings YAML + EVENTBUS_* ──> load_settings ──> Settings          (_settings)
+    connectors/*.yaml ───────────> load_connectors ─> ConnectorSet     (_connectors)
+    every user file ─────────────> load_yaml: data + the line of each key (_yaml)
+    Duration, parse_duration      ``10s``, ``5m``, ``1d`` in any of them (_units)
+    redact_url                    a configured URL as logs and errors may show it (_redact)
+
+Where it sits: below the pipeline. It imports nothing of eventbus but the error tree, and no
+driver (no broker, database or HTTP client), so the rule engine can read YAML through it and
+``eventbus rules validate`` checks connector files without loading a driver. The composition
+root (``eventbus.app``) turns these specs into running components.
+"""
+
+from __future__ import annotations
+
+from eventbus.config._connectors import (
+    ConnectorSet,
+    HttpTargetSpec,
+    KafkaTargetSpec,
+    NatsTargetSpec,
+    TargetSpec,
+    load_connectors,
+)
+from eventbus.config._redact import redact_url
+from eventbus.config._settings import (
+    ApiKey,
+    BusSettings,
+    DatabaseSettings,
+    KafkaIngestSettings,
+    KafkaSettings,
+    ListenSettings,
+    NatsSettings,
+    RouterSettings,
+    Settings,
+    load_settings,
+)
+from eventbus.config._units import Duration, parse_duration
+from eventbus.config._yaml import (
+    KeyPath,
+    NodeBuilder,
+    YamlDoc,
+    load_yaml,
+    pydantic_errors,
+    yaml_files,
+)
+
+__all__ = [
+    "ApiKey",
+    "BusSettings",
+    "ConnectorSet",
+    "DatabaseSettings",
+    "Duration",
+    "HttpTargetSpec",
+    "KafkaIngestSettings",
+    "KafkaSettings",
+    "KafkaTargetSpec",
+    "KeyPath",
+    "ListenSettings",
+    "NatsSettings",
+    "NatsTargetSpec",
+    "NodeBuilder",
+    "RouterSettings",
+    "Settings",
+    "TargetSpec",
+    "YamlDoc",
+    "load_connectors",
+    "load_settings",
+    "load_yaml",
+    "parse_duration",
+    "pydantic_errors",
+    "redact_url",
+    "yaml_files",
+]

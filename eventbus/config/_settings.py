@@ -1,0 +1,206 @@
+"""Settings: one YAML file plus ``EVENTBUS_*`` environment overrides, read in this one place.
+
+Where it sits: the composition root (``eventbus.app``) calls ``load_settings`` once at start-up
+and hands frozen pieces to each component. Nothing else reads the environment.
+
+Environment overrides follow one rule: ``EVENTBUS_`` + the setting's path in upper case, nested
+keys joined by ``__``; the value is parsed as a YAML scalar. For example
+``EVENTBUS_DATABASE__URL=postgresql://...``, ``EVENTBUS_BUS__BACKEND=kafka``,
+``EVENTBUS_LISTEN__PORT=9090``.
+
+With no bus or database URL configured, the service runs on its embedded default: a real
+``nats-server`` and a real PostgreSQL started under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from eventbus._errors import ConfigError
+from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
+
+__all__ = [
+    "ApiKey",
+    "BusSettings",
+    "DatabaseSettings",
+    "KafkaIngestSettings",
+    "KafkaSettings",
+    "ListenSettings",
+    "NatsSettings",
+    "RouterSettings",
+    "Settings",
+    "load_settings",
+]
+
+ENV_PREFIX = "EVENTBUS_"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    header_timeout: float = Field(10.0, gt=0, le=3600)
+    """Seconds a connection may wait for a complete request head (new or between requests)."""
+    body_timeout: float = Field(30.0, gt=0, le=3600)
+    """Seconds from a request head to the end of its body, for routes that read one (408)."""
+    max_connections: int = Field(1000, ge=1, le=1_000_000)
+    """Open HTTP connections per process; beyond it the longest-idle one is closed (or 503)."""
+
+
+class NatsSettings(_Model):
+    url: str | None = None
+    stream: str = "EVENTBUS"
+    subject: str = "eventbus.events"
+    durable: str = "eventbus-router"
+    ack_wait: float = Field(30.0, gt=0)
+    duplicate_window: float = Field(120.0, gt=0)
+
+
+class KafkaSettings(_Model):
+    bootstrap_servers: str | None = None
+    topic: str = "eventbus.events"
+    group_id: str = "eventbus-router"
+    partitions: int = Field(6, ge=1)
+    idempotent: bool = True
+    """Idempotent producer; turn off only for brokers without InitProducerId support."""
+    session_timeout: float = Field(10.0, gt=0, le=300)
+    """Seconds a silent process keeps its partitions before they move to another."""
+
+
+class BusSettings(_Model):
+    backend: Literal["nats", "kafka"] = "nats"
+    nats: NatsSettings = NatsSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    max_in_flight: int = Field(1000, ge=1, le=100_000)
+    publish_timeout: float = Field(5.0, gt=0)
+
+
+class DatabaseSettings(_Model):
+    url: str | None = None
+    pool_size: int = Field(10, ge=1, le=200)
+
+
+class ApiKey(_Model):
+    name: str
+    key: str = Field(min_length=16)
+    scopes: tuple[Literal["publish", "admin"], ...] = ("publish",)
+
+
+class KafkaIngestSettings(_Model):
+    """Consume CloudEvents (Kafka protocol binding) from these topics onto the bus."""
+
+    bootstrap_servers: str
+    topics: tuple[str, ...] = Field(min_length=1)
+    group_id: str = "eventbus-ingest"
+
+
+class RouterSettings(_Model):
+    hop_limit: int = Field(8, ge=1, le=100)
+    shutdown_grace: float = Field(20.0, gt=0)
+
+
+class Settings(_Model):
+    listen: ListenSettings = ListenSettings()
+    data_dir: Path = Path(".eventbus")
+    rules: Path = Path("rules")
+    connectors: Path = Path("connectors")
+    bus: BusSettings = BusSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    # These two defaults are eventbus.cloudevents' DEFAULT_MAX_EVENT_SIZE and
+    # DEFAULT_MAX_BATCH_ENTRIES, written out so that the configuration imports no pipeline
+    # package; tests/config/test_settings.py pins that they agree.
+    max_event_size: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_batch_entries: int = Field(1000, ge=1, le=100_000)
+    """Events one batch request (or bucket notification) may carry; more is answered 413."""
+    api_keys: tuple[ApiKey, ...] = ()
+    allow_unauthenticated: bool = False
+    """Serve a non-loopback ``listen.host`` without ``api_keys`` (refused otherwise)."""
+    kafka_ingest: KafkaIngestSettings | None = None
+    router: RouterSettings = RouterSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    run_sources: bool = True
+    """False in the extra worker processes of `serve --workers N`: sources run once."""
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_keys(cls, keys: tuple[ApiKey, ...]) -> tuple[ApiKey, ...]:
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ValueError("api key names must be unique")
+        return keys
+
+    @property
+    def embedded_bus(self) -> bool:
+        if self.bus.backend == "kafka":
+            return False
+        return self.bus.nats.url is None
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database.url is None
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "EVENTBUS_CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {name}: conflicts with another override")
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``path`` (or ``$EVENTBUS_CONFIG``, or defaults) and the environment.
+
+    Raises ConfigError listing every problem with file, line and field.
+    """
+    env = os.environ if env is None else env
+    if path is None and env.get("EVENTBUS_CONFIG"):
+        path = env["EVENTBUS_CONFIG"]
+    doc = YamlDoc({}, "<defaults>")
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read settings: {exc.strerror}") from exc
+        doc = load_yaml(text, str(p))
+        if doc.data is None:
+            doc = YamlDoc({}, str(p), doc.lines)
+        if not isinstance(doc.data, dict):
+            raise ConfigError(f"{p}:1: settings must be a mapping")
+    data = _merge(doc.data, _env_overrides(env))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(pydantic_errors(doc, exc))) from exc

@@ -1,0 +1,41 @@
+"""Units in the files users write: durations (``10s``, ``5m``, ``1d``) in connector definitions,
+delivery policies and rules.
+
+Where it sits: at the bottom of the configuration layer, with no eventbus import at all, so the
+connector specs (``eventbus.config``) and the delivery policies (``eventbus.delivery``) parse
+durations the same way without either importing the other.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+__all__ = ["Duration", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """``1.5``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"`` -> seconds (float, ≥ 0).
+
+    Raises ValueError for anything else, including negative numbers.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative: {value}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 6h, 1d)")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A pydantic field type accepting ``10``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"``."""

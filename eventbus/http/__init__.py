@@ -1,0 +1,19 @@
+"""The HTTP edge: where publishers and operators reach the running service.
+
+    socket ─> ConnectionGuard (_connections: header/body deadlines, connection cap)
+           ─> IngestApp (_ingest: POST /events, POST /notifications as bare ASGI, the hot path)
+           ─> FastAPI (_api: audit trail, rules, dead letters, targets, sources, health, metrics)
+    every route: Access (_access: API keys, refusals audited) and Problem (_problem: RFC 9457)
+
+Where it sits: at the top of the pipeline, over the one facade of the running service
+(``eventbus.app.Service``); it never reaches into the components behind it.
+``create_app(service)`` is the whole ASGI application, ``http_server(app, settings)`` the
+uvicorn server that serves it with the ``listen`` limits.
+"""
+
+from __future__ import annotations
+
+from eventbus.http._api import create_app
+from eventbus.http._server import http_server
+
+__all__ = ["create_app", "http_server"]

@@ -1,0 +1,110 @@
+"""Access control of the HTTP edge: API keys with scopes, and the audit of refused requests,
+rate-limited so that a flood of requests without a valid API key does not cost a database row
+each.
+
+Where it sits: every route of the edge but the health checks and metrics asks :class:`Access`
+first. With API keys configured, a request needs ``Authorization: Bearer <key>`` (or
+``X-API-Key``); scope ``publish`` may publish, ``admin`` may do everything. A refused request
+(401/403) goes to :class:`RefusalLog`: up to ``per_second`` refusals a second become rows of
+the ``refusals`` table through the audit writer. The rest are counted in
+``eventbus_refusals_unrecorded`` and, once their second is over, summed up in one summary row
+and one log line. So the table grows by at most ``per_second + 1`` rows a second per process,
+whatever the request rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from eventbus import metrics
+from eventbus.config import ApiKey
+from eventbus.http._problem import Problem
+
+if TYPE_CHECKING:
+    from eventbus.app import Service
+
+__all__ = ["Access", "RefusalLog"]
+
+log = logging.getLogger("eventbus.http")
+
+
+class RefusalLog:
+    """Records refusals through ``service``, at most ``per_second`` one by one each second."""
+
+    def __init__(self, service: Service, per_second: int = 20) -> None:
+        self._service = service
+        self._per_second = per_second
+        self._second = -1
+        self._recorded = 0  # rows written in the current second
+        self._unrecorded = 0  # refusals waiting for their summary row
+        self._summary: asyncio.Task[None] | None = None
+
+    def record(self, *, remote: str | None, path: str, reason: str) -> None:
+        """Record one refusal, or count it for the summary. Never waits: with the audit
+        buffer full it is counted for the summary too."""
+        now = time.monotonic()
+        second = int(now)
+        if second != self._second:
+            self._second, self._recorded = second, 0
+        if self._recorded < self._per_second:
+            self._recorded += 1
+            if self._service.record_refusal(remote=remote, path=path, reason=reason):
+                return
+        self._unrecorded += 1
+        metrics.REFUSALS_UNRECORDED.inc()
+        if self._summary is None:
+            self._summary = asyncio.create_task(self._summarize(second + 1 - now))
+
+    async def _summarize(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        count, self._unrecorded = self._unrecorded, 0
+        self._summary = None
+        reason = (
+            f"{count} more refused requests were not recorded one by one "
+            f"(over {self._per_second} a second)"
+        )
+        log.warning("refused requests: %s", reason)
+        if not self._service.record_refusal(remote=None, path="*", reason=reason):
+            # the audit buffer is full or the service stopping: the log line and metric remain
+            log.warning("refused requests: summary row not written")
+
+
+class Access:
+    """API keys with scopes ``publish`` and ``admin``; no keys configured means open access.
+
+    ``check`` raises Problem 401 (no or unknown key) or 403 (key without the scope) and
+    audits the refusal (rate-limited: :class:`RefusalLog`)."""
+
+    def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
+        self._keys = [(k.key.encode(), frozenset(k.scopes), k.name) for k in keys]
+        self._refusals = RefusalLog(service)
+
+    async def check(
+        self, headers: Mapping[str, str], path: str, remote: str | None, scope: str
+    ) -> None:
+        """``headers`` with lower-case names."""
+        if not self._keys:
+            return
+        header = headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        given = given or headers.get("x-api-key", "")
+        found = None
+        for key, scopes, name in self._keys:
+            # compare against every key, so timing does not tell which prefix matched
+            if given and hmac.compare_digest(given.encode(), key):
+                found = (scopes, name)
+        if found is None:
+            reason = "missing API key" if not given else "invalid API key"
+            self._refusals.record(remote=remote, path=path, reason=reason)
+            metrics.EVENTS_REJECTED.labels("http", "unauthorized").inc()
+            raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
+        scopes, name = found
+        if scope not in scopes and "admin" not in scopes:
+            reason = f"key {name!r} lacks scope {scope!r}"
+            self._refusals.record(remote=remote, path=path, reason=reason)
+            raise Problem(403, reason)

@@ -1,0 +1,375 @@
+"""The admin API of the HTTP edge: inspect the audit trail, rules, dead letters and sources,
+health and metrics.
+
+Where it sits: a thin layer over the running ``Service`` (``eventbus.app``), its one facade. The
+ingest routes (``POST /events``, ``POST /notifications``) are served as bare ASGI by
+``_ingest`` in front of this FastAPI application, which serves the rest and the OpenAPI
+document of all of them (``GET /openapi.json``, browsable at ``/docs``). Every error is an
+RFC 9457 problem+json body with a specific ``detail``.
+
+The handlers are module-level functions with typed parameters (``_params``) on two routers:
+``admin`` (every route needs scope ``admin`` when API keys are configured) and ``public``
+(``/healthz``, ``/readyz``, ``/metrics``). ``create_app`` puts the service and its ``Access``
+on the application's state, where the dependencies below find them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from eventbus import __version__, metrics
+from eventbus._errors import ConfigError, EventBusError, RuleSetError
+from eventbus.delivery import DeadLetterFilter
+from eventbus.http import _schemas as schemas
+from eventbus.http._access import Access
+from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
+from eventbus.http._params import (
+    All,
+    DeadLetterId,
+    Filter,
+    Limit,
+    Paging,
+    SourceName,
+    TargetName,
+    TrailId,
+    TrailSource,
+)
+from eventbus.http._problem import PROBLEM, Problem, problem_for
+from eventbus.http._types import ASGIApp
+
+if TYPE_CHECKING:
+    from eventbus.app import Service
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("eventbus.api")
+
+
+def _service(request: Request) -> Service:
+    return cast("Service", request.app.state.service)
+
+
+async def _admin_scope(request: Request) -> None:
+    access: Access = request.app.state.access
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    remote = request.client.host if request.client else None
+    await access.check(headers, request.url.path, remote, "admin")
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of a route, for the document (``_App.openapi`` sets their type)."""
+    return {status: {"model": schemas.ProblemDetails} for status in statuses}
+
+
+admin = APIRouter(dependencies=[Depends(_admin_scope)], responses=_problems(401, 403, 503))
+public = APIRouter()
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(body, default=str), status_code=status, media_type="application/json"
+    )
+
+
+@admin.get(
+    "/events/trail",
+    response_model=schemas.EventTrail,
+    responses=_problems(400, 404),
+    summary="An event's trail: its acceptance, the rules it matched, every delivery attempt",
+)
+async def event_trail(
+    request: Request, source: TrailSource = None, event_id: TrailId = None
+) -> Response:
+    if not source or not event_id:
+        raise Problem(400, "query parameters 'source' and 'id' are required")
+    trail = await _service(request).event_trail(source, event_id)
+    if trail is None:
+        raise Problem(404, f"no event with source {source!r} and id {event_id!r}")
+    return _json(trail.to_dict())
+
+
+@admin.get("/rules", response_model=schemas.Rules, summary="The rules routing now")
+async def list_rules(request: Request) -> Response:
+    rules = _service(request).current_rules()
+    return _json(
+        {
+            "rules": [
+                {
+                    "name": r.name,
+                    "description": r.description,
+                    "enabled": r.enabled,
+                    "targets": [t.name for t in r.targets],
+                    "file": r.file,
+                    "line": r.line,
+                    "definition": r.definition,
+                }
+                for r in rules
+            ]
+        }
+    )
+
+
+@admin.post(
+    "/rules/reload",
+    response_model=schemas.Reloaded,
+    responses=_problems(400),
+    summary="Load the rule files again; an invalid set keeps the current one",
+)
+async def reload_rules(request: Request) -> Response:
+    try:
+        count = _service(request).reload_rules()
+    except RuleSetError as exc:
+        raise Problem(400, str(exc), title="Invalid rule set; the previous one stays") from None
+    except ConfigError as exc:
+        raise Problem(400, str(exc), title="Invalid connectors") from None
+    return _json({"rules": count})
+
+
+@admin.get(
+    "/dead-letters",
+    response_model=schemas.DeadLetterPage,
+    responses=_problems(400),
+    summary="Dead letters, newest first, one page at a time",
+)
+async def list_dead_letters(request: Request, page: Paging, flt: Filter) -> Response:
+    items = await _service(request).dead_letters(flt, limit=page.limit, after=page.after)
+    nxt = items[-1]["id"] if len(items) == page.limit else None
+    return _json({"items": items, "next_after": nxt})
+
+
+@admin.get(
+    "/dead-letters/{dl_id}",
+    response_model=schemas.DeadLetter,
+    responses=_problems(400, 404),
+    summary="One dead letter with its event, payload and attempts",
+)
+async def show_dead_letter(request: Request, dl_id: DeadLetterId) -> Response:
+    item = await _service(request).dead_letter(dl_id)
+    if item is None:
+        raise Problem(404, f"no dead letter {dl_id}")
+    return _json(item)
+
+
+@admin.post(
+    "/dead-letters/{dl_id}/replay",
+    status_code=202,
+    response_model=schemas.Replayed,
+    responses=_problems(400, 404),
+    summary="Deliver one dead letter again, with a fresh attempt budget",
+)
+async def replay_one(request: Request, dl_id: DeadLetterId) -> Response:
+    replayed = await _service(request).replay(DeadLetterFilter(ids=(dl_id,)))
+    if not replayed:
+        raise Problem(404, f"no dead letter {dl_id}")
+    return _json({"replayed": replayed}, 202)
+
+
+@admin.post(
+    "/dead-letters/replay",
+    status_code=202,
+    response_model=schemas.Replayed,
+    responses=_problems(400),
+    summary="Deliver the dead letters the filter selects again (all=true: every one)",
+)
+async def replay_many(request: Request, flt: Filter, every: All = None) -> Response:
+    _require_filter(flt, every)
+    return _json({"replayed": await _service(request).replay(flt)}, 202)
+
+
+@admin.delete(
+    "/dead-letters/{dl_id}",
+    response_model=schemas.Purged,
+    responses=_problems(400, 404),
+    summary="Delete one dead letter",
+)
+async def delete_one(request: Request, dl_id: DeadLetterId) -> Response:
+    n = await _service(request).purge(DeadLetterFilter(ids=(dl_id,)))
+    if not n:
+        raise Problem(404, f"no dead letter {dl_id}")
+    return _json({"purged": n})
+
+
+@admin.delete(
+    "/dead-letters",
+    response_model=schemas.Purged,
+    responses=_problems(400),
+    summary="Delete the dead letters the filter selects (all=true: every one)",
+)
+async def purge(request: Request, flt: Filter, every: All = None) -> Response:
+    _require_filter(flt, every)
+    return _json({"purged": await _service(request).purge(flt)})
+
+
+def _require_filter(flt: DeadLetterFilter, every: str | None) -> None:
+    if flt == DeadLetterFilter() and every != "true":
+        raise Problem(
+            400,
+            "give at least one filter (rule, target, status, reason, since, "
+            "until, source, id) or all=true",
+        )
+
+
+@admin.post(
+    "/targets/{name}/enable",
+    response_model=schemas.Enabled,
+    responses=_problems(400, 404),
+    summary="Deliver to a target again that was disabled after it answered 410 Gone",
+)
+async def enable_target(request: Request, name: TargetName) -> Response:
+    if not await _service(request).enable_target(name):
+        raise Problem(404, f"target {name!r} is not disabled")
+    return _json({"enabled": name})
+
+
+@admin.get(
+    "/targets", response_model=schemas.Targets, summary="Every target and its circuit's state"
+)
+async def list_targets(request: Request) -> Response:
+    return _json({"targets": _service(request).describe_targets()})
+
+
+@admin.get(
+    "/sources",
+    response_model=schemas.Sources,
+    summary="Each source's state, events, errors and lag",
+)
+async def list_sources(request: Request) -> Response:
+    return _json({"sources": [s.to_dict() for s in _service(request).source_statuses()]})
+
+
+@admin.get(
+    "/sources/dead-letters",
+    response_model=schemas.SourceDeadLetters,
+    responses=_problems(400),
+    summary="Input sources could not turn into events, newest first",
+)
+async def source_dead_letters(
+    request: Request, source: SourceName = None, limit: Limit = 100
+) -> Response:
+    items = await _service(request).source_dead_letters(source=source, limit=limit)
+    return _json({"items": items})
+
+
+@public.get(
+    "/healthz",
+    response_model=schemas.Liveness,
+    responses={503: {"model": schemas.Liveness}},
+    summary="Liveness: 503 when the process cannot recover by itself and should be restarted",
+)
+async def healthz(request: Request) -> Response:
+    failed = _service(request).liveness()
+    if failed is not None:
+        return _json({"status": "failed", "detail": failed}, 503)
+    return _json({"status": "ok"})
+
+
+@public.get(
+    "/readyz",
+    response_model=schemas.Readiness,
+    responses={503: {"model": schemas.Readiness}},
+    summary="Readiness: whether events can be taken and routed now, per component",
+)
+async def readyz(request: Request) -> Response:
+    ready, body = await _service(request).readiness()
+    return _json(body, 200 if ready else 503)
+
+
+@public.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    summary="Prometheus metrics",
+)
+async def get_metrics() -> Response:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _answer(problem: Problem, request: Request) -> Response:
+    return Response(
+        problem.body(request.url.path),
+        status_code=problem.status,
+        media_type=PROBLEM,
+        headers=problem.headers,
+    )
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    return _answer(cast(Problem, exc), request)
+
+
+async def _on_invalid(request: Request, exc: Exception) -> Response:
+    # The parameter checks raise ValueError with the answer's detail; the first one counts.
+    first = cast(RequestValidationError, exc).errors()[0]
+    error = first.get("ctx", {}).get("error")
+    if first["type"] == "value_error" and error is not None:
+        detail = str(error)
+    else:
+        detail = f"{first['loc'][-1]}: {first['msg']}"
+    return _answer(Problem(400, detail), request)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    http_error = cast(StarletteHTTPException, exc)
+    return _answer(Problem(http_error.status_code, str(http_error.detail)), request)
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    problem = problem_for(exc)
+    if problem is None:
+        log.exception("unhandled error on %s", request.url.path)
+        problem = Problem(500, str(exc), title="Internal error")
+    return _answer(problem, request)
+
+
+class _App(FastAPI):
+    """FastAPI with the OpenAPI document of the whole edge: the ingest routes ``_ingest``
+    serves in front of it included, and every error answer typed problem+json."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        document = super().openapi()
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in (schemas.CloudEvent, schemas.Accepted, schemas.BatchAccepted):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                responses = operation["responses"]
+                # parameters are checked by eventbus (400 problem), never answered 422
+                responses.pop("422", None)
+                for response in responses.values():
+                    content = response.get("content", {})
+                    schema = content.get("application/json", {}).get("schema", {})
+                    if schema.get("$ref", "").endswith("/ProblemDetails"):
+                        content[PROBLEM] = content.pop("application/json")
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        document["paths"].update(copy.deepcopy(INGEST_OPERATIONS))
+        self.openapi_schema = document
+        return document
+
+
+def create_app(service: Service) -> ASGIApp:
+    """The whole HTTP API over a started ``service``: the bare-ASGI ingest routes
+    (``_ingest``) in front of a FastAPI application for everything else."""
+    access = Access(service.settings.api_keys, service)
+    app = _App(title="eventbus", version=__version__, docs_url="/docs", redoc_url=None)
+    app.state.service = service
+    app.state.access = access
+    app.include_router(admin)
+    app.include_router(public)
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(EventBusError, _on_error)
+    return IngestApp(service, access, app)

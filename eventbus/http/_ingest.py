@@ -1,0 +1,242 @@
+"""The hot HTTP path: ``POST /events`` and ``POST /notifications`` served as bare ASGI, in front
+of the FastAPI application (``_api``) that serves everything else.
+
+Where it sits: the first thing a published event meets. Measured on the 2-core machine, the
+framework layers around a FastAPI route (middleware stack, routing, request objects) cost more
+CPU than the ingest work itself, so this path reads the body straight from ``receive``
+(bounded), parses it with ``eventbus.cloudevents`` (orjson), publishes it to the durable bus
+and answers; a 2xx means the event is on the bus (guarantee 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from eventbus import metrics
+from eventbus._errors import BusUnavailable, CloudEventError
+from eventbus.cloudevents import (
+    BATCH_CONTENT_TYPE,
+    STRUCTURED_CONTENT_TYPE,
+    notification_to_events,
+    parse_http,
+)
+from eventbus.http._access import Access
+from eventbus.http._problem import PROBLEM, Problem, problem_for
+from eventbus.http._types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from eventbus.app import Service
+
+__all__ = ["INGEST_OPERATIONS", "IngestApp"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _answers(accepted: dict[str, Any], *problems: int) -> dict[str, Any]:
+    problem = {"content": {PROBLEM: {"schema": _ref("ProblemDetails")}}}
+    batch = {"application/json": {"schema": _ref("BatchAccepted")}}
+    return {
+        "202": {"description": "On the durable bus", "content": accepted},
+        "207": {"description": "A batch of which some entries failed", "content": batch},
+        **{str(status): {"description": _TITLES[status], **problem} for status in problems},
+    }
+
+
+_TITLES = {
+    400: "Invalid request or event",
+    401: "No or unknown API key",
+    403: "The key lacks scope publish",
+    405: "Not POST",
+    408: "The body did not arrive in time",
+    413: "The body or the batch is too large",
+    415: "A CloudEvents format other than JSON",
+    422: "The event bus refused the event",
+    503: "The event bus is unavailable: retry later",
+}
+_REFUSED = (400, 401, 403, 405, 408, 413, 422, 503)
+
+INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
+    "/events": {
+        "post": {
+            "summary": "Publish CloudEvents: 202 once they are on the durable bus",
+            "description": (
+                "Structured mode (one event), batch mode (a JSON array; each entry answered on "
+                "its own, 207 when any failed) or binary mode (any other Content-Type: the "
+                "attributes in ce-* headers, the body is the event's data)."
+            ),
+            "operationId": "publish_events",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    STRUCTURED_CONTENT_TYPE: {"schema": _ref("CloudEvent")},
+                    BATCH_CONTENT_TYPE: {"schema": {"type": "array", "items": _ref("CloudEvent")}},
+                    "*/*": {"schema": {"description": "binary mode: the event's data"}},
+                },
+            },
+            "responses": _answers(
+                {
+                    "application/json": {
+                        "schema": {"anyOf": [_ref("Accepted"), _ref("BatchAccepted")]}
+                    }
+                },
+                *_REFUSED,
+                415,
+            ),
+        }
+    },
+    "/notifications": {
+        "post": {
+            "summary": "Publish bucket notifications (S3, MinIO, Alibaba OSS), one event each",
+            "description": (
+                'An S3 or MinIO notification ({"Records": [...]}) or an OSS one '
+                '({"events": [...]}); every record becomes a CloudEvent (the S3 adapter\'s '
+                "mapping), answered per entry."
+            ),
+            "operationId": "publish_notifications",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "responses": _answers(
+                {"application/json": {"schema": _ref("BatchAccepted")}}, *_REFUSED
+            ),
+        }
+    },
+}
+"""The ingest routes in the OpenAPI document (``GET /openapi.json``): served here, not by the
+FastAPI application that writes the document."""
+
+
+async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` without buffering it whole."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Problem(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise Problem(413, f"request body of {declared} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "the client went away before the body was read")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class IngestApp:
+    """ASGI: serves the ingest routes itself and hands every other request to ``fallback``."""
+
+    def __init__(self, service: Service, access: Access, fallback: ASGIApp) -> None:
+        self._service = service
+        self._fallback = fallback
+        self._access = access
+        self._max_event = service.settings.max_event_size
+        self._max_batch = service.settings.max_batch_entries
+        self._max_request = self._max_event * 4
+        self._routes: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[Any]]] = {
+            "/events": self._events,
+            "/notifications": self._notifications,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if handler is None:
+            await self._fallback(scope, receive, send)
+            return
+        path = scope["path"]
+        status, extra, body, media = 200, {}, b"", "application/json"
+        try:
+            if scope["method"] != "POST":
+                raise Problem(405, f"{path} accepts POST only", headers={"Allow": "POST"})
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            client = scope.get("client")
+            await self._access.check(headers, path, client[0] if client else None, "publish")
+            raw = await _read_body(receive, headers, self._max_request)
+            status, payload = await handler(headers, raw)
+            body = orjson.dumps(payload)
+        except Exception as exc:
+            problem = problem_for(exc)
+            if problem is None:
+                raise
+            status, extra, media = problem.status, problem.headers, PROBLEM
+            body = problem.body(path)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", media.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _events(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+        parsed = parse_http(headers, raw, max_size=self._max_event, max_entries=self._max_batch)
+        return await self._accept(parsed.events, parsed.batch, "http")
+
+    async def _notifications(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+        """S3 / MinIO / OSS bucket notifications, one CloudEvent per record."""
+        events: list[dict[str, Any] | CloudEventError] = list(
+            notification_to_events(raw, max_records=self._max_batch)
+        )
+        return await self._accept(events, True, "http:notification")
+
+    async def _accept(
+        self, events: list[dict[str, Any] | CloudEventError], batch: bool, via: str
+    ) -> tuple[int, Any]:
+        """Publish the valid events; answer for one event, or per entry (like PutEvents)."""
+        valid = [e for e in events if not isinstance(e, CloudEventError)]
+        # Audited as accepted when the router takes them off the bus (crash-safe).
+        outcomes = await self._service.publish_many(valid, via=via) if valid else []
+        accepted = outcomes.count(None)
+        if accepted:
+            metrics.EVENTS_RECEIVED.labels(via).inc(accepted)
+        results = iter(outcomes)
+        if not batch:
+            (single,) = valid  # a single bad event raised in parse_http already
+            err = next(results)
+            if err is not None:
+                raise err
+            return 202, {"id": single["id"], "source": single["source"]}
+        entries: list[dict[str, Any]] = []
+        failed = unavailable = 0
+        for entry in events:
+            if isinstance(entry, CloudEventError):
+                failed += 1
+                entries.append({"status": entry.status, "error": entry.detail})
+                continue
+            err = next(results)
+            if err is None:
+                entries.append({"status": 202, "id": entry["id"], "source": entry["source"]})
+                continue
+            failed += 1
+            down = isinstance(err, BusUnavailable)
+            unavailable += down
+            entries.append(
+                {
+                    "status": 503 if down else 500,
+                    "id": entry["id"],
+                    "source": entry["source"],
+                    "error": str(err),
+                }
+            )
+        if unavailable and unavailable == len(entries):
+            raise BusUnavailable("no entry of the batch could be stored")
+        return (207 if failed else 202), {"failed": failed, "entries": entries}

@@ -1,0 +1,183 @@
+"""The parameters of the admin API: typed, so the OpenAPI document shows each one, and checked
+here, so a bad value is a 400 problem naming the parameter.
+
+Where it sits: ``_api`` declares its handlers' parameters with these types. Each carries a
+check that runs before the type's own validation and raises ``ValueError`` with the answer's
+``detail``; ``_api`` turns the first such error of a request into the 400. Values are checked
+against what their PostgreSQL columns can hold, so a value the database would refuse is a 400
+naming the parameter, not a failed query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, Path, Query
+from pydantic import BeforeValidator
+
+from eventbus.delivery import DeadLetterFilter
+
+__all__ = [
+    "All",
+    "DeadLetterId",
+    "Filter",
+    "Limit",
+    "Page",
+    "Paging",
+    "SourceName",
+    "TargetName",
+    "TrailId",
+    "TrailSource",
+]
+
+_BIGINT = 64
+_INTEGER = 32
+_MAX_LIMIT = 1000
+
+
+def _clip(value: str) -> str:
+    return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+
+
+def _text(name: str) -> BeforeValidator:
+    """Text for a PostgreSQL ``text`` column, which cannot hold U+0000."""
+
+    def check(value: str) -> str:
+        if "\x00" in value:
+            raise ValueError(f"{name} must not contain the character U+0000")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _parse_integer(name: str, raw: str, bits: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {_clip(raw)}") from None
+    bound = 2 ** (bits - 1)
+    if not -bound <= value < bound:
+        raise ValueError(f"{name} must be a {bits}-bit integer, got {_clip(raw)}")
+    return value
+
+
+def _integer(name: str, bits: int = _BIGINT) -> BeforeValidator:
+    return BeforeValidator(lambda raw: _parse_integer(name, raw, bits))
+
+
+def _integers(name: str) -> BeforeValidator:
+    return BeforeValidator(lambda raws: [_parse_integer(name, raw, _BIGINT) for raw in raws])
+
+
+def _parse_moment(name: str, raw: str) -> datetime:
+    """An ISO 8601 time; one without a zone is UTC (not the server's local time)."""
+    try:
+        moment = datetime.fromisoformat(raw)
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        # The instant must exist in UTC, where PostgreSQL receives it.
+        moment.astimezone(UTC)
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO 8601 time, got {_clip(raw)}") from None
+    except OverflowError:
+        raise ValueError(f"{name} must fall within years 0001-9999 in UTC") from None
+    return moment
+
+
+def _moment(name: str) -> BeforeValidator:
+    return BeforeValidator(lambda raw: _parse_moment(name, raw))
+
+
+def _parse_limit(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_LIMIT:
+        raise ValueError(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {_clip(raw)}")
+    return int(raw)
+
+
+DeadLetterId = Annotated[int, Path(description="The dead letter's id."), _integer("dl_id")]
+TargetName = Annotated[str, Path(description="A target's name."), _text("target name")]
+TrailSource = Annotated[
+    str | None, Query(description="Required: the event's source."), _text("source")
+]
+TrailId = Annotated[
+    str | None, Query(alias="id", description="Required: the event's id."), _text("id")
+]
+SourceName = Annotated[
+    str | None, Query(description="Only this source's dead letters."), _text("source")
+]
+Limit = Annotated[
+    int,
+    Query(ge=1, le=_MAX_LIMIT, description="How many items at most."),
+    BeforeValidator(_parse_limit),
+]
+After = Annotated[
+    int | None,
+    Query(description="The next page: the last id of the previous one (``next_after``)."),
+    _integer("after"),
+]
+All = Annotated[
+    str | None,
+    Query(alias="all", description="``true`` to select every dead letter (no other filter)."),
+]
+
+
+@dataclass(frozen=True)
+class Page:
+    """Where a page of dead letters starts and how long it is."""
+
+    limit: int
+    after: int | None
+
+
+def _page(limit: Limit = 100, after: After = None) -> Page:
+    return Page(limit, after)
+
+
+def _dead_letter_filter(
+    ids: Annotated[
+        list[int] | None,
+        Query(alias="id", description="Dead letter ids (repeat the parameter for several)."),
+        _integers("id"),
+    ] = None,
+    rule: Annotated[str | None, Query(description="The rule's name."), _text("rule")] = None,
+    target: Annotated[str | None, Query(description="The target's name."), _text("target")] = None,
+    status: Annotated[
+        int | None,
+        Query(description="The last HTTP status the target answered."),
+        _integer("status", _INTEGER),
+    ] = None,
+    reason: Annotated[
+        str | None,
+        Query(description="attempts-exhausted, too-old, non-retryable, gone, ..."),
+        _text("reason"),
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Dead-lettered at or after (ISO 8601; without a zone: UTC)."),
+        _moment("since"),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        Query(description="Dead-lettered before (ISO 8601; without a zone: UTC)."),
+        _moment("until"),
+    ] = None,
+    source: Annotated[str | None, Query(description="The event's source."), _text("source")] = None,
+) -> DeadLetterFilter:
+    return DeadLetterFilter(
+        ids=tuple(ids or ()),
+        rule=rule,
+        target=target,
+        status=status,
+        reason=reason,
+        since=since,
+        until=until,
+        source=source,
+    )
+
+
+# As dependencies, a handler's parameter groups are checked in the order of its signature (the
+# page before the filter), so the first bad parameter a request has is the one its 400 names.
+Paging = Annotated[Page, Depends(_page)]
+Filter = Annotated[DeadLetterFilter, Depends(_dead_letter_filter)]

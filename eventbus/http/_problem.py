@@ -1,0 +1,86 @@
+"""Error answers of the HTTP edge: RFC 9457 problem+json bodies with a specific ``detail``.
+
+Where it sits: every route of the edge (the bare-ASGI ingest, the admin API, the connection
+limits in front of both) answers an error through :class:`Problem`; :func:`problem_for` is the
+one table of which eventbus errors become which answer.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from eventbus import metrics
+from eventbus._errors import (
+    BusError,
+    BusUnavailable,
+    CloudEventError,
+    StoreDataError,
+    StoreError,
+)
+
+__all__ = ["PROBLEM", "Problem", "problem_for"]
+
+PROBLEM = "application/problem+json"
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    431: "Request Header Fields Too Large",
+    500: "Internal error",
+    503: "Service Unavailable",
+}
+
+
+class Problem(Exception):
+    """An error answer: status, a specific detail, optional headers."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title or _TITLES.get(status, "Error")
+        self.headers = headers or {}
+
+    def body(self, instance: str | None) -> bytes:
+        """The problem+json body; ``instance`` (the request path) is left out when unknown."""
+        return orjson.dumps(
+            {
+                "type": "about:blank",
+                "title": self.title,
+                "status": self.status,
+                "detail": self.detail,
+                **({} if instance is None else {"instance": instance}),
+            }
+        )
+
+
+def problem_for(exc: Exception) -> Problem | None:
+    """The answer for an error an API operation may raise on purpose; None for the others."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, CloudEventError):
+        metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
+        return Problem(exc.status, exc.detail, title=exc.title)
+    if isinstance(exc, BusUnavailable):
+        return Problem(503, f"the event bus is unavailable: {exc}", headers={"Retry-After": "5"})
+    if isinstance(exc, StoreDataError):
+        return Problem(400, f"the database cannot take a value of this request: {exc}")
+    if isinstance(exc, StoreError):
+        return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
+    if isinstance(exc, BusError):
+        # the broker refused this event (too large for it, say): retrying will not help
+        return Problem(422, f"the event bus refused the event: {exc}")
+    return None

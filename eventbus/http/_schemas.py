@@ -1,0 +1,249 @@
+"""The bodies the HTTP edge answers with, as the OpenAPI document (``GET /openapi.json``) shows
+them.
+
+Where it sits: documentation only. The handlers of ``_api`` and ``_ingest`` build their bodies
+as plain JSON (orjson, no validation on the way out); these models describe those bodies, and
+``tests/http/test_openapi.py`` checks real answers against them (``extra="forbid"``) so the
+document cannot drift from what the service says.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "Accepted",
+    "BatchAccepted",
+    "CloudEvent",
+    "DeadLetter",
+    "DeadLetterPage",
+    "DeadLetterSummary",
+    "Enabled",
+    "EventTrail",
+    "Liveness",
+    "ProblemDetails",
+    "Purged",
+    "Readiness",
+    "Reloaded",
+    "Replayed",
+    "Rules",
+    "SourceDeadLetters",
+    "Sources",
+    "Targets",
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProblemDetails(_Body):
+    """An error answer (RFC 9457, ``application/problem+json``)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+
+
+class Accepted(_Body):
+    """One event is on the durable bus."""
+
+    id: str
+    source: str
+
+
+class BatchEntry(_Body):
+    """One entry of a batch: ``status`` 202 (on the bus), 4xx (invalid), 500 or 503."""
+
+    status: int
+    id: str | None = None
+    source: str | None = None
+    error: str | None = None
+
+
+class BatchAccepted(_Body):
+    """The outcome of every entry of a batch, in order (207 when any failed)."""
+
+    failed: int
+    entries: list[BatchEntry]
+
+
+class Match(_Body):
+    rule: str
+    target: str
+    at: str
+
+
+class Attempt(_Body):
+    rule: str
+    target: str
+    attempt: int
+    outcome: str
+    status: int | None
+    duration_ms: float
+    error: str | None
+    at: str
+
+
+class EventTrail(_Body):
+    """An event as first accepted, every rule it matched and every delivery attempt."""
+
+    event: dict[str, Any]
+    received_at: str
+    via: str
+    matches: list[Match]
+    attempts: list[Attempt]
+
+
+class Rule(_Body):
+    name: str
+    description: str
+    enabled: bool
+    targets: list[str]
+    file: str
+    line: int | None
+    definition: dict[str, Any]
+
+
+class Rules(_Body):
+    """The rules routing now, in load order."""
+
+    rules: list[Rule]
+
+
+class Reloaded(_Body):
+    """How many rules the new rule set holds."""
+
+    rules: int
+
+
+class DeadLetterSummary(_Body):
+    """A delivery that will not be retried, as the list of dead letters shows it."""
+
+    id: int
+    created_at: str
+    event_source: str
+    event_id: str
+    event_type: str | None
+    rule: str
+    target: str
+    attempts: int
+    last_status: int | None
+    final_error: str | None
+    reason: str
+    first_attempt_at: str
+    replay_count: int
+
+
+class DeadLetter(DeadLetterSummary):
+    """A delivery that will not be retried, whole: the event, the payload, every attempt."""
+
+    event: dict[str, Any]
+    payload: Any
+    is_cloudevent: bool
+    delivery: dict[str, Any] | None
+    history: list[dict[str, Any]]
+
+
+class DeadLetterPage(_Body):
+    """One page of dead letters, newest first; ``next_after`` gives the next page (null: the
+    last one)."""
+
+    items: list[DeadLetterSummary]
+    next_after: int | None
+
+
+class ReplayedItem(_Body):
+    id: int
+    event_source: str
+    event_id: str
+    rule: str
+    target: str
+
+
+class Replayed(_Body):
+    """The dead letters moved back into the retry schedule, due now."""
+
+    replayed: list[ReplayedItem]
+
+
+class Purged(_Body):
+    purged: int
+
+
+class Enabled(_Body):
+    enabled: str
+
+
+class Target(_Body):
+    name: str
+    type: str
+    circuit: Literal["closed", "half-open", "open"] | None
+
+
+class Targets(_Body):
+    targets: list[Target]
+
+
+class SourceState(_Body):
+    name: str
+    type: str
+    state: str
+    events: int
+    errors: int
+    last_event_at: str | None
+    last_error: str | None
+    lag: float | int | None
+
+
+class Sources(_Body):
+    sources: list[SourceState]
+
+
+class SourceDeadLetter(_Body):
+    """Input a source could not turn into an event; the payload as text or base64."""
+
+    id: int
+    source: str
+    received_at: str
+    error: str
+    meta: dict[str, Any]
+    payload: str | None = None
+    payload_base64: str | None = None
+
+
+class SourceDeadLetters(_Body):
+    items: list[SourceDeadLetter]
+
+
+class Liveness(_Body):
+    status: Literal["ok", "failed"]
+    detail: str | None = None
+
+
+class Readiness(_Body):
+    bus: Literal["ok", "unreachable"]
+    database: Literal["ok", "unreachable"]
+    audit: str
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvent in its JSON form (structured content mode); extension attributes are
+    further top-level members."""
+
+    model_config = ConfigDict(extra="allow")
+
+    specversion: Literal["1.0"]
+    id: str
+    source: str
+    type: str
+    subject: str | None = None
+    time: str | None = None
+    datacontenttype: str | None = None
+    dataschema: str | None = None
+    data: Any = None
+    data_base64: str | None = None

@@ -1,0 +1,122 @@
+"""What sources keep in Postgres: their checkpoints (``source_checkpoints``) and, read back for
+the API, the input that could not become an event (``source_dead_letters``).
+
+Where it sits: a source records its progress only after the events behind it are on the bus
+(see ``_base``), through :class:`Checkpoints`; :meth:`SourceContext.dead_letter
+<eventbus.sources.SourceContext.dead_letter>` writes the dead letters, :func:`list_dead_letters`
+reads them. Tables come from migration ``0003_sources.sql``.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+import orjson
+
+from eventbus._errors import StoreError
+from eventbus.store import READ_TIMEOUT, run_db
+
+__all__ = ["Checkpoints", "list_dead_letters"]
+
+
+# What asyncpg raises when Postgres rejects a statement or the connection is gone.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+class Checkpoints:
+    """Durable key/value progress of one source (table ``source_checkpoints``).
+
+    Values are anything orjson can serialize. Every method raises StoreError when Postgres
+    cannot be reached or rejects the statement.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, source: str) -> None:
+        self._pool = pool
+        self._source = source
+
+    async def get(self, key: str) -> Any | None:
+        """Return the stored value for ``key``, or None when nothing was stored."""
+        try:
+            text = await self._pool.fetchval(
+                "SELECT value::text FROM source_checkpoints WHERE source = $1 AND key = $2",
+                self._source,
+                key,
+            )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"reading checkpoint {self._source}/{key}: {exc}") from exc
+        return None if text is None else orjson.loads(text)
+
+    async def items(self, prefix: str = "") -> dict[str, Any]:
+        """Return every stored key starting with ``prefix`` and its value."""
+        try:
+            rows = await self._pool.fetch(
+                "SELECT key, value::text AS value FROM source_checkpoints"
+                " WHERE source = $1 AND starts_with(key, $2)",
+                self._source,
+                prefix,
+            )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"reading checkpoints of {self._source}: {exc}") from exc
+        return {row["key"]: orjson.loads(row["value"]) for row in rows}
+
+    async def put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` (upsert); durable when this returns."""
+        await self.put_many({key: value})
+
+    async def put_many(self, values: Mapping[str, Any]) -> None:
+        """Store several keys in one transaction: all of them are durable, or none."""
+        rows = [(self._source, k, orjson.dumps(v).decode()) for k, v in values.items()]
+        if not rows:
+            return
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.executemany(
+                    "INSERT INTO source_checkpoints (source, key, value, updated_at)"
+                    " VALUES ($1, $2, $3::jsonb, now())"
+                    " ON CONFLICT (source, key) DO UPDATE"
+                    " SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at",
+                    rows,
+                )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"writing checkpoints of {self._source}: {exc}") from exc
+
+
+async def list_dead_letters(
+    pool: asyncpg.Pool, source: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Newest first: ``id, source, received_at, error, meta`` and the payload as ``payload``
+    (UTF-8 text) or ``payload_base64`` (binary). Raises StoreError on database failure (also
+    after ``READ_TIMEOUT`` seconds), StoreDataError for a ``source`` the database refuses, and
+    ValueError for a limit outside 1..1000."""
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be between 1 and 1000, got {limit}")
+    rows = await run_db(
+        "listing source dead letters",
+        pool.fetch(
+            "SELECT id, source, received_at, payload, error, meta::text AS meta"
+            " FROM source_dead_letters WHERE ($1::text IS NULL OR source = $1)"
+            " ORDER BY id DESC LIMIT $2",
+            source,
+            limit,
+        ),
+        deadline=READ_TIMEOUT,
+    )
+    result = []
+    for row in rows:
+        item: dict[str, Any] = {
+            "id": row["id"],
+            "source": row["source"],
+            "received_at": row["received_at"].isoformat(),
+            "error": row["error"],
+            "meta": orjson.loads(row["meta"]),
+        }
+        payload: bytes = row["payload"]
+        try:
+            item["payload"] = payload.decode()
+        except UnicodeDecodeError:
+            item["payload_base64"] = base64.b64encode(payload).decode()
+        result.append(item)
+    return result

@@ -1,0 +1,194 @@
+"""``eventbus rules validate|test|test-pattern``: exit codes and output (no servers)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from eventbus.cli import _rules as _cli
+
+# Imported through the module: pytest would collect functions named test_* as tests.
+register, validate_command = _cli.register, _cli.validate_command
+
+DATA = Path(__file__).parents[1] / "rules" / "data"  # the rule engine's own test data
+EVENTS = DATA / "events"
+KNOWN = {"audit-log", "thumbnailer", "orders-topic"}
+
+
+def run(command: Any, *args: Any, **kwargs: Any) -> tuple[int, str]:
+    out = io.StringIO()
+    code = command(*args, out=out, **kwargs)
+    return code, out.getvalue()
+
+
+def test_validate_ok() -> None:
+    code, text = run(validate_command, DATA / "good", known_targets=KNOWN)
+    assert (code, text) == (0, "5 rules OK (1 disabled)\n")
+
+
+def test_validate_lists_every_error_without_a_traceback() -> None:
+    path = DATA / "bad" / "cel.yaml"
+    code, text = run(validate_command, path, known_targets=KNOWN)
+    lines = text.splitlines()
+    assert code == 1
+    assert lines[-1] == "5 problems found"
+    assert lines[0].startswith(f"{path}:7 rule 'syntax': when: CEL syntax error")
+    assert all(line.startswith(f"{path}:") for line in lines[:-1])
+    assert "Traceback" not in text
+
+
+def test_validate_missing_path() -> None:
+    code, text = run(validate_command, DATA / "absent", known_targets=None)
+    assert (code, text) == (
+        1,
+        f"{DATA / 'absent'}: no such rule file or directory\n1 problem found\n",
+    )
+
+
+def test_test_command_shows_routes_and_payloads() -> None:
+    code, text = run(
+        _cli.test_command, EVENTS / "upload-image.json", DATA / "good", known_targets=KNOWN
+    )
+    assert code == 0
+    report = orjson.loads(text)
+    assert report["matched"] == ["thumbnails", "everything"]
+    assert [(r["rule"], r["target"], r["is_cloudevent"]) for r in report["routes"]] == [
+        ("thumbnails", "thumbnailer", False),
+        ("thumbnails", "audit-log", True),
+        ("everything", "audit-log", True),
+    ]
+    assert report["routes"][0]["payload"]["url"] == "s3://photos/cats/tom.jpg"
+    assert report["routes"][1]["payload"]["id"] == "u-1"
+    assert report["condition_errors"] == {}
+
+
+def test_test_command_explains_failing_conditions() -> None:
+    code, text = run(
+        _cli.test_command, EVENTS / "upload-no-size.json", DATA / "good", known_targets=KNOWN
+    )
+    assert code == 0
+    report = orjson.loads(text)
+    assert report["matched"] == ["everything"]
+    assert list(report["condition_errors"]) == ["thumbnails"]
+    assert "size" in report["condition_errors"]["thumbnails"]
+
+
+@pytest.mark.parametrize(
+    ("event_file", "message"),
+    [
+        ("absent.json", "cannot read event file"),
+        ("truncated.json", "is not valid JSON"),
+        ("not-object.json", "must be a JSON object, not list"),
+    ],
+)
+def test_test_command_bad_event_file(event_file: str, message: str) -> None:
+    code, text = run(_cli.test_command, EVENTS / event_file, DATA / "good", known_targets=KNOWN)
+    assert code == 2
+    assert text.startswith("error: ") and message in text
+    assert text.count("\n") == 1
+
+
+def test_test_command_with_invalid_rules() -> None:
+    code, text = run(
+        _cli.test_command,
+        EVENTS / "binary.json",
+        DATA / "bad" / "targets.yaml",
+        known_targets=KNOWN,
+    )
+    assert code == 1
+    assert text.splitlines()[-1] == "2 problems found"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "event_file", "expected"),
+    [
+        ({"type": ["com.example.object.created"]}, "upload-image.json", "true\n"),
+        ({"data": {"size": [{"numeric": [">", 4096]}]}}, "upload-image.json", "false\n"),
+        ({}, "binary.json", "true\n"),
+        (
+            {"source": [{"prefix": "shop/"}], "data": {"items": {"sku": ["BOOK-1"]}}},
+            "order-gift.json",
+            "true\n",
+        ),
+    ],
+)
+def test_test_pattern(tmp_path: Path, pattern: Any, event_file: str, expected: str) -> None:
+    pattern_file = tmp_path / "pattern.json"
+    pattern_file.write_bytes(orjson.dumps(pattern))
+    assert run(_cli.test_pattern_command, pattern_file, EVENTS / event_file) == (0, expected)
+
+
+@pytest.mark.parametrize(
+    ("pattern_text", "event_file", "message"),
+    [
+        ('{"type": "exact"}', "binary.json", "invalid pattern"),
+        ("[1]", "binary.json", "invalid pattern"),
+        ('{"type": [', "binary.json", "pattern file"),
+        (None, "binary.json", "cannot read pattern file"),
+        ('{"type": ["a"]}', "truncated.json", "event file"),
+        ('{"type": ["a"]}', "not-object.json", "must be a JSON object"),
+    ],
+    ids=["not-array", "not-object", "bad-json", "missing", "bad-event", "event-list"],
+)
+def test_test_pattern_bad_input(
+    tmp_path: Path, pattern_text: str | None, event_file: str, message: str
+) -> None:
+    pattern_file = tmp_path / "pattern.json"
+    if pattern_text is not None:
+        pattern_file.write_text(pattern_text)
+    code, text = run(_cli.test_pattern_command, pattern_file, EVENTS / event_file)
+    assert code == 2
+    assert text.startswith("error: ") and message in text
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="eventbus rules")
+    register(parser.add_subparsers(dest="rules_command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_register_wires_the_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    connectors = tmp_path / "connectors.yaml"
+    connectors.write_text(
+        "targets:\n  - {name: audit-log, type: http, url: 'http://127.0.0.1:9000/audit'}\n"
+    )
+    args = parse(["validate", str(DATA / "good"), "--connectors", str(connectors)])
+    assert args.func(args) == 1
+    assert "unknown target 'thumbnailer'" in capsys.readouterr().out
+
+    args = parse(["validate", str(DATA / "good"), "--connectors", str(tmp_path / "none")])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == "5 rules OK (1 disabled)\n"
+
+    args = parse(
+        [
+            "test",
+            "--event",
+            str(EVENTS / "binary.json"),
+            str(DATA / "good"),
+            "--connectors",
+            str(tmp_path / "none"),
+        ]
+    )
+    assert args.func(args) == 0
+    assert orjson.loads(capsys.readouterr().out)["matched"] == ["everything"]
+
+    pattern = tmp_path / "p.json"
+    pattern.write_text('{"id": ["b-1"]}')
+    args = parse(
+        ["test-pattern", "--pattern", str(pattern), "--event", str(EVENTS / "binary.json")]
+    )
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == "true\n"
+
+
+def test_register_defaults() -> None:
+    args = parse(["validate"])
+    assert (args.path, args.connectors) == ("rules", "connectors")
+    with pytest.raises(SystemExit):
+        parse(["test"])

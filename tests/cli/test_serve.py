@@ -1,0 +1,149 @@
+"""``eventbus serve`` start-up checks: a listen address reachable from the network needs API
+keys (or an explicit, loudly logged ``allow_unauthenticated``), in one process and with
+``--workers``; the shipped compose settings pass it with the keys compose provides; the
+open-file limit is raised to fit the connection cap; the embedded database's password stays out
+of the logs and of every command line, also with ``--workers``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import resource
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from eventbus._errors import ConfigError
+from eventbus.bus._nats_server import free_port
+from eventbus.cli._serve import _check_exposure
+from eventbus.config import Settings, load_settings
+from tests.fixtures.postgres import private_data_root, stop_servers_under
+from tests.fixtures.service import ServeProcess, settings_for, write_config
+
+COMPOSE = Path(__file__).parents[2] / "compose"
+KEY = {"name": "ops", "key": "k" * 32, "scopes": ["admin"]}
+
+
+def _settings(host: str, **extra: object) -> Settings:
+    return Settings.model_validate({"listen": {"host": host}, **extra})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.53", "::1", "localhost"])
+def test_loopback_needs_no_keys(host: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        _check_exposure(_settings(host))
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.1.2.3", "eventbus.example.org"])
+def test_reachable_address_without_keys_is_refused(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        _check_exposure(_settings(host))
+    assert f"listen.host {host!r}" in str(err.value)
+    assert "api_keys" in str(err.value) and "allow_unauthenticated: true" in str(err.value)
+
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        _check_exposure(_settings(host, api_keys=[KEY]))
+        assert not caplog.records
+        _check_exposure(_settings(host, allow_unauthenticated=True))
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "NO AUTHENTICATION" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_serve_refuses_an_open_bind_before_starting_anything(
+    tmp_path: Path, workers: str
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "serve", "--host", "0.0.0.0", "--workers", workers),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert "listen.host '0.0.0.0' is reachable from the network" in err.decode()
+    assert "Traceback" not in err.decode()
+    assert not (tmp_path / ".eventbus").exists()  # no embedded server was started
+
+
+@pytest.mark.timeout(120)
+async def test_allowed_unauthenticated_bind_starts_with_a_warning(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    proc = serve_process(
+        rules="[]",
+        targets=[],
+        settings={"listen": {"host": "0.0.0.0"}, "allow_unauthenticated": True},
+    )
+    await proc.start()
+    assert await proc.terminate() == 0
+    assert "NO AUTHENTICATION: listening on 0.0.0.0" in proc.log.read_text()
+
+
+def test_compose_settings_start_only_with_the_keys_compose_passes() -> None:
+    compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    template = compose["services"]["eventbus"]["environment"]["EVENTBUS_API_KEYS"]
+    given = {"EVENTBUS_ADMIN_KEY": "a" * 64, "EVENTBUS_PUBLISH_KEY": "b" * 64}
+    # compose's ${NAME:?message} interpolation
+    keys = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: given[m[1]], template)
+
+    settings = load_settings(COMPOSE / "eventbus.yaml", env={"EVENTBUS_API_KEYS": keys})
+    assert [(k.name, k.key, k.scopes) for k in settings.api_keys] == [
+        ("admin", "a" * 64, ("admin",)),
+        ("publisher", "b" * 64, ("publish",)),
+    ]
+    _check_exposure(settings)
+    with pytest.raises(ConfigError, match="no api_keys are set"):
+        _check_exposure(load_settings(COMPOSE / "eventbus.yaml", env={}))
+
+
+async def test_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
+    script = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))\n"
+        "from eventbus.cli._serve import _room_for_connections\n"
+        "from eventbus.config import Settings\n"
+        "_room_for_connections(Settings.model_validate({'listen': {'max_connections': 900}}))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    soft, hard = (int(x) for x in out.split())
+    assert soft == (900 + 256 if hard == resource.RLIM_INFINITY else min(900 + 256, hard))
+
+
+@pytest.mark.timeout(180)
+async def test_the_embedded_database_password_stays_out_of_logs_and_command_lines() -> None:
+    # not tmp_path: see private_data_root
+    root = private_data_root()
+    try:
+        write_config(root, rules="[]", targets=[])
+        port = free_port()
+        config = root / "settings.yaml"
+        config.write_text(yaml.safe_dump(settings_for(root, database_url=None, port=port)))
+        proc = ServeProcess(config, port, root / "serve.log", workers=2)
+        await proc.start()
+        try:
+            password = (root / "data" / "postgres.password").read_text().strip()
+            for running in psutil.process_iter(["cmdline"]):
+                assert password not in " ".join(running.info["cmdline"] or ()), running
+        finally:
+            assert await proc.terminate() == 0
+        log = proc.log.read_text()
+        assert "embedded PostgreSQL at postgresql://postgres:***@/postgres?host=" in log
+        assert password not in log
+    finally:
+        stop_servers_under(root)
+        shutil.rmtree(root, ignore_errors=True)

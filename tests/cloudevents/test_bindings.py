@@ -1,0 +1,343 @@
+"""HTTP, Kafka and NATS bindings: table-driven reads, bad input, size limits and round trips."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from eventbus._errors import CloudEventError
+from eventbus.cloudevents import (
+    DEFAULT_MAX_BATCH_ENTRIES,
+    DEFAULT_MAX_EVENT_SIZE,
+    from_http,
+    from_kafka,
+    from_nats,
+    new_event,
+    parse_http,
+    to_http,
+    to_http_batch,
+    to_kafka,
+    to_nats,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+def _cases(name: str) -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = json.loads((DATA / name).read_text(encoding="utf-8"))["cases"]
+    return cases
+
+
+def _bytes(value: str | dict[str, str] | None) -> bytes | None:
+    """Case files write bytes as text, or as {"base64": ...} when they are not UTF-8."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return base64.b64decode(value["base64"])
+    return value.encode()
+
+
+def _check_error(exc: CloudEventError, expected: dict[str, Any]) -> None:
+    assert exc.status == expected["status"], exc.detail
+    assert expected["detail"] in exc.detail
+
+
+HTTP = _cases("http_requests.json")
+KAFKA = _cases("kafka_records.json")
+NATS = _cases("nats_messages.json")
+VALID = [case["event"] for case in _cases("valid_events.json")]
+VALID_IDS = [case["name"] for case in _cases("valid_events.json")]
+
+
+def _http_body(case: dict[str, Any]) -> bytes:
+    if "body_base64" in case:
+        return base64.b64decode(case["body_base64"])
+    return str(case["body"]).encode()
+
+
+@pytest.mark.parametrize("case", HTTP, ids=lambda c: c["name"])
+def test_parse_http(case: dict[str, Any]) -> None:
+    body = _http_body(case)
+    if "error" in case:
+        with pytest.raises(CloudEventError) as info:
+            parse_http(case["headers"], body)
+        _check_error(info.value, case["error"])
+        return
+    parsed = parse_http(case["headers"], body)
+    if "events" in case:
+        assert parsed.batch is False
+        assert parsed.events == case["events"]
+        assert from_http(case["headers"], body) == case["events"]
+        return
+    assert parsed.batch is True
+    assert len(parsed.events) == len(case["results"])
+    for got, want in zip(parsed.events, case["results"], strict=True):
+        if "event" in want:
+            assert got == want["event"]
+        else:
+            assert isinstance(got, CloudEventError)
+            _check_error(got, want["error"])
+
+
+def test_from_http_reports_the_first_bad_batch_entry() -> None:
+    case = next(c for c in HTTP if c["name"] == "batch with bad entries keeps the good ones")
+    with pytest.raises(CloudEventError) as info:
+        from_http(case["headers"], _http_body(case))
+    assert info.value.status == 400
+    assert info.value.detail.startswith("batch entry 1: an event must be a JSON object")
+
+
+@pytest.mark.parametrize("case", KAFKA, ids=lambda c: c["name"])
+def test_from_kafka(case: dict[str, Any]) -> None:
+    headers = [(name, _bytes(value) or b"") for name, value in case["headers"]]
+    key, value = _bytes(case["key"]), _bytes(case["value"])
+    if "error" in case:
+        with pytest.raises(CloudEventError) as info:
+            from_kafka(headers, key, value)
+        _check_error(info.value, case["error"])
+    else:
+        assert from_kafka(headers, key, value) == case["event"]
+
+
+@pytest.mark.parametrize("case", NATS, ids=lambda c: c["name"])
+def test_from_nats(case: dict[str, Any]) -> None:
+    payload = str(case["payload"]).encode()
+    if "error" in case:
+        with pytest.raises(CloudEventError) as info:
+            from_nats(case["headers"], payload)
+        _check_error(info.value, case["error"])
+    else:
+        assert from_nats(case["headers"], payload) == case["event"]
+
+
+def _binary_view(event: dict[str, Any]) -> dict[str, Any]:
+    """What a binary-mode round trip preserves: header values are strings, so integer and
+    boolean extensions come back as their canonical strings, and data gets its implied
+    content type made explicit."""
+    view: dict[str, Any] = {}
+    for name, value in event.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, int) and name != "data":
+            value = str(value)
+        view[name] = value
+    if "datacontenttype" not in event:
+        if "data" in event:
+            view["datacontenttype"] = "application/json"
+        elif "data_base64" in event:
+            view["datacontenttype"] = "application/octet-stream"
+    return view
+
+
+def _via_http_binary(event: dict[str, Any]) -> dict[str, Any]:
+    headers, body = to_http(event)
+    [result] = from_http(headers, body)
+    return result
+
+
+def _via_http_structured(event: dict[str, Any]) -> dict[str, Any]:
+    headers, body = to_http(event, structured=True)
+    [result] = from_http(headers, body)
+    return result
+
+
+def _via_kafka_binary(event: dict[str, Any]) -> dict[str, Any]:
+    key, headers, value = to_kafka(event)
+    return from_kafka(headers, key, value)
+
+
+def _via_kafka_structured(event: dict[str, Any]) -> dict[str, Any]:
+    key, headers, value = to_kafka(event, structured=True)
+    return from_kafka(headers, key, value)
+
+
+def _via_nats_binary(event: dict[str, Any]) -> dict[str, Any]:
+    headers, payload = to_nats(event, structured=False)
+    return from_nats(headers, payload)
+
+
+def _via_nats_structured(event: dict[str, Any]) -> dict[str, Any]:
+    headers, payload = to_nats(event)
+    return from_nats(headers, payload)
+
+
+ROUND_TRIPS: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], bool]] = {
+    "http-binary": (_via_http_binary, True),
+    "http-structured": (_via_http_structured, False),
+    "kafka-binary": (_via_kafka_binary, True),
+    "kafka-structured": (_via_kafka_structured, False),
+    "nats-binary": (_via_nats_binary, True),
+    "nats-structured": (_via_nats_structured, False),
+}
+
+
+@pytest.mark.parametrize("mode", ROUND_TRIPS)
+@pytest.mark.parametrize("event", VALID, ids=VALID_IDS)
+def test_round_trip(mode: str, event: dict[str, Any]) -> None:
+    via, binary = ROUND_TRIPS[mode]
+    expected = _binary_view(event) if binary else event
+    assert via(event) == expected
+
+
+@pytest.mark.parametrize("event", VALID, ids=VALID_IDS)
+def test_http_batch_round_trip(event: dict[str, Any]) -> None:
+    events = [event, new_event(type="t", source="/s", data={"n": 2})]
+    headers, body = to_http_batch(events)
+    assert headers == {"Content-Type": "application/cloudevents-batch+json"}
+    parsed = parse_http(headers, body)
+    assert parsed.batch is True
+    assert parsed.events == events
+
+
+def test_to_http_binary_headers_are_percent_encoded() -> None:
+    event = {
+        "specversion": "1.0",
+        "id": 'a "b" 100%',
+        "source": "/s",
+        "type": "t",
+        "subject": "Euro \u20ac \U0001f600",
+        "count": 5,
+        "flag": True,
+        "datacontenttype": "text/plain",
+        "data": "caf\u00e9",
+    }
+    headers, body = to_http(event)
+    assert headers == {
+        "ce-specversion": "1.0",
+        "ce-id": "a%20%22b%22%20100%25",
+        "ce-source": "/s",
+        "ce-type": "t",
+        "ce-subject": "Euro%20%E2%82%AC%20%F0%9F%98%80",
+        "ce-count": "5",
+        "ce-flag": "true",
+        "Content-Type": "text/plain",
+    }
+    assert body == "caf\u00e9".encode()
+    assert all(value.isascii() and value.isprintable() for value in headers.values())
+
+
+def test_to_http_bodies() -> None:
+    base = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+    assert to_http(base) == ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s",
+                              "ce-type": "t"}, b"")  # fmt: skip
+    headers, body = to_http({**base, "data": {"a": 1}})
+    assert (headers["Content-Type"], body) == ("application/json", b'{"a":1}')
+    headers, body = to_http({**base, "data_base64": "AAE="})
+    assert (headers["Content-Type"], body) == ("application/octet-stream", b"\x00\x01")
+    headers, body = to_http({**base, "datacontenttype": "text/plain; charset=iso-8859-1",
+                             "data": "caf\u00e9"})  # fmt: skip
+    assert body == b"caf\xe9"
+    headers, body = to_http({**base, "datacontenttype": "text/plain", "data": 42})
+    assert body == b"42"
+    headers, body = to_http({**base, "data": "x"}, structured=True)
+    assert headers == {"Content-Type": "application/cloudevents+json"}
+    assert orjson.loads(body) == {**base, "data": "x"}
+
+
+def test_to_http_rejects_unencodable_data() -> None:
+    base = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+    with pytest.raises(CloudEventError, match="cannot be encoded as ascii"):
+        to_http({**base, "datacontenttype": "text/plain; charset=ascii", "data": "\u00e9"})
+    with pytest.raises(CloudEventError, match="cannot be serialized as JSON"):
+        to_http({**base, "data": {1, 2}})
+
+
+def test_to_kafka_key_and_modes() -> None:
+    event = new_event(type="t", source="/s", partitionkey="p-1")
+    key, headers, value = to_kafka(event)
+    assert key == b"p-1"
+    assert ("ce_partitionkey", b"p-1") in headers
+    assert value == b"", "no data is an empty value, never a compaction tombstone"
+    key, headers, value = to_kafka(event, structured=True)
+    assert key == b"p-1"
+    assert headers == [("content-type", b"application/cloudevents+json")]
+    assert orjson.loads(value) == event
+    assert to_kafka(new_event(type="t", source="/s"))[0] is None
+
+
+def test_to_nats_modes() -> None:
+    event = new_event(type="t", source="/s", data={"a": 1})
+    headers, payload = to_nats(event)
+    assert headers == {"Content-Type": "application/cloudevents+json"}
+    assert orjson.loads(payload) == event
+    headers, payload = to_nats(event, structured=False)
+    assert headers["ce-datacontenttype"] == "application/json"
+    assert "Content-Type" not in headers
+    assert payload == b'{"a":1}'
+
+
+HUGE = "x" * DEFAULT_MAX_EVENT_SIZE
+
+
+def _huge_readers() -> dict[str, Callable[[], object]]:
+    event = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "data": HUGE}
+    structured = orjson.dumps(event)
+    ce = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}
+    kafka_ce = [("ce_" + k[3:], v.encode()) for k, v in ce.items()]
+    return {
+        "http structured": lambda: from_http(
+            {"content-type": "application/cloudevents+json"}, structured
+        ),
+        "http binary": lambda: from_http({**ce, "content-type": "text/plain"}, HUGE.encode()),
+        "http batch entry": lambda: from_http(
+            {"content-type": "application/cloudevents-batch+json"}, orjson.dumps([event])
+        ),
+        "kafka structured": lambda: from_kafka([], None, structured),
+        "kafka binary": lambda: from_kafka(kafka_ce, None, HUGE.encode()),
+        "nats structured": lambda: from_nats(None, structured),
+        "nats binary": lambda: from_nats(ce, HUGE.encode()),
+    }
+
+
+@pytest.mark.parametrize("reader", list(_huge_readers()))
+def test_huge_payload_is_413(reader: str) -> None:
+    with pytest.raises(CloudEventError) as info:
+        _huge_readers()[reader]()
+    assert info.value.status == 413
+    assert "limit" in info.value.detail
+
+
+def test_binary_size_counts_headers_and_body() -> None:
+    ce = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}
+    header_size = sum(len(k) + len(v) for k, v in ce.items())
+    body = b"x" * 100
+    headers = {**ce, "content-type": "text/plain"}
+    assert from_http(headers, body, max_size=header_size + 100)
+    with pytest.raises(CloudEventError) as info:
+        from_http(headers, body, max_size=header_size + 99)
+    assert info.value.status == 413
+
+
+def test_batch_entries_are_limited_one_by_one() -> None:
+    small = new_event(type="t", source="/s", data="x" * 10)
+    big = new_event(type="t", source="/s", data="x" * 1000)
+    parsed = parse_http(
+        {"content-type": "application/cloudevents-batch+json"},
+        orjson.dumps([small, big, small]),
+        max_size=500,
+    )
+    assert parsed.events[0] == small
+    assert isinstance(parsed.events[1], CloudEventError)
+    assert parsed.events[1].status == 413
+    assert parsed.events[2] == small
+
+
+def test_batch_entries_are_capped_before_any_is_validated() -> None:
+    headers = {"content-type": "application/cloudevents-batch+json"}
+    event = new_event(type="t", source="/s")
+    assert len(parse_http(headers, orjson.dumps([event] * DEFAULT_MAX_BATCH_ENTRIES)).events) == (
+        DEFAULT_MAX_BATCH_ENTRIES
+    )
+    # entries that are not even events: refused for their number, not reported one by one
+    with pytest.raises(CloudEventError) as info:
+        parse_http(headers, orjson.dumps([{}] * (DEFAULT_MAX_BATCH_ENTRIES + 1)))
+    assert info.value.status == 413
+    assert f"more than the limit of {DEFAULT_MAX_BATCH_ENTRIES}" in info.value.detail
+    with pytest.raises(CloudEventError, match="3 events, more than the limit of 2"):
+        parse_http(headers, orjson.dumps([event] * 3), max_entries=2)

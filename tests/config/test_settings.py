@@ -1,0 +1,73 @@
+"""Settings: defaults, file and environment overrides, and bad input reported with file, line
+and field, all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eventbus._errors import ConfigError
+from eventbus.cloudevents import DEFAULT_MAX_BATCH_ENTRIES, DEFAULT_MAX_EVENT_SIZE
+from eventbus.config import Settings, load_settings
+
+
+def test_defaults_are_the_embedded_default() -> None:
+    s = load_settings(None, env={})
+    assert s.embedded_bus and s.embedded_database
+    assert s.listen.host == "127.0.0.1" and s.listen.port == 8080
+    assert s.max_event_size == 256 * 1024 and s.api_keys == ()
+
+
+def test_file_and_environment_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text("listen: {port: 9000}\nbus: {nats: {url: nats://a:4222}}\n")
+    env = {
+        "EVENTBUS_LISTEN__PORT": "9100",
+        "EVENTBUS_DATABASE__URL": "postgresql://x/y",
+        "EVENTBUS_BUS__NATS__STREAM": "S2",
+        "PATH": "/bin",
+    }
+    s = load_settings(cfg, env=env)
+    assert s.listen.port == 9100
+    assert s.database.url == "postgresql://x/y" and not s.embedded_database
+    assert s.bus.nats.url == "nats://a:4222" and s.bus.nats.stream == "S2"
+    assert not s.embedded_bus
+    assert load_settings(None, env={"EVENTBUS_CONFIG": str(cfg)}).listen.port == 9000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("listen: [1\n", "eventbus.yaml:2: invalid YAML"),
+        ("listen: {port: 1}\nlisten: {port: 2}\n", "eventbus.yaml:2: duplicate key 'listen'"),
+        ("- 1\n", "eventbus.yaml:1: settings must be a mapping"),
+        ("listen:\n  port: 99999\n", "eventbus.yaml:2: listen.port: Input should be less than"),
+        ("bus:\n  backend: rabbit\n", "eventbus.yaml:2: bus.backend: Input should be 'nats'"),
+        ("bus:\n  nats:\n    stream: S\n    typo: 1\n", "eventbus.yaml:4: bus.nats.typo: Extra"),
+        ("api_keys:\n  - {name: a, key: short}\n", "eventbus.yaml:2: api_keys.0.key"),
+    ],
+)
+def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert expected in str(info.value).replace(str(tmp_path) + "/", "")
+
+
+def test_missing_settings_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read settings"):
+        load_settings("/nonexistent/eventbus.yaml", env={})
+
+
+def test_bad_environment_value_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"listen\.port"):
+        load_settings(None, env={"EVENTBUS_LISTEN__PORT": "many"})
+
+
+def test_ingest_limits_default_to_the_cloudevents_ones() -> None:
+    # written twice so that eventbus.config imports no pipeline package: they must agree
+    settings = Settings()
+    assert settings.max_event_size == DEFAULT_MAX_EVENT_SIZE
+    assert settings.max_batch_entries == DEFAULT_MAX_BATCH_ENTRIES

@@ -1,0 +1,162 @@
+"""The OpenAPI document (``GET /openapi.json``) describes every route of the HTTP edge, and the
+bodies a running service answers with are the ones it documents (real NATS and PostgreSQL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from eventbus.bus._nats_server import free_port
+from eventbus.http import _schemas as schemas
+from eventbus.store import set_aside
+from tests.cloudevents.test_notifications import OSS_RECORD
+from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
+
+# Every route of the edge: (method, path) -> what a 2xx answer holds.
+ROUTES: dict[tuple[str, str], str] = {
+    ("post", "/events"): "Accepted|BatchAccepted",
+    ("post", "/notifications"): "BatchAccepted",
+    ("get", "/events/trail"): "EventTrail",
+    ("get", "/rules"): "Rules",
+    ("post", "/rules/reload"): "Reloaded",
+    ("get", "/dead-letters"): "DeadLetterPage",
+    ("delete", "/dead-letters"): "Purged",
+    ("post", "/dead-letters/replay"): "Replayed",
+    ("get", "/dead-letters/{dl_id}"): "DeadLetter",
+    ("delete", "/dead-letters/{dl_id}"): "Purged",
+    ("post", "/dead-letters/{dl_id}/replay"): "Replayed",
+    ("post", "/targets/{name}/enable"): "Enabled",
+    ("get", "/targets"): "Targets",
+    ("get", "/sources"): "Sources",
+    ("get", "/sources/dead-letters"): "SourceDeadLetters",
+    ("get", "/healthz"): "Liveness",
+    ("get", "/readyz"): "Readiness",
+    ("get", "/metrics"): "text/plain",
+}
+
+
+def _success_schemas(operation: dict[str, Any]) -> str:
+    """The 2xx answer's schema names (``A|B`` for either), or its media type without one."""
+    for status, response in operation["responses"].items():
+        if status.startswith("2"):
+            media, content = next(iter(response["content"].items()))
+            schema = content["schema"]
+            refs = [s["$ref"] for s in schema.get("anyOf", [schema]) if "$ref" in s]
+            return "|".join(ref.rsplit("/", 1)[1] for ref in refs) or media
+    raise AssertionError(f"no 2xx answer documented: {operation}")
+
+
+async def test_the_document_describes_every_route(eventbus: StartService) -> None:
+    svc = await eventbus(rules="[]", targets=[])
+    status, _, document = await svc.request("GET", "/openapi.json")
+    assert status == 200
+    paths = document["paths"]
+    found = {(m, p): _success_schemas(op) for p, ops in paths.items() for m, op in ops.items()}
+    assert found == ROUTES
+    components = document["components"]["schemas"]
+    assert "HTTPValidationError" not in components  # parameters are answered 400, never 422
+    for (method, path), _ in ROUTES.items():
+        operation = paths[path][method]
+        errors = {s: r for s, r in operation["responses"].items() if s[0] in "45"}
+        for status_code, response in errors.items():
+            if path in ("/healthz", "/readyz"):
+                continue  # their 503 is the same body as their 200
+            assert list(response["content"]) == ["application/problem+json"], (path, status_code)
+    trail = paths["/events/trail"]["get"]["parameters"]
+    assert [(p["name"], p["in"]) for p in trail] == [("source", "query"), ("id", "query")]
+    listing = {p["name"]: p["schema"] for p in paths["/dead-letters"]["get"]["parameters"]}
+    assert listing["limit"] == {
+        "type": "integer",
+        "maximum": 1000,
+        "minimum": 1,
+        "description": "How many items at most.",
+        "default": 100,
+        "title": "Limit",
+    }
+    assert listing["since"]["anyOf"][0] == {"type": "string", "format": "date-time"}
+
+
+def _check(model: type[BaseModel], body: Any) -> None:
+    model.model_validate(body)  # extra="forbid": an undocumented field fails too
+
+
+async def _answer(
+    svc: RunningService, method: str, path: str, body: Any = None, content_type: str = ""
+) -> tuple[int, Any]:
+    raw = None if body is None else orjson.dumps(body)
+    status, _, answer = await svc.request(
+        method, path, raw, {"Content-Type": content_type} if content_type else {}
+    )
+    return status, answer
+
+
+async def test_answers_are_the_documented_bodies(eventbus: StartService) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}/nobody"
+    svc = await eventbus(
+        rules="- name: all\n  targets: [dead]\n",
+        targets=[{"name": "dead", "type": "http", "url": nobody, "delivery": {"retry": "none"}}],
+    )
+    event = {"specversion": "1.0", "id": "oa-1", "source": "tests/openapi", "type": "t"}
+    status, body = await _answer(svc, "POST", "/events", event, "application/cloudevents+json")
+    assert status == 202
+    _check(schemas.Accepted, body)
+    batch = [{**event, "id": "oa-2"}, {"specversion": "1.0"}]
+    status, body = await _answer(
+        svc, "POST", "/events", batch, "application/cloudevents-batch+json"
+    )
+    assert status == 207
+    _check(schemas.BatchAccepted, body)
+    status, body = await _answer(svc, "POST", "/notifications", {"events": [OSS_RECORD]})
+    assert status == 202
+    _check(schemas.BatchAccepted, body)
+    status, body = await _answer(svc, "POST", "/notifications", {"events": [{}]})
+    assert status == 400
+    _check(schemas.ProblemDetails, body)
+
+    await svc.trail("tests/openapi", "oa-1", attempts=1)
+
+    async def dead_lettered() -> bool:
+        status, page = await _answer(svc, "GET", "/dead-letters")
+        return status == 200 and len(page["items"]) == 3
+
+    await eventually(dead_lettered, what="the three valid events dead-lettered")
+    await set_aside(svc.service.store.pool, "tests-src", b"\xff", "not an event", {"k": 1})
+
+    status, body = await _answer(svc, "GET", "/events/trail?source=tests/openapi&id=oa-1")
+    assert status == 200 and body["attempts"]
+    _check(schemas.EventTrail, body)
+    status, page = await _answer(svc, "GET", "/dead-letters?limit=1")
+    assert status == 200 and page["next_after"] is not None
+    _check(schemas.DeadLetterPage, page)
+    first = page["items"][0]["id"]
+    status, body = await _answer(svc, "GET", f"/dead-letters/{first}")
+    assert status == 200
+    _check(schemas.DeadLetter, body)
+    status, body = await _answer(svc, "GET", "/sources/dead-letters")
+    assert status == 200 and body["items"][0]["payload_base64"] == "/w=="
+    _check(schemas.SourceDeadLetters, body)
+    for path, model in (
+        ("/rules", schemas.Rules),
+        ("/targets", schemas.Targets),
+        ("/sources", schemas.Sources),
+        ("/healthz", schemas.Liveness),
+        ("/readyz", schemas.Readiness),
+    ):
+        status, body = await _answer(svc, "GET", path)
+        assert status == 200, path
+        _check(model, body)
+    status, body = await _answer(svc, "POST", "/rules/reload")
+    assert status == 200
+    _check(schemas.Reloaded, body)
+    status, body = await _answer(svc, "POST", f"/dead-letters/{first}/replay")
+    assert status == 202 and len(body["replayed"]) == 1
+    _check(schemas.Replayed, body)
+    status, body = await _answer(svc, "DELETE", "/dead-letters?all=true")
+    assert status == 200
+    _check(schemas.Purged, body)
+    status, body = await _answer(svc, "GET", "/dead-letters?limit=0")
+    assert status == 400 and body["detail"].startswith("limit must be an integer")
+    _check(schemas.ProblemDetails, body)

