@@ -12,6 +12,7 @@ import orjson
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import StartService, free_port
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: all
@@ -55,11 +56,11 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     assert code == 0, err
     event_id = out["id"]
 
-    for _ in range(100):
+    async def listed() -> tuple[int, Any, str] | None:
         code, out, err = await _cli("dlq", "list", "--target", "fn", *url)
-        if out and out["items"]:
-            break
-        await asyncio.sleep(0.2)
+        return (code, out, err) if out and out["items"] else None
+
+    code, out, err = await eventually(listed, every=0.2, what="the dead letter in `dlq list`")
     assert code == 0 and len(out["items"]) == 1, (out, err)
     dl_id = out["items"][0]["id"]
 

@@ -197,6 +197,8 @@ async def test_in_flight_is_bounded(make_config: MakeConfig) -> None:
             return await anext(messages)
 
         blocked = asyncio.create_task(fourth_message())
+        # A short settle, kept on purpose: nothing marks "the bus would have handed it out by
+        # now"; 0.5 s spans two of its fetch rounds (fetch/poll timeout 0.2 s, conftest.py).
         await asyncio.sleep(0.5)
         assert not blocked.done(), "a fourth message was handed out while three were un-acked"
         await held[0].ack()

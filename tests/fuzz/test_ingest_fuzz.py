@@ -9,7 +9,6 @@ is ready afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
 from tests.fuzz._checks import check_answer
 from tests.fuzz._inputs import (
     BASE,
@@ -54,16 +54,16 @@ async def service(eventbus: StartService, receiver: Receiver) -> AsyncIterator[R
 async def _check_every_delivery(svc: RunningService) -> None:
     """Every routed event was delivered: no attempt failed, none is missing."""
     pool = svc.service.store.pool
-    async with asyncio.timeout(60):
-        while True:
-            await svc.service.store.audit.flush()
-            missing = await pool.fetchval(
-                "SELECT count(*) FROM matches m WHERE NOT EXISTS (SELECT 1 FROM attempts a"
-                " WHERE a.source = m.source AND a.id = m.id)"
-            )
-            if missing == 0:
-                break
-            await asyncio.sleep(0.2)
+
+    async def none_missing() -> bool:
+        await svc.service.store.audit.flush()
+        missing = await pool.fetchval(
+            "SELECT count(*) FROM matches m WHERE NOT EXISTS (SELECT 1 FROM attempts a"
+            " WHERE a.source = m.source AND a.id = m.id)"
+        )
+        return bool(missing == 0)
+
+    await eventually(none_missing, within=60, every=0.2, what="an attempt for every match")
     failed = await pool.fetch(
         "SELECT id, outcome, status, error FROM attempts WHERE outcome <> 'delivered' LIMIT 5"
     )

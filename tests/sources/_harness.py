@@ -1,11 +1,12 @@
 """Helpers for the source tests (engineer A's): a migrated pool, a recording publish seam, and a
-source running in a task. Not collected by pytest."""
+source running in a task (and, re-exported, the suite's one polling helper, ``eventually``).
+Not collected by pytest."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -13,6 +14,7 @@ import asyncpg
 from eventbus._errors import BusUnavailable
 from eventbus.sources import Checkpoints, Clock, Source, SourceContext, SourceStatus, SystemClock
 from eventbus.store._migrate import migrate
+from tests.fixtures.wait import eventually as eventually  # the source tests' one poll
 
 
 @contextlib.asynccontextmanager
@@ -93,13 +95,3 @@ async def dead_letters(pool: asyncpg.Pool, source: str) -> list[asyncpg.Record]:
         " WHERE source = $1 ORDER BY id",
         source,
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Wait (bounded by WAIT) until ``check()`` holds, for state with no event to wait on,
-    such as a checkpoint row written after a publish."""
-    for _ in range(int(WAIT / 0.01)):
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition did not hold in time")

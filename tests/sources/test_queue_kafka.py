@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
@@ -66,11 +65,11 @@ async def committed(bootstrap: str, group: str, topic_name: str) -> int | None:
 async def wait_committed(bootstrap: str, group: str, topic_name: str, offset: int) -> None:
     """Wait until ``group`` has committed ``offset``. Bounded generously: Tansu only lets a
     restarted member rejoin its group after the old member's session timed out (~15 s)."""
-    for _ in range(200):
-        if await committed(bootstrap, group, topic_name) == offset:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"group {group} did not commit offset {offset}")
+
+    async def at_offset() -> bool:
+        return await committed(bootstrap, group, topic_name) == offset
+
+    await eventually(at_offset, within=40, every=0.2, what=f"group {group} at offset {offset}")
 
 
 async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(

@@ -28,6 +28,7 @@ from eventbus.cloudevents import from_nats
 from eventbus.targets import NatsTarget, NatsTargetConfig, Outcome
 from eventbus.targets._base import MAX_ERROR_CHARS
 from tests.fixtures.nats import unique_name
+from tests.fixtures.wait import eventually
 
 
 def make_event(**overrides: Any) -> dict[str, Any]:
@@ -288,13 +289,14 @@ async def test_rejected_credentials_are_final(tmp_path: Path) -> None:
     )
     try:
         event = make_event()
-        for _ in range(100):  # until it listens: a refused connect is a retryable outcome
-            outcome = await deliver_once(
-                config_for(f"nats://127.0.0.1:{port}", timeout=2.0), event, event
-            )
-            if not outcome.retryable:
-                break
-            await asyncio.sleep(0.05)
+        config = config_for(f"nats://127.0.0.1:{port}", timeout=2.0)
+
+        async def answered() -> Outcome | None:
+            outcome = await deliver_once(config, event, event)
+            # until it listens: a refused connect is a retryable outcome
+            return None if outcome.retryable else outcome
+
+        outcome = await eventually(answered, within=10, every=0.05, what="nats-server listening")
         assert not outcome.delivered and not outcome.retryable
         assert outcome.error is not None and "authorization failed" in outcome.error
         token_config = config_for(f"nats://s3cret@127.0.0.1:{port}")
