@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import StartService, free_port
@@ -38,6 +39,7 @@ async def _cli(*args: str) -> tuple[int, Any, str]:
     return int(proc.returncode or 0), parsed, err.decode()
 
 
+@pytest.mark.slow
 async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> None:
     receiver.respond(503)
     policy = {

@@ -74,6 +74,7 @@ async def _wait_all(receiver: Receiver, ids: set[str], timeout: float) -> None: 
         ) from None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_sigkill_with_1000_in_flight_loses_nothing(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
@@ -106,6 +107,7 @@ async def test_sigkill_with_1000_in_flight_loses_nothing(
     assert audited <= _delivered_ids(receiver)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_sigterm_finishes_in_flight_and_acks_nothing_undelivered(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str

@@ -23,6 +23,7 @@ EVERYTHING = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_two_processes_split_the_work_and_survive_a_kill(
     serve_process: Callable[..., ServeProcess], receiver: Receiver

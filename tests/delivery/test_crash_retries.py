@@ -20,6 +20,7 @@ RULES = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_sigkill_with_pending_retries_then_restart(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str

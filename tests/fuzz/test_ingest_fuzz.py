@@ -103,12 +103,14 @@ bodies = st.binary(max_size=2_000)
 events = near_valid_events().map(_fresh)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=events.map(_json) | bodies)
 async def test_structured_mode(service: RunningService, body: bytes) -> None:
     await check_ingest(service, "/events", body, STRUCTURED)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(headers=binary_headers(), body=json_values.map(_json) | bodies)
 async def test_binary_mode(service: RunningService, headers: dict[str, str], body: bytes) -> None:
@@ -117,6 +119,7 @@ async def test_binary_mode(service: RunningService, headers: dict[str, str], bod
     await check_ingest(service, "/events", body, headers)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     body=st.lists(events | json_values, max_size=12).map(_json)
@@ -153,6 +156,7 @@ def notifications(draw: st.DrawFn) -> bytes:
     return draw(bodies)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=notifications())
 async def test_notifications(service: RunningService, body: bytes) -> None:

@@ -174,6 +174,7 @@ async def test_s3_notification_format_maps_every_record(
     assert [e["subject"] for e in events] == ["a.jpg", "b.jpg"]
 
 
+@pytest.mark.slow
 async def test_bus_down_commits_nothing_then_restart_loses_nothing(
     kafka_bootstrap: str, database_dsn: str, nats_url: str
 ) -> None:
