@@ -31,7 +31,7 @@ import orjson
 from jsonpath_ng import JSONPath
 from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JSONPathError
-from jsonpath_ng.ext.parser import ExtentedJsonPathParser
+from jsonpath_ng.ext.parser import ExtendedJsonPathParser
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -52,9 +52,9 @@ Render = Callable[[dict[str, Any]], Any]
 
 
 @functools.cache
-def _parser() -> ExtentedJsonPathParser:
+def _parser() -> ExtendedJsonPathParser:
     # Building the parser tables costs ~15 ms: do it once, on the first rule that needs it.
-    return ExtentedJsonPathParser()
+    return ExtendedJsonPathParser()
 
 
 def _definite(path: JSONPath) -> bool:

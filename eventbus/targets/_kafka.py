@@ -26,7 +26,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from jsonpath_ng import JSONPath
 from jsonpath_ng.exceptions import JSONPathError
-from jsonpath_ng.ext import parse as parse_jsonpath
+from jsonpath_ng.ext.parser import parse as parse_jsonpath
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_kafka

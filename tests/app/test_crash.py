@@ -18,6 +18,7 @@ import pytest
 
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import ServeProcess
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: everything
@@ -64,16 +65,16 @@ def _delivered_ids(receiver: Receiver) -> set[str]:
 
 
 async def _wait_all(receiver: Receiver, ids: set[str], timeout: float) -> None:  # noqa: ASYNC109
-    for _ in range(int(timeout / 0.2)):
-        if ids <= _delivered_ids(receiver):
-            return
-        await asyncio.sleep(0.2)
-    missing = ids - _delivered_ids(receiver)
-    raise AssertionError(
-        f"{len(missing)} accepted events never delivered, e.g. {sorted(missing)[:5]}"
-    )
+    try:
+        await eventually(lambda: ids <= _delivered_ids(receiver), within=timeout, every=0.2)
+    except AssertionError:
+        missing = ids - _delivered_ids(receiver)
+        raise AssertionError(
+            f"{len(missing)} accepted events never delivered, e.g. {sorted(missing)[:5]}"
+        ) from None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_sigkill_with_1000_in_flight_loses_nothing(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
@@ -106,6 +107,7 @@ async def test_sigkill_with_1000_in_flight_loses_nothing(
     assert audited <= _delivered_ids(receiver)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_sigterm_finishes_in_flight_and_acks_nothing_undelivered(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str

@@ -4,7 +4,6 @@ keys, and every kind of bad input (the service stays up and loses nothing else).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
@@ -14,6 +13,7 @@ from cloudevents.v1.http import CloudEvent, to_binary, to_structured
 from eventbus.bus import NatsServer
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: orders
@@ -93,7 +93,7 @@ async def test_structured_binary_and_batch_modes_route_and_audit(
     # fn: only totals > 100 (e-s, e-b, e-b1); summary: all four, transformed
     fn = await receiver.wait_for(3, path="/fn")
     summary = await receiver.wait_for(4, path="/summary")
-    await asyncio.sleep(0.3)
+    await svc.drained()  # every event routed: no other delivery to /fn is on its way
     assert sorted(r.cloudevent["id"] for r in receiver.requests if r.path == "/fn") == [
         "e-b",
         "e-b1",
@@ -318,11 +318,11 @@ async def test_bus_down_answers_503_with_retry_after_then_recovers(
         status, _headers, _ = await svc.request("GET", "/readyz")
         assert status == 503
         await nats.start()
-        for _ in range(100):
+
+        async def accepted() -> bool:
             status, _ = await svc.post_event(_event("after"))
-            if status == 202:
-                break
-            await asyncio.sleep(0.2)
-        assert status == 202
+            return status == 202
+
+        await eventually(accepted, within=20, every=0.2, what="publishing once NATS is back")
         got = await receiver.wait_for(2, path="/fn", timeout=30)
         assert {r.cloudevent["id"] for r in got} == {"e-before", "e-after"}

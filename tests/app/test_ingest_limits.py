@@ -4,7 +4,6 @@ delivered in binary mode; everything else is a 4xx problem naming the cause, nev
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +19,7 @@ from eventbus.cloudevents import (
 )
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
 
 SOURCE = "tests/limits"
 RULES = """
@@ -67,16 +67,15 @@ async def _refused(
 
 
 async def _dead_letter(svc: RunningService, event_id: str) -> Any:
-    for _ in range(100):
+    async def listed() -> list[dict[str, Any]]:
         status, _, body = await svc.request("GET", "/dead-letters")
         assert status == 200, body
-        found = [item for item in body["items"] if item["event_id"] == event_id]
-        if found:
-            status, _, item = await svc.request("GET", f"/dead-letters/{found[0]['id']}")
-            assert status == 200, item
-            return item
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{event_id} was never dead-lettered")
+        return [item for item in body["items"] if item["event_id"] == event_id]
+
+    found = await eventually(listed, within=10, every=0.1, what=f"{event_id} dead-lettered")
+    status, _, item = await svc.request("GET", f"/dead-letters/{found[0]['id']}")
+    assert status == 200, item
+    return item
 
 
 async def test_times_outside_years_1_to_9999_in_utc_are_refused(

@@ -1,14 +1,18 @@
-"""Helpers for the bus tests: a config factory per backend, events, and bounded consumption."""
+"""Helpers for the bus tests: a config factory per backend, a broker of the test's own per
+backend (to take down), events, and bounded consumption."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
+import pytest_asyncio
 
-from eventbus.bus import BusMessage, KafkaBusConfig, NatsBusConfig
+from eventbus.bus import BusMessage, KafkaBusConfig, NatsBusConfig, NatsServer
+from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
 
 BusConfig = NatsBusConfig | KafkaBusConfig
@@ -67,6 +71,69 @@ def make_config(request: pytest.FixtureRequest) -> MakeConfig:
         return type(base)(**settings)
 
     return make
+
+
+class OwnBroker(Protocol):
+    """A broker of one backend that only this test uses, so it may stop and start it."""
+
+    keeps_messages: bool
+    """Whether what the broker stored is still there after it starts again."""
+
+    def config(self, **overrides: Any) -> BusConfig:
+        """A bus config for this broker, on stream/topic names no other config has."""
+
+    async def stop(self) -> None:
+        """Take the broker down: connections to it are refused."""
+
+    async def start(self) -> None:
+        """Bring it back on the same address."""
+
+
+class _OwnNats:
+    keeps_messages = True  # JetStream file storage
+
+    def __init__(self, store: Path) -> None:
+        self.server = NatsServer(store)
+
+    def config(self, **overrides: Any) -> BusConfig:
+        return nats_config(self.server.url, **overrides)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    async def start(self) -> None:
+        await self.server.start()
+
+
+class _OwnKafka:
+    keeps_messages = False  # Tansu's memory storage
+
+    def __init__(self, broker: TansuBroker) -> None:
+        self.broker = broker
+
+    def config(self, **overrides: Any) -> BusConfig:
+        return kafka_config(self.broker.bootstrap, **overrides)
+
+    async def stop(self) -> None:
+        self.broker.stop()
+
+    async def start(self) -> None:
+        self.broker.start()
+
+
+@pytest_asyncio.fixture(params=["nats", "kafka"])
+async def own_broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OwnBroker]:
+    """A started broker of each backend, the test's own, stopped at the end of the test."""
+    broker: _OwnNats | _OwnKafka
+    if request.param == "nats":
+        broker = _OwnNats(tmp_path / "nats")
+    else:
+        broker = _OwnKafka(TansuBroker(request.getfixturevalue("tansu_binary")))
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.stop()
 
 
 def event(n: int, *, source: str = "/tests/bus", **extra: Any) -> dict[str, Any]:

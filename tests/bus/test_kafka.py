@@ -1,9 +1,9 @@
-"""Kafka-specific behaviour: record layout, offset tracking, malformed records, outages."""
+"""Kafka-specific behaviour: record layout, offset tracking, malformed records (a broker
+outage is in the bus contract, test_contract.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -13,8 +13,7 @@ from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
 from eventbus.bus._kafka import _Partition
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
-from tests.bus.conftest import PATIENCE, event, kafka_config, take, take_until
-from tests.fixtures.kafka import TansuBroker
+from tests.bus.conftest import PATIENCE, event, kafka_config, take
 
 
 def test_commit_point_is_the_lowest_unacked_offset() -> None:
@@ -107,39 +106,3 @@ async def test_unparsable_bootstrap_servers_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="bootstrap_servers"):
         async with KafkaBus(KafkaBusConfig(bootstrap_servers="127.0.0.1:port")):
             pass
-
-
-@pytest.fixture
-def own_broker(tansu_binary: str) -> Iterator[TansuBroker]:
-    broker = TansuBroker(tansu_binary)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
-async def test_publish_while_broker_down_then_recover(own_broker: TansuBroker) -> None:
-    config = kafka_config(own_broker.bootstrap, publish_timeout=1.0, connect_timeout=1.0)
-    async with open_bus(config) as bus:
-        await bus.publish(event(1))
-        own_broker.stop()
-        with pytest.raises(BusUnavailable):
-            await bus.publish(event(2))
-        results = await bus.publish_many([event(3), event(4)])
-        assert all(isinstance(r, BusUnavailable) for r in results)
-        assert await bus.ping() is False
-
-        own_broker.start()
-        for _ in range(int(PATIENCE / 0.2)):
-            try:
-                await bus.publish(event(5))
-                break
-            except BusUnavailable:
-                await asyncio.sleep(0.2)
-        else:
-            pytest.fail("publishing never recovered after the broker came back")
-        assert await bus.ping() is True
-        # Tansu's memory storage forgot everything before the restart; e-5 is there.
-        got = await take_until(bus.messages(), {"e-5"})
-        assert got[-1].event == event(5)

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import StartService, free_port
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: all
@@ -37,6 +39,7 @@ async def _cli(*args: str) -> tuple[int, Any, str]:
     return int(proc.returncode or 0), parsed, err.decode()
 
 
+@pytest.mark.slow
 async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> None:
     receiver.respond(503)
     policy = {
@@ -55,11 +58,11 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     assert code == 0, err
     event_id = out["id"]
 
-    for _ in range(100):
+    async def listed() -> tuple[int, Any, str] | None:
         code, out, err = await _cli("dlq", "list", "--target", "fn", *url)
-        if out and out["items"]:
-            break
-        await asyncio.sleep(0.2)
+        return (code, out, err) if out and out["items"] else None
+
+    code, out, err = await eventually(listed, every=0.2, what="the dead letter in `dlq list`")
     assert code == 0 and len(out["items"]) == 1, (out, err)
     dl_id = out["items"][0]["id"]
 

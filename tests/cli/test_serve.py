@@ -124,6 +124,7 @@ async def test_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
     assert soft == (900 + 256 if hard == resource.RLIM_INFINITY else min(900 + 256, hard))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_the_embedded_database_password_stays_out_of_logs_and_command_lines() -> None:
     # not tmp_path: see private_data_root

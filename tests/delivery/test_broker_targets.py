@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from eventbus.cloudevents import from_kafka, from_nats
 from tests.fixtures.nats import unique_name
 from tests.fixtures.service import StartService, free_port
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: to-kafka
@@ -86,12 +87,11 @@ async def test_kafka_and_nats_targets(
         got = from_kafka(record.headers, record.key, record.value)
         assert got["id"] == "k1" and got["type"] == "k"
 
-        for _ in range(100):
+        async def dead_letters() -> list[dict[str, Any]]:
             _status, _, body = await svc.request("GET", "/dead-letters?target=down")
-            if body["items"]:
-                break
-            await asyncio.sleep(0.1)
-        (dead,) = body["items"]
+            return list(body["items"])
+
+        (dead,) = await eventually(dead_letters, within=10, every=0.1, what="the dead letter")
         assert dead["event_id"] == "x1" and dead["reason"] == "attempts-exhausted"
         assert dead["attempts"] == 2 and dead["final_error"]
     finally:

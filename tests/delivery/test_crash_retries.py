@@ -3,7 +3,6 @@ none sent more often than at-least-once allows (one extra send per crash at most
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Callable
 
@@ -13,6 +12,7 @@ import pytest
 from tests.app.test_crash import _publish
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import ServeProcess
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: everything
@@ -20,6 +20,7 @@ RULES = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_sigkill_with_pending_retries_then_restart(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
@@ -36,23 +37,17 @@ async def test_sigkill_with_pending_retries_then_restart(
     assert len(accepted) == 100
 
     conn = await asyncpg.connect(database_dsn)
+
+    async def pending(n: int) -> bool:
+        return bool(await conn.fetchval("SELECT count(*) FROM delivery_retries") == n)
+
     try:
-        for _ in range(200):
-            pending = await conn.fetchval("SELECT count(*) FROM delivery_retries")
-            if pending == 100:
-                break
-            await asyncio.sleep(0.1)
-        assert pending == 100
+        await eventually(lambda: pending(100), within=20, what="100 retries pending")
         await first.kill()
         receiver.respond(204)
         second = serve_process(rules=RULES, targets=targets)
         await second.start()
-        for _ in range(300):
-            pending = await conn.fetchval("SELECT count(*) FROM delivery_retries")
-            if pending == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert pending == 0
+        await eventually(lambda: pending(0), within=30, what="no retry pending")
         assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
     finally:
         await conn.close()

@@ -83,6 +83,7 @@ async def test_a_retry_is_attempted_when_due_not_at_the_next_poll(
     await receiver.wait_for(2, path="/fn", timeout=15)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_no_attempt_beyond_the_budget_while_postgres_is_down(
     rig: Rig, receiver: Receiver, postgres_server: EmbeddedPostgres

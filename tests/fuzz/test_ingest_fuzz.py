@@ -9,7 +9,6 @@ is ready afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
 from tests.fuzz._checks import check_answer
 from tests.fuzz._inputs import (
     BASE,
@@ -54,16 +54,16 @@ async def service(eventbus: StartService, receiver: Receiver) -> AsyncIterator[R
 async def _check_every_delivery(svc: RunningService) -> None:
     """Every routed event was delivered: no attempt failed, none is missing."""
     pool = svc.service.store.pool
-    async with asyncio.timeout(60):
-        while True:
-            await svc.service.store.audit.flush()
-            missing = await pool.fetchval(
-                "SELECT count(*) FROM matches m WHERE NOT EXISTS (SELECT 1 FROM attempts a"
-                " WHERE a.source = m.source AND a.id = m.id)"
-            )
-            if missing == 0:
-                break
-            await asyncio.sleep(0.2)
+
+    async def none_missing() -> bool:
+        await svc.service.store.audit.flush()
+        missing = await pool.fetchval(
+            "SELECT count(*) FROM matches m WHERE NOT EXISTS (SELECT 1 FROM attempts a"
+            " WHERE a.source = m.source AND a.id = m.id)"
+        )
+        return bool(missing == 0)
+
+    await eventually(none_missing, within=60, every=0.2, what="an attempt for every match")
     failed = await pool.fetch(
         "SELECT id, outcome, status, error FROM attempts WHERE outcome <> 'delivered' LIMIT 5"
     )
@@ -103,12 +103,14 @@ bodies = st.binary(max_size=2_000)
 events = near_valid_events().map(_fresh)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=events.map(_json) | bodies)
 async def test_structured_mode(service: RunningService, body: bytes) -> None:
     await check_ingest(service, "/events", body, STRUCTURED)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(headers=binary_headers(), body=json_values.map(_json) | bodies)
 async def test_binary_mode(service: RunningService, headers: dict[str, str], body: bytes) -> None:
@@ -117,6 +119,7 @@ async def test_binary_mode(service: RunningService, headers: dict[str, str], bod
     await check_ingest(service, "/events", body, headers)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     body=st.lists(events | json_values, max_size=12).map(_json)
@@ -153,6 +156,7 @@ def notifications(draw: st.DrawFn) -> bytes:
     return draw(bodies)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=notifications())
 async def test_notifications(service: RunningService, body: bytes) -> None:

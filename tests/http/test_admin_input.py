@@ -77,6 +77,7 @@ def _server_processes(data_dir: str) -> list[psutil.Process]:
     raise AssertionError(f"no PostgreSQL runs on {data_dir}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_reads_answer_503_promptly_while_postgres_is_frozen(eventbus: StartService) -> None:
     root = private_data_root()

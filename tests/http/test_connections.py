@@ -239,6 +239,7 @@ async def test_request_heads_are_bounded_but_bodies_that_come_with_them_are_not(
     await _served(svc, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.timeout(180)
 async def test_eventbus_serve_closes_slow_clients(

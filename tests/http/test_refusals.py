@@ -13,6 +13,7 @@ import pytest
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: all
@@ -61,13 +62,15 @@ async def test_a_flood_of_refused_requests_costs_a_bounded_number_of_rows(
     elapsed = time.monotonic() - started
     assert statuses == [401] * FLOOD
 
-    for _ in range(300):  # the summary row follows the end of its second
+    async def accounted() -> tuple[int, int, int] | None:
         await svc.service.store.audit.flush()
         single, summaries, counted = await _accounted(svc)
-        if single + counted == FLOOD:
-            break
-        await asyncio.sleep(0.1)
-    assert single + counted == FLOOD, (single, summaries, counted)
+        return (single, summaries, counted) if single + counted == FLOOD else None
+
+    # the summary row follows the end of its second
+    single, summaries, counted = await eventually(
+        accounted, every=0.1, what="every refusal recorded or summarised"
+    )
     seconds = math.ceil(elapsed) + 1  # at most this many one-second windows saw the flood
     assert single <= PER_SECOND * seconds
     assert 1 <= summaries <= seconds

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +16,7 @@ import asyncpg
 from eventbus._errors import BusUnavailable
 from eventbus.sources import Checkpoints, Clock, Source, SourceContext, SourceStatus, SystemClock
 from eventbus.store._migrate import migrate
+from tests.fixtures.wait import eventually as eventually  # the source tests' one poll
 
 
 @contextlib.asynccontextmanager
@@ -96,16 +97,6 @@ async def dead_letters(pool: asyncpg.Pool, source: str) -> list[asyncpg.Record]:
         " WHERE source = $1 ORDER BY id",
         source,
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Wait (bounded by WAIT) until ``check()`` holds, for state with no event to wait on,
-    such as a checkpoint row written after a publish."""
-    for _ in range(int(WAIT / 0.01)):
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition did not hold in time")
 
 
 class ManualClock:

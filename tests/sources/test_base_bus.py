@@ -9,7 +9,8 @@ from typing import Any
 from eventbus.bus import NatsBusConfig, open_bus
 from eventbus.sources import Checkpoints, SourceRunner, build_source
 from tests.fixtures.nats import unique_name
-from tests.sources._harness import WAIT, eventually, source_pool
+from tests.fixtures.wait import eventually
+from tests.sources._harness import WAIT, source_pool
 
 
 async def _take(bus: Any, count: int) -> list[dict[str, Any]]:

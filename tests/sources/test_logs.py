@@ -11,7 +11,8 @@ import pytest
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
 from eventbus.store import EmbeddedPostgres
-from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
+from tests.fixtures.wait import eventually
+from tests.sources._harness import Recorder, make_context, running, source_pool
 
 
 def _spec(pattern: Path | str, **extra: Any) -> dict[str, Any]:

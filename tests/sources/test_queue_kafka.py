@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
@@ -17,7 +16,8 @@ from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources._kafka_src import KafkaSource
 from tests.fixtures.nats import unique_name
-from tests.sources._harness import dead_letters, eventually, running, source_pool
+from tests.fixtures.wait import eventually
+from tests.sources._harness import dead_letters, running, source_pool
 from tests.sources.test_queue_support import bus_tap, context
 
 
@@ -66,11 +66,11 @@ async def committed(bootstrap: str, group: str, topic_name: str) -> int | None:
 async def wait_committed(bootstrap: str, group: str, topic_name: str, offset: int) -> None:
     """Wait until ``group`` has committed ``offset``. Bounded generously: Tansu only lets a
     restarted member rejoin its group after the old member's session timed out (~15 s)."""
-    for _ in range(200):
-        if await committed(bootstrap, group, topic_name) == offset:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"group {group} did not commit offset {offset}")
+
+    async def at_offset() -> bool:
+        return await committed(bootstrap, group, topic_name) == offset
+
+    await eventually(at_offset, within=40, every=0.2, what=f"group {group} at offset {offset}")
 
 
 async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(
@@ -175,6 +175,7 @@ async def test_s3_notification_format_maps_every_record(
     assert [e["subject"] for e in events] == ["a.jpg", "b.jpg"]
 
 
+@pytest.mark.slow
 async def test_bus_down_commits_nothing_then_restart_loses_nothing(
     kafka_bootstrap: str, database_dsn: str, nats_url: str
 ) -> None:

@@ -18,7 +18,8 @@ from eventbus.bus import NatsServer
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources._nats_src import JetStreamSource, NatsSource
 from tests.fixtures.nats import unique_name
-from tests.sources._harness import dead_letters, eventually, running, source_pool
+from tests.fixtures.wait import eventually
+from tests.sources._harness import dead_letters, running, source_pool
 from tests.sources.test_queue_support import bus_tap, context
 
 

@@ -18,7 +18,8 @@ from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources._amqp_src import RabbitMQSource
 from tests.fixtures.nats import unique_name
-from tests.sources._harness import dead_letters, eventually, running, source_pool
+from tests.fixtures.wait import eventually
+from tests.sources._harness import dead_letters, running, source_pool
 from tests.sources.test_queue_support import bus_tap, context
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"

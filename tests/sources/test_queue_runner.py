@@ -9,7 +9,8 @@ import orjson
 from eventbus.bus._nats_server import free_port
 from eventbus.sources import SourceRunner, build_source
 from tests.fixtures.nats import unique_name
-from tests.sources._harness import eventually, source_pool
+from tests.fixtures.wait import eventually
+from tests.sources._harness import source_pool
 from tests.sources.test_queue_support import bus_tap
 
 

@@ -202,12 +202,14 @@ async def _running(ctx: Any) -> bool:
 
 async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect once the source is listening (it binds right after its task starts)."""
-    for _ in range(500):
+
+    async def connected() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         try:
             return await asyncio.open_connection("127.0.0.1", port)
         except ConnectionRefusedError:
-            await asyncio.sleep(0.01)
-    raise AssertionError(f"nothing listening on 127.0.0.1:{port}")
+            return None
+
+    return await eventually(connected, within=5, every=0.01, what=f"a listener on port {port}")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.sources import build_source
-from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
+from tests.fixtures.wait import eventually
+from tests.sources._harness import Recorder, make_context, running, source_pool
 
 
 def _spec(path: Path, **extra: Any) -> dict[str, Any]:

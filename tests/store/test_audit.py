@@ -236,11 +236,7 @@ async def test_postgres_restart_loses_no_buffered_row(
             producers = asyncio.gather(*(produce(k) for k in range(1, 6)))
             flushed = asyncio.ensure_future(store.audit.flush())
             # 100 rows against a buffer of 50 with Postgres down: producers must be waiting.
-            for _ in range(200):
-                await asyncio.sleep(0.01)
-                if store.audit.pending == 50:
-                    break
-            assert store.audit.pending == 50
+            await eventually(lambda: store.audit.pending == 50, within=2, every=0.01)
             assert not producers.done()
             assert not flushed.done()
             # Meanwhile reads fail clearly instead of hanging.

@@ -3,8 +3,6 @@ caller's fault: the API answers 400), distinct from StoreError (the database's: 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from eventbus._errors import StoreDataError, StoreError
@@ -12,6 +10,7 @@ from eventbus.delivery import DeadLetterFilter, DeliveryStore
 from eventbus.sources import list_dead_letters
 from eventbus.store import Store
 from eventbus.store._failures import run_db
+from tests.fixtures.wait import eventually
 
 
 @pytest.mark.parametrize(
@@ -53,15 +52,12 @@ async def test_a_deadline_turns_a_slow_statement_into_store_error(database_dsn: 
         with pytest.raises(StoreError, match=r"did not answer within 0\.2 s") as info:
             await run_db("sleeping", store.pool.execute("SELECT pg_sleep(30)"), deadline=0.2)
         assert not isinstance(info.value, StoreDataError)
+
         # the statement is cancelled on the server, and its connection returns to the pool
-        for _ in range(100):
-            if (
-                await store.pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
-                )
-                == 0
-            ):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the abandoned statement still runs")
+        async def cancelled() -> bool:
+            running = await store.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
+            )
+            return bool(running == 0)
+
+        await eventually(cancelled, within=10, every=0.1, what="the abandoned statement ended")

@@ -1,26 +1,23 @@
 """The Kafka target against a real Kafka-compatible broker (Tansu, ``kafka_bootstrap`` fixture).
 
 Records are read back with aiokafka to check key, headers and value. Tansu has no
-InitProducerId, so these tests run the producer with ``idempotent=False``.
+InitProducerId, so these tests run the producer with ``idempotent=False``. What every target
+does (lifecycle, timeouts, refusals, outcomes) is test_contract.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import ConsumerRecord
 
 from eventbus._errors import ConfigError
 from eventbus.cloudevents import from_kafka
 from eventbus.targets import KafkaTarget, KafkaTargetConfig, Outcome
-from eventbus.targets._base import MAX_ERROR_CHARS
-from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
+from tests.targets.conftest import read_records
 
 
 def make_event(**overrides: Any) -> dict[str, Any]:
@@ -42,34 +39,9 @@ def config_for(bootstrap: str, **kw: Any) -> KafkaTargetConfig:
     return KafkaTargetConfig(name="orders", bootstrap_servers=bootstrap, idempotent=False, **kw)
 
 
-async def read_records(bootstrap: str, topic: str, count: int) -> list[ConsumerRecord[Any, Any]]:
-    """The first ``count`` records of ``topic``; fails after a bounded number of polls."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-    )
-    await consumer.start()
-    records: list[ConsumerRecord[Any, Any]] = []
-    try:
-        for _ in range(40):
-            batches = await consumer.getmany(timeout_ms=250)
-            for batch in batches.values():
-                records.extend(batch)
-            if len(records) >= count:
-                return records[:count]
-    finally:
-        await consumer.stop()
-    raise AssertionError(f"read {len(records)} of {count} records from {topic}")
-
-
 async def deliver_once(config: KafkaTargetConfig, event: dict[str, Any], payload: Any) -> Outcome:
     async with KafkaTarget(config) as target:
         return await target.deliver(event, payload, is_cloudevent=payload is event, attempt=1)
-
-
-@pytest.fixture
-async def target(kafka_bootstrap: str) -> AsyncIterator[KafkaTarget]:
-    async with KafkaTarget(config_for(kafka_bootstrap)) as opened:
-        yield opened
 
 
 # --- what is sent ---------------------------------------------------------------------------
@@ -195,77 +167,6 @@ async def test_concurrent_deliveries_share_one_producer(kafka_bootstrap: str) ->
 # --- failures -------------------------------------------------------------------------------
 
 
-async def test_oversized_record_is_final_and_target_keeps_working(target: KafkaTarget) -> None:
-    huge = make_event(data={"blob": "x" * (2 * 1024 * 1024)})
-    outcome = await target.deliver(huge, huge, is_cloudevent=True, attempt=1)
-    assert not outcome.delivered and not outcome.retryable and outcome.status is None
-    assert outcome.error is not None and "too large" in outcome.error
-    assert len(outcome.error) <= MAX_ERROR_CHARS
-    event = make_event()
-    assert (await target.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
-
-
-@pytest.mark.parametrize(
-    ("event", "payload", "is_cloudevent"),
-    [
-        (make_event(), {1, 2}, False),
-        ({"id": "no-source"}, "text", False),
-        (make_event(), make_event(data={1, 2}), True),
-    ],
-    ids=["not-json", "event-without-identity", "cloudevent-with-bad-data"],
-)
-async def test_unsendable_payload_is_final_and_target_keeps_working(
-    target: KafkaTarget, event: dict[str, Any], payload: Any, is_cloudevent: bool
-) -> None:
-    outcome = await target.deliver(event, payload, is_cloudevent=is_cloudevent, attempt=1)
-    assert not outcome.delivered and not outcome.retryable
-    assert outcome.error is not None and outcome.error.startswith("cannot build the record")
-    good = make_event()
-    assert (await target.deliver(good, good, is_cloudevent=True, attempt=1)).delivered
-
-
-async def test_broker_down_is_retryable_and_target_recovers_when_it_appears(
-    tansu_binary: str,
-) -> None:
-    broker = TansuBroker(tansu_binary)  # its port is closed until start()
-    config = config_for(broker.bootstrap, timeout=5.0)
-    event = make_event()
-    try:
-        async with KafkaTarget(config) as target:
-            for attempt in (1, 2):
-                outcome = await target.deliver(event, event, is_cloudevent=True, attempt=attempt)
-                assert not outcome.delivered and outcome.retryable and outcome.status is None
-                assert outcome.error is not None and broker.bootstrap in outcome.error
-            broker.start()
-            outcome = await target.deliver(event, event, is_cloudevent=True, attempt=3)
-            assert outcome.delivered, outcome.error
-        (record,) = await read_records(broker.bootstrap, config.topic, 1)
-        assert dict(record.headers)["ce_id"] == b"evt-1"
-    finally:
-        broker.stop()
-
-
-async def test_broker_lost_after_start_is_retryable_and_target_recovers(
-    tansu_binary: str,
-) -> None:
-    broker = TansuBroker(tansu_binary)
-    broker.start()
-    # A short timeout: with the broker gone, the attempt waits for it until the timeout.
-    config = config_for(broker.bootstrap, timeout=1.0)
-    event = make_event()
-    try:
-        async with KafkaTarget(config) as target:
-            assert (await target.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
-            broker.stop()
-            outcome = await target.deliver(event, event, is_cloudevent=True, attempt=2)
-            assert not outcome.delivered and outcome.retryable and outcome.status is None
-            broker.start()  # same port; Tansu's memory storage starts empty
-            outcome = await target.deliver(event, event, is_cloudevent=True, attempt=3)
-            assert outcome.delivered, outcome.error
-    finally:
-        broker.stop()
-
-
 async def test_idempotent_producer_on_a_broker_without_it_is_a_retryable_failure(
     kafka_bootstrap: str,
 ) -> None:
@@ -279,7 +180,7 @@ async def test_idempotent_producer_on_a_broker_without_it_is_a_retryable_failure
     assert not outcome.delivered and outcome.retryable and outcome.error
 
 
-# --- contract -------------------------------------------------------------------------------
+# --- configuration --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -293,8 +194,6 @@ async def test_idempotent_producer_on_a_broker_without_it_is_a_retryable_failure
         ("key", "data.customer.id", "must be a JSONPath"),
         ("bootstrap_servers", "", "bootstrap_servers"),
         ("bootstrap_servers", "a:9092,,b:9092", "bootstrap_servers"),
-        ("mode", "batched", "mode must be"),
-        ("timeout", 0, "timeout must be"),
     ],
 )
 def test_bad_config_names_the_target(field: str, value: Any, reason: str) -> None:
@@ -302,21 +201,3 @@ def test_bad_config_names_the_target(field: str, value: Any, reason: str) -> Non
     settings[field] = value
     with pytest.raises(ConfigError, match=rf"Kafka target 'orders'.*{reason}"):
         KafkaTarget(KafkaTargetConfig(name="orders", **settings))
-
-
-async def test_deliver_outside_context_raises() -> None:
-    target = KafkaTarget(KafkaTargetConfig(name="o", bootstrap_servers="127.0.0.1:1", topic="t"))
-    event = make_event()
-    with pytest.raises(RuntimeError, match="not open"):
-        await target.deliver(event, event, is_cloudevent=True, attempt=1)
-
-
-async def test_opening_twice_raises_and_target_reopens_after_close(kafka_bootstrap: str) -> None:
-    target = KafkaTarget(config_for(kafka_bootstrap))
-    event = make_event()
-    async with target:
-        with pytest.raises(RuntimeError, match="already open"):
-            await target.__aenter__()
-        assert (await target.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
-    async with target:
-        assert (await target.deliver(event, event, is_cloudevent=True, attempt=2)).delivered

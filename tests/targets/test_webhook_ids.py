@@ -15,6 +15,7 @@ from standardwebhooks import Webhook
 
 from eventbus.bus._nats_server import free_port
 from eventbus.targets import HttpTarget, HttpTargetConfig, verify_webhook
+from tests.fixtures.service import uvicorn_started
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -55,10 +56,7 @@ async def asgi_receiver() -> AsyncIterator[AsgiReceiver]:
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
     )
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            await task
-        await asyncio.sleep(0.02)
+    await uvicorn_started(server, task)
     app.url = f"http://127.0.0.1:{port}/fn"
     yield app
     server.should_exit = True
