@@ -81,6 +81,14 @@ class LazyClient(Generic[T]):
             task = self._begin()
         return await asyncio.shield(task)
 
+    def discard(self, client: T) -> bool:
+        """Stop handing out ``client`` (it works but cannot be trusted any more); the next
+        ``get`` starts a new one. True when it was the current client: the caller stops it."""
+        if self._client is not client:
+            return False
+        self._client = None
+        return True
+
     async def close(self) -> T | None:
         """Close: cancel a pending start and hand back the client, if any, for the caller to stop.
 

@@ -161,6 +161,7 @@ class NatsTarget:
             failed=f"NATS target {self.name}: cannot connect to {redact_url(config.url)}",
             task_name=f"nats-target-connect-{self.name}",
         )
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
         """Begin connecting in the background and return at once.
@@ -179,11 +180,21 @@ class NatsTarget:
     ) -> None:
         """Stop a pending connect, then flush and close the connection (errors are logged)."""
         nc = await self._nc.close()
+        await asyncio.gather(*self._retiring)
         if nc is not None and not nc.is_closed:
             try:
                 await nc.close()
             except (nats.errors.Error, OSError) as exc:
                 log.warning("NATS target %s: closing the connection failed: %r", self.name, exc)
+
+    def _retire(self, nc: Client) -> None:
+        task = asyncio.create_task(self._close_quietly(nc), name=f"close {self.name} connection")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _close_quietly(self, nc: Client) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError, RuntimeError, asyncio.CancelledError):
+            await asyncio.wait_for(nc.close(), self.config.timeout)
 
     async def _connect(self) -> Client:
         nc = Client()
@@ -250,14 +261,23 @@ class NatsTarget:
         cfg = self.config
 
         async def send() -> None:
-            async with asyncio.timeout(cfg.timeout):
-                nc = await self._nc.get()
-                if cfg.jetstream:
-                    js = nc.jetstream(timeout=cfg.timeout)
-                    await js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)
-                else:
-                    await nc.publish(cfg.subject, body, headers=headers)
-                    await nc.flush(timeout=math.ceil(cfg.timeout))
+            nc: Client | None = None
+            try:
+                async with asyncio.timeout(cfg.timeout):
+                    nc = await self._nc.get()
+                    if cfg.jetstream:
+                        js = nc.jetstream(timeout=cfg.timeout)
+                        await js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                    else:
+                        await nc.publish(cfg.subject, body, headers=headers)
+                        await nc.flush(timeout=math.ceil(cfg.timeout))
+            except TimeoutError:
+                if nc is not None and not cfg.jetstream and self._nc.discard(nc):
+                    # nats-py keeps the PONG future of a flush that timed out queued, and the
+                    # late PONG breaks the connection's reader: the next attempt would time out
+                    # too. A new connection for the next attempt; this one is closed aside.
+                    self._retire(nc)
+                raise
 
         outcome = await send_once(
             send,

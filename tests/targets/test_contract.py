@@ -21,14 +21,6 @@ from tests.targets.conftest import NAME, Kit, event
 # Long enough for a connect or an answer on a loaded machine, short enough to wait out.
 TIMEOUT = 1.0
 
-NATS_FLUSH_TIMEOUT_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason="a known defect, not fixed here (issue 9 changes no behaviour): nats-py 2.16 leaves "
-    "the cancelled PONG future of a flush that timed out queued; the late PONG breaks its read "
-    "loop (InvalidStateError), so the core NATS target's next attempt times out too, and only "
-    "the one after reconnects",
-)
-
 
 async def send(target: Target, payload: Any = None, *, attempt: int = 1) -> Outcome:
     """Deliver ``event()`` (or ``payload`` on its behalf, as a transform's output) once."""
@@ -158,10 +150,8 @@ async def test_a_message_the_endpoint_refuses_is_final_and_the_target_keeps_work
 
 
 async def test_an_endpoint_that_does_not_answer_in_time_is_a_retryable_timeout(
-    kit: Kit, request: pytest.FixtureRequest
+    kit: Kit,
 ) -> None:
-    if kit.kind == "nats":
-        request.applymarker(NATS_FLUSH_TIMEOUT_DEFECT)
     async with kit.target(timeout=TIMEOUT) as target:
         assert (await send(target)).delivered  # connected: what hangs next is the answer
         async with kit.hung():
