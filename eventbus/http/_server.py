@@ -6,6 +6,10 @@ same server in-process.
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import logging
+
 import uvicorn
 
 from eventbus.config import Settings
@@ -14,11 +18,22 @@ from eventbus.http._types import ASGIApp
 
 __all__ = ["http_server"]
 
+log = logging.getLogger("eventbus.http")
+
 
 def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvicorn.Server:
     """The uvicorn server for ``app`` on ``listen.host:port`` with the ``listen`` limits;
-    ``http`` picks uvicorn's parser (``auto``: httptools when installed, else h11)."""
+    ``http`` picks uvicorn's parser (``auto``: httptools when installed, else h11). Logs which
+    parser and event loop serve: both weigh on the CPU each request costs."""
     listen = settings.listen
+    parser = http
+    if http == "auto":
+        parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    try:
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    except RuntimeError:
+        loop = "none running yet"
+    log.info("HTTP server: parser %s, event loop %s", parser, loop)
     guard = ConnectionGuard(
         header_timeout=listen.header_timeout,
         body_timeout=listen.body_timeout,
