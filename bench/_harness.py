@@ -136,8 +136,8 @@ def environment() -> str:
 
     Exits (SystemExit with the reason) when eventbus is not installed in this environment,
     when the installed copy differs from this source tree (reinstall it), or when a hot-path
-    library is installed that eventbus does not require (measure from a fresh virtual
-    environment with only ``pip install .``)."""
+    library eventbus requires is missing or one it does not require is installed (measure
+    from a fresh virtual environment with only ``pip install .``)."""
     # Look where pip installs, not in the source tree (an editable install leaves its metadata
     # beside the sources, which the current directory would otherwise find first).
     installed = [p for p in sys.path if p and Path(p).resolve() != ROOT]
@@ -152,7 +152,7 @@ def environment() -> str:
         for path in dist.files or []
         if str(path).startswith("eventbus/")
         and str(path).endswith(".py")
-        and (ROOT / str(path)).read_bytes() != Path(str(dist.locate_file(path))).read_bytes()
+        and not _same_file(ROOT / str(path), Path(str(dist.locate_file(path))))
     ]
     if stale:
         raise SystemExit(
@@ -160,21 +160,34 @@ def environment() -> str:
             f"{len(stale) - 1} more): reinstall it with `pip install .`"
         )
     wanted = _runtime_requirements("eventbus")
-    versions, extra = [], []
+    versions, extra, missing = [], [], []
     for name in HOT_PATH:
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:
+            if _canonical(name) in wanted:
+                missing.append(name)
             continue
         versions.append(f"{name} {version}")
         if _canonical(name) not in wanted:
             extra.append(name)
+    if missing:
+        raise SystemExit(
+            f"{', '.join(missing)} required by eventbus but not installed: `pip install .` again"
+        )
     if extra:
         raise SystemExit(
             f"{', '.join(extra)} installed but not required by eventbus: the figures would not "
             "be what `pip install .` gives; measure from a fresh virtual environment"
         )
     return "Hot path: " + ", ".join(versions) + "."
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:  # gone from the tree (moved since the install), or from the install
+        return False
 
 
 def load_average() -> str:
