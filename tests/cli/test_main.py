@@ -98,7 +98,7 @@ async def test_cli_errors_are_one_line() -> None:
     code, _, err = await _cli(
         "publish", "--type", "t", "--source", "s", "--data", "{bad", "--url", "http://127.0.0.1:1"
     )
-    assert code == 1 and "--data is not valid JSON" in err
+    assert code == 2 and "--data is not valid JSON" in err
     code, _, err = await _cli("serve", "--config", "/nonexistent.yaml")
     assert code == 1 and "cannot read settings" in err and "Traceback" not in err
 
