@@ -230,7 +230,8 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
         try:
             return {"data": orjson.loads(raw)}
         except orjson.JSONDecodeError as exc:
-            raise _BadInput(f"{where} is not valid JSON: {exc}") from None
+            hint = "" if args.datacontenttype else " (for text, give --datacontenttype text/plain)"
+            raise _BadInput(f"{where} is not valid JSON: {exc}{hint}") from None
     try:
         return {"data": raw.decode("utf-8")}
     except UnicodeDecodeError:

@@ -10,6 +10,7 @@ working whatever the tables become. Long cells (error texts) are cut to one line
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -23,22 +24,36 @@ def print_json(value: Any, out: TextIO) -> None:
     out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-def _cell(value: Any) -> str:
+def _when(text: str) -> str:
+    """An ISO 8601 time as UTC to the second, ``2026-01-31T12:00:00Z``; as given otherwise."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    if isinstance(value, str) and (key == "at" or key.endswith("_at")):
+        return _when(value)
     text = " ".join(str(value).split())  # one line: newlines in error texts would break rows
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """``rows`` as a table with a header line; ``columns`` are (heading, key) pairs. Every
-    cell is one line of at most ``MAX_CELL`` characters; a missing or null value shows as -."""
+    cell is one line of at most ``MAX_CELL`` characters, times (keys ``at`` and ``*_at``) in
+    UTC to the second; a missing or null value shows as -."""
     cells = [[heading for heading, _ in columns]]
-    cells += [[_cell(row.get(key)) for _, key in columns] for row in rows]
+    cells += [[_cell(key, row.get(key)) for _, key in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
