@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import urllib.error
 import urllib.parse
@@ -184,24 +183,26 @@ _CORE_ATTRIBUTES = frozenset(
     )
 )
 _WITH_OPTION = frozenset(("id", "source", "type", "subject", "time", "datacontenttype", "data"))
-_EXTENSION_NAME = re.compile(r"[a-z0-9]+\Z", re.ASCII)
 
 
 def _extension(text: str) -> tuple[str, str]:
-    """``-e NAME=VALUE``: a CloudEvents extension attribute (argparse's ``type``)."""
+    """``-e NAME=VALUE``: a CloudEvents extension attribute (argparse's ``type``), checked by
+    the rules every event meets on ingest."""
+    from eventbus._errors import CloudEventError
+    from eventbus.cloudevents import validate
+
     name, eq, value = text.partition("=")
     if not eq:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
-    if _EXTENSION_NAME.match(name) is None:
-        raise argparse.ArgumentTypeError(
-            f"extension name {name!r} is invalid: CloudEvents extension names use only "
-            "lowercase letters a-z and digits 0-9"
-        )
     if name in _CORE_ATTRIBUTES:
         hint = f": use --{name}" if name in _WITH_OPTION else ""
         raise argparse.ArgumentTypeError(
             f"{name!r} is a CloudEvents attribute, not an extension{hint}"
         )
+    try:
+        validate({"specversion": "1.0", "id": "-", "source": "-", "type": "-", name: value})
+    except CloudEventError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
     return name, value
 
 

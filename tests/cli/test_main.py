@@ -221,9 +221,10 @@ async def test_publish_refuses_bad_input_with_a_clear_message(tmp_path: Path) ->
     base = ("publish", "--type", "t", "--source", "s", *nowhere)
     (tmp_path / "bad.json").write_text('{"a": ')
     cases = [
-        (["-e", "Tenant=a"], "extension name 'Tenant' is invalid"),
+        (["-e", "Tenant=a"], "extension attribute name 'Tenant' is invalid"),
         (["-e", "ten-ant=a"], "lowercase letters a-z and digits 0-9"),
         (["-e", "tenant"], "'tenant' is not NAME=VALUE"),
+        (["-e", "tenant=a\tb"], "attribute 'tenant'"),
         (["-e", "id=x"], "'id' is a CloudEvents attribute, not an extension: use --id"),
         (["-e", "dataschema=x"], "'dataschema' is a CloudEvents attribute"),
         (["-e", "a=1", "-e", "a=2"], "extension 'a' is given twice"),
