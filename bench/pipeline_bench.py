@@ -46,6 +46,7 @@ WARMUP = 3.0
 CONCURRENCY = 64
 DRAIN_BOUND = 90.0
 TARGET_CONCURRENCY = 64
+KAFKA_TUNING: dict[str, Any] = {}  # bus.kafka settings of the eventbus runs (--kafka-setting)
 
 RULES = """
 - name: orders-eur
@@ -202,6 +203,7 @@ async def _bench(
         bus: dict[str, Any] = {"backend": backend}
         if backend == "kafka":
             kafka_cfg = {"topic": f"bench.{tag}", "group_id": tag, "idempotent": False}
+            kafka_cfg.update(KAFKA_TUNING)
             bus["kafka"] = {"bootstrap_servers": kafka, **kafka_cfg}
         target = {"name": "fn", "type": "http", "url": fn, "concurrency": TARGET_CONCURRENCY}
         url, proc = await h.start_eventbus(
@@ -404,6 +406,13 @@ if __name__ == "__main__":
     )
     parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
     parser.add_argument(
+        "--kafka-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a bus.kafka setting of eventbus's Kafka runs (e.g. fetch_wait=0.05, linger_ms=2)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="sample every system's processes with py-spy during the sustained phase; write "
@@ -411,6 +420,9 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     args.command = "python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
+    for setting in args.kafka_setting:
+        name, _, value = setting.partition("=")
+        KAFKA_TUNING[name] = float(value) if "." in value else int(value)
     table = asyncio.run(main(args))
     print(table)
     if args.profile is not None:

@@ -228,6 +228,8 @@ class Service:
                 partitions=s.bus.kafka.partitions,
                 idempotent=s.bus.kafka.idempotent,
                 session_timeout=s.bus.kafka.session_timeout,
+                fetch_wait=s.bus.kafka.fetch_wait,
+                linger_ms=s.bus.kafka.linger_ms,
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
             )

@@ -65,8 +65,9 @@ class KafkaBusConfig:
     ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
     ``session_timeout`` is how long a silent member keeps its partitions (a killed process's
     work moves after it; Tansu also delays each group join by about half of it);
-    ``poll_timeout`` is the long-poll length of one fetch; ``commit_interval`` how often done
-    offsets are committed (seconds).
+    ``poll_timeout`` is how long one poll of the consumer waits for a batch, ``fetch_wait`` how
+    long one fetch request waits on the broker for new events (``fetch_max_wait_ms``);
+    ``commit_interval`` how often done offsets are committed (seconds).
     """
 
     bootstrap_servers: str
@@ -80,6 +81,7 @@ class KafkaBusConfig:
     session_timeout: float = 10.0
     commit_interval: float = 1.0
     poll_timeout: float = 0.5
+    fetch_wait: float = 0.5
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
 
@@ -95,6 +97,7 @@ class KafkaBusConfig:
             "session_timeout",
             "commit_interval",
             "poll_timeout",
+            "fetch_wait",
             "publish_timeout",
             "connect_timeout",
         )
@@ -199,6 +202,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             auto_offset_reset="earliest",
             session_timeout_ms=int(config.session_timeout * 1000),
             heartbeat_interval_ms=int(config.session_timeout * 1000 / 3),
+            fetch_max_wait_ms=max(1, int(config.fetch_wait * 1000)),
         )
         self.consumer.subscribe([config.topic], listener=self)
         self.window = InFlightWindow(config.max_in_flight)
