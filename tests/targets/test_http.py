@@ -14,11 +14,12 @@ from email.utils import format_datetime
 from typing import Any
 
 import orjson
+import pydantic
 import pytest
 from cloudevents.v1.http import from_http as sdk_from_http
 
 from eventbus._errors import ConfigError
-from eventbus.targets import HttpTarget, HttpTargetConfig, Outcome, verify_webhook
+from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome, verify_webhook
 from eventbus.targets._base import MAX_ERROR_CHARS
 from eventbus.targets._http import MAX_RESPONSE_BYTES, parse_retry_after
 from tests.fixtures.receiver import Receiver, Response
@@ -38,7 +39,7 @@ def make_event(**overrides: Any) -> dict[str, Any]:
     return event
 
 
-async def deliver_once(config: HttpTargetConfig, payload: Any = None, **kw: Any) -> Outcome:
+async def deliver_once(config: HttpTargetSpec, payload: Any = None, **kw: Any) -> Outcome:
     event = make_event()
     async with HttpTarget(config) as target:
         return await target.deliver(
@@ -49,8 +50,8 @@ async def deliver_once(config: HttpTargetConfig, payload: Any = None, **kw: Any)
         )
 
 
-def config_for(receiver: Receiver, **kw: Any) -> HttpTargetConfig:
-    return HttpTargetConfig(name="fn", url=receiver.url("/fn"), **kw)
+def config_for(receiver: Receiver, **kw: Any) -> HttpTargetSpec:
+    return HttpTargetSpec(name="fn", url=receiver.url("/fn"), **kw)
 
 
 # --- what is sent ---------------------------------------------------------------------------
@@ -228,20 +229,42 @@ def test_parse_retry_after_past_date_is_zero() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("url", "ftp://127.0.0.1/x", "url must be http"),
         ("url", "http://", "url must be http"),
-        ("url", "no scheme at all", "url must be http"),
         ("url", "http://[::1/", "invalid url"),
-        ("concurrency", 0, "concurrency must be >= 1"),
         ("headers", {"X-Evil": "a\r\nInjected: yes"}, "line break"),
         ("secret", "whsec_***", "not valid base64"),
+        ("secret_env", "EVENTBUS_TEST_UNSET_SECRET", "EVENTBUS_TEST_UNSET_SECRET is not set"),
     ],
 )
-def test_bad_config_is_rejected_before_any_request(field: str, value: Any, reason: str) -> None:
+def test_bad_config_is_rejected_before_any_request(
+    field: str, value: Any, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EVENTBUS_TEST_UNSET_SECRET", raising=False)
     kwargs: dict[str, Any] = {"name": "fn", "url": "http://127.0.0.1:1/", field: value}
     with pytest.raises(ConfigError, match=reason) as info:
-        HttpTarget(HttpTargetConfig(**kwargs))
+        HttpTarget(HttpTargetSpec(**kwargs))
     assert "'fn'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("url", "ftp://127.0.0.1/x"),
+        ("url", "no scheme at all"),
+        ("concurrency", 0),
+        ("mode", "carrier-pigeon"),
+        ("timeout", 0),
+    ],
+)
+def test_the_spec_refuses_what_it_can_check(field: str, value: Any) -> None:
+    with pytest.raises(pydantic.ValidationError, match=field):
+        HttpTargetSpec(name="fn", **{"url": "http://127.0.0.1:1/", field: value})
+
+
+def test_the_secret_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTBUS_TEST_SECRET", "whsec_c2VjcmV0")
+    spec = HttpTargetSpec(name="fn", url="http://127.0.0.1:1/", secret_env="EVENTBUS_TEST_SECRET")
+    assert HttpTarget(spec)._key == b"secret"
 
 
 # --- bad input at deliver -------------------------------------------------------------------
