@@ -7,22 +7,22 @@ framework the sources plug into: ``_base`` (the contract), ``_checkpoints``, ``_
 sources and the polling sources share.
 """
 
-from eventbus.sources._amqp_src import RabbitMQSource, RabbitMQSourceSpec
 from eventbus.sources._base import Source, SourceContext, SourceStatus
 from eventbus.sources._checkpoints import Checkpoints, list_dead_letters
 from eventbus.sources._clock import Backoff, Clock, SystemClock
-from eventbus.sources._dirwatch import DirectorySource, DirectorySourceSpec
-from eventbus.sources._kafka_src import KafkaSource, KafkaSourceSpec
-from eventbus.sources._logs import LogTailSource, LogTailSourceSpec
-from eventbus.sources._mqtt_src import MqttSource, MqttSourceSpec
-from eventbus.sources._nats_src import (
+from eventbus.sources._directory import DirectorySource, DirectorySourceSpec
+from eventbus.sources._kafka import KafkaSource, KafkaSourceSpec
+from eventbus.sources._log_tail import LogTailSource, LogTailSourceSpec
+from eventbus.sources._mqtt import MqttSource, MqttSourceSpec
+from eventbus.sources._nats import (
     JetStreamSource,
     JetStreamSourceSpec,
     NatsSource,
     NatsSourceSpec,
 )
+from eventbus.sources._rabbitmq import RabbitMQSource, RabbitMQSourceSpec
 from eventbus.sources._runner import SourceRunner, build_source, register_source
-from eventbus.sources._s3poll import S3PollSource, S3PollSourceSpec
+from eventbus.sources._s3_poll import S3PollSource, S3PollSourceSpec
 from eventbus.sources._syslog import SyslogSource, SyslogSourceSpec
 from eventbus.sources._timer import TimerSource, TimerSourceSpec
 

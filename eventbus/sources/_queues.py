@@ -1,8 +1,8 @@
 """What every queue source shares: message → event conversion, and consume-with-backoff.
 
 Place in the pipeline: a broker (Kafka, NATS, JetStream, RabbitMQ, MQTT) → a queue source
-(``_kafka_src``, ``_nats_src``, ``_amqp_src``, ``_mqtt_src``, each the same shape: a config, the
-source, its consume loop) → :func:`publish_message` → the bus. Only after :func:`publish_message`
+(``_kafka``, ``_nats``, ``_rabbitmq``, ``_mqtt``, each the same shape: a spec, the source, its
+consume loop) → :func:`publish_message` → the bus. Only after :func:`publish_message`
 returns does a source acknowledge the message to its broker; a message that cannot become an
 event is kept in ``source_dead_letters`` and then acknowledged, so it neither blocks the stream
 nor vanishes. (Publishing, not delivering: delivery is what the dispatcher does to targets.)

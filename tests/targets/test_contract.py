@@ -5,7 +5,7 @@ the endpoint refuses, an endpoint that does not answer in time, one that is down
 ``Outcome`` (never an exception) after which the target keeps working.
 
 What each protocol sends on the wire (headers, keys, modes) and its own failures stay in
-test_http.py, test_kafka_target.py and test_nats_target.py."""
+test_http.py, test_kafka.py and test_nats.py."""
 
 from __future__ import annotations
 
