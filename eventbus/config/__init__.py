@@ -8,9 +8,11 @@
     redact_url                    a configured URL as logs and errors may show it (_redact)
 
 Where it sits: below the pipeline. It imports nothing of eventbus but the error tree, and no
-driver (no broker, database or HTTP client), so the rule engine can read YAML through it and
-``eventbus rules validate`` checks connector files without loading a driver. The composition
-root (``eventbus.app``) turns these specs into running components.
+driver (no broker, database or HTTP client), so the rule engine can read YAML through it. The
+connector types are not here: each lives, spec and adapter, in ``eventbus.sources`` or
+``eventbus.targets``, which register it with this package's registry when imported, so
+``load_connectors`` validates every definition with its type's spec. The composition root
+(``eventbus.app``) turns the validated specs into running components.
 """
 
 from __future__ import annotations
