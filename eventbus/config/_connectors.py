@@ -20,6 +20,9 @@ File shape::
       - name: thumbnailer
         type: http
         url: http://127.0.0.1:9000/thumbnail
+      - name: audit
+        type: http
+        url: {env: AUDIT_URL, default: "http://127.0.0.1:9000/audit"}
     sources:
       - name: nightly
         type: timer
@@ -28,6 +31,8 @@ File shape::
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,14 +148,16 @@ class ConnectorSet:
     sources: Mapping[str, SourceSpec] = field(default_factory=dict)
 
 
-def load_connectors(path: str | Path) -> ConnectorSet:
-    """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file).
+def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> ConnectorSet:
+    """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file); a target's
+    ``url: {env: NAME, default: VALUE}`` is read from ``env`` (default: the process's).
 
     A missing directory is an empty set. Types are those registered when this is called (import
     ``eventbus.targets`` and ``eventbus.sources`` first). Raises ConfigError listing every
     problem, each with file, line and connector: invalid YAML, unknown keys or types, bad
-    values, duplicate names.
+    values, duplicate names, an unset variable without a default.
     """
+    env = os.environ if env is None else env
     errors: list[str] = []
     found: dict[ConnectorKind, dict[str, ConnectorSpec]] = {"source": {}, "target": {}}
     where: dict[tuple[ConnectorKind, str], str] = {}
@@ -174,7 +181,7 @@ def load_connectors(path: str | Path) -> ConnectorSet:
         }
         for kind, raws in entries.items():
             for i, raw in enumerate(raws):
-                spec = _validate(doc, kind, i, raw, errors)
+                spec = _validate(doc, kind, i, raw, env, errors)
                 if spec is None:
                     continue
                 loc = f"{doc.file}:{doc.line((f'{kind}s', i))}"
@@ -194,11 +201,23 @@ def load_connectors(path: str | Path) -> ConnectorSet:
 
 
 def _validate(
-    doc: YamlDoc, kind: ConnectorKind, i: int, raw: dict[str, Any], errors: list[str]
+    doc: YamlDoc,
+    kind: ConnectorKind,
+    i: int,
+    raw: dict[str, Any],
+    env: Mapping[str, str],
+    errors: list[str],
 ) -> ConnectorSpec | None:
     """One entry validated by its type's spec, or None with its problems added to ``errors``."""
     section = f"{kind}s"
     name = raw.get("name", f"#{i}")
+    if kind == "target" and isinstance(raw.get("url"), dict):
+        try:
+            raw = {**raw, "url": _from_env(raw["url"], env)}
+        except ValueError as exc:
+            line = doc.line((section, i, "url"))
+            errors.append(f"{doc.file}:{line}: {section}.{i}.url: {exc} ({kind} {name!r})")
+            return None
     try:
         spec_type = connector_spec(kind, raw.get("type"))
     except ConfigError as exc:
@@ -214,3 +233,24 @@ def _validate(
             f"{line} ({kind} {name!r})" for line in pydantic_errors(doc, exc, prefix=(section, i))
         )
         return None
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _from_env(value: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    """``{env: NAME, default: VALUE}``: the variable's value, or the default when it is unset
+    or empty (as the shell's ``${NAME:-VALUE}``). Raises ValueError saying what is wrong."""
+    unknown = sorted(set(value) - {"env", "default"})
+    name, default = value.get("env"), value.get("default")
+    if unknown or not isinstance(name, str):
+        extra = f"unknown key {unknown[0]!r}; " if unknown else ""
+        raise ValueError(f"{extra}write a string or {{env: NAME, default: VALUE}}")
+    if _ENV_NAME.match(name) is None:
+        raise ValueError(f"{name!r} is not an environment variable name")
+    if default is not None and not isinstance(default, str):
+        raise ValueError(f"the default of {name} must be a string")
+    found = env.get(name) or default
+    if found is None:
+        raise ValueError(f"environment variable {name} is not set and no default is given")
+    return found
