@@ -1,4 +1,4 @@
-"""Sources: connectors that turn outside input into CloudEvents on the bus.
+"""Sources: the connectors that turn outside input into CloudEvents on the bus.
 
 Each source type is one module holding its spec and its adapter, named after its YAML ``type``
 and registered below (the core never imports a specific source; this registry does). The
