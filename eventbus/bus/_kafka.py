@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -60,7 +60,8 @@ class KafkaBusConfig:
     """Where the Kafka bus lives and how it delivers.
 
     ``partitions`` and ``replication_factor`` apply when the bus creates the topic (an existing
-    topic is used as is); ``partitions`` caps how many processes can share the work.
+    topic is used as is); ``partitions`` caps how many processes can share the work. It has no
+    default here: its one default is the setting ``bus.kafka.partitions``.
     ``max_in_flight`` bounds un-settled messages per :meth:`KafkaBus.messages` iterator.
     ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
     ``session_timeout`` is how long a silent member keeps its partitions (a killed process's
@@ -73,7 +74,7 @@ class KafkaBusConfig:
     bootstrap_servers: str
     topic: str = "eventbus.events"
     group_id: str = "eventbus-router"
-    partitions: int = 12
+    partitions: int = field(kw_only=True)
     replication_factor: int = 1
     max_in_flight: int = 1000
     idempotent: bool = True
