@@ -41,7 +41,13 @@ from eventbus.delivery import (
 )
 from eventbus.router import Router
 from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
-from eventbus.sources import SourceRunner, SourceStatus, build_source, list_dead_letters
+from eventbus.sources import (
+    Source,
+    SourceRunner,
+    SourceStatus,
+    build_source,
+    list_dead_letters,
+)
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
 from eventbus.targets import Target, build_target
 
@@ -347,6 +353,10 @@ class Service:
 
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()
+
+    def source(self, name: str) -> Source | None:
+        """The running source named ``name`` (the HTTP edge hands webhooks to theirs)."""
+        return None if self._sources is None else self._sources.source(name)
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str

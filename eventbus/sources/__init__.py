@@ -25,6 +25,7 @@ from eventbus.sources._runner import SourceRunner, build_source, register_source
 from eventbus.sources._s3_poll import S3PollSource, S3PollSourceSpec
 from eventbus.sources._syslog import SyslogSource, SyslogSourceSpec
 from eventbus.sources._timer import TimerSource, TimerSourceSpec
+from eventbus.sources._webhook import HookRequest, WebhookSource, WebhookSourceSpec
 
 register_source("directory", DirectorySourceSpec, DirectorySource)
 register_source("jetstream", JetStreamSourceSpec, JetStreamSource)
@@ -36,16 +37,19 @@ register_source("rabbitmq", RabbitMQSourceSpec, RabbitMQSource)
 register_source("s3-poll", S3PollSourceSpec, S3PollSource)
 register_source("syslog", SyslogSourceSpec, SyslogSource)
 register_source("timer", TimerSourceSpec, TimerSource)
+register_source("webhook", WebhookSourceSpec, WebhookSource)
 
 __all__ = [
     "Backoff",
     "Checkpoints",
     "Clock",
+    "HookRequest",
     "Source",
     "SourceContext",
     "SourceRunner",
     "SourceStatus",
     "SystemClock",
+    "WebhookSource",
     "build_source",
     "list_dead_letters",
     "register_source",

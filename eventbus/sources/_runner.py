@@ -100,6 +100,7 @@ class SourceRunner:
         if duplicates:
             raise ConfigError(f"duplicate source names: {', '.join(duplicates)}")
         self._sources = list(sources)
+        self._by_name = {s.name: s for s in sources}
         self._clock = clock or SystemClock()
         self._backoff = (backoff_initial, backoff_max)
         instance = instance_id or default_instance_id()
@@ -137,6 +138,10 @@ class SourceRunner:
         for ctx in self._contexts:
             if ctx.status.state != "failed":
                 ctx.status.state = "stopped"
+
+    def source(self, name: str) -> Source | None:
+        """The source named ``name``, or None."""
+        return self._by_name.get(name)
 
     def statuses(self) -> list[SourceStatus]:
         """The live status of every source, in configuration order."""
