@@ -9,10 +9,11 @@ runner gives it, and the HTTP edge hands it each request. The mapping (documente
 docs/sources.md "webhook"): ``type``, ``id``, ``subject`` and extension attributes are
 templates over the request (``{header:X-GitHub-Event}``, ``{query:tenant}``,
 ``{body:$.id}``); ``source`` is the trigger's; ``time`` is now; ``data`` is the body (JSON
-kept as JSON, a form post as an object, other UTF-8 text as text, anything else base64). A
-delivery id taken from the request makes a retried webhook the same event, which the bus
-deduplicates. Each verification kind (GitHub, GitLab, Stripe, Slack, Standard Webhooks, a
-generic HMAC) is a spec with a ``check``; refusals are CloudEventErrors carrying the status.
+kept as JSON, a form post as an object, UTF-8 text of a declared type as text, anything
+else base64). A delivery id taken from the request makes a retried webhook the same event,
+which the bus deduplicates. Each verification kind (GitHub, GitLab, Stripe, Slack, Standard
+Webhooks, a generic HMAC) is a spec with a ``check``; refusals are CloudEventErrors carrying
+the status.
 """
 
 from __future__ import annotations
@@ -439,11 +440,13 @@ def _data(request: HookRequest) -> dict[str, Any]:
         data = {k: v[0] if len(v) == 1 else v for k, v in form.items()}
         return {"data": data, "datacontenttype": "application/json"}
     content_type = declared or "application/octet-stream"
-    try:
-        return {"data": request.body.decode(), "datacontenttype": content_type}
-    except UnicodeDecodeError:
-        encoded = base64.b64encode(request.body).decode("ascii")
-        return {"data_base64": encoded, "datacontenttype": content_type}
+    if media not in ("", "application/octet-stream"):
+        try:
+            return {"data": request.body.decode(), "datacontenttype": content_type}
+        except UnicodeDecodeError:
+            pass
+    encoded = base64.b64encode(request.body).decode("ascii")
+    return {"data_base64": encoded, "datacontenttype": content_type}
 
 
 class WebhookSource:

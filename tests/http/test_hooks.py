@@ -1,0 +1,255 @@
+"""``/hooks/<name>`` at the edge: who may call a trigger and what it refuses, on a real service.
+
+Unknown hooks, other methods, unreadable and oversized bodies, addresses outside the allow
+list (requests sent from several loopback addresses), ``X-Forwarded-For`` trusted only from
+named proxies, the trigger's own keys and the service's, the bus down: each a specific 4xx/5xx
+problem+json, refusals recorded, and the service still taking events afterwards.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from eventbus.bus._nats_server import NatsServer
+from eventbus.http._hooks import client_address
+from eventbus.sources import build_source
+from tests.fixtures.receiver import Receiver
+from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
+
+JSON = {"Content-Type": "application/json"}
+FORM = "application/x-www-form-urlencoded"
+RULES = "- name: all\n  targets: [fn]\n"
+KEY = "hook-key-0123456789abcdef"
+PUBLISH_KEY = "publish-key-0123456789ab"
+ADMIN_ONLY = "admin-key-0123456789abcd"
+
+SOURCES: list[dict[str, Any]] = [
+    {"name": "open", "type": "webhook", "max_body": 1000},
+    {
+        "name": "typed",
+        "type": "webhook",
+        "event_type": "com.example.{header:X-Kind}",
+    },
+    {"name": "small", "type": "webhook", "max_body": 100_000},
+    {"name": "local2", "type": "webhook", "allow": ["127.0.0.2/32", "::1/128"]},
+    {"name": "denied", "type": "webhook", "deny": ["127.0.0.0/8"]},
+    {
+        "name": "proxied",
+        "type": "webhook",
+        "allow": ["10.0.0.0/8"],
+        "trusted_proxies": ["127.0.0.1/32"],
+    },
+    {"name": "keyed", "type": "webhook", "keys": [KEY]},
+    {"name": "service-keyed", "type": "webhook", "service_keys": True},
+    {"name": "yearly", "type": "timer", "schedule": "0 3 1 1 *"},
+]
+
+
+@pytest.fixture
+async def service(eventbus: StartService, receiver: Receiver) -> RunningService:
+    return await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=SOURCES,
+        settings={
+            "max_event_size": 64 * 1024,
+            "api_keys": [
+                {"name": "pub", "key": PUBLISH_KEY, "scopes": ["publish"]},
+                {"name": "adm", "key": ADMIN_ONLY, "scopes": ["admin"]},
+            ],
+        },
+    )
+
+
+async def _problem(
+    svc: RunningService,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], str]:
+    status, resp_headers, answer = await svc.request(method, path, body, headers)
+    assert resp_headers["Content-Type"] == "application/problem+json", answer
+    assert answer["status"] == status and answer["instance"] == path.partition("?")[0]
+    return status, resp_headers, answer["detail"]
+
+
+async def _from(svc: RunningService, local: str, path: str, **headers: str) -> int:
+    """POST from the loopback address ``local``."""
+    connector = aiohttp.TCPConnector(local_addr=(local, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(svc.url + path, data=b"{}", headers=headers) as resp,
+    ):
+        return resp.status
+
+
+async def test_requests_the_edge_refuses(service: RunningService, receiver: Receiver) -> None:
+    status, _, detail = await _problem(service, "POST", "/hooks/nope", b"{}")
+    assert (status, detail) == (404, "no webhook source 'nope'")
+    assert (await _problem(service, "POST", "/hooks/", b"{}"))[0] == 404
+    assert (await _problem(service, "POST", "/hooks/open/extra", b"{}"))[0] == 404
+    assert (await _problem(service, "POST", "/hooks/yearly", b"{}"))[0] == 404  # a timer
+    status, headers, detail = await _problem(service, "GET", "/hooks/open")
+    assert (status, headers["Allow"]) == (405, "POST")
+    status, _, detail = await _problem(
+        service, "POST", "/hooks/open", b'{"a": ', {"Content-Type": "application/json"}
+    )
+    assert (status, detail) == (400, "the body is not valid JSON")
+    status, _, detail = await _problem(
+        service,
+        "POST",
+        "/hooks/open",
+        b"a=%zz&&",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 400 and "not a valid form post" in detail
+    status, _, detail = await _problem(service, "POST", "/hooks/typed", b"{}")
+    assert status == 400 and "no value for the event type" in detail
+    status, _, detail = await _problem(service, "POST", "/hooks/open", b"x" * 1001)
+    assert status == 413 and "exceeds 1000 bytes" in detail
+
+    async def chunks() -> Any:
+        for _ in range(20):
+            yield b"y" * 100
+
+    async with service.session.post(service.url + "/hooks/open", data=chunks()) as resp:
+        assert resp.status == 413  # no Content-Length: counted as it arrives
+    # the body fits the trigger, the event (base64 of it) does not fit max_event_size
+    status, _, detail = await _problem(service, "POST", "/hooks/small", bytes(range(256)) * 300)
+    assert status == 413 and "over the 65536-byte limit" in detail
+
+    await service.drained()
+    assert receiver.requests == []
+    status, _, answer = await service.request("POST", "/hooks/typed", b"{}", {"X-Kind": "ok"})
+    assert status == 202, answer
+    assert (await receiver.wait_for(1))[0].cloudevent["type"] == "com.example.ok"
+
+
+async def test_ip_lists_and_trusted_proxies(service: RunningService) -> None:
+    assert await _from(service, "127.0.0.2", "/hooks/local2") == 202
+    assert await _from(service, "127.0.0.1", "/hooks/local2") == 403
+    assert await _from(service, "127.0.0.3", "/hooks/denied") == 403
+    # X-Forwarded-For counts only from a trusted proxy, and only its right-most entries
+    forwarded = {"X-Forwarded-For": "10.1.2.3"}
+    assert await _from(service, "127.0.0.1", "/hooks/proxied", **forwarded) == 202
+    assert await _from(service, "127.0.0.1", "/hooks/proxied") == 403
+    assert await _from(service, "127.0.0.2", "/hooks/proxied", **forwarded) == 403
+    assert (
+        await _from(
+            service, "127.0.0.1", "/hooks/proxied", **{"X-Forwarded-For": "10.1.2.3, 192.0.2.9"}
+        )
+        == 403
+    )
+    status, _, detail = await _problem(service, "POST", "/hooks/local2", b"{}")
+    assert status == 403 and detail == "address 127.0.0.1 is not allowed to call hook 'local2'"
+    await service.service.store.audit.flush()
+    rows = await service.service.store.pool.fetch(
+        "SELECT remote, reason FROM refusals WHERE path = '/hooks/local2'"
+    )
+    assert len(rows) == 2 and all("not allowed" in r["reason"] for r in rows)
+
+
+def test_client_address_ipv6_and_proxy_chains() -> None:
+    spec = build_source(
+        {
+            "name": "p",
+            "type": "webhook",
+            "trusted_proxies": ["::1/128", "fd00::/8", "127.0.0.1/32"],
+        }
+    ).spec  # type: ignore[attr-defined]
+    v6 = ipaddress.ip_address
+    assert client_address(spec, "::1", {"x-forwarded-for": "2001:db8::5"}) == v6("2001:db8::5")
+    chain = {"x-forwarded-for": "6.6.6.6, 2001:db8::7, fd00::1"}
+    assert client_address(spec, "::1", chain) == v6("2001:db8::7")
+    assert client_address(spec, "2001:db8::9", chain) == v6("2001:db8::9")
+    assert client_address(spec, "127.0.0.1", {"x-forwarded-for": "[::1]"}) == v6("::1")
+    assert client_address(spec, "127.0.0.1", {"x-forwarded-for": "garbage"}) is None
+    assert client_address(spec, None, {}) is None
+
+
+async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -> None:
+    status, headers, detail = await _problem(service, "POST", "/hooks/keyed", b"{}")
+    assert (status, detail, headers["WWW-Authenticate"]) == (401, "missing API key", "Bearer")
+    bad = {"Authorization": "Bearer wrong-key-0123456789"}
+    assert (await _problem(service, "POST", "/hooks/keyed", b"{}", bad))[2] == "invalid API key"
+    # the service's keys do not open a trigger that has its own only
+    other = {"X-API-Key": PUBLISH_KEY}
+    assert (await _problem(service, "POST", "/hooks/keyed", b"{}", other))[0] == 401
+    assert (await service.request("POST", "/hooks/keyed", b"{}", {"X-API-Key": KEY}))[0] == 202
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    assert (await service.request("POST", "/hooks/keyed", b"{}", bearer))[0] == 202
+
+    assert (await _problem(service, "POST", "/hooks/service-keyed", b"{}"))[0] == 401
+    # scope admin may do everything, publish included
+    admin = {"X-API-Key": ADMIN_ONLY}
+    assert (await service.request("POST", "/hooks/service-keyed", b"{}", admin))[0] == 202
+    pub = {"X-API-Key": PUBLISH_KEY}
+    assert (await service.request("POST", "/hooks/service-keyed", b"{}", pub))[0] == 202
+
+    await service.service.store.audit.flush()
+    rows = await service.service.store.pool.fetch(
+        "SELECT reason FROM refusals WHERE path = '/hooks/keyed'"
+    )
+    assert sorted(r["reason"] for r in rows) == [
+        "invalid API key",
+        "invalid API key",
+        "missing API key",
+    ]
+
+
+@pytest.mark.timeout(120)
+async def test_bus_down_answers_503_then_recovers(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    async with NatsServer(tmp_path / "own-nats") as nats:
+        svc = await eventbus(
+            rules=RULES,
+            targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+            sources=[{"name": "open", "type": "webhook"}],
+            settings={
+                "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
+            },
+        )
+        await nats.stop()
+        status, headers, detail = await _problem(svc, "POST", "/hooks/open", b'{"n": 1}')
+        assert status == 503 and headers["Retry-After"] == "5", detail
+        await nats.start()
+
+        async def accepted() -> bool:
+            status, _, _ = await svc.request("POST", "/hooks/open", orjson.dumps({"n": 2}), JSON)
+            return status == 202
+
+        await eventually(accepted, within=20, every=0.2, what="the hook once NATS is back")
+        got = await receiver.wait_for(1, timeout=30)
+        assert got[0].cloudevent["data"] == {"n": 2}
+
+
+async def test_a_hook_whose_sources_do_not_run_answers_503(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=[{"name": "open", "type": "webhook"}],
+        settings={"run_sources": False},
+    )
+    # with run_sources off there is no running source of that name
+    status, _, detail = await _problem(svc, "POST", "/hooks/open", b"{}")
+    assert (status, detail) == (404, "no webhook source 'open'")
+
+
+async def test_the_hook_route_is_in_the_openapi_document(service: RunningService) -> None:
+    status, _, document = await service.request("GET", "/openapi.json")
+    assert status == 200
+    operation = document["paths"]["/hooks/{name}"]["post"]
+    assert operation["operationId"] == "webhook"
+    assert set(operation["responses"]) == {"202", "400", "401", "403", "404", "405", "413", "503"}
+    assert operation["responses"]["401"]["content"]["application/problem+json"]
