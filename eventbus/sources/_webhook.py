@@ -429,8 +429,11 @@ def _data(request: HookRequest) -> dict[str, Any]:
     declared = request.headers.get("content-type", "").strip()
     media = declared.partition(";")[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
-        if request.json is None and request.body.strip() != b"null":
-            raise _unreadable("the body is not valid JSON")
+        if request.json is None:
+            try:
+                orjson.loads(request.body)  # null, or the reason it is not JSON
+            except orjson.JSONDecodeError as exc:
+                raise _unreadable(f"the body is not valid JSON: {exc}") from None
         return {"data": request.json, "datacontenttype": declared}
     if media == "application/x-www-form-urlencoded":
         try:
