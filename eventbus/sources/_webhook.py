@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    field_validator,
+)
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents import new_event
@@ -69,6 +77,17 @@ def _secret(value: object) -> object:
 
 
 Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR block (IPv4 or IPv6) or one address; host bits set are refused as a likely typo."""
+    try:
+        return ipaddress.ip_network(str(value))
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR block or address: {exc}") from None
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValidator(_network)]
 
 _REF = re.compile(r"\{(header|query|body):([^{}]+)\}")
 
@@ -385,10 +404,10 @@ class WebhookSourceSpec(SourceSpec):
     extensions: dict[str, str] = {}
     """Extension attribute name -> template; left out when its value is missing."""
     max_body: int = Field(256 * 1024, ge=1, le=64 * 1024 * 1024)
-    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allow: tuple[Network, ...] = ()
     """Client networks allowed (none listed: every one not denied)."""
-    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
     """Peers whose ``X-Forwarded-For`` names the client (none listed: the header is ignored)."""
     keys: tuple[Secret, ...] = ()
     """The trigger's own API keys (``Authorization: Bearer`` or ``X-API-Key``)."""

@@ -12,12 +12,17 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import standardwebhooks
 
+from eventbus._errors import CloudEventError, ConfigError
+from eventbus.config import load_connectors
+from eventbus.sources import HookRequest, WebhookSource, build_source
+from eventbus.sources._webhook import WebhookSourceSpec
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
@@ -272,3 +277,93 @@ async def test_wrong_signatures_are_refused_and_recorded(
     assert receiver.requests == []
     status, _, _ = await service.request("GET", "/readyz")
     assert status == 200
+
+
+# --- the trigger's definition, checked at load with file and line -----------------------------
+
+BAD_HOOKS = [
+    ("verify", "{kind: github}", "verify.github.secret: Field required"),
+    ("verify", "{kind: carrier-pigeon, secret: s}", "verify: Input tag 'carrier-pigeon'"),
+    ("verify", "{kind: github, secret: {env: EB_TEST_UNSET_SECRET}}", "is not set"),
+    ("verify", "{kind: github, secret: {vault: x}}", "write a string, {env: NAME}"),
+    ("verify", "{kind: github, secret: ''}", "must not be empty"),
+    ("verify", "{kind: standard-webhooks, secret: 'whsec_not base64!'}", "base64 key"),
+    ("verify", "{kind: hmac, secret: s, header: X-S, algorithm: md5}", "algorithm"),
+    ("verify", "{kind: hmac, secret: s, header: X-S, signed: '{nope}.{body}'}", "references"),
+    ("event_type", "'com.{header:X}.{broken'", "write references as"),
+    ("event_id", "'{body:id}'", "a JSONPath starting at '$'"),
+    ("subject", "'{body:$[[[}'", "invalid JSONPath"),
+    ("extensions", "{Tenant: '{query:t}'}", "1-20 of a-z 0-9"),
+    ("extensions", "{subject: '{query:t}'}", "not a CloudEvents attribute"),
+    ("methods", "[post]", "not an upper-case HTTP method"),
+    ("allow", "[10.0.0.0/33]", "not a CIDR block or address"),
+    ("deny", "['10.1.2.3/8']", "has host bits set"),
+    ("trusted_proxies", "['::1/129']", "not a CIDR block"),
+    ("max_body", "0", "greater than or equal to 1"),
+    ("response", "{status: 302}", "less than or equal to 299"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), BAD_HOOKS)
+def test_a_bad_trigger_is_reported_with_file_and_line(
+    tmp_path: Path, field: str, value: str, problem: str
+) -> None:
+    text = f"sources:\n  - name: hook\n    type: webhook\n    {field}: {value}\n"
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path, env={})
+    (line,) = str(info.value).replace(str(tmp_path) + "/", "").splitlines()
+    assert line.startswith(f"c.yaml:4: sources.0.{field}"), line
+    assert problem in line and line.endswith("(source 'hook')"), line
+
+
+def test_secrets_come_from_the_environment_or_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "secret").write_text("from-a-file\n")
+    monkeypatch.setenv("EB_TEST_HOOK_SECRET", "from-the-env")
+    conn = tmp_path / "connectors"
+    conn.mkdir()
+    (conn / "c.yaml").write_text(
+        "sources:\n"
+        "  - {name: a, type: webhook, verify: {kind: gitlab, secret: {env: EB_TEST_HOOK_SECRET}}}\n"
+        f"  - {{name: b, type: webhook, keys: [{{file: {tmp_path / 'secret'}}}]}}\n"
+    )
+    specs = load_connectors(conn).sources
+    a, b = specs["a"], specs["b"]
+    assert isinstance(a, WebhookSourceSpec) and isinstance(b, WebhookSourceSpec)
+    assert a.verify is not None and a.verify.secret.get_secret_value() == "from-the-env"
+    assert [k.get_secret_value() for k in b.keys] == ["from-a-file"]
+    assert "from-the-env" not in repr(a)  # secrets stay out of logs and errors
+
+
+def _event(spec: dict[str, Any], request: HookRequest, now: float | None = None) -> Any:
+    source = build_source({"name": "hook", "type": "webhook", **spec})
+    assert isinstance(source, WebhookSource)
+    return source.event_for(request, now)
+
+
+def test_templates_find_values_in_headers_query_and_body() -> None:
+    body = orjson.dumps({"a": {"n": 3, "ok": True, "obj": {}}, "list": [None]})
+    request = HookRequest("POST", {"x-kind": "k", "content-type": "application/json"}, "q=1", body)
+    spec = {
+        "event_type": "t.{header:X-Kind}.{query:q}.{body:$.a.n}",
+        "subject": "{body:$.a.ok}",
+        "extensions": {"obj": "{body:$.a.obj}", "nul": "{body:$.list[0]}", "q": "{query:q}"},
+    }
+    event = _event(spec, request)
+    assert (event["type"], event["subject"], event["q"]) == ("t.k.1.3", "true", "1")
+    assert "obj" not in event and "nul" not in event  # objects and null are no value
+    assert len(event["id"]) == 36 and event["source"] == "urn:eventbus:hook:hook"
+    assert _event({"event_id": "{header:X-None}"}, request)["id"] != event["id"]
+
+
+def test_a_signature_is_checked_against_the_time_of_the_request() -> None:
+    body = b'{"id": "evt_3", "type": "x"}'
+    headers = {k.lower(): v for k, v in stripe(body, stamp=1_000_000).items()}
+    request = HookRequest("POST", headers, "", body)
+    spec = {"verify": {"kind": "stripe", "secret": STRIPE_SECRET, "tolerance": "1m"}}
+    assert _event(spec, request, now=1_000_059)["id"] == "evt_3"
+    with pytest.raises(CloudEventError, match="outside the 60s tolerance") as info:
+        _event(spec, request, now=1_000_061)
+    assert info.value.status == 401
