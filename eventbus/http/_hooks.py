@@ -187,7 +187,7 @@ class HookApp:
             self._refuse(remote, path, reason)
             metrics.EVENTS_REJECTED.labels("hook", "forbidden").inc()
             raise Problem(403, reason)
-        if spec.keys or spec.service_keys:
+        if spec.keys or spec.takes_service_keys:
             await self._check_key(spec, headers, path, remote)
         raw = await _read_body(receive, headers, spec.max_body)
         request = HookRequest(
@@ -213,13 +213,14 @@ class HookApp:
         self, spec: WebhookSourceSpec, headers: Mapping[str, str], path: str, remote: str | None
     ) -> None:
         """Raise Problem 401 (403: a service key without scope publish) unless the request
-        carries one of the trigger's keys or, when it accepts them, one of the service's."""
+        carries one of the trigger's keys or, when it takes them, one of the service's. With
+        no key configured anywhere the trigger is open, as the rest of the API is."""
         given = _given_key(headers).encode()
         # compare against every key, so timing does not tell which one matched
         matched = [hmac.compare_digest(given, k.get_secret_value().encode()) for k in spec.keys]
         if given and any(matched):
             return
-        if spec.service_keys and self._service.settings.api_keys:
+        if spec.takes_service_keys and (self._service.settings.api_keys or not spec.keys):
             await self._access.check(headers, path, remote, "publish")
             return
         reason = "missing API key" if not given else "invalid API key"

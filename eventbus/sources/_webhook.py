@@ -399,7 +399,7 @@ class WebhookSourceSpec(SourceSpec):
     event_id: str | None = None
     """A template; default: the kind's delivery id. When it finds nothing, a fresh uuid."""
     event_source: str | None = None
-    """Default: ``urn:eventbus:hook:<name>``."""
+    """Default: ``urn:eventbus:source:<name>``."""
     subject: str | None = None
     extensions: dict[str, str] = {}
     """Extension attribute name -> template; left out when its value is missing."""
@@ -411,9 +411,17 @@ class WebhookSourceSpec(SourceSpec):
     """Peers whose ``X-Forwarded-For`` names the client (none listed: the header is ignored)."""
     keys: tuple[Secret, ...] = ()
     """The trigger's own API keys (``Authorization: Bearer`` or ``X-API-Key``)."""
-    service_keys: bool = False
-    """Also accept the service's API keys with scope ``publish``."""
+    service_keys: bool | None = None
+    """Accept the service's API keys with scope ``publish``; unset: required exactly when the
+    trigger has neither ``verify`` nor ``keys`` (and the service has keys)."""
     response: StaticResponse | None = None
+
+    @property
+    def takes_service_keys(self) -> bool:
+        """Whether the service's API keys open this trigger."""
+        if self.service_keys is not None:
+            return self.service_keys
+        return self.verify is None and not self.keys
 
     @field_validator("methods")
     @classmethod
@@ -485,7 +493,7 @@ class WebhookSource:
         self._id = _template(spec.event_id or default_id)
         self._subject = _template(spec.subject)
         self._extensions = {k: Template(v) for k, v in spec.extensions.items()}
-        self._source = spec.event_source or f"urn:eventbus:hook:{spec.name}"
+        self._source = spec.event_source or f"urn:eventbus:source:{spec.name}"
         self._ctx: SourceContext | None = None
 
     async def run(self, ctx: SourceContext) -> None:

@@ -30,24 +30,25 @@ KEY = "hook-key-0123456789abcdef"
 PUBLISH_KEY = "publish-key-0123456789ab"
 ADMIN_ONLY = "admin-key-0123456789abcd"
 
+# The service has API keys: a trigger with no verification and no keys of its own takes them
+# unless it says otherwise (service_keys: false, an open trigger).
+OPEN = {"type": "webhook", "service_keys": False}
 SOURCES: list[dict[str, Any]] = [
-    {"name": "open", "type": "webhook", "max_body": 1000},
-    {
-        "name": "typed",
-        "type": "webhook",
-        "event_type": "com.example.{header:X-Kind}",
-    },
-    {"name": "small", "type": "webhook", "max_body": 100_000},
-    {"name": "local2", "type": "webhook", "allow": ["127.0.0.2/32", "::1/128"]},
-    {"name": "denied", "type": "webhook", "deny": ["127.0.0.0/8"]},
+    {"name": "open", **OPEN, "max_body": 1000},
+    {"name": "typed", **OPEN, "event_type": "com.example.{header:X-Kind}"},
+    {"name": "small", **OPEN, "max_body": 100_000},
+    {"name": "local2", **OPEN, "allow": ["127.0.0.2/32", "::1/128"]},
+    {"name": "denied", **OPEN, "deny": ["127.0.0.0/8"]},
     {
         "name": "proxied",
-        "type": "webhook",
+        **OPEN,
         "allow": ["10.0.0.0/8"],
         "trusted_proxies": ["127.0.0.1/32"],
     },
     {"name": "keyed", "type": "webhook", "keys": [KEY]},
-    {"name": "service-keyed", "type": "webhook", "service_keys": True},
+    {"name": "both", "type": "webhook", "keys": [KEY], "service_keys": True},
+    {"name": "default", "type": "webhook"},
+    {"name": "signed", "type": "webhook", "verify": {"kind": "gitlab", "secret": KEY}},
     {"name": "yearly", "type": "timer", "schedule": "0 3 1 1 *"},
 ]
 
@@ -187,12 +188,21 @@ async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -
     bearer = {"Authorization": f"Bearer {KEY}"}
     assert (await service.request("POST", "/hooks/keyed", b"{}", bearer))[0] == 202
 
-    assert (await _problem(service, "POST", "/hooks/service-keyed", b"{}"))[0] == 401
+    # a trigger with neither verification nor keys takes the service's
+    assert (await _problem(service, "POST", "/hooks/default", b"{}"))[0] == 401
+    pub = {"X-API-Key": PUBLISH_KEY}
+    assert (await service.request("POST", "/hooks/default", b"{}", pub))[0] == 202
     # scope admin may do everything, publish included
     admin = {"X-API-Key": ADMIN_ONLY}
-    assert (await service.request("POST", "/hooks/service-keyed", b"{}", admin))[0] == 202
-    pub = {"X-API-Key": PUBLISH_KEY}
-    assert (await service.request("POST", "/hooks/service-keyed", b"{}", pub))[0] == 202
+    assert (await service.request("POST", "/hooks/default", b"{}", admin))[0] == 202
+    # its own keys and the service's
+    for key in (KEY, PUBLISH_KEY):
+        assert (await service.request("POST", "/hooks/both", b"{}", {"X-API-Key": key}))[0] == 202
+    assert (await _problem(service, "POST", "/hooks/both", b"{}", bad))[0] == 401
+    # a verified trigger needs no API key: its signature (here a token) is the check
+    token = {"X-Gitlab-Token": KEY, "Content-Type": "application/json"}
+    body = b'{"object_kind": "push"}'
+    assert (await service.request("POST", "/hooks/signed", body, token))[0] == 202
 
     await service.service.store.audit.flush()
     rows = await service.service.store.pool.fetch(

@@ -148,8 +148,8 @@ async def test_each_provider_signed_as_it_signs_is_delivered(
 ) -> None:
     push = orjson.dumps({"ref": "refs/heads/main", "commits": [{"id": "abc"}]})
     status, _, body = await service.request("POST", "/hooks/github", push, github(push))
-    assert (status, body) == (202, {"id": "d-1", "source": "urn:eventbus:hook:github"})
-    ce = await _delivered(receiver, "urn:eventbus:hook:github", "d-1")
+    assert (status, body) == (202, {"id": "d-1", "source": "urn:eventbus:source:github"})
+    ce = await _delivered(receiver, "urn:eventbus:source:github", "d-1")
     assert ce["type"] == "com.github.push"
     assert ce["data"] == orjson.loads(push)
 
@@ -200,7 +200,7 @@ async def test_a_redelivered_webhook_is_one_event(
         assert (status, body["id"]) == (202, "same-delivery")
     other = await service.request("POST", "/hooks/github", push, github(push, delivery="next"))
     assert other[0] == 202
-    await _delivered(receiver, "urn:eventbus:hook:github", "next")
+    await _delivered(receiver, "urn:eventbus:source:github", "next")
     await service.drained()
     ids = [r.cloudevent["id"] for r in receiver.requests if r.cloudevent is not None]
     assert sorted(ids) == ["next", "same-delivery"]
@@ -354,7 +354,7 @@ def test_templates_find_values_in_headers_query_and_body() -> None:
     event = _event(spec, request)
     assert (event["type"], event["subject"], event["q"]) == ("t.k.1.3", "true", "1")
     assert "obj" not in event and "nul" not in event  # objects and null are no value
-    assert len(event["id"]) == 36 and event["source"] == "urn:eventbus:hook:hook"
+    assert len(event["id"]) == 36 and event["source"] == "urn:eventbus:source:hook"
     assert _event({"event_id": "{header:X-None}"}, request)["id"] != event["id"]
 
 
