@@ -94,9 +94,12 @@ def _address(text: str | None) -> _Address | None:
     if not text:
         return None
     try:
-        return ipaddress.ip_address(text.strip().strip("[]"))
+        address = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:
         return None
+    # a dual-stack socket (listen on ::) sees IPv4 clients as ::ffff:a.b.c.d
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
 
 
 def client_address(

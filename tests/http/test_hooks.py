@@ -174,6 +174,28 @@ def test_client_address_ipv6_and_proxy_chains() -> None:
     assert client_address(spec, "127.0.0.1", {"x-forwarded-for": "[::1]"}) == v6("::1")
     assert client_address(spec, "127.0.0.1", {"x-forwarded-for": "garbage"}) is None
     assert client_address(spec, None, {}) is None
+    # IPv4 clients of a dual-stack socket are IPv4 addresses to the lists
+    four = ipaddress.ip_address("127.0.0.1")
+    mapped = {"x-forwarded-for": "[::ffff:127.0.0.1]"}
+    assert client_address(spec, "::ffff:127.0.0.1", mapped) == four
+
+
+async def test_ip_lists_over_ipv6(eventbus: StartService) -> None:
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        sources=[
+            {"name": "six", **OPEN, "allow": ["::1/128"]},
+            {"name": "four", **OPEN, "allow": ["127.0.0.0/8"]},
+            {"name": "no-six", **OPEN, "deny": ["::/0"]},
+        ],
+        settings={"listen": {"host": "::1"}},
+    )
+    svc.url = svc.url.replace("127.0.0.1", "[::1]")
+    assert (await svc.request("POST", "/hooks/six", b"{}"))[0] == 202
+    status, _, detail = await _problem(svc, "POST", "/hooks/four", b"{}")
+    assert (status, detail) == (403, "address ::1 is not allowed to call hook 'four'")
+    assert (await _problem(svc, "POST", "/hooks/no-six", b"{}"))[0] == 403
 
 
 async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -> None:
