@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -367,3 +368,26 @@ def test_a_signature_is_checked_against_the_time_of_the_request() -> None:
     with pytest.raises(CloudEventError, match="outside the 60s tolerance") as info:
         _event(spec, request, now=1_000_061)
     assert info.value.status == 401
+
+
+def test_the_examples_of_the_docs_load_as_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "sources.md"
+    text = docs.read_text(encoding="utf-8")
+    section = text[text.index("## `type: webhook`") : text.index("## Queue sources")]
+    triggers, hmac_verify = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    for name in ("GITHUB_WEBHOOK_SECRET", "GITLAB_WEBHOOK_TOKEN", "ORDERS_HOOK_KEY"):
+        monkeypatch.setenv(name, f"{name.lower()}-0123456789")
+    monkeypatch.setenv("PARTNER_SECRET", "partner-0123456789")
+    (tmp_path / "whsec").write_text("whsec_from_a_file\n")
+    (tmp_path / "a.yaml").write_text(
+        triggers.replace("/run/secrets/stripe-whsec", str(tmp_path / "whsec"))
+    )
+    indented = "".join(f"    {line}\n" for line in hmac_verify.splitlines())
+    (tmp_path / "b.yaml").write_text(f"sources:\n  - name: partner\n    type: webhook\n{indented}")
+    sources = load_connectors(tmp_path).sources
+    assert sorted(sources) == ["github", "gitlab", "legacy-orders", "partner", "stripe"]
+    stripe_spec = sources["stripe"]
+    assert isinstance(stripe_spec, WebhookSourceSpec) and stripe_spec.verify is not None
+    assert stripe_spec.verify.secret.get_secret_value() == "whsec_from_a_file"
