@@ -25,7 +25,6 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import CloudEventError
-from eventbus.cloudevents import encode
 from eventbus.http._access import Access, RefusalLog
 from eventbus.http._ingest import _read_body
 from eventbus.http._problem import PROBLEM, Problem, problem_for
@@ -197,14 +196,11 @@ class HookApp:
             scope["method"], headers, scope.get("query_string", b"").decode("latin-1"), raw
         )
         try:
-            event = source.event_for(request)
+            event = source.event_for(request, max_size=self._max_event)
         except CloudEventError as exc:
             if exc.status in (401, 403):
                 self._refuse(remote, path, exc.detail)
             raise
-        size = len(encode(event))
-        if size > self._max_event:
-            raise Problem(413, f"the event is {size} bytes, over the {self._max_event}-byte limit")
         await source.publish(event)
         metrics.EVENTS_RECEIVED.labels("hook").inc()
         if spec.response is not None:

@@ -26,8 +26,10 @@ import ipaddress
 import os
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -45,7 +47,7 @@ from pydantic import (
 )
 
 from eventbus._errors import CloudEventError
-from eventbus.cloudevents import new_event
+from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE, SPEC_VERSION, format_time, validate
 from eventbus.config import SourceSpec
 from eventbus.config._units import Duration
 from eventbus.sources._base import SourceContext
@@ -81,8 +83,12 @@ Secret = Annotated[SecretStr, BeforeValidator(_secret)]
 
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A CIDR block (IPv4 or IPv6) or one address; host bits set are refused as a likely typo."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"write a CIDR block or an address as a string, not {value!r}")
     try:
-        return ipaddress.ip_network(str(value))
+        return ipaddress.ip_network(value)
     except ValueError as exc:
         raise ValueError(f"not a CIDR block or address: {exc}") from None
 
@@ -121,18 +127,11 @@ class HookRequest:
     def params(self) -> dict[str, list[str]]:
         return parse_qs(self.query, keep_blank_values=True)
 
-    @cached_property
-    def json(self) -> Any:
-        """The body as JSON, or None when it is not JSON."""
-        try:
-            return orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            return None
-
 
 class Template:
     """Text with ``{header:NAME}``, ``{query:NAME}`` and ``{body:JSONPATH}`` references,
-    compiled once; ``render`` gives None when a reference finds nothing."""
+    compiled once; ``render`` gives None when a reference finds nothing. ``body`` is the body
+    as the event's data: a JSON body parsed, a form post as an object."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -149,13 +148,13 @@ class Template:
                 f"{text!r}: write references as {{header:NAME}}, {{query:NAME}} or {{body:$.path}}"
             )
 
-    def render(self, request: HookRequest) -> str | None:
+    def render(self, request: HookRequest, body: Any = None) -> str | None:
         out = []
         for part in self._parts:
             if isinstance(part, str):
                 out.append(part)
                 continue
-            found = _lookup(request, *part)
+            found = _lookup(request, body, *part)
             if found is None or found == "":
                 return None
             out.append(found)
@@ -176,7 +175,9 @@ def _jsonpath(path: str) -> JSONPath:
         raise ValueError(f"invalid JSONPath {path!r}: {exc}") from None
 
 
-def _lookup(request: HookRequest, where: str, what: str, path: JSONPath | None) -> str | None:
+def _lookup(
+    request: HookRequest, body: Any, where: str, what: str, path: JSONPath | None
+) -> str | None:
     if where == "header":
         return request.headers.get(what.lower())
     if where == "query":
@@ -184,7 +185,7 @@ def _lookup(request: HookRequest, where: str, what: str, path: JSONPath | None) 
         return values[0] if values else None
     assert path is not None
     try:
-        found = path.find(request.json) if request.json is not None else []
+        found = path.find(body) if isinstance(body, dict | list) else []
     except Exception:
         return None  # a filter that cannot be followed here selects nothing
     if not found or isinstance(found[0].value, dict | list) or found[0].value is None:
@@ -456,12 +457,10 @@ def _data(request: HookRequest) -> dict[str, Any]:
     declared = request.headers.get("content-type", "").strip()
     media = declared.partition(";")[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
-        if request.json is None:
-            try:
-                orjson.loads(request.body)  # null, or the reason it is not JSON
-            except orjson.JSONDecodeError as exc:
-                raise _unreadable(f"the body is not valid JSON: {exc}") from None
-        return {"data": request.json, "datacontenttype": declared}
+        try:
+            return {"data": orjson.loads(request.body), "datacontenttype": declared}
+        except orjson.JSONDecodeError as exc:
+            raise _unreadable(f"the body is not valid JSON: {exc}") from None
     if media == "application/x-www-form-urlencoded":
         try:
             form = parse_qs(request.body.decode(), keep_blank_values=True, strict_parsing=True)
@@ -499,31 +498,43 @@ class WebhookSource:
     async def run(self, ctx: SourceContext) -> None:
         self._ctx = ctx
         try:
-            await asyncio.Future()  # requests arrive through accept until cancelled
+            await asyncio.Future()  # requests arrive through the edge until cancelled
         finally:
             self._ctx = None
 
-    def event_for(self, request: HookRequest, now: float | None = None) -> dict[str, Any]:
-        """Verify ``request`` and map it to a CloudEvent. Raises CloudEventError: 401 when the
-        signature does not verify, 400 when the body cannot be read or the event type is
-        missing from it, 413 when the event is too large for the bus."""
+    def event_for(
+        self,
+        request: HookRequest,
+        *,
+        max_size: int = DEFAULT_MAX_EVENT_SIZE,
+        now: float | None = None,
+    ) -> dict[str, Any]:
+        """Verify ``request`` (at ``now``, default the clock's) and map it to a validated
+        CloudEvent. Raises CloudEventError: 401 when it does not verify, 400 when the body
+        cannot be read, the event type has no value or an attribute is not valid, 413 when
+        the event is over ``max_size`` bytes."""
         if self.spec.verify is not None:
             self.spec.verify.check(request, time.time() if now is None else now)
-        event_type = self._type.render(request)
+        data = _data(request)
+        body = data.get("data")
+        event_type = self._type.render(request, body)
         if event_type is None:
             raise _unreadable(f"the request has no value for the event type {self._type.text!r}")
-        ext = {k: v for k, t in self._extensions.items() if (v := t.render(request)) is not None}
-        data = _data(request)
-        if "data_base64" in data:
-            ext["data_base64"] = data.pop("data_base64")
-        return new_event(
-            type=event_type,
-            source=self._source,
-            id=self._id.render(request) if self._id is not None else None,
-            subject=self._subject.render(request) if self._subject is not None else None,
-            **data,
-            **ext,
-        )
+        event_id = self._id.render(request, body) if self._id is not None else None
+        event: dict[str, Any] = {
+            "specversion": SPEC_VERSION,
+            "id": event_id or str(uuid.uuid4()),
+            "source": self._source,
+            "type": event_type,
+            "time": format_time(datetime.now(UTC)),
+        }
+        if self._subject is not None:
+            event["subject"] = self._subject.render(request, body)
+        event.update(data)
+        for name, template in self._extensions.items():
+            event[name] = template.render(request, body)
+        # a null attribute is an absent one (validate drops it)
+        return validate(event, max_size=max_size)
 
     async def publish(self, event: dict[str, Any]) -> None:
         """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there.

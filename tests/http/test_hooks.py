@@ -125,7 +125,7 @@ async def test_requests_the_edge_refuses(service: RunningService, receiver: Rece
         assert resp.status == 413  # no Content-Length: counted as it arrives
     # the body fits the trigger, the event (base64 of it) does not fit max_event_size
     status, _, detail = await _problem(service, "POST", "/hooks/small", bytes(range(256)) * 300)
-    assert status == 413 and "over the 65536-byte limit" in detail
+    assert status == 413 and "more than the 65536-byte limit" in detail
 
     await service.drained()
     assert receiver.requests == []

@@ -341,7 +341,7 @@ def test_secrets_come_from_the_environment_or_a_file(
 def _event(spec: dict[str, Any], request: HookRequest, now: float | None = None) -> Any:
     source = build_source({"name": "hook", "type": "webhook", **spec})
     assert isinstance(source, WebhookSource)
-    return source.event_for(request, now)
+    return source.event_for(request, now=now)
 
 
 def test_templates_find_values_in_headers_query_and_body() -> None:
@@ -357,6 +357,21 @@ def test_templates_find_values_in_headers_query_and_body() -> None:
     assert "obj" not in event and "nul" not in event  # objects and null are no value
     assert len(event["id"]) == 36 and event["source"] == "urn:eventbus:source:hook"
     assert _event({"event_id": "{header:X-None}"}, request)["id"] != event["id"]
+    # a form post is an object to body references too
+    form = HookRequest(
+        "POST", {"content-type": "application/x-www-form-urlencoded"}, "", b"action=opened&n=2"
+    )
+    assert _event({"event_type": "t.{body:$.action}.{body:$.n}"}, form)["type"] == "t.opened.2"
+
+
+def test_the_event_size_limit_is_the_callers() -> None:
+    source = build_source({"name": "hook", "type": "webhook"})
+    assert isinstance(source, WebhookSource)
+    request = HookRequest("POST", {"content-type": "text/plain"}, "", b"x" * 300_000)
+    with pytest.raises(CloudEventError) as info:
+        source.event_for(request)  # the default limit, 256 KiB
+    assert info.value.status == 413
+    assert source.event_for(request, max_size=400_000)["data"] == "x" * 300_000
 
 
 def test_a_signature_is_checked_against_the_time_of_the_request() -> None:
