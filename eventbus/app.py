@@ -46,6 +46,7 @@ from eventbus.sources import (
     SourceRunner,
     SourceStatus,
     build_source,
+    in_every_process,
     list_dead_letters,
 )
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
@@ -227,14 +228,15 @@ class Service:
         )
 
     async def _start_sources(self) -> None:
-        """Run the connectors' sources (unless ``run_sources`` is off) and, when configured,
+        """Run the connectors' sources (with ``run_sources`` off only those that serve
+        requests, the webhooks, which every process must) and, when configured,
         ``kafka_ingest``: a ``kafka`` source named ``kafka-ingest`` reading CloudEvents."""
         s = self.settings
-        sources = (
-            [build_source(spec) for spec in self.connectors.sources.values()]
-            if s.run_sources
-            else []
-        )
+        sources = [
+            build_source(spec)
+            for spec in self.connectors.sources.values()
+            if s.run_sources or in_every_process(spec)
+        ]
         if s.kafka_ingest is not None:
             sources.append(
                 build_source(

@@ -147,6 +147,7 @@ EXPORTS: dict[str, list[str]] = {
         "SystemClock",
         "WebhookSource",
         "build_source",
+        "in_every_process",
         "list_dead_letters",
         "register_source",
     ],

@@ -134,7 +134,8 @@ class Settings(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     run_sources: bool = True
-    """False in the extra worker processes of `serve --workers N`: sources run once."""
+    """False in the extra worker processes of `serve --workers N`: sources run once (but
+    webhooks, which serve requests, run in every worker)."""
 
     @field_validator("api_keys")
     @classmethod

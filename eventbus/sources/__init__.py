@@ -21,7 +21,12 @@ from eventbus.sources._nats import (
     NatsSourceSpec,
 )
 from eventbus.sources._rabbitmq import RabbitMQSource, RabbitMQSourceSpec
-from eventbus.sources._runner import SourceRunner, build_source, register_source
+from eventbus.sources._runner import (
+    SourceRunner,
+    build_source,
+    in_every_process,
+    register_source,
+)
 from eventbus.sources._s3_poll import S3PollSource, S3PollSourceSpec
 from eventbus.sources._syslog import SyslogSource, SyslogSourceSpec
 from eventbus.sources._timer import TimerSource, TimerSourceSpec
@@ -51,6 +56,7 @@ __all__ = [
     "SystemClock",
     "WebhookSource",
     "build_source",
+    "in_every_process",
     "list_dead_letters",
     "register_source",
 ]

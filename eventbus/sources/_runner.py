@@ -26,7 +26,7 @@ from eventbus.sources._base import Source, SourceContext, SourceStatus, default_
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 
-__all__ = ["SourceRunner", "build_source", "register_source"]
+__all__ = ["SourceRunner", "build_source", "in_every_process", "register_source"]
 
 S = TypeVar("S", bound=SourceSpec)
 
@@ -49,6 +49,13 @@ def build_source(spec: SourceSpec | Mapping[str, Any]) -> Source:
         spec = _validate(spec)
     adapter = cast(Callable[[SourceSpec], Source], connector_adapter("source", spec))
     return adapter(spec)
+
+
+def in_every_process(spec: SourceSpec) -> bool:
+    """Whether the source must run in every process of the service, not only where
+    ``run_sources`` is on: one that serves requests reaching any process (its adapter sets
+    ``in_every_process = True``), rather than reading input that must be read once."""
+    return bool(getattr(connector_adapter("source", spec), "in_every_process", False))
 
 
 def _validate(entry: Mapping[str, Any]) -> SourceSpec:

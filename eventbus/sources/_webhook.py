@@ -482,6 +482,9 @@ class WebhookSource:
     """The trigger behind ``/hooks/<name>``: ``event_for`` verifies a request and maps it,
     ``publish`` puts the event on the bus while ``run`` holds the runner's context."""
 
+    in_every_process = True
+    """Requests reach whichever worker of ``serve --workers N`` took the connection."""
+
     def __init__(self, spec: WebhookSourceSpec) -> None:
         self.name = spec.name
         self.type = spec.type

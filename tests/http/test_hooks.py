@@ -9,18 +9,20 @@ problem+json, refusals recorded, and the service still taking events afterwards.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from eventbus.bus._nats_server import NatsServer
 from eventbus.http._hooks import client_address
 from eventbus.sources import build_source
 from tests.fixtures.receiver import Receiver
-from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.service import RunningService, ServeProcess, StartService
 from tests.fixtures.wait import eventually
 
 JSON = {"Content-Type": "application/json"}
@@ -264,18 +266,24 @@ async def test_bus_down_answers_503_then_recovers(
         assert got[0].cloudevent["data"] == {"n": 2}
 
 
-async def test_a_hook_whose_sources_do_not_run_answers_503(
+async def test_hooks_are_served_where_other_sources_do_not_run(
     eventbus: StartService, receiver: Receiver
 ) -> None:
+    """The extra workers of ``serve --workers N`` run no sources (run_sources: false), but a
+    webhook request may reach any of them."""
     svc = await eventbus(
         rules=RULES,
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
-        sources=[{"name": "open", "type": "webhook"}],
+        sources=[
+            {"name": "open", **OPEN},
+            {"name": "yearly", "type": "timer", "schedule": "0 3 1 1 *"},
+        ],
         settings={"run_sources": False},
     )
-    # with run_sources off there is no running source of that name
-    status, _, detail = await _problem(svc, "POST", "/hooks/open", b"{}")
-    assert (status, detail) == (404, "no webhook source 'open'")
+    status, _, answer = await svc.request("POST", "/hooks/open", b'{"a": 1}', JSON)
+    assert status == 202, answer
+    assert (await receiver.wait_for(1))[0].cloudevent["data"] == {"a": 1}
+    assert [s.name for s in svc.service.source_statuses()] == ["open"]
 
 
 async def test_the_hook_route_is_in_the_openapi_document(service: RunningService) -> None:
@@ -285,3 +293,33 @@ async def test_the_hook_route_is_in_the_openapi_document(service: RunningService
     assert operation["operationId"] == "webhook"
     assert set(operation["responses"]) == {"202", "400", "401", "403", "404", "405", "413", "503"}
     assert operation["responses"]["401"]["content"]["application/problem+json"]
+
+
+@pytest.mark.timeout(180)
+async def test_every_worker_of_serve_serves_the_hooks(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, tmp_path: Path
+) -> None:
+    """``serve --workers 2``: connections spread over both workers (SO_REUSEPORT), and every
+    one of them finds the hook, though only the first worker runs the other sources."""
+    target = {"name": "fn", "type": "http", "url": receiver.url("/fn")}
+    proc = serve_process(rules=RULES, targets=[target], workers=2)
+    (tmp_path / "connectors" / "connectors.yaml").write_text(
+        yaml.safe_dump({"targets": [target], "sources": [{"name": "open", **OPEN}]})
+    )
+    await proc.start()
+    try:
+        statuses = []
+        for i in range(40):
+            # a connection of its own each time, so the kernel may hand it to either worker
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+                s.post(f"{proc.url}/hooks/open", json={"n": i}) as resp,
+            ):
+                statuses.append(resp.status)
+        assert statuses == [202] * 40
+        got = await receiver.wait_for(40, timeout=30)
+        assert sorted(r.cloudevent["data"]["n"] for r in got) == list(range(40))
+        log = proc.log.read_text()
+        assert log.count("eventbus ready") == 2 and "1 sources" in log
+    finally:
+        assert await proc.terminate() == 0
