@@ -5,7 +5,7 @@
                proxies only)? (403) ─> an API key, when the trigger asks for one? (401)
             ─> body within max_body? (413) ─> WebhookSource.event_for: signature (401), body
                (400), on the durable bus (503 when it is not) ─> 202 {id, source} or the
-               trigger's static response
+               trigger's own response
 
 Where it sits: beside ``_ingest`` (the same bare-ASGI shape, for the same reason: a provider's
 webhook is as hot a path as ``POST /events``). The trigger's settings are its
@@ -20,8 +20,6 @@ import hmac
 import ipaddress
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-
-import orjson
 
 from eventbus import metrics
 from eventbus._errors import CloudEventError
@@ -55,7 +53,7 @@ HOOK_OPERATIONS: dict[str, dict[str, Any]] = {
                 "(GitHub, GitLab, Stripe, Slack, Standard Webhooks or a generic HMAC), checks "
                 "its IP lists and API keys, and publishes the body as the event's data. The "
                 "methods are the trigger's (POST unless it lists others). 202 once the event "
-                "is on the bus, or the trigger's static response."
+                "is on the bus, or the trigger's own response."
             ),
             "operationId": "webhook",
             "parameters": [
@@ -203,10 +201,7 @@ class HookApp:
             raise
         await source.publish(event)
         metrics.EVENTS_RECEIVED.labels("hook").inc()
-        if spec.response is not None:
-            answer = spec.response
-            return answer.status, answer.content_type, answer.body.encode()
-        return 202, "application/json", orjson.dumps({"id": event["id"], "source": event["source"]})
+        return source.answer(request, event)
 
     async def _check_key(
         self, spec: WebhookSourceSpec, headers: Mapping[str, str], path: str, remote: str | None

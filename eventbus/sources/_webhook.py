@@ -379,13 +379,20 @@ _METHOD = re.compile(r"[A-Z]{1,16}\Z")
 
 
 class StaticResponse(BaseModel):
-    """What the trigger answers instead of 202 and the event's id (some providers want 200)."""
+    """What the trigger answers instead of 202 and the event's id (some providers want 200).
+    ``body`` is a template: Slack's URL verification wants ``{body:$.challenge}`` back."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     status: int = Field(200, ge=200, le=299)
     body: str = ""
     content_type: str = "text/plain"
+
+    @field_validator("body")
+    @classmethod
+    def _compiles(cls, body: str) -> str:
+        Template(body)
+        return body
 
 
 class WebhookSourceSpec(SourceSpec):
@@ -496,6 +503,7 @@ class WebhookSource:
         self._subject = _template(spec.subject)
         self._extensions = {k: Template(v) for k, v in spec.extensions.items()}
         self._source = spec.event_source or f"urn:eventbus:source:{spec.name}"
+        self._answer = _template(spec.response.body if spec.response is not None else None)
         self._ctx: SourceContext | None = None
 
     async def run(self, ctx: SourceContext) -> None:
@@ -538,6 +546,17 @@ class WebhookSource:
             event[name] = template.render(request, body)
         # a null attribute is an absent one (validate drops it)
         return validate(event, max_size=max_size)
+
+    def answer(self, request: HookRequest, event: dict[str, Any]) -> tuple[int, str, bytes]:
+        """Status, content type and body of the answer to ``request`` once ``event`` is on the
+        bus: 202 and the event's source and id, or the trigger's ``response`` (its body
+        rendered; empty when a reference finds nothing)."""
+        response = self.spec.response
+        if response is None or self._answer is None:
+            ids = {"id": event["id"], "source": event["source"]}
+            return 202, "application/json", orjson.dumps(ids)
+        body = self._answer.render(request, event.get("data")) or ""
+        return response.status, response.content_type, body.encode()
 
     async def publish(self, event: dict[str, Any]) -> None:
         """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there.

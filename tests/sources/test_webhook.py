@@ -39,7 +39,12 @@ SOURCES: list[dict[str, Any]] = [
     {"name": "github", "type": "webhook", "verify": {"kind": "github", "secret": GITHUB_SECRET}},
     {"name": "gitlab", "type": "webhook", "verify": {"kind": "gitlab", "secret": GITLAB_TOKEN}},
     {"name": "stripe", "type": "webhook", "verify": {"kind": "stripe", "secret": STRIPE_SECRET}},
-    {"name": "slack", "type": "webhook", "verify": {"kind": "slack", "secret": SLACK_SECRET}},
+    {
+        "name": "slack",
+        "type": "webhook",
+        "verify": {"kind": "slack", "secret": SLACK_SECRET},
+        "response": {"body": "{body:$.challenge}"},
+    },
     {
         "name": "standard",
         "type": "webhook",
@@ -174,7 +179,16 @@ async def test_each_provider_signed_as_it_signs_is_delivered(
 
     sl = orjson.dumps({"type": "event_callback", "event_id": "Ev123", "event": {"type": "x"}})
     status, _, body = await service.request("POST", "/hooks/slack", sl, slack(sl))
-    assert (status, body["id"]) == (202, "Ev123"), body
+    assert (status, body) == (200, None)  # the trigger's response: 200, an empty body
+    ce = await _delivered(receiver, "urn:eventbus:source:slack", "Ev123")
+    assert ce["type"] == "com.slack.event_callback"
+    # Slack's URL verification: the challenge comes back as the answer
+    challenge = orjson.dumps({"type": "url_verification", "challenge": "3eZbrw1aBm2rZgRNFdxV"})
+    status, headers, body = await service.request(
+        "POST", "/hooks/slack", challenge, slack(challenge)
+    )
+    assert (status, body) == (200, "3eZbrw1aBm2rZgRNFdxV")
+    assert headers["Content-Type"].startswith("text/plain")
 
     sw = orjson.dumps({"type": "invoice.paid", "data": {"n": 1}})
     status, _, body = await service.request("POST", "/hooks/standard", sw, standard(sw))
@@ -392,7 +406,8 @@ def test_the_examples_of_the_docs_load_as_printed(
     text = docs.read_text(encoding="utf-8")
     section = text[text.index("## `type: webhook`") : text.index("## Queue sources")]
     triggers, hmac_verify = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
-    for name in ("GITHUB_WEBHOOK_SECRET", "GITLAB_WEBHOOK_TOKEN", "ORDERS_HOOK_KEY"):
+    names = ("GITHUB_WEBHOOK_SECRET", "GITLAB_WEBHOOK_TOKEN", "SLACK_SIGNING_SECRET")
+    for name in (*names, "ORDERS_HOOK_KEY"):
         monkeypatch.setenv(name, f"{name.lower()}-0123456789")
     monkeypatch.setenv("PARTNER_SECRET", "partner-0123456789")
     (tmp_path / "whsec").write_text("whsec_from_a_file\n")
@@ -402,7 +417,7 @@ def test_the_examples_of_the_docs_load_as_printed(
     indented = "".join(f"    {line}\n" for line in hmac_verify.splitlines())
     (tmp_path / "b.yaml").write_text(f"sources:\n  - name: partner\n    type: webhook\n{indented}")
     sources = load_connectors(tmp_path).sources
-    assert sorted(sources) == ["github", "gitlab", "legacy-orders", "partner", "stripe"]
+    assert sorted(sources) == ["github", "gitlab", "legacy-orders", "partner", "slack", "stripe"]
     stripe_spec = sources["stripe"]
     assert isinstance(stripe_spec, WebhookSourceSpec) and stripe_spec.verify is not None
     assert stripe_spec.verify.secret.get_secret_value() == "whsec_from_a_file"
