@@ -73,6 +73,10 @@ HOOK_OPERATIONS: dict[str, dict[str, Any]] = {
                         "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}
                     },
                 },
+                "200": {
+                    "description": "On the durable bus: the trigger's own response (any 2xx)",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
                 **_problem(400, "A body the trigger cannot read, or no value for the type"),
                 **_problem(401, "Not verified: signature, token or API key missing or wrong"),
                 **_problem(403, "The client's address is not allowed"),
