@@ -28,7 +28,14 @@ from typing import Any, Self, TypeVar
 
 from eventbus._errors import ConfigError
 from eventbus._supervisor import Supervised, Supervisor
-from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
+from eventbus.bus import (
+    Bus,
+    KafkaBusConfig,
+    NatsBusConfig,
+    NatsServer,
+    PublishOutcome,
+    open_bus,
+)
 from eventbus.config import (
     ConnectorSet,
     HttpTargetSpec,
@@ -381,9 +388,11 @@ class Service:
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Put valid events on the durable bus; one outcome per event, in order: None once it
-        is durable (the publisher may be answered 2xx), else BusUnavailable or BusError."""
+        is durable (the publisher may be answered 2xx), ``"duplicate"`` when the bus already
+        held its source+id within its duplicate window (durable too, but not delivered again),
+        else BusUnavailable or BusError."""
         return await self.bus.publish_many(events, via=via)
 
     def record_refusal(self, *, remote: str | None, path: str, reason: str) -> bool:
