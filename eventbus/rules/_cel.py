@@ -11,8 +11,10 @@ non-bool result is "no match", reported through ``Verdict`` so that the caller c
 from __future__ import annotations
 
 import logging
+import operator
 import re
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -37,8 +39,90 @@ _HAS = re.compile(
 )
 
 
+# Python types to CEL's names, most specific first (BoolType is an int, not an IntType).
+_CEL_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (celtypes.BoolType, "bool"),
+    (bool, "bool"),
+    (celtypes.UintType, "uint"),
+    (int, "int"),
+    (float, "double"),
+    (str, "string"),
+    (bytes, "bytes"),
+    (list, "list"),
+    (dict, "map"),
+    (celtypes.TimestampType, "timestamp"),
+    (celtypes.DurationType, "duration"),
+    (type(None), "null_type"),
+    (celtypes.NullType, "null_type"),
+)
+
+
+def cel_type_name(value: object) -> str:
+    """The CEL name of ``value``'s type (``string``, ``int``, ``map`` ...)."""
+    for kind, name in _CEL_TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _typed(function: Callable[..., Any], symbol: str) -> Callable[..., Any]:
+    """``function`` (an operator) whose TypeError names the CEL types involved.
+
+    cel-python lets Python's own operators fail (``"a" + 1`` reports "int() argument must be
+    ... not 'NotImplementedType'"); CEL says "no such overload" with the operand types, and so
+    does this: the TypeError it raises becomes cel-python's "no such overload" error.
+    """
+
+    def checked(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except TypeError as exc:
+            types = [cel_type_name(arg) for arg in args]
+            if symbol == "[]":
+                shown = f"{types[0]}[{types[1]}]"
+            elif len(types) == 1:
+                shown = f"{symbol}{types[0]}"
+            else:
+                shown = f" {symbol} ".join(types)
+            raise TypeError(shown) from exc
+
+    return checked
+
+
+def _patched(module: types.ModuleType, replace: dict[str, object]) -> types.ModuleType:
+    copy = types.ModuleType(module.__name__)
+    copy.__dict__.update(vars(module))
+    copy.__dict__.update(replace)
+    return copy
+
+
+# The transpiled code calls `operator.add(...)` and `celpy.evaluation.bool_lt(...)`; it runs in
+# this namespace, where those names lead to the _typed operators (and nothing else changes).
+_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "mod": "%", "getitem": "[]"}
+_COMPARISONS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_EVALUATION = _patched(
+    celpy.evaluation,
+    {
+        f"bool_{name}": _typed(getattr(celpy.evaluation, f"bool_{name}"), symbol)
+        for name, symbol in _COMPARISONS.items()
+    },
+)
+_NAMESPACE: dict[str, Any] = {
+    **vars(celpy.evaluation),
+    "celpy": _patched(celpy, {"evaluation": _EVALUATION}),
+    "operator": _patched(
+        operator,
+        {
+            **{name: _typed(getattr(operator, name), s) for name, s in _OPERATORS.items()},
+            "neg": _typed(operator.neg, "-"),
+        },
+    ),
+}
+
+
 class _CompiledRunner(celpy.CompiledRunner):
-    """cel-python's compiled runner with a CEL bool from ``has()``."""
+    """cel-python's compiled runner with a CEL bool from ``has()`` and type errors that name
+    CEL types (see :func:`_typed`)."""
 
     def __init__(self, environment: celpy.Environment, ast: Any, functions: Any = None) -> None:
         super().__init__(environment, ast, functions)
@@ -46,6 +130,24 @@ class _CompiledRunner(celpy.CompiledRunner):
         if fixed != self.tp.source_text:
             self.tp.source_text = fixed
             self.tp.executable_code = compile(fixed, "<cel>", "exec")
+
+    def evaluate(self, context: Any) -> Any:
+        """As ``Transpiler.evaluate`` (which runs the code in cel-python's own module
+        namespace), in ``_NAMESPACE``. Synchronous, so one shared namespace serves all."""
+        tp = self.tp
+        activation = tp.base_activation
+        if context:
+            activation = activation.clone()
+            activation.identifiers.load_values(context)
+        _NAMESPACE["base_activation"] = activation
+        try:
+            exec(tp.executable_code, _NAMESPACE)
+            value = _NAMESPACE["CEL"]
+        except Exception as exc:
+            raise CELEvalError("evaluation error", type(exc), exc.args) from exc
+        if isinstance(value, CELEvalError):
+            raise value
+        return value
 
 
 # cel-python 0.5 builds its lark parser once per process, with the tree class of the first
@@ -99,7 +201,7 @@ class Condition:
             return Verdict.ERROR, f"{type(exc).__name__}: {exc}"
         if isinstance(value, bool | celtypes.BoolType):
             return (Verdict.MATCH if value else Verdict.NO_MATCH), ""
-        return Verdict.NOT_BOOL, f"returned {type(value).__name__}, not bool"
+        return Verdict.NOT_BOOL, f"returned {cel_type_name(value)}, not bool"
 
 
 def _reason(exc: CELEvalError) -> str:
@@ -253,7 +355,7 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
         except CELEvalError as exc:
             raise RuleError(f"{text!r} can never be evaluated: {_reason(exc)}") from exc
         if node is tree and not isinstance(value, bool | celtypes.BoolType):
-            raise RuleError(f"condition is always {type(value).__name__}, not bool")
+            raise RuleError(f"condition is always {cel_type_name(value)}, not bool")
 
 
 # Grammar nodes that span a whole sub-expression (operator nodes such as `addition_add` span
