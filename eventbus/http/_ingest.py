@@ -92,12 +92,32 @@ INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
                 "attributes in ce-* headers, the body is the event's data)."
             ),
             "operationId": "publish_events",
+            "parameters": [
+                {
+                    "name": f"ce-{name}",
+                    "in": "header",
+                    "required": False,
+                    "description": f"Binary mode (required there): the event's {name}",
+                    "schema": {"type": "string", **extra},
+                }
+                for name, extra in (
+                    ("specversion", {"enum": ["1.0"]}),
+                    ("id", {"minLength": 1}),
+                    ("source", {"minLength": 1}),
+                    ("type", {"minLength": 1}),
+                )
+            ],
             "requestBody": {
                 "required": True,
                 "content": {
                     STRUCTURED_CONTENT_TYPE: {"schema": _ref("CloudEvent")},
                     BATCH_CONTENT_TYPE: {"schema": {"type": "array", "items": _ref("CloudEvent")}},
-                    "*/*": {"schema": {"description": "binary mode: the event's data"}},
+                    "*/*": {
+                        "schema": {
+                            "description": "Binary mode: the event's data, its media type the "
+                            "event's datacontenttype; the attributes in ce-* headers"
+                        }
+                    },
                 },
             },
             "responses": _answers(
