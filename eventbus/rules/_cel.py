@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import operator
-import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -30,14 +29,10 @@ from eventbus._errors import RuleError
 
 __all__ = ["Condition", "Verdict", "activation", "compile_condition"]
 
-# cel-python 0.5 transpiles has() to a Python bool, which its && / || / ?: reject, so the usual
-# guard `has(event.data.x) && event.data.x > 1` fails. Wrap the result as the interpreter does.
-_HAS = re.compile(
-    r"^(ex_\d+ = lambda activation: )"
-    r"(not isinstance\(celpy\.evaluation\.result\(activation, ex_\d+_h\), CELEvalError\))$",
-    re.MULTILINE,
-)
-
+# cel-python's compiled runner (about 5x faster than its interpreter) transpiles has() to a plain
+# Python bool, which its && / || / ?: then reject, so the usual guard
+# `has(event.data.x) && event.data.x > 1` fails to evaluate. Conditions that call has() run on
+# the interpreter, which gets it right; every other condition is compiled.
 
 # Python types to CEL's names, most specific first (BoolType is an int, not an IntType).
 _CEL_TYPE_NAMES: tuple[tuple[type, str], ...] = (
@@ -65,75 +60,86 @@ def cel_type_name(value: object) -> str:
     return type(value).__name__
 
 
+_NO_OVERLOAD = "no such overload: "
+
+
 def _typed(function: Callable[..., Any], symbol: str) -> Callable[..., Any]:
     """``function`` (an operator) whose TypeError names the CEL types involved.
 
     cel-python lets Python's own operators fail (``"a" + 1`` reports "int() argument must be
     ... not 'NotImplementedType'"); CEL says "no such overload" with the operand types, and so
-    does this: the TypeError it raises becomes cel-python's "no such overload" error.
+    does this (both runners turn the TypeError into a CEL error; ``_reason`` reads it).
     """
 
     def checked(*args: Any) -> Any:
         try:
             return function(*args)
         except TypeError as exc:
-            types = [cel_type_name(arg) for arg in args]
+            names = [cel_type_name(arg) for arg in args]
             if symbol == "[]":
-                shown = f"{types[0]}[{types[1]}]"
-            elif len(types) == 1:
-                shown = f"{symbol}{types[0]}"
+                shown = f"{names[0]}[{names[1]}]"
+            elif len(names) == 1:
+                shown = f"{symbol}{names[0]}"
             else:
-                shown = f" {symbol} ".join(types)
-            raise TypeError(shown) from exc
+                shown = f" {symbol} ".join(names)
+            # A plain TypeError: the compiled runner maps exception types by exact class.
+            raise TypeError(_NO_OVERLOAD + shown) from exc
 
     return checked
 
 
-def _patched(module: types.ModuleType, replace: dict[str, object]) -> types.ModuleType:
+_OPERATORS = {
+    "add": ("_+_", "+"),
+    "sub": ("_-_", "-"),
+    "mul": ("_*_", "*"),
+    "truediv": ("_/_", "/"),
+    "mod": ("_%_", "%"),
+    "getitem": ("_[_]", "[]"),
+    "neg": ("-_", "-"),
+}
+_COMPARISONS = {
+    "eq": ("_==_", "=="),
+    "ne": ("_!=_", "!="),
+    "lt": ("_<_", "<"),
+    "le": ("_<=_", "<="),
+    "gt": ("_>_", ">"),
+    "ge": ("_>=_", ">="),
+}
+_TYPED_OPERATORS = {name: _typed(getattr(operator, name), s) for name, (_, s) in _OPERATORS.items()}
+_TYPED_COMPARISONS = {
+    f"bool_{name}": _typed(getattr(celpy.evaluation, f"bool_{name}"), s)
+    for name, (_, s) in _COMPARISONS.items()
+}
+# The interpreter looks operators up by their CEL names.
+_TYPED_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    **{cel: _TYPED_OPERATORS[name] for name, (cel, _) in _OPERATORS.items()},
+    **{cel: _TYPED_COMPARISONS[f"bool_{name}"] for name, (cel, _) in _COMPARISONS.items()},
+}
+
+
+def _patched(module: types.ModuleType, replace: Mapping[str, object]) -> types.ModuleType:
     copy = types.ModuleType(module.__name__)
     copy.__dict__.update(vars(module))
     copy.__dict__.update(replace)
     return copy
 
 
-# The transpiled code calls `operator.add(...)` and `celpy.evaluation.bool_lt(...)`; it runs in
-# this namespace, where those names lead to the _typed operators (and nothing else changes).
-_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "mod": "%", "getitem": "[]"}
-_COMPARISONS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-_EVALUATION = _patched(
-    celpy.evaluation,
-    {
-        f"bool_{name}": _typed(getattr(celpy.evaluation, f"bool_{name}"), symbol)
-        for name, symbol in _COMPARISONS.items()
-    },
-)
+# The compiled runner's code calls `operator.add(...)` and `celpy.evaluation.bool_lt(...)`; it
+# runs in this namespace, where those names lead to the typed operators (nothing else changes).
 _NAMESPACE: dict[str, Any] = {
     **vars(celpy.evaluation),
-    "celpy": _patched(celpy, {"evaluation": _EVALUATION}),
-    "operator": _patched(
-        operator,
-        {
-            **{name: _typed(getattr(operator, name), s) for name, s in _OPERATORS.items()},
-            "neg": _typed(operator.neg, "-"),
-        },
-    ),
+    "celpy": _patched(celpy, {"evaluation": _patched(celpy.evaluation, _TYPED_COMPARISONS)}),
+    "operator": _patched(operator, _TYPED_OPERATORS),
 }
 
 
 class _CompiledRunner(celpy.CompiledRunner):
-    """cel-python's compiled runner with a CEL bool from ``has()`` and type errors that name
-    CEL types (see :func:`_typed`)."""
-
-    def __init__(self, environment: celpy.Environment, ast: Any, functions: Any = None) -> None:
-        super().__init__(environment, ast, functions)
-        fixed = _HAS.sub(r"\1celpy.celtypes.BoolType(\2)", self.tp.source_text)
-        if fixed != self.tp.source_text:
-            self.tp.source_text = fixed
-            self.tp.executable_code = compile(fixed, "<cel>", "exec")
+    """cel-python's compiled runner, its code run in ``_NAMESPACE`` (type errors that name CEL
+    types, see :func:`_typed`)."""
 
     def evaluate(self, context: Any) -> Any:
-        """As ``Transpiler.evaluate`` (which runs the code in cel-python's own module
-        namespace), in ``_NAMESPACE``. Synchronous, so one shared namespace serves all."""
+        """As ``Transpiler.evaluate``, which runs the code in cel-python's own module namespace.
+        Synchronous, so one shared namespace serves every condition."""
         tp = self.tp
         activation = tp.base_activation
         if context:
@@ -209,6 +215,8 @@ def _reason(exc: CELEvalError) -> str:
     parts: list[str] = []
     args: Any = exc.args
     while isinstance(args, tuple) and args:
+        if isinstance(args[0], str) and args[0].startswith(_NO_OVERLOAD):
+            return args[0]  # a _typed operator's message: it names the CEL types
         if isinstance(args[0], str):
             parts.append(args[0])
         args = args[2] if len(args) > 2 else None
@@ -392,4 +400,11 @@ def compile_condition(source: str) -> Condition:
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
     _check_names(tree)
     _check_constants(source, tree)
+    if _calls_has(tree):
+        runner = celpy.InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
+        return Condition(source=source, runner=runner)
     return Condition(source=source, runner=_ENV.program(tree))
+
+
+def _calls_has(tree: lark.Tree[lark.Token]) -> bool:
+    return any(node.data == "ident_arg" and _first_token(node) == "has" for node in _walk(tree))

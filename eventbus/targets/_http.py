@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import weakref
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiohttp
 import orjson
+from pydantic import Field
 from yarl import URL
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import from_http, to_http
+from eventbus.config import TargetSpec
 from eventbus.targets._base import (
     MAX_ERROR_CHARS,
     Outcome,
@@ -36,7 +38,7 @@ from eventbus.targets._base import (
 )
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
-__all__ = ["HttpTarget", "HttpTargetConfig", "parse_retry_after"]
+__all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetSpec", "parse_retry_after"]
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +47,76 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 
 _IDENTITY = ("specversion", "id", "source", "type")
 
+CONNECTION_LIMIT = 512
+"""Requests in flight over all HTTP targets of a process (one shared pool); each target's own
+``concurrency`` caps its share. A request waiting for a free connection counts towards its
+attempt's timeout."""
 
-@dataclass(frozen=True)
-class HttpTargetConfig:
-    """One HTTP function endpoint.
+KEEPALIVE_SECONDS = 15.0
+"""How long an idle connection is kept for reuse: one per endpoint host and port, not per target."""
+
+
+class _SharedSession:
+    """One aiohttp session for every HTTP target on an event loop: one connection pool and one
+    DNS cache, so file descriptors grow with the endpoints in use, not with the targets defined.
+
+    Reference-counted: the first target to open creates it, the last to close closes it.
+    """
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedSession] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=CONNECTION_LIMIT, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
+            ),
+            # Uncompressed answers only: a compressed body could expand past the read bound.
+            # No default Content-Type either: in binary mode it is the event's datacontenttype,
+            # so an event without data must arrive without one.
+            skip_auto_headers=("Accept-Encoding", "Content-Type"),
+            auto_decompress=False,
+        )
+        self.users = 0
+
+    @classmethod
+    def acquire(cls) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        shared = cls._by_loop.get(loop)
+        if shared is None or shared.session.closed:
+            shared = cls._by_loop[loop] = cls()
+        shared.users += 1
+        return shared.session
+
+    @classmethod
+    async def release(cls, session: aiohttp.ClientSession) -> None:
+        shared = cls._by_loop.get(asyncio.get_running_loop())
+        if shared is None or shared.session is not session:
+            await session.close()  # opened on a loop that has since been replaced
+            return
+        shared.users -= 1
+        if shared.users == 0:
+            del cls._by_loop[asyncio.get_running_loop()]
+            await session.close()
+
+
+class HttpTargetSpec(TargetSpec):
+    """``type: http``: one function endpoint.
 
     ``mode`` picks the CloudEvents HTTP binding for CloudEvent payloads; ``timeout`` bounds one
     attempt (connect, send, answer, body) in seconds; ``concurrency`` caps requests in flight to
     this endpoint; ``headers`` are added to every request (e.g. ``Authorization``); ``secret``
-    turns on Standard Webhooks signing (``whsec_<base64>`` or a raw string).
+    (or the environment variable ``secret_env`` names, read when the target is built) turns on
+    Standard Webhooks signing (``whsec_<base64>`` or a raw string).
     """
 
-    name: str
-    url: str
+    url: str = Field(pattern=r"^https?://")
     mode: Literal["binary", "structured"] = "binary"
-    timeout: float = 10.0
-    concurrency: int = 16
-    headers: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = Field(16, ge=1, le=1024)
+    headers: dict[str, str] = {}
     secret: str | None = None
+    secret_env: str | None = None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -124,13 +178,15 @@ async def _read_bounded(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
 class HttpTarget:
     """Delivers events to one HTTP endpoint; use as ``async with HttpTarget(config) as target``.
 
-    One aiohttp session per target, its connection pool sized to ``concurrency`` and a semaphore
-    making that a hard cap on requests in flight (callers beyond it wait their turn; the wait is
-    not part of the per-attempt timeout).
+    Every HTTP target of the process shares one connection pool (``CONNECTION_LIMIT``
+    connections in flight, idle ones kept per endpoint); a semaphore caps this target's requests
+    in flight at ``concurrency`` (callers beyond it wait their turn; that wait is not part of the
+    per-attempt timeout).
     """
 
-    def __init__(self, config: HttpTargetConfig) -> None:
-        """Raises ``ConfigError`` if the URL, timeout, concurrency, headers or secret is invalid."""
+    def __init__(self, config: HttpTargetSpec) -> None:
+        """Raises ``ConfigError`` if the URL, headers or secret is invalid, or ``secret_env``
+        names an unset environment variable."""
         where = f"HTTP target {config.name!r}"
         try:
             url = URL(config.url)
@@ -138,40 +194,32 @@ class HttpTarget:
             raise ConfigError(f"{where}: invalid url {config.url!r}: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
-        if config.mode not in ("binary", "structured"):
-            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
-        if not config.timeout > 0:
-            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
-        if config.concurrency < 1:
-            raise ConfigError(f"{where}: concurrency must be >= 1: {config.concurrency!r}")
         for key, value in config.headers.items():
             if any(c in key + value for c in "\r\n\0"):
                 raise ConfigError(f"{where}: header {key!r} contains a line break or NUL")
+        secret = config.secret
+        if config.secret_env:
+            secret = os.environ.get(config.secret_env)
+            if not secret:
+                raise ConfigError(f"{where}: environment variable {config.secret_env} is not set")
         self.name = config.name
         self.config = config
         self._url = url
         self._structured = config.mode == "structured"
         try:
-            self._key = None if config.secret is None else decode_secret(config.secret)
+            self._key = None if secret is None else decode_secret(secret)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         self._static = {"User-Agent": "eventbus", **config.headers}
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.concurrency)
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
 
     async def __aenter__(self) -> Self:
-        """Open the connection pool. Raises ``RuntimeError`` if the target is already open."""
+        """Join the shared connection pool; raises ``RuntimeError`` if already open."""
         if self._session is not None:
             raise RuntimeError(f"HTTP target {self.name!r} is already open")
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.concurrency),
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-            # Uncompressed answers only: a compressed body could expand past the read bound.
-            # No default Content-Type either: in binary mode it is the event's datacontenttype,
-            # so an event without data must arrive without one.
-            skip_auto_headers=("Accept-Encoding", "Content-Type"),
-            auto_decompress=False,
-        )
+        self._session = _SharedSession.acquire()
         return self
 
     async def __aexit__(
@@ -181,8 +229,8 @@ class HttpTarget:
         tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
-            await self._session.close()
-            self._session = None
+            session, self._session = self._session, None
+            await _SharedSession.release(session)
 
     def _request(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool
@@ -229,7 +277,11 @@ class HttpTarget:
             start = time.perf_counter()
             try:
                 async with session.post(
-                    self._url, data=body, headers=headers, allow_redirects=False
+                    self._url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._timeout,
                 ) as resp:
                     content, complete = await _read_bounded(resp.content)
                     if not complete:

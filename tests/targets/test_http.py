@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -12,16 +13,20 @@ import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
+import psutil
+import pydantic
 import pytest
 from cloudevents.v1.http import from_http as sdk_from_http
 
 from eventbus._errors import ConfigError
-from eventbus.targets import HttpTarget, HttpTargetConfig, Outcome, verify_webhook
+from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome, verify_webhook
 from eventbus.targets._base import MAX_ERROR_CHARS
 from eventbus.targets._http import MAX_RESPONSE_BYTES, parse_retry_after
 from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.wait import eventually
 
 
 def make_event(**overrides: Any) -> dict[str, Any]:
@@ -38,7 +43,7 @@ def make_event(**overrides: Any) -> dict[str, Any]:
     return event
 
 
-async def deliver_once(config: HttpTargetConfig, payload: Any = None, **kw: Any) -> Outcome:
+async def deliver_once(config: HttpTargetSpec, payload: Any = None, **kw: Any) -> Outcome:
     event = make_event()
     async with HttpTarget(config) as target:
         return await target.deliver(
@@ -49,8 +54,8 @@ async def deliver_once(config: HttpTargetConfig, payload: Any = None, **kw: Any)
         )
 
 
-def config_for(receiver: Receiver, **kw: Any) -> HttpTargetConfig:
-    return HttpTargetConfig(name="fn", url=receiver.url("/fn"), **kw)
+def config_for(receiver: Receiver, **kw: Any) -> HttpTargetSpec:
+    return HttpTargetSpec(name="fn", url=receiver.url("/fn"), **kw)
 
 
 # --- what is sent ---------------------------------------------------------------------------
@@ -228,20 +233,42 @@ def test_parse_retry_after_past_date_is_zero() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("url", "ftp://127.0.0.1/x", "url must be http"),
         ("url", "http://", "url must be http"),
-        ("url", "no scheme at all", "url must be http"),
         ("url", "http://[::1/", "invalid url"),
-        ("concurrency", 0, "concurrency must be >= 1"),
         ("headers", {"X-Evil": "a\r\nInjected: yes"}, "line break"),
         ("secret", "whsec_***", "not valid base64"),
+        ("secret_env", "EVENTBUS_TEST_UNSET_SECRET", "EVENTBUS_TEST_UNSET_SECRET is not set"),
     ],
 )
-def test_bad_config_is_rejected_before_any_request(field: str, value: Any, reason: str) -> None:
+def test_bad_config_is_rejected_before_any_request(
+    field: str, value: Any, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EVENTBUS_TEST_UNSET_SECRET", raising=False)
     kwargs: dict[str, Any] = {"name": "fn", "url": "http://127.0.0.1:1/", field: value}
     with pytest.raises(ConfigError, match=reason) as info:
-        HttpTarget(HttpTargetConfig(**kwargs))
+        HttpTarget(HttpTargetSpec(**kwargs))
     assert "'fn'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("url", "ftp://127.0.0.1/x"),
+        ("url", "no scheme at all"),
+        ("concurrency", 0),
+        ("mode", "carrier-pigeon"),
+        ("timeout", 0),
+    ],
+)
+def test_the_spec_refuses_what_it_can_check(field: str, value: Any) -> None:
+    with pytest.raises(pydantic.ValidationError, match=field):
+        HttpTargetSpec(name="fn", **{"url": "http://127.0.0.1:1/", field: value})
+
+
+def test_the_secret_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTBUS_TEST_SECRET", "whsec_c2VjcmV0")
+    spec = HttpTargetSpec(name="fn", url="http://127.0.0.1:1/", secret_env="EVENTBUS_TEST_SECRET")
+    assert HttpTarget(spec)._key == b"secret"
 
 
 # --- bad input at deliver -------------------------------------------------------------------
@@ -271,6 +298,61 @@ async def test_concurrency_is_a_hard_cap(receiver: Receiver) -> None:
     assert all(o.delivered for o in outcomes)
     assert len(receiver.requests) == 10
     assert 1 < receiver.max_in_flight <= 3
+
+
+def connections_to(port: int) -> int:
+    """This process's open TCP connections to ``port`` on loopback."""
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+async def test_targets_share_one_connection_pool(receiver: Receiver) -> None:
+    # 100 targets of one endpoint, each used in turn: one kept-alive connection serves them all
+    # (a pool per target would hold 100 open sockets, and 1,000 targets a thousand).
+    port = urlsplit(receiver.url()).port
+    assert port is not None
+    event = make_event()
+    async with contextlib.AsyncExitStack() as stack:
+        targets = [
+            await stack.enter_async_context(
+                HttpTarget(HttpTargetSpec(name=f"fn-{n}", url=receiver.url(f"/fn/{n}")))
+            )
+            for n in range(100)
+        ]
+        for target in targets:
+            outcome = await target.deliver(event, event, is_cloudevent=True, attempt=1)
+            assert outcome.delivered
+        assert len(receiver.requests) == 100
+        assert connections_to(port) == 1
+    # The last target to close closes the pool.
+    await eventually(lambda: connections_to(port) == 0, within=5, what="pool closed")
+
+
+async def test_a_closed_target_leaves_the_others_working(receiver: Receiver) -> None:
+    event = make_event()
+    async with HttpTarget(config_for(receiver)) as staying:
+        async with HttpTarget(HttpTargetSpec(name="other", url=receiver.url("/other"))) as gone:
+            assert (await gone.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+        assert (await staying.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+    assert [r.path for r in receiver.requests] == ["/other", "/fn"]
+
+
+async def test_each_target_keeps_its_own_timeout_in_the_shared_pool(receiver: Receiver) -> None:
+    receiver.respond(Response(204, delay=0.6))
+    event = make_event()
+    async with (
+        HttpTarget(HttpTargetSpec(name="patient", url=receiver.url("/a"), timeout=5)) as patient,
+        HttpTarget(HttpTargetSpec(name="hasty", url=receiver.url("/b"), timeout=0.2)) as hasty,
+    ):
+        slow, fast = await asyncio.gather(
+            patient.deliver(event, event, is_cloudevent=True, attempt=1),
+            hasty.deliver(event, event, is_cloudevent=True, attempt=1),
+        )
+    assert slow.delivered
+    assert not fast.delivered and fast.error == "timeout after 0.2s"
 
 
 # --- replies ----------------------------------------------------------------------------------
