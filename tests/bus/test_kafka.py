@@ -113,4 +113,4 @@ async def test_unparsable_bootstrap_servers_is_a_config_error() -> None:
 @pytest.mark.parametrize("field", ["fetch_wait", "poll_timeout", "commit_interval"])
 def test_non_positive_durations_are_config_errors(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        KafkaBusConfig(bootstrap_servers="127.0.0.1:9092", **{field: 0})
+        KafkaBusConfig(bootstrap_servers="127.0.0.1:9092", partitions=1, **{field: 0})
