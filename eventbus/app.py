@@ -26,9 +26,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from eventbus import metrics
 from eventbus._errors import ConfigError
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus.bus import (
+    DUPLICATE,
     Bus,
     KafkaBusConfig,
     NatsBusConfig,
@@ -153,7 +155,7 @@ class Service:
             policies,
             self.deliveries,
             self.store.audit,
-            functools.partial(self.bus.publish, via="reply"),
+            functools.partial(self._publish_one, via="reply"),
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
         )
@@ -252,7 +254,7 @@ class Service:
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
-                publish=self.bus.publish,
+                publish=self._publish_one,
                 pool=self.store.pool,
                 instance_id=self.instance,
             )
@@ -354,6 +356,16 @@ class Service:
 
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()
+
+    async def _publish_one(self, event: dict[str, Any], *, via: str) -> None:
+        """:meth:`Bus.publish` for the sources and replies, counting a duplicate (the bus
+        already held its source+id) in ``eventbus_events_duplicate_total{via}``, as the HTTP
+        edge does for its own. Raises BusUnavailable or BusError as ``Bus.publish``."""
+        (outcome,) = await self.bus.publish_many([event], via=via)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome == DUPLICATE:
+            metrics.EVENTS_DUPLICATE.labels(via).inc()
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str

@@ -119,10 +119,10 @@ async def test_structured_binary_and_batch_modes_route_and_audit(
     assert all(a["status"] == 204 for a in trail["attempts"])
 
 
-async def _duplicates_counted(svc: RunningService) -> float:
+async def _duplicates_counted(svc: RunningService, via: str = "http") -> float:
     _, _, text = await svc.request("GET", "/metrics")
     for line in text.splitlines():
-        if line.startswith('eventbus_events_duplicate_total{via="http"}'):
+        if line.startswith(f'eventbus_events_duplicate_total{{via="{via}"}}'):
             return float(line.split()[-1])
     return 0.0
 
@@ -224,6 +224,30 @@ async def test_function_reply_is_published_back_and_routed(
     assert int(routed[0].cloudevent["eventbushops"]) == 1  # binary mode: headers are strings
     trail = await svc.trail("tests/fn", "r-1", 1)
     assert trail["via"] == "reply"
+
+
+async def test_a_reply_the_bus_already_holds_is_counted_as_a_duplicate(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    """Replies (like sources) have nobody to answer: a duplicate is counted, by entry point."""
+    svc = await _start(eventbus, receiver)
+    before = await _duplicates_counted(svc, "reply")
+    reply = {
+        "specversion": "1.0",
+        "id": "r-same",
+        "source": "tests/fn",
+        "type": "com.example.order.reply",
+        "data": {"ok": True},
+    }
+    receiver.script(Response(200, reply=reply), Response(200, reply=reply))
+    receiver.respond(Response(204))
+    for i in (1, 2):
+        status, _ = await svc.post_event(_event(f"twice-{i}"))
+        assert status == 202
+    await receiver.wait_for(1, path="/replies")
+    await svc.drained()  # both replies published and routed
+    assert [r.cloudevent["id"] for r in receiver.requests if r.path == "/replies"] == ["r-same"]
+    assert await _duplicates_counted(svc, "reply") - before == 1
 
 
 BAD_REQUESTS = [
