@@ -358,14 +358,15 @@ class Service:
         return [] if self._sources is None else self._sources.statuses()
 
     async def _publish_one(self, event: dict[str, Any], *, via: str) -> None:
-        """:meth:`Bus.publish` for the sources and replies, counting a duplicate (the bus
-        already held its source+id) in ``eventbus_events_duplicate_total{via}``, as the HTTP
-        edge does for its own. Raises BusUnavailable or BusError as ``Bus.publish``."""
+        """:meth:`Bus.publish` for the sources and replies, counted as the HTTP edge counts its
+        own: ``eventbus_events_received_total{via}`` when stored,
+        ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
+        Raises BusUnavailable or BusError as ``Bus.publish``."""
         (outcome,) = await self.bus.publish_many([event], via=via)
         if isinstance(outcome, BaseException):
             raise outcome
-        if outcome == DUPLICATE:
-            metrics.EVENTS_DUPLICATE.labels(via).inc()
+        counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
+        counter.labels(via).inc()
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str

@@ -119,10 +119,11 @@ async def test_structured_binary_and_batch_modes_route_and_audit(
     assert all(a["status"] == 204 for a in trail["attempts"])
 
 
-async def _duplicates_counted(svc: RunningService, via: str = "http") -> float:
+async def _counted(svc: RunningService, via: str = "http", counter: str = "duplicate") -> float:
+    """``eventbus_events_<counter>_total{via}`` now."""
     _, _, text = await svc.request("GET", "/metrics")
     for line in text.splitlines():
-        if line.startswith(f'eventbus_events_duplicate_total{{via="{via}"}}'):
+        if line.startswith(f'eventbus_events_{counter}_total{{via="{via}"}}'):
             return float(line.split()[-1])
     return 0.0
 
@@ -138,7 +139,7 @@ async def test_a_republished_event_is_answered_as_a_duplicate_when_it_is_one(
     kafka = request.getfixturevalue("kafka_bootstrap") if backend == "kafka" else None
     svc = await _start(eventbus, receiver, kafka_bootstrap=kafka)
     dropped = backend == "nats"
-    before = await _duplicates_counted(svc)
+    before = await _counted(svc)
 
     status, headers, body = await svc.request(
         "POST", "/events", orjson.dumps(_event("d1")), {"Content-Type": STRUCTURED}
@@ -164,7 +165,7 @@ async def test_a_republished_event_is_answered_as_a_duplicate_when_it_is_one(
     ]
     assert body["duplicates"] == 2 * dropped
     assert headers.get("eventbus-duplicates") == ("2" if dropped else None)
-    assert await _duplicates_counted(svc) - before == 3 * dropped
+    assert await _counted(svc) - before == 3 * dropped
 
     await svc.drained()
     copies = sorted(r.cloudevent["id"] for r in receiver.requests if r.path == "/fn")
@@ -231,7 +232,8 @@ async def test_a_reply_the_bus_already_holds_is_counted_as_a_duplicate(
 ) -> None:
     """Replies (like sources) have nobody to answer: a duplicate is counted, by entry point."""
     svc = await _start(eventbus, receiver)
-    before = await _duplicates_counted(svc, "reply")
+    before = await _counted(svc, "reply")
+    received = await _counted(svc, "reply", "received")
     reply = {
         "specversion": "1.0",
         "id": "r-same",
@@ -247,7 +249,8 @@ async def test_a_reply_the_bus_already_holds_is_counted_as_a_duplicate(
     await receiver.wait_for(1, path="/replies")
     await svc.drained()  # both replies published and routed
     assert [r.cloudevent["id"] for r in receiver.requests if r.path == "/replies"] == ["r-same"]
-    assert await _duplicates_counted(svc, "reply") - before == 1
+    assert await _counted(svc, "reply") - before == 1
+    assert await _counted(svc, "reply", "received") - received == 1
 
 
 BAD_REQUESTS = [
