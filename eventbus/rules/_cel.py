@@ -135,7 +135,12 @@ _NAMESPACE: dict[str, Any] = {
 
 class _CompiledRunner(celpy.CompiledRunner):
     """cel-python's compiled runner, its code run in ``_NAMESPACE`` (type errors that name CEL
-    types, see :func:`_typed`)."""
+    types, see :func:`_typed`).
+
+    This relies on how cel-python 0.5 builds and runs its transpiled code (``tp.base_activation``,
+    ``tp.executable_code``, the result in ``CEL``, operators called as ``operator.add`` and
+    ``celpy.evaluation.bool_lt``), which is why pyproject.toml pins cel-python below 0.6; the
+    reason checks in tests/rules/data/cel_cases.yaml fail if a release changes it."""
 
     def evaluate(self, context: Any) -> Any:
         """As ``Transpiler.evaluate``, which runs the code in cel-python's own module namespace.
