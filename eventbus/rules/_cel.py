@@ -4,6 +4,9 @@ The router (``RuleSet.route``) asks a ``Condition`` only about events whose even
 matched, and converts each event to CEL values at most once (``activation``), because the
 conversion costs about as much as one evaluation. Conditions see the CloudEvent as ``event``.
 
+cel-python parses and checks every condition; when cel-expr-python (the official C++ runtime,
+the ``fast-cel`` extra) is installed, the accepted conditions run on it (``_cel_native``).
+
 Evaluation is total: a runtime error (missing field, type mismatch, division by zero) or a
 non-bool result is "no match", reported through ``Verdict`` so that the caller counts and logs it.
 """
@@ -11,7 +14,7 @@ non-bool result is "no match", reported through ``Verdict`` so that the caller c
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -25,7 +28,7 @@ from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
 
-__all__ = ["Condition", "Verdict", "activation", "compile_condition"]
+__all__ = ["Activation", "Condition", "Verdict", "activation", "compile_condition"]
 
 # cel-python's compiled runner (about 5x faster than its interpreter) transpiles has() to a plain
 # Python bool, which its && / || / ?: then reject, so the usual guard
@@ -63,18 +66,19 @@ class Verdict(Enum):
 
 @dataclass(frozen=True)
 class Condition:
-    """A compiled CEL expression over ``event``."""
+    """A compiled CEL expression over ``event`` (on cel-python; ``NativeCondition`` is the
+    same on cel-expr-python)."""
 
     source: str
     runner: celpy.Runner
 
-    def evaluate(self, context: dict[str, Any]) -> tuple[Verdict, str]:
+    def evaluate(self, context: Activation) -> tuple[Verdict, str]:
         """Evaluate against an ``activation(event)``; never raises.
 
         Returns the verdict and, for ``ERROR`` and ``NOT_BOOL``, a short reason for the log.
         """
         try:
-            value = self.runner.evaluate(context)
+            value = self.runner.evaluate(context.converted(_celpy_context))
         except CELEvalError as exc:
             return Verdict.ERROR, _reason(exc)
         # A CEL error is a value in cel-python; it escapes as an exception only at the top.
@@ -96,12 +100,34 @@ def _reason(exc: CELEvalError) -> str:
     return ": ".join(dict.fromkeys(p for p in parts if p != "evaluation error")) or str(exc)
 
 
-def activation(event: dict[str, Any]) -> dict[str, Any]:
-    """The CEL context for one event: ``{"event": <event as CEL values>}``.
+class Activation:
+    """One event as conditions see it, converted for each runtime on first use, then kept."""
 
-    Integers outside CEL's int64 range become doubles. Raises ``ValueError`` only for values
-    that are not JSON (events on the bus always are).
+    __slots__ = ("_forms", "event")
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+        self._forms: dict[Callable[[dict[str, Any]], Any], Any] = {}
+
+    def converted(self, convert: Callable[[dict[str, Any]], Any]) -> Any:
+        """``convert(event)``, computed once per activation."""
+        try:
+            return self._forms[convert]
+        except KeyError:
+            form = self._forms[convert] = convert(self.event)
+            return form
+
+
+def activation(event: dict[str, Any]) -> Activation:
+    """The CEL context for one event; each runtime converts it once, when first asked.
+
+    Integers outside CEL's int64 range become doubles. Evaluating raises ``ValueError`` only
+    for values that are not JSON (events on the bus always are).
     """
+    return Activation(event)
+
+
+def _celpy_context(event: dict[str, Any]) -> dict[str, Any]:
     return {"event": _to_cel(event)}
 
 
@@ -255,8 +281,9 @@ _COMPLETE = frozenset(
 )
 
 
-def compile_condition(source: str) -> Condition:
-    """Compile a CEL condition once.
+def compile_condition(source: str, *, native: bool | None = None) -> Condition:
+    """Compile a CEL condition once, for cel-expr-python when ``native`` (by default: when it is
+    installed) and it can, else for cel-python.
 
     Raises ``RuleError`` without a location (the caller adds it) for a syntax error (with line
     and column inside the expression), an unknown variable, function or method, or a
@@ -273,6 +300,9 @@ def compile_condition(source: str) -> Condition:
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
     _check_names(tree)
     _check_constants(source, tree)
+    compile_native = _native_compiler(required=bool(native)) if native is not False else None
+    if compile_native is not None and (compiled := compile_native(source)) is not None:
+        return compiled
     if _calls_has(tree):
         return Condition(source=source, runner=celpy.InterpretedRunner(_ENV, tree))
     return Condition(source=source, runner=_ENV.program(tree))
@@ -280,3 +310,13 @@ def compile_condition(source: str) -> Condition:
 
 def _calls_has(tree: lark.Tree[lark.Token]) -> bool:
     return any(node.data == "ident_arg" and _first_token(node) == "has" for node in _walk(tree))
+
+
+def _native_compiler(required: bool) -> Callable[[str], Condition | None] | None:
+    try:
+        from eventbus.rules._cel_native import compile_native
+    except ImportError:
+        if required:
+            raise
+        return None
+    return compile_native

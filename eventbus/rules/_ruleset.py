@@ -34,7 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
-from eventbus.rules._cel import Condition, Verdict, activation, compile_condition
+from eventbus.rules._cel import Activation, Condition, Verdict, activation, compile_condition
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._loader import KeyPath, ParsedFiles, RuleDoc, read_rule_files
 from eventbus.rules._pattern import CompiledPattern, compile_pattern
@@ -170,7 +170,7 @@ class RuleSet:
         """Every route ``event`` takes, in rule order then target order; never raises for a
         JSON-shaped event (a failing condition means no match for that rule)."""
         routes: list[Route] = []
-        context: dict[str, Any] | None = None
+        context: Activation | None = None
         for position in self._index.match(event):
             rule = self._active[position]
             if rule.condition is not None:
