@@ -4,8 +4,8 @@ The router (``RuleSet.route``) asks a ``Condition`` only about events whose even
 matched, and converts each event to CEL values at most once (``activation``), because the
 conversion costs about as much as one evaluation. Conditions see the CloudEvent as ``event``.
 
-cel-python parses and checks every condition; when cel-expr-python (the official C++ runtime,
-the ``fast-cel`` extra) is installed, the accepted conditions run on it (``_cel_native``).
+cel-python parses and checks every condition; asked for (``native``), the accepted conditions
+run on cel-expr-python, the official C++ runtime (``_cel_native``, the ``fast-cel`` extra).
 
 Evaluation is total: a runtime error (missing field, type mismatch, division by zero) or a
 non-bool result is "no match", reported through ``Verdict`` so that the caller counts and logs it.
@@ -281,14 +281,15 @@ _COMPLETE = frozenset(
 )
 
 
-def compile_condition(source: str, *, native: bool | None = None) -> Condition:
-    """Compile a CEL condition once, for cel-expr-python when ``native`` (by default: when it is
-    installed) and it can, else for cel-python.
+def compile_condition(source: str, *, native: bool = False) -> Condition:
+    """Compile a CEL condition once, for cel-python, or with ``native`` for cel-expr-python
+    (cel-python for the rare condition that runtime cannot compile).
 
     Raises ``RuleError`` without a location (the caller adds it) for a syntax error (with line
     and column inside the expression), an unknown variable, function or method, or a
     literal-only sub-expression that can never evaluate (``"a" + 1``). Type errors that depend
-    on the event surface at run time.
+    on the event surface at run time. With ``native``, raises ``ImportError`` when
+    cel-expr-python is not installed.
     """
     try:
         tree = _ENV.compile(source)
@@ -300,9 +301,11 @@ def compile_condition(source: str, *, native: bool | None = None) -> Condition:
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
     _check_names(tree)
     _check_constants(source, tree)
-    compile_native = _native_compiler(required=bool(native)) if native is not False else None
-    if compile_native is not None and (compiled := compile_native(source)) is not None:
-        return compiled
+    if native:
+        from eventbus.rules._cel_native import compile_native
+
+        if (compiled := compile_native(source)) is not None:
+            return compiled
     if _calls_has(tree):
         return Condition(source=source, runner=celpy.InterpretedRunner(_ENV, tree))
     return Condition(source=source, runner=_ENV.program(tree))
@@ -310,13 +313,3 @@ def compile_condition(source: str, *, native: bool | None = None) -> Condition:
 
 def _calls_has(tree: lark.Tree[lark.Token]) -> bool:
     return any(node.data == "ident_arg" and _first_token(node) == "has" for node in _walk(tree))
-
-
-def _native_compiler(required: bool) -> Callable[[str], Condition | None] | None:
-    try:
-        from eventbus.rules._cel_native import compile_native
-    except ImportError:
-        if required:
-            raise
-        return None
-    return compile_native
