@@ -18,6 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from eventbus.rules import RuleSetHolder, load_rules
 from eventbus.rules._cel import (
     _ENV,
     Condition,
@@ -219,3 +220,20 @@ def test_generated_conditions_agree(source: str, events: list[dict[str, Any]]) -
     for event in events:
         cel_python, native = _verdicts(source, event)
         assert cel_python is native, event
+
+
+def test_a_rule_set_keeps_its_runtime_across_reloads(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rule = "- {name: big, when: 'event.data.total > 100.5', targets: [t]}\n"
+    rules.write_text(rule)
+    holder = RuleSetHolder(load_rules(rules, native_cel=True))
+    event = {**TABLE["event"], "data": {"total": 250}}
+    assert [route.rule for route in holder.current.route(event)] == ["big"]
+    rules.write_text(rule + "- {name: small, when: 'event.data.total < 300.5', targets: [t]}\n")
+    reloaded = holder.reload(rules)
+    assert reloaded.native_cel
+    assert all(isinstance(r.condition, NativeCondition) for r in reloaded.rules)
+    assert [route.rule for route in reloaded.route(event)] == ["big", "small"]
+    # cel-python, the default, finds no number type in common: no match, counted.
+    default = load_rules(rules)
+    assert (default.route(event), default.cel_errors["big"]) == ([], 1)
