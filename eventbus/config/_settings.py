@@ -108,7 +108,7 @@ class RouterSettings(_Model):
     shutdown_grace: float = Field(20.0, gt=0)
     cel: Literal["cel-python", "cel-expr-python"] = "cel-python"
     """The runtime of the rules' ``when`` conditions; cel-expr-python (the ``fast-cel`` extra)
-    is 15-200x faster and follows the CEL spec where cel-python does not (docs/rules.md)."""
+    is 15-130x faster and follows the CEL spec where cel-python does not (docs/rules.md)."""
 
 
 class Settings(_Model):
