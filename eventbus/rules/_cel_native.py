@@ -1,14 +1,16 @@
-"""CEL ``when`` conditions on cel-expr-python, the official (C++) CEL runtime, when installed.
+"""CEL ``when`` conditions on cel-expr-python, the official (C++) CEL runtime, when the setting
+``router.cel`` asks for it (the ``fast-cel`` extra).
 
 An accelerated evaluator behind ``_cel``'s interface: ``compile_condition`` still parses and
 checks every condition with cel-python (so the same conditions load, with the same errors) and
 hands the accepted ones here; ``NativeCondition.evaluate`` returns the same ``Verdict``.
-About 1-4 µs per evaluation against 25-200 µs on cel-python, and the event converts lazily,
-in C++, on the first evaluation (bench/cel_bench.py).
+About 1.5-5 µs per evaluation against 20-200 µs on cel-python, and the event converts in C++
+on the first evaluation, in a third to a half of cel-python's time (bench/cel_bench.py).
 
-The two runtimes differ where cel-python departs from the CEL spec (tests/rules/data/cel_spec,
-tests/rules/test_cel_native.py); the one a user can meet is that numbers of different types
-compare (``event.data.total > 100.5`` with an integer total is true here, an error there).
+The two runtimes differ where cel-python departs from the CEL spec: numbers of different types
+compare here (``event.data.total > 100.5`` with an integer total is true, an error there),
+``has()`` of a field of a missing parent is an error here (false there), and more; docs/rules.md
+lists them, tests/rules/test_cel_native.py pins them.
 """
 
 from __future__ import annotations
