@@ -1,10 +1,10 @@
-"""cel-expr-python against cel-python: the same conditions, the same verdicts (no servers).
+"""cel-expr-python against cel-python: where the two CEL runtimes agree and where not (no servers).
 
-Three sources of conditions: cel-spec's conformance cases that eventbus accepts
-(``data/cel_spec/cases.yaml``), eventbus's own table (``data/cel_cases.yaml``, whose ``native``
-column records where the runtimes differ) and generated conditions over generated events.
-Where they differ, cel-expr-python follows the spec and cel-python does not; docs/rules.md lists
-the differences a condition can meet.
+The conditions: cel-spec's conformance cases that eventbus accepts (``data/cel_spec/cases.yaml``),
+eventbus's own table (``data/cel_cases.yaml``, whose ``native`` column records where the
+runtimes differ), well-typed generated conditions over generated events (the runtimes agree) and
+unconstrained ones (they differ, in the kinds listed). Where they differ, cel-expr-python
+follows the spec and cel-python does not, with one exception; docs/rules.md lists the kinds.
 """
 
 from __future__ import annotations
