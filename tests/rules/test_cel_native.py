@@ -338,3 +338,15 @@ def test_unconstrained_conditions_differ_only_in_listed_ways(
         if cel_python[0] is not native[0] and not any(op in source for op in ("&&", "||", "?")):
             kind = _kind_of_difference(source, cel_python[0], native)
             assert kind != "unknown", (source, event, cel_python, native)
+
+
+def test_the_shipped_examples_route_alike() -> None:
+    examples = DATA / "examples"
+    rule_sets = [load_rules(examples / "shipped" / "rules", native_cel=n) for n in (False, True)]
+    events = sorted(examples.glob("*.json"))
+    assert events
+    for path in events:
+        event = yaml.safe_load(path.read_text())
+        routes = [[(r.rule, r.target) for r in rules.route(event)] for rules in rule_sets]
+        assert routes[0] == routes[1], path.name
+    assert rule_sets[0].cel_errors == rule_sets[1].cel_errors
