@@ -77,8 +77,9 @@ def _compile_match(value: object) -> CompiledPattern:
 def _compile_when(value: object, info: ValidationInfo) -> Condition:
     if not isinstance(value, str) or not value.strip():
         raise PydanticCustomError("cel", "a condition must be a non-empty CEL string")
+    native = bool(info.context and info.context.get("native_cel"))  # load_rules(native_cel=)
     try:
-        return compile_condition(value, native=bool(info.context and info.context["native_cel"]))
+        return compile_condition(value, native=native)
     except RuleError as exc:
         raise PydanticCustomError("cel", "{message}", {"message": exc.message}) from exc
 
