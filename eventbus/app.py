@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib.util
 import logging
 import os
 import socket
@@ -220,13 +221,20 @@ class Service:
         self, connectors: ConnectorSet, policies: Mapping[str, DeliveryPolicy]
     ) -> RuleSet:
         path = Path(self.settings.rules)
+        native_cel = self.settings.router.cel == "cel-expr-python"
+        if native_cel and importlib.util.find_spec("cel_expr_python") is None:
+            raise ConfigError(
+                "router.cel is cel-expr-python, which is not installed: "
+                "pip install 'eventbus[fast-cel]'"
+            )
         if not path.exists():
             log.warning("no rules at %s: routing nothing until rules are added", path)
-            return compile_rules([], known_targets=connectors.targets.keys())
+            return compile_rules([], known_targets=connectors.targets.keys(), native_cel=native_cel)
         return load_rules(
             path,
             known_targets=connectors.targets.keys(),
             check_delivery=override_checker(policies),
+            native_cel=native_cel,
         )
 
     async def _start_sources(self) -> None:
