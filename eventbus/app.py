@@ -377,16 +377,18 @@ class Service:
         """The running source named ``name`` (the HTTP edge hands webhooks to theirs)."""
         return None if self._sources is None else self._sources.source(name)
 
-    async def _publish_one(self, event: dict[str, Any], *, via: str) -> None:
+    async def _publish_one(self, event: dict[str, Any], *, via: str) -> bool:
         """:meth:`Bus.publish` for the sources and replies, counted as the HTTP edge counts its
         own: ``eventbus_events_received_total{via}`` when stored,
         ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
-        Raises BusUnavailable or BusError as ``Bus.publish``."""
+        Returns True for such a duplicate. Raises BusUnavailable or BusError as
+        ``Bus.publish``."""
         (outcome,) = await self.bus.publish_many([event], via=via)
         if isinstance(outcome, BaseException):
             raise outcome
         counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
         counter.labels(via).inc()
+        return outcome == DUPLICATE
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str

@@ -44,6 +44,12 @@ def _problem(status: int, description: str) -> dict[str, Any]:
     return {str(status): {"description": description, "content": {PROBLEM: {"schema": schema}}}}
 
 
+_DUPLICATE = {
+    "description": "`true` when the bus already held the event's source+id (a redelivered "
+    "webhook within the duplicate window), so it is not delivered again; absent otherwise",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+
 HOOK_OPERATIONS: dict[str, dict[str, Any]] = {
     "/hooks/{name}": {
         "post": {
@@ -68,7 +74,8 @@ HOOK_OPERATIONS: dict[str, dict[str, Any]] = {
             "requestBody": {"content": {"*/*": {"schema": {"description": "any body"}}}},
             "responses": {
                 "202": {
-                    "description": "On the durable bus",
+                    "description": "On the durable bus (or already there: a redelivery)",
+                    "headers": {"Eventbus-Duplicate": _DUPLICATE},
                     "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}
                     },
@@ -151,9 +158,8 @@ class HookApp:
         if scope["type"] != "http" or not path.startswith(_PREFIX):
             await self._fallback(scope, receive, send)
             return
-        status, extra, body, media = 202, {}, b"", "application/json"
         try:
-            status, media, body = await self._hook(scope, receive, path[len(_PREFIX) :])
+            status, media, body, extra = await self._hook(scope, receive, path[len(_PREFIX) :])
         except Exception as exc:
             problem = problem_for(exc)
             if problem is None:
@@ -173,7 +179,10 @@ class HookApp:
         )
         await send({"type": "http.response.body", "body": body})
 
-    async def _hook(self, scope: Scope, receive: Receive, name: str) -> tuple[int, str, bytes]:
+    async def _hook(
+        self, scope: Scope, receive: Receive, name: str
+    ) -> tuple[int, str, bytes, dict[str, str]]:
+        """The answer: status, content type, body and extra headers."""
         source = self._service.source(name)
         if not isinstance(source, WebhookSource):
             raise Problem(404, f"no webhook source {name!r}")
@@ -203,9 +212,10 @@ class HookApp:
             if exc.status in (401, 403):
                 self._refuse(remote, path, exc.detail)
             raise
-        await source.publish(event)
-        metrics.EVENTS_RECEIVED.labels("hook").inc()
-        return source.answer(request, event)
+        # counted in eventbus_events_received_total{via="source:<name>"} by the service
+        duplicate = await source.publish(event)
+        status, media, body = source.answer(request, event, duplicate)
+        return status, media, body, {"Eventbus-Duplicate": "true"} if duplicate else {}
 
     async def _check_key(
         self, spec: WebhookSourceSpec, headers: Mapping[str, str], path: str, remote: str | None

@@ -96,7 +96,7 @@ class SourceRunner:
         sources: Sequence[Source],
         *,
         pool: asyncpg.Pool,
-        publish: Callable[..., Awaitable[None]],
+        publish: Callable[..., Awaitable[object]],
         clock: Clock | None = None,
         instance_id: str | None = None,
         backoff_initial: float = 1.0,

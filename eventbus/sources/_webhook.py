@@ -547,24 +547,28 @@ class WebhookSource:
         # a null attribute is an absent one (validate drops it)
         return validate(event, max_size=max_size)
 
-    def answer(self, request: HookRequest, event: dict[str, Any]) -> tuple[int, str, bytes]:
+    def answer(
+        self, request: HookRequest, event: dict[str, Any], duplicate: bool
+    ) -> tuple[int, str, bytes]:
         """Status, content type and body of the answer to ``request`` once ``event`` is on the
-        bus: 202 and the event's source and id, or the trigger's ``response`` (its body
-        rendered; empty when a reference finds nothing)."""
+        bus: 202 with the event's id and source and whether it was a ``duplicate`` (as
+        ``POST /events`` answers), or the trigger's ``response`` (its body rendered; empty
+        when a reference finds nothing)."""
         response = self.spec.response
         if response is None or self._answer is None:
-            ids = {"id": event["id"], "source": event["source"]}
+            ids = {"id": event["id"], "source": event["source"], "duplicate": duplicate}
             return 202, "application/json", orjson.dumps(ids)
         body = self._answer.render(request, event.get("data")) or ""
         return response.status, response.content_type, body.encode()
 
-    async def publish(self, event: dict[str, Any]) -> None:
-        """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there.
-        Raises CloudEventError 503 when the source is not running, BusUnavailable / BusError
-        when the bus does not take the event."""
+    async def publish(self, event: dict[str, Any]) -> bool:
+        """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there:
+        True when the bus already held its source+id (a redelivered webhook). Raises
+        CloudEventError 503 when the source is not running, BusUnavailable / BusError when the
+        bus does not take the event."""
         ctx = self._ctx
         if ctx is None:
             raise CloudEventError(
                 f"webhook source {self.name!r} is not running", status=503, title="Not running"
             )
-        await ctx.emit(event)
+        return await ctx.emit(event)

@@ -154,7 +154,10 @@ async def test_each_provider_signed_as_it_signs_is_delivered(
 ) -> None:
     push = orjson.dumps({"ref": "refs/heads/main", "commits": [{"id": "abc"}]})
     status, _, body = await service.request("POST", "/hooks/github", push, github(push))
-    assert (status, body) == (202, {"id": "d-1", "source": "urn:eventbus:source:github"})
+    assert (status, body) == (
+        202,
+        {"id": "d-1", "source": "urn:eventbus:source:github", "duplicate": False},
+    )
     ce = await _delivered(receiver, "urn:eventbus:source:github", "d-1")
     assert ce["type"] == "com.github.push"
     assert ce["data"] == orjson.loads(push)
@@ -208,11 +211,14 @@ async def test_a_redelivered_webhook_is_one_event(
     service: RunningService, receiver: Receiver
 ) -> None:
     push = orjson.dumps({"ref": "refs/heads/main"})
-    for _ in range(3):
-        status, _, body = await service.request(
+    for attempt in range(3):
+        status, headers, body = await service.request(
             "POST", "/hooks/github", push, github(push, delivery="same-delivery")
         )
-        assert (status, body["id"]) == (202, "same-delivery")
+        # answered 202 each time, a retry marked as the duplicate it is
+        assert (status, body["id"], body["duplicate"]) == (202, "same-delivery", attempt > 0)
+        lower = {k.lower(): v for k, v in headers.items()}
+        assert lower.get("eventbus-duplicate") == ("true" if attempt else None)
     other = await service.request("POST", "/hooks/github", push, github(push, delivery="next"))
     assert other[0] == 202
     await _delivered(receiver, "urn:eventbus:source:github", "next")
