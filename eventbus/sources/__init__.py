@@ -11,6 +11,7 @@ from eventbus.sources._base import Source, SourceContext, SourceStatus
 from eventbus.sources._checkpoints import Checkpoints, list_dead_letters
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 from eventbus.sources._directory import DirectorySource, DirectorySourceSpec
+from eventbus.sources._hook_request import HookRequest
 from eventbus.sources._kafka import KafkaSource, KafkaSourceSpec
 from eventbus.sources._log_tail import LogTailSource, LogTailSourceSpec
 from eventbus.sources._mqtt import MqttSource, MqttSourceSpec
@@ -30,7 +31,7 @@ from eventbus.sources._runner import (
 from eventbus.sources._s3_poll import S3PollSource, S3PollSourceSpec
 from eventbus.sources._syslog import SyslogSource, SyslogSourceSpec
 from eventbus.sources._timer import TimerSource, TimerSourceSpec
-from eventbus.sources._webhook import HookRequest, WebhookSource, WebhookSourceSpec
+from eventbus.sources._webhook import WebhookSource, WebhookSourceSpec
 
 register_source("directory", DirectorySourceSpec, DirectorySource)
 register_source("jetstream", JetStreamSourceSpec, JetStreamSource)

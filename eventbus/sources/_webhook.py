@@ -12,73 +12,33 @@ templates over the request (``{header:X-GitHub-Event}``, ``{query:tenant}``,
 kept as JSON, a form post as an object, UTF-8 text of a declared type as text, anything
 else base64). A delivery id taken from the request makes a retried webhook the same event,
 which the bus deduplicates. Each verification kind (GitHub, GitLab, Stripe, Slack, Standard
-Webhooks, a generic HMAC) is a spec with a ``check``; refusals are CloudEventErrors carrying
-the status.
+Webhooks, a generic HMAC) is a spec with a ``check`` (``_signatures``); the request and the
+templates are ``_hook_request``'s. Refusals are CloudEventErrors carrying the status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import hmac
 import ipaddress
-import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 import orjson
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    SecretStr,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE, SPEC_VERSION, format_time, validate
 from eventbus.config import SourceSpec
-from eventbus.config._units import Duration
 from eventbus.sources._base import SourceContext
+from eventbus.sources._hook_request import HookRequest, Template, template
+from eventbus.sources._signatures import Secret, Verify
 
-if TYPE_CHECKING:
-    from jsonpath_ng import JSONPath
-
-__all__ = ["HookRequest", "WebhookSource", "WebhookSourceSpec"]
-
-
-def _secret(value: object) -> object:
-    """A secret as written in YAML: a string, ``{env: NAME}`` or ``{file: PATH}`` (read once,
-    at load; a trailing newline dropped). Kept local until eventbus.config has a Secret type."""
-    if not isinstance(value, Mapping):
-        if value == "":
-            raise ValueError("a secret must not be empty")
-        return value
-    if len(value) != 1 or not ({"env", "file"} >= set(value)):
-        raise ValueError("write a string, {env: NAME} or {file: PATH}")
-    if "env" in value:
-        found = os.environ.get(str(value["env"]))
-        if not found:
-            raise ValueError(f"environment variable {value['env']} is not set")
-        return found
-    try:
-        return Path(str(value["file"])).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read secret file {value['file']}: {exc.strerror}") from None
-
-
-Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+__all__ = ["WebhookSource", "WebhookSourceSpec"]
 
 
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -95,271 +55,10 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValidator(_network)]
 
-_REF = re.compile(r"\{(header|query|body):([^{}]+)\}")
-
-
-def _unauthorized(detail: str) -> CloudEventError:
-    return CloudEventError(detail, status=401, title="Webhook not verified")
-
 
 def _unreadable(detail: str) -> CloudEventError:
     return CloudEventError(detail, title="Unreadable webhook")
 
-
-@dataclass(frozen=True)
-class HookRequest:
-    """One request to a hook: ``headers`` with lower-case names, ``query`` the raw query
-    string."""
-
-    method: str
-    headers: Mapping[str, str]
-    query: str
-    body: bytes
-
-    def header(self, name: str) -> str:
-        """The header's value; raises 401 when it is missing (a verification header)."""
-        found = self.headers.get(name.lower())
-        if not found:
-            raise _unauthorized(f"header {name} is missing")
-        return found
-
-    @cached_property
-    def params(self) -> dict[str, list[str]]:
-        return parse_qs(self.query, keep_blank_values=True)
-
-
-class Template:
-    """Text with ``{header:NAME}``, ``{query:NAME}`` and ``{body:JSONPATH}`` references,
-    compiled once; ``render`` gives None when a reference finds nothing. ``body`` is the body
-    as the event's data: a JSON body parsed, a form post as an object."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self._parts: list[str | tuple[str, str, JSONPath | None]] = []
-        end = 0
-        for ref in _REF.finditer(text):
-            self._parts.append(text[end : ref.start()])
-            where, what = ref[1], ref[2].strip()
-            self._parts.append((where, what, _jsonpath(what) if where == "body" else None))
-            end = ref.end()
-        self._parts.append(text[end:])
-        if "{" in "".join(p for p in self._parts if isinstance(p, str)):
-            raise ValueError(
-                f"{text!r}: write references as {{header:NAME}}, {{query:NAME}} or {{body:$.path}}"
-            )
-
-    def render(self, request: HookRequest, body: Any = None) -> str | None:
-        out = []
-        for part in self._parts:
-            if isinstance(part, str):
-                out.append(part)
-                continue
-            found = _lookup(request, body, *part)
-            if found is None or found == "":
-                return None
-            out.append(found)
-        return "".join(out)
-
-
-def _jsonpath(path: str) -> JSONPath:
-    # jsonpath-ng is imported here, when a spec is validated, not when eventbus.sources is
-    from jsonpath_ng.exceptions import JSONPathError
-    from jsonpath_ng.ext.parser import parse
-
-    if not path.startswith("$"):
-        raise ValueError(f"a body reference is a JSONPath starting at '$': {path!r}")
-    try:
-        return parse(path)
-    except (JSONPathError, ValueError, TypeError, AttributeError) as exc:
-        # jsonpath-ng reports some malformed input as plain Python errors
-        raise ValueError(f"invalid JSONPath {path!r}: {exc}") from None
-
-
-def _lookup(
-    request: HookRequest, body: Any, where: str, what: str, path: JSONPath | None
-) -> str | None:
-    if where == "header":
-        return request.headers.get(what.lower())
-    if where == "query":
-        values = request.params.get(what)
-        return values[0] if values else None
-    assert path is not None
-    try:
-        found = path.find(body) if isinstance(body, dict | list) else []
-    except Exception:
-        return None  # a filter that cannot be followed here selects nothing
-    if not found or isinstance(found[0].value, dict | list) or found[0].value is None:
-        return None
-    value = found[0].value
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _template(value: str | None) -> Template | None:
-    return None if value is None else Template(value)
-
-
-def _hmac(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
-    return hmac.new(key, message, algorithm).digest()
-
-
-def _same(given: str | bytes, expected: str | bytes) -> bool:
-    a = given.encode() if isinstance(given, str) else given
-    b = expected.encode() if isinstance(expected, str) else expected
-    return hmac.compare_digest(a, b)
-
-
-def _fresh(stamp: str, tolerance: float, now: float) -> None:
-    """Refuse a timestamp (Unix seconds) outside ``now ± tolerance``: a replay."""
-    try:
-        sent = int(stamp)
-    except ValueError:
-        raise _unauthorized(f"timestamp {stamp[:40]!r} is not Unix seconds") from None
-    if abs(now - sent) > tolerance:
-        raise _unauthorized(f"timestamp {sent} is outside the {tolerance:g}s tolerance")
-
-
-class _Verify(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    secret: Secret
-
-    @property
-    def key(self) -> bytes:
-        return self.secret.get_secret_value().encode()
-
-    def check(self, request: HookRequest, now: float) -> None:
-        """Raise CloudEventError 401 unless ``request`` is signed with the secret."""
-        raise NotImplementedError
-
-
-class GitHubVerify(_Verify):
-    """``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>``."""
-
-    kind: Literal["github"]
-
-    def check(self, request: HookRequest, now: float) -> None:
-        given = request.header("X-Hub-Signature-256")
-        expected = "sha256=" + _hmac(self.key, request.body).hex()
-        if not _same(given, expected):
-            raise _unauthorized("X-Hub-Signature-256 does not match the body")
-
-
-class GitLabVerify(_Verify):
-    """``X-Gitlab-Token``: the secret itself."""
-
-    kind: Literal["gitlab"]
-
-    def check(self, request: HookRequest, now: float) -> None:
-        if not _same(request.header("X-Gitlab-Token"), self.key):
-            raise _unauthorized("X-Gitlab-Token is not the trigger's token")
-
-
-class StripeVerify(_Verify):
-    """``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t.body">[,v1=...]``."""
-
-    kind: Literal["stripe"]
-    tolerance: Duration = 300.0
-
-    def check(self, request: HookRequest, now: float) -> None:
-        items = [part.partition("=") for part in request.header("Stripe-Signature").split(",")]
-        stamps = [value for key, _, value in items if key.strip() == "t"]
-        signatures = [value.strip() for key, _, value in items if key.strip() == "v1"]
-        if len(stamps) != 1 or not signatures:
-            raise _unauthorized("Stripe-Signature needs one t= and a v1= signature")
-        _fresh(stamps[0].strip(), self.tolerance, now)
-        expected = _hmac(self.key, stamps[0].strip().encode() + b"." + request.body).hex()
-        if not any(_same(given, expected) for given in signatures):
-            raise _unauthorized("no v1 signature of Stripe-Signature matches the body")
-
-
-class SlackVerify(_Verify):
-    """``X-Slack-Signature: v0=<hex HMAC-SHA256 of "v0:<timestamp>:<body>">`` with
-    ``X-Slack-Request-Timestamp``."""
-
-    kind: Literal["slack"]
-    tolerance: Duration = 300.0
-
-    def check(self, request: HookRequest, now: float) -> None:
-        stamp = request.header("X-Slack-Request-Timestamp").strip()
-        given = request.header("X-Slack-Signature")
-        _fresh(stamp, self.tolerance, now)
-        expected = "v0=" + _hmac(self.key, b"v0:" + stamp.encode() + b":" + request.body).hex()
-        if not _same(given, expected):
-            raise _unauthorized("X-Slack-Signature does not match the body")
-
-
-class StandardWebhooksVerify(_Verify):
-    """``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of
-    "id.timestamp.body">`` (several, space-separated); the secret ``whsec_<base64 key>``."""
-
-    kind: Literal["standard-webhooks"]
-    tolerance: Duration = 300.0
-
-    @field_validator("secret")
-    @classmethod
-    def _base64_key(cls, secret: SecretStr) -> SecretStr:
-        try:
-            base64.b64decode(secret.get_secret_value().removeprefix("whsec_"), validate=True)
-        except binascii.Error:
-            raise ValueError("a Standard Webhooks secret is whsec_ and a base64 key") from None
-        return secret
-
-    @property
-    def key(self) -> bytes:
-        return base64.b64decode(self.secret.get_secret_value().removeprefix("whsec_"))
-
-    def check(self, request: HookRequest, now: float) -> None:
-        msg_id = request.header("webhook-id")
-        stamp = request.header("webhook-timestamp").strip()
-        given = request.header("webhook-signature")
-        _fresh(stamp, self.tolerance, now)
-        signed = f"{msg_id}.{stamp}.".encode() + request.body
-        expected = base64.b64encode(_hmac(self.key, signed)).decode()
-        versions = (part.partition(",") for part in given.split())
-        if not any(v == "v1" and _same(sig, expected) for v, _, sig in versions):
-            raise _unauthorized("no v1 signature of webhook-signature matches the body")
-
-
-class HmacVerify(_Verify):
-    """A generic HMAC: ``header`` holds ``prefix`` + the digest of ``signed`` (a template;
-    ``{body}`` is the raw body) in ``encoding``."""
-
-    kind: Literal["hmac"]
-    header: str = Field(min_length=1)
-    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
-    encoding: Literal["hex", "base64"] = "hex"
-    prefix: str = ""
-    signed: str = "{body}"
-
-    @field_validator("signed")
-    @classmethod
-    def _compiles(cls, signed: str) -> str:
-        for part in signed.split("{body}"):
-            Template(part)
-        return signed
-
-    @cached_property
-    def _signed(self) -> list[Template]:
-        return [Template(part) for part in self.signed.split("{body}")]
-
-    def check(self, request: HookRequest, now: float) -> None:
-        given = request.header(self.header)
-        parts = []
-        for part in self._signed:
-            rendered = part.render(request)
-            if rendered is None:
-                raise _unauthorized(f"the request lacks a value signed in {self.signed!r}")
-            parts.append(rendered.encode())
-        digest = _hmac(self.key, request.body.join(parts), self.algorithm)
-        encoded = digest.hex() if self.encoding == "hex" else base64.b64encode(digest).decode()
-        if not _same(given, self.prefix + encoded):
-            raise _unauthorized(f"{self.header} does not match the body")
-
-
-Verify = Annotated[
-    GitHubVerify | GitLabVerify | StripeVerify | SlackVerify | StandardWebhooksVerify | HmacVerify,
-    Field(discriminator="kind"),
-]
 
 # What each verification kind implies for the event when the trigger does not say.
 _PRESETS: dict[str, tuple[str, str | None]] = {
@@ -442,7 +141,7 @@ class WebhookSourceSpec(SourceSpec):
     @field_validator("event_type", "event_id", "subject")
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
-        _template(value)
+        template(value)
         return value
 
     @field_validator("extensions")
@@ -499,11 +198,11 @@ class WebhookSource:
         kind = spec.verify.kind if spec.verify is not None else "hmac"
         default_type, default_id = _PRESETS[kind]
         self._type = Template(spec.event_type or default_type)
-        self._id = _template(spec.event_id or default_id)
-        self._subject = _template(spec.subject)
+        self._id = template(spec.event_id or default_id)
+        self._subject = template(spec.subject)
         self._extensions = {k: Template(v) for k, v in spec.extensions.items()}
         self._source = spec.event_source or f"urn:eventbus:source:{spec.name}"
-        self._answer = _template(spec.response.body if spec.response is not None else None)
+        self._answer = template(spec.response.body if spec.response is not None else None)
         self._ctx: SourceContext | None = None
 
     async def run(self, ctx: SourceContext) -> None:
@@ -542,8 +241,8 @@ class WebhookSource:
         if self._subject is not None:
             event["subject"] = self._subject.render(request, body)
         event.update(data)
-        for name, template in self._extensions.items():
-            event[name] = template.render(request, body)
+        for name, extension in self._extensions.items():
+            event[name] = extension.render(request, body)
         # a null attribute is an absent one (validate drops it)
         return validate(event, max_size=max_size)
 
