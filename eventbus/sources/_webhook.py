@@ -11,9 +11,10 @@ templates over the request (``{header:X-GitHub-Event}``, ``{query:tenant}``,
 ``{body:$.id}``); ``source`` is the trigger's; ``time`` is now; ``data`` is the body (JSON
 kept as JSON, a form post as an object, UTF-8 text of a declared type as text, anything
 else base64). A delivery id taken from the request makes a retried webhook the same event,
-which the bus deduplicates. Each verification kind (GitHub, GitLab, Stripe, Slack, Standard
-Webhooks, a generic HMAC) is a spec with a ``check`` (``_signatures``); the request and the
-templates are ``_hook_request``'s. Refusals are CloudEventErrors carrying the status.
+which JetStream deduplicates (on Kafka, targets can, on the same ``id``). Each verification
+kind (GitHub, GitLab, Stripe, Slack, Standard Webhooks, a generic HMAC) is a spec with a
+``check`` (``_signatures``); the request and the templates are ``_hook_request``'s. Refusals
+are CloudEventErrors carrying the status.
 """
 
 from __future__ import annotations
