@@ -77,7 +77,7 @@ SOURCES: list[dict[str, Any]] = [
 RULES = "- name: all\n  targets: [fn]\n"
 
 
-def github(body: bytes, secret: str = GITHUB_SECRET, delivery: str = "d-1") -> dict[str, str]:
+def github(body: bytes, delivery: str = "d-1", secret: str = GITHUB_SECRET) -> dict[str, str]:
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return {
         "Content-Type": "application/json",
@@ -427,3 +427,20 @@ def test_the_examples_of_the_docs_load_as_printed(
     stripe_spec = sources["stripe"]
     assert isinstance(stripe_spec, WebhookSourceSpec) and stripe_spec.verify is not None
     assert stripe_spec.verify.secret.get_secret_value() == "whsec_from_a_file"
+
+
+@pytest.mark.timeout(120)
+async def test_a_webhook_on_the_kafka_bus(
+    eventbus: StartService, receiver: Receiver, kafka_bootstrap: str
+) -> None:
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=[SOURCES[0]],
+        kafka_bootstrap=kafka_bootstrap,
+    )
+    push = orjson.dumps({"ref": "refs/heads/main"})
+    status, _, body = await svc.request("POST", "/hooks/github", push, github(push, "k-1"))
+    assert (status, body["duplicate"]) == (202, False), body
+    ce = await _delivered(receiver, "urn:eventbus:source:github", "k-1")
+    assert (ce["type"], ce["data"]) == ("com.github.push", {"ref": "refs/heads/main"})
