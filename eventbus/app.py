@@ -205,6 +205,7 @@ class Service:
             ack_wait=s.bus.nats.ack_wait,
             duplicate_window=s.bus.nats.duplicate_window,
             publish_timeout=s.bus.publish_timeout,
+            auth=None if s.embedded_bus else s.bus.nats,
         )
 
     def _load_rules(

@@ -37,7 +37,7 @@ from eventbus.bus._base import (
     require_positive,
     wire_encode,
 )
-from eventbus.config import redact_url
+from eventbus.config import NatsAuth, redact_url
 
 __all__ = ["NatsBus", "NatsBusConfig"]
 
@@ -58,6 +58,8 @@ class NatsBusConfig:
     (seconds); ``fetch_timeout`` is the long-poll length of one pull, which is also how quickly
     an idle consumer notices the bus closing; ``fetch_linger`` is how long a pull waits to fill
     its batch once the first message is there (the latency a trickle of events pays).
+    ``auth`` holds the credentials and TLS block of an external server (the embedded one's are
+    in its URL).
     """
 
     url: str
@@ -75,6 +77,7 @@ class NatsBusConfig:
     fetch_linger: float = 0.005
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
+    auth: NatsAuth | None = None
 
     def __post_init__(self) -> None:
         """Raises ConfigError when the URL is empty or a count or duration is not positive."""
@@ -196,6 +199,7 @@ class NatsBus:
         BusError when the stream cannot be created.
         """
         cfg = self.config
+        auth = {} if cfg.auth is None else cfg.auth.nats_options(f"NATS bus {redact_url(cfg.url)}")
         nc = Client()
         try:
             # Reconnects are unlimited once connected; the first connect gets connect_timeout.
@@ -207,6 +211,7 @@ class NatsBus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=_RECONNECT_WAIT,
                     error_cb=self._on_error,
+                    **auth,
                 )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             # close() asserts that connect() got as far as a transport; else nothing is open.

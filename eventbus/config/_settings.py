@@ -23,6 +23,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from eventbus._errors import ConfigError
+from eventbus.config._clients import KafkaAuth, NatsAuth
+from eventbus.config._connectors import warn_literal_secrets
+from eventbus.config._secrets import Secret
+from eventbus.config._tls import TlsSpec
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
@@ -56,7 +60,9 @@ class ListenSettings(_Model):
     """Open HTTP connections per process; beyond it the longest-idle one is closed (or 503)."""
 
 
-class NatsSettings(_Model):
+class NatsSettings(NatsAuth, _Model):
+    """The NATS bus; credentials and ``tls`` as every NATS connection (``NatsAuth``)."""
+
     url: str | None = None
     stream: str = "EVENTBUS"
     subject: str = "eventbus.events"
@@ -65,7 +71,9 @@ class NatsSettings(_Model):
     duplicate_window: float = Field(120.0, gt=0)
 
 
-class KafkaSettings(_Model):
+class KafkaSettings(KafkaAuth, _Model):
+    """The Kafka bus; security as every Kafka connection (``KafkaAuth``)."""
+
     bootstrap_servers: str | None = None
     topic: str = "eventbus.events"
     group_id: str = "eventbus-router"
@@ -89,9 +97,18 @@ class BusSettings(_Model):
     publish_timeout: float = Field(5.0, gt=0)
 
 
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
 class DatabaseSettings(_Model):
+    """An external PostgreSQL: ``password`` (a secret) instead of one in the URL; ``sslmode``
+    as libpq's, with the ``tls`` block's CA and client certificate."""
+
     url: str | None = None
     pool_size: int = Field(10, ge=1, le=200)
+    password: Secret | None = None
+    sslmode: SslMode | None = None
+    tls: TlsSpec | None = None
 
 
 class ApiKey(_Model):
@@ -100,7 +117,7 @@ class ApiKey(_Model):
     scopes: tuple[Literal["publish", "admin"], ...] = ("publish",)
 
 
-class KafkaIngestSettings(_Model):
+class KafkaIngestSettings(KafkaAuth, _Model):
     """Consume CloudEvents (Kafka protocol binding) from these topics onto the bus."""
 
     bootstrap_servers: str
@@ -206,6 +223,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"{p}:1: settings must be a mapping")
     data = _merge(doc.data, _env_overrides(env))
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data, context={"env": env})
     except ValidationError as exc:
         raise ConfigError("\n".join(pydantic_errors(doc, exc))) from exc
+    warn_literal_secrets(doc, settings, ())
+    return settings
