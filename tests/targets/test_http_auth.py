@@ -258,8 +258,13 @@ async def test_a_revoked_client_fails_for_good_with_the_endpoints_reason(
 
 
 async def test_an_unreachable_token_endpoint_is_retried(function: Receiver, pki: Pki) -> None:
-    auth = {"oauth2": {"token_url": "http://127.0.0.1:1/token", "client_id": "c",
-                       "client_secret": CLIENT_SECRET}}  # fmt: skip
+    auth = {
+        "oauth2": {
+            "token_url": "http://127.0.0.1:1/token",
+            "client_id": "c",
+            "client_secret": CLIENT_SECRET,
+        }
+    }
     async with HttpTarget(_spec(function, pki, auth)) as target:
         outcome = await _deliver(target)
     assert not outcome.delivered and outcome.retryable
