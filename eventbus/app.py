@@ -29,7 +29,7 @@ from typing import Any, Self
 from eventbus._errors import ConfigError
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
-from eventbus.config import ConnectorSet, Settings, load_connectors
+from eventbus.config import ConnectorSet, KafkaAuth, Settings, load_connectors
 from eventbus.delivery import (
     DeadLetterFilter,
     DeliveryPolicy,
@@ -194,6 +194,7 @@ class Service:
                 linger_ms=s.bus.kafka.linger_ms,
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
+                auth=s.bus.kafka,
             )
         assert self.nats_url is not None
         return NatsBusConfig(
@@ -240,6 +241,12 @@ class Service:
                         "topics": list(s.kafka_ingest.topics),
                         "group_id": s.kafka_ingest.group_id,
                         "format": "cloudevents",
+                        # The validated objects themselves: a dump would mask the password.
+                        **{
+                            key: getattr(s.kafka_ingest, key)
+                            for key in KafkaAuth.model_fields
+                            if getattr(s.kafka_ingest, key) is not None
+                        },
                     }
                 )
             )

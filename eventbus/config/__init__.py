@@ -20,7 +20,7 @@ connector types are not here: each lives, spec and adapter, in ``eventbus.source
 
 from __future__ import annotations
 
-from eventbus.config._clients import KafkaAuth, NatsAuth
+from eventbus.config._clients import KafkaAuth, NatsAuth, sasl_refusal
 from eventbus.config._connectors import (
     ConnectorKind,
     ConnectorSet,
@@ -89,5 +89,6 @@ __all__ = [
     "pydantic_errors",
     "redact_url",
     "register_connector",
+    "sasl_refusal",
     "yaml_files",
 ]
