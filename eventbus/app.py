@@ -133,7 +133,14 @@ class Service:
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
         self.supervisor = embedded.supervisor
 
-        self.store = await Store.open(self.database_url, max_size=s.database.pool_size)
+        external = not s.embedded_database
+        db = s.database
+        self.store = await Store.open(
+            self.database_url,
+            max_size=db.pool_size,
+            password=db.password.reveal() if external and db.password is not None else None,
+            ssl=db.ssl_option() if external else None,
+        )
         self._stack.push_async_callback(self.store.close)
         self.bus = await self._stack.enter_async_context(open_bus(self._bus_config()))
 

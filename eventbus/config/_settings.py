@@ -15,12 +15,20 @@ With no bus or database URL configured, the service runs on its embedded default
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from eventbus._errors import ConfigError
 from eventbus.config._clients import KafkaAuth, NatsAuth
@@ -109,6 +117,31 @@ class DatabaseSettings(_Model):
     password: Secret | None = None
     sslmode: SslMode | None = None
     tls: TlsSpec | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_ssl(self) -> DatabaseSettings:
+        if self.tls is not None and self.sslmode == "disable":
+            raise ValueError("tls needs an sslmode other than disable")
+        return self
+
+    def ssl_option(self) -> ssl.SSLContext | str | None:
+        """asyncpg's ``ssl`` argument: None (the URL's ``sslmode``, else libpq's default
+        ``prefer``), the mode's name, or a context built from ``tls``, verifying as the mode
+        says (``verify-full`` when ``tls`` is given without one).
+
+        Raises ConfigError when a file of the TLS block cannot be read.
+        """
+        if self.tls is None:
+            return self.sslmode
+        mode = self.sslmode or "verify-full"
+        context = self.tls.context("database")
+        if mode != "verify-full":
+            context.check_hostname = False
+        if mode in ("allow", "prefer", "require"):
+            # As libpq: encrypted, the server's certificate not checked (a client certificate
+            # is still presented).
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
 
 class ApiKey(_Model):
