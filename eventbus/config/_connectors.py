@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -245,12 +245,20 @@ def _validate(
 
 
 def warn_literal_secrets(
-    doc: YamlDoc, model: BaseModel, prefix: tuple[str | int, ...], what: str = ""
+    doc: YamlDoc,
+    model: BaseModel,
+    prefix: tuple[str | int, ...],
+    what: str = "",
+    *,
+    given: Callable[[tuple[str | int, ...]], bool] = lambda loc: False,
 ) -> None:
     """Log a warning naming file, line and field for every secret ``model`` holds as a literal
-    (accepted, but it belongs in the environment or a file of its own)."""
+    (accepted, but it belongs in the environment or a file of its own), except those ``given``
+    says came from elsewhere (an ``EVENTBUS_*`` variable)."""
     for path in literal_secrets(model):
         loc = (*prefix, *path)
+        if given(loc):
+            continue
         line = doc.line(loc)
         where = f"{doc.file}:{line}" if line is not None else doc.file
         dotted = ".".join(str(p) for p in loc)

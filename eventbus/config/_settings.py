@@ -254,10 +254,21 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             doc = YamlDoc({}, str(p), doc.lines)
         if not isinstance(doc.data, dict):
             raise ConfigError(f"{p}:1: settings must be a mapping")
-    data = _merge(doc.data, _env_overrides(env))
+    overrides = _env_overrides(env)
+    data = _merge(doc.data, overrides)
     try:
         settings = Settings.model_validate(data, context={"env": env})
     except ValidationError as exc:
         raise ConfigError("\n".join(pydantic_errors(doc, exc))) from exc
-    warn_literal_secrets(doc, settings, ())
+    # A secret set by an EVENTBUS_* variable is already out of the file: no warning.
+    warn_literal_secrets(doc, settings, (), given=lambda loc: _overridden(overrides, loc))
     return settings
+
+
+def _overridden(overrides: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = overrides
+    for key in loc:
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True

@@ -110,3 +110,17 @@ def test_an_empty_secret_file_is_refused(tmp_path: Path) -> None:
     cfg.write_text(f"database: {{password: {{file: {tmp_path / 'empty'}}}}}\n")
     with pytest.raises(ConfigError, match=r"eventbus.yaml:1: database.password: .* is empty"):
         load_settings(cfg, env={})
+
+
+def test_a_secret_from_an_eventbus_variable_is_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(f"database:\n  url: postgresql://db/x\n  password: {VALUE}\n")
+    with caplog.at_level(logging.WARNING, logger="eventbus.config"):
+        s = load_settings(cfg, env={"EVENTBUS_BUS__NATS__TOKEN": VALUE + "-t"})
+    assert s.bus.nats.token is not None and s.bus.nats.token.reveal() == VALUE + "-t"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{cfg}:3: database.password: a secret given as a literal; "
+        "use {env: NAME} or {file: PATH}"
+    ]
