@@ -145,9 +145,18 @@ class DatabaseSettings(_Model):
 
 
 class ApiKey(_Model):
+    """A key clients of the HTTP API present; ``key`` is a secret of at least 16 characters."""
+
     name: str
-    key: str = Field(min_length=16)
+    key: Secret
     scopes: tuple[Literal["publish", "admin"], ...] = ("publish",)
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, key: Secret) -> Secret:
+        if len(key.reveal()) < 16:
+            raise ValueError("an API key must have at least 16 characters")
+        return key
 
 
 class KafkaIngestSettings(KafkaAuth, _Model):
