@@ -12,18 +12,21 @@ options are plain keyword arguments.
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret
 from eventbus.config._tls import TlsSpec
 
 __all__ = ["KafkaAuth", "NatsAuth", "sasl_refusal"]
+
+_NKEY_SEED = re.compile(r"S[A-Z][A-Z2-7]{56}")
 
 
 class NatsAuth(BaseModel):
@@ -34,7 +37,7 @@ class NatsAuth(BaseModel):
     Credentials in the URL (``nats://user:pass@host``) still work; these keep them out of it.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     user: str | None = None
     password: Secret | None = None
@@ -42,6 +45,15 @@ class NatsAuth(BaseModel):
     nkey_seed: Secret | None = None
     creds: Path | None = None
     tls: TlsSpec | None = None
+
+    @field_validator("nkey_seed")
+    @classmethod
+    def _a_seed(cls, seed: Secret | None) -> Secret | None:
+        # Checked here so a mistake stops the start, not every connection attempt; the message
+        # never quotes the value.
+        if seed is not None and _NKEY_SEED.fullmatch(seed.reveal()) is None:
+            raise ValueError("not an NKey seed (58 characters starting with S, as SUA...)")
+        return seed
 
     @model_validator(mode="after")
     def _one_way_in(self) -> NatsAuth:
@@ -92,7 +104,7 @@ class KafkaAuth(BaseModel):
     ``sasl_mechanism`` with ``username`` and ``password``; for the SSL ones an optional ``tls``
     block (the system's CAs when absent)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     security_protocol: KafkaProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None

@@ -67,7 +67,9 @@ ConnectorKind = Literal["source", "target"]
 class ConnectorSpec(BaseModel):
     """What every connector definition has; a type's spec adds its own settings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs stay out of error texts: a literal secret that fails validation must not be
+    # quoted by a ValidationError that reaches a log.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     type: ClassVar[str]
     """The YAML ``type`` the spec is registered under: set by registration, written nowhere

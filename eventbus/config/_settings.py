@@ -54,7 +54,7 @@ ENV_PREFIX = "EVENTBUS_"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class ListenSettings(_Model):

@@ -63,7 +63,7 @@ class _ServerNameContext(ssl.SSLContext):
 class TlsSpec(BaseModel):
     """The ``tls`` block of a connection (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     ca: Path | None = None
     cert: Path | None = None

@@ -55,7 +55,7 @@ MAX_TOKEN_RESPONSE = 64 * 1024
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class BasicAuthSpec(_Spec):

@@ -221,6 +221,17 @@ def test_credentials_are_one_way_in_and_files_are_checked(tmp_path: Path) -> Non
         build_source(
             {"name": "s", "type": "jetstream", "url": "nats://h:1", "stream": "S", "user": "u"}
         )
+    with pytest.raises(ConfigError, match=r"'nkey_seed': Value error, not an NKey seed") as info:
+        build_source(
+            {
+                "name": "s",
+                "type": "nats",
+                "url": "nats://h:1",
+                "subjects": ["a"],
+                "nkey_seed": "SUnot-a-seed-at-all",
+            }
+        )
+    assert "SUnot" not in str(info.value) and "SUnot" not in str(info.value.__cause__)
     spec = NatsTargetSpec(name="t", url="nats://h:1", subject="s", creds=tmp_path / "no.creds")
     with pytest.raises(ConfigError, match=r"NATS target 't': creds .*no\.creds: no such file"):
         NatsTarget(spec)
