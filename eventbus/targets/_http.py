@@ -36,7 +36,13 @@ from eventbus.targets._base import (
     trace_attempt,
     truncate_error,
 )
-from eventbus.targets._http_auth import HttpAuthSpec, OAuth2Client, TokenError, auth_headers
+from eventbus.targets._http_auth import (
+    HttpAuthSpec,
+    OAuth2Client,
+    TokenError,
+    auth_header_name,
+    auth_headers,
+)
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
 __all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetSpec", "parse_retry_after"]
@@ -198,15 +204,14 @@ class HttpTarget:
             raise ConfigError(f"{where}: invalid url {config.url!r}: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
-        for key, value in config.headers.items():
+        auth = {} if config.auth is None else auth_headers(config.auth)
+        for key, value in {**config.headers, **auth}.items():
             if any(c in key + value for c in "\r\n\0"):
                 raise ConfigError(f"{where}: header {key!r} contains a line break or NUL")
-        auth = {} if config.auth is None else auth_headers(config.auth)
-        if config.auth is not None and config.auth.oauth2 is not None:
-            auth = {"Authorization": ""}  # its value comes with each token
-        for key in auth:
-            if key.lower() in (k.lower() for k in config.headers):
-                raise ConfigError(f"{where}: header {key!r} is set by both headers and auth")
+        if config.auth is not None:
+            name = auth_header_name(config.auth)
+            if name.lower() in {k.lower() for k in config.headers}:
+                raise ConfigError(f"{where}: header {name!r} is set by both headers and auth")
         if url.scheme == "http" and config.auth is not None:
             log.warning("%s: credentials are sent over plain http to %s", where, url.host)
         if url.scheme == "http" and config.tls is not None:
@@ -219,12 +224,10 @@ class HttpTarget:
             self._key = None if config.secret is None else decode_secret(config.secret.reveal())
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-        self._static = {"User-Agent": "eventbus", **config.headers}
+        self._static = {"User-Agent": "eventbus", **config.headers, **auth}
         self._oauth: OAuth2Client | None = None
         if config.auth is not None and config.auth.oauth2 is not None:
             self._oauth = OAuth2Client(config.auth.oauth2, where, config.timeout)
-        else:
-            self._static.update(auth)
         self._ssl: ssl.SSLContext | bool = True if config.tls is None else config.tls.context(where)
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.concurrency)

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from eventbus.config import Secret, TlsSpec
 
-__all__ = ["HttpAuthSpec", "OAuth2Client", "TokenError", "auth_headers"]
+__all__ = ["HttpAuthSpec", "OAuth2Client", "TokenError", "auth_header_name", "auth_headers"]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
 
@@ -94,6 +94,11 @@ class HttpAuthSpec(_Spec):
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self
+
+
+def auth_header_name(spec: HttpAuthSpec) -> str:
+    """The header ``spec`` sets: ``Authorization``, or the API key's own."""
+    return spec.api_key.header if spec.api_key is not None else "Authorization"
 
 
 def auth_headers(spec: HttpAuthSpec) -> dict[str, str]:

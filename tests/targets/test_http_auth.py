@@ -329,3 +329,13 @@ def test_auth_and_headers_may_not_both_set_a_header_and_tls_needs_https() -> Non
     )
     with pytest.raises(ConfigError, match=r"HTTP target 'fn': tls\.ca /nope\.pem: No such file"):
         HttpTarget(spec)
+
+
+def test_a_credential_with_a_line_break_is_refused_without_showing_it() -> None:
+    spec = HttpTargetSpec.model_validate(
+        {"name": "fn", "url": "https://fn.test/", "auth": {"bearer": {"env": "TOKEN"}}},
+        context={"env": {"TOKEN": BEARER + "\r\nX-Injected: yes"}},
+    )
+    with pytest.raises(ConfigError, match="'Authorization' contains a line break") as info:
+        HttpTarget(spec)
+    assert BEARER not in str(info.value)
