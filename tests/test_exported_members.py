@@ -105,6 +105,7 @@ EXPORTS: dict[str, list[str]] = {
         "NatsAuth",
         "NatsSettings",
         "NodeBuilder",
+        "OAuth2Spec",
         "RouterSettings",
         "Secret",
         "Settings",

@@ -30,6 +30,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
+from eventbus._oauth import kafka_options
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -334,7 +335,7 @@ class KafkaBus:
     def __init__(self, config: KafkaBusConfig) -> None:
         """Raises ConfigError when a file of the TLS block cannot be read."""
         self.config = config
-        self._security = {} if config.auth is None else config.auth.kafka_options("Kafka bus")
+        self._security = {} if config.auth is None else kafka_options(config.auth, "Kafka bus")
         self._producer: AIOKafkaProducer | None = None
         self._consumptions: set[_Consumption] = set()
 

@@ -9,6 +9,7 @@
     Secret                        a password, token or key: env, file or literal (_secrets)
     TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
     NatsAuth, KafkaAuth           broker credentials, shared by bus, sources and targets (_clients)
+    OAuth2Spec                    OAuth 2.0 client credentials: HTTP targets, Kafka OAUTHBEARER
 
 Where it sits: below the pipeline. It imports nothing of eventbus but the error tree, and no
 driver (no broker, database or HTTP client), so the rule engine can read YAML through it. The
@@ -20,7 +21,7 @@ connector types are not here: each lives, spec and adapter, in ``eventbus.source
 
 from __future__ import annotations
 
-from eventbus.config._clients import KafkaAuth, NatsAuth, sasl_refusal
+from eventbus.config._clients import KafkaAuth, NatsAuth, OAuth2Spec, sasl_refusal
 from eventbus.config._connectors import (
     ConnectorKind,
     ConnectorSet,
@@ -73,6 +74,7 @@ __all__ = [
     "NatsAuth",
     "NatsSettings",
     "NodeBuilder",
+    "OAuth2Spec",
     "RouterSettings",
     "Secret",
     "Settings",

@@ -1,7 +1,9 @@
 """How eventbus authenticates to the brokers it connects to: the credential fields shared by every
 NATS connection (the bus, the ``nats`` and ``jetstream`` sources, the NATS target) and every
 Kafka connection (the bus, ``kafka_ingest``, the Kafka source and target), and their
-translation into the keyword arguments of the client library (nats-py, aiokafka).
+translation into the keyword arguments of the client library (nats-py, aiokafka); and the
+OAuth 2.0 client-credentials block that HTTP targets and Kafka's OAUTHBEARER share (its
+tokens are fetched by ``eventbus._oauth``).
 
 Where it sits: below the pipeline. Settings and connector specs inherit these fields, so the
 YAML is the same wherever a connection is written; the adapters call ``nats_options`` /
@@ -18,15 +20,29 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret
 from eventbus.config._tls import TlsSpec
 
-__all__ = ["KafkaAuth", "NatsAuth", "sasl_refusal"]
+__all__ = ["KafkaAuth", "NatsAuth", "OAuth2Spec", "sasl_refusal"]
 
 _NKEY_SEED = re.compile(r"S[A-Z][A-Z2-7]{56}")
+
+
+class OAuth2Spec(BaseModel):
+    """OAuth 2.0 client credentials (RFC 6749 section 4.4): where to get a token, as whom, for
+    what; ``tls`` verifies the token endpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    token_url: str = Field(pattern=r"^https?://")
+    client_id: str = Field(min_length=1)
+    client_secret: Secret
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    tls: TlsSpec | None = None
 
 
 class NatsAuth(BaseModel):
@@ -96,13 +112,14 @@ class NatsAuth(BaseModel):
 
 
 KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
-SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 
 
 class KafkaAuth(BaseModel):
     """Security of a Kafka connection: ``security_protocol``; for the SASL ones a
-    ``sasl_mechanism`` with ``username`` and ``password``; for the SSL ones an optional ``tls``
-    block (the system's CAs when absent)."""
+    ``sasl_mechanism`` with ``username`` and ``password`` (``OAUTHBEARER``: an ``oauth2``
+    block instead, whose tokens ``eventbus._oauth`` fetches); for the SSL ones an optional
+    ``tls`` block (the system's CAs when absent)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -110,27 +127,36 @@ class KafkaAuth(BaseModel):
     sasl_mechanism: SaslMechanism | None = None
     username: str | None = None
     password: Secret | None = None
+    oauth2: OAuth2Spec | None = None
     tls: TlsSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaAuth:
         sasl = self.security_protocol.startswith("SASL_")
-        if sasl and (self.sasl_mechanism is None or self.username is None or self.password is None):
+        if not sasl and (self.sasl_mechanism or self.username or self.password or self.oauth2):
+            raise ValueError(
+                "sasl_mechanism, username, password and oauth2 need security_protocol "
+                "SASL_PLAINTEXT or SASL_SSL"
+            )
+        if self.sasl_mechanism == "OAUTHBEARER":
+            if self.oauth2 is None or self.username is not None or self.password is not None:
+                raise ValueError("sasl_mechanism OAUTHBEARER takes an oauth2 block, not a password")
+        elif sasl and (
+            self.sasl_mechanism is None or self.username is None or self.password is None
+        ):
             raise ValueError(
                 f"security_protocol {self.security_protocol} needs sasl_mechanism, username "
-                "and password"
+                "and password (or sasl_mechanism OAUTHBEARER and oauth2)"
             )
-        if not sasl and (self.sasl_mechanism or self.username or self.password):
-            raise ValueError(
-                "sasl_mechanism, username and password need security_protocol SASL_PLAINTEXT "
-                "or SASL_SSL"
-            )
+        elif self.oauth2 is not None:
+            raise ValueError("oauth2 goes with sasl_mechanism OAUTHBEARER")
         if self.tls is not None and not self.security_protocol.endswith("SSL"):
             raise ValueError("tls needs security_protocol SSL or SASL_SSL")
         return self
 
     def kafka_options(self, where: str) -> dict[str, Any]:
-        """aiokafka client keyword arguments (producer, consumer and admin client alike).
+        """aiokafka client keyword arguments (producer, consumer and admin client alike), but
+        for OAUTHBEARER's token provider, which ``eventbus._oauth.kafka_options`` adds.
 
         Raises ConfigError naming ``where`` when the TLS files cannot be read.
         """
@@ -139,8 +165,9 @@ class KafkaAuth(BaseModel):
             tls = self.tls or TlsSpec()
             context: ssl.SSLContext = tls.context(where)
             options["ssl_context"] = context
-        if self.sasl_mechanism is not None and self.password is not None:
+        if self.sasl_mechanism is not None:
             options["sasl_mechanism"] = self.sasl_mechanism
+        if self.password is not None:
             options["sasl_plain_username"] = self.username
             options["sasl_plain_password"] = self.password.reveal()
         return options

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from eventbus._errors import BusError, StoreError
+from eventbus._oauth import kafka_options
 from eventbus.cloudevents import from_kafka
 from eventbus.config import KafkaAuth, sasl_refusal
 from eventbus.sources._base import SourceContext
@@ -51,7 +52,7 @@ class KafkaSource:
         self.name = config.name
         self.type = config.type
         self.config = config
-        self._security = config.kafka_options(f"kafka source {config.name!r}")
+        self._security = kafka_options(config, f"kafka source {config.name!r}")
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; broker or bus outages back off and reconnect."""

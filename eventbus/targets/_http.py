@@ -27,6 +27,7 @@ from pydantic import Field
 from yarl import URL
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus._oauth import OAuth2Client, TokenError
 from eventbus.cloudevents import from_http, to_http
 from eventbus.config import Secret, TargetSpec, TlsSpec
 from eventbus.targets._base import (
@@ -36,13 +37,7 @@ from eventbus.targets._base import (
     trace_attempt,
     truncate_error,
 )
-from eventbus.targets._http_auth import (
-    HttpAuthSpec,
-    OAuth2Client,
-    TokenError,
-    auth_header_name,
-    auth_headers,
-)
+from eventbus.targets._http_auth import HttpAuthSpec, auth_header_name, auth_headers
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
 __all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetSpec", "parse_retry_after"]
@@ -296,12 +291,13 @@ class HttpTarget:
             oauth = self._oauth
             try:
                 if oauth is not None:
-                    headers.update(await oauth.header(session))
+                    token = await oauth.token(session)
+                    headers["Authorization"] = f"Bearer {token}"
                 outcome = await self._post(session, headers, body, msg_id, start)
                 if oauth is not None and outcome.status == 401:
                     # The function refused the token (revoked, rotated keys): one new token,
                     # one more try; a second 401 stands.
-                    headers.update(await oauth.refresh(session, headers))
+                    headers["Authorization"] = f"Bearer {await oauth.refresh(session, token)}"
                     outcome = await self._post(session, headers, body, msg_id, start)
             except TokenError as exc:
                 duration_ms = (time.perf_counter() - start) * 1000

@@ -29,6 +29,7 @@ from jsonpath_ng.ext.parser import parse as parse_jsonpath
 from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus._oauth import kafka_options
 from eventbus.cloudevents import to_kafka
 from eventbus.config import Duration, KafkaAuth, TargetSpec, sasl_refusal
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
@@ -164,7 +165,7 @@ class KafkaTarget:
         self.name = config.name
         self.config = config
         self._servers = ",".join(servers)
-        self._security = config.kafka_options(where)
+        self._security = kafka_options(config, where, config.timeout)
         self._structured = config.mode == "structured"
         self._producer = LazyClient(
             self._start,

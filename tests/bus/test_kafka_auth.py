@@ -12,16 +12,24 @@ the password in any message. A successful SCRAM or SSL connection to a broker is
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.abc import AbstractTokenProvider
+from pydantic import ValidationError
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
 from eventbus._errors import BusError, ConfigError
+from eventbus._oauth import TokenError
+from eventbus._oauth import kafka_options as oauth_kafka_options
 from eventbus.bus import KafkaBusConfig, open_bus
 from eventbus.config import KafkaSettings, load_settings
 from eventbus.sources import build_source
@@ -110,12 +118,13 @@ def test_ssl_without_a_tls_block_verifies_with_the_system_cas() -> None:
     [
         (
             "{security_protocol: SASL_SSL, username: u, password: p}",
-            "security_protocol SASL_SSL needs sasl_mechanism, username and password",
+            "security_protocol SASL_SSL needs sasl_mechanism, username and password (or "
+            "sasl_mechanism OAUTHBEARER and oauth2)",
         ),
         (
             "{sasl_mechanism: PLAIN, username: u, password: p}",
-            "sasl_mechanism, username and password need security_protocol SASL_PLAINTEXT or "
-            "SASL_SSL",
+            "sasl_mechanism, username, password and oauth2 need security_protocol "
+            "SASL_PLAINTEXT or SASL_SSL",
         ),
         ("{tls: {ca: /ca.pem}}", "tls needs security_protocol SSL or SASL_SSL"),
     ],
@@ -206,3 +215,84 @@ async def test_the_source_refused_by_the_broker_backs_off_saying_why(
         async with running(build_source(spec), ctx):
             await eventually(backing_off)
     assert ctx.status.last_error == "PermissionError: the broker refused the SASL credentials"
+
+
+# --- OAUTHBEARER ------------------------------------------------------------------------------
+
+CLIENT_SECRET = "kafka-Oauth-secret-31"
+
+
+@pytest.fixture
+async def token_endpoint() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """A token endpoint issuing tok-1, tok-2 ... to eventbus/CLIENT_SECRET; yields its URL and
+    the forms it received."""
+    forms: list[dict[str, str]] = []
+
+    async def token(request: web.Request) -> web.Response:
+        forms.append({k: str(v) for k, v in (await request.post()).items()})
+        expected = "Basic " + base64.b64encode(f"eventbus:{CLIENT_SECRET}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        return web.json_response({"access_token": f"tok-{len(forms)}", "expires_in": 3600})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}/token", forms
+    await runner.cleanup()
+
+
+def _oauthbearer(token_url: str, secret: str = CLIENT_SECRET) -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "OAUTHBEARER",
+        "oauth2": {
+            "token_url": token_url,
+            "client_id": "eventbus",
+            "client_secret": secret,
+            "scopes": ["kafka"],
+        },
+    }
+
+
+async def test_oauthbearer_tokens_come_from_the_token_endpoint_once(
+    token_endpoint: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, forms = token_endpoint
+    auth = KafkaSettings.model_validate(_oauthbearer(url))
+    options = oauth_kafka_options(auth, "Kafka bus")
+    provider = options.pop("sasl_oauth_token_provider")
+    assert options["sasl_mechanism"] == "OAUTHBEARER"
+    assert "sasl_plain_password" not in options
+    assert isinstance(provider, AbstractTokenProvider)  # what aiokafka insists on
+    tokens = await asyncio.gather(*(provider.token() for _ in range(20)))
+    assert set(tokens) == {"tok-1"}
+    assert forms == [{"grant_type": "client_credentials", "scope": "kafka"}]
+    # aiokafka takes the options as they are.
+    AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", **oauth_kafka_options(auth, "k"))
+
+
+async def test_oauthbearer_with_a_refused_client_says_so(
+    token_endpoint: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, _ = token_endpoint
+    auth = KafkaSettings.model_validate(_oauthbearer(url, secret="not-the-secret"))
+    provider = oauth_kafka_options(auth, "Kafka bus")["sasl_oauth_token_provider"]
+    with pytest.raises(TokenError, match="refused client 'eventbus': HTTP 401 invalid_client"):
+        await provider.token()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"username": "u", "password": "p"}, "OAUTHBEARER takes an oauth2 block, not a password"),
+        ({"sasl_mechanism": "PLAIN"}, "needs sasl_mechanism, username and password"),
+    ],
+)
+def test_oauthbearer_settings_are_checked(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        KafkaSettings.model_validate({**_oauthbearer("https://idp.test/token"), **extra})
