@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ssl
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -26,7 +28,7 @@ from aiokafka.abc import AbstractTokenProvider
 
 from eventbus.config import KafkaAuth, OAuth2Spec
 
-__all__ = ["OAuth2Client", "TokenError", "kafka_options"]
+__all__ = ["OAuth2Client", "TokenError", "kafka_options", "sasl_refusal"]
 
 EXPIRY_MARGIN = 30.0
 """A token is renewed this many seconds before it expires (or at 90 % of a shorter lifetime)."""
@@ -196,3 +198,24 @@ def kafka_options(auth: KafkaAuth, where: str, timeout: float = 10.0) -> dict[st
         client = OAuth2Client(auth.oauth2, where, timeout)
         options["sasl_oauth_token_provider"] = _KafkaTokens(client)
     return options
+
+
+@contextlib.asynccontextmanager
+async def sasl_refusal() -> AsyncIterator[None]:
+    """Around starting an aiokafka client: what its SASL exchange raises past aiokafka's own
+    error types, as OSErrors saying what happened (every Kafka adapter treats OSError as a
+    failed connection):
+
+    - a broker that refuses SCRAM credentials in the exchange itself (``e=...`` in its final
+      message, as RFC 5802 allows; Tansu does) makes aiokafka fail with a bare ``KeyError('v')``
+      (Apache Kafka answers with an error code instead, raised as ``SaslAuthenticationFailed``);
+    - OAUTHBEARER's token provider raises TokenError, which aiokafka lets through.
+
+    A refusal becomes PermissionError; a token endpoint that may answer later, ConnectionError.
+    """
+    try:
+        yield
+    except KeyError as exc:
+        raise PermissionError("the broker refused the SASL credentials") from exc
+    except TokenError as exc:
+        raise (ConnectionError if exc.retryable else PermissionError)(str(exc)) from exc

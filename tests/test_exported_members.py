@@ -122,7 +122,6 @@ EXPORTS: dict[str, list[str]] = {
         "pydantic_errors",
         "redact_url",
         "register_connector",
-        "sasl_refusal",
         "yaml_files",
     ],
     "eventbus.delivery": [

@@ -30,7 +30,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
-from eventbus._oauth import kafka_options
+from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -41,7 +41,7 @@ from eventbus.bus._base import (
     require_positive,
     wire_encode,
 )
-from eventbus.config import KafkaAuth, sasl_refusal
+from eventbus.config import KafkaAuth
 
 __all__ = ["KafkaBus", "KafkaBusConfig"]
 

@@ -21,7 +21,7 @@ connector types are not here: each lives, spec and adapter, in ``eventbus.source
 
 from __future__ import annotations
 
-from eventbus.config._clients import KafkaAuth, NatsAuth, OAuth2Spec, sasl_refusal
+from eventbus.config._clients import KafkaAuth, NatsAuth, OAuth2Spec
 from eventbus.config._connectors import (
     ConnectorKind,
     ConnectorSet,
@@ -91,6 +91,5 @@ __all__ = [
     "pydantic_errors",
     "redact_url",
     "register_connector",
-    "sasl_refusal",
     "yaml_files",
 ]

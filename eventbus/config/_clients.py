@@ -13,10 +13,8 @@ options are plain keyword arguments.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +24,7 @@ from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret
 from eventbus.config._tls import TlsSpec
 
-__all__ = ["KafkaAuth", "NatsAuth", "OAuth2Spec", "sasl_refusal"]
+__all__ = ["KafkaAuth", "NatsAuth", "OAuth2Spec"]
 
 _NKEY_SEED = re.compile(r"S[A-Z][A-Z2-7]{56}")
 
@@ -171,16 +169,3 @@ class KafkaAuth(BaseModel):
             options["sasl_plain_username"] = self.username
             options["sasl_plain_password"] = self.password.reveal()
         return options
-
-
-@contextlib.asynccontextmanager
-async def sasl_refusal() -> AsyncIterator[None]:
-    """Around starting an aiokafka client: a broker that refuses SCRAM credentials in the SCRAM
-    exchange itself (``e=...`` in its final message, as RFC 5802 allows; Tansu does) makes
-    aiokafka fail with a bare ``KeyError('v')``; this turns it into a PermissionError saying
-    so. (Apache Kafka answers with an error code instead, which aiokafka raises as
-    ``SaslAuthenticationFailed``.)"""
-    try:
-        yield
-    except KeyError as exc:
-        raise PermissionError("the broker refused the SASL credentials") from exc

@@ -19,9 +19,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from eventbus._errors import BusError, StoreError
-from eventbus._oauth import kafka_options
+from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.cloudevents import from_kafka
-from eventbus.config import KafkaAuth, sasl_refusal
+from eventbus.config import KafkaAuth
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message

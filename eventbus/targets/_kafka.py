@@ -29,9 +29,9 @@ from jsonpath_ng.ext.parser import parse as parse_jsonpath
 from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
-from eventbus._oauth import kafka_options
+from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.cloudevents import to_kafka
-from eventbus.config import Duration, KafkaAuth, TargetSpec, sasl_refusal
+from eventbus.config import Duration, KafkaAuth, TargetSpec
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 

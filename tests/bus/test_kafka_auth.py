@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
 from eventbus._errors import BusError, ConfigError
-from eventbus._oauth import TokenError
+from eventbus._oauth import TokenError, sasl_refusal
 from eventbus._oauth import kafka_options as oauth_kafka_options
 from eventbus.bus import KafkaBusConfig, open_bus
 from eventbus.config import KafkaSettings, load_settings
@@ -296,3 +296,17 @@ async def test_oauthbearer_with_a_refused_client_says_so(
 def test_oauthbearer_settings_are_checked(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         KafkaSettings.model_validate({**_oauthbearer("https://idp.test/token"), **extra})
+
+
+async def test_what_a_sasl_exchange_raises_becomes_a_connection_failure_saying_why() -> None:
+    async def start(exc: Exception) -> None:
+        async with sasl_refusal():
+            raise exc
+
+    refused = TokenError("OAuth2 token endpoint x refused client 'eventbus'", retryable=False)
+    with pytest.raises(PermissionError, match="refused client 'eventbus'"):
+        await start(refused)
+    with pytest.raises(ConnectionError, match="timeout after 5s"):
+        await start(TokenError("OAuth2 token endpoint x: timeout after 5s", retryable=True))
+    with pytest.raises(PermissionError, match="the broker refused the SASL credentials"):
+        await start(KeyError("v"))
