@@ -39,7 +39,7 @@ from eventbus.bus import (
     PublishOutcome,
     open_bus,
 )
-from eventbus.config import ConnectorSet, Settings, load_connectors
+from eventbus.config import ConnectorSet, KafkaAuth, Settings, load_connectors
 from eventbus.delivery import (
     DeadLetterFilter,
     DeliveryPolicy,
@@ -150,7 +150,14 @@ class Service:
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
         self.supervisor = embedded.supervisor
 
-        self.store = await Store.open(self.database_url, max_size=s.database.pool_size)
+        external = not s.embedded_database
+        db = s.database
+        self.store = await Store.open(
+            self.database_url,
+            max_size=db.pool_size,
+            password=db.password.reveal() if external and db.password is not None else None,
+            ssl=db.ssl_option() if external else None,
+        )
         self._stack.push_async_callback(self.store.close)
         self.bus = await self._stack.enter_async_context(open_bus(self._bus_config()))
 
@@ -211,6 +218,7 @@ class Service:
                 linger_ms=s.bus.kafka.linger_ms,
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
+                auth=s.bus.kafka,
             )
         assert self.nats_url is not None
         return NatsBusConfig(
@@ -222,6 +230,7 @@ class Service:
             ack_wait=s.bus.nats.ack_wait,
             duplicate_window=s.bus.nats.duplicate_window,
             publish_timeout=s.bus.publish_timeout,
+            auth=None if s.embedded_bus else s.bus.nats,
         )
 
     def _load_rules(
@@ -264,6 +273,12 @@ class Service:
                         "topics": list(s.kafka_ingest.topics),
                         "group_id": s.kafka_ingest.group_id,
                         "format": "cloudevents",
+                        # The validated objects themselves: a dump would mask the password.
+                        **{
+                            key: getattr(s.kafka_ingest, key)
+                            for key in KafkaAuth.model_fields
+                            if getattr(s.kafka_ingest, key) is not None
+                        },
                     }
                 )
             )

@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"_errors", "_tasks"},  # the error tree; stopping tasks under a grace period
     {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"cloudevents", "config"},
+    {"_oauth"},  # OAuth 2.0 tokens for the HTTP and Kafka clients
     {"bus", "rules", "store", "targets"},
     {"delivery", "sources"},
     {"router", "_supervisor"},
@@ -41,16 +42,26 @@ RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 
 # What importing each package loads of eventbus, besides itself and the package root. The
 # delivery layer's set recurs: the router, the composition root and the edge stand on it.
-_DELIVERY = {"_errors", "_tasks", "cloudevents", "config", "metrics", "rules", "store", "targets"}
+_DELIVERY = {
+    "_errors",
+    "_oauth",
+    "_tasks",
+    "cloudevents",
+    "config",
+    "metrics",
+    "rules",
+    "store",
+    "targets",
+}
 PULLS: dict[str, set[str]] = {
     "eventbus.cloudevents": {"_errors"},
     "eventbus.config": {"_errors"},
     "eventbus.rules": {"_errors", "config"},
-    "eventbus.bus": {"_errors", "cloudevents", "config"},
+    "eventbus.bus": {"_errors", "_oauth", "cloudevents", "config"},
     "eventbus.store": {"_errors", "config", "metrics"},
-    "eventbus.targets": {"_errors", "cloudevents", "config"},
+    "eventbus.targets": {"_errors", "_oauth", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,
-    "eventbus.sources": {"_errors", "cloudevents", "config", "metrics", "store"},
+    "eventbus.sources": {"_errors", "_oauth", "cloudevents", "config", "metrics", "store"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
     "eventbus.app": _DELIVERY | {"_supervisor", "bus", "delivery", "router", "sources"},
     # the edge knows the service's type only for checking; the service arrives at run time;

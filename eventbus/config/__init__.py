@@ -6,6 +6,10 @@
     every user file ─────────────> load_yaml: data + the line of each key (_yaml)
     Duration, parse_duration      ``10s``, ``5m``, ``1d`` in any of them (_units)
     redact_url                    a configured URL as logs and errors may show it (_redact)
+    Secret                        a password, token or key: env, file or literal (_secrets)
+    TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
+    NatsAuth, KafkaAuth           broker credentials, shared by bus, sources and targets (_clients)
+    OAuth2Spec                    OAuth 2.0 client credentials: HTTP targets, Kafka OAUTHBEARER
 
 Where it sits: below the pipeline. It imports nothing of eventbus but the error tree, and no
 driver (no broker, database or HTTP client), so the rule engine can read YAML through it. The
@@ -17,6 +21,7 @@ connector types are not here: each lives, spec and adapter, in ``eventbus.source
 
 from __future__ import annotations
 
+from eventbus.config._clients import KafkaAuth, NatsAuth, OAuth2Spec
 from eventbus.config._connectors import (
     ConnectorKind,
     ConnectorSet,
@@ -29,6 +34,7 @@ from eventbus.config._connectors import (
     register_connector,
 )
 from eventbus.config._redact import redact_url
+from eventbus.config._secrets import Secret
 from eventbus.config._settings import (
     ApiKey,
     BusSettings,
@@ -41,6 +47,7 @@ from eventbus.config._settings import (
     Settings,
     load_settings,
 )
+from eventbus.config._tls import TlsSpec
 from eventbus.config._units import Duration, parse_duration
 from eventbus.config._yaml import (
     KeyPath,
@@ -59,16 +66,21 @@ __all__ = [
     "ConnectorSpec",
     "DatabaseSettings",
     "Duration",
+    "KafkaAuth",
     "KafkaIngestSettings",
     "KafkaSettings",
     "KeyPath",
     "ListenSettings",
+    "NatsAuth",
     "NatsSettings",
     "NodeBuilder",
+    "OAuth2Spec",
     "RouterSettings",
+    "Secret",
     "Settings",
     "SourceSpec",
     "TargetSpec",
+    "TlsSpec",
     "YamlDoc",
     "connector_adapter",
     "connector_spec",

@@ -31,9 +31,9 @@ File shape::
 
 from __future__ import annotations
 
+import logging
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from eventbus._errors import ConfigError
+from eventbus.config._secrets import literal_secrets, resolve_reference
 from eventbus.config._units import Duration
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors, yaml_files
 
@@ -56,6 +57,8 @@ __all__ = [
     "register_connector",
 ]
 
+log = logging.getLogger("eventbus.config")
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 ConnectorKind = Literal["source", "target"]
@@ -64,7 +67,9 @@ ConnectorKind = Literal["source", "target"]
 class ConnectorSpec(BaseModel):
     """What every connector definition has; a type's spec adds its own settings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs stay out of error texts: a literal secret that fails validation must not be
+    # quoted by a ValidationError that reaches a log.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     type: ClassVar[str]
     """The YAML ``type`` the spec is registered under: set by registration, written nowhere
@@ -150,7 +155,9 @@ class ConnectorSet:
 
 def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> ConnectorSet:
     """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file); a target's
-    ``url: {env: NAME, default: VALUE}`` is read from ``env`` (default: the process's).
+    ``url: {env: NAME, default: VALUE}`` and every secret's ``{env: NAME}`` are read from
+    ``env`` (default: the process's), a ``{file: PATH}`` from its file. A secret written as a
+    literal is logged as a warning (file, line, field).
 
     A missing directory is an empty set. Types are those registered when this is called (import
     ``eventbus.targets`` and ``eventbus.sources`` first). Raises ConfigError listing every
@@ -211,9 +218,9 @@ def _validate(
     """One entry validated by its type's spec, or None with its problems added to ``errors``."""
     section = f"{kind}s"
     name = raw.get("name", f"#{i}")
-    if kind == "target" and isinstance(raw.get("url"), dict):
+    if isinstance(raw.get("url"), dict):
         try:
-            raw = {**raw, "url": _from_env(raw["url"], env)}
+            raw = {**raw, "url": resolve_reference(raw["url"], env)[0]}
         except ValueError as exc:
             line = doc.line((section, i, "url"))
             errors.append(f"{doc.file}:{line}: {section}.{i}.url: {exc} ({kind} {name!r})")
@@ -227,30 +234,39 @@ def _validate(
         )
         return None
     try:
-        return spec_type.model_validate({k: v for k, v in raw.items() if k != "type"})
+        spec = spec_type.model_validate(
+            {k: v for k, v in raw.items() if k != "type"}, context={"env": env}
+        )
     except ValidationError as exc:
         errors.extend(
             f"{line} ({kind} {name!r})" for line in pydantic_errors(doc, exc, prefix=(section, i))
         )
         return None
+    warn_literal_secrets(doc, spec, (section, i), f" ({kind} {name!r})")
+    return spec
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def _from_env(value: Mapping[str, Any], env: Mapping[str, str]) -> str:
-    """``{env: NAME, default: VALUE}``: the variable's value, or the default when it is unset
-    or empty (as the shell's ``${NAME:-VALUE}``). Raises ValueError saying what is wrong."""
-    unknown = sorted(set(value) - {"env", "default"})
-    name, default = value.get("env"), value.get("default")
-    if unknown or not isinstance(name, str):
-        extra = f"unknown key {unknown[0]!r}; " if unknown else ""
-        raise ValueError(f"{extra}write a string or {{env: NAME, default: VALUE}}")
-    if _ENV_NAME.match(name) is None:
-        raise ValueError(f"{name!r} is not an environment variable name")
-    if default is not None and not isinstance(default, str):
-        raise ValueError(f"the default of {name} must be a string")
-    found = env.get(name) or default
-    if found is None:
-        raise ValueError(f"environment variable {name} is not set and no default is given")
-    return found
+def warn_literal_secrets(
+    doc: YamlDoc,
+    model: BaseModel,
+    prefix: tuple[str | int, ...],
+    what: str = "",
+    *,
+    given: Callable[[tuple[str | int, ...]], bool] = lambda loc: False,
+) -> None:
+    """Log a warning naming file, line and field for every secret ``model`` holds as a literal
+    (accepted, but it belongs in the environment or a file of its own), except those ``given``
+    says came from elsewhere (an ``EVENTBUS_*`` variable)."""
+    for path in literal_secrets(model):
+        loc = (*prefix, *path)
+        if given(loc):
+            continue
+        line = doc.line(loc)
+        where = f"{doc.file}:{line}" if line is not None else doc.file
+        dotted = ".".join(str(p) for p in loc)
+        log.warning(
+            "%s: %s: a secret given as a literal%s; use {env: NAME} or {file: PATH}",
+            where,
+            dotted,
+            what,
+        )

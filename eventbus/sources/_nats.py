@@ -29,7 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_nats
-from eventbus.config import redact_url
+from eventbus.config import NatsAuth, redact_url
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
@@ -40,15 +40,16 @@ _TRANSIENT = (nats.errors.Error, OSError)
 log = logging.getLogger("eventbus.sources")
 
 
-class NatsSourceSpec(QueueSourceSpec):
-    """YAML settings of a ``type: nats`` source (core NATS subscription)."""
+class NatsSourceSpec(QueueSourceSpec, NatsAuth):
+    """YAML settings of a ``type: nats`` source (core NATS subscription); credentials and
+    ``tls`` as every NATS connection (:class:`eventbus.config.NatsAuth`)."""
 
     url: str = pydantic.Field(pattern=r"^(nats|tls)://")
     subjects: list[str] = pydantic.Field(min_length=1)
     queue_group: str | None = None
 
 
-class JetStreamSourceSpec(QueueSourceSpec):
+class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
     """YAML settings of a ``type: jetstream`` source.
 
     ``durable`` defaults to ``eventbus-source-<name>``; ``subject`` filters the stream (all of
@@ -62,7 +63,7 @@ class JetStreamSourceSpec(QueueSourceSpec):
     batch: int = pydantic.Field(100, ge=1, le=10_000)
 
 
-async def _connect(url: str, closed: asyncio.Event) -> Client:
+async def _connect(url: str, closed: asyncio.Event, auth: dict[str, Any]) -> Client:
     async def on_closed() -> None:
         closed.set()
 
@@ -81,6 +82,7 @@ async def _connect(url: str, closed: asyncio.Event) -> Client:
         connect_timeout=5,
         closed_cb=on_closed,
         error_cb=on_error,
+        **auth,
     )
 
 
@@ -95,9 +97,11 @@ class _NatsConsumer(ABC, Generic[_C]):
     """
 
     def __init__(self, config: _C) -> None:
+        """Raises ConfigError when a TLS or creds file cannot be read."""
         self.name = config.name
         self.type = config.type
         self.config = config
+        self._auth = config.nats_options(f"{config.type} source {config.name!r}")
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the server goes away."""
@@ -105,7 +109,7 @@ class _NatsConsumer(ABC, Generic[_C]):
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
         closed = asyncio.Event()
-        nc = await _connect(self.config.url, closed)
+        nc = await _connect(self.config.url, closed, self._auth)
         try:
             await self._serve(ctx, nc, closed, backoff)
         finally:

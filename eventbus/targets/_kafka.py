@@ -29,8 +29,9 @@ from jsonpath_ng.ext.parser import parse as parse_jsonpath
 from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.cloudevents import to_kafka
-from eventbus.config import Duration, TargetSpec
+from eventbus.config import Duration, KafkaAuth, TargetSpec
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
@@ -49,6 +50,8 @@ _NOT_RETRYABLE = (
     kerr.TopicAuthorizationFailedError,
     kerr.ClusterAuthorizationFailedError,
     kerr.TransactionalIdAuthorizationFailed,
+    kerr.SaslAuthenticationFailed,
+    kerr.UnsupportedSaslMechanismError,
     kerr.PolicyViolationError,
     kerr.InvalidRequiredAcksError,
     kerr.UnsupportedVersionError,
@@ -57,7 +60,7 @@ _NOT_RETRYABLE = (
 """Errors that the same record meets again on every retry until an operator changes something."""
 
 
-class KafkaTargetSpec(TargetSpec):
+class KafkaTargetSpec(TargetSpec, KafkaAuth):
     """``type: kafka``: one Kafka topic.
 
     ``key`` is a JSONPath into the original event whose first match becomes the record key (a
@@ -66,6 +69,8 @@ class KafkaTargetSpec(TargetSpec):
     picks the Kafka binding's content mode for CloudEvent payloads. ``timeout`` bounds one
     attempt in seconds, including starting the producer when it is not running.
     ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
+    ``security_protocol``, ``sasl_mechanism``, ``username``, ``password`` and ``tls`` secure the
+    connection (:class:`eventbus.config.KafkaAuth`).
     """
 
     bootstrap_servers: str
@@ -80,6 +85,8 @@ def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTar
     """Translate an aiokafka/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError | kerr.KafkaTimeoutError | kerr.RequestTimedOutError):
         return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+    if isinstance(exc, PermissionError):
+        return failure(f"Kafka refused the credentials: {exc}", duration_ms, retryable=False)
     if isinstance(exc, kerr.KafkaConnectionError | OSError):
         return failure(
             f"cannot reach Kafka at {config.bootstrap_servers}: {exc}", duration_ms, retryable=True
@@ -92,6 +99,9 @@ def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTar
             duration_ms,
             retryable=False,
         )
+    if isinstance(exc, kerr.SaslAuthenticationFailed | kerr.UnsupportedSaslMechanismError):
+        # Fails the same way until an operator fixes the credentials: dead-letter (replayable).
+        return failure(f"Kafka refused the credentials: {exc}", duration_ms, retryable=False)
     if isinstance(exc, kerr.UnknownTopicOrPartitionError):
         # The topic may be created later (brokers often disable auto-creation): worth a retry.
         return failure(f"topic {config.topic!r} does not exist", duration_ms, retryable=True)
@@ -128,7 +138,8 @@ class KafkaTarget:
     """
 
     def __init__(self, config: KafkaTargetSpec) -> None:
-        """Raises ``ConfigError`` if the servers, topic or key path is invalid."""
+        """Raises ``ConfigError`` if the servers, topic or key path is invalid, or a file of the
+        TLS block cannot be read."""
         where = f"Kafka target {config.name!r}"
         servers = [s.strip() for s in config.bootstrap_servers.split(",")]
         if not all(servers):
@@ -154,6 +165,7 @@ class KafkaTarget:
         self.name = config.name
         self.config = config
         self._servers = ",".join(servers)
+        self._security = kafka_options(config, where, config.timeout)
         self._structured = config.mode == "structured"
         self._producer = LazyClient(
             self._start,
@@ -190,13 +202,15 @@ class KafkaTarget:
     async def _start(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self._servers,
+            **self._security,
             acks="all",
             enable_idempotence=self.config.idempotent,
             request_timeout_ms=int(self.config.timeout * 1000),
         )
         try:
             async with asyncio.timeout(self.config.timeout):
-                await producer.start()
+                async with sasl_refusal():
+                    await producer.start()
         except BaseException:
             with contextlib.suppress(kerr.KafkaError, OSError):
                 await producer.stop()

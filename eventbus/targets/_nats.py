@@ -38,7 +38,7 @@ from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
-from eventbus.config import Duration, TargetSpec, redact_url
+from eventbus.config import Duration, NatsAuth, TargetSpec, redact_url
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
@@ -53,13 +53,15 @@ _RETRY_WAIT = 0.1
 """Seconds between the two connection attempts one connect makes (nats-py makes at least two)."""
 
 
-class NatsTargetSpec(TargetSpec):
+class NatsTargetSpec(TargetSpec, NatsAuth):
     """``type: nats``: one NATS subject.
 
     ``url`` is one server URL or several, comma-separated (``nats://``, ``tls://``, ``ws://``,
     ``wss://``). ``jetstream`` waits for a stream's publish acknowledgement instead of a core
     publish. ``mode`` picks the NATS binding's content mode for CloudEvent payloads.
     ``timeout`` bounds one attempt in seconds, including connecting when not connected.
+    ``user``/``password``, ``token``, ``nkey_seed``, ``creds`` and ``tls`` authenticate the
+    connection (:class:`eventbus.config.NatsAuth`).
     """
 
     url: str
@@ -121,7 +123,8 @@ class NatsTarget:
     """
 
     def __init__(self, config: NatsTargetSpec) -> None:
-        """Raises ``ConfigError`` if the URL or subject is invalid."""
+        """Raises ``ConfigError`` if the URL or subject is invalid, or a TLS or creds file
+        cannot be read."""
         where = f"NATS target {config.name!r}"
         servers = [s.strip() for s in config.url.split(",")]
         for server in servers:
@@ -144,6 +147,7 @@ class NatsTarget:
         self.name = config.name
         self.config = config
         self._servers = servers
+        self._auth = config.nats_options(where)
         self._structured = config.mode == "structured"
         self._nc = LazyClient(
             self._connect,
@@ -212,6 +216,7 @@ class NatsTarget:
                     max_reconnect_attempts=1,
                     reconnect_time_wait=_RETRY_WAIT,  # type: ignore[arg-type]
                     error_cb=on_error,
+                    **self._auth,
                 )
         except BaseException as exc:
             with contextlib.suppress(nats.errors.Error, OSError):

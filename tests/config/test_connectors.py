@@ -111,12 +111,11 @@ def test_a_malformed_url_from_the_environment_is_refused_with_its_line(tmp_path:
         load_connectors(tmp_path, env={})
     lines = str(info.value).replace(str(tmp_path) + "/", "").splitlines()
     assert lines == [
-        "a.yaml:2: targets.0.url: unknown key 'fallback'; write a string or "
-        "{env: NAME, default: VALUE} (target 'a')",
+        "a.yaml:2: targets.0.url: unknown key 'fallback'; write a string, {env: NAME}, "
+        "{env: NAME, default: VALUE} or {file: /path} (target 'a')",
         "a.yaml:3: targets.1.url: 'not a name' is not an environment variable name (target 'b')",
         "a.yaml:4: targets.2.url: the default of C must be a string (target 'c')",
-        "a.yaml:5: targets.3.url: unknown key 'file'; write a string or "
-        "{env: NAME, default: VALUE} (target 'd')",
+        "a.yaml:5: targets.3.url: cannot read /run/url: No such file or directory (target 'd')",
     ]
 
 
