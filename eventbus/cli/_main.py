@@ -9,7 +9,8 @@
     eventbus display [--port 9000]                      (a function endpoint that prints events)
 
 Commands that inspect a running service talk to its HTTP API (``--url``, default
-``$EVENTBUS_URL`` or http://127.0.0.1:8080; ``--api-key`` or ``$EVENTBUS_API_KEY``). Errors are
+``$EVENTBUS_URL``, else the ``eventbus serve`` running on the data directory here, else
+http://127.0.0.1:8080; ``--api-key`` or ``$EVENTBUS_API_KEY``). Errors are
 one clear line on stderr and a non-zero exit code, never a traceback.
 """
 
@@ -26,13 +27,13 @@ from typing import Any
 import orjson
 
 from eventbus._errors import EventBusError
-from eventbus.cli import _rules
+from eventbus.cli import _datadir, _rules
 
 __all__ = ["main"]
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("EVENTBUS_URL", "http://127.0.0.1:8080"))
+    p.add_argument("--url", help="default: $EVENTBUS_URL, else the service running here")
     p.add_argument("--api-key", default=os.environ.get("EVENTBUS_API_KEY"))
 
 
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "url", "") is None:
+        args.url = _datadir.default_url()
     try:
         return int(args.func(args))
     except (_ApiError, EventBusError) as exc:

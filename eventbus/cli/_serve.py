@@ -34,6 +34,7 @@ from typing import Any
 
 from eventbus._errors import ConfigError, EventBusError
 from eventbus.app import Service, start_embedded
+from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import Settings
 from eventbus.http import create_app, http_server
 
@@ -196,9 +197,19 @@ def serve(
     reuse_port: bool = False,
     config_path: str | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
+    """Run until SIGTERM/SIGINT, owning ``settings.data_dir`` (workers excepted: their parent
+    owns it). Raises ConfigError (also when another live process owns the data directory),
+    StoreError or BusError at start-up."""
     _check_exposure(settings)
     _room_for_connections(settings)
+    if reuse_port:  # a worker of --workers: its parent owns the data directory
+        _run(settings, workers, reuse_port, config_path)
+        return
+    with hold_data_dir(settings.data_dir, host=settings.listen.host, port=settings.listen.port):
+        _run(settings, workers, reuse_port, config_path)
+
+
+def _run(settings: Settings, workers: int, reuse_port: bool, config_path: str | None) -> None:
     runner: Any
     runner = (
         _supervise(settings, workers, config_path)
