@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import orjson
 import psutil
 
 from eventbus._errors import BusError, ConfigError
@@ -32,6 +33,8 @@ __all__ = ["NatsServer", "free_port"]
 
 _HOST = "127.0.0.1"
 _USER = "eventbus"
+_LOG_LIMIT = 10 * 1024 * 1024
+_LOG_FILES = 10
 
 
 def free_port() -> int:
@@ -145,7 +148,15 @@ class NatsServer:
         await asyncio.to_thread(_stop_leftover, pid_file)
         conf = self.store_dir / "nats-server.conf"
         auth = f'user: "{_USER}", password: "{self._password}"'
-        _write_private(conf, f"authorization {{ {auth} }}\n")
+        # The server writes its log itself, so that it can rotate it: one file grows to
+        # _LOG_LIMIT, then is renamed with a timestamp; _LOG_FILES files are kept, the current
+        # one included. What it prints before it opens the log (a bad option) still lands in
+        # the same file.
+        log_conf = (
+            f"logfile: {orjson.dumps(str(self.log_path)).decode()}\n"
+            f"logfile_size_limit: {_LOG_LIMIT}\nlogfile_max_num: {_LOG_FILES}\n"
+        )
+        _write_private(conf, f"authorization {{ {auth} }}\n{log_conf}")
         self._log = self.log_path.open("ab")
         self._proc = await asyncio.create_subprocess_exec(
             binary,
