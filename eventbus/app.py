@@ -48,7 +48,13 @@ from eventbus.delivery import (
 )
 from eventbus.router import Router
 from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
-from eventbus.sources import SourceRunner, SourceStatus, build_source, list_dead_letters
+from eventbus.sources import (
+    SharedStatuses,
+    SourceRunner,
+    SourceStatus,
+    build_source,
+    list_dead_letters,
+)
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
 from eventbus.targets import HttpTarget, HttpTargetConfig, Target
 
@@ -134,8 +140,17 @@ def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
 class Service:
     """One running eventbus process (``async with Service(settings) as service``)."""
 
-    def __init__(self, settings: Settings, *, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        instance: str | None = None,
+        shared_sources: Path | None = None,
+    ) -> None:
+        """``shared_sources``: the directory where the workers of one ``serve --workers N``
+        share their source statuses (see :class:`~eventbus.sources.SharedStatuses`)."""
         self.settings = settings
+        self._shared_sources = shared_sources
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stack = AsyncExitStack()
         self.store: Store
@@ -273,12 +288,14 @@ class Service:
                 }
             )
         sources = [build_source(spec) for spec in specs]
+        shared = self._shared_sources
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
                 publish=self.bus.publish,
                 pool=self.store.pool,
                 instance_id=self.instance,
+                shared=None if shared is None else SharedStatuses(shared),
             )
         )
 

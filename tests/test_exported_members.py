@@ -136,6 +136,7 @@ EXPORTS: dict[str, list[str]] = {
         "Backoff",
         "Checkpoints",
         "Clock",
+        "SharedStatuses",
         "Source",
         "SourceContext",
         "SourceRunner",

@@ -8,7 +8,9 @@ Several processes (``--workers N``, to use more than one core): the parent start
 nats-server and PostgreSQL if no URLs are configured and runs N worker processes; each binds
 the port with ``SO_REUSEPORT`` so the kernel spreads connections evenly among them (one shared
 listening socket let one worker take most of them), and they share the work through the bus's
-durable consumer (or consumer group). Sources run in the first worker only. The parent
+durable consumer (or consumer group). Sources run in the first worker only. Any worker answers
+for all: the workers count their metrics in files of ``data_dir/workers/metrics`` (see
+``eventbus.metrics``) and share their sources' statuses in ``data_dir/workers/sources``. The parent
 forwards SIGTERM to the workers, restarts one that dies, supervises the embedded servers (and
 stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
 
@@ -26,12 +28,15 @@ import ipaddress
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
@@ -103,7 +108,9 @@ def _room_for_connections(settings: Settings) -> None:
 
 
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
-    async with Service(settings) as service:
+    # reuse_port: a worker of --workers N, sharing its sources' statuses with the others
+    shared = _workers_dir(settings) / "sources" if reuse_port else None
+    async with Service(settings, shared_sources=shared) as service:
         server = http_server(create_app(service), settings)
         _quiet_signals()
         # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
@@ -111,6 +118,12 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         gc.freeze()
         await server.serve(sockets=[_bind(settings, listen=True)] if reuse_port else None)
         log.info("HTTP server stopped; shutting the service down")
+
+
+def _workers_dir(settings: Settings) -> Path:
+    """What the workers of --workers N share: their metrics' files and their sources' states;
+    made afresh by their parent, which owns the data directory."""
+    return Path(settings.data_dir) / "workers"
 
 
 def _bind(settings: Settings, *, listen: bool) -> socket.socket:
@@ -138,6 +151,12 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             env["EVENTBUS_DATABASE__URL"] = embedded.database_url
         sock = _bind(settings, listen=False)
         stack.callback(sock.close)
+        shared = _workers_dir(settings)
+        shutil.rmtree(shared, ignore_errors=True)  # a crashed run's, counting nothing now
+        (shared / "metrics").mkdir(parents=True)
+        (shared / "sources").mkdir()
+        stack.callback(shutil.rmtree, shared, True)
+        env[metrics.MULTIPROC_ENV] = str(shared / "metrics")
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,6 +191,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             for i, proc in enumerate(procs):
                 if proc is not None and proc.poll() is not None and not stopping.is_set():
                     log.warning("worker %d exited with %s; restarting", i, proc.returncode)
+                    metrics.forget_process(proc.pid, shared / "metrics")
+                    (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
                     procs[i] = spawn(i)
         for proc in procs:
             if proc is not None and proc.poll() is None:

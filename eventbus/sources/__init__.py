@@ -2,7 +2,8 @@
 
 Importing this package registers every built-in connector type with the registry in
 ``_runner`` (the core never imports a specific connector; this registry does). The framework
-the connectors plug into: ``_base`` (the contract), ``_checkpoints``, ``_clock``, ``_runner``.
+the connectors plug into: ``_base`` (the contract), ``_checkpoints``, ``_clock``, ``_runner``,
+``_shared`` (statuses across worker processes).
 """
 
 # Imported for their side effect: each connector module registers its source type.
@@ -21,11 +22,13 @@ from eventbus.sources._base import Source, SourceContext, SourceStatus
 from eventbus.sources._checkpoints import Checkpoints, list_dead_letters
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 from eventbus.sources._runner import SourceRunner, build_source, register_source
+from eventbus.sources._shared import SharedStatuses
 
 __all__ = [
     "Backoff",
     "Checkpoints",
     "Clock",
+    "SharedStatuses",
     "Source",
     "SourceContext",
     "SourceRunner",
