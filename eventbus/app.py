@@ -26,8 +26,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from eventbus._errors import ConfigError
+from eventbus import metrics
+from eventbus._errors import ConfigError, EventBusError
 from eventbus._supervisor import Supervised, Supervisor
+from eventbus._tasks import cancel_and_wait
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
 from eventbus.config import (
     ConnectorSet,
@@ -36,6 +38,7 @@ from eventbus.config import (
     NatsTargetSpec,
     Settings,
     load_connectors,
+    redact_url,
 )
 from eventbus.delivery import (
     DeadLetterFilter,
@@ -63,6 +66,7 @@ __all__ = ["Embedded", "Service", "build_target", "start_embedded"]
 log = logging.getLogger("eventbus")
 
 _C = TypeVar("_C")
+_SUMMARY_EVERY = 60.0  # seconds between activity summaries in the log
 
 
 def _config(
@@ -133,6 +137,27 @@ async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
     return Embedded(nats_url, database_url, supervisor)
 
 
+async def _log_activity() -> None:
+    """Every minute in which something happened, one line: events in, deliveries out."""
+    before = metrics.activity()
+    while True:
+        await asyncio.sleep(_SUMMARY_EVERY)
+        now = metrics.activity()
+        diff = {k: round(v - before.get(k, 0.0)) for k, v in now.items()}
+        before = now
+        if any(diff.values()):
+            log.info(
+                "last %g s: %d events received, %d routed; %d delivered, %d retries "
+                "scheduled, %d dead-lettered",
+                _SUMMARY_EVERY,
+                diff.get("events_received", 0),
+                diff.get("events_routed", 0),
+                diff.get("delivered", 0),
+                diff.get("retry-scheduled", 0),
+                diff.get("dead-lettered", 0),
+            )
+
+
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
     return target_policies({name: spec.delivery for name, spec in connectors.targets.items()})
 
@@ -188,7 +213,21 @@ class Service:
 
         self.store = await Store.open(self.database_url, max_size=s.database.pool_size)
         self._stack.push_async_callback(self.store.close)
-        self.bus = await self._stack.enter_async_context(open_bus(self._bus_config()))
+        log.info("database: %s", redact_url(self.database_url))
+        bus_config = self._bus_config()
+        self.bus = await self._stack.enter_async_context(open_bus(bus_config))
+        if isinstance(bus_config, NatsBusConfig):
+            log.info(
+                "bus: NATS JetStream at %s, stream %s",
+                redact_url(bus_config.url),
+                bus_config.stream,
+            )
+        else:
+            log.info(
+                "bus: Kafka at %s, topic %s",
+                redact_url(bus_config.bootstrap_servers),
+                bus_config.topic,
+            )
 
         self.rules = RuleSetHolder(rules)
         for name, spec in self.connectors.targets.items():
@@ -222,6 +261,8 @@ class Service:
         )
         self._router.start()
         self._stack.push_async_callback(self._stop_workers)
+        summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
+        self._stack.push_async_callback(cancel_and_wait, summary)
         await self._start_sources()
         log.info(
             "eventbus ready: %d rules, %d targets, %d sources, bus=%s",
@@ -302,6 +343,8 @@ class Service:
     async def _stop_workers(self) -> None:
         # both under one deadline, so a worker's whole shutdown fits the supervisor's wait
         grace = self.settings.router.shutdown_grace
+        if self.dispatcher.in_flight:
+            log.info("waiting for %d deliveries (up to %g s)", self.dispatcher.in_flight, grace)
         await asyncio.gather(
             *(w.stop(grace) for w in (self._router, self._retries) if w is not None)
         )
@@ -319,19 +362,30 @@ class Service:
     # behind them, so those can change without the edge noticing.
 
     def reload_rules(self) -> int:
-        """Reload connectors' target names and rules; an invalid set keeps the old one."""
-        connectors = load_connectors(self.settings.connectors)
-        missing = set(connectors.targets) - set(self.targets)
-        if missing:
-            raise ConfigError(
-                f"new targets {sorted(missing)} need a restart; rules were not reloaded"
+        """Reload connectors' target names and rules; an invalid set keeps the old one (and
+        raises what is wrong with it). Logs one line either way."""
+        try:
+            connectors = load_connectors(self.settings.connectors)
+            missing = set(connectors.targets) - set(self.targets)
+            if missing:
+                raise ConfigError(
+                    f"new targets {sorted(missing)} need a restart; rules were not reloaded"
+                )
+            self.rules.reload(
+                self.settings.rules,
+                known_targets=connectors.targets.keys(),
+                check_delivery=override_checker(_policies(connectors)),
             )
-        self.rules.reload(
-            self.settings.rules,
-            known_targets=connectors.targets.keys(),
-            check_delivery=override_checker(_policies(connectors)),
-        )
-        return len(self.rules.current.rules)
+        except EventBusError as exc:
+            log.warning(
+                "rules reload failed, %d rules stay in use: %s",
+                len(self.rules.current.rules),
+                " | ".join(str(exc).splitlines()),
+            )
+            raise
+        count = len(self.rules.current.rules)
+        log.info("rules reloaded: %d rules from %s", count, self.settings.rules)
+        return count
 
     async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
         """Move dead letters back into the retry schedule (audited), due now."""

@@ -35,6 +35,7 @@ __all__ = [
     "REFUSALS_UNRECORDED",
     "REGISTRY",
     "RETRY_BACKLOG",
+    "activity",
     "forget_process",
     "render",
 ]
@@ -118,6 +119,21 @@ EMBEDDED_RESTARTS = Counter(
     ["server"],
     registry=REGISTRY,
 )
+
+
+def activity() -> dict[str, float]:
+    """This process's running totals, as the periodic summary reports them: events received
+    (every entry point) and routed, and delivery attempts by outcome (``delivered``,
+    ``retry-scheduled``, ``dead-lettered``)."""
+    totals: dict[str, float] = {}
+    for metric in (EVENTS_RECEIVED, EVENTS_ROUTED, DELIVERIES):
+        for family in metric.collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                key = sample.labels.get("outcome", family.name.removeprefix("eventbus_"))
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
 
 
 def render() -> bytes:
