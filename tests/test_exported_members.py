@@ -131,7 +131,7 @@ EXPORTS: dict[str, list[str]] = {
         "parse_delivery",
         "target_policies",
     ],
-    "eventbus.http": ["create_app", "http_server"],
+    "eventbus.http": ["Starting", "create_app", "http_server"],
     "eventbus.sources": [
         "Backoff",
         "Checkpoints",

@@ -36,12 +36,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import Settings
-from eventbus.http import create_app, http_server
+from eventbus.http import Starting, create_app, http_server
 
 __all__ = ["serve"]
 
@@ -108,16 +110,41 @@ def _room_for_connections(settings: Settings) -> None:
 
 
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
-    # reuse_port: a worker of --workers N, sharing its sources' statuses with the others
-    shared = _workers_dir(settings) / "sources" if reuse_port else None
-    async with Service(settings, shared_sources=shared) as service:
-        server = http_server(create_app(service), settings)
-        _quiet_signals()
+    if reuse_port:
+        # A worker of --workers N: it shares its sources' statuses with the others, and
+        # listens once ready, for the kernel hands a listening worker its share of the
+        # connections (the others keep serving while one restarts).
+        async with Service(settings, shared_sources=_workers_dir(settings) / "sources") as svc:
+            server = http_server(create_app(svc), settings)
+            _quiet_signals()
+            gc.freeze()
+            await server.serve(sockets=[_bind(settings, listen=True)])
+            log.info("HTTP server stopped; shutting the service down")
+        return
+    # One process: listen at once, so /healthz answers while the service starts (Starting);
+    # a taken port is refused before anything starts.
+    sock = _bind(settings, listen=True, share=False)
+    front = Starting()
+    server = http_server(front, settings)
+    _quiet_signals()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    async with contextlib.AsyncExitStack() as stack:
+        # Leaving early (the service failed to start): stop listening too. A signal during the
+        # start stops the HTTP server at once; the start is let finish (cutting it short could
+        # leave an embedded server running unowned), then everything stops in order.
+        stack.push_async_callback(_stop_serving, server, serving)
+        service = await stack.enter_async_context(Service(settings))
+        front.ready(create_app(service))
         # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
         # every future garbage collection pass.
         gc.freeze()
-        await server.serve(sockets=[_bind(settings, listen=True)] if reuse_port else None)
+        await serving
         log.info("HTTP server stopped; shutting the service down")
+
+
+async def _stop_serving(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    await serving
 
 
 def _workers_dir(settings: Settings) -> Path:
@@ -126,15 +153,23 @@ def _workers_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "workers"
 
 
-def _bind(settings: Settings, *, listen: bool) -> socket.socket:
-    """A socket on the listen address with SO_REUSEPORT; only listening ones get connections,
-    so the parent's unlistened one just holds the port (and fails early if it is taken)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((settings.listen.host, settings.listen.port))
-    if listen:
-        sock.listen(2048)
+def _bind(settings: Settings, *, listen: bool, share: bool = True) -> socket.socket:
+    """A socket on the listen address, with SO_REUSEPORT when ``share``d among workers (only
+    listening ones get connections, so the parent's unlistened one just holds the port).
+
+    Raises ConfigError when the address cannot be bound (taken, say)."""
+    host, port = settings.listen.host, settings.listen.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return sock
 
 
