@@ -128,6 +128,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     server = http_server(front, settings)
     _quiet_signals()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
+    log.info("listening on %s:%d", settings.listen.host, settings.listen.port)
     async with contextlib.AsyncExitStack() as stack:
         # Leaving early (the service failed to start): stop listening too. A signal during the
         # start stops the HTTP server at once; the start is let finish (cutting it short could
