@@ -476,6 +476,11 @@ class Service:
         """One page of the dead letters ``flt`` selects, by id, after the id ``after``."""
         return await self.deliveries.list_dead_letters(flt, limit=limit, after_id=after)
 
+    async def pending_retries(self, *, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The deliveries waiting for their next attempt, the next due first, at most
+        ``limit``, and how many wait in all. Raises StoreError."""
+        return await self.deliveries.list_retries(limit=limit)
+
     async def dead_letter(self, dl_id: int) -> dict[str, Any] | None:
         """One dead letter with its event and every attempt, or None."""
         return await self.deliveries.get_dead_letter(dl_id)

@@ -3,6 +3,7 @@
     _main      the argparse tree; the commands that talk to a running service over its HTTP API
     _rules     ``eventbus rules validate|test|test-pattern``: rules checked offline
     _serve     ``eventbus serve``: the service and its HTTP edge, in one process or several
+    _output    what those commands print: tables, or the API's JSON with ``--json``
     _display   ``eventbus display``: a function endpoint that prints what it receives
     _logging   structured logs, configured once for ``serve``
 

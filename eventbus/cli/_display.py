@@ -1,8 +1,10 @@
 """``eventbus display``: a small function endpoint that prints every CloudEvent it receives
 (the counterpart of Knative's event-display), for demos and for checking a rule by eye.
 
-It answers 200 to every POST; with ``--fail-rate`` it answers 503 to that fraction of
-requests, to watch retries and dead letters at work. It verifies Standard Webhooks
+It prints each event as a block of its own: a ``--- METHOD /path`` line, then the event as
+indented JSON (a batch as one block per event, ``(2 of 3)``); a body that is no CloudEvent is
+printed as it came. It answers 200 to every POST; with ``--fail-rate`` it answers 503 to that
+fraction of requests, to watch retries and dead letters at work. It verifies Standard Webhooks
 signatures when given ``--secret``.
 """
 
@@ -29,14 +31,14 @@ def _app(fail_rate: float, secret: str | None, seed: int | None) -> web.Applicat
         if fail_rate and rng.random() < fail_rate:
             sys.stdout.write(f"--- {request.path}: answered 503 (--fail-rate)\n")
             return web.Response(status=503, headers={"Retry-After": "1"})
-        shown: object
+        shown: list[object]
         try:
-            shown = from_http(dict(request.headers), body)
+            shown = list(from_http(dict(request.headers), body))
         except CloudEventError:
             try:
-                shown = orjson.loads(body)
+                shown = [orjson.loads(body)]
             except orjson.JSONDecodeError:
-                shown = body.decode(errors="replace")
+                shown = [body.decode(errors="replace")]
         signed = ""
         if secret is not None:
             try:
@@ -44,11 +46,13 @@ def _app(fail_rate: float, secret: str | None, seed: int | None) -> web.Applicat
                 signed = " signature ok"
             except CloudEventError as exc:
                 signed = f" SIGNATURE INVALID: {exc.detail}"
-        sys.stdout.write(
-            f"--- {request.method} {request.path}{signed}\n"
-            + orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode()
-            + "\n"
-        )
+        for n, item in enumerate(shown, 1):
+            of = f" ({n} of {len(shown)})" if len(shown) > 1 else ""
+            sys.stdout.write(
+                f"--- {request.method} {request.path}{of}{signed}\n"
+                + orjson.dumps(item, option=orjson.OPT_INDENT_2).decode()
+                + "\n"
+            )
         sys.stdout.flush()
         return web.Response(status=200)
 

@@ -1,17 +1,22 @@
 """The ``eventbus`` command line.
 
     eventbus serve [--config FILE] [--workers N]
-    eventbus publish --type T --source S [--data JSON] [--subject S]
+    eventbus publish --type T --source S [--data JSON|@FILE|-] [--id --time --subject
+                     --datacontenttype -e NAME=VALUE --mode binary|structured]
     eventbus rules validate [PATH] | test --event E.json [PATH] | test-pattern --pattern P --event E
+    eventbus rules reload                               (the running service loads its rules again)
     eventbus events show SOURCE ID
     eventbus dlq list|show ID|replay [ID]|purge [ID]   (filters: --rule --target --status ...)
+    eventbus retries list [--limit N]
     eventbus sources [--dead-letters]
     eventbus display [--port 9000]                      (a function endpoint that prints events)
 
 Commands that inspect a running service talk to its HTTP API (``--url``, default
-``$EVENTBUS_URL``, else the ``eventbus serve`` running on the data directory here, else
-http://127.0.0.1:8080; ``--api-key`` or ``$EVENTBUS_API_KEY``). Errors are
-one clear line on stderr and a non-zero exit code, never a traceback.
+``$EVENTBUS_URL``, else the ``eventbus serve`` running on the data directory here (``_datadir``),
+else http://127.0.0.1:8080; ``--api-key``, default ``$EVENTBUS_API_KEY``) and
+print tables for people, or the API's JSON answer with ``--json`` (``_output``). Errors are one
+clear line on stderr, never a traceback; the exit code is 1 when the service refused or could
+not be reached and 2 for unusable input on the command line (as argparse's own errors).
 """
 
 from __future__ import annotations
@@ -29,17 +34,54 @@ import orjson
 from eventbus._errors import EventBusError
 from eventbus.cli import _datadir, _rules
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that shows every option's default, unless it has none worth showing (None,
+    False, an empty list) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default:" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            or (not action.option_strings and action.nargs != "?")
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: ``add_subparsers`` makes its children of the same class,
+    so the whole tree shows defaults in its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="default: $EVENTBUS_URL, else the service running here")
-    p.add_argument("--api-key", default=os.environ.get("EVENTBUS_API_KEY"))
+    p.add_argument(
+        "--url",
+        help="the running service's HTTP API (default: $EVENTBUS_URL, else the eventbus serve "
+        "running on the data directory here, ./.eventbus or $EVENTBUS_DATA_DIR, else "
+        "http://127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="an API key with scope admin (default: $EVENTBUS_API_KEY; never shown here)",
+    )
+    p.add_argument("--json", action="store_true", help="print the API's JSON answer, for scripts")
 
 
 def _filter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rule")
-    p.add_argument("--target")
+    p.add_argument("--rule", help="only this rule's dead letters")
+    p.add_argument("--target", help="only this target's dead letters")
     p.add_argument("--status", type=int, help="last HTTP status")
     p.add_argument("--reason", help="attempts-exhausted, too-old, non-retryable, gone, ...")
     p.add_argument("--since", help="ISO 8601 time")
@@ -48,7 +90,16 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
 
 
 class _ApiError(Exception):
-    pass
+    """The service refused a request (``status``) or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, *, status: int | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+class _BadInput(Exception):
+    """An option's value cannot be used; raised before anything is sent."""
 
 
 def _request(
@@ -61,8 +112,9 @@ def _request(
     req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
     for k, v in (headers or {}).items():
         req.add_header(k, v)
-    if args.api_key:
-        req.add_header("Authorization", f"Bearer {args.api_key}")
+    api_key = args.api_key or os.environ.get("EVENTBUS_API_KEY")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             raw = resp.read()
@@ -70,18 +122,25 @@ def _request(
         raw = exc.read()
         try:
             problem = orjson.loads(raw)
-            detail = problem.get("detail") or problem
-        except orjson.JSONDecodeError:
+            detail = str(problem.get("detail") or problem)
+        except (orjson.JSONDecodeError, AttributeError):
             detail = raw.decode(errors="replace")[:500]
-        raise _ApiError(f"{exc.code} {exc.reason}: {detail}") from None
+        message = f"{exc.code} {exc.reason}: {detail}"
+        raise _ApiError(message, status=exc.code, detail=detail) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _ApiError(f"cannot reach eventbus at {args.url}: {reason}") from None
     return orjson.loads(raw) if raw else None
 
 
-def _print(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+def _show(args: argparse.Namespace, kind: str, body: Any) -> int:
+    from eventbus.cli._output import SHOW, print_json
+
+    if args.json:
+        print_json(body, sys.stdout)
+    else:
+        SHOW[kind](body, sys.stdout)
+    return 0
 
 
 def _query(args: argparse.Namespace, **extra: Any) -> str:
@@ -110,63 +169,145 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_publish(args: argparse.Namespace) -> int:
-    from eventbus.cloudevents import new_event
-
-    try:
-        data = orjson.loads(args.data) if args.data is not None else None
-    except orjson.JSONDecodeError as exc:
-        raise _ApiError(f"--data is not valid JSON: {exc}") from None
-    event = new_event(type=args.type, source=args.source, subject=args.subject, data=data)
-    _print(
-        _request(
-            args,
-            "POST",
-            "/events",
-            orjson.dumps(event),
-            {"Content-Type": "application/cloudevents+json"},
-        )
+# Attributes with a meaning of their own in CloudEvents 1.0: never extensions.
+_CORE_ATTRIBUTES = frozenset(
+    (
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+        "dataschema",
+        "data",
+        "data_base64",
     )
-    return 0
+)
+_WITH_OPTION = frozenset(("id", "source", "type", "subject", "time", "datacontenttype", "data"))
+
+
+def _extension(text: str) -> tuple[str, str]:
+    """``-e NAME=VALUE``: a CloudEvents extension attribute (argparse's ``type``), checked by
+    the rules every event meets on ingest."""
+    from eventbus._errors import CloudEventError
+    from eventbus.cloudevents import validate
+
+    name, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    if name in _CORE_ATTRIBUTES:
+        hint = f": use --{name}" if name in _WITH_OPTION else ""
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is a CloudEvents attribute, not an extension{hint}"
+        )
+    try:
+        validate({"specversion": "1.0", "id": "-", "source": "-", "type": "-", name: value})
+    except CloudEventError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+    return name, value
+
+
+def _data_bytes(spec: str) -> tuple[bytes, str]:
+    """The bytes ``--data`` names, and how to name where they came from in an error."""
+    if spec == "-":
+        return sys.stdin.buffer.read(), "--data - (standard input)"
+    if spec.startswith("@"):
+        path = spec[1:]
+        try:
+            with open(path, "rb") as file:
+                return file.read(), f"--data {spec}"
+        except OSError as exc:
+            raise _BadInput(f"--data {spec}: cannot read {path!r}: {exc.strerror or exc}") from None
+    return spec.encode(), "--data"
+
+
+def _payload(args: argparse.Namespace) -> dict[str, Any]:
+    """The data part of the event: JSON (parsed) unless ``--datacontenttype`` says otherwise,
+    then text, or ``data_base64`` for bytes that are not UTF-8."""
+    if args.data is None:
+        return {}
+    raw, where = _data_bytes(args.data)
+    media = (args.datacontenttype or "application/json").partition(";")[0].strip().lower()
+    if media.endswith(("/json", "+json")):  # the JSON event format's test for JSON data
+        try:
+            return {"data": orjson.loads(raw)}
+        except orjson.JSONDecodeError as exc:
+            hint = "" if args.datacontenttype else " (for text, give --datacontenttype text/plain)"
+            raise _BadInput(f"{where} is not valid JSON: {exc}{hint}") from None
+    try:
+        return {"data": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"data": raw}  # new_event sends bytes as data_base64
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from eventbus._errors import CloudEventError
+    from eventbus.cloudevents import new_event, to_http
+
+    extensions: dict[str, str] = {}
+    for name, value in args.extension:
+        if name in extensions:
+            raise _BadInput(f"extension {name!r} is given twice (-e {name}=...)")
+        extensions[name] = value
+    payload = _payload(args)
+    optional = {"id": args.id, "time": args.time, "datacontenttype": args.datacontenttype}
+    try:
+        event = new_event(
+            type=args.type,
+            source=args.source,
+            subject=args.subject,
+            **payload,
+            **{k: v for k, v in optional.items() if v is not None},
+            **extensions,
+        )
+        headers, body = to_http(event, structured=args.mode == "structured")
+    except CloudEventError as exc:
+        raise _BadInput(f"invalid event: {exc.detail}") from None
+    return _show(args, "accepted", _request(args, "POST", "/events", body, headers))
 
 
 def _cmd_events_show(args: argparse.Namespace) -> int:
     q = urllib.parse.urlencode({"source": args.source_, "id": args.id})
-    _print(_request(args, "GET", f"/events/trail?{q}"))
-    return 0
+    return _show(args, "event-trail", _request(args, "GET", f"/events/trail?{q}"))
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
     action = args.action
     if action == "list":
-        _print(
-            _request(
-                args, "GET", "/dead-letters" + _query(args, limit=args.limit, after=args.after)
-            )
-        )
-    elif action == "show":
-        _print(_request(args, "GET", f"/dead-letters/{args.id}"))
-    elif action == "replay":
+        query = _query(args, limit=args.limit, after=args.after)
+        return _show(args, "dead-letters", _request(args, "GET", "/dead-letters" + query))
+    if action == "show":
+        return _show(args, "dead-letter", _request(args, "GET", f"/dead-letters/{args.id}"))
+    if action == "replay":
         if args.id is not None:
-            _print(_request(args, "POST", f"/dead-letters/{args.id}/replay"))
+            path = f"/dead-letters/{args.id}/replay"
         else:
-            _print(
-                _request(
-                    args,
-                    "POST",
-                    "/dead-letters/replay" + _query(args, all="true" if args.all else None),
-                )
-            )
-    elif action == "purge":
-        if args.id is not None:
-            _print(_request(args, "DELETE", f"/dead-letters/{args.id}"))
-        else:
-            _print(
-                _request(
-                    args, "DELETE", "/dead-letters" + _query(args, all="true" if args.all else None)
-                )
-            )
-    return 0
+            path = "/dead-letters/replay" + _query(args, all="true" if args.all else None)
+        return _show(args, "replayed", _request(args, "POST", path))
+    if args.id is not None:
+        path = f"/dead-letters/{args.id}"
+    else:
+        path = "/dead-letters" + _query(args, all="true" if args.all else None)
+    return _show(args, "purged", _request(args, "DELETE", path))
+
+
+def _cmd_retries(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"limit": args.limit})
+    return _show(args, "retries", _request(args, "GET", f"/retries?{query}"))
+
+
+def _cmd_rules_reload(args: argparse.Namespace) -> int:
+    try:
+        answer = _request(args, "POST", "/rules/reload")
+    except _ApiError as exc:
+        if exc.status != 400:
+            raise
+        # every problem, one a line, as `eventbus rules validate` prints them
+        sys.stderr.write("eventbus: rules not reloaded, the running ones stay:\n")
+        sys.stderr.write("".join(f"{line}\n" for line in exc.detail.splitlines()))
+        return EXIT_FAILED
+    return _show(args, "reloaded", answer)
 
 
 def _cmd_display(args: argparse.Namespace) -> int:
@@ -177,71 +318,127 @@ def _cmd_display(args: argparse.Namespace) -> int:
 
 
 def _cmd_sources(args: argparse.Namespace) -> int:
-    path = "/sources/dead-letters" if args.dead_letters else "/sources"
-    _print(_request(args, "GET", path))
-    return 0
+    if args.dead_letters:
+        return _show(args, "source-dead-letters", _request(args, "GET", "/sources/dead-letters"))
+    return _show(args, "sources", _request(args, "GET", "/sources"))
+
+
+def _add_publish(sub: Any) -> None:
+    p = sub.add_parser("publish", help="publish one CloudEvent to a running service")
+    p.add_argument("--type", required=True, help="the event's type: com.example.order.placed")
+    p.add_argument("--source", required=True, help="the event's source: shop/orders")
+    p.add_argument("--id", help="the event's id (default: a new UUID)")
+    p.add_argument("--time", help="RFC 3339 time: 2026-01-31T12:00:00Z (default: now)")
+    p.add_argument("--subject", help="the event's subject, within its source")
+    p.add_argument(
+        "--data",
+        metavar="JSON|@FILE|-",
+        help="the payload: text, @FILE to read a file, - to read standard input",
+    )
+    p.add_argument(
+        "--datacontenttype",
+        metavar="MEDIA-TYPE",
+        help="the payload's media type; JSON types parse --data as JSON, others send it as text "
+        "(bytes that are not UTF-8 as data_base64) (default: application/json)",
+    )
+    p.add_argument(
+        "-e",
+        "--extension",
+        action="append",
+        default=[],
+        type=_extension,
+        metavar="NAME=VALUE",
+        help="an extension attribute (string value), repeatable; NAME: lowercase a-z and 0-9",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("structured", "binary"),
+        default="structured",
+        help="HTTP content mode: the event as JSON, or attributes as ce-* headers",
+    )
+    _client_args(p)
+    p.set_defaults(func=_cmd_publish)
+
+
+def _add_dlq(sub: Any) -> None:
+    p = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
+    dl = p.add_subparsers(dest="action", required=True)
+    helps = {
+        "list": "dead letters, newest first, one page at a time",
+        "show": "one dead letter with its event and every attempt",
+        "replay": "deliver dead letters again, with a fresh attempt budget",
+        "purge": "delete dead letters",
+    }
+    for action, text in helps.items():
+        a = dl.add_parser(action, help=text, description=text)
+        if action == "show":
+            a.add_argument("id", type=int, help="the dead letter's id")
+        else:
+            if action != "list":
+                a.add_argument(
+                    "id", type=int, nargs="?", help="one dead letter's id (else: the filters)"
+                )
+                a.add_argument("--all", action="store_true", help="every dead letter")
+            _filter_args(a)
+        if action == "list":
+            a.add_argument("--limit", type=int, default=100, help="dead letters per page")
+            a.add_argument("--after", type=int, help="page: the last id of the previous page")
+        _client_args(a)
+        a.set_defaults(func=_cmd_dlq)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eventbus", description="A self-hosted event bus and trigger router."
-    )
+    parser = _Parser(prog="eventbus", description="A self-hosted event bus and trigger router.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the service (embedded NATS + PostgreSQL by default)")
     p.add_argument(
         "--config",
         default=os.environ.get("EVENTBUS_CONFIG"),
-        help="settings YAML (default: built-in defaults + EVENTBUS_* env)",
+        help="settings YAML ($EVENTBUS_CONFIG when set; else built-in defaults + EVENTBUS_* env)",
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the bus")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--host", help="listen on this address (default: listen.host of the settings)")
+    p.add_argument(
+        "--port", type=int, help="listen on this port (default: listen.port of the settings)"
+    )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("publish", help="publish one CloudEvent to a running service")
-    p.add_argument("--type", required=True)
-    p.add_argument("--source", required=True)
-    p.add_argument("--subject")
-    p.add_argument("--data", help="JSON payload")
-    _client_args(p)
-    p.set_defaults(func=_cmd_publish)
+    _add_publish(sub)
 
-    p = sub.add_parser("rules", help="validate and test routing rules offline")
-    _rules.register(p.add_subparsers(dest="rules_command", required=True))
+    p = sub.add_parser("rules", help="validate and test routing rules; reload a running service's")
+    rules = p.add_subparsers(dest="rules_command", required=True)
+    _rules.register(rules)
+    p = rules.add_parser(
+        "reload", help="ask the running service to load its rule files again (admin API)"
+    )
+    _client_args(p)
+    p.set_defaults(func=_cmd_rules_reload)
 
     p = sub.add_parser("events", help="inspect the audit trail")
     ev = p.add_subparsers(dest="events_command", required=True)
     show = ev.add_parser("show", help="an event's whole trail: matches and delivery attempts")
-    show.add_argument("source_", metavar="SOURCE")
-    show.add_argument("id")
+    show.add_argument("source_", metavar="SOURCE", help="the event's source")
+    show.add_argument("id", help="the event's id")
     _client_args(show)
     show.set_defaults(func=_cmd_events_show)
 
-    p = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
-    dl = p.add_subparsers(dest="action", required=True)
-    for action in ("list", "show", "replay", "purge"):
-        a = dl.add_parser(action)
-        if action == "show":
-            a.add_argument("id", type=int)
-        else:
-            if action != "list":
-                a.add_argument("id", type=int, nargs="?")
-                a.add_argument("--all", action="store_true", help="every dead letter")
-            _filter_args(a)
-        if action == "list":
-            a.add_argument("--limit", type=int, default=100)
-            a.add_argument("--after", type=int, help="page: the last id of the previous page")
-        _client_args(a)
-        a.set_defaults(func=_cmd_dlq)
+    _add_dlq(sub)
+
+    p = sub.add_parser("retries", help="deliveries waiting for their next attempt")
+    rt = p.add_subparsers(dest="retries_command", required=True)
+    a = rt.add_parser("list", help="pending retries, the next due first")
+    a.add_argument("--limit", type=int, default=100, help="at most this many")
+    _client_args(a)
+    a.set_defaults(func=_cmd_retries)
 
     p = sub.add_parser("display", help="a function endpoint that prints what it receives")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--host", default="127.0.0.1", help="listen on this address")
+    p.add_argument("--port", type=int, default=9000, help="listen on this port")
     p.add_argument("--fail-rate", type=float, default=0.0, help="answer 503 to this fraction")
     p.add_argument("--secret", help="verify Standard Webhooks signatures with this secret")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of --fail-rate's random choices")
     p.set_defaults(func=_cmd_display)
 
     p = sub.add_parser("sources", help="show each source's state, last event, errors and lag")
@@ -258,8 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         args.url = _datadir.default_url()
     try:
         return int(args.func(args))
+    except _BadInput as exc:
+        sys.stderr.write(f"eventbus: {exc}\n")
+        return EXIT_BAD_INPUT
     except (_ApiError, EventBusError) as exc:
         sys.stderr.write(f"eventbus: {exc}\n")
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -12,6 +12,9 @@ File shape::
       - name: thumbnailer
         type: http
         url: http://127.0.0.1:9000/thumbnail
+      - name: audit
+        type: http
+        url: {env: AUDIT_URL, default: "http://127.0.0.1:9000/audit"}
     sources:
       - name: nightly
         type: timer
@@ -20,6 +23,8 @@ File shape::
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,12 +113,15 @@ class ConnectorSet:
     source_lines: Mapping[str, str] = field(default_factory=dict)
 
 
-def load_connectors(path: str | Path) -> ConnectorSet:
-    """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file).
+def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> ConnectorSet:
+    """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file); a target's
+    ``url: {env: NAME, default: VALUE}`` is read from ``env`` (default: the process's).
 
     A missing directory is an empty set. Raises ConfigError listing every problem (file, line,
-    connector name): invalid YAML, unknown keys, bad values, duplicate names.
+    connector name): invalid YAML, unknown keys, bad values, duplicate names, an unset
+    variable without a default.
     """
+    env = os.environ if env is None else env
     errors: list[str] = []
     targets: dict[str, Any] = {}
     sources: dict[str, Mapping[str, Any]] = {}
@@ -134,7 +142,7 @@ def load_connectors(path: str | Path) -> ConnectorSet:
             errors.extend(pydantic_errors(doc, exc))
             continue
         for i, raw in enumerate(parsed.targets):
-            _load_target(doc, i, raw, targets, target_where, errors)
+            _load_target(doc, i, raw, env, targets, target_where, errors)
         for i, raw in enumerate(parsed.sources):
             name = raw.get("name")
             loc = f"{doc.file}:{doc.line(('sources', i))}"
@@ -154,11 +162,19 @@ def _load_target(
     doc: YamlDoc,
     i: int,
     raw: dict[str, Any],
+    env: Mapping[str, str],
     targets: dict[str, Any],
     where: dict[str, str],
     errors: list[str],
 ) -> None:
     loc = f"{doc.file}:{doc.line(('targets', i))}"
+    if isinstance(raw.get("url"), dict):
+        try:
+            raw = {**raw, "url": _from_env(raw["url"], env)}
+        except ValueError as exc:
+            line = doc.line(("targets", i, "url"))
+            errors.append(f"{doc.file}:{line}: targets.{i}.url: {exc} (target {raw.get('name')!r})")
+            return
     try:
         spec = _TARGET.validate_python(raw)
     except ValidationError as exc:
@@ -172,3 +188,24 @@ def _load_target(
         return
     targets[spec.name] = spec
     where[spec.name] = loc
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _from_env(value: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    """``{env: NAME, default: VALUE}``: the variable's value, or the default when it is unset
+    or empty (as the shell's ``${NAME:-VALUE}``). Raises ValueError saying what is wrong."""
+    unknown = sorted(set(value) - {"env", "default"})
+    name, default = value.get("env"), value.get("default")
+    if unknown or not isinstance(name, str):
+        extra = f"unknown key {unknown[0]!r}; " if unknown else ""
+        raise ValueError(f"{extra}write a string or {{env: NAME, default: VALUE}}")
+    if _ENV_NAME.match(name) is None:
+        raise ValueError(f"{name!r} is not an environment variable name")
+    if default is not None and not isinstance(default, str):
+        raise ValueError(f"the default of {name} must be a string")
+    found = env.get(name) or default
+    if found is None:
+        raise ValueError(f"environment variable {name} is not set and no default is given")
+    return found

@@ -266,6 +266,33 @@ class DeliveryStore:
             )
         )
 
+    async def list_retries(self, *, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+        """The pending retries, the next due first (claimed ones too: their attempt is under
+        way), at most ``limit`` of them, and how many are pending in all. Each names the last
+        attempt's status and error; ``rule`` as rows name it (``orders#dead-letter`` for a
+        follow-up)."""
+        rows = await self._run(
+            "listing retries",
+            self._pool.fetch(
+                "SELECT id, event_source, event_id, rule, target, attempts, due_at, waiting_for,"
+                " first_attempt_at, locked_until IS NOT NULL AND locked_until > now() AS claimed,"
+                " (history->-1->>'status')::int AS last_status,"
+                " history->-1->>'error' AS last_error, count(*) OVER () AS total"
+                " FROM delivery_retries ORDER BY due_at, id LIMIT $1",
+                limit,
+            ),
+            deadline=READ_TIMEOUT,
+        )
+        total = int(rows[0]["total"]) if rows else 0
+        items = []
+        for row in rows:
+            item = dict(row)
+            del item["total"]
+            for key in ("due_at", "first_attempt_at"):
+                item[key] = item[key].isoformat()
+            items.append(item)
+        return items, total
+
     async def list_dead_letters(
         self, flt: DeadLetterFilter, *, limit: int = 100, after_id: int | None = None
     ) -> list[dict[str, Any]]:

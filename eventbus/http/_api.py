@@ -217,6 +217,17 @@ def _require_filter(flt: DeadLetterFilter, every: str | None) -> None:
         )
 
 
+@admin.get(
+    "/retries",
+    response_model=schemas.Retries,
+    responses=_problems(400),
+    summary="Deliveries waiting for their next attempt, the next due first",
+)
+async def list_retries(request: Request, limit: Limit = 100) -> Response:
+    items, total = await _service(request).pending_retries(limit=limit)
+    return _json({"items": items, "total": total})
+
+
 @admin.post(
     "/targets/{name}/enable",
     response_model=schemas.Enabled,

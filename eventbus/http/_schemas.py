@@ -28,6 +28,7 @@ __all__ = [
     "Readiness",
     "Reloaded",
     "Replayed",
+    "Retries",
     "Rules",
     "SourceDeadLetters",
     "Sources",
@@ -169,6 +170,33 @@ class Replayed(_Body):
     """The dead letters moved back into the retry schedule, due now."""
 
     replayed: list[ReplayedItem]
+
+
+class PendingRetry(_Body):
+    """A delivery waiting for its next attempt; ``claimed`` while an attempt is under way.
+    ``waiting_for``: ``retry`` (backoff), ``circuit`` (the target's breaker is open), or
+    ``replay`` (a dead letter replayed)."""
+
+    id: int
+    event_source: str
+    event_id: str
+    rule: str
+    target: str
+    attempts: int
+    due_at: str
+    waiting_for: str
+    first_attempt_at: str
+    claimed: bool
+    last_status: int | None
+    last_error: str | None
+
+
+class Retries(_Body):
+    """The pending retries, the next due first; ``total`` counts all of them, beyond
+    ``limit`` too."""
+
+    items: list[PendingRetry]
+    total: int
 
 
 class Purged(_Body):

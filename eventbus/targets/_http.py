@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -36,7 +37,7 @@ from eventbus.targets._base import (
 )
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
-__all__ = ["HttpTarget", "HttpTargetConfig", "parse_retry_after"]
+__all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetConfig", "parse_retry_after"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,59 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 """Response bodies are read up to this size; a larger body is cut off and the connection dropped."""
 
 _IDENTITY = ("specversion", "id", "source", "type")
+
+CONNECTION_LIMIT = 512
+"""Requests in flight over all HTTP targets of a process (one shared pool); each target's own
+``concurrency`` caps its share. A request waiting for a free connection counts towards its
+attempt's timeout."""
+
+KEEPALIVE_SECONDS = 15.0
+"""How long an idle connection is kept for reuse: one per endpoint host and port, not per target."""
+
+
+class _SharedSession:
+    """One aiohttp session for every HTTP target on an event loop: one connection pool and one
+    DNS cache, so file descriptors grow with the endpoints in use, not with the targets defined.
+
+    Reference-counted: the first target to open creates it, the last to close closes it.
+    """
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedSession] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=CONNECTION_LIMIT, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
+            ),
+            # Uncompressed answers only: a compressed body could expand past the read bound.
+            # No default Content-Type either: in binary mode it is the event's datacontenttype,
+            # so an event without data must arrive without one.
+            skip_auto_headers=("Accept-Encoding", "Content-Type"),
+            auto_decompress=False,
+        )
+        self.users = 0
+
+    @classmethod
+    def acquire(cls) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        shared = cls._by_loop.get(loop)
+        if shared is None or shared.session.closed:
+            shared = cls._by_loop[loop] = cls()
+        shared.users += 1
+        return shared.session
+
+    @classmethod
+    async def release(cls, session: aiohttp.ClientSession) -> None:
+        shared = cls._by_loop.get(asyncio.get_running_loop())
+        if shared is None or shared.session is not session:
+            await session.close()  # opened on a loop that has since been replaced
+            return
+        shared.users -= 1
+        if shared.users == 0:
+            del cls._by_loop[asyncio.get_running_loop()]
+            await session.close()
 
 
 @dataclass(frozen=True)
@@ -124,9 +178,10 @@ async def _read_bounded(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
 class HttpTarget:
     """Delivers events to one HTTP endpoint; use as ``async with HttpTarget(config) as target``.
 
-    One aiohttp session per target, its connection pool sized to ``concurrency`` and a semaphore
-    making that a hard cap on requests in flight (callers beyond it wait their turn; the wait is
-    not part of the per-attempt timeout).
+    Every HTTP target of the process shares one connection pool (``CONNECTION_LIMIT``
+    connections in flight, idle ones kept per endpoint); a semaphore caps this target's requests
+    in flight at ``concurrency`` (callers beyond it wait their turn; that wait is not part of the
+    per-attempt timeout).
     """
 
     def __init__(self, config: HttpTargetConfig) -> None:
@@ -158,20 +213,13 @@ class HttpTarget:
         self._static = {"User-Agent": "eventbus", **config.headers}
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.concurrency)
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
 
     async def __aenter__(self) -> Self:
-        """Open the connection pool. Raises ``RuntimeError`` if the target is already open."""
+        """Join the shared connection pool; raises ``RuntimeError`` if already open."""
         if self._session is not None:
             raise RuntimeError(f"HTTP target {self.name!r} is already open")
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.concurrency),
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-            # Uncompressed answers only: a compressed body could expand past the read bound.
-            # No default Content-Type either: in binary mode it is the event's datacontenttype,
-            # so an event without data must arrive without one.
-            skip_auto_headers=("Accept-Encoding", "Content-Type"),
-            auto_decompress=False,
-        )
+        self._session = _SharedSession.acquire()
         return self
 
     async def __aexit__(
@@ -181,8 +229,8 @@ class HttpTarget:
         tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
-            await self._session.close()
-            self._session = None
+            session, self._session = self._session, None
+            await _SharedSession.release(session)
 
     def _request(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool
@@ -229,7 +277,11 @@ class HttpTarget:
             start = time.perf_counter()
             try:
                 async with session.post(
-                    self._url, data=body, headers=headers, allow_redirects=False
+                    self._url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._timeout,
                 ) as resp:
                     content, complete = await _read_bounded(resp.content)
                     if not complete:

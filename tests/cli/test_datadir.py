@@ -127,7 +127,7 @@ async def test_a_second_serve_is_refused_and_the_first_survives_until_killed() -
         # the first one's servers untouched, and it still answers
         assert psutil.Process(nats_pid).is_running() and _nats_pid(data) == nats_pid
         code, out, err = await _cli(
-            "sources", cwd=root, env={**env, "EVENTBUS_DATA_DIR": str(data)}
+            "sources", "--json", cwd=root, env={**env, "EVENTBUS_DATA_DIR": str(data)}
         )
         assert (code, err) == (0, "") and '"sources"' in out  # found without --url
 

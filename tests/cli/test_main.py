@@ -1,16 +1,21 @@
-"""The ``eventbus`` command line against a running service: publish, events show, dlq
-list/show/replay/purge, sources; and clear one-line errors instead of tracebacks."""
+"""The ``eventbus`` command line against a running service: publish (every option), events
+show, dlq list/show/replay/purge, retries list, sources, rules reload, as tables and as
+``--json``; help on every option; display; and clear one-line errors instead of tracebacks."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
+from eventbus.cli._main import build_parser
+from eventbus.http import _schemas as schemas
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import StartService, free_port
 from tests.fixtures.wait import eventually
@@ -21,16 +26,19 @@ RULES = """
 """
 
 
-async def _cli(*args: str) -> tuple[int, Any, str]:
+async def _cli(*args: str, stdin: bytes | None = None) -> tuple[int, Any, str]:
+    """Run ``python -m eventbus ARGS``: the exit code, stdout (parsed when it is JSON, else
+    the text) and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "eventbus",
         *args,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
     text = out.decode()
     try:
         parsed = orjson.loads(text) if text.strip() else None
@@ -50,7 +58,7 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
         rules=RULES,
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn"), "delivery": policy}],
     )
-    url = ("--url", svc.url)
+    url = ("--url", svc.url, "--json")
 
     code, out, err = await _cli(
         "publish", "--type", "t", "--source", "cli", "--data", '{"n": 1}', *url
@@ -89,6 +97,32 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     code, out, _ = await _cli("sources", *url)
     assert code == 0 and out == {"sources": []}
 
+    # the same answers as tables, for people
+    code, out, _ = await _cli("dlq", "replay", "--all", *url)  # nothing left: replayed above
+    assert code == 0 and out == {"replayed": []}
+    receiver.respond(503)
+    await _cli("publish", "--type", "t", "--source", "cli", "--id", "e-2", *url)
+    code, out, err = await eventually(listed, every=0.2, what="the second dead letter")
+    plain = ("--url", svc.url)
+    code, text, _ = await _cli("dlq", "list", *plain)
+    header, row = text.splitlines()
+    assert header.split() == [
+        *("ID", "CREATED", "RULE", "TARGET", "ATTEMPTS", "STATUS", "REASON", "EVENT", "ERROR")
+    ]
+    assert row.split()[2:7] == ["all", "fn", "2", "503", "attempts-exhausted"]
+    assert "cli e-2" in row
+    code, text, _ = await _cli("dlq", "show", str(out["items"][0]["id"]), *plain)
+    assert code == 0 and "reason" in text and "attempts-exhausted" in text
+    assert text.count(" 503 ") >= 2, text  # a row per attempt
+    await svc.service.store.audit.flush()
+    code, text, _ = await _cli("events", "show", "cli", "e-2", *plain)
+    assert code == 0 and "matched 1 route" in text and "2 attempts" in text
+    assert "retry-scheduled" in text and "dead-lettered" in text
+    code, text, _ = await _cli("dlq", "purge", "--all", *plain)
+    assert (code, text) == (0, "purged 1 dead letter\n")
+    code, text, _ = await _cli("sources", *plain)
+    assert (code, text) == (0, "no sources running\n")
+
 
 async def test_cli_errors_are_one_line() -> None:
     code, _, err = await _cli("dlq", "list", "--url", f"http://127.0.0.1:{free_port()}")
@@ -98,7 +132,7 @@ async def test_cli_errors_are_one_line() -> None:
     code, _, err = await _cli(
         "publish", "--type", "t", "--source", "s", "--data", "{bad", "--url", "http://127.0.0.1:1"
     )
-    assert code == 1 and "--data is not valid JSON" in err
+    assert code == 2 and "--data is not valid JSON" in err
     code, _, err = await _cli("serve", "--config", "/nonexistent.yaml")
     assert code == 1 and "cannot read settings" in err and "Traceback" not in err
 
@@ -149,3 +183,236 @@ async def test_bad_delivery_override_in_a_rule_is_refused_at_load(tmp_path: Path
     assert code == 1, text
     assert "r.yaml:4 rule 'over': targets.0.delivery: retry.max_attempts" in text
     assert "r.yaml:8 rule 'extra': targets.0.delivery: bogus" in text
+
+
+def _every_parser(
+    parser: argparse.ArgumentParser, name: str = "eventbus"
+) -> list[tuple[str, argparse.ArgumentParser]]:
+    found = [(name, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                found += _every_parser(sub, f"{name} {sub_name}")
+    return found
+
+
+def test_every_option_of_every_command_has_help_with_its_default() -> None:
+    parsers = _every_parser(build_parser())
+    assert {"eventbus retries list", "eventbus rules reload", "eventbus publish"} <= {
+        name for name, _ in parsers
+    }
+    for name, parser in parsers:
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if action.help == argparse.SUPPRESS:
+                assert action.dest == "reuse_port", (name, action.dest)  # internal to --workers
+                continue
+            assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+            if action.default not in (None, False, []):
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action)
+    publish = dict(parsers)["eventbus publish"].format_help()
+    assert "(default: structured)" in publish and "(default: a new UUID)" in publish
+
+
+async def test_publish_refuses_bad_input_with_a_clear_message(tmp_path: Path) -> None:
+    nowhere = ("--url", f"http://127.0.0.1:{free_port()}")  # refused before anything is sent
+    base = ("publish", "--type", "t", "--source", "s", *nowhere)
+    (tmp_path / "bad.json").write_text('{"a": ')
+    cases = [
+        (["-e", "Tenant=a"], "extension attribute name 'Tenant' is invalid"),
+        (["-e", "ten-ant=a"], "lowercase letters a-z and digits 0-9"),
+        (["-e", "tenant"], "'tenant' is not NAME=VALUE"),
+        (["-e", "tenant=a\tb"], "attribute 'tenant'"),
+        (["-e", "id=x"], "'id' is a CloudEvents attribute, not an extension: use --id"),
+        (["-e", "dataschema=x"], "'dataschema' is a CloudEvents attribute"),
+        (["-e", "a=1", "-e", "a=2"], "extension 'a' is given twice"),
+        (["--time", "yesterday"], "attribute 'time' must be an RFC 3339 timestamp"),
+        (["--datacontenttype", "json"], "datacontenttype"),
+        (["--mode", "batch"], "argument --mode: invalid choice: 'batch'"),
+        (["--data", "@" + str(tmp_path / "bad.json")], f"--data @{tmp_path}/bad.json is not valid"),
+        (["--data", "@" + str(tmp_path / "none.json")], "cannot read"),
+        (["--data", "{bad"], "--data is not valid JSON"),
+    ]
+    for extra, message in cases:
+        code, _, err = await _cli(*base, *extra)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+    code, _, err = await _cli(*base, "--data", "-", stdin=b"[1,")
+    assert code == 2 and "--data - (standard input) is not valid JSON" in err, err
+
+
+async def test_publish_sets_every_attribute_in_either_mode(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    svc = await eventbus(
+        rules=RULES, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    payload = tmp_path / "order.json"
+    payload.write_text('{"order": "o-1", "total": 12.5}')
+    common = ("--type", "com.example.t", "--source", "shop/cli", "--url", svc.url)
+    code, out, err = await _cli(
+        "publish",
+        *common,
+        "--id",
+        "p-1",
+        "--time",
+        "2026-01-31T12:00:00Z",
+        "--subject",
+        "orders/o-1",
+        "-e",
+        "tenant=acme",
+        "-e",
+        "partitionkey=o1",
+        "--mode",
+        "binary",
+        "--data",
+        f"@{payload}",
+    )
+    assert (code, out) == (0, "accepted shop/cli p-1\n"), err
+    code, out, err = await _cli(
+        "publish",
+        *common,
+        "--id",
+        "p-2",
+        "--datacontenttype",
+        "text/plain",
+        "--data",
+        "-",
+        "--json",
+        stdin="grüße\n".encode(),
+    )
+    assert (code, out) == (0, {"id": "p-2", "source": "shop/cli"}), err
+    first, second = sorted(
+        (r.cloudevent or {} for r in await receiver.wait_for(2)), key=lambda e: e["id"]
+    )
+    assert {k: first[k] for k in ("id", "time", "subject", "tenant", "partitionkey")} == {
+        "id": "p-1",
+        "time": "2026-01-31T12:00:00Z",
+        "subject": "orders/o-1",
+        "tenant": "acme",
+        "partitionkey": "o1",
+    }
+    assert first["data"] == {"order": "o-1", "total": 12.5}
+    assert first["datacontenttype"] == "application/json"
+    assert second["datacontenttype"] == "text/plain" and second["data"] == "grüße\n"
+    assert "time" in second  # now, by default
+    await svc.service.store.audit.flush()
+    trail = await svc.trail("shop/cli", "p-1")
+    assert trail["via"] == "http"
+
+
+async def test_retries_list_shows_pending_retries(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    receiver.respond(503)
+    policy = {"retry": {"strategy": "fixed", "initial_delay": "1h", "max_attempts": 5}}
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn"), "delivery": policy}],
+    )
+    url = ("--url", svc.url)
+    code, out, _ = await _cli("retries", "list", *url)
+    assert (code, out) == (0, "no pending retries\n")
+    for n in (1, 2):
+        status, _ = await svc.post_event(
+            {"specversion": "1.0", "id": f"r-{n}", "source": "tests/cli", "type": "t"}
+        )
+        assert status == 202
+    await receiver.wait_for(2)
+    await svc.drained()  # both retries are durably scheduled
+
+    code, body, err = await _cli("retries", "list", "--json", *url)
+    assert code == 0, err
+    schemas.Retries.model_validate(body)  # the documented shape, nothing more
+    assert body["total"] == 2
+    assert sorted(i["event_id"] for i in body["items"]) == ["r-1", "r-2"]
+    item = body["items"][0]
+    assert (item["rule"], item["target"], item["attempts"], item["waiting_for"]) == (
+        "all",
+        "fn",
+        1,
+        "retry",
+    )
+    assert item["last_status"] == 503 and "503" in item["last_error"]
+    assert item["due_at"] > item["first_attempt_at"]
+
+    code, text, _ = await _cli("retries", "list", "--limit", "1", *url)
+    header, row, more = text.splitlines()
+    assert header.split() == [
+        *("ID", "RULE", "TARGET", "ATTEMPT", "NEXT", "WAITING", "STATUS", "LAST", "ERROR")
+    ]
+    assert row.split()[1:4] == ["all", "fn", "1"] and "503" in row
+    assert more == "1 of 2 pending retries shown (--limit)"
+    status, _, document = await svc.request("GET", "/openapi.json")
+    assert document["paths"]["/retries"]["get"]["parameters"][0]["name"] == "limit"
+
+
+async def test_rules_reload_prints_the_count_or_every_problem(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    svc = await eventbus(
+        rules=RULES, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    rules = tmp_path / "rules" / "rules.yaml"
+    rules.write_text(RULES + "- name: two\n  targets: [fn]\n")
+    code, out, err = await _cli("rules", "reload", "--url", svc.url)
+    assert (code, out) == (0, "2 rules loaded\n"), err
+    code, out, _ = await _cli("rules", "reload", "--url", svc.url, "--json")
+    assert (code, out) == (0, {"rules": 2})
+
+    rules.write_text(RULES + "- name: bad\n  targets: [nope]\n- name: cel\n  when: 'x >'\n")
+    code, out, err = await _cli("rules", "reload", "--url", svc.url)
+    assert code == 1 and out is None and "Traceback" not in err
+    assert err.startswith("eventbus: rules not reloaded, the running ones stay:\n")
+    assert "rules.yaml:5 rule 'bad'" in err and "nope" in err, err
+    assert "rules.yaml:7 rule 'cel': when: CEL syntax error" in err, err
+    assert len(svc.service.current_rules()) == 2  # the previous set routes on
+
+
+async def test_display_prints_one_event_per_block() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "eventbus",
+        "display",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    events = [
+        {"specversion": "1.0", "id": f"d-{n}", "source": "s", "type": "t", "data": {"n": n}}
+        for n in (1, 2, 3)
+    ]
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def post(body: Any, content_type: str) -> bool:
+                try:
+                    async with session.post(
+                        f"http://127.0.0.1:{port}/fn",
+                        data=orjson.dumps(body),
+                        headers={"Content-Type": content_type},
+                    ) as resp:
+                        return resp.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await eventually(
+                lambda: post(events[0], "application/cloudevents+json"),
+                what="eventbus display answering",
+            )
+            assert await post(events[1:], "application/cloudevents-batch+json")
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while sum(line.startswith("---") for line in lines) < 3 or lines[-1] != "}":
+            lines.append((await asyncio.wait_for(proc.stdout.readline(), 10)).decode().rstrip())
+    finally:
+        proc.terminate()
+        await proc.wait()
+    blocks = "\n".join(lines).split("--- ")[1:]
+    heads = [block.split("\n", 1)[0] for block in blocks]
+    assert heads == ["POST /fn", "POST /fn (1 of 2)", "POST /fn (2 of 2)"]
+    shown = [orjson.loads(block.split("\n", 1)[1]) for block in blocks]
+    assert shown == events  # each event on its own, not wrapped in a list

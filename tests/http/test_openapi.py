@@ -28,6 +28,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("get", "/dead-letters/{dl_id}"): "DeadLetter",
     ("delete", "/dead-letters/{dl_id}"): "Purged",
     ("post", "/dead-letters/{dl_id}/replay"): "Replayed",
+    ("get", "/retries"): "Retries",
     ("post", "/targets/{name}/enable"): "Enabled",
     ("get", "/targets"): "Targets",
     ("get", "/sources"): "Sources",
@@ -141,6 +142,7 @@ async def test_answers_are_the_documented_bodies(eventbus: StartService) -> None
     for path, model in (
         ("/rules", schemas.Rules),
         ("/targets", schemas.Targets),
+        ("/retries", schemas.Retries),
         ("/sources", schemas.Sources),
         ("/healthz", schemas.Liveness),
         ("/readyz", schemas.Readiness),

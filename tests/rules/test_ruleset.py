@@ -268,6 +268,88 @@ def test_holder_swaps_valid_sets_and_keeps_the_old_one_otherwise(tmp_path: Path)
     assert holder.current is good
 
 
+def rule_yaml(name: str, when: str, pattern: str = "{type: [com.example.a]}") -> str:
+    return f"- name: {name}\n  match: {pattern}\n  when: '{when}'\n  targets: [audit-log]\n"
+
+
+def test_reload_reuses_what_did_not_change_and_compiles_what_did(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(rule_yaml("kept", "event.data.n > 1"))
+    (tmp_path / "b.yaml").write_text(rule_yaml("edited", "event.data.n > 5"))
+    holder = RuleSetHolder(load_rules(tmp_path, known_targets=KNOWN))
+    kept, edited = holder.current.rules
+    ev = {"type": "com.example.a", "id": "1", "source": "s", "data": {"n": 3}}
+    assert [r.rule for r in holder.current.route(ev)] == ["kept"]
+
+    # The edited rule also moves down a line in its file: the new set says where it is now.
+    (tmp_path / "b.yaml").write_text("# moved\n" + rule_yaml("edited", "event.data.n > 2"))
+    new = holder.reload(tmp_path, known_targets=KNOWN)
+    assert new.rules[0].condition is kept.condition and new.rules[0].pattern is kept.pattern
+    assert new.rules[1].condition is not edited.condition
+    assert new.rules[1].definition["when"] == "event.data.n > 2"
+    assert (Path(new.rules[1].file).name, new.rules[1].line) == ("b.yaml", 2)
+    assert [r.rule for r in new.route(ev)] == ["kept", "edited"]
+
+
+def test_reload_moved_rule_keeps_its_compiled_form_and_its_new_place(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(rule_yaml("mover", "event.data.n > 1"))
+    holder = RuleSetHolder(load_rules(tmp_path, known_targets=KNOWN))
+    before = holder.current.rules[0]
+    (tmp_path / "a.yaml").unlink()
+    (tmp_path / "z.yaml").write_text("\n\n" + rule_yaml("mover", "event.data.n > 1"))
+    after = holder.reload(tmp_path, known_targets=KNOWN).rules[0]
+    assert after.condition is before.condition
+    assert (Path(after.file).name, after.line) == ("z.yaml", 3)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("[1]", "[true]"), ("[true]", "[1]"), ("[1]", "[1.0]"), ("[1.5]", "['1.5']")],
+)
+def test_reload_tells_apart_values_python_finds_equal(tmp_path: Path, old: str, new: str) -> None:
+    # 1 == True == 1.0 in Python: a reload must not take one for the other.
+    path = tmp_path / "rules.yaml"
+    path.write_text(f"- name: r\n  match: {{data: {{x: {old}}}}}\n  targets: [audit-log]\n")
+    holder = RuleSetHolder(load_rules(path, known_targets=KNOWN))
+    path.write_text(f"- name: r\n  match: {{data: {{x: {new}}}}}\n  targets: [audit-log]\n")
+    reloaded = holder.reload(path, known_targets=KNOWN)
+    fresh = load_rules(path, known_targets=KNOWN)
+    assert reloaded.rules[0].pattern == fresh.rules[0].pattern
+    assert reloaded.rules[0].pattern != holder_pattern(old)
+
+
+def holder_pattern(value: str) -> Any:
+    return (
+        compile_rules(
+            [
+                {
+                    "name": "r",
+                    "match": {"data": {"x": yaml.safe_load(value)}},
+                    "targets": ["audit-log"],
+                }
+            ]
+        )
+        .rules[0]
+        .pattern
+    )
+
+
+def test_reload_reports_a_broken_file_every_time(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(rule_yaml("r", "event.data.n > 1"))
+    holder = RuleSetHolder(load_rules(path, known_targets=KNOWN))
+    good = holder.current
+    path.write_text("- name: r\n  name: again\n  targets: [audit-log]\n")
+    for _ in range(2):
+        with pytest.raises(RuleSetError) as caught:
+            holder.reload(path, known_targets=KNOWN)
+        assert any("duplicate" in e.message for e in caught.value.errors), caught.value.errors
+        assert holder.current is good
+    path.write_text(rule_yaml("r", "event.data.n > 7"))
+    assert (
+        holder.reload(path, known_targets=KNOWN).rules[0].definition["when"] == "event.data.n > 7"
+    )
+
+
 def test_rule_set_is_a_plain_value() -> None:
     rules = load_rules(DATA / "good", known_targets=KNOWN)
     assert isinstance(rules, RuleSet)

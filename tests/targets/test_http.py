@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -12,8 +13,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
+import psutil
 import pytest
 from cloudevents.v1.http import from_http as sdk_from_http
 
@@ -22,6 +25,7 @@ from eventbus.targets import HttpTarget, HttpTargetConfig, Outcome, verify_webho
 from eventbus.targets._base import MAX_ERROR_CHARS
 from eventbus.targets._http import MAX_RESPONSE_BYTES, parse_retry_after
 from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.wait import eventually
 
 
 def make_event(**overrides: Any) -> dict[str, Any]:
@@ -271,6 +275,61 @@ async def test_concurrency_is_a_hard_cap(receiver: Receiver) -> None:
     assert all(o.delivered for o in outcomes)
     assert len(receiver.requests) == 10
     assert 1 < receiver.max_in_flight <= 3
+
+
+def connections_to(port: int) -> int:
+    """This process's open TCP connections to ``port`` on loopback."""
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+async def test_targets_share_one_connection_pool(receiver: Receiver) -> None:
+    # 100 targets of one endpoint, each used in turn: one kept-alive connection serves them all
+    # (a pool per target would hold 100 open sockets, and 1,000 targets a thousand).
+    port = urlsplit(receiver.url()).port
+    assert port is not None
+    event = make_event()
+    async with contextlib.AsyncExitStack() as stack:
+        targets = [
+            await stack.enter_async_context(
+                HttpTarget(HttpTargetConfig(name=f"fn-{n}", url=receiver.url(f"/fn/{n}")))
+            )
+            for n in range(100)
+        ]
+        for target in targets:
+            outcome = await target.deliver(event, event, is_cloudevent=True, attempt=1)
+            assert outcome.delivered
+        assert len(receiver.requests) == 100
+        assert connections_to(port) == 1
+    # The last target to close closes the pool.
+    await eventually(lambda: connections_to(port) == 0, within=5, what="pool closed")
+
+
+async def test_a_closed_target_leaves_the_others_working(receiver: Receiver) -> None:
+    event = make_event()
+    async with HttpTarget(config_for(receiver)) as staying:
+        async with HttpTarget(HttpTargetConfig(name="other", url=receiver.url("/other"))) as gone:
+            assert (await gone.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+        assert (await staying.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+    assert [r.path for r in receiver.requests] == ["/other", "/fn"]
+
+
+async def test_each_target_keeps_its_own_timeout_in_the_shared_pool(receiver: Receiver) -> None:
+    receiver.respond(Response(204, delay=0.6))
+    event = make_event()
+    async with (
+        HttpTarget(HttpTargetConfig(name="patient", url=receiver.url("/a"), timeout=5)) as patient,
+        HttpTarget(HttpTargetConfig(name="hasty", url=receiver.url("/b"), timeout=0.2)) as hasty,
+    ):
+        slow, fast = await asyncio.gather(
+            patient.deliver(event, event, is_cloudevent=True, attempt=1),
+            hasty.deliver(event, event, is_cloudevent=True, attempt=1),
+        )
+    assert slow.delivered
+    assert not fast.delivered and fast.error == "timeout after 0.2s"
 
 
 # --- replies ----------------------------------------------------------------------------------

@@ -1,0 +1,250 @@
+"""What the commands that talk to a running service print: aligned tables and short summaries
+for people by default, the API's JSON answer unchanged with ``--json`` for scripts.
+
+Each ``show_*`` function takes the decoded JSON answer of one admin API route and writes it
+to ``out``; it never changes what ``--json`` prints, so scripts written against the JSON keep
+working whatever the tables become. Long cells (error texts) are cut to one line of
+``MAX_CELL`` characters: the whole text is in ``--json`` and in ``eventbus dlq show``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
+
+__all__ = ["MAX_CELL", "SHOW", "print_json", "table"]
+
+MAX_CELL = 60
+
+
+def print_json(value: Any, out: TextIO) -> None:
+    out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _when(text: str) -> str:
+    """An ISO 8601 time as UTC to the second, ``2026-01-31T12:00:00Z``; as given otherwise."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    if isinstance(value, str) and (key == "at" or key.endswith("_at")):
+        return _when(value)
+    text = " ".join(str(value).split())  # one line: newlines in error texts would break rows
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """``rows`` as a table with a header line; ``columns`` are (heading, key) pairs. Every
+    cell is one line of at most ``MAX_CELL`` characters, times (keys ``at`` and ``*_at``) in
+    UTC to the second; a missing or null value shows as -."""
+    cells = [[heading for heading, _ in columns]]
+    cells += [[_cell(key, row.get(key)) for _, key in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        + "\n"
+        for line in cells
+    )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+_DEAD_LETTER_COLUMNS = (
+    ("ID", "id"),
+    ("CREATED", "created_at"),
+    ("RULE", "rule"),
+    ("TARGET", "target"),
+    ("ATTEMPTS", "attempts"),
+    ("STATUS", "last_status"),
+    ("REASON", "reason"),
+    ("EVENT", "event"),
+    ("ERROR", "final_error"),
+)
+
+
+def _dead_letters(body: Any, out: TextIO) -> None:
+    items = [
+        {**item, "event": f"{item['event_source']} {item['event_id']}"} for item in body["items"]
+    ]
+    if not items:
+        out.write("no dead letters\n")
+        return
+    out.write(table(items, _DEAD_LETTER_COLUMNS))
+    if body.get("next_after") is not None:
+        out.write(f"more: --after {body['next_after']}\n")
+
+
+_ATTEMPT_COLUMNS = (
+    ("AT", "at"),
+    ("RULE", "rule"),
+    ("TARGET", "target"),
+    ("ATTEMPT", "attempt"),
+    ("OUTCOME", "outcome"),
+    ("STATUS", "status"),
+    ("MS", "duration_ms"),
+    ("ERROR", "error"),
+)
+
+
+def _fields(pairs: Sequence[tuple[str, Any]], out: TextIO) -> None:
+    width = max(len(name) for name, _ in pairs)
+    for name, value in pairs:
+        out.write(f"{name.ljust(width)}  {'-' if value is None else value}\n")
+
+
+def _event_trail(body: Any, out: TextIO) -> None:
+    event = body["event"]
+    _fields(
+        [
+            ("id", event.get("id")),
+            ("source", event.get("source")),
+            ("type", event.get("type")),
+            ("subject", event.get("subject")),
+            ("received", body["received_at"]),
+            ("via", body["via"]),
+        ],
+        out,
+    )
+    out.write(f"\nmatched {_plural(len(body['matches']), 'route')}\n")
+    if body["matches"]:
+        out.write(table(body["matches"], (("AT", "at"), ("RULE", "rule"), ("TARGET", "target"))))
+    out.write(f"\n{_plural(len(body['attempts']), 'attempt')}\n")
+    if body["attempts"]:
+        out.write(table(body["attempts"], _ATTEMPT_COLUMNS))
+
+
+def _dead_letter(body: Any, out: TextIO) -> None:
+    _fields(
+        [
+            ("id", body["id"]),
+            ("event", f"{body['event_source']} {body['event_id']}"),
+            ("type", body.get("event_type")),
+            ("rule", body["rule"]),
+            ("target", body["target"]),
+            ("reason", body["reason"]),
+            ("attempts", body["attempts"]),
+            ("last status", body.get("last_status")),
+            ("final error", body.get("final_error")),
+            ("first attempt", body["first_attempt_at"]),
+            ("dead-lettered", body["created_at"]),
+            ("replayed", _plural(body.get("replay_count", 0), "time")),
+        ],
+        out,
+    )
+    history = body.get("history") or []
+    if history:
+        out.write("\n")
+        out.write(
+            table(
+                history,
+                (
+                    ("AT", "at"),
+                    ("ATTEMPT", "attempt"),
+                    ("STATUS", "status"),
+                    ("MS", "duration_ms"),
+                    ("ERROR", "error"),
+                ),
+            )
+        )
+
+
+def _replayed(body: Any, out: TextIO) -> None:
+    items = body["replayed"]
+    out.write(f"replayed {_plural(len(items), 'dead letter')}\n")
+    if items:
+        columns = (("ID", "id"), ("RULE", "rule"), ("TARGET", "target"), ("EVENT", "event"))
+        rows = [{**i, "event": f"{i['event_source']} {i['event_id']}"} for i in items]
+        out.write(table(rows, columns))
+
+
+def _purged(body: Any, out: TextIO) -> None:
+    out.write(f"purged {_plural(body['purged'], 'dead letter')}\n")
+
+
+_SOURCE_COLUMNS = (
+    ("NAME", "name"),
+    ("TYPE", "type"),
+    ("STATE", "state"),
+    ("EVENTS", "events"),
+    ("ERRORS", "errors"),
+    ("LAST EVENT", "last_event_at"),
+    ("LAG", "lag"),
+    ("LAST ERROR", "last_error"),
+)
+
+
+def _sources(body: Any, out: TextIO) -> None:
+    if not body["sources"]:
+        out.write("no sources running\n")
+        return
+    out.write(table(body["sources"], _SOURCE_COLUMNS))
+
+
+def _source_dead_letters(body: Any, out: TextIO) -> None:
+    if not body["items"]:
+        out.write("no source dead letters\n")
+        return
+    columns = (("ID", "id"), ("SOURCE", "source"), ("RECEIVED", "received_at"), ("ERROR", "error"))
+    out.write(table(body["items"], columns))
+
+
+_RETRY_COLUMNS = (
+    ("ID", "id"),
+    ("RULE", "rule"),
+    ("TARGET", "target"),
+    ("ATTEMPT", "attempts"),
+    ("NEXT", "due_at"),
+    ("WAITING", "waiting_for"),
+    ("STATUS", "last_status"),
+    ("LAST ERROR", "last_error"),
+)
+
+
+def _retries(body: Any, out: TextIO) -> None:
+    items = body["items"]
+    if not items:
+        out.write("no pending retries\n")
+        return
+    out.write(table(items, _RETRY_COLUMNS))
+    if body["total"] > len(items):
+        out.write(f"{len(items)} of {body['total']} pending retries shown (--limit)\n")
+
+
+def _accepted(body: Any, out: TextIO) -> None:
+    out.write(f"accepted {body['source']} {body['id']}\n")
+
+
+def _reloaded(body: Any, out: TextIO) -> None:
+    out.write(f"{_plural(body['rules'], 'rule')} loaded\n")
+
+
+SHOW: Mapping[str, Callable[[Any, TextIO], None]] = {
+    "accepted": _accepted,
+    "dead-letter": _dead_letter,
+    "dead-letters": _dead_letters,
+    "event-trail": _event_trail,
+    "purged": _purged,
+    "reloaded": _reloaded,
+    "replayed": _replayed,
+    "retries": _retries,
+    "source-dead-letters": _source_dead_letters,
+    "sources": _sources,
+}
+"""The human form of each answer, by the name the commands give it."""

@@ -1,0 +1,40 @@
+"""The tables the commands print for people: aligned columns, one line per row whatever the
+cell holds, times in UTC to the second, ``-`` for nothing."""
+
+from __future__ import annotations
+
+import io
+
+from eventbus.cli._output import MAX_CELL, SHOW, table
+
+
+def test_a_table_aligns_columns_and_keeps_every_row_on_one_line() -> None:
+    rows = [
+        {"id": 1, "error": "connection refused\nretrying", "at": "2026-01-31T13:00:00.5+01:00"},
+        {"id": 22, "error": "x" * 200, "lag": 0.1234567, "ok": True},
+    ]
+    columns = (("ID", "id"), ("AT", "at"), ("LAG", "lag"), ("OK", "ok"), ("ERROR", "error"))
+    lines = table(rows, columns).splitlines()
+    assert lines[0].split() == ["ID", "AT", "LAG", "OK", "ERROR"]
+    assert lines[1].split() == [
+        *("1", "2026-01-31T12:00:00Z", "-", "-", "connection", "refused", "retrying")
+    ]
+    assert lines[2].split()[:4] == ["22", "-", "0.123", "yes"]
+    assert lines[2].endswith("x" * (MAX_CELL - 1) + "…")
+    # every column starts where its heading does
+    assert lines[1].index("2026") == lines[0].index("AT") == lines[2].index("-")
+
+
+def test_empty_listings_say_so() -> None:
+    for kind, body, said in (
+        ("dead-letters", {"items": [], "next_after": None}, "no dead letters\n"),
+        ("retries", {"items": [], "total": 0}, "no pending retries\n"),
+        ("sources", {"sources": []}, "no sources running\n"),
+        ("source-dead-letters", {"items": []}, "no source dead letters\n"),
+        ("replayed", {"replayed": []}, "replayed 0 dead letters\n"),
+        ("purged", {"purged": 1}, "purged 1 dead letter\n"),
+        ("reloaded", {"rules": 3}, "3 rules loaded\n"),
+    ):
+        out = io.StringIO()
+        SHOW[kind](body, out)
+        assert out.getvalue() == said, kind
