@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib.util
 import logging
 import os
 import socket
@@ -30,7 +31,15 @@ from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus._tasks import cancel_and_wait
-from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
+from eventbus.bus import (
+    DUPLICATE,
+    Bus,
+    KafkaBusConfig,
+    NatsBusConfig,
+    NatsServer,
+    PublishOutcome,
+    open_bus,
+)
 from eventbus.config import ConnectorSet, Settings, load_connectors, redact_url
 from eventbus.delivery import (
     DeadLetterFilter,
@@ -45,9 +54,11 @@ from eventbus.router import Router
 from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import (
     SharedStatuses,
+    Source,
     SourceRunner,
     SourceStatus,
     build_source,
+    in_every_process,
     list_dead_letters,
 )
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
@@ -200,7 +211,7 @@ class Service:
             policies,
             self.deliveries,
             self.store.audit,
-            functools.partial(self.bus.publish, via="reply"),
+            functools.partial(self._publish_one, via="reply"),
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
         )
@@ -267,24 +278,32 @@ class Service:
         self, connectors: ConnectorSet, policies: Mapping[str, DeliveryPolicy]
     ) -> RuleSet:
         path = Path(self.settings.rules)
+        native_cel = self.settings.router.cel == "cel-expr-python"
+        if native_cel and importlib.util.find_spec("cel_expr_python") is None:
+            raise ConfigError(
+                "router.cel is cel-expr-python, which is not installed: "
+                "pip install 'eventbus[fast-cel]'"
+            )
         if not path.exists():
             log.warning("no rules at %s: routing nothing until rules are added", path)
-            return compile_rules([], known_targets=connectors.targets.keys())
+            return compile_rules([], known_targets=connectors.targets.keys(), native_cel=native_cel)
         return load_rules(
             path,
             known_targets=connectors.targets.keys(),
             check_delivery=override_checker(policies),
+            native_cel=native_cel,
         )
 
     async def _start_sources(self) -> None:
-        """Run the connectors' sources (unless ``run_sources`` is off) and, when configured,
+        """Run the connectors' sources (with ``run_sources`` off only those that serve
+        requests, the webhooks, which every process must) and, when configured,
         ``kafka_ingest``: a ``kafka`` source named ``kafka-ingest`` reading CloudEvents."""
         s = self.settings
-        sources = (
-            [build_source(spec) for spec in self.connectors.sources.values()]
-            if s.run_sources
-            else []
-        )
+        sources = [
+            build_source(spec)
+            for spec in self.connectors.sources.values()
+            if s.run_sources or in_every_process(spec)
+        ]
         if s.kafka_ingest is not None:
             sources.append(
                 build_source(
@@ -302,7 +321,7 @@ class Service:
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
-                publish=self.bus.publish,
+                publish=self._publish_one,
                 pool=self.store.pool,
                 instance_id=self.instance,
                 shared=None if shared is None else SharedStatuses(shared),
@@ -419,11 +438,30 @@ class Service:
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()
 
+    def source(self, name: str) -> Source | None:
+        """The running source named ``name`` (the HTTP edge hands webhooks to theirs)."""
+        return None if self._sources is None else self._sources.source(name)
+
+    async def _publish_one(self, event: dict[str, Any], *, via: str) -> bool:
+        """:meth:`Bus.publish` for the sources and replies, counted as the HTTP edge counts its
+        own: ``eventbus_events_received_total{via}`` when stored,
+        ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
+        Returns True for such a duplicate. Raises BusUnavailable or BusError as
+        ``Bus.publish``."""
+        (outcome,) = await self.bus.publish_many([event], via=via)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
+        counter.labels(via).inc()
+        return outcome == DUPLICATE
+
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Put valid events on the durable bus; one outcome per event, in order: None once it
-        is durable (the publisher may be answered 2xx), else BusUnavailable or BusError."""
+        is durable (the publisher may be answered 2xx), ``"duplicate"`` when the bus already
+        held its source+id within its duplicate window (durable too, but not delivered again),
+        else BusUnavailable or BusError."""
         return await self.bus.publish_many(events, via=via)
 
     def record_refusal(self, *, remote: str | None, path: str, reason: str) -> bool:

@@ -28,7 +28,7 @@ from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 from eventbus.sources._shared import SharedStatuses
 
-__all__ = ["SourceRunner", "build_source", "register_source"]
+__all__ = ["SourceRunner", "build_source", "in_every_process", "register_source"]
 
 S = TypeVar("S", bound=SourceSpec)
 _SHARE_EVERY = 1.0  # seconds: how stale another worker's view of these sources may be
@@ -52,6 +52,13 @@ def build_source(spec: SourceSpec | Mapping[str, Any]) -> Source:
         spec = _validate(spec)
     adapter = cast(Callable[[SourceSpec], Source], connector_adapter("source", spec))
     return adapter(spec)
+
+
+def in_every_process(spec: SourceSpec) -> bool:
+    """Whether the source must run in every process of the service, not only where
+    ``run_sources`` is on: one that serves requests reaching any process (its adapter sets
+    ``in_every_process = True``), rather than reading input that must be read once."""
+    return bool(getattr(connector_adapter("source", spec), "in_every_process", False))
 
 
 def _validate(entry: Mapping[str, Any]) -> SourceSpec:
@@ -94,7 +101,7 @@ class SourceRunner:
         sources: Sequence[Source],
         *,
         pool: asyncpg.Pool,
-        publish: Callable[..., Awaitable[None]],
+        publish: Callable[..., Awaitable[object]],
         clock: Clock | None = None,
         instance_id: str | None = None,
         backoff_initial: float = 1.0,
@@ -106,6 +113,7 @@ class SourceRunner:
         if duplicates:
             raise ConfigError(f"duplicate source names: {', '.join(duplicates)}")
         self._sources = list(sources)
+        self._by_name = {s.name: s for s in sources}
         self._clock = clock or SystemClock()
         self._backoff = (backoff_initial, backoff_max)
         instance = instance_id or default_instance_id()
@@ -160,6 +168,10 @@ class SourceRunner:
         if self._shared is not None:
             with contextlib.suppress(OSError):
                 self._shared.write([ctx.status for ctx in self._contexts])
+
+    def source(self, name: str) -> Source | None:
+        """The source named ``name``, or None."""
+        return self._by_name.get(name)
 
     def statuses(self) -> list[SourceStatus]:
         """The live status of every source, in configuration order; with ``shared``, merged
