@@ -28,8 +28,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from eventbus import metrics
-from eventbus._errors import ConfigError
+from eventbus._errors import ConfigError, EventBusError
 from eventbus._supervisor import Supervised, Supervisor
+from eventbus._tasks import cancel_and_wait
 from eventbus.bus import (
     DUPLICATE,
     Bus,
@@ -39,7 +40,7 @@ from eventbus.bus import (
     PublishOutcome,
     open_bus,
 )
-from eventbus.config import ConnectorSet, KafkaAuth, Settings, load_connectors
+from eventbus.config import ConnectorSet, KafkaAuth, Settings, load_connectors, redact_url
 from eventbus.delivery import (
     DeadLetterFilter,
     DeliveryPolicy,
@@ -52,6 +53,7 @@ from eventbus.delivery import (
 from eventbus.router import Router
 from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import (
+    SharedStatuses,
     Source,
     SourceRunner,
     SourceStatus,
@@ -65,6 +67,8 @@ from eventbus.targets import Target, build_target
 __all__ = ["Embedded", "Service", "start_embedded"]
 
 log = logging.getLogger("eventbus")
+
+_SUMMARY_EVERY = 60.0  # seconds between activity summaries in the log
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
@@ -106,6 +110,27 @@ async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
     return Embedded(nats_url, database_url, supervisor)
 
 
+async def _log_activity() -> None:
+    """Every minute in which something happened, one line: events in, deliveries out."""
+    before = metrics.activity()
+    while True:
+        await asyncio.sleep(_SUMMARY_EVERY)
+        now = metrics.activity()
+        diff = {k: round(v - before.get(k, 0.0)) for k, v in now.items()}
+        before = now
+        if any(diff.values()):
+            log.info(
+                "last %g s: %d events received, %d routed; %d delivered, %d retries "
+                "scheduled, %d dead-lettered",
+                _SUMMARY_EVERY,
+                diff.get("events_received", 0),
+                diff.get("events_routed", 0),
+                diff.get("delivered", 0),
+                diff.get("retry-scheduled", 0),
+                diff.get("dead-lettered", 0),
+            )
+
+
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
     return target_policies({name: spec.delivery for name, spec in connectors.targets.items()})
 
@@ -113,8 +138,17 @@ def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
 class Service:
     """One running eventbus process (``async with Service(settings) as service``)."""
 
-    def __init__(self, settings: Settings, *, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        instance: str | None = None,
+        shared_sources: Path | None = None,
+    ) -> None:
+        """``shared_sources``: the directory where the workers of one ``serve --workers N``
+        share their source statuses (see :class:`~eventbus.sources.SharedStatuses`)."""
         self.settings = settings
+        self._shared_sources = shared_sources
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stack = AsyncExitStack()
         self.store: Store
@@ -159,7 +193,21 @@ class Service:
             ssl=db.ssl_option() if external else None,
         )
         self._stack.push_async_callback(self.store.close)
-        self.bus = await self._stack.enter_async_context(open_bus(self._bus_config()))
+        log.info("database: %s", redact_url(self.database_url))
+        bus_config = self._bus_config()
+        self.bus = await self._stack.enter_async_context(open_bus(bus_config))
+        if isinstance(bus_config, NatsBusConfig):
+            log.info(
+                "bus: NATS JetStream at %s, stream %s",
+                redact_url(bus_config.url),
+                bus_config.stream,
+            )
+        else:
+            log.info(
+                "bus: Kafka at %s, topic %s",
+                redact_url(bus_config.bootstrap_servers),
+                bus_config.topic,
+            )
 
         self.rules = RuleSetHolder(rules)
         for name, spec in self.connectors.targets.items():
@@ -193,6 +241,8 @@ class Service:
         )
         self._router.start()
         self._stack.push_async_callback(self._stop_workers)
+        summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
+        self._stack.push_async_callback(cancel_and_wait, summary)
         await self._start_sources()
         log.info(
             "eventbus ready: %d rules, %d targets, %d sources, bus=%s",
@@ -282,18 +332,22 @@ class Service:
                     }
                 )
             )
+        shared = self._shared_sources
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
                 publish=self._publish_one,
                 pool=self.store.pool,
                 instance_id=self.instance,
+                shared=None if shared is None else SharedStatuses(shared),
             )
         )
 
     async def _stop_workers(self) -> None:
         # both under one deadline, so a worker's whole shutdown fits the supervisor's wait
         grace = self.settings.router.shutdown_grace
+        if self.dispatcher.in_flight:
+            log.info("waiting for %d deliveries (up to %g s)", self.dispatcher.in_flight, grace)
         await asyncio.gather(
             *(w.stop(grace) for w in (self._router, self._retries) if w is not None)
         )
@@ -311,19 +365,30 @@ class Service:
     # behind them, so those can change without the edge noticing.
 
     def reload_rules(self) -> int:
-        """Reload connectors' target names and rules; an invalid set keeps the old one."""
-        connectors = load_connectors(self.settings.connectors)
-        missing = set(connectors.targets) - set(self.targets)
-        if missing:
-            raise ConfigError(
-                f"new targets {sorted(missing)} need a restart; rules were not reloaded"
+        """Reload connectors' target names and rules; an invalid set keeps the old one (and
+        raises what is wrong with it). Logs one line either way."""
+        try:
+            connectors = load_connectors(self.settings.connectors)
+            missing = set(connectors.targets) - set(self.targets)
+            if missing:
+                raise ConfigError(
+                    f"new targets {sorted(missing)} need a restart; rules were not reloaded"
+                )
+            self.rules.reload(
+                self.settings.rules,
+                known_targets=connectors.targets.keys(),
+                check_delivery=override_checker(_policies(connectors)),
             )
-        self.rules.reload(
-            self.settings.rules,
-            known_targets=connectors.targets.keys(),
-            check_delivery=override_checker(_policies(connectors)),
-        )
-        return len(self.rules.current.rules)
+        except EventBusError as exc:
+            log.warning(
+                "rules reload failed, %d rules stay in use: %s",
+                len(self.rules.current.rules),
+                " | ".join(str(exc).splitlines()),
+            )
+            raise
+        count = len(self.rules.current.rules)
+        log.info("rules reloaded: %d rules from %s", count, self.settings.rules)
+        return count
 
     async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
         """Move dead letters back into the retry schedule (audited), due now."""

@@ -3,11 +3,21 @@
 Every component increments these directly; names follow Prometheus conventions
 (``eventbus_<thing>_<unit>``). Labels are bounded: target and rule names come from
 configuration, never from event content.
+
+The workers of ``eventbus serve --workers N`` count together: their parent gives each one
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode: every process keeps its
+values in files there), and whichever worker answers ``GET /metrics`` renders the sum of all of
+them; a gauge shows the largest (circuit state) or latest (retry backlog) value of the live
+workers.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __all__ = [
     "AUDIT_QUARANTINED",
@@ -22,11 +32,16 @@ __all__ = [
     "EVENTS_REJECTED",
     "EVENTS_ROUTED",
     "HTTP_CONNECTIONS_DROPPED",
+    "MULTIPROC_ENV",
     "REFUSALS_UNRECORDED",
     "REGISTRY",
     "RETRY_BACKLOG",
+    "activity",
+    "forget_process",
     "render",
 ]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -74,6 +89,7 @@ CIRCUIT_STATE = Gauge(
     "Circuit breaker state per target: 0 closed, 1 half-open, 2 open",
     ["target"],
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 HTTP_CONNECTIONS_DROPPED = Counter(
     "eventbus_http_connections_dropped",
@@ -92,6 +108,7 @@ RETRY_BACKLOG = Gauge(
     "eventbus_retry_backlog",
     "Deliveries waiting in the durable retry schedule",
     registry=REGISTRY,
+    multiprocess_mode="livemostrecent",
 )
 AUDIT_QUARANTINED = Counter(
     "eventbus_audit_quarantined",
@@ -112,6 +129,34 @@ EMBEDDED_RESTARTS = Counter(
 )
 
 
+def activity() -> dict[str, float]:
+    """This process's running totals, as the periodic summary reports them: events received
+    (every entry point) and routed, and delivery attempts by outcome (``delivered``,
+    ``retry-scheduled``, ``dead-lettered``)."""
+    totals: dict[str, float] = {}
+    for metric in (EVENTS_RECEIVED, EVENTS_ROUTED, DELIVERIES):
+        for family in metric.collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                key = sample.labels.get("outcome", family.name.removeprefix("eventbus_"))
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
 def render() -> bytes:
-    """The exposition text of every metric."""
-    return generate_latest(REGISTRY)
+    """The exposition text of every metric: this process's, or with ``PROMETHEUS_MULTIPROC_DIR``
+    set, every worker's together."""
+    # prometheus-client reads the variable itself (when it is imported) to write the files;
+    # rendering must read them from the same place.
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def forget_process(pid: int, directory: Path) -> None:
+    """Drop the gauges of a worker that ended from ``directory`` (its counts stay counted)."""
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]

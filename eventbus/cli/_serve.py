@@ -8,7 +8,9 @@ Several processes (``--workers N``, to use more than one core): the parent start
 nats-server and PostgreSQL if no URLs are configured and runs N worker processes; each binds
 the port with ``SO_REUSEPORT`` so the kernel spreads connections evenly among them (one shared
 listening socket let one worker take most of them), and they share the work through the bus's
-durable consumer (or consumer group). Sources run in the first worker only. The parent
+durable consumer (or consumer group). Sources run in the first worker only. Any worker answers
+for all: the workers count their metrics in files of ``data_dir/workers/metrics`` (see
+``eventbus.metrics``) and share their sources' statuses in ``data_dir/workers/sources``. The parent
 forwards SIGTERM to the workers, restarts one that dies, supervises the embedded servers (and
 stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
 
@@ -26,16 +28,22 @@ import ipaddress
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+import uvicorn
+
+from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus.app import Service, start_embedded
+from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import Settings
-from eventbus.http import create_app, http_server
+from eventbus.http import Starting, create_app, http_server
 
 __all__ = ["serve"]
 
@@ -102,25 +110,67 @@ def _room_for_connections(settings: Settings) -> None:
 
 
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
-    async with Service(settings) as service:
-        server = http_server(create_app(service), settings)
-        _quiet_signals()
+    if reuse_port:
+        # A worker of --workers N: it shares its sources' statuses with the others, and
+        # listens once ready, for the kernel hands a listening worker its share of the
+        # connections (the others keep serving while one restarts).
+        async with Service(settings, shared_sources=_workers_dir(settings) / "sources") as svc:
+            server = http_server(create_app(svc), settings)
+            _quiet_signals()
+            gc.freeze()
+            await server.serve(sockets=[_bind(settings, listen=True)])
+            log.info("HTTP server stopped; shutting the service down")
+        return
+    # One process: listen at once, so /healthz answers while the service starts (Starting);
+    # a taken port is refused before anything starts.
+    sock = _bind(settings, listen=True, share=False)
+    front = Starting()
+    server = http_server(front, settings)
+    _quiet_signals()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    log.info("listening on %s:%d", settings.listen.host, settings.listen.port)
+    async with contextlib.AsyncExitStack() as stack:
+        # Leaving early (the service failed to start): stop listening too. A signal during the
+        # start stops the HTTP server at once; the start is let finish (cutting it short could
+        # leave an embedded server running unowned), then everything stops in order.
+        stack.push_async_callback(_stop_serving, server, serving)
+        service = await stack.enter_async_context(Service(settings))
+        front.ready(create_app(service))
         # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
         # every future garbage collection pass.
         gc.freeze()
-        await server.serve(sockets=[_bind(settings, listen=True)] if reuse_port else None)
+        await serving
         log.info("HTTP server stopped; shutting the service down")
 
 
-def _bind(settings: Settings, *, listen: bool) -> socket.socket:
-    """A socket on the listen address with SO_REUSEPORT; only listening ones get connections,
-    so the parent's unlistened one just holds the port (and fails early if it is taken)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((settings.listen.host, settings.listen.port))
-    if listen:
-        sock.listen(2048)
+async def _stop_serving(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    await serving
+
+
+def _workers_dir(settings: Settings) -> Path:
+    """What the workers of --workers N share: their metrics' files and their sources' states;
+    made afresh by their parent, which owns the data directory."""
+    return Path(settings.data_dir) / "workers"
+
+
+def _bind(settings: Settings, *, listen: bool, share: bool = True) -> socket.socket:
+    """A socket on the listen address, with SO_REUSEPORT when ``share``d among workers (only
+    listening ones get connections, so the parent's unlistened one just holds the port).
+
+    Raises ConfigError when the address cannot be bound (taken, say)."""
+    host, port = settings.listen.host, settings.listen.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return sock
 
 
@@ -137,6 +187,12 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             env["EVENTBUS_DATABASE__URL"] = embedded.database_url
         sock = _bind(settings, listen=False)
         stack.callback(sock.close)
+        shared = _workers_dir(settings)
+        shutil.rmtree(shared, ignore_errors=True)  # a crashed run's, counting nothing now
+        (shared / "metrics").mkdir(parents=True)
+        (shared / "sources").mkdir()
+        stack.callback(shutil.rmtree, shared, True)
+        env[metrics.MULTIPROC_ENV] = str(shared / "metrics")
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -171,6 +227,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             for i, proc in enumerate(procs):
                 if proc is not None and proc.poll() is not None and not stopping.is_set():
                     log.warning("worker %d exited with %s; restarting", i, proc.returncode)
+                    metrics.forget_process(proc.pid, shared / "metrics")
+                    (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
                     procs[i] = spawn(i)
         for proc in procs:
             if proc is not None and proc.poll() is None:
@@ -196,9 +254,19 @@ def serve(
     reuse_port: bool = False,
     config_path: str | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT. Raises ConfigError, StoreError or BusError at start-up."""
+    """Run until SIGTERM/SIGINT, owning ``settings.data_dir`` (workers excepted: their parent
+    owns it). Raises ConfigError (also when another live process owns the data directory),
+    StoreError or BusError at start-up."""
     _check_exposure(settings)
     _room_for_connections(settings)
+    if reuse_port:  # a worker of --workers: its parent owns the data directory
+        _run(settings, workers, reuse_port, config_path)
+        return
+    with hold_data_dir(settings.data_dir, host=settings.listen.host, port=settings.listen.port):
+        _run(settings, workers, reuse_port, config_path)
+
+
+def _run(settings: Settings, workers: int, reuse_port: bool, config_path: str | None) -> None:
     runner: Any
     runner = (
         _supervise(settings, workers, config_path)

@@ -70,6 +70,8 @@ class Dispatcher:
         # Told about every retry this process schedules (RetryWorker.due_in), so a retry due
         # sooner than the worker's next poll is not late by up to a poll interval.
         self.scheduled: Callable[[float], None] = lambda delay: None
+        self.in_flight = 0
+        """Deliveries under way now (what a shutdown waits for)."""
 
     def guard(self, target: str) -> Guard | None:
         return self._guards.get(target)
@@ -113,6 +115,13 @@ class Dispatcher:
         return policy
 
     async def run(self, job: Delivery) -> None:
+        self.in_flight += 1
+        try:
+            await self._run(job)
+        finally:
+            self.in_flight -= 1
+
+    async def _run(self, job: Delivery) -> None:
         target = self._targets.get(job.target)
         if target is None:
             await self._dead_letter(

@@ -8,12 +8,14 @@
 Where it sits: at the top of the pipeline, over the one facade of the running service
 (``eventbus.app.Service``); it never reaches into the components behind it.
 ``create_app(service)`` is the whole ASGI application, ``http_server(app, settings)`` the
-uvicorn server that serves it with the ``listen`` limits.
+uvicorn server that serves it with the ``listen`` limits; ``Starting`` (_starting) answers in
+front of it while the service starts, so ``/healthz`` is green as soon as the process listens.
 """
 
 from __future__ import annotations
 
 from eventbus.http._api import create_app
 from eventbus.http._server import http_server
+from eventbus.http._starting import Starting
 
-__all__ = ["create_app", "http_server"]
+__all__ = ["Starting", "create_app", "http_server"]

@@ -45,7 +45,8 @@ def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvic
         port=listen.port,
         http=guard.protocol(http),
         log_config=None,
-        access_log=False,
+        # one line per request costs CPU on the hot path: only when someone reads them
+        access_log=logging.getLogger("uvicorn.access").isEnabledFor(logging.DEBUG),
         lifespan="off",
         timeout_graceful_shutdown=int(settings.router.shutdown_grace),
     )

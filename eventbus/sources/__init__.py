@@ -3,8 +3,8 @@
 Each source type is one module holding its spec and its adapter, named after its YAML ``type``
 and registered below (the core never imports a specific source; this registry does). The
 framework the sources plug into: ``_base`` (the contract), ``_checkpoints``, ``_clock``,
-``_runner`` (the registry and the runner); ``_queues`` and ``_changes`` are what the queue
-sources and the polling sources share.
+``_runner`` (the registry and the runner), ``_shared`` (statuses across worker processes);
+``_queues`` and ``_changes`` are what the queue sources and the polling sources share.
 """
 
 from eventbus.sources._base import Source, SourceContext, SourceStatus
@@ -29,6 +29,7 @@ from eventbus.sources._runner import (
     register_source,
 )
 from eventbus.sources._s3_poll import S3PollSource, S3PollSourceSpec
+from eventbus.sources._shared import SharedStatuses
 from eventbus.sources._syslog import SyslogSource, SyslogSourceSpec
 from eventbus.sources._timer import TimerSource, TimerSourceSpec
 from eventbus.sources._webhook import WebhookSource, WebhookSourceSpec
@@ -50,6 +51,7 @@ __all__ = [
     "Checkpoints",
     "Clock",
     "HookRequest",
+    "SharedStatuses",
     "Source",
     "SourceContext",
     "SourceRunner",

@@ -74,6 +74,7 @@ class SourceContext:
     clock: Clock = field(default_factory=SystemClock)
     instance_id: str = field(default_factory=lambda: default_instance_id())
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("eventbus.sources"))
+    _failing: bool = field(default=False, init=False, repr=False)
 
     async def emit(self, event: dict[str, Any]) -> bool:
         """Publish ``event`` onto the bus and count it.
@@ -81,13 +82,17 @@ class SourceContext:
         Returns once the event is durable: True when the bus already held its source+id (a
         duplicate, stored earlier within the duplicate window). Raises BusUnavailable/BusError
         otherwise, in which case the caller must not acknowledge or checkpoint the input
-        behind it.
+        behind it. A source that had failed (:meth:`report_error`) has recovered: its
+        ``last_error`` is cleared.
         """
         duplicate = await self.publish(event) is True
         self.status.events += 1
         self.status.last_event_at = self.clock.now()
         if self.status.state == "backoff":
             self.status.state = "running"
+        if self._failing:
+            self._failing = False
+            self.status.last_error = None
         return duplicate
 
     async def dead_letter(
@@ -109,6 +114,7 @@ class SourceContext:
         self.status.state = "backoff"
         self.status.errors += 1
         self.status.last_error = f"{type(exc).__name__}: {exc}"
+        self._failing = True
         self.logger.warning("source %s: %s", self.name, self.status.last_error)
 
 

@@ -11,6 +11,7 @@ that fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,10 +26,12 @@ from eventbus.config import SourceSpec, connector_adapter, connector_spec, regis
 from eventbus.sources._base import Source, SourceContext, SourceStatus, default_instance_id
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Backoff, Clock, SystemClock
+from eventbus.sources._shared import SharedStatuses
 
 __all__ = ["SourceRunner", "build_source", "in_every_process", "register_source"]
 
 S = TypeVar("S", bound=SourceSpec)
+_SHARE_EVERY = 1.0  # seconds: how stale another worker's view of these sources may be
 
 
 def register_source(type_name: str, spec: type[S], adapter: Callable[[S], Source]) -> None:
@@ -89,6 +92,8 @@ class SourceRunner:
     it has emitted again); a ConfigError raised at run time marks it ``failed`` for good.
     Leaving the context cancels every source and waits for it to stop. ``publish`` is called
     as ``publish(event, via="source:<name>")`` (:meth:`eventbus.bus.Bus.publish` fits).
+    With ``shared`` (a worker of ``serve --workers N``) the statuses are kept where the other
+    workers read them, and :meth:`statuses` shows every worker's.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class SourceRunner:
         instance_id: str | None = None,
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
+        shared: SharedStatuses | None = None,
     ) -> None:
         names = [s.name for s in sources]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -125,13 +131,27 @@ class SourceRunner:
             for s in sources
         ]
         self._tasks: list[asyncio.Task[None]] = []
+        self._shared = shared
 
     async def __aenter__(self) -> Self:
         self._tasks = [
             asyncio.create_task(self._supervise(src, ctx), name=f"source:{src.name}")
             for src, ctx in zip(self._sources, self._contexts, strict=True)
         ]
+        if self._shared is not None:
+            self._tasks.append(asyncio.create_task(self._share(self._shared), name="sources:share"))
         return self
+
+    async def _share(self, shared: SharedStatuses) -> None:
+        own = [ctx.status for ctx in self._contexts]
+        while True:
+            try:
+                shared.write(own)
+            except OSError as exc:
+                logging.getLogger("eventbus.sources").warning(
+                    "cannot share source statuses in %s: %s", shared.directory, exc
+                )
+            await asyncio.sleep(_SHARE_EVERY)
 
     async def __aexit__(
         self,
@@ -145,14 +165,19 @@ class SourceRunner:
         for ctx in self._contexts:
             if ctx.status.state != "failed":
                 ctx.status.state = "stopped"
+        if self._shared is not None:
+            with contextlib.suppress(OSError):
+                self._shared.write([ctx.status for ctx in self._contexts])
 
     def source(self, name: str) -> Source | None:
         """The source named ``name``, or None."""
         return self._by_name.get(name)
 
     def statuses(self) -> list[SourceStatus]:
-        """The live status of every source, in configuration order."""
-        return [ctx.status for ctx in self._contexts]
+        """The live status of every source, in configuration order; with ``shared``, merged
+        with the other workers' (one entry per source name, see ``merge_statuses``)."""
+        own = [ctx.status for ctx in self._contexts]
+        return own if self._shared is None else self._shared.read(own)
 
     async def _supervise(self, source: Source, ctx: SourceContext) -> None:
         backoff = Backoff(self._clock, initial=self._backoff[0], maximum=self._backoff[1])

@@ -1,6 +1,6 @@
 """A nats-server left behind by a killed eventbus is stopped before a new one uses its store;
 the server runs in its own session, so a Ctrl-C for eventbus's process group does not stop it
-under a graceful shutdown."""
+under a graceful shutdown. A clean stop removes its pid file; its log is rotated and capped."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 import psutil
+import pytest
 
-from eventbus.bus import NatsServer
+from eventbus.bus import NatsServer, _nats_server
 
 
 async def test_leftover_server_on_the_same_store_is_stopped(tmp_path: Path) -> None:
@@ -26,3 +27,24 @@ async def test_leftover_server_on_the_same_store_is_stopped(tmp_path: Path) -> N
     finally:
         if leftover.is_running():
             leftover.kill()
+
+
+async def test_a_clean_stop_removes_the_pid_file(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "store") as server:
+        assert (server.store_dir / "nats-server.pid").exists()
+    assert not (tmp_path / "store" / "nats-server.pid").exists()
+
+
+async def test_the_server_log_is_rotated_and_capped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # small enough that each start-up banner fills dozens of files
+    monkeypatch.setattr(_nats_server, "_LOG_LIMIT", 300)
+    monkeypatch.setattr(_nats_server, "_LOG_FILES", 3)
+    async with NatsServer(tmp_path / "store") as server:
+        for _ in range(3):  # each restart logs its banner again
+            await server.restart()
+        log = server.log_path
+    rotated = [p for p in log.parent.iterdir() if p.name.startswith(log.name + ".")]
+    # the current file and the two newest old ones
+    assert log.exists() and len(rotated) == 2, sorted(p.name for p in rotated)

@@ -2,7 +2,8 @@
 keys (or an explicit, loudly logged ``allow_unauthenticated``), in one process and with
 ``--workers``; the shipped compose settings pass it with the keys compose provides; the
 open-file limit is raised to fit the connection cap; the embedded database's password stays out
-of the logs and of every command line, also with ``--workers``."""
+of the logs and of every command line, also with ``--workers``; ``/healthz`` answers as soon
+as the process listens, before the service behind it is up."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import logging
 import re
 import resource
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 import yaml
@@ -25,6 +28,7 @@ from eventbus.cli._serve import _check_exposure
 from eventbus.config import Settings, load_settings
 from tests.fixtures.postgres import private_data_root, stop_servers_under
 from tests.fixtures.service import ServeProcess, settings_for, write_config
+from tests.fixtures.wait import eventually
 
 COMPOSE = Path(__file__).parents[2] / "compose"
 KEY = {"name": "ops", "key": "k" * 32, "scopes": ["admin"]}
@@ -148,3 +152,48 @@ async def test_the_embedded_database_password_stays_out_of_logs_and_command_line
     finally:
         stop_servers_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+async def test_healthz_answers_as_soon_as_the_process_listens(
+    tmp_path: Path, nats_url: str
+) -> None:
+    # a database nobody listens on: the service waits for it (10 s), then gives up
+    port, nowhere = free_port(), free_port()
+    write_config(tmp_path, rules="[]", targets=[])
+    config = tmp_path / "settings.yaml"
+    bad = f"postgresql://u:p@127.0.0.1:{nowhere}/db"
+    config.write_text(
+        yaml.safe_dump(settings_for(tmp_path, database_url=bad, nats_url=nats_url, port=port))
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "serve", "--config", str(config)),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def alive() -> bool:
+                try:
+                    async with session.get(url + "/healthz") as resp:
+                        return resp.status == 200 and await resp.json() == {"status": "starting"}
+                except aiohttp.ClientError:
+                    return False
+
+            await eventually(alive, within=8, what="/healthz while the database is awaited")
+            async with session.get(url + "/readyz") as resp:
+                assert resp.status == 503 and await resp.json() == {"status": "starting"}
+            async with session.post(url + "/events", data=b"{}") as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+                assert resp.content_type == "application/problem+json"
+                assert "starting" in (await resp.json(content_type=None))["detail"]
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1 and "Traceback" not in err.decode()
+    assert f"127.0.0.1:{nowhere}" in err.decode()  # the start-up error, then a clean exit
+    with socket.create_server(("127.0.0.1", port)):  # the port was let go
+        pass

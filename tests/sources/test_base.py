@@ -173,6 +173,7 @@ async def test_runner_restarts_failing_source_with_backoff_and_isolates_others()
         assert flaky_status.state == "running"
         assert flaky_status.errors == 2
         assert flaky_status.events == 2
+        assert flaky_status.last_error is None  # recovered: the error is history (errors: 2)
     assert [s.state for s in runner.statuses()] == ["stopped", "failed"]
 
 

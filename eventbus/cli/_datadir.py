@@ -1,0 +1,141 @@
+"""One ``eventbus serve`` per data directory, and where the CLI finds it.
+
+``eventbus serve`` holds an exclusive ``flock`` on ``<data_dir>/serve.lock`` for as long as it
+runs: the embedded nats-server and PostgreSQL under the directory belong to that process, and a
+second ``serve`` on the same directory is refused at once, naming the first, instead of
+stopping its servers under it. The kernel drops the lock when the process ends, however it
+ends (a ``kill -9`` too), so the next start knows that any server still running there was left
+behind by a dead owner and may be stopped. The lock file holds the owner's PID and the URL of
+its HTTP API, which the other commands use when neither ``--url`` nor ``EVENTBUS_URL`` is
+given (:func:`default_url`); it is removed on a clean stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from eventbus._errors import ConfigError
+
+__all__ = ["LOCK_NAME", "default_url", "hold_data_dir", "running_service"]
+
+LOCK_NAME = "serve.lock"
+_FALLBACK_URL = "http://127.0.0.1:8080"
+
+
+def _client_url(host: str, port: int) -> str:
+    """The URL a client on this machine reaches a server listening on ``host:port`` at (an
+    every-interface address is reached on loopback)."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+@contextlib.contextmanager
+def hold_data_dir(data_dir: Path, *, host: str, port: int) -> Iterator[None]:
+    """Own ``data_dir`` (created if missing) while the block runs.
+
+    Raises ConfigError "data dir D is in use by PID N (eventbus serve on HOST:PORT)" at once
+    when another live process owns it. The lock file is removed when the block ends, and the
+    directory too if this call created it and nothing else was put there.
+    """
+    created = not data_dir.exists()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_NAME
+    fd = _lock(path, data_dir)
+    try:
+        owner = {"pid": os.getpid(), "listen": f"{host}:{port}", "url": _client_url(host, port)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, orjson.dumps(owner) + b"\n", 0)
+        yield
+    finally:
+        # Unlinked while still locked: whoever opened the old file and locks it after us sees
+        # that the path no longer names it (see _lock) and starts over.
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:  # a start refused before anything ran leaves no trace
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()
+
+
+def _lock(path: Path, data_dir: Path) -> int:
+    # A holder that names no owner is another serve between its lock and its write, or a
+    # command reading the file (running_service): worth a short wait, never a long one.
+    patience = time.monotonic() + 1.0
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            owner = _owner(path)
+            if (owner is None or "pid" not in owner) and time.monotonic() < patience:
+                time.sleep(0.05)
+                continue
+            raise ConfigError(f"data dir {data_dir} is in use by {_describe(owner)}") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the owner we waited on removed this file on its way out: take the new one
+
+
+def _owner(path: Path) -> dict[str, object] | None:
+    """What the lock file at ``path`` says about its live owner, or None if nobody holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass  # held: someone runs here
+        else:
+            return None  # nobody holds it: a file left by a process that is gone
+        raw = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    try:
+        owner = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}  # the owner is still writing it
+    return owner if isinstance(owner, dict) else {}
+
+
+def _describe(owner: dict[str, object] | None) -> str:
+    if owner is None or "pid" not in owner:
+        return "another process"
+    return f"PID {owner['pid']} (eventbus serve on {owner.get('listen')})"
+
+
+def running_service(data_dir: str | Path) -> str | None:
+    """The HTTP URL of the ``eventbus serve`` that owns ``data_dir`` now, or None."""
+    url = (_owner(Path(data_dir) / LOCK_NAME) or {}).get("url")
+    return url if isinstance(url, str) else None
+
+
+def default_url() -> str:
+    """Where the commands find the service: ``$EVENTBUS_URL``, else the service running on the
+    data directory here (``$EVENTBUS_DATA_DIR`` or ``.eventbus``), else http://127.0.0.1:8080."""
+    url = os.environ.get("EVENTBUS_URL")
+    if url:
+        return url
+    return running_service(os.environ.get("EVENTBUS_DATA_DIR") or ".eventbus") or _FALLBACK_URL

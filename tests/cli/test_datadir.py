@@ -1,0 +1,147 @@
+"""One ``eventbus serve`` per data directory: a second one is refused at once, naming the first,
+and leaves the first's embedded servers alone; a killed owner releases the directory, and the
+next start stops what it left running; a clean stop leaves no pid or lock file. The commands
+find the running service through the lock file when no URL is given."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from eventbus._errors import ConfigError
+from eventbus.bus._nats_server import free_port
+from eventbus.cli._datadir import LOCK_NAME, default_url, hold_data_dir, running_service
+from tests.fixtures.postgres import private_data_root, stop_servers_under
+from tests.fixtures.service import ServeProcess, settings_for, write_config
+
+HOLD = """
+import sys
+from pathlib import Path
+from eventbus.cli._datadir import hold_data_dir
+with hold_data_dir(Path(sys.argv[1]), host="0.0.0.0", port=8123):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+async def _holder(data_dir: Path) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLD,
+        str(data_dir),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"held\n"
+    return proc
+
+
+async def test_a_held_directory_is_refused_naming_its_owner_until_the_owner_dies(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    holder = await _holder(data)
+    try:
+        assert running_service(data) == "http://127.0.0.1:8123"  # every interface: loopback
+        with pytest.raises(ConfigError) as err, hold_data_dir(data, host="127.0.0.1", port=9):
+            pass
+        assert str(err.value) == (
+            f"data dir {data} is in use by PID {holder.pid} (eventbus serve on 0.0.0.0:8123)"
+        )
+    finally:
+        holder.kill()  # SIGKILL: no clean-up ran, the kernel dropped the lock
+        await holder.wait()
+    assert (data / LOCK_NAME).exists()
+    assert running_service(data) is None
+    with hold_data_dir(data, host="::", port=9):
+        assert running_service(data) == "http://[::1]:9"
+    assert not (data / LOCK_NAME).exists()  # removed on a clean stop
+    assert running_service(data) is None
+
+
+def test_default_url_prefers_the_environment_then_the_running_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
+    monkeypatch.setenv("EVENTBUS_DATA_DIR", str(tmp_path))
+    assert default_url() == "http://127.0.0.1:8080"
+    with hold_data_dir(tmp_path, host="127.0.0.1", port=8765):
+        assert default_url() == "http://127.0.0.1:8765"
+        monkeypatch.setenv("EVENTBUS_URL", "http://elsewhere:1")
+        assert default_url() == "http://elsewhere:1"
+
+
+async def _cli(*args: str, cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "eventbus",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _nats_pid(data: Path) -> int:
+    return int((data / "nats" / "nats-server.pid").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_second_serve_is_refused_and_the_first_survives_until_killed() -> None:
+    # not tmp_path: see private_data_root
+    root = private_data_root()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    try:
+        write_config(root, rules="[]", targets=[])
+        port = free_port()
+        config = root / "settings.yaml"
+        config.write_text(yaml.safe_dump(settings_for(root, database_url=None, port=port)))
+        data = root / "data"
+        first = ServeProcess(config, port, root / "first.log")
+        await first.start()
+        assert first.proc is not None
+        nats_pid = _nats_pid(data)
+
+        started = time.monotonic()
+        code, _, err = await _cli("serve", "--config", str(config), cwd=root, env=env)
+        assert code == 1 and time.monotonic() - started < 15
+        assert f"data dir {data} is in use by PID {first.proc.pid} " in err
+        assert f"(eventbus serve on 127.0.0.1:{port})" in err
+        assert "Traceback" not in err
+        # the first one's servers untouched, and it still answers
+        assert psutil.Process(nats_pid).is_running() and _nats_pid(data) == nats_pid
+        code, out, err = await _cli(
+            "sources", "--json", cwd=root, env={**env, "EVENTBUS_DATA_DIR": str(data)}
+        )
+        assert (code, err) == (0, "") and '"sources"' in out  # found without --url
+
+        await first.kill()  # SIGKILL: the nats-server and PostgreSQL it started stay behind
+        assert psutil.Process(nats_pid).is_running()
+        second = ServeProcess(config, port, root / "second.log")
+        await second.start()
+        assert not psutil.pid_exists(nats_pid) or (
+            psutil.Process(nats_pid).status() == psutil.STATUS_ZOMBIE
+        )
+        assert await second.terminate() == 0
+        assert not (data / "nats" / "nats-server.pid").exists()
+        assert not (data / LOCK_NAME).exists()
+        assert not (data / "postgres" / "postmaster.pid").exists()
+    finally:
+        stop_servers_under(root)
+        shutil.rmtree(root, ignore_errors=True)

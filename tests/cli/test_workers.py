@@ -1,0 +1,120 @@
+"""``eventbus serve --workers N`` answers as one service: whichever worker takes a request,
+``/metrics`` counts what every worker did and ``/sources`` shows every worker's sources; what
+a previous run left in the shared directory counts for nothing. The merge of several workers'
+statuses of one source, as a table."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from eventbus.sources import SourceStatus
+from eventbus.sources._shared import merge_statuses
+from tests.fixtures.service import ServeProcess
+from tests.fixtures.wait import eventually
+
+EVENTS = 60
+REQUESTS = 20
+
+
+async def _get(url: str) -> bytes:
+    # a connection of its own each time: the kernel hands each new one to either worker
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        return await resp.read()
+
+
+def _counter(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_any_worker_answers_for_all(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    proc = serve_process(
+        rules="- name: none\n  match: {type: [never]}\n  targets: [fn]\n",
+        targets=[{"name": "fn", "type": "http", "url": "http://127.0.0.1:9/fn"}],
+        sources=[{"name": "tick", "type": "timer", "schedule": "0 3 * * *"}],
+        workers=2,
+    )
+    data = Path(str(proc.config).replace("settings-", "data-").removesuffix(".yaml"))
+    # a crashed run's leftovers, which must not show
+    (data / "workers" / "sources").mkdir(parents=True)
+    (data / "workers" / "sources" / "999999.json").write_bytes(
+        orjson.dumps([SourceStatus(name="ghost", type="timer").to_dict()])
+    )
+    await proc.start()
+
+    async def one(i: int) -> None:
+        event = {"specversion": "1.0", "id": f"w-{i}", "source": "tests/workers", "type": "t"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                proc.url + "/events",
+                data=orjson.dumps(event),
+                headers={"Content-Type": "application/cloudevents+json"},
+            ) as resp,
+        ):
+            assert resp.status == 202
+
+    # one connection per event: both workers take some (all on one: odds 2 ** -59)
+    await asyncio.gather(*(one(i) for i in range(EVENTS)))
+
+    async def routed_all() -> bool:
+        text = (await _get(proc.url + "/metrics")).decode()
+        return _counter(text, "eventbus_events_routed_total") == EVENTS
+
+    await eventually(routed_all, within=30, what="every event routed, as /metrics counts")
+    for _ in range(REQUESTS):
+        text = (await _get(proc.url + "/metrics")).decode()
+        assert _counter(text, 'eventbus_events_received_total{via="http"}') == EVENTS
+        assert _counter(text, "eventbus_events_routed_total") == EVENTS
+        sources = orjson.loads(await _get(proc.url + "/sources"))["sources"]
+        # the timer runs in the first worker only
+        assert [(s["name"], s["state"]) for s in sources] == [("tick", "running")]
+    assert await proc.terminate() == 0
+    assert not (data / "workers").exists()
+
+
+T1 = datetime(2026, 1, 1, tzinfo=UTC)
+T2 = datetime(2026, 1, 2, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("copies", "expected"),
+    [
+        (
+            [SourceStatus("k", "kafka", "running", 3, 0, T1, None, 5)],
+            SourceStatus("k", "kafka", "running", 3, 0, T1, None, 5),
+        ),
+        (
+            [
+                SourceStatus("k", "kafka", "running", 3, 1, T2, "old", 5),
+                SourceStatus("k", "kafka", "backoff", 4, 2, T1, "E: down", 9),
+            ],
+            SourceStatus("k", "kafka", "backoff", 7, 3, T2, "old", 9),
+        ),
+        (
+            [
+                SourceStatus("k", "kafka", "stopped", 0, 0, None, None, None),
+                SourceStatus("k", "kafka", "running", 1, 0, T1, None, 0),
+            ],
+            SourceStatus("k", "kafka", "running", 1, 0, T1, None, 0),
+        ),
+    ],
+)
+def test_copies_of_a_source_merge_into_one(
+    copies: list[SourceStatus], expected: SourceStatus
+) -> None:
+    other = SourceStatus("t", "timer", "failed", 1, 1, None, "bad", None)
+    assert merge_statuses([copies[0], other, *copies[1:]]) == [expected, other]
