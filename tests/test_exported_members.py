@@ -160,6 +160,7 @@ EXPORTS: dict[str, list[str]] = {
         "set_aside",
     ],
     "eventbus.targets": [
+        "Answer",
         "HttpTarget",
         "HttpTargetConfig",
         "KafkaTarget",

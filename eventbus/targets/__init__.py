@@ -4,13 +4,14 @@ Every target implements ``Target`` and reports each attempt as an ``Outcome``; t
 above decides retries and dead letters from it.
 """
 
-from eventbus.targets._base import Outcome, Target
+from eventbus.targets._base import Answer, Outcome, Target
 from eventbus.targets._http import HttpTarget, HttpTargetConfig
 from eventbus.targets._kafka import KafkaTarget, KafkaTargetConfig
 from eventbus.targets._nats import NatsTarget, NatsTargetConfig
 from eventbus.targets._signing import sign_webhook, verify_webhook
 
 __all__ = [
+    "Answer",
     "HttpTarget",
     "HttpTargetConfig",
     "KafkaTarget",

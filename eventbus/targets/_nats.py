@@ -39,7 +39,7 @@ from nats.aio.client import Client
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
 from eventbus.config import redact_url
-from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
+from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
 __all__ = ["NatsTarget", "NatsTargetConfig"]
@@ -76,7 +76,9 @@ def _outcome_from_error(
 ) -> Outcome:
     """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError):
-        return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+        return failure(
+            f"timeout after {config.timeout:g}s", duration_ms, retryable=True, timed_out=True
+        )
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return failure(
             f"no JetStream stream captures subject {config.subject!r} (no responders); "
@@ -252,13 +254,29 @@ class NatsTarget:
         Never raises for a delivery failure (those are ``Outcome`` values, ``status`` None);
         raises ``RuntimeError`` if called outside ``async with``.
         """
+        outcome, _ = await self._publish(event, payload, is_cloudevent, attempt)
+        return outcome
+
+    async def invoke(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """Publish once, as ``deliver`` does; a delivered answer is the acknowledgement as
+        JSON: ``{"subject"}`` for core NATS (the server has the message), ``{"subject",
+        "stream", "seq", "duplicate"}`` with JetStream."""
+        outcome, ack = await self._publish(event, payload, is_cloudevent, 1)
+        if not outcome.delivered:
+            return Answer(outcome)
+        return Answer(outcome, "application/json", orjson.dumps(ack))
+
+    async def _publish(
+        self, event: dict[str, Any], payload: Any, is_cloudevent: bool, attempt: int
+    ) -> tuple[Outcome, dict[str, Any]]:
         self._nc.check_open()
         try:
             headers, body = self._message(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
-            return failure(f"cannot build the message: {exc}", 0.0, retryable=False)
+            return failure(f"cannot build the message: {exc}", 0.0, retryable=False), {}
         cfg = self.config
+        ack: dict[str, Any] = {"subject": cfg.subject}
 
         async def send() -> None:
             nc: Client | None = None
@@ -267,7 +285,12 @@ class NatsTarget:
                     nc = await self._nc.get()
                     if cfg.jetstream:
                         js = nc.jetstream(timeout=cfg.timeout)
-                        await js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                        stored = await js.publish(
+                            cfg.subject, body, timeout=cfg.timeout, headers=headers
+                        )
+                        ack.update(
+                            stream=stored.stream, seq=stored.seq, duplicate=bool(stored.duplicate)
+                        )
                     else:
                         await nc.publish(cfg.subject, body, headers=headers)
                         await nc.flush(timeout=math.ceil(cfg.timeout))
@@ -285,4 +308,4 @@ class NatsTarget:
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)
-        return outcome
+        return outcome, ack
