@@ -42,7 +42,10 @@ from eventbus.delivery import (
     DeliveryPolicy,
     DeliveryStore,
     Dispatcher,
+    Invocation,
+    Invoker,
     RetryWorker,
+    invocation_via,
     override_checker,
     target_policies,
 )
@@ -148,6 +151,7 @@ class Service:
         self._router: Router | None = None
         self._retries: RetryWorker | None = None
         self._sources: SourceRunner | None = None
+        self._invoker: Invoker
         self.nats_url: str | None = None
         self.database_url: str | None = None
         self.supervisor: Supervisor | None = None
@@ -195,6 +199,7 @@ class Service:
             self.dispatcher, self.deliveries, instance=self.instance, lease=slowest * 2 + 60
         )
         self.dispatcher.scheduled = self._retries.due_in
+        self._invoker = Invoker(self.targets, self.dispatcher, self.store.audit)
         self._retries.start()
         self._router = Router(
             self.bus,
@@ -375,6 +380,27 @@ class Service:
                 }
             )
         return out
+
+    async def invoke(
+        self, target: str, event: dict[str, Any], *, invoker: str, asynchronous: bool = False
+    ) -> Invocation:
+        """Invoke ``target`` with the valid ``event`` directly, without a rule (see
+        :mod:`eventbus.delivery._invoke`); ``invoker`` says who asked (audited).
+
+        Synchronous: one attempt, the target's answer in the result, nothing retried.
+        Asynchronous: returns once the event is on the durable bus (the result holds neither an
+        answer nor a refusal), then it is delivered to ``target`` alone with its delivery
+        policy; raises BusUnavailable or BusError when it could not be put there. Either way
+        an unknown or disabled target is a refusal and nothing is sent."""
+        if not asynchronous:
+            via = invocation_via("sync", target, invoker)
+            return await self._invoker.invoke(event, target, via=via)
+        refused = self._invoker.refusal(target)
+        if refused is not None:
+            return refused
+        # Audited as accepted, matched and attempted when the router takes it off the bus.
+        await self.bus.publish(event, via=invocation_via("async", target, invoker))
+        return Invocation(target)
 
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()

@@ -30,6 +30,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("post", "/dead-letters/{dl_id}/replay"): "Replayed",
     ("get", "/retries"): "Retries",
     ("post", "/targets/{name}/enable"): "Enabled",
+    ("post", "/targets/{name}/invoke"): "*/*",
     ("get", "/targets"): "Targets",
     ("get", "/sources"): "Sources",
     ("get", "/sources/dead-letters"): "SourceDeadLetters",
