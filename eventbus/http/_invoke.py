@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from eventbus import metrics
 from eventbus.cloudevents import (
@@ -66,6 +67,13 @@ async def _invoker(request: Request) -> str:
     remote = request.client.host if request.client else None
     key = await access.check(headers, request.url.path, remote, "admin")
     return f"key={key}" if key is not None else f"remote={remote or 'unknown'}"
+
+
+def _mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in ("sync", "async"):
+        raise ValueError(f"{INVOCATION_TYPE_HEADER} must be sync or async, got {raw[:40]!r}")
+    return mode
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -118,11 +126,13 @@ async def invoke_target(
     name: TargetName,
     invoker: Annotated[str, Depends(_invoker)],
     invocation_type: Annotated[
-        str | None,
+        Literal["sync", "async"] | None,
         Header(
             alias=INVOCATION_TYPE_HEADER,
-            description="sync (default): wait for the target's answer; async: 202 once queued.",
+            description="sync (default): wait for the target's answer; async: 202 once queued "
+            "(either case).",
         ),
+        BeforeValidator(_mode),
     ] = None,
     event_type: Annotated[
         str | None, Query(alias="type", description=_Attribute.format("type", DEFAULT_TYPE))
@@ -133,9 +143,7 @@ async def invoke_target(
     subject: Annotated[str | None, Query(description=_Attribute.format("subject", "none"))] = None,
 ) -> Response:
     service = cast("Service", request.app.state.service)
-    mode = (invocation_type or "sync").strip().lower()
-    if mode not in ("sync", "async"):
-        raise Problem(400, f"{INVOCATION_TYPE_HEADER} must be sync or async, got {mode[:40]!r}")
+    mode = invocation_type or "sync"
     limit = service.settings.max_event_size
     body = await _read_body(request, limit)
     headers = {k.lower(): v for k, v in request.headers.items()}
