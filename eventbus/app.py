@@ -46,6 +46,7 @@ from eventbus.delivery import (
     Invoker,
     RetryWorker,
     invocation_via,
+    invoke_rule,
     override_checker,
     target_policies,
 )
@@ -399,7 +400,8 @@ class Service:
         if refused is not None:
             return refused
         # Audited as accepted, matched and attempted when the router takes it off the bus.
-        await self.bus.publish(event, via=invocation_via("async", target, invoker))
+        via = invocation_via("async", target, invoker)
+        await self.bus.publish(event, via=via, scope=invoke_rule(target))
         return Invocation(target)
 
     def source_statuses(self) -> list[SourceStatus]:

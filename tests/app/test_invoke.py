@@ -429,3 +429,17 @@ async def test_sync_kafka_and_nats_targets_answer_with_the_acknowledgement(
         await nc.close()
     trail = await _trail_attempts(svc, "k1", 1)
     assert trail["attempts"][0]["outcome"] == "delivered"
+
+
+async def test_async_deduplicates_per_target_not_against_published_events(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    event = _event("same")
+    status, _ = await svc.post_event(event)  # the rule routes it to "other"
+    assert status == 202
+    for target in ("fn", "fn", "other"):  # a retried invocation is the same one
+        status, _, _ = await _invoke(svc, event, target=target, X_Eventbus_Invocation_Type="async")
+        assert status == 202
+    await svc.drained()
+    assert sorted(r.path for r in receiver.requests) == ["/fn", "/other", "/other"]
