@@ -150,9 +150,9 @@ async def invoke_target(
     attributes = {"type": event_type, "source": source, "subject": subject}
     event = event_from_request(headers, body, attributes, max_size=limit)
     result = await service.invoke(name, event, invoker=invoker, asynchronous=mode == "async")
-    metrics.EVENTS_RECEIVED.labels("invoke").inc()
     if result.refusal is not None:
         raise _refused(result)
+    metrics.EVENTS_RECEIVED.labels("invoke").inc()
     identity = {
         "X-Eventbus-Event-Id": header_value(event["id"], percent=True),
         "X-Eventbus-Event-Source": header_value(event["source"], percent=True),
