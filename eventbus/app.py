@@ -383,19 +383,26 @@ class Service:
         return out
 
     async def invoke(
-        self, target: str, event: dict[str, Any], *, invoker: str, asynchronous: bool = False
+        self,
+        target: str,
+        event: dict[str, Any],
+        *,
+        invoker: str,
+        asynchronous: bool = False,
+        reply: bool = False,
     ) -> Invocation:
         """Invoke ``target`` with the valid ``event`` directly, without a rule (see
         :mod:`eventbus.delivery._invoke`); ``invoker`` says who asked (audited).
 
-        Synchronous: one attempt, the target's answer in the result, nothing retried.
+        Synchronous: one attempt, the target's answer in the result, nothing retried; with
+        ``reply``, a request whose reply is the answer (NATS targets).
         Asynchronous: returns once the event is on the durable bus (the result holds neither an
         answer nor a refusal), then it is delivered to ``target`` alone with its delivery
         policy; raises BusUnavailable or BusError when it could not be put there. Either way
         an unknown or disabled target is a refusal and nothing is sent."""
         if not asynchronous:
             via = invocation_via("sync", target, invoker)
-            return await self._invoker.invoke(event, target, via=via)
+            return await self._invoker.invoke(event, target, via=via, reply=reply)
         refused = self._invoker.refusal(target)
         if refused is not None:
             return refused

@@ -174,6 +174,7 @@ EXPORTS: dict[str, list[str]] = {
         "NatsTarget",
         "NatsTargetConfig",
         "Outcome",
+        "Requester",
         "Target",
         "sign_webhook",
         "verify_webhook",

@@ -4,7 +4,7 @@
     eventbus publish --type T --source S [--data JSON|@FILE|-] [--id --time --subject
                      --datacontenttype -e NAME=VALUE --mode binary|structured]
     eventbus invoke TARGET [--data JSON|@FILE|-] [--type --source --id --subject
-                     --datacontenttype --async]   (call one target directly, print its answer)
+                     --datacontenttype --async --reply]   (call one target, print its answer)
     eventbus rules validate [PATH] | test --event E.json [PATH] | test-pattern --pattern P --event E
     eventbus rules reload                               (the running service loads its rules again)
     eventbus events show SOURCE ID
@@ -304,6 +304,8 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
         "X-Eventbus-Invocation-Type": "async" if args.asynchronous else "sync",
     }
     path = f"/targets/{urllib.parse.quote(args.target, safe='')}/invoke"
+    if args.reply:
+        path += "?reply=true"
     status, answer_headers, raw = _send(args, "POST", path, body, headers)
     if args.asynchronous:
         queued = orjson.loads(raw)
@@ -457,6 +459,11 @@ def _add_invoke(sub: Any) -> None:
         dest="asynchronous",
         action="store_true",
         help="queue the call (202) instead of waiting for the answer",
+    )
+    p.add_argument(
+        "--reply",
+        action="store_true",
+        help="NATS targets: send a request and print the subscriber's reply",
     )
     _client_args(p)
     p.set_defaults(func=_cmd_invoke)

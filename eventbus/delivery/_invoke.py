@@ -27,7 +27,7 @@ from typing import Any, Literal
 from eventbus import metrics
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.store import Attempt, AttemptOutcome, AuditWriter
-from eventbus.targets import Answer, Target
+from eventbus.targets import Answer, Requester, Target
 
 __all__ = [
     "Invocation",
@@ -71,6 +71,8 @@ class Refusal(StrEnum):
     CIRCUIT_OPEN = "circuit-open"
     BUSY = "busy"
     """The target's concurrency cap is full."""
+    NO_REPLY = "no-reply"
+    """A reply was asked of a target that cannot give one (request/reply is NATS's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +113,11 @@ class Invoker:
             return Invocation(target, refusal=Refusal.TARGET_DISABLED, detail=detail)
         return None
 
-    async def invoke(self, event: dict[str, Any], target: str, *, via: str) -> Invocation:
-        """Send ``event`` to ``target`` once and return its answer, or why nothing was sent.
+    async def invoke(
+        self, event: dict[str, Any], target: str, *, via: str, reply: bool = False
+    ) -> Invocation:
+        """Send ``event`` to ``target`` once and return its answer, or why nothing was sent;
+        with ``reply``, as a request whose reply is the answer (a ``Requester`` target only).
 
         Audits the event (accepted ``via``), the pseudo-rule's match and the attempt (or the
         refusal) unless the target is unknown; the rows are committed with the writer's next
@@ -120,6 +125,10 @@ class Invoker:
         refused = self.refusal(target)
         if refused is not None and refused.refusal is Refusal.UNKNOWN_TARGET:
             return refused
+        adapter = self._targets[target]
+        if reply and not isinstance(adapter, Requester):
+            detail = f"target {target!r} cannot be invoked for a reply: NATS targets only"
+            return Invocation(target, refusal=Refusal.NO_REPLY, detail=detail)
         await self._audit.event_accepted(event, via=via)
         await self._audit.rule_matched(event, invoke_rule(target), target)
         if refused is not None:
@@ -139,7 +148,11 @@ class Invoker:
                 return refused
             await guard.throttle()
         try:
-            answer = await self._targets[target].invoke(event, event, is_cloudevent=True)
+            if reply:
+                assert isinstance(adapter, Requester)
+                answer = await adapter.request(event, event, is_cloudevent=True)
+            else:
+                answer = await adapter.invoke(event, event, is_cloudevent=True)
         except BaseException:
             if guard is not None:
                 guard.record(False)  # never leave a half-open probe outstanding

@@ -56,6 +56,7 @@ _REFUSALS = {
     Refusal.TARGET_DISABLED: 409,
     Refusal.CIRCUIT_OPEN: 503,
     Refusal.BUSY: 429,
+    Refusal.NO_REPLY: 400,
 }
 
 
@@ -141,15 +142,26 @@ async def invoke_target(
         str | None, Query(description=_Attribute.format("source", DEFAULT_SOURCE))
     ] = None,
     subject: Annotated[str | None, Query(description=_Attribute.format("subject", "none"))] = None,
+    reply: Annotated[
+        bool,
+        Query(
+            description="NATS targets, sync only: send a request and answer with the "
+            "subscriber's reply instead of the server's acknowledgement."
+        ),
+    ] = False,
 ) -> Response:
     service = cast("Service", request.app.state.service)
     mode = invocation_type or "sync"
+    if reply and mode == "async":
+        raise Problem(400, "reply=true needs a synchronous invocation")
     limit = service.settings.max_event_size
     body = await _read_body(request, limit)
     headers = {k.lower(): v for k, v in request.headers.items()}
     attributes = {"type": event_type, "source": source, "subject": subject}
     event = event_from_request(headers, body, attributes, max_size=limit)
-    result = await service.invoke(name, event, invoker=invoker, asynchronous=mode == "async")
+    result = await service.invoke(
+        name, event, invoker=invoker, asynchronous=mode == "async", reply=reply
+    )
     if result.refusal is not None:
         raise _refused(result)
     metrics.EVENTS_RECEIVED.labels("invoke").inc()

@@ -4,7 +4,7 @@ Every target implements ``Target`` and reports each attempt as an ``Outcome``; t
 above decides retries and dead letters from it.
 """
 
-from eventbus.targets._base import Answer, Outcome, Target
+from eventbus.targets._base import Answer, Outcome, Requester, Target
 from eventbus.targets._http import HttpTarget, HttpTargetConfig
 from eventbus.targets._kafka import KafkaTarget, KafkaTargetConfig
 from eventbus.targets._nats import NatsTarget, NatsTargetConfig
@@ -19,6 +19,7 @@ __all__ = [
     "NatsTarget",
     "NatsTargetConfig",
     "Outcome",
+    "Requester",
     "Target",
     "sign_webhook",
     "verify_webhook",

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, runtime_checkable
 
 from eventbus._errors import MAX_ERROR_CHARS, truncate_error
 
@@ -22,6 +22,7 @@ __all__ = [
     "MAX_ERROR_CHARS",
     "Answer",
     "Outcome",
+    "Requester",
     "Target",
     "failure",
     "send_once",
@@ -151,3 +152,13 @@ class Target(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class Requester(Protocol):
+    """A target that can also be invoked for a reply (request/reply, as NATS offers it)."""
+
+    async def request(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """Send ``payload`` as a request and return the first reply as the answer's body.
+        Never raises for a failure (no responder, timeout): those are the answer's outcome."""
+        ...

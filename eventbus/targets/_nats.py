@@ -35,6 +35,7 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
@@ -83,6 +84,12 @@ def _outcome_from_error(
         return failure(
             f"no JetStream stream captures subject {config.subject!r} (no responders); "
             "create one and the delivery will be retried",
+            duration_ms,
+            retryable=True,
+        )
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return failure(
+            f"nobody answers requests on subject {config.subject!r} (no responders)",
             duration_ms,
             retryable=True,
         )
@@ -265,6 +272,38 @@ class NatsTarget:
         if not outcome.delivered:
             return Answer(outcome)
         return Answer(outcome, "application/json", orjson.dumps(ack))
+
+    async def request(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """Send ``payload`` as a core NATS request to the subject and return the first reply
+        within ``timeout``: its data as the body, its ``Content-Type`` header if it has one.
+        No subscriber is a retryable failure (no responders). On a subject a JetStream stream
+        captures, the stream's acknowledgement is that reply. Never raises for a failure;
+        ``RuntimeError`` outside ``async with``."""
+        self._nc.check_open()
+        try:
+            headers, body = self._message(event, payload, is_cloudevent)
+        except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
+            return Answer(failure(f"cannot build the message: {exc}", 0.0, retryable=False))
+        cfg = self.config
+        replies: list[Msg] = []
+
+        async def send() -> None:
+            async with asyncio.timeout(cfg.timeout):
+                nc = await self._nc.get()
+                replies.append(
+                    await nc.request(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                )
+
+        outcome = await send_once(
+            send,
+            errors=(nats.errors.Error, OSError, TimeoutError),
+            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
+        )
+        trace_attempt(log, self.name, event.get("id"), 1, outcome)
+        if not outcome.delivered:
+            return Answer(outcome)
+        (reply,) = replies
+        return Answer(outcome, (reply.headers or {}).get("Content-Type"), reply.data)
 
     async def _publish(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool, attempt: int

@@ -443,3 +443,39 @@ async def test_async_deduplicates_per_target_not_against_published_events(
         assert status == 202
     await svc.drained()
     assert sorted(r.path for r in receiver.requests) == ["/fn", "/other", "/other"]
+
+
+async def test_sync_nats_request_reply(
+    eventbus: StartService, receiver: Receiver, nats_url: str
+) -> None:
+    subject = unique_name("reply")
+    nc = await nats.connect(nats_url)
+
+    async def answer(msg: Any) -> None:
+        await msg.respond(b"pong:" + orjson.loads(msg.data)["id"].encode())
+
+    try:
+        await nc.subscribe(subject, cb=answer)
+        await nc.flush()
+        targets = [
+            _fn(receiver),
+            _other(receiver),
+            {"name": "subj", "type": "nats", "url": nats_url, "subject": subject},
+        ]
+        svc = await eventbus(rules=RULES, targets=targets)
+        status, headers, body = await _invoke(svc, _event("r1"), target="subj", query="?reply=true")
+        assert (status, body) == (200, "pong:r1")
+        assert float(headers["X-Eventbus-Duration-Ms"]) > 0
+        status, _, ack = await _invoke(svc, _event("r2"), target="subj")
+        assert (status, ack) == (200, {"subject": subject})  # without reply: the server took it
+    finally:
+        await nc.close()
+    status, _, problem = await _invoke(svc, _event("r3"), query="?reply=true")
+    assert status == 400 and "NATS targets only" in problem["detail"], problem
+    status, _, problem = await _invoke(
+        svc, _event("r4"), target="subj", query="?reply=true", X_Eventbus_Invocation_Type="async"
+    )
+    assert status == 400 and "synchronous" in problem["detail"], problem
+    status, _, problem = await _invoke(svc, _event("r5"), target="subj", query="?reply=maybe")
+    assert status == 400 and "reply" in problem["detail"], problem
+    assert receiver.requests == []

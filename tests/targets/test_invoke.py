@@ -9,6 +9,7 @@ from typing import Any
 
 import nats
 import orjson
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from eventbus.bus._nats_server import free_port
@@ -121,3 +122,31 @@ async def test_broker_invoke_failure_has_no_body(nats_url: str) -> None:
         answer = await target.invoke(EVENT, EVENT, is_cloudevent=True)
     assert not answer.outcome.delivered and answer.body == b"" and answer.content_type is None
     assert "no JetStream stream" in (answer.outcome.error or "")
+
+
+async def test_nats_request_returns_the_subscribers_reply(nats_url: str) -> None:
+    subject = unique_name("request")
+    nc = await nats.connect(nats_url)
+
+    async def answer(msg: Msg) -> None:
+        seen = orjson.loads(msg.data)
+        await nc.publish(
+            msg.reply,
+            orjson.dumps({"echo": seen["id"]}),
+            headers={"Content-Type": "application/json"},
+        )
+
+    try:
+        await nc.subscribe(subject, cb=answer)
+        await nc.flush()
+        config = NatsTargetConfig(name="n", url=nats_url, subject=subject, timeout=2)
+        nobody = NatsTargetConfig(name="m", url=nats_url, subject=subject + ".x", timeout=2)
+        async with NatsTarget(config) as target, NatsTarget(nobody) as silent:
+            replied = await target.request(EVENT, EVENT, is_cloudevent=True)
+            unanswered = await silent.request(EVENT, EVENT, is_cloudevent=True)
+    finally:
+        await nc.close()
+    assert replied.outcome.delivered and replied.content_type == "application/json"
+    assert orjson.loads(replied.body) == {"echo": "inv-1"}
+    assert not unanswered.outcome.delivered and unanswered.outcome.retryable
+    assert "no responders" in (unanswered.outcome.error or "")
