@@ -20,6 +20,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -295,10 +296,13 @@ def _exit_on_sigterm(*_: object) -> None:
     raise SystemExit(143)
 
 
-def python_cpu(groups: list[int]) -> float:
-    """CPU seconds (user + system) used so far by the Python processes of these process
-    groups: the service's own work, without the brokers and databases it talks to."""
-    total = 0
+def python_pids(groups: list[int]) -> list[int]:
+    """The Python processes of these process groups."""
+    return [pid for pid, _ in _python_stats(groups)]
+
+
+def _python_stats(groups: list[int]) -> list[tuple[int, list[str]]]:
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -309,10 +313,75 @@ def python_cpu(groups: list[int]) -> float:
         comm_end = stat.rindex(")")
         comm = stat[stat.index("(") + 1 : comm_end]
         fields = stat[comm_end + 2 :].split()
-        # fields[2] is the process group, fields[11:13] user and system time in ticks
-        if comm.startswith("python") and int(fields[2]) in groups:
-            total += int(fields[11]) + int(fields[12])
+        if comm.startswith("python") and int(fields[2]) in groups:  # fields[2]: process group
+            found.append((int(entry.name), fields))
+    return found
+
+
+def python_cpu(groups: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the Python processes of these process
+    groups: the service's own work, without the brokers and databases it talks to."""
+    # fields[11:13] are user and system time in ticks
+    total = sum(int(f[11]) + int(f[12]) for _, f in _python_stats(groups))
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def profile(pids: list[int], duration: float, out: Path) -> list[subprocess.Popen[bytes]]:
+    """Start py-spy sampling each of ``pids`` for ``duration`` seconds (collapsed stacks, one
+    file per process in ``out``); wait for the returned processes, then :func:`summarize`."""
+    out.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(max(1, int(duration))),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(out / f"{pid}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+
+
+def summarize(out: Path, top: int = 40) -> str:
+    """Self and inclusive share of samples per function over every profile in ``out``."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    samples = 0
+    for file in out.glob("*.txt"):
+        for line in file.read_text(encoding="utf-8").splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            frames = [
+                f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")")
+                for f in stack.split(";")
+            ]
+            samples += count
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+            for frame in set(frames):
+                inclusive[frame] = inclusive.get(frame, 0) + count
+    lines = [f"{samples} samples", "| self % | total % | function |", "|---:|---:|---|"]
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(
+            f"| {100 * count / samples:.1f} | {100 * inclusive[frame] / samples:.1f} | {frame} |"
+        )
+    return "\n".join(lines)
 
 
 async def wait_ready(url: str, proc: subprocess.Popen[bytes], bound: float = READY_BOUND) -> None:

@@ -46,6 +46,7 @@ WARMUP = 3.0
 CONCURRENCY = 64
 DRAIN_BOUND = 90.0
 TARGET_CONCURRENCY = 64
+KAFKA_TUNING: dict[str, Any] = {}  # bus.kafka settings of the eventbus runs (--kafka-setting)
 
 RULES = """
 - name: orders-eur
@@ -153,15 +154,19 @@ async def _measure(
     tag: str,
     duration: float,
     rate: int,
+    profile: Path | None = None,
 ) -> tuple[float, float, float, int, dict[str, Any], int]:
     warm = await h.run_load(procs, h.load_command(url, EVENTS, f"{tag}-warm", duration=WARMUP))
     await receiver.wait_delivered(f"{tag}-warm", warm["accepted"], bound=DRAIN_BOUND)
 
     run = f"{tag}-sustained"
     cpu = h.python_cpu(groups)
+    spies = [] if profile is None else h.profile(h.python_pids(groups), duration, profile / tag)
     load = await h.run_load(
         procs, h.load_command(url, EVENTS, run, concurrency=CONCURRENCY, duration=duration)
     )
+    for spy in spies:
+        spy.wait(timeout=duration + 30)
     got = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
     cpu_ms = (h.python_cpu(groups) - cpu) * 1000 / max(got["delivered"], 1)
     ingest = load["accepted"] / (load["ended_at"] - load["started_at"])
@@ -188,6 +193,7 @@ async def _bench(
     duration: float,
     kafka: str | None,
     rate: int,
+    profile: Path | None = None,
 ) -> Row:
     tag = f"{backend}-{system}-w{workers}"
     where = work / tag
@@ -197,20 +203,21 @@ async def _bench(
         bus: dict[str, Any] = {"backend": backend}
         if backend == "kafka":
             kafka_cfg = {"topic": f"bench.{tag}", "group_id": tag, "idempotent": False}
+            kafka_cfg.update(KAFKA_TUNING)
             bus["kafka"] = {"bootstrap_servers": kafka, **kafka_cfg}
         target = {"name": "fn", "type": "http", "url": fn, "concurrency": TARGET_CONCURRENCY}
         url, proc = await h.start_eventbus(
             procs, where, workers=workers, rules=RULES, targets=[target], bus=bus
         )
         try:
-            result = await _measure(procs, receiver, url, [proc.pid], tag, duration, rate)
+            result = await _measure(procs, receiver, url, [proc.pid], tag, duration, rate, profile)
         finally:
             procs.stop(proc)
     else:
         forwarders = _Forwarders(procs, where, workers, backend, fn, kafka)
         async with forwarders as url:
             groups = [p.pid for p in forwarders.running]
-            result = await _measure(procs, receiver, url, groups, tag, duration, rate)
+            result = await _measure(procs, receiver, url, groups, tag, duration, rate, profile)
     ingest, delivered, cpu_ms, missing, fixed, sent = result
     return Row(
         backend,
@@ -378,6 +385,7 @@ async def main(args: argparse.Namespace) -> str:
                             args.duration,
                             kafka,
                             args.rate,
+                            args.profile,
                         )
                         print(f"  {row}", file=sys.stderr)
                         rows.append(row)
@@ -397,9 +405,28 @@ if __name__ == "__main__":
         "--workers", type=int, nargs="+", default=[2], help="process counts to compare"
     )
     parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument(
+        "--kafka-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a bus.kafka setting of eventbus's Kafka runs (e.g. fetch_wait=0.05, linger_ms=2)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="sample every system's processes with py-spy during the sustained phase; write "
+        "collapsed stacks under this folder and print where the time goes",
+    )
     args = parser.parse_args()
     args.command = "python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
+    for setting in args.kafka_setting:
+        name, _, value = setting.partition("=")
+        KAFKA_TUNING[name] = float(value) if "." in value else int(value)
     table = asyncio.run(main(args))
     print(table)
+    if args.profile is not None:
+        for folder in sorted(p for p in args.profile.iterdir() if p.is_dir()):
+            print(f"\n### {folder.name}\n\n{h.summarize(folder)}")
     if args.write_results:
         h.write_section(SECTION, table)

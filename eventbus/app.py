@@ -24,19 +24,12 @@ from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from eventbus._errors import ConfigError
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
-from eventbus.config import (
-    ConnectorSet,
-    HttpTargetSpec,
-    KafkaTargetSpec,
-    NatsTargetSpec,
-    Settings,
-    load_connectors,
-)
+from eventbus.config import ConnectorSet, Settings, load_connectors
 from eventbus.delivery import (
     DeadLetterFilter,
     DeliveryPolicy,
@@ -54,42 +47,11 @@ from eventbus.router import Router
 from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import SourceRunner, SourceStatus, build_source, list_dead_letters
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
-from eventbus.targets import HttpTarget, HttpTargetConfig, Target
+from eventbus.targets import Target, build_target
 
-__all__ = ["Embedded", "Service", "build_target", "start_embedded"]
+__all__ = ["Embedded", "Service", "start_embedded"]
 
 log = logging.getLogger("eventbus")
-
-_C = TypeVar("_C")
-
-
-def _config(
-    cls: type[_C], spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec, **extra: Any
-) -> _C:
-    """The adapter's frozen config from the validated spec: the fields both have, by name."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values = {k: v for k, v in spec.model_dump().items() if k in names}
-    return cls(**{**values, **extra})
-
-
-def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Target:
-    """The adapter for one validated target definition."""
-    if isinstance(spec, HttpTargetSpec):
-        secret = spec.secret
-        if spec.secret_env:
-            secret = os.environ.get(spec.secret_env)
-            if not secret:
-                raise ConfigError(
-                    f"target {spec.name!r}: environment variable {spec.secret_env} is not set"
-                )
-        return HttpTarget(_config(HttpTargetConfig, spec, secret=secret))
-    if isinstance(spec, KafkaTargetSpec):
-        from eventbus.targets import KafkaTarget, KafkaTargetConfig
-
-        return KafkaTarget(_config(KafkaTargetConfig, spec))
-    from eventbus.targets import NatsTarget, NatsTargetConfig
-
-    return NatsTarget(_config(NatsTargetConfig, spec))
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
@@ -218,7 +180,7 @@ class Service:
             "eventbus ready: %d rules, %d targets, %d sources, bus=%s",
             len(rules.rules),
             len(self.targets),
-            len(self.connectors.sources) if s.run_sources else 0,
+            len(self.source_statuses()),
             s.bus.backend,
         )
 
@@ -234,6 +196,8 @@ class Service:
                 partitions=s.bus.kafka.partitions,
                 idempotent=s.bus.kafka.idempotent,
                 session_timeout=s.bus.kafka.session_timeout,
+                fetch_wait=s.bus.kafka.fetch_wait,
+                linger_ms=s.bus.kafka.linger_ms,
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
             )
@@ -263,22 +227,27 @@ class Service:
         )
 
     async def _start_sources(self) -> None:
+        """Run the connectors' sources (unless ``run_sources`` is off) and, when configured,
+        ``kafka_ingest``: a ``kafka`` source named ``kafka-ingest`` reading CloudEvents."""
         s = self.settings
-        specs: list[dict[str, Any]] = []
-        if s.run_sources:
-            specs.extend(dict(spec) for spec in self.connectors.sources.values())
+        sources = (
+            [build_source(spec) for spec in self.connectors.sources.values()]
+            if s.run_sources
+            else []
+        )
         if s.kafka_ingest is not None:
-            specs.append(
-                {
-                    "name": "kafka-ingest",
-                    "type": "kafka",
-                    "bootstrap_servers": s.kafka_ingest.bootstrap_servers,
-                    "topics": list(s.kafka_ingest.topics),
-                    "group_id": s.kafka_ingest.group_id,
-                    "format": "cloudevents",
-                }
+            sources.append(
+                build_source(
+                    {
+                        "name": "kafka-ingest",
+                        "type": "kafka",
+                        "bootstrap_servers": s.kafka_ingest.bootstrap_servers,
+                        "topics": list(s.kafka_ingest.topics),
+                        "group_id": s.kafka_ingest.group_id,
+                        "format": "cloudevents",
+                    }
+                )
             )
-        sources = [build_source(spec) for spec in specs]
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -60,19 +60,21 @@ class KafkaBusConfig:
     """Where the Kafka bus lives and how it delivers.
 
     ``partitions`` and ``replication_factor`` apply when the bus creates the topic (an existing
-    topic is used as is); ``partitions`` caps how many processes can share the work.
+    topic is used as is); ``partitions`` caps how many processes can share the work. It has no
+    default here: its one default is the setting ``bus.kafka.partitions``.
     ``max_in_flight`` bounds un-settled messages per :meth:`KafkaBus.messages` iterator.
     ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
     ``session_timeout`` is how long a silent member keeps its partitions (a killed process's
     work moves after it; Tansu also delays each group join by about half of it);
-    ``poll_timeout`` is the long-poll length of one fetch; ``commit_interval`` how often done
-    offsets are committed (seconds).
+    ``poll_timeout`` is how long one poll of the consumer waits for a batch, ``fetch_wait`` how
+    long one fetch request waits on the broker for new events (``fetch_max_wait_ms``);
+    ``commit_interval`` how often done offsets are committed (seconds).
     """
 
     bootstrap_servers: str
     topic: str = "eventbus.events"
     group_id: str = "eventbus-router"
-    partitions: int = 12
+    partitions: int = field(kw_only=True)
     replication_factor: int = 1
     max_in_flight: int = 1000
     idempotent: bool = True
@@ -80,6 +82,7 @@ class KafkaBusConfig:
     session_timeout: float = 10.0
     commit_interval: float = 1.0
     poll_timeout: float = 0.5
+    fetch_wait: float = 0.5
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
 
@@ -95,6 +98,7 @@ class KafkaBusConfig:
             "session_timeout",
             "commit_interval",
             "poll_timeout",
+            "fetch_wait",
             "publish_timeout",
             "connect_timeout",
         )
@@ -199,6 +203,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             auto_offset_reset="earliest",
             session_timeout_ms=int(config.session_timeout * 1000),
             heartbeat_interval_ms=int(config.session_timeout * 1000 / 3),
+            fetch_max_wait_ms=max(1, int(config.fetch_wait * 1000)),
         )
         self.consumer.subscribe([config.topic], listener=self)
         self.window = InFlightWindow(config.max_in_flight)

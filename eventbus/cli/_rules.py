@@ -137,8 +137,10 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
 
     Raises ``ConfigError`` for invalid connector files (``main`` prints it).
     """
-    # Imported here, not at the top: the delivery layer loads every driver, which ``eventbus
-    # rules test-pattern`` and ``eventbus --help`` do without.
+    # Imported here, not at the top: the delivery layer and the sources load every driver,
+    # which ``eventbus rules test-pattern`` and ``eventbus --help`` do without. Importing them
+    # registers the target and source types the connector files are validated with.
+    import eventbus.sources  # noqa: F401
     from eventbus.config import load_connectors
     from eventbus.delivery import override_checker, target_policies
 

@@ -2,25 +2,31 @@
 
     settings YAML + EVENTBUS_* ──> load_settings ──> Settings          (_settings)
     connectors/*.yaml ───────────> load_connectors ─> ConnectorSet     (_connectors)
+    register_connector            the registry of source and target types (_connectors)
     every user file ─────────────> load_yaml: data + the line of each key (_yaml)
     Duration, parse_duration      ``10s``, ``5m``, ``1d`` in any of them (_units)
     redact_url                    a configured URL as logs and errors may show it (_redact)
 
 Where it sits: below the pipeline. It imports nothing of eventbus but the error tree, and no
-driver (no broker, database or HTTP client), so the rule engine can read YAML through it and
-``eventbus rules validate`` checks connector files without loading a driver. The composition
-root (``eventbus.app``) turns these specs into running components.
+driver (no broker, database or HTTP client), so the rule engine can read YAML through it. The
+connector types are not here: each lives, spec and adapter, in ``eventbus.sources`` or
+``eventbus.targets``, which register it with this package's registry when imported, so
+``load_connectors`` validates every definition with its type's spec. The composition root
+(``eventbus.app``) turns the validated specs into running components.
 """
 
 from __future__ import annotations
 
 from eventbus.config._connectors import (
+    ConnectorKind,
     ConnectorSet,
-    HttpTargetSpec,
-    KafkaTargetSpec,
-    NatsTargetSpec,
+    ConnectorSpec,
+    SourceSpec,
     TargetSpec,
+    connector_adapter,
+    connector_spec,
     load_connectors,
+    register_connector,
 )
 from eventbus.config._redact import redact_url
 from eventbus.config._settings import (
@@ -48,27 +54,30 @@ from eventbus.config._yaml import (
 __all__ = [
     "ApiKey",
     "BusSettings",
+    "ConnectorKind",
     "ConnectorSet",
+    "ConnectorSpec",
     "DatabaseSettings",
     "Duration",
-    "HttpTargetSpec",
     "KafkaIngestSettings",
     "KafkaSettings",
-    "KafkaTargetSpec",
     "KeyPath",
     "ListenSettings",
     "NatsSettings",
-    "NatsTargetSpec",
     "NodeBuilder",
     "RouterSettings",
     "Settings",
+    "SourceSpec",
     "TargetSpec",
     "YamlDoc",
+    "connector_adapter",
+    "connector_spec",
     "load_connectors",
     "load_settings",
     "load_yaml",
     "parse_duration",
     "pydantic_errors",
     "redact_url",
+    "register_connector",
     "yaml_files",
 ]

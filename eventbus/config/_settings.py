@@ -74,6 +74,11 @@ class KafkaSettings(_Model):
     """Idempotent producer; turn off only for brokers without InitProducerId support."""
     session_timeout: float = Field(10.0, gt=0, le=300)
     """Seconds a silent process keeps its partitions before they move to another."""
+    fetch_wait: float = Field(0.5, gt=0, le=30)
+    """Longest a fetch waits for new events (the broker should answer as soon as some arrive;
+    a broker that waits out the whole time makes this the added latency)."""
+    linger_ms: int = Field(0, ge=0, le=1000)
+    """Milliseconds the producer waits to batch events before sending them."""
 
 
 class BusSettings(_Model):

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from eventbus import metrics
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.store import Attempt, AttemptOutcome, AuditWriter
-from eventbus.targets import Answer, Requester, Target
+from eventbus.targets import Answer, Invocable, Requester, Target
 
 __all__ = [
     "Invocation",
@@ -151,8 +151,11 @@ class Invoker:
             if reply:
                 assert isinstance(adapter, Requester)
                 answer = await adapter.request(event, event, is_cloudevent=True)
-            else:
+            elif isinstance(adapter, Invocable):
                 answer = await adapter.invoke(event, event, is_cloudevent=True)
+            else:
+                outcome = await adapter.deliver(event, event, is_cloudevent=True, attempt=1)
+                answer = Answer(outcome)
         except BaseException:
             if guard is not None:
                 guard.record(False)  # never leave a half-open probe outstanding

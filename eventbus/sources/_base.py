@@ -1,9 +1,9 @@
-"""The source framework: what every source connector plugs into, in front of the bus.
+"""The source framework: what every source plugs into, in front of the bus.
 
     input (bucket, file, socket, timer, queue)
-      -> Source.run(ctx)            a connector turns input into CloudEvents
+      -> Source.run(ctx)            a source turns input into CloudEvents
       -> ctx.emit(event)            publishes onto the durable bus (returns once durable)
-      -> ctx.checkpoints.put(...)   only then the connector records its progress in Postgres
+      -> ctx.checkpoints.put(...)   only then the source records its progress in Postgres
 
 A crash between publish and checkpoint re-emits the same input on restart (at-least-once);
 nothing is ever checkpointed before it is on the bus, so nothing is lost. Input that cannot
@@ -114,7 +114,7 @@ def default_instance_id() -> str:
 
 
 class Source(Protocol):
-    """A running connector. ``run`` returns only when cancelled (or raises)."""
+    """A running source. ``run`` returns only when cancelled (or raises)."""
 
     name: str
     type: str

@@ -21,6 +21,7 @@ from eventbus._errors import MAX_ERROR_CHARS, truncate_error
 __all__ = [
     "MAX_ERROR_CHARS",
     "Answer",
+    "Invocable",
     "Outcome",
     "Requester",
     "Target",
@@ -138,12 +139,6 @@ class Target(Protocol):
         """
         ...
 
-    async def invoke(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
-        """One synchronous attempt, as ``deliver`` makes it, that also returns the endpoint's
-        answer. Never waits for a concurrency slot: with the cap full it returns at once with
-        ``busy`` set. Never raises for a delivery failure."""
-        ...
-
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(
@@ -152,6 +147,18 @@ class Target(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class Invocable(Protocol):
+    """A target that returns the endpoint's answer to a synchronous invocation. Optional: a
+    target without ``invoke`` is invoked through ``deliver``, and its answer has no body."""
+
+    async def invoke(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """One synchronous attempt, as ``deliver`` makes it, that also returns the endpoint's
+        answer. Never waits for a concurrency slot: with the cap full it returns at once with
+        ``busy`` set. Never raises for a delivery failure."""
+        ...
 
 
 @runtime_checkable

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiohttp
 import orjson
+from pydantic import Field
 from yarl import URL
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import from_http, to_http
+from eventbus.config import TargetSpec
 from eventbus.targets._base import (
     MAX_ERROR_CHARS,
     Answer,
@@ -38,7 +39,7 @@ from eventbus.targets._base import (
 )
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
-__all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetConfig", "parse_retry_after"]
+__all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetSpec", "parse_retry_after"]
 
 log = logging.getLogger(__name__)
 
@@ -101,23 +102,22 @@ class _SharedSession:
             await session.close()
 
 
-@dataclass(frozen=True)
-class HttpTargetConfig:
-    """One HTTP function endpoint.
+class HttpTargetSpec(TargetSpec):
+    """``type: http``: one function endpoint.
 
     ``mode`` picks the CloudEvents HTTP binding for CloudEvent payloads; ``timeout`` bounds one
     attempt (connect, send, answer, body) in seconds; ``concurrency`` caps requests in flight to
     this endpoint; ``headers`` are added to every request (e.g. ``Authorization``); ``secret``
-    turns on Standard Webhooks signing (``whsec_<base64>`` or a raw string).
+    (or the environment variable ``secret_env`` names, read when the target is built) turns on
+    Standard Webhooks signing (``whsec_<base64>`` or a raw string).
     """
 
-    name: str
-    url: str
+    url: str = Field(pattern=r"^https?://")
     mode: Literal["binary", "structured"] = "binary"
-    timeout: float = 10.0
-    concurrency: int = 16
-    headers: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = Field(16, ge=1, le=1024)
+    headers: dict[str, str] = {}
     secret: str | None = None
+    secret_env: str | None = None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -185,8 +185,9 @@ class HttpTarget:
     per-attempt timeout).
     """
 
-    def __init__(self, config: HttpTargetConfig) -> None:
-        """Raises ``ConfigError`` if the URL, timeout, concurrency, headers or secret is invalid."""
+    def __init__(self, config: HttpTargetSpec) -> None:
+        """Raises ``ConfigError`` if the URL, headers or secret is invalid, or ``secret_env``
+        names an unset environment variable."""
         where = f"HTTP target {config.name!r}"
         try:
             url = URL(config.url)
@@ -194,21 +195,20 @@ class HttpTarget:
             raise ConfigError(f"{where}: invalid url {config.url!r}: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
-        if config.mode not in ("binary", "structured"):
-            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
-        if not config.timeout > 0:
-            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
-        if config.concurrency < 1:
-            raise ConfigError(f"{where}: concurrency must be >= 1: {config.concurrency!r}")
         for key, value in config.headers.items():
             if any(c in key + value for c in "\r\n\0"):
                 raise ConfigError(f"{where}: header {key!r} contains a line break or NUL")
+        secret = config.secret
+        if config.secret_env:
+            secret = os.environ.get(config.secret_env)
+            if not secret:
+                raise ConfigError(f"{where}: environment variable {config.secret_env} is not set")
         self.name = config.name
         self.config = config
         self._url = url
         self._structured = config.mode == "structured"
         try:
-            self._key = None if config.secret is None else decode_secret(config.secret)
+            self._key = None if secret is None else decode_secret(secret)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         self._static = {"User-Agent": "eventbus", **config.headers}

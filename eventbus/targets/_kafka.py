@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -27,13 +26,15 @@ from aiokafka import AIOKafkaProducer
 from jsonpath_ng import JSONPath
 from jsonpath_ng.exceptions import JSONPathError
 from jsonpath_ng.ext.parser import parse as parse_jsonpath
+from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_kafka
+from eventbus.config import Duration, TargetSpec
 from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
-__all__ = ["KafkaTarget", "KafkaTargetConfig"]
+__all__ = ["KafkaTarget", "KafkaTargetSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,8 @@ _NOT_RETRYABLE = (
 """Errors that the same record meets again on every retry until an operator changes something."""
 
 
-@dataclass(frozen=True)
-class KafkaTargetConfig:
-    """One Kafka topic.
+class KafkaTargetSpec(TargetSpec):
+    """``type: kafka``: one Kafka topic.
 
     ``key`` is a JSONPath into the original event whose first match becomes the record key (a
     string as its UTF-8 text, any other JSON value as compact JSON, no match or ``null`` gives no
@@ -68,18 +68,15 @@ class KafkaTargetConfig:
     ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
     """
 
-    name: str
     bootstrap_servers: str
     topic: str
     key: str | None = None
     mode: Literal["binary", "structured"] = "binary"
-    timeout: float = 10.0
+    timeout: Duration = Field(10.0, gt=0, le=300)
     idempotent: bool = True
 
 
-def _outcome_from_error(
-    exc: BaseException, duration_ms: float, config: KafkaTargetConfig
-) -> Outcome:
+def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTargetSpec) -> Outcome:
     """Translate an aiokafka/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError | kerr.KafkaTimeoutError | kerr.RequestTimedOutError):
         return failure(
@@ -132,8 +129,8 @@ class KafkaTarget:
     deduplicate on the ``ce_id`` header).
     """
 
-    def __init__(self, config: KafkaTargetConfig) -> None:
-        """Raises ``ConfigError`` if the servers, topic, key path, mode or timeout is invalid."""
+    def __init__(self, config: KafkaTargetSpec) -> None:
+        """Raises ``ConfigError`` if the servers, topic or key path is invalid."""
         where = f"Kafka target {config.name!r}"
         servers = [s.strip() for s in config.bootstrap_servers.split(",")]
         if not all(servers):
@@ -145,10 +142,6 @@ class KafkaTarget:
             raise ConfigError(
                 f"{where}: topic must be 1-249 characters of A-Z a-z 0-9 . _ -: {config.topic!r}"
             )
-        if config.mode not in ("binary", "structured"):
-            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
-        if not config.timeout > 0:
-            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
         self._key_path: JSONPath | None = None
         if config.key is not None:
             if not config.key.startswith("$"):

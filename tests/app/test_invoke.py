@@ -5,6 +5,7 @@ function got counted (no retry on the sync path), and the audit trail of each in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -15,10 +16,12 @@ from multidict import CIMultiDict
 from nats.js.api import StreamConfig
 
 from eventbus.bus._nats_server import free_port
+from eventbus.targets import register_target
 from tests.fixtures.nats import unique_name
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
+from tests.targets.test_writing_a_target import _example_module
 
 # A rule that matches every event of type t, to another target: an invocation must not be routed
 # by the rules, and an event published to /events must not reach the invoked target.
@@ -479,3 +482,24 @@ async def test_sync_nats_request_reply(
     status, _, problem = await _invoke(svc, _event("r5"), target="subj", query="?reply=maybe")
     assert status == 400 and "reply" in problem["detail"], problem
     assert receiver.requests == []
+
+
+async def test_a_target_type_without_invoke_is_invoked_through_deliver(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    example = _example_module()  # docs/targets.md's jsonl target: deliver only
+    register_target("invoke-jsonl", example.JsonLinesTargetSpec, example.JsonLinesTarget)
+    out = tmp_path / "invoked.jsonl"
+    plugin = {"name": "file", "type": "invoke-jsonl", "path": str(out)}
+    svc = await eventbus(rules=RULES, targets=[_fn(receiver), _other(receiver), plugin])
+    status, headers, body = await _invoke(svc, _event("j1"), target="file")
+    assert (status, body) == (200, None) and "Content-Type" not in headers
+    status, _, _ = await _invoke(
+        svc, _event("j2"), target="file", X_Eventbus_Invocation_Type="async"
+    )
+    assert status == 202
+    await svc.drained()
+    lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [line["id"] for line in lines] == ["j1", "j2"]
+    trail = await _trail_attempts(svc, "j1", 1)
+    assert trail["attempts"][0]["outcome"] == "delivered"

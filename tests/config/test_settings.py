@@ -46,6 +46,8 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("bus:\n  backend: rabbit\n", "eventbus.yaml:2: bus.backend: Input should be 'nats'"),
         ("bus:\n  nats:\n    stream: S\n    typo: 1\n", "eventbus.yaml:4: bus.nats.typo: Extra"),
         ("api_keys:\n  - {name: a, key: short}\n", "eventbus.yaml:2: api_keys.0.key"),
+        ("bus:\n  kafka:\n    fetch_wait: 0\n", "eventbus.yaml:3: bus.kafka.fetch_wait: Input"),
+        ("bus:\n  kafka:\n    linger_ms: -1\n", "eventbus.yaml:3: bus.kafka.linger_ms: Input"),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:

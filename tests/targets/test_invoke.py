@@ -15,11 +15,11 @@ from nats.js.api import StreamConfig
 from eventbus.bus._nats_server import free_port
 from eventbus.targets import (
     HttpTarget,
-    HttpTargetConfig,
+    HttpTargetSpec,
     KafkaTarget,
-    KafkaTargetConfig,
+    KafkaTargetSpec,
     NatsTarget,
-    NatsTargetConfig,
+    NatsTargetSpec,
 )
 from tests.fixtures.nats import unique_name
 from tests.fixtures.receiver import Receiver, Response
@@ -40,7 +40,7 @@ async def test_http_invoke_returns_status_content_type_and_body(receiver: Receiv
         Response(201, headers={"Content-Type": "text/csv"}, body=b"a,b\n1,2\n"),
         Response(422, headers={"Content-Type": "application/json"}, body=b'{"bad": true}'),
     )
-    async with HttpTarget(HttpTargetConfig(name="fn", url=receiver.url("/fn"))) as target:
+    async with HttpTarget(HttpTargetSpec(name="fn", url=receiver.url("/fn"))) as target:
         ok = await target.invoke(EVENT, EVENT, is_cloudevent=True)
         refused = await target.invoke(EVENT, EVENT, is_cloudevent=True)
     assert ok.outcome.delivered and ok.outcome.status == 201 and not ok.busy
@@ -52,7 +52,7 @@ async def test_http_invoke_returns_status_content_type_and_body(receiver: Receiv
 
 async def test_http_invoke_with_the_cap_full_sends_nothing(receiver: Receiver) -> None:
     receiver.respond(Response(200, delay=5))
-    config = HttpTargetConfig(name="fn", url=receiver.url("/fn"), concurrency=1)
+    config = HttpTargetSpec(name="fn", url=receiver.url("/fn"), concurrency=1)
     async with HttpTarget(config) as target:
         first = asyncio.create_task(target.invoke(EVENT, EVENT, is_cloudevent=True))
         await receiver.wait_for(1)
@@ -65,11 +65,11 @@ async def test_http_invoke_with_the_cap_full_sends_nothing(receiver: Receiver) -
 
 async def test_http_invoke_timeout_and_refused_connection(receiver: Receiver) -> None:
     receiver.respond(Response(200, delay=5))
-    config = HttpTargetConfig(name="fn", url=receiver.url("/fn"), timeout=0.3)
+    config = HttpTargetSpec(name="fn", url=receiver.url("/fn"), timeout=0.3)
     async with HttpTarget(config) as target:
         late = await target.invoke(EVENT, EVENT, is_cloudevent=True)
     assert late.outcome.timed_out and late.outcome.status is None
-    closed = HttpTargetConfig(name="fn", url=f"http://127.0.0.1:{free_port()}/")
+    closed = HttpTargetSpec(name="fn", url=f"http://127.0.0.1:{free_port()}/")
     async with HttpTarget(closed) as target:
         refused = await target.invoke(EVENT, EVENT, is_cloudevent=True)
     assert not refused.outcome.timed_out and "connection refused" in (refused.outcome.error or "")
@@ -77,7 +77,7 @@ async def test_http_invoke_timeout_and_refused_connection(receiver: Receiver) ->
 
 async def test_kafka_invoke_answers_with_the_acknowledgement(kafka_bootstrap: str) -> None:
     topic = unique_name("invoke")
-    config = KafkaTargetConfig(
+    config = KafkaTargetSpec(
         name="k", bootstrap_servers=kafka_bootstrap, topic=topic, idempotent=False
     )
     async with KafkaTarget(config) as target:
@@ -98,8 +98,8 @@ async def test_nats_invoke_answers_with_the_acknowledgement(nats_url: str) -> No
     try:
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name=subject, subjects=[subject + ".js"]))
-        core = NatsTargetConfig(name="n", url=nats_url, subject=subject + ".core")
-        stream = NatsTargetConfig(name="j", url=nats_url, subject=subject + ".js", jetstream=True)
+        core = NatsTargetSpec(name="n", url=nats_url, subject=subject + ".core")
+        stream = NatsTargetSpec(name="j", url=nats_url, subject=subject + ".js", jetstream=True)
         async with NatsTarget(core) as a, NatsTarget(stream) as b:
             plain = await a.invoke(EVENT, EVENT, is_cloudevent=True)
             stored = await b.invoke(EVENT, EVENT, is_cloudevent=True)
@@ -117,7 +117,7 @@ async def test_nats_invoke_answers_with_the_acknowledgement(nats_url: str) -> No
 
 
 async def test_broker_invoke_failure_has_no_body(nats_url: str) -> None:
-    config = NatsTargetConfig(name="n", url=nats_url, subject=unique_name("s"), jetstream=True)
+    config = NatsTargetSpec(name="n", url=nats_url, subject=unique_name("s"), jetstream=True)
     async with NatsTarget(config) as target:
         answer = await target.invoke(EVENT, EVENT, is_cloudevent=True)
     assert not answer.outcome.delivered and answer.body == b"" and answer.content_type is None
@@ -139,8 +139,8 @@ async def test_nats_request_returns_the_subscribers_reply(nats_url: str) -> None
     try:
         await nc.subscribe(subject, cb=answer)
         await nc.flush()
-        config = NatsTargetConfig(name="n", url=nats_url, subject=subject, timeout=2)
-        nobody = NatsTargetConfig(name="m", url=nats_url, subject=subject + ".x", timeout=2)
+        config = NatsTargetSpec(name="n", url=nats_url, subject=subject, timeout=2)
+        nobody = NatsTargetSpec(name="m", url=nats_url, subject=subject + ".x", timeout=2)
         async with NatsTarget(config) as target, NatsTarget(nobody) as silent:
             replied = await target.request(EVENT, EVENT, is_cloudevent=True)
             unanswered = await silent.request(EVENT, EVENT, is_cloudevent=True)

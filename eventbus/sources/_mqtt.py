@@ -24,13 +24,12 @@ import pydantic
 from eventbus.cloudevents import decode
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["MqttSource", "MqttSourceConfig"]
+__all__ = ["MqttSource", "MqttSourceSpec"]
 
 
-class MqttSourceConfig(QueueConfig):
+class MqttSourceSpec(QueueSourceSpec):
     """YAML settings of a ``type: mqtt`` source.
 
     ``client_id`` defaults to ``eventbus-source-<name>``; it names the broker-side session, so
@@ -46,13 +45,12 @@ class MqttSourceConfig(QueueConfig):
     client_id: str | None = None
 
 
-@register_source("mqtt", MqttSourceConfig)
 class MqttSource:
     """Subscribes to ``topics`` at QoS 1; acks after publishing (see the module docstring)."""
 
-    def __init__(self, name: str, config: MqttSourceConfig) -> None:
-        self.name = name
-        self.type = "mqtt"
+    def __init__(self, config: MqttSourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
 
     async def run(self, ctx: SourceContext) -> None:

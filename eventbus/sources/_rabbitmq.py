@@ -24,15 +24,14 @@ from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_kafka
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["RabbitMQSource", "RabbitMQSourceConfig"]
+__all__ = ["RabbitMQSource", "RabbitMQSourceSpec"]
 
 _PREFIXES = ("cloudEvents:", "cloudEvents_")
 
 
-class RabbitMQSourceConfig(QueueConfig):
+class RabbitMQSourceSpec(QueueSourceSpec):
     """YAML settings of a ``type: rabbitmq`` source."""
 
     url: str = pydantic.Field(pattern=r"^amqps?://")
@@ -55,13 +54,12 @@ def _cloudevent(message: AbstractIncomingMessage) -> dict[str, Any]:
     return from_kafka(headers, None, message.body)
 
 
-@register_source("rabbitmq", RabbitMQSourceConfig)
 class RabbitMQSource:
     """Consumes one queue; acks after publishing, rejects with requeue when that fails."""
 
-    def __init__(self, name: str, config: RabbitMQSourceConfig) -> None:
-        self.name = name
-        self.type = "rabbitmq"
+    def __init__(self, config: RabbitMQSourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
 
     async def run(self, ctx: SourceContext) -> None:

@@ -32,16 +32,15 @@ from eventbus.cloudevents import from_nats
 from eventbus.config import redact_url
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["JetStreamSource", "JetStreamSourceConfig", "NatsSource", "NatsSourceConfig"]
+__all__ = ["JetStreamSource", "JetStreamSourceSpec", "NatsSource", "NatsSourceSpec"]
 
 _TRANSIENT = (nats.errors.Error, OSError)
 log = logging.getLogger("eventbus.sources")
 
 
-class NatsSourceConfig(QueueConfig):
+class NatsSourceSpec(QueueSourceSpec):
     """YAML settings of a ``type: nats`` source (core NATS subscription)."""
 
     url: str = pydantic.Field(pattern=r"^(nats|tls)://")
@@ -49,7 +48,7 @@ class NatsSourceConfig(QueueConfig):
     queue_group: str | None = None
 
 
-class JetStreamSourceConfig(QueueConfig):
+class JetStreamSourceSpec(QueueSourceSpec):
     """YAML settings of a ``type: jetstream`` source.
 
     ``durable`` defaults to ``eventbus-source-<name>``; ``subject`` filters the stream (all of
@@ -85,7 +84,7 @@ async def _connect(url: str, closed: asyncio.Event) -> Client:
     )
 
 
-_C = TypeVar("_C", bound=NatsSourceConfig | JetStreamSourceConfig)
+_C = TypeVar("_C", bound=NatsSourceSpec | JetStreamSourceSpec)
 
 
 class _NatsConsumer(ABC, Generic[_C]):
@@ -95,10 +94,9 @@ class _NatsConsumer(ABC, Generic[_C]):
     ``backoff.reset()`` once it is reading.
     """
 
-    type: str
-
-    def __init__(self, name: str, config: _C) -> None:
-        self.name = name
+    def __init__(self, config: _C) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
 
     async def run(self, ctx: SourceContext) -> None:
@@ -121,11 +119,8 @@ class _NatsConsumer(ABC, Generic[_C]):
         """Read from ``nc`` and publish until ``closed`` is set."""
 
 
-@register_source("nats", NatsSourceConfig)
-class NatsSource(_NatsConsumer[NatsSourceConfig]):
+class NatsSource(_NatsConsumer[NatsSourceSpec]):
     """Subscribes to core NATS subjects; at-most-once (see the module docstring)."""
-
-    type = "nats"
 
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
@@ -157,11 +152,8 @@ class NatsSource(_NatsConsumer[NatsSourceConfig]):
                 await retry.wait()
 
 
-@register_source("jetstream", JetStreamSourceConfig)
-class JetStreamSource(_NatsConsumer[JetStreamSourceConfig]):
+class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
     """Reads a durable pull consumer; acks after publishing (at-least-once)."""
-
-    type = "jetstream"
 
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff

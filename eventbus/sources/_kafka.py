@@ -22,13 +22,12 @@ from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_kafka
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["KafkaSource", "KafkaSourceConfig"]
+__all__ = ["KafkaSource", "KafkaSourceSpec"]
 
 
-class KafkaSourceConfig(QueueConfig):
+class KafkaSourceSpec(QueueSourceSpec):
     """YAML settings of a ``type: kafka`` source.
 
     ``group_id`` defaults to ``eventbus-source-<name>``; ``start`` is where a group with no
@@ -42,13 +41,12 @@ class KafkaSourceConfig(QueueConfig):
     batch: int = pydantic.Field(100, ge=1, le=10_000)
 
 
-@register_source("kafka", KafkaSourceConfig)
 class KafkaSource:
     """Consumes ``topics`` in a consumer group; commits an offset only after publishing."""
 
-    def __init__(self, name: str, config: KafkaSourceConfig) -> None:
-        self.name = name
-        self.type = "kafka"
+    def __init__(self, config: KafkaSourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
 
     async def run(self, ctx: SourceContext) -> None:
