@@ -14,6 +14,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 from nats.js.api import StreamConfig
+from prometheus_client.parser import text_string_to_metric_families
 
 from eventbus.bus._nats_server import free_port
 from eventbus.targets import register_target
@@ -177,6 +178,14 @@ async def test_sync_timeout_is_504_and_a_closed_port_502(
     assert trail["attempts"][0]["outcome"] == "failed"
     assert "connection refused" in trail["attempts"][0]["error"]
     assert len(receiver.requests) == 1
+    status, _, metrics = await svc.request("GET", "/metrics")
+    counted = {
+        (s.labels["target"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == "eventbus_deliveries_total"
+    }
+    assert counted[("fn", "failed")] == counted[("down", "failed")] == 1
 
 
 async def test_sync_open_circuit_is_503_with_retry_after(
