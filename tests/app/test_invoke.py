@@ -192,7 +192,9 @@ async def test_sync_open_circuit_is_503_with_retry_after(
     eventbus: StartService, receiver: Receiver
 ) -> None:
     breaker = {"failures": 2, "open_for": "30s"}
-    svc = await _start(eventbus, receiver, delivery={"retry": FAST, "circuit_breaker": breaker})
+    delivery = {"retry": FAST, "circuit_breaker": breaker}
+    rules = RULES + "- name: to-fn\n  match: {type: [c]}\n  targets: [fn]\n"
+    svc = await eventbus(rules=rules, targets=[_fn(receiver, delivery=delivery), _other(receiver)])
     receiver.respond(500)
     for i in range(2):
         status, _, _ = await _invoke(svc, _event(f"c{i}"))
@@ -207,6 +209,13 @@ async def test_sync_open_circuit_is_503_with_retry_after(
     (attempt,) = trail["attempts"]
     assert (attempt["outcome"], attempt["attempt"]) == ("refused", 0)
     assert "circuit" in attempt["error"]
+    # the circuit the sync calls opened is the one rule deliveries go through
+    status, _ = await svc.post_event(_event("c3", type="c"))
+    assert status == 202
+    await svc.drained()
+    (parked,) = (await svc.request("GET", "/retries"))[2]["items"]
+    assert (parked["event_id"], parked["waiting_for"], parked["attempts"]) == ("c3", "circuit", 0)
+    assert len(receiver.requests) == 2
 
 
 async def test_sync_full_concurrency_cap_is_429_with_retry_after(
