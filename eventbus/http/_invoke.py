@@ -158,7 +158,7 @@ async def invoke_target(
     body = await _read_body(request, limit)
     headers = {k.lower(): v for k, v in request.headers.items()}
     attributes = {"type": event_type, "source": source, "subject": subject}
-    event = event_from_request(headers, body, attributes, max_size=limit)
+    event = _event_from_request(headers, body, attributes, max_size=limit)
     result = await service.invoke(
         name, event, invoker=invoker, asynchronous=mode == "async", reply=reply
     )
@@ -211,7 +211,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def event_from_request(
+def _event_from_request(
     headers: dict[str, str],
     body: bytes,
     attributes: dict[str, str | None],
