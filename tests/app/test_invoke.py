@@ -521,3 +521,22 @@ async def test_a_target_type_without_invoke_is_invoked_through_deliver(
     assert [line["id"] for line in lines] == ["j1", "j2"]
     trail = await _trail_attempts(svc, "j1", 1)
     assert trail["attempts"][0]["outcome"] == "delivered"
+
+
+@pytest.mark.timeout(120)
+async def test_async_on_the_kafka_bus(
+    eventbus: StartService, receiver: Receiver, kafka_bootstrap: str
+) -> None:
+    svc = await eventbus(
+        rules=RULES,
+        targets=[_fn(receiver), _other(receiver)],
+        kafka_bootstrap=kafka_bootstrap,
+    )
+    receiver.script(503)
+    status, _, _ = await _invoke(svc, _event("kb1"), X_Eventbus_Invocation_Type="async")
+    assert status == 202
+    requests = await receiver.wait_for(2, timeout=60)
+    assert [(r.path, r.status) for r in requests] == [("/fn", 503), ("/fn", 204)]
+    trail = await _trail_attempts(svc, "kb1", 2)
+    assert trail["via"] == "invoke:async:fn:remote=127.0.0.1"
+    assert [a["outcome"] for a in trail["attempts"]] == ["retry-scheduled", "delivered"]
