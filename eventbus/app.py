@@ -26,9 +26,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from eventbus import metrics
 from eventbus._errors import ConfigError
 from eventbus._supervisor import Supervised, Supervisor
-from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
+from eventbus.bus import (
+    DUPLICATE,
+    Bus,
+    KafkaBusConfig,
+    NatsBusConfig,
+    NatsServer,
+    PublishOutcome,
+    open_bus,
+)
 from eventbus.config import ConnectorSet, Settings, load_connectors
 from eventbus.delivery import (
     DeadLetterFilter,
@@ -151,7 +160,7 @@ class Service:
             policies,
             self.deliveries,
             self.store.audit,
-            functools.partial(self.bus.publish, via="reply"),
+            functools.partial(self._publish_one, via="reply"),
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
         )
@@ -251,7 +260,7 @@ class Service:
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
-                publish=self.bus.publish,
+                publish=self._publish_one,
                 pool=self.store.pool,
                 instance_id=self.instance,
             )
@@ -383,11 +392,24 @@ class Service:
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()
 
+    async def _publish_one(self, event: dict[str, Any], *, via: str) -> None:
+        """:meth:`Bus.publish` for the sources and replies, counted as the HTTP edge counts its
+        own: ``eventbus_events_received_total{via}`` when stored,
+        ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
+        Raises BusUnavailable or BusError as ``Bus.publish``."""
+        (outcome,) = await self.bus.publish_many([event], via=via)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
+        counter.labels(via).inc()
+
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Put valid events on the durable bus; one outcome per event, in order: None once it
-        is durable (the publisher may be answered 2xx), else BusUnavailable or BusError."""
+        is durable (the publisher may be answered 2xx), ``"duplicate"`` when the bus already
+        held its source+id within its duplicate window (durable too, but not delivered again),
+        else BusUnavailable or BusError."""
         return await self.bus.publish_many(events, via=via)
 
     def record_refusal(self, *, remote: str | None, path: str, reason: str) -> bool:

@@ -77,6 +77,7 @@ EXPORTS: dict[str, list[str]] = {
         "matches",
     ],
     "eventbus.bus": [
+        "DUPLICATE",
         "Bus",
         "BusMessage",
         "KafkaBus",
@@ -84,6 +85,7 @@ EXPORTS: dict[str, list[str]] = {
         "NatsBus",
         "NatsBusConfig",
         "NatsServer",
+        "PublishOutcome",
         "open_bus",
     ],
     "eventbus.cli": ["main"],

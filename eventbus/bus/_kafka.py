@@ -35,6 +35,7 @@ from eventbus.bus._base import (
     BusMessage,
     DecodedMessage,
     InFlightWindow,
+    PublishOutcome,
     collect_acks,
     require_positive,
     wire_encode,
@@ -409,20 +410,21 @@ class KafkaBus:
         """
         del scope
         (result,) = await self.publish_many([event], via=via)
-        if result is not None:
+        if isinstance(result, BaseException):
             raise result
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Publish all events batched by the producer, then wait for their acks together.
 
-        Returns one outcome per event, in order: None when stored, else the BusError or
-        BusUnavailable that ``publish`` would have raised. The whole call takes at most about
+        Returns one outcome per event, in order: None when stored (Kafka keeps every copy, so
+        never DUPLICATE), else the BusError or BusUnavailable that ``publish`` would have
+        raised. The whole call takes at most about
         twice ``publish_timeout``; never raises for a single event.
         """
         cfg = self.config
-        results: list[BaseException | None] = [None] * len(events)
+        results: list[PublishOutcome] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
         headers = [_CONTENT_TYPE, (_VIA, via.encode())]

@@ -33,6 +33,7 @@ from eventbus.bus._base import (
     BusMessage,
     DecodedMessage,
     InFlightWindow,
+    PublishOutcome,
     collect_acks,
     require_positive,
     wire_encode,
@@ -288,19 +289,21 @@ class NatsBus:
         ``scope`` (if any) is part of the de-duplication id.
         """
         (result,) = await self.publish_many([event], via=via, scope=scope)
-        if result is not None:
+        if isinstance(result, BaseException):
             raise result
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT, scope: str | None = None
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Publish all events pipelined (async publish, then wait for the acks together).
 
-        Returns one outcome per event, in order: None when stored, else the BusError or
-        BusUnavailable that ``publish`` would have raised. Never raises for a single event.
+        Returns one outcome per event, in order: None when stored, DUPLICATE when JetStream
+        dropped it as a repeat of a source+id stored within ``duplicate_window``, else the
+        BusError or BusUnavailable that ``publish`` would have raised. Never raises for a
+        single event.
         """
         cfg = self.config
-        results: list[BaseException | None] = [None] * len(events)
+        results: list[PublishOutcome] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
         for i, event in enumerate(events):
@@ -322,7 +325,11 @@ class NatsBus:
             else:
                 pending[future] = i
         await collect_acks(
-            pending, results, cfg.publish_timeout, lambda exc: _translate(exc, "publish")
+            pending,
+            results,
+            cfg.publish_timeout,
+            lambda exc: _translate(exc, "publish"),
+            duplicate=lambda ack: bool(ack.duplicate),
         )
         return results
 

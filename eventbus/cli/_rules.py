@@ -19,12 +19,13 @@ from typing import Any, TextIO
 
 import orjson
 
-from eventbus._errors import PatternError, RuleSetError
+from eventbus._errors import CloudEventError, PatternError, RuleSetError
 from eventbus.rules import DeliveryCheck, load_rules, matches
 
 __all__ = ["register", "test_command", "test_pattern_command", "validate_command"]
 
 EXIT_OK, EXIT_INVALID_RULES, EXIT_BAD_INPUT = 0, 1, 2
+_ANY_SIZE = 2**62
 
 
 class _InputError(Exception):
@@ -45,6 +46,19 @@ def _read_object(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _InputError(f"{what} {str(path)!r} must be a JSON object, not {type(value).__name__}")
     return value
+
+
+def _read_cloudevent(path: str | Path) -> dict[str, Any]:
+    """The event in ``path`` as the service would route it: a valid CloudEvent (JSON format),
+    null attributes dropped. Its size is not checked: the limit is the service's setting."""
+    # Imported here: ``eventbus rules validate`` and ``--help`` do without the event model.
+    from eventbus.cloudevents import validate
+
+    event = _read_object(path, "event file")
+    try:
+        return validate(event, max_size=_ANY_SIZE)
+    except CloudEventError as exc:
+        raise _InputError(f"event file {str(path)!r} is not a valid CloudEvent: {exc}") from exc
 
 
 def _write_errors(exc: RuleSetError, out: TextIO) -> int:
@@ -84,10 +98,11 @@ def test_command(
 ) -> int:
     """Route the event in ``event_file`` through the rules at ``path`` and print, as JSON, the
     matched rules, every route with the payload its target would receive, and the rules whose
-    condition failed on this event. Exit 0, 1 for invalid rules, 2 for an unusable event file.
+    condition failed on this event. Exit 0, 1 for invalid rules, 2 for an unusable event file
+    (unreadable, not JSON, or not a valid CloudEvent: the service would refuse it).
     """
     try:
-        event = _read_object(event_file, "event file")
+        event = _read_cloudevent(event_file)
     except _InputError as exc:
         out.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT

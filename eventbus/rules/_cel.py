@@ -11,7 +11,9 @@ non-bool result is "no match", reported through ``Verdict`` so that the caller c
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import operator
+import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -31,6 +33,134 @@ __all__ = ["Condition", "Verdict", "activation", "compile_condition"]
 # Python bool, which its && / || / ?: then reject, so the usual guard
 # `has(event.data.x) && event.data.x > 1` fails to evaluate. Conditions that call has() run on
 # the interpreter, which gets it right; every other condition is compiled.
+
+# Python types to CEL's names, most specific first (BoolType is an int, not an IntType).
+_CEL_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (celtypes.BoolType, "bool"),
+    (bool, "bool"),
+    (celtypes.UintType, "uint"),
+    (int, "int"),
+    (float, "double"),
+    (str, "string"),
+    (bytes, "bytes"),
+    (list, "list"),
+    (dict, "map"),
+    (celtypes.TimestampType, "timestamp"),
+    (celtypes.DurationType, "duration"),
+    (type(None), "null_type"),
+    (celtypes.NullType, "null_type"),
+)
+
+
+def cel_type_name(value: object) -> str:
+    """The CEL name of ``value``'s type (``string``, ``int``, ``map`` ...)."""
+    for kind, name in _CEL_TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+_NO_OVERLOAD = "no such overload: "
+
+
+def _typed(function: Callable[..., Any], symbol: str) -> Callable[..., Any]:
+    """``function`` (an operator) whose TypeError names the CEL types involved.
+
+    cel-python lets Python's own operators fail (``"a" + 1`` reports "int() argument must be
+    ... not 'NotImplementedType'"); CEL says "no such overload" with the operand types, and so
+    does this (both runners turn the TypeError into a CEL error; ``_reason`` reads it).
+    """
+
+    def checked(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except TypeError as exc:
+            names = [cel_type_name(arg) for arg in args]
+            if symbol == "[]":
+                shown = f"{names[0]}[{names[1]}]"
+            elif len(names) == 1:
+                shown = f"{symbol}{names[0]}"
+            else:
+                shown = f" {symbol} ".join(names)
+            # A plain TypeError: the compiled runner maps exception types by exact class.
+            raise TypeError(_NO_OVERLOAD + shown) from exc
+
+    return checked
+
+
+_OPERATORS = {
+    "add": ("_+_", "+"),
+    "sub": ("_-_", "-"),
+    "mul": ("_*_", "*"),
+    "truediv": ("_/_", "/"),
+    "mod": ("_%_", "%"),
+    "getitem": ("_[_]", "[]"),
+    "neg": ("-_", "-"),
+}
+_COMPARISONS = {
+    "eq": ("_==_", "=="),
+    "ne": ("_!=_", "!="),
+    "lt": ("_<_", "<"),
+    "le": ("_<=_", "<="),
+    "gt": ("_>_", ">"),
+    "ge": ("_>=_", ">="),
+}
+_TYPED_OPERATORS = {name: _typed(getattr(operator, name), s) for name, (_, s) in _OPERATORS.items()}
+_TYPED_COMPARISONS = {
+    f"bool_{name}": _typed(getattr(celpy.evaluation, f"bool_{name}"), s)
+    for name, (_, s) in _COMPARISONS.items()
+}
+# The interpreter looks operators up by their CEL names.
+_TYPED_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    **{cel: _TYPED_OPERATORS[name] for name, (cel, _) in _OPERATORS.items()},
+    **{cel: _TYPED_COMPARISONS[f"bool_{name}"] for name, (cel, _) in _COMPARISONS.items()},
+}
+
+
+def _patched(module: types.ModuleType, replace: Mapping[str, object]) -> types.ModuleType:
+    copy = types.ModuleType(module.__name__)
+    copy.__dict__.update(vars(module))
+    copy.__dict__.update(replace)
+    return copy
+
+
+# The compiled runner's code calls `operator.add(...)` and `celpy.evaluation.bool_lt(...)`; it
+# runs in this namespace, where those names lead to the typed operators (nothing else changes).
+_NAMESPACE: dict[str, Any] = {
+    **vars(celpy.evaluation),
+    "celpy": _patched(celpy, {"evaluation": _patched(celpy.evaluation, _TYPED_COMPARISONS)}),
+    "operator": _patched(operator, _TYPED_OPERATORS),
+}
+
+
+class _CompiledRunner(celpy.CompiledRunner):
+    """cel-python's compiled runner, its code run in ``_NAMESPACE`` (type errors that name CEL
+    types, see :func:`_typed`).
+
+    This relies on how cel-python 0.5 builds and runs its transpiled code (``tp.base_activation``,
+    ``tp.executable_code``, the result in ``CEL``, operators called as ``operator.add`` and
+    ``celpy.evaluation.bool_lt``), which is why pyproject.toml pins cel-python below 0.6; the
+    reason checks in tests/rules/data/cel_cases.yaml fail if a release changes it."""
+
+    def evaluate(self, context: Any) -> Any:
+        """As ``Transpiler.evaluate``, which runs the code in cel-python's own module namespace.
+        Synchronous, so one shared namespace serves every condition."""
+        tp = self.tp
+        activation = tp.base_activation
+        if context:
+            activation = activation.clone()
+            activation.identifiers.load_values(context)
+        _NAMESPACE["base_activation"] = activation
+        try:
+            exec(tp.executable_code, _NAMESPACE)
+            value = _NAMESPACE["CEL"]
+        except Exception as exc:
+            raise CELEvalError("evaluation error", type(exc), exc.args) from exc
+        if isinstance(value, CELEvalError):
+            raise value
+        return value
+
+
 # cel-python 0.5 builds its lark parser once per process, with the tree class of the first
 # Environment created. The compiled runner (~5x faster) needs its own tree class, so this
 # environment must be created before any default one; if one came first, the parser is rebuilt
@@ -38,7 +168,7 @@ __all__ = ["Condition", "Verdict", "activation", "compile_condition"]
 _SHARED = CELParser.CEL_PARSER
 if _SHARED is not None and _SHARED.options.tree_class is not TranspilerTree:
     CELParser.CEL_PARSER = None
-_ENV = celpy.Environment(runner_class=celpy.CompiledRunner)
+_ENV = celpy.Environment(runner_class=_CompiledRunner)
 
 # The transpiler logs every evaluation error at ERROR; here such errors are expected ("no match")
 # and the rule set counts them and logs them rate-limited instead.
@@ -82,7 +212,7 @@ class Condition:
             return Verdict.ERROR, f"{type(exc).__name__}: {exc}"
         if isinstance(value, bool | celtypes.BoolType):
             return (Verdict.MATCH if value else Verdict.NO_MATCH), ""
-        return Verdict.NOT_BOOL, f"returned {type(value).__name__}, not bool"
+        return Verdict.NOT_BOOL, f"returned {cel_type_name(value)}, not bool"
 
 
 def _reason(exc: CELEvalError) -> str:
@@ -90,6 +220,8 @@ def _reason(exc: CELEvalError) -> str:
     parts: list[str] = []
     args: Any = exc.args
     while isinstance(args, tuple) and args:
+        if isinstance(args[0], str) and args[0].startswith(_NO_OVERLOAD):
+            return args[0]  # a _typed operator's message: it names the CEL types
         if isinstance(args[0], str):
             parts.append(args[0])
         args = args[2] if len(args) > 2 else None
@@ -236,7 +368,7 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
         except CELEvalError as exc:
             raise RuleError(f"{text!r} can never be evaluated: {_reason(exc)}") from exc
         if node is tree and not isinstance(value, bool | celtypes.BoolType):
-            raise RuleError(f"condition is always {type(value).__name__}, not bool")
+            raise RuleError(f"condition is always {cel_type_name(value)}, not bool")
 
 
 # Grammar nodes that span a whole sub-expression (operator nodes such as `addition_add` span
@@ -274,7 +406,8 @@ def compile_condition(source: str) -> Condition:
     _check_names(tree)
     _check_constants(source, tree)
     if _calls_has(tree):
-        return Condition(source=source, runner=celpy.InterpretedRunner(_ENV, tree))
+        runner = celpy.InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
+        return Condition(source=source, runner=runner)
     return Condition(source=source, runner=_ENV.program(tree))
 
 

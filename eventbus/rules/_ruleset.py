@@ -373,10 +373,15 @@ with a message naming the field (the delivery code provides it: the rule engine 
 that an override is a mapping)."""
 
 
-def _check_delivery(doc: RuleDoc, name: str, check: DeliveryCheck | None) -> list[RuleError]:
+def _check_delivery(doc: RuleDoc, position: int, check: DeliveryCheck | None) -> list[RuleError]:
+    # Runs on the raw document, like _check_names: a rule with other problems still has its
+    # overrides checked, so every problem is reported in one pass.
     targets = doc.data.get("targets") if isinstance(doc.data, dict) else None
     if check is None or not isinstance(targets, list):
         return []
+    name = doc.data.get("name")
+    name = name if isinstance(name, str) and name else None
+    prefix = "" if name else f"rule #{position}: "
     errors = []
     for index, target in enumerate(targets):
         if not isinstance(target, dict) or not isinstance(target.get("delivery"), dict):
@@ -386,7 +391,7 @@ def _check_delivery(doc: RuleDoc, name: str, check: DeliveryCheck | None) -> lis
         except (EventBusError, ValueError) as exc:
             errors.append(
                 RuleError(
-                    f"targets.{index}.{exc}",
+                    f"{prefix}targets.{index}.{exc}",
                     file=doc.file,
                     line=doc.line(("targets", index, "delivery")),
                     rule=name,
@@ -455,8 +460,8 @@ def _compile(
         rule, problems = _compile_one(doc, positions[doc.file], text, reuse)
         errors.extend(problems)
         errors.extend(_check_names(doc, positions[doc.file], first, known_targets))
+        errors.extend(_check_delivery(doc, positions[doc.file], check_delivery))
         if rule is not None:
-            errors.extend(_check_delivery(doc, rule.name, check_delivery))
             rules.append(rule)
             if text is not None:
                 by_text[text] = rule

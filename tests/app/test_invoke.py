@@ -166,6 +166,7 @@ async def test_sync_timeout_is_504_and_a_closed_port_502(
     svc = await eventbus(
         rules=RULES, targets=[_fn(receiver, timeout=0.5), _other(receiver), closed]
     )
+    before = await _failed_counts(svc)
     receiver.respond(Response(200, delay=5))
     status, headers, problem = await _invoke(svc, _event("slow"))
     assert status == 504, problem
@@ -178,14 +179,19 @@ async def test_sync_timeout_is_504_and_a_closed_port_502(
     assert trail["attempts"][0]["outcome"] == "failed"
     assert "connection refused" in trail["attempts"][0]["error"]
     assert len(receiver.requests) == 1
-    status, _, metrics = await svc.request("GET", "/metrics")
-    counted = {
-        (s.labels["target"], s.labels["outcome"]): s.value
-        for family in text_string_to_metric_families(metrics)
-        for s in family.samples
-        if s.name == "eventbus_deliveries_total"
+    after = await _failed_counts(svc)  # the registry is the process's: count the difference
+    assert {t: after.get(t, 0) - before.get(t, 0) for t in ("fn", "down")} == {"fn": 1, "down": 1}
+
+
+async def _failed_counts(svc: RunningService) -> dict[str, float]:
+    """``eventbus_deliveries_total{outcome="failed"}`` by target."""
+    _, _, text = await svc.request("GET", "/metrics")
+    return {
+        sample.labels["target"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "eventbus_deliveries_total" and sample.labels["outcome"] == "failed"
     }
-    assert counted[("fn", "failed")] == counted[("down", "failed")] == 1
 
 
 async def test_sync_open_circuit_is_503_with_retry_after(
@@ -223,7 +229,7 @@ async def test_sync_full_concurrency_cap_is_429_with_retry_after(
 ) -> None:
     import asyncio
 
-    svc = await _start(eventbus, receiver, concurrency=1)
+    svc = await _start(eventbus, receiver, concurrency=1, timeout=10)
     receiver.script(Response(200, delay=1.5))
     first = asyncio.create_task(_invoke(svc, _event("busy1")))
     await receiver.wait_for(1)

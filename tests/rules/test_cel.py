@@ -27,6 +27,8 @@ def test_evaluation(case: dict[str, str]) -> None:
     verdict, reason = condition.evaluate(activation(EVENT))
     assert verdict is Verdict(case["outcome"])
     assert bool(reason) == (verdict in (Verdict.ERROR, Verdict.NOT_BOOL))
+    assert case.get("reason", "") in reason
+    assert "NotImplementedType" not in reason and "<class" not in reason
 
 
 @pytest.mark.parametrize("case", LOAD_ERRORS, ids=[c["expr"] for c in LOAD_ERRORS])
@@ -34,6 +36,7 @@ def test_load_errors(case: dict[str, str]) -> None:
     with pytest.raises(RuleError) as caught:
         compile_condition(case["expr"])
     assert case["load_error"] in caught.value.message
+    assert "NotImplementedType" not in caught.value.message
     # The rule compiler adds file, line and rule; the condition knows none of them.
     assert (caught.value.file, caught.value.line, caught.value.rule) == (None, None, None)
 
