@@ -46,10 +46,12 @@ from eventbus.delivery import (
     Dispatcher,
     Invocation,
     Invoker,
+    Refusal,
     RetryWorker,
     invocation_via,
     invoke_rule,
     override_checker,
+    sync_rule_via,
     target_policies,
 )
 from eventbus.router import Router
@@ -388,6 +390,28 @@ class Service:
         via = invocation_via("async", target, invoker)
         await self.bus.publish(event, via=via, scope=invoke_rule(target))
         return Invocation(target)
+
+    async def invoke_sync_rule(self, event: dict[str, Any], *, invoker: str) -> Invocation:
+        """Answer a synchronous ``POST /events``: the one enabled rule marked ``sync: true``
+        that ``event`` matches sends it (transformed as the rule says) to its target once, and
+        the target's answer is the result. None or several such rules: a refusal naming them.
+        The event is not put on the bus: that rule alone handles it."""
+        routes = self.rules.current.sync_routes(event)
+        if len(routes) != 1:
+            names = ", ".join(route.rule for route in routes)
+            refusal, detail = (
+                (Refusal.NO_SYNC_RULE, "no rule with sync: true matches the event")
+                if not routes
+                else (
+                    Refusal.SYNC_RULES,
+                    f"the event matches {len(routes)} rules with sync: true ({names}); "
+                    "a synchronous request needs exactly one",
+                )
+            )
+            return Invocation("", refusal=refusal, detail=detail)
+        (route,) = routes
+        via = sync_rule_via(route.rule, invoker)
+        return await self._invoker.invoke(event, route.target, via=via, route=route)
 
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()

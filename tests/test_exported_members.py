@@ -140,6 +140,7 @@ EXPORTS: dict[str, list[str]] = {
         "invoked_target",
         "override_checker",
         "parse_delivery",
+        "sync_rule_via",
         "target_policies",
     ],
     "eventbus.http": ["create_app", "http_server"],

@@ -11,6 +11,7 @@ from eventbus.delivery._invoke import (
     invocation_via,
     invoke_rule,
     invoked_target,
+    sync_rule_via,
 )
 from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
 from eventbus.delivery._policy import (
@@ -46,5 +47,6 @@ __all__ = [
     "invoked_target",
     "override_checker",
     "parse_delivery",
+    "sync_rule_via",
     "target_policies",
 ]

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from eventbus import metrics
 from eventbus.delivery._dispatcher import Dispatcher
+from eventbus.rules import Route
 from eventbus.store import Attempt, AttemptOutcome, AuditWriter
 from eventbus.targets import Answer, Invocable, Requester, Target
 
@@ -36,6 +37,7 @@ __all__ = [
     "invocation_via",
     "invoke_rule",
     "invoked_target",
+    "sync_rule_via",
 ]
 
 _PREFIX = "invoke:"
@@ -49,9 +51,18 @@ def invoke_rule(target: str) -> str:
 def invocation_via(mode: Literal["sync", "async"], target: str, who: str) -> str:
     """The ``via`` of an invoked event: ``invoke:<mode>:<target>:<who>``, printable ASCII
     (it travels in a bus header), ``who`` with anything else escaped."""
+    return f"{_PREFIX}{mode}:{target}:{_printable(who)}"
+
+
+def sync_rule_via(rule: str, who: str) -> str:
+    """The ``via`` of an event a synchronous ``POST /events`` sent through the rule marked
+    ``sync`` that it matched: ``http:sync:<rule>:<who>``."""
+    return f"http:sync:{rule}:{_printable(who)}"
+
+
+def _printable(who: str) -> str:
     clean = who.encode("ascii", "backslashreplace").decode("ascii")
-    clean = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in clean)
-    return f"{_PREFIX}{mode}:{target}:{clean}"
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in clean)
 
 
 def invoked_target(via: str) -> str | None:
@@ -73,6 +84,10 @@ class Refusal(StrEnum):
     """The target's concurrency cap is full."""
     NO_REPLY = "no-reply"
     """A reply was asked of a target that cannot give one (request/reply is NATS's)."""
+    NO_SYNC_RULE = "no-sync-rule"
+    """A synchronous ``POST /events``: no rule marked ``sync`` matches the event."""
+    SYNC_RULES = "several-sync-rules"
+    """A synchronous ``POST /events``: several rules marked ``sync`` match the event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +129,25 @@ class Invoker:
         return None
 
     async def invoke(
-        self, event: dict[str, Any], target: str, *, via: str, reply: bool = False
+        self,
+        event: dict[str, Any],
+        target: str,
+        *,
+        via: str,
+        reply: bool = False,
+        route: Route | None = None,
     ) -> Invocation:
         """Send ``event`` to ``target`` once and return its answer, or why nothing was sent;
         with ``reply``, as a request whose reply is the answer (a ``Requester`` target only).
+        With ``route`` (a rule marked ``sync`` matched the event; ``target`` is its target),
+        the route's payload is sent and the rows name its rule instead of the pseudo-rule.
 
-        Audits the event (accepted ``via``), the pseudo-rule's match and the attempt (or the
-        refusal) unless the target is unknown; the rows are committed with the writer's next
-        batch. Raises StoreError only once the audit writer is closed."""
+        Audits the event (accepted ``via``), the match and the attempt (or the refusal) unless
+        the target is unknown; the rows are committed with the writer's next batch. Raises
+        StoreError only once the audit writer is closed."""
+        rule = invoke_rule(target) if route is None else route.rule
+        payload: Any = event if route is None else route.payload
+        is_cloudevent = route is None or route.is_cloudevent
         refused = self.refusal(target)
         if refused is not None and refused.refusal is Refusal.UNKNOWN_TARGET:
             return refused
@@ -130,9 +156,9 @@ class Invoker:
             detail = f"target {target!r} cannot be invoked for a reply: NATS targets only"
             return Invocation(target, refusal=Refusal.NO_REPLY, detail=detail)
         await self._audit.event_accepted(event, via=via)
-        await self._audit.rule_matched(event, invoke_rule(target), target)
+        await self._audit.rule_matched(event, rule, target)
         if refused is not None:
-            await self._refused(event, refused)
+            await self._refused(event, rule, refused)
             return refused
         guard = self._dispatcher.guard(target)
         if guard is not None:
@@ -144,17 +170,19 @@ class Invoker:
                     detail=f"the circuit of target {target!r} is open",
                     retry_after=admission.reopen_in,
                 )
-                await self._refused(event, refused)
+                await self._refused(event, rule, refused)
                 return refused
             await guard.throttle()
         try:
             if reply:
                 assert isinstance(adapter, Requester)
-                answer = await adapter.request(event, event, is_cloudevent=True)
+                answer = await adapter.request(event, payload, is_cloudevent=is_cloudevent)
             elif isinstance(adapter, Invocable):
-                answer = await adapter.invoke(event, event, is_cloudevent=True)
+                answer = await adapter.invoke(event, payload, is_cloudevent=is_cloudevent)
             else:
-                outcome = await adapter.deliver(event, event, is_cloudevent=True, attempt=1)
+                outcome = await adapter.deliver(
+                    event, payload, is_cloudevent=is_cloudevent, attempt=1
+                )
                 answer = Answer(outcome)
         except BaseException:
             if guard is not None:
@@ -169,7 +197,7 @@ class Invoker:
                 detail=f"target {target!r}: {answer.outcome.error}",
                 retry_after=_BUSY_RETRY_AFTER,
             )
-            await self._refused(event, refused)
+            await self._refused(event, rule, refused)
             return refused
         outcome = answer.outcome
         if guard is not None:
@@ -181,7 +209,7 @@ class Invoker:
         await self._audit.attempt(
             Attempt(
                 event=event,
-                rule=invoke_rule(target),
+                rule=rule,
                 target=target,
                 number=1,
                 outcome=result,
@@ -192,11 +220,11 @@ class Invoker:
         )
         return Invocation(target, answer=answer)
 
-    async def _refused(self, event: dict[str, Any], refused: Invocation) -> None:
+    async def _refused(self, event: dict[str, Any], rule: str, refused: Invocation) -> None:
         await self._audit.attempt(
             Attempt(
                 event=event,
-                rule=invoke_rule(refused.target),
+                rule=rule,
                 target=refused.target,
                 number=0,
                 outcome=AttemptOutcome.REFUSED,

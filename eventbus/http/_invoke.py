@@ -57,17 +57,27 @@ _REFUSALS = {
     Refusal.CIRCUIT_OPEN: 503,
     Refusal.BUSY: 429,
     Refusal.NO_REPLY: 400,
+    Refusal.NO_SYNC_RULE: 404,
+    Refusal.SYNC_RULES: 409,
 }
 
 
-async def _invoker(request: Request) -> str:
+async def _caller(request: Request, scope: str) -> str:
     """Who invokes, for the audit: the API key's name, else the client's address. Refuses
-    (401/403) a request without scope ``admin`` when API keys are configured."""
+    (401/403) a request without ``scope`` when API keys are configured."""
     access: Access = request.app.state.access
     headers = {k.lower(): v for k, v in request.headers.items()}
     remote = request.client.host if request.client else None
-    key = await access.check(headers, request.url.path, remote, "admin")
+    key = await access.check(headers, request.url.path, remote, scope)
     return f"key={key}" if key is not None else f"remote={remote or 'unknown'}"
+
+
+async def _invoker(request: Request) -> str:
+    return await _caller(request, "admin")
+
+
+async def _publisher(request: Request) -> str:
+    return await _caller(request, "publish")
 
 
 def _mode(raw: str) -> str:
@@ -162,9 +172,33 @@ async def invoke_target(
     result = await service.invoke(
         name, event, invoker=invoker, asynchronous=mode == "async", reply=reply
     )
+    return _answer(result, event, "invoke")
+
+
+@invoke.post("/events", include_in_schema=False)
+async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publisher)]) -> Response:
+    """``POST /events`` with ``X-Eventbus-Invocation-Type: sync`` (``IngestApp`` hands it
+    here; documented with ``/events``): the one rule marked ``sync: true`` the event matches
+    sends it to its target, whose answer is the answer, as for ``/targets/{name}/invoke``."""
+    service = cast("Service", request.app.state.service)
+    limit = service.settings.max_event_size
+    body = await _read_body(request, limit)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    parsed = parse_http(headers, body, max_size=limit)
+    if parsed.batch:
+        raise Problem(400, "a synchronous request carries one event, not a batch")
+    (event,) = cast("list[dict[str, Any]]", parsed.events)
+    result = await service.invoke_sync_rule(event, invoker=invoker)
+    return _answer(result, event, "http:sync")
+
+
+def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
+    """The answer to a synchronous invocation (the target's own, or a problem), or 202 for
+    an asynchronous one on the bus; ``via`` labels the received-events metric."""
     if result.refusal is not None:
         raise _refused(result)
-    metrics.EVENTS_RECEIVED.labels("invoke").inc()
+    metrics.EVENTS_RECEIVED.labels(via).inc()
+    name = result.target
     identity = {
         "X-Eventbus-Event-Id": header_value(event["id"], percent=True),
         "X-Eventbus-Event-Source": header_value(event["source"], percent=True),

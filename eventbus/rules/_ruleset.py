@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
@@ -99,7 +107,20 @@ class _RuleSpec(BaseModel):
     )
     when: Annotated[Condition, BeforeValidator(_compile_when)] | None = None
     transform: TransformSpec | None = None
+    sync: bool = False
     targets: list[Annotated[_TargetSpec, BeforeValidator(_name_only)]] = Field(min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _one_target_if_sync(
+        cls, targets: list[_TargetSpec], info: ValidationInfo
+    ) -> list[_TargetSpec]:
+        if info.data.get("sync") and len(targets) != 1:
+            raise ValueError(
+                f"a rule with sync: true has exactly one target (its answer is the "
+                f"request's), not {len(targets)}"
+            )
+        return targets
 
 
 _KEYS = sorted({*_RuleSpec.model_fields, *_TargetSpec.model_fields, *TransformSpec.model_fields})
@@ -128,6 +149,8 @@ class Rule:
     definition: Mapping[str, Any] = field(repr=False)
     pattern: CompiledPattern = field(repr=False, compare=False)
     condition: Condition | None = field(repr=False, compare=False)
+    sync: bool = False
+    """Answers a synchronous ``POST /events`` with its one target's answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +179,7 @@ class RuleSet:
         self._index: PatternIndex[int] = PatternIndex(
             (position, rule.pattern) for position, rule in enumerate(self._active)
         )
+        self._sync = frozenset(rule.name for rule in self._active if rule.sync)
         self.cel_errors: Counter[str] = Counter()
         self._next_log: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
@@ -199,6 +223,13 @@ class RuleSet:
                     )
                 )
         return routes
+
+    def sync_routes(self, event: dict[str, Any]) -> list[Route]:
+        """The routes of the enabled rules marked ``sync: true`` that ``event`` matches (one
+        per rule: such a rule has one target)."""
+        if not self._sync:
+            return []
+        return [route for route in self.route(event) if route.rule in self._sync]
 
     def condition_errors(self, event: dict[str, Any]) -> dict[str, str]:
         """Why the ``when`` condition of each rule counted in ``cel_errors`` fails on ``event``
@@ -355,6 +386,7 @@ def _compile_one(
         definition=data,
         pattern=spec.match,
         condition=spec.when,
+        sync=spec.sync,
     )
     return rule, []
 

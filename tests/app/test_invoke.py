@@ -546,3 +546,81 @@ async def test_async_on_the_kafka_bus(
     trail = await _trail_attempts(svc, "kb1", 2)
     assert trail["via"] == "invoke:async:fn:remote=127.0.0.1"
     assert [a["outcome"] for a in trail["attempts"]] == ["retry-scheduled", "delivered"]
+
+
+# --- POST /events with X-Eventbus-Invocation-Type: sync: the rule marked sync answers ---------
+
+SYNC_RULES = (
+    RULES
+    + """
+- name: resize
+  sync: true
+  match: {type: [t], subject: [resize]}
+  transform:
+    input_paths: {w: $.data.w}
+    template: {"width": <w>}
+  targets: [fn]
+- name: twice-a
+  sync: true
+  match: {subject: [twice]}
+  targets: [fn]
+- name: twice-b
+  sync: true
+  match: {subject: [twice]}
+  targets: [other]
+"""
+)
+SYNC = {"X-Eventbus-Invocation-Type": "sync"}
+
+
+async def test_a_synchronous_publish_is_answered_by_the_rule_marked_sync(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    svc = await eventbus(rules=SYNC_RULES, targets=[_fn(receiver), _other(receiver)])
+    receiver.script(Response(201, headers={"Content-Type": "text/plain"}, body=b"resized"))
+    event = {**_event("p1", subject="resize"), "data": {"w": 10}}
+    async with svc.session.post(
+        svc.url + "/events", data=orjson.dumps(event), headers={**STRUCTURED, **SYNC}
+    ) as resp:
+        assert (resp.status, await resp.read()) == (201, b"resized")
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert float(resp.headers["X-Eventbus-Duration-Ms"]) > 0
+    (request,) = receiver.requests
+    assert request.path == "/fn" and request.json() == {"width": 10}  # the rule's transform
+    assert request.headers["ce-id"] == "p1"
+    trail = await _trail_attempts(svc, "p1", 1)
+    assert trail["via"] == "http:sync:resize:remote=127.0.0.1"
+    assert [(m["rule"], m["target"]) for m in trail["matches"]] == [("resize", "fn")]
+    assert [(a["rule"], a["outcome"]) for a in trail["attempts"]] == [("resize", "delivered")]
+    await svc.drained()
+    assert len(receiver.requests) == 1  # not on the bus: "everything" never routed it
+
+    status, _, problem = await _invoke_events(svc, _event("p2"))
+    assert status == 404 and problem["detail"] == "no rule with sync: true matches the event"
+    status, _, problem = await _invoke_events(svc, _event("p3", subject="twice"))
+    assert status == 409, problem
+    assert "2 rules with sync: true (twice-a, twice-b)" in problem["detail"]
+    batch = orjson.dumps([_event("p4", subject="resize")])
+    status, _, problem = await svc.request(
+        "POST",
+        "/events",
+        batch,
+        {"Content-Type": "application/cloudevents-batch+json", **SYNC},
+    )
+    assert status == 400 and "not a batch" in problem["detail"], problem
+    assert len(receiver.requests) == 1
+
+    # async (the default) is the ordinary publish: the rules route it, "everything" included
+    status, _ = await svc.post_event(_event("p5", subject="resize"))
+    assert status == 202
+    await receiver.wait_for(3)
+    assert sorted(r.path for r in receiver.requests[1:]) == ["/fn", "/other"]
+
+    rules_file = tmp_path / "rules" / "rules.yaml"
+    rules_file.write_text("- name: two\n  sync: true\n  targets: [fn, other]\n")
+    status, _, problem = await svc.request("POST", "/rules/reload")
+    assert status == 400 and "sync: true has exactly one target" in problem["detail"], problem
+
+
+async def _invoke_events(svc: RunningService, event: dict[str, Any]) -> tuple[int, Any, Any]:
+    return await svc.request("POST", "/events", orjson.dumps(event), {**STRUCTURED, **SYNC})
