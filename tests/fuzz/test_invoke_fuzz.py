@@ -1,7 +1,7 @@
-"""Fuzzing ``POST /targets/{name}/invoke`` on one running service (real NATS JetStream,
-PostgreSQL and a function endpoint): near-valid structured events, binary ``ce-*`` headers, raw
-bytes of any type wrapped with any ``type``/``source``/``subject``, any invocation type and
-target name.
+"""Fuzzing ``POST /targets/{name}/invoke`` and the synchronous ``POST /events`` on one running
+service (real NATS JetStream, PostgreSQL and a function endpoint): near-valid structured
+events, binary ``ce-*`` headers, raw bytes of any type wrapped with any ``type``/``source``/
+``subject``, any invocation type and target name.
 
 The property: no input is a 5xx (the function answers 204) and every 4xx is problem+json; a
 sync invocation answered 204 reached the function exactly once, with the event the answer
@@ -40,7 +40,8 @@ _ids = itertools.count()
 @pytest.fixture
 async def service(eventbus: StartService, receiver: Receiver) -> AsyncIterator[RunningService]:
     svc = await eventbus(
-        rules="[]",
+        # answers a synchronous POST /events; an invocation is never routed by the rules
+        rules="- name: sync-all\n  sync: true\n  targets: [fn]\n",
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
     )
     yield svc
@@ -143,3 +144,23 @@ async def test_raw_data_and_parameters(
     await check_invoke(
         service, receiver, body, _with_mode(headers, mode), target=target, query=query
     )
+
+
+@pytest.mark.slow
+@FUZZ
+@given(event=near_valid_events().map(_fresh), batch=st.booleans())
+async def test_synchronous_publish(
+    service: RunningService, receiver: Receiver, event: dict[str, Any], batch: bool
+) -> None:
+    """``POST /events`` with ``X-Eventbus-Invocation-Type: sync``: answered by the rule marked
+    sync (the function's 204) or refused with a problem, a batch always (400)."""
+    before = len(receiver.requests)
+    media = "application/cloudevents-batch+json" if batch else "application/cloudevents+json"
+    body = _json([event] if batch else event)
+    headers = {"Content-Type": media, "X-Eventbus-Invocation-Type": "sync"}
+    status, answer = await check_answer(service, "POST", "/events", body, headers)
+    if status < 400:
+        assert (status, batch) == (204, False), answer
+        assert len(receiver.requests) == before + 1
+    else:
+        assert len(receiver.requests) == before
