@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib.util
 import logging
 import os
 import socket
@@ -56,7 +57,14 @@ from eventbus.delivery import (
 )
 from eventbus.router import Router
 from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
-from eventbus.sources import SourceRunner, SourceStatus, build_source, list_dead_letters
+from eventbus.sources import (
+    Source,
+    SourceRunner,
+    SourceStatus,
+    build_source,
+    in_every_process,
+    list_dead_letters,
+)
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
 from eventbus.targets import Target, build_target
 
@@ -228,24 +236,32 @@ class Service:
         self, connectors: ConnectorSet, policies: Mapping[str, DeliveryPolicy]
     ) -> RuleSet:
         path = Path(self.settings.rules)
+        native_cel = self.settings.router.cel == "cel-expr-python"
+        if native_cel and importlib.util.find_spec("cel_expr_python") is None:
+            raise ConfigError(
+                "router.cel is cel-expr-python, which is not installed: "
+                "pip install 'eventbus[fast-cel]'"
+            )
         if not path.exists():
             log.warning("no rules at %s: routing nothing until rules are added", path)
-            return compile_rules([], known_targets=connectors.targets.keys())
+            return compile_rules([], known_targets=connectors.targets.keys(), native_cel=native_cel)
         return load_rules(
             path,
             known_targets=connectors.targets.keys(),
             check_delivery=override_checker(policies),
+            native_cel=native_cel,
         )
 
     async def _start_sources(self) -> None:
-        """Run the connectors' sources (unless ``run_sources`` is off) and, when configured,
+        """Run the connectors' sources (with ``run_sources`` off only those that serve
+        requests, the webhooks, which every process must) and, when configured,
         ``kafka_ingest``: a ``kafka`` source named ``kafka-ingest`` reading CloudEvents."""
         s = self.settings
-        sources = (
-            [build_source(spec) for spec in self.connectors.sources.values()]
-            if s.run_sources
-            else []
-        )
+        sources = [
+            build_source(spec)
+            for spec in self.connectors.sources.values()
+            if s.run_sources or in_every_process(spec)
+        ]
         if s.kafka_ingest is not None:
             sources.append(
                 build_source(
@@ -416,16 +432,22 @@ class Service:
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()
 
-    async def _publish_one(self, event: dict[str, Any], *, via: str) -> None:
+    def source(self, name: str) -> Source | None:
+        """The running source named ``name`` (the HTTP edge hands webhooks to theirs)."""
+        return None if self._sources is None else self._sources.source(name)
+
+    async def _publish_one(self, event: dict[str, Any], *, via: str) -> bool:
         """:meth:`Bus.publish` for the sources and replies, counted as the HTTP edge counts its
         own: ``eventbus_events_received_total{via}`` when stored,
         ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
-        Raises BusUnavailable or BusError as ``Bus.publish``."""
+        Returns True for such a duplicate. Raises BusUnavailable or BusError as
+        ``Bus.publish``."""
         (outcome,) = await self.bus.publish_many([event], via=via)
         if isinstance(outcome, BaseException):
             raise outcome
         counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
         counter.labels(via).inc()
+        return outcome == DUPLICATE
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str

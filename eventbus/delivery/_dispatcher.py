@@ -53,7 +53,7 @@ class Dispatcher:
         policies: Mapping[str, DeliveryPolicy],
         store: DeliveryStore,
         audit: AuditWriter,
-        publish: Callable[[dict[str, Any]], Awaitable[None]],
+        publish: Callable[[dict[str, Any]], Awaitable[object]],
         *,
         hop_limit: int = 8,
         disabled: Mapping[str, str] | None = None,

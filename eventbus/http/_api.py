@@ -33,6 +33,7 @@ from eventbus._errors import ConfigError, EventBusError, RuleSetError
 from eventbus.delivery import DeadLetterFilter
 from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access
+from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
 from eventbus.http._invoke import invoke
 from eventbus.http._params import (
@@ -375,6 +376,7 @@ class _App(FastAPI):
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
         document["paths"].update(copy.deepcopy(INGEST_OPERATIONS))
+        document["paths"].update(copy.deepcopy(HOOK_OPERATIONS))
         self.openapi_schema = document
         return document
 
@@ -413,4 +415,4 @@ def create_app(service: Service) -> ASGIApp:
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(EventBusError, _on_error)
-    return IngestApp(service, access, app)
+    return IngestApp(service, access, HookApp(service, access, app))

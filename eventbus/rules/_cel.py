@@ -4,6 +4,9 @@ The router (``RuleSet.route``) asks a ``Condition`` only about events whose even
 matched, and converts each event to CEL values at most once (``activation``), because the
 conversion costs about as much as one evaluation. Conditions see the CloudEvent as ``event``.
 
+cel-python parses and checks every condition; asked for (``native``), the accepted conditions
+run on cel-expr-python, the official C++ runtime (``_cel_native``, the ``fast-cel`` extra).
+
 Evaluation is total: a runtime error (missing field, type mismatch, division by zero) or a
 non-bool result is "no match", reported through ``Verdict`` so that the caller counts and logs it.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
 
-__all__ = ["Condition", "Verdict", "activation", "compile_condition"]
+__all__ = ["Activation", "Condition", "Verdict", "activation", "compile_condition"]
 
 # cel-python's compiled runner (about 5x faster than its interpreter) transpiles has() to a plain
 # Python bool, which its && / || / ?: then reject, so the usual guard
@@ -193,18 +197,19 @@ class Verdict(Enum):
 
 @dataclass(frozen=True)
 class Condition:
-    """A compiled CEL expression over ``event``."""
+    """A compiled CEL expression over ``event`` (on cel-python; ``NativeCondition`` is the
+    same on cel-expr-python)."""
 
     source: str
     runner: celpy.Runner
 
-    def evaluate(self, context: dict[str, Any]) -> tuple[Verdict, str]:
+    def evaluate(self, context: Activation) -> tuple[Verdict, str]:
         """Evaluate against an ``activation(event)``; never raises.
 
         Returns the verdict and, for ``ERROR`` and ``NOT_BOOL``, a short reason for the log.
         """
         try:
-            value = self.runner.evaluate(context)
+            value = self.runner.evaluate(context.converted(_celpy_context))
         except CELEvalError as exc:
             return Verdict.ERROR, _reason(exc)
         # A CEL error is a value in cel-python; it escapes as an exception only at the top.
@@ -221,19 +226,52 @@ def _reason(exc: CELEvalError) -> str:
     args: Any = exc.args
     while isinstance(args, tuple) and args:
         if isinstance(args[0], str) and args[0].startswith(_NO_OVERLOAD):
-            return args[0]  # a _typed operator's message: it names the CEL types
+            return _cel_names(args[0])  # an overload message: it names the types
         if isinstance(args[0], str):
             parts.append(args[0])
         args = args[2] if len(args) > 2 else None
-    return ": ".join(dict.fromkeys(p for p in parts if p != "evaluation error")) or str(exc)
+    reason = ": ".join(dict.fromkeys(p for p in parts if p != "evaluation error")) or str(exc)
+    return _cel_names(reason)
 
 
-def activation(event: dict[str, Any]) -> dict[str, Any]:
-    """The CEL context for one event: ``{"event": <event as CEL values>}``.
+_CELTYPE_CLASS = re.compile(r"<class 'celpy\.celtypes\.(\w+)Type'>")
+_CELTYPE_NAMES = {"Null": "null_type"}
 
-    Integers outside CEL's int64 range become doubles. Raises ``ValueError`` only for values
-    that are not JSON (events on the bus always are).
+
+def _cel_names(message: str) -> str:
+    """``message`` with cel-python's own type classes (``<class 'celpy.celtypes.ListType'>``,
+    from overloads it checks itself, such as ``!``) written as CEL's names (``list``)."""
+    return _CELTYPE_CLASS.sub(lambda m: _CELTYPE_NAMES.get(m.group(1), m.group(1).lower()), message)
+
+
+class Activation:
+    """One event as conditions see it, converted for each runtime on first use, then kept."""
+
+    __slots__ = ("_forms", "event")
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+        self._forms: dict[Callable[[dict[str, Any]], Any], Any] = {}
+
+    def converted(self, convert: Callable[[dict[str, Any]], Any]) -> Any:
+        """``convert(event)``, computed once per activation."""
+        try:
+            return self._forms[convert]
+        except KeyError:
+            form = self._forms[convert] = convert(self.event)
+            return form
+
+
+def activation(event: dict[str, Any]) -> Activation:
+    """The CEL context for one event; each runtime converts it once, when first asked.
+
+    Integers outside CEL's int64 range become doubles. Evaluating raises ``ValueError`` only
+    for values that are not JSON (events on the bus always are).
     """
+    return Activation(event)
+
+
+def _celpy_context(event: dict[str, Any]) -> dict[str, Any]:
     return {"event": _to_cel(event)}
 
 
@@ -387,13 +425,15 @@ _COMPLETE = frozenset(
 )
 
 
-def compile_condition(source: str) -> Condition:
-    """Compile a CEL condition once.
+def compile_condition(source: str, *, native: bool = False) -> Condition:
+    """Compile a CEL condition once, for cel-python, or with ``native`` for cel-expr-python
+    (cel-python for the rare condition that runtime cannot compile).
 
     Raises ``RuleError`` without a location (the caller adds it) for a syntax error (with line
     and column inside the expression), an unknown variable, function or method, or a
     literal-only sub-expression that can never evaluate (``"a" + 1``). Type errors that depend
-    on the event surface at run time.
+    on the event surface at run time. With ``native``, raises ``ImportError`` when
+    cel-expr-python is not installed.
     """
     try:
         tree = _ENV.compile(source)
@@ -405,6 +445,11 @@ def compile_condition(source: str) -> Condition:
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
     _check_names(tree)
     _check_constants(source, tree)
+    if native:
+        from eventbus.rules._cel_native import compile_native
+
+        if (compiled := compile_native(source)) is not None:
+            return compiled
     if _calls_has(tree):
         runner = celpy.InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
         return Condition(source=source, runner=runner)

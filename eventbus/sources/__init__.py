@@ -11,6 +11,7 @@ from eventbus.sources._base import Source, SourceContext, SourceStatus
 from eventbus.sources._checkpoints import Checkpoints, list_dead_letters
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 from eventbus.sources._directory import DirectorySource, DirectorySourceSpec
+from eventbus.sources._hook_request import HookRequest
 from eventbus.sources._kafka import KafkaSource, KafkaSourceSpec
 from eventbus.sources._log_tail import LogTailSource, LogTailSourceSpec
 from eventbus.sources._mqtt import MqttSource, MqttSourceSpec
@@ -21,10 +22,16 @@ from eventbus.sources._nats import (
     NatsSourceSpec,
 )
 from eventbus.sources._rabbitmq import RabbitMQSource, RabbitMQSourceSpec
-from eventbus.sources._runner import SourceRunner, build_source, register_source
+from eventbus.sources._runner import (
+    SourceRunner,
+    build_source,
+    in_every_process,
+    register_source,
+)
 from eventbus.sources._s3_poll import S3PollSource, S3PollSourceSpec
 from eventbus.sources._syslog import SyslogSource, SyslogSourceSpec
 from eventbus.sources._timer import TimerSource, TimerSourceSpec
+from eventbus.sources._webhook import WebhookSource, WebhookSourceSpec
 
 register_source("directory", DirectorySourceSpec, DirectorySource)
 register_source("jetstream", JetStreamSourceSpec, JetStreamSource)
@@ -36,17 +43,21 @@ register_source("rabbitmq", RabbitMQSourceSpec, RabbitMQSource)
 register_source("s3-poll", S3PollSourceSpec, S3PollSource)
 register_source("syslog", SyslogSourceSpec, SyslogSource)
 register_source("timer", TimerSourceSpec, TimerSource)
+register_source("webhook", WebhookSourceSpec, WebhookSource)
 
 __all__ = [
     "Backoff",
     "Checkpoints",
     "Clock",
+    "HookRequest",
     "Source",
     "SourceContext",
     "SourceRunner",
     "SourceStatus",
     "SystemClock",
+    "WebhookSource",
     "build_source",
+    "in_every_process",
     "list_dead_letters",
     "register_source",
 ]

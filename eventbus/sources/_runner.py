@@ -26,7 +26,7 @@ from eventbus.sources._base import Source, SourceContext, SourceStatus, default_
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 
-__all__ = ["SourceRunner", "build_source", "register_source"]
+__all__ = ["SourceRunner", "build_source", "in_every_process", "register_source"]
 
 S = TypeVar("S", bound=SourceSpec)
 
@@ -49,6 +49,13 @@ def build_source(spec: SourceSpec | Mapping[str, Any]) -> Source:
         spec = _validate(spec)
     adapter = cast(Callable[[SourceSpec], Source], connector_adapter("source", spec))
     return adapter(spec)
+
+
+def in_every_process(spec: SourceSpec) -> bool:
+    """Whether the source must run in every process of the service, not only where
+    ``run_sources`` is on: one that serves requests reaching any process (its adapter sets
+    ``in_every_process = True``), rather than reading input that must be read once."""
+    return bool(getattr(connector_adapter("source", spec), "in_every_process", False))
 
 
 def _validate(entry: Mapping[str, Any]) -> SourceSpec:
@@ -89,7 +96,7 @@ class SourceRunner:
         sources: Sequence[Source],
         *,
         pool: asyncpg.Pool,
-        publish: Callable[..., Awaitable[None]],
+        publish: Callable[..., Awaitable[object]],
         clock: Clock | None = None,
         instance_id: str | None = None,
         backoff_initial: float = 1.0,
@@ -100,6 +107,7 @@ class SourceRunner:
         if duplicates:
             raise ConfigError(f"duplicate source names: {', '.join(duplicates)}")
         self._sources = list(sources)
+        self._by_name = {s.name: s for s in sources}
         self._clock = clock or SystemClock()
         self._backoff = (backoff_initial, backoff_max)
         instance = instance_id or default_instance_id()
@@ -137,6 +145,10 @@ class SourceRunner:
         for ctx in self._contexts:
             if ctx.status.state != "failed":
                 ctx.status.state = "stopped"
+
+    def source(self, name: str) -> Source | None:
+        """The source named ``name``, or None."""
+        return self._by_name.get(name)
 
     def statuses(self) -> list[SourceStatus]:
         """The live status of every source, in configuration order."""

@@ -78,6 +78,23 @@ def test_test_command_explains_failing_conditions() -> None:
     assert "size" in report["condition_errors"]["thumbnails"]
 
 
+def test_test_command_on_cel_expr_python() -> None:
+    pytest.importorskip("cel_expr_python", reason="cel-expr-python (the fast-cel extra) is absent")
+    for event, failing in (("upload-no-size.json", ["thumbnails"]), ("upload-image.json", [])):
+        code, text = run(
+            _cli.test_command, EVENTS / event, DATA / "good", known_targets=KNOWN, native_cel=True
+        )
+        expected = orjson.loads(
+            run(_cli.test_command, EVENTS / event, DATA / "good", known_targets=KNOWN)[1]
+        )
+        report = orjson.loads(text)
+        assert (code, report["matched"], list(report["condition_errors"])) == (
+            0,
+            expected["matched"],
+            failing,
+        )
+
+
 @pytest.mark.parametrize(
     ("event_file", "message"),
     [

@@ -20,6 +20,7 @@ from tests.fixtures.wait import eventually
 ROUTES: dict[tuple[str, str], str] = {
     ("post", "/events"): "Accepted|BatchAccepted",
     ("post", "/notifications"): "BatchAccepted",
+    ("post", "/hooks/{name}"): "Accepted",
     ("get", "/events/trail"): "EventTrail",
     ("get", "/rules"): "Rules",
     ("post", "/rules/reload"): "Reloaded",

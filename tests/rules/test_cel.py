@@ -13,7 +13,7 @@ import yaml
 from celpy.adapter import json_to_cel
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel import Verdict, activation, compile_condition
+from eventbus.rules._cel import Verdict, _celpy_context, activation, compile_condition
 
 TABLE = yaml.safe_load((Path(__file__).parent / "data" / "cel_cases.yaml").read_text())
 EVENT: dict[str, Any] = TABLE["event"]
@@ -65,7 +65,7 @@ def test_evaluation_survives_odd_events() -> None:
 
 def test_activation_matches_cel_pythons_own_conversion() -> None:
     event = {**EVENT, "extra": {"flag": True, "ratio": 0.5, "neg": -3, "list": [[1], {"a": None}]}}
-    converted = activation(event)["event"]
+    converted = activation(event).converted(_celpy_context)["event"]
     assert converted == json_to_cel(event)
     assert repr(converted) == repr(json_to_cel(event))
 
