@@ -624,3 +624,26 @@ async def test_a_synchronous_publish_is_answered_by_the_rule_marked_sync(
 
 async def _invoke_events(svc: RunningService, event: dict[str, Any]) -> tuple[int, Any, Any]:
     return await svc.request("POST", "/events", orjson.dumps(event), {**STRUCTURED, **SYNC})
+
+
+async def test_a_synchronous_publish_needs_scope_publish_and_names_the_key(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    keys = [{"name": "pub", "key": "publish-key-0123456789", "scopes": ["publish"]}]
+    svc = await eventbus(
+        rules=SYNC_RULES, targets=[_fn(receiver), _other(receiver)], settings={"api_keys": keys}
+    )
+    event = _event("ks1", subject="resize")
+    status, _, problem = await _invoke_events(svc, event)
+    assert status == 401 and problem["detail"] == "missing API key"
+    assert receiver.requests == []
+    status, _, _ = await svc.request(
+        "POST",
+        "/events",
+        orjson.dumps(event),
+        {**STRUCTURED, **SYNC, "Authorization": "Bearer publish-key-0123456789"},
+    )
+    assert status == 204
+    await svc.service.store.audit.flush()
+    via = await svc.service.store.pool.fetchval("SELECT via FROM events WHERE id = 'ks1'")
+    assert via == "http:sync:resize:key=pub"
