@@ -46,8 +46,14 @@ from eventbus.delivery import (
     DeliveryPolicy,
     DeliveryStore,
     Dispatcher,
+    Invocation,
+    Invoker,
+    Refusal,
     RetryWorker,
+    invocation_via,
+    invoke_rule,
     override_checker,
+    sync_rule_via,
     target_policies,
 )
 from eventbus.router import Router
@@ -161,6 +167,7 @@ class Service:
         self._router: Router | None = None
         self._retries: RetryWorker | None = None
         self._sources: SourceRunner | None = None
+        self._invoker: Invoker
         self.nats_url: str | None = None
         self.database_url: str | None = None
         self.supervisor: Supervisor | None = None
@@ -229,6 +236,7 @@ class Service:
             self.dispatcher, self.deliveries, instance=self.instance, lease=slowest * 2 + 60
         )
         self.dispatcher.scheduled = self._retries.due_in
+        self._invoker = Invoker(self.targets, self.dispatcher, self.store.audit)
         self._retries.start()
         self._router = Router(
             self.bus,
@@ -449,6 +457,57 @@ class Service:
                 }
             )
         return out
+
+    async def invoke(
+        self,
+        target: str,
+        event: dict[str, Any],
+        *,
+        invoker: str,
+        asynchronous: bool = False,
+        reply: bool = False,
+    ) -> Invocation:
+        """Invoke ``target`` with the valid ``event`` directly, without a rule (see
+        :mod:`eventbus.delivery._invoke`); ``invoker`` says who asked (audited).
+
+        Synchronous: one attempt, the target's answer in the result, nothing retried; with
+        ``reply``, a request whose reply is the answer (NATS targets).
+        Asynchronous: returns once the event is on the durable bus (the result holds neither an
+        answer nor a refusal), then it is delivered to ``target`` alone with its delivery
+        policy; raises BusUnavailable or BusError when it could not be put there. Either way
+        an unknown or disabled target is a refusal and nothing is sent."""
+        if not asynchronous:
+            via = invocation_via("sync", target, invoker)
+            return await self._invoker.invoke(event, target, via=via, reply=reply)
+        refused = self._invoker.refusal(target)
+        if refused is not None:
+            return refused
+        # Audited as accepted, matched and attempted when the router takes it off the bus.
+        via = invocation_via("async", target, invoker)
+        await self.bus.publish(event, via=via, scope=invoke_rule(target))
+        return Invocation(target)
+
+    async def invoke_sync_rule(self, event: dict[str, Any], *, invoker: str) -> Invocation:
+        """Answer a synchronous ``POST /events``: the one enabled rule marked ``sync: true``
+        that ``event`` matches sends it (transformed as the rule says) to its target once, and
+        the target's answer is the result. None or several such rules: a refusal naming them.
+        The event is not put on the bus: that rule alone handles it."""
+        routes = self.rules.current.sync_routes(event)
+        if len(routes) != 1:
+            names = ", ".join(route.rule for route in routes)
+            refusal, detail = (
+                (Refusal.NO_SYNC_RULE, "no rule with sync: true matches the event")
+                if not routes
+                else (
+                    Refusal.SYNC_RULES,
+                    f"the event matches {len(routes)} rules with sync: true ({names}); "
+                    "a synchronous request needs exactly one",
+                )
+            )
+            return Invocation("", refusal=refusal, detail=detail)
+        (route,) = routes
+        via = sync_rule_via(route.rule, invoker)
+        return await self._invoker.invoke(event, route.target, via=via, route=route)
 
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()

@@ -5,6 +5,8 @@ deliveries is done or durably recorded (guarantee 2) and its audit rows are comm
 
     bus.messages() ─> Router.handle ─> accepted row ─> RuleSet.route (pure)
         ─> Dispatcher.dispatch x routes ─> audit flush ─> ack
+                  └─ an asynchronous invocation (via ``invoke:async:<target>:...``): its one
+                     target instead of the rules (``eventbus.delivery.invoked_target``)
                   └─ not a CloudEvent ─> set aside (source_dead_letters, source "bus") ─> ack
 
 The accepted row is written here, on the consuming side, rather than where the event came in:
@@ -30,8 +32,8 @@ from eventbus import metrics
 from eventbus._errors import EventBusError
 from eventbus._tasks import cancel_and_wait, stop_with_grace
 from eventbus.bus import Bus, BusMessage
-from eventbus.delivery import Dispatcher
-from eventbus.rules import RuleSetHolder
+from eventbus.delivery import Dispatcher, invoke_rule, invoked_target
+from eventbus.rules import Route, RuleSetHolder
 from eventbus.store import AuditWriter
 
 __all__ = ["Router"]
@@ -127,7 +129,12 @@ class Router:
         await self._audit.event_accepted(
             event, via=msg.via, received_at=msg.published_at, ref=msg.ref, size=len(msg.payload)
         )
-        routes = self._rules.current.route(event)
+        target = invoked_target(msg.via)
+        if target is None:
+            routes = self._rules.current.route(event)
+        else:
+            # An asynchronous invocation: that target alone, whatever the rules say.
+            routes = [Route(invoke_rule(target), target, event, True, None)]
         for route in routes:
             await self._audit.rule_matched(event, route.rule, route.target)
         if routes:

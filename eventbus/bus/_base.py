@@ -96,11 +96,16 @@ class Bus(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:
+    async def publish(
+        self, event: dict[str, Any], *, via: str = DIRECT, scope: str | None = None
+    ) -> None:
         """Store one event durably (or find it already stored: a duplicate); raises
         BusUnavailable (retry later) or BusError.
 
-        ``via`` travels with the message (see :attr:`BusMessage.via`)."""
+        ``via`` travels with the message (see :attr:`BusMessage.via`). A bus that drops a
+        re-published source+id (JetStream's duplicate window) drops it only among publishes of
+        the same ``scope``: an invocation of one target is not a duplicate of the same event
+        published for the rules, or invoked on another target."""
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT

@@ -410,12 +410,16 @@ class KafkaBus:
             raise BusError("the bus is not open: use it inside `async with`")
         return self._producer
 
-    async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:
+    async def publish(
+        self, event: dict[str, Any], *, via: str = DIRECT, scope: str | None = None
+    ) -> None:
         """Store ``event`` on the topic and return once all in-sync replicas have it.
 
         Raises BusUnavailable when no broker acks within ``publish_timeout`` (the event may
         still be stored later), BusError when the event cannot be encoded or is rejected.
+        Kafka keeps every publish (no de-duplication), so ``scope`` changes nothing.
         """
+        del scope
         (result,) = await self.publish_many([event], via=via)
         if isinstance(result, BaseException):
             raise result

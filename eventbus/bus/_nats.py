@@ -303,19 +303,22 @@ class NatsBus:
             raise BusUnavailable(f"NATS at {redact_url(self.config.url)} is not connected")
         return self._js
 
-    async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:
+    async def publish(
+        self, event: dict[str, Any], *, via: str = DIRECT, scope: str | None = None
+    ) -> None:
         """Store ``event`` in the stream and return once JetStream acked it.
 
         Raises BusUnavailable when NATS is not connected or does not ack within
         ``publish_timeout`` (the event may still be stored: republishing is safe inside the
         duplicate window), BusError when the event cannot be encoded or JetStream rejects it.
+        ``scope`` (if any) is part of the de-duplication id.
         """
-        (result,) = await self.publish_many([event], via=via)
+        (result,) = await self.publish_many([event], via=via, scope=scope)
         if isinstance(result, BaseException):
             raise result
 
     async def publish_many(
-        self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
+        self, events: Sequence[dict[str, Any]], *, via: str = DIRECT, scope: str | None = None
     ) -> list[PublishOutcome]:
         """Publish all events pipelined (async publish, then wait for the acks together).
 
@@ -331,6 +334,8 @@ class NatsBus:
         for i, event in enumerate(events):
             try:
                 payload, key = wire_encode(event)
+                if scope is not None:
+                    key = f"{key}/{scope}"
                 js = self._jetstream()
                 # publish_async waits when too many acks are pending: one deadline bounds the
                 # loop. (Its own wait_stall would yield to the loop, one socket write per event.)

@@ -1,8 +1,18 @@
 """Delivery: the delivery model, policies, per-target protection, the durable retry schedule,
-dead letters, and the dispatcher that ties them to the targets."""
+dead letters, the dispatcher that ties them to the targets, and direct invocations of one
+target."""
 
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.delivery._guard import Guard
+from eventbus.delivery._invoke import (
+    Invocation,
+    Invoker,
+    Refusal,
+    invocation_via,
+    invoke_rule,
+    invoked_target,
+    sync_rule_via,
+)
 from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
 from eventbus.delivery._policy import (
     PRESETS,
@@ -27,9 +37,16 @@ __all__ = [
     "DeliveryStore",
     "Dispatcher",
     "Guard",
+    "Invocation",
+    "Invoker",
+    "Refusal",
     "RetryPolicy",
     "RetryWorker",
+    "invocation_via",
+    "invoke_rule",
+    "invoked_target",
     "override_checker",
     "parse_delivery",
+    "sync_rule_via",
     "target_policies",
 ]

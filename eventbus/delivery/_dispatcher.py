@@ -76,6 +76,10 @@ class Dispatcher:
     def guard(self, target: str) -> Guard | None:
         return self._guards.get(target)
 
+    def disabled(self, target: str) -> str | None:
+        """Why ``target`` is switched off (it answered 410 Gone), or None while it is on."""
+        return self._disabled.get(target)
+
     def enable(self, target: str) -> None:
         self._disabled.pop(target, None)
 

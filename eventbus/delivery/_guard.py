@@ -95,6 +95,11 @@ class Guard:
             self._opened_at = self._clock()
             self._set(OPEN)
 
+    def release(self) -> None:
+        """An admitted attempt was not made after all (a synchronous invocation found the
+        target's concurrency cap full): a half-open circuit lets the next one probe."""
+        self._probing = False
+
     def _set(self, state: int) -> None:
         self._state = state
         metrics.CIRCUIT_STATE.labels(self._target).set(state)

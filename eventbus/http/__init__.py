@@ -2,7 +2,8 @@
 
     socket ─> ConnectionGuard (_connections: header/body deadlines, connection cap)
            ─> IngestApp (_ingest: POST /events, POST /notifications as bare ASGI, the hot path)
-           ─> FastAPI (_api: audit trail, rules, dead letters, targets, sources, health, metrics)
+           ─> FastAPI (_api: audit trail, rules, dead letters, targets, sources, health, metrics;
+                       _invoke: POST /targets/{name}/invoke, a target called directly)
     every route: Access (_access: API keys, refusals audited) and Problem (_problem: RFC 9457)
 
 Where it sits: at the top of the pipeline, over the one facade of the running service

@@ -86,10 +86,11 @@ class Access:
 
     async def check(
         self, headers: Mapping[str, str], path: str, remote: str | None, scope: str
-    ) -> None:
-        """``headers`` with lower-case names."""
+    ) -> str | None:
+        """``headers`` with lower-case names. Returns the name of the key that was given, None
+        when no keys are configured."""
         if not self._keys:
-            return
+            return None
         header = headers.get("authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else ""
         given = given or headers.get("x-api-key", "")
@@ -108,3 +109,4 @@ class Access:
             reason = f"key {name!r} lacks scope {scope!r}"
             self._refusals.record(remote=remote, path=path, reason=reason)
             raise Problem(403, reason)
+        return name

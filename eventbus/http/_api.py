@@ -35,6 +35,7 @@ from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access
 from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
+from eventbus.http._invoke import invoke
 from eventbus.http._params import (
     All,
     DeadLetterId,
@@ -353,7 +354,12 @@ class _App(FastAPI):
             return self.openapi_schema
         document = super().openapi()
         components = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in (schemas.CloudEvent, schemas.Accepted, schemas.BatchAccepted):
+        for model in (
+            schemas.CloudEvent,
+            schemas.Accepted,
+            schemas.BatchAccepted,
+            schemas.BrokerAck,
+        ):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(schema.pop("$defs", {}))
             components[model.__name__] = schema
@@ -402,6 +408,7 @@ def create_app(service: Service) -> ASGIApp:
     app.state.service = service
     app.state.access = access
     app.include_router(admin)
+    app.include_router(invoke)
     app.include_router(public)
     app.mount(_ASSETS, StaticFiles(directory=_SWAGGER_UI), name="docs-assets")
     app.add_exception_handler(Problem, _on_problem)

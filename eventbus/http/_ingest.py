@@ -77,8 +77,14 @@ _TITLES = {
     408: "The body did not arrive in time",
     413: "The body or the batch is too large",
     415: "A CloudEvents format other than JSON",
+    404: "Synchronous: no rule with sync: true matches the event",
+    409: "Synchronous: several rules with sync: true match the event, or its target is disabled",
     422: "The event bus refused the event",
-    503: "The event bus is unavailable: retry later",
+    429: "Synchronous: the target's concurrency cap is full (Retry-After)",
+    502: "Synchronous: the target could not be reached",
+    503: "The event bus is unavailable (or, synchronous: the target's circuit is open): retry "
+    "later",
+    504: "Synchronous: the target did not answer within its timeout",
 }
 _REFUSED = (400, 401, 403, 405, 408, 413, 422, 503)
 
@@ -89,23 +95,38 @@ INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
             "description": (
                 "Structured mode (one event), batch mode (a JSON array; each entry answered on "
                 "its own, 207 when any failed) or binary mode (any other Content-Type: the "
-                "attributes in ce-* headers, the body is the event's data)."
+                "attributes in ce-* headers, the body is the event's data). With "
+                "X-Eventbus-Invocation-Type: sync, one event is sent by the one rule marked "
+                "sync: true that it matches to that rule's target, and the answer is the "
+                "target's (its status, content type and body), as POST /targets/{name}/invoke "
+                "answers; the event is not put on the bus."
             ),
             "operationId": "publish_events",
             "parameters": [
                 {
-                    "name": f"ce-{name}",
+                    "name": "X-Eventbus-Invocation-Type",
                     "in": "header",
                     "required": False,
-                    "description": f"Binary mode (required there): the event's {name}",
-                    "schema": {"type": "string", **extra},
-                }
-                for name, extra in (
-                    ("specversion", {"enum": ["1.0"]}),
-                    ("id", {"minLength": 1}),
-                    ("source", {"minLength": 1}),
-                    ("type", {"minLength": 1}),
-                )
+                    "description": "sync: wait for the answer of the target of the one rule "
+                    "marked sync: true the event matches; async (the default): 202 once on the "
+                    "bus",
+                    "schema": {"type": "string", "enum": ["sync", "async"]},
+                },
+                *(
+                    {
+                        "name": f"ce-{name}",
+                        "in": "header",
+                        "required": False,
+                        "description": f"Binary mode (required there): the event's {name}",
+                        "schema": {"type": "string", **extra},
+                    }
+                    for name, extra in (
+                        ("specversion", {"enum": ["1.0"]}),
+                        ("id", {"minLength": 1}),
+                        ("source", {"minLength": 1}),
+                        ("type", {"minLength": 1}),
+                    )
+                ),
             ],
             "requestBody": {
                 "required": True,
@@ -129,7 +150,19 @@ INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
                 True,
                 *_REFUSED,
                 415,
-            ),
+                404,
+                409,
+                429,
+                502,
+                504,
+            )
+            | {
+                "200": {
+                    "description": "Synchronous: the target's own answer (any status), as "
+                    "POST /targets/{name}/invoke passes it through",
+                    "content": {"*/*": {"schema": {"description": "the target's answer"}}},
+                }
+            },
         }
     },
     "/notifications": {
@@ -182,6 +215,15 @@ async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -
             return b"".join(chunks)
 
 
+def _synchronous(scope: Scope) -> bool:
+    """Whether the request asks for a synchronous answer (``X-Eventbus-Invocation-Type:
+    sync``; ASGI header names are lower-case)."""
+    return any(
+        name == b"x-eventbus-invocation-type" and value.strip().lower() == b"sync"
+        for name, value in scope["headers"]
+    )
+
+
 class IngestApp:
     """ASGI: serves the ingest routes itself and hands every other request to ``fallback``."""
 
@@ -199,7 +241,8 @@ class IngestApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if handler is None:
+        if handler is None or (handler == self._events and _synchronous(scope)):
+            # a synchronous POST /events waits for a target's answer: served by _invoke
             await self._fallback(scope, receive, send)
             return
         path = scope["path"]

@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict
 __all__ = [
     "Accepted",
     "BatchAccepted",
+    "BrokerAck",
     "CloudEvent",
     "DeadLetter",
     "DeadLetterPage",
     "DeadLetterSummary",
     "Enabled",
     "EventTrail",
+    "InvocationAccepted",
     "Liveness",
     "ProblemDetails",
     "Purged",
@@ -203,6 +205,29 @@ class Retries(_Body):
 
     items: list[PendingRetry]
     total: int
+
+
+class InvocationAccepted(_Body):
+    """An asynchronous invocation is on the durable bus; it will be delivered to ``target``
+    alone, with the target's retry policy and dead letters."""
+
+    id: str
+    source: str
+    target: str
+
+
+class BrokerAck(_Body):
+    """A Kafka or NATS target's acknowledgement of a synchronous invocation: ``topic``,
+    ``partition``, ``offset`` (Kafka); ``subject`` and, with JetStream, ``stream``, ``seq``,
+    ``duplicate`` (NATS)."""
+
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    subject: str | None = None
+    stream: str | None = None
+    seq: int | None = None
+    duplicate: bool | None = None
 
 
 class Purged(_Body):

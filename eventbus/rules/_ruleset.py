@@ -37,6 +37,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
@@ -107,7 +108,20 @@ class _RuleSpec(BaseModel):
     )
     when: Annotated[Condition, BeforeValidator(_compile_when)] | None = None
     transform: TransformSpec | None = None
+    sync: bool = False
     targets: list[Annotated[_TargetSpec, BeforeValidator(_name_only)]] = Field(min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _one_target_if_sync(
+        cls, targets: list[_TargetSpec], info: ValidationInfo
+    ) -> list[_TargetSpec]:
+        if info.data.get("sync") and len(targets) != 1:
+            raise ValueError(
+                f"a rule with sync: true has exactly one target (its answer is the "
+                f"request's), not {len(targets)}"
+            )
+        return targets
 
 
 _KEYS = sorted({*_RuleSpec.model_fields, *_TargetSpec.model_fields, *TransformSpec.model_fields})
@@ -136,6 +150,8 @@ class Rule:
     definition: Mapping[str, Any] = field(repr=False)
     pattern: CompiledPattern = field(repr=False, compare=False)
     condition: Condition | None = field(repr=False, compare=False)
+    sync: bool = False
+    """Answers a synchronous ``POST /events`` with its one target's answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +181,7 @@ class RuleSet:
         self._index: PatternIndex[int] = PatternIndex(
             (position, rule.pattern) for position, rule in enumerate(self._active)
         )
+        self._sync = frozenset(rule.name for rule in self._active if rule.sync)
         self.cel_errors: Counter[str] = Counter()
         self._next_log: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
@@ -209,6 +226,13 @@ class RuleSet:
                     )
                 )
         return routes
+
+    def sync_routes(self, event: dict[str, Any]) -> list[Route]:
+        """The routes of the enabled rules marked ``sync: true`` that ``event`` matches (one
+        per rule: such a rule has one target)."""
+        if not self._sync:
+            return []
+        return [route for route in self.route(event) if route.rule in self._sync]
 
     def condition_errors(self, event: dict[str, Any]) -> dict[str, str]:
         """Why the ``when`` condition of each rule counted in ``cel_errors`` fails on ``event``
@@ -371,6 +395,7 @@ def _compile_one(
         definition=data,
         pattern=spec.match,
         condition=spec.when,
+        sync=spec.sync,
     )
     return rule, []
 

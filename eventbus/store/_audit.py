@@ -86,8 +86,8 @@ _Row = tuple[str, tuple[Any, ...]]
 
 class AttemptOutcome(StrEnum):
     """What became of a delivery attempt. Each value is spelled as the ``outcome`` column of
-    ``attempts`` stores it and, but for ``REPLAY_REQUESTED`` (not an attempt), as the
-    ``outcome`` label of the metric ``eventbus_deliveries_total``."""
+    ``attempts`` stores it and, but for ``REPLAY_REQUESTED`` and ``REFUSED`` (not attempts),
+    as the ``outcome`` label of the metric ``eventbus_deliveries_total``."""
 
     DELIVERED = "delivered"
     RETRY_SCHEDULED = "retry-scheduled"
@@ -96,6 +96,12 @@ class AttemptOutcome(StrEnum):
     or disabled): ``number`` is then the count of attempts made so far, ``status`` None."""
     REPLAY_REQUESTED = "replay-requested"
     """An operator moved the dead letter back into the retry schedule (attempt number 0)."""
+    FAILED = "failed"
+    """A synchronous invocation's attempt that did not deliver: its error went back to the
+    caller, nothing is retried or dead-lettered."""
+    REFUSED = "refused"
+    """A synchronous invocation that made no attempt (attempt number 0): the target's circuit
+    was open, its concurrency cap full or the target disabled; ``error`` says which."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,7 +5,7 @@ above decides retries and dead letters from it. Each target type is one module h
 and its adapter, registered below under its YAML ``type`` (docs/targets.md, "Writing a target").
 """
 
-from eventbus.targets._base import Outcome, Target
+from eventbus.targets._base import Answer, Invocable, Outcome, Requester, Target
 from eventbus.targets._http import HttpTarget, HttpTargetSpec
 from eventbus.targets._kafka import KafkaTarget, KafkaTargetSpec
 from eventbus.targets._nats import NatsTarget, NatsTargetSpec
@@ -17,13 +17,16 @@ register_target("kafka", KafkaTargetSpec, KafkaTarget)
 register_target("nats", NatsTargetSpec, NatsTarget)
 
 __all__ = [
+    "Answer",
     "HttpTarget",
     "HttpTargetSpec",
+    "Invocable",
     "KafkaTarget",
     "KafkaTargetSpec",
     "NatsTarget",
     "NatsTargetSpec",
     "Outcome",
+    "Requester",
     "Target",
     "build_target",
     "register_target",

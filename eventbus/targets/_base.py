@@ -14,13 +14,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, runtime_checkable
 
 from eventbus._errors import MAX_ERROR_CHARS, truncate_error
 
 __all__ = [
     "MAX_ERROR_CHARS",
+    "Answer",
+    "Invocable",
     "Outcome",
+    "Requester",
     "Target",
     "failure",
     "send_once",
@@ -38,6 +41,7 @@ class Outcome:
     answered 410 and must not be tried again. ``retry_after`` is the delay in seconds the endpoint
     asked for (429/503 only). ``reply`` is a validated CloudEvent the function answered with.
     ``error`` is a short description (at most ``MAX_ERROR_CHARS``); None when delivered.
+    ``timed_out`` marks an attempt that got no answer within the target's ``timeout``.
     """
 
     delivered: bool
@@ -48,9 +52,26 @@ class Outcome:
     retry_after: float | None
     gone: bool = False
     reply: dict[str, Any] | None = None
+    timed_out: bool = False
 
 
-def failure(error: str, duration_ms: float, *, retryable: bool) -> Outcome:
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a synchronous invocation (``Target.invoke``) gives back to its caller.
+
+    ``outcome`` is the attempt's ``Outcome``; ``content_type`` and ``body`` are the endpoint's
+    answer as received (an HTTP function's response, at most 1 MiB) or, for a broker, its
+    acknowledgement as JSON. ``busy`` says that no attempt was made because the target's
+    concurrency cap was full (``outcome`` then says so, retryable).
+    """
+
+    outcome: Outcome
+    content_type: str | None = None
+    body: bytes = b""
+    busy: bool = False
+
+
+def failure(error: str, duration_ms: float, *, retryable: bool, timed_out: bool = False) -> Outcome:
     """The ``Outcome`` of an attempt that got no status from the endpoint, ``error`` truncated."""
     return Outcome(
         delivered=False,
@@ -59,6 +80,7 @@ def failure(error: str, duration_ms: float, *, retryable: bool) -> Outcome:
         error=truncate_error(error),
         retryable=retryable,
         retry_after=None,
+        timed_out=timed_out,
     )
 
 
@@ -125,3 +147,25 @@ class Target(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class Invocable(Protocol):
+    """A target that returns the endpoint's answer to a synchronous invocation. Optional: a
+    target without ``invoke`` is invoked through ``deliver``, and its answer has no body."""
+
+    async def invoke(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """One synchronous attempt, as ``deliver`` makes it, that also returns the endpoint's
+        answer. Never waits for a concurrency slot: with the cap full it returns at once with
+        ``busy`` set. Never raises for a delivery failure."""
+        ...
+
+
+@runtime_checkable
+class Requester(Protocol):
+    """A target that can also be invoked for a reply (request/reply, as NATS offers it)."""
+
+    async def request(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """Send ``payload`` as a request and return the first reply as the answer's body.
+        Never raises for a failure (no responder, timeout): those are the answer's outcome."""
+        ...

@@ -32,6 +32,7 @@ from eventbus.cloudevents import from_http, to_http
 from eventbus.config import Secret, TargetSpec, TlsSpec
 from eventbus.targets._base import (
     MAX_ERROR_CHARS,
+    Answer,
     Outcome,
     failure,
     trace_attempt,
@@ -144,7 +145,7 @@ def parse_retry_after(value: str | None) -> float | None:
 def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> Outcome:
     """Translate an aiohttp/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError):
-        return failure(f"timeout after {timeout:g}s", duration_ms, retryable=True)
+        return failure(f"timeout after {timeout:g}s", duration_ms, retryable=True, timed_out=True)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         # A rejected certificate fails the same way until an operator fixes it: dead-letter it
         # (replayable) rather than hammer the endpoint for a day.
@@ -272,6 +273,20 @@ class HttpTarget:
         Never raises for a delivery failure (those are ``Outcome`` values); raises
         ``RuntimeError`` if called outside ``async with``.
         """
+        answer = await self._post(event, payload, is_cloudevent, attempt, wait=True)
+        return answer.outcome
+
+    async def invoke(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """POST ``payload`` once, as ``deliver`` does, and return the function's answer too:
+        its status (in the outcome), ``Content-Type`` and body. With ``concurrency`` requests
+        already in flight, nothing is sent (``busy``). An answer larger than 1 MiB is not
+        returned cut off: the outcome is then a failure saying so. Raises ``RuntimeError``
+        outside ``async with``."""
+        return await self._post(event, payload, is_cloudevent, 1, wait=False)
+
+    async def _post(
+        self, event: dict[str, Any], payload: Any, is_cloudevent: bool, attempt: int, *, wait: bool
+    ) -> Answer:
         session = self._session
         if session is None:
             raise RuntimeError(f"HTTP target {self.name!r} is not open: use 'async with'")
@@ -279,13 +294,18 @@ class HttpTarget:
             headers, body, msg_id = self._request(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
-            return failure(f"cannot build the request: {exc}", 0.0, retryable=False)
+            return Answer(failure(f"cannot build the request: {exc}", 0.0, retryable=False))
+        if not wait and self._slots.locked():
+            cap = self.config.concurrency
+            busy = failure(f"concurrency cap of {cap} requests reached", 0.0, retryable=True)
+            return Answer(busy, busy=True)
         if self._key is not None:
             now = int(time.time())
             signed_id = webhook_id(msg_id)
             headers["webhook-id"] = signed_id
             headers["webhook-timestamp"] = str(now)
             headers["webhook-signature"] = signature(self._key, signed_id, now, body)
+        # Not locked (checked above, nothing awaited since) when not waiting: taken at once.
         async with self._slots:
             start = time.perf_counter()
             oauth = self._oauth
@@ -293,26 +313,29 @@ class HttpTarget:
                 if oauth is not None:
                     token = await oauth.token(session)
                     headers["Authorization"] = f"Bearer {token}"
-                outcome = await self._post(session, headers, body, msg_id, start)
-                if oauth is not None and outcome.status == 401:
+                answer = await self._send(session, headers, body, msg_id, start, wait)
+                if oauth is not None and answer.outcome.status == 401:
                     # The function refused the token (revoked, rotated keys): one new token,
                     # one more try; a second 401 stands.
                     headers["Authorization"] = f"Bearer {await oauth.refresh(session, token)}"
-                    outcome = await self._post(session, headers, body, msg_id, start)
+                    answer = await self._send(session, headers, body, msg_id, start, wait)
             except TokenError as exc:
                 duration_ms = (time.perf_counter() - start) * 1000
-                outcome = failure(str(exc), duration_ms, retryable=exc.retryable)
-        trace_attempt(log, self.name, msg_id, attempt, outcome)
-        return outcome
+                answer = Answer(failure(str(exc), duration_ms, retryable=exc.retryable))
+        trace_attempt(log, self.name, msg_id, attempt, answer.outcome)
+        return answer
 
-    async def _post(
+    async def _send(
         self,
         session: aiohttp.ClientSession,
         headers: dict[str, str],
         body: bytes,
         msg_id: str,
         start: float,
-    ) -> Outcome:
+        wait: bool,
+    ) -> Answer:
+        """One request; with ``wait`` False (an invocation) an answer past the read bound is a
+        failure rather than a cut-off body."""
         try:
             async with session.post(
                 self._url,
@@ -326,10 +349,14 @@ class HttpTarget:
                 if not complete:
                     resp.close()
                 duration_ms = (time.perf_counter() - start) * 1000
-                return self._classify(resp, content, complete, duration_ms, msg_id)
+                outcome = self._classify(resp, content, complete, duration_ms, msg_id)
+                if not complete and not wait:
+                    too_large = f"the answer is larger than {MAX_RESPONSE_BYTES} bytes"
+                    return Answer(failure(too_large, duration_ms, retryable=False))
+                return Answer(outcome, resp.headers.get("Content-Type"), content)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return _outcome_from_error(
-                exc, (time.perf_counter() - start) * 1000, self.config.timeout
+            return Answer(
+                _outcome_from_error(exc, (time.perf_counter() - start) * 1000, self.config.timeout)
             )
 
     def _classify(

@@ -32,7 +32,7 @@ from eventbus._errors import CloudEventError, ConfigError
 from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.cloudevents import to_kafka
 from eventbus.config import Duration, KafkaAuth, TargetSpec
-from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
+from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
 __all__ = ["KafkaTarget", "KafkaTargetSpec"]
@@ -84,7 +84,9 @@ class KafkaTargetSpec(TargetSpec, KafkaAuth):
 def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTargetSpec) -> Outcome:
     """Translate an aiokafka/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError | kerr.KafkaTimeoutError | kerr.RequestTimedOutError):
-        return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+        return failure(
+            f"timeout after {config.timeout:g}s", duration_ms, retryable=True, timed_out=True
+        )
     if isinstance(exc, PermissionError):
         return failure(f"Kafka refused the credentials: {exc}", duration_ms, retryable=False)
     if isinstance(exc, kerr.KafkaConnectionError | OSError):
@@ -245,18 +247,34 @@ class KafkaTarget:
         Never raises for a delivery failure (those are ``Outcome`` values, ``status`` None);
         raises ``RuntimeError`` if called outside ``async with``.
         """
+        outcome, _ = await self._produce(event, payload, is_cloudevent, attempt)
+        return outcome
+
+    async def invoke(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """Produce once, as ``deliver`` does; a delivered answer is the acknowledgement as
+        JSON: ``{"topic", "partition", "offset"}``."""
+        outcome, ack = await self._produce(event, payload, is_cloudevent, 1)
+        if not outcome.delivered:
+            return Answer(outcome)
+        return Answer(outcome, "application/json", orjson.dumps(ack))
+
+    async def _produce(
+        self, event: dict[str, Any], payload: Any, is_cloudevent: bool, attempt: int
+    ) -> tuple[Outcome, dict[str, Any]]:
         self._producer.check_open()
         try:
             key, headers, value = self._record(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
-            return failure(f"cannot build the record: {exc}", 0.0, retryable=False)
+            return failure(f"cannot build the record: {exc}", 0.0, retryable=False), {}
+        ack: dict[str, Any] = {}
 
         async def send() -> None:
             async with asyncio.timeout(self.config.timeout):
                 producer = await self._producer.get()
                 sent = await producer.send(self.config.topic, value, key=key, headers=headers)
-                await sent
+                stored = await sent
+            ack.update(topic=stored.topic, partition=stored.partition, offset=stored.offset)
 
         outcome = await send_once(
             send,
@@ -264,4 +282,4 @@ class KafkaTarget:
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, self.config),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)
-        return outcome
+        return outcome, ack

@@ -34,12 +34,13 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
 from eventbus.config import Duration, NatsAuth, TargetSpec, redact_url
-from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
+from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
 __all__ = ["NatsTarget", "NatsTargetSpec"]
@@ -74,11 +75,19 @@ class NatsTargetSpec(TargetSpec, NatsAuth):
 def _outcome_from_error(exc: BaseException, duration_ms: float, config: NatsTargetSpec) -> Outcome:
     """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError):
-        return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+        return failure(
+            f"timeout after {config.timeout:g}s", duration_ms, retryable=True, timed_out=True
+        )
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return failure(
             f"no JetStream stream captures subject {config.subject!r} (no responders); "
             "create one and the delivery will be retried",
+            duration_ms,
+            retryable=True,
+        )
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return failure(
+            f"nobody answers requests on subject {config.subject!r} (no responders)",
             duration_ms,
             retryable=True,
         )
@@ -249,13 +258,61 @@ class NatsTarget:
         Never raises for a delivery failure (those are ``Outcome`` values, ``status`` None);
         raises ``RuntimeError`` if called outside ``async with``.
         """
+        outcome, _ = await self._publish(event, payload, is_cloudevent, attempt)
+        return outcome
+
+    async def invoke(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """Publish once, as ``deliver`` does; a delivered answer is the acknowledgement as
+        JSON: ``{"subject"}`` for core NATS (the server has the message), ``{"subject",
+        "stream", "seq", "duplicate"}`` with JetStream."""
+        outcome, ack = await self._publish(event, payload, is_cloudevent, 1)
+        if not outcome.delivered:
+            return Answer(outcome)
+        return Answer(outcome, "application/json", orjson.dumps(ack))
+
+    async def request(self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool) -> Answer:
+        """Send ``payload`` as a core NATS request to the subject and return the first reply
+        within ``timeout``: its data as the body, its ``Content-Type`` header if it has one.
+        No subscriber is a retryable failure (no responders). On a subject a JetStream stream
+        captures, the stream's acknowledgement is that reply. Never raises for a failure;
+        ``RuntimeError`` outside ``async with``."""
+        self._nc.check_open()
+        try:
+            headers, body = self._message(event, payload, is_cloudevent)
+        except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
+            return Answer(failure(f"cannot build the message: {exc}", 0.0, retryable=False))
+        cfg = self.config
+        replies: list[Msg] = []
+
+        async def send() -> None:
+            async with asyncio.timeout(cfg.timeout):
+                nc = await self._nc.get()
+                replies.append(
+                    await nc.request(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                )
+
+        outcome = await send_once(
+            send,
+            errors=(nats.errors.Error, OSError, TimeoutError),
+            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
+        )
+        trace_attempt(log, self.name, event.get("id"), 1, outcome)
+        if not outcome.delivered:
+            return Answer(outcome)
+        (reply,) = replies
+        return Answer(outcome, (reply.headers or {}).get("Content-Type"), reply.data)
+
+    async def _publish(
+        self, event: dict[str, Any], payload: Any, is_cloudevent: bool, attempt: int
+    ) -> tuple[Outcome, dict[str, Any]]:
         self._nc.check_open()
         try:
             headers, body = self._message(event, payload, is_cloudevent)
         except (CloudEventError, orjson.JSONEncodeError, KeyError) as exc:
             # The payload itself is unsendable: no retry can fix it.
-            return failure(f"cannot build the message: {exc}", 0.0, retryable=False)
+            return failure(f"cannot build the message: {exc}", 0.0, retryable=False), {}
         cfg = self.config
+        ack: dict[str, Any] = {"subject": cfg.subject}
 
         async def send() -> None:
             nc: Client | None = None
@@ -264,7 +321,12 @@ class NatsTarget:
                     nc = await self._nc.get()
                     if cfg.jetstream:
                         js = nc.jetstream(timeout=cfg.timeout)
-                        await js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                        stored = await js.publish(
+                            cfg.subject, body, timeout=cfg.timeout, headers=headers
+                        )
+                        ack.update(
+                            stream=stored.stream, seq=stored.seq, duplicate=bool(stored.duplicate)
+                        )
                     else:
                         await nc.publish(cfg.subject, body, headers=headers)
                         await nc.flush(timeout=math.ceil(cfg.timeout))
@@ -282,4 +344,4 @@ class NatsTarget:
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)
-        return outcome
+        return outcome, ack

@@ -16,7 +16,7 @@ import pytest
 
 from eventbus.cli._main import build_parser
 from eventbus.http import _schemas as schemas
-from tests.fixtures.receiver import Receiver
+from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import StartService, free_port
 from tests.fixtures.wait import eventually
 
@@ -422,3 +422,44 @@ async def test_display_prints_one_event_per_block() -> None:
     assert heads == ["POST /fn", "POST /fn (1 of 2)", "POST /fn (2 of 2)"]
     shown = [orjson.loads(block.split("\n", 1)[1]) for block in blocks]
     assert shown == events  # each event on its own, not wrapped in a list
+
+
+async def test_invoke_prints_the_answer_or_queues_the_call(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await eventbus(
+        rules="[]", targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    url = ("--url", svc.url)
+    receiver.script(
+        Response(200, headers={"Content-Type": "text/plain"}, body=b"resized"),
+        Response(201, headers={"Content-Type": "application/json"}, body=b'{"n": 2}'),
+        Response(422, headers={"Content-Type": "text/plain"}, body=b"width must be > 0"),
+    )
+    code, out, err = await _cli("invoke", "fn", "--data", '{"w": 10}', "--id", "i-1", *url)
+    assert (code, out) == (0, "resized"), err
+    assert err.startswith("fn answered 200 in ") and err.endswith(" ms\n"), err
+    code, out, err = await _cli("invoke", "fn", "--json", *url)
+    assert code == 0, err
+    assert (out["status"], out["body"], out["content_type"]) == (201, {"n": 2}, "application/json")
+    assert out["duration_ms"] > 0 and out["event"]["source"] == "eventbus/cli"
+    code, out, err = await _cli("invoke", "fn", "--data", '{"w": 0}', *url)
+    assert code == 1 and "422" in err and "width must be > 0" in err, err
+    first, second, third = (r.cloudevent or {} for r in receiver.requests)
+    assert (first["id"], first["type"], first["data"]) == ("i-1", "eventbus.invoke", {"w": 10})
+    assert "data" not in second and third["data"] == {"w": 0}
+
+    code, out, err = await _cli("invoke", "nope", *url)
+    assert code == 1 and "404" in err and "no target 'nope'" in err, err
+    code, out, err = await _cli("invoke", "fn", "--data", "{bad", *url)
+    assert code == 2 and "--data is not valid JSON" in err, err
+
+    code, out, err = await _cli(
+        "invoke", "fn", "--async", "--id", "q-1", "--type", "com.example.q", *url
+    )
+    assert (code, out) == (0, "queued for fn: eventbus/cli q-1\n"), err
+    (*_, queued) = await receiver.wait_for(4)
+    assert queued.cloudevent is not None and queued.cloudevent["type"] == "com.example.q"
+    trail = await svc.trail("eventbus/cli", "q-1", attempts=1)
+    assert trail["via"] == "invoke:async:fn:remote=127.0.0.1"
+    assert len(receiver.requests) == 4

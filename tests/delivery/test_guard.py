@@ -44,6 +44,20 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
     assert all(guard.admit().allowed for _ in range(10))
 
 
+def test_a_probe_not_made_after_all_lets_the_next_one_probe() -> None:
+    clock = Clock()
+    guard = Guard("t3", BreakerPolicy(failures=1, open_for=60), None, clock)
+    guard.record(False)
+    clock.now += 60
+    assert guard.admit().allowed  # the probe, but the invocation found the cap full
+    assert not guard.admit().allowed
+    guard.release()
+    assert guard.state == "half-open"
+    assert guard.admit().allowed  # the next caller probes
+    guard.record(True)
+    assert guard.state == "closed"
+
+
 def test_no_breaker_always_admits() -> None:
     guard = Guard("t2", None, None, Clock())
     for _ in range(100):

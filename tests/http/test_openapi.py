@@ -32,6 +32,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("post", "/dead-letters/{dl_id}/replay"): "Replayed",
     ("get", "/retries"): "Retries",
     ("post", "/targets/{name}/enable"): "Enabled",
+    ("post", "/targets/{name}/invoke"): "*/*",
     ("get", "/targets"): "Targets",
     ("get", "/sources"): "Sources",
     ("get", "/sources/dead-letters"): "SourceDeadLetters",
@@ -97,10 +98,19 @@ async def test_the_ingest_routes_are_described_in_every_content_mode(
     }
     assert "Binary mode" in content["*/*"]["schema"]["description"]
     headers = {p["name"]: p for p in events["parameters"] if p["in"] == "header"}
-    assert sorted(headers) == ["ce-id", "ce-source", "ce-specversion", "ce-type"]
+    assert sorted(headers) == [
+        "X-Eventbus-Invocation-Type",
+        "ce-id",
+        "ce-source",
+        "ce-specversion",
+        "ce-type",
+    ]
     assert headers["ce-specversion"]["schema"]["enum"] == ["1.0"]
+    assert headers["X-Eventbus-Invocation-Type"]["schema"]["enum"] == ["sync", "async"]
     answers = events["responses"]
     assert {"202", "207", "400", "413", "415", "503"} <= set(answers)
+    # a synchronous publish: the target's answer, or why there is none
+    assert {"200", "404", "409", "429", "502", "504"} <= set(answers)
     assert set(answers["202"]["headers"]) == {"Eventbus-Duplicate", "Eventbus-Duplicates"}
     notifications = document["paths"]["/notifications"]["post"]
     assert list(notifications["requestBody"]["content"]) == ["application/json"]

@@ -1,0 +1,233 @@
+"""Invoking one target directly, without a rule: synchronously (one attempt, its answer handed
+back to the caller) or asynchronously (through the bus, then delivered like a rule's route).
+
+    sync:   Invoker.invoke ─> unknown/disabled? ─> circuit open? ─> rate limit
+                ─> target.invoke (never waits for a concurrency slot) ─> Invocation + audit
+    async:  the edge publishes the event with via ``invoke:async:<target>:<who>``; the router
+                reads the target from the via (:func:`invoked_target`) and hands the dispatcher
+                that one route, rule ``invoke:<target>``: retries, dead letters, destinations
+
+A synchronous invocation is never retried or dead-lettered: the caller gets the error. It goes
+through the same circuit breaker and rate limit as rule deliveries, so a sync caller cannot
+hammer an endpoint the breaker protects, and its failures count towards opening the circuit.
+
+Both kinds are recorded under the pseudo-rule ``invoke:<target>`` (rule names cannot contain
+``:``, so no rule can be mistaken for one), and the ``via`` of the event's acceptance says how
+and by whom: ``invoke:sync:<target>:<who>`` (``who`` is ``key=<API key name>`` or
+``remote=<address>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from eventbus import metrics
+from eventbus.delivery._dispatcher import Dispatcher
+from eventbus.rules import Route
+from eventbus.store import Attempt, AttemptOutcome, AuditWriter
+from eventbus.targets import Answer, Invocable, Requester, Target
+
+__all__ = [
+    "Invocation",
+    "Invoker",
+    "Refusal",
+    "invocation_via",
+    "invoke_rule",
+    "invoked_target",
+    "sync_rule_via",
+]
+
+_PREFIX = "invoke:"
+
+
+def invoke_rule(target: str) -> str:
+    """The pseudo-rule an invocation of ``target`` is recorded under: ``invoke:<target>``."""
+    return _PREFIX + target
+
+
+def invocation_via(mode: Literal["sync", "async"], target: str, who: str) -> str:
+    """The ``via`` of an invoked event: ``invoke:<mode>:<target>:<who>``, printable ASCII
+    (it travels in a bus header), ``who`` with anything else escaped."""
+    return f"{_PREFIX}{mode}:{target}:{_printable(who)}"
+
+
+def sync_rule_via(rule: str, who: str) -> str:
+    """The ``via`` of an event a synchronous ``POST /events`` sent through the rule marked
+    ``sync`` that it matched: ``http:sync:<rule>:<who>``."""
+    return f"http:sync:{rule}:{_printable(who)}"
+
+
+def _printable(who: str) -> str:
+    clean = who.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in clean)
+
+
+def invoked_target(via: str) -> str | None:
+    """The target an asynchronous invocation's bus message is for, or None for any other
+    message (which the rules route)."""
+    if not via.startswith(_PREFIX + "async:"):
+        return None
+    target = via.split(":", 3)[2] if via.count(":") >= 3 else ""
+    return target or None
+
+
+class Refusal(StrEnum):
+    """Why an invocation made no attempt."""
+
+    UNKNOWN_TARGET = "unknown-target"
+    TARGET_DISABLED = "target-disabled"
+    CIRCUIT_OPEN = "circuit-open"
+    BUSY = "busy"
+    """The target's concurrency cap is full."""
+    NO_REPLY = "no-reply"
+    """A reply was asked of a target that cannot give one (request/reply is NATS's)."""
+    NO_SYNC_RULE = "no-sync-rule"
+    """A synchronous ``POST /events``: no rule marked ``sync`` matches the event."""
+    SYNC_RULES = "several-sync-rules"
+    """A synchronous ``POST /events``: several rules marked ``sync`` match the event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """What became of one invocation: ``answer`` when an attempt was made, else ``refusal``
+    with ``detail`` saying why and, for an open circuit or a full cap, ``retry_after``
+    seconds. Neither: an asynchronous invocation is on the bus."""
+
+    target: str
+    answer: Answer | None = None
+    refusal: Refusal | None = None
+    detail: str | None = None
+    retry_after: float | None = None
+
+
+_BUSY_RETRY_AFTER = 1.0
+
+
+class Invoker:
+    """Synchronous invocations of the ``targets`` behind ``dispatcher``'s guards."""
+
+    def __init__(
+        self, targets: Mapping[str, Target], dispatcher: Dispatcher, audit: AuditWriter
+    ) -> None:
+        self._targets = targets
+        self._dispatcher = dispatcher
+        self._audit = audit
+
+    def refusal(self, target: str) -> Invocation | None:
+        """Why ``target`` cannot be invoked at all (unknown, disabled), or None."""
+        if target not in self._targets:
+            return Invocation(
+                target, refusal=Refusal.UNKNOWN_TARGET, detail=f"no target {target!r}"
+            )
+        why = self._dispatcher.disabled(target)
+        if why is not None:
+            detail = f"target {target!r} is disabled ({why}); POST /targets/{target}/enable"
+            return Invocation(target, refusal=Refusal.TARGET_DISABLED, detail=detail)
+        return None
+
+    async def invoke(
+        self,
+        event: dict[str, Any],
+        target: str,
+        *,
+        via: str,
+        reply: bool = False,
+        route: Route | None = None,
+    ) -> Invocation:
+        """Send ``event`` to ``target`` once and return its answer, or why nothing was sent;
+        with ``reply``, as a request whose reply is the answer (a ``Requester`` target only).
+        With ``route`` (a rule marked ``sync`` matched the event; ``target`` is its target),
+        the route's payload is sent and the rows name its rule instead of the pseudo-rule.
+
+        Audits the event (accepted ``via``), the match and the attempt (or the refusal) unless
+        the target is unknown; the rows are committed with the writer's next batch. Raises
+        StoreError only once the audit writer is closed."""
+        rule = invoke_rule(target) if route is None else route.rule
+        payload: Any = event if route is None else route.payload
+        is_cloudevent = route is None or route.is_cloudevent
+        refused = self.refusal(target)
+        if refused is not None and refused.refusal is Refusal.UNKNOWN_TARGET:
+            return refused
+        adapter = self._targets[target]
+        if reply and not isinstance(adapter, Requester):
+            detail = f"target {target!r} cannot be invoked for a reply: NATS targets only"
+            return Invocation(target, refusal=Refusal.NO_REPLY, detail=detail)
+        await self._audit.event_accepted(event, via=via)
+        await self._audit.rule_matched(event, rule, target)
+        if refused is not None:
+            await self._refused(event, rule, refused)
+            return refused
+        guard = self._dispatcher.guard(target)
+        if guard is not None:
+            admission = guard.admit()
+            if not admission.allowed:
+                refused = Invocation(
+                    target,
+                    refusal=Refusal.CIRCUIT_OPEN,
+                    detail=f"the circuit of target {target!r} is open",
+                    retry_after=admission.reopen_in,
+                )
+                await self._refused(event, rule, refused)
+                return refused
+            await guard.throttle()
+        try:
+            if reply:
+                assert isinstance(adapter, Requester)
+                answer = await adapter.request(event, payload, is_cloudevent=is_cloudevent)
+            elif isinstance(adapter, Invocable):
+                answer = await adapter.invoke(event, payload, is_cloudevent=is_cloudevent)
+            else:
+                outcome = await adapter.deliver(
+                    event, payload, is_cloudevent=is_cloudevent, attempt=1
+                )
+                answer = Answer(outcome)
+        except BaseException:
+            if guard is not None:
+                guard.record(False)  # never leave a half-open probe outstanding
+            raise
+        if answer.busy:
+            if guard is not None:
+                guard.release()
+            refused = Invocation(
+                target,
+                refusal=Refusal.BUSY,
+                detail=f"target {target!r}: {answer.outcome.error}",
+                retry_after=_BUSY_RETRY_AFTER,
+            )
+            await self._refused(event, rule, refused)
+            return refused
+        outcome = answer.outcome
+        if guard is not None:
+            # as for rule deliveries: a non-retryable 4xx is the request's fault
+            guard.record(outcome.delivered or not outcome.retryable)
+        result = AttemptOutcome.DELIVERED if outcome.delivered else AttemptOutcome.FAILED
+        metrics.DELIVERIES.labels(target, result.value).inc()
+        metrics.DELIVERY_SECONDS.labels(target).observe(outcome.duration_ms / 1000)
+        await self._audit.attempt(
+            Attempt(
+                event=event,
+                rule=rule,
+                target=target,
+                number=1,
+                outcome=result,
+                status=outcome.status,
+                duration_ms=outcome.duration_ms,
+                error=outcome.error,
+            )
+        )
+        return Invocation(target, answer=answer)
+
+    async def _refused(self, event: dict[str, Any], rule: str, refused: Invocation) -> None:
+        await self._audit.attempt(
+            Attempt(
+                event=event,
+                rule=rule,
+                target=refused.target,
+                number=0,
+                outcome=AttemptOutcome.REFUSED,
+                error=refused.detail,
+            )
+        )
