@@ -21,7 +21,7 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -46,8 +46,8 @@ from eventbus.delivery import (
     override_checker,
     target_policies,
 )
-from eventbus.router import Router
-from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
+from eventbus.router import LiveFeed, Router, Watcher
+from eventbus.rules import Route, Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import SourceRunner, SourceStatus, build_source, list_dead_letters
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
 from eventbus.targets import HttpTarget, HttpTargetConfig, Target
@@ -151,6 +151,7 @@ class Service:
         self.nats_url: str | None = None
         self.database_url: str | None = None
         self.supervisor: Supervisor | None = None
+        self.feed = LiveFeed()
 
     async def __aenter__(self) -> Self:
         try:
@@ -204,6 +205,7 @@ class Service:
             functools.partial(set_aside, self.store.pool, "bus"),
             # well inside JetStream's ack_wait (Kafka needs no progress reports)
             progress_every=s.bus.nats.ack_wait / 2,
+            feed=self.feed,
         )
         self._router.start()
         self._stack.push_async_callback(self._stop_workers)
@@ -426,3 +428,14 @@ class Service:
         """Input sources could not turn into events, newest first (see
         :func:`eventbus.sources.list_dead_letters`)."""
         return await list_dead_letters(self.store.pool, source=source, limit=limit)
+
+    def watch_events(self) -> AbstractContextManager[Watcher]:
+        """A bounded queue of what this process's router does with each event from now on
+        (see :class:`eventbus.router.LiveFeed`); raises OverflowError when too many watch."""
+        return self.feed.watch()
+
+    def try_rules(self, event: dict[str, Any]) -> tuple[list[Route], dict[str, str]]:
+        """What the current rules would do with ``event``, publishing nothing: its routes,
+        and why each rule whose condition failed on it failed (rule name to reason)."""
+        rules = self.rules.current
+        return rules.route(event), rules.condition_errors(event)

@@ -373,12 +373,16 @@ class _App(FastAPI):
 def create_app(service: Service) -> ASGIApp:
     """The whole HTTP API over a started ``service``: the bare-ASGI ingest routes
     (``_ingest``) in front of a FastAPI application for everything else."""
+    from eventbus.http import _console as console
+
     access = Access(service.settings.api_keys, service)
     app = _App(title="eventbus", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.service = service
     app.state.access = access
     app.include_router(admin)
     app.include_router(public)
+    app.include_router(console.admin)  # the web console (lazy: it imports this module)
+    app.include_router(console.public)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
