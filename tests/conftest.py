@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.receiver",
     "tests.fixtures.service",
+    "tests.fixtures.browser",
 ]

@@ -119,6 +119,7 @@ function stopLive() {
 
 function startLive() {
   stopLive();
+  delete $("live-status").dataset.pattern;
   const controller = new AbortController();
   live.controller = controller;
   readStream(controller).catch(() => {});
@@ -131,6 +132,7 @@ async function readStream(controller) {
       const resp = await fetch(`/events/live${query}`, { headers: headers(), signal: controller.signal });
       if (resp.status === 401) return askForKey("");
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+      $("live-status").dataset.pattern = live.pattern; // which filter the stream applies
       setStatus("live");
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -378,12 +380,13 @@ async function loadDeadLetters(more = false) {
   }
   dead.after = page.next_after;
   $("dl-next").hidden = page.next_after === null;
-  if (!more) $("dl-message").textContent = page.items.length ? "" : "no dead letters match";
+  if (!more && !page.items.length) $("dl-message").textContent = "no dead letters match";
 }
 
 $("dl-form").addEventListener("submit", (e) => {
   e.preventDefault();
   $("dl-detail").hidden = true;
+  $("dl-message").textContent = "";
   loadDeadLetters();
 });
 $("dl-next").addEventListener("click", () => loadDeadLetters(true));
@@ -438,15 +441,24 @@ async function onFiltered(verb, method, path) {
   }
   const scope = filtered ? "matching the filter" : "(every dead letter: no filter given)";
   if (!(await confirmAction(`${verb} ${count} dead letter${count === 1 ? "" : "s"} ${scope}?`))) return;
-  try {
+  await act(async () => {
     const answer = await api(method, `${path}?${params}`);
     const n = answer.replayed ? answer.replayed.length : answer.purged;
-    $("dl-message").textContent = `${verb === "Replay" ? "replayed" : "purged"} ${n}`;
+    return `${verb === "Replay" ? "replayed" : "purged"} ${n}`;
+  });
+}
+
+// Run an action, reload the list, then say how it went (the reload would hide the message).
+async function act(action) {
+  let message;
+  try {
+    message = await action();
   } catch (err) {
-    $("dl-message").textContent = err.message;
-    return;
+    message = err.message;
   }
+  $("dl-detail").hidden = true;
   await loadDeadLetters();
+  $("dl-message").textContent = message;
 }
 
 $("dl-replay-all").addEventListener("click", () => onFiltered("Replay", "POST", "/dead-letters/replay"));
@@ -455,27 +467,19 @@ $("dl-purge-all").addEventListener("click", () => onFiltered("Purge", "DELETE", 
 $("dl-replay-one").addEventListener("click", async () => {
   const item = dead.current;
   if (!(await confirmAction(`Replay dead letter #${item.id} (${item.rule} → ${item.target})?`))) return;
-  try {
+  await act(async () => {
     await api("POST", `/dead-letters/${item.id}/replay`);
-    $("dl-message").textContent = `replayed #${item.id}`;
-  } catch (err) {
-    $("dl-message").textContent = err.message;
-  }
-  $("dl-detail").hidden = true;
-  await loadDeadLetters();
+    return `replayed #${item.id}`;
+  });
 });
 
 $("dl-delete-one").addEventListener("click", async () => {
   const item = dead.current;
   if (!(await confirmAction(`Delete dead letter #${item.id} for good?`))) return;
-  try {
+  await act(async () => {
     await api("DELETE", `/dead-letters/${item.id}`);
-    $("dl-message").textContent = `deleted #${item.id}`;
-  } catch (err) {
-    $("dl-message").textContent = err.message;
-  }
-  $("dl-detail").hidden = true;
-  await loadDeadLetters();
+    return `deleted #${item.id}`;
+  });
 });
 
 $("dl-trail-one").addEventListener("click", () => openTrail(dead.current.event_source, dead.current.event_id));
