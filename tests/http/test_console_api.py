@@ -17,6 +17,7 @@ import pytest
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
 
 RULES = """
 - name: orders
@@ -110,6 +111,19 @@ async def test_live_stream_shows_each_event_with_rules_and_state(
         assert settled["source"] == "tests/console" and settled["subject"] == "order-1"
         assert settled["type"] == "com.example.order.created" and settled["time"]
         assert stream.rows["c-2"] == [{**stream.rows["c-2"][0], "rules": [], "state": "unmatched"}]
+
+
+async def test_a_client_that_leaves_frees_its_watcher(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    feed = svc.service.feed
+    async with _watch(svc), _watch(svc):
+        assert len(feed._watchers) == 2
+    # seen at once, not at the stream's next write (an idle comment every 5 s)
+    await eventually(lambda: not feed.watched, within=2, what="the watchers released")
+    assert (await svc.post_event(_event(1)))[0] == 202
+    await svc.drained()
 
 
 async def test_live_stream_reports_dead_letters(eventbus: StartService, receiver: Receiver) -> None:

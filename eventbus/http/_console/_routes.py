@@ -138,19 +138,35 @@ def _row(item: Routed) -> dict[str, Any]:
     }
 
 
-async def _stream(service: Service, pattern: CompiledPattern | None) -> AsyncIterator[bytes]:
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone: a stream waiting for events would otherwise see that
+    only at its next write, holding its watcher until then."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(
+    request: Request, service: Service, pattern: CompiledPattern | None
+) -> AsyncIterator[bytes]:
+    gone = asyncio.ensure_future(_disconnected(request))
+    first: asyncio.Future[Routed] | None = None
     try:
         with service.watch_events() as watcher:
             yield b"retry: 2000\n: watching\n\n"
             reported = 0
             while True:
-                try:
-                    first = await asyncio.wait_for(watcher.get(), _KEEPALIVE)
-                except TimeoutError:
+                if first is None or first.done():
+                    first = asyncio.ensure_future(watcher.get())
+                await asyncio.wait(
+                    (first, gone), timeout=_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                )
+                if gone.done():
+                    return
+                if not first.done():
                     yield b": idle\n\n"
                     continue
                 await asyncio.sleep(_GATHER)
-                items = [first, *watcher.pending(_MAX_ROWS - 1)]
+                items = [first.result(), *watcher.pending(_MAX_ROWS - 1)]
                 rows = [_row(i) for i in items if pattern is None or pattern.matches(i.event)]
                 if rows:
                     yield b"event: rows\ndata: " + orjson.dumps(rows, default=str) + b"\n\n"
@@ -159,6 +175,10 @@ async def _stream(service: Service, pattern: CompiledPattern | None) -> AsyncIte
                     yield b"event: dropped\ndata: " + orjson.dumps({"dropped": reported}) + b"\n\n"
     except OverflowError as exc:
         yield b"event: problem\ndata: " + orjson.dumps({"detail": str(exc)}) + b"\n\n"
+    finally:
+        gone.cancel()
+        if first is not None:
+            first.cancel()
 
 
 @admin.get(
@@ -187,7 +207,7 @@ async def live_events(
 ) -> Response:
     compiled = None if pattern is None or not pattern.strip() else _pattern(pattern)
     return StreamingResponse(
-        _stream(_service(request), compiled),
+        _stream(request, _service(request), compiled),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
