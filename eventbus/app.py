@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from eventbus._errors import ConfigError
+from eventbus._rates import Rates, deliveries_by_target
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
 from eventbus.config import (
@@ -152,6 +153,7 @@ class Service:
         self.database_url: str | None = None
         self.supervisor: Supervisor | None = None
         self.feed = LiveFeed()
+        self._rates = Rates()
 
     async def __aenter__(self) -> Self:
         try:
@@ -172,6 +174,7 @@ class Service:
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
         self.supervisor = embedded.supervisor
 
+        await self._stack.enter_async_context(self._rates)
         self.store = await Store.open(self.database_url, max_size=s.database.pool_size)
         self._stack.push_async_callback(self.store.close)
         self.bus = await self._stack.enter_async_context(open_bus(self._bus_config()))
@@ -439,3 +442,9 @@ class Service:
         and why each rule whose condition failed on it failed (rule name to reason)."""
         rules = self.rules.current
         return rules.route(event), rules.condition_errors(event)
+
+    def rates(self) -> dict[str, Any]:
+        """Events received, routed, matched, delivered, retried and dead-lettered per second
+        by this process over the last hour (see :class:`eventbus._rates.Rates`), and its
+        delivery attempts per target and outcome since it started."""
+        return {**self._rates.snapshot(), "targets": deliveries_by_target()}

@@ -26,6 +26,7 @@ PACKAGE = Path(eventbus.__file__).parent
 LAYERS: list[set[str]] = [
     {"_errors", "_tasks"},  # the error tree; stopping tasks under a grace period
     {"__init__", "metrics"},  # the package root: the error tree and __version__
+    {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
     {"bus", "rules", "store", "targets"},
     {"delivery", "sources"},
@@ -50,7 +51,7 @@ PULLS: dict[str, set[str]] = {
     "eventbus.delivery": _DELIVERY,
     "eventbus.sources": {"_errors", "cloudevents", "config", "metrics", "store"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
-    "eventbus.app": _DELIVERY | {"_supervisor", "bus", "delivery", "router", "sources"},
+    "eventbus.app": _DELIVERY | {"_rates", "_supervisor", "bus", "delivery", "router", "sources"},
     # the edge knows the service's type only for checking; the service arrives at run time
     "eventbus.http": _DELIVERY | {"delivery"},
     # the commands import what they need when they run

@@ -298,3 +298,24 @@ async def test_routes_in_the_openapi_document(eventbus: StartService, receiver: 
     live = paths["/events/live"]["get"]
     assert "text/event-stream" in live["responses"]["200"]["content"]
     assert [p["name"] for p in live["parameters"]] == ["pattern"]
+
+
+async def test_rates_over_the_last_hour(eventbus: StartService, receiver: Receiver) -> None:
+    svc = await _start(eventbus, receiver)
+    for i in range(5):
+        assert (await svc.post_event(_event(f"r-{i}")))[0] == 202
+    await svc.drained()
+
+    async def with_deliveries() -> Any:
+        status, _, body = await svc.request("GET", "/stats/rates")
+        assert status == 200, body
+        return body if any(p["delivered"] > 0 for p in body["points"]) else None
+
+    # sampled every 5 s: the point after the events holds them
+    body = await eventually(with_deliveries, within=15, every=0.5, what="a point with deliveries")
+    assert body["every"] == 5.0
+    point = next(p for p in body["points"] if p["delivered"] > 0)
+    # ten deliveries (two rules) and five events within one interval, as rates per second
+    assert sum(p["delivered"] for p in body["points"]) * 5 == pytest.approx(10, rel=0.05)
+    assert point["received"] > 0 and point["routed"] > 0 and point["dead_lettered"] == 0
+    assert body["targets"]["fn"]["delivered"] >= 10

@@ -250,3 +250,35 @@ async def test_page_asks_for_an_api_key(
     auth = {"Authorization": f"Bearer {key}"}
     assert (await svc.post_event(_event("with-key"), **auth))[0] == 202
     await page.wait_text(ROW % "with-key", "delivered")
+
+
+async def test_overview_and_targets(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    svc = await _start(eventbus, receiver)
+    for i in range(3):
+        assert (await svc.post_event(_event(f"ov-{i}")))[0] == 202
+    await svc.drained()
+    page = browser(svc.url)
+    await page.open("/console#overview")
+    await page.wait("return document.querySelectorAll('#charts figure').length === 6")
+    await page.wait_text("#overview-ready", '"database": "ok"')
+    # the page refreshes itself: once a sample after the events is in, the chart shows them
+    peak = await page.wait(
+        "const c = document.querySelector('figure[data-series=delivered] figcaption');"
+        "const m = c && c.textContent.match(/peak ([0-9.]+)/);"
+        "return m && Number(m[1]) > 0 ? Number(m[1]) : null",
+        within=15,
+        what="a delivery rate above 0 on the chart",
+    )
+    assert peak <= 6 / 5 * 1.1  # six deliveries, in one 5 s interval or split over two
+    assert await page.js("return document.querySelector('figure polyline').getAttribute('points')")
+    await _shot(page, "overview")
+    await page.click("nav a[data-page=targets]")
+    row = await page.wait_text("#targets-rows", "fn")
+    assert "http" in row and "closed" in row
+    cells = await page.js(
+        "return [...document.querySelectorAll('#targets-rows tr td')].map(td => td.textContent)"
+    )
+    assert cells[0] == "fn" and int(cells[3]) >= 6, cells
+    await _shot(page, "targets")

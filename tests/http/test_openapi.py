@@ -41,6 +41,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("get", "/events/live"): "text/event-stream",
     ("post", "/patterns/validate"): "PatternValid",
     ("post", "/rules/sandbox"): "SandboxResult",
+    ("get", "/stats/rates"): "RateHistory",
 }
 
 

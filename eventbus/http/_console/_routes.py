@@ -5,6 +5,7 @@ so far (each one documented in the OpenAPI document like the rest of the admin A
     GET  /events/live?pattern=...     Server-Sent Events: what the router does with each event
     POST /patterns/validate           is this event pattern valid? (the filter box, as you type)
     POST /rules/sandbox               what the current rules would do with an event, unpublished
+    GET  /stats/rates                 events in, routed, delivered ... per second, last hour
 
 Where it sits: the HTTP edge, over ``Service`` like ``_api``, whose admin scope, answers and
 problem bodies it shares; ``_api.create_app`` mounts it. The live stream reads the router's
@@ -74,6 +75,26 @@ class SandboxResult(_Body):
     """rule name to why its ``when`` condition failed on the event (counted as no match)"""
     rules: int
     """how many rules were tried"""
+
+
+class RatePoint(_Body):
+    at: str
+    received: float
+    routed: float
+    matched: float
+    delivered: float
+    retried: float
+    dead_lettered: float
+
+
+class RateHistory(_Body):
+    """Per-second rates of this process's counters, one point per ``every`` seconds over the
+    last hour, oldest first, and its delivery attempts per target and outcome since it
+    started. Counters are per process: with ``--workers N`` each reports its own share."""
+
+    every: float
+    points: list[RatePoint]
+    targets: dict[str, dict[str, float]]
 
 
 def _asset(name: str) -> bytes:
@@ -265,3 +286,12 @@ async def rules_sandbox(request: Request) -> Response:
             "rules": len(service.current_rules()),
         }
     )
+
+
+@admin.get(
+    "/stats/rates",
+    response_model=RateHistory,
+    summary="Events received, routed, matched, delivered, retried, dead-lettered per second",
+)
+async def rates(request: Request) -> Response:
+    return _json(_service(request).rates())

@@ -91,14 +91,24 @@ $("key-forget").addEventListener("click", () => {
 
 // -- pages ----------------------------------------------------------------------------------
 
-const pages = { live: showLive, trail: () => {}, dead: loadDeadLetters, rules: loadRules, targets: loadTargets };
+const pages = {
+  overview: loadOverview,
+  live: showLive,
+  trail: async () => {},
+  dead: loadDeadLetters,
+  rules: loadRules,
+  targets: loadTargets,
+};
+let refresh = 0; // the overview and targets pages refresh themselves while shown
 
 function show() {
-  const name = (location.hash.slice(1).split("?")[0] || "live");
+  const name = location.hash.slice(1).split("?")[0] || "live";
   const page = name in pages ? name : "live";
   for (const section of document.querySelectorAll(".page")) section.hidden = section.id !== `page-${page}`;
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.page === page);
   if (page !== "live") stopLive();
+  clearInterval(refresh);
+  if (page === "overview" || page === "targets") refresh = setInterval(() => pages[page]().catch(() => {}), 5000);
   pages[page]().catch((err) => console.error(err));
 }
 
@@ -535,7 +545,7 @@ $("sandbox-run").addEventListener("click", async () => {
 // -- targets, sources, readiness ------------------------------------------------------------
 
 async function loadTargets() {
-  const [{ targets }, { sources }] = await Promise.all([api("GET", "/targets"), api("GET", "/sources")]);
+  const [{ targets }, { sources }, stats] = await Promise.all([api("GET", "/targets"), api("GET", "/sources"), api("GET", "/stats/rates")]);
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
       const button = el("button", "Enable");
@@ -548,14 +558,56 @@ async function loadTargets() {
           $("targets-message").textContent = err.message;
         }
       });
-      return row([t.name, t.type, t.circuit ?? "", button]);
+      const counts = stats.targets[t.name] || {};
+      const n = (outcome) => counts[outcome] ?? 0;
+      return row([t.name, t.type, t.circuit ?? "", n("delivered"), n("retry-scheduled"), n("dead-lettered"), button]);
     }),
   );
   $("sources-rows").replaceChildren(
     ...sources.map((s) => row([s.name, s.type, s.state, s.events, s.errors, s.last_event_at, s.last_error, s.lag])),
   );
+}
+
+// -- overview: rates over the last hour as small hand-drawn SVG charts ---------------------
+
+const SERIES = [
+  ["received", "events received /s"],
+  ["routed", "events routed /s"],
+  ["matched", "events matched /s"],
+  ["delivered", "delivered /s"],
+  ["retried", "retried /s"],
+  ["dead_lettered", "dead-lettered /s"],
+];
+const SVG = "http://www.w3.org/2000/svg";
+
+function chart(title, points, key) {
+  const width = 360;
+  const height = 90;
+  const values = points.map((p) => p[key]);
+  const top = Math.max(1, ...values);
+  const figure = el("figure", null, "chart");
+  figure.dataset.series = key;
+  const last = values.length ? values[values.length - 1] : 0;
+  figure.append(el("figcaption", `${title}: ${last} now, peak ${Math.max(0, ...values)}`));
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  const line = document.createElementNS(SVG, "polyline");
+  const step = values.length > 1 ? width / (values.length - 1) : width;
+  line.setAttribute("points", values.map((v, i) => `${(i * step).toFixed(1)},${(height - 2 - (v / top) * (height - 4)).toFixed(1)}`).join(" "));
+  svg.append(line);
+  figure.append(svg);
+  return figure;
+}
+
+async function loadOverview() {
+  const stats = await api("GET", "/stats/rates");
+  const minutes = Math.round((stats.points.length * stats.every) / 60);
+  $("overview-note").textContent = `this process, one point every ${stats.every} s, the last ${minutes} min (up to an hour)`;
+  $("charts").replaceChildren(...SERIES.map(([key, title]) => chart(title, stats.points, key)));
   const ready = await fetch("/readyz");
-  $("readiness").textContent = pretty(await ready.json());
+  $("overview-ready").textContent = pretty(await ready.json());
 }
 
 // -- start ----------------------------------------------------------------------------------
