@@ -10,6 +10,7 @@ broken rule file's error (file and line) shows on reload. With API keys the page
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,10 @@ async def test_trail_page_shows_every_attempt(
     assert event["id"] == "tr-1" and event["data"] == {"total": 150}
     assert "orders → fn" in await page.text("#trail-matches")
     await _shot(page, "trail")
+    await page.click("#trail-sandbox")  # the event, into the rules sandbox
+    await page.wait("return location.hash === '#rules'")
+    await page.click("#sandbox-run")
+    await page.wait_text("#sandbox-result", "summary → fn")
 
 
 async def test_live_row_opens_its_trail(
@@ -282,3 +287,36 @@ async def test_overview_and_targets(
     )
     assert cells[0] == "fn" and int(cells[3]) >= 6, cells
     await _shot(page, "targets")
+
+
+async def test_a_burst_keeps_the_page_bounded_and_responsive(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    svc = await _start(eventbus, receiver)
+    page = browser(svc.url)
+    await page.open("/console")
+    await _live(page)
+    batch = [_event(f"b-{i}") for i in range(1200)]
+    for start in range(0, len(batch), 300):
+        status, _, answer = await svc.request(
+            "POST",
+            "/events",
+            orjson.dumps(batch[start : start + 300]),
+            {"Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert status == 202, answer
+    await svc.drained()
+    # every row drawn, each settled (its second row updated it in place): the newest 500
+    await page.wait(
+        "return document.querySelectorAll('#live-rows tr').length === 500"
+        " && !document.querySelector('#live-rows td.state-routing')",
+        within=20,
+        what="500 settled rows",
+    )
+    started = time.monotonic()
+    ids = await page.js(
+        "return [...document.querySelectorAll('#live-rows tr')].map(tr => tr.dataset.id)"
+    )
+    assert time.monotonic() - started < 1.0  # still responsive
+    assert len(set(ids)) == 500 and set(ids) <= {e["id"] for e in batch}
+    assert "dropped" not in await page.text("#live-status")

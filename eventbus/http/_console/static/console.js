@@ -343,6 +343,11 @@ async function loadTrail() {
   }
 }
 
+$("trail-sandbox").addEventListener("click", () => {
+  $("sandbox-event").value = $("trail-event").textContent;
+  location.hash = "rules";
+});
+
 $("trail-copy").addEventListener("click", async () => {
   const text = $("trail-event").textContent;
   try {
@@ -364,7 +369,16 @@ const dead = { after: null, current: null };
 
 function deadFilter() {
   const params = new URLSearchParams();
-  for (const [name, id] of [["rule", "dl-rule"], ["target", "dl-target"], ["source", "dl-source"], ["reason", "dl-reason"], ["status", "dl-status"]]) {
+  const fields = [
+    ["rule", "dl-rule"],
+    ["target", "dl-target"],
+    ["source", "dl-source"],
+    ["reason", "dl-reason"],
+    ["status", "dl-status"],
+    ["since", "dl-since"],
+    ["until", "dl-until"],
+  ];
+  for (const [name, id] of fields) {
     const value = $(id).value.trim();
     if (value) params.set(name, value);
   }
@@ -501,7 +515,7 @@ async function loadRules() {
   $("rules-rows").replaceChildren(
     ...rules.map((r) => {
       const def = {};
-      for (const key of ["match", "when"]) if (key in r.definition) def[key] = r.definition[key];
+      for (const key of ["match", "when", "transform"]) if (key in r.definition) def[key] = r.definition[key];
       return row([r.name, r.enabled ? "yes" : "no", el("pre", pretty(def)), r.targets.join(", "), `${r.file}:${r.line ?? ""}`]);
     }),
   );
@@ -584,6 +598,7 @@ function chart(title, points, key) {
   const width = 360;
   const height = 90;
   const values = points.map((p) => p[key]);
+  if (values.length === 1) values.push(values[0]); // one point: a flat line, not nothing
   const top = Math.max(1, ...values);
   const figure = el("figure", null, "chart");
   figure.dataset.series = key;
