@@ -439,9 +439,18 @@ class Service:
 
     def try_rules(self, event: dict[str, Any]) -> tuple[list[Route], dict[str, str]]:
         """What the current rules would do with ``event``, publishing nothing: its routes,
-        and why each rule whose condition failed on it failed (rule name to reason)."""
+        and why each enabled rule that took no route did not (rule name to reason: the field
+        its pattern failed on, or its condition's verdict)."""
         rules = self.rules.current
-        return rules.route(event), rules.condition_errors(event)
+        routes = rules.route(event)
+        failed = rules.condition_errors(event)
+        routed = {route.rule for route in routes}
+        for rule in rules.rules:
+            if not rule.enabled or rule.name in routed or rule.name in failed:
+                continue
+            why = rule.pattern.mismatch(event)
+            failed[rule.name] = f"pattern: {why}" if why else "condition: false"
+        return routes, failed
 
     def rates(self) -> dict[str, Any]:
         """Events received, routed, matched, delivered, retried and dead-lettered per second

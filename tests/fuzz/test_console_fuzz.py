@@ -150,6 +150,7 @@ async def test_live_stream_narrows_to_matching_events(
         except TimeoutError:
             pass
         assert (ev["id"].encode() in seen) == compiled.matches(ev), (pattern, ev, seen[:500])
+        assert (compiled.mismatch(ev) is None) == compiled.matches(ev)
     finally:
         stream.close()
 

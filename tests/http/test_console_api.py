@@ -207,7 +207,7 @@ async def test_sandbox_runs_the_rules_without_publishing(
     svc = await _start(eventbus, receiver)
     status, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(_event("sb")))
     assert status == 200, body
-    assert body["rules"] == 2 and body["failed_conditions"] == {}
+    assert body["rules"] == 2 and body["unmatched"] == {}
     by_rule = {r["rule"]: r for r in body["routes"]}
     assert by_rule["orders"]["payload"]["id"] == "c-sb" and by_rule["orders"]["is_cloudevent"]
     assert by_rule["summary"] == {
@@ -219,10 +219,53 @@ async def test_sandbox_runs_the_rules_without_publishing(
     small = orjson.dumps(_event("sb2", data={"total": 5}))
     status, _, body = await svc.request("POST", "/rules/sandbox", small)
     assert [r["rule"] for r in body["routes"]] == ["orders"]
+    assert body["unmatched"] == {"summary": "pattern: data.total: 5 does not match"}
     await svc.drained()
     assert receiver.requests == []
     status, _, _ = await svc.request("GET", "/events/trail?source=tests/console&id=c-sb")
     assert status == 404
+
+
+async def test_sandbox_says_why_a_rule_did_not_match(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    rules = """
+- name: either
+  match:
+    $or:
+      - {type: [a]}
+      - {subject: [{prefix: vip-}]}
+  targets: [fn]
+- name: big
+  match: {source: [tests/console]}
+  when: event.data.total >= 1000
+  targets: [fn]
+- name: broken
+  match: {source: [tests/console]}
+  when: event.data.nothing.deeper > 1
+  targets: [fn]
+- name: off
+  enabled: false
+  match: {source: [{prefix: ""}]}
+  targets: [fn]
+"""
+    svc = await eventbus(
+        rules=rules, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    status, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(_event("w")))
+    assert status == 200, body
+    assert body["routes"] == [] and body["rules"] == 4
+    unmatched = body["unmatched"]
+    assert unmatched["either"] == (
+        "pattern: no $or branch matched: type: 'com.example.order.created' does not match;"
+        " subject: 'order-w' does not match"
+    )
+    assert unmatched["big"] == "condition: false"
+    assert "nothing" in unmatched["broken"] and not unmatched["broken"].startswith("pattern")
+    assert set(unmatched) == {"either", "big", "broken"}  # a disabled rule is not tried
+    no_subject = {k: v for k, v in _event("w2").items() if k != "subject"}
+    _, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(no_subject))
+    assert "subject: absent" in body["unmatched"]["either"]
 
 
 @pytest.mark.parametrize(

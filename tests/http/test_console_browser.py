@@ -212,6 +212,10 @@ async def test_rules_page_sandbox_and_reload(
     result = await page.wait_text("#sandbox-result", "summary → fn")
     assert "2 route(s) from 2 rules" in result and '"amount": 150' in result, result
     await _shot(page, "rules")
+    await page.fill("#sandbox-event", orjson.dumps(_event("sb-2", type="other")).decode())
+    await page.click("#sandbox-run")
+    result = await page.wait_text("#sandbox-result", "0 route(s)")
+    assert "orders did not match: pattern: type: 'other' does not match" in result, result
     await page.fill("#sandbox-event", '{"id": 1}')
     await page.click("#sandbox-run")
     await page.wait_text("#sandbox-error", "attribute 'id' must be a string")

@@ -71,8 +71,9 @@ class SandboxRoute(_Body):
 
 class SandboxResult(_Body):
     routes: list[SandboxRoute]
-    failed_conditions: dict[str, str]
-    """rule name to why its ``when`` condition failed on the event (counted as no match)"""
+    unmatched: dict[str, str]
+    """each enabled rule that took no route, to why: ``pattern: <field>: ...`` (the first
+    field its pattern failed on), ``condition: false``, or its condition's run-time error"""
     rules: int
     """how many rules were tried"""
 
@@ -282,7 +283,7 @@ async def rules_sandbox(request: Request) -> Response:
                 }
                 for r in routes
             ],
-            "failed_conditions": failed,
+            "unmatched": failed,
             "rules": len(service.current_rules()),
         }
     )

@@ -551,8 +551,8 @@ $("sandbox-run").addEventListener("click", async () => {
     div.append(el("strong", `${r.rule} → ${r.target}`), el("pre", pretty(r.payload)));
     out.append(div);
   }
-  for (const [rule, reason] of Object.entries(result.failed_conditions)) {
-    out.append(el("p", `${rule}: condition failed: ${reason}`, "error"));
+  for (const [rule, reason] of Object.entries(result.unmatched)) {
+    out.append(el("p", `${rule} did not match: ${reason}`, "unmatched"));
   }
 });
 
