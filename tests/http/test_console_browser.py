@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
 
 from tests.fixtures.browser import Page
@@ -160,13 +161,17 @@ async def test_dead_letters_replayed_after_confirmation(
 ) -> None:
     svc = await _start(eventbus, receiver, {"retry": "none", "circuit_breaker": False})
     receiver.respond(500)
+    page = browser(svc.url)
+    await page.open("/console")
+    await _live(page)
     for i in range(3):
         assert (await svc.post_event(_event(f"dl-{i}")))[0] == 202
     await svc.drained()
+    for i in range(3):  # seen failing live
+        await page.wait_text(ROW % f"dl-{i}", "dead-lettered")
     receiver.respond(200)
     receiver.reset()
-    page = browser(svc.url)
-    await page.open("/console#dead")
+    await page.click("nav a[data-page=dead]")
     await page.wait("return document.querySelectorAll('#dl-rows tr').length === 6")
     await _shot(page, "dead-letters")
 
@@ -197,6 +202,15 @@ async def test_dead_letters_replayed_after_confirmation(
     _, _, left = await svc.request("GET", "/dead-letters")
     assert len(left["items"]) == 5 - remaining
     assert all(item["rule"] == "orders" for item in left["items"])
+
+    # the replay and its delivery, in the trail of a replayed event
+    await page.click("nav a[data-page=trail]")
+    await svc.trail("tests/console", "dl-0", attempts=4)  # every event's summary: replayed
+    await page.fill("#trail-source", "tests/console")
+    await page.fill("#trail-id", "dl-0")
+    await page.click("#trail-go")
+    attempts = await page.wait_text("#trail-attempts", "replay-requested")
+    assert "dead-lettered" in attempts and "delivered" in attempts, attempts
 
 
 async def test_rules_page_sandbox_and_reload(
@@ -261,10 +275,16 @@ async def test_page_asks_for_an_api_key(
     await page.wait_text(ROW % "with-key", "delivered")
 
 
-async def test_overview_and_targets(
-    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+async def test_overview_targets_and_sources(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page], nats_url: str
 ) -> None:
-    svc = await _start(eventbus, receiver)
+    timer = {"name": "tick", "type": "timer", "schedule": "rate(1 minute)"}
+    svc = await _start(eventbus, receiver, sources=[timer], settings={"run_sources": True})
+    nc = await nats.connect(nats_url)
+    try:  # straight onto the bus, past the edge: set aside by the router, shown on the page
+        await nc.jetstream().publish(svc.service.settings.bus.nats.subject, b"not an event")
+    finally:
+        await nc.close()
     for i in range(3):
         assert (await svc.post_event(_event(f"ov-{i}")))[0] == 202
     await svc.drained()
@@ -290,6 +310,10 @@ async def test_overview_and_targets(
         "return [...document.querySelectorAll('#targets-rows tr td')].map(td => td.textContent)"
     )
     assert cells[0] == "fn" and int(cells[3]) >= 6, cells
+    source = await page.wait_text("#sources-rows", "tick")
+    assert "timer" in source, source
+    set_aside = await page.wait_text("#source-dl-rows", "not an event")
+    assert "bus" in set_aside, set_aside
     await _shot(page, "targets")
 
 

@@ -559,7 +559,12 @@ $("sandbox-run").addEventListener("click", async () => {
 // -- targets, sources, readiness ------------------------------------------------------------
 
 async function loadTargets() {
-  const [{ targets }, { sources }, stats] = await Promise.all([api("GET", "/targets"), api("GET", "/sources"), api("GET", "/stats/rates")]);
+  const [{ targets }, { sources }, stats, setAside] = await Promise.all([
+    api("GET", "/targets"),
+    api("GET", "/sources"),
+    api("GET", "/stats/rates"),
+    api("GET", "/sources/dead-letters?limit=50"),
+  ]);
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
       const button = el("button", "Enable");
@@ -579,6 +584,12 @@ async function loadTargets() {
   );
   $("sources-rows").replaceChildren(
     ...sources.map((s) => row([s.name, s.type, s.state, s.events, s.errors, s.last_event_at, s.last_error, s.lag])),
+  );
+  $("source-dl-rows").replaceChildren(
+    ...setAside.items.map((d) => {
+      const payload = d.payload ?? (d.payload_base64 ? `base64: ${d.payload_base64}` : "");
+      return row([d.id, d.source, d.received_at, d.error, payload.length > 200 ? `${payload.slice(0, 200)}…` : payload]);
+    }),
   );
 }
 
