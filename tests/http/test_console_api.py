@@ -83,7 +83,7 @@ class Stream:
         if lines[0] == b"event: rows":
             for row in orjson.loads(lines[1].removeprefix(b"data: ")):
                 self.rows.setdefault(row["id"], []).append(row)
-        elif lines[0].startswith(b":"):
+        elif any(line.startswith(b":") for line in lines):
             self.comments += 1
 
 

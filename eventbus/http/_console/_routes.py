@@ -31,16 +31,16 @@ from eventbus._errors import PatternError
 from eventbus.cloudevents import parse_json, validate
 from eventbus.http._api import _admin_scope, _json, _problems, _service
 from eventbus.http._problem import Problem
-from eventbus.router import Routed
 from eventbus.rules import CompiledPattern, compile_pattern
 
 if TYPE_CHECKING:
     from eventbus.app import Service
+    from eventbus.router import Routed
 
 __all__ = ["admin", "public"]
 
 _GATHER = 0.1  # seconds a message waits for more rows after its first
-_KEEPALIVE = 5.0  # seconds between comments on an idle stream; a gone client is seen then
+_KEEPALIVE = 5.0  # seconds between comments on an idle stream, so proxies keep it open
 _MAX_ROWS = 1000  # rows in one message at most; the rest follow in the next
 _MAX_PATTERN = 16 * 1024  # bytes of a pattern's JSON text
 

@@ -189,6 +189,7 @@ function onMessage(block) {
 function setStatus(text) {
   const extra = [];
   if (live.paused) extra.push(`paused, ${live.pending.length} waiting`);
+  if (live.heldBack) extra.push(`${live.heldBack} older skipped while paused`);
   if (live.dropped) extra.push(`${live.dropped} dropped (too slow)`);
   $("live-status").textContent = extra.length ? `${text} (${extra.join("; ")})` : text;
 }
@@ -249,7 +250,10 @@ $("live-rows").addEventListener("click", (e) => {
 $("live-pause").addEventListener("click", () => {
   live.paused = !live.paused;
   $("live-pause").textContent = live.paused ? "Resume" : "Pause";
-  if (!live.paused) scheduleFlush();
+  if (!live.paused) {
+    live.heldBack = 0;
+    scheduleFlush();
+  }
   setStatus("live");
 });
 
