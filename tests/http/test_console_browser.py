@@ -309,7 +309,7 @@ async def test_overview_targets_and_sources(
     cells = await page.js(
         "return [...document.querySelectorAll('#targets-rows tr td')].map(td => td.textContent)"
     )
-    assert cells[0] == "fn" and int(cells[3]) >= 6, cells
+    assert cells[0] == "fn" and int(cells[3]) >= 6 and cells[6] == "0", cells
     source = await page.wait_text("#sources-rows", "tick")
     assert "timer" in source, source
     set_aside = await page.wait_text("#source-dl-rows", "not an event")

@@ -563,12 +563,15 @@ $("sandbox-run").addEventListener("click", async () => {
 // -- targets, sources, readiness ------------------------------------------------------------
 
 async function loadTargets() {
-  const [{ targets }, { sources }, stats, setAside] = await Promise.all([
+  const [{ targets }, { sources }, stats, setAside, retries] = await Promise.all([
     api("GET", "/targets"),
     api("GET", "/sources"),
     api("GET", "/stats/rates"),
     api("GET", "/sources/dead-letters?limit=50"),
+    api("GET", "/retries?limit=1000"),
   ]);
+  const backlog = {};
+  for (const r of retries.items) backlog[r.target] = (backlog[r.target] || 0) + 1;
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
       const button = el("button", "Enable");
@@ -583,7 +586,7 @@ async function loadTargets() {
       });
       const counts = stats.targets[t.name] || {};
       const n = (outcome) => counts[outcome] ?? 0;
-      return row([t.name, t.type, t.circuit ?? "", n("delivered"), n("retry-scheduled"), n("dead-lettered"), button]);
+      return row([t.name, t.type, t.circuit ?? "", n("delivered"), n("retry-scheduled"), n("dead-lettered"), backlog[t.name] || 0, button]);
     }),
   );
   $("sources-rows").replaceChildren(
