@@ -66,6 +66,15 @@ async def _shot(page: Page, name: str) -> None:
         await page.screenshot(Path(where) / f"{name}.png")
 
 
+async def _confirm(page: Page, needle: str) -> str:
+    """The text of the confirmation dialog once it is open and says ``needle``."""
+    script = (
+        "const d = document.getElementById('confirm');"
+        "return d.open && d.textContent.includes(arguments[0]) ? d.textContent : null"
+    )
+    return str(await page.wait(script, needle, what=f"a confirmation saying {needle!r}"))
+
+
 async def _live(page: Page, pattern: str = "") -> None:
     """Wait until the live page streams with ``pattern`` applied."""
     await page.wait(
@@ -179,7 +188,7 @@ async def test_dead_letters_replayed_after_confirmation(
     await page.click("#dl-rows tr")
     await page.wait_text("#dl-detail-body", '"history"')
     await page.click("#dl-replay-one")
-    assert "Replay dead letter #" in await page.wait_text("#confirm-text", "Replay")
+    await _confirm(page, "Replay dead letter #")
     await page.click("#confirm-ok")
     await page.wait_text("#dl-message", "replayed #")
     await page.wait("return document.querySelectorAll('#dl-rows tr').length === 5")
@@ -190,12 +199,12 @@ async def test_dead_letters_replayed_after_confirmation(
     await page.wait("return document.querySelectorAll('#dl-rows tr').length <= 3")
     remaining = await page.js("return document.querySelectorAll('#dl-rows tr').length")
     await page.click("#dl-replay-all")
-    text = await page.wait_text("#confirm-text", "matching the filter")
+    text = await _confirm(page, "matching the filter")
     assert f"Replay {remaining} dead letter" in text, text
     await page.click("#confirm-cancel")
     assert await page.js("return document.getElementById('confirm').open") is False
     await page.click("#dl-replay-all")
-    await page.wait_text("#confirm-text", f"Replay {remaining} dead letter")
+    await _confirm(page, f"Replay {remaining} dead letter")
     await page.click("#confirm-ok")
     await page.wait_text("#dl-message", f"replayed {remaining}")
     await receiver.wait_for(1 + remaining)

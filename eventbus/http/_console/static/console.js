@@ -450,6 +450,7 @@ function confirmAction(text) {
   return new Promise((resolve) => {
     const done = (answer) => () => {
       dialog.close();
+      $("confirm-text").textContent = "";
       $("confirm-ok").onclick = $("confirm-cancel").onclick = null;
       resolve(answer);
     };
