@@ -362,3 +362,21 @@ async def test_rates_over_the_last_hour(eventbus: StartService, receiver: Receiv
     assert sum(p["delivered"] for p in body["points"]) * 5 == pytest.approx(10, rel=0.05)
     assert point["received"] > 0 and point["routed"] > 0 and point["dead_lettered"] == 0
     assert body["targets"]["fn"]["delivered"] >= 10
+
+
+async def test_answers_are_the_documented_bodies(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    from eventbus.http._console._routes import PatternValid, RateHistory, SandboxResult
+
+    svc = await _start(eventbus, receiver)
+    status, _, body = await svc.request("POST", "/patterns/validate", b'{"type": ["x"]}')
+    assert status == 200
+    PatternValid.model_validate(body)  # extra="forbid": an undocumented field fails too
+    status, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(_event("doc")))
+    assert status == 200
+    SandboxResult.model_validate(body)
+    assert body["routes"] and body["unmatched"] == {}
+    status, _, body = await svc.request("GET", "/stats/rates")
+    assert status == 200
+    RateHistory.model_validate(body)
