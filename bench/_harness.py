@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import suppress
 from importlib import metadata
@@ -604,8 +605,13 @@ def load_command(
     rate: int | None = None,
 ) -> list[str]:
     """The command line of one load-generator run (see :func:`run_load`)."""
+    # The templates travel in a file: big events would overflow the command line. The load
+    # generator removes it once read.
+    fd, path = tempfile.mkstemp(prefix="eventbus-load-", suffix=".json")
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(templates))
     cmd = [sys.executable, __file__, "load", "--url", url, "--run", run]
-    cmd += ["--templates", orjson.dumps(templates).decode(), "--concurrency", str(concurrency)]
+    cmd += ["--templates", "@" + path, "--concurrency", str(concurrency)]
     for flag, value in (("--duration", duration), ("--count", count), ("--rate", rate)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -631,7 +637,12 @@ class _Load:
     def __init__(self, args: argparse.Namespace) -> None:
         self.url: str = args.url
         self.run: str = args.run
-        self.templates: list[dict[str, Any]] = orjson.loads(args.templates)
+        templates: str = args.templates
+        if templates.startswith("@"):
+            file = Path(templates[1:])
+            templates = file.read_text(encoding="utf-8")
+            file.unlink()
+        self.templates: list[dict[str, Any]] = orjson.loads(templates)
         self.seq = 0
         self.accepted = 0
         self.rejected = 0

@@ -121,7 +121,7 @@ CURVES: dict[str, list[Case]] = {
 async def _point(case: Case, args: argparse.Namespace, work: Path, n: int) -> Point:
     curve, label, build, fanout = case
     rules, targets, events = build()
-    where = work / f"{curve}-{n}"
+    where = work / f"{curve.replace(' + ', '-').replace(' ', '-')}-{n}"  # no spaces: see store
     where.mkdir(parents=True)
     with h.Processes(where) as procs:
         receiver = h.start_receiver(procs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib.util
 import logging
 import os
 import socket
@@ -24,20 +25,22 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
+from eventbus import metrics
 from eventbus._errors import ConfigError
 from eventbus._rates import Rates, deliveries_by_target
 from eventbus._supervisor import Supervised, Supervisor
-from eventbus.bus import Bus, KafkaBusConfig, NatsBusConfig, NatsServer, open_bus
-from eventbus.config import (
-    ConnectorSet,
-    HttpTargetSpec,
-    KafkaTargetSpec,
-    NatsTargetSpec,
-    Settings,
-    load_connectors,
+from eventbus.bus import (
+    DUPLICATE,
+    Bus,
+    KafkaBusConfig,
+    NatsBusConfig,
+    NatsServer,
+    PublishOutcome,
+    open_bus,
 )
+from eventbus.config import ConnectorSet, KafkaAuth, Settings, load_connectors
 from eventbus.delivery import (
     DeadLetterFilter,
     DeliveryPolicy,
@@ -49,44 +52,20 @@ from eventbus.delivery import (
 )
 from eventbus.router import LiveFeed, Router, Watcher
 from eventbus.rules import Route, Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
-from eventbus.sources import SourceRunner, SourceStatus, build_source, list_dead_letters
+from eventbus.sources import (
+    Source,
+    SourceRunner,
+    SourceStatus,
+    build_source,
+    in_every_process,
+    list_dead_letters,
+)
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
-from eventbus.targets import HttpTarget, HttpTargetConfig, Target
+from eventbus.targets import Target, build_target
 
-__all__ = ["Embedded", "Service", "build_target", "start_embedded"]
+__all__ = ["Embedded", "Service", "start_embedded"]
 
 log = logging.getLogger("eventbus")
-
-_C = TypeVar("_C")
-
-
-def _config(
-    cls: type[_C], spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec, **extra: Any
-) -> _C:
-    """The adapter's frozen config from the validated spec: the fields both have, by name."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values = {k: v for k, v in spec.model_dump().items() if k in names}
-    return cls(**{**values, **extra})
-
-
-def build_target(spec: HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec) -> Target:
-    """The adapter for one validated target definition."""
-    if isinstance(spec, HttpTargetSpec):
-        secret = spec.secret
-        if spec.secret_env:
-            secret = os.environ.get(spec.secret_env)
-            if not secret:
-                raise ConfigError(
-                    f"target {spec.name!r}: environment variable {spec.secret_env} is not set"
-                )
-        return HttpTarget(_config(HttpTargetConfig, spec, secret=secret))
-    if isinstance(spec, KafkaTargetSpec):
-        from eventbus.targets import KafkaTarget, KafkaTargetConfig
-
-        return KafkaTarget(_config(KafkaTargetConfig, spec))
-    from eventbus.targets import NatsTarget, NatsTargetConfig
-
-    return NatsTarget(_config(NatsTargetConfig, spec))
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
@@ -175,7 +154,14 @@ class Service:
         self.supervisor = embedded.supervisor
 
         await self._stack.enter_async_context(self._rates)
-        self.store = await Store.open(self.database_url, max_size=s.database.pool_size)
+        external = not s.embedded_database
+        db = s.database
+        self.store = await Store.open(
+            self.database_url,
+            max_size=db.pool_size,
+            password=db.password.reveal() if external and db.password is not None else None,
+            ssl=db.ssl_option() if external else None,
+        )
         self._stack.push_async_callback(self.store.close)
         self.bus = await self._stack.enter_async_context(open_bus(self._bus_config()))
 
@@ -188,7 +174,7 @@ class Service:
             policies,
             self.deliveries,
             self.store.audit,
-            functools.partial(self.bus.publish, via="reply"),
+            functools.partial(self._publish_one, via="reply"),
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
         )
@@ -217,7 +203,7 @@ class Service:
             "eventbus ready: %d rules, %d targets, %d sources, bus=%s",
             len(rules.rules),
             len(self.targets),
-            len(self.connectors.sources) if s.run_sources else 0,
+            len(self.source_statuses()),
             s.bus.backend,
         )
 
@@ -237,6 +223,7 @@ class Service:
                 linger_ms=s.bus.kafka.linger_ms,
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
+                auth=s.bus.kafka,
             )
         assert self.nats_url is not None
         return NatsBusConfig(
@@ -248,42 +235,62 @@ class Service:
             ack_wait=s.bus.nats.ack_wait,
             duplicate_window=s.bus.nats.duplicate_window,
             publish_timeout=s.bus.publish_timeout,
+            auth=None if s.embedded_bus else s.bus.nats,
         )
 
     def _load_rules(
         self, connectors: ConnectorSet, policies: Mapping[str, DeliveryPolicy]
     ) -> RuleSet:
         path = Path(self.settings.rules)
+        native_cel = self.settings.router.cel == "cel-expr-python"
+        if native_cel and importlib.util.find_spec("cel_expr_python") is None:
+            raise ConfigError(
+                "router.cel is cel-expr-python, which is not installed: "
+                "pip install 'eventbus[fast-cel]'"
+            )
         if not path.exists():
             log.warning("no rules at %s: routing nothing until rules are added", path)
-            return compile_rules([], known_targets=connectors.targets.keys())
+            return compile_rules([], known_targets=connectors.targets.keys(), native_cel=native_cel)
         return load_rules(
             path,
             known_targets=connectors.targets.keys(),
             check_delivery=override_checker(policies),
+            native_cel=native_cel,
         )
 
     async def _start_sources(self) -> None:
+        """Run the connectors' sources (with ``run_sources`` off only those that serve
+        requests, the webhooks, which every process must) and, when configured,
+        ``kafka_ingest``: a ``kafka`` source named ``kafka-ingest`` reading CloudEvents."""
         s = self.settings
-        specs: list[dict[str, Any]] = []
-        if s.run_sources:
-            specs.extend(dict(spec) for spec in self.connectors.sources.values())
+        sources = [
+            build_source(spec)
+            for spec in self.connectors.sources.values()
+            if s.run_sources or in_every_process(spec)
+        ]
         if s.kafka_ingest is not None:
-            specs.append(
-                {
-                    "name": "kafka-ingest",
-                    "type": "kafka",
-                    "bootstrap_servers": s.kafka_ingest.bootstrap_servers,
-                    "topics": list(s.kafka_ingest.topics),
-                    "group_id": s.kafka_ingest.group_id,
-                    "format": "cloudevents",
-                }
+            sources.append(
+                build_source(
+                    {
+                        "name": "kafka-ingest",
+                        "type": "kafka",
+                        "bootstrap_servers": s.kafka_ingest.bootstrap_servers,
+                        "topics": list(s.kafka_ingest.topics),
+                        "group_id": s.kafka_ingest.group_id,
+                        "format": "cloudevents",
+                        # The validated objects themselves: a dump would mask the password.
+                        **{
+                            key: getattr(s.kafka_ingest, key)
+                            for key in KafkaAuth.model_fields
+                            if getattr(s.kafka_ingest, key) is not None
+                        },
+                    }
+                )
             )
-        sources = [build_source(spec) for spec in specs]
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
-                publish=self.bus.publish,
+                publish=self._publish_one,
                 pool=self.store.pool,
                 instance_id=self.instance,
             )
@@ -386,11 +393,30 @@ class Service:
     def source_statuses(self) -> list[SourceStatus]:
         return [] if self._sources is None else self._sources.statuses()
 
+    def source(self, name: str) -> Source | None:
+        """The running source named ``name`` (the HTTP edge hands webhooks to theirs)."""
+        return None if self._sources is None else self._sources.source(name)
+
+    async def _publish_one(self, event: dict[str, Any], *, via: str) -> bool:
+        """:meth:`Bus.publish` for the sources and replies, counted as the HTTP edge counts its
+        own: ``eventbus_events_received_total{via}`` when stored,
+        ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
+        Returns True for such a duplicate. Raises BusUnavailable or BusError as
+        ``Bus.publish``."""
+        (outcome,) = await self.bus.publish_many([event], via=via)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
+        counter.labels(via).inc()
+        return outcome == DUPLICATE
+
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Put valid events on the durable bus; one outcome per event, in order: None once it
-        is durable (the publisher may be answered 2xx), else BusUnavailable or BusError."""
+        is durable (the publisher may be answered 2xx), ``"duplicate"`` when the bus already
+        held its source+id within its duplicate window (durable too, but not delivered again),
+        else BusUnavailable or BusError."""
         return await self.bus.publish_many(events, via=via)
 
     def record_refusal(self, *, remote: str | None, path: str, reason: str) -> bool:

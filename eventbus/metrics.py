@@ -16,6 +16,7 @@ __all__ = [
     "DELIVERIES",
     "DELIVERY_SECONDS",
     "EMBEDDED_RESTARTS",
+    "EVENTS_DUPLICATE",
     "EVENTS_MATCHED",
     "EVENTS_RECEIVED",
     "EVENTS_REJECTED",
@@ -32,6 +33,13 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 EVENTS_RECEIVED = Counter(
     "eventbus_events_received",
     "Events accepted onto the durable bus, by entry point",
+    ["via"],
+    registry=REGISTRY,
+)
+EVENTS_DUPLICATE = Counter(
+    "eventbus_events_duplicate",
+    "Events answered as duplicates, by entry point: the bus already held their source+id "
+    "within its duplicate window, so they were not stored or delivered again",
     ["via"],
     registry=REGISTRY,
 )

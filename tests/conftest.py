@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.nats",
     "tests.fixtures.kafka",
     "tests.fixtures.postgres",
+    "tests.fixtures.postgres_tls",
     "tests.fixtures.receiver",
     "tests.fixtures.service",
     "tests.fixtures.browser",

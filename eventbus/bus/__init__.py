@@ -8,12 +8,13 @@ See docs/bus.md.
 
 from __future__ import annotations
 
-from eventbus.bus._base import Bus, BusMessage
+from eventbus.bus._base import DUPLICATE, Bus, BusMessage, PublishOutcome
 from eventbus.bus._kafka import KafkaBus, KafkaBusConfig
 from eventbus.bus._nats import NatsBus, NatsBusConfig
 from eventbus.bus._nats_server import NatsServer
 
 __all__ = [
+    "DUPLICATE",
     "Bus",
     "BusMessage",
     "KafkaBus",
@@ -21,6 +22,7 @@ __all__ = [
     "NatsBus",
     "NatsBusConfig",
     "NatsServer",
+    "PublishOutcome",
     "open_bus",
 ]
 

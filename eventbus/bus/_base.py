@@ -15,17 +15,19 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Final, Literal, Protocol, Self
 
 from eventbus._errors import BusError, CloudEventError, ConfigError
 from eventbus.cloudevents import encode, event_key, parse_json, validate
 
 __all__ = [
     "DIRECT",
+    "DUPLICATE",
     "Bus",
     "BusMessage",
     "DecodedMessage",
     "InFlightWindow",
+    "PublishOutcome",
     "collect_acks",
     "require_positive",
     "wire_decode",
@@ -37,6 +39,16 @@ DIRECT = "bus"
 """The ``via`` of an event published straight onto the bus by a caller that did not say."""
 
 _NO_SIZE_LIMIT = 2**62
+
+
+DUPLICATE: Final = "duplicate"
+"""The outcome of a publish the bus took as a repeat: an event with the same source+id was
+stored within the duplicate window, so this one was not stored again (and is not delivered)."""
+
+PublishOutcome = BaseException | Literal["duplicate"] | None
+"""One event's outcome of :meth:`Bus.publish_many`: None when stored, :data:`DUPLICATE` when
+the bus already held it, else the BusError or BusUnavailable that prevented storing it. (A
+string, so the edge can tell it without importing the bus.)"""
 
 
 class BusMessage(Protocol):
@@ -85,14 +97,19 @@ class Bus(Protocol):
     ) -> None: ...
 
     async def publish(self, event: dict[str, Any], *, via: str = DIRECT) -> None:
-        """Store one event durably; raises BusUnavailable (retry later) or BusError.
+        """Store one event durably (or find it already stored: a duplicate); raises
+        BusUnavailable (retry later) or BusError.
 
         ``via`` travels with the message (see :attr:`BusMessage.via`)."""
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
-    ) -> list[BaseException | None]:
-        """Store many events concurrently; one outcome per event, in order (None = stored)."""
+    ) -> list[PublishOutcome]:
+        """Store many events concurrently; one outcome per event, in order.
+
+        A backend that drops repeats (JetStream) reports a dropped one as :data:`DUPLICATE`;
+        one that stores every publish (Kafka) never does: the outcome says what the bus did.
+        """
 
     def messages(self) -> AsyncIterator[BusMessage]:
         """Yield events to process, never more than ``max_in_flight`` un-settled at a time."""
@@ -155,15 +172,17 @@ class DecodedMessage:
 
 async def collect_acks(
     pending: dict[asyncio.Future[Any], int],
-    results: list[BaseException | None],
+    results: list[PublishOutcome],
     within: float,
     translate: Callable[[BaseException], BusError],
+    duplicate: Callable[[Any], bool] | None = None,
 ) -> None:
     """Wait up to ``within`` s for the broker acks of pipelined publishes and record outcomes.
 
     ``pending`` maps each publish future to its index in ``results``; a failed one is recorded
-    as ``translate(exc)``. A future without an answer in time is cancelled and recorded as
-    ``translate(TimeoutError)``, which must be a BusUnavailable (the broker may still store it).
+    as ``translate(exc)``, an ack for which ``duplicate(ack)`` is true as :data:`DUPLICATE`. A
+    future without an answer in time is cancelled and recorded as ``translate(TimeoutError)``,
+    which must be a BusUnavailable (the broker may still store it).
     """
     if not pending:
         return
@@ -176,6 +195,8 @@ async def collect_acks(
             results[pending[future]] = translate(TimeoutError("cancelled: the bus is closing"))
         elif (exc := future.exception()) is not None:
             results[pending[future]] = translate(exc)
+        elif duplicate is not None and duplicate(future.result()):
+            results[pending[future]] = DUPLICATE
 
 
 class InFlightWindow:

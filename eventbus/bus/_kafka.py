@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -30,15 +30,18 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
+from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
     DecodedMessage,
     InFlightWindow,
+    PublishOutcome,
     collect_acks,
     require_positive,
     wire_encode,
 )
+from eventbus.config import KafkaAuth
 
 __all__ = ["KafkaBus", "KafkaBusConfig"]
 
@@ -60,20 +63,22 @@ class KafkaBusConfig:
     """Where the Kafka bus lives and how it delivers.
 
     ``partitions`` and ``replication_factor`` apply when the bus creates the topic (an existing
-    topic is used as is); ``partitions`` caps how many processes can share the work.
+    topic is used as is); ``partitions`` caps how many processes can share the work. It has no
+    default here: its one default is the setting ``bus.kafka.partitions``.
     ``max_in_flight`` bounds un-settled messages per :meth:`KafkaBus.messages` iterator.
     ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
     ``session_timeout`` is how long a silent member keeps its partitions (a killed process's
     work moves after it; Tansu also delays each group join by about half of it);
     ``poll_timeout`` is how long one poll of the consumer waits for a batch, ``fetch_wait`` how
     long one fetch request waits on the broker for new events (``fetch_max_wait_ms``);
-    ``commit_interval`` how often done offsets are committed (seconds).
+    ``commit_interval`` how often done offsets are committed (seconds). ``auth`` is the
+    security protocol, SASL credentials and TLS block of every client the bus opens.
     """
 
     bootstrap_servers: str
     topic: str = "eventbus.events"
     group_id: str = "eventbus-router"
-    partitions: int = 12
+    partitions: int = field(kw_only=True)
     replication_factor: int = 1
     max_in_flight: int = 1000
     idempotent: bool = True
@@ -84,6 +89,7 @@ class KafkaBusConfig:
     fetch_wait: float = 0.5
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
+    auth: KafkaAuth | None = None
 
     def __post_init__(self) -> None:
         """Raises ConfigError when no server is given or a count or duration is not positive."""
@@ -193,10 +199,11 @@ class _KafkaMessage(DecodedMessage):
 class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
     """One group member: its consumer, partition offsets, in-flight window and nak'd messages."""
 
-    def __init__(self, config: KafkaBusConfig) -> None:
+    def __init__(self, config: KafkaBusConfig, security: dict[str, Any]) -> None:
         self.config = config
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=config.bootstrap_servers,
+            **security,
             group_id=config.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -326,7 +333,9 @@ class KafkaBus:
     """The :class:`~eventbus.bus.Bus` on Kafka; use as ``async with KafkaBus(cfg) as bus``."""
 
     def __init__(self, config: KafkaBusConfig) -> None:
+        """Raises ConfigError when a file of the TLS block cannot be read."""
         self.config = config
+        self._security = {} if config.auth is None else kafka_options(config.auth, "Kafka bus")
         self._producer: AIOKafkaProducer | None = None
         self._consumptions: set[_Consumption] = set()
 
@@ -340,6 +349,7 @@ class KafkaBus:
         await self._ensure_topic()
         producer = AIOKafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers,
+            **self._security,
             acks="all",
             enable_idempotence=cfg.idempotent,
             linger_ms=cfg.linger_ms,
@@ -347,7 +357,8 @@ class KafkaBus:
         )
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                await producer.start()
+                async with sasl_refusal():
+                    await producer.start()
         except (kerr.KafkaError, OSError, TimeoutError) as exc:
             await producer.stop()
             raise _translate(exc, f"connect to {cfg.bootstrap_servers}") from exc
@@ -358,11 +369,13 @@ class KafkaBus:
         cfg = self.config
         admin = AIOKafkaAdminClient(
             bootstrap_servers=cfg.bootstrap_servers,
+            **self._security,
             request_timeout_ms=int(cfg.connect_timeout * 1000),
         )
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                await admin.start()
+                async with sasl_refusal():
+                    await admin.start()
                 response = await admin.create_topics(
                     [NewTopic(cfg.topic, cfg.partitions, cfg.replication_factor)]
                 )
@@ -404,20 +417,21 @@ class KafkaBus:
         still be stored later), BusError when the event cannot be encoded or is rejected.
         """
         (result,) = await self.publish_many([event], via=via)
-        if result is not None:
+        if isinstance(result, BaseException):
             raise result
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Publish all events batched by the producer, then wait for their acks together.
 
-        Returns one outcome per event, in order: None when stored, else the BusError or
-        BusUnavailable that ``publish`` would have raised. The whole call takes at most about
+        Returns one outcome per event, in order: None when stored (Kafka keeps every copy, so
+        never DUPLICATE), else the BusError or BusUnavailable that ``publish`` would have
+        raised. The whole call takes at most about
         twice ``publish_timeout``; never raises for a single event.
         """
         cfg = self.config
-        results: list[BaseException | None] = [None] * len(events)
+        results: list[PublishOutcome] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
         headers = [_CONTENT_TYPE, (_VIA, via.encode())]
@@ -449,10 +463,11 @@ class KafkaBus:
         aside. Raises BusUnavailable when the brokers cannot be reached to join the group.
         """
         self._open_producer()
-        consumption = _Consumption(self.config)
+        consumption = _Consumption(self.config, self._security)
         try:
             # No deadline: joining a group legitimately waits for the other members to rejoin.
-            await consumption.consumer.start()
+            async with sasl_refusal():
+                await consumption.consumer.start()
         except (kerr.KafkaError, OSError) as exc:
             await consumption.close()
             raise _translate(exc, f"join group {self.config.group_id}") from exc

@@ -33,11 +33,12 @@ from eventbus.bus._base import (
     BusMessage,
     DecodedMessage,
     InFlightWindow,
+    PublishOutcome,
     collect_acks,
     require_positive,
     wire_encode,
 )
-from eventbus.config import redact_url
+from eventbus.config import NatsAuth, redact_url
 
 __all__ = ["NatsBus", "NatsBusConfig"]
 
@@ -58,6 +59,8 @@ class NatsBusConfig:
     (seconds); ``fetch_timeout`` is the long-poll length of one pull, which is also how quickly
     an idle consumer notices the bus closing; ``fetch_linger`` is how long a pull waits to fill
     its batch once the first message is there (the latency a trickle of events pays).
+    ``auth`` holds the credentials and TLS block of an external server (the embedded one's are
+    in its URL).
     """
 
     url: str
@@ -75,6 +78,7 @@ class NatsBusConfig:
     fetch_linger: float = 0.005
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
+    auth: NatsAuth | None = None
 
     def __post_init__(self) -> None:
         """Raises ConfigError when the URL is empty or a count or duration is not positive."""
@@ -113,6 +117,13 @@ def _translate(exc: BaseException, doing: str) -> BusError:
     )
     kind = BusUnavailable if isinstance(exc, unavailable) else BusError
     return kind(f"NATS {doing} failed: {exc!r}")
+
+
+def _refused(exc: BaseException) -> bool:
+    """The server refused the credentials (nats-py reports its -ERR as a plain Error)."""
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+    )
 
 
 async def _hand_back(batch: deque[Msg]) -> None:
@@ -193,10 +204,22 @@ class NatsBus:
         """Connect and make sure the stream exists.
 
         Raises BusUnavailable when the server cannot be reached within ``connect_timeout``,
-        BusError when the stream cannot be created.
+        BusError when it refuses the credentials or the stream cannot be created, ConfigError
+        when a TLS or creds file cannot be read.
         """
         cfg = self.config
+        auth = {} if cfg.auth is None else cfg.auth.nats_options(f"NATS bus {redact_url(cfg.url)}")
         nc = Client()
+        attempts: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            # Until connected, the failed attempts explain a timeout (a refused password);
+            # afterwards, errors are the open connection's.
+            if nc.is_connected:
+                await self._on_error(exc)
+            else:
+                attempts.append(exc)
+
         try:
             # Reconnects are unlimited once connected; the first connect gets connect_timeout.
             async with asyncio.timeout(cfg.connect_timeout):
@@ -206,13 +229,16 @@ class NatsBus:
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=_RECONNECT_WAIT,
-                    error_cb=self._on_error,
+                    error_cb=on_error,
+                    **auth,
                 )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             # close() asserts that connect() got as far as a transport; else nothing is open.
             with contextlib.suppress(AssertionError):
                 await nc.close()
-            raise _translate(exc, f"connect to {redact_url(cfg.url)}") from exc
+            refused = [e for e in attempts if _refused(e)]
+            cause = refused[-1] if refused else exc
+            raise _translate(cause, f"connect to {redact_url(cfg.url)}") from exc
         self._nc = nc
         self._js = self._nc.jetstream(timeout=cfg.publish_timeout)
         try:
@@ -285,19 +311,21 @@ class NatsBus:
         duplicate window), BusError when the event cannot be encoded or JetStream rejects it.
         """
         (result,) = await self.publish_many([event], via=via)
-        if result is not None:
+        if isinstance(result, BaseException):
             raise result
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
-    ) -> list[BaseException | None]:
+    ) -> list[PublishOutcome]:
         """Publish all events pipelined (async publish, then wait for the acks together).
 
-        Returns one outcome per event, in order: None when stored, else the BusError or
-        BusUnavailable that ``publish`` would have raised. Never raises for a single event.
+        Returns one outcome per event, in order: None when stored, DUPLICATE when JetStream
+        dropped it as a repeat of a source+id stored within ``duplicate_window``, else the
+        BusError or BusUnavailable that ``publish`` would have raised. Never raises for a
+        single event.
         """
         cfg = self.config
-        results: list[BaseException | None] = [None] * len(events)
+        results: list[PublishOutcome] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
         for i, event in enumerate(events):
@@ -317,7 +345,11 @@ class NatsBus:
             else:
                 pending[future] = i
         await collect_acks(
-            pending, results, cfg.publish_timeout, lambda exc: _translate(exc, "publish")
+            pending,
+            results,
+            cfg.publish_timeout,
+            lambda exc: _translate(exc, "publish"),
+            duplicate=lambda ack: bool(ack.duplicate),
         )
         return results
 

@@ -228,7 +228,12 @@ def _retries(body: Any, out: TextIO) -> None:
 
 
 def _accepted(body: Any, out: TextIO) -> None:
-    out.write(f"accepted {body['source']} {body['id']}\n")
+    name = f"{body['source']} {body['id']}"
+    if body.get("duplicate"):
+        # Answered 202 all the same: the event is on the bus, from an earlier publish.
+        out.write(f"duplicate {name}: already on the bus, not delivered again\n")
+        return
+    out.write(f"accepted {name}\n")
 
 
 def _reloaded(body: Any, out: TextIO) -> None:

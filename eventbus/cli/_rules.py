@@ -12,6 +12,7 @@ wires them into the ``eventbus`` argparse tree (``_main`` owns the top level).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -19,12 +20,13 @@ from typing import Any, TextIO
 
 import orjson
 
-from eventbus._errors import PatternError, RuleSetError
+from eventbus._errors import CloudEventError, ConfigError, PatternError, RuleSetError
 from eventbus.rules import DeliveryCheck, load_rules, matches
 
 __all__ = ["register", "test_command", "test_pattern_command", "validate_command"]
 
 EXIT_OK, EXIT_INVALID_RULES, EXIT_BAD_INPUT = 0, 1, 2
+_ANY_SIZE = 2**62
 
 
 class _InputError(Exception):
@@ -47,6 +49,19 @@ def _read_object(path: str | Path, what: str) -> dict[str, Any]:
     return value
 
 
+def _read_cloudevent(path: str | Path) -> dict[str, Any]:
+    """The event in ``path`` as the service would route it: a valid CloudEvent (JSON format),
+    null attributes dropped. Its size is not checked: the limit is the service's setting."""
+    # Imported here: ``eventbus rules validate`` and ``--help`` do without the event model.
+    from eventbus.cloudevents import validate
+
+    event = _read_object(path, "event file")
+    try:
+        return validate(event, max_size=_ANY_SIZE)
+    except CloudEventError as exc:
+        raise _InputError(f"event file {str(path)!r} is not a valid CloudEvent: {exc}") from exc
+
+
 def _write_errors(exc: RuleSetError, out: TextIO) -> int:
     for error in exc.errors:
         out.write(f"{error}\n")
@@ -61,10 +76,13 @@ def validate_command(
     known_targets: Collection[str] | None,
     out: TextIO,
     check_delivery: DeliveryCheck | None = None,
+    native_cel: bool = False,
 ) -> int:
     """Load the rules at ``path``; print ``N rules OK`` (exit 0) or every problem (exit 1)."""
     try:
-        rules = load_rules(path, known_targets=known_targets, check_delivery=check_delivery)
+        rules = load_rules(
+            path, known_targets=known_targets, check_delivery=check_delivery, native_cel=native_cel
+        )
     except RuleSetError as exc:
         return _write_errors(exc, out)
     disabled = sum(1 for rule in rules.rules if not rule.enabled)
@@ -81,18 +99,23 @@ def test_command(
     known_targets: Collection[str] | None,
     out: TextIO,
     check_delivery: DeliveryCheck | None = None,
+    native_cel: bool = False,
 ) -> int:
-    """Route the event in ``event_file`` through the rules at ``path`` and print, as JSON, the
-    matched rules, every route with the payload its target would receive, and the rules whose
-    condition failed on this event. Exit 0, 1 for invalid rules, 2 for an unusable event file.
+    """Route the event in ``event_file`` through the rules at ``path`` (conditions on
+    cel-expr-python with ``native_cel``) and print, as JSON, the matched rules, every route
+    with the payload its target would receive, and the rules whose condition failed on this
+    event. Exit 0, 1 for invalid rules, 2 for an unusable event file (unreadable, not JSON, or
+    not a valid CloudEvent: the service would refuse it).
     """
     try:
-        event = _read_object(event_file, "event file")
+        event = _read_cloudevent(event_file)
     except _InputError as exc:
         out.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT
     try:
-        rules = load_rules(path, known_targets=known_targets, check_delivery=check_delivery)
+        rules = load_rules(
+            path, known_targets=known_targets, check_delivery=check_delivery, native_cel=native_cel
+        )
     except RuleSetError as exc:
         return _write_errors(exc, out)
     routes = rules.route(event)
@@ -137,8 +160,10 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
 
     Raises ``ConfigError`` for invalid connector files (``main`` prints it).
     """
-    # Imported here, not at the top: the delivery layer loads every driver, which ``eventbus
-    # rules test-pattern`` and ``eventbus --help`` do without.
+    # Imported here, not at the top: the delivery layer and the sources load every driver,
+    # which ``eventbus rules test-pattern`` and ``eventbus --help`` do without. Importing them
+    # registers the target and source types the connector files are validated with.
+    import eventbus.sources  # noqa: F401
     from eventbus.config import load_connectors
     from eventbus.delivery import override_checker, target_policies
 
@@ -149,15 +174,35 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
     return set(targets), override_checker(policies)
 
 
+def _native_cel(args: argparse.Namespace) -> bool:
+    """``--cel``: True for cel-expr-python; raises ``ConfigError`` when it is not installed."""
+    if args.cel == "cel-python":
+        return False
+    if importlib.util.find_spec("cel_expr_python") is None:
+        raise ConfigError("--cel cel-expr-python: not installed (pip install 'eventbus[fast-cel]')")
+    return True
+
+
 def _run_validate(args: argparse.Namespace) -> int:
     targets, check = _known_targets(args.connectors)
-    return validate_command(args.path, known_targets=targets, out=sys.stdout, check_delivery=check)
+    return validate_command(
+        args.path,
+        known_targets=targets,
+        out=sys.stdout,
+        check_delivery=check,
+        native_cel=_native_cel(args),
+    )
 
 
 def _run_test(args: argparse.Namespace) -> int:
     targets, check = _known_targets(args.connectors)
     return test_command(
-        args.event, args.path, known_targets=targets, out=sys.stdout, check_delivery=check
+        args.event,
+        args.path,
+        known_targets=targets,
+        out=sys.stdout,
+        check_delivery=check,
+        native_cel=_native_cel(args),
     )
 
 
@@ -174,6 +219,12 @@ def register(subparsers: Any) -> None:
         "--connectors",
         default="connectors",
         help="connector definitions naming the targets (targets are not checked when absent)",
+    )
+    common.add_argument(
+        "--cel",
+        choices=("cel-python", "cel-expr-python"),
+        default="cel-python",
+        help="the runtime of when conditions, as the service's router.cel (docs/rules.md)",
     )
 
     p = subparsers.add_parser("validate", parents=[common], help="check rules, list problems")

@@ -49,6 +49,12 @@ def _optional(record: Mapping[str, Any], key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _source(origin: str, region: str, bucket: str) -> str:
+    """``origin.region.bucket``, the adapter's source; without a region (MinIO sends an empty
+    ``awsRegion`` unless one is configured) ``origin.bucket``, never an empty part (``..``)."""
+    return ".".join(part for part in (origin, region, bucket) if part)
+
+
 def _records(body: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     records = body.get(key)
     if not isinstance(records, list):
@@ -72,7 +78,7 @@ def s3_event(record: Mapping[str, Any], event_id: str, where: str = "record") ->
     return {
         "specversion": "1.0",
         "id": event_id,
-        "source": f"{origin}.{_optional(record, 'awsRegion')}.{bucket}",
+        "source": _source(origin, _optional(record, "awsRegion"), bucket),
         "type": f"com.amazonaws.s3.{name}",
         "subject": _field(record, "s3.object.key", where),
         "time": _field(record, "eventTime", where),
@@ -85,9 +91,10 @@ def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Map an S3 or MinIO notification body (``{"Records": [...]}``) to CloudEvents.
 
     ``id`` = ``x-amz-request-id`` + "." + ``x-amz-id-2``; ``source`` = eventSource + "." +
-    awsRegion + "." + bucket; ``type`` = "com.amazonaws.s3." + eventName; ``subject`` = object
-    key (URL-encoded, as S3 sends it); ``time`` = eventTime; ``data`` = the record. An S3
-    ``s3:TestEvent`` body maps to no events. Raises CloudEventError naming the bad record.
+    awsRegion + "." + bucket (without the region when it is empty); ``type`` =
+    "com.amazonaws.s3." + eventName; ``subject`` = object key (URL-encoded, as S3 sends it);
+    ``time`` = eventTime; ``data`` = the record. An S3 ``s3:TestEvent`` body maps to no events.
+    Raises CloudEventError naming the bad record.
     """
     if body.get("Event") == "s3:TestEvent" and "Records" not in body:
         return []
@@ -104,7 +111,8 @@ def oss_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Map an Alibaba Cloud OSS notification body (``{"events": [...]}``) to CloudEvents.
 
     ``id`` = responseElements.requestId + "." + index (one request may notify several
-    objects); ``source`` = eventSource + "." + region + "." + bucket; ``type`` =
+    objects); ``source`` = eventSource + "." + region + "." + bucket (region left out when
+    empty); ``type`` =
     "com.aliyun.oss." + eventName; ``subject`` = object key; ``time`` = eventTime; ``data`` =
     the record. Raises CloudEventError naming the bad record.
     """
@@ -118,7 +126,7 @@ def oss_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             {
                 "specversion": "1.0",
                 "id": f"{request_id}.{i}",
-                "source": f"{origin}.{_optional(record, 'region')}.{bucket}",
+                "source": _source(origin, _optional(record, "region"), bucket),
                 "type": f"com.aliyun.oss.{_field(record, 'eventName', where)}",
                 "subject": _field(record, "oss.object.key", where),
                 "time": _field(record, "eventTime", where),

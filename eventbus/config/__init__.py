@@ -2,27 +2,39 @@
 
     settings YAML + EVENTBUS_* ──> load_settings ──> Settings          (_settings)
     connectors/*.yaml ───────────> load_connectors ─> ConnectorSet     (_connectors)
+    register_connector            the registry of source and target types (_connectors)
     every user file ─────────────> load_yaml: data + the line of each key (_yaml)
     Duration, parse_duration      ``10s``, ``5m``, ``1d`` in any of them (_units)
     redact_url                    a configured URL as logs and errors may show it (_redact)
+    Secret                        a password, token or key: env, file or literal (_secrets)
+    TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
+    NatsAuth, KafkaAuth           broker credentials, shared by bus, sources and targets (_clients)
+    OAuth2Spec                    OAuth 2.0 client credentials: HTTP targets, Kafka OAUTHBEARER
 
 Where it sits: below the pipeline. It imports nothing of eventbus but the error tree, and no
-driver (no broker, database or HTTP client), so the rule engine can read YAML through it and
-``eventbus rules validate`` checks connector files without loading a driver. The composition
-root (``eventbus.app``) turns these specs into running components.
+driver (no broker, database or HTTP client), so the rule engine can read YAML through it. The
+connector types are not here: each lives, spec and adapter, in ``eventbus.sources`` or
+``eventbus.targets``, which register it with this package's registry when imported, so
+``load_connectors`` validates every definition with its type's spec. The composition root
+(``eventbus.app``) turns the validated specs into running components.
 """
 
 from __future__ import annotations
 
+from eventbus.config._clients import KafkaAuth, NatsAuth, OAuth2Spec
 from eventbus.config._connectors import (
+    ConnectorKind,
     ConnectorSet,
-    HttpTargetSpec,
-    KafkaTargetSpec,
-    NatsTargetSpec,
+    ConnectorSpec,
+    SourceSpec,
     TargetSpec,
+    connector_adapter,
+    connector_spec,
     load_connectors,
+    register_connector,
 )
 from eventbus.config._redact import redact_url
+from eventbus.config._secrets import Secret
 from eventbus.config._settings import (
     ApiKey,
     BusSettings,
@@ -35,6 +47,7 @@ from eventbus.config._settings import (
     Settings,
     load_settings,
 )
+from eventbus.config._tls import TlsSpec
 from eventbus.config._units import Duration, parse_duration
 from eventbus.config._yaml import (
     KeyPath,
@@ -48,27 +61,35 @@ from eventbus.config._yaml import (
 __all__ = [
     "ApiKey",
     "BusSettings",
+    "ConnectorKind",
     "ConnectorSet",
+    "ConnectorSpec",
     "DatabaseSettings",
     "Duration",
-    "HttpTargetSpec",
+    "KafkaAuth",
     "KafkaIngestSettings",
     "KafkaSettings",
-    "KafkaTargetSpec",
     "KeyPath",
     "ListenSettings",
+    "NatsAuth",
     "NatsSettings",
-    "NatsTargetSpec",
     "NodeBuilder",
+    "OAuth2Spec",
     "RouterSettings",
+    "Secret",
     "Settings",
+    "SourceSpec",
     "TargetSpec",
+    "TlsSpec",
     "YamlDoc",
+    "connector_adapter",
+    "connector_spec",
     "load_connectors",
     "load_settings",
     "load_yaml",
     "parse_duration",
     "pydantic_errors",
     "redact_url",
+    "register_connector",
     "yaml_files",
 ]

@@ -1,10 +1,18 @@
-"""Connector definitions: the ``connectors/`` directory of YAML files naming every target (a
-function endpoint, a Kafka topic, a NATS subject) and every source that rules and the runtime
-refer to by name.
+"""Connector definitions: the ``connectors/`` directory of YAML files naming every source and
+target that rules and the runtime refer to by name, and the registry of their types.
+
+Vocabulary: a *connector* is one YAML definition; a *source* and a *target* are its two kinds.
+Every connector has the same shape: ``name``, ``type``, an optional ``description`` and the
+settings of its type. Each type is one declarative spec (pydantic, ``extra="forbid"``,
+frozen), registered once under its YAML ``type`` together with the adapter that runs it::
+
+    register_target("http", HttpTargetSpec, HttpTarget)     # eventbus/targets/__init__.py
+    register_source("timer", TimerSpec, TimerSource)        # eventbus/sources/__init__.py
 
 Where it sits: loaded once at start-up (and on reload) by the composition root; rules are
-validated against the target names found here. Each target type has one declarative spec
-(pydantic, ``extra="forbid"``) validated here; the target adapters receive frozen configs.
+validated against the target names found here. This module keeps the registry but imports no
+type: the packages that define them (``eventbus.targets``, ``eventbus.sources``) register them
+when imported, so :func:`load_connectors` knows the types of whichever of them is loaded.
 
 File shape::
 
@@ -23,76 +31,111 @@ File shape::
 
 from __future__ import annotations
 
+import logging
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from eventbus._errors import ConfigError
+from eventbus.config._secrets import literal_secrets, resolve_reference
 from eventbus.config._units import Duration
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors, yaml_files
 
 __all__ = [
+    "ConnectorKind",
     "ConnectorSet",
-    "HttpTargetSpec",
-    "KafkaTargetSpec",
-    "NatsTargetSpec",
+    "ConnectorSpec",
+    "SourceSpec",
     "TargetSpec",
+    "connector_adapter",
+    "connector_spec",
     "load_connectors",
+    "register_connector",
 ]
+
+log = logging.getLogger("eventbus.config")
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
+ConnectorKind = Literal["source", "target"]
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class ConnectorSpec(BaseModel):
+    """What every connector definition has; a type's spec adds its own settings."""
+
+    # Inputs stay out of error texts: a literal secret that fails validation must not be
+    # quoted by a ValidationError that reaches a log.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    type: ClassVar[str]
+    """The YAML ``type`` the spec is registered under: set by registration, written nowhere
+    else."""
 
     name: str = Field(pattern=_NAME)
     description: str = ""
+
+
+class SourceSpec(ConnectorSpec):
+    """The base of every source type's spec."""
+
+
+class TargetSpec(ConnectorSpec):
+    """The base of every target type's spec: a delivery policy and a bound on one attempt."""
+
     delivery: dict[str, Any] | None = None
     """Delivery policy (retry, breaker, rate limit): validated by ``eventbus.delivery``."""
-
-
-class HttpTargetSpec(_Spec):
-    type: Literal["http"]
-    url: str = Field(pattern=r"^https?://")
-    mode: Literal["binary", "structured"] = "binary"
     timeout: Duration = Field(10.0, gt=0, le=900)
-    concurrency: int = Field(16, ge=1, le=1024)
-    headers: dict[str, str] = {}
-    secret: str | None = None
-    secret_env: str | None = None
+    """Seconds one attempt may take; the retry schedule's leases are sized from it."""
 
 
-class KafkaTargetSpec(_Spec):
-    type: Literal["kafka"]
-    bootstrap_servers: str
-    topic: str
-    key: str | None = None
-    """A JSONPath into the event for the message key; default: the ``partitionkey`` extension."""
-    mode: Literal["binary", "structured"] = "binary"
-    timeout: Duration = Field(10.0, gt=0, le=300)
-    idempotent: bool = True
-    """Idempotent producer; turn off only for brokers without InitProducerId support."""
+_BASES: dict[ConnectorKind, type[ConnectorSpec]] = {"source": SourceSpec, "target": TargetSpec}
+_TYPES: dict[ConnectorKind, dict[str, tuple[type[ConnectorSpec], object]]] = {
+    "source": {},
+    "target": {},
+}
 
 
-class NatsTargetSpec(_Spec):
-    type: Literal["nats"]
-    url: str
-    subject: str
-    jetstream: bool = False
-    mode: Literal["binary", "structured"] = "structured"
-    timeout: Duration = Field(5.0, gt=0, le=300)
+def register_connector(
+    kind: ConnectorKind, type_name: str, spec: type[ConnectorSpec], adapter: object
+) -> None:
+    """Make ``type: <type_name>`` under ``<kind>s:`` validate with ``spec`` and run ``adapter``
+    (called with the validated spec); sets ``spec.type``. The typed front doors are
+    ``eventbus.sources.register_source`` and ``eventbus.targets.register_target``.
+
+    Raises ValueError when the type is already registered, when ``spec`` is registered under
+    another type, does not derive from the kind's base spec, or does not forbid extra fields (a
+    typo in YAML must be an error, not silently ignored).
+    """
+    base = _BASES[kind]
+    if type_name in _TYPES[kind]:
+        raise ValueError(f"{kind} type {type_name!r} is already registered")
+    if not issubclass(spec, base):
+        raise ValueError(f"spec of {kind} type {type_name!r} must derive from {base.__name__}")
+    if spec.model_config.get("extra") != "forbid":
+        raise ValueError(f"spec of {kind} type {type_name!r} must set extra='forbid'")
+    if "type" in vars(spec):
+        raise ValueError(f"{spec.__name__} is already registered as {kind} type {spec.type!r}")
+    spec.type = type_name
+    _TYPES[kind][type_name] = (spec, adapter)
 
 
-TargetSpec = Annotated[
-    HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec, Field(discriminator="type")
-]
-_TARGET: TypeAdapter[HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec] = TypeAdapter(TargetSpec)
+def connector_spec(kind: ConnectorKind, type_name: object) -> type[ConnectorSpec]:
+    """The spec registered for ``type_name``; raises ConfigError listing the known types."""
+    found = _TYPES[kind].get(type_name) if isinstance(type_name, str) else None
+    if found is None:
+        known = ", ".join(sorted(_TYPES[kind])) or "none registered"
+        raise ConfigError(f"unknown {kind} type {type_name!r} (known: {known})")
+    return found[0]
+
+
+def connector_adapter(kind: ConnectorKind, spec: ConnectorSpec) -> object:
+    """The adapter registered with the type of ``spec`` (a spec exists only for a registered
+    type, so this does not fail)."""
+    return _TYPES[kind][spec.type][1]
 
 
 class _File(BaseModel):
@@ -104,29 +147,27 @@ class _File(BaseModel):
 
 @dataclass(frozen=True)
 class ConnectorSet:
-    """Every target and source definition, by name."""
+    """Every target and source definition, by name, validated by its type's spec."""
 
-    targets: Mapping[str, HttpTargetSpec | KafkaTargetSpec | NatsTargetSpec] = field(
-        default_factory=dict
-    )
-    sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    source_lines: Mapping[str, str] = field(default_factory=dict)
+    targets: Mapping[str, TargetSpec] = field(default_factory=dict)
+    sources: Mapping[str, SourceSpec] = field(default_factory=dict)
 
 
 def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> ConnectorSet:
     """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file); a target's
-    ``url: {env: NAME, default: VALUE}`` is read from ``env`` (default: the process's).
+    ``url: {env: NAME, default: VALUE}`` and every secret's ``{env: NAME}`` are read from
+    ``env`` (default: the process's), a ``{file: PATH}`` from its file. A secret written as a
+    literal is logged as a warning (file, line, field).
 
-    A missing directory is an empty set. Raises ConfigError listing every problem (file, line,
-    connector name): invalid YAML, unknown keys, bad values, duplicate names, an unset
-    variable without a default.
+    A missing directory is an empty set. Types are those registered when this is called (import
+    ``eventbus.targets`` and ``eventbus.sources`` first). Raises ConfigError listing every
+    problem, each with file, line and connector: invalid YAML, unknown keys or types, bad
+    values, duplicate names, an unset variable without a default.
     """
     env = os.environ if env is None else env
     errors: list[str] = []
-    targets: dict[str, Any] = {}
-    sources: dict[str, Mapping[str, Any]] = {}
-    where: dict[str, str] = {}
-    target_where: dict[str, str] = {}
+    found: dict[ConnectorKind, dict[str, ConnectorSpec]] = {"source": {}, "target": {}}
+    where: dict[tuple[ConnectorKind, str], str] = {}
     root = Path(path)
     for file in yaml_files(root) if root.exists() else []:
         try:
@@ -141,71 +182,91 @@ def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> C
         except ValidationError as exc:
             errors.extend(pydantic_errors(doc, exc))
             continue
-        for i, raw in enumerate(parsed.targets):
-            _load_target(doc, i, raw, env, targets, target_where, errors)
-        for i, raw in enumerate(parsed.sources):
-            name = raw.get("name")
-            loc = f"{doc.file}:{doc.line(('sources', i))}"
-            if not isinstance(name, str) or not name:
-                errors.append(f"{loc}: sources.{i}: a source needs a name")
-            elif name in sources:
-                errors.append(f"{loc}: source {name!r}: duplicate name (first at {where[name]})")
-            else:
-                sources[name] = raw
-                where[name] = loc
+        entries: dict[ConnectorKind, list[dict[str, Any]]] = {
+            "target": parsed.targets,
+            "source": parsed.sources,
+        }
+        for kind, raws in entries.items():
+            for i, raw in enumerate(raws):
+                spec = _validate(doc, kind, i, raw, env, errors)
+                if spec is None:
+                    continue
+                loc = f"{doc.file}:{doc.line((f'{kind}s', i))}"
+                if spec.name in found[kind]:
+                    first = where[kind, spec.name]
+                    errors.append(f"{loc}: {kind} {spec.name!r}: duplicate name (first at {first})")
+                    continue
+                found[kind][spec.name] = spec
+                where[kind, spec.name] = loc
     if errors:
         raise ConfigError("\n".join(errors))
-    return ConnectorSet(targets=targets, sources=sources, source_lines=where)
+    # Registration guarantees each kind's specs derive from its base (TargetSpec, SourceSpec).
+    return ConnectorSet(
+        targets=cast(dict[str, TargetSpec], found["target"]),
+        sources=cast(dict[str, SourceSpec], found["source"]),
+    )
 
 
-def _load_target(
+def _validate(
     doc: YamlDoc,
+    kind: ConnectorKind,
     i: int,
     raw: dict[str, Any],
     env: Mapping[str, str],
-    targets: dict[str, Any],
-    where: dict[str, str],
     errors: list[str],
-) -> None:
-    loc = f"{doc.file}:{doc.line(('targets', i))}"
+) -> ConnectorSpec | None:
+    """One entry validated by its type's spec, or None with its problems added to ``errors``."""
+    section = f"{kind}s"
+    name = raw.get("name", f"#{i}")
     if isinstance(raw.get("url"), dict):
         try:
-            raw = {**raw, "url": _from_env(raw["url"], env)}
+            raw = {**raw, "url": resolve_reference(raw["url"], env)[0]}
         except ValueError as exc:
-            line = doc.line(("targets", i, "url"))
-            errors.append(f"{doc.file}:{line}: targets.{i}.url: {exc} (target {raw.get('name')!r})")
-            return
+            line = doc.line((section, i, "url"))
+            errors.append(f"{doc.file}:{line}: {section}.{i}.url: {exc} ({kind} {name!r})")
+            return None
     try:
-        spec = _TARGET.validate_python(raw)
-    except ValidationError as exc:
-        name = raw.get("name", f"#{i}")
-        errors.extend(
-            f"{line} (target {name!r})" for line in pydantic_errors(doc, exc, prefix=("targets", i))
+        spec_type = connector_spec(kind, raw.get("type"))
+    except ConfigError as exc:
+        errors.append(
+            f"{doc.file}:{doc.line((section, i, 'type'))}: {section}.{i}.type: {exc}"
+            f" ({kind} {name!r})"
         )
-        return
-    if spec.name in targets:
-        errors.append(f"{loc}: target {spec.name!r}: duplicate name (first at {where[spec.name]})")
-        return
-    targets[spec.name] = spec
-    where[spec.name] = loc
+        return None
+    try:
+        spec = spec_type.model_validate(
+            {k: v for k, v in raw.items() if k != "type"}, context={"env": env}
+        )
+    except ValidationError as exc:
+        errors.extend(
+            f"{line} ({kind} {name!r})" for line in pydantic_errors(doc, exc, prefix=(section, i))
+        )
+        return None
+    warn_literal_secrets(doc, spec, (section, i), f" ({kind} {name!r})")
+    return spec
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def _from_env(value: Mapping[str, Any], env: Mapping[str, str]) -> str:
-    """``{env: NAME, default: VALUE}``: the variable's value, or the default when it is unset
-    or empty (as the shell's ``${NAME:-VALUE}``). Raises ValueError saying what is wrong."""
-    unknown = sorted(set(value) - {"env", "default"})
-    name, default = value.get("env"), value.get("default")
-    if unknown or not isinstance(name, str):
-        extra = f"unknown key {unknown[0]!r}; " if unknown else ""
-        raise ValueError(f"{extra}write a string or {{env: NAME, default: VALUE}}")
-    if _ENV_NAME.match(name) is None:
-        raise ValueError(f"{name!r} is not an environment variable name")
-    if default is not None and not isinstance(default, str):
-        raise ValueError(f"the default of {name} must be a string")
-    found = env.get(name) or default
-    if found is None:
-        raise ValueError(f"environment variable {name} is not set and no default is given")
-    return found
+def warn_literal_secrets(
+    doc: YamlDoc,
+    model: BaseModel,
+    prefix: tuple[str | int, ...],
+    what: str = "",
+    *,
+    given: Callable[[tuple[str | int, ...]], bool] = lambda loc: False,
+) -> None:
+    """Log a warning naming file, line and field for every secret ``model`` holds as a literal
+    (accepted, but it belongs in the environment or a file of its own), except those ``given``
+    says came from elsewhere (an ``EVENTBUS_*`` variable)."""
+    for path in literal_secrets(model):
+        loc = (*prefix, *path)
+        if given(loc):
+            continue
+        line = doc.line(loc)
+        where = f"{doc.file}:{line}" if line is not None else doc.file
+        dotted = ".".join(str(p) for p in loc)
+        log.warning(
+            "%s: %s: a secret given as a literal%s; use {env: NAME} or {file: PATH}",
+            where,
+            dotted,
+            what,
+        )

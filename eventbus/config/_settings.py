@@ -15,14 +15,26 @@ With no bus or database URL configured, the service runs on its embedded default
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from eventbus._errors import ConfigError
+from eventbus.config._clients import KafkaAuth, NatsAuth
+from eventbus.config._connectors import warn_literal_secrets
+from eventbus.config._secrets import Secret
+from eventbus.config._tls import TlsSpec
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
@@ -42,7 +54,7 @@ ENV_PREFIX = "EVENTBUS_"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class ListenSettings(_Model):
@@ -56,7 +68,9 @@ class ListenSettings(_Model):
     """Open HTTP connections per process; beyond it the longest-idle one is closed (or 503)."""
 
 
-class NatsSettings(_Model):
+class NatsSettings(NatsAuth, _Model):
+    """The NATS bus; credentials and ``tls`` as every NATS connection (``NatsAuth``)."""
+
     url: str | None = None
     stream: str = "EVENTBUS"
     subject: str = "eventbus.events"
@@ -65,7 +79,9 @@ class NatsSettings(_Model):
     duplicate_window: float = Field(120.0, gt=0)
 
 
-class KafkaSettings(_Model):
+class KafkaSettings(KafkaAuth, _Model):
+    """The Kafka bus; security as every Kafka connection (``KafkaAuth``)."""
+
     bootstrap_servers: str | None = None
     topic: str = "eventbus.events"
     group_id: str = "eventbus-router"
@@ -89,18 +105,61 @@ class BusSettings(_Model):
     publish_timeout: float = Field(5.0, gt=0)
 
 
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
 class DatabaseSettings(_Model):
+    """An external PostgreSQL: ``password`` (a secret) instead of one in the URL; ``sslmode``
+    as libpq's, with the ``tls`` block's CA and client certificate."""
+
     url: str | None = None
     pool_size: int = Field(10, ge=1, le=200)
+    password: Secret | None = None
+    sslmode: SslMode | None = None
+    tls: TlsSpec | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_ssl(self) -> DatabaseSettings:
+        if self.tls is not None and self.sslmode == "disable":
+            raise ValueError("tls needs an sslmode other than disable")
+        return self
+
+    def ssl_option(self) -> ssl.SSLContext | str | None:
+        """asyncpg's ``ssl`` argument: None (the URL's ``sslmode``, else libpq's default
+        ``prefer``), the mode's name, or a context built from ``tls``, verifying as the mode
+        says (``verify-full`` when ``tls`` is given without one).
+
+        Raises ConfigError when a file of the TLS block cannot be read.
+        """
+        if self.tls is None:
+            return self.sslmode
+        mode = self.sslmode or "verify-full"
+        context = self.tls.context("database")
+        if mode != "verify-full":
+            context.check_hostname = False
+        if mode in ("allow", "prefer", "require"):
+            # As libpq: encrypted, the server's certificate not checked (a client certificate
+            # is still presented).
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
 
 class ApiKey(_Model):
+    """A key clients of the HTTP API present; ``key`` is a secret of at least 16 characters."""
+
     name: str
-    key: str = Field(min_length=16)
+    key: Secret
     scopes: tuple[Literal["publish", "admin"], ...] = ("publish",)
 
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, key: Secret) -> Secret:
+        if len(key.reveal()) < 16:
+            raise ValueError("an API key must have at least 16 characters")
+        return key
 
-class KafkaIngestSettings(_Model):
+
+class KafkaIngestSettings(KafkaAuth, _Model):
     """Consume CloudEvents (Kafka protocol binding) from these topics onto the bus."""
 
     bootstrap_servers: str
@@ -111,6 +170,9 @@ class KafkaIngestSettings(_Model):
 class RouterSettings(_Model):
     hop_limit: int = Field(8, ge=1, le=100)
     shutdown_grace: float = Field(20.0, gt=0)
+    cel: Literal["cel-python", "cel-expr-python"] = "cel-python"
+    """The runtime of the rules' ``when`` conditions; cel-expr-python (the ``fast-cel`` extra)
+    is 15-130x faster and follows the CEL spec where cel-python does not (docs/rules.md)."""
 
 
 class Settings(_Model):
@@ -134,7 +196,8 @@ class Settings(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     run_sources: bool = True
-    """False in the extra worker processes of `serve --workers N`: sources run once."""
+    """False in the extra worker processes of `serve --workers N`: sources run once (but
+    webhooks, which serve requests, run in every worker)."""
 
     @field_validator("api_keys")
     @classmethod
@@ -204,8 +267,21 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             doc = YamlDoc({}, str(p), doc.lines)
         if not isinstance(doc.data, dict):
             raise ConfigError(f"{p}:1: settings must be a mapping")
-    data = _merge(doc.data, _env_overrides(env))
+    overrides = _env_overrides(env)
+    data = _merge(doc.data, overrides)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data, context={"env": env})
     except ValidationError as exc:
         raise ConfigError("\n".join(pydantic_errors(doc, exc))) from exc
+    # A secret set by an EVENTBUS_* variable is already out of the file: no warning.
+    warn_literal_secrets(doc, settings, (), given=lambda loc: _overridden(overrides, loc))
+    return settings
+
+
+def _overridden(overrides: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = overrides
+    for key in loc:
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True

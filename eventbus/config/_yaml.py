@@ -153,11 +153,6 @@ def pydantic_errors(doc: YamlDoc, exc: Any, *, prefix: KeyPath = ()) -> list[str
     out = []
     for err in exc.errors():
         loc = doc.normalize((*prefix, *err["loc"]))
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            # point at the discriminating key itself (``type:``), not the whole entry
-            tag = str(err.get("ctx", {}).get("discriminator", "")).strip("'")
-            if tag:
-                loc = (*loc, tag)
         line = doc.line(loc)
         where = f"{doc.file}:{line}" if line is not None else doc.file
         dotted = ".".join(str(p) for p in loc) or "(document)"

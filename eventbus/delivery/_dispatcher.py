@@ -53,7 +53,7 @@ class Dispatcher:
         policies: Mapping[str, DeliveryPolicy],
         store: DeliveryStore,
         audit: AuditWriter,
-        publish: Callable[[dict[str, Any]], Awaitable[None]],
+        publish: Callable[[dict[str, Any]], Awaitable[object]],
         *,
         hop_limit: int = 8,
         disabled: Mapping[str, str] | None = None,
@@ -278,9 +278,9 @@ class Dispatcher:
             return
         reply = dict(reply)
         reply[HOPS] = hops
-        # Audited as accepted (via "reply") when the router takes it off the bus.
+        # Audited as accepted (via "reply") when the router takes it off the bus; counted
+        # (received or duplicate) by ``publish``.
         await self._publish(reply)
-        metrics.EVENTS_RECEIVED.labels("reply").inc()
 
     async def _settle_row(self, job: Delivery, write: Callable[[Delivery], Awaitable[_T]]) -> _T:
         """Write the outcome of ``job`` where it is kept (its retry row, or a dead letter),

@@ -81,7 +81,7 @@ class Access:
     audits the refusal (rate-limited: :class:`RefusalLog`)."""
 
     def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
-        self._keys = [(k.key.encode(), frozenset(k.scopes), k.name) for k in keys]
+        self._keys = [(k.key.reveal().encode(), frozenset(k.scopes), k.name) for k in keys]
         self._refusals = RefusalLog(service)
 
     async def check(

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eventbus import __version__, metrics
@@ -30,6 +33,7 @@ from eventbus._errors import ConfigError, EventBusError, RuleSetError
 from eventbus.delivery import DeadLetterFilter
 from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access
+from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
 from eventbus.http._params import (
     All,
@@ -366,8 +370,28 @@ class _App(FastAPI):
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
         document["paths"].update(copy.deepcopy(INGEST_OPERATIONS))
+        document["paths"].update(copy.deepcopy(HOOK_OPERATIONS))
         self.openapi_schema = document
         return document
+
+
+# Swagger UI's files ship in the package (see its README.md): /docs works offline.
+_SWAGGER_UI = Path(__file__).with_name("swagger-ui")
+_ASSETS = "/docs/assets"
+
+
+@public.get("/docs", include_in_schema=False)
+async def docs() -> HTMLResponse:
+    """Swagger UI over ``/openapi.json``, every asset served from the package."""
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="eventbus API",
+        swagger_js_url=f"{_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{_ASSETS}/favicon-32x32.png",
+        # No badge fetched from validator.swagger.io: the page makes no outside request.
+        swagger_ui_parameters={"validatorUrl": None},
+    )
 
 
 def create_app(service: Service) -> ASGIApp:
@@ -376,15 +400,16 @@ def create_app(service: Service) -> ASGIApp:
     from eventbus.http import _console as console
 
     access = Access(service.settings.api_keys, service)
-    app = _App(title="eventbus", version=__version__, docs_url="/docs", redoc_url=None)
+    app = _App(title="eventbus", version=__version__, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.access = access
     app.include_router(admin)
     app.include_router(public)
+    app.mount(_ASSETS, StaticFiles(directory=_SWAGGER_UI), name="docs-assets")
     app.include_router(console.admin)  # the web console (lazy: it imports this module)
     app.include_router(console.public)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(EventBusError, _on_error)
-    return IngestApp(service, access, app)
+    return IngestApp(service, access, HookApp(service, access, app))

@@ -37,12 +37,34 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _answers(accepted: dict[str, Any], *problems: int) -> dict[str, Any]:
+_DUPLICATE_HEADERS = {
+    "Eventbus-Duplicate": {
+        "description": "One event: `true` when the bus already held its source+id (stored "
+        "within the duplicate window), so it is not delivered again; absent otherwise",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "Eventbus-Duplicates": {
+        "description": "A batch: how many entries were such duplicates; absent when none",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+}
+
+
+def _answers(accepted: dict[str, Any], single: bool, *problems: int) -> dict[str, Any]:
     problem = {"content": {PROBLEM: {"schema": _ref("ProblemDetails")}}}
     batch = {"application/json": {"schema": _ref("BatchAccepted")}}
+    duplicates = {"Eventbus-Duplicates": _DUPLICATE_HEADERS["Eventbus-Duplicates"]}
     return {
-        "202": {"description": "On the durable bus", "content": accepted},
-        "207": {"description": "A batch of which some entries failed", "content": batch},
+        "202": {
+            "description": "On the durable bus (or already there: a duplicate)",
+            "headers": _DUPLICATE_HEADERS if single else duplicates,
+            "content": accepted,
+        },
+        "207": {
+            "description": "A batch of which some entries failed",
+            "headers": duplicates,
+            "content": batch,
+        },
         **{str(status): {"description": _TITLES[status], **problem} for status in problems},
     }
 
@@ -70,12 +92,32 @@ INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
                 "attributes in ce-* headers, the body is the event's data)."
             ),
             "operationId": "publish_events",
+            "parameters": [
+                {
+                    "name": f"ce-{name}",
+                    "in": "header",
+                    "required": False,
+                    "description": f"Binary mode (required there): the event's {name}",
+                    "schema": {"type": "string", **extra},
+                }
+                for name, extra in (
+                    ("specversion", {"enum": ["1.0"]}),
+                    ("id", {"minLength": 1}),
+                    ("source", {"minLength": 1}),
+                    ("type", {"minLength": 1}),
+                )
+            ],
             "requestBody": {
                 "required": True,
                 "content": {
                     STRUCTURED_CONTENT_TYPE: {"schema": _ref("CloudEvent")},
                     BATCH_CONTENT_TYPE: {"schema": {"type": "array", "items": _ref("CloudEvent")}},
-                    "*/*": {"schema": {"description": "binary mode: the event's data"}},
+                    "*/*": {
+                        "schema": {
+                            "description": "Binary mode: the event's data, its media type the "
+                            "event's datacontenttype; the attributes in ce-* headers"
+                        }
+                    },
                 },
             },
             "responses": _answers(
@@ -84,6 +126,7 @@ INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
                         "schema": {"anyOf": [_ref("Accepted"), _ref("BatchAccepted")]}
                     }
                 },
+                True,
                 *_REFUSED,
                 415,
             ),
@@ -103,13 +146,17 @@ INGEST_OPERATIONS: dict[str, dict[str, Any]] = {
                 "content": {"application/json": {"schema": {"type": "object"}}},
             },
             "responses": _answers(
-                {"application/json": {"schema": _ref("BatchAccepted")}}, *_REFUSED
+                {"application/json": {"schema": _ref("BatchAccepted")}}, False, *_REFUSED
             ),
         }
     },
 }
 """The ingest routes in the OpenAPI document (``GET /openapi.json``): served here, not by the
 FastAPI application that writes the document."""
+
+
+_Answer = tuple[int, Any, dict[str, str]]
+"""Status, JSON body and extra headers of an ingest answer."""
 
 
 async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
@@ -145,7 +192,7 @@ class IngestApp:
         self._max_event = service.settings.max_event_size
         self._max_batch = service.settings.max_batch_entries
         self._max_request = self._max_event * 4
-        self._routes: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[Any]]] = {
+        self._routes: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[_Answer]]] = {
             "/events": self._events,
             "/notifications": self._notifications,
         }
@@ -156,7 +203,8 @@ class IngestApp:
             await self._fallback(scope, receive, send)
             return
         path = scope["path"]
-        status, extra, body, media = 200, {}, b"", "application/json"
+        extra: Mapping[str, str] = {}
+        status, body, media = 200, b"", "application/json"
         try:
             if scope["method"] != "POST":
                 raise Problem(405, f"{path} accepts POST only", headers={"Allow": "POST"})
@@ -166,7 +214,7 @@ class IngestApp:
             client = scope.get("client")
             await self._access.check(headers, path, client[0] if client else None, "publish")
             raw = await _read_body(receive, headers, self._max_request)
-            status, payload = await handler(headers, raw)
+            status, payload, extra = await handler(headers, raw)
             body = orjson.dumps(payload)
         except Exception as exc:
             problem = problem_for(exc)
@@ -187,11 +235,11 @@ class IngestApp:
         )
         await send({"type": "http.response.body", "body": body})
 
-    async def _events(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+    async def _events(self, headers: Mapping[str, str], raw: bytes) -> _Answer:
         parsed = parse_http(headers, raw, max_size=self._max_event, max_entries=self._max_batch)
         return await self._accept(parsed.events, parsed.batch, "http")
 
-    async def _notifications(self, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+    async def _notifications(self, headers: Mapping[str, str], raw: bytes) -> _Answer:
         """S3 / MinIO / OSS bucket notifications, one CloudEvent per record."""
         events: list[dict[str, Any] | CloudEventError] = list(
             notification_to_events(raw, max_records=self._max_batch)
@@ -200,21 +248,31 @@ class IngestApp:
 
     async def _accept(
         self, events: list[dict[str, Any] | CloudEventError], batch: bool, via: str
-    ) -> tuple[int, Any]:
-        """Publish the valid events; answer for one event, or per entry (like PutEvents)."""
+    ) -> _Answer:
+        """Publish the valid events; answer for one event, or per entry (like PutEvents).
+
+        A duplicate (the bus already held its source+id, so it is not delivered again) is
+        answered 202 like a stored event, but says so: ``"duplicate": true`` in its body or
+        entry, and the ``Eventbus-Duplicate`` header (single) or ``Eventbus-Duplicates`` (the
+        count, batch).
+        """
         valid = [e for e in events if not isinstance(e, CloudEventError)]
         # Audited as accepted when the router takes them off the bus (crash-safe).
         outcomes = await self._service.publish_many(valid, via=via) if valid else []
-        accepted = outcomes.count(None)
+        accepted, duplicates = outcomes.count(None), outcomes.count("duplicate")
         if accepted:
             metrics.EVENTS_RECEIVED.labels(via).inc(accepted)
+        if duplicates:
+            metrics.EVENTS_DUPLICATE.labels(via).inc(duplicates)
         results = iter(outcomes)
         if not batch:
             (single,) = valid  # a single bad event raised in parse_http already
             err = next(results)
-            if err is not None:
+            if isinstance(err, BaseException):
                 raise err
-            return 202, {"id": single["id"], "source": single["source"]}
+            duplicate = err == "duplicate"
+            body = {"id": single["id"], "source": single["source"], "duplicate": duplicate}
+            return 202, body, {"Eventbus-Duplicate": "true"} if duplicate else {}
         entries: list[dict[str, Any]] = []
         failed = unavailable = 0
         for entry in events:
@@ -223,8 +281,15 @@ class IngestApp:
                 entries.append({"status": entry.status, "error": entry.detail})
                 continue
             err = next(results)
-            if err is None:
-                entries.append({"status": 202, "id": entry["id"], "source": entry["source"]})
+            if not isinstance(err, BaseException):
+                entries.append(
+                    {
+                        "status": 202,
+                        "id": entry["id"],
+                        "source": entry["source"],
+                        "duplicate": err == "duplicate",
+                    }
+                )
                 continue
             failed += 1
             down = isinstance(err, BusUnavailable)
@@ -239,4 +304,6 @@ class IngestApp:
             )
         if unavailable and unavailable == len(entries):
             raise BusUnavailable("no entry of the batch could be stored")
-        return (207 if failed else 202), {"failed": failed, "entries": entries}
+        body = {"failed": failed, "duplicates": duplicates, "entries": entries}
+        headers = {"Eventbus-Duplicates": str(duplicates)} if duplicates else {}
+        return (207 if failed else 202), body, headers

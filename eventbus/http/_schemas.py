@@ -51,25 +51,31 @@ class ProblemDetails(_Body):
 
 
 class Accepted(_Body):
-    """One event is on the durable bus."""
+    """One event is on the durable bus. ``duplicate``: the bus already held its source+id
+    (stored within the duplicate window), so this copy is not delivered again."""
 
     id: str
     source: str
+    duplicate: bool
 
 
 class BatchEntry(_Body):
-    """One entry of a batch: ``status`` 202 (on the bus), 4xx (invalid), 500 or 503."""
+    """One entry of a batch: ``status`` 202 (on the bus; ``duplicate`` as in
+    :class:`Accepted`), 4xx (invalid), 500 or 503 (``error`` says why)."""
 
     status: int
     id: str | None = None
     source: str | None = None
+    duplicate: bool | None = None
     error: str | None = None
 
 
 class BatchAccepted(_Body):
-    """The outcome of every entry of a batch, in order (207 when any failed)."""
+    """The outcome of every entry of a batch, in order (207 when any failed); ``duplicates``
+    counts the entries answered as duplicates."""
 
     failed: int
+    duplicates: int
     entries: list[BatchEntry]
 
 

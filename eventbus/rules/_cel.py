@@ -4,6 +4,9 @@ The router (``RuleSet.route``) asks a ``Condition`` only about events whose even
 matched, and converts each event to CEL values at most once (``activation``), because the
 conversion costs about as much as one evaluation. Conditions see the CloudEvent as ``event``.
 
+cel-python parses and checks every condition; asked for (``native``), the accepted conditions
+run on cel-expr-python, the official C++ runtime (``_cel_native``, the ``fast-cel`` extra).
+
 Evaluation is total: a runtime error (missing field, type mismatch, division by zero) or a
 non-bool result is "no match", reported through ``Verdict`` so that the caller counts and logs it.
 """
@@ -11,7 +14,10 @@ non-bool result is "no match", reported through ``Verdict`` so that the caller c
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import operator
+import re
+import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -25,12 +31,140 @@ from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
 
-__all__ = ["Condition", "Verdict", "activation", "compile_condition"]
+__all__ = ["Activation", "Condition", "Verdict", "activation", "compile_condition"]
 
 # cel-python's compiled runner (about 5x faster than its interpreter) transpiles has() to a plain
 # Python bool, which its && / || / ?: then reject, so the usual guard
 # `has(event.data.x) && event.data.x > 1` fails to evaluate. Conditions that call has() run on
 # the interpreter, which gets it right; every other condition is compiled.
+
+# Python types to CEL's names, most specific first (BoolType is an int, not an IntType).
+_CEL_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (celtypes.BoolType, "bool"),
+    (bool, "bool"),
+    (celtypes.UintType, "uint"),
+    (int, "int"),
+    (float, "double"),
+    (str, "string"),
+    (bytes, "bytes"),
+    (list, "list"),
+    (dict, "map"),
+    (celtypes.TimestampType, "timestamp"),
+    (celtypes.DurationType, "duration"),
+    (type(None), "null_type"),
+    (celtypes.NullType, "null_type"),
+)
+
+
+def cel_type_name(value: object) -> str:
+    """The CEL name of ``value``'s type (``string``, ``int``, ``map`` ...)."""
+    for kind, name in _CEL_TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+_NO_OVERLOAD = "no such overload: "
+
+
+def _typed(function: Callable[..., Any], symbol: str) -> Callable[..., Any]:
+    """``function`` (an operator) whose TypeError names the CEL types involved.
+
+    cel-python lets Python's own operators fail (``"a" + 1`` reports "int() argument must be
+    ... not 'NotImplementedType'"); CEL says "no such overload" with the operand types, and so
+    does this (both runners turn the TypeError into a CEL error; ``_reason`` reads it).
+    """
+
+    def checked(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except TypeError as exc:
+            names = [cel_type_name(arg) for arg in args]
+            if symbol == "[]":
+                shown = f"{names[0]}[{names[1]}]"
+            elif len(names) == 1:
+                shown = f"{symbol}{names[0]}"
+            else:
+                shown = f" {symbol} ".join(names)
+            # A plain TypeError: the compiled runner maps exception types by exact class.
+            raise TypeError(_NO_OVERLOAD + shown) from exc
+
+    return checked
+
+
+_OPERATORS = {
+    "add": ("_+_", "+"),
+    "sub": ("_-_", "-"),
+    "mul": ("_*_", "*"),
+    "truediv": ("_/_", "/"),
+    "mod": ("_%_", "%"),
+    "getitem": ("_[_]", "[]"),
+    "neg": ("-_", "-"),
+}
+_COMPARISONS = {
+    "eq": ("_==_", "=="),
+    "ne": ("_!=_", "!="),
+    "lt": ("_<_", "<"),
+    "le": ("_<=_", "<="),
+    "gt": ("_>_", ">"),
+    "ge": ("_>=_", ">="),
+}
+_TYPED_OPERATORS = {name: _typed(getattr(operator, name), s) for name, (_, s) in _OPERATORS.items()}
+_TYPED_COMPARISONS = {
+    f"bool_{name}": _typed(getattr(celpy.evaluation, f"bool_{name}"), s)
+    for name, (_, s) in _COMPARISONS.items()
+}
+# The interpreter looks operators up by their CEL names.
+_TYPED_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    **{cel: _TYPED_OPERATORS[name] for name, (cel, _) in _OPERATORS.items()},
+    **{cel: _TYPED_COMPARISONS[f"bool_{name}"] for name, (cel, _) in _COMPARISONS.items()},
+}
+
+
+def _patched(module: types.ModuleType, replace: Mapping[str, object]) -> types.ModuleType:
+    copy = types.ModuleType(module.__name__)
+    copy.__dict__.update(vars(module))
+    copy.__dict__.update(replace)
+    return copy
+
+
+# The compiled runner's code calls `operator.add(...)` and `celpy.evaluation.bool_lt(...)`; it
+# runs in this namespace, where those names lead to the typed operators (nothing else changes).
+_NAMESPACE: dict[str, Any] = {
+    **vars(celpy.evaluation),
+    "celpy": _patched(celpy, {"evaluation": _patched(celpy.evaluation, _TYPED_COMPARISONS)}),
+    "operator": _patched(operator, _TYPED_OPERATORS),
+}
+
+
+class _CompiledRunner(celpy.CompiledRunner):
+    """cel-python's compiled runner, its code run in ``_NAMESPACE`` (type errors that name CEL
+    types, see :func:`_typed`).
+
+    This relies on how cel-python 0.5 builds and runs its transpiled code (``tp.base_activation``,
+    ``tp.executable_code``, the result in ``CEL``, operators called as ``operator.add`` and
+    ``celpy.evaluation.bool_lt``), which is why pyproject.toml pins cel-python below 0.6; the
+    reason checks in tests/rules/data/cel_cases.yaml fail if a release changes it."""
+
+    def evaluate(self, context: Any) -> Any:
+        """As ``Transpiler.evaluate``, which runs the code in cel-python's own module namespace.
+        Synchronous, so one shared namespace serves every condition."""
+        tp = self.tp
+        activation = tp.base_activation
+        if context:
+            activation = activation.clone()
+            activation.identifiers.load_values(context)
+        _NAMESPACE["base_activation"] = activation
+        try:
+            exec(tp.executable_code, _NAMESPACE)
+            value = _NAMESPACE["CEL"]
+        except Exception as exc:
+            raise CELEvalError("evaluation error", type(exc), exc.args) from exc
+        if isinstance(value, CELEvalError):
+            raise value
+        return value
+
+
 # cel-python 0.5 builds its lark parser once per process, with the tree class of the first
 # Environment created. The compiled runner (~5x faster) needs its own tree class, so this
 # environment must be created before any default one; if one came first, the parser is rebuilt
@@ -38,7 +172,7 @@ __all__ = ["Condition", "Verdict", "activation", "compile_condition"]
 _SHARED = CELParser.CEL_PARSER
 if _SHARED is not None and _SHARED.options.tree_class is not TranspilerTree:
     CELParser.CEL_PARSER = None
-_ENV = celpy.Environment(runner_class=celpy.CompiledRunner)
+_ENV = celpy.Environment(runner_class=_CompiledRunner)
 
 # The transpiler logs every evaluation error at ERROR; here such errors are expected ("no match")
 # and the rule set counts them and logs them rate-limited instead.
@@ -63,18 +197,19 @@ class Verdict(Enum):
 
 @dataclass(frozen=True)
 class Condition:
-    """A compiled CEL expression over ``event``."""
+    """A compiled CEL expression over ``event`` (on cel-python; ``NativeCondition`` is the
+    same on cel-expr-python)."""
 
     source: str
     runner: celpy.Runner
 
-    def evaluate(self, context: dict[str, Any]) -> tuple[Verdict, str]:
+    def evaluate(self, context: Activation) -> tuple[Verdict, str]:
         """Evaluate against an ``activation(event)``; never raises.
 
         Returns the verdict and, for ``ERROR`` and ``NOT_BOOL``, a short reason for the log.
         """
         try:
-            value = self.runner.evaluate(context)
+            value = self.runner.evaluate(context.converted(_celpy_context))
         except CELEvalError as exc:
             return Verdict.ERROR, _reason(exc)
         # A CEL error is a value in cel-python; it escapes as an exception only at the top.
@@ -82,7 +217,7 @@ class Condition:
             return Verdict.ERROR, f"{type(exc).__name__}: {exc}"
         if isinstance(value, bool | celtypes.BoolType):
             return (Verdict.MATCH if value else Verdict.NO_MATCH), ""
-        return Verdict.NOT_BOOL, f"returned {type(value).__name__}, not bool"
+        return Verdict.NOT_BOOL, f"returned {cel_type_name(value)}, not bool"
 
 
 def _reason(exc: CELEvalError) -> str:
@@ -90,18 +225,53 @@ def _reason(exc: CELEvalError) -> str:
     parts: list[str] = []
     args: Any = exc.args
     while isinstance(args, tuple) and args:
+        if isinstance(args[0], str) and args[0].startswith(_NO_OVERLOAD):
+            return _cel_names(args[0])  # an overload message: it names the types
         if isinstance(args[0], str):
             parts.append(args[0])
         args = args[2] if len(args) > 2 else None
-    return ": ".join(dict.fromkeys(p for p in parts if p != "evaluation error")) or str(exc)
+    reason = ": ".join(dict.fromkeys(p for p in parts if p != "evaluation error")) or str(exc)
+    return _cel_names(reason)
 
 
-def activation(event: dict[str, Any]) -> dict[str, Any]:
-    """The CEL context for one event: ``{"event": <event as CEL values>}``.
+_CELTYPE_CLASS = re.compile(r"<class 'celpy\.celtypes\.(\w+)Type'>")
+_CELTYPE_NAMES = {"Null": "null_type"}
 
-    Integers outside CEL's int64 range become doubles. Raises ``ValueError`` only for values
-    that are not JSON (events on the bus always are).
+
+def _cel_names(message: str) -> str:
+    """``message`` with cel-python's own type classes (``<class 'celpy.celtypes.ListType'>``,
+    from overloads it checks itself, such as ``!``) written as CEL's names (``list``)."""
+    return _CELTYPE_CLASS.sub(lambda m: _CELTYPE_NAMES.get(m.group(1), m.group(1).lower()), message)
+
+
+class Activation:
+    """One event as conditions see it, converted for each runtime on first use, then kept."""
+
+    __slots__ = ("_forms", "event")
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+        self._forms: dict[Callable[[dict[str, Any]], Any], Any] = {}
+
+    def converted(self, convert: Callable[[dict[str, Any]], Any]) -> Any:
+        """``convert(event)``, computed once per activation."""
+        try:
+            return self._forms[convert]
+        except KeyError:
+            form = self._forms[convert] = convert(self.event)
+            return form
+
+
+def activation(event: dict[str, Any]) -> Activation:
+    """The CEL context for one event; each runtime converts it once, when first asked.
+
+    Integers outside CEL's int64 range become doubles. Evaluating raises ``ValueError`` only
+    for values that are not JSON (events on the bus always are).
     """
+    return Activation(event)
+
+
+def _celpy_context(event: dict[str, Any]) -> dict[str, Any]:
     return {"event": _to_cel(event)}
 
 
@@ -236,7 +406,7 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
         except CELEvalError as exc:
             raise RuleError(f"{text!r} can never be evaluated: {_reason(exc)}") from exc
         if node is tree and not isinstance(value, bool | celtypes.BoolType):
-            raise RuleError(f"condition is always {type(value).__name__}, not bool")
+            raise RuleError(f"condition is always {cel_type_name(value)}, not bool")
 
 
 # Grammar nodes that span a whole sub-expression (operator nodes such as `addition_add` span
@@ -255,13 +425,15 @@ _COMPLETE = frozenset(
 )
 
 
-def compile_condition(source: str) -> Condition:
-    """Compile a CEL condition once.
+def compile_condition(source: str, *, native: bool = False) -> Condition:
+    """Compile a CEL condition once, for cel-python, or with ``native`` for cel-expr-python
+    (cel-python for the rare condition that runtime cannot compile).
 
     Raises ``RuleError`` without a location (the caller adds it) for a syntax error (with line
     and column inside the expression), an unknown variable, function or method, or a
     literal-only sub-expression that can never evaluate (``"a" + 1``). Type errors that depend
-    on the event surface at run time.
+    on the event surface at run time. With ``native``, raises ``ImportError`` when
+    cel-expr-python is not installed.
     """
     try:
         tree = _ENV.compile(source)
@@ -273,8 +445,14 @@ def compile_condition(source: str) -> Condition:
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
     _check_names(tree)
     _check_constants(source, tree)
+    if native:
+        from eventbus.rules._cel_native import compile_native
+
+        if (compiled := compile_native(source)) is not None:
+            return compiled
     if _calls_has(tree):
-        return Condition(source=source, runner=celpy.InterpretedRunner(_ENV, tree))
+        runner = celpy.InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
+        return Condition(source=source, runner=runner)
     return Condition(source=source, runner=_ENV.program(tree))
 
 

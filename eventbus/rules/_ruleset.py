@@ -30,11 +30,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
-from eventbus.rules._cel import Condition, Verdict, activation, compile_condition
+from eventbus.rules._cel import Activation, Condition, Verdict, activation, compile_condition
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._loader import KeyPath, ParsedFiles, RuleDoc, read_rule_files
 from eventbus.rules._pattern import CompiledPattern, compile_pattern
@@ -67,11 +74,12 @@ def _compile_match(value: object) -> CompiledPattern:
         ) from exc
 
 
-def _compile_when(value: object) -> Condition:
+def _compile_when(value: object, info: ValidationInfo) -> Condition:
     if not isinstance(value, str) or not value.strip():
         raise PydanticCustomError("cel", "a condition must be a non-empty CEL string")
+    native = bool(info.context and info.context.get("native_cel"))  # load_rules(native_cel=)
     try:
-        return compile_condition(value)
+        return compile_condition(value, native=native)
     except RuleError as exc:
         raise PydanticCustomError("cel", "{message}", {"message": exc.message}) from exc
 
@@ -147,7 +155,8 @@ class RuleSet:
     """An immutable set of compiled rules; ``route`` is pure apart from the error counters.
 
     ``cel_errors`` counts, per rule name, the events whose pattern matched but whose ``when``
-    condition failed at run time or did not return a bool (treated as no match).
+    condition failed at run time or did not return a bool (treated as no match);
+    ``native_cel`` says whether the conditions run on cel-expr-python.
     """
 
     def __init__(self, rules: Sequence[Rule]) -> None:
@@ -161,6 +170,7 @@ class RuleSet:
         self._unlogged: Counter[str] = Counter()
         # What the next load may reuse: each rule by its definition's text, each file by its.
         self._by_text: dict[bytes, Rule] = {}
+        self.native_cel = False  # set by the compiler: conditions on cel-expr-python
         self._files: ParsedFiles = {}
 
     def __len__(self) -> int:
@@ -170,7 +180,7 @@ class RuleSet:
         """Every route ``event`` takes, in rule order then target order; never raises for a
         JSON-shaped event (a failing condition means no match for that rule)."""
         routes: list[Route] = []
-        context: dict[str, Any] | None = None
+        context: Activation | None = None
         for position in self._index.match(event):
             rule = self._active[position]
             if rule.condition is not None:
@@ -248,7 +258,8 @@ class RuleSetHolder:
         known_targets: Collection[str] | None = None,
         check_delivery: DeliveryCheck | None = None,
     ) -> RuleSet:
-        """Load ``path`` and make it current; returns the new set.
+        """Load ``path`` and make it current, conditions on the current set's CEL runtime;
+        returns the new set.
 
         Rules whose definition did not change keep their compiled form (CEL compiles slowly:
         one changed rule of 10,000 reloads in a fraction of the cold build). Raises
@@ -259,6 +270,7 @@ class RuleSetHolder:
             known_targets=known_targets,
             check_delivery=check_delivery,
             previous=self._current,
+            native_cel=self._current.native_cel,
         )
         self._current = rules
         return rules
@@ -317,7 +329,11 @@ def _text(data: dict[str, Any]) -> bytes | None:
 
 
 def _compile_one(
-    doc: RuleDoc, position: int, text: bytes | None, reuse: Mapping[bytes, Rule]
+    doc: RuleDoc,
+    position: int,
+    text: bytes | None,
+    reuse: Mapping[bytes, Rule],
+    native_cel: bool,
 ) -> tuple[Rule | None, list[RuleError]]:
     data = doc.data
     if not isinstance(data, dict):
@@ -332,7 +348,7 @@ def _compile_one(
     name = data.get("name")
     label = name if isinstance(name, str) and name else None
     try:
-        spec = _RuleSpec.model_validate(data)
+        spec = _RuleSpec.model_validate(data, context={"native_cel": native_cel})
     except ValidationError as exc:
         prefix = "" if label else f"rule #{position}: "
         return None, _validation_errors(doc, label, prefix, exc)
@@ -373,10 +389,15 @@ with a message naming the field (the delivery code provides it: the rule engine 
 that an override is a mapping)."""
 
 
-def _check_delivery(doc: RuleDoc, name: str, check: DeliveryCheck | None) -> list[RuleError]:
+def _check_delivery(doc: RuleDoc, position: int, check: DeliveryCheck | None) -> list[RuleError]:
+    # Runs on the raw document, like _check_names: a rule with other problems still has its
+    # overrides checked, so every problem is reported in one pass.
     targets = doc.data.get("targets") if isinstance(doc.data, dict) else None
     if check is None or not isinstance(targets, list):
         return []
+    name = doc.data.get("name")
+    name = name if isinstance(name, str) and name else None
+    prefix = "" if name else f"rule #{position}: "
     errors = []
     for index, target in enumerate(targets):
         if not isinstance(target, dict) or not isinstance(target.get("delivery"), dict):
@@ -386,7 +407,7 @@ def _check_delivery(doc: RuleDoc, name: str, check: DeliveryCheck | None) -> lis
         except (EventBusError, ValueError) as exc:
             errors.append(
                 RuleError(
-                    f"targets.{index}.{exc}",
+                    f"{prefix}targets.{index}.{exc}",
                     file=doc.file,
                     line=doc.line(("targets", index, "delivery")),
                     rule=name,
@@ -442,6 +463,7 @@ def _compile(
     known_targets: Collection[str] | None,
     check_delivery: DeliveryCheck | None = None,
     previous: RuleSet | None = None,
+    native_cel: bool = False,
 ) -> RuleSet:
     errors: list[RuleError] = []
     rules: list[Rule] = []
@@ -452,11 +474,11 @@ def _compile(
     for doc in docs:
         positions[doc.file] += 1
         text = _text(doc.data) if isinstance(doc.data, dict) else None
-        rule, problems = _compile_one(doc, positions[doc.file], text, reuse)
+        rule, problems = _compile_one(doc, positions[doc.file], text, reuse, native_cel)
         errors.extend(problems)
         errors.extend(_check_names(doc, positions[doc.file], first, known_targets))
+        errors.extend(_check_delivery(doc, positions[doc.file], check_delivery))
         if rule is not None:
-            errors.extend(_check_delivery(doc, rule.name, check_delivery))
             rules.append(rule)
             if text is not None:
                 by_text[text] = rule
@@ -464,6 +486,7 @@ def _compile(
         raise RuleSetError(errors)
     rule_set = RuleSet(rules)
     rule_set._by_text = by_text
+    rule_set.native_cel = native_cel
     return rule_set
 
 
@@ -480,14 +503,18 @@ def compile_rules(
     source: str = "<memory>",
     known_targets: Collection[str] | None = None,
     check_delivery: DeliveryCheck | None = None,
+    native_cel: bool = False,
 ) -> RuleSet:
     """Compile rule documents already in memory (as parsed from YAML or JSON).
 
-    ``known_targets``, when given, is every target name a rule may use. Raises
-    ``RuleSetError`` carrying every problem found (errors name ``source`` and the rule; lines
-    are unknown for in-memory documents).
+    ``known_targets``, when given, is every target name a rule may use; ``native_cel`` runs
+    the conditions on cel-expr-python (``load_rules``). Raises ``RuleSetError`` carrying every
+    problem found (errors name ``source`` and the rule; lines are unknown for in-memory
+    documents).
     """
-    return _compile([RuleDoc(doc, source) for doc in docs], known_targets, check_delivery)
+    return _compile(
+        [RuleDoc(doc, source) for doc in docs], known_targets, check_delivery, None, native_cel
+    )
 
 
 @contextlib.contextmanager
@@ -511,21 +538,26 @@ def load_rules(
     known_targets: Collection[str] | None = None,
     check_delivery: DeliveryCheck | None = None,
     previous: RuleSet | None = None,
+    native_cel: bool = False,
 ) -> RuleSet:
     """Load a rule file, or every ``*.yaml``/``*.yml`` file of a directory (in name order).
+
+    With ``native_cel``, ``when`` conditions run on cel-expr-python (the ``fast-cel`` extra;
+    ``ImportError`` without it), which differs from cel-python where cel-python departs from
+    the CEL spec (docs/rules.md); they load and are checked the same way.
 
     Raises ``RuleSetError`` carrying every problem of every file at once, each naming file,
     line and rule: unreadable file, invalid YAML, duplicate keys, unknown keys, a malformed
     pattern, a CEL syntax error or unknown name, a bad JSONPath or template, a duplicate rule
     name (across files), an unknown target (when ``known_targets`` is given), an invalid
     ``delivery`` override (when ``check_delivery`` is given). Rules of ``previous`` whose
-    definition is unchanged are reused as compiled.
+    definition is unchanged are reused as compiled (``previous`` must use the same runtime).
     """
     parsed: ParsedFiles = {}
     with _collector_paused():
         docs, errors = read_rule_files(path, None if previous is None else previous._files, parsed)
         try:
-            rules = _compile(docs, known_targets, check_delivery, previous)
+            rules = _compile(docs, known_targets, check_delivery, previous, native_cel)
         except RuleSetError as exc:
             errors.extend(exc.errors)
     if errors:

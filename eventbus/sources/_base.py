@@ -1,9 +1,9 @@
-"""The source framework: what every source connector plugs into, in front of the bus.
+"""The source framework: what every source plugs into, in front of the bus.
 
     input (bucket, file, socket, timer, queue)
-      -> Source.run(ctx)            a connector turns input into CloudEvents
+      -> Source.run(ctx)            a source turns input into CloudEvents
       -> ctx.emit(event)            publishes onto the durable bus (returns once durable)
-      -> ctx.checkpoints.put(...)   only then the connector records its progress in Postgres
+      -> ctx.checkpoints.put(...)   only then the source records its progress in Postgres
 
 A crash between publish and checkpoint re-emits the same input on restart (at-least-once);
 nothing is ever checkpointed before it is on the bus, so nothing is lost. Input that cannot
@@ -66,7 +66,8 @@ class SourceContext:
     """Everything a running source may use; built by :class:`SourceRunner` (or a test)."""
 
     name: str
-    publish: Callable[[dict[str, Any]], Awaitable[None]]
+    publish: Callable[[dict[str, Any]], Awaitable[object]]
+    """Returns once the event is durable: True when the bus already held its source+id."""
     pool: asyncpg.Pool
     checkpoints: Checkpoints
     status: SourceStatus
@@ -74,17 +75,20 @@ class SourceContext:
     instance_id: str = field(default_factory=lambda: default_instance_id())
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("eventbus.sources"))
 
-    async def emit(self, event: dict[str, Any]) -> None:
+    async def emit(self, event: dict[str, Any]) -> bool:
         """Publish ``event`` onto the bus and count it.
 
-        Returns once the event is durable; raises BusUnavailable/BusError otherwise, in which
-        case the caller must not acknowledge or checkpoint the input behind it.
+        Returns once the event is durable: True when the bus already held its source+id (a
+        duplicate, stored earlier within the duplicate window). Raises BusUnavailable/BusError
+        otherwise, in which case the caller must not acknowledge or checkpoint the input
+        behind it.
         """
-        await self.publish(event)
+        duplicate = await self.publish(event) is True
         self.status.events += 1
         self.status.last_event_at = self.clock.now()
         if self.status.state == "backoff":
             self.status.state = "running"
+        return duplicate
 
     async def dead_letter(
         self, payload: bytes | str, error: str, meta: Mapping[str, Any] | None = None
@@ -114,7 +118,7 @@ def default_instance_id() -> str:
 
 
 class Source(Protocol):
-    """A running connector. ``run`` returns only when cancelled (or raises)."""
+    """A running source. ``run`` returns only when cancelled (or raises)."""
 
     name: str
     type: str

@@ -1,8 +1,8 @@
 """What every queue source shares: message → event conversion, and consume-with-backoff.
 
 Place in the pipeline: a broker (Kafka, NATS, JetStream, RabbitMQ, MQTT) → a queue source
-(``_kafka_src``, ``_nats_src``, ``_amqp_src``, ``_mqtt_src``, each the same shape: a config, the
-source, its consume loop) → :func:`publish_message` → the bus. Only after :func:`publish_message`
+(``_kafka``, ``_nats``, ``_rabbitmq``, ``_mqtt``, each the same shape: a spec, the source, its
+consume loop) → :func:`publish_message` → the bus. Only after :func:`publish_message`
 returns does a source acknowledge the message to its broker; a message that cannot become an
 event is kept in ``source_dead_letters`` and then acknowledged, so it neither blocks the stream
 nor vanishes. (Publishing, not delivering: delivery is what the dispatcher does to targets.)
@@ -25,30 +25,29 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import new_event, notification_to_events
+from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 
-__all__ = ["QueueConfig", "consume_forever", "events_of", "publish_message", "raw_event"]
+__all__ = ["QueueSourceSpec", "consume_forever", "events_of", "publish_message", "raw_event"]
 
 
-class QueueConfig(pydantic.BaseModel):
+class QueueSourceSpec(SourceSpec):
     """Settings every queue source has: how a message becomes an event."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["cloudevents", "s3-notification", "raw"] = "cloudevents"
     event_type: str | None = None
     event_source: str | None = None
 
     @pydantic.model_validator(mode="after")
-    def _raw_needs_type_and_source(self) -> QueueConfig:
+    def _raw_needs_type_and_source(self) -> QueueSourceSpec:
         if self.format == "raw" and not (self.event_type and self.event_source):
             raise ValueError("format 'raw' needs both 'event_type' and 'event_source'")
         return self
 
 
 def raw_event(
-    config: QueueConfig,
+    config: QueueSourceSpec,
     payload: bytes,
     *,
     id: str | None = None,
@@ -82,7 +81,7 @@ def raw_event(
 
 
 def events_of(
-    config: QueueConfig,
+    config: QueueSourceSpec,
     payload: bytes,
     cloudevent: Callable[[], dict[str, Any]],
     *,

@@ -1,9 +1,11 @@
 """Which sources exist and how they run: the registry of source types and the runner.
 
-The core never imports a specific connector: connectors register themselves with
-:func:`register_source`, and :func:`build_source` turns one YAML entry into a
-:class:`~eventbus.sources.Source`. :class:`SourceRunner` runs every source in its own task and
-restarts one that fails.
+The core never imports a specific source: the built-in types are registered in
+``eventbus/sources/__init__.py`` with :func:`register_source`, and :func:`build_source` turns
+one validated definition into a :class:`~eventbus.sources.Source`. The registry proper is
+``eventbus.config``'s, so ``load_connectors`` validates every source with its type's spec and
+reports file and line. :class:`SourceRunner` runs every source in its own task and restarts one
+that fails.
 """
 
 from __future__ import annotations
@@ -13,71 +15,71 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar, cast
 
 import asyncpg
 import pydantic
 
 from eventbus._errors import ConfigError
+from eventbus.config import SourceSpec, connector_adapter, connector_spec, register_connector
 from eventbus.sources._base import Source, SourceContext, SourceStatus, default_instance_id
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 
-__all__ = ["SourceRunner", "build_source", "register_source"]
+__all__ = ["SourceRunner", "build_source", "in_every_process", "register_source"]
+
+S = TypeVar("S", bound=SourceSpec)
 
 
-SourceFactory = Callable[[str, Any], Source]
-_REGISTRY: dict[str, tuple[SourceFactory, type[pydantic.BaseModel]]] = {}
+def register_source(type_name: str, spec: type[S], adapter: Callable[[S], Source]) -> None:
+    """Make ``type: <type_name>`` under ``sources:`` validate with ``spec`` (a SourceSpec with
+    ``extra="forbid"``) and run ``adapter(spec)``. Sets ``spec.type``. Raises ValueError when
+    the type or the spec is already registered, or the spec does not forbid extra fields."""
+    register_connector("source", type_name, spec, adapter)
 
 
-def register_source(
-    type_name: str, config_model: type[pydantic.BaseModel]
-) -> Callable[[type], type]:
-    """Class decorator: make ``type: <type_name>`` in connector YAML build this class.
+def build_source(spec: SourceSpec | Mapping[str, Any]) -> Source:
+    """Build one source from its validated spec, or from its YAML entry (``name``, ``type`` and
+    the type's settings), which is validated first.
 
-    The class is called as ``cls(name, config)`` with ``config`` an instance of
-    ``config_model``. Raises ValueError when the type is already registered or the model does
-    not forbid extra fields (a typo in YAML must be an error, not silently ignored).
+    Raises ConfigError naming the source and the offending field (``load_connectors`` reports
+    the same problems with file and line).
     """
-    if type_name in _REGISTRY:
-        raise ValueError(f"source type {type_name!r} is already registered")
-    if config_model.model_config.get("extra") != "forbid":
-        raise ValueError(f"config model of source type {type_name!r} must set extra='forbid'")
-
-    def decorate(cls: type) -> type:
-        _REGISTRY[type_name] = (cls, config_model)
-        return cls
-
-    return decorate
+    if not isinstance(spec, SourceSpec):
+        spec = _validate(spec)
+    adapter = cast(Callable[[SourceSpec], Source], connector_adapter("source", spec))
+    return adapter(spec)
 
 
-def build_source(spec: Mapping[str, Any]) -> Source:
-    """Build one source from its YAML entry (``name``, ``type`` and type-specific settings).
+def in_every_process(spec: SourceSpec) -> bool:
+    """Whether the source must run in every process of the service, not only where
+    ``run_sources`` is on: one that serves requests reaching any process (its adapter sets
+    ``in_every_process = True``), rather than reading input that must be read once."""
+    return bool(getattr(connector_adapter("source", spec), "in_every_process", False))
 
-    Raises ConfigError naming the source and the offending field.
-    """
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"a source must be a mapping, got {type(spec).__name__}")
-    name = spec.get("name")
+
+def _validate(entry: Mapping[str, Any]) -> SourceSpec:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"a source must be a mapping, got {type(entry).__name__}")
+    name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError("a source needs a non-empty string 'name'")
-    type_name = spec.get("type")
-    if type_name not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(
-            f"source {name!r}: field 'type': unknown type {type_name!r} (known: {known})"
-        )
-    factory, model = _REGISTRY[type_name]
-    settings = {k: v for k, v in spec.items() if k not in ("name", "type")}
+    type_name = entry.get("type")
     try:
-        config = model.model_validate(settings)
+        model = connector_spec("source", type_name)
+    except ConfigError as exc:
+        raise ConfigError(f"source {name!r}: field 'type': {exc}") from None
+    try:
+        # Registration guarantees a source type's spec is a SourceSpec.
+        return cast(
+            SourceSpec, model.model_validate({k: v for k, v in entry.items() if k != "type"})
+        )
     except pydantic.ValidationError as exc:
         problems = "; ".join(
             f"field {'.'.join(str(p) for p in err['loc']) or '(root)'!r}: {err['msg']}"
             for err in exc.errors()
         )
         raise ConfigError(f"source {name!r} ({type_name}): {problems}") from exc
-    return factory(name, config)
 
 
 class SourceRunner:
@@ -94,7 +96,7 @@ class SourceRunner:
         sources: Sequence[Source],
         *,
         pool: asyncpg.Pool,
-        publish: Callable[..., Awaitable[None]],
+        publish: Callable[..., Awaitable[object]],
         clock: Clock | None = None,
         instance_id: str | None = None,
         backoff_initial: float = 1.0,
@@ -105,6 +107,7 @@ class SourceRunner:
         if duplicates:
             raise ConfigError(f"duplicate source names: {', '.join(duplicates)}")
         self._sources = list(sources)
+        self._by_name = {s.name: s for s in sources}
         self._clock = clock or SystemClock()
         self._backoff = (backoff_initial, backoff_max)
         instance = instance_id or default_instance_id()
@@ -142,6 +145,10 @@ class SourceRunner:
         for ctx in self._contexts:
             if ctx.status.state != "failed":
                 ctx.status.state = "stopped"
+
+    def source(self, name: str) -> Source | None:
+        """The source named ``name``, or None."""
+        return self._by_name.get(name)
 
     def statuses(self) -> list[SourceStatus]:
         """The live status of every source, in configuration order."""

@@ -24,11 +24,11 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import new_event
+from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._runner import register_source
 
-__all__ = ["SyslogConfig", "SyslogSource", "parse_syslog"]
+__all__ = ["SyslogSource", "SyslogSourceSpec", "parse_syslog"]
 
 _FACILITIES = [
     "kern",
@@ -259,10 +259,8 @@ class _Framer:
         return f"message exceeds {self._limit} bytes"
 
 
-class SyslogConfig(pydantic.BaseModel):
+class SyslogSourceSpec(SourceSpec):
     """Settings of a ``type: syslog`` source."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     host: str = "127.0.0.1"
     port: int = pydantic.Field(default=5514, ge=1, le=65535)
@@ -285,13 +283,12 @@ class _Datagrams(asyncio.DatagramProtocol):
             self._ctx.status.last_error = "UDP queue full: datagram dropped"
 
 
-@register_source("syslog", SyslogConfig)
 class SyslogSource:
     """Receives syslog over UDP and/or TCP; see the module docstring for the guarantees."""
 
-    def __init__(self, name: str, config: SyslogConfig) -> None:
-        self.name = name
-        self.type = "syslog"
+    def __init__(self, config: SyslogSourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
 
     async def run(self, ctx: SourceContext) -> None:

@@ -30,21 +30,19 @@ import pydantic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError, StoreError
 from eventbus.cloudevents import new_event
+from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._runner import register_source
 from eventbus.sources._schedule import Schedule, missed_ticks, parse_schedule
 
-__all__ = ["TimerConfig", "TimerSource"]
+__all__ = ["TimerSource", "TimerSourceSpec"]
 
 _CHECKPOINT = "through"
 """Checkpoint key: every tick at or before this instant has been handled (fired or skipped)."""
 
 
-class TimerConfig(pydantic.BaseModel):
+class TimerSourceSpec(SourceSpec):
     """YAML settings of a ``type: timer`` source."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     schedule: str
     timezone: str = "UTC"
@@ -56,7 +54,7 @@ class TimerConfig(pydantic.BaseModel):
     claim_lease: float = pydantic.Field(30.0, gt=0, le=3600)
 
     @pydantic.model_validator(mode="after")
-    def _check_schedule(self) -> TimerConfig:
+    def _check_schedule(self) -> TimerSourceSpec:
         try:
             parsed = parse_schedule(self.schedule, self.timezone)
         except ConfigError as exc:
@@ -70,7 +68,6 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-@register_source("timer", TimerConfig)
 class TimerSource:
     """Fires the ticks of one schedule as CloudEvents; see the module docstring for guarantees.
 
@@ -79,9 +76,9 @@ class TimerSource:
     StoreError from the checkpoint store propagates to the runner, which restarts the source.
     """
 
-    def __init__(self, name: str, config: TimerConfig) -> None:
-        self.name = name
-        self.type = "timer"
+    def __init__(self, config: TimerSourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
         self._schedule: Schedule = parse_schedule(config.schedule, config.timezone)
 

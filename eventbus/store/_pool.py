@@ -9,6 +9,7 @@ record what happened; the API reads an event's history back with :meth:`Store.ev
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module  # the parameter named ssl is asyncpg's
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,15 +82,20 @@ class Store:
         audit_interval: float = 0.05,
         audit_buffer: int = 50_000,
         connect_timeout: float = 10.0,
+        password: str | None = None,
+        ssl: ssl_module.SSLContext | str | None = None,
     ) -> Store:
         """Connect to ``dsn``, migrate the schema and start the audit writer.
+
+        ``password`` replaces the DSN's; ``ssl`` is asyncpg's: an ``sslmode`` name or a context
+        (``DatabaseSettings.ssl_option``).
 
         Waits up to ``connect_timeout`` seconds for Postgres to accept connections. Raises
         StoreError if it does not, if it refuses us (bad credentials, unknown database), if the
         DSN is malformed, or if the schema cannot be migrated (including a database newer than
         this code); ConfigError if the audit settings are inconsistent.
         """
-        pool = await _connect(dsn, min_size, max_size, connect_timeout)
+        pool = await _connect(dsn, min_size, max_size, connect_timeout, password, ssl)
         try:
             audit = AuditWriter(
                 pool, batch=audit_batch, interval=audit_interval, capacity=audit_buffer
@@ -213,7 +219,14 @@ async def set_aside(
     )
 
 
-async def _connect(dsn: str, min_size: int, max_size: int, wait: float) -> asyncpg.Pool:
+async def _connect(
+    dsn: str,
+    min_size: int,
+    max_size: int,
+    wait: float,
+    password: str | None,
+    ssl: ssl_module.SSLContext | str | None,
+) -> asyncpg.Pool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     delay = 0.1
@@ -221,7 +234,12 @@ async def _connect(dsn: str, min_size: int, max_size: int, wait: float) -> async
         remaining = deadline - loop.time()
         try:
             return await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, timeout=max(remaining, 0.5)
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=max(remaining, 0.5),
+                password=password,
+                ssl=ssl,
             )
         except (asyncpg.ClientConfigurationError, ValueError) as exc:
             raise StoreError(f"invalid Postgres DSN {redact_url(dsn)}: {exc}") from exc

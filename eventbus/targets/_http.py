@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiohttp
 import orjson
+from pydantic import Field
 from yarl import URL
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus._oauth import OAuth2Client, TokenError
 from eventbus.cloudevents import from_http, to_http
+from eventbus.config import Secret, TargetSpec, TlsSpec
 from eventbus.targets._base import (
     MAX_ERROR_CHARS,
     Outcome,
@@ -35,9 +37,10 @@ from eventbus.targets._base import (
     trace_attempt,
     truncate_error,
 )
+from eventbus.targets._http_auth import HttpAuthSpec, auth_header_name, auth_headers
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
-__all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetConfig", "parse_retry_after"]
+__all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetSpec", "parse_retry_after"]
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +103,25 @@ class _SharedSession:
             await session.close()
 
 
-@dataclass(frozen=True)
-class HttpTargetConfig:
-    """One HTTP function endpoint.
+class HttpTargetSpec(TargetSpec):
+    """``type: http``: one function endpoint.
 
     ``mode`` picks the CloudEvents HTTP binding for CloudEvent payloads; ``timeout`` bounds one
     attempt (connect, send, answer, body) in seconds; ``concurrency`` caps requests in flight to
-    this endpoint; ``headers`` are added to every request (e.g. ``Authorization``); ``secret``
-    turns on Standard Webhooks signing (``whsec_<base64>`` or a raw string).
+    this endpoint; ``headers`` are added to every request; ``auth`` authenticates to the
+    function (Basic, API key, bearer, OAuth 2.0: ``_http_auth``); ``tls`` verifies an https
+    endpoint with its own CA, server name or client certificate (mutual TLS); ``secret`` (a
+    secret: ``{env: NAME}``, ``{file: PATH}`` or literal) turns on Standard Webhooks signing
+    (``whsec_<base64>`` or a raw string).
     """
 
-    name: str
-    url: str
+    url: str = Field(pattern=r"^https?://")
     mode: Literal["binary", "structured"] = "binary"
-    timeout: float = 10.0
-    concurrency: int = 16
-    headers: Mapping[str, str] = field(default_factory=dict)
-    secret: str | None = None
+    concurrency: int = Field(16, ge=1, le=1024)
+    headers: dict[str, str] = {}
+    secret: Secret | None = None
+    auth: HttpAuthSpec | None = None
+    tls: TlsSpec | None = None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -184,8 +189,9 @@ class HttpTarget:
     per-attempt timeout).
     """
 
-    def __init__(self, config: HttpTargetConfig) -> None:
-        """Raises ``ConfigError`` if the URL, timeout, concurrency, headers or secret is invalid."""
+    def __init__(self, config: HttpTargetSpec) -> None:
+        """Raises ``ConfigError`` if the URL, headers or secret is invalid, ``auth`` and
+        ``headers`` both set the same header, or a TLS file cannot be read."""
         where = f"HTTP target {config.name!r}"
         try:
             url = URL(config.url)
@@ -193,24 +199,31 @@ class HttpTarget:
             raise ConfigError(f"{where}: invalid url {config.url!r}: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
-        if config.mode not in ("binary", "structured"):
-            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
-        if not config.timeout > 0:
-            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
-        if config.concurrency < 1:
-            raise ConfigError(f"{where}: concurrency must be >= 1: {config.concurrency!r}")
-        for key, value in config.headers.items():
+        auth = {} if config.auth is None else auth_headers(config.auth)
+        for key, value in {**config.headers, **auth}.items():
             if any(c in key + value for c in "\r\n\0"):
                 raise ConfigError(f"{where}: header {key!r} contains a line break or NUL")
+        if config.auth is not None:
+            name = auth_header_name(config.auth)
+            if name.lower() in {k.lower() for k in config.headers}:
+                raise ConfigError(f"{where}: header {name!r} is set by both headers and auth")
+        if url.scheme == "http" and config.auth is not None:
+            log.warning("%s: credentials are sent over plain http to %s", where, url.host)
+        if url.scheme == "http" and config.tls is not None:
+            raise ConfigError(f"{where}: tls needs an https:// url")
         self.name = config.name
         self.config = config
         self._url = url
         self._structured = config.mode == "structured"
         try:
-            self._key = None if config.secret is None else decode_secret(config.secret)
+            self._key = None if config.secret is None else decode_secret(config.secret.reveal())
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-        self._static = {"User-Agent": "eventbus", **config.headers}
+        self._static = {"User-Agent": "eventbus", **config.headers, **auth}
+        self._oauth: OAuth2Client | None = None
+        if config.auth is not None and config.auth.oauth2 is not None:
+            self._oauth = OAuth2Client(config.auth.oauth2, where, config.timeout)
+        self._ssl: ssl.SSLContext | bool = True if config.tls is None else config.tls.context(where)
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.concurrency)
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
@@ -275,25 +288,49 @@ class HttpTarget:
             headers["webhook-signature"] = signature(self._key, signed_id, now, body)
         async with self._slots:
             start = time.perf_counter()
+            oauth = self._oauth
             try:
-                async with session.post(
-                    self._url,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                ) as resp:
-                    content, complete = await _read_bounded(resp.content)
-                    if not complete:
-                        resp.close()
-                    duration_ms = (time.perf_counter() - start) * 1000
-                    outcome = self._classify(resp, content, complete, duration_ms, msg_id)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                outcome = _outcome_from_error(
-                    exc, (time.perf_counter() - start) * 1000, self.config.timeout
-                )
+                if oauth is not None:
+                    token = await oauth.token(session)
+                    headers["Authorization"] = f"Bearer {token}"
+                outcome = await self._post(session, headers, body, msg_id, start)
+                if oauth is not None and outcome.status == 401:
+                    # The function refused the token (revoked, rotated keys): one new token,
+                    # one more try; a second 401 stands.
+                    headers["Authorization"] = f"Bearer {await oauth.refresh(session, token)}"
+                    outcome = await self._post(session, headers, body, msg_id, start)
+            except TokenError as exc:
+                duration_ms = (time.perf_counter() - start) * 1000
+                outcome = failure(str(exc), duration_ms, retryable=exc.retryable)
         trace_attempt(log, self.name, msg_id, attempt, outcome)
         return outcome
+
+    async def _post(
+        self,
+        session: aiohttp.ClientSession,
+        headers: dict[str, str],
+        body: bytes,
+        msg_id: str,
+        start: float,
+    ) -> Outcome:
+        try:
+            async with session.post(
+                self._url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+                ssl=self._ssl,
+            ) as resp:
+                content, complete = await _read_bounded(resp.content)
+                if not complete:
+                    resp.close()
+                duration_ms = (time.perf_counter() - start) * 1000
+                return self._classify(resp, content, complete, duration_ms, msg_id)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return _outcome_from_error(
+                exc, (time.perf_counter() - start) * 1000, self.config.timeout
+            )
 
     def _classify(
         self,

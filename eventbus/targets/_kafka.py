@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -27,13 +26,16 @@ from aiokafka import AIOKafkaProducer
 from jsonpath_ng import JSONPath
 from jsonpath_ng.exceptions import JSONPathError
 from jsonpath_ng.ext.parser import parse as parse_jsonpath
+from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.cloudevents import to_kafka
+from eventbus.config import Duration, KafkaAuth, TargetSpec
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
-__all__ = ["KafkaTarget", "KafkaTargetConfig"]
+__all__ = ["KafkaTarget", "KafkaTargetSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ _NOT_RETRYABLE = (
     kerr.TopicAuthorizationFailedError,
     kerr.ClusterAuthorizationFailedError,
     kerr.TransactionalIdAuthorizationFailed,
+    kerr.SaslAuthenticationFailed,
+    kerr.UnsupportedSaslMechanismError,
     kerr.PolicyViolationError,
     kerr.InvalidRequiredAcksError,
     kerr.UnsupportedVersionError,
@@ -56,9 +60,8 @@ _NOT_RETRYABLE = (
 """Errors that the same record meets again on every retry until an operator changes something."""
 
 
-@dataclass(frozen=True)
-class KafkaTargetConfig:
-    """One Kafka topic.
+class KafkaTargetSpec(TargetSpec, KafkaAuth):
+    """``type: kafka``: one Kafka topic.
 
     ``key`` is a JSONPath into the original event whose first match becomes the record key (a
     string as its UTF-8 text, any other JSON value as compact JSON, no match or ``null`` gives no
@@ -66,23 +69,24 @@ class KafkaTargetConfig:
     picks the Kafka binding's content mode for CloudEvent payloads. ``timeout`` bounds one
     attempt in seconds, including starting the producer when it is not running.
     ``idempotent`` False is only for brokers without InitProducerId (the Tansu test broker).
+    ``security_protocol``, ``sasl_mechanism``, ``username``, ``password`` and ``tls`` secure the
+    connection (:class:`eventbus.config.KafkaAuth`).
     """
 
-    name: str
     bootstrap_servers: str
     topic: str
     key: str | None = None
     mode: Literal["binary", "structured"] = "binary"
-    timeout: float = 10.0
+    timeout: Duration = Field(10.0, gt=0, le=300)
     idempotent: bool = True
 
 
-def _outcome_from_error(
-    exc: BaseException, duration_ms: float, config: KafkaTargetConfig
-) -> Outcome:
+def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTargetSpec) -> Outcome:
     """Translate an aiokafka/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError | kerr.KafkaTimeoutError | kerr.RequestTimedOutError):
         return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
+    if isinstance(exc, PermissionError):
+        return failure(f"Kafka refused the credentials: {exc}", duration_ms, retryable=False)
     if isinstance(exc, kerr.KafkaConnectionError | OSError):
         return failure(
             f"cannot reach Kafka at {config.bootstrap_servers}: {exc}", duration_ms, retryable=True
@@ -95,6 +99,9 @@ def _outcome_from_error(
             duration_ms,
             retryable=False,
         )
+    if isinstance(exc, kerr.SaslAuthenticationFailed | kerr.UnsupportedSaslMechanismError):
+        # Fails the same way until an operator fixes the credentials: dead-letter (replayable).
+        return failure(f"Kafka refused the credentials: {exc}", duration_ms, retryable=False)
     if isinstance(exc, kerr.UnknownTopicOrPartitionError):
         # The topic may be created later (brokers often disable auto-creation): worth a retry.
         return failure(f"topic {config.topic!r} does not exist", duration_ms, retryable=True)
@@ -130,8 +137,9 @@ class KafkaTarget:
     deduplicate on the ``ce_id`` header).
     """
 
-    def __init__(self, config: KafkaTargetConfig) -> None:
-        """Raises ``ConfigError`` if the servers, topic, key path, mode or timeout is invalid."""
+    def __init__(self, config: KafkaTargetSpec) -> None:
+        """Raises ``ConfigError`` if the servers, topic or key path is invalid, or a file of the
+        TLS block cannot be read."""
         where = f"Kafka target {config.name!r}"
         servers = [s.strip() for s in config.bootstrap_servers.split(",")]
         if not all(servers):
@@ -143,10 +151,6 @@ class KafkaTarget:
             raise ConfigError(
                 f"{where}: topic must be 1-249 characters of A-Z a-z 0-9 . _ -: {config.topic!r}"
             )
-        if config.mode not in ("binary", "structured"):
-            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
-        if not config.timeout > 0:
-            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
         self._key_path: JSONPath | None = None
         if config.key is not None:
             if not config.key.startswith("$"):
@@ -161,6 +165,7 @@ class KafkaTarget:
         self.name = config.name
         self.config = config
         self._servers = ",".join(servers)
+        self._security = kafka_options(config, where, config.timeout)
         self._structured = config.mode == "structured"
         self._producer = LazyClient(
             self._start,
@@ -197,13 +202,15 @@ class KafkaTarget:
     async def _start(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self._servers,
+            **self._security,
             acks="all",
             enable_idempotence=self.config.idempotent,
             request_timeout_ms=int(self.config.timeout * 1000),
         )
         try:
             async with asyncio.timeout(self.config.timeout):
-                await producer.start()
+                async with sasl_refusal():
+                    await producer.start()
         except BaseException:
             with contextlib.suppress(kerr.KafkaError, OSError):
                 await producer.stop()

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import re
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
@@ -35,14 +34,15 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
+from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
-from eventbus.config import redact_url
+from eventbus.config import Duration, NatsAuth, TargetSpec, redact_url
 from eventbus.targets._base import Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
-__all__ = ["NatsTarget", "NatsTargetConfig"]
+__all__ = ["NatsTarget", "NatsTargetSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +53,25 @@ _RETRY_WAIT = 0.1
 """Seconds between the two connection attempts one connect makes (nats-py makes at least two)."""
 
 
-@dataclass(frozen=True)
-class NatsTargetConfig:
-    """One NATS subject.
+class NatsTargetSpec(TargetSpec, NatsAuth):
+    """``type: nats``: one NATS subject.
 
     ``url`` is one server URL or several, comma-separated (``nats://``, ``tls://``, ``ws://``,
     ``wss://``). ``jetstream`` waits for a stream's publish acknowledgement instead of a core
     publish. ``mode`` picks the NATS binding's content mode for CloudEvent payloads.
     ``timeout`` bounds one attempt in seconds, including connecting when not connected.
+    ``user``/``password``, ``token``, ``nkey_seed``, ``creds`` and ``tls`` authenticate the
+    connection (:class:`eventbus.config.NatsAuth`).
     """
 
-    name: str
     url: str
     subject: str
     jetstream: bool = False
     mode: Literal["binary", "structured"] = "structured"
-    timeout: float = 5.0
+    timeout: Duration = Field(5.0, gt=0, le=300)
 
 
-def _outcome_from_error(
-    exc: BaseException, duration_ms: float, config: NatsTargetConfig
-) -> Outcome:
+def _outcome_from_error(exc: BaseException, duration_ms: float, config: NatsTargetSpec) -> Outcome:
     """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them."""
     if isinstance(exc, TimeoutError):
         return failure(f"timeout after {config.timeout:g}s", duration_ms, retryable=True)
@@ -124,8 +122,9 @@ class NatsTarget:
     of a structured event).
     """
 
-    def __init__(self, config: NatsTargetConfig) -> None:
-        """Raises ``ConfigError`` if the URL, subject, mode or timeout is invalid."""
+    def __init__(self, config: NatsTargetSpec) -> None:
+        """Raises ``ConfigError`` if the URL or subject is invalid, or a TLS or creds file
+        cannot be read."""
         where = f"NATS target {config.name!r}"
         servers = [s.strip() for s in config.url.split(",")]
         for server in servers:
@@ -145,13 +144,10 @@ class NatsTarget:
                 f"{where}: subject must be dot-separated tokens without spaces or wildcards "
                 f"(* >): {config.subject!r}"
             )
-        if config.mode not in ("binary", "structured"):
-            raise ConfigError(f"{where}: mode must be 'binary' or 'structured': {config.mode!r}")
-        if not config.timeout > 0:
-            raise ConfigError(f"{where}: timeout must be > 0 seconds: {config.timeout!r}")
         self.name = config.name
         self.config = config
         self._servers = servers
+        self._auth = config.nats_options(where)
         self._structured = config.mode == "structured"
         self._nc = LazyClient(
             self._connect,
@@ -220,6 +216,7 @@ class NatsTarget:
                     max_reconnect_attempts=1,
                     reconnect_time_wait=_RETRY_WAIT,  # type: ignore[arg-type]
                     error_cb=on_error,
+                    **self._auth,
                 )
         except BaseException as exc:
             with contextlib.suppress(nats.errors.Error, OSError):

@@ -15,6 +15,8 @@ from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
 
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
 RULES = """
 - name: orders
   match:
@@ -63,7 +65,7 @@ async def test_structured_binary_and_batch_modes_route_and_audit(
 ) -> None:
     svc = await _start(eventbus, receiver)
     status, body = await svc.post_event(_event("s"))
-    assert (status, body) == (202, {"id": "e-s", "source": "tests/shop"})
+    assert (status, body) == (202, {"id": "e-s", "source": "tests/shop", "duplicate": False})
 
     status, _, body = await svc.request(
         "POST",
@@ -115,6 +117,59 @@ async def test_structured_binary_and_batch_modes_route_and_audit(
     }
     assert {a["outcome"] for a in trail["attempts"]} == {"delivered"}
     assert all(a["status"] == 204 for a in trail["attempts"])
+
+
+async def _counted(svc: RunningService, via: str = "http", counter: str = "duplicate") -> float:
+    """``eventbus_events_<counter>_total{via}`` now."""
+    _, _, text = await svc.request("GET", "/metrics")
+    for line in text.splitlines():
+        if line.startswith(f'eventbus_events_{counter}_total{{via="{via}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("backend", ["nats", "kafka"])
+@pytest.mark.timeout(120)
+async def test_a_republished_event_is_answered_as_a_duplicate_when_it_is_one(
+    eventbus: StartService, receiver: Receiver, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """JetStream drops a source+id seen within its duplicate window: the answer says so
+    (body, header, metric) and the function gets the event once. Kafka keeps every copy, so
+    the answer says "not a duplicate" and the function gets it twice: never a silent drop."""
+    kafka = request.getfixturevalue("kafka_bootstrap") if backend == "kafka" else None
+    svc = await _start(eventbus, receiver, kafka_bootstrap=kafka)
+    dropped = backend == "nats"
+    before = await _counted(svc)
+
+    status, headers, body = await svc.request(
+        "POST", "/events", orjson.dumps(_event("d1")), {"Content-Type": STRUCTURED}
+    )
+    assert (status, body["duplicate"]) == (202, False)
+    assert "eventbus-duplicate" not in {name.lower() for name in headers}
+    status, headers, body = await svc.request(
+        "POST", "/events", orjson.dumps(_event("d1")), {"Content-Type": STRUCTURED}
+    )
+    assert (status, body) == (202, {"id": "e-d1", "source": "tests/shop", "duplicate": dropped})
+    assert headers.get("eventbus-duplicate") == ("true" if dropped else None)
+
+    batch = [_event("d1"), _event("d2"), {"specversion": "1.0", "id": "bad"}, _event("d2")]
+    status, headers, body = await svc.request(
+        "POST", "/events", orjson.dumps(batch), {"Content-Type": BATCH}
+    )
+    assert status == 207, body
+    assert [(e["status"], e.get("duplicate")) for e in body["entries"]] == [
+        (202, dropped),
+        (202, False),  # the first d2 of the batch is new; the one after it repeats it
+        (400, None),
+        (202, dropped),
+    ]
+    assert body["duplicates"] == 2 * dropped
+    assert headers.get("eventbus-duplicates") == ("2" if dropped else None)
+    assert await _counted(svc) - before == 3 * dropped
+
+    await svc.drained()
+    copies = sorted(r.cloudevent["id"] for r in receiver.requests if r.path == "/fn")
+    assert copies == (["e-d1", "e-d2"] if dropped else ["e-d1"] * 3 + ["e-d2"] * 2)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -170,6 +225,32 @@ async def test_function_reply_is_published_back_and_routed(
     assert int(routed[0].cloudevent["eventbushops"]) == 1  # binary mode: headers are strings
     trail = await svc.trail("tests/fn", "r-1", 1)
     assert trail["via"] == "reply"
+
+
+async def test_a_reply_the_bus_already_holds_is_counted_as_a_duplicate(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    """Replies (like sources) have nobody to answer: a duplicate is counted, by entry point."""
+    svc = await _start(eventbus, receiver)
+    before = await _counted(svc, "reply")
+    received = await _counted(svc, "reply", "received")
+    reply = {
+        "specversion": "1.0",
+        "id": "r-same",
+        "source": "tests/fn",
+        "type": "com.example.order.reply",
+        "data": {"ok": True},
+    }
+    receiver.script(Response(200, reply=reply), Response(200, reply=reply))
+    receiver.respond(Response(204))
+    for i in (1, 2):
+        status, _ = await svc.post_event(_event(f"twice-{i}"))
+        assert status == 202
+    await receiver.wait_for(1, path="/replies")
+    await svc.drained()  # both replies published and routed
+    assert [r.cloudevent["id"] for r in receiver.requests if r.path == "/replies"] == ["r-same"]
+    assert await _counted(svc, "reply") - before == 1
+    assert await _counted(svc, "reply", "received") - received == 1
 
 
 BAD_REQUESTS = [

@@ -4,6 +4,8 @@ exactly the routed events, the audit trail shows them."""
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -24,8 +26,12 @@ RULES = """
 
 @pytest.mark.timeout(120)
 async def test_kafka_bus_with_http_and_kafka_ingest(
-    eventbus: StartService, receiver: Receiver, kafka_bootstrap: str
+    eventbus: StartService,
+    receiver: Receiver,
+    kafka_bootstrap: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="eventbus")
     ingest_topic = unique_name("ingest")
     svc = await eventbus(
         rules=RULES,
@@ -39,6 +45,11 @@ async def test_kafka_bus_with_http_and_kafka_ingest(
             }
         },
     )
+
+    # the ingest is a source like the connectors' (here there are none)
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eventbus ready")]
+    assert ready == ["eventbus ready: 1 rules, 1 targets, 1 sources, bus=kafka"]
+    assert [(s.name, s.type) for s in svc.service.source_statuses()] == [("kafka-ingest", "kafka")]
 
     def ev(i: str, subject: str) -> dict[str, object]:
         return {

@@ -96,7 +96,9 @@ async def test_records_that_are_not_cloudevents_are_handed_out_rejected(
 
 
 async def test_connect_to_nothing_is_unavailable() -> None:
-    config = KafkaBusConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", connect_timeout=1.0)
+    config = KafkaBusConfig(
+        bootstrap_servers=f"127.0.0.1:{free_port()}", partitions=1, connect_timeout=1.0
+    )
     with pytest.raises(BusUnavailable):
         async with KafkaBus(config):
             pass
@@ -104,11 +106,11 @@ async def test_connect_to_nothing_is_unavailable() -> None:
 
 async def test_unparsable_bootstrap_servers_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="bootstrap_servers"):
-        async with KafkaBus(KafkaBusConfig(bootstrap_servers="127.0.0.1:port")):
+        async with KafkaBus(KafkaBusConfig(bootstrap_servers="127.0.0.1:port", partitions=1)):
             pass
 
 
 @pytest.mark.parametrize("field", ["fetch_wait", "poll_timeout", "commit_interval"])
 def test_non_positive_durations_are_config_errors(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        KafkaBusConfig(bootstrap_servers="127.0.0.1:9092", **{field: 0})
+        KafkaBusConfig(bootstrap_servers="127.0.0.1:9092", partitions=1, **{field: 0})

@@ -11,7 +11,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
-from eventbus.bus import NatsBus, NatsBusConfig, NatsServer, open_bus
+from eventbus.bus import DUPLICATE, NatsBus, NatsBusConfig, NatsServer, open_bus
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import event_key
 from tests.bus.conftest import event, nats_config, take, take_until
@@ -22,7 +22,7 @@ async def test_same_source_and_id_is_stored_once(nats_url: str) -> None:
     async with open_bus(nats_config(nats_url)) as bus:
         await bus.publish(event(1))
         await bus.publish(event(1))
-        assert await bus.publish_many([event(1, data="changed"), event(2)]) == [None, None]
+        assert await bus.publish_many([event(1, data="changed"), event(2)]) == [DUPLICATE, None]
         await bus.publish(event(1, source="/elsewhere"))
         got = await take(bus.messages(), 3)
         assert [(m.event["source"], m.event["id"]) for m in got] == [

@@ -282,7 +282,13 @@ async def test_publish_sets_every_attribute_in_either_mode(
         "--json",
         stdin="grüße\n".encode(),
     )
-    assert (code, out) == (0, {"id": "p-2", "source": "shop/cli"}), err
+    assert (code, out) == (0, {"id": "p-2", "source": "shop/cli", "duplicate": False}), err
+    # the bus holds shop/cli p-1 already (JetStream's duplicate window): said so, exit 0
+    code, out, err = await _cli("publish", *common, "--id", "p-1")
+    assert (code, out) == (
+        0,
+        "duplicate shop/cli p-1: already on the bus, not delivered again\n",
+    ), err
     first, second = sorted(
         (r.cloudevent or {} for r in await receiver.wait_for(2)), key=lambda e: e["id"]
     )

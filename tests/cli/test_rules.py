@@ -78,6 +78,23 @@ def test_test_command_explains_failing_conditions() -> None:
     assert "size" in report["condition_errors"]["thumbnails"]
 
 
+def test_test_command_on_cel_expr_python() -> None:
+    pytest.importorskip("cel_expr_python", reason="cel-expr-python (the fast-cel extra) is absent")
+    for event, failing in (("upload-no-size.json", ["thumbnails"]), ("upload-image.json", [])):
+        code, text = run(
+            _cli.test_command, EVENTS / event, DATA / "good", known_targets=KNOWN, native_cel=True
+        )
+        expected = orjson.loads(
+            run(_cli.test_command, EVENTS / event, DATA / "good", known_targets=KNOWN)[1]
+        )
+        report = orjson.loads(text)
+        assert (code, report["matched"], list(report["condition_errors"])) == (
+            0,
+            expected["matched"],
+            failing,
+        )
+
+
 @pytest.mark.parametrize(
     ("event_file", "message"),
     [
@@ -91,6 +108,38 @@ def test_test_command_bad_event_file(event_file: str, message: str) -> None:
     assert code == 2
     assert text.startswith("error: ") and message in text
     assert text.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ({"id": "1", "source": "s", "type": "t"}, "'specversion'"),
+        ({"specversion": "1.0", "id": "1", "source": "s"}, "'type'"),
+        ({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "time": "soon"}, "time"),
+        ({"specversion": "1.0", "id": "", "source": "s", "type": "t"}, "'id'"),
+    ],
+)
+def test_test_command_refuses_an_invalid_cloudevent(
+    tmp_path: Path, event: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_bytes(orjson.dumps(event))
+    code, text = run(_cli.test_command, path, DATA / "good", known_targets=KNOWN)
+    assert code == 2, text
+    assert text.startswith(f"error: event file {str(path)!r} is not a valid CloudEvent: ")
+    assert message in text and text.count("\n") == 1
+
+
+def test_test_command_routes_the_event_as_the_service_would(tmp_path: Path) -> None:
+    # null attributes count as absent (the JSON format): the payloads leave them out
+    event = orjson.loads((EVENTS / "upload-image.json").read_bytes())
+    path = tmp_path / "with-null.json"
+    path.write_bytes(orjson.dumps({**event, "subject": None}))
+    code, text = run(_cli.test_command, path, DATA / "good", known_targets=KNOWN)
+    assert code == 0, text
+    report = orjson.loads(text)
+    assert report["matched"] == ["thumbnails", "everything"]
+    assert "subject" not in report["routes"][1]["payload"]
 
 
 def test_test_command_with_invalid_rules() -> None:
@@ -144,6 +193,28 @@ def test_test_pattern_bad_input(
     code, text = run(_cli.test_pattern_command, pattern_file, EVENTS / event_file)
     assert code == 2
     assert text.startswith("error: ") and message in text
+
+
+def test_validate_reports_bad_delivery_overrides_with_the_other_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    connectors = tmp_path / "connectors.yaml"
+    connectors.write_text("targets:\n  - {name: fn, type: http, url: 'http://127.0.0.1:9/fn'}\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "- name: r\n"
+        "  when: '\"a\" + 1 == 2'\n"
+        "  targets:\n"
+        "    - {name: fn, delivery: {retry: sometimes}}\n"
+    )
+    args = parse(["validate", str(rules), "--connectors", str(connectors)])
+    assert args.func(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "2 problems found"
+    assert lines[0].startswith(f"{rules}:2 rule 'r': when: ")
+    assert lines[0].endswith("can never be evaluated: no such overload: string + int")
+    assert lines[1].startswith(f"{rules}:4 rule 'r': targets.0.delivery: ")
+    assert "unknown retry preset 'sometimes'" in lines[1]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

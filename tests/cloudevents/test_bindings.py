@@ -222,6 +222,20 @@ def test_to_http_binary_headers_are_percent_encoded() -> None:
     assert all(value.isascii() and value.isprintable() for value in headers.values())
 
 
+def test_to_http_encodes_only_what_the_binding_requires() -> None:
+    # Printable ASCII other than space, '"' and '%' is sent as is, so a reader that does not
+    # percent-decode (the SDK's v1 from_http) still reads such values right.
+    printable = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+    assert len(printable) == 92
+    event = new_event(type="com.example/t:1", source="/a/b?c=d&e#f", subject=printable)
+    headers, _ = to_http(event)
+    assert headers["ce-subject"] == printable
+    assert headers["ce-source"] == "/a/b?c=d&e#f"
+    assert headers["ce-type"] == "com.example/t:1"
+    headers, _ = to_http({**event, "subject": ' "%\u00fc'})
+    assert headers["ce-subject"] == "%20%22%25%C3%BC"
+
+
 def test_to_http_bodies() -> None:
     base = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
     assert to_http(base) == ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s",

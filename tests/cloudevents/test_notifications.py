@@ -68,7 +68,30 @@ def test_minio_event_name_prefix_is_dropped() -> None:
     body = {"EventName": "s3:ObjectRemoved:Delete", "Key": "photos/x", "Records": [record]}
     [event] = notification_to_events(orjson.dumps(body))
     assert event["type"] == "com.amazonaws.s3.ObjectRemoved:Delete"
-    assert event["source"] == "minio:s3..photos"
+    assert event["source"] == "minio:s3.photos"
+
+
+@pytest.mark.parametrize(
+    ("record", "region_key", "expected"),
+    [
+        ("s3", "awsRegion", "minio:s3.photos"),
+        ("oss", "region", "acs:oss.photos"),
+    ],
+)
+@pytest.mark.parametrize("region", ["", None, 7, "absent"])
+def test_a_notification_without_a_region_has_no_empty_part_in_its_source(
+    record: str, region_key: str, expected: str, region: object
+) -> None:
+    body = copy.deepcopy(S3_RECORD if record == "s3" else OSS_RECORD)
+    if record == "s3":
+        body["eventSource"] = "minio:s3"
+    if region == "absent":
+        del body[region_key]
+    else:
+        body[region_key] = region
+    [event] = notification_to_events({"Records" if record == "s3" else "events": [body]})
+    assert event["source"] == expected
+    assert ".." not in event["source"] and not event["source"].endswith(".")
 
 
 def test_oss_record_maps_in_the_same_spirit() -> None:

@@ -1,14 +1,26 @@
-"""Connector files: every file of the directory is read, and every problem is reported with
-file, line and connector, all at once."""
+"""Connector files: every file of the directory is read, every source and target is validated
+by its registered type's spec, and every problem is reported with file, line and connector, all
+at once."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
 
 import pytest
 
+# Importing the two packages registers the built-in source and target types.
+import eventbus.sources  # noqa: F401
 from eventbus._errors import ConfigError
-from eventbus.config import HttpTargetSpec, KafkaTargetSpec, load_connectors
+from eventbus.config import TargetSpec, load_connectors
+from eventbus.targets import (
+    HttpTargetSpec,
+    KafkaTargetSpec,
+    Outcome,
+    build_target,
+    register_target,
+)
 
 
 def test_connectors_load_every_file(tmp_path: Path) -> None:
@@ -23,7 +35,8 @@ def test_connectors_load_every_file(tmp_path: Path) -> None:
     c = load_connectors(tmp_path)
     assert isinstance(c.targets["fn"], HttpTargetSpec) and c.targets["fn"].timeout == 2.0
     assert isinstance(c.targets["k"], KafkaTargetSpec)
-    assert c.sources["tick"]["schedule"] == "rate(1 minute)"
+    assert c.sources["tick"].schedule == "rate(1 minute)"  # type: ignore[attr-defined]
+    assert c.sources["tick"].type == "timer"
     assert load_connectors(tmp_path / "missing").targets == {}
 
 
@@ -98,10 +111,163 @@ def test_a_malformed_url_from_the_environment_is_refused_with_its_line(tmp_path:
         load_connectors(tmp_path, env={})
     lines = str(info.value).replace(str(tmp_path) + "/", "").splitlines()
     assert lines == [
-        "a.yaml:2: targets.0.url: unknown key 'fallback'; write a string or "
-        "{env: NAME, default: VALUE} (target 'a')",
+        "a.yaml:2: targets.0.url: unknown key 'fallback'; write a string, {env: NAME}, "
+        "{env: NAME, default: VALUE} or {file: /path} (target 'a')",
         "a.yaml:3: targets.1.url: 'not a name' is not an environment variable name (target 'b')",
         "a.yaml:4: targets.2.url: the default of C must be a string (target 'c')",
-        "a.yaml:5: targets.3.url: unknown key 'file'; write a string or "
-        "{env: NAME, default: VALUE} (target 'd')",
+        "a.yaml:5: targets.3.url: cannot read /run/url: No such file or directory (target 'd')",
     ]
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path)
+    return str(info.value).replace(str(tmp_path) + "/", "").splitlines()
+
+
+# One bad setting of each source type's own, last in its entry: (type, settings, bad field).
+BAD_SOURCES = [
+    ("directory", {"path": "/tmp", "interval": 0}, "interval"),
+    ("s3-poll", {"bucket": "b", "region": "r", "prefix": "p", "interval": "often"}, "interval"),
+    ("log-tail", {"path": "/var/log/x.log", "start_at": "middle"}, "start_at"),
+    ("syslog", {"host": "127.0.0.1", "port": 70000}, "port"),
+    ("timer", {"schedule": "rate(1 minute)", "missed": "never"}, "missed"),
+    ("kafka", {"bootstrap_servers": "h:9092", "topics": ["t"], "start": "middle"}, "start"),
+    ("rabbitmq", {"queue": "q", "url": "http://h"}, "url"),
+    ("mqtt", {"topics": ["a"], "port": 0}, "port"),
+    ("nats", {"subjects": ["a"], "url": "http://h:4222"}, "url"),
+    ("jetstream", {"url": "nats://h:4222", "stream": "S", "batch": 0}, "batch"),
+]
+
+
+@pytest.mark.parametrize(("type_name", "settings", "field"), BAD_SOURCES)
+def test_a_source_types_bad_setting_is_reported_with_file_and_line(
+    tmp_path: Path, type_name: str, settings: dict[str, Any], field: str
+) -> None:
+    lines = ["sources:", "  - name: good", "    type: timer", "    schedule: 'rate(5 minutes)'"]
+    lines += ["  - name: bad", f"    type: {type_name}"]
+    lines += [f"    {key}: {value!r}" for key, value in settings.items()]
+    problems = _problems(tmp_path, "\n".join(lines) + "\n")
+    # the bad field is on the last line; the good source is not mentioned
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"c.yaml:{len(lines)}: sources.1.{field}: "), problems
+    assert problems[0].endswith("(source 'bad')"), problems
+
+
+def test_a_source_without_its_required_setting_points_at_the_entry(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, "sources:\n  - name: drop\n    type: directory\n")
+    assert problems == ["c.yaml:2: sources.0.path: Field required (source 'drop')"]
+
+
+def test_an_unknown_type_names_the_line_and_lists_the_registered_types(tmp_path: Path) -> None:
+    problems = _problems(
+        tmp_path,
+        "targets:\n  - name: q\n    type: carrier-pigeon\n"
+        "sources:\n  - name: s\n    type: telepathy\n",
+    )
+    target, source = sorted(problems)
+    assert target.startswith("c.yaml:3: targets.0.type: unknown target type 'carrier-pigeon'")
+    assert all(known in target for known in ("known: ", "http", "kafka", "nats"))
+    assert target.endswith("(target 'q')")
+    assert source.startswith("c.yaml:6: sources.0.type: unknown source type 'telepathy'")
+    for known in ("directory", "jetstream", "kafka", "log-tail", "mqtt", "nats", "rabbitmq"):
+        assert known in source
+    assert "s3-poll" in source and "syslog" in source and "timer" in source
+
+
+def test_duplicate_names_are_reported_per_kind(tmp_path: Path) -> None:
+    problems = _problems(
+        tmp_path,
+        "targets:\n"
+        "  - {name: same, type: http, url: 'http://127.0.0.1:1/'}\n"
+        "  - {name: same, type: nats, url: 'nats://127.0.0.1:1', subject: s}\n"
+        "sources:\n"
+        "  - {name: same, type: timer, schedule: 'rate(1 minute)'}\n"
+        "  - {name: same, type: directory, path: /tmp}\n",
+    )
+    assert problems == [
+        "c.yaml:3: target 'same': duplicate name (first at c.yaml:2)",
+        "c.yaml:6: source 'same': duplicate name (first at c.yaml:5)",
+    ]
+
+
+# --- a target type registered by a test, from YAML to a delivery ------------------------------
+
+
+class _MemorySpec(TargetSpec):
+    """``type: test-memory``: keeps what it is given, tagged with ``label``."""
+
+    label: str
+    timeout: float = 1.0
+
+
+class _MemoryTarget:
+    delivered: list[tuple[str, Any]] = []
+
+    def __init__(self, spec: _MemorySpec) -> None:
+        self.name = spec.name
+        self.spec = spec
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pass
+
+    async def deliver(
+        self, event: dict[str, Any], payload: Any, *, is_cloudevent: bool, attempt: int
+    ) -> Outcome:
+        self.delivered.append((self.spec.label, payload))
+        return Outcome(
+            delivered=True,
+            status=None,
+            duration_ms=0.0,
+            error=None,
+            retryable=False,
+            retry_after=None,
+        )
+
+
+register_target("test-memory", _MemorySpec, _MemoryTarget)
+
+
+async def test_a_registered_target_type_is_loaded_and_built_from_yaml(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text(
+        "targets:\n  - name: mem\n    type: test-memory\n    label: blue\n"
+        "    delivery: {retry: none}\n"
+    )
+    spec = load_connectors(tmp_path).targets["mem"]
+    assert isinstance(spec, _MemorySpec) and spec.type == "test-memory"
+    assert spec.delivery == {"retry": "none"} and spec.timeout == 1.0
+    async with build_target(spec) as target:
+        outcome = await target.deliver({"id": "1"}, {"n": 1}, is_cloudevent=False, attempt=1)
+    assert outcome.delivered
+    assert _MemoryTarget.delivered == [("blue", {"n": 1})]
+
+
+def test_a_registered_target_types_settings_are_checked_with_file_and_line(
+    tmp_path: Path,
+) -> None:
+    problems = _problems(
+        tmp_path, "targets:\n  - name: mem\n    type: test-memory\n    lable: blue\n"
+    )
+    assert sorted(problems) == [
+        "c.yaml:2: targets.0.label: Field required (target 'mem')",
+        "c.yaml:4: targets.0.lable: Extra inputs are not permitted (target 'mem')",
+    ]
+
+
+def test_a_target_type_cannot_be_registered_twice() -> None:
+    class Again(TargetSpec):
+        pass
+
+    with pytest.raises(ValueError, match="target type 'test-memory' is already registered"):
+        register_target("test-memory", Again, _MemoryTarget)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already registered as target type 'test-memory'"):
+        register_target("test-memory-2", _MemorySpec, _MemoryTarget)

@@ -17,6 +17,7 @@ def test_defaults_are_the_embedded_default() -> None:
     assert s.embedded_bus and s.embedded_database
     assert s.listen.host == "127.0.0.1" and s.listen.port == 8080
     assert s.max_event_size == 256 * 1024 and s.api_keys == ()
+    assert s.router.cel == "cel-python"
 
 
 def test_file_and_environment_overrides(tmp_path: Path) -> None:
@@ -26,10 +27,11 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         "EVENTBUS_LISTEN__PORT": "9100",
         "EVENTBUS_DATABASE__URL": "postgresql://x/y",
         "EVENTBUS_BUS__NATS__STREAM": "S2",
+        "EVENTBUS_ROUTER__CEL": "cel-expr-python",
         "PATH": "/bin",
     }
     s = load_settings(cfg, env=env)
-    assert s.listen.port == 9100
+    assert s.listen.port == 9100 and s.router.cel == "cel-expr-python"
     assert s.database.url == "postgresql://x/y" and not s.embedded_database
     assert s.bus.nats.url == "nats://a:4222" and s.bus.nats.stream == "S2"
     assert not s.embedded_bus
@@ -48,6 +50,7 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("api_keys:\n  - {name: a, key: short}\n", "eventbus.yaml:2: api_keys.0.key"),
         ("bus:\n  kafka:\n    fetch_wait: 0\n", "eventbus.yaml:3: bus.kafka.fetch_wait: Input"),
         ("bus:\n  kafka:\n    linger_ms: -1\n", "eventbus.yaml:3: bus.kafka.linger_ms: Input"),
+        ("router:\n  cel: fast\n", "eventbus.yaml:2: router.cel: Input should be 'cel-python'"),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:

@@ -21,7 +21,7 @@ from eventbus.delivery import (
     target_policies,
 )
 from eventbus.store import EmbeddedPostgres, Store
-from eventbus.targets import HttpTarget, HttpTargetConfig
+from eventbus.targets import HttpTarget, HttpTargetSpec
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.wait import eventually
 
@@ -38,7 +38,7 @@ async def rig(database_dsn: str, receiver: Receiver) -> AsyncIterator[Rig]:
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(await Store.open(database_dsn))
         target = await stack.enter_async_context(
-            HttpTarget(HttpTargetConfig(name="fn", url=receiver.url("/fn"), timeout=10))
+            HttpTarget(HttpTargetSpec(name="fn", url=receiver.url("/fn"), timeout=10))
         )
         policies = target_policies(
             {

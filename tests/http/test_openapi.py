@@ -3,6 +3,7 @@ bodies a running service answers with are the ones it documents (real NATS and P
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from tests.fixtures.wait import eventually
 ROUTES: dict[tuple[str, str], str] = {
     ("post", "/events"): "Accepted|BatchAccepted",
     ("post", "/notifications"): "BatchAccepted",
+    ("post", "/hooks/{name}"): "Accepted",
     ("get", "/events/trail"): "EventTrail",
     ("get", "/rules"): "Rules",
     ("post", "/rules/reload"): "Reloaded",
@@ -84,6 +86,67 @@ async def test_the_document_describes_every_route(eventbus: StartService) -> Non
         "title": "Limit",
     }
     assert listing["since"]["anyOf"][0] == {"type": "string", "format": "date-time"}
+
+
+async def test_the_ingest_routes_are_described_in_every_content_mode(
+    eventbus: StartService,
+) -> None:
+    svc = await eventbus(rules="[]", targets=[])
+    _, _, document = await svc.request("GET", "/openapi.json")
+    events = document["paths"]["/events"]["post"]
+    content = events["requestBody"]["content"]
+    assert content["application/cloudevents+json"]["schema"] == {
+        "$ref": "#/components/schemas/CloudEvent"
+    }
+    assert content["application/cloudevents-batch+json"]["schema"]["items"] == {
+        "$ref": "#/components/schemas/CloudEvent"
+    }
+    assert "Binary mode" in content["*/*"]["schema"]["description"]
+    headers = {p["name"]: p for p in events["parameters"] if p["in"] == "header"}
+    assert sorted(headers) == ["ce-id", "ce-source", "ce-specversion", "ce-type"]
+    assert headers["ce-specversion"]["schema"]["enum"] == ["1.0"]
+    answers = events["responses"]
+    assert {"202", "207", "400", "413", "415", "503"} <= set(answers)
+    assert set(answers["202"]["headers"]) == {"Eventbus-Duplicate", "Eventbus-Duplicates"}
+    notifications = document["paths"]["/notifications"]["post"]
+    assert list(notifications["requestBody"]["content"]) == ["application/json"]
+    assert set(notifications["responses"]["202"]["headers"]) == {"Eventbus-Duplicates"}
+    for operation in (events, notifications):
+        for status, answer in operation["responses"].items():
+            if status.startswith(("4", "5")):
+                assert list(answer["content"]) == ["application/problem+json"], status
+    components = document["components"]["schemas"]
+    for name in ("CloudEvent", "Accepted", "BatchAccepted", "BatchEntry", "ProblemDetails"):
+        assert name in components, name
+    assert "duplicate" in components["Accepted"]["required"]
+
+
+async def test_the_docs_page_works_offline(eventbus: StartService) -> None:
+    """/docs loads Swagger UI from the service itself: every asset it names is a local path
+    the service serves, and no part of the page points off the machine."""
+    svc = await eventbus(rules="[]", targets=[])
+    status, headers, page = await svc.request("GET", "/docs")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert len(assets) == 3
+    assert not re.search(r"https?://", page)
+    assert "validatorUrl" in page and '"validatorUrl": null' in page
+    assert "url: '/openapi.json'" in page
+    kinds = {}
+    for asset in assets:
+        assert asset.startswith("/docs/assets/"), asset
+        async with svc.session.get(svc.url + asset) as resp:
+            assert resp.status == 200, asset
+            kinds[asset.rsplit(".", 1)[1]] = (resp.content_type, await resp.read())
+    assert kinds["js"][0] == "text/javascript" and b"SwaggerUIBundle" in kinds["js"][1]
+    assert kinds["css"][0] == "text/css" and b".swagger-ui" in kinds["css"][1]
+    assert kinds["png"][0] == "image/png"
+    async with svc.session.get(svc.url + "/docs/assets/LICENSE") as resp:
+        assert resp.status == 200 and b"Apache License" in await resp.read()
+    status, _, _ = await svc.request("GET", "/docs/assets/../_api.py")
+    assert status == 404
+    _, _, document = await svc.request("GET", "/openapi.json")
+    assert document["openapi"].startswith("3.1")  # which Swagger UI 4 cannot render
 
 
 def _check(model: type[BaseModel], body: Any) -> None:

@@ -13,7 +13,7 @@ import yaml
 from celpy.adapter import json_to_cel
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel import Verdict, activation, compile_condition
+from eventbus.rules._cel import Verdict, _celpy_context, activation, compile_condition
 
 TABLE = yaml.safe_load((Path(__file__).parent / "data" / "cel_cases.yaml").read_text())
 EVENT: dict[str, Any] = TABLE["event"]
@@ -27,6 +27,8 @@ def test_evaluation(case: dict[str, str]) -> None:
     verdict, reason = condition.evaluate(activation(EVENT))
     assert verdict is Verdict(case["outcome"])
     assert bool(reason) == (verdict in (Verdict.ERROR, Verdict.NOT_BOOL))
+    assert case.get("reason", "") in reason
+    assert "NotImplementedType" not in reason and "<class" not in reason
 
 
 @pytest.mark.parametrize("case", LOAD_ERRORS, ids=[c["expr"] for c in LOAD_ERRORS])
@@ -34,6 +36,7 @@ def test_load_errors(case: dict[str, str]) -> None:
     with pytest.raises(RuleError) as caught:
         compile_condition(case["expr"])
     assert case["load_error"] in caught.value.message
+    assert "NotImplementedType" not in caught.value.message
     # The rule compiler adds file, line and rule; the condition knows none of them.
     assert (caught.value.file, caught.value.line, caught.value.rule) == (None, None, None)
 
@@ -62,7 +65,7 @@ def test_evaluation_survives_odd_events() -> None:
 
 def test_activation_matches_cel_pythons_own_conversion() -> None:
     event = {**EVENT, "extra": {"flag": True, "ratio": 0.5, "neg": -3, "list": [[1], {"a": None}]}}
-    converted = activation(event)["event"]
+    converted = activation(event).converted(_celpy_context)["event"]
     assert converted == json_to_cel(event)
     assert repr(converted) == repr(json_to_cel(event))
 

@@ -121,6 +121,31 @@ def test_targets_are_checked_only_when_known() -> None:
     ]
 
 
+def test_delivery_overrides_are_checked_with_every_other_problem(tmp_path: Path) -> None:
+    def check(target: str, override: Any) -> None:
+        if "retry" in override:
+            raise ValueError(f"delivery: retry: not for {target}")
+
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "- name: broken\n"
+        "  match: {type: [{prefix: 1}]}\n"
+        "  targets:\n"
+        "    - {name: fn, delivery: {retry: forever}}\n"
+        "- targets: [{name: fn, delivery: {retry: 3}}]\n"
+        "- name: fine\n"
+        "  targets: [{name: fn, delivery: {timeout: 5}}]\n"
+    )
+    with pytest.raises(RuleSetError) as caught:
+        load_rules(path, check_delivery=check)
+    assert [(e.line, e.rule, e.message) for e in caught.value.errors] == [
+        (2, "broken", "match: type: prefix takes a string, got a number"),
+        (4, "broken", "targets.0.delivery: retry: not for fn"),
+        (5, None, "rule #2: name: missing required key 'name'"),
+        (5, None, "rule #2: targets.0.delivery: retry: not for fn"),
+    ]
+
+
 def test_missing_path() -> None:
     with pytest.raises(RuleSetError) as caught:
         load_rules(DATA / "absent")

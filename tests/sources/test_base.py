@@ -9,6 +9,7 @@ import pydantic
 import pytest
 
 from eventbus._errors import ConfigError
+from eventbus.config import SourceSpec
 from eventbus.sources import (
     SourceContext,
     SourceRunner,
@@ -19,8 +20,7 @@ from eventbus.sources import (
 from tests.sources._harness import ManualClock
 
 
-class _EchoConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+class _EchoSpec(SourceSpec):
     count: int = 1
     fail_times: int = 0
 
@@ -30,9 +30,9 @@ class _Echo:
 
     runs = 0
 
-    def __init__(self, name: str, config: _EchoConfig) -> None:
-        self.name = name
-        self.type = "test-echo"
+    def __init__(self, config: _EchoSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
 
     async def run(self, ctx: SourceContext) -> None:
@@ -44,35 +44,41 @@ class _Echo:
         await asyncio.Event().wait()
 
 
-register_source("test-echo", _EchoConfig)(_Echo)
+register_source("test-echo", _EchoSpec, _Echo)
+
+
+class _BrokenSpec(SourceSpec):
+    pass
 
 
 class _Broken:
-    def __init__(self, name: str, config: _EchoConfig) -> None:
-        self.name = name
-        self.type = "test-broken"
+    def __init__(self, config: _BrokenSpec) -> None:
+        self.name = config.name
+        self.type = config.type
 
     async def run(self, ctx: SourceContext) -> None:
         raise ConfigError("directory does not exist")
 
 
-register_source("test-broken", _EchoConfig)(_Broken)
+register_source("test-broken", _BrokenSpec, _Broken)
 
 
 def test_build_source_validates_settings() -> None:
     src = build_source({"name": "a", "type": "test-echo", "count": 3})
     assert isinstance(src, _Echo)
     assert src.name == "a"
+    assert src.type == "test-echo"  # from the registration, written nowhere else
     assert src.config.count == 3
 
 
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ({"name": "a", "type": "nope"}, "unknown type 'nope'"),
+        ({"name": "a", "type": "nope"}, r"unknown source type 'nope' \(known: .*test-echo"),
         ({"type": "test-echo"}, "non-empty string 'name'"),
         ({"name": "a", "type": "test-echo", "cuont": 1}, "field 'cuont'"),
         ({"name": "a", "type": "test-echo", "count": "many"}, "field 'count'"),
+        ({"name": "a b", "type": "test-echo"}, "field 'name'"),
         (["not", "a", "mapping"], "must be a mapping"),
     ],
 )
@@ -81,14 +87,24 @@ def test_build_source_rejects_bad_specs(spec: Any, fragment: str) -> None:
         build_source(spec)
 
 
-def test_register_requires_forbid_and_unique_names() -> None:
-    class Loose(pydantic.BaseModel):
-        x: int = 0
+def test_register_requires_a_forbidding_source_spec_and_unique_names() -> None:
+    class Loose(SourceSpec):
+        model_config = pydantic.ConfigDict(extra="allow")
+
+    class NotASource(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+
+    class Again(SourceSpec):
+        pass
 
     with pytest.raises(ValueError, match="extra='forbid'"):
-        register_source("test-loose", Loose)
+        register_source("test-loose", Loose, _Echo)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must derive from SourceSpec"):
+        register_source("test-plain", NotASource, _Echo)  # type: ignore[arg-type, type-var]
     with pytest.raises(ValueError, match="already registered"):
-        register_source("test-echo", _EchoConfig)
+        register_source("test-echo", Again, _Echo)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already registered as source type 'test-echo'"):
+        register_source("test-echo-again", _EchoSpec, _Echo)
 
 
 def test_status_to_dict() -> None:

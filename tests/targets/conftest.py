@@ -29,11 +29,11 @@ from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import from_kafka, from_nats
 from eventbus.targets import (
     HttpTarget,
-    HttpTargetConfig,
+    HttpTargetSpec,
     KafkaTarget,
-    KafkaTargetConfig,
+    KafkaTargetSpec,
     NatsTarget,
-    NatsTargetConfig,
+    NatsTargetSpec,
     Target,
 )
 from tests.fixtures.kafka import TansuBroker
@@ -122,8 +122,8 @@ class HttpKit:
         self.receiver = receiver
         self.address = urlsplit(receiver.url()).netloc
 
-    def config(self, **overrides: Any) -> HttpTargetConfig:
-        return HttpTargetConfig(name=NAME, url=self.receiver.url("/fn"), **overrides)
+    def config(self, **overrides: Any) -> HttpTargetSpec:
+        return HttpTargetSpec(name=NAME, url=self.receiver.url("/fn"), **overrides)
 
     def target(self, **overrides: Any) -> Target:
         return HttpTarget(self.config(**overrides))
@@ -181,10 +181,10 @@ class KafkaKit:
         self.address = broker.bootstrap
         self.topic = unique_name("target")
 
-    def config(self, **overrides: Any) -> KafkaTargetConfig:
+    def config(self, **overrides: Any) -> KafkaTargetSpec:
         # Tansu has no InitProducerId: the default idempotent producer cannot start there.
         settings: dict[str, Any] = {"topic": self.topic, "idempotent": False, **overrides}
-        return KafkaTargetConfig(name=NAME, bootstrap_servers=self.broker.bootstrap, **settings)
+        return KafkaTargetSpec(name=NAME, bootstrap_servers=self.broker.bootstrap, **settings)
 
     def target(self, **overrides: Any) -> Target:
         return KafkaTarget(self.config(**overrides))
@@ -226,8 +226,8 @@ class NatsKit:
         self._client: Client | None = None
         self._sub: Subscription | None = None
 
-    def config(self, **overrides: Any) -> NatsTargetConfig:
-        return NatsTargetConfig(
+    def config(self, **overrides: Any) -> NatsTargetSpec:
+        return NatsTargetSpec(
             name=NAME,
             url=self.server.url,
             subject=self.subject,

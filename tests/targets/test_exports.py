@@ -2,25 +2,25 @@
 
 from eventbus.targets import (
     HttpTarget,
-    HttpTargetConfig,
+    HttpTargetSpec,
     KafkaTarget,
-    KafkaTargetConfig,
+    KafkaTargetSpec,
     NatsTarget,
-    NatsTargetConfig,
+    NatsTargetSpec,
     Target,
 )
 
 
 def test_http_target_is_a_target() -> None:
     # Checked by mypy: the assignment fails type checking if HttpTarget drifts from Target.
-    target: Target = HttpTarget(HttpTargetConfig(name="fn", url="http://127.0.0.1:1/"))
+    target: Target = HttpTarget(HttpTargetSpec(name="fn", url="http://127.0.0.1:1/"))
     assert target.name == "fn"
 
 
 def test_kafka_and_nats_targets_are_targets() -> None:
     # Checked by mypy, as above: these assignments fail type checking if an adapter drifts.
     kafka: Target = KafkaTarget(
-        KafkaTargetConfig(name="k", bootstrap_servers="127.0.0.1:1", topic="t")
+        KafkaTargetSpec(name="k", bootstrap_servers="127.0.0.1:1", topic="t")
     )
-    nats: Target = NatsTarget(NatsTargetConfig(name="n", url="nats://127.0.0.1:1", subject="s"))
+    nats: Target = NatsTarget(NatsTargetSpec(name="n", url="nats://127.0.0.1:1", subject="s"))
     assert (kafka.name, nats.name) == ("k", "n")

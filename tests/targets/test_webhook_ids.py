@@ -14,7 +14,7 @@ import uvicorn
 from standardwebhooks import Webhook
 
 from eventbus.bus._nats_server import free_port
-from eventbus.targets import HttpTarget, HttpTargetConfig, verify_webhook
+from eventbus.targets import HttpTarget, HttpTargetSpec, verify_webhook
 from tests.fixtures.service import uvicorn_started
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -79,7 +79,7 @@ async def test_non_ascii_event_id_signature_verifies_at_an_asgi_server(
     asgi_receiver: AsgiReceiver, mode: str, transformed: bool
 ) -> None:
     event = _event("commande-é-☕ 100%")
-    config = HttpTargetConfig(name="fn", url=asgi_receiver.url, mode=mode, secret=SECRET)  # type: ignore[arg-type]
+    config = HttpTargetSpec(name="fn", url=asgi_receiver.url, mode=mode, secret=SECRET)  # type: ignore[arg-type]
     async with HttpTarget(config) as target:
         payload = {"summary": "x"} if transformed else event
         outcome = await target.deliver(event, payload, is_cloudevent=not transformed, attempt=1)
@@ -94,7 +94,7 @@ async def test_non_ascii_event_id_signature_verifies_at_an_asgi_server(
 
 
 async def test_plain_ascii_ids_are_sent_unchanged(asgi_receiver: AsgiReceiver) -> None:
-    config = HttpTargetConfig(name="fn", url=asgi_receiver.url, secret=SECRET)
+    config = HttpTargetSpec(name="fn", url=asgi_receiver.url, secret=SECRET)
     async with HttpTarget(config) as target:
         assert (
             await target.deliver(_event("evt-1"), _event("evt-1"), is_cloudevent=True, attempt=1)

@@ -29,27 +29,27 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_nats
-from eventbus.config import redact_url
+from eventbus.config import NatsAuth, redact_url
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["JetStreamSource", "JetStreamSourceConfig", "NatsSource", "NatsSourceConfig"]
+__all__ = ["JetStreamSource", "JetStreamSourceSpec", "NatsSource", "NatsSourceSpec"]
 
 _TRANSIENT = (nats.errors.Error, OSError)
 log = logging.getLogger("eventbus.sources")
 
 
-class NatsSourceConfig(QueueConfig):
-    """YAML settings of a ``type: nats`` source (core NATS subscription)."""
+class NatsSourceSpec(QueueSourceSpec, NatsAuth):
+    """YAML settings of a ``type: nats`` source (core NATS subscription); credentials and
+    ``tls`` as every NATS connection (:class:`eventbus.config.NatsAuth`)."""
 
     url: str = pydantic.Field(pattern=r"^(nats|tls)://")
     subjects: list[str] = pydantic.Field(min_length=1)
     queue_group: str | None = None
 
 
-class JetStreamSourceConfig(QueueConfig):
+class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
     """YAML settings of a ``type: jetstream`` source.
 
     ``durable`` defaults to ``eventbus-source-<name>``; ``subject`` filters the stream (all of
@@ -63,7 +63,7 @@ class JetStreamSourceConfig(QueueConfig):
     batch: int = pydantic.Field(100, ge=1, le=10_000)
 
 
-async def _connect(url: str, closed: asyncio.Event) -> Client:
+async def _connect(url: str, closed: asyncio.Event, auth: dict[str, Any]) -> Client:
     async def on_closed() -> None:
         closed.set()
 
@@ -82,10 +82,11 @@ async def _connect(url: str, closed: asyncio.Event) -> Client:
         connect_timeout=5,
         closed_cb=on_closed,
         error_cb=on_error,
+        **auth,
     )
 
 
-_C = TypeVar("_C", bound=NatsSourceConfig | JetStreamSourceConfig)
+_C = TypeVar("_C", bound=NatsSourceSpec | JetStreamSourceSpec)
 
 
 class _NatsConsumer(ABC, Generic[_C]):
@@ -95,11 +96,12 @@ class _NatsConsumer(ABC, Generic[_C]):
     ``backoff.reset()`` once it is reading.
     """
 
-    type: str
-
-    def __init__(self, name: str, config: _C) -> None:
-        self.name = name
+    def __init__(self, config: _C) -> None:
+        """Raises ConfigError when a TLS or creds file cannot be read."""
+        self.name = config.name
+        self.type = config.type
         self.config = config
+        self._auth = config.nats_options(f"{config.type} source {config.name!r}")
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the server goes away."""
@@ -107,7 +109,7 @@ class _NatsConsumer(ABC, Generic[_C]):
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
         closed = asyncio.Event()
-        nc = await _connect(self.config.url, closed)
+        nc = await _connect(self.config.url, closed, self._auth)
         try:
             await self._serve(ctx, nc, closed, backoff)
         finally:
@@ -121,11 +123,8 @@ class _NatsConsumer(ABC, Generic[_C]):
         """Read from ``nc`` and publish until ``closed`` is set."""
 
 
-@register_source("nats", NatsSourceConfig)
-class NatsSource(_NatsConsumer[NatsSourceConfig]):
+class NatsSource(_NatsConsumer[NatsSourceSpec]):
     """Subscribes to core NATS subjects; at-most-once (see the module docstring)."""
-
-    type = "nats"
 
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
@@ -157,11 +156,8 @@ class NatsSource(_NatsConsumer[NatsSourceConfig]):
                 await retry.wait()
 
 
-@register_source("jetstream", JetStreamSourceConfig)
-class JetStreamSource(_NatsConsumer[JetStreamSourceConfig]):
+class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
     """Reads a durable pull consumer; acks after publishing (at-least-once)."""
-
-    type = "jetstream"
 
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff

@@ -33,11 +33,11 @@ import pydantic
 
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import new_event
+from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._runner import register_source
 
-__all__ = ["LogTailConfig", "LogTailSource"]
+__all__ = ["LogTailSource", "LogTailSourceSpec"]
 
 _NAMESPACE = uuid.UUID("0b6d3e2a-93f1-4c57-8e0d-5a4c1f2b7e90")
 # Bytes read per file per cycle: bounds memory and keeps one busy file from starving others.
@@ -74,10 +74,8 @@ class BatchConfig(pydantic.BaseModel):
     max_wait: float = pydantic.Field(default=1.0, gt=0)
 
 
-class LogTailConfig(pydantic.BaseModel):
+class LogTailSourceSpec(SourceSpec):
     """Settings of a ``type: log-tail`` source."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     path: str = pydantic.Field(min_length=1)
     interval: float = pydantic.Field(default=0.5, gt=0)
@@ -138,13 +136,12 @@ def _read_chunk(handle: BinaryIO, pos: int) -> tuple[bytes, int, bytes]:
     return os.pread(fd, _CHUNK, pos), os.fstat(fd).st_size, os.pread(fd, _HEAD, 0)
 
 
-@register_source("log-tail", LogTailConfig)
 class LogTailSource:
     """Tails every file matching a glob; see the module docstring for the guarantees."""
 
-    def __init__(self, name: str, config: LogTailConfig) -> None:
-        self.name = name
-        self.type = "log-tail"
+    def __init__(self, config: LogTailSourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
         self._continuation = (
             None if config.multiline is None else re.compile(config.multiline.pattern)

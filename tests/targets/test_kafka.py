@@ -15,7 +15,7 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.cloudevents import from_kafka
-from eventbus.targets import KafkaTarget, KafkaTargetConfig, Outcome
+from eventbus.targets import KafkaTarget, KafkaTargetSpec, Outcome
 from tests.fixtures.nats import unique_name
 from tests.targets.conftest import read_records
 
@@ -34,12 +34,12 @@ def make_event(**overrides: Any) -> dict[str, Any]:
     return event
 
 
-def config_for(bootstrap: str, **kw: Any) -> KafkaTargetConfig:
+def config_for(bootstrap: str, **kw: Any) -> KafkaTargetSpec:
     kw.setdefault("topic", unique_name("target"))
-    return KafkaTargetConfig(name="orders", bootstrap_servers=bootstrap, idempotent=False, **kw)
+    return KafkaTargetSpec(name="orders", bootstrap_servers=bootstrap, idempotent=False, **kw)
 
 
-async def deliver_once(config: KafkaTargetConfig, event: dict[str, Any], payload: Any) -> Outcome:
+async def deliver_once(config: KafkaTargetSpec, event: dict[str, Any], payload: Any) -> Outcome:
     async with KafkaTarget(config) as target:
         return await target.deliver(event, payload, is_cloudevent=payload is event, attempt=1)
 
@@ -172,7 +172,7 @@ async def test_idempotent_producer_on_a_broker_without_it_is_a_retryable_failure
 ) -> None:
     # Tansu lacks InitProducerId: the default idempotent producer cannot start there. The
     # failure must be an outcome, not an exception, and must not stop the target from closing.
-    config = KafkaTargetConfig(
+    config = KafkaTargetSpec(
         name="orders", bootstrap_servers=kafka_bootstrap, topic=unique_name("target")
     )
     event = make_event()
@@ -200,4 +200,4 @@ def test_bad_config_names_the_target(field: str, value: Any, reason: str) -> Non
     settings: dict[str, Any] = {"bootstrap_servers": "127.0.0.1:9092", "topic": "t"}
     settings[field] = value
     with pytest.raises(ConfigError, match=rf"Kafka target 'orders'.*{reason}"):
-        KafkaTarget(KafkaTargetConfig(name="orders", **settings))
+        KafkaTarget(KafkaTargetSpec(name="orders", **settings))

@@ -16,44 +16,62 @@ client holds. MQTT 3.1.1 carries no headers, so ``format: cloudevents`` means st
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 import pydantic
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from eventbus.cloudevents import decode
+from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["MqttSource", "MqttSourceConfig"]
+__all__ = ["MqttSource", "MqttSourceSpec"]
 
 
-class MqttSourceConfig(QueueConfig):
+class MqttSourceSpec(QueueSourceSpec):
     """YAML settings of a ``type: mqtt`` source.
 
     ``client_id`` defaults to ``eventbus-source-<name>``; it names the broker-side session, so
     it must be stable across restarts and unique per source (instances of one source cannot
-    share it: MQTT 3.1.1 has no shared subscriptions).
+    share it: MQTT 3.1.1 has no shared subscriptions). ``protocol`` is the MQTT version,
+    chosen explicitly (``"3.1.1"`` or ``"5"``); ``password`` is a secret; ``tls`` turns on TLS
+    (``port`` then defaults to 8883).
     """
 
     host: str = "127.0.0.1"
-    port: int = pydantic.Field(1883, ge=1, le=65_535)
+    port: int | None = pydantic.Field(None, ge=1, le=65_535)
     username: str | None = None
-    password: str | None = None
+    password: Secret | None = None
     topics: list[str] = pydantic.Field(min_length=1)
     client_id: str | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    tls: TlsSpec | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _password_needs_username(self) -> MqttSourceSpec:
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs a username")
+        return self
 
 
-@register_source("mqtt", MqttSourceConfig)
+SESSION_EXPIRY = 7 * 24 * 3600
+"""MQTT 5: seconds the broker keeps the session (and messages for it) while the source is away."""
+
+
 class MqttSource:
     """Subscribes to ``topics`` at QoS 1; acks after publishing (see the module docstring)."""
 
-    def __init__(self, name: str, config: MqttSourceConfig) -> None:
-        self.name = name
-        self.type = "mqtt"
+    def __init__(self, config: MqttSourceSpec) -> None:
+        """Raises ConfigError when a file of the TLS block cannot be read."""
+        self.name = config.name
+        self.type = config.type
         self.config = config
+        where = f"mqtt source {config.name!r}"
+        self._tls = None if config.tls is None else config.tls.context(where)
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the broker goes away."""
@@ -62,15 +80,28 @@ class MqttSource:
         )
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
+        cfg = self.config
+        session: dict[str, Any]
+        if cfg.protocol == "5":
+            # MQTT 5 keeps a session by its expiry interval instead of clean_session.
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = SESSION_EXPIRY
+            session = {
+                "protocol": aiomqtt.ProtocolVersion.V5,
+                "clean_start": False,
+                "properties": properties,
+            }
+        else:
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
         client = aiomqtt.Client(
-            self.config.host,
-            self.config.port,
-            username=self.config.username,
-            password=self.config.password,
-            identifier=self.config.client_id or f"eventbus-source-{self.name}",
-            clean_session=False,
-            protocol=aiomqtt.ProtocolVersion.V311,
+            cfg.host,
+            cfg.port or (1883 if self._tls is None else 8883),
+            username=cfg.username,
+            password=None if cfg.password is None else cfg.password.reveal(),
+            identifier=cfg.client_id or f"eventbus-source-{self.name}",
             timeout=10,
+            tls_context=self._tls,
+            **session,
         )
         # aiomqtt exposes no manual ack; its paho client does (see the module docstring).
         paho = client._client

@@ -27,19 +27,17 @@ import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
 from eventbus.cloudevents import s3_event
+from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
-from eventbus.sources._runner import register_source
 
-__all__ = ["S3PollConfig", "S3PollSource"]
+__all__ = ["S3PollSource", "S3PollSourceSpec"]
 
 _NAMESPACE = uuid.UUID("5a3c9b1e-2f0d-4c4e-9a53-0b7e2f6d1c11")
 
 
-class S3PollConfig(pydantic.BaseModel):
+class S3PollSourceSpec(SourceSpec):
     """Settings of a ``type: s3-poll`` source."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     bucket: str = pydantic.Field(min_length=1)
     prefix: str = ""
@@ -54,16 +52,15 @@ class _BucketError(Exception):
     """Listing the bucket failed for a reason that may pass (network, 5xx, throttling)."""
 
 
-@register_source("s3-poll", S3PollConfig)
 class S3PollSource:
     """Polls one bucket prefix; see the module docstring for the guarantees.
 
     Raises ConfigError when botocore rejects the endpoint URL or region.
     """
 
-    def __init__(self, name: str, config: S3PollConfig) -> None:
-        self.name = name
-        self.type = "s3-poll"
+    def __init__(self, config: S3PollSourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
         secret = config.secret_access_key
         try:
@@ -77,7 +74,7 @@ class S3PollSource:
             )
         except (ValueError, botocore.exceptions.BotoCoreError) as exc:
             # botocore checks endpoint_url and region only here; report them like other fields.
-            raise ConfigError(f"source {name!r} (s3-poll): {exc}") from exc
+            raise ConfigError(f"source {self.name!r} ({self.type}): {exc}") from exc
 
     async def run(self, ctx: SourceContext) -> None:
         """Poll until cancelled. Transient failures (bucket or bus unreachable) are reported in

@@ -19,20 +19,22 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from eventbus._errors import BusError, StoreError
+from eventbus._oauth import kafka_options, sasl_refusal
 from eventbus.cloudevents import from_kafka
+from eventbus.config import KafkaAuth
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["KafkaSource", "KafkaSourceConfig"]
+__all__ = ["KafkaSource", "KafkaSourceSpec"]
 
 
-class KafkaSourceConfig(QueueConfig):
+class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
     """YAML settings of a ``type: kafka`` source.
 
     ``group_id`` defaults to ``eventbus-source-<name>``; ``start`` is where a group with no
-    committed offset begins.
+    committed offset begins. ``security_protocol``, ``sasl_mechanism``, ``username``,
+    ``password`` and ``tls`` secure the connection (:class:`eventbus.config.KafkaAuth`).
     """
 
     bootstrap_servers: str
@@ -42,29 +44,34 @@ class KafkaSourceConfig(QueueConfig):
     batch: int = pydantic.Field(100, ge=1, le=10_000)
 
 
-@register_source("kafka", KafkaSourceConfig)
 class KafkaSource:
     """Consumes ``topics`` in a consumer group; commits an offset only after publishing."""
 
-    def __init__(self, name: str, config: KafkaSourceConfig) -> None:
-        self.name = name
-        self.type = "kafka"
+    def __init__(self, config: KafkaSourceSpec) -> None:
+        """Raises ConfigError when a file of the TLS block cannot be read."""
+        self.name = config.name
+        self.type = config.type
         self.config = config
+        self._security = kafka_options(config, f"kafka source {config.name!r}")
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; broker or bus outages back off and reconnect."""
-        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), (KafkaError,))
+        # OSError: sockets, and credentials the broker refused (sasl_refusal).
+        transient = (KafkaError, OSError)
+        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), transient)
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
         consumer = AIOKafkaConsumer(
             *self.config.topics,
             bootstrap_servers=self.config.bootstrap_servers,
+            **self._security,
             group_id=self.config.group_id or f"eventbus-source-{self.name}",
             enable_auto_commit=False,
             auto_offset_reset=self.config.start,
         )
         try:
-            await consumer.start()
+            async with sasl_refusal():
+                await consumer.start()
             ctx.status.state = "running"
             backoff.reset()
             while True:

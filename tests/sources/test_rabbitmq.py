@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractChannel
 
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
-from eventbus.sources._amqp_src import RabbitMQSource
+from eventbus.sources._rabbitmq import RabbitMQSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool

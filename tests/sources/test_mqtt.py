@@ -14,7 +14,7 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
-from eventbus.sources._mqtt_src import MqttSource
+from eventbus.sources._mqtt import MqttSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool

@@ -25,7 +25,7 @@ from nats.js.api import StreamConfig
 from eventbus._errors import ConfigError
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import from_nats
-from eventbus.targets import NatsTarget, NatsTargetConfig, Outcome
+from eventbus.targets import NatsTarget, NatsTargetSpec, Outcome
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 
@@ -44,9 +44,9 @@ def make_event(**overrides: Any) -> dict[str, Any]:
     return event
 
 
-def config_for(url: str, **kw: Any) -> NatsTargetConfig:
+def config_for(url: str, **kw: Any) -> NatsTargetSpec:
     kw.setdefault("subject", f"orders.{unique_name('s')}")
-    return NatsTargetConfig(name="orders", url=url, **kw)
+    return NatsTargetSpec(name="orders", url=url, **kw)
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ async def next_message(sub: Subscription) -> Msg:
     return await sub.next_msg(timeout=5)
 
 
-async def deliver_once(config: NatsTargetConfig, event: dict[str, Any], payload: Any) -> Outcome:
+async def deliver_once(config: NatsTargetSpec, event: dict[str, Any], payload: Any) -> Outcome:
     async with NatsTarget(config) as target:
         return await target.deliver(event, payload, is_cloudevent=payload is event, attempt=1)
 
@@ -237,11 +237,11 @@ def test_bad_config_names_the_target(field: str, value: Any, reason: str) -> Non
     settings: dict[str, Any] = {"url": "nats://127.0.0.1:4222", "subject": "orders.created"}
     settings[field] = value
     with pytest.raises(ConfigError, match=rf"NATS target 'orders'.*{reason}"):
-        NatsTarget(NatsTargetConfig(name="orders", **settings))
+        NatsTarget(NatsTargetSpec(name="orders", **settings))
 
 
 def test_several_server_urls_are_accepted() -> None:
-    config = NatsTargetConfig(
+    config = NatsTargetSpec(
         name="orders", url="nats://127.0.0.1:4222, tls://127.0.0.1:4223", subject="a.b-c_d"
     )
     assert NatsTarget(config).name == "orders"

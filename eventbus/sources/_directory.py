@@ -22,19 +22,17 @@ from typing import Any
 import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
+from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
-from eventbus.sources._runner import register_source
 
-__all__ = ["DirectoryConfig", "DirectorySource"]
+__all__ = ["DirectorySource", "DirectorySourceSpec"]
 
 _NAMESPACE = uuid.UUID("8d0f3c62-7b1a-4e59-a2c4-3f6e9d1b0a77")
 
 
-class DirectoryConfig(pydantic.BaseModel):
+class DirectorySourceSpec(SourceSpec):
     """Settings of a ``type: directory`` source."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     path: str = pydantic.Field(min_length=1)
     pattern: str = "*"
@@ -44,13 +42,12 @@ class DirectoryConfig(pydantic.BaseModel):
     content_max_bytes: int = pydantic.Field(default=0, ge=0, le=1024 * 1024)
 
 
-@register_source("directory", DirectoryConfig)
 class DirectorySource:
     """Watches one directory by polling; see the module docstring for the guarantees."""
 
-    def __init__(self, name: str, config: DirectoryConfig) -> None:
-        self.name = name
-        self.type = "directory"
+    def __init__(self, config: DirectorySourceSpec) -> None:
+        self.name = config.name
+        self.type = config.type
         self.config = config
         self.root = Path(config.path).expanduser().resolve()
 

@@ -16,7 +16,7 @@ from nats.js.api import ConsumerInfo
 from eventbus._errors import ConfigError
 from eventbus.bus import NatsServer
 from eventbus.sources import SourceContext, build_source
-from eventbus.sources._nats_src import JetStreamSource, NatsSource
+from eventbus.sources._nats import JetStreamSource, NatsSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool

@@ -12,6 +12,7 @@ its durability and arguments stay the operator's). Several instances on one queu
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import aio_pika
@@ -19,25 +20,41 @@ import aiormq
 import pydantic
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError
+from yarl import URL
 
 from eventbus._errors import BusError, StoreError
 from eventbus.cloudevents import from_kafka
+from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueConfig, consume_forever, events_of, publish_message
-from eventbus.sources._runner import register_source
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
-__all__ = ["RabbitMQSource", "RabbitMQSourceConfig"]
+__all__ = ["RabbitMQSource", "RabbitMQSourceSpec"]
 
 _PREFIXES = ("cloudEvents:", "cloudEvents_")
 
 
-class RabbitMQSourceConfig(QueueConfig):
-    """YAML settings of a ``type: rabbitmq`` source."""
+class RabbitMQSourceSpec(QueueSourceSpec):
+    """YAML settings of a ``type: rabbitmq`` source.
+
+    ``username`` and ``password`` (a secret) replace those of the URL; ``tls`` (with an
+    ``amqps://`` URL) verifies the broker with its own CA, name or client certificate.
+    """
 
     url: str = pydantic.Field(pattern=r"^amqps?://")
     queue: str = pydantic.Field(min_length=1)
     prefetch: int = pydantic.Field(100, ge=1, le=65_535)
+    username: str | None = None
+    password: Secret | None = None
+    tls: TlsSpec | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _tls_needs_amqps(self) -> RabbitMQSourceSpec:
+        if self.tls is not None and not self.url.startswith("amqps://"):
+            raise ValueError("tls needs an amqps:// url")
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs a username")
+        return self
 
 
 def _cloudevent(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -55,14 +72,22 @@ def _cloudevent(message: AbstractIncomingMessage) -> dict[str, Any]:
     return from_kafka(headers, None, message.body)
 
 
-@register_source("rabbitmq", RabbitMQSourceConfig)
 class RabbitMQSource:
     """Consumes one queue; acks after publishing, rejects with requeue when that fails."""
 
-    def __init__(self, name: str, config: RabbitMQSourceConfig) -> None:
-        self.name = name
-        self.type = "rabbitmq"
+    def __init__(self, config: RabbitMQSourceSpec) -> None:
+        """Raises ConfigError when a file of the TLS block cannot be read."""
+        self.name = config.name
+        self.type = config.type
         self.config = config
+        url = URL(config.url)
+        if config.username is not None:
+            url = url.with_user(config.username)
+        if config.password is not None:
+            url = url.with_password(config.password.reveal())
+        self._url = url
+        where = f"rabbitmq source {config.name!r}"
+        self._ssl: ssl.SSLContext | None = None if config.tls is None else config.tls.context(where)
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the broker goes away."""
@@ -70,7 +95,7 @@ class RabbitMQSource:
         await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), transient)
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
-        connection = await aio_pika.connect(self.config.url, timeout=10)
+        connection = await aio_pika.connect(self._url, timeout=10, ssl_context=self._ssl)
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.config.prefetch)

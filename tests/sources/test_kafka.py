@@ -14,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
-from eventbus.sources._kafka_src import KafkaSource
+from eventbus.sources._kafka import KafkaSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool

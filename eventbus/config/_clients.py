@@ -1,0 +1,171 @@
+"""How eventbus authenticates to the brokers it connects to: the credential fields shared by every
+NATS connection (the bus, the ``nats`` and ``jetstream`` sources, the NATS target) and every
+Kafka connection (the bus, ``kafka_ingest``, the Kafka source and target), and their
+translation into the keyword arguments of the client library (nats-py, aiokafka); and the
+OAuth 2.0 client-credentials block that HTTP targets and Kafka's OAUTHBEARER share (its
+tokens are fetched by ``eventbus._oauth``).
+
+Where it sits: below the pipeline. Settings and connector specs inherit these fields, so the
+YAML is the same wherever a connection is written; the adapters call ``nats_options`` /
+``kafka_options`` and pass the result to the library. Nothing here imports a driver: the
+options are plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from eventbus._errors import ConfigError
+from eventbus.config._secrets import Secret
+from eventbus.config._tls import TlsSpec
+
+__all__ = ["KafkaAuth", "NatsAuth", "OAuth2Spec"]
+
+_NKEY_SEED = re.compile(r"S[A-Z][A-Z2-7]{56}")
+
+
+class OAuth2Spec(BaseModel):
+    """OAuth 2.0 client credentials (RFC 6749 section 4.4): where to get a token, as whom, for
+    what; ``tls`` verifies the token endpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    token_url: str = Field(pattern=r"^https?://")
+    client_id: str = Field(min_length=1)
+    client_secret: Secret
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    tls: TlsSpec | None = None
+
+
+class NatsAuth(BaseModel):
+    """Credentials of a NATS connection: at most one of ``user``/``password``, ``token``,
+    ``nkey_seed`` (an ``SU...`` seed) or ``creds`` (a ``.creds`` file: JWT and seed), plus an
+    optional ``tls`` block (also for a ``tls://`` URL).
+
+    Credentials in the URL (``nats://user:pass@host``) still work; these keep them out of it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    user: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    nkey_seed: Secret | None = None
+    creds: Path | None = None
+    tls: TlsSpec | None = None
+
+    @field_validator("nkey_seed")
+    @classmethod
+    def _a_seed(cls, seed: Secret | None) -> Secret | None:
+        # Checked here so a mistake stops the start, not every connection attempt; the message
+        # never quotes the value.
+        if seed is not None and _NKEY_SEED.fullmatch(seed.reveal()) is None:
+            raise ValueError("not an NKey seed (58 characters starting with S, as SUA...)")
+        return seed
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> NatsAuth:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password go together")
+        given = [
+            name
+            for name, value in (
+                ("user", self.user),
+                ("token", self.token),
+                ("nkey_seed", self.nkey_seed),
+                ("creds", self.creds),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"choose one way to authenticate, not {' and '.join(given)}")
+        return self
+
+    def nats_options(self, where: str) -> dict[str, Any]:
+        """nats-py ``connect`` keyword arguments for these credentials.
+
+        Raises ConfigError naming ``where`` when the TLS files or the creds file cannot be read.
+        """
+        options: dict[str, Any] = {}
+        if self.user is not None and self.password is not None:
+            options["user"] = self.user
+            options["password"] = self.password.reveal()
+        if self.token is not None:
+            options["token"] = self.token.reveal()
+        if self.nkey_seed is not None:
+            options["nkeys_seed_str"] = self.nkey_seed.reveal()
+        if self.creds is not None:
+            if not self.creds.is_file():
+                raise ConfigError(f"{where}: creds {self.creds}: no such file")
+            options["user_credentials"] = str(self.creds)
+        if self.tls is not None:
+            options["tls"] = self.tls.context(where)
+        return options
+
+
+KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+
+
+class KafkaAuth(BaseModel):
+    """Security of a Kafka connection: ``security_protocol``; for the SASL ones a
+    ``sasl_mechanism`` with ``username`` and ``password`` (``OAUTHBEARER``: an ``oauth2``
+    block instead, whose tokens ``eventbus._oauth`` fetches); for the SSL ones an optional
+    ``tls`` block (the system's CAs when absent)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    security_protocol: KafkaProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    username: str | None = None
+    password: Secret | None = None
+    oauth2: OAuth2Spec | None = None
+    tls: TlsSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaAuth:
+        sasl = self.security_protocol.startswith("SASL_")
+        if not sasl and (self.sasl_mechanism or self.username or self.password or self.oauth2):
+            raise ValueError(
+                "sasl_mechanism, username, password and oauth2 need security_protocol "
+                "SASL_PLAINTEXT or SASL_SSL"
+            )
+        if self.sasl_mechanism == "OAUTHBEARER":
+            if self.oauth2 is None or self.username is not None or self.password is not None:
+                raise ValueError("sasl_mechanism OAUTHBEARER takes an oauth2 block, not a password")
+        elif sasl and (
+            self.sasl_mechanism is None or self.username is None or self.password is None
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, username "
+                "and password (or sasl_mechanism OAUTHBEARER and oauth2)"
+            )
+        elif self.oauth2 is not None:
+            raise ValueError("oauth2 goes with sasl_mechanism OAUTHBEARER")
+        if self.tls is not None and not self.security_protocol.endswith("SSL"):
+            raise ValueError("tls needs security_protocol SSL or SASL_SSL")
+        return self
+
+    def kafka_options(self, where: str) -> dict[str, Any]:
+        """aiokafka client keyword arguments (producer, consumer and admin client alike), but
+        for OAUTHBEARER's token provider, which ``eventbus._oauth.kafka_options`` adds.
+
+        Raises ConfigError naming ``where`` when the TLS files cannot be read.
+        """
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.endswith("SSL"):
+            tls = self.tls or TlsSpec()
+            context: ssl.SSLContext = tls.context(where)
+            options["ssl_context"] = context
+        if self.sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.sasl_mechanism
+        if self.password is not None:
+            options["sasl_plain_username"] = self.username
+            options["sasl_plain_password"] = self.password.reveal()
+        return options

@@ -1,0 +1,143 @@
+"""TLS: the one block every client connection takes (bus, sources, targets, database), and the
+one place an ``ssl.SSLContext`` is built from it.
+
+Where it sits: below the pipeline, with the other settings. Each connector or setting that
+connects somewhere has an optional ``tls`` field of this shape::
+
+    tls:
+      ca: /etc/eventbus/ca.pem          # CA bundle to verify the server (default: the system's)
+      cert: /etc/eventbus/client.pem    # client certificate, for mutual TLS
+      key: /etc/eventbus/client.key     # its private key: a path, or {env: NAME} / {file: PATH}
+      key_password: {env: KEY_PASS}     # when the key is encrypted
+      server_name: broker.internal      # the name to verify (and send as SNI) instead of the host
+      insecure_skip_verify: false       # true: accept any certificate (logged loudly)
+
+The context is built when the adapter is built, so a missing or unreadable file is a
+``ConfigError`` at start-up naming the connection and the field, not a failure per attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from eventbus._errors import ConfigError
+from eventbus.config._secrets import Secret
+
+__all__ = ["TlsSpec"]
+
+log = logging.getLogger("eventbus.config")
+
+
+class _ServerNameContext(ssl.SSLContext):
+    """A client context that verifies (and sends as SNI) ``server_name`` instead of the host the
+    client connects to, whichever library opens the connection: every asyncio client wraps its
+    socket through ``wrap_bio``, blocking ones through ``wrap_socket``."""
+
+    server_name: str | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if not server_side and self.server_name is not None:
+            server_hostname = self.server_name
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if not kwargs.get("server_side") and self.server_name is not None:
+            kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+class TlsSpec(BaseModel):
+    """The ``tls`` block of a connection (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | Secret | None = None
+    key_password: Secret | None = None
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_form(cls, value: Any) -> Any:
+        # A plain string is a path (as for ca and cert); a reference is the PEM text itself.
+        if isinstance(value, str):
+            return Path(value)
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSpec:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (mutual TLS needs both)")
+        if self.key_password is not None and self.key is None:
+            raise ValueError("key_password needs a key")
+        return self
+
+    def context(self, where: str) -> ssl.SSLContext:
+        """A client context for the connection ``where`` names (for messages).
+
+        Raises ConfigError naming ``where`` and the field when a file cannot be read or is not
+        what it should be. Logs a warning when ``insecure_skip_verify`` is on.
+        """
+        ctx = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.server_name = self.server_name
+        try:
+            if self.ca is not None:
+                ctx.load_verify_locations(cafile=str(self.ca))
+            else:
+                ctx.load_default_certs()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{where}: tls.ca {self.ca}: {_reason(exc)}") from exc
+        if self.cert is not None:
+            self._load_chain(ctx, where)
+        if self.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            log.warning(
+                "%s: TLS CERTIFICATE VERIFICATION IS OFF (tls.insecure_skip_verify): anyone "
+                "between eventbus and the server can read and change the traffic",
+                where,
+            )
+        return ctx
+
+    def _load_chain(self, ctx: ssl.SSLContext, where: str) -> None:
+        password = None if self.key_password is None else self.key_password.reveal()
+        key = self.key
+        try:
+            if isinstance(key, Secret):
+                # ssl loads keys from files only: the PEM text goes to a private temporary
+                # file for the moment it takes to load it.
+                with tempfile.TemporaryDirectory(prefix="eventbus-tls-") as tmp:
+                    path = os.path.join(tmp, "key.pem")
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(key.reveal())
+                    ctx.load_cert_chain(str(self.cert), path, password)
+            else:
+                ctx.load_cert_chain(str(self.cert), None if key is None else str(key), password)
+        except (OSError, ssl.SSLError) as exc:
+            shown = key.origin if isinstance(key, Secret) else key
+            raise ConfigError(
+                f"{where}: tls.cert {self.cert} / tls.key {shown}: {_reason(exc)}"
+            ) from exc
+
+
+def _reason(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return exc.strerror or str(exc)

@@ -1,0 +1,240 @@
+"""HTTP triggers: ``/hooks/<name>`` served as bare ASGI, in front of the rest of the edge.
+
+    request ─> the webhook source named <name>? (404) ─> one of its methods? (405)
+            ─> client address allowed (deny/allow CIDRs, X-Forwarded-For from trusted
+               proxies only)? (403) ─> an API key, when the trigger asks for one? (401)
+            ─> body within max_body? (413) ─> WebhookSource.event_for: signature (401), body
+               (400), on the durable bus (503 when it is not) ─> 202 {id, source} or the
+               trigger's own response
+
+Where it sits: beside ``_ingest`` (the same bare-ASGI shape, for the same reason: a provider's
+webhook is as hot a path as ``POST /events``). The trigger's settings are its
+``WebhookSourceSpec``; what the request means is the source's business (``eventbus.sources``),
+who may send it is the edge's. Every 401/403 is recorded in the ``refusals`` table at the
+bounded rate of :class:`RefusalLog`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from eventbus import metrics
+from eventbus._errors import CloudEventError
+from eventbus.http._access import Access, RefusalLog
+from eventbus.http._ingest import _read_body
+from eventbus.http._problem import PROBLEM, Problem, problem_for
+from eventbus.http._types import ASGIApp, Receive, Scope, Send
+from eventbus.sources import HookRequest, WebhookSource
+
+if TYPE_CHECKING:
+    from eventbus.app import Service
+    from eventbus.sources._webhook import WebhookSourceSpec
+
+__all__ = ["HOOK_OPERATIONS", "HookApp"]
+
+_PREFIX = "/hooks/"
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _problem(status: int, description: str) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/ProblemDetails"}
+    return {str(status): {"description": description, "content": {PROBLEM: {"schema": schema}}}}
+
+
+_DUPLICATE = {
+    "description": "`true` when the bus already held the event's source+id (a redelivered "
+    "webhook within the duplicate window), so it is not delivered again; absent otherwise",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+
+HOOK_OPERATIONS: dict[str, dict[str, Any]] = {
+    "/hooks/{name}": {
+        "post": {
+            "summary": "An HTTP trigger: any request becomes a CloudEvent on the durable bus",
+            "description": (
+                "The webhook source <name> (connectors/, type: webhook) verifies the request "
+                "(GitHub, GitLab, Stripe, Slack, Standard Webhooks or a generic HMAC), checks "
+                "its IP lists and API keys, and publishes the body as the event's data. The "
+                "methods are the trigger's (POST unless it lists others). 202 once the event "
+                "is on the bus, or the trigger's own response."
+            ),
+            "operationId": "webhook",
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "The webhook source's name",
+                }
+            ],
+            "requestBody": {"content": {"*/*": {"schema": {"description": "any body"}}}},
+            "responses": {
+                "202": {
+                    "description": "On the durable bus (or already there: a redelivery)",
+                    "headers": {"Eventbus-Duplicate": _DUPLICATE},
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}
+                    },
+                },
+                "200": {
+                    "description": "On the durable bus: the trigger's own response (any 2xx)",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **_problem(400, "A body the trigger cannot read, or no value for the type"),
+                **_problem(401, "Not verified: signature, token or API key missing or wrong"),
+                **_problem(403, "The client's address is not allowed"),
+                **_problem(404, "No webhook source of this name"),
+                **_problem(405, "A method the trigger does not accept"),
+                **_problem(413, "The body or the event is too large"),
+                **_problem(503, "The event bus is unavailable: retry later"),
+            },
+        }
+    }
+}
+"""The hook route in the OpenAPI document (``GET /openapi.json``)."""
+
+
+def _address(text: str | None) -> _Address | None:
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    # a dual-stack socket (listen on ::) sees IPv4 clients as ::ffff:a.b.c.d
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
+def client_address(
+    spec: WebhookSourceSpec, peer: str | None, headers: Mapping[str, str]
+) -> _Address | None:
+    """The client's address: the peer's, or when the peer is a trusted proxy the right-most
+    address of ``X-Forwarded-For`` that is not a trusted proxy itself (the left part of the
+    header is whatever the client wrote, so it counts for nothing)."""
+    address = _address(peer)
+    if address is None or not spec.trusted_proxies:
+        return address
+    hops = headers.get("x-forwarded-for", "").split(",")
+    while address is not None and any(address in net for net in spec.trusted_proxies):
+        if not hops:
+            break
+        address = _address(hops.pop())
+    return address
+
+
+def _allowed(spec: WebhookSourceSpec, address: _Address | None) -> bool:
+    if not spec.allow and not spec.deny:
+        return True
+    if address is None:
+        return False
+    if any(address in net for net in spec.deny):
+        return False
+    return not spec.allow or any(address in net for net in spec.allow)
+
+
+def _given_key(headers: Mapping[str, str]) -> str:
+    header = headers.get("authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    return given or headers.get("x-api-key", "")
+
+
+class HookApp:
+    """ASGI: serves ``/hooks/<name>`` and hands every other request to ``fallback``."""
+
+    def __init__(self, service: Service, access: Access, fallback: ASGIApp) -> None:
+        self._service = service
+        self._access = access
+        self._fallback = fallback
+        self._refusals = RefusalLog(service)
+        self._max_event = service.settings.max_event_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(_PREFIX):
+            await self._fallback(scope, receive, send)
+            return
+        try:
+            status, media, body, extra = await self._hook(scope, receive, path[len(_PREFIX) :])
+        except Exception as exc:
+            problem = problem_for(exc)
+            if problem is None:
+                raise
+            status, extra, media = problem.status, problem.headers, PROBLEM
+            body = problem.body(path)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", media.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _hook(
+        self, scope: Scope, receive: Receive, name: str
+    ) -> tuple[int, str, bytes, dict[str, str]]:
+        """The answer: status, content type, body and extra headers."""
+        source = self._service.source(name)
+        if not isinstance(source, WebhookSource):
+            raise Problem(404, f"no webhook source {name!r}")
+        spec = source.spec
+        if scope["method"] not in spec.methods:
+            allow = ", ".join(spec.methods)
+            raise Problem(405, f"hook {name!r} accepts {allow}", headers={"Allow": allow})
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        peer = scope.get("client")
+        remote = peer[0] if peer else None
+        address = client_address(spec, remote, headers)
+        path = scope["path"]
+        if not _allowed(spec, address):
+            reason = f"address {address} is not allowed to call hook {name!r}"
+            self._refuse(remote, path, reason)
+            metrics.EVENTS_REJECTED.labels("hook", "forbidden").inc()
+            raise Problem(403, reason)
+        if spec.keys or spec.takes_service_keys:
+            await self._check_key(spec, headers, path, remote)
+        raw = await _read_body(receive, headers, spec.max_body)
+        request = HookRequest(
+            scope["method"], headers, scope.get("query_string", b"").decode("latin-1"), raw
+        )
+        try:
+            event = source.event_for(request, max_size=self._max_event)
+        except CloudEventError as exc:
+            if exc.status in (401, 403):
+                self._refuse(remote, path, exc.detail)
+            raise
+        # counted in eventbus_events_received_total{via="source:<name>"} by the service
+        duplicate = await source.publish(event)
+        status, media, body = source.answer(request, event, duplicate)
+        return status, media, body, {"Eventbus-Duplicate": "true"} if duplicate else {}
+
+    async def _check_key(
+        self, spec: WebhookSourceSpec, headers: Mapping[str, str], path: str, remote: str | None
+    ) -> None:
+        """Raise Problem 401 (403: a service key without scope publish) unless the request
+        carries one of the trigger's keys or, when it takes them, one of the service's. With
+        no key configured anywhere the trigger is open, as the rest of the API is."""
+        given = _given_key(headers).encode()
+        # compare against every key, so timing does not tell which one matched
+        matched = [hmac.compare_digest(given, k.get_secret_value().encode()) for k in spec.keys]
+        if given and any(matched):
+            return
+        if spec.takes_service_keys and (self._service.settings.api_keys or not spec.keys):
+            await self._access.check(headers, path, remote, "publish")
+            return
+        reason = "missing API key" if not given else "invalid API key"
+        self._refuse(remote, path, reason)
+        metrics.EVENTS_REJECTED.labels("hook", "unauthorized").inc()
+        raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
+
+    def _refuse(self, remote: str | None, path: str, reason: str) -> None:
+        self._refusals.record(remote=remote, path=path, reason=reason)

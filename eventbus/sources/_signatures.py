@@ -1,0 +1,212 @@
+"""How a ``webhook`` trigger verifies a request: one spec per provider's scheme (GitHub,
+GitLab, Stripe, Slack, Standard Webhooks) and a generic HMAC, each with a ``check`` that raises
+CloudEventError 401; and the secrets they hold, read from the environment or a file.
+
+Every comparison is made in constant time; schemes with a timestamp refuse one outside their
+tolerance (a replayed request).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+
+from eventbus.config._units import Duration
+from eventbus.sources._hook_request import HookRequest, Template, unauthorized
+
+__all__ = ["Secret", "Verify"]
+
+
+def _secret(value: object) -> object:
+    """A secret as written in YAML: a string, ``{env: NAME}`` or ``{file: PATH}`` (read once,
+    at load; a trailing newline dropped). Kept local until eventbus.config has a Secret type."""
+    if not isinstance(value, Mapping):
+        if value == "":
+            raise ValueError("a secret must not be empty")
+        return value
+    if len(value) != 1 or not ({"env", "file"} >= set(value)):
+        raise ValueError("write a string, {env: NAME} or {file: PATH}")
+    if "env" in value:
+        found = os.environ.get(str(value["env"]))
+        if not found:
+            raise ValueError(f"environment variable {value['env']} is not set")
+        return found
+    try:
+        return Path(str(value["file"])).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {value['file']}: {exc.strerror}") from None
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+
+
+def _hmac(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
+    return hmac.new(key, message, algorithm).digest()
+
+
+def _same(given: str | bytes, expected: str | bytes) -> bool:
+    a = given.encode() if isinstance(given, str) else given
+    b = expected.encode() if isinstance(expected, str) else expected
+    return hmac.compare_digest(a, b)
+
+
+def _fresh(stamp: str, tolerance: float, now: float) -> None:
+    """Refuse a timestamp (Unix seconds) outside ``now ± tolerance``: a replay."""
+    try:
+        sent = int(stamp)
+    except ValueError:
+        raise unauthorized(f"timestamp {stamp[:40]!r} is not Unix seconds") from None
+    if abs(now - sent) > tolerance:
+        raise unauthorized(f"timestamp {sent} is outside the {tolerance:g}s tolerance")
+
+
+class _Verify(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret: Secret
+
+    @property
+    def key(self) -> bytes:
+        return self.secret.get_secret_value().encode()
+
+    def check(self, request: HookRequest, now: float) -> None:
+        """Raise CloudEventError 401 unless ``request`` is signed with the secret."""
+        raise NotImplementedError
+
+
+class GitHubVerify(_Verify):
+    """``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>``."""
+
+    kind: Literal["github"]
+
+    def check(self, request: HookRequest, now: float) -> None:
+        given = request.header("X-Hub-Signature-256")
+        expected = "sha256=" + _hmac(self.key, request.body).hex()
+        if not _same(given, expected):
+            raise unauthorized("X-Hub-Signature-256 does not match the body")
+
+
+class GitLabVerify(_Verify):
+    """``X-Gitlab-Token``: the secret itself."""
+
+    kind: Literal["gitlab"]
+
+    def check(self, request: HookRequest, now: float) -> None:
+        if not _same(request.header("X-Gitlab-Token"), self.key):
+            raise unauthorized("X-Gitlab-Token is not the trigger's token")
+
+
+class StripeVerify(_Verify):
+    """``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t.body">[,v1=...]``."""
+
+    kind: Literal["stripe"]
+    tolerance: Duration = 300.0
+
+    def check(self, request: HookRequest, now: float) -> None:
+        items = [part.partition("=") for part in request.header("Stripe-Signature").split(",")]
+        stamps = [value for key, _, value in items if key.strip() == "t"]
+        signatures = [value.strip() for key, _, value in items if key.strip() == "v1"]
+        if len(stamps) != 1 or not signatures:
+            raise unauthorized("Stripe-Signature needs one t= and a v1= signature")
+        _fresh(stamps[0].strip(), self.tolerance, now)
+        expected = _hmac(self.key, stamps[0].strip().encode() + b"." + request.body).hex()
+        if not any(_same(given, expected) for given in signatures):
+            raise unauthorized("no v1 signature of Stripe-Signature matches the body")
+
+
+class SlackVerify(_Verify):
+    """``X-Slack-Signature: v0=<hex HMAC-SHA256 of "v0:<timestamp>:<body>">`` with
+    ``X-Slack-Request-Timestamp``."""
+
+    kind: Literal["slack"]
+    tolerance: Duration = 300.0
+
+    def check(self, request: HookRequest, now: float) -> None:
+        stamp = request.header("X-Slack-Request-Timestamp").strip()
+        given = request.header("X-Slack-Signature")
+        _fresh(stamp, self.tolerance, now)
+        expected = "v0=" + _hmac(self.key, b"v0:" + stamp.encode() + b":" + request.body).hex()
+        if not _same(given, expected):
+            raise unauthorized("X-Slack-Signature does not match the body")
+
+
+class StandardWebhooksVerify(_Verify):
+    """``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of
+    "id.timestamp.body">`` (several, space-separated); the secret ``whsec_<base64 key>``."""
+
+    kind: Literal["standard-webhooks"]
+    tolerance: Duration = 300.0
+
+    @field_validator("secret")
+    @classmethod
+    def _base64_key(cls, secret: SecretStr) -> SecretStr:
+        try:
+            base64.b64decode(secret.get_secret_value().removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            raise ValueError("a Standard Webhooks secret is whsec_ and a base64 key") from None
+        return secret
+
+    @property
+    def key(self) -> bytes:
+        return base64.b64decode(self.secret.get_secret_value().removeprefix("whsec_"))
+
+    def check(self, request: HookRequest, now: float) -> None:
+        msg_id = request.header("webhook-id")
+        stamp = request.header("webhook-timestamp").strip()
+        given = request.header("webhook-signature")
+        _fresh(stamp, self.tolerance, now)
+        signed = f"{msg_id}.{stamp}.".encode() + request.body
+        expected = base64.b64encode(_hmac(self.key, signed)).decode()
+        versions = (part.partition(",") for part in given.split())
+        if not any(v == "v1" and _same(sig, expected) for v, _, sig in versions):
+            raise unauthorized("no v1 signature of webhook-signature matches the body")
+
+
+class HmacVerify(_Verify):
+    """A generic HMAC: ``header`` holds ``prefix`` + the digest of ``signed`` (a template;
+    ``{body}`` is the raw body) in ``encoding``."""
+
+    kind: Literal["hmac"]
+    header: str = Field(min_length=1)
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = ""
+    signed: str = "{body}"
+
+    @field_validator("signed")
+    @classmethod
+    def _compiles(cls, signed: str) -> str:
+        for part in signed.split("{body}"):
+            Template(part)
+        return signed
+
+    @cached_property
+    def _signed(self) -> list[Template]:
+        return [Template(part) for part in self.signed.split("{body}")]
+
+    def check(self, request: HookRequest, now: float) -> None:
+        given = request.header(self.header)
+        parts = []
+        for part in self._signed:
+            rendered = part.render(request)
+            if rendered is None:
+                raise unauthorized(f"the request lacks a value signed in {self.signed!r}")
+            parts.append(rendered.encode())
+        digest = _hmac(self.key, request.body.join(parts), self.algorithm)
+        encoded = digest.hex() if self.encoding == "hex" else base64.b64encode(digest).decode()
+        if not _same(given, self.prefix + encoded):
+            raise unauthorized(f"{self.header} does not match the body")
+
+
+Verify = Annotated[
+    GitHubVerify | GitLabVerify | StripeVerify | SlackVerify | StandardWebhooksVerify | HmacVerify,
+    Field(discriminator="kind"),
+]

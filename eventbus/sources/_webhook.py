@@ -1,0 +1,274 @@
+"""The ``webhook`` source: HTTP triggers. Any request to ``/hooks/<name>`` becomes a CloudEvent.
+
+    POST /hooks/<name> ─> the edge (eventbus.http: method, IP lists, API keys, size limit)
+                       ─> WebhookSource.event_for: verify the signature, map to a CloudEvent
+                       ─> WebhookSource.publish: ctx.emit (on the durable bus) ─> 202
+
+Unlike the other sources this one reads nothing by itself: ``run`` only holds the context the
+runner gives it, and the HTTP edge hands it each request. The mapping (documented in
+docs/sources.md "webhook"): ``type``, ``id``, ``subject`` and extension attributes are
+templates over the request (``{header:X-GitHub-Event}``, ``{query:tenant}``,
+``{body:$.id}``); ``source`` is the trigger's; ``time`` is now; ``data`` is the body (JSON
+kept as JSON, a form post as an object, UTF-8 text of a declared type as text, anything
+else base64). A delivery id taken from the request makes a retried webhook the same event,
+which JetStream deduplicates (on Kafka, targets can, on the same ``id``). Each verification
+kind (GitHub, GitLab, Stripe, Slack, Standard Webhooks, a generic HMAC) is a spec with a
+``check`` (``_signatures``); the request and the templates are ``_hook_request``'s. Refusals
+are CloudEventErrors carrying the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
+
+from eventbus._errors import CloudEventError
+from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE, SPEC_VERSION, format_time, validate
+from eventbus.config import SourceSpec
+from eventbus.sources._base import SourceContext
+from eventbus.sources._hook_request import HookRequest, Template, template
+from eventbus.sources._signatures import Secret, Verify
+
+__all__ = ["WebhookSource", "WebhookSourceSpec"]
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR block (IPv4 or IPv6) or one address; host bits set are refused as a likely typo."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"write a CIDR block or an address as a string, not {value!r}")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR block or address: {exc}") from None
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValidator(_network)]
+
+
+def _unreadable(detail: str) -> CloudEventError:
+    return CloudEventError(detail, title="Unreadable webhook")
+
+
+# What each verification kind implies for the event when the trigger does not say.
+_PRESETS: dict[str, tuple[str, str | None]] = {
+    "github": ("com.github.{header:X-GitHub-Event}", "{header:X-GitHub-Delivery}"),
+    "gitlab": ("com.gitlab.{body:$.object_kind}", "{header:X-Gitlab-Event-UUID}"),
+    "stripe": ("com.stripe.{body:$.type}", "{body:$.id}"),
+    "slack": ("com.slack.{body:$.type}", "{body:$.event_id}"),
+    "standard-webhooks": ("{body:$.type}", "{header:webhook-id}"),
+    "hmac": ("com.eventbus.webhook", None),
+}
+_RESERVED = frozenset(
+    {"id", "source", "specversion", "type", "time", "subject", "data", "data_base64"}
+    | {"datacontenttype", "dataschema"}
+)
+_EXTENSION = re.compile(r"[a-z0-9]{1,20}\Z")
+_METHOD = re.compile(r"[A-Z]{1,16}\Z")
+
+
+class StaticResponse(BaseModel):
+    """What the trigger answers instead of 202 and the event's id (some providers want 200).
+    ``body`` is a template: Slack's URL verification wants ``{body:$.challenge}`` back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: int = Field(200, ge=200, le=299)
+    body: str = ""
+    content_type: str = "text/plain"
+
+    @field_validator("body")
+    @classmethod
+    def _compiles(cls, body: str) -> str:
+        Template(body)
+        return body
+
+
+class WebhookSourceSpec(SourceSpec):
+    """A trigger served at ``/hooks/<name>``: who may call it, how it is verified, and the
+    event it makes."""
+
+    methods: tuple[str, ...] = Field(("POST",), min_length=1)
+    verify: Verify | None = None
+    event_type: str | None = None
+    """A template; default: the verification kind's (``com.github.{header:X-GitHub-Event}``)
+    or ``com.eventbus.webhook``."""
+    event_id: str | None = None
+    """A template; default: the kind's delivery id. When it finds nothing, a fresh uuid."""
+    event_source: str | None = None
+    """Default: ``urn:eventbus:source:<name>``."""
+    subject: str | None = None
+    extensions: dict[str, str] = {}
+    """Extension attribute name -> template; left out when its value is missing."""
+    max_body: int = Field(256 * 1024, ge=1, le=64 * 1024 * 1024)
+    allow: tuple[Network, ...] = ()
+    """Client networks allowed (none listed: every one not denied)."""
+    deny: tuple[Network, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
+    """Peers whose ``X-Forwarded-For`` names the client (none listed: the header is ignored)."""
+    keys: tuple[Secret, ...] = ()
+    """The trigger's own API keys (``Authorization: Bearer`` or ``X-API-Key``)."""
+    service_keys: bool | None = None
+    """Accept the service's API keys with scope ``publish``; unset: required exactly when the
+    trigger has neither ``verify`` nor ``keys`` (and the service has keys)."""
+    response: StaticResponse | None = None
+
+    @property
+    def takes_service_keys(self) -> bool:
+        """Whether the service's API keys open this trigger."""
+        if self.service_keys is not None:
+            return self.service_keys
+        return self.verify is None and not self.keys
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        for method in methods:
+            if not _METHOD.match(method):
+                raise ValueError(f"{method!r} is not an upper-case HTTP method")
+        return tuple(dict.fromkeys(methods))
+
+    @field_validator("event_type", "event_id", "subject")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        template(value)
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _extensions(cls, extensions: dict[str, str]) -> dict[str, str]:
+        for name, value in extensions.items():
+            if not _EXTENSION.match(name) or name in _RESERVED:
+                raise ValueError(
+                    f"extension {name!r}: 1-20 of a-z 0-9, not a CloudEvents attribute"
+                )
+            Template(value)
+        return extensions
+
+
+def _data(request: HookRequest) -> dict[str, Any]:
+    """The body as the event's ``data`` (or ``data_base64``) and its ``datacontenttype``."""
+    if not request.body:
+        return {}
+    declared = request.headers.get("content-type", "").strip()
+    media = declared.partition(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            return {"data": orjson.loads(request.body), "datacontenttype": declared}
+        except orjson.JSONDecodeError as exc:
+            raise _unreadable(f"the body is not valid JSON: {exc}") from None
+    if media == "application/x-www-form-urlencoded":
+        try:
+            form = parse_qs(request.body.decode(), keep_blank_values=True, strict_parsing=True)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _unreadable(f"the body is not a valid form post: {exc}") from None
+        data = {k: v[0] if len(v) == 1 else v for k, v in form.items()}
+        return {"data": data, "datacontenttype": "application/json"}
+    content_type = declared or "application/octet-stream"
+    if media not in ("", "application/octet-stream"):
+        try:
+            return {"data": request.body.decode(), "datacontenttype": content_type}
+        except UnicodeDecodeError:
+            pass
+    encoded = base64.b64encode(request.body).decode("ascii")
+    return {"data_base64": encoded, "datacontenttype": content_type}
+
+
+class WebhookSource:
+    """The trigger behind ``/hooks/<name>``: ``event_for`` verifies a request and maps it,
+    ``publish`` puts the event on the bus while ``run`` holds the runner's context."""
+
+    in_every_process = True
+    """Requests reach whichever worker of ``serve --workers N`` took the connection."""
+
+    def __init__(self, spec: WebhookSourceSpec) -> None:
+        self.name = spec.name
+        self.type = spec.type
+        self.spec = spec
+        kind = spec.verify.kind if spec.verify is not None else "hmac"
+        default_type, default_id = _PRESETS[kind]
+        self._type = Template(spec.event_type or default_type)
+        self._id = template(spec.event_id or default_id)
+        self._subject = template(spec.subject)
+        self._extensions = {k: Template(v) for k, v in spec.extensions.items()}
+        self._source = spec.event_source or f"urn:eventbus:source:{spec.name}"
+        self._answer = template(spec.response.body if spec.response is not None else None)
+        self._ctx: SourceContext | None = None
+
+    async def run(self, ctx: SourceContext) -> None:
+        self._ctx = ctx
+        try:
+            await asyncio.Future()  # requests arrive through the edge until cancelled
+        finally:
+            self._ctx = None
+
+    def event_for(
+        self,
+        request: HookRequest,
+        *,
+        max_size: int = DEFAULT_MAX_EVENT_SIZE,
+        now: float | None = None,
+    ) -> dict[str, Any]:
+        """Verify ``request`` (at ``now``, default the clock's) and map it to a validated
+        CloudEvent. Raises CloudEventError: 401 when it does not verify, 400 when the body
+        cannot be read, the event type has no value or an attribute is not valid, 413 when
+        the event is over ``max_size`` bytes."""
+        if self.spec.verify is not None:
+            self.spec.verify.check(request, time.time() if now is None else now)
+        data = _data(request)
+        body = data.get("data")
+        event_type = self._type.render(request, body)
+        if event_type is None:
+            raise _unreadable(f"the request has no value for the event type {self._type.text!r}")
+        event_id = self._id.render(request, body) if self._id is not None else None
+        event: dict[str, Any] = {
+            "specversion": SPEC_VERSION,
+            "id": event_id or str(uuid.uuid4()),
+            "source": self._source,
+            "type": event_type,
+            "time": format_time(datetime.now(UTC)),
+        }
+        if self._subject is not None:
+            event["subject"] = self._subject.render(request, body)
+        event.update(data)
+        for name, extension in self._extensions.items():
+            event[name] = extension.render(request, body)
+        # a null attribute is an absent one (validate drops it)
+        return validate(event, max_size=max_size)
+
+    def answer(
+        self, request: HookRequest, event: dict[str, Any], duplicate: bool
+    ) -> tuple[int, str, bytes]:
+        """Status, content type and body of the answer to ``request`` once ``event`` is on the
+        bus: 202 with the event's id and source and whether it was a ``duplicate`` (as
+        ``POST /events`` answers), or the trigger's ``response`` (its body rendered; empty
+        when a reference finds nothing)."""
+        response = self.spec.response
+        if response is None or self._answer is None:
+            ids = {"id": event["id"], "source": event["source"], "duplicate": duplicate}
+            return 202, "application/json", orjson.dumps(ids)
+        body = self._answer.render(request, event.get("data")) or ""
+        return response.status, response.content_type, body.encode()
+
+    async def publish(self, event: dict[str, Any]) -> bool:
+        """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there:
+        True when the bus already held its source+id (a redelivered webhook). Raises
+        CloudEventError 503 when the source is not running, BusUnavailable / BusError when the
+        bus does not take the event."""
+        ctx = self._ctx
+        if ctx is None:
+            raise CloudEventError(
+                f"webhook source {self.name!r} is not running", status=503, title="Not running"
+            )
+        return await ctx.emit(event)

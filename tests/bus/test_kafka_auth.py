@@ -1,0 +1,312 @@
+"""Kafka security (``eventbus.config.KafkaAuth``) for the bus, the Kafka source and target.
+
+What the test broker allows: Tansu 0.6 with ``--authentication`` requires SASL SCRAM, but its
+users can be created only by an authenticated client, and only a persistent storage engine
+would keep a user created before authentication was turned on (the tests run it in memory), so
+no SCRAM login can succeed against it here. Its TLS options do not work (``--cert`` and
+``--key`` cannot be given together; ``--cert`` alone leaves the listener plaintext). So this
+file pins the translation into aiokafka's arguments, and runs the SCRAM exchange against Tansu
+with authentication on, where the wrong credentials must fail clearly, for good, and without
+the password in any message. A successful SCRAM or SSL connection to a broker is not exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.abc import AbstractTokenProvider
+from pydantic import ValidationError
+
+import eventbus.sources  # noqa: F401  (registers every connector type)
+from eventbus._errors import BusError, ConfigError
+from eventbus._oauth import TokenError, sasl_refusal
+from eventbus._oauth import kafka_options as oauth_kafka_options
+from eventbus.bus import KafkaBusConfig, open_bus
+from eventbus.config import KafkaSettings, load_settings
+from eventbus.sources import build_source
+from eventbus.targets import KafkaTarget, KafkaTargetSpec
+from tests.fixtures.certs import Pki, make_pki
+from tests.fixtures.kafka import TansuBroker
+from tests.fixtures.nats import unique_name
+from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
+
+PASSWORD = "k4fka-Passw0rd-scram"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def authenticating_broker(tansu_binary: str) -> Iterator[str]:
+    broker = TansuBroker(tansu_binary, extra_args=("--authentication",))
+    broker.start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+def test_plaintext_is_the_default() -> None:
+    assert KafkaSettings().kafka_options("k") == {"security_protocol": "PLAINTEXT"}
+
+
+def test_sasl_plaintext_reaches_aiokafkas_parameters() -> None:
+    auth = KafkaSettings.model_validate(
+        {
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "PLAIN",
+            "username": "eventbus",
+            "password": {"env": "KPW"},
+        },
+        context={"env": {"KPW": PASSWORD}},
+    )
+    assert auth.kafka_options("k") == {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "eventbus",
+        "sasl_plain_password": PASSWORD,
+    }
+    assert PASSWORD not in repr(auth) and PASSWORD not in auth.model_dump_json()
+
+
+def test_sasl_ssl_with_scram_and_a_ca(pki: Pki) -> None:
+    auth = KafkaTargetSpec.model_validate(
+        {
+            "name": "k",
+            "bootstrap_servers": "h:9093",
+            "topic": "t",
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "username": "eventbus",
+            "password": PASSWORD,
+            "tls": {"ca": str(pki.ca), "cert": str(pki.client_cert), "key": str(pki.client_key)},
+        }
+    )
+    options = auth.kafka_options("Kafka target 'k'")
+    context = options.pop("ssl_context")
+    assert options == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "eventbus",
+        "sasl_plain_password": PASSWORD,
+    }
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    issuers = [dict(item[0] for item in c["subject"]) for c in context.get_ca_certs()]
+    assert any("trustme" in str(i) for i in issuers), issuers
+
+
+def test_ssl_without_a_tls_block_verifies_with_the_system_cas() -> None:
+    options = KafkaSettings(security_protocol="SSL").kafka_options("k")
+    assert options["security_protocol"] == "SSL"
+    assert options["ssl_context"].verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize(
+    ("kafka", "message"),
+    [
+        (
+            "{security_protocol: SASL_SSL, username: u, password: p}",
+            "security_protocol SASL_SSL needs sasl_mechanism, username and password (or "
+            "sasl_mechanism OAUTHBEARER and oauth2)",
+        ),
+        (
+            "{sasl_mechanism: PLAIN, username: u, password: p}",
+            "sasl_mechanism, username, password and oauth2 need security_protocol "
+            "SASL_PLAINTEXT or SASL_SSL",
+        ),
+        ("{tls: {ca: /ca.pem}}", "tls needs security_protocol SSL or SASL_SSL"),
+    ],
+)
+def test_inconsistent_security_names_file_line_and_field(
+    tmp_path: Path, kafka: str, message: str
+) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(f"bus:\n  backend: kafka\n  kafka: {kafka}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert str(info.value) == f"{cfg}:3: bus.kafka: Value error, {message}"
+
+
+def test_an_unknown_mechanism_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(
+        "kafka_ingest:\n  bootstrap_servers: h:9092\n  topics: [a]\n  sasl_mechanism: GSSAPI\n"
+    )
+    with pytest.raises(ConfigError, match=r"eventbus.yaml:4: kafka_ingest.sasl_mechanism: Input"):
+        load_settings(cfg, env={})
+
+
+def _scram(mechanism: str = "SCRAM-SHA-256") -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": mechanism,
+        "username": "eventbus",
+        "password": PASSWORD,
+    }
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
+async def test_the_target_refused_by_the_broker_fails_for_good(
+    authenticating_broker: str, mechanism: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    spec = KafkaTargetSpec.model_validate(
+        {
+            "name": "k",
+            "bootstrap_servers": authenticating_broker,
+            "topic": unique_name("t"),
+            "idempotent": False,
+            "timeout": 5,
+            **_scram(mechanism),
+        }
+    )
+    event = {"specversion": "1.0", "id": "e1", "source": "/t", "type": "t"}
+    async with KafkaTarget(spec) as target:
+        outcome = await target.deliver(event, event, is_cloudevent=True, attempt=1)
+    assert not outcome.delivered and not outcome.retryable
+    assert outcome.error == "Kafka refused the credentials: the broker refused the SASL credentials"
+    assert PASSWORD not in caplog.text
+
+
+async def test_the_bus_refused_by_the_broker_says_so(authenticating_broker: str) -> None:
+    config = KafkaBusConfig(
+        bootstrap_servers=authenticating_broker,
+        topic=unique_name("bus"),
+        partitions=1,
+        idempotent=False,
+        connect_timeout=5.0,
+        auth=KafkaSettings.model_validate(_scram()),
+    )
+    with pytest.raises(BusError) as info:
+        async with open_bus(config):
+            pass
+    assert "refused the SASL credentials" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+
+async def test_the_source_refused_by_the_broker_backs_off_saying_why(
+    authenticating_broker: str, database_dsn: str
+) -> None:
+    spec = {
+        "name": "kin",
+        "type": "kafka",
+        "bootstrap_servers": authenticating_broker,
+        "topics": [unique_name("in")],
+        **_scram(),
+    }
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "kin", Recorder())
+
+        async def backing_off() -> bool:
+            return ctx.status.state == "backoff"
+
+        async with running(build_source(spec), ctx):
+            await eventually(backing_off)
+    assert ctx.status.last_error == "PermissionError: the broker refused the SASL credentials"
+
+
+# --- OAUTHBEARER ------------------------------------------------------------------------------
+
+CLIENT_SECRET = "kafka-Oauth-secret-31"
+
+
+@pytest.fixture
+async def token_endpoint() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """A token endpoint issuing tok-1, tok-2 ... to eventbus/CLIENT_SECRET; yields its URL and
+    the forms it received."""
+    forms: list[dict[str, str]] = []
+
+    async def token(request: web.Request) -> web.Response:
+        forms.append({k: str(v) for k, v in (await request.post()).items()})
+        expected = "Basic " + base64.b64encode(f"eventbus:{CLIENT_SECRET}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        return web.json_response({"access_token": f"tok-{len(forms)}", "expires_in": 3600})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}/token", forms
+    await runner.cleanup()
+
+
+def _oauthbearer(token_url: str, secret: str = CLIENT_SECRET) -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "OAUTHBEARER",
+        "oauth2": {
+            "token_url": token_url,
+            "client_id": "eventbus",
+            "client_secret": secret,
+            "scopes": ["kafka"],
+        },
+    }
+
+
+async def test_oauthbearer_tokens_come_from_the_token_endpoint_once(
+    token_endpoint: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, forms = token_endpoint
+    auth = KafkaSettings.model_validate(_oauthbearer(url))
+    options = oauth_kafka_options(auth, "Kafka bus")
+    provider = options.pop("sasl_oauth_token_provider")
+    assert options["sasl_mechanism"] == "OAUTHBEARER"
+    assert "sasl_plain_password" not in options
+    assert isinstance(provider, AbstractTokenProvider)  # what aiokafka insists on
+    tokens = await asyncio.gather(*(provider.token() for _ in range(20)))
+    assert set(tokens) == {"tok-1"}
+    assert forms == [{"grant_type": "client_credentials", "scope": "kafka"}]
+    # aiokafka takes the options as they are.
+    AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", **oauth_kafka_options(auth, "k"))
+
+
+async def test_oauthbearer_with_a_refused_client_says_so(
+    token_endpoint: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, _ = token_endpoint
+    auth = KafkaSettings.model_validate(_oauthbearer(url, secret="not-the-secret"))
+    provider = oauth_kafka_options(auth, "Kafka bus")["sasl_oauth_token_provider"]
+    with pytest.raises(TokenError, match="refused client 'eventbus': HTTP 401 invalid_client"):
+        await provider.token()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"username": "u", "password": "p"}, "OAUTHBEARER takes an oauth2 block, not a password"),
+        ({"sasl_mechanism": "PLAIN"}, "needs sasl_mechanism, username and password"),
+    ],
+)
+def test_oauthbearer_settings_are_checked(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        KafkaSettings.model_validate({**_oauthbearer("https://idp.test/token"), **extra})
+
+
+async def test_what_a_sasl_exchange_raises_becomes_a_connection_failure_saying_why() -> None:
+    async def start(exc: Exception) -> None:
+        async with sasl_refusal():
+            raise exc
+
+    refused = TokenError("OAuth2 token endpoint x refused client 'eventbus'", retryable=False)
+    with pytest.raises(PermissionError, match="refused client 'eventbus'"):
+        await start(refused)
+    with pytest.raises(ConnectionError, match="timeout after 5s"):
+        await start(TokenError("OAuth2 token endpoint x: timeout after 5s", retryable=True))
+    with pytest.raises(PermissionError, match="the broker refused the SASL credentials"):
+        await start(KeyError("v"))

@@ -1,0 +1,329 @@
+"""Every NATS connection authenticates the same way (``eventbus.config.NatsAuth``): the bus, the
+``nats``/``jetstream`` sources and the NATS target, each against real nats-servers of the test's
+own: one with mutual TLS and an ``authorization`` block of a user/password and an NKey user, one
+with a token, one in operator mode (JWTs generated here, a ``.creds`` file). The right secret
+connects; a wrong one fails with an error naming the connection and never quoting the secret."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import nkeys
+import pytest
+
+import eventbus.sources  # noqa: F401  (registers every connector type)
+from eventbus._errors import BusError, ConfigError
+from eventbus.bus import NatsBusConfig, open_bus
+from eventbus.config import NatsSettings
+from eventbus.sources import SourceStatus, build_source
+from eventbus.targets import NatsTarget, NatsTargetSpec
+from tests.fixtures.certs import Pki, make_pki
+from tests.fixtures.nats import configured_nats_server, unique_name
+from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
+
+PASSWORD = "n4ts-Passw0rd-alice"
+TOKEN = "n4ts-T0ken-xyz"
+
+
+def new_nkey(prefix: int) -> tuple[str, str]:
+    """A new NKey: (seed, public key)."""
+    seed = nkeys.encode_seed(bytes(nacl.signing.SigningKey.generate()), prefix).decode()
+    return seed, nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
+
+
+USER_SEED, USER_PUBLIC = new_nkey(nkeys.PREFIX_BYTE_USER)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def secured(tmp_path: Path, pki: Pki) -> AsyncIterator[int]:
+    """Mutual TLS required; a password user and an NKey user; JetStream on."""
+    config = f"""
+jetstream {{ store_dir: "{{store}}" }}
+tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}", ca_file: "{pki.ca}",
+      verify: true }}
+authorization {{ users: [ {{user: alice, password: "{PASSWORD}"}}, {{nkey: {USER_PUBLIC}}} ] }}
+"""
+    async with configured_nats_server(tmp_path / "secured", config) as port:
+        yield port
+
+
+@pytest.fixture
+async def with_token(tmp_path: Path) -> AsyncIterator[int]:
+    async with configured_nats_server(
+        tmp_path / "token", f'authorization {{ token: "{TOKEN}" }}'
+    ) as port:
+        yield port
+
+
+def _tls(pki: Pki) -> dict[str, str]:
+    return {"ca": str(pki.ca), "cert": str(pki.client_cert), "key": str(pki.client_key)}
+
+
+def _bus_config(port: int, auth: dict[str, Any]) -> NatsBusConfig:
+    stream = unique_name("S")
+    return NatsBusConfig(
+        url=f"nats://127.0.0.1:{port}",
+        stream=stream,
+        subject=f"{stream}.events",
+        durable=unique_name("d"),
+        connect_timeout=3.0,
+        auth=NatsSettings.model_validate({"url": f"nats://127.0.0.1:{port}", **auth}),
+    )
+
+
+def _event(i: int = 0) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": f"e{i}", "source": "/t", "type": "t"}
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [{"user": "alice", "password": PASSWORD}, {"nkey_seed": USER_SEED}],
+    ids=["password", "nkey"],
+)
+async def test_the_bus_connects_with_tls_and_credentials(
+    secured: int, pki: Pki, auth: dict[str, Any]
+) -> None:
+    async with open_bus(_bus_config(secured, {**auth, "tls": _tls(pki)})) as bus:
+        await bus.publish(_event())
+        assert await bus.ping()
+
+
+async def test_the_bus_refuses_a_wrong_password_naming_the_server(
+    secured: int, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "not-" + PASSWORD
+    with pytest.raises(BusError) as info:
+        async with open_bus(
+            _bus_config(secured, {"user": "alice", "password": wrong, "tls": _tls(pki)})
+        ):
+            pass
+    message = str(info.value)
+    assert f"NATS connect to nats://127.0.0.1:{secured} failed" in message
+    assert "authorization violation" in message.lower()
+    assert wrong not in message and wrong not in caplog.text and PASSWORD not in caplog.text
+
+
+async def test_the_bus_without_a_client_certificate_is_refused(secured: int, pki: Pki) -> None:
+    auth = {"user": "alice", "password": PASSWORD, "tls": {"ca": str(pki.ca)}}
+    with pytest.raises(BusError, match=f"NATS connect to nats://127.0.0.1:{secured} failed"):
+        async with open_bus(_bus_config(secured, auth)):
+            pass
+
+
+def _target(port: int, auth: dict[str, Any]) -> NatsTarget:
+    spec = NatsTargetSpec.model_validate(
+        {"name": "out", "url": f"nats://127.0.0.1:{port}", "subject": "out.x", "timeout": 3, **auth}
+    )
+    return NatsTarget(spec)
+
+
+async def _publish(target: NatsTarget) -> Any:
+    return await target.deliver(_event(), _event(), is_cloudevent=True, attempt=1)
+
+
+@pytest.mark.parametrize(
+    ("auth", "delivered"),
+    [
+        ({"user": "alice", "password": PASSWORD}, True),
+        ({"nkey_seed": USER_SEED}, True),
+        ({"user": "alice", "password": "wrong-password"}, False),
+        ({"nkey_seed": new_nkey(nkeys.PREFIX_BYTE_USER)[0]}, False),
+    ],
+    ids=["password", "nkey", "wrong-password", "unknown-nkey"],
+)
+async def test_the_target_over_mutual_tls(
+    secured: int, pki: Pki, auth: dict[str, Any], delivered: bool
+) -> None:
+    async with _target(secured, {**auth, "tls": _tls(pki)}) as target:
+        outcome = await _publish(target)
+    assert outcome.delivered is delivered, outcome.error
+    if not delivered:
+        assert not outcome.retryable
+        assert outcome.error.startswith("NATS authorization failed")
+        assert "wrong-password" not in outcome.error and "SU" not in outcome.error
+
+
+async def test_the_target_with_a_token(with_token: int) -> None:
+    async with _target(with_token, {"token": TOKEN}) as target:
+        assert (await _publish(target)).delivered
+    async with _target(with_token, {"token": "not-the-token"}) as target:
+        outcome = await _publish(target)
+    assert not outcome.delivered and "not-the-token" not in (outcome.error or "")
+
+
+async def test_the_sources_connect_with_credentials(
+    secured: int, pki: Pki, database_dsn: str
+) -> None:
+    url = f"nats://127.0.0.1:{secured}"
+    recorder = Recorder()
+    spec = {
+        "name": "in",
+        "type": "nats",
+        "url": url,
+        "subjects": ["in.>"],
+        "nkey_seed": USER_SEED,
+        "tls": _tls(pki),
+    }
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "in", recorder)
+        async with running(build_source(spec), ctx):
+            await eventually(lambda: _running(ctx.status))
+            async with _target(
+                secured, {"user": "alice", "password": PASSWORD, "tls": _tls(pki)}
+            ) as t:
+                outcome = await t.deliver(_event(7), _event(7), is_cloudevent=True, attempt=1)
+            assert outcome.delivered
+        wrong = {**spec, "name": "in-wrong", "nkey_seed": new_nkey(nkeys.PREFIX_BYTE_USER)[0]}
+        bad_ctx = make_context(pool, "in-wrong", Recorder())
+        async with running(build_source(wrong), bad_ctx):
+            await eventually(lambda: _backing_off(bad_ctx.status))
+    assert bad_ctx.status.last_error is not None
+    assert "authorization violation" in bad_ctx.status.last_error.lower()
+    assert wrong["nkey_seed"] not in bad_ctx.status.last_error
+
+
+async def _running(status: SourceStatus) -> bool:
+    return status.state == "running"
+
+
+async def _backing_off(status: SourceStatus) -> bool:
+    return status.state == "backoff"
+
+
+def test_credentials_are_one_way_in_and_files_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="choose one way to authenticate, not user and token"):
+        build_source(
+            {
+                "name": "s",
+                "type": "nats",
+                "url": "nats://h:1",
+                "subjects": ["a"],
+                "user": "u",
+                "password": "p",
+                "token": "t",
+            }
+        )
+    with pytest.raises(ConfigError, match="user and password go together"):
+        build_source(
+            {"name": "s", "type": "jetstream", "url": "nats://h:1", "stream": "S", "user": "u"}
+        )
+    with pytest.raises(ConfigError, match=r"'nkey_seed': Value error, not an NKey seed") as info:
+        build_source(
+            {
+                "name": "s",
+                "type": "nats",
+                "url": "nats://h:1",
+                "subjects": ["a"],
+                "nkey_seed": "SUnot-a-seed-at-all",
+            }
+        )
+    assert "SUnot" not in str(info.value) and "SUnot" not in str(info.value.__cause__)
+    spec = NatsTargetSpec(name="t", url="nats://h:1", subject="s", creds=tmp_path / "no.creds")
+    with pytest.raises(ConfigError, match=r"NATS target 't': creds .*no\.creds: no such file"):
+        NatsTarget(spec)
+
+
+# --- operator mode: JWTs and a .creds file ---------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _jwt(claims: dict[str, Any], signer_seed: str) -> str:
+    claims = {**claims, "iat": int(time.time())}
+    body = json.dumps(claims, separators=(",", ":")).encode()
+    claims["jti"] = base64.b32encode(hashlib.sha256(body).digest()).decode().rstrip("=")
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    payload = _b64(json.dumps(claims).encode())
+    kp = nkeys.from_seed(bytearray(signer_seed.encode()))
+    return f"{header}.{payload}.{_b64(kp.sign(f'{header}.{payload}'.encode()))}"
+
+
+@pytest.fixture
+async def operator_mode(tmp_path: Path) -> AsyncIterator[tuple[int, Path, Path]]:
+    """A server trusting one operator; yields its port, a valid .creds file and one of a user
+    the account never signed."""
+    op_seed, op_pub = new_nkey(nkeys.PREFIX_BYTE_OPERATOR)
+    acc_seed, acc_pub = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user_pub = new_nkey(nkeys.PREFIX_BYTE_USER)
+    limits = {
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "conn": -1,
+        "imports": -1,
+        "exports": -1,
+        "wildcards": True,
+        "leaf": -1,
+    }
+    operator = _jwt(
+        {"iss": op_pub, "sub": op_pub, "name": "op", "nats": {"type": "operator", "version": 2}},
+        op_seed,
+    )
+    account = _jwt(
+        {
+            "iss": op_pub,
+            "sub": acc_pub,
+            "name": "acc",
+            "nats": {"type": "account", "version": 2, "limits": limits},
+        },
+        op_seed,
+    )
+    user_claims = {
+        "iss": acc_pub,
+        "sub": user_pub,
+        "name": "eventbus",
+        "nats": {
+            "type": "user",
+            "version": 2,
+            "pub": {},
+            "sub": {},
+            "subs": -1,
+            "data": -1,
+            "payload": -1,
+        },
+    }
+
+    def creds(path: Path, jwt: str, seed: str) -> Path:
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+        return path
+
+    good = creds(tmp_path / "good.creds", _jwt(user_claims, acc_seed), user_seed)
+    # Signed by an account the operator does not know.
+    rogue_seed, _ = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    bad = creds(tmp_path / "bad.creds", _jwt(user_claims, rogue_seed), user_seed)
+    config = f"""
+operator: "{operator}"
+resolver: MEMORY
+resolver_preload: {{ {acc_pub}: "{account}" }}
+"""
+    async with configured_nats_server(tmp_path / "operator", config) as port:
+        yield port, good, bad
+
+
+async def test_the_target_with_a_creds_file(operator_mode: tuple[int, Path, Path]) -> None:
+    port, good, bad = operator_mode
+    async with _target(port, {"creds": str(good)}) as target:
+        outcome = await _publish(target)
+        assert outcome.delivered, outcome.error
+    async with _target(port, {"creds": str(bad)}) as target:
+        outcome = await _publish(target)
+    assert not outcome.delivered

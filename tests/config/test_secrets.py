@@ -1,0 +1,126 @@
+"""Secrets: one shape ({env: NAME}, {file: PATH}, a literal) in settings and connector files,
+never shown by str, repr or serialization; literals are accepted with a warning naming file,
+line and field; bad references are refused with file, line and field."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import eventbus.sources  # noqa: F401  (registers the source and target types)
+from eventbus._errors import ConfigError
+from eventbus.config import Secret, load_connectors, load_settings
+
+VALUE = "s3cr3t-Value-0x42"
+
+
+def test_a_secret_reveals_its_value_only_when_asked() -> None:
+    s = Secret(VALUE, "env PW")
+    assert s.reveal() == VALUE
+    assert VALUE not in str(s) and VALUE not in repr(s) and VALUE not in f"{s!s} {s!r}"
+    assert "env PW" in repr(s)
+    assert s == Secret(VALUE) and s != Secret("other")
+
+
+def test_settings_read_secrets_from_env_and_file_and_mask_them(tmp_path: Path) -> None:
+    secret_file = tmp_path / "pw"
+    secret_file.write_text(VALUE + "\n")
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(
+        "bus:\n"
+        "  nats: {url: 'nats://h:4222', user: eb, password: {env: NATS_PW}}\n"
+        f"database: {{url: 'postgresql://h/db', password: {{file: {secret_file}}}}}\n"
+    )
+    s = load_settings(cfg, env={"NATS_PW": VALUE + "-nats"})
+    assert s.bus.nats.password is not None and s.database.password is not None
+    assert s.bus.nats.password.reveal() == VALUE + "-nats"
+    assert s.database.password.reveal() == VALUE  # the trailing newline is stripped
+    assert s.database.password.origin == f"file {secret_file}"
+    for shown in (repr(s), str(s), s.model_dump_json(), str(s.model_dump())):
+        assert VALUE not in shown
+    assert s.model_dump()["database"]["password"] == "***"
+
+
+def test_a_literal_secret_is_accepted_with_a_warning_naming_file_line_and_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "t.yaml").write_text(
+        "targets:\n"
+        "  - name: fn\n"
+        "    type: nats\n"
+        "    url: nats://127.0.0.1:4222\n"
+        "    subject: s\n"
+        f"    token: {VALUE}\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="eventbus.config"):
+        c = load_connectors(tmp_path, env={})
+    assert c.targets["fn"].token.reveal() == VALUE  # type: ignore[attr-defined]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"{tmp_path}/t.yaml:6: targets.0.token: a secret given as a literal (target 'fn'); "
+        "use {env: NAME} or {file: PATH}"
+    ]
+    assert all(VALUE not in w for w in warnings)
+
+
+def test_bad_secret_references_name_file_line_and_field(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text(
+        "targets:\n"
+        "  - {name: a, type: nats, url: 'nats://h:1', subject: s, token: {env: UNSET_TOKEN}}\n"
+        "  - {name: b, type: nats, url: 'nats://h:1', subject: s, token: {file: /nope/tok}}\n"
+        "  - {name: c, type: nats, url: 'nats://h:1', subject: s, token: 12345}\n"
+        "  - {name: d, type: nats, url: 'nats://h:1', subject: s, token: {vault: x}}\n"
+        "  - {name: e, type: nats, url: 'nats://h:1', subject: s, token: ''}\n"
+        f"  - {{name: f, type: nats, url: 'nats://h:1', subject: s, token: {{file: {tmp_path}}}}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path, env={})
+    lines = str(info.value).replace(str(tmp_path) + "/", "").splitlines()
+    assert lines == [
+        "t.yaml:2: targets.0.token: Value error, environment variable UNSET_TOKEN is not set "
+        "and no default is given (target 'a')",
+        "t.yaml:3: targets.1.token: Value error, cannot read /nope/tok: No such file or "
+        "directory (target 'b')",
+        "t.yaml:4: targets.2.token: Value error, write a string, {env: NAME}, "
+        "{env: NAME, default: VALUE} or {file: /path} (target 'c')",
+        "t.yaml:5: targets.3.token: Value error, unknown key 'vault'; write a string, "
+        "{env: NAME}, {env: NAME, default: VALUE} or {file: /path} (target 'd')",
+        "t.yaml:6: targets.4.token: Value error, a secret must not be empty (target 'e')",
+        f"t.yaml:7: targets.5.token: Value error, cannot read {tmp_path}: Is a directory "
+        "(target 'f')",
+    ]
+
+
+def test_a_bad_secret_in_settings_names_file_line_and_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text("bus:\n  kafka:\n    password: {env: KAFKA_PW}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert str(info.value) == (
+        f"{cfg}:3: bus.kafka.password: Value error, environment variable KAFKA_PW is not set "
+        "and no default is given"
+    )
+
+
+def test_an_empty_secret_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(f"database: {{password: {{file: {tmp_path / 'empty'}}}}}\n")
+    with pytest.raises(ConfigError, match=r"eventbus.yaml:1: database.password: .* is empty"):
+        load_settings(cfg, env={})
+
+
+def test_a_secret_from_an_eventbus_variable_is_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(f"database:\n  url: postgresql://db/x\n  password: {VALUE}\n")
+    with caplog.at_level(logging.WARNING, logger="eventbus.config"):
+        s = load_settings(cfg, env={"EVENTBUS_BUS__NATS__TOKEN": VALUE + "-t"})
+    assert s.bus.nats.token is not None and s.bus.nats.token.reveal() == VALUE + "-t"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{cfg}:3: database.password: a secret given as a literal; "
+        "use {env: NAME} or {file: PATH}"
+    ]

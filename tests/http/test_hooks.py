@@ -1,0 +1,327 @@
+"""``/hooks/<name>`` at the edge: who may call a trigger and what it refuses, on a real service.
+
+Unknown hooks, other methods, unreadable and oversized bodies, addresses outside the allow
+list (requests sent from several loopback addresses), ``X-Forwarded-For`` trusted only from
+named proxies, the trigger's own keys and the service's, the bus down: each a specific 4xx/5xx
+problem+json, refusals recorded, and the service still taking events afterwards.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from eventbus.bus._nats_server import NatsServer
+from eventbus.http._hooks import client_address
+from eventbus.sources import build_source
+from tests.fixtures.receiver import Receiver
+from tests.fixtures.service import RunningService, ServeProcess, StartService
+from tests.fixtures.wait import eventually
+
+JSON = {"Content-Type": "application/json"}
+FORM = "application/x-www-form-urlencoded"
+RULES = "- name: all\n  targets: [fn]\n"
+KEY = "hook-key-0123456789abcdef"
+PUBLISH_KEY = "publish-key-0123456789ab"
+ADMIN_ONLY = "admin-key-0123456789abcd"
+
+# The service has API keys: a trigger with no verification and no keys of its own takes them
+# unless it says otherwise (service_keys: false, an open trigger).
+OPEN = {"type": "webhook", "service_keys": False}
+SOURCES: list[dict[str, Any]] = [
+    {"name": "open", **OPEN, "max_body": 1000},
+    {"name": "typed", **OPEN, "event_type": "com.example.{header:X-Kind}"},
+    {"name": "small", **OPEN, "max_body": 100_000},
+    {"name": "local2", **OPEN, "allow": ["127.0.0.2/32", "::1/128"]},
+    {"name": "denied", **OPEN, "deny": ["127.0.0.0/8"]},
+    {
+        "name": "proxied",
+        **OPEN,
+        "allow": ["10.0.0.0/8"],
+        "trusted_proxies": ["127.0.0.1/32"],
+    },
+    {"name": "keyed", "type": "webhook", "keys": [KEY]},
+    {"name": "both", "type": "webhook", "keys": [KEY], "service_keys": True},
+    {"name": "default", "type": "webhook"},
+    {"name": "signed", "type": "webhook", "verify": {"kind": "gitlab", "secret": KEY}},
+    {"name": "yearly", "type": "timer", "schedule": "0 3 1 1 *"},
+]
+
+
+@pytest.fixture
+async def service(eventbus: StartService, receiver: Receiver) -> RunningService:
+    return await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=SOURCES,
+        settings={
+            "max_event_size": 64 * 1024,
+            "api_keys": [
+                {"name": "pub", "key": PUBLISH_KEY, "scopes": ["publish"]},
+                {"name": "adm", "key": ADMIN_ONLY, "scopes": ["admin"]},
+            ],
+        },
+    )
+
+
+async def _problem(
+    svc: RunningService,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], str]:
+    status, resp_headers, answer = await svc.request(method, path, body, headers)
+    assert resp_headers["Content-Type"] == "application/problem+json", answer
+    assert answer["status"] == status and answer["instance"] == path.partition("?")[0]
+    return status, resp_headers, answer["detail"]
+
+
+async def _from(svc: RunningService, local: str, path: str, **headers: str) -> int:
+    """POST from the loopback address ``local``."""
+    connector = aiohttp.TCPConnector(local_addr=(local, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(svc.url + path, data=b"{}", headers=headers) as resp,
+    ):
+        return resp.status
+
+
+async def test_requests_the_edge_refuses(service: RunningService, receiver: Receiver) -> None:
+    status, _, detail = await _problem(service, "POST", "/hooks/nope", b"{}")
+    assert (status, detail) == (404, "no webhook source 'nope'")
+    assert (await _problem(service, "POST", "/hooks/", b"{}"))[0] == 404
+    assert (await _problem(service, "POST", "/hooks/open/extra", b"{}"))[0] == 404
+    assert (await _problem(service, "POST", "/hooks/yearly", b"{}"))[0] == 404  # a timer
+    status, headers, detail = await _problem(service, "GET", "/hooks/open")
+    assert (status, headers["Allow"]) == (405, "POST")
+    status, _, detail = await _problem(
+        service, "POST", "/hooks/open", b'{"a": ', {"Content-Type": "application/json"}
+    )
+    assert status == 400 and detail.startswith("the body is not valid JSON: "), detail
+    status, _, detail = await _problem(
+        service,
+        "POST",
+        "/hooks/open",
+        b"a=%zz&&",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 400 and "not a valid form post" in detail
+    status, _, detail = await _problem(service, "POST", "/hooks/typed", b"{}")
+    assert status == 400 and "no value for the event type" in detail
+    status, _, detail = await _problem(service, "POST", "/hooks/open", b"x" * 1001)
+    assert status == 413 and "exceeds 1000 bytes" in detail
+
+    async def chunks() -> Any:
+        for _ in range(20):
+            yield b"y" * 100
+
+    async with service.session.post(service.url + "/hooks/open", data=chunks()) as resp:
+        assert resp.status == 413  # no Content-Length: counted as it arrives
+    # the body fits the trigger, the event (base64 of it) does not fit max_event_size
+    status, _, detail = await _problem(service, "POST", "/hooks/small", bytes(range(256)) * 300)
+    assert status == 413 and "more than the 65536-byte limit" in detail
+
+    await service.drained()
+    assert receiver.requests == []
+    status, _, answer = await service.request("POST", "/hooks/typed", b"{}", {"X-Kind": "ok"})
+    assert status == 202, answer
+    assert (await receiver.wait_for(1))[0].cloudevent["type"] == "com.example.ok"
+
+
+async def test_ip_lists_and_trusted_proxies(service: RunningService) -> None:
+    assert await _from(service, "127.0.0.2", "/hooks/local2") == 202
+    assert await _from(service, "127.0.0.1", "/hooks/local2") == 403
+    assert await _from(service, "127.0.0.3", "/hooks/denied") == 403
+    # X-Forwarded-For counts only from a trusted proxy, and only its right-most entries
+    forwarded = {"X-Forwarded-For": "10.1.2.3"}
+    assert await _from(service, "127.0.0.1", "/hooks/proxied", **forwarded) == 202
+    assert await _from(service, "127.0.0.1", "/hooks/proxied") == 403
+    assert await _from(service, "127.0.0.2", "/hooks/proxied", **forwarded) == 403
+    assert (
+        await _from(
+            service, "127.0.0.1", "/hooks/proxied", **{"X-Forwarded-For": "10.1.2.3, 192.0.2.9"}
+        )
+        == 403
+    )
+    status, _, detail = await _problem(service, "POST", "/hooks/local2", b"{}")
+    assert status == 403 and detail == "address 127.0.0.1 is not allowed to call hook 'local2'"
+    await service.service.store.audit.flush()
+    rows = await service.service.store.pool.fetch(
+        "SELECT remote, reason FROM refusals WHERE path = '/hooks/local2'"
+    )
+    assert len(rows) == 2 and all("not allowed" in r["reason"] for r in rows)
+
+
+def test_client_address_ipv6_and_proxy_chains() -> None:
+    spec = build_source(
+        {
+            "name": "p",
+            "type": "webhook",
+            "trusted_proxies": ["::1/128", "fd00::/8", "127.0.0.1/32"],
+        }
+    ).spec  # type: ignore[attr-defined]
+    v6 = ipaddress.ip_address
+    assert client_address(spec, "::1", {"x-forwarded-for": "2001:db8::5"}) == v6("2001:db8::5")
+    chain = {"x-forwarded-for": "6.6.6.6, 2001:db8::7, fd00::1"}
+    assert client_address(spec, "::1", chain) == v6("2001:db8::7")
+    assert client_address(spec, "2001:db8::9", chain) == v6("2001:db8::9")
+    assert client_address(spec, "127.0.0.1", {"x-forwarded-for": "[::1]"}) == v6("::1")
+    assert client_address(spec, "127.0.0.1", {"x-forwarded-for": "garbage"}) is None
+    assert client_address(spec, None, {}) is None
+    # IPv4 clients of a dual-stack socket are IPv4 addresses to the lists
+    four = ipaddress.ip_address("127.0.0.1")
+    mapped = {"x-forwarded-for": "[::ffff:127.0.0.1]"}
+    assert client_address(spec, "::ffff:127.0.0.1", mapped) == four
+
+
+async def test_ip_lists_over_ipv6(eventbus: StartService) -> None:
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        sources=[
+            {"name": "six", **OPEN, "allow": ["::1/128"]},
+            {"name": "four", **OPEN, "allow": ["127.0.0.0/8"]},
+            {"name": "no-six", **OPEN, "deny": ["::/0"]},
+        ],
+        settings={"listen": {"host": "::1"}},
+    )
+    svc.url = svc.url.replace("127.0.0.1", "[::1]")
+    assert (await svc.request("POST", "/hooks/six", b"{}"))[0] == 202
+    status, _, detail = await _problem(svc, "POST", "/hooks/four", b"{}")
+    assert (status, detail) == (403, "address ::1 is not allowed to call hook 'four'")
+    assert (await _problem(svc, "POST", "/hooks/no-six", b"{}"))[0] == 403
+
+
+async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -> None:
+    status, headers, detail = await _problem(service, "POST", "/hooks/keyed", b"{}")
+    assert (status, detail, headers["WWW-Authenticate"]) == (401, "missing API key", "Bearer")
+    bad = {"Authorization": "Bearer wrong-key-0123456789"}
+    assert (await _problem(service, "POST", "/hooks/keyed", b"{}", bad))[2] == "invalid API key"
+    # the service's keys do not open a trigger that has its own only
+    other = {"X-API-Key": PUBLISH_KEY}
+    assert (await _problem(service, "POST", "/hooks/keyed", b"{}", other))[0] == 401
+    assert (await service.request("POST", "/hooks/keyed", b"{}", {"X-API-Key": KEY}))[0] == 202
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    assert (await service.request("POST", "/hooks/keyed", b"{}", bearer))[0] == 202
+
+    # a trigger with neither verification nor keys takes the service's
+    assert (await _problem(service, "POST", "/hooks/default", b"{}"))[0] == 401
+    pub = {"X-API-Key": PUBLISH_KEY}
+    assert (await service.request("POST", "/hooks/default", b"{}", pub))[0] == 202
+    # scope admin may do everything, publish included
+    admin = {"X-API-Key": ADMIN_ONLY}
+    assert (await service.request("POST", "/hooks/default", b"{}", admin))[0] == 202
+    # its own keys and the service's
+    for key in (KEY, PUBLISH_KEY):
+        assert (await service.request("POST", "/hooks/both", b"{}", {"X-API-Key": key}))[0] == 202
+    assert (await _problem(service, "POST", "/hooks/both", b"{}", bad))[0] == 401
+    # a verified trigger needs no API key: its signature (here a token) is the check
+    token = {"X-Gitlab-Token": KEY, "Content-Type": "application/json"}
+    body = b'{"object_kind": "push"}'
+    assert (await service.request("POST", "/hooks/signed", body, token))[0] == 202
+
+    await service.service.store.audit.flush()
+    rows = await service.service.store.pool.fetch(
+        "SELECT reason FROM refusals WHERE path = '/hooks/keyed'"
+    )
+    assert sorted(r["reason"] for r in rows) == [
+        "invalid API key",
+        "invalid API key",
+        "missing API key",
+    ]
+
+
+@pytest.mark.timeout(120)
+async def test_bus_down_answers_503_then_recovers(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    async with NatsServer(tmp_path / "own-nats") as nats:
+        svc = await eventbus(
+            rules=RULES,
+            targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+            sources=[{"name": "open", "type": "webhook"}],
+            settings={
+                "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
+            },
+        )
+        await nats.stop()
+        status, headers, detail = await _problem(svc, "POST", "/hooks/open", b'{"n": 1}')
+        assert status == 503 and headers["Retry-After"] == "5", detail
+        await nats.start()
+
+        async def accepted() -> bool:
+            status, _, _ = await svc.request("POST", "/hooks/open", orjson.dumps({"n": 2}), JSON)
+            return status == 202
+
+        await eventually(accepted, within=20, every=0.2, what="the hook once NATS is back")
+        got = await receiver.wait_for(1, timeout=30)
+        assert got[0].cloudevent["data"] == {"n": 2}
+
+
+async def test_hooks_are_served_where_other_sources_do_not_run(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    """The extra workers of ``serve --workers N`` run no sources (run_sources: false), but a
+    webhook request may reach any of them."""
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=[
+            {"name": "open", **OPEN},
+            {"name": "yearly", "type": "timer", "schedule": "0 3 1 1 *"},
+        ],
+        settings={"run_sources": False},
+    )
+    status, _, answer = await svc.request("POST", "/hooks/open", b'{"a": 1}', JSON)
+    assert status == 202, answer
+    assert (await receiver.wait_for(1))[0].cloudevent["data"] == {"a": 1}
+    assert [s.name for s in svc.service.source_statuses()] == ["open"]
+
+
+async def test_the_hook_route_is_in_the_openapi_document(service: RunningService) -> None:
+    status, _, document = await service.request("GET", "/openapi.json")
+    assert status == 200
+    operation = document["paths"]["/hooks/{name}"]["post"]
+    assert operation["operationId"] == "webhook"
+    assert set(operation["responses"]) == {
+        *("200", "202", "400", "401", "403", "404", "405", "413", "503")
+    }
+    assert operation["responses"]["401"]["content"]["application/problem+json"]
+
+
+@pytest.mark.timeout(180)
+async def test_every_worker_of_serve_serves_the_hooks(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, tmp_path: Path
+) -> None:
+    """``serve --workers 2``: connections spread over both workers (SO_REUSEPORT), and every
+    one of them finds the hook, though only the first worker runs the other sources."""
+    target = {"name": "fn", "type": "http", "url": receiver.url("/fn")}
+    proc = serve_process(rules=RULES, targets=[target], workers=2)
+    (tmp_path / "connectors" / "connectors.yaml").write_text(
+        yaml.safe_dump({"targets": [target], "sources": [{"name": "open", **OPEN}]})
+    )
+    await proc.start()
+    try:
+        statuses = []
+        for i in range(40):
+            # a connection of its own each time, so the kernel may hand it to either worker
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+                s.post(f"{proc.url}/hooks/open", json={"n": i}) as resp,
+            ):
+                statuses.append(resp.status)
+        assert statuses == [202] * 40
+        got = await receiver.wait_for(40, timeout=30)
+        assert sorted(r.cloudevent["data"]["n"] for r in got) == list(range(40))
+        log = proc.log.read_text()
+        assert log.count("eventbus ready") == 2 and "1 sources" in log
+    finally:
+        assert await proc.terminate() == 0

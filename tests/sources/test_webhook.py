@@ -1,0 +1,446 @@
+"""The ``webhook`` source end to end: requests signed the way each provider signs them (the
+signers below follow the providers' published algorithms; Standard Webhooks is signed with
+its own ``standardwebhooks`` package) are accepted at ``/hooks/<name>`` of a real service,
+land on the real bus and reach a real function; a redelivered webhook is one event; every
+way of getting a signature wrong is refused with 401 and recorded."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import standardwebhooks
+
+from eventbus._errors import CloudEventError, ConfigError
+from eventbus.config import load_connectors
+from eventbus.sources import HookRequest, WebhookSource, build_source
+from eventbus.sources._webhook import WebhookSourceSpec
+from tests.fixtures.receiver import Receiver
+from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
+
+GITHUB_SECRET = "gh-secret-0123456789"
+GITLAB_TOKEN = "gl-token-0123456789"
+STRIPE_SECRET = "whsec_stripe0123456789"
+SLACK_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+STANDARD_SECRET = "whsec_" + base64.b64encode(b"standard-webhooks-key-32-bytes!!").decode()
+HMAC_SECRET = "generic-secret-0123456789"
+
+SOURCES: list[dict[str, Any]] = [
+    {"name": "github", "type": "webhook", "verify": {"kind": "github", "secret": GITHUB_SECRET}},
+    {"name": "gitlab", "type": "webhook", "verify": {"kind": "gitlab", "secret": GITLAB_TOKEN}},
+    {"name": "stripe", "type": "webhook", "verify": {"kind": "stripe", "secret": STRIPE_SECRET}},
+    {
+        "name": "slack",
+        "type": "webhook",
+        "verify": {"kind": "slack", "secret": SLACK_SECRET},
+        "response": {"body": "{body:$.challenge}"},
+    },
+    {
+        "name": "standard",
+        "type": "webhook",
+        "verify": {"kind": "standard-webhooks", "secret": {"env": "EB_TEST_STANDARD_SECRET"}},
+    },
+    {
+        "name": "generic",
+        "type": "webhook",
+        "verify": {
+            "kind": "hmac",
+            "secret": HMAC_SECRET,
+            "header": "X-Signature",
+            "algorithm": "sha512",
+            "encoding": "base64",
+            "prefix": "sha512=",
+            "signed": "{header:X-Timestamp}:{body}",
+        },
+        "event_type": "com.example.{query:kind}",
+        "event_id": "{header:X-Request-Id}",
+        "subject": "{body:$.order.id}",
+        "extensions": {"tenant": "{query:tenant}", "requestid": "{header:X-Request-Id}"},
+    },
+    {"name": "plain", "type": "webhook", "methods": ["POST", "PUT"]},
+    {
+        "name": "static",
+        "type": "webhook",
+        "response": {"status": 200, "body": "ok", "content_type": "text/plain"},
+    },
+]
+RULES = "- name: all\n  targets: [fn]\n"
+
+
+def github(body: bytes, delivery: str = "d-1", secret: str = GITHUB_SECRET) -> dict[str, str]:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {
+        "Content-Type": "application/json",
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": delivery,
+        "X-Hub-Signature-256": f"sha256={digest}",
+    }
+
+
+def stripe(body: bytes, stamp: int | None = None, secret: str = STRIPE_SECRET) -> dict[str, str]:
+    t = int(time.time()) if stamp is None else stamp
+    v1 = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"Content-Type": "application/json", "Stripe-Signature": f"t={t},v1={v1},v0=00"}
+
+
+def slack(body: bytes, stamp: int | None = None) -> dict[str, str]:
+    t = str(int(time.time()) if stamp is None else stamp)
+    base = b"v0:" + t.encode() + b":" + body
+    v0 = hmac.new(SLACK_SECRET.encode(), base, hashlib.sha256).hexdigest()
+    return {
+        "Content-Type": "application/json",
+        "X-Slack-Request-Timestamp": t,
+        "X-Slack-Signature": f"v0={v0}",
+    }
+
+
+def standard(body: bytes, msg_id: str = "msg_1", at: datetime | None = None) -> dict[str, str]:
+    moment = at or datetime.now(UTC)
+    signature = standardwebhooks.Webhook(STANDARD_SECRET).sign(msg_id, moment, body.decode())
+    return {
+        "Content-Type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(moment.timestamp())),
+        "webhook-signature": signature,
+    }
+
+
+def generic(body: bytes, stamp: str = "1700000000") -> dict[str, str]:
+    digest = hmac.new(HMAC_SECRET.encode(), stamp.encode() + b":" + body, hashlib.sha512)
+    return {
+        "Content-Type": "application/json",
+        "X-Timestamp": stamp,
+        "X-Request-Id": "req-42",
+        "X-Signature": "sha512=" + base64.b64encode(digest.digest()).decode(),
+    }
+
+
+@pytest.fixture
+async def service(
+    eventbus: StartService, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RunningService]:
+    # the Standard Webhooks secret comes from the environment, as the docs advise
+    monkeypatch.setenv("EB_TEST_STANDARD_SECRET", STANDARD_SECRET)
+    yield await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=SOURCES,
+    )
+
+
+async def _delivered(receiver: Receiver, source: str, event_id: str) -> dict[str, Any]:
+    async def found() -> dict[str, Any] | None:
+        for r in receiver.requests:
+            ce = r.cloudevent
+            if ce is not None and ce["source"] == source and ce["id"] == event_id:
+                return ce
+        return None
+
+    return await eventually(found, within=15, what=f"delivery of {source}/{event_id}")
+
+
+async def test_each_provider_signed_as_it_signs_is_delivered(
+    service: RunningService, receiver: Receiver
+) -> None:
+    push = orjson.dumps({"ref": "refs/heads/main", "commits": [{"id": "abc"}]})
+    status, _, body = await service.request("POST", "/hooks/github", push, github(push))
+    assert (status, body) == (
+        202,
+        {"id": "d-1", "source": "urn:eventbus:source:github", "duplicate": False},
+    )
+    ce = await _delivered(receiver, "urn:eventbus:source:github", "d-1")
+    assert ce["type"] == "com.github.push"
+    assert ce["data"] == orjson.loads(push)
+
+    gl = orjson.dumps({"object_kind": "merge_request", "project": {"id": 7}})
+    headers = {
+        "Content-Type": "application/json",
+        "X-Gitlab-Token": GITLAB_TOKEN,
+        "X-Gitlab-Event-UUID": "gl-uuid-1",
+    }
+    status, _, body = await service.request("POST", "/hooks/gitlab", gl, headers)
+    assert status == 202, body
+    assert (await _delivered(receiver, body["source"], "gl-uuid-1"))["type"] == (
+        "com.gitlab.merge_request"
+    )
+
+    st = orjson.dumps({"id": "evt_1NG8Du", "type": "payment_intent.succeeded", "data": {}})
+    status, _, body = await service.request("POST", "/hooks/stripe", st, stripe(st))
+    assert (status, body["id"]) == (202, "evt_1NG8Du"), body
+    ce = await _delivered(receiver, body["source"], "evt_1NG8Du")
+    assert ce["type"] == "com.stripe.payment_intent.succeeded"
+
+    sl = orjson.dumps({"type": "event_callback", "event_id": "Ev123", "event": {"type": "x"}})
+    status, _, body = await service.request("POST", "/hooks/slack", sl, slack(sl))
+    assert (status, body) == (200, None)  # the trigger's response: 200, an empty body
+    ce = await _delivered(receiver, "urn:eventbus:source:slack", "Ev123")
+    assert ce["type"] == "com.slack.event_callback"
+    # Slack's URL verification: the challenge comes back as the answer
+    challenge = orjson.dumps({"type": "url_verification", "challenge": "3eZbrw1aBm2rZgRNFdxV"})
+    status, headers, body = await service.request(
+        "POST", "/hooks/slack", challenge, slack(challenge)
+    )
+    assert (status, body) == (200, "3eZbrw1aBm2rZgRNFdxV")
+    assert headers["Content-Type"].startswith("text/plain")
+
+    sw = orjson.dumps({"type": "invoice.paid", "data": {"n": 1}})
+    status, _, body = await service.request("POST", "/hooks/standard", sw, standard(sw))
+    assert (status, body["id"]) == (202, "msg_1"), body
+    assert (await _delivered(receiver, body["source"], "msg_1"))["type"] == "invoice.paid"
+
+    order = orjson.dumps({"order": {"id": 991}})
+    path = "/hooks/generic?kind=order.created&tenant=acme"
+    status, _, body = await service.request("POST", path, order, generic(order))
+    assert (status, body["id"]) == (202, "req-42"), body
+    ce = await _delivered(receiver, body["source"], "req-42")
+    assert ce["type"] == "com.example.order.created"
+    assert (ce["subject"], ce["tenant"], ce["requestid"]) == ("991", "acme", "req-42")
+
+
+async def test_a_redelivered_webhook_is_one_event(
+    service: RunningService, receiver: Receiver
+) -> None:
+    push = orjson.dumps({"ref": "refs/heads/main"})
+    for attempt in range(3):
+        status, headers, body = await service.request(
+            "POST", "/hooks/github", push, github(push, delivery="same-delivery")
+        )
+        # answered 202 each time, a retry marked as the duplicate it is
+        assert (status, body["id"], body["duplicate"]) == (202, "same-delivery", attempt > 0)
+        lower = {k.lower(): v for k, v in headers.items()}
+        assert lower.get("eventbus-duplicate") == ("true" if attempt else None)
+    other = await service.request("POST", "/hooks/github", push, github(push, delivery="next"))
+    assert other[0] == 202
+    await _delivered(receiver, "urn:eventbus:source:github", "next")
+    await service.drained()
+    ids = [r.cloudevent["id"] for r in receiver.requests if r.cloudevent is not None]
+    assert sorted(ids) == ["next", "same-delivery"]
+
+
+async def test_bodies_become_data_by_their_content_type(
+    service: RunningService, receiver: Receiver
+) -> None:
+    async def post(body: bytes, content_type: str | None, method: str = "POST") -> Any:
+        headers = {"Content-Type": content_type} if content_type else {}
+        status, _, answer = await service.request(method, "/hooks/plain", body, headers)
+        assert status == 202, answer
+        return await _delivered(receiver, answer["source"], answer["id"])
+
+    form = await post(b"a=1&b=2&b=3&empty=", "application/x-www-form-urlencoded")
+    assert form["data"] == {"a": "1", "b": ["2", "3"], "empty": ""}
+    assert form["type"] == "com.eventbus.webhook"
+    text = await post("héllo".encode(), "text/plain; charset=utf-8", method="PUT")
+    assert (text["data"], text["datacontenttype"]) == ("héllo", "text/plain; charset=utf-8")
+    raw = bytes(range(256))
+    binary = await post(raw, "application/octet-stream")
+    assert base64.b64decode(binary["data_base64"]) == raw
+    problem = await post(b'{"kind": "x"}', "application/problem+json")
+    assert problem["data"] == {"kind": "x"}
+    empty = await post(b"", None)
+    assert "data" not in empty and "data_base64" not in empty
+
+    status, headers, answer = await service.request("POST", "/hooks/static", b"{}")
+    assert (status, answer) == (200, "ok")
+    assert headers["Content-Type"].startswith("text/plain")
+
+
+async def _refusal_rows(service: RunningService, path: str) -> list[str]:
+    await service.service.store.audit.flush()
+    rows = await service.service.store.pool.fetch(
+        "SELECT reason FROM refusals WHERE path = $1", path
+    )
+    return [r["reason"] for r in rows]
+
+
+async def test_wrong_signatures_are_refused_and_recorded(
+    service: RunningService, receiver: Receiver
+) -> None:
+    body = orjson.dumps({"id": "evt_2", "type": "charge.failed"})
+    stale = int(time.time()) - 600
+    changed = body.replace(b"failed", b"succeeded")
+    cases: list[tuple[str, bytes, dict[str, str], str]] = [
+        ("github", body, github(body, secret="wrong-secret-0000"), "does not match"),
+        ("github", changed, github(body), "does not match"),
+        ("github", body, {"X-GitHub-Event": "push"}, "X-Hub-Signature-256 is missing"),
+        ("gitlab", body, {"X-Gitlab-Token": "not-the-token"}, "not the trigger's token"),
+        ("gitlab", body, {}, "X-Gitlab-Token is missing"),
+        ("stripe", body, stripe(body, stamp=stale), "outside the 300s tolerance"),
+        ("stripe", changed, stripe(body), "no v1 signature"),
+        ("stripe", body, {"Stripe-Signature": "v1=abc"}, "needs one t="),
+        ("stripe", body, {"Stripe-Signature": "t=soon,v1=abc"}, "not Unix seconds"),
+        ("slack", body, slack(body, stamp=stale), "outside the 300s tolerance"),
+        ("slack", changed, slack(body), "does not match"),
+        ("standard", changed, standard(body), "no v1 signature"),
+        ("standard", body, standard(body, at=datetime.fromtimestamp(stale, UTC)), "tolerance"),
+        ("standard", body, {"webhook-id": "m"}, "webhook-timestamp is missing"),
+        ("generic", changed, generic(body), "does not match"),
+        ("generic", body, {**generic(body), "X-Timestamp": "1700000001"}, "does not match"),
+    ]
+    for hook, payload, headers, detail in cases:
+        path = f"/hooks/{hook}?kind=k"
+        status, resp_headers, answer = await service.request("POST", path, payload, headers)
+        assert status == 401, (hook, detail, answer)
+        assert resp_headers["Content-Type"] == "application/problem+json"
+        assert detail in answer["detail"], (hook, answer)
+    reasons = await _refusal_rows(service, "/hooks/stripe")
+    assert any("tolerance" in r for r in reasons) and len(reasons) == 4
+    await service.drained()
+    assert receiver.requests == []
+    status, _, _ = await service.request("GET", "/readyz")
+    assert status == 200
+
+
+# --- the trigger's definition, checked at load with file and line -----------------------------
+
+BAD_HOOKS = [
+    ("verify", "{kind: github}", "verify.github.secret: Field required"),
+    ("verify", "{kind: carrier-pigeon, secret: s}", "verify: Input tag 'carrier-pigeon'"),
+    ("verify", "{kind: github, secret: {env: EB_TEST_UNSET_SECRET}}", "is not set"),
+    ("verify", "{kind: github, secret: {vault: x}}", "write a string, {env: NAME}"),
+    ("verify", "{kind: github, secret: ''}", "must not be empty"),
+    ("verify", "{kind: standard-webhooks, secret: 'whsec_not base64!'}", "base64 key"),
+    ("verify", "{kind: hmac, secret: s, header: X-S, algorithm: md5}", "algorithm"),
+    ("verify", "{kind: hmac, secret: s, header: X-S, signed: '{nope}.{body}'}", "references"),
+    ("event_type", "'com.{header:X}.{broken'", "write references as"),
+    ("event_id", "'{body:id}'", "a JSONPath starting at '$'"),
+    ("subject", "'{body:$[[[}'", "invalid JSONPath"),
+    ("extensions", "{Tenant: '{query:t}'}", "1-20 of a-z 0-9"),
+    ("extensions", "{subject: '{query:t}'}", "not a CloudEvents attribute"),
+    ("methods", "[post]", "not an upper-case HTTP method"),
+    ("allow", "[10.0.0.0/33]", "not a CIDR block or address"),
+    ("deny", "['10.1.2.3/8']", "has host bits set"),
+    ("trusted_proxies", "['::1/129']", "not a CIDR block"),
+    ("max_body", "0", "greater than or equal to 1"),
+    ("response", "{status: 302}", "less than or equal to 299"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), BAD_HOOKS)
+def test_a_bad_trigger_is_reported_with_file_and_line(
+    tmp_path: Path, field: str, value: str, problem: str
+) -> None:
+    text = f"sources:\n  - name: hook\n    type: webhook\n    {field}: {value}\n"
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path, env={})
+    (line,) = str(info.value).replace(str(tmp_path) + "/", "").splitlines()
+    assert line.startswith(f"c.yaml:4: sources.0.{field}"), line
+    assert problem in line and line.endswith("(source 'hook')"), line
+
+
+def test_secrets_come_from_the_environment_or_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "secret").write_text("from-a-file\n")
+    monkeypatch.setenv("EB_TEST_HOOK_SECRET", "from-the-env")
+    conn = tmp_path / "connectors"
+    conn.mkdir()
+    (conn / "c.yaml").write_text(
+        "sources:\n"
+        "  - {name: a, type: webhook, verify: {kind: gitlab, secret: {env: EB_TEST_HOOK_SECRET}}}\n"
+        f"  - {{name: b, type: webhook, keys: [{{file: {tmp_path / 'secret'}}}]}}\n"
+    )
+    specs = load_connectors(conn).sources
+    a, b = specs["a"], specs["b"]
+    assert isinstance(a, WebhookSourceSpec) and isinstance(b, WebhookSourceSpec)
+    assert a.verify is not None and a.verify.secret.get_secret_value() == "from-the-env"
+    assert [k.get_secret_value() for k in b.keys] == ["from-a-file"]
+    assert "from-the-env" not in repr(a)  # secrets stay out of logs and errors
+
+
+def _event(spec: dict[str, Any], request: HookRequest, now: float | None = None) -> Any:
+    source = build_source({"name": "hook", "type": "webhook", **spec})
+    assert isinstance(source, WebhookSource)
+    return source.event_for(request, now=now)
+
+
+def test_templates_find_values_in_headers_query_and_body() -> None:
+    body = orjson.dumps({"a": {"n": 3, "ok": True, "obj": {}}, "list": [None]})
+    request = HookRequest("POST", {"x-kind": "k", "content-type": "application/json"}, "q=1", body)
+    spec = {
+        "event_type": "t.{header:X-Kind}.{query:q}.{body:$.a.n}",
+        "subject": "{body:$.a.ok}",
+        "extensions": {"obj": "{body:$.a.obj}", "nul": "{body:$.list[0]}", "q": "{query:q}"},
+    }
+    event = _event(spec, request)
+    assert (event["type"], event["subject"], event["q"]) == ("t.k.1.3", "true", "1")
+    assert "obj" not in event and "nul" not in event  # objects and null are no value
+    assert len(event["id"]) == 36 and event["source"] == "urn:eventbus:source:hook"
+    assert _event({"event_id": "{header:X-None}"}, request)["id"] != event["id"]
+    # a form post is an object to body references too
+    form = HookRequest(
+        "POST", {"content-type": "application/x-www-form-urlencoded"}, "", b"action=opened&n=2"
+    )
+    assert _event({"event_type": "t.{body:$.action}.{body:$.n}"}, form)["type"] == "t.opened.2"
+
+
+def test_the_event_size_limit_is_the_callers() -> None:
+    source = build_source({"name": "hook", "type": "webhook"})
+    assert isinstance(source, WebhookSource)
+    request = HookRequest("POST", {"content-type": "text/plain"}, "", b"x" * 300_000)
+    with pytest.raises(CloudEventError) as info:
+        source.event_for(request)  # the default limit, 256 KiB
+    assert info.value.status == 413
+    assert source.event_for(request, max_size=400_000)["data"] == "x" * 300_000
+
+
+def test_a_signature_is_checked_against_the_time_of_the_request() -> None:
+    body = b'{"id": "evt_3", "type": "x"}'
+    headers = {k.lower(): v for k, v in stripe(body, stamp=1_000_000).items()}
+    request = HookRequest("POST", headers, "", body)
+    spec = {"verify": {"kind": "stripe", "secret": STRIPE_SECRET, "tolerance": "1m"}}
+    assert _event(spec, request, now=1_000_059)["id"] == "evt_3"
+    with pytest.raises(CloudEventError, match="outside the 60s tolerance") as info:
+        _event(spec, request, now=1_000_061)
+    assert info.value.status == 401
+
+
+def test_the_examples_of_the_docs_load_as_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "sources.md"
+    text = docs.read_text(encoding="utf-8")
+    section = text[text.index("## `type: webhook`") : text.index("## Queue sources")]
+    triggers, hmac_verify = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    names = ("GITHUB_WEBHOOK_SECRET", "GITLAB_WEBHOOK_TOKEN", "SLACK_SIGNING_SECRET")
+    for name in (*names, "ORDERS_HOOK_KEY"):
+        monkeypatch.setenv(name, f"{name.lower()}-0123456789")
+    monkeypatch.setenv("PARTNER_SECRET", "partner-0123456789")
+    (tmp_path / "whsec").write_text("whsec_from_a_file\n")
+    (tmp_path / "a.yaml").write_text(
+        triggers.replace("/run/secrets/stripe-whsec", str(tmp_path / "whsec"))
+    )
+    indented = "".join(f"    {line}\n" for line in hmac_verify.splitlines())
+    (tmp_path / "b.yaml").write_text(f"sources:\n  - name: partner\n    type: webhook\n{indented}")
+    sources = load_connectors(tmp_path).sources
+    assert sorted(sources) == ["github", "gitlab", "legacy-orders", "partner", "slack", "stripe"]
+    stripe_spec = sources["stripe"]
+    assert isinstance(stripe_spec, WebhookSourceSpec) and stripe_spec.verify is not None
+    assert stripe_spec.verify.secret.get_secret_value() == "whsec_from_a_file"
+
+
+@pytest.mark.timeout(120)
+async def test_a_webhook_on_the_kafka_bus(
+    eventbus: StartService, receiver: Receiver, kafka_bootstrap: str
+) -> None:
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=[SOURCES[0]],
+        kafka_bootstrap=kafka_bootstrap,
+    )
+    push = orjson.dumps({"ref": "refs/heads/main"})
+    status, _, body = await svc.request("POST", "/hooks/github", push, github(push, "k-1"))
+    assert (status, body["duplicate"]) == (202, False), body
+    ce = await _delivered(receiver, "urn:eventbus:source:github", "k-1")
+    assert (ce["type"], ce["data"]) == ("com.github.push", {"ref": "refs/heads/main"})

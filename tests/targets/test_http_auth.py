@@ -1,0 +1,341 @@
+"""HTTP targets authenticated: Basic, API key, bearer and OAuth 2.0 client credentials, over
+mutual TLS, against a real https function (the receiver with a trustme certificate) and a real
+token endpoint of the test's own that counts its requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from aiohttp import web
+
+import eventbus.sources  # noqa: F401  (registers every connector type)
+from eventbus._errors import ConfigError
+from eventbus.config import load_connectors
+from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome
+from tests.fixtures.certs import Pki, make_pki
+from tests.fixtures.receiver import Receiver, Response
+
+CLIENT_SECRET = "cl!ent/secret:42"  # characters that must be form-encoded in Basic credentials
+PASSWORD = "pa55-w0rd-Basic"
+API_KEY = "k3y-0f-the-api-xyz"
+BEARER = "bearer-t0ken-abc"
+SECRETS = (CLIENT_SECRET, PASSWORD, API_KEY, BEARER)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _server_context(pki: Pki, *, client_cert: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    if client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@pytest.fixture
+async def function(pki: Pki) -> AsyncIterator[Receiver]:
+    """An https function that requires a client certificate (mutual TLS)."""
+    async with Receiver(ssl=_server_context(pki, client_cert=True)) as receiver:
+        yield receiver
+
+
+class TokenEndpoint:
+    """An OAuth 2.0 token endpoint: client credentials in HTTP Basic; tokens tok-1, tok-2 ..."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.expires_in: float | None = 3600
+        self.revoked = False
+        self.delay = 0.0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        user, _, password = (
+            base64.b64decode(request.headers.get("Authorization", "Basic ").removeprefix("Basic "))
+            .decode()
+            .partition(":")
+        )
+        self.requests.append(
+            {**{k: str(v) for k, v in form.items()}, "id": unquote(user), "pw": unquote(password)}
+        )
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.revoked or unquote(password) != CLIENT_SECRET:
+            return web.json_response(
+                {"error": "invalid_client", "error_description": "client revoked"}, status=401
+            )
+        body: dict[str, Any] = {"access_token": f"tok-{len(self.requests)}", "token_type": "Bearer"}
+        if self.expires_in is not None:
+            body["expires_in"] = self.expires_in
+        return web.json_response(body)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/token", self._token)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/token"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[TokenEndpoint]:
+    endpoint = TokenEndpoint()
+    await endpoint.start()
+    yield endpoint
+    await endpoint.stop()
+
+
+def _event(i: int = 0) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": f"e{i}", "source": "/t", "type": "t", "data": {"i": i}}
+
+
+def _spec(
+    function: Receiver, pki: Pki, auth: dict[str, Any] | None, **extra: Any
+) -> HttpTargetSpec:
+    tls = {"ca": str(pki.ca), "cert": str(pki.client_cert), "key": str(pki.client_key)}
+    raw: dict[str, Any] = {"name": "fn", "url": function.url("/fn"), "tls": tls, **extra}
+    if auth is not None:
+        raw["auth"] = auth
+    return HttpTargetSpec.model_validate(raw)
+
+
+async def _deliver(target: HttpTarget, i: int = 0) -> Outcome:
+    event = _event(i)
+    return await target.deliver(event, event, is_cloudevent=True, attempt=1)
+
+
+@pytest.mark.parametrize(
+    ("auth", "header", "expected"),
+    [
+        (
+            {"basic": {"username": "eventbus", "password": PASSWORD}},
+            "Authorization",
+            "Basic " + base64.b64encode(f"eventbus:{PASSWORD}".encode()).decode(),
+        ),
+        ({"api_key": {"header": "X-Fn-Key", "value": API_KEY}}, "X-Fn-Key", API_KEY),
+        ({"bearer": BEARER}, "Authorization", f"Bearer {BEARER}"),
+    ],
+)
+async def test_static_credentials_arrive_over_mutual_tls(
+    function: Receiver,
+    pki: Pki,
+    auth: dict[str, Any],
+    header: str,
+    expected: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="eventbus")
+    async with HttpTarget(_spec(function, pki, auth, headers={"X-Static": "yes"})) as target:
+        outcome = await _deliver(target)
+    assert outcome.delivered, outcome.error
+    (request,) = function.requests
+    assert request.headers[header] == expected
+    assert request.headers["X-Static"] == "yes"
+    assert not any(s in caplog.text for s in SECRETS)
+
+
+async def test_without_the_client_certificate_the_function_is_not_reached(
+    function: Receiver, pki: Pki
+) -> None:
+    spec = HttpTargetSpec.model_validate(
+        {"name": "fn", "url": function.url("/fn"), "tls": {"ca": str(pki.ca)}}
+    )
+    async with HttpTarget(spec) as target:
+        outcome = await _deliver(target)
+    assert not outcome.delivered and function.requests == []
+
+
+async def test_a_function_certificate_from_another_ca_is_refused_for_good(
+    function: Receiver, pki: Pki
+) -> None:
+    spec = HttpTargetSpec.model_validate(
+        {"name": "fn", "url": function.url("/fn"), "tls": {"ca": str(pki.other_ca)}}
+    )
+    async with HttpTarget(spec) as target:
+        outcome = await _deliver(target)
+    assert not outcome.delivered and not outcome.retryable
+    assert outcome.error is not None and outcome.error.startswith("TLS certificate rejected")
+
+
+def _oauth(idp: TokenEndpoint, **extra: Any) -> dict[str, Any]:
+    return {
+        "oauth2": {
+            "token_url": idp.url,
+            "client_id": "eventbus",
+            "client_secret": CLIENT_SECRET,
+            "scopes": ["events.write", "events.read"],
+            "audience": "https://fn.test",
+            **extra,
+        }
+    }
+
+
+async def test_500_concurrent_deliveries_fetch_one_token(
+    function: Receiver, pki: Pki, idp: TokenEndpoint
+) -> None:
+    idp.delay = 0.2  # every delivery is waiting by the time the token comes
+    async with HttpTarget(_spec(function, pki, _oauth(idp), concurrency=512)) as target:
+        outcomes = await asyncio.gather(*(_deliver(target, i) for i in range(500)))
+    assert all(o.delivered for o in outcomes), {o.error for o in outcomes}
+    assert len(idp.requests) == 1
+    (token_request,) = idp.requests
+    assert token_request == {
+        "grant_type": "client_credentials",
+        "scope": "events.write events.read",
+        "audience": "https://fn.test",
+        "id": "eventbus",
+        "pw": CLIENT_SECRET,
+    }
+    assert {r.headers["Authorization"] for r in function.requests} == {"Bearer tok-1"}
+
+
+async def test_a_token_is_renewed_before_it_expires(
+    function: Receiver, pki: Pki, idp: TokenEndpoint
+) -> None:
+    idp.expires_in = 1  # renewed at 90 % of its life
+    async with HttpTarget(_spec(function, pki, _oauth(idp))) as target:
+        assert (await _deliver(target, 1)).delivered
+        assert (await _deliver(target, 2)).delivered
+        await asyncio.sleep(1.0)
+        assert (await _deliver(target, 3)).delivered
+    assert len(idp.requests) == 2
+    tokens = [r.headers["Authorization"] for r in function.requests]
+    assert tokens == ["Bearer tok-1", "Bearer tok-1", "Bearer tok-2"]
+
+
+async def test_a_401_fetches_one_new_token_and_sends_again(
+    function: Receiver, pki: Pki, idp: TokenEndpoint
+) -> None:
+    async with HttpTarget(_spec(function, pki, _oauth(idp))) as target:
+        function.script(401)
+        outcome = await _deliver(target)
+        assert outcome.delivered, outcome.error
+        tokens = [r.headers["Authorization"] for r in function.requests]
+        assert tokens == ["Bearer tok-1", "Bearer tok-2"]
+        # A function that keeps refusing gets one retry per attempt, not a loop.
+        function.reset()
+        function.respond(Response(401, body=b"who are you"))
+        outcome = await _deliver(target)
+    assert not outcome.delivered and outcome.status == 401 and not outcome.retryable
+    assert len(function.requests) == 2 and len(idp.requests) == 3
+
+
+async def test_a_revoked_client_fails_for_good_with_the_endpoints_reason(
+    function: Receiver, pki: Pki, idp: TokenEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="eventbus")
+    idp.revoked = True
+    async with HttpTarget(_spec(function, pki, _oauth(idp), concurrency=64)) as target:
+        outcomes = await asyncio.gather(*(_deliver(target, i) for i in range(50)))
+    assert function.requests == []
+    assert {o.retryable for o in outcomes} == {False}
+    assert {o.error for o in outcomes} == {
+        f"HTTP target 'fn': OAuth2 token endpoint {idp.url} refused client 'eventbus': "
+        "HTTP 401 invalid_client client revoked"
+    }
+    assert len(idp.requests) == 1  # the waiting deliveries share the refusal
+    assert CLIENT_SECRET not in caplog.text
+
+
+async def test_an_unreachable_token_endpoint_is_retried(function: Receiver, pki: Pki) -> None:
+    auth = {
+        "oauth2": {
+            "token_url": "http://127.0.0.1:1/token",
+            "client_id": "c",
+            "client_secret": CLIENT_SECRET,
+        }
+    }
+    async with HttpTarget(_spec(function, pki, auth)) as target:
+        outcome = await _deliver(target)
+    assert not outcome.delivered and outcome.retryable
+    assert outcome.error is not None and "OAuth2 token endpoint" in outcome.error
+    assert CLIENT_SECRET not in outcome.error
+
+
+def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text(
+        "targets:\n"
+        "  - name: two\n"
+        "    type: http\n"
+        "    url: https://fn.test/\n"
+        "    auth: {bearer: x, basic: {username: u, password: p}}\n"
+        "  - name: none\n"
+        "    type: http\n"
+        "    url: https://fn.test/\n"
+        "    auth: {}\n"
+        "  - name: header\n"
+        "    type: http\n"
+        "    url: https://fn.test/\n"
+        "    auth: {api_key: {header: 'X Bad', value: {env: K}}}\n"
+        "  - name: oauth\n"
+        "    type: http\n"
+        "    url: https://fn.test/\n"
+        "    auth:\n"
+        "      oauth2: {token_url: ftp://idp/, client_id: c, client_secret: {env: CS}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path, env={"K": "v", "CS": "v"})
+    lines = str(info.value).replace(str(tmp_path) + "/", "").splitlines()
+    assert lines == [
+        "t.yaml:5: targets.0.auth: Value error, write exactly one of basic, api_key, bearer, "
+        "oauth2 (got basic, bearer) (target 'two')",
+        "t.yaml:9: targets.1.auth: Value error, write exactly one of basic, api_key, bearer, "
+        "oauth2 (target 'none')",
+        "t.yaml:13: targets.2.auth.api_key.header: String should match pattern "
+        "'^[!#$%&'*+.^_`|~0-9A-Za-z-]+$' (target 'header')",
+        "t.yaml:18: targets.3.auth.oauth2.token_url: String should match pattern '^https?://' "
+        "(target 'oauth')",
+    ]
+
+
+def test_auth_and_headers_may_not_both_set_a_header_and_tls_needs_https() -> None:
+    spec = HttpTargetSpec.model_validate(
+        {
+            "name": "fn",
+            "url": "https://fn.test/",
+            "headers": {"authorization": "Bearer other"},
+            "auth": {"bearer": BEARER},
+        }
+    )
+    with pytest.raises(ConfigError, match="'Authorization' is set by both headers and auth"):
+        HttpTarget(spec)
+    spec = HttpTargetSpec.model_validate(
+        {"name": "fn", "url": "http://fn.test/", "tls": {"ca": "/nope.pem"}}
+    )
+    with pytest.raises(ConfigError, match="HTTP target 'fn': tls needs an https:// url"):
+        HttpTarget(spec)
+    spec = HttpTargetSpec.model_validate(
+        {"name": "fn", "url": "https://fn.test/", "tls": {"ca": "/nope.pem"}}
+    )
+    with pytest.raises(ConfigError, match=r"HTTP target 'fn': tls\.ca /nope\.pem: No such file"):
+        HttpTarget(spec)
+
+
+def test_a_credential_with_a_line_break_is_refused_without_showing_it() -> None:
+    spec = HttpTargetSpec.model_validate(
+        {"name": "fn", "url": "https://fn.test/", "auth": {"bearer": {"env": "TOKEN"}}},
+        context={"env": {"TOKEN": BEARER + "\r\nX-Injected: yes"}},
+    )
+    with pytest.raises(ConfigError, match="'Authorization' contains a line break") as info:
+        HttpTarget(spec)
+    assert BEARER not in str(info.value)
