@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from eventbus import metrics
 from eventbus._tasks import cancel_and_wait
@@ -36,15 +36,24 @@ SERIES: dict[str, tuple[Counter, dict[str, str]]] = {
 }
 
 
-def _total(counter: Counter, labels: dict[str, str]) -> float:
+def _total(metric: Counter | Histogram, labels: dict[str, str], suffix: str = "_total") -> float:
+    """The sum of ``metric``'s samples named ``*suffix`` that carry ``labels``."""
     total = 0.0
-    for family in counter.collect():
+    for family in metric.collect():
         for sample in family.samples:
-            if sample.name.endswith("_total") and all(
+            if sample.name.endswith(suffix) and all(
                 sample.labels.get(k) == v for k, v in labels.items()
             ):
                 total += sample.value
     return total
+
+
+def _latency_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """The mean duration of the delivery attempts made between two samples (None: none)."""
+    count = after["_attempts"] - before["_attempts"]
+    if count <= 0:
+        return None
+    return round((after["_seconds"] - before["_seconds"]) / count * 1000, 3)
 
 
 def deliveries_by_target() -> dict[str, dict[str, float]]:
@@ -71,11 +80,14 @@ class Rates:
     def sample(self) -> None:
         """Add the counters' totals now (the sampling loop calls this)."""
         totals = {name: _total(counter, labels) for name, (counter, labels) in SERIES.items()}
+        totals["_seconds"] = _total(metrics.DELIVERY_SECONDS, {}, "_sum")
+        totals["_attempts"] = _total(metrics.DELIVERY_SECONDS, {}, "_count")
         self._samples.append((time.monotonic(), time.time(), totals))
 
     def snapshot(self) -> dict[str, Any]:
-        """``{"every": s, "points": [{"at": ISO time, name: per second, ...}, ...]}``, oldest
-        first: one point per pair of consecutive samples."""
+        """``{"every": s, "points": [{"at": ISO time, name: per second, ..., "latency_ms":
+        mean attempt duration or None}, ...]}``, oldest first: one point per pair of
+        consecutive samples."""
         samples = list(self._samples)
         points = []
         for (t0, _, before), (t1, wall, after) in itertools.pairwise(samples):
@@ -83,6 +95,7 @@ class Rates:
             point: dict[str, Any] = {"at": datetime.fromtimestamp(wall, UTC).isoformat()}
             for name in SERIES:
                 point[name] = round(max(after[name] - before[name], 0.0) / elapsed, 3)
+            point["latency_ms"] = _latency_ms(before, after)
             points.append(point)
         return {"every": self.every, "points": points}
 

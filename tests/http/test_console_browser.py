@@ -299,7 +299,7 @@ async def test_overview_targets_and_sources(
     await svc.drained()
     page = browser(svc.url)
     await page.open("/console#overview")
-    await page.wait("return document.querySelectorAll('#charts figure').length === 6")
+    await page.wait("return document.querySelectorAll('#charts figure').length === 7")
     await page.wait_text("#overview-ready", '"database": "ok"')
     # the page refreshes itself: once a sample after the events is in, the chart shows them
     peak = await page.wait(

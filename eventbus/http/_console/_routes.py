@@ -86,6 +86,8 @@ class RatePoint(_Body):
     delivered: float
     retried: float
     dead_lettered: float
+    latency_ms: float | None
+    """the mean duration of the delivery attempts in the interval (null: none were made)"""
 
 
 class RateHistory(_Body):

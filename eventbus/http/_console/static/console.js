@@ -610,13 +610,14 @@ const SERIES = [
   ["delivered", "delivered /s"],
   ["retried", "retried /s"],
   ["dead_lettered", "dead-lettered /s"],
+  ["latency_ms", "delivery latency, mean ms"],
 ];
 const SVG = "http://www.w3.org/2000/svg";
 
 function chart(title, points, key) {
   const width = 360;
   const height = 90;
-  const values = points.map((p) => p[key]);
+  const values = points.map((p) => p[key] ?? 0);
   if (values.length === 1) values.push(values[0]); // one point: a flat line, not nothing
   const top = Math.max(1, ...values);
   const figure = el("figure", null, "chart");
