@@ -22,13 +22,14 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
+from eventbus._rates import Rates, deliveries_by_target
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus._tasks import cancel_and_wait
 from eventbus.bus import (
@@ -56,8 +57,8 @@ from eventbus.delivery import (
     sync_rule_via,
     target_policies,
 )
-from eventbus.router import Router
-from eventbus.rules import Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
+from eventbus.router import LiveFeed, Router, Watcher
+from eventbus.rules import Route, Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import (
     SharedStatuses,
     Source,
@@ -171,6 +172,8 @@ class Service:
         self.nats_url: str | None = None
         self.database_url: str | None = None
         self.supervisor: Supervisor | None = None
+        self.feed = LiveFeed()
+        self._rates = Rates()
 
     async def __aenter__(self) -> Self:
         try:
@@ -191,6 +194,7 @@ class Service:
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
         self.supervisor = embedded.supervisor
 
+        await self._stack.enter_async_context(self._rates)
         external = not s.embedded_database
         db = s.database
         self.store = await Store.open(
@@ -246,6 +250,7 @@ class Service:
             functools.partial(set_aside, self.store.pool, "bus"),
             # well inside JetStream's ack_wait (Kafka needs no progress reports)
             progress_every=s.bus.nats.ack_wait / 2,
+            feed=self.feed,
         )
         self._router.start()
         self._stack.push_async_callback(self._stop_workers)
@@ -576,3 +581,29 @@ class Service:
         """Input sources could not turn into events, newest first (see
         :func:`eventbus.sources.list_dead_letters`)."""
         return await list_dead_letters(self.store.pool, source=source, limit=limit)
+
+    def watch_events(self) -> AbstractContextManager[Watcher]:
+        """A bounded queue of what this process's router does with each event from now on
+        (see :class:`eventbus.router.LiveFeed`); raises OverflowError when too many watch."""
+        return self.feed.watch()
+
+    def try_rules(self, event: dict[str, Any]) -> tuple[list[Route], dict[str, str]]:
+        """What the current rules would do with ``event``, publishing nothing: its routes,
+        and why each enabled rule that took no route did not (rule name to reason: the field
+        its pattern failed on, or its condition's verdict)."""
+        rules = self.rules.current
+        routes = rules.route(event)
+        failed = rules.condition_errors(event)
+        routed = {route.rule for route in routes}
+        for rule in rules.rules:
+            if not rule.enabled or rule.name in routed or rule.name in failed:
+                continue
+            why = rule.pattern.mismatch(event)
+            failed[rule.name] = f"pattern: {why}" if why else "condition: false"
+        return routes, failed
+
+    def rates(self) -> dict[str, Any]:
+        """Events received, routed, matched, delivered, retried and dead-lettered per second
+        by this process over the last hour (see :class:`eventbus._rates.Rates`), and its
+        delivery attempts per target and outcome since it started."""
+        return {**self._rates.snapshot(), "targets": deliveries_by_target()}

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.postgres_tls",
     "tests.fixtures.receiver",
     "tests.fixtures.service",
+    "tests.fixtures.browser",
 ]

@@ -63,6 +63,7 @@ EXPORTS: dict[str, list[str]] = {
         "validate",
     ],
     "eventbus.rules": [
+        "CompiledPattern",
         "DeliveryCheck",
         "PatternError",
         "Route",
@@ -72,6 +73,7 @@ EXPORTS: dict[str, list[str]] = {
         "RuleSetError",
         "RuleSetHolder",
         "RuleTarget",
+        "compile_pattern",
         "compile_rules",
         "load_rules",
         "matches",

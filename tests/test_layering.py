@@ -28,6 +28,7 @@ PACKAGE = Path(eventbus.__file__).parent
 LAYERS: list[set[str]] = [
     {"_errors", "_tasks"},  # the error tree; stopping tasks under a grace period
     {"__init__", "metrics"},  # the package root: the error tree and __version__
+    {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
     {"_oauth"},  # OAuth 2.0 tokens for the HTTP and Kafka clients
     {"bus", "rules", "store", "targets"},
@@ -63,7 +64,7 @@ PULLS: dict[str, set[str]] = {
     "eventbus.delivery": _DELIVERY,
     "eventbus.sources": {"_errors", "_oauth", "cloudevents", "config", "metrics", "store"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
-    "eventbus.app": _DELIVERY | {"_supervisor", "bus", "delivery", "router", "sources"},
+    "eventbus.app": _DELIVERY | {"_rates", "_supervisor", "bus", "delivery", "router", "sources"},
     # the edge knows the service's type only for checking; the service arrives at run time;
     # it hands each /hooks/<name> request to its webhook source
     "eventbus.http": _DELIVERY | {"delivery", "sources"},

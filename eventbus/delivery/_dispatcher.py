@@ -88,20 +88,21 @@ class Dispatcher:
         operator enabled one through another instance."""
         self._disabled = dict(await self._store.disabled_targets())
 
-    async def dispatch(self, event: dict[str, Any], route: Route) -> None:
+    async def dispatch(self, event: dict[str, Any], route: Route) -> AttemptOutcome | None:
         """Deliver ``route`` for ``event`` once; on failure record a retry or a dead letter.
+        Returns what became of the attempt (None: parked behind an open circuit).
 
         Raises StoreError if that record cannot be written (the caller must not ack)."""
-        await self.run(
-            Delivery(
-                event=event,
-                rule=route.rule,
-                target=route.target,
-                payload=route.payload,
-                is_cloudevent=route.is_cloudevent,
-                override=dict(route.delivery) if route.delivery else None,
-            )
+        job = Delivery(
+            event=event,
+            rule=route.rule,
+            target=route.target,
+            payload=route.payload,
+            is_cloudevent=route.is_cloudevent,
+            override=dict(route.delivery) if route.delivery else None,
         )
+        await self.run(job)
+        return job.last_outcome
 
     async def retry(self, pending: Delivery) -> None:
         """Run the next attempt of a row claimed from the retry schedule."""
@@ -312,6 +313,7 @@ class Dispatcher:
         """Count what became of ``job``'s latest attempt and write its audit row, both under
         one spelling; ``outcome`` None (with ``error`` saying why) when none was made."""
         metrics.DELIVERIES.labels(job.target, result.value).inc()
+        job.last_outcome = result
         await self._audit.attempt(
             Attempt(
                 event=job.event,

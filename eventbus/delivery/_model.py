@@ -25,6 +25,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from eventbus.store import AttemptOutcome
+
 __all__ = ["DeadLetterReason", "Delivery", "DeliveryKind", "split_stored_rule"]
 
 
@@ -80,6 +82,9 @@ class Delivery:
     claim: str | None = None
     """The token of the claim that handed this row out; writes to the row check it, so an
     attempt whose lease ran out cannot overwrite what the row's new owner decided."""
+    last_outcome: AttemptOutcome | None = None
+    """What became of the latest attempt (None while none was recorded, e.g. parked behind
+    an open circuit): what ``Dispatcher.dispatch`` reports to the router's live feed."""
 
     @property
     def stored_rule(self) -> str:

@@ -403,6 +403,8 @@ async def docs() -> HTMLResponse:
 def create_app(service: Service) -> ASGIApp:
     """The whole HTTP API over a started ``service``: the bare-ASGI ingest routes
     (``_ingest``) in front of a FastAPI application for everything else."""
+    from eventbus.http import _console as console
+
     access = Access(service.settings.api_keys, service)
     app = _App(title="eventbus", version=__version__, docs_url=None, redoc_url=None)
     app.state.service = service
@@ -411,6 +413,8 @@ def create_app(service: Service) -> ASGIApp:
     app.include_router(invoke)
     app.include_router(public)
     app.mount(_ASSETS, StaticFiles(directory=_SWAGGER_UI), name="docs-assets")
+    app.include_router(console.admin)  # the web console (lazy: it imports this module)
+    app.include_router(console.public)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)

@@ -8,7 +8,7 @@ The rule format is specified in ``docs/rules.md``, the pattern language in ``doc
 """
 
 from eventbus._errors import PatternError, RuleError, RuleSetError
-from eventbus.rules._pattern import matches
+from eventbus.rules._pattern import CompiledPattern, compile_pattern, matches
 from eventbus.rules._ruleset import (
     DeliveryCheck,
     Route,
@@ -21,6 +21,7 @@ from eventbus.rules._ruleset import (
 )
 
 __all__ = [
+    "CompiledPattern",
     "DeliveryCheck",
     "PatternError",
     "Route",
@@ -30,6 +31,7 @@ __all__ = [
     "RuleSetError",
     "RuleSetHolder",
     "RuleTarget",
+    "compile_pattern",
     "compile_rules",
     "load_rules",
     "matches",

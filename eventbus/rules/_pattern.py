@@ -96,6 +96,37 @@ class CompiledPattern:
                     return True
         return False
 
+    def mismatch(self, event: dict[str, Any]) -> str | None:
+        """Why ``event`` does not match (None when it does), for people trying events: the
+        first field condition of each alternative that no value satisfies. Slower than
+        ``matches``; never raises for any JSON-shaped event."""
+        if self.matches(event):
+            return None
+        reasons = []
+        for conjunction in self.alternatives:
+            reason = "values in different elements of the same array"
+            for leaf in conjunction:
+                members = members_at(event, leaf.path)
+                field = ".".join(leaf.path)
+                if not members and not leaf.absent_ok:
+                    reason = f"{field}: absent"
+                    break
+                if members and not any(t.test(v) for v, _ in members for t in leaf.matchers):
+                    shown = [v for v, _ in members[:3]]
+                    value = shown[0] if len(shown) == 1 else shown
+                    reason = f"{field}: {_short(value)} does not match"
+                    break
+            reasons.append(reason)
+        unique = list(dict.fromkeys(reasons))
+        if len(self.alternatives) > 1:
+            return "no $or branch matched: " + "; ".join(unique)
+        return unique[0]
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 def consistent(constraint: dict[int, int], membership: Membership) -> dict[int, int] | None:
     """``constraint`` (array id -> position) extended by ``membership``, or None when they

@@ -47,7 +47,9 @@ async def service(eventbus: StartService) -> AsyncIterator[tuple[RunningService,
         status, _ = await svc.post_event(event)
         assert status == 202
     _, _, document = await svc.request("GET", "/openapi.json")
-    schema = schemathesis.openapi.from_dict(document)
+    # The live stream answers a valid request with a stream that never ends: its own fuzz
+    # test (test_console_fuzz.py) opens it and reads the first message instead.
+    schema = schemathesis.openapi.from_dict(document).exclude(path="/events/live")
     yield svc, schema
     status, _, body = await svc.request("GET", "/readyz")
     assert status == 200, body

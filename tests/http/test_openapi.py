@@ -39,6 +39,12 @@ ROUTES: dict[tuple[str, str], str] = {
     ("get", "/healthz"): "Liveness",
     ("get", "/readyz"): "Readiness",
     ("get", "/metrics"): "text/plain",
+    ("get", "/console"): "text/html",
+    ("get", "/console/{asset}"): "text/javascript",
+    ("get", "/events/live"): "text/event-stream",
+    ("post", "/patterns/validate"): "PatternValid",
+    ("post", "/rules/sandbox"): "SandboxResult",
+    ("get", "/stats/rates"): "RateHistory",
 }
 
 

@@ -1,0 +1,659 @@
+// The eventbus console: one page per section of the admin API, no framework, no build step.
+// Every call goes through api(), which adds the API key (kept in sessionStorage, sent as a
+// header, never in a URL) and turns a problem+json answer into an Error with its detail.
+
+const $ = (id) => document.getElementById(id);
+const MAX_ROWS = 500; // live rows kept in the DOM
+
+let apiKey = sessionStorage.getItem("eventbus-key") || "";
+
+function headers(extra = {}) {
+  return apiKey ? { ...extra, Authorization: `Bearer ${apiKey}` } : extra;
+}
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status;
+  }
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: headers() };
+  if (body !== undefined) {
+    init.body = typeof body === "string" ? body : JSON.stringify(body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  const resp = await fetch(path, init);
+  const text = await resp.text();
+  let parsed = null;
+  try {
+    parsed = text ? JSON.parse(text) : null;
+  } catch {
+    parsed = text;
+  }
+  if (!resp.ok) {
+    if (resp.status === 401) askForKey("");
+    throw new ApiError(resp.status, (parsed && parsed.detail) || `HTTP ${resp.status}`);
+  }
+  return parsed;
+}
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const cell of cells) {
+    const td = document.createElement("td");
+    if (cell instanceof Node) td.append(cell);
+    else td.textContent = cell === null || cell === undefined ? "" : String(cell);
+    tr.append(td);
+  }
+  return tr;
+}
+
+const pretty = (value) => JSON.stringify(value, null, 2);
+const clock = (iso) => (iso ? iso.replace(/^.*T/, "").replace(/(\.\d{3})\d*/, "$1") : "");
+
+// -- the API key ----------------------------------------------------------------------------
+
+function askForKey(error) {
+  $("key-form").hidden = false;
+  $("key-error").textContent = error;
+  stopLive();
+}
+
+$("key-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  apiKey = $("key-input").value.trim();
+  try {
+    await api("GET", "/targets");
+  } catch (err) {
+    $("key-error").textContent = err.message;
+    return;
+  }
+  sessionStorage.setItem("eventbus-key", apiKey);
+  $("key-form").hidden = true;
+  $("key-forget").hidden = false;
+  show();
+});
+
+$("key-forget").addEventListener("click", () => {
+  sessionStorage.removeItem("eventbus-key");
+  apiKey = "";
+  location.reload();
+});
+
+// -- pages ----------------------------------------------------------------------------------
+
+const pages = {
+  overview: loadOverview,
+  live: showLive,
+  trail: async () => {},
+  dead: loadDeadLetters,
+  rules: loadRules,
+  targets: loadTargets,
+};
+let refresh = 0; // the overview and targets pages refresh themselves while shown
+
+function show() {
+  const name = location.hash.slice(1).split("?")[0] || "live";
+  const page = name in pages ? name : "live";
+  for (const section of document.querySelectorAll(".page")) section.hidden = section.id !== `page-${page}`;
+  for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.page === page);
+  if (page !== "live") stopLive();
+  clearInterval(refresh);
+  if (page === "overview" || page === "targets") refresh = setInterval(() => pages[page]().catch(() => {}), 5000);
+  pages[page]().catch((err) => console.error(err));
+}
+
+window.addEventListener("hashchange", show);
+
+// -- live events ----------------------------------------------------------------------------
+
+const live = { controller: null, paused: false, pending: [], rows: new Map(), pattern: "", frame: 0, dropped: 0, heldBack: 0 };
+
+async function showLive() {
+  if (!live.controller) startLive();
+}
+
+function stopLive() {
+  if (live.controller) live.controller.abort();
+  live.controller = null;
+}
+
+function startLive() {
+  stopLive();
+  delete $("live-status").dataset.pattern;
+  const controller = new AbortController();
+  live.controller = controller;
+  readStream(controller).catch(() => {});
+}
+
+async function readStream(controller) {
+  const query = live.pattern ? `?pattern=${encodeURIComponent(live.pattern)}` : "";
+  while (!controller.signal.aborted) {
+    try {
+      const resp = await fetch(`/events/live${query}`, { headers: headers(), signal: controller.signal });
+      if (resp.status === 401) return askForKey("");
+      if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+      $("live-status").dataset.pattern = live.pattern; // which filter the stream applies
+      setStatus("live");
+      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          onMessage(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+        }
+      }
+    } catch (err) {
+      if (controller.signal.aborted) return;
+    }
+    setStatus("reconnecting…");
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
+function onMessage(block) {
+  let kind = "message";
+  let data = "";
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event: ")) kind = line.slice(7);
+    else if (line.startsWith("data: ")) data += line.slice(6);
+  }
+  if (kind === "rows") {
+    live.pending.push(...JSON.parse(data));
+    if (live.paused && live.pending.length > MAX_ROWS) {
+      live.heldBack += live.pending.length - MAX_ROWS;
+      live.pending.splice(0, live.pending.length - MAX_ROWS);
+    }
+    scheduleFlush();
+  } else if (kind === "dropped") {
+    live.dropped = JSON.parse(data).dropped;
+    setStatus("live");
+  } else if (kind === "problem") {
+    setStatus(JSON.parse(data).detail);
+  }
+}
+
+function setStatus(text) {
+  const extra = [];
+  if (live.paused) extra.push(`paused, ${live.pending.length} waiting`);
+  if (live.heldBack) extra.push(`${live.heldBack} older skipped while paused`);
+  if (live.dropped) extra.push(`${live.dropped} dropped (too slow)`);
+  $("live-status").textContent = extra.length ? `${text} (${extra.join("; ")})` : text;
+}
+
+function scheduleFlush() {
+  if (live.paused) return setStatus("live");
+  if (!live.frame) live.frame = requestAnimationFrame(flush);
+}
+
+function flush() {
+  live.frame = 0;
+  const rows = live.pending;
+  live.pending = [];
+  const fresh = document.createDocumentFragment();
+  const added = [];
+  for (const r of rows) {
+    const key = `${r.source}\n${r.id}`;
+    const known = live.rows.get(key);
+    if (known) {
+      fillRow(known, r);
+      continue;
+    }
+    const tr = document.createElement("tr");
+    for (let i = 0; i < 7; i++) tr.append(document.createElement("td"));
+    tr.dataset.key = key;
+    fillRow(tr, r);
+    live.rows.set(key, tr);
+    added.push(tr);
+  }
+  for (let i = added.length - 1; i >= 0; i--) fresh.append(added[i]); // newest on top
+  const body = $("live-rows");
+  body.prepend(fresh);
+  while (body.rows.length > MAX_ROWS) {
+    live.rows.delete(body.lastElementChild.dataset.key);
+    body.lastElementChild.remove();
+  }
+}
+
+function fillRow(tr, r) {
+  const cells = tr.cells;
+  cells[0].textContent = clock(r.time);
+  cells[1].textContent = r.source;
+  cells[2].textContent = r.type;
+  cells[3].textContent = r.subject ?? "";
+  cells[4].textContent = r.id;
+  cells[5].textContent = r.rules.length ? `${r.rules.length}: ${r.rules.join(", ")}` : "0";
+  cells[6].textContent = r.state;
+  cells[6].className = `state-${r.state}`;
+  tr.dataset.source = r.source;
+  tr.dataset.id = r.id;
+}
+
+$("live-rows").addEventListener("click", (e) => {
+  const tr = e.target.closest("tr");
+  if (tr) openTrail(tr.dataset.source, tr.dataset.id);
+});
+
+$("live-pause").addEventListener("click", () => {
+  live.paused = !live.paused;
+  $("live-pause").textContent = live.paused ? "Resume" : "Pause";
+  if (!live.paused) {
+    live.heldBack = 0;
+    scheduleFlush();
+  }
+  setStatus("live");
+});
+
+$("live-clear").addEventListener("click", () => {
+  $("live-rows").replaceChildren();
+  live.rows.clear();
+  live.pending = [];
+});
+
+let filterTimer = 0;
+$("live-filter").addEventListener("input", () => {
+  clearTimeout(filterTimer);
+  filterTimer = setTimeout(checkFilter, 250);
+});
+
+async function checkFilter() {
+  const text = $("live-filter").value.trim();
+  const box = $("live-filter-error");
+  if (text) {
+    try {
+      await api("POST", "/patterns/validate", text);
+    } catch (err) {
+      box.textContent = err.message;
+      $("live-filter").classList.add("invalid");
+      return;
+    }
+  }
+  box.textContent = "";
+  $("live-filter").classList.remove("invalid");
+  if (text !== live.pattern) {
+    live.pattern = text;
+    $("live-rows").replaceChildren();
+    live.rows.clear();
+    live.pending = [];
+    startLive();
+  }
+}
+
+// -- event trail ----------------------------------------------------------------------------
+
+function openTrail(source, id) {
+  $("trail-source").value = source;
+  $("trail-id").value = id;
+  location.hash = "trail";
+  loadTrail();
+}
+
+$("trail-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  loadTrail();
+});
+
+async function loadTrail() {
+  const source = $("trail-source").value;
+  const id = $("trail-id").value;
+  $("trail-error").textContent = "";
+  let trail;
+  try {
+    trail = await api("GET", `/events/trail?source=${encodeURIComponent(source)}&id=${encodeURIComponent(id)}`);
+  } catch (err) {
+    $("trail-result").hidden = true;
+    $("trail-error").textContent = err.message;
+    return;
+  }
+  $("trail-result").hidden = false;
+  $("trail-received").textContent = `received ${trail.received_at} via ${trail.via}`;
+  $("trail-event").textContent = pretty(trail.event);
+  $("trail-matches").replaceChildren(
+    ...(trail.matches.length ? trail.matches.map((m) => el("li", `${m.rule} → ${m.target} (${m.at})`)) : [el("li", "no rule matched")]),
+  );
+  $("trail-attempts").replaceChildren(
+    ...trail.attempts.map((a) => {
+      const li = el("li", null, `attempt outcome-${a.outcome}`);
+      li.append(el("span", a.at, "muted"), " ", el("strong", a.outcome), ` ${a.rule} → ${a.target} #${a.attempt}`);
+      if (a.status !== null) li.append(` · HTTP ${a.status}`);
+      if (a.duration_ms) li.append(` · ${a.duration_ms.toFixed(1)} ms`);
+      if (a.error) li.append(el("div", a.error, "error"));
+      return li;
+    }),
+  );
+  if (!trail.attempts.length) $("trail-attempts").append(el("li", "no attempt yet"));
+  const retries = $("trail-retries");
+  retries.replaceChildren();
+  try {
+    const pending = await api("GET", "/retries?limit=1000");
+    for (const r of pending.items.filter((p) => p.event_source === source && p.event_id === id)) {
+      retries.append(el("p", `next retry of ${r.rule} → ${r.target}: ${r.due_at} (${r.waiting_for}, ${r.attempts} attempts so far)`, "next-retry"));
+    }
+  } catch {
+    // the trail stands without its retries
+  }
+}
+
+$("trail-sandbox").addEventListener("click", () => {
+  $("sandbox-event").value = $("trail-event").textContent;
+  location.hash = "rules";
+});
+
+$("trail-copy").addEventListener("click", async () => {
+  const text = $("trail-event").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("trail-copy").textContent = "Copied";
+  } catch {
+    const range = document.createRange(); // no clipboard (plain HTTP): select it instead
+    range.selectNodeContents($("trail-event"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    $("trail-copy").textContent = "Selected: press Ctrl+C";
+  }
+  setTimeout(() => ($("trail-copy").textContent = "Copy JSON"), 2000);
+});
+
+// -- dead letters ---------------------------------------------------------------------------
+
+const dead = { after: null, current: null };
+
+function deadFilter() {
+  const params = new URLSearchParams();
+  const fields = [
+    ["rule", "dl-rule"],
+    ["target", "dl-target"],
+    ["source", "dl-source"],
+    ["reason", "dl-reason"],
+    ["status", "dl-status"],
+    ["since", "dl-since"],
+    ["until", "dl-until"],
+  ];
+  for (const [name, id] of fields) {
+    const value = $(id).value.trim();
+    if (value) params.set(name, value);
+  }
+  return params;
+}
+
+async function loadDeadLetters(more = false) {
+  const params = deadFilter();
+  params.set("limit", "50");
+  if (more && dead.after !== null) params.set("after", dead.after);
+  let page;
+  try {
+    page = await api("GET", `/dead-letters?${params}`);
+  } catch (err) {
+    $("dl-message").textContent = err.message;
+    return;
+  }
+  if (!more) $("dl-rows").replaceChildren();
+  for (const d of page.items) {
+    const tr = row([d.id, d.created_at, d.event_source, d.event_id, d.rule, d.target, d.attempts, d.last_status, d.reason, d.final_error]);
+    tr.dataset.id = d.id;
+    $("dl-rows").append(tr);
+  }
+  dead.after = page.next_after;
+  $("dl-next").hidden = page.next_after === null;
+  if (!more && !page.items.length) $("dl-message").textContent = "no dead letters match";
+}
+
+$("dl-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  $("dl-detail").hidden = true;
+  $("dl-message").textContent = "";
+  loadDeadLetters();
+});
+$("dl-next").addEventListener("click", () => loadDeadLetters(true));
+
+$("dl-rows").addEventListener("click", async (e) => {
+  const tr = e.target.closest("tr");
+  if (!tr) return;
+  const item = await api("GET", `/dead-letters/${tr.dataset.id}`);
+  dead.current = item;
+  $("dl-detail-id").textContent = `#${item.id}`;
+  $("dl-detail-body").textContent = pretty(item);
+  $("dl-detail").hidden = false;
+});
+
+async function countDeadLetters(params) {
+  let count = 0;
+  let after = null;
+  for (;;) {
+    const query = new URLSearchParams(params);
+    query.set("limit", "1000");
+    if (after !== null) query.set("after", after);
+    const page = await api("GET", `/dead-letters?${query}`);
+    count += page.items.length;
+    if (page.next_after === null) return count;
+    after = page.next_after;
+  }
+}
+
+function confirmAction(text) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = text;
+  dialog.showModal();
+  return new Promise((resolve) => {
+    const done = (answer) => () => {
+      dialog.close();
+      $("confirm-text").textContent = "";
+      $("confirm-ok").onclick = $("confirm-cancel").onclick = null;
+      resolve(answer);
+    };
+    $("confirm-ok").onclick = done(true);
+    $("confirm-cancel").onclick = done(false);
+  });
+}
+
+async function onFiltered(verb, method, path) {
+  const params = deadFilter();
+  const filtered = params.toString() !== "";
+  if (!filtered) params.set("all", "true");
+  const count = await countDeadLetters(deadFilter());
+  if (!count) {
+    $("dl-message").textContent = "no dead letters match";
+    return;
+  }
+  const scope = filtered ? "matching the filter" : "(every dead letter: no filter given)";
+  if (!(await confirmAction(`${verb} ${count} dead letter${count === 1 ? "" : "s"} ${scope}?`))) return;
+  await act(async () => {
+    const answer = await api(method, `${path}?${params}`);
+    const n = answer.replayed ? answer.replayed.length : answer.purged;
+    return `${verb === "Replay" ? "replayed" : "purged"} ${n}`;
+  });
+}
+
+// Run an action, reload the list, then say how it went (the reload would hide the message).
+async function act(action) {
+  let message;
+  try {
+    message = await action();
+  } catch (err) {
+    message = err.message;
+  }
+  $("dl-detail").hidden = true;
+  await loadDeadLetters();
+  $("dl-message").textContent = message;
+}
+
+$("dl-replay-all").addEventListener("click", () => onFiltered("Replay", "POST", "/dead-letters/replay"));
+$("dl-purge-all").addEventListener("click", () => onFiltered("Purge", "DELETE", "/dead-letters"));
+
+$("dl-replay-one").addEventListener("click", async () => {
+  const item = dead.current;
+  if (!(await confirmAction(`Replay dead letter #${item.id} (${item.rule} → ${item.target})?`))) return;
+  await act(async () => {
+    await api("POST", `/dead-letters/${item.id}/replay`);
+    return `replayed #${item.id}`;
+  });
+});
+
+$("dl-delete-one").addEventListener("click", async () => {
+  const item = dead.current;
+  if (!(await confirmAction(`Delete dead letter #${item.id} for good?`))) return;
+  await act(async () => {
+    await api("DELETE", `/dead-letters/${item.id}`);
+    return `deleted #${item.id}`;
+  });
+});
+
+$("dl-trail-one").addEventListener("click", () => openTrail(dead.current.event_source, dead.current.event_id));
+
+// -- rules ----------------------------------------------------------------------------------
+
+async function loadRules() {
+  const { rules } = await api("GET", "/rules");
+  $("rules-rows").replaceChildren(
+    ...rules.map((r) => {
+      const def = {};
+      for (const key of ["match", "when", "transform"]) if (key in r.definition) def[key] = r.definition[key];
+      return row([r.name, r.enabled ? "yes" : "no", el("pre", pretty(def)), r.targets.join(", "), `${r.file}:${r.line ?? ""}`]);
+    }),
+  );
+}
+
+$("rules-reload").addEventListener("click", async () => {
+  const box = $("rules-message");
+  try {
+    const answer = await api("POST", "/rules/reload");
+    box.className = "";
+    box.textContent = `reloaded: ${answer.rules} rules`;
+    await loadRules();
+  } catch (err) {
+    box.className = "error";
+    box.textContent = err.message;
+  }
+});
+
+$("sandbox-run").addEventListener("click", async () => {
+  $("sandbox-error").textContent = "";
+  const out = $("sandbox-result");
+  out.replaceChildren();
+  let result;
+  try {
+    result = await api("POST", "/rules/sandbox", $("sandbox-event").value);
+  } catch (err) {
+    $("sandbox-error").textContent = err.message;
+    return;
+  }
+  out.append(el("p", `${result.routes.length} route(s) from ${result.rules} rules`, "muted"));
+  for (const r of result.routes) {
+    const div = el("div", null, "route");
+    div.append(el("strong", `${r.rule} → ${r.target}`), el("pre", pretty(r.payload)));
+    out.append(div);
+  }
+  for (const [rule, reason] of Object.entries(result.unmatched)) {
+    out.append(el("p", `${rule} did not match: ${reason}`, "unmatched"));
+  }
+});
+
+// -- targets, sources, readiness ------------------------------------------------------------
+
+async function loadTargets() {
+  const [{ targets }, { sources }, stats, setAside, retries] = await Promise.all([
+    api("GET", "/targets"),
+    api("GET", "/sources"),
+    api("GET", "/stats/rates"),
+    api("GET", "/sources/dead-letters?limit=50"),
+    api("GET", "/retries?limit=1000"),
+  ]);
+  const backlog = {};
+  for (const r of retries.items) backlog[r.target] = (backlog[r.target] || 0) + 1;
+  $("targets-rows").replaceChildren(
+    ...targets.map((t) => {
+      const button = el("button", "Enable");
+      button.type = "button";
+      button.addEventListener("click", async () => {
+        try {
+          await api("POST", `/targets/${encodeURIComponent(t.name)}/enable`);
+          $("targets-message").textContent = `${t.name} enabled`;
+        } catch (err) {
+          $("targets-message").textContent = err.message;
+        }
+      });
+      const counts = stats.targets[t.name] || {};
+      const n = (outcome) => counts[outcome] ?? 0;
+      return row([t.name, t.type, t.circuit ?? "", n("delivered"), n("retry-scheduled"), n("dead-lettered"), backlog[t.name] || 0, button]);
+    }),
+  );
+  $("sources-rows").replaceChildren(
+    ...sources.map((s) => row([s.name, s.type, s.state, s.events, s.errors, s.last_event_at, s.last_error, s.lag])),
+  );
+  $("source-dl-rows").replaceChildren(
+    ...setAside.items.map((d) => {
+      const payload = d.payload ?? (d.payload_base64 ? `base64: ${d.payload_base64}` : "");
+      return row([d.id, d.source, d.received_at, d.error, payload.length > 200 ? `${payload.slice(0, 200)}…` : payload]);
+    }),
+  );
+}
+
+// -- overview: rates over the last hour as small hand-drawn SVG charts ---------------------
+
+const SERIES = [
+  ["received", "events received /s"],
+  ["routed", "events routed /s"],
+  ["matched", "events matched /s"],
+  ["delivered", "delivered /s"],
+  ["retried", "retried /s"],
+  ["dead_lettered", "dead-lettered /s"],
+  ["latency_ms", "delivery latency, mean ms"],
+];
+const SVG = "http://www.w3.org/2000/svg";
+
+function chart(title, points, key) {
+  const width = 360;
+  const height = 90;
+  const values = points.map((p) => p[key] ?? 0);
+  if (values.length === 1) values.push(values[0]); // one point: a flat line, not nothing
+  const top = Math.max(1, ...values);
+  const figure = el("figure", null, "chart");
+  figure.dataset.series = key;
+  const last = values.length ? values[values.length - 1] : 0;
+  figure.append(el("figcaption", `${title}: ${last} now, peak ${Math.max(0, ...values)}`));
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  const line = document.createElementNS(SVG, "polyline");
+  const step = values.length > 1 ? width / (values.length - 1) : width;
+  line.setAttribute("points", values.map((v, i) => `${(i * step).toFixed(1)},${(height - 2 - (v / top) * (height - 4)).toFixed(1)}`).join(" "));
+  svg.append(line);
+  figure.append(svg);
+  return figure;
+}
+
+async function loadOverview() {
+  const stats = await api("GET", "/stats/rates");
+  const minutes = Math.round((stats.points.length * stats.every) / 60);
+  $("overview-note").textContent = `this process, one point every ${stats.every} s, the last ${minutes} min (up to an hour)`;
+  $("charts").replaceChildren(...SERIES.map(([key, title]) => chart(title, stats.points, key)));
+  const ready = await fetch("/readyz");
+  $("overview-ready").textContent = pretty(await ready.json());
+}
+
+// -- start ----------------------------------------------------------------------------------
+
+(async () => {
+  try {
+    await api("GET", "/targets");
+  } catch (err) {
+    if (err.status === 401) return; // api() asked for a key
+    throw err;
+  }
+  $("key-forget").hidden = !apiKey;
+  show();
+})();

@@ -1,0 +1,384 @@
+"""The console's API on a real service (NATS, PostgreSQL, a receiving function): the live stream
+(rows with rules and delivery state, narrowed by a pattern, bad patterns refused), pattern
+checks, the rules sandbox (nothing published), the page and its assets, the OpenAPI document
+and API keys. The browser side is ``test_console_browser.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.fixtures.receiver import Receiver
+from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
+
+RULES = """
+- name: orders
+  match:
+    type: [com.example.order.created]
+  targets: [fn]
+- name: summary
+  match:
+    type: [com.example.order.created]
+    data:
+      total: [{numeric: [">", 100]}]
+  transform:
+    input_paths: {total: $.data.total}
+    template: {"amount": <total>}
+  targets: [fn]
+"""
+
+KEYS = {"api_keys": [{"name": "ops", "key": "console-admin-key-0001", "scopes": ["admin"]}]}
+AUTH = {"Authorization": "Bearer console-admin-key-0001"}
+
+
+def _event(i: int | str, type_: str = "com.example.order.created", **extra: Any) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": f"c-{i}",
+        "source": "tests/console",
+        "type": type_,
+        "subject": f"order-{i}",
+        "data": {"total": 150},
+        **extra,
+    }
+
+
+async def _start(eventbus: StartService, receiver: Receiver, **kw: Any) -> RunningService:
+    return await eventbus(
+        rules=RULES, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}], **kw
+    )
+
+
+class Stream:
+    """A client of ``GET /events/live``: the rows it received so far, by event id."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.comments = 0
+
+    async def until(self, check: Any, within: float = 10.0) -> None:
+        async def read() -> None:
+            buffer = b""
+            while not check(self):
+                chunk = await self.resp.content.readany()
+                assert chunk, "the stream ended"
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    block, buffer = buffer.split(b"\n\n", 1)
+                    self._message(block)
+
+        await asyncio.wait_for(read(), within)
+
+    def _message(self, block: bytes) -> None:
+        lines = block.split(b"\n")
+        if lines[0] == b"event: rows":
+            for row in orjson.loads(lines[1].removeprefix(b"data: ")):
+                self.rows.setdefault(row["id"], []).append(row)
+        elif any(line.startswith(b":") for line in lines):
+            self.comments += 1
+
+
+@contextlib.asynccontextmanager
+async def _watch(svc: RunningService, query: str = "", **headers: str) -> AsyncIterator[Stream]:
+    async with svc.session.get(f"{svc.url}/events/live{query}", headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        stream = Stream(resp)
+        await stream.until(lambda s: s.comments >= 1)  # watching from here on
+        yield stream
+
+
+async def test_live_stream_shows_each_event_with_rules_and_state(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    async with _watch(svc) as stream:
+        assert (await svc.post_event(_event(1)))[0] == 202
+        assert (await svc.post_event(_event(2, type_="other")))[0] == 202
+        await stream.until(lambda s: len(s.rows.get("c-1", [])) == 2 and "c-2" in s.rows)
+        routing, settled = stream.rows["c-1"]
+        assert routing["state"] == "routing" and settled["state"] == "delivered"
+        assert settled["rules"] == ["orders", "summary"]
+        assert settled["source"] == "tests/console" and settled["subject"] == "order-1"
+        assert settled["type"] == "com.example.order.created" and settled["time"]
+        assert stream.rows["c-2"] == [{**stream.rows["c-2"][0], "rules": [], "state": "unmatched"}]
+
+
+async def test_a_client_that_leaves_frees_its_watcher(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    feed = svc.service.feed
+    async with _watch(svc), _watch(svc):
+        assert len(feed._watchers) == 2
+    # seen at once, not at the stream's next write (an idle comment every 5 s)
+    await eventually(lambda: not feed.watched, within=2, what="the watchers released")
+    assert (await svc.post_event(_event(1)))[0] == 202
+    await svc.drained()
+
+
+async def test_live_stream_reports_dead_letters(eventbus: StartService, receiver: Receiver) -> None:
+    svc = await eventbus(
+        rules="- name: all\n  targets: [gone]\n",
+        targets=[
+            {
+                "name": "gone",
+                "type": "http",
+                "url": receiver.url("/gone"),
+                "delivery": {"retry": "none"},
+            }
+        ],
+    )
+    receiver.respond(500)
+    async with _watch(svc) as stream:
+        assert (await svc.post_event(_event("dead")))[0] == 202
+        await stream.until(lambda s: len(s.rows.get("c-dead", [])) == 2)
+        assert stream.rows["c-dead"][1]["state"] == "dead-lettered"
+
+
+async def test_live_stream_narrowed_by_a_pattern(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    pattern = quote(orjson.dumps({"subject": [{"prefix": "order-keep"}]}).decode())
+    async with _watch(svc, f"?pattern={pattern}") as stream:
+        for i in ("drop-1", "keep-1", "drop-2", "keep-2"):
+            assert (await svc.post_event(_event(i)))[0] == 202
+        await svc.drained()
+        await stream.until(lambda s: len(s.rows.get("c-keep-2", [])) == 2)
+        assert set(stream.rows) == {"c-keep-1", "c-keep-2"}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "detail"),
+    [
+        ("{", "malformed JSON"),
+        ("[1]", "a pattern must be a JSON object"),
+        ('{"type": "x"}', "type"),
+        ('{"data": {"n": [{"numeric": [">", "a"]}]}}', "data.n"),
+    ],
+    ids=["malformed", "not-an-object", "not-a-list", "bad-operand"],
+)
+async def test_live_stream_refuses_a_bad_pattern(
+    eventbus: StartService, receiver: Receiver, pattern: str, detail: str
+) -> None:
+    svc = await _start(eventbus, receiver)
+    status, headers, body = await svc.request("GET", f"/events/live?pattern={quote(pattern)}")
+    assert status == 400 and headers["Content-Type"].startswith("application/problem+json")
+    assert detail in body["detail"], body
+    # the same check as the filter box makes while one types
+    status, _, body = await svc.request("POST", "/patterns/validate", pattern.encode())
+    assert status == 400 and detail in body["detail"], body
+
+
+async def test_live_stream_refuses_a_long_pattern(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    pattern = quote(orjson.dumps({"source": ["x" * 17_000]}).decode())
+    status, _, body = await svc.request("GET", f"/events/live?pattern={pattern}")
+    assert status == 400 and "longer than 16384 bytes" in body["detail"], body
+
+
+async def test_validate_pattern(eventbus: StartService, receiver: Receiver) -> None:
+    svc = await _start(eventbus, receiver)
+    ok = orjson.dumps({"source": [{"prefix": "a"}], "$or": [{"type": ["x"]}, {"id": ["y"]}]})
+    status, _, body = await svc.request("POST", "/patterns/validate", ok)
+    assert (status, body) == (200, {"valid": True})
+    status, _, body = await svc.request("POST", "/patterns/validate", b"")
+    assert status == 400 and "empty" in body["detail"]
+    big = b'{"a": ["' + b"x" * 300_000 + b'"]}'
+    status, _, body = await svc.request("POST", "/patterns/validate", big)
+    assert status == 413 and "max_event_size" in body["detail"]
+
+
+async def test_sandbox_runs_the_rules_without_publishing(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await _start(eventbus, receiver)
+    status, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(_event("sb")))
+    assert status == 200, body
+    assert body["rules"] == 2 and body["unmatched"] == {}
+    by_rule = {r["rule"]: r for r in body["routes"]}
+    assert by_rule["orders"]["payload"]["id"] == "c-sb" and by_rule["orders"]["is_cloudevent"]
+    assert by_rule["summary"] == {
+        "rule": "summary",
+        "target": "fn",
+        "payload": {"amount": 150},
+        "is_cloudevent": False,
+    }
+    small = orjson.dumps(_event("sb2", data={"total": 5}))
+    status, _, body = await svc.request("POST", "/rules/sandbox", small)
+    assert [r["rule"] for r in body["routes"]] == ["orders"]
+    assert body["unmatched"] == {"summary": "pattern: data.total: 5 does not match"}
+    await svc.drained()
+    assert receiver.requests == []
+    status, _, _ = await svc.request("GET", "/events/trail?source=tests/console&id=c-sb")
+    assert status == 404
+
+
+async def test_sandbox_says_why_a_rule_did_not_match(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    rules = """
+- name: either
+  match:
+    $or:
+      - {type: [a]}
+      - {subject: [{prefix: vip-}]}
+  targets: [fn]
+- name: big
+  match: {source: [tests/console]}
+  when: event.data.total >= 1000
+  targets: [fn]
+- name: broken
+  match: {source: [tests/console]}
+  when: event.data.nothing.deeper > 1
+  targets: [fn]
+- name: off
+  enabled: false
+  match: {source: [{prefix: ""}]}
+  targets: [fn]
+"""
+    svc = await eventbus(
+        rules=rules, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    status, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(_event("w")))
+    assert status == 200, body
+    assert body["routes"] == [] and body["rules"] == 4
+    unmatched = body["unmatched"]
+    assert unmatched["either"] == (
+        "pattern: no $or branch matched: type: 'com.example.order.created' does not match;"
+        " subject: 'order-w' does not match"
+    )
+    assert unmatched["big"] == "condition: false"
+    assert "nothing" in unmatched["broken"] and not unmatched["broken"].startswith("pattern")
+    assert set(unmatched) == {"either", "big", "broken"}  # a disabled rule is not tried
+    no_subject = {k: v for k, v in _event("w2").items() if k != "subject"}
+    _, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(no_subject))
+    assert "subject: absent" in body["unmatched"]["either"]
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"not json", "malformed JSON"),
+        (b"[]", "object"),
+        (b'{"specversion": "1.0", "source": "s", "type": "t"}', "id"),
+        (b"", "empty"),
+    ],
+)
+async def test_sandbox_refuses_a_bad_event(
+    eventbus: StartService, receiver: Receiver, body: bytes, detail: str
+) -> None:
+    svc = await _start(eventbus, receiver)
+    status, headers, answer = await svc.request("POST", "/rules/sandbox", body)
+    assert status == 400 and headers["Content-Type"].startswith("application/problem+json")
+    assert detail in answer["detail"], answer
+
+
+async def test_page_and_assets(eventbus: StartService, receiver: Receiver) -> None:
+    svc = await _start(eventbus, receiver, settings=KEYS)
+    status, headers, page = await svc.request("GET", "/console")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert '<script type="module" src="/console/console.js">' in page
+    for asset, kind in (("console.js", "text/javascript"), ("console.css", "text/css")):
+        status, headers, _ = await svc.request("GET", f"/console/{asset}")
+        assert status == 200 and headers["Content-Type"].startswith(kind)
+    for bad in ("index.py", "..%2F_routes.py", "nothing.js"):
+        status, headers, answer = await svc.request("GET", f"/console/{bad}")
+        assert status == 404 and headers["Content-Type"].startswith("application/problem+json")
+        assert answer["detail"]
+
+
+async def test_console_api_needs_an_admin_key(eventbus: StartService, receiver: Receiver) -> None:
+    svc = await _start(
+        eventbus,
+        receiver,
+        settings={
+            "api_keys": [
+                *KEYS["api_keys"],
+                {"name": "pub", "key": "console-publish-key-01", "scopes": ["publish"]},
+            ]
+        },
+    )
+    event = orjson.dumps(_event(1))
+    for method, path, body in (
+        ("GET", "/events/live", None),
+        ("POST", "/patterns/validate", b"{}"),
+        ("POST", "/rules/sandbox", event),
+    ):
+        assert (await svc.request(method, path, body))[0] == 401
+        publisher = {"X-API-Key": "console-publish-key-01"}
+        assert (await svc.request(method, path, body, publisher))[0] == 403
+    assert (await svc.request("POST", "/rules/sandbox", event, AUTH))[0] == 200
+    async with _watch(svc, **AUTH) as stream:
+        assert (await svc.post_event(_event(1), **AUTH))[0] == 202
+        await stream.until(lambda s: "c-1" in s.rows)
+
+
+async def test_routes_in_the_openapi_document(eventbus: StartService, receiver: Receiver) -> None:
+    svc = await _start(eventbus, receiver)
+    _, _, doc = await svc.request("GET", "/openapi.json")
+    paths = doc["paths"]
+    for path, method in (
+        ("/console", "get"),
+        ("/console/{asset}", "get"),
+        ("/events/live", "get"),
+        ("/patterns/validate", "post"),
+        ("/rules/sandbox", "post"),
+    ):
+        assert method in paths[path], path
+    live = paths["/events/live"]["get"]
+    assert "text/event-stream" in live["responses"]["200"]["content"]
+    assert [p["name"] for p in live["parameters"]] == ["pattern"]
+
+
+async def test_rates_over_the_last_hour(eventbus: StartService, receiver: Receiver) -> None:
+    svc = await _start(eventbus, receiver)
+    for i in range(5):
+        assert (await svc.post_event(_event(f"r-{i}")))[0] == 202
+    await svc.drained()
+
+    async def with_deliveries() -> Any:
+        status, _, body = await svc.request("GET", "/stats/rates")
+        assert status == 200, body
+        return body if any(p["delivered"] > 0 for p in body["points"]) else None
+
+    # sampled every 5 s: the point after the events holds them
+    body = await eventually(with_deliveries, within=15, every=0.5, what="a point with deliveries")
+    assert body["every"] == 5.0
+    point = next(p for p in body["points"] if p["delivered"] > 0)
+    # ten deliveries (two rules) and five events within one interval, as rates per second
+    assert sum(p["delivered"] for p in body["points"]) * 5 == pytest.approx(10, rel=0.05)
+    assert point["received"] > 0 and point["routed"] > 0 and point["dead_lettered"] == 0
+    assert point["latency_ms"] is not None and 0 < point["latency_ms"] < 10_000
+    assert all(p["latency_ms"] is None for p in body["points"] if p["delivered"] == 0)
+    assert body["targets"]["fn"]["delivered"] >= 10
+
+
+async def test_answers_are_the_documented_bodies(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    from eventbus.http._console._routes import PatternValid, RateHistory, SandboxResult
+
+    svc = await _start(eventbus, receiver)
+    status, _, body = await svc.request("POST", "/patterns/validate", b'{"type": ["x"]}')
+    assert status == 200
+    PatternValid.model_validate(body)  # extra="forbid": an undocumented field fails too
+    status, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(_event("doc")))
+    assert status == 200
+    SandboxResult.model_validate(body)
+    assert body["routes"] and body["unmatched"] == {}
+    status, _, body = await svc.request("GET", "/stats/rates")
+    assert status == 200
+    RateHistory.model_validate(body)
