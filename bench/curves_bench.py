@@ -134,10 +134,16 @@ async def _point(case: Case, args: argparse.Namespace, work: Path, n: int) -> Po
         await receiver.wait_delivered(f"w{n}", warm["accepted"] * fanout, bound=DRAIN_BOUND)
         run = f"r{n}"
         cpu = h.python_cpu([proc.pid])
+        spies = []
+        if args.profile is not None:
+            folder = args.profile / f"{curve}-{label}".replace(" ", "-")
+            spies = h.profile(h.python_pids([proc.pid]), args.duration, folder)
         load = await h.run_load(
             procs,
             h.load_command(url, events, run, concurrency=CONCURRENCY, duration=args.duration),
         )
+        for spy in spies:
+            spy.wait(timeout=args.duration + 30)
         stats = await _drained(receiver, run, load["accepted"] * fanout)
         cpu_s = h.python_cpu([proc.pid]) - cpu
         rss = service.memory_info().rss / 2**20
@@ -215,8 +221,16 @@ if __name__ == "__main__":
     parser.add_argument("--curves", nargs="+", choices=list(CURVES), default=list(CURVES))
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per point")
     parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="sample the service with py-spy at each point; collapsed stacks under this folder",
+    )
     args = parser.parse_args()
     table = asyncio.run(main(args))
     print(table)
+    if args.profile is not None:
+        for folder in sorted(p for p in args.profile.iterdir() if p.is_dir()):
+            print(f"\n### {folder.name}\n\n{h.summarize(folder)}")
     if args.write_results:
         h.write_section(SECTION, table)

@@ -477,3 +477,23 @@ async def test_event_without_data_arrives_without_a_content_type(receiver: Recei
     sdk_event = sdk_from_http(dict(req.headers), req.body)
     assert sdk_event.get("datacontenttype") is None and sdk_event.data is None
     assert sdk_event["id"] == event["id"]
+
+
+def test_a_payload_handed_to_many_targets_is_encoded_once() -> None:
+    from eventbus.targets import _http
+
+    event = make_event(id="fanout-1")
+    first_headers, first_body = _http._encoded(event, False)
+    again_headers, again_body = _http._encoded(event, False)
+    assert again_body is first_body  # remembered, not encoded again
+    assert again_headers == first_headers and again_headers is not first_headers
+    again_headers["webhook-id"] = "x"  # a caller's additions stay its own
+    assert "webhook-id" not in _http._encoded(event, False)[0]
+    # The structured encoding of the same payload is another entry.
+    assert _http._encoded(event, True)[1] != first_body
+    # An equal but distinct payload is encoded for itself, and the memory stays bounded.
+    for n in range(3 * _http._ENCODED_KEEP):
+        _http._encoded(make_event(id=f"other-{n}"), False)
+    assert len(_http._ENCODED) <= _http._ENCODED_KEEP
+    copy = dict(event)
+    assert _http._encoded(copy, False)[1] == first_body
