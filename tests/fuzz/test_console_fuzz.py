@@ -117,8 +117,20 @@ async def test_live_pattern_and_validate_agree(service: RunningService, pattern:
 _ids = itertools.count()
 
 
+def _sendable(value: Any) -> bool:
+    """What the test's client can send (orjson refuses integers beyond 64 bits; how the edge
+    treats those is the ingest fuzz tests' business)."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
 @settings(FUZZ, max_examples=40)  # each example waits for its event to go through
-@given(pattern=patterns.filter(lambda p: _valid(json.dumps(p))), event=json_values)
+@given(
+    pattern=patterns.filter(lambda p: _valid(json.dumps(p))), event=json_values.filter(_sendable)
+)
 async def test_live_stream_narrows_to_matching_events(
     service: RunningService, pattern: dict[str, Any], event: Any
 ) -> None:
