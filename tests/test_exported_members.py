@@ -92,6 +92,7 @@ EXPORTS: dict[str, list[str]] = {
     ],
     "eventbus.cli": ["main"],
     "eventbus.config": [
+        "AddressLists",
         "ApiKey",
         "BusSettings",
         "ConnectorKind",

@@ -10,6 +10,7 @@
     TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
     NatsAuth, KafkaAuth           broker credentials, shared by bus, sources and targets (_clients)
     OAuth2Spec                    OAuth 2.0 client credentials: HTTP targets, Kafka OAUTHBEARER
+    AddressLists                  CIDR allow/deny lists and trusted proxies: settings, webhooks
 
 Where it sits: below the pipeline. It imports nothing of eventbus but the error tree, and no
 driver (no broker, database or HTTP client), so the rule engine can read YAML through it. The
@@ -21,6 +22,7 @@ connector types are not here: each lives, spec and adapter, in ``eventbus.source
 
 from __future__ import annotations
 
+from eventbus.config._addresses import AddressLists
 from eventbus.config._clients import KafkaAuth, NatsAuth, OAuth2Spec
 from eventbus.config._connectors import (
     ConnectorKind,
@@ -59,6 +61,7 @@ from eventbus.config._yaml import (
 )
 
 __all__ = [
+    "AddressLists",
     "ApiKey",
     "BusSettings",
     "ConnectorKind",

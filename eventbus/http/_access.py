@@ -80,9 +80,9 @@ class Access:
     ``check`` raises Problem 401 (no or unknown key) or 403 (key without the scope) and
     audits the refusal (rate-limited: :class:`RefusalLog`)."""
 
-    def __init__(self, keys: tuple[ApiKey, ...], service: Service) -> None:
+    def __init__(self, keys: tuple[ApiKey, ...], refusals: RefusalLog) -> None:
         self._keys = [(k.key.reveal().encode(), frozenset(k.scopes), k.name) for k in keys]
-        self._refusals = RefusalLog(service)
+        self._refusals = refusals
 
     async def check(
         self, headers: Mapping[str, str], path: str, remote: str | None, scope: str

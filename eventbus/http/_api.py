@@ -32,7 +32,7 @@ from eventbus import __version__, metrics
 from eventbus._errors import ConfigError, EventBusError, RuleSetError
 from eventbus.delivery import DeadLetterFilter
 from eventbus.http import _schemas as schemas
-from eventbus.http._access import Access
+from eventbus.http._access import Access, RefusalLog
 from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
 from eventbus.http._invoke import invoke
@@ -405,7 +405,9 @@ def create_app(service: Service) -> ASGIApp:
     (``_ingest``) in front of a FastAPI application for everything else."""
     from eventbus.http import _console as console
 
-    access = Access(service.settings.api_keys, service)
+    # one budget of refusal rows a second for the whole edge
+    refusals = RefusalLog(service)
+    access = Access(service.settings.api_keys, refusals)
     app = _App(title="eventbus", version=__version__, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.access = access
@@ -419,4 +421,4 @@ def create_app(service: Service) -> ASGIApp:
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(EventBusError, _on_error)
-    return IngestApp(service, access, HookApp(service, access, app))
+    return IngestApp(service, access, HookApp(service, access, refusals, app))

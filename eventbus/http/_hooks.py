@@ -17,13 +17,13 @@ bounded rate of :class:`RefusalLog`.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from eventbus import metrics
 from eventbus._errors import CloudEventError
 from eventbus.http._access import Access, RefusalLog
+from eventbus.http._addresses import allowed, client_address, forwarded_for
 from eventbus.http._ingest import _read_body
 from eventbus.http._problem import PROBLEM, Problem, problem_for
 from eventbus.http._types import ASGIApp, Receive, Scope, Send
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["HOOK_OPERATIONS", "HookApp"]
 
 _PREFIX = "/hooks/"
-_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _problem(status: int, description: str) -> dict[str, Any]:
@@ -98,45 +97,6 @@ HOOK_OPERATIONS: dict[str, dict[str, Any]] = {
 """The hook route in the OpenAPI document (``GET /openapi.json``)."""
 
 
-def _address(text: str | None) -> _Address | None:
-    if not text:
-        return None
-    try:
-        address = ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        return None
-    # a dual-stack socket (listen on ::) sees IPv4 clients as ::ffff:a.b.c.d
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return mapped or address
-
-
-def client_address(
-    spec: WebhookSourceSpec, peer: str | None, headers: Mapping[str, str]
-) -> _Address | None:
-    """The client's address: the peer's, or when the peer is a trusted proxy the right-most
-    address of ``X-Forwarded-For`` that is not a trusted proxy itself (the left part of the
-    header is whatever the client wrote, so it counts for nothing)."""
-    address = _address(peer)
-    if address is None or not spec.trusted_proxies:
-        return address
-    hops = headers.get("x-forwarded-for", "").split(",")
-    while address is not None and any(address in net for net in spec.trusted_proxies):
-        if not hops:
-            break
-        address = _address(hops.pop())
-    return address
-
-
-def _allowed(spec: WebhookSourceSpec, address: _Address | None) -> bool:
-    if not spec.allow and not spec.deny:
-        return True
-    if address is None:
-        return False
-    if any(address in net for net in spec.deny):
-        return False
-    return not spec.allow or any(address in net for net in spec.allow)
-
-
 def _given_key(headers: Mapping[str, str]) -> str:
     header = headers.get("authorization", "")
     given = header[7:].strip() if header[:7].lower() == "bearer " else ""
@@ -146,11 +106,13 @@ def _given_key(headers: Mapping[str, str]) -> str:
 class HookApp:
     """ASGI: serves ``/hooks/<name>`` and hands every other request to ``fallback``."""
 
-    def __init__(self, service: Service, access: Access, fallback: ASGIApp) -> None:
+    def __init__(
+        self, service: Service, access: Access, refusals: RefusalLog, fallback: ASGIApp
+    ) -> None:
         self._service = service
         self._access = access
         self._fallback = fallback
-        self._refusals = RefusalLog(service)
+        self._refusals = refusals
         self._max_event = service.settings.max_event_size
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -193,9 +155,9 @@ class HookApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         peer = scope.get("client")
         remote = peer[0] if peer else None
-        address = client_address(spec, remote, headers)
+        address = client_address(spec, remote, forwarded_for(scope["headers"]))
         path = scope["path"]
-        if not _allowed(spec, address):
+        if not allowed(spec, address):
             reason = f"address {address} is not allowed to call hook {name!r}"
             self._refuse(remote, path, reason)
             metrics.EVENTS_REJECTED.labels("hook", "forbidden").inc()

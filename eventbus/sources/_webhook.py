@@ -21,40 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import re
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE, SPEC_VERSION, format_time, validate
-from eventbus.config import SourceSpec
+from eventbus.config import AddressLists, SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
 from eventbus.sources._signatures import Secret, Verify
 
 __all__ = ["WebhookSource", "WebhookSourceSpec"]
-
-
-def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR block (IPv4 or IPv6) or one address; host bits set are refused as a likely typo."""
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"write a CIDR block or an address as a string, not {value!r}")
-    try:
-        return ipaddress.ip_network(value)
-    except ValueError as exc:
-        raise ValueError(f"not a CIDR block or address: {exc}") from None
-
-
-Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValidator(_network)]
 
 
 def _unreadable(detail: str) -> CloudEventError:
@@ -95,9 +79,9 @@ class StaticResponse(BaseModel):
         return body
 
 
-class WebhookSourceSpec(SourceSpec):
-    """A trigger served at ``/hooks/<name>``: who may call it, how it is verified, and the
-    event it makes."""
+class WebhookSourceSpec(AddressLists, SourceSpec):
+    """A trigger served at ``/hooks/<name>``: who may call it (``allow``, ``deny`` and
+    ``trusted_proxies``: :class:`AddressLists`), how it is verified, and the event it makes."""
 
     methods: tuple[str, ...] = Field(("POST",), min_length=1)
     verify: Verify | None = None
@@ -112,11 +96,6 @@ class WebhookSourceSpec(SourceSpec):
     extensions: dict[str, str] = {}
     """Extension attribute name -> template; left out when its value is missing."""
     max_body: int = Field(256 * 1024, ge=1, le=64 * 1024 * 1024)
-    allow: tuple[Network, ...] = ()
-    """Client networks allowed (none listed: every one not denied)."""
-    deny: tuple[Network, ...] = ()
-    trusted_proxies: tuple[Network, ...] = ()
-    """Peers whose ``X-Forwarded-For`` names the client (none listed: the header is ignored)."""
     keys: tuple[Secret, ...] = ()
     """The trigger's own API keys (``Authorization: Bearer`` or ``X-API-Key``)."""
     service_keys: bool | None = None
