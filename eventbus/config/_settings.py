@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from eventbus._errors import ConfigError
+from eventbus.config._addresses import AddressLists
 from eventbus.config._clients import KafkaAuth, NatsAuth
 from eventbus.config._connectors import warn_literal_secrets
 from eventbus.config._secrets import Secret
@@ -191,6 +192,8 @@ class Settings(_Model):
     api_keys: tuple[ApiKey, ...] = ()
     allow_unauthenticated: bool = False
     """Serve a non-loopback ``listen.host`` without ``api_keys`` (refused otherwise)."""
+    client_addresses: AddressLists = AddressLists()
+    """Who may reach any route but the probes (``/healthz``, ``/readyz``): CIDR lists."""
     kafka_ingest: KafkaIngestSettings | None = None
     router: RouterSettings = RouterSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,6 +1,7 @@
 """The HTTP edge: where publishers and operators reach the running service.
 
     socket ─> ConnectionGuard (_connections: header/body deadlines, connection cap)
+           ─> AddressGate (_addresses: client address lists, when configured; not the probes)
            ─> IngestApp (_ingest: POST /events, POST /notifications as bare ASGI, the hot path)
            ─> FastAPI (_api: audit trail, rules, dead letters, targets, sources, health, metrics;
                        _invoke: POST /targets/{name}/invoke, a target called directly)

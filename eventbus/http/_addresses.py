@@ -1,5 +1,14 @@
-"""The client's address and the CIDR lists it must pass: the webhook triggers' lists
-(``_hooks``), matched by these functions.
+"""The client's address and the CIDR lists it must pass, for the whole edge and for each
+webhook trigger.
+
+    request ─> AddressGate: /healthz or /readyz? (always answered)
+            ─> client address: the peer's, or from X-Forwarded-For when the peer is a trusted
+               proxy ─> denied, or not allowed? 403 problem+json, refusal recorded
+            ─> the rest of the edge (API keys, routes)
+
+Where it sits: outermost in ``create_app``, before any route reads a header or a body, and only
+when the ``client_addresses`` settings refuse some address (otherwise it costs nothing).
+``HookApp`` (``_hooks``) matches each trigger's own lists with the same two functions.
 """
 
 from __future__ import annotations
@@ -7,11 +16,16 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from eventbus import metrics
 from eventbus.config import AddressLists
+from eventbus.http._access import RefusalLog
+from eventbus.http._problem import PROBLEM, Problem
+from eventbus.http._types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["allowed", "client_address", "forwarded_for"]
+__all__ = ["AddressGate", "allowed", "client_address", "forwarded_for"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_PROBES = frozenset({"/healthz", "/readyz"})
 
 
 def _address(text: str | None) -> Address | None:
@@ -59,3 +73,45 @@ def allowed(lists: AddressLists, address: Address | None) -> bool:
     if any(address in net for net in lists.deny):
         return False
     return not lists.allow or any(address in net for net in lists.allow)
+
+
+class AddressGate:
+    """ASGI: answers 403 problem+json to a client ``lists`` refuses (every route but the
+    probes), recording the refusal in ``refusals``; hands the rest to ``app``."""
+
+    def __init__(self, lists: AddressLists, refusals: RefusalLog, app: ASGIApp) -> None:
+        self._lists = lists
+        self._refusals = refusals
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The edge serves no websocket route: only http scopes reach a route.
+        if scope["type"] != "http" or scope["path"] in _PROBES:
+            await self._app(scope, receive, send)
+            return
+        peer = scope.get("client")
+        remote = peer[0] if peer else None
+        address = client_address(self._lists, remote, forwarded_for(scope["headers"]))
+        if allowed(self._lists, address):
+            await self._app(scope, receive, send)
+            return
+        path = scope["path"]
+        reason = (
+            f"address {address} is not allowed"
+            if address is not None
+            else "the client's address is unknown (a trusted proxy named none)"
+        )
+        self._refusals.record(remote=remote, path=path, reason=reason)
+        metrics.EVENTS_REJECTED.labels("http", "forbidden").inc()
+        body = Problem(403, reason).body(path)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [
+                    (b"content-type", PROBLEM.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

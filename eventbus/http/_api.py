@@ -33,6 +33,7 @@ from eventbus._errors import ConfigError, EventBusError, RuleSetError
 from eventbus.delivery import DeadLetterFilter
 from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access, RefusalLog
+from eventbus.http._addresses import AddressGate
 from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
 from eventbus.http._invoke import invoke
@@ -421,4 +422,6 @@ def create_app(service: Service) -> ASGIApp:
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(EventBusError, _on_error)
-    return IngestApp(service, access, HookApp(service, access, refusals, app))
+    edge = IngestApp(service, access, HookApp(service, access, refusals, app))
+    lists = service.settings.client_addresses
+    return AddressGate(lists, refusals, edge) if lists.restricted else edge

@@ -72,7 +72,7 @@ def _answers(accepted: dict[str, Any], single: bool, *problems: int) -> dict[str
 _TITLES = {
     400: "Invalid request or event",
     401: "No or unknown API key",
-    403: "The key lacks scope publish",
+    403: "The key lacks scope publish, or the client's address is not allowed",
     405: "Not POST",
     408: "The body did not arrive in time",
     413: "The body or the batch is too large",

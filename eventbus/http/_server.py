@@ -48,6 +48,10 @@ def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvic
         # one line per request costs CPU on the hot path: only when someone reads them
         access_log=logging.getLogger("uvicorn.access").isEnabledFor(logging.DEBUG),
         lifespan="off",
+        # uvicorn would otherwise take the client's address from X-Forwarded-For of any
+        # loopback peer (or $FORWARDED_ALLOW_IPS): the address lists trust only the proxies
+        # they name (_addresses)
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.router.shutdown_grace),
     )
     return uvicorn.Server(config)

@@ -51,6 +51,17 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("bus:\n  kafka:\n    fetch_wait: 0\n", "eventbus.yaml:3: bus.kafka.fetch_wait: Input"),
         ("bus:\n  kafka:\n    linger_ms: -1\n", "eventbus.yaml:3: bus.kafka.linger_ms: Input"),
         ("router:\n  cel: fast\n", "eventbus.yaml:2: router.cel: Input should be 'cel-python'"),
+        (
+            "client_addresses:\n  allow: [10.0.0.0/8]\n  deny:\n    - '::1/128'\n"
+            "    - 10.1.2.3/8\n",
+            "eventbus.yaml:5: client_addresses.deny.1: Value error, not a CIDR block or address: "
+            "10.1.2.3/8 has host bits set",
+        ),
+        (
+            "client_addresses:\n  trusted_proxies: ['::1/129']\n",
+            "eventbus.yaml:2: client_addresses.trusted_proxies.0: Value error, not a CIDR block",
+        ),
+        ("client_addresses:\n  allow: 10.0.0.0/8\n", "eventbus.yaml:2: client_addresses.allow"),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
@@ -59,6 +70,14 @@ def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expect
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, env={})
     assert expected in str(info.value).replace(str(tmp_path) + "/", "")
+
+
+def test_client_addresses_from_the_environment() -> None:
+    assert not load_settings(None, env={}).client_addresses.restricted
+    env = {"EVENTBUS_CLIENT_ADDRESSES__DENY": "[10.0.0.13/32, '2001:db8::/32']"}
+    lists = load_settings(None, env=env).client_addresses
+    assert [str(n) for n in lists.deny] == ["10.0.0.13/32", "2001:db8::/32"]
+    assert lists.restricted and lists.allow == ()
 
 
 def test_missing_settings_file() -> None:

@@ -1,16 +1,151 @@
-"""The client address matcher: proxy chains by example, and its contract against a plain
-model of it (hypothesis)."""
+"""Client address lists for the whole edge (``client_addresses`` settings), on a real service:
+requests sent from several loopback addresses (and over IPv6) are allowed or refused 403
+problem+json before any route runs, deny wins over allow, ``X-Forwarded-For`` counts only from
+a trusted proxy, the probes are always answered and every refusal is recorded. The matcher
+itself: proxy chains by example, and its contract against a plain model of it (hypothesis).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from typing import Any
 
+import aiohttp
+import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
 from eventbus.config import AddressLists
 from eventbus.http._addresses import allowed, client_address
+from tests.fixtures.service import RunningService, StartService
+
+KEY = "admin-key-0123456789abcd"
+EVENT = orjson.dumps({"specversion": "1.0", "id": "1", "source": "s", "type": "t"})
+CE = {"Content-Type": "application/cloudevents+json"}
+
+
+async def _from(
+    svc: RunningService, local: str, method: str, path: str, **headers: str
+) -> tuple[int, Any]:
+    """A request from the loopback address ``local``: its status and problem detail."""
+    connector = aiohttp.TCPConnector(local_addr=(local, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.request(method, svc.url + path, data=EVENT, headers=headers) as resp,
+    ):
+        if resp.status == 403:
+            assert resp.headers["Content-Type"] == "application/problem+json"
+            problem = await resp.json(content_type=None)
+            assert problem["instance"] == path.partition("?")[0]
+            return resp.status, problem["detail"]
+        return resp.status, None
+
+
+async def _refusals(svc: RunningService) -> list[tuple[str, str, str]]:
+    await svc.service.store.audit.flush()
+    rows = await svc.service.store.pool.fetch("SELECT remote, path, reason FROM refusals")
+    return sorted((str(r["remote"]), r["path"], r["reason"]) for r in rows)
+
+
+async def test_every_route_but_the_probes_checks_the_address(eventbus: StartService) -> None:
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        sources=[{"name": "hook", "type": "webhook"}],
+        settings={
+            "client_addresses": {
+                "allow": ["127.0.0.1/32", "127.0.0.2/32"],
+                "deny": ["127.0.0.2/32"],
+            },
+            "api_keys": [{"name": "adm", "key": KEY, "scopes": ["admin"]}],
+        },
+    )
+    auth = {"Authorization": f"Bearer {KEY}"}
+    routes = [
+        ("POST", "/events", CE),
+        ("POST", "/notifications", {}),
+        ("POST", "/events", {**CE, "X-Eventbus-Invocation-Type": "sync"}),
+        ("GET", "/rules", {}),
+        ("GET", "/metrics", {}),
+        ("GET", "/openapi.json", {}),
+        ("GET", "/console", {}),
+        ("POST", "/hooks/hook", {}),
+        ("GET", "/no-such-route", {}),
+    ]
+    for method, path, headers in routes:
+        # 127.0.0.3: outside the allow list; 127.0.0.2: inside it, but denied (deny wins)
+        for local in ("127.0.0.3", "127.0.0.2"):
+            status, detail = await _from(svc, local, method, path, **headers, **auth)
+            assert (status, detail) == (403, f"address {local} is not allowed"), (path, local)
+    # allowed: on to the route, which asks for an API key like it always does
+    assert (await _from(svc, "127.0.0.1", "POST", "/events", **CE))[0] == 401
+    assert (await _from(svc, "127.0.0.1", "POST", "/events", **CE, **auth))[0] == 202
+    assert (await _from(svc, "127.0.0.1", "GET", "/rules", **auth))[0] == 200
+    # no trusted proxies: X-Forwarded-For is read by no one, uvicorn included
+    spoofed = {"X-Forwarded-For": "127.0.0.3"}
+    assert (await _from(svc, "127.0.0.1", "GET", "/rules", **auth, **spoofed))[0] == 200
+    for probe in ("/healthz", "/readyz"):
+        assert (await _from(svc, "127.0.0.3", "GET", probe))[0] == 200
+    rows = await _refusals(svc)
+    refused = [r for r in rows if r[2].endswith("is not allowed")]
+    assert len(refused) == 2 * len(routes)
+    assert ("127.0.0.3", "/rules", "address 127.0.0.3 is not allowed") in refused
+    assert ("127.0.0.2", "/hooks/hook", "address 127.0.0.2 is not allowed") in refused
+    assert {r[2] for r in rows} - {r[2] for r in refused} == {"missing API key"}
+
+
+async def test_forwarded_for_counts_from_trusted_proxies_only(eventbus: StartService) -> None:
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        settings={
+            "client_addresses": {
+                "allow": ["10.0.0.0/8"],
+                "deny": ["10.0.0.13/32"],
+                "trusted_proxies": ["127.0.0.1/32", "127.0.0.2/32"],
+            }
+        },
+    )
+
+    async def rules(local: str, forwarded: str | None) -> tuple[int, Any]:
+        headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
+        return await _from(svc, local, "GET", "/rules", **headers)
+
+    assert (await rules("127.0.0.1", "10.1.2.3"))[0] == 200
+    # the right-most hop that is not a trusted proxy counts; the rest is the client's word
+    assert (await rules("127.0.0.1", "10.1.2.3, 192.0.2.9"))[1] == (
+        "address 192.0.2.9 is not allowed"
+    )
+    assert (await rules("127.0.0.1", "192.0.2.9, 10.1.2.3, 127.0.0.2"))[0] == 200
+    assert (await rules("127.0.0.1", "10.0.0.13"))[1] == "address 10.0.0.13 is not allowed"
+    # a trusted proxy that names no client: unknown, refused
+    assert (await rules("127.0.0.1", None))[1] == (
+        "the client's address is unknown (a trusted proxy named none)"
+    )
+    # from a peer that is not a trusted proxy the header counts for nothing
+    assert (await rules("127.0.0.3", "10.1.2.3"))[1] == "address 127.0.0.3 is not allowed"
+    rows = await _refusals(svc)
+    assert ("127.0.0.3", "/rules", "address 127.0.0.3 is not allowed") in rows
+    assert ("127.0.0.1", "/rules", "address 192.0.2.9 is not allowed") in rows
+
+
+async def test_address_lists_over_ipv6(eventbus: StartService) -> None:
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        settings={"listen": {"host": "::1"}, "client_addresses": {"allow": ["127.0.0.0/8"]}},
+    )
+    svc.url = svc.url.replace("127.0.0.1", "[::1]")
+    status, _, answer = await svc.request("GET", "/rules")
+    assert (status, answer["detail"]) == (403, "address ::1 is not allowed")
+    assert (await svc.request("GET", "/readyz"))[0] == 200
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        settings={"listen": {"host": "::1"}, "client_addresses": {"allow": ["::1/128"]}},
+    )
+    svc.url = svc.url.replace("127.0.0.1", "[::1]")
+    assert (await svc.request("GET", "/rules"))[0] == 200
 
 
 def test_client_address_ipv6_and_proxy_chains() -> None:
