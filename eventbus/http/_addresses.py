@@ -99,7 +99,7 @@ class AddressGate:
         reason = (
             f"address {address} is not allowed"
             if address is not None
-            else "the client's address is unknown (a trusted proxy named none)"
+            else "the client's address is unknown"
         )
         self._refusals.record(remote=remote, path=path, reason=reason)
         metrics.EVENTS_REJECTED.labels("http", "forbidden").inc()
