@@ -1,6 +1,7 @@
 """Refused requests are audited at a bounded rate: a flood of requests without a valid key
-costs at most 20 rows a second plus one summary row, and every refusal is still accounted for
-(rows, summary counts and the ``eventbus_refusals_unrecorded`` metric)."""
+or from a denied address costs at most 20 rows a second for the whole edge plus one summary
+row, and every refusal is still accounted for (rows, summary counts and the
+``eventbus_refusals_unrecorded`` metric)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import re
 import time
 
+import aiohttp
 import pytest
 
 from tests.fixtures.receiver import Receiver
@@ -46,21 +48,32 @@ async def test_a_flood_of_refused_requests_costs_a_bounded_number_of_rows(
     svc = await eventbus(
         rules=RULES,
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
-        settings={"api_keys": [{"name": "pub", "key": "p" * 32, "scopes": ["publish"]}]},
+        settings={
+            "api_keys": [{"name": "pub", "key": "p" * 32, "scopes": ["publish"]}],
+            "client_addresses": {"deny": ["127.0.0.3/32"]},
+        },
     )
     metric_before = await _unrecorded_metric(svc)
     sem = asyncio.Semaphore(20)
+    # refused by its address: the edge has one budget of rows for every kind of refusal
+    denied = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.3", 0)))
 
     async def refused(i: int) -> int:
         async with sem:
-            headers = {"Authorization": "Bearer wrong-key-0123456789"} if i % 2 else {}
+            if i % 3 == 2:
+                async with denied.post(svc.url + "/events", data=b"{}") as resp:
+                    return resp.status
+            headers = {"Authorization": "Bearer wrong-key-0123456789"} if i % 3 else {}
             status, _, _ = await svc.request("POST", "/events", b"{}", headers)
             return status
 
     started = time.monotonic()
-    statuses = await asyncio.gather(*(refused(i) for i in range(FLOOD)))
+    try:
+        statuses = await asyncio.gather(*(refused(i) for i in range(FLOOD)))
+    finally:
+        await denied.close()
     elapsed = time.monotonic() - started
-    assert statuses == [401] * FLOOD
+    assert statuses == [401, 401, 403] * (FLOOD // 3) + [401, 401, 403][: FLOOD % 3]
 
     async def accounted() -> tuple[int, int, int] | None:
         await svc.service.store.audit.flush()
