@@ -8,6 +8,7 @@ itself: proxy chains by example, and its contract against a plain model of it (h
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from eventbus.config import AddressLists
 from eventbus.http._addresses import allowed, client_address
-from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.service import RunningService, ServeProcess, StartService
 
 KEY = "admin-key-0123456789abcd"
 EVENT = orjson.dumps({"specversion": "1.0", "id": "1", "source": "s", "type": "t"})
@@ -198,3 +199,24 @@ def test_allowed_is_deny_first_then_allow(allow: list[str], deny: list[str], add
     # the peer itself is the client when no proxy is trusted, whatever the header says
     if not isinstance(address, ipaddress.IPv6Address) or address.ipv4_mapped is None:
         assert client_address(lists, str(address), "10.9.9.9") == address
+
+
+async def test_eventbus_serve_checks_addresses(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    """The real command: ready (its /readyz answers the denied address), the lists in front
+    of every other route."""
+    proc = serve_process(
+        rules="[]", targets=[], settings={"client_addresses": {"deny": ["127.0.0.1/32"]}}
+    )
+    await proc.start()
+    try:
+        for local, expected in (("127.0.0.1", 403), ("127.0.0.2", 200)):
+            connector = aiohttp.TCPConnector(local_addr=(local, 0))
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(proc.url + "/rules") as resp,
+            ):
+                assert resp.status == expected, local
+    finally:
+        assert await proc.terminate() == 0
