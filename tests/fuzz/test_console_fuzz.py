@@ -127,7 +127,7 @@ def _sendable(value: Any) -> bool:
     return True
 
 
-@settings(FUZZ, max_examples=40)  # each example waits for its event to go through
+@settings(FUZZ, max_examples=15)  # each example waits for its event to go through
 @given(
     pattern=patterns.filter(lambda p: _valid(json.dumps(p))), event=json_values.filter(_sendable)
 )
