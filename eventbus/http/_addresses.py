@@ -20,7 +20,7 @@ from eventbus import metrics
 from eventbus.config import AddressLists
 from eventbus.http._access import RefusalLog
 from eventbus.http._problem import PROBLEM, Problem
-from eventbus.http._types import ASGIApp, Receive, Scope, Send
+from eventbus.http._types import ASGIApp, Receive, Scope, Send, send_answer
 
 __all__ = ["AddressGate", "allowed", "client_address", "forwarded_for"]
 
@@ -103,15 +103,4 @@ class AddressGate:
         )
         self._refusals.record(remote=remote, path=path, reason=reason)
         metrics.EVENTS_REJECTED.labels("http", "forbidden").inc()
-        body = Problem(403, reason).body(path)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [
-                    (b"content-type", PROBLEM.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_answer(send, 403, PROBLEM, Problem(403, reason).body(path))

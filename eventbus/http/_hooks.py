@@ -26,7 +26,7 @@ from eventbus.http._access import Access, RefusalLog
 from eventbus.http._addresses import allowed, client_address, forwarded_for
 from eventbus.http._ingest import _read_body
 from eventbus.http._problem import PROBLEM, Problem, problem_for
-from eventbus.http._types import ASGIApp, Receive, Scope, Send
+from eventbus.http._types import ASGIApp, Receive, Scope, Send, send_answer
 from eventbus.sources import HookRequest, WebhookSource
 
 if TYPE_CHECKING:
@@ -128,18 +128,7 @@ class HookApp:
                 raise
             status, extra, media = problem.status, problem.headers, PROBLEM
             body = problem.body(path)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", media.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    *((k.lower().encode(), v.encode()) for k, v in extra.items()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_answer(send, status, media, body, extra)
 
     async def _hook(
         self, scope: Scope, receive: Receive, name: str

@@ -25,7 +25,7 @@ from eventbus.cloudevents import (
 )
 from eventbus.http._access import Access
 from eventbus.http._problem import PROBLEM, Problem, problem_for
-from eventbus.http._types import ASGIApp, Receive, Scope, Send
+from eventbus.http._types import ASGIApp, Receive, Scope, Send, send_answer
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -265,18 +265,7 @@ class IngestApp:
                 raise
             status, extra, media = problem.status, problem.headers, PROBLEM
             body = problem.body(path)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", media.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    *((k.lower().encode(), v.encode()) for k, v in extra.items()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_answer(send, status, media, body, extra)
 
     async def _events(self, headers: Mapping[str, str], raw: bytes) -> _Answer:
         parsed = parse_http(headers, raw, max_size=self._max_event, max_entries=self._max_batch)
