@@ -21,8 +21,8 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, AsyncExitStack
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -57,7 +57,7 @@ from eventbus.delivery import (
     sync_rule_via,
     target_policies,
 )
-from eventbus.router import LiveFeed, Router, Watcher
+from eventbus.router import LiveFeed, PeerFeed, Router, Watcher
 from eventbus.rules import Route, Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import (
     SharedStatuses,
@@ -150,12 +150,14 @@ class Service:
         settings: Settings,
         *,
         instance: str | None = None,
-        shared_sources: Path | None = None,
+        shared: Path | None = None,
     ) -> None:
-        """``shared_sources``: the directory where the workers of one ``serve --workers N``
-        share their source statuses (see :class:`~eventbus.sources.SharedStatuses`)."""
+        """``shared``: the directory the workers of one ``serve --workers N`` share: their
+        source statuses in ``sources`` (see :class:`~eventbus.sources.SharedStatuses`), their
+        live feeds' sockets in ``live`` (see :class:`~eventbus.router.PeerFeed`)."""
         self.settings = settings
-        self._shared_sources = shared_sources
+        self._shared = shared
+        self._peer_feed: PeerFeed | None = None
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stack = AsyncExitStack()
         self.store: Store
@@ -253,6 +255,10 @@ class Service:
             feed=self.feed,
         )
         self._router.start()
+        if self._shared is not None:
+            # resolved: the parent links it to a short directory, for a socket's path is short
+            live = (self._shared / "live").resolve()
+            self._peer_feed = await self._stack.enter_async_context(PeerFeed(self.feed, live))
         self._stack.push_async_callback(self._stop_workers)
         summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
         self._stack.push_async_callback(cancel_and_wait, summary)
@@ -345,7 +351,7 @@ class Service:
                     }
                 )
             )
-        shared = self._shared_sources
+        shared = None if self._shared is None else self._shared / "sources"
         self._sources = await self._stack.enter_async_context(
             SourceRunner(
                 sources,
@@ -582,10 +588,19 @@ class Service:
         :func:`eventbus.sources.list_dead_letters`)."""
         return await list_dead_letters(self.store.pool, source=source, limit=limit)
 
-    def watch_events(self) -> AbstractContextManager[Watcher]:
-        """A bounded queue of what this process's router does with each event from now on
-        (see :class:`eventbus.router.LiveFeed`); raises OverflowError when too many watch."""
-        return self.feed.watch()
+    @asynccontextmanager
+    async def watch_events(self) -> AsyncIterator[Watcher]:
+        """A bounded queue of what the routers of this process and of the other workers do
+        with each event from now on (see :mod:`eventbus.router._feed`); raises OverflowError
+        when too many watch."""
+        with self.feed.watch() as watcher:
+            if self._peer_feed is not None:
+                await self._peer_feed.joined()
+            yield watcher
+
+    def closing(self) -> None:
+        """The HTTP server is shutting down: tell the live streams to end."""
+        self.feed.close()
 
     def try_rules(self, event: dict[str, Any]) -> tuple[list[Route], dict[str, str]]:
         """What the current rules would do with ``event``, publishing nothing: its routes,

@@ -121,6 +121,11 @@ BUS_REJECTED = Counter(
     "Bus messages that were not valid CloudEvents, set aside instead of routed",
     registry=REGISTRY,
 )
+LIVE_DROPPED = Counter(
+    "eventbus_live_dropped",
+    "Live-stream items not sent to another worker's watchers: that worker read too slowly",
+    registry=REGISTRY,
+)
 EMBEDDED_RESTARTS = Counter(
     "eventbus_embedded_restarts",
     "Embedded servers (nats-server, postgresql) restarted after they died",

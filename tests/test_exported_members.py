@@ -151,7 +151,8 @@ EXPORTS: dict[str, list[str]] = {
         "sync_rule_via",
         "target_policies",
     ],
-    "eventbus.http": ["Starting", "create_app", "http_server"],
+    "eventbus.http": ["HttpServer", "Starting", "create_app", "http_server"],
+    "eventbus.router": ["LiveFeed", "PeerFeed", "Routed", "Router", "Watcher"],
     "eventbus.sources": [
         "Backoff",
         "Checkpoints",

@@ -10,7 +10,9 @@ the port with ``SO_REUSEPORT`` so the kernel spreads connections evenly among th
 listening socket let one worker take most of them), and they share the work through the bus's
 durable consumer (or consumer group). Sources run in the first worker only. Any worker answers
 for all: the workers count their metrics in files of ``data_dir/workers/metrics`` (see
-``eventbus.metrics``) and share their sources' statuses in ``data_dir/workers/sources``. The parent
+``eventbus.metrics``), share their sources' statuses in ``data_dir/workers/sources`` and their
+live feeds through sockets in ``data_dir/workers/live`` (the console's live stream on any
+worker shows what every worker routes: ``eventbus.router.PeerFeed``). The parent
 forwards SIGTERM to the workers, restarts one that dies, supervises the embedded servers (and
 stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
 
@@ -33,17 +35,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import Settings
-from eventbus.http import Starting, create_app, http_server
+from eventbus.http import HttpServer, Starting, create_app, http_server
 
 __all__ = ["serve"]
 
@@ -114,8 +115,9 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         # A worker of --workers N: it shares its sources' statuses with the others, and
         # listens once ready, for the kernel hands a listening worker its share of the
         # connections (the others keep serving while one restarts).
-        async with Service(settings, shared_sources=_workers_dir(settings) / "sources") as svc:
+        async with Service(settings, shared=_workers_dir(settings)) as svc:
             server = http_server(create_app(svc), settings)
+            server.on_shutdown = svc.closing
             _quiet_signals()
             gc.freeze()
             await server.serve(sockets=[_bind(settings, listen=True)])
@@ -136,6 +138,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         stack.push_async_callback(_stop_serving, server, serving)
         service = await stack.enter_async_context(Service(settings))
         front.ready(create_app(service))
+        server.on_shutdown = service.closing
         # Start-up objects (compiled rules, modules) live for the whole run: keep them out of
         # every future garbage collection pass.
         gc.freeze()
@@ -143,7 +146,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         log.info("HTTP server stopped; shutting the service down")
 
 
-async def _stop_serving(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+async def _stop_serving(server: HttpServer, serving: asyncio.Task[None]) -> None:
     server.should_exit = True
     await serving
 
@@ -192,6 +195,11 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         (shared / "metrics").mkdir(parents=True)
         (shared / "sources").mkdir()
         stack.callback(shutil.rmtree, shared, True)
+        # The workers' live-feed sockets: in a new private directory (0700) of the temporary
+        # one, linked from the shared one, for a Unix socket's path must stay short.
+        live = tempfile.mkdtemp(prefix="eventbus-live-")
+        stack.callback(shutil.rmtree, live, True)
+        (shared / "live").symlink_to(live, target_is_directory=True)
         env[metrics.MULTIPROC_ENV] = str(shared / "metrics")
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -229,6 +237,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     log.warning("worker %d exited with %s; restarting", i, proc.returncode)
                     metrics.forget_process(proc.pid, shared / "metrics")
                     (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
+                    (shared / "live" / str(proc.pid)).unlink(missing_ok=True)
                     procs[i] = spawn(i)
         for proc in procs:
             if proc is not None and proc.poll() is None:

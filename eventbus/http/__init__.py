@@ -17,7 +17,7 @@ front of it while the service starts, so ``/healthz`` is green as soon as the pr
 from __future__ import annotations
 
 from eventbus.http._api import create_app
-from eventbus.http._server import http_server
+from eventbus.http._server import HttpServer, http_server
 from eventbus.http._starting import Starting
 
-__all__ = ["Starting", "create_app", "http_server"]
+__all__ = ["HttpServer", "Starting", "create_app", "http_server"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import socket
+from collections.abc import Callable
 
 import uvicorn
 
@@ -16,12 +18,25 @@ from eventbus.config import Settings
 from eventbus.http._connections import ConnectionGuard
 from eventbus.http._types import ASGIApp
 
-__all__ = ["http_server"]
+__all__ = ["HttpServer", "http_server"]
 
 log = logging.getLogger("eventbus.http")
 
 
-def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvicorn.Server:
+class HttpServer(uvicorn.Server):
+    """uvicorn's server, calling ``on_shutdown`` (when set) as its shutdown begins: long-lived
+    responses (the console's live stream) end then, instead of holding the shutdown for the
+    whole ``router.shutdown_grace``."""
+
+    on_shutdown: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        await super().shutdown(sockets)
+
+
+def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> HttpServer:
     """The uvicorn server for ``app`` on ``listen.host:port`` with the ``listen`` limits;
     ``http`` picks uvicorn's parser (``auto``: httptools when installed, else h11). Logs which
     parser and event loop serve: both weigh on the CPU each request costs."""
@@ -54,4 +69,4 @@ def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> uvic
         proxy_headers=False,
         timeout_graceful_shutdown=int(settings.router.shutdown_grace),
     )
-    return uvicorn.Server(config)
+    return HttpServer(config)

@@ -1,11 +1,14 @@
 """``eventbus serve --workers N`` answers as one service: whichever worker takes a request,
-``/metrics`` counts what every worker did and ``/sources`` shows every worker's sources; what
-a previous run left in the shared directory counts for nothing. The merge of several workers'
+``/metrics`` counts what every worker did, ``/sources`` shows every worker's sources and the
+console's live stream shows every event whichever worker routed it (and ends when the service
+stops, rather than holding its shutdown); what a previous run left in the shared directory
+counts for nothing. The merge of several workers'
 statuses of one source, as a table."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,6 +20,7 @@ import pytest
 
 from eventbus.sources import SourceStatus
 from eventbus.sources._shared import merge_statuses
+from tests.fixtures.live import watch
 from tests.fixtures.service import ServeProcess
 from tests.fixtures.wait import eventually
 
@@ -41,11 +45,20 @@ def _counter(text: str, name: str) -> float:
 async def test_any_worker_answers_for_all(
     serve_process: Callable[..., ServeProcess], tmp_path: Path
 ) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        await _answers_for_all(serve_process, tmp_path, stack)
+
+
+async def _answers_for_all(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path, stack: contextlib.AsyncExitStack
+) -> None:
     proc = serve_process(
         rules="- name: none\n  match: {type: [never]}\n  targets: [fn]\n",
         targets=[{"name": "fn", "type": "http", "url": "http://127.0.0.1:9/fn"}],
         sources=[{"name": "tick", "type": "timer", "schedule": "0 3 * * *"}],
         workers=2,
+        # an open live stream must not hold the shutdown for this long (terminate waits 30 s)
+        settings={"router": {"shutdown_grace": 120}},
     )
     data = Path(str(proc.config).replace("settings-", "data-").removesuffix(".yaml"))
     # a crashed run's leftovers, which must not show
@@ -67,8 +80,13 @@ async def test_any_worker_answers_for_all(
         ):
             assert resp.status == 202
 
+    session = await stack.enter_async_context(aiohttp.ClientSession())
+    stream = await stack.enter_async_context(watch(session, proc.url + "/events/live"))
     # one connection per event: both workers take some (all on one: odds 2 ** -59)
     await asyncio.gather(*(one(i) for i in range(EVENTS)))
+    # whichever worker routed an event, the one stream saw it
+    await stream.until(lambda s: len(s.rows) == EVENTS, within=30)
+    assert {row[0]["state"] for row in stream.rows.values()} == {"unmatched"}
 
     async def routed_all() -> bool:
         text = (await _get(proc.url + "/metrics")).decode()
@@ -82,7 +100,7 @@ async def test_any_worker_answers_for_all(
         sources = orjson.loads(await _get(proc.url + "/sources"))["sources"]
         # the timer runs in the first worker only
         assert [(s["name"], s["state"]) for s in sources] == [("tick", "running")]
-    assert await proc.terminate() == 0
+    assert await proc.terminate(timeout=30) == 0  # the live stream still open
     assert not (data / "workers").exists()
 
 

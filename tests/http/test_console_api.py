@@ -5,16 +5,15 @@ and API keys. The browser side is ``test_console_browser.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 import pytest
 
+from tests.fixtures.live import Stream, watch
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
@@ -57,43 +56,9 @@ async def _start(eventbus: StartService, receiver: Receiver, **kw: Any) -> Runni
     )
 
 
-class Stream:
-    """A client of ``GET /events/live``: the rows it received so far, by event id."""
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self.resp = resp
-        self.rows: dict[str, list[dict[str, Any]]] = {}
-        self.comments = 0
-
-    async def until(self, check: Any, within: float = 10.0) -> None:
-        async def read() -> None:
-            buffer = b""
-            while not check(self):
-                chunk = await self.resp.content.readany()
-                assert chunk, "the stream ended"
-                buffer += chunk
-                while b"\n\n" in buffer:
-                    block, buffer = buffer.split(b"\n\n", 1)
-                    self._message(block)
-
-        await asyncio.wait_for(read(), within)
-
-    def _message(self, block: bytes) -> None:
-        lines = block.split(b"\n")
-        if lines[0] == b"event: rows":
-            for row in orjson.loads(lines[1].removeprefix(b"data: ")):
-                self.rows.setdefault(row["id"], []).append(row)
-        elif any(line.startswith(b":") for line in lines):
-            self.comments += 1
-
-
 @contextlib.asynccontextmanager
 async def _watch(svc: RunningService, query: str = "", **headers: str) -> AsyncIterator[Stream]:
-    async with svc.session.get(f"{svc.url}/events/live{query}", headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        stream = Stream(resp)
-        await stream.until(lambda s: s.comments >= 1)  # watching from here on
+    async with watch(svc.session, f"{svc.url}/events/live{query}", **headers) as stream:
         yield stream
 
 

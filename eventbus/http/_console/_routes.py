@@ -8,9 +8,10 @@ so far (each one documented in the OpenAPI document like the rest of the admin A
     GET  /stats/rates                 events in, routed, delivered ... per second, last hour
 
 Where it sits: the HTTP edge, over ``Service`` like ``_api``, whose admin scope, answers and
-problem bodies it shares; ``_api.create_app`` mounts it. The live stream reads the router's
-:class:`eventbus.router.LiveFeed` through ``Service.watch_events``: a bounded queue per client
-that loses events when the client falls behind, never slowing the router. Each message
+problem bodies it shares; ``_api.create_app`` mounts it. The live stream reads the routers'
+feed (``eventbus.router``: every worker's) through ``Service.watch_events``: a bounded queue per
+client that loses events when the client falls behind, never slowing a router; it ends when the
+server shuts down (the browser reconnects, to any worker). Each message
 carries every row gathered in ``_GATHER`` seconds, so 2,000 events/s are ten messages a
 second, not 2,000.
 """
@@ -174,17 +175,20 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     gone = asyncio.ensure_future(_disconnected(request))
     first: asyncio.Future[Routed] | None = None
+    closed: asyncio.Future[Any] | None = None
     try:
-        with service.watch_events() as watcher:
+        async with service.watch_events() as watcher:
+            closed = asyncio.ensure_future(watcher.closed.wait())
             yield b"retry: 2000\n: watching\n\n"
             reported = 0
             while True:
                 if first is None or first.done():
                     first = asyncio.ensure_future(watcher.get())
                 await asyncio.wait(
-                    (first, gone), timeout=_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                    (first, gone, closed), timeout=_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
                 )
-                if gone.done():
+                if gone.done() or closed.done():
+                    # gone, or the server shutting down: a browser reconnects (to any worker)
                     return
                 if not first.done():
                     yield b": idle\n\n"
@@ -200,9 +204,9 @@ async def _stream(
     except OverflowError as exc:
         yield b"event: problem\ndata: " + orjson.dumps({"detail": str(exc)}) + b"\n\n"
     finally:
-        gone.cancel()
-        if first is not None:
-            first.cancel()
+        for waiting in (gone, first, closed):
+            if waiting is not None:
+                waiting.cancel()
 
 
 @admin.get(
@@ -220,7 +224,7 @@ async def _stream(
         },
         **_problems(400),
     },
-    summary="A live stream of the events this process routes, narrowed by an event pattern",
+    summary="A live stream of the events every worker routes, narrowed by an event pattern",
 )
 async def live_events(
     request: Request,

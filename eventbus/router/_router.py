@@ -14,10 +14,9 @@ a crash between the bus and the audit then only means a redelivery, which record
 again under the same bus message (``ref``), a no-op. The router never routes a message that is
 not a valid CloudEvent, whoever managed to write it to the bus.
 
-Watchers (the console's live stream) see what the router did through :class:`LiveFeed`: an
-in-process fan-out that never waits. Each watcher has a bounded queue; one that does not keep
-up loses items (counted for it) rather than slowing the router, and with no watcher the cost
-is one attribute test per event.
+Watchers (the console's live stream) see what the router did through the
+:class:`~eventbus.router._feed.LiveFeed`, which never waits: with no watcher the cost is one
+attribute test per event.
 
 Memory is bounded by the bus: it never yields more than ``max_in_flight`` un-acknowledged
 messages, and the router runs at most that many handlers. A handler that fails (Postgres down
@@ -30,9 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from eventbus import metrics
@@ -40,25 +37,13 @@ from eventbus._errors import EventBusError
 from eventbus._tasks import cancel_and_wait, stop_with_grace
 from eventbus.bus import Bus, BusMessage
 from eventbus.delivery import Dispatcher, invoke_rule, invoked_target
+from eventbus.router._feed import LiveFeed, Routed
 from eventbus.rules import Route, RuleSetHolder
 from eventbus.store import AttemptOutcome, AuditWriter
 
-__all__ = ["LiveFeed", "Routed", "Router", "Watcher"]
+__all__ = ["Router"]
 
 log = logging.getLogger("eventbus.router")
-
-
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """What the router did with one event, as watchers see it: ``state`` is ``routing`` when
-    its rules matched and its deliveries started, then (a second item) ``delivered``,
-    ``retrying`` or ``dead-lettered``; ``unmatched`` when no rule matched. ``event`` is the
-    router's own dict: read-only."""
-
-    event: dict[str, Any]
-    received_at: str
-    rules: tuple[str, ...]
-    state: str
 
 
 def _settled(outcomes: list[AttemptOutcome | None]) -> str:
@@ -68,59 +53,6 @@ def _settled(outcomes: list[AttemptOutcome | None]) -> str:
     if all(outcome is AttemptOutcome.DELIVERED for outcome in outcomes):
         return "delivered"
     return "retrying"  # a retry scheduled, or parked behind an open circuit
-
-
-class Watcher:
-    """One watcher's bounded queue; ``dropped`` counts the items it lost by falling behind."""
-
-    def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[Routed] = asyncio.Queue(size)
-        self.dropped = 0
-
-    async def get(self) -> Routed:
-        return await self.queue.get()
-
-    def pending(self, limit: int) -> list[Routed]:
-        """Up to ``limit`` items already queued, without waiting."""
-        items: list[Routed] = []
-        while len(items) < limit and not self.queue.empty():
-            items.append(self.queue.get_nowait())
-        return items
-
-
-class LiveFeed:
-    """Fans routed events out to at most ``max_watchers`` watchers, each with a queue of
-    ``per_watcher`` items. ``publish`` never waits and never raises."""
-
-    def __init__(self, *, per_watcher: int = 2000, max_watchers: int = 32) -> None:
-        self._per_watcher = per_watcher
-        self._max_watchers = max_watchers
-        self._watchers: list[Watcher] = []
-
-    @property
-    def watched(self) -> bool:
-        return bool(self._watchers)
-
-    @contextmanager
-    def watch(self) -> Iterator[Watcher]:
-        """A new watcher for the block's duration. Raises OverflowError when
-        ``max_watchers`` already watch: each costs the router a queue put per event."""
-        if len(self._watchers) >= self._max_watchers:
-            raise OverflowError(f"{self._max_watchers} watchers already: try again later")
-        watcher = Watcher(self._per_watcher)
-        # copy-on-write: publish iterates the list it read, untouched by later changes
-        self._watchers = [*self._watchers, watcher]
-        try:
-            yield watcher
-        finally:
-            self._watchers = [w for w in self._watchers if w is not watcher]
-
-    def publish(self, item: Routed) -> None:
-        for watcher in self._watchers:
-            try:
-                watcher.queue.put_nowait(item)
-            except asyncio.QueueFull:
-                watcher.dropped += 1
 
 
 class Router:
