@@ -243,7 +243,8 @@ class PeerFeed:
         tb: TracebackType | None,
     ) -> None:
         self._feed.on_watching = None
-        await self._leave()
+        for task in self._leave():
+            await cancel_and_wait(task)
         if self._server is not None:
             self._server.close()
             for sink in list(self._sinks):
@@ -281,15 +282,18 @@ class PeerFeed:
             if self._joiner is None:
                 self._joiner = asyncio.create_task(self._join(), name="eventbus-live-join")
         else:
-            asyncio.get_running_loop().create_task(self._leave())
+            self._leave()
 
-    async def _leave(self) -> None:
-        joiner, self._joiner = self._joiner, None
+    def _leave(self) -> list[asyncio.Task[None]]:
+        """Stop subscribing (at once: a watcher arriving next starts afresh); returns the
+        tasks cancelled, for a caller that must wait for them to end."""
+        tasks = [t for t in (self._joiner, *self._peers.values()) if t is not None]
+        self._joiner = None
         self._joined.clear()
-        peers = list(self._peers.values())
         self._peers.clear()
-        for task in (joiner, *peers):
-            await cancel_and_wait(task)
+        for task in tasks:
+            task.cancel()
+        return tasks
 
     async def _join(self) -> None:
         while True:

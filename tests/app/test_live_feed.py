@@ -139,3 +139,16 @@ async def test_shutting_down_tells_watchers_to_leave() -> None:
         assert early.closed.is_set()
         with feed.watch() as late:
             assert late.closed.is_set()
+
+
+async def test_a_watcher_arriving_as_the_last_leaves_still_sees_every_worker(
+    tmp_path: Path,
+) -> None:
+    async with _worker(tmp_path, "1") as (a, a_peers), _worker(tmp_path, "2") as (b, _):
+        with a.watch():
+            await a_peers.joined()
+        with a.watch() as watcher:  # in the same turn of the loop as the last one left
+            await a_peers.joined()
+            await eventually(lambda: b.watched, within=5, what="a subscribed to b again")
+            b.publish(_item(1))
+            assert (await asyncio.wait_for(watcher.get(), 5)).event["id"] == "1"
