@@ -1,14 +1,21 @@
-"""OAuth 2.0 client credentials (RFC 6749 section 4.4): the tokens HTTP targets present to their
-functions and Kafka connections present with SASL OAUTHBEARER, from one client.
+"""Bearer tokens: the ones HTTP targets present to their functions and Kafka connections present
+with SASL OAUTHBEARER, each kept in one cache per connection.
 
 Where it sits: under the bus, the targets and the sources, above the configuration whose
-``OAuth2Spec`` it serves. The token is fetched with the client's id and secret as HTTP Basic
-credentials (form-encoded first, as section 2.3.1 says), kept until shortly before
-``expires_in`` runs out, and fetched once however many callers need it at the same moment; a
-caller whose token was refused asks for a new one with :meth:`OAuth2Client.refresh`. A token
-endpoint that refuses the client (400/401/403) raises a final TokenError carrying its reason;
-an unreachable or failing endpoint a retryable one, and the callers waiting for that request
-share its failure for ``FAILURE_HOLD`` seconds instead of each asking again.
+``OAuth2Spec`` and ``KafkaAuth`` it serves. A token comes from one of two places:
+
+- an OAuth 2.0 token endpoint, by the client-credentials grant (RFC 6749 section 4.4;
+  :class:`OAuth2Client`), with the client's id and secret as HTTP Basic credentials
+  (form-encoded first, as section 2.3.1 says);
+- a command (Kafka's ``token_command``; :class:`TokenCommand`), run without a shell, that
+  prints the token or a JSON object holding it.
+
+Either way the token is kept until shortly before it expires and obtained once however many
+callers need it at the same moment; a caller whose token was refused asks for a new one with
+:meth:`OAuth2Client.refresh`. A token endpoint that refuses the client (400/401/403) raises a
+final TokenError carrying its reason; an unreachable or failing endpoint, or a failing command,
+a retryable one, and the callers waiting for that attempt share its failure for
+``FAILURE_HOLD`` seconds instead of each trying again.
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import re
+import shutil
+import signal
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -26,9 +37,10 @@ import aiohttp
 import orjson
 from aiokafka.abc import AbstractTokenProvider
 
+from eventbus._errors import ConfigError
 from eventbus.config import KafkaAuth, OAuth2Spec
 
-__all__ = ["OAuth2Client", "TokenError", "kafka_options", "sasl_refusal"]
+__all__ = ["OAuth2Client", "TokenCommand", "TokenError", "kafka_options", "sasl_refusal"]
 
 EXPIRY_MARGIN = 30.0
 """A token is renewed this many seconds before it expires (or at 90 % of a shorter lifetime)."""
@@ -37,6 +49,14 @@ FAILURE_HOLD = 1.0
 """Seconds a failed token request answers the deliveries waiting for it before another is made."""
 
 MAX_TOKEN_RESPONSE = 64 * 1024
+"""Bytes of a token endpoint's answer, or of a token command's output, that are read."""
+
+TOKEN_TTL = 300.0
+"""Seconds a token command's token is taken to live when the command does not say
+(``token_ttl`` of the Kafka connection)."""
+
+STDERR_TAIL = 300
+"""Characters of a failed token command's stderr (its end) quoted in the error."""
 
 
 class TokenError(Exception):
@@ -45,6 +65,69 @@ class TokenError(Exception):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+Obtain = Callable[[], Awaitable[tuple[str, float]]]
+"""Gets a new token and its lifetime in seconds (``inf``: kept until refused); raises
+TokenError."""
+
+
+class _TokenCache:
+    """One connection's token: renewed ``EXPIRY_MARGIN`` seconds before its lifetime runs out
+    (at 90 % of a shorter one), obtained by one caller at a time while the others wait for it,
+    a failure shared for ``FAILURE_HOLD`` seconds. Each call says how to obtain a new one."""
+
+    def __init__(self) -> None:
+        self._token: str | None = None
+        self._renew_at = 0.0
+        self._lock = asyncio.Lock()
+        self._failure: TokenError | None = None
+        self._failed_until = 0.0
+
+    async def get(self, obtain: Obtain) -> str:
+        """A fresh token, obtained when there is none (or it is about to expire).
+
+        Raises TokenError when none can be obtained.
+        """
+        token = self._token
+        if token is None or time.monotonic() >= self._renew_at:
+            async with self._lock:
+                # Whoever waited for the lock finds the token the first one obtained.
+                if self._token is None or time.monotonic() >= self._renew_at:
+                    await self._renew(obtain)
+                token = self._token
+        assert token is not None  # _renew sets it or raises
+        return token
+
+    async def replace(self, refused: str, obtain: Obtain) -> str:
+        """A new token after the server refused ``refused``: obtained unless another caller
+        has already replaced that token. Raises TokenError."""
+        async with self._lock:
+            if refused == self._token:
+                self._token = None
+                await self._renew(obtain)
+        return await self.get(obtain)
+
+    async def _renew(self, obtain: Obtain) -> None:
+        # The callers queued behind a failed attempt share its failure for a moment instead
+        # of each trying again (500 deliveries, one refused request).
+        if self._failure is not None and time.monotonic() < self._failed_until:
+            raise self._failure
+        try:
+            token, lifetime = await obtain()
+        except TokenError as exc:
+            self._failure, self._failed_until = exc, time.monotonic() + FAILURE_HOLD
+            raise
+        self._failure = None
+        self._renew_at = time.monotonic() + max(lifetime - EXPIRY_MARGIN, lifetime * 0.9)
+        self._token = token
+
+
+def _lifetime(value: Any, default: float) -> float:
+    """An ``expires_in`` as seconds: a positive number, else ``default``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return default
 
 
 class OAuth2Client:
@@ -59,11 +142,7 @@ class OAuth2Client:
         self._where = where
         self._timeout = timeout
         self._ssl: ssl.SSLContext | bool = True if spec.tls is None else spec.tls.context(where)
-        self._token: str | None = None
-        self._renew_at = 0.0
-        self._lock = asyncio.Lock()
-        self._failure: TokenError | None = None
-        self._failed_until = 0.0
+        self._cache = _TokenCache()
         self.fetched = 0
         """How many tokens were fetched (for the metrics of tests and operators)."""
 
@@ -72,42 +151,17 @@ class OAuth2Client:
 
         Raises TokenError when the token endpoint gives none.
         """
-        token = self._token
-        if token is None or time.monotonic() >= self._renew_at:
-            async with self._lock:
-                # Whoever waited for the lock finds the token the first one fetched.
-                if self._token is None or time.monotonic() >= self._renew_at:
-                    await self._fetch(session)
-                token = self._token
-        assert token is not None  # _fetch sets it or raises
-        return token
+        return await self._cache.get(lambda: self._request(session))
 
     async def refresh(self, session: aiohttp.ClientSession | None, refused: str) -> str:
         """A new token after the server refused ``refused``: fetched unless another caller
         has already replaced that token. Raises TokenError."""
-        async with self._lock:
-            if refused == self._token:
-                self._token = None
-                await self._fetch(session)
-        return await self.token(session)
+        return await self._cache.replace(refused, lambda: self._request(session))
 
-    async def _fetch(self, session: aiohttp.ClientSession | None) -> None:
-        # The deliveries queued behind a failed fetch share its failure for a moment instead
-        # of each asking the endpoint again (500 deliveries, one refused request).
-        if self._failure is not None and time.monotonic() < self._failed_until:
-            raise self._failure
-        try:
-            await self._request(session)
-        except TokenError as exc:
-            self._failure, self._failed_until = exc, time.monotonic() + FAILURE_HOLD
-            raise
-        self._failure = None
-
-    async def _request(self, session: aiohttp.ClientSession | None) -> None:
+    async def _request(self, session: aiohttp.ClientSession | None) -> tuple[str, float]:
         if session is None:
             async with aiohttp.ClientSession() as own:
-                await self._request(own)
-            return
+                return await self._request(own)
         spec, timeout = self._spec, self._timeout
         form = {"grant_type": "client_credentials"}
         if spec.scopes:
@@ -157,13 +211,8 @@ class OAuth2Client:
             raise TokenError(
                 f"{self._about()}: the answer has no usable access_token", retryable=True
             )
-        lifetime = data.get("expires_in") if data else None
-        now = time.monotonic()
-        if isinstance(lifetime, int | float) and lifetime > 0:
-            self._renew_at = now + max(lifetime - EXPIRY_MARGIN, lifetime * 0.9)
-        else:
-            self._renew_at = float("inf")  # no stated lifetime: kept until refused
-        self._token = token
+        # No stated lifetime: kept until refused.
+        return token, _lifetime(data.get("expires_in") if data else None, float("inf"))
 
     def _about(self) -> str:
         return f"{self._where}: OAuth2 token endpoint {self._spec.token_url}"
@@ -177,26 +226,137 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-class _KafkaTokens(AbstractTokenProvider):  # type: ignore[misc]
-    """aiokafka's OAUTHBEARER token provider over an :class:`OAuth2Client`."""
+class TokenCommand:
+    """Tokens printed by a command (Kafka's ``token_command``) for one connection: cached,
+    renewed before expiry, the command run once under concurrency.
 
-    def __init__(self, client: OAuth2Client) -> None:
-        self._client = client
+    ``argv`` runs without a shell, with eventbus's environment and no input, for at most
+    ``timeout`` seconds (then it is killed, with whatever it started). Its output is the token
+    itself (one line) or a JSON object with ``token`` or ``access_token`` and optionally
+    ``expires_in`` (seconds); a token without ``expires_in`` is taken to live ``ttl`` seconds.
+    ``where`` names the connection in errors, which quote the end of the command's stderr but
+    never its output.
+    """
+
+    def __init__(self, argv: Sequence[str], where: str, timeout: float, ttl: float) -> None:
+        """Raises ConfigError when the program ``argv[0]`` is not found or not executable."""
+        if shutil.which(argv[0]) is None:
+            raise ConfigError(f"{where}: token_command {argv[0]!r}: no such executable program")
+        self._argv = tuple(argv)
+        self._where = where
+        self._timeout = timeout
+        self._ttl = ttl
+        self._cache = _TokenCache()
 
     async def token(self) -> str:
-        return await self._client.token(None)
+        """A fresh token, the command run when there is none (or it is about to expire).
+
+        Raises TokenError (retryable) when the command fails or prints no usable token.
+        """
+        return await self._cache.get(self._run)
+
+    async def _run(self) -> tuple[str, float]:
+        about = f"{self._where}: token_command {self._argv[0]!r}"
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                # Its own process group, so that a timeout kills what it started too.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise TokenError(f"{about} cannot run: {exc.strerror or exc}", retryable=True) from exc
+        assert proc.stdout is not None and proc.stderr is not None  # both piped
+        out, err = bytearray(), bytearray()
+        stderr = asyncio.create_task(_read(proc.stderr, err, STDERR_TAIL * 4, tail=True))
+        try:
+            async with asyncio.timeout(self._timeout):
+                await _read(proc.stdout, out, MAX_TOKEN_RESPONSE, tail=False)
+                if len(out) > MAX_TOKEN_RESPONSE:
+                    raise TokenError(
+                        f"{about} printed more than {MAX_TOKEN_RESPONSE} bytes", retryable=True
+                    )
+                await stderr
+                status = await proc.wait()
+        except TimeoutError as exc:
+            raise TokenError(
+                f"{about} gave no token within {self._timeout:g}s{_tail(err, out)}",
+                retryable=True,
+            ) from exc
+        finally:
+            stderr.cancel()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if status != 0:
+            raise TokenError(
+                f"{about} exited with status {status}{_tail(err, out)}", retryable=True
+            )
+        text = out.decode(errors="replace").strip()
+        lifetime: Any = None
+        if text.startswith("{"):
+            data = _json_object(bytes(out)) or {}
+            token = data.get("token", data.get("access_token"))
+            lifetime = data.get("expires_in")
+        else:
+            token = text
+        if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
+            unusable = "printed no token" if not text else "printed no usable token"
+            raise TokenError(f"{about} {unusable}{_tail(err, out)}", retryable=True)
+        return token, _lifetime(lifetime, self._ttl)
+
+
+async def _read(stream: asyncio.StreamReader, into: bytearray, limit: int, *, tail: bool) -> None:
+    """Read ``stream`` into ``into`` until it ends, keeping its last ``limit`` bytes (``tail``)
+    or stopping once more than ``limit`` bytes came (not ``tail``)."""
+    while chunk := await stream.read(64 * 1024):
+        into += chunk
+        if len(into) > limit:
+            if not tail:
+                return
+            del into[:-limit]
+
+
+def _tail(err: bytearray, out: bytearray) -> str:
+    """``": <the end of stderr>"``, with every longer word of the output (a token the command
+    printed on both) masked; ``""`` when stderr is empty."""
+    text = " ".join(err.decode(errors="replace").split())
+    for word in re.split(r'[\s"{}:,]+', out.decode(errors="replace")):
+        if len(word) >= 8:
+            text = text.replace(word, "***")
+    text = text[-STDERR_TAIL:]
+    return f": {text}" if text else ""
+
+
+class _KafkaTokens(AbstractTokenProvider):  # type: ignore[misc]
+    """aiokafka's OAUTHBEARER token provider over a token source (:class:`OAuth2Client`,
+    :class:`TokenCommand`)."""
+
+    def __init__(self, token: Callable[[], Awaitable[str]]) -> None:
+        self._token = token
+
+    async def token(self) -> str:
+        return await self._token()
 
 
 def kafka_options(auth: KafkaAuth, where: str, timeout: float = 10.0) -> dict[str, Any]:
     """aiokafka client keyword arguments for ``auth`` (``KafkaAuth.kafka_options``), with the
-    token provider OAUTHBEARER needs; ``timeout`` bounds one token request.
+    token provider OAUTHBEARER needs; ``timeout`` bounds one token request or command run.
 
-    Raises ConfigError naming ``where`` when a TLS file cannot be read.
+    Raises ConfigError naming ``where`` when a TLS file cannot be read or the token command's
+    program is not found.
     """
     options = auth.kafka_options(where)
     if auth.oauth2 is not None:
         client = OAuth2Client(auth.oauth2, where, timeout)
-        options["sasl_oauth_token_provider"] = _KafkaTokens(client)
+        options["sasl_oauth_token_provider"] = _KafkaTokens(lambda: client.token(None))
+    elif auth.token_command is not None:
+        ttl = TOKEN_TTL if auth.token_ttl is None else auth.token_ttl
+        command = TokenCommand(auth.token_command, where, timeout, ttl)
+        options["sasl_oauth_token_provider"] = _KafkaTokens(command.token)
     return options
 
 

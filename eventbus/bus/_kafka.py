@@ -333,7 +333,8 @@ class KafkaBus:
     """The :class:`~eventbus.bus.Bus` on Kafka; use as ``async with KafkaBus(cfg) as bus``."""
 
     def __init__(self, config: KafkaBusConfig) -> None:
-        """Raises ConfigError when a file of the TLS block cannot be read."""
+        """Raises ConfigError when a file of the TLS block cannot be read or the program of
+        OAUTHBEARER's token_command is not found."""
         self.config = config
         self._security = {} if config.auth is None else kafka_options(config.auth, "Kafka bus")
         self._producer: AIOKafkaProducer | None = None

@@ -3,7 +3,7 @@ NATS connection (the bus, the ``nats`` and ``jetstream`` sources, the NATS targe
 Kafka connection (the bus, ``kafka_ingest``, the Kafka source and target), and their
 translation into the keyword arguments of the client library (nats-py, aiokafka); and the
 OAuth 2.0 client-credentials block that HTTP targets and Kafka's OAUTHBEARER share (its
-tokens are fetched by ``eventbus._oauth``).
+tokens are fetched by ``eventbus._oauth``, as are those of OAUTHBEARER's ``token_command``).
 
 Where it sits: below the pipeline. Settings and connector specs inherit these fields, so the
 YAML is the same wherever a connection is written; the adapters call ``nats_options`` /
@@ -16,13 +16,14 @@ from __future__ import annotations
 import re
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret
 from eventbus.config._tls import TlsSpec
+from eventbus.config._units import Duration
 
 __all__ = ["KafkaAuth", "NatsAuth", "OAuth2Spec"]
 
@@ -115,9 +116,10 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"
 
 class KafkaAuth(BaseModel):
     """Security of a Kafka connection: ``security_protocol``; for the SASL ones a
-    ``sasl_mechanism`` with ``username`` and ``password`` (``OAUTHBEARER``: an ``oauth2``
-    block instead, whose tokens ``eventbus._oauth`` fetches); for the SSL ones an optional
-    ``tls`` block (the system's CAs when absent)."""
+    ``sasl_mechanism`` with ``username`` and ``password`` (``OAUTHBEARER``: instead either an
+    ``oauth2`` block or a ``token_command``, an argv list run without a shell that prints the
+    token, taken to live ``token_ttl`` seconds when it does not say; ``eventbus._oauth`` gets
+    the tokens); for the SSL ones an optional ``tls`` block (the system's CAs when absent)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -126,35 +128,68 @@ class KafkaAuth(BaseModel):
     username: str | None = None
     password: Secret | None = None
     oauth2: OAuth2Spec | None = None
+    token_command: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(
+        None, min_length=1
+    )
+    token_ttl: Annotated[Duration, Field(gt=0)] | None = None
+    """None: ``eventbus._oauth.TOKEN_TTL``. Not defaulted here, so that a ``token_ttl`` without
+    a ``token_command`` can be told apart and refused."""
     tls: TlsSpec | None = None
+
+    @field_validator("token_command", mode="before")
+    @classmethod
+    def _an_argv(cls, value: Any) -> Any:
+        # A string would be refused as "not a valid tuple"; say what to write instead.
+        if isinstance(value, str):
+            raise ValueError(
+                "write the command as a list of arguments, as [vault, read, -field=token, "
+                "kafka/creds]: it runs without a shell"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaAuth:
         sasl = self.security_protocol.startswith("SASL_")
-        if not sasl and (self.sasl_mechanism or self.username or self.password or self.oauth2):
+        bearer = [
+            name
+            for name, value in (("oauth2", self.oauth2), ("token_command", self.token_command))
+            if value is not None
+        ]
+        if not sasl and (self.sasl_mechanism or self.username or self.password or bearer):
             raise ValueError(
-                "sasl_mechanism, username, password and oauth2 need security_protocol "
-                "SASL_PLAINTEXT or SASL_SSL"
+                "sasl_mechanism, username, password, oauth2 and token_command need "
+                "security_protocol SASL_PLAINTEXT or SASL_SSL"
             )
         if self.sasl_mechanism == "OAUTHBEARER":
-            if self.oauth2 is None or self.username is not None or self.password is not None:
-                raise ValueError("sasl_mechanism OAUTHBEARER takes an oauth2 block, not a password")
+            if self.username is not None or self.password is not None:
+                raise ValueError(
+                    "sasl_mechanism OAUTHBEARER takes an oauth2 block or a token_command, "
+                    "not a password"
+                )
+            if len(bearer) != 1:
+                raise ValueError(
+                    "sasl_mechanism OAUTHBEARER takes exactly one of oauth2 and token_command"
+                    + (" (got both)" if bearer else "")
+                )
         elif sasl and (
             self.sasl_mechanism is None or self.username is None or self.password is None
         ):
             raise ValueError(
                 f"security_protocol {self.security_protocol} needs sasl_mechanism, username "
-                "and password (or sasl_mechanism OAUTHBEARER and oauth2)"
+                "and password (or sasl_mechanism OAUTHBEARER and oauth2 or token_command)"
             )
-        elif self.oauth2 is not None:
-            raise ValueError("oauth2 goes with sasl_mechanism OAUTHBEARER")
+        elif bearer:
+            raise ValueError(f"{bearer[0]} goes with sasl_mechanism OAUTHBEARER")
+        if self.token_ttl is not None and self.token_command is None:
+            raise ValueError("token_ttl goes with token_command")
         if self.tls is not None and not self.security_protocol.endswith("SSL"):
             raise ValueError("tls needs security_protocol SSL or SASL_SSL")
         return self
 
     def kafka_options(self, where: str) -> dict[str, Any]:
         """aiokafka client keyword arguments (producer, consumer and admin client alike), but
-        for OAUTHBEARER's token provider, which ``eventbus._oauth.kafka_options`` adds.
+        for OAUTHBEARER's token provider (``oauth2`` or ``token_command``), which
+        ``eventbus._oauth.kafka_options`` adds.
 
         Raises ConfigError naming ``where`` when the TLS files cannot be read.
         """

@@ -82,8 +82,9 @@ class Secret:
     """A password, token or key: ``reveal()`` gives the value; ``str``, ``repr``, equality
     and serialization never expose it.
 
-    ``origin`` says where it came from without the value: ``env NAME``, ``file PATH`` or
-    ``literal`` (written in the file itself).
+    ``origin`` says where it came from without the value: ``env NAME``, ``file PATH``,
+    ``literal`` (written in the file itself) or ``plain`` (written in the file where plain text
+    is usual, as an HTTP header that carries no credential: not warned about).
     """
 
     __slots__ = ("_value", "origin")

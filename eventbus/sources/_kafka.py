@@ -48,7 +48,8 @@ class KafkaSource:
     """Consumes ``topics`` in a consumer group; commits an offset only after publishing."""
 
     def __init__(self, config: KafkaSourceSpec) -> None:
-        """Raises ConfigError when a file of the TLS block cannot be read."""
+        """Raises ConfigError when a file of the TLS block cannot be read or the program of
+        OAUTHBEARER's token_command is not found."""
         self.name = config.name
         self.type = config.type
         self.config = config

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 import weakref
@@ -23,7 +24,7 @@ from typing import Any, Literal, Self
 
 import aiohttp
 import orjson
-from pydantic import Field
+from pydantic import Field, field_validator
 from yarl import URL
 
 from eventbus._errors import CloudEventError, ConfigError
@@ -57,6 +58,11 @@ attempt's timeout."""
 
 KEEPALIVE_SECONDS = 15.0
 """How long an idle connection is kept for reuse: one per endpoint host and port, not per target."""
+
+_CREDENTIAL_HEADER = re.compile(
+    r"auth|cookie|key|token|secret|passw|credential|session|signature", re.IGNORECASE
+)
+"""A header whose name says it carries a credential: written as a literal, it is warned about."""
 
 
 _ENCODED: dict[tuple[int, bool], tuple[Any, dict[str, str], bytes]] = {}
@@ -129,20 +135,36 @@ class HttpTargetSpec(TargetSpec):
 
     ``mode`` picks the CloudEvents HTTP binding for CloudEvent payloads; ``timeout`` bounds one
     attempt (connect, send, answer, body) in seconds; ``concurrency`` caps requests in flight to
-    this endpoint; ``headers`` are added to every request; ``auth`` authenticates to the
-    function (Basic, API key, bearer, OAuth 2.0: ``_http_auth``); ``tls`` verifies an https
-    endpoint with its own CA, server name or client certificate (mutual TLS); ``secret`` (a
-    secret: ``{env: NAME}``, ``{file: PATH}`` or literal) turns on Standard Webhooks signing
-    (``whsec_<base64>`` or a raw string).
+    this endpoint; ``headers`` are added to every request, each value a secret (a literal is
+    warned about only when the header's name says it carries a credential: ``Authorization``,
+    ``X-Api-Key``, ``Cookie`` ...); ``auth`` authenticates to the function (Basic, API key,
+    bearer, OAuth 2.0: ``_http_auth``); ``tls`` verifies an https endpoint with its own CA,
+    server name or client certificate (mutual TLS); ``secret`` (a secret: ``{env: NAME}``,
+    ``{file: PATH}`` or literal) turns on Standard Webhooks signing (``whsec_<base64>`` or a
+    raw string).
     """
 
     url: str = Field(pattern=r"^https?://")
     mode: Literal["binary", "structured"] = "binary"
     concurrency: int = Field(16, ge=1, le=1024)
-    headers: dict[str, str] = {}
+    headers: dict[str, Secret] = {}
     secret: Secret | None = None
     auth: HttpAuthSpec | None = None
     tls: TlsSpec | None = None
+
+    @field_validator("headers")
+    @classmethod
+    def _plain_headers(cls, headers: dict[str, Secret]) -> dict[str, Secret]:
+        # Custom headers are often credentials, so every value is a secret (masked wherever
+        # the spec is shown), but "X-Team: billing" belongs in the file: no warning for it.
+        return {
+            name: (
+                Secret(value.reveal(), "plain")
+                if value.literal and _CREDENTIAL_HEADER.search(name) is None
+                else value
+            )
+            for name, value in headers.items()
+        }
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -221,7 +243,8 @@ class HttpTarget:
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
         auth = {} if config.auth is None else auth_headers(config.auth)
-        for key, value in {**config.headers, **auth}.items():
+        static = {name: value.reveal() for name, value in config.headers.items()}
+        for key, value in {**static, **auth}.items():
             if any(c in key + value for c in "\r\n\0"):
                 raise ConfigError(f"{where}: header {key!r} contains a line break or NUL")
         if config.auth is not None:
@@ -240,7 +263,7 @@ class HttpTarget:
             self._key = None if config.secret is None else decode_secret(config.secret.reveal())
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-        self._static = {"User-Agent": "eventbus", **config.headers, **auth}
+        self._static = {"User-Agent": "eventbus", **static, **auth}
         self._oauth: OAuth2Client | None = None
         if config.auth is not None and config.auth.oauth2 is not None:
             self._oauth = OAuth2Client(config.auth.oauth2, where, config.timeout)

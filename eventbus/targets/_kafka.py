@@ -140,8 +140,8 @@ class KafkaTarget:
     """
 
     def __init__(self, config: KafkaTargetSpec) -> None:
-        """Raises ``ConfigError`` if the servers, topic or key path is invalid, or a file of the
-        TLS block cannot be read."""
+        """Raises ``ConfigError`` if the servers, topic or key path is invalid, a file of the
+        TLS block cannot be read or the program of OAUTHBEARER's token_command is not found."""
         where = f"Kafka target {config.name!r}"
         servers = [s.strip() for s in config.bootstrap_servers.split(",")]
         if not all(servers):

@@ -1,8 +1,8 @@
 """Secrets never leave eventbus: a whole service whose connections fail on wrong secrets (a NATS
 target and source refused by a nats-server with a token, an HTTP target whose OAuth client is
-refused by a real token endpoint), then the logs, ``GET /targets``, ``GET /sources``, the dead
-letters, problem+json answers and ``eventbus rules validate``'s output are searched for every
-secret value: none is there."""
+refused by a real token endpoint, one with a credential among its static headers), then the
+logs, ``GET /targets``, ``GET /sources``, the dead letters, problem+json answers and ``eventbus
+rules validate``'s output are searched for every secret value: none is there."""
 
 from __future__ import annotations
 
@@ -26,7 +26,16 @@ SOURCE_TOKEN = "wr0ng-Token-of-source-88"
 CLIENT_SECRET = "oauth-Cl1ent-secret-99"
 BASIC_PASSWORD = "bas1c-Passw0rd-55"
 SIGNING = "whsec_c2lnbmluZy1zZWNyZXQtdmFsdWU="
-SECRETS = (SERVER_TOKEN, WRONG_TOKEN, SOURCE_TOKEN, CLIENT_SECRET, BASIC_PASSWORD, SIGNING)
+HEADER_TOKEN = "head3r-T0ken-44"
+SECRETS = (
+    SERVER_TOKEN,
+    WRONG_TOKEN,
+    SOURCE_TOKEN,
+    CLIENT_SECRET,
+    BASIC_PASSWORD,
+    SIGNING,
+    HEADER_TOKEN,
+)
 
 RULES = """
 - name: all
@@ -83,6 +92,7 @@ def _connectors(nats_port: int, token_url: str) -> dict[str, list[dict[str, Any]
                 "type": "http",
                 "url": "http://127.0.0.1:9/b",
                 "auth": {"basic": {"username": "u", "password": BASIC_PASSWORD}},
+                "headers": {"X-Api-Token": HEADER_TOKEN},
             },
         ],
         "sources": [

@@ -16,10 +16,12 @@ import asyncio
 import base64
 import logging
 import ssl
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
@@ -119,12 +121,12 @@ def test_ssl_without_a_tls_block_verifies_with_the_system_cas() -> None:
         (
             "{security_protocol: SASL_SSL, username: u, password: p}",
             "security_protocol SASL_SSL needs sasl_mechanism, username and password (or "
-            "sasl_mechanism OAUTHBEARER and oauth2)",
+            "sasl_mechanism OAUTHBEARER and oauth2 or token_command)",
         ),
         (
             "{sasl_mechanism: PLAIN, username: u, password: p}",
-            "sasl_mechanism, username, password and oauth2 need security_protocol "
-            "SASL_PLAINTEXT or SASL_SSL",
+            "sasl_mechanism, username, password, oauth2 and token_command need "
+            "security_protocol SASL_PLAINTEXT or SASL_SSL",
         ),
         ("{tls: {ca: /ca.pem}}", "tls needs security_protocol SSL or SASL_SSL"),
     ],
@@ -289,7 +291,10 @@ async def test_oauthbearer_with_a_refused_client_says_so(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"username": "u", "password": "p"}, "OAUTHBEARER takes an oauth2 block, not a password"),
+        (
+            {"username": "u", "password": "p"},
+            "OAUTHBEARER takes an oauth2 block or a token_command, not a password",
+        ),
         ({"sasl_mechanism": "PLAIN"}, "needs sasl_mechanism, username and password"),
     ],
 )
@@ -310,3 +315,197 @@ async def test_what_a_sasl_exchange_raises_becomes_a_connection_failure_saying_w
         await start(TokenError("OAuth2 token endpoint x: timeout after 5s", retryable=True))
     with pytest.raises(PermissionError, match="the broker refused the SASL credentials"):
         await start(KeyError("v"))
+
+
+# --- OAUTHBEARER with a token command ---------------------------------------------------------
+
+TOKEN_SCRIPT = """
+import json, os, sys, time
+runs, mode = sys.argv[1], sys.argv[2]
+with open(runs, "a") as f:
+    f.write(f"{os.getpid()}\\n")
+n = len(open(runs).read().split())
+token = f"cmd-T0ken-{n}"
+if mode == "json":
+    print(json.dumps({"access_token": token, "expires_in": 0.3}))
+elif mode == "bare":
+    print(token)
+elif mode == "fail":
+    print(token)
+    print(f"vault: permission denied for {token}", file=sys.stderr)
+    sys.exit(3)
+elif mode == "slow":
+    print("waiting for the vault", file=sys.stderr, flush=True)
+    time.sleep(30)
+"""
+
+
+def _token_command(tmp_path: Path, mode: str, **extra: Any) -> tuple[dict[str, Any], Path]:
+    """OAUTHBEARER settings whose token command writes its pid into ``runs`` (returned) and
+    answers as ``mode`` says: tokens cmd-T0ken-1, cmd-T0ken-2 ..."""
+    script, runs = tmp_path / "token.py", tmp_path / "runs"
+    script.write_text(TOKEN_SCRIPT)
+    settings = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "OAUTHBEARER",
+        "token_command": [sys.executable, "-S", str(script), str(runs), mode],
+        **extra,
+    }
+    return settings, runs
+
+
+def _runs(runs: Path) -> int:
+    return len(runs.read_text().split()) if runs.exists() else 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"), [("json", {}), ("bare", {"token_ttl": "300ms"})], ids=["json", "bare"]
+)
+async def test_a_token_command_runs_once_for_many_callers_and_again_before_expiry(
+    tmp_path: Path, mode: str, extra: dict[str, Any]
+) -> None:
+    settings, runs = _token_command(tmp_path, mode, **extra)
+    auth = KafkaSettings.model_validate(settings)
+    options = oauth_kafka_options(auth, "Kafka bus")
+    provider = options.pop("sasl_oauth_token_provider")
+    assert options["sasl_mechanism"] == "OAUTHBEARER"
+    assert isinstance(provider, AbstractTokenProvider)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        tokens = await asyncio.gather(*(provider.token() for _ in range(20)))
+    finally:
+        ticker.cancel()
+    assert set(tokens) == {"cmd-T0ken-1"} and _runs(runs) == 1
+    assert ticks >= 2  # the loop ran on while the interpreter started: nothing blocked it
+    assert await provider.token() == "cmd-T0ken-1" and _runs(runs) == 1  # cached
+    # Lifetime 0.3 s (expires_in, or token_ttl for a bare token): renewed at 90 % of it.
+    await asyncio.sleep(0.3)
+    tokens = await asyncio.gather(*(provider.token() for _ in range(5)))
+    assert set(tokens) == {"cmd-T0ken-2"} and _runs(runs) == 2
+    AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", **oauth_kafka_options(auth, "k"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("fail", "exited with status 3: vault: permission denied for ***"),
+        ("empty", "printed no token"),
+        ("slow", "gave no token within 1s: waiting for the vault"),
+    ],
+)
+async def test_a_failing_token_command_says_why_without_the_token(
+    tmp_path: Path, mode: str, message: str
+) -> None:
+    settings, runs = _token_command(tmp_path, mode)
+    auth = KafkaSettings.model_validate(settings)
+    provider = oauth_kafka_options(auth, "Kafka bus", timeout=1)["sasl_oauth_token_provider"]
+    failures = await asyncio.gather(*(provider.token() for _ in range(5)), return_exceptions=True)
+    assert _runs(runs) == 1  # the callers waiting for the run share its failure
+    error = failures[0]
+    assert isinstance(error, TokenError) and error.retryable
+    assert str(error).startswith(f"Kafka bus: token_command {sys.executable!r} ")
+    assert str(error).endswith(message)
+    assert "cmd-T0ken" not in str(error)
+    assert all(f is error for f in failures)
+    (pid,) = runs.read_text().split()
+    assert not psutil.pid_exists(int(pid))  # a command past its time is killed
+    with pytest.raises(ConnectionError, match="token_command"):  # a source retries, later
+        async with sasl_refusal():
+            raise error
+
+
+_BEARER = ("security_protocol: SASL_SSL", "sasl_mechanism: OAUTHBEARER")
+_OAUTH2 = "oauth2: {token_url: 'https://idp.test/t', client_id: c, client_secret: s}"
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            (*_BEARER, _OAUTH2, "token_command: [x]"),
+            "3: bus.kafka: Value error, sasl_mechanism OAUTHBEARER takes exactly one of oauth2 "
+            "and token_command (got both)",
+        ),
+        (
+            _BEARER,
+            "3: bus.kafka: Value error, sasl_mechanism OAUTHBEARER takes exactly one of oauth2 "
+            "and token_command",
+        ),
+        (
+            (*_BEARER, "token_command: []"),
+            "6: bus.kafka.token_command: Tuple should have at least 1 item after validation, not 0",
+        ),
+        (
+            (*_BEARER, "token_command: get-token --kafka"),
+            "6: bus.kafka.token_command: Value error, write the command as a list of arguments, "
+            "as [vault, read, -field=token, kafka/creds]: it runs without a shell",
+        ),
+        (
+            (
+                "security_protocol: SASL_SSL",
+                "sasl_mechanism: PLAIN",
+                "username: u",
+                "password: p",
+                "token_command: [x]",
+            ),
+            "3: bus.kafka: Value error, token_command goes with sasl_mechanism OAUTHBEARER",
+        ),
+        (
+            (*_BEARER, _OAUTH2, "token_ttl: 5m"),
+            "3: bus.kafka: Value error, token_ttl goes with token_command",
+        ),
+    ],
+)
+def test_token_command_settings_name_file_line_and_field(
+    tmp_path: Path, lines: tuple[str, ...], message: str
+) -> None:
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text("bus:\n  backend: kafka\n  kafka:\n" + "".join(f"    {x}\n" for x in lines))
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert str(info.value) == f"{cfg}:{message}"
+
+
+def test_every_kafka_connection_runs_the_token_command(tmp_path: Path) -> None:
+    """The bus, the source (and so kafka_ingest) and the target build their token provider
+    from the shared block: a program that does not exist stops each, naming it."""
+    missing = str(tmp_path / "no-such-program")
+    auth: dict[str, Any] = {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "OAUTHBEARER",
+        "token_command": [missing, "--kafka"],
+    }
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(
+        "kafka_ingest:\n  bootstrap_servers: h:9092\n  topics: [a]\n"
+        f"  security_protocol: SASL_PLAINTEXT\n  sasl_mechanism: OAUTHBEARER\n"
+        f"  token_command: [{missing}, --kafka]\n  token_ttl: 10m\n"
+    )
+    ingest = load_settings(cfg, env={}).kafka_ingest
+    assert ingest is not None and ingest.token_command == (missing, "--kafka")
+    assert ingest.token_ttl == 600.0
+    bus = KafkaBusConfig(
+        bootstrap_servers="h:9092",
+        topic="t",
+        partitions=1,
+        auth=KafkaSettings.model_validate(auth),
+    )
+    source = {"name": "kin", "type": "kafka", "bootstrap_servers": "h:9092", "topics": ["a"]}
+    target = {"name": "k", "bootstrap_servers": "h:9092", "topic": "t"}
+    builds = {
+        "Kafka bus": lambda: open_bus(bus),
+        "kafka source 'kin'": lambda: build_source({**source, **auth}),
+        "Kafka target 'k'": lambda: KafkaTarget(KafkaTargetSpec.model_validate({**target, **auth})),
+    }
+    for where, build in builds.items():
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert str(info.value) == f"{where}: token_command {missing!r}: no such executable program"

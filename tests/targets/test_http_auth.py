@@ -154,6 +154,49 @@ async def test_static_credentials_arrive_over_mutual_tls(
     assert not any(s in caplog.text for s in SECRETS)
 
 
+HEADER_TOKEN = "h3ader-T0ken-from-env"
+COOKIE = "session=c00kie-from-file"
+LITERAL = "literal-Cred3ntial"
+
+
+async def test_header_values_are_secrets_from_env_and_file(
+    function: Receiver, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="eventbus")
+    cookie = tmp_path / "cookie"
+    cookie.write_text(COOKIE + "\n")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "t.yaml").write_text(
+        "targets:\n"
+        "  - name: fn\n"
+        "    type: http\n"
+        f"    url: {function.url('/fn')}\n"
+        f"    tls: {{ca: {pki.ca}, cert: {pki.client_cert}, key: {pki.client_key}}}\n"
+        "    headers:\n"
+        "      X-Team: billing\n"
+        "      X-Api-Token: {env: FN_TOKEN}\n"
+        f"      Cookie: {{file: {cookie}}}\n"
+        f"      X-Auth-Extra: {LITERAL}\n"
+    )
+    spec = load_connectors(tmp_path / "c", env={"FN_TOKEN": HEADER_TOKEN}).targets["fn"]
+    assert isinstance(spec, HttpTargetSpec)
+    # A plain header written in the file is fine; a credential is not.
+    assert [r.getMessage() for r in caplog.records if "literal" in r.getMessage()] == [
+        f"{tmp_path}/c/t.yaml:10: targets.0.headers.X-Auth-Extra: a secret given as a literal "
+        "(target 'fn'); use {env: NAME} or {file: PATH}"
+    ]
+    async with HttpTarget(spec) as target:
+        outcome = await _deliver(target)
+    assert outcome.delivered, outcome.error
+    (request,) = function.requests
+    assert request.headers["X-Team"] == "billing"
+    assert request.headers["X-Api-Token"] == HEADER_TOKEN
+    assert request.headers["Cookie"] == COOKIE
+    assert request.headers["X-Auth-Extra"] == LITERAL
+    shown = repr(spec) + spec.model_dump_json() + caplog.text
+    assert not any(v in shown for v in (HEADER_TOKEN, COOKIE, LITERAL, "billing"))
+
+
 async def test_without_the_client_certificate_the_function_is_not_reached(
     function: Receiver, pki: Pki
 ) -> None:
@@ -292,6 +335,10 @@ def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
         "    url: https://fn.test/\n"
         "    auth:\n"
         "      oauth2: {token_url: ftp://idp/, client_id: c, client_secret: {env: CS}}\n"
+        "  - name: headers\n"
+        "    type: http\n"
+        "    url: https://fn.test/\n"
+        "    headers: {X-Team: billing, X-Fn-Key: {env: FN_KEY}}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_connectors(tmp_path, env={"K": "v", "CS": "v"})
@@ -305,6 +352,8 @@ def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
         "'^[!#$%&'*+.^_`|~0-9A-Za-z-]+$' (target 'header')",
         "t.yaml:18: targets.3.auth.oauth2.token_url: String should match pattern '^https?://' "
         "(target 'oauth')",
+        "t.yaml:22: targets.4.headers.X-Fn-Key: Value error, environment variable FN_KEY is not "
+        "set and no default is given (target 'headers')",
     ]
 
 
