@@ -8,8 +8,10 @@ source+id, so one event always lands on the same partition. The producer waits f
 Kafka only remembers one offset per partition, but routers ack out of order. So each partition
 tracks the offsets handed out and acked, and only the lowest un-acked offset is committed
 (periodically, on rebalance and on close): everything at or after it is redelivered to whoever
-owns the partition next. A nak keeps the message un-acked and hands it out again locally after
-the delay; if the partition moves meanwhile, the new owner redelivers it instead.
+owns the partition next. A rebalance that takes a partition away first lets the messages being
+handled finish (``revoke_wait``), so a worker joining or leaving the group costs no duplicates.
+A nak keeps the message un-acked and hands it out again locally after the delay; if the
+partition moves meanwhile, the new owner redelivers it instead.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ class KafkaBusConfig:
     work moves after it; Tansu also delays each group join by about half of it);
     ``poll_timeout`` is how long one poll of the consumer waits for a batch, ``fetch_wait`` how
     long one fetch request waits on the broker for new events (``fetch_max_wait_ms``);
-    ``commit_interval`` how often done offsets are committed (seconds). ``auth`` is the
-    security protocol, SASL credentials and TLS block of every client the bus opens.
+    ``commit_interval`` how often done offsets are committed (seconds); ``revoke_wait`` how
+    long a rebalance that takes partitions away waits for their messages being handled.
+    ``auth`` is the security protocol, SASL credentials and TLS block of every client the bus
+    opens.
     """
 
     bootstrap_servers: str
@@ -85,6 +89,7 @@ class KafkaBusConfig:
     linger_ms: int = 0
     session_timeout: float = 10.0
     commit_interval: float = 1.0
+    revoke_wait: float = 5.0
     poll_timeout: float = 0.5
     fetch_wait: float = 0.5
     publish_timeout: float = 5.0
@@ -102,6 +107,7 @@ class KafkaBusConfig:
             "max_in_flight",
             "session_timeout",
             "commit_interval",
+            "revoke_wait",
             "poll_timeout",
             "fetch_wait",
             "publish_timeout",
@@ -135,13 +141,14 @@ def _translate(exc: BaseException, doing: str) -> BusError:
 class _Partition:
     """Offsets of one assigned partition: handed out, acked, and committed so far."""
 
-    __slots__ = ("acked", "committed", "next_offset", "pending")
+    __slots__ = ("acked", "committed", "handling", "next_offset", "pending")
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
         self.acked: set[int] = set()
         self.next_offset: int | None = None
         self.committed = -1
+        self.handling = 0  # messages handed out and not settled yet
 
     def fetched(self, offset: int) -> None:
         self.pending.append(offset)
@@ -217,9 +224,21 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.ready: deque[_KafkaMessage] = deque()
         self.timers: set[asyncio.TimerHandle] = set()
         self.closed = False
+        self.settled = asyncio.Event()  # set by each ack and nak, for a revocation waiting
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Commit what is done and forget the rest: the next owner redelivers it.
+        # Let the messages being handled finish (up to revoke_wait), commit what is done and
+        # forget the rest: the next owner redelivers it. Without the wait, every rebalance (a
+        # worker joining or leaving) would deliver each message in flight a second time.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.revoke_wait
+        while any(p.handling for tp, p in self.partitions.items() if tp in revoked):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self.settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.settled.wait(), left)
         await self.commit(revoked)
         for tp in revoked:
             self.partitions.pop(tp, None)
@@ -233,10 +252,14 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def ack(self, msg: _KafkaMessage) -> None:
         self.window.release()
+        msg._part.handling -= 1
+        self.settled.set()
         if self.current(msg):
             msg._part.acked.add(msg._offset)
 
     def nak(self, msg: _KafkaMessage, delay: float | None) -> None:
+        msg._part.handling -= 1
+        self.settled.set()
         if self.closed or not self.current(msg):
             self.window.release()
             return
@@ -291,6 +314,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     continue
                 msg.deliveries += 1
                 msg._settled = False
+                msg._part.handling += 1
                 yield msg
                 continue
             if self.window.free == 0:
@@ -314,6 +338,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
                     part.fetched(record.offset)
+                    part.handling += 1
                     self.window.take()
                     yield _KafkaMessage(record, self, tp, part)
 

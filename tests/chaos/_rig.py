@@ -3,6 +3,8 @@ PostgreSQL under a private data directory), a recording function endpoint in the
 the processes a fault is injected into.
 
     rig.service                 the ServeProcess (start, kill = SIGKILL, terminate = SIGTERM)
+    rig.workers()               its worker processes, with ``Rig(..., workers=N)`` (the bus on
+                                Kafka with ``kafka=BOOTSTRAP``)
     rig.receiver                the function: records every request, can stop and start again
     rig.nats_server()           the embedded servers, found by their pid files in the data
     rig.postgres()                directory, as an operator would find them
@@ -49,6 +51,7 @@ _DELIVERY = {
     "retry": {"strategy": "fixed", "initial_delay": "500ms", "max_attempts": 500, "jitter": False},
     "circuit_breaker": {"failures": 5, "open_for": "1s"},
 }
+_KAFKA_COMMIT_INTERVAL = 1.0  # seconds: KafkaBusConfig.commit_interval
 _DELIVER_WITHIN = 90.0  # seconds for every accepted event to be delivered after the stream
 # seconds more for the last audit rows: a message still un-acknowledged is redelivered within the
 # 3 s ack wait (a few times over, backing off after a nak), and brings its rows with it
@@ -69,8 +72,13 @@ def _process(pid_file: Path, name: str) -> psutil.Process | None:
 class Rig:
     """See the module docstring; made by the ``rig`` fixture."""
 
-    def __init__(self, root: Path, receiver: Receiver) -> None:
+    def __init__(
+        self, root: Path, receiver: Receiver, *, kafka: str | None = None, workers: int = 1
+    ) -> None:
+        """``kafka``: run the bus on the Kafka broker at this bootstrap address (a topic and
+        group of the rig's own) instead of the embedded nats-server; ``workers``: processes."""
         self.root = root
+        self.kafka = kafka is not None
         self.receiver = receiver
         self.data = root / "data"
         target = {
@@ -83,10 +91,20 @@ class Rig:
         }
         write_config(root, rules=RULES, targets=[target])
         port = free_port()
-        settings = settings_for(root, database_url=None, port=port, extra=_SETTINGS)
+        settings = settings_for(
+            root, database_url=None, kafka_bootstrap=kafka, port=port, extra=_SETTINGS
+        )
         config = root / "settings.yaml"
         config.write_text(yaml.safe_dump(settings))
-        self.service = ServeProcess(config, port, root / "serve.log")
+        self.service = ServeProcess(config, port, root / "serve.log", workers)
+
+    def workers(self) -> list[psutil.Process]:
+        """The worker processes of ``serve --workers N`` (children of the parent)."""
+        assert self.service.proc is not None
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(self.service.proc.pid).children()
+            return [p for p in children if "--reuse-port" in p.cmdline()]
+        return []
 
     def nats_server(self) -> psutil.Process | None:
         return _process(self.data / "nats" / "nats-server.pid", "nats-server")
@@ -134,7 +152,13 @@ class Rig:
         code = await self.service.terminate()
         async with EmbeddedPostgres(self.data / "postgres") as pg:
             audit = await AuditLedger.read(pg.dsn)
-        report = reconcile(publisher, self.receiver, audit, fault, max_in_flight=MAX_IN_FLIGHT)
+        bound = MAX_IN_FLIGHT
+        if self.kafka:
+            # what a killed worker had acknowledged since its last commit is consumed again
+            bound += int(rate * _KAFKA_COMMIT_INTERVAL)
+        report = reconcile(
+            publisher, self.receiver, audit, fault, max_in_flight=bound, republishes=self.kafka
+        )
         if code != 0:
             report.problems.append(f"eventbus exited with {code} on SIGTERM: {self.log_tail()}")
         print(report.summary())  # shown with -rP: the numbers of a passing run

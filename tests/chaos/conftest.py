@@ -1,6 +1,7 @@
-"""Fixture for the chaos suite: ``rig``, a fresh :class:`~tests.chaos._rig.Rig` per test, with
-its own data directory outside pytest's temp root (see ``private_data_root``); every process it
-started is gone when the test ends, passed or failed."""
+"""Fixtures for the chaos suite: ``rig`` (and ``kafka_rig``), a fresh
+:class:`~tests.chaos._rig.Rig` per test, with its own data directory outside pytest's temp root
+(see ``private_data_root``); every process it started is gone when the test ends, passed or
+failed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ from tests.fixtures.receiver import Receiver
 async def rig() -> AsyncIterator[Rig]:
     async with Receiver() as receiver:
         made = Rig(private_data_root(), receiver)
+        try:
+            yield made
+        finally:
+            await made.close()
+
+
+@pytest_asyncio.fixture
+async def kafka_rig(kafka_bootstrap: str) -> AsyncIterator[Rig]:
+    """A rig of two workers sharing the bus as one consumer group on the session's Kafka
+    broker (Tansu), with its embedded PostgreSQL."""
+    async with Receiver() as receiver:
+        made = Rig(private_data_root(), receiver, kafka=kafka_bootstrap, workers=2)
         try:
             yield made
         finally:

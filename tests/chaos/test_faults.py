@@ -101,3 +101,25 @@ async def test_sigterm_mid_delivery(rig: Rig) -> None:
 
     report = await rig.run(count=2000, rate=400, after=600, inject=inject)
     report.check()
+
+
+async def test_sigkill_one_kafka_worker_mid_stream(kafka_rig: Rig) -> None:
+    # two workers in one consumer group: the killed one's partitions go to the other while
+    # its parent restarts it, and what it had not committed is consumed again
+    rig = kafka_rig
+
+    async def inject() -> Fault:
+        workers = rig.workers()
+        assert len(workers) == 2, workers
+        began = time.monotonic()
+        workers[0].kill()
+
+        def replaced() -> bool:
+            now = rig.workers()
+            return len(now) == 2 and workers[0].pid not in {p.pid for p in now}
+
+        await eventually(replaced, within=_RECOVER_WITHIN, every=0.1, what="the worker restarted")
+        return Fault("SIGKILL one of two Kafka workers", began, time.monotonic())
+
+    report = await rig.run(count=2000, rate=400, after=600, inject=inject)
+    report.check()
