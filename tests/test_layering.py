@@ -58,7 +58,7 @@ PULLS: dict[str, set[str]] = {
     "eventbus.cloudevents": {"_errors"},
     "eventbus.config": {"_errors"},
     "eventbus.rules": {"_errors", "config"},
-    "eventbus.bus": {"_errors", "_oauth", "cloudevents", "config"},
+    "eventbus.bus": {"_errors", "_oauth", "_tasks", "cloudevents", "config"},
     "eventbus.store": {"_errors", "config", "metrics"},
     "eventbus.targets": {"_errors", "_oauth", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,

@@ -191,6 +191,10 @@ async def collect_acks(
     """
     if not pending:
         return
+    if len(pending) == 1:  # one event (the common publish): without asyncio.wait's machinery
+        ((future, index),) = pending.items()
+        results[index] = await _one_ack(future, within, translate, duplicate)
+        return
     done, late = await asyncio.wait(pending, timeout=within)
     for future in late:
         future.cancel()
@@ -202,6 +206,38 @@ async def collect_acks(
             results[pending[future]] = translate(exc)
         elif duplicate is not None and duplicate(future.result()):
             results[pending[future]] = DUPLICATE
+
+
+async def _one_ack(
+    future: asyncio.Future[Any],
+    within: float,
+    translate: Callable[[BaseException], BusError],
+    duplicate: Callable[[Any], bool] | None,
+) -> PublishOutcome:
+    """:func:`collect_acks` for one future: its outcome, the same as the general case's."""
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        future.cancel()
+
+    timer = asyncio.get_running_loop().call_later(within, expire)
+    try:
+        ack = await future
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this caller was cancelled, not the publish
+        why = f"no ack within {within} s" if expired else "cancelled: the bus is closing"
+        return translate(TimeoutError(why))
+    except Exception as exc:
+        return translate(exc)
+    finally:
+        timer.cancel()
+    if duplicate is not None and duplicate(ack):
+        return DUPLICATE
+    return None
 
 
 class InFlightWindow:

@@ -33,6 +33,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus._oauth import kafka_options, sasl_refusal
+from eventbus._tasks import cancel_and_wait
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -225,6 +226,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.timers: set[asyncio.TimerHandle] = set()
         self.closed = False
         self.settled = asyncio.Event()  # set by each ack and nak, for a revocation waiting
+        self._committer: asyncio.Task[None] | None = None
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Let the messages being handled finish (up to revoke_wait), commit what is done and
@@ -278,7 +280,17 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.ready.append(msg)
         self.window.poke()
 
+    async def _commit_periodically(self) -> None:
+        # Beside the fetch loop, not in it: a commit's round trip must not hold up fetching
+        # (every event behind it would wait as long: the p99 latency).
+        while True:
+            await asyncio.sleep(self.config.commit_interval)
+            await self.commit()
+
     async def commit(self, tps: set[TopicPartition] | None = None) -> None:
+        # Not serialised: a rebalance's commit must not wait behind a periodic one that may
+        # itself wait for the rebalance. Two at once at worst move the broker's offset back a
+        # little (redelivery), never past an un-acked message.
         offsets: dict[TopicPartition, int] = {}
         parts: list[tuple[_Partition, int]] = []
         for tp, part in self.partitions.items():
@@ -297,16 +309,15 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning("Kafka commit of %s failed: %r", offsets, exc)
             return
         for part, point in parts:
-            part.committed = point
+            part.committed = max(part.committed, point)
 
     async def run(self) -> AsyncIterator[_KafkaMessage]:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        next_commit = loop.time() + cfg.commit_interval
+        if self._committer is None:
+            self._committer = asyncio.create_task(
+                self._commit_periodically(), name="eventbus-kafka-commit"
+            )
         while not self.closed:
-            if loop.time() >= next_commit:
-                await self.commit()
-                next_commit = loop.time() + cfg.commit_interval
             if self.ready:
                 msg = self.ready.popleft()
                 if not self.current(msg):
@@ -349,6 +360,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.closed = True
         for handle in self.timers:
             handle.cancel()
+        await cancel_and_wait(self._committer)
         await self.commit()
         with contextlib.suppress(kerr.KafkaError, OSError):
             await self.consumer.stop()

@@ -43,6 +43,11 @@ HOPS = "eventbushops"
 _OUTAGE_BACKOFF_MAX = 5.0
 _T = TypeVar("_T")
 
+# The labelled metrics of each target, looked up once: ``labels()`` takes a lock and checks
+# its arguments each time, a visible share of a delivery's bookkeeping.
+_delivery_seconds = functools.cache(metrics.DELIVERY_SECONDS.labels)
+_deliveries = functools.cache(metrics.DELIVERIES.labels)
+
 
 class Dispatcher:
     """See the module docstring. One per process; shared by the router and the retry worker."""
@@ -161,7 +166,7 @@ class Dispatcher:
             guard.record(outcome.delivered or not outcome.retryable)
         job.attempts = attempt
         job.history.append(_history_entry(attempt, outcome))
-        metrics.DELIVERY_SECONDS.labels(job.target).observe(outcome.duration_ms / 1000)
+        _delivery_seconds(job.target).observe(outcome.duration_ms / 1000)
         if outcome.delivered:
             await self._delivered(job, outcome, policy)
         else:
@@ -312,7 +317,7 @@ class Dispatcher:
     ) -> None:
         """Count what became of ``job``'s latest attempt and write its audit row, both under
         one spelling; ``outcome`` None (with ``error`` saying why) when none was made."""
-        metrics.DELIVERIES.labels(job.target, result.value).inc()
+        _deliveries(job.target, result.value).inc()
         job.last_outcome = result
         await self._audit.attempt(
             Attempt(

@@ -160,9 +160,12 @@ class Router:
             feed.publish(Routed(event, received, rules, "routing" if routes else "unmatched"))
         if routes:
             metrics.EVENTS_MATCHED.inc()
-            outcomes = await asyncio.gather(
-                *(self._dispatcher.dispatch(event, route) for route in routes)
-            )
+            if len(routes) == 1:  # the common case, without gather's task and loop turn
+                outcomes = [await self._dispatcher.dispatch(event, routes[0])]
+            else:
+                outcomes = await asyncio.gather(
+                    *(self._dispatcher.dispatch(event, route) for route in routes)
+                )
             if feed is not None:
                 feed.publish(Routed(event, received, rules, _settled(outcomes)))
         # Not urgent: the ack can wait for the writer's next batch (the delivery is done), and
