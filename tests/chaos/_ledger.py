@@ -32,11 +32,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
 import orjson
+import standardwebhooks
 
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.wait import eventually
@@ -88,8 +90,12 @@ class Publisher:
         rate: float,
         senders: int = 8,
         give_up_after: float = 30.0,
+        hook: tuple[str, str] | None = None,
     ) -> None:
-        self.url = url + "/events"
+        """``hook``: (name, Standard Webhooks secret) to send each event as a signed webhook
+        to ``url/hooks/<name>`` (its ``webhook-id`` the event's id) instead of a CloudEvent."""
+        self.url = url + "/events" if hook is None else f"{url}/hooks/{hook[0]}"
+        self.hook = None if hook is None else standardwebhooks.Webhook(hook[1])
         self.ids = [f"chaos-{i}" for i in range(count)]
         self.rate = rate
         self.senders = senders
@@ -134,11 +140,24 @@ class Publisher:
             await asyncio.sleep(max(0.0, start + i / self.rate - time.monotonic()))
             await self._send(session, event_id, i)
 
+    def _request(self, event_id: str, i: int) -> tuple[bytes, dict[str, str]]:
+        if self.hook is None:
+            return orjson.dumps(_event(event_id, i)), {
+                "Content-Type": "application/cloudevents+json"
+            }
+        body = orjson.dumps({"i": i})
+        moment = datetime.now(UTC)  # signed afresh for each try: the window is 5 minutes
+        return body, {
+            "Content-Type": "application/json",
+            "webhook-id": event_id,
+            "webhook-timestamp": str(int(moment.timestamp())),
+            "webhook-signature": self.hook.sign(event_id, moment, body.decode()),
+        }
+
     async def _send(self, session: aiohttp.ClientSession, event_id: str, i: int) -> None:
-        body = orjson.dumps(_event(event_id, i))
-        headers = {"Content-Type": "application/cloudevents+json"}
         deadline = time.monotonic() + self.give_up_after
         while True:
+            body, headers = self._request(event_id, i)
             try:
                 async with session.post(self.url, data=body, headers=headers) as resp:
                     answer = await resp.read()

@@ -20,6 +20,7 @@ Timings are short so a run takes seconds: JetStream redelivers an un-acknowledge
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 from collections.abc import Awaitable, Callable
@@ -31,13 +32,22 @@ import yaml
 
 from eventbus.bus._nats_server import free_port
 from eventbus.store import EmbeddedPostgres
-from tests.chaos._ledger import AuditLedger, Fault, Publisher, Report, reconcile, settle
+from tests.chaos._ledger import (
+    SOURCE,
+    AuditLedger,
+    Fault,
+    Publisher,
+    Report,
+    reconcile,
+    settle,
+)
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import ServeProcess, settings_for, write_config
 
 __all__ = ["MAX_IN_FLIGHT", "Rig"]
 
 MAX_IN_FLIGHT = 200
+HOOK = ("chaos-hook", "whsec_" + base64.b64encode(b"chaos-webhook-key-of-32-bytes!!!").decode())
 RULES = """
 - name: everything
   targets: [fn]
@@ -89,7 +99,15 @@ class Rig:
             "timeout": "5s",
             "delivery": _DELIVERY,
         }
-        write_config(root, rules=RULES, targets=[target])
+        # a webhook trigger making events of the same source, for the runs sent as webhooks
+        hook = {
+            "name": HOOK[0],
+            "type": "webhook",
+            "verify": {"kind": "standard-webhooks", "secret": HOOK[1]},
+            "event_type": "chaos.tick",
+            "event_source": SOURCE,
+        }
+        write_config(root, rules=RULES, targets=[target], sources=[hook])
         port = free_port()
         settings = settings_for(
             root, database_url=None, kafka_bootstrap=kafka, port=port, extra=_SETTINGS
@@ -127,13 +145,20 @@ class Rig:
         return f"postgresql://postgres:{password}@/postgres?host={quote(lines[4])}&port={lines[3]}"
 
     async def run(
-        self, *, count: int, rate: float, after: int, inject: Callable[[], Awaitable[Fault]]
+        self,
+        *,
+        count: int,
+        rate: float,
+        after: int,
+        inject: Callable[[], Awaitable[Fault]],
+        webhooks: bool = False,
     ) -> Report:
-        """Start the service, publish ``count`` events at ``rate``/s, call ``inject`` once
-        ``after`` of them were accepted, settle, stop the service with SIGTERM (which flushes
-        its audit) and reconcile the ledgers."""
+        """Start the service, publish ``count`` events at ``rate``/s (as signed webhooks to
+        the rig's trigger with ``webhooks``), call ``inject`` once ``after`` of them were
+        accepted, settle, stop the service with SIGTERM (which flushes its audit) and reconcile
+        the ledgers."""
         await self.service.start()
-        publisher = Publisher(self.service.url, count, rate=rate)
+        publisher = Publisher(self.service.url, count, rate=rate, hook=HOOK if webhooks else None)
         publishing = asyncio.create_task(publisher.run())
         try:
             await publisher.wait_accepted(after)

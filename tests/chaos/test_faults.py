@@ -35,6 +35,19 @@ async def test_sigkill_service_mid_stream(rig: Rig) -> None:
     report.check()
 
 
+async def test_sigkill_service_mid_webhook_stream(rig: Rig) -> None:
+    # the same fault on the HTTP trigger: a webhook answered 202 is never lost, and a sender's
+    # retry of one cut off by the kill is the same event (its webhook-id), not a second one
+    async def inject() -> Fault:
+        began = time.monotonic()
+        await rig.service.kill()
+        await rig.service.start()
+        return Fault("SIGKILL eventbus, restart (webhooks)", began, time.monotonic())
+
+    report = await rig.run(count=1500, rate=300, after=400, inject=inject, webhooks=True)
+    report.check()
+
+
 async def test_sigkill_embedded_nats_server(rig: Rig) -> None:
     async def inject() -> Fault:
         killed = rig.nats_server()
