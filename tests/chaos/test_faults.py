@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -24,13 +25,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 _RECOVER_WITHIN = 20.0  # seconds for the service to bring a killed embedded server back
 
 
-async def test_sigkill_service_mid_stream(rig: Rig) -> None:
+def _kill_and_restart(rig: Rig, name: str) -> Callable[[], Awaitable[Fault]]:
     async def inject() -> Fault:
         began = time.monotonic()
         await rig.service.kill()
         await rig.service.start()
-        return Fault("SIGKILL eventbus, restart", began, time.monotonic())
+        return Fault(name, began, time.monotonic())
 
+    return inject
+
+
+async def test_sigkill_service_mid_stream(rig: Rig) -> None:
+    inject = _kill_and_restart(rig, "SIGKILL eventbus, restart")
     report = await rig.run(count=2000, rate=400, after=600, inject=inject)
     report.check()
 
@@ -38,12 +44,7 @@ async def test_sigkill_service_mid_stream(rig: Rig) -> None:
 async def test_sigkill_service_mid_webhook_stream(rig: Rig) -> None:
     # the same fault on the HTTP trigger: a webhook answered 202 is never lost, and a sender's
     # retry of one cut off by the kill is the same event (its webhook-id), not a second one
-    async def inject() -> Fault:
-        began = time.monotonic()
-        await rig.service.kill()
-        await rig.service.start()
-        return Fault("SIGKILL eventbus, restart (webhooks)", began, time.monotonic())
-
+    inject = _kill_and_restart(rig, "SIGKILL eventbus, restart (webhooks)")
     report = await rig.run(count=1500, rate=300, after=400, inject=inject, webhooks=True)
     report.check()
 
