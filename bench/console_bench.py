@@ -1,14 +1,16 @@
 """What the console's live stream costs the pipeline: one ``eventbus serve`` process (JetStream
 and PostgreSQL embedded, audit on) behind HTTP ingest, an aiohttp function endpoint, and the
 same closed-loop load run with no live-stream client and with ``--clients`` of them (each one
-``GET /events/live`` read to the end and parsed, as the page does).
+``GET /events/live`` read to the end and parsed, as the page does). With ``--workers N`` the
+service runs N workers and each client, on whichever worker took its connection, must see the
+rows of every worker's events (``eventbus.router.PeerFeed``).
 
 Reported per phase: events accepted per second, the service's CPU per event, rows per second
 each client received, and rows the clients lost by reading too slowly (``dropped``). The
 question it answers: does watching slow ingest (the live feed never waits, so it should cost
 only the CPU of serializing rows)?
 
-    python bench/console_bench.py [--clients 5] [--duration 10] [--rounds 2]
+    python bench/console_bench.py [--clients 5] [--duration 10] [--rounds 2] [--workers 1]
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ async def main(args: argparse.Namespace) -> str:
             await receiver.ready()
             target = {"name": "fn", "type": "http", "url": receiver.url("/fn")}
             url, proc = await h.start_eventbus(
-                procs, work, workers=1, rules=RULES, targets=[target]
+                procs, work, workers=args.workers, rules=RULES, targets=[target]
             )
             warm = await h.run_load(procs, h.load_command(url, [EVENT], "warm", duration=WARMUP))
             await receiver.wait_delivered("warm", warm["accepted"], bound=DRAIN_BOUND)
@@ -155,11 +157,13 @@ def render(phases: list[Phase], args: argparse.Namespace, loads: tuple[str, str]
     base, watched = mean(0, "accepted_per_s"), mean(args.clients, "accepted_per_s")
     lines = [
         f"`python bench/console_bench.py --clients {args.clients} --duration {args.duration:g}"
-        f" --rounds {args.rounds}` on {h.machine()}; load average (1/5/15 min) {loads[0]}"
-        f" before, {loads[1]} after.",
+        f" --rounds {args.rounds} --workers {args.workers}` on {h.machine()}; load average"
+        f" (1/5/15 min) {loads[0]} before, {loads[1]} after.",
         "",
-        f"One process, one rule, closed loop of {CONCURRENCY} requests; the clients run in the"
-        " benchmark's process on the same two cores, as browsers would.",
+        f"{args.workers} worker process(es), one rule, closed loop of {CONCURRENCY} requests; the"
+        " clients run in the benchmark's process on the same two cores, as browsers would."
+        " Each event makes two rows (routed, then settled), so a client seeing every worker's"
+        " events receives about twice the accepted rate.",
         "",
         "| clients | accepted/s | CPU ms/event | rows/s per client | rows dropped |",
         "|---:|---:|---:|---:|---:|",
@@ -182,9 +186,12 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=5, help="live-stream clients")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2, help="phases of each kind")
+    parser.add_argument("--workers", type=int, default=1, help="eventbus serve --workers N")
     parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
     table = asyncio.run(main(args))
     print(table)
     if args.write_results:
-        h.write_section(SECTION, table)
+        h.write_section(
+            SECTION if args.workers == 1 else f"{SECTION}, {args.workers} workers", table
+        )
