@@ -140,14 +140,24 @@ def _dataschema(name: str, value: object) -> None:
         raise CloudEventError(f"attribute 'dataschema' must be an absolute URI, got {_clip(value)}")
 
 
+# Content types seen valid: a service sees a handful, checked with a set lookup instead of
+# the regular expression (bounded: once full, the rest are checked every time).
+_VALID_MEDIA_TYPES: set[str] = set()
+_MAX_REMEMBERED_MEDIA_TYPES = 256
+
+
 def _datacontenttype(name: str, value: object) -> None:
     text = _string(name, value)
+    if text in _VALID_MEDIA_TYPES:
+        return
     # ASCII as media types are (RFC 2045): binary mode sends it as the Content-Type header.
     if not text.isascii() or _MEDIA_TYPE.match(text) is None:
         raise CloudEventError(
             f"attribute 'datacontenttype' must be a media type like 'application/json', "
             f"got {_clip(value)}"
         )
+    if len(_VALID_MEDIA_TYPES) < _MAX_REMEMBERED_MEDIA_TYPES:
+        _VALID_MEDIA_TYPES.add(text)
 
 
 def media_type(content_type: str) -> str:
