@@ -42,6 +42,8 @@ class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
     group_id: str | None = None
     start: str = pydantic.Field("earliest", pattern="^(earliest|latest)$")
     batch: int = pydantic.Field(100, ge=1, le=10_000)
+    session_timeout: float = pydantic.Field(10.0, gt=0, le=300)
+    """Seconds a silent instance keeps its partitions before they move to another."""
 
 
 class KafkaSource:
@@ -69,6 +71,8 @@ class KafkaSource:
             group_id=self.config.group_id or f"eventbus-source-{self.name}",
             enable_auto_commit=False,
             auto_offset_reset=self.config.start,
+            session_timeout_ms=int(self.config.session_timeout * 1000),
+            heartbeat_interval_ms=int(self.config.session_timeout * 1000 / 3),
         )
         try:
             async with sasl_refusal():

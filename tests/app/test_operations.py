@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.app.test_crash import _publish, _wait_all
+from tests.app.test_crash import QUICK_REDELIVERY, _publish, _wait_all
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import ServeProcess, StartService
 
@@ -42,9 +42,9 @@ async def test_two_processes_split_the_work_and_survive_a_kill(
             }
         ]
 
-    a = serve_process(rules=EVERYTHING, targets=targets("a"))
+    a = serve_process(rules=EVERYTHING, targets=targets("a"), settings=QUICK_REDELIVERY)
     await a.start()  # reads its connectors before b's are written
-    b = serve_process(rules=EVERYTHING, targets=targets("b"))
+    b = serve_process(rules=EVERYTHING, targets=targets("b"), settings=QUICK_REDELIVERY)
     await b.start()
     first = await asyncio.gather(_publish(a.url, 300, prefix="a"), _publish(b.url, 300, prefix="b"))
     accepted = first[0] | first[1]
