@@ -281,6 +281,7 @@ async def test_console_api_needs_an_admin_key(eventbus: StartService, receiver: 
         ("GET", "/events/live", None),
         ("POST", "/patterns/validate", b"{}"),
         ("POST", "/rules/sandbox", event),
+        ("GET", "/events", None),
     ):
         assert (await svc.request(method, path, body))[0] == 401
         publisher = {"X-API-Key": "console-publish-key-01"}
@@ -301,6 +302,9 @@ async def test_routes_in_the_openapi_document(eventbus: StartService, receiver: 
         ("/events/live", "get"),
         ("/patterns/validate", "post"),
         ("/rules/sandbox", "post"),
+        ("/stats/rates", "get"),
+        ("/events", "get"),
+        ("/events", "post"),
     ):
         assert method in paths[path], path
     live = paths["/events/live"]["get"]
