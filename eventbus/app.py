@@ -642,6 +642,23 @@ class Service:
             failed[rule.name] = f"pattern: {why}" if why else "condition: false"
         return routes, failed
 
+    def target_activity(self) -> dict[str, Any]:
+        """Each configured target's deliveries under way in this process now (``in_flight``)
+        and its deliveries and failures per second and attempt durations over the last five
+        minutes (see :meth:`eventbus._rates.Rates.by_target`), with the ``window`` they span."""
+        recent = self._rates.by_target()
+        idle = {"delivered": 0.0, "failed": 0.0, "latency_ms": None, "p95_ms": None}
+        return {
+            "window": recent["window"],
+            "targets": {
+                name: {
+                    "in_flight": self.dispatcher.in_flight_to(name),
+                    **recent["targets"].get(name, idle),
+                }
+                for name in self.connectors.targets
+            },
+        }
+
     def rates(self) -> dict[str, Any]:
         """Events received, routed, matched, delivered, retried and dead-lettered per second
         by this process over the last hour (see :class:`eventbus._rates.Rates`), and its

@@ -46,6 +46,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("post", "/patterns/validate"): "PatternValid",
     ("post", "/rules/sandbox"): "SandboxResult",
     ("get", "/stats/rates"): "RateHistory",
+    ("get", "/stats/targets"): "TargetStats",
 }
 
 
