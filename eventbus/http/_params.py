@@ -106,7 +106,8 @@ def _check_cursor(raw: str) -> str:
 
 
 def _parse_limit(raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_LIMIT:
+    # ASCII only: str.isdigit() takes "²", which int() refuses
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_LIMIT:
         raise ValueError(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {_clip(raw)}")
     return int(raw)
 
