@@ -156,7 +156,7 @@ class Rates:
         self, *, every: float = 5.0, window: float = 3600.0, recent: float = 300.0
     ) -> None:
         self.every = every
-        self.recent = recent
+        self._recent = recent
         self._samples: deque[tuple[float, float, dict[str, float]]] = deque(
             maxlen=int(window / every) + 1
         )
@@ -186,7 +186,7 @@ class Rates:
         now = time.monotonic()
         current = _target_totals()
         then, before = next(
-            ((t, totals) for t, totals in self._by_target if now - t <= self.recent),
+            ((t, totals) for t, totals in self._by_target if now - t <= self._recent),
             (now, current),
         )
         elapsed = now - then

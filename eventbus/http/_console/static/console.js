@@ -347,7 +347,6 @@ $("search-rows").addEventListener("click", (e) => {
   if (tr) openTrail(tr.dataset.source, tr.dataset.id);
 });
 
-
 function openTrail(source, id) {
   $("trail-source").value = source;
   $("trail-id").value = id;
@@ -654,8 +653,8 @@ async function loadTargets() {
   ]);
   const backlog = {};
   for (const r of retries.items) backlog[r.target] = (backlog[r.target] || 0) + 1;
-  const minutes = activity.window / 60;
-  $("targets-window").textContent = minutes >= 4.95 ? "last 5 min" : `last ${minutes < 1 ? `${Math.round(activity.window)} s` : `${minutes.toFixed(1)} min`}`;
+  const span = activity.window; // 5 minutes, less while the process is younger
+  $("targets-window").textContent = `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
   const ms = (value) => (value === null ? "" : value.toFixed(1));
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
@@ -672,7 +671,7 @@ async function loadTargets() {
       const counts = stats.targets[t.name] || {};
       const n = (outcome) => counts[outcome] ?? 0;
       const now = activity.targets[t.name] || { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
-      const tr = row([
+      return row([
         t.name,
         t.type,
         t.circuit ?? "",
@@ -687,8 +686,6 @@ async function loadTargets() {
         backlog[t.name] || 0,
         button,
       ]);
-      tr.dataset.target = t.name;
-      return tr;
     }),
   );
   $("sources-rows").replaceChildren(
