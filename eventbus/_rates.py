@@ -1,19 +1,25 @@
-"""The service's own counters as rates over the last hour, for the console's overview: no
-Prometheus server needed.
+"""The service's own counters as rates over the last hour, for the console's overview, and per
+target over the last five minutes, for its targets page: no Prometheus server needed.
 
 Where it sits: beside ``metrics`` (it only reads its counters). The composition root runs one
 ``Rates`` per process; every ``every`` seconds it adds the counters' totals to a ring buffer of
 ``window / every`` samples (an hour of 5-second samples: 720 small dicts), and ``snapshot``
-turns consecutive samples into per-second rates. Counters are per process: with ``--workers N``
-each process reports its own share.
+turns consecutive samples into per-second rates. Per target it keeps the last ``recent``
+seconds of samples (deliveries by outcome and the delivery-duration histogram), and
+``by_target`` compares the counters now with the oldest of them: deliveries and failures per
+second, the mean attempt duration and its 95th percentile, estimated from the histogram's
+buckets. Counters are per process: with ``--workers N`` each process reports its own share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -48,12 +54,88 @@ def _total(metric: Counter | Histogram, labels: dict[str, str], suffix: str = "_
     return total
 
 
+def _mean_ms(seconds: float, count: float) -> float | None:
+    """The mean of ``count`` durations adding up to ``seconds``, in ms (None: none)."""
+    return round(seconds / count * 1000, 3) if count > 0 else None
+
+
 def _latency_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
     """The mean duration of the delivery attempts made between two samples (None: none)."""
-    count = after["_attempts"] - before["_attempts"]
-    if count <= 0:
+    return _mean_ms(
+        after["_seconds"] - before["_seconds"], after["_attempts"] - before["_attempts"]
+    )
+
+
+def _quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """The ``q``-quantile of observations counted in histogram ``buckets`` (upper bound,
+    cumulative count; ascending, the last bound infinite), interpolated linearly within its
+    bucket as Prometheus's ``histogram_quantile`` does; None when nothing was observed. One in
+    the infinite bucket is reported as the largest finite bound: at least that."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
         return None
-    return round((after["_seconds"] - before["_seconds"]) / count * 1000, 3)
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+@dataclass(frozen=True, slots=True)
+class _TargetTotals:
+    """One target's counters at a moment: deliveries by result, and the attempts timed by
+    ``DELIVERY_SECONDS`` (their count, seconds and cumulative buckets by upper bound)."""
+
+    delivered: float = 0.0
+    failed: float = 0.0
+    timed: float = 0.0
+    seconds: float = 0.0
+    buckets: tuple[tuple[float, float], ...] = ()
+
+    def since(self, before: _TargetTotals, elapsed: float) -> dict[str, Any]:
+        """What happened between ``before`` and this, ``elapsed`` seconds apart."""
+        old = dict(before.buckets)
+        buckets = [(bound, count - old.get(bound, 0.0)) for bound, count in self.buckets]
+        p95 = _quantile(0.95, buckets)
+        return {
+            "delivered": _per_second(self.delivered - before.delivered, elapsed),
+            "failed": _per_second(self.failed - before.failed, elapsed),
+            "latency_ms": _mean_ms(self.seconds - before.seconds, self.timed - before.timed),
+            "p95_ms": None if p95 is None else round(p95 * 1000, 3),
+        }
+
+
+def _per_second(count: float, elapsed: float) -> float:
+    return round(max(count, 0.0) / elapsed, 3) if elapsed > 0 else 0.0
+
+
+def _target_totals() -> dict[str, _TargetTotals]:
+    """Every target's counters in this process now."""
+    timed: dict[str, dict[str, Any]] = {}
+    for family in metrics.DELIVERY_SECONDS.collect():
+        for sample in family.samples:
+            entry = timed.setdefault(sample.labels["target"], {"buckets": []})
+            if sample.name.endswith("_bucket"):
+                entry["buckets"].append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith(("_count", "_sum")):
+                entry[sample.name.rsplit("_", 1)[1]] = sample.value
+    outcomes = deliveries_by_target()
+    totals = {}
+    for name in outcomes.keys() | timed.keys():
+        counts = outcomes.get(name, {})
+        histogram = timed.get(name, {})
+        totals[name] = _TargetTotals(
+            delivered=counts.get("delivered", 0.0),
+            failed=sum(n for outcome, n in counts.items() if outcome != "delivered"),
+            timed=histogram.get("count", 0.0),
+            seconds=histogram.get("sum", 0.0),
+            buckets=tuple(sorted(histogram.get("buckets", ()))),
+        )
+    return totals
 
 
 def deliveries_by_target() -> dict[str, dict[str, float]]:
@@ -70,10 +152,17 @@ def deliveries_by_target() -> dict[str, dict[str, float]]:
 class Rates:
     """``async with Rates() as rates``: samples until the block ends; see the module."""
 
-    def __init__(self, *, every: float = 5.0, window: float = 3600.0) -> None:
+    def __init__(
+        self, *, every: float = 5.0, window: float = 3600.0, recent: float = 300.0
+    ) -> None:
         self.every = every
+        self._recent = recent
         self._samples: deque[tuple[float, float, dict[str, float]]] = deque(
             maxlen=int(window / every) + 1
+        )
+        # one more than ``recent`` spans, so one sample is always at most ``recent`` old
+        self._by_target: deque[tuple[float, dict[str, _TargetTotals]]] = deque(
+            maxlen=int(recent / every) + 2
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -82,7 +171,33 @@ class Rates:
         totals = {name: _total(counter, labels) for name, (counter, labels) in SERIES.items()}
         totals["_seconds"] = _total(metrics.DELIVERY_SECONDS, {}, "_sum")
         totals["_attempts"] = _total(metrics.DELIVERY_SECONDS, {}, "_count")
-        self._samples.append((time.monotonic(), time.time(), totals))
+        now = time.monotonic()
+        self._samples.append((now, time.time(), totals))
+        self._by_target.append((now, _target_totals()))
+
+    def by_target(self) -> dict[str, Any]:
+        """``{"window": s, "targets": {name: {"delivered": per second, "failed": per second,
+        "latency_ms": mean attempt duration, "p95_ms": its 95th percentile}}}`` between the
+        oldest sample at most ``recent`` seconds old and the counters now: ``window`` says how
+        long that is (less while the process is younger). ``failed`` counts every delivery
+        outcome but delivered (retry scheduled, dead-lettered, a synchronous failure); the
+        durations are None when no attempt was made. Only targets counted in this process
+        appear."""
+        now = time.monotonic()
+        current = _target_totals()
+        then, before = next(
+            ((t, totals) for t, totals in self._by_target if now - t <= self._recent),
+            (now, current),
+        )
+        elapsed = now - then
+        idle = _TargetTotals()
+        return {
+            "window": round(elapsed, 3),
+            "targets": {
+                name: totals.since(before.get(name, idle), elapsed)
+                for name, totals in current.items()
+            },
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """``{"every": s, "points": [{"at": ISO time, name: per second, ..., "latency_ms":

@@ -23,6 +23,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -68,7 +69,15 @@ from eventbus.sources import (
     in_every_process,
     list_dead_letters,
 )
-from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventTrail, Store, set_aside
+from eventbus.store import (
+    Attempt,
+    AttemptOutcome,
+    EmbeddedPostgres,
+    EventCursor,
+    EventTrail,
+    Store,
+    set_aside,
+)
 from eventbus.targets import Target, build_target
 
 __all__ = ["Embedded", "Service", "start_embedded"]
@@ -558,6 +567,22 @@ class Service:
         Raises StoreError (StoreDataError for a value the database refuses)."""
         return await self.store.event_trail(source, event_id)
 
+    async def search_events(
+        self,
+        *,
+        source: str | None,
+        type: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        after: EventCursor | None,
+    ) -> tuple[list[dict[str, Any]], EventCursor | None]:
+        """A page of accepted events, newest first, and the cursor of the next page (see
+        :meth:`eventbus.store.Store.search_events`). Raises StoreError."""
+        return await self.store.search_events(
+            source=source, type=type, since=since, until=until, limit=limit, after=after
+        )
+
     def current_rules(self) -> Sequence[Rule]:
         """The rules routing now, in load order, disabled ones included."""
         return self.rules.current.rules
@@ -616,6 +641,23 @@ class Service:
             why = rule.pattern.mismatch(event)
             failed[rule.name] = f"pattern: {why}" if why else "condition: false"
         return routes, failed
+
+    def target_activity(self) -> dict[str, Any]:
+        """Each configured target's deliveries under way in this process now (``in_flight``)
+        and its deliveries and failures per second and attempt durations over the last five
+        minutes (see :meth:`eventbus._rates.Rates.by_target`), with the ``window`` they span."""
+        recent = self._rates.by_target()
+        idle = {"delivered": 0.0, "failed": 0.0, "latency_ms": None, "p95_ms": None}
+        return {
+            "window": recent["window"],
+            "targets": {
+                name: {
+                    "in_flight": self.dispatcher.in_flight_to(name),
+                    **recent["targets"].get(name, idle),
+                }
+                for name in self.connectors.targets
+            },
+        }
 
     def rates(self) -> dict[str, Any]:
         """Events received, routed, matched, delivered, retried and dead-lettered per second

@@ -176,6 +176,7 @@ EXPORTS: dict[str, list[str]] = {
         "AttemptOutcome",
         "AuditWriter",
         "EmbeddedPostgres",
+        "EventCursor",
         "EventTrail",
         "Store",
         "dumps_jsonb",

@@ -15,10 +15,12 @@ raises StoreError only when Postgres refuses a write, and the router then naks t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -77,6 +79,22 @@ class Dispatcher:
         self.scheduled: Callable[[float], None] = lambda delay: None
         self.in_flight = 0
         """Deliveries under way now (what a shutdown waits for)."""
+        self._in_flight_to: Counter[str] = Counter()
+
+    def in_flight_to(self, target: str) -> int:
+        """Deliveries to ``target`` under way in this process now: those this dispatcher runs
+        (waiting for the target's rate limit, a connection, its answer or the record of the
+        outcome) and synchronous invocations (see :meth:`delivering`)."""
+        return self._in_flight_to[target]
+
+    @contextlib.contextmanager
+    def delivering(self, target: str) -> Iterator[None]:
+        """Count a delivery to ``target`` as under way while the block runs."""
+        self._in_flight_to[target] += 1
+        try:
+            yield
+        finally:
+            self._in_flight_to[target] -= 1
 
     def guard(self, target: str) -> Guard | None:
         return self._guards.get(target)
@@ -127,7 +145,8 @@ class Dispatcher:
     async def run(self, job: Delivery) -> None:
         self.in_flight += 1
         try:
-            await self._run(job)
+            with self.delivering(job.target):
+                await self._run(job)
         finally:
             self.in_flight -= 1
 

@@ -174,16 +174,17 @@ class Invoker:
                 return refused
             await guard.throttle()
         try:
-            if reply:
-                assert isinstance(adapter, Requester)
-                answer = await adapter.request(event, payload, is_cloudevent=is_cloudevent)
-            elif isinstance(adapter, Invocable):
-                answer = await adapter.invoke(event, payload, is_cloudevent=is_cloudevent)
-            else:
-                outcome = await adapter.deliver(
-                    event, payload, is_cloudevent=is_cloudevent, attempt=1
-                )
-                answer = Answer(outcome)
+            with self._dispatcher.delivering(target):
+                if reply:
+                    assert isinstance(adapter, Requester)
+                    answer = await adapter.request(event, payload, is_cloudevent=is_cloudevent)
+                elif isinstance(adapter, Invocable):
+                    answer = await adapter.invoke(event, payload, is_cloudevent=is_cloudevent)
+                else:
+                    outcome = await adapter.deliver(
+                        event, payload, is_cloudevent=is_cloudevent, attempt=1
+                    )
+                    answer = Answer(outcome)
         except BaseException:
             if guard is not None:
                 guard.record(False)  # never leave a half-open probe outstanding

@@ -43,6 +43,7 @@ from eventbus.http._params import (
     Filter,
     Limit,
     Paging,
+    Search,
     SourceName,
     TargetName,
     TrailId,
@@ -100,6 +101,30 @@ async def event_trail(
     if trail is None:
         raise Problem(404, f"no event with source {source!r} and id {event_id!r}")
     return _json(trail.to_dict())
+
+
+@admin.get(
+    "/events",
+    response_model=schemas.EventPage,
+    responses=_problems(400),
+    summary="Accepted events, newest first, by source, type and time, one page at a time",
+    description=(
+        "From the audit trail: every event the bus stored and the router took (an event "
+        "accepted again, by a redelivery or a replay, once per acceptance). `since` and "
+        "`until` bound when the bus stored it (`received_at`); `next_after` of an answer "
+        "asks for the page after it. `GET /events/trail` gives one event whole."
+    ),
+)
+async def search_events(request: Request, search: Search) -> Response:
+    items, cursor = await _service(request).search_events(
+        source=search.source,
+        type=search.type,
+        since=search.since,
+        until=search.until,
+        limit=search.limit,
+        after=search.after,
+    )
+    return _json({"items": items, "next_after": None if cursor is None else str(cursor)})
 
 
 @admin.get("/rules", response_model=schemas.Rules, summary="The rules routing now")
@@ -376,8 +401,9 @@ class _App(FastAPI):
                         content[PROBLEM] = content.pop("application/json")
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
-        document["paths"].update(copy.deepcopy(INGEST_OPERATIONS))
-        document["paths"].update(copy.deepcopy(HOOK_OPERATIONS))
+        for path, operations in (*INGEST_OPERATIONS.items(), *HOOK_OPERATIONS.items()):
+            # beside the path's FastAPI operations (GET /events)
+            document["paths"].setdefault(path, {}).update(copy.deepcopy(operations))
         self.openapi_schema = document
         return document
 

@@ -1,5 +1,6 @@
 """The hot HTTP path: ``POST /events`` and ``POST /notifications`` served as bare ASGI, in front
-of the FastAPI application (``_api``) that serves everything else.
+of the FastAPI application (``_api``) that serves everything else (``GET /events``, the search
+of accepted events, included).
 
 Where it sits: the first thing a published event meets. Measured on the 2-core machine, the
 framework layers around a FastAPI route (middleware stack, routing, request objects) cost more
@@ -241,8 +242,11 @@ class IngestApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if handler is None or (handler == self._events and _synchronous(scope)):
-            # a synchronous POST /events waits for a target's answer: served by _invoke
+        if handler is None or (
+            handler == self._events and (scope["method"] == "GET" or _synchronous(scope))
+        ):
+            # GET /events searches the audit (_api); a synchronous POST /events waits for a
+            # target's answer (_invoke)
             await self._fallback(scope, receive, send)
             return
         path = scope["path"]
@@ -250,7 +254,8 @@ class IngestApp:
         status, body, media = 200, b"", "application/json"
         try:
             if scope["method"] != "POST":
-                raise Problem(405, f"{path} accepts POST only", headers={"Allow": "POST"})
+                allow = "GET, POST" if handler == self._events else "POST"
+                raise Problem(405, f"{path} accepts {allow} only", headers={"Allow": allow})
             headers = {
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }

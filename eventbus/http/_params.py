@@ -18,14 +18,18 @@ from fastapi import Depends, Path, Query
 from pydantic import BeforeValidator
 
 from eventbus.delivery import DeadLetterFilter
+from eventbus.http._problem import Problem
+from eventbus.store import EventCursor
 
 __all__ = [
     "All",
     "DeadLetterId",
+    "EventSearch",
     "Filter",
     "Limit",
     "Page",
     "Paging",
+    "Search",
     "SourceName",
     "TargetName",
     "TrailId",
@@ -90,8 +94,20 @@ def _moment(name: str) -> BeforeValidator:
     return BeforeValidator(lambda raw: _parse_moment(name, raw))
 
 
+def _check_cursor(raw: str) -> str:
+    """A cursor token (``EventCursor``), kept as text: the document shows it as a string."""
+    try:
+        EventCursor.parse(raw)
+    except ValueError:
+        raise ValueError(
+            f"after must be the next_after of a previous page, got {_clip(raw)}"
+        ) from None
+    return raw
+
+
 def _parse_limit(raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_LIMIT:
+    # ASCII only: str.isdigit() takes "²", which int() refuses
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_LIMIT:
         raise ValueError(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {_clip(raw)}")
     return int(raw)
 
@@ -177,7 +193,50 @@ def _dead_letter_filter(
     )
 
 
+@dataclass(frozen=True)
+class EventSearch:
+    """Which accepted events ``GET /events`` lists, and which page of them."""
+
+    source: str | None
+    type: str | None
+    since: datetime | None
+    until: datetime | None
+    limit: int
+    after: EventCursor | None
+
+
+def _event_search(
+    source: Annotated[
+        str | None, Query(description="Only events from this source."), _text("source")
+    ] = None,
+    type_: Annotated[
+        str | None, Query(alias="type", description="Only events of this type."), _text("type")
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Stored on the bus at or after (ISO 8601; without a zone: UTC)."),
+        _moment("since"),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        Query(description="Stored on the bus before (ISO 8601; without a zone: UTC)."),
+        _moment("until"),
+    ] = None,
+    limit: Limit = 100,
+    after: Annotated[
+        str | None,
+        Query(description="The next page: ``next_after`` of the previous one."),
+        BeforeValidator(_check_cursor),
+    ] = None,
+) -> EventSearch:
+    if since is not None and until is not None and since > until:
+        raise Problem(400, f"since ({since.isoformat()}) is later than until ({until.isoformat()})")
+    cursor = None if after is None else EventCursor.parse(after)
+    return EventSearch(source, type_, since, until, limit, cursor)
+
+
 # As dependencies, a handler's parameter groups are checked in the order of its signature (the
 # page before the filter), so the first bad parameter a request has is the one its 400 names.
 Paging = Annotated[Page, Depends(_page)]
 Filter = Annotated[DeadLetterFilter, Depends(_dead_letter_filter)]
+Search = Annotated[EventSearch, Depends(_event_search)]

@@ -22,6 +22,8 @@ __all__ = [
     "DeadLetterPage",
     "DeadLetterSummary",
     "Enabled",
+    "EventPage",
+    "EventSummary",
     "EventTrail",
     "InvocationAccepted",
     "Liveness",
@@ -106,6 +108,29 @@ class EventTrail(_Body):
     via: str
     matches: list[Match]
     attempts: list[Attempt]
+
+
+class EventSummary(_Body):
+    """An accepted event as a search lists it: its attributes (null where it had none),
+    ``time`` its own ``time`` attribute, ``received_at`` when the bus stored it, ``via`` how it
+    came in, ``size`` its bytes; ``GET /events/trail`` gives the whole event."""
+
+    source: str | None
+    id: str | None
+    type: str | None
+    subject: str | None
+    time: str | None
+    received_at: str
+    via: str
+    size: int | None
+
+
+class EventPage(_Body):
+    """One page of accepted events, newest first; ``next_after`` gives the next page (null:
+    the last one)."""
+
+    items: list[EventSummary]
+    next_after: str | None
 
 
 class Rule(_Body):

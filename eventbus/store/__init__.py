@@ -17,7 +17,7 @@ from eventbus.store._embedded import EmbeddedPostgres
 from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 from eventbus.store._migrate import migrate
-from eventbus.store._pool import EventTrail, Store, set_aside
+from eventbus.store._pool import EventCursor, EventTrail, Store, set_aside
 
 __all__ = [
     "READ_TIMEOUT",
@@ -25,6 +25,7 @@ __all__ = [
     "AttemptOutcome",
     "AuditWriter",
     "EmbeddedPostgres",
+    "EventCursor",
     "EventTrail",
     "Store",
     "dumps_jsonb",

@@ -3,16 +3,18 @@
 :meth:`Store.open` connects a pool (waiting a bounded time for Postgres to come up), applies the
 schema migrations and starts the :class:`~eventbus.store.AuditWriter`. Other components use
 ``store.pool`` for their own tables (retries, dead letters, checkpoints) and ``store.audit`` to
-record what happened; the API reads an event's history back with :meth:`Store.event_trail`.
+record what happened; the API reads an event's history back with :meth:`Store.event_trail` and
+finds accepted events with :meth:`Store.search_events`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl as ssl_module  # the parameter named ssl is asyncpg's
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +27,7 @@ from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 from eventbus.store._migrate import migrate
 
-__all__ = ["EventTrail", "Store", "set_aside"]
+__all__ = ["EventCursor", "EventTrail", "Store", "set_aside"]
 
 _CLOSE_TIMEOUT = 10.0
 _QUERY_TIMEOUT = 10.0
@@ -37,6 +39,39 @@ _NOT_YET = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_CURSOR = re.compile(r"(-?[0-9]{1,19})-([0-9]{1,19})")
+# What a search answers about each event: its attributes as the audit indexed them.
+_SUMMARY = "seq, source, id, type, subject, time, received_at, via, size"
+
+
+@dataclass(frozen=True)
+class EventCursor:
+    """Where a page of :meth:`Store.search_events` ended: the last event's ``received_at`` and
+    its audit row's ``seq`` (events stored by the bus in the same microsecond keep their
+    order). ``str()`` is the token the API hands out; :meth:`parse` reads it back."""
+
+    received_at: datetime
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{(self.received_at - _EPOCH) // _MICROSECOND}-{self.seq}"
+
+    @classmethod
+    def parse(cls, token: str) -> EventCursor:
+        """The cursor ``token`` (``str()`` of one) stands for; raises ValueError for any other
+        text, or for a moment outside years 1-9999 or a ``seq`` beyond 64 bits."""
+        match = _CURSOR.fullmatch(token)
+        if match is None:
+            raise ValueError("not a cursor")
+        micros, seq = int(match[1]), int(match[2])
+        if seq >= 2**63:
+            raise ValueError("seq beyond 64 bits")
+        try:
+            return cls(_EPOCH + micros * _MICROSECOND, seq)
+        except OverflowError:
+            raise ValueError("a moment outside years 1-9999") from None
 
 
 @dataclass(frozen=True)
@@ -143,6 +178,36 @@ class Store:
             matches=[dict(row) for row in matches],
             attempts=[dict(row) for row in attempts],
         )
+
+    async def search_events(
+        self,
+        *,
+        source: str | None = None,
+        type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        after: EventCursor | None = None,
+    ) -> tuple[list[dict[str, Any]], EventCursor | None]:
+        """Accepted events, newest first (by ``received_at``, when the bus stored them), at most
+        ``limit``: those from ``source``, of ``type``, stored at or after ``since`` and before
+        ``until``, older than ``after``. Returns their summaries (``source``, ``id``, ``type``,
+        ``subject``, ``time``, ``received_at``, ``via``, ``size``; times as ISO 8601) and the
+        cursor of the next page, None when this one is the last (fewer than ``limit``).
+
+        An event accepted several times (redelivery, replay) appears once per acceptance.
+        Each filter has an index that yields its rows in this order (migration 0005), so a
+        page costs its own rows, however long the trail. Raises as :meth:`event_trail`.
+        """
+        query, args = _search_query(source, type, since, until, limit, after)
+        rows = await run_db(
+            "cannot search the accepted events",
+            self.pool.fetch(query, *args),
+            deadline=READ_TIMEOUT,
+        )
+        items = [_jsonable({k: v for k, v in row.items() if k != "seq"}) for row in rows]
+        last = rows[-1] if len(rows) == limit else None
+        return items, None if last is None else EventCursor(last["received_at"], last["seq"])
 
     async def _trail_rows(
         self, source: str, id: str
@@ -256,6 +321,42 @@ async def _connect(
             ) from last
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+def _search_query(
+    source: str | None,
+    type: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    after: EventCursor | None,
+) -> tuple[str, list[Any]]:
+    """The statement of :meth:`Store.search_events` and its arguments: only the filters given,
+    so each combination is a statement of its own, planned for the index it can use."""
+    clauses: list[str] = []
+    args: list[Any] = []
+
+    def where(sql: str, *values: Any) -> None:
+        first = len(args) + 1
+        args.extend(values)
+        clauses.append(sql.format(*(f"${first + i}" for i in range(len(values)))))
+
+    if source is not None:
+        where("source = {}", source)
+    if type is not None:
+        where("type = {}", type)
+    if since is not None:
+        where("received_at >= {}", since)
+    if until is not None:
+        where("received_at < {}", until)
+    if after is not None:
+        where("(received_at, seq) < ({}, {})", after.received_at, after.seq)
+    args.append(limit)
+    query = (
+        f"SELECT {_SUMMARY} FROM events WHERE {' AND '.join(clauses) or 'TRUE'}"
+        f" ORDER BY received_at DESC, seq DESC LIMIT ${len(args)}"
+    )
+    return query, args
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Fuzzing the console's input-taking endpoints on one running service: the live stream's
-``pattern`` (``GET /events/live``), the pattern check (``POST /patterns/validate``) and the
-rules sandbox (``POST /rules/sandbox``).
+``pattern`` (``GET /events/live``), the pattern check (``POST /patterns/validate``), the
+rules sandbox (``POST /rules/sandbox``) and the search of accepted events (``GET /events``).
 
 The property: no input is a 5xx, every 4xx is problem+json, the live stream and the pattern
 check agree on which patterns are valid, a stream opened with a valid pattern narrows to the
-events it matches, and the service is ready afterwards.
+events it matches, a search answers only events its filters select, newest first, pages
+that do not overlap, and the service is ready afterwards.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import orjson
 import pytest
@@ -185,3 +187,89 @@ async def test_sandbox(service: RunningService, event: dict[str, Any]) -> None:
 async def test_sandbox_and_validate_random_bytes(service: RunningService, body: bytes) -> None:
     for path in ("/rules/sandbox", "/patterns/validate"):
         await check_answer(service, "POST", path, body, {})
+
+
+SEARCHED = [("tests/fuzz", "com.example.fuzz"), ("tests/search", "other"), ("tests/fuzz", "other")]
+
+
+@pytest.fixture
+async def searched(service: RunningService) -> tuple[RunningService, datetime]:
+    """The service with a few accepted events to find, and when the bus stored the middle one
+    (times near it select some of them)."""
+    for i in range(7):
+        source, type_ = SEARCHED[i % 3]
+        event = {"specversion": "1.0", "id": f"se-{i}", "source": source, "type": type_}
+        assert (await service.post_event(event))[0] == 202
+        await service.drained()
+    status, _, page = await service.request("GET", "/events?limit=4")
+    assert status == 200, page
+    return service, datetime.fromisoformat(page["items"][-1]["received_at"])
+
+
+moments = (
+    st.datetimes(timezones=st.sampled_from([UTC, None])).map(datetime.isoformat)
+    | st.sampled_from(["2026-01-01", "yesterday", "0000-01-01", "9999-12-31T23:59:59-01:00"])
+    | text
+)
+
+
+def _moment(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _mostly(valid: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``valid`` three times in four: a search with several parameters is then often valid."""
+    return st.integers(0, 3).flatmap(lambda n: odd if n == 0 else valid)
+
+
+search_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "source": _mostly(st.sampled_from([s for s, _ in SEARCHED]), text),
+        "type": _mostly(st.sampled_from([t for _, t in SEARCHED]), text),
+        # a time: milliseconds from the middle event (made text in the test), or text
+        "since": _mostly(st.integers(-3000, 3000), moments),
+        "until": _mostly(st.integers(-3000, 3000), moments),
+        "limit": _mostly(st.integers(1, 8).map(str), st.integers(-2, 1002).map(str) | text),
+        # microseconds since 1970 and a seq: within range, or not
+        "after": _mostly(
+            st.tuples(st.integers(0, 2 * 10**15), st.integers(0, 10**6)),
+            st.tuples(st.integers(-(10**18), 10**18), st.integers(-1, 2**64)),
+        ).map(lambda pair: f"{pair[0]}-{pair[1]}")
+        | text,
+    },
+)
+
+
+@settings(FUZZ, max_examples=60)
+@given(drawn=search_params)
+async def test_event_search(
+    searched: tuple[RunningService, datetime], drawn: dict[str, str | int]
+) -> None:
+    svc, middle = searched
+    params = {
+        name: (middle + timedelta(milliseconds=v)).isoformat() if isinstance(v, int) else v
+        for name, v in drawn.items()
+    }
+    status, page = await check_answer(svc, "GET", f"/events?{urlencode(params)}", None, {})
+    if status != 200:
+        return
+    items = page["items"]
+    limit = int(params.get("limit", 100))
+    assert len(items) <= limit and (page["next_after"] is not None) == (len(items) == limit)
+    times = [datetime.fromisoformat(item["received_at"]) for item in items]
+    assert times == sorted(times, reverse=True)
+    for item, when in zip(items, times, strict=True):
+        assert params.get("source", item["source"]) == item["source"], (params, item)
+        assert params.get("type", item["type"]) == item["type"], (params, item)
+        assert "since" not in params or when >= _moment(params["since"])
+        assert "until" not in params or when < _moment(params["until"])
+    if page["next_after"] is not None:  # the next page starts where this one ended
+        nxt = {**params, "after": page["next_after"]}
+        status, more = await check_answer(svc, "GET", f"/events?{urlencode(nxt)}", None, {})
+        assert status == 200
+        ids = {(i["source"], i["id"], i["received_at"]) for i in items}
+        for item in more["items"]:
+            assert datetime.fromisoformat(item["received_at"]) <= times[-1]
+            assert (item["source"], item["id"], item["received_at"]) not in ids

@@ -36,6 +36,11 @@ BAD_INPUT = [
     ("POST", "/dead-letters/replay?since=0001-01-01T00:00:00%2B23:59", "since"),
     ("DELETE", "/dead-letters?target=a%00", "target"),
     ("DELETE", f"/dead-letters?id={HUGE}", "id"),
+    ("GET", "/events?source=a%00", "source"),
+    ("GET", "/events?type=%00", "type"),
+    ("GET", "/events?since=0000-01-01", "since"),
+    ("GET", "/events?until=9999-12-31T23:59:59-00:01", "until"),
+    ("GET", f"/events?after={HUGE}-1", "after"),
     ("GET", "/events/trail?source=a%00&id=x", "source"),
     ("GET", "/events/trail?source=s&id=%00", "id"),
     ("GET", "/sources/dead-letters?source=%00", "source"),
@@ -88,6 +93,7 @@ async def test_reads_answer_503_promptly_while_postgres_is_frozen(eventbus: Star
         reads = (
             "/dead-letters",
             "/dead-letters/1",
+            "/events?type=t",
             "/events/trail?source=s&id=i",
             "/sources/dead-letters",
         )

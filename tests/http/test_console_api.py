@@ -13,8 +13,9 @@ from urllib.parse import quote
 import orjson
 import pytest
 
+from eventbus.http._console._routes import TargetStats
 from tests.fixtures.live import Stream, watch
-from tests.fixtures.receiver import Receiver
+from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
 
@@ -281,6 +282,8 @@ async def test_console_api_needs_an_admin_key(eventbus: StartService, receiver: 
         ("GET", "/events/live", None),
         ("POST", "/patterns/validate", b"{}"),
         ("POST", "/rules/sandbox", event),
+        ("GET", "/events", None),
+        ("GET", "/stats/targets", None),
     ):
         assert (await svc.request(method, path, body))[0] == 401
         publisher = {"X-API-Key": "console-publish-key-01"}
@@ -301,6 +304,10 @@ async def test_routes_in_the_openapi_document(eventbus: StartService, receiver: 
         ("/events/live", "get"),
         ("/patterns/validate", "post"),
         ("/rules/sandbox", "post"),
+        ("/stats/rates", "get"),
+        ("/stats/targets", "get"),
+        ("/events", "get"),
+        ("/events", "post"),
     ):
         assert method in paths[path], path
     live = paths["/events/live"]["get"]
@@ -329,6 +336,62 @@ async def test_rates_over_the_last_hour(eventbus: StartService, receiver: Receiv
     assert point["latency_ms"] is not None and 0 < point["latency_ms"] < 10_000
     assert all(p["latency_ms"] is None for p in body["points"] if p["delivered"] == 0)
     assert body["targets"]["fn"]["delivered"] >= 10
+
+
+async def test_each_target_in_flight_rates_and_latency(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    svc = await eventbus(
+        rules=RULES,
+        targets=[
+            {
+                "name": "fn",
+                "type": "http",
+                "url": receiver.url("/fn"),
+                "delivery": {"retry": "none"},
+            },
+            {"name": "idle", "type": "http", "url": receiver.url("/idle")},
+        ],
+    )
+
+    async def stats() -> dict[str, Any]:
+        status, _, body = await svc.request("GET", "/stats/targets")
+        assert status == 200, body
+        TargetStats.model_validate(body)
+        return dict(body)
+
+    receiver.script(500)  # one of the first event's two deliveries is dead-lettered
+    for i in range(3):
+        assert (await svc.post_event(_event(f"t-{i}")))[0] == 202
+    await svc.drained()
+    body = await stats()
+    assert 0 < body["window"] <= 300
+    fn = body["targets"]["fn"]
+    # counts over the window, as rates per second (both rounded to 3 decimals)
+    assert fn["delivered"] * body["window"] == pytest.approx(5, rel=0.02)
+    assert fn["failed"] * body["window"] == pytest.approx(1, rel=0.02)
+    assert fn["in_flight"] == 0
+    assert fn["latency_ms"] > 0 and 0 < fn["p95_ms"] < 10_000  # the arithmetic: test_rates
+    assert body["targets"]["idle"] == {
+        "in_flight": 0,
+        "delivered": 0.0,
+        "failed": 0.0,
+        "latency_ms": None,
+        "p95_ms": None,
+    }
+
+    # a delivery waiting for the function's answer is in flight until it comes
+    receiver.script(Response(200, delay=30))
+    assert (await svc.post_event(_event("slow")))[0] == 202
+    await receiver.wait_for(8)  # both routes sent; one of them waits
+
+    async def one_in_flight() -> dict[str, Any] | None:
+        body = await stats()
+        return body if body["targets"]["fn"]["in_flight"] == 1 else None
+
+    body = await eventually(one_in_flight, every=0.1, within=10, what="one delivery in flight")
+    assert body["targets"]["idle"]["in_flight"] == 0
+    assert svc.service.dispatcher.in_flight == 1
 
 
 async def test_answers_are_the_documented_bodies(

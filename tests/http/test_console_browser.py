@@ -1,8 +1,10 @@
 """The console in a real browser (headless Chromium, ``tests/fixtures/browser.py``) against a
 real service: the live stream shows a published event and its delivery, the filter narrows it
-and shows a bad pattern's error, the trail shows every attempt, dead letters are replayed from
-the page after a confirmation showing their count, the rules sandbox shows a match, and a
-broken rule file's error (file and line) shows on reload. With API keys the page asks for one.
+and shows a bad pattern's error, events found by type open their trail, which shows every
+attempt, dead letters are replayed from the page after a confirmation showing their count, the
+rules sandbox shows a match for an event typed or picked from the recent ones, a broken rule
+file's error (file and line) shows on reload, and a target shows its deliveries in flight and
+its recent rates. With API keys the page asks for one.
 
 ``EVENTBUS_CONSOLE_SCREENSHOTS=DIR`` saves a screenshot of each page there (docs/console.md).
 """
@@ -19,8 +21,9 @@ import nats
 import orjson
 
 from tests.fixtures.browser import Page
-from tests.fixtures.receiver import Receiver
+from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.wait import eventually
 
 FAST = {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": 5, "jitter": False}
 RULES = """
@@ -122,6 +125,7 @@ async def test_trail_page_shows_every_attempt(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:
     svc = await _start(eventbus, receiver, {"retry": FAST, "circuit_breaker": False})
+    assert (await svc.post_event(_event("tr-0", type="com.example.other")))[0] == 202
     receiver.script(503, 503)
     assert (await svc.post_event(_event("tr-1")))[0] == 202
     await svc.trail("tests/console", "tr-1", attempts=4)
@@ -129,10 +133,19 @@ async def test_trail_page_shows_every_attempt(
     await page.open("/console")
     await _live(page)
     await page.click("nav a[data-page=trail]")
-    await page.fill("#trail-source", "tests/console")
-    await page.fill("#trail-id", "tr-1")
-    await page.click("#trail-go")
+    # found by its type (the other event is not), and opened from the list
+    await page.fill("#search-since", "yesterday")
+    await page.click("#search-go")
+    await page.wait_text("#search-error", "since must be an ISO 8601 time")
+    await page.fill("#search-since", "")
+    await page.fill("#search-type", "com.example.order.created")
+    await page.click("#search-go")
+    found = await page.wait_text("#search-rows", "tr-1")
+    assert "tr-0" not in found and "http" in found, found
+    assert await page.js("return document.querySelectorAll('#search-rows tr').length") == 1
+    await page.click("#search-rows tr[data-id=tr-1]")
     await page.wait_text("#trail-attempts", "delivered")
+    assert await page.js("return document.getElementById('trail-id').value") == "tr-1"
     attempts = await page.js(
         "return [...document.querySelectorAll('#trail-attempts li')].map(li => li.textContent)"
     )
@@ -226,10 +239,24 @@ async def test_rules_page_sandbox_and_reload(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:
     svc = await _start(eventbus, receiver)
+    assert (await svc.post_event(_event("pick-1", data={"total": 42})))[0] == 202
+    await svc.drained()
+    receiver.reset()
     page = browser(svc.url)
     await page.open("/console#rules")
     rules = await page.wait_text("#rules-rows", "summary")
     assert "rules.yaml:2" in rules and "com.example.order.created" in rules
+    # a recent event, picked from the list, fills the sandbox whole
+    await page.wait_text("#sandbox-pick", "pick-1")
+    await page.click("#sandbox-pick option[data-id=pick-1]")
+    await page.wait(
+        "return document.getElementById('sandbox-event').value.includes('\"id\": \"pick-1\"')",
+        what="the picked event in the sandbox",
+    )
+    picked = orjson.loads(await page.js("return document.getElementById('sandbox-event').value"))
+    assert picked == _event("pick-1", data={"total": 42})
+    await page.click("#sandbox-run")
+    await page.wait_text("#sandbox-result", '"amount": 42')
     await page.fill("#sandbox-event", orjson.dumps(_event("sb-1")).decode())
     await page.click("#sandbox-run")
     result = await page.wait_text("#sandbox-result", "summary → fn")
@@ -312,13 +339,23 @@ async def test_overview_targets_and_sources(
     assert peak <= 6 / 5 * 1.1  # six deliveries, in one 5 s interval or split over two
     assert await page.js("return document.querySelector('figure polyline').getAttribute('points')")
     await _shot(page, "overview")
+    # one delivery waiting for the function's answer: in flight (the function is stopped at
+    # the end of the test, which ends the wait)
+    receiver.script(Response(200, delay=60))
+    assert (await svc.post_event(_event("ov-slow")))[0] == 202
+    await receiver.wait_for(8)
+    await eventually(lambda: svc.service.dispatcher.in_flight_to("fn") == 1, what="in flight")
     await page.click("nav a[data-page=targets]")
     row = await page.wait_text("#targets-rows", "fn")
     assert "http" in row and "closed" in row
     cells = await page.js(
         "return [...document.querySelectorAll('#targets-rows tr td')].map(td => td.textContent)"
     )
-    assert cells[0] == "fn" and int(cells[3]) >= 6 and cells[6] == "0", cells
+    name, kind, circuit, in_flight, rate, failed, mean, p95, delivered = cells[:9]
+    assert (name, kind, circuit, in_flight, failed) == ("fn", "http", "closed", "1", "0"), cells
+    assert float(rate) > 0 and float(mean) > 0 and float(p95) > 0, cells
+    assert int(delivered) >= 7 and cells[11] == "0", cells
+    assert "last " in await page.text("#targets-window")
     source = await page.wait_text("#sources-rows", "tick")
     assert "timer" in source, source
     set_aside = await page.wait_text("#source-dl-rows", "not an event")

@@ -21,6 +21,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("post", "/events"): "Accepted|BatchAccepted",
     ("post", "/notifications"): "BatchAccepted",
     ("post", "/hooks/{name}"): "Accepted",
+    ("get", "/events"): "EventPage",
     ("get", "/events/trail"): "EventTrail",
     ("get", "/rules"): "Rules",
     ("post", "/rules/reload"): "Reloaded",
@@ -45,6 +46,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("post", "/patterns/validate"): "PatternValid",
     ("post", "/rules/sandbox"): "SandboxResult",
     ("get", "/stats/rates"): "RateHistory",
+    ("get", "/stats/targets"): "TargetStats",
 }
 
 
@@ -77,6 +79,12 @@ async def test_the_document_describes_every_route(eventbus: StartService) -> Non
             assert list(response["content"]) == ["application/problem+json"], (path, status_code)
     trail = paths["/events/trail"]["get"]["parameters"]
     assert [(p["name"], p["in"]) for p in trail] == [("source", "query"), ("id", "query")]
+    search = {p["name"]: p for p in paths["/events"]["get"]["parameters"]}
+    assert list(search) == ["source", "type", "since", "until", "limit", "after"]
+    assert {p["in"] for p in search.values()} == {"query"}
+    assert search["since"]["schema"]["anyOf"][0] == {"type": "string", "format": "date-time"}
+    assert search["after"]["schema"]["anyOf"][0] == {"type": "string"}
+    assert search["limit"]["schema"]["maximum"] == 1000
     listing = {p["name"]: p["schema"] for p in paths["/dead-letters"]["get"]["parameters"]}
     assert listing["limit"] == {
         "type": "integer",
@@ -208,6 +216,9 @@ async def test_answers_are_the_documented_bodies(eventbus: StartService) -> None
     status, body = await _answer(svc, "GET", "/events/trail?source=tests/openapi&id=oa-1")
     assert status == 200 and body["attempts"]
     _check(schemas.EventTrail, body)
+    status, page = await _answer(svc, "GET", "/events?source=tests/openapi&limit=1")
+    assert status == 200 and page["next_after"] is not None
+    _check(schemas.EventPage, page)
     status, page = await _answer(svc, "GET", "/dead-letters?limit=1")
     assert status == 200 and page["next_after"] is not None
     _check(schemas.DeadLetterPage, page)

@@ -6,6 +6,7 @@ so far (each one documented in the OpenAPI document like the rest of the admin A
     POST /patterns/validate           is this event pattern valid? (the filter box, as you type)
     POST /rules/sandbox               what the current rules would do with an event, unpublished
     GET  /stats/rates                 events in, routed, delivered ... per second, last hour
+    GET  /stats/targets               per target: in flight now; rates, latency, last 5 min
 
 Where it sits: the HTTP edge, over ``Service`` like ``_api``, whose admin scope, answers and
 problem bodies it shares; ``_api.create_app`` mounts it. The live stream reads the routers'
@@ -99,6 +100,31 @@ class RateHistory(_Body):
     every: float
     points: list[RatePoint]
     targets: dict[str, dict[str, float]]
+
+
+class TargetActivity(_Body):
+    in_flight: int
+    """deliveries to the target under way now (waiting for its rate limit, a connection, its
+    answer or the record of the outcome)"""
+    delivered: float
+    """deliveries per second"""
+    failed: float
+    """deliveries per second that did not succeed (a retry scheduled, dead-lettered, a
+    synchronous invocation failed)"""
+    latency_ms: float | None
+    """the mean duration of its delivery attempts (null: none were made)"""
+    p95_ms: float | None
+    """their 95th percentile, estimated from the duration histogram's buckets (linear within
+    a bucket; beyond the last one, 30 s: at least that)"""
+
+
+class TargetStats(_Body):
+    """Each configured target's deliveries under way now, and its rates and attempt durations
+    over the last ``window`` seconds: five minutes, less while the process is younger. From
+    this process's own counters: with ``--workers N`` each worker reports its own share."""
+
+    window: float
+    targets: dict[str, TargetActivity]
 
 
 def _asset(name: str) -> bytes:
@@ -302,3 +328,12 @@ async def rules_sandbox(request: Request) -> Response:
 )
 async def rates(request: Request) -> Response:
     return _json(_service(request).rates())
+
+
+@admin.get(
+    "/stats/targets",
+    response_model=TargetStats,
+    summary="Per target: deliveries in flight, and rates and latency over the last 5 minutes",
+)
+async def target_stats(request: Request) -> Response:
+    return _json(_service(request).target_activity())

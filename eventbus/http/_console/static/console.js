@@ -57,6 +57,17 @@ function row(cells) {
   return tr;
 }
 
+// The query of a filter form: each field that is not empty, as [parameter, input id] says.
+function formParams(fields) {
+  const params = new URLSearchParams();
+  for (const [name, id] of fields) {
+    const value = $(id).value.trim();
+    if (value) params.set(name, value);
+  }
+  return params;
+}
+
+const trailPath = (source, id) => `/events/trail?source=${encodeURIComponent(source)}&id=${encodeURIComponent(id)}`;
 const pretty = (value) => JSON.stringify(value, null, 2);
 const clock = (iso) => (iso ? iso.replace(/^.*T/, "").replace(/(\.\d{3})\d*/, "$1") : "");
 
@@ -292,7 +303,49 @@ async function checkFilter() {
   }
 }
 
-// -- event trail ----------------------------------------------------------------------------
+// -- event trail: find accepted events, then one event's trail --------------------------------
+
+const found = { after: null };
+
+async function searchEvents(more = false) {
+  const params = formParams([
+    ["source", "search-source"],
+    ["type", "search-type"],
+    ["since", "search-since"],
+    ["until", "search-until"],
+  ]);
+  params.set("limit", "50");
+  if (more && found.after !== null) params.set("after", found.after);
+  $("search-error").textContent = "";
+  let page;
+  try {
+    page = await api("GET", `/events?${params}`);
+  } catch (err) {
+    $("search-error").textContent = err.message;
+    return;
+  }
+  if (!more) $("search-rows").replaceChildren();
+  for (const e of page.items) {
+    const tr = row([e.received_at, e.source, e.type, e.subject, e.id, e.via]);
+    tr.dataset.source = e.source;
+    tr.dataset.id = e.id;
+    $("search-rows").append(tr);
+  }
+  found.after = page.next_after;
+  $("search-next").hidden = page.next_after === null;
+  $("search-message").textContent = !more && !page.items.length ? "no accepted event matches" : "";
+  $("search-result").hidden = false;
+}
+
+$("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  searchEvents();
+});
+$("search-next").addEventListener("click", () => searchEvents(true));
+$("search-rows").addEventListener("click", (e) => {
+  const tr = e.target.closest("tr");
+  if (tr) openTrail(tr.dataset.source, tr.dataset.id);
+});
 
 function openTrail(source, id) {
   $("trail-source").value = source;
@@ -312,7 +365,7 @@ async function loadTrail() {
   $("trail-error").textContent = "";
   let trail;
   try {
-    trail = await api("GET", `/events/trail?source=${encodeURIComponent(source)}&id=${encodeURIComponent(id)}`);
+    trail = await api("GET", trailPath(source, id));
   } catch (err) {
     $("trail-result").hidden = true;
     $("trail-error").textContent = err.message;
@@ -372,8 +425,7 @@ $("trail-copy").addEventListener("click", async () => {
 const dead = { after: null, current: null };
 
 function deadFilter() {
-  const params = new URLSearchParams();
-  const fields = [
+  return formParams([
     ["rule", "dl-rule"],
     ["target", "dl-target"],
     ["source", "dl-source"],
@@ -381,12 +433,7 @@ function deadFilter() {
     ["status", "dl-status"],
     ["since", "dl-since"],
     ["until", "dl-until"],
-  ];
-  for (const [name, id] of fields) {
-    const value = $(id).value.trim();
-    if (value) params.set(name, value);
-  }
-  return params;
+  ]);
 }
 
 async function loadDeadLetters(more = false) {
@@ -516,6 +563,7 @@ $("dl-trail-one").addEventListener("click", () => openTrail(dead.current.event_s
 // -- rules ----------------------------------------------------------------------------------
 
 async function loadRules() {
+  loadRecent().catch((err) => ($("sandbox-error").textContent = err.message));
   const { rules } = await api("GET", "/rules");
   $("rules-rows").replaceChildren(
     ...rules.map((r) => {
@@ -536,6 +584,37 @@ $("rules-reload").addEventListener("click", async () => {
   } catch (err) {
     box.className = "error";
     box.textContent = err.message;
+  }
+});
+
+// The sandbox's picker: the newest accepted events; picking one puts the whole event (from
+// its trail) in the sandbox.
+async function loadRecent() {
+  const { items } = await api("GET", "/events?limit=25");
+  const pick = $("sandbox-pick");
+  pick.replaceChildren(el("option", items.length ? "recent accepted events…" : "no accepted event yet"));
+  pick.options[0].value = "";
+  for (const e of items) {
+    const option = el("option", `${clock(e.received_at)} ${e.source} · ${e.type} · ${e.id}`);
+    option.value = pick.options.length;
+    option.dataset.source = e.source;
+    option.dataset.id = e.id;
+    pick.append(option);
+  }
+}
+
+$("sandbox-pick-refresh").addEventListener("click", () => loadRecent().catch((err) => ($("sandbox-error").textContent = err.message)));
+
+$("sandbox-pick").addEventListener("change", async () => {
+  const option = $("sandbox-pick").selectedOptions[0];
+  if (!option || !option.value) return;
+  $("sandbox-pick").value = ""; // the event is in the sandbox now, to edit or pick again
+  $("sandbox-error").textContent = "";
+  try {
+    const trail = await api("GET", trailPath(option.dataset.source, option.dataset.id));
+    $("sandbox-event").value = pretty(trail.event);
+  } catch (err) {
+    $("sandbox-error").textContent = err.message;
   }
 });
 
@@ -564,15 +643,19 @@ $("sandbox-run").addEventListener("click", async () => {
 // -- targets, sources, readiness ------------------------------------------------------------
 
 async function loadTargets() {
-  const [{ targets }, { sources }, stats, setAside, retries] = await Promise.all([
+  const [{ targets }, { sources }, stats, activity, setAside, retries] = await Promise.all([
     api("GET", "/targets"),
     api("GET", "/sources"),
     api("GET", "/stats/rates"),
+    api("GET", "/stats/targets"),
     api("GET", "/sources/dead-letters?limit=50"),
     api("GET", "/retries?limit=1000"),
   ]);
   const backlog = {};
   for (const r of retries.items) backlog[r.target] = (backlog[r.target] || 0) + 1;
+  const span = activity.window; // 5 minutes, less while the process is younger
+  $("targets-window").textContent = `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
+  const ms = (value) => (value === null ? "" : value.toFixed(1));
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
       const button = el("button", "Enable");
@@ -587,7 +670,22 @@ async function loadTargets() {
       });
       const counts = stats.targets[t.name] || {};
       const n = (outcome) => counts[outcome] ?? 0;
-      return row([t.name, t.type, t.circuit ?? "", n("delivered"), n("retry-scheduled"), n("dead-lettered"), backlog[t.name] || 0, button]);
+      const now = activity.targets[t.name] || { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
+      return row([
+        t.name,
+        t.type,
+        t.circuit ?? "",
+        now.in_flight,
+        now.delivered,
+        now.failed,
+        ms(now.latency_ms),
+        ms(now.p95_ms),
+        n("delivered"),
+        n("retry-scheduled"),
+        n("dead-lettered"),
+        backlog[t.name] || 0,
+        button,
+      ]);
     }),
   );
   $("sources-rows").replaceChildren(
