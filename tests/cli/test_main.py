@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -19,6 +20,8 @@ from eventbus.http import _schemas as schemas
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import StartService, free_port
 from tests.fixtures.wait import eventually
+
+T = TypeVar("T")
 
 RULES = """
 - name: all
@@ -45,6 +48,18 @@ async def _cli(*args: str, stdin: bytes | None = None) -> tuple[int, Any, str]:
     except orjson.JSONDecodeError:
         parsed = text
     return int(proc.returncode or 0), parsed, err.decode()
+
+
+async def _side_by_side(*runs: Awaitable[T]) -> list[T]:
+    """Await independent ``_cli`` runs two at a time, in order: each is mostly an interpreter
+    starting, so two keep both cores busy where one at a time leaves one idle."""
+    slots = asyncio.Semaphore(2)
+
+    async def one(run: Awaitable[T]) -> T:
+        async with slots:
+            return await run
+
+    return await asyncio.gather(*(one(run) for run in runs))
 
 
 @pytest.mark.slow
@@ -125,15 +140,21 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
 
 
 async def test_cli_errors_are_one_line() -> None:
-    code, _, err = await _cli("dlq", "list", "--url", f"http://127.0.0.1:{free_port()}")
+    unreachable, bad_data, no_config = await _side_by_side(
+        _cli("dlq", "list", "--url", f"http://127.0.0.1:{free_port()}"),
+        _cli(
+            *("publish", "--type", "t", "--source", "s", "--data", "{bad"),
+            *("--url", "http://127.0.0.1:1"),
+        ),
+        _cli("serve", "--config", "/nonexistent.yaml"),
+    )
+    code, _, err = unreachable
     assert (
         code == 1 and err.startswith("eventbus: cannot reach eventbus") and "Traceback" not in err
     )
-    code, _, err = await _cli(
-        "publish", "--type", "t", "--source", "s", "--data", "{bad", "--url", "http://127.0.0.1:1"
-    )
+    code, _, err = bad_data
     assert code == 2 and "--data is not valid JSON" in err
-    code, _, err = await _cli("serve", "--config", "/nonexistent.yaml")
+    code, _, err = no_config
     assert code == 1 and "cannot read settings" in err and "Traceback" not in err
 
 
@@ -235,10 +256,13 @@ async def test_publish_refuses_bad_input_with_a_clear_message(tmp_path: Path) ->
         (["--data", "@" + str(tmp_path / "none.json")], "cannot read"),
         (["--data", "{bad"], "--data is not valid JSON"),
     ]
-    for extra, message in cases:
-        code, _, err = await _cli(*base, *extra)
+    answers = await _side_by_side(
+        *(_cli(*base, *extra) for extra, _ in cases),
+        _cli(*base, "--data", "-", stdin=b"[1,"),
+    )
+    for (extra, message), (code, _, err) in zip(cases, answers, strict=False):
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
-    code, _, err = await _cli(*base, "--data", "-", stdin=b"[1,")
+    code, _, err = answers[-1]
     assert code == 2 and "--data - (standard input) is not valid JSON" in err, err
 
 
