@@ -350,6 +350,7 @@ class Service:
                         "bootstrap_servers": s.kafka_ingest.bootstrap_servers,
                         "topics": list(s.kafka_ingest.topics),
                         "group_id": s.kafka_ingest.group_id,
+                        "session_timeout": s.kafka_ingest.session_timeout,
                         "format": "cloudevents",
                         # The validated objects themselves: a dump would mask the password.
                         **{

@@ -166,6 +166,8 @@ class KafkaIngestSettings(KafkaAuth, _Model):
     bootstrap_servers: str
     topics: tuple[str, ...] = Field(min_length=1)
     group_id: str = "eventbus-ingest"
+    session_timeout: float = Field(10.0, gt=0, le=300)
+    """Seconds a silent process keeps its partitions before they move to another."""
 
 
 class RouterSettings(_Model):

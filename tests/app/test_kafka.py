@@ -42,6 +42,7 @@ async def test_kafka_bus_with_http_and_kafka_ingest(
                 "bootstrap_servers": kafka_bootstrap,
                 "topics": [ingest_topic],
                 "group_id": unique_name("ingest-group"),
+                "session_timeout": 2,  # Tansu holds each group join for about half of it
             }
         },
     )

@@ -155,11 +155,12 @@ async def test_live_stream_narrows_to_matching_events(
         if status != 202:
             return  # an invalid event (e.g. too deep) never reaches the stream
         await service.drained()
-        # the row was queued before the router acked; it is written within _GATHER (0.1 s)
+        # the row was queued before the router acked; it is written within _GATHER (0.1 s):
+        # read for 0.5 s, or until it is there (only its absence needs the whole wait)
         seen = b""
         try:
             async with asyncio.timeout(0.5):
-                while True:
+                while ev["id"].encode() not in seen:
                     seen += await stream.content.readany()
         except TimeoutError:
             pass
