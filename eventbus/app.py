@@ -253,6 +253,12 @@ class Service:
         self.dispatcher.scheduled = self._retries.due_in
         self._invoker = Invoker(self.targets, self.dispatcher, self.store.audit)
         self._retries.start()
+        if self._shared is not None:
+            # Listening before the router routes anything, so the other workers' watchers can
+            # subscribe (at their next scan) to all of it. Resolved: the parent links it to a
+            # short directory, for a socket's path is short.
+            live = (self._shared / "live").resolve()
+            self._peer_feed = await self._stack.enter_async_context(PeerFeed(self.feed, live))
         self._router = Router(
             self.bus,
             self.rules,
@@ -264,10 +270,6 @@ class Service:
             feed=self.feed,
         )
         self._router.start()
-        if self._shared is not None:
-            # resolved: the parent links it to a short directory, for a socket's path is short
-            live = (self._shared / "live").resolve()
-            self._peer_feed = await self._stack.enter_async_context(PeerFeed(self.feed, live))
         self._stack.push_async_callback(self._stop_workers)
         summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
         self._stack.push_async_callback(cancel_and_wait, summary)

@@ -80,6 +80,13 @@ async def _answers_for_all(
         ):
             assert resp.status == 202
 
+    # start() returns once one worker answers: the stream must find both (a worker that
+    # starts later is found by the watching one's next scan, up to a second later)
+    await eventually(
+        lambda: proc.log.read_text().count("eventbus ready") == 2,
+        within=60,
+        what="both workers ready",
+    )
     session = await stack.enter_async_context(aiohttp.ClientSession())
     stream = await stack.enter_async_context(watch(session, proc.url + "/events/live"))
     # one connection per event: both workers take some (all on one: odds 2 ** -59)
