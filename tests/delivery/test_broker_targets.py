@@ -62,6 +62,9 @@ async def test_kafka_and_nats_targets(
         bootstrap_servers=kafka_bootstrap,
         auto_offset_reset="earliest",
         group_id=unique_name("g"),
+        # Tansu holds a group join for half the session timeout: 1 s, not the default's 5 s
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=666,
     )
     await consumer.start()
     try:
