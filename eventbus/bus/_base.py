@@ -200,12 +200,22 @@ async def collect_acks(
         future.cancel()
         results[pending[future]] = translate(TimeoutError(f"no ack within {within} s"))
     for future in done:
-        if future.cancelled():
-            results[pending[future]] = translate(TimeoutError("cancelled: the bus is closing"))
-        elif (exc := future.exception()) is not None:
-            results[pending[future]] = translate(exc)
-        elif duplicate is not None and duplicate(future.result()):
-            results[pending[future]] = DUPLICATE
+        results[pending[future]] = _outcome(future, translate, duplicate)
+
+
+def _outcome(
+    future: asyncio.Future[Any],
+    translate: Callable[[BaseException], BusError],
+    duplicate: Callable[[Any], bool] | None,
+) -> PublishOutcome:
+    """The outcome of one publish whose future is done."""
+    if future.cancelled():
+        return translate(TimeoutError("cancelled: the bus is closing"))
+    if (exc := future.exception()) is not None:
+        return translate(exc)
+    if duplicate is not None and duplicate(future.result()):
+        return DUPLICATE
+    return None
 
 
 async def _one_ack(
@@ -219,25 +229,22 @@ async def _one_ack(
 
     def expire() -> None:
         nonlocal expired
-        expired = True
-        future.cancel()
+        expired = future.cancel()  # False when the ack came first
 
     timer = asyncio.get_running_loop().call_later(within, expire)
     try:
-        ack = await future
+        await future
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise  # this caller was cancelled, not the publish
-        why = f"no ack within {within} s" if expired else "cancelled: the bus is closing"
-        return translate(TimeoutError(why))
-    except Exception as exc:
-        return translate(exc)
+    except Exception:
+        pass  # the future holds it: _outcome translates it
     finally:
         timer.cancel()
-    if duplicate is not None and duplicate(ack):
-        return DUPLICATE
-    return None
+    if expired:
+        return translate(TimeoutError(f"no ack within {within} s"))
+    return _outcome(future, translate, duplicate)
 
 
 class InFlightWindow:
