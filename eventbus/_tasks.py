@@ -9,10 +9,14 @@ claimed retry row is due again when its lease ends), but finishing it spares the
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["cancel_and_wait", "stop_with_grace"]
+__all__ = ["cancel_and_wait", "report_stuck", "stop_if_cancelled", "stop_with_grace"]
+
+log = logging.getLogger("eventbus")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -20,6 +24,19 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def stop_if_cancelled() -> None:
+    """Raise CancelledError when the current task was cancelled but carries on.
+
+    Python 3.11's ``asyncio.wait_for`` returns normally when its task is cancelled just as
+    the awaited future completes (fixed in 3.12), and nats-py waits through it: the
+    cancellation is lost, and a loop meant to run until cancelled would never end (nor the
+    shutdown waiting for it). Such a loop calls this once per round: a lost cancellation then
+    ends it one round later. eventbus's own code uses ``asyncio.timeout``, which loses none."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def stop_with_grace(
@@ -33,3 +50,23 @@ async def stop_with_grace(
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+
+
+async def report_stuck(what: str, after: float, every: float = 30.0) -> None:
+    """Sleep ``after`` seconds, then log (and again every ``every`` s) each task still running
+    with where it waits: run beside a shutdown that should be over by then, and cancel it once
+    the shutdown has ended. A stuck shutdown then says what it waits for."""
+    await asyncio.sleep(after)
+    waited = after
+    me = asyncio.current_task()
+    while True:
+        stacks = []
+        for task in asyncio.all_tasks():
+            if task is me:
+                continue
+            out = io.StringIO()
+            task.print_stack(file=out)
+            stacks.append(out.getvalue())
+        log.warning("%s still running after %g s; waiting in:\n%s", what, waited, "".join(stacks))
+        await asyncio.sleep(every)
+        waited += every

@@ -32,7 +32,7 @@ from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus._rates import Rates, deliveries_by_target
 from eventbus._supervisor import Supervised, Supervisor
-from eventbus._tasks import cancel_and_wait
+from eventbus._tasks import cancel_and_wait, report_stuck
 from eventbus.bus import (
     DUPLICATE,
     Bus,
@@ -389,7 +389,16 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stack.aclose()
+        # Deliveries get shutdown_grace; the rest (sources, bus, audit flush, embedded
+        # servers) a few seconds. Past that something is stuck: say where, while waiting on.
+        watchdog = asyncio.create_task(
+            report_stuck("shutdown", self.settings.router.shutdown_grace + 15),
+            name="eventbus-shutdown-watchdog",
+        )
+        try:
+            await self._stack.aclose()
+        finally:
+            await cancel_and_wait(watchdog)
 
     # -- operations used by the API and CLI ------------------------------------------------
     # The HTTP edge and the CLI go through these methods only, never through the components

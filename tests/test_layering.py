@@ -28,7 +28,7 @@ PACKAGE = Path(eventbus.__file__).parent
 
 # Bottom to top: a unit may import itself and the units of earlier layers only.
 LAYERS: list[set[str]] = [
-    {"_errors", "_tasks"},  # the error tree; stopping tasks under a grace period
+    {"_errors", "_tasks"},  # the error tree; stopping tasks (grace, lost cancellations)
     {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
@@ -64,7 +64,15 @@ PULLS: dict[str, set[str]] = {
     "eventbus.store": {"_errors", "config", "metrics"},
     "eventbus.targets": {"_errors", "_oauth", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,
-    "eventbus.sources": {"_errors", "_oauth", "cloudevents", "config", "metrics", "store"},
+    "eventbus.sources": {
+        "_errors",
+        "_oauth",
+        "_tasks",
+        "cloudevents",
+        "config",
+        "metrics",
+        "store",
+    },
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
     "eventbus.app": _DELIVERY | {"_rates", "_supervisor", "bus", "delivery", "router", "sources"},
     # the edge knows the service's type only for checking; the service arrives at run time;

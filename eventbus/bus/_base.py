@@ -278,6 +278,7 @@ class InFlightWindow:
         """Wait until a slot is released or :meth:`poke` is called, at most ``at_most`` s."""
         self._changed.clear()
         try:
-            await asyncio.wait_for(self._changed.wait(), at_most)
+            async with asyncio.timeout(at_most):
+                await self._changed.wait()
         except TimeoutError:
             return

@@ -33,7 +33,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus._oauth import kafka_options, sasl_refusal
-from eventbus._tasks import cancel_and_wait
+from eventbus._tasks import cancel_and_wait, stop_if_cancelled
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -240,7 +240,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 break
             self.settled.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.settled.wait(), left)
+                async with asyncio.timeout(left):
+                    await self.settled.wait()
         await self.commit(revoked)
         for tp in revoked:
             self.partitions.pop(tp, None)
@@ -318,6 +319,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._commit_periodically(), name="eventbus-kafka-commit"
             )
         while not self.closed:
+            stop_if_cancelled()
             if self.ready:
                 msg = self.ready.popleft()
                 if not self.current(msg):

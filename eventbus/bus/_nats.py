@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
+from eventbus._tasks import stop_if_cancelled
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -387,6 +388,7 @@ class NatsBus:
         self._batches.append(batch)
         try:
             while not self._closing:
+                stop_if_cancelled()  # nats-py's fetch may lose a cancellation (3.11)
                 if not batch:
                     # Messages that arrived late for an earlier pull wait in the subscription
                     # and come with the next fetch whatever it asks for: they count as held.

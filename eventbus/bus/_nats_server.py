@@ -207,7 +207,8 @@ class NatsServer:
         except OSError:
             return False
         try:
-            line = await asyncio.wait_for(reader.readline(), 1.0)
+            async with asyncio.timeout(1.0):
+                line = await reader.readline()
         except (OSError, TimeoutError):
             line = b""
         finally:
@@ -230,7 +231,8 @@ class NatsServer:
         if proc is not None and proc.returncode is None:
             proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), self.stop_timeout)
+                async with asyncio.timeout(self.stop_timeout):
+                    await proc.wait()
             except TimeoutError:
                 proc.kill()
                 await proc.wait()

@@ -225,7 +225,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         log.info("started %d workers on %s:%d", workers, settings.listen.host, settings.listen.port)
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await stopping.wait()
             if embedded.supervisor.failed is not None:
                 # The workers cannot work without their servers: stop everything and exit
                 # non-zero, so whatever runs eventbus restarts it.

@@ -122,7 +122,8 @@ class RetryWorker:
                 return
             wait = min(self._idle_poll, self._next_due - now)
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             except TimeoutError:
                 if self._next_due <= time.monotonic():
                     self._next_due = float("inf")

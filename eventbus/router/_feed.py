@@ -256,7 +256,8 @@ class PeerFeed:
         """Wait (up to ``within`` seconds) until this worker is subscribed to every other
         worker that was listening when its first watcher arrived."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._joined.wait(), within)
+            async with asyncio.timeout(within):
+                await self._joined.wait()
 
     # -- the sending side: another worker subscribes ------------------------------------
 
@@ -305,12 +306,15 @@ class PeerFeed:
 
     async def _subscribe(self, path: Path) -> None:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_unix_connection(str(path))
         except (OSError, TimeoutError):
             _forget_if_gone(path)
             return
         try:
-            if await asyncio.wait_for(reader.readexactly(1), 1.0) != _HELLO:
+            async with asyncio.timeout(1.0):
+                hello = await reader.readexactly(1)
+            if hello != _HELLO:
                 raise ConnectionError("not a live feed")
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.debug("live feed of worker %s: %s", path.name, exc)

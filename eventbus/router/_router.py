@@ -34,7 +34,7 @@ from typing import Any
 
 from eventbus import metrics
 from eventbus._errors import EventBusError
-from eventbus._tasks import cancel_and_wait, stop_with_grace
+from eventbus._tasks import cancel_and_wait, stop_if_cancelled, stop_with_grace
 from eventbus.bus import Bus, BusMessage
 from eventbus.delivery import Dispatcher, invoke_rule, invoked_target
 from eventbus.router._feed import LiveFeed, Routed
@@ -91,6 +91,7 @@ class Router:
         while True:
             try:
                 async for msg in self._bus.messages():
+                    stop_if_cancelled()  # a client library may have lost it (3.11)
                     task = asyncio.create_task(self.handle(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)

@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 
 from eventbus._errors import BusError, StoreError
 from eventbus._oauth import kafka_options, sasl_refusal
+from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import from_kafka
 from eventbus.config import KafkaAuth
 from eventbus.sources._base import SourceContext
@@ -80,6 +81,7 @@ class KafkaSource:
             ctx.status.state = "running"
             backoff.reset()
             while True:
+                stop_if_cancelled()
                 batches = await consumer.getmany(timeout_ms=1000, max_records=self.config.batch)
                 done: dict[TopicPartition, int] = {}
                 try:

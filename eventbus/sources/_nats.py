@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from eventbus._errors import BusError, StoreError
+from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import from_nats
 from eventbus.config import NatsAuth, redact_url
 from eventbus.sources._base import SourceContext
@@ -171,6 +172,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
         ctx.status.state = "running"
         backoff.reset()
         while not closed.is_set():
+            stop_if_cancelled()  # nats-py's fetch may lose a cancellation (3.11)
             try:
                 batch = await psub.fetch(self.config.batch, timeout=1.0)
             except nats.errors.TimeoutError:

@@ -24,6 +24,7 @@ import orjson
 import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import new_event, notification_to_events
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
@@ -139,6 +140,7 @@ async def consume_forever(
     backoff = Backoff(ctx.clock)
     retry: tuple[type[BaseException], ...] = (BusError, StoreError, *transient)
     while True:
+        stop_if_cancelled()
         try:
             await consume(backoff)
         except retry as exc:

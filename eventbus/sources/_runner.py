@@ -22,6 +22,7 @@ import asyncpg
 import pydantic
 
 from eventbus._errors import ConfigError
+from eventbus._tasks import stop_if_cancelled
 from eventbus.config import SourceSpec, connector_adapter, connector_spec, register_connector
 from eventbus.sources._base import Source, SourceContext, SourceStatus, default_instance_id
 from eventbus.sources._checkpoints import Checkpoints
@@ -182,6 +183,7 @@ class SourceRunner:
     async def _supervise(self, source: Source, ctx: SourceContext) -> None:
         backoff = Backoff(self._clock, initial=self._backoff[0], maximum=self._backoff[1])
         while True:
+            stop_if_cancelled()
             events_before = ctx.status.events
             ctx.status.state = "running"
             try:

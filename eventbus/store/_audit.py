@@ -303,7 +303,8 @@ class AuditWriter:
             self._stop("the audit writer is closed")
             return
         try:
-            await asyncio.wait_for(asyncio.shield(task), grace)
+            async with asyncio.timeout(grace):
+                await asyncio.shield(task)
         except TimeoutError:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -338,7 +339,8 @@ class AuditWriter:
                 # Wait for a fuller batch: up to `interval` of latency buys far fewer COPYs.
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await self._wake.wait()
             count = min(len(self._rows), self._batch)
             rows = [self._rows.popleft() for _ in range(count)]
             if not self._rows:

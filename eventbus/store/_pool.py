@@ -241,7 +241,8 @@ class Store:
         close the pool. Idempotent."""
         await self.audit.close(_CLOSE_TIMEOUT)
         try:
-            await asyncio.wait_for(self.pool.close(), _CLOSE_TIMEOUT)
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self.pool.close()
         except TimeoutError:
             self.pool.terminate()
 

@@ -198,8 +198,11 @@ class NatsTarget:
         task.add_done_callback(self._retiring.discard)
 
     async def _close_quietly(self, nc: Client) -> None:
-        with contextlib.suppress(nats.errors.Error, OSError, RuntimeError, asyncio.CancelledError):
-            await asyncio.wait_for(nc.close(), self.config.timeout)
+        with contextlib.suppress(
+            nats.errors.Error, OSError, RuntimeError, TimeoutError, asyncio.CancelledError
+        ):
+            async with asyncio.timeout(self.config.timeout):
+                await nc.close()
 
     async def _connect(self) -> Client:
         nc = Client()

@@ -190,7 +190,7 @@ class Rig:
         return report
 
     def log_tail(self) -> str:
-        return self.service.log.read_text(errors="replace")[-2000:]
+        return self.service.log.read_text(errors="replace")[-12000:]
 
     async def close(self) -> None:
         """Stop everything this rig started, in whatever state a test left it."""
