@@ -101,10 +101,8 @@ class _SharedSession:
             connector=aiohttp.TCPConnector(
                 limit=CONNECTION_LIMIT, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
             ),
-            # Uncompressed answers only: a compressed body could expand past the read bound.
-            # No default Content-Type either: in binary mode it is the event's datacontenttype,
-            # so an event without data must arrive without one.
-            skip_auto_headers=("Accept-Encoding", "Content-Type"),
+            # Uncompressed answers only (every request says Accept-Encoding: identity): a
+            # compressed body could expand past the read bound.
             auto_decompress=False,
         )
         self.users = 0
@@ -209,6 +207,9 @@ def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> O
     return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
 
 
+_NO_CONTENT_TYPE = ("Content-Type",)
+
+
 async def _read_bounded(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
     """Read at most ``MAX_RESPONSE_BYTES``; the flag says whether the whole body was read."""
     chunks: list[bytes] = []
@@ -263,7 +264,13 @@ class HttpTarget:
             self._key = None if config.secret is None else decode_secret(config.secret.reveal())
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-        self._static = {"User-Agent": "eventbus", **static, **auth}
+        self._static = {
+            "User-Agent": "eventbus",
+            "Accept-Encoding": "identity",
+            "Accept": "*/*",
+            **static,
+            **auth,
+        }
         self._oauth: OAuth2Client | None = None
         if config.auth is not None and config.auth.oauth2 is not None:
             self._oauth = OAuth2Client(config.auth.oauth2, where, config.timeout)
@@ -387,6 +394,8 @@ class HttpTarget:
                 allow_redirects=False,
                 timeout=self._timeout,
                 ssl=self._ssl,
+                # An event without data arrives without a Content-Type (aiohttp would add one).
+                skip_auto_headers=None if "Content-Type" in headers else _NO_CONTENT_TYPE,
             ) as resp:
                 content, complete = await _read_bounded(resp.content)
                 if not complete:

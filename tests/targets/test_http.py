@@ -497,3 +497,14 @@ def test_a_payload_handed_to_many_targets_is_encoded_once() -> None:
     assert len(_http._ENCODED) <= _http._ENCODED_KEEP
     copy = dict(event)
     assert _http._encoded(copy, False)[1] == first_body
+
+
+async def test_requests_ask_for_an_uncompressed_answer(receiver: Receiver) -> None:
+    # The answer is read up to a bound and never decompressed: a function must not compress it
+    # (without Accept-Encoding a server may pick any coding).
+    event = make_event()
+    async with HttpTarget(config_for(receiver)) as target:
+        assert (await target.deliver(event, event, is_cloudevent=True, attempt=1)).delivered
+    (req,) = await receiver.wait_for(1)
+    assert req.headers["Accept-Encoding"] == "identity"
+    assert req.headers["Content-Type"] == "application/json"
