@@ -327,6 +327,23 @@ def python_cpu(groups: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+async def settle(
+    groups: list[int], *, quiet: float = 0.1, every: float = 0.5, bound: float = 60.0
+) -> float:
+    """Wait until the Python processes of ``groups`` use less than ``quiet`` of a core over
+    ``every`` seconds (the work a load left behind, such as audit rows still being written, is
+    done), at most ``bound`` seconds; returns how long it took."""
+    began = time.monotonic()
+    before = python_cpu(groups)
+    while time.monotonic() - began < bound:
+        await asyncio.sleep(every)
+        now = python_cpu(groups)
+        if now - before < quiet * every:
+            break
+        before = now
+    return time.monotonic() - began
+
+
 def profile(pids: list[int], duration: float, out: Path) -> list[subprocess.Popen[bytes]]:
     """Start py-spy sampling each of ``pids`` for ``duration`` seconds (collapsed stacks, one
     file per process in ``out``); wait for the returned processes, then :func:`summarize`."""

@@ -12,7 +12,9 @@ brokers and PostgreSQL. For each backend and worker count, each system gets:
 1. a warm-up of ``WARMUP`` seconds (closed loop), drained;
 2. a sustained phase: closed loop, ``CONCURRENCY`` requests outstanding, for ``--duration``
    seconds; throughput = distinct events arrived at the endpoint / (last arrival - first send),
-   waiting a bounded time for the backlog to drain;
+   waiting a bounded time for the backlog to drain, then for the service's processes to go
+   quiet (``_harness.settle``): CPU per event includes the work left behind (audit rows still
+   being written), and the next phase does not start in its wake;
 3. a fixed-rate phase: open loop at ``--rate`` events/s for ``--duration`` seconds; latency =
    arrival at the endpoint - ``data.sent`` (the sender's ``time.time()``, same clock).
    ``--rate half`` (the default) runs it at half of what that system delivered in its own
@@ -173,6 +175,9 @@ async def _measure(
     for spy in spies:
         spy.wait(timeout=duration + 30)
     got = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
+    # The CPU of the work the load left behind (audit rows still being written) counts, and
+    # the fixed-rate phase starts on a quiet system: not in the sustained phase's wake.
+    await h.settle(groups)
     cpu_ms = (h.python_cpu(groups) - cpu) * 1000 / max(got["delivered"], 1)
     ingest = load["accepted"] / (load["ended_at"] - load["started_at"])
     span = got["last_at"] - load["started_at"]
