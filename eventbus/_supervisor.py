@@ -14,12 +14,12 @@ the time until it is back: publishes answer 503 meanwhile, routing waits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 from eventbus import metrics
+from eventbus._tasks import cancel_and_wait
 
 __all__ = ["Supervised", "Supervisor"]
 
@@ -73,10 +73,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop watching (before the servers are stopped on purpose). Idempotent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -61,8 +61,8 @@ PULLS: dict[str, set[str]] = {
     "eventbus.config": {"_errors"},
     "eventbus.rules": {"_errors", "config"},
     "eventbus.bus": {"_errors", "_oauth", "_tasks", "cloudevents", "config"},
-    "eventbus.store": {"_errors", "config", "metrics"},
-    "eventbus.targets": {"_errors", "_oauth", "cloudevents", "config"},
+    "eventbus.store": {"_errors", "_tasks", "config", "metrics"},
+    "eventbus.targets": {"_errors", "_oauth", "_tasks", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,
     "eventbus.sources": {
         "_errors",

@@ -109,3 +109,34 @@ async def test_a_stuck_stop_logs_where_each_task_waits(caplog: pytest.LogCapture
     assert "stuck-one" in first.getMessage()
     assert "held_by_a_lock" in first.getMessage()
     assert "name='watchdog'" not in first.getMessage()  # not itself
+
+
+async def test_a_stop_cancelled_while_waiting_is_cancelled_too() -> None:
+    """``cancel_and_wait`` passes on its caller's own cancellation (a shutdown cut short),
+    where ``with suppress(CancelledError): await task`` would swallow it and go on."""
+    cleaning = asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaning.set()
+            await asyncio.sleep(3600)  # a cleanup that would take long
+
+    worker = asyncio.create_task(slow_to_stop())
+    await asyncio.sleep(0)
+    went_on = False
+
+    async def stopper() -> None:
+        nonlocal went_on
+        await cancel_and_wait(worker)
+        went_on = True
+
+    stopping = asyncio.create_task(stopper())
+    await cleaning.wait()
+    stopping.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+    assert not went_on
+    assert worker.done()

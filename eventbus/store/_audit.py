@@ -42,6 +42,7 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, StoreError, truncate_error
+from eventbus._tasks import cancel_and_wait
 from eventbus.store._jsonb import dumps_jsonb
 
 __all__ = ["Attempt", "AttemptOutcome", "AuditWriter"]
@@ -306,9 +307,7 @@ class AuditWriter:
             async with asyncio.timeout(grace):
                 await asyncio.shield(task)
         except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             _log.error("audit: closed with %d rows still unwritten after %gs", self._held, grace)
         self._stop("the audit writer closed before these rows were written")
 

@@ -11,10 +11,11 @@ it) stay in each target.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from eventbus._tasks import cancel_and_wait
 
 __all__ = ["LazyClient"]
 
@@ -97,9 +98,7 @@ class LazyClient(Generic[T]):
         self._open = False
         task, self._task = self._task, None
         if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         client, self._client = self._client, None
         return client
 
