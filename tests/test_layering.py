@@ -64,15 +64,7 @@ PULLS: dict[str, set[str]] = {
     "eventbus.store": {"_errors", "_tasks", "config", "metrics"},
     "eventbus.targets": {"_errors", "_oauth", "_tasks", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,
-    "eventbus.sources": {
-        "_errors",
-        "_oauth",
-        "_tasks",
-        "cloudevents",
-        "config",
-        "metrics",
-        "store",
-    },
+    "eventbus.sources": _DELIVERY - {"rules", "targets"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
     "eventbus.app": _DELIVERY | {"_rates", "_supervisor", "bus", "delivery", "router", "sources"},
     # the edge knows the service's type only for checking; the service arrives at run time;
