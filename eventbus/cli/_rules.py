@@ -16,12 +16,18 @@ import importlib.util
 import sys
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
 from eventbus._errors import CloudEventError, ConfigError, PatternError, RuleSetError
-from eventbus.rules import DeliveryCheck, load_rules, matches
+
+if TYPE_CHECKING:
+    from eventbus.rules import DeliveryCheck
+
+# eventbus.rules is imported by the commands that use it, not here: it loads the CEL
+# runtime (about a second), which every other command (``eventbus --help``, ``publish``,
+# ``dead-letters``) would otherwise wait for.
 
 __all__ = ["register", "test_command", "test_pattern_command", "validate_command"]
 
@@ -79,6 +85,8 @@ def validate_command(
     native_cel: bool = False,
 ) -> int:
     """Load the rules at ``path``; print ``N rules OK`` (exit 0) or every problem (exit 1)."""
+    from eventbus.rules import load_rules
+
     try:
         rules = load_rules(
             path, known_targets=known_targets, check_delivery=check_delivery, native_cel=native_cel
@@ -107,6 +115,8 @@ def test_command(
     event. Exit 0, 1 for invalid rules, 2 for an unusable event file (unreadable, not JSON, or
     not a valid CloudEvent: the service would refuse it).
     """
+    from eventbus.rules import load_rules
+
     try:
         event = _read_cloudevent(event_file)
     except _InputError as exc:
@@ -140,6 +150,8 @@ def test_command(
 def test_pattern_command(pattern_file: str | Path, event_file: str | Path, *, out: TextIO) -> int:
     """Print ``true`` or ``false``: does the event match the event pattern (as EventBridge's
     TestEventPattern)? Exit 0, or 2 with a clear message for a bad pattern or JSON file."""
+    from eventbus.rules import matches
+
     try:
         pattern = _read_json(pattern_file, "pattern file")
         event = _read_object(event_file, "event file")
