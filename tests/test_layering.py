@@ -176,6 +176,11 @@ def test_the_configuration_loads_no_driver() -> None:
     assert sorted(d for d in DRIVERS if d in loaded) == []
 
 
+def test_the_service_loads_boto3_only_for_an_s3_source() -> None:
+    # the slowest driver to import (about 0.15 s), needed by one source type
+    assert "boto3" not in _loaded("eventbus.app")
+
+
 # One module serves two types: core NATS and JetStream subscriptions share their connection.
 _FAMILIES = {"jetstream": "nats"}
 
