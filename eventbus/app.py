@@ -211,6 +211,7 @@ class Service:
         self.store = await Store.open(
             self.database_url,
             max_size=db.pool_size,
+            connect_timeout=db.connect_timeout,
             password=db.password.reveal() if external and db.password is not None else None,
             ssl=db.ssl_option() if external else None,
         )

@@ -118,6 +118,9 @@ class DatabaseSettings(_Model):
     password: Secret | None = None
     sslmode: SslMode | None = None
     tls: TlsSpec | None = None
+    connect_timeout: float = Field(10.0, gt=0, le=600)
+    """Seconds a start waits for the server to accept connections (one starting beside
+    eventbus, as under an orchestrator) before it gives up."""
 
     @model_validator(mode="after")
     def _tls_needs_ssl(self) -> DatabaseSettings:

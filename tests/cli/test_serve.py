@@ -197,3 +197,41 @@ async def test_healthz_answers_as_soon_as_the_process_listens(
     assert f"127.0.0.1:{nowhere}" in err.decode()  # the start-up error, then a clean exit
     with socket.create_server(("127.0.0.1", port)):  # the port was let go
         pass
+
+
+async def test_the_wait_for_an_unreachable_database_is_the_configured_one(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens there
+    config = tmp_path / "eventbus.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"port": free_port()},
+                "data_dir": str(tmp_path / "data"),
+                "database": {
+                    "url": f"postgresql://eventbus@127.0.0.1:{port}/eventbus",
+                    "connect_timeout": 1.5,
+                },
+            }
+        )
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "serve", "--config", str(config)),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert f"Postgres at postgresql://eventbus@127.0.0.1:{port}/eventbus is unreachable" in text
+    assert "gave up after 1.5 s" in text
+    assert "Traceback" not in text
+    # the embedded nats-server it had started is gone with it
+    left = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not left
