@@ -19,11 +19,31 @@ __all__ = ["cancel_and_wait", "report_stuck", "stop_if_cancelled", "stop_with_gr
 log = logging.getLogger("eventbus")
 
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` (if any) and return once it has ended; whatever it raised is dropped."""
-    if task is not None:
+async def cancel_and_wait(task: asyncio.Task[Any] | None, *, again_after: float = 10.0) -> None:
+    """Cancel ``task`` (if any) and return once it has ended; whatever it raised is dropped.
+
+    A task still running ``again_after`` seconds after its cancellation is cancelled again
+    (with a warning), and so on: a client library that lost the first one (see
+    ``stop_if_cancelled``) cannot hold a shutdown forever. The caller's own cancellation is
+    passed on to ``task`` and raised."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        while not task.done():
+            await asyncio.wait((task,), timeout=again_after)
+            if not task.done():
+                log.warning(
+                    "task %s still running %g s after it was cancelled; cancelling it again",
+                    task.get_name(),
+                    again_after,
+                )
+                task.cancel()
+    except asyncio.CancelledError:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        raise
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
 def stop_if_cancelled() -> None:
@@ -47,9 +67,7 @@ async def stop_with_grace(
     await cancel_and_wait(loop)
     if inflight:
         _, late = await asyncio.wait(set(inflight), timeout=grace)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(task) for task in late))
 
 
 async def report_stuck(what: str, after: float, every: float = 30.0) -> None:

@@ -22,13 +22,33 @@ pytest_plugins = [
 ]
 
 
+def _timeout(request: pytest.FixtureRequest) -> float | None:
+    """The test's pytest-timeout limit in seconds (marker, --timeout, then the ini file), or
+    None when it has none (0, or pytest-timeout not loaded)."""
+    marker = request.node.get_closest_marker("timeout")
+    if marker is not None:
+        value = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+    else:
+        value = request.config.getoption("timeout", default=None)
+        if value is None:
+            try:
+                value = request.config.getini("timeout")
+            except ValueError:  # -p no:timeout
+                return None
+    return float(value) if value else None
+
+
 @pytest_asyncio.fixture
 async def _report_stuck(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """A test that will hit pytest-timeout logs, shortly before, where each of its asyncio
-    tasks waits (pytest-timeout's own dump shows threads only: the event loop's selector)."""
-    marker = request.node.get_closest_marker("timeout")
-    timeout = float(marker.args[0]) if marker and marker.args else request.config.getini("timeout")
-    watchdog = asyncio.create_task(report_stuck("test", max(1.0, float(timeout) - 20)))
+    tasks waits (pytest-timeout's own dump shows threads only: the event loop's selector).
+    Set up before the test's other fixtures and torn down after them, so a hang in their
+    teardown is reported too."""
+    timeout = _timeout(request)
+    if timeout is None:
+        yield
+        return
+    watchdog = asyncio.create_task(report_stuck("test", max(1.0, timeout - 20)))
     try:
         yield
     finally:
@@ -37,5 +57,6 @@ async def _report_stuck(request: pytest.FixtureRequest) -> AsyncIterator[None]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if inspect.iscoroutinefunction(getattr(item, "obj", None)):
-            item.fixturenames.append("_report_stuck")  # type: ignore[attr-defined]
+        names: list[str] = item.fixturenames  # type: ignore[attr-defined]
+        if inspect.iscoroutinefunction(getattr(item, "obj", None)) and "_report_stuck" not in names:
+            names.insert(0, "_report_stuck")

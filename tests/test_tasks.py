@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -139,4 +140,24 @@ async def test_a_stop_cancelled_while_waiting_is_cancelled_too() -> None:
         with pytest.raises(asyncio.CancelledError):
             await stopping
     assert not went_on
-    assert worker.done()
+    # and the worker, whose cleanup it was waiting for, was cancelled again
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await worker
+
+
+async def test_a_task_that_lost_its_cancellation_is_cancelled_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def deaf() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # as a library that lost it
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # and goes on waiting
+
+    task = asyncio.create_task(deaf(), name="deaf")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        async with asyncio.timeout(5):
+            await cancel_and_wait(task, again_after=0.05)
+    assert task.cancelled()
+    assert "task deaf still running 0.05 s after it was cancelled" in caplog.text

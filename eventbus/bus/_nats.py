@@ -347,6 +347,9 @@ class NatsBus:
             except BusError as exc:
                 results[i] = exc
             except (nats.errors.Error, OSError, TimeoutError) as exc:
+                # nats-py turns a cancellation during its wait for ack room into
+                # TooManyStalledMsgsError: this task's own cancellation must not become a result
+                stop_if_cancelled()
                 results[i] = _translate(exc, "publish")
             else:
                 pending[future] = i

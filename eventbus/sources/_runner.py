@@ -22,7 +22,7 @@ import asyncpg
 import pydantic
 
 from eventbus._errors import ConfigError
-from eventbus._tasks import stop_if_cancelled
+from eventbus._tasks import cancel_and_wait, stop_if_cancelled
 from eventbus.config import SourceSpec, connector_adapter, connector_spec, register_connector
 from eventbus.sources._base import Source, SourceContext, SourceStatus, default_instance_id
 from eventbus.sources._checkpoints import Checkpoints
@@ -160,9 +160,7 @@ class SourceRunner:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(task) for task in self._tasks))
         for ctx in self._contexts:
             if ctx.status.state != "failed":
                 ctx.status.state = "stopped"

@@ -309,7 +309,9 @@ class AuditWriter:
         except TimeoutError:
             await cancel_and_wait(task)
             _log.error("audit: closed with %d rows still unwritten after %gs", self._held, grace)
-        self._stop("the audit writer closed before these rows were written")
+        finally:
+            # also when this close is cancelled: pending flushes must not wait for ever
+            self._stop("the audit writer closed before these rows were written")
 
     async def _put(self, table: str, record: tuple[Any, ...]) -> None:
         while self._held >= self._capacity and not self._closing:
