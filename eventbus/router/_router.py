@@ -99,7 +99,9 @@ class Router:
                 raise
             except Exception:
                 # The consumer broke (broker restarted, connection lost): back off and resume;
-                # everything not acked is redelivered by the bus.
+                # everything not acked is redelivered by the bus. (Unless the failure was a
+                # cancellation a client library turned into an error.)
+                stop_if_cancelled()
                 log.exception("bus consumer failed; resuming in 1 s")
                 await asyncio.sleep(1.0)
 
