@@ -14,7 +14,13 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["cancel_and_wait", "report_stuck", "stop_if_cancelled", "stop_with_grace"]
+__all__ = [
+    "cancel_and_wait",
+    "report_stuck",
+    "stop_if_cancelled",
+    "stop_with_grace",
+    "wait_event",
+]
 
 log = logging.getLogger("eventbus")
 
@@ -44,6 +50,17 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, *, again_after: float 
         raise
     if not task.cancelled():
         task.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+
+async def wait_event(event: asyncio.Event, within: float) -> bool:
+    """Wait until ``event`` is set, at most ``within`` seconds; True when it was. Built on
+    ``asyncio.timeout``, which keeps a cancellation that 3.11's ``wait_for`` may lose."""
+    try:
+        async with asyncio.timeout(within):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def stop_if_cancelled() -> None:

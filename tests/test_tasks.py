@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import eventbus
-from eventbus._tasks import cancel_and_wait, report_stuck, stop_if_cancelled
+from eventbus._tasks import cancel_and_wait, report_stuck, stop_if_cancelled, wait_event
 from eventbus.bus._base import InFlightWindow
 from tests.fixtures.wait import eventually
 
@@ -161,3 +161,10 @@ async def test_a_task_that_lost_its_cancellation_is_cancelled_again(
             await cancel_and_wait(task, again_after=0.05)
     assert task.cancelled()
     assert "task deaf still running 0.05 s after it was cancelled" in caplog.text
+
+
+async def test_wait_event_says_whether_the_event_came_in_time() -> None:
+    event = asyncio.Event()
+    assert await wait_event(event, 0.01) is False
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_event(event, 5) is True

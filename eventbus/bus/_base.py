@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, Protocol, Self
 
 from eventbus._errors import BusError, CloudEventError, ConfigError
+from eventbus._tasks import wait_event
 from eventbus.cloudevents import encode, event_key, parse_json, validate
 
 __all__ = [
@@ -277,8 +278,4 @@ class InFlightWindow:
     async def wait(self, at_most: float) -> None:
         """Wait until a slot is released or :meth:`poke` is called, at most ``at_most`` s."""
         self._changed.clear()
-        try:
-            async with asyncio.timeout(at_most):
-                await self._changed.wait()
-        except TimeoutError:
-            return
+        await wait_event(self._changed, at_most)

@@ -33,7 +33,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus._oauth import kafka_options, sasl_refusal
-from eventbus._tasks import cancel_and_wait, stop_if_cancelled
+from eventbus._tasks import cancel_and_wait, stop_if_cancelled, wait_event
 from eventbus.bus._base import (
     DIRECT,
     BusMessage,
@@ -239,9 +239,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             if left <= 0:
                 break
             self.settled.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self.settled.wait()
+            await wait_event(self.settled, left)
         await self.commit(revoked)
         for tp in revoked:
             self.partitions.pop(tp, None)

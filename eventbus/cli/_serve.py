@@ -41,6 +41,7 @@ from typing import Any
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
+from eventbus._tasks import wait_event
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import Settings
@@ -224,9 +225,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             procs[i] = spawn(i)
         log.info("started %d workers on %s:%d", workers, settings.listen.host, settings.listen.port)
         while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await stopping.wait()
+            await wait_event(stopping, 1.0)
             if embedded.supervisor.failed is not None:
                 # The workers cannot work without their servers: stop everything and exit
                 # non-zero, so whatever runs eventbus restarts it.

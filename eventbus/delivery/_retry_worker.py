@@ -18,7 +18,7 @@ import time
 
 from eventbus import metrics
 from eventbus._errors import StoreError
-from eventbus._tasks import stop_with_grace
+from eventbus._tasks import stop_with_grace, wait_event
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.delivery._model import Delivery
 from eventbus.delivery._store import DeliveryStore
@@ -121,10 +121,7 @@ class RetryWorker:
                 self._next_due = float("inf")
                 return
             wait = min(self._idle_poll, self._next_due - now)
-            try:
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            except TimeoutError:
+            if not await wait_event(self._wake, wait):
                 if self._next_due <= time.monotonic():
                     self._next_due = float("inf")
                 return

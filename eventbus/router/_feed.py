@@ -22,7 +22,6 @@ watcher never slows a router.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from typing import Any, Self
 import orjson
 
 from eventbus import metrics
-from eventbus._tasks import cancel_and_wait
+from eventbus._tasks import cancel_and_wait, wait_event
 
 __all__ = ["LiveFeed", "PeerFeed", "Routed", "Watcher"]
 
@@ -255,9 +254,7 @@ class PeerFeed:
     async def joined(self, within: float = 2.0) -> None:
         """Wait (up to ``within`` seconds) until this worker is subscribed to every other
         worker that was listening when its first watcher arrived."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await self._joined.wait()
+        await wait_event(self._joined, within)
 
     # -- the sending side: another worker subscribes ------------------------------------
 

@@ -91,7 +91,6 @@ class Router:
         while True:
             try:
                 async for msg in self._bus.messages():
-                    stop_if_cancelled()  # a client library may have lost it (3.11)
                     task = asyncio.create_task(self.handle(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)

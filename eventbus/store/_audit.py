@@ -26,7 +26,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -42,7 +41,7 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, StoreError, truncate_error
-from eventbus._tasks import cancel_and_wait
+from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.store._jsonb import dumps_jsonb
 
 __all__ = ["Attempt", "AttemptOutcome", "AuditWriter"]
@@ -339,9 +338,7 @@ class AuditWriter:
             if len(self._rows) < self._batch and not (self._urgent or self._closing):
                 # Wait for a fuller batch: up to `interval` of latency buys far fewer COPYs.
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._interval):
-                        await self._wake.wait()
+                await wait_event(self._wake, self._interval)
             count = min(len(self._rows), self._batch)
             rows = [self._rows.popleft() for _ in range(count)]
             if not self._rows:

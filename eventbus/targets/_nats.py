@@ -198,9 +198,8 @@ class NatsTarget:
         task.add_done_callback(self._retiring.discard)
 
     async def _close_quietly(self, nc: Client) -> None:
-        with contextlib.suppress(
-            nats.errors.Error, OSError, RuntimeError, TimeoutError, asyncio.CancelledError
-        ):
+        # (TimeoutError, from the deadline, is an OSError)
+        with contextlib.suppress(nats.errors.Error, OSError, RuntimeError, asyncio.CancelledError):
             async with asyncio.timeout(self.config.timeout):
                 await nc.close()
 
