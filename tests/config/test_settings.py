@@ -52,6 +52,10 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("bus:\n  kafka:\n    linger_ms: -1\n", "eventbus.yaml:3: bus.kafka.linger_ms: Input"),
         ("router:\n  cel: fast\n", "eventbus.yaml:2: router.cel: Input should be 'cel-python'"),
         (
+            "database:\n  connect_timeout: 0\n",
+            "eventbus.yaml:2: database.connect_timeout: Input should be greater than 0",
+        ),
+        (
             "client_addresses:\n  allow: [10.0.0.0/8]\n  deny:\n    - '::1/128'\n"
             "    - 10.1.2.3/8\n",
             "eventbus.yaml:5: client_addresses.deny.1: Value error, not a CIDR block or address: "
