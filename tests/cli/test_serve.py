@@ -24,7 +24,7 @@ import yaml
 
 from eventbus._errors import ConfigError
 from eventbus.bus._nats_server import free_port
-from eventbus.cli._serve import _check_exposure
+from eventbus.cli._serve import GC_YOUNG_THRESHOLD, _check_exposure
 from eventbus.config import Settings, load_settings
 from tests.fixtures.postgres import private_data_root, stop_servers_under
 from tests.fixtures.service import ServeProcess, settings_for, write_config
@@ -126,6 +126,25 @@ async def test_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     soft, hard = (int(x) for x in out.split())
     assert soft == (900 + 256 if hard == resource.RLIM_INFINITY else min(900 + 256, hard))
+
+
+async def test_serving_freezes_start_up_objects_and_collects_young_ones_less_often() -> None:
+    script = (
+        "import gc\n"
+        "from eventbus.cli._serve import settle_gc\n"
+        "junk = [[i] for i in range(1000)]\n"
+        "before = gc.get_threshold()\n"
+        "settle_gc()\n"
+        "print(*before, *gc.get_threshold(), gc.get_freeze_count())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    young, middle, oldest, *after, frozen = (int(x) for x in out.split())
+    assert after == [GC_YOUNG_THRESHOLD, middle, oldest]
+    assert young < GC_YOUNG_THRESHOLD
+    assert frozen > 1000  # the start-up objects, junk included, left the collected generations
 
 
 @pytest.mark.slow
