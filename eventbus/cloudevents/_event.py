@@ -71,7 +71,19 @@ _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}\s*(?:;.*)?\Z", re.ASCII | re.DOTAL
 # Everything printable in ASCII except the three characters the bindings single out: space is
 # outside the range already, and '"' and '%' must be escaped too.
 _PERCENT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
-_NEEDS_PERCENT = re.compile(r'[^\x21-\x7e]|["%]')
+
+
+def _plain(text: str) -> bool:
+    """True when ``text`` needs no percent-encoding: printable ASCII without space, ``"`` or
+    ``%`` (the characters 0x21-0x7E but those two). Five C-level scans, about a third of the
+    cost of a regular expression search on an attribute's few dozen characters."""
+    return (
+        text.isascii()
+        and text.isprintable()
+        and " " not in text
+        and '"' not in text
+        and "%" not in text
+    )
 
 
 def _clip(value: object) -> str:
@@ -242,12 +254,15 @@ def _extension(name: str, value: object) -> None:
 
 def header_value(value: str | int | bool, *, percent: bool) -> str:
     """The canonical string of an attribute value, percent-encoded when ``percent`` is set."""
-    if value is True or value is False:
+    if type(value) is str:  # nearly every attribute: no conversion to try
+        text = value
+    elif value is True or value is False:
         return "true" if value else "false"
-    if type(value) is int:
+    elif type(value) is int:
         return str(value)
-    text = str(value)
-    if percent and _NEEDS_PERCENT.search(text) is not None:
+    else:
+        text = str(value)
+    if percent and not _plain(text):
         return quote(text, safe=_PERCENT_SAFE)
     return text
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents import (
@@ -23,10 +25,12 @@ from eventbus.cloudevents import (
     encode,
     event_key,
     format_time,
+    header_value,
     new_event,
     parse_json,
     validate,
 )
+from eventbus.cloudevents._codec import decode_header
 
 DATA = Path(__file__).parent / "data"
 
@@ -282,3 +286,20 @@ def test_event_key_is_stable_and_header_safe() -> None:
     )
     odd = event_key({**event, "source": "/\u00e9 x\r\n", "id": "\ud800"})
     assert re.fullmatch(r"[0-9a-f]{32}", odd)
+
+
+_NEEDS_PERCENT = re.compile(r'[^\x21-\x7e]|["%]')
+"""The binding's rule for a header value: anything but printable ASCII, a space, ``"`` and ``%``
+are percent-encoded."""
+
+
+@given(st.text(max_size=40) | st.text(alphabet=st.characters(max_codepoint=0x80), max_size=40))
+def test_a_header_value_is_percent_encoded_exactly_where_the_binding_says(text: str) -> None:
+    encoded = header_value(text, percent=True)
+    if _NEEDS_PERCENT.search(text) is None:
+        assert encoded is text
+    else:
+        assert encoded != text
+        assert re.fullmatch(r"[\x21\x23-\x7e]*", encoded)  # printable ASCII, no space or "
+    assert decode_header("ce-id", encoded) == text
+    assert header_value(text, percent=False) is text
