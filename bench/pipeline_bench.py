@@ -52,6 +52,7 @@ CONCURRENCY = 64
 DRAIN_BOUND = 90.0
 TARGET_CONCURRENCY = 64
 KAFKA_TUNING: dict[str, Any] = {}  # bus.kafka settings of the eventbus runs (--kafka-setting)
+TARGET: dict[str, Any] = {}  # eventbus's HTTP target settings beyond url and concurrency
 
 RULES = """
 - name: orders-eur
@@ -219,6 +220,7 @@ async def _bench(
             kafka_cfg.update(KAFKA_TUNING)
             bus["kafka"] = {"bootstrap_servers": kafka, **kafka_cfg}
         target = {"name": "fn", "type": "http", "url": fn, "concurrency": TARGET_CONCURRENCY}
+        target.update(TARGET)
         url, proc = await h.start_eventbus(
             procs, where, workers=workers, rules=RULES, targets=[target], bus=bus
         )
@@ -332,7 +334,8 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         f"open loop at {_rate_text(args.rate)} for {args.duration:g} s; latency is send to "
         "arrival at the endpoint (202 p99: send to the ingest's answer). eventbus: 10 rules "
         f"(2 with CEL, 1 transform), audit on, target concurrency {TARGET_CONCURRENCY} per "
-        "worker; the forwarder runs as many processes.",
+        f"worker, deliveries in {args.mode} mode; the forwarder runs as many processes and "
+        "sends on the structured body it received.",
         "",
         "| backend | system | procs | ingest/s | delivered/s | CPU ms/event | undelivered | "
         "fixed rate /s | delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms |",
@@ -441,6 +444,13 @@ if __name__ == "__main__":
         help="a bus.kafka setting of eventbus's Kafka runs (e.g. fetch_wait=0.05, linger_ms=2)",
     )
     parser.add_argument(
+        "--mode",
+        choices=["binary", "structured"],
+        default="binary",
+        help="content mode of eventbus's deliveries (the forwarder sends the structured body it "
+        "received)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="sample every system's processes with py-spy during the sustained phase; write "
@@ -448,6 +458,7 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     args.command = "python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
+    TARGET["mode"] = args.mode
     for setting in args.kafka_setting:
         name, _, value = setting.partition("=")
         KAFKA_TUNING[name] = float(value) if "." in value else int(value)
