@@ -110,6 +110,17 @@ def test_compose_settings_start_only_with_the_keys_compose_passes() -> None:
         _check_exposure(load_settings(COMPOSE / "eventbus.yaml", env={}))
 
 
+async def _numbers_printed_by(script: str) -> list[int]:
+    """Run ``script`` in a fresh interpreter (the test process keeps its own limits and
+    collector) and return the integers it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    return [int(x) for x in out.split()]
+
+
 async def test_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
     script = (
         "import resource\n"
@@ -120,11 +131,7 @@ async def test_open_file_limit_is_raised_to_fit_the_connection_cap() -> None:
         "_room_for_connections(Settings.model_validate({'listen': {'max_connections': 900}}))\n"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    soft, hard = (int(x) for x in out.split())
+    soft, hard = await _numbers_printed_by(script)
     assert soft == (900 + 256 if hard == resource.RLIM_INFINITY else min(900 + 256, hard))
 
 
@@ -137,11 +144,7 @@ async def test_serving_freezes_start_up_objects_and_collects_young_ones_less_oft
         "settle_gc()\n"
         "print(*before, *gc.get_threshold(), gc.get_freeze_count())\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    young, middle, oldest, *after, frozen = (int(x) for x in out.split())
+    young, middle, oldest, *after, frozen = await _numbers_printed_by(script)
     assert after == [GC_YOUNG_THRESHOLD, middle, oldest]
     assert young < GC_YOUNG_THRESHOLD
     assert frozen > 1000  # the start-up objects, junk included, left the collected generations
