@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -152,6 +153,8 @@ class Row:
     max: float | None
     ack_p99: float | None
     """Fixed-rate phase: p99 of send to 202 (the ingest part of the latency)."""
+    run: int = 1
+    """Which of ``--repeat`` runs (forwarder and eventbus take turns, run by run)."""
 
 
 async def _measure(
@@ -208,8 +211,9 @@ async def _bench(
     kafka: str | None,
     rate: int | None,
     profile: Path | None = None,
+    run: int = 1,
 ) -> Row:
-    tag = f"{backend}-{system}-w{workers}"
+    tag = f"{backend}-{system}-w{workers}" + (f"-r{run}" if run > 1 else "")
     where = work / tag
     where.mkdir()
     fn = receiver.url("/fn")
@@ -249,6 +253,7 @@ async def _bench(
         fixed["p99_ms"],
         fixed["max_ms"],
         fixed["ack_p99_ms"],
+        run,
     )
 
 
@@ -323,7 +328,21 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """The median of ``values``, with their range when there are several."""
+    mid = statistics.median(values)
+    if len(values) == 1:
+        return format(mid, fmt)
+    return f"{mid:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
 def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) -> str:
+    repeats = (
+        f" {args.repeat} runs each, the forwarder and eventbus taking turns; the summary gives "
+        "the median of the runs (their range in brackets)."
+        if args.repeat > 1
+        else ""
+    )
     lines = [
         f"`{args.command}` on {h.machine()}; load average (1/5/15 min) {loads[0]} before the "
         f"run, {loads[1]} after (other engineers' test suites share the machine).",
@@ -335,19 +354,18 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         "arrival at the endpoint (202 p99: send to the ingest's answer). eventbus: 10 rules "
         f"(2 with CEL, 1 transform), audit on, target concurrency {TARGET_CONCURRENCY} per "
         f"worker, deliveries in {args.mode} mode; the forwarder runs as many processes and "
-        "sends on the structured body it received.",
+        f"sends on the structured body it received.{repeats}",
         "",
-        "| backend | system | procs | ingest/s | delivered/s | CPU ms/event | undelivered | "
+        "| backend | system | procs | run | ingest/s | delivered/s | CPU ms/event | undelivered | "
         "fixed rate /s | delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.backend} | {r.system} | {r.workers} | {r.ingest:,.0f} | {r.delivered:,.0f} | "
-            f"{r.cpu_ms:.2f} | "
-            f"{r.missing} | {r.rate:,} | {r.rate_delivered:,}/{r.rate_sent:,} | {_ms(r.p50)} | "
-            f"{_ms(r.p99)} "
-            f"| {_ms(r.max)} | {_ms(r.ack_p99)} |"
+            f"| {r.backend} | {r.system} | {r.workers} | {r.run} | {r.ingest:,.0f} | "
+            f"{r.delivered:,.0f} | {r.cpu_ms:.2f} | {r.missing} | {r.rate:,} | "
+            f"{r.rate_delivered:,}/{r.rate_sent:,} | {_ms(r.p50)} | {_ms(r.p99)} | {_ms(r.max)} | "
+            f"{_ms(r.ack_p99)} |"
         )
     lines += [
         "",
@@ -356,28 +374,35 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         f"eventbus p99 at {_rate_text(args.rate)} (target ≤ 50 ms at half capacity) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        fwd = next(
-            (
-                f
-                for f in rows
-                if (f.backend, f.workers, f.system) == (r.backend, r.workers, "forwarder")
-            ),
-            None,
+    by_run = {(r.backend, r.workers, r.run, r.system): r for r in rows}
+    for backend, workers in dict.fromkeys((r.backend, r.workers) for r in rows):
+        pairs = [
+            (fwd, ebus)
+            for (b, w, run, system), ebus in by_run.items()
+            if (b, w, system) == (backend, workers, "eventbus")
+            and (fwd := by_run.get((b, w, run, "forwarder"))) is not None
+            and fwd.delivered
+            and fwd.cpu_ms
+        ]
+        if not pairs:
+            continue
+        ratios = [ebus.delivered / fwd.delivered for fwd, ebus in pairs]
+        cpus = [ebus.cpu_ms / fwd.cpu_ms for fwd, ebus in pairs]
+        p99s = [ebus.p99 for _, ebus in pairs if ebus.p99 is not None]
+        rates = _spread([float(ebus.rate) for _, ebus in pairs], ",.0f")
+        p99 = "-" if not p99s else f"{_spread(p99s, '.1f')} at {rates}/s"
+        p99_ok = bool(p99s) and len(p99s) == len(pairs) and statistics.median(p99s) <= 50
+        lines.append(
+            f"| {backend} | {workers} | {_spread(ratios, '.2f')} "
+            f"({_verdict(statistics.median(ratios) >= 0.5)}) | {_spread(cpus, '.2f')} x "
+            f"({_verdict(statistics.median(cpus) <= 1.25)}) | {p99} ({_verdict(p99_ok)}) |"
         )
-        if r.system == "eventbus" and fwd is not None and fwd.delivered and fwd.cpu_ms:
-            ratio = r.delivered / fwd.delivered
-            cpu = r.cpu_ms / fwd.cpu_ms
-            p99_ok = r.p99 is not None and r.p99 <= 50
-            lines.append(
-                f"| {r.backend} | {r.workers} | {ratio:.2f} ({_verdict(ratio >= 0.5)}) | "
-                f"{cpu:.2f} x ({_verdict(cpu <= 1.25)}) | {_ms(r.p99)} at {r.rate:,}/s "
-                f"({_verdict(p99_ok)}) |"
-            )
-    best = max(
-        (r.delivered for r in rows if (r.backend, r.system) == ("nats", "eventbus")), default=0
-    )
-    if best:
+    jetstream: dict[int, list[float]] = {}
+    for r in rows:
+        if (r.backend, r.system) == ("nats", "eventbus"):
+            jetstream.setdefault(r.workers, []).append(r.delivered)
+    if jetstream:
+        best = max(statistics.median(runs) for runs in jetstream.values())
         lines += [
             "",
             f"Sustained on JetStream with audit on (target ≥ 2,000 events/s): {best:,.0f} "
@@ -399,21 +424,23 @@ async def main(args: argparse.Namespace) -> str:
             for backend in backends:
                 kafka = _start_tansu(procs) if backend == "kafka" else None
                 for workers in args.workers:
-                    for system in ("forwarder", "eventbus"):
-                        row = await _bench(
-                            procs,
-                            receiver,
-                            work,
-                            backend,
-                            system,
-                            workers,
-                            args.duration,
-                            kafka,
-                            args.rate,
-                            args.profile,
-                        )
-                        print(f"  {row}", file=sys.stderr)
-                        rows.append(row)
+                    for run in range(1, args.repeat + 1):
+                        for system in ("forwarder", "eventbus"):
+                            row = await _bench(
+                                procs,
+                                receiver,
+                                work,
+                                backend,
+                                system,
+                                workers,
+                                args.duration,
+                                kafka,
+                                args.rate,
+                                args.profile,
+                                run,
+                            )
+                            print(f"  {row}", file=sys.stderr)
+                            rows.append(row)
     except BaseException:
         print(f"logs kept in {work}", file=sys.stderr)
         raise
@@ -442,6 +469,13 @@ if __name__ == "__main__":
         default=[],
         metavar="NAME=VALUE",
         help="a bus.kafka setting of eventbus's Kafka runs (e.g. fetch_wait=0.05, linger_ms=2)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each system per backend and process count, taking turns (the summary "
+        "reports their median)",
     )
     parser.add_argument(
         "--mode",
