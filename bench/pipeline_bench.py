@@ -444,7 +444,11 @@ async def main(args: argparse.Namespace) -> str:
     except BaseException:
         print(f"logs kept in {work}", file=sys.stderr)
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    if any(row.missing for row in rows):
+        # Accepted and not delivered within the drain wait: the services' logs are the evidence.
+        print(f"events went undelivered: logs kept in {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return render(rows, args, (before, h.load_average()))
 
 
