@@ -115,7 +115,7 @@ GC_YOUNG_THRESHOLD = 20_000
 """Net container allocations between two collections of the youngest generation (CPython's
 default is 700). An event's objects (request, dicts, coroutines, futures) nearly all die within
 milliseconds: with 700, a collection ran every few events and walked the ones still in flight,
-about a tenth of a worker's CPU at 1,000 events/s, and a full collection now and then paused the
+about a tenth of a worker's CPU at 800-1,600 events/s, and a full collection now and then paused the
 loop for up to ~70 ms. With 20,000 most of them are gone before a collection looks."""
 
 
