@@ -1,4 +1,4 @@
-"""The HTTP function target: delivers one event per POST with aiohttp.
+"""The HTTP function target: delivers one event per POST over kept-alive HTTP/1.1 connections.
 
 Place in the pipeline: last hop of the router. ``deliver`` turns a routed payload into a request
 (CloudEvents HTTP binding, or a plain JSON/text body for a transform's output), signs it
@@ -6,21 +6,24 @@ Place in the pipeline: last hop of the router. ``deliver`` turns a routed payloa
 the status classification that drives retries and dead letters, a server-requested
 ``Retry-After``, and a CloudEvent reply that the router publishes back onto the bus.
 
-Only ``_outcome_from_error`` knows aiohttp's exception types; every library failure is
-translated there, so nothing from aiohttp escapes ``deliver``.
+Requests go through ``_http1``'s lean client (one connection pool per event loop, shared by
+every HTTP target); ``_outcome_from_error`` translates its failures, so none escapes
+``deliver``. aiohttp remains only for the OAuth token endpoint (``_oauth``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import aiohttp
 import orjson
@@ -38,6 +41,17 @@ from eventbus.targets._base import (
     failure,
     trace_attempt,
     truncate_error,
+)
+from eventbus.targets._http1 import (
+    CertificateError,
+    ConnectError,
+    Disconnected,
+    DnsError,
+    HttpError,
+    MalformedResponse,
+    Origin,
+    Pool,
+    Response,
 )
 from eventbus.targets._http_auth import HttpAuthSpec, auth_header_name, auth_headers
 from eventbus.targets._signing import decode_secret, signature, webhook_id
@@ -85,47 +99,71 @@ def _encoded(payload: dict[str, Any], structured: bool) -> tuple[dict[str, str],
     return dict(headers), body
 
 
-class _SharedSession:
-    """One aiohttp session for every HTTP target on an event loop: one connection pool and one
-    DNS cache, so file descriptors grow with the endpoints in use, not with the targets defined.
+_T = TypeVar("_T")
 
-    Reference-counted: the first target to open creates it, the last to close closes it.
-    """
 
-    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedSession] = (
-        weakref.WeakKeyDictionary()
+class _PerLoop(Generic[_T]):
+    """One shared object per event loop (a connection pool, a client session) for every HTTP
+    target on it, so file descriptors grow with the endpoints in use, not with the targets
+    defined. Reference-counted: the first target to open creates it, the last to close closes
+    it."""
+
+    def __init__(
+        self,
+        make: Callable[[], _T],
+        close: Callable[[_T], Awaitable[None]],
+        closed: Callable[[_T], bool],
+    ) -> None:
+        self._make = make
+        self._close = close
+        self._closed = closed
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def acquire(self) -> _T:
+        loop = asyncio.get_running_loop()
+        shared = self._by_loop.get(loop)
+        if shared is None or self._closed(shared[0]):
+            shared = self._by_loop[loop] = [self._make(), 0]
+        shared[1] += 1
+        return shared[0]  # type: ignore[no-any-return]
+
+    async def release(self, item: _T) -> None:
+        loop = asyncio.get_running_loop()
+        shared = self._by_loop.get(loop)
+        if shared is None or shared[0] is not item:
+            await self._close(item)  # opened on a loop that has since been replaced
+            return
+        shared[1] -= 1
+        if shared[1] == 0:
+            del self._by_loop[loop]
+            await self._close(item)
+
+
+def _new_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=CONNECTION_LIMIT, keepalive_timeout=KEEPALIVE_SECONDS)
     )
 
-    def __init__(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=CONNECTION_LIMIT, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
-            ),
-            # Uncompressed answers only (every request says Accept-Encoding: identity): a
-            # compressed body could expand past the read bound.
-            auto_decompress=False,
-        )
-        self.users = 0
 
-    @classmethod
-    def acquire(cls) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        shared = cls._by_loop.get(loop)
-        if shared is None or shared.session.closed:
-            shared = cls._by_loop[loop] = cls()
-        shared.users += 1
-        return shared.session
+_POOLS: _PerLoop[Pool] = _PerLoop(
+    lambda: Pool(CONNECTION_LIMIT, KEEPALIVE_SECONDS), Pool.close, lambda pool: pool.closed
+)
+_SESSIONS: _PerLoop[aiohttp.ClientSession] = _PerLoop(
+    _new_session, aiohttp.ClientSession.close, lambda session: session.closed
+)
+"""For OAuth token endpoints only (``_oauth`` speaks aiohttp)."""
 
-    @classmethod
-    async def release(cls, session: aiohttp.ClientSession) -> None:
-        shared = cls._by_loop.get(asyncio.get_running_loop())
-        if shared is None or shared.session is not session:
-            await session.close()  # opened on a loop that has since been replaced
-            return
-        shared.users -= 1
-        if shared.users == 0:
-            del cls._by_loop[asyncio.get_running_loop()]
-            await session.close()
+
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """The system's trust store, hostnames checked: https without a ``tls`` block."""
+    return ssl.create_default_context()
+
+
+_RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+"""Headers the client writes itself; a target's ``headers`` may not set them."""
 
 
 class HttpTargetSpec(TargetSpec):
@@ -183,45 +221,23 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> Outcome:
-    """Translate an aiohttp/socket failure into an ``Outcome``: the only place that knows them."""
+    """Translate a failed request into an ``Outcome``: the only place that knows the client's
+    failures."""
     if isinstance(exc, TimeoutError):
         return failure(f"timeout after {timeout:g}s", duration_ms, retryable=True, timed_out=True)
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    if isinstance(exc, CertificateError):
         # A rejected certificate fails the same way until an operator fixes it: dead-letter it
         # (replayable) rather than hammer the endpoint for a day.
-        return failure(f"TLS certificate rejected: {exc}", duration_ms, retryable=False)
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return failure(f"DNS lookup failed for {exc.host}", duration_ms, retryable=True)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        where = f"{exc.host}:{exc.port}"
-        if isinstance(exc.os_error, ConnectionRefusedError):
-            return failure(f"connection refused by {where}", duration_ms, retryable=True)
-        reason = exc.os_error.strerror or str(exc.os_error)
-        return failure(f"cannot connect to {where}: {reason}", duration_ms, retryable=True)
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return failure(str(exc), duration_ms, retryable=False)
+    if isinstance(exc, ConnectError) and isinstance(exc.os_error, ConnectionRefusedError):
+        return failure(f"connection refused by {exc.host}:{exc.port}", duration_ms, retryable=True)
+    if isinstance(exc, DnsError | ConnectError):
+        return failure(str(exc), duration_ms, retryable=True)
+    if isinstance(exc, Disconnected):
         return failure("server disconnected before answering", duration_ms, retryable=True)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return failure(f"malformed response body: {exc}", duration_ms, retryable=True)
-    if isinstance(exc, aiohttp.InvalidURL):
-        return failure(f"invalid URL: {exc}", duration_ms, retryable=False)
+    if isinstance(exc, MalformedResponse):
+        return failure(f"malformed response: {exc}", duration_ms, retryable=True)
     return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
-
-
-_NO_CONTENT_TYPE = ("Content-Type",)
-
-
-async def _read_bounded(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
-    """Read at most ``MAX_RESPONSE_BYTES``; the flag says whether the whole body was read."""
-    chunks: list[bytes] = []
-    size = 0
-    # Each pass reads at least one byte or stops, so the loop ends within the bound.
-    while size <= MAX_RESPONSE_BYTES:
-        chunk = await stream.read(MAX_RESPONSE_BYTES + 1 - size)
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)[:MAX_RESPONSE_BYTES], False
 
 
 class HttpTarget:
@@ -245,6 +261,9 @@ class HttpTarget:
             raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
         auth = {} if config.auth is None else auth_headers(config.auth)
         static = {name: value.reveal() for name, value in config.headers.items()}
+        reserved = sorted(name for name in static if name.lower() in _RESERVED_HEADERS)
+        if reserved:
+            raise ConfigError(f"{where}: headers may not set {', '.join(reserved)}")
         for key, value in {**static, **auth}.items():
             if any(c in key + value for c in "\r\n\0"):
                 raise ConfigError(f"{where}: header {key!r} contains a line break or NUL")
@@ -274,16 +293,26 @@ class HttpTarget:
         self._oauth: OAuth2Client | None = None
         if config.auth is not None and config.auth.oauth2 is not None:
             self._oauth = OAuth2Client(config.auth.oauth2, where, config.timeout)
-        self._ssl: ssl.SSLContext | bool = True if config.tls is None else config.tls.context(where)
+        tls: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            tls = _default_tls() if config.tls is None else config.tls.context(where)
+        assert url.raw_host is not None and url.port is not None
+        self._origin = Origin(url.raw_host, url.port, tls)
+        host = f"[{url.raw_host}]" if ":" in url.raw_host else url.raw_host
+        if not url.is_default_port():
+            host = f"{host}:{url.port}"
+        self._request_line = f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host}\r\n"
+        self._pool: Pool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.concurrency)
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
 
     async def __aenter__(self) -> Self:
         """Join the shared connection pool; raises ``RuntimeError`` if already open."""
-        if self._session is not None:
+        if self._pool is not None:
             raise RuntimeError(f"HTTP target {self.name!r} is already open")
-        self._session = _SharedSession.acquire()
+        self._pool = _POOLS.acquire()
+        if self._oauth is not None:
+            self._session = _SESSIONS.acquire()
         return self
 
     async def __aexit__(
@@ -292,9 +321,12 @@ class HttpTarget:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await _POOLS.release(pool)
         if self._session is not None:
             session, self._session = self._session, None
-            await _SharedSession.release(session)
+            await _SESSIONS.release(session)
 
     def _request(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool
@@ -337,8 +369,8 @@ class HttpTarget:
     async def _post(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool, attempt: int, *, wait: bool
     ) -> Answer:
-        session = self._session
-        if session is None:
+        pool = self._pool
+        if pool is None:
             raise RuntimeError(f"HTTP target {self.name!r} is not open: use 'async with'")
         try:
             headers, body, msg_id = self._request(event, payload, is_cloudevent)
@@ -361,14 +393,15 @@ class HttpTarget:
             oauth = self._oauth
             try:
                 if oauth is not None:
-                    token = await oauth.token(session)
+                    token = await oauth.token(self._session)
                     headers["Authorization"] = f"Bearer {token}"
-                answer = await self._send(session, headers, body, msg_id, start, wait)
+                answer = await self._send(pool, headers, body, msg_id, start, wait)
                 if oauth is not None and answer.outcome.status == 401:
                     # The function refused the token (revoked, rotated keys): one new token,
                     # one more try; a second 401 stands.
-                    headers["Authorization"] = f"Bearer {await oauth.refresh(session, token)}"
-                    answer = await self._send(session, headers, body, msg_id, start, wait)
+                    fresh = await oauth.refresh(self._session, token)
+                    headers["Authorization"] = f"Bearer {fresh}"
+                    answer = await self._send(pool, headers, body, msg_id, start, wait)
             except TokenError as exc:
                 duration_ms = (time.perf_counter() - start) * 1000
                 answer = Answer(failure(str(exc), duration_ms, retryable=exc.retryable))
@@ -377,7 +410,7 @@ class HttpTarget:
 
     async def _send(
         self,
-        session: aiohttp.ClientSession,
+        pool: Pool,
         headers: dict[str, str],
         body: bytes,
         msg_id: str,
@@ -386,39 +419,26 @@ class HttpTarget:
     ) -> Answer:
         """One request; with ``wait`` False (an invocation) an answer past the read bound is a
         failure rather than a cut-off body."""
+        # An event without data goes without a Content-Type; nothing adds one.
+        lines = [self._request_line]
+        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        request = "".join(lines).encode()
         try:
-            async with session.post(
-                self._url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=self._timeout,
-                ssl=self._ssl,
-                # An event without data arrives without a Content-Type (aiohttp would add one).
-                skip_auto_headers=None if "Content-Type" in headers else _NO_CONTENT_TYPE,
-            ) as resp:
-                content, complete = await _read_bounded(resp.content)
-                if not complete:
-                    resp.close()
-                duration_ms = (time.perf_counter() - start) * 1000
-                outcome = self._classify(resp, content, complete, duration_ms, msg_id)
-                if not complete and not wait:
-                    too_large = f"the answer is larger than {MAX_RESPONSE_BYTES} bytes"
-                    return Answer(failure(too_large, duration_ms, retryable=False))
-                return Answer(outcome, resp.headers.get("Content-Type"), content)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            async with asyncio.timeout(self.config.timeout):
+                resp = await pool.request(self._origin, request, body, max_body=MAX_RESPONSE_BYTES)
+        except (HttpError, TimeoutError, OSError) as exc:
             return Answer(
                 _outcome_from_error(exc, (time.perf_counter() - start) * 1000, self.config.timeout)
             )
+        duration_ms = (time.perf_counter() - start) * 1000
+        if not resp.complete and not wait:
+            too_large = f"the answer is larger than {MAX_RESPONSE_BYTES} bytes"
+            return Answer(failure(too_large, duration_ms, retryable=False))
+        outcome = self._classify(resp, duration_ms, msg_id)
+        return Answer(outcome, resp.headers.get("Content-Type"), resp.content)
 
-    def _classify(
-        self,
-        resp: aiohttp.ClientResponse,
-        content: bytes,
-        complete: bool,
-        duration_ms: float,
-        msg_id: str,
-    ) -> Outcome:
+    def _classify(self, resp: Response, duration_ms: float, msg_id: str) -> Outcome:
         status = resp.status
         if 200 <= status < 300:
             return Outcome(
@@ -428,12 +448,12 @@ class HttpTarget:
                 error=None,
                 retryable=False,
                 retry_after=None,
-                reply=self._reply(resp, content, complete, msg_id),
+                reply=self._reply(resp, msg_id),
             )
-        text = content[:MAX_ERROR_CHARS].decode(errors="replace").strip()
+        text = resp.content[:MAX_ERROR_CHARS].decode(errors="replace").strip()
         error = f"HTTP {status} {resp.reason or ''}".rstrip()
         if 300 <= status < 400:
-            # Redirects are not followed: aiohttp would turn the POST into a bodiless GET.
+            # Redirects are not followed: most clients would turn the POST into a bodiless GET.
             error += f" (redirect to {resp.headers.get('Location', '?')} not followed)"
         if text:
             error += f": {text}"
@@ -449,20 +469,18 @@ class HttpTarget:
             gone=status == 410,
         )
 
-    def _reply(
-        self, resp: aiohttp.ClientResponse, content: bytes, complete: bool, msg_id: str
-    ) -> dict[str, Any] | None:
+    def _reply(self, resp: Response, msg_id: str) -> dict[str, Any] | None:
         headers = resp.headers
         if "ce-specversion" not in headers and not headers.get("Content-Type", "").startswith(
             "application/cloudevents"
         ):
             return None
         reason: str
-        if not complete:
+        if not resp.complete:
             reason = f"larger than {MAX_RESPONSE_BYTES} bytes"
         else:
             try:
-                events = from_http(headers, content, max_size=MAX_RESPONSE_BYTES)
+                events = from_http(headers, resp.content, max_size=MAX_RESPONSE_BYTES)
             except CloudEventError as exc:
                 reason = exc.detail
             else:

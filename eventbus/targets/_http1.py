@@ -1,0 +1,410 @@
+"""A lean HTTP/1.1 client for the function targets: one POST, one answer, kept-alive connections.
+
+Place in the pipeline: under ``HttpTarget``, the last hop. Delivering an event is always the
+same exchange (a POST with a body in memory, an answer read up to a bound), so the general
+clients' machinery (redirects, cookies, streaming bodies, per-request tracing and middleware)
+is CPU spent per event for nothing: aiohttp took ~110 µs of CPU per request on the pipeline
+benchmark's machine, most of the HTTP target's share (bench/RESULTS.md, the pipeline section).
+Here a request is one ``transport.write`` of bytes built in one pass, and the answer is parsed
+by ``httptools`` (llhttp, the parser uvicorn runs with) straight from the protocol callbacks.
+
+``Pool`` keeps idle connections per origin (host, port and TLS context: targets with different
+client certificates never share a connection) for ``keepalive`` seconds and caps the
+connections in use. Failures are the ``HttpError`` subclasses below, each saying what went
+wrong in words an operator can act on; ``HttpTarget`` maps them into outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httptools
+
+__all__ = [
+    "CertificateError",
+    "ConnectError",
+    "Disconnected",
+    "DnsError",
+    "Headers",
+    "HttpError",
+    "MalformedResponse",
+    "Origin",
+    "Pool",
+    "Response",
+]
+
+MAX_HEADER_BYTES = 64 * 1024
+"""An answer whose status line and headers exceed this is refused as malformed."""
+
+
+class HttpError(Exception):
+    """A request that got no usable answer; ``str()`` says why."""
+
+
+class DnsError(HttpError):
+    def __init__(self, host: str) -> None:
+        super().__init__(f"DNS lookup failed for {host}")
+        self.host = host
+
+
+class ConnectError(HttpError):
+    def __init__(self, host: str, port: int, os_error: OSError) -> None:
+        super().__init__(f"cannot connect to {host}:{port}: {os_error.strerror or os_error}")
+        self.host = host
+        self.port = port
+        self.os_error = os_error
+
+
+class CertificateError(HttpError):
+    """The server's certificate was rejected: retrying cannot fix it."""
+
+
+class Disconnected(HttpError):
+    """The server closed the connection before a whole answer arrived."""
+
+
+class MalformedResponse(HttpError):
+    """The answer is not HTTP/1.x as the parser reads it."""
+
+
+class Headers(dict[str, str]):
+    """Response headers under lower-case names, looked up in any case; a repeated header's
+    values are joined with ``", "`` as RFC 9110 allows."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name.lower() if isinstance(name, str) else name)
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    reason: str
+    headers: Headers
+    content: bytes
+    complete: bool
+    """False when the body was cut off at the read bound (the connection is then dropped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where requests go and how to reach it; equal origins share connections."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+
+    def __hash__(self) -> int:
+        return hash((self.host, self.port, id(self.tls)))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Origin)
+            and self.host == other.host
+            and self.port == other.port
+            and self.tls is other.tls
+        )
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection carrying one exchange at a time."""
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reusable = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._max_body = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._received = False
+        self._refusal: str | None = None
+        self._header_bytes = 0
+        self._reason = b""
+        self._headers = Headers()
+        self._status = 0
+        self._body: list[bytes] = []
+        self._size = 0
+        self._headers_done = False
+
+    # --- the exchange -------------------------------------------------------------------------
+
+    async def exchange(self, request: bytes, body: bytes, max_body: int) -> Response:
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            raise Disconnected("server disconnected before answering")
+        self.reusable = False
+        self._reset()
+        self._max_body = max_body
+        waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        if len(body) <= 16 * 1024:
+            transport.write(request + body)
+        else:  # no copy of a big body just to save one write
+            transport.write(request)
+            transport.write(body)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    @property
+    def answered_nothing(self) -> bool:
+        """True while no byte of the current answer has arrived."""
+        return not self._received
+
+    def close(self) -> None:
+        self.closed = True
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def _finish(self, complete: bool) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        response = Response(
+            self._status,
+            self._reason.decode("latin-1").strip(),
+            self._headers,
+            b"".join(self._body),
+            complete,
+        )
+        waiter.set_result(response)
+
+    def _fail(self, exc: HttpError) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        self.close()
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.reusable = False
+        if self._waiter is None or self._waiter.done():
+            return
+        if (
+            self._headers_done
+            and "content-length" not in self._headers
+            and ("chunked" not in self._headers.get("transfer-encoding", "").lower())
+        ):
+            self._finish(complete=True)  # a body delimited by the end of the connection
+        elif self._headers_done:
+            self._fail(MalformedResponse("the connection closed in the middle of the body"))
+        else:
+            self._fail(Disconnected("server disconnected before answering"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None:
+            self.close()  # bytes nobody asked for: this connection's framing cannot be trusted
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(MalformedResponse("the server switched protocols"))
+        except httptools.HttpParserError as exc:
+            # An error raised in a callback reaches here wrapped: its reason was kept aside.
+            self._fail(MalformedResponse(self._refusal or f"unreadable answer: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost settles the exchange
+
+    # --- httptools callbacks ------------------------------------------------------------------
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refusal = f"headers larger than {MAX_HEADER_BYTES} bytes"
+            raise httptools.HttpParserError(self._refusal)
+
+    def on_status(self, status: bytes) -> None:
+        self._count(len(status))
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        known = dict.get(self._headers, key)
+        dict.__setitem__(self._headers, key, text if known is None else f"{known}, {text}")
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        if self._waiter is None or self._waiter.done():
+            return
+        room = self._max_body - self._size
+        if len(body) > room:
+            # Past the bound: keep what fits, answer now, and drop the connection (the rest of
+            # the body is never read).
+            if room > 0:
+                self._body.append(body[:room])
+            self._size = self._max_body
+            self._finish(complete=False)
+            self.close()
+            return
+        self._body.append(body)
+        self._size += len(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200:
+            self._reset()  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            return
+        self.reusable = self._parser.should_keep_alive()
+        self._finish(complete=True)
+
+
+class Pool:
+    """Connections for every HTTP target of an event loop.
+
+    At most ``limit`` connections carry a request at once (a request beyond that waits for a
+    free one); idle connections are kept per origin for ``keepalive`` seconds and reused most
+    recent first.
+    """
+
+    def __init__(self, limit: int, keepalive: float) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._keepalive = keepalive
+        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._busy: set[_Connection] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    async def request(
+        self, origin: Origin, request: bytes, body: bytes, *, max_body: int
+    ) -> Response:
+        """Send ``request`` (the request line and headers, ending with the blank line) and
+        ``body``; raises ``HttpError`` (or ``RuntimeError`` once the pool is closed)."""
+        if self.closed:
+            raise RuntimeError("the HTTP connection pool is closed")
+        async with self._slots:
+            conn = self._take_idle(origin)
+            if conn is not None:
+                try:
+                    return await self._exchange(conn, request, body, max_body)
+                except Disconnected:
+                    # The server closed a kept-alive connection as it was reused (its idle
+                    # timeout and ours crossed), before any byte of an answer: one more try on a
+                    # new connection. Should the function have run all the same, it sees the
+                    # event twice, which at-least-once delivery allows (same ce-id, webhook-id).
+                    if not conn.answered_nothing:
+                        raise
+            return await self._exchange(await self._connect(origin), request, body, max_body)
+
+    async def _exchange(
+        self, conn: _Connection, request: bytes, body: bytes, max_body: int
+    ) -> Response:
+        self._busy.add(conn)
+        try:
+            return await conn.exchange(request, body, max_body)
+        finally:
+            self._busy.discard(conn)
+            self._release(conn)
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        if not conn.reusable or conn.closed or self.closed:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(conn.origin, deque()).append(conn)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self._keepalive, self._expire)
+
+    def _expire(self) -> None:
+        self._sweep = None
+        horizon = time.monotonic() - self._keepalive
+        for origin, idle in list(self._idle.items()):
+            # The oldest are on the left: close from there until one is young enough.
+            while idle and (idle[0].closed or idle[0].idle_since <= horizon):
+                idle.popleft().close()
+            if not idle:
+                del self._idle[origin]
+        if self._idle:
+            self._sweep = asyncio.get_running_loop().call_later(self._keepalive / 2, self._expire)
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            addresses = await loop.getaddrinfo(
+                origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        except socket.gaierror as exc:
+            raise DnsError(origin.host) from exc
+        if not addresses:
+            raise DnsError(origin.host)
+        error: OSError | None = None
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(origin),
+                    sock=sock,
+                    ssl=origin.tls,
+                    server_hostname=origin.host if origin.tls is not None else None,
+                )
+                return conn
+            except ssl.SSLCertVerificationError as exc:
+                sock.close()
+                raise CertificateError(
+                    f"TLS certificate rejected: {exc.verify_message or exc}"
+                ) from exc
+            except ssl.SSLError as exc:
+                sock.close()
+                raise ConnectError(origin.host, origin.port, exc) from exc
+            except OSError as exc:
+                sock.close()
+                error = error or exc  # try the next address; the first failure is reported
+            except BaseException:
+                sock.close()
+                raise
+        assert error is not None
+        raise ConnectError(origin.host, origin.port, error) from error
+
+    async def close(self) -> None:
+        """Close every connection; requests in flight fail as disconnected."""
+        self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+        for conn in list(self._busy):
+            conn.close()
+        await asyncio.sleep(0)  # let the transports run their close callbacks

@@ -1,0 +1,317 @@
+"""The HTTP target's own client (``_http1``) against a raw TCP server on loopback that answers
+with hand-written bytes: the framings, interim answers, bounds and connection reuse that a
+well-behaved aiohttp receiver never produces."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome
+from eventbus.targets._http import MAX_RESPONSE_BYTES
+from eventbus.targets._http1 import MAX_HEADER_BYTES, Disconnected, Origin, Pool
+from tests.fixtures.certs import make_pki
+from tests.fixtures.wait import eventually
+
+Answer = Callable[[int], bytes | None]
+"""Given the request's number on its connection (1, 2, ...), the bytes to send back; None
+closes the connection without answering."""
+
+
+class RawServer:
+    """Reads whole requests (headers and Content-Length body) and answers with ``answer``."""
+
+    def __init__(
+        self, answer: Answer, *, close_after: bool = False, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.answer = answer
+        self.tls = tls
+        self.close_after = close_after
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    def url(self, path: str = "/fn") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        number = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.requests.append(head + await reader.readexactly(length))
+                number += 1
+                sent = self.answer(number)
+                if sent is None:
+                    break
+                writer.write(sent)
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[RawServer] = []
+
+    async def start(answer: Answer, **kw: Any) -> RawServer:
+        server = RawServer(answer, **kw)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+EVENT = {
+    "specversion": "1.0",
+    "id": "evt-1",
+    "source": "/tests/http1",
+    "type": "com.example.created",
+    "data": {"n": 1},
+}
+
+
+async def deliver(url: str, times: int = 1, **kw: Any) -> list[Outcome]:
+    async with HttpTarget(HttpTargetSpec(name="fn", url=url, **kw)) as target:
+        return [
+            await target.deliver(EVENT, EVENT, is_cloudevent=True, attempt=1) for _ in range(times)
+        ]
+
+
+def always(data: bytes) -> Answer:
+    return lambda _: data
+
+
+async def test_the_request_is_well_formed_http(raw: Callable[..., Any]) -> None:
+    server = await raw(always(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    [outcome] = await deliver(server.url("/fn/a?x=1"))
+    assert outcome.delivered and outcome.status == 204
+    [request] = server.requests
+    head, body = request.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /fn/a?x=1 HTTP/1.1"
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    assert fields["Host"] == f"127.0.0.1:{server.port}"
+    assert fields["Content-Length"] == str(len(body)) and body == b'{"n":1}'
+    assert fields["ce-id"] == "evt-1" and fields["Content-Type"] == "application/json"
+
+
+async def test_chunked_answer_with_a_reply(raw: Callable[..., Any]) -> None:
+    reply = b'{"specversion":"1.0","id":"r1","source":"/fn","type":"done"}'
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (reply[:10], reply[10:]))
+    server = await raw(
+        always(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/cloudevents+json\r\n\r\n" + chunks + b"0\r\n\r\n"
+        )
+    )
+    [outcome] = await deliver(server.url())
+    assert outcome.delivered and outcome.reply is not None and outcome.reply["id"] == "r1"
+
+
+async def test_answer_delimited_by_the_end_of_the_connection(raw: Callable[..., Any]) -> None:
+    server = await raw(
+        always(b"HTTP/1.1 503 Busy\r\nConnection: close\r\nRetry-After: 7\r\n\r\nback soon"),
+        close_after=True,
+    )
+    outcomes = await deliver(server.url(), times=2)
+    assert [o.error for o in outcomes] == ["HTTP 503 Busy: back soon"] * 2
+    assert outcomes[0].retry_after == 7.0
+    assert server.connections == 2  # "Connection: close" is honoured: no reuse
+
+
+async def test_interim_answers_are_skipped(raw: Callable[..., Any]) -> None:
+    server = await raw(
+        always(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+        )
+    )
+    [outcome] = await deliver(server.url())
+    assert outcome.delivered and outcome.status == 202
+
+
+async def test_kept_alive_connection_is_reused(raw: Callable[..., Any]) -> None:
+    server = await raw(always(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    outcomes = await deliver(server.url(), times=5)
+    assert all(o.delivered for o in outcomes)
+    assert server.connections == 1 and len(server.requests) == 5
+
+
+async def test_a_kept_alive_connection_closed_by_the_server_is_replaced(
+    raw: Callable[..., Any],
+) -> None:
+    # The server answers once per connection and then drops it without saying so: the second
+    # request finds its reused connection gone before any answer and goes out on a new one.
+    server = await raw(
+        lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if n == 1 else None
+    )
+    outcomes = await deliver(server.url(), times=3)
+    assert all(o.delivered for o in outcomes), outcomes
+    assert server.connections >= 2
+
+
+async def test_a_server_that_never_answers_is_a_retryable_failure(
+    raw: Callable[..., Any],
+) -> None:
+    server = await raw(lambda _: None)
+    [outcome] = await deliver(server.url())
+    assert not outcome.delivered and outcome.retryable
+    assert outcome.error == "server disconnected before answering"
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (b"garbage\r\n\r\n", "unreadable answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "closed in the middle of the body"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (MAX_HEADER_BYTES + 1) + b"\r\n\r\n", "headers larger"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+            "switched",
+        ),
+    ],
+    ids=["garbage", "short-body", "huge-headers", "upgrade"],
+)
+async def test_malformed_answers_are_retryable_failures(
+    raw: Callable[..., Any], answer: bytes, reason: str
+) -> None:
+    server = await raw(always(answer), close_after=True)
+    [outcome] = await deliver(server.url())
+    assert not outcome.delivered and outcome.retryable
+    assert outcome.error is not None and outcome.error.startswith("malformed response")
+    assert reason in outcome.error
+
+
+async def test_an_oversized_answer_is_cut_and_its_connection_dropped(
+    raw: Callable[..., Any],
+) -> None:
+    size = MAX_RESPONSE_BYTES + 4096
+    server = await raw(
+        always(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+    )
+    outcomes = await deliver(server.url(), times=2)
+    assert [o.status for o in outcomes] == [500, 500]
+    assert all(o.error is not None and len(o.error) < 2000 for o in outcomes)
+    assert server.connections == 2  # the unread rest made the first connection unusable
+
+
+async def test_a_refused_connection_names_the_endpoint(raw: Callable[..., Any]) -> None:
+    server = await raw(always(b""))
+    port = server.port
+    await server.stop()
+    [outcome] = await deliver(f"http://127.0.0.1:{port}/fn")
+    assert outcome.error == f"connection refused by 127.0.0.1:{port}" and outcome.retryable
+
+
+async def test_an_unknown_host_is_a_dns_failure() -> None:
+    [outcome] = await deliver("http://no-such-host.invalid/fn", timeout=5)
+    assert outcome.error == "DNS lookup failed for no-such-host.invalid" and outcome.retryable
+
+
+def test_headers_the_client_writes_itself_are_refused() -> None:
+    from eventbus._errors import ConfigError
+
+    with pytest.raises(ConfigError, match="may not set Content-Length"):
+        HttpTarget(
+            HttpTargetSpec(name="fn", url="http://127.0.0.1:1/", headers={"Content-Length": "5"})
+        )
+
+
+async def test_idle_connections_expire_and_a_closed_pool_refuses(
+    raw: Callable[..., Any],
+) -> None:
+    server = await raw(always(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    pool = Pool(limit=4, keepalive=0.2)
+    origin = Origin("127.0.0.1", server.port, None)
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    assert (await pool.request(origin, request, b"", max_body=10)).status == 200
+    await asyncio.sleep(0.6)  # past the keep-alive: the idle connection is closed
+    assert (await pool.request(origin, request, b"", max_body=10)).status == 200
+    assert server.connections == 2
+    await pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await pool.request(origin, request, b"", max_body=10)
+
+
+async def test_closing_the_pool_ends_a_request_in_flight(raw: Callable[..., Any]) -> None:
+    server = await raw(always(b""))  # reads the request, never answers
+    pool = Pool(limit=4, keepalive=5)
+    origin = Origin("127.0.0.1", server.port, None)
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    waiting = asyncio.create_task(pool.request(origin, request, b"", max_body=10))
+    await eventually(lambda: server.requests, within=5, what="the request sent")
+    await pool.close()
+    with pytest.raises(Disconnected):
+        await asyncio.wait_for(waiting, 5)
+
+
+def test_under_uvloop_with_reuse_and_mutual_tls(tmp_path: Path) -> None:
+    # `eventbus serve` runs on uvloop, whose transports are its own classes (not asyncio's) and
+    # whose TLS goes through the context's wrap_bio: the same exchanges there, plain and over
+    # mutual TLS with a server name other than the address connected to.
+    pki = make_pki(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server_tls.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    server_tls.verify_mode = ssl.CERT_REQUIRED
+    answer = always(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def scenario() -> tuple[list[Outcome], list[Outcome], Outcome, int, int]:
+        plain, secured = RawServer(answer), RawServer(answer, tls=server_tls)
+        await plain.start()
+        await secured.start()
+        try:
+            over_http = await deliver(plain.url(), times=3)
+            tls = {
+                "ca": str(pki.ca),
+                "cert": str(pki.client_cert),
+                "key": str(pki.client_key),
+                "server_name": "broker.test",
+            }
+            url = f"https://127.0.0.1:{secured.port}/fn"
+            over_tls = await deliver(url, times=3, tls=tls)
+            [refused] = await deliver(url, tls={"ca": str(pki.other_ca)})
+            return over_http, over_tls, refused, plain.connections, secured.connections
+        finally:
+            await plain.stop()
+            await secured.stop()
+
+    over_http, over_tls, refused, plain_connections, tls_connections = uvloop.run(scenario())
+    assert all(o.delivered for o in over_http + over_tls), over_http + over_tls
+    # three requests over one kept-alive connection each (a refused handshake never reaches
+    # the server's handler)
+    assert plain_connections == 1 and tls_connections == 1
+    assert not refused.retryable and refused.error is not None
+    assert refused.error.startswith("TLS certificate rejected")
