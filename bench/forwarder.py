@@ -3,7 +3,8 @@ same transports as eventbus, with nothing else (no rules, no audit, no retries s
 
 HTTP in (aiohttp, body checked to be JSON) -> publish and wait for the broker's ack -> 202;
 in the same process a consumer takes batches off the log, POSTs each event out as a
-structured CloudEvent and acks (JetStream) or commits (Kafka) once the batch is answered.
+structured CloudEvent (with aiohttp, or with ``--client lean`` eventbus's own HTTP/1.1 client)
+and acks (JetStream) or commits (Kafka) once the batch is answered.
 Several processes share the port (SO_REUSEPORT) and the durable consumer / consumer group.
 
     python bench/forwarder.py --port 8100 --target http://127.0.0.1:9000/fn --nats nats://...
@@ -31,8 +32,12 @@ FETCH_WAIT = 0.05
 CE_JSON = {"content-type": "application/cloudevents+json"}
 
 
-async def _post_all(http: aiohttp.ClientSession, target: str, bodies: list[bytes]) -> list[bool]:
-    async def one(body: bytes) -> bool:
+Post = Callable[[bytes], Awaitable[bool]]
+"""POST one body to the target; True when it answered 2xx."""
+
+
+def _aiohttp_post(http: aiohttp.ClientSession, target: str) -> Post:
+    async def post(body: bytes) -> bool:
         try:
             async with http.post(target, data=body, headers=CE_JSON) as resp:
                 await resp.read()
@@ -40,10 +45,39 @@ async def _post_all(http: aiohttp.ClientSession, target: str, bodies: list[bytes
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    return await asyncio.gather(*(one(b) for b in bodies))
+    return post
 
 
-async def _nats(args: argparse.Namespace, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+def _lean_post(pool: Any, target: str) -> Post:
+    """The same POST over eventbus's own HTTP/1.1 client (``--client lean``): the reference
+    for what the transports cost when both sides use the same client."""
+    from urllib.parse import urlsplit
+
+    from eventbus.targets._http1 import HttpError, Origin
+
+    url = urlsplit(target)
+    assert url.hostname is not None and url.port is not None
+    origin = Origin(url.hostname, url.port, None)
+    content_type = CE_JSON["content-type"]
+    head = f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\ncontent-type: {content_type}\r\n"
+
+    async def post(body: bytes) -> bool:
+        request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode()
+        try:
+            async with asyncio.timeout(30):
+                resp = await pool.request(origin, request, body, max_body=1 << 20)
+        except (HttpError, OSError, TimeoutError):
+            return False
+        return bool(resp.status < 300)
+
+    return post
+
+
+async def _post_all(post: Post, bodies: list[bytes]) -> list[bool]:
+    return await asyncio.gather(*(post(b) for b in bodies))
+
+
+async def _nats(args: argparse.Namespace, post: Post, stop: asyncio.Event) -> None:
     import nats
 
     nc = await nats.connect(args.nats)
@@ -58,7 +92,7 @@ async def _nats(args: argparse.Namespace, http: aiohttp.ClientSession, stop: asy
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):  # nats-py raises both kinds on an empty pull
                 msgs = await sub.fetch(BATCH, timeout=FETCH_WAIT)
-                ok = await _post_all(http, args.target, [m.data for m in msgs])
+                ok = await _post_all(post, [m.data for m in msgs])
                 await asyncio.gather(
                     *(m.ack() if good else m.nak() for m, good in zip(msgs, ok, strict=True))
                 )
@@ -69,9 +103,7 @@ async def _nats(args: argparse.Namespace, http: aiohttp.ClientSession, stop: asy
     await nc.close()
 
 
-async def _kafka(
-    args: argparse.Namespace, http: aiohttp.ClientSession, stop: asyncio.Event
-) -> None:
+async def _kafka(args: argparse.Namespace, post: Post, stop: asyncio.Event) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
@@ -102,7 +134,7 @@ async def _kafka(
             batches = await consumer.getmany(timeout_ms=500, max_records=BATCH)
             records = [r.value for rs in batches.values() for r in rs if r.value is not None]
             if records:
-                await _post_all(http, args.target, records)
+                await _post_all(post, records)
                 await consumer.commit()
 
     try:
@@ -150,9 +182,19 @@ async def _main(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    run = _nats if args.nats else _kafka
+    if args.client == "lean":
+        from eventbus.targets._http1 import Pool
+
+        pool = Pool(BATCH, 15.0)
+        try:
+            await run(args, _lean_post(pool, args.target), stop)
+        finally:
+            await pool.close()
+        return
     connector = aiohttp.TCPConnector(limit=BATCH)
     async with aiohttp.ClientSession(connector=connector) as http:
-        await (_nats if args.nats else _kafka)(args, http, stop)
+        await run(args, _aiohttp_post(http, args.target), stop)
 
 
 if __name__ == "__main__":
@@ -162,6 +204,13 @@ if __name__ == "__main__":
     bus = parser.add_mutually_exclusive_group(required=True)
     bus.add_argument("--nats", help="NATS URL (JetStream)")
     bus.add_argument("--kafka", help="Kafka bootstrap servers")
+    parser.add_argument(
+        "--client",
+        choices=("aiohttp", "lean"),
+        default="aiohttp",
+        help="outbound HTTP client: aiohttp (the obvious choice), or eventbus's own HTTP/1.1 "
+        "client (what eventbus's HTTP targets use)",
+    )
     import uvloop
 
     uvloop.run(_main(parser.parse_args()))

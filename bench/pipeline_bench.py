@@ -233,7 +233,8 @@ async def _bench(
         finally:
             procs.stop(proc)
     else:
-        forwarders = _Forwarders(procs, where, workers, backend, fn, kafka)
+        client = FORWARDER_CLIENT[0]
+        forwarders = _Forwarders(procs, where, workers, backend, fn, kafka, client)
         async with forwarders as url:
             groups = [p.pid for p in forwarders.running]
             result = await _measure(procs, receiver, url, groups, tag, duration, rate, profile)
@@ -269,16 +270,18 @@ class _Forwarders:
         backend: str,
         target: str,
         kafka: str | None,
+        client: str,
     ) -> None:
         self.procs, self.where, self.workers = procs, where, workers
         self.backend, self.target, self.kafka = backend, target, kafka
+        self.client = client
         self.nats: NatsServer | None = None
         self.running: list[Any] = []
 
     async def __aenter__(self) -> str:
         port = h.free_port()
         cmd = [sys.executable, str(h.ROOT / "bench" / "forwarder.py"), "--port", str(port)]
-        cmd += ["--target", self.target]
+        cmd += ["--target", self.target, "--client", self.client]
         if self.backend == "nats":
             self.nats = NatsServer(self.where / "nats")
             await self.nats.start()
@@ -336,6 +339,15 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{mid:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
+FORWARDER_CLIENT = ["aiohttp"]
+"""The forwarder's outbound client (``--forwarder-client``)."""
+
+_CLIENTS = {
+    "aiohttp": "aiohttp",
+    "lean": "eventbus's own HTTP/1.1 client (`--forwarder-client lean`, as eventbus's targets)",
+}
+
+
 def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) -> str:
     repeats = (
         f" {args.repeat} runs each, the forwarder and eventbus taking turns; the summary gives "
@@ -354,7 +366,8 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         "arrival at the endpoint (202 p99: send to the ingest's answer). eventbus: 10 rules "
         f"(2 with CEL, 1 transform), audit on, target concurrency {TARGET_CONCURRENCY} per "
         f"worker, deliveries in {args.mode} mode; the forwarder runs as many processes and "
-        f"sends on the structured body it received.{repeats}",
+        f"sends on the structured body it received, with {_CLIENTS[args.forwarder_client]}."
+        f"{repeats}",
         "",
         "| backend | system | procs | run | ingest/s | delivered/s | CPU ms/event | undelivered | "
         "fixed rate /s | delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms |",
@@ -489,6 +502,14 @@ if __name__ == "__main__":
         "received)",
     )
     parser.add_argument(
+        "--forwarder-client",
+        choices=sorted(_CLIENTS),
+        default="aiohttp",
+        help="the forwarder's outbound HTTP client: aiohttp (the obvious implementation), or "
+        "lean: the HTTP/1.1 client eventbus's targets use, so that both sides pay the same "
+        "for the request itself",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="sample every system's processes with py-spy during the sustained phase; write "
@@ -497,6 +518,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     args.command = "python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
     TARGET["mode"] = args.mode
+    FORWARDER_CLIENT[0] = args.forwarder_client
     for setting in args.kafka_setting:
         name, _, value = setting.partition("=")
         KAFKA_TUNING[name] = float(value) if "." in value else int(value)
