@@ -17,6 +17,7 @@ wrong in words an operator can act on; ``HttpTarget`` maps them into outcomes.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "MalformedResponse",
     "Origin",
     "Pool",
+    "PoolClosed",
     "Response",
 ]
 
@@ -71,6 +73,10 @@ class Disconnected(HttpError):
 
 class MalformedResponse(HttpError):
     """The answer is not HTTP/1.x as the parser reads it."""
+
+
+class PoolClosed(HttpError):
+    """The pool was closed (its targets are shutting down) before the request could go out."""
 
 
 class Headers(dict[str, str]):
@@ -133,8 +139,10 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._received = False
+        self._answered = False
         self._refusal: str | None = None
         self._header_bytes = 0
+        self._unparsed = 0
         self._reason = b""
         self._headers = Headers()
         self._status = 0
@@ -205,18 +213,19 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None or self._waiter.done():
             return
         if (
-            self._headers_done
+            exc is None
+            and self._headers_done
             and "content-length" not in self._headers
             and ("chunked" not in self._headers.get("transfer-encoding", "").lower())
         ):
-            self._finish(complete=True)  # a body delimited by the end of the connection
+            self._finish(complete=True)  # a body delimited by the (orderly) end of the connection
         elif self._headers_done:
             self._fail(MalformedResponse("the connection closed in the middle of the body"))
         else:
             self._fail(Disconnected("server disconnected before answering"))
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:
+        if self._waiter is None or self._waiter.done():
             self.close()  # bytes nobody asked for: this connection's framing cannot be trusted
             return
         self._received = True
@@ -224,9 +233,16 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(MalformedResponse("the server switched protocols"))
+            return
         except httptools.HttpParserError as exc:
             # An error raised in a callback reaches here wrapped: its reason was kept aside.
             self._fail(MalformedResponse(self._refusal or f"unreadable answer: {exc}"))
+            return
+        if not self._headers_done:
+            # The parser holds a header line until it is whole: bound what it holds, too.
+            self._unparsed += len(data)
+            if self._unparsed > MAX_HEADER_BYTES:
+                self._fail(MalformedResponse(f"headers larger than {MAX_HEADER_BYTES} bytes"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost settles the exchange
@@ -237,6 +253,14 @@ class _Connection(asyncio.Protocol):
         self._header_bytes += size
         if self._header_bytes > MAX_HEADER_BYTES:
             self._refusal = f"headers larger than {MAX_HEADER_BYTES} bytes"
+            raise httptools.HttpParserError(self._refusal)
+
+    def on_message_begin(self) -> None:
+        if self._answered:
+            # A second answer to one request (or bytes after the answer that read as one):
+            # nothing after the first can be trusted, so the connection is not used again.
+            self.reusable = False
+            self._refusal = "more than one answer to one request"
             raise httptools.HttpParserError(self._refusal)
 
     def on_status(self, status: bytes) -> None:
@@ -273,9 +297,30 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
             self._reset()  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self._received = True  # ... but the server did answer: no retry on a new connection
             return
-        self.reusable = self._parser.should_keep_alive()
+        self._answered = True
+        # An answer that came before the whole body was written leaves the connection in an
+        # unknown state (did the server read the rest?): not reused.
+        transport = self.transport
+        self.reusable = (
+            self._parser.should_keep_alive()
+            and transport is not None
+            and transport.get_write_buffer_size() == 0
+        )
         self._finish(complete=True)
+
+
+def _literal_address(host: str, port: int) -> list[Any]:
+    """The ``getaddrinfo`` entry of an IP address written as the host, without asking the
+    resolver (a thread hop per new connection); [] for a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    if ip.version == 6:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
 
 
 class Pool:
@@ -298,10 +343,9 @@ class Pool:
         self, origin: Origin, request: bytes, body: bytes, *, max_body: int
     ) -> Response:
         """Send ``request`` (the request line and headers, ending with the blank line) and
-        ``body``; raises ``HttpError`` (or ``RuntimeError`` once the pool is closed)."""
-        if self.closed:
-            raise RuntimeError("the HTTP connection pool is closed")
+        ``body``; raises ``HttpError`` (``PoolClosed`` once the pool is closed)."""
         async with self._slots:
+            self._check_open()
             conn = self._take_idle(origin)
             if conn is not None:
                 try:
@@ -311,9 +355,17 @@ class Pool:
                     # timeout and ours crossed), before any byte of an answer: one more try on a
                     # new connection. Should the function have run all the same, it sees the
                     # event twice, which at-least-once delivery allows (same ce-id, webhook-id).
-                    if not conn.answered_nothing:
+                    if not conn.answered_nothing or self.closed:
                         raise
-            return await self._exchange(await self._connect(origin), request, body, max_body)
+            conn = await self._connect(origin)
+            if self.closed:  # closed while connecting
+                conn.close()
+                self._check_open()
+            return await self._exchange(conn, request, body, max_body)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PoolClosed("the HTTP connection pool is closed")
 
     async def _exchange(
         self, conn: _Connection, request: bytes, body: bytes, max_body: int
@@ -356,12 +408,14 @@ class Pool:
 
     async def _connect(self, origin: Origin) -> _Connection:
         loop = asyncio.get_running_loop()
-        try:
-            addresses = await loop.getaddrinfo(
-                origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
-        except socket.gaierror as exc:
-            raise DnsError(origin.host) from exc
+        addresses = _literal_address(origin.host, origin.port)
+        if not addresses:
+            try:
+                addresses = await loop.getaddrinfo(
+                    origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
+            except socket.gaierror as exc:
+                raise DnsError(origin.host) from exc
         if not addresses:
             raise DnsError(origin.host)
         error: OSError | None = None

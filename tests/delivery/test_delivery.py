@@ -5,7 +5,9 @@ kind of failure, the circuit breaker, destinations, and a PostgreSQL restart mid
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -13,7 +15,7 @@ import pytest
 
 from eventbus.store import EmbeddedPostgres
 from tests.fixtures.receiver import Receiver, Response
-from tests.fixtures.service import RunningService, StartService, free_port
+from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
 
 POLL = 0.1  # seconds between checks: each one is a request to the service under test
@@ -143,8 +145,19 @@ async def test_target_down_dead_letters_then_replay_by_filter(
     assert replays == 20
 
 
-async def test_classification_of_failures(eventbus: StartService, receiver: Receiver) -> None:
-    closed = free_port()
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port bound but not listening, held for the whole test: it refuses every
+    connection, and no server started meanwhile by another test can take it over."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
+
+
+async def test_classification_of_failures(
+    eventbus: StartService, receiver: Receiver, refused_port: int
+) -> None:
+    closed = refused_port
     rules = """
 - name: r400
   match: {type: [t400]}
@@ -218,7 +231,8 @@ async def test_classification_of_failures(eventbus: StartService, receiver: Rece
         what="refused dead letter",
     )
     assert dead[0]["reason"] == "attempts-exhausted" and dead[0]["attempts"] == 2
-    assert dead[0]["last_status"] is None and dead[0]["final_error"]
+    assert dead[0]["last_status"] is None
+    assert dead[0]["final_error"] == f"connection refused by 127.0.0.1:{closed}"
 
 
 async def test_410_dead_letters_and_disables_the_target(

@@ -5,7 +5,9 @@ well-behaved aiohttp receiver never produces."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import uvloop
 
 from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome
 from eventbus.targets._http import MAX_RESPONSE_BYTES
-from eventbus.targets._http1 import MAX_HEADER_BYTES, Disconnected, Origin, Pool
+from eventbus.targets._http1 import MAX_HEADER_BYTES, Disconnected, Origin, Pool, PoolClosed
 from tests.fixtures.certs import make_pki
 from tests.fixtures.wait import eventually
 
@@ -215,6 +217,83 @@ async def test_malformed_answers_are_retryable_failures(
     assert reason in outcome.error
 
 
+async def test_bytes_after_the_answer_are_not_read_as_the_next_answer(
+    raw: Callable[..., Any],
+) -> None:
+    # The first answer comes with the start of a second one in the same write: the first is
+    # used, the connection is not (the second request must not read the stray 500).
+    stray = b"HTTP/1.1 500 Stray\r\nX-Pad: "
+    server = await raw(lambda n: b"HTTP/1.1 204 No Content\r\n\r\n" + (stray if n == 1 else b""))
+    outcomes = await deliver(server.url(), times=2)
+    assert [o.status for o in outcomes] == [204, 204], outcomes
+    assert server.connections == 2
+
+
+async def test_an_endless_header_line_is_refused(raw: Callable[..., Any]) -> None:
+    # One header value that never ends: refused once it passes the bound, not held until the
+    # timeout.
+    server = await raw(always(b"HTTP/1.1 200 OK\r\nX: " + b"a" * (2 * MAX_HEADER_BYTES)))
+    [outcome] = await deliver(server.url(), timeout=30)
+    assert outcome.error == f"malformed response: headers larger than {MAX_HEADER_BYTES} bytes"
+    assert outcome.duration_ms < 10_000
+
+
+async def test_an_interim_answer_then_a_drop_is_not_sent_again() -> None:
+    # The server did answer the second request (100 Continue) before dropping the kept-alive
+    # connection: it may have acted on it, so the attempt fails rather than going out twice.
+    requests = 0
+
+    async def continue_then_drop(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal requests
+        try:
+            for answer in (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+            ):
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(len(b'{"n":1}'))
+                requests += 1
+                writer.write(answer)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(continue_then_drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        first, second = await deliver(f"http://127.0.0.1:{port}/fn", times=2)
+    finally:
+        server.close()
+    assert first.delivered
+    assert not second.delivered and second.error == "server disconnected before answering"
+    assert requests == 2
+
+
+async def test_a_reset_in_the_middle_of_an_unframed_body_is_not_an_answer(
+    raw: Callable[..., Any],
+) -> None:
+    async def reset_after_partial_body(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"partial')
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    server = await asyncio.start_server(reset_after_partial_body, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        [outcome] = await deliver(f"http://127.0.0.1:{port}/fn")
+    finally:
+        server.close()
+    assert not outcome.delivered and outcome.retryable, outcome
+    assert outcome.error == "malformed response: the connection closed in the middle of the body"
+
+
 async def test_an_oversized_answer_is_cut_and_its_connection_dropped(
     raw: Callable[..., Any],
 ) -> None:
@@ -262,20 +341,25 @@ async def test_idle_connections_expire_and_a_closed_pool_refuses(
     assert (await pool.request(origin, request, b"", max_body=10)).status == 200
     assert server.connections == 2
     await pool.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(PoolClosed):
         await pool.request(origin, request, b"", max_body=10)
 
 
 async def test_closing_the_pool_ends_a_request_in_flight(raw: Callable[..., Any]) -> None:
-    server = await raw(always(b""))  # reads the request, never answers
+    # The second request rides the kept-alive connection and gets no answer; closing the pool
+    # ends it as disconnected, without sending it again on a new connection.
+    server = await raw(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if n == 1 else b"")
     pool = Pool(limit=4, keepalive=5)
     origin = Origin("127.0.0.1", server.port, None)
     request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    assert (await pool.request(origin, request, b"", max_body=10)).status == 200
     waiting = asyncio.create_task(pool.request(origin, request, b"", max_body=10))
-    await eventually(lambda: server.requests, within=5, what="the request sent")
+    await eventually(lambda: len(server.requests) == 2, within=5, what="the request sent")
     await pool.close()
     with pytest.raises(Disconnected):
         await asyncio.wait_for(waiting, 5)
+    await asyncio.sleep(0.1)
+    assert len(server.requests) == 2 and server.connections == 1
 
 
 def test_under_uvloop_with_reuse_and_mutual_tls(tmp_path: Path) -> None:
