@@ -181,8 +181,9 @@ async def _measure(
     got = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
     # The CPU of the work the load left behind (audit rows still being written) counts, and
     # the fixed-rate phase starts on a quiet system: not in the sustained phase's wake.
-    await h.settle(groups)
+    settled = await h.settle(groups)
     cpu_ms = (h.python_cpu(groups) - cpu) * 1000 / max(got["delivered"], 1)
+    print(f"{tag}: quiet {settled:.1f} s after the last delivery", file=sys.stderr)
     ingest = load["accepted"] / (load["ended_at"] - load["started_at"])
     span = got["last_at"] - load["started_at"]
     delivered = got["delivered"] / span if got["delivered"] else 0.0

@@ -151,9 +151,13 @@ class _Partition:
         self.committed = -1
         self.handling = 0  # messages handed out and not settled yet
 
-    def fetched(self, offset: int) -> None:
+    def fetched(self, offset: int) -> int:
+        """Record ``offset`` as handed out; returns how many offsets right before it were never
+        handed out (0 unless the consumer skipped some)."""
+        skipped = 0 if self.next_offset is None else max(0, offset - self.next_offset)
         self.pending.append(offset)
         self.next_offset = offset + 1
+        return skipped
 
     def commit_point(self) -> int | None:
         """The offset to commit: the lowest un-acked one, or the next to fetch if all are done."""
@@ -240,13 +244,30 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 break
             self.settled.clear()
             await wait_event(self.settled, left)
+        points = {
+            tp.partition: self.partitions[tp].commit_point()
+            for tp in revoked
+            if tp in self.partitions
+        }
         await self.commit(revoked)
         for tp in revoked:
             self.partitions.pop(tp, None)
+        if revoked:
+            log.info(
+                "Kafka rebalance: partitions %s of %s revoked; redelivery from %s",
+                sorted(tp.partition for tp in revoked),
+                self.config.topic,
+                points,
+            )
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             self.partitions[tp] = _Partition()
+        log.info(
+            "Kafka rebalance: partitions %s of %s assigned",
+            sorted(tp.partition for tp in assigned),
+            self.config.topic,
+        )
 
     def current(self, msg: _KafkaMessage) -> bool:
         return self.partitions.get(msg._tp) is msg._part
@@ -348,7 +369,18 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     # (and maybe get it back, re-reading from the commit: these are stale).
                     if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
-                    part.fetched(record.offset)
+                    skipped = part.fetched(record.offset)
+                    if skipped:
+                        # Not expected on eventbus's own topic (no compaction, no transaction
+                        # markers): the events at those offsets will not be routed.
+                        log.warning(
+                            "Kafka %s partition %d: offsets %d-%d were never handed out by "
+                            "the consumer; the events there are not routed",
+                            tp.topic,
+                            tp.partition,
+                            record.offset - skipped,
+                            record.offset - 1,
+                        )
                     part.handling += 1
                     self.window.take()
                     yield _KafkaMessage(record, self, tp, part)

@@ -14,6 +14,7 @@ from eventbus.bus._kafka import _Partition
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
 from tests.bus.conftest import PATIENCE, event, kafka_config, take
+from tests.fixtures.wait import eventually
 
 
 def test_commit_point_is_the_lowest_unacked_offset() -> None:
@@ -29,6 +30,15 @@ def test_commit_point_is_the_lowest_unacked_offset() -> None:
     part.acked.add(13)
     assert part.commit_point() == 15
     assert not part.pending and not part.acked
+
+
+def test_offsets_the_consumer_skips_are_counted() -> None:
+    part = _Partition()
+    assert part.fetched(40) == 0  # the first after an assignment: nothing to compare with
+    assert part.fetched(41) == 0
+    assert part.fetched(45) == 3  # 42, 43 and 44 never handed out
+    assert part.fetched(43) == 0  # re-read after a seek back: not a skip
+    assert part.commit_point() == 40
 
 
 async def test_record_layout(kafka_bootstrap: str) -> None:
@@ -114,3 +124,29 @@ async def test_unparsable_bootstrap_servers_is_a_config_error() -> None:
 def test_non_positive_durations_are_config_errors(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         KafkaBusConfig(bootstrap_servers="127.0.0.1:9092", partitions=1, **{field: 0})
+
+
+async def test_assignments_are_logged(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Which worker reads which partitions is what an operator needs when events stall or come
+    # twice: each member logs what it was given. (On Tansu, the test broker, a second member's
+    # join completes without the first rejoining, so the first is not asked to give anything
+    # up: the revocation line, with the offsets the next owner reads from, is not seen here.)
+    caplog.set_level("INFO", logger="eventbus.bus")
+    config = kafka_config(kafka_bootstrap, partitions=2)
+    async with open_bus(config) as first:
+        await first.publish(event(1))
+        [got] = await take(first.messages(), 1)
+        await got.ack()
+        async with open_bus(config) as second:
+            consuming = asyncio.create_task(anext(second.messages()))
+            try:
+                await eventually(
+                    lambda: caplog.text.count(f"of {config.topic} assigned") >= 2,
+                    within=PATIENCE,
+                    what="both members' assignments logged",
+                )
+            finally:
+                consuming.cancel()
+    assert f"Kafka rebalance: partitions [0, 1] of {config.topic} assigned" in caplog.text
