@@ -461,6 +461,8 @@ async def main(args: argparse.Namespace) -> str:
     if any(row.missing for row in rows):
         # Accepted and not delivered within the drain wait: the services' logs are the evidence.
         print(f"events went undelivered: logs kept in {work}", file=sys.stderr)
+    elif args.keep:
+        print(f"logs kept in {work} (--keep)", file=sys.stderr)
     else:
         shutil.rmtree(work, ignore_errors=True)
     return render(rows, args, (before, h.load_average()))
@@ -501,6 +503,12 @@ if __name__ == "__main__":
         default="binary",
         help="content mode of eventbus's deliveries (the forwarder sends the structured body it "
         "received)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work folder (the services' logs and databases) even when every event "
+        "was delivered",
     )
     parser.add_argument(
         "--forwarder-client",
