@@ -4,7 +4,8 @@ loopback port, and stopped at the end."""
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -20,6 +21,16 @@ pytest_plugins = [
     "tests.fixtures.service",
     "tests.fixtures.browser",
 ]
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port bound but not listening, held for the whole test: it refuses every
+    connection, and no server started meanwhile by another test can take it over (a port
+    freed by stopping a server can be)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
 
 
 def _timeout(request: pytest.FixtureRequest) -> float | None:

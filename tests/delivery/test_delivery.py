@@ -5,9 +5,7 @@ kind of failure, the circuit breaker, destinations, and a PostgreSQL restart mid
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -145,19 +143,9 @@ async def test_target_down_dead_letters_then_replay_by_filter(
     assert replays == 20
 
 
-@pytest.fixture
-def refused_port() -> Iterator[int]:
-    """A loopback port bound but not listening, held for the whole test: it refuses every
-    connection, and no server started meanwhile by another test can take it over."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        yield holder.getsockname()[1]
-
-
 async def test_classification_of_failures(
     eventbus: StartService, receiver: Receiver, refused_port: int
 ) -> None:
-    closed = refused_port
     rules = """
 - name: r400
   match: {type: [t400]}
@@ -184,7 +172,7 @@ async def test_classification_of_failures(
         {
             "name": "down",
             "type": "http",
-            "url": f"http://127.0.0.1:{closed}/",
+            "url": f"http://127.0.0.1:{refused_port}/",
             "delivery": {"retry": {**FAST, "max_attempts": 2}, "circuit_breaker": False},
         },
     ]
@@ -232,7 +220,7 @@ async def test_classification_of_failures(
     )
     assert dead[0]["reason"] == "attempts-exhausted" and dead[0]["attempts"] == 2
     assert dead[0]["last_status"] is None
-    assert dead[0]["final_error"] == f"connection refused by 127.0.0.1:{closed}"
+    assert dead[0]["final_error"] == f"connection refused by 127.0.0.1:{refused_port}"
 
 
 async def test_410_dead_letters_and_disables_the_target(

@@ -307,12 +307,10 @@ async def test_an_oversized_answer_is_cut_and_its_connection_dropped(
     assert server.connections == 2  # the unread rest made the first connection unusable
 
 
-async def test_a_refused_connection_names_the_endpoint(raw: Callable[..., Any]) -> None:
-    server = await raw(always(b""))
-    port = server.port
-    await server.stop()
-    [outcome] = await deliver(f"http://127.0.0.1:{port}/fn")
-    assert outcome.error == f"connection refused by 127.0.0.1:{port}" and outcome.retryable
+async def test_a_refused_connection_names_the_endpoint(refused_port: int) -> None:
+    [outcome] = await deliver(f"http://127.0.0.1:{refused_port}/fn")
+    assert outcome.error == f"connection refused by 127.0.0.1:{refused_port}"
+    assert outcome.retryable
 
 
 async def test_an_unknown_host_is_a_dns_failure() -> None:
