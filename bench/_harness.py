@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
@@ -327,19 +328,27 @@ def python_cpu(groups: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+async def _cpu_rates(groups: list[int], every: float) -> AsyncIterator[float]:
+    """The cores the Python processes of ``groups`` used over each next ``every`` seconds."""
+    before = python_cpu(groups)
+    while True:
+        await asyncio.sleep(every)
+        now = python_cpu(groups)
+        yield (now - before) / every
+        before = now
+
+
 async def idle_floor(groups: list[int], *, every: float = 0.5, windows: int = 3) -> float:
     """The CPU (in cores) the Python processes of ``groups`` use with nothing to do: the least
     of ``windows`` windows of ``every`` seconds. A Kafka consumer polling every 10 ms uses ~6 %
     of a core per process when idle on this machine (measured with py-spy: all of it aiokafka's
     fetch loop)."""
-    least = float("inf")
-    before = python_cpu(groups)
-    for _ in range(windows):
-        await asyncio.sleep(every)
-        now = python_cpu(groups)
-        least = min(least, (now - before) / every)
-        before = now
-    return least
+    rates: list[float] = []
+    async for rate in _cpu_rates(groups, every):
+        rates.append(rate)
+        if len(rates) == windows:
+            break
+    return min(rates)
 
 
 async def settle(
@@ -349,13 +358,9 @@ async def settle(
     ``every`` seconds (the work a load left behind, such as audit rows still being written, is
     done), at most ``bound`` seconds; returns how long it took."""
     began = time.monotonic()
-    before = python_cpu(groups)
-    while time.monotonic() - began < bound:
-        await asyncio.sleep(every)
-        now = python_cpu(groups)
-        if now - before < quiet * every:
+    async for rate in _cpu_rates(groups, every):
+        if rate < quiet or time.monotonic() - began >= bound:
             break
-        before = now
     return time.monotonic() - began
 
 
