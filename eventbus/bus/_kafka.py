@@ -429,9 +429,13 @@ class KafkaBus:
             async with asyncio.timeout(cfg.connect_timeout):
                 async with sasl_refusal():
                     await producer.start()
-        except (kerr.KafkaError, OSError, TimeoutError) as exc:
-            await producer.stop()
-            raise _translate(exc, f"connect to {cfg.bootstrap_servers}") from exc
+        except BaseException as exc:
+            # A cancellation too: a half-started producer keeps its sender task and sockets.
+            with contextlib.suppress(kerr.KafkaError, OSError):
+                await producer.stop()
+            if isinstance(exc, kerr.KafkaError | OSError | TimeoutError):
+                raise _translate(exc, f"connect to {cfg.bootstrap_servers}") from exc
+            raise
         self._producer = producer
         return self
 
@@ -538,15 +542,17 @@ class KafkaBus:
         """
         self._open_producer()
         consumption = _Consumption(self.config, self._security)
-        try:
-            # No deadline: joining a group legitimately waits for the other members to rejoin.
-            async with sasl_refusal():
-                await consumption.consumer.start()
-        except (kerr.KafkaError, OSError) as exc:
-            await consumption.close()
-            raise _translate(exc, f"join group {self.config.group_id}") from exc
         self._consumptions.add(consumption)
         try:
+            try:
+                # No deadline: joining a group legitimately waits for the other members to
+                # rejoin. The consumer is a group member from the join's first request on, so
+                # it is closed whatever ends the wait (a cancellation too): otherwise its
+                # heartbeats would go on, holding partitions that nobody reads.
+                async with sasl_refusal():
+                    await consumption.consumer.start()
+            except (kerr.KafkaError, OSError) as exc:
+                raise _translate(exc, f"join group {self.config.group_id}") from exc
             async for msg in consumption.run():
                 yield msg
         finally:

@@ -150,3 +150,25 @@ async def test_assignments_are_logged(
             finally:
                 consuming.cancel()
     assert f"Kafka rebalance: partitions [0, 1] of {config.topic} assigned" in caplog.text
+
+
+async def test_a_consumer_cancelled_while_joining_leaves_the_group(kafka_bootstrap: str) -> None:
+    # Joining waits for the group (Tansu holds each join for about half the session timeout),
+    # and a shutdown or a reload can come in that wait. The consumer must not live on after
+    # it: a member nobody reads from keeps heartbeating and holds the partitions it is given,
+    # and their events wait until the process exits.
+    config = kafka_config(kafka_bootstrap, partitions=2, session_timeout=4.0)
+    async with open_bus(config) as bus:
+        running = asyncio.all_tasks()
+        joining = asyncio.create_task(anext(bus.messages()))
+        await asyncio.sleep(0.5)
+        assert not joining.done(), "the join did not wait: nothing to cancel in the middle of"
+        joining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        left = {t.get_name() for t in asyncio.all_tasks() - running if not t.done()}
+        assert not left, f"the cancelled consumer left tasks running: {sorted(left)}"
+        # and the group's work goes to whoever joins next
+        await bus.publish_many([event(n) for n in range(20)])
+        got = await take(bus.messages(), 20)
+        assert {m.event["id"] for m in got} == {f"e-{n}" for n in range(20)}
