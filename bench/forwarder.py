@@ -113,13 +113,16 @@ async def _kafka(args: argparse.Namespace, post: Post, stop: asyncio.Event) -> N
     with contextlib.suppress(TopicAlreadyExistsError):
         await admin.create_topics([NewTopic(TOPIC, num_partitions=6, replication_factor=1)])
     await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=args.kafka, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=args.kafka, acks="all", linger_ms=args.kafka_linger_ms
+    )
     consumer = AIOKafkaConsumer(
         TOPIC,
         bootstrap_servers=args.kafka,
         group_id=GROUP,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=max(1, int(args.kafka_fetch_wait * 1000)),
     )
     await producer.start()
     await consumer.start()
@@ -210,6 +213,15 @@ if __name__ == "__main__":
         default="aiohttp",
         help="outbound HTTP client: aiohttp (the obvious choice), or eventbus's own HTTP/1.1 "
         "client (what eventbus's HTTP targets use)",
+    )
+    parser.add_argument(
+        "--kafka-fetch-wait",
+        type=float,
+        default=0.5,
+        help="seconds one fetch waits on the broker for new events (aiokafka's default 0.5)",
+    )
+    parser.add_argument(
+        "--kafka-linger-ms", type=int, default=5, help="the producer's linger, in milliseconds"
     )
     import uvloop
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import shutil
 import socket
 import statistics
@@ -47,7 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _harness as h
-from eventbus.bus import NatsServer
+from eventbus.bus import KafkaBusConfig, NatsServer
 
 SECTION = "Pipeline: HTTP in to function out"
 WARMUP = 3.0
@@ -297,7 +298,7 @@ class _Forwarders:
             await self.nats.start()
             cmd += ["--nats", self.nats.url]
         else:
-            cmd += ["--kafka", str(self.kafka)]
+            cmd += ["--kafka", str(self.kafka), *_forwarder_kafka_settings()]
         for i in range(self.workers):
             self.running.append(self.procs.start(f"forwarder-{self.where.name}-{i}", cmd))
         for proc in self.running:
@@ -349,6 +350,25 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{mid:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
+def _forwarder_kafka_settings() -> list[str]:
+    """The forwarder's fetch wait and linger: eventbus's (its defaults or ``--kafka-setting``)
+    unless ``--forwarder-kafka-defaults``; the same transport settings on both sides, so the
+    CPU compared is paid for the same latency."""
+    if FORWARDER_KAFKA_DEFAULTS[0]:
+        return []
+    defaults = {f.name: f.default for f in dataclasses.fields(KafkaBusConfig)}
+    tuned = defaults | KAFKA_TUNING
+    return [
+        "--kafka-fetch-wait",
+        str(tuned["fetch_wait"]),
+        "--kafka-linger-ms",
+        str(tuned["linger_ms"]),
+    ]
+
+
+FORWARDER_KAFKA_DEFAULTS = [False]
+"""``--forwarder-kafka-defaults``: the forwarder keeps its own Kafka client settings."""
+
 FORWARDER_CLIENT = ["aiohttp"]
 """The forwarder's outbound client (``--forwarder-client``)."""
 
@@ -356,6 +376,21 @@ _CLIENTS = {
     "aiohttp": "aiohttp",
     "lean": "eventbus's own HTTP/1.1 client (`--forwarder-client lean`, as eventbus's targets)",
 }
+
+
+def _kafka_text(args: argparse.Namespace) -> str:
+    if args.backend == "nats":
+        return ""
+    if FORWARDER_KAFKA_DEFAULTS[0]:
+        return (
+            " On Kafka the forwarder keeps its own client settings (fetch wait 0.5 s, linger "
+            "5 ms; `--forwarder-kafka-defaults`)."
+        )
+    wait, linger = _forwarder_kafka_settings()[1::2]
+    return (
+        f" On Kafka both use a fetch wait of {float(wait):g} s and a producer linger of "
+        f"{linger} ms."
+    )
 
 
 def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) -> str:
@@ -377,7 +412,7 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         f"(2 with CEL, 1 transform), audit on, target concurrency {TARGET_CONCURRENCY} per "
         f"worker, deliveries in {args.mode} mode; the forwarder runs as many processes and "
         f"sends on the structured body it received, with {_CLIENTS[args.forwarder_client]}."
-        f"{repeats}",
+        f"{_kafka_text(args)}{repeats}",
         "",
         "| backend | system | procs | run | ingest/s | delivered/s | CPU ms/event | undelivered | "
         "fixed rate /s | delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms |",
@@ -528,6 +563,12 @@ if __name__ == "__main__":
         "for the request itself",
     )
     parser.add_argument(
+        "--forwarder-kafka-defaults",
+        action="store_true",
+        help="let the forwarder keep its own Kafka settings (fetch wait 0.5 s, linger 5 ms) "
+        "instead of eventbus's fetch_wait and linger_ms",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="sample every system's processes with py-spy during the sustained phase; write "
@@ -537,6 +578,7 @@ if __name__ == "__main__":
     args.command = "python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
     TARGET["mode"] = args.mode
     FORWARDER_CLIENT[0] = args.forwarder_client
+    FORWARDER_KAFKA_DEFAULTS[0] = args.forwarder_kafka_defaults
     for setting in args.kafka_setting:
         name, _, value = setting.partition("=")
         KAFKA_TUNING[name] = float(value) if "." in value else int(value)
