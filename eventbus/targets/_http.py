@@ -165,6 +165,22 @@ def _default_tls() -> ssl.SSLContext:
 _RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 """Headers the client writes itself; a target's ``headers`` may not set them."""
 
+_OWN_SPELLING = {
+    name.lower(): name
+    for name in ("Content-Type", "User-Agent", "Accept", "Accept-Encoding", "Authorization")
+}
+
+
+def _spelled_as_ours(name: str) -> str:
+    """``name`` as eventbus spells the header when it sets it too, so that one dict key holds
+    it and the precedence of eventbus's own value (or the static one over a default) holds
+    whatever case the target's ``headers`` used: HTTP header names are case-insensitive, and
+    two spellings would go out as two headers."""
+    lowered = name.lower()
+    if lowered.startswith(("ce-", "webhook-")):
+        return lowered
+    return _OWN_SPELLING.get(lowered, name)
+
 
 class HttpTargetSpec(TargetSpec):
     """``type: http``: one function endpoint.
@@ -260,7 +276,7 @@ class HttpTarget:
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
         auth = {} if config.auth is None else auth_headers(config.auth)
-        static = {name: value.reveal() for name, value in config.headers.items()}
+        static = {_spelled_as_ours(name): value.reveal() for name, value in config.headers.items()}
         reserved = sorted(name for name in static if name.lower() in _RESERVED_HEADERS)
         if reserved:
             raise ConfigError(f"{where}: headers may not set {', '.join(reserved)}")

@@ -61,6 +61,21 @@ def config_for(receiver: Receiver, **kw: Any) -> HttpTargetSpec:
 # --- what is sent ---------------------------------------------------------------------------
 
 
+async def test_static_headers_in_any_case_replace_defaults_and_yield_to_the_event(
+    receiver: Receiver,
+) -> None:
+    # Header names are case-insensitive: a target's "user-agent" replaces eventbus's default,
+    # and its "content-type" or "ce-id", in whatever case, yields to the event's own value
+    # instead of going out as a second header beside it.
+    headers = {"user-agent": "billing-bus", "CONTENT-TYPE": "text/plain", "CE-ID": "forged"}
+    outcome = await deliver_once(config_for(receiver, headers=headers))
+    assert outcome.delivered, outcome.error
+    (req,) = await receiver.wait_for(1)
+    assert req.headers.getall("User-Agent") == ["billing-bus"]
+    assert req.headers.getall("Content-Type") == ["application/json"]
+    assert req.headers.getall("ce-id") == ["evt-1"]
+
+
 async def test_binary_mode_sends_ce_headers_and_data_body(receiver: Receiver) -> None:
     outcome = await deliver_once(config_for(receiver, headers={"Authorization": "Bearer t"}))
     assert outcome.delivered and outcome.status == 204 and outcome.error is None
