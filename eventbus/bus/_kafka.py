@@ -139,25 +139,43 @@ def _translate(exc: BaseException, doing: str) -> BusError:
     return kind(f"Kafka {doing} failed: {exc!r}")
 
 
-class _Partition:
-    """Offsets of one assigned partition: handed out, acked, and committed so far."""
+MAX_REREADS = 5
+"""Times one gap in a partition's offsets is read again before it is taken as it is."""
 
-    __slots__ = ("acked", "committed", "handling", "next_offset", "pending")
+
+class _Partition:
+    """Offsets of one assigned partition: handed out, acked, and committed so far, and the gap
+    being read again (see :meth:`read_again`)."""
+
+    __slots__ = ("acked", "committed", "gap_at", "handling", "next_offset", "pending", "rereads")
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
         self.acked: set[int] = set()
-        self.next_offset: int | None = None
+        self.next_offset: int | None = None  # the offset expected next; None: not known yet
         self.committed = -1
         self.handling = 0  # messages handed out and not settled yet
+        self.gap_at: int | None = None
+        self.rereads = 0
 
-    def fetched(self, offset: int) -> int:
-        """Record ``offset`` as handed out; returns how many offsets right before it were never
-        handed out (0 unless the consumer skipped some)."""
-        skipped = 0 if self.next_offset is None else max(0, offset - self.next_offset)
+    def gap_before(self, offset: int) -> int:
+        """How many offsets right before ``offset`` were expected and not handed out (0 when
+        none, or when nothing is expected yet)."""
+        return 0 if self.next_offset is None else max(0, offset - self.next_offset)
+
+    def read_again(self) -> bool:
+        """A record came after a gap at ``next_offset``: True while the partition should be
+        read again from there (up to MAX_REREADS times for the same gap), False when the gap
+        is to be taken as it is."""
+        if self.gap_at != self.next_offset:
+            self.gap_at, self.rereads = self.next_offset, 0
+        self.rereads += 1
+        return self.rereads <= MAX_REREADS
+
+    def fetched(self, offset: int) -> None:
+        """Record ``offset`` as handed out."""
         self.pending.append(offset)
         self.next_offset = offset + 1
-        return skipped
 
     def commit_point(self) -> int | None:
         """The offset to commit: the lowest un-acked one, or the next to fetch if all are done."""
@@ -364,26 +382,72 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             for tp, records in batches.items():
                 part = self.partitions.get(tp)
+                if part is not None and part.next_offset is None and records:
+                    # The first records since the partition was assigned: expect them from
+                    # where the group's reading resumed, so a gap right there is seen too.
+                    start = await self._resumed_at(tp)
+                    if start is not None and part.next_offset is None:
+                        part.next_offset = min(start, records[0].offset)
                 for record in records:
                     # Re-checked per record: between yields the consumer may close, or lose tp
                     # (and maybe get it back, re-reading from the commit: these are stale).
                     if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
-                    skipped = part.fetched(record.offset)
-                    if skipped:
-                        # Not expected on eventbus's own topic (no compaction, no transaction
-                        # markers): the events at those offsets will not be routed.
-                        log.warning(
-                            "Kafka %s partition %d: offsets %d-%d were never handed out by "
-                            "the consumer; the events there are not routed",
-                            tp.topic,
-                            tp.partition,
-                            record.offset - skipped,
-                            record.offset - 1,
-                        )
+                    if part.gap_before(record.offset) and not self._gap_accepted(tp, part, record):
+                        break
+                    part.fetched(record.offset)
                     part.handling += 1
                     self.window.take()
                     yield _KafkaMessage(record, self, tp, part)
+
+    def _gap_accepted(
+        self, tp: TopicPartition, part: _Partition, record: ConsumerRecord[Any, Any]
+    ) -> bool:
+        """``record`` comes after offsets that were never handed out. Not expected on eventbus's
+        own topic (no compaction, no transaction markers), but a broker may answer a fetch with
+        a later batch while an earlier one is not readable yet (Tansu does, with several
+        producers appending to one partition). So read the partition again from the gap, a
+        few times; returns False when it does (drop the rest of this batch), True when the
+        gap is taken as it is (the events there are not routed)."""
+        first = part.next_offset
+        assert first is not None
+        if part.read_again():
+            log.info(
+                "Kafka %s partition %d: the broker answered with offset %d where %d was next; "
+                "reading again from %d",
+                tp.topic,
+                tp.partition,
+                record.offset,
+                first,
+                first,
+            )
+            # IllegalStateError: the partition is being reassigned; the commit point is at or
+            # below the gap, so its next owner reads it from there.
+            with contextlib.suppress(kerr.IllegalStateError):
+                self.consumer.seek(tp, first)
+            return False
+        log.warning(
+            "Kafka %s partition %d: offsets %d-%d were never handed out by the broker (read "
+            "%d times); the events there are not routed",
+            tp.topic,
+            tp.partition,
+            first,
+            record.offset - 1,
+            MAX_REREADS + 1,
+        )
+        return True
+
+    async def _resumed_at(self, tp: TopicPartition) -> int | None:
+        """Where the group resumes reading ``tp``: its committed offset, or the start of the
+        log when nothing was committed; None when the broker does not say."""
+        try:
+            committed = await self.consumer.committed(tp)
+            if committed is not None:
+                return int(committed)
+            beginning = await self.consumer.beginning_offsets([tp])
+            return int(beginning[tp])
+        except (kerr.KafkaError, OSError, KeyError):
+            return None
 
     async def close(self) -> None:
         """Commit what is done and leave the group; later acks change nothing on the broker."""

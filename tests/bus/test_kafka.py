@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from eventbus._errors import BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
-from eventbus.bus._kafka import _Partition
+from eventbus.bus._kafka import MAX_REREADS, _Partition
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
 from tests.bus.conftest import PATIENCE, event, kafka_config, take
@@ -32,12 +32,17 @@ def test_commit_point_is_the_lowest_unacked_offset() -> None:
     assert not part.pending and not part.acked
 
 
-def test_offsets_the_consumer_skips_are_counted() -> None:
+def test_a_gap_in_the_offsets_is_read_again_a_few_times_then_taken() -> None:
     part = _Partition()
-    assert part.fetched(40) == 0  # the first after an assignment: nothing to compare with
-    assert part.fetched(41) == 0
-    assert part.fetched(45) == 3  # 42, 43 and 44 never handed out
-    assert part.fetched(43) == 0  # re-read after a seek back: not a skip
+    assert part.gap_before(40) == 0  # nothing expected yet
+    part.fetched(40)
+    part.fetched(41)
+    assert part.gap_before(42) == 0
+    assert part.gap_before(45) == 3  # 42, 43 and 44 not handed out
+    assert [part.read_again() for _ in range(MAX_REREADS + 1)] == [True] * MAX_REREADS + [False]
+    part.fetched(42)  # it came on a later read after all
+    assert part.gap_before(46) == 3
+    assert part.read_again(), "a new gap gets its own re-reads"
     assert part.commit_point() == 40
 
 

@@ -10,12 +10,15 @@ had in flight when the partitions moved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter, defaultdict
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from eventbus.bus import BusMessage, KafkaBus, KafkaBusConfig
+from eventbus.bus._base import wire_encode
 from tests.bus.conftest import event, kafka_config
 from tests.fixtures.wait import eventually
 
@@ -24,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 EVENTS = 6000
 RATE = 500.0  # events/s published
 MAX_IN_FLIGHT = 100  # per member
+_HEADERS = [("content-type", b"application/cloudevents+json")]
 
 
 class _Member:
@@ -137,3 +141,69 @@ async def test_members_join_and_leave_mid_stream(kafka_bootstrap: str) -> None:
     again = sum(ledger.acked.values()) - EVENTS
     leaves, steps = 4, 9
     assert again <= leaves * MAX_IN_FLIGHT + steps * RATE * config.commit_interval, again
+
+
+async def test_producers_racing_on_one_partition(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Several eventbus processes publish to the same partitions at once. Tansu may then answer
+    # a fetch with a later batch while an earlier one, from another producer, is not readable
+    # yet; a consumer that moved on from there would never hand those events out (the bench
+    # lost 4 events that way). The bus reads the partition again from the gap.
+    caplog.set_level("INFO", logger="eventbus.bus")
+    config = kafka_config(kafka_bootstrap, partitions=1, fetch_wait=0.01, max_in_flight=1000)
+    producers, each, concurrency = 4, 15000, 32
+    ledger = _Ledger()
+    async with KafkaBus(config) as bus:
+
+        async def consume() -> None:
+            async for msg in bus.messages():
+                ledger.handed_out(msg, "only")
+                ledger.acked[msg.event["id"]] += 1
+                await msg.ack()
+
+        consuming = asyncio.create_task(consume())
+        # One event first, so the consumer reads from offset 0 before the race begins. (At a
+        # new partition's very first offsets Tansu's answer to "where does the log begin" can
+        # itself skip the batch not readable yet; not re-read, see docs/bus.md.)
+        total = producers * each + 1
+        await bus.publish(event(total - 1))
+        await eventually(lambda: ledger.acked, within=30, what="the first event handed out")
+
+        async def produce(p: int) -> None:
+            # aiokafka's own producer, as fast as it goes, writing what the bus writes: the
+            # race needs produce requests from several connections overlapping
+            producer = AIOKafkaProducer(
+                bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=False
+            )
+            await producer.start()
+            numbers = iter(range(p * each, (p + 1) * each))
+
+            async def sender() -> None:
+                for n in numbers:  # shared: each number is taken once
+                    payload, key = wire_encode(event(n))
+                    await producer.send_and_wait(
+                        config.topic, payload, key=key.encode(), headers=_HEADERS
+                    )
+
+            try:
+                await asyncio.gather(*(sender() for _ in range(concurrency)))
+            finally:
+                await producer.stop()
+
+        try:
+            await asyncio.gather(*(produce(p) for p in range(producers)))
+            await eventually(
+                lambda: len(ledger.acked) == total, within=60, every=0.2, what="all handed out"
+            )
+        finally:
+            consuming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consuming
+            rereads = caplog.text.count("reading again from")
+            print(f"{len(ledger.acked)} of {total} handed out; {rereads} re-reads")
+    (offsets,) = ledger.offsets.values()
+    skipped = sorted(set(range(total)) - offsets)
+    reads = [line for line in caplog.text.splitlines() if "partition 0:" in line]
+    assert not skipped, f"offsets {skipped[0]}-{skipped[-1]} never handed out; {reads}"
+    assert "never handed out" not in caplog.text
