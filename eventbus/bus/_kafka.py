@@ -140,14 +140,26 @@ def _translate(exc: BaseException, doing: str) -> BusError:
 
 
 MAX_REREADS = 5
-"""Times one gap in a partition's offsets is read again before it is taken as it is."""
+GAP_PATIENCE = 2.0
+"""One gap in a partition's offsets is read again at least MAX_REREADS times and for at least
+GAP_PATIENCE seconds (a batch not readable yet is a matter of time) before it is taken as it
+is."""
 
 
 class _Partition:
     """Offsets of one assigned partition: handed out, acked, and committed so far, and the gap
     being read again (see :meth:`read_again`)."""
 
-    __slots__ = ("acked", "committed", "gap_at", "handling", "next_offset", "pending", "rereads")
+    __slots__ = (
+        "acked",
+        "committed",
+        "gap_at",
+        "gap_since",
+        "handling",
+        "next_offset",
+        "pending",
+        "rereads",
+    )
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
@@ -156,6 +168,7 @@ class _Partition:
         self.committed = -1
         self.handling = 0  # messages handed out and not settled yet
         self.gap_at: int | None = None
+        self.gap_since = 0.0
         self.rereads = 0
 
     def gap_before(self, offset: int) -> int:
@@ -163,14 +176,14 @@ class _Partition:
         none, or when nothing is expected yet)."""
         return 0 if self.next_offset is None else max(0, offset - self.next_offset)
 
-    def read_again(self) -> bool:
-        """A record came after a gap at ``next_offset``: True while the partition should be
-        read again from there (up to MAX_REREADS times for the same gap), False when the gap
-        is to be taken as it is."""
+    def read_again(self, now: float) -> bool:
+        """A record came after a gap at ``next_offset`` (``now`` on a monotonic clock): True
+        while the partition should be read again from there (see GAP_PATIENCE), False when the
+        gap is to be taken as it is."""
         if self.gap_at != self.next_offset:
-            self.gap_at, self.rereads = self.next_offset, 0
+            self.gap_at, self.gap_since, self.rereads = self.next_offset, now, 0
         self.rereads += 1
-        return self.rereads <= MAX_REREADS
+        return self.rereads <= MAX_REREADS or now - self.gap_since < GAP_PATIENCE
 
     def fetched(self, offset: int) -> None:
         """Record ``offset`` as handed out."""
@@ -249,6 +262,23 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.closed = False
         self.settled = asyncio.Event()  # set by each ack and nak, for a revocation waiting
         self._committer: asyncio.Task[None] | None = None
+        self._joining: asyncio.Task[None] | None = None
+
+    async def join(self) -> None:
+        """Start the consumer, which joins the group (no deadline: a join legitimately waits
+        for the other members to rejoin). The consumer is a group member from the join's first
+        request on, so :meth:`close` ends a join in progress before it stops the consumer,
+        whoever calls it: otherwise the join would go on after the stop, and the member's
+        heartbeats would hold partitions that nobody reads. Raises BusError when the bus
+        closed meanwhile."""
+        self._joining = asyncio.create_task(self.consumer.start(), name="eventbus-kafka-join")
+        try:
+            await self._joining
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise BusError("the Kafka bus closed while its consumer was joining") from None
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Let the messages being handled finish (up to revoke_wait), commit what is done and
@@ -393,61 +423,92 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     # (and maybe get it back, re-reading from the commit: these are stale).
                     if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
-                    if part.gap_before(record.offset) and not self._gap_accepted(tp, part, record):
+                    if part.gap_before(record.offset) and not await self._gap_taken(
+                        tp, part, record.offset
+                    ):
                         break
                     part.fetched(record.offset)
                     part.handling += 1
                     self.window.take()
                     yield _KafkaMessage(record, self, tp, part)
 
-    def _gap_accepted(
-        self, tp: TopicPartition, part: _Partition, record: ConsumerRecord[Any, Any]
-    ) -> bool:
-        """``record`` comes after offsets that were never handed out. Not expected on eventbus's
-        own topic (no compaction, no transaction markers), but a broker may answer a fetch with
-        a later batch while an earlier one is not readable yet (Tansu does, with several
-        producers appending to one partition). So read the partition again from the gap, a
-        few times; returns False when it does (drop the rest of this batch), True when the
-        gap is taken as it is (the events there are not routed)."""
+    async def _gap_taken(self, tp: TopicPartition, part: _Partition, offset: int) -> bool:
+        """A record at ``offset`` comes after offsets that were never handed out. Not expected
+        on eventbus's own topic (no compaction, no transaction markers), but a broker may
+        answer a fetch with a later batch while an earlier one is not readable yet (Tansu
+        does, with several producers appending to one partition). So read the partition again
+        from the gap for a while; returns False when it does (drop the rest of this batch),
+        True when the gap is taken as it is: the events there are not routed, or were deleted
+        by retention before they could be."""
         first = part.next_offset
         assert first is not None
-        if part.read_again():
+        loop = asyncio.get_running_loop()
+        log_start = await self._log_start(tp)
+        if log_start is not None and log_start > first:
+            log.warning(
+                "Kafka %s partition %d: offsets %d-%d were deleted (retention) before they "
+                "were handed out; the events there are not routed",
+                tp.topic,
+                tp.partition,
+                first,
+                log_start - 1,
+            )
+            part.next_offset = log_start
+            return part.gap_before(offset) == 0 or await self._gap_taken(tp, part, offset)
+        if part.read_again(loop.time()):
             log.info(
                 "Kafka %s partition %d: the broker answered with offset %d where %d was next; "
                 "reading again from %d",
                 tp.topic,
                 tp.partition,
-                record.offset,
+                offset,
                 first,
                 first,
             )
-            # IllegalStateError: the partition is being reassigned; the commit point is at or
-            # below the gap, so its next owner reads it from there.
-            with contextlib.suppress(kerr.IllegalStateError):
-                self.consumer.seek(tp, first)
+            if part.rereads > 1:  # not a hot loop of fetches while the broker catches up
+                await asyncio.sleep(min(0.02 * part.rereads, 0.2))
+            if self.partitions.get(tp) is part and not self.closed:
+                # IllegalStateError: the partition is being reassigned; the commit point is
+                # at or below the gap, so its next owner reads it from there.
+                with contextlib.suppress(kerr.IllegalStateError):
+                    self.consumer.seek(tp, first)
             return False
         log.warning(
             "Kafka %s partition %d: offsets %d-%d were never handed out by the broker (read "
-            "%d times); the events there are not routed",
+            "%d times in %.1f s); the events there are not routed",
             tp.topic,
             tp.partition,
             first,
-            record.offset - 1,
-            MAX_REREADS + 1,
+            offset - 1,
+            part.rereads,
+            loop.time() - part.gap_since,
         )
         return True
 
-    async def _resumed_at(self, tp: TopicPartition) -> int | None:
-        """Where the group resumes reading ``tp``: its committed offset, or the start of the
-        log when nothing was committed; None when the broker does not say."""
+    async def _log_start(self, tp: TopicPartition) -> int | None:
+        """The first offset ``tp`` still holds; None when the broker does not say in time."""
         try:
-            committed = await self.consumer.committed(tp)
-            if committed is not None:
-                return int(committed)
-            beginning = await self.consumer.beginning_offsets([tp])
-            return int(beginning[tp])
-        except (kerr.KafkaError, OSError, KeyError):
+            async with asyncio.timeout(self.config.connect_timeout):
+                start = (await self.consumer.beginning_offsets([tp]))[tp]
+        except (kerr.KafkaError, OSError, KeyError, TimeoutError):
             return None
+        return int(start) if start is not None and start >= 0 else None
+
+    async def _resumed_at(self, tp: TopicPartition) -> int | None:
+        """Where the group resumes reading ``tp``: its committed offset (or the log's start,
+        if retention deleted past it), or the log's start when nothing was committed; None
+        when the broker does not say in time."""
+        if self.closed:
+            return None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                committed = await self.consumer.committed(tp)
+        except (kerr.KafkaError, OSError, TimeoutError):
+            return None
+        log_start = await self._log_start(tp)
+        if committed is None or committed < 0:
+            return log_start
+        return int(committed) if log_start is None else max(int(committed), log_start)
 
     async def close(self) -> None:
         """Commit what is done and leave the group; later acks change nothing on the broker."""
@@ -456,6 +517,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.closed = True
         for handle in self.timers:
             handle.cancel()
+        await cancel_and_wait(self._joining)
         await cancel_and_wait(self._committer)
         await self.commit()
         with contextlib.suppress(kerr.KafkaError, OSError):
@@ -609,12 +671,9 @@ class KafkaBus:
         self._consumptions.add(consumption)
         try:
             try:
-                # No deadline: joining a group legitimately waits for the other members to
-                # rejoin. The consumer is a group member from the join's first request on, so
-                # it is closed whatever ends the wait (a cancellation too): otherwise its
-                # heartbeats would go on, holding partitions that nobody reads.
+                # Closed in the finally whatever ends the join (a cancellation too): see join().
                 async with sasl_refusal():
-                    await consumption.consumer.start()
+                    await consumption.join()
             except (kerr.KafkaError, OSError) as exc:
                 raise _translate(exc, f"join group {self.config.group_id}") from exc
             async for msg in consumption.run():

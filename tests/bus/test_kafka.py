@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from eventbus._errors import BusUnavailable, ConfigError
+from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
-from eventbus.bus._kafka import MAX_REREADS, _Partition
+from eventbus.bus._kafka import GAP_PATIENCE, MAX_REREADS, _Partition
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
 from tests.bus.conftest import PATIENCE, event, kafka_config, take
@@ -32,17 +32,20 @@ def test_commit_point_is_the_lowest_unacked_offset() -> None:
     assert not part.pending and not part.acked
 
 
-def test_a_gap_in_the_offsets_is_read_again_a_few_times_then_taken() -> None:
+def test_a_gap_in_the_offsets_is_read_again_for_a_while_then_taken() -> None:
     part = _Partition()
     assert part.gap_before(40) == 0  # nothing expected yet
     part.fetched(40)
     part.fetched(41)
     assert part.gap_before(42) == 0
     assert part.gap_before(45) == 3  # 42, 43 and 44 not handed out
-    assert [part.read_again() for _ in range(MAX_REREADS + 1)] == [True] * MAX_REREADS + [False]
+    # at least MAX_REREADS times, and for at least GAP_PATIENCE seconds
+    assert all(part.read_again(100.0) for _ in range(MAX_REREADS))
+    assert part.read_again(100.0 + GAP_PATIENCE / 2)
+    assert not part.read_again(100.0 + GAP_PATIENCE)
     part.fetched(42)  # it came on a later read after all
     assert part.gap_before(46) == 3
-    assert part.read_again(), "a new gap gets its own re-reads"
+    assert part.read_again(200.0), "a new gap gets its own re-reads"
     assert part.commit_point() == 40
 
 
@@ -177,3 +180,19 @@ async def test_a_consumer_cancelled_while_joining_leaves_the_group(kafka_bootstr
         await bus.publish_many([event(n) for n in range(20)])
         got = await take(bus.messages(), 20)
         assert {m.event["id"] for m in got} == {f"e-{n}" for n in range(20)}
+
+
+async def test_closing_the_bus_ends_a_join_in_progress(kafka_bootstrap: str) -> None:
+    # The bus closed by another task (the service stopping) while a consumer still joins:
+    # the join ends with the bus, with an error saying so, and nothing of it runs on.
+    config = kafka_config(kafka_bootstrap, partitions=2, session_timeout=4.0)
+    running = asyncio.all_tasks()
+    async with open_bus(config) as bus:
+        joining = asyncio.create_task(anext(bus.messages()))
+        await asyncio.sleep(0.5)
+        assert not joining.done(), "the join did not wait: nothing to end in the middle of"
+    async with asyncio.timeout(PATIENCE):
+        with pytest.raises(BusError, match="closed while its consumer was joining"):
+            await joining
+    left = {t.get_name() for t in asyncio.all_tasks() - running if not t.done()}
+    assert not left, f"the closed bus left tasks running: {sorted(left)}"

@@ -206,4 +206,5 @@ async def test_producers_racing_on_one_partition(
     skipped = sorted(set(range(total)) - offsets)
     reads = [line for line in caplog.text.splitlines() if "partition 0:" in line]
     assert not skipped, f"offsets {skipped[0]}-{skipped[-1]} never handed out; {reads}"
+    assert sum(ledger.acked.values()) == total, "a re-read handed something out twice"
     assert "never handed out" not in caplog.text
