@@ -423,10 +423,11 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     # (and maybe get it back, re-reading from the commit: these are stale).
                     if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
-                    if part.gap_before(record.offset) and not await self._gap_taken(
-                        tp, part, record.offset
-                    ):
-                        break
+                    if part.gap_before(record.offset):
+                        taken = await self._gap_taken(tp, part, record.offset)
+                        # and the partition may have moved during the broker's answers
+                        if not taken or self.closed or self.partitions.get(tp) is not part:
+                            break
                     part.fetched(record.offset)
                     part.handling += 1
                     self.window.take()
