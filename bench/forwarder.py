@@ -30,6 +30,9 @@ BATCH = 256
 # over: a short wait keeps a trickle of events from sitting in a half-filled batch.
 FETCH_WAIT = 0.05
 CE_JSON = {"content-type": "application/cloudevents+json"}
+# its own Kafka client settings, unless told otherwise: aiokafka's fetch wait, a short linger
+KAFKA_FETCH_WAIT = 0.5
+KAFKA_LINGER_MS = 5
 
 
 Post = Callable[[bytes], Awaitable[bool]]
@@ -217,11 +220,14 @@ if __name__ == "__main__":
     parser.add_argument(
         "--kafka-fetch-wait",
         type=float,
-        default=0.5,
-        help="seconds one fetch waits on the broker for new events (aiokafka's default 0.5)",
+        default=KAFKA_FETCH_WAIT,
+        help="seconds one fetch waits on the broker for new events (aiokafka's default)",
     )
     parser.add_argument(
-        "--kafka-linger-ms", type=int, default=5, help="the producer's linger, in milliseconds"
+        "--kafka-linger-ms",
+        type=int,
+        default=KAFKA_LINGER_MS,
+        help="the producer's linger, in milliseconds",
     )
     import uvloop
 

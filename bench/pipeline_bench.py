@@ -48,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _harness as h
+from bench import forwarder
 from eventbus.bus import KafkaBusConfig, NatsServer
 
 SECTION = "Pipeline: HTTP in to function out"
@@ -298,7 +299,9 @@ class _Forwarders:
             await self.nats.start()
             cmd += ["--nats", self.nats.url]
         else:
-            cmd += ["--kafka", str(self.kafka), *_forwarder_kafka_settings()]
+            wait, linger = _forwarder_kafka()
+            cmd += ["--kafka", str(self.kafka), "--kafka-fetch-wait", str(wait)]
+            cmd += ["--kafka-linger-ms", str(linger)]
         for i in range(self.workers):
             self.running.append(self.procs.start(f"forwarder-{self.where.name}-{i}", cmd))
         for proc in self.running:
@@ -350,20 +353,14 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{mid:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
-def _forwarder_kafka_settings() -> list[str]:
-    """The forwarder's fetch wait and linger: eventbus's (its defaults or ``--kafka-setting``)
-    unless ``--forwarder-kafka-defaults``; the same transport settings on both sides, so the
-    CPU compared is paid for the same latency."""
+def _forwarder_kafka() -> tuple[float, int]:
+    """The forwarder's fetch wait (s) and linger (ms): eventbus's (its defaults or
+    ``--kafka-setting``), so the CPU compared is paid for the same latency; with
+    ``--forwarder-kafka-defaults`` the forwarder's own."""
     if FORWARDER_KAFKA_DEFAULTS[0]:
-        return []
-    defaults = {f.name: f.default for f in dataclasses.fields(KafkaBusConfig)}
-    tuned = defaults | KAFKA_TUNING
-    return [
-        "--kafka-fetch-wait",
-        str(tuned["fetch_wait"]),
-        "--kafka-linger-ms",
-        str(tuned["linger_ms"]),
-    ]
+        return forwarder.KAFKA_FETCH_WAIT, forwarder.KAFKA_LINGER_MS
+    tuned = {f.name: f.default for f in dataclasses.fields(KafkaBusConfig)} | KAFKA_TUNING
+    return float(tuned["fetch_wait"]), int(tuned["linger_ms"])
 
 
 FORWARDER_KAFKA_DEFAULTS = [False]
@@ -381,16 +378,13 @@ _CLIENTS = {
 def _kafka_text(args: argparse.Namespace) -> str:
     if args.backend == "nats":
         return ""
+    wait, linger = _forwarder_kafka()
     if FORWARDER_KAFKA_DEFAULTS[0]:
         return (
-            " On Kafka the forwarder keeps its own client settings (fetch wait 0.5 s, linger "
-            "5 ms; `--forwarder-kafka-defaults`)."
+            f" On Kafka the forwarder keeps its own client settings (fetch wait {wait:g} s, "
+            f"linger {linger} ms; `--forwarder-kafka-defaults`)."
         )
-    wait, linger = _forwarder_kafka_settings()[1::2]
-    return (
-        f" On Kafka both use a fetch wait of {float(wait):g} s and a producer linger of "
-        f"{linger} ms."
-    )
+    return f" On Kafka both use a fetch wait of {wait:g} s and a producer linger of {linger} ms."
 
 
 def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) -> str:
@@ -565,8 +559,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--forwarder-kafka-defaults",
         action="store_true",
-        help="let the forwarder keep its own Kafka settings (fetch wait 0.5 s, linger 5 ms) "
-        "instead of eventbus's fetch_wait and linger_ms",
+        help="let the forwarder keep its own Kafka settings (fetch wait "
+        f"{forwarder.KAFKA_FETCH_WAIT:g} s, linger {forwarder.KAFKA_LINGER_MS} ms) instead of "
+        "eventbus's fetch_wait and linger_ms",
     )
     parser.add_argument(
         "--profile",
