@@ -36,11 +36,12 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import orjson
 from aiokafka.abc import AbstractTokenProvider
+from aiokafka.errors import KafkaConnectionError
 
 from eventbus._errors import ConfigError
-from eventbus.config import KafkaAuth, OAuth2Spec
+from eventbus.config import KafkaAuth, OAuth2Spec, tls_refusal
 
-__all__ = ["OAuth2Client", "TokenCommand", "TokenError", "kafka_options", "sasl_refusal"]
+__all__ = ["OAuth2Client", "TokenCommand", "TokenError", "kafka_options", "start_refusals"]
 
 EXPIRY_MARGIN = 30.0
 """A token is renewed this many seconds before it expires (or at 90 % of a shorter lifetime)."""
@@ -361,17 +362,22 @@ def kafka_options(auth: KafkaAuth, where: str, timeout: float = 10.0) -> dict[st
 
 
 @contextlib.asynccontextmanager
-async def sasl_refusal() -> AsyncIterator[None]:
-    """Around starting an aiokafka client: what its SASL exchange raises past aiokafka's own
-    error types, as OSErrors saying what happened (every Kafka adapter treats OSError as a
-    failed connection):
+async def start_refusals(
+    servers: str | Sequence[str] = (), options: dict[str, Any] | None = None
+) -> AsyncIterator[None]:
+    """Around starting an aiokafka client on ``servers`` with ``options`` (from
+    :func:`kafka_options`): what it raises for a refused connection, made to say why, as
+    OSErrors (every Kafka adapter treats OSError as a failed connection):
 
     - a broker that refuses SCRAM credentials in the exchange itself (``e=...`` in its final
       message, as RFC 5802 allows; Tansu does) makes aiokafka fail with a bare ``KeyError('v')``
       (Apache Kafka answers with an error code instead, raised as ``SaslAuthenticationFailed``);
-    - OAUTHBEARER's token provider raises TokenError, which aiokafka lets through.
+    - OAUTHBEARER's token provider raises TokenError, which aiokafka lets through;
+    - over SSL, a failed TLS handshake leaves only "Unable to bootstrap from ...": the first
+      bootstrap server is asked once more, by :func:`tls_refusal`, and its reason raised.
 
-    A refusal becomes PermissionError; a token endpoint that may answer later, ConnectionError.
+    A refusal becomes PermissionError; a token endpoint that may answer later, and a TLS
+    failure (a server's certificate may be renewed), ConnectionError.
     """
     try:
         yield
@@ -379,3 +385,33 @@ async def sasl_refusal() -> AsyncIterator[None]:
         raise PermissionError("the broker refused the SASL credentials") from exc
     except TokenError as exc:
         raise (ConnectionError if exc.retryable else PermissionError)(str(exc)) from exc
+    except KafkaConnectionError as exc:
+        context = (options or {}).get("ssl_context")
+        first = _first_server(servers)
+        if context is None or first is None:
+            raise
+        reason = await tls_refusal(*first, context)
+        if reason is None:
+            raise
+        host, port = first
+        raise ConnectionError(f"TLS with {host}:{port} failed: {reason}") from exc
+
+
+def _first_server(servers: str | Sequence[str]) -> tuple[str, int] | None:
+    """The host and port of the first of aiokafka's ``bootstrap_servers`` (``"h1:9093,h2"`` or
+    a list; the port defaults to 9092, an IPv6 host is bracketed), None when there is none."""
+    listed = servers.split(",") if isinstance(servers, str) else list(servers)
+    first = next((s.strip() for s in listed if s.strip()), None)
+    if first is None:
+        return None
+    if first.startswith("["):  # [::1]:9093
+        host, _, rest = first[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif ":" in first:
+        host, _, port = first.rpartition(":")
+    else:
+        host, port = first, ""
+    try:
+        return host, int(port or 9092)
+    except ValueError:
+        return None

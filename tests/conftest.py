@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.postgres",
     "tests.fixtures.postgres_tls",
+    "tests.fixtures.rabbitmq_tls",
     "tests.fixtures.receiver",
     "tests.fixtures.service",
     "tests.fixtures.browser",

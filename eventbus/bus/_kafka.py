@@ -32,7 +32,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
-from eventbus._oauth import kafka_options, sasl_refusal
+from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, wait_event
 from eventbus.bus._base import (
     DIRECT,
@@ -554,7 +554,7 @@ class KafkaBus:
         )
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                async with sasl_refusal():
+                async with start_refusals(cfg.bootstrap_servers, self._security):
                     await producer.start()
         except BaseException as exc:
             # A cancellation too: a half-started producer keeps its sender task and sockets.
@@ -575,7 +575,7 @@ class KafkaBus:
         )
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                async with sasl_refusal():
+                async with start_refusals(cfg.bootstrap_servers, self._security):
                     await admin.start()
                 response = await admin.create_topics(
                     [NewTopic(cfg.topic, cfg.partitions, cfg.replication_factor)]
@@ -673,7 +673,7 @@ class KafkaBus:
         try:
             try:
                 # Closed in the finally whatever ends the join (a cancellation too): see join().
-                async with sasl_refusal():
+                async with start_refusals(self.config.bootstrap_servers, self._security):
                     await consumption.join()
             except (kerr.KafkaError, OSError) as exc:
                 raise _translate(exc, f"join group {self.config.group_id}") from exc

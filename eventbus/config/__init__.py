@@ -8,6 +8,7 @@
     redact_url                    a configured URL as logs and errors may show it (_redact)
     Secret                        a password, token or key: env, file or literal (_secrets)
     TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
+    tls_refusal                   why a TLS session with a server fails, for clients that hide it
     NatsAuth, KafkaAuth           broker credentials, shared by bus, sources and targets (_clients)
     OAuth2Spec                    OAuth 2.0 client credentials: HTTP targets, Kafka OAUTHBEARER
     AddressLists                  CIDR allow/deny lists and trusted proxies: settings, webhooks
@@ -49,7 +50,7 @@ from eventbus.config._settings import (
     Settings,
     load_settings,
 )
-from eventbus.config._tls import TlsSpec
+from eventbus.config._tls import TlsSpec, tls_refusal
 from eventbus.config._units import Duration, parse_duration
 from eventbus.config._yaml import (
     KeyPath,
@@ -94,5 +95,6 @@ __all__ = [
     "pydantic_errors",
     "redact_url",
     "register_connector",
+    "tls_refusal",
     "yaml_files",
 ]

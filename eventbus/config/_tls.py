@@ -18,6 +18,8 @@ The context is built when the adapter is built, so a missing or unreadable file 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -30,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret
 
-__all__ = ["TlsSpec"]
+__all__ = ["TlsSpec", "tls_refusal"]
 
 log = logging.getLogger("eventbus.config")
 
@@ -141,3 +143,50 @@ def _reason(exc: OSError | ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     return exc.strerror or str(exc)
+
+
+async def tls_refusal(host: str, port: int, context: ssl.SSLContext) -> str | None:
+    """Why a TLS session with ``host:port`` under ``context`` fails, or None when it does not
+    (or when the server cannot be reached at all, which is not TLS's doing).
+
+    For the clients that report only "cannot connect" (aiokafka's bootstrap, say): a failed
+    verification names what failed, and a server refusing the client's certificate is caught
+    too, although under TLS 1.3 it says so only after the client's side of the handshake is
+    done (its alert is read here for a moment after the handshake).
+    """
+    try:
+        async with asyncio.timeout(_HANDSHAKE_WAIT):
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    except ssl.SSLError as exc:
+        return _handshake_reason(exc)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        async with asyncio.timeout(_ALERT_WAIT):
+            if not await reader.read(1):
+                return "the server closed the connection right after the TLS handshake"
+    except ssl.SSLError as exc:
+        return _handshake_reason(exc)
+    except ConnectionError:
+        return "the server reset the connection right after the TLS handshake"
+    except TimeoutError:
+        pass  # nothing said: the session stands (Kafka brokers never speak first)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    return None
+
+
+_HANDSHAKE_WAIT = 5.0
+_ALERT_WAIT = 0.5
+"""How long :func:`tls_refusal` waits for the handshake, then listens for the server's alert."""
+
+
+def _handshake_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if exc.reason:
+        # TLSV13_ALERT_CERTIFICATE_REQUIRED -> "tlsv13 alert certificate required"
+        return exc.reason.lower().replace("_", " ")
+    return str(exc)

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from eventbus._errors import BusError, StoreError
-from eventbus._oauth import kafka_options, sasl_refusal
+from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import from_kafka
 from eventbus.config import KafkaAuth
@@ -60,7 +60,7 @@ class KafkaSource:
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; broker or bus outages back off and reconnect."""
-        # OSError: sockets, and credentials the broker refused (sasl_refusal).
+        # OSError: sockets, and credentials the broker refused (start_refusals).
         transient = (KafkaError, OSError)
         await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), transient)
 
@@ -76,7 +76,7 @@ class KafkaSource:
             heartbeat_interval_ms=int(self.config.session_timeout * 1000 / 3),
         )
         try:
-            async with sasl_refusal():
+            async with start_refusals(self.config.bootstrap_servers, self._security):
                 await consumer.start()
             ctx.status.state = "running"
             backoff.reset()

@@ -29,7 +29,7 @@ from jsonpath_ng.ext.parser import parse as parse_jsonpath
 from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
-from eventbus._oauth import kafka_options, sasl_refusal
+from eventbus._oauth import kafka_options, start_refusals
 from eventbus.cloudevents import to_kafka
 from eventbus.config import Duration, KafkaAuth, TargetSpec
 from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
@@ -211,7 +211,7 @@ class KafkaTarget:
         )
         try:
             async with asyncio.timeout(self.config.timeout):
-                async with sasl_refusal():
+                async with start_refusals(self._servers, self._security):
                     await producer.start()
         except BaseException:
             with contextlib.suppress(kerr.KafkaError, OSError):

@@ -3,11 +3,11 @@
 What the test broker allows: Tansu 0.6 with ``--authentication`` requires SASL SCRAM, but its
 users can be created only by an authenticated client, and only a persistent storage engine
 would keep a user created before authentication was turned on (the tests run it in memory), so
-no SCRAM login can succeed against it here. Its TLS options do not work (``--cert`` and
-``--key`` cannot be given together; ``--cert`` alone leaves the listener plaintext). So this
-file pins the translation into aiokafka's arguments, and runs the SCRAM exchange against Tansu
-with authentication on, where the wrong credentials must fail clearly, for good, and without
-the password in any message. A successful SCRAM or SSL connection to a broker is not exercised.
+no SCRAM login can succeed against it here. So this file pins the translation into aiokafka's
+arguments, and runs the SCRAM exchange against Tansu with authentication on, where the wrong
+credentials must fail clearly, for good, and without the password in any message. A
+successful SCRAM connection to a broker is not exercised. TLS is, in test_kafka_tls.py (Tansu's
+own TLS options do not work, so a TLS listener of the test's own sits in front of it).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
 from eventbus._errors import BusError, ConfigError
-from eventbus._oauth import TokenError, sasl_refusal
+from eventbus._oauth import TokenError, start_refusals
 from eventbus._oauth import kafka_options as oauth_kafka_options
 from eventbus.bus import KafkaBusConfig, open_bus
 from eventbus.config import KafkaSettings, load_settings
@@ -305,7 +305,7 @@ def test_oauthbearer_settings_are_checked(extra: dict[str, Any], message: str) -
 
 async def test_what_a_sasl_exchange_raises_becomes_a_connection_failure_saying_why() -> None:
     async def start(exc: Exception) -> None:
-        async with sasl_refusal():
+        async with start_refusals():
             raise exc
 
     refused = TokenError("OAuth2 token endpoint x refused client 'eventbus'", retryable=False)
@@ -418,7 +418,7 @@ async def test_a_failing_token_command_says_why_without_the_token(
     (pid,) = runs.read_text().split()
     assert not psutil.pid_exists(int(pid))  # a command past its time is killed
     with pytest.raises(ConnectionError, match="token_command"):  # a source retries, later
-        async with sasl_refusal():
+        async with start_refusals():
             raise error
 
 
