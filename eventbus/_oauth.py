@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import orjson
@@ -42,6 +43,8 @@ from eventbus._errors import ConfigError
 from eventbus.config import KafkaAuth, OAuth2Spec, tls_refusal
 
 __all__ = ["OAuth2Client", "TokenCommand", "TokenError", "kafka_options", "start_refusals"]
+
+log = logging.getLogger("eventbus.config")
 
 EXPIRY_MARGIN = 30.0
 """A token is renewed this many seconds before it expires (or at 90 % of a shorter lifetime)."""
@@ -143,6 +146,9 @@ class OAuth2Client:
         self._where = where
         self._timeout = timeout
         self._ssl: ssl.SSLContext | bool = True if spec.tls is None else spec.tls.context(where)
+        if spec.token_url.startswith("http://"):
+            host = urlsplit(spec.token_url).hostname
+            log.warning("%s: the OAuth2 client secret is sent over plain http to %s", where, host)
         self._cache = _TokenCache()
         self.fetched = 0
         """How many tokens were fetched (for the metrics of tests and operators)."""

@@ -8,8 +8,9 @@ import re
 
 __all__ = ["redact_url"]
 
-# scheme://user:password@host, for each URL of a comma-separated list of servers
-_PASSWORD = re.compile(r"(//[^:/@?,\s]*:)[^@/?,\s]*@")
+# scheme://user:password@host, for each URL of a comma-separated list of servers; the password
+# runs to the last "@" of its URL, so one that holds an unencoded "@" is masked whole
+_PASSWORD = re.compile(r"(//[^:/@?,\s]*:)[^/?,\s]*@")
 # NATS takes a bare token as the user part: nats://TOKEN@host
 _TOKEN = re.compile(r"\b((?:nats|tls|ws|wss)://)[^:/@?,\s]+@")
 

@@ -73,8 +73,9 @@ def resolve_reference(value: Mapping[str, Any], env: Mapping[str, str]) -> tuple
     if default is not None and not isinstance(default, str):
         raise ValueError(f"the default of {name} must be a string")
     found = env.get(name) or default
-    if found is None:
-        raise ValueError(f"environment variable {name} is not set and no default is given")
+    if not found:
+        given = "no default is given" if default is None else "its default is empty"
+        raise ValueError(f"environment variable {name} is not set and {given}")
     return found, f"env {name}"
 
 
@@ -114,7 +115,8 @@ class Secret:
         return hmac.compare_digest(self._value.encode(), other._value.encode())
 
     def __hash__(self) -> int:
-        return hash(self.origin)
+        # Equal secrets hash alike whatever their origin (str hashes are salted per process).
+        return hash(self._value)
 
     @classmethod
     def __get_pydantic_core_schema__(

@@ -176,7 +176,7 @@ class HookApp:
         no key configured anywhere the trigger is open, as the rest of the API is."""
         given = _given_key(headers).encode()
         # compare against every key, so timing does not tell which one matched
-        matched = [hmac.compare_digest(given, k.get_secret_value().encode()) for k in spec.keys]
+        matched = [hmac.compare_digest(given, k.reveal().encode()) for k in spec.keys]
         if given and any(matched):
             return
         if spec.takes_service_keys and (self._service.settings.api_keys or not spec.keys):

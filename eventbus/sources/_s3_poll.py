@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -24,7 +25,7 @@ import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
 from eventbus.cloudevents import s3_event
-from eventbus.config import SourceSpec
+from eventbus.config import Secret, SourceSpec, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
 
@@ -34,7 +35,13 @@ _NAMESPACE = uuid.UUID("5a3c9b1e-2f0d-4c4e-9a53-0b7e2f6d1c11")
 
 
 class S3PollSourceSpec(SourceSpec):
-    """Settings of a ``type: s3-poll`` source."""
+    """Settings of a ``type: s3-poll`` source.
+
+    ``tls`` (with an ``https://`` endpoint, or AWS's): ``ca`` verifies the endpoint, ``cert``
+    and ``key`` files are the client certificate, ``insecure_skip_verify`` turns checking off.
+    botocore takes no key password, no key given as PEM text and no other server name: those
+    are refused here rather than ignored.
+    """
 
     bucket: str = pydantic.Field(min_length=1)
     prefix: str = ""
@@ -42,7 +49,38 @@ class S3PollSourceSpec(SourceSpec):
     endpoint_url: str | None = None
     region: str = "us-east-1"
     access_key_id: str | None = None
-    secret_access_key: pydantic.SecretStr | None = None
+    secret_access_key: Secret | None = None
+    tls: TlsSpec | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _tls_botocore_takes(self) -> S3PollSourceSpec:
+        tls = self.tls
+        if tls is None:
+            return self
+        if self.endpoint_url is not None and not self.endpoint_url.startswith("https://"):
+            raise ValueError("tls needs an https:// endpoint_url")
+        if tls.key is not None and not isinstance(tls.key, Path):
+            raise ValueError("tls.key must be a file for s3-poll (botocore reads keys from files)")
+        if tls.key_password is not None or tls.server_name is not None:
+            raise ValueError(
+                "s3-poll's tls takes no key_password or server_name (botocore does not)"
+            )
+        return self
+
+
+def _botocore_tls(
+    tls: TlsSpec | None, where: str
+) -> tuple[str | bool | None, tuple[str, str] | None]:
+    """boto3's ``verify`` and botocore's ``client_cert`` for a ``tls`` block. Its files are read
+    now (a ConfigError naming ``where`` and the field if one cannot be), and turning checking
+    off is warned about, by building the block's context, which botocore does not take."""
+    if tls is None:
+        return None, None
+    tls.context(where)
+    ca = None if tls.ca is None else str(tls.ca)
+    verify: str | bool | None = False if tls.insecure_skip_verify else ca
+    client_cert = None if tls.cert is None else (str(tls.cert), str(tls.key))
+    return verify, client_cert
 
 
 class _BucketError(Exception):
@@ -60,6 +98,7 @@ class S3PollSource:
         self.type = config.type
         self.config = config
         secret = config.secret_access_key
+        verify, client_cert = _botocore_tls(config.tls, f"s3-poll source {config.name!r}")
         # Imported with the first s3-poll source, not with the package: boto3 takes longer to
         # import (about 0.15 s) than the rest of the sources together, for every start.
         import boto3
@@ -72,8 +111,11 @@ class S3PollSource:
                 endpoint_url=config.endpoint_url,
                 region_name=config.region,
                 aws_access_key_id=config.access_key_id,
-                aws_secret_access_key=None if secret is None else secret.get_secret_value(),
-                config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5),
+                aws_secret_access_key=None if secret is None else secret.reveal(),
+                verify=verify,
+                config=botocore.config.Config(
+                    retries={"max_attempts": 2}, connect_timeout=5, client_cert=client_cert
+                ),
             )
         except (ValueError, botocore.exceptions.BotoCoreError) as exc:
             # botocore checks endpoint_url and region only here; report them like other fields.

@@ -1,6 +1,7 @@
 """How a ``webhook`` trigger verifies a request: one spec per provider's scheme (GitHub,
 GitLab, Stripe, Slack, Standard Webhooks) and a generic HMAC, each with a ``check`` that raises
-CloudEventError 401; and the secrets they hold, read from the environment or a file.
+CloudEventError 401. Their secrets are :class:`eventbus.config.Secret` (a literal, ``{env:}`` or
+``{file:}``), as everywhere else.
 
 Every comparison is made in constant time; schemes with a timestamp refuse one outside their
 tolerance (a replayed request).
@@ -11,41 +12,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import os
-from collections.abc import Mapping
 from functools import cached_property
-from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from eventbus.config import Secret
 from eventbus.config._units import Duration
 from eventbus.sources._hook_request import HookRequest, Template, unauthorized
 
-__all__ = ["Secret", "Verify"]
-
-
-def _secret(value: object) -> object:
-    """A secret as written in YAML: a string, ``{env: NAME}`` or ``{file: PATH}`` (read once,
-    at load; a trailing newline dropped). Kept local until eventbus.config has a Secret type."""
-    if not isinstance(value, Mapping):
-        if value == "":
-            raise ValueError("a secret must not be empty")
-        return value
-    if len(value) != 1 or not ({"env", "file"} >= set(value)):
-        raise ValueError("write a string, {env: NAME} or {file: PATH}")
-    if "env" in value:
-        found = os.environ.get(str(value["env"]))
-        if not found:
-            raise ValueError(f"environment variable {value['env']} is not set")
-        return found
-    try:
-        return Path(str(value["file"])).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read secret file {value['file']}: {exc.strerror}") from None
-
-
-Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+__all__ = ["Verify"]
 
 
 def _hmac(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
@@ -75,7 +51,7 @@ class _Verify(BaseModel):
 
     @property
     def key(self) -> bytes:
-        return self.secret.get_secret_value().encode()
+        return self.secret.reveal().encode()
 
     def check(self, request: HookRequest, now: float) -> None:
         """Raise CloudEventError 401 unless ``request`` is signed with the secret."""
@@ -147,16 +123,16 @@ class StandardWebhooksVerify(_Verify):
 
     @field_validator("secret")
     @classmethod
-    def _base64_key(cls, secret: SecretStr) -> SecretStr:
+    def _base64_key(cls, secret: Secret) -> Secret:
         try:
-            base64.b64decode(secret.get_secret_value().removeprefix("whsec_"), validate=True)
+            base64.b64decode(secret.reveal().removeprefix("whsec_"), validate=True)
         except binascii.Error:
             raise ValueError("a Standard Webhooks secret is whsec_ and a base64 key") from None
         return secret
 
     @property
     def key(self) -> bytes:
-        return base64.b64decode(self.secret.get_secret_value().removeprefix("whsec_"))
+        return base64.b64decode(self.secret.reveal().removeprefix("whsec_"))
 
     def check(self, request: HookRequest, now: float) -> None:
         msg_id = request.header("webhook-id")

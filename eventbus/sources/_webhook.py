@@ -33,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE, SPEC_VERSION, format_time, validate
-from eventbus.config import AddressLists, SourceSpec
+from eventbus.config import AddressLists, Secret, SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
-from eventbus.sources._signatures import Secret, Verify
+from eventbus.sources._signatures import Verify
 
 __all__ = ["WebhookSource", "WebhookSourceSpec"]
 

@@ -33,7 +33,7 @@ from yarl import URL
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus._oauth import OAuth2Client, TokenError
 from eventbus.cloudevents import from_http, to_http
-from eventbus.config import Secret, TargetSpec, TlsSpec
+from eventbus.config import Secret, TargetSpec, TlsSpec, redact_url
 from eventbus.targets._base import (
     MAX_ERROR_CHARS,
     Answer,
@@ -272,9 +272,11 @@ class HttpTarget:
         try:
             url = URL(config.url)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: invalid url {config.url!r}: {exc}") from exc
+            raise ConfigError(f"{where}: invalid url {redact_url(config.url)!r}: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(f"{where}: url must be http(s)://host/...: {config.url!r}")
+            raise ConfigError(
+                f"{where}: url must be http(s)://host/...: {redact_url(config.url)!r}"
+            )
         auth = {} if config.auth is None else auth_headers(config.auth)
         static = {_spelled_as_ours(name): value.reveal() for name, value in config.headers.items()}
         reserved = sorted(name for name in static if name.lower() in _RESERVED_HEADERS)

@@ -142,11 +142,11 @@ class NatsTarget:
                 # .port raises ValueError for a port out of range or not a number.
                 host, _port = parts.hostname, parts.port
             except ValueError as exc:
-                raise ConfigError(f"{where}: invalid url {server!r}: {exc}") from exc
+                raise ConfigError(f"{where}: invalid url {redact_url(server)!r}: {exc}") from exc
             if parts.scheme not in _SCHEMES or not host:
                 raise ConfigError(
                     f"{where}: url must be nats://host:port (or tls://, ws://, wss://), "
-                    f"comma-separated for several servers: {config.url!r}"
+                    f"comma-separated for several servers: {redact_url(config.url)!r}"
                 )
         if not _SUBJECT.match(config.subject):
             raise ConfigError(

@@ -4,18 +4,15 @@ certificate their CA or server name does not vouch for.
 
 Tansu's own TLS options do not work (``--cert`` and ``--key`` cannot be given together), so the
 test puts TLS in front of it, as stunnel or an envoy sidecar would: a TLS listener requiring a
-client certificate (``tls_proxy``) relays each connection to Tansu's plaintext port, and
-Tansu advertises the proxy's port, so every connection the clients open after the bootstrap
-(metadata, group coordinator, partition leader) goes through TLS as well. The proxy counts the
-handshakes it completed, so a test can tell that the clients really came through it.
+client certificate (``tests.fixtures.tls_relay``) relays each connection to Tansu's plaintext
+port, and Tansu advertises the relay's port, so every connection the clients open after the
+bootstrap (metadata, group coordinator, partition leader) goes through TLS as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,41 +32,13 @@ from tests.bus.conftest import PATIENCE, event, kafka_config, take
 from tests.fixtures.certs import Pki, make_pki
 from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
+from tests.fixtures.tls_relay import TlsRelay, tls_relay
 from tests.sources._harness import Recorder, eventually, make_context, running, source_pool
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@dataclass
-class TlsBroker:
-    """``bootstrap`` takes TLS with a client certificate only (Tansu advertises it, so the
-    test's own clients go through it too, with ``client``); ``handshakes`` counts TLS sessions
-    accepted."""
-
-    bootstrap: str
-    client: ssl.SSLContext
-    handshakes: int = 0
-
-
-def _server_context(pki: Pki) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
-    context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    except (ConnectionError, ssl.SSLError):
-        pass
-    finally:
-        writer.close()
 
 
 @pytest.fixture
@@ -82,37 +51,19 @@ def tansu(tansu_binary: str) -> Iterator[TansuBroker]:
         broker.stop()
 
 
+@dataclass
+class TlsBroker:
+    """``bootstrap`` takes TLS with a client certificate only (Tansu advertises it, so the
+    test's own clients go through it too, with ``relay.client``)."""
+
+    bootstrap: str
+    relay: TlsRelay
+
+
 @pytest.fixture
 async def tls_broker(tansu: TansuBroker, pki: Pki) -> AsyncIterator[TlsBroker]:
-    client = ssl.create_default_context(cafile=str(pki.ca))
-    client.load_cert_chain(str(pki.client_cert), str(pki.client_key))
-    broker = TlsBroker(bootstrap=f"127.0.0.1:{tansu.advertised_port}", client=client)
-    relays: set[asyncio.Task[Any]] = set()
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        broker.handshakes += 1  # the server side of the handshake completed to get here
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", tansu.port)
-        except OSError:
-            writer.close()
-            return
-        for pair in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(_relay(*pair))
-            relays.add(task)
-            task.add_done_callback(relays.discard)
-
-    server = await asyncio.start_server(
-        accept, "127.0.0.1", tansu.advertised_port, ssl=_server_context(pki)
-    )
-    try:
-        yield broker
-    finally:
-        server.close()
-        for task in list(relays):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*relays, return_exceptions=True)
-        await server.wait_closed()
+    async with tls_relay(tansu.port, pki, port=tansu.advertised_port) as relay:
+        yield TlsBroker(bootstrap=f"127.0.0.1:{relay.port}", relay=relay)
 
 
 def _mutual_tls(pki: Pki, **overrides: Any) -> dict[str, Any]:
@@ -125,7 +76,7 @@ async def _read(broker: TlsBroker, topic: str, count: int) -> list[Any]:
         bootstrap_servers=broker.bootstrap,
         auto_offset_reset="earliest",
         security_protocol="SSL",
-        ssl_context=broker.client,
+        ssl_context=broker.relay.client,
     )
     await reader.start()
     try:
@@ -152,7 +103,7 @@ async def test_the_bus_publishes_and_consumes_over_mutual_tls(
             await message.ack()
     assert sorted(m.event["id"] for m in got) == sorted(f"e-{n}" for n in range(10))
     # producer, consumer and admin connections, each to the bootstrap and then the broker
-    assert tls_broker.handshakes >= 3
+    assert tls_broker.relay.sessions >= 3
 
 
 async def test_the_target_delivers_over_mutual_tls(tls_broker: TlsBroker, pki: Pki) -> None:
@@ -183,7 +134,7 @@ async def test_the_source_reads_over_mutual_tls(
     producer = AIOKafkaProducer(
         bootstrap_servers=tls_broker.bootstrap,
         security_protocol="SSL",
-        ssl_context=tls_broker.client,
+        ssl_context=tls_broker.relay.client,
     )
     await producer.start()
     try:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
-from eventbus.config import redact_url
+from eventbus._errors import ConfigError
+from eventbus.config import TargetSpec, connector_spec, redact_url
+from eventbus.targets import build_target
 
 
 @pytest.mark.parametrize(
@@ -20,7 +24,30 @@ from eventbus.config import redact_url
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
         ("nats://s3cret-token@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
         ("postgresql://postgres@/db?host=/tmp", "postgresql://postgres@/db?host=/tmp"),
+        # a password with an unencoded "@" is masked whole, up to the host
+        ("nats://u:p@ss@h:4222,nats://v:w@@h2", "nats://u:***@h:4222,nats://v:***@h2"),
+        ("http://h/a@b", "http://h/a@b"),
     ],
 )
 def test_passwords_are_masked(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("spec", "password"),
+    [
+        ({"type": "nats", "url": "nats://alice:hunter2pw@h:99999", "subject": "s"}, "hunter2pw"),
+        ({"type": "nats", "url": "ftp://alice:hunter2pw@h:1", "subject": "s"}, "hunter2pw"),
+        ({"type": "http", "url": "http://bob:hunter3pw@h:99999/x"}, "hunter3pw"),
+    ],
+)
+def test_a_target_url_refused_is_shown_without_its_password(
+    spec: dict[str, Any], password: str
+) -> None:
+    spec = dict(spec)
+    kind = spec.pop("type")
+    validated = connector_spec("target", kind).model_validate({"name": "t", **spec})
+    with pytest.raises(ConfigError, match=r"url") as info:
+        build_target(cast(TargetSpec, validated))
+    assert password not in str(info.value)
+    assert ":***@" in str(info.value)

@@ -22,6 +22,7 @@ def test_a_secret_reveals_its_value_only_when_asked() -> None:
     assert VALUE not in str(s) and VALUE not in repr(s) and VALUE not in f"{s!s} {s!r}"
     assert "env PW" in repr(s)
     assert s == Secret(VALUE) and s != Secret("other")
+    assert hash(s) == hash(Secret(VALUE)), "equal secrets hash alike, whatever their origin"
 
 
 def test_settings_read_secrets_from_env_and_file_and_mask_them(tmp_path: Path) -> None:
@@ -74,6 +75,7 @@ def test_bad_secret_references_name_file_line_and_field(tmp_path: Path) -> None:
         "  - {name: d, type: nats, url: 'nats://h:1', subject: s, token: {vault: x}}\n"
         "  - {name: e, type: nats, url: 'nats://h:1', subject: s, token: ''}\n"
         f"  - {{name: f, type: nats, url: 'nats://h:1', subject: s, token: {{file: {tmp_path}}}}}\n"
+        "  - {name: g, type: nats, url: 'nats://h:1', subject: s, token: {env: U, default: ''}}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_connectors(tmp_path, env={})
@@ -90,6 +92,8 @@ def test_bad_secret_references_name_file_line_and_field(tmp_path: Path) -> None:
         "t.yaml:6: targets.4.token: Value error, a secret must not be empty (target 'e')",
         f"t.yaml:7: targets.5.token: Value error, cannot read {tmp_path}: Is a directory "
         "(target 'f')",
+        "t.yaml:8: targets.6.token: Value error, environment variable U is not set and its "
+        "default is empty (target 'g')",
     ]
 
 
@@ -123,4 +127,32 @@ def test_a_secret_from_an_eventbus_variable_is_not_warned_about(
     assert [r.getMessage() for r in caplog.records] == [
         f"{cfg}:3: database.password: a secret given as a literal; "
         "use {env: NAME} or {file: PATH}"
+    ]
+
+
+def test_webhook_and_s3_secrets_take_the_same_shape_and_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every source's secrets are Secrets: references resolved from the loader's environment,
+    literals warned about with file, line and field."""
+    (tmp_path / "s.yaml").write_text(
+        "sources:\n"
+        "  - name: hook\n"
+        "    type: webhook\n"
+        f"    verify: {{kind: github, secret: {VALUE}}}\n"
+        "    keys: [{env: HOOK_KEY}]\n"
+        "  - name: bucket\n"
+        "    type: s3-poll\n"
+        "    bucket: b\n"
+        "    access_key_id: AKIA\n"
+        "    secret_access_key: {env: S3_SECRET, default: fallback-secret}\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="eventbus.config"):
+        c = load_connectors(tmp_path, env={"HOOK_KEY": VALUE + "-key"})
+    hook, bucket = c.sources["hook"], c.sources["bucket"]
+    assert [k.reveal() for k in hook.keys] == [VALUE + "-key"]  # type: ignore[attr-defined]
+    assert bucket.secret_access_key.reveal() == "fallback-secret"  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}/s.yaml:4: sources.0.verify.secret: a secret given as a literal "
+        "(source 'hook'); use {env: NAME} or {file: PATH}"
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,8 @@ from moto.server import ThreadedMotoServer
 from eventbus._errors import ConfigError
 from eventbus.bus._nats_server import free_port
 from eventbus.sources import SourceContext, build_source
+from tests.fixtures.certs import Pki, make_pki
+from tests.fixtures.tls_relay import tls_relay
 from tests.sources._harness import (
     WAIT,
     Recorder,
@@ -150,8 +153,78 @@ async def test_missing_bucket_is_a_config_error(s3_endpoint: str, database_dsn: 
         ({"prefx": "a/"}, "field 'prefx'"),
         ({"endpoint_url": "not a url"}, "Invalid endpoint"),
         ({"region": "bad region!"}, "region_name 'bad region!'"),
+        ({"tls": {"ca": "/ca.pem"}}, "tls needs an https:// endpoint_url"),
+        (
+            {"endpoint_url": "https://h", "tls": {"cert": "/c.pem", "key": {"env": "HOME"}}},
+            "tls.key must be a file",
+        ),
+        (
+            {"endpoint_url": "https://h", "tls": {"server_name": "s3.test"}},
+            "no key_password or server_name",
+        ),
+        ({"endpoint_url": "https://h", "tls": {"ca": "/nope.pem"}}, r"tls\.ca /nope\.pem"),
     ],
 )
 def test_bad_settings_name_the_field(extra: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         build_source({**_spec("http://127.0.0.1:1", "b"), **extra})
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _tls(pki: Pki, **overrides: str) -> dict[str, str]:
+    return {"ca": str(pki.ca), "cert": str(pki.client_cert), "key": str(pki.client_key)} | overrides
+
+
+async def test_an_https_endpoint_with_a_client_certificate(
+    s3_endpoint: str, pki: Pki, database_dsn: str
+) -> None:
+    """Through a TLS listener requiring a client certificate, in front of moto (which serves
+    plain HTTP): the source's CA and certificate reach botocore."""
+    s3 = _client(s3_endpoint)
+    s3.create_bucket(Bucket="tls-bucket")
+    s3.put_object(Bucket="tls-bucket", Key="a.txt", Body=b"a")
+    upstream = int(s3_endpoint.rsplit(":", 1)[1])
+    recorder = Recorder()
+    async with tls_relay(upstream, pki) as relay, source_pool(database_dsn) as pool:
+        https = f"https://127.0.0.1:{relay.port}"
+        source = build_source(_spec(https, "tls-bucket", tls=_tls(pki)))
+        ctx = make_context(pool, source.name, recorder)
+        async with running(source, ctx):
+            [event] = await recorder.wait_for(1)
+    assert event["subject"] == "a.txt"
+    assert relay.sessions >= 1
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("other-ca", "certificate verify failed"),
+        ("no-client-cert", "certificate required|reset|closed|EOF"),
+    ],
+)
+async def test_an_https_endpoint_refused_backs_off_saying_why(
+    s3_endpoint: str, pki: Pki, database_dsn: str, case: str, reason: str
+) -> None:
+    s3 = _client(s3_endpoint)
+    s3.create_bucket(Bucket="tls-refused")
+    upstream = int(s3_endpoint.rsplit(":", 1)[1])
+    settings: dict[str, Any] = _tls(pki)
+    if case == "other-ca":
+        settings["ca"] = str(pki.other_ca)
+    else:
+        del settings["cert"], settings["key"]
+    async with tls_relay(upstream, pki) as relay, source_pool(database_dsn) as pool:
+        https = f"https://127.0.0.1:{relay.port}"
+        source = build_source(_spec(https, "tls-refused", tls=settings))
+        ctx = make_context(pool, source.name, Recorder())
+
+        async def backing_off() -> bool:
+            return ctx.status.state == "backoff"
+
+        async with running(source, ctx):
+            await eventually(backing_off)
+    assert re.search(reason, ctx.status.last_error or ""), ctx.status.last_error

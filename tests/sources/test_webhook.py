@@ -353,8 +353,8 @@ def test_secrets_come_from_the_environment_or_a_file(
     specs = load_connectors(conn).sources
     a, b = specs["a"], specs["b"]
     assert isinstance(a, WebhookSourceSpec) and isinstance(b, WebhookSourceSpec)
-    assert a.verify is not None and a.verify.secret.get_secret_value() == "from-the-env"
-    assert [k.get_secret_value() for k in b.keys] == ["from-a-file"]
+    assert a.verify is not None and a.verify.secret.reveal() == "from-the-env"
+    assert [k.reveal() for k in b.keys] == ["from-a-file"]
     assert "from-the-env" not in repr(a)  # secrets stay out of logs and errors
 
 
@@ -426,7 +426,7 @@ def test_the_examples_of_the_docs_load_as_printed(
     assert sorted(sources) == ["github", "gitlab", "legacy-orders", "partner", "slack", "stripe"]
     stripe_spec = sources["stripe"]
     assert isinstance(stripe_spec, WebhookSourceSpec) and stripe_spec.verify is not None
-    assert stripe_spec.verify.secret.get_secret_value() == "whsec_from_a_file"
+    assert stripe_spec.verify.secret.reveal() == "whsec_from_a_file"
 
 
 @pytest.mark.timeout(120)

@@ -18,7 +18,8 @@ from aiohttp import web
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
 from eventbus._errors import ConfigError
-from eventbus.config import load_connectors
+from eventbus._oauth import OAuth2Client
+from eventbus.config import OAuth2Spec, load_connectors
 from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome
 from tests.fixtures.certs import Pki, make_pki
 from tests.fixtures.receiver import Receiver, Response
@@ -313,6 +314,24 @@ async def test_an_unreachable_token_endpoint_is_retried(function: Receiver, pki:
     assert not outcome.delivered and outcome.retryable
     assert outcome.error is not None and "OAuth2 token endpoint" in outcome.error
     assert CLIENT_SECRET not in outcome.error
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_client_secret_sent_over_plain_http_is_warned_about(
+    scheme: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = OAuth2Spec.model_validate(
+        {
+            "token_url": f"{scheme}://idp.test/token",
+            "client_id": "c",
+            "client_secret": {"env": "HOME"},
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="eventbus.config"):
+        OAuth2Client(spec, "HTTP target 'fn'", 5.0)
+    warned = [r.getMessage() for r in caplog.records]
+    expected = ["HTTP target 'fn': the OAuth2 client secret is sent over plain http to idp.test"]
+    assert warned == (expected if scheme == "http" else [])
 
 
 def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
