@@ -1,6 +1,7 @@
 """Secrets never leave eventbus: a whole service whose connections fail on wrong secrets (a NATS
 target and source refused by a nats-server with a token, an HTTP target whose OAuth client is
-refused by a real token endpoint, one with a credential among its static headers), then the
+refused by a real token endpoint, one with a credential among its static headers, a Kafka
+target with a SASL password, a reload refused for a file whose bad target holds secrets), then the
 logs, ``GET /targets``, ``GET /sources``, the dead letters, problem+json answers and ``eventbus
 rules validate``'s output are searched for every secret value: none is there."""
 
@@ -27,7 +28,11 @@ CLIENT_SECRET = "oauth-Cl1ent-secret-99"
 BASIC_PASSWORD = "bas1c-Passw0rd-55"
 SIGNING = "whsec_c2lnbmluZy1zZWNyZXQtdmFsdWU="
 HEADER_TOKEN = "head3r-T0ken-44"
+KAFKA_PASSWORD = "k4fka-Passw0rd-66"
+URL_PASSWORD = "url-Passw0rd-33"
 SECRETS = (
+    KAFKA_PASSWORD,
+    URL_PASSWORD,
     SERVER_TOKEN,
     WRONG_TOKEN,
     SOURCE_TOKEN,
@@ -94,6 +99,16 @@ def _connectors(nats_port: int, token_url: str) -> dict[str, list[dict[str, Any]
                 "auth": {"basic": {"username": "u", "password": BASIC_PASSWORD}},
                 "headers": {"X-Api-Token": HEADER_TOKEN},
             },
+            {
+                "name": "stream",
+                "type": "kafka",
+                "bootstrap_servers": "127.0.0.1:9",
+                "topic": "t",
+                "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "username": "eventbus",
+                "password": KAFKA_PASSWORD,
+            },
         ],
         "sources": [
             {"name": "in", "type": "nats", "url": url, "subjects": ["in.>"], "token": SOURCE_TOKEN}
@@ -141,6 +156,15 @@ async def test_no_secret_in_logs_api_answers_or_cli_output(
     assert code == 400
     code, _, answers["missing"] = await svc.request("GET", "/dead-letters/999999999")
     assert code == 404
+    # A reload refused for a connector file whose bad entry holds secrets.
+    (tmp_path / "connectors" / "bad.yaml").write_text(
+        "targets:\n"
+        f"  - {{name: bad, type: nats, url: 'nats://u:{URL_PASSWORD}@h:1', subject: s,"
+        f" token: {URL_PASSWORD}, timeout: -1}}\n"
+    )
+    code, _, answers["reload"] = await svc.request("POST", "/rules/reload")
+    (tmp_path / "connectors" / "bad.yaml").unlink()
+    assert code == 400 and "bad.yaml:2" in answers["reload"]["detail"], answers["reload"]
 
     shown = orjson.dumps(answers).decode()
     assert "authorization violation" in shown.lower()  # the reasons are there ...

@@ -196,6 +196,64 @@ async def test_the_sources_connect_with_credentials(
     assert wrong["nkey_seed"] not in bad_ctx.status.last_error
 
 
+async def test_a_jetstream_source_with_a_password_over_mutual_tls(
+    secured: int, pki: Pki, database_dsn: str
+) -> None:
+    """The stream the bus (password, TLS) writes is read by a jetstream source (password,
+    TLS); a wrong password backs off saying why."""
+    config = _bus_config(secured, {"user": "alice", "password": PASSWORD, "tls": _tls(pki)})
+    spec = {
+        "name": "js-in",
+        "type": "jetstream",
+        "url": f"nats://127.0.0.1:{secured}",
+        "stream": config.stream,
+        "user": "alice",
+        "password": {"env": "EB_TEST_NATS_PW"},
+        "tls": _tls(pki),
+    }
+    recorder = Recorder()
+    async with open_bus(config) as bus, source_pool(database_dsn) as pool:
+        await bus.publish(_event(3))
+        ctx = make_context(pool, "js-in", recorder)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("EB_TEST_NATS_PW", PASSWORD)
+            source = build_source(spec)
+        async with running(source, ctx):
+            [got] = await recorder.wait_for(1)
+        wrong = {**spec, "name": "js-wrong", "password": "not-" + PASSWORD}
+        bad_ctx = make_context(pool, "js-wrong", Recorder())
+        async with running(build_source(wrong), bad_ctx):
+            await eventually(lambda: _backing_off(bad_ctx.status))
+    assert got["id"] == "e3"
+    assert "authorization violation" in (bad_ctx.status.last_error or "").lower()
+    assert PASSWORD not in (bad_ctx.status.last_error or "")
+
+
+async def test_a_nats_source_with_a_token(with_token: int, database_dsn: str) -> None:
+    spec = {
+        "name": "tok-in",
+        "type": "nats",
+        "url": f"nats://127.0.0.1:{with_token}",
+        "subjects": ["out.>"],
+        "token": TOKEN,
+    }
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "tok-in", recorder)
+        async with running(build_source(spec), ctx):
+            await eventually(lambda: _running(ctx.status))
+            async with _target(with_token, {"token": TOKEN}) as target:
+                assert (await _publish(target)).delivered
+            [got] = await recorder.wait_for(1)
+        wrong = {**spec, "name": "tok-wrong", "token": "not-the-token"}
+        bad_ctx = make_context(pool, "tok-wrong", Recorder())
+        async with running(build_source(wrong), bad_ctx):
+            await eventually(lambda: _backing_off(bad_ctx.status))
+    assert got["id"] == "e0"
+    assert "not-the-token" not in (bad_ctx.status.last_error or "")
+    assert "authorization violation" in (bad_ctx.status.last_error or "").lower()
+
+
 async def _running(status: SourceStatus) -> bool:
     return status.state == "running"
 
@@ -261,6 +319,7 @@ async def operator_mode(tmp_path: Path) -> AsyncIterator[tuple[int, Path, Path]]
     op_seed, op_pub = new_nkey(nkeys.PREFIX_BYTE_OPERATOR)
     acc_seed, acc_pub = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
     user_seed, user_pub = new_nkey(nkeys.PREFIX_BYTE_USER)
+    _, sys_pub = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)  # JetStream wants a system account
     limits = {
         "subs": -1,
         "data": -1,
@@ -270,6 +329,11 @@ async def operator_mode(tmp_path: Path) -> AsyncIterator[tuple[int, Path, Path]]
         "exports": -1,
         "wildcards": True,
         "leaf": -1,
+        # JetStream for the bus: unlimited storage, streams and consumers
+        "mem_storage": -1,
+        "disk_storage": -1,
+        "streams": -1,
+        "consumer": -1,
     }
     operator = _jwt(
         {"iss": op_pub, "sub": op_pub, "name": "op", "nats": {"type": "operator", "version": 2}},
@@ -310,10 +374,16 @@ async def operator_mode(tmp_path: Path) -> AsyncIterator[tuple[int, Path, Path]]
     # Signed by an account the operator does not know.
     rogue_seed, _ = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
     bad = creds(tmp_path / "bad.creds", _jwt(user_claims, rogue_seed), user_seed)
+    system = _jwt(
+        {"iss": op_pub, "sub": sys_pub, "name": "SYS", "nats": {"type": "account", "version": 2}},
+        op_seed,
+    )
     config = f"""
+jetstream {{ store_dir: "{{store}}" }}
 operator: "{operator}"
+system_account: {sys_pub}
 resolver: MEMORY
-resolver_preload: {{ {acc_pub}: "{account}" }}
+resolver_preload: {{ {acc_pub}: "{account}", {sys_pub}: "{system}" }}
 """
     async with configured_nats_server(tmp_path / "operator", config) as port:
         yield port, good, bad
@@ -326,4 +396,17 @@ async def test_the_target_with_a_creds_file(operator_mode: tuple[int, Path, Path
         assert outcome.delivered, outcome.error
     async with _target(port, {"creds": str(bad)}) as target:
         outcome = await _publish(target)
-    assert not outcome.delivered
+    assert not outcome.delivered and not outcome.retryable
+    assert (outcome.error or "").startswith("NATS authorization failed"), outcome.error
+
+
+async def test_the_bus_with_a_creds_file(operator_mode: tuple[int, Path, Path]) -> None:
+    port, good, bad = operator_mode
+    async with open_bus(_bus_config(port, {"creds": str(good)})) as bus:
+        await bus.publish(_event())
+        assert await bus.ping()
+    with pytest.raises(BusError) as info:
+        async with open_bus(_bus_config(port, {"creds": str(bad)})):
+            pass
+    assert f"NATS connect to nats://127.0.0.1:{port} failed" in str(info.value)
+    assert "authorization violation" in str(info.value).lower()
