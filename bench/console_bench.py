@@ -1,7 +1,9 @@
 """What the console's live stream costs the pipeline: one ``eventbus serve`` process (JetStream
 and PostgreSQL embedded, audit on) behind HTTP ingest, an aiohttp function endpoint, and the
-same closed-loop load run with no live-stream client and with ``--clients`` of them (each one
-``GET /events/live`` read to the end and parsed, as the page does). With ``--workers N`` the
+same load run with no live-stream client and with ``--clients`` of them (each one
+``GET /events/live`` read to the end and parsed, as the page does): a closed loop (as fast as the
+service takes events: does watching slow ingest?) and a fixed rate (``--rate``, 2,000 events/s by
+default: what do the clients receive, and what CPU does serving them add?). With ``--workers N`` the
 service runs N workers and each client, on whichever worker took its connection, must see the
 rows of every worker's events (``eventbus.router.PeerFeed``).
 
@@ -11,6 +13,7 @@ question it answers: does watching slow ingest (the live feed never waits, so it
 only the CPU of serializing rows)?
 
     python bench/console_bench.py [--clients 5] [--duration 10] [--rounds 2] [--workers 1]
+                                  [--rate 2000]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ EVENT = {
 
 @dataclass
 class Phase:
+    rate: int | None  # None: closed loop
     clients: int
     accepted_per_s: float
     cpu_ms_per_event: float
@@ -88,6 +92,7 @@ async def _phase(
     clients: int,
     run: str,
     duration: float,
+    rate: int | None,
 ) -> Phase:
     live = url.removesuffix("/events") + "/events/live"
     readers = [Client() for _ in range(clients)]
@@ -101,7 +106,9 @@ async def _phase(
             cpu = h.python_cpu([pid])
             load = await h.run_load(
                 procs,
-                h.load_command(url, [EVENT], run, concurrency=CONCURRENCY, duration=duration),
+                h.load_command(
+                    url, [EVENT], run, concurrency=CONCURRENCY, duration=duration, rate=rate
+                ),
             )
             await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
             cpu_s = h.python_cpu([pid]) - cpu
@@ -113,6 +120,7 @@ async def _phase(
     span = max(load["ended_at"] - load["started_at"], 1e-9)
     accepted = load["accepted"]
     return Phase(
+        rate,
         clients,
         accepted / span,
         cpu_s * 1000 / max(accepted, 1),
@@ -137,12 +145,14 @@ async def main(args: argparse.Namespace) -> str:
             warm = await h.run_load(procs, h.load_command(url, [EVENT], "warm", duration=WARMUP))
             await receiver.wait_delivered("warm", warm["accepted"], bound=DRAIN_BOUND)
             for n in range(args.rounds):  # alternate, so drift over time hits both alike
-                for clients in (0, args.clients):
-                    phase = await _phase(
-                        procs, receiver, proc.pid, url, clients, f"r{n}c{clients}", args.duration
-                    )
-                    phases.append(phase)
-                    print(f"  {phase}", file=sys.stderr, flush=True)
+                for rate in (None, args.rate):
+                    for clients in (0, args.clients):
+                        run = f"r{n}q{rate or 0}c{clients}"
+                        phase = await _phase(
+                            procs, receiver, proc.pid, url, clients, run, args.duration, rate
+                        )
+                        phases.append(phase)
+                        print(f"  {phase}", file=sys.stderr, flush=True)
             procs.stop(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -150,33 +160,44 @@ async def main(args: argparse.Namespace) -> str:
 
 
 def render(phases: list[Phase], args: argparse.Namespace, loads: tuple[str, str]) -> str:
-    def mean(clients: int, field: str) -> float:
-        values = [getattr(p, field) for p in phases if p.clients == clients]
+    def mean(rate: int | None, clients: int, field: str) -> float:
+        values = [getattr(p, field) for p in phases if p.rate == rate and p.clients == clients]
         return sum(values) / len(values)
 
-    base, watched = mean(0, "accepted_per_s"), mean(args.clients, "accepted_per_s")
+    base, watched = mean(None, 0, "accepted_per_s"), mean(None, args.clients, "accepted_per_s")
+    cpu_base = mean(args.rate, 0, "cpu_ms_per_event")
+    cpu_watched = mean(args.rate, args.clients, "cpu_ms_per_event")
+    rate_watched = mean(args.rate, args.clients, "accepted_per_s")
+    rows = mean(args.rate, args.clients, "rows_per_s")
     lines = [
         f"`python bench/console_bench.py --clients {args.clients} --duration {args.duration:g}"
-        f" --rounds {args.rounds} --workers {args.workers}` on {h.machine()}; load average"
-        f" (1/5/15 min) {loads[0]} before, {loads[1]} after.",
+        f" --rounds {args.rounds} --workers {args.workers} --rate {args.rate}` on"
+        f" {h.machine()}; load average (1/5/15 min) {loads[0]} before, {loads[1]} after.",
         "",
-        f"{args.workers} worker process(es), one rule, closed loop of {CONCURRENCY} requests; the"
-        " clients run in the benchmark's process on the same two cores, as browsers would."
-        " Each event makes two rows (routed, then settled), so a client seeing every worker's"
-        " events receives about twice the accepted rate.",
+        f"{args.workers} worker process(es), one rule; load: a closed loop of {CONCURRENCY}"
+        f" requests, or {args.rate:,} events/s offered; the clients run in the benchmark's"
+        " process on the same two cores, as browsers would. Each event makes two rows (routed,"
+        " then settled), so a client seeing every worker's events receives about twice the"
+        " accepted rate.",
         "",
-        "| clients | accepted/s | CPU ms/event | rows/s per client | rows dropped |",
-        "|---:|---:|---:|---:|---:|",
+        "| load | clients | accepted/s | CPU ms/event | rows/s per client | rows dropped |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for p in phases:
+        load = "closed loop" if p.rate is None else f"{p.rate:,}/s"
         lines.append(
-            f"| {p.clients} | {p.accepted_per_s:,.0f} | {p.cpu_ms_per_event:.3f} |"
+            f"| {load} | {p.clients} | {p.accepted_per_s:,.0f} | {p.cpu_ms_per_event:.3f} |"
             f" {p.rows_per_s:,.0f} | {p.dropped:,} |"
         )
+    added = (cpu_watched - cpu_base) * rate_watched / 1000
     lines += [
         "",
-        f"Ingest with {args.clients} clients: {watched / base:.1%} of the rate without"
-        f" (mean of {args.rounds} rounds each).",
+        f"Closed loop: ingest with {args.clients} clients is {watched / base:.1%} of the rate"
+        f" without (mean of {args.rounds} rounds each; the line: no less than 90 %).",
+        f"At {args.rate:,} events/s offered ({rate_watched:,.0f} accepted): each client received"
+        f" {rows:,.0f} rows/s; serving {args.clients} clients cost"
+        f" {cpu_watched - cpu_base:+.3f} ms CPU per event ({cpu_watched / cpu_base - 1:+.1%}),"
+        f" {added:+.2f} of a core.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -187,6 +208,7 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2, help="phases of each kind")
     parser.add_argument("--workers", type=int, default=1, help="eventbus serve --workers N")
+    parser.add_argument("--rate", type=int, default=2000, help="events/s of the fixed-rate phases")
     parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
     table = asyncio.run(main(args))
