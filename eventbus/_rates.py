@@ -8,7 +8,8 @@ turns consecutive samples into per-second rates. Per target it keeps the last ``
 seconds of samples (deliveries by outcome and the delivery-duration histogram), and
 ``by_target`` compares the counters now with the oldest of them: deliveries and failures per
 second, the mean attempt duration and its 95th percentile, estimated from the histogram's
-buckets. Counters are per process: with ``--workers N`` each process reports its own share.
+buckets. With ``--workers N`` the counters read are every worker's together (prometheus-client's
+multiprocess files, as ``/metrics`` reads them), so any worker answers for the whole service.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from prometheus_client import Counter, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from eventbus import metrics
 from eventbus._tasks import cancel_and_wait
@@ -32,7 +35,7 @@ from eventbus._tasks import cancel_and_wait
 __all__ = ["SERIES", "Rates", "deliveries_by_target"]
 
 # name in the answer -> (counter, the label values a sample must have to count)
-SERIES: dict[str, tuple[Counter, dict[str, str]]] = {
+SERIES: dict[str, tuple[Counter | Histogram, dict[str, str]]] = {
     "received": (metrics.EVENTS_RECEIVED, {}),
     "routed": (metrics.EVENTS_ROUTED, {}),
     "matched": (metrics.EVENTS_MATCHED, {}),
@@ -42,16 +45,25 @@ SERIES: dict[str, tuple[Counter, dict[str, str]]] = {
 }
 
 
-def _total(metric: Counter | Histogram, labels: dict[str, str], suffix: str = "_total") -> float:
+def _samples(families: dict[str, Metric], metric: Counter | Histogram) -> list[Sample]:
+    """The samples of ``metric`` among ``families`` (:func:`eventbus.metrics.families`)."""
+    family = families.get(next(iter(metric.describe())).name)
+    return [] if family is None else family.samples
+
+
+def _total(
+    families: dict[str, Metric],
+    metric: Counter | Histogram,
+    labels: dict[str, str],
+    suffix: str = "_total",
+) -> float:
     """The sum of ``metric``'s samples named ``*suffix`` that carry ``labels``."""
-    total = 0.0
-    for family in metric.collect():
-        for sample in family.samples:
-            if sample.name.endswith(suffix) and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
-                total += sample.value
-    return total
+    return sum(
+        sample.value
+        for sample in _samples(families, metric)
+        if sample.name.endswith(suffix)
+        and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def _mean_ms(seconds: float, count: float) -> float | None:
@@ -113,17 +125,16 @@ def _per_second(count: float, elapsed: float) -> float:
     return round(max(count, 0.0) / elapsed, 3) if elapsed > 0 else 0.0
 
 
-def _target_totals() -> dict[str, _TargetTotals]:
-    """Every target's counters in this process now."""
+def _target_totals(families: dict[str, Metric]) -> dict[str, _TargetTotals]:
+    """Every target's counters in ``families`` now."""
     timed: dict[str, dict[str, Any]] = {}
-    for family in metrics.DELIVERY_SECONDS.collect():
-        for sample in family.samples:
-            entry = timed.setdefault(sample.labels["target"], {"buckets": []})
-            if sample.name.endswith("_bucket"):
-                entry["buckets"].append((float(sample.labels["le"]), sample.value))
-            elif sample.name.endswith(("_count", "_sum")):
-                entry[sample.name.rsplit("_", 1)[1]] = sample.value
-    outcomes = deliveries_by_target()
+    for sample in _samples(families, metrics.DELIVERY_SECONDS):
+        entry = timed.setdefault(sample.labels["target"], {"buckets": []})
+        if sample.name.endswith("_bucket"):
+            entry["buckets"].append((float(sample.labels["le"]), sample.value))
+        elif sample.name.endswith(("_count", "_sum")):
+            entry[sample.name.rsplit("_", 1)[1]] = sample.value
+    outcomes = deliveries_by_target(families)
     totals = {}
     for name in outcomes.keys() | timed.keys():
         counts = outcomes.get(name, {})
@@ -138,14 +149,16 @@ def _target_totals() -> dict[str, _TargetTotals]:
     return totals
 
 
-def deliveries_by_target() -> dict[str, dict[str, float]]:
-    """Delivery attempts of this process since it started, per target and outcome."""
+def deliveries_by_target(families: dict[str, Metric] | None = None) -> dict[str, dict[str, float]]:
+    """Delivery attempts since the service started (every worker's), per target and outcome;
+    from ``families`` when given (one reading for several figures)."""
     out: dict[str, dict[str, float]] = {}
-    for family in metrics.DELIVERIES.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                target = out.setdefault(sample.labels["target"], {})
-                target[sample.labels["outcome"]] = sample.value
+    for sample in _samples(
+        metrics.families() if families is None else families, metrics.DELIVERIES
+    ):
+        if sample.name.endswith("_total"):
+            target = out.setdefault(sample.labels["target"], {})
+            target[sample.labels["outcome"]] = sample.value
     return out
 
 
@@ -168,12 +181,15 @@ class Rates:
 
     def sample(self) -> None:
         """Add the counters' totals now (the sampling loop calls this)."""
-        totals = {name: _total(counter, labels) for name, (counter, labels) in SERIES.items()}
-        totals["_seconds"] = _total(metrics.DELIVERY_SECONDS, {}, "_sum")
-        totals["_attempts"] = _total(metrics.DELIVERY_SECONDS, {}, "_count")
+        families = metrics.families()
+        totals = {
+            name: _total(families, counter, labels) for name, (counter, labels) in SERIES.items()
+        }
+        totals["_seconds"] = _total(families, metrics.DELIVERY_SECONDS, {}, "_sum")
+        totals["_attempts"] = _total(families, metrics.DELIVERY_SECONDS, {}, "_count")
         now = time.monotonic()
         self._samples.append((now, time.time(), totals))
-        self._by_target.append((now, _target_totals()))
+        self._by_target.append((now, _target_totals(families)))
 
     def by_target(self) -> dict[str, Any]:
         """``{"window": s, "targets": {name: {"delivered": per second, "failed": per second,
@@ -181,10 +197,10 @@ class Rates:
         oldest sample at most ``recent`` seconds old and the counters now: ``window`` says how
         long that is (less while the process is younger). ``failed`` counts every delivery
         outcome but delivered (retry scheduled, dead-lettered, a synchronous failure); the
-        durations are None when no attempt was made. Only targets counted in this process
+        durations are None when no attempt was made. Only targets with a delivery counted
         appear."""
         now = time.monotonic()
-        current = _target_totals()
+        current = _target_totals(metrics.families())
         then, before = next(
             ((t, totals) for t, totals in self._by_target if now - t <= self._recent),
             (now, current),

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "REGISTRY",
     "RETRY_BACKLOG",
     "activity",
+    "families",
     "forget_process",
     "render",
 ]
@@ -149,17 +151,30 @@ def activity() -> dict[str, float]:
     return totals
 
 
+def _registry() -> CollectorRegistry:
+    """This process's metrics, or with ``PROMETHEUS_MULTIPROC_DIR`` set, a registry reading
+    every worker's files together."""
+    # prometheus-client reads the variable itself (when it is imported) to write the files;
+    # reading must be from the same place.
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
 def render() -> bytes:
     """The exposition text of every metric: this process's, or with ``PROMETHEUS_MULTIPROC_DIR``
     set, every worker's together."""
-    # prometheus-client reads the variable itself (when it is imported) to write the files;
-    # rendering must read them from the same place.
-    directory = os.environ.get(MULTIPROC_ENV)
-    if not directory:
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    return generate_latest(registry)
+    return generate_latest(_registry())
+
+
+def families() -> dict[str, Metric]:
+    """Every metric family by name (``eventbus_deliveries``): this process's, or with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's together (counters summed, as
+    :func:`render`), so that any worker can answer for the whole service."""
+    return {family.name: family for family in _registry().collect()}
 
 
 def forget_process(pid: int, directory: Path) -> None:

@@ -125,6 +125,7 @@ EXPORTS: dict[str, list[str]] = {
         "pydantic_errors",
         "redact_url",
         "register_connector",
+        "tls_refusal",
         "yaml_files",
     ],
     "eventbus.delivery": [

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -53,8 +54,20 @@ async def _answers_for_all(
     serve_process: Callable[..., ServeProcess], tmp_path: Path, stack: contextlib.AsyncExitStack
 ) -> None:
     proc = serve_process(
-        rules="- name: none\n  match: {type: [never]}\n  targets: [fn]\n",
-        targets=[{"name": "fn", "type": "http", "url": "http://127.0.0.1:9/fn"}],
+        rules=(
+            "- name: none\n  match: {type: [never]}\n  targets: [fn]\n"
+            "- name: doomed\n  match: {type: [doomed]}\n"
+            "  targets: [{name: fn, delivery: {retry: none}}]\n"
+        ),
+        targets=[
+            {
+                "name": "fn",
+                "type": "http",
+                "url": "http://127.0.0.1:9/fn",
+                # every delivery fails at once, none parked behind an open circuit
+                "delivery": {"circuit_breaker": False},
+            }
+        ],
         sources=[{"name": "tick", "type": "timer", "schedule": "0 3 * * *"}],
         workers=2,
         # an open live stream must not hold the shutdown for this long (terminate waits 30 s)
@@ -68,8 +81,8 @@ async def _answers_for_all(
     )
     await proc.start()
 
-    async def one(i: int) -> None:
-        event = {"specversion": "1.0", "id": f"w-{i}", "source": "tests/workers", "type": "t"}
+    async def one(i: int, kind: str = "t") -> None:
+        event = {"specversion": "1.0", "id": f"w-{i}", "source": "tests/workers", "type": kind}
         async with (
             aiohttp.ClientSession() as session,
             session.post(
@@ -107,6 +120,23 @@ async def _answers_for_all(
         sources = orjson.loads(await _get(proc.url + "/sources"))["sources"]
         # the timer runs in the first worker only
         assert [(s["name"], s["state"]) for s in sources] == [("tick", "running")]
+    # The console's figures count every worker's deliveries too: events that dead-letter at
+    # once (the function refuses connections), on connections either worker takes.
+    await asyncio.gather(*(one(EVENTS + i, "doomed") for i in range(EVENTS)))
+
+    def dead_lettered(answer: dict[str, Any]) -> float:
+        return float(answer["targets"].get("fn", {}).get("dead-lettered", 0))
+
+    async def all_dead_lettered() -> bool:
+        rates = orjson.loads(await _get(proc.url + "/stats/rates"))
+        return dead_lettered(rates) == EVENTS
+
+    await eventually(all_dead_lettered, within=30, what="every dead letter counted")
+    for _ in range(REQUESTS):
+        rates = orjson.loads(await _get(proc.url + "/stats/rates"))
+        assert dead_lettered(rates) == EVENTS
+        activity = orjson.loads(await _get(proc.url + "/stats/targets"))
+        assert activity["targets"]["fn"]["failed"] > 0
     assert await proc.terminate(timeout=30) == 0  # the live stream still open
     assert not (data / "workers").exists()
 
