@@ -270,6 +270,7 @@ class Service:
             progress_every=s.bus.nats.ack_wait / 2,
             feed=self.feed,
         )
+        self._retries.ran = self._router.retried
         self._router.start()
         self._stack.push_async_callback(self._stop_workers)
         summary = asyncio.create_task(_log_activity(), name="eventbus-summary")

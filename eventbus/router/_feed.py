@@ -49,13 +49,19 @@ _MAX_FRAME = 64 * 1024 * 1024  # bytes: a longer frame means a broken peer
 class Routed:
     """What the router did with one event, as watchers see it: ``state`` is ``routing`` when
     its rules matched and its deliveries started, then (a second item) ``delivered``,
-    ``retrying`` or ``dead-lettered``; ``unmatched`` when no rule matched. ``event`` is the
-    router's own dict: read-only."""
+    ``retrying`` or ``dead-lettered``; ``unmatched`` when no rule matched. ``deliveries``
+    gives each delivery's (rule, target, state); ``state`` is the worst of them.
+
+    A delivery that ran from the retry schedule and ended (delivered or dead-lettered) is a
+    later item of its own: ``received_at`` None (the schedule does not keep it), ``rules``
+    and ``deliveries`` that one delivery's, so a watcher updates the event's row with it.
+    ``event`` is the router's own dict: read-only."""
 
     event: dict[str, Any]
-    received_at: str
+    received_at: str | None
     rules: tuple[str, ...]
     state: str
+    deliveries: tuple[tuple[str, str, str], ...] = ()
 
 
 class Watcher:
@@ -149,24 +155,34 @@ class LiveFeed:
 
 
 def _frame(item: Routed) -> bytes:
-    body = orjson.dumps((item.received_at, item.rules, item.state, item.event), default=str)
+    body = orjson.dumps(
+        (item.received_at, item.rules, item.state, item.event, item.deliveries), default=str
+    )
     return len(body).to_bytes(4, "big") + body
 
 
 def _unframe(body: bytes) -> Routed:
     """The item of one frame's body; ValueError when it is not one."""
     item = orjson.loads(body)
-    if not (isinstance(item, list) and len(item) == 4):
+    if not (isinstance(item, list) and len(item) == 5):
         raise ValueError("not a routed item")
-    received_at, rules, state, event = item
+    received_at, rules, state, event, deliveries = item
     if not (
-        isinstance(received_at, str)
+        isinstance(received_at, str | None)
         and isinstance(rules, list)
         and isinstance(state, str)
         and isinstance(event, dict)
+        and isinstance(deliveries, list)
+        and all(isinstance(d, list) and len(d) == 3 for d in deliveries)
     ):
         raise ValueError("not a routed item")
-    return Routed(event, received_at, tuple(str(r) for r in rules), state)
+    return Routed(
+        event,
+        received_at,
+        tuple(str(r) for r in rules),
+        state,
+        tuple((str(rule), str(target), str(s)) for rule, target, s in deliveries),
+    )
 
 
 class _Sink:

@@ -111,6 +111,44 @@ async def test_live_stream_reports_dead_letters(eventbus: StartService, receiver
         assert stream.rows["c-dead"][1]["state"] == "dead-lettered"
 
 
+async def test_live_stream_updates_a_row_when_its_retry_ends(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    retry = {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": 2, "jitter": False}
+    svc = await eventbus(
+        rules="- name: all\n  targets: [fn]\n",
+        targets=[
+            {
+                "name": "fn",
+                "type": "http",
+                "url": receiver.url("/fn"),
+                "delivery": {"retry": retry, "circuit_breaker": False},
+            }
+        ],
+    )
+    async with _watch(svc) as stream:
+        receiver.script(503)  # the first attempt fails, the retry is delivered
+        assert (await svc.post_event(_event("later")))[0] == 202
+        await stream.until(lambda s: len(s.rows.get("c-later", [])) == 3)
+        routing, retrying, update = stream.rows["c-later"]
+        assert routing["deliveries"] == [{"rule": "all", "target": "fn", "state": "routing"}]
+        assert retrying["state"] == "retrying" and retrying["time"]
+        assert retrying["deliveries"] == [{"rule": "all", "target": "fn", "state": "retrying"}]
+        # from the retry schedule: that delivery's outcome, without the router's time
+        assert update["state"] == "delivered" and update["time"] is None
+        assert update["deliveries"] == [{"rule": "all", "target": "fn", "state": "delivered"}]
+        assert update["source"] == "tests/console" and update["subject"] == "order-later"
+
+        receiver.script(503, 503)  # the retry fails too: out of attempts
+        assert (await svc.post_event(_event("lost")))[0] == 202
+        await stream.until(lambda s: len(s.rows.get("c-lost", [])) == 3)
+        assert [r["state"] for r in stream.rows["c-lost"]] == [
+            "routing",
+            "retrying",
+            "dead-lettered",
+        ]
+
+
 async def test_live_stream_narrowed_by_a_pattern(
     eventbus: StartService, receiver: Receiver
 ) -> None:

@@ -125,13 +125,19 @@ async def test_trail_page_shows_every_attempt(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:
     svc = await _start(eventbus, receiver, {"retry": FAST, "circuit_breaker": False})
+    page = browser(svc.url)
+    await page.open("/console")
+    await _live(page)
     assert (await svc.post_event(_event("tr-0", type="com.example.other")))[0] == 202
     receiver.script(503, 503)
     assert (await svc.post_event(_event("tr-1")))[0] == 202
     await svc.trail("tests/console", "tr-1", attempts=4)
-    page = browser(svc.url)
-    await page.open("/console")
-    await _live(page)
+    # the live row follows the deliveries the retry schedule made, rules and time kept
+    row = await page.wait_text(ROW % "tr-1", "delivered")
+    assert "2: orders, summary" in row and "retrying" not in row, row
+    assert await page.js(
+        "return document.querySelector(arguments[0]).cells[0].textContent", ROW % "tr-1"
+    )
     await page.click("nav a[data-page=trail]")
     # found by its type (the other event is not), and opened from the list
     await page.fill("#search-since", "yesterday")

@@ -186,6 +186,10 @@ def _row(item: Routed) -> dict[str, Any]:
         "id": event.get("id"),
         "rules": item.rules,
         "state": item.state,
+        "deliveries": [
+            {"rule": rule, "target": target, "state": state}
+            for rule, target, state in item.deliveries
+        ],
     }
 
 
@@ -243,8 +247,10 @@ async def _stream(
             "description": (
                 "Server-Sent Events. `rows`: a JSON array of routed events (time, source, "
                 "type, subject, id, rules, state: routing, unmatched, delivered, retrying or "
-                "dead-lettered; an event appears again as its deliveries settle). `dropped`: "
-                "how many events this client lost so far by reading too slowly."
+                "dead-lettered, the worst of `deliveries`: each delivery's rule, target and "
+                "state; an event appears again as its deliveries settle, and again, with time "
+                "null and that one delivery, when a delivery from the retry schedule ends). "
+                "`dropped`: how many events this client lost so far by reading too slowly."
             ),
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },

@@ -239,18 +239,28 @@ function flush() {
   }
 }
 
+const WORST_FIRST = ["dead-lettered", "retrying", "routing", "delivered"];
+
+// A row from the router fills every cell; an update from the retry schedule (time null, one
+// delivery) changes only that delivery's state. The row shows the worst of its deliveries.
 function fillRow(tr, r) {
   const cells = tr.cells;
-  cells[0].textContent = clock(r.time);
-  cells[1].textContent = r.source;
-  cells[2].textContent = r.type;
-  cells[3].textContent = r.subject ?? "";
-  cells[4].textContent = r.id;
-  cells[5].textContent = r.rules.length ? `${r.rules.length}: ${r.rules.join(", ")}` : "0";
-  cells[6].textContent = r.state;
-  cells[6].className = `state-${r.state}`;
-  tr.dataset.source = r.source;
-  tr.dataset.id = r.id;
+  if (r.time !== null || !tr.dataset.id) {
+    cells[0].textContent = clock(r.time);
+    cells[1].textContent = r.source;
+    cells[2].textContent = r.type;
+    cells[3].textContent = r.subject ?? "";
+    cells[4].textContent = r.id;
+    cells[5].textContent = r.rules.length ? `${r.rules.length}: ${r.rules.join(", ")}` : "0";
+    tr.dataset.source = r.source;
+    tr.dataset.id = r.id;
+  }
+  tr.deliveries ??= new Map();
+  for (const d of r.deliveries) tr.deliveries.set(`${d.rule}\n${d.target}`, d.state);
+  const states = [...tr.deliveries.values()];
+  const state = WORST_FIRST.find((s) => states.includes(s)) ?? r.state;
+  cells[6].textContent = state;
+  cells[6].className = `state-${state}`;
 }
 
 $("live-rows").addEventListener("click", (e) => {
