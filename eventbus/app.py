@@ -479,7 +479,13 @@ class Service:
         self.dispatcher.enable(name)
         return found
 
-    def describe_targets(self) -> list[dict[str, Any]]:
+    async def describe_targets(self) -> list[dict[str, Any]]:
+        """Each configured target: its type, this process's circuit state, whether it is
+        disabled (after a 410: why and since when) and how many of its deliveries wait in
+        the retry schedule; the last two from the database, so every instance's. Raises
+        StoreError."""
+        disabled = await self.deliveries.disabled_since()
+        waiting = await self.deliveries.retries_by_target()
         out = []
         for name, spec in self.connectors.targets.items():
             guard = self.dispatcher.guard(name)
@@ -488,6 +494,8 @@ class Service:
                     "name": name,
                     "type": spec.type,
                     "circuit": None if guard is None else guard.state,
+                    "disabled": disabled.get(name),
+                    "retries": waiting.get(name, 0),
                 }
             )
         return out

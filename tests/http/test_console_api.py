@@ -432,6 +432,40 @@ async def test_each_target_in_flight_rates_and_latency(
     assert svc.service.dispatcher.in_flight == 1
 
 
+async def test_targets_count_their_retries_waiting(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    later = {"strategy": "fixed", "initial_delay": "1h", "max_attempts": 2, "jitter": False}
+    svc = await eventbus(
+        rules="- name: all\n  targets: [fn]\n",
+        targets=[
+            {
+                "name": "fn",
+                "type": "http",
+                "url": receiver.url("/fn"),
+                "delivery": {"retry": later, "circuit_breaker": False},
+            },
+            {"name": "idle", "type": "http", "url": receiver.url("/idle")},
+        ],
+    )
+    receiver.respond(503)
+    # more than a page of /retries holds (1000): counted by the database, not from a page
+    batch = [_event(f"w-{i}") for i in range(1001)]
+    for start in range(0, len(batch), 250):
+        status, _, answer = await svc.request(
+            "POST",
+            "/events",
+            orjson.dumps(batch[start : start + 250]),
+            {"Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert status == 202, answer
+    await svc.drained()
+    status, _, body = await svc.request("GET", "/targets")
+    assert status == 200, body
+    waiting = {t["name"]: (t["retries"], t["disabled"]) for t in body["targets"]}
+    assert waiting == {"fn": (1001, None), "idle": (0, None)}
+
+
 async def test_answers_are_the_documented_bodies(
     eventbus: StartService, receiver: Receiver
 ) -> None:

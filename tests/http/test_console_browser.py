@@ -321,7 +321,24 @@ async def test_overview_targets_and_sources(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page], nats_url: str
 ) -> None:
     timer = {"name": "tick", "type": "timer", "schedule": "rate(1 minute)"}
-    svc = await _start(eventbus, receiver, sources=[timer], settings={"run_sources": True})
+    later = {"strategy": "fixed", "initial_delay": "1h", "max_attempts": 2, "jitter": False}
+    old = {
+        "name": "old",
+        "type": "http",
+        "url": receiver.url("/old"),
+        "delivery": {"retry": later, "circuit_breaker": False},
+    }
+    svc = await eventbus(
+        rules=RULES + "- name: to-old\n  match: {type: [gone]}\n  targets: [old]\n",
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}, old],
+        sources=[timer],
+        settings={"run_sources": True},
+    )
+    # old: one delivery waiting to retry (in an hour), then a 410 disables it
+    receiver.script(503, 410)
+    for i in range(2):
+        assert (await svc.post_event(_event(f"old-{i}", type="gone")))[0] == 202
+        await svc.drained()
     nc = await nats.connect(nats_url)
     try:  # straight onto the bus, past the edge: set aside by the router, shown on the page
         await nc.jetstream().publish(svc.service.settings.bus.nats.subject, b"not an event")
@@ -349,18 +366,26 @@ async def test_overview_targets_and_sources(
     # the end of the test, which ends the wait)
     receiver.script(Response(200, delay=60))
     assert (await svc.post_event(_event("ov-slow")))[0] == 202
-    await receiver.wait_for(8)
+    await receiver.wait_for(10)
     await eventually(lambda: svc.service.dispatcher.in_flight_to("fn") == 1, what="in flight")
     await page.click("nav a[data-page=targets]")
     row = await page.wait_text("#targets-rows", "fn")
     assert "http" in row and "closed" in row
     cells = await page.js(
-        "return [...document.querySelectorAll('#targets-rows tr td')].map(td => td.textContent)"
+        "return [...document.querySelectorAll('#targets-rows tr')]"
+        ".map(tr => [...tr.cells].map(td => td.textContent))"
     )
-    name, kind, circuit, in_flight, rate, failed, mean, p95, delivered = cells[:9]
+    name, kind, circuit, in_flight, rate, failed, mean, p95, delivered = cells[0][:9]
     assert (name, kind, circuit, in_flight, failed) == ("fn", "http", "closed", "1", "0"), cells
     assert float(rate) > 0 and float(mean) > 0 and float(p95) > 0, cells
-    assert int(delivered) >= 7 and cells[11] == "0", cells
+    assert int(delivered) >= 7 and cells[0][11:] == ["0", ""], cells  # on: no Enable
+    # old is disabled (why and since when, with Enable) and has a retry waiting
+    assert cells[1][0] == "old" and cells[1][11] == "1", cells
+    assert "410 Gone at attempt 1" in cells[1][12] and "Enable" in cells[1][12], cells
+    assert await page.js("return document.querySelectorAll('#targets-rows button').length") == 1
+    await page.click("#targets-rows button")
+    await page.wait_text("#targets-message", "old enabled")
+    await page.wait("return !document.querySelector('#targets-rows button')", what="no Enable")
     assert "last " in await page.text("#targets-window")
     source = await page.wait_text("#sources-rows", "tick")
     assert "timer" in source, source

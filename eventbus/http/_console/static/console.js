@@ -653,31 +653,33 @@ $("sandbox-run").addEventListener("click", async () => {
 // -- targets, sources, readiness ------------------------------------------------------------
 
 async function loadTargets() {
-  const [{ targets }, { sources }, stats, activity, setAside, retries] = await Promise.all([
+  const [{ targets }, { sources }, stats, activity, setAside] = await Promise.all([
     api("GET", "/targets"),
     api("GET", "/sources"),
     api("GET", "/stats/rates"),
     api("GET", "/stats/targets"),
     api("GET", "/sources/dead-letters?limit=50"),
-    api("GET", "/retries?limit=1000"),
   ]);
-  const backlog = {};
-  for (const r of retries.items) backlog[r.target] = (backlog[r.target] || 0) + 1;
   const span = activity.window; // 5 minutes, less while the process is younger
   $("targets-window").textContent = `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
   const ms = (value) => (value === null ? "" : value.toFixed(1));
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
-      const button = el("button", "Enable");
-      button.type = "button";
-      button.addEventListener("click", async () => {
-        try {
-          await api("POST", `/targets/${encodeURIComponent(t.name)}/enable`);
-          $("targets-message").textContent = `${t.name} enabled`;
-        } catch (err) {
-          $("targets-message").textContent = err.message;
-        }
-      });
+      const disabled = el("span");
+      if (t.disabled) {
+        const button = el("button", "Enable");
+        button.type = "button";
+        button.addEventListener("click", async () => {
+          try {
+            await api("POST", `/targets/${encodeURIComponent(t.name)}/enable`);
+            $("targets-message").textContent = `${t.name} enabled`;
+            await loadTargets();
+          } catch (err) {
+            $("targets-message").textContent = err.message;
+          }
+        });
+        disabled.append(el("span", `disabled ${t.disabled.at} (${t.disabled.reason}) `, "error"), button);
+      }
       const counts = stats.targets[t.name] || {};
       const n = (outcome) => counts[outcome] ?? 0;
       const now = activity.targets[t.name] || { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
@@ -693,8 +695,8 @@ async function loadTargets() {
         n("delivered"),
         n("retry-scheduled"),
         n("dead-lettered"),
-        backlog[t.name] || 0,
-        button,
+        t.retries,
+        disabled,
       ]);
     }),
   );
