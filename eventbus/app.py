@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -636,11 +636,13 @@ class Service:
         return await list_dead_letters(self.store.pool, source=source, limit=limit)
 
     @asynccontextmanager
-    async def watch_events(self) -> AsyncIterator[Watcher]:
+    async def watch_events(
+        self, accept: Callable[[dict[str, Any]], bool] | None = None
+    ) -> AsyncIterator[Watcher]:
         """A bounded queue of what the routers of this process and of the other workers do
-        with each event from now on (see :mod:`eventbus.router._feed`); raises OverflowError
-        when too many watch."""
-        with self.feed.watch() as watcher:
+        with each event from now on, of the events ``accept`` takes (all without it; see
+        :mod:`eventbus.router._feed`); raises OverflowError when too many watch."""
+        with self.feed.watch(accept) as watcher:
             if self._peer_feed is not None:
                 await self._peer_feed.joined()
             yield watcher

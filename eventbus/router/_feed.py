@@ -65,11 +65,13 @@ class Routed:
 
 
 class Watcher:
-    """One watcher's bounded queue; ``dropped`` counts the items it lost by falling behind.
-    ``closed`` is set when the service shuts down: the watcher should leave."""
+    """One watcher's bounded queue of the items whose event ``accept`` takes (all without
+    one); ``dropped`` counts those it lost by falling behind. ``closed`` is set when the
+    service shuts down: the watcher should leave."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, accept: Accept | None = None) -> None:
         self.queue: asyncio.Queue[Routed] = asyncio.Queue(size)
+        self.accept = accept
         self.dropped = 0
         self.closed = asyncio.Event()
 
@@ -83,6 +85,11 @@ class Watcher:
             items.append(self.queue.get_nowait())
         return items
 
+
+Accept = Callable[[dict[str, Any]], bool]
+"""A watcher's filter (an event pattern's ``matches``): applied before its queue, so items it
+would not show never take a place in the queue. Runs in ``publish``: must not raise (a
+compiled pattern's ``matches`` never does)."""
 
 Sink = Callable[[Routed], None]
 """Takes every item the router publishes; must neither wait nor raise."""
@@ -108,12 +115,13 @@ class LiveFeed:
         return bool(self._watchers) or bool(self._sinks)
 
     @contextmanager
-    def watch(self) -> Iterator[Watcher]:
-        """A new watcher for the block's duration. Raises OverflowError when
-        ``max_watchers`` already watch: each costs the router a queue put per event."""
+    def watch(self, accept: Accept | None = None) -> Iterator[Watcher]:
+        """A new watcher for the block's duration, of the items whose event ``accept``
+        takes (all without one). Raises OverflowError when ``max_watchers`` already watch:
+        each costs the router a queue put (and a filter call) per event."""
         if len(self._watchers) >= self._max_watchers:
             raise OverflowError(f"{self._max_watchers} watchers already: try again later")
-        watcher = Watcher(self._per_watcher)
+        watcher = Watcher(self._per_watcher, accept)
         if self._closed:
             watcher.closed.set()
         self._watchers = [*self._watchers, watcher]
@@ -135,6 +143,8 @@ class LiveFeed:
     def deliver(self, item: Routed) -> None:
         """Hand ``item`` (routed here or by another worker) to this process's watchers."""
         for watcher in self._watchers:
+            if watcher.accept is not None and not watcher.accept(item.event):
+                continue
             try:
                 watcher.queue.put_nowait(item)
             except asyncio.QueueFull:

@@ -28,7 +28,9 @@ def _item(i: int) -> Routed:
 async def test_a_slow_watcher_loses_items_the_others_do_not() -> None:
     feed = LiveFeed(per_watcher=10)
     assert not feed.watched
-    with feed.watch() as slow, feed.watch() as fast:
+    # a narrow filter's watcher, as slow: what it does not take never fills its queue
+    narrow = feed.watch(lambda event: event["id"] in {"3", "24"})
+    with feed.watch() as slow, feed.watch() as fast, narrow as picky:
         assert feed.watched
         got = []
         for i in range(25):
@@ -40,6 +42,8 @@ async def test_a_slow_watcher_loses_items_the_others_do_not() -> None:
         assert [r.event["id"] for r in kept] == [str(i) for i in range(10)]
         assert slow.dropped == 15
         assert slow.pending(100) == []
+        assert [r.event["id"] for r in picky.pending(100)] == ["3", "24"]
+        assert picky.dropped == 0
     assert not feed.watched
 
 

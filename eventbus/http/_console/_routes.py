@@ -207,7 +207,9 @@ async def _stream(
     first: asyncio.Future[Routed] | None = None
     closed: asyncio.Future[Any] | None = None
     try:
-        async with service.watch_events() as watcher:
+        # The pattern is applied before the client's queue: rows it would not show must not
+        # fill the queue and push out rows it would.
+        async with service.watch_events(None if pattern is None else pattern.matches) as watcher:
             closed = asyncio.ensure_future(watcher.closed.wait())
             yield b"retry: 2000\n: watching\n\n"
             reported = 0
@@ -225,9 +227,8 @@ async def _stream(
                     continue
                 await asyncio.sleep(_GATHER)
                 items = [first.result(), *watcher.pending(_MAX_ROWS - 1)]
-                rows = [_row(i) for i in items if pattern is None or pattern.matches(i.event)]
-                if rows:
-                    yield b"event: rows\ndata: " + orjson.dumps(rows, default=str) + b"\n\n"
+                rows = [_row(i) for i in items]
+                yield b"event: rows\ndata: " + orjson.dumps(rows, default=str) + b"\n\n"
                 if watcher.dropped != reported:
                     reported = watcher.dropped
                     yield b"event: dropped\ndata: " + orjson.dumps({"dropped": reported}) + b"\n\n"
