@@ -231,6 +231,19 @@ async def test_dead_letters_replayed_after_confirmation(
     assert len(left["items"]) == 5 - remaining
     assert all(item["rule"] == "orders" for item in left["items"])
 
+    # failures say why on the page: a dead letter gone meanwhile, a count that cannot be made
+    await page.fill("#dl-rule", "")
+    await page.click("#dl-search")
+    gone = left["items"][0]["id"]
+    await page.wait(f"return document.querySelector(\"#dl-rows tr[data-id='{gone}']\")")
+    assert (await svc.request("DELETE", f"/dead-letters/{gone}"))[0] == 200
+    await page.click(f"#dl-rows tr[data-id='{gone}']")
+    await page.wait_text("#dl-message", f"no dead letter {gone}")
+    await page.fill("#dl-since", "yesterday")
+    await page.click("#dl-replay-all")
+    await page.wait_text("#dl-message", "since must be an ISO 8601 time")
+    assert await page.js("return document.getElementById('confirm').open") is False
+
     # the replay and its delivery, in the trail of a replayed event
     await page.click("nav a[data-page=trail]")
     await svc.trail("tests/console", "dl-0", attempts=4)  # every event's summary: replayed
@@ -386,6 +399,15 @@ async def test_overview_targets_and_sources(
     await page.click("#targets-rows button")
     await page.wait_text("#targets-message", "old enabled")
     await page.wait("return !document.querySelector('#targets-rows button')", what="no Enable")
+    # a page that cannot load says why, until it can (the page refreshes itself)
+    pool = svc.service.store.pool
+    await pool.execute("ALTER TABLE disabled_targets RENAME TO disabled_targets_away")
+    await page.click("nav a[data-page=overview]")
+    await page.click("nav a[data-page=targets]")
+    error = await page.wait_text("#page-error", "Could not load this page: ")
+    assert "disabled_targets" in error, error
+    await pool.execute("ALTER TABLE disabled_targets_away RENAME TO disabled_targets")
+    await page.wait("return !document.getElementById('page-error').textContent", what="cleared")
     assert "last " in await page.text("#targets-window")
     source = await page.wait_text("#sources-rows", "tick")
     assert "timer" in source, source

@@ -119,8 +119,19 @@ function show() {
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.page === page);
   if (page !== "live") stopLive();
   clearInterval(refresh);
-  if (page === "overview" || page === "targets") refresh = setInterval(() => pages[page]().catch(() => {}), 5000);
-  pages[page]().catch((err) => console.error(err));
+  $("page-error").textContent = "";
+  if (page === "overview" || page === "targets") refresh = setInterval(() => load(page), 5000);
+  load(page);
+}
+
+// Load a page; when it cannot be, say why above it until it can (a 401 asks for a key).
+async function load(page) {
+  try {
+    await pages[page]();
+    $("page-error").textContent = "";
+  } catch (err) {
+    if (err.status !== 401) $("page-error").textContent = `Could not load this page: ${err.message}`;
+  }
 }
 
 window.addEventListener("hashchange", show);
@@ -479,7 +490,13 @@ $("dl-next").addEventListener("click", () => loadDeadLetters(true));
 $("dl-rows").addEventListener("click", async (e) => {
   const tr = e.target.closest("tr");
   if (!tr) return;
-  const item = await api("GET", `/dead-letters/${tr.dataset.id}`);
+  let item;
+  try {
+    item = await api("GET", `/dead-letters/${tr.dataset.id}`);
+  } catch (err) {
+    $("dl-message").textContent = err.message;
+    return;
+  }
   dead.current = item;
   $("dl-detail-id").textContent = `#${item.id}`;
   $("dl-detail-body").textContent = pretty(item);
@@ -520,7 +537,13 @@ async function onFiltered(verb, method, path) {
   const params = deadFilter();
   const filtered = params.toString() !== "";
   if (!filtered) params.set("all", "true");
-  const count = await countDeadLetters(deadFilter());
+  let count;
+  try {
+    count = await countDeadLetters(deadFilter());
+  } catch (err) {
+    $("dl-message").textContent = err.message;
+    return;
+  }
   if (!count) {
     $("dl-message").textContent = "no dead letters match";
     return;
@@ -762,7 +785,8 @@ async function loadOverview() {
     await api("GET", "/targets");
   } catch (err) {
     if (err.status === 401) return; // api() asked for a key
-    throw err;
+    $("page-error").textContent = `Could not reach the service: ${err.message}`;
+    return;
   }
   $("key-forget").hidden = !apiKey;
   show();
