@@ -40,6 +40,22 @@ RULES = """
   targets: [fn]
 """
 ROW = "#live-rows tr[data-id=%r]"
+# The page's fetch, holding back the (real) answer to a request whose body is arguments[0]
+# until the test calls window.held.pop()(): answers that arrive out of order, on demand.
+HOLD_ANSWER = """
+const body = arguments[0];
+const real = window.fetch;
+window.held = [];
+window.handedOver = false;
+window.fetch = async (url, init) => {
+  const resp = await real(url, init);
+  if (init && init.body === body) {
+    await new Promise((resolve) => window.held.push(resolve));
+    window.handedOver = true;
+  }
+  return resp;
+};
+"""
 
 
 def _event(i: str, **extra: Any) -> dict[str, Any]:
@@ -103,15 +119,26 @@ async def test_live_stream_filter_and_pause(
     await page.fill("#live-filter", '{"subject": [{"prefix": 1}]}')
     error = await page.wait_text("#live-filter-error", "subject")
     assert "prefix" in error, error
+    # answers arriving out of order: the service's answer for an older text is held back
+    # (in the page, after it came) until the newer text applies; it must change nothing
+    older = '{"subject": ["order-drop"]}'
+    await page.js(HOLD_ANSWER, older)
+    await page.fill("#live-filter", older)
+    await page.wait("return window.held.length === 1", what="the older text's answer held")
     pattern = '{"subject": ["order-keep"]}'
     await page.fill("#live-filter", pattern)
     await _live(page, pattern)
+    await page.js("window.held.pop()()")
+    await page.wait("return window.handedOver", what="the older answer handed to the page")
     assert await page.text("#live-filter-error") == ""
     assert (await svc.post_event(_event("drop")))[0] == 202
     await svc.drained()
     assert (await svc.post_event(_event("keep")))[0] == 202
     await page.wait_text(ROW % "keep", "delivered")
     assert await page.js("return document.querySelectorAll('#live-rows tr').length") == 1
+    assert await page.js("return document.getElementById('live-status').dataset.pattern") == (
+        pattern
+    )
 
     await page.click("#live-pause")
     assert (await svc.post_event(_event("keep", id="later")))[0] == 202

@@ -301,17 +301,21 @@ $("live-filter").addEventListener("input", () => {
   filterTimer = setTimeout(checkFilter, 250);
 });
 
+// Answers may arrive out of order: only the one for the text in the box now is applied.
 async function checkFilter() {
   const text = $("live-filter").value.trim();
   const box = $("live-filter-error");
+  const stale = () => $("live-filter").value.trim() !== text;
   if (text) {
     try {
       await api("POST", "/patterns/validate", text);
     } catch (err) {
+      if (stale()) return;
       box.textContent = err.message;
       $("live-filter").classList.add("invalid");
       return;
     }
+    if (stale()) return;
   }
   box.textContent = "";
   $("live-filter").classList.remove("invalid");
