@@ -348,6 +348,19 @@ async def test_page_asks_for_an_api_key(
     await page.fill("#key-input", "console-publish-key-01")
     await page.click("#key-form button[type=submit]")
     await page.wait_text("#key-error", "lacks scope 'admin'")
+    # the refused key is forgotten: the next call (another page's) goes without it
+    await page.js(
+        "window.sent = [];"
+        "const real = window.fetch;"
+        "window.fetch = (url, init) => {"
+        "  window.sent.push([url, (init && init.headers && init.headers.Authorization) || '']);"
+        "  return real(url, init);"
+        "};"
+        "location.hash = 'rules';"
+    )
+    sent = await page.wait("return window.sent.find(([url]) => url === '/rules')")
+    assert sent == ["/rules", ""], sent
+    await page.js("location.hash = 'live'")
     await page.fill("#key-input", key)
     await page.click("#key-form button[type=submit]")
     await _live(page)

@@ -85,6 +85,7 @@ $("key-form").addEventListener("submit", async (e) => {
   try {
     await api("GET", "/targets");
   } catch (err) {
+    apiKey = ""; // refused: later calls must not send it
     $("key-error").textContent = err.message;
     return;
   }
