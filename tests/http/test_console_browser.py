@@ -320,7 +320,7 @@ async def test_rules_page_sandbox_and_reload(
     broken.write_text("- name: broken\n  match: {type: [x]}\n  targets: [nowhere]\n")
     await page.click("#rules-reload")
     error = await page.wait_text("#rules-message", "broken.yaml:")
-    assert "nowhere" in error, error
+    assert "broken.yaml:3 rule 'broken'" in error and "nowhere" in error, error
     broken.unlink()
     await page.click("#rules-reload")
     await page.wait_text("#rules-message", "reloaded: 2 rules")
