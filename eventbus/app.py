@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -270,6 +270,7 @@ class Service:
             progress_every=s.bus.nats.ack_wait / 2,
             feed=self.feed,
         )
+        self._retries.ran = self._router.retried
         self._router.start()
         self._stack.push_async_callback(self._stop_workers)
         summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
@@ -478,7 +479,13 @@ class Service:
         self.dispatcher.enable(name)
         return found
 
-    def describe_targets(self) -> list[dict[str, Any]]:
+    async def describe_targets(self) -> list[dict[str, Any]]:
+        """Each configured target: its type, this process's circuit state, whether it is
+        disabled (after a 410: why and since when) and how many of its deliveries wait in
+        the retry schedule; the last two from the database, so every instance's. Raises
+        StoreError."""
+        disabled = await self.deliveries.disabled_since()
+        waiting = await self.deliveries.retries_by_target()
         out = []
         for name, spec in self.connectors.targets.items():
             guard = self.dispatcher.guard(name)
@@ -487,6 +494,8 @@ class Service:
                     "name": name,
                     "type": spec.type,
                     "circuit": None if guard is None else guard.state,
+                    "disabled": disabled.get(name),
+                    "retries": waiting.get(name, 0),
                 }
             )
         return out
@@ -627,11 +636,13 @@ class Service:
         return await list_dead_letters(self.store.pool, source=source, limit=limit)
 
     @asynccontextmanager
-    async def watch_events(self) -> AsyncIterator[Watcher]:
+    async def watch_events(
+        self, accept: Callable[[dict[str, Any]], bool] | None = None
+    ) -> AsyncIterator[Watcher]:
         """A bounded queue of what the routers of this process and of the other workers do
-        with each event from now on (see :mod:`eventbus.router._feed`); raises OverflowError
-        when too many watch."""
-        with self.feed.watch() as watcher:
+        with each event from now on, of the events ``accept`` takes (all without it; see
+        :mod:`eventbus.router._feed`); raises OverflowError when too many watch."""
+        with self.feed.watch(accept) as watcher:
             if self._peer_feed is not None:
                 await self._peer_feed.joined()
             yield watcher

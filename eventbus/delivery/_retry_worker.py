@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from eventbus import metrics
 from eventbus._errors import StoreError
@@ -60,6 +61,9 @@ class RetryWorker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._next_due = float("inf")
+        # Told about each delivery this worker ran once its outcome is recorded (the live
+        # feed updates its event's row with it); must neither wait nor raise.
+        self.ran: Callable[[Delivery], None] = lambda job: None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="eventbus-retry-worker")
@@ -134,6 +138,8 @@ class RetryWorker:
         except Exception as exc:
             # The row stays claimed until its lease runs out, then is tried again.
             log.warning("retry of %s/%s failed: %s", pending.event.get("id"), pending.target, exc)
+        else:
+            self.ran(pending)
         finally:
             self._sem.release()
 

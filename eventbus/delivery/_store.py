@@ -367,6 +367,27 @@ class DeliveryStore:
         )
         return str(status) != "DELETE 0"
 
+    async def retries_by_target(self) -> dict[str, int]:
+        """How many deliveries wait in the retry schedule for each target that has any
+        (claimed ones too: their attempt is under way), counted by the database."""
+        rows = await self._run(
+            "counting retries",
+            self._pool.fetch("SELECT target, count(*) AS n FROM delivery_retries GROUP BY target"),
+            deadline=READ_TIMEOUT,
+        )
+        return {r["target"]: int(r["n"]) for r in rows}
+
+    async def disabled_since(self) -> dict[str, dict[str, str]]:
+        """Each disabled target's reason and the time it was disabled (ISO 8601)."""
+        rows = await self._run(
+            "reading disabled targets",
+            self._pool.fetch("SELECT target, reason, disabled_at FROM disabled_targets"),
+            deadline=READ_TIMEOUT,
+        )
+        return {
+            r["target"]: {"reason": r["reason"], "at": r["disabled_at"].isoformat()} for r in rows
+        }
+
     async def disabled_targets(self) -> dict[str, str]:
         rows = await self._run(
             "reading disabled targets",

@@ -272,10 +272,12 @@ async def enable_target(request: Request, name: TargetName) -> Response:
 
 
 @admin.get(
-    "/targets", response_model=schemas.Targets, summary="Every target and its circuit's state"
+    "/targets",
+    response_model=schemas.Targets,
+    summary="Every target: its circuit's state, whether it is disabled, its retries waiting",
 )
 async def list_targets(request: Request) -> Response:
-    return _json({"targets": _service(request).describe_targets()})
+    return _json({"targets": await _service(request).describe_targets()})
 
 
 @admin.get(

@@ -263,10 +263,23 @@ class Enabled(_Body):
     enabled: str
 
 
+class TargetDisabled(_Body):
+    reason: str
+    """why, e.g. ``410 Gone at attempt 3``"""
+    at: str
+    """when it was disabled (ISO 8601)"""
+
+
 class Target(_Body):
     name: str
     type: str
     circuit: Literal["closed", "half-open", "open"] | None
+    """this process's circuit breaker for the target (null: none configured)"""
+    disabled: TargetDisabled | None
+    """set while the target is switched off after answering 410 Gone: deliveries to it are
+    dead-lettered until ``POST /targets/{name}/enable``; null while it is on"""
+    retries: int
+    """its deliveries waiting in the retry schedule, every instance's"""
 
 
 class Targets(_Body):

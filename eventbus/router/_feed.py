@@ -49,21 +49,29 @@ _MAX_FRAME = 64 * 1024 * 1024  # bytes: a longer frame means a broken peer
 class Routed:
     """What the router did with one event, as watchers see it: ``state`` is ``routing`` when
     its rules matched and its deliveries started, then (a second item) ``delivered``,
-    ``retrying`` or ``dead-lettered``; ``unmatched`` when no rule matched. ``event`` is the
-    router's own dict: read-only."""
+    ``retrying`` or ``dead-lettered``; ``unmatched`` when no rule matched. ``deliveries``
+    gives each delivery's (rule, target, state); ``state`` is the worst of them.
+
+    A delivery that ran from the retry schedule and ended (delivered or dead-lettered) is a
+    later item of its own: ``received_at`` None (the schedule does not keep it), ``rules``
+    and ``deliveries`` that one delivery's, so a watcher updates the event's row with it.
+    ``event`` is the router's own dict: read-only."""
 
     event: dict[str, Any]
-    received_at: str
+    received_at: str | None
     rules: tuple[str, ...]
     state: str
+    deliveries: tuple[tuple[str, str, str], ...] = ()
 
 
 class Watcher:
-    """One watcher's bounded queue; ``dropped`` counts the items it lost by falling behind.
-    ``closed`` is set when the service shuts down: the watcher should leave."""
+    """One watcher's bounded queue of the items whose event ``accept`` takes (all without
+    one); ``dropped`` counts those it lost by falling behind. ``closed`` is set when the
+    service shuts down: the watcher should leave."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, accept: Accept | None = None) -> None:
         self.queue: asyncio.Queue[Routed] = asyncio.Queue(size)
+        self.accept = accept
         self.dropped = 0
         self.closed = asyncio.Event()
 
@@ -77,6 +85,11 @@ class Watcher:
             items.append(self.queue.get_nowait())
         return items
 
+
+Accept = Callable[[dict[str, Any]], bool]
+"""A watcher's filter (an event pattern's ``matches``): applied before its queue, so items it
+would not show never take a place in the queue. Runs in ``publish``: must not raise (a
+compiled pattern's ``matches`` never does)."""
 
 Sink = Callable[[Routed], None]
 """Takes every item the router publishes; must neither wait nor raise."""
@@ -102,12 +115,13 @@ class LiveFeed:
         return bool(self._watchers) or bool(self._sinks)
 
     @contextmanager
-    def watch(self) -> Iterator[Watcher]:
-        """A new watcher for the block's duration. Raises OverflowError when
-        ``max_watchers`` already watch: each costs the router a queue put per event."""
+    def watch(self, accept: Accept | None = None) -> Iterator[Watcher]:
+        """A new watcher for the block's duration, of the items whose event ``accept``
+        takes (all without one). Raises OverflowError when ``max_watchers`` already watch:
+        each costs the router a queue put (and a filter call) per event."""
         if len(self._watchers) >= self._max_watchers:
             raise OverflowError(f"{self._max_watchers} watchers already: try again later")
-        watcher = Watcher(self._per_watcher)
+        watcher = Watcher(self._per_watcher, accept)
         if self._closed:
             watcher.closed.set()
         self._watchers = [*self._watchers, watcher]
@@ -129,6 +143,8 @@ class LiveFeed:
     def deliver(self, item: Routed) -> None:
         """Hand ``item`` (routed here or by another worker) to this process's watchers."""
         for watcher in self._watchers:
+            if watcher.accept is not None and not watcher.accept(item.event):
+                continue
             try:
                 watcher.queue.put_nowait(item)
             except asyncio.QueueFull:
@@ -149,24 +165,34 @@ class LiveFeed:
 
 
 def _frame(item: Routed) -> bytes:
-    body = orjson.dumps((item.received_at, item.rules, item.state, item.event), default=str)
+    body = orjson.dumps(
+        (item.received_at, item.rules, item.state, item.event, item.deliveries), default=str
+    )
     return len(body).to_bytes(4, "big") + body
 
 
 def _unframe(body: bytes) -> Routed:
     """The item of one frame's body; ValueError when it is not one."""
     item = orjson.loads(body)
-    if not (isinstance(item, list) and len(item) == 4):
+    if not (isinstance(item, list) and len(item) == 5):
         raise ValueError("not a routed item")
-    received_at, rules, state, event = item
+    received_at, rules, state, event, deliveries = item
     if not (
-        isinstance(received_at, str)
+        isinstance(received_at, str | None)
         and isinstance(rules, list)
         and isinstance(state, str)
         and isinstance(event, dict)
+        and isinstance(deliveries, list)
+        and all(isinstance(d, list) and len(d) == 3 for d in deliveries)
     ):
         raise ValueError("not a routed item")
-    return Routed(event, received_at, tuple(str(r) for r in rules), state)
+    return Routed(
+        event,
+        received_at,
+        tuple(str(r) for r in rules),
+        state,
+        tuple((str(rule), str(target), str(s)) for rule, target, s in deliveries),
+    )
 
 
 class _Sink:

@@ -16,7 +16,8 @@ not a valid CloudEvent, whoever managed to write it to the bus.
 
 Watchers (the console's live stream) see what the router did through the
 :class:`~eventbus.router._feed.LiveFeed`, which never waits: with no watcher the cost is one
-attribute test per event.
+attribute test per event. A delivery that ends later, from the retry schedule, reaches them
+too (``Router.retried``): otherwise its event's row would say ``retrying`` for good.
 
 Memory is bounded by the bus: it never yields more than ``max_in_flight`` un-acknowledged
 messages, and the router runs at most that many handlers. A handler that fails (Postgres down
@@ -36,7 +37,7 @@ from eventbus import metrics
 from eventbus._errors import EventBusError
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, stop_with_grace
 from eventbus.bus import Bus, BusMessage
-from eventbus.delivery import Dispatcher, invoke_rule, invoked_target
+from eventbus.delivery import Delivery, DeliveryKind, Dispatcher, invoke_rule, invoked_target
 from eventbus.router._feed import LiveFeed, Routed
 from eventbus.rules import Route, RuleSetHolder
 from eventbus.store import AttemptOutcome, AuditWriter
@@ -46,13 +47,22 @@ __all__ = ["Router"]
 log = logging.getLogger("eventbus.router")
 
 
-def _settled(outcomes: list[AttemptOutcome | None]) -> str:
-    """One state for all the deliveries of an event: the worst of them."""
-    if AttemptOutcome.DEAD_LETTERED in outcomes:
+def _state(outcome: AttemptOutcome | None) -> str:
+    """A delivery's state on the live feed, from what became of its latest attempt."""
+    if outcome is AttemptOutcome.DEAD_LETTERED:
         return "dead-lettered"
-    if all(outcome is AttemptOutcome.DELIVERED for outcome in outcomes):
+    if outcome is AttemptOutcome.DELIVERED:
         return "delivered"
     return "retrying"  # a retry scheduled, or parked behind an open circuit
+
+
+def _settled(states: list[str]) -> str:
+    """One state for all the deliveries of an event: the worst of them."""
+    if "dead-lettered" in states:
+        return "dead-lettered"
+    if all(state == "delivered" for state in states):
+        return "delivered"
+    return "retrying"
 
 
 class Router:
@@ -159,7 +169,9 @@ class Router:
         if feed is not None:
             received = msg.published_at.isoformat()
             rules = tuple(dict.fromkeys(route.rule for route in routes))
-            feed.publish(Routed(event, received, rules, "routing" if routes else "unmatched"))
+            started = tuple((route.rule, route.target, "routing") for route in routes)
+            state = "routing" if routes else "unmatched"
+            feed.publish(Routed(event, received, rules, state, started))
         if routes:
             metrics.EVENTS_MATCHED.inc()
             if len(routes) == 1:  # the common case, without gather's task and loop turn
@@ -169,10 +181,26 @@ class Router:
                     *(self._dispatcher.dispatch(event, route) for route in routes)
                 )
             if feed is not None:
-                feed.publish(Routed(event, received, rules, _settled(outcomes)))
+                states = [_state(outcome) for outcome in outcomes]
+                ended = tuple(
+                    (route.rule, route.target, state)
+                    for route, state in zip(routes, states, strict=True)
+                )
+                feed.publish(Routed(event, received, rules, _settled(states), ended))
         # Not urgent: the ack can wait for the writer's next batch (the delivery is done), and
         # a thousand messages in flight then share a few large COPYs instead of many small ones.
         await self._audit.flush(urgent=False)
+
+    def retried(self, job: Delivery) -> None:
+        """A delivery from the retry schedule ran (``RetryWorker.ran``): when it ended
+        (delivered or dead-lettered), tell watchers, as an update of its event's row. A
+        follow-up (a dead-letter copy, a destination) is not a delivery of that event."""
+        if not self._feed.watched or job.kind is not DeliveryKind.ROUTE:
+            return
+        state = _state(job.last_outcome)
+        if state != "retrying":
+            delivery = (job.rule, job.target, state)
+            self._feed.publish(Routed(job.event, None, (job.rule,), state, (delivery,)))
 
     async def _set_aside(self, msg: BusMessage, why: str) -> None:
         metrics.BUS_REJECTED.inc()

@@ -28,7 +28,9 @@ def _item(i: int) -> Routed:
 async def test_a_slow_watcher_loses_items_the_others_do_not() -> None:
     feed = LiveFeed(per_watcher=10)
     assert not feed.watched
-    with feed.watch() as slow, feed.watch() as fast:
+    # a narrow filter's watcher, as slow: what it does not take never fills its queue
+    narrow = feed.watch(lambda event: event["id"] in {"3", "24"})
+    with feed.watch() as slow, feed.watch() as fast, narrow as picky:
         assert feed.watched
         got = []
         for i in range(25):
@@ -40,6 +42,8 @@ async def test_a_slow_watcher_loses_items_the_others_do_not() -> None:
         assert [r.event["id"] for r in kept] == [str(i) for i in range(10)]
         assert slow.dropped == 15
         assert slow.pending(100) == []
+        assert [r.event["id"] for r in picky.pending(100)] == ["3", "24"]
+        assert picky.dropped == 0
     assert not feed.watched
 
 
@@ -80,16 +84,20 @@ async def test_a_watcher_of_one_worker_sees_what_every_worker_routes(tmp_path: P
             await a_peers.joined()
             assert b.watched and not b._watchers  # a subscription from a, no watcher of b's
             big = {"id": "big", "source": "s", "data": "x" * 300_000}
-            b.publish(Routed(big, "2026-01-01T00:00:00+00:00", ("r1", "r2"), "delivered"))
+            each = (("r1", "fn", "delivered"), ("r2", "fn", "retrying"))
+            routed = Routed(big, "2026-01-01T00:00:00+00:00", ("r1", "r2"), "retrying", each)
+            b.publish(routed)
+            # a delivery from b's retry schedule that ended: an update, without a time
+            retried = Routed(big, None, ("r2",), "delivered", (("r2", "fn", "delivered"),))
+            b.publish(retried)
             a.publish(_item(1))
             for i in range(2, 500):
                 b.publish(_item(i))
-            got = [await asyncio.wait_for(watcher.get(), 5) for _ in range(500)]
+            got = [await asyncio.wait_for(watcher.get(), 5) for _ in range(501)]
         assert sorted(r.event["id"] for r in got) == sorted(
-            ["big", *(str(i) for i in range(1, 500))]
+            ["big", "big", *(str(i) for i in range(1, 500))]
         )
-        first = next(r for r in got if r.event["id"] == "big")
-        assert first == Routed(big, "2026-01-01T00:00:00+00:00", ("r1", "r2"), "delivered")
+        assert [r for r in got if r.event["id"] == "big"] == [routed, retried]
         # the last watcher of a left: b stops sending
         await eventually(lambda: not b.watched, within=5, what="b's sink gone")
 

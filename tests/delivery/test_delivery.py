@@ -240,9 +240,16 @@ async def test_410_dead_letters_and_disables_the_target(
     items = await eventually(two, within=20, every=POLL, what="second dead letter")
     assert items[0]["reason"] == "target-disabled" and items[0]["attempts"] == 0
     assert len(receiver.requests) == 1  # the second event never reached the gone endpoint
+    # /targets says so: why and since when
+    _, _, body = await svc.request("GET", "/targets")
+    (fn,) = body["targets"]
+    assert fn["disabled"]["reason"] == "410 Gone at attempt 1", fn
+    assert fn["disabled"]["at"] <= items[0]["created_at"], (fn, items[0])
 
     status, _, _ = await svc.request("POST", "/targets/fn/enable")
     assert status == 200
+    _, _, body = await svc.request("GET", "/targets")
+    assert body["targets"][0]["disabled"] is None
     status, _, _ = await svc.request("POST", "/targets/fn/enable")
     assert status == 404
     status, _, body = await svc.request("POST", "/dead-letters/replay?reason=target-disabled")

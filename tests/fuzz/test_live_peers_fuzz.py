@@ -24,7 +24,11 @@ def _frame(body: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-_GOOD = _frame(orjson.dumps(["2026-01-01T00:00:00+00:00", ["r"], "delivered", {"id": "ok"}]))
+_GOOD = _frame(
+    orjson.dumps(
+        ["2026-01-01T00:00:00+00:00", ["r"], "delivered", {"id": "ok"}, [["r", "t", "delivered"]]]
+    )
+)
 
 _chunks = st.one_of(
     st.binary(max_size=64),

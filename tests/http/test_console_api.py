@@ -111,6 +111,44 @@ async def test_live_stream_reports_dead_letters(eventbus: StartService, receiver
         assert stream.rows["c-dead"][1]["state"] == "dead-lettered"
 
 
+async def test_live_stream_updates_a_row_when_its_retry_ends(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    retry = {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": 2, "jitter": False}
+    svc = await eventbus(
+        rules="- name: all\n  targets: [fn]\n",
+        targets=[
+            {
+                "name": "fn",
+                "type": "http",
+                "url": receiver.url("/fn"),
+                "delivery": {"retry": retry, "circuit_breaker": False},
+            }
+        ],
+    )
+    async with _watch(svc) as stream:
+        receiver.script(503)  # the first attempt fails, the retry is delivered
+        assert (await svc.post_event(_event("later")))[0] == 202
+        await stream.until(lambda s: len(s.rows.get("c-later", [])) == 3)
+        routing, retrying, update = stream.rows["c-later"]
+        assert routing["deliveries"] == [{"rule": "all", "target": "fn", "state": "routing"}]
+        assert retrying["state"] == "retrying" and retrying["time"]
+        assert retrying["deliveries"] == [{"rule": "all", "target": "fn", "state": "retrying"}]
+        # from the retry schedule: that delivery's outcome, without the router's time
+        assert update["state"] == "delivered" and update["time"] is None
+        assert update["deliveries"] == [{"rule": "all", "target": "fn", "state": "delivered"}]
+        assert update["source"] == "tests/console" and update["subject"] == "order-later"
+
+        receiver.script(503, 503)  # the retry fails too: out of attempts
+        assert (await svc.post_event(_event("lost")))[0] == 202
+        await stream.until(lambda s: len(s.rows.get("c-lost", [])) == 3)
+        assert [r["state"] for r in stream.rows["c-lost"]] == [
+            "routing",
+            "retrying",
+            "dead-lettered",
+        ]
+
+
 async def test_live_stream_narrowed_by_a_pattern(
     eventbus: StartService, receiver: Receiver
 ) -> None:
@@ -392,6 +430,40 @@ async def test_each_target_in_flight_rates_and_latency(
     body = await eventually(one_in_flight, every=0.1, within=10, what="one delivery in flight")
     assert body["targets"]["idle"]["in_flight"] == 0
     assert svc.service.dispatcher.in_flight == 1
+
+
+async def test_targets_count_their_retries_waiting(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    later = {"strategy": "fixed", "initial_delay": "1h", "max_attempts": 2, "jitter": False}
+    svc = await eventbus(
+        rules="- name: all\n  targets: [fn]\n",
+        targets=[
+            {
+                "name": "fn",
+                "type": "http",
+                "url": receiver.url("/fn"),
+                "delivery": {"retry": later, "circuit_breaker": False},
+            },
+            {"name": "idle", "type": "http", "url": receiver.url("/idle")},
+        ],
+    )
+    receiver.respond(503)
+    # more than a page of /retries holds (1000): counted by the database, not from a page
+    batch = [_event(f"w-{i}") for i in range(1001)]
+    for start in range(0, len(batch), 250):
+        status, _, answer = await svc.request(
+            "POST",
+            "/events",
+            orjson.dumps(batch[start : start + 250]),
+            {"Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert status == 202, answer
+    await svc.drained()
+    status, _, body = await svc.request("GET", "/targets")
+    assert status == 200, body
+    waiting = {t["name"]: (t["retries"], t["disabled"]) for t in body["targets"]}
+    assert waiting == {"fn": (1001, None), "idle": (0, None)}
 
 
 async def test_answers_are_the_documented_bodies(

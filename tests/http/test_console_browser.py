@@ -40,6 +40,22 @@ RULES = """
   targets: [fn]
 """
 ROW = "#live-rows tr[data-id=%r]"
+# The page's fetch, holding back the (real) answer to a request whose body is arguments[0]
+# until the test calls window.held.pop()(): answers that arrive out of order, on demand.
+HOLD_ANSWER = """
+const body = arguments[0];
+const real = window.fetch;
+window.held = [];
+window.handedOver = false;
+window.fetch = async (url, init) => {
+  const resp = await real(url, init);
+  if (init && init.body === body) {
+    await new Promise((resolve) => window.held.push(resolve));
+    window.handedOver = true;
+  }
+  return resp;
+};
+"""
 
 
 def _event(i: str, **extra: Any) -> dict[str, Any]:
@@ -103,15 +119,26 @@ async def test_live_stream_filter_and_pause(
     await page.fill("#live-filter", '{"subject": [{"prefix": 1}]}')
     error = await page.wait_text("#live-filter-error", "subject")
     assert "prefix" in error, error
+    # answers arriving out of order: the service's answer for an older text is held back
+    # (in the page, after it came) until the newer text applies; it must change nothing
+    older = '{"subject": ["order-drop"]}'
+    await page.js(HOLD_ANSWER, older)
+    await page.fill("#live-filter", older)
+    await page.wait("return window.held.length === 1", what="the older text's answer held")
     pattern = '{"subject": ["order-keep"]}'
     await page.fill("#live-filter", pattern)
     await _live(page, pattern)
+    await page.js("window.held.pop()()")
+    await page.wait("return window.handedOver", what="the older answer handed to the page")
     assert await page.text("#live-filter-error") == ""
     assert (await svc.post_event(_event("drop")))[0] == 202
     await svc.drained()
     assert (await svc.post_event(_event("keep")))[0] == 202
     await page.wait_text(ROW % "keep", "delivered")
     assert await page.js("return document.querySelectorAll('#live-rows tr').length") == 1
+    assert await page.js("return document.getElementById('live-status').dataset.pattern") == (
+        pattern
+    )
 
     await page.click("#live-pause")
     assert (await svc.post_event(_event("keep", id="later")))[0] == 202
@@ -125,13 +152,19 @@ async def test_trail_page_shows_every_attempt(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:
     svc = await _start(eventbus, receiver, {"retry": FAST, "circuit_breaker": False})
+    page = browser(svc.url)
+    await page.open("/console")
+    await _live(page)
     assert (await svc.post_event(_event("tr-0", type="com.example.other")))[0] == 202
     receiver.script(503, 503)
     assert (await svc.post_event(_event("tr-1")))[0] == 202
     await svc.trail("tests/console", "tr-1", attempts=4)
-    page = browser(svc.url)
-    await page.open("/console")
-    await _live(page)
+    # the live row follows the deliveries the retry schedule made, rules and time kept
+    row = await page.wait_text(ROW % "tr-1", "delivered")
+    assert "2: orders, summary" in row and "retrying" not in row, row
+    assert await page.js(
+        "return document.querySelector(arguments[0]).cells[0].textContent", ROW % "tr-1"
+    )
     await page.click("nav a[data-page=trail]")
     # found by its type (the other event is not), and opened from the list
     await page.fill("#search-since", "yesterday")
@@ -225,6 +258,19 @@ async def test_dead_letters_replayed_after_confirmation(
     assert len(left["items"]) == 5 - remaining
     assert all(item["rule"] == "orders" for item in left["items"])
 
+    # failures say why on the page: a dead letter gone meanwhile, a count that cannot be made
+    await page.fill("#dl-rule", "")
+    await page.click("#dl-search")
+    gone = left["items"][0]["id"]
+    await page.wait(f"return document.querySelector(\"#dl-rows tr[data-id='{gone}']\")")
+    assert (await svc.request("DELETE", f"/dead-letters/{gone}"))[0] == 200
+    await page.click(f"#dl-rows tr[data-id='{gone}']")
+    await page.wait_text("#dl-message", f"no dead letter {gone}")
+    await page.fill("#dl-since", "yesterday")
+    await page.click("#dl-replay-all")
+    await page.wait_text("#dl-message", "since must be an ISO 8601 time")
+    assert await page.js("return document.getElementById('confirm').open") is False
+
     # the replay and its delivery, in the trail of a replayed event
     await page.click("nav a[data-page=trail]")
     await svc.trail("tests/console", "dl-0", attempts=4)  # every event's summary: replayed
@@ -274,7 +320,7 @@ async def test_rules_page_sandbox_and_reload(
     broken.write_text("- name: broken\n  match: {type: [x]}\n  targets: [nowhere]\n")
     await page.click("#rules-reload")
     error = await page.wait_text("#rules-message", "broken.yaml:")
-    assert "nowhere" in error, error
+    assert "broken.yaml:3 rule 'broken'" in error and "nowhere" in error, error
     broken.unlink()
     await page.click("#rules-reload")
     await page.wait_text("#rules-message", "reloaded: 2 rules")
@@ -302,6 +348,19 @@ async def test_page_asks_for_an_api_key(
     await page.fill("#key-input", "console-publish-key-01")
     await page.click("#key-form button[type=submit]")
     await page.wait_text("#key-error", "lacks scope 'admin'")
+    # the refused key is forgotten: the next call (another page's) goes without it
+    await page.js(
+        "window.sent = [];"
+        "const real = window.fetch;"
+        "window.fetch = (url, init) => {"
+        "  window.sent.push([url, (init && init.headers && init.headers.Authorization) || '']);"
+        "  return real(url, init);"
+        "};"
+        "location.hash = 'rules';"
+    )
+    sent = await page.wait("return window.sent.find(([url]) => url === '/rules')")
+    assert sent == ["/rules", ""], sent
+    await page.js("location.hash = 'live'")
     await page.fill("#key-input", key)
     await page.click("#key-form button[type=submit]")
     await _live(page)
@@ -315,7 +374,24 @@ async def test_overview_targets_and_sources(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page], nats_url: str
 ) -> None:
     timer = {"name": "tick", "type": "timer", "schedule": "rate(1 minute)"}
-    svc = await _start(eventbus, receiver, sources=[timer], settings={"run_sources": True})
+    later = {"strategy": "fixed", "initial_delay": "1h", "max_attempts": 2, "jitter": False}
+    old = {
+        "name": "old",
+        "type": "http",
+        "url": receiver.url("/old"),
+        "delivery": {"retry": later, "circuit_breaker": False},
+    }
+    svc = await eventbus(
+        rules=RULES + "- name: to-old\n  match: {type: [gone]}\n  targets: [old]\n",
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}, old],
+        sources=[timer],
+        settings={"run_sources": True},
+    )
+    # old: one delivery waiting to retry (in an hour), then a 410 disables it
+    receiver.script(503, 410)
+    for i in range(2):
+        assert (await svc.post_event(_event(f"old-{i}", type="gone")))[0] == 202
+        await svc.drained()
     nc = await nats.connect(nats_url)
     try:  # straight onto the bus, past the edge: set aside by the router, shown on the page
         await nc.jetstream().publish(svc.service.settings.bus.nats.subject, b"not an event")
@@ -343,18 +419,35 @@ async def test_overview_targets_and_sources(
     # the end of the test, which ends the wait)
     receiver.script(Response(200, delay=60))
     assert (await svc.post_event(_event("ov-slow")))[0] == 202
-    await receiver.wait_for(8)
+    await receiver.wait_for(10)
     await eventually(lambda: svc.service.dispatcher.in_flight_to("fn") == 1, what="in flight")
     await page.click("nav a[data-page=targets]")
     row = await page.wait_text("#targets-rows", "fn")
     assert "http" in row and "closed" in row
     cells = await page.js(
-        "return [...document.querySelectorAll('#targets-rows tr td')].map(td => td.textContent)"
+        "return [...document.querySelectorAll('#targets-rows tr')]"
+        ".map(tr => [...tr.cells].map(td => td.textContent))"
     )
-    name, kind, circuit, in_flight, rate, failed, mean, p95, delivered = cells[:9]
+    name, kind, circuit, in_flight, rate, failed, mean, p95, delivered = cells[0][:9]
     assert (name, kind, circuit, in_flight, failed) == ("fn", "http", "closed", "1", "0"), cells
     assert float(rate) > 0 and float(mean) > 0 and float(p95) > 0, cells
-    assert int(delivered) >= 7 and cells[11] == "0", cells
+    assert int(delivered) >= 7 and cells[0][11:] == ["0", ""], cells  # on: no Enable
+    # old is disabled (why and since when, with Enable) and has a retry waiting
+    assert cells[1][0] == "old" and cells[1][11] == "1", cells
+    assert "410 Gone at attempt 1" in cells[1][12] and "Enable" in cells[1][12], cells
+    assert await page.js("return document.querySelectorAll('#targets-rows button').length") == 1
+    await page.click("#targets-rows button")
+    await page.wait_text("#targets-message", "old enabled")
+    await page.wait("return !document.querySelector('#targets-rows button')", what="no Enable")
+    # a page that cannot load says why, until it can (the page refreshes itself)
+    pool = svc.service.store.pool
+    await pool.execute("ALTER TABLE disabled_targets RENAME TO disabled_targets_away")
+    await page.click("nav a[data-page=overview]")
+    await page.click("nav a[data-page=targets]")
+    error = await page.wait_text("#page-error", "Could not load this page: ")
+    assert "disabled_targets" in error, error
+    await pool.execute("ALTER TABLE disabled_targets_away RENAME TO disabled_targets")
+    await page.wait("return !document.getElementById('page-error').textContent", what="cleared")
     assert "last " in await page.text("#targets-window")
     source = await page.wait_text("#sources-rows", "tick")
     assert "timer" in source, source

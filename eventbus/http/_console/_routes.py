@@ -186,6 +186,10 @@ def _row(item: Routed) -> dict[str, Any]:
         "id": event.get("id"),
         "rules": item.rules,
         "state": item.state,
+        "deliveries": [
+            {"rule": rule, "target": target, "state": state}
+            for rule, target, state in item.deliveries
+        ],
     }
 
 
@@ -203,7 +207,9 @@ async def _stream(
     first: asyncio.Future[Routed] | None = None
     closed: asyncio.Future[Any] | None = None
     try:
-        async with service.watch_events() as watcher:
+        # The pattern is applied before the client's queue: rows it would not show must not
+        # fill the queue and push out rows it would.
+        async with service.watch_events(None if pattern is None else pattern.matches) as watcher:
             closed = asyncio.ensure_future(watcher.closed.wait())
             yield b"retry: 2000\n: watching\n\n"
             reported = 0
@@ -221,9 +227,8 @@ async def _stream(
                     continue
                 await asyncio.sleep(_GATHER)
                 items = [first.result(), *watcher.pending(_MAX_ROWS - 1)]
-                rows = [_row(i) for i in items if pattern is None or pattern.matches(i.event)]
-                if rows:
-                    yield b"event: rows\ndata: " + orjson.dumps(rows, default=str) + b"\n\n"
+                rows = [_row(i) for i in items]
+                yield b"event: rows\ndata: " + orjson.dumps(rows, default=str) + b"\n\n"
                 if watcher.dropped != reported:
                     reported = watcher.dropped
                     yield b"event: dropped\ndata: " + orjson.dumps({"dropped": reported}) + b"\n\n"
@@ -243,8 +248,10 @@ async def _stream(
             "description": (
                 "Server-Sent Events. `rows`: a JSON array of routed events (time, source, "
                 "type, subject, id, rules, state: routing, unmatched, delivered, retrying or "
-                "dead-lettered; an event appears again as its deliveries settle). `dropped`: "
-                "how many events this client lost so far by reading too slowly."
+                "dead-lettered, the worst of `deliveries`: each delivery's rule, target and "
+                "state; an event appears again as its deliveries settle, and again, with time "
+                "null and that one delivery, when a delivery from the retry schedule ends). "
+                "`dropped`: how many events this client lost so far by reading too slowly."
             ),
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },

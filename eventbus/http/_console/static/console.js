@@ -85,6 +85,7 @@ $("key-form").addEventListener("submit", async (e) => {
   try {
     await api("GET", "/targets");
   } catch (err) {
+    apiKey = ""; // refused: later calls must not send it
     $("key-error").textContent = err.message;
     return;
   }
@@ -119,8 +120,19 @@ function show() {
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.page === page);
   if (page !== "live") stopLive();
   clearInterval(refresh);
-  if (page === "overview" || page === "targets") refresh = setInterval(() => pages[page]().catch(() => {}), 5000);
-  pages[page]().catch((err) => console.error(err));
+  $("page-error").textContent = "";
+  if (page === "overview" || page === "targets") refresh = setInterval(() => load(page), 5000);
+  load(page);
+}
+
+// Load a page; when it cannot be, say why above it until it can (a 401 asks for a key).
+async function load(page) {
+  try {
+    await pages[page]();
+    $("page-error").textContent = "";
+  } catch (err) {
+    if (err.status !== 401) $("page-error").textContent = `Could not load this page: ${err.message}`;
+  }
 }
 
 window.addEventListener("hashchange", show);
@@ -239,18 +251,28 @@ function flush() {
   }
 }
 
+const WORST_FIRST = ["dead-lettered", "retrying", "routing", "delivered"];
+
+// A row from the router fills every cell; an update from the retry schedule (time null, one
+// delivery) changes only that delivery's state. The row shows the worst of its deliveries.
 function fillRow(tr, r) {
   const cells = tr.cells;
-  cells[0].textContent = clock(r.time);
-  cells[1].textContent = r.source;
-  cells[2].textContent = r.type;
-  cells[3].textContent = r.subject ?? "";
-  cells[4].textContent = r.id;
-  cells[5].textContent = r.rules.length ? `${r.rules.length}: ${r.rules.join(", ")}` : "0";
-  cells[6].textContent = r.state;
-  cells[6].className = `state-${r.state}`;
-  tr.dataset.source = r.source;
-  tr.dataset.id = r.id;
+  if (r.time !== null || !tr.dataset.id) {
+    cells[0].textContent = clock(r.time);
+    cells[1].textContent = r.source;
+    cells[2].textContent = r.type;
+    cells[3].textContent = r.subject ?? "";
+    cells[4].textContent = r.id;
+    cells[5].textContent = r.rules.length ? `${r.rules.length}: ${r.rules.join(", ")}` : "0";
+    tr.dataset.source = r.source;
+    tr.dataset.id = r.id;
+  }
+  tr.deliveries ??= new Map();
+  for (const d of r.deliveries) tr.deliveries.set(`${d.rule}\n${d.target}`, d.state);
+  const states = [...tr.deliveries.values()];
+  const state = WORST_FIRST.find((s) => states.includes(s)) ?? r.state;
+  cells[6].textContent = state;
+  cells[6].className = `state-${state}`;
 }
 
 $("live-rows").addEventListener("click", (e) => {
@@ -280,17 +302,21 @@ $("live-filter").addEventListener("input", () => {
   filterTimer = setTimeout(checkFilter, 250);
 });
 
+// Answers may arrive out of order: only the one for the text in the box now is applied.
 async function checkFilter() {
   const text = $("live-filter").value.trim();
   const box = $("live-filter-error");
+  const stale = () => $("live-filter").value.trim() !== text;
   if (text) {
     try {
       await api("POST", "/patterns/validate", text);
     } catch (err) {
+      if (stale()) return;
       box.textContent = err.message;
       $("live-filter").classList.add("invalid");
       return;
     }
+    if (stale()) return;
   }
   box.textContent = "";
   $("live-filter").classList.remove("invalid");
@@ -469,7 +495,13 @@ $("dl-next").addEventListener("click", () => loadDeadLetters(true));
 $("dl-rows").addEventListener("click", async (e) => {
   const tr = e.target.closest("tr");
   if (!tr) return;
-  const item = await api("GET", `/dead-letters/${tr.dataset.id}`);
+  let item;
+  try {
+    item = await api("GET", `/dead-letters/${tr.dataset.id}`);
+  } catch (err) {
+    $("dl-message").textContent = err.message;
+    return;
+  }
   dead.current = item;
   $("dl-detail-id").textContent = `#${item.id}`;
   $("dl-detail-body").textContent = pretty(item);
@@ -510,7 +542,13 @@ async function onFiltered(verb, method, path) {
   const params = deadFilter();
   const filtered = params.toString() !== "";
   if (!filtered) params.set("all", "true");
-  const count = await countDeadLetters(deadFilter());
+  let count;
+  try {
+    count = await countDeadLetters(deadFilter());
+  } catch (err) {
+    $("dl-message").textContent = err.message;
+    return;
+  }
   if (!count) {
     $("dl-message").textContent = "no dead letters match";
     return;
@@ -643,31 +681,33 @@ $("sandbox-run").addEventListener("click", async () => {
 // -- targets, sources, readiness ------------------------------------------------------------
 
 async function loadTargets() {
-  const [{ targets }, { sources }, stats, activity, setAside, retries] = await Promise.all([
+  const [{ targets }, { sources }, stats, activity, setAside] = await Promise.all([
     api("GET", "/targets"),
     api("GET", "/sources"),
     api("GET", "/stats/rates"),
     api("GET", "/stats/targets"),
     api("GET", "/sources/dead-letters?limit=50"),
-    api("GET", "/retries?limit=1000"),
   ]);
-  const backlog = {};
-  for (const r of retries.items) backlog[r.target] = (backlog[r.target] || 0) + 1;
   const span = activity.window; // 5 minutes, less while the process is younger
   $("targets-window").textContent = `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
   const ms = (value) => (value === null ? "" : value.toFixed(1));
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
-      const button = el("button", "Enable");
-      button.type = "button";
-      button.addEventListener("click", async () => {
-        try {
-          await api("POST", `/targets/${encodeURIComponent(t.name)}/enable`);
-          $("targets-message").textContent = `${t.name} enabled`;
-        } catch (err) {
-          $("targets-message").textContent = err.message;
-        }
-      });
+      const disabled = el("span");
+      if (t.disabled) {
+        const button = el("button", "Enable");
+        button.type = "button";
+        button.addEventListener("click", async () => {
+          try {
+            await api("POST", `/targets/${encodeURIComponent(t.name)}/enable`);
+            $("targets-message").textContent = `${t.name} enabled`;
+            await loadTargets();
+          } catch (err) {
+            $("targets-message").textContent = err.message;
+          }
+        });
+        disabled.append(el("span", `disabled ${t.disabled.at} (${t.disabled.reason}) `, "error"), button);
+      }
       const counts = stats.targets[t.name] || {};
       const n = (outcome) => counts[outcome] ?? 0;
       const now = activity.targets[t.name] || { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
@@ -683,8 +723,8 @@ async function loadTargets() {
         n("delivered"),
         n("retry-scheduled"),
         n("dead-lettered"),
-        backlog[t.name] || 0,
-        button,
+        t.retries,
+        disabled,
       ]);
     }),
   );
@@ -750,7 +790,8 @@ async function loadOverview() {
     await api("GET", "/targets");
   } catch (err) {
     if (err.status === 401) return; // api() asked for a key
-    throw err;
+    $("page-error").textContent = `Could not reach the service: ${err.message}`;
+    return;
   }
   $("key-forget").hidden = !apiKey;
   show();
