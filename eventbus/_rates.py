@@ -25,14 +25,14 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
 from eventbus import metrics
 from eventbus._tasks import cancel_and_wait
 
-__all__ = ["SERIES", "Rates", "deliveries_by_target"]
+__all__ = ["SERIES", "Rates", "deliveries_by_target", "gauge_by_target"]
 
 # name in the answer -> (counter, the label values a sample must have to count)
 SERIES: dict[str, tuple[Counter | Histogram, dict[str, str]]] = {
@@ -45,7 +45,7 @@ SERIES: dict[str, tuple[Counter | Histogram, dict[str, str]]] = {
 }
 
 
-def _samples(families: dict[str, Metric], metric: Counter | Histogram) -> list[Sample]:
+def _samples(families: dict[str, Metric], metric: Counter | Gauge | Histogram) -> list[Sample]:
     """The samples of ``metric`` among ``families`` (:func:`eventbus.metrics.families`)."""
     family = families.get(next(iter(metric.describe())).name)
     return [] if family is None else family.samples
@@ -149,6 +149,12 @@ def _target_totals(families: dict[str, Metric]) -> dict[str, _TargetTotals]:
     return totals
 
 
+def gauge_by_target(families: dict[str, Metric], gauge: Gauge) -> dict[str, float]:
+    """A gauge labelled by target, per target, from ``families``: with ``--workers N`` as its
+    multiprocess mode combines the workers' values (summed in flight, the worst circuit)."""
+    return {s.labels["target"]: s.value for s in _samples(families, gauge) if "target" in s.labels}
+
+
 def deliveries_by_target(families: dict[str, Metric] | None = None) -> dict[str, dict[str, float]]:
     """Delivery attempts since the service started (every worker's), per target and outcome;
     from ``families`` when given (one reading for several figures)."""
@@ -191,7 +197,7 @@ class Rates:
         self._samples.append((now, time.time(), totals))
         self._by_target.append((now, _target_totals(families)))
 
-    def by_target(self) -> dict[str, Any]:
+    def by_target(self, families: dict[str, Metric] | None = None) -> dict[str, Any]:
         """``{"window": s, "targets": {name: {"delivered": per second, "failed": per second,
         "latency_ms": mean attempt duration, "p95_ms": its 95th percentile}}}`` between the
         oldest sample at most ``recent`` seconds old and the counters now: ``window`` says how
@@ -200,7 +206,7 @@ class Rates:
         durations are None when no attempt was made. Only targets with a delivery counted
         appear."""
         now = time.monotonic()
-        current = _target_totals(metrics.families())
+        current = _target_totals(metrics.families() if families is None else families)
         then, before = next(
             ((t, totals) for t, totals in self._by_target if now - t <= self._recent),
             (now, current),

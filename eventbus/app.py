@@ -30,7 +30,7 @@ from typing import Any, Self
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
-from eventbus._rates import Rates, deliveries_by_target
+from eventbus._rates import Rates, deliveries_by_target, gauge_by_target
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus._tasks import cancel_and_wait, report_stuck
 from eventbus.bus import (
@@ -44,6 +44,7 @@ from eventbus.bus import (
 )
 from eventbus.config import ConnectorSet, KafkaAuth, Settings, load_connectors, redact_url
 from eventbus.delivery import (
+    CIRCUIT_STATES,
     DeadLetterFilter,
     DeliveryPolicy,
     DeliveryStore,
@@ -480,20 +481,22 @@ class Service:
         return found
 
     async def describe_targets(self) -> list[dict[str, Any]]:
-        """Each configured target: its type, this process's circuit state, whether it is
-        disabled (after a 410: why and since when) and how many of its deliveries wait in
-        the retry schedule; the last two from the database, so every instance's. Raises
-        StoreError."""
+        """Each configured target: its type, its circuit state (each worker keeps its own:
+        the most open of them), whether it is disabled (after a 410: why and since when) and
+        how many of its deliveries wait in the retry schedule; the last two from the database,
+        so every instance's. Raises StoreError."""
         disabled = await self.deliveries.disabled_since()
         waiting = await self.deliveries.retries_by_target()
+        circuits = gauge_by_target(metrics.families(), metrics.CIRCUIT_STATE)
         out = []
         for name, spec in self.connectors.targets.items():
             guard = self.dispatcher.guard(name)
+            state = CIRCUIT_STATES[round(circuits.get(name, 0.0))]
             out.append(
                 {
                     "name": name,
                     "type": spec.type,
-                    "circuit": None if guard is None else guard.state,
+                    "circuit": None if guard is None else state,
                     "disabled": disabled.get(name),
                     "retries": waiting.get(name, 0),
                 }
@@ -667,16 +670,19 @@ class Service:
         return routes, failed
 
     def target_activity(self) -> dict[str, Any]:
-        """Each configured target's deliveries under way in this process now (``in_flight``)
-        and its deliveries and failures per second and attempt durations over the last five
-        minutes (see :meth:`eventbus._rates.Rates.by_target`), with the ``window`` they span."""
-        recent = self._rates.by_target()
+        """Each configured target's deliveries under way now (``in_flight``) and its
+        deliveries and failures per second and attempt durations over the last five minutes
+        (see :meth:`eventbus._rates.Rates.by_target`), with the ``window`` they span; every
+        worker's together."""
+        families = metrics.families()
+        recent = self._rates.by_target(families)
+        in_flight = gauge_by_target(families, metrics.DELIVERIES_IN_FLIGHT)
         idle = {"delivered": 0.0, "failed": 0.0, "latency_ms": None, "p95_ms": None}
         return {
             "window": recent["window"],
             "targets": {
                 name: {
-                    "in_flight": self.dispatcher.in_flight_to(name),
+                    "in_flight": round(in_flight.get(name, 0.0)),
                     **recent["targets"].get(name, idle),
                 }
                 for name in self.connectors.targets

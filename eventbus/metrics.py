@@ -25,6 +25,7 @@ __all__ = [
     "BUS_REJECTED",
     "CIRCUIT_STATE",
     "DELIVERIES",
+    "DELIVERIES_IN_FLIGHT",
     "DELIVERY_SECONDS",
     "EMBEDDED_RESTARTS",
     "EVENTS_DUPLICATE",
@@ -85,6 +86,14 @@ DELIVERY_SECONDS = Histogram(
     ["target"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
+)
+DELIVERIES_IN_FLIGHT = Gauge(
+    "eventbus_deliveries_in_flight",
+    "Deliveries under way per target (waiting for its rate limit, a connection, its answer or "
+    "the record of the outcome; synchronous invocations too)",
+    ["target"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 CIRCUIT_STATE = Gauge(
     "eventbus_circuit_state",

@@ -129,6 +129,7 @@ EXPORTS: dict[str, list[str]] = {
         "yaml_files",
     ],
     "eventbus.delivery": [
+        "CIRCUIT_STATES",
         "PRESETS",
         "BreakerPolicy",
         "DeadLetterFilter",

@@ -3,7 +3,7 @@ dead letters, the dispatcher that ties them to the targets, and direct invocatio
 target."""
 
 from eventbus.delivery._dispatcher import Dispatcher
-from eventbus.delivery._guard import Guard
+from eventbus.delivery._guard import CIRCUIT_STATES, Guard
 from eventbus.delivery._invoke import (
     Invocation,
     Invoker,
@@ -27,6 +27,7 @@ from eventbus.delivery._retry_worker import RetryWorker
 from eventbus.delivery._store import DeadLetterFilter, DeliveryStore
 
 __all__ = [
+    "CIRCUIT_STATES",
     "PRESETS",
     "BreakerPolicy",
     "DeadLetterFilter",

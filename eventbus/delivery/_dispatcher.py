@@ -19,7 +19,6 @@ import contextlib
 import functools
 import logging
 import random
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -79,22 +78,20 @@ class Dispatcher:
         self.scheduled: Callable[[float], None] = lambda delay: None
         self.in_flight = 0
         """Deliveries under way now (what a shutdown waits for)."""
-        self._in_flight_to: Counter[str] = Counter()
-
-    def in_flight_to(self, target: str) -> int:
-        """Deliveries to ``target`` under way in this process now: those this dispatcher runs
-        (waiting for the target's rate limit, a connection, its answer or the record of the
-        outcome) and synchronous invocations (see :meth:`delivering`)."""
-        return self._in_flight_to[target]
+        self._in_flight_to = {name: metrics.DELIVERIES_IN_FLIGHT.labels(name) for name in targets}
 
     @contextlib.contextmanager
     def delivering(self, target: str) -> Iterator[None]:
-        """Count a delivery to ``target`` as under way while the block runs."""
-        self._in_flight_to[target] += 1
+        """Count a delivery to ``target`` as under way while the block runs: those this
+        dispatcher runs (waiting for the target's rate limit, a connection, its answer or the
+        record of the outcome) and synchronous invocations, in ``eventbus_deliveries_in_flight``
+        (summed over the workers of ``serve --workers N``)."""
+        gauge = self._in_flight_to.get(target) or metrics.DELIVERIES_IN_FLIGHT.labels(target)
+        gauge.inc()
         try:
             yield
         finally:
-            self._in_flight_to[target] -= 1
+            gauge.dec()
 
     def guard(self, target: str) -> Guard | None:
         return self._guards.get(target)

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from eventbus import metrics
 from eventbus.delivery._policy import BreakerPolicy
 
-__all__ = ["Admission", "Guard"]
+__all__ = ["CIRCUIT_STATES", "Admission", "Guard"]
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
+CIRCUIT_STATES = ("closed", "half-open", "open")
+"""The names of the states, by their value in ``eventbus_circuit_state``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +62,7 @@ class Guard:
 
     @property
     def state(self) -> str:
-        return ("closed", "half-open", "open")[self._state]
+        return CIRCUIT_STATES[self._state]
 
     def admit(self) -> Admission:
         """May an attempt go to the target now? Never waits."""

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from eventbus.sources import SourceStatus
 from eventbus.sources._shared import merge_statuses
@@ -139,6 +140,81 @@ async def _answers_for_all(
         assert activity["targets"]["fn"]["failed"] > 0
     assert await proc.terminate(timeout=30) == 0  # the live stream still open
     assert not (data / "workers").exists()
+
+
+HELD = 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_any_worker_counts_every_workers_deliveries_in_flight(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    """A function that holds its answers: the deliveries waiting for it, routed by either
+    worker, are all counted by whichever worker answers ``GET /stats/targets``."""
+    release = asyncio.Event()
+    arrived: list[bytes] = []
+
+    async def hold(request: web.Request) -> web.Response:
+        arrived.append(await request.read())
+        await release.wait()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/slow", hold)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    proc = serve_process(
+        rules="- name: held\n  match: {type: [held]}\n  targets: [slow]\n",
+        targets=[{"name": "slow", "type": "http", "url": f"http://127.0.0.1:{port}/slow"}],
+        workers=2,
+    )
+    try:
+        await proc.start()
+        await eventually(
+            lambda: proc.log.read_text().count("eventbus ready") == 2,
+            within=60,
+            what="both workers ready",
+        )
+
+        async def one(i: int) -> None:
+            event = {
+                "specversion": "1.0",
+                "id": f"h-{i}",
+                "source": "tests/workers",
+                "type": "held",
+            }
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    proc.url + "/events",
+                    data=orjson.dumps(event),
+                    headers={"Content-Type": "application/cloudevents+json"},
+                ) as resp,
+            ):
+                assert resp.status == 202
+
+        await asyncio.gather(*(one(i) for i in range(HELD)))
+        await eventually(lambda: len(arrived) == HELD, within=30, what="every delivery held")
+        answers = [
+            orjson.loads(await _get(proc.url + "/stats/targets"))["targets"]["slow"]["in_flight"]
+            for _ in range(REQUESTS)
+        ]
+        assert answers == [HELD] * REQUESTS
+        release.set()
+
+        async def none_in_flight() -> bool:
+            answer = orjson.loads(await _get(proc.url + "/stats/targets"))
+            return bool(answer["targets"]["slow"]["in_flight"] == 0)
+
+        await eventually(none_in_flight, within=30, what="the deliveries done")
+        assert await proc.terminate(timeout=30) == 0
+    finally:
+        release.set()
+        await runner.cleanup()
 
 
 T1 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -420,7 +420,9 @@ async def test_overview_targets_and_sources(
     receiver.script(Response(200, delay=60))
     assert (await svc.post_event(_event("ov-slow")))[0] == 202
     await receiver.wait_for(10)
-    await eventually(lambda: svc.service.dispatcher.in_flight_to("fn") == 1, what="in flight")
+    await eventually(
+        lambda: svc.service.target_activity()["targets"]["fn"]["in_flight"] == 1, what="in flight"
+    )
     await page.click("nav a[data-page=targets]")
     row = await page.wait_text("#targets-rows", "fn")
     assert "http" in row and "closed" in row
