@@ -274,7 +274,8 @@ class Target(_Body):
     name: str
     type: str
     circuit: Literal["closed", "half-open", "open"] | None
-    """this process's circuit breaker for the target (null: none configured)"""
+    """the target's circuit breaker, the most open of the workers' (each keeps its own; null:
+    none configured)"""
     disabled: TargetDisabled | None
     """set while the target is switched off after answering 410 Gone: deliveries to it are
     dead-lettered until ``POST /targets/{name}/enable``; null while it is on"""

@@ -93,9 +93,9 @@ class RatePoint(_Body):
 
 
 class RateHistory(_Body):
-    """Per-second rates of this process's counters, one point per ``every`` seconds over the
-    last hour, oldest first, and its delivery attempts per target and outcome since it
-    started. Counters are per process: with ``--workers N`` each reports its own share."""
+    """Per-second rates of the service's counters, one point per ``every`` seconds over the
+    last hour, oldest first, and the delivery attempts per target and outcome since it
+    started; with ``--workers N``, every worker's together."""
 
     every: float
     points: list[RatePoint]
@@ -120,8 +120,8 @@ class TargetActivity(_Body):
 
 class TargetStats(_Body):
     """Each configured target's deliveries under way now, and its rates and attempt durations
-    over the last ``window`` seconds: five minutes, less while the process is younger. From
-    this process's own counters: with ``--workers N`` each worker reports its own share."""
+    over the last ``window`` seconds: five minutes, less while the process is younger; with
+    ``--workers N``, every worker's together."""
 
     window: float
     targets: dict[str, TargetActivity]

@@ -777,7 +777,7 @@ function chart(title, points, key) {
 async function loadOverview() {
   const stats = await api("GET", "/stats/rates");
   const minutes = Math.round((stats.points.length * stats.every) / 60);
-  $("overview-note").textContent = `this process, one point every ${stats.every} s, the last ${minutes} min (up to an hour)`;
+  $("overview-note").textContent = `one point every ${stats.every} s, the last ${minutes} min (up to an hour)`;
   $("charts").replaceChildren(...SERIES.map(([key, title]) => chart(title, stats.points, key)));
   const ready = await fetch("/readyz");
   $("overview-ready").textContent = pretty(await ready.json());
