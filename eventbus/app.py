@@ -618,10 +618,13 @@ class Service:
         """One page of the dead letters ``flt`` selects, by id, after the id ``after``."""
         return await self.deliveries.list_dead_letters(flt, limit=limit, after_id=after)
 
-    async def pending_retries(self, *, limit: int) -> tuple[list[dict[str, Any]], int]:
-        """The deliveries waiting for their next attempt, the next due first, at most
-        ``limit``, and how many wait in all. Raises StoreError."""
-        return await self.deliveries.list_retries(limit=limit)
+    async def pending_retries(
+        self, *, limit: int, event: tuple[str, str] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The deliveries waiting for their next attempt (of the ``(source, id)`` event only,
+        when given), the next due first, at most ``limit``, and how many wait in all. Raises
+        StoreError."""
+        return await self.deliveries.list_retries(limit=limit, event=event)
 
     async def dead_letter(self, dl_id: int) -> dict[str, Any] | None:
         """One dead letter with its event and every attempt, or None."""

@@ -173,6 +173,8 @@ EXPORTS: dict[str, list[str]] = {
         "register_source",
     ],
     "eventbus.store": [
+        "CAUSE_ID",
+        "CAUSE_SOURCE",
         "READ_TIMEOUT",
         "Attempt",
         "AttemptOutcome",

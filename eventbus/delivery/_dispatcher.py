@@ -33,7 +33,7 @@ from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
 from eventbus.delivery._store import DeliveryStore
 from eventbus.rules import Route
-from eventbus.store import Attempt, AttemptOutcome, AuditWriter
+from eventbus.store import CAUSE_ID, CAUSE_SOURCE, Attempt, AttemptOutcome, AuditWriter
 from eventbus.targets import Outcome, Target
 
 __all__ = ["Dispatcher"]
@@ -41,6 +41,8 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("eventbus.delivery")
 
 HOPS = "eventbushops"
+# CAUSE_SOURCE and CAUSE_ID (the store's, whose trail follows them): the event a reply answers,
+# or a destination's outcome event reports on, set on both.
 _OUTAGE_BACKOFF_MAX = 5.0
 _T = TypeVar("_T")
 
@@ -312,6 +314,8 @@ class Dispatcher:
             return
         reply = dict(reply)
         reply[HOPS] = hops
+        reply[CAUSE_SOURCE] = job.event.get("source")
+        reply[CAUSE_ID] = job.event.get("id")
         # Audited as accepted (via "reply") when the router takes it off the bus; counted
         # (received or duplicate) by ``publish``.
         await self._publish(reply)
@@ -337,7 +341,7 @@ class Dispatcher:
         job.last_outcome = result
         await self._audit.attempt(
             Attempt(
-                event=job.event,
+                event=_audited_as(job),
                 rule=job.stored_rule,
                 target=job.target,
                 number=job.attempts,
@@ -384,12 +388,24 @@ def _destination(
         "event": job.event,
     }
     ok = kind is DeliveryKind.ON_SUCCESS
+    cause = {CAUSE_SOURCE: job.event.get("source"), CAUSE_ID: job.event.get("id")}
     return new_event(
         type="eventbus.delivery." + ("succeeded" if ok else "failed"),
         source=f"eventbus/targets/{job.target}",
         subject=str(job.event.get("id", "")),
         data=data,
+        **{k: v for k, v in cause.items() if isinstance(v, str)},
     )
+
+
+def _audited_as(job: Delivery) -> dict[str, Any]:
+    """The event whose trail records ``job``'s attempts: its own, but for a destination's
+    outcome event, which is never on the bus: the event it reports on (its cause), so the
+    original's trail shows its follow-up deliveries (rule ``orders#on-success``)."""
+    cause = job.event.get(CAUSE_SOURCE), job.event.get(CAUSE_ID)
+    if job.kind in (DeliveryKind.ON_SUCCESS, DeliveryKind.ON_FAILURE) and all(cause):
+        return {"source": cause[0], "id": cause[1]}
+    return job.event
 
 
 def _hops(event: dict[str, Any]) -> int:

@@ -266,11 +266,15 @@ class DeliveryStore:
             )
         )
 
-    async def list_retries(self, *, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
-        """The pending retries, the next due first (claimed ones too: their attempt is under
-        way), at most ``limit`` of them, and how many are pending in all. Each names the last
-        attempt's status and error; ``rule`` as rows name it (``orders#dead-letter`` for a
-        follow-up)."""
+    async def list_retries(
+        self, *, limit: int = 100, event: tuple[str, str] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The pending retries (of the ``(source, id)`` event only, when given: an index of
+        migration 0006 finds them), the next due first (claimed ones too: their attempt is
+        under way), at most ``limit`` of them, and how many are pending in all. Each names the
+        last attempt's status and error; ``rule`` as rows name it (``orders#dead-letter`` for
+        a follow-up)."""
+        where = "" if event is None else " WHERE event_source = $2 AND event_id = $3"
         rows = await self._run(
             "listing retries",
             self._pool.fetch(
@@ -278,8 +282,9 @@ class DeliveryStore:
                 " first_attempt_at, locked_until IS NOT NULL AND locked_until > now() AS claimed,"
                 " (history->-1->>'status')::int AS last_status,"
                 " history->-1->>'error' AS last_error, count(*) OVER () AS total"
-                " FROM delivery_retries ORDER BY due_at, id LIMIT $1",
+                f" FROM delivery_retries{where} ORDER BY due_at, id LIMIT $1",
                 limit,
+                *(event or ()),
             ),
             deadline=READ_TIMEOUT,
         )

@@ -43,6 +43,8 @@ from eventbus.http._params import (
     Filter,
     Limit,
     Paging,
+    RetryEventId,
+    RetrySource,
     Search,
     SourceName,
     TargetName,
@@ -254,8 +256,16 @@ def _require_filter(flt: DeadLetterFilter, every: str | None) -> None:
     responses=_problems(400),
     summary="Deliveries waiting for their next attempt, the next due first",
 )
-async def list_retries(request: Request, limit: Limit = 100) -> Response:
-    items, total = await _service(request).pending_retries(limit=limit)
+async def list_retries(
+    request: Request,
+    limit: Limit = 100,
+    source: RetrySource = None,
+    event_id: RetryEventId = None,
+) -> Response:
+    if (source is None) != (event_id is None):
+        raise Problem(400, "query parameters 'source' and 'id' go together")
+    event = None if source is None or event_id is None else (source, event_id)
+    items, total = await _service(request).pending_retries(limit=limit, event=event)
     return _json({"items": items, "total": total})
 
 

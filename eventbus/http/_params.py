@@ -120,6 +120,16 @@ TrailSource = Annotated[
 TrailId = Annotated[
     str | None, Query(alias="id", description="Required: the event's id."), _text("id")
 ]
+RetrySource = Annotated[
+    str | None,
+    Query(description="Only the retries of the event from this source (with id)."),
+    _text("source"),
+]
+RetryEventId = Annotated[
+    str | None,
+    Query(alias="id", description="Only the retries of the event with this id (with source)."),
+    _text("id"),
+]
 SourceName = Annotated[
     str | None, Query(description="Only this source's dead letters."), _text("source")
 ]

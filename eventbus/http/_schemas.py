@@ -100,14 +100,34 @@ class Attempt(_Body):
     at: str
 
 
+class EventKey(_Body):
+    source: str
+    id: str
+
+
+class CausedEvent(_Body):
+    """An event a function answered with (a reply), as accepted on the bus."""
+
+    source: str | None
+    id: str | None
+    type: str | None
+    received_at: str
+    via: str
+
+
 class EventTrail(_Body):
-    """An event as first accepted, every rule it matched and every delivery attempt."""
+    """An event as first accepted, every rule it matched and every delivery attempt (a
+    destination's delivery among them, its rule ``<rule>#on-success`` or ``#on-failure``);
+    ``cause``: the event it answers, when it is a function's reply (null otherwise);
+    ``caused``: the replies that answer it (the first 100)."""
 
     event: dict[str, Any]
     received_at: str
     via: str
     matches: list[Match]
     attempts: list[Attempt]
+    cause: EventKey | None
+    caused: list[CausedEvent]
 
 
 class EventSummary(_Body):

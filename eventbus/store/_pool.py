@@ -10,6 +10,7 @@ finds accepted events with :meth:`Store.search_events`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import ssl as ssl_module  # the parameter named ssl is asyncpg's
 from collections.abc import Mapping
@@ -31,6 +32,12 @@ __all__ = ["EventCursor", "EventTrail", "Store", "set_aside"]
 
 _CLOSE_TIMEOUT = 10.0
 _QUERY_TIMEOUT = 10.0
+
+CAUSE_SOURCE, CAUSE_ID = "eventbuscausesource", "eventbuscauseid"
+"""Attributes of an event a function answered with (a reply), naming the event it answers:
+the dispatcher sets them, the trail follows them both ways."""
+CAUSED_LIMIT = 100
+"""The replies a trail lists at most."""
 # Postgres errors that mean "not ready yet" (starting up, shutting down, too busy): wait and retry.
 _NOT_YET = (
     OSError,
@@ -76,10 +83,14 @@ class EventCursor:
 
 @dataclass(frozen=True)
 class EventTrail:
-    """What happened to one event: the event as first accepted, its matches and attempts.
+    """What happened to one event: the event as first accepted, its matches and attempts, the
+    event it answers (``cause``: a reply's ``eventbuscausesource``/``eventbuscauseid``) and the
+    events that answer it (``caused``: its functions' replies).
 
     ``matches`` items: rule, target, at. ``attempts`` items: rule, target, attempt, outcome,
-    status, duration_ms, error, at. Both are in time order; ``at`` values are datetimes.
+    status, duration_ms, error, at (a destination's delivery is among them, its rule
+    ``orders#on-success``). ``caused`` items: source, id, type, received_at, via, the first
+    ``CAUSED_LIMIT``. All in time order; ``at`` values are datetimes.
     """
 
     event: dict[str, Any]
@@ -87,6 +98,15 @@ class EventTrail:
     via: str
     matches: list[dict[str, Any]]
     attempts: list[dict[str, Any]]
+    caused: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def cause(self) -> dict[str, str] | None:
+        """``{"source", "id"}`` of the event this one answers, or None."""
+        source, id = self.event.get(CAUSE_SOURCE), self.event.get(CAUSE_ID)
+        if isinstance(source, str) and isinstance(id, str):
+            return {"source": source, "id": id}
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The trail as JSON-ready values (timestamps as ISO 8601 strings)."""
@@ -96,6 +116,8 @@ class EventTrail:
             "via": self.via,
             "matches": [_jsonable(m) for m in self.matches],
             "attempts": [_jsonable(a) for a in self.attempts],
+            "cause": self.cause,
+            "caused": [_jsonable(c) for c in self.caused],
         }
 
 
@@ -170,13 +192,14 @@ class Store:
         )
         if rows is None:
             return None
-        first, matches, attempts = rows
+        first, matches, attempts, caused = rows
         return EventTrail(
             event=loads_jsonb(first["event"]),
             received_at=first["received_at"],
             via=first["via"],
             matches=[dict(row) for row in matches],
             attempts=[dict(row) for row in attempts],
+            caused=[dict(row) for row in caused],
         )
 
     async def search_events(
@@ -211,7 +234,10 @@ class Store:
 
     async def _trail_rows(
         self, source: str, id: str
-    ) -> tuple[asyncpg.Record, list[asyncpg.Record], list[asyncpg.Record]] | None:
+    ) -> (
+        tuple[asyncpg.Record, list[asyncpg.Record], list[asyncpg.Record], list[asyncpg.Record]]
+        | None
+    ):
         key = (source, id)
         async with (
             self.pool.acquire() as conn,
@@ -234,7 +260,14 @@ class Store:
                 "FROM attempts WHERE source = $1 AND id = $2 ORDER BY at, seq",
                 *key,
             )
-        return first, matches, attempts
+            # served by the partial index of migration 0006 (the same expressions)
+            caused = await conn.fetch(
+                "SELECT source, id, type, received_at, via FROM events "
+                f"WHERE event ? '{CAUSE_ID}' AND event->>'{CAUSE_SOURCE}' = $1 "
+                f"AND event->>'{CAUSE_ID}' = $2 ORDER BY received_at, seq LIMIT {CAUSED_LIMIT}",
+                *key,
+            )
+        return first, matches, attempts, caused
 
     async def close(self) -> None:
         """Flush the audit buffer (waiting at most 10 s; rows left over are logged as lost) and

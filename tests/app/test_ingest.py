@@ -225,6 +225,14 @@ async def test_function_reply_is_published_back_and_routed(
     assert int(routed[0].cloudevent["eventbushops"]) == 1  # binary mode: headers are strings
     trail = await svc.trail("tests/fn", "r-1", 1)
     assert trail["via"] == "reply"
+    # The two trails link: the reply names the event it answers, that event lists its reply.
+    cause = trail["cause"]
+    assert cause == {"source": "tests/shop", "id": "e-with-reply"}
+    original = await svc.trail(cause["source"], cause["id"], 1)
+    assert original["cause"] is None
+    assert [(c["source"], c["id"], c["via"]) for c in original["caused"]] == [
+        ("tests/fn", "r-1", "reply")
+    ]
 
 
 async def test_a_reply_the_bus_already_holds_is_counted_as_a_duplicate(

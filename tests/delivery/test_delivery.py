@@ -333,6 +333,24 @@ async def test_destinations_and_dead_letter_target(
     assert dlq.cloudevent["id"] == "d-2"
     assert dlq.cloudevent["deadletterreason"] == "attempts-exhausted"
     assert dlq.cloudevent["deadlettertarget"] == "fn"
+    # The outcome events name the event they report on, and each original's trail holds its
+    # follow-up deliveries (the outcome events are never on the bus: no trail of their own).
+    assert (ok.cloudevent["eventbuscausesource"], ok.cloudevent["eventbuscauseid"]) == (
+        "tests/delivery",
+        "d-1",
+    )
+    await svc.drained()
+    first = await svc.trail("tests/delivery", "d-1", 2)
+    assert [(a["rule"], a["target"], a["outcome"]) for a in first["attempts"]] == [
+        ("all", "fn", "delivered"),
+        ("all#on-success", "audit", "delivered"),
+    ]
+    second = await svc.trail("tests/delivery", "d-2", 3)
+    assert sorted((a["rule"], a["target"], a["outcome"]) for a in second["attempts"]) == [
+        ("all", "fn", "dead-lettered"),
+        ("all#dead-letter", "dlq", "delivered"),
+        ("all#on-failure", "alerts", "delivered"),
+    ]
 
 
 @pytest.mark.timeout(180)

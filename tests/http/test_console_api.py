@@ -464,6 +464,16 @@ async def test_targets_count_their_retries_waiting(
     assert status == 200, body
     waiting = {t["name"]: (t["retries"], t["disabled"]) for t in body["targets"]}
     assert waiting == {"fn": (1001, None), "idle": (0, None)}
+    # one event's retries, as its trail page asks for them: the one of 1,001
+    source, event_id = batch[700]["source"], batch[700]["id"]
+    status, _, one = await svc.request("GET", f"/retries?source={source}&id={event_id}")
+    assert status == 200, one
+    assert one["total"] == 1
+    assert [(r["event_id"], r["target"], r["attempts"]) for r in one["items"]] == [
+        (event_id, "fn", 1)
+    ]
+    status, _, problem = await svc.request("GET", f"/retries?source={source}")
+    assert status == 400 and "'source' and 'id' go together" in problem["detail"], problem
 
 
 async def test_answers_are_the_documented_bodies(

@@ -203,12 +203,26 @@ async def test_live_row_opens_its_trail(
     page = browser(svc.url)
     await page.open("/console")
     await _live(page)
+    # the function answers one of its two deliveries with an event: a reply, on the bus
+    reply = {"specversion": "1.0", "id": "re-1", "source": "tests/fn", "type": "t.reply"}
+    receiver.script(Response(200, reply=reply))
     assert (await svc.post_event(_event("click-me")))[0] == 202
     await page.wait_text(ROW % "click-me", "delivered")
+    await svc.trail("tests/fn", "re-1")
     await svc.trail("tests/console", "click-me", attempts=2)
     await page.click(ROW % "click-me")
     await page.wait_text("#trail-attempts", "delivered")
     assert await page.js("return location.hash") == "#trail"
+    # the trails link both ways: the event to its reply, the reply to the event it answers
+    await page.wait_text("#trail-caused", "tests/fn re-1")
+    await page.click("#trail-caused a.trail-link")
+    await page.wait_text("#trail-cause", "a function's reply to tests/console click-me")
+    assert await page.js("return document.getElementById('trail-id').value") == "re-1"
+    assert await page.js("return document.getElementById('trail-replies').hidden")
+    await page.click("#trail-cause a.trail-link")
+    await page.wait_text("#trail-caused", "tests/fn re-1")
+    assert await page.js("return document.getElementById('trail-id').value") == "click-me"
+    assert await page.js("return document.getElementById('trail-cause').hidden")
 
 
 async def test_dead_letters_replayed_after_confirmation(

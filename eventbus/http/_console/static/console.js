@@ -373,6 +373,17 @@ $("search-rows").addEventListener("click", (e) => {
   if (tr) openTrail(tr.dataset.source, tr.dataset.id);
 });
 
+// A link to another event's trail (a reply, or the event a reply answers).
+function trailLink(source, id) {
+  const a = el("a", `${source} ${id}`, "trail-link");
+  a.href = "#trail";
+  a.addEventListener("click", (e) => {
+    e.preventDefault();
+    openTrail(source, id);
+  });
+  return a;
+}
+
 function openTrail(source, id) {
   $("trail-source").value = source;
   $("trail-id").value = id;
@@ -400,6 +411,18 @@ async function loadTrail() {
   $("trail-result").hidden = false;
   $("trail-received").textContent = `received ${trail.received_at} via ${trail.via}`;
   $("trail-event").textContent = pretty(trail.event);
+  const cause = $("trail-cause");
+  cause.hidden = trail.cause === null;
+  cause.replaceChildren();
+  if (trail.cause) cause.append("a function's reply to ", trailLink(trail.cause.source, trail.cause.id));
+  $("trail-replies").hidden = !trail.caused.length;
+  $("trail-caused").replaceChildren(
+    ...trail.caused.map((c) => {
+      const li = el("li", null);
+      li.append(trailLink(c.source, c.id), ` ${c.type} (${c.received_at})`);
+      return li;
+    }),
+  );
   $("trail-matches").replaceChildren(
     ...(trail.matches.length ? trail.matches.map((m) => el("li", `${m.rule} → ${m.target} (${m.at})`)) : [el("li", "no rule matched")]),
   );
@@ -417,8 +440,8 @@ async function loadTrail() {
   const retries = $("trail-retries");
   retries.replaceChildren();
   try {
-    const pending = await api("GET", "/retries?limit=1000");
-    for (const r of pending.items.filter((p) => p.event_source === source && p.event_id === id)) {
+    const pending = await api("GET", `/retries?source=${encodeURIComponent(source)}&id=${encodeURIComponent(id)}`);
+    for (const r of pending.items) {
       retries.append(el("p", `next retry of ${r.rule} → ${r.target}: ${r.due_at} (${r.waiting_for}, ${r.attempts} attempts so far)`, "next-retry"));
     }
   } catch {
