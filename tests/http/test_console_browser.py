@@ -4,25 +4,29 @@ and shows a bad pattern's error, events found by type open their trail, which sh
 attempt, dead letters are replayed from the page after a confirmation showing their count, the
 rules sandbox shows a match for an event typed or picked from the recent ones, a broken rule
 file's error (file and line) shows on reload, and a target shows its deliveries in flight and
-its recent rates. With API keys the page asks for one.
+its recent rates. With API keys the page asks for one. A real ``eventbus serve --workers 2``
+process shows every worker's events and counts every worker's deliveries.
 
 ``EVENTBUS_CONSOLE_SCREENSHOTS=DIR`` saves a screenshot of each page there (docs/console.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import orjson
+import pytest
 
 from tests.fixtures.browser import Page
 from tests.fixtures.receiver import Receiver, Response
-from tests.fixtures.service import RunningService, StartService
+from tests.fixtures.service import RunningService, ServeProcess, StartService
 from tests.fixtures.wait import eventually
 
 FAST = {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": 5, "jitter": False}
@@ -503,3 +507,61 @@ async def test_a_burst_keeps_the_page_bounded_and_responsive(
     assert time.monotonic() - started < 1.0  # still responsive
     assert len(set(ids)) == 500 and set(ids) <= {e["id"] for e in batch}
     assert "dropped" not in await page.text("#live-status")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_the_console_of_a_two_worker_serve(
+    serve_process: Callable[..., ServeProcess],
+    receiver: Receiver,
+    browser: Callable[[str], Page],
+) -> None:
+    """The console as a user runs it: ``eventbus serve --workers 2``, a real process. Events
+    sent on connections either worker takes all show on the one page, whichever worker serves
+    it, and its figures count both workers' deliveries."""
+    proc = serve_process(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        workers=2,
+    )
+    await proc.start()
+    await eventually(
+        lambda: proc.log.read_text().count("eventbus ready") == 2,
+        within=60,
+        what="both workers ready",
+    )
+    page = browser(proc.url)
+    await page.open("/console")
+    await _live(page)
+
+    async def send(i: int) -> None:
+        # a connection of its own: the kernel hands each new one to either worker
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                proc.url + "/events",
+                data=orjson.dumps(_event(f"w2-{i}")),
+                headers={"Content-Type": "application/cloudevents+json"},
+            ) as resp,
+        ):
+            assert resp.status == 202
+
+    events = 20
+    await asyncio.gather(*(send(i) for i in range(events)))
+    await page.wait(
+        "return [...document.querySelectorAll('#live-rows tr')]"
+        ".filter(tr => tr.textContent.includes('delivered')).length === arguments[0]",
+        events,
+        what="every event's row, delivered",
+    )
+    await page.click(ROW % "w2-7")
+    await page.wait_text("#trail-attempts", "delivered")
+    assert "orders → fn" in await page.text("#trail-matches")
+    await page.click("nav a[data-page=targets]")
+    await page.wait(
+        "const tr = document.querySelector('#targets-rows tr');"
+        "return tr && tr.cells[8].textContent === String(arguments[0])",
+        2 * events,
+        what="both workers' deliveries counted (two rules per event)",
+    )
+    assert await proc.terminate(timeout=30) == 0
