@@ -177,6 +177,10 @@ header_values = st.text(
     st.characters(exclude_categories=["Cs", "Cc"], include_characters="\t"), max_size=60
 )
 token = st.text(string.ascii_letters + string.digits + "-_.", min_size=1, max_size=20)
+# Header names a client sets from the request itself (framing, the connection): aiohttp refuses
+# to send some of them as given ("Content-Length: ''") and would be the one tested.
+_FRAMING = {"content-length", "transfer-encoding", "host", "connection", "expect", "upgrade"}
+header_names = token.filter(lambda name: name.lower() not in _FRAMING)
 
 
 @st.composite
