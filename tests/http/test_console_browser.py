@@ -7,7 +7,8 @@ file's error (file and line) shows on reload, and a target shows its deliveries 
 its recent rates. With API keys the page asks for one. A real ``eventbus serve --workers 2``
 process shows every worker's events and counts every worker's deliveries.
 
-``EVENTBUS_CONSOLE_SCREENSHOTS=DIR`` saves a screenshot of each page there (docs/console.md).
+``CONSOLE_SCREENSHOTS=DIR`` saves a screenshot of each page there (docs/console.md); not an
+``EVENTBUS_*`` name, which a real ``eventbus serve`` would read as a setting.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ async def _start(
 
 
 async def _shot(page: Page, name: str) -> None:
-    where = os.environ.get("EVENTBUS_CONSOLE_SCREENSHOTS")
+    where = os.environ.get("CONSOLE_SCREENSHOTS")
     if where:
         await page.screenshot(Path(where) / f"{name}.png")
 
