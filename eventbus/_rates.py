@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from eventbus import metrics
 from eventbus._tasks import cancel_and_wait
 
 __all__ = ["SERIES", "Rates", "deliveries_by_target", "gauge_by_target"]
+
+log = logging.getLogger("eventbus")
 
 # name in the answer -> (counter, the label values a sample must have to count)
 SERIES: dict[str, tuple[Counter | Histogram, dict[str, str]]] = {
@@ -238,7 +241,11 @@ class Rates:
 
     async def _run(self) -> None:
         while True:
-            self.sample()
+            try:
+                self.sample()
+            except Exception as exc:  # a worker's metric file read half-written, say
+                # The charts miss one point; the sampler must not end over it.
+                log.warning("sampling the counters for the console failed: %r", exc)
             await asyncio.sleep(self.every)
 
     async def __aenter__(self) -> Self:

@@ -694,6 +694,6 @@ class Service:
 
     def rates(self) -> dict[str, Any]:
         """Events received, routed, matched, delivered, retried and dead-lettered per second
-        by this process over the last hour (see :class:`eventbus._rates.Rates`), and its
-        delivery attempts per target and outcome since it started."""
+        over the last hour (see :class:`eventbus._rates.Rates`), and the delivery attempts per
+        target and outcome since the service started; every worker's together."""
         return {**self._rates.snapshot(), "targets": deliveries_by_target()}

@@ -178,7 +178,7 @@ async def tls_refusal(host: str, port: int, context: ssl.SSLContext) -> str | No
     return None
 
 
-_HANDSHAKE_WAIT = 5.0
+_HANDSHAKE_WAIT = 2.0
 _ALERT_WAIT = 0.5
 """How long :func:`tls_refusal` waits for the handshake, then listens for the server's alert."""
 

@@ -314,8 +314,11 @@ class Dispatcher:
             return
         reply = dict(reply)
         reply[HOPS] = hops
-        reply[CAUSE_SOURCE] = job.event.get("source")
-        reply[CAUSE_ID] = job.event.get("id")
+        # the event whose trail the answered delivery is in (a destination's outcome event
+        # has none of its own: the event it reports on)
+        cause = _audited_as(job)
+        reply[CAUSE_SOURCE] = cause.get("source")
+        reply[CAUSE_ID] = cause.get("id")
         # Audited as accepted (via "reply") when the router takes it off the bus; counted
         # (received or duplicate) by ``publish``.
         await self._publish(reply)

@@ -125,9 +125,11 @@ class StandardWebhooksVerify(_Verify):
     @classmethod
     def _base64_key(cls, secret: Secret) -> Secret:
         try:
-            base64.b64decode(secret.reveal().removeprefix("whsec_"), validate=True)
+            key = base64.b64decode(secret.reveal().removeprefix("whsec_"), validate=True)
         except binascii.Error:
-            raise ValueError("a Standard Webhooks secret is whsec_ and a base64 key") from None
+            key = b""
+        if not key:  # an empty key would make every signature computable by anyone
+            raise ValueError("a Standard Webhooks secret is whsec_ and a base64 key")
         return secret
 
     @property

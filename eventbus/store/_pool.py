@@ -102,7 +102,10 @@ class EventTrail:
 
     @property
     def cause(self) -> dict[str, str] | None:
-        """``{"source", "id"}`` of the event this one answers, or None."""
+        """``{"source", "id"}`` of the event this one answers, or None (as well for an event
+        that carries the attributes but did not come in as a reply)."""
+        if self.via != "reply":
+            return None
         source, id = self.event.get(CAUSE_SOURCE), self.event.get(CAUSE_ID)
         if isinstance(source, str) and isinstance(id, str):
             return {"source": source, "id": id}
@@ -263,7 +266,7 @@ class Store:
             # served by the partial index of migration 0006 (the same expressions)
             caused = await conn.fetch(
                 "SELECT source, id, type, received_at, via FROM events "
-                f"WHERE event ? '{CAUSE_ID}' AND event->>'{CAUSE_SOURCE}' = $1 "
+                f"WHERE via = 'reply' AND event->>'{CAUSE_SOURCE}' = $1 "
                 f"AND event->>'{CAUSE_ID}' = $2 ORDER BY received_at, seq LIMIT {CAUSED_LIMIT}",
                 *key,
             )

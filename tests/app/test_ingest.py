@@ -233,6 +233,14 @@ async def test_function_reply_is_published_back_and_routed(
     assert [(c["source"], c["id"], c["via"]) for c in original["caused"]] == [
         ("tests/fn", "r-1", "reply")
     ]
+    # A producer's event posing as a reply to it is neither linked nor listed.
+    posing = _event("posing", eventbuscausesource=cause["source"], eventbuscauseid=cause["id"])
+    assert (await svc.post_event(posing))[0] == 202
+    await receiver.wait_for(2, path="/fn")
+    await svc.drained()
+    assert (await svc.trail(posing["source"], posing["id"]))["cause"] is None
+    again = await svc.trail(cause["source"], cause["id"], 1)
+    assert [c["id"] for c in again["caused"]] == ["r-1"]
 
 
 async def test_a_reply_the_bus_already_holds_is_counted_as_a_duplicate(

@@ -309,6 +309,8 @@ BAD_HOOKS = [
     ("verify", "{kind: github, secret: {vault: x}}", "write a string, {env: NAME}"),
     ("verify", "{kind: github, secret: ''}", "must not be empty"),
     ("verify", "{kind: standard-webhooks, secret: 'whsec_not base64!'}", "base64 key"),
+    # an empty key: anyone could sign
+    ("verify", "{kind: standard-webhooks, secret: 'whsec_'}", "base64 key"),
     ("verify", "{kind: hmac, secret: s, header: X-S, algorithm: md5}", "algorithm"),
     ("verify", "{kind: hmac, secret: s, header: X-S, signed: '{nope}.{body}'}", "references"),
     ("event_type", "'com.{header:X}.{broken'", "write references as"),
