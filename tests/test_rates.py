@@ -10,6 +10,7 @@ import pytest
 
 from eventbus import metrics
 from eventbus._rates import Rates, _quantile
+from tests.fixtures.wait import eventually
 
 INF = math.inf
 
@@ -56,3 +57,24 @@ def test_by_target_counts_what_happened_since_the_oldest_recent_sample() -> None
     assert found["latency_ms"] == pytest.approx(52.0)
     # ranks 3.8 of 4: in (0.1, 0.25], where the one slow attempt is
     assert 100 < found["p95_ms"] <= 250
+
+
+async def test_a_failed_reading_costs_one_point_not_the_sampler(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading every worker's metric files can fail (one half-written, say): the sampler logs
+    it and samples again at its next turn."""
+    real = metrics.families
+    calls = 0
+
+    def flaky() -> dict[str, object]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("a metric file half-written")
+        return real()
+
+    monkeypatch.setattr(metrics, "families", flaky)
+    async with Rates(every=0.01) as rates:
+        await eventually(lambda: len(rates.snapshot()["points"]) >= 2, within=5)
+    assert "sampling the counters for the console failed" in caplog.text
