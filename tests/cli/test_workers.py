@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,16 +83,9 @@ async def _answers_for_all(
     await proc.start()
 
     async def one(i: int, kind: str = "t") -> None:
-        event = {"specversion": "1.0", "id": f"w-{i}", "source": "tests/workers", "type": kind}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                proc.url + "/events",
-                data=orjson.dumps(event),
-                headers={"Content-Type": "application/cloudevents+json"},
-            ) as resp,
-        ):
-            assert resp.status == 202
+        await proc.publish(
+            {"specversion": "1.0", "id": f"w-{i}", "source": "tests/workers", "type": kind}
+        )
 
     # start() returns once one worker answers: the stream must find both (a worker that
     # starts later is found by the watching one's next scan, up to a second later)
@@ -145,6 +138,10 @@ async def _answers_for_all(
 HELD = 12
 
 
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_any_worker_counts_every_workers_deliveries_in_flight(
@@ -181,24 +178,17 @@ async def test_any_worker_counts_every_workers_deliveries_in_flight(
         )
 
         async def one(i: int) -> None:
-            event = {
-                "specversion": "1.0",
-                "id": f"h-{i}",
-                "source": "tests/workers",
-                "type": "held",
-            }
-            async with (
-                aiohttp.ClientSession() as session,
-                session.post(
-                    proc.url + "/events",
-                    data=orjson.dumps(event),
-                    headers={"Content-Type": "application/cloudevents+json"},
-                ) as resp,
-            ):
-                assert resp.status == 202
+            event = {"specversion": "1.0", "id": f"h-{i}", "source": "tests/workers"}
+            await proc.publish({**event, "type": "held"})
 
         await asyncio.gather(*(one(i) for i in range(HELD)))
         await eventually(lambda: len(arrived) == HELD, within=30, what="every delivery held")
+
+        async def in_flight() -> int:
+            answer = orjson.loads(await _get(proc.url + "/stats/targets"))
+            return int(answer["targets"]["slow"]["in_flight"])
+
+        await eventually(lambda: _is(in_flight(), HELD), within=10, what="all held counted")
         answers = [
             orjson.loads(await _get(proc.url + "/stats/targets"))["targets"]["slow"]["in_flight"]
             for _ in range(REQUESTS)
@@ -206,11 +196,7 @@ async def test_any_worker_counts_every_workers_deliveries_in_flight(
         assert answers == [HELD] * REQUESTS
         release.set()
 
-        async def none_in_flight() -> bool:
-            answer = orjson.loads(await _get(proc.url + "/stats/targets"))
-            return bool(answer["targets"]["slow"]["in_flight"] == 0)
-
-        await eventually(none_in_flight, within=30, what="the deliveries done")
+        await eventually(lambda: _is(in_flight(), 0), within=30, what="the deliveries done")
         assert await proc.terminate(timeout=30) == 0
     finally:
         release.set()

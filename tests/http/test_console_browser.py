@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import nats
 import orjson
 import pytest
@@ -535,20 +534,9 @@ async def test_the_console_of_a_two_worker_serve(
     await page.open("/console")
     await _live(page)
 
-    async def send(i: int) -> None:
-        # a connection of its own: the kernel hands each new one to either worker
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                proc.url + "/events",
-                data=orjson.dumps(_event(f"w2-{i}")),
-                headers={"Content-Type": "application/cloudevents+json"},
-            ) as resp,
-        ):
-            assert resp.status == 202
-
     events = 20
-    await asyncio.gather(*(send(i) for i in range(events)))
+    # a connection each: the kernel hands each new one to either worker
+    await asyncio.gather(*(proc.publish(_event(f"w2-{i}")) for i in range(events)))
     await page.wait(
         "return [...document.querySelectorAll('#live-rows tr')]"
         ".filter(tr => tr.textContent.includes('delivered')).length === arguments[0]",
