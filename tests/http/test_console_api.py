@@ -111,21 +111,24 @@ async def test_live_stream_reports_dead_letters(eventbus: StartService, receiver
         assert stream.rows["c-dead"][1]["state"] == "dead-lettered"
 
 
+async def _retrying(
+    eventbus: StartService, receiver: Receiver, delay: str, *others: dict[str, Any]
+) -> RunningService:
+    """Every event to target fn, which retries once after ``delay`` (no circuit breaker)."""
+    retry = {"strategy": "fixed", "initial_delay": delay, "max_attempts": 2, "jitter": False}
+    fn = {
+        "name": "fn",
+        "type": "http",
+        "url": receiver.url("/fn"),
+        "delivery": {"retry": retry, "circuit_breaker": False},
+    }
+    return await eventbus(rules="- name: all\n  targets: [fn]\n", targets=[fn, *others])
+
+
 async def test_live_stream_updates_a_row_when_its_retry_ends(
     eventbus: StartService, receiver: Receiver
 ) -> None:
-    retry = {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": 2, "jitter": False}
-    svc = await eventbus(
-        rules="- name: all\n  targets: [fn]\n",
-        targets=[
-            {
-                "name": "fn",
-                "type": "http",
-                "url": receiver.url("/fn"),
-                "delivery": {"retry": retry, "circuit_breaker": False},
-            }
-        ],
-    )
+    svc = await _retrying(eventbus, receiver, "50ms")
     async with _watch(svc) as stream:
         receiver.script(503)  # the first attempt fails, the retry is delivered
         assert (await svc.post_event(_event("later")))[0] == 202
@@ -435,19 +438,8 @@ async def test_each_target_in_flight_rates_and_latency(
 async def test_targets_count_their_retries_waiting(
     eventbus: StartService, receiver: Receiver
 ) -> None:
-    later = {"strategy": "fixed", "initial_delay": "1h", "max_attempts": 2, "jitter": False}
-    svc = await eventbus(
-        rules="- name: all\n  targets: [fn]\n",
-        targets=[
-            {
-                "name": "fn",
-                "type": "http",
-                "url": receiver.url("/fn"),
-                "delivery": {"retry": later, "circuit_breaker": False},
-            },
-            {"name": "idle", "type": "http", "url": receiver.url("/idle")},
-        ],
-    )
+    idle = {"name": "idle", "type": "http", "url": receiver.url("/idle")}
+    svc = await _retrying(eventbus, receiver, "1h", idle)
     receiver.respond(503)
     # more than a page of /retries holds (1000): counted by the database, not from a page
     batch = [_event(f"w-{i}") for i in range(1001)]
