@@ -316,7 +316,7 @@ class Dispatcher:
         reply[HOPS] = hops
         # the event whose trail the answered delivery is in (a destination's outcome event
         # has none of its own: the event it reports on)
-        cause = _audited_as(job)
+        cause = job.trail_event
         reply[CAUSE_SOURCE] = cause.get("source")
         reply[CAUSE_ID] = cause.get("id")
         # Audited as accepted (via "reply") when the router takes it off the bus; counted
@@ -344,7 +344,7 @@ class Dispatcher:
         job.last_outcome = result
         await self._audit.attempt(
             Attempt(
-                event=_audited_as(job),
+                event=job.trail_event,
                 rule=job.stored_rule,
                 target=job.target,
                 number=job.attempts,
@@ -399,16 +399,6 @@ def _destination(
         data=data,
         **{k: v for k, v in cause.items() if isinstance(v, str)},
     )
-
-
-def _audited_as(job: Delivery) -> dict[str, Any]:
-    """The event whose trail records ``job``'s attempts: its own, but for a destination's
-    outcome event, which is never on the bus: the event it reports on (its cause), so the
-    original's trail shows its follow-up deliveries (rule ``orders#on-success``)."""
-    cause = job.event.get(CAUSE_SOURCE), job.event.get(CAUSE_ID)
-    if job.kind in (DeliveryKind.ON_SUCCESS, DeliveryKind.ON_FAILURE) and all(cause):
-        return {"source": cause[0], "id": cause[1]}
-    return job.event
 
 
 def _hops(event: dict[str, Any]) -> int:

@@ -25,7 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from eventbus.store import AttemptOutcome
+from eventbus.store import CAUSE_ID, CAUSE_SOURCE, AttemptOutcome
 
 __all__ = ["DeadLetterReason", "Delivery", "DeliveryKind", "split_stored_rule"]
 
@@ -85,6 +85,17 @@ class Delivery:
     last_outcome: AttemptOutcome | None = None
     """What became of the latest attempt (None while none was recorded, e.g. parked behind
     an open circuit): what ``Dispatcher.dispatch`` reports to the router's live feed."""
+
+    @property
+    def trail_event(self) -> dict[str, Any]:
+        """The event whose trail records this delivery (its attempts, its waiting retry, its
+        dead letter): its own, but for a destination's outcome event, which is never on the
+        bus and has no trail: the event it reports on (its ``eventbuscause*`` attributes), so
+        the original's trail holds its follow-up deliveries (rule ``orders#on-success``)."""
+        cause = self.event.get(CAUSE_SOURCE), self.event.get(CAUSE_ID)
+        if self.kind in (DeliveryKind.ON_SUCCESS, DeliveryKind.ON_FAILURE) and all(cause):
+            return {"source": cause[0], "id": cause[1]}
+        return self.event
 
     @property
     def stored_rule(self) -> str:

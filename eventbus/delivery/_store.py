@@ -26,10 +26,12 @@ __all__ = ["DeadLetterFilter", "DeliveryStore"]
 
 
 def _columns(d: Delivery) -> tuple[Any, ...]:
-    """Values of the columns both tables share, in ``_SHARED`` order."""
+    """Values of the columns both tables share, in ``_SHARED`` order: keyed by the event
+    whose trail the delivery is in (``Delivery.trail_event``)."""
+    key = d.trail_event
     return (
-        str(d.event.get("source", "")),
-        str(d.event.get("id", "")),
+        str(key.get("source", "")),
+        str(key.get("id", "")),
         _json(d.event),
         d.stored_rule,
         d.target,

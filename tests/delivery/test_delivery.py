@@ -351,6 +351,14 @@ async def test_destinations_and_dead_letter_target(
         ("all#dead-letter", "dlq", "delivered"),
         ("all#on-failure", "alerts", "delivered"),
     ]
+    # A destination that fails waits to retry under the original event too.
+    receiver.script(204, 503)  # fn, then the audit destination
+    await _publish(svc, [3])
+    await receiver.wait_for(2, path="/audit")
+    await svc.drained()
+    status, _, waiting = await svc.request("GET", "/retries?source=tests/delivery&id=d-3")
+    assert status == 200, waiting
+    assert [(r["rule"], r["target"]) for r in waiting["items"]] == [("all#on-success", "audit")]
 
 
 @pytest.mark.timeout(180)
