@@ -139,6 +139,20 @@ def _translate(exc: BaseException, doing: str) -> BusError:
     return kind(f"Kafka {doing} failed: {exc!r}")
 
 
+def resume_point(
+    committed: int | None, log_start: int | None
+) -> tuple[int | None, tuple[int, int] | None]:
+    """Where a group resumes reading a partition, from its committed offset and the first
+    offset the partition still holds (either unknown: None): the commit, or the log's start
+    when nothing was committed or retention deleted past the commit; and then the offsets
+    deleted unread (first, last), else None."""
+    if committed is None or committed < 0:
+        return log_start, None
+    if log_start is None or committed >= log_start:
+        return committed, None
+    return log_start, (committed, log_start - 1)
+
+
 MAX_REREADS = 5
 GAP_PATIENCE = 2.0
 """One gap in a partition's offsets is read again at least MAX_REREADS times and for at least
@@ -507,9 +521,16 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         except (kerr.KafkaError, OSError, TimeoutError):
             return None
         log_start = await self._log_start(tp)
-        if committed is None or committed < 0:
-            return log_start
-        return int(committed) if log_start is None else max(int(committed), log_start)
+        start, deleted = resume_point(committed, log_start)
+        if deleted is not None:
+            log.warning(
+                "Kafka %s partition %d: offsets %d-%d were deleted (retention) before the group "
+                "read them; the events there are not routed",
+                tp.topic,
+                tp.partition,
+                *deleted,
+            )
+        return start
 
     async def close(self) -> None:
         """Commit what is done and leave the group; later acks change nothing on the broker."""

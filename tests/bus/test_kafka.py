@@ -4,13 +4,14 @@ outage is in the bus contract, test_contract.py)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
-from eventbus.bus._kafka import GAP_PATIENCE, MAX_REREADS, _Partition
+from eventbus.bus._kafka import GAP_PATIENCE, MAX_REREADS, _Partition, resume_point
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
 from tests.bus.conftest import PATIENCE, event, kafka_config, take
@@ -47,6 +48,24 @@ def test_a_gap_in_the_offsets_is_read_again_for_a_while_then_taken() -> None:
     assert part.gap_before(46) == 3
     assert part.read_again(200.0), "a new gap gets its own re-reads"
     assert part.commit_point() == 40
+
+
+@pytest.mark.parametrize(
+    ("committed", "log_start", "expected"),
+    [
+        (None, 0, (0, None)),  # nothing committed: from the log's start
+        (-1, 7, (7, None)),
+        (12, 7, (12, None)),  # the commit, still held
+        (7, 7, (7, None)),
+        (3, 7, (7, (3, 6))),  # retention deleted 3-6 before the group read them
+        (12, None, (12, None)),  # the broker did not say
+        (None, None, (None, None)),
+    ],
+)
+def test_where_a_group_resumes_and_what_retention_took(
+    committed: int | None, log_start: int | None, expected: tuple[Any, Any]
+) -> None:
+    assert resume_point(committed, log_start) == expected
 
 
 async def test_record_layout(kafka_bootstrap: str) -> None:
