@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, EventBusError
+from eventbus._errors import ConfigError, EventBusError, StoreUnavailable
 from eventbus._rates import Rates, deliveries_by_target, gauge_by_target
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus._tasks import cancel_and_wait, report_stuck
@@ -484,9 +484,22 @@ class Service:
         """Each configured target: its type, its circuit state (each worker keeps its own:
         the most open of them), whether it is disabled (after a 410: why and since when) and
         how many of its deliveries wait in the retry schedule; the last two from the database,
-        so every instance's. Raises StoreError."""
-        disabled = await self.deliveries.disabled_since()
-        waiting = await self.deliveries.retries_by_target()
+        so every instance's. While the database cannot be reached, the targets are still shown
+        (an outage is when they are looked at): disabled as this process knows it, without
+        the time, and no count of retries (null). Raises StoreError for a query it refuses."""
+        waiting: dict[str, int] | None
+        disabled: Mapping[str, Mapping[str, str | None]]
+        try:
+            disabled = await self.deliveries.disabled_since()
+            waiting = await self.deliveries.retries_by_target()
+        except StoreUnavailable as exc:  # not a refused query: that is an answer to give
+            log.debug("targets described without the database: %s", exc)
+            disabled = {
+                name: {"reason": why, "at": None}
+                for name in self.connectors.targets
+                if (why := self.dispatcher.disabled(name)) is not None
+            }
+            waiting = None
         circuits = gauge_by_target(metrics.families(), metrics.CIRCUIT_STATE)
         out = []
         for name, spec in self.connectors.targets.items():
@@ -498,7 +511,7 @@ class Service:
                     "type": spec.type,
                     "circuit": None if guard is None else state,
                     "disabled": disabled.get(name),
-                    "retries": waiting.get(name, 0),
+                    "retries": None if waiting is None else waiting.get(name, 0),
                 }
             )
         return out

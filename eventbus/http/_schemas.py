@@ -286,8 +286,8 @@ class Enabled(_Body):
 class TargetDisabled(_Body):
     reason: str
     """why, e.g. ``410 Gone at attempt 3``"""
-    at: str
-    """when it was disabled (ISO 8601)"""
+    at: str | None
+    """when it was disabled (ISO 8601; null while the database cannot be asked)"""
 
 
 class Target(_Body):
@@ -299,8 +299,9 @@ class Target(_Body):
     disabled: TargetDisabled | None
     """set while the target is switched off after answering 410 Gone: deliveries to it are
     dead-lettered until ``POST /targets/{name}/enable``; null while it is on"""
-    retries: int
-    """its deliveries waiting in the retry schedule, every instance's"""
+    retries: int | None
+    """its deliveries waiting in the retry schedule, every instance's (null while the
+    database cannot be asked)"""
 
 
 class Targets(_Body):

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from eventbus.http._console._routes import TargetStats
+from eventbus.store import EmbeddedPostgres
 from tests.fixtures.live import Stream, watch
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
@@ -484,3 +485,33 @@ async def test_answers_are_the_documented_bodies(
     status, _, body = await svc.request("GET", "/stats/rates")
     assert status == 200
     RateHistory.model_validate(body)
+
+
+async def test_targets_are_described_while_the_database_is_away(
+    eventbus: StartService, receiver: Receiver, postgres_server: EmbeddedPostgres
+) -> None:
+    """An outage is when the targets page is looked at: it answers without the database,
+    disabled as this process knows it (no time) and no count of retries."""
+    svc = await eventbus(
+        rules="- name: all\n  targets: [fn]\n",
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+    )
+    receiver.respond(410)
+    assert (await svc.post_event(_event("gone")))[0] == 202
+    await svc.drained()
+    await postgres_server.stop()
+    try:
+        status, _, body = await svc.request("GET", "/targets")
+    finally:
+        await postgres_server.start()
+    assert status == 200, body
+    [fn] = body["targets"]
+    assert fn["retries"] is None and fn["circuit"] == "closed"
+    assert fn["disabled"] is not None and fn["disabled"]["at"] is None, fn
+    assert "410" in fn["disabled"]["reason"], fn
+
+    async def counted_again() -> bool:
+        status, _, body = await svc.request("GET", "/targets")
+        return status == 200 and body["targets"][0]["retries"] == 0
+
+    await eventually(counted_again, what="the retries counted again once the database is back")

@@ -729,7 +729,7 @@ async function loadTargets() {
             $("targets-message").textContent = err.message;
           }
         });
-        disabled.append(el("span", `disabled ${t.disabled.at} (${t.disabled.reason}) `, "error"), button);
+        disabled.append(el("span", `disabled ${t.disabled.at ?? ""} (${t.disabled.reason}) `, "error"), button);
       }
       const counts = stats.targets[t.name] || {};
       const n = (outcome) => counts[outcome] ?? 0;
@@ -746,7 +746,7 @@ async function loadTargets() {
         n("delivered"),
         n("retry-scheduled"),
         n("dead-lettered"),
-        t.retries,
+        t.retries ?? "?", // null: the database cannot be asked now
         disabled,
       ]);
     }),
