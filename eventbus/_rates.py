@@ -38,7 +38,7 @@ __all__ = ["SERIES", "Rates", "deliveries_by_target", "gauge_by_target"]
 log = logging.getLogger("eventbus")
 
 # name in the answer -> (counter, the label values a sample must have to count)
-SERIES: dict[str, tuple[Counter | Histogram, dict[str, str]]] = {
+SERIES: dict[str, tuple[Counter, dict[str, str]]] = {
     "received": (metrics.EVENTS_RECEIVED, {}),
     "routed": (metrics.EVENTS_ROUTED, {}),
     "matched": (metrics.EVENTS_MATCHED, {}),

@@ -50,6 +50,7 @@ _T = TypeVar("_T")
 # its arguments each time, a visible share of a delivery's bookkeeping.
 _delivery_seconds = functools.cache(metrics.DELIVERY_SECONDS.labels)
 _deliveries = functools.cache(metrics.DELIVERIES.labels)
+_in_flight = functools.cache(metrics.DELIVERIES_IN_FLIGHT.labels)
 
 
 class Dispatcher:
@@ -80,7 +81,6 @@ class Dispatcher:
         self.scheduled: Callable[[float], None] = lambda delay: None
         self.in_flight = 0
         """Deliveries under way now (what a shutdown waits for)."""
-        self._in_flight_to = {name: metrics.DELIVERIES_IN_FLIGHT.labels(name) for name in targets}
 
     @contextlib.contextmanager
     def delivering(self, target: str) -> Iterator[None]:
@@ -88,7 +88,7 @@ class Dispatcher:
         dispatcher runs (waiting for the target's rate limit, a connection, its answer or the
         record of the outcome) and synchronous invocations, in ``eventbus_deliveries_in_flight``
         (summed over the workers of ``serve --workers N``)."""
-        gauge = self._in_flight_to.get(target) or metrics.DELIVERIES_IN_FLIGHT.labels(target)
+        gauge = _in_flight(target)
         gauge.inc()
         try:
             yield
@@ -314,11 +314,7 @@ class Dispatcher:
             return
         reply = dict(reply)
         reply[HOPS] = hops
-        # the event whose trail the answered delivery is in (a destination's outcome event
-        # has none of its own: the event it reports on)
-        cause = job.trail_event
-        reply[CAUSE_SOURCE] = cause.get("source")
-        reply[CAUSE_ID] = cause.get("id")
+        reply.update(_cause(job))
         # Audited as accepted (via "reply") when the router takes it off the bus; counted
         # (received or duplicate) by ``publish``.
         await self._publish(reply)
@@ -391,14 +387,22 @@ def _destination(
         "event": job.event,
     }
     ok = kind is DeliveryKind.ON_SUCCESS
-    cause = {CAUSE_SOURCE: job.event.get("source"), CAUSE_ID: job.event.get("id")}
     return new_event(
         type="eventbus.delivery." + ("succeeded" if ok else "failed"),
         source=f"eventbus/targets/{job.target}",
         subject=str(job.event.get("id", "")),
         data=data,
-        **{k: v for k, v in cause.items() if isinstance(v, str)},
+        **_cause(job),
     )
+
+
+def _cause(job: Delivery) -> dict[str, str]:
+    """The attributes naming the event ``job`` answers or reports on, for a reply to it or its
+    destination's outcome event: the event whose trail ``job`` is in (a destination's outcome
+    event has none of its own: the event it reports on)."""
+    key = job.trail_event
+    cause = {CAUSE_SOURCE: key.get("source"), CAUSE_ID: key.get("id")}
+    return {name: value for name, value in cause.items() if isinstance(value, str)}
 
 
 def _hops(event: dict[str, Any]) -> int:
