@@ -14,6 +14,7 @@ workers.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -169,8 +170,30 @@ def _registry() -> CollectorRegistry:
     if not directory:
         return REGISTRY
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(_WorkerFiles(Path(directory)))
     return registry
+
+
+class _WorkerFiles:
+    """Every worker's files in ``directory``, merged as prometheus-client's own multiprocess
+    collector merges them, leaving out a file a worker has created but not yet sized: its first
+    value of a kind (the first delivery's duration, say) opens the file empty and only then
+    extends it, and the library's reader fails on an empty file (every reading of the service's
+    figures answered 500 in that moment). Such a file holds no value yet, so nothing is lost."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in self._directory.glob("*.db"):
+            try:
+                if path.stat().st_size > 0:
+                    files.append(str(path))
+            except FileNotFoundError:  # a live gauge's file, removed as its worker ended
+                continue
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
 
 
 def render() -> bytes:

@@ -1,0 +1,41 @@
+"""With ``--workers N`` any worker reads every worker's metric files: a file another worker has
+just created, before it is sized, leaves the figures as they were instead of failing the
+reading (``/metrics``, ``/stats/*`` and the console answered 500 in that moment)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eventbus import metrics
+
+COUNT_IN_A_WORKER = """
+from eventbus import metrics
+metrics.DELIVERIES.labels(target="fn", outcome="delivered").inc(3)
+"""
+
+
+def test_a_worker_file_not_yet_sized_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a real second process writes its counter file, as a worker does
+    subprocess.run(
+        [sys.executable, "-c", COUNT_IN_A_WORKER],
+        env={**os.environ, metrics.MULTIPROC_ENV: str(tmp_path)},
+        check=True,
+    )
+    # and a third has opened its histogram file and not yet extended it
+    (tmp_path / "histogram_999999.db").touch()
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+
+    delivered = [
+        sample.value
+        for sample in metrics.families()["eventbus_deliveries"].samples
+        if sample.name.endswith("_total") and sample.labels["target"] == "fn"
+    ]
+    assert delivered == [3.0]
+    assert b'eventbus_deliveries_total{outcome="delivered",target="fn"} 3.0' in metrics.render()
