@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -52,7 +53,9 @@ async def test_two_processes_split_the_work_and_survive_a_kill(
     await _wait_all(receiver, accepted, timeout=60)
     by_instance = Counter(r.headers["x-instance"] for r in receiver.requests)
     # the durable consumer hands work to whichever process pulls: both did a real share
-    assert by_instance["a"] >= 60 and by_instance["b"] >= 60, by_instance
+    assert by_instance["a"] >= 60 and by_instance["b"] >= 60, (
+        f"{by_instance}; a: {await _where(a)}\n{_warnings(a)}\nb: {await _where(b)}\n{_warnings(b)}"
+    )
 
     receiver.respond(Response(204, delay=0.05))
     more = asyncio.create_task(_publish(b.url, 300, prefix="c"))
@@ -61,6 +64,20 @@ async def test_two_processes_split_the_work_and_survive_a_kill(
     accepted |= late | await more
     await _wait_all(receiver, accepted, timeout=120)
     await b.terminate()
+
+
+async def _where(proc: ServeProcess) -> str:
+    """Where a process's events went, from its counters (for a failure's message)."""
+    async with aiohttp.ClientSession() as session, session.get(proc.url + "/metrics") as resp:
+        text = await resp.text()
+    wanted = ("eventbus_events_", "eventbus_deliveries")
+    lines = text.splitlines()
+    return "; ".join(s for s in lines if s.startswith(wanted) and "_created" not in s)
+
+
+def _warnings(proc: ServeProcess) -> str:
+    lines = proc.log.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in lines if "INFO" not in line)[-4000:]
 
 
 async def test_rules_reload_swaps_and_an_invalid_set_keeps_the_old(
