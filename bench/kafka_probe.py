@@ -1,13 +1,13 @@
 """How quick the test Kafka broker (Tansu) is by itself: aiokafka alone, no eventbus, one
 process producing at a fixed rate and consuming in a group, with the settings eventbus's Kafka
 bus uses in the pipeline benchmark (acks=all, not idempotent: Tansu has no InitProducerId;
-linger 0 ms, fetch wait
+linger ``--linger-ms``, fetch wait
 ``--fetch-wait``, 6 partitions). Each record carries its send time; the table gives the produce
 acknowledgement's latency and send-to-consume latency at each rate: what any client of this
 broker pays, the floor under the pipeline benchmark's Kafka latency.
 
-    python bench/kafka_probe.py [--rates 300 600 800] [--duration 6] [--fetch-wait 0.01]
-                                [--write-results]
+    python bench/kafka_probe.py [--rates 300 770 1500] [--duration 6] [--fetch-wait 0.01]
+                                [--linger-ms 0] [--write-results]
 """
 
 from __future__ import annotations
@@ -48,7 +48,12 @@ def _cpu(proc: psutil.Process) -> float:
 
 
 async def _one_rate(
-    servers: str, rate: int, duration: float, fetch_wait: float, broker: psutil.Process
+    servers: str,
+    rate: int,
+    duration: float,
+    fetch_wait: float,
+    linger_ms: int,
+    broker: psutil.Process,
 ) -> dict[str, float]:
     topic = f"probe-{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=servers)
@@ -58,7 +63,7 @@ async def _one_rate(
     finally:
         await admin.close()
     producer = AIOKafkaProducer(
-        bootstrap_servers=servers, acks="all", enable_idempotence=False, linger_ms=0
+        bootstrap_servers=servers, acks="all", enable_idempotence=False, linger_ms=linger_ms
     )
     consumer = AIOKafkaConsumer(
         topic,
@@ -129,7 +134,7 @@ async def main(args: argparse.Namespace) -> str:
         servers = _start_tansu(procs)
         (broker,) = (p for p in psutil.Process().children() if p.name() != "python")
         rows = [
-            await _one_rate(servers, rate, args.duration, args.fetch_wait, broker)
+            await _one_rate(servers, rate, args.duration, args.fetch_wait, args.linger_ms, broker)
             for rate in args.rates
         ]
     lines = [
@@ -154,6 +159,7 @@ if __name__ == "__main__":
     parser.add_argument("--rates", type=int, nargs="+", default=[300, 600, 800])
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per rate")
     parser.add_argument("--fetch-wait", type=float, default=0.01, help="fetch_max_wait, s")
+    parser.add_argument("--linger-ms", type=int, default=0, help="the producer's linger")
     parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
     args.command = "python bench/kafka_probe.py " + " ".join(sys.argv[1:])
