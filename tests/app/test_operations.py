@@ -47,15 +47,26 @@ async def test_two_processes_split_the_work_and_survive_a_kill(
     await a.start()  # reads its connectors before b's are written
     b = serve_process(rules=EVERYTHING, targets=targets("b"), settings=QUICK_REDELIVERY)
     await b.start()
-    first = await asyncio.gather(_publish(a.url, 300, prefix="a"), _publish(b.url, 300, prefix="b"))
-    accepted = first[0] | first[1]
-    assert len(accepted) == 600
-    await _wait_all(receiver, accepted, timeout=60)
-    by_instance = Counter(r.headers["x-instance"] for r in receiver.requests)
-    # the durable consumer hands work to whichever process pulls: both did a real share
-    assert by_instance["a"] >= 60 and by_instance["b"] >= 60, (
-        f"{by_instance}; a: {await _where(a)}\n{_warnings(a)}\nb: {await _where(b)}\n{_warnings(b)}"
-    )
+    # The durable consumer hands work to whichever process pulls: both do a real share. A
+    # process held up for a moment (a loaded machine) may miss one round of 600 events, so
+    # rounds go on, up to 5, until each has delivered 60; one that never pulls fails.
+    accepted: set[str] = set()
+    shares: list[Counter[str]] = []
+    for round_ in range(5):
+        sent = await asyncio.gather(
+            _publish(a.url, 300, prefix=f"a{round_}"), _publish(b.url, 300, prefix=f"b{round_}")
+        )
+        assert len(sent[0] | sent[1]) == 600
+        accepted |= sent[0] | sent[1]
+        await _wait_all(receiver, accepted, timeout=60)
+        shares.append(Counter(r.headers["x-instance"] for r in receiver.requests))
+        if shares[-1]["a"] >= 60 and shares[-1]["b"] >= 60:
+            break
+    else:
+        raise AssertionError(
+            f"one process did not share the work, deliveries after each round: {shares}\n"
+            f"a: {await _where(a)}\n{_warnings(a)}\nb: {await _where(b)}\n{_warnings(b)}"
+        )
 
     receiver.respond(Response(204, delay=0.05))
     more = asyncio.create_task(_publish(b.url, 300, prefix="c"))
