@@ -1,9 +1,10 @@
 """How quick the test Kafka broker (Tansu) is by itself: aiokafka alone, no eventbus, one
 process producing at a fixed rate and consuming in a group, with the settings eventbus's Kafka
 bus uses in the pipeline benchmark (acks=all, not idempotent: Tansu has no InitProducerId;
-linger ``--linger-ms``, fetch wait ``--fetch-wait``, 6 partitions). Each record carries its send time; the table gives the produce
-acknowledgement's latency and send-to-consume latency at each rate: what any client of this
-broker pays, the floor under the pipeline benchmark's Kafka latency.
+linger ``--linger-ms``, fetch wait ``--fetch-wait``, 6 partitions). Each record carries its
+send time; the table gives the produce acknowledgement's latency and send-to-consume latency
+at each rate: what any client of this broker pays, the floor under the pipeline benchmark's
+Kafka latency.
 
     python bench/kafka_probe.py [--rates 300 770 1500] [--duration 6] [--fetch-wait 0.01]
                                 [--linger-ms 0] [--write-results]
