@@ -564,7 +564,7 @@ class _Run:
         self.last_at = 0.0
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -606,8 +606,8 @@ def receiver_app() -> web.Application:
                 "answered_fail": run.failed,
                 "first_at": run.first_at,
                 "last_at": run.last_at,
-                "p50_ms": _percentile(lat, 0.50),
-                "p99_ms": _percentile(lat, 0.99),
+                "p50_ms": percentile(lat, 0.50),
+                "p99_ms": percentile(lat, 0.99),
                 "max_ms": max(lat) if lat else None,
             }
         )
@@ -751,8 +751,8 @@ async def _load_main(args: argparse.Namespace) -> None:
         "rejected": load.rejected,
         "errors": load.errors,
         "skipped": load.skipped,
-        "ack_p50_ms": _percentile(load.ack_ms, 0.50),
-        "ack_p99_ms": _percentile(load.ack_ms, 0.99),
+        "ack_p50_ms": percentile(load.ack_ms, 0.50),
+        "ack_p99_ms": percentile(load.ack_ms, 0.99),
         "started_at": started,
         "ended_at": time.time(),
     }
