@@ -183,6 +183,7 @@ EXPORTS: dict[str, list[str]] = {
         "EventCursor",
         "EventTrail",
         "Store",
+        "cause_of",
         "dumps_jsonb",
         "loads_jsonb",
         "migrate",

@@ -25,7 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from eventbus.store import CAUSE_ID, CAUSE_SOURCE, AttemptOutcome
+from eventbus.store import AttemptOutcome, cause_of
 
 __all__ = ["DeadLetterReason", "Delivery", "DeliveryKind", "split_stored_rule"]
 
@@ -92,9 +92,9 @@ class Delivery:
         dead letter): its own, but for a destination's outcome event, which is never on the
         bus and has no trail: the event it reports on (its ``eventbuscause*`` attributes), so
         the original's trail holds its follow-up deliveries (rule ``orders#on-success``)."""
-        cause = self.event.get(CAUSE_SOURCE), self.event.get(CAUSE_ID)
-        if self.kind in (DeliveryKind.ON_SUCCESS, DeliveryKind.ON_FAILURE) and all(cause):
-            return {"source": cause[0], "id": cause[1]}
+        cause = cause_of(self.event)
+        if self.kind in (DeliveryKind.ON_SUCCESS, DeliveryKind.ON_FAILURE) and cause is not None:
+            return cause
         return self.event
 
     @property

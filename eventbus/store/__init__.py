@@ -17,7 +17,15 @@ from eventbus.store._embedded import EmbeddedPostgres
 from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 from eventbus.store._migrate import migrate
-from eventbus.store._pool import CAUSE_ID, CAUSE_SOURCE, EventCursor, EventTrail, Store, set_aside
+from eventbus.store._pool import (
+    CAUSE_ID,
+    CAUSE_SOURCE,
+    EventCursor,
+    EventTrail,
+    Store,
+    cause_of,
+    set_aside,
+)
 
 __all__ = [
     "CAUSE_ID",
@@ -30,6 +38,7 @@ __all__ = [
     "EventCursor",
     "EventTrail",
     "Store",
+    "cause_of",
     "dumps_jsonb",
     "loads_jsonb",
     "migrate",

@@ -28,7 +28,7 @@ from eventbus.store._failures import READ_TIMEOUT, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 from eventbus.store._migrate import migrate
 
-__all__ = ["EventCursor", "EventTrail", "Store", "set_aside"]
+__all__ = ["EventCursor", "EventTrail", "Store", "cause_of", "set_aside"]
 
 _CLOSE_TIMEOUT = 10.0
 _QUERY_TIMEOUT = 10.0
@@ -38,6 +38,17 @@ CAUSE_SOURCE, CAUSE_ID = "eventbuscausesource", "eventbuscauseid"
 the dispatcher sets them, the trail follows them both ways."""
 CAUSED_LIMIT = 100
 """The replies a trail lists at most."""
+
+
+def cause_of(event: Mapping[str, Any]) -> dict[str, str] | None:
+    """``{"source", "id"}`` of the event ``event`` names in its ``CAUSE_SOURCE`` and
+    ``CAUSE_ID`` attributes, or None when it does not name one."""
+    source, id = event.get(CAUSE_SOURCE), event.get(CAUSE_ID)
+    if isinstance(source, str) and isinstance(id, str):
+        return {"source": source, "id": id}
+    return None
+
+
 # Postgres errors that mean "not ready yet" (starting up, shutting down, too busy): wait and retry.
 _NOT_YET = (
     OSError,
@@ -104,12 +115,7 @@ class EventTrail:
     def cause(self) -> dict[str, str] | None:
         """``{"source", "id"}`` of the event this one answers, or None (as well for an event
         that carries the attributes but did not come in as a reply)."""
-        if self.via != "reply":
-            return None
-        source, id = self.event.get(CAUSE_SOURCE), self.event.get(CAUSE_ID)
-        if isinstance(source, str) and isinstance(id, str):
-            return {"source": source, "id": id}
-        return None
+        return cause_of(self.event) if self.via == "reply" else None
 
     def to_dict(self) -> dict[str, Any]:
         """The trail as JSON-ready values (timestamps as ISO 8601 strings)."""
