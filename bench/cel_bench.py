@@ -1,5 +1,7 @@
 """Benchmark of CEL conditions on cel-python and on cel-expr-python (the ``fast-cel`` extra):
 µs per evaluation, per event conversion and per event end to end, printed as a markdown table.
+"cel-python" is the default runtime as eventbus runs it, its fast path (``_cel_fast``) first;
+"cel-python alone" the same condition with the fast path taken away.
 
 Each figure is the median of ``--rounds`` rounds of ``--number`` calls. "evaluate" reuses one
 activation, whose conversion is then paid already. "convert" is what each runtime pays once per
@@ -17,6 +19,7 @@ Not a bench/RESULTS.md section: figures there come from a fresh environment.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -85,6 +88,10 @@ def _runtimes(source: str) -> tuple[Condition, Condition]:
     return compile_condition(source), compile_condition(source, native=True)
 
 
+def _alone(condition: Condition) -> Condition:
+    return dataclasses.replace(condition, fast=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -94,17 +101,24 @@ def main() -> None:
 
     event = build_event(3)
     shared = activation(event)
-    rows = ["| condition | cel-python µs | cel-expr-python µs | ratio |", "|---|--:|--:|--:|"]
+    rows = [
+        "| condition | fast path | cel-python µs | cel-python alone µs | cel-expr-python µs |",
+        "|---|---|--:|--:|--:|",
+    ]
     for source in CONDITIONS:
         py, native = _runtimes(source)
-        assert py.evaluate(shared) == native.evaluate(shared), source
+        alone = _alone(py)
+        assert py.evaluate(shared) == native.evaluate(shared) == alone.evaluate(shared), source
         t_py = _median_us(lambda py=py: py.evaluate(shared), rounds, number)
+        t_alone = _median_us(lambda alone=alone: alone.evaluate(shared), rounds, number)
         t_native = _median_us(lambda native=native: native.evaluate(shared), rounds, number)
-        rows.append(f"| `{source}` | {t_py:.1f} | {t_native:.2f} | {t_py / t_native:.0f}x |")
+        fast = "no" if py.fast is None else "yes"
+        rows.append(f"| `{source}` | {fast} | {t_py:.1f} | {t_alone:.1f} | {t_native:.2f} |")
 
-    rows += ["", "| per event | size | cel-python µs | cel-expr-python µs | ratio |"]
+    rows += ["", "| per event | size | cel-python alone µs | cel-expr-python µs | ratio |"]
     rows.append("|---|--:|--:|--:|--:|")
     first_py, first_native = _runtimes(CONDITIONS[0])
+    first_alone = _alone(first_py)
     for items in (0, 3, 10, 40):
         event = build_event(items)
         size = len(json.dumps(event).encode())
@@ -118,10 +132,19 @@ def main() -> None:
             f"| convert | {size} B | {t_py:.1f} | {t_event - t_eval:.1f} "
             f"| {t_py / (t_event - t_eval):.0f}x |"
         )
-        t_py = _median_us(lambda event=event: first_py.evaluate(activation(event)), rounds, number)
+        t_py = _median_us(
+            lambda event=event: first_alone.evaluate(activation(event)), rounds, number
+        )
         rows.append(
             f"| convert + `{CONDITIONS[0]}` | {size} B | {t_py:.1f} | {t_event:.1f} "
             f"| {t_py / t_event:.0f}x |"
+        )
+        t_fast = _median_us(
+            lambda event=event: first_py.evaluate(activation(event)), rounds, number
+        )
+        rows.append(
+            f"| the same with the fast path (no conversion) | {size} B | {t_fast:.1f} | "
+            f"{t_event:.1f} | {t_fast / t_event:.2f}x |"
         )
 
     versions = ", ".join(

@@ -30,6 +30,7 @@ from celpy.celparser import CELParseError, CELParser
 from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
+from eventbus.rules._cel_fast import FastCondition, Unsure, compile_fast
 
 __all__ = ["Activation", "Condition", "Verdict", "activation", "compile_condition"]
 
@@ -202,12 +203,24 @@ class Condition:
 
     source: str
     runner: celpy.Runner
+    fast: FastCondition | None = None
+    """The same condition on plain JSON (``_cel_fast``), where it can be; asked first."""
 
     def evaluate(self, context: Activation) -> tuple[Verdict, str]:
         """Evaluate against an ``activation(event)``; never raises.
 
         Returns the verdict and, for ``ERROR`` and ``NOT_BOOL``, a short reason for the log.
         """
+        if self.fast is not None:
+            try:
+                value = self.fast(context.event)
+            except Unsure:
+                pass  # cel-python says what it is
+            else:
+                if value is True:
+                    return Verdict.MATCH, ""
+                if value is False:
+                    return Verdict.NO_MATCH, ""
         try:
             value = self.runner.evaluate(context.converted(_celpy_context))
         except CELEvalError as exc:
@@ -450,10 +463,11 @@ def compile_condition(source: str, *, native: bool = False) -> Condition:
 
         if (compiled := compile_native(source)) is not None:
             return compiled
+    fast = compile_fast(tree, _ENV)
     if _calls_has(tree):
         runner = celpy.InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
-        return Condition(source=source, runner=runner)
-    return Condition(source=source, runner=_ENV.program(tree))
+        return Condition(source=source, runner=runner, fast=fast)
+    return Condition(source=source, runner=_ENV.program(tree), fast=fast)
 
 
 def _calls_has(tree: lark.Tree[lark.Token]) -> bool:
