@@ -21,12 +21,13 @@ conditions and events.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
-import celpy
 import lark
 from celpy import celtypes
+from celpy.evaluation import celstr
 
 __all__ = ["FastCondition", "Unsure", "compile_fast"]
 
@@ -78,14 +79,13 @@ _WRAPPERS = frozenset(
 )
 
 
-def compile_fast(tree: lark.Tree[lark.Token], env: celpy.Environment) -> FastCondition | None:
+def compile_fast(tree: lark.Tree[lark.Token]) -> FastCondition | None:
     """The fast path for a parsed condition, or ``None`` if it uses anything outside the subset.
 
-    ``env`` reads the literals, so that they mean exactly what they mean to cel-python.
     Calling the result returns the condition's value for a plain JSON event or raises
     ``Unsure``."""
     try:
-        return _Compiler(env).node(tree)
+        return _Compiler().node(tree)
     except (_Refused, RecursionError):
         return None
 
@@ -127,9 +127,6 @@ def _pair(first: FastCondition, second: FastCondition, event: dict[str, Any]) ->
 
 
 class _Compiler:
-    def __init__(self, env: celpy.Environment) -> None:
-        self._env = env
-
     def node(self, tree: lark.Tree[lark.Token]) -> FastCondition:
         children = tree.children
         kind = tree.data
@@ -332,29 +329,28 @@ class _Compiler:
         value = tuple(items)
         return lambda event: value
 
-    def _constant(self, token: lark.Token) -> Any:
-        kind = token.type
+    @staticmethod
+    def _constant(token: lark.Token) -> Any:
+        # As cel-python reads them (its interpreter's conversions; the compiled runner writes
+        # the same numbers as Python literals), without parsing each literal again.
+        kind, text = token.type, str(token)
         if kind == "BOOL_LIT":
-            return str(token) == "true"
+            return text == "true"
         if kind == "NULL_LIT":
             return None
-        if kind not in ("INT_LIT", "FLOAT_LIT", "STRING_LIT", "MLSTRING_LIT"):
-            raise _Refused(kind)  # uint and bytes have no JSON counterpart
         try:
-            value = self._env.program(self._env.compile(str(token))).evaluate({})
-        except Exception as exc:  # out of range, say: cel-python reports it at run time
+            if kind == "INT_LIT" and _DECIMAL_OR_HEX.fullmatch(text):
+                return int(celtypes.IntType(text))
+            if kind == "FLOAT_LIT":
+                return float(celtypes.DoubleType(text))
+            if kind in ("STRING_LIT", "MLSTRING_LIT"):
+                return str(celstr(token))
+        except (ValueError, TypeError) as exc:  # beyond int64: cel-python reports it at run time
             raise _Refused(kind) from exc
-        for cel_type, plain in _PLAIN:
-            if type(value) is cel_type:
-                return plain(value)
-        raise _Refused(type(value).__name__)
+        raise _Refused(kind)  # uint and bytes have no JSON counterpart
 
 
-_PLAIN: tuple[tuple[type, Callable[[Any], Any]], ...] = (
-    (celtypes.IntType, int),
-    (celtypes.DoubleType, float),
-    (celtypes.StringType, str),
-)
+_DECIMAL_OR_HEX = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|0|[1-9][0-9]*)")
 
 
 def _identity(event: dict[str, Any]) -> Any:

@@ -92,3 +92,12 @@ def test_compiled_runner_works_even_after_a_default_environment() -> None:
         check=False,
     )
     assert (done.returncode, done.stdout) == (0, "match\n"), done.stderr
+
+
+def test_a_decimal_with_a_leading_zero_runs_on_the_interpreter() -> None:
+    # cel-python's transpiler writes `010` as a Python literal, which Python refuses; the
+    # condition loaded with a SyntaxError traceback before.
+    condition = compile_condition("event.data.n == 010")
+    assert isinstance(condition.runner, celpy.InterpretedRunner)
+    assert condition.evaluate(activation({"data": {"n": 10}})) == (Verdict.MATCH, "")
+    assert condition.evaluate(activation({"data": {"n": 8}})) == (Verdict.NO_MATCH, "")

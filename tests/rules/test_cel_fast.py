@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel import Condition, Verdict, activation, compile_condition
+from eventbus.rules._cel import _ENV, Condition, Verdict, activation, compile_condition
 from eventbus.rules._cel_fast import Unsure
 
 TABLE = yaml.safe_load((Path(__file__).parent / "data" / "cel_cases.yaml").read_text())
@@ -192,3 +192,25 @@ def test_generated_conditions_agree_with_cel_python(source: str, events: list[An
     for event in events:
         fast, slow = _both(condition, event)
         assert fast == slow, (source, event)
+
+
+LITERALS = [
+    "0", "-7", "0x1F", "-0x1f", "9223372036854775807", "-9223372036854775808",
+    "1.5", "1e3", "-2.5E-3", "0.0", "1.",
+    '"a"', "'b'", '"\\x41\\101\\u00e9\\U0001F600"', "'\\n\\t\\\\'", 'r"\\d+"', "'''a\nb'''",
+    '"""q"r"""', "R'x\\n'", '""',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("literal", LITERALS)
+def test_literals_read_as_cel_python_reads_them(literal: str) -> None:
+    value = _ENV.program(_ENV.compile(literal)).evaluate({})
+    plain = {bool: bool, int: int, float: float, str: str}[
+        next(t for t in (bool, int, float, str) if isinstance(value, t))
+    ](value)
+    for source in (f"event.v == {literal}", f"has(event.v) && event.v == {literal}"):
+        condition = compile_condition(source)
+        assert condition.fast is not None
+        assert condition.fast({"v": plain}) is True, source
+        fast, slow = _both(condition, {"v": plain})
+        assert fast == slow == (Verdict.MATCH, ""), source
