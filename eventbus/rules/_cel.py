@@ -463,16 +463,17 @@ def compile_condition(source: str, *, native: bool = False) -> Condition:
 
         if (compiled := compile_native(source)) is not None:
             return compiled
-    fast = compile_fast(tree)
     if not _calls_has(tree):
         try:
-            return Condition(source=source, runner=_ENV.program(tree), fast=fast)
+            runner = _ENV.program(tree)
         except SyntaxError:
             # The transpiler writes some valid CEL as invalid Python (`010`, a decimal with a
             # leading zero, becomes the Python literal 010): the interpreter reads it right.
             pass
+        else:
+            return Condition(source, runner, compile_fast(tree, interpreted=False))
     runner = celpy.InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
-    return Condition(source=source, runner=runner, fast=fast)
+    return Condition(source, runner, compile_fast(tree, interpreted=True))
 
 
 def _calls_has(tree: lark.Tree[lark.Token]) -> bool:

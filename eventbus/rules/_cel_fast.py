@@ -79,15 +79,42 @@ _WRAPPERS = frozenset(
 )
 
 
-def compile_fast(tree: lark.Tree[lark.Token]) -> FastCondition | None:
+def compile_fast(tree: lark.Tree[lark.Token], *, interpreted: bool) -> FastCondition | None:
     """The fast path for a parsed condition, or ``None`` if it uses anything outside the subset.
 
-    Calling the result returns the condition's value for a plain JSON event or raises
-    ``Unsure``."""
+    ``interpreted`` says which of cel-python's runners the condition runs on otherwise (they
+    fail outright in different places). Calling the result returns the condition's value for a
+    plain JSON event or raises ``Unsure``."""
+    if _depth(tree) > _MAX_DEPTH:
+        return None  # cel-python may run out of stack on it: its answer, not the fast path's
     try:
-        return _Compiler().node(tree)
-    except (_Refused, RecursionError):
+        return _Compiler(interpreted).node(tree)
+    except _Refused:
         return None
+
+
+# Grammar nodes between the root and the deepest leaf. A condition ten clauses long is about
+# 30 deep; cel-python runs out of stack somewhere past 500.
+_MAX_DEPTH = 200
+
+
+def _depth(tree: lark.Tree[lark.Token]) -> int:
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
+    return deepest
+
+
+def _unwrapped(node: lark.Tree[lark.Token]) -> lark.Tree[lark.Token]:
+    """``node`` without the wrapper nodes around its one child."""
+    while node.data in _WRAPPERS and len(node.children) == 1:
+        (child,) = node.children
+        if not isinstance(child, lark.Tree):
+            break
+        node = child
+    return node
 
 
 def _plain_int(value: int) -> bool:
@@ -127,6 +154,24 @@ def _pair(first: FastCondition, second: FastCondition, event: dict[str, Any]) ->
 
 
 class _Compiler:
+    def __init__(self, interpreted: bool) -> None:
+        self._interpreted = interpreted
+
+    def _target(self, receiver: FastCondition) -> FastCondition:
+        """``receiver`` as the target of a field read or a string method. The compiled runner
+        fails outright on an error value there (it calls a method of the error object); the
+        interpreter yields an error value."""
+        if self._interpreted:
+            return receiver
+
+        def target(event: dict[str, Any]) -> Any:
+            try:
+                return receiver(event)
+            except Contained:
+                raise Unsure from None
+
+        return target
+
     def node(self, tree: lark.Tree[lark.Token]) -> FastCondition:
         children = tree.children
         kind = tree.data
@@ -238,7 +283,7 @@ class _Compiler:
         return _identity
 
     def _member_dot(self, parent: Any, name: lark.Token) -> FastCondition:
-        container, key = self.node(parent), str(name)
+        container, key = self._target(self.node(parent)), str(name)
 
         def field(event: dict[str, Any]) -> Any:
             value = container(event)
@@ -274,7 +319,7 @@ class _Compiler:
         if method == "size" and not arguments:
             return _sized(receiver)
         if method in _STRING_TESTS and len(arguments) == 1:
-            return _string_test(_STRING_TESTS[method], receiver, arguments[0])
+            return _string_test(_STRING_TESTS[method], self._target(receiver), arguments[0])
         raise _Refused(method)
 
     def _ident_arg(self, name: lark.Token, *args: Any) -> FastCondition:
@@ -288,12 +333,12 @@ class _Compiler:
         raise _Refused(function)
 
     def _has(self, exprlist: Any) -> FastCondition:
-        (argument,) = exprlist.children
-        node = argument
-        while len(node.children) == 1 and isinstance(node.children[0], lark.Tree):
-            node = node.children[0]
+        if len(exprlist.children) != 1:
+            raise _Refused("has")
+        node = _unwrapped(exprlist.children[0])
         if node.data != "member_dot":
             raise _Refused("has")
+        parent: Any
         parent, name = node.children
         container, key = self.node(parent), str(name)
 
@@ -320,12 +365,11 @@ class _Compiler:
     def _list_lit(self, *args: Any) -> FastCondition:
         items: list[Any] = []
         for expr in args[0].children if args else ():
-            node = expr
-            while len(node.children) == 1 and isinstance(node.children[0], lark.Tree):
-                node = node.children[0]
+            node = _unwrapped(expr)
             if node.data != "literal":
-                raise _Refused("list_lit")
-            items.append(self._constant(node.children[0]))
+                raise _Refused("list_lit")  # a nested list, a field ...
+            token: Any = node.children[0]
+            items.append(self._constant(token))
         value = tuple(items)
         return lambda event: value
 

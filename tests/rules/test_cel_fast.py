@@ -71,6 +71,12 @@ def test_common_conditions_are_answered_without_cel_python(
         # `true == 1` is true on cel-python; `list[-1]` reads from the end
         ("event.data.flag == 1", {"data": {"flag": True}}),
         ("event.data.tags[-1] == 'a'", {"data": {"tags": ["a"]}}),
+        # an error value as the target of a field or a string method: the compiled runner
+        # calls a method of the error object and fails outright
+        ("(event.a || false).b || true", {}),
+        ('(event.a || false).startsWith("x") || true', {}),
+        ('(event.f ? event.a : "s").startsWith("x") || event.u', {"f": True, "u": True}),
+        ('false && (true && event.a).contains("x")', {}),
     ],
 )
 def test_the_unusual_is_left_to_cel_python(source: str, event: dict[str, Any]) -> None:
@@ -95,10 +101,18 @@ def test_the_unusual_is_left_to_cel_python(source: str, event: dict[str, Any]) -
         "event.data.m == {'a': 1}",
         "event.data.n in [1, event.data.m]",
         "-event.data.n < 0",
+        "event.data.n in [[1]]",  # a nested list
+        "has(event.a, event.b)",
+        " && ".join(["event.b"] * 900),  # deeper than cel-python's stack
+        "has(event.a) || " + "!" * 600 + "event.b",
     ],
 )
 def test_anything_else_runs_on_cel_python_alone(source: str) -> None:
-    assert compile_condition(source).fast is None
+    condition = compile_condition(source)
+    assert condition.fast is None
+    for event in ({"a": 1, "b": True, "data": {"n": 1}}, {"b": False}):
+        fast, slow = _both(condition, event)
+        assert fast == slow
 
 
 # -- generated conditions and events
@@ -150,7 +164,9 @@ def _values(depth: int) -> st.SearchStrategy[str]:
         plain,
         inner.map(lambda v: f"size({v})"),
         inner.map(lambda v: f"{v}.size()"),
-        st.lists(_literals, max_size=3).map(lambda items: "[" + ", ".join(items) + "]"),
+        st.lists(st.one_of(_literals, _literals.map(lambda v: f"[{v}]")), max_size=3).map(
+            lambda items: "[" + ", ".join(items) + "]"
+        ),
         st.tuples(inner, st.sampled_from(["+", "-"]), inner).map(" ".join),
     )
 
@@ -175,6 +191,10 @@ def _conditions(depth: int) -> st.SearchStrategy[str]:
             lambda t: f"({t[0]}) {t[1]} ({t[2]})"
         ),
         st.tuples(inner, inner, inner).map(lambda t: f"({t[0]}) ? ({t[1]}) : ({t[2]})"),
+        # the result of an operator as the target of a field, a method or an index
+        st.tuples(inner, st.sampled_from([".x", '.startsWith("a")', ".size()", "[0]"])).map(
+            lambda t: f"({t[0]}){t[1]} == 1"
+        ),
         # a side that decides, so that what the other side does on cel-python shows
         st.tuples(st.sampled_from(["false &&", "true ||"]), inner).map(
             lambda t: f"{t[0]} ({t[1]})"
