@@ -85,26 +85,15 @@ def compile_fast(tree: lark.Tree[lark.Token], *, interpreted: bool) -> FastCondi
     ``interpreted`` says which of cel-python's runners the condition runs on otherwise (they
     fail outright in different places). Calling the result returns the condition's value for a
     plain JSON event or raises ``Unsure``."""
-    if _depth(tree) > _MAX_DEPTH:
-        return None  # cel-python may run out of stack on it: its answer, not the fast path's
     try:
         return _Compiler(interpreted).node(tree)
-    except _Refused:
+    except (_Refused, RecursionError):
         return None
 
 
 # Grammar nodes between the root and the deepest leaf. A condition ten clauses long is about
-# 30 deep; cel-python runs out of stack somewhere past 500.
+# 30 deep; cel-python runs out of stack somewhere past 500, and its answer (an error) stands.
 _MAX_DEPTH = 200
-
-
-def _depth(tree: lark.Tree[lark.Token]) -> int:
-    deepest, stack = 0, [(tree, 1)]
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
-    return deepest
 
 
 def _unwrapped(node: lark.Tree[lark.Token]) -> lark.Tree[lark.Token]:
@@ -156,6 +145,7 @@ def _pair(first: FastCondition, second: FastCondition, event: dict[str, Any]) ->
 class _Compiler:
     def __init__(self, interpreted: bool) -> None:
         self._interpreted = interpreted
+        self._depth = 0
 
     def _target(self, receiver: FastCondition) -> FastCondition:
         """``receiver`` as the target of a field read or a string method. The compiled runner
@@ -173,14 +163,22 @@ class _Compiler:
         return target
 
     def node(self, tree: lark.Tree[lark.Token]) -> FastCondition:
-        children = tree.children
-        kind = tree.data
-        if len(children) == 1 and isinstance(children[0], lark.Tree) and kind in _WRAPPERS:
-            return self.node(children[0])
-        build = getattr(self, f"_{kind}", None)
+        depth = 0
+        while len(tree.children) == 1 and tree.data in _WRAPPERS:
+            (child,) = tree.children
+            if not isinstance(child, lark.Tree):
+                break
+            tree, depth = child, depth + 1
+        build = getattr(self, f"_{tree.data}", None)
         if build is None:
-            raise _Refused(kind)
-        result: FastCondition = build(*children)
+            raise _Refused(tree.data)
+        self._depth += depth + 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise _Refused("depth")
+            result: FastCondition = build(*tree.children)
+        finally:
+            self._depth -= depth + 1
         return result
 
     # -- logic. CEL's && || ?: absorb an error on the side the other decides, and so does
@@ -382,19 +380,24 @@ class _Compiler:
             return text == "true"
         if kind == "NULL_LIT":
             return None
+        if kind == "INT_LIT" and (digits := _DECIMAL_OR_HEX.fullmatch(text)):
+            # celtypes.IntType's reading (hexadecimal after 0x, a sign before it), int64 only
+            value = int(digits[2], 16) if digits[2] else int(digits[3])
+            value = -value if digits[1] else value
+            if not _plain_int(value):
+                raise _Refused(kind)  # cel-python reports it at run time
+            return value
         try:
-            if kind == "INT_LIT" and _DECIMAL_OR_HEX.fullmatch(text):
-                return int(celtypes.IntType(text))
             if kind == "FLOAT_LIT":
                 return float(celtypes.DoubleType(text))
             if kind in ("STRING_LIT", "MLSTRING_LIT"):
                 return str(celstr(token))
-        except (ValueError, TypeError) as exc:  # beyond int64: cel-python reports it at run time
+        except (ValueError, TypeError) as exc:
             raise _Refused(kind) from exc
         raise _Refused(kind)  # uint and bytes have no JSON counterpart
 
 
-_DECIMAL_OR_HEX = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|0|[1-9][0-9]*)")
+_DECIMAL_OR_HEX = re.compile(r"(-?)(?:0[xX]([0-9a-fA-F]+)|(0|[1-9][0-9]*))")
 
 
 def _identity(event: dict[str, Any]) -> Any:
