@@ -3,19 +3,20 @@
 cel-python spends 90-170 µs on `event.data.total > 10 && event.data.unit == "C"` (most of it
 resolving names and wrapping values in its own types), and the event must first be converted
 to those types. Most conditions are field reads, comparisons with literals, `&&`, `||`, `!`,
-`?:`, `in`, `size()`, `has()` and the string tests `startsWith`, `endsWith`, `contains`: this
-module compiles such a condition, once, to Python closures over the plain JSON event, which
-answer it in a few microseconds.
+`?:`, `in`, `+ - *`, `size()`, `has()` and the string tests `startsWith`, `endsWith`,
+`contains`: this module compiles such a condition, once, to Python closures over the plain
+JSON event, which answer it in a few microseconds.
 
 It never decides anything cel-python would decide differently: each step checks that its
 operands are of the exact JSON types for which cel-python's result is Python's own (two ints
 within int64, two doubles, two strings, a field present in a map ...) and otherwise raises
 ``Unsure``, and the caller then asks cel-python, which gives the verdict and, for errors, the
-reason. So errors, mixed types, missing fields and everything else unusual cost what they
-cost before, and the common case is quick. A condition with anything outside this subset
-(arithmetic, macros, other functions, map literals, uint or bytes) compiles to ``None`` and
-runs on cel-python alone. tests/rules/test_cel_fast.py compares the two on generated
-conditions and events.
+reason (``Contained`` marks the error values that ``&&``, ``||`` and ``?:`` may absorb, as
+cel-python does). So errors, mixed types, missing fields and everything else unusual cost
+what they cost before, and the common case is quick. A condition with anything outside this
+subset (``/``, ``%``, macros, other functions, map literals, nested lists, uint or bytes)
+compiles to ``None`` and runs on cel-python alone. tests/rules/test_cel_fast.py compares the
+two on generated conditions and events.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ _ORDER = {
     "relation_le": operator.le,
     "relation_gt": operator.gt,
     "relation_ge": operator.ge,
+}
+_ARITHMETIC = {
+    "addition_add": operator.add,
+    "addition_sub": operator.sub,
+    "multiplication_mul": operator.mul,
 }
 _STRING_TESTS = {
     "startsWith": str.startswith,
@@ -212,9 +218,11 @@ class _Compiler:
         return _logic(self.node(left), self.node(right), False)
 
     def _unary(self, op: Any, operand: Any) -> FastCondition:
+        inner = self.node(operand)
+        if op.data == "unary_neg":
+            return _negated(inner)
         if op.data != "unary_not":
             raise _Refused(op.data)
-        inner = self.node(operand)
 
         def negated(event: dict[str, Any]) -> Any:
             value = inner(event)
@@ -225,6 +233,19 @@ class _Compiler:
             raise Unsure  # `!` of a non-bool
 
         return negated
+
+    # -- arithmetic: + - * on two ints (int64, as cel-python checks), two doubles, or + on two
+    # strings; cel-python also adds a bool to an int and multiplies a double by an int, which
+    # is left to it (Unsure), as are / and %
+
+    def _addition(self, op: Any, right: Any) -> FastCondition:
+        if op.data not in _ARITHMETIC:
+            raise _Refused(op.data)
+        (left,) = op.children
+        return _arithmetic(_ARITHMETIC[op.data], self.node(left), self.node(right))
+
+    def _multiplication(self, op: Any, right: Any) -> FastCondition:
+        return self._addition(op, right)
 
     # -- relations
 
@@ -421,6 +442,45 @@ def _logic(first: FastCondition, second: FastCondition, decides: bool) -> FastCo
     return combined
 
 
+def _arithmetic(
+    compute: Callable[[Any, Any], Any], first: FastCondition, second: FastCondition
+) -> FastCondition:
+    concatenates = compute is operator.add
+
+    def result(event: dict[str, Any]) -> Any:
+        a, b = _pair(first, second, event)
+        kind = type(a)
+        if kind is not type(b):
+            raise Unsure
+        if kind is int:
+            if not (_plain_int(a) and _plain_int(b)):
+                raise Unsure
+            value = compute(a, b)
+            if not _plain_int(value):
+                raise Contained  # overflow: an error value on cel-python
+            return value
+        if kind is float or (kind is str and concatenates):
+            return compute(a, b)
+        raise Unsure
+
+    return result
+
+
+def _negated(operand: FastCondition) -> FastCondition:
+    def result(event: dict[str, Any]) -> Any:
+        value = operand(event)
+        kind = type(value)
+        if kind is int and _plain_int(value):
+            if not _plain_int(-value):
+                raise Contained  # -(-2**63) overflows: an error value on cel-python
+            return -value
+        if kind is float:
+            return -value
+        raise Unsure
+
+    return result
+
+
 def _sized(receiver: FastCondition) -> FastCondition:
     def size(event: dict[str, Any]) -> Any:
         value = receiver(event)
@@ -436,8 +496,14 @@ def _string_test(
     test: Callable[[str, str], bool], receiver: FastCondition, argument: FastCondition
 ) -> FastCondition:
     def tested(event: dict[str, Any]) -> Any:
-        text, part = _pair(receiver, argument, event)
-        if type(text) is not str or type(part) is not str:
+        text, part = _value(receiver, event), _value(argument, event)
+        if type(text) is not str:
+            # cel-python's compiled runner calls the method on the receiver, and fails outright
+            # when it has none (a bool, an error value), whatever the argument is
+            raise Unsure
+        if part is _ERROR:
+            raise Contained
+        if type(part) is not str:
             raise Unsure
         return test(text, part)
 

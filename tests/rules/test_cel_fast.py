@@ -39,6 +39,15 @@ COMMON = [
     ('event.subject.startsWith("up") ? size(event.id) == 2 : false', {"subject": "u"}, False),
     ('!("eu" in event.data.tags) && event.data.n == null', {"data": {"tags": [], "n": None}}, True),
     ("event.data.m[1] != 0x10 && 'k' in event.data", {"data": {"m": [0, 15], "k": 1}}, True),
+    ("event.data.price * event.data.qty > 100.0", {"data": {"price": 9.5, "qty": 11.0}}, True),
+    # an overflow is an error value, absorbed by the side of || that decides
+    ("event.data.big * 4 == 0 || event.data.big > 0", {"data": {"big": 2**62}}, True),
+    ("event.data.a - event.data.b == -event.data.c", {"data": {"a": 1, "b": 4, "c": 3}}, True),
+    (
+        "event.data.first + ' ' + event.data.last == 'Ada L'",
+        {"data": {"first": "Ada", "last": "L"}},
+        True,
+    ),
 ]
 
 
@@ -71,12 +80,19 @@ def test_common_conditions_are_answered_without_cel_python(
         # `true == 1` is true on cel-python; `list[-1]` reads from the end
         ("event.data.flag == 1", {"data": {"flag": True}}),
         ("event.data.tags[-1] == 'a'", {"data": {"tags": ["a"]}}),
+        # cel-python adds a bool to an int and multiplies a double by an int; int64 overflows
+        ("event.data.flag + 1 == 2", {"data": {"flag": True}}),
+        ("event.data.price * 2 == 19.0", {"data": {"price": 9.5}}),
+        ("event.data.big * 4 == 0", {"data": {"big": 2**62}}),
+        ("-event.data.n > 0", {"data": {"n": -(2**63)}}),
         # an error value as the target of a field or a string method: the compiled runner
         # calls a method of the error object and fails outright
         ("(event.a || false).b || true", {}),
         ('(event.a || false).startsWith("x") || true', {}),
         ('(event.f ? event.a : "s").startsWith("x") || event.u', {"f": True, "u": True}),
         ('false && (true && event.a).contains("x")', {}),
+        # ... and on a receiver without the method, even when the argument is an error value
+        ("false && !true.endsWith(event.data.b)", {"data": {}}),
     ],
 )
 def test_the_unusual_is_left_to_cel_python(source: str, event: dict[str, Any]) -> None:
@@ -92,7 +108,8 @@ def test_the_unusual_is_left_to_cel_python(source: str, event: dict[str, Any]) -
 @pytest.mark.parametrize(
     "source",
     [
-        "event.data.total + 1 > 2",  # arithmetic
+        "event.data.total / 2 > 1",  # division and remainder
+        "event.data.total % 2 == 0",
         "event.data.items.exists(i, i.qty > 1)",  # a macro
         'event.data.currency.matches("^E")',  # RE2, not Python's re
         "event.data.n == 1u",  # uint
@@ -100,7 +117,6 @@ def test_the_unusual_is_left_to_cel_python(source: str, event: dict[str, Any]) -
         "type(event.data.total) == int",
         "event.data.m == {'a': 1}",
         "event.data.n in [1, event.data.m]",
-        "-event.data.n < 0",
         "event.data.n in [[1]]",  # a nested list
         "has(event.a, event.b)",
         " && ".join(["event.b"] * 900),  # deeper than cel-python's stack
@@ -167,7 +183,8 @@ def _values(depth: int) -> st.SearchStrategy[str]:
         st.lists(st.one_of(_literals, _literals.map(lambda v: f"[{v}]")), max_size=3).map(
             lambda items: "[" + ", ".join(items) + "]"
         ),
-        st.tuples(inner, st.sampled_from(["+", "-"]), inner).map(" ".join),
+        st.tuples(inner, st.sampled_from(["+", "-", "*"]), inner).map(" ".join),
+        inner.map(lambda v: f"-({v})"),
     )
 
 
