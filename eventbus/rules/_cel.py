@@ -30,7 +30,7 @@ from celpy.celparser import CELParseError, CELParser
 from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel_fast import FastCondition, Unsure, compile_fast
+from eventbus.rules._cel_fast import SPANNING, FastCondition, Unsure, compile_fast
 
 __all__ = ["Activation", "Condition", "Verdict", "activation", "compile_condition"]
 
@@ -394,7 +394,7 @@ def _constant_subtrees(
     tree: lark.Tree[lark.Token], variable: set[int]
 ) -> Iterator[lark.Tree[lark.Token]]:
     # Top-down: only the largest constant sub-expressions are yielded.
-    if tree.data in _COMPLETE and id(tree) not in variable:
+    if tree.data in SPANNING and id(tree) not in variable:
         yield tree
         return
     for child in tree.children:
@@ -420,22 +420,6 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
             raise RuleError(f"{text!r} can never be evaluated: {_reason(exc)}") from exc
         if node is tree and not isinstance(value, bool | celtypes.BoolType):
             raise RuleError(f"condition is always {cel_type_name(value)}, not bool")
-
-
-# Grammar nodes that span a whole sub-expression (operator nodes such as `addition_add` span
-# only the left operand and the operator).
-_COMPLETE = frozenset(
-    {
-        "expr",
-        "conditionalor",
-        "conditionaland",
-        "relation",
-        "addition",
-        "multiplication",
-        "unary",
-        "member",
-    }
-)
 
 
 def compile_condition(source: str, *, native: bool = False) -> Condition:

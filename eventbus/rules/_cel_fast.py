@@ -30,7 +30,7 @@ import lark
 from celpy import celtypes
 from celpy.evaluation import celstr
 
-__all__ = ["FastCondition", "Unsure", "compile_fast"]
+__all__ = ["SPANNING", "Contained", "FastCondition", "Unsure", "compile_fast"]
 
 FastCondition = Callable[[dict[str, Any]], Any]
 
@@ -68,8 +68,9 @@ _STRING_TESTS = {
     "endsWith": str.endswith,
     "contains": str.__contains__,
 }
-# Nodes that only wrap their one child.
-_WRAPPERS = frozenset(
+# Grammar nodes that span a whole sub-expression (operator nodes such as `addition_add` span
+# only the left operand and the operator); with one child, they only wrap it.
+SPANNING = frozenset(
     {
         "expr",
         "conditionalor",
@@ -79,10 +80,9 @@ _WRAPPERS = frozenset(
         "multiplication",
         "unary",
         "member",
-        "primary",
-        "paren_expr",
     }
 )
+_WRAPPERS = SPANNING | {"primary", "paren_expr"}
 
 
 def compile_fast(tree: lark.Tree[lark.Token], *, interpreted: bool) -> FastCondition | None:
