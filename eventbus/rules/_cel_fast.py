@@ -3,7 +3,7 @@
 cel-python spends 90-170 µs on `event.data.total > 10 && event.data.unit == "C"` (most of it
 resolving names and wrapping values in its own types), and the event must first be converted
 to those types. Most conditions are field reads, comparisons with literals, `&&`, `||`, `!`,
-`?:`, `in`, `+ - *`, `size()`, `has()` and the string tests `startsWith`, `endsWith`,
+`?:`, `in`, `+ - *` on numbers, `size()`, `has()` and the string tests `startsWith`, `endsWith`,
 `contains`: this module compiles such a condition, once, to Python closures over the plain
 JSON event, which answer it in a few microseconds.
 
@@ -234,8 +234,8 @@ class _Compiler:
 
         return negated
 
-    # -- arithmetic: + - * on two ints (int64, as cel-python checks), two doubles, or + on two
-    # strings; cel-python also adds a bool to an int and multiplies a double by an int, which
+    # -- arithmetic: + - * on two ints (int64, as cel-python checks) or two doubles; cel-python
+    # also adds a bool to an int, multiplies a double by an int and concatenates strings, which
     # is left to it (Unsure), as are / and %
 
     def _addition(self, op: Any, right: Any) -> FastCondition:
@@ -445,8 +445,6 @@ def _logic(first: FastCondition, second: FastCondition, decides: bool) -> FastCo
 def _arithmetic(
     compute: Callable[[Any, Any], Any], first: FastCondition, second: FastCondition
 ) -> FastCondition:
-    concatenates = compute is operator.add
-
     def result(event: dict[str, Any]) -> Any:
         a, b = _pair(first, second, event)
         kind = type(a)
@@ -459,8 +457,10 @@ def _arithmetic(
             if not _plain_int(value):
                 raise Contained  # overflow: an error value on cel-python
             return value
-        if kind is float or (kind is str and concatenates):
+        if kind is float:
             return compute(a, b)
+        # Two strings concatenate to a plain str on cel-python, not its StringType: a later
+        # .contains() on it fails the compiled runner outright. Left to cel-python.
         raise Unsure
 
     return result
