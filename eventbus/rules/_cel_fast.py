@@ -102,14 +102,19 @@ def compile_fast(tree: lark.Tree[lark.Token], *, interpreted: bool) -> FastCondi
 _MAX_DEPTH = 200
 
 
-def _unwrapped(node: lark.Tree[lark.Token]) -> lark.Tree[lark.Token]:
-    """``node`` without the wrapper nodes around its one child."""
+def _unwrap(node: lark.Tree[lark.Token]) -> tuple[lark.Tree[lark.Token], int]:
+    """``node`` without the wrapper nodes around its one child, and how many there were."""
+    levels = 0
     while node.data in _WRAPPERS and len(node.children) == 1:
         (child,) = node.children
         if not isinstance(child, lark.Tree):
             break
-        node = child
-    return node
+        node, levels = child, levels + 1
+    return node, levels
+
+
+def _unwrapped(node: lark.Tree[lark.Token]) -> lark.Tree[lark.Token]:
+    return _unwrap(node)[0]
 
 
 def _plain_int(value: int) -> bool:
@@ -154,9 +159,9 @@ class _Compiler:
         self._depth = 0
 
     def _target(self, receiver: FastCondition) -> FastCondition:
-        """``receiver`` as the target of a field read or a string method. The compiled runner
-        fails outright on an error value there (it calls a method of the error object); the
-        interpreter yields an error value."""
+        """``receiver`` as the target of a field read. The compiled runner fails outright on an
+        error value there (it calls a method of the error object); the interpreter yields an
+        error value. (A string method's receiver: ``_string_test``.)"""
         if self._interpreted:
             return receiver
 
@@ -169,12 +174,7 @@ class _Compiler:
         return target
 
     def node(self, tree: lark.Tree[lark.Token]) -> FastCondition:
-        depth = 0
-        while len(tree.children) == 1 and tree.data in _WRAPPERS:
-            (child,) = tree.children
-            if not isinstance(child, lark.Tree):
-                break
-            tree, depth = child, depth + 1
+        tree, depth = _unwrap(tree)
         build = getattr(self, f"_{tree.data}", None)
         if build is None:
             raise _Refused(tree.data)
@@ -338,7 +338,7 @@ class _Compiler:
         if method == "size" and not arguments:
             return _sized(receiver)
         if method in _STRING_TESTS and len(arguments) == 1:
-            return _string_test(_STRING_TESTS[method], self._target(receiver), arguments[0])
+            return _string_test(_STRING_TESTS[method], receiver, arguments[0])
         raise _Refused(method)
 
     def _ident_arg(self, name: lark.Token, *args: Any) -> FastCondition:
