@@ -20,14 +20,18 @@ brokers and PostgreSQL. For each backend and worker count, each system gets:
 3. a fixed-rate phase: open loop at ``--rate`` events/s for ``--duration`` seconds; latency =
    arrival at the endpoint - ``data.sent`` (the sender's ``time.time()``, same clock).
    ``--rate half`` (the default) runs it at half of what that system delivered in its own
-   sustained phase: latency at half capacity, whatever the machine.
+   sustained phase: latency at half capacity, whatever the machine. Its CPU per event is
+   measured as in the sustained phase (idle use during the phase included);
+4. with ``--equal-rate N``, one more such phase at N events/s for both systems: CPU per event
+   at the same load. In the closed loop each system runs at its own capacity, and the faster
+   one batches more per broker request and per socket write; at one rate, neither does.
 
 The 10 rules are a mix of pattern operators (exact, prefix, suffix, numeric, anything-but,
 exists, cidr, ``$or``), two CEL conditions and one transform; the load cycles through 10
 events of which each matches exactly one rule, so every accepted event is one delivery.
 
     python bench/pipeline_bench.py [--duration 10] [--backend nats|kafka|both] [--workers 2 1]
-                                   [--rate half|N]
+                                   [--rate half|N] [--equal-rate N]
 """
 
 from __future__ import annotations
@@ -158,8 +162,39 @@ class Row:
     max: float | None
     ack_p99: float | None
     """Fixed-rate phase: p99 of send to 202 (the ingest part of the latency)."""
+    rate_cpu_ms: float
+    """CPU milliseconds per delivered event in the fixed-rate phase (idle use included)."""
+    equal_cpu_ms: float | None
+    """The same at ``--equal-rate`` (the same load for both systems), if given."""
+    equal_p99: float | None
     run: int = 1
     """Which of ``--repeat`` runs (forwarder and eventbus take turns, run by run)."""
+
+
+async def _fixed_rate(
+    procs: h.Processes,
+    receiver: h.Receiver,
+    url: str,
+    groups: list[int],
+    run: str,
+    duration: float,
+    rate: int,
+    quiet: float,
+) -> dict[str, Any]:
+    """An open-loop phase at ``rate`` events/s: the receiver's stats of ``run`` (latencies),
+    with the 202 p99, the events accepted and due, and the CPU per delivered event from the
+    phase's start until the processes are quiet again (the idle use during it included: what
+    a service running at that rate pays)."""
+    cpu = h.python_cpu(groups)
+    load = await h.run_load(procs, h.load_command(url, EVENTS, run, duration=duration, rate=rate))
+    got = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
+    await h.settle(groups, quiet=quiet)
+    got["cpu_ms"] = (h.python_cpu(groups) - cpu) * 1000 / max(got["delivered"], 1)
+    got["ack_p99_ms"] = load["ack_p99_ms"]
+    got["accepted"] = load["accepted"]
+    # Sends the open loop skipped (too many requests outstanding) count as due, not delivered.
+    got["due"] = load["sent"] + load["skipped"]
+    return got
 
 
 async def _measure(
@@ -170,8 +205,9 @@ async def _measure(
     tag: str,
     duration: float,
     rate: int | None,
+    equal_rate: int | None,
     profile: Path | None = None,
-) -> tuple[float, float, float, int, dict[str, Any], int, int]:
+) -> tuple[float, float, float, int, dict[str, Any], int, dict[str, Any] | None]:
     warm = await h.run_load(procs, h.load_command(url, EVENTS, f"{tag}-warm", duration=WARMUP))
     await receiver.wait_delivered(f"{tag}-warm", warm["accepted"], bound=DRAIN_BOUND)
 
@@ -204,13 +240,17 @@ async def _measure(
     if rate is None:  # half of this system's sustained capacity, as a round figure
         rate = max(10, round(delivered / 2, -1 if delivered < 2000 else -2))
     rate = int(rate)
-    run = f"{tag}-rate"
-    load = await h.run_load(procs, h.load_command(url, EVENTS, run, duration=duration, rate=rate))
-    fixed = await receiver.wait_delivered(run, load["accepted"], bound=DRAIN_BOUND)
-    fixed["ack_p99_ms"] = load["ack_p99_ms"]
-    missing += load["accepted"] - fixed["delivered"]
-    # Sends the open loop skipped (too many requests outstanding) count as due, not delivered.
-    return ingest, delivered, cpu_ms, missing, fixed, load["sent"] + load["skipped"], rate
+    fixed = await _fixed_rate(
+        procs, receiver, url, groups, f"{tag}-rate", duration, rate, 0.1 + floor
+    )
+    missing += fixed["accepted"] - fixed["delivered"]
+    equal = None
+    if equal_rate is not None:
+        equal = await _fixed_rate(
+            procs, receiver, url, groups, f"{tag}-equal", duration, equal_rate, 0.1 + floor
+        )
+        missing += equal["accepted"] - equal["delivered"]
+    return ingest, delivered, cpu_ms, missing, fixed, rate, equal
 
 
 async def _bench(
@@ -223,6 +263,7 @@ async def _bench(
     duration: float,
     kafka: str | None,
     rate: int | None,
+    equal_rate: int | None,
     profile: Path | None = None,
     run: int = 1,
 ) -> Row:
@@ -242,7 +283,9 @@ async def _bench(
             procs, where, workers=workers, rules=RULES, targets=[target], bus=bus
         )
         try:
-            result = await _measure(procs, receiver, url, [proc.pid], tag, duration, rate, profile)
+            result = await _measure(
+                procs, receiver, url, [proc.pid], tag, duration, rate, equal_rate, profile
+            )
         finally:
             procs.stop(proc)
     else:
@@ -250,8 +293,10 @@ async def _bench(
         forwarders = _Forwarders(procs, where, workers, backend, fn, kafka, client)
         async with forwarders as url:
             groups = [p.pid for p in forwarders.running]
-            result = await _measure(procs, receiver, url, groups, tag, duration, rate, profile)
-    ingest, delivered, cpu_ms, missing, fixed, sent, rate = result
+            result = await _measure(
+                procs, receiver, url, groups, tag, duration, rate, equal_rate, profile
+            )
+    ingest, delivered, cpu_ms, missing, fixed, rate, equal = result
     return Row(
         backend,
         system,
@@ -262,11 +307,14 @@ async def _bench(
         missing,
         rate,
         fixed["delivered"],
-        sent,
+        fixed["due"],
         fixed["p50_ms"],
         fixed["p99_ms"],
         fixed["max_ms"],
         fixed["ack_p99_ms"],
+        fixed["cpu_ms"],
+        None if equal is None else equal["cpu_ms"],
+        None if equal is None else equal["p99_ms"],
         run,
     )
 
@@ -345,8 +393,8 @@ def _rate_text(rate: int | None) -> str:
     return "half of each system's sustained rate" if rate is None else f"{rate:,} events/s"
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _ms(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -391,7 +439,22 @@ def _kafka_text(args: argparse.Namespace) -> str:
     return f" On Kafka both use a fetch wait of {wait:g} s and a producer linger of {linger} ms."
 
 
+def _equal_text(args: argparse.Namespace) -> str:
+    if args.equal_rate is None:
+        return ""
+    return (
+        f" Equal load: a third phase, open loop at {args.equal_rate:,} events/s for both "
+        f"systems for {args.duration:g} s (`--equal-rate`): CPU per event at the same load, "
+        "the idle use during the phase included, as at the fixed rate."
+    )
+
+
 def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) -> str:
+    equal_head = (
+        ""
+        if args.equal_rate is None
+        else f" CPU ms/event at {args.equal_rate:,}/s | p99 ms at {args.equal_rate:,}/s |"
+    )
     repeats = (
         f" {args.repeat} runs each, the forwarder and eventbus taking turns; the summary gives "
         "the median of the runs (their range in brackets)."
@@ -410,25 +473,38 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         f"(2 with CEL, 1 transform), audit on, target concurrency {TARGET_CONCURRENCY} per "
         f"worker, deliveries in {args.mode} mode; the forwarder runs as many processes and "
         f"sends on the structured body it received, with {_CLIENTS[args.forwarder_client]}."
-        f"{_kafka_text(args)}{repeats}",
+        f"{_kafka_text(args)}{_equal_text(args)}{repeats}",
         "",
         "| backend | system | procs | run | ingest/s | delivered/s | CPU ms/event | undelivered | "
-        "fixed rate /s | delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "fixed rate /s | delivered/due | p50 ms | p99 ms | max ms | 202 p99 ms | "
+        f"CPU ms/event at the fixed rate |{equal_head}",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + "---:|" * equal_head.count("|"),
     ]
     for r in rows:
+        equal = (
+            ""
+            if args.equal_rate is None
+            else f" {_ms(r.equal_cpu_ms, '.2f')} | {_ms(r.equal_p99)} |"
+        )
         lines.append(
             f"| {r.backend} | {r.system} | {r.workers} | {r.run} | {r.ingest:,.0f} | "
             f"{r.delivered:,.0f} | {r.cpu_ms:.2f} | {r.missing} | {r.rate:,} | "
             f"{r.rate_delivered:,}/{r.rate_sent:,} | {_ms(r.p50)} | {_ms(r.p99)} | {_ms(r.max)} | "
-            f"{_ms(r.ack_p99)} |"
+            f"{_ms(r.ack_p99)} | {r.rate_cpu_ms:.2f} |{equal}"
         )
+    equal_summary = (
+        ""
+        if args.equal_rate is None
+        else f" CPU per event at {args.equal_rate:,} events/s, eventbus / forwarder |"
+    )
     lines += [
         "",
         "| backend | procs | eventbus / forwarder, delivered/s (target ≥ 0.50) | "
         "CPU per event, eventbus / forwarder (target ≤ 1.25 x) | "
-        f"eventbus p99 at {_rate_text(args.rate)} (target ≤ 50 ms at half capacity) |",
-        "|---|---:|---:|---:|---:|",
+        f"eventbus p99 at {_rate_text(args.rate)} (target ≤ 50 ms at half capacity) |"
+        f"{equal_summary}",
+        "|---|---:|---:|---:|---:|" + "---:|" * bool(equal_summary),
     ]
     by_run = {(r.backend, r.workers, r.run, r.system): r for r in rows}
     for backend, workers in dict.fromkeys((r.backend, r.workers) for r in rows):
@@ -448,10 +524,20 @@ def render(rows: list[Row], args: argparse.Namespace, loads: tuple[str, str]) ->
         rates = _spread([float(ebus.rate) for _, ebus in pairs], ",.0f")
         p99 = "-" if not p99s else f"{_spread(p99s, '.1f')} at {rates}/s"
         p99_ok = bool(p99s) and len(p99s) == len(pairs) and statistics.median(p99s) <= 50
+        equal_cpus = [
+            ebus.equal_cpu_ms / fwd.equal_cpu_ms
+            for fwd, ebus in pairs
+            if ebus.equal_cpu_ms is not None and fwd.equal_cpu_ms
+        ]
+        at_equal = ""
+        if equal_summary:
+            at_equal = "-" if not equal_cpus else f"{_spread(equal_cpus, '.2f')} x"
+            at_equal = f" {at_equal} |"
         lines.append(
             f"| {backend} | {workers} | {_spread(ratios, '.2f')} "
             f"({_verdict(statistics.median(ratios) >= 0.5)}) | {_spread(cpus, '.2f')} x "
             f"({_verdict(statistics.median(cpus) <= 1.25)}) | {p99} ({_verdict(p99_ok)}) |"
+            f"{at_equal}"
         )
     jetstream: dict[int, list[float]] = {}
     for r in rows:
@@ -494,6 +580,7 @@ async def main(args: argparse.Namespace) -> str:
                                 args.duration,
                                 kafka,
                                 args.rate,
+                                args.equal_rate,
                                 args.profile,
                                 run,
                             )
@@ -523,6 +610,12 @@ if __name__ == "__main__":
         default=None,
         help="events/s of the fixed-rate phase, or 'half' (the default): half of each "
         "system's own sustained rate",
+    )
+    parser.add_argument(
+        "--equal-rate",
+        type=int,
+        help="also run an open-loop phase at this many events/s for both systems and compare "
+        "their CPU per event at that same load",
     )
     parser.add_argument("--backend", choices=["nats", "kafka", "both"], default="both")
     parser.add_argument(
