@@ -384,20 +384,19 @@ class DeliveryStore:
         )
         return {r["target"]: int(r["n"]) for r in rows}
 
-    async def disabled_since(self) -> dict[str, dict[str, str]]:
+    async def disabled_since(
+        self, *, deadline: float | None = READ_TIMEOUT
+    ) -> dict[str, dict[str, str]]:
         """Each disabled target's reason and the time it was disabled (ISO 8601)."""
         rows = await self._run(
             "reading disabled targets",
             self._pool.fetch("SELECT target, reason, disabled_at FROM disabled_targets"),
-            deadline=READ_TIMEOUT,
+            deadline=deadline,
         )
         return {
             r["target"]: {"reason": r["reason"], "at": r["disabled_at"].isoformat()} for r in rows
         }
 
     async def disabled_targets(self) -> dict[str, str]:
-        rows = await self._run(
-            "reading disabled targets",
-            self._pool.fetch("SELECT target, reason FROM disabled_targets"),
-        )
-        return {r["target"]: r["reason"] for r in rows}
+        """Each disabled target's reason: read at start-up, with no deadline of its own."""
+        return {t: d["reason"] for t, d in (await self.disabled_since(deadline=None)).items()}

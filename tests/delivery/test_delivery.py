@@ -258,6 +258,31 @@ async def test_410_dead_letters_and_disables_the_target(
     assert receiver.requests[-1].status == 204
 
 
+async def test_a_disabled_target_stays_disabled_after_a_restart(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    """A new process reads the disabled targets from the database as it starts: it does not
+    try the gone endpoint again."""
+    first = await eventbus(rules=RULES, targets=[_target(receiver)])
+    receiver.script(410)
+    await _publish(first, [1])
+    await eventually(lambda: _dead_letters(first), within=20, every=POLL, what="gone")
+    await first.stop()
+
+    second = await eventbus(rules=RULES, targets=[_target(receiver)])
+    _, _, body = await second.request("GET", "/targets")
+    assert body["targets"][0]["disabled"]["reason"] == "410 Gone at attempt 1", body
+    await _publish(second, [2])
+
+    async def two() -> list[dict[str, Any]]:
+        items = await _dead_letters(second)
+        return items if len(items) == 2 else []
+
+    items = await eventually(two, within=20, every=POLL, what="second dead letter")
+    assert items[0]["reason"] == "target-disabled" and items[0]["attempts"] == 0, items
+    assert len(receiver.requests) == 1  # only the first event reached the gone endpoint
+
+
 async def test_circuit_breaker_parks_deliveries_and_recovers(
     eventbus: StartService, receiver: Receiver
 ) -> None:
