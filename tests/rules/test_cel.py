@@ -13,7 +13,13 @@ import yaml
 from celpy.adapter import json_to_cel
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel import Verdict, _celpy_context, activation, compile_condition
+from eventbus.rules._cel import (
+    OnFirstUse,
+    Verdict,
+    _celpy_context,
+    activation,
+    compile_condition,
+)
 
 TABLE = yaml.safe_load((Path(__file__).parent / "data" / "cel_cases.yaml").read_text())
 EVENT: dict[str, Any] = TABLE["event"]
@@ -42,7 +48,31 @@ def test_load_errors(case: dict[str, str]) -> None:
 
 
 def test_uses_the_compiled_runner() -> None:
-    assert isinstance(compile_condition("true").runner, celpy.CompiledRunner)
+    # `%` is left to cel-python: no fast path, so its runner is built at load
+    condition = compile_condition("event.data.n % 2 == 0")
+    assert condition.fast is None
+    assert isinstance(condition.runner, celpy.CompiledRunner)
+
+
+@pytest.mark.parametrize(
+    ("source", "runner"),
+    [
+        ("event.data.n > 1", celpy.CompiledRunner),
+        ("has(event.data.n) && event.data.n > 1", celpy.InterpretedRunner),
+    ],
+)
+def test_cel_python_runs_a_fast_condition_only_once_the_fast_path_is_unsure(
+    source: str, runner: type
+) -> None:
+    condition = compile_condition(source)
+    assert condition.fast is not None and isinstance(condition.runner, OnFirstUse)
+    assert condition.evaluate(activation({"data": {"n": 5}})) == (Verdict.MATCH, "")
+    assert condition.evaluate(activation({"data": {"n": 0}})) == (Verdict.NO_MATCH, "")
+    assert not condition.runner.built  # the fast path answered both
+    verdict, reason = condition.evaluate(activation({"data": {"n": "five"}}))
+    assert verdict is Verdict.ERROR and "no such overload" in reason, reason
+    assert condition.runner.built and isinstance(condition.runner.get(), runner)
+    assert condition.evaluate(activation({"data": {"n": 5}})) == (Verdict.MATCH, "")
 
 
 def test_one_activation_serves_many_conditions() -> None:
