@@ -11,7 +11,10 @@ reload: the directory read again unchanged, and with one rule's condition edited
 Also after the cold build: the process's peak RSS, and how long one full collection of the
 cyclic garbage collector takes with the new rules in it (``eventbus serve`` freezes the rules
 it starts with out of the collector's sight; rules loaded by a reload are walked by each full
-collection, which holds the event loop that long).
+collection, which holds the event loop that long). Last, as after ``eventbus serve`` started
+(it freezes what it loaded at start-up out of the collector's sight, ``gc.freeze``), a reload
+that edits every condition: its time, the RSS after it, and how many objects of the old rules
+stayed behind as frozen garbage (what ``gc.unfreeze`` and a collection then free).
 
     python bench/reload_bench.py                  # 10,000 rules in 100 files, 5 rounds
     python bench/reload_bench.py --rules 1000 --files 10
@@ -70,6 +73,11 @@ def timed_load(root: Path, holder: RuleSetHolder | None) -> tuple[float, RuleSet
     return time.perf_counter() - started, holder
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", type=int, default=10_000, help="rules in the set")
@@ -102,19 +110,33 @@ def main() -> None:
             took, _ = timed_load(root, holder)
             one_changed.append(took)
             assert holder.current.rules[i].definition["when"] == rules[i]["when"]
+        gc.collect()
+        gc.freeze()
+        rules = [rule(i, p, edit=args.rounds + 1) for i, p in enumerate(patterns)]
+        write_files(root, rules, args.files)
+        all_changed, _ = timed_load(root, holder)
+        rss_after = _rss_mb()
+        gc.unfreeze()
+        left_behind = gc.collect()
     changed = statistics.median(one_changed)
     body = (
         f"`python bench/reload_bench.py --rules {args.rules} --files {args.files}`: "
         f"{args.rules:,} rules, each with a pattern and a distinct CEL condition, in "
         f"{args.files} files; `load_rules` timed cold, then again in the same process unchanged "
         f"and with one rule edited (median of {args.rounds}), each through "
-        f"`RuleSetHolder.reload` as `POST /rules/reload` does. Machine: {h.machine()} "
-        f"Load average at the end: {h.load_average()}.\n\n"
+        f"`RuleSetHolder.reload` as `POST /rules/reload` does; last, with what was loaded "
+        "frozen out of the collector's sight (`gc.freeze`, as `eventbus serve` does once "
+        "started), a reload that edits every condition: RSS after it, and the old rules' "
+        "objects left behind as frozen garbage (freed by `gc.unfreeze` and a collection). "
+        f"Machine: {h.machine()} Load average at the end: {h.load_average()}.\n\n"
         "| rules | cold build (s) | reload, nothing changed (s) | reload, one rule changed (s) "
         "| one changed / cold | peak RSS (MB) | one full collection after the build (s) |\n"
         "|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {args.rules:,} | {cold:.2f} | {unchanged:.2f} | {changed:.2f} "
-        f"| {changed / cold:.3f} | {peak_mb:,.0f} | {collection:.2f} |\n"
+        f"| {changed / cold:.3f} | {peak_mb:,.0f} | {collection:.2f} |\n\n"
+        "| reload, every condition changed (s) | RSS after (MB) | old objects left frozen |\n"
+        "|---:|---:|---:|\n"
+        f"| {all_changed:.2f} | {rss_after:,.0f} | {left_behind:,} |\n"
     )
     print(body)
     if args.write:
