@@ -54,11 +54,20 @@ _CONTENT_TYPE = ("content-type", b"application/cloudevents+json")
 _VIA = "eventbus-via"
 
 
-def _via(headers: Sequence[tuple[str, bytes]]) -> str:
+def _via(headers: Sequence[tuple[str, bytes | None]]) -> str:
     for name, value in headers:
-        if name == _VIA:
+        if name == _VIA and value is not None:  # a header without a value: as if absent
             return value.decode("utf-8", "replace")
     return DIRECT
+
+
+def _published_at(timestamp: int) -> datetime:
+    """A record's timestamp (ms) as a time; the time it was read when no date can be that far
+    (any producer may set any timestamp: ``2**62`` is year 146 million)."""
+    try:
+        return datetime.fromtimestamp(timestamp / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +233,7 @@ class _KafkaMessage(DecodedMessage):
         super().__init__(
             record.value or b"",
             via=_via(record.headers),
-            published_at=datetime.fromtimestamp(record.timestamp / 1000, UTC),
+            published_at=_published_at(record.timestamp),
             # The offset names the record; its timestamp tells apart an offset reused by a
             # topic that was deleted and made again.
             ref=f"kafka:{tp.topic}:{tp.partition}:{record.offset}:{record.timestamp}",
@@ -385,8 +394,11 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         if not offsets:
             return
         try:
-            await self.consumer.commit(offsets)
-        except (kerr.KafkaError, OSError) as exc:
+            # Bounded: aiokafka retries until it finds a coordinator, and a close or a
+            # rebalance must not wait for a broker that is down.
+            async with asyncio.timeout(self.config.connect_timeout):
+                await self.consumer.commit(offsets)
+        except (kerr.KafkaError, OSError, TimeoutError) as exc:
             # Not fatal: the offsets are committed next round, or the next owner redelivers.
             log.warning("Kafka commit of %s failed: %r", offsets, exc)
             return
@@ -413,6 +425,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             if self.window.free == 0:
                 await self.window.wait(cfg.poll_timeout)
+                if self.window.free == 0 and not await self._poll_paused():
+                    return
                 continue
             try:
                 batches = await self.consumer.getmany(
@@ -421,22 +435,44 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             except kerr.ConsumerStoppedError:
                 return
             except kerr.KafkaError as exc:
+                if not exc.retriable:
+                    raise  # for good (not authorised, a failed group task): a new consumer
                 log.warning("Kafka fetch failed: %r; retrying", exc)
                 await asyncio.sleep(cfg.poll_timeout)
                 continue
+            # The partition state each batch was fetched under, taken before any await: a
+            # rebalance meanwhile may give a partition back to this consumer as a new state,
+            # under which these records (fetched under the old one) must not be handed out.
+            parts = {tp: self.partitions.get(tp) for tp in batches}
             for tp, records in batches.items():
-                part = self.partitions.get(tp)
+                part = parts[tp]
                 if part is not None and part.next_offset is None and records:
                     # The first records since the partition was assigned: expect them from
                     # where the group's reading resumed, so a gap right there is seen too.
                     start = await self._resumed_at(tp)
-                    if start is not None and part.next_offset is None:
+                    if start is None:
+                        # Not known (no answer in time): read them again, rather than take
+                        # whatever gap may lie before them.
+                        log.warning(
+                            "Kafka %s partition %d: no answer where the group resumes "
+                            "reading; fetching from offset %d again",
+                            tp.topic,
+                            tp.partition,
+                            records[0].offset,
+                        )
+                        self._seek(tp, part, records[0].offset)
+                        await asyncio.sleep(cfg.poll_timeout)
+                        continue
+                    if part.next_offset is None:
                         part.next_offset = min(start, records[0].offset)
                 for record in records:
                     # Re-checked per record: between yields the consumer may close, or lose tp
                     # (and maybe get it back, re-reading from the commit: these are stale).
                     if part is None or self.closed or self.partitions.get(tp) is not part:
                         break
+                    expected = part.next_offset
+                    if expected is not None and record.offset < expected:
+                        continue  # handed out already (fetched again after a seek)
                     if part.gap_before(record.offset):
                         taken = await self._gap_taken(tp, part, record.offset)
                         # and the partition may have moved during the broker's answers
@@ -482,11 +518,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             )
             if part.rereads > 1:  # not a hot loop of fetches while the broker catches up
                 await asyncio.sleep(min(0.02 * part.rereads, 0.2))
-            if self.partitions.get(tp) is part and not self.closed:
-                # IllegalStateError: the partition is being reassigned; the commit point is
-                # at or below the gap, so its next owner reads it from there.
-                with contextlib.suppress(kerr.IllegalStateError):
-                    self.consumer.seek(tp, first)
+            self._seek(tp, part, first)
             return False
         log.warning(
             "Kafka %s partition %d: offsets %d-%d were never handed out by the broker (read "
@@ -498,6 +530,34 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             part.rereads,
             loop.time() - part.gap_since,
         )
+        return True
+
+    def _seek(self, tp: TopicPartition, part: _Partition, offset: int) -> None:
+        """Fetch ``tp`` from ``offset`` next, if it is still ``part``'s."""
+        if self.partitions.get(tp) is part and not self.closed:
+            # IllegalStateError: the partition is being reassigned; its commit point is at or
+            # below ``offset``, so its next owner reads from there.
+            with contextlib.suppress(kerr.IllegalStateError):
+                self.consumer.seek(tp, offset)
+
+    async def _poll_paused(self) -> bool:
+        """One poll that fetches nothing (every partition paused for it), while the in-flight
+        window stays full: aiokafka takes a member that has not polled for
+        ``max_poll_interval_ms`` (300 s) as gone and leaves the group, which would hand the
+        events still being handled (slow functions, a database outage) to another member, or
+        to this one again. False when the consumer has stopped."""
+        assigned = self.consumer.assignment()
+        self.consumer.pause(*assigned)
+        try:
+            await self.consumer.getmany(timeout_ms=0)
+        except kerr.ConsumerStoppedError:
+            return False
+        except kerr.KafkaError as exc:
+            if not exc.retriable:
+                raise
+            log.warning("Kafka poll failed: %r; retrying", exc)
+        finally:
+            self.consumer.resume(*(tp for tp in assigned if tp in self.consumer.assignment()))
         return True
 
     async def _log_start(self, tp: TopicPartition) -> int | None:
@@ -539,11 +599,24 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.closed = True
         for handle in self.timers:
             handle.cancel()
-        await cancel_and_wait(self._joining)
-        await cancel_and_wait(self._committer)
-        await self.commit()
-        with contextlib.suppress(kerr.KafkaError, OSError):
+        try:
+            await cancel_and_wait(self._joining)
+            await cancel_and_wait(self._committer)
+            await self.commit()
+        finally:
+            await self._stop_consumer()
+
+    async def _stop_consumer(self) -> None:
+        try:
             await self.consumer.stop()
+        except (kerr.KafkaError, OSError):
+            pass
+        except asyncio.CancelledError:
+            stop_if_cancelled()  # this task's own cancellation goes on
+            # aiokafka 0.14's fetcher, stopping, awaits the fetch it cancelled without
+            # catching the cancellation (a fetch waiting to retry a broker that is down): the
+            # consumer is stopped and has left the group's work, its connections may not be.
+            log.warning("Kafka consumer of %s stopped while the broker is down", self.config.topic)
 
 
 class KafkaBus:

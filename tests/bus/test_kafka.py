@@ -11,10 +11,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
+from eventbus.bus._base import DIRECT
 from eventbus.bus._kafka import GAP_PATIENCE, MAX_REREADS, _Partition, resume_point
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
 from tests.bus.conftest import PATIENCE, event, kafka_config, take
+from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.wait import eventually
 
 
@@ -215,3 +217,95 @@ async def test_closing_the_bus_ends_a_join_in_progress(kafka_bootstrap: str) -> 
             await joining
     left = {t.get_name() for t in asyncio.all_tasks() - running if not t.done()}
     assert not left, f"the closed bus left tasks running: {sorted(left)}"
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"headers": [("eventbus-via", None)]},  # a header without a value
+        {"timestamp_ms": 2**62},  # no date is that far: year 146 million
+    ],
+    ids=["header-without-value", "timestamp-out-of-range"],
+)
+async def test_a_record_with_odd_metadata_is_routed_like_any_other(
+    kafka_bootstrap: str, odd: dict[str, Any]
+) -> None:
+    # Any producer can write such a record; building its message raised out of the consumer,
+    # and every new consumer read it again from the commit: routing stopped for good.
+    config = kafka_config(kafka_bootstrap, partitions=1)
+    async with open_bus(config) as bus:
+        await bus.publish(event(0))
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(config.topic, encode(event(1)), **odd)
+        finally:
+            await producer.stop()
+        await bus.publish(event(2))
+        got = await take(bus.messages(), 3)
+        assert [m.event["id"] for m in got] == ["e-0", "e-1", "e-2"]
+        assert [m.rejected for m in got] == [None, None, None]
+        assert got[1].via == DIRECT
+        for msg in got:
+            await msg.ack()
+
+
+async def test_a_full_window_still_polls_so_the_member_keeps_its_events(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With every slot of the in-flight window taken (slow functions, a database outage), the
+    # consumer fetches nothing; aiokafka takes a member that has not polled for
+    # max_poll_interval_ms (300 s; 2 s here) as gone and leaves the group, and the events
+    # still being handled were handed out again once acked.
+    class ShortPollInterval(AIOKafkaConsumer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, max_poll_interval_ms=2000, **kwargs)
+
+    monkeypatch.setattr("eventbus.bus._kafka.AIOKafkaConsumer", ShortPollInterval)
+    config = kafka_config(kafka_bootstrap, partitions=1, max_in_flight=2, revoke_wait=0.5)
+    async with open_bus(config) as bus:
+        await bus.publish_many([event(n) for n in range(3)])
+        messages = bus.messages()
+        first = await take(messages, 2)
+        waiting = asyncio.create_task(anext(messages))  # the loop runs on, the window full
+        await asyncio.sleep(5)  # handlers slower than the poll interval
+        assert not waiting.done()
+        for msg in first:
+            await msg.ack()
+        async with asyncio.timeout(PATIENCE):
+            third = await waiting
+        assert (third.event["id"], third.deliveries) == ("e-2", 1)
+        await third.ack()
+        with pytest.raises(TimeoutError):  # and nothing handed out again
+            async with asyncio.timeout(2):
+                await anext(messages)
+
+
+async def test_closing_while_the_broker_is_down_is_bounded(tansu_binary: str) -> None:
+    # Acks not committed yet, then the broker gone: the close's commit retried without end,
+    # and the consumer's tasks were never stopped.
+    broker = TansuBroker(tansu_binary)
+    broker.start()
+    try:
+        config = kafka_config(broker.bootstrap, partitions=1, commit_interval=60.0)
+        running = asyncio.all_tasks()
+        bus = KafkaBus(config)
+        await bus.__aenter__()
+        try:
+            await bus.publish(event(1))
+            [msg] = await take(bus.messages(), 1)
+            await msg.ack()
+        finally:
+            broker.stop()
+            async with asyncio.timeout(4 * config.connect_timeout):
+                await bus.__aexit__(None, None, None)
+        left = [t for t in asyncio.all_tasks() - running if not t.done()]
+        # aiokafka 0.14's consumer.stop() fails on a fetch it cancelled while that fetch waits
+        # to retry the dead broker, before it closes its client: the client's metadata task
+        # is the one thing left (eventbus/bus/_kafka.py, _stop_consumer).
+        for task in left:
+            task.cancel()
+        names = [getattr(t.get_coro(), "__qualname__", "?") for t in left]
+        assert set(names) <= {"AIOKafkaClient._md_synchronizer"}, names
+    finally:
+        broker.stop()
