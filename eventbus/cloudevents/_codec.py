@@ -72,7 +72,7 @@ def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -
         charset = charset_of(content_type)
         try:
             event["data"] = body.decode(charset)
-        except (LookupError, UnicodeDecodeError) as exc:
+        except UnicodeError as exc:
             raise CloudEventError(f"body is not valid {charset} text: {exc}") from exc
     else:
         event["data_base64"] = b64encode(body).decode("ascii")
@@ -138,6 +138,6 @@ def body_of(event: dict[str, Any]) -> tuple[str | None, bytes | None]:
         charset = charset_of(content_type)
         try:
             return content_type, data.encode(charset)
-        except (LookupError, UnicodeEncodeError) as exc:
+        except UnicodeError as exc:
             raise CloudEventError(f"data cannot be encoded as {charset}: {exc}") from exc
     return content_type, json_bytes(data)

@@ -32,7 +32,13 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eventbus._errors import CloudEventError
-from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE, SPEC_VERSION, format_time, validate
+from eventbus.cloudevents import (
+    DEFAULT_MAX_EVENT_SIZE,
+    SPEC_VERSION,
+    charset_of,
+    format_time,
+    validate,
+)
 from eventbus.config import AddressLists, Secret, SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
@@ -156,9 +162,13 @@ def _data(request: HookRequest) -> dict[str, Any]:
         return {"data": data, "datacontenttype": "application/json"}
     content_type = declared or "application/octet-stream"
     if media not in ("", "application/octet-stream"):
+        try:  # text in its declared charset (UTF-8 when none), kept as the bytes otherwise
+            charset = charset_of(content_type)
+        except CloudEventError as exc:
+            raise _unreadable(str(exc)) from None
         try:
-            return {"data": request.body.decode(), "datacontenttype": content_type}
-        except UnicodeDecodeError:
+            return {"data": request.body.decode(charset), "datacontenttype": content_type}
+        except UnicodeError:
             pass
     encoded = base64.b64encode(request.body).decode("ascii")
     return {"data_base64": encoded, "datacontenttype": content_type}

@@ -241,6 +241,13 @@ async def test_bodies_become_data_by_their_content_type(
     assert form["type"] == "com.eventbus.webhook"
     text = await post("héllo".encode(), "text/plain; charset=utf-8", method="PUT")
     assert (text["data"], text["datacontenttype"]) == ("héllo", "text/plain; charset=utf-8")
+    # in its declared charset (it was read as UTF-8, then written back as UTF-16 twice over)
+    wide = await post("héllo".encode("utf-16"), "text/plain; charset=utf-16")
+    assert (wide["data"], wide["datacontenttype"]) == ("héllo", "text/plain; charset=utf-16")
+    status, _, answer = await service.request(
+        "POST", "/hooks/plain", b"a..b", {"Content-Type": "text/plain; charset=idna"}
+    )
+    assert status == 400 and "unsupported charset" in answer["detail"], answer
     raw = bytes(range(256))
     binary = await post(raw, "application/octet-stream")
     assert base64.b64decode(binary["data_base64"]) == raw
