@@ -36,10 +36,11 @@ def _same(given: str | bytes, expected: str | bytes) -> bool:
 
 def _fresh(stamp: str, tolerance: float, now: float) -> None:
     """Refuse a timestamp (Unix seconds) outside ``now ± tolerance``: a replay."""
-    try:
-        sent = int(stamp)
-    except ValueError:
-        raise unauthorized(f"timestamp {stamp[:40]!r} is not Unix seconds") from None
+    # Digits only, and few enough for a float: int() also takes signs, spaces and underscores,
+    # and a few hundred digits overflowed the float comparison below (a 500, not a 401).
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        raise unauthorized(f"timestamp {stamp[:40]!r} is not Unix seconds")
+    sent = int(stamp)
     if abs(now - sent) > tolerance:
         raise unauthorized(f"timestamp {sent} is outside the {tolerance:g}s tolerance")
 
