@@ -106,8 +106,8 @@ CIRCUIT_STATE = Gauge(
 HTTP_CONNECTIONS_DROPPED = Counter(
     "eventbus_http_connections_dropped",
     "HTTP connections closed by the server's limits, by reason (header_timeout, body_timeout, "
-    "head_too_large, shed: the longest-waiting one made room at the connection cap, refused: "
-    "at the cap)",
+    "send_timeout, head_too_large, shed: the longest-waiting one made room at the connection "
+    "cap, refused: at the cap)",
     ["reason"],
     registry=REGISTRY,
 )

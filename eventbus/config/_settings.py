@@ -65,6 +65,9 @@ class ListenSettings(_Model):
     """Seconds a connection may wait for a complete request head (new or between requests)."""
     body_timeout: float = Field(30.0, gt=0, le=3600)
     """Seconds from a request head to the end of its body, for routes that read one (408)."""
+    send_timeout: float = Field(30.0, gt=0, le=3600)
+    """Seconds a client may leave an answer unread while more of it waits to be written (the
+    connection's send buffer full); then the connection is dropped."""
     max_connections: int = Field(1000, ge=1, le=1_000_000)
     """Open HTTP connections per process; beyond it the longest-idle one is closed (or 503)."""
 

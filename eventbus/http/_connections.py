@@ -11,6 +11,10 @@ per server.
 - **Body deadline** (``listen.body_timeout``): an application that reads a request body gets it
   whole within that many seconds of the request head, or the request is answered 408 and the
   connection closed.
+- **Send deadline** (``listen.send_timeout``): a connection whose writes are paused (its send
+  buffer full: the client does not read its answers, while pipelining more requests, say) is
+  dropped once it has stayed so that long. The request stuck writing held its connection,
+  and a slot of the cap, for good.
 - **Head size**: a request head (request line and headers) over 16 KiB is answered 431 and the
   connection closed. h11 has this limit built in (and answers 400); httptools has none, so a
   client could otherwise fill memory with one endless head until the deadline.
@@ -85,10 +89,18 @@ class ConnectionGuard:
     Timeouts are in seconds; ``max_connections`` counts every open connection of this server.
     """
 
-    def __init__(self, *, header_timeout: float, body_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        *,
+        header_timeout: float,
+        body_timeout: float,
+        max_connections: int,
+        send_timeout: float = 30.0,
+    ) -> None:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.max_connections = max_connections
+        self.send_timeout = send_timeout
         self._open: set[_Connection] = set()
         # connections without a request in the application, the one waiting longest first
         self._waiting: dict[_Connection, None] = {}
@@ -166,6 +178,7 @@ class _Connection(asyncio.Protocol):
         self._head_room = MAX_HEAD  # of which this many may arrive (a skipped body counts too)
         self._head_check = False
         self._reading: _Request | None = None  # a request waiting for more of its body
+        self._write_paused_at: float | None = None  # since when the client reads nothing
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,10 +231,14 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._live:
+            assert self._loop is not None
+            self._write_paused_at = self._loop.time()
+            self._check_by(self._write_paused_at + self._guard.send_timeout)
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
         if self._live:
+            self._write_paused_at = None
             self._inner.resume_writing()
 
     def entered(self) -> None:
@@ -281,6 +298,13 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if not self._live:
             return
+        if self._write_paused_at is not None:
+            send_by = self._write_paused_at + self._guard.send_timeout
+            if send_by <= self._loop.time():
+                metrics.HTTP_CONNECTIONS_DROPPED.labels("send_timeout").inc()
+                self.close()
+                return
+            self._check_by(send_by)  # and whatever else is due, below
         if self._requests == 0:
             deadline = self._waiting_since + self._guard.header_timeout
         elif self._reading is not None:

@@ -53,6 +53,7 @@ def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> Http
         header_timeout=listen.header_timeout,
         body_timeout=listen.body_timeout,
         max_connections=listen.max_connections,
+        send_timeout=listen.send_timeout,
     )
     config = uvicorn.Config(
         guard.wrap(app),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -264,3 +265,27 @@ async def test_eventbus_serve_closes_slow_clients(
         for conn in bodies:
             assert (await _until_closed(conn)).startswith(b"HTTP/1.1 408 ")
     assert await proc.terminate() == 0
+
+
+@PARSERS
+@pytest.mark.timeout(120)
+async def test_a_client_that_reads_no_answers_is_dropped(
+    eventbus: StartService, receiver: Receiver, http: str
+) -> None:
+    # Pipelined requests whose answers the client never reads: the request stuck writing its
+    # answer held the connection (and a slot of the cap) for good, deadlines or not.
+    svc = await _start(eventbus, receiver, http, send_timeout=1.0)
+    host, port = svc.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    asked = 300
+    async with _closing([(reader, writer)]):
+        writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n" * asked)
+        await writer.drain()
+        await asyncio.sleep(3)  # reading nothing, past the send deadline
+        answered = (await _until_closed((reader, writer))).count(b"HTTP/1.1 200 OK")
+    assert 0 < answered < asked, answered
+    await _served(svc, 1)
