@@ -23,6 +23,7 @@ from eventbus.cloudevents._event import (
     check_size,
     is_json,
     json_bytes,
+    load_json,
     media_type,
     validate,
 )
@@ -58,14 +59,14 @@ def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -
         # Some senders (the Python SDK among them) omit the type of a JSON body; anything that
         # does not parse as JSON stays opaque bytes.
         try:
-            event["data"] = orjson.loads(body)
+            event["data"] = load_json(body)
         except orjson.JSONDecodeError:
             event["data_base64"] = b64encode(body).decode("ascii")
         return
     media = media_type(content_type)
     if is_json(media):
         try:
-            event["data"] = orjson.loads(body)
+            event["data"] = load_json(body)
         except orjson.JSONDecodeError as exc:
             raise CloudEventError(f"malformed JSON in the {content_type} body: {exc}") from exc
     elif _is_text(media):

@@ -37,6 +37,7 @@ from eventbus.cloudevents import (
     SPEC_VERSION,
     charset_of,
     format_time,
+    load_json,
     validate,
 )
 from eventbus.config import AddressLists, Secret, SourceSpec
@@ -150,7 +151,7 @@ def _data(request: HookRequest) -> dict[str, Any]:
     media = declared.partition(";")[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
         try:
-            return {"data": orjson.loads(request.body), "datacontenttype": declared}
+            return {"data": load_json(request.body), "datacontenttype": declared}
         except orjson.JSONDecodeError as exc:
             raise _unreadable(f"the body is not valid JSON: {exc}") from None
     if media == "application/x-www-form-urlencoded":

@@ -67,3 +67,25 @@ def test_text_data_in_its_charset_round_trips_in_binary_mode() -> None:
     headers, body = to_http(event)
     assert body == "café".encode("latin-1")
     assert from_http(headers, body) == [event]
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["123456789012345678901234567890", "18446744073709551616", "-9223372036854775809", "9" * 300],
+    ids=["30-digits", "2**64", "-2**63-1", "300-digits"],
+)
+def test_an_integer_beyond_64_bits_is_refused_not_changed(number: str) -> None:
+    # orjson reads it as a float: it was accepted and delivered as 1.2345678901234568e+29
+    with pytest.raises(CloudEventError, match="beyond 64 bits"):
+        _parse(f',"data":{{"n":{number}}}')
+    headers = {"Content-Type": "application/json", "ce-specversion": "1.0", "ce-id": "1"}
+    headers |= {"ce-source": "tests/fuzz", "ce-type": "t"}
+    with pytest.raises(CloudEventError, match="beyond 64 bits"):
+        parse_http(headers, f"[{number}]".encode())
+
+
+def test_integers_within_64_bits_and_long_digit_strings_are_kept() -> None:
+    extra = ',"data":{"u":18446744073709551615,"i":-9223372036854775808,"s":"' + "1" * 30 + '"}'
+    [event] = _parse(extra)
+    assert isinstance(event, dict)
+    assert event["data"] == {"u": 2**64 - 1, "i": -(2**63), "s": "1" * 30}
