@@ -18,7 +18,7 @@ import orjson
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents._bindings import check_entries
-from eventbus.cloudevents._event import validate
+from eventbus.cloudevents._event import DEFAULT_MAX_EVENT_SIZE, validate
 
 __all__ = [
     "notification_to_events",
@@ -138,14 +138,17 @@ def oss_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def notification_to_events(
-    body: bytes | Mapping[str, Any], *, max_records: int | None = None
+    body: bytes | Mapping[str, Any],
+    *,
+    max_records: int | None = None,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
 ) -> list[dict[str, Any]]:
     """Detect the notification format (S3/MinIO or OSS) and map it to valid CloudEvents.
 
     Accepts raw JSON bytes or an already-parsed object. Raises CloudEventError naming the
     record: 400 for invalid JSON, an unknown format, a malformed record or one whose event is
     not valid (see :func:`validate`), 413 for more than ``max_records``
-    records or an event over the size limit.
+    records or an event over ``max_size`` bytes.
     """
     if isinstance(body, bytes | bytearray | memoryview):
         try:
@@ -170,7 +173,7 @@ def notification_to_events(
     events = convert(parsed)
     for i, event in enumerate(events):
         try:
-            validate(event)
+            validate(event, max_size=max_size)
         except CloudEventError as exc:
             raise CloudEventError(
                 f"{key}[{i}]: {exc.detail}", status=exc.status, title="Invalid bucket notification"

@@ -279,7 +279,7 @@ class IngestApp:
     async def _notifications(self, headers: Mapping[str, str], raw: bytes) -> _Answer:
         """S3 / MinIO / OSS bucket notifications, one CloudEvent per record."""
         events: list[dict[str, Any] | CloudEventError] = list(
-            notification_to_events(raw, max_records=self._max_batch)
+            notification_to_events(raw, max_records=self._max_batch, max_size=self._max_event)
         )
         return await self._accept(events, True, "http:notification")
 

@@ -183,3 +183,15 @@ def test_records_are_capped_before_mapping() -> None:
     with pytest.raises(CloudEventError, match="3 events, more than the limit of 2") as info:
         notification_to_events({"Records": [{}] * 3}, max_records=2)
     assert info.value.status == 413
+
+
+def test_the_event_size_limit_is_the_callers() -> None:
+    # /notifications checked every record against the default 256 KiB, whatever the service's
+    # max_event_size: a lowered limit was bypassed, a raised one refused
+    body = {"Records": [S3_RECORD]}
+    [event] = notification_to_events(body, max_size=64 * 1024)
+    size = len(orjson.dumps(event))
+    with pytest.raises(CloudEventError) as info:
+        notification_to_events(body, max_size=size - 1)
+    assert info.value.status == 413
+    assert notification_to_events(body, max_size=size) == [event]
