@@ -57,6 +57,7 @@ __all__ = ["ConnectionGuard"]
 _CONNECTION: ContextVar[_Connection | None] = ContextVar("eventbus_connection", default=None)
 
 MAX_HEAD = 16 * 1024  # bytes of a request head; h11's own default limit
+_TOO_LARGE = f"the request head exceeds {MAX_HEAD} bytes"
 
 
 def _refuse(transport: asyncio.Transport, status: bytes, problem: Problem) -> None:
@@ -130,6 +131,13 @@ class ConnectionGuard:
                 await app(scope, receive, send)
                 return
             connection.entered()
+            if _head_size(scope) > MAX_HEAD:
+                # whole in one read, its task started before the connection could count it
+                connection.left(0)
+                metrics.HTTP_CONNECTIONS_DROPPED.labels("head_too_large").inc()
+                for message in _answer(Problem(431, _TOO_LARGE), scope["path"]):
+                    await send(message)
+                return
             request = _Request(connection, self.body_timeout, receive, send, scope)
             try:
                 await request.run(app)
@@ -281,7 +289,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         if not self._transport.is_closing():  # else the parser refused it already (h11: 400)
             metrics.HTTP_CONNECTIONS_DROPPED.labels("head_too_large").inc()
-            too_large = Problem(431, f"the request head exceeds {MAX_HEAD} bytes")
+            too_large = Problem(431, _TOO_LARGE)
             _refuse(self._transport, b"431 Request Header Fields Too Large", too_large)
 
     def _check_by(self, deadline: float) -> None:
@@ -318,6 +326,12 @@ class _Connection(asyncio.Protocol):
         else:
             metrics.HTTP_CONNECTIONS_DROPPED.labels("header_timeout").inc()
             self.close()
+
+
+def _head_size(scope: Scope) -> int:
+    """About the size of the request head the scope came from (request line and headers)."""
+    line = len(scope["method"]) + len(scope["raw_path"] or b"") + len(scope["query_string"]) + 12
+    return line + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -233,6 +233,13 @@ async def test_request_heads_are_bounded_but_bodies_that_come_with_them_are_not(
     assert head.startswith(b"HTTP/1.1 405 ") and b"connection: close" in head.lower(), head
     assert await _until_closed(conn) == b""
 
+    # a whole head over the limit in one write: its request reached the application before
+    # the connection could count it (served, until the check moved there too)
+    whole = _head("/events", _event(5)).replace(b"Host:", b"X-Pad: " + b"p" * 17_000 + b"\r\nHost:")
+    answer = await _until_closed(await _open(svc.url, whole + _event(5)))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    assert b"application/problem+json" in answer, answer
+
     endless = b"POST /events HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"p" * 20_000
     answer = await _until_closed(await _open(svc.url, endless))
     # h11 refuses it itself (400); with httptools the guard does (431 problem+json)
