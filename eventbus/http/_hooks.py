@@ -26,7 +26,7 @@ from eventbus.http._access import Access, RefusalLog
 from eventbus.http._addresses import allowed, client_address, forwarded_for
 from eventbus.http._ingest import _read_body
 from eventbus.http._problem import PROBLEM, Problem, problem_for
-from eventbus.http._types import ASGIApp, Receive, Scope, Send, send_answer
+from eventbus.http._types import ASGIApp, Receive, Scope, Send, request_headers, send_answer
 from eventbus.sources import HookRequest, WebhookSource
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class HookApp:
         if scope["method"] not in spec.methods:
             allow = ", ".join(spec.methods)
             raise Problem(405, f"hook {name!r} accepts {allow}", headers={"Allow": allow})
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = request_headers(scope["headers"])
         peer = scope.get("client")
         remote = peer[0] if peer else None
         address = client_address(spec, remote, forwarded_for(scope["headers"]))

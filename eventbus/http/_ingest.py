@@ -26,7 +26,7 @@ from eventbus.cloudevents import (
 )
 from eventbus.http._access import Access
 from eventbus.http._problem import PROBLEM, Problem, problem_for
-from eventbus.http._types import ASGIApp, Receive, Scope, Send, send_answer
+from eventbus.http._types import ASGIApp, Receive, Scope, Send, request_headers, send_answer
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -256,9 +256,7 @@ class IngestApp:
             if scope["method"] != "POST":
                 allow = "GET, POST" if handler == self._events else "POST"
                 raise Problem(405, f"{path} accepts {allow} only", headers={"Allow": allow})
-            headers = {
-                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
-            }
+            headers = request_headers(scope["headers"])
             client = scope.get("client")
             await self._access.check(headers, path, client[0] if client else None, "publish")
             raw = await _read_body(receive, headers, self._max_request)

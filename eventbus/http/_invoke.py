@@ -40,6 +40,7 @@ from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access
 from eventbus.http._params import TargetName
 from eventbus.http._problem import Problem
+from eventbus.http._types import request_headers
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -66,7 +67,7 @@ async def _caller(request: Request, scope: str) -> str:
     """Who invokes, for the audit: the API key's name, else the client's address. Refuses
     (401/403) a request without ``scope`` when API keys are configured."""
     access: Access = request.app.state.access
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = request_headers(request.scope["headers"])
     remote = request.client.host if request.client else None
     key = await access.check(headers, request.url.path, remote, scope)
     return f"key={key}" if key is not None else f"remote={remote or 'unknown'}"
@@ -166,7 +167,7 @@ async def invoke_target(
         raise Problem(400, "reply=true needs a synchronous invocation")
     limit = service.settings.max_event_size
     body = await _read_body(request, limit)
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = request_headers(request.scope["headers"])
     attributes = {"type": event_type, "source": source, "subject": subject}
     event = _event_from_request(headers, body, attributes, max_size=limit)
     result = await service.invoke(
@@ -183,7 +184,7 @@ async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publis
     service = cast("Service", request.app.state.service)
     limit = service.settings.max_event_size
     body = await _read_body(request, limit)
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = request_headers(request.scope["headers"])
     parsed = parse_http(headers, body, max_size=limit)
     if parsed.batch:
         raise Problem(400, "a synchronous request carries one event, not a batch")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from eventbus.http._problem import Problem
+
 __all__ = ["ASGIApp", "Message", "Receive", "Scope", "Send", "send_answer"]
 
 Scope = MutableMapping[str, Any]
@@ -32,3 +34,30 @@ async def send_answer(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+# Headers a request may repeat: lists by definition, read whole (X-Forwarded-For's lines are
+# joined by ``_addresses``). Any other header repeated is refused: which of its values counts
+# is a choice a proxy in front may make differently (the first, where eventbus took the last),
+# and it decides what the event is (``ce-*``, Content-Type) or who sends it (Authorization,
+# X-API-Key, a webhook's signature).
+REPEATABLE_HEADERS = frozenset(
+    {
+        "accept", "accept-encoding", "accept-language", "cache-control", "cookie", "forwarded",
+        "pragma", "te", "via", "warning", "x-forwarded-for",
+    }
+)  # fmt: skip
+
+
+def request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """A request's headers by lower-case name; raises ``Problem`` (400) for one repeated that
+    is not in ``REPEATABLE_HEADERS``."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+    if len(headers) < len(raw):
+        seen: set[str] = set()
+        for key, _ in raw:
+            name = key.decode("latin-1").lower()
+            if name in seen and name not in REPEATABLE_HEADERS:
+                raise Problem(400, f"header {name!r} appears more than once; send it once")
+            seen.add(name)
+    return headers

@@ -296,3 +296,34 @@ async def test_a_client_that_reads_no_answers_is_dropped(
         answered = (await _until_closed((reader, writer))).count(b"HTTP/1.1 200 OK")
     assert 0 < answered < asked, answered
     await _served(svc, 1)
+
+
+async def test_a_header_that_decides_the_event_or_the_sender_may_not_repeat(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The last value counted, where a proxy in front may read the first: `ce-type: first`
+    # then `ce-type: second` was delivered as `second`.
+    svc = await _start(eventbus, receiver, "httptools")
+    binary = (
+        "POST /events HTTP/1.1\r\nHost: test\r\nce-specversion: 1.0\r\nce-id: r-{i}\r\n"
+        "ce-source: tests/conn\r\n{extra}Content-Type: application/json\r\n"
+        "Content-Length: 2\r\n\r\n{{}}"
+    )
+    for i, extra in enumerate(
+        [
+            "ce-type: first\r\nce-type: second\r\n",
+            "ce-type: t\r\nContent-Type: text/plain\r\n",
+            "ce-type: t\r\nAuthorization: Bearer a\r\nauthorization: Bearer b\r\n",
+        ]
+    ):
+        conn = await _open(svc.url, binary.format(i=i, extra=extra).encode())
+        async with _closing([conn]):
+            head, body = await _response(conn)
+        assert head.startswith(b"HTTP/1.1 400 "), (extra, head)
+        assert b"appears more than once" in body, body
+    # lists may repeat
+    fine = binary.format(i=9, extra="ce-type: t\r\nAccept: a/b\r\nAccept: c/d\r\n")
+    conn = await _open(svc.url, fine.encode())
+    async with _closing([conn]):
+        head, _ = await _response(conn)
+    assert head.startswith(b"HTTP/1.1 202 "), head
