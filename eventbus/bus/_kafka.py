@@ -282,6 +282,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.partitions: dict[TopicPartition, _Partition] = {}
         self.ready: deque[_KafkaMessage] = deque()
         self.timers: set[asyncio.TimerHandle] = set()
+        # records that could not be read, by partition and offset: why
+        self.unreadable: dict[tuple[TopicPartition, int], str] = {}
         self.closed = False
         self.settled = asyncio.Event()  # set by each ack and nak, for a revocation waiting
         self._committer: asyncio.Task[None] | None = None
@@ -434,6 +436,10 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 )
             except kerr.ConsumerStoppedError:
                 return
+            except (kerr.CorruptRecordException, ValueError) as exc:
+                # A record aiokafka cannot read (a header name that is not UTF-8, a checksum
+                # that does not match): every fetch from it fails, and every new consumer's.
+                batches = await self._read_past_unreadable(exc)
             except kerr.KafkaError as exc:
                 if not exc.retriable:
                     raise  # for good (not authorised, a failed group task): a new consumer
@@ -481,7 +487,10 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     part.fetched(record.offset)
                     part.handling += 1
                     self.window.take()
-                    yield _KafkaMessage(record, self, tp, part)
+                    msg = _KafkaMessage(record, self, tp, part)
+                    if self.unreadable and (why := self.unreadable.pop((tp, record.offset), None)):
+                        msg.event, msg.rejected = {}, why
+                    yield msg
 
     async def _gap_taken(self, tp: TopicPartition, part: _Partition, offset: int) -> bool:
         """A record at ``offset`` comes after offsets that were never handed out. Not expected
@@ -531,6 +540,45 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             loop.time() - part.gap_since,
         )
         return True
+
+    async def _read_past_unreadable(
+        self, error: Exception
+    ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        """After a fetch failed on a record it could not read: read each partition one record
+        at a time, up to that record, which is handed out as an empty record, rejected with
+        the reason (the router sets it aside), and read past. Records before it come as usual."""
+        log.warning("Kafka fetch could not read a record (%r); looking for it", error)
+        found: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+        for tp in self.consumer.assignment():
+            part = self.partitions.get(tp)
+            try:
+                got = await self.consumer.getmany(
+                    tp, timeout_ms=int(self.config.poll_timeout * 1000), max_records=1
+                )
+            except (kerr.CorruptRecordException, ValueError) as exc:
+                if part is None or self.closed:
+                    continue
+                try:
+                    offset = await self.consumer.position(tp)
+                except kerr.KafkaError:  # no longer assigned: its next owner looks again
+                    continue
+                log.warning(
+                    "Kafka %s partition %d: offset %d cannot be read (%r); set aside",
+                    tp.topic,
+                    tp.partition,
+                    offset,
+                    exc,
+                )
+                self.unreadable[(tp, offset)] = f"unreadable Kafka record: {exc!r}"
+                found[tp] = [
+                    ConsumerRecord(tp.topic, tp.partition, offset, -1, 0, None, b"", None, 0, 0, [])
+                ]
+                self._seek(tp, part, offset + 1)
+            except kerr.KafkaError:
+                continue  # this partition's fetch failed otherwise: the next round says
+            else:
+                found.update(got)
+        return found
 
     def _seek(self, tp: TopicPartition, part: _Partition, offset: int) -> None:
         """Fetch ``tp`` from ``offset`` next, if it is still ``part``'s."""

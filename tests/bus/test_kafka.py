@@ -4,10 +4,15 @@ outage is in the bus contract, test_contract.py)."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.util import calc_crc32c
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
@@ -309,3 +314,47 @@ async def test_closing_while_the_broker_is_down_is_bounded(tansu_binary: str) ->
         assert set(names) <= {"AIOKafkaClient._md_synchronizer"}, names
     finally:
         broker.stop()
+
+
+async def _produce_unreadable(bootstrap: str, topic: str, value: bytes) -> None:
+    """One record whose header name is not UTF-8 (any Kafka client writes strings there, a
+    hostile one need not), written as raw bytes with a valid checksum to partition 0."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    builder.append(0, timestamp=None, key=None, value=value, headers=[("éé", b"x")])
+    batch = builder.build()
+    at = batch.find("éé".encode())
+    batch[at : at + 4] = b"\xff\xfe\xff\xfe"
+    struct.pack_into(">I", batch, 17, calc_crc32c(bytes(batch[21:])))  # over attributes on
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        (broker,) = client.cluster.brokers()
+        request = ProduceRequest(None, -1, 5000, [(topic, [(0, bytes(batch))])])
+        await client.send(broker.nodeId, request)
+    finally:
+        await client.close()
+
+
+async def test_a_record_that_cannot_be_read_is_set_aside_and_routing_goes_on(
+    kafka_bootstrap: str,
+) -> None:
+    # aiokafka fails the whole fetch on it (UnicodeDecodeError): the consumer raised, and every
+    # new consumer read it again from the commit: routing stopped for good, health green.
+    config = kafka_config(kafka_bootstrap, partitions=1)
+    async with open_bus(config) as bus:
+        await bus.publish(event(0))
+        await _produce_unreadable(kafka_bootstrap, config.topic, encode(event(1)))
+        await bus.publish(event(2))
+        got = await take(bus.messages(), 3)
+        assert [m.event.get("id") for m in got] == ["e-0", None, "e-2"]
+        assert "unreadable Kafka record" in (got[1].rejected or ""), got[1].rejected
+        for msg in got:
+            await msg.ack()
