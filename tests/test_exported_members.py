@@ -121,6 +121,7 @@ EXPORTS: dict[str, list[str]] = {
         "YamlDoc",
         "connector_adapter",
         "connector_spec",
+        "header_token",
         "load_connectors",
         "load_settings",
         "load_yaml",

@@ -37,7 +37,7 @@ from eventbus.config._connectors import (
     register_connector,
 )
 from eventbus.config._redact import redact_url
-from eventbus.config._secrets import Secret
+from eventbus.config._secrets import Secret, header_token
 from eventbus.config._settings import (
     ApiKey,
     BusSettings,
@@ -88,6 +88,7 @@ __all__ = [
     "YamlDoc",
     "connector_adapter",
     "connector_spec",
+    "header_token",
     "load_connectors",
     "load_settings",
     "load_yaml",

@@ -29,12 +29,23 @@ from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler, Vali
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
-__all__ = ["MASK", "Secret", "literal_secrets", "resolve_reference"]
+__all__ = ["MASK", "Secret", "header_token", "literal_secrets", "resolve_reference"]
 
 MASK = "***"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _FORMS = "write a string, {env: NAME}, {env: NAME, default: VALUE} or {file: /path}"
+
+
+def header_token(secret: Secret, what: str) -> Secret:
+    """``secret``, if it can be compared with an HTTP header as it is: printable ASCII without
+    spaces. Raises ValueError naming ``what`` otherwise: headers are read as bytes (Latin-1),
+    so a key with other characters could never match, and spaces are trimmed by proxies."""
+    if not all("!" <= c <= "~" for c in secret.reveal()):
+        raise ValueError(
+            f"{what} must be printable ASCII without spaces: it is compared with an HTTP header"
+        )
+    return secret
 
 
 def resolve_reference(value: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, str]:

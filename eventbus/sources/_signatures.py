@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eventbus.config import Secret
+from eventbus.config import Secret, header_token
 from eventbus.config._units import Duration
 from eventbus.sources._hook_request import HookRequest, Template, unauthorized
 
@@ -75,6 +75,11 @@ class GitLabVerify(_Verify):
     """``X-Gitlab-Token``: the secret itself."""
 
     kind: Literal["gitlab"]
+
+    @field_validator("secret")
+    @classmethod
+    def _header_token(cls, secret: Secret) -> Secret:
+        return header_token(secret, "a GitLab token")
 
     def check(self, request: HookRequest, now: float) -> None:
         if not _same(request.header("X-Gitlab-Token"), self.key):

@@ -40,7 +40,7 @@ from eventbus.cloudevents import (
     load_json,
     validate,
 )
-from eventbus.config import AddressLists, Secret, SourceSpec
+from eventbus.config import AddressLists, Secret, SourceSpec, header_token
 from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
 from eventbus.sources._signatures import Verify
@@ -116,6 +116,11 @@ class WebhookSourceSpec(AddressLists, SourceSpec):
         if self.service_keys is not None:
             return self.service_keys
         return self.verify is None and not self.keys
+
+    @field_validator("keys")
+    @classmethod
+    def _header_keys(cls, keys: tuple[Secret, ...]) -> tuple[Secret, ...]:
+        return tuple(header_token(key, "a trigger key") for key in keys)
 
     @field_validator("methods")
     @classmethod

@@ -156,3 +156,29 @@ def test_webhook_and_s3_secrets_take_the_same_shape_and_warnings(
         f"{tmp_path}/s.yaml:4: sources.0.verify.secret: a secret given as a literal "
         "(source 'hook'); use {env: NAME} or {file: PATH}"
     ]
+
+
+@pytest.mark.parametrize("key", ["é" * 16, "a key with spaces!", "tab\tseparated-0123456"])
+def test_keys_compared_with_a_header_are_printable_ascii(tmp_path: Path, key: str) -> None:
+    # headers are read as Latin-1 bytes: a key with other characters was accepted at load and
+    # could never match; spaces are trimmed by proxies
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text("api_keys:\n  - {name: a, key: {env: K}}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"eventbus.yaml:2: api_keys.0.key: .*printable ASCII"):
+        load_settings(cfg, env={"K": key})
+    conn = tmp_path / "connectors"
+    conn.mkdir()
+    (conn / "c.yaml").write_text(
+        "sources:\n"
+        "  - {name: keyed, type: webhook, keys: [{env: K}]}\n"
+        "  - {name: lab, type: webhook, verify: {kind: gitlab, secret: {env: K}}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_connectors(conn, env={"K": key})
+    assert "c.yaml:2" in str(info.value) and "a trigger key must be printable ASCII" in str(
+        info.value
+    )
+    assert "c.yaml:3" in str(info.value) and "a GitLab token must be printable ASCII" in str(
+        info.value
+    )
