@@ -31,8 +31,8 @@ from typing import Any, BinaryIO, Literal
 import orjson
 import pydantic
 
-from eventbus._errors import BusError, StoreError
-from eventbus.cloudevents import new_event
+from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus.cloudevents import load_json, new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -383,8 +383,8 @@ class LogTailSource:
         data: dict[str, Any] = {"offset": record.start}
         if self.config.format == "json":
             try:
-                data["json"] = orjson.loads(message)
-            except orjson.JSONDecodeError as exc:
+                data["json"] = load_json(message.encode())
+            except (orjson.JSONDecodeError, CloudEventError) as exc:
                 data["message"] = message
                 data["json_error"] = str(exc)
         else:

@@ -25,7 +25,7 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus._tasks import stop_if_cancelled
-from eventbus.cloudevents import new_event, notification_to_events
+from eventbus.cloudevents import load_json, new_event, notification_to_events
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -71,7 +71,9 @@ def raw_event(
         "time": time,
     }
     try:
-        return new_event(data=orjson.loads(payload), **common)
+        # an integer beyond 64 bits: CloudEventError, dead-lettered (read as a float it would
+        # change)
+        return new_event(data=load_json(payload), **common)
     except orjson.JSONDecodeError:
         pass
     try:

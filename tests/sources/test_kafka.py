@@ -12,9 +12,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from eventbus._errors import ConfigError
+from eventbus._errors import CloudEventError, ConfigError
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources._kafka import KafkaSource
+from eventbus.sources._queues import raw_event
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
@@ -229,3 +230,13 @@ def test_bad_kafka_config_names_the_source(settings: dict[str, Any], fragment: s
     spec = {"name": "k", "type": "kafka", "bootstrap_servers": "127.0.0.1:9", "topics": ["t"]}
     with pytest.raises(ConfigError, match=f"source 'k' \\(kafka\\): .*{fragment}"):
         build_source({**spec, **settings})
+
+
+def test_raw_format_refuses_an_integer_json_would_change() -> None:
+    # read as a float it became 1.2345678901234568e+29; the message is dead-lettered instead
+    source = kafka(
+        "raw", "127.0.0.1:9", "t", format="raw", event_type="t.raw", event_source="/kafka"
+    )
+    with pytest.raises(CloudEventError, match="beyond 64 bits"):
+        raw_event(source.config, b'{"n": 123456789012345678901234567890}')
+    assert raw_event(source.config, b'{"n": 18446744073709551615}')["data"] == {"n": 2**64 - 1}

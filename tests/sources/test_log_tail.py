@@ -125,15 +125,17 @@ async def test_bus_down_checkpoints_nothing_then_delivers_everything(
 
 async def test_json_lines_and_bad_json_kept_with_error(tmp_path: Path, database_dsn: str) -> None:
     log = tmp_path / "app.json"
-    log.write_text('{"level": "error", "n": 1}\nnot json\n')
+    huge = '{"n": 123456789012345678901234567890}'  # read as a float, it would change
+    log.write_text(f'{{"level": "error", "n": 1}}\nnot json\n{huge}\n')
     recorder = Recorder()
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "app-log", recorder)
         async with running(build_source(_spec(log, format="json")), ctx):
-            good, bad = await recorder.wait_for(2)
+            good, bad, long = await recorder.wait_for(3)
     assert good["data"] == {"path": str(log), "offset": 0, "json": {"level": "error", "n": 1}}
     assert bad["data"]["message"] == "not json"
     assert "json_error" in bad["data"]
+    assert long["data"]["message"] == huge and "beyond 64 bits" in long["data"]["json_error"]
 
 
 async def test_multiline_joins_continuations_with_bounds(tmp_path: Path, database_dsn: str) -> None:
