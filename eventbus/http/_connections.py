@@ -57,6 +57,10 @@ __all__ = ["ConnectionGuard"]
 _CONNECTION: ContextVar[_Connection | None] = ContextVar("eventbus_connection", default=None)
 
 MAX_HEAD = 16 * 1024  # bytes of a request head; h11's own default limit
+# Bytes that may arrive while a request whose body is all in is in the application: the next
+# request's head, and whatever of its body came in the same reads (uvicorn stops reading once
+# that head is complete). A head that never completes is dropped past this.
+MAX_PIPELINED = MAX_HEAD + 256 * 1024
 _TOO_LARGE = f"the request head exceeds {MAX_HEAD} bytes"
 
 
@@ -139,6 +143,7 @@ class ConnectionGuard:
                     await send(message)
                 return
             request = _Request(connection, self.body_timeout, receive, send, scope)
+            connection.latest = request
             try:
                 await request.run(app)
             finally:
@@ -186,6 +191,8 @@ class _Connection(asyncio.Protocol):
         self._head_room = MAX_HEAD  # of which this many may arrive (a skipped body counts too)
         self._head_check = False
         self._reading: _Request | None = None  # a request waiting for more of its body
+        self.latest: _Request | None = None  # the request that entered the application last
+        self._pipelined = 0  # bytes received since it did, once its body was all in
         self._write_paused_at: float | None = None  # since when the client reads nothing
         self._timer: asyncio.TimerHandle | None = None
 
@@ -214,6 +221,14 @@ class _Connection(asyncio.Protocol):
             self._inner.data_received(data)
         finally:
             _CONNECTION.reset(token)
+        if self._requests and self.latest is not None and self.latest.body_done:
+            # A request in the application, its body all in: these bytes are a next request
+            # (pipelined), whose head must not grow without end while this one is served.
+            self._pipelined += len(data)
+            if self._pipelined > MAX_PIPELINED:
+                metrics.HTTP_CONNECTIONS_DROPPED.labels("head_too_large").inc()
+                self.close()
+            return
         if self._requests == 0:
             self._head_bytes += len(data)
             if self._head_bytes > self._head_room and not self._head_check:
@@ -252,6 +267,7 @@ class _Connection(asyncio.Protocol):
     def entered(self) -> None:
         """A request of this connection is in the application."""
         self._requests += 1
+        self._pipelined = 0
         self._guard._waits(self, False)
 
     def left(self, unread: int) -> None:
@@ -362,6 +378,11 @@ class _Request:
         self._started = False  # the application began its answer
         self._expired = False  # the deadline passed: the client got its 408 (or a close)
         self._answering: asyncio.Task[None] | None = None
+
+    @property
+    def body_done(self) -> bool:
+        """The application has the whole body (or the request has none)."""
+        return self._body_done
 
     @property
     def unread(self) -> int:

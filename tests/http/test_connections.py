@@ -327,3 +327,26 @@ async def test_a_header_that_decides_the_event_or_the_sender_may_not_repeat(
     async with _closing([conn]):
         head, _ = await _response(conn)
     assert head.startswith(b"HTTP/1.1 202 "), head
+
+
+@pytest.mark.timeout(120)
+async def test_a_pipelined_head_that_never_ends_is_dropped_while_a_stream_is_served(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # While a request is in the application (a live stream here), the bytes that follow are
+    # the next request's head; one that never completes was taken in without end (150 MB in a
+    # reviewer's probe). With httptools only: h11 stops reading until the answer is complete.
+    svc = await _start(eventbus, receiver, "httptools")
+    conn = await _open(svc.url, b"GET /events/live HTTP/1.1\r\nHost: test\r\n\r\n")
+    async with _closing([conn]):
+        reader, writer = conn
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSED_WITHIN)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):  # 40 x 16 KiB: past the bound, far short of "without end"
+                writer.write(b"p" * 16_384)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        await _until_closed(conn)
+    await _served(svc, 1)
