@@ -381,9 +381,18 @@ class NatsBus:
             max_ack_pending=-1,
         )
         try:
-            psub = await js.pull_subscribe(
-                cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
-            )
+            try:
+                psub = await js.pull_subscribe(
+                    cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
+                )
+            except nats.js.errors.NotFoundError:
+                # The stream was deleted under the running service (an operator remaking it):
+                # make it again as it opened, then the consumer.
+                log.warning("stream %s is gone; making it again", cfg.stream)
+                await self._ensure_stream(js)
+                psub = await js.pull_subscribe(
+                    cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
+                )
         except nats.errors.Error as exc:
             raise _translate(exc, f"create consumer {cfg.durable}") from exc
         window = InFlightWindow(cfg.max_in_flight)
@@ -405,7 +414,14 @@ class NatsBus:
                     batch.extend(fetched[:free])
                     await _hand_back(deque(fetched[free:]))
                     continue
-                msg = _NatsMessage(batch.popleft(), window, self)
+                raw = batch.popleft()
+                try:
+                    msg = _NatsMessage(raw, window, self)
+                except nats.errors.NotJSMessageError:
+                    # Not from JetStream: anyone allowed to publish to the pull's inbox can put
+                    # a plain message there. Nothing to settle; it raised out of the iterator.
+                    log.warning("dropped a message on the pull inbox that JetStream did not send")
+                    continue
                 window.take()
                 self._unsettled.add(msg)
                 yield msg
@@ -434,9 +450,29 @@ class NatsBus:
             error = _translate(exc, "fetch")
             if not isinstance(error, BusUnavailable):
                 raise error from exc
+            if await self._consumer_gone():
+                # Deleted under the running service (with its stream, perhaps): every pull
+                # answers 503 for ever while the server is fine. A new iterator makes it again.
+                raise BusError(
+                    f"the JetStream consumer {self.config.durable} of stream "
+                    f"{self.config.stream} is gone"
+                ) from exc
             log.warning("%s; retrying", error)
             await asyncio.sleep(self.config.fetch_timeout)
             return []
+
+    async def _consumer_gone(self) -> bool:
+        """True when the server, connected, says the durable consumer (or its stream) does not
+        exist; False when it exists or nothing can be said."""
+        if self._nc is None or not self._nc.is_connected or self._js is None:
+            return False
+        try:
+            await self._js.consumer_info(self.config.stream, self.config.durable)
+        except nats.js.errors.NotFoundError:
+            return True
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return False
 
     async def ping(self) -> bool:
         """True when the server answers a JetStream account request right now."""

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
 import nats
 import psutil
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import DUPLICATE, NatsBus, NatsBusConfig, NatsServer, open_bus
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import event_key
-from tests.bus.conftest import event, nats_config, take, take_until
+from tests.bus.conftest import PATIENCE, event, nats_config, take, take_until
 from tests.fixtures.wait import eventually
 
 
@@ -172,3 +175,81 @@ async def test_server_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
         with pytest.raises(BusError, match="nats-server exited"):
             await server.start()
     await server.stop()
+
+
+async def _pump(bus: NatsBus, got: list[str]) -> None:
+    """What the router does: iterate, ack, and begin again a second after the iterator fails."""
+    while True:
+        try:
+            async for msg in bus.messages():
+                got.append(msg.event.get("id", "?"))
+                await msg.ack()
+        except (BusError, BusUnavailable):
+            await asyncio.sleep(1)
+
+
+@pytest.mark.parametrize("removed", ["consumer", "stream"])
+async def test_routing_resumes_when_the_consumer_or_its_stream_is_deleted(
+    nats_url: str, removed: str
+) -> None:
+    # Every pull then answered 503, taken for an outage: a warning each round for ever, the
+    # events published meanwhile never routed, ping() still true.
+    config = nats_config(nats_url)
+    admin = await nats.connect(nats_url)
+    try:
+        async with open_bus(config) as bus:
+            assert isinstance(bus, NatsBus)
+            got: list[str] = []
+            pump = asyncio.create_task(_pump(bus, got))
+            try:
+                await bus.publish(event(0))
+                await eventually(lambda: got == ["e-0"], within=PATIENCE, what="e-0 routed")
+                if removed == "consumer":
+                    await admin.jetstream().delete_consumer(config.stream, config.durable)
+                else:  # an operator remaking it
+                    await admin.jetstream().delete_stream(config.stream)
+                    await admin.jetstream().add_stream(
+                        StreamConfig(name=config.stream, subjects=[config.subject])
+                    )
+                for n in (1, 2):
+                    await bus.publish(event(n))
+                await eventually(
+                    lambda: {"e-1", "e-2"} <= set(got), within=PATIENCE, what="routed again"
+                )
+            finally:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+    finally:
+        await admin.close()
+
+
+async def test_a_plain_message_on_the_pull_inbox_is_dropped(nats_url: str) -> None:
+    # Anyone allowed to publish to _INBOX.> can answer a pull with a message JetStream did not
+    # send: building its message raised NotJSMessageError out of the iterator.
+    config = nats_config(nats_url)
+    spy = await nats.connect(nats_url)
+    inboxes: list[str] = []
+
+    async def pulls(msg: Msg) -> None:
+        if msg.reply:
+            inboxes.append(msg.reply)
+
+    await spy.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{config.stream}.{config.durable}", cb=pulls)
+    try:
+        async with open_bus(config) as bus:
+            messages = bus.messages()
+            await bus.publish(event(0))
+            [first] = await take(messages, 1)
+            await first.ack()
+            waiting = asyncio.create_task(anext(messages))  # a pull waits: its inbox is known
+            await eventually(lambda: bool(inboxes), within=PATIENCE, what="a pull")
+            await spy.publish(inboxes[-1], b'{"not": "from jetstream"}')
+            await spy.flush()
+            await bus.publish(event(1))
+            async with asyncio.timeout(PATIENCE):
+                second = await waiting
+            assert second.event["id"] == "e-1"
+            await second.ack()
+    finally:
+        await spy.close()
