@@ -316,9 +316,10 @@ async def test_closing_while_the_broker_is_down_is_bounded(tansu_binary: str) ->
         broker.stop()
 
 
-async def _produce_unreadable(bootstrap: str, topic: str, value: bytes) -> None:
-    """One record whose header name is not UTF-8 (any Kafka client writes strings there, a
-    hostile one need not), written as raw bytes with a valid checksum to partition 0."""
+async def _produce_unreadable(bootstrap: str, topic: str, value: bytes, flaw: str) -> None:
+    """One record aiokafka cannot read, written as raw bytes to partition 0: ``header-name``,
+    a header name that is not UTF-8 (any Kafka client writes strings there, a hostile one need
+    not), with a valid checksum; ``checksum``, a batch whose checksum does not match."""
     builder = DefaultRecordBatchBuilder(
         magic=2,
         compression_type=0,
@@ -332,7 +333,8 @@ async def _produce_unreadable(bootstrap: str, topic: str, value: bytes) -> None:
     batch = builder.build()
     at = batch.find("éé".encode())
     batch[at : at + 4] = b"\xff\xfe\xff\xfe"
-    struct.pack_into(">I", batch, 17, calc_crc32c(bytes(batch[21:])))  # over attributes on
+    crc = calc_crc32c(bytes(batch[21:]))  # over the attributes on
+    struct.pack_into(">I", batch, 17, crc if flaw == "header-name" else crc ^ 1)
     client = AIOKafkaClient(bootstrap_servers=bootstrap)
     await client.bootstrap()
     try:
@@ -343,18 +345,21 @@ async def _produce_unreadable(bootstrap: str, topic: str, value: bytes) -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("flaw", ["header-name", "checksum"])
 async def test_a_record_that_cannot_be_read_is_set_aside_and_routing_goes_on(
-    kafka_bootstrap: str,
+    kafka_bootstrap: str, flaw: str
 ) -> None:
     # aiokafka fails the whole fetch on it (UnicodeDecodeError): the consumer raised, and every
     # new consumer read it again from the commit: routing stopped for good, health green.
     config = kafka_config(kafka_bootstrap, partitions=1)
     async with open_bus(config) as bus:
         await bus.publish(event(0))
-        await _produce_unreadable(kafka_bootstrap, config.topic, encode(event(1)))
+        await _produce_unreadable(kafka_bootstrap, config.topic, encode(event(1)), flaw)
         await bus.publish(event(2))
         got = await take(bus.messages(), 3)
         assert [m.event.get("id") for m in got] == ["e-0", None, "e-2"]
-        assert "unreadable Kafka record" in (got[1].rejected or ""), got[1].rejected
+        reason = got[1].rejected or ""
+        assert "unreadable Kafka record" in reason, reason
+        assert ("Corrupt" if flaw == "checksum" else "UnicodeDecodeError") in reason, reason
         for msg in got:
             await msg.ack()
