@@ -61,6 +61,14 @@ def _via(headers: Sequence[tuple[str, bytes | None]]) -> str:
     return DIRECT
 
 
+def _retry_later(exc: kerr.KafkaError, doing: str) -> None:
+    """Log a failed fetch or poll to be tried again; raise ``exc`` when trying again cannot
+    help (not authorised, a failed group task): the router then makes a new consumer."""
+    if not exc.retriable:
+        raise exc
+    log.warning("Kafka %s failed: %r; retrying", doing, exc)
+
+
 def _published_at(timestamp: int) -> datetime:
     """A record's timestamp (ms) as a time; the time it was read when no date can be that far
     (any producer may set any timestamp: ``2**62`` is year 146 million)."""
@@ -441,9 +449,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 # that does not match): every fetch from it fails, and every new consumer's.
                 batches = await self._read_past_unreadable(exc)
             except kerr.KafkaError as exc:
-                if not exc.retriable:
-                    raise  # for good (not authorised, a failed group task): a new consumer
-                log.warning("Kafka fetch failed: %r; retrying", exc)
+                _retry_later(exc, "fetch")
                 await asyncio.sleep(cfg.poll_timeout)
                 continue
             # The partition state each batch was fetched under, taken before any await: a
@@ -601,9 +607,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         except kerr.ConsumerStoppedError:
             return False
         except kerr.KafkaError as exc:
-            if not exc.retriable:
-                raise
-            log.warning("Kafka poll failed: %r; retrying", exc)
+            _retry_later(exc, "poll")
         finally:
             self.consumer.resume(*(tp for tp in assigned if tp in self.consumer.assignment()))
         return True
