@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -380,19 +380,21 @@ class NatsBus:
             # The bound is per process (max_in_flight); a server-side one would cap the cluster.
             max_ack_pending=-1,
         )
+
+        def subscribe() -> Awaitable[JetStreamContext.PullSubscription]:
+            return js.pull_subscribe(
+                cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
+            )
+
         try:
             try:
-                psub = await js.pull_subscribe(
-                    cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
-                )
+                psub = await subscribe()
             except nats.js.errors.NotFoundError:
                 # The stream was deleted under the running service (an operator remaking it):
                 # make it again as it opened, then the consumer.
                 log.warning("stream %s is gone; making it again", cfg.stream)
                 await self._ensure_stream(js)
-                psub = await js.pull_subscribe(
-                    cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
-                )
+                psub = await subscribe()
         except nats.errors.Error as exc:
             raise _translate(exc, f"create consumer {cfg.durable}") from exc
         window = InFlightWindow(cfg.max_in_flight)
@@ -464,13 +466,11 @@ class NatsBus:
     async def _consumer_gone(self) -> bool:
         """True when the server, connected, says the durable consumer (or its stream) does not
         exist; False when it exists or nothing can be said."""
-        if self._nc is None or not self._nc.is_connected or self._js is None:
-            return False
         try:
-            await self._js.consumer_info(self.config.stream, self.config.durable)
+            await self._jetstream().consumer_info(self.config.stream, self.config.durable)
         except nats.js.errors.NotFoundError:
             return True
-        except (nats.errors.Error, TimeoutError):
+        except (nats.errors.Error, TimeoutError, BusError):  # BusError: closed, disconnected
             return False
         return False
 
