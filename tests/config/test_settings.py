@@ -52,6 +52,10 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("bus:\n  kafka:\n    linger_ms: -1\n", "eventbus.yaml:3: bus.kafka.linger_ms: Input"),
         ("router:\n  cel: fast\n", "eventbus.yaml:2: router.cel: Input should be 'cel-python'"),
         (
+            "listen:\n  send_timeout: 0\n",
+            "eventbus.yaml:2: listen.send_timeout: Input should be greater than 0",
+        ),
+        (
             "database:\n  connect_timeout: 0\n",
             "eventbus.yaml:2: database.connect_timeout: Input should be greater than 0",
         ),
