@@ -411,10 +411,12 @@ class NatsBus:
                         await window.wait(cfg.fetch_timeout)
                         continue
                     want = min(free - psub.pending_msgs, cfg.fetch_batch)
-                    fetched = await self._fetch(psub, max(1, want))
+                    await self._fetch(psub, max(1, want), batch)
                     # Never hold more than the window: hand back whatever does not fit.
-                    batch.extend(fetched[:free])
-                    await _hand_back(deque(fetched[free:]))
+                    excess: deque[Msg] = deque()
+                    while len(batch) > free:
+                        excess.appendleft(batch.pop())
+                    await _hand_back(excess)
                     continue
                 raw = batch.popleft()
                 try:
@@ -433,35 +435,43 @@ class NatsBus:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
 
-    async def _fetch(self, psub: JetStreamContext.PullSubscription, n: int) -> list[Msg]:
+    async def _fetch(
+        self, psub: JetStreamContext.PullSubscription, n: int, into: deque[Msg]
+    ) -> None:
+        """Pull up to ``n`` messages into ``into`` (there as they come: if the pull is
+        cancelled halfway, the iterator hands back what it holds)."""
         # A pull for n messages that has to wait returns only when n arrived or it expired, so
         # a trickle of events would sit in a half-filled batch for the whole fetch_timeout.
         # Long-poll for the first message alone, then take whatever else is there within
         # fetch_linger: latency stays at milliseconds, batches stay full under load.
         try:
-            msgs = await psub.fetch(1, timeout=self.config.fetch_timeout)
-            if n > 1:
-                with contextlib.suppress(TimeoutError):
-                    msgs += await psub.fetch(n - 1, timeout=self.config.fetch_linger)
-            return msgs
+            into.extend(await psub.fetch(1, timeout=self.config.fetch_timeout))
         except TimeoutError:
-            return []
+            return
         except nats.errors.Error as exc:
-            if self._closing:
-                return []
-            error = _translate(exc, "fetch")
-            if not isinstance(error, BusUnavailable):
-                raise error from exc
-            if await self._consumer_gone():
-                # Deleted under the running service (with its stream, perhaps): every pull
-                # answers 503 for ever while the server is fine. A new iterator makes it again.
-                raise BusError(
-                    f"the JetStream consumer {self.config.durable} of stream "
-                    f"{self.config.stream} is gone"
-                ) from exc
-            log.warning("%s; retrying", error)
-            await asyncio.sleep(self.config.fetch_timeout)
-            return []
+            await self._fetch_failed(exc)
+            return
+        if n > 1:
+            # hand out what came; a lasting error meets the next pull again
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                into.extend(await psub.fetch(n - 1, timeout=self.config.fetch_linger))
+
+    async def _fetch_failed(self, exc: nats.errors.Error) -> None:
+        """Wait out a pull that failed for an outage; raise for anything else."""
+        if self._closing:
+            return
+        error = _translate(exc, "fetch")
+        if not isinstance(error, BusUnavailable):
+            raise error from exc
+        if await self._consumer_gone():
+            # Deleted under the running service (with its stream, perhaps): every pull answers
+            # 503 for ever while the server is fine. A new iterator makes it again.
+            raise BusError(
+                f"the JetStream consumer {self.config.durable} of stream "
+                f"{self.config.stream} is gone"
+            ) from exc
+        log.warning("%s; retrying", error)
+        await asyncio.sleep(self.config.fetch_timeout)
 
     async def _consumer_gone(self) -> bool:
         """True when the server, connected, says the durable consumer (or its stream) does not

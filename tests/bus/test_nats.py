@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -253,3 +254,38 @@ async def test_a_plain_message_on_the_pull_inbox_is_dropped(nats_url: str) -> No
             await second.ack()
     finally:
         await spy.close()
+
+
+async def test_a_pull_cancelled_while_lingering_hands_its_messages_back(nats_url: str) -> None:
+    # The first pull brought a message; the iterator was cancelled while the second pull
+    # waited for more (fetch_linger). The message, never handed out, waited out ack_wait
+    # (here 60 s) before anyone else got it.
+    config = nats_config(nats_url, fetch_linger=30.0, ack_wait=60.0)
+    admin = await nats.connect(nats_url)
+    try:
+        async with (
+            open_bus(config) as first,
+            open_bus(dataclasses.replace(config, fetch_linger=0.005)) as second,
+        ):
+            await first.publish(event(1))
+            waiting = asyncio.create_task(anext(first.messages()))
+
+            async def delivered() -> bool:
+                try:
+                    info = await admin.jetstream().consumer_info(config.stream, config.durable)
+                except nats.js.errors.NotFoundError:  # not made yet
+                    return False
+                return info.num_ack_pending == 1
+
+            await eventually(delivered, within=PATIENCE, what="the first pull's message")
+            await asyncio.sleep(0.5)  # in the client, and the lingering pull asked for
+            assert not waiting.done()
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            async with asyncio.timeout(10):  # well inside ack_wait
+                (again,) = await take(second.messages(), 1)
+            assert again.event == event(1)
+            await again.ack()
+    finally:
+        await admin.close()
