@@ -333,6 +333,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.commit(revoked)
         for tp in revoked:
             self.partitions.pop(tp, None)
+        if self.unreadable:  # the next owner reads those records again and finds out itself
+            self.unreadable = {k: v for k, v in self.unreadable.items() if k[0] not in revoked}
         if revoked:
             log.info(
                 "Kafka rebalance: partitions %s of %s revoked; redelivery from %s",
