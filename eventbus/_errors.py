@@ -149,5 +149,9 @@ class DeliveryError(EventBusError):
 
 
 def truncate_error(text: str) -> str:
-    """``text`` cut to ``MAX_ERROR_CHARS`` (ending in "..." when cut)."""
+    """``text`` cut to ``MAX_ERROR_CHARS`` (ending in "..." when cut), each NUL replaced by
+    U+FFFD: error texts quote what a function or broker answered, and PostgreSQL's text
+    columns refuse NUL (a dead letter that cannot be written is never settled)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."

@@ -41,6 +41,7 @@ EXPORTS: dict[str, list[str]] = {
         "STRUCTURED_CONTENT_TYPE",
         "TEXT_CHARSETS",
         "HttpParse",
+        "attribute_text",
         "charset_of",
         "check_entries",
         "decode",

@@ -95,6 +95,13 @@ def _clip(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def attribute_text(text: str) -> str:
+    """``text`` as a valid string attribute: each control character (which CloudEvents
+    disallows in attributes: U+0000-U+001F, U+007F-U+009F) replaced by a space. For values
+    eventbus writes from text it did not choose, such as a function's error answer."""
+    return text if text.isprintable() else _FORBIDDEN_CHARS.sub(" ", text)
+
+
 def _string(name: str, value: object) -> str:
     if type(value) is not str:
         raise CloudEventError(

@@ -27,7 +27,7 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import StoreUnavailable, truncate_error
-from eventbus.cloudevents import new_event
+from eventbus.cloudevents import attribute_text, new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
 from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
@@ -276,7 +276,7 @@ class Dispatcher:
                 deadlettertarget=job.target,
                 deadletterrule=job.rule,
                 deadletterattempts=job.attempts,
-                deadlettererror=truncate_error(error or ""),
+                deadlettererror=attribute_text(truncate_error(error or "")),
             )
             await self._follow_up(job, DeliveryKind.DEAD_LETTER, policy.dead_letter_target, copy)
         if policy.on_failure:

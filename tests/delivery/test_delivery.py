@@ -386,6 +386,34 @@ async def test_destinations_and_dead_letter_target(
     assert [(r["rule"], r["target"]) for r in waiting["items"]] == [("all#on-success", "audit")]
 
 
+async def test_an_error_answer_with_control_characters_is_dead_lettered_once(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The function's answer is quoted in the error text: a NUL in it made the dead letter
+    # unwritable (PostgreSQL's text refuses NUL), so the event was redelivered for ever, to
+    # every target it matched; the dead-letter copy carried the newline, which CloudEvents
+    # disallows in an attribute.
+    rules = RULES + "- name: other\n  match: {type: [t]}\n  targets: [ok]\n"
+    async with Receiver() as healthy:
+        targets = [
+            _target(receiver, dead_letter_target="dlq"),
+            {"name": "ok", "type": "http", "url": healthy.url("/ok")},
+            {"name": "dlq", "type": "http", "url": healthy.url("/dlq")},
+        ]
+        svc = await eventbus(rules=rules, targets=targets)
+        receiver.respond(Response(400, body=b"bad\x00input\nline two"))
+        await _publish(svc, [1])
+        (dead,) = await eventually(
+            lambda: _dead_letters(svc), within=20, every=POLL, what="dead letter"
+        )
+        assert dead["final_error"] == "HTTP 400 Bad Request: bad\ufffdinput\nline two"
+        (copy,) = await healthy.wait_for(1, path="/dlq")
+        assert copy.cloudevent["deadlettererror"] == "HTTP 400 Bad Request: bad\ufffdinput line two"
+        await svc.drained()
+        assert [r.cloudevent["id"] for r in healthy.requests if r.path == "/ok"] == ["d-1"]
+        assert len(receiver.requests) == 1
+
+
 @pytest.mark.timeout(180)
 async def test_postgres_restart_mid_run_loses_nothing(
     eventbus: StartService, receiver: Receiver, postgres_server: EmbeddedPostgres
