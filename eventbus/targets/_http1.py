@@ -148,6 +148,8 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._body: list[bytes] = []
         self._size = 0
+        self._pieces = 0  # calls of on_body
+        self._framing = 0  # bytes after the head that were not body: chunk lines, trailers
         self._headers_done = False
 
     # --- the exchange -------------------------------------------------------------------------
@@ -229,6 +231,7 @@ class _Connection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: this connection's framing cannot be trusted
             return
         self._received = True
+        size = self._size
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -243,6 +246,13 @@ class _Connection(asyncio.Protocol):
             self._unparsed += len(data)
             if self._unparsed > MAX_HEADER_BYTES:
                 self._fail(MalformedResponse(f"headers larger than {MAX_HEADER_BYTES} bytes"))
+        elif not self._waiter.done():
+            # After the head, the parser also holds a trailer line until it is whole (an
+            # endless one took hundreds of MB and the loop, copying it): bound what is not body,
+            # a head's worth besides a little per chunk.
+            self._framing += len(data) - max(0, self._size - size)
+            if self._framing > 2 * MAX_HEADER_BYTES + 64 * self._pieces:
+                self._fail(MalformedResponse(f"trailers larger than {MAX_HEADER_BYTES} bytes"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost settles the exchange
@@ -281,6 +291,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._waiter is None or self._waiter.done():
             return
+        self._pieces += 1
         room = self._max_body - self._size
         if len(body) > room:
             # Past the bound: keep what fits, answer now, and drop the connection (the rest of

@@ -229,6 +229,20 @@ async def test_bytes_after_the_answer_are_not_read_as_the_next_answer(
     assert server.connections == 2
 
 
+async def test_an_endless_trailer_is_refused(raw: Callable[..., Any]) -> None:
+    # After the head, httptools holds a trailer line until it is whole: an endless one took
+    # hundreds of MB (and the loop, copying it) until the timeout.
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = await raw(always(head + b"2\r\nok\r\n0\r\nX-T: " + b"a" * (4 * MAX_HEADER_BYTES)))
+    [outcome] = await deliver(server.url(), timeout=30)
+    assert outcome.error == f"malformed response: trailers larger than {MAX_HEADER_BYTES} bytes"
+    # a body of many small chunks, with a trailer, is no such thing
+    chunks = b"".join(b"1\r\n%c\r\n" % c for c in b"x" * 20_000)
+    server = await raw(always(head + chunks + b"0\r\nX-T: t\r\n\r\n"))
+    [outcome] = await deliver(server.url())
+    assert outcome.delivered, outcome
+
+
 async def test_an_endless_header_line_is_refused(raw: Callable[..., Any]) -> None:
     # One header value that never ends: refused once it passes the bound, not held until the
     # timeout.
