@@ -210,14 +210,13 @@ def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
     outcome = result.answer.outcome
     identity[DURATION_HEADER] = f"{outcome.duration_ms:.1f}"
     if outcome.status is not None or outcome.delivered:
+        headers = {**result.answer.headers, **identity}
         if outcome.retry_after is not None:
-            identity["Retry-After"] = str(math.ceil(outcome.retry_after))
-        return Response(
-            result.answer.body,
-            outcome.status or 200,
-            identity,
-            result.answer.content_type,
-        )
+            headers["Retry-After"] = str(math.ceil(outcome.retry_after))
+        if result.answer.content_type is not None:
+            # as it came: given as media_type, Starlette adds a charset to text/* types
+            headers["Content-Type"] = result.answer.content_type
+        return Response(result.answer.body, outcome.status or 200, headers)
     if outcome.timed_out:
         raise Problem(504, f"target {name!r}: {outcome.error}", headers=identity)
     raise Problem(502, f"target {name!r}: {outcome.error}", headers=identity)

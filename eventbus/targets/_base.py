@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -61,7 +61,10 @@ class Answer:
 
     ``outcome`` is the attempt's ``Outcome``; ``content_type`` and ``body`` are the endpoint's
     answer as received (an HTTP function's response, at most 1 MiB) or, for a broker, its
-    acknowledgement as JSON. ``busy`` says that no attempt was made because the target's
+    acknowledgement as JSON. ``headers`` are those of the answer its caller needs to act on
+    it, passed on to a synchronous caller (an HTTP function's ``Location``,
+    ``WWW-Authenticate``, ...).
+    ``busy`` says that no attempt was made because the target's
     concurrency cap was full (``outcome`` then says so, retryable).
     """
 
@@ -69,6 +72,7 @@ class Answer:
     content_type: str | None = None
     body: bytes = b""
     busy: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def failure(error: str, duration_ms: float, *, retryable: bool, timed_out: bool = False) -> Outcome:

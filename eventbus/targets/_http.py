@@ -219,21 +219,41 @@ class HttpTargetSpec(TargetSpec):
         }
 
 
+PASSED_HEADERS = (
+    "Location",
+    "WWW-Authenticate",
+    "Allow",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Disposition",
+    "Cache-Control",
+    "ETag",
+    "Last-Modified",
+)
+"""Headers of a function's answer passed on to a synchronous caller besides its Content-Type
+(and Retry-After): what a client needs to follow a redirect, answer a challenge, read the body
+or cache it. Connection-level headers never are."""
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait according to a ``Retry-After`` value (delta-seconds or an HTTP-date).
 
-    Returns None when the value is absent or unreadable; a date in the past gives 0.0.
+    Returns None when the value is absent or unreadable; a date in the past gives 0.0, and
+    nothing is more than a year (a few hundred digits read as infinity).
     """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value), _YEAR)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, when.timestamp() - time.time()), _YEAR)
+
+
+_YEAR = 365 * 86400.0
 
 
 def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> Outcome:
@@ -399,12 +419,6 @@ class HttpTarget:
             cap = self.config.concurrency
             busy = failure(f"concurrency cap of {cap} requests reached", 0.0, retryable=True)
             return Answer(busy, busy=True)
-        if self._key is not None:
-            now = int(time.time())
-            signed_id = webhook_id(msg_id)
-            headers["webhook-id"] = signed_id
-            headers["webhook-timestamp"] = str(now)
-            headers["webhook-signature"] = signature(self._key, signed_id, now, body)
         # Not locked (checked above, nothing awaited since) when not waiting: taken at once.
         async with self._slots:
             start = time.perf_counter()
@@ -413,6 +427,15 @@ class HttpTarget:
                 if oauth is not None:
                     token = await oauth.token(self._session)
                     headers["Authorization"] = f"Bearer {token}"
+                if self._key is not None:
+                    # Stamped once a slot is held: a delivery queued behind the concurrency
+                    # cap (minutes, with a slow function) arrived already stale, and the
+                    # receiver's 5-minute window refused it (401: dead-lettered).
+                    now = int(time.time())
+                    signed_id = webhook_id(msg_id)
+                    headers["webhook-id"] = signed_id
+                    headers["webhook-timestamp"] = str(now)
+                    headers["webhook-signature"] = signature(self._key, signed_id, now, body)
                 answer = await self._send(pool, headers, body, msg_id, start, wait)
                 if oauth is not None and answer.outcome.status == 401:
                     # The function refused the token (revoked, rotated keys): one new token,
@@ -454,7 +477,8 @@ class HttpTarget:
             too_large = f"the answer is larger than {MAX_RESPONSE_BYTES} bytes"
             return Answer(failure(too_large, duration_ms, retryable=False))
         outcome = self._classify(resp, duration_ms, msg_id)
-        return Answer(outcome, resp.headers.get("Content-Type"), resp.content)
+        passed = {name: v for name in PASSED_HEADERS if (v := resp.headers.get(name)) is not None}
+        return Answer(outcome, resp.headers.get("Content-Type"), resp.content, headers=passed)
 
     def _classify(self, resp: Response, duration_ms: float, msg_id: str) -> Outcome:
         status = resp.status

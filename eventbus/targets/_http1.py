@@ -286,6 +286,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
+        if not 100 <= self._status <= 599:  # httptools takes any three digits
+            self._refusal = f"status {self._status} is not an HTTP status"
+            raise httptools.HttpParserError(self._refusal)
         self._headers_done = True
 
     def on_body(self, body: bytes) -> None:

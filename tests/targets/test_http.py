@@ -153,6 +153,23 @@ async def test_signed_request_verifies_and_matches_independent_hmac(receiver: Re
     assert req.headers["webhook-signature"] == f"v1,{expected}"
 
 
+async def test_a_delivery_waiting_for_a_slot_is_signed_when_it_goes_out(
+    receiver: Receiver,
+) -> None:
+    # Stamped before waiting behind the concurrency cap, a queued delivery arrived as old as
+    # its wait (minutes, with a slow function), past a receiver's 5-minute window: 401.
+    receiver.script(Response(204, delay=2.2), 204)
+    async with HttpTarget(config_for(receiver, secret="raw secret", concurrency=1)) as target:
+        first, second = (make_event(), {**make_event(), "id": "evt-2"})
+        await asyncio.gather(
+            *(target.deliver(e, e, is_cloudevent=True, attempt=1) for e in (first, second))
+        )
+    stamps = [int(r.headers["webhook-timestamp"]) for r in receiver.requests]
+    assert stamps[1] - stamps[0] >= 2, stamps
+    for req in receiver.requests:
+        verify_webhook("raw secret", req.headers, req.body)
+
+
 async def test_signed_transformed_payload_uses_original_event_id(receiver: Receiver) -> None:
     outcome = await deliver_once(
         config_for(receiver, secret="raw secret"), {"a": 1}, is_cloudevent=False
@@ -235,7 +252,16 @@ async def test_retry_after_ignored_on_other_statuses(receiver: Receiver) -> None
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, None), ("0", 0.0), (" 120 ", 120.0), ("-1", None), ("1.5", None), ("later", None)],
+    [
+        (None, None),
+        ("0", 0.0),
+        (" 120 ", 120.0),
+        ("-1", None),
+        ("1.5", None),
+        ("later", None),
+        ("\u00b2", None),  # a digit to str.isdigit, not to float()
+        pytest.param("9" * 400, 365 * 86400.0, id="400-digits"),  # a year at most, not inf
+    ],
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     assert parse_retry_after(value) == expected

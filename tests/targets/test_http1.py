@@ -204,8 +204,11 @@ async def test_a_server_that_never_answers_is_a_retryable_failure(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
             "switched",
         ),
+        # httptools takes any three digits; a synchronous caller's answer then failed
+        (b"HTTP/1.1 999 Weird\r\nContent-Length: 0\r\n\r\n", "status 999 is not an HTTP"),
+        (b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", "status 99 is not an HTTP"),
     ],
-    ids=["garbage", "short-body", "huge-headers", "upgrade"],
+    ids=["garbage", "short-body", "huge-headers", "upgrade", "status-999", "status-099"],
 )
 async def test_malformed_answers_are_retryable_failures(
     raw: Callable[..., Any], answer: bytes, reason: str
