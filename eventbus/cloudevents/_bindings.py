@@ -17,6 +17,7 @@ from eventbus._errors import CloudEventError
 from eventbus.cloudevents._codec import body_of, decode_header, event_from_binary
 from eventbus.cloudevents._event import (
     DEFAULT_MAX_EVENT_SIZE,
+    attribute_text,
     check_size,
     decode,
     encode,
@@ -219,7 +220,7 @@ def _kafka_text(name: str, raw: bytes) -> str:
 
 
 def from_kafka(
-    headers: Sequence[tuple[str, bytes]],
+    headers: Sequence[tuple[str, bytes | None]],
     key: bytes | None,
     value: bytes | None,
     *,
@@ -237,7 +238,8 @@ def from_kafka(
     lowered: dict[str, str] = {}
     for name, raw in headers:
         name = name.lower()
-        if name.startswith("ce_") or name == "content-type":
+        # a header without a value (Kafka allows it) is read as absent
+        if raw is not None and (name.startswith("ce_") or name == "content-type"):
             lowered[name] = _kafka_text(name, raw)
     content_type = lowered.get("content-type")
     media = media_type(content_type) if content_type else ""
@@ -266,13 +268,15 @@ def from_kafka(
 
 
 def _partition_key(key: bytes | None) -> str | None:
-    # Keys are often not text (Avro, integers); those stay out of the event rather than fail it.
-    if key is None:
+    # Keys are often not text (Avro, integers: an 8-byte integer is valid UTF-8 full of control
+    # characters); those stay out of the event rather than fail it, as does an empty key.
+    if not key:
         return None
     try:
-        return key.decode("utf-8")
+        text = key.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    return text if attribute_text(text) == text else None
 
 
 def to_kafka(

@@ -119,11 +119,19 @@ class KafkaSource:
                 lambda: from_kafka(record.headers, record.key, record.value),
                 id=position,
                 subject=_text(record.key),
-                time=datetime.fromtimestamp(record.timestamp / 1000, UTC),
+                time=_record_time(record.timestamp),
             )
 
         meta = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         await publish_message(ctx, value, convert, meta)
+
+
+def _record_time(timestamp_ms: int) -> datetime | None:
+    """The record's timestamp, or None (the read time then) when no date can hold it."""
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _text(key: bytes | None) -> str | None:

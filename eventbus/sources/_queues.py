@@ -16,6 +16,7 @@ wrapped: JSON if it parses, else UTF-8 text, else base64, with the configured ``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -25,12 +26,14 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus._tasks import stop_if_cancelled
-from eventbus.cloudevents import load_json, new_event, notification_to_events
+from eventbus.cloudevents import attribute_text, load_json, new_event, notification_to_events
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 
 __all__ = ["QueueSourceSpec", "consume_forever", "events_of", "publish_message", "raw_event"]
+
+log = logging.getLogger(__name__)
 
 
 class QueueSourceSpec(SourceSpec):
@@ -63,10 +66,12 @@ def raw_event(
     """
     if config.event_type is None or config.event_source is None:
         raise CloudEventError("format 'raw' needs event_type and event_source")
+    if subject is not None and (not subject or attribute_text(subject) != subject):
+        subject = None  # a fanout's empty routing key, a binary Kafka key: no subject
     common: dict[str, Any] = {
         "type": config.event_type,
         "source": config.event_source,
-        "id": id,
+        "id": id or None,
         "subject": subject,
         "time": time,
     }
@@ -121,6 +126,12 @@ async def publish_message(
         events = convert()
     except CloudEventError as exc:
         await ctx.dead_letter(payload, str(exc), meta)
+        return False
+    except Exception as exc:  # one unreadable message must not stop the source
+        # Not a message the binding refuses but one the reading failed on: set aside like one,
+        # or the source would restart on it for ever (redelivered from the same position).
+        log.exception("cannot read a message (%s): dead-lettered", dict(meta))
+        await ctx.dead_letter(payload, f"cannot read the message: {exc!r}", meta)
         return False
     for event in events:
         await ctx.emit(event)

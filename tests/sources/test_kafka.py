@@ -240,3 +240,45 @@ def test_raw_format_refuses_an_integer_json_would_change() -> None:
     with pytest.raises(CloudEventError, match="beyond 64 bits"):
         raw_event(source.config, b'{"n": 123456789012345678901234567890}')
     assert raw_event(source.config, b'{"n": 18446744073709551615}')["data"] == {"n": 2**64 - 1}
+
+
+def test_raw_format_leaves_out_a_subject_that_is_no_attribute() -> None:
+    # a fanout exchange's empty routing key, an integer Kafka key (control characters): the
+    # message was dead-lettered for its subject
+    source = kafka(
+        "raw", "127.0.0.1:9", "t", format="raw", event_type="t.raw", event_source="/kafka"
+    )
+    for subject in ("", "\x00\x00\x00\x07"):
+        assert "subject" not in raw_event(source.config, b"{}", subject=subject, id="")
+    assert raw_event(source.config, b"{}", subject="device-7")["subject"] == "device-7"
+
+
+async def test_records_with_odd_timestamps_headers_or_keys_are_routed(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    # A timestamp no date can hold or a header without a value raised out of the source: it
+    # restarted on the same record for ever (the records before it published again each time,
+    # those after never). An integer key made a partitionkey of control characters: dead-lettered.
+    def structured(n: int) -> bytes:
+        return orjson.dumps({"specversion": "1.0", "id": f"e-{n}", "source": "/o", "type": "t"})
+
+    async with (
+        topic(kafka_bootstrap) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        await producer.send_and_wait(name, structured(1), timestamp_ms=400_000_000_000_000)
+        binary = [("ce_specversion", b"1.0"), ("ce_id", b"e-2"), ("ce_source", b"/o")]
+        headers: list[tuple[str, bytes | None]] = [*binary, ("ce_type", b"t"), ("ce_subject", None)]
+        await producer.send_and_wait(name, b"", headers=headers)  # type: ignore[arg-type]
+        await producer.send_and_wait(name, structured(3), key=(7).to_bytes(8, "big"))
+        await producer.send_and_wait(name, structured(4), key=b"k4")
+        ctx = context(pool, "odd", tap, type="kafka")
+        async with running(kafka("odd", kafka_bootstrap, name), ctx):
+            events = await tap.take(4)
+            await wait_committed(kafka_bootstrap, "eventbus-source-odd", name, 4)
+        assert [e["id"] for e in events] == ["e-1", "e-2", "e-3", "e-4"]
+        assert "subject" not in events[1]
+        assert "partitionkey" not in events[2] and events[3]["partitionkey"] == "k4"
+        assert await dead_letters(pool, "odd") == []
+        assert (ctx.status.events, ctx.status.errors) == (4, 0)

@@ -13,8 +13,9 @@ import asyncpg
 from eventbus._errors import BusUnavailable
 from eventbus.bus import NatsBus, NatsBusConfig
 from eventbus.sources import Checkpoints, Clock, SourceContext, SourceStatus, SystemClock
+from eventbus.sources._queues import publish_message
 from tests.fixtures.nats import unique_name
-from tests.sources._harness import WAIT
+from tests.sources._harness import WAIT, dead_letters, source_pool
 
 
 class BusTap:
@@ -101,3 +102,19 @@ def context(
         clock=clock or SystemClock(),
         instance_id=instance_id,
     )
+
+
+async def test_a_message_its_reading_fails_on_is_dead_lettered(
+    database_dsn: str, nats_url: str
+) -> None:
+    # Not refused by the binding (CloudEventError) but failed on: it raised out of the source,
+    # which restarted on the same message for ever.
+    def fails() -> list[dict[str, Any]]:
+        raise ValueError("year 14645 is out of range")
+
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "q", tap, type="kafka")
+        assert not await publish_message(ctx, b"payload", fails, {"offset": 7})
+        [row] = await dead_letters(pool, "q")
+        assert row["payload"] == b"payload"
+        assert row["error"] == "cannot read the message: ValueError('year 14645 is out of range')"
