@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import logging
 import os
 import re
 import stat
@@ -32,18 +33,22 @@ import orjson
 import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
-from eventbus.cloudevents import load_json, new_event
+from eventbus.cloudevents import attribute_text, load_json, new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 
 __all__ = ["LogTailSource", "LogTailSourceSpec"]
 
+log = logging.getLogger(__name__)
+
 _NAMESPACE = uuid.UUID("0b6d3e2a-93f1-4c57-8e0d-5a4c1f2b7e90")
 # Bytes read per file per cycle: bounds memory and keeps one busy file from starving others.
 _CHUNK = 1 << 20
 # Bytes at the start of a file that identify its content (copy-truncate and inode reuse).
 _HEAD = 128
+# Bytes of a record kept with its dead letter when no event can carry it.
+_MAX_SET_ASIDE = 256 * 1024
 
 
 class MultilineConfig(pydantic.BaseModel):
@@ -149,6 +154,7 @@ class LogTailSource:
         self._files: dict[str, _File] = {}
         self._saved: dict[str, Any] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
+        self._skipped: set[str] = set()  # matching paths that could not be read, warned about
 
     async def run(self, ctx: SourceContext) -> None:
         """Tail until cancelled. Bus, database and file errors are reported in ``ctx.status``
@@ -225,14 +231,26 @@ class LogTailSource:
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # a symlink loop, no permission: that file, not the others
+                self._skip(path, exc)
+                continue
             if stat.S_ISREG(st.st_mode):
                 found.setdefault(_identity(st), path)
         return found
+
+    def _skip(self, path: str, exc: OSError) -> None:
+        """Note a matching path that cannot be read (a warning the first time)."""
+        if path not in self._skipped:
+            self._skipped.add(path)
+            log.warning("log-tail %s: skipping %s: %s", self.name, path, exc.strerror or exc)
 
     def _open(self, key: str, path: str, first_start: bool) -> _File | None:
         try:
             handle = open(path, "rb", buffering=0)  # noqa: SIM115 - lives as long as the tail
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._skip(path, exc)
             return None
         st = os.fstat(handle.fileno())
         if _identity(st) != key:  # replaced between scan and open: next scan sees the new one
@@ -363,11 +381,51 @@ class LogTailSource:
 
     async def _publish(self, ctx: SourceContext, f: _File, count: int) -> None:
         records = f.batch[:count]
-        await ctx.emit(self._event(f, records, ctx.clock.now()))
+        now = ctx.clock.now()
+        try:
+            event = self._event(f, records, now)
+        except CloudEventError as exc:
+            # Too big as one event (escaped control characters, long lines), JSON nested
+            # too deep: it raised out of the source, which restarted on it for ever.
+            if len(records) > 1:
+                for record in records:  # alone, each may fit
+                    await self._publish_one(ctx, f, record, now)
+            else:
+                await self._set_aside(ctx, f, records[0], exc)
+        else:
+            await ctx.emit(event)
         del f.batch[:count]
         f.batch_started = f.batch[0].last_at if f.batch else None
         f.committed = records[-1].end
         self._mark(f)
+
+    async def _publish_one(
+        self, ctx: SourceContext, f: _File, record: _Record, now: datetime
+    ) -> None:
+        try:
+            event = self._event(f, [record], now)
+        except CloudEventError as exc:
+            await self._set_aside(ctx, f, record, exc)
+        else:
+            await ctx.emit(event)
+
+    async def _set_aside(
+        self, ctx: SourceContext, f: _File, record: _Record, exc: CloudEventError
+    ) -> None:
+        """Dead-letter a record no event can carry (its text, cut to the event size limit),
+        unless in ``json`` format it was the JSON: then its text goes as ``message`` with
+        ``json_error``, as for a line that is not JSON."""
+        if self.config.format == "json":
+            try:
+                event = self._event(f, [record], ctx.clock.now(), json_error=exc.detail)
+            except CloudEventError:
+                pass
+            else:
+                await ctx.emit(event)
+                return
+        text = "\n".join(record.lines).encode()[:_MAX_SET_ASIDE]
+        meta = {"path": f.path, "offset": record.start, "lines": len(record.lines)}
+        await ctx.dead_letter(text, f"a log record no event can carry: {exc.detail}", meta)
 
     def _mark(self, f: _File) -> None:
         self._dirty[f.key] = {"offset": f.committed, "path": f.path, "head": f.head.hex()}
@@ -378,10 +436,13 @@ class LogTailSource:
             self._saved.update(self._dirty)
             self._dirty = {}
 
-    def _record_data(self, record: _Record) -> dict[str, Any]:
+    def _record_data(self, record: _Record, json_error: str | None = None) -> dict[str, Any]:
         message = "\n".join(record.lines)
         data: dict[str, Any] = {"offset": record.start}
-        if self.config.format == "json":
+        if json_error is not None:  # JSON, but no event can carry it as such
+            data["message"] = message
+            data["json_error"] = json_error
+        elif self.config.format == "json":
             try:
                 data["json"] = load_json(message.encode())
             except (orjson.JSONDecodeError, CloudEventError) as exc:
@@ -395,21 +456,24 @@ class LogTailSource:
             data["truncated"] = True
         return data
 
-    def _event(self, f: _File, records: list[_Record], now: datetime) -> dict[str, Any]:
+    def _event(
+        self, f: _File, records: list[_Record], now: datetime, json_error: str | None = None
+    ) -> dict[str, Any]:
         texts = "\n".join(line for r in records for line in r.lines)
         # Identity, position and content: a re-read after a crash gets the same id, a new file
         # reusing the inode (or a truncated one) does not.
         event_id = uuid.uuid5(_NAMESPACE, f"{self.name}|{f.key}|{records[0].start}|{texts}")
         if self.config.batch is None:
-            data = {"path": f.path, **self._record_data(records[0])}
+            data = {"path": f.path, **self._record_data(records[0], json_error)}
             kind = "eventbus.log.line"
         else:
-            data = {"path": f.path, "records": [self._record_data(r) for r in records]}
+            data = {"path": f.path, "records": [self._record_data(r, json_error) for r in records]}
             kind = "eventbus.log.batch"
         return new_event(
             type=kind,
             source=f"urn:eventbus:source:{self.name}",
-            subject=f.path,
+            # a control character in a file name is none in an attribute (data has the path)
+            subject=attribute_text(f.path),
             id=str(event_id),
             time=now,
             data=data,

@@ -12,7 +12,7 @@ from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
 from eventbus.store import EmbeddedPostgres
 from tests.fixtures.wait import eventually
-from tests.sources._harness import Recorder, make_context, running, source_pool
+from tests.sources._harness import Recorder, dead_letters, make_context, running, source_pool
 
 
 def _spec(pattern: Path | str, **extra: Any) -> dict[str, Any]:
@@ -272,3 +272,49 @@ async def _offset_is(ctx: SourceContext, path: Path, offset: int) -> bool:
     st = os.stat(path)
     saved = await ctx.checkpoints.get(f"{st.st_dev}:{st.st_ino}")
     return saved is not None and saved["offset"] == offset
+
+
+async def test_records_no_event_can_carry_do_not_stop_the_tail(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # Each raised out of the source, which restarted from its checkpoint on the same record for
+    # ever (every file of the source stopped): JSON nested deeper than an event may carry, a
+    # line of NULs (common after a power loss) over the event size once escaped, a file name
+    # with a control character (the subject). A symlink loop matching the glob failed every
+    # scan before any file was read.
+    deep = "[" * 70 + "]" * 70
+    log = tmp_path / "a.log"
+    log.write_text(f"good 1\n{deep}\n" + "\x00" * 60_000 + "\ngood 2\n")
+    (tmp_path / "b\x1bc.log").write_text("odd\n")
+    (tmp_path / "loop.log").symlink_to(tmp_path / "loop.log")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(tmp_path / "*.log", format="json")), ctx):
+            await recorder.wait_for(4)
+            await eventually(lambda: _committed(ctx, log))
+        assert _messages(recorder) == ["good 1", deep, "good 2", "odd"]
+        assert "levels deep" in recorder.events[1]["data"]["json_error"]
+        assert recorder.events[3]["subject"] == str(tmp_path / "b c.log")
+        assert recorder.events[3]["data"]["path"] == str(tmp_path / "b\x1bc.log")
+        [dead] = await dead_letters(pool, "app-log")
+        assert dead["payload"] == b"\x00" * 60_000
+        assert "a log record no event can carry" in dead["error"]
+
+
+async def test_a_batch_too_big_for_one_event_goes_record_by_record(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # 100 lines of 3 KB: one event of 300 KB, over the limit; nothing was published again.
+    log = tmp_path / "app.log"
+    log.write_text("".join(f"{i:03} {'x' * 3000}\n" for i in range(101)))
+    recorder = Recorder()
+    spec = _spec(log, batch={"max_lines": 100, "max_wait": 0.05})
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            await recorder.wait_for(101)
+            await eventually(lambda: _committed(ctx, log))
+        starts = [r["message"][:3] for e in recorder.events for r in e["data"]["records"]]
+        assert starts == [f"{i:03}" for i in range(101)]
+        assert await dead_letters(pool, "app-log") == []
