@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
-from eventbus.cloudevents import new_event
+from eventbus.cloudevents import attribute_text, new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -365,7 +365,10 @@ class SyslogSource:
             except CloudEventError as exc:
                 error = exc.detail
             else:
-                event = self._event(ctx, data, peer, transport)
+                try:
+                    event = self._event(ctx, data, peer, transport)
+                except CloudEventError as exc:  # it raised out of the receiver: messages lost
+                    error = exc.detail
         backoff = Backoff(ctx.clock, initial=0.1, maximum=5.0)
         # Bounded by cancellation: the message is never given up while the bus is down.
         while True:
@@ -383,14 +386,22 @@ class SyslogSource:
     def _event(
         self, ctx: SourceContext, data: dict[str, Any], peer: str, transport: str
     ) -> dict[str, Any]:
-        when: datetime | str = ctx.clock.now()
+        now = ctx.clock.now()
+        subject = data["app"] or data["hostname"]
+        if subject is not None and attribute_text(subject) != subject:
+            subject = None  # a control character: no attribute (data keeps the field)
+        attributes: dict[str, Any] = {
+            "type": "eventbus.syslog.message",
+            "source": f"urn:eventbus:source:{self.name}",
+            "subject": subject,
+            "id": str(uuid.uuid4()),
+            "data": {**data, "peer": peer, "transport": transport},
+        }
         if data["format"] == "rfc5424" and data["timestamp"] is not None:
-            when = data["timestamp"]
-        return new_event(
-            type="eventbus.syslog.message",
-            source=f"urn:eventbus:source:{self.name}",
-            subject=data["app"] or data["hostname"],
-            id=str(uuid.uuid4()),
-            time=when,
-            data={**data, "peer": peer, "transport": transport},
-        )
+            try:
+                return new_event(time=data["timestamp"], **attributes)
+            except CloudEventError:
+                # Python reads it but it is no RFC 3339 time (no offset, a bare date): the
+                # time received stands in; data keeps the sender's text.
+                pass
+        return new_event(time=now, **attributes)

@@ -177,6 +177,35 @@ async def test_unparseable_messages_are_dead_lettered_and_stream_continues(
     assert recorder.events[0]["data"]["message"] == "fine after garbage"
 
 
+async def test_messages_no_event_attribute_can_hold_as_sent_are_kept(database_dsn: str) -> None:
+    # A timestamp Python reads that is no RFC 3339 time (no offset), an APP-NAME with a control
+    # character: building the event raised out of the receiver, losing the TCP connection's
+    # next messages (and over UDP the queued datagrams), nothing dead-lettered.
+    port = free_port()
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "syslog", recorder)
+        async with running(build_source(_spec(port)), ctx):
+            _, writer = await _connect(port)
+            writer.write(b"<34>1 2003-10-11T22:14:15 host app - - - no offset\n")
+            writer.write(b"<34>1 - host a\x01pp - - - control\n<14>fine after\n")
+            await writer.drain()
+            await recorder.wait_for(3)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.sendto(b"<34>1 2003-10-11 host app - - - a date", ("127.0.0.1", port))
+                udp.sendto(b"<11>1 - h app - - - next", ("127.0.0.1", port))
+                await recorder.wait_for(5)
+            writer.close()
+        assert await dead_letters(pool, "syslog") == []
+    no_offset, control, fine, date, following = recorder.events
+    assert no_offset["data"]["timestamp"] == "2003-10-11T22:14:15"
+    assert not no_offset["time"].startswith("2003")  # the time received
+    assert "subject" not in control and control["data"]["app"] == "a\x01pp"
+    assert fine["data"]["message"] == "fine after"
+    assert date["data"]["timestamp"] == "2003-10-11"
+    assert following["data"]["message"] == "next"
+
+
 async def test_bus_down_holds_the_message_and_retries(database_dsn: str) -> None:
     port = free_port()
     recorder = Recorder()
