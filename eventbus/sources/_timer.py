@@ -28,7 +28,7 @@ from typing import Any, Literal
 import asyncpg
 import pydantic
 
-from eventbus._errors import BusError, BusUnavailable, ConfigError, StoreError
+from eventbus._errors import BusError, BusUnavailable, CloudEventError, ConfigError, StoreError
 from eventbus.cloudevents import new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
@@ -61,6 +61,12 @@ class TimerSourceSpec(SourceSpec):
             raise ValueError(str(exc)) from exc
         if parsed.next_after(datetime.now(UTC)) is None:
             raise ValueError(f"schedule {self.schedule!r} lies in the past and would never fire")
+        # Refused here, at load, what would fail every tick (an empty subject, a control
+        # character in event_type, data too big): the timer loaded and never fired.
+        try:
+            _tick_event(self, datetime.now(UTC))
+        except CloudEventError as exc:
+            raise ValueError(f"its ticks cannot be events: {exc.detail}") from exc
         return self
 
 
@@ -177,12 +183,16 @@ class TimerSource:
         return True
 
     def _event(self, tick: datetime) -> dict[str, Any]:
-        when = _iso(tick)
-        return new_event(
-            type=self.config.event_type,
-            source=f"eventbus://timer/{self.name}",
-            id=f"{self.name}/{when}",
-            time=when,
-            subject=self.config.subject,
-            data=self.config.data,
-        )
+        return _tick_event(self.config, tick)
+
+
+def _tick_event(config: TimerSourceSpec, tick: datetime) -> dict[str, Any]:
+    when = _iso(tick)
+    return new_event(
+        type=config.event_type,
+        source=f"eventbus://timer/{config.name}",
+        id=f"{config.name}/{when}",
+        time=when,
+        subject=config.subject,
+        data=config.data,
+    )

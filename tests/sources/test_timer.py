@@ -261,6 +261,10 @@ async def test_at_schedule_fires_once_then_stops(database_dsn: str, nats_url: st
         ({"schedule": "rate(1 minute)", "max_catch_up": 0}, "field 'max_catch_up'"),
         ({"schedule": "rate(1 minute)", "cron": "x"}, "field 'cron'"),
         ({}, "field 'schedule'"),
+        # loaded, then failed at every tick and never fired
+        ({"schedule": "rate(1 minute)", "subject": ""}, "ticks cannot be events.*'subject'"),
+        ({"schedule": "rate(1 minute)", "event_type": "a\tb"}, "control character"),
+        ({"schedule": "rate(1 minute)", "data": "x" * 300_000}, "262144-byte limit"),
     ],
 )
 def test_bad_timer_config_names_the_source(settings: dict[str, Any], fragment: str) -> None:
