@@ -200,6 +200,7 @@ class Service:
         # Validate user files first: a typo should not cost a database start.
         self.connectors = load_connectors(s.connectors)
         policies = _policies(self.connectors)
+        self._delivery_policies = policies  # connectors are read at start: these stay in use
         rules = self._load_rules(self.connectors, policies)
 
         embedded = await start_embedded(self._stack, s)
@@ -417,10 +418,19 @@ class Service:
                 raise ConfigError(
                     f"new targets {sorted(missing)} need a restart; rules were not reloaded"
                 )
+            if _policies(connectors) != self._delivery_policies:
+                log.warning(
+                    "the targets' delivery settings changed in %s: they take effect at the next "
+                    "start; rules' overrides are checked against those in use",
+                    self.settings.connectors,
+                )
+            # Against the policies the dispatcher uses: checked against the files' new ones, an
+            # override valid there but not on the running policy was accepted, and every
+            # delivery of its route then failed (redelivered for ever).
             self.rules.reload(
                 self.settings.rules,
                 known_targets=connectors.targets.keys(),
-                check_delivery=override_checker(_policies(connectors)),
+                check_delivery=override_checker(self._delivery_policies),
             )
         except EventBusError as exc:
             log.warning(

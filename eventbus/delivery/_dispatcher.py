@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import StoreUnavailable, truncate_error
+from eventbus._errors import ConfigError, StoreUnavailable, truncate_error
 from eventbus.cloudevents import attribute_text, new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
@@ -137,7 +137,13 @@ class Dispatcher:
         key = (job.target, orjson.dumps(job.override, option=orjson.OPT_SORT_KEYS))
         policy = self._override_cache.get(key)
         if policy is None:
-            policy = parse_delivery(job.override, base, where=f"rule {job.rule!r}")
+            try:
+                policy = parse_delivery(job.override, base, where=f"rule {job.rule!r}")
+            except ConfigError as exc:
+                # Checked at load, but against the settings of its time: a retry stored before
+                # a restart with other connector settings. It raised at every attempt.
+                log.warning("%s; target %r delivers it with its own settings", exc, job.target)
+                policy = base
             self._override_cache[key] = policy
         return policy
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from tests.app.test_crash import QUICK_REDELIVERY, _publish, _wait_all
 from tests.fixtures.receiver import Receiver, Response
@@ -140,6 +141,28 @@ async def test_rules_reload_swaps_and_an_invalid_set_keeps_the_old(
     await receiver.wait_for(2)
     await svc.drained()  # "2" was routed too, to nothing
     assert [r.cloudevent["id"] for r in receiver.requests] == ["1", "3"]
+
+
+async def test_a_reload_checks_overrides_against_the_delivery_settings_in_use(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    # Connectors are read at start; the reload checked rules' overrides against the files' new
+    # delivery settings: accepted, the override then failed every delivery of its route.
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    svc = await eventbus(
+        rules="- name: a\n  match: {type: [a]}\n  targets: [fn]\n", targets=targets
+    )
+    longer = [{**targets[0], "delivery": {"retry": {"max_delay": "1h"}}}]
+    (tmp_path / "connectors" / "connectors.yaml").write_text(yaml.safe_dump({"targets": longer}))
+    (tmp_path / "rules" / "rules.yaml").write_text(
+        "- name: a\n  match: {type: [a]}\n  targets:\n"
+        "    - name: fn\n      delivery: {retry: {initial_delay: 20m}}\n"
+    )
+    status, _, problem = await svc.request("POST", "/rules/reload")
+    assert status == 400, problem
+    assert "max_delay" in problem["detail"] and "initial_delay" in problem["detail"]
+    await svc.post_event({"specversion": "1.0", "id": "1", "source": "tests/reload", "type": "a"})
+    await receiver.wait_for(1)
 
 
 S3_NOTIFICATION = {

@@ -114,3 +114,15 @@ async def test_no_attempt_beyond_the_budget_while_postgres_is_down(
         (3, "retry-scheduled"),
         (4, "dead-lettered"),
     ]
+
+
+async def test_an_override_the_running_policy_refuses_is_delivered_with_the_targets_own(
+    rig: Rig, receiver: Receiver
+) -> None:
+    # Checked at load against the settings of its time (a retry stored before a restart with
+    # other connector settings): building its policy raised at every attempt, for ever.
+    job = _delivery(3)
+    job.override = {"retry": {"strategy": "exponential", "initial_delay": "20m"}}  # > max_delay
+    receiver.script(204)
+    await rig.dispatcher.run(job)
+    await receiver.wait_for(1, path="/fn", timeout=15)
