@@ -204,6 +204,22 @@ class HttpTargetSpec(TargetSpec):
     auth: HttpAuthSpec | None = None
     tls: TlsSpec | None = None
 
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        # Never sent (the request is made from host and path): the function answered 401
+        # with nothing to say why.
+        try:
+            parsed = URL(url)
+        except ValueError:
+            return url  # the client's own check says what is wrong with it
+        if parsed.user is not None or parsed.password is not None:
+            raise ValueError(
+                "credentials in the url are not sent: use auth: {basic: {username: ..., "
+                "password: ...}}"
+            )
+        return url
+
     @field_validator("headers")
     @classmethod
     def _plain_headers(cls, headers: dict[str, Secret]) -> dict[str, Secret]:

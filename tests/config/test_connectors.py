@@ -271,3 +271,13 @@ def test_a_target_type_cannot_be_registered_twice() -> None:
         register_target("test-memory", Again, _MemoryTarget)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="already registered as target type 'test-memory'"):
         register_target("test-memory-2", _MemorySpec, _MemoryTarget)
+
+
+def test_credentials_in_a_target_url_are_refused_naming_the_line(tmp_path: Path) -> None:
+    # They were never sent (the request is built from host and path): a 401 and no reason.
+    (tmp_path / "a.yaml").write_text(
+        "targets:\n  - name: fn\n    type: http\n    url: 'http://alice:s3cret@127.0.0.1:1/hook'\n"
+    )
+    with pytest.raises(ConfigError, match=r"a\.yaml:4.*credentials in the url") as info:
+        load_connectors(tmp_path)
+    assert "s3cret" not in str(info.value)
