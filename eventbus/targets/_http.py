@@ -438,10 +438,14 @@ class HttpTarget:
         # Not locked (checked above, nothing awaited since) when not waiting: taken at once.
         async with self._slots:
             start = time.perf_counter()
+            # One deadline for the whole attempt: token, request, and the retry with a fresh
+            # token (each had the full timeout: an attempt could take four times it).
+            deadline = asyncio.get_running_loop().time() + self.config.timeout
             oauth = self._oauth
             try:
                 if oauth is not None:
-                    token = await oauth.token(self._session)
+                    async with asyncio.timeout_at(deadline):
+                        token = await oauth.token(self._session)
                     headers["Authorization"] = f"Bearer {token}"
                 if self._key is not None:
                     # Stamped once a slot is held: a delivery queued behind the concurrency
@@ -452,16 +456,20 @@ class HttpTarget:
                     headers["webhook-id"] = signed_id
                     headers["webhook-timestamp"] = str(now)
                     headers["webhook-signature"] = signature(self._key, signed_id, now, body)
-                answer = await self._send(pool, headers, body, msg_id, start, wait)
+                answer = await self._send(pool, headers, body, msg_id, start, deadline, wait)
                 if oauth is not None and answer.outcome.status == 401:
                     # The function refused the token (revoked, rotated keys): one new token,
                     # one more try; a second 401 stands.
-                    fresh = await oauth.refresh(self._session, token)
+                    async with asyncio.timeout_at(deadline):
+                        fresh = await oauth.refresh(self._session, token)
                     headers["Authorization"] = f"Bearer {fresh}"
-                    answer = await self._send(pool, headers, body, msg_id, start, wait)
+                    answer = await self._send(pool, headers, body, msg_id, start, deadline, wait)
             except TokenError as exc:
                 duration_ms = (time.perf_counter() - start) * 1000
                 answer = Answer(failure(str(exc), duration_ms, retryable=exc.retryable))
+            except TimeoutError as exc:  # waiting for a token
+                duration_ms = (time.perf_counter() - start) * 1000
+                answer = Answer(_outcome_from_error(exc, duration_ms, self.config.timeout))
         trace_attempt(log, self.name, msg_id, attempt, answer.outcome)
         return answer
 
@@ -472,17 +480,18 @@ class HttpTarget:
         body: bytes,
         msg_id: str,
         start: float,
+        deadline: float,
         wait: bool,
     ) -> Answer:
-        """One request; with ``wait`` False (an invocation) an answer past the read bound is a
-        failure rather than a cut-off body."""
+        """One request, answered by ``deadline`` (the loop's clock); with ``wait`` False (an
+        invocation) an answer past the read bound is a failure rather than a cut-off body."""
         # An event without data goes without a Content-Type; nothing adds one.
         lines = [self._request_line]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         request = "".join(lines).encode()
         try:
-            async with asyncio.timeout(self.config.timeout):
+            async with asyncio.timeout_at(deadline):
                 resp = await pool.request(self._origin, request, body, max_body=MAX_RESPONSE_BYTES)
         except (HttpError, TimeoutError, OSError) as exc:
             return Answer(

@@ -284,6 +284,17 @@ async def test_a_401_fetches_one_new_token_and_sends_again(
     assert len(function.requests) == 2 and len(idp.requests) == 3
 
 
+async def test_one_attempt_with_a_token_keeps_to_the_timeout(
+    function: Receiver, pki: Pki, idp: TokenEndpoint
+) -> None:
+    # Token, request, new token, request again: each had the whole timeout (6 s for a 2 s one).
+    idp.delay = 0.8
+    async with HttpTarget(_spec(function, pki, _oauth(idp), timeout=2)) as target:
+        function.script(Response(401, delay=0.8), Response(204, delay=0.8))
+        outcome = await _deliver(target)  # it came at 3.2 s, delivered
+    assert outcome.timed_out and outcome.error == "timeout after 2s", outcome
+
+
 async def test_a_revoked_client_fails_for_good_with_the_endpoints_reason(
     function: Receiver, pki: Pki, idp: TokenEndpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
