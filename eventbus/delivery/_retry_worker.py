@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from eventbus import metrics
 from eventbus._errors import StoreError
-from eventbus._tasks import stop_with_grace, wait_event
+from eventbus._tasks import cancel_and_wait, stop_with_grace, wait_event
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.delivery._model import Delivery
 from eventbus.delivery._store import DeliveryStore
@@ -58,7 +58,15 @@ class RetryWorker:
         self._sem = asyncio.Semaphore(concurrency)
         self._idle_poll = idle_poll
         self._task: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        # Rows being attempted: id -> claim (their leases are extended while they run), and
+        # how many per target (one target may hold at most half the slots: a slow one with a
+        # concurrency cap held them all, waiting for its own slots, and the others' retries
+        # waited behind it).
+        self._claims: dict[int, str] = {}
+        self._per_target: dict[str, int] = {}
+        self._share = max(1, concurrency // 2)
         self._wake = asyncio.Event()
         self._next_due = float("inf")
         # Told about each delivery this worker ran once its outcome is recorded (the live
@@ -67,6 +75,7 @@ class RetryWorker:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="eventbus-retry-worker")
+        self._heartbeat = asyncio.create_task(self._extend(), name="eventbus-retry-leases")
 
     def wake(self) -> None:
         """Look for due rows now (after a replay, say) instead of at the next poll."""
@@ -93,10 +102,12 @@ class RetryWorker:
                 await self._sem.acquire()
                 self._sem.release()
                 free = self._concurrency - len(self._inflight)
+                full = [t for t, n in self._per_target.items() if n >= self._share]
                 claimed = await self._store.claim_due(
                     limit=max(1, min(self._batch, free)),
                     lease=self._lease,
                     instance=self._instance,
+                    skip=full,
                 )
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
@@ -104,6 +115,9 @@ class RetryWorker:
                 continue
             for pending in claimed:
                 await self._sem.acquire()
+                if pending.pending_id is not None and pending.claim is not None:
+                    self._claims[pending.pending_id] = pending.claim
+                self._per_target[pending.target] = self._per_target.get(pending.target, 0) + 1
                 task = asyncio.create_task(self._one(pending))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
@@ -142,8 +156,30 @@ class RetryWorker:
             self.ran(pending)
         finally:
             self._sem.release()
+            if pending.pending_id is not None:
+                self._claims.pop(pending.pending_id, None)
+            left = self._per_target.pop(pending.target, 1) - 1
+            if left > 0:
+                self._per_target[pending.target] = left
+
+    async def _extend(self) -> None:
+        """Every third of a lease, extend the leases of the rows being attempted: a row
+        waiting for its target's slot (behind a concurrency cap or a rate limit) outlived its
+        lease, was claimed again and delivered twice."""
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            if not self._claims:
+                continue
+            try:
+                await self._store.extend(dict(self._claims), lease=self._lease)
+            except Exception as exc:  # StoreError, or Postgres restarting: tried again
+                log.warning("extending the leases of running retries failed: %s", exc)
 
     async def stop(self, grace: float) -> None:
         """Stop claiming rows; attempts still running after ``grace`` seconds are cancelled
         (their rows stay claimed until the lease ends, then are tried again)."""
-        await stop_with_grace(self._task, self._inflight, grace)
+        try:
+            await stop_with_grace(self._task, self._inflight, grace)
+        finally:
+            if self._heartbeat is not None:
+                await cancel_and_wait(self._heartbeat)

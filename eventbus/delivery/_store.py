@@ -12,7 +12,7 @@ again when its lease runs out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -161,8 +161,11 @@ class DeliveryStore:
             )
         )
 
-    async def claim_due(self, *, limit: int, lease: float, instance: str) -> list[Delivery]:
-        """Claim up to ``limit`` due rows for ``lease`` seconds; others skip them meanwhile."""
+    async def claim_due(
+        self, *, limit: int, lease: float, instance: str, skip: Sequence[str] = ()
+    ) -> list[Delivery]:
+        """Claim up to ``limit`` due rows for ``lease`` seconds, none for the targets in
+        ``skip``; others skip them meanwhile."""
         rows = await self._run(
             "claiming due retries",
             self._pool.fetch(
@@ -170,14 +173,32 @@ class DeliveryStore:
                 f" locked_until = now() + make_interval(secs => $2)"
                 f" WHERE id IN (SELECT id FROM delivery_retries"
                 f"   WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now())"
+                f"   AND target <> ALL($4::text[])"
                 f"   ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
                 f" RETURNING {_COLUMNS}",
                 limit,
                 lease,
                 instance,
+                list(skip),
             ),
         )
         return [_pending(r) for r in rows]
+
+    async def extend(self, claims: Mapping[int, str], *, lease: float) -> None:
+        """Extend to ``lease`` seconds from now the lease of each row (id: claim) still held
+        under its claim: rows waiting for their target's slot, or slow to answer, are not
+        claimed again (and attempted twice) while their first claim still runs."""
+        await self._run(
+            "extending retry leases",
+            self._pool.execute(
+                "UPDATE delivery_retries r SET locked_until = now() + make_interval(secs => $3)"
+                " FROM unnest($1::bigint[], $2::text[]) AS c(id, claim)"
+                " WHERE r.id = c.id AND r.locked_by = c.claim",
+                list(claims),
+                list(claims.values()),
+                lease,
+            ),
+        )
 
     async def next_due_in(self) -> float | None:
         """Seconds until the earliest unclaimed row that is not yet due becomes due, by the

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -126,3 +126,75 @@ async def test_an_override_the_running_policy_refuses_is_delivered_with_the_targ
     receiver.script(204)
     await rig.dispatcher.run(job)
     await receiver.wait_for(1, path="/fn", timeout=15)
+
+
+@asynccontextmanager
+async def _worker(
+    dsn: str, receiver: Receiver, *, lease: float, concurrency: int
+) -> AsyncIterator[DeliveryStore]:
+    """A retry worker over two targets with a concurrency cap of one, /slow and /fast."""
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(await Store.open(dsn))
+        targets = {
+            name: await stack.enter_async_context(
+                HttpTarget(
+                    HttpTargetSpec(
+                        name=name, url=receiver.url(f"/{name}"), timeout=10, concurrency=1
+                    )
+                )
+            )
+            for name in ("slow", "fast")
+        }
+        policies = target_policies({name: {"circuit_breaker": False} for name in targets})
+        deliveries = DeliveryStore(store.pool)
+
+        async def publish(event: dict[str, object]) -> None:
+            raise AssertionError("nothing replies in these tests")
+
+        dispatcher = Dispatcher(targets, policies, deliveries, store.audit, publish)
+        worker = RetryWorker(
+            dispatcher, deliveries, instance="t", lease=lease, concurrency=concurrency
+        )
+        worker.start()
+        stack.push_async_callback(worker.stop, 5.0)
+        yield deliveries
+
+
+async def _due(deliveries: DeliveryStore, target: str, ids: range) -> None:
+    for i in ids:
+        job = _delivery(i)
+        job.target = target
+        await deliveries.schedule(job, due_in=0)
+
+
+async def test_a_retry_waiting_for_its_targets_slot_keeps_its_claim(
+    database_dsn: str, receiver: Receiver
+) -> None:
+    # Four rows for a target that takes one request at a time, a second each: the last waits
+    # three seconds for its slot, twice its lease. Its lease ran out while it waited, the row
+    # was claimed again and delivered twice.
+    receiver.respond(Response(204, delay=1.0))
+    async with _worker(database_dsn, receiver, lease=1.5, concurrency=8) as deliveries:
+        await _due(deliveries, "slow", range(4))
+
+        async def done() -> bool:
+            return await deliveries.backlog() == 0
+
+        await eventually(done, within=30, what="every retry delivered")
+        await asyncio.sleep(3.0)  # a second claim of a row, waiting for the slot, comes by now
+    assert sorted(r.cloudevent["id"] for r in receiver.requests) == [f"r-{i}" for i in range(4)]
+
+
+async def test_one_slow_target_leaves_the_other_targets_retries_slots(
+    database_dsn: str, receiver: Receiver
+) -> None:
+    # Ten rows for a target taking one request a second, then one for another target: the
+    # slow target's rows held every slot of the worker waiting for its own, and the other's
+    # retry came after nearly all of them.
+    receiver.respond(Response(204, delay=1.0))
+    async with _worker(database_dsn, receiver, lease=60, concurrency=4) as deliveries:
+        await _due(deliveries, "slow", range(10))
+        await _due(deliveries, "fast", range(10, 11))
+        await receiver.wait_for(1, path="/fast", timeout=30)
+        slow_before = len([r for r in receiver.requests if r.path == "/slow"])
+    assert slow_before <= 3, slow_before
