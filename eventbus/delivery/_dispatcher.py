@@ -189,7 +189,7 @@ class Dispatcher:
             # a non-retryable 4xx is the request's fault, not the endpoint's health
             guard.record(outcome.delivered or not outcome.retryable)
         job.attempts = attempt
-        job.history.append(_history_entry(attempt, outcome))
+        job.history.append(_history_entry(attempt, outcome, job.replay_count))
         _delivery_seconds(job.target).observe(outcome.duration_ms / 1000)
         if outcome.delivered:
             await self._delivered(job, outcome, policy)
@@ -418,8 +418,8 @@ def _hops(event: dict[str, Any]) -> int:
         return 0
 
 
-def _history_entry(attempt: int, outcome: Outcome) -> dict[str, Any]:
-    return {
+def _history_entry(attempt: int, outcome: Outcome, replay: int) -> dict[str, Any]:
+    entry = {
         "attempt": attempt,
         "at": datetime.now(UTC).isoformat(),
         "status": outcome.status,
@@ -427,3 +427,6 @@ def _history_entry(attempt: int, outcome: Outcome) -> dict[str, Any]:
         "error": truncate_error(outcome.error) if outcome.error else None,
         "retryable": outcome.retryable,
     }
+    if replay:  # attempts count from 1 again after each replay (a fresh budget)
+        entry["replay"] = replay
+    return entry

@@ -79,6 +79,8 @@ class Delivery:
     first_attempt_at: datetime | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     pending_id: int | None = None
+    replay_count: int = 0
+    """How many times it was replayed from the dead letters (its history spans them all)."""
     claim: str | None = None
     """The token of the claim that handed this row out; writes to the row check it, so an
     attempt whose lease ran out cannot overwrite what the row's new owner decided."""

@@ -96,7 +96,7 @@ _load = loads_jsonb
 
 _COLUMNS = (
     "id, event, rule, target, payload, is_cloudevent, delivery, attempts, first_attempt_at,"
-    " history, locked_by"
+    " history, locked_by, replay_count"
 )
 
 
@@ -115,6 +115,7 @@ def _pending(row: asyncpg.Record) -> Delivery:
         history=_load(row["history"]),
         pending_id=row["id"],
         claim=row["locked_by"],
+        replay_count=row["replay_count"],
     )
 
 
@@ -268,14 +269,15 @@ class DeliveryStore:
                         return None
                 dl_id = await conn.fetchval(
                     f"INSERT INTO dead_letters ({_SHARED}, event_type, last_status, final_error,"
-                    f" reason, first_attempt_at) VALUES ({_SHARED_VALUES}, $11, $12, $13, $14,"
-                    " coalesce($15, now())) RETURNING id",
+                    f" reason, first_attempt_at, replay_count) VALUES ({_SHARED_VALUES}, $11,"
+                    " $12, $13, $14, coalesce($15, now()), $16) RETURNING id",
                     *_columns(d),
                     d.event.get("type"),
                     last_status,
                     final_error,
                     reason.value,
                     d.first_attempt_at,
+                    d.replay_count,
                 )
                 return int(dl_id)
 
@@ -352,7 +354,8 @@ class DeliveryStore:
 
     async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
         """Move matching dead letters back into the retry schedule, due now, with a fresh
-        attempt budget; returns what was replayed (id, source, event id, rule, target)."""
+        attempt budget, their history and one more replay counted; returns what was replayed
+        (id, source, event id, rule, target)."""
         where, args = flt.where()
         rows = await self._run(
             "replaying dead letters",
@@ -360,9 +363,9 @@ class DeliveryStore:
                 "WITH moved AS (DELETE FROM dead_letters WHERE " + where + " RETURNING *),"
                 " queued AS (INSERT INTO delivery_retries (due_at, event_source, event_id,"
                 " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"
-                " waiting_for)"
+                " waiting_for, replay_count)"
                 " SELECT now(), event_source, event_id, event, rule, target, payload,"
-                " is_cloudevent, delivery, 0, '[]'::jsonb, 'replay' FROM moved)"
+                " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1 FROM moved)"
                 " SELECT id, event_source, event_id, rule, target FROM moved ORDER BY id",
                 *args,
             ),

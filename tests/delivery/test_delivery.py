@@ -414,6 +414,32 @@ async def test_an_error_answer_with_control_characters_is_dead_lettered_once(
         assert len(receiver.requests) == 1
 
 
+async def test_a_replayed_dead_letter_keeps_its_history_and_counts_its_replays(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The replay moved the row back with an empty history, and nothing counted replays: the
+    # dead letter it became again showed one attempt and "replayed 0 times".
+    receiver.respond(400)
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    await _publish(svc, [1])
+    for replays in range(3):
+        (dead,) = await eventually(
+            lambda: _dead_letters(svc), within=20, every=POLL, what="dead letter"
+        )
+        status, _, full = await svc.request("GET", f"/dead-letters/{dead['id']}")
+        assert status == 200 and full["replay_count"] == replays
+        assert [(h["attempt"], h.get("replay", 0)) for h in full["history"]] == [
+            (1, n) for n in range(replays + 1)
+        ]
+        if replays == 2:
+            receiver.respond(204)
+        status, _, _ = await svc.request("POST", f"/dead-letters/{dead['id']}/replay")
+        assert status == 202
+    await receiver.wait_for(4)
+    await svc.drained()
+    assert await _dead_letters(svc) == []
+
+
 @pytest.mark.timeout(180)
 async def test_postgres_restart_mid_run_loses_nothing(
     eventbus: StartService, receiver: Receiver, postgres_server: EmbeddedPostgres
