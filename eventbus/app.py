@@ -247,11 +247,13 @@ class Service:
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
         )
-        # A claimed row must outlive its attempt: the slowest target's timeout, twice, plus
-        # room for waiting on a concurrency slot. Writes check the claim token regardless.
+        # A claimed row must outlive its attempt: the slowest target's timeout, twice, plus a
+        # margin; the worker extends it while the attempt runs (waiting for a concurrency slot
+        # included), so it only decides how soon a dead instance's rows are taken over.
+        # Writes check the claim token regardless.
         slowest = max((spec.timeout for spec in self.connectors.targets.values()), default=10.0)
         self._retries = RetryWorker(
-            self.dispatcher, self.deliveries, instance=self.instance, lease=slowest * 2 + 60
+            self.dispatcher, self.deliveries, instance=self.instance, lease=slowest * 2 + 10
         )
         self.dispatcher.scheduled = self._retries.due_in
         self._invoker = Invoker(self.targets, self.dispatcher, self.store.audit)

@@ -255,6 +255,11 @@ class Dispatcher:
         policy: DeliveryPolicy | None = None,
     ) -> None:
         await self._record(job, AttemptOutcome.DEAD_LETTERED, outcome, error)
+        # Follow-ups first, the row last (as for a delivered one): killed in between, the row
+        # is still there and its last attempt made again, follow-ups and all. The other way
+        # round, a retry's dead letter was written and its copy, in memory only, lost.
+        if policy is not None and job.kind is DeliveryKind.ROUTE:
+            await self._dead_letter_follow_ups(job, outcome, reason, error, policy)
         row = functools.partial(
             self._store.dead_letter,
             last_status=None if outcome is None else outcome.status,
@@ -273,8 +278,15 @@ class Dispatcher:
             job.target,
             reason.value,
         )
-        if policy is None or job.kind is not DeliveryKind.ROUTE:
-            return
+
+    async def _dead_letter_follow_ups(
+        self,
+        job: Delivery,
+        outcome: Outcome | None,
+        reason: DeadLetterReason,
+        error: str | None,
+        policy: DeliveryPolicy,
+    ) -> None:
         if policy.dead_letter_target:
             copy = dict(job.event)
             copy.update(

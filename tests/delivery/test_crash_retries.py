@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from tests.app.test_crash import _publish
-from tests.fixtures.receiver import Receiver
+from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import ServeProcess
 from tests.fixtures.wait import eventually
 
@@ -55,3 +55,61 @@ async def test_sigkill_with_pending_retries_then_restart(
     assert set(ok) == accepted
     assert max(ok.values()) <= 2
     await second.terminate()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_sigkill_while_a_dead_letters_copy_is_in_flight_then_restart(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
+) -> None:
+    # A retry ran out of attempts: its dead letter was written, then its copy for the
+    # dead_letter_target sent from memory. Killed meanwhile, the copy was never sent.
+    receiver.respond(503)
+    fixed = {"strategy": "fixed", "initial_delay": "1s", "jitter": False}
+    async with Receiver() as dlq:
+        dlq.respond(Response(503, delay=6.0))  # slow: the copy is in flight when killed
+        targets = [
+            {
+                "name": "fn",
+                "type": "http",
+                "url": receiver.url("/fn"),
+                "timeout": 2,
+                "delivery": {
+                    "retry": {**fixed, "max_attempts": 2},
+                    "circuit_breaker": False,
+                    "dead_letter_target": "dlq",
+                },
+            },
+            {
+                "name": "dlq",
+                "type": "http",
+                "url": dlq.url("/dlq"),
+                "timeout": 7,
+                "delivery": {"retry": {**fixed, "max_attempts": 5}, "circuit_breaker": False},
+            },
+        ]
+        first = serve_process(rules=RULES, targets=targets)
+        await first.start()
+        assert len(await _publish(first.url, 1, prefix="c")) == 1
+        await dlq.wait_for(1, timeout=30)  # the second attempt failed: the copy goes out
+        await first.kill()
+        dlq.respond(204)
+        second = serve_process(rules=RULES, targets=targets)
+        await second.start()
+
+        def copied() -> bool:
+            return any(r.status == 204 for r in dlq.requests)
+
+        await eventually(copied, within=90, what="the dead letter's copy delivered")
+        conn = await asyncpg.connect(database_dsn)
+        try:
+            await eventually(
+                lambda: _count(conn, "dead_letters", 1), within=30, what="one dead letter"
+            )
+        finally:
+            await conn.close()
+        await second.terminate()
+
+
+async def _count(conn: asyncpg.Connection, table: str, n: int) -> bool:
+    return bool(await conn.fetchval(f"SELECT count(*) FROM {table}") == n)
