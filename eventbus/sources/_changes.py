@@ -7,7 +7,7 @@ Place in the pipeline: inside the ``directory`` and ``s3-poll`` sources, between
 (files, bucket objects) and the bus. A marker (size and mtime, ETag and LastModified) is
 checkpointed only after its event is on the bus: a restart emits nothing twice and misses
 nothing; a crash in between re-emits that one item (at-least-once). Items that disappear are
-not reported.
+not reported; their checkpoints are deleted once a scan no longer lists them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
+from eventbus._errors import CloudEventError
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 
@@ -68,18 +69,31 @@ async def _emit_changes(
     order: Callable[[T], Any],
     event: Callable[[T, bool], Awaitable[dict[str, Any]]],
 ) -> None:
+    listed = {prefix + name: (marker, item) for name, marker, item in present}
     changed = [
-        (prefix + name, marker, item)
-        for name, marker, item in present
-        if seen.get(prefix + name) != marker
+        (key, marker, item) for key, (marker, item) in listed.items() if seen.get(key) != marker
     ]
     # Oldest first, so consumers see changes in the order they happened.
     changed.sort(key=lambda change: order(change[2]))
     remaining = len(changed)
     ctx.status.lag = remaining
     for key, marker, item in changed:
-        await ctx.emit(await event(item, key in seen))
+        try:
+            made = await event(item, key in seen)
+        except CloudEventError as exc:
+            # No event can say it (a name with a control character, say): kept aside, and
+            # the items after it go on (it raised out of the source, which stopped for good).
+            await ctx.dead_letter(key.removeprefix(prefix), str(exc), {"key": key})
+        else:
+            await ctx.emit(made)
         await ctx.checkpoints.put(key, marker)
         seen[key] = marker
         remaining -= 1
         ctx.status.lag = remaining
+    # Forget what is gone (a drop folder's processed files): the checkpoints, and this map,
+    # grew with every name ever seen. One that comes back is reported as created.
+    gone = [key for key in seen if key not in listed]
+    if gone:
+        await ctx.checkpoints.delete_many(gone)
+        for key in gone:
+            del seen[key]

@@ -10,7 +10,7 @@ reads them. Tables come from migration ``0003_sources.sql``.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -82,6 +82,19 @@ class Checkpoints:
                 )
         except _DB_ERRORS as exc:
             raise StoreError(f"writing checkpoints of {self._source}: {exc}") from exc
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Forget ``keys`` (those of items that are gone)."""
+        if not keys:
+            return
+        try:
+            await self._pool.execute(
+                "DELETE FROM source_checkpoints WHERE source = $1 AND key = ANY($2::text[])",
+                self._source,
+                list(keys),
+            )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"deleting checkpoints of {self._source}: {exc}") from exc
 
 
 async def list_dead_letters(

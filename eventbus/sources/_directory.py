@@ -6,7 +6,8 @@
 Polling ``stat`` needs no extra dependency and works on every filesystem (including network
 mounts where inotify does not). A file's size and mtime are checkpointed after its event is on
 the bus: a restart emits nothing twice and misses nothing; a crash in between re-emits that
-one file (at-least-once, same event ``id``). Removed files are not reported.
+one file (at-least-once, same event ``id``). Removed files are not reported (their
+checkpoints are deleted).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import pydantic
 
-from eventbus._errors import BusError, ConfigError, StoreError
+from eventbus._errors import BusError, CloudEventError, ConfigError, StoreError
+from eventbus.cloudevents import attribute_text, validate
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
@@ -96,14 +98,26 @@ class DirectorySource:
             # Binary or vanished: the event still reports the file, without content.
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 data["content"] = path.read_bytes()[: self.config.content_max_bytes].decode()
-        return {
+        event = {
             "specversion": "1.0",
             # The file version names the event, so a re-emitted one has the same id.
             "id": str(uuid.uuid5(_NAMESPACE, f"{path}#{stat.st_size}@{stat.st_mtime_ns}")),
             "source": f"urn:eventbus:source:{self.name}",
             "type": "eventbus.file.modified" if known else "eventbus.file.created",
-            "subject": rel,
+            # a control character in a name is none in an attribute (data has the name)
+            "subject": attribute_text(rel),
             "time": modified.isoformat().replace("+00:00", "Z"),
             "datacontenttype": "application/json",
             "data": data,
         }
+        try:
+            return validate(event)
+        except CloudEventError as exc:
+            if "content" not in data:
+                raise
+            # Over the event size limit with its content (escaped, text grows up to six
+            # times): the file is reported without it (the bus refused it for good, and the
+            # files after it waited behind it).
+            del data["content"]
+            data["content_omitted"] = exc.detail
+            return validate(event)

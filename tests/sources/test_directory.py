@@ -111,3 +111,30 @@ async def test_missing_directory_is_a_config_error(tmp_path: Path, database_dsn:
 def test_bad_settings_name_the_field(tmp_path: Path, extra: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         build_source(_spec(tmp_path, **extra))
+
+
+async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_dsn: str) -> None:
+    # A text over the event size with content_max_bytes at its maximum (the bus refused the
+    # event for good and every newer file waited behind it), a name with a control character
+    # (the subject), and a drop folder's processed files (their checkpoints stayed for ever).
+    _write(tmp_path / "big.txt", "x" * 300_000, 1_000)
+    _write(tmp_path / "odd\x1bname.txt", "odd", 1_001)
+    _write(tmp_path / "later.txt", "later", 1_002)
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "drop", recorder)
+        async with running(build_source(_spec(tmp_path, content_max_bytes=1 << 20)), ctx):
+            big, odd, later = await recorder.wait_for(3)
+            for name in ("big.txt", "odd\x1bname.txt", "later.txt"):
+                (tmp_path / name).unlink()
+
+            async def forgotten() -> bool:
+                return await ctx.checkpoints.items("f:") == {}
+
+            await eventually(forgotten, what="the removed files' checkpoints deleted")
+            _write(tmp_path / "later.txt", "later", 1_002)  # back: reported again
+            await recorder.wait_for(4)
+        assert "content" not in big["data"] and "limit" in big["data"]["content_omitted"]
+        assert odd["subject"] == "odd name.txt" and odd["data"]["content"] == "odd"
+        assert later["data"]["content"] == "later"
+        assert recorder.events[3]["type"] == "eventbus.file.created"
