@@ -173,7 +173,7 @@ class Dispatcher:
             if not admission.allowed:
                 await self._park(job, admission.reopen_in, "circuit")
                 return
-            await guard.throttle()
+            await guard.wait_turn()
         attempt = job.attempts + 1
         if job.first_attempt_at is None:
             job.first_attempt_at = datetime.now(UTC)

@@ -106,6 +106,16 @@ class Guard:
         self._state = state
         metrics.CIRCUIT_STATE.labels(self._target).set(state)
 
+    async def wait_turn(self) -> None:
+        """:meth:`throttle` for an admitted attempt: cancelled while waiting for its token, it
+        releases its admission (a half-open probe left outstanding refused the target until a
+        restart)."""
+        try:
+            await self.throttle()
+        except BaseException:
+            self.release()
+            raise
+
     async def throttle(self) -> None:
         """Wait for a rate-limit token (no-op without a limit). Waits are short and bounded:
         at most one token interval per waiter ahead in line."""

@@ -172,7 +172,7 @@ class Invoker:
                 )
                 await self._refused(event, rule, refused)
                 return refused
-            await guard.throttle()
+            await guard.wait_turn()
         try:
             with self._dispatcher.delivering(target):
                 if reply:

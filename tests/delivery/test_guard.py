@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from eventbus.delivery import BreakerPolicy, Guard
 
 
@@ -79,3 +82,22 @@ async def test_rate_limit_spaces_attempts() -> None:
     # a burst of one second's worth (10) goes at once; the other 20 wait 0.1 s each
     assert len(slept) == 20
     assert abs(sum(slept) - 2.0) < 1e-6
+
+
+async def test_a_probe_cancelled_while_waiting_for_its_token_is_released() -> None:
+    # Admitted as the half-open probe, then cancelled waiting for a rate-limit token (a
+    # synchronous caller gone, a shutdown): the probe stayed outstanding and every later
+    # attempt was refused until a restart.
+    clock = Clock()
+    guard = Guard("t-probe", BreakerPolicy(failures=1, open_for=10), 1.0, clock)
+    assert guard.admit().allowed
+    guard.record(False)
+    clock.now += 10
+    await guard.throttle()  # someone takes the token
+    assert guard.admit().allowed  # the probe
+    waiting = asyncio.create_task(guard.wait_turn())  # the next token: the clock stands still
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert guard.admit().allowed  # another may probe
