@@ -202,6 +202,7 @@ class Service:
         policies = _policies(self.connectors)
         self._delivery_policies = policies  # connectors are read at start: these stay in use
         rules = self._load_rules(self.connectors, policies)
+        targets, sources = self._build_connectors()
 
         embedded = await start_embedded(self._stack, s)
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
@@ -235,8 +236,8 @@ class Service:
             )
 
         self.rules = RuleSetHolder(rules)
-        for name, spec in self.connectors.targets.items():
-            self.targets[name] = await self._stack.enter_async_context(build_target(spec))
+        for name, target in targets.items():
+            self.targets[name] = await self._stack.enter_async_context(target)
         self.deliveries = DeliveryStore(self.store.pool)
         self.dispatcher = Dispatcher(
             self.targets,
@@ -279,7 +280,7 @@ class Service:
         self._stack.push_async_callback(self._stop_workers)
         summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
         self._stack.push_async_callback(cancel_and_wait, summary)
-        await self._start_sources()
+        await self._start_sources(sources)
         log.info(
             "eventbus ready: %d rules, %d targets, %d sources, bus=%s",
             len(rules.rules),
@@ -339,16 +340,36 @@ class Service:
             native_cel=native_cel,
         )
 
-    async def _start_sources(self) -> None:
-        """Run the connectors' sources (with ``run_sources`` off only those that serve
-        requests, the webhooks, which every process must) and, when configured,
-        ``kafka_ingest``: a ``kafka`` source named ``kafka-ingest`` reading CloudEvents."""
+    def _build_connectors(self) -> tuple[dict[str, Target], list[Source]]:
+        """The adapters of every target and of the sources this process runs (with
+        ``run_sources`` off only those that serve requests, the webhooks, which every process
+        must), built before anything starts. Raises one ConfigError listing each setting an
+        adapter refuses (a TLS file that cannot be read, an endpoint that is no URL), with
+        file and line: they came one at a time, without either, once the database was up."""
+        s, found = self.settings, self.connectors
+        errors: list[str] = []
+        targets: dict[str, Target] = {}
+        for name, target_spec in found.targets.items():
+            try:
+                targets[name] = build_target(target_spec)
+            except ConfigError as exc:
+                errors.append(found.located("target", name, exc))
+        sources: list[Source] = []
+        for name, source_spec in found.sources.items():
+            if not (s.run_sources or in_every_process(source_spec)):
+                continue
+            try:
+                sources.append(build_source(source_spec))
+            except ConfigError as exc:
+                errors.append(found.located("source", name, exc))
+        if errors:
+            raise ConfigError("\n".join(errors))
+        return targets, sources
+
+    async def _start_sources(self, sources: list[Source]) -> None:
+        """Run ``sources`` and, when configured, ``kafka_ingest``: a ``kafka`` source named
+        ``kafka-ingest`` reading CloudEvents."""
         s = self.settings
-        sources = [
-            build_source(spec)
-            for spec in self.connectors.sources.values()
-            if s.run_sources or in_every_process(spec)
-        ]
         if s.kafka_ingest is not None:
             sources.append(
                 build_source(

@@ -151,6 +151,13 @@ class ConnectorSet:
 
     targets: Mapping[str, TargetSpec] = field(default_factory=dict)
     sources: Mapping[str, SourceSpec] = field(default_factory=dict)
+    where: Mapping[tuple[ConnectorKind, str], str] = field(default_factory=dict)
+    """``file:line`` of each connector, by kind (``target``, ``source``) and name."""
+
+    def located(self, kind: ConnectorKind, name: str, problem: object) -> str:
+        """``problem`` prefixed with where the connector is defined (when known)."""
+        loc = self.where.get((kind, name))
+        return f"{problem}" if loc is None else f"{loc}: {problem}"
 
 
 def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> ConnectorSet:
@@ -204,6 +211,7 @@ def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> C
     return ConnectorSet(
         targets=cast(dict[str, TargetSpec], found["target"]),
         sources=cast(dict[str, SourceSpec], found["source"]),
+        where=where,
     )
 
 

@@ -79,6 +79,33 @@ async def test_serve_refuses_an_open_bind_before_starting_anything(
     assert not (tmp_path / ".eventbus").exists()  # no embedded server was started
 
 
+async def test_serve_names_every_connector_its_adapter_refuses_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    # Checked when the adapters were built: after the database and the bus were up, one at a
+    # time, without file or line.
+    (tmp_path / "connectors").mkdir()
+    (tmp_path / "connectors" / "sources.yaml").write_text(
+        "sources:\n"
+        "  - name: mq\n    type: mqtt\n    topics: [t]\n"
+        "    tls: {ca: /nonexistent/ca.pem}\n"
+        "  - name: s3\n    type: s3-poll\n    bucket: b\n    endpoint_url: not a url\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "serve"),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "sources.yaml:2: " in text and "/nonexistent/ca.pem" in text, text
+    assert "sources.yaml:6: " in text and "not a url" in text, text
+    assert "Traceback" not in text
+    assert not (tmp_path / ".eventbus").exists()  # no embedded server was started
+
+
 @pytest.mark.timeout(120)
 async def test_allowed_unauthenticated_bind_starts_with_a_warning(
     serve_process: Callable[..., ServeProcess],
