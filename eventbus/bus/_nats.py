@@ -431,9 +431,12 @@ class NatsBus:
                 yield msg
         finally:
             self._batches.remove(batch)
-            await _hand_back(batch)
+            # Unsubscribed first: a pull of this subscription still waiting on the server
+            # (lingering, say) could otherwise be given the messages handed back, which the
+            # unsubscribed inbox then drops (they wait out ack_wait).
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
+            await _hand_back(batch)
 
     async def _fetch(
         self, psub: JetStreamContext.PullSubscription, n: int, into: deque[Msg]
