@@ -247,6 +247,8 @@ class Service:
             functools.partial(self._publish_one, via="reply"),
             hop_limit=s.router.hop_limit,
             disabled=await self.deliveries.disabled_targets(),
+            # one target's waiting deliveries hold at most 90 % of the in-flight window
+            route_share=max(1, s.bus.max_in_flight * 9 // 10),
         )
         # A claimed row must outlive its attempt: the slowest target's timeout, twice, plus a
         # margin; the worker extends it while the attempt runs (waiting for a concurrency slot

@@ -197,6 +197,7 @@ EXPORTS: dict[str, list[str]] = {
     ],
     "eventbus.targets": [
         "Answer",
+        "Capped",
         "HttpTarget",
         "HttpTargetSpec",
         "Invocable",

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ from eventbus.delivery._policy import DeliveryPolicy, parse_delivery
 from eventbus.delivery._store import DeliveryStore
 from eventbus.rules import Route
 from eventbus.store import CAUSE_ID, CAUSE_SOURCE, Attempt, AttemptOutcome, AuditWriter
-from eventbus.targets import Outcome, Target
+from eventbus.targets import Capped, Outcome, Target
 
 __all__ = ["Dispatcher"]
 
@@ -66,8 +67,10 @@ class Dispatcher:
         *,
         hop_limit: int = 8,
         disabled: Mapping[str, str] | None = None,
+        route_share: int = 900,
     ) -> None:
         self._targets = targets
+        self._route_share = route_share
         self._policies = policies
         self._store = store
         self._audit = audit
@@ -76,6 +79,7 @@ class Dispatcher:
         self._disabled = dict(disabled or {})
         self._guards = {name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()}
         self._override_cache: dict[tuple[str, bytes], DeliveryPolicy] = {}
+        self._waiting: Counter[str] = Counter()
         # Told about every retry this process schedules (RetryWorker.due_in), so a retry due
         # sooner than the worker's next poll is not late by up to a poll interval.
         self.scheduled: Callable[[float], None] = lambda delay: None
@@ -167,19 +171,53 @@ class Dispatcher:
             await self._dead_letter(job, None, DeadLetterReason.TARGET_DISABLED, why)
             return
         policy = self._policy(job)
+        # The router waits on a delivery from the bus (a retry's row waits in the schedule).
+        routed, name = job.pending_id is None, job.target
+        if routed and self._saturated(name, target):
+            # It already holds its share of the bus's in-flight window waiting for its slots:
+            # this one waits in the durable schedule instead (one slow function with a cap held
+            # the whole window, and routing to every other target stopped behind it).
+            await self._park(job, 0.0, "capacity")
+            return
+        self._waiting[name] += routed
+        try:
+            outcome = await self._attempt(job, target)
+        finally:
+            self._waiting[name] -= routed
+        if outcome is None:  # parked behind an open circuit
+            return
+        job.attempts += 1
+        job.history.append(_history_entry(job.attempts, outcome, job.replay_count))
+        _delivery_seconds(name).observe(outcome.duration_ms / 1000)
+        if outcome.delivered:
+            await self._delivered(job, outcome, policy)
+        else:
+            await self._failed(job, outcome, policy)
+
+    def _saturated(self, name: str, target: Target) -> bool:
+        """Whether the router's deliveries to ``target`` fill its slots and more than its
+        share of the window wait behind them (a burst of a few hundred waits in memory)."""
+        waiting = self._waiting[name]
+        return (
+            isinstance(target, Capped)
+            and waiting >= self._route_share
+            and waiting >= target.concurrency
+        )
+
+    async def _attempt(self, job: Delivery, target: Target) -> Outcome | None:
+        """One attempt through the target's guard; None when its circuit parked the job."""
         guard = self._guards.get(job.target)
         if guard is not None:
             admission = guard.admit()
             if not admission.allowed:
                 await self._park(job, admission.reopen_in, "circuit")
-                return
+                return None
             await guard.wait_turn()
-        attempt = job.attempts + 1
         if job.first_attempt_at is None:
             job.first_attempt_at = datetime.now(UTC)
         try:
             outcome = await target.deliver(
-                job.event, job.payload, is_cloudevent=job.is_cloudevent, attempt=attempt
+                job.event, job.payload, is_cloudevent=job.is_cloudevent, attempt=job.attempts + 1
             )
         except BaseException:
             if guard is not None:
@@ -188,13 +226,7 @@ class Dispatcher:
         if guard is not None:
             # a non-retryable 4xx is the request's fault, not the endpoint's health
             guard.record(outcome.delivered or not outcome.retryable)
-        job.attempts = attempt
-        job.history.append(_history_entry(attempt, outcome, job.replay_count))
-        _delivery_seconds(job.target).observe(outcome.duration_ms / 1000)
-        if outcome.delivered:
-            await self._delivered(job, outcome, policy)
-        else:
-            await self._failed(job, outcome, policy)
+        return outcome
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         await self._record(job, AttemptOutcome.DELIVERED, outcome)

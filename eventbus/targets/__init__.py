@@ -5,7 +5,7 @@ above decides retries and dead letters from it. Each target type is one module h
 and its adapter, registered below under its YAML ``type`` (docs/targets.md, "Writing a target").
 """
 
-from eventbus.targets._base import Answer, Invocable, Outcome, Requester, Target
+from eventbus.targets._base import Answer, Capped, Invocable, Outcome, Requester, Target
 from eventbus.targets._http import HttpTarget, HttpTargetSpec
 from eventbus.targets._kafka import KafkaTarget, KafkaTargetSpec
 from eventbus.targets._nats import NatsTarget, NatsTargetSpec
@@ -18,6 +18,7 @@ register_target("nats", NatsTargetSpec, NatsTarget)
 
 __all__ = [
     "Answer",
+    "Capped",
     "HttpTarget",
     "HttpTargetSpec",
     "Invocable",

@@ -21,6 +21,7 @@ from eventbus._errors import MAX_ERROR_CHARS, truncate_error
 __all__ = [
     "MAX_ERROR_CHARS",
     "Answer",
+    "Capped",
     "Invocable",
     "Outcome",
     "Requester",
@@ -163,6 +164,15 @@ class Invocable(Protocol):
         answer. Never waits for a concurrency slot: with the cap full it returns at once with
         ``busy`` set. Never raises for a delivery failure."""
         ...
+
+
+@runtime_checkable
+class Capped(Protocol):
+    """A target that runs at most ``concurrency`` deliveries at once; more wait for a slot.
+    The dispatcher sends what would wait on the router's path to the retry schedule instead."""
+
+    @property
+    def concurrency(self) -> int: ...
 
 
 @runtime_checkable

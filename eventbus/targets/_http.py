@@ -360,6 +360,11 @@ class HttpTarget:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.concurrency)
 
+    @property
+    def concurrency(self) -> int:
+        """Requests it has in flight at most (``concurrency``); more wait for a slot."""
+        return self.config.concurrency
+
     async def __aenter__(self) -> Self:
         """Join the shared connection pool; raises ``RuntimeError`` if already open."""
         if self._pool is not None:

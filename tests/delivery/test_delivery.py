@@ -440,6 +440,38 @@ async def test_a_replayed_dead_letter_keeps_its_history_and_counts_its_replays(
     assert await _dead_letters(svc) == []
 
 
+async def test_a_saturated_target_does_not_hold_routing_for_the_others(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # One request at a time, a second each: the deliveries waiting for its slot held the bus's
+    # whole in-flight window (8 here, 1,000 by default), and an event for another target
+    # waited behind them (12.6 s in the probe). Now they wait in the retry schedule.
+    rules = (
+        "- name: slow\n  match: {type: [slow]}\n  targets: [slow]\n"
+        "- name: fast\n  match: {type: [fast]}\n  targets: [fast]\n"
+    )
+    receiver.respond(Response(204, delay=1.0))
+    async with Receiver() as fast:
+        slow = {"name": "slow", "type": "http", "url": receiver.url("/slow"), "concurrency": 1}
+        targets = [slow, {"name": "fast", "type": "http", "url": fast.url("/fast")}]
+        svc = await eventbus(rules=rules, targets=targets, settings={"bus": {"max_in_flight": 8}})
+        events = [{**_event(i), "type": "slow"} for i in range(20)]
+        status, _, body = await svc.request(
+            "POST",
+            "/events",
+            orjson.dumps(events),
+            {"Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert status == 202, body
+        await receiver.wait_for(1)
+        assert (await svc.post_event({**_event("f"), "type": "fast"}))[0] == 202
+        await fast.wait_for(1, timeout=30)
+        assert len(receiver.requests) <= 4, len(receiver.requests)
+        await receiver.wait_for(20, timeout=90)
+        await svc.drained()
+        assert sorted(_ok_ids(receiver).values()) == [1] * 20
+
+
 @pytest.mark.timeout(180)
 async def test_postgres_restart_mid_run_loses_nothing(
     eventbus: StartService, receiver: Receiver, postgres_server: EmbeddedPostgres
