@@ -66,17 +66,24 @@ def test_reachable_address_without_keys_is_refused(
 async def test_serve_refuses_an_open_bind_before_starting_anything(
     tmp_path: Path, workers: str
 ) -> None:
+    text = await _serve_refused(tmp_path, "--host", "0.0.0.0", "--workers", workers)
+    assert "listen.host '0.0.0.0' is reachable from the network" in text
+
+
+async def _serve_refused(cwd: Path, *args: str) -> str:
+    """``eventbus serve`` in ``cwd`` exiting 1 before it starts anything: its stderr."""
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "eventbus", "serve", "--host", "0.0.0.0", "--workers", workers),
-        cwd=tmp_path,
+        *(sys.executable, "-m", "eventbus", "serve", *args),
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1
-    assert "listen.host '0.0.0.0' is reachable from the network" in err.decode()
-    assert "Traceback" not in err.decode()
-    assert not (tmp_path / ".eventbus").exists()  # no embedded server was started
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text
+    assert not (cwd / ".eventbus").exists()  # no embedded server was started
+    return text
 
 
 async def test_serve_names_every_connector_its_adapter_refuses_before_starting_anything(
@@ -91,19 +98,9 @@ async def test_serve_names_every_connector_its_adapter_refuses_before_starting_a
         "    tls: {ca: /nonexistent/ca.pem}\n"
         "  - name: s3\n    type: s3-poll\n    bucket: b\n    endpoint_url: not a url\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "eventbus", "serve"),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    text = err.decode()
-    assert proc.returncode == 1, text
+    text = await _serve_refused(tmp_path)
     assert "sources.yaml:2: " in text and "/nonexistent/ca.pem" in text, text
     assert "sources.yaml:6: " in text and "not a url" in text, text
-    assert "Traceback" not in text
-    assert not (tmp_path / ".eventbus").exists()  # no embedded server was started
 
 
 @pytest.mark.timeout(120)

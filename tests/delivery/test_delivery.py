@@ -42,7 +42,10 @@ def _event(i: int | str) -> dict[str, Any]:
 
 
 async def _publish(svc: RunningService, ids: range | list[int]) -> None:
-    events = [_event(i) for i in ids]
+    await _publish_events(svc, [_event(i) for i in ids])
+
+
+async def _publish_events(svc: RunningService, events: list[dict[str, Any]]) -> None:
     for start in range(0, len(events), 50):
         status, _, body = await svc.request(
             "POST",
@@ -455,14 +458,7 @@ async def test_a_saturated_target_does_not_hold_routing_for_the_others(
         slow = {"name": "slow", "type": "http", "url": receiver.url("/slow"), "concurrency": 1}
         targets = [slow, {"name": "fast", "type": "http", "url": fast.url("/fast")}]
         svc = await eventbus(rules=rules, targets=targets, settings={"bus": {"max_in_flight": 8}})
-        events = [{**_event(i), "type": "slow"} for i in range(20)]
-        status, _, body = await svc.request(
-            "POST",
-            "/events",
-            orjson.dumps(events),
-            {"Content-Type": "application/cloudevents-batch+json"},
-        )
-        assert status == 202, body
+        await _publish_events(svc, [{**_event(i), "type": "slow"} for i in range(20)])
         await receiver.wait_for(1)
         assert (await svc.post_event({**_event("f"), "type": "fast"}))[0] == 202
         await fast.wait_for(1, timeout=30)
