@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import uuid
 from datetime import UTC, datetime
@@ -29,6 +30,8 @@ from eventbus.sources._base import SourceContext
 from eventbus.sources._changes import poll_changes
 
 __all__ = ["DirectorySource", "DirectorySourceSpec"]
+
+log = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("8d0f3c62-7b1a-4e59-a2c4-3f6e9d1b0a77")
 
@@ -52,6 +55,7 @@ class DirectorySource:
         self.type = config.type
         self.config = config
         self.root = Path(config.path).expanduser().resolve()
+        self._skipped: set[str] = set()  # matching paths that could not be read, warned about
 
     async def run(self, ctx: SourceContext) -> None:
         """Poll until cancelled. A missing directory raises ConfigError; bus or database
@@ -79,6 +83,13 @@ class DirectorySource:
                 stat = path.stat()
             except FileNotFoundError:
                 continue  # removed between listing and stat
+            except OSError as exc:
+                # A symlink loop, no permission: that file, not the whole scan (retried for
+                # ever, every other file waiting).
+                if str(path) not in self._skipped:
+                    self._skipped.add(str(path))
+                    log.warning("directory %s: skipping %s: %s", self.name, path, exc.strerror)
+                continue
             if not path.is_file():
                 continue
             rel = path.relative_to(self.root).as_posix()

@@ -116,10 +116,12 @@ def test_bad_settings_name_the_field(tmp_path: Path, extra: dict[str, Any], frag
 async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_dsn: str) -> None:
     # A text over the event size with content_max_bytes at its maximum (the bus refused the
     # event for good and every newer file waited behind it), a name with a control character
-    # (the subject), and a drop folder's processed files (their checkpoints stayed for ever).
+    # (the subject), a drop folder's processed files (their checkpoints stayed for ever), and
+    # a symlink loop.
     _write(tmp_path / "big.txt", "x" * 300_000, 1_000)
     _write(tmp_path / "odd\x1bname.txt", "odd", 1_001)
     _write(tmp_path / "later.txt", "later", 1_002)
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")  # failed every scan
     recorder = Recorder()
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "drop", recorder)
