@@ -67,7 +67,7 @@ async def test_sigkill_while_a_dead_letters_copy_is_in_flight_then_restart(
     receiver.respond(503)
     fixed = {"strategy": "fixed", "initial_delay": "1s", "jitter": False}
     async with Receiver() as dlq:
-        dlq.respond(Response(503, delay=6.0))  # slow: the copy is in flight when killed
+        dlq.respond(Response(503, delay=3.0))  # slow: the copy is in flight when killed
         targets = [
             {
                 "name": "fn",
@@ -84,7 +84,7 @@ async def test_sigkill_while_a_dead_letters_copy_is_in_flight_then_restart(
                 "name": "dlq",
                 "type": "http",
                 "url": dlq.url("/dlq"),
-                "timeout": 7,
+                "timeout": 4,
                 "delivery": {"retry": {**fixed, "max_attempts": 5}, "circuit_breaker": False},
             },
         ]

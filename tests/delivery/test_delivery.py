@@ -446,14 +446,15 @@ async def test_a_replayed_dead_letter_keeps_its_history_and_counts_its_replays(
 async def test_a_saturated_target_does_not_hold_routing_for_the_others(
     eventbus: StartService, receiver: Receiver
 ) -> None:
-    # One request at a time, a second each: the deliveries waiting for its slot held the bus's
-    # whole in-flight window (8 here, 1,000 by default), and an event for another target
-    # waited behind them (12.6 s in the probe). Now they wait in the retry schedule.
+    # One request at a time, slow: the deliveries waiting for its slot held the bus's whole
+    # in-flight window (8 here, 1,000 by default), and an event for another target waited
+    # behind them (12.6 s in a probe at a second per request). Now they wait in the retry
+    # schedule.
     rules = (
         "- name: slow\n  match: {type: [slow]}\n  targets: [slow]\n"
         "- name: fast\n  match: {type: [fast]}\n  targets: [fast]\n"
     )
-    receiver.respond(Response(204, delay=1.0))
+    receiver.respond(Response(204, delay=0.3))
     async with Receiver() as fast:
         slow = {"name": "slow", "type": "http", "url": receiver.url("/slow"), "concurrency": 1}
         targets = [slow, {"name": "fast", "type": "http", "url": fast.url("/fast")}]
