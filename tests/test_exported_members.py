@@ -41,6 +41,7 @@ EXPORTS: dict[str, list[str]] = {
         "STRUCTURED_CONTENT_TYPE",
         "TEXT_CHARSETS",
         "HttpParse",
+        "as_attribute",
         "attribute_text",
         "charset_of",
         "check_entries",

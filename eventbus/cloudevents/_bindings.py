@@ -17,7 +17,7 @@ from eventbus._errors import CloudEventError
 from eventbus.cloudevents._codec import body_of, decode_header, event_from_binary
 from eventbus.cloudevents._event import (
     DEFAULT_MAX_EVENT_SIZE,
-    attribute_text,
+    as_attribute,
     check_size,
     decode,
     encode,
@@ -273,10 +273,9 @@ def _partition_key(key: bytes | None) -> str | None:
     if not key:
         return None
     try:
-        text = key.decode("utf-8")
+        return as_attribute(key.decode("utf-8"))
     except UnicodeDecodeError:
         return None
-    return text if attribute_text(text) == text else None
 
 
 def to_kafka(

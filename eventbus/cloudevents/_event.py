@@ -102,6 +102,13 @@ def attribute_text(text: str) -> str:
     return text if text.isprintable() else _FORBIDDEN_CHARS.sub(" ", text)
 
 
+def as_attribute(text: str | None) -> str | None:
+    """``text`` when it is a valid string attribute as it is (non-empty, no control
+    character), else None: for an optional attribute taken from input (a key, a routing key, a
+    host name) that is left out rather than fail the event."""
+    return text if text and attribute_text(text) == text else None
+
+
 def _string(name: str, value: object) -> str:
     if type(value) is not str:
         raise CloudEventError(

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from eventbus import metrics
@@ -60,12 +61,10 @@ class RetryWorker:
         self._task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
-        # Rows being attempted: id -> claim (their leases are extended while they run), and
-        # how many per target (one target may hold at most half the slots: a slow one with a
-        # concurrency cap held them all, waiting for its own slots, and the others' retries
-        # waited behind it).
-        self._claims: dict[int, str] = {}
-        self._per_target: dict[str, int] = {}
+        # Rows being attempted, by id: their leases are extended while they run, and one
+        # target may hold at most half the slots (a slow one with a concurrency cap held them
+        # all, waiting for its own slots, and the others' retries waited behind it).
+        self._running: dict[int, Delivery] = {}
         self._share = max(1, concurrency // 2)
         self._wake = asyncio.Event()
         self._next_due = float("inf")
@@ -102,7 +101,8 @@ class RetryWorker:
                 await self._sem.acquire()
                 self._sem.release()
                 free = self._concurrency - len(self._inflight)
-                full = [t for t, n in self._per_target.items() if n >= self._share]
+                per_target = Counter(job.target for job in self._running.values())
+                full = [t for t, n in per_target.items() if n >= self._share]
                 claimed = await self._store.claim_due(
                     limit=max(1, min(self._batch, free)),
                     lease=self._lease,
@@ -115,9 +115,8 @@ class RetryWorker:
                 continue
             for pending in claimed:
                 await self._sem.acquire()
-                if pending.pending_id is not None and pending.claim is not None:
-                    self._claims[pending.pending_id] = pending.claim
-                self._per_target[pending.target] = self._per_target.get(pending.target, 0) + 1
+                if pending.pending_id is not None:  # always, for a claimed row
+                    self._running[pending.pending_id] = pending
                 task = asyncio.create_task(self._one(pending))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
@@ -157,10 +156,7 @@ class RetryWorker:
         finally:
             self._sem.release()
             if pending.pending_id is not None:
-                self._claims.pop(pending.pending_id, None)
-            left = self._per_target.pop(pending.target, 1) - 1
-            if left > 0:
-                self._per_target[pending.target] = left
+                self._running.pop(pending.pending_id, None)
 
     async def _extend(self) -> None:
         """Every third of a lease, extend the leases of the rows being attempted: a row
@@ -168,10 +164,11 @@ class RetryWorker:
         lease, was claimed again and delivered twice."""
         while True:
             await asyncio.sleep(self._lease / 3)
-            if not self._claims:
+            claims = {i: job.claim for i, job in self._running.items() if job.claim is not None}
+            if not claims:
                 continue
             try:
-                await self._store.extend(dict(self._claims), lease=self._lease)
+                await self._store.extend(claims, lease=self._lease)
             except Exception as exc:  # StoreError, or Postgres restarting: tried again
                 log.warning("extending the leases of running retries failed: %s", exc)
 

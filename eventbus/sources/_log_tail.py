@@ -381,43 +381,37 @@ class LogTailSource:
 
     async def _publish(self, ctx: SourceContext, f: _File, count: int) -> None:
         records = f.batch[:count]
-        now = ctx.clock.now()
-        try:
-            event = self._event(f, records, now)
-        except CloudEventError as exc:
-            # Too big as one event (escaped control characters, long lines), JSON nested
-            # too deep: it raised out of the source, which restarted on it for ever.
-            if len(records) > 1:
-                for record in records:  # alone, each may fit
-                    await self._publish_one(ctx, f, record, now)
-            else:
-                await self._set_aside(ctx, f, records[0], exc)
-        else:
-            await ctx.emit(event)
+        await self._emit(ctx, f, records, ctx.clock.now())
         del f.batch[:count]
         f.batch_started = f.batch[0].last_at if f.batch else None
         f.committed = records[-1].end
         self._mark(f)
 
-    async def _publish_one(
-        self, ctx: SourceContext, f: _File, record: _Record, now: datetime
+    async def _emit(
+        self, ctx: SourceContext, f: _File, records: list[_Record], now: datetime
     ) -> None:
         try:
-            event = self._event(f, [record], now)
+            event = self._event(f, records, now)
         except CloudEventError as exc:
-            await self._set_aside(ctx, f, record, exc)
+            # Too big as one event (escaped control characters, long lines), JSON nested
+            # too deep: it raised out of the source, which restarted on it for ever.
+            if len(records) == 1:
+                await self._set_aside(ctx, f, records[0], now, exc)
+            else:
+                for record in records:  # alone, each may fit
+                    await self._emit(ctx, f, [record], now)
         else:
             await ctx.emit(event)
 
     async def _set_aside(
-        self, ctx: SourceContext, f: _File, record: _Record, exc: CloudEventError
+        self, ctx: SourceContext, f: _File, record: _Record, now: datetime, exc: CloudEventError
     ) -> None:
         """Dead-letter a record no event can carry (its text, cut to the event size limit),
         unless in ``json`` format it was the JSON: then its text goes as ``message`` with
         ``json_error``, as for a line that is not JSON."""
         if self.config.format == "json":
             try:
-                event = self._event(f, [record], ctx.clock.now(), json_error=exc.detail)
+                event = self._event(f, [record], now, json_error=exc.detail)
             except CloudEventError:
                 pass
             else:

@@ -26,7 +26,7 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus._tasks import stop_if_cancelled
-from eventbus.cloudevents import attribute_text, load_json, new_event, notification_to_events
+from eventbus.cloudevents import as_attribute, load_json, new_event, notification_to_events
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -66,13 +66,12 @@ def raw_event(
     """
     if config.event_type is None or config.event_source is None:
         raise CloudEventError("format 'raw' needs event_type and event_source")
-    if subject is not None and (not subject or attribute_text(subject) != subject):
-        subject = None  # a fanout's empty routing key, a binary Kafka key: no subject
     common: dict[str, Any] = {
         "type": config.event_type,
         "source": config.event_source,
         "id": id or None,
-        "subject": subject,
+        # a fanout's empty routing key, a binary Kafka key: no subject
+        "subject": as_attribute(subject),
         "time": time,
     }
     try:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
-from eventbus.cloudevents import attribute_text, new_event
+from eventbus.cloudevents import as_attribute, new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -387,13 +387,11 @@ class SyslogSource:
         self, ctx: SourceContext, data: dict[str, Any], peer: str, transport: str
     ) -> dict[str, Any]:
         now = ctx.clock.now()
-        subject = data["app"] or data["hostname"]
-        if subject is not None and attribute_text(subject) != subject:
-            subject = None  # a control character: no attribute (data keeps the field)
         attributes: dict[str, Any] = {
             "type": "eventbus.syslog.message",
             "source": f"urn:eventbus:source:{self.name}",
-            "subject": subject,
+            # a control character: no attribute (data keeps the field)
+            "subject": as_attribute(data["app"] or data["hostname"]),
             "id": str(uuid.uuid4()),
             "data": {**data, "peer": peer, "transport": transport},
         }
