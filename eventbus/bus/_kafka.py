@@ -44,6 +44,7 @@ from eventbus.bus._base import (
     require_positive,
     wire_encode,
 )
+from eventbus.cloudevents import kafka_record_time
 from eventbus.config import KafkaAuth
 
 __all__ = ["KafkaBus", "KafkaBusConfig"]
@@ -67,15 +68,6 @@ def _retry_later(exc: kerr.KafkaError, doing: str) -> None:
     if not exc.retriable:
         raise exc
     log.warning("Kafka %s failed: %r; retrying", doing, exc)
-
-
-def _published_at(timestamp: int) -> datetime:
-    """A record's timestamp (ms) as a time; the time it was read when no date can be that far
-    (any producer may set any timestamp: ``2**62`` is year 146 million)."""
-    try:
-        return datetime.fromtimestamp(timestamp / 1000, UTC)
-    except (ValueError, OverflowError, OSError):
-        return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +233,8 @@ class _KafkaMessage(DecodedMessage):
         super().__init__(
             record.value or b"",
             via=_via(record.headers),
-            published_at=_published_at(record.timestamp),
+            # the time it was read when the record's timestamp is no date
+            published_at=kafka_record_time(record.timestamp) or datetime.now(UTC),
             # The offset names the record; its timestamp tells apart an offset reused by a
             # topic that was deleted and made again.
             ref=f"kafka:{tp.topic}:{tp.partition}:{record.offset}:{record.timestamp}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from eventbus._errors import CloudEventError
@@ -243,7 +244,7 @@ def from_kafka(
             lowered[name] = _kafka_text(name, raw)
     content_type = lowered.get("content-type")
     media = media_type(content_type) if content_type else ""
-    partition_key = _partition_key(key)
+    partition_key = kafka_key_attribute(key)
     if media.startswith(_CLOUDEVENTS_MEDIA) or "ce_specversion" not in lowered:
         if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:
             raise _unsupported(media)
@@ -267,7 +268,9 @@ def from_kafka(
     )
 
 
-def _partition_key(key: bytes | None) -> str | None:
+def kafka_key_attribute(key: bytes | None) -> str | None:
+    """A Kafka record key as an attribute's text (``partitionkey``, a raw record's ``subject``),
+    or None when it cannot be one."""
     # Keys are often not text (Avro, integers: an 8-byte integer is valid UTF-8 full of control
     # characters); those stay out of the event rather than fail it, as does an empty key.
     if not key:
@@ -275,6 +278,15 @@ def _partition_key(key: bytes | None) -> str | None:
     try:
         return as_attribute(key.decode("utf-8"))
     except UnicodeDecodeError:
+        return None
+
+
+def kafka_record_time(timestamp_ms: int) -> datetime | None:
+    """A Kafka record's timestamp (ms) as a time, or None when no date can be that far (any
+    producer may set any timestamp: ``2**62`` is year 146 million)."""
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
         return None
 
 

@@ -31,7 +31,7 @@ from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Clock, SystemClock
 from eventbus.store import set_aside
 
-__all__ = ["Source", "SourceContext", "SourceStatus", "default_instance_id"]
+__all__ = ["Source", "SourceContext", "SourceStatus", "UnreadablePaths", "default_instance_id"]
 
 
 @dataclass
@@ -130,3 +130,18 @@ class Source(Protocol):
     type: str
 
     async def run(self, ctx: SourceContext) -> None: ...
+
+
+class UnreadablePaths:
+    """Matching paths a file source skips because they cannot be read (a symlink loop, no
+    permission): that file, not the whole scan. Each is warned about once."""
+
+    def __init__(self, log: logging.Logger, source: str) -> None:
+        self._log = log
+        self._source = source
+        self._seen: set[str] = set()
+
+    def skip(self, path: str, exc: OSError) -> None:
+        if path not in self._seen:
+            self._seen.add(path)
+            self._log.warning("%s: skipping %s: %s", self._source, path, exc.strerror or exc)

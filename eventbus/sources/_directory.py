@@ -26,7 +26,7 @@ import pydantic
 from eventbus._errors import BusError, CloudEventError, ConfigError, StoreError
 from eventbus.cloudevents import attribute_text, validate
 from eventbus.config import SourceSpec
-from eventbus.sources._base import SourceContext
+from eventbus.sources._base import SourceContext, UnreadablePaths
 from eventbus.sources._changes import poll_changes
 
 __all__ = ["DirectorySource", "DirectorySourceSpec"]
@@ -55,7 +55,7 @@ class DirectorySource:
         self.type = config.type
         self.config = config
         self.root = Path(config.path).expanduser().resolve()
-        self._skipped: set[str] = set()  # matching paths that could not be read, warned about
+        self._unreadable = UnreadablePaths(log, f"directory {self.name}")
 
     async def run(self, ctx: SourceContext) -> None:
         """Poll until cancelled. A missing directory raises ConfigError; bus or database
@@ -86,9 +86,7 @@ class DirectorySource:
             except OSError as exc:
                 # A symlink loop, no permission: that file, not the whole scan (retried for
                 # ever, every other file waiting).
-                if str(path) not in self._skipped:
-                    self._skipped.add(str(path))
-                    log.warning("directory %s: skipping %s: %s", self.name, path, exc.strerror)
+                self._unreadable.skip(str(path), exc)
                 continue
             if not path.is_file():
                 continue

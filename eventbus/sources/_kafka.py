@@ -11,7 +11,6 @@ first record not yet on the bus and retries after backoff; broker failures recon
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pydantic
@@ -21,7 +20,7 @@ from aiokafka.errors import KafkaError
 from eventbus._errors import BusError, StoreError
 from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import stop_if_cancelled
-from eventbus.cloudevents import from_kafka
+from eventbus.cloudevents import from_kafka, kafka_key_attribute, kafka_record_time
 from eventbus.config import KafkaAuth
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -118,29 +117,12 @@ class KafkaSource:
                 value,
                 lambda: from_kafka(record.headers, record.key, record.value),
                 id=position,
-                subject=_text(record.key),
-                time=_record_time(record.timestamp),
+                subject=kafka_key_attribute(record.key),
+                time=kafka_record_time(record.timestamp),
             )
 
         meta = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         await publish_message(ctx, value, convert, meta)
-
-
-def _record_time(timestamp_ms: int) -> datetime | None:
-    """The record's timestamp, or None (the read time then) when no date can hold it."""
-    try:
-        return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
-def _text(key: bytes | None) -> str | None:
-    if key is None:
-        return None
-    try:
-        return key.decode()
-    except UnicodeDecodeError:
-        return None
 
 
 async def _lag(consumer: AIOKafkaConsumer) -> int:

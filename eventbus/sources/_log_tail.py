@@ -35,7 +35,7 @@ import pydantic
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import attribute_text, load_json, new_event
 from eventbus.config import SourceSpec
-from eventbus.sources._base import SourceContext
+from eventbus.sources._base import SourceContext, UnreadablePaths
 from eventbus.sources._clock import Backoff
 
 __all__ = ["LogTailSource", "LogTailSourceSpec"]
@@ -154,7 +154,7 @@ class LogTailSource:
         self._files: dict[str, _File] = {}
         self._saved: dict[str, Any] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
-        self._skipped: set[str] = set()  # matching paths that could not be read, warned about
+        self._unreadable = UnreadablePaths(log, f"log-tail {self.name}")
 
     async def run(self, ctx: SourceContext) -> None:
         """Tail until cancelled. Bus, database and file errors are reported in ``ctx.status``
@@ -232,17 +232,11 @@ class LogTailSource:
             except FileNotFoundError:
                 continue
             except OSError as exc:  # a symlink loop, no permission: that file, not the others
-                self._skip(path, exc)
+                self._unreadable.skip(path, exc)
                 continue
             if stat.S_ISREG(st.st_mode):
                 found.setdefault(_identity(st), path)
         return found
-
-    def _skip(self, path: str, exc: OSError) -> None:
-        """Note a matching path that cannot be read (a warning the first time)."""
-        if path not in self._skipped:
-            self._skipped.add(path)
-            log.warning("log-tail %s: skipping %s: %s", self.name, path, exc.strerror or exc)
 
     def _open(self, key: str, path: str, first_start: bool) -> _File | None:
         try:
@@ -250,7 +244,7 @@ class LogTailSource:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            self._skip(path, exc)
+            self._unreadable.skip(path, exc)
             return None
         st = os.fstat(handle.fileno())
         if _identity(st) != key:  # replaced between scan and open: next scan sees the new one
