@@ -17,6 +17,7 @@ import re
 import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,6 +43,18 @@ class OAuth2Spec(BaseModel):
     scopes: tuple[str, ...] = ()
     audience: str | None = None
     tls: TlsSpec | None = None
+
+    @field_validator("token_url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        # The client authenticates with client_id and client_secret; a user and password in
+        # the URL as well made every token request fail (two Authorization headers).
+        if "@" in urlsplit(url).netloc:
+            raise ValueError(
+                "credentials in the token_url are not sent: the client_id and client_secret "
+                "authenticate the request"
+            )
+        return url
 
 
 class NatsAuth(BaseModel):

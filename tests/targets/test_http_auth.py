@@ -369,6 +369,11 @@ def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
         "    type: http\n"
         "    url: https://fn.test/\n"
         "    headers: {X-Team: billing, X-Fn-Key: {env: FN_KEY}}\n"
+        "  - name: userinfo\n"
+        "    type: http\n"
+        "    url: https://fn.test/\n"
+        "    auth:\n"
+        "      oauth2: {token_url: 'https://u:pw-in-url@idp/', client_id: c, client_secret: s}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_connectors(tmp_path, env={"K": "v", "CS": "v"})
@@ -384,7 +389,11 @@ def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
         "(target 'oauth')",
         "t.yaml:22: targets.4.headers.X-Fn-Key: Value error, environment variable FN_KEY is not "
         "set and no default is given (target 'headers')",
+        "t.yaml:27: targets.5.auth.oauth2.token_url: Value error, credentials in the token_url "
+        "are not sent: the client_id and client_secret authenticate the request "
+        "(target 'userinfo')",
     ]
+    assert "pw-in-url" not in str(info.value)
 
 
 def test_auth_and_headers_may_not_both_set_a_header_and_tls_needs_https() -> None:
