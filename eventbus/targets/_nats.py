@@ -26,8 +26,10 @@ import contextlib
 import logging
 import math
 import re
+import weakref
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
 import nats.errors
@@ -51,6 +53,8 @@ _IDENTITY = ("specversion", "id", "source", "type")
 _SUBJECT = re.compile(r"^[^.*>\s]+(\.[^.*>\s]+)*$")
 _SCHEMES = ("nats", "tls", "ws", "wss")
 _RETRY_WAIT = 0.1
+
+T = TypeVar("T")
 """Seconds between the two connection attempts one connect makes (nats-py makes at least two)."""
 
 
@@ -123,6 +127,11 @@ def _outcome_from_error(exc: BaseException, duration_ms: float, config: NatsTarg
     return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)
 
 
+def _forget(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class NatsTarget:
     """Publishes events to one NATS subject; use as ``async with NatsTarget(config) as target``.
 
@@ -167,6 +176,8 @@ class NatsTarget:
             task_name=f"nats-target-connect-{self.name}",
         )
         self._retiring: set[asyncio.Task[None]] = set()
+        # set when a connection is closed (its server lost: it does not reconnect)
+        self._lost: weakref.WeakKeyDictionary[Client, asyncio.Event] = weakref.WeakKeyDictionary()
 
     async def __aenter__(self) -> Self:
         """Begin connecting in the background and return at once.
@@ -206,6 +217,10 @@ class NatsTarget:
     async def _connect(self) -> Client:
         nc = Client()
         attempts: list[Exception] = []
+        lost = self._lost[nc] = asyncio.Event()
+
+        async def on_closed() -> None:
+            lost.set()
 
         async def on_error(exc: Exception) -> None:
             # Failed attempts of this connect are reported through its outcome. Later errors
@@ -227,6 +242,7 @@ class NatsTarget:
                     max_reconnect_attempts=1,
                     reconnect_time_wait=_RETRY_WAIT,  # type: ignore[arg-type]
                     error_cb=on_error,
+                    closed_cb=on_closed,
                     **self._auth,
                 )
         except BaseException as exc:
@@ -237,6 +253,26 @@ class NatsTarget:
                 raise attempts[-1] from exc
             raise
         return nc
+
+    async def _unless_lost(self, nc: Client, step: Awaitable[T]) -> T:
+        """``step`` on ``nc``, or ConnectionClosedError as soon as ``nc`` closes: nats-py leaves
+        a request, a JetStream publish or a flush waiting for its answer until the timeout when
+        the server goes away (reported as a timeout, the caller's 504 rather than 502)."""
+        lost = self._lost.get(nc)
+        if lost is None:
+            return await step
+        work = asyncio.ensure_future(step)
+        closed = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not work.done():
+                work.cancel()  # its failure, if any, is not this attempt's outcome
+                work.add_done_callback(_forget)
+        if not work.done():
+            raise nats.errors.ConnectionClosedError
+        return work.result()
 
     def _message(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool
@@ -290,7 +326,9 @@ class NatsTarget:
             async with asyncio.timeout(cfg.timeout):
                 nc = await self._nc.get()
                 replies.append(
-                    await nc.request(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                    await self._unless_lost(
+                        nc, nc.request(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                    )
                 )
 
         outcome = await send_once(
@@ -323,15 +361,15 @@ class NatsTarget:
                     nc = await self._nc.get()
                     if cfg.jetstream:
                         js = nc.jetstream(timeout=cfg.timeout)
-                        stored = await js.publish(
-                            cfg.subject, body, timeout=cfg.timeout, headers=headers
+                        stored = await self._unless_lost(
+                            nc, js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)
                         )
                         ack.update(
                             stream=stored.stream, seq=stored.seq, duplicate=bool(stored.duplicate)
                         )
                     else:
                         await nc.publish(cfg.subject, body, headers=headers)
-                        await nc.flush(timeout=math.ceil(cfg.timeout))
+                        await self._unless_lost(nc, nc.flush(timeout=math.ceil(cfg.timeout)))
             except TimeoutError:
                 if nc is not None and not cfg.jetstream and self._nc.discard(nc):
                     # nats-py keeps the PONG future of a flush that timed out queued, and the

@@ -215,6 +215,49 @@ async def test_rejected_credentials_are_final(tmp_path: Path) -> None:
         await proc.wait()
 
 
+async def test_a_server_lost_mid_request_fails_at_once_not_at_the_timeout(
+    tmp_path: Path,
+) -> None:
+    binary = shutil.which("nats-server")
+    assert binary is not None
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        binary, "-a", "127.0.0.1", "-p", str(port), stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        url = f"nats://127.0.0.1:{port}"
+
+        async def connected() -> Client | None:
+            try:
+                return await nats.connect(url, allow_reconnect=False)
+            except (OSError, nats.errors.Error):
+                return None
+
+        responder = await eventually(connected, within=10, every=0.05, what="nats-server up")
+        config = config_for(url, timeout=30.0)
+        asked = asyncio.Event()
+
+        async def never_answers(msg: Msg) -> None:
+            asked.set()
+
+        await responder.subscribe(config.subject, cb=never_answers)
+        await responder.flush()
+        event = make_event()
+        async with NatsTarget(config) as target:
+            request = asyncio.create_task(target.request(event, event, is_cloudevent=True))
+            await asyncio.wait_for(asked.wait(), 10)
+            proc.kill()
+            async with asyncio.timeout(10):  # was the whole 30 s, reported as a timeout
+                answer = await request
+        outcome = answer.outcome
+        assert not outcome.delivered and outcome.retryable and not outcome.timed_out, outcome
+        assert outcome.error is not None and "cannot reach NATS" in outcome.error
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
 # --- configuration --------------------------------------------------------------------------
 
 
