@@ -89,6 +89,8 @@ class LogTailSourceSpec(SourceSpec):
     max_line_bytes: int = pydantic.Field(default=64 * 1024, ge=16, le=16 * 1024 * 1024)
     multiline: MultilineConfig | None = None
     batch: BatchConfig | None = None
+    close_inactive: float = pydantic.Field(default=300.0, gt=0)
+    max_open_files: int = pydantic.Field(default=256, ge=1, le=65_536)
 
 
 @dataclass
@@ -106,9 +108,10 @@ class _Record:
 class _File:
     key: str
     path: str
-    handle: BinaryIO
+    handle: BinaryIO | None  # None while closed for inactivity
     head: bytes
     committed: int
+    grew_at: float = 0.0  # loop time of the last read that found new bytes
     read_pos: int = 0
     line_start: int = 0
     partial: bytearray = field(default_factory=bytearray)
@@ -125,6 +128,15 @@ class _File:
         self.record = None
         self.batch.clear()
         self.batch_started = None
+
+    @property
+    def idle(self) -> bool:
+        """Everything read is on the bus: nothing is lost by closing the handle."""
+        return (
+            self.read_pos == self.line_start == self.committed
+            and self.record is None
+            and not self.batch
+        )
 
 
 def _identity(st: os.stat_result) -> str:
@@ -155,6 +167,7 @@ class LogTailSource:
         self._saved: dict[str, Any] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
         self._unreadable = UnreadablePaths(log, f"log-tail {self.name}")
+        self._waiting_warned = False
 
     async def run(self, ctx: SourceContext) -> None:
         """Tail until cancelled. Bus, database and file errors are reported in ``ctx.status``
@@ -179,7 +192,7 @@ class LogTailSource:
                 except (BusError, OSError) as exc:
                     ctx.report_error(exc)
                     for f in self._files.values():
-                        f.rewind()
+                        f.rewind()  # (a closed file has nothing beyond its checkpoint)
                     await backoff.wait()
                     continue
                 backoff.reset()
@@ -188,7 +201,8 @@ class LogTailSource:
                     await ctx.clock.sleep(self.config.interval)
         finally:
             for f in self._files.values():
-                f.handle.close()
+                if f.handle is not None:
+                    f.handle.close()
             self._files.clear()
 
     async def _cycle(self, ctx: SourceContext, first_start: bool) -> bool:
@@ -199,33 +213,68 @@ class LogTailSource:
             current = await asyncio.to_thread(self._scan)
             # Rotated away or deleted: finish the old file before reading its successor.
             for key in [k for k in self._files if k not in current]:
-                f = self._files[key]
-                while await self._read(ctx, f):
-                    pass
-                await self._finish(ctx, f)
-                f.handle.close()
-                del self._files[key]
-            for key, path in current.items():
-                if key not in self._files:
-                    opened = await asyncio.to_thread(self._open, key, path, first_start)
-                    if opened is None:
-                        continue
-                    self._files[key] = opened
-                self._files[key].path = path
+                f = self._files.pop(key)
+                if f.handle is not None:
+                    while await self._read(ctx, f):
+                        pass
+                    await self._finish(ctx, f)
+                    f.handle.close()
+            await self._open_what_grew(current, first_start)
             more = False
             lag = 0
+            now = asyncio.get_running_loop().time()
             for f in list(self._files.values()):
+                f.path, size = current[f.key]
+                if f.handle is None:
+                    lag += max(size - f.committed, 0)
+                    continue
                 more = await self._read(ctx, f) or more
                 await self._flush_due(ctx, f)
                 lag += max(os.fstat(f.handle.fileno()).st_size - f.committed, 0)
+                if f.idle and now - f.grew_at >= self.config.close_inactive:
+                    f.handle.close()  # reopened when it grows (max_open_files)
+                    f.handle = None
             ctx.status.lag = lag
             return more
         finally:
             await self._save(ctx)
 
-    def _scan(self) -> dict[str, str]:
-        """Identity -> path of every regular file the glob matches now."""
-        found: dict[str, str] = {}
+    async def _open_what_grew(self, current: dict[str, tuple[str, int]], first_start: bool) -> None:
+        """Open files not tracked yet, and closed ones whose size moved, while fewer than
+        ``max_open_files`` are open; the others wait for a file to be closed for inactivity."""
+        room = self.config.max_open_files - sum(f.handle is not None for f in self._files.values())
+        waiting = 0
+        now = asyncio.get_running_loop().time()
+        for key, (path, size) in current.items():
+            f = self._files.get(key)
+            if f is not None and (f.handle is not None or size == f.committed):
+                continue
+            if room <= 0:
+                waiting += 1
+                continue
+            if f is None:
+                opened = await asyncio.to_thread(self._open, key, path, first_start)
+                if opened is not None:
+                    opened.grew_at = now
+                    self._files[key] = opened
+                    room -= 1
+            elif await asyncio.to_thread(self._reopen, f, path):
+                f.grew_at = now
+                room -= 1
+        if waiting and not self._waiting_warned:
+            log.warning(
+                "log-tail %s: %d matching files wait for one of max_open_files (%d) to be closed "
+                "for inactivity (close_inactive %gs)",
+                self.name,
+                waiting,
+                self.config.max_open_files,
+                self.config.close_inactive,
+            )
+        self._waiting_warned = waiting > 0
+
+    def _scan(self) -> dict[str, tuple[str, int]]:
+        """Identity -> (path, size) of every regular file the glob matches now."""
+        found: dict[str, tuple[str, int]] = {}
         for path in sorted(glob.glob(self.config.path, recursive=True)):
             try:
                 st = os.stat(path)
@@ -235,21 +284,34 @@ class LogTailSource:
                 self._unreadable.skip(path, exc)
                 continue
             if stat.S_ISREG(st.st_mode):
-                found.setdefault(_identity(st), path)
+                found.setdefault(_identity(st), (path, st.st_size))
         return found
 
-    def _open(self, key: str, path: str, first_start: bool) -> _File | None:
+    def _handle(self, key: str, path: str) -> BinaryIO | None:
+        """``path`` opened, if it still is the file ``key``."""
         try:
-            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - lives as long as the tail
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - kept while the file is active
         except FileNotFoundError:
             return None
         except OSError as exc:
             self._unreadable.skip(path, exc)
             return None
-        st = os.fstat(handle.fileno())
-        if _identity(st) != key:  # replaced between scan and open: next scan sees the new one
-            handle.close()
+        if _identity(os.fstat(handle.fileno())) != key:
+            handle.close()  # replaced between scan and open: the next scan sees the new one
             return None
+        return handle
+
+    def _reopen(self, f: _File, path: str) -> bool:
+        """Open ``f`` again after it was closed for inactivity; it reads on from its checkpoint
+        (a file truncated or rewritten meanwhile is seen by its size and first bytes)."""
+        f.handle = self._handle(f.key, path)
+        return f.handle is not None
+
+    def _open(self, key: str, path: str, first_start: bool) -> _File | None:
+        handle = self._handle(key, path)
+        if handle is None:
+            return None
+        st = os.fstat(handle.fileno())
         head = _read_head(handle)
         saved = self._saved.get(key)
         offset = 0
@@ -265,8 +327,10 @@ class LogTailSource:
         return f
 
     async def _read(self, ctx: SourceContext, f: _File) -> bool:
-        """Consume new bytes of ``f``; True when more remain than one chunk held."""
-        data, size, head = await asyncio.to_thread(_read_chunk, f.handle, f.read_pos)
+        """Consume new bytes of ``f`` (open); True when more remain than one chunk held."""
+        handle = f.handle
+        assert handle is not None, "a closed file is reopened before it is read"
+        data, size, head = await asyncio.to_thread(_read_chunk, handle, f.read_pos)
         prefix = min(len(head), len(f.head))
         if size < f.read_pos or head[:prefix] != f.head[:prefix]:
             # Copy-truncate: what was read is complete; the file restarts at offset 0.
@@ -275,11 +339,12 @@ class LogTailSource:
             f.head = head
             f.rewind()
             self._mark(f)
-            data, size, head = await asyncio.to_thread(_read_chunk, f.handle, 0)
+            data, size, head = await asyncio.to_thread(_read_chunk, handle, 0)
         if len(head) > len(f.head):
             f.head = head
         if not data:
             return False
+        f.grew_at = asyncio.get_running_loop().time()
         self._consume(f, data, ctx.clock.now())
         await self._flush_due(ctx, f)
         return f.read_pos < size

@@ -198,6 +198,47 @@ async def test_start_at_end_skips_existing_content_on_first_start(
     assert _messages(recorder) == ["new"]
 
 
+def _open_logs(directory: Path) -> int:
+    """How many descriptors of this process are open on files in ``directory``."""
+    fds = Path("/proc/self/fd")
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            continue  # closed meanwhile
+    return sum(t.startswith(f"{directory}/") for t in targets)
+
+
+async def test_at_most_max_open_files_are_open_inactive_ones_close_and_reopen(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    logs = [tmp_path / f"app{i}.log" for i in range(6)]
+    for i, log in enumerate(logs):
+        log.write_text(f"line {i}\n")
+    recorder = Recorder()
+    spec = _spec(tmp_path / "*.log", max_open_files=2, close_inactive=0.1)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            seen = 0
+
+            async def read_on() -> int:
+                nonlocal seen
+                seen = max(seen, _open_logs(tmp_path))
+                return len(recorder.events) == 6 and _open_logs(tmp_path) == 0
+
+            # each waits for a slot, and they all come through two
+            await eventually(read_on, within=10, every=0.005, what="every file read, closed")
+            assert sorted(_messages(recorder)) == [f"line {i}" for i in range(6)]
+            assert 1 <= seen <= 2
+            _append(logs[4], "more\n")  # a closed file that grows is opened again
+            await recorder.wait_for(7)
+            await eventually(lambda: _committed(ctx, logs[4]))
+        assert _messages(recorder)[6] == "more"
+        assert recorder.events[6]["data"]["offset"] == len("line 4\n")
+
+
 async def _committed_or_tracked(ctx: SourceContext) -> bool:
     return ctx.status.lag == 0
 
@@ -211,6 +252,8 @@ async def _committed_or_tracked(ctx: SourceContext) -> bool:
         ({"format": "xml"}, "field 'format'"),
         ({"max_line_bytes": 1}, "field 'max_line_bytes'"),
         ({"follow": True}, "field 'follow'"),
+        ({"max_open_files": 0}, "field 'max_open_files'"),
+        ({"close_inactive": 0}, "field 'close_inactive'"),
     ],
 )
 def test_bad_settings_name_the_field(extra: dict[str, Any], fragment: str) -> None:
