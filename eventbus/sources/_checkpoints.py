@@ -10,6 +10,7 @@ reads them. Tables come from migration ``0003_sources.sql``.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,25 @@ __all__ = ["Checkpoints", "list_dead_letters"]
 
 # What asyncpg raises when Postgres rejects a statement or the connection is gone.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+# PostgreSQL's text holds no NUL, which an S3 object key may: keys are stored with ESC as
+# ESC ESC and NUL as ESC "0". (A key stored with ESC before this escaping is read back as
+# another key: that one item is reported again, once.)
+_ESCAPE = "\x1b"
+_UNESCAPED = re.compile("\x1b(.)", re.DOTALL)
+
+
+def _stored(key: str) -> str:
+    if _ESCAPE not in key and "\x00" not in key:
+        return key
+    return key.replace(_ESCAPE, _ESCAPE * 2).replace("\x00", _ESCAPE + "0")
+
+
+def _key(stored: str) -> str:
+    if _ESCAPE not in stored:
+        return stored
+    return _UNESCAPED.sub(lambda m: "\x00" if m[1] == "0" else m[1], stored)
 
 
 class Checkpoints:
@@ -43,10 +63,10 @@ class Checkpoints:
             text = await self._pool.fetchval(
                 "SELECT value::text FROM source_checkpoints WHERE source = $1 AND key = $2",
                 self._source,
-                key,
+                _stored(key),
             )
         except _DB_ERRORS as exc:
-            raise StoreError(f"reading checkpoint {self._source}/{key}: {exc}") from exc
+            raise StoreError(f"reading checkpoint {self._source}/{key!r}: {exc}") from exc
         return None if text is None else orjson.loads(text)
 
     async def items(self, prefix: str = "") -> dict[str, Any]:
@@ -56,11 +76,11 @@ class Checkpoints:
                 "SELECT key, value::text AS value FROM source_checkpoints"
                 " WHERE source = $1 AND starts_with(key, $2)",
                 self._source,
-                prefix,
+                _stored(prefix),
             )
         except _DB_ERRORS as exc:
             raise StoreError(f"reading checkpoints of {self._source}: {exc}") from exc
-        return {row["key"]: orjson.loads(row["value"]) for row in rows}
+        return {_key(row["key"]): orjson.loads(row["value"]) for row in rows}
 
     async def put(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key`` (upsert); durable when this returns."""
@@ -68,7 +88,7 @@ class Checkpoints:
 
     async def put_many(self, values: Mapping[str, Any]) -> None:
         """Store several keys in one transaction: all of them are durable, or none."""
-        rows = [(self._source, k, orjson.dumps(v).decode()) for k, v in values.items()]
+        rows = [(self._source, _stored(k), orjson.dumps(v).decode()) for k, v in values.items()]
         if not rows:
             return
         try:
@@ -91,7 +111,7 @@ class Checkpoints:
             await self._pool.execute(
                 "DELETE FROM source_checkpoints WHERE source = $1 AND key = ANY($2::text[])",
                 self._source,
-                list(keys),
+                [_stored(k) for k in keys],
             )
         except _DB_ERRORS as exc:
             raise StoreError(f"deleting checkpoints of {self._source}: {exc}") from exc

@@ -25,6 +25,19 @@ async def test_checkpoints_are_scoped_per_source_and_upserted(database_dsn: str)
         assert set(await a.items("o:")) == {"o:k1", "o:k2"}
 
 
+async def test_a_key_with_nul_is_kept_as_it_is(database_dsn: str) -> None:
+    # An S3 object key may hold NUL, which PostgreSQL's text refuses: its checkpoint failed to
+    # write at every scan and the source stopped there, every newer object waiting.
+    async with source_pool(database_dsn) as pool:
+        cp = Checkpoints(pool, "s3")
+        odd = ["o:a\x00b", "o:\x1b0\x00", "o:\x1b\x1b\x00\x1b", "o:\x1b0 plain"]
+        await cp.put_many({key: i for i, key in enumerate(odd)})
+        assert await cp.items("o:") == {key: i for i, key in enumerate(odd)}
+        assert await cp.get("o:a\x00b") == 0
+        await cp.delete_many(["o:a\x00b"])
+        assert set(await cp.items("o:")) == set(odd[1:])
+
+
 async def test_dead_letters_keep_payload_error_and_meta(database_dsn: str) -> None:
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "logs", Recorder())
