@@ -53,6 +53,8 @@ EXPORTS: dict[str, list[str]] = {
         "from_kafka",
         "from_nats",
         "header_value",
+        "kafka_key_attribute",
+        "kafka_record_time",
         "load_json",
         "new_event",
         "notification_to_events",
