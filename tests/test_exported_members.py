@@ -36,6 +36,7 @@ EXPORTS: dict[str, list[str]] = {
         "MAX_DATA_DEPTH",
         "MAX_EXTENSIONS",
         "MAX_HEADER_BYTES",
+        "MAX_IDENTITY_BYTES",
         "REQUIRED_ATTRIBUTES",
         "SPEC_VERSION",
         "STRUCTURED_CONTENT_TYPE",

@@ -7,7 +7,8 @@ than a schema model because it runs once per ingested event on the hot path.
 
 Beyond the spec, validation refuses what eventbus could accept but not carry to the end: a
 ``time`` whose instant in UTC falls outside years 1-9999 (Python and the audit trail cannot
-hold it), ``data`` nested deeper than :data:`MAX_DATA_DEPTH` (the JSON views that wrap an event
+hold it), ``id``, ``source`` or ``type`` over :data:`MAX_IDENTITY_BYTES` (the audit trail indexes
+them), ``data`` nested deeper than :data:`MAX_DATA_DEPTH` (the JSON views that wrap an event
 must stay serializable), more than :data:`MAX_EXTENSIONS` extension attributes, and attributes
 whose binary-mode headers exceed :data:`MAX_HEADER_BYTES` (HTTP servers refuse such requests, so
 the event could never be delivered in binary mode).
@@ -43,6 +44,11 @@ deeper; 64 leaves room for that and for transform templates, and no real payload
 MAX_EXTENSIONS = 50
 """Extension attributes per event: with the context attributes and a delivery's own headers a
 binary-mode request stays under the 100 header fields that Apache httpd, for one, accepts."""
+MAX_IDENTITY_BYTES = 1024
+"""``id``, ``source`` and ``type`` may take this many bytes (UTF-8) each. They identify and
+index the event in the audit trail, whose indexes hold at most about 2.7 KB per entry: a longer
+``source`` and ``id`` made its row unwritable. Far above what identifiers need (EventBridge
+allows 256 characters of source and 128 of detail type)."""
 MAX_HEADER_BYTES = 8192
 """The attributes written as binary-mode headers (``ce-name: value``, percent-encoded, one line
 each) may take this many bytes: the size of the one header line (or the whole header block)
@@ -124,6 +130,20 @@ def _string(name: str, value: object) -> str:
 def _non_empty(name: str, value: object) -> None:
     if not _string(name, value):
         raise CloudEventError(f"attribute {name!r} must be a non-empty string")
+
+
+def _identifying(name: str, value: object) -> None:
+    text = _string(name, value)
+    if not text:
+        raise CloudEventError(f"attribute {name!r} must be a non-empty string")
+    # 4 bytes per character at most: a short one needs no encoding to be measured
+    size = len(text) * 4
+    if size > MAX_IDENTITY_BYTES:
+        size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_IDENTITY_BYTES:
+        raise CloudEventError(
+            f"attribute {name!r} takes {size} bytes, more than the {MAX_IDENTITY_BYTES}-byte limit"
+        )
 
 
 def _specversion(name: str, value: object) -> None:
@@ -262,9 +282,9 @@ def _data_base64(value: object) -> None:
 
 
 _CHECKS = {
-    "id": _non_empty,
-    "source": _non_empty,
-    "type": _non_empty,
+    "id": _identifying,
+    "source": _identifying,
+    "type": _identifying,
     "subject": _non_empty,
     "specversion": _specversion,
     "time": _time,

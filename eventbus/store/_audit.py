@@ -467,13 +467,15 @@ def _bad_data(exc: Exception) -> bool:
     """Whether ``exc`` blames the rows themselves rather than the connection or the server.
 
     A server error blames the rows only in SQLSTATE classes 22 (data exception) and 23
-    (integrity); any other server error (a missing table, no permission, a full disk) is the
-    server's state, retried until it changes. An error raised on our side of the wire is the
-    driver failing to encode a value (asyncpg raises what the encoder raises: ValueError,
-    TypeError, OverflowError, UnicodeEncodeError ...) unless it is a connection error.
+    (integrity), and 54000 (a row over a limit: an index entry too long); any other server
+    error (a missing table, no permission, a full disk) is the server's state, retried until
+    it changes. An error raised on our side of the wire is the driver failing to encode a value
+    (asyncpg raises what the encoder raises: ValueError, TypeError, OverflowError,
+    UnicodeEncodeError ...) unless it is a connection error.
     """
     if isinstance(exc, asyncpg.PostgresError):
-        return str(exc.sqlstate)[:2] in {"22", "23"}
+        # 54000: a value too long for an index entry (about 2.7 KB), a limit of the row too
+        return str(exc.sqlstate)[:2] in {"22", "23"} or exc.sqlstate == "54000"
     if isinstance(exc, asyncpg.DataError):  # an InterfaceError raised for a value
         return True
     return not isinstance(exc, _NOT_THE_ROWS)

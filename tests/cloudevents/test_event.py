@@ -21,6 +21,7 @@ from eventbus.cloudevents import (
     MAX_DATA_DEPTH,
     MAX_EXTENSIONS,
     MAX_HEADER_BYTES,
+    MAX_IDENTITY_BYTES,
     decode,
     encode,
     event_key,
@@ -187,6 +188,16 @@ def test_attributes_must_fit_in_binary_mode_headers() -> None:
         validate({**BASE, "big": "\u00e9" * (room // 6 + 1)})
     # data is the body, not a header
     assert validate({**BASE, "data": "x" * MAX_HEADER_BYTES, "datacontenttype": "text/plain"})
+
+
+@pytest.mark.parametrize("name", ["id", "source", "type"])
+def test_identifying_attributes_are_capped_in_bytes(name: str) -> None:
+    assert validate({**BASE, name: "x" * MAX_IDENTITY_BYTES})
+    assert validate({**BASE, name: "\u00e9" * (MAX_IDENTITY_BYTES // 2)})
+    for value in ("x" * (MAX_IDENTITY_BYTES + 1), "\u00e9" * (MAX_IDENTITY_BYTES // 2) + "x"):
+        with pytest.raises(CloudEventError, match=f"attribute '{name}' takes 1025 bytes") as info:
+            validate({**BASE, name: value})
+        assert info.value.status == 400
 
 
 def test_details_quote_long_names_clipped() -> None:
