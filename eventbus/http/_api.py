@@ -36,7 +36,7 @@ from eventbus.http._access import Access, RefusalLog
 from eventbus.http._addresses import AddressGate
 from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
-from eventbus.http._invoke import invoke
+from eventbus.http._invoke import caller, invoke
 from eventbus.http._params import (
     All,
     DeadLetterId,
@@ -67,10 +67,7 @@ def _service(request: Request) -> Service:
 
 
 async def _admin_scope(request: Request) -> None:
-    access: Access = request.app.state.access
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    remote = request.client.host if request.client else None
-    await access.check(headers, request.url.path, remote, "admin")
+    await caller(request, "admin")
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -45,7 +45,7 @@ from eventbus.http._types import request_headers
 if TYPE_CHECKING:
     from eventbus.app import Service
 
-__all__ = ["DURATION_HEADER", "INVOCATION_TYPE_HEADER", "invoke"]
+__all__ = ["DURATION_HEADER", "INVOCATION_TYPE_HEADER", "caller", "invoke"]
 
 INVOCATION_TYPE_HEADER = "X-Eventbus-Invocation-Type"
 DURATION_HEADER = "X-Eventbus-Duration-Ms"
@@ -63,9 +63,10 @@ _REFUSALS = {
 }
 
 
-async def _caller(request: Request, scope: str) -> str:
+async def caller(request: Request, scope: str) -> str:
     """Who invokes, for the audit: the API key's name, else the client's address. Refuses
-    (401/403) a request without ``scope`` when API keys are configured."""
+    (401/403) a request without ``scope`` when API keys are configured, and (400) one that
+    repeats a credential header: a proxy in front may have read the other value."""
     access: Access = request.app.state.access
     headers = request_headers(request.scope["headers"])
     remote = request.client.host if request.client else None
@@ -74,11 +75,11 @@ async def _caller(request: Request, scope: str) -> str:
 
 
 async def _invoker(request: Request) -> str:
-    return await _caller(request, "admin")
+    return await caller(request, "admin")
 
 
 async def _publisher(request: Request) -> str:
-    return await _caller(request, "publish")
+    return await caller(request, "publish")
 
 
 def _mode(raw: str) -> str:

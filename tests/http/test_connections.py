@@ -321,6 +321,12 @@ async def test_a_header_that_decides_the_event_or_the_sender_may_not_repeat(
             head, body = await _response(conn)
         assert head.startswith(b"HTTP/1.1 400 "), (extra, head)
         assert b"appears more than once" in body, body
+    # the admin API's key too (the last one counted there)
+    keys = "GET /rules HTTP/1.1\r\nHost: test\r\nX-API-Key: wrong\r\nX-API-Key: right\r\n\r\n"
+    conn = await _open(svc.url, keys.encode())
+    async with _closing([conn]):
+        head, body = await _response(conn)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"appears more than once" in body, head
     # lists may repeat
     fine = binary.format(i=9, extra="ce-type: t\r\nAccept: a/b\r\nAccept: c/d\r\n")
     conn = await _open(svc.url, fine.encode())
