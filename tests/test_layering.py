@@ -28,7 +28,8 @@ PACKAGE = Path(eventbus.__file__).parent
 
 # Bottom to top: a unit may import itself and the units of earlier layers only.
 LAYERS: list[set[str]] = [
-    {"_errors", "_tasks"},  # the error tree; stopping tasks (grace, lost cancellations)
+    # the error tree; stopping tasks (grace, lost cancellations); reading RFC 3339 times
+    {"_errors", "_tasks", "_rfc3339"},
     {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
@@ -47,6 +48,7 @@ RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 # delivery layer's set recurs: the router, the composition root and the edge stand on it.
 _DELIVERY = {
     "_errors",
+    "_rfc3339",
     "_oauth",
     "_tasks",
     "cloudevents",
@@ -57,12 +59,12 @@ _DELIVERY = {
     "targets",
 }
 PULLS: dict[str, set[str]] = {
-    "eventbus.cloudevents": {"_errors"},
+    "eventbus.cloudevents": {"_errors", "_rfc3339"},
     "eventbus.config": {"_errors"},
     "eventbus.rules": {"_errors", "config"},
-    "eventbus.bus": {"_errors", "_oauth", "_tasks", "cloudevents", "config"},
-    "eventbus.store": {"_errors", "_tasks", "config", "metrics"},
-    "eventbus.targets": {"_errors", "_oauth", "_tasks", "cloudevents", "config"},
+    "eventbus.bus": {"_errors", "_oauth", "_rfc3339", "_tasks", "cloudevents", "config"},
+    "eventbus.store": {"_errors", "_rfc3339", "_tasks", "config", "metrics"},
+    "eventbus.targets": {"_errors", "_oauth", "_rfc3339", "_tasks", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,
     "eventbus.sources": _DELIVERY - {"rules", "targets"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},

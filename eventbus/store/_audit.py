@@ -41,6 +41,7 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, StoreError, truncate_error
+from eventbus._rfc3339 import read_time
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.store._jsonb import dumps_jsonb
 
@@ -520,7 +521,7 @@ def _time(value: object) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = read_time(value)  # as validation read it: leap second, lower-case t/z
         # RFC 3339 requires an offset; one without is read as UTC rather than thrown away.
         # Normalising here also turns a moment outside datetime's range into a NULL.
         return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import random
 import string
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from eventbus._errors import MAX_ERROR_CHARS, StoreError
+from eventbus.cloudevents import validate
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
 from tests.fixtures.wait import eventually
 
@@ -178,6 +180,22 @@ async def test_a_time_outside_datetime_range_is_stored_as_null(database_dsn: str
             "9999-12-31T23:59:59-00:01",
         }
         assert store.audit.quarantined == 0
+
+
+async def test_a_time_validation_accepts_is_stored_as_that_instant(database_dsn: str) -> None:
+    # A leap second and lower-case t/z are RFC 3339 and accepted; they were stored as NULL.
+    times = {
+        "2016-12-31T23:59:60Z": datetime(2017, 1, 1, tzinfo=UTC),
+        "2026-01-01t10:00:00z": datetime(2026, 1, 1, 10, tzinfo=UTC),
+        "2026-06-30t23:59:60.5+02:00": datetime(2026, 6, 30, 22, 0, 0, 500000, tzinfo=UTC),
+    }
+    async with await Store.open(database_dsn) as store:
+        for n, moment in enumerate(times):
+            event = validate(_event(n, time=moment))  # accepted as it is
+            await store.audit.event_accepted(event, via="http")
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        rows = await store.pool.fetch("SELECT time, event->>'time' AS raw FROM events")
+        assert {r["raw"]: r["time"] for r in rows} == times
 
 
 async def test_a_redelivered_acceptance_is_recorded_once(database_dsn: str) -> None:

@@ -1,0 +1,24 @@
+"""Reading an RFC 3339 timestamp: one place for what Python's parser refuses and RFC 3339
+allows (lower-case ``t`` and ``z``, a leap second), shared by validation and the audit trail so
+that the instant the one accepts is the instant the other stores."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+__all__ = ["read_time"]
+
+_LEAP_SECOND = timedelta(seconds=1)
+
+
+def read_time(text: str) -> datetime:
+    """``datetime.fromisoformat(text)``, also reading lower-case ``t``/``z`` and a leap second
+    (``:60`` is the instant one second after ``:59``). It checks no RFC 3339 syntax beyond the
+    parser's own. Raises ValueError when it cannot be read, OverflowError when a leap second
+    passes year 9999."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        leap = text[17:19] == "60"
+        moment = datetime.fromisoformat((text[:17] + "59" + text[19:] if leap else text).upper())
+        return moment + _LEAP_SECOND if leap else moment
