@@ -24,9 +24,16 @@ from eventbus import metrics
 from eventbus._errors import CloudEventError
 from eventbus.http._access import Access, RefusalLog
 from eventbus.http._addresses import allowed, client_address, forwarded_for
-from eventbus.http._ingest import _read_body
 from eventbus.http._problem import PROBLEM, Problem, problem_for
-from eventbus.http._types import ASGIApp, Receive, Scope, Send, request_headers, send_answer
+from eventbus.http._types import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    request_headers,
+    send_answer,
+)
 from eventbus.sources import HookRequest, WebhookSource
 
 if TYPE_CHECKING:
@@ -153,7 +160,7 @@ class HookApp:
             raise Problem(403, reason)
         if spec.keys or spec.takes_service_keys:
             await self._check_key(spec, headers, path, remote)
-        raw = await _read_body(receive, headers, spec.max_body)
+        raw = await read_body(receive, headers, spec.max_body)
         request = HookRequest(
             scope["method"], headers, scope.get("query_string", b"").decode("latin-1"), raw
         )

@@ -26,7 +26,15 @@ from eventbus.cloudevents import (
 )
 from eventbus.http._access import Access
 from eventbus.http._problem import PROBLEM, Problem, problem_for
-from eventbus.http._types import ASGIApp, Receive, Scope, Send, request_headers, send_answer
+from eventbus.http._types import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    request_headers,
+    send_answer,
+)
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -193,29 +201,6 @@ _Answer = tuple[int, Any, dict[str, str]]
 """Status, JSON body and extra headers of an ingest answer."""
 
 
-async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` without buffering it whole."""
-    declared = headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Problem(400, "invalid Content-Length header")
-        if int(declared) > limit:
-            raise Problem(413, f"request body of {declared} bytes exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Problem(400, "the client went away before the body was read")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 def _synchronous(scope: Scope) -> bool:
     """Whether the request asks for a synchronous answer (``X-Eventbus-Invocation-Type:
     sync``; ASGI header names are lower-case)."""
@@ -259,7 +244,7 @@ class IngestApp:
             headers = request_headers(scope["headers"])
             client = scope.get("client")
             await self._access.check(headers, path, client[0] if client else None, "publish")
-            raw = await _read_body(receive, headers, self._max_request)
+            raw = await read_body(receive, headers, self._max_request)
             status, payload, extra = await handler(headers, raw)
             body = orjson.dumps(payload)
         except Exception as exc:

@@ -40,7 +40,7 @@ from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access
 from eventbus.http._params import TargetName
 from eventbus.http._problem import Problem
-from eventbus.http._types import request_headers
+from eventbus.http._types import read_body, request_headers
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -167,8 +167,8 @@ async def invoke_target(
     if reply and mode == "async":
         raise Problem(400, "reply=true needs a synchronous invocation")
     limit = service.settings.max_event_size
-    body = await _read_body(request, limit)
     headers = request_headers(request.scope["headers"])
+    body = await read_body(request.receive, headers, limit)
     attributes = {"type": event_type, "source": source, "subject": subject}
     event = _event_from_request(headers, body, attributes, max_size=limit)
     result = await service.invoke(
@@ -184,8 +184,8 @@ async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publis
     sends it to its target, whose answer is the answer, as for ``/targets/{name}/invoke``."""
     service = cast("Service", request.app.state.service)
     limit = service.settings.max_event_size
-    body = await _read_body(request, limit)
     headers = request_headers(request.scope["headers"])
+    body = await read_body(request.receive, headers, limit)
     parsed = parse_http(headers, body, max_size=limit)
     if parsed.batch:
         raise Problem(400, "a synchronous request carries one event, not a batch")
@@ -229,21 +229,6 @@ def _refused(result: Invocation) -> Problem:
     if result.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(result.retry_after)))
     return Problem(status, result.detail or str(result.refusal), headers=headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) past ``limit`` bytes without buffering it whole."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, f"request body of {declared} bytes exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _event_from_request(

@@ -8,7 +8,16 @@ from typing import Any
 
 from eventbus.http._problem import Problem
 
-__all__ = ["ASGIApp", "Message", "Receive", "Scope", "Send", "send_answer"]
+__all__ = [
+    "ASGIApp",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "read_body",
+    "request_headers",
+    "send_answer",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -61,3 +70,35 @@ def request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
                 raise Problem(400, f"header {name!r} appears more than once; send it once")
             seen.add(name)
     return headers
+
+
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` without buffering it whole,
+    and (415) a body in a content coding: none is decoded, and read as it came a gzip body
+    was taken for the event's data."""
+    coding = headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        raise Problem(
+            415,
+            f"Content-Encoding {coding[:40]!r} is not supported: send the body uncompressed",
+            headers={"Accept-Encoding": "identity"},
+        )
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Problem(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise Problem(413, f"request body of {declared} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "the client went away before the body was read")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

@@ -4,6 +4,7 @@ keys, and every kind of bad input (the service stays up and loses nothing else).
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import orjson
@@ -269,7 +270,15 @@ async def test_a_reply_the_bus_already_holds_is_counted_as_a_duplicate(
     assert await _counted(svc, "reply", "received") - received == 1
 
 
+_BINARY = {"ce-specversion": "1.0", "ce-id": "z", "ce-source": "s", "ce-type": "t"}
 BAD_REQUESTS = [
+    (
+        "compressed",
+        {"Content-Type": "application/octet-stream", "Content-Encoding": "gzip", **_BINARY},
+        gzip.compress(b"data"),
+        415,
+        "Content-Encoding 'gzip' is not supported",
+    ),
     ("malformed JSON", {"Content-Type": "application/cloudevents+json"}, b'{"id": ', 400, "JSON"),
     ("not an object", {"Content-Type": "application/cloudevents+json"}, b"[1, 2]", 400, ""),
     (

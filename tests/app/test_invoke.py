@@ -5,6 +5,7 @@ function got counted (no retry on the sync path), and the audit trail of each in
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -273,6 +274,12 @@ async def test_unknown_and_disabled_targets(eventbus: StartService, receiver: Re
     status, headers, problem = await _invoke(svc, _event("u1"), target="nope")
     assert status == 404 and headers["Content-Type"] == "application/problem+json"
     assert problem["detail"] == "no target 'nope'"
+    # a compressed body is refused, not passed on as if it were the data
+    gzipped = gzip.compress(b"{}")
+    status, headers, problem = await _invoke(
+        svc, body=gzipped, Content_Type="application/json", Content_Encoding="gzip"
+    )
+    assert (status, headers["Accept-Encoding"]) == (415, "identity"), problem
 
     receiver.script(410)  # a rule's delivery answered 410 Gone: the target is switched off
     status, _ = await svc.post_event(_event("g1", type="gone"))

@@ -115,6 +115,10 @@ async def test_requests_the_edge_refuses(service: RunningService, receiver: Rece
     assert status == 400 and "no value for the event type" in detail
     status, _, detail = await _problem(service, "POST", "/hooks/open", b"x" * 1001)
     assert status == 413 and "exceeds 1000 bytes" in detail
+    status, headers, detail = await _problem(
+        service, "POST", "/hooks/open", b"\x1f\x8b", {"Content-Encoding": "GZIP"}
+    )
+    assert (status, headers["Accept-Encoding"]) == (415, "identity"), detail
 
     async def chunks() -> Any:
         for _ in range(20):
