@@ -154,7 +154,8 @@ class HookApp:
         address = client_address(spec, remote, forwarded_for(scope["headers"]))
         path = scope["path"]
         if not allowed(spec, address):
-            reason = f"address {address} is not allowed to call hook {name!r}"
+            who = f"address {address}" if address is not None else "a client of unknown address"
+            reason = f"{who} is not allowed to call hook {name!r}"
             self._refuse(remote, path, reason)
             metrics.EVENTS_REJECTED.labels("hook", "forbidden").inc()
             raise Problem(403, reason)
