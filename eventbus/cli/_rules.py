@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -39,17 +39,19 @@ class _InputError(Exception):
     """An input file is missing or not the JSON expected; never escapes this module."""
 
 
-def _read_json(path: str | Path, what: str) -> Any:
+def _read_json(path: str | Path, what: str, loads: Callable[[bytes], Any] = orjson.loads) -> Any:
     try:
-        return orjson.loads(Path(path).read_bytes())
+        return loads(Path(path).read_bytes())
     except OSError as exc:
         raise _InputError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
     except orjson.JSONDecodeError as exc:
         raise _InputError(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
 
 
-def _read_object(path: str | Path, what: str) -> dict[str, Any]:
-    value = _read_json(path, what)
+def _read_object(
+    path: str | Path, what: str, loads: Callable[[bytes], Any] = orjson.loads
+) -> dict[str, Any]:
+    value = _read_json(path, what, loads)
     if not isinstance(value, dict):
         raise _InputError(f"{what} {str(path)!r} must be a JSON object, not {type(value).__name__}")
     return value
@@ -59,10 +61,11 @@ def _read_cloudevent(path: str | Path) -> dict[str, Any]:
     """The event in ``path`` as the service would route it: a valid CloudEvent (JSON format),
     null attributes dropped. Its size is not checked: the limit is the service's setting."""
     # Imported here: ``eventbus rules validate`` and ``--help`` do without the event model.
-    from eventbus.cloudevents import validate
+    from eventbus.cloudevents import load_json, validate
 
-    event = _read_object(path, "event file")
     try:
+        # read as the service reads it: an integer beyond 64 bits is refused, not rounded
+        event = _read_object(path, "event file", load_json)
         return validate(event, max_size=_ANY_SIZE)
     except CloudEventError as exc:
         raise _InputError(f"event file {str(path)!r} is not a valid CloudEvent: {exc}") from exc

@@ -130,6 +130,18 @@ def test_test_command_refuses_an_invalid_cloudevent(
     assert message in text and text.count("\n") == 1
 
 
+def test_test_command_refuses_an_integer_the_service_refuses(tmp_path: Path) -> None:
+    # orjson read it as a float (1.2345678901234568e+29), routed where the service says 400
+    path = tmp_path / "big.json"
+    path.write_text(
+        '{"specversion": "1.0", "id": "1", "source": "s", "type": "t",'
+        ' "data": {"n": 123456789012345678901234567890}}'
+    )
+    code, text = run(_cli.test_command, path, DATA / "good", known_targets=KNOWN)
+    assert code == 2, text
+    assert "is not a valid CloudEvent: the integer '123456789012345678901234567890'" in text
+
+
 def test_test_command_routes_the_event_as_the_service_would(tmp_path: Path) -> None:
     # null attributes count as absent (the JSON format): the payloads leave them out
     event = orjson.loads((EVENTS / "upload-image.json").read_bytes())
