@@ -11,6 +11,7 @@ dialect by the loader class they hand in (rules use a narrower one; see ``eventb
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,39 @@ import yaml
 
 from eventbus._errors import ConfigError
 
-__all__ = ["KeyPath", "NodeBuilder", "YamlDoc", "load_yaml", "pydantic_errors", "yaml_files"]
+__all__ = [
+    "KeyPath",
+    "NodeBuilder",
+    "YamlDoc",
+    "flow_too_deep",
+    "load_yaml",
+    "pydantic_errors",
+    "yaml_files",
+]
 
 KeyPath = tuple[str | int, ...]
+
+MAX_DEPTH = 128
+"""Levels a document may nest: beyond them building it ran out of Python's stack (a
+RecursionError out of the loader); no settings, connector or rule file needs more."""
+MAX_REPEATED = 100_000
+"""Values a document may build again through aliases: a few hundred bytes of aliases of
+aliases (the "billion laughs") expanded to gigabytes and stalled the process for minutes."""
+# Flow collections ([ {) nested this deep are refused before parsing: libyaml's composer
+# recurses in C, and 50,000 levels crashed the process (a segmentation fault).
+_MAX_FLOW_DEPTH = 1_000
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def flow_too_deep(text: str) -> int | None:
+    """The line where ``[`` and ``{`` nest more than a thousand levels deep (counted without
+    regard to quoting: a bound, not a parse), or None."""
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth += 1 if match[0] in "[{" else -1
+        if depth > _MAX_FLOW_DEPTH:
+            return text.count("\n", 0, match.start()) + 1
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,12 +93,30 @@ class NodeBuilder:
         self.loader = loader
         self.problems: list[tuple[int, str]] = []
         self._open: set[int] = set()
+        self._built: set[int] = set()  # nodes built once: building one again is an alias
+        self._repeated = 0
+        self._merged: dict[int, int] = {}  # mapping node -> pairs its `<<` merged in
 
     def build(self, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
-        lines.setdefault(path, node.start_mark.line + 1)
+        line = node.start_mark.line + 1
+        lines.setdefault(path, line)
         if id(node) in self._open:
-            self.problems.append((node.start_mark.line + 1, "an alias refers to itself"))
+            self.problems.append((line, "an alias refers to itself"))
             return None
+        if len(path) > MAX_DEPTH:
+            self.problems.append((line, f"nested more than {MAX_DEPTH} levels deep"))
+            return None
+        if id(node) not in self._built:
+            self._built.add(id(node))
+        elif self._repeated >= MAX_REPEATED:
+            return None  # reported once, below
+        else:
+            self._repeated += 1
+            if self._repeated == MAX_REPEATED:
+                self.problems.append(
+                    (line, f"aliases repeat more than {MAX_REPEATED:,} values: write them out")
+                )
+                return None
         if isinstance(node, yaml.ScalarNode):
             return self.loader.construct_object(node)
         if node.tag not in ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
@@ -81,10 +130,12 @@ class NodeBuilder:
 
     def _build_collection(self, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
         if isinstance(node, yaml.MappingNode):
-            own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
-            self.loader.flatten_mapping(node)
-            # flatten_mapping puts the pairs merged in by `<<` first; own keys override them.
-            merged = len(node.value) - own
+            merged = self._merged.get(id(node))
+            if merged is None:  # not flattened yet (it changes the node: an alias sees it so)
+                own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+                self.loader.flatten_mapping(node)
+                # flatten_mapping puts the pairs merged in by `<<` first; own keys override.
+                merged = self._merged[id(node)] = len(node.value) - own
             mapping: dict[str, Any] = {}
             from_merge: set[str] = set()
             for index, (key_node, value_node) in enumerate(node.value):
@@ -124,6 +175,9 @@ def load_yaml(text: str, file: str) -> YamlDoc:
     duplicate or non-string key, a self-referencing alias. An empty document gives
     ``data=None``.
     """
+    deep = flow_too_deep(text)
+    if deep is not None:
+        raise ConfigError(f"{file}:{deep}: invalid YAML: nested too deep")
     loader = yaml.SafeLoader(text)
     lines: dict[KeyPath, int] = {}
     try:
@@ -139,6 +193,8 @@ def load_yaml(text: str, file: str) -> YamlDoc:
         raise ConfigError(f"{file}{line}: invalid YAML: {problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {exc}") from exc
+    except RecursionError as exc:  # block nesting the parser's own recursion cannot follow
+        raise ConfigError(f"{file}: invalid YAML: nested too deep") from exc
     finally:
         loader.dispose()
     if builder.problems:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from eventbus._errors import RuleError
-from eventbus.config import KeyPath, NodeBuilder, YamlDoc, yaml_files
+from eventbus.config import KeyPath, NodeBuilder, YamlDoc, flow_too_deep, yaml_files
 
 __all__ = ["KeyPath", "ParsedFiles", "RuleDoc", "read_rule_files"]
 
@@ -82,6 +82,10 @@ def _read_file(
 
 def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
     """The rule documents of one file; its problems are added to ``errors``."""
+    deep = flow_too_deep(text)
+    if deep is not None:
+        errors.append(RuleError("invalid YAML: nested too deep", file=name, line=deep))
+        return []
     loader = _RuleYamlLoader(text)
     try:
         root = loader.get_single_node()
@@ -109,6 +113,9 @@ def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
         return []
     except yaml.YAMLError as exc:
         errors.append(RuleError(f"invalid YAML: {exc}", file=name))
+        return []
+    except RecursionError:  # block nesting the parser's own recursion cannot follow
+        errors.append(RuleError("invalid YAML: nested too deep", file=name))
         return []
     finally:
         loader.dispose()

@@ -13,7 +13,7 @@ import pytest
 # Importing the two packages registers the built-in source and target types.
 import eventbus.sources  # noqa: F401
 from eventbus._errors import ConfigError
-from eventbus.config import TargetSpec, load_connectors
+from eventbus.config import TargetSpec, load_connectors, load_yaml
 from eventbus.targets import (
     HttpTargetSpec,
     KafkaTargetSpec,
@@ -281,3 +281,25 @@ def test_credentials_in_a_target_url_are_refused_naming_the_line(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"a\.yaml:4.*credentials in the url") as info:
         load_connectors(tmp_path)
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: " + "[" * 50_000 + "]" * 50_000, "c.yaml:1: invalid YAML: nested too deep"),
+        ("a:\n" + "".join(" " * i + "- \n" for i in range(1, 900)), "nested"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"b{i}: &b{i} [{', '.join(['*' + ('a' if i == 0 else f'b{i - 1}')] * 10)}]\n"
+                for i in range(6)
+            ),
+            "aliases repeat more than 100,000 values",
+        ),
+    ],
+    ids=["flow", "block", "aliases"],
+)
+def test_a_file_nested_too_deep_or_aliased_too_often_is_an_error(text: str, message: str) -> None:
+    # every user file: RecursionError, a crash in libyaml, or gigabytes before
+    with pytest.raises(ConfigError, match=message):
+        load_yaml(text, "c.yaml")

@@ -83,6 +83,26 @@ def test_merge_keys_yield_to_own_keys(tmp_path: Path) -> None:
     assert docs[1].line(("targets", 0, "delivery", "timeout")) == 10
 
 
+def test_a_mapping_with_merge_keys_reused_through_an_alias_reads_the_same(tmp_path: Path) -> None:
+    # The first use changed the node (merged pairs flattened in): the second saw a duplicate.
+    path = write(
+        tmp_path,
+        "- name: base\n"
+        "  match: &m\n"
+        "    <<: {source: [a], type: [t1]}\n"
+        "    source: [b]\n"
+        "- name: reuse\n"
+        "  match: *m\n",
+    )
+    docs, errors = read_rule_files(path)
+    assert errors == []
+    assert docs[0].data["match"] == docs[1].data["match"] == {"source": ["b"], "type": ["t1"]}
+
+
+_BOMB = "- name: bomb\n  x:\n    - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+_BOMB += "".join(f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 8))
+
+
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
@@ -95,6 +115,12 @@ def test_merge_keys_yield_to_own_keys(tmp_path: Path) -> None:
         ("- &a [*a]\n", 1, "an alias refers to itself"),
         ("- !!python/object:os.system {}\n", 1, "unsupported YAML tag"),
         ("- !!python/name:os.system x\n", 1, "invalid YAML"),
+        # a thousand levels: a RecursionError out of the builder
+        ("- x: " + "[" * 1000 + "]" * 1000 + "\n", 1, "nested more than 128 levels deep"),
+        # fifty thousand: libyaml's composer crashed the process (a segmentation fault)
+        ("- name: a\n  x: " + "[" * 50_000 + "]" * 50_000 + "\n", 2, "nested too deep"),
+        # a few hundred bytes of aliases of aliases: gigabytes, minutes (billion laughs)
+        (_BOMB, 3, "aliases repeat more than 100,000 values"),
     ],
     ids=[
         "unclosed",
@@ -106,6 +132,9 @@ def test_merge_keys_yield_to_own_keys(tmp_path: Path) -> None:
         "recursive",
         "tag",
         "scalar-tag",
+        "deep",
+        "deeper",
+        "aliases",
     ],
 )
 def test_file_level_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
