@@ -14,7 +14,6 @@ as parsed from JSON. Objects and arrays are never leaf values; the caller flatte
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -115,10 +114,30 @@ class Wildcard:
     """``{"wildcard": "a*b"}``: ``*`` stands for any run of characters, ``\\*`` for a star."""
 
     source: str
-    regex: re.Pattern[str] = field(compare=False, repr=False)
+    pieces: tuple[str, ...] = field(compare=False, repr=False)
+    """The literal text between the stars (one piece: no star)."""
 
     def test(self, value: object) -> bool:
-        return type(value) is str and self.regex.fullmatch(value) is not None
+        # The pieces in order, each at its leftmost place: right for stars alone, and at most
+        # one pass of str.find per piece. A regular expression (".*" per star) backtracked:
+        # "*/*/*/*.jpg" took 34 s on a subject of 1,000 slashes, routing stopped meanwhile.
+        if type(value) is not str:
+            return False
+        pieces = self.pieces
+        first = pieces[0]
+        if len(pieces) == 1:
+            return value == first
+        last = pieces[-1]
+        end = len(value) - len(last)
+        if end < len(first) or not value.startswith(first) or not value.endswith(last):
+            return False
+        at = len(first)
+        for piece in pieces[1:-1]:
+            found = value.find(piece, at, end)
+            if found < 0:
+                return False
+            at = found + len(piece)
+        return True
 
 
 @dataclass(frozen=True, slots=True)

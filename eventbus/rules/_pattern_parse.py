@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import re
 
 from eventbus._errors import PatternError
 from eventbus.rules._pattern_ops import (
@@ -141,7 +140,7 @@ def _string_or_ignore_case(value: object, where: str, op: str) -> tuple[str, boo
 
 def _wildcard(text: str, where: str) -> Wildcard:
     """Compile a wildcard: ``*`` is any run, ``\\*`` a literal star, ``\\\\`` a backslash."""
-    parts: list[str] = []
+    pieces: list[str] = []
     literal: list[str] = []
     previous_star = False
     i = 0
@@ -161,16 +160,15 @@ def _wildcard(text: str, where: str) -> Wildcard:
                 raise PatternError(
                     f"wildcard {text!r}: consecutive '*' characters are not allowed", path=where
                 )
-            parts.append(re.escape("".join(literal)))
+            pieces.append("".join(literal))
             literal = []
-            parts.append(".*")
             previous_star = True
         else:
             literal.append(char)
             previous_star = False
         i += 1
-    parts.append(re.escape("".join(literal)))
-    return Wildcard(text, re.compile("".join(parts), re.DOTALL))
+    pieces.append("".join(literal))
+    return Wildcard(text, tuple(pieces))
 
 
 def _numeric(operand: object, where: str) -> Numeric:
