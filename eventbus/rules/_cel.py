@@ -30,7 +30,7 @@ from celpy.celparser import CELParseError, CELParser
 from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel_fast import SPANNING, FastCondition, Unsure, compile_fast
+from eventbus.rules._cel_fast import SPANNING, Contained, FastCondition, Unsure, compile_fast
 
 __all__ = ["Activation", "Condition", "OnFirstUse", "Verdict", "activation", "compile_condition"]
 
@@ -243,6 +243,8 @@ class Condition:
         if self.fast is not None:
             try:
                 value = self.fast(context.event)
+            except Contained as error:
+                return Verdict.ERROR, error.reason  # an error value, as on cel-python
             except Unsure:
                 pass  # cel-python says what it is
             else:

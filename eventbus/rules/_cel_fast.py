@@ -11,12 +11,13 @@ It never decides anything cel-python would decide differently: each step checks 
 operands are of the exact JSON types for which cel-python's result is Python's own (two ints
 within int64, two doubles, two strings, a field present in a map ...) and otherwise raises
 ``Unsure``, and the caller then asks cel-python, which gives the verdict and, for errors, the
-reason (``Contained`` marks the error values that ``&&``, ``||`` and ``?:`` may absorb, as
-cel-python does). So errors, mixed types, missing fields and everything else unusual cost
-what they cost before, and the common case is quick. A condition with anything outside this
-subset (``/``, ``%``, macros, other functions, map literals, nested lists, uint or bytes)
-compiles to ``None`` and runs on cel-python alone. tests/rules/test_cel_fast.py compares the
-two on generated conditions and events.
+reason. ``Contained`` marks the error values that ``&&``, ``||`` and ``?:`` may absorb, as
+cel-python does; one that reaches the top is the verdict, an error, with the fast path's own
+reason (cel-python's text for an error of errors doubles with each ``||``). So mixed types and
+everything else unusual cost what they cost before, and the common case is quick. A condition
+with anything outside this subset (``/``, ``%``, macros, other functions, map literals, nested
+lists, uint or bytes) compiles to ``None`` and runs on cel-python alone.
+tests/rules/test_cel_fast.py compares the two on generated conditions and events.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ class Unsure(Exception):
 
 
 class Contained(Unsure):
-    """cel-python has a value or an error value here, never an exception: an ``&&``, ``||``
-    or ``?:`` that the other side decides absorbs it."""
+    """cel-python has an error value here, never an exception: an ``&&``, ``||`` or ``?:``
+    that the other side decides absorbs it. Raised out of the whole condition, it is the
+    verdict: an error, for ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Refused(Exception):
@@ -132,24 +138,27 @@ def _same_scalar(a: Any, b: Any, kinds: tuple[type, ...]) -> None:
         raise Unsure
 
 
-_ERROR = object()  # an operand that raised Contained
+# the reasons cel-python gives for the error values the fast path finds
+_OVERFLOW = "return error for overflow: overflow"
 
 
 def _value(part: FastCondition, event: dict[str, Any]) -> Any:
-    """``part(event)``, or ``_ERROR`` where cel-python has an error value or a value the fast
-    path does not model (``Unsure`` still propagates)."""
+    """``part(event)``, or the ``Contained`` it raised where cel-python has an error value
+    (``Unsure`` still propagates)."""
     try:
         return part(event)
-    except Contained:
-        return _ERROR
+    except Contained as error:
+        return error
 
 
 def _pair(first: FastCondition, second: FastCondition, event: dict[str, Any]) -> tuple[Any, Any]:
     """Both operands; the second is evaluated even when the first is contained, because
     cel-python may fail outright on it."""
     a, b = _value(first, event), _value(second, event)
-    if a is _ERROR or b is _ERROR:
-        raise Contained
+    if type(a) is Contained:
+        raise Contained(a.reason)
+    if type(b) is Contained:
+        raise Contained(b.reason)
     return a, b
 
 
@@ -205,8 +214,8 @@ class _Compiler:
                 value = no
             else:
                 raise Unsure
-            if value is _ERROR:
-                raise Contained
+            if type(value) is Contained:
+                raise Contained(value.reason)
             return value
 
         return choose
@@ -311,7 +320,7 @@ class _Compiler:
             try:
                 return value[key]
             except KeyError:
-                raise Contained from None  # "no such member": an error value
+                raise Contained(f"no such member in mapping: {key!r}: {key}") from None
 
         return field
 
@@ -324,7 +333,7 @@ class _Compiler:
             if kind is dict and type(at) is str:
                 if at in value:
                     return value[at]
-                raise Contained  # no such key: an error value
+                raise Contained(f"no such member in mapping: StringType({at!r}): {at}")
             if kind is list and type(at) is int and 0 <= at < len(value):
                 return value[at]
             raise Unsure  # cel-python reads `list[-1]` as Python does
@@ -362,7 +371,10 @@ class _Compiler:
         container, key = self.node(parent), str(name)
 
         def present(event: dict[str, Any]) -> Any:
-            value = container(event)
+            try:
+                value = container(event)
+            except Contained:
+                raise Unsure from None  # has() of a field of a missing field: cel-python's call
             if type(value) is not dict:
                 raise Unsure
             return key in value
@@ -435,8 +447,10 @@ def _logic(first: FastCondition, second: FastCondition, decides: bool) -> FastCo
             return decides
         if type(a) is bool and type(b) is bool:
             return not decides
-        if (a is _ERROR or type(a) is bool) and (b is _ERROR or type(b) is bool):
-            raise Contained  # cel-python has an error value
+        if (type(a) is Contained or type(a) is bool) and (type(b) is Contained or type(b) is bool):
+            # cel-python has an error value (and, on two, a text twice as long as both: a
+            # chain of 26 such ||s took it 29 s and 3.6 GiB); one of them says why
+            raise Contained(a.reason if type(a) is Contained else b.reason)
         raise Unsure  # a value that is not a bool
 
     return combined
@@ -455,7 +469,7 @@ def _arithmetic(
                 raise Unsure
             value = compute(a, b)
             if not _plain_int(value):
-                raise Contained  # overflow: an error value on cel-python
+                raise Contained(_OVERFLOW)
             return value
         if kind is float:
             return compute(a, b)
@@ -472,7 +486,7 @@ def _negated(operand: FastCondition) -> FastCondition:
         kind = type(value)
         if kind is int and _plain_int(value):
             if not _plain_int(-value):
-                raise Contained  # -(-2**63) overflows: an error value on cel-python
+                raise Contained(_OVERFLOW)  # -(-2**63)
             return -value
         if kind is float:
             return -value
@@ -501,8 +515,8 @@ def _string_test(
             # cel-python's compiled runner calls the method on the receiver, and fails outright
             # when it has none (a bool, an error value), whatever the argument is
             raise Unsure
-        if part is _ERROR:
-            raise Contained
+        if type(part) is Contained:
+            raise Contained(part.reason)
         if type(part) is not str:
             raise Unsure
         return test(text, part)

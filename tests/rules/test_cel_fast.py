@@ -21,8 +21,20 @@ RUNS = [c for c in TABLE["cases"] if "outcome" in c]
 
 
 def _both(condition: Condition, event: dict[str, Any]) -> tuple[Any, Any]:
+    """The verdicts and reasons with and without the fast path; cel-python's reason for an
+    error of two errors (its text doubles with each ``||``) is the first error's on the fast
+    path, so it is compared as that."""
     slow = dataclasses.replace(condition, fast=None)
-    return condition.evaluate(activation(event)), slow.evaluate(activation(event))
+    fast_answer, slow_answer = (
+        condition.evaluate(activation(event)),
+        slow.evaluate(activation(event)),
+    )
+    if slow_answer[1].startswith(_ERROR_OF_ERRORS):
+        slow_answer = (slow_answer[0], fast_answer[1])
+    return fast_answer, slow_answer
+
+
+_ERROR_OF_ERRORS = "no such overload: <class 'celpy.evaluation.CELEvalError'>"
 
 
 @pytest.mark.parametrize("case", RUNS, ids=[c["expr"] for c in RUNS])
@@ -250,3 +262,14 @@ def test_literals_read_as_cel_python_reads_them(literal: str) -> None:
         assert condition.fast({"v": plain}) is True, source
         fast, slow = _both(condition, {"v": plain})
         assert fast == slow == (Verdict.MATCH, ""), source
+
+
+def test_a_long_chain_of_errors_is_answered_by_the_fast_path() -> None:
+    # cel-python's error of two errors holds both texts: 26 ||s on a missing field took it
+    # 29 s and 3.6 GiB (40 were killed for memory), one event stalling routing
+    source = " || ".join(f'event.data.country == "C{i}"' for i in range(40))
+    condition = compile_condition(source)
+    assert condition.fast is not None
+    verdict = condition.evaluate(activation({"data": {"city": "Paris"}}))
+    assert verdict == (Verdict.ERROR, "no such member in mapping: 'country': country")
+    assert condition.evaluate(activation({"data": {"country": "C39"}})) == (Verdict.MATCH, "")
