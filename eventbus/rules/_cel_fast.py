@@ -25,7 +25,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import lark
 from celpy import celtypes
@@ -450,7 +450,8 @@ def _logic(first: FastCondition, second: FastCondition, decides: bool) -> FastCo
         if (type(a) is Contained or type(a) is bool) and (type(b) is Contained or type(b) is bool):
             # cel-python has an error value (and, on two, a text twice as long as both: a
             # chain of 26 such ||s took it 29 s and 3.6 GiB); one of them says why
-            raise Contained(a.reason if type(a) is Contained else b.reason)
+            error = a if type(a) is Contained else b
+            raise Contained(cast(Contained, error).reason)
         raise Unsure  # a value that is not a bool
 
     return combined

@@ -31,7 +31,10 @@ import orjson
 from jsonpath_ng import JSONPath
 from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JSONPathError
+from jsonpath_ng.ext.arithmetic import Operation
+from jsonpath_ng.ext.filter import Expression
 from jsonpath_ng.ext.parser import ExtendedJsonPathParser
+from jsonpath_ng.ext.string import Sub
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -49,6 +52,11 @@ _PLACEHOLDER = re.compile(r"<([A-Za-z_][A-Za-z0-9_.-]*)>")
 _VARIABLE_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
 Render = Callable[[dict[str, Any]], Any]
+
+MAX_TEMPLATE_DEPTH = 64
+"""Levels a template or constant may nest. The values filled in nest up to 64 more (an event's
+``data`` may, and ``$`` is the whole event); the JSON serializer stops at 254 levels, and a
+deeper template loaded fine and then failed every delivery (and its dead letter)."""
 
 
 @functools.cache
@@ -96,12 +104,49 @@ def _parse_path(source: object) -> JSONPath:
             "jsonpath", "JSONPath '{source}' must start at the event root '$'", {"source": source}
         )
     try:
-        return _parser().parse(source)
+        path = _parser().parse(source)
     except (JSONPathError, ValueError, TypeError, AttributeError) as exc:
         # jsonpath-ng's parser reports some malformed input as plain Python errors.
         raise PydanticCustomError(
             "jsonpath", "invalid JSONPath '{source}': {reason}", {"source": source, "reason": exc}
         ) from exc
+    refused = _unsupported(path)
+    if refused is not None:
+        raise PydanticCustomError(
+            "jsonpath",
+            "JSONPath '{source}': {what} is not supported",
+            {"source": source, "what": refused},
+        )
+    return path
+
+
+def _unsupported(node: Any) -> str | None:
+    """What ``node`` uses of jsonpath-ng's extensions beyond the documented filters: its
+    regular expressions (`sub()`, ``=~``) run Python's backtracking ``re`` on event text (a
+    nested quantifier took seconds on 25 characters), and its arithmetic repeats a string by
+    an event's number (gigabytes)."""
+    if isinstance(node, Sub):
+        return "sub() (a regular expression)"
+    if isinstance(node, Operation):
+        return "arithmetic"
+    if isinstance(node, Expression) and node.op == "=~":
+        return "=~ (a regular expression)"
+    children: list[Any] = [getattr(node, name, None) for name in ("left", "right", "target")]
+    children += getattr(node, "expressions", None) or []
+    for child in children:
+        if child is not None:
+            found = _unsupported(child)
+            if found is not None:
+                return found
+    return None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def _text(value: Any) -> str:
@@ -153,6 +198,17 @@ class TransformSpec(BaseModel):
     template: Any = None
     constant: Any = None
     keep_cloudevent: bool = False
+
+    @field_validator("template", "constant")
+    @classmethod
+    def _not_too_deep(cls, value: Any) -> Any:
+        if _depth(value) > MAX_TEMPLATE_DEPTH:
+            raise PydanticCustomError(
+                "depth",
+                "nests objects and arrays more than {limit} levels deep",
+                {"limit": MAX_TEMPLATE_DEPTH},
+            )
+        return value
 
     @field_validator("template")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,31 @@ def test_invalid_specs(case: dict[str, Any]) -> None:
     assert any(list(e["loc"]) == case["loc"] and case["message"] in e["msg"] for e in errors), (
         errors
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "what"),
+    [
+        ("$.subject.`sub(/^(a+)+$/, x)`", "sub() (a regular expression)"),
+        ('$.data.items[?(@.sku =~ "^(a+)+$")]', "=~ (a regular expression)"),
+        ("$.data.s * $.data.n", "arithmetic"),
+        ("$.data.items[?(@.qty > 1)].`sub(/a/, b)`", "sub() (a regular expression)"),
+    ],
+)
+def test_jsonpath_extensions_beyond_filters_are_refused(path: str, what: str) -> None:
+    # Python's backtracking re on event text (seconds on 25 characters), and a string repeated
+    # by an event's number (400 MB in 2 s), each in the router's loop
+    with pytest.raises(ValidationError, match=re.escape(f"JSONPath '{path}': {what}")):
+        TransformSpec.model_validate({"input_paths": {"a": path}, "template": "<a>"})
+
+
+@pytest.mark.parametrize("field", ["template", "constant"])
+def test_a_template_or_constant_deeper_than_64_levels_is_refused(field: str) -> None:
+    # filled with data up to 64 levels deep, the payload passed what JSON serializes (254)
+    deep: Any = "<d>" if field == "template" else 1
+    for _ in range(64):
+        deep = [deep]
+    paths = {"input_paths": {"d": "$.data"}} if field == "template" else {}
+    assert TransformSpec.model_validate({**paths, field: deep})
+    with pytest.raises(ValidationError, match="more than 64 levels deep"):
+        TransformSpec.model_validate({**paths, field: [deep]})
