@@ -167,6 +167,8 @@ class Service:
         live feeds' sockets in ``live`` (see :class:`~eventbus.router.PeerFeed`)."""
         self.settings = settings
         self._shared = shared
+        self.rules_reloaded: Callable[[], None] | None = None
+        """Called after a reload asked of this process took (``reload_rules``)."""
         self._peer_feed: PeerFeed | None = None
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stack = AsyncExitStack()
@@ -433,9 +435,11 @@ class Service:
     # The HTTP edge and the CLI go through these methods only, never through the components
     # behind them, so those can change without the edge noticing.
 
-    def reload_rules(self) -> int:
+    def reload_rules(self, *, announce: bool = True) -> int:
         """Reload connectors' target names and rules; an invalid set keeps the old one (and
-        raises what is wrong with it). Logs one line either way."""
+        raises what is wrong with it). Logs one line either way. A reload that took, when
+        ``announce``d, calls ``rules_reloaded`` (the other workers of ``serve --workers N``
+        reload too)."""
         try:
             connectors = load_connectors(self.settings.connectors)
             missing = set(connectors.targets) - set(self.targets)
@@ -466,6 +470,8 @@ class Service:
             raise
         count = len(self.rules.current.rules)
         log.info("rules reloaded: %d rules from %s", count, self.settings.rules)
+        if announce and self.rules_reloaded is not None:
+            self.rules_reloaded()
         return count
 
     async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:

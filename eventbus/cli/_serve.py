@@ -2,7 +2,8 @@
 
 One process: ``Service`` (every component) plus the HTTP API on ``listen.host:port``.
 SIGTERM/SIGINT stop the HTTP server first (no new events accepted), then the service shuts
-down gracefully: in-flight deliveries finish, nothing undelivered is acknowledged.
+down gracefully: in-flight deliveries finish, nothing undelivered is acknowledged. SIGHUP
+reloads the rules, as ``POST /rules/reload`` does.
 
 Several processes (``--workers N``, to use more than one core): the parent starts the embedded
 nats-server and PostgreSQL if no URLs are configured and runs N worker processes; each binds
@@ -13,7 +14,8 @@ for all: the workers count their metrics in files of ``data_dir/workers/metrics`
 ``eventbus.metrics``), share their sources' statuses in ``data_dir/workers/sources`` and their
 live feeds through sockets in ``data_dir/workers/live`` (the console's live stream on any
 worker shows what every worker routes: ``eventbus.router.PeerFeed``). The parent
-forwards SIGTERM to the workers, restarts one that dies, supervises the embedded servers (and
+forwards SIGTERM and SIGHUP to the workers (a worker whose rules were reloaded over HTTP sends
+its parent SIGHUP, so that every worker reloads), restarts one that dies, supervises the embedded servers (and
 stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
 
 Either way the HTTP server runs with the limits of ``listen`` (header and body deadlines, a
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import logging
@@ -133,7 +136,12 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         # A worker of --workers N: it shares its sources' statuses with the others, and
         # listens once ready, for the kernel hands a listening worker its share of the
         # connections (the others keep serving while one restarts).
+        # a SIGHUP the parent passes on while this worker starts: not the end of it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         async with Service(settings, shared=_workers_dir(settings)) as svc:
+            _reload_on_sighup(svc)
+            parent = os.getppid()
+            svc.rules_reloaded = functools.partial(_tell_parent, parent)
             server = http_server(create_app(svc), settings)
             server.on_shutdown = svc.closing
             _quiet_signals()
@@ -155,11 +163,31 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         # leave an embedded server running unowned), then everything stops in order.
         stack.push_async_callback(_stop_serving, server, serving)
         service = await stack.enter_async_context(Service(settings))
+        _reload_on_sighup(service)
         front.ready(create_app(service))
         server.on_shutdown = service.closing
         settle_gc()
         await serving
         log.info("HTTP server stopped; shutting the service down")
+
+
+def _reload_on_sighup(service: Service) -> None:
+    """SIGHUP reloads the rules, as ``POST /rules/reload`` does (and as it reloads nginx's
+    configuration); a rule set that does not load is logged, the running one stays."""
+
+    def reload() -> None:
+        with contextlib.suppress(EventBusError):  # logged by reload_rules
+            service.reload_rules(announce=False)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+
+def _tell_parent(parent: int) -> None:
+    """A worker reloaded its rules over HTTP: its parent passes SIGHUP on to every worker, so
+    that all of them route with the new rules (the one that was asked reloads again, finding
+    no file changed)."""
+    if os.getppid() == parent:  # not when orphaned: the pid may be another process's now
+        os.kill(parent, signal.SIGHUP)
 
 
 async def _stop_serving(server: HttpServer, serving: asyncio.Task[None]) -> None:
@@ -195,6 +223,14 @@ def _bind(settings: Settings, *, listen: bool, share: bool = True) -> socket.soc
 
 async def _supervise(settings: Settings, workers: int, config_path: str | None) -> None:
     env = dict(os.environ)
+    procs: list[subprocess.Popen[bytes] | None] = [None] * workers
+
+    def reload_all() -> None:
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_all)
     async with contextlib.AsyncExitStack() as stack:
         embedded = await start_embedded(stack, settings)
         # The workers get the embedded servers' URLs, passwords included, in their environment:
@@ -221,7 +257,6 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        procs: list[subprocess.Popen[bytes] | None] = [None] * workers
         failed = False
 
         def spawn(i: int) -> subprocess.Popen[bytes]:

@@ -307,5 +307,30 @@ async def test_every_worker_of_serve_serves_the_hooks(
         got = await receiver.wait_for(40, timeout=30)
         assert sorted(r.cloudevent["data"]["n"] for r in got) == list(range(40))
         assert "1 sources" in proc.log.read_text()
+        # A reload asked of one worker reaches the other (its parent passes SIGHUP on): every
+        # event after it is routed by the new rules, whichever worker takes it from the bus.
+        # Before, the other worker kept the old rules until it restarted.
+        rules = tmp_path / "rules" / "rules.yaml"
+        transform = "  transform: {template: {new: <n>}, input_paths: {n: $.data.n}}\n"
+        rules.write_text(RULES + transform)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{proc.url}/rules/reload") as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+        # the worker asked (once for the request, once for the signal) and the other one
+        await eventually(
+            lambda: proc.log.read_text().count("rules reloaded: 1 rules") == 3,
+            within=10,
+            what="both workers reloaded",
+        )
+        for i in range(40, 60):
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+                s.post(f"{proc.url}/hooks/open", json={"n": i}) as resp,
+            ):
+                assert resp.status == 202
+        got = await receiver.wait_for(60, timeout=30)
+        assert sorted(r.json()["new"] for r in got[40:]) == list(range(40, 60))
     finally:
         assert await proc.terminate() == 0
