@@ -13,10 +13,11 @@ durable consumer (or consumer group). Sources run in the first worker only. Any 
 for all: the workers count their metrics in files of ``data_dir/workers/metrics`` (see
 ``eventbus.metrics``), share their sources' statuses in ``data_dir/workers/sources`` and their
 live feeds through sockets in ``data_dir/workers/live`` (the console's live stream on any
-worker shows what every worker routes: ``eventbus.router.PeerFeed``). The parent
-forwards SIGTERM and SIGHUP to the workers (a worker whose rules were reloaded over HTTP sends
-its parent SIGHUP, so that every worker reloads), restarts one that dies, supervises the embedded servers (and
-stops everything, exiting non-zero, when one cannot be brought back), and stops them last.
+worker shows what every worker routes: ``eventbus.router.PeerFeed``). The parent forwards
+SIGTERM and SIGHUP to the workers (a worker whose rules were reloaded over HTTP sends its
+parent SIGHUP, so that every worker reloads), restarts one that dies, supervises the embedded
+servers (and stops everything, exiting non-zero, when one cannot be brought back), and stops
+them last.
 
 Either way the HTTP server runs with the limits of ``listen`` (header and body deadlines, a
 connection cap: ``eventbus.http``), and a ``listen.host`` reachable from the network is

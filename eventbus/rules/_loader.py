@@ -37,22 +37,37 @@ _Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _RuleYamlLoader(_Base):  # type: ignore[misc,valid-type]  # PyYAML has no stubs
-    """SafeLoader with YAML 1.2 booleans and no timestamps."""
+    """SafeLoader with YAML 1.2 booleans, JSON's numbers and no timestamps."""
 
 
-# Copy the resolver table so that only this loader changes, not yaml.SafeLoader itself.
+# Copy the resolver table so that only this loader changes, not yaml.SafeLoader itself. Of
+# YAML 1.1's implicit types, booleans and numbers are narrowed to JSON's (what an EventBridge
+# pattern pasted in means), and timestamps and "=" (YAML's value key) are not read at all.
+_NARROWED = (
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:timestamp",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:value",
+)
 _RuleYamlLoader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp)
-        for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
-    ]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NARROWED]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _RuleYamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool",
     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"),
+)
+# JSON's numbers: 12:30 (base 60 in YAML 1.1), 010 (octal), 0x1F, 1_000 and +1 stay strings;
+# 1e3 is a number (a string in YAML 1.1)
+_RuleYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^-?(?:0|[1-9][0-9]*)$"), list("-0123456789")
+)
+_RuleYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)$"),
+    list("-0123456789"),
 )
 
 

@@ -21,7 +21,9 @@ def test_scalars_stay_the_strings_the_user_typed(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "- name: r\n"
-        "  match: {state: [on, off, yes, no, 2026-11-28, '1'], flag: [true, false]}\n"
+        "  match: {state: [on, off, yes, no, 2026-11-28, '1'], flag: [true, false],\n"
+        "          code: [010, 12:30, 0x1F, 1_000, +1, .5], n: [0, -7, 1e3, 2.5, -0.5e-1],\n"
+        "          m: [{numeric: [=, 5]}]}\n"
         "  targets: [t]\n",
     )
     docs, errors = read_rule_files(path)
@@ -29,6 +31,11 @@ def test_scalars_stay_the_strings_the_user_typed(tmp_path: Path) -> None:
     assert docs[0].data["match"] == {
         "state": ["on", "off", "yes", "no", "2026-11-28", "1"],
         "flag": [True, False],
+        # numbers as JSON writes them; YAML 1.1 read 8, 750, 31, 1000, 1 and 0.5 here
+        "code": ["010", "12:30", "0x1F", "1_000", "+1", ".5"],
+        "n": [0, -7, 1000.0, 2.5, -0.05],
+        # YAML 1.1's value key: no constructor for it
+        "m": [{"numeric": ["=", 5]}],
     }
 
 
