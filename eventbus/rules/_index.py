@@ -200,6 +200,11 @@ def _spread(patterns: list[CompiledPattern]) -> dict[tuple[str, ...], int]:
     return spread
 
 
+# Steps of the bound walk (branches taken, array values tried) before the reference takes
+# over: real events need a handful; the reference's cost is one ``matches`` per pattern.
+_MAX_BINDINGS = 5_000
+
+
 class PatternIndex(Generic[K]):
     """An immutable index of compiled patterns, each under a key (typically a rule name).
 
@@ -216,6 +221,9 @@ class PatternIndex(Generic[K]):
             return (_rank(leaf), -spread[leaf.path], leaf.path)
 
         self._keys: list[K] = []
+        # every pattern by slot: the reference answers an event whose arrays are too many
+        # ways of binding for the walk (``_walk_bound``)
+        self._patterns: list[tuple[int, CompiledPattern]] = []
         slot_of: dict[K, int] = {}
         root = _Draft()
         # Paths are numbered so that a per-event list, not a dict, remembers their lookups.
@@ -225,6 +233,7 @@ class PatternIndex(Generic[K]):
             if slot is None:
                 slot = slot_of[key] = len(self._keys)
                 self._keys.append(key)
+            self._patterns.append((slot, pattern))
             for conjunction in pattern.alternatives:
                 draft = root
                 for leaf in sorted(conjunction, key=order):
@@ -249,14 +258,20 @@ class PatternIndex(Generic[K]):
         seen: list[object],
         bound: list[tuple[_Node, dict[int, int]]],
         slots: list[int],
-    ) -> None:
+    ) -> bool:
         """The walk below edges taken through values inside arrays: each branch carries the
         array elements it is bound to, and an edge through another value in one of those
         arrays is taken only from the same element (array consistency). Rare and short next
         to the free walk in ``match``, which it is kept apart from so that one stays lean; a
-        node is visited once per distinct binding."""
+        node is visited once per distinct binding. False, with ``slots`` incomplete, past
+        ``_MAX_BINDINGS`` steps: fields with many values in arrays of their own multiply
+        the bindings (m^(k-1); 50 s for five fields in 600 bytes of data)."""
         visited: set[tuple[_Node, frozenset[tuple[int, int]]]] = set()
+        budget = _MAX_BINDINGS
         while bound:
+            budget -= 1
+            if budget < 0:
+                return False
             node, positions = bound.pop()
             key = (node, frozenset(positions.items()))
             if key in visited:
@@ -272,6 +287,7 @@ class PatternIndex(Generic[K]):
                     continue
                 if type(found) is list:
                     _bind(found, positions, index, bound)
+                    budget -= len(found)
                     continue
                 following: set[_Node] = set()
                 index.collect(found, following)
@@ -282,6 +298,7 @@ class PatternIndex(Generic[K]):
                     found = seen[path] = _lookup(event, self._paths[path])
                 if found is _ABSENT:
                     bound.append((child, positions))
+        return True
 
     def match(self, event: dict[str, Any]) -> list[K]:
         """Keys of every pattern ``event`` matches, each once, in first-insertion order.
@@ -337,8 +354,8 @@ class PatternIndex(Generic[K]):
                     found = seen[path] = _lookup(event, paths[path])
                 if found is _ABSENT:
                     stack.append(child)
-        if bound:
-            self._walk_bound(event, seen, bound, slots)
+        if bound and not self._walk_bound(event, seen, bound, slots):
+            slots = [slot for slot, pattern in self._patterns if pattern.matches(event)]
         if len(slots) < 2:
             return [self._keys[slot] for slot in slots]
         keys = self._keys
