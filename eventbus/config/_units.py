@@ -13,28 +13,39 @@ from typing import Annotated
 
 from pydantic import BeforeValidator
 
-__all__ = ["Duration", "parse_duration"]
+__all__ = ["MAX_DURATION", "Duration", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def parse_duration(value: object) -> float:
-    """``1.5``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"`` -> seconds (float, ≥ 0).
+MAX_DURATION = 10 * 365 * 86400.0
+"""Ten years: longer waits are mistakes (a retry delay of 99999999999d passed, then every
+retry failed to be scheduled, the event redelivered again and again)."""
 
-    Raises ValueError for anything else, including negative numbers.
+
+def parse_duration(value: object) -> float:
+    """``1.5``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"`` -> seconds (float, from 0 to
+    :data:`MAX_DURATION`).
+
+    Raises ValueError for anything else, including negative numbers, NaN and infinity.
     """
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
+    seconds: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"duration must not be negative: {value}")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 6h, 1d)")
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 6h, 1d)")
+    if not seconds <= MAX_DURATION:  # NaN and infinity too
+        raise ValueError(f"duration must be at most 10 years (3650d), got {value!r}")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
