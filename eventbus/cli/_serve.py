@@ -59,11 +59,17 @@ log = logging.getLogger("eventbus")
 _OTHER_FILES = 256
 
 
-def _quiet_signals() -> None:
-    # uvicorn re-raises the signal it caught once it has stopped; with these handlers that
-    # re-raise is harmless and the service below it still shuts down gracefully.
+def _stop_on_signals(server: HttpServer) -> None:
+    """SIGTERM/SIGINT tell ``server`` to stop, before it runs and takes them itself (and after,
+    when uvicorn raises the signal it caught again: harmless here, the service below it still
+    shuts down gracefully). Ignored until then, a signal during the start was lost: the
+    service started and ran on."""
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, stop)
 
 
 def _check_exposure(settings: Settings) -> None:
@@ -145,7 +151,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
             svc.rules_reloaded = functools.partial(_tell_parent, parent)
             server = http_server(create_app(svc), settings)
             server.on_shutdown = svc.closing
-            _quiet_signals()
+            _stop_on_signals(server)
             settle_gc()
             await server.serve(sockets=[_bind(settings, listen=True)])
             log.info("HTTP server stopped; shutting the service down")
@@ -155,7 +161,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     sock = _bind(settings, listen=True, share=False)
     front = Starting()
     server = http_server(front, settings)
-    _quiet_signals()
+    _stop_on_signals(server)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     log.info("listening on %s:%d", settings.listen.host, settings.listen.port)
     async with contextlib.AsyncExitStack() as stack:
@@ -231,9 +237,16 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_all)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload_all)
+    # before the embedded servers start: SIGTERM's default action would leave them running
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     async with contextlib.AsyncExitStack() as stack:
         embedded = await start_embedded(stack, settings)
+        if stopping.is_set():  # a signal during their start: stop them again, start no worker
+            return
         # The workers get the embedded servers' URLs, passwords included, in their environment:
         # only the same user (and root) can read a process's environment, unlike its command
         # line, which every local user can see.
@@ -254,10 +267,6 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         stack.callback(shutil.rmtree, live, True)
         (shared / "live").symlink_to(live, target_is_directory=True)
         env[metrics.MULTIPROC_ENV] = str(shared / "metrics")
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
         failed = False
 
         def spawn(i: int) -> subprocess.Popen[bytes]:

@@ -12,6 +12,7 @@ import logging
 import re
 import resource
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -242,6 +243,37 @@ async def test_healthz_answers_as_soon_as_the_process_listens(
     assert f"127.0.0.1:{nowhere}" in err.decode()  # the start-up error, then a clean exit
     with socket.create_server(("127.0.0.1", port)):  # the port was let go
         pass
+
+
+@pytest.mark.timeout(120)
+async def test_a_signal_during_the_start_stops_the_service_once_started(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # The HTTP server took the signals only once it ran, after the service's start: one sent
+    # while the service started was ignored, and the service ran on.
+    port = free_port()
+    write_config(tmp_path, rules="[]", targets=[])
+    config = tmp_path / "settings.yaml"
+    settings = settings_for(tmp_path, database_url=database_dsn, nats_url=nats_url, port=port)
+    config.write_text(yaml.safe_dump(settings))
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "serve", "--config", str(config)),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        # right after it says so: bound, and starting the service before the server runs
+        async with asyncio.timeout(30):
+            while b"listening on" not in await proc.stderr.readline():
+                pass
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "HTTP server stopped; shutting the service down" in err.decode()
 
 
 async def test_the_wait_for_an_unreachable_database_is_the_configured_one(
