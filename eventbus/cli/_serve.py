@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import ipaddress
 import logging
 import os
 import resource
@@ -49,7 +48,7 @@ from eventbus._tasks import wait_event
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import Settings
-from eventbus.http import HttpServer, Starting, create_app, http_server
+from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
 
 __all__ = ["serve"]
 
@@ -76,7 +75,7 @@ def _check_exposure(settings: Settings) -> None:
     """Refuse (ConfigError) to offer purge, replay and reload to the network without API keys;
     with ``allow_unauthenticated`` say loudly that it is so."""
     host = settings.listen.host
-    if settings.api_keys or _loopback(host):
+    if settings.api_keys or is_loopback(host):
         return
     if not settings.allow_unauthenticated:
         raise ConfigError(
@@ -92,15 +91,6 @@ def _check_exposure(settings: Settings) -> None:
         host,
         settings.listen.port,
     )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "" (every interface) or a host name, which may resolve to anything
 
 
 def _room_for_connections(settings: Settings) -> None:

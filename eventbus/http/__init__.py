@@ -16,8 +16,9 @@ front of it while the service starts, so ``/healthz`` is green as soon as the pr
 
 from __future__ import annotations
 
+from eventbus.http._access import is_loopback
 from eventbus.http._api import create_app
 from eventbus.http._server import HttpServer, http_server
 from eventbus.http._starting import Starting
 
-__all__ = ["HttpServer", "Starting", "create_app", "http_server"]
+__all__ = ["HttpServer", "Starting", "create_app", "http_server", "is_loopback"]

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from eventbus import metrics
 from eventbus.config import ApiKey
@@ -28,7 +30,7 @@ from eventbus.http._problem import Problem
 if TYPE_CHECKING:
     from eventbus.app import Service
 
-__all__ = ["Access", "RefusalLog"]
+__all__ = ["Access", "RefusalLog", "is_loopback"]
 
 log = logging.getLogger("eventbus.http")
 
@@ -74,22 +76,56 @@ class RefusalLog:
             log.warning("refused requests: summary row not written")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP literal, without a port) is this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").partition("%")[0]).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name, which may resolve to anything
+
+
+def _host_name(authority: str) -> str:
+    """``host`` of ``host[:port]`` (``[v6]:port`` included); "" when it is not one."""
+    try:
+        return urlsplit(f"//{authority}").hostname or ""
+    except ValueError:
+        return ""
+
+
 class Access:
     """API keys with scopes ``publish`` and ``admin``; no keys configured means open access.
 
     ``check`` raises Problem 401 (no or unknown key) or 403 (key without the scope) and
-    audits the refusal (rate-limited: :class:`RefusalLog`)."""
+    audits the refusal (rate-limited: :class:`RefusalLog`). Open access on a loopback address
+    (``local``) is for this machine's programs, not for the web pages its browser shows: a
+    request addressed to another host name (DNS rebinding: a page whose name resolves to
+    127.0.0.1 reads what it likes) or sent from a page of another origin (a cross-site form
+    posting to ``/dead-letters/replay``) is refused with 403."""
 
-    def __init__(self, keys: tuple[ApiKey, ...], refusals: RefusalLog) -> None:
+    def __init__(
+        self, keys: tuple[ApiKey, ...], refusals: RefusalLog, *, local: bool = False
+    ) -> None:
         self._keys = [(k.key.reveal().encode(), frozenset(k.scopes), k.name) for k in keys]
         self._refusals = refusals
+        self._local = local and not keys
 
     async def check(
-        self, headers: Mapping[str, str], path: str, remote: str | None, scope: str
+        self,
+        headers: Mapping[str, str],
+        path: str,
+        remote: str | None,
+        scope: str,
+        *,
+        from_anywhere: bool = False,
     ) -> str | None:
         """``headers`` with lower-case names. Returns the name of the key that was given, None
-        when no keys are configured."""
+        when no keys are configured. ``from_anywhere``: a webhook, which senders elsewhere
+        reach through whatever names them (a tunnel's host name)."""
         if not self._keys:
+            if self._local and not from_anywhere:
+                self._same_machine(headers, path, remote)
             return None
         header = headers.get("authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else ""
@@ -110,3 +146,25 @@ class Access:
             self._refusals.record(remote=remote, path=path, reason=reason)
             raise Problem(403, reason)
         return name
+
+    def _same_machine(self, headers: Mapping[str, str], path: str, remote: str | None) -> None:
+        host = headers.get("host", "")
+        reason = None
+        if not is_loopback(_host_name(host)):
+            reason = (
+                f"Host {host[:100]!r} is not a loopback name: without API keys eventbus answers "
+                "requests to localhost or a loopback address only"
+            )
+        else:
+            origin = headers.get("origin")
+            # a browser names the page that sent the request; this machine's own programs
+            # (curl, SDKs, the CLI) send no Origin, the console the service's own
+            if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+                reason = (
+                    f"a request from the web page of {origin[:100]!r} is refused: without API "
+                    "keys only this machine's programs and the console may call eventbus"
+                )
+        if reason is not None:
+            self._refusals.record(remote=remote, path=path, reason=reason)
+            metrics.EVENTS_REJECTED.labels("http", "forbidden").inc()
+            raise Problem(403, reason)

@@ -32,7 +32,7 @@ from eventbus import __version__, metrics
 from eventbus._errors import ConfigError, EventBusError, RuleSetError
 from eventbus.delivery import DeadLetterFilter
 from eventbus.http import _schemas as schemas
-from eventbus.http._access import Access, RefusalLog
+from eventbus.http._access import Access, RefusalLog, is_loopback
 from eventbus.http._addresses import AddressGate
 from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
@@ -443,7 +443,8 @@ def create_app(service: Service) -> ASGIApp:
 
     # one budget of refusal rows a second for the whole edge
     refusals = RefusalLog(service)
-    access = Access(service.settings.api_keys, refusals)
+    settings = service.settings
+    access = Access(settings.api_keys, refusals, local=is_loopback(settings.listen.host))
     app = _App(title="eventbus", version=__version__, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.access = access

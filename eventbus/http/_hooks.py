@@ -188,7 +188,7 @@ class HookApp:
         if given and any(matched):
             return
         if spec.takes_service_keys and (self._service.settings.api_keys or not spec.keys):
-            await self._access.check(headers, path, remote, "publish")
+            await self._access.check(headers, path, remote, "publish", from_anywhere=True)
             return
         reason = "missing API key" if not given else "invalid API key"
         self._refuse(remote, path, reason)

@@ -41,7 +41,7 @@ def _event(i: int) -> bytes:
 def _head(path: str, body: bytes, declared: int | None = None) -> bytes:
     length = len(body) if declared is None else declared
     return (
-        f"POST {path} HTTP/1.1\r\nHost: test\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
         f"Content-Type: application/cloudevents+json\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
 
@@ -148,7 +148,7 @@ async def test_slow_heads_and_bodies_are_closed_and_others_served(
     eventbus: StartService, receiver: Receiver, http: str
 ) -> None:
     svc = await _start(eventbus, receiver, http, header_timeout=1, body_timeout=2)
-    partial = b"POST /events HTTP/1.1\r\nHost: test\r\nContent-"
+    partial = b"POST /events HTTP/1.1\r\nHost: localhost\r\nContent-"
     heads = [await _open(svc.url, partial) for _ in range(150)]
     bodies = [await _open(svc.url, _head("/events", b"", 1000) + b'{"spec') for _ in range(150)]
     # a request whose head trickles in, and one kept alive that then trickles its next head
@@ -220,14 +220,14 @@ async def test_request_heads_are_bounded_but_bodies_that_come_with_them_are_not(
         assert (await conn[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 202")
 
     # a body the application answers without reading is skipped, not taken for the next head
-    unread = b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n"
+    unread = b"POST /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n"
     conn = await _open(svc.url, unread + b"u" * 10)
     async with _closing([conn]):
         assert (await _response(conn))[0].startswith(b"HTTP/1.1 405 ")
         conn[1].write(b"u" * 99_990 + _head("/events", _event(3)) + _event(3))
         assert (await _response(conn))[0].startswith(b"HTTP/1.1 202 ")
     # ... unless it is chunked: nothing says where it ends, so the connection closes
-    chunked = b"POST /healthz HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = b"POST /healthz HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
     conn = await _open(svc.url, chunked + b"4e20\r\n" + b"c" * 20_000 + b"\r\n0\r\n\r\n")
     head, _ = await _response(conn)
     assert head.startswith(b"HTTP/1.1 405 ") and b"connection: close" in head.lower(), head
@@ -240,7 +240,7 @@ async def test_request_heads_are_bounded_but_bodies_that_come_with_them_are_not(
     assert answer.startswith(b"HTTP/1.1 431 "), answer
     assert b"application/problem+json" in answer, answer
 
-    endless = b"POST /events HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"p" * 20_000
+    endless = b"POST /events HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"p" * 20_000
     answer = await _until_closed(await _open(svc.url, endless))
     # h11 refuses it itself (400); with httptools the guard does (431 problem+json)
     assert answer.startswith(b"HTTP/1.1 400 " if http == "h11" else b"HTTP/1.1 431 "), answer
@@ -290,7 +290,7 @@ async def test_a_client_that_reads_no_answers_is_dropped(
     reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
     asked = 300
     async with _closing([(reader, writer)]):
-        writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n" * asked)
+        writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n" * asked)
         await writer.drain()
         await asyncio.sleep(3)  # reading nothing, past the send deadline
         answered = (await _until_closed((reader, writer))).count(b"HTTP/1.1 200 OK")
@@ -305,7 +305,7 @@ async def test_a_header_that_decides_the_event_or_the_sender_may_not_repeat(
     # then `ce-type: second` was delivered as `second`.
     svc = await _start(eventbus, receiver, "httptools")
     binary = (
-        "POST /events HTTP/1.1\r\nHost: test\r\nce-specversion: 1.0\r\nce-id: r-{i}\r\n"
+        "POST /events HTTP/1.1\r\nHost: localhost\r\nce-specversion: 1.0\r\nce-id: r-{i}\r\n"
         "ce-source: tests/conn\r\n{extra}Content-Type: application/json\r\n"
         "Content-Length: 2\r\n\r\n{{}}"
     )
@@ -322,7 +322,7 @@ async def test_a_header_that_decides_the_event_or_the_sender_may_not_repeat(
         assert head.startswith(b"HTTP/1.1 400 "), (extra, head)
         assert b"appears more than once" in body, body
     # the admin API's key too (the last one counted there)
-    keys = "GET /rules HTTP/1.1\r\nHost: test\r\nX-API-Key: wrong\r\nX-API-Key: right\r\n\r\n"
+    keys = "GET /rules HTTP/1.1\r\nHost: localhost\r\nX-API-Key: wrong\r\nX-API-Key: right\r\n\r\n"
     conn = await _open(svc.url, keys.encode())
     async with _closing([conn]):
         head, body = await _response(conn)
@@ -343,12 +343,12 @@ async def test_a_pipelined_head_that_never_ends_is_dropped_while_a_stream_is_ser
     # the next request's head; one that never completes was taken in without end (150 MB in a
     # reviewer's probe). With httptools only: h11 stops reading until the answer is complete.
     svc = await _start(eventbus, receiver, "httptools")
-    conn = await _open(svc.url, b"GET /events/live HTTP/1.1\r\nHost: test\r\n\r\n")
+    conn = await _open(svc.url, b"GET /events/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
     async with _closing([conn]):
         reader, writer = conn
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSED_WITHIN)
         assert head.startswith(b"HTTP/1.1 200"), head
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: ")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Pad: ")
         with contextlib.suppress(ConnectionError):
             for _ in range(40):  # 40 x 16 KiB: past the bound, far short of "without end"
                 writer.write(b"p" * 16_384)

@@ -88,3 +88,37 @@ async def test_a_flood_of_refused_requests_costs_a_bounded_number_of_rows(
     assert single <= PER_SECOND * seconds
     assert 1 <= summaries <= seconds
     assert await _unrecorded_metric(svc) - metric_before == counted
+
+
+async def test_without_keys_only_this_machines_programs_and_the_console_are_answered(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # Open on loopback: a web page the developer's browser shows could replay dead letters
+    # with a cross-site form, or read everything through a name rebound to 127.0.0.1.
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=[{"name": "open", "type": "webhook"}],
+    )
+    page = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    status, _, problem = await svc.request("POST", "/dead-letters/replay?all=true", b"", page)
+    assert status == 403 and "web page of 'http://evil.example'" in problem["detail"], problem
+    status, _, problem = await svc.request("GET", "/rules", None, {"Host": "evil.example"})
+    assert status == 403 and "is not a loopback name" in problem["detail"], problem
+    event = {"specversion": "1.0", "id": "x", "source": "s", "type": "t"}
+    body = b'{"specversion": "1.0", "id": "x", "source": "s", "type": "t"}'
+    structured = {"Content-Type": "application/cloudevents+json"}
+    status, _, _ = await svc.request("POST", "/events", body, {**structured, **page})
+    assert status == 403
+    # the console's own requests, and the programs' (no Origin), under any loopback name
+    port = svc.url.rsplit(":", 1)[1]
+    own = {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"}
+    status, _, _ = await svc.request("POST", "/rules/reload", b"", own)
+    assert status == 200
+    for host in (f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        status, _, _ = await svc.request("GET", "/rules", None, {"Host": host})
+        assert status == 200, host
+    assert (await svc.post_event(event))[0] == 202
+    # a webhook is for senders elsewhere, reached through whatever names this machine
+    status, _, _ = await svc.request("POST", "/hooks/open", b"{}", {"Host": "abc.tunnel.example"})
+    assert status == 202
