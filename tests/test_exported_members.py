@@ -126,6 +126,7 @@ EXPORTS: dict[str, list[str]] = {
         "YamlDoc",
         "connector_adapter",
         "connector_spec",
+        "flow_too_deep",
         "header_token",
         "load_connectors",
         "load_settings",
@@ -162,7 +163,7 @@ EXPORTS: dict[str, list[str]] = {
         "sync_rule_via",
         "target_policies",
     ],
-    "eventbus.http": ["HttpServer", "Starting", "create_app", "http_server"],
+    "eventbus.http": ["HttpServer", "Starting", "create_app", "http_server", "is_loopback"],
     "eventbus.router": ["LiveFeed", "PeerFeed", "Routed", "Router", "Watcher"],
     "eventbus.sources": [
         "Backoff",
