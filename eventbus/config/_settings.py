@@ -229,16 +229,32 @@ class Settings(_Model):
         return self.database.url is None
 
 
+# Read by the commands, not settings: where the settings file is, and the service and key
+# the client commands (publish, dead-letters ...) talk to.
+_NOT_SETTINGS = frozenset({"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY"})
+
+
+def _env_value(raw: str) -> Any:
+    """A list or mapping (``[...]``, ``{...}``) is read as YAML; any other value is its text,
+    which each setting reads as its type (a port, true). Read as YAML, a password lost what
+    follows " #" and one starting with "#" became none at all; empty is unset."""
+    if raw == "":
+        return None
+    if raw.lstrip()[:1] in ("[", "{"):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+    return raw
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "EVENTBUS_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        value = _env_value(raw)
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})

@@ -88,6 +88,23 @@ def test_client_addresses_from_the_environment() -> None:
     assert lists.restricted and lists.allow == ()
 
 
+@pytest.mark.parametrize("password", ["Tr0ub4dor #3", "#starts-with-hash", "12345678", "'q'"])
+def test_an_environment_secret_is_its_text(password: str) -> None:
+    # read as YAML, "Tr0ub4dor #3" lost " #3" and "#..." became no password at all
+    env = {
+        "EVENTBUS_DATABASE__PASSWORD": password,
+        "EVENTBUS_LISTEN__PORT": "9100",
+        "EVENTBUS_ALLOW_UNAUTHENTICATED": "true",
+        # the client commands' own: not settings (serve refused them as unknown keys)
+        "EVENTBUS_URL": "http://127.0.0.1:9",
+        "EVENTBUS_API_KEY": "k",
+    }
+    settings = load_settings(None, env=env)
+    assert settings.database.password is not None
+    assert settings.database.password.reveal() == password
+    assert settings.listen.port == 9100 and settings.allow_unauthenticated is True
+
+
 def test_missing_settings_file() -> None:
     with pytest.raises(ConfigError, match="cannot read settings"):
         load_settings("/nonexistent/eventbus.yaml", env={})
