@@ -53,9 +53,14 @@ def hold_data_dir(data_dir: Path, *, host: str, port: int) -> Iterator[None]:
     directory too if this call created it and nothing else was put there.
     """
     created = not data_dir.exists()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / LOCK_NAME
-    fd = _lock(path, data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / LOCK_NAME
+        fd = _lock(path, data_dir)
+    except OSError as exc:  # a file there, under a file, read-only, no permission
+        raise ConfigError(
+            f"data dir {str(data_dir)!r} cannot be used: {exc.strerror or exc}"
+        ) from exc
     try:
         owner = {"pid": os.getpid(), "listen": f"{host}:{port}", "url": _client_url(host, port)}
         os.ftruncate(fd, 0)

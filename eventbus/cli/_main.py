@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
+import io
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from email.message import Message
 from typing import Any
 
@@ -128,15 +131,23 @@ def _send(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Message, bytes]:
     """One request to the service: its 2xx status, headers and body; _ApiError otherwise."""
-    req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
+    try:
+        req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
+    except ValueError as exc:
+        raise _BadInput(f"invalid --url {args.url!r}: {exc}") from None
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     api_key = args.api_key or os.environ.get("EVENTBUS_API_KEY")
     if api_key:
+        if any(c in api_key for c in "\r\n\0"):
+            raise _BadInput("the API key holds a line break: check --api-key or EVENTBUS_API_KEY")
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=_TIMEOUT) as resp:
             return resp.status, resp.headers, resp.read()
+    except (UnicodeEncodeError, http.client.InvalidURL) as exc:
+        # a key or header that HTTP cannot carry; a URL http.client refuses
+        raise _BadInput(f"cannot send the request: {exc}") from None
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
@@ -508,10 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("EVENTBUS_CONFIG"),
         help="settings YAML ($EVENTBUS_CONFIG when set; else built-in defaults + EVENTBUS_* env)",
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the bus")
+    p.add_argument(
+        "--workers",
+        type=_bounded(1, 64),
+        default=1,
+        help="worker processes sharing the bus (1-64)",
+    )
     p.add_argument("--host", help="listen on this address (default: listen.host of the settings)")
     p.add_argument(
-        "--port", type=int, help="listen on this port (default: listen.port of the settings)"
+        "--port",
+        type=_bounded(1, 65535),
+        help="listen on this port (default: listen.port of the settings)",
     )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
@@ -547,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("display", help="a function endpoint that prints what it receives")
     p.add_argument("--host", default="127.0.0.1", help="listen on this address")
-    p.add_argument("--port", type=int, default=9000, help="listen on this port")
+    p.add_argument("--port", type=_bounded(1, 65535), default=9000, help="listen on this port")
     p.add_argument("--fail-rate", type=float, default=0.0, help="answer 503 to this fraction")
     p.add_argument("--secret", help="verify Standard Webhooks signatures with this secret")
     p.add_argument("--seed", type=int, help="seed of --fail-rate's random choices")
@@ -560,14 +578,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+# Exit status of a command whose reader went away (``| head -1``), as if SIGPIPE had ended it.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    # What the terminal cannot show is escaped rather than a UnicodeEncodeError's traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "url", "") is None:
         args.url = _datadir.default_url()
     try:
         return int(args.func(args))
-    except _BadInput as exc:
+    except BrokenPipeError:
+        # the reader left: nothing more to say to it (and no traceback on exit either)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (_BadInput, UnicodeError) as exc:
+        # UnicodeError: an argument the shell passed as bytes that are not text
         sys.stderr.write(f"eventbus: {exc}\n")
         return EXIT_BAD_INPUT
     except (_ApiError, EventBusError) as exc:

@@ -182,6 +182,12 @@ def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> C
         except ConfigError as exc:
             errors.append(str(exc))
             continue
+        except OSError as exc:  # a dangling link, no permission
+            errors.append(f"{file}: cannot read connectors: {exc.strerror or exc}")
+            continue
+        except UnicodeDecodeError as exc:
+            errors.append(f"{file}: cannot read connectors: not UTF-8 text ({exc})")
+            continue
         if doc.data is None:
             continue
         try:

@@ -35,6 +35,9 @@ MASK = "***"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _FORMS = "write a string, {env: NAME}, {env: NAME, default: VALUE} or {file: /path}"
+# Bytes a secret file may hold (a key, a password, a PEM private key): read whole, /dev/zero
+# or a log file by mistake grew until memory ran out.
+_MAX_SECRET_FILE = 64 * 1024
 
 
 def header_token(secret: Secret, what: str) -> Secret:
@@ -65,7 +68,11 @@ def resolve_reference(value: Mapping[str, Any], env: Mapping[str, str]) -> tuple
         if not isinstance(path, str) or not path:
             raise ValueError("'file' must be a path")
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with Path(path).open("rb") as handle:
+                raw = handle.read(_MAX_SECRET_FILE + 1)
+            if len(raw) > _MAX_SECRET_FILE:
+                raise ValueError(f"{path} is larger than a secret ({_MAX_SECRET_FILE} bytes)")
+            text = raw.decode("utf-8")
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
         except UnicodeDecodeError as exc:

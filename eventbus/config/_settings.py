@@ -289,6 +289,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read settings: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: cannot read settings: not UTF-8 text ({exc})") from exc
         doc = load_yaml(text, str(p))
         if doc.data is None:
             doc = YamlDoc({}, str(p), doc.lines)

@@ -164,7 +164,8 @@ class NodeBuilder:
 def yaml_files(path: Path) -> list[Path]:
     """``path`` itself, or every ``*.yaml``/``*.yml`` file of a directory in name order."""
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        # not is_file(): a link to nothing is named as unreadable, not silently skipped
+        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.is_dir())
     return [path]
 
 

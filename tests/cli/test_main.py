@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
@@ -174,6 +175,45 @@ async def test_cli_errors_are_one_line() -> None:
     assert code == 2 and "--data is not valid JSON" in err
     code, _, err = no_config
     assert code == 1 and "cannot read settings" in err and "Traceback" not in err
+
+
+async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "latin1.yaml").write_bytes(b"log_format: caf\xe9\n")
+    connectors_dir = tmp_path / "connectors"
+    connectors_dir.mkdir()
+    (connectors_dir / "c.yaml").write_bytes(b"targets: [\xff]\n")
+    (connectors_dir / "gone.yaml").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    settings = tmp_path / "s.yaml"
+    settings.write_text(f"data_dir: {tmp_path / 'a-file'}\nlisten: {{port: {free_port()}}}\n")
+    url, port, latin1, connectors, data_dir = await _side_by_side(
+        _cli("sources", "--url", "foo"),
+        _cli("serve", "--port", "70000"),
+        _cli("serve", "--config", str(tmp_path / "latin1.yaml")),
+        _cli("rules", "validate", str(tmp_path / "rules"), "--connectors", str(connectors_dir)),
+        _cli("serve", "--config", str(settings)),
+    )
+    assert url[0] == 2 and "invalid --url 'foo'" in url[2], url
+    assert port[0] == 2 and "must be from 1 to 65535, got 70000" in port[2], port
+    assert latin1[0] == 1 and "cannot read settings: not UTF-8 text" in latin1[2], latin1
+    assert connectors[0] == 1, connectors
+    assert "c.yaml: cannot read connectors: not UTF-8 text" in connectors[2], connectors
+    assert "gone.yaml: cannot read connectors: No such file or directory" in connectors[2]
+    assert data_dir[0] == 1 and "cannot be used: File exists" in data_dir[2], data_dir
+    for _, out, err in (url, port, latin1, connectors, data_dir):
+        assert "Traceback" not in f"{out}{err}"
+    # a reader that is gone: no traceback, the status of a process SIGPIPE ended
+    read, write = os.pipe()
+    os.close(read)
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "rules", "validate", str(tmp_path / "rules")),
+        stdout=write,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(write)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 141 and b"Traceback" not in err, err
 
 
 async def test_serve_refuses_bad_rules_with_file_and_line(tmp_path: Path) -> None:

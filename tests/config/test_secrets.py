@@ -116,6 +116,18 @@ def test_an_empty_secret_file_is_refused(tmp_path: Path) -> None:
         load_settings(cfg, env={})
 
 
+@pytest.mark.parametrize("size", [64 * 1024 + 1, None])
+def test_a_secret_file_larger_than_64_kib_is_refused(tmp_path: Path, size: int | None) -> None:
+    # read whole: /dev/zero (or a log file by mistake) grew until memory ran out
+    path = "/dev/zero" if size is None else str(tmp_path / "big")
+    if size is not None:
+        (tmp_path / "big").write_bytes(b"k" * size)
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(f"database: {{password: {{file: {path}}}}}\n")
+    with pytest.raises(ConfigError, match=r"database.password: .* is larger than a secret"):
+        load_settings(cfg, env={})
+
+
 def test_a_secret_from_an_eventbus_variable_is_not_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
