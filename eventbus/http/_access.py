@@ -110,6 +110,7 @@ class Access:
         self._keys = [(k.key.reveal().encode(), frozenset(k.scopes), k.name) for k in keys]
         self._refusals = refusals
         self._local = local and not keys
+        self._hosts: dict[str, bool] = {}
 
     async def check(
         self,
@@ -149,8 +150,13 @@ class Access:
 
     def _same_machine(self, headers: Mapping[str, str], path: str, remote: str | None) -> None:
         host = headers.get("host", "")
+        local = self._hosts.get(host)
+        if local is None:  # parsed once per Host value (a handful), not on every request
+            local = is_loopback(_host_name(host))
+            if len(self._hosts) < 64:
+                self._hosts[host] = local
         reason = None
-        if not is_loopback(_host_name(host)):
+        if not local:
             reason = (
                 f"Host {host[:100]!r} is not a loopback name: without API keys eventbus answers "
                 "requests to localhost or a loopback address only"
