@@ -126,8 +126,8 @@ def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
         problem = exc.problem or exc.context or "invalid YAML"
         errors.append(RuleError(f"invalid YAML: {problem}", file=name, line=line))
         return []
-    except yaml.YAMLError as exc:
-        errors.append(RuleError(f"invalid YAML: {exc}", file=name))
+    except yaml.YAMLError as exc:  # the reader's: a character YAML does not allow (NUL)
+        errors.append(RuleError(f"invalid YAML: {exc}", file=name, line=_line_of(text, exc)))
         return []
     except RecursionError:  # block nesting the parser's own recursion cannot follow
         errors.append(RuleError("invalid YAML: nested too deep", file=name))
@@ -136,6 +136,11 @@ def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
         loader.dispose()
     errors.extend(RuleError(message, file=name, line=line) for line, message in builder.problems)
     return documents
+
+
+def _line_of(text: str, exc: yaml.YAMLError) -> int | None:
+    position = getattr(exc, "position", None)
+    return text.count("\n", 0, position) + 1 if isinstance(position, int) else None
 
 
 def read_rule_files(

@@ -128,6 +128,7 @@ _BOMB += "".join(f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in ra
         ("- name: a\n  x: " + "[" * 50_000 + "]" * 50_000 + "\n", 2, "nested too deep"),
         # a few hundred bytes of aliases of aliases: gigabytes, minutes (billion laughs)
         (_BOMB, 3, "aliases repeat more than 100,000 values"),
+        ("- name: a\n  targets: [t]\n- name: b\x00\n", 3, "control characters"),
     ],
     ids=[
         "unclosed",
@@ -142,6 +143,7 @@ _BOMB += "".join(f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in ra
         "deep",
         "deeper",
         "aliases",
+        "nul",
     ],
 )
 def test_file_level_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
