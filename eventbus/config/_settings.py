@@ -301,10 +301,28 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     try:
         settings = Settings.model_validate(data, context={"env": env})
     except ValidationError as exc:
-        raise ConfigError("\n".join(pydantic_errors(doc, exc))) from exc
+        lines = []
+        for err, line in zip(exc.errors(), pydantic_errors(doc, exc), strict=True):
+            variable = _variable(overrides, err["loc"])
+            # an overridden value's error names its variable, not the file's first line
+            lines.append(line if variable is None else f"{variable}: {line.split(': ', 1)[1]}")
+        raise ConfigError("\n".join(lines)) from exc
     # A secret set by an EVENTBUS_* variable is already out of the file: no warning.
     warn_literal_secrets(doc, settings, (), given=lambda loc: _overridden(overrides, loc))
     return settings
+
+
+def _variable(overrides: Mapping[str, Any], loc: tuple[str | int, ...]) -> str | None:
+    """``environment EVENTBUS_X__Y`` when an override set the value at ``loc`` (or above it)."""
+    node: Any = overrides
+    for depth, key in enumerate(loc, 1):
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+        if not isinstance(node, Mapping):
+            path = "__".join(str(part) for part in loc[:depth]).upper()
+            return f"environment {ENV_PREFIX}{path}"
+    return None
 
 
 def _overridden(overrides: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:

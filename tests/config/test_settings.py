@@ -110,9 +110,13 @@ def test_missing_settings_file() -> None:
         load_settings("/nonexistent/eventbus.yaml", env={})
 
 
-def test_bad_environment_value_names_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"listen\.port"):
-        load_settings(None, env={"EVENTBUS_LISTEN__PORT": "many"})
+def test_bad_environment_value_names_the_variable_and_field(tmp_path: Path) -> None:
+    # blamed on the settings file's first line before (or "<defaults>")
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text("log_format: text\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={"EVENTBUS_LISTEN__PORT": "many"})
+    assert str(info.value).startswith("environment EVENTBUS_LISTEN__PORT: listen.port: ")
 
 
 def test_ingest_limits_default_to_the_cloudevents_ones() -> None:
