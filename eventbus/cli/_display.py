@@ -16,7 +16,7 @@ import sys
 import orjson
 from aiohttp import web
 
-from eventbus._errors import CloudEventError
+from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import from_http
 from eventbus.targets import verify_webhook
 
@@ -69,5 +69,8 @@ def run_display(
     secret: str | None = None,
     seed: int | None = None,
 ) -> None:
-    """Serve until interrupted."""
-    web.run_app(_app(fail_rate, secret, seed), host=host, port=port, print=None)
+    """Serve until interrupted. Raises ConfigError when the address cannot be listened on."""
+    try:
+        web.run_app(_app(fail_rate, secret, seed), host=host, port=port, print=None)
+    except OSError as exc:  # taken, not this machine's
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
@@ -203,6 +204,10 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     assert data_dir[0] == 1 and "cannot be used: File exists" in data_dir[2], data_dir
     for _, out, err in (url, port, latin1, connectors, data_dir):
         assert "Traceback" not in f"{out}{err}"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        held = str(taken.getsockname()[1])
+        code, _, err = await _cli("display", "--port", held)
+    assert code == 1 and f"cannot listen on 127.0.0.1:{held}" in err and "Traceback" not in err
     # a reader that is gone: no traceback, the status of a process SIGPIPE ended
     read, write = os.pipe()
     os.close(read)
