@@ -117,9 +117,14 @@ def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
             return []
         builder = NodeBuilder(loader)
         documents = []
+        owners: list[str | None] = []  # the rule each of builder.problems is in, if named
         for item in root.value:
             lines: dict[KeyPath, int] = {}
-            documents.append(RuleDoc(builder.build(item, (), lines), name, lines))
+            found = len(builder.problems)
+            data = builder.build(item, (), lines)
+            documents.append(RuleDoc(data, name, lines))
+            rule = data.get("name") if isinstance(data, dict) else None
+            owners += [rule if isinstance(rule, str) else None] * (len(builder.problems) - found)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = None if mark is None else mark.line + 1
@@ -134,7 +139,10 @@ def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
         return []
     finally:
         loader.dispose()
-    errors.extend(RuleError(message, file=name, line=line) for line, message in builder.problems)
+    errors.extend(
+        RuleError(message, file=name, line=line, rule=rule)
+        for (line, message), rule in zip(builder.problems, owners, strict=True)
+    )
     return documents
 
 
