@@ -53,9 +53,9 @@ _IDENTITY = ("specversion", "id", "source", "type")
 _SUBJECT = re.compile(r"^[^.*>\s]+(\.[^.*>\s]+)*$")
 _SCHEMES = ("nats", "tls", "ws", "wss")
 _RETRY_WAIT = 0.1
+"""Seconds between the two connection attempts one connect makes (nats-py makes at least two)."""
 
 T = TypeVar("T")
-"""Seconds between the two connection attempts one connect makes (nats-py makes at least two)."""
 
 
 class NatsTargetSpec(TargetSpec, NatsAuth):
