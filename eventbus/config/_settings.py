@@ -303,7 +303,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     except ValidationError as exc:
         lines = []
         for err, line in zip(exc.errors(), pydantic_errors(doc, exc), strict=True):
-            variable = _variable(overrides, err["loc"])
+            variable = _variable(env, err["loc"])
             # an overridden value's error names its variable, not the file's first line
             lines.append(line if variable is None else f"{variable}: {line.split(': ', 1)[1]}")
         raise ConfigError("\n".join(lines)) from exc
@@ -312,16 +312,18 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     return settings
 
 
-def _variable(overrides: Mapping[str, Any], loc: tuple[str | int, ...]) -> str | None:
-    """``environment EVENTBUS_X__Y`` when an override set the value at ``loc`` (or above it)."""
-    node: Any = overrides
-    for depth, key in enumerate(loc, 1):
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-        if not isinstance(node, Mapping):
-            path = "__".join(str(part) for part in loc[:depth]).upper()
-            return f"environment {ENV_PREFIX}{path}"
+def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:
+    """``environment EVENTBUS_X__Y`` when that variable set the value at ``loc`` (or above it,
+    a list or mapping of YAML)."""
+    by_path = {
+        tuple(name[len(ENV_PREFIX) :].lower().split("__")): name
+        for name in env
+        if name.startswith(ENV_PREFIX) and name not in _NOT_SETTINGS
+    }
+    for depth in range(len(loc), 0, -1):
+        name = by_path.get(tuple(str(part) for part in loc[:depth]))
+        if name is not None:
+            return f"environment {name}"
     return None
 
 

@@ -117,6 +117,10 @@ def test_bad_environment_value_names_the_variable_and_field(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, env={"EVENTBUS_LISTEN__PORT": "many"})
     assert str(info.value).startswith("environment EVENTBUS_LISTEN__PORT: listen.port: ")
+    # a mapping given in one variable: that variable, not one named after the field
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={"EVENTBUS_CLIENT_ADDRESSES": "{deny: [10.1.2.3/8]}"})
+    assert str(info.value).startswith("environment EVENTBUS_CLIENT_ADDRESSES: client_addresses.")
 
 
 def test_ingest_limits_default_to_the_cloudevents_ones() -> None:
