@@ -13,7 +13,7 @@ within int64, two doubles, two strings, a field present in a map ...) and otherw
 ``Unsure``, and the caller then asks cel-python, which gives the verdict and, for errors, the
 reason. ``Contained`` marks the error values that ``&&``, ``||`` and ``?:`` may absorb, as
 cel-python does; one that reaches the top is the verdict, an error, with the fast path's own
-reason (cel-python's text for an error of errors doubles with each ``||``). So mixed types and
+reason (the first error's, as ``_cel._logic`` gives on cel-python). So mixed types and
 everything else unusual cost what they cost before, and the common case is quick. A condition
 with anything outside this subset (``/``, ``%``, macros, other functions, map literals, nested
 lists, uint or bytes) compiles to ``None`` and runs on cel-python alone.
@@ -448,8 +448,7 @@ def _logic(first: FastCondition, second: FastCondition, decides: bool) -> FastCo
         if type(a) is bool and type(b) is bool:
             return not decides
         if (type(a) is Contained or type(a) is bool) and (type(b) is Contained or type(b) is bool):
-            # cel-python has an error value (and, on two, a text twice as long as both: a
-            # chain of 26 such ||s took it 29 s and 3.6 GiB); one of them says why
+            # cel-python has an error value; the first says why (``_cel._logic``)
             error = a if type(a) is Contained else b
             raise Contained(cast(Contained, error).reason)
         raise Unsure  # a value that is not a bool
