@@ -37,7 +37,7 @@ from eventbus.config._connectors import (
     register_connector,
 )
 from eventbus.config._redact import redact_url
-from eventbus.config._secrets import Secret, header_token
+from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._settings import (
     ApiKey,
     BusSettings,
@@ -94,6 +94,7 @@ __all__ = [
     "load_connectors",
     "load_settings",
     "load_yaml",
+    "long_enough",
     "parse_duration",
     "pydantic_errors",
     "redact_url",

@@ -29,7 +29,15 @@ from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler, Vali
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
-__all__ = ["MASK", "Secret", "header_token", "literal_secrets", "resolve_reference"]
+__all__ = [
+    "MASK",
+    "MIN_SECRET_CHARS",
+    "Secret",
+    "header_token",
+    "literal_secrets",
+    "long_enough",
+    "resolve_reference",
+]
 
 MASK = "***"
 
@@ -48,6 +56,18 @@ def header_token(secret: Secret, what: str) -> Secret:
         raise ValueError(
             f"{what} must be printable ASCII without spaces: it is compared with an HTTP header"
         )
+    return secret
+
+
+MIN_SECRET_CHARS = 16
+"""The shortest key or shared secret accepted: a shorter one is guessed online (a key) or,
+from one signed request seen, offline (an HMAC secret)."""
+
+
+def long_enough(secret: Secret, what: str) -> Secret:
+    """``secret``, if it has at least ``MIN_SECRET_CHARS`` characters; ValueError otherwise."""
+    if len(secret.reveal()) < MIN_SECRET_CHARS:
+        raise ValueError(f"{what} must have at least {MIN_SECRET_CHARS} characters")
     return secret
 
 

@@ -34,7 +34,7 @@ from eventbus._errors import ConfigError
 from eventbus.config._addresses import AddressLists
 from eventbus.config._clients import KafkaAuth, NatsAuth
 from eventbus.config._connectors import warn_literal_secrets
-from eventbus.config._secrets import Secret, header_token
+from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._tls import TlsSpec
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
@@ -161,9 +161,7 @@ class ApiKey(_Model):
     @field_validator("key")
     @classmethod
     def _long_enough(cls, key: Secret) -> Secret:
-        if len(key.reveal()) < 16:
-            raise ValueError("an API key must have at least 16 characters")
-        return header_token(key, "an API key")
+        return header_token(long_enough(key, "an API key"), "an API key")
 
 
 class KafkaIngestSettings(KafkaAuth, _Model):

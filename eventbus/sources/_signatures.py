@@ -17,7 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eventbus.config import Secret, header_token
+from eventbus.config import Secret, header_token, long_enough
+from eventbus.config._secrets import MIN_SECRET_CHARS
 from eventbus.config._units import Duration
 from eventbus.sources._hook_request import HookRequest, Template, unauthorized
 
@@ -49,6 +50,11 @@ class _Verify(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     secret: Secret
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, secret: Secret) -> Secret:
+        return long_enough(secret, "a webhook secret")
 
     @property
     def key(self) -> bytes:
@@ -129,13 +135,16 @@ class StandardWebhooksVerify(_Verify):
 
     @field_validator("secret")
     @classmethod
-    def _base64_key(cls, secret: Secret) -> Secret:
+    def _long_enough(cls, secret: Secret) -> Secret:
+        # In place of the characters counted for the other kinds: the key is what is encoded.
         try:
             key = base64.b64decode(secret.reveal().removeprefix("whsec_"), validate=True)
         except binascii.Error:
             key = b""
         if not key:  # an empty key would make every signature computable by anyone
             raise ValueError("a Standard Webhooks secret is whsec_ and a base64 key")
+        if len(key) < MIN_SECRET_CHARS:
+            raise ValueError(f"a Standard Webhooks key must have at least {MIN_SECRET_CHARS} bytes")
         return secret
 
     @property

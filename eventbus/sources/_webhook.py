@@ -40,7 +40,7 @@ from eventbus.cloudevents import (
     load_json,
     validate,
 )
-from eventbus.config import AddressLists, Secret, SourceSpec, header_token
+from eventbus.config import AddressLists, Secret, SourceSpec, header_token, long_enough
 from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
 from eventbus.sources._signatures import Verify
@@ -120,7 +120,8 @@ class WebhookSourceSpec(AddressLists, SourceSpec):
     @field_validator("keys")
     @classmethod
     def _header_keys(cls, keys: tuple[Secret, ...]) -> tuple[Secret, ...]:
-        return tuple(header_token(key, "a trigger key") for key in keys)
+        what = "a trigger key"
+        return tuple(header_token(long_enough(key, what), what) for key in keys)
 
     @field_validator("methods")
     @classmethod

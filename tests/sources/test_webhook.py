@@ -327,8 +327,13 @@ BAD_HOOKS = [
     ("verify", "{kind: standard-webhooks, secret: 'whsec_not base64!'}", "base64 key"),
     # an empty key: anyone could sign
     ("verify", "{kind: standard-webhooks, secret: 'whsec_'}", "base64 key"),
-    ("verify", "{kind: hmac, secret: s, header: X-S, algorithm: md5}", "algorithm"),
-    ("verify", "{kind: hmac, secret: s, header: X-S, signed: '{nope}.{body}'}", "references"),
+    # a short secret or key is guessed: offline from one signed request, online by trying
+    ("verify", "{kind: github, secret: fifteen-chars-}", "at least 16 characters"),
+    ("verify", "{kind: gitlab, secret: fifteen-chars-}", "at least 16 characters"),
+    ("verify", "{kind: standard-webhooks, secret: 'whsec_MTIzNDU2Nzg5MDEyMzQ1'}", "16 bytes"),
+    ("keys", "[fifteen-chars-]", "a trigger key must have at least 16 characters"),
+    ("verify", "{kind: hmac, secret: sixteen-chars-ok, header: X-S, algorithm: md5}", "algorithm"),
+    ("verify", "{kind: hmac, secret: sixteen-chars-ok, header: X-S, signed: '{x}'}", "references"),
     ("event_type", "'com.{header:X}.{broken'", "write references as"),
     ("event_id", "'{body:id}'", "a JSONPath starting at '$'"),
     ("subject", "'{body:$[[[}'", "invalid JSONPath"),
@@ -359,8 +364,8 @@ def test_a_bad_trigger_is_reported_with_file_and_line(
 def test_secrets_come_from_the_environment_or_a_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "secret").write_text("from-a-file\n")
-    monkeypatch.setenv("EB_TEST_HOOK_SECRET", "from-the-env")
+    (tmp_path / "secret").write_text("from-a-file-0123456789\n")
+    monkeypatch.setenv("EB_TEST_HOOK_SECRET", "from-the-env-0123456789")
     conn = tmp_path / "connectors"
     conn.mkdir()
     (conn / "c.yaml").write_text(
@@ -371,9 +376,9 @@ def test_secrets_come_from_the_environment_or_a_file(
     specs = load_connectors(conn).sources
     a, b = specs["a"], specs["b"]
     assert isinstance(a, WebhookSourceSpec) and isinstance(b, WebhookSourceSpec)
-    assert a.verify is not None and a.verify.secret.reveal() == "from-the-env"
-    assert [k.reveal() for k in b.keys] == ["from-a-file"]
-    assert "from-the-env" not in repr(a)  # secrets stay out of logs and errors
+    assert a.verify is not None and a.verify.secret.reveal() == "from-the-env-0123456789"
+    assert [k.reveal() for k in b.keys] == ["from-a-file-0123456789"]
+    assert "from-the-env-0123456789" not in repr(a)  # secrets stay out of logs and errors
 
 
 def _event(spec: dict[str, Any], request: HookRequest, now: float | None = None) -> Any:
