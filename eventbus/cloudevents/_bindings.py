@@ -115,8 +115,6 @@ def _batch(body: bytes, max_size: int, max_entries: int) -> list[dict[str, Any] 
     entries = parse_json(body)
     if type(entries) is not list:
         raise CloudEventError("a batch must be a JSON array of events")
-    if not entries:
-        raise CloudEventError("the batch is empty")
     # Refused before any entry is validated: the answer lists every entry, so a request of
     # many tiny entries would cost far more to answer than to send.
     check_entries(len(entries), max_entries)

@@ -235,7 +235,7 @@ def charset_of(content_type: str) -> str:
             break
     try:
         codec = codecs.lookup(charset).name
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         codec = ""
     if codec not in TEXT_CHARSETS:
         raise CloudEventError(f"unknown or unsupported charset {_clip(charset)}")

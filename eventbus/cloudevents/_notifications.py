@@ -18,7 +18,7 @@ import orjson
 
 from eventbus._errors import CloudEventError
 from eventbus.cloudevents._bindings import check_entries
-from eventbus.cloudevents._event import DEFAULT_MAX_EVENT_SIZE, validate
+from eventbus.cloudevents._event import DEFAULT_MAX_EVENT_SIZE, load_json, validate
 
 __all__ = [
     "notification_to_events",
@@ -90,7 +90,9 @@ def s3_event(record: Mapping[str, Any], event_id: str, where: str = "record") ->
 def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Map an S3 or MinIO notification body (``{"Records": [...]}``) to CloudEvents.
 
-    ``id`` = ``x-amz-request-id`` + "." + ``x-amz-id-2``; ``source`` = eventSource + "." +
+    ``id`` = ``x-amz-request-id`` + "." + ``x-amz-id-2``, and "." + the record's index when the
+    body holds more than one (they share the request's ids, and one would be dropped as a
+    duplicate of the other); ``source`` = eventSource + "." +
     awsRegion + "." + bucket (without the region when it is empty); ``type`` =
     "com.amazonaws.s3." + eventName; ``subject`` = object key (URL-encoded, as S3 sends it);
     ``time`` = eventTime; ``data`` = the record. An S3 ``s3:TestEvent`` body maps to no events.
@@ -99,11 +101,13 @@ def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     if body.get("Event") == "s3:TestEvent" and "Records" not in body:
         return []
     events = []
-    for i, record in enumerate(_records(body, "Records")):
+    records = _records(body, "Records")
+    for i, record in enumerate(records):
         where = f"Records[{i}]"
         request_id = _field(record, "responseElements.x-amz-request-id", where)
         host_id = _field(record, "responseElements.x-amz-id-2", where)
-        events.append(s3_event(record, f"{request_id}.{host_id}", where))
+        event_id = f"{request_id}.{host_id}" + (f".{i}" if len(records) > 1 else "")
+        events.append(s3_event(record, event_id, where))
     return events
 
 
@@ -152,7 +156,7 @@ def notification_to_events(
     """
     if isinstance(body, bytes | bytearray | memoryview):
         try:
-            parsed = orjson.loads(body)
+            parsed = load_json(body)  # an integer beyond 64 bits is refused, not rounded
         except orjson.JSONDecodeError as exc:
             raise _invalid(f"notification is not valid JSON: {exc}") from exc
     else:

@@ -195,3 +195,23 @@ def test_the_event_size_limit_is_the_callers() -> None:
         notification_to_events(body, max_size=size - 1)
     assert info.value.status == 413
     assert notification_to_events(body, max_size=size) == [event]
+
+
+def test_s3_records_of_one_request_get_ids_of_their_own() -> None:
+    # They share x-amz-request-id and x-amz-id-2: with those alone the second record had the
+    # first's source and id and was answered as its duplicate, never delivered.
+    other = copy.deepcopy(S3_RECORD)
+    other["s3"]["object"]["key"] = "2026/dog.jpg"
+    first, second = s3_records_to_events({"Records": [S3_RECORD, other]})
+    assert first["id"] == "C3D13FE58DE4C810.FMyUVURIY8.0"
+    assert second["id"] == "C3D13FE58DE4C810.FMyUVURIY8.1"
+    assert (first["subject"], second["subject"]) == ("2026/cat+1.jpg", "2026/dog.jpg")
+
+
+def test_an_integer_beyond_64_bits_in_a_notification_is_refused_not_rounded() -> None:
+    body = orjson.dumps({"Records": [S3_RECORD]}).replace(
+        b'"size":1024', b'"size":123456789012345678901234567890'
+    )
+    with pytest.raises(CloudEventError) as caught:
+        notification_to_events(body)
+    assert caught.value.status == 400 and "64 bits" in caught.value.detail
