@@ -555,6 +555,11 @@ class HttpTarget:
                 events = from_http(headers, resp.content, max_size=MAX_RESPONSE_BYTES)
             except CloudEventError as exc:
                 reason = exc.detail
+            except Exception as exc:
+                # The function has answered 2xx: a fault in reading its reply must not undo the
+                # delivery (it escaped once, and the event was delivered again and again).
+                log.exception("target %s: reply to event %s unreadable", self.name, msg_id)
+                reason = f"unreadable: {type(exc).__name__}"
             else:
                 if len(events) == 1:
                     return events[0]

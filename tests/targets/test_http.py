@@ -452,8 +452,22 @@ async def test_handwritten_structured_reply_is_parsed(receiver: Receiver) -> Non
         ({"ce-specversion": "1.0", "ce-source": "/fn", "ce-type": "t"}, b"{}"),
         ({"Content-Type": "application/cloudevents+json"}, b"{not json"),
         ({"Content-Type": "application/cloudevents+json"}, b'{"specversion":"1.0"}'),
+        # a NUL in the charset: once a ValueError that undid the delivery, made again for ever
+        (
+            {
+                **{"ce-specversion": "1.0", "ce-id": "r", "ce-source": "/fn", "ce-type": "t"},
+                "ce-datacontenttype": "text/plain;charset=utf-8%00",
+                "Content-Type": "",  # the type is then ce-datacontenttype
+            },
+            b"abc",
+        ),
     ],
-    ids=["binary-missing-id", "structured-not-json", "structured-missing-attributes"],
+    ids=[
+        "binary-missing-id",
+        "structured-not-json",
+        "structured-missing-attributes",
+        "binary-nul-charset",
+    ],
 )
 async def test_invalid_reply_is_ignored_with_a_log_line(
     receiver: Receiver, caplog: pytest.LogCaptureFixture, headers: dict[str, str], body: bytes
