@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from eventbus.delivery._model import DeadLetterReason, Delivery, split_stored_rule
-from eventbus.store import READ_TIMEOUT, dumps_jsonb, loads_jsonb, run_db
+from eventbus.store import READ_TIMEOUT, Outstanding, dumps_jsonb, loads_jsonb, run_db
 
 __all__ = ["DeadLetterFilter", "DeliveryStore"]
 
@@ -140,9 +140,14 @@ class DeliveryStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self.writes = Outstanding()
+        """The statements without a deadline still awaited (readiness asks ``stalled``)."""
 
     async def _run(self, what: str, coro: Any, *, deadline: float | None = None) -> Any:
-        return await run_db(what, coro, deadline=deadline)
+        if deadline is not None:
+            return await run_db(what, coro, deadline=deadline)
+        with self.writes.write(what):
+            return await run_db(what, coro)
 
     async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
         """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns."""

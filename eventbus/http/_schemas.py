@@ -346,8 +346,11 @@ class Liveness(_Body):
 
 class Readiness(_Body):
     bus: Literal["ok", "unreachable"]
-    database: Literal["ok", "unreachable"]
+    database: str
+    """ok, unreachable, or which write has gone unanswered and for how long"""
     audit: str
+    router: str
+    """ok, or how long the bus consumer has been failing, and why"""
 
 
 class CloudEvent(BaseModel):

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from eventbus import metrics
-from eventbus._errors import EventBusError
+from eventbus._errors import EventBusError, truncate_error
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, stop_with_grace
 from eventbus.bus import Bus, BusMessage
 from eventbus.delivery import Delivery, DeliveryKind, Dispatcher, invoke_rule, invoked_target
@@ -65,6 +65,10 @@ def _settled(states: list[str]) -> str:
     return "retrying"
 
 
+_HEALTHY_AFTER = 10.0
+"""Seconds the bus consumer must run without failing to end a run of failures."""
+
+
 class Router:
     """Pulls bus messages and routes them until ``stop()``; see the module docstring."""
 
@@ -92,26 +96,51 @@ class Router:
         self._keeper: asyncio.Task[None] | None = None
         self._handling: dict[BusMessage, float] = {}
         self._feed = feed or LiveFeed()
+        # the consumer's failures in a row: since when, the last one, and the current attempt
+        self._failing_since: float | None = None
+        self._failure = ""
+        self._attempt_started = 0.0
 
     def start(self) -> None:
         self._pump = asyncio.create_task(self._run(), name="eventbus-router")
         self._keeper = asyncio.create_task(self._keep_alive(), name="eventbus-router-keepalive")
 
+    def health(self, stall_after: float = 5.0) -> tuple[bool, str]:
+        """``(True, "ok")`` while the bus consumer runs; ``(False, why)`` once it has failed
+        again and again for ``stall_after`` seconds (readiness reads this: events are taken
+        and answered 202, and none is routed). An attempt that has run ``_HEALTHY_AFTER``
+        seconds without failing, or received a message, ends such a run of failures."""
+        since = self._failing_since
+        if since is None:
+            return True, "ok"
+        now = time.monotonic()
+        if self._attempt_started > since and now - self._attempt_started > _HEALTHY_AFTER:
+            return True, "ok"
+        if now - since < stall_after:
+            return True, "ok"
+        return False, f"the bus consumer failing for {now - since:.0f} s: {self._failure}"
+
     async def _run(self) -> None:
         while True:
+            self._attempt_started = time.monotonic()
             try:
                 async for msg in self._bus.messages():
+                    self._failing_since = None
                     task = asyncio.create_task(self.handle(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # The consumer broke (broker restarted, connection lost): back off and resume;
                 # everything not acked is redelivered by the bus. (Unless the failure was a
                 # cancellation a client library turned into an error.)
                 stop_if_cancelled()
                 log.exception("bus consumer failed; resuming in 1 s")
+                now = time.monotonic()
+                if self._failing_since is None or now - self._attempt_started > _HEALTHY_AFTER:
+                    self._failing_since = now  # the first of a run of failures
+                self._failure = truncate_error(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
 
     async def handle(self, msg: BusMessage) -> None:

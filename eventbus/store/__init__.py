@@ -14,7 +14,7 @@ translates asyncpg's errors into the eventbus tree (reads the API serves within
 
 from eventbus.store._audit import Attempt, AttemptOutcome, AuditWriter
 from eventbus.store._embedded import EmbeddedPostgres
-from eventbus.store._failures import READ_TIMEOUT, run_db
+from eventbus.store._failures import READ_TIMEOUT, STALLED_AFTER, Outstanding, run_db
 from eventbus.store._jsonb import dumps_jsonb, loads_jsonb
 from eventbus.store._migrate import migrate
 from eventbus.store._pool import (
@@ -31,12 +31,14 @@ __all__ = [
     "CAUSE_ID",
     "CAUSE_SOURCE",
     "READ_TIMEOUT",
+    "STALLED_AFTER",
     "Attempt",
     "AttemptOutcome",
     "AuditWriter",
     "EmbeddedPostgres",
     "EventCursor",
     "EventTrail",
+    "Outstanding",
     "Store",
     "cause_of",
     "dumps_jsonb",

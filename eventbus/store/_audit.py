@@ -43,6 +43,7 @@ from eventbus import metrics
 from eventbus._errors import ConfigError, StoreError, truncate_error
 from eventbus._rfc3339 import read_time
 from eventbus._tasks import cancel_and_wait, wait_event
+from eventbus.store._failures import STALLED_AFTER, Outstanding
 from eventbus.store._jsonb import dumps_jsonb
 
 __all__ = ["Attempt", "AttemptOutcome", "AuditWriter"]
@@ -160,6 +161,8 @@ class AuditWriter:
         self._closing = False
         self._stopped: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self.writes = Outstanding()
+        """The batch being written, if any, and since when (``health`` asks ``stalled``)."""
 
     @property
     def pending(self) -> int:
@@ -172,11 +175,17 @@ class AuditWriter:
         Postgres rejected their data or the driver could not encode them."""
         return self._quarantined
 
-    def health(self, stall_after: float = 5.0) -> tuple[bool, str]:
+    def health(
+        self, stall_after: float = 5.0, unanswered_after: float = STALLED_AFTER
+    ) -> tuple[bool, str]:
         """``(True, "ok")`` while writes land; ``(False, why)`` once writing has been failing
-        for ``stall_after`` seconds, or the writer stopped (readiness reads this)."""
+        for ``stall_after`` seconds, a write has gone unanswered for ``unanswered_after``, or
+        the writer stopped (readiness reads this)."""
         if self._stopped is not None:
             return False, self._stopped
+        stalled = self.writes.stalled(unanswered_after)
+        if stalled is not None:
+            return False, f"{stalled}, {self._held} rows waiting"
         since = self._failing_since
         if since is None:
             return True, "ok"
@@ -357,7 +366,8 @@ class AuditWriter:
         delay = _BACKOFF_FIRST
         while True:
             try:
-                await self._copy(rows, skip_known=skip_known)
+                with self.writes.write(f"writing {len(rows)} audit rows"):
+                    await self._copy(rows, skip_known=skip_known)
             except Exception as exc:
                 if _already_recorded(exc) and not skip_known:
                     # A redelivered event's acceptance is in already: write this batch again,

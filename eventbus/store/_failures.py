@@ -11,14 +11,16 @@ succeed later) and any other refusal :class:`~eventbus._errors.StoreError` (answ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+import time
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import asyncpg
 
 from eventbus._errors import StoreDataError, StoreError, StoreUnavailable
 
-__all__ = ["READ_TIMEOUT", "run_db"]
+__all__ = ["READ_TIMEOUT", "STALLED_AFTER", "Outstanding", "run_db"]
 
 READ_TIMEOUT = 5.0
 """Seconds an API read (event trail, dead letters) may take, waiting for a connection included:
@@ -34,6 +36,9 @@ _UNREACHABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # SQLSTATE 53300: the server is full now, and may not be in a moment (start-up waits on
+    # it too); as a refusal, an attempt made but not recorded was made again
+    asyncpg.TooManyConnectionsError,
 )
 _DATA_EXCEPTION = "22"  # SQLSTATE class: a value the statement cannot take
 
@@ -78,6 +83,46 @@ async def _translated(what: str, operation: Awaitable[_T]) -> _T:
         raise StoreError(f"{what}: {exc}") from exc
     except _DB_ERRORS as exc:
         raise StoreError(f"{what}: {exc}") from exc
+
+
+STALLED_AFTER = 45.0
+"""Seconds a write may go unanswered before readiness reports the database stalled: more than
+any write takes (a batch's COPY gives up at 30 s), and a write has no deadline of its own."""
+
+
+class Outstanding:
+    """The writes of one component still awaited, and since when.
+
+    A write that never returns raises nothing: a COMMIT waiting for a synchronous standby that
+    is down, a server frozen with the connection open. Its caller waits, and so does what waits
+    on it (the router, for the audit; a delivery, for its retry row), while a ``SELECT true``
+    still answers. Readiness asks ``stalled`` (one of these writes cannot be given a deadline
+    and abandoned: it may have committed).
+    """
+
+    def __init__(self) -> None:
+        self._started: dict[int, tuple[str, float]] = {}
+        self._count = 0
+
+    @contextlib.contextmanager
+    def write(self, what: str) -> Iterator[None]:
+        """Count the block as one write, named ``what``, while it runs."""
+        self._count += 1
+        token = self._count
+        self._started[token] = (what, time.monotonic())
+        try:
+            yield
+        finally:
+            del self._started[token]
+
+    def stalled(self, after: float = STALLED_AFTER) -> str | None:
+        """Which write has gone unanswered for longer than ``after`` seconds, and for how
+        long; None when none has."""
+        if not self._started:
+            return None
+        what, since = min(self._started.values(), key=lambda started: started[1])
+        waited = time.monotonic() - since
+        return f"{what} unanswered for {waited:.0f} s" if waited > after else None
 
 
 def _forget(task: asyncio.Future[Any]) -> None:

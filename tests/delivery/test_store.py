@@ -17,6 +17,7 @@ from eventbus.delivery import (
     DeliveryStore,
 )
 from eventbus.store import migrate
+from tests.fixtures.wait import eventually
 
 
 @pytest_asyncio.fixture
@@ -93,3 +94,27 @@ async def test_a_follow_up_is_stored_under_its_rule_and_kind(store: DeliveryStor
     assert rules == {"orders", "orders#dead-letter", "orders#on-success", "orders#on-failure"}
     only = await store.list_dead_letters(DeadLetterFilter(rule="orders#on-failure"))
     assert [item["event_id"] for item in only] == ["k-on-failure"]
+
+
+async def test_a_write_that_never_returns_is_reported_stalled(
+    store: DeliveryStore, database_dsn: str
+) -> None:
+    # Readiness asks this: a retry row's INSERT that hangs raised nothing, and the delivery
+    # (and the router's window slot) waited on it for ever while a ping still answered.
+    holder = await asyncpg.connect(database_dsn)
+    try:
+        locked = holder.transaction()
+        await locked.start()
+        await holder.execute("LOCK TABLE delivery_retries IN ACCESS EXCLUSIVE MODE")
+        scheduled = asyncio.ensure_future(store.schedule(_delivery(1), due_in=0))
+        assert store.writes.stalled(after=0.3) is None  # just started
+
+        await eventually(lambda: store.writes.stalled(after=0.3) is not None, within=30)
+        why = store.writes.stalled(after=0.3) or ""
+        assert why.startswith("scheduling a retry unanswered for"), why
+        assert store.writes.stalled() is None  # the default: 45 s
+        await locked.rollback()
+    finally:
+        await holder.close()
+    await asyncio.wait_for(scheduled, 30)
+    assert store.writes.stalled(after=0.0) is None

@@ -9,6 +9,7 @@ import string
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 
 from eventbus._errors import MAX_ERROR_CHARS, StoreError
@@ -342,3 +343,30 @@ async def test_a_flush_that_is_not_urgent_waits_for_the_next_batch(database_dsn:
         lazy = asyncio.ensure_future(store.audit.flush(urgent=False))
         await asyncio.wait_for(store.audit.flush(), BOUND)  # an urgent one takes it along
         assert lazy.done()
+
+
+async def test_a_write_that_never_returns_turns_health_red(database_dsn: str) -> None:
+    # A write that hangs raises nothing (a COMMIT waiting for a synchronous standby that is
+    # down, here a table another session holds locked): health was "ok" for as long as it hung.
+    async with await Store.open(database_dsn) as store:
+        holder = await asyncpg.connect(database_dsn)
+        try:
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE matches IN ACCESS EXCLUSIVE MODE")
+            await store.audit.rule_matched(_event(1), "r", "t")
+            flushed = asyncio.ensure_future(store.audit.flush())
+
+            def stalled() -> bool:
+                return not store.audit.health(unanswered_after=0.3)[0]
+
+            await eventually(stalled, within=BOUND)
+            _, why = store.audit.health(unanswered_after=0.3)
+            assert "writing 1 audit rows unanswered for" in why and "1 rows waiting" in why
+            assert store.audit.health() == (True, "ok")  # within the default 45 s
+            assert not flushed.done()
+            await locked.rollback()
+        finally:
+            await holder.close()
+        await asyncio.wait_for(flushed, BOUND)
+        assert store.audit.health(unanswered_after=0.3) == (True, "ok")

@@ -3,9 +3,13 @@ caller's fault: the API answers 400), distinct from StoreError (the database's: 
 
 from __future__ import annotations
 
+import uuid
+from urllib.parse import urlsplit
+
+import asyncpg
 import pytest
 
-from eventbus._errors import StoreDataError, StoreError
+from eventbus._errors import StoreDataError, StoreError, StoreUnavailable
 from eventbus.delivery import DeadLetterFilter, DeliveryStore
 from eventbus.sources import list_dead_letters
 from eventbus.store import Store
@@ -61,3 +65,23 @@ async def test_a_deadline_turns_a_slow_statement_into_store_error(database_dsn: 
             return bool(running == 0)
 
         await eventually(cancelled, within=10, every=0.1, what="the abandoned statement ended")
+
+
+async def test_a_full_server_is_unavailable_not_a_refusal(database_dsn: str) -> None:
+    # SQLSTATE 53300 says the server is full now: a write waits it out (_durably retries
+    # StoreUnavailable). As a refusal, an attempt made but not recorded was made again.
+    admin = await asyncpg.connect(database_dsn)
+    role = f"full_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}' CONNECTION LIMIT 1")
+        url = urlsplit(database_dsn)
+        dsn = url._replace(netloc=f"{role}:pw-{role}@{url.netloc.rpartition('@')[2]}").geturl()
+        first = await asyncpg.connect(dsn)
+        try:
+            with pytest.raises(StoreUnavailable, match="connecting"):
+                await run_db("connecting", asyncpg.connect(dsn))
+        finally:
+            await first.close()
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
