@@ -206,9 +206,18 @@ class Router:
             if len(routes) == 1:  # the common case, without gather's task and loop turn
                 outcomes = [await self._dispatcher.dispatch(event, routes[0])]
             else:
-                outcomes = await asyncio.gather(
-                    *(self._dispatcher.dispatch(event, route) for route in routes)
+                # Every route runs to its end before one's failure naks the message: a plain
+                # gather returned at the first exception, the others running on untracked (the
+                # shutdown's grace neither waited for them nor stopped them).
+                results = await asyncio.gather(
+                    *(self._dispatcher.dispatch(event, route) for route in routes),
+                    return_exceptions=True,
                 )
+                outcomes = []
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+                    outcomes.append(result)
             if feed is not None:
                 states = [_state(outcome) for outcome in outcomes]
                 ended = tuple(
