@@ -129,12 +129,14 @@ def settle_gc() -> None:
 
 
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
+    # A SIGHUP while the service starts (a reload asked too early, a parent passing one on, a
+    # closed terminal) is not the end of it: its default action ended the process, leaving the
+    # embedded servers running unowned. Once started, SIGHUP reloads the rules.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if reuse_port:
         # A worker of --workers N: it shares its sources' statuses with the others, and
         # listens once ready, for the kernel hands a listening worker its share of the
         # connections (the others keep serving while one restarts).
-        # a SIGHUP the parent passes on while this worker starts: not the end of it
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         async with Service(settings, shared=_workers_dir(settings)) as svc:
             _reload_on_sighup(svc)
             parent = os.getppid()

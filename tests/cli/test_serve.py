@@ -276,6 +276,47 @@ async def test_a_signal_during_the_start_stops_the_service_once_started(
     assert "HTTP server stopped; shutting the service down" in err.decode()
 
 
+@pytest.mark.timeout(120)
+async def test_a_sighup_during_the_start_is_not_the_end_of_it(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # Its default action ended the process while the service started (leaving the embedded
+    # servers running, on the embedded default); once started, SIGHUP reloads the rules.
+    port = free_port()
+    write_config(tmp_path, rules="[]", targets=[])
+    config = tmp_path / "settings.yaml"
+    settings = settings_for(tmp_path, database_url=database_dsn, nats_url=nats_url, port=port)
+    config.write_text(yaml.safe_dump(settings))
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "serve", "--config", str(config)),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"listening on" not in await proc.stderr.readline():
+                pass
+        proc.send_signal(signal.SIGHUP)  # while the service starts
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                assert proc.returncode is None, "the SIGHUP ended it"
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await eventually(ready, within=60, every=0.2, what="ready after the SIGHUP")
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
 async def test_the_wait_for_an_unreachable_database_is_the_configured_one(
     tmp_path: Path,
 ) -> None:
