@@ -197,14 +197,21 @@ class Service:
             raise
         return self
 
-    async def _start(self) -> None:
-        s = self.settings
-        # Validate user files first: a typo should not cost a database start.
-        self.connectors = load_connectors(s.connectors)
+    def read_files(self) -> tuple[RuleSet, dict[str, Target], list[Source]]:
+        """Read the connectors and the rules as the start does, building (not opening) the
+        adapters. Raises ConfigError or RuleSetError naming file and line; the parent of
+        ``serve --workers N`` calls it before starting any worker."""
+        self.connectors = load_connectors(self.settings.connectors)
         policies = _policies(self.connectors)
         self._delivery_policies = policies  # connectors are read at start: these stay in use
         rules = self._load_rules(self.connectors, policies)
         targets, sources = self._build_connectors()
+        return rules, targets, sources
+
+    async def _start(self) -> None:
+        s = self.settings
+        # Validate user files first: a typo should not cost a database start.
+        rules, targets, sources = self.read_files()
 
         embedded = await start_embedded(self._stack, s)
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
@@ -243,7 +250,7 @@ class Service:
         self.deliveries = DeliveryStore(self.store.pool)
         self.dispatcher = Dispatcher(
             self.targets,
-            policies,
+            self._delivery_policies,
             self.deliveries,
             self.store.audit,
             functools.partial(self._publish_one, via="reply"),

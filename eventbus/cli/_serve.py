@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
 import logging
@@ -39,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ from eventbus._errors import ConfigError, EventBusError
 from eventbus._tasks import wait_event
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
-from eventbus.config import Settings
+from eventbus.config import PARENT_ENV, Settings
 from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
 
 __all__ = ["serve"]
@@ -56,6 +58,11 @@ log = logging.getLogger("eventbus")
 
 # descriptors a process needs besides client connections: database pool, bus, targets, logs
 _OTHER_FILES = 256
+_QUICK_EXIT = 10.0
+"""Seconds after its start within which a worker's exit counts as failing to start."""
+_QUICK_EXITS_TO_GIVE_UP = 5
+"""Such exits in a row after which the parent stops everything and exits non-zero."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _stop_on_signals(server: HttpServer) -> None:
@@ -137,6 +144,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         # A worker of --workers N: it shares its sources' statuses with the others, and
         # listens once ready, for the kernel hands a listening worker its share of the
         # connections (the others keep serving while one restarts).
+        _end_with_parent()
         async with Service(settings, shared=_workers_dir(settings)) as svc:
             _reload_on_sighup(svc)
             parent = os.getppid()
@@ -168,6 +176,20 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         settle_gc()
         await serving
         log.info("HTTP server stopped; shutting the service down")
+
+
+def _end_with_parent() -> None:
+    """A worker is told SIGTERM when its parent dies (Linux's parent-death signal), and stops
+    as on any SIGTERM. A parent killed with SIGKILL (the OOM killer) left its workers serving,
+    beside the next parent's, on the same port and data."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to end with the parent: %s", os.strerror(ctypes.get_errno()))
+    if str(os.getppid()) != parent:  # it died before the request took
+        raise EventBusError(f"the parent process {parent} is gone")
 
 
 def _reload_on_sighup(service: Service) -> None:
@@ -235,6 +257,9 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    # The rules and connectors, read as a worker will: a mistake in them is the parent's
+    # error, at once, as in one process (each worker failed on it, restarted, for ever).
+    Service(settings).read_files()
     async with contextlib.AsyncExitStack() as stack:
         embedded = await start_embedded(stack, settings)
         if stopping.is_set():  # a signal during their start: stop them again, start no worker
@@ -259,7 +284,10 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         stack.callback(shutil.rmtree, live, True)
         (shared / "live").symlink_to(live, target_is_directory=True)
         env[metrics.MULTIPROC_ENV] = str(shared / "metrics")
-        failed = False
+        failed: str | None = None
+        started = [0.0] * workers  # when each worker was last spawned
+        quick_exits = [0] * workers  # exits in a row within _QUICK_EXIT of the spawn
+        restart_at: list[float | None] = [None] * workers
 
         def spawn(i: int) -> subprocess.Popen[bytes]:
             cmd = [sys.executable, "-m", "eventbus", "serve", "--reuse-port"]
@@ -271,6 +299,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                 EVENTBUS_LISTEN__HOST=settings.listen.host,
                 EVENTBUS_LISTEN__PORT=str(settings.listen.port),
             )
+            started[i] = time.monotonic()
+            worker_env[PARENT_ENV] = str(os.getpid())
             return subprocess.Popen(cmd, env=worker_env)
 
         for i in range(workers):
@@ -281,16 +311,36 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             if embedded.supervisor.failed is not None:
                 # The workers cannot work without their servers: stop everything and exit
                 # non-zero, so whatever runs eventbus restarts it.
-                log.error("giving up: %s", embedded.supervisor.failed)
-                failed = True
+                failed = embedded.supervisor.failed
                 break
+            now = time.monotonic()
             for i, proc in enumerate(procs):
-                if proc is not None and proc.poll() is not None and not stopping.is_set():
-                    log.warning("worker %d exited with %s; restarting", i, proc.returncode)
+                if stopping.is_set():
+                    break
+                if proc is not None and proc.poll() is not None:
                     metrics.forget_process(proc.pid, shared / "metrics")
                     (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
                     (shared / "live" / str(proc.pid)).unlink(missing_ok=True)
+                    procs[i] = None
+                    quick = now - started[i] < _QUICK_EXIT
+                    quick_exits[i] = quick_exits[i] + 1 if quick else 0
+                    if quick_exits[i] >= _QUICK_EXITS_TO_GIVE_UP:
+                        failed = (
+                            f"worker {i} exited {quick_exits[i]} times in a row within "
+                            f"{_QUICK_EXIT:g} s of its start (last with {proc.returncode})"
+                        )
+                        break
+                    # one that keeps failing waits longer each time: 1, 2, 4 ... 30 s
+                    delay = min(2.0 ** (quick_exits[i] - 1), 30.0) if quick else 0.0
+                    log.warning(
+                        "worker %d exited with %s; restarting in %g s", i, proc.returncode, delay
+                    )
+                    restart_at[i] = now + delay
+                if procs[i] is None and (due := restart_at[i]) is not None and now >= due:
+                    restart_at[i] = None
                     procs[i] = spawn(i)
+            if failed is not None:
+                break
         for proc in procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -304,8 +354,9 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    if failed:
-        raise EventBusError(f"stopped: {embedded.supervisor.failed}")
+    if failed is not None:
+        log.error("giving up: %s", failed)
+        raise EventBusError(f"stopped: {failed}")
 
 
 def serve(

@@ -39,6 +39,7 @@ from eventbus.config._connectors import (
 from eventbus.config._redact import redact_url
 from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._settings import (
+    PARENT_ENV,
     ApiKey,
     BusSettings,
     DatabaseSettings,
@@ -63,6 +64,7 @@ from eventbus.config._yaml import (
 )
 
 __all__ = [
+    "PARENT_ENV",
     "AddressLists",
     "ApiKey",
     "BusSettings",

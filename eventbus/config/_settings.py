@@ -39,6 +39,7 @@ from eventbus.config._tls import TlsSpec
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
+    "PARENT_ENV",
     "ApiKey",
     "BusSettings",
     "DatabaseSettings",
@@ -227,9 +228,12 @@ class Settings(_Model):
         return self.database.url is None
 
 
-# Read by the commands, not settings: where the settings file is, and the service and key
-# the client commands (publish, dead-letters ...) talk to.
-_NOT_SETTINGS = frozenset({"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY"})
+PARENT_ENV = "EVENTBUS_PARENT_PID"
+"""The pid of a worker's parent (``serve --workers N``), which the worker must not outlive."""
+
+# Read by the commands, not settings: where the settings file is, the service and key the
+# client commands (publish, dead-letters ...) talk to, and a worker's parent.
+_NOT_SETTINGS = frozenset({"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY", PARENT_ENV})
 
 
 def _env_value(raw: str) -> Any:

@@ -1,0 +1,117 @@
+"""The parent of ``eventbus serve --workers N`` as a supervisor, with real processes: it reads
+the rules before starting any worker, backs off and then gives up on a worker that keeps
+failing at its start, and its workers do not outlive it (tests/cli/test_workers.py: the
+workers answering as one service)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from eventbus.bus._nats_server import free_port
+from tests.fixtures.service import ServeProcess, settings_for, write_config
+from tests.fixtures.wait import eventually
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def _serve(config: Path) -> tuple[int | None, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "eventbus", "serve", "--workers", "2", "--config", str(config)),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, err.decode()
+
+
+def _workers_of(parent: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return [p for p in psutil.Process(parent).children() if "--reuse-port" in p.cmdline()]
+    return []
+
+
+async def test_a_rule_file_that_does_not_load_stops_the_parent_before_any_worker(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # Each worker failed on it and was restarted, every second, for ever.
+    write_config(tmp_path, rules="- name: broken\n  targets: [nowhere]\n", targets=[])
+    config = tmp_path / "settings.yaml"
+    settings = settings_for(
+        tmp_path, database_url=database_dsn, nats_url=nats_url, port=free_port()
+    )
+    config.write_text(yaml.safe_dump(settings))
+    code, err = await _serve(config)
+    assert code == 1, err[-2000:]
+    assert "nowhere" in err and "rules" in err, err[-2000:]
+    assert "worker" not in err, err[-2000:]  # none was started
+
+
+async def test_a_worker_failing_at_its_start_is_restarted_later_each_time_then_given_up(
+    tmp_path: Path, nats_url: str
+) -> None:
+    nowhere = free_port()  # no database listens there: a worker gives up after 0.5 s
+    write_config(tmp_path, rules="[]", targets=[])
+    config = tmp_path / "settings.yaml"
+    settings = settings_for(
+        tmp_path,
+        database_url=f"postgresql://u:p@127.0.0.1:{nowhere}/db",
+        nats_url=nats_url,
+        port=free_port(),
+        extra={"database": {"connect_timeout": 0.5}},
+    )
+    config.write_text(yaml.safe_dump(settings))
+    code, err = await _serve(config)
+    assert code == 1, err[-3000:]
+    # 1, 2, 4 and 8 s between the starts of one worker, then the parent stopped everything
+    for delay in ("1 s", "2 s", "4 s", "8 s"):
+        assert f"restarting in {delay}" in err, err[-3000:]
+    assert "giving up: worker" in err and "exited 5 times in a row within 10 s" in err
+
+
+async def test_the_workers_end_with_their_parent(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # A parent killed with SIGKILL (the OOM killer) left its workers serving beside the next
+    # parent's, on the same port and data directory.
+    write_config(tmp_path, rules="[]", targets=[])
+    port = free_port()
+    config = tmp_path / "settings.yaml"
+    settings = settings_for(
+        tmp_path,
+        database_url=database_dsn,
+        nats_url=nats_url,
+        port=port,
+        extra={"router": {"shutdown_grace": 2}},
+    )
+    config.write_text(yaml.safe_dump(settings))
+    service = ServeProcess(config, port, tmp_path / "serve.log", workers=2)
+    await service.start()
+    assert service.proc is not None
+    workers = _workers_of(service.proc.pid)
+    try:
+        assert len(workers) == 2, workers
+        os.kill(service.proc.pid, signal.SIGKILL)  # the parent alone
+        await service.proc.wait()
+
+        def ended() -> bool:
+            return not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+        await eventually(ended, within=60, every=0.2, what="the workers ended")
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+        await service.kill()
