@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -362,6 +363,29 @@ class NatsBus:
         )
         return results
 
+    async def _align_consumer(self, js: JetStreamContext) -> None:
+        """Give an existing durable consumer the configured ``ack_wait`` and ``max_deliver``
+        (``pull_subscribe`` takes it as it is). The router's keep-alive is timed from the
+        configured ``ack_wait``: a consumer left with an older, shorter one gave the work of a
+        slow function to another pull again and again (4 deliveries of one event in a test)."""
+        cfg = self.config
+        try:
+            current = (await js.consumer_info(cfg.stream, cfg.durable)).config
+        except nats.js.errors.NotFoundError:
+            return  # made below as configured (or its stream is gone: handled there)
+        if current.ack_wait == cfg.ack_wait and current.max_deliver == cfg.max_deliver:
+            return
+        log.info(
+            "consumer %s: ack_wait %ss -> %ss, max_deliver %s -> %s, as configured",
+            cfg.durable,
+            current.ack_wait,
+            cfg.ack_wait,
+            current.max_deliver,
+            cfg.max_deliver,
+        )
+        changed = dataclasses.replace(current, ack_wait=cfg.ack_wait, max_deliver=cfg.max_deliver)
+        await js.add_consumer(cfg.stream, config=changed)
+
     async def messages(self) -> AsyncIterator[BusMessage]:
         """Pull events from the shared durable consumer until the bus closes.
 
@@ -388,6 +412,7 @@ class NatsBus:
 
         try:
             try:
+                await self._align_consumer(js)
                 psub = await subscribe()
             except nats.js.errors.NotFoundError:
                 # The stream was deleted under the running service (an operator remaking it):

@@ -289,3 +289,24 @@ async def test_a_pull_cancelled_while_lingering_hands_its_messages_back(nats_url
             await again.ack()
     finally:
         await admin.close()
+
+
+async def test_a_changed_ack_wait_reaches_the_existing_consumer(nats_url: str) -> None:
+    # pull_subscribe takes a durable consumer as it is: raised for a slow function, ack_wait
+    # stayed what the consumer was made with, and the work was given away again and again.
+    first = nats_config(nats_url, ack_wait=4.0, max_deliver=5)
+    later = dataclasses.replace(first, ack_wait=60.0, max_deliver=9)
+    async with open_bus(first) as bus:
+        await bus.publish(event(1))
+        (msg,) = await take(bus.messages(), 1)
+        await msg.ack()
+    async with open_bus(later) as bus:
+        await bus.publish(event(2))
+        (msg,) = await take(bus.messages(), 1)
+        await msg.ack()
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().consumer_info(first.stream, first.durable)
+    finally:
+        await nc.close()
+    assert (info.config.ack_wait, info.config.max_deliver) == (60.0, 9)
