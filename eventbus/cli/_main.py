@@ -390,7 +390,9 @@ def _cmd_rules_reload(args: argparse.Namespace) -> int:
             raise
         # every problem, one a line, as `eventbus rules validate` prints them
         sys.stderr.write("eventbus: rules not reloaded, the running ones stay:\n")
-        sys.stderr.write("".join(f"{line}\n" for line in exc.detail.splitlines()))
+        from eventbus.cli._output import printable
+
+        sys.stderr.write("".join(f"{printable(line)}\n" for line in exc.detail.splitlines()))
         return EXIT_FAILED
     return _show(args, "reloaded", answer)
 
@@ -617,7 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"eventbus: {exc}\n")
         return EXIT_BAD_INPUT
     except (_ApiError, EventBusError) as exc:
-        sys.stderr.write(f"eventbus: {exc}\n")
+        from eventbus.cli._output import printable
+
+        sys.stderr.write(f"eventbus: {printable(str(exc))}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

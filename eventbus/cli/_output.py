@@ -15,13 +15,24 @@ from typing import Any, TextIO
 
 import orjson
 
-__all__ = ["MAX_CELL", "SHOW", "print_json", "table"]
+__all__ = ["MAX_CELL", "SHOW", "print_json", "printable", "table"]
 
 MAX_CELL = 60
 
 
 def print_json(value: Any, out: TextIO) -> None:
     out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (ESC and the other controls, bidi
+    overrides), newlines apart, written as its escape (``\x1b``). Error texts quote what a
+    function answered: an OSC or CSI sequence in one reached the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "\n".join(
+        "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line) for line in text.split("\n")
+    )
 
 
 def _when(text: str) -> str:
@@ -44,7 +55,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{value:.3f}".rstrip("0").rstrip(".")
     if isinstance(value, str) and (key == "at" or key.endswith("_at")):
         return _when(value)
-    text = " ".join(str(value).split())  # one line: newlines in error texts would break rows
+    # one line: newlines in error texts would break rows
+    text = printable(" ".join(str(value).split()))
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
@@ -106,7 +118,7 @@ _ATTEMPT_COLUMNS = (
 def _fields(pairs: Sequence[tuple[str, Any]], out: TextIO) -> None:
     width = max(len(name) for name, _ in pairs)
     for name, value in pairs:
-        out.write(f"{name.ljust(width)}  {'-' if value is None else value}\n")
+        out.write(f"{name.ljust(width)}  {'-' if value is None else printable(str(value))}\n")
 
 
 def _event_trail(body: Any, out: TextIO) -> None:
@@ -228,7 +240,7 @@ def _retries(body: Any, out: TextIO) -> None:
 
 
 def _accepted(body: Any, out: TextIO) -> None:
-    name = f"{body['source']} {body['id']}"
+    name = printable(f"{body['source']} {body['id']}")
     if body.get("duplicate"):
         # Answered 202 all the same: the event is on the bus, from an earlier publish.
         out.write(f"duplicate {name}: already on the bus, not delivered again\n")

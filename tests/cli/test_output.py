@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from eventbus.cli._output import MAX_CELL, SHOW, table
+from eventbus.cli._output import MAX_CELL, SHOW, printable, table
 
 
 def test_a_table_aligns_columns_and_keeps_every_row_on_one_line() -> None:
@@ -38,3 +38,29 @@ def test_empty_listings_say_so() -> None:
         out = io.StringIO()
         SHOW[kind](body, out)
         assert out.getvalue() == said, kind
+
+
+def test_what_a_function_answered_cannot_drive_the_terminal() -> None:
+    # An error text quotes the function's answer: an OSC hyperlink, a screen clear and a bidi
+    # override in it reached the operator's terminal as they were.
+    hostile = "refused \x1b]8;;http://evil\x07click\x1b]8;;\x07 \x1b[2J \u202eevil\u202c"
+    dead_letter = {
+        "id": 7,
+        "event_source": "s",
+        "event_id": "e\x1b[31m",
+        "rule": "r",
+        "target": "fn",
+        "reason": "max-attempts",
+        "attempts": 1,
+        "final_error": hostile,
+        "first_attempt_at": "2026-01-31T12:00:00Z",
+        "created_at": "2026-01-31T12:00:01Z",
+        "history": [{"at": "2026-01-31T12:00:00Z", "attempt": 1, "error": hostile}],
+    }
+    out = io.StringIO()
+    SHOW["dead-letter"](dead_letter, out)
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "\\x1b]8;;http://evil\\x07click" in text and "\\u202eevil" in text
+    assert "e\\x1b[31m" in text
+    assert printable("two\nlines\tand a tab") == "two\nlines\\tand a tab"

@@ -300,9 +300,16 @@ async def test_page_and_assets(eventbus: StartService, receiver: Receiver) -> No
     status, headers, page = await svc.request("GET", "/console")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert '<script type="module" src="/console/console.js">' in page
+    # in no other site's frame (its own requests pass the keyless loopback guard), and only
+    # its own scripts and styles (it has no inline ones)
+    assert headers["X-Frame-Options"] == "DENY"
+    policy = headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
+    assert "<style" not in page and "style=" not in page and "<script>" not in page
     for asset, kind in (("console.js", "text/javascript"), ("console.css", "text/css")):
         status, headers, _ = await svc.request("GET", f"/console/{asset}")
         assert status == 200 and headers["Content-Type"].startswith(kind)
+        assert headers["X-Content-Type-Options"] == "nosniff"
     for bad in ("index.py", "..%2F_routes.py", "nothing.js"):
         status, headers, answer = await svc.request("GET", f"/console/{bad}")
         assert status == 404 and headers["Content-Type"].startswith("application/problem+json")
