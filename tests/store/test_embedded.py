@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -268,4 +269,31 @@ async def test_a_data_directory_from_before_passwords_is_closed_on_start(
             assert not _OLD_TRUST.search((data / "pg_hba.conf").read_text())
     finally:
         stop_servers_under(root)  # the old server, if the test failed before eventbus took it
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_pid_file_naming_another_process_is_not_taken_for_the_server() -> None:
+    # After a crash and a reboot, postmaster.pid names a pid another process now has: it was
+    # taken for the running server, the start failed, and stopping "it" sent that process
+    # SIGINT.
+    root = private_data_root()
+    bystander = await asyncio.create_subprocess_exec("sleep", "120")
+    try:
+        pg = EmbeddedPostgres(root / "pg")
+        await pg.start()
+        pid_file = pg.data_dir / "postmaster.pid"
+        _, rest = pid_file.read_text().split("\n", 1)
+        await pg.stop()
+        pid_file.write_text(f"{bystander.pid}\n{rest}")  # what the crash left, pid reused
+        await pg.start()
+        conn = await asyncpg.connect(pg.dsn)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        assert pg.pid != bystander.pid
+        await pg.stop()
+        assert bystander.returncode is None  # never signalled
+    finally:
+        bystander.kill()
+        await bystander.wait()
+        stop_servers_under(root)
         shutil.rmtree(root, ignore_errors=True)
