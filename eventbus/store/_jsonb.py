@@ -9,6 +9,7 @@ of failing every write (and being redelivered forever).
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 import orjson
@@ -17,12 +18,15 @@ __all__ = ["dumps_jsonb", "loads_jsonb"]
 
 _WRAP = "$eventbus.b64"
 _NUL = b"\\u0000"
+# the escape itself, not the text "\u0000" (written "\\u0000" in JSON): an even run of
+# backslashes before it, none included
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def dumps_jsonb(value: Any, *, default: Any = None) -> str:
     """Text for a jsonb parameter. Raises orjson.JSONEncodeError / TypeError as orjson does."""
     raw = orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
-    if _NUL in raw:
+    if _NUL in raw and _NUL_ESCAPE.search(raw) is not None:
         return orjson.dumps({_WRAP: base64.b64encode(raw).decode()}).decode()
     return raw.decode()
 

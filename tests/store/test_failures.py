@@ -12,7 +12,7 @@ import pytest
 from eventbus._errors import StoreDataError, StoreError, StoreUnavailable
 from eventbus.delivery import DeadLetterFilter, DeliveryStore
 from eventbus.sources import list_dead_letters
-from eventbus.store import Store
+from eventbus.store import Store, dumps_jsonb, loads_jsonb
 from eventbus.store._failures import run_db
 from tests.fixtures.wait import eventually
 
@@ -85,3 +85,28 @@ async def test_a_full_server_is_unavailable_not_a_refusal(database_dsn: str) -> 
     finally:
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "wrapped"),
+    [
+        ({"path": "C:\\u0000dir"}, False),  # the text \u0000: jsonb holds it as it is
+        ({"path": "\\\\u0000"}, False),
+        ({"text": "a\x00b"}, True),  # the character U+0000: jsonb cannot hold it
+        ({"text": "\\\x00"}, True),
+    ],
+    ids=["text-u0000", "text-two-backslashes", "nul", "backslash-then-nul"],
+)
+async def test_jsonb_wraps_a_nul_only_not_its_text(
+    database_dsn: str, value: dict[str, str], wrapped: bool
+) -> None:
+    # A value wrapped is opaque to SQL (event->>'...' is null): the text "\u0000" in an event
+    # made a reply vanish from its cause's trail.
+    stored = dumps_jsonb(value)
+    assert ("$eventbus.b64" in stored) is wrapped
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        back = await conn.fetchval("SELECT $1::text::jsonb::text", stored)
+    finally:
+        await conn.close()
+    assert loads_jsonb(back) == value
