@@ -701,11 +701,13 @@ class Service:
         return await self.deliveries.purge(flt)
 
     async def source_dead_letters(
-        self, *, source: str | None = None, limit: int = 100
+        self, *, source: str | None = None, limit: int = 100, payload_bytes: int | None = None
     ) -> list[dict[str, Any]]:
         """Input sources could not turn into events, newest first (see
         :func:`eventbus.sources.list_dead_letters`)."""
-        return await list_dead_letters(self.store.pool, source=source, limit=limit)
+        return await list_dead_letters(
+            self.store.pool, source=source, limit=limit, payload_bytes=payload_bytes
+        )
 
     @asynccontextmanager
     async def watch_events(

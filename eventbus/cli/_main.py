@@ -406,7 +406,9 @@ def _cmd_display(args: argparse.Namespace) -> int:
 
 def _cmd_sources(args: argparse.Namespace) -> int:
     if args.dead_letters:
-        return _show(args, "source-dead-letters", _request(args, "GET", "/sources/dead-letters"))
+        # the table shows no payload: fetched whole only for --json (each may be megabytes)
+        path = "/sources/dead-letters" + ("" if args.json else "?payload_bytes=1")
+        return _show(args, "source-dead-letters", _request(args, "GET", path))
     return _show(args, "sources", _request(args, "GET", "/sources"))
 
 

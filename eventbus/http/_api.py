@@ -43,6 +43,7 @@ from eventbus.http._params import (
     Filter,
     Limit,
     Paging,
+    PayloadBytes,
     RetryEventId,
     RetrySource,
     Search,
@@ -303,9 +304,14 @@ async def list_sources(request: Request) -> Response:
     summary="Input sources could not turn into events, newest first",
 )
 async def source_dead_letters(
-    request: Request, source: SourceName = None, limit: Limit = 100
+    request: Request,
+    source: SourceName = None,
+    limit: Limit = 100,
+    payload_bytes: PayloadBytes = None,
 ) -> Response:
-    items = await _service(request).source_dead_letters(source=source, limit=limit)
+    items = await _service(request).source_dead_letters(
+        source=source, limit=limit, payload_bytes=payload_bytes
+    )
     return _json({"items": items})
 
 

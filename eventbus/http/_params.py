@@ -29,6 +29,7 @@ __all__ = [
     "Limit",
     "Page",
     "Paging",
+    "PayloadBytes",
     "Search",
     "SourceName",
     "TargetName",
@@ -137,6 +138,27 @@ Limit = Annotated[
     int,
     Query(ge=1, le=_MAX_LIMIT, description="How many items at most."),
     BeforeValidator(_parse_limit),
+]
+_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+
+def _parse_payload_bytes(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"payload_bytes must be an integer from 1 to {_MAX_PAYLOAD_BYTES}, got {_clip(raw)}"
+        )
+    return int(raw)
+
+
+PayloadBytes = Annotated[
+    int | None,
+    Query(
+        description=(
+            "At most this many bytes of each payload (``payload_size`` says how many it has): "
+            "a set-aside message may be megabytes, and a listing needs its start."
+        ),
+    ),
+    BeforeValidator(_parse_payload_bytes),
 ]
 After = Annotated[
     int | None,

@@ -333,6 +333,8 @@ class SourceDeadLetter(_Body):
     meta: dict[str, Any]
     payload: str | None = None
     payload_base64: str | None = None
+    payload_size: int
+    """The payload's bytes, all of them (with ``payload_bytes``, fewer may be shown)."""
 
 
 class SourceDeadLetters(_Body):

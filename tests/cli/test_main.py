@@ -150,13 +150,17 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     code, text, _ = trail
     assert code == 0 and "matched 1 route" in text and "2 attempts" in text
     assert "retry-scheduled" in text and "dead-lettered" in text
-    purged, sources = await _side_by_side(
-        _cli("dlq", "purge", "--all", *plain), _cli("sources", *plain)
+    purged, sources, set_aside = await _side_by_side(
+        _cli("dlq", "purge", "--all", *plain),
+        _cli("sources", *plain),
+        _cli("sources", "--dead-letters", *plain),
     )
     code, text, _ = purged
     assert (code, text) == (0, "purged 1 dead letter\n")
     code, text, _ = sources
     assert (code, text) == (0, "no sources running\n")
+    code, text, _ = set_aside
+    assert (code, text) == (0, "no source dead letters\n")
 
 
 async def test_cli_errors_are_one_line() -> None:

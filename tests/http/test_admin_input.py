@@ -44,6 +44,8 @@ BAD_INPUT = [
     ("GET", "/events/trail?source=a%00&id=x", "source"),
     ("GET", "/events/trail?source=s&id=%00", "id"),
     ("GET", "/sources/dead-letters?source=%00", "source"),
+    ("GET", "/sources/dead-letters?payload_bytes=0", "payload_bytes"),
+    ("GET", f"/sources/dead-letters?payload_bytes={HUGE}", "payload_bytes"),
     ("POST", "/targets/a%00b/enable", "target name"),
 ]
 

@@ -56,3 +56,20 @@ async def test_dead_letters_keep_payload_error_and_meta(database_dsn: str) -> No
         assert ctx.status.last_error == "binary junk"
         with pytest.raises(ValueError, match="limit"):
             await list_dead_letters(pool, limit=0)
+
+
+async def test_a_listing_reads_only_the_start_of_each_payload_when_asked(
+    database_dsn: str,
+) -> None:
+    # Fifty set-aside messages of 5 MB made the console read 262 MB every 5 s to show 200
+    # characters of each.
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "big", Recorder())
+        await ctx.dead_letter("é" * 3_000_000, "too big")  # 6 MB of two-byte characters
+        await ctx.dead_letter(b"\xff" * 1000, "binary")
+        binary, text = await list_dead_letters(pool, source="big", payload_bytes=201)
+        # cut inside a character: the half is left out, the text stays text
+        assert text["payload"] == "é" * 100 and text["payload_size"] == 6_000_000
+        assert binary["payload_base64"] == "/" * 268 and binary["payload_size"] == 1000
+        whole, _ = await list_dead_letters(pool, source="big", limit=2)
+        assert whole["payload_size"] == 1000 and len(whole["payload_base64"]) == 1336

@@ -112,6 +112,7 @@ const pages = {
   targets: loadTargets,
 };
 let refresh = 0; // the overview and targets pages refresh themselves while shown
+let refreshing = false; // one refresh at a time: a slow one is not joined by the next
 
 function show() {
   const name = location.hash.slice(1).split("?")[0] || "live";
@@ -121,7 +122,17 @@ function show() {
   if (page !== "live") stopLive();
   clearInterval(refresh);
   $("page-error").textContent = "";
-  if (page === "overview" || page === "targets") refresh = setInterval(() => load(page), 5000);
+  if (page === "overview" || page === "targets") {
+    refresh = setInterval(async () => {
+      if (refreshing) return;
+      refreshing = true;
+      try {
+        await load(page);
+      } finally {
+        refreshing = false;
+      }
+    }, 5000);
+  }
   load(page);
 }
 
@@ -709,7 +720,8 @@ async function loadTargets() {
     api("GET", "/sources"),
     api("GET", "/stats/rates"),
     api("GET", "/stats/targets"),
-    api("GET", "/sources/dead-letters?limit=50"),
+    // the start of each payload only: a set-aside message may be megabytes
+    api("GET", "/sources/dead-letters?limit=50&payload_bytes=200"),
   ]);
   const span = activity.window; // 5 minutes, less while the process is younger
   $("targets-window").textContent = `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
@@ -757,7 +769,9 @@ async function loadTargets() {
   $("source-dl-rows").replaceChildren(
     ...setAside.items.map((d) => {
       const payload = d.payload ?? (d.payload_base64 ? `base64: ${d.payload_base64}` : "");
-      return row([d.id, d.source, d.received_at, d.error, payload.length > 200 ? `${payload.slice(0, 200)}…` : payload]);
+      const shown = payload.length > 200 ? `${payload.slice(0, 200)}…` : payload;
+      const cut = d.payload_size > 200 ? ` (${d.payload_size} bytes)` : "";
+      return row([d.id, d.source, d.received_at, d.error, shown + cut]);
     }),
   );
 }
