@@ -9,6 +9,7 @@ the whole body) and *binary* (attributes as headers, ``data`` as the raw body; s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -230,9 +231,9 @@ def from_kafka(
     A ``content-type`` starting with ``application/cloudevents`` means structured mode;
     otherwise ``ce_`` headers mean binary mode (a record with no value has no data); a record
     with neither is read as a structured event. A UTF-8 record key becomes the ``partitionkey``
-    extension unless the event sets one. Raises :class:`CloudEventError`: 400 (invalid event,
-    header that is not UTF-8, structured record without value), 413, or 415 (a CloudEvents
-    format other than JSON).
+    extension unless the event sets one, or could not stay valid with it. Raises
+    :class:`CloudEventError`: 400 (invalid event, header that is not UTF-8, structured record
+    without value), 413, or 415 (a CloudEvents format other than JSON).
     """
     lowered: dict[str, str] = {}
     for name, raw in headers:
@@ -251,19 +252,29 @@ def from_kafka(
         check_size(len(value), max_size)
         event = parse_json(value)
         if partition_key is not None and type(event) is dict and "partitionkey" not in event:
-            event["partitionkey"] = partition_key
+            # The key joins the event only if the event stays valid with it: a key of 9,000
+            # bytes (past the attributes' room) or one extension too many failed a valid event.
+            with contextlib.suppress(CloudEventError):
+                return validate(
+                    {**event, "partitionkey": partition_key}, max_size=max_size, size=len(value)
+                )
         return validate(event, max_size=max_size, size=len(value))
     attributes = {name[3:]: text for name, text in lowered.items() if name.startswith("ce_")}
-    if partition_key is not None:
-        attributes.setdefault("partitionkey", partition_key)
-    header_size = sum(len(name) + len(text) for name, text in attributes.items())
-    return event_from_binary(
-        attributes,
-        content_type or attributes.get("datacontenttype"),
-        value,
-        header_size=header_size,
-        max_size=max_size,
-    )
+
+    def binary(attributes: dict[str, str]) -> dict[str, Any]:
+        header_size = sum(len(name) + len(text) for name, text in attributes.items())
+        return event_from_binary(
+            attributes,
+            content_type or attributes.get("datacontenttype"),
+            value,
+            header_size=header_size,
+            max_size=max_size,
+        )
+
+    if partition_key is not None and "partitionkey" not in attributes:  # as above
+        with contextlib.suppress(CloudEventError):
+            return binary({**attributes, "partitionkey": partition_key})
+    return binary(attributes)
 
 
 def kafka_key_attribute(key: bytes | None) -> str | None:

@@ -355,3 +355,20 @@ def test_batch_entries_are_capped_before_any_is_validated() -> None:
     assert f"more than the limit of {DEFAULT_MAX_BATCH_ENTRIES}" in info.value.detail
     with pytest.raises(CloudEventError, match="3 events, more than the limit of 2"):
         parse_http(headers, orjson.dumps([event] * 3), max_entries=2)
+
+
+def test_a_key_that_cannot_join_a_valid_event_stays_out_of_it() -> None:
+    # A valid event with a 9,000-byte key (past the attributes' room) or with the most
+    # extensions an event may have was refused because of the key.
+    long_key = b"k" * 9000
+    structured = orjson.dumps({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"})
+    event = from_kafka([("content-type", b"application/cloudevents+json")], long_key, structured)
+    assert event["id"] == "1" and "partitionkey" not in event
+    headers = [("ce_specversion", b"1.0"), ("ce_id", b"2"), ("ce_source", b"/s"), ("ce_type", b"t")]
+    headers += [(f"ce_x{i}", b"v") for i in range(50)]
+    event = from_kafka(headers, b"short-key", b"")
+    assert event["id"] == "2" and "partitionkey" not in event and event["x49"] == "v"
+    # a key that fits still joins, and an invalid event is refused for what it is
+    assert from_kafka(headers[:4], b"short-key", b"")["partitionkey"] == "short-key"
+    with pytest.raises(CloudEventError, match="'type'"):
+        from_kafka(headers[:3], long_key, b"")
