@@ -404,8 +404,17 @@ def validate(
     if nulls:
         event = {k: v for k, v in event.items() if v is not None or k == "data"}
     content_type = event.get("datacontenttype")
-    if content_type is not None and ";" in content_type:
-        _check_charset(content_type, event.get("data"))
+    if content_type is not None:
+        data = event.get("data")
+        if data is not None and type(data) is not str and not is_json(media_type(content_type)):
+            # JSON format 3.1.1: such data is a string. Taken as it came, it was sent as its JSON
+            # text under that type, or as bytes; read back, it was not what was published.
+            raise CloudEventError(
+                f"'data' under datacontenttype {_clip(content_type)} must be a string; "
+                "carry bytes as 'data_base64'"
+            )
+        if ";" in content_type:
+            _check_charset(content_type, data)
     if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES:
         _check_headers(event)
     _check_depth(event.get("data"))
