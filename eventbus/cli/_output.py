@@ -140,6 +140,8 @@ def _event_trail(body: Any, out: TextIO) -> None:
     out.write(f"\n{_plural(len(body['attempts']), 'attempt')}\n")
     if body["attempts"]:
         out.write(table(body["attempts"], _ATTEMPT_COLUMNS))
+    if body.get("truncated"):
+        out.write("\n(the latest only: there are more matches or attempts; --json has as many)\n")
 
 
 def _dead_letter(body: Any, out: TextIO) -> None:

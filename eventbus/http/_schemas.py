@@ -119,7 +119,8 @@ class EventTrail(_Body):
     """An event as first accepted, every rule it matched and every delivery attempt (a
     destination's delivery among them, its rule ``<rule>#on-success`` or ``#on-failure``);
     ``cause``: the event it answers, when it is a function's reply (null otherwise);
-    ``caused``: the replies that answer it (the first 100)."""
+    ``caused``: the replies that answer it (the first 100); ``truncated``: the matches or the
+    attempts are only their latest 1,000."""
 
     event: dict[str, Any]
     received_at: str
@@ -128,6 +129,7 @@ class EventTrail(_Body):
     attempts: list[Attempt]
     cause: EventKey | None
     caused: list[CausedEvent]
+    truncated: bool
 
 
 class EventSummary(_Body):

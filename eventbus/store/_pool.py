@@ -38,6 +38,9 @@ CAUSE_SOURCE, CAUSE_ID = "eventbuscausesource", "eventbuscauseid"
 the dispatcher sets them, the trail follows them both ways."""
 CAUSED_LIMIT = 100
 """The replies a trail lists at most."""
+TRAIL_LIMIT = 1000
+"""The matches, and the attempts, a trail lists at most: the latest (an event accepted again
+and again, or retried for days, has had 400,000 attempt rows, 383 MiB to read at once)."""
 
 
 def cause_of(event: Mapping[str, Any]) -> dict[str, str] | None:
@@ -101,7 +104,8 @@ class EventTrail:
     ``matches`` items: rule, target, at. ``attempts`` items: rule, target, attempt, outcome,
     status, duration_ms, error, at (a destination's delivery is among them, its rule
     ``orders#on-success``). ``caused`` items: source, id, type, received_at, via, the first
-    ``CAUSED_LIMIT``. All in time order; ``at`` values are datetimes.
+    ``CAUSED_LIMIT``. All in time order; ``at`` values are datetimes. ``truncated``: the
+    matches or the attempts are only their latest ``TRAIL_LIMIT``.
     """
 
     event: dict[str, Any]
@@ -110,6 +114,7 @@ class EventTrail:
     matches: list[dict[str, Any]]
     attempts: list[dict[str, Any]]
     caused: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    truncated: bool = False
 
     @property
     def cause(self) -> dict[str, str] | None:
@@ -127,6 +132,7 @@ class EventTrail:
             "attempts": [_jsonable(a) for a in self.attempts],
             "cause": self.cause,
             "caused": [_jsonable(c) for c in self.caused],
+            "truncated": self.truncated,
         }
 
 
@@ -206,9 +212,10 @@ class Store:
             event=loads_jsonb(first["event"]),
             received_at=first["received_at"],
             via=first["via"],
-            matches=[dict(row) for row in matches],
-            attempts=[dict(row) for row in attempts],
+            matches=[dict(row) for row in matches[-TRAIL_LIMIT:]],
+            attempts=[dict(row) for row in attempts[-TRAIL_LIMIT:]],
             caused=[dict(row) for row in caused],
+            truncated=len(matches) > TRAIL_LIMIT or len(attempts) > TRAIL_LIMIT,
         )
 
     async def search_events(
@@ -259,15 +266,20 @@ class Store:
             )
             if first is None:
                 return None
+            # the latest TRAIL_LIMIT (one more: whether there are more), in time order
             matches = await conn.fetch(
-                "SELECT rule, target, at FROM matches WHERE source = $1 AND id = $2 "
+                "SELECT rule, target, at FROM (SELECT rule, target, at, seq FROM matches "
+                "WHERE source = $1 AND id = $2 ORDER BY at DESC, seq DESC LIMIT $3) AS latest "
                 "ORDER BY at, seq",
                 *key,
+                TRAIL_LIMIT + 1,
             )
             attempts = await conn.fetch(
-                "SELECT rule, target, attempt, outcome, status, duration_ms, error, at "
-                "FROM attempts WHERE source = $1 AND id = $2 ORDER BY at, seq",
+                "SELECT rule, target, attempt, outcome, status, duration_ms, error, at FROM "
+                "(SELECT * FROM attempts WHERE source = $1 AND id = $2 "
+                "ORDER BY at DESC, seq DESC LIMIT $3) AS latest ORDER BY at, seq",
                 *key,
+                TRAIL_LIMIT + 1,
             )
             # served by the partial index of migration 0006 (the same expressions)
             caused = await conn.fetch(

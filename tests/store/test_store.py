@@ -13,7 +13,7 @@ import pytest
 from eventbus._errors import ConfigError, StoreError
 from eventbus.bus._nats_server import free_port as _free_port
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, EventCursor, Store
-from eventbus.store._pool import _search_query
+from eventbus.store._pool import TRAIL_LIMIT, _search_query
 
 
 def _event(n: int = 1, **extra: Any) -> dict[str, Any]:
@@ -89,6 +89,34 @@ async def test_event_trail_returns_event_matches_and_attempts_in_order(database_
         assert (row["type"], row["subject"]) == ("object.created", "photos/cat.jpg")
         assert row["size"] == 321
         assert row["time"].isoformat() == "2026-11-28T12:00:00+00:00"
+
+
+async def test_a_trail_lists_the_latest_attempts_and_says_it_is_cut(database_dsn: str) -> None:
+    # 400,000 attempt rows of one event were read at once (383 MiB for one request).
+    async with await Store.open(database_dsn) as store:
+        event = _event()
+        await store.audit.event_accepted(event, via="http")
+        await store.audit.rule_matched(event, "r", "fn")
+        for number in range(1, TRAIL_LIMIT + 6):
+            attempt = Attempt(
+                event=event,
+                rule="r",
+                target="fn",
+                number=number,
+                outcome=AttemptOutcome.RETRY_SCHEDULED,
+                status=503,
+            )
+            await store.audit.attempt(attempt)
+        await store.audit.flush()
+        trail = await store.event_trail("/uploads", "evt-1")
+        assert trail is not None and trail.truncated and len(trail.matches) == 1
+        numbers = [a["attempt"] for a in trail.attempts]
+        assert numbers == list(range(6, TRAIL_LIMIT + 6))  # the latest, in time order
+        assert trail.to_dict()["truncated"] is True
+        await store.audit.event_accepted(_event(2), via="http")
+        await store.audit.flush()
+        whole = await store.event_trail("/uploads", "evt-2")
+        assert whole is not None and not whole.truncated
 
 
 async def test_unknown_event_has_no_trail(database_dsn: str) -> None:
