@@ -141,7 +141,7 @@ def _event_trail(body: Any, out: TextIO) -> None:
     if body["attempts"]:
         out.write(table(body["attempts"], _ATTEMPT_COLUMNS))
     if body.get("truncated"):
-        out.write("\n(the latest only: there are more matches or attempts; --json has as many)\n")
+        out.write("\n(only the latest 1,000 matches and 1,000 attempts are listed)\n")
 
 
 def _dead_letter(body: Any, out: TextIO) -> None:
