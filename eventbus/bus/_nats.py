@@ -135,6 +135,24 @@ async def _hand_back(batch: deque[Msg]) -> None:
             await batch.popleft().nak()
 
 
+_LATE_WAIT = 0.05
+"""Seconds to wait for each message already queued for a pull that gave up waiting."""
+
+
+async def _hand_back_late(psub: JetStreamContext.PullSubscription) -> None:
+    """Nak what arrived for a pull after it stopped waiting (a linger of 5 ms ran out first on
+    a busy loop): it waits in the subscription's queue for the next fetch, which an iterator
+    that ends never makes, and waited out ack_wait (30 s) instead. Such a fetch takes the
+    queue's messages without asking the server."""
+    late: deque[Msg] = deque()
+    while psub.pending_msgs > 0:
+        try:
+            late.extend(await psub.fetch(1, timeout=_LATE_WAIT))
+        except (TimeoutError, nats.errors.Error):
+            break
+    await _hand_back(late)
+
+
 class _NatsMessage(DecodedMessage):
     __slots__ = ("_bus", "_raw", "_settled", "_window")
 
@@ -201,6 +219,7 @@ class NatsBus:
         self._unsettled: set[_NatsMessage] = set()
         # Per iterator: fetched but not yet handed out (handed back on close).
         self._batches: list[deque[Msg]] = []
+        self._pulls: set[JetStreamContext.PullSubscription] = set()
 
     async def __aenter__(self) -> Self:
         """Connect and make sure the stream exists.
@@ -289,6 +308,8 @@ class NatsBus:
                 await msg.nak()
         for batch in self._batches:
             await _hand_back(batch)
+        for psub in list(self._pulls):
+            await _hand_back_late(psub)
         # Not drain(): it waits for every pull subscription's queue to empty, which a consumer
         # that stopped iterating never does. Flushing is enough to get acks and naks out.
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
@@ -425,6 +446,7 @@ class NatsBus:
         window = InFlightWindow(cfg.max_in_flight)
         batch: deque[Msg] = deque()
         self._batches.append(batch)
+        self._pulls.add(psub)
         try:
             while not self._closing:
                 stop_if_cancelled()  # nats-py's fetch may lose a cancellation (3.11)
@@ -456,6 +478,9 @@ class NatsBus:
                 yield msg
         finally:
             self._batches.remove(batch)
+            self._pulls.discard(psub)
+            if not self._closing:  # (closing, the bus did this while it could)
+                await _hand_back_late(psub)
             # Unsubscribed first: a pull of this subscription still waiting on the server
             # (lingering, say) could otherwise be given the messages handed back, which the
             # unsubscribed inbox then drops (they wait out ack_wait).
