@@ -542,8 +542,10 @@ $("dl-rows").addEventListener("click", async (e) => {
   $("dl-detail").hidden = false;
 });
 
+// How many dead letters match, and the newest time among them (the server's clock).
 async function countDeadLetters(params) {
   let count = 0;
+  let newest = -Infinity;
   let after = null;
   for (;;) {
     const query = new URLSearchParams(params);
@@ -551,7 +553,8 @@ async function countDeadLetters(params) {
     if (after !== null) query.set("after", after);
     const page = await api("GET", `/dead-letters?${query}`);
     count += page.items.length;
-    if (page.next_after === null) return count;
+    for (const d of page.items) newest = Math.max(newest, Date.parse(d.created_at));
+    if (page.next_after === null) return { count, newest };
     after = page.next_after;
   }
 }
@@ -576,9 +579,9 @@ async function onFiltered(verb, method, path) {
   const params = deadFilter();
   const filtered = params.toString() !== "";
   if (!filtered) params.set("all", "true");
-  let count;
+  let count, newest;
   try {
-    count = await countDeadLetters(deadFilter());
+    ({ count, newest } = await countDeadLetters(deadFilter()));
   } catch (err) {
     $("dl-message").textContent = err.message;
     return;
@@ -587,6 +590,12 @@ async function onFiltered(verb, method, path) {
     $("dl-message").textContent = "no dead letters match";
     return;
   }
+  // Act on those counted, not on those dead-lettered while the dialog waits: before the
+  // newest of them (a millisecond past it, as the server's times have microseconds).
+  const bound = newest + 1;
+  const until = params.get("until");
+  if (until === null || Date.parse(until) > bound) params.set("until", new Date(bound).toISOString());
+  params.delete("all");
   const scope = filtered ? "matching the filter" : "(every dead letter: no filter given)";
   if (!(await confirmAction(`${verb} ${count} dead letter${count === 1 ? "" : "s"} ${scope}?`))) return;
   await act(async () => {
