@@ -245,12 +245,11 @@ async def test_healthz_answers_as_soon_as_the_process_listens(
         pass
 
 
-@pytest.mark.timeout(120)
-async def test_a_signal_during_the_start_stops_the_service_once_started(
+async def _started_listening(
     tmp_path: Path, nats_url: str, database_dsn: str
-) -> None:
-    # The HTTP server took the signals only once it ran, after the service's start: one sent
-    # while the service started was ignored, and the service ran on.
+) -> tuple[asyncio.subprocess.Process, int]:
+    """``eventbus serve`` (one process), once it says it listens: bound, and starting the
+    service before the HTTP server runs."""
     port = free_port()
     write_config(tmp_path, rules="[]", targets=[])
     config = tmp_path / "settings.yaml"
@@ -262,10 +261,24 @@ async def test_a_signal_during_the_start_stops_the_service_once_started(
     )
     assert proc.stderr is not None
     try:
-        # right after it says so: bound, and starting the service before the server runs
         async with asyncio.timeout(30):
             while b"listening on" not in await proc.stderr.readline():
                 pass
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, port
+
+
+@pytest.mark.timeout(120)
+async def test_a_signal_during_the_start_stops_the_service_once_started(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # The HTTP server took the signals only once it ran, after the service's start: one sent
+    # while the service started was ignored, and the service ran on.
+    proc, _ = await _started_listening(tmp_path, nats_url, database_dsn)
+    try:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
@@ -282,20 +295,8 @@ async def test_a_sighup_during_the_start_is_not_the_end_of_it(
 ) -> None:
     # Its default action ended the process while the service started (leaving the embedded
     # servers running, on the embedded default); once started, SIGHUP reloads the rules.
-    port = free_port()
-    write_config(tmp_path, rules="[]", targets=[])
-    config = tmp_path / "settings.yaml"
-    settings = settings_for(tmp_path, database_url=database_dsn, nats_url=nats_url, port=port)
-    config.write_text(yaml.safe_dump(settings))
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "eventbus", "serve", "--config", str(config)),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
+    proc, port = await _started_listening(tmp_path, nats_url, database_dsn)
     try:
-        async with asyncio.timeout(30):
-            while b"listening on" not in await proc.stderr.readline():
-                pass
         proc.send_signal(signal.SIGHUP)  # while the service starts
         async with aiohttp.ClientSession() as session:
 

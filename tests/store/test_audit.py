@@ -30,6 +30,14 @@ async def _count(store: Store, table: str) -> int:
     return count
 
 
+async def _unhealthy(store: Store, **thresholds: float) -> str:
+    """Why the audit writer reports itself unhealthy, once it does (within ``BOUND``)."""
+    await eventually(lambda: not store.audit.health(**thresholds)[0], within=BOUND)
+    healthy, why = store.audit.health(**thresholds)
+    assert not healthy
+    return why
+
+
 async def test_many_rows_land_in_batches(database_dsn: str) -> None:
     async with await Store.open(database_dsn, audit_batch=100) as store:
         for n in range(1000):
@@ -312,13 +320,7 @@ async def test_a_server_side_failure_is_retried_not_quarantined_and_reported(
         try:
             await store.audit.rule_matched(_event(1), "r", "t")
             flushed = asyncio.ensure_future(store.audit.flush())
-
-            def stalled() -> bool:
-                return not store.audit.health(stall_after=0.2)[0]
-
-            await eventually(stalled, within=BOUND)
-            healthy, why = store.audit.health(stall_after=0.2)
-            assert not healthy
+            why = await _unhealthy(store, stall_after=0.2)
             assert "1 rows waiting" in why and "matches" in why
             assert not flushed.done()
         finally:
@@ -356,12 +358,7 @@ async def test_a_write_that_never_returns_turns_health_red(database_dsn: str) ->
             await holder.execute("LOCK TABLE matches IN ACCESS EXCLUSIVE MODE")
             await store.audit.rule_matched(_event(1), "r", "t")
             flushed = asyncio.ensure_future(store.audit.flush())
-
-            def stalled() -> bool:
-                return not store.audit.health(unanswered_after=0.3)[0]
-
-            await eventually(stalled, within=BOUND)
-            _, why = store.audit.health(unanswered_after=0.3)
+            why = await _unhealthy(store, unanswered_after=0.3)
             assert "writing 1 audit rows unanswered for" in why and "1 rows waiting" in why
             assert store.audit.health() == (True, "ok")  # within the default 45 s
             assert not flushed.done()
