@@ -13,6 +13,7 @@ non-bool result is "no match", reported through ``Verdict`` so that the caller c
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import re
@@ -20,14 +21,14 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import celpy
 import lark
 from celpy import celtypes
 from celpy.adapter import json_to_cel
 from celpy.celparser import CELParseError, CELParser
-from celpy.evaluation import CELEvalError, TranspilerTree, base_functions
+from celpy.evaluation import CELEvalError, Evaluator, TranspilerTree, base_functions, eval_error
 
 from eventbus._errors import RuleError
 from eventbus.rules._cel_fast import SPANNING, Contained, FastCondition, Unsure, compile_fast
@@ -202,6 +203,34 @@ class _CompiledRunner(celpy.CompiledRunner):
         if isinstance(value, CELEvalError):
             raise value
         return value
+
+
+class _Evaluator(Evaluator):
+    """cel-python's interpreter, its ``all`` and ``exists`` combining the elements' results
+    with ``_logic``. Its own call ``celtypes.logical_and``/``logical_or`` themselves, not the
+    ``_&&_``/``_||_`` functions given to it: over a list of elements that each fail, the
+    reason doubled per element (134 MB and 1.4 s at 24 elements of an event under 1 KB)."""
+
+    def member_dot_arg(self, tree: lark.Tree[lark.Token]) -> Any:
+        method = str(tree.children[1])
+        if method not in ("all", "exists"):
+            return super().member_dot_arg(tree)
+        items = self.visit(cast(lark.Tree[lark.Token], tree.children[0]))
+        if isinstance(items, CELEvalError):
+            return items
+        combine = _TYPED_LOGIC["logical_and" if method == "all" else "logical_or"]
+        # as cel-python does: every element is evaluated, a TypeError is an error value
+        step = eval_error("no such overload", TypeError)(combine)
+        return functools.reduce(
+            step, map(self.build_ss_macro_eval(tree), items), celtypes.BoolType(method == "all")
+        )
+
+
+class _InterpretedRunner(celpy.InterpretedRunner):
+    """cel-python's interpreter runner, on ``_Evaluator``."""
+
+    def evaluate(self, context: Any) -> Any:
+        return _Evaluator(ast=self.ast, activation=self.new_activation()).evaluate(context)
 
 
 # cel-python 0.5 builds its lark parser once per process, with the tree class of the first
@@ -537,7 +566,7 @@ def _runner(tree: lark.Tree[lark.Token], *, interpreted: bool) -> celpy.Runner:
             # The transpiler writes some valid CEL as invalid Python (`010`, a decimal with a
             # leading zero, becomes the Python literal 010): the interpreter reads it right.
             pass
-    return celpy.InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
+    return _InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
 
 
 def _calls_has(tree: lark.Tree[lark.Token]) -> bool:

@@ -312,6 +312,10 @@ class _Compiler:
 
     def _member_dot(self, parent: Any, name: lark.Token) -> FastCondition:
         container, key = self._target(self.node(parent)), str(name)
+        # each runner's own words
+        missing = f"no such member in mapping: {key!r}"
+        if not self._interpreted:
+            missing += f": {key}"
 
         def field(event: dict[str, Any]) -> Any:
             value = container(event)
@@ -320,20 +324,27 @@ class _Compiler:
             try:
                 return value[key]
             except KeyError:
-                raise Contained(f"no such member in mapping: {key!r}: {key}") from None
+                raise Contained(missing) from None
 
         return field
 
     def _member_index(self, parent: Any, index: Any) -> FastCondition:
         container, key = self.node(parent), self.node(index)
+        interpreted = self._interpreted
 
         def item(event: dict[str, Any]) -> Any:
+            if interpreted and type(_value(container, event)) is Contained:
+                raise Unsure  # the interpreter names the index's type ("CELEvalError[int]")
             value, at = _pair(container, key, event)
             kind = type(value)
             if kind is dict and type(at) is str:
                 if at in value:
                     return value[at]
-                raise Contained(f"no such member in mapping: StringType({at!r}): {at}")
+                raise Contained(
+                    f"no such key: {at}"  # each runner's own words
+                    if interpreted
+                    else f"no such member in mapping: StringType({at!r}): {at}"
+                )
             if kind is list and type(at) is int and 0 <= at < len(value):
                 return value[at]
             raise Unsure  # cel-python reads `list[-1]` as Python does

@@ -172,3 +172,37 @@ def test_logic_on_cel_python_keeps_its_answers(interpreted: bool) -> None:
             assert verdict is Verdict.ERROR and expected in reason, source
         else:
             assert verdict in (Verdict.MATCH, Verdict.NO_MATCH), source
+
+
+@pytest.mark.parametrize("macro", ["exists", "all"])
+def test_a_macro_over_failing_elements_on_the_interpreter_gives_one_short_reason(
+    macro: str,
+) -> None:
+    # has() puts a condition on cel-python's interpreter, whose all() and exists() combined
+    # the elements' errors with cel-python's own || and &&: 134 MB of reason at 24 elements.
+    source = f"has(event.data.items) && event.data.items.{macro}(x, x.gone == 1)"
+    event = {"data": {"items": [{"sku": "a"}] * 24}}
+    verdict, reason = compile_condition(source).evaluate(activation(event))
+    assert verdict is Verdict.ERROR and "gone" in reason and len(reason) < 100
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [],
+        [{"n": 1}],
+        [{"n": 2}],
+        [{"m": 1}],
+        [{"m": 1}, {"n": 1}],
+        [{"n": 2}, {"m": 1}],
+        [1, {"n": 1}],
+    ],
+)
+@pytest.mark.parametrize("macro", ["exists", "all"])
+def test_macros_on_the_interpreter_keep_cel_pythons_verdicts(macro: str, items: list[Any]) -> None:
+    source = f"has(event.data.items) && event.data.items.{macro}(x, x.n == 1)"
+    tree = _ENV.compile(source)
+    ours = Condition(source, _runner(tree, interpreted=True))
+    stock = Condition(source, celpy.InterpretedRunner(_ENV, tree))
+    context = activation({"data": {"items": items}})
+    assert ours.evaluate(context)[0] is stock.evaluate(context)[0]
