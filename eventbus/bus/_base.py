@@ -150,11 +150,13 @@ def wire_decode(payload: bytes) -> tuple[dict[str, Any], str | None]:
     """Read a bus payload: ``(event, None)`` for a valid CloudEvent, ``({}, why)`` otherwise.
 
     The event is validated again (anyone able to reach the broker could have written the
-    message) against every rule but the size limit: a limit lowered since the event was
-    accepted must not turn it away.
+    message) against every rule but those that may have come since it was accepted: a size
+    limit lowered, a rule on its data (``stored``). Either must not turn away an event answered
+    202 before.
     """
     try:
-        return validate(parse_json(payload), max_size=_NO_SIZE_LIMIT, size=len(payload)), None
+        event = parse_json(payload)
+        return validate(event, max_size=_NO_SIZE_LIMIT, size=len(payload), stored=True), None
     except CloudEventError as exc:
         return {}, f"not a valid CloudEvent: {exc}"
 

@@ -356,7 +356,11 @@ def _too_deep(container: Any, budget: int) -> bool:
 
 
 def validate(
-    event: object, *, max_size: int = DEFAULT_MAX_EVENT_SIZE, size: int | None = None
+    event: object,
+    *,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
+    size: int | None = None,
+    stored: bool = False,
 ) -> dict[str, Any]:
     """Check that ``event`` is a CloudEvents 1.0 event in JSON form and return it.
 
@@ -369,7 +373,9 @@ def validate(
     malformed attribute, an unknown value type, both ``data`` and ``data_base64``, a ``time``
     outside years 1-9999 in UTC, ``data`` nested deeper than :data:`MAX_DATA_DEPTH`, more than
     :data:`MAX_EXTENSIONS` extensions or attributes over :data:`MAX_HEADER_BYTES` as headers;
-    413 when the event is larger than ``max_size`` bytes.
+    413 when the event is larger than ``max_size`` bytes. Data that is not a string under a
+    ``datacontenttype`` that is not JSON is refused too, unless the event is ``stored``: one the
+    bus holds, accepted before that rule (it is then delivered as it was accepted).
     """
     if type(event) is not dict:
         raise CloudEventError(f"an event must be a JSON object, got {type(event).__name__}")
@@ -406,7 +412,12 @@ def validate(
     content_type = event.get("datacontenttype")
     if content_type is not None:
         data = event.get("data")
-        if data is not None and type(data) is not str and not is_json(media_type(content_type)):
+        if (
+            data is not None
+            and type(data) is not str
+            and not stored
+            and not is_json(media_type(content_type))
+        ):
             # JSON format 3.1.1: such data is a string. Taken as it came, it was sent as its JSON
             # text under that type, or as bytes; read back, it was not what was published.
             raise CloudEventError(
