@@ -141,13 +141,20 @@ class DeliveryStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self.writes = Outstanding()
-        """The statements without a deadline still awaited (readiness asks ``stalled``)."""
+        """The statements deliveries and the retry worker wait on, still awaited (readiness
+        asks ``stalled``)."""
 
-    async def _run(self, what: str, coro: Any, *, deadline: float | None = None) -> Any:
-        if deadline is not None:
+    async def _run(
+        self, what: str, coro: Any, *, deadline: float | None = None, watched: bool = False
+    ) -> Any:
+        """``run_db``; a ``watched`` statement (one a delivery or the retry worker waits on) is
+        counted in ``writes`` while it runs. Not the operator's bulk ones (a purge of millions
+        of dead letters may take minutes, and is no reason to take the instance out of
+        service)."""
+        if not watched:
             return await run_db(what, coro, deadline=deadline)
         with self.writes.write(what):
-            return await run_db(what, coro)
+            return await run_db(what, coro, deadline=deadline)
 
     async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
         """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns."""
@@ -164,6 +171,7 @@ class DeliveryStore:
                     waiting_for,
                     d.first_attempt_at,
                 ),
+                watched=True,
             )
         )
 
@@ -187,6 +195,7 @@ class DeliveryStore:
                 instance,
                 list(skip),
             ),
+            watched=True,
         )
         return [_pending(r) for r in rows]
 
@@ -204,6 +213,7 @@ class DeliveryStore:
                 list(claims.values()),
                 lease,
             ),
+            watched=True,
         )
 
     async def next_due_in(self) -> float | None:
@@ -215,6 +225,7 @@ class DeliveryStore:
                 "SELECT extract(epoch FROM due_at - now()) FROM delivery_retries"
                 " WHERE due_at > now() AND locked_until IS NULL ORDER BY due_at LIMIT 1"
             ),
+            watched=True,
         )
         return None if value is None else float(value)
 
@@ -235,6 +246,7 @@ class DeliveryStore:
                 waiting_for,
                 d.claim,
             ),
+            watched=True,
         )
         return str(status) != "UPDATE 0"
 
@@ -247,6 +259,7 @@ class DeliveryStore:
                 d.pending_id,
                 d.claim,
             ),
+            watched=True,
         )
         return str(status) != "DELETE 0"
 
@@ -286,7 +299,7 @@ class DeliveryStore:
                 )
                 return int(dl_id)
 
-        result: int | None = await self._run("storing a dead letter", tx())
+        result: int | None = await self._run("storing a dead letter", tx(), watched=True)
         return result
 
     async def backlog(self) -> int:

@@ -118,3 +118,23 @@ async def test_a_write_that_never_returns_is_reported_stalled(
         await holder.close()
     await asyncio.wait_for(scheduled, 30)
     assert store.writes.stalled(after=0.0) is None
+
+
+async def test_an_operators_bulk_work_is_not_a_stalled_write(
+    store: DeliveryStore, database_dsn: str
+) -> None:
+    # A purge of millions of dead letters may take minutes: it made readiness report the
+    # database stalled, taking the instance out of service while it ran.
+    holder = await asyncpg.connect(database_dsn)
+    try:
+        locked = holder.transaction()
+        await locked.start()
+        await holder.execute("LOCK TABLE dead_letters IN ACCESS EXCLUSIVE MODE")
+        purging = asyncio.ensure_future(store.purge(DeadLetterFilter(target="fn")))
+        await asyncio.sleep(0.5)
+        assert not purging.done()
+        assert store.writes.stalled(after=0.1) is None
+        await locked.rollback()
+    finally:
+        await holder.close()
+    assert await asyncio.wait_for(purging, 30) == 0
