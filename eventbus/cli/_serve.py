@@ -61,7 +61,8 @@ _OTHER_FILES = 256
 _QUICK_EXIT = 10.0
 """Seconds after its start within which a worker's exit counts as failing to start."""
 _QUICK_EXITS_TO_GIVE_UP = 5
-"""Such exits in a row after which the parent stops everything and exits non-zero."""
+"""Such exits in a row of every worker after which the parent stops everything and exits
+non-zero."""
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -317,6 +318,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             for i, proc in enumerate(procs):
                 if stopping.is_set():
                     break
+                if proc is not None and proc.returncode is None and now - started[i] > _QUICK_EXIT:
+                    quick_exits[i] = 0  # it started: a run of failures ends
                 if proc is not None and proc.poll() is not None:
                     metrics.forget_process(proc.pid, shared / "metrics")
                     (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
@@ -324,10 +327,13 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     procs[i] = None
                     quick = now - started[i] < _QUICK_EXIT
                     quick_exits[i] = quick_exits[i] + 1 if quick else 0
-                    if quick_exits[i] >= _QUICK_EXITS_TO_GIVE_UP:
+                    # Only when none can start: with one serving, the others keep trying (a rule
+                    # file broken on disk fails a restarted worker, not the running ones).
+                    if min(quick_exits) >= _QUICK_EXITS_TO_GIVE_UP:
                         failed = (
-                            f"worker {i} exited {quick_exits[i]} times in a row within "
-                            f"{_QUICK_EXIT:g} s of its start (last with {proc.returncode})"
+                            f"every worker exited {_QUICK_EXITS_TO_GIVE_UP} times or more in a "
+                            f"row within {_QUICK_EXIT:g} s of its start (worker {i} last with "
+                            f"{proc.returncode})"
                         )
                         break
                     # one that keeps failing waits longer each time: 1, 2, 4 ... 30 s
