@@ -1,5 +1,6 @@
-"""The router's glue, with stand-ins for the bus, the rules, the dispatcher and the audit (the
-state machines here are the router's own; tests/app/test_router.py runs it on a real bus):
+"""The router's glue, with stand-ins for the rules, the dispatcher and the audit, and for the
+bus but in the last test (the state machines here are the router's own; tests/app/test_router.py
+runs it whole on a real bus):
 
 - its health (readiness reads it): a bus consumer that fails again and again turns it red,
   since events are still taken and answered 202 while none is routed; one that runs, idle or
@@ -12,14 +13,18 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eventbus._errors import StoreError
+from eventbus.bus import NatsBusConfig, open_bus
+from eventbus.config import NatsSettings
 from eventbus.router import _router
 from eventbus.router._router import Router
 from eventbus.rules import Route
+from tests.fixtures.nats import configured_nats_server, unique_name
 from tests.fixtures.wait import eventually
 
 
@@ -127,3 +132,46 @@ async def test_an_event_is_settled_only_once_every_route_has_ended() -> None:
     assert settled == "nak"
     [(target, ended)] = dispatcher.ended
     assert target == "b" and ended <= at
+
+
+async def test_a_consumer_the_nats_user_may_not_create_turns_the_router_red(
+    tmp_path: Path,
+) -> None:
+    # The same on a real nats-server: a user allowed everything but creating consumers. The
+    # service took events (answered 202) and routed none while /readyz said ok.
+    config = """
+jetstream { store_dir: "{store}" }
+authorization { users: [
+  {user: router, password: "router-password-01",
+   permissions: {
+     publish: {allow: [">"],
+               deny: ["$JS.API.CONSUMER.CREATE.>", "$JS.API.CONSUMER.DURABLE.CREATE.>"]},
+     subscribe: {allow: [">"]}}}
+] }
+"""
+    async with configured_nats_server(tmp_path / "nats", config) as port:
+        stream = unique_name("S")
+        url = f"nats://127.0.0.1:{port}"
+        bus_config = NatsBusConfig(
+            url=url,
+            stream=stream,
+            subject=f"{stream}.events",
+            durable=unique_name("d"),
+            connect_timeout=3.0,
+            auth=NatsSettings.model_validate(
+                {"url": url, "user": "router", "password": "router-password-01"}
+            ),
+        )
+        async with open_bus(bus_config) as bus:
+            router = Router(bus, None, None, None, None)  # type: ignore[arg-type]
+            running = asyncio.create_task(router._run())
+            try:
+                await eventually(
+                    lambda: not router.health(stall_after=1.0)[0], within=60, every=0.2
+                )
+                _, why = router.health(stall_after=1.0)
+                assert why.startswith("the bus consumer failing for"), why
+                assert "create consumer" in why, why
+            finally:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
