@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 import eventbus.sources  # noqa: F401  (registers every connector type)
 from eventbus._errors import BusUnavailable
 from eventbus.bus import open_bus
-from eventbus.bus._nats_server import free_port
 from eventbus.config import KafkaSettings
 from eventbus.sources import build_source
 from eventbus.targets import KafkaTarget, KafkaTargetSpec
@@ -41,16 +40,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def tansu(tansu_binary: str) -> Iterator[TansuBroker]:
-    broker = TansuBroker(tansu_binary, advertised_port=free_port())
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 @dataclass
 class TlsBroker:
     """``bootstrap`` takes TLS with a client certificate only (Tansu advertises it, so the
@@ -61,9 +50,17 @@ class TlsBroker:
 
 
 @pytest.fixture
-async def tls_broker(tansu: TansuBroker, pki: Pki) -> AsyncIterator[TlsBroker]:
-    async with tls_relay(tansu.port, pki, port=tansu.advertised_port) as relay:
-        yield TlsBroker(bootstrap=f"127.0.0.1:{relay.port}", relay=relay)
+async def tls_broker(tansu_binary: str, pki: Pki) -> AsyncIterator[TlsBroker]:
+    # The relay listens first, on a port the system gives it, and Tansu then advertises that
+    # port. A port chosen free and bound later was once taken in between (a CI run).
+    broker = TansuBroker(tansu_binary)
+    async with tls_relay(broker.port, pki) as relay:
+        broker.advertised_port = relay.port
+        broker.start()
+        try:
+            yield TlsBroker(bootstrap=f"127.0.0.1:{relay.port}", relay=relay)
+        finally:
+            broker.stop()
 
 
 def _mutual_tls(pki: Pki, **overrides: Any) -> dict[str, Any]:
