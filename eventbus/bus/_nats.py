@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
@@ -220,6 +221,7 @@ class NatsBus:
         # Per iterator: fetched but not yet handed out (handed back on close).
         self._batches: list[deque[Msg]] = []
         self._pulls: set[JetStreamContext.PullSubscription] = set()
+        self._violation: tuple[float, str] | None = None
 
     async def __aenter__(self) -> Self:
         """Connect and make sure the stream exists.
@@ -271,6 +273,16 @@ class NatsBus:
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("NATS connection to %s: %r", redact_url(self.config.url), exc)
+        if "permissions violation" in str(exc).lower():
+            self._violation = (time.monotonic(), str(exc))
+
+    def _violation_since(self, moment: float) -> str | None:
+        """The server's last "Permissions Violation" since ``moment``, if any. The server
+        answers a request its user may not make with that error on the connection, not on the
+        request, which then times out."""
+        if self._violation is not None and self._violation[0] >= moment:
+            return self._violation[1]
+        return None
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         cfg = self.config
@@ -431,6 +443,7 @@ class NatsBus:
                 cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer
             )
 
+        asked = time.monotonic()
         try:
             try:
                 await self._align_consumer(js)
@@ -442,6 +455,11 @@ class NatsBus:
                 await self._ensure_stream(js)
                 psub = await subscribe()
         except nats.errors.Error as exc:
+            refused = self._violation_since(asked)
+            if refused is not None:  # no waiting will help: the user may not do this
+                raise BusError(
+                    f"NATS create consumer {cfg.durable} failed: the server refused it: {refused}"
+                ) from exc
             raise _translate(exc, f"create consumer {cfg.durable}") from exc
         window = InFlightWindow(cfg.max_in_flight)
         batch: deque[Msg] = deque()
