@@ -20,6 +20,8 @@ and its ``deadlettererror`` attribute, a health reason), is cut by ``truncate_er
 
 from __future__ import annotations
 
+import time
+
 __all__ = [
     "MAX_ERROR_CHARS",
     "BusError",
@@ -28,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DeliveryError",
     "EventBusError",
+    "FailureRun",
     "PatternError",
     "RuleError",
     "RuleSetError",
@@ -155,3 +158,32 @@ def truncate_error(text: str) -> str:
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+class FailureRun:
+    """Failures in a row of one repeated operation (a component's health reads it): since
+    when, and the last one's text; ``ended`` once the operation succeeds."""
+
+    __slots__ = ("last", "since")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        """``time.monotonic()`` of the run's first failure; None while not failing."""
+        self.last = ""
+
+    def failed(self, exc: BaseException, *, new: bool = False) -> None:
+        """Count ``exc``: the first of a run unless one is under way (or ``new``)."""
+        if self.since is None or new:
+            self.since = time.monotonic()
+        self.last = truncate_error(f"{type(exc).__name__}: {exc}")
+
+    def ended(self) -> None:
+        self.since = None
+        self.last = ""
+
+    def longer_than(self, seconds: float) -> float | None:
+        """How long the run has lasted, once that is at least ``seconds``; else None."""
+        if self.since is None:
+            return None
+        lasted = time.monotonic() - self.since
+        return lasted if lasted >= seconds else None

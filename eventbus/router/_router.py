@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from eventbus import metrics
-from eventbus._errors import EventBusError, truncate_error
+from eventbus._errors import EventBusError, FailureRun
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, stop_with_grace
 from eventbus.bus import Bus, BusMessage
 from eventbus.delivery import Delivery, DeliveryKind, Dispatcher, invoke_rule, invoked_target
@@ -69,6 +69,10 @@ _HEALTHY_AFTER = 10.0
 """Seconds the bus consumer must run without failing to end a run of failures."""
 
 
+def _past(moment: float, seconds: float) -> bool:
+    return time.monotonic() - moment > seconds
+
+
 class Router:
     """Pulls bus messages and routes them until ``stop()``; see the module docstring."""
 
@@ -96,9 +100,7 @@ class Router:
         self._keeper: asyncio.Task[None] | None = None
         self._handling: dict[BusMessage, float] = {}
         self._feed = feed or LiveFeed()
-        # the consumer's failures in a row: since when, the last one, and the current attempt
-        self._failing_since: float | None = None
-        self._failure = ""
+        self._failures = FailureRun()  # the bus consumer's, in a row
         self._attempt_started = 0.0
 
     def start(self) -> None:
@@ -110,22 +112,22 @@ class Router:
         again and again for ``stall_after`` seconds (readiness reads this: events are taken
         and answered 202, and none is routed). An attempt that has run ``_HEALTHY_AFTER``
         seconds without failing, or received a message, ends such a run of failures."""
-        since = self._failing_since
+        since = self._failures.since
         if since is None:
             return True, "ok"
-        now = time.monotonic()
-        if self._attempt_started > since and now - self._attempt_started > _HEALTHY_AFTER:
+        if self._attempt_started > since and _past(self._attempt_started, _HEALTHY_AFTER):
             return True, "ok"
-        if now - since < stall_after:
+        failing = self._failures.longer_than(stall_after)
+        if failing is None:
             return True, "ok"
-        return False, f"the bus consumer failing for {now - since:.0f} s: {self._failure}"
+        return False, f"the bus consumer failing for {failing:.0f} s: {self._failures.last}"
 
     async def _run(self) -> None:
         while True:
             self._attempt_started = time.monotonic()
             try:
                 async for msg in self._bus.messages():
-                    self._failing_since = None
+                    self._failures.ended()
                     task = asyncio.create_task(self.handle(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
@@ -137,10 +139,8 @@ class Router:
                 # cancellation a client library turned into an error.)
                 stop_if_cancelled()
                 log.exception("bus consumer failed; resuming in 1 s")
-                now = time.monotonic()
-                if self._failing_since is None or now - self._attempt_started > _HEALTHY_AFTER:
-                    self._failing_since = now  # the first of a run of failures
-                self._failure = truncate_error(f"{type(exc).__name__}: {exc}")
+                # after a long enough attempt, the first of a new run
+                self._failures.failed(exc, new=_past(self._attempt_started, _HEALTHY_AFTER))
                 await asyncio.sleep(1.0)
 
     async def handle(self, msg: BusMessage) -> None:

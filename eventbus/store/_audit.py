@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import asyncpg
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, StoreError, truncate_error
+from eventbus._errors import ConfigError, FailureRun, StoreError, truncate_error
 from eventbus._rfc3339 import read_time
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.store._failures import STALLED_AFTER, Outstanding
@@ -152,8 +151,7 @@ class AuditWriter:
         self._enqueued = 0  # rows ever accepted; a flush waits for _done to reach this mark
         self._done = 0  # rows committed or dropped, in buffer order
         self._quarantined = 0
-        self._failing_since: float | None = None  # monotonic time the current write first failed
-        self._last_error: str | None = None
+        self._failures = FailureRun()  # of the current write
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -186,15 +184,12 @@ class AuditWriter:
         stalled = self.writes.stalled(unanswered_after)
         if stalled is not None:
             return False, f"{stalled}, {self._held} rows waiting"
-        since = self._failing_since
-        if since is None:
-            return True, "ok"
-        failing = time.monotonic() - since
-        if failing < stall_after:
+        failing = self._failures.longer_than(stall_after)
+        if failing is None:
             return True, "ok"
         return False, (
             f"audit writes failing for {failing:.0f} s, {self._held} rows waiting: "
-            f"{self._last_error}"
+            f"{self._failures.last}"
         )
 
     def start(self) -> None:
@@ -441,13 +436,10 @@ class AuditWriter:
                 )
 
     def _progress(self) -> None:
-        self._failing_since = None
-        self._last_error = None
+        self._failures.ended()
 
     def _failed(self, exc: BaseException) -> None:
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-        self._last_error = truncate_error(f"{type(exc).__name__}: {exc}")
+        self._failures.failed(exc)
 
     def _stop(self, reason: str) -> None:
         self._stopped = reason
