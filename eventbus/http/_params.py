@@ -106,11 +106,16 @@ def _check_cursor(raw: str) -> str:
     return raw
 
 
-def _parse_limit(raw: str) -> int:
-    # ASCII only: str.isdigit() takes "²", which int() refuses
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_LIMIT:
-        raise ValueError(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {_clip(raw)}")
-    return int(raw)
+def _from_one_to(name: str, most: int) -> BeforeValidator:
+    """A query parameter that is an integer from 1 to ``most``."""
+
+    def parse(raw: str) -> int:
+        # ASCII only: str.isdigit() takes "²", which int() refuses
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
+            raise ValueError(f"{name} must be an integer from 1 to {most}, got {_clip(raw)}")
+        return int(raw)
+
+    return BeforeValidator(parse)
 
 
 DeadLetterId = Annotated[int, Path(description="The dead letter's id."), _integer("dl_id")]
@@ -137,19 +142,8 @@ SourceName = Annotated[
 Limit = Annotated[
     int,
     Query(ge=1, le=_MAX_LIMIT, description="How many items at most."),
-    BeforeValidator(_parse_limit),
+    _from_one_to("limit", _MAX_LIMIT),
 ]
-_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
-
-
-def _parse_payload_bytes(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_PAYLOAD_BYTES:
-        raise ValueError(
-            f"payload_bytes must be an integer from 1 to {_MAX_PAYLOAD_BYTES}, got {_clip(raw)}"
-        )
-    return int(raw)
-
-
 PayloadBytes = Annotated[
     int | None,
     Query(
@@ -158,7 +152,7 @@ PayloadBytes = Annotated[
             "a set-aside message may be megabytes, and a listing needs its start."
         ),
     ),
-    BeforeValidator(_parse_payload_bytes),
+    _from_one_to("payload_bytes", 64 * 1024 * 1024),
 ]
 After = Annotated[
     int | None,
