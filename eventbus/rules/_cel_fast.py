@@ -151,11 +151,16 @@ def _value(part: FastCondition, event: dict[str, Any]) -> Any:
         return error
 
 
-def _pair(first: FastCondition, second: FastCondition, event: dict[str, Any]) -> tuple[Any, Any]:
+def _pair(
+    first: FastCondition, second: FastCondition, event: dict[str, Any], *, unsure: bool = False
+) -> tuple[Any, Any]:
     """Both operands; the second is evaluated even when the first is contained, because
-    cel-python may fail outright on it."""
+    cel-python may fail outright on it. With ``unsure``, a contained first operand is left to
+    cel-python (``Unsure``): its reason is one the fast path does not write."""
     a, b = _value(first, event), _value(second, event)
     if type(a) is Contained:
+        if unsure:
+            raise Unsure
         raise Contained(a.reason)
     if type(b) is Contained:
         raise Contained(b.reason)
@@ -333,9 +338,9 @@ class _Compiler:
         interpreted = self._interpreted
 
         def item(event: dict[str, Any]) -> Any:
-            if interpreted and type(_value(container, event)) is Contained:
-                raise Unsure  # the interpreter names the index's type ("CELEvalError[int]")
-            value, at = _pair(container, key, event)
+            # the interpreter names the index's type when it indexes an error value
+            # ("CELEvalError[int]")
+            value, at = _pair(container, key, event, unsure=interpreted)
             kind = type(value)
             if kind is dict and type(at) is str:
                 if at in value:
