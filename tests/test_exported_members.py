@@ -100,6 +100,7 @@ EXPORTS: dict[str, list[str]] = {
     ],
     "eventbus.cli": ["main"],
     "eventbus.config": [
+        "MIN_SECRET_CHARS",
         "PARENT_ENV",
         "AddressLists",
         "ApiKey",

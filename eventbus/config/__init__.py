@@ -37,7 +37,7 @@ from eventbus.config._connectors import (
     register_connector,
 )
 from eventbus.config._redact import redact_url
-from eventbus.config._secrets import Secret, header_token, long_enough
+from eventbus.config._secrets import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._settings import (
     PARENT_ENV,
     ApiKey,
@@ -64,6 +64,7 @@ from eventbus.config._yaml import (
 )
 
 __all__ = [
+    "MIN_SECRET_CHARS",
     "PARENT_ENV",
     "AddressLists",
     "ApiKey",

@@ -17,8 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eventbus.config import Secret, header_token, long_enough
-from eventbus.config._secrets import MIN_SECRET_CHARS
+from eventbus.config import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._units import Duration
 from eventbus.sources._hook_request import HookRequest, Template, unauthorized
 
