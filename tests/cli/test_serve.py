@@ -8,6 +8,7 @@ as the process listens, before the service behind it is up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import resource
@@ -15,7 +16,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -245,11 +246,12 @@ async def test_healthz_answers_as_soon_as_the_process_listens(
         pass
 
 
+@contextlib.asynccontextmanager
 async def _started_listening(
     tmp_path: Path, nats_url: str, database_dsn: str
-) -> tuple[asyncio.subprocess.Process, int]:
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     """``eventbus serve`` (one process), once it says it listens: bound, and starting the
-    service before the HTTP server runs."""
+    service before the HTTP server runs. Killed on the way out if still running."""
     port = free_port()
     write_config(tmp_path, rules="[]", targets=[])
     config = tmp_path / "settings.yaml"
@@ -264,11 +266,19 @@ async def _started_listening(
         async with asyncio.timeout(30):
             while b"listening on" not in await proc.stderr.readline():
                 pass
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc, port
+        yield proc, port
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _terminated(proc: asyncio.subprocess.Process) -> str:
+    """SIGTERM, then what it wrote until it exited, which it must do with 0."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return err.decode()
 
 
 @pytest.mark.timeout(120)
@@ -277,16 +287,9 @@ async def test_a_signal_during_the_start_stops_the_service_once_started(
 ) -> None:
     # The HTTP server took the signals only once it ran, after the service's start: one sent
     # while the service started was ignored, and the service ran on.
-    proc, _ = await _started_listening(tmp_path, nats_url, database_dsn)
-    try:
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-2000:]
-    assert "HTTP server stopped; shutting the service down" in err.decode()
+    async with _started_listening(tmp_path, nats_url, database_dsn) as (proc, _):
+        err = await _terminated(proc)
+    assert "HTTP server stopped; shutting the service down" in err
 
 
 @pytest.mark.timeout(120)
@@ -295,8 +298,7 @@ async def test_a_sighup_during_the_start_is_not_the_end_of_it(
 ) -> None:
     # Its default action ended the process while the service started (leaving the embedded
     # servers running, on the embedded default); once started, SIGHUP reloads the rules.
-    proc, port = await _started_listening(tmp_path, nats_url, database_dsn)
-    try:
+    async with _started_listening(tmp_path, nats_url, database_dsn) as (proc, port):
         proc.send_signal(signal.SIGHUP)  # while the service starts
         async with aiohttp.ClientSession() as session:
 
@@ -309,13 +311,7 @@ async def test_a_sighup_during_the_start_is_not_the_end_of_it(
                     return False
 
             await eventually(ready, within=60, every=0.2, what="ready after the SIGHUP")
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-2000:]
+        await _terminated(proc)
 
 
 async def test_the_wait_for_an_unreachable_database_is_the_configured_one(

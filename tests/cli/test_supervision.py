@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -36,6 +37,26 @@ async def _serve(config: Path) -> tuple[int | None, str]:
             proc.kill()
             await proc.wait()
     return proc.returncode, err.decode()
+
+
+async def _two_workers(
+    tmp_path: Path, nats_url: str, database_dsn: str, router: dict[str, Any] | None = None
+) -> ServeProcess:
+    """``eventbus serve --workers 2`` with no rules, started and ready."""
+    write_config(tmp_path, rules="[]", targets=[])
+    port = free_port()
+    config = tmp_path / "settings.yaml"
+    settings = settings_for(
+        tmp_path,
+        database_url=database_dsn,
+        nats_url=nats_url,
+        port=port,
+        extra={"router": router} if router else None,
+    )
+    config.write_text(yaml.safe_dump(settings))
+    service = ServeProcess(config, port, tmp_path / "serve.log", workers=2)
+    await service.start()
+    return service
 
 
 def _workers_of(parent: int) -> list[psutil.Process]:
@@ -87,19 +108,7 @@ async def test_the_workers_end_with_their_parent(
 ) -> None:
     # A parent killed with SIGKILL (the OOM killer) left its workers serving beside the next
     # parent's, on the same port and data directory.
-    write_config(tmp_path, rules="[]", targets=[])
-    port = free_port()
-    config = tmp_path / "settings.yaml"
-    settings = settings_for(
-        tmp_path,
-        database_url=database_dsn,
-        nats_url=nats_url,
-        port=port,
-        extra={"router": {"shutdown_grace": 2}},
-    )
-    config.write_text(yaml.safe_dump(settings))
-    service = ServeProcess(config, port, tmp_path / "serve.log", workers=2)
-    await service.start()
+    service = await _two_workers(tmp_path, nats_url, database_dsn, {"shutdown_grace": 2})
     assert service.proc is not None
     workers = _workers_of(service.proc.pid)
     try:
@@ -124,13 +133,7 @@ async def test_a_worker_that_cannot_start_again_leaves_the_others_serving(
     # The rules broken on disk after the start (a reload refuses them; the running rules
     # stay): a worker killed then fails at each start. The parent gave up after five such
     # exits and stopped the healthy worker with it; now it keeps retrying while one serves.
-    write_config(tmp_path, rules="[]", targets=[])
-    port = free_port()
-    config = tmp_path / "settings.yaml"
-    settings = settings_for(tmp_path, database_url=database_dsn, nats_url=nats_url, port=port)
-    config.write_text(yaml.safe_dump(settings))
-    service = ServeProcess(config, port, tmp_path / "serve.log", workers=2)
-    await service.start()
+    service = await _two_workers(tmp_path, nats_url, database_dsn)
     assert service.proc is not None
     try:
         (tmp_path / "rules" / "broken.yaml").write_text("- name: broken\n  targets: [nowhere]\n")

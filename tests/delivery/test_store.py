@@ -17,6 +17,7 @@ from eventbus.delivery import (
     DeliveryStore,
 )
 from eventbus.store import migrate
+from tests.fixtures.postgres import table_locked
 from tests.fixtures.wait import eventually
 
 
@@ -101,11 +102,7 @@ async def test_a_write_that_never_returns_is_reported_stalled(
 ) -> None:
     # Readiness asks this: a retry row's INSERT that hangs raised nothing, and the delivery
     # (and the router's window slot) waited on it for ever while a ping still answered.
-    holder = await asyncpg.connect(database_dsn)
-    try:
-        locked = holder.transaction()
-        await locked.start()
-        await holder.execute("LOCK TABLE delivery_retries IN ACCESS EXCLUSIVE MODE")
+    async with table_locked(database_dsn, "delivery_retries"):
         scheduled = asyncio.ensure_future(store.schedule(_delivery(1), due_in=0))
         assert store.writes.stalled(after=0.3) is None  # just started
 
@@ -113,9 +110,6 @@ async def test_a_write_that_never_returns_is_reported_stalled(
         why = store.writes.stalled(after=0.3) or ""
         assert why.startswith("scheduling a retry unanswered for"), why
         assert store.writes.stalled() is None  # the default: 45 s
-        await locked.rollback()
-    finally:
-        await holder.close()
     await asyncio.wait_for(scheduled, 30)
     assert store.writes.stalled(after=0.0) is None
 
@@ -125,16 +119,9 @@ async def test_an_operators_bulk_work_is_not_a_stalled_write(
 ) -> None:
     # A purge of millions of dead letters may take minutes: it made readiness report the
     # database stalled, taking the instance out of service while it ran.
-    holder = await asyncpg.connect(database_dsn)
-    try:
-        locked = holder.transaction()
-        await locked.start()
-        await holder.execute("LOCK TABLE dead_letters IN ACCESS EXCLUSIVE MODE")
+    async with table_locked(database_dsn, "dead_letters"):
         purging = asyncio.ensure_future(store.purge(DeadLetterFilter(target="fn")))
         await asyncio.sleep(0.5)
         assert not purging.done()
         assert store.writes.stalled(after=0.1) is None
-        await locked.rollback()
-    finally:
-        await holder.close()
     assert await asyncio.wait_for(purging, 30) == 0

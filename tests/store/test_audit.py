@@ -9,12 +9,12 @@ import string
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import pytest
 
 from eventbus._errors import MAX_ERROR_CHARS, StoreError
 from eventbus.cloudevents import validate
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
+from tests.fixtures.postgres import table_locked
 from tests.fixtures.wait import eventually
 
 # Guards against a hang, not speed assertions: every wait in these tests is bounded.
@@ -351,19 +351,12 @@ async def test_a_write_that_never_returns_turns_health_red(database_dsn: str) ->
     # A write that hangs raises nothing (a COMMIT waiting for a synchronous standby that is
     # down, here a table another session holds locked): health was "ok" for as long as it hung.
     async with await Store.open(database_dsn) as store:
-        holder = await asyncpg.connect(database_dsn)
-        try:
-            locked = holder.transaction()
-            await locked.start()
-            await holder.execute("LOCK TABLE matches IN ACCESS EXCLUSIVE MODE")
+        async with table_locked(database_dsn, "matches"):
             await store.audit.rule_matched(_event(1), "r", "t")
             flushed = asyncio.ensure_future(store.audit.flush())
             why = await _unhealthy(store, unanswered_after=0.3)
             assert "writing 1 audit rows unanswered for" in why and "1 rows waiting" in why
             assert store.audit.health() == (True, "ok")  # within the default 45 s
             assert not flushed.done()
-            await locked.rollback()
-        finally:
-            await holder.close()
         await asyncio.wait_for(flushed, BOUND)
         assert store.audit.health(unanswered_after=0.3) == (True, "ok")
