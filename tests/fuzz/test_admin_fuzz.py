@@ -85,7 +85,8 @@ async def test_path_parameters(
 @given(
     path=st.sampled_from(["/events/trail", "/sources/dead-letters"]),
     params=st.lists(
-        st.tuples(st.sampled_from(["source", "id", "limit"]), query_values), max_size=4
+        st.tuples(st.sampled_from(["source", "id", "limit", "payload_bytes"]), query_values),
+        max_size=4,
     ),
 )
 async def test_read_parameters(
