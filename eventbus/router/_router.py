@@ -127,7 +127,8 @@ class Router:
             self._attempt_started = time.monotonic()
             try:
                 async for msg in self._bus.messages():
-                    self._failures.ended()
+                    if self._failures.since is not None:  # (per message: a load, no call)
+                        self._failures.ended()
                     task = asyncio.create_task(self.handle(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
