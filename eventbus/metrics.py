@@ -8,15 +8,18 @@ The workers of ``eventbus serve --workers N`` count together: their parent gives
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode: every process keeps its
 values in files there), and whichever worker answers ``GET /metrics`` renders the sum of all of
 them; a gauge shows the largest (circuit state) or latest (retry backlog) value of the live
-workers.
+workers. The parent's own counts (the embedded servers and the workers it restarted) reach
+the workers through one more file there (:class:`ParentFigures`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -39,6 +42,8 @@ __all__ = [
     "REFUSALS_UNRECORDED",
     "REGISTRY",
     "RETRY_BACKLOG",
+    "WORKER_RESTARTS",
+    "ParentFigures",
     "activity",
     "families",
     "forget_process",
@@ -144,6 +149,15 @@ EMBEDDED_RESTARTS = Counter(
     ["server"],
     registry=REGISTRY,
 )
+WORKER_RESTARTS = Counter(
+    "eventbus_worker_restarts",
+    "Workers of serve --workers N started again by their parent after they exited",
+    ["worker"],
+    registry=REGISTRY,
+)
+# What the parent of serve --workers N counts itself: it serves no /metrics of its own.
+_PARENT_COUNTERS = (EMBEDDED_RESTARTS, WORKER_RESTARTS)
+_PARENT_FILE = "parent.json"
 
 
 def activity() -> dict[str, float]:
@@ -171,7 +185,58 @@ def _registry() -> CollectorRegistry:
         return REGISTRY
     registry = CollectorRegistry()
     registry.register(_WorkerFiles(Path(directory)))
+    registry.register(_ParentFile(Path(directory) / _PARENT_FILE))
     return registry
+
+
+class ParentFigures:
+    """The parent's counters, written to ``directory`` for the workers to serve with theirs.
+
+    :meth:`publish` writes them when they changed (a restart is rare: the parent calls it once
+    a second), replacing the file whole so a worker never reads half of it.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._path = directory / _PARENT_FILE
+        self._written: bytes | None = None
+
+    def publish(self) -> None:
+        families = [
+            {
+                "name": family.name,
+                "help": family.documentation,
+                "type": family.type,
+                "samples": [
+                    [s.name, s.labels, s.value]
+                    for s in family.samples
+                    if not s.name.endswith("_created")  # as the workers' files, which have none
+                ],
+            }
+            for counter in _PARENT_COUNTERS
+            for family in counter.collect()
+        ]
+        text = orjson.dumps(families)
+        if text == self._written:
+            return
+        partial = self._path.with_suffix(".tmp")
+        partial.write_bytes(text)
+        partial.replace(self._path)
+        self._written = text
+
+
+class _ParentFile:
+    """The parent's counters as :class:`ParentFigures` wrote them; none before it did."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        with suppress(FileNotFoundError):
+            for family in orjson.loads(self._path.read_bytes()):
+                metric = Metric(family["name"], family["help"], family["type"])
+                for name, labels, value in family["samples"]:
+                    metric.add_sample(name, labels, value)
+                yield metric
 
 
 class _WorkerFiles:

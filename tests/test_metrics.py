@@ -39,3 +39,24 @@ def test_a_worker_file_not_yet_sized_is_left_out(
     ]
     assert delivered == [3.0]
     assert b'eventbus_deliveries_total{outcome="delivered",target="fn"} 3.0' in metrics.render()
+
+
+def test_the_parents_counts_are_served_by_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parent of serve --workers N restarts embedded servers and workers but serves no
+    # /metrics: its counts were missing from every worker's.
+    figures = metrics.ParentFigures(tmp_path)
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    assert b"eventbus_embedded_restarts_total{" not in metrics.render()  # nothing written yet
+    metrics.EMBEDDED_RESTARTS.labels("test-server").inc()
+    metrics.WORKER_RESTARTS.labels("7").inc(2)
+    figures.publish()
+    text = metrics.render()
+    assert b'eventbus_embedded_restarts_total{server="test-server"} 1.0' in text
+    assert b'eventbus_worker_restarts_total{worker="7"} 2.0' in text
+    # a later change replaces the file whole
+    metrics.WORKER_RESTARTS.labels("7").inc()
+    figures.publish()
+    assert b'eventbus_worker_restarts_total{worker="7"} 3.0' in metrics.render()
+    assert [p.name for p in tmp_path.iterdir()] == ["parent.json"]

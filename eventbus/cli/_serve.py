@@ -285,6 +285,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         stack.callback(shutil.rmtree, live, True)
         (shared / "live").symlink_to(live, target_is_directory=True)
         env[metrics.MULTIPROC_ENV] = str(shared / "metrics")
+        figures = metrics.ParentFigures(shared / "metrics")
         failed: str | None = None
         started = [0.0] * workers  # when each worker was last spawned
         quick_exits = [0] * workers  # exits in a row within _QUICK_EXIT of the spawn
@@ -308,6 +309,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             procs[i] = spawn(i)
         log.info("started %d workers on %s:%d", workers, settings.listen.host, settings.listen.port)
         while not stopping.is_set():
+            figures.publish()
             await wait_event(stopping, 1.0)
             if embedded.supervisor.failed is not None:
                 # The workers cannot work without their servers: stop everything and exit
@@ -345,6 +347,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                 if procs[i] is None and (due := restart_at[i]) is not None and now >= due:
                     restart_at[i] = None
                     procs[i] = spawn(i)
+                    metrics.WORKER_RESTARTS.labels(str(i)).inc()
             if failed is not None:
                 break
         for proc in procs:

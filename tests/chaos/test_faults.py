@@ -10,9 +10,11 @@ may be lost or go unaudited, and duplicates must be explained by the fault.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import pytest
 
 from tests.chaos._ledger import Fault
@@ -122,6 +124,17 @@ async def test_sigkill_one_kafka_worker_mid_stream(kafka_rig: Rig) -> None:
     # its parent restarts it, and what it had not committed is consumed again
     rig = kafka_rig
 
+    async def restart_counted() -> bool:
+        # the parent's count, served by the workers (it serves no /metrics itself)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(rig.service.url + "/metrics") as resp,
+        ):
+            text = await resp.text()
+        found = re.findall(r'^eventbus_worker_restarts_total\{worker="\d"\} (\S+)$', text, re.M)
+        assert len(found) <= 1 and float(found[0] if found else 0) <= 1, text
+        return found == ["1.0"]
+
     async def inject() -> Fault:
         workers = rig.workers()
         assert len(workers) == 2, workers
@@ -133,6 +146,7 @@ async def test_sigkill_one_kafka_worker_mid_stream(kafka_rig: Rig) -> None:
             return len(now) == 2 and workers[0].pid not in {p.pid for p in now}
 
         await eventually(replaced, within=_RECOVER_WITHIN, every=0.1, what="the worker restarted")
+        await eventually(restart_counted, within=10, every=0.2, what="the restart in /metrics")
         return Fault("SIGKILL one of two Kafka workers", began, time.monotonic())
 
     report = await rig.run(count=2000, rate=400, after=600, inject=inject)
