@@ -270,6 +270,19 @@ def _data_base64(value: object) -> None:
         raise CloudEventError(f"'data_base64' is not valid base64: {exc}") from exc
 
 
+def _check_json_bytes(content_type: str, encoded: str) -> None:
+    """Bytes declared JSON must be JSON text: sent as they are in binary mode, they are the
+    body of that type, which a reader (this service's own bindings among them) parses; binary
+    mode's ingest refuses such a body too."""
+    try:
+        orjson.loads(binascii.a2b_base64(encoded))
+    except orjson.JSONDecodeError as exc:
+        raise CloudEventError(
+            f"'data_base64' under datacontenttype {_clip(content_type)} must hold JSON text: "
+            f"{exc}; declare the bytes' own type (application/octet-stream)"
+        ) from None
+
+
 _CHECKS = {
     "id": _identifying,
     "source": _identifying,
@@ -375,7 +388,8 @@ def validate(
     :data:`MAX_EXTENSIONS` extensions or attributes over :data:`MAX_HEADER_BYTES` as headers;
     413 when the event is larger than ``max_size`` bytes. Data that is not a string under a
     ``datacontenttype`` that is not JSON is refused too, unless the event is ``stored``: one the
-    bus holds, accepted before that rule (it is then delivered as it was accepted).
+    bus holds, accepted before that rule (it is then delivered as it was accepted); so is
+    ``data_base64`` under a JSON ``datacontenttype`` whose bytes are not JSON text.
     """
     if type(event) is not dict:
         raise CloudEventError(f"an event must be a JSON object, got {type(event).__name__}")
@@ -426,6 +440,9 @@ def validate(
             )
         if ";" in content_type:
             _check_charset(content_type, data)
+        encoded = event.get("data_base64")
+        if encoded is not None and not stored and is_json(media_type(content_type)):
+            _check_json_bytes(content_type, encoded)
     if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES:
         _check_headers(event)
     _check_depth(event.get("data"))

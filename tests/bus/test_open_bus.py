@@ -49,3 +49,10 @@ def test_an_event_the_bus_holds_is_read_under_the_rules_it_was_accepted_by() -> 
     assert why is None and event == held
     with pytest.raises(CloudEventError, match="must be a string"):
         validate(held)
+    # so is one whose data_base64 under a JSON type is not JSON
+    held = {k: v for k, v in held.items() if k != "data"} | {"data_base64": "/w=="}
+    held["datacontenttype"] = "application/json"
+    event, why = wire_decode(orjson.dumps(held))
+    assert why is None and event == held
+    with pytest.raises(CloudEventError, match="must hold JSON text"):
+        validate(held)

@@ -119,7 +119,7 @@ def test_from_nats(case: dict[str, Any]) -> None:
 def _binary_view(event: dict[str, Any]) -> dict[str, Any]:
     """What a binary-mode round trip preserves: header values are strings, so integer and
     boolean extensions come back as their canonical strings, and data gets its implied
-    content type made explicit."""
+    content type made explicit; bytes under a JSON type come back as the JSON they hold."""
     view: dict[str, Any] = {}
     for name, value in event.items():
         if isinstance(value, bool):
@@ -132,6 +132,8 @@ def _binary_view(event: dict[str, Any]) -> dict[str, Any]:
             view["datacontenttype"] = "application/json"
         elif "data_base64" in event:
             view["datacontenttype"] = "application/octet-stream"
+    elif "data_base64" in event and event["datacontenttype"].endswith("json"):
+        view["data"] = orjson.loads(base64.b64decode(view.pop("data_base64")))
     return view
 
 
