@@ -15,15 +15,27 @@ __all__ = ["AddressLists", "Network"]
 
 
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR block (IPv4 or IPv6) or one address; host bits set are refused as a likely typo."""
+    """A CIDR block (IPv4 or IPv6) or one address; host bits set are refused as a likely typo.
+
+    IPv4-mapped IPv6 (``::ffff:10.0.0.0/104``) is its IPv4 block: a client's mapped address is
+    matched as IPv4 (a dual-stack socket's view of an IPv4 client), so as written such a
+    block matched no one, and a deny listing one let its address through."""
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return value
     if not isinstance(value, str):
         raise ValueError(f"write a CIDR block or an address as a string, not {value!r}")
     try:
-        return ipaddress.ip_network(value)
+        network = ipaddress.ip_network(value)
     except ValueError as exc:
         raise ValueError(f"not a CIDR block or address: {exc}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= _MAPPED_PREFIX:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - _MAPPED_PREFIX))
+    return network
+
+
+_MAPPED_PREFIX = 96  # ::ffff:0:0/96, RFC 4291 2.5.5.2
 
 
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValidator(_network)]

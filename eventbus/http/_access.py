@@ -120,13 +120,15 @@ class Access:
         scope: str,
         *,
         from_anywhere: bool = False,
+        remedy: str = "",
     ) -> str | None:
         """``headers`` with lower-case names. Returns the name of the key that was given, None
         when no keys are configured. ``from_anywhere``: a webhook, which senders elsewhere
-        reach through whatever names them (a tunnel's host name)."""
+        reach through whatever names them (a tunnel's host name). ``remedy`` ends the reason
+        of a request refused as not from this machine."""
         if not self._keys:
             if self._local and not from_anywhere:
-                self._same_machine(headers, path, remote)
+                self._same_machine(headers, path, remote, remedy)
             return None
         header = headers.get("authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else ""
@@ -148,7 +150,9 @@ class Access:
             raise Problem(403, reason)
         return name
 
-    def _same_machine(self, headers: Mapping[str, str], path: str, remote: str | None) -> None:
+    def _same_machine(
+        self, headers: Mapping[str, str], path: str, remote: str | None, remedy: str
+    ) -> None:
         host = headers.get("host", "")
         local = self._hosts.get(host)
         if local is None:  # parsed once per Host value (a handful), not on every request
@@ -171,6 +175,7 @@ class Access:
                     "keys only this machine's programs and the console may call eventbus"
                 )
         if reason is not None:
+            reason += remedy
             self._refusals.record(remote=remote, path=path, reason=reason)
             metrics.EVENTS_REJECTED.labels("http", "forbidden").inc()
             raise Problem(403, reason)

@@ -188,7 +188,19 @@ class HookApp:
         if given and any(matched):
             return
         if spec.takes_service_keys and (self._service.settings.api_keys or not spec.keys):
-            await self._access.check(headers, path, remote, "publish", from_anywhere=True)
+            # A trigger that neither verifies nor has keys of its own is as closed as POST
+            # /events: with no keys anywhere, only this machine's programs reach it (any web
+            # page a developer opened posted events to it, by a cross-site form or by DNS
+            # rebinding). Providers that sign call from their own names: no such check.
+            anywhere = spec.verify is not None or bool(spec.keys)
+            await self._access.check(
+                headers,
+                path,
+                remote,
+                "publish",
+                from_anywhere=anywhere,
+                remedy=f" (for senders elsewhere, give hook {spec.name!r} verify or keys)",
+            )
             return
         reason = "missing API key" if not given else "invalid API key"
         self._refuse(remote, path, reason)

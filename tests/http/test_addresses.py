@@ -170,7 +170,8 @@ def test_client_address_ipv6_and_proxy_chains() -> None:
 
 _V4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
 _V6 = st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1))
-_ADDRESS = st.one_of(_V4, _V6)
+_MAPPED = st.builds(lambda n: ipaddress.IPv6Address(0xFFFF00000000 + n), st.integers(0, 2**32 - 1))
+_ADDRESS = st.one_of(_V4, _V6, _MAPPED)
 
 
 @st.composite
@@ -180,6 +181,29 @@ def _networks(draw: st.DrawFn) -> str:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
+def _unmapped(value: Any) -> Any:
+    """An IPv4-mapped IPv6 address or block (::ffff:0:0/96 and within) as IPv4."""
+    if isinstance(value, ipaddress.IPv6Address):
+        return value.ipv4_mapped or value
+    if isinstance(value, ipaddress.IPv6Network) and value.prefixlen >= 96:
+        mapped = value.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(f"{mapped}/{value.prefixlen - 96}")
+    return value
+
+
+def test_an_ipv4_mapped_block_in_a_list_is_its_ipv4_block() -> None:
+    # accepted as written and matching no client (clients are matched as IPv4): a deny of
+    # ::ffff:10.0.0.13 let 10.0.0.13 through
+    deny = AddressLists.model_validate({"deny": ["::ffff:10.0.0.13/128", "::ffff:192.168.0.0/112"]})
+    for text in ("10.0.0.13", "::ffff:10.0.0.13", "192.168.7.7"):
+        assert not allowed(deny, client_address(deny, text, "")), text
+    assert allowed(deny, client_address(deny, "10.0.0.14", ""))
+    allow = AddressLists.model_validate({"allow": ["::ffff:0:0/96"]})  # every IPv4 client
+    assert allowed(allow, client_address(allow, "10.0.0.14", ""))
+    assert not allowed(allow, client_address(allow, "2001:db8::1", ""))
+
+
 @given(
     allow=st.lists(_networks(), max_size=4),
     deny=st.lists(_networks(), max_size=4),
@@ -187,13 +211,15 @@ def _networks(draw: st.DrawFn) -> str:
 )
 def test_allowed_is_deny_first_then_allow(allow: list[str], deny: list[str], address: Any) -> None:
     lists = AddressLists.model_validate({"allow": allow, "deny": deny})
+    # an IPv4 client, on a dual-stack socket or written in a list, is matched as IPv4
+    client = _unmapped(address)
 
     def within(blocks: list[str]) -> bool:
-        nets = [ipaddress.ip_network(b) for b in blocks]
-        return any(n.version == address.version and address in n for n in nets)
+        nets = [_unmapped(ipaddress.ip_network(b)) for b in blocks]
+        return any(n.version == client.version and client in n for n in nets)
 
     expected = not within(deny) and (not allow or within(allow))
-    assert allowed(lists, address) is expected
+    assert allowed(lists, client) is expected
     # unknown clients pass only when nothing is restricted
     assert allowed(lists, None) is (not allow and not deny)
     # the peer itself is the client when no proxy is trusted, whatever the header says

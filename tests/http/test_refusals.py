@@ -16,6 +16,7 @@ import pytest
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
+from tests.sources.test_webhook import GITHUB_SECRET, github
 
 RULES = """
 - name: all
@@ -98,7 +99,14 @@ async def test_without_keys_only_this_machines_programs_and_the_console_are_answ
     svc = await eventbus(
         rules=RULES,
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
-        sources=[{"name": "open", "type": "webhook"}],
+        sources=[
+            {"name": "open", "type": "webhook"},
+            {
+                "name": "signed",
+                "type": "webhook",
+                "verify": {"kind": "github", "secret": GITHUB_SECRET},
+            },
+        ],
     )
     page = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
     status, _, problem = await svc.request("POST", "/dead-letters/replay?all=true", b"", page)
@@ -119,6 +127,13 @@ async def test_without_keys_only_this_machines_programs_and_the_console_are_answ
         status, _, _ = await svc.request("GET", "/rules", None, {"Host": host})
         assert status == 200, host
     assert (await svc.post_event(event))[0] == 202
-    # a webhook is for senders elsewhere, reached through whatever names this machine
-    status, _, _ = await svc.request("POST", "/hooks/open", b"{}", {"Host": "abc.tunnel.example"})
+    # A trigger that neither verifies nor has keys is as closed as POST /events (a cross-site
+    # form or a rebound name reached it: 202)
+    for headers in (page, {"Host": "abc.tunnel.example"}):
+        status, _, problem = await svc.request("POST", "/hooks/open", b"{}", headers)
+        assert status == 403 and "give hook 'open' verify or keys" in problem["detail"], problem
+    assert (await svc.request("POST", "/hooks/open", b"{}"))[0] == 202
+    # a verified one is for senders elsewhere, reached through whatever names this machine
+    signed = {**github(b"{}"), "Host": "abc.tunnel.example"}
+    status, _, _ = await svc.request("POST", "/hooks/signed", b"{}", signed)
     assert status == 202
