@@ -13,9 +13,12 @@ __all__ = ["redact_url"]
 _PASSWORD = re.compile(r"(//[^:/@?,\s]*:)[^/?,\s]*@")
 # NATS takes a bare token as the user part: nats://TOKEN@host
 _TOKEN = re.compile(r"\b((?:nats|tls|ws|wss)://)[^:/@?,\s]+@")
+# libpq's and asyncpg's query parameters: postgresql://u@h/db?password=...
+_QUERY = re.compile(r"([?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
-    """``url`` with every ``user:password@`` part shown as ``user:***@``, and a NATS token
-    (``nats://token@``) as ``***``."""
-    return _TOKEN.sub(r"\1***@", _PASSWORD.sub(r"\1***@", url))
+    """``url`` with every ``user:password@`` part shown as ``user:***@``, a NATS token
+    (``nats://token@``) as ``***``, and a ``password`` or ``sslpassword`` query parameter as
+    ``password=***``."""
+    return _QUERY.sub(r"\1***", _TOKEN.sub(r"\1***@", _PASSWORD.sub(r"\1***@", url)))

@@ -33,7 +33,7 @@ from yarl import URL
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus._oauth import OAuth2Client, TokenError
 from eventbus.cloudevents import from_http, to_http
-from eventbus.config import Secret, TargetSpec, TlsSpec, redact_url
+from eventbus.config import MIN_SECRET_CHARS, Secret, TargetSpec, TlsSpec, redact_url
 from eventbus.targets._base import (
     MAX_ERROR_CHARS,
     Answer,
@@ -203,6 +203,22 @@ class HttpTargetSpec(TargetSpec):
     secret: Secret | None = None
     auth: HttpAuthSpec | None = None
     tls: TlsSpec | None = None
+
+    @field_validator("secret")
+    @classmethod
+    def _strong_enough(cls, secret: Secret | None) -> Secret | None:
+        # as a webhook's own secret: a key of a few bytes is guessed from one signed request
+        if secret is not None:
+            try:
+                key = decode_secret(secret.reveal())
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            if len(key) < MIN_SECRET_CHARS:
+                raise ValueError(
+                    f"a signing secret must hold at least {MIN_SECRET_CHARS} bytes (after "
+                    "whsec_, base64 of them: Standard Webhooks secrets hold 24 to 64 random bytes)"
+                )
+        return secret
 
     @field_validator("url")
     @classmethod

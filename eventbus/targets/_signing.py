@@ -94,15 +94,17 @@ def verify_webhook(
         signatures = lowered["webhook-signature"]
     except KeyError as exc:
         raise _reject(f"missing {exc.args[0]} header") from None
-    try:
-        timestamp = int(raw_timestamp)
-    except ValueError:
-        raise _reject(f"webhook-timestamp is not an integer: {raw_timestamp[:40]!r}") from None
+    # Digits only, and few enough for a float: int() takes signs, spaces and underscores too,
+    # and hundreds of digits overflowed the comparison below (OverflowError, not a 401).
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit() and len(raw_timestamp) <= 12):
+        raise _reject(f"webhook-timestamp is not Unix seconds: {raw_timestamp[:40]!r}")
+    timestamp = int(raw_timestamp)
     if abs(time.time() - timestamp) > tolerance:
         raise _reject(f"webhook-timestamp {timestamp} is more than {tolerance:g}s from now")
-    expected = signature(key, msg_id, timestamp, body)
-    # The header may carry several space-separated signatures (key rotation); any v1 match counts.
+    expected = signature(key, msg_id, timestamp, body).encode()
+    # The header may carry several space-separated signatures (key rotation); any v1 match
+    # counts. Compared as bytes: compare_digest refuses str with non-ASCII (a TypeError).
     for candidate in signatures.split():
-        if candidate.startswith("v1,") and hmac.compare_digest(candidate, expected):
+        if candidate.startswith("v1,") and hmac.compare_digest(candidate.encode(), expected):
             return
     raise _reject("no webhook-signature matches the body")

@@ -27,6 +27,12 @@ from eventbus.targets import build_target
         # a password with an unencoded "@" is masked whole, up to the host
         ("nats://u:p@ss@h:4222,nats://v:w@@h2", "nats://u:***@h:4222,nats://v:***@h2"),
         ("http://h/a@b", "http://h/a@b"),
+        # libpq's query parameters (asyncpg takes them too)
+        (
+            "postgresql://u@h/db?password=s3cret&sslmode=require&sslpassword=k3y",
+            "postgresql://u@h/db?password=***&sslmode=require&sslpassword=***",
+        ),
+        ("postgresql://u@h/db?PASSWORD=s3cret", "postgresql://u@h/db?PASSWORD=***"),
     ],
 )
 def test_passwords_are_masked(url: str, shown: str) -> None:

@@ -69,7 +69,11 @@ def test_verify_accepts_one_matching_signature_among_several() -> None:
         (lambda h: h.pop("webhook-id"), "missing webhook-id"),
         (lambda h: h.pop("webhook-timestamp"), "missing webhook-timestamp"),
         (lambda h: h.pop("webhook-signature"), "missing webhook-signature"),
-        (lambda h: h.update({"webhook-timestamp": "soon"}), "not an integer"),
+        (lambda h: h.update({"webhook-timestamp": "soon"}), "not Unix seconds"),
+        # an OverflowError and a TypeError, not a 401
+        (lambda h: h.update({"webhook-timestamp": "9" * 400}), "not Unix seconds"),
+        (lambda h: h.update({"webhook-timestamp": " +1_7"}), "not Unix seconds"),
+        (lambda h: h.update({"webhook-signature": "v1,\u00e9"}), "no webhook-signature matches"),
         (lambda h: h.update({"webhook-id": "other"}), "no webhook-signature matches"),
         (lambda h: h.update({"webhook-signature": "v2,abc"}), "no webhook-signature matches"),
     ],
