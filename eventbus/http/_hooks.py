@@ -172,7 +172,7 @@ class HookApp:
                 self._refuse(remote, path, exc.detail)
             raise
         # counted in eventbus_events_received_total{via="source:<name>"} by the service
-        duplicate = await source.publish(event)
+        duplicate = await source.publish(event, source.signature_of(request))
         status, media, body = source.answer(request, event, duplicate)
         return status, media, body, {"Eventbus-Duplicate": "true"} if duplicate else {}
 

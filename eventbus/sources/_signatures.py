@@ -13,9 +13,9 @@ import base64
 import binascii
 import hmac
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventbus.config import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._units import Duration
@@ -50,6 +50,17 @@ class _Verify(BaseModel):
 
     secret: Secret
 
+    @property
+    def window(self) -> float | None:
+        """For how long a signed request verifies (its timestamp's tolerance), or None when
+        the scheme signs no time: then a captured request verifies for ever."""
+        return None
+
+    def signature_of(self, request: HookRequest) -> str:
+        """The request's signature as sent: a replay of a captured request repeats it, a
+        provider's own retry is signed anew (a new timestamp)."""
+        raise NotImplementedError
+
     @field_validator("secret")
     @classmethod
     def _long_enough(cls, secret: Secret) -> Secret:
@@ -62,6 +73,20 @@ class _Verify(BaseModel):
     def check(self, request: HookRequest, now: float) -> None:
         """Raise CloudEventError 401 unless ``request`` is signed with the secret."""
         raise NotImplementedError
+
+
+class _Timestamped(_Verify):
+    """A scheme that signs the time of the request, refused outside ``tolerance``."""
+
+    tolerance: Duration = 300.0
+    _signature_header: ClassVar[str]
+
+    @property
+    def window(self) -> float | None:
+        return self.tolerance
+
+    def signature_of(self, request: HookRequest) -> str:
+        return request.header(self._signature_header)
 
 
 class GitHubVerify(_Verify):
@@ -91,11 +116,11 @@ class GitLabVerify(_Verify):
             raise unauthorized("X-Gitlab-Token is not the trigger's token")
 
 
-class StripeVerify(_Verify):
+class StripeVerify(_Timestamped):
     """``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t.body">[,v1=...]``."""
 
     kind: Literal["stripe"]
-    tolerance: Duration = 300.0
+    _signature_header = "Stripe-Signature"
 
     def check(self, request: HookRequest, now: float) -> None:
         items = [part.partition("=") for part in request.header("Stripe-Signature").split(",")]
@@ -109,12 +134,12 @@ class StripeVerify(_Verify):
             raise unauthorized("no v1 signature of Stripe-Signature matches the body")
 
 
-class SlackVerify(_Verify):
+class SlackVerify(_Timestamped):
     """``X-Slack-Signature: v0=<hex HMAC-SHA256 of "v0:<timestamp>:<body>">`` with
     ``X-Slack-Request-Timestamp``."""
 
     kind: Literal["slack"]
-    tolerance: Duration = 300.0
+    _signature_header = "X-Slack-Signature"
 
     def check(self, request: HookRequest, now: float) -> None:
         stamp = request.header("X-Slack-Request-Timestamp").strip()
@@ -125,12 +150,12 @@ class SlackVerify(_Verify):
             raise unauthorized("X-Slack-Signature does not match the body")
 
 
-class StandardWebhooksVerify(_Verify):
+class StandardWebhooksVerify(_Timestamped):
     """``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of
     "id.timestamp.body">`` (several, space-separated); the secret ``whsec_<base64 key>``."""
 
     kind: Literal["standard-webhooks"]
-    tolerance: Duration = 300.0
+    _signature_header = "webhook-signature"
 
     @field_validator("secret")
     @classmethod
@@ -172,6 +197,10 @@ class HmacVerify(_Verify):
     encoding: Literal["hex", "base64"] = "hex"
     prefix: str = ""
     signed: str = "{body}"
+    timestamp: str | None = Field(None, min_length=1)
+    """A header holding the Unix seconds the request was signed at (sign it too, in
+    ``signed``): one outside ``tolerance`` is a replay. None: the scheme has no freshness."""
+    tolerance: Duration = 300.0
 
     @field_validator("signed")
     @classmethod
@@ -184,8 +213,29 @@ class HmacVerify(_Verify):
     def _signed(self) -> list[Template]:
         return [Template(part) for part in self.signed.split("{body}")]
 
+    @model_validator(mode="after")
+    def _timestamp_signed(self) -> Self:
+        # an unsigned timestamp is whatever a replay says it is
+        if self.timestamp is not None and f"{{header:{self.timestamp}}}".lower() not in (
+            self.signed.lower()
+        ):
+            raise ValueError(
+                f"timestamp {self.timestamp!r} must be signed: name "
+                f"{{header:{self.timestamp}}} in signed"
+            )
+        return self
+
+    @property
+    def window(self) -> float | None:
+        return self.tolerance if self.timestamp is not None else None
+
+    def signature_of(self, request: HookRequest) -> str:
+        return request.header(self.header)
+
     def check(self, request: HookRequest, now: float) -> None:
         given = request.header(self.header)
+        if self.timestamp is not None:
+            _fresh(request.header(self.timestamp).strip(), self.tolerance, now)
         parts = []
         for part in self._signed:
             rendered = part.render(request)

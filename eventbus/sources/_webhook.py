@@ -201,6 +201,8 @@ class WebhookSource:
         self._source = spec.event_source or f"urn:eventbus:source:{spec.name}"
         self._answer = template(spec.response.body if spec.response is not None else None)
         self._ctx: SourceContext | None = None
+        window = spec.verify.window if spec.verify is not None else None
+        self._replays = _Replays(window) if window is not None else None
 
     async def run(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -257,14 +259,57 @@ class WebhookSource:
         body = self._answer.render(request, event.get("data")) or ""
         return response.status, response.content_type, body.encode()
 
-    async def publish(self, event: dict[str, Any]) -> bool:
+    def signature_of(self, request: HookRequest) -> str | None:
+        """The signature of a verified ``request`` whose scheme signs its time, to pass to
+        :meth:`publish`; None for other schemes."""
+        if self._replays is None or self.spec.verify is None:
+            return None
+        return self.spec.verify.signature_of(request)
+
+    async def publish(self, event: dict[str, Any], signature: str | None = None) -> bool:
         """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there:
-        True when the bus already held its source+id (a redelivered webhook). Raises
-        CloudEventError 503 when the source is not running, BusUnavailable / BusError when the
-        bus does not take the event."""
+        True when the bus already held its source+id (a redelivered webhook), or when this
+        process published a request of the same ``signature`` (:meth:`signature_of`) within
+        the scheme's tolerance: a captured request sent again, which verifies until its
+        timestamp is too old, beyond the bus's duplicate window (the Kafka bus has none).
+        Raises CloudEventError 503 when the source is not running, BusUnavailable / BusError
+        when the bus does not take the event."""
         ctx = self._ctx
         if ctx is None:
             raise CloudEventError(
                 f"webhook source {self.name!r} is not running", status=503, title="Not running"
             )
-        return await ctx.emit(event)
+        replays = self._replays
+        if signature is None or replays is None:
+            return await ctx.emit(event)
+        now = time.monotonic()
+        if replays.holds(signature, now):
+            return True
+        duplicate = await ctx.emit(event)
+        replays.add(signature, now)
+        return duplicate
+
+
+class _Replays:
+    """The signatures of requests published in the last ``2 * window`` seconds (a sender's
+    clock may run ahead of this one's by up to the window), oldest first. Only requests that
+    verified enter, so only a sender's own rate fills it; past ``most`` the oldest go."""
+
+    def __init__(self, window: float, most: int = 100_000) -> None:
+        self._keep = 2 * window
+        self._most = most
+        self._seen: dict[str, float] = {}
+
+    def holds(self, signature: str, now: float) -> bool:
+        while self._seen:
+            oldest, when = next(iter(self._seen.items()))
+            if now - when <= self._keep:
+                break
+            del self._seen[oldest]
+        return signature in self._seen
+
+    def add(self, signature: str, now: float) -> None:
+        self._seen.pop(signature, None)
+        self._seen[signature] = now
+        if len(self._seen) > self._most:
+            del self._seen[next(iter(self._seen))]

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -426,6 +426,22 @@ def test_a_signature_is_checked_against_the_time_of_the_request() -> None:
     with pytest.raises(CloudEventError, match="outside the 60s tolerance") as info:
         _event(spec, request, now=1_000_061)
     assert info.value.status == 401
+    # a generic HMAC that signs a timestamp checks it when told which header holds it (it
+    # verified for ever: a captured request could be sent again at any time)
+    hmac_spec = cast(dict[str, Any], SOURCES[5]["verify"]) | {"timestamp": "X-Timestamp"}
+    headers = {k.lower(): v for k, v in generic(body, stamp="1000000").items()}
+    request = HookRequest("POST", headers, "", body)
+    assert _event({"verify": hmac_spec}, request, now=1_000_299)["type"]
+    with pytest.raises(CloudEventError, match="outside the 300s tolerance"):
+        _event({"verify": hmac_spec}, request, now=1_000_301)
+    with pytest.raises(CloudEventError, match="header X-Timestamp is missing"):
+        unstamped = {k: v for k, v in headers.items() if k != "x-timestamp"}
+        _event({"verify": hmac_spec}, HookRequest("POST", unstamped, "", body), now=1_000_000)
+    # and only a signed one: an unsigned timestamp is whatever a replay says
+    with pytest.raises(ConfigError, match=r"must be signed: name \{header:X-Date\} in signed"):
+        build_source(
+            {"name": "h", "type": "webhook", "verify": hmac_spec | {"timestamp": "X-Date"}}
+        )
 
 
 def test_the_examples_of_the_docs_load_as_printed(
@@ -459,7 +475,7 @@ async def test_a_webhook_on_the_kafka_bus(
     svc = await eventbus(
         rules=RULES,
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
-        sources=[SOURCES[0]],
+        sources=[SOURCES[0], SOURCES[2]],
         kafka_bootstrap=kafka_bootstrap,
     )
     push = orjson.dumps({"ref": "refs/heads/main"})
@@ -467,3 +483,13 @@ async def test_a_webhook_on_the_kafka_bus(
     assert (status, body["duplicate"]) == (202, False), body
     ce = await _delivered(receiver, "urn:eventbus:source:github", "k-1")
     assert (ce["type"], ce["data"]) == ("com.github.push", {"ref": "refs/heads/main"})
+    # A signed request sent again within its tolerance (a captured one, replayed) is answered
+    # as the duplicate it is: this bus keeps no duplicate window, so each copy was an event.
+    charge = orjson.dumps({"id": "evt_replayed", "type": "charge.succeeded"})
+    signed = stripe(charge)
+    answers = [await svc.request("POST", "/hooks/stripe", charge, signed) for _ in range(3)]
+    assert [(a[0], a[2]["duplicate"]) for a in answers] == [(202, False), (202, True), (202, True)]
+    await _delivered(receiver, "urn:eventbus:source:stripe", "evt_replayed")
+    await svc.drained()
+    ids = [r.cloudevent["id"] for r in receiver.requests if r.cloudevent is not None]
+    assert ids.count("evt_replayed") == 1, ids
