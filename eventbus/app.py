@@ -42,7 +42,14 @@ from eventbus.bus import (
     PublishOutcome,
     open_bus,
 )
-from eventbus.config import ConnectorSet, KafkaAuth, Settings, load_connectors, redact_url
+from eventbus.config import (
+    ConnectorSet,
+    KafkaAuth,
+    Settings,
+    SourceSpec,
+    load_connectors,
+    redact_url,
+)
 from eventbus.delivery import (
     CIRCUIT_STATES,
     DeadLetterFilter,
@@ -91,6 +98,33 @@ _SUMMARY_EVERY = 60.0  # seconds between activity summaries in the log
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def build_adapters(
+    found: ConnectorSet, runs: Callable[[SourceSpec], bool] = lambda _: True
+) -> tuple[dict[str, Target], list[Source]]:
+    """The adapters of every target of ``found`` and of the sources this process ``runs``,
+    built (checked), not opened. Raises one ConfigError listing each setting an adapter refuses
+    (a TLS file that cannot be read, tls on an http:// URL), with file and line;
+    ``eventbus rules validate`` calls it too, so that it refuses what the start refuses."""
+    errors: list[str] = []
+    targets: dict[str, Target] = {}
+    for name, target_spec in found.targets.items():
+        try:
+            targets[name] = build_target(target_spec)
+        except ConfigError as exc:
+            errors.append(found.located("target", name, exc))
+    sources: list[Source] = []
+    for name, source_spec in found.sources.items():
+        if not runs(source_spec):
+            continue
+        try:
+            sources.append(build_source(source_spec))
+        except ConfigError as exc:
+            errors.append(found.located("source", name, exc))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return targets, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,25 +391,8 @@ class Service:
         must), built before anything starts. Raises one ConfigError listing each setting an
         adapter refuses (a TLS file that cannot be read, an endpoint that is no URL), with
         file and line: they came one at a time, without either, once the database was up."""
-        s, found = self.settings, self.connectors
-        errors: list[str] = []
-        targets: dict[str, Target] = {}
-        for name, target_spec in found.targets.items():
-            try:
-                targets[name] = build_target(target_spec)
-            except ConfigError as exc:
-                errors.append(found.located("target", name, exc))
-        sources: list[Source] = []
-        for name, source_spec in found.sources.items():
-            if not (s.run_sources or in_every_process(source_spec)):
-                continue
-            try:
-                sources.append(build_source(source_spec))
-            except ConfigError as exc:
-                errors.append(found.located("source", name, exc))
-        if errors:
-            raise ConfigError("\n".join(errors))
-        return targets, sources
+        run_all = self.settings.run_sources
+        return build_adapters(self.connectors, lambda spec: run_all or in_every_process(spec))
 
     async def _start_sources(self, sources: list[Source]) -> None:
         """Run ``sources`` and, when configured, ``kafka_ingest``: a ``kafka`` source named

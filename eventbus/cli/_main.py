@@ -84,7 +84,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--api-key",
-        help="an API key with scope admin (default: $EVENTBUS_API_KEY; never shown here)",
+        help="an API key: scope publish for publish, admin for the other commands (default: "
+        "$EVENTBUS_API_KEY; never shown here)",
     )
     p.add_argument("--json", action="store_true", help="print the API's JSON answer, for scripts")
 

@@ -179,12 +179,15 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
     # which ``eventbus rules test-pattern`` and ``eventbus --help`` do without. Importing them
     # registers the target and source types the connector files are validated with.
     import eventbus.sources  # noqa: F401
+    from eventbus.app import build_adapters
     from eventbus.config import load_connectors
     from eventbus.delivery import override_checker, target_policies
 
     if not Path(connectors).exists():
         return None, None
-    targets = load_connectors(connectors).targets
+    found = load_connectors(connectors)
+    build_adapters(found)  # what the adapters refuse, serve refuses too (tls on http://)
+    targets = found.targets
     policies = target_policies({name: spec.delivery for name, spec in targets.items()})
     return set(targets), override_checker(policies)
 

@@ -239,9 +239,7 @@ _NOT_SETTINGS = frozenset({"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY"
 def _env_value(raw: str) -> Any:
     """A list or mapping (``[...]``, ``{...}``) is read as YAML; any other value is its text,
     which each setting reads as its type (a port, true). Read as YAML, a password lost what
-    follows " #" and one starting with "#" became none at all; empty is unset."""
-    if raw == "":
-        return None
+    follows " #" and one starting with "#" became none at all."""
     if raw.lstrip()[:1] in ("[", "{"):
         try:
             return yaml.safe_load(raw)
@@ -253,7 +251,10 @@ def _env_value(raw: str) -> Any:
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
+        # empty is as unset: the file's value or the default applies (it set the setting to
+        # null: EVENTBUS_LOG_LEVEL= refused to start, EVENTBUS_DATABASE__URL= chose the
+        # embedded PostgreSQL over the file's)
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS or raw == "":
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         value = _env_value(raw)
@@ -332,7 +333,9 @@ def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:
 def _overridden(overrides: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
     node: Any = overrides
     for key in loc:
-        if not isinstance(node, Mapping) or key not in node:
+        if not isinstance(node, Mapping):  # a list the environment set holds what is below
+            return True
+        if key not in node:
             return False
         node = node[key]
     return True

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from eventbus._errors import ConfigError
 from eventbus.cli import _rules as _cli
 
 # Imported through the module: pytest would collect functions named test_* as tests.
@@ -227,6 +228,21 @@ def test_validate_reports_bad_delivery_overrides_with_the_other_problems(
     assert lines[0].endswith("can never be evaluated: no such overload: string + int")
     assert lines[1].startswith(f"{rules}:4 rule 'r': targets.0.delivery: ")
     assert "unknown retry preset 'sometimes'" in lines[1]
+
+
+def test_validate_refuses_what_the_adapters_refuse(tmp_path: Path) -> None:
+    # "1 rule OK" while serve refused the same files (docs/targets.md's first example had tls
+    # on an http:// URL): the adapters are built too, not opened
+    connectors = tmp_path / "connectors.yaml"
+    connectors.write_text(
+        "targets:\n"
+        "  - {name: fn, type: http, url: 'http://127.0.0.1:9/fn', headers: {Host: other}}\n"
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- name: r\n  targets: [fn]\n")
+    args = parse(["validate", str(rules), "--connectors", str(connectors)])
+    with pytest.raises(ConfigError, match=rf"^{connectors}:2: .*'fn': headers may not set Host$"):
+        args.func(args)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -134,8 +134,15 @@ def test_a_secret_from_an_eventbus_variable_is_not_warned_about(
     cfg = tmp_path / "eventbus.yaml"
     cfg.write_text(f"database:\n  url: postgresql://db/x\n  password: {VALUE}\n")
     with caplog.at_level(logging.WARNING, logger="eventbus.config"):
-        s = load_settings(cfg, env={"EVENTBUS_BUS__NATS__TOKEN": VALUE + "-t"})
+        env = {
+            "EVENTBUS_BUS__NATS__TOKEN": VALUE + "-t",
+            # a list of keys too, as docs/configuration.md advises (it was warned about, with
+            # the settings file's first line, which holds no api_keys)
+            "EVENTBUS_API_KEYS": f'[{{name: ops, key: "{VALUE}-k", scopes: [admin]}}]',
+        }
+        s = load_settings(cfg, env=env)
     assert s.bus.nats.token is not None and s.bus.nats.token.reveal() == VALUE + "-t"
+    assert [k.key.reveal() for k in s.api_keys] == [VALUE + "-k"]
     assert [r.getMessage() for r in caplog.records] == [
         f"{cfg}:3: database.password: a secret given as a literal; "
         "use {env: NAME} or {file: PATH}"

@@ -105,6 +105,16 @@ def test_an_environment_secret_is_its_text(password: str) -> None:
     assert settings.listen.port == 9100 and settings.allow_unauthenticated is True
 
 
+def test_an_empty_variable_is_as_unset(tmp_path: Path) -> None:
+    # it set the setting to null: the log level refused, the file's database left for the
+    # embedded one
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text("log_level: warning\ndatabase: {url: postgresql://db/x}\n")
+    env = {"EVENTBUS_LOG_LEVEL": "", "EVENTBUS_DATABASE__URL": ""}
+    settings = load_settings(cfg, env=env)
+    assert (settings.log_level, settings.database.url) == ("warning", "postgresql://db/x")
+
+
 def test_missing_settings_file() -> None:
     with pytest.raises(ConfigError, match="cannot read settings"):
         load_settings("/nonexistent/eventbus.yaml", env={})
