@@ -112,7 +112,7 @@ HTTP_CONNECTIONS_DROPPED = Counter(
     "eventbus_http_connections_dropped",
     "HTTP connections closed by the server's limits, by reason (header_timeout, body_timeout, "
     "send_timeout, head_too_large, shed: the longest-waiting one made room at the connection "
-    "cap, refused: at the cap)",
+    "cap, shed_body: the request whose body came slowest did, refused: at the cap)",
     ["reason"],
     registry=REGISTRY,
 )

@@ -20,7 +20,10 @@ per server.
   client could otherwise fill memory with one endless head until the deadline.
 - **Connection cap** (``listen.max_connections``): a connection beyond the cap sheds the one
   that has waited longest without a request in the application (an idle keep-alive or a slow
-  head); when every connection has a request in progress, the new one is answered 503.
+  head); failing that, the request whose body has come slowest, once it has been reading its
+  body for a second (a client trickling bodies filled the cap for the body deadline, health
+  probes included, and again at each deadline); when every connection has a request in
+  progress otherwise, the new one is answered 503.
 
 Why a wrapper around the protocol: uvicorn 0.54 offers ``timeout_keep_alive`` (armed only after
 a response, and cancelled by any byte that arrives) and ``limit_concurrency`` (answered 503 once
@@ -62,6 +65,9 @@ MAX_HEAD = 16 * 1024  # bytes of a request head; h11's own default limit
 # that head is complete). A head that never completes is dropped past this.
 MAX_PIPELINED = MAX_HEAD + 256 * 1024
 _TOO_LARGE = f"the request head exceeds {MAX_HEAD} bytes"
+# A request is shed for a slow body only once it has been reading it this long: every body
+# has received nothing at its start.
+_SHED_BODY_AFTER = 1.0
 
 
 def _refuse(transport: asyncio.Transport, status: bytes, problem: Problem) -> None:
@@ -153,14 +159,29 @@ class ConnectionGuard:
 
     def _admit(self, connection: _Connection) -> bool:
         if len(self._open) >= self.max_connections:
-            if not self._waiting:
+            if self._waiting:
+                metrics.HTTP_CONNECTIONS_DROPPED.labels("shed").inc()
+                next(iter(self._waiting)).close()
+            elif (slowest := self._slowest_body()) is not None:
+                metrics.HTTP_CONNECTIONS_DROPPED.labels("shed_body").inc()
+                slowest.close()
+            else:
                 metrics.HTTP_CONNECTIONS_DROPPED.labels("refused").inc()
                 return False
-            oldest = next(iter(self._waiting))
-            metrics.HTTP_CONNECTIONS_DROPPED.labels("shed").inc()
-            oldest.close()
         self._open.add(connection)
         return True
+
+    def _slowest_body(self) -> _Connection | None:
+        """The connection whose request has received its body slowest, of those reading one
+        for at least ``_SHED_BODY_AFTER`` s. A scan of every connection, made only at the cap
+        with none idle."""
+        now = asyncio.get_running_loop().time()
+        slowest, lowest = None, float("inf")
+        for candidate in self._open:
+            rate = candidate.body_rate(now)
+            if rate is not None and rate < lowest:
+                slowest, lowest = candidate, rate
+        return slowest
 
     def _waits(self, connection: _Connection, waiting: bool) -> None:
         if waiting and connection in self._open:
@@ -277,6 +298,15 @@ class _Connection(asyncio.Protocol):
         if self._requests == 0 and self._live:
             self._wait_for_request(unread)
 
+    def body_rate(self, now: float) -> float | None:
+        """Bytes per second of the body its request is reading, once it has been reading it
+        for ``_SHED_BODY_AFTER`` s; None otherwise."""
+        request = self._reading
+        if request is None or not self._live:
+            return None
+        reading_for = now - request.began
+        return request.received / reading_for if reading_for >= _SHED_BODY_AFTER else None
+
     def reading(self, request: _Request | None) -> None:
         """``request`` waits for more of its body (None: no longer)."""
         self._reading = request
@@ -371,9 +401,10 @@ class _Request:
         self._receive = receive
         self._send = send
         self._scope = scope
-        self.deadline = asyncio.get_running_loop().time() + timeout
+        self.began = asyncio.get_running_loop().time()
+        self.deadline = self.began + timeout
         self._declared = _declared_length(scope["headers"])
-        self._received = 0  # body bytes the application has received
+        self.received = 0  # body bytes the application has received
         self._body_done = self._declared == 0
         self._started = False  # the application began its answer
         self._expired = False  # the deadline passed: the client got its 408 (or a close)
@@ -390,7 +421,7 @@ class _Request:
         be buffered); 0 for a body of unknown length, whose connection closes instead."""
         if self._body_done or self._declared is None:
             return 0
-        return max(self._declared - self._received, 0)
+        return max(self._declared - self.received, 0)
 
     async def run(self, app: ASGIApp) -> None:
         try:
@@ -411,7 +442,7 @@ class _Request:
             message = await self._receive()
         finally:
             self._connection.reading(None)
-        self._received += len(message.get("body", b""))
+        self.received += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             self._body_done = True
         return message

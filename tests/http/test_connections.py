@@ -194,15 +194,45 @@ async def test_connection_cap_sheds_the_longest_waiting_then_refuses_when_all_ar
             assert await _until_closed(conn) == b""
         assert all([await _quiet(conn) for conn in idle[11:]])
 
-    # every connection has a request in the application: a new one is refused, not shed
+    # every connection has a request in the application, its body read: a new one is
+    # refused, not shed
     await svc.session.close()  # its idle keep-alive connection would be shed first
-    busy = [await _open(svc.url, _head("/events", b"", 1000) + b"{") for _ in range(20)]
+    live = b"GET /events/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    busy = [await _open(svc.url, live) for _ in range(20)]
     async with _closing(busy):
+        for reader, _ in busy:  # the stream's first line: its request is in the application
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSED_WITHIN)
         head, _, body = (await _refused(svc.url)).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 "), head
         assert b"retry-after: 1" in head.lower()
         assert "listen.max_connections is 20" in orjson.loads(body)["detail"]
-        assert all([await _quiet(conn) for conn in busy])
+
+
+@PARSERS
+@pytest.mark.timeout(120)
+async def test_at_the_cap_the_slowest_body_is_shed_for_a_new_connection(
+    eventbus: StartService, receiver: Receiver, http: str
+) -> None:
+    # Bodies trickled on every connection filled the cap for the body deadline (30 s by
+    # default), health probes refused with the rest, and again at each deadline.
+    svc = await _start(
+        eventbus, receiver, http, header_timeout=60, body_timeout=60, max_connections=20
+    )
+    await svc.session.close()  # its idle keep-alive connection would be shed first
+    stalled = [await _open(svc.url, _head("/events", b"", 1000) + b"{") for _ in range(19)]
+    # one that keeps sending, faster than the stalled ones, is not the one shed (it was
+    # opened last: neither is it the longest reading)
+    steady = await _open(svc.url, _head("/events", b"", 1000) + b"{")
+    sending = asyncio.create_task(_trickle(steady[1], b" " * 200))
+    async with _closing([*stalled, steady]):
+        await asyncio.sleep(1.5)  # reading their bodies for a second: sheddable
+        probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = await _until_closed(await _open(svc.url, probe))
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        shed = [conn for conn in stalled if not await _quiet(conn)]
+        assert len(shed) == 1 and await _until_closed(shed[0]) == b""
+        assert await _quiet(steady)
+        sending.cancel()
 
 
 @PARSERS
