@@ -153,7 +153,7 @@ def parse_http(
     (each against ``max_size``) and a bad entry becomes a :class:`CloudEventError` in
     ``events``; bounding the whole body is the HTTP server's job. Raises
     :class:`CloudEventError` for a request that holds no usable event list: 400 (malformed
-    JSON, no ``ce-specversion``, a batch that is empty or not an array, an invalid single
+    JSON, no ``ce-specversion``, a batch that is not an array, an invalid single
     event), 413 (single event over ``max_size``, a batch of more than ``max_entries``) or 415
     (a CloudEvents format other than JSON).
     """
