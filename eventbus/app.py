@@ -93,6 +93,7 @@ __all__ = ["Embedded", "Service", "start_embedded"]
 log = logging.getLogger("eventbus")
 
 _SUMMARY_EVERY = 60.0  # seconds between activity summaries in the log
+REPLAYS_LISTED = 1000  # replayed dead letters named in the answer (all are counted)
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
@@ -498,22 +499,29 @@ class Service:
             self.rules_reloaded()
         return count
 
-    async def replay(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
-        """Move dead letters back into the retry schedule (audited), due now."""
-        replayed = await self.deliveries.replay(flt)
-        for item in replayed:
-            await self.store.audit.attempt(
-                Attempt(
-                    event={"source": item["event_source"], "id": item["event_id"]},
-                    rule=item["rule"],
-                    target=item["target"],
-                    number=0,
-                    outcome=AttemptOutcome.REPLAY_REQUESTED,
+    async def replay(self, flt: DeadLetterFilter) -> tuple[list[dict[str, Any]], int]:
+        """Move dead letters back into the retry schedule (audited), due now, a batch at a
+        time; returns the first ``REPLAYS_LISTED`` of them (oldest first) and how many there
+        were."""
+        listed = REPLAYS_LISTED
+        shown: list[dict[str, Any]] = []
+        count = 0
+        async for batch in self.deliveries.replay(flt):
+            for item in batch:
+                await self.store.audit.attempt(
+                    Attempt(
+                        event={"source": item["event_source"], "id": item["event_id"]},
+                        rule=item["rule"],
+                        target=item["target"],
+                        number=0,
+                        outcome=AttemptOutcome.REPLAY_REQUESTED,
+                    )
                 )
-            )
-        if self._retries is not None:
-            self._retries.wake()
-        return replayed
+            shown.extend(batch[: listed - len(shown)])
+            count += len(batch)
+            if self._retries is not None:
+                self._retries.wake()  # the first batches go out while the next are moved
+        return shown, count
 
     def liveness(self) -> str | None:
         """Why this process should be restarted (an embedded server that cannot be brought

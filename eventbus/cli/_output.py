@@ -181,7 +181,9 @@ def _dead_letter(body: Any, out: TextIO) -> None:
 
 def _replayed(body: Any, out: TextIO) -> None:
     items = body["replayed"]
-    out.write(f"replayed {_plural(len(items), 'dead letter')}\n")
+    out.write(f"replayed {_plural(body['count'], 'dead letter')}\n")
+    if body["truncated"]:
+        out.write(f"the first {len(items)}:\n")
     if items:
         columns = (("ID", "id"), ("RULE", "rule"), ("TARGET", "target"), ("EVENT", "event"))
         rows = [{**i, "event": f"{i['event_source']} {i['event_id']}"} for i in items]

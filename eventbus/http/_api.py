@@ -197,10 +197,10 @@ async def show_dead_letter(request: Request, dl_id: DeadLetterId) -> Response:
     summary="Deliver one dead letter again, with a fresh attempt budget",
 )
 async def replay_one(request: Request, dl_id: DeadLetterId) -> Response:
-    replayed = await _service(request).replay(DeadLetterFilter(ids=(dl_id,)))
-    if not replayed:
+    replayed, count = await _service(request).replay(DeadLetterFilter(ids=(dl_id,)))
+    if not count:
         raise Problem(404, f"no dead letter {dl_id}")
-    return _json({"replayed": replayed}, 202)
+    return _json({"replayed": replayed, "count": count, "truncated": False}, 202)
 
 
 @admin.post(
@@ -212,7 +212,8 @@ async def replay_one(request: Request, dl_id: DeadLetterId) -> Response:
 )
 async def replay_many(request: Request, flt: Filter, every: All = None) -> Response:
     _require_filter(flt, every)
-    return _json({"replayed": await _service(request).replay(flt)}, 202)
+    replayed, count = await _service(request).replay(flt)
+    return _json({"replayed": replayed, "count": count, "truncated": count > len(replayed)}, 202)
 
 
 @admin.delete(

@@ -222,9 +222,12 @@ class ReplayedItem(_Body):
 
 
 class Replayed(_Body):
-    """The dead letters moved back into the retry schedule, due now."""
+    """The dead letters moved back into the retry schedule, due now: ``count`` of them, the
+    first 1,000 (oldest first) listed in ``replayed``; ``truncated`` when there were more."""
 
     replayed: list[ReplayedItem]
+    count: int
+    truncated: bool
 
 
 class PendingRetry(_Body):

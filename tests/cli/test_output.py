@@ -31,7 +31,11 @@ def test_empty_listings_say_so() -> None:
         ("retries", {"items": [], "total": 0}, "no pending retries\n"),
         ("sources", {"sources": []}, "no sources running\n"),
         ("source-dead-letters", {"items": []}, "no source dead letters\n"),
-        ("replayed", {"replayed": []}, "replayed 0 dead letters\n"),
+        (
+            "replayed",
+            {"replayed": [], "count": 0, "truncated": False},
+            "replayed 0 dead letters\n",
+        ),
         ("purged", {"purged": 1}, "purged 1 dead letter\n"),
         ("reloaded", {"rules": 3}, "3 rules loaded\n"),
     ):

@@ -600,7 +600,7 @@ async function onFiltered(verb, method, path) {
   if (!(await confirmAction(`${verb} ${count} dead letter${count === 1 ? "" : "s"} ${scope}?`))) return;
   await act(async () => {
     const answer = await api(method, `${path}?${params}`);
-    const n = answer.replayed ? answer.replayed.length : answer.purged;
+    const n = answer.replayed ? answer.count : answer.purged;
     return `${verb === "Replay" ? "replayed" : "purged"} ${n}`;
   });
 }
