@@ -540,18 +540,20 @@ class Service:
                 ping.cancel()
                 ping.add_done_callback(_ignore_outcome)
         bus_ok, db_ok = (p.done() and not p.cancelled() and p.result() for p in pings)
+        bus_stalled = self.bus.stalled() if bus_ok else None
         audit_ok, audit = self.store.audit.health()
         # A write that never returns (a COMMIT waiting on a synchronous standby) raises nothing
         # and holds what waits on it, while a ping still answers.
         stalled = self.deliveries.writes.stalled()
         router_ok, router = (True, "ok") if self._router is None else self._router.health()
         body = {
-            "bus": "ok" if bus_ok else "unreachable",
+            "bus": bus_stalled or ("ok" if bus_ok else "unreachable"),
             "database": stalled or ("ok" if db_ok else "unreachable"),
             "audit": audit,
             "router": router,
         }
-        return bus_ok and db_ok and stalled is None and audit_ok and router_ok, body
+        ready = bus_ok and bus_stalled is None and db_ok and stalled is None
+        return ready and audit_ok and router_ok, body
 
     async def enable_target(self, name: str) -> bool:
         found = await self.deliveries.enable_target(name)

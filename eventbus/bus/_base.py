@@ -123,6 +123,10 @@ class Bus(Protocol):
     async def ping(self) -> bool:
         """True when the broker answers right now."""
 
+    def stalled(self) -> str | None:
+        """Why the bus makes no progress though the broker answers (readiness reports it), or
+        None."""
+
 
 def require_positive(config: object, *names: str) -> None:
     """Raise ConfigError naming the first of ``names`` whose value on ``config`` is not > 0."""

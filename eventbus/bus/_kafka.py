@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from eventbus._errors import BusError, BusUnavailable, ConfigError
+from eventbus._errors import BusError, BusUnavailable, ConfigError, FailureRun
 from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, wait_event
 from eventbus.bus._base import (
@@ -139,12 +139,21 @@ _UNAVAILABLE = (
     kerr.NotEnoughReplicasAfterAppendError,
     kerr.CoordinatorNotAvailableError,
     kerr.ProducerClosed,
+    # The broker could not say what went wrong: worth another try, not a refusal (answered
+    # 422, a publisher following the docs dropped the event).
+    kerr.UnknownError,
 )
+
+# Offset commits failing this long turn readiness red: every record read since the last
+# commit is read again by the partition's next owner.
+COMMITS_STALL_AFTER = 30.0
 
 
 def _translate(exc: BaseException, doing: str) -> BusError:
-    """Map an aiokafka error to BusUnavailable (try again later) or BusError (will not help)."""
-    kind = BusUnavailable if isinstance(exc, _UNAVAILABLE) else BusError
+    """Map an aiokafka error to BusUnavailable (try again later: a connection error, or one the
+    library marks retriable) or BusError (will not help)."""
+    retriable = isinstance(exc, kerr.KafkaError) and exc.retriable
+    kind = BusUnavailable if retriable or isinstance(exc, _UNAVAILABLE) else BusError
     return kind(f"Kafka {doing} failed: {exc!r}")
 
 
@@ -289,6 +298,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self.settled = asyncio.Event()  # set by each ack and nak, for a revocation waiting
         self._committer: asyncio.Task[None] | None = None
         self._joining: asyncio.Task[None] | None = None
+        self.commits = FailureRun()  # offset commits failing in a row
 
     async def join(self) -> None:
         """Start the consumer, which joins the group (no deadline: a join legitimately waits
@@ -396,7 +406,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             if point is not None and point > part.committed:
                 offsets[tp] = point
                 parts.append((part, point))
-        if not offsets:
+        if not offsets:  # all committed there is: nothing would be read again
+            self.commits.ended()
             return
         try:
             # Bounded: aiokafka retries until it finds a coordinator, and a close or a
@@ -406,7 +417,9 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         except (kerr.KafkaError, OSError, TimeoutError) as exc:
             # Not fatal: the offsets are committed next round, or the next owner redelivers.
             log.warning("Kafka commit of %s failed: %r", offsets, exc)
+            self.commits.failed(exc)
             return
+        self.commits.ended()
         for part, point in parts:
             part.committed = max(part.committed, point)
 
@@ -823,6 +836,16 @@ class KafkaBus:
         finally:
             self._consumptions.discard(consumption)
             await consumption.close()
+
+    def stalled(self) -> str | None:
+        """Why the bus does not progress though a broker answers: the group's offset commits
+        failing for ``COMMITS_STALL_AFTER`` s (readiness stayed green while every commit failed
+        for minutes, and a rebalance then redelivered everything since the last one)."""
+        for consumption in self._consumptions:
+            failing = consumption.commits.longer_than(COMMITS_STALL_AFTER)
+            if failing is not None:
+                return f"offset commits failing for {failing:.0f} s: {consumption.commits.last}"
+        return None
 
     async def ping(self) -> bool:
         """True when a broker answers a metadata request within ``connect_timeout``."""

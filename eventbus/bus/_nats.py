@@ -555,6 +555,11 @@ class NatsBus:
             return False
         return False
 
+    def stalled(self) -> str | None:
+        """None: a JetStream consumer's acknowledgements fail as its requests do, which the
+        router's own health reports."""
+        return None
+
     async def ping(self) -> bool:
         """True when the server answers a JetStream account request right now."""
         try:

@@ -4,11 +4,14 @@ outage is in the bus contract, test_contract.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import struct
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import errors as kerr
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -16,6 +19,7 @@ from aiokafka.record.util import calc_crc32c
 
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
+from eventbus.bus import _kafka as kafka_module
 from eventbus.bus._base import DIRECT
 from eventbus.bus._kafka import GAP_PATIENCE, MAX_REREADS, _Partition, resume_point
 from eventbus.bus._nats_server import free_port
@@ -314,6 +318,57 @@ async def test_closing_while_the_broker_is_down_is_bounded(tansu_binary: str) ->
         assert set(names) <= {"AIOKafkaClient._md_synchronizer"}, names
     finally:
         broker.stop()
+
+
+async def test_offset_commits_failing_for_a_while_say_the_bus_is_stalled(
+    tansu_binary: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every commit failed for minutes after a broker restart while readiness stayed green (a
+    # broker answered); the partitions' next owner then read everything since the last commit.
+    # Here the broker is frozen: each commit times out.
+    monkeypatch.setattr(kafka_module, "COMMITS_STALL_AFTER", 0.5)
+    broker = TansuBroker(tansu_binary)
+    broker.start()
+    try:
+        config = kafka_config(broker.bootstrap, partitions=1, connect_timeout=1.0)
+        bus = KafkaBus(config)
+        await bus.__aenter__()
+        reading = aiter(bus.messages())  # the group's member, as long as it is read
+        try:
+            await bus.publish(event(1))
+            await bus.publish(event(2))
+            first, second = await anext(reading), await anext(reading)
+            await first.ack()
+            await eventually(lambda: bus.stalled() is None, what="a commit that worked")
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                await second.ack()
+
+                def stalled() -> str | None:
+                    return bus.stalled()
+
+                why = await eventually(stalled, within=20, what="the commits reported failing")
+                assert why.startswith("offset commits failing for "), why
+                assert "TimeoutError" in why, why
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            # a commit that works (or nothing left to commit) ends it
+            await eventually(lambda: bus.stalled() is None, within=30, what="commits again")
+        finally:
+            await reading.aclose()
+            async with asyncio.timeout(4 * config.connect_timeout):
+                await bus.__aexit__(None, None, None)
+    finally:
+        broker.stop()
+
+
+def test_an_error_the_library_marks_retriable_or_unknown_is_unavailability() -> None:
+    # UnknownError on a publish was answered 422: a publisher following the docs dropped it
+    for exc in (kerr.UnknownError(), kerr.KafkaStorageError(), kerr.NotCoordinatorError()):
+        assert isinstance(kafka_module._translate(exc, "publish"), BusUnavailable), exc
+    assert not isinstance(
+        kafka_module._translate(kerr.TopicAuthorizationFailedError(), "publish"), BusUnavailable
+    )
 
 
 async def _produce_unreadable(bootstrap: str, topic: str, value: bytes, flaw: str) -> None:
