@@ -181,10 +181,10 @@ class Dispatcher:
             return
         self._waiting[name] += routed
         try:
-            outcome = await self._attempt(job, target)
+            outcome = await self._attempt(job, target, policy)
         finally:
             self._waiting[name] -= routed
-        if outcome is None:  # parked behind an open circuit
+        if outcome is None:  # parked behind an open circuit, or too old to wait any more
             return
         job.attempts += 1
         job.history.append(_history_entry(job.attempts, outcome, job.replay_count))
@@ -205,13 +205,16 @@ class Dispatcher:
             and waiting >= target.concurrency
         )
 
-    async def _attempt(self, job: Delivery, target: Target) -> Outcome | None:
-        """One attempt through the target's guard; None when its circuit parked the job."""
+    async def _attempt(
+        self, job: Delivery, target: Target, policy: DeliveryPolicy
+    ) -> Outcome | None:
+        """One attempt through the target's guard; None when its circuit parked the job, or
+        dead-lettered it for waiting past ``max_age``."""
         guard = self._guards.get(job.target)
         if guard is not None:
             admission = guard.admit()
             if not admission.allowed:
-                await self._park(job, admission.reopen_in, "circuit")
+                await self._behind_circuit(job, admission.reopen_in, policy)
                 return None
             await guard.wait_turn()
         if job.first_attempt_at is None:
@@ -265,6 +268,24 @@ class Dispatcher:
                 else DeadLetterReason.TOO_OLD
             )
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
+
+    async def _behind_circuit(
+        self, job: Delivery, reopen_in: float, policy: DeliveryPolicy
+    ) -> None:
+        """Park ``job`` until its target's circuit lets a request through, or dead-letter it
+        (too old) once it has waited past ``max_age``: its age counts from its first attempt,
+        or from the circuit's first refusal. Parked again and again, a delivery waited as long
+        as the target was down (5 x max_age in a review's run), where retrying stops at
+        max_age."""
+        now = datetime.now(UTC)
+        if job.first_attempt_at is None:
+            job.first_attempt_at = now
+        left = policy.retry.max_age - (now - job.first_attempt_at).total_seconds()
+        if left <= 0:
+            why = f"waited past max_age ({policy.retry.max_age:g} s) for {job.target}'s circuit"
+            await self._dead_letter(job, None, DeadLetterReason.TOO_OLD, why, policy)
+            return
+        await self._park(job, min(reopen_in, left), "circuit")
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
         if job.pending_id is None:

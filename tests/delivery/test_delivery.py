@@ -339,6 +339,31 @@ async def test_circuit_breaker_parks_deliveries_and_recovers(
     assert await _dead_letters(svc) == []
 
 
+async def test_a_delivery_parked_behind_the_circuit_is_held_to_max_age(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # Parked again at each reopening, a delivery waited as long as the target was down
+    # (5 x max_age in a review's run), where retrying stops at max_age.
+    receiver.respond(503)
+    retry = {**FAST, "max_age": "2s"}
+    breaker = {"failures": 3, "open_for": "30s"}  # open for the whole test
+    svc = await eventbus(
+        rules=RULES, targets=[_target(receiver, retry=retry, circuit_breaker=breaker)]
+    )
+    await _publish(svc, range(10))
+
+    async def all_dead() -> list[dict[str, Any]]:
+        items = await _dead_letters(svc)
+        return items if len(items) == 10 else []
+
+    items = await eventually(all_dead, within=20, every=POLL, what="every delivery too old")
+    assert {i["reason"] for i in items} == {"too-old"}
+    # within 20 s, the circuit still open: each waited behind it, past max_age, not tried again
+    status, _, body = await svc.request("GET", "/targets")
+    assert status == 200 and body["targets"][0]["circuit"] == "open", body
+    assert len(receiver.requests) == sum(i["attempts"] for i in items) <= 20
+
+
 async def test_destinations_and_dead_letter_target(
     eventbus: StartService, receiver: Receiver
 ) -> None:
