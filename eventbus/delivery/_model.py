@@ -20,6 +20,7 @@ the stored form is unambiguous; it is made by :attr:`Delivery.stored_rule` and r
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -84,6 +85,9 @@ class Delivery:
     claim: str | None = None
     """The token of the claim that handed this row out; writes to the row check it, so an
     attempt whose lease ran out cannot overwrite what the row's new owner decided."""
+    write_key: uuid.UUID | None = None
+    """Set by the store's first write of this delivery's row (its retry row, or the dead letter
+    of one never scheduled): a write made again after a broken connection finds that row."""
     last_outcome: AttemptOutcome | None = None
     """What became of the latest attempt (None while none was recorded, e.g. parked behind
     an open circuit): what ``Dispatcher.dispatch`` reports to the router's live feed."""

@@ -12,6 +12,7 @@ again when its lease runs out.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,6 +51,8 @@ _SHARED = (
     " history"
 )
 _SHARED_VALUES = "$1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10::jsonb"
+# An insert made again finds the row its first try wrote (migration 0008).
+_FOUND_BY_KEY = " ON CONFLICT (write_key) DO UPDATE SET write_key = EXCLUDED.write_key RETURNING id"
 
 
 @dataclass(frozen=True)
@@ -159,19 +162,24 @@ class DeliveryStore:
             return await run_db(what, coro, deadline=deadline)
 
     async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
-        """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns."""
+        """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns.
+        Made again after a failure (its commit may have landed), it finds the row it wrote by
+        ``d.write_key`` (set on the first call) instead of writing a second one."""
+        if d.write_key is None:
+            d.write_key = uuid.uuid4()
         return int(
             await self._run(
                 "scheduling a retry",
                 self._pool.fetchval(
                     f"INSERT INTO delivery_retries ({_SHARED}, due_at, waiting_for,"
-                    f" first_attempt_at) VALUES ({_SHARED_VALUES},"
-                    " now() + make_interval(secs => $11), $12, coalesce($13, now()))"
-                    " RETURNING id",
+                    f" first_attempt_at, write_key) VALUES ({_SHARED_VALUES},"
+                    " now() + make_interval(secs => $11), $12, coalesce($13, now()), $14)"
+                    + _FOUND_BY_KEY,
                     *_columns(d),
                     due_in,
                     waiting_for,
                     d.first_attempt_at,
+                    d.write_key,
                 ),
                 watched=True,
             )
@@ -276,6 +284,12 @@ class DeliveryStore:
         """Store ``d`` as a dead letter and drop its schedule row, in one transaction; None
         (nothing written) when the row is no longer ``d``'s."""
 
+        # the same on every call for ``d`` (see :meth:`schedule`); a retry row's dead letter is
+        # its own write: its DELETE makes it happen once
+        key = uuid.uuid4() if d.pending_id is not None else d.write_key
+        if key is None:
+            key = d.write_key = uuid.uuid4()
+
         async def tx() -> int | None:
             async with self._pool.acquire() as conn, conn.transaction():
                 if d.pending_id is not None:
@@ -289,8 +303,9 @@ class DeliveryStore:
                         return None
                 dl_id = await conn.fetchval(
                     f"INSERT INTO dead_letters ({_SHARED}, event_type, last_status, final_error,"
-                    f" reason, first_attempt_at, replay_count) VALUES ({_SHARED_VALUES}, $11,"
-                    " $12, $13, $14, coalesce($15, now()), $16) RETURNING id",
+                    f" reason, first_attempt_at, replay_count, write_key) VALUES"
+                    f" ({_SHARED_VALUES}, $11, $12, $13, $14, coalesce($15, now()), $16, $17)"
+                    + _FOUND_BY_KEY,
                     *_columns(d),
                     d.event.get("type"),
                     last_status,
@@ -298,6 +313,7 @@ class DeliveryStore:
                     reason.value,
                     d.first_attempt_at,
                     d.replay_count,
+                    key,
                 )
                 return int(dl_id)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
 }
 _QUARANTINE_CHARS = 64 * 1024
 _WRITE_TIMEOUT = 30.0  # seconds for one batch; a hung server is treated like a lost one
+_PRUNE_BATCHES_EVERY = 60.0  # seconds between deletions of old audit_batches rows
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
 
@@ -152,6 +154,7 @@ class AuditWriter:
         self._done = 0  # rows committed or dropped, in buffer order
         self._quarantined = 0
         self._failures = FailureRun()  # of the current write
+        self._pruned = float("-inf")  # when old audit_batches rows were last deleted
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -359,10 +362,15 @@ class AuditWriter:
 
     async def _write(self, rows: list[_Row], *, skip_known: bool = False) -> None:
         delay = _BACKOFF_FIRST
+        batch = uuid.uuid4()  # recorded with the rows: a retry finds a commit that landed
+        unsure = False  # a try failed in a way its commit may have landed anyway
         while True:
             try:
                 with self.writes.write(f"writing {len(rows)} audit rows"):
-                    await self._copy(rows, skip_known=skip_known)
+                    if unsure and await self._landed(batch):
+                        self._progress()
+                        return
+                    await self._copy(rows, batch, skip_known=skip_known)
             except Exception as exc:
                 if _already_recorded(exc) and not skip_known:
                     # A redelivered event's acceptance is in already: write this batch again,
@@ -374,6 +382,7 @@ class AuditWriter:
                     await self._isolate(rows, exc, skip_known)
                     return
                 self._failed(exc)
+                unsure = True
                 _log.warning("audit: writing %d rows failed, retrying: %r", len(rows), exc)
             else:
                 self._progress()
@@ -422,11 +431,32 @@ class AuditWriter:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    async def _copy(self, rows: list[_Row], *, skip_known: bool) -> None:
+    async def _landed(self, batch: uuid.UUID) -> bool:
+        """Whether ``batch`` was committed (by a try whose answer was lost with the
+        connection: written again, its matches and attempts were in twice)."""
+        async with self._pool.acquire(timeout=_WRITE_TIMEOUT) as conn:
+            found = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM audit_batches WHERE id = $1)",
+                batch,
+                timeout=_WRITE_TIMEOUT,
+            )
+        return bool(found)
+
+    async def _copy(self, rows: list[_Row], batch: uuid.UUID, *, skip_known: bool) -> None:
         by_table: dict[str, list[tuple[Any, ...]]] = {}
         for table, record in rows:
             by_table.setdefault(table, []).append(record)
+        now = asyncio.get_running_loop().time()
+        prune = now - self._pruned >= _PRUNE_BATCHES_EVERY
         async with self._pool.acquire(timeout=_WRITE_TIMEOUT) as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO audit_batches (id) VALUES ($1)", batch, timeout=_WRITE_TIMEOUT
+            )
+            if prune:  # a batch's id is needed only while it may be retried
+                await conn.execute(
+                    "DELETE FROM audit_batches WHERE written_at < now() - interval '1 hour'",
+                    timeout=_WRITE_TIMEOUT,
+                )
             for table, records in by_table.items():
                 if table == "events" and skip_known:
                     await _insert_new_events(conn, records)
@@ -434,6 +464,8 @@ class AuditWriter:
                 await conn.copy_records_to_table(
                     table, records=records, columns=_COLUMNS[table], timeout=_WRITE_TIMEOUT
                 )
+        if prune:
+            self._pruned = now
 
     def _progress(self) -> None:
         self._failures.ended()

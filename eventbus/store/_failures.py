@@ -39,6 +39,10 @@ _UNREACHABLE = (
     # SQLSTATE 53300: the server is full now, and may not be in a moment (start-up waits on
     # it too); as a refusal, an attempt made but not recorded was made again
     asyncpg.TooManyConnectionsError,
+    # asyncpg's own state gone wrong as the connection broke ("cannot switch to state 15",
+    # seen when PostgreSQL was killed during a commit): escaped untranslated, the router
+    # took it for a failed delivery and had the bus deliver the event again
+    asyncpg.InternalClientError,
 )
 _DATA_EXCEPTION = "22"  # SQLSTATE class: a value the statement cannot take
 

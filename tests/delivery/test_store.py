@@ -74,6 +74,26 @@ async def test_a_stale_claim_cannot_write(store: DeliveryStore) -> None:
     assert item["attempts"] == 2 and item["last_status"] == 503
 
 
+async def test_a_write_made_again_finds_the_row_its_first_try_wrote(
+    store: DeliveryStore,
+) -> None:
+    # PostgreSQL killed as it committed: the row was in, the answer lost, and the write made
+    # again scheduled (and delivered) the delivery twice. Made again, it finds its row.
+    parked = _delivery(1)
+    first = await store.schedule(parked, due_in=60, waiting_for="circuit")
+    assert await store.schedule(parked, due_in=60, waiting_for="circuit") == first
+    assert await store.backlog() == 1
+    # a dead letter of a delivery never scheduled, the same
+    routed = _delivery(2)
+    failed = {"last_status": 500, "final_error": "x", "reason": DeadLetterReason.NON_RETRYABLE}
+    dl_id = await store.dead_letter(routed, **failed)
+    assert await store.dead_letter(routed, **failed) == dl_id
+    assert len(await store.list_dead_letters(DeadLetterFilter())) == 1
+    # and another delivery of the same event is a row of its own
+    assert await store.schedule(_delivery(1), due_in=60) != first
+    assert await store.backlog() == 2
+
+
 async def test_a_follow_up_is_stored_under_its_rule_and_kind(store: DeliveryStore) -> None:
     # Rows name a follow-up "<rule>#<kind>", as they always have: rows written before the kind
     # was explicit read back the same, and the dead letters' rule filter keeps its meaning.

@@ -331,6 +331,34 @@ async def test_a_server_side_failure_is_retried_not_quarantined_and_reported(
         assert store.audit.health(stall_after=0.2) == (True, "ok")
 
 
+async def test_a_batch_whose_commit_landed_unanswered_is_not_written_again(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL killed as it committed: the batch was in, the answer lost with the
+    # connection, and the retry wrote its matches and attempts a second time. Here the first
+    # write commits and then fails as such a lost answer does.
+    async with await Store.open(database_dsn) as store:
+        copy = store.audit._copy
+        lost: list[object] = []
+
+        async def commit_then_lose_the_answer(*args: Any, **kwargs: Any) -> None:
+            await copy(*args, **kwargs)
+            if not lost:
+                lost.append(args)
+                raise ConnectionResetError("the connection broke after the commit")
+
+        monkeypatch.setattr(store.audit, "_copy", commit_then_lose_the_answer)
+        await store.audit.event_accepted(_event(1), via="http")
+        await store.audit.rule_matched(_event(1), "r", "t")
+        delivered = AttemptOutcome.DELIVERED
+        attempt = Attempt(event=_event(1), rule="r", target="t", number=1, outcome=delivered)
+        await store.audit.attempt(attempt)
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert lost  # the fault happened
+        for table in ("events", "matches", "attempts"):
+            assert await _count(store, table) == 1, table
+
+
 async def test_a_flush_that_is_not_urgent_waits_for_the_next_batch(database_dsn: str) -> None:
     # A minute between partial batches: only a full batch (or an urgent flush) writes.
     async with await Store.open(database_dsn, audit_batch=10, audit_interval=60.0) as store:
