@@ -70,6 +70,16 @@ async def _dead_letters(svc: RunningService, query: str = "") -> list[dict[str, 
     return list(body["items"])
 
 
+async def _all_dead_lettered(svc: RunningService, count: int, what: str) -> list[dict[str, Any]]:
+    """The dead letters, once there are ``count`` of them (within 60 s)."""
+
+    async def all_dead() -> list[dict[str, Any]]:
+        items = await _dead_letters(svc)
+        return items if len(items) == count else []
+
+    return await eventually(all_dead, within=60, every=POLL, what=what)
+
+
 async def test_half_the_requests_fail_and_everything_is_delivered(
     eventbus: StartService, receiver: Receiver
 ) -> None:
@@ -101,12 +111,7 @@ async def test_target_down_dead_letters_then_replay_by_filter(
     policy = {"retry": {**FAST, "max_attempts": 3}}
     svc = await eventbus(rules=RULES, targets=[_target(receiver, **policy)])
     await _publish(svc, range(20))
-
-    async def all_dead() -> list[dict[str, Any]]:
-        items = await _dead_letters(svc)
-        return items if len(items) == 20 else []
-
-    items = await eventually(all_dead, within=60, every=POLL, what="20 dead letters")
+    items = await _all_dead_lettered(svc, 20, "20 dead letters")
     assert {i["reason"] for i in items} == {"attempts-exhausted"}
     assert {i["attempts"] for i in items} == {3}
     assert {i["last_status"] for i in items} == {503}
@@ -351,14 +356,9 @@ async def test_a_delivery_parked_behind_the_circuit_is_held_to_max_age(
         rules=RULES, targets=[_target(receiver, retry=retry, circuit_breaker=breaker)]
     )
     await _publish(svc, range(10))
-
-    async def all_dead() -> list[dict[str, Any]]:
-        items = await _dead_letters(svc)
-        return items if len(items) == 10 else []
-
-    items = await eventually(all_dead, within=20, every=POLL, what="every delivery too old")
+    items = await _all_dead_lettered(svc, 10, "every delivery too old")
     assert {i["reason"] for i in items} == {"too-old"}
-    # within 20 s, the circuit still open: each waited behind it, past max_age, not tried again
+    # the circuit still open (for 30 s): each waited behind it past max_age, not tried again
     status, _, body = await svc.request("GET", "/targets")
     assert status == 200 and body["targets"][0]["circuit"] == "open", body
     assert len(receiver.requests) == sum(i["attempts"] for i in items) <= 20

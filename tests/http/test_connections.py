@@ -177,14 +177,19 @@ async def test_slow_heads_and_bodies_are_closed_and_others_served(
             task.cancel()
 
 
+async def _capped(eventbus: StartService, receiver: Receiver, http: str) -> Any:
+    """The service with a cap of 20 connections and deadlines longer than any test."""
+    return await _start(
+        eventbus, receiver, http, header_timeout=60, body_timeout=60, max_connections=20
+    )
+
+
 @PARSERS
 @pytest.mark.timeout(120)
 async def test_connection_cap_sheds_the_longest_waiting_then_refuses_when_all_are_busy(
     eventbus: StartService, receiver: Receiver, http: str
 ) -> None:
-    svc = await _start(
-        eventbus, receiver, http, header_timeout=60, body_timeout=60, max_connections=20
-    )
+    svc = await _capped(eventbus, receiver, http)
     # 30 idle connections against a cap of 20: the 10 that waited longest are shed, then the
     # well-behaved client's connection sheds one more
     idle = [await _open(svc.url, b"GET /healthz HT") for _ in range(30)]
@@ -215,9 +220,7 @@ async def test_at_the_cap_the_slowest_body_is_shed_for_a_new_connection(
 ) -> None:
     # Bodies trickled on every connection filled the cap for the body deadline (30 s by
     # default), health probes refused with the rest, and again at each deadline.
-    svc = await _start(
-        eventbus, receiver, http, header_timeout=60, body_timeout=60, max_connections=20
-    )
+    svc = await _capped(eventbus, receiver, http)
     await svc.session.close()  # its idle keep-alive connection would be shed first
     stalled = [await _open(svc.url, _head("/events", b"", 1000) + b"{") for _ in range(19)]
     # one that keeps sending, faster than the stalled ones, is not the one shed (it was
