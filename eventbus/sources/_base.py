@@ -31,7 +31,17 @@ from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Clock, SystemClock
 from eventbus.store import set_aside
 
-__all__ = ["Source", "SourceContext", "SourceStatus", "UnreadablePaths", "default_instance_id"]
+__all__ = [
+    "MAX_SET_ASIDE",
+    "Source",
+    "SourceContext",
+    "SourceStatus",
+    "UnreadablePaths",
+    "default_instance_id",
+]
+
+MAX_SET_ASIDE = 256 * 1024
+"""Bytes of an input kept with its dead letter at most."""
 
 
 @dataclass
@@ -98,12 +108,17 @@ class SourceContext:
     async def dead_letter(
         self, payload: bytes | str, error: str, meta: Mapping[str, Any] | None = None
     ) -> None:
-        """Keep input that could not become an event, with its error (``source_dead_letters``).
+        """Keep input that could not become an event, with its error (``source_dead_letters``):
+        its first ``MAX_SET_ASIDE`` bytes, and ``size`` (its length) in ``meta`` when it was
+        longer (a 32 MiB MQTT message was kept whole, in memory and in the table).
 
         Raises StoreError when the row could not be written; the caller must then not skip the
         input.
         """
         raw = payload.encode() if isinstance(payload, str) else payload
+        if len(raw) > MAX_SET_ASIDE:
+            meta = {**(meta or {}), "size": len(raw), "kept": MAX_SET_ASIDE}
+            raw = raw[:MAX_SET_ASIDE]
         await set_aside(self.pool, self.name, raw, error, meta)
         self.status.errors += 1
         self.status.last_error = error

@@ -35,7 +35,7 @@ import pydantic
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import attribute_text, load_json, new_event
 from eventbus.config import SourceSpec
-from eventbus.sources._base import SourceContext, UnreadablePaths
+from eventbus.sources._base import MAX_SET_ASIDE, SourceContext, UnreadablePaths
 from eventbus.sources._clock import Backoff
 
 __all__ = ["LogTailSource", "LogTailSourceSpec"]
@@ -47,8 +47,6 @@ _NAMESPACE = uuid.UUID("0b6d3e2a-93f1-4c57-8e0d-5a4c1f2b7e90")
 _CHUNK = 1 << 20
 # Bytes at the start of a file that identify its content (copy-truncate and inode reuse).
 _HEAD = 128
-# Bytes of a record kept with its dead letter when no event can carry it.
-_MAX_SET_ASIDE = 256 * 1024
 
 
 class MultilineConfig(pydantic.BaseModel):
@@ -476,7 +474,7 @@ class LogTailSource:
             else:
                 await ctx.emit(event)
                 return
-        text = "\n".join(record.lines).encode()[:_MAX_SET_ASIDE]
+        text = "\n".join(record.lines).encode()[:MAX_SET_ASIDE]
         meta = {"path": f.path, "offset": record.start, "lines": len(record.lines)}
         await ctx.dead_letter(text, f"a log record no event can carry: {exc.detail}", meta)
 

@@ -8,10 +8,13 @@ it is away and resends every message it has not acknowledged when it reconnects.
 Acknowledgement after publish: aiomqtt 2.x has no manual-ack API, and its paho-mqtt client
 would otherwise PUBACK a message on receipt, before it is on the bus. The source switches the
 underlying paho client to manual acks (``manual_ack_set``, paho-mqtt 2.x) and acks each
-message only after its events are on the bus; when publishing fails it disconnects, backs off
-and reconnects, and the broker redelivers what was not acked: at-least-once. The broker's
-in-flight limit (Mosquitto: ``max_inflight_messages``, 20) bounds how many unacked messages the
-client holds. MQTT 3.1.1 carries no headers, so ``format: cloudevents`` means structured mode.
+message only after its events are on the bus; when publishing fails it holds the message and
+tries again with backoff, on the same connection (a QoS 0 message is never sent again; dropped
+with the connection, it was lost). A broken connection is made again with backoff, and the
+broker redelivers what was not acked: at-least-once. The broker's in-flight limit (Mosquitto:
+``max_inflight_messages``, 20) bounds how many unacked messages the client holds, and
+``MAX_QUEUED`` how many it keeps waiting. MQTT 3.1.1 carries no headers, so
+``format: cloudevents`` means structured mode.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from eventbus.cloudevents import decode
 from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_held
 
 __all__ = ["MqttSource", "MqttSourceSpec"]
 
@@ -57,6 +60,10 @@ class MqttSourceSpec(QueueSourceSpec):
             raise ValueError("password needs a username")
         return self
 
+
+MAX_QUEUED = 10_000
+"""Messages the client keeps waiting while one is held (the bus down): beyond, aiomqtt drops
+new ones with a warning (QoS 0 ones are lost; QoS 1 ones the broker sends again)."""
 
 SESSION_EXPIRY = 7 * 24 * 3600
 """MQTT 5: seconds the broker keeps the session (and messages for it) while the source is away."""
@@ -101,6 +108,7 @@ class MqttSource:
             identifier=cfg.client_id or f"eventbus-source-{self.name}",
             timeout=10,
             tls_context=self._tls,
+            max_queued_incoming_messages=MAX_QUEUED,
             **session,
         )
         # aiomqtt exposes no manual ack; its paho client does (see the module docstring).
@@ -108,13 +116,16 @@ class MqttSource:
         paho.manual_ack_set(True)
         async with client:
             for topic in self.config.topics:
-                await client.subscribe(topic, qos=1)
+                granted = await client.subscribe(topic, qos=1)
+                _check_granted(topic, granted)
             ctx.status.state = "running"
-            backoff.reset()
             async for message in client.messages:
                 await self._publish(ctx, message)
                 if message.qos > 0:
                     paho.ack(message.mid, message.qos)
+                # after a message, not at the connect: a connection that breaks at once
+                # again and again backs off as it should (it reconnected every 0.5 s)
+                backoff.reset()
 
     async def _publish(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
         raw = message.payload
@@ -124,4 +135,14 @@ class MqttSource:
         def convert() -> list[dict[str, Any]]:
             return events_of(self.config, payload, lambda: decode(payload), subject=topic)
 
-        await publish_message(ctx, payload, convert, {"topic": topic})
+        await publish_held(ctx, payload, convert, {"topic": topic})
+
+
+def _check_granted(topic: str, granted: Any) -> None:
+    """Raise MqttError when the broker refused the subscription (a SUBACK reason code of 0x80
+    or more: not authorized, say): the source showed running and received nothing."""
+    codes = granted if isinstance(granted, list | tuple) else [granted]
+    for code in codes:
+        value = getattr(code, "value", code)
+        if isinstance(value, int) and value >= 0x80:
+            raise aiomqtt.MqttError(f"the broker refused the subscription to {topic!r}: {code}")

@@ -33,7 +33,13 @@ from eventbus.cloudevents import from_nats
 from eventbus.config import NatsAuth, redact_url
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
+from eventbus.sources._queues import (
+    QueueSourceSpec,
+    consume_forever,
+    events_of,
+    publish_held,
+    publish_message,
+)
 
 __all__ = ["JetStreamSource", "JetStreamSourceSpec", "NatsSource", "NatsSourceSpec"]
 
@@ -135,7 +141,11 @@ class NatsSource(_NatsConsumer[NatsSourceSpec]):
 
         for subject in self.config.subjects:
             await nc.subscribe(subject, queue=self.config.queue_group or "", cb=handle)
-        await nc.flush()
+        await nc.flush()  # the server's answers to the subscriptions come before its PONG
+        if nc.last_error is not None:
+            # a subscription the server refused ("Permissions Violation for Subscription"):
+            # the source showed running, and every message on that subject was lost
+            raise nats.errors.Error(f"subscribing failed: {nc.last_error}")
         ctx.status.state = "running"
         backoff.reset()
         await closed.wait()
@@ -147,14 +157,7 @@ class NatsSource(_NatsConsumer[NatsSourceSpec]):
             )
 
         # Core NATS will not redeliver, so the message is held here until the bus takes it.
-        retry = Backoff(ctx.clock)
-        while True:
-            try:
-                await publish_message(ctx, msg.data, convert, {"subject": msg.subject})
-                return
-            except (BusError, StoreError) as exc:
-                ctx.report_error(exc)
-                await retry.wait()
+        await publish_held(ctx, msg.data, convert, {"subject": msg.subject})
 
 
 class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):

@@ -31,7 +31,14 @@ from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 
-__all__ = ["QueueSourceSpec", "consume_forever", "events_of", "publish_message", "raw_event"]
+__all__ = [
+    "QueueSourceSpec",
+    "consume_forever",
+    "events_of",
+    "publish_held",
+    "publish_message",
+    "raw_event",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +142,26 @@ async def publish_message(
     for event in events:
         await ctx.emit(event)
     return True
+
+
+async def publish_held(
+    ctx: SourceContext,
+    payload: bytes,
+    convert: Callable[[], list[dict[str, Any]]],
+    meta: Mapping[str, Any],
+) -> bool:
+    """:func:`publish_message`, holding the message until the bus and the database take it:
+    for a message its broker will not send again (core NATS, MQTT at QoS 0; dropped with the
+    connection, it was lost) or whose redelivery would cost a reconnect (MQTT at QoS 1: each
+    reconnect every half second had the broker resend its whole in-flight window). Each
+    failure is reported in the status; retried after a capped backoff."""
+    retry = Backoff(ctx.clock)
+    while True:
+        try:
+            return await publish_message(ctx, payload, convert, meta)
+        except (BusError, StoreError) as exc:
+            ctx.report_error(exc)
+            await retry.wait()
 
 
 async def consume_forever(

@@ -12,7 +12,10 @@ its durability and arguments stay the operator's). Several instances on one queu
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -23,7 +26,8 @@ from aio_pika.exceptions import AMQPError
 from yarl import URL
 
 from eventbus._errors import BusError, StoreError
-from eventbus.cloudevents import from_kafka
+from eventbus._tasks import cancel_and_wait
+from eventbus.cloudevents import format_time, from_kafka
 from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -65,11 +69,24 @@ def _cloudevent(message: AbstractIncomingMessage) -> dict[str, Any]:
     for name, value in (message.headers or {}).items():
         for prefix in _PREFIXES:
             if name.startswith(prefix):
-                raw = value if isinstance(value, bytes) else str(value).encode()
-                headers.append(("ce_" + name.removeprefix(prefix), raw))
+                headers.append(("ce_" + name.removeprefix(prefix), _property_bytes(value)))
     if message.content_type:
         headers.append(("content-type", message.content_type.encode()))
     return from_kafka(headers, None, message.body)
+
+
+def _property_bytes(value: object) -> bytes:
+    """An application property as the attribute's text: the AMQP binding maps a timestamp to
+    ``time`` and a boolean to ``true``/``false`` (``str()`` gave "2026-01-02 03:04:05+00:00",
+    refused as no RFC 3339 time, and "True")."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return format_time(moment).encode()
+    return str(value).encode()
 
 
 class RabbitMQSource:
@@ -100,21 +117,45 @@ class RabbitMQSource:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.config.prefetch)
             queue = await channel.get_queue(self.config.queue, ensure=True)
+            # The broker cancels the consumer when the queue is deleted (or fails over): the
+            # iterator then waits for ever, and the source showed running, reading nothing.
+            cancelled = asyncio.Event()
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(lambda _frame: cancelled.set())
             ctx.status.state = "running"
-            backoff.reset()
             async with queue.iterator() as messages:
-                async for message in messages:
-                    try:
-                        await self._publish(ctx, message)
-                    except (BusError, StoreError) as exc:
-                        await message.reject(requeue=True)
-                        ctx.report_error(exc)
-                        await backoff.wait()
-                        continue
-                    await message.ack()
-                    backoff.reset()
+                reading = asyncio.ensure_future(self._read(ctx, messages, backoff))
+                gone = asyncio.ensure_future(cancelled.wait())
+                try:
+                    await asyncio.wait({reading, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (reading, gone):
+                        await cancel_and_wait(task)
+                if reading.done() and not reading.cancelled():
+                    reading.result()  # what ended the reading, if it raised
+                if cancelled.is_set():
+                    raise ConnectionError(
+                        f"the broker cancelled the consumer of {self.config.queue!r} (the "
+                        "queue deleted, or moved to another node)"
+                    )
         finally:
             await connection.close()
+
+    async def _read(
+        self, ctx: SourceContext, messages: AsyncIterator[AbstractIncomingMessage], backoff: Backoff
+    ) -> None:
+        async for message in messages:
+            try:
+                await self._publish(ctx, message)
+            except (BusError, StoreError) as exc:
+                await message.reject(requeue=True)
+                ctx.report_error(exc)
+                await backoff.wait()
+                continue
+            await message.ack()
+            # after an ack, not at the connect: a message that breaks the connection as it
+            # arrives (one the client cannot decode) makes it back off, not retry every 0.5 s
+            backoff.reset()
 
     async def _publish(self, ctx: SourceContext, message: AbstractIncomingMessage) -> None:
         def convert() -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from eventbus.sources import Checkpoints, list_dead_letters
+from eventbus.sources._base import MAX_SET_ASIDE
 from tests.sources._harness import Recorder, make_context, source_pool
 
 
@@ -65,11 +66,13 @@ async def test_a_listing_reads_only_the_start_of_each_payload_when_asked(
     # characters of each.
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "big", Recorder())
-        await ctx.dead_letter("é" * 3_000_000, "too big")  # 6 MB of two-byte characters
+        # 6 MB of two-byte characters, of which the first 256 KiB are kept
+        await ctx.dead_letter("é" * 3_000_000, "too big")
         await ctx.dead_letter(b"\xff" * 1000, "binary")
         binary, text = await list_dead_letters(pool, source="big", payload_bytes=201)
         # cut inside a character: the half is left out, the text stays text
-        assert text["payload"] == "é" * 100 and text["payload_size"] == 6_000_000
+        assert text["payload"] == "é" * 100 and text["payload_size"] == MAX_SET_ASIDE
+        assert (text["meta"]["size"], text["meta"]["kept"]) == (6_000_000, MAX_SET_ASIDE)
         assert binary["payload_base64"] == "/" * 268 and binary["payload_size"] == 1000
         whole, _ = await list_dead_letters(pool, source="big", limit=2)
         assert whole["payload_size"] == 1000 and len(whole["payload_base64"]) == 1336

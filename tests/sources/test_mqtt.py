@@ -136,6 +136,30 @@ async def test_unacked_messages_come_back_after_bus_outage_and_restart(
     assert sorted(ids) == ["q0", "q1", "q2"]
 
 
+async def test_a_message_the_bus_refuses_is_held_qos_0_too(
+    database_dsn: str, nats_url: str
+) -> None:
+    # QoS 0 is never sent again: the source dropped it with the connection it gave up to have
+    # the broker redeliver, and reconnected every 0.5 s while the bus was down.
+    prefix = unique_name("q0")
+    async with (
+        session(unique_name("mq")) as name,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+        publisher() as pub,
+    ):
+        ctx = context(pool, name, tap, type="mqtt")
+        async with running(mqtt(name, f"{prefix}/#"), ctx):
+            await eventually(lambda: _state_is(ctx, "running"))
+            tap.down = True
+            await pub.publish(f"{prefix}/x", ce("held"), qos=0)
+            await tap.wait_refused(2)  # tried again, on the same connection
+            assert ctx.status.state == "backoff"
+            tap.down = False
+            (event,) = await tap.take(1)
+            assert event["id"] == "qheld"
+
+
 @pytest.mark.parametrize(
     ("settings", "fragment"),
     [

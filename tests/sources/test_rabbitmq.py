@@ -88,6 +88,10 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
             "cloudEvents:id": "r2",
             "cloudEvents:source": "/amqp",
             "cloudEvents:type": "t.binary",
+            # typed as the AMQP binding maps them: a timestamp and a boolean (str() made them
+            # "2026-01-02 03:04:05+00:00", refused, and "True")
+            "cloudEvents:time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+            "cloudEvents:flagged": True,
         }
         await send(channel, name, b'{"n": 2}', headers=binary, content_type="application/json")
         await send(channel, name, b"<xml/>")
@@ -103,6 +107,7 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
             await eventually(drained)
         assert [e["id"] for e in events] == ["r1", "r2", "r3"]
         assert (events[1]["source"], events[1]["data"]) == ("/amqp", {"n": 2})
+        assert (events[1]["time"], events[1]["flagged"]) == ("2026-01-02T03:04:05.000000Z", "true")
         rows = await dead_letters(pool, "amqp")
         assert [r["payload"] for r in rows] == [b"<xml/>"]
         assert orjson.loads(rows[0]["meta"])["queue"] == name
@@ -153,6 +158,29 @@ async def test_bus_down_requeues_and_restart_loses_nothing(
             await tap.wait_published(6)
         ids = [e["id"] for e in await tap.take(6)]
     assert sorted(ids) == [f"r{i}" for i in range(6)]
+
+
+@needs_rabbitmq
+async def test_a_consumer_the_broker_cancels_is_made_again(
+    database_dsn: str, nats_url: str
+) -> None:
+    # The queue deleted and declared again under the running source: the broker cancelled the
+    # consumer, the source showed running for ever, and the new queue's messages waited.
+    async with (
+        queue() as (name, channel),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        ctx = context(pool, "cancelled", tap, type="rabbitmq")
+        async with running(rabbit("cancelled", name), ctx):
+            await send(channel, name, ce("before"))
+            await tap.wait_published(1)
+            await channel.queue_delete(name)
+            await channel.declare_queue(name, durable=True)
+            await send(channel, name, ce("after"))
+            events = await tap.take(2)
+        assert [e["id"] for e in events] == ["rbefore", "rafter"]
+        assert ctx.status.errors == 1  # the cancel, reported; the next event cleared it
 
 
 @needs_rabbitmq
