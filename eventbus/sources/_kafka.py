@@ -11,11 +11,12 @@ first record not yet on the bus and retries after backoff; broker failures recon
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pydantic
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CorruptRecordException, KafkaError
 
 from eventbus._errors import BusError, StoreError
 from eventbus._oauth import kafka_options, start_refusals
@@ -27,6 +28,8 @@ from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
 
 __all__ = ["KafkaSource", "KafkaSourceSpec"]
+
+log = logging.getLogger("eventbus.sources")
 
 
 class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
@@ -81,7 +84,12 @@ class KafkaSource:
             backoff.reset()
             while True:
                 stop_if_cancelled()
-                batches = await consumer.getmany(timeout_ms=1000, max_records=self.config.batch)
+                try:
+                    batches = await consumer.getmany(timeout_ms=1000, max_records=self.config.batch)
+                except (CorruptRecordException, ValueError) as exc:
+                    # A record aiokafka cannot read (a header key that is not UTF-8, a bad
+                    # checksum) fails every fetch from it: the source restarted on it for ever
+                    batches = await self._read_past_unreadable(ctx, consumer, exc)
                 done: dict[TopicPartition, int] = {}
                 try:
                     for tp, records in batches.items():
@@ -106,6 +114,27 @@ class KafkaSource:
                 ctx.status.lag = await _lag(consumer)
         finally:
             await consumer.stop()
+
+    async def _read_past_unreadable(
+        self, ctx: SourceContext, consumer: AIOKafkaConsumer, error: Exception
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """Read each assigned partition one record at a time: the records that can be read
+        are returned, and the one that cannot is dead-lettered (its position in ``meta``, no
+        payload: the client could not read it), committed and read past."""
+        log.warning("kafka source %s: a fetch could not read a record (%r)", self.name, error)
+        found: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        for tp in consumer.assignment():
+            try:
+                got = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+            except (CorruptRecordException, ValueError) as exc:
+                offset = await consumer.position(tp)
+                meta = {"topic": tp.topic, "partition": tp.partition, "offset": offset}
+                await ctx.dead_letter(b"", f"the record cannot be read: {exc!r}", meta)
+                consumer.seek(tp, offset + 1)
+                await consumer.commit({tp: offset + 1})
+                continue
+            found.update(got)
+        return found
 
     async def _publish(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> None:
         value = record.value or b""

@@ -16,6 +16,7 @@ from eventbus._errors import CloudEventError, ConfigError
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources._kafka import KafkaSource
 from eventbus.sources._queues import raw_event
+from tests.bus.test_kafka import _produce_unreadable
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
@@ -104,22 +105,27 @@ async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(
             headers=[("content-type", b"application/cloudevents+json")],
         )
         await producer.send_and_wait(name, b"{not json")
+        # one the client cannot read (a header name that is not UTF-8): every fetch from it
+        # failed, and the source restarted on it for ever
+        await _produce_unreadable(kafka_bootstrap, name, b"{}", "header-name")
         await producer.send_and_wait(name, orjson.dumps({**structured, "id": "e-3"}))
         ctx = context(pool, "orders", tap, type="kafka")
         async with running(kafka("orders", kafka_bootstrap, name), ctx):
             first, second, third = await tap.take(3)
-            await wait_committed(kafka_bootstrap, "eventbus-source-orders", name, 4)
+            await wait_committed(kafka_bootstrap, "eventbus-source-orders", name, 5)
         assert (first["id"], first["type"], first["source"]) == ("e-1", "order.created", "/orders")
         assert first["data"] == {"size": 3}
         assert first["partitionkey"] == "k1"
         assert (second["id"], second["data"]) == ("e-2", 1)
         # The malformed record is kept with its error and does not stop the stream.
         assert third["id"] == "e-3"
-        rows = await dead_letters(pool, "orders")
-        assert [r["payload"] for r in rows] == [b"{not json"]
-        assert orjson.loads(rows[0]["meta"]) == {"topic": name, "partition": 0, "offset": 2}
-        assert rows[0]["error"]
-        assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 1, 0)
+        rows = sorted(await dead_letters(pool, "orders"), key=lambda r: r["payload"])
+        assert [r["payload"] for r in rows] == [b"", b"{not json"]
+        unreadable, malformed = (orjson.loads(r["meta"]) for r in rows)
+        assert malformed == {"topic": name, "partition": 0, "offset": 2}
+        assert unreadable == {"topic": name, "partition": 0, "offset": 3}
+        assert "cannot be read" in rows[0]["error"] and rows[1]["error"]
+        assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 2, 0)
 
 
 async def _backing_off(ctx: SourceContext) -> bool:
