@@ -11,6 +11,7 @@ docs/sources.md). Pure functions, no I/O. Every malformed body raises CloudEvent
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,9 +91,11 @@ def s3_event(record: Mapping[str, Any], event_id: str, where: str = "record") ->
 def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Map an S3 or MinIO notification body (``{"Records": [...]}``) to CloudEvents.
 
-    ``id`` = ``x-amz-request-id`` + "." + ``x-amz-id-2``, and "." + the record's index when the
-    body holds more than one (they share the request's ids, and one would be dropped as a
-    duplicate of the other); ``source`` = eventSource + "." +
+    ``id`` = ``x-amz-request-id`` + "." + ``x-amz-id-2`` (the adapter's mapping) + "." + 16 hex
+    digits of a digest of the object's key and ``sequencer``: one request notifies each object
+    it touched (a multi-object delete), in one body or one message each, all under the
+    request's ids, and the bus dropped all but the first as duplicates; a notification sent
+    again keeps its id. ``source`` = eventSource + "." +
     awsRegion + "." + bucket (without the region when it is empty); ``type`` =
     "com.amazonaws.s3." + eventName; ``subject`` = object key (URL-encoded, as S3 sends it);
     ``time`` = eventTime; ``data`` = the record. An S3 ``s3:TestEvent`` body maps to no events.
@@ -106,8 +109,11 @@ def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         where = f"Records[{i}]"
         request_id = _field(record, "responseElements.x-amz-request-id", where)
         host_id = _field(record, "responseElements.x-amz-id-2", where)
-        event_id = f"{request_id}.{host_id}" + (f".{i}" if len(records) > 1 else "")
-        events.append(s3_event(record, event_id, where))
+        key = _field(record, "s3.object.key", where)
+        s3_object = record["s3"]["object"]  # there: _field found its key
+        sequencer = _optional(s3_object, "sequencer")
+        which = hashlib.sha256(f"{key}\n{sequencer}".encode()).hexdigest()[:16]
+        events.append(s3_event(record, f"{request_id}.{host_id}.{which}", where))
     return events
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import orjson
@@ -50,7 +51,8 @@ def test_s3_record_maps_as_the_adapter_specifies() -> None:
     [event] = s3_records_to_events({"Records": [S3_RECORD]})
     assert event == {
         "specversion": "1.0",
-        "id": "C3D13FE58DE4C810.FMyUVURIY8",
+        # the adapter's id, and which object of the request (a digest of key and sequencer)
+        "id": f"C3D13FE58DE4C810.FMyUVURIY8.{_which('2026/cat+1.jpg', '0A1')}",
         "source": "aws:s3.us-west-2.photos",
         "type": "com.amazonaws.s3.ObjectCreated:Put",
         "subject": "2026/cat+1.jpg",
@@ -197,15 +199,24 @@ def test_the_event_size_limit_is_the_callers() -> None:
     assert notification_to_events(body, max_size=size) == [event]
 
 
+def _which(key: str, sequencer: str) -> str:
+    return hashlib.sha256(f"{key}\n{sequencer}".encode()).hexdigest()[:16]
+
+
 def test_s3_records_of_one_request_get_ids_of_their_own() -> None:
     # They share x-amz-request-id and x-amz-id-2: with those alone the second record had the
-    # first's source and id and was answered as its duplicate, never delivered.
+    # first's source and id and was answered as its duplicate, never delivered; so had the
+    # second of two messages of one record each (MinIO sends a multi-object delete so).
     other = copy.deepcopy(S3_RECORD)
-    other["s3"]["object"]["key"] = "2026/dog.jpg"
+    other["s3"]["object"].update(key="2026/dog.jpg", sequencer="0A2")
     first, second = s3_records_to_events({"Records": [S3_RECORD, other]})
-    assert first["id"] == "C3D13FE58DE4C810.FMyUVURIY8.0"
-    assert second["id"] == "C3D13FE58DE4C810.FMyUVURIY8.1"
+    assert first["id"] == f"C3D13FE58DE4C810.FMyUVURIY8.{_which('2026/cat+1.jpg', '0A1')}"
+    assert second["id"] == f"C3D13FE58DE4C810.FMyUVURIY8.{_which('2026/dog.jpg', '0A2')}"
     assert (first["subject"], second["subject"]) == ("2026/cat+1.jpg", "2026/dog.jpg")
+    [alone] = s3_records_to_events({"Records": [other]})
+    assert alone["id"] == second["id"]  # one message each: the same ids
+    # the same notification sent again keeps its id (the bus drops it as a duplicate)
+    assert s3_records_to_events({"Records": [S3_RECORD]})[0]["id"] == first["id"]
 
 
 def test_an_integer_beyond_64_bits_in_a_notification_is_refused_not_rounded() -> None:
