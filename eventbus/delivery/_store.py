@@ -395,6 +395,17 @@ class DeliveryStore:
         source, event id, rule, target). One statement moved them all: 200,000 dead letters
         held their locks, and their rows in memory, at once."""
         where, args = flt.where()
+        # Only those there now: a replayed delivery that fails again while later batches move
+        # is a new dead letter (a higher id), which a batch moved again (replayed twice by one
+        # request, and new ones arriving as fast as batches move kept it going).
+        newest = await self._run(
+            "replaying dead letters",
+            self._pool.fetchval(f"SELECT max(id) FROM dead_letters WHERE {where}", *args),
+        )
+        if newest is None:
+            return
+        args = [*args, newest]
+        where = f"{where} AND id <= ${len(args)}"
         while True:
             rows = await self._run(
                 "replaying dead letters",

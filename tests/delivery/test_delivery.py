@@ -136,13 +136,13 @@ async def test_target_down_dead_letters_then_replay_by_filter(
     status, _, _ = await svc.request("POST", "/dead-letters/424242/replay")
     assert status == 404
 
-    receiver.reset()
-    receiver.respond(204)
     # moved 7 at a time (1,000 in the service), the first 15 named (1,000 in the service): one
     # statement moved them all, and the answer listed every one (200,000 dead letters: 5 s of
     # locks and 77 MiB)
     monkeypatch.setattr(eventbus_store, "REPLAY_BATCH", 7)
     monkeypatch.setattr(eventbus_app, "REPLAYS_LISTED", 15)
+    receiver.reset()
+    receiver.respond(204)
     status, _, body = await svc.request("POST", "/dead-letters/replay?target=fn")
     assert status == 202 and (body["count"], body["truncated"]) == (20, True)
     assert [item["id"] for item in body["replayed"]] == sorted(i["id"] for i in items)[:15]

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
+import pytest
 import pytest_asyncio
 
 from eventbus.delivery import (
@@ -16,6 +17,7 @@ from eventbus.delivery import (
     DeliveryKind,
     DeliveryStore,
 )
+from eventbus.delivery import _store as store_module
 from eventbus.store import migrate
 from tests.fixtures.postgres import table_locked
 from tests.fixtures.wait import eventually
@@ -92,6 +94,24 @@ async def test_a_write_made_again_finds_the_row_its_first_try_wrote(
     # and another delivery of the same event is a row of its own
     assert await store.schedule(_delivery(1), due_in=60) != first
     assert await store.backlog() == 2
+
+
+async def test_a_replay_moves_only_the_dead_letters_there_when_it_began(
+    store: DeliveryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A replayed delivery failing again while later batches moved was a new dead letter (a
+    # higher id) that a later batch moved again: replayed twice by one request.
+    monkeypatch.setattr(store_module, "REPLAY_BATCH", 2)
+    failed = {"last_status": 400, "final_error": "x", "reason": DeadLetterReason.NON_RETRYABLE}
+    for i in range(5):
+        await store.dead_letter(_delivery(i), **failed)
+    moved: list[int] = []
+    async for batch in store.replay(DeadLetterFilter()):
+        moved += [item["id"] for item in batch]
+        if len(moved) == 2:  # one of them, dead-lettered again meanwhile
+            await store.dead_letter(_delivery(0), **failed)
+    assert len(moved) == 5
+    assert len(await store.list_dead_letters(DeadLetterFilter())) == 1
 
 
 async def test_a_follow_up_is_stored_under_its_rule_and_kind(store: DeliveryStore) -> None:
