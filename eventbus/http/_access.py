@@ -150,6 +150,15 @@ class Access:
             raise Problem(403, reason)
         return name
 
+    def from_this_machine(
+        self, headers: Mapping[str, str], path: str, remote: str | None, remedy: str
+    ) -> None:
+        """Without API keys on loopback, refuse (403) a request that is not from this
+        machine's programs or the console (see :meth:`check`); with keys, or exposed on
+        purpose, nothing to check."""
+        if self._local:
+            self._same_machine(headers, path, remote, remedy)
+
     def _same_machine(
         self, headers: Mapping[str, str], path: str, remote: str | None, remedy: str
     ) -> None:

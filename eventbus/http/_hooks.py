@@ -161,6 +161,8 @@ class HookApp:
             raise Problem(403, reason)
         if spec.keys or spec.takes_service_keys:
             await self._check_key(spec, headers, path, remote)
+        elif spec.verify is None:  # open on purpose (service_keys: false): still not to pages
+            self._access.from_this_machine(headers, path, remote, _remedy(spec))
         raw = await read_body(receive, headers, spec.max_body)
         request = HookRequest(
             scope["method"], headers, scope.get("query_string", b"").decode("latin-1"), raw
@@ -199,7 +201,7 @@ class HookApp:
                 remote,
                 "publish",
                 from_anywhere=anywhere,
-                remedy=f" (for senders elsewhere, give hook {spec.name!r} verify or keys)",
+                remedy=_remedy(spec),
             )
             return
         reason = "missing API key" if not given else "invalid API key"
@@ -209,3 +211,7 @@ class HookApp:
 
     def _refuse(self, remote: str | None, path: str, reason: str) -> None:
         self._refusals.record(remote=remote, path=path, reason=reason)
+
+
+def _remedy(spec: WebhookSourceSpec) -> str:
+    return f" (for senders elsewhere, give hook {spec.name!r} verify or keys)"

@@ -13,7 +13,7 @@ import base64
 import binascii
 import hmac
 from functools import cached_property
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -57,8 +57,10 @@ class _Verify(BaseModel):
         return None
 
     def signature_of(self, request: HookRequest) -> str:
-        """The request's signature as sent: a replay of a captured request repeats it, a
-        provider's own retry is signed anew (a new timestamp)."""
+        """The signature the secret gives a verified ``request`` (its signed timestamp, body
+        and, where signed, id), however it was spelled in its header: a replay of a captured
+        request has it again, re-spelled too (the header as sent was another key for each
+        order of its parts); a provider's own retry is signed anew (a new timestamp)."""
         raise NotImplementedError
 
     @field_validator("secret")
@@ -79,14 +81,10 @@ class _Timestamped(_Verify):
     """A scheme that signs the time of the request, refused outside ``tolerance``."""
 
     tolerance: Duration = 300.0
-    _signature_header: ClassVar[str]
 
     @property
     def window(self) -> float | None:
         return self.tolerance
-
-    def signature_of(self, request: HookRequest) -> str:
-        return request.header(self._signature_header)
 
 
 class GitHubVerify(_Verify):
@@ -120,18 +118,26 @@ class StripeVerify(_Timestamped):
     """``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t.body">[,v1=...]``."""
 
     kind: Literal["stripe"]
-    _signature_header = "Stripe-Signature"
 
     def check(self, request: HookRequest, now: float) -> None:
-        items = [part.partition("=") for part in request.header("Stripe-Signature").split(",")]
-        stamps = [value for key, _, value in items if key.strip() == "t"]
-        signatures = [value.strip() for key, _, value in items if key.strip() == "v1"]
+        stamps, signatures = _stripe_parts(request)
         if len(stamps) != 1 or not signatures:
             raise unauthorized("Stripe-Signature needs one t= and a v1= signature")
-        _fresh(stamps[0].strip(), self.tolerance, now)
-        expected = _hmac(self.key, stamps[0].strip().encode() + b"." + request.body).hex()
+        _fresh(stamps[0], self.tolerance, now)
+        expected = self.signature_of(request)
         if not any(_same(given, expected) for given in signatures):
             raise unauthorized("no v1 signature of Stripe-Signature matches the body")
+
+    def signature_of(self, request: HookRequest) -> str:
+        stamps, _ = _stripe_parts(request)
+        return _hmac(self.key, stamps[0].encode() + b"." + request.body).hex()
+
+
+def _stripe_parts(request: HookRequest) -> tuple[list[str], list[str]]:
+    """The ``t=`` values and the ``v1=`` signatures of ``Stripe-Signature``."""
+    items = [part.partition("=") for part in request.header("Stripe-Signature").split(",")]
+    stamps = [value.strip() for key, _, value in items if key.strip() == "t"]
+    return stamps, [value.strip() for key, _, value in items if key.strip() == "v1"]
 
 
 class SlackVerify(_Timestamped):
@@ -139,15 +145,19 @@ class SlackVerify(_Timestamped):
     ``X-Slack-Request-Timestamp``."""
 
     kind: Literal["slack"]
-    _signature_header = "X-Slack-Signature"
 
     def check(self, request: HookRequest, now: float) -> None:
         stamp = request.header("X-Slack-Request-Timestamp").strip()
         given = request.header("X-Slack-Signature")
         _fresh(stamp, self.tolerance, now)
-        expected = "v0=" + _hmac(self.key, b"v0:" + stamp.encode() + b":" + request.body).hex()
-        if not _same(given, expected):
+        if not _same(given, self._digest(stamp, request)):
             raise unauthorized("X-Slack-Signature does not match the body")
+
+    def signature_of(self, request: HookRequest) -> str:
+        return self._digest(request.header("X-Slack-Request-Timestamp").strip(), request)
+
+    def _digest(self, stamp: str, request: HookRequest) -> str:
+        return "v0=" + _hmac(self.key, b"v0:" + stamp.encode() + b":" + request.body).hex()
 
 
 class StandardWebhooksVerify(_Timestamped):
@@ -155,7 +165,6 @@ class StandardWebhooksVerify(_Timestamped):
     "id.timestamp.body">`` (several, space-separated); the secret ``whsec_<base64 key>``."""
 
     kind: Literal["standard-webhooks"]
-    _signature_header = "webhook-signature"
 
     @field_validator("secret")
     @classmethod
@@ -176,15 +185,24 @@ class StandardWebhooksVerify(_Timestamped):
         return base64.b64decode(self.secret.reveal().removeprefix("whsec_"))
 
     def check(self, request: HookRequest, now: float) -> None:
-        msg_id = request.header("webhook-id")
-        stamp = request.header("webhook-timestamp").strip()
+        stamp, signed = _standard_signed(request)
         given = request.header("webhook-signature")
         _fresh(stamp, self.tolerance, now)
-        signed = f"{msg_id}.{stamp}.".encode() + request.body
         expected = base64.b64encode(_hmac(self.key, signed)).decode()
         versions = (part.partition(",") for part in given.split())
         if not any(v == "v1" and _same(sig, expected) for v, _, sig in versions):
             raise unauthorized("no v1 signature of webhook-signature matches the body")
+
+    def signature_of(self, request: HookRequest) -> str:
+        _, signed = _standard_signed(request)
+        return base64.b64encode(_hmac(self.key, signed)).decode()
+
+
+def _standard_signed(request: HookRequest) -> tuple[str, bytes]:
+    """The timestamp of a Standard Webhooks request and what its signature signs."""
+    msg_id = request.header("webhook-id")
+    stamp = request.header("webhook-timestamp").strip()
+    return stamp, f"{msg_id}.{stamp}.".encode() + request.body
 
 
 class HmacVerify(_Verify):
@@ -230,7 +248,7 @@ class HmacVerify(_Verify):
         return self.tolerance if self.timestamp is not None else None
 
     def signature_of(self, request: HookRequest) -> str:
-        return request.header(self.header)
+        return request.header(self.header)  # compared exactly: one spelling verifies
 
     def check(self, request: HookRequest, now: float) -> None:
         given = request.header(self.header)

@@ -285,9 +285,14 @@ class WebhookSource:
         now = time.monotonic()
         if replays.holds(signature, now):
             return True
-        duplicate = await ctx.emit(event)
+        # held before the publish: copies sent at once waited on it together and each was
+        # published (on the Kafka bus, an event each)
         replays.add(signature, now)
-        return duplicate
+        try:
+            return await ctx.emit(event)
+        except BaseException:
+            replays.forget(signature)  # not on the bus: the sender's retry must get through
+            raise
 
 
 class _Replays:
@@ -307,6 +312,9 @@ class _Replays:
                 break
             del self._seen[oldest]
         return signature in self._seen
+
+    def forget(self, signature: str) -> None:
+        self._seen.pop(signature, None)
 
     def add(self, signature: str, now: float) -> None:
         self._seen.pop(signature, None)

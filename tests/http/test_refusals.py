@@ -101,6 +101,7 @@ async def test_without_keys_only_this_machines_programs_and_the_console_are_answ
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
         sources=[
             {"name": "open", "type": "webhook"},
+            {"name": "wide-open", "type": "webhook", "service_keys": False},
             {
                 "name": "signed",
                 "type": "webhook",
@@ -129,10 +130,12 @@ async def test_without_keys_only_this_machines_programs_and_the_console_are_answ
     assert (await svc.post_event(event))[0] == 202
     # A trigger that neither verifies nor has keys is as closed as POST /events (a cross-site
     # form or a rebound name reached it: 202)
-    for headers in (page, {"Host": "abc.tunnel.example"}):
-        status, _, problem = await svc.request("POST", "/hooks/open", b"{}", headers)
-        assert status == 403 and "give hook 'open' verify or keys" in problem["detail"], problem
-    assert (await svc.request("POST", "/hooks/open", b"{}"))[0] == 202
+    for hook in ("open", "wide-open"):  # service keys or not: none are configured
+        for headers in (page, {"Host": "abc.tunnel.example"}):
+            status, _, problem = await svc.request("POST", f"/hooks/{hook}", b"{}", headers)
+            assert status == 403, problem
+            assert f"give hook {hook!r} verify or keys" in problem["detail"], problem
+        assert (await svc.request("POST", f"/hooks/{hook}", b"{}"))[0] == 202
     # a verified one is for senders elsewhere, reached through whatever names this machine
     signed = {**github(b"{}"), "Host": "abc.tunnel.example"}
     status, _, _ = await svc.request("POST", "/hooks/signed", b"{}", signed)
