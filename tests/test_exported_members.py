@@ -54,6 +54,7 @@ EXPORTS: dict[str, list[str]] = {
         "from_kafka",
         "from_nats",
         "header_value",
+        "is_json",
         "kafka_key_attribute",
         "kafka_record_time",
         "load_json",

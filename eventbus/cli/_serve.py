@@ -309,7 +309,10 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             procs[i] = spawn(i)
         log.info("started %d workers on %s:%d", workers, settings.listen.host, settings.listen.port)
         while not stopping.is_set():
-            figures.publish()
+            try:
+                figures.publish()
+            except OSError as exc:  # a full disk: the figures wait, the service goes on
+                log.warning("cannot write the parent's figures for the workers: %s", exc)
             await wait_event(stopping, 1.0)
             if embedded.supervisor.failed is not None:
                 # The workers cannot work without their servers: stop everything and exit

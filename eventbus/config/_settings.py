@@ -320,8 +320,9 @@ def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:
     a list or mapping of YAML)."""
     by_path = {
         tuple(name[len(ENV_PREFIX) :].lower().split("__")): name
-        for name in env
-        if name.startswith(ENV_PREFIX) and name not in _NOT_SETTINGS
+        for name, value in env.items()
+        # an empty one set nothing (see _env_overrides): the file's value is at fault
+        if name.startswith(ENV_PREFIX) and name not in _NOT_SETTINGS and value != ""
     }
     for depth in range(len(loc), 0, -1):
         name = by_path.get(tuple(str(part) for part in loc[:depth]))

@@ -115,6 +115,7 @@ class ConnectionGuard:
         self._open: set[_Connection] = set()
         # connections without a request in the application, the one waiting longest first
         self._waiting: dict[_Connection, None] = {}
+        self._reading: set[_Connection] = set()  # whose request waits for more of its body
 
     def protocol(self, http: str = "auto") -> type[asyncio.Protocol]:
         """The protocol class for ``uvicorn.Config(http=...)``, wrapping uvicorn's ``http``
@@ -173,11 +174,11 @@ class ConnectionGuard:
 
     def _slowest_body(self) -> _Connection | None:
         """The connection whose request has received its body slowest, of those reading one
-        for at least ``_SHED_BODY_AFTER`` s. A scan of every connection, made only at the cap
-        with none idle."""
+        for at least ``_SHED_BODY_AFTER`` s. A scan of those reading a body, made only at the
+        cap with none idle (of every connection, it cost a refused one 61 us at 1,000)."""
         now = asyncio.get_running_loop().time()
         slowest, lowest = None, float("inf")
-        for candidate in self._open:
+        for candidate in self._reading:
             rate = candidate.body_rate(now)
             if rate is not None and rate < lowest:
                 slowest, lowest = candidate, rate
@@ -189,9 +190,16 @@ class ConnectionGuard:
         else:
             self._waiting.pop(connection, None)
 
+    def _reads(self, connection: _Connection, reading: bool) -> None:
+        if reading and connection in self._open:
+            self._reading.add(connection)
+        else:
+            self._reading.discard(connection)
+
     def _release(self, connection: _Connection) -> None:
         self._open.discard(connection)
         self._waiting.pop(connection, None)
+        self._reading.discard(connection)
 
 
 class _Connection(asyncio.Protocol):
@@ -310,6 +318,7 @@ class _Connection(asyncio.Protocol):
     def reading(self, request: _Request | None) -> None:
         """``request`` waits for more of its body (None: no longer)."""
         self._reading = request
+        self._guard._reads(self, request is not None)
         if request is not None and self._live:
             self._check_by(request.deadline)
 

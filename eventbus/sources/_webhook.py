@@ -37,6 +37,7 @@ from eventbus.cloudevents import (
     SPEC_VERSION,
     charset_of,
     format_time,
+    is_json,
     load_json,
     validate,
 )
@@ -155,7 +156,7 @@ def _data(request: HookRequest) -> dict[str, Any]:
         return {}
     declared = request.headers.get("content-type", "").strip()
     media = declared.partition(";")[0].strip().lower()
-    if media == "application/json" or media.endswith("+json"):
+    if is_json(media):  # as the event's datacontenttype is read: text/json too
         try:
             return {"data": load_json(request.body), "datacontenttype": declared}
         except orjson.JSONDecodeError as exc:

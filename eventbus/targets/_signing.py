@@ -96,6 +96,7 @@ def verify_webhook(
         raise _reject(f"missing {exc.args[0]} header") from None
     # Digits only, and few enough for a float: int() takes signs, spaces and underscores too,
     # and hundreds of digits overflowed the comparison below (OverflowError, not a 401).
+    raw_timestamp = raw_timestamp.strip()
     if not (raw_timestamp.isascii() and raw_timestamp.isdigit() and len(raw_timestamp) <= 12):
         raise _reject(f"webhook-timestamp is not Unix seconds: {raw_timestamp[:40]!r}")
     timestamp = int(raw_timestamp)

@@ -113,6 +113,11 @@ def test_an_empty_variable_is_as_unset(tmp_path: Path) -> None:
     env = {"EVENTBUS_LOG_LEVEL": "", "EVENTBUS_DATABASE__URL": ""}
     settings = load_settings(cfg, env=env)
     assert (settings.log_level, settings.database.url) == ("warning", "postgresql://db/x")
+    # and a bad value in the file is the file's, not the empty variable's
+    cfg.write_text("log_level: bogus\n")
+    with pytest.raises(ConfigError, match=r"eventbus.yaml:1: log_level: ") as info:
+        load_settings(cfg, env=env)
+    assert "EVENTBUS_LOG_LEVEL" not in str(info.value)
 
 
 def test_missing_settings_file() -> None:

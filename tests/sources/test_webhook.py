@@ -254,6 +254,10 @@ async def test_bodies_become_data_by_their_content_type(
     assert base64.b64decode(binary["data_base64"]) == raw
     problem = await post(b'{"kind": "x"}', "application/problem+json")
     assert problem["data"] == {"kind": "x"}
+    # any */json is JSON, as the event's datacontenttype is read (text/json became bytes under
+    # a JSON type, then refused)
+    legacy = await post(b'{"kind": "y"}', "text/json")
+    assert (legacy["data"], legacy["datacontenttype"]) == ({"kind": "y"}, "text/json")
     empty = await post(b"", None)
     assert "data" not in empty and "data_base64" not in empty
 

@@ -56,6 +56,13 @@ def test_verify_accepts_signed_request_in_any_header_case() -> None:
     verify_webhook(SPEC_SECRET, headers, body)
 
 
+def test_verify_accepts_a_timestamp_with_spaces_around_it() -> None:
+    body = b"payload"
+    headers = headers_for(SPEC_SECRET, body)
+    headers["webhook-timestamp"] = f" {headers['webhook-timestamp']} "
+    verify_webhook(SPEC_SECRET, headers, body)
+
+
 def test_verify_accepts_one_matching_signature_among_several() -> None:
     body = b"payload"
     headers = headers_for(SPEC_SECRET, body)
