@@ -126,6 +126,7 @@ def _pending(row: asyncpg.Record) -> Delivery:
 
 def _dead_letter(row: asyncpg.Record) -> dict[str, Any]:
     out = dict(row)
+    out.pop("write_key", None)  # the store's own (migration 0008), not the dead letter's
     for key in ("event", "history", "delivery"):
         if out.get(key) is not None:
             out[key] = _load(out[key])
