@@ -18,7 +18,7 @@ from eventbus.sources._mqtt import MqttSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
-from tests.sources.test_queue_support import bus_tap, context
+from tests.sources.test_queue_support import BusTap, bus_tap, context
 
 
 def _reachable() -> bool:
@@ -53,6 +53,21 @@ async def session(name: str) -> AsyncIterator[str]:
             pass
 
 
+@contextlib.asynccontextmanager
+async def _rig(
+    database_dsn: str, nats_url: str
+) -> AsyncIterator[tuple[str, Any, BusTap, aiomqtt.Client, SourceContext]]:
+    """A source name with its broker session removed afterwards, the database pool, the bus
+    (a tap), a publisher and the source's context."""
+    async with (
+        session(unique_name("mq")) as name,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+        publisher() as pub,
+    ):
+        yield name, pool, tap, pub, context(pool, name, tap, type="mqtt")
+
+
 def ce(i: int | str) -> bytes:
     return orjson.dumps({"specversion": "1.0", "id": f"q{i}", "source": "/s", "type": "t"})
 
@@ -71,13 +86,7 @@ async def test_messages_arrive_and_malformed_ones_are_kept(
     database_dsn: str, nats_url: str
 ) -> None:
     prefix = unique_name("dev")
-    async with (
-        session(unique_name("mq")) as name,
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-        publisher() as pub,
-    ):
-        ctx = context(pool, name, tap, type="mqtt")
+    async with _rig(database_dsn, nats_url) as (name, pool, tap, pub, ctx):
         async with running(mqtt(name, f"{prefix}/#"), ctx):
             await eventually(lambda: _state_is(ctx, "running"))
             await pub.publish(f"{prefix}/a", ce(1), qos=1)
@@ -92,14 +101,8 @@ async def test_messages_arrive_and_malformed_ones_are_kept(
 
 async def test_raw_format_subject_is_the_topic(database_dsn: str, nats_url: str) -> None:
     prefix = unique_name("sensor")
-    async with (
-        session(unique_name("mq")) as name,
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-        publisher() as pub,
-    ):
+    async with _rig(database_dsn, nats_url) as (name, _pool, tap, pub, ctx):
         source = mqtt(name, f"{prefix}/+", format="raw", event_type="temp", event_source="/mqtt")
-        ctx = context(pool, name, tap, type="mqtt")
         async with running(source, ctx):
             await eventually(lambda: _state_is(ctx, "running"))
             await pub.publish(f"{prefix}/kitchen", b"21.5", qos=1)
@@ -111,13 +114,7 @@ async def test_unacked_messages_come_back_after_bus_outage_and_restart(
     database_dsn: str, nats_url: str
 ) -> None:
     prefix = unique_name("q")
-    async with (
-        session(unique_name("mq")) as name,
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-        publisher() as pub,
-    ):
-        ctx = context(pool, name, tap, type="mqtt")
+    async with _rig(database_dsn, nats_url) as (name, _pool, tap, pub, ctx):
         async with running(mqtt(name, f"{prefix}/#"), ctx):
             await eventually(lambda: _state_is(ctx, "running"))
             await pub.publish(f"{prefix}/x", ce(0), qos=1)
@@ -142,14 +139,9 @@ async def test_a_message_the_bus_refuses_is_held_qos_0_too(
     # QoS 0 is never sent again: the source dropped it with the connection it gave up to have
     # the broker redeliver, and reconnected every 0.5 s while the bus was down.
     prefix = unique_name("q0")
-    async with (
-        session(unique_name("mq")) as name,
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-        publisher() as pub,
-    ):
-        ctx = context(pool, name, tap, type="mqtt")
-        async with running(mqtt(name, f"{prefix}/#"), ctx):
+    async with _rig(database_dsn, nats_url) as (name, _pool, tap, pub, ctx):
+        source = mqtt(name, f"{prefix}/#")
+        async with running(source, ctx):
             await eventually(lambda: _state_is(ctx, "running"))
             tap.down = True
             await pub.publish(f"{prefix}/x", ce("held"), qos=0)
