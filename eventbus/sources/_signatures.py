@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from eventbus._rfc3339 import unix_seconds
 from eventbus.config import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._units import Duration
 from eventbus.sources._hook_request import HookRequest, Template, unauthorized
@@ -36,11 +37,9 @@ def _same(given: str | bytes, expected: str | bytes) -> bool:
 
 def _fresh(stamp: str, tolerance: float, now: float) -> None:
     """Refuse a timestamp (Unix seconds) outside ``now ± tolerance``: a replay."""
-    # Digits only, and few enough for a float: int() also takes signs, spaces and underscores,
-    # and a few hundred digits overflowed the float comparison below (a 500, not a 401).
-    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+    sent = unix_seconds(stamp)
+    if sent is None:
         raise unauthorized(f"timestamp {stamp[:40]!r} is not Unix seconds")
-    sent = int(stamp)
     if abs(now - sent) > tolerance:
         raise unauthorized(f"timestamp {sent} is outside the {tolerance:g}s tolerance")
 
