@@ -120,15 +120,14 @@ class Access:
         scope: str,
         *,
         from_anywhere: bool = False,
-        remedy: str = "",
     ) -> str | None:
         """``headers`` with lower-case names. Returns the name of the key that was given, None
         when no keys are configured. ``from_anywhere``: a webhook, which senders elsewhere
-        reach through whatever names them (a tunnel's host name). ``remedy`` ends the reason
-        of a request refused as not from this machine."""
+        reach through whatever names them (a tunnel's host name); see
+        :meth:`from_this_machine`."""
         if not self._keys:
-            if self._local and not from_anywhere:
-                self._same_machine(headers, path, remote, remedy)
+            if not from_anywhere:
+                self.from_this_machine(headers, path, remote)
             return None
         header = headers.get("authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else ""
@@ -151,17 +150,13 @@ class Access:
         return name
 
     def from_this_machine(
-        self, headers: Mapping[str, str], path: str, remote: str | None, remedy: str
+        self, headers: Mapping[str, str], path: str, remote: str | None, remedy: str = ""
     ) -> None:
         """Without API keys on loopback, refuse (403) a request that is not from this
-        machine's programs or the console (see :meth:`check`); with keys, or exposed on
-        purpose, nothing to check."""
-        if self._local:
-            self._same_machine(headers, path, remote, remedy)
-
-    def _same_machine(
-        self, headers: Mapping[str, str], path: str, remote: str | None, remedy: str
-    ) -> None:
+        machine's programs or the console, its reason ending with ``remedy``; with keys, or
+        exposed on purpose, nothing to check."""
+        if not self._local:
+            return
         host = headers.get("host", "")
         local = self._hosts.get(host)
         if local is None:  # parsed once per Host value (a handful), not on every request

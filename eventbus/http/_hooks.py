@@ -159,10 +159,15 @@ class HookApp:
             self._refuse(remote, path, reason)
             metrics.EVENTS_REJECTED.labels("hook", "forbidden").inc()
             raise Problem(403, reason)
+        if spec.verify is None and not spec.keys:
+            # A trigger that neither verifies nor has keys of its own is as closed as POST
+            # /events: with no keys anywhere, only this machine's programs reach it (any web
+            # page a developer opened posted events to it, by a cross-site form or by DNS
+            # rebinding). Providers that sign or send a key call from their own names.
+            remedy = f" (for senders elsewhere, give hook {spec.name!r} verify or keys)"
+            self._access.from_this_machine(headers, path, remote, remedy)
         if spec.keys or spec.takes_service_keys:
             await self._check_key(spec, headers, path, remote)
-        elif spec.verify is None:  # open on purpose (service_keys: false): still not to pages
-            self._access.from_this_machine(headers, path, remote, _remedy(spec))
         raw = await read_body(receive, headers, spec.max_body)
         request = HookRequest(
             scope["method"], headers, scope.get("query_string", b"").decode("latin-1"), raw
@@ -190,19 +195,7 @@ class HookApp:
         if given and any(matched):
             return
         if spec.takes_service_keys and (self._service.settings.api_keys or not spec.keys):
-            # A trigger that neither verifies nor has keys of its own is as closed as POST
-            # /events: with no keys anywhere, only this machine's programs reach it (any web
-            # page a developer opened posted events to it, by a cross-site form or by DNS
-            # rebinding). Providers that sign call from their own names: no such check.
-            anywhere = spec.verify is not None or bool(spec.keys)
-            await self._access.check(
-                headers,
-                path,
-                remote,
-                "publish",
-                from_anywhere=anywhere,
-                remedy=_remedy(spec),
-            )
+            await self._access.check(headers, path, remote, "publish", from_anywhere=True)
             return
         reason = "missing API key" if not given else "invalid API key"
         self._refuse(remote, path, reason)
@@ -211,7 +204,3 @@ class HookApp:
 
     def _refuse(self, remote: str | None, path: str, reason: str) -> None:
         self._refusals.record(remote=remote, path=path, reason=reason)
-
-
-def _remedy(spec: WebhookSourceSpec) -> str:
-    return f" (for senders elsewhere, give hook {spec.name!r} verify or keys)"
