@@ -503,7 +503,6 @@ class Service:
         """Move dead letters back into the retry schedule (audited), due now, a batch at a
         time; returns the first ``REPLAYS_LISTED`` of them (oldest first) and how many there
         were."""
-        listed = REPLAYS_LISTED
         shown: list[dict[str, Any]] = []
         count = 0
         async for batch in self.deliveries.replay(flt):
@@ -517,7 +516,7 @@ class Service:
                         outcome=AttemptOutcome.REPLAY_REQUESTED,
                     )
                 )
-            shown.extend(batch[: listed - len(shown)])
+            shown.extend(batch[: REPLAYS_LISTED - len(shown)])
             count += len(batch)
             if self._retries is not None:
                 self._retries.wake()  # the first batches go out while the next are moved

@@ -124,6 +124,13 @@ def _pending(row: asyncpg.Record) -> Delivery:
     )
 
 
+def _write_key(d: Delivery) -> uuid.UUID:
+    """``d``'s write key, made on its first write: the same on every write made again."""
+    if d.write_key is None:
+        d.write_key = uuid.uuid4()
+    return d.write_key
+
+
 def _dead_letter(row: asyncpg.Record) -> dict[str, Any]:
     out = dict(row)
     out.pop("write_key", None)  # the store's own (migration 0008), not the dead letter's
@@ -166,8 +173,6 @@ class DeliveryStore:
         """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns.
         Made again after a failure (its commit may have landed), it finds the row it wrote by
         ``d.write_key`` (set on the first call) instead of writing a second one."""
-        if d.write_key is None:
-            d.write_key = uuid.uuid4()
         return int(
             await self._run(
                 "scheduling a retry",
@@ -180,7 +185,7 @@ class DeliveryStore:
                     due_in,
                     waiting_for,
                     d.first_attempt_at,
-                    d.write_key,
+                    _write_key(d),
                 ),
                 watched=True,
             )
@@ -285,11 +290,7 @@ class DeliveryStore:
         """Store ``d`` as a dead letter and drop its schedule row, in one transaction; None
         (nothing written) when the row is no longer ``d``'s."""
 
-        # the same on every call for ``d`` (see :meth:`schedule`); a retry row's dead letter is
-        # its own write: its DELETE makes it happen once
-        key = uuid.uuid4() if d.pending_id is not None else d.write_key
-        if key is None:
-            key = d.write_key = uuid.uuid4()
+        key = _write_key(d)  # (a retry row's DELETE makes its dead letter happen once anyway)
 
         async def tx() -> int | None:
             async with self._pool.acquire() as conn, conn.transaction():
