@@ -20,7 +20,7 @@ from eventbus.sources._rabbitmq import RabbitMQSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
-from tests.sources.test_queue_support import bus_tap, context
+from tests.sources.test_queue_support import BusTap, bus_tap, context
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -54,6 +54,19 @@ async def queue() -> AsyncIterator[tuple[str, AbstractChannel]]:
         await connection.close()
 
 
+@contextlib.asynccontextmanager
+async def _rig(
+    database_dsn: str, nats_url: str
+) -> AsyncIterator[tuple[str, AbstractChannel, Any, BusTap]]:
+    """A fresh queue and a channel to publish with, the database pool and the bus (a tap)."""
+    async with (
+        queue() as (name, channel),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        yield name, channel, pool, tap
+
+
 async def send(channel: AbstractChannel, queue_name: str, body: bytes, **props: Any) -> None:
     await channel.default_exchange.publish(aio_pika.Message(body, **props), routing_key=queue_name)
 
@@ -77,11 +90,7 @@ async def _backing_off(ctx: SourceContext) -> bool:
 async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
     database_dsn: str, nats_url: str
 ) -> None:
-    async with (
-        queue() as (name, channel),
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-    ):
+    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
         await send(channel, name, ce(1), content_type="application/cloudevents+json")
         binary = {
             "cloudEvents:specversion": "1.0",
@@ -117,11 +126,7 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
 @needs_rabbitmq
 async def test_raw_format_uses_message_id_and_routing_key(database_dsn: str, nats_url: str) -> None:
     sent = datetime(2026, 1, 1, 12, tzinfo=UTC)
-    async with (
-        queue() as (name, channel),
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-    ):
+    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
         await send(channel, name, b'{"t": 1}', message_id="order-1", timestamp=sent)
         source = rabbit("raw", name, format="raw", event_type="order", event_source="/rabbit")
         async with running(source, context(pool, "raw", tap, type="rabbitmq")):
@@ -135,11 +140,7 @@ async def test_raw_format_uses_message_id_and_routing_key(database_dsn: str, nat
 async def test_bus_down_requeues_and_restart_loses_nothing(
     database_dsn: str, nats_url: str
 ) -> None:
-    async with (
-        queue() as (name, channel),
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-    ):
+    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
         for i in range(3):
             await send(channel, name, ce(i))
         ctx = context(pool, "requeue", tap, type="rabbitmq")
@@ -166,11 +167,7 @@ async def test_a_consumer_the_broker_cancels_is_made_again(
 ) -> None:
     # The queue deleted and declared again under the running source: the broker cancelled the
     # consumer, the source showed running for ever, and the new queue's messages waited.
-    async with (
-        queue() as (name, channel),
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-    ):
+    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
         ctx = context(pool, "cancelled", tap, type="rabbitmq")
         async with running(rabbit("cancelled", name), ctx):
             await send(channel, name, ce("before"))
