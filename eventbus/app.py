@@ -427,6 +427,7 @@ class Service:
                 pool=self.store.pool,
                 instance_id=self.instance,
                 shared=None if shared is None else SharedStatuses(shared),
+                max_event_size=self.settings.max_event_size,
             )
         )
 

@@ -550,9 +550,11 @@ def new_event(
     subject: str | None = None,
     id: str | None = None,
     time: datetime | str | None = None,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
     **ext: Any,
 ) -> dict[str, Any]:
-    """Build a validated event: a uuid4 ``id`` and the current UTC ``time`` unless given.
+    """Build a validated event (at most ``max_size`` bytes): a uuid4 ``id`` and the current
+    UTC ``time`` unless given.
 
     ``bytes`` data goes to ``data_base64``; any other non-None data goes to ``data`` and, unless
     ``datacontenttype`` is passed, is declared ``application/json``. ``ext`` holds extension
@@ -576,4 +578,4 @@ def new_event(
     elif data is not None:
         event.setdefault("datacontenttype", "application/json")
         event["data"] = data
-    return validate(event)
+    return validate(event, max_size=max_size)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Clock, SystemClock
 from eventbus.store import set_aside
@@ -84,6 +85,8 @@ class SourceContext:
     clock: Clock = field(default_factory=SystemClock)
     instance_id: str = field(default_factory=lambda: default_instance_id())
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("eventbus.sources"))
+    max_event_size: int = DEFAULT_MAX_EVENT_SIZE
+    """The service's ``max_event_size``: an input making a larger event is dead-lettered."""
     _failing: bool = field(default=False, init=False, repr=False)
 
     async def emit(self, event: dict[str, Any]) -> bool:

@@ -67,7 +67,9 @@ class DirectorySource:
             transient=(BusError, StoreError, OSError),
             scan=self._scan,
             order=lambda file: (file[1].st_mtime_ns, file[0]),
-            event=lambda file, known: asyncio.to_thread(self._event, *file, known),
+            event=lambda file, known: asyncio.to_thread(
+                self._event, *file, known, ctx.max_event_size
+            ),
         )
 
     async def _scan(self) -> list[tuple[str, dict[str, int], tuple[str, os.stat_result]]]:
@@ -94,7 +96,7 @@ class DirectorySource:
             files.append((rel, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, (rel, stat)))
         return files
 
-    def _event(self, rel: str, stat: os.stat_result, known: bool) -> dict[str, Any]:
+    def _event(self, rel: str, stat: os.stat_result, known: bool, max_size: int) -> dict[str, Any]:
         path = self.root / rel
         modified = datetime.fromtimestamp(stat.st_mtime_ns / 1e9, UTC)
         data: dict[str, Any] = {
@@ -120,7 +122,7 @@ class DirectorySource:
             "data": data,
         }
         try:
-            return validate(event)
+            return validate(event, max_size=max_size)
         except CloudEventError as exc:
             if "content" not in data:
                 raise
@@ -129,4 +131,4 @@ class DirectorySource:
             # files after it waited behind it).
             del data["content"]
             data["content_omitted"] = exc.detail
-            return validate(event)
+            return validate(event, max_size=max_size)

@@ -144,7 +144,8 @@ class KafkaSource:
             return events_of(
                 self.config,
                 value,
-                lambda: from_kafka(record.headers, record.key, record.value),
+                lambda size: from_kafka(record.headers, record.key, record.value, max_size=size),
+                max_size=ctx.max_event_size,
                 id=position,
                 subject=kafka_key_attribute(record.key),
                 time=kafka_record_time(record.timestamp),

@@ -448,7 +448,7 @@ class LogTailSource:
         self, ctx: SourceContext, f: _File, records: list[_Record], now: datetime
     ) -> None:
         try:
-            event = self._event(f, records, now)
+            event = self._event(f, records, now, ctx.max_event_size)
         except CloudEventError as exc:
             # Too big as one event (escaped control characters, long lines), JSON nested
             # too deep: it raised out of the source, which restarted on it for ever.
@@ -468,7 +468,7 @@ class LogTailSource:
         ``json_error``, as for a line that is not JSON."""
         if self.config.format == "json":
             try:
-                event = self._event(f, [record], now, json_error=exc.detail)
+                event = self._event(f, [record], now, ctx.max_event_size, json_error=exc.detail)
             except CloudEventError:
                 pass
             else:
@@ -508,7 +508,12 @@ class LogTailSource:
         return data
 
     def _event(
-        self, f: _File, records: list[_Record], now: datetime, json_error: str | None = None
+        self,
+        f: _File,
+        records: list[_Record],
+        now: datetime,
+        max_size: int,
+        json_error: str | None = None,
     ) -> dict[str, Any]:
         texts = "\n".join(line for r in records for line in r.lines)
         # Identity, position and content: a re-read after a crash gets the same id, a new file
@@ -528,4 +533,5 @@ class LogTailSource:
             id=str(event_id),
             time=now,
             data=data,
+            max_size=max_size,
         )

@@ -133,7 +133,13 @@ class MqttSource:
         topic = message.topic.value
 
         def convert() -> list[dict[str, Any]]:
-            return events_of(self.config, payload, lambda: decode(payload), subject=topic)
+            return events_of(
+                self.config,
+                payload,
+                lambda size: decode(payload, max_size=size),
+                max_size=ctx.max_event_size,
+                subject=topic,
+            )
 
         await publish_held(ctx, payload, convert, {"topic": topic})
 

@@ -153,7 +153,11 @@ class NatsSource(_NatsConsumer[NatsSourceSpec]):
     async def _publish(self, ctx: SourceContext, msg: Msg) -> None:
         def convert() -> list[dict[str, Any]]:
             return events_of(
-                self.config, msg.data, lambda: from_nats(msg.headers, msg.data), subject=msg.subject
+                self.config,
+                msg.data,
+                lambda size: from_nats(msg.headers, msg.data, max_size=size),
+                max_size=ctx.max_event_size,
+                subject=msg.subject,
             )
 
         # Core NATS will not redeliver, so the message is held here until the bus takes it.
@@ -203,7 +207,8 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             return events_of(
                 self.config,
                 msg.data,
-                lambda: from_nats(msg.headers, msg.data),
+                lambda size: from_nats(msg.headers, msg.data, max_size=size),
+                max_size=ctx.max_event_size,
                 id=f"{meta.stream}/{meta.sequence.stream}",
                 subject=msg.subject,
                 time=meta.timestamp,

@@ -26,7 +26,13 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus._tasks import stop_if_cancelled
-from eventbus.cloudevents import as_attribute, load_json, new_event, notification_to_events
+from eventbus.cloudevents import (
+    DEFAULT_MAX_EVENT_SIZE,
+    as_attribute,
+    load_json,
+    new_event,
+    notification_to_events,
+)
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
@@ -64,8 +70,10 @@ def raw_event(
     id: str | None = None,
     subject: str | None = None,
     time: datetime | None = None,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
 ) -> dict[str, Any]:
-    """Wrap an opaque payload as an event of the configured type and source.
+    """Wrap an opaque payload as an event of the configured type and source (at most
+    ``max_size`` bytes).
 
     JSON payloads become ``data``; other UTF-8 text becomes ``data`` with ``text/plain``;
     anything else goes to ``data_base64``. ``id`` defaults to a fresh uuid (use a broker
@@ -80,6 +88,7 @@ def raw_event(
         # a fanout's empty routing key, a binary Kafka key: no subject
         "subject": as_attribute(subject),
         "time": time,
+        "max_size": max_size,
     }
     try:
         # an integer beyond 64 bits: CloudEventError, dead-lettered (read as a float it would
@@ -97,22 +106,24 @@ def raw_event(
 def events_of(
     config: QueueSourceSpec,
     payload: bytes,
-    cloudevent: Callable[[], dict[str, Any]],
+    cloudevent: Callable[[int], dict[str, Any]],
     *,
+    max_size: int,
     id: str | None = None,
     subject: str | None = None,
     time: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """The events one message carries in the configured format; raises CloudEventError.
+    """The events one message carries in the configured format, each of at most ``max_size``
+    bytes (the service's ``max_event_size``); raises CloudEventError.
 
-    ``cloudevent`` reads the message in its broker's CloudEvents binding; ``id``, ``subject``
-    and ``time`` are used by the ``raw`` format only (see :func:`raw_event`).
+    ``cloudevent(max_size)`` reads the message in its broker's CloudEvents binding; ``id``,
+    ``subject`` and ``time`` are used by the ``raw`` format only (see :func:`raw_event`).
     """
     if config.format == "cloudevents":
-        return [cloudevent()]
+        return [cloudevent(max_size)]
     if config.format == "s3-notification":
-        return notification_to_events(payload)
-    return [raw_event(config, payload, id=id, subject=subject, time=time)]
+        return notification_to_events(payload, max_size=max_size)
+    return [raw_event(config, payload, id=id, subject=subject, time=time, max_size=max_size)]
 
 
 async def publish_message(

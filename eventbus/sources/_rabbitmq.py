@@ -61,8 +61,9 @@ class RabbitMQSourceSpec(QueueSourceSpec):
         return self
 
 
-def _cloudevent(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """The event of an AMQP message (binary or structured mode); raises CloudEventError."""
+def _cloudevent(message: AbstractIncomingMessage, max_size: int) -> dict[str, Any]:
+    """The event of an AMQP message (binary or structured mode) of at most ``max_size``
+    bytes; raises CloudEventError."""
     # The AMQP binary mode is the Kafka one with another header prefix: translate the names
     # and let the Kafka binding do the reading.
     headers: list[tuple[str, bytes]] = []
@@ -72,7 +73,7 @@ def _cloudevent(message: AbstractIncomingMessage) -> dict[str, Any]:
                 headers.append(("ce_" + name.removeprefix(prefix), _property_bytes(value)))
     if message.content_type:
         headers.append(("content-type", message.content_type.encode()))
-    return from_kafka(headers, None, message.body)
+    return from_kafka(headers, None, message.body, max_size=max_size)
 
 
 def _property_bytes(value: object) -> bytes:
@@ -162,7 +163,8 @@ class RabbitMQSource:
             return events_of(
                 self.config,
                 message.body,
-                lambda: _cloudevent(message),
+                lambda size: _cloudevent(message, size),
+                max_size=ctx.max_event_size,
                 id=message.message_id,
                 subject=message.routing_key,
                 time=message.timestamp,

@@ -23,6 +23,7 @@ import pydantic
 
 from eventbus._errors import ConfigError
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled
+from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.config import SourceSpec, connector_adapter, connector_spec, register_connector
 from eventbus.sources._base import Source, SourceContext, SourceStatus, default_instance_id
 from eventbus.sources._checkpoints import Checkpoints
@@ -108,6 +109,7 @@ class SourceRunner:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         shared: SharedStatuses | None = None,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
     ) -> None:
         names = [s.name for s in sources]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -128,6 +130,7 @@ class SourceRunner:
                 clock=self._clock,
                 instance_id=instance,
                 logger=logging.getLogger(f"eventbus.sources.{s.name}"),
+                max_event_size=max_event_size,
             )
             for s in sources
         ]

@@ -394,6 +394,7 @@ class SyslogSource:
             "subject": as_attribute(data["app"] or data["hostname"]),
             "id": str(uuid.uuid4()),
             "data": {**data, "peer": peer, "transport": transport},
+            "max_size": ctx.max_event_size,
         }
         if data["format"] == "rfc5424" and data["timestamp"] is not None:
             try:

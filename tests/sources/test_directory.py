@@ -140,3 +140,23 @@ async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_
         assert odd["subject"] == "odd name.txt" and odd["data"]["content"] == "odd"
         assert later["data"]["content"] == "later"
         assert recorder.events[3]["type"] == "eventbus.file.created"
+
+
+async def test_contents_are_held_to_the_service_size_limit(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # The library's default (256 KiB) stood whatever max_event_size said: with 1 MiB allowed
+    # a 300 KB text still went without its content, with 4 KiB a 10 KB one went with it.
+    _write(tmp_path / "big.txt", "x" * 300_000, 1_000)
+    _write(tmp_path / "mid.txt", "y" * 10_000, 1_001)
+    for limit, carried in ((1 << 20, {"big.txt", "mid.txt"}), (4096, set())):
+        recorder = Recorder()
+        async with source_pool(database_dsn) as pool:
+            ctx = make_context(pool, f"drop{limit}", recorder)
+            ctx.max_event_size = limit
+            async with running(build_source(_spec(tmp_path, content_max_bytes=1 << 20)), ctx):
+                events = await recorder.wait_for(2)
+        with_content = {e["data"]["relative_path"] for e in events if "content" in e["data"]}
+        assert with_content == carried
+        if not carried:
+            assert all("4096-byte limit" in e["data"]["content_omitted"] for e in events)

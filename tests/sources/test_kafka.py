@@ -13,9 +13,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventbus._errors import CloudEventError, ConfigError
+from eventbus.cloudevents import from_kafka
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources._kafka import KafkaSource
-from eventbus.sources._queues import raw_event
+from eventbus.sources._queues import events_of, raw_event
 from tests.bus.test_kafka import _produce_unreadable
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
@@ -288,3 +289,34 @@ async def test_records_with_odd_timestamps_headers_or_keys_are_routed(
         assert "partitionkey" not in events[2] and events[3]["partitionkey"] == "k4"
         assert await dead_letters(pool, "odd") == []
         assert (ctx.status.events, ctx.status.errors) == (4, 0)
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents", "raw", "s3-notification"])
+def test_every_format_holds_events_to_the_service_size_limit(fmt: str) -> None:
+    # The sources used the library's default (256 KiB) whatever max_event_size said: a
+    # service allowing 1 MiB dead-lettered a 300 KB message, one allowing 4 KiB took it.
+    source = kafka("raw", "127.0.0.1:9", "t", format=fmt, event_type="t.raw", event_source="/kafka")
+    big = "x" * 300_000
+    if fmt == "s3-notification":
+        record = {
+            "eventSource": "aws:s3",
+            "eventName": "s3:ObjectCreated:Put",
+            "eventTime": "2026-01-01T00:00:00Z",
+            "responseElements": {"x-amz-request-id": "r", "x-amz-id-2": "h"},
+            "s3": {"bucket": {"name": "b"}, "object": {"key": "k", "size": 1}},
+            "userIdentity": {"principalId": big},
+        }
+        payload = orjson.dumps({"Records": [record]})
+    else:
+        payload = orjson.dumps(
+            {"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "data": big}
+        )
+
+    def cloudevent(size: int) -> dict[str, Any]:
+        return from_kafka([], None, payload, max_size=size)
+
+    (event,) = events_of(source.config, payload, cloudevent, max_size=1 << 20)
+    assert big in orjson.dumps(event).decode()
+    with pytest.raises(CloudEventError, match="4096-byte limit") as refused:
+        events_of(source.config, payload, cloudevent, max_size=4096)
+    assert refused.value.status == 413
