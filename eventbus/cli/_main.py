@@ -275,7 +275,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from eventbus._errors import CloudEventError
     from eventbus.cloudevents import new_event, to_http
 
-    extensions: dict[str, str] = {}
+    extensions: dict[str, Any] = {}  # as new_event's **ext
     for name, value in args.extension:
         if name in extensions:
             raise _BadInput(f"extension {name!r} is given twice (-e {name}=...)")

@@ -459,12 +459,13 @@ def _destination(
         "event": job.event,
     }
     ok = kind is DeliveryKind.ON_SUCCESS
+    cause: dict[str, Any] = _cause(job)  # as new_event's **ext
     return new_event(
         type="eventbus.delivery." + ("succeeded" if ok else "failed"),
         source=f"eventbus/targets/{job.target}",
         subject=str(job.event.get("id", "")),
         data=data,
-        **_cause(job),
+        **cause,
     )
 
 
