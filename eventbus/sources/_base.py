@@ -101,12 +101,19 @@ class SourceContext:
         duplicate = await self.publish(event) is True
         self.status.events += 1
         self.status.last_event_at = self.clock.now()
+        self.recovered()
+        return duplicate
+
+    def recovered(self) -> None:
+        """The source has done a whole round of its work since it failed (an event published,
+        a scan or a timer's turn complete): ``state`` is running, and a failure's
+        ``last_error`` is cleared (a quiet source kept it, and showed backoff, until its next
+        event, hours later)."""
         if self.status.state == "backoff":
             self.status.state = "running"
         if self._failing:
             self._failing = False
             self.status.last_error = None
-        return duplicate
 
     async def dead_letter(
         self, payload: bytes | str, error: str, meta: Mapping[str, Any] | None = None

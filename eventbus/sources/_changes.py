@@ -57,7 +57,7 @@ async def poll_changes(
             await backoff.wait()
             continue
         backoff.reset()
-        ctx.status.state = "running"
+        ctx.recovered()
         await ctx.clock.sleep(interval)
 
 

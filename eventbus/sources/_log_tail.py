@@ -194,7 +194,7 @@ class LogTailSource:
                     await backoff.wait()
                     continue
                 backoff.reset()
-                ctx.status.state = "running"
+                ctx.recovered()
                 if not more:
                     await ctx.clock.sleep(self.config.interval)
         finally:

@@ -137,7 +137,7 @@ class TimerSource:
                 ctx.report_error(exc)
                 await backoff.wait()
                 continue
-            ctx.status.state = "running"
+            ctx.recovered()
             if not fired:
                 ctx.logger.debug("timer %s: %s fired by another instance", self.name, _iso(tick))
             return

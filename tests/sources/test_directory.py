@@ -93,6 +93,26 @@ async def test_bus_down_checkpoints_nothing_and_retries(tmp_path: Path, database
         assert ctx.status.errors == 1
 
 
+async def test_a_clean_scan_clears_the_failure(tmp_path: Path, database_dsn: str) -> None:
+    # The bus refused the one file there, which then went away: every later scan was clean,
+    # and the status kept saying backoff's error until the next file, whenever that came.
+    _write(tmp_path / "a.txt", "a", 1_000)
+    recorder = Recorder()
+    recorder.down = True
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "drop", recorder)
+        async with running(build_source(_spec(tmp_path)), ctx):
+            await recorder.wait_refused(1)
+            assert "BusUnavailable" in (ctx.status.last_error or "")
+            (tmp_path / "a.txt").unlink()
+
+            async def cleared() -> bool:
+                return ctx.status.last_error is None and ctx.status.state == "running"
+
+            await eventually(cleared, what="the failure cleared by a clean scan")
+        assert recorder.events == [] and ctx.status.errors >= 1
+
+
 async def test_missing_directory_is_a_config_error(tmp_path: Path, database_dsn: str) -> None:
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "drop", Recorder())
