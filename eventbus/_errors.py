@@ -7,7 +7,8 @@
      ├── RuleSetError             a rule set failed to load: carries every RuleError at once
      ├── CloudEventError          an incoming event or request is invalid (HTTP status + detail)
      ├── BusError                 the durable bus refused or could not be reached
-     │    └── BusUnavailable      not reachable right now: retry later (HTTP 503)
+     │    ├── BusUnavailable      not reachable right now: retry later (HTTP 503)
+     │    └── EventTooLargeForBus this event is over the broker's message limit (HTTP 413)
      ├── StoreError               Postgres could not be reached or rejected a write
      │    ├── StoreUnavailable    not reachable right now: retry later (HTTP 503)
      │    └── StoreDataError      Postgres refused a value of the statement (HTTP 400)
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DeliveryError",
     "EventBusError",
+    "EventTooLargeForBus",
     "FailureRun",
     "PatternError",
     "RuleError",
@@ -114,6 +116,11 @@ class BusError(EventBusError):
 
 class BusUnavailable(BusError):
     """The bus cannot be reached now; the caller should retry later (HTTP 503)."""
+
+
+class EventTooLargeForBus(BusError):
+    """The broker's message limit is below this event on the bus (HTTP 413): the bus itself is
+    fine, other events pass, and this one never will as configured."""
 
 
 class StoreError(EventBusError):

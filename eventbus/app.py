@@ -40,6 +40,7 @@ from eventbus.bus import (
     NatsBusConfig,
     NatsServer,
     PublishOutcome,
+    bus_message_limit,
     open_bus,
 )
 from eventbus.config import (
@@ -146,7 +147,9 @@ async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
     nats_url, database_url = settings.bus.nats.url, settings.database.url
     servers: list[Supervised] = []
     if settings.embedded_bus:
-        nats = await stack.enter_async_context(NatsServer(data_dir / "nats"))
+        nats = await stack.enter_async_context(
+            NatsServer(data_dir / "nats", max_payload=bus_message_limit(settings.max_event_size))
+        )
         servers.append(nats)
         nats_url = nats.url
         log.info("embedded nats-server at %s", nats.display_url)
@@ -352,6 +355,7 @@ class Service:
                 max_in_flight=s.bus.max_in_flight,
                 publish_timeout=s.bus.publish_timeout,
                 auth=s.bus.kafka,
+                max_event_size=s.max_event_size,
             )
         assert self.nats_url is not None
         return NatsBusConfig(
@@ -364,6 +368,7 @@ class Service:
             duplicate_window=s.bus.nats.duplicate_window,
             publish_timeout=s.bus.publish_timeout,
             auth=None if s.embedded_bus else s.bus.nats,
+            max_event_size=s.max_event_size,
         )
 
     def _load_rules(

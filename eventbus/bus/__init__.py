@@ -8,7 +8,7 @@ See docs/bus.md.
 
 from __future__ import annotations
 
-from eventbus.bus._base import DUPLICATE, Bus, BusMessage, PublishOutcome
+from eventbus.bus._base import DUPLICATE, Bus, BusMessage, PublishOutcome, bus_message_limit
 from eventbus.bus._kafka import KafkaBus, KafkaBusConfig
 from eventbus.bus._nats import NatsBus, NatsBusConfig
 from eventbus.bus._nats_server import NatsServer
@@ -23,6 +23,7 @@ __all__ = [
     "NatsBusConfig",
     "NatsServer",
     "PublishOutcome",
+    "bus_message_limit",
     "open_bus",
 ]
 

@@ -24,11 +24,13 @@ from eventbus.cloudevents import encode, event_key, parse_json, validate
 __all__ = [
     "DIRECT",
     "DUPLICATE",
+    "MAX_BUS_MESSAGE",
     "Bus",
     "BusMessage",
     "DecodedMessage",
     "InFlightWindow",
     "PublishOutcome",
+    "bus_message_limit",
     "collect_acks",
     "require_positive",
     "wire_decode",
@@ -40,6 +42,18 @@ DIRECT = "bus"
 """The ``via`` of an event published straight onto the bus by a caller that did not say."""
 
 _NO_SIZE_LIMIT = 2**62
+
+_ONE_MIB = 1024 * 1024
+MAX_BUS_MESSAGE = 64 * _ONE_MIB
+"""The largest bus message eventbus asks a broker to take (nats-server's ceiling)."""
+
+
+def bus_message_limit(max_event_size: int) -> int:
+    """The bus message size that carries any event of ``max_event_size`` bytes: six times it
+    (a text body of control characters, each escaped in the bus's JSON; base64 grows binary
+    data by a third) plus 64 KiB, at least the brokers' usual 1 MiB, at most
+    :data:`MAX_BUS_MESSAGE`."""
+    return min(MAX_BUS_MESSAGE, max(_ONE_MIB, 6 * max_event_size + 64 * 1024))
 
 
 DUPLICATE: Final = "duplicate"

@@ -31,7 +31,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from eventbus._errors import BusError, BusUnavailable, ConfigError, FailureRun
+from eventbus._errors import (
+    BusError,
+    BusUnavailable,
+    ConfigError,
+    EventTooLargeForBus,
+    FailureRun,
+)
 from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, wait_event
 from eventbus.bus._base import (
@@ -40,11 +46,12 @@ from eventbus.bus._base import (
     DecodedMessage,
     InFlightWindow,
     PublishOutcome,
+    bus_message_limit,
     collect_acks,
     require_positive,
     wire_encode,
 )
-from eventbus.cloudevents import kafka_record_time
+from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE, kafka_record_time
 from eventbus.config import KafkaAuth
 
 __all__ = ["KafkaBus", "KafkaBusConfig"]
@@ -86,7 +93,9 @@ class KafkaBusConfig:
     ``commit_interval`` how often done offsets are committed (seconds); ``revoke_wait`` how
     long a rebalance that takes partitions away waits for their messages being handled.
     ``auth`` is the security protocol, SASL credentials and TLS block of every client the bus
-    opens.
+    opens. ``max_event_size`` sizes the producer's requests, the topic's
+    ``max.message.bytes`` (when the bus creates it) and the consumer's fetches so that any
+    valid event fits (:func:`bus_message_limit`).
     """
 
     bootstrap_servers: str
@@ -105,6 +114,7 @@ class KafkaBusConfig:
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
     auth: KafkaAuth | None = None
+    max_event_size: int = DEFAULT_MAX_EVENT_SIZE
 
     def __post_init__(self) -> None:
         """Raises ConfigError when no server is given or a count or duration is not positive."""
@@ -152,6 +162,11 @@ COMMITS_STALL_AFTER = 30.0
 def _translate(exc: BaseException, doing: str) -> BusError:
     """Map an aiokafka error to BusUnavailable (try again later: a connection error, or one the
     library marks retriable) or BusError (will not help)."""
+    if isinstance(exc, kerr.MessageSizeTooLargeError | kerr.RecordListTooLargeError):
+        return EventTooLargeForBus(
+            f"Kafka {doing} failed: the event is larger than the producer's or the topic's "
+            f"message limit (max_request_size, max.message.bytes): {exc!r}"
+        )
     retriable = isinstance(exc, kerr.KafkaError) and exc.retriable
     kind = BusUnavailable if retriable or isinstance(exc, _UNAVAILABLE) else BusError
     return kind(f"Kafka {doing} failed: {exc!r}")
@@ -286,6 +301,8 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             session_timeout_ms=int(config.session_timeout * 1000),
             heartbeat_interval_ms=int(config.session_timeout * 1000 / 3),
             fetch_max_wait_ms=max(1, int(config.fetch_wait * 1000)),
+            # one record the size of the largest event fits a partition's fetch
+            max_partition_fetch_bytes=bus_message_limit(config.max_event_size),
         )
         self.consumer.subscribe([config.topic], listener=self)
         self.window = InFlightWindow(config.max_in_flight)
@@ -705,6 +722,7 @@ class KafkaBus:
             enable_idempotence=cfg.idempotent,
             linger_ms=cfg.linger_ms,
             request_timeout_ms=int(cfg.publish_timeout * 1000),
+            max_request_size=bus_message_limit(cfg.max_event_size),
         )
         try:
             async with asyncio.timeout(cfg.connect_timeout):
@@ -731,8 +749,13 @@ class KafkaBus:
             async with asyncio.timeout(cfg.connect_timeout):
                 async with start_refusals(cfg.bootstrap_servers, self._security):
                     await admin.start()
+                limit = {"max.message.bytes": str(bus_message_limit(cfg.max_event_size))}
                 response = await admin.create_topics(
-                    [NewTopic(cfg.topic, cfg.partitions, cfg.replication_factor)]
+                    [
+                        NewTopic(
+                            cfg.topic, cfg.partitions, cfg.replication_factor, topic_configs=limit
+                        )
+                    ]
                 )
         except (kerr.KafkaError, OSError, TimeoutError) as exc:
             raise _translate(exc, f"create topic {cfg.topic}") from exc

@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from eventbus._errors import BusError, BusUnavailable, ConfigError
+from eventbus._errors import BusError, BusUnavailable, ConfigError, EventTooLargeForBus
 from eventbus._tasks import stop_if_cancelled
 from eventbus.bus._base import (
     DIRECT,
@@ -37,10 +37,12 @@ from eventbus.bus._base import (
     DecodedMessage,
     InFlightWindow,
     PublishOutcome,
+    bus_message_limit,
     collect_acks,
     require_positive,
     wire_encode,
 )
+from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.config import NatsAuth, redact_url
 
 __all__ = ["NatsBus", "NatsBusConfig"]
@@ -82,6 +84,7 @@ class NatsBusConfig:
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
     auth: NatsAuth | None = None
+    max_event_size: int = DEFAULT_MAX_EVENT_SIZE
 
     def __post_init__(self) -> None:
         """Raises ConfigError when the URL is empty or a count or duration is not positive."""
@@ -264,6 +267,16 @@ class NatsBus:
             raise _translate(cause, f"connect to {redact_url(cfg.url)}") from exc
         self._nc = nc
         self._js = self._nc.jetstream(timeout=cfg.publish_timeout)
+        needed = bus_message_limit(cfg.max_event_size)
+        if nc.max_payload < needed:
+            log.warning(
+                "the NATS server's max_payload (%d bytes) is below what an event of "
+                "max_event_size (%d bytes) may take on the bus (%d): larger ones are refused "
+                "(413); raise max_payload on the server or lower max_event_size",
+                nc.max_payload,
+                cfg.max_event_size,
+                needed,
+            )
         try:
             await self._ensure_stream(self._js)
         except BaseException:
@@ -380,6 +393,11 @@ class NatsBus:
                     )
             except BusError as exc:
                 results[i] = exc
+            except nats.errors.MaxPayloadError:
+                results[i] = EventTooLargeForBus(
+                    f"the event takes {len(payload)} bytes on the bus, more than the NATS "
+                    f"server's max_payload ({self._nc.max_payload if self._nc else '?'} bytes)"
+                )
             except (nats.errors.Error, OSError, TimeoutError) as exc:
                 # nats-py turns a cancellation during its wait for ack room into
                 # TooManyStalledMsgsError: this task's own cancellation must not become a result

@@ -91,8 +91,10 @@ class NatsServer:
         port: int | None = None,
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
+        max_payload: int | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.max_payload = max_payload
         self.port = port if port is not None else free_port()
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -156,7 +158,9 @@ class NatsServer:
             f"logfile: {orjson.dumps(str(self.log_path)).decode()}\n"
             f"logfile_size_limit: {_LOG_LIMIT}\nlogfile_max_num: {_LOG_FILES}\n"
         )
-        _write_private(conf, f"authorization {{ {auth} }}\n{log_conf}")
+        # The largest message the bus may have to carry (the server's default is 1 MiB).
+        limit = "" if self.max_payload is None else f"max_payload: {self.max_payload}\n"
+        _write_private(conf, f"authorization {{ {auth} }}\n{log_conf}{limit}")
         self._log = self.log_path.open("ab")
         self._proc = await asyncio.create_subprocess_exec(
             binary,

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, StoreUnavailable, truncate_error
+from eventbus._errors import ConfigError, EventTooLargeForBus, StoreUnavailable, truncate_error
 from eventbus.cloudevents import attribute_text, new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
@@ -389,7 +389,12 @@ class Dispatcher:
         reply.update(_cause(job))
         # Audited as accepted (via "reply") when the router takes it off the bus; counted
         # (received or duplicate) by ``publish``.
-        await self._publish(reply)
+        try:
+            await self._publish(reply)
+        except EventTooLargeForBus as exc:
+            # Never taken: raised, the delivery was tried again, the function called again.
+            log.warning("reply from target %s dropped: %s", job.target, exc)
+            metrics.EVENTS_REJECTED.labels("reply", "too-large").inc()
 
     async def _settle_row(self, job: Delivery, write: Callable[[Delivery], Awaitable[_T]]) -> _T:
         """Write the outcome of ``job`` where it is kept (its retry row, or a dead letter),

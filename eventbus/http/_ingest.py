@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import BusUnavailable, CloudEventError
+from eventbus._errors import BusUnavailable, CloudEventError, EventTooLargeForBus
 from eventbus.cloudevents import (
     BATCH_CONTENT_TYPE,
     STRUCTURED_CONTENT_TYPE,
@@ -316,7 +316,7 @@ class IngestApp:
             unavailable += down
             entries.append(
                 {
-                    "status": 503 if down else 500,
+                    "status": 503 if down else _entry_status(err),
                     "id": entry["id"],
                     "source": entry["source"],
                     "error": str(err),
@@ -327,3 +327,9 @@ class IngestApp:
         body = {"failed": failed, "duplicates": duplicates, "entries": entries}
         headers = {"Eventbus-Duplicates": str(duplicates)} if duplicates else {}
         return (207 if failed else 202), body, headers
+
+
+def _entry_status(err: BaseException) -> int:
+    """A batch entry's status for an event the bus refused: 413 when it is too large for the
+    broker, else 500."""
+    return 413 if isinstance(err, EventTooLargeForBus) else 500

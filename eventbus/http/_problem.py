@@ -14,6 +14,7 @@ from eventbus._errors import (
     BusError,
     BusUnavailable,
     CloudEventError,
+    EventTooLargeForBus,
     StoreDataError,
     StoreError,
 )
@@ -84,7 +85,9 @@ def problem_for(exc: Exception) -> Problem | None:
         return Problem(400, f"the database cannot take a value of this request: {exc}")
     if isinstance(exc, StoreError):
         return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
+    if isinstance(exc, EventTooLargeForBus):
+        return Problem(413, f"the event is too large for the event bus: {exc}")
     if isinstance(exc, BusError):
-        # the broker refused this event (too large for it, say): retrying will not help
+        # the broker refused this event: retrying will not help
         return Problem(422, f"the event bus refused the event: {exc}")
     return None

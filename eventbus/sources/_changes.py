@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
-from eventbus._errors import CloudEventError
+from eventbus._errors import CloudEventError, EventTooLargeForBus
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 
@@ -79,13 +79,12 @@ async def _emit_changes(
     ctx.status.lag = remaining
     for key, marker, item in changed:
         try:
-            made = await event(item, key in seen)
-        except CloudEventError as exc:
-            # No event can say it (a name with a control character, say): kept aside, and
-            # the items after it go on (it raised out of the source, which stopped for good).
+            await ctx.emit(await event(item, key in seen))
+        except (CloudEventError, EventTooLargeForBus) as exc:
+            # No event can say it (a name with a control character, say), or the bus cannot
+            # carry it: kept aside, and the items after it go on (it raised out of the source,
+            # which stopped for good, or held the source on it for ever).
             await ctx.dead_letter(key.removeprefix(prefix), str(exc), {"key": key})
-        else:
-            await ctx.emit(made)
         await ctx.checkpoints.put(key, marker)
         seen[key] = marker
         remaining -= 1

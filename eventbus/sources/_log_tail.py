@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Literal
 import orjson
 import pydantic
 
-from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus._errors import BusError, CloudEventError, EventTooLargeForBus, StoreError
 from eventbus.cloudevents import attribute_text, load_json, new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import MAX_SET_ASIDE, SourceContext, UnreadablePaths
@@ -448,35 +448,33 @@ class LogTailSource:
         self, ctx: SourceContext, f: _File, records: list[_Record], now: datetime
     ) -> None:
         try:
-            event = self._event(f, records, now, ctx.max_event_size)
-        except CloudEventError as exc:
+            await ctx.emit(self._event(f, records, now, ctx.max_event_size))
+        except (CloudEventError, EventTooLargeForBus) as exc:
             # Too big as one event (escaped control characters, long lines), JSON nested
             # too deep: it raised out of the source, which restarted on it for ever.
             if len(records) == 1:
-                await self._set_aside(ctx, f, records[0], now, exc)
+                reason = exc.detail if isinstance(exc, CloudEventError) else str(exc)
+                await self._set_aside(ctx, f, records[0], now, reason)
             else:
                 for record in records:  # alone, each may fit
                     await self._emit(ctx, f, [record], now)
-        else:
-            await ctx.emit(event)
 
     async def _set_aside(
-        self, ctx: SourceContext, f: _File, record: _Record, now: datetime, exc: CloudEventError
+        self, ctx: SourceContext, f: _File, record: _Record, now: datetime, reason: str
     ) -> None:
         """Dead-letter a record no event can carry (its text, cut to the event size limit),
         unless in ``json`` format it was the JSON: then its text goes as ``message`` with
         ``json_error``, as for a line that is not JSON."""
         if self.config.format == "json":
             try:
-                event = self._event(f, [record], now, ctx.max_event_size, json_error=exc.detail)
-            except CloudEventError:
+                await ctx.emit(self._event(f, [record], now, ctx.max_event_size, json_error=reason))
+            except (CloudEventError, EventTooLargeForBus):
                 pass
             else:
-                await ctx.emit(event)
                 return
         text = "\n".join(record.lines).encode()[:MAX_SET_ASIDE]
         meta = {"path": f.path, "offset": record.start, "lines": len(record.lines)}
-        await ctx.dead_letter(text, f"a log record no event can carry: {exc.detail}", meta)
+        await ctx.dead_letter(text, f"a log record no event can carry: {reason}", meta)
 
     def _mark(self, f: _File) -> None:
         self._dirty[f.key] = {"offset": f.committed, "path": f.path, "head": f.head.hex()}

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import orjson
 import pydantic
 
-from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus._errors import BusError, CloudEventError, EventTooLargeForBus, StoreError
 from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import (
     DEFAULT_MAX_EVENT_SIZE,
@@ -150,8 +150,14 @@ async def publish_message(
         log.exception("cannot read a message (%s): dead-lettered", dict(meta))
         await ctx.dead_letter(payload, f"cannot read the message: {exc!r}", meta)
         return False
-    for event in events:
-        await ctx.emit(event)
+    try:
+        for event in events:
+            await ctx.emit(event)
+    except EventTooLargeForBus as exc:
+        # The broker will never take it (the bus's message limit is below it): retried, it
+        # held the source on this message for ever.
+        await ctx.dead_letter(payload, str(exc), meta)
+        return False
     return True
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus._errors import BusError, CloudEventError, EventTooLargeForBus, StoreError
 from eventbus.cloudevents import as_attribute, new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
@@ -379,6 +379,8 @@ class SyslogSource:
                     meta = {"peer": peer, "transport": transport}
                     await ctx.dead_letter(raw, error or "unparseable", meta)
                 return
+            except EventTooLargeForBus as exc:  # never passes: kept aside instead
+                event, error = None, str(exc)
             except (BusError, StoreError) as exc:
                 ctx.report_error(exc)
                 await backoff.wait()

@@ -257,3 +257,24 @@ async def test_binary_mode_refuses_raw_non_ascii_and_data_headers(
     [delivered] = await receiver.wait_for(1, path="/fn")
     assert delivered.cloudevent["subject"] == "café"
     assert delivered.headers["ce-subject"] == "caf%C3%A9"
+
+
+async def test_an_event_over_the_brokers_message_limit_is_a_413_naming_it(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # max_event_size allows 4 MiB; the session's NATS server takes 1 MiB: 422 "the event bus
+    # refused the event: NATS publish failed: MaxPayloadError()" before.
+    svc = await eventbus(
+        rules=RULES,
+        targets=[
+            {"name": "fn", "type": "http", "url": receiver.url("/fn")},
+            {"name": "dead", "type": "http", "url": receiver.url("/dead")},
+        ],
+        settings={"max_event_size": 4 << 20},
+    )
+    big = _event("big", data="x" * 2_000_000)
+    await _refused(svc, STRUCTURED, orjson.dumps(big), 413, "max_payload")
+    status, _, body = await svc.request("POST", "/events", orjson.dumps([big, _event("ok")]), BATCH)
+    assert status == 207, body
+    assert [e["status"] for e in body["entries"]] == [413, 202]
+    await receiver.wait_for(1)

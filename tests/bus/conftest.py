@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import pytest
 import pytest_asyncio
 
-from eventbus.bus import BusMessage, KafkaBusConfig, NatsBusConfig, NatsServer
+from eventbus.bus import BusMessage, KafkaBusConfig, NatsBusConfig, NatsServer, bus_message_limit
 from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
 
@@ -93,7 +93,8 @@ class _OwnNats:
     keeps_messages = True  # JetStream file storage
 
     def __init__(self, store: Path) -> None:
-        self.server = NatsServer(store)
+        # as ``eventbus serve`` starts it, for a bus of up to 1 MiB events
+        self.server = NatsServer(store, max_payload=bus_message_limit(1 << 20))
 
     def config(self, **overrides: Any) -> BusConfig:
         return nats_config(self.server.url, **overrides)

@@ -4,9 +4,12 @@ session ones, and one of the test's own where the broker goes down (``own_broker
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import random
+import re
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from eventbus._errors import BusError, BusUnavailable
+from eventbus._errors import BusError, BusUnavailable, EventTooLargeForBus
 from eventbus.bus import DUPLICATE, BusMessage, NatsBusConfig, open_bus
 from tests.bus.conftest import PATIENCE, MakeConfig, OwnBroker, event, take, take_until
 from tests.fixtures.wait import eventually
@@ -223,6 +226,35 @@ async def test_publish_many_reports_each_event(make_config: MakeConfig) -> None:
         got = await take_until(bus.messages(), {"e-0", "e-3"})
         assert {m.event["id"] for m in got} == {"e-0", "e-3"}
         assert await bus.publish_many([]) == []
+
+
+async def test_an_event_over_the_brokers_limit_is_refused_as_too_large(
+    make_config: MakeConfig,
+) -> None:
+    # 2 MB: over the session NATS server's max_payload (its default, 1 MiB) and the Kafka
+    # producer's request size for the default max_event_size (1.6 MiB). NATS had answered
+    # MaxPayloadError() and Kafka MessageSizeTooLargeError as any refusal (422 at the edge).
+    async with open_bus(make_config()) as bus:
+        big, small = event(1, data="x" * 2_000_000), event(2)
+        refused, stored = await bus.publish_many([big, small])
+        assert isinstance(refused, EventTooLargeForBus), refused
+        assert re.search(r"max_payload \(\d+ bytes\)|max_request_size", str(refused))
+        assert stored is None
+        got = await take_until(bus.messages(), {"e-2"})
+        assert [m.event["id"] for m in got] == ["e-2"]
+
+
+async def test_the_bus_carries_an_event_of_max_event_size(own_broker: OwnBroker) -> None:
+    # max_event_size allows up to 64 MiB, and the bus took nothing over 1 MiB: binary data of
+    # 1 MiB, a third larger in base64 on the bus, was refused.
+    size = 1 << 20
+    data = os.urandom(size - 4096)
+    async with open_bus(own_broker.config(max_event_size=size)) as bus:
+        big = event(1, data_base64=base64.b64encode(data).decode())
+        del big["data"]
+        await bus.publish(big)
+        (got,) = await take_until(bus.messages(), {"e-1"})
+        assert base64.b64decode(got.event["data_base64"]) == data
 
 
 async def test_a_duplicate_is_reported_exactly_when_the_bus_dropped_it(

@@ -12,7 +12,9 @@ import asyncpg
 
 from eventbus._errors import BusUnavailable
 from eventbus.bus import NatsBus, NatsBusConfig
+from eventbus.cloudevents import new_event
 from eventbus.sources import Checkpoints, Clock, SourceContext, SourceStatus, SystemClock
+from eventbus.sources._base import MAX_SET_ASIDE
 from eventbus.sources._queues import publish_message
 from tests.fixtures.nats import unique_name
 from tests.sources._harness import WAIT, dead_letters, source_pool
@@ -118,3 +120,23 @@ async def test_a_message_its_reading_fails_on_is_dead_lettered(
         [row] = await dead_letters(pool, "q")
         assert row["payload"] == b"payload"
         assert row["error"] == "cannot read the message: ValueError('year 14645 is out of range')"
+
+
+async def test_a_message_too_large_for_the_bus_is_dead_lettered(
+    database_dsn: str, nats_url: str
+) -> None:
+    # Allowed by max_event_size, over the NATS server's max_payload (1 MiB): the bus refused
+    # it each time, and the source reconnected and was handed the same message for ever.
+    payload = b"x" * 2_000_000
+
+    def convert() -> list[dict[str, Any]]:
+        event = new_event(type="t", source="/q", data=payload.decode(), max_size=4 << 20)
+        return [event, new_event(type="t", source="/q", data="small")]
+
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "q", tap, type="kafka")
+        assert not await publish_message(ctx, payload, convert, {"offset": 9})
+        [row] = await dead_letters(pool, "q")
+        assert row["error"].startswith("the event takes") and "max_payload" in row["error"]
+        assert len(row["payload"]) == MAX_SET_ASIDE
+        assert tap.published == 0 and ctx.status.errors == 1
