@@ -55,7 +55,10 @@ class Guard:
         self._opened_at = 0.0
         self._probing = False
         self._rate = rate_limit
-        self._tokens = rate_limit or 0.0
+        # A burst of at least one attempt: below 1/s a bucket of ``rate`` tokens never held the
+        # one an attempt takes, and every delivery to the target waited for ever.
+        self._burst = max(1.0, rate_limit or 0.0)
+        self._tokens = self._burst
         self._refilled = clock()
         self._lock = asyncio.Lock()
         metrics.CIRCUIT_STATE.labels(target).set(CLOSED)
@@ -124,7 +127,7 @@ class Guard:
         async with self._lock:
             while True:
                 now = self._clock()
-                self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+                self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
                 self._refilled = now
                 # the epsilon keeps float rounding (0.1 * 10 == 0.9999...) from looping forever
                 if self._tokens >= 1.0 - 1e-9:

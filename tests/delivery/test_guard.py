@@ -84,6 +84,25 @@ async def test_rate_limit_spaces_attempts() -> None:
     assert abs(sum(slept) - 2.0) < 1e-6
 
 
+async def test_a_rate_below_one_per_second_spaces_attempts_too() -> None:
+    # The bucket held at most `rate` tokens and an attempt takes one: at 0.5/s no attempt
+    # ever went, and every delivery to the target (and every synchronous call) waited for ever.
+    clock = Clock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+        await asyncio.sleep(0)  # (the timeout below can then fire)
+
+    guard = Guard("slow", None, 0.5, clock, sleep)
+    async with asyncio.timeout(5):
+        for _ in range(4):
+            await guard.throttle()
+    # the first at once, then one every 2 s
+    assert abs(sum(slept) - 6.0) < 1e-6
+
+
 async def test_a_probe_cancelled_while_waiting_for_its_token_is_released() -> None:
     # Admitted as the half-open probe, then cancelled waiting for a rate-limit token (a
     # synchronous caller gone, a shutdown): the probe stayed outstanding and every later
