@@ -276,13 +276,25 @@ def target_policies(specs: Mapping[str, Mapping[str, Any] | None]) -> dict[str, 
     return out
 
 
+_TARGET_ONLY = ("rate_limit", "circuit_breaker")
+"""Delivery settings of a target only, not of a route: its endpoint's rate and health."""
+
+
 def override_checker(
     base: Mapping[str, DeliveryPolicy],
 ) -> Callable[[str, Mapping[str, Any]], None]:
     """A check for the rule loader: does a route's ``delivery`` override parse on top of its
-    target's policy? Raises ConfigError ``delivery: <field>: <problem>``."""
+    target's policy, and leave the target's own settings (rate limit, circuit breaker) alone?
+    Raises ConfigError ``delivery: <field>: <problem>``."""
 
     def check(target: str, override: Mapping[str, Any]) -> None:
+        for name in _TARGET_ONLY:
+            if name in override:
+                # One guard per target: a route's own setting was parsed and then ignored.
+                raise ConfigError(
+                    f"delivery: {name}: guards the target's endpoint, shared by every route "
+                    f"to it; set it in target {target!r}'s delivery block"
+                )
         try:
             parse_delivery(override, base.get(target, DeliveryPolicy()), where="")
         except ConfigError as exc:

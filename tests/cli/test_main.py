@@ -263,6 +263,10 @@ async def test_bad_delivery_override_in_a_rule_is_refused_at_load(tmp_path: Path
         "  targets:\n"
         "    - name: fn\n"
         "      delivery: {bogus: 1}\n"
+        "- name: guard\n"  # parsed, then ignored: the target's guard stood
+        "  targets:\n"
+        "    - name: fn\n"
+        "      delivery: {rate_limit: 1, retry: none}\n"
     )
     code, out, err = await _cli(
         "rules", "validate", str(tmp_path / "rules"), "--connectors", str(tmp_path / "connectors")
@@ -271,6 +275,7 @@ async def test_bad_delivery_override_in_a_rule_is_refused_at_load(tmp_path: Path
     assert code == 1, text
     assert "r.yaml:4 rule 'over': targets.0.delivery: retry.max_attempts" in text
     assert "r.yaml:8 rule 'extra': targets.0.delivery: bogus" in text
+    assert "r.yaml:12 rule 'guard': targets.0.delivery: rate_limit: guards the target" in text
 
 
 def _every_parser(
