@@ -55,12 +55,13 @@ class TimerSourceSpec(SourceSpec):
 
     @pydantic.model_validator(mode="after")
     def _check_schedule(self) -> TimerSourceSpec:
+        # An at() in the past is not refused: once fired it stays in the file, and refusing it
+        # stopped the next start of the whole service (it fires under missed: once or catch-up
+        # when it came due while the service was down; ``run`` warns when it never can).
         try:
-            parsed = parse_schedule(self.schedule, self.timezone)
+            parse_schedule(self.schedule, self.timezone)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
-        if parsed.next_after(datetime.now(UTC)) is None:
-            raise ValueError(f"schedule {self.schedule!r} lies in the past and would never fire")
         # Refused here, at load, what would fail every tick (an empty subject, a control
         # character in event_type, data too big): the timer loaded and never fired.
         try:
@@ -93,6 +94,12 @@ class TimerSource:
         if stored is None:
             cursor = ctx.clock.now()
             await ctx.checkpoints.put(_CHECKPOINT, _iso(cursor))
+            if self._schedule.next_after(cursor) is None:
+                ctx.logger.warning(
+                    "timer %s: schedule %r lies in the past: nothing to fire",
+                    self.name,
+                    self.config.schedule,
+                )
         else:
             cursor = await self._handle_missed(ctx, datetime.fromisoformat(stored))
         ctx.status.state = "running"
