@@ -46,7 +46,7 @@ from eventbus.rules._cel import Activation, Condition, Verdict, activation, comp
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._loader import KeyPath, ParsedFiles, RuleDoc, read_rule_files
 from eventbus.rules._pattern import CompiledPattern, compile_pattern
-from eventbus.rules._transform import Transform, TransformSpec
+from eventbus.rules._transform import Transform, TransformSpec, TransformTooLarge
 
 __all__ = [
     "Route",
@@ -172,6 +172,8 @@ class RuleSet:
 
     ``cel_errors`` counts, per rule name, the events whose pattern matched but whose ``when``
     condition failed at run time or did not return a bool (treated as no match);
+    ``transform_errors`` those whose transform for a target was over its bound (that target
+    skipped, see ``eventbus.rules._transform``);
     ``native_cel`` says whether the conditions run on cel-expr-python.
     """
 
@@ -183,6 +185,7 @@ class RuleSet:
         )
         self._sync = frozenset(rule.name for rule in self._active if rule.sync)
         self.cel_errors: Counter[str] = Counter()
+        self.transform_errors: Counter[str] = Counter()
         self._next_log: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
         # What the next load may reuse: each rule by its definition's text, each file by its.
@@ -206,7 +209,7 @@ class RuleSet:
                 verdict, reason = rule.condition.evaluate(context)
                 if verdict is not Verdict.MATCH:
                     if verdict is not Verdict.NO_MATCH:
-                        self._condition_failed(rule, event, reason)
+                        self._failed(rule, event, "condition", reason)
                     continue
             last: Transform | None = None
             payload: Any = event
@@ -215,7 +218,12 @@ class RuleSet:
                     routes.append(Route(rule.name, target.name, event, True, target.delivery))
                     continue
                 if target.transform is not last:
-                    last, payload = target.transform, target.transform.apply(event)
+                    try:
+                        last, payload = target.transform, target.transform.apply(event)
+                    except TransformTooLarge as exc:
+                        last = None
+                        self._failed(rule, event, f"transform for target {target.name!r}", str(exc))
+                        continue
                 routes.append(
                     Route(
                         rule.name,
@@ -246,8 +254,10 @@ class RuleSet:
                     failed[rule.name] = reason
         return failed
 
-    def _condition_failed(self, rule: Rule, event: dict[str, Any], reason: str) -> None:
-        self.cel_errors[rule.name] += 1
+    def _failed(self, rule: Rule, event: dict[str, Any], what: str, reason: str) -> None:
+        """A condition that failed (no match), or a transform (that target skipped): counted,
+        logged at most once a minute per rule."""
+        (self.cel_errors if what == "condition" else self.transform_errors)[rule.name] += 1
         now = time.monotonic()
         if now < self._next_log.get(rule.name, 0.0):
             self._unlogged[rule.name] += 1
@@ -255,10 +265,12 @@ class RuleSet:
         self._next_log[rule.name] = now + _LOG_INTERVAL
         skipped = self._unlogged.pop(rule.name, 0)
         log.warning(
-            "rule %r: condition failed for event %s/%s, treated as no match: %s%s",
+            "rule %r: %s failed for event %s/%s, %s: %s%s",
             rule.name,
+            what,
             event.get("source"),
             event.get("id"),
+            "treated as no match" if what == "condition" else "target skipped",
             reason,
             f" ({skipped} more since the last report)" if skipped else "",
         )

@@ -2,7 +2,7 @@
 
 The last step of routing: ``RuleSet.route`` applies a rule's (or a target's) ``Transform`` to
 the matched event and puts the result in the ``Route``. Everything is parsed at rule load
-(JSONPath parsing costs ~0.4 ms, a lookup ~6 µs); applying a transform never raises.
+(JSONPath parsing costs ~0.4 ms, a lookup ~6 µs).
 
 A transform is either a ``constant`` or ``input_paths`` (named JSONPath expressions over the
 whole CloudEvent) filled into a ``template``:
@@ -17,6 +17,10 @@ whole CloudEvent) filled into a ``template``:
 A variable whose path can select several values (``[*]``, ``..``, filters, slices, unions)
 is always a list; any other path gives one value or ``null``. With ``keep_cloudevent: true``
 the result replaces only ``data`` and the attributes stay, so the target still gets a CloudEvent.
+
+Bounded: a path may descend recursively (``..``) once; a transform with a path that selects
+several values gives at most ``MAX_SELECTED`` values and ``MAX_OUTPUT_BYTES`` of output, or
+raises :class:`TransformTooLarge` (``$..*`` gave 64 times a deep event, 16 MB of 256 KiB).
 """
 
 from __future__ import annotations
@@ -46,7 +50,25 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-__all__ = ["Transform", "TransformSpec", "Variable"]
+__all__ = [
+    "MAX_OUTPUT_BYTES",
+    "MAX_SELECTED",
+    "Transform",
+    "TransformSpec",
+    "TransformTooLarge",
+    "Variable",
+]
+
+MAX_SELECTED = 10_000
+"""Values one path may select in one event."""
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+"""JSON bytes the output of a transform with a multi-valued path may take."""
+
+
+class TransformTooLarge(Exception):
+    """A transform's output for this event is over its bound (``MAX_SELECTED``,
+    ``MAX_OUTPUT_BYTES``)."""
+
 
 _PLACEHOLDER = re.compile(r"<([A-Za-z_][A-Za-z0-9_.-]*)>")
 _VARIABLE_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
@@ -92,6 +114,11 @@ class Variable:
             # that cannot be followed in this event selects nothing, like a missing field.
             found = []
         if self.many:
+            if len(found) > MAX_SELECTED:
+                raise TransformTooLarge(
+                    f"input path {self.name!r} selects {len(found)} values, "
+                    f"more than {MAX_SELECTED}"
+                )
             return found
         return found[0] if found else None
 
@@ -131,6 +158,9 @@ def _unsupported(node: Any) -> str | None:
         return "arithmetic"
     if isinstance(node, Expression) and node.op == "=~":
         return "=~ (a regular expression)"
+    if isinstance(node, jp.Descendants) and _descends(node.left) | _descends(node.right):
+        # each more multiplies what is selected: $..*..*..*..* made 683 MB of a 1.4 KB event
+        return "more than one recursive descent (..)"
     children: list[Any] = [getattr(node, name, None) for name in ("left", "right", "target")]
     children += getattr(node, "expressions", None) or []
     for child in children:
@@ -139,6 +169,13 @@ def _unsupported(node: Any) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+def _descends(node: Any) -> bool:
+    if isinstance(node, jp.Descendants):
+        return True
+    children = (getattr(node, name, None) for name in ("left", "right", "target"))
+    return any(_descends(child) for child in children if child is not None)
 
 
 def _depth(value: Any) -> int:
@@ -239,11 +276,13 @@ class TransformSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Transform:
-    """A compiled transform; ``apply`` never raises for a JSON-shaped event."""
+    """A compiled transform; ``apply`` raises for a JSON-shaped event only over its bound."""
 
     variables: tuple[Variable, ...]
     render: Render
     keep_cloudevent: bool
+    many: bool = False
+    """Whether a path may select several values (the output is then measured)."""
 
     @classmethod
     def compile(cls, spec: TransformSpec) -> Transform:
@@ -256,13 +295,16 @@ class Transform:
             render: Render = lambda values: constant  # noqa: E731
         else:
             render = _compile_template(spec.template)
-        return cls(variables, render, spec.keep_cloudevent)
+        return cls(variables, render, spec.keep_cloudevent, any(v.many for v in variables))
 
     def apply(self, event: dict[str, Any]) -> Any:
         """The payload for a target: the rendered output, or with ``keep_cloudevent`` a copy of
         ``event`` whose ``data`` is that output (``data_base64`` and ``dataschema`` dropped,
-        ``datacontenttype`` set to match)."""
+        ``datacontenttype`` set to match). Raises TransformTooLarge only for a transform with a
+        multi-valued path, whose output is over its bound."""
         output = self.render({v.name: v.value(event) for v in self.variables})
+        if self.many and len(_text(output)) > MAX_OUTPUT_BYTES:
+            raise TransformTooLarge(f"the output is more than {MAX_OUTPUT_BYTES} bytes")
         if not self.keep_cloudevent:
             return output
         attributes = {
