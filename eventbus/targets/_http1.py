@@ -138,7 +138,6 @@ class _Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self._received = False
         self._answered = False
         self._refusal: str | None = None
         self._header_bytes = 0
@@ -172,11 +171,6 @@ class _Connection(asyncio.Protocol):
             return await waiter
         finally:
             self._waiter = None
-
-    @property
-    def answered_nothing(self) -> bool:
-        """True while no byte of the current answer has arrived."""
-        return not self._received
 
     def close(self) -> None:
         self.closed = True
@@ -230,7 +224,6 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None or self._waiter.done():
             self.close()  # bytes nobody asked for: this connection's framing cannot be trusted
             return
-        self._received = True
         size = self._size
         try:
             self._parser.feed_data(data)
@@ -311,7 +304,6 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
             self._reset()  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            self._received = True  # ... but the server did answer: no retry on a new connection
             return
         self._answered = True
         # An answer that came before the whole body was written leaves the connection in an
@@ -337,6 +329,10 @@ def _literal_address(host: str, port: int) -> list[Any]:
     return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
 
 
+_SETTLED = 0.5
+"""A connection idle this long (s) is checked for a close the loop has not read yet."""
+
+
 class Pool:
     """Connections for every HTTP target of an event loop.
 
@@ -360,17 +356,13 @@ class Pool:
         ``body``; raises ``HttpError`` (``PoolClosed`` once the pool is closed)."""
         async with self._slots:
             self._check_open()
-            conn = self._take_idle(origin)
+            conn = await self._reusable(origin)
             if conn is not None:
-                try:
-                    return await self._exchange(conn, request, body, max_body)
-                except Disconnected:
-                    # The server closed a kept-alive connection as it was reused (its idle
-                    # timeout and ours crossed), before any byte of an answer: one more try on a
-                    # new connection. Should the function have run all the same, it sees the
-                    # event twice, which at-least-once delivery allows (same ce-id, webhook-id).
-                    if not conn.answered_nothing or self.closed:
-                        raise
+                # A server that closes as the request is written may have read it (a function
+                # that crashed, a worker killed at its timeout): sent again on a new connection,
+                # a POST ran twice, for a synchronous call too, and uncounted (a function saw 5
+                # requests of 3 audited attempts). Disconnected is the attempt's failure.
+                return await self._exchange(conn, request, body, max_body)
             conn = await self._connect(origin)
             if self.closed:  # closed while connecting
                 conn.close()
@@ -390,6 +382,19 @@ class Pool:
         finally:
             self._busy.discard(conn)
             self._release(conn)
+
+    async def _reusable(self, origin: Origin) -> _Connection | None:
+        """An idle connection to ``origin`` still open. One idle for a while is first given a
+        turn of the loop, in which a close the server sent meanwhile (its idle timeout, often
+        shorter than ours) is read; the rest of that race fails the attempt."""
+        while (conn := self._take_idle(origin)) is not None:
+            if time.monotonic() - conn.idle_since < _SETTLED:
+                return conn
+            await asyncio.sleep(0)
+            if conn.transport is not None and not conn.transport.is_closing() and not conn.closed:
+                return conn
+            conn.close()
+        return None
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
