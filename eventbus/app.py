@@ -61,6 +61,7 @@ from eventbus.delivery import (
     Invoker,
     Refusal,
     RetryWorker,
+    from_outside,
     invocation_via,
     invoke_rule,
     override_checker,
@@ -627,7 +628,7 @@ class Service:
             return refused
         # Audited as accepted, matched and attempted when the router takes it off the bus.
         via = invocation_via("async", target, invoker)
-        await self.bus.publish(event, via=via, scope=invoke_rule(target))
+        await self.bus.publish(from_outside(event, via), via=via, scope=invoke_rule(target))
         return Invocation(target)
 
     async def invoke_sync_rule(self, event: dict[str, Any], *, invoker: str) -> Invocation:
@@ -665,7 +666,7 @@ class Service:
         ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
         Returns True for such a duplicate. Raises BusUnavailable or BusError as
         ``Bus.publish``."""
-        (outcome,) = await self.bus.publish_many([event], via=via)
+        (outcome,) = await self.bus.publish_many([from_outside(event, via)], via=via)
         if isinstance(outcome, BaseException):
             raise outcome
         counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
@@ -679,7 +680,7 @@ class Service:
         is durable (the publisher may be answered 2xx), ``"duplicate"`` when the bus already
         held its source+id within its duplicate window (durable too, but not delivered again),
         else BusUnavailable or BusError."""
-        return await self.bus.publish_many(events, via=via)
+        return await self.bus.publish_many([from_outside(e, via) for e in events], via=via)
 
     def record_refusal(self, *, remote: str | None, path: str, reason: str) -> bool:
         """Audit one refused request; False when the audit cannot take it now (never waits)."""

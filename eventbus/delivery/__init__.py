@@ -2,7 +2,7 @@
 dead letters, the dispatcher that ties them to the targets, and direct invocations of one
 target."""
 
-from eventbus.delivery._dispatcher import Dispatcher
+from eventbus.delivery._dispatcher import Dispatcher, from_outside
 from eventbus.delivery._guard import CIRCUIT_STATES, Guard
 from eventbus.delivery._invoke import (
     Invocation,
@@ -43,6 +43,7 @@ __all__ = [
     "Refusal",
     "RetryPolicy",
     "RetryWorker",
+    "from_outside",
     "invocation_via",
     "invoke_rule",
     "invoked_target",

@@ -485,9 +485,18 @@ def _cause(job: Delivery) -> dict[str, str]:
 
 def _hops(event: dict[str, Any]) -> int:
     try:
-        return int(event.get(HOPS, 0))
+        return max(0, int(event.get(HOPS, 0)))
     except (TypeError, ValueError):
         return 0
+
+
+def from_outside(event: dict[str, Any], via: str) -> dict[str, Any]:
+    """``event`` as published by ``via``: the hop count is eventbus's own, carried only by
+    replies (a producer's -1000000 let two functions answer each other for ever, its 8 had
+    every reply to its event dropped)."""
+    if HOPS in event and via != "reply":
+        return {key: value for key, value in event.items() if key != HOPS}
+    return event
 
 
 def _history_entry(attempt: int, outcome: Outcome, replay: int) -> dict[str, Any]:

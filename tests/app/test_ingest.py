@@ -211,6 +211,23 @@ async def test_cloudevents_sdk_client_events_arrive_intact(
         assert arrived["data"] == ev.data
 
 
+@pytest.mark.parametrize("claimed", [8, -1_000_000])
+async def test_a_producer_cannot_set_the_hop_count(
+    eventbus: StartService, receiver: Receiver, claimed: int
+) -> None:
+    # The count was taken from the event as posted: 8 had its reply dropped at the hop limit,
+    # -1000000 let two functions answer each other a million times.
+    svc = await _start(eventbus, receiver)
+    reply = {"specversion": "1.0", "id": f"r{claimed}", "source": "tests/fn", "type": "t"}
+    receiver.script(Response(200, reply={**reply, "type": "com.example.order.reply"}))
+    receiver.respond(Response(204))
+    event = _event(f"hops{claimed}", data={"total": 101, "customer": "x"}, eventbushops=claimed)
+    status, _ = await svc.post_event(event)
+    assert status == 202
+    routed = await receiver.wait_for(1, path="/replies")
+    assert int(routed[0].cloudevent["eventbushops"]) == 1
+
+
 async def test_function_reply_is_published_back_and_routed(
     eventbus: StartService, receiver: Receiver
 ) -> None:
