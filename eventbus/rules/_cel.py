@@ -607,6 +607,15 @@ def compile_condition(source: str, *, native: bool = False) -> Condition:
     cel-expr-python is not installed.
     """
     try:
+        return _compile(source, native)
+    except RecursionError:
+        # cel-python's tree walks recurse: 300 nested parentheses or lists, 2,000 `!` or
+        # `&&`, raised out of the whole load (the other rules' errors unreported, a reload 500)
+        raise RuleError("the condition is nested too deeply to compile") from None
+
+
+def _compile(source: str, native: bool) -> Condition:
+    try:
         tree = _ENV.compile(source)
     except CELParseError as exc:
         line, column = getattr(exc, "line", None), getattr(exc, "column", None)

@@ -178,12 +178,18 @@ def _descends(node: Any) -> bool:
     return any(_descends(child) for child in children if child is not None)
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels (without recursion:
+    a constant of 3,000 levels from Python raised RecursionError out of the load)."""
+    stack = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return False
 
 
 def _text(value: Any) -> str:
@@ -239,7 +245,7 @@ class TransformSpec(BaseModel):
     @field_validator("template", "constant")
     @classmethod
     def _not_too_deep(cls, value: Any) -> Any:
-        if _depth(value) > MAX_TEMPLATE_DEPTH:
+        if _deeper_than(value, MAX_TEMPLATE_DEPTH):
             raise PydanticCustomError(
                 "depth",
                 "nests objects and arrays more than {limit} levels deep",

@@ -229,3 +229,13 @@ def test_macros_stop_at_their_budget(source: str, interpreted: bool) -> None:
     small = {"data": {"items": list(range(30)), "blocked": [29]}}
     expected = Verdict.NO_MATCH if ".all(" in source else Verdict.MATCH
     assert condition.evaluate(activation(small))[0] is expected
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["(" * 300 + "event.x == 1" + ")" * 300, "!" * 2000 + "true", "[" * 300 + "]" * 300 + " == 1"],
+)
+def test_a_condition_nested_too_deeply_is_a_rule_error(source: str) -> None:
+    # RecursionError raised out of the whole load: the other rules' errors went unreported
+    with pytest.raises(RuleError, match="nested too deeply"):
+        compile_condition(source)

@@ -137,3 +137,8 @@ def test_a_transform_over_its_bound_skips_its_target_and_is_counted() -> None:
     assert len(small.payload["x"]) == 4 + 64  # within bounds, as before: attributes, subtrees
     wide = {**deep, "data": {f"k{i}": i for i in range(MAX_SELECTED)}}
     assert [r.target for r in rules.route(wide)] == ["id"]
+
+
+def test_a_constant_nested_thousands_of_levels_is_refused_not_a_recursion_error() -> None:
+    with pytest.raises(ValidationError, match="more than 64 levels"):
+        TransformSpec.model_validate({"constant": _nested(3000, 1)})
