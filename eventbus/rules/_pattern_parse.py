@@ -45,19 +45,18 @@ def parse_leaf(spec: object, path: tuple[str, ...], where: str) -> Leaf:
         )
     if not spec:
         raise PatternError("empty array of alternatives matches nothing", path=where)
-    matchers: list[Matcher] = []
+    # in order, each once: a dict, not a list searched per alternative (20,000 took 31 s)
+    matchers: dict[Matcher, None] = {}
     absent_ok = False
     for item in spec:
         if isinstance(item, dict):
             op = _parse_operator(item, where)
             if op is None:
                 absent_ok = True
-            elif op not in matchers:
-                matchers.append(op)
+            else:
+                matchers[op] = None
         else:
-            exact = Exact.of(_scalar(item, where, "an alternative"))
-            if exact not in matchers:
-                matchers.append(exact)
+            matchers[Exact.of(_scalar(item, where, "an alternative"))] = None
     return Leaf(path, tuple(matchers), absent_ok)
 
 
