@@ -26,6 +26,7 @@ raises :class:`TransformTooLarge` (``$..*`` gave 64 times a deep event, 16 MB of
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,18 +179,22 @@ def _descends(node: Any) -> bool:
     return any(_descends(child) for child in children if child is not None)
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests objects and arrays more than ``limit`` levels (without recursion:
-    a constant of 3,000 levels from Python raised RecursionError out of the load)."""
+def _unfit(value: Any, limit: int) -> str | None:
+    """Why ``value`` cannot be a template or constant: objects and arrays nested more than
+    ``limit`` levels (walked without recursion: a constant of 3,000 levels from Python raised
+    RecursionError out of the load), or a number JSON cannot write (YAML's 1e400 or .inf went
+    out as null)."""
     stack = [(value, 0)]
     while stack:
         item, level = stack.pop()
         if isinstance(item, dict | list):
             if level >= limit:
-                return True
+                return f"nests objects and arrays more than {limit} levels deep"
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, level + 1) for child in children)
-    return False
+        elif isinstance(item, float) and not math.isfinite(item):
+            return f"holds {item}, which JSON cannot write"
+    return None
 
 
 def _text(value: Any) -> str:
@@ -244,13 +249,10 @@ class TransformSpec(BaseModel):
 
     @field_validator("template", "constant")
     @classmethod
-    def _not_too_deep(cls, value: Any) -> Any:
-        if _deeper_than(value, MAX_TEMPLATE_DEPTH):
-            raise PydanticCustomError(
-                "depth",
-                "nests objects and arrays more than {limit} levels deep",
-                {"limit": MAX_TEMPLATE_DEPTH},
-            )
+    def _fit(cls, value: Any) -> Any:
+        problem = _unfit(value, MAX_TEMPLATE_DEPTH)
+        if problem is not None:
+            raise PydanticCustomError("value", "{problem}", {"problem": problem})
         return value
 
     @field_validator("template")

@@ -142,3 +142,10 @@ def test_a_transform_over_its_bound_skips_its_target_and_is_counted() -> None:
 def test_a_constant_nested_thousands_of_levels_is_refused_not_a_recursion_error() -> None:
     with pytest.raises(ValidationError, match="more than 64 levels"):
         TransformSpec.model_validate({"constant": _nested(3000, 1)})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_number_json_cannot_write_is_refused(value: float) -> None:
+    # YAML's 1e400 (or .inf) loaded and went out as null
+    with pytest.raises(ValidationError, match="which JSON cannot write"):
+        TransformSpec.model_validate({"constant": {"limit": [value]}})
