@@ -202,10 +202,11 @@ _Answer = tuple[int, Any, dict[str, str]]
 
 
 def _synchronous(scope: Scope) -> bool:
-    """Whether the request asks for a synchronous answer (``X-Eventbus-Invocation-Type:
-    sync``; ASGI header names are lower-case)."""
+    """Whether the request asks for a synchronous answer: an ``X-Eventbus-Invocation-Type``
+    other than ``async`` (ASGI header names are lower-case). The synchronous route refuses a
+    value other than ``sync`` (a mistyped one was published asynchronously, answered 202)."""
     return any(
-        name == b"x-eventbus-invocation-type" and value.strip().lower() == b"sync"
+        name == b"x-eventbus-invocation-type" and value.strip().lower() != b"async"
         for name, value in scope["headers"]
     )
 

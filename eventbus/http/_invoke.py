@@ -182,6 +182,10 @@ async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publis
     """``POST /events`` with ``X-Eventbus-Invocation-Type: sync`` (``IngestApp`` hands it
     here; documented with ``/events``): the one rule marked ``sync: true`` the event matches
     sends it to its target, whose answer is the answer, as for ``/targets/{name}/invoke``."""
+    try:
+        _mode(request.headers.get(INVOCATION_TYPE_HEADER, ""))
+    except ValueError as exc:
+        raise Problem(400, str(exc)) from None
     service = cast("Service", request.app.state.service)
     limit = service.settings.max_event_size
     headers = request_headers(request.scope["headers"])

@@ -633,6 +633,15 @@ async def test_a_synchronous_publish_is_answered_by_the_rule_marked_sync(
     )
     assert status == 400 and "not a batch" in problem["detail"], problem
     assert len(receiver.requests) == 1
+    # a mistyped type was an asynchronous publish, answered 202
+    status, _, problem = await svc.request(
+        "POST",
+        "/events",
+        orjson.dumps(_event("p4b", subject="resize")),
+        {**STRUCTURED, "X-Eventbus-Invocation-Type": "synch"},
+    )
+    assert status == 400 and "must be sync or async" in problem["detail"], problem
+    assert len(receiver.requests) == 1
 
     # async (the default) is the ordinary publish: the rules route it, "everything" included
     status, _ = await svc.post_event(_event("p5", subject="resize"))
