@@ -1,7 +1,7 @@
 """The ``log-tail`` source: lines appended to log files become events.
 
     files matching ``path`` (glob) ─> lines ─> [multi-line records] ─> [batches] ─> ctx.emit
-      ─> checkpoint ``<device>:<inode>`` = {offset, path, head}
+      ─> checkpoint ``<device>:<inode>`` = {offset, path, head, gen}
 
 Files are tracked by identity (device and inode), not by name, which is what makes rotation
 work. Rename rotation (``app.log`` -> ``app.log.1``, new ``app.log``): the old file is read to
@@ -109,6 +109,10 @@ class _File:
     handle: BinaryIO | None  # None while closed for inactivity
     head: bytes
     committed: int
+    generation: int = 0
+    """How many times the file was seen to start over (truncated, rewritten, or its inode taken
+    by a new file): part of each event's id, so the same line at the same offset after a
+    truncation is a new event, not a duplicate the bus drops."""
     grew_at: float = 0.0  # loop time of the last read that found new bytes
     read_pos: int = 0
     line_start: int = 0
@@ -256,6 +260,11 @@ class LogTailSource:
                     opened.grew_at = now
                     self._files[key] = opened
                     room -= 1
+                    if self.config.start_at == "end" and key not in self._saved:
+                        # Where it starts is a checkpoint at once: with start_at: end, lines
+                        # written before the first read and while stopped were skipped at the
+                        # next start, which again found no checkpoint and began at the end.
+                        self._mark(opened)
             elif await asyncio.to_thread(self._reopen, f, path):
                 f.grew_at = now
                 room -= 1
@@ -312,15 +321,23 @@ class LogTailSource:
         st = os.fstat(handle.fileno())
         head = _read_head(handle)
         saved = self._saved.get(key)
-        offset = 0
-        if isinstance(saved, dict) and saved.get("offset", 0) <= st.st_size:
+        offset = generation = 0
+        if isinstance(saved, dict):
+            generation = int(saved.get("gen", 0))
             saved_head = bytes.fromhex(saved.get("head", ""))
-            # Same inode but different first bytes: a new file reusing the inode, start over.
-            if head.startswith(saved_head) or saved_head.startswith(head):
+            # Same inode but shorter, or different first bytes: truncated while closed, or a
+            # new file reusing the inode: start over, as a new generation.
+            if saved.get("offset", 0) <= st.st_size and (
+                head.startswith(saved_head) or saved_head.startswith(head)
+            ):
                 offset = int(saved["offset"])
+            else:
+                generation += 1
         elif saved is None and first_start and self.config.start_at == "end":
             offset = st.st_size
-        f = _File(key=key, path=path, handle=handle, head=head, committed=offset)
+        f = _File(
+            key=key, path=path, handle=handle, head=head, committed=offset, generation=generation
+        )
         f.rewind()
         return f
 
@@ -334,6 +351,7 @@ class LogTailSource:
             # Copy-truncate: what was read is complete; the file restarts at offset 0.
             await self._finish(ctx, f)
             f.committed = 0
+            f.generation += 1
             f.head = head
             f.rewind()
             self._mark(f)
@@ -477,7 +495,12 @@ class LogTailSource:
         await ctx.dead_letter(text, f"a log record no event can carry: {reason}", meta)
 
     def _mark(self, f: _File) -> None:
-        self._dirty[f.key] = {"offset": f.committed, "path": f.path, "head": f.head.hex()}
+        self._dirty[f.key] = {
+            "offset": f.committed,
+            "path": f.path,
+            "head": f.head.hex(),
+            "gen": f.generation,
+        }
 
     async def _save(self, ctx: SourceContext) -> None:
         if self._dirty:
@@ -514,9 +537,12 @@ class LogTailSource:
         json_error: str | None = None,
     ) -> dict[str, Any]:
         texts = "\n".join(line for r in records for line in r.lines)
-        # Identity, position and content: a re-read after a crash gets the same id, a new file
-        # reusing the inode (or a truncated one) does not.
-        event_id = uuid.uuid5(_NAMESPACE, f"{self.name}|{f.key}|{records[0].start}|{texts}")
+        # Identity, generation, position and content: a re-read after a crash gets the same id,
+        # a new file reusing the inode (or a truncated one) does not.
+        generation = f"g{f.generation}|" if f.generation else ""
+        event_id = uuid.uuid5(
+            _NAMESPACE, f"{self.name}|{f.key}|{generation}{records[0].start}|{texts}"
+        )
         if self.config.batch is None:
             data = {"path": f.path, **self._record_data(records[0], json_error)}
             kind = "eventbus.log.line"

@@ -102,6 +102,52 @@ async def test_copy_truncate_restarts_at_zero(tmp_path: Path, database_dsn: str)
         assert recorder.events[2]["id"] != recorder.events[0]["id"]
 
 
+async def test_the_same_lines_after_a_truncation_are_new_events(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # Same inode, same offsets, same text: the same ids, and the bus dropped them as duplicates
+    # within its window (5 of 11 health-check lines vanished in the review's run).
+    log = tmp_path / "app.log"
+    log.write_text("GET /health 200\nGET /health 200\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log)), ctx):
+            await recorder.wait_for(2)
+            await eventually(lambda: _committed(ctx, log))
+            with log.open("r+") as handle:
+                handle.truncate(0)
+            await eventually(lambda: _committed(ctx, log))
+            _append(log, "GET /health 200\nGET /health 200\n")
+            await recorder.wait_for(4)
+            await eventually(lambda: _committed(ctx, log))
+        ids = [e["id"] for e in recorder.events]
+        assert len(set(ids)) == 4, ids
+        # ... and a restart finds its generation: the same ids, nothing again
+        async with running(build_source(_spec(log)), ctx):
+            _append(log, "after\n")
+            await recorder.wait_for(5)
+        assert [e["id"] for e in recorder.events[:4]] == ids and len(recorder.events) == 5
+
+
+async def test_start_at_end_keeps_what_was_written_while_stopped(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # Nothing read before the stop left no checkpoint: the next start was a first start
+    # again and began at the end, skipping what came meanwhile.
+    log = tmp_path / "app.log"
+    log.write_text("old\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log, start_at="end")), ctx):
+            await eventually(lambda: _committed(ctx, log))
+        _append(log, "while stopped\n")
+        async with running(build_source(_spec(log, start_at="end")), ctx):
+            await recorder.wait_for(1)
+    assert _messages(recorder) == ["while stopped"]
+
+
 async def test_bus_down_checkpoints_nothing_then_delivers_everything(
     tmp_path: Path, database_dsn: str
 ) -> None:
