@@ -23,7 +23,7 @@ from typing import Any
 
 import pydantic
 
-from eventbus._errors import BusError, CloudEventError, ConfigError, StoreError
+from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import attribute_text, validate
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext, UnreadablePaths
@@ -58,8 +58,8 @@ class DirectorySource:
         self._unreadable = UnreadablePaths(log, f"directory {self.name}")
 
     async def run(self, ctx: SourceContext) -> None:
-        """Poll until cancelled. A missing directory raises ConfigError; bus or database
-        failures are reported in ``ctx.status`` and retried with backoff."""
+        """Poll until cancelled. A missing directory and bus or database failures are reported
+        in ``ctx.status`` and retried with backoff."""
         await poll_changes(
             ctx,
             prefix="f:",
@@ -74,7 +74,9 @@ class DirectorySource:
 
     async def _scan(self) -> list[tuple[str, dict[str, int], tuple[str, os.stat_result]]]:
         if not self.root.is_dir():
-            raise ConfigError(f"source {self.name!r}: directory {str(self.root)!r} does not exist")
+            # Retried (backoff up to 30 s), not failed for good: a drop folder moved aside and
+            # made again, a mount not up yet.
+            raise FileNotFoundError(f"directory {str(self.root)!r} does not exist")
         return await asyncio.to_thread(self._list)
 
     def _list(self) -> list[tuple[str, dict[str, int], tuple[str, os.stat_result]]]:

@@ -122,9 +122,8 @@ class S3PollSource:
             raise ConfigError(f"source {self.name!r} ({self.type}): {exc}") from exc
 
     async def run(self, ctx: SourceContext) -> None:
-        """Poll until cancelled. Transient failures (bucket or bus unreachable) are reported in
-        ``ctx.status`` and retried with backoff; a missing bucket or denied access raises
-        ConfigError (the runner marks the source failed)."""
+        """Poll until cancelled. Failures (bucket unreachable, missing or denied, the bus or the
+        database down) are reported in ``ctx.status`` and retried with backoff."""
         await poll_changes(
             ctx,
             prefix="o:",
@@ -163,9 +162,9 @@ class S3PollSource:
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId"):
-                raise ConfigError(
-                    f"source {self.name!r}: bucket {self.config.bucket!r}: {code}"
-                ) from exc
+                # Retried (backoff up to 30 s), not failed for good: a bucket made after the
+                # source, keys that take seconds to be known, a policy fixed meanwhile.
+                raise _BucketError(f"bucket {self.config.bucket!r}: {code}") from exc
             raise _BucketError(f"listing bucket {self.config.bucket!r}: {exc}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise _BucketError(f"listing bucket {self.config.bucket!r}: {exc}") from exc

@@ -113,11 +113,27 @@ async def test_a_clean_scan_clears_the_failure(tmp_path: Path, database_dsn: str
         assert recorder.events == [] and ctx.status.errors >= 1
 
 
-async def test_missing_directory_is_a_config_error(tmp_path: Path, database_dsn: str) -> None:
+async def test_a_missing_directory_backs_off_until_it_is_there(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # A ConfigError marked the source failed for good: a drop folder moved aside and made
+    # again (or a mount not up yet) needed a restart of the service.
+    recorder = Recorder()
+    later = tmp_path / "later"
     async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "drop", Recorder())
-        with pytest.raises(ConfigError, match="does not exist"):
-            await build_source(_spec(tmp_path / "nope")).run(ctx)
+        ctx = make_context(pool, "drop", recorder)
+        async with running(build_source(_spec(later)), ctx):
+
+            async def backing_off() -> bool:
+                return ctx.status.state == "backoff" and "does not exist" in (
+                    ctx.status.last_error or ""
+                )
+
+            await eventually(backing_off, what="the missing directory reported")
+            later.mkdir()
+            _write(later / "b.csv", "b", 1_000)
+            (event,) = await recorder.wait_for(1)
+        assert event["subject"] == "b.csv"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,6 @@ from eventbus.sources import SourceContext, build_source
 from tests.fixtures.certs import Pki, make_pki
 from tests.fixtures.tls_relay import tls_relay
 from tests.sources._harness import (
-    WAIT,
     Recorder,
     eventually,
     make_context,
@@ -134,13 +134,28 @@ async def _has_checkpoint(ctx: SourceContext, key: str) -> bool:
     return await ctx.checkpoints.get(key) is not None
 
 
-async def test_missing_bucket_is_a_config_error(s3_endpoint: str, database_dsn: str) -> None:
+async def test_a_missing_bucket_backs_off_until_it_is_made(
+    s3_endpoint: str, database_dsn: str
+) -> None:
+    # A ConfigError marked the source failed for good: a bucket made after the source (or
+    # keys not known yet for a few seconds) needed a restart of the service.
+    bucket = f"later-{uuid.uuid4().hex[:8]}"
+    recorder = Recorder()
     async with source_pool(database_dsn) as pool:
-        source = build_source(_spec(s3_endpoint, "does-not-exist"))
-        ctx = make_context(pool, source.name, Recorder())
-        with pytest.raises(ConfigError, match="NoSuchBucket"):
-            async with asyncio.timeout(WAIT):
-                await source.run(ctx)
+        ctx = make_context(pool, f"poll-{bucket}", recorder)
+        async with running(build_source(_spec(s3_endpoint, bucket)), ctx):
+
+            async def backing_off() -> bool:
+                return ctx.status.state == "backoff" and "NoSuchBucket" in (
+                    ctx.status.last_error or ""
+                )
+
+            await eventually(backing_off, what="the missing bucket reported")
+            client = _client(s3_endpoint)
+            client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key="first.csv", Body=b"1")
+            (event,) = await recorder.wait_for(1)
+        assert event["subject"] == "first.csv"
 
 
 @pytest.mark.parametrize(
