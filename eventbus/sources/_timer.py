@@ -22,7 +22,7 @@ time, so every re-fire of a tick is the same event.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -71,6 +71,10 @@ class TimerSourceSpec(SourceSpec):
         return self
 
 
+_KEEP_CLAIMS = timedelta(days=7)
+_PRUNE_EVERY = 3600.0
+
+
 def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -88,6 +92,7 @@ class TimerSource:
         self.type = config.type
         self.config = config
         self._schedule: Schedule = parse_schedule(config.schedule, config.timezone)
+        self._pruned: datetime | None = None
 
     async def run(self, ctx: SourceContext) -> None:
         stored = await ctx.checkpoints.get(_CHECKPOINT)
@@ -147,7 +152,25 @@ class TimerSource:
             ctx.recovered()
             if not fired:
                 ctx.logger.debug("timer %s: %s fired by another instance", self.name, _iso(tick))
+            await self._prune(ctx)
             return
+
+    async def _prune(self, ctx: SourceContext) -> None:
+        """Delete this schedule's claims older than ``_KEEP_CLAIMS`` (a tick is claimed again
+        only by an instance catching up from the shared checkpoint, past them), at most once
+        ``_PRUNE_EVERY`` per process: a timer every second added 86,400 rows a day, for good."""
+        now = ctx.clock.now()
+        if self._pruned is not None and (now - self._pruned).total_seconds() < _PRUNE_EVERY:
+            return
+        self._pruned = now
+        try:
+            await ctx.pool.execute(
+                "DELETE FROM timer_fires WHERE schedule = $1 AND fired_at < $2",
+                self.name,
+                now - _KEEP_CLAIMS,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            ctx.logger.warning("timer %s: pruning old claims failed: %r", self.name, exc)
 
     async def _claim_and_publish(self, ctx: SourceContext, tick: datetime) -> bool:
         """Claim, publish and commit one tick; False when another instance already fired it.

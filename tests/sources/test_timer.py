@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -93,6 +93,24 @@ async def test_two_instances_fire_each_tick_exactly_once(database_dsn: str, nats
         assert await fires(pool_a, "shared") == ["10:01", "10:02", "10:03", "10:04", "10:05"]
         events = await tap.take(5)
         assert len({e["id"] for e in events}) == 5
+
+
+async def test_claims_older_than_a_week_are_deleted(database_dsn: str, nats_url: str) -> None:
+    # One row per tick, kept for good: a timer every second added 86,400 rows a day.
+    clock = ManualClock(START)
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        await pool.execute(
+            "INSERT INTO timer_fires (schedule, fire_time, instance, fired_at) VALUES"
+            " ('pruned', $1, 'old', $1), ('other', $1, 'old', $1)",
+            START - timedelta(days=8),
+        )
+        ctx = context(pool, "pruned", tap, type="timer", clock=clock)
+        async with running(timer("pruned"), ctx):
+            await settle(clock)
+            clock.advance(60)
+            await settle(clock)
+        assert await fires(pool, "pruned") == ["10:01"]
+        assert len(await fires(pool, "other")) == 1  # another schedule's are its own
 
 
 @pytest.mark.parametrize(
