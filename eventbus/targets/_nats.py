@@ -76,8 +76,15 @@ class NatsTargetSpec(TargetSpec, NatsAuth):
     timeout: Duration = Field(5.0, gt=0, le=300)
 
 
+class _PublishRefused(Exception):
+    """The server refused a core NATS publish (its permissions): reported after the flush."""
+
+
 def _outcome_from_error(exc: BaseException, duration_ms: float, config: NatsTargetSpec) -> Outcome:
     """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them."""
+    if isinstance(exc, _PublishRefused):
+        # Fails the same way until an operator grants it: dead-letter (replayable).
+        return failure(f"the server refused the publish: {exc}", duration_ms, retryable=False)
     if isinstance(exc, TimeoutError):
         return failure(
             f"timeout after {config.timeout:g}s", duration_ms, retryable=True, timed_out=True
@@ -178,6 +185,10 @@ class NatsTarget:
         self._retiring: set[asyncio.Task[None]] = set()
         # set when a connection is closed (its server lost: it does not reconnect)
         self._lost: weakref.WeakKeyDictionary[Client, asyncio.Event] = weakref.WeakKeyDictionary()
+        # the publish permission violations each connection's server reported, and the last
+        self._refused: weakref.WeakKeyDictionary[Client, tuple[int, str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def __aenter__(self) -> Self:
         """Begin connecting in the background and return at once.
@@ -228,6 +239,9 @@ class NatsTarget:
             # (core NATS reports those only asynchronously, so no delivery can see them).
             if nc.is_connected:
                 log.warning("NATS target %s: %r", self.name, exc)
+                if "permissions violation for publish" in str(exc).lower():
+                    count, _ = self._refused.get(nc, (0, ""))
+                    self._refused[nc] = (count + 1, str(exc))
             else:
                 attempts.append(exc)
 
@@ -368,8 +382,14 @@ class NatsTarget:
                             stream=stored.stream, seq=stored.seq, duplicate=bool(stored.duplicate)
                         )
                     else:
+                        refused, _ = self._refused.get(nc, (0, ""))
                         await nc.publish(cfg.subject, body, headers=headers)
                         await self._unless_lost(nc, nc.flush(timeout=math.ceil(cfg.timeout)))
+                        # The server answers a refused publish with -ERR before the flush's
+                        # PONG: it was reported delivered, and the message was lost.
+                        count, why = self._refused.get(nc, (0, ""))
+                        if count != refused:
+                            raise _PublishRefused(why)
             except TimeoutError:
                 if nc is not None and not cfg.jetstream and self._nc.discard(nc):
                     # nats-py keeps the PONG future of a flush that timed out queued, and the
@@ -380,7 +400,7 @@ class NatsTarget:
 
         outcome = await send_once(
             send,
-            errors=(nats.errors.Error, OSError, TimeoutError),
+            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused),
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)

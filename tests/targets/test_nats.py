@@ -26,7 +26,7 @@ from eventbus._errors import ConfigError
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import from_nats
 from eventbus.targets import NatsTarget, NatsTargetSpec, Outcome
-from tests.fixtures.nats import unique_name
+from tests.fixtures.nats import configured_nats_server, unique_name
 from tests.fixtures.wait import eventually
 
 
@@ -213,6 +213,28 @@ async def test_rejected_credentials_are_final(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_a_publish_the_server_refuses_is_not_delivered(tmp_path: Path) -> None:
+    # Core NATS reports a denied publish only as an -ERR: the attempt was "delivered" (a sync
+    # invocation answered 200) and the message lost, a warning in the log its only trace.
+    config = """
+authorization { users: [
+  {user: pub, password: "pub-password-0001",
+   permissions: {publish: {allow: [">"], deny: ["denied.>"]}, subscribe: {allow: [">"]}}}
+] }
+"""
+    async with configured_nats_server(tmp_path / "nats", config) as port:
+        url = f"nats://pub:pub-password-0001@127.0.0.1:{port}"
+        event = make_event()
+        async with NatsTarget(config_for(url, subject="denied.orders")) as denied:
+            for attempt in (1, 2):  # each on the same connection
+                outcome = await denied.deliver(event, event, is_cloudevent=True, attempt=attempt)
+                assert not outcome.delivered and not outcome.retryable, outcome
+                assert "permissions violation for publish" in (outcome.error or "")
+        assert (
+            await deliver_once(config_for(url, subject="allowed.orders"), event, event)
+        ).delivered
 
 
 async def test_a_server_lost_mid_request_fails_at_once_not_at_the_timeout(
