@@ -20,7 +20,7 @@ import re
 import ssl
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
@@ -251,20 +251,43 @@ class HttpTargetSpec(TargetSpec):
         }
 
 
-PASSED_HEADERS = (
-    "Location",
-    "WWW-Authenticate",
-    "Allow",
-    "Content-Encoding",
-    "Content-Language",
-    "Content-Disposition",
-    "Cache-Control",
-    "ETag",
-    "Last-Modified",
+_NOT_PASSED = frozenset(
+    {
+        # hop-by-hop (RFC 9110 7.6.1), and the framing and server fields of this connection
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "date",
+        "server",
+        # given separately, or eventbus's own
+        "content-type",
+        "retry-after",
+        # a function's cookies would be set on eventbus's origin, which serves the console
+        "set-cookie",
+        "set-cookie2",
+    }
 )
-"""Headers of a function's answer passed on to a synchronous caller besides its Content-Type
-(and Retry-After): what a client needs to follow a redirect, answer a challenge, read the body
-or cache it. Connection-level headers never are."""
+
+
+def _passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of a function's answer passed on to a synchronous caller, as an API gateway
+    passes them: every end-to-end header (a binary-mode CloudEvent's ``ce-*`` attributes, a
+    ``Location``, the function's own ``X-Request-Id``), not the hop-by-hop and framing ones,
+    those ``Connection`` names, cookies, the ``Content-Type`` and ``Retry-After`` (given
+    separately) or eventbus's own ``X-Eventbus-*``."""
+    named = {token.strip().lower() for token in headers.get("connection", "").split(",") if token}
+    return {
+        name: value
+        for name, value in headers.items()
+        if name not in _NOT_PASSED and name not in named and not name.startswith("x-eventbus-")
+    }
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -523,7 +546,7 @@ class HttpTarget:
             too_large = f"the answer is larger than {MAX_RESPONSE_BYTES} bytes"
             return Answer(failure(too_large, duration_ms, retryable=False))
         outcome = self._classify(resp, duration_ms, msg_id)
-        passed = {name: v for name in PASSED_HEADERS if (v := resp.headers.get(name)) is not None}
+        passed = _passed_headers(resp.headers)
         return Answer(outcome, resp.headers.get("Content-Type"), resp.content, headers=passed)
 
     def _classify(self, resp: Response, duration_ms: float, msg_id: str) -> Outcome:
