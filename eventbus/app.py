@@ -628,8 +628,10 @@ class Service:
             return refused
         # Audited as accepted, matched and attempted when the router takes it off the bus.
         via = invocation_via("async", target, invoker)
-        await self.bus.publish(from_outside(event, via), via=via, scope=invoke_rule(target))
-        return Invocation(target)
+        duplicate = await self.bus.publish(
+            from_outside(event, via), via=via, scope=invoke_rule(target)
+        )
+        return Invocation(target, duplicate=duplicate)
 
     async def invoke_sync_rule(self, event: dict[str, Any], *, invoker: str) -> Invocation:
         """Answer a synchronous ``POST /events``: the one enabled rule marked ``sync: true``

@@ -113,8 +113,8 @@ class Bus(Protocol):
 
     async def publish(
         self, event: dict[str, Any], *, via: str = DIRECT, scope: str | None = None
-    ) -> None:
-        """Store one event durably (or find it already stored: a duplicate); raises
+    ) -> bool:
+        """Store one event durably (or find it already stored: a duplicate, True); raises
         BusUnavailable (retry later) or BusError.
 
         ``via`` travels with the message (see :attr:`BusMessage.via`). A bus that drops a

@@ -790,8 +790,9 @@ class KafkaBus:
 
     async def publish(
         self, event: dict[str, Any], *, via: str = DIRECT, scope: str | None = None
-    ) -> None:
-        """Store ``event`` on the topic and return once all in-sync replicas have it.
+    ) -> bool:
+        """Store ``event`` on the topic and return once all in-sync replicas have it; False
+        (Kafka keeps every copy: never a duplicate).
 
         Raises BusUnavailable when no broker acks within ``publish_timeout`` (the event may
         still be stored later), BusError when the event cannot be encoded or is rejected.
@@ -801,6 +802,7 @@ class KafkaBus:
         (result,) = await self.publish_many([event], via=via)
         if isinstance(result, BaseException):
             raise result
+        return False
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT

@@ -33,6 +33,7 @@ from eventbus._errors import BusError, BusUnavailable, ConfigError, EventTooLarg
 from eventbus._tasks import stop_if_cancelled
 from eventbus.bus._base import (
     DIRECT,
+    DUPLICATE,
     BusMessage,
     DecodedMessage,
     InFlightWindow,
@@ -353,8 +354,9 @@ class NatsBus:
 
     async def publish(
         self, event: dict[str, Any], *, via: str = DIRECT, scope: str | None = None
-    ) -> None:
-        """Store ``event`` in the stream and return once JetStream acked it.
+    ) -> bool:
+        """Store ``event`` in the stream and return once JetStream acked it: True when it
+        dropped the event as a duplicate (see ``publish_many``).
 
         Raises BusUnavailable when NATS is not connected or does not ack within
         ``publish_timeout`` (the event may still be stored: republishing is safe inside the
@@ -364,6 +366,7 @@ class NatsBus:
         (result,) = await self.publish_many([event], via=via, scope=scope)
         if isinstance(result, BaseException):
             raise result
+        return result == DUPLICATE
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str = DIRECT, scope: str | None = None

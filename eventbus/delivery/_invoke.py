@@ -94,13 +94,15 @@ class Refusal(StrEnum):
 class Invocation:
     """What became of one invocation: ``answer`` when an attempt was made, else ``refusal``
     with ``detail`` saying why and, for an open circuit or a full cap, ``retry_after``
-    seconds. Neither: an asynchronous invocation is on the bus."""
+    seconds. Neither: an asynchronous invocation is on the bus (``duplicate``: the bus held
+    the same event for the same target already, within its duplicate window, and dropped it)."""
 
     target: str
     answer: Answer | None = None
     refusal: Refusal | None = None
     detail: str | None = None
     retry_after: float | None = None
+    duplicate: bool = False
 
 
 _BUSY_RETRY_AFTER = 1.0

@@ -210,7 +210,15 @@ def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
         "X-Eventbus-Event-Source": header_value(event["source"], percent=True),
     }
     if result.answer is None:
-        accepted = {"id": event["id"], "source": event["source"], "target": name}
+        # as POST /events says it: a repeat dropped within the bus's window was not invoked
+        accepted = {
+            "id": event["id"],
+            "source": event["source"],
+            "target": name,
+            "duplicate": result.duplicate,
+        }
+        if result.duplicate:
+            identity["Eventbus-Duplicate"] = "true"
         return Response(orjson.dumps(accepted), 202, identity, "application/json")
     outcome = result.answer.outcome
     identity[DURATION_HEADER] = f"{outcome.duration_ms:.1f}"

@@ -427,8 +427,12 @@ async def test_async_is_202_then_delivered_with_retries(
     receiver.script(503, 500)
     status, headers, body = await _invoke(svc, _event("a1"), X_Eventbus_Invocation_Type="async")
     assert status == 202
-    assert body == {"id": "a1", "source": "tests/invoke", "target": "fn"}
+    assert body == {"id": "a1", "source": "tests/invoke", "target": "fn", "duplicate": False}
     assert "X-Eventbus-Duration-Ms" not in headers
+    # the same again within the bus's window: dropped, and now said so (it looked invoked)
+    status, headers, body = await _invoke(svc, _event("a1"), X_Eventbus_Invocation_Type="async")
+    assert status == 202 and body["duplicate"] is True
+    assert headers["Eventbus-Duplicate"] == "true"
     requests = await receiver.wait_for(3)
     assert [r.status for r in requests] == [503, 500, 204]
     assert {r.path for r in requests} == {"/fn"}  # the rule matching type t was not applied
