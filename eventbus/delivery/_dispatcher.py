@@ -262,11 +262,18 @@ class Dispatcher:
                 await self._record(job, AttemptOutcome.RETRY_SCHEDULED, outcome)
                 await self._park(job, delay, "retry")
                 return
-            reason = (
-                DeadLetterReason.ATTEMPTS_EXHAUSTED
-                if job.attempts >= policy.retry.max_attempts
-                else DeadLetterReason.TOO_OLD
-            )
+            if job.attempts >= policy.retry.max_attempts:
+                reason = DeadLetterReason.ATTEMPTS_EXHAUSTED
+            else:
+                reason = DeadLetterReason.TOO_OLD
+                if outcome.retry_after is not None:
+                    # say why an early attempt was too old: the function's own wait
+                    error = (
+                        f"{outcome.error}; its Retry-After ({outcome.retry_after:g} s) falls "
+                        f"past max_age ({policy.retry.max_age:g} s)"
+                    )
+                    await self._dead_letter(job, outcome, reason, error, policy)
+                    return
         await self._dead_letter(job, outcome, reason, outcome.error, policy)
 
     async def _behind_circuit(

@@ -563,9 +563,9 @@ class HttpTarget:
             )
         text = resp.content[:MAX_ERROR_CHARS].decode(errors="replace").strip()
         error = f"HTTP {status} {resp.reason or ''}".rstrip()
-        if 300 <= status < 400:
+        if 300 <= status < 400 and "Location" in resp.headers:
             # Redirects are not followed: most clients would turn the POST into a bodiless GET.
-            error += f" (redirect to {resp.headers.get('Location', '?')} not followed)"
+            error += f" (redirect to {resp.headers['Location']} not followed)"
         if text:
             error += f": {text}"
         return Outcome(

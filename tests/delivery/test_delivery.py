@@ -585,3 +585,18 @@ async def test_delivery_slower_than_ack_wait_is_not_redelivered(
     # acknowledged no copy can come, and one redelivered meanwhile would already have arrived.
     await svc.drained()
     assert len(receiver.requests) == 1
+
+
+async def test_a_retry_after_past_max_age_says_so_in_the_dead_letter(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # Dead-lettered too-old after one attempt, at age 0, with only the 429's text: the reason
+    # (the function's own wait, longer than max_age) was nowhere.
+    receiver.respond(Response(429, headers={"Retry-After": "60"}))
+    svc = await eventbus(rules=RULES, targets=[_target(receiver, retry={**FAST, "max_age": "30s"})])
+    await _publish(svc, [1])
+    (item,) = await _all_dead_lettered(svc, 1, "the delivery dead-lettered")
+    assert item["reason"] == "too-old" and item["attempts"] == 1
+    status, _, detail = await svc.request("GET", f"/dead-letters/{item['id']}")
+    assert status == 200, detail
+    assert "Retry-After (60 s) falls past max_age (30 s)" in orjson.dumps(detail).decode()
