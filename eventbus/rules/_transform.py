@@ -27,19 +27,21 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import orjson
 from jsonpath_ng import JSONPath
 from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JSONPathError
 from jsonpath_ng.ext.arithmetic import Operation
-from jsonpath_ng.ext.filter import Expression
+from jsonpath_ng.ext.filter import Expression, Filter
 from jsonpath_ng.ext.parser import ExtendedJsonPathParser
 from jsonpath_ng.ext.string import Sub
+from jsonpath_ng.jsonpath import DatumInContext
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -145,7 +147,55 @@ def _parse_path(source: object) -> JSONPath:
             "JSONPath '{source}': {what} is not supported",
             {"source": source, "what": refused},
         )
+    _compare_as_json(path)
     return path
+
+
+_ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _json_compare(value: Any, op: str, literal: Any) -> bool:
+    """``value op literal`` as JSON values compare: numbers with numbers (a bool is none),
+    strings with strings; values of different types are unequal and unordered."""
+
+    def kind(v: Any) -> str:
+        if isinstance(v, bool):
+            return "bool"
+        return "number" if isinstance(v, int | float) else type(v).__name__
+
+    same = kind(value) == kind(literal)
+    if op in ("==", "="):
+        return same and value == literal
+    if op == "!=":
+        return not (same and value == literal)
+    return same and kind(value) in ("number", "str") and _ORDER[op](value, literal)
+
+
+class _JsonExpression(Expression):  # type: ignore[misc]
+    """A filter's comparison on JSON values: jsonpath-ng's turns the event's value into an int
+    whenever the literal is one (2.9 == 2, "2" == 2 and true == 1 all held), and one element it
+    cannot compare (null > 1) raised and emptied the whole selection."""
+
+    def find(self, datum: Any) -> list[Any]:
+        found = self.target.find(DatumInContext.wrap(datum))
+        if not found or self.op is None:
+            return cast("list[Any]", found)
+        return [d for d in found if _json_compare(d.value, self.op, self.value)]
+
+
+def _compare_as_json(node: Any) -> None:
+    """Give every filter of the parsed ``node`` JSON comparisons (``_JsonExpression``)."""
+    if isinstance(node, Filter):
+        node.expressions = [
+            _JsonExpression(e.target, e.op, e.value) if type(e) is Expression else e
+            for e in node.expressions
+        ]
+        for expression in node.expressions:
+            _compare_as_json(expression.target)
+    for name in ("left", "right", "target"):
+        child = getattr(node, name, None)
+        if child is not None:
+            _compare_as_json(child)
 
 
 def _unsupported(node: Any) -> str | None:

@@ -149,3 +149,31 @@ def test_a_number_json_cannot_write_is_refused(value: float) -> None:
     # YAML's 1e400 (or .inf) loaded and went out as null
     with pytest.raises(ValidationError, match="which JSON cannot write"):
         TransformSpec.model_validate({"constant": {"limit": [value]}})
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        # jsonpath-ng turned the event's value into an int when the literal was one
+        ("$.data.items[?(@.price == 2)].sku", ["b"]),
+        ("$.data.items[?(@.price > 2)].sku", ["a"]),
+        ("$.data.items[?(@.price == 1)].sku", []),
+        ("$.data.items[?(@.price != 2)].sku", ["a", "c", "d", "e"]),
+        ("$.data.items[?(@.price >= 2)].sku", ["a", "b"]),
+        ("$.data.items[?(@.price == '2')].sku", ["c"]),
+        # ... and one value it could not compare (null) emptied the whole selection
+        ("$.data.items[?(@.price < 3)].sku", ["a", "b"]),
+    ],
+)
+def test_filters_compare_json_values(path: str, expected: list[str]) -> None:
+    transform = Transform.compile(
+        TransformSpec.model_validate({"input_paths": {"v": path}, "template": "<v>"})
+    )
+    items = [
+        {"sku": "a", "price": 2.9},
+        {"sku": "b", "price": 2},
+        {"sku": "c", "price": "2"},
+        {"sku": "d", "price": True},
+        {"sku": "e", "price": None},
+    ]
+    assert transform.apply({"data": {"items": items}}) == expected
