@@ -209,7 +209,11 @@ def _numeric(operand: object, where: str) -> Numeric:
 
 def _cidr(operand: object, where: str) -> Cidr:
     text = _string(operand, where, "cidr")
+    _, slash, length = text.partition("/")
     try:
+        if slash and not length.isdigit():
+            # a netmask ("/255.0.0.0") or host mask: the stdlib reads them, CIDR is a length
+            raise ValueError(f"prefix length {length!r} is not a number")
         # Host bits set ("10.0.0.7/24") are accepted and masked, as EventBridge does.
         return Cidr(ipaddress.ip_network(text, strict=False))
     except ValueError as exc:

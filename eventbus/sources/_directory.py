@@ -13,7 +13,6 @@ checkpoints are deleted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import uuid
@@ -108,9 +107,13 @@ class DirectorySource:
             "mtime": modified.isoformat(),
         }
         if 0 < stat.st_size <= self.config.content_max_bytes:
-            # Binary or vanished: the event still reports the file, without content.
-            with contextlib.suppress(OSError, UnicodeDecodeError):
+            # Binary or vanished: the event still reports the file, without content, and why.
+            try:
                 data["content"] = path.read_bytes()[: self.config.content_max_bytes].decode()
+            except UnicodeDecodeError:
+                data["content_omitted"] = "the file is not UTF-8 text"
+            except OSError as exc:
+                data["content_omitted"] = f"the file could not be read: {exc.strerror or exc}"
         event = {
             "specversion": "1.0",
             # The file version names the event, so a re-emitted one has the same id.

@@ -158,12 +158,14 @@ async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_
     _write(tmp_path / "odd\x1bname.txt", "odd", 1_001)
     _write(tmp_path / "later.txt", "later", 1_002)
     (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")  # failed every scan
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9")  # no content, and no reason given
+    os.utime(tmp_path / "latin.txt", ns=(1_003 * 10**9, 1_003 * 10**9))
     recorder = Recorder()
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "drop", recorder)
         async with running(build_source(_spec(tmp_path, content_max_bytes=1 << 20)), ctx):
-            big, odd, later = await recorder.wait_for(3)
-            for name in ("big.txt", "odd\x1bname.txt", "later.txt"):
+            big, odd, later, latin = await recorder.wait_for(4)
+            for name in ("big.txt", "odd\x1bname.txt", "later.txt", "latin.txt"):
                 (tmp_path / name).unlink()
 
             async def forgotten() -> bool:
@@ -171,11 +173,12 @@ async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_
 
             await eventually(forgotten, what="the removed files' checkpoints deleted")
             _write(tmp_path / "later.txt", "later", 1_002)  # back: reported again
-            await recorder.wait_for(4)
+            await recorder.wait_for(5)
         assert "content" not in big["data"] and "limit" in big["data"]["content_omitted"]
+        assert latin["data"]["content_omitted"] == "the file is not UTF-8 text"
         assert odd["subject"] == "odd name.txt" and odd["data"]["content"] == "odd"
         assert later["data"]["content"] == "later"
-        assert recorder.events[3]["type"] == "eventbus.file.created"
+        assert recorder.events[4]["type"] == "eventbus.file.created"
 
 
 async def test_contents_are_held_to_the_service_size_limit(
