@@ -19,6 +19,7 @@ and by whom: ``invoke:sync:<target>:<who>`` (``who`` is ``key=<API key name>`` o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -106,6 +107,8 @@ class Invocation:
 
 
 _BUSY_RETRY_AFTER = 1.0
+_TOKEN_WAIT = 1.0
+"""Seconds a synchronous invocation waits for its target's rate-limit token, then 429."""
 
 
 class Invoker:
@@ -174,7 +177,20 @@ class Invoker:
                 )
                 await self._refused(event, rule, refused)
                 return refused
-            await guard.wait_turn()
+            try:
+                async with asyncio.timeout(_TOKEN_WAIT):
+                    await guard.wait_turn()
+            except TimeoutError:
+                # An API gateway's throttle answers at once; the callers had queued without
+                # bound (six at once on a 1/s target waited up to 5 s).
+                refused = Invocation(
+                    target,
+                    refusal=Refusal.BUSY,
+                    detail=f"target {target!r} is at its rate_limit",
+                    retry_after=_BUSY_RETRY_AFTER,
+                )
+                await self._refused(event, rule, refused)
+                return refused
         try:
             with self._dispatcher.delivering(target):
                 if reply:

@@ -287,6 +287,22 @@ async def test_sync_full_concurrency_cap_is_429_with_retry_after(
     assert status == 204
 
 
+async def test_sync_past_the_rate_limit_is_429_not_a_queue(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The callers queued for tokens without bound: six at once on a 1/s target waited up to
+    # 5 s each; a gateway's throttle answers at once.
+    svc = await _start(eventbus, receiver, delivery={"rate_limit": 0.5, "circuit_breaker": False})
+    status, _, _ = await _invoke(svc, _event("rate1"))
+    assert status == 204  # the one token there was
+    status, headers, problem = await _invoke(svc, _event("rate2"))  # the next in 2 s
+    assert status == 429, problem
+    assert headers["Retry-After"] == "1" and "rate_limit" in problem["detail"]
+    assert len(receiver.requests) == 1
+    trail = await _trail_attempts(svc, "rate2", 1)
+    assert trail["attempts"][0]["outcome"] == "refused"
+
+
 # --- what can be invoked, and with what -------------------------------------------------------
 
 
