@@ -236,6 +236,13 @@ class LogTailSource:
                 if f.idle and now - f.grew_at >= self.config.close_inactive:
                     f.handle.close()  # reopened when it grows (max_open_files)
                     f.handle = None
+            # Files waiting for one of max_open_files: what their checkpoint has not reached
+            # (lag read 0 while 344 files sat unread in the review's run).
+            for key, (_path, size) in current.items():
+                if key not in self._files:
+                    saved = self._saved.get(key)
+                    done = int(saved.get("offset", 0)) if isinstance(saved, dict) else 0
+                    lag += max(size - done, 0)
             ctx.status.lag = lag
             return more
         finally:

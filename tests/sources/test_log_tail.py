@@ -285,6 +285,24 @@ async def test_at_most_max_open_files_are_open_inactive_ones_close_and_reopen(
         assert recorder.events[6]["data"]["offset"] == len("line 4\n")
 
 
+async def test_lag_counts_the_files_waiting_for_a_slot(tmp_path: Path, database_dsn: str) -> None:
+    # Computed over the open files only, lag read 0 while files sat unread for close_inactive.
+    for i in range(3):
+        (tmp_path / f"app{i}.log").write_text(f"line {i}\n")
+    recorder = Recorder()
+    spec = _spec(tmp_path / "*.log", max_open_files=1, close_inactive=60)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            await recorder.wait_for(1)
+
+            async def two_waiting() -> bool:
+                return ctx.status.lag == 2 * len("line 0\n")
+
+            await eventually(two_waiting, what="the two waiting files in lag")
+        assert len(recorder.events) == 1
+
+
 async def _committed_or_tracked(ctx: SourceContext) -> bool:
     return ctx.status.lag == 0
 
