@@ -8,14 +8,17 @@ TCP frames are octet-counted (``<len> <msg>``) or newline-terminated, detected p
 RFC 6587 describes. Each TCP connection is handled in order and reads nothing more until its
 current message is on the bus, so a slow or unavailable bus pushes back on the sender instead
 of piling up in memory. UDP cannot push back: datagrams wait in a bounded queue, and when it is
-full they are dropped and counted in ``status.errors`` (syslog over UDP is lossy by design).
+full they are dropped and counted in ``status.errors`` (syslog over UDP is lossy by design), as
+are those the kernel dropped because the socket's receive buffer was full (Linux).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import socket
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -63,6 +66,7 @@ _RFC3164_HEADER = re.compile(r"([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) (\S+) ?(.*
 _RFC3164_TAG = re.compile(r"([^\s:\[\]]{1,48})(?:\[([^\]\s]{1,128})\])?: ?(.*)", re.DOTALL)
 _OCTET_COUNT = re.compile(rb"(\d{1,10}) ")
 _UDP_QUEUE = 10_000
+_DROPS_EVERY = 2.0  # seconds between reads of the kernel's drop count
 
 
 def _invalid(detail: str) -> CloudEventError:
@@ -268,6 +272,39 @@ class SyslogSourceSpec(SourceSpec):
         default=("udp", "tcp"), min_length=1
     )
     max_message_bytes: int = pydantic.Field(default=64 * 1024, ge=480, le=1024 * 1024)
+    udp_receive_buffer: int = pydantic.Field(default=4 * 1024 * 1024, ge=4096, le=256 * 1024 * 1024)
+    """SO_RCVBUF of the UDP socket (the kernel caps it at net.core.rmem_max)."""
+
+
+def _udp_socket(host: str, port: int, buffer: int) -> socket.socket:
+    """The bound UDP socket, its receive buffer asked for ``buffer`` bytes."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped for ``sock`` (its receive buffer full), from Linux's
+    /proc/net/udp and udp6; None where they cannot be read."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                next(handle, None)  # the header
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) > 12 and fields[9] == inode:
+                        return int(fields[12])
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class _Datagrams(asyncio.DatagramProtocol):
@@ -315,11 +352,13 @@ class SyslogSource:
                 waiters.append(asyncio.ensure_future(server.serve_forever()))
             if "udp" in cfg.protocols:
                 queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue(_UDP_QUEUE)
+                sock = _udp_socket(cfg.host, cfg.port, cfg.udp_receive_buffer)
                 transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                    lambda: _Datagrams(queue, ctx), local_addr=(cfg.host, cfg.port)
+                    lambda: _Datagrams(queue, ctx), sock=sock
                 )
                 stack.callback(transport.close)
                 waiters.append(asyncio.ensure_future(self._drain_udp(ctx, queue)))
+                waiters.append(asyncio.ensure_future(self._watch_drops(ctx, sock)))
             try:
                 await asyncio.gather(*waiters)
             finally:
@@ -328,6 +367,24 @@ class SyslogSource:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _watch_drops(self, ctx: SourceContext, sock: socket.socket) -> None:
+        """Count the datagrams the kernel dropped (the socket's buffer full before eventbus
+        read them) in the status: only the in-process queue's were (17,864 of 20,000 were lost
+        with errors 0 in a review's burst)."""
+        seen = await asyncio.to_thread(kernel_drops, sock)
+        if seen is None:
+            return  # not Linux: nothing to read
+        while True:
+            await asyncio.sleep(_DROPS_EVERY)
+            now = await asyncio.to_thread(kernel_drops, sock)
+            if now is not None and now > seen:
+                ctx.status.errors += now - seen
+                ctx.status.last_error = (
+                    f"{now - seen} UDP datagrams dropped by the kernel (receive buffer full)"
+                )
+                ctx.logger.warning("syslog %s: %s", self.name, ctx.status.last_error)
+                seen = now
 
     async def _drain_udp(self, ctx: SourceContext, queue: asyncio.Queue[tuple[bytes, str]]) -> None:
         while True:
