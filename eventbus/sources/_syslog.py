@@ -149,7 +149,12 @@ def _rfc3164(fields: dict[str, Any], rest: str) -> None:
     header = _RFC3164_HEADER.fullmatch(rest)
     content = rest
     if header is not None:
-        fields["timestamp"], fields["hostname"], content = header.groups()
+        fields["timestamp"], host, content = header.groups()
+        if _RFC3164_TAG.fullmatch(f"{host} {content}") and (host.endswith(":") or "[" in host):
+            # No HOSTNAME (local senders often leave it out): the word is the TAG
+            content = f"{host} {content}" if content else host
+        else:
+            fields["hostname"] = host
     tag = _RFC3164_TAG.fullmatch(content)
     if tag is not None:
         fields["app"], fields["procid"], content = tag.groups()

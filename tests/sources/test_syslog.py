@@ -71,6 +71,16 @@ def test_rfc5424_with_structured_data() -> None:
             {"hostname": None, "app": "sshd", "message": "session opened"},
         ),
         (b"<191>just text", {"facility_name": "local7", "severity": 7, "message": "just text"}),
+        # no HOSTNAME after the timestamp (logger(1) on the same machine): the tag was read as
+        # a host named "root:" and the app lost
+        (
+            b"<13>Dec  4 13:44:00 root: hello",
+            {"hostname": None, "app": "root", "message": "hello"},
+        ),
+        (
+            b"<13>Dec  4 13:44:00 sshd[12]: opened",
+            {"hostname": None, "app": "sshd", "procid": "12", "message": "opened"},
+        ),
     ],
 )
 def test_parse_variants(raw: bytes, expected: dict[str, Any]) -> None:
