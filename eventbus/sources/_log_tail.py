@@ -47,6 +47,7 @@ _NAMESPACE = uuid.UUID("0b6d3e2a-93f1-4c57-8e0d-5a4c1f2b7e90")
 _CHUNK = 1 << 20
 # Bytes at the start of a file that identify its content (copy-truncate and inode reuse).
 _HEAD = 128
+_TAIL = 64  # bytes before the checkpointed offset that must still be there
 
 
 class MultilineConfig(pydantic.BaseModel):
@@ -109,6 +110,10 @@ class _File:
     handle: BinaryIO | None  # None while closed for inactivity
     head: bytes
     committed: int
+    tail: bytes = b""
+    """The bytes just before ``committed`` (up to ``_TAIL``) when it was checkpointed: a file
+    rewritten behind the same first bytes (a report's constant header) no longer has them."""
+    mtime_ns: int = 0  # when closed for inactivity
     generation: int = 0
     """How many times the file was seen to start over (truncated, rewritten, or its inode taken
     by a new file): part of each event's id, so the same line at the same offset after a
@@ -149,10 +154,21 @@ def _read_head(handle: BinaryIO) -> bytes:
     return os.pread(handle.fileno(), _HEAD, 0)
 
 
-def _read_chunk(handle: BinaryIO, pos: int) -> tuple[bytes, int, bytes]:
-    """(bytes from ``pos``, current size, current head) in one thread hop."""
+def _tail_at(fd: int, offset: int) -> bytes:
+    """The bytes just before ``offset`` (up to ``_TAIL``)."""
+    return os.pread(fd, min(_TAIL, offset), max(0, offset - _TAIL)) if offset > 0 else b""
+
+
+def _read_chunk(handle: BinaryIO, pos: int, committed: int) -> tuple[bytes, int, bytes, bytes]:
+    """(bytes from ``pos``, current size, current head, the bytes before ``committed``) in one
+    thread hop."""
     fd = handle.fileno()
-    return os.pread(fd, _CHUNK, pos), os.fstat(fd).st_size, os.pread(fd, _HEAD, 0)
+    return (
+        os.pread(fd, _CHUNK, pos),
+        os.fstat(fd).st_size,
+        os.pread(fd, _HEAD, 0),
+        _tail_at(fd, committed),
+    )
 
 
 class LogTailSource:
@@ -226,7 +242,7 @@ class LogTailSource:
             lag = 0
             now = asyncio.get_running_loop().time()
             for f in list(self._files.values()):
-                f.path, size = current[f.key]
+                f.path, size, _mtime = current[f.key]
                 if f.handle is None:
                     lag += max(size - f.committed, 0)
                     continue
@@ -234,11 +250,13 @@ class LogTailSource:
                 await self._flush_due(ctx, f)
                 lag += max(os.fstat(f.handle.fileno()).st_size - f.committed, 0)
                 if f.idle and now - f.grew_at >= self.config.close_inactive:
-                    f.handle.close()  # reopened when it grows (max_open_files)
+                    # reopened when it grows or is written (max_open_files)
+                    f.mtime_ns = os.fstat(f.handle.fileno()).st_mtime_ns
+                    f.handle.close()
                     f.handle = None
             # Files waiting for one of max_open_files: what their checkpoint has not reached
             # (lag read 0 while 344 files sat unread in the review's run).
-            for key, (_path, size) in current.items():
+            for key, (_path, size, _mtime) in current.items():
                 if key not in self._files:
                     saved = self._saved.get(key)
                     done = int(saved.get("offset", 0)) if isinstance(saved, dict) else 0
@@ -248,15 +266,19 @@ class LogTailSource:
         finally:
             await self._save(ctx)
 
-    async def _open_what_grew(self, current: dict[str, tuple[str, int]], first_start: bool) -> None:
+    async def _open_what_grew(
+        self, current: dict[str, tuple[str, int, int]], first_start: bool
+    ) -> None:
         """Open files not tracked yet, and closed ones whose size moved, while fewer than
         ``max_open_files`` are open; the others wait for a file to be closed for inactivity."""
         room = self.config.max_open_files - sum(f.handle is not None for f in self._files.values())
         waiting = 0
         now = asyncio.get_running_loop().time()
-        for key, (path, size) in current.items():
+        for key, (path, size, mtime) in current.items():
             f = self._files.get(key)
-            if f is not None and (f.handle is not None or size == f.committed):
+            if f is not None and (
+                f.handle is not None or (size == f.committed and mtime == f.mtime_ns)
+            ):
                 continue
             if room <= 0:
                 waiting += 1
@@ -286,9 +308,9 @@ class LogTailSource:
             )
         self._waiting_warned = waiting > 0
 
-    def _scan(self) -> dict[str, tuple[str, int]]:
-        """Identity -> (path, size) of every regular file the glob matches now."""
-        found: dict[str, tuple[str, int]] = {}
+    def _scan(self) -> dict[str, tuple[str, int, int]]:
+        """Identity -> (path, size, mtime_ns) of every regular file the glob matches now."""
+        found: dict[str, tuple[str, int, int]] = {}
         for path in sorted(glob.glob(self.config.path, recursive=True)):
             try:
                 st = os.stat(path)
@@ -298,7 +320,7 @@ class LogTailSource:
                 self._unreadable.skip(path, exc)
                 continue
             if stat.S_ISREG(st.st_mode):
-                found.setdefault(_identity(st), (path, st.st_size))
+                found.setdefault(_identity(st), (path, st.st_size, st.st_mtime_ns))
         return found
 
     def _handle(self, key: str, path: str) -> BinaryIO | None:
@@ -319,7 +341,19 @@ class LogTailSource:
         """Open ``f`` again after it was closed for inactivity; it reads on from its checkpoint
         (a file truncated or rewritten meanwhile is seen by its size and first bytes)."""
         f.handle = self._handle(f.key, path)
-        return f.handle is not None
+        if f.handle is None:
+            return False
+        fd = f.handle.fileno()
+        if os.fstat(fd).st_size < f.committed or _tail_at(fd, f.committed) != f.tail:
+            # Rewritten while closed (removed and made again on the same inode, or truncated
+            # and written to the same size): behind the same first bytes, its lines were
+            # skipped. Everything read before is on the bus (it closed idle): start over.
+            f.committed = 0
+            f.generation += 1
+            f.head = _read_head(f.handle)
+            f.rewind()
+            self._mark(f)
+        return True
 
     def _open(self, key: str, path: str, first_start: bool) -> _File | None:
         handle = self._handle(key, path)
@@ -334,10 +368,14 @@ class LogTailSource:
             saved_head = bytes.fromhex(saved.get("head", ""))
             # Same inode but shorter, or different first bytes: truncated while closed, or a
             # new file reusing the inode: start over, as a new generation.
-            if saved.get("offset", 0) <= st.st_size and (
-                head.startswith(saved_head) or saved_head.startswith(head)
+            saved_tail = bytes.fromhex(saved.get("tail", ""))
+            at = int(saved.get("offset", 0))
+            if (
+                at <= st.st_size
+                and (head.startswith(saved_head) or saved_head.startswith(head))
+                and ("tail" not in saved or _tail_at(handle.fileno(), at) == saved_tail)
             ):
-                offset = int(saved["offset"])
+                offset = at
             else:
                 generation += 1
         elif saved is None and first_start and self.config.start_at == "end":
@@ -345,6 +383,7 @@ class LogTailSource:
         f = _File(
             key=key, path=path, handle=handle, head=head, committed=offset, generation=generation
         )
+        f.tail = _tail_at(handle.fileno(), offset)
         f.rewind()
         return f
 
@@ -352,9 +391,11 @@ class LogTailSource:
         """Consume new bytes of ``f`` (open); True when more remain than one chunk held."""
         handle = f.handle
         assert handle is not None, "a closed file is reopened before it is read"
-        data, size, head = await asyncio.to_thread(_read_chunk, handle, f.read_pos)
+        data, size, head, tail = await asyncio.to_thread(
+            _read_chunk, handle, f.read_pos, f.committed
+        )
         prefix = min(len(head), len(f.head))
-        if size < f.read_pos or head[:prefix] != f.head[:prefix]:
+        if size < f.read_pos or head[:prefix] != f.head[:prefix] or tail != f.tail:
             # Copy-truncate: what was read is complete; the file restarts at offset 0.
             await self._finish(ctx, f)
             f.committed = 0
@@ -362,7 +403,7 @@ class LogTailSource:
             f.head = head
             f.rewind()
             self._mark(f)
-            data, size, head = await asyncio.to_thread(_read_chunk, handle, 0)
+            data, size, head, _ = await asyncio.to_thread(_read_chunk, handle, 0, 0)
         if len(head) > len(f.head):
             f.head = head
         if not data:
@@ -502,10 +543,13 @@ class LogTailSource:
         await ctx.dead_letter(text, f"a log record no event can carry: {reason}", meta)
 
     def _mark(self, f: _File) -> None:
+        if f.handle is not None:
+            f.tail = _tail_at(f.handle.fileno(), f.committed)
         self._dirty[f.key] = {
             "offset": f.committed,
             "path": f.path,
             "head": f.head.hex(),
+            "tail": f.tail.hex(),
             "gen": f.generation,
         }
 

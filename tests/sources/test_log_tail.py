@@ -303,6 +303,40 @@ async def test_lag_counts_the_files_waiting_for_a_slot(tmp_path: Path, database_
         assert len(recorder.events) == 1
 
 
+async def test_a_file_rewritten_behind_the_same_header_is_read_again(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # A report rewritten while closed for inactivity, behind the same first bytes (its
+    # header): to the same size it was never read again; larger, from the old offset on.
+    report = tmp_path / "report.log"
+    header = "id,name,amount,currency,created_at,updated_at,status,region,owner\n" * 2
+
+    def write(generation: str, lines: int) -> None:
+        report.write_text(header + "".join(f"{generation}-line{i}\n" for i in range(lines)))
+
+    write("gen1", 3)
+    recorder = Recorder()
+    spec = _spec(report, close_inactive=0.2)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            # each generation: its two header lines and its lines (gen1 made 5 events)
+            for generation, lines, total in (("gen2", 3, 10), ("gen3", 5, 17)):
+
+                async def closed() -> bool:
+                    return await _committed(ctx, report) and _open_logs(tmp_path) == 0
+
+                await eventually(closed, what="the report read and closed")
+                write(generation, lines)
+                await recorder.wait_for(total)
+    messages = _messages(recorder)
+    assert [m for m in messages if "-line" in m] == [
+        *(f"gen1-line{i}" for i in range(3)),
+        *(f"gen2-line{i}" for i in range(3)),
+        *(f"gen3-line{i}" for i in range(5)),
+    ]
+
+
 async def _committed_or_tracked(ctx: SourceContext) -> bool:
     return ctx.status.lag == 0
 
