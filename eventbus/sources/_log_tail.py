@@ -19,6 +19,7 @@ File I/O runs in a worker thread, so a slow disk never stalls the event loop.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import glob
 import logging
 import os
@@ -90,6 +91,9 @@ class LogTailSourceSpec(SourceSpec):
     batch: BatchConfig | None = None
     close_inactive: float = pydantic.Field(default=300.0, gt=0)
     max_open_files: int = pydantic.Field(default=256, ge=1, le=65_536)
+    exclude: tuple[str, ...] = ()
+    """Globs (fnmatch, on the whole path) of matching files not to read: the copies a
+    copy-truncate rotation makes, when ``path`` would match them."""
 
 
 @dataclass
@@ -110,6 +114,8 @@ class _File:
     handle: BinaryIO | None  # None while closed for inactivity
     head: bytes
     committed: int
+    opened_as: str = ""
+    """The path it had when opened (a rotation renames it)."""
     tail: bytes = b""
     """The bytes just before ``committed`` (up to ``_TAIL``) when it was checkpointed: a file
     rewritten behind the same first bytes (a report's constant header) no longer has them."""
@@ -248,6 +254,14 @@ class LogTailSource:
                     continue
                 more = await self._read(ctx, f) or more
                 await self._flush_due(ctx, f)
+                if (
+                    f.path != f.opened_as
+                    and not f.idle
+                    and now - f.grew_at >= self.config.close_inactive
+                ):
+                    # Renamed away (app.log -> app.log.1, still matched by app.log*) and done
+                    # growing: its last line, without a newline, waited for it to be deleted.
+                    await self._finish(ctx, f)
                 lag += max(os.fstat(f.handle.fileno()).st_size - f.committed, 0)
                 if f.idle and now - f.grew_at >= self.config.close_inactive:
                     # reopened when it grows or is written (max_open_files)
@@ -319,7 +333,9 @@ class LogTailSource:
             except OSError as exc:  # a symlink loop, no permission: that file, not the others
                 self._unreadable.skip(path, exc)
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and not any(
+                fnmatch.fnmatchcase(path, pattern) for pattern in self.config.exclude
+            ):
                 found.setdefault(_identity(st), (path, st.st_size, st.st_mtime_ns))
         return found
 
@@ -383,6 +399,8 @@ class LogTailSource:
         f = _File(
             key=key, path=path, handle=handle, head=head, committed=offset, generation=generation
         )
+        # the name it had when last saved: renamed while eventbus was stopped is renamed too
+        f.opened_as = str(saved.get("path", path)) if isinstance(saved, dict) else path
         f.tail = _tail_at(handle.fileno(), offset)
         f.rewind()
         return f

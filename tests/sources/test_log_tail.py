@@ -337,6 +337,27 @@ async def test_a_file_rewritten_behind_the_same_header_is_read_again(
     ]
 
 
+async def test_a_renamed_file_still_matched_gives_its_last_line_and_copies_can_be_excluded(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # With the documented app.log* glob, a rotated file's last line without a newline waited
+    # until the file was deleted; and a copy-truncate's copy was read again whole.
+    log = tmp_path / "app.log"
+    log.write_text("l1\nl2-partial")
+    recorder = Recorder()
+    spec = _spec(tmp_path / "app.log*", close_inactive=0.2, exclude=["*.copy"])
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            await recorder.wait_for(1)
+            log.rename(tmp_path / "app.log.1")
+            log.write_text("n1\n")
+            (tmp_path / "app.log.copy").write_text("copied\n")
+            await recorder.wait_for(3)
+            await eventually(lambda: _committed(ctx, tmp_path / "app.log.1"))
+    assert sorted(_messages(recorder)) == ["l1", "l2-partial", "n1"]
+
+
 async def _committed_or_tracked(ctx: SourceContext) -> bool:
     return ctx.status.lag == 0
 
