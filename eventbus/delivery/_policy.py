@@ -20,6 +20,7 @@ jitter), ``alibaba-backoff`` (3 retries, random 10-20 s apart), ``alibaba-expone
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -46,6 +47,8 @@ __all__ = [
     "parse_delivery",
     "target_policies",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,16 +287,19 @@ def override_checker(
     base: Mapping[str, DeliveryPolicy],
 ) -> Callable[[str, Mapping[str, Any]], None]:
     """A check for the rule loader: does a route's ``delivery`` override parse on top of its
-    target's policy, and leave the target's own settings (rate limit, circuit breaker) alone?
-    Raises ConfigError ``delivery: <field>: <problem>``."""
+    target's policy? Raises ConfigError ``delivery: <field>: <problem>``; warns of the target's
+    own settings (rate limit, circuit breaker), which a route cannot change."""
 
     def check(target: str, override: Mapping[str, Any]) -> None:
         for name in _TARGET_ONLY:
             if name in override:
-                # One guard per target: a route's own setting was parsed and then ignored.
-                raise ConfigError(
-                    f"delivery: {name}: guards the target's endpoint, shared by every route "
-                    f"to it; set it in target {target!r}'s delivery block"
+                # One guard per target: a route's own setting is ignored, and said so (refused,
+                # a rule file that followed the documentation kept the service from starting).
+                log.warning(
+                    "a route's delivery %s to target %r is ignored: it guards the target's "
+                    "endpoint, shared by every route to it; set it in the target's delivery block",
+                    name,
+                    target,
                 )
         try:
             parse_delivery(override, base.get(target, DeliveryPolicy()), where="")

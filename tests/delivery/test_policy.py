@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
 
 from eventbus._errors import ConfigError
-from eventbus.delivery import PRESETS, DeliveryPolicy, RetryPolicy, parse_delivery
+from eventbus.delivery import (
+    PRESETS,
+    DeliveryPolicy,
+    RetryPolicy,
+    override_checker,
+    parse_delivery,
+)
 
 
 def _schedule(policy: RetryPolicy, seed: int = 1) -> list[float]:
@@ -111,3 +118,14 @@ def test_bad_policies_are_refused_with_the_field(spec: dict[str, object], messag
 def test_huge_attempt_counts_do_not_overflow() -> None:
     policy = RetryPolicy(initial_delay=1, max_delay=1, max_attempts=5000, max_age=10**9)
     assert policy.next_delay(2000, 0.0, rng=random.Random(1)) is not None
+
+
+def test_a_routes_own_guard_settings_are_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # refused at first, a rule file following the documentation stopped the service's start
+    check = override_checker({"fn": parse_delivery({"rate_limit": 5})})
+    with caplog.at_level(logging.WARNING):
+        check("fn", {"rate_limit": 1, "circuit_breaker": False, "retry": "none"})
+    assert "delivery rate_limit to target 'fn' is ignored" in caplog.text
+    assert "delivery circuit_breaker to target 'fn' is ignored" in caplog.text
