@@ -269,9 +269,13 @@ _NOT_PASSED = frozenset(
         # given separately, or eventbus's own
         "content-type",
         "retry-after",
-        # a function's cookies would be set on eventbus's origin, which serves the console
+        # they would act on eventbus's origin, which serves the console: cookies, its site
+        # data, its HTTPS and alternative-service policy
         "set-cookie",
         "set-cookie2",
+        "clear-site-data",
+        "strict-transport-security",
+        "alt-svc",
     }
 )
 

@@ -390,7 +390,15 @@ class Pool:
         while (conn := self._take_idle(origin)) is not None:
             if time.monotonic() - conn.idle_since < _SETTLED:
                 return conn
-            await asyncio.sleep(0)
+            try:
+                # Two turns: in the first, asyncio's loop resumes this task before the read
+                # callback that sees the close, which runs after it in the same turn.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                self._check_open()
+            except BaseException:
+                conn.close()  # neither idle nor busy: nobody else would close it
+                raise
             if conn.transport is not None and not conn.transport.is_closing() and not conn.closed:
                 return conn
             conn.close()

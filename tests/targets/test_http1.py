@@ -8,6 +8,8 @@ import asyncio
 import socket
 import ssl
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,59 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used(
             assert outcome.delivered, outcome
             await asyncio.sleep(0.6)  # idle past the point where a close is looked for
     assert server.connections == 3 and len(server.requests) == 3
+
+
+def _idle_closing_server(
+    idle: float, stop: threading.Event
+) -> tuple[socket.socket, list[bytes], threading.Thread]:
+    """A server in a thread of its own (it must act while the test's loop is blocked): it
+    answers each request 204 and closes a connection idle for ``idle`` seconds, until
+    ``stop`` is set."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(idle)
+                while True:
+                    try:
+                        data = conn.recv(65536)
+                    except TimeoutError:
+                        break
+                    if not data:
+                        break
+                    requests.append(data)
+                    conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, requests, thread
+
+
+async def test_a_close_that_came_while_the_loop_was_busy_is_seen_before_reuse() -> None:
+    # The server closed the idle connection while this loop was busy (its read of the close
+    # still pending): one turn of asyncio's loop resumed the task before that read, so the
+    # request went out on the closed connection and failed the attempt.
+    stop = threading.Event()
+    listener, requests, thread = _idle_closing_server(0.3, stop)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/fn"
+    try:
+        async with HttpTarget(HttpTargetSpec(name="fn", url=url)) as target:
+            first = await target.deliver(EVENT, EVENT, is_cloudevent=True, attempt=1)
+            time.sleep(0.8)  # noqa: ASYNC251 - the loop busy (on purpose) while the server closes
+            second = await target.deliver(EVENT, EVENT, is_cloudevent=True, attempt=1)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert first.delivered and second.delivered, second
+    assert len(requests) == 2
 
 
 async def test_a_request_the_server_read_and_dropped_is_not_sent_again(
