@@ -29,6 +29,7 @@ import asyncpg
 import pydantic
 
 from eventbus._errors import BusError, BusUnavailable, CloudEventError, ConfigError, StoreError
+from eventbus._tasks import cancel_and_wait
 from eventbus.cloudevents import new_event
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext
@@ -73,6 +74,7 @@ class TimerSourceSpec(SourceSpec):
 
 _KEEP_CLAIMS = timedelta(days=7)
 _PRUNE_EVERY = 3600.0
+_PRUNE_BATCH = 10_000
 
 
 def _iso(t: datetime) -> str:
@@ -93,8 +95,16 @@ class TimerSource:
         self.config = config
         self._schedule: Schedule = parse_schedule(config.schedule, config.timezone)
         self._pruned: datetime | None = None
+        self._pruning: asyncio.Task[None] | None = None
 
     async def run(self, ctx: SourceContext) -> None:
+        try:
+            await self._run(ctx)
+        finally:
+            if self._pruning is not None:
+                await cancel_and_wait(self._pruning)
+
+    async def _run(self, ctx: SourceContext) -> None:
         stored = await ctx.checkpoints.get(_CHECKPOINT)
         if stored is None:
             cursor = ctx.clock.now()
@@ -158,17 +168,31 @@ class TimerSource:
     async def _prune(self, ctx: SourceContext) -> None:
         """Delete this schedule's claims older than ``_KEEP_CLAIMS`` (a tick is claimed again
         only by an instance catching up from the shared checkpoint, past them), at most once
-        ``_PRUNE_EVERY`` per process: a timer every second added 86,400 rows a day, for good."""
+        ``_PRUNE_EVERY`` per process, beside the ticks (a timer every second added 86,400 rows
+        a day, for good; the first prune after an upgrade may have millions)."""
         now = ctx.clock.now()
         if self._pruned is not None and (now - self._pruned).total_seconds() < _PRUNE_EVERY:
             return
         self._pruned = now
-        try:
-            await ctx.pool.execute(
-                "DELETE FROM timer_fires WHERE schedule = $1 AND fired_at < $2",
-                self.name,
-                now - _KEEP_CLAIMS,
+        if self._pruning is None or self._pruning.done():
+            self._pruning = asyncio.create_task(
+                self._delete_claims(ctx, now - _KEEP_CLAIMS), name=f"timer-prune-{self.name}"
             )
+
+    async def _delete_claims(self, ctx: SourceContext, before: datetime) -> None:
+        # In batches, by the primary key's range (schedule, fire_time); fired_at keeps the
+        # claim of an old tick being caught up right now.
+        try:
+            while True:
+                status = await ctx.pool.execute(
+                    "DELETE FROM timer_fires WHERE ctid IN (SELECT ctid FROM timer_fires"
+                    " WHERE schedule = $1 AND fire_time < $2 AND fired_at < $2 LIMIT $3)",
+                    self.name,
+                    before,
+                    _PRUNE_BATCH,
+                )
+                if int(status.split()[-1]) < _PRUNE_BATCH:
+                    return
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             ctx.logger.warning("timer %s: pruning old claims failed: %r", self.name, exc)
 
