@@ -117,6 +117,8 @@ class _File:
     opened_as: str = ""
     """The path it had when opened (a rotation renames it)."""
     tail: bytes = b""
+    tail_at: int = 0
+    """The offset ``tail`` ends at (``committed`` when it was last saved)."""
     """The bytes just before ``committed`` (up to ``_TAIL``) when it was checkpointed: a file
     rewritten behind the same first bytes (a report's constant header) no longer has them."""
     mtime_ns: int = 0  # when closed for inactivity
@@ -360,7 +362,7 @@ class LogTailSource:
         if f.handle is None:
             return False
         fd = f.handle.fileno()
-        if os.fstat(fd).st_size < f.committed or _tail_at(fd, f.committed) != f.tail:
+        if os.fstat(fd).st_size < f.committed or _tail_at(fd, f.tail_at) != f.tail:
             # Rewritten while closed (removed and made again on the same inode, or truncated
             # and written to the same size): behind the same first bytes, its lines were
             # skipped. Everything read before is on the bus (it closed idle): start over.
@@ -401,7 +403,7 @@ class LogTailSource:
         )
         # the name it had when last saved: renamed while eventbus was stopped is renamed too
         f.opened_as = str(saved.get("path", path)) if isinstance(saved, dict) else path
-        f.tail = _tail_at(handle.fileno(), offset)
+        f.tail, f.tail_at = _tail_at(handle.fileno(), offset), offset
         f.rewind()
         return f
 
@@ -409,9 +411,7 @@ class LogTailSource:
         """Consume new bytes of ``f`` (open); True when more remain than one chunk held."""
         handle = f.handle
         assert handle is not None, "a closed file is reopened before it is read"
-        data, size, head, tail = await asyncio.to_thread(
-            _read_chunk, handle, f.read_pos, f.committed
-        )
+        data, size, head, tail = await asyncio.to_thread(_read_chunk, handle, f.read_pos, f.tail_at)
         prefix = min(len(head), len(f.head))
         if size < f.read_pos or head[:prefix] != f.head[:prefix] or tail != f.tail:
             # Copy-truncate: what was read is complete; the file restarts at offset 0.
@@ -419,6 +419,7 @@ class LogTailSource:
             f.committed = 0
             f.generation += 1
             f.head = head
+            f.tail, f.tail_at = b"", 0
             f.rewind()
             self._mark(f)
             data, size, head, _ = await asyncio.to_thread(_read_chunk, handle, 0, 0)
@@ -561,18 +562,28 @@ class LogTailSource:
         await ctx.dead_letter(text, f"a log record no event can carry: {reason}", meta)
 
     def _mark(self, f: _File) -> None:
-        if f.handle is not None:
-            f.tail = _tail_at(f.handle.fileno(), f.committed)
         self._dirty[f.key] = {
             "offset": f.committed,
             "path": f.path,
             "head": f.head.hex(),
-            "tail": f.tail.hex(),
             "gen": f.generation,
         }
 
+    def _tails(self) -> None:
+        """The bytes before each marked file's new offset, read in a worker thread (a read per
+        record on the event loop, as the checkpoint's ``tail``); a file closed meanwhile keeps
+        its checkpoint without one, as older checkpoints are."""
+        for key, entry in self._dirty.items():
+            f = self._files.get(key)
+            if f is not None and f.handle is not None and f.committed == entry["offset"]:
+                f.tail, f.tail_at = _tail_at(f.handle.fileno(), f.committed), f.committed
+                entry["tail"] = f.tail.hex()
+            elif f is not None and f.tail_at == entry["offset"]:
+                entry["tail"] = f.tail.hex()
+
     async def _save(self, ctx: SourceContext) -> None:
         if self._dirty:
+            await asyncio.to_thread(self._tails)
             await ctx.checkpoints.put_many(self._dirty)
             self._saved.update(self._dirty)
             self._dirty = {}
