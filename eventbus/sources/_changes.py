@@ -79,7 +79,7 @@ async def _emit_changes(
     ctx.status.lag = remaining
     for key, marker, item in changed:
         try:
-            await ctx.emit(await event(item, key in seen))
+            await _emit(ctx, await event(item, key in seen))
         except (CloudEventError, EventTooLargeForBus) as exc:
             # No event can say it (a name with a control character, say), or the bus cannot
             # carry it: kept aside, and the items after it go on (it raised out of the source,
@@ -96,3 +96,18 @@ async def _emit_changes(
         await ctx.checkpoints.delete_many(gone)
         for key in gone:
             del seen[key]
+
+
+async def _emit(ctx: SourceContext, made: dict[str, Any]) -> None:
+    """Publish ``made``; one too large for the bus that carries a file's ``content`` goes
+    without it, as one over ``max_event_size`` does (the directory source): the file is still
+    reported."""
+    try:
+        await ctx.emit(made)
+    except EventTooLargeForBus as exc:
+        data = made.get("data")
+        if not isinstance(data, dict) or "content" not in data:
+            raise
+        data = {k: v for k, v in data.items() if k != "content"}
+        data["content_omitted"] = str(exc)
+        await ctx.emit({**made, "data": data})

@@ -10,8 +10,10 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.sources import build_source
+from tests.fixtures.nats import configured_nats_server
 from tests.fixtures.wait import eventually
 from tests.sources._harness import Recorder, make_context, running, source_pool
+from tests.sources.test_queue_support import bus_tap, context
 
 
 def _spec(path: Path, **extra: Any) -> dict[str, Any]:
@@ -199,3 +201,24 @@ async def test_contents_are_held_to_the_service_size_limit(
         assert with_content == carried
         if not carried:
             assert all("4096-byte limit" in e["data"]["content_omitted"] for e in events)
+
+
+async def test_a_file_too_large_for_the_bus_with_its_content_is_reported_without_it(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # A NATS server taking 8 KiB: the event with the file's 10 KB of text was dead-lettered with
+    # the file's name only, where one over max_event_size goes without its content.
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    _write(drop / "big.txt", "x" * 10_000, 1_000)
+    config = "jetstream { store_dir: {store} }\nmax_payload: 8192"
+    async with (
+        configured_nats_server(tmp_path / "nats", config) as port,
+        source_pool(database_dsn) as pool,
+        bus_tap(f"nats://127.0.0.1:{port}") as tap,
+    ):
+        ctx = context(pool, "drop", tap, type="directory")
+        async with running(build_source(_spec(drop, content_max_bytes=1 << 20)), ctx):
+            (event,) = await tap.take(1)
+    assert "content" not in event["data"]
+    assert "max_payload" in event["data"]["content_omitted"]
