@@ -183,14 +183,7 @@ class Invoker:
             except TimeoutError:
                 # An API gateway's throttle answers at once; the callers had queued without
                 # bound (six at once on a 1/s target waited up to 5 s).
-                refused = Invocation(
-                    target,
-                    refusal=Refusal.BUSY,
-                    detail=f"target {target!r} is at its rate_limit",
-                    retry_after=_BUSY_RETRY_AFTER,
-                )
-                await self._refused(event, rule, refused)
-                return refused
+                return await self._busy(event, rule, target, "is at its rate_limit")
         try:
             with self._dispatcher.delivering(target):
                 if reply:
@@ -210,14 +203,7 @@ class Invoker:
         if answer.busy:
             if guard is not None:
                 guard.release()
-            refused = Invocation(
-                target,
-                refusal=Refusal.BUSY,
-                detail=f"target {target!r}: {answer.outcome.error}",
-                retry_after=_BUSY_RETRY_AFTER,
-            )
-            await self._refused(event, rule, refused)
-            return refused
+            return await self._busy(event, rule, target, f": {answer.outcome.error}")
         outcome = answer.outcome
         if guard is not None:
             # as for rule deliveries: a non-retryable 4xx is the request's fault
@@ -238,6 +224,19 @@ class Invoker:
             )
         )
         return Invocation(target, answer=answer)
+
+    async def _busy(self, event: dict[str, Any], rule: str, target: str, why: str) -> Invocation:
+        """Refuse (429, ``Retry-After``) and audit an invocation ``target`` has no room for:
+        ``why`` follows the target's name in the detail."""
+        sep = "" if why.startswith(":") else " "
+        refused = Invocation(
+            target,
+            refusal=Refusal.BUSY,
+            detail=f"target {target!r}{sep}{why}",
+            retry_after=_BUSY_RETRY_AFTER,
+        )
+        await self._refused(event, rule, refused)
+        return refused
 
     async def _refused(self, event: dict[str, Any], rule: str, refused: Invocation) -> None:
         await self._audit.attempt(
