@@ -183,7 +183,8 @@ class Invoker:
             except TimeoutError:
                 # An API gateway's throttle answers at once; the callers had queued without
                 # bound (six at once on a 1/s target waited up to 5 s).
-                return await self._busy(event, rule, target, "is at its rate_limit")
+                detail = f"target {target!r} is at its rate_limit"
+                return await self._busy(event, rule, target, detail)
         try:
             with self._dispatcher.delivering(target):
                 if reply:
@@ -203,7 +204,8 @@ class Invoker:
         if answer.busy:
             if guard is not None:
                 guard.release()
-            return await self._busy(event, rule, target, f": {answer.outcome.error}")
+            detail = f"target {target!r}: {answer.outcome.error}"
+            return await self._busy(event, rule, target, detail)
         outcome = answer.outcome
         if guard is not None:
             # as for rule deliveries: a non-retryable 4xx is the request's fault
@@ -225,15 +227,10 @@ class Invoker:
         )
         return Invocation(target, answer=answer)
 
-    async def _busy(self, event: dict[str, Any], rule: str, target: str, why: str) -> Invocation:
-        """Refuse (429, ``Retry-After``) and audit an invocation ``target`` has no room for:
-        ``why`` follows the target's name in the detail."""
-        sep = "" if why.startswith(":") else " "
+    async def _busy(self, event: dict[str, Any], rule: str, target: str, detail: str) -> Invocation:
+        """Refuse (429, ``Retry-After``) and audit an invocation ``target`` has no room for."""
         refused = Invocation(
-            target,
-            refusal=Refusal.BUSY,
-            detail=f"target {target!r}{sep}{why}",
-            retry_after=_BUSY_RETRY_AFTER,
+            target, refusal=Refusal.BUSY, detail=detail, retry_after=_BUSY_RETRY_AFTER
         )
         await self._refused(event, rule, refused)
         return refused
