@@ -7,14 +7,22 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from eventbus._errors import BusUnavailable
-from eventbus.sources import Checkpoints, Clock, Source, SourceContext, SourceStatus, SystemClock
+from eventbus.sources import (
+    Checkpoints,
+    Clock,
+    Source,
+    SourceContext,
+    SourceStatus,
+    SystemClock,
+    build_source,
+)
 from eventbus.store._migrate import migrate
 from tests.fixtures.wait import eventually as eventually  # the source tests' one poll
 
@@ -89,6 +97,27 @@ async def running(source: Source, ctx: SourceContext) -> AsyncIterator[asyncio.T
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def started(
+    dsn: str, spec: dict[str, Any], recorder: Recorder
+) -> AsyncIterator[SourceContext]:
+    """The source ``spec`` describes, running on ``dsn``'s database and publishing to
+    ``recorder``, for the duration of the block; yields its context."""
+    async with source_pool(dsn) as pool:
+        ctx = make_context(pool, spec["name"], recorder)
+        async with running(build_source(spec), ctx):
+            yield ctx
+
+
+def failing_with(ctx: SourceContext, fragment: str) -> Callable[[], Awaitable[bool]]:
+    """For ``eventually``: the source backs off with ``fragment`` in its last error."""
+
+    async def check() -> bool:
+        return ctx.status.state == "backoff" and fragment in (ctx.status.last_error or "")
+
+    return check
 
 
 async def dead_letters(pool: asyncpg.Pool, source: str) -> list[asyncpg.Record]:

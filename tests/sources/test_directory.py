@@ -12,7 +12,14 @@ from eventbus._errors import ConfigError
 from eventbus.sources import build_source
 from tests.fixtures.nats import configured_nats_server
 from tests.fixtures.wait import eventually
-from tests.sources._harness import Recorder, make_context, running, source_pool
+from tests.sources._harness import (
+    Recorder,
+    failing_with,
+    make_context,
+    running,
+    source_pool,
+    started,
+)
 from tests.sources.test_queue_support import bus_tap, context
 
 
@@ -101,18 +108,15 @@ async def test_a_clean_scan_clears_the_failure(tmp_path: Path, database_dsn: str
     _write(tmp_path / "a.txt", "a", 1_000)
     recorder = Recorder()
     recorder.down = True
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "drop", recorder)
-        async with running(build_source(_spec(tmp_path)), ctx):
-            await recorder.wait_refused(1)
-            assert "BusUnavailable" in (ctx.status.last_error or "")
-            (tmp_path / "a.txt").unlink()
+    async with started(database_dsn, _spec(tmp_path), recorder) as ctx:
+        await eventually(failing_with(ctx, "BusUnavailable"), what="the refusal reported")
+        (tmp_path / "a.txt").unlink()
 
-            async def cleared() -> bool:
-                return ctx.status.last_error is None and ctx.status.state == "running"
+        async def cleared() -> bool:
+            return ctx.status.last_error is None and ctx.status.state == "running"
 
-            await eventually(cleared, what="the failure cleared by a clean scan")
-        assert recorder.events == [] and ctx.status.errors >= 1
+        await eventually(cleared, what="the failure cleared by a clean scan")
+    assert recorder.events == [] and ctx.status.errors >= 1
 
 
 async def test_a_missing_directory_backs_off_until_it_is_there(
@@ -122,20 +126,12 @@ async def test_a_missing_directory_backs_off_until_it_is_there(
     # again (or a mount not up yet) needed a restart of the service.
     recorder = Recorder()
     later = tmp_path / "later"
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "drop", recorder)
-        async with running(build_source(_spec(later)), ctx):
-
-            async def backing_off() -> bool:
-                return ctx.status.state == "backoff" and "does not exist" in (
-                    ctx.status.last_error or ""
-                )
-
-            await eventually(backing_off, what="the missing directory reported")
-            later.mkdir()
-            _write(later / "b.csv", "b", 1_000)
-            (event,) = await recorder.wait_for(1)
-        assert event["subject"] == "b.csv"
+    async with started(database_dsn, _spec(later), recorder) as ctx:
+        await eventually(failing_with(ctx, "does not exist"), what="the missing directory")
+        later.mkdir()
+        _write(later / "b.csv", "b", 1_000)
+        (event,) = await recorder.wait_for(1)
+    assert event["subject"] == "b.csv"
 
 
 @pytest.mark.parametrize(

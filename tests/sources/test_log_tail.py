@@ -12,7 +12,14 @@ from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
 from eventbus.store import EmbeddedPostgres
 from tests.fixtures.wait import eventually
-from tests.sources._harness import Recorder, dead_letters, make_context, running, source_pool
+from tests.sources._harness import (
+    Recorder,
+    dead_letters,
+    make_context,
+    running,
+    source_pool,
+    started,
+)
 
 
 def _spec(pattern: Path | str, **extra: Any) -> dict[str, Any]:
@@ -291,16 +298,14 @@ async def test_lag_counts_the_files_waiting_for_a_slot(tmp_path: Path, database_
         (tmp_path / f"app{i}.log").write_text(f"line {i}\n")
     recorder = Recorder()
     spec = _spec(tmp_path / "*.log", max_open_files=1, close_inactive=60)
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "app-log", recorder)
-        async with running(build_source(spec), ctx):
-            await recorder.wait_for(1)
+    async with started(database_dsn, spec, recorder) as ctx:
+        await recorder.wait_for(1)
 
-            async def two_waiting() -> bool:
-                return ctx.status.lag == 2 * len("line 0\n")
+        async def two_waiting() -> bool:
+            return ctx.status.lag == 2 * len("line 0\n")
 
-            await eventually(two_waiting, what="the two waiting files in lag")
-        assert len(recorder.events) == 1
+        await eventually(two_waiting, what="the two waiting files in lag")
+    assert len(recorder.events) == 1
 
 
 async def test_a_file_rewritten_behind_the_same_header_is_read_again(
@@ -316,19 +321,16 @@ async def test_a_file_rewritten_behind_the_same_header_is_read_again(
 
     write("gen1", 3)
     recorder = Recorder()
-    spec = _spec(report, close_inactive=0.2)
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "app-log", recorder)
-        async with running(build_source(spec), ctx):
-            # each generation: its two header lines and its lines (gen1 made 5 events)
-            for generation, lines, total in (("gen2", 3, 10), ("gen3", 5, 17)):
+    async with started(database_dsn, _spec(report, close_inactive=0.2), recorder) as ctx:
 
-                async def closed() -> bool:
-                    return await _committed(ctx, report) and _open_logs(tmp_path) == 0
+        async def closed() -> bool:
+            return await _committed(ctx, report) and _open_logs(tmp_path) == 0
 
-                await eventually(closed, what="the report read and closed")
-                write(generation, lines)
-                await recorder.wait_for(total)
+        # each generation: its two header lines and its lines (gen1 made 5 events)
+        for generation, lines, total in (("gen2", 3, 10), ("gen3", 5, 17)):
+            await eventually(closed, what="the report read and closed")
+            write(generation, lines)
+            await recorder.wait_for(total)
     messages = _messages(recorder)
     assert [m for m in messages if "-line" in m] == [
         *(f"gen1-line{i}" for i in range(3)),
@@ -346,15 +348,13 @@ async def test_a_renamed_file_still_matched_gives_its_last_line_and_copies_can_b
     log.write_text("l1\nl2-partial")
     recorder = Recorder()
     spec = _spec(tmp_path / "app.log*", close_inactive=0.2, exclude=["*.copy"])
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "app-log", recorder)
-        async with running(build_source(spec), ctx):
-            await recorder.wait_for(1)
-            log.rename(tmp_path / "app.log.1")
-            log.write_text("n1\n")
-            (tmp_path / "app.log.copy").write_text("copied\n")
-            await recorder.wait_for(3)
-            await eventually(lambda: _committed(ctx, tmp_path / "app.log.1"))
+    async with started(database_dsn, spec, recorder) as ctx:
+        await recorder.wait_for(1)
+        log.rename(tmp_path / "app.log.1")
+        log.write_text("n1\n")
+        (tmp_path / "app.log.copy").write_text("copied\n")
+        await recorder.wait_for(3)
+        await eventually(lambda: _committed(ctx, tmp_path / "app.log.1"))
     assert sorted(_messages(recorder)) == ["l1", "l2-partial", "n1"]
 
 

@@ -20,9 +20,11 @@ from tests.fixtures.tls_relay import tls_relay
 from tests.sources._harness import (
     Recorder,
     eventually,
+    failing_with,
     make_context,
     running,
     source_pool,
+    started,
 )
 
 
@@ -141,21 +143,13 @@ async def test_a_missing_bucket_backs_off_until_it_is_made(
     # keys not known yet for a few seconds) needed a restart of the service.
     bucket = f"later-{uuid.uuid4().hex[:8]}"
     recorder = Recorder()
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, f"poll-{bucket}", recorder)
-        async with running(build_source(_spec(s3_endpoint, bucket)), ctx):
-
-            async def backing_off() -> bool:
-                return ctx.status.state == "backoff" and "NoSuchBucket" in (
-                    ctx.status.last_error or ""
-                )
-
-            await eventually(backing_off, what="the missing bucket reported")
-            client = _client(s3_endpoint)
-            client.create_bucket(Bucket=bucket)
-            client.put_object(Bucket=bucket, Key="first.csv", Body=b"1")
-            (event,) = await recorder.wait_for(1)
-        assert event["subject"] == "first.csv"
+    async with started(database_dsn, _spec(s3_endpoint, bucket), recorder) as ctx:
+        await eventually(failing_with(ctx, "NoSuchBucket"), what="the missing bucket reported")
+        client = _client(s3_endpoint)
+        client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket=bucket, Key="first.csv", Body=b"1")
+        (event,) = await recorder.wait_for(1)
+    assert event["subject"] == "first.csv"
 
 
 @pytest.mark.parametrize(
