@@ -162,6 +162,16 @@ def _read_head(handle: BinaryIO) -> bytes:
     return os.pread(handle.fileno(), _HEAD, 0)
 
 
+def _unread(f: _File) -> int:
+    """Bytes of an open ``f`` beyond its checkpoint (0 for a closed one, or one gone)."""
+    if f.handle is None:
+        return 0
+    try:
+        return max(os.fstat(f.handle.fileno()).st_size - f.committed, 0)
+    except OSError:
+        return 0
+
+
 def _tail_at(fd: int, offset: int) -> bytes:
     """The bytes just before ``offset`` (up to ``_TAIL``)."""
     return os.pread(fd, min(_TAIL, offset), max(0, offset - _TAIL)) if offset > 0 else b""
@@ -219,6 +229,8 @@ class LogTailSource:
                     ctx.report_error(exc)
                     for f in self._files.values():
                         f.rewind()  # (a closed file has nothing beyond its checkpoint)
+                    # what waits meanwhile (lag read 0 through a bus outage)
+                    ctx.status.lag = sum(map(_unread, self._files.values()))
                     await backoff.wait()
                     continue
                 backoff.reset()

@@ -168,6 +168,11 @@ async def test_bus_down_checkpoints_nothing_then_delivers_everything(
             await recorder.wait_refused(1)
             assert await ctx.checkpoints.items() == {}
             assert ctx.status.state == "backoff"
+
+            async def waiting_counted() -> bool:  # it read 0 through the outage
+                return ctx.status.lag == len("one\ntwo\n")
+
+            await eventually(waiting_counted, what="the unsent lines in lag")
             _append(log, "three\n")
             recorder.down = False
             await recorder.wait_for(3)
