@@ -49,6 +49,7 @@ _CHUNK = 1 << 20
 # Bytes at the start of a file that identify its content (copy-truncate and inode reuse).
 _HEAD = 128
 _TAIL = 64  # bytes before the checkpointed offset that must still be there
+_FORGET_AFTER = 3600.0  # seconds a checkpointed file is gone before its checkpoint is deleted
 
 
 class MultilineConfig(pydantic.BaseModel):
@@ -202,6 +203,7 @@ class LogTailSource:
         self._files: dict[str, _File] = {}
         self._saved: dict[str, Any] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
+        self._gone: dict[str, float] = {}  # checkpointed files no longer there: since when
         self._unreadable = UnreadablePaths(log, f"log-tail {self.name}")
         self._waiting_warned = False
 
@@ -257,6 +259,7 @@ class LogTailSource:
                         pass
                     await self._finish(ctx, f)
                     f.handle.close()
+            await self._forget_gone(ctx, current)
             await self._open_what_grew(current, first_start)
             more = False
             lag = 0
@@ -293,6 +296,37 @@ class LogTailSource:
             return more
         finally:
             await self._save(ctx)
+
+    async def _forget_gone(self, ctx: SourceContext, current: dict[str, Any]) -> None:
+        """Delete the checkpoints of files gone for ``_FORGET_AFTER`` s (their path no longer
+        there, or another file now): one row stayed for every file the glob ever matched (a
+        folder of daily logs), waiting for its inode to be reused."""
+        stale = [key for key in self._saved if key not in current and key not in self._files]
+        gone = await asyncio.to_thread(self._vanished, stale) if stale else set()
+        now = asyncio.get_running_loop().time()
+        self._gone = {key: self._gone.get(key, now) for key in gone}
+        due = [key for key, since in self._gone.items() if now - since >= _FORGET_AFTER]
+        if due:
+            await ctx.checkpoints.delete_many(due)
+            for key in due:
+                del self._gone[key]
+                self._saved.pop(key, None)
+                self._dirty.pop(key, None)
+
+    def _vanished(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` whose checkpointed path is gone or is another file now."""
+        found = set()
+        for key in keys:
+            saved = self._saved.get(key)
+            path = saved.get("path") if isinstance(saved, dict) else None
+            try:
+                if path is None or _identity(os.stat(path)) != key:
+                    found.add(key)
+            except FileNotFoundError:
+                found.add(key)
+            except OSError:
+                continue  # cannot tell (no permission, a mount gone astray): kept
+        return found
 
     async def _open_what_grew(
         self, current: dict[str, tuple[str, int, int]], first_start: bool

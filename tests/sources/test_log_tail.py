@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from eventbus._errors import ConfigError
-from eventbus.sources import SourceContext, build_source
+from eventbus.sources import SourceContext, _log_tail, build_source
 from eventbus.store import EmbeddedPostgres
 from tests.fixtures.wait import eventually
 from tests.sources._harness import (
@@ -361,6 +361,33 @@ async def test_a_renamed_file_still_matched_gives_its_last_line_and_copies_can_b
         await recorder.wait_for(3)
         await eventually(lambda: _committed(ctx, tmp_path / "app.log.1"))
     assert sorted(_messages(recorder)) == ["l1", "l2-partial", "n1"]
+
+
+async def test_the_checkpoint_of_a_file_gone_is_deleted(
+    tmp_path: Path, database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One row stayed for every file the glob ever matched (a folder of daily logs).
+    monkeypatch.setattr(_log_tail, "_FORGET_AFTER", 0.2)  # an hour by default
+    old, kept = tmp_path / "old.log", tmp_path / "kept.log"
+    old.write_text("old\n")
+    kept.write_text("kept\n")
+    old_key = _key(old)
+    recorder = Recorder()
+    async with started(database_dsn, _spec(tmp_path / "*.log"), recorder) as ctx:
+        await recorder.wait_for(2)
+        await eventually(lambda: _committed(ctx, old))
+        old.unlink()
+
+        async def forgotten() -> bool:
+            return set(await ctx.checkpoints.items()) == {_key(kept)}
+
+        await eventually(forgotten, what="the deleted file's checkpoint deleted")
+    assert old_key != _key(kept)
+
+
+def _key(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 async def _committed_or_tracked(ctx: SourceContext) -> bool:
