@@ -141,6 +141,9 @@ def _parse_path(source: object) -> JSONPath:
             "jsonpath", "invalid JSONPath '{source}': {reason}", {"source": source, "reason": exc}
         ) from exc
     refused = _unsupported(path)
+    if refused is None and _roots(path) > 1:
+        # $.data.$ selected the whole event again
+        refused = "'$' past the start of the path"
     if refused is None and _descents(path) > 1:
         # each more multiplies what is selected: $..*..*..*..* made 683 MB of a 1.4 KB event,
         # $..k[?(@..x)] took 5 s of the router's loop
@@ -225,6 +228,11 @@ def _children(node: Any) -> list[Any]:
     children = [getattr(node, name, None) for name in ("left", "right", "target")]
     children += getattr(node, "expressions", None) or []
     return [child for child in children if child is not None]
+
+
+def _roots(node: Any) -> int:
+    """``$`` nodes anywhere in a parsed path."""
+    return (1 if isinstance(node, jp.Root) else 0) + sum(_roots(c) for c in _children(node))
 
 
 def _descents(node: Any) -> int:

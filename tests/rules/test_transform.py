@@ -87,6 +87,7 @@ def test_invalid_specs(case: dict[str, Any]) -> None:
         ("$..*..*", "more than one recursive descent (..)"),
         ("$.data..items..sku", "more than one recursive descent (..)"),
         ("$..k[?(@..x)]", "more than one recursive descent (..)"),  # 5 s a 214 KB event
+        ("$.data.$", "'$' past the start of the path"),  # the whole event again
     ],
 )
 def test_jsonpath_extensions_beyond_filters_are_refused(path: str, what: str) -> None:
