@@ -95,6 +95,29 @@ def _read_file(
     return documents
 
 
+_RULE_START = re.compile(r"^-\s+name:\s*(['\"]?)([A-Za-z0-9._-]{1,128})\1\s*(?:#.*)?$")
+_RULE_NAME = re.compile(r"^\s{1,8}name:\s*(['\"]?)([A-Za-z0-9._-]{1,128})\1\s*(?:#.*)?$")
+
+
+def _rule_at(text: str, line: int) -> str | None:
+    """The name of the rule a line of a file YAML cannot read is in, as far as the text shows
+    (its item's ``name:``): the parser stopped before any rule was built."""
+    lines = text.splitlines()[:line]
+    for number in range(len(lines) - 1, -1, -1):
+        current = lines[number]
+        if (found := _RULE_START.match(current)) is not None:
+            return found.group(2)
+        if current.startswith("-"):
+            # an item whose name comes on a later line, before the error
+            for later in lines[number + 1 :]:
+                if (named := _RULE_NAME.match(later)) is not None:
+                    return named.group(2)
+                if later.startswith("-"):
+                    break
+            return None
+    return None
+
+
 def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
     """The rule documents of one file; its problems are added to ``errors``."""
     deep = flow_too_deep(text)
@@ -129,10 +152,15 @@ def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
         mark = exc.problem_mark or exc.context_mark
         line = None if mark is None else mark.line + 1
         problem = exc.problem or exc.context or "invalid YAML"
-        errors.append(RuleError(f"invalid YAML: {problem}", file=name, line=line))
+        rule = None if line is None else _rule_at(text, line)
+        errors.append(RuleError(f"invalid YAML: {problem}", file=name, line=line, rule=rule))
         return []
     except yaml.YAMLError as exc:  # the reader's: a character YAML does not allow (NUL)
-        errors.append(RuleError(f"invalid YAML: {exc}", file=name, line=_line_of(text, exc)))
+        line = _line_of(text, exc)
+        # its first line: the second is the reader's position in "<unicode string>"
+        problem = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        rule = None if line is None else _rule_at(text, line)
+        errors.append(RuleError(f"invalid YAML: {problem}", file=name, line=line, rule=rule))
         return []
     except RecursionError:  # block nesting the parser's own recursion cannot follow
         errors.append(RuleError("invalid YAML: nested too deep", file=name))

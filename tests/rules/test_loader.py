@@ -153,6 +153,14 @@ def test_file_level_errors(tmp_path: Path, text: str, line: int, message: str) -
     assert errors[0].file == str(path)
     assert errors[0].line == line
     assert message in errors[0].message
+    assert "\n" not in errors[0].message  # the reader's second line was its own position
+
+
+def test_a_yaml_error_names_the_rule_it_is_in(tmp_path: Path) -> None:
+    # file and line only: in a file of many rules, which one was left to find
+    text = "- name: ok\n  targets: [t]\n- name: 'broken'\n  match: {a: [1, }\n  targets: [t]\n"
+    _, (error,) = read_rule_files(write(tmp_path, text))
+    assert (error.line, error.rule) == (4, "broken")
 
 
 def test_every_file_problem_is_reported(tmp_path: Path) -> None:
