@@ -23,6 +23,9 @@ __all__ = ["poll_changes"]
 
 T = TypeVar("T")
 
+_STARTED = "started"
+"""The checkpoint saying a ``start_at: end`` source's first scan was taken as its start."""
+
 
 async def poll_changes(
     ctx: SourceContext,
@@ -33,6 +36,7 @@ async def poll_changes(
     scan: Callable[[], Awaitable[Iterable[tuple[str, Any, T]]]],
     order: Callable[[T], Any],
     event: Callable[[T, bool], Awaitable[dict[str, Any]]],
+    start_at_end: bool = False,
 ) -> None:
     """Poll until cancelled.
 
@@ -41,7 +45,9 @@ async def poll_changes(
     order of ``order(item)``. ``status.lag`` counts the changed items not yet checkpointed.
     ``transient`` failures, like bus and store errors the caller lists there, are reported in
     ``ctx.status`` and retried with backoff, progress rebuilt from the checkpoints; anything
-    else propagates (the runner marks the source failed).
+    else propagates (the runner marks the source failed). With ``start_at_end``, what the
+    first scan of the source's first start lists is checkpointed without events (a marker
+    checkpoint says it was done, so a later start reports what came meanwhile).
     """
     seen: dict[str, Any] | None = None
     backoff = Backoff(ctx.clock, maximum=max(interval, 30.0))
@@ -49,6 +55,11 @@ async def poll_changes(
         try:
             if seen is None:
                 seen = await ctx.checkpoints.items(prefix)
+                if start_at_end and await ctx.checkpoints.get(_STARTED) is None:
+                    baseline = {prefix + name: marker for name, marker, _ in await scan()}
+                    await ctx.checkpoints.put_many(baseline)
+                    await ctx.checkpoints.put(_STARTED, True)
+                    seen.update(baseline)
             await _emit_changes(ctx, prefix, seen, await scan(), order, event)
         except transient as exc:
             # Progress is rebuilt from checkpoints, so nothing half-done is trusted.

@@ -18,7 +18,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote_plus
 
 import pydantic
@@ -51,6 +51,8 @@ class S3PollSourceSpec(SourceSpec):
     access_key_id: str | None = None
     secret_access_key: Secret | None = None
     tls: TlsSpec | None = None
+    start_at: Literal["beginning", "end"] = "beginning"
+    """``end``: the objects already there at the source's first start are not reported."""
 
     @pydantic.model_validator(mode="after")
     def _tls_botocore_takes(self) -> S3PollSourceSpec:
@@ -132,6 +134,7 @@ class S3PollSource:
             scan=self._scan,
             order=lambda obj: (obj["LastModified"], obj["Key"]),
             event=self._event,
+            start_at_end=self.config.start_at == "end",
         )
 
     async def _scan(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:

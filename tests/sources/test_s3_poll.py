@@ -136,6 +136,37 @@ async def _has_checkpoint(ctx: SourceContext, key: str) -> bool:
     return await ctx.checkpoints.get(key) is not None
 
 
+async def test_start_at_end_reports_only_what_comes_after_the_first_start(
+    s3_endpoint: str, database_dsn: str
+) -> None:
+    # Every object already in the bucket was reported at the first start (a bucket of years
+    # of uploads: all of them, one event each); Argo Events' and EventBridge's S3 sources
+    # report what is uploaded from then on.
+    bucket = f"old-{uuid.uuid4().hex[:8]}"
+    s3 = _client(s3_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    for key in ("a.csv", "b.csv"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"old")
+    spec = _spec(s3_endpoint, bucket, start_at="end")
+    first = Recorder()
+    async with started(database_dsn, spec, first) as ctx:
+        await eventually(lambda: _caught_up(ctx))
+        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key="c.csv", Body=b"new")
+        await first.wait_for(1)
+
+        async def checkpointed() -> bool:
+            return await ctx.checkpoints.get("o:c.csv") is not None
+
+        await eventually(checkpointed, what="c.csv checkpointed")
+    # a later start is no first start: what came while stopped is reported
+    await asyncio.to_thread(s3.put_object, Bucket=bucket, Key="d.csv", Body=b"new")
+    again = Recorder()
+    async with started(database_dsn, spec, again):
+        await again.wait_for(1)
+    assert [e["subject"] for e in first.events] == ["c.csv"]
+    assert [e["subject"] for e in again.events] == ["d.csv"]
+
+
 async def test_a_missing_bucket_backs_off_until_it_is_made(
     s3_endpoint: str, database_dsn: str
 ) -> None:
