@@ -209,7 +209,9 @@ class RuleSet:
                 verdict, reason = rule.condition.evaluate(context)
                 if verdict is not Verdict.MATCH:
                     if verdict is not Verdict.NO_MATCH:
-                        self._failed(rule, event, "condition", reason)
+                        self._failed(
+                            self.cel_errors, rule, event, "condition", "treated as no match", reason
+                        )
                     continue
             last: Transform | None = None
             payload: Any = event
@@ -222,7 +224,9 @@ class RuleSet:
                         last, payload = target.transform, target.transform.apply(event)
                     except TransformTooLarge as exc:
                         last = None
-                        self._failed(rule, event, f"transform for target {target.name!r}", str(exc))
+                        what = f"transform for target {target.name!r}"
+                        counter = self.transform_errors
+                        self._failed(counter, rule, event, what, "target skipped", str(exc))
                         continue
                 routes.append(
                     Route(
@@ -254,10 +258,19 @@ class RuleSet:
                     failed[rule.name] = reason
         return failed
 
-    def _failed(self, rule: Rule, event: dict[str, Any], what: str, reason: str) -> None:
-        """A condition that failed (no match), or a transform (that target skipped): counted,
-        logged at most once a minute per rule."""
-        (self.cel_errors if what == "condition" else self.transform_errors)[rule.name] += 1
+    def _failed(
+        self,
+        counter: Counter[str],
+        rule: Rule,
+        event: dict[str, Any],
+        what: str,
+        outcome: str,
+        reason: str,
+    ) -> None:
+        """``what`` failed on ``event`` (a condition: no match; a transform: that target
+        skipped, the ``outcome``): counted in ``counter``, logged at most once a minute per
+        rule."""
+        counter[rule.name] += 1
         now = time.monotonic()
         if now < self._next_log.get(rule.name, 0.0):
             self._unlogged[rule.name] += 1
@@ -270,7 +283,7 @@ class RuleSet:
             what,
             event.get("source"),
             event.get("id"),
-            "treated as no match" if what == "condition" else "target skipped",
+            outcome,
             reason,
             f" ({skipped} more since the last report)" if skipped else "",
         )

@@ -141,10 +141,10 @@ def _parse_path(source: object) -> JSONPath:
             "jsonpath", "invalid JSONPath '{source}': {reason}", {"source": source, "reason": exc}
         ) from exc
     refused = _unsupported(path)
-    if refused is None and _roots(path) > 1:
+    if refused is None and _count(path, jp.Root) > 1:
         # $.data.$ selected the whole event again
         refused = "'$' past the start of the path"
-    if refused is None and _descents(path) > 1:
+    if refused is None and _count(path, jp.Descendants) > 1:
         # each more multiplies what is selected: $..*..*..*..* made 683 MB of a 1.4 KB event,
         # $..k[?(@..x)] took 5 s of the router's loop
         refused = "more than one recursive descent (..)"
@@ -197,12 +197,8 @@ def _compare_as_json(node: Any) -> None:
             _JsonExpression(e.target, e.op, e.value) if type(e) is Expression else e
             for e in node.expressions
         ]
-        for expression in node.expressions:
-            _compare_as_json(expression.target)
-    for name in ("left", "right", "target"):
-        child = getattr(node, name, None)
-        if child is not None:
-            _compare_as_json(child)
+    for child in _children(node):
+        _compare_as_json(child)
 
 
 def _unsupported(node: Any) -> str | None:
@@ -230,15 +226,10 @@ def _children(node: Any) -> list[Any]:
     return [child for child in children if child is not None]
 
 
-def _roots(node: Any) -> int:
-    """``$`` nodes anywhere in a parsed path."""
-    return (1 if isinstance(node, jp.Root) else 0) + sum(_roots(c) for c in _children(node))
-
-
-def _descents(node: Any) -> int:
-    """Recursive descents (``..``) anywhere in a parsed path, its filters' included."""
-    own = 1 if isinstance(node, jp.Descendants) else 0
-    return own + sum(_descents(child) for child in _children(node))
+def _count(node: Any, kind: type) -> int:
+    """Nodes of ``kind`` anywhere in a parsed path, its filters' included."""
+    own = 1 if isinstance(node, kind) else 0
+    return own + sum(_count(child, kind) for child in _children(node))
 
 
 def _unfit(value: Any, limit: int) -> str | None:
