@@ -153,9 +153,14 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchange -------------------------------------------------------------------------
 
+    @property
+    def open(self) -> bool:
+        """Whether the connection can carry a request: not closed by either side."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     async def exchange(self, request: bytes, body: bytes, max_body: int) -> Response:
         transport = self.transport
-        if transport is None or self.closed or transport.is_closing():
+        if transport is None or not self.open:
             raise Disconnected("server disconnected before answering")
         self.reusable = False
         self._reset()
@@ -399,7 +404,7 @@ class Pool:
             except BaseException:
                 conn.close()  # neither idle nor busy: nobody else would close it
                 raise
-            if conn.transport is not None and not conn.transport.is_closing() and not conn.closed:
+            if conn.open:
                 return conn
             conn.close()
         return None
@@ -408,7 +413,7 @@ class Pool:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+            if conn.open:
                 return conn
         return None
 
