@@ -246,6 +246,7 @@ class Dispatcher:
 
     async def _failed(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         assert job.first_attempt_at is not None
+        error = outcome.error
         if outcome.gone:
             reason = DeadLetterReason.GONE
             if policy.disable_on_gone:
@@ -272,9 +273,7 @@ class Dispatcher:
                         f"{outcome.error}; its Retry-After ({outcome.retry_after:g} s) falls "
                         f"past max_age ({policy.retry.max_age:g} s)"
                     )
-                    await self._dead_letter(job, outcome, reason, error, policy)
-                    return
-        await self._dead_letter(job, outcome, reason, outcome.error, policy)
+        await self._dead_letter(job, outcome, reason, error, policy)
 
     async def _behind_circuit(
         self, job: Delivery, reopen_in: float, policy: DeliveryPolicy
