@@ -118,10 +118,10 @@ class _File:
     opened_as: str = ""
     """The path it had when opened (a rotation renames it)."""
     tail: bytes = b""
+    """The bytes just before ``tail_at`` (up to ``_TAIL``) when it was checkpointed: a file
+    rewritten behind the same first bytes (a report's constant header) no longer has them."""
     tail_at: int = 0
     """The offset ``tail`` ends at (``committed`` when it was last saved)."""
-    """The bytes just before ``committed`` (up to ``_TAIL``) when it was checkpointed: a file
-    rewritten behind the same first bytes (a report's constant header) no longer has them."""
     mtime_ns: int = 0  # when closed for inactivity
     generation: int = 0
     """How many times the file was seen to start over (truncated, rewritten, or its inode taken
@@ -135,6 +135,15 @@ class _File:
     record: _Record | None = None
     batch: list[_Record] = field(default_factory=list)
     batch_started: datetime | None = None
+
+    def start_over(self, head: bytes) -> None:
+        """The file begins again (truncated, rewritten, its inode taken by a new file): a new
+        generation, read from offset 0."""
+        self.committed = 0
+        self.generation += 1
+        self.head = head
+        self.tail, self.tail_at = b"", 0
+        self.rewind()
 
     def rewind(self) -> None:
         """Forget everything not on the bus; the next read starts at the committed offset."""
@@ -279,7 +288,7 @@ class LogTailSource:
                     # Renamed away (app.log -> app.log.1, still matched by app.log*) and done
                     # growing: its last line, without a newline, waited for it to be deleted.
                     await self._finish(ctx, f)
-                lag += max(os.fstat(f.handle.fileno()).st_size - f.committed, 0)
+                lag += _unread(f)
                 if f.idle and now - f.grew_at >= self.config.close_inactive:
                     # reopened when it grows or is written (max_open_files)
                     f.mtime_ns = os.fstat(f.handle.fileno()).st_mtime_ns
@@ -412,10 +421,7 @@ class LogTailSource:
             # Rewritten while closed (removed and made again on the same inode, or truncated
             # and written to the same size): behind the same first bytes, its lines were
             # skipped. Everything read before is on the bus (it closed idle): start over.
-            f.committed = 0
-            f.generation += 1
-            f.head = _read_head(f.handle)
-            f.rewind()
+            f.start_over(_read_head(f.handle))
             self._mark(f)
         return True
 
@@ -462,11 +468,7 @@ class LogTailSource:
         if size < f.read_pos or head[:prefix] != f.head[:prefix] or tail != f.tail:
             # Copy-truncate: what was read is complete; the file restarts at offset 0.
             await self._finish(ctx, f)
-            f.committed = 0
-            f.generation += 1
-            f.head = head
-            f.tail, f.tail_at = b"", 0
-            f.rewind()
+            f.start_over(head)
             self._mark(f)
             data, size, head, _ = await asyncio.to_thread(_read_chunk, handle, 0, 0)
         if len(head) > len(f.head):
