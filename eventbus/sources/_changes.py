@@ -37,6 +37,7 @@ async def poll_changes(
     order: Callable[[T], Any],
     event: Callable[[T, bool], Awaitable[dict[str, Any]]],
     start_at_end: bool = False,
+    emit: Callable[[dict[str, Any]], Awaitable[object]] | None = None,
 ) -> None:
     """Poll until cancelled.
 
@@ -47,7 +48,8 @@ async def poll_changes(
     ``ctx.status`` and retried with backoff, progress rebuilt from the checkpoints; anything
     else propagates (the runner marks the source failed). With ``start_at_end``, what the
     first scan of the source's first start lists is checkpointed without events (a marker
-    checkpoint says it was done, so a later start reports what came meanwhile).
+    checkpoint says it was done, so a later start reports what came meanwhile). ``emit``
+    publishes each event (``ctx.emit`` unless given).
     """
     seen: dict[str, Any] | None = None
     backoff = Backoff(ctx.clock, maximum=max(interval, 30.0))
@@ -60,7 +62,7 @@ async def poll_changes(
                     await ctx.checkpoints.put_many(baseline)
                     await ctx.checkpoints.put(_STARTED, True)
                     seen.update(baseline)
-            await _emit_changes(ctx, prefix, seen, await scan(), order, event)
+            await _emit_changes(ctx, prefix, seen, await scan(), order, event, emit or ctx.emit)
         except transient as exc:
             # Progress is rebuilt from checkpoints, so nothing half-done is trusted.
             ctx.report_error(exc)
@@ -79,6 +81,7 @@ async def _emit_changes(
     present: Iterable[tuple[str, Any, T]],
     order: Callable[[T], Any],
     event: Callable[[T, bool], Awaitable[dict[str, Any]]],
+    emit: Callable[[dict[str, Any]], Awaitable[object]],
 ) -> None:
     listed = {prefix + name: (marker, item) for name, marker, item in present}
     changed = [
@@ -90,7 +93,7 @@ async def _emit_changes(
     ctx.status.lag = remaining
     for key, marker, item in changed:
         try:
-            await _emit(ctx, await event(item, key in seen))
+            await emit(await event(item, key in seen))
         except (CloudEventError, EventTooLargeForBus) as exc:
             # No event can say it (a name with a control character, say), or the bus cannot
             # carry it: kept aside, and the items after it go on (it raised out of the source,
@@ -107,18 +110,3 @@ async def _emit_changes(
         await ctx.checkpoints.delete_many(gone)
         for key in gone:
             del seen[key]
-
-
-async def _emit(ctx: SourceContext, made: dict[str, Any]) -> None:
-    """Publish ``made``; one too large for the bus that carries a file's ``content`` goes
-    without it, as one over ``max_event_size`` does (the directory source): the file is still
-    reported."""
-    try:
-        await ctx.emit(made)
-    except EventTooLargeForBus as exc:
-        data = made.get("data")
-        if not isinstance(data, dict) or "content" not in data:
-            raise
-        data = {k: v for k, v in data.items() if k != "content"}
-        data["content_omitted"] = str(exc)
-        await ctx.emit({**made, "data": data})

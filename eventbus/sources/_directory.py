@@ -13,6 +13,7 @@ checkpoints are deleted).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import uuid
@@ -22,7 +23,7 @@ from typing import Any
 
 import pydantic
 
-from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus._errors import BusError, CloudEventError, EventTooLargeForBus, StoreError
 from eventbus.cloudevents import attribute_text, validate
 from eventbus.config import SourceSpec
 from eventbus.sources._base import SourceContext, UnreadablePaths
@@ -69,6 +70,7 @@ class DirectorySource:
             event=lambda file, known: asyncio.to_thread(
                 self._event, *file, known, ctx.max_event_size
             ),
+            emit=functools.partial(_emit_file, ctx),
         )
 
     async def _scan(self) -> list[tuple[str, dict[str, int], tuple[str, os.stat_result]]]:
@@ -137,3 +139,18 @@ class DirectorySource:
             del data["content"]
             data["content_omitted"] = exc.detail
             return validate(event, max_size=max_size)
+
+
+async def _emit_file(ctx: SourceContext, made: dict[str, Any]) -> None:
+    """Publish a file's event; one too large for the bus with the file's ``content`` goes
+    without it, as one over ``max_event_size`` does: the file is still reported (it was
+    dead-lettered with its name only)."""
+    try:
+        await ctx.emit(made)
+    except EventTooLargeForBus as exc:
+        data = made["data"]
+        if "content" not in data:
+            raise
+        data = {k: v for k, v in data.items() if k != "content"}
+        data["content_omitted"] = str(exc)
+        await ctx.emit({**made, "data": data})
