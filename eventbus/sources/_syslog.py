@@ -295,7 +295,7 @@ def _udp_socket(host: str, port: int, buffer: int) -> socket.socket:
     return sock
 
 
-def kernel_drops(sock: socket.socket) -> int | None:
+def _kernel_drops(sock: socket.socket) -> int | None:
     """Datagrams the kernel dropped for ``sock`` (its receive buffer full), from Linux's
     /proc/net/udp and udp6; None where they cannot be read."""
     inode = str(os.fstat(sock.fileno()).st_ino)
@@ -377,12 +377,12 @@ class SyslogSource:
         """Count the datagrams the kernel dropped (the socket's buffer full before eventbus
         read them) in the status: only the in-process queue's were (17,864 of 20,000 were lost
         with errors 0 in a review's burst)."""
-        seen = await asyncio.to_thread(kernel_drops, sock)
+        seen = await asyncio.to_thread(_kernel_drops, sock)
         if seen is None:
             return  # not Linux: nothing to read
         while True:
             await asyncio.sleep(_DROPS_EVERY)
-            now = await asyncio.to_thread(kernel_drops, sock)
+            now = await asyncio.to_thread(_kernel_drops, sock)
             if now is not None and now > seen:
                 ctx.status.errors += now - seen
                 ctx.status.last_error = (
