@@ -117,24 +117,22 @@ async def test_the_same_lines_after_a_truncation_are_new_events(
     log = tmp_path / "app.log"
     log.write_text("GET /health 200\nGET /health 200\n")
     recorder = Recorder()
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "app-log", recorder)
-        async with running(build_source(_spec(log)), ctx):
-            await recorder.wait_for(2)
-            await eventually(lambda: _committed(ctx, log))
-            with log.open("r+") as handle:
-                handle.truncate(0)
-            await eventually(lambda: _committed(ctx, log))
-            _append(log, "GET /health 200\nGET /health 200\n")
-            await recorder.wait_for(4)
-            await eventually(lambda: _committed(ctx, log))
-        ids = [e["id"] for e in recorder.events]
-        assert len(set(ids)) == 4, ids
-        # ... and a restart finds its generation: the same ids, nothing again
-        async with running(build_source(_spec(log)), ctx):
-            _append(log, "after\n")
-            await recorder.wait_for(5)
-        assert [e["id"] for e in recorder.events[:4]] == ids and len(recorder.events) == 5
+    async with started(database_dsn, _spec(log), recorder) as ctx:
+        await recorder.wait_for(2)
+        await eventually(lambda: _committed(ctx, log))
+        with log.open("r+") as handle:
+            handle.truncate(0)
+        await eventually(lambda: _committed(ctx, log))
+        _append(log, "GET /health 200\nGET /health 200\n")
+        await recorder.wait_for(4)
+        await eventually(lambda: _committed(ctx, log))
+    ids = [e["id"] for e in recorder.events]
+    assert len(set(ids)) == 4, ids
+    # ... and a restart finds its generation: the same ids, nothing again
+    async with started(database_dsn, _spec(log), recorder):
+        _append(log, "after\n")
+        await recorder.wait_for(5)
+    assert [e["id"] for e in recorder.events[:4]] == ids and len(recorder.events) == 5
 
 
 async def test_start_at_end_keeps_what_was_written_while_stopped(
@@ -145,13 +143,11 @@ async def test_start_at_end_keeps_what_was_written_while_stopped(
     log = tmp_path / "app.log"
     log.write_text("old\n")
     recorder = Recorder()
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "app-log", recorder)
-        async with running(build_source(_spec(log, start_at="end")), ctx):
-            await eventually(lambda: _committed(ctx, log))
-        _append(log, "while stopped\n")
-        async with running(build_source(_spec(log, start_at="end")), ctx):
-            await recorder.wait_for(1)
+    async with started(database_dsn, _spec(log, start_at="end"), recorder) as ctx:
+        await eventually(lambda: _committed(ctx, log))
+    _append(log, "while stopped\n")
+    async with started(database_dsn, _spec(log, start_at="end"), recorder):
+        await recorder.wait_for(1)
     assert _messages(recorder) == ["while stopped"]
 
 
