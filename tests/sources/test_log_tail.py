@@ -401,6 +401,7 @@ async def _committed_or_tracked(ctx: SourceContext) -> bool:
         ({"follow": True}, "field 'follow'"),
         ({"max_open_files": 0}, "field 'max_open_files'"),
         ({"close_inactive": 0}, "field 'close_inactive'"),
+        ({"exclude": "*.gz"}, "field 'exclude'"),
     ],
 )
 def test_bad_settings_name_the_field(extra: dict[str, Any], fragment: str) -> None:

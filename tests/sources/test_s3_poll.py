@@ -187,6 +187,7 @@ async def test_a_missing_bucket_backs_off_until_it_is_made(
     ("extra", "fragment"),
     [
         ({"interval": 0}, "field 'interval'"),
+        ({"start_at": "middle"}, "field 'start_at'"),
         ({"bucket": ""}, "field 'bucket'"),
         ({"secret_access_key": 5}, "field 'secret_access_key'"),
         ({"region": None}, "field 'region'"),

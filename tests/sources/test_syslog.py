@@ -281,6 +281,7 @@ async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
         ({"protocols": []}, "field 'protocols'"),
         ({"protocols": ["sctp"]}, "field 'protocols.0'"),
         ({"max_message_bytes": 10}, "field 'max_message_bytes'"),
+        ({"udp_receive_buffer": 10}, "field 'udp_receive_buffer'"),
         ({"listen": "0.0.0.0"}, "field 'listen'"),
     ],
 )
