@@ -24,6 +24,7 @@ __all__ = [
     "EqualsIgnoreCase",
     "Exact",
     "Exists",
+    "IpNetwork",
     "Leaf",
     "Matcher",
     "Numeric",
@@ -32,6 +33,7 @@ __all__ = [
     "Suffix",
     "Wildcard",
     "exact_key",
+    "ip_address_of",
     "is_number",
 ]
 
@@ -177,13 +179,13 @@ class Cidr:
     def test(self, value: object) -> bool:
         if type(value) is not str:
             return False
-        address = _address(value)
+        address = ip_address_of(value)
         # Containment across IP versions is simply False in the stdlib.
         return address is not None and address in self.network
 
 
 @functools.lru_cache(maxsize=4096)
-def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def ip_address_of(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """``value`` read as an IP address once for all the blocks of a field it is tested against
     (each parsed it again: 3,000 blocks took 5.9 ms an event), or None."""
     try:
