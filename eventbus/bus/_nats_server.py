@@ -200,7 +200,7 @@ class NatsServer:
                 return
             await asyncio.sleep(0.05)
         raise BusError(
-            f"nats-server did not accept connections on {self.url} within "
+            f"nats-server did not accept connections on {self.display_url} within "
             f"{self.startup_timeout} s: {self._log_tail()}"
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import socket
 import threading
 import time
@@ -178,6 +179,25 @@ async def test_server_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
         with pytest.raises(BusError, match="nats-server exited"):
             await server.start()
     await server.stop()
+
+
+async def test_a_server_that_never_answers_fails_without_showing_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The message reaches the log, the console and the unauthenticated /healthz (through the
+    # supervisor's reason): it carried the client URL, the bus's password included.
+    fake = tmp_path / "bin" / "nats-server"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    server = NatsServer(tmp_path / "nats", startup_timeout=1.0)
+    password = server.url.split(":")[2].split("@")[0]
+    with pytest.raises(BusError, match="did not accept connections") as raised:
+        await server.start()
+    assert password not in str(raised.value)
+    assert server.display_url in str(raised.value)
+    assert not server.alive()
 
 
 async def _pump(bus: NatsBus, got: list[str]) -> None:
