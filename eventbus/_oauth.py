@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -57,7 +58,8 @@ MAX_TOKEN_RESPONSE = 64 * 1024
 
 TOKEN_TTL = 300.0
 """Seconds a token command's token is taken to live when the command does not say
-(``token_ttl`` of the Kafka connection)."""
+(``token_ttl`` of the Kafka connection), and an OAuth2 token whose answer has no usable
+``expires_in``."""
 
 STDERR_TAIL = 300
 """Characters of a failed token command's stderr (its end) quoted in the error."""
@@ -128,8 +130,14 @@ class _TokenCache:
 
 
 def _lifetime(value: Any, default: float) -> float:
-    """An ``expires_in`` as seconds: a positive number, else ``default``."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+    """An ``expires_in`` as seconds: a positive number (or a string of one, as some identity
+    providers send it), else ``default``."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return default
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
         return float(value)
     return default
 
@@ -193,7 +201,7 @@ class OAuth2Client:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
-                body = await resp.content.read(MAX_TOKEN_RESPONSE)
+                body = await _read_capped(resp.content, MAX_TOKEN_RESPONSE)
                 status = resp.status
         except TimeoutError as exc:
             raise TokenError(
@@ -203,6 +211,11 @@ class OAuth2Client:
             raise TokenError(
                 f"{self._about()}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
+        if body is None:
+            raise TokenError(
+                f"{self._about()}: the answer is larger than {MAX_TOKEN_RESPONSE} bytes",
+                retryable=True,
+            )
         data = _json_object(body)
         if status != 200:
             error = str(data.get("error", "")) if data else ""
@@ -218,11 +231,23 @@ class OAuth2Client:
             raise TokenError(
                 f"{self._about()}: the answer has no usable access_token", retryable=True
             )
-        # No stated lifetime: kept until refused.
-        return token, _lifetime(data.get("expires_in") if data else None, float("inf"))
+        # No stated lifetime: renewed as often as a token_command's (a Kafka connection,
+        # unlike an HTTP request, has no refusal to renew on).
+        return token, _lifetime(data.get("expires_in") if data else None, TOKEN_TTL)
 
     def _about(self) -> str:
         return f"{self._where}: OAuth2 token endpoint {self._spec.token_url}"
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes | None:
+    """The whole body, however many pieces it arrives in (``read(n)`` returns what is there
+    so far), or None past ``cap`` bytes."""
+    body = bytearray()
+    while chunk := await stream.read(cap + 1 - len(body)):
+        body += chunk
+        if len(body) > cap:
+            return None
+    return bytes(body)
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

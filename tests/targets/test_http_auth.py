@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 from aiohttp import web
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
+from eventbus import _oauth as oauth_module
 from eventbus._errors import ConfigError
 from eventbus._oauth import OAuth2Client
 from eventbus.config import OAuth2Spec, load_connectors
@@ -56,13 +58,15 @@ class TokenEndpoint:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, str]] = []
-        self.expires_in: float | None = 3600
+        self.expires_in: float | str | None = 3600
+        self.pieces = False  # the answer written in two pieces, 50 ms apart
+        self.padding = 0  # bytes of filler in the answer
         self.revoked = False
         self.delay = 0.0
         self.url = ""
         self._runner: web.AppRunner | None = None
 
-    async def _token(self, request: web.Request) -> web.Response:
+    async def _token(self, request: web.Request) -> web.StreamResponse:
         form = dict(await request.post())
         user, _, password = (
             base64.b64decode(request.headers.get("Authorization", "Basic ").removeprefix("Basic "))
@@ -81,7 +85,19 @@ class TokenEndpoint:
         body: dict[str, Any] = {"access_token": f"tok-{len(self.requests)}", "token_type": "Bearer"}
         if self.expires_in is not None:
             body["expires_in"] = self.expires_in
-        return web.json_response(body)
+        if self.padding:
+            body["padding"] = "x" * self.padding
+        if not self.pieces:
+            return web.json_response(body)
+        data = json.dumps(body).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        await asyncio.sleep(0.05)
+        await response.write(data[len(data) // 2 :])
+        await response.write_eof()
+        return response
 
     async def start(self) -> None:
         app = web.Application()
@@ -253,10 +269,18 @@ async def test_500_concurrent_deliveries_fetch_one_token(
     assert {r.headers["Authorization"] for r in function.requests} == {"Bearer tok-1"}
 
 
+@pytest.mark.parametrize("lifetime", [1, "1", None])
 async def test_a_token_is_renewed_before_it_expires(
-    function: Receiver, pki: Pki, idp: TokenEndpoint
+    function: Receiver,
+    pki: Pki,
+    idp: TokenEndpoint,
+    lifetime: float | str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    idp.expires_in = 1  # renewed at 90 % of its life
+    # renewed at 90 % of its life; a string lifetime (as some providers send) was taken for
+    # none, and a token without one was kept for ever (a Kafka connection never renewed it)
+    idp.expires_in = lifetime
+    monkeypatch.setattr(oauth_module, "TOKEN_TTL", 1.0)
     async with HttpTarget(_spec(function, pki, _oauth(idp))) as target:
         assert (await _deliver(target, 1)).delivered
         assert (await _deliver(target, 2)).delivered
@@ -265,6 +289,22 @@ async def test_a_token_is_renewed_before_it_expires(
     assert len(idp.requests) == 2
     tokens = [r.headers["Authorization"] for r in function.requests]
     assert tokens == ["Bearer tok-1", "Bearer tok-1", "Bearer tok-2"]
+
+
+@pytest.mark.parametrize("padding", [0, 200_000])
+async def test_a_token_answer_is_read_whole_however_it_arrives(
+    function: Receiver, pki: Pki, idp: TokenEndpoint, padding: int
+) -> None:
+    # read(n) returned the first piece only: "no usable access_token" on every delivery
+    idp.pieces, idp.padding = True, padding
+    async with HttpTarget(_spec(function, pki, _oauth(idp))) as target:
+        outcome = await _deliver(target)
+    if padding:
+        assert not outcome.delivered and outcome.retryable
+        assert "larger than 65536 bytes" in (outcome.error or ""), outcome
+    else:
+        assert outcome.delivered, outcome.error
+        assert [r.headers["Authorization"] for r in function.requests] == ["Bearer tok-1"]
 
 
 async def test_a_401_fetches_one_new_token_and_sends_again(
