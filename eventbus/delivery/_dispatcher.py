@@ -151,6 +151,10 @@ class Dispatcher:
             self._override_cache[key] = policy
         return policy
 
+    def target_names(self) -> list[str]:
+        """The targets this process can send to (its retry worker claims rows for these)."""
+        return list(self._targets)
+
     async def run(self, job: Delivery) -> None:
         self.in_flight += 1
         try:

@@ -108,6 +108,7 @@ class RetryWorker:
                     lease=self._lease,
                     instance=self._instance,
                     skip=full,
+                    known=self._dispatcher.target_names(),
                 )
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)

@@ -23,9 +23,13 @@ import asyncpg
 from eventbus.delivery._model import DeadLetterReason, Delivery, split_stored_rule
 from eventbus.store import READ_TIMEOUT, Outstanding, dumps_jsonb, loads_jsonb, run_db
 
-__all__ = ["REPLAY_BATCH", "DeadLetterFilter", "DeliveryStore"]
+__all__ = ["REPLAY_BATCH", "UNKNOWN_TARGET_GRACE", "DeadLetterFilter", "DeliveryStore"]
 
 REPLAY_BATCH = 1000  # dead letters moved back into the retry schedule by one statement
+
+UNKNOWN_TARGET_GRACE = 300.0
+"""Seconds a due retry for a target this process does not have waits for an instance that has
+it, before this one claims it (and dead-letters it as ``unknown-target``)."""
 
 
 def _columns(d: Delivery) -> tuple[Any, ...]:
@@ -192,10 +196,20 @@ class DeliveryStore:
         )
 
     async def claim_due(
-        self, *, limit: int, lease: float, instance: str, skip: Sequence[str] = ()
+        self,
+        *,
+        limit: int,
+        lease: float,
+        instance: str,
+        skip: Sequence[str] = (),
+        known: Sequence[str] | None = None,
+        orphan_after: float = UNKNOWN_TARGET_GRACE,
     ) -> list[Delivery]:
         """Claim up to ``limit`` due rows for ``lease`` seconds, none for the targets in
-        ``skip``; others skip them meanwhile."""
+        ``skip``; others skip them meanwhile. With ``known`` (the targets this process has),
+        a row for another target is claimed only once it has been due ``orphan_after`` seconds
+        unclaimed: the instance that has that target (a rolling deploy adding one) takes it
+        first, and a row no instance can send is still dead-lettered in the end."""
         rows = await self._run(
             "claiming due retries",
             self._pool.fetch(
@@ -204,12 +218,16 @@ class DeliveryStore:
                 f" WHERE id IN (SELECT id FROM delivery_retries"
                 f"   WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now())"
                 f"   AND target <> ALL($4::text[])"
+                f"   AND ($5::text[] IS NULL OR target = ANY($5::text[])"
+                f"     OR due_at <= now() - make_interval(secs => $6))"
                 f"   ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
                 f" RETURNING {_COLUMNS}",
                 limit,
                 lease,
                 instance,
                 list(skip),
+                None if known is None else list(known),
+                orphan_after,
             ),
             watched=True,
         )

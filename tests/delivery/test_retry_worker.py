@@ -83,6 +83,25 @@ async def test_a_retry_is_attempted_when_due_not_at_the_next_poll(
     await receiver.wait_for(2, path="/fn", timeout=15)
 
 
+async def test_a_retry_for_a_target_this_process_lacks_is_left_to_an_instance_that_has_it(
+    rig: Rig, receiver: Receiver
+) -> None:
+    # Another instance (a rolling deploy adding target "fn2") scheduled it; this one claimed it
+    # and dead-lettered it as unknown-target, and a replay could not help: it claimed it again.
+    event = {"specversion": "1.0", "id": "r-other", "source": "tests/retry", "type": "t"}
+    other = Delivery(event=event, rule="rule", target="fn2", payload=event, is_cloudevent=True)
+    await rig.deliveries.schedule(other, due_in=0)
+    receiver.script(503)
+    await rig.dispatcher.run(_delivery(2))  # its retry wakes the worker, due after fn2's row
+    await receiver.wait_for(2, path="/fn", timeout=15)
+
+    async def fn_row_done() -> bool:
+        return await rig.deliveries.backlog() == 1
+
+    await eventually(fn_row_done, within=10)
+    assert await rig.deliveries.list_dead_letters(DeadLetterFilter()) == []
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_no_attempt_beyond_the_budget_while_postgres_is_down(

@@ -50,6 +50,25 @@ async def test_two_claimers_split_due_rows(store: DeliveryStore) -> None:
     assert await store.claim_due(limit=10, lease=60, instance="c") == []
 
 
+async def test_rows_of_a_target_the_claimer_lacks_wait_for_one_that_has_it(
+    store: DeliveryStore,
+) -> None:
+    other = _delivery(2)
+    other.target = "fn2"
+    await store.schedule(_delivery(1), due_in=0)
+    await store.schedule(other, due_in=0)
+    (mine,) = await store.claim_due(limit=10, lease=60, instance="a", known=["fn"], orphan_after=1)
+    assert mine.target == "fn"
+    assert await store.claim_due(limit=10, lease=60, instance="a", known=["fn"]) == []
+    # due for longer than the grace, no instance with "fn2" took it: this one does (and will
+    # dead-letter it as unknown-target)
+    await asyncio.sleep(1.2)
+    (orphan,) = await store.claim_due(
+        limit=10, lease=60, instance="a", known=["fn"], orphan_after=1
+    )
+    assert orphan.target == "fn2"
+
+
 async def test_a_stale_claim_cannot_write(store: DeliveryStore) -> None:
     await store.schedule(_delivery(1), due_in=0)
     (first,) = await store.claim_due(limit=1, lease=0.2, instance="a")
