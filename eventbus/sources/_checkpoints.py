@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -20,7 +20,7 @@ import orjson
 from eventbus._errors import StoreError
 from eventbus.store import READ_TIMEOUT, run_db
 
-__all__ = ["Checkpoints", "list_dead_letters"]
+__all__ = ["Checkpoints", "Lease", "list_dead_letters"]
 
 
 # What asyncpg raises when Postgres rejects a statement or the connection is gone.
@@ -115,6 +115,64 @@ class Checkpoints:
             )
         except _DB_ERRORS as exc:
             raise StoreError(f"deleting checkpoints of {self._source}: {exc}") from exc
+
+
+class Lease:
+    """The lease of one source (table ``source_leases``): the instance holding it runs the
+    source; another takes it over once it has run out (its holder died, froze or lost the
+    database)."""
+
+    def __init__(self, pool: asyncpg.Pool, source: str, owner: str) -> None:
+        self._pool = pool
+        self._source = source
+        self._owner = owner
+
+    async def take(self, seconds: float) -> bool:
+        """Take the lease for ``seconds`` from now, or renew it: True when this instance holds
+        it now. Raises StoreError (StoreUnavailable after ``READ_TIMEOUT`` seconds)."""
+        holder = await run_db(
+            f"taking the lease of source {self._source}",
+            self._pool.fetchval(
+                "INSERT INTO source_leases (source, owner, expires_at)"
+                " VALUES ($1, $2, now() + make_interval(secs => $3))"
+                " ON CONFLICT (source) DO UPDATE"
+                " SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at"
+                " WHERE source_leases.owner = EXCLUDED.owner OR source_leases.expires_at < now()"
+                " RETURNING owner",
+                self._source,
+                self._owner,
+                seconds,
+            ),
+            deadline=READ_TIMEOUT,
+        )
+        return holder is not None
+
+    async def holder(self) -> str | None:
+        """The instance holding the lease now, or None. Raises StoreError."""
+        return cast(
+            "str | None",
+            await run_db(
+                f"reading the lease of source {self._source}",
+                self._pool.fetchval(
+                    "SELECT owner FROM source_leases WHERE source = $1 AND expires_at >= now()",
+                    self._source,
+                ),
+                deadline=READ_TIMEOUT,
+            ),
+        )
+
+    async def release(self) -> None:
+        """Give the lease up (if this instance holds it), so another takes over at once.
+        Raises StoreError."""
+        await run_db(
+            f"releasing the lease of source {self._source}",
+            self._pool.execute(
+                "DELETE FROM source_leases WHERE source = $1 AND owner = $2",
+                self._source,
+                self._owner,
+            ),
+            deadline=READ_TIMEOUT,
+        )
 
 
 def _text(payload: bytes, *, cut: bool) -> str | None:

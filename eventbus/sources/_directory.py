@@ -50,6 +50,8 @@ class DirectorySourceSpec(SourceSpec):
 class DirectorySource:
     """Watches one directory by polling; see the module docstring for the guarantees."""
 
+    one_instance = True  # under a lease: see SourceRunner
+
     def __init__(self, config: DirectorySourceSpec) -> None:
         self.name = config.name
         self.type = config.type

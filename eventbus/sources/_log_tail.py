@@ -202,6 +202,8 @@ def _read_chunk(handle: BinaryIO, pos: int, committed: int) -> tuple[bytes, int,
 class LogTailSource:
     """Tails every file matching a glob; see the module docstring for the guarantees."""
 
+    one_instance = True  # under a lease: see SourceRunner
+
     def __init__(self, config: LogTailSourceSpec) -> None:
         self.name = config.name
         self.type = config.type

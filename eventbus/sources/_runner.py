@@ -21,19 +21,30 @@ from typing import Any, Self, TypeVar, cast
 import asyncpg
 import pydantic
 
-from eventbus._errors import ConfigError
+from eventbus._errors import ConfigError, StoreError
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.config import SourceSpec, connector_adapter, connector_spec, register_connector
 from eventbus.sources._base import Source, SourceContext, SourceStatus, default_instance_id
-from eventbus.sources._checkpoints import Checkpoints
+from eventbus.sources._checkpoints import Checkpoints, Lease
 from eventbus.sources._clock import Backoff, Clock, SystemClock
 from eventbus.sources._shared import SharedStatuses
 
-__all__ = ["SourceRunner", "build_source", "in_every_process", "register_source"]
+__all__ = [
+    "LEASE",
+    "SourceRunner",
+    "build_source",
+    "in_every_process",
+    "one_instance",
+    "register_source",
+]
 
 S = TypeVar("S", bound=SourceSpec)
 _SHARE_EVERY = 1.0  # seconds: how stale another worker's view of these sources may be
+
+LEASE = 30.0
+"""Seconds a one-instance source's lease lasts (renewed every third of it): how long the other
+instances wait before taking over from one that died or froze."""
 
 
 def register_source(type_name: str, spec: type[S], adapter: Callable[[S], Source]) -> None:
@@ -61,6 +72,13 @@ def in_every_process(spec: SourceSpec) -> bool:
     ``run_sources`` is on: one that serves requests reaching any process (its adapter sets
     ``in_every_process = True``), rather than reading input that must be read once."""
     return bool(getattr(connector_adapter("source", spec), "in_every_process", False))
+
+
+def one_instance(source: Source) -> bool:
+    """Whether ``source`` reads input every instance of the service could see (a directory, a
+    log file, a bucket) and so runs in one instance at a time, under a lease: its adapter sets
+    ``one_instance = True``."""
+    return bool(getattr(source, "one_instance", False))
 
 
 def _validate(entry: Mapping[str, Any]) -> SourceSpec:
@@ -110,6 +128,7 @@ class SourceRunner:
         backoff_max: float = 60.0,
         shared: SharedStatuses | None = None,
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        lease: float = LEASE,
     ) -> None:
         names = [s.name for s in sources]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -136,6 +155,7 @@ class SourceRunner:
         ]
         self._tasks: list[asyncio.Task[None]] = []
         self._shared = shared
+        self._lease = lease
 
     async def __aenter__(self) -> Self:
         self._tasks = [
@@ -182,6 +202,70 @@ class SourceRunner:
         return own if self._shared is None else self._shared.read(own)
 
     async def _supervise(self, source: Source, ctx: SourceContext) -> None:
+        if one_instance(source):
+            await self._under_lease(source, ctx)
+        else:
+            await self._restarting(source, ctx)
+
+    async def _under_lease(self, source: Source, ctx: SourceContext) -> None:
+        """Run ``source`` while this instance holds its lease; stand by while another does.
+        Two instances running one directory, log file or bucket announced everything twice
+        (and each forgot the other's checkpoints)."""
+        lease = Lease(ctx.pool, ctx.name, ctx.instance_id)
+        renew_every = self._lease / 3
+        try:
+            while True:
+                try:
+                    held = await lease.take(self._lease)
+                except StoreError as exc:
+                    ctx.report_error(exc)
+                    await self._clock.sleep(renew_every)
+                    continue
+                if not held:
+                    if ctx.status.state != "standby":
+                        ctx.status.state = "standby"
+                        ctx.logger.info(
+                            "source %s: another instance holds its lease; standing by", ctx.name
+                        )
+                    ctx.recovered()
+                    await self._clock.sleep(renew_every)
+                    continue
+                run = asyncio.create_task(self._restarting(source, ctx), name=f"run:{ctx.name}")
+                try:
+                    await self._hold(lease, run)
+                finally:
+                    await cancel_and_wait(run)
+                if run.done() and not run.cancelled():
+                    return  # it stopped or failed for good: leave the lease to another
+                ctx.status.state = "standby"
+                ctx.logger.warning(
+                    "source %s: lost its lease (renewal refused or the database out of reach"
+                    " for %g s); stopped here, another instance takes over",
+                    ctx.name,
+                    self._lease,
+                )
+        finally:
+            with contextlib.suppress(StoreError):
+                await lease.release()
+
+    async def _hold(self, lease: Lease, run: asyncio.Task[None]) -> None:
+        """Renew ``lease`` while ``run`` runs; return when it ends or the lease is lost: refused
+        (another instance took it over) or not renewed for a whole lease (it may have)."""
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
+        while True:
+            await asyncio.wait({run}, timeout=self._lease / 3)
+            if run.done():
+                return
+            try:
+                if not await lease.take(self._lease):
+                    return
+                renewed = loop.time()
+            except StoreError:
+                if loop.time() - renewed >= self._lease * 0.9:
+                    return
+
+    async def _restarting(self, source: Source, ctx: SourceContext) -> None:
         backoff = Backoff(self._clock, initial=self._backoff[0], maximum=self._backoff[1])
         while True:
             stop_if_cancelled()

@@ -95,6 +95,8 @@ class S3PollSource:
     Raises ConfigError when botocore rejects the endpoint URL or region.
     """
 
+    one_instance = True  # under a lease: see SourceRunner
+
     def __init__(self, config: S3PollSourceSpec) -> None:
         self.name = config.name
         self.type = config.type

@@ -23,7 +23,7 @@ from eventbus.sources._base import SourceStatus
 __all__ = ["SharedStatuses", "merge_statuses"]
 
 # A source that runs in several workers shows the state of its worst copy.
-_WORST_FIRST = ("failed", "backoff", "starting", "running", "stopped")
+_WORST_FIRST = ("failed", "backoff", "starting", "running", "standby", "stopped")
 
 
 class SharedStatuses:

@@ -1,13 +1,22 @@
-"""Queue sources under the SourceRunner: a source whose broker is unreachable backs off and
-keeps retrying while the other sources go on delivering."""
+"""Sources under the SourceRunner: a queue source whose broker is unreachable backs off and
+keeps retrying while the other sources go on delivering; a directory (log file, bucket) runs in
+one instance at a time, under a lease another instance takes over."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
 import nats
 import orjson
 
 from eventbus.bus._nats_server import free_port
 from eventbus.sources import SourceRunner, build_source
+from eventbus.sources._checkpoints import Lease
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import source_pool
@@ -52,3 +61,68 @@ async def test_unreachable_brokers_back_off_while_other_sources_deliver(
             assert all(status[n].last_error for n in "krmn")
     finally:
         await nc.close()
+
+
+async def test_a_directory_runs_in_one_instance_and_the_other_takes_over(
+    database_dsn: str, tmp_path: Path
+) -> None:
+    # Two instances on one directory announced every file twice (and each deleted the other's
+    # checkpoints); now one holds the source's lease and the other stands by.
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    spec = {"name": "drop", "type": "directory", "path": str(folder), "interval": 0.1}
+    published: dict[str, list[str]] = {"a": [], "b": []}
+
+    def publisher(instance: str) -> Callable[..., Awaitable[bool]]:
+        async def publish(event: dict[str, Any], *, via: str) -> bool:
+            published[instance].append(event["subject"])
+            return False
+
+        return publish
+
+    def runner(instance: str, pool: asyncpg.Pool) -> SourceRunner:
+        return SourceRunner(
+            [build_source(spec)],
+            pool=pool,
+            publish=publisher(instance),
+            instance_id=instance,
+            lease=1.5,
+        )
+
+    def announced() -> list[str]:
+        return sorted(published["a"] + published["b"])
+
+    async with source_pool(database_dsn) as pool, contextlib.AsyncExitStack() as first:
+        a = await first.enter_async_context(runner("a", pool))
+        await eventually(lambda: a.statuses()[0].state == "running")
+        async with runner("b", pool) as b:
+            await eventually(lambda: b.statuses()[0].state == "standby")
+            (folder / "one.txt").write_text("1")
+            (folder / "two.txt").write_text("2")
+            await eventually(lambda: len(announced()) >= 2)
+            await asyncio.sleep(0.5)  # b's turn to look, if it were looking
+            assert published["b"] == []
+            assert announced() == ["one.txt", "two.txt"]
+            assert a.statuses()[0].state == "running"
+            await first.aclose()  # a stops: its lease is given up
+            await eventually(lambda: b.statuses()[0].state == "running", within=5)
+            (folder / "three.txt").write_text("3")
+            await eventually(lambda: "three.txt" in published["b"])
+            await asyncio.sleep(0.3)
+            # from the checkpoints a left: the files it announced are not announced again
+            assert announced() == ["one.txt", "three.txt", "two.txt"]
+
+
+async def test_a_lease_not_renewed_is_taken_over(database_dsn: str) -> None:
+    async with source_pool(database_dsn) as pool:
+        frozen = Lease(pool, "logs", "frozen")
+        waiting = Lease(pool, "logs", "waiting")
+        assert await frozen.take(0.5)
+        assert await frozen.take(0.5)  # renewed by its holder
+        assert not await waiting.take(0.5)
+        assert await waiting.holder() == "frozen"
+        await asyncio.sleep(0.6)
+        assert await waiting.take(30)
+        assert not await frozen.take(0.5)  # back from its pause: it must stop
+        await frozen.release()  # releases nothing it does not hold
+        assert await waiting.holder() == "waiting"
