@@ -22,6 +22,7 @@ time, so every re-fire of a tick is the same event.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -75,6 +76,9 @@ class TimerSourceSpec(SourceSpec):
 _KEEP_CLAIMS = timedelta(days=7)
 _PRUNE_EVERY = 3600.0
 _PRUNE_BATCH = 10_000
+_CONTESTED = 1.0
+"""Seconds of claiming a tick past which the wait was for another instance's claim of it, not
+the database's own pace (a claim takes milliseconds)."""
 
 
 def _iso(t: datetime) -> str:
@@ -118,15 +122,25 @@ class TimerSource:
         else:
             cursor = await self._handle_missed(ctx, datetime.fromisoformat(stored))
         ctx.status.state = "running"
+        # Ticks due by this time are fired as due ticks, not missed ones (see below).
+        through: datetime | None = None
         while (tick := self._schedule.next_after(cursor)) is not None:
             while (now := ctx.clock.now()) < tick:
                 await ctx.clock.sleep((tick - now).total_seconds())
-            await self._fire(ctx, tick)
+            waited = await self._fire(ctx, tick)
             cursor = tick
             await ctx.checkpoints.put(_CHECKPOINT, _iso(cursor))
             # Ticks that came due while this one was being fired (a suspended process, a long
-            # bus outage) are missed ticks and follow the schedule's policy.
-            cursor = await self._handle_missed(ctx, cursor)
+            # bus outage) are missed ticks and follow the schedule's policy; not those that
+            # came due while this instance waited for another's claim to end (a frozen
+            # claimant, up to claim_lease): this one was up, and they were fired nowhere (a
+            # 1 s schedule lost 30 ticks under "skip"). They follow as due ticks.
+            if waited >= _CONTESTED:
+                through = ctx.clock.now()
+            following = self._schedule.next_after(cursor)
+            if through is None or following is None or following > through:
+                through = None
+                cursor = await self._handle_missed(ctx, cursor)
 
     async def _handle_missed(self, ctx: SourceContext, cursor: datetime) -> datetime:
         """Apply the missed policy to ticks in ``(cursor, now]``; return the new cursor."""
@@ -149,12 +163,14 @@ class TimerSource:
         await ctx.checkpoints.put(_CHECKPOINT, _iso(due))
         return due
 
-    async def _fire(self, ctx: SourceContext, tick: datetime) -> None:
-        """Fire ``tick`` unless another instance has; retry bus and store failures."""
+    async def _fire(self, ctx: SourceContext, tick: datetime) -> float:
+        """Fire ``tick`` unless another instance has; retry bus and store failures. Returns the
+        seconds spent claiming it: waiting, mostly, for another instance's claim of it."""
         backoff = Backoff(ctx.clock)
+        claiming = [0.0]
         while True:
             try:
-                fired = await self._claim_and_publish(ctx, tick)
+                fired = await self._claim_and_publish(ctx, tick, claiming)
             except (BusError, StoreError) as exc:
                 ctx.report_error(exc)
                 await backoff.wait()
@@ -163,7 +179,7 @@ class TimerSource:
             if not fired:
                 ctx.logger.debug("timer %s: %s fired by another instance", self.name, _iso(tick))
             await self._prune(ctx)
-            return
+            return claiming[0]
 
     async def _prune(self, ctx: SourceContext) -> None:
         """Delete this schedule's claims older than ``_KEEP_CLAIMS`` (a tick is claimed again
@@ -196,8 +212,12 @@ class TimerSource:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             ctx.logger.warning("timer %s: pruning old claims failed: %r", self.name, exc)
 
-    async def _claim_and_publish(self, ctx: SourceContext, tick: datetime) -> bool:
+    async def _claim_and_publish(
+        self, ctx: SourceContext, tick: datetime, claiming: list[float]
+    ) -> bool:
         """Claim, publish and commit one tick; False when another instance already fired it.
+        Adds the seconds the claim's INSERT took (it waits on another instance's uncommitted
+        claim of the same tick) to ``claiming[0]``.
 
         Raises BusError (claim released; BusUnavailable also when the publish took more than
         half the lease) or StoreError.
@@ -207,14 +227,18 @@ class TimerSource:
             async with ctx.pool.acquire() as conn, conn.transaction():
                 # SET LOCAL takes no bind parameters; lease_ms is an int from validated config.
                 await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {lease_ms}")
-                claimed = await conn.fetchval(
-                    "INSERT INTO timer_fires (schedule, fire_time, instance, fired_at)"
-                    " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
-                    self.name,
-                    tick,
-                    ctx.instance_id,
-                    ctx.clock.now(),
-                )
+                began = time.monotonic()
+                try:
+                    claimed = await conn.fetchval(
+                        "INSERT INTO timer_fires (schedule, fire_time, instance, fired_at)"
+                        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                        self.name,
+                        tick,
+                        ctx.instance_id,
+                        ctx.clock.now(),
+                    )
+                finally:
+                    claiming[0] += time.monotonic() - began
                 if not claimed:
                     return False
                 # Give up well inside the lease and roll back ourselves, so Postgres's own

@@ -261,6 +261,36 @@ async def test_dead_claimant_loses_its_claim_after_the_lease(
         assert [e["id"] for e in await tap.take(1)] == ["frozen/2026-01-01T10:01:00Z"]
 
 
+async def test_ticks_due_while_waiting_on_a_frozen_claimant_are_fired_not_skipped(
+    database_dsn: str, nats_url: str
+) -> None:
+    """This instance was up while another's claim held it back: the ticks that came due
+    meanwhile were fired nowhere, and "skip" dropped them (a 1 s schedule lost up to 30)."""
+    clock = ManualClock(START)
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        frozen = await asyncpg.connect(database_dsn)
+        try:
+            await frozen.execute("BEGIN")
+            await frozen.execute("SET LOCAL idle_in_transaction_session_timeout = 3000")
+            await frozen.execute(
+                "INSERT INTO timer_fires (schedule, fire_time, instance) VALUES ($1, $2, 'x')",
+                "held",
+                datetime(2026, 1, 1, 10, 1, tzinfo=UTC),
+            )
+            ctx = context(pool, "held", tap, type="timer", clock=clock)
+            async with running(timer("held", claim_lease=3, missed="skip"), ctx):
+                await settle(clock)
+                clock.advance(30)  # 10:01 is due: the claim waits on the frozen one's
+                await asyncio.sleep(0.5)
+                clock.advance(120)  # 10:02 and 10:03 come due meanwhile
+                await tap.wait_published(3)
+                await settle(clock)
+        finally:
+            await frozen.close()
+        assert await fires(pool, "held") == ["10:01", "10:02", "10:03"]
+        assert [e["time"][11:16] for e in await tap.take(3)] == ["10:01", "10:02", "10:03"]
+
+
 async def test_at_schedule_fires_once_then_stops(database_dsn: str, nats_url: str) -> None:
     clock = ManualClock(datetime(2030, 6, 1, 6, 59, tzinfo=UTC))
     source = timer("launch", schedule="at(2030-06-01T09:00:00)", timezone="Europe/Paris")
