@@ -552,14 +552,16 @@ class Service:
         # and holds what waits on it, while a ping still answers.
         stalled = self.deliveries.writes.stalled()
         router_ok, router = (True, "ok") if self._router is None else self._router.health()
+        retries_ok, retries = (True, "ok") if self._retries is None else self._retries.health()
         body = {
             "bus": bus_stalled or ("ok" if bus_ok else "unreachable"),
             "database": stalled or ("ok" if db_ok else "unreachable"),
             "audit": audit,
             "router": router,
+            "retries": retries,
         }
         ready = bus_ok and bus_stalled is None and db_ok and stalled is None
-        return ready and audit_ok and router_ok, body
+        return ready and audit_ok and router_ok and retries_ok, body
 
     async def enable_target(self, name: str) -> bool:
         found = await self.deliveries.enable_target(name)

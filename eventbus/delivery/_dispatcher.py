@@ -111,8 +111,10 @@ class Dispatcher:
 
     async def refresh_disabled(self) -> None:
         """Re-read which targets are switched off: another instance may have seen a 410, or an
-        operator enabled one through another instance."""
-        self._disabled = dict(await self._store.disabled_targets())
+        operator enabled one through another instance. Gives up after ``READ_TIMEOUT``
+        seconds (a lock on the table held the retry worker for as long as it lasted)."""
+        since = await self._store.disabled_since()
+        self._disabled = {target: about["reason"] for target, about in since.items()}
 
     async def dispatch(self, event: dict[str, Any], route: Route) -> AttemptOutcome | None:
         """Deliver ``route`` for ``event`` once; on failure record a retry or a dead letter.

@@ -24,6 +24,7 @@ from eventbus._tasks import cancel_and_wait, stop_with_grace, wait_event
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.delivery._model import Delivery
 from eventbus.delivery._store import DeliveryStore
+from eventbus.store import STALLED_AFTER
 
 __all__ = ["RetryWorker"]
 
@@ -68,6 +69,9 @@ class RetryWorker:
         self._share = max(1, concurrency // 2)
         self._wake = asyncio.Event()
         self._next_due = float("inf")
+        # Since when, and why, every pass of the loop has failed (None: the last one worked).
+        self._failing_since: float | None = None
+        self._failure = ""
         # Told about each delivery this worker ran once its outcome is recorded (the live
         # feed updates its event's row with it); must neither wait nor raise.
         self.ran: Callable[[Delivery], None] = lambda job: None
@@ -79,6 +83,16 @@ class RetryWorker:
     def wake(self) -> None:
         """Look for due rows now (after a replay, say) instead of at the next poll."""
         self._wake.set()
+
+    def health(self, after: float = STALLED_AFTER) -> tuple[bool, str]:
+        """Whether the worker is making passes over the schedule: not when every pass for
+        ``after`` seconds has failed (the readiness check's ``retries``)."""
+        if self._failing_since is None:
+            return True, "ok"
+        failing = time.monotonic() - self._failing_since
+        if failing <= after:
+            return True, "ok"
+        return False, f"no pass over the schedule for {failing:.0f} s: {self._failure}"[:300]
 
     def due_in(self, delay: float) -> None:
         """A row will be due in ``delay`` seconds: look for it then, even mid-poll interval.
@@ -112,8 +126,12 @@ class RetryWorker:
                 )
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                self._failure = str(exc)
                 await asyncio.sleep(2.0)
                 continue
+            self._failing_since = None
             for pending in claimed:
                 await self._sem.acquire()
                 if pending.pending_id is not None:  # always, for a claimed row

@@ -343,7 +343,9 @@ class DeliveryStore:
     async def backlog(self) -> int:
         return int(
             await self._run(
-                "counting retries", self._pool.fetchval("SELECT count(*) FROM delivery_retries")
+                "counting retries",
+                self._pool.fetchval("SELECT count(*) FROM delivery_retries"),
+                deadline=READ_TIMEOUT,
             )
         )
 

@@ -358,6 +358,8 @@ class Readiness(_Body):
     audit: str
     router: str
     """ok, or how long the bus consumer has been failing, and why"""
+    retries: str
+    """ok, or how long every pass of the retry worker has been failing, and why"""
 
 
 class CloudEvent(BaseModel):

@@ -56,7 +56,8 @@ async def test_readyz_answers_promptly_while_the_database_is_frozen(
         settings={"database": {"url": own_postgres.dsn}},
     )
     status, _, body = await svc.request("GET", "/readyz")
-    assert status == 200 and body == {"bus": "ok", "database": "ok", "audit": "ok", "router": "ok"}
+    assert status == 200
+    assert body == {"bus": "ok", "database": "ok", "audit": "ok", "router": "ok", "retries": "ok"}
     frozen = _whole(own_postgres)
     for proc in frozen:
         proc.suspend()

@@ -22,6 +22,7 @@ from eventbus.delivery import (
 )
 from eventbus.store import EmbeddedPostgres, Store
 from eventbus.targets import HttpTarget, HttpTargetSpec
+from tests.fixtures.postgres import table_locked
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.wait import eventually
 
@@ -100,6 +101,30 @@ async def test_a_retry_for_a_target_this_process_lacks_is_left_to_an_instance_th
 
     await eventually(fn_row_done, within=10)
     assert await rig.deliveries.list_dead_letters(DeadLetterFilter()) == []
+
+
+async def test_a_worker_held_by_a_locked_table_is_reported_not_ready(
+    rig: Rig, database_dsn: str
+) -> None:
+    # Its pass read the disabled targets with no deadline: a lock on that table held the
+    # worker, no retry went out, and readiness said ok for as long as the lock lasted.
+    worker = RetryWorker(rig.dispatcher, rig.deliveries, instance="t2", idle_poll=0.1)
+    async with table_locked(database_dsn, "disabled_targets"):
+        worker.start()
+        try:
+            await eventually(lambda: not worker.health(after=0)[0], within=20)
+            _, why = worker.health(after=0)
+            assert "no pass over the schedule" in why and "disabled targets" in why, why
+            assert worker.health()[0]  # red only once it has lasted STALLED_AFTER (45 s)
+        finally:
+            await worker.stop(5.0)
+    worker = RetryWorker(rig.dispatcher, rig.deliveries, instance="t3", idle_poll=0.1)
+    worker.start()
+    try:
+        await asyncio.sleep(0.5)
+        assert worker.health(after=0) == (True, "ok")
+    finally:
+        await worker.stop(5.0)
 
 
 @pytest.mark.slow
