@@ -38,6 +38,7 @@ __all__ = [
     "EVENTS_REJECTED",
     "EVENTS_ROUTED",
     "HTTP_CONNECTIONS_DROPPED",
+    "INVOCATIONS",
     "MULTIPROC_ENV",
     "REFUSALS_UNRECORDED",
     "REGISTRY",
@@ -64,6 +65,13 @@ EVENTS_DUPLICATE = Counter(
     "eventbus_events_duplicate",
     "Events answered as duplicates, by entry point: the bus already held their source+id "
     "within its duplicate window, so they were not stored or delivered again",
+    ["via"],
+    registry=REGISTRY,
+)
+INVOCATIONS = Counter(
+    "eventbus_invocations",
+    "Synchronous invocations answered with the function's reply or failure (never on the bus), "
+    "by entry point",
     ["via"],
     registry=REGISTRY,
 )

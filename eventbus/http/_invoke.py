@@ -200,10 +200,16 @@ async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publis
 
 def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
     """The answer to a synchronous invocation (the target's own, or a problem), or 202 for
-    an asynchronous one on the bus; ``via`` labels the received-events metric."""
+    an asynchronous one on the bus; ``via`` labels the metrics: an event stored on the bus is
+    received, one the bus already held a duplicate (as ``POST /events`` counts them), a
+    synchronous one an invocation (it never reaches the bus)."""
     if result.refusal is not None:
         raise _refused(result)
-    metrics.EVENTS_RECEIVED.labels(via).inc()
+    if result.answer is None:
+        counter = metrics.EVENTS_DUPLICATE if result.duplicate else metrics.EVENTS_RECEIVED
+    else:
+        counter = metrics.INVOCATIONS
+    counter.labels(via).inc()
     name = result.target
     identity = {
         "X-Eventbus-Event-Id": header_value(event["id"], percent=True),

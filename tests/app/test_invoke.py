@@ -533,11 +533,37 @@ async def test_async_deduplicates_per_target_not_against_published_events(
     event = _event("same")
     status, _ = await svc.post_event(event)  # the rule routes it to "other"
     assert status == 202
+    before = await _invoke_counts(svc)
     for target in ("fn", "fn", "other"):  # a retried invocation is the same one
         status, _, _ = await _invoke(svc, event, target=target, X_Eventbus_Invocation_Type="async")
         assert status == 202
+    status, _, _ = await _invoke(svc, _event("sync"), target="fn")  # never on the bus
+    assert status == 204  # the function's own answer
     await svc.drained()
-    assert sorted(r.path for r in receiver.requests) == ["/fn", "/other", "/other"]
+    assert sorted(r.path for r in receiver.requests) == ["/fn", "/fn", "/other", "/other"]
+    after = await _invoke_counts(svc)
+    # the repeat was counted as received, and so was the synchronous call
+    assert {name: after[name] - before[name] for name in after} == {
+        "eventbus_events_received_total": 2,
+        "eventbus_events_duplicate_total": 1,
+        "eventbus_invocations_total": 1,
+    }
+
+
+async def _invoke_counts(svc: RunningService) -> dict[str, float]:
+    """The counters of ``via="invoke"``."""
+    _, _, text = await svc.request("GET", "/metrics")
+    names = (
+        "eventbus_events_received_total",
+        "eventbus_events_duplicate_total",
+        "eventbus_invocations_total",
+    )
+    counts = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in counts and sample.labels.get("via") == "invoke":
+                counts[sample.name] = sample.value
+    return counts
 
 
 async def test_sync_nats_request_reply(
