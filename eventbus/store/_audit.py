@@ -495,6 +495,9 @@ _NOT_THE_ROWS = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.InterfaceError,
+    # "cannot switch to state ...": the connection broke mid-protocol (PostgreSQL killed
+    # during a COMMIT), not a value of the rows
+    asyncpg.InternalClientError,
 )
 
 

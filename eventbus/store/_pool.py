@@ -188,7 +188,13 @@ class Store:
         try:
             async with self.pool.acquire(timeout=_QUERY_TIMEOUT) as conn:
                 return bool(await conn.fetchval("SELECT true", timeout=_QUERY_TIMEOUT))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            OSError,
+            TimeoutError,
+        ):
             return False
 
     async def event_trail(self, source: str, id: str) -> EventTrail | None:

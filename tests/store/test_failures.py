@@ -13,6 +13,7 @@ from eventbus._errors import StoreDataError, StoreError, StoreUnavailable
 from eventbus.delivery import DeadLetterFilter, DeliveryStore
 from eventbus.sources import list_dead_letters
 from eventbus.store import Store, dumps_jsonb, loads_jsonb
+from eventbus.store._audit import _bad_data
 from eventbus.store._failures import run_db
 from tests.fixtures.wait import eventually
 
@@ -110,3 +111,20 @@ async def test_jsonb_wraps_a_nul_only_not_its_text(
     finally:
         await conn.close()
     assert loads_jsonb(back) == value
+
+
+@pytest.mark.parametrize(
+    ("exc", "blames_the_rows"),
+    [
+        (asyncpg.InternalClientError("cannot switch to state 15; another operation"), False),
+        (asyncpg.InterfaceError("connection is closed"), False),
+        (ConnectionResetError(), False),
+        (ValueError("a value the encoder refused"), True),
+    ],
+)
+def test_a_broken_connection_is_not_blamed_on_the_audit_rows(
+    exc: Exception, blames_the_rows: bool
+) -> None:
+    # PostgreSQL killed during a COMMIT surfaces as InternalClientError: taken for bad data,
+    # the batch was split and good rows set aside instead of written again
+    assert _bad_data(exc) is blames_the_rows
