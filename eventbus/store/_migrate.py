@@ -10,9 +10,11 @@ is refused: an older eventbus must not write into a schema it does not understan
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -79,7 +81,7 @@ async def migrate(
     """
     known = discover() if migrations is None else migrations
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        await _take_lock(conn)
         try:
             return await _apply_locked(conn, known)
         finally:
@@ -88,6 +90,39 @@ async def migrate(
                 await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise StoreError(f"cannot migrate the schema: {exc}") from exc
+
+
+async def _take_lock(conn: asyncpg.Connection, say_every: float = 10.0) -> None:
+    """Take the migration lock, saying every ``say_every`` seconds who holds it: a start that
+    waited on it (another instance frozen or cut off while migrating) said nothing, its health
+    check "starting", for as long as it lasted."""
+    began = time.monotonic()
+    said = began
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+        await asyncio.sleep(0.2)
+        if time.monotonic() - said < say_every:
+            continue
+        said = time.monotonic()
+        holder = await conn.fetchrow(
+            "SELECT pid, coalesce(application_name, '') AS app, coalesce(host(client_addr), "
+            "'local') AS addr, state FROM pg_stat_activity WHERE pid = (SELECT pid FROM pg_locks"
+            " WHERE locktype = 'advisory' AND granted"
+            " AND ((classid::bigint << 32) | objid::bigint) = $1 LIMIT 1)",
+            _LOCK_KEY,
+        )
+        who = (
+            "another session"
+            if holder is None
+            else f"PostgreSQL backend {holder['pid']} ({holder['addr']}"
+            + (f", {holder['app']}" if holder["app"] else "")
+            + f", {holder['state']})"
+        )
+        _log.warning(
+            "waiting %.0f s for the schema migration lock, held by %s: another eventbus "
+            "instance migrating, or one stopped while it held the lock",
+            said - began,
+            who,
+        )
 
 
 async def _apply_locked(conn: asyncpg.Connection, known: list[Migration]) -> list[Migration]:

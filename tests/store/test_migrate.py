@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from eventbus._errors import StoreError
-from eventbus.store import Store, migrate
+from eventbus.store import Store, _migrate, migrate
 from eventbus.store._migrate import Migration, discover
+from tests.fixtures.wait import eventually
 
 
 def test_package_migrations_are_ordered_and_start_with_the_audit_schema() -> None:
@@ -91,3 +93,24 @@ async def test_a_failing_migration_rolls_back_alone_and_unlocks(database_dsn: st
         assert await migrate(conn, [good, fixed]) == [fixed]
     finally:
         await conn.close()
+
+
+async def test_a_start_waiting_on_the_migration_lock_says_who_holds_it(
+    database_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An instance frozen while it held the lock kept the next one "starting" without a word.
+    holder = await asyncpg.connect(database_dsn)
+    waiting = await asyncpg.connect(database_dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", _migrate._LOCK_KEY)
+        pid = holder.get_server_pid()
+        with caplog.at_level(logging.WARNING, logger="eventbus.store._migrate"):
+            take = asyncio.create_task(_migrate._take_lock(waiting, say_every=0.3))
+            await eventually(lambda: f"backend {pid}" in caplog.text, within=10)
+            assert not take.done()
+            await holder.execute("SELECT pg_advisory_unlock($1)", _migrate._LOCK_KEY)
+            await asyncio.wait_for(take, 10)
+        assert "waiting" in caplog.text and "schema migration lock" in caplog.text
+    finally:
+        await holder.close()
+        await waiting.close()
