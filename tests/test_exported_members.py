@@ -139,6 +139,7 @@ EXPORTS: dict[str, list[str]] = {
         "parse_duration",
         "pydantic_errors",
         "redact_url",
+        "refuse_nats_plaintext",
         "register_connector",
         "tls_refusal",
         "yaml_files",

@@ -44,7 +44,7 @@ from eventbus.bus._base import (
     wire_encode,
 )
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
-from eventbus.config import NatsAuth, redact_url
+from eventbus.config import NatsAuth, redact_url, refuse_nats_plaintext
 
 __all__ = ["NatsBus", "NatsBusConfig"]
 
@@ -247,6 +247,11 @@ class NatsBus:
             else:
                 attempts.append(exc)
 
+        if (cfg.auth or NatsAuth()).wants_tls(cfg.url):
+            try:
+                await refuse_nats_plaintext(cfg.url, f"NATS bus {redact_url(cfg.url)}")
+            except PermissionError as exc:
+                raise BusError(str(exc)) from None
         try:
             # Reconnects are unlimited once connected; the first connect gets connect_timeout.
             async with asyncio.timeout(cfg.connect_timeout):

@@ -9,6 +9,7 @@
     Secret                        a password, token or key: env, file or literal (_secrets)
     TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
     tls_refusal                   why a TLS session with a server fails, for clients that hide it
+    refuse_nats_plaintext         refuse a NATS server that would take a TLS connection in clear
     NatsAuth, KafkaAuth           broker credentials, shared by bus, sources and targets (_clients)
     OAuth2Spec                    OAuth 2.0 client credentials: HTTP targets, Kafka OAUTHBEARER
     AddressLists                  CIDR allow/deny lists and trusted proxies: settings, webhooks
@@ -51,7 +52,7 @@ from eventbus.config._settings import (
     Settings,
     load_settings,
 )
-from eventbus.config._tls import TlsSpec, tls_refusal
+from eventbus.config._tls import TlsSpec, refuse_nats_plaintext, tls_refusal
 from eventbus.config._units import Duration, parse_duration
 from eventbus.config._yaml import (
     KeyPath,
@@ -101,6 +102,7 @@ __all__ = [
     "parse_duration",
     "pydantic_errors",
     "redact_url",
+    "refuse_nats_plaintext",
     "register_connector",
     "tls_refusal",
     "yaml_files",

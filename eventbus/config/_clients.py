@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -100,6 +101,14 @@ class NatsAuth(BaseModel):
         if len(given) > 1:
             raise ValueError(f"choose one way to authenticate, not {' and '.join(given)}")
         return self
+
+    def wants_tls(self, servers: str | Sequence[str]) -> bool:
+        """Whether the connection to ``servers`` is meant to be TLS: a ``tls`` block, or a
+        ``tls://`` URL among them."""
+        urls = [servers] if isinstance(servers, str) else servers
+        return self.tls is not None or any(
+            u.strip().startswith("tls://") for joined in urls for u in joined.split(",")
+        )
 
     def nats_options(self, where: str) -> dict[str, Any]:
         """nats-py ``connect`` keyword arguments for these credentials.

@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret
 
-__all__ = ["TlsSpec", "tls_refusal"]
+__all__ = ["TlsSpec", "refuse_nats_plaintext", "tls_refusal"]
 
 log = logging.getLogger("eventbus.config")
 
@@ -176,6 +179,46 @@ async def tls_refusal(host: str, port: int, context: ssl.SSLContext) -> str | No
         with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
     return None
+
+
+async def refuse_nats_plaintext(servers: str | Sequence[str], where: str) -> None:
+    """Refuse NATS servers that would take a connection meant to be TLS in clear.
+
+    nats-py (2.16) starts TLS only when the server's INFO says ``tls_required``, even for a
+    ``tls://`` URL or a connection given a TLS context: a server without TLS (misconfigured,
+    or not the one meant) got the CONNECT, password included, in plain text. Each server is
+    asked for its INFO first; one that answers it without ``tls_required`` is refused.
+    (nats-py fixed this after 2.16, nats-io/nats.py#912: its reconnects to a server are not
+    checked here.) A server that cannot be reached or says nothing is left to the client.
+    Raises PermissionError naming ``where`` and the server.
+    """
+    urls = [servers] if isinstance(servers, str) else list(servers)
+    for url in (u.strip() for joined in urls for u in joined.split(",") if u.strip()):
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        if parts.hostname is None:
+            continue
+        try:
+            async with asyncio.timeout(_HANDSHAKE_WAIT):
+                reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 4222)
+                try:
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, ValueError):
+            continue
+        if not line.startswith(b"INFO "):
+            continue
+        try:
+            info = json.loads(line[5:])
+        except ValueError:
+            continue
+        if isinstance(info, dict) and not info.get("tls_required"):
+            shown = f"{parts.hostname}:{parts.port or 4222}"
+            raise PermissionError(
+                f"{where}: the NATS server at {shown} does not require TLS, though TLS is "
+                "configured for it (a tls block or a tls:// URL): not connecting, so the "
+                "credentials and events are not sent in clear (enable TLS on the server)"
+            )
 
 
 _HANDSHAKE_WAIT = 2.0

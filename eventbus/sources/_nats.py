@@ -30,7 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from eventbus._errors import BusError, StoreError
 from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import from_nats
-from eventbus.config import NatsAuth, redact_url
+from eventbus.config import NatsAuth, redact_url, refuse_nats_plaintext
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import (
@@ -116,6 +116,9 @@ class _NatsConsumer(ABC, Generic[_C]):
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
         closed = asyncio.Event()
+        if self.config.wants_tls(self.config.url):
+            where = f"{self.config.type} source {self.config.name!r}"
+            await refuse_nats_plaintext(self.config.url, where)  # PermissionError: backoff
         nc = await _connect(self.config.url, closed, self._auth)
         try:
             await self._serve(ctx, nc, closed, backoff)

@@ -41,7 +41,7 @@ from pydantic import Field
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
-from eventbus.config import Duration, NatsAuth, TargetSpec, redact_url
+from eventbus.config import Duration, NatsAuth, TargetSpec, redact_url, refuse_nats_plaintext
 from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
@@ -119,6 +119,8 @@ def _outcome_from_error(exc: BaseException, duration_ms: float, config: NatsTarg
     ):
         # Fails the same way until an operator fixes the credentials: dead-letter (replayable).
         return failure(f"NATS authorization failed: {exc}", duration_ms, retryable=False)
+    if isinstance(exc, PermissionError):  # refuse_nats_plaintext: fails so until fixed
+        return failure(str(exc), duration_ms, retryable=False)
     if isinstance(exc, nats.errors.BadSubjectError | nats.errors.BadHeaderError):
         return failure(f"NATS refused the message: {exc!r}", duration_ms, retryable=False)
     if isinstance(
@@ -245,6 +247,8 @@ class NatsTarget:
             else:
                 attempts.append(exc)
 
+        if self.config.wants_tls(self._servers):
+            await refuse_nats_plaintext(self._servers, f"NATS target {self.name}")
         try:
             async with asyncio.timeout(self.config.timeout):
                 await nc.connect(

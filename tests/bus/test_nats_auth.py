@@ -7,6 +7,7 @@ connects; a wrong one fails with an error naming the connection and never quotin
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -260,6 +261,34 @@ async def _running(status: SourceStatus) -> bool:
 
 async def _backing_off(status: SourceStatus) -> bool:
     return status.state == "backoff"
+
+
+@pytest.mark.parametrize("meant", ["tls block", "tls:// URL"])
+async def test_a_server_without_tls_gets_no_credentials_when_tls_is_configured(
+    with_token: int, pki: Pki, database_dsn: str, meant: str
+) -> None:
+    # nats-py starts TLS only when the server asks for it: this server does not, and took the
+    # token in plain text from a connection configured for TLS (and the bus ran on it).
+    tls = {"tls": {"ca": str(pki.ca)}} if meant == "tls block" else {}
+    url = f"{'nats' if tls else 'tls'}://127.0.0.1:{with_token}"
+    refused = f"the NATS server at 127.0.0.1:{with_token} does not require TLS"
+    config = _bus_config(with_token, {"token": TOKEN, **tls})
+    config = dataclasses.replace(config, url=url)
+    with pytest.raises(BusError, match=refused) as info:
+        async with open_bus(config):
+            pass
+    assert TOKEN not in str(info.value)
+    spec = {"name": "out", "url": url, "subject": "out.x", "timeout": 3, "token": TOKEN, **tls}
+    async with NatsTarget(NatsTargetSpec.model_validate(spec)) as target:
+        outcome = await _publish(target)
+    assert not outcome.delivered and not outcome.retryable
+    assert refused in (outcome.error or "")
+    source = {"name": "in", "type": "nats", "url": url, "subjects": ["in"], "token": TOKEN, **tls}
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "in", Recorder())
+        async with running(build_source(source), ctx):
+            await eventually(lambda: _backing_off(ctx.status))
+    assert refused in (ctx.status.last_error or "")
 
 
 def test_credentials_are_one_way_in_and_files_are_checked(tmp_path: Path) -> None:
