@@ -210,6 +210,9 @@ class Service:
         """Called after a reload asked of this process took (``reload_rules``)."""
         self._peer_feed: PeerFeed | None = None
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # The sources' leases are this installation's, kept across its restarts (a process
+        # restarted after a crash takes its sources back at once).
+        self._lease_owner = f"{socket.gethostname()}:{Path(settings.data_dir).resolve()}"
         self._stack = AsyncExitStack()
         self.store: Store
         self.bus: Bus
@@ -434,6 +437,8 @@ class Service:
                 instance_id=self.instance,
                 shared=None if shared is None else SharedStatuses(shared),
                 max_event_size=self.settings.max_event_size,
+                lease=self.settings.source_lease,
+                lease_owner=self._lease_owner,
             )
         )
 

@@ -208,6 +208,9 @@ class Settings(_Model):
     run_sources: bool = True
     """False in the extra worker processes of `serve --workers N`: sources run once (but
     webhooks, which serve requests, run in every worker)."""
+    source_lease: float = Field(30.0, ge=1, le=3600)
+    """Seconds a directory, log-tail or s3-poll source's lease lasts: how long the other
+    instances wait before taking it over from one that died or froze (renewed every third)."""
 
     @field_validator("api_keys")
     @classmethod

@@ -112,6 +112,8 @@ class SourceRunner:
     it has emitted again); a ConfigError raised at run time marks it ``failed`` for good.
     Leaving the context cancels every source and waits for it to stop. ``publish`` is called
     as ``publish(event, via="source:<name>")`` (:meth:`eventbus.bus.Bus.publish` fits).
+    A one-instance source (:func:`one_instance`) runs only while ``lease_owner`` (default: the
+    instance id) holds its lease of ``lease`` seconds, and stands by while another does.
     With ``shared`` (a worker of ``serve --workers N``) the statuses are kept where the other
     workers read them, and :meth:`statuses` shows every worker's.
     """
@@ -129,6 +131,7 @@ class SourceRunner:
         shared: SharedStatuses | None = None,
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
         lease: float = LEASE,
+        lease_owner: str | None = None,
     ) -> None:
         names = [s.name for s in sources]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -156,6 +159,10 @@ class SourceRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._shared = shared
         self._lease = lease
+        # Who holds the leases: stable across restarts of one installation (host and data
+        # directory), so a process restarted after a crash takes its sources back at once
+        # instead of waiting out its own lease.
+        self._lease_owner = lease_owner or instance
 
     async def __aenter__(self) -> Self:
         self._tasks = [
@@ -211,7 +218,7 @@ class SourceRunner:
         """Run ``source`` while this instance holds its lease; stand by while another does.
         Two instances running one directory, log file or bucket announced everything twice
         (and each forgot the other's checkpoints)."""
-        lease = Lease(ctx.pool, ctx.name, ctx.instance_id)
+        lease = Lease(ctx.pool, ctx.name, self._lease_owner)
         renew_every = self._lease / 3
         try:
             while True:
