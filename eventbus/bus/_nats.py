@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -268,8 +269,11 @@ class NatsBus:
             # close() asserts that connect() got as far as a transport; else nothing is open.
             with contextlib.suppress(AssertionError):
                 await nc.close()
+            # A refused password, else a failed TLS handshake (a certificate from another CA,
+            # a host name not in it): the attempts say why; the timeout alone said nothing.
             refused = [e for e in attempts if _refused(e)]
-            cause = refused[-1] if refused else exc
+            handshakes = [e for e in attempts if isinstance(e, ssl.SSLError)]
+            cause = (refused or handshakes or [exc])[-1]
             raise _translate(cause, f"connect to {redact_url(cfg.url)}") from exc
         self._nc = nc
         self._js = self._nc.jetstream(timeout=cfg.publish_timeout)

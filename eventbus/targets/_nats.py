@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import re
+import ssl
 import weakref
 from collections.abc import Awaitable
 from types import TracebackType
@@ -80,14 +81,20 @@ class _PublishRefused(Exception):
     """The server refused a core NATS publish (its permissions): reported after the flush."""
 
 
-def _outcome_from_error(exc: BaseException, duration_ms: float, config: NatsTargetSpec) -> Outcome:
-    """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them."""
+def _outcome_from_error(
+    exc: BaseException, duration_ms: float, config: NatsTargetSpec, handshake: str | None = None
+) -> Outcome:
+    """Translate a nats-py/socket failure into an ``Outcome``: the only place that knows them.
+    ``handshake``: why the last TLS handshake of a connect under way failed, if one did."""
     if isinstance(exc, _PublishRefused):
         # Fails the same way until an operator grants it: dead-letter (replayable).
         return failure(f"the server refused the publish: {exc}", duration_ms, retryable=False)
     if isinstance(exc, TimeoutError):
+        # nats-py retries a failed handshake until the deadline: without its reason the
+        # outcome was a bare timeout (a certificate from another CA, a host name not in it)
+        why = "" if handshake is None else f" (connecting: TLS handshake failed: {handshake})"
         return failure(
-            f"timeout after {config.timeout:g}s", duration_ms, retryable=True, timed_out=True
+            f"timeout after {config.timeout:g}s{why}", duration_ms, retryable=True, timed_out=True
         )
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return failure(
@@ -191,6 +198,8 @@ class NatsTarget:
         self._refused: weakref.WeakKeyDictionary[Client, tuple[int, str]] = (
             weakref.WeakKeyDictionary()
         )
+        # why the last TLS handshake of the connect under way failed (None once connected)
+        self._handshake: str | None = None
 
     async def __aenter__(self) -> Self:
         """Begin connecting in the background and return at once.
@@ -246,6 +255,8 @@ class NatsTarget:
                     self._refused[nc] = (count + 1, str(exc))
             else:
                 attempts.append(exc)
+                if isinstance(exc, ssl.SSLError):
+                    self._handshake = str(exc)
 
         if self.config.wants_tls(self._servers):
             await refuse_nats_plaintext(self._servers, f"NATS target {self.name}")
@@ -266,10 +277,16 @@ class NatsTarget:
         except BaseException as exc:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await nc.close()
+            handshakes = [e for e in attempts if isinstance(e, ssl.SSLError)]
+            if isinstance(exc, TimeoutError) and handshakes:
+                # the timeout ran out while nats-py kept trying: a failed TLS handshake (a
+                # certificate from another CA, a host name not in it) is why
+                raise handshakes[-1] from exc
             if isinstance(exc, nats.errors.NoServersError) and attempts:
                 # NoServersError says nothing; the last attempt's error says why (refused...).
                 raise attempts[-1] from exc
             raise
+        self._handshake = None
         return nc
 
     async def _unless_lost(self, nc: Client, step: Awaitable[T]) -> T:
@@ -352,7 +369,7 @@ class NatsTarget:
         outcome = await send_once(
             send,
             errors=(nats.errors.Error, OSError, TimeoutError),
-            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
+            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg, self._handshake),
         )
         trace_attempt(log, self.name, event.get("id"), 1, outcome)
         if not outcome.delivered:
@@ -405,7 +422,7 @@ class NatsTarget:
         outcome = await send_once(
             send,
             errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused),
-            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg),
+            outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg, self._handshake),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)
         return outcome, ack

@@ -125,6 +125,20 @@ async def test_the_bus_without_a_client_certificate_is_refused(secured: int, pki
             pass
 
 
+async def test_a_certificate_from_another_ca_is_named_not_a_timeout(
+    secured: int, pki: Pki, tmp_path: Path
+) -> None:
+    # The failed handshake was only a TimeoutError() after the connect timeout.
+    other = make_pki(tmp_path / "other")
+    auth = {"user": "alice", "password": PASSWORD, "tls": {**_tls(pki), "ca": str(other.ca)}}
+    with pytest.raises(BusError, match="certificate verify failed"):
+        async with open_bus(_bus_config(secured, auth)):
+            pass
+    async with _target(secured, auth) as target:
+        outcome = await _publish(target)
+    assert not outcome.delivered and "certificate verify failed" in (outcome.error or ""), outcome
+
+
 def _target(port: int, auth: dict[str, Any]) -> NatsTarget:
     spec = NatsTargetSpec.model_validate(
         {"name": "out", "url": f"nats://127.0.0.1:{port}", "subject": "out.x", "timeout": 3, **auth}
