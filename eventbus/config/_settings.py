@@ -135,7 +135,8 @@ class DatabaseSettings(_Model):
     def ssl_option(self) -> ssl.SSLContext | str | None:
         """asyncpg's ``ssl`` argument: None (the URL's ``sslmode``, else libpq's default
         ``prefer``), the mode's name, or a context built from ``tls``, verifying as the mode
-        says (``verify-full`` when ``tls`` is given without one).
+        says (``verify-full`` when ``tls`` is given without one; ``require`` with a ``ca``
+        verifies the chain, as libpq's does).
 
         Raises ConfigError when a file of the TLS block cannot be read.
         """
@@ -145,7 +146,11 @@ class DatabaseSettings(_Model):
         context = self.tls.context("database")
         if mode != "verify-full":
             context.check_hostname = False
-        if mode in ("allow", "prefer", "require"):
+        if mode == "require" and self.tls.ca is not None:
+            # As libpq: require with a root CA given verifies like verify-ca (the CA was
+            # dropped without a word, every certificate taken).
+            pass
+        elif mode in ("allow", "prefer", "require"):
             # As libpq: encrypted, the server's certificate not checked (a client certificate
             # is still presented).
             context.verify_mode = ssl.CERT_NONE

@@ -13,6 +13,7 @@ its durability and arguments stay the operator's). Several instances on one queu
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -105,6 +106,13 @@ class RabbitMQSource:
             url = url.with_password(config.password.reveal())
         self._url = url
         where = f"rabbitmq source {config.name!r}"
+        if url.query.get("no_verify_ssl", "0").lower() not in ("0", "false", "no", ""):
+            # aio-pika's own switch, which the tls block's insecure_skip_verify spells out
+            logging.getLogger("eventbus.sources").warning(
+                "%s: TLS CERTIFICATE VERIFICATION IS OFF (no_verify_ssl in the URL): anyone "
+                "between eventbus and the broker can read and change the traffic",
+                where,
+            )
         self._ssl: ssl.SSLContext | None = None if config.tls is None else config.tls.context(where)
 
     async def run(self, ctx: SourceContext) -> None:

@@ -6,6 +6,7 @@ or tool is missing."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import socket
@@ -142,6 +143,18 @@ def test_bad_rabbitmq_security_names_the_source(extra: dict[str, Any], fragment:
     spec = {"name": "r", "type": "rabbitmq", "url": "amqp://h/", "queue": "q", **extra}
     with pytest.raises(ConfigError, match=fragment):
         build_source(spec)
+
+
+@pytest.mark.parametrize(("query", "warned"), [("?no_verify_ssl=1", True), ("", False)])
+def test_verification_turned_off_in_the_url_is_warned_about(
+    caplog: pytest.LogCaptureFixture, query: str, warned: bool
+) -> None:
+    # aio-pika's own switch took every certificate without a word, unlike the tls block's
+    # insecure_skip_verify
+    spec = {"name": "r", "type": "rabbitmq", "url": f"amqps://h/{query}", "queue": "q"}
+    with caplog.at_level(logging.WARNING, logger="eventbus.sources"):
+        build_source(spec)
+    assert ("TLS CERTIFICATE VERIFICATION IS OFF (no_verify_ssl" in caplog.text) is warned
 
 
 def _amqps_spec(name: str, rabbit: TlsRabbit, queue: str, **tls: Any) -> dict[str, Any]:

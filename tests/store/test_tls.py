@@ -46,11 +46,21 @@ async def test_verify_full_with_another_ca_is_refused(tls_postgres: tuple[str, s
         await _open(dsn, password, sslmode="verify-full", tls={"ca": str(pki.other_ca)})
 
 
-async def test_require_encrypts_without_checking_the_server(
+async def test_require_encrypts_without_checking_the_server_unless_a_ca_is_given(
     tls_postgres: tuple[str, str, Pki],
 ) -> None:
     dsn, password, pki = tls_postgres
-    store = await _open(dsn, password, sslmode="require", tls={"ca": str(pki.other_ca)})
+    store = await _open(dsn, password, sslmode="require", tls={})
+    try:
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    finally:
+        await store.close()
+    # with a root CA, libpq's require verifies the chain (verify-ca): the CA given was dropped
+    # without a word, and every certificate taken
+    with pytest.raises(StoreError, match="certificate verify failed"):
+        await _open(dsn, password, sslmode="require", tls={"ca": str(pki.other_ca)})
+    store = await _open(dsn, password, sslmode="require", tls={"ca": str(pki.ca)})
     await store.close()
 
 
