@@ -46,7 +46,7 @@ from typing import Any
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
-from eventbus._tasks import wait_event
+from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import PARENT_ENV, Settings
@@ -59,6 +59,7 @@ log = logging.getLogger("eventbus")
 # descriptors a process needs besides client connections: database pool, bus, targets, logs
 _OTHER_FILES = 256
 _QUICK_EXIT = 10.0
+_BEAT_EVERY = 1.0  # seconds between two beats of a worker (see _beat)
 """Seconds after its start within which a worker's exit counts as failing to start."""
 _QUICK_EXITS_TO_GIVE_UP = 5
 """Such exits in a row of every worker after which the parent stops everything and exits
@@ -142,20 +143,12 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     # embedded servers running unowned. Once started, SIGHUP reloads the rules.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if reuse_port:
-        # A worker of --workers N: it shares its sources' statuses with the others, and
-        # listens once ready, for the kernel hands a listening worker its share of the
-        # connections (the others keep serving while one restarts).
         _end_with_parent()
-        async with Service(settings, shared=_workers_dir(settings)) as svc:
-            _reload_on_sighup(svc)
-            parent = os.getppid()
-            svc.rules_reloaded = functools.partial(_tell_parent, parent)
-            server = http_server(create_app(svc), settings)
-            server.on_shutdown = svc.closing
-            _stop_on_signals(server)
-            settle_gc()
-            await server.serve(sockets=[_bind(settings, listen=True)])
-            log.info("HTTP server stopped; shutting the service down")
+        beat = asyncio.create_task(_beat(_workers_dir(settings) / "beats" / str(os.getpid())))
+        try:
+            await _serve_worker(settings)
+        finally:
+            await cancel_and_wait(beat)
         return
     # One process: listen at once, so /healthz answers while the service starts (Starting);
     # a taken port is refused before anything starts.
@@ -177,6 +170,38 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         settle_gc()
         await serving
         log.info("HTTP server stopped; shutting the service down")
+
+
+async def _serve_worker(settings: Settings) -> None:
+    """A worker of ``--workers N``: it shares its sources' statuses with the others, and
+    listens once ready, for the kernel hands a listening worker its share of the connections
+    (the others keep serving while one restarts)."""
+    async with Service(settings, shared=_workers_dir(settings)) as svc:
+        _reload_on_sighup(svc)
+        parent = os.getppid()
+        svc.rules_reloaded = functools.partial(_tell_parent, parent)
+        server = http_server(create_app(svc), settings)
+        server.on_shutdown = svc.closing
+        _stop_on_signals(server)
+        settle_gc()
+        await server.serve(sockets=[_bind(settings, listen=True)])
+        log.info("HTTP server stopped; shutting the service down")
+
+
+async def _beat(path: Path) -> None:
+    """Touch ``path`` every second while this worker's event loop turns: its parent kills and
+    restarts a worker whose beat has stopped (frozen, or its loop blocked), which answered none
+    of its share of the connections and of the probes for as long as that lasted."""
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # said below, every second
+        await asyncio.to_thread(path.touch)
+    while True:
+        # on the loop itself, not in a thread: a blocked loop must stop the beat
+        try:
+            os.utime(path)
+        except OSError as exc:
+            log.warning("cannot beat in %s: %s", path, exc)
+        await asyncio.sleep(_BEAT_EVERY)
 
 
 def _end_with_parent() -> None:
@@ -278,6 +303,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         shutil.rmtree(shared, ignore_errors=True)  # a crashed run's, counting nothing now
         (shared / "metrics").mkdir(parents=True)
         (shared / "sources").mkdir()
+        (shared / "beats").mkdir()
         stack.callback(shutil.rmtree, shared, True)
         # The workers' live-feed sockets: in a new private directory (0700) of the temporary
         # one, linked from the shared one, for a Unix socket's path must stay short.
@@ -325,10 +351,13 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     break
                 if proc is not None and proc.returncode is None and now - started[i] > _QUICK_EXIT:
                     quick_exits[i] = 0  # it started: a run of failures ends
+                if proc is not None and proc.poll() is None:
+                    _kill_if_hung(i, proc, shared / "beats", settings.worker_hang_timeout)
                 if proc is not None and proc.poll() is not None:
                     metrics.forget_process(proc.pid, shared / "metrics")
                     (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
                     (shared / "live" / str(proc.pid)).unlink(missing_ok=True)
+                    (shared / "beats" / str(proc.pid)).unlink(missing_ok=True)
                     procs[i] = None
                     quick = now - started[i] < _QUICK_EXIT
                     quick_exits[i] = quick_exits[i] + 1 if quick else 0
@@ -369,6 +398,27 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     if failed is not None:
         log.error("giving up: %s", failed)
         raise EventBusError(f"stopped: {failed}")
+
+
+def _kill_if_hung(index: int, proc: subprocess.Popen[bytes], beats: Path, timeout: float) -> None:
+    """SIGKILL worker ``index`` when its beat (see ``_beat``) is older than ``timeout`` seconds:
+    frozen, or its event loop blocked, it answered none of the connections the kernel handed it
+    and no probe (the parent's exit check then restarts it). A worker that has not beaten yet is
+    still starting, and is left to its start's own timeouts."""
+    try:
+        age = time.time() - (beats / str(proc.pid)).stat().st_mtime
+    except OSError:
+        return
+    if age > timeout:
+        log.error(
+            "worker %d (pid %d) has not been heard from for %.0f s (frozen, or its event loop "
+            "blocked): killing it to start it again",
+            index,
+            proc.pid,
+            age,
+        )
+        proc.kill()
+        proc.wait()
 
 
 def serve(

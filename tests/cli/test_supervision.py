@@ -40,7 +40,11 @@ async def _serve(config: Path) -> tuple[int | None, str]:
 
 
 async def _two_workers(
-    tmp_path: Path, nats_url: str, database_dsn: str, router: dict[str, Any] | None = None
+    tmp_path: Path,
+    nats_url: str,
+    database_dsn: str,
+    router: dict[str, Any] | None = None,
+    **more: Any,
 ) -> ServeProcess:
     """``eventbus serve --workers 2`` with no rules, started and ready."""
     write_config(tmp_path, rules="[]", targets=[])
@@ -51,7 +55,7 @@ async def _two_workers(
         database_url=database_dsn,
         nats_url=nats_url,
         port=port,
-        extra={"router": router} if router else None,
+        extra=({"router": router} if router else {}) | more,
     )
     config.write_text(yaml.safe_dump(settings))
     service = ServeProcess(config, port, tmp_path / "serve.log", workers=2)
@@ -101,6 +105,30 @@ async def test_a_worker_failing_at_its_start_is_restarted_later_each_time_then_g
     for delay in ("1 s", "2 s", "4 s", "8 s"):
         assert f"restarting in {delay}" in err, err[-3000:]
     assert "giving up: every worker exited 5 times or more in a row within 10 s" in err
+
+
+async def test_a_frozen_worker_is_killed_and_started_again(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # A stopped worker kept its share of the connections and of the probes, unanswered, and
+    # its parent, which watched only for exits, did nothing.
+    service = await _two_workers(tmp_path, nats_url, database_dsn, worker_hang_timeout=3)
+    try:
+        assert service.proc is not None
+        frozen, other = _workers_of(service.proc.pid)
+        frozen.suspend()
+
+        async def replaced() -> bool:
+            workers = _workers_of(service.proc.pid) if service.proc else []
+            return len(workers) == 2 and frozen.pid not in {w.pid for w in workers}
+
+        await eventually(replaced, within=30, what="the frozen worker replaced")
+        assert not psutil.pid_exists(frozen.pid) or frozen.status() == psutil.STATUS_ZOMBIE
+        assert other.is_running()
+        log = service.log.read_text()
+        assert f"(pid {frozen.pid}) has not been heard from for" in log, log[-2000:]
+    finally:
+        await service.terminate()
 
 
 async def test_the_workers_end_with_their_parent(

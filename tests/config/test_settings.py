@@ -72,6 +72,7 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("client_addresses:\n  allow: 10.0.0.0/8\n", "eventbus.yaml:2: client_addresses.allow"),
         ("source_lease: 0.5\n", "eventbus.yaml:1: source_lease: Input should be greater than"),
         ("source_lease: never\n", "eventbus.yaml:1: source_lease: Input should be a valid num"),
+        ("worker_hang_timeout: 1\n", "eventbus.yaml:1: worker_hang_timeout: Input should be gr"),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
