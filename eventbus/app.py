@@ -187,6 +187,28 @@ async def _log_activity() -> None:
             )
 
 
+def _installation_id(data_dir: Path) -> str:
+    """This installation's id, made once and kept in ``data_dir/installation-id``: who holds
+    its sources' leases, so that a process restarted after a crash takes them back at once.
+    Random, not the host's name and the directory's path: two machines cloned from one image
+    share those, and would both have held every lease. Raises OSError when the file can be
+    neither read nor made."""
+    path = data_dir / "installation-id"
+    try:
+        return path.read_text().strip() or _new_installation_id(path)
+    except FileNotFoundError:
+        return _new_installation_id(path)
+
+
+def _new_installation_id(path: Path) -> str:
+    made = f"{socket.gethostname()}-{uuid.uuid4().hex}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(made + "\n")
+    tmp.replace(path)
+    return made
+
+
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
     return target_policies({name: spec.delivery for name, spec in connectors.targets.items()})
 
@@ -210,9 +232,6 @@ class Service:
         """Called after a reload asked of this process took (``reload_rules``)."""
         self._peer_feed: PeerFeed | None = None
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        # The sources' leases are this installation's, kept across its restarts (a process
-        # restarted after a crash takes its sources back at once).
-        self._lease_owner = f"{socket.gethostname()}:{Path(settings.data_dir).resolve()}"
         self._stack = AsyncExitStack()
         self.store: Store
         self.bus: Bus
@@ -438,7 +457,7 @@ class Service:
                 shared=None if shared is None else SharedStatuses(shared),
                 max_event_size=self.settings.max_event_size,
                 lease=self.settings.source_lease,
-                lease_owner=self._lease_owner,
+                lease_owner=await asyncio.to_thread(_installation_id, Path(s.data_dir)),
             )
         )
 

@@ -127,9 +127,9 @@ class Lease:
         self._source = source
         self._owner = owner
 
-    async def take(self, seconds: float) -> bool:
+    async def take(self, seconds: float, *, deadline: float = READ_TIMEOUT) -> bool:
         """Take the lease for ``seconds`` from now, or renew it: True when this instance holds
-        it now. Raises StoreError (StoreUnavailable after ``READ_TIMEOUT`` seconds)."""
+        it now. Raises StoreError (StoreUnavailable after ``deadline`` seconds)."""
         holder = await run_db(
             f"taking the lease of source {self._source}",
             self._pool.fetchval(
@@ -143,7 +143,7 @@ class Lease:
                 self._owner,
                 seconds,
             ),
-            deadline=READ_TIMEOUT,
+            deadline=deadline,
         )
         return holder is not None
 
@@ -161,9 +161,9 @@ class Lease:
             ),
         )
 
-    async def release(self) -> None:
+    async def release(self, *, deadline: float = READ_TIMEOUT) -> None:
         """Give the lease up (if this instance holds it), so another takes over at once.
-        Raises StoreError."""
+        Raises StoreError (StoreUnavailable after ``deadline`` seconds)."""
         await run_db(
             f"releasing the lease of source {self._source}",
             self._pool.execute(
@@ -171,7 +171,7 @@ class Lease:
                 self._source,
                 self._owner,
             ),
-            deadline=READ_TIMEOUT,
+            deadline=deadline,
         )
 
 

@@ -222,6 +222,7 @@ class SourceRunner:
         renew_every = self._lease / 3
         try:
             while True:
+                taken = asyncio.get_running_loop().time()
                 try:
                     held = await lease.take(self._lease)
                 except StoreError as exc:
@@ -239,7 +240,7 @@ class SourceRunner:
                     continue
                 run = asyncio.create_task(self._restarting(source, ctx), name=f"run:{ctx.name}")
                 try:
-                    await self._hold(lease, run)
+                    await self._hold(lease, run, ctx, taken)
                 finally:
                     await cancel_and_wait(run)
                 if run.done() and not run.cancelled():
@@ -253,24 +254,39 @@ class SourceRunner:
                 )
         finally:
             with contextlib.suppress(StoreError):
-                await lease.release()
+                await lease.release(deadline=1.0)  # else it runs out by itself
 
-    async def _hold(self, lease: Lease, run: asyncio.Task[None]) -> None:
+    async def _hold(
+        self, lease: Lease, run: asyncio.Task[None], ctx: SourceContext, taken: float
+    ) -> None:
         """Renew ``lease`` while ``run`` runs; return when it ends or the lease is lost: refused
-        (another instance took it over) or not renewed for a whole lease (it may have)."""
+        (another instance took it over) or not renewed in time (another may take it over).
+
+        The lease runs out in the database ``lease`` seconds after the statement that took or
+        renewed it began (``taken``, on the loop's clock): this instance stops at 90 % of
+        that, whatever its renewals do, each renewal bounded by the time left (a renewal that
+        hung for 5 s let the holder run on past the expiry, beside the instance taking over).
+        """
         loop = asyncio.get_running_loop()
-        renewed = loop.time()
+        deadline = taken + self._lease * 0.9
         while True:
-            await asyncio.wait({run}, timeout=self._lease / 3)
+            wait = min(self._lease / 3, deadline - loop.time())
+            if wait > 0:
+                await asyncio.wait({run}, timeout=wait)
             if run.done():
                 return
+            began = loop.time()
+            if began >= deadline:
+                ctx.logger.warning("source %s: its lease was not renewed in time", ctx.name)
+                return
             try:
-                if not await lease.take(self._lease):
-                    return
-                renewed = loop.time()
-            except StoreError:
-                if loop.time() - renewed >= self._lease * 0.9:
-                    return
+                held = await lease.take(self._lease, deadline=deadline - began)
+            except StoreError as exc:
+                ctx.logger.warning("source %s: renewing its lease failed: %s", ctx.name, exc)
+                continue
+            if not held:
+                return
+            deadline = began + self._lease * 0.9
 
     async def _restarting(self, source: Source, ctx: SourceContext) -> None:
         backoff = Backoff(self._clock, initial=self._backoff[0], maximum=self._backoff[1])

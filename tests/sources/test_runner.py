@@ -14,6 +14,7 @@ import asyncpg
 import nats
 import orjson
 
+from eventbus.app import _installation_id
 from eventbus.bus._nats_server import free_port
 from eventbus.sources import SourceRunner, build_source
 from eventbus.sources._checkpoints import Lease
@@ -126,3 +127,42 @@ async def test_a_lease_not_renewed_is_taken_over(database_dsn: str) -> None:
         assert not await frozen.take(0.5)  # back from its pause: it must stop
         await frozen.release()  # releases nothing it does not hold
         assert await waiting.holder() == "waiting"
+
+
+async def test_a_holder_that_cannot_renew_stops_before_its_lease_runs_out(
+    database_dsn: str, tmp_path: Path
+) -> None:
+    # Each renewal could hang 5 s and the check came only after it: the holder ran on past the
+    # lease's end in the database, beside the instance taking over.
+    spec = {"name": "held", "type": "directory", "path": str(tmp_path), "interval": 0.1}
+
+    async def publish(event: dict[str, Any], *, via: str) -> bool:
+        return False
+
+    async with source_pool(database_dsn) as pool:
+        runner = SourceRunner(
+            [build_source(spec)], pool=pool, publish=publish, instance_id="a", lease=2.0
+        )
+        async with runner:
+            await eventually(lambda: runner.statuses()[0].state == "running")
+            blocker = await asyncpg.connect(database_dsn)
+            try:
+                async with blocker.transaction():
+                    # renewals wait (writes), readers do not
+                    await blocker.execute("LOCK TABLE source_leases IN EXCLUSIVE MODE")
+                    await eventually(lambda: runner.statuses()[0].state == "standby", within=10)
+                    stopped_early = await pool.fetchval(
+                        "SELECT now() < expires_at FROM source_leases WHERE source = 'held'"
+                    )
+                    assert stopped_early
+            finally:
+                await blocker.close()
+
+
+def test_the_lease_owner_is_one_per_installation_and_kept(tmp_path: Path) -> None:
+    # The host's name and the data directory's path: two machines cloned from one image had
+    # the same, and both would have held every lease.
+    first = _installation_id(tmp_path / "a")
+    assert _installation_id(tmp_path / "a") == first  # kept across restarts
+    assert _installation_id(tmp_path / "b") != first  # same host, another installation
+    assert (tmp_path / "a" / "installation-id").read_text().strip() == first
