@@ -127,6 +127,7 @@ class TimerSource:
         while (tick := self._schedule.next_after(cursor)) is not None:
             while (now := ctx.clock.now()) < tick:
                 await ctx.clock.sleep((tick - now).total_seconds())
+            claiming = ctx.clock.now()
             waited = await self._fire(ctx, tick)
             cursor = tick
             await ctx.checkpoints.put(_CHECKPOINT, _iso(cursor))
@@ -136,7 +137,10 @@ class TimerSource:
             # claimant, up to claim_lease): this one was up, and they were fired nowhere (a
             # 1 s schedule lost 30 ticks under "skip"). They follow as due ticks.
             if waited >= _CONTESTED:
-                through = ctx.clock.now()
+                # at most claim_lease's worth: a longer wait was not for another's claim (a
+                # stalled database, a table locked): those ticks are missed, as in an outage
+                lease = timedelta(seconds=self.config.claim_lease)
+                through = min(ctx.clock.now(), claiming + lease)
             following = self._schedule.next_after(cursor)
             if through is None or following is None or following > through:
                 through = None

@@ -265,8 +265,10 @@ async def test_ticks_due_while_waiting_on_a_frozen_claimant_are_fired_not_skippe
     database_dsn: str, nats_url: str
 ) -> None:
     """This instance was up while another's claim held it back: the ticks that came due
-    meanwhile were fired nowhere, and "skip" dropped them (a 1 s schedule lost up to 30)."""
-    clock = ManualClock(START)
+    meanwhile were fired nowhere, and "skip" dropped them (a 1 s schedule lost up to 30). Those
+    within claim_lease of the claim are fired late; later ones, due while the wait was no
+    longer for a claim (a stalled database), are missed ticks."""
+    clock = ManualClock(START)  # 10:00:30
     async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
         frozen = await asyncpg.connect(database_dsn)
         try:
@@ -275,20 +277,28 @@ async def test_ticks_due_while_waiting_on_a_frozen_claimant_are_fired_not_skippe
             await frozen.execute(
                 "INSERT INTO timer_fires (schedule, fire_time, instance) VALUES ($1, $2, 'x')",
                 "held",
-                datetime(2026, 1, 1, 10, 1, tzinfo=UTC),
+                datetime(2026, 1, 1, 10, 0, 31, tzinfo=UTC),
             )
             ctx = context(pool, "held", tap, type="timer", clock=clock)
-            async with running(timer("held", claim_lease=3, missed="skip"), ctx):
+            every = timer("held", schedule="* * * * * *", claim_lease=3, missed="skip")
+            async with running(every, ctx):
                 await settle(clock)
-                clock.advance(30)  # 10:01 is due: the claim waits on the frozen one's
+                clock.advance(1)  # 10:00:31 is due: the claim waits on the frozen one's
                 await asyncio.sleep(0.5)
-                clock.advance(120)  # 10:02 and 10:03 come due meanwhile
+                clock.advance(10)  # 10:00:32 to 10:00:41 come due meanwhile
                 await tap.wait_published(3)
                 await settle(clock)
         finally:
             await frozen.close()
-        assert await fires(pool, "held") == ["10:01", "10:02", "10:03"]
-        assert [e["time"][11:16] for e in await tap.take(3)] == ["10:01", "10:02", "10:03"]
+        # 32 and 33 lie within the lease of 31's claim; 34 to 41 are missed (skip)
+        expected = ["10:00:31", "10:00:32", "10:00:33", "10:00:34"]
+        rows = await pool.fetch(
+            "SELECT fire_time FROM timer_fires WHERE schedule = 'held' ORDER BY fire_time"
+        )
+        fired = [r["fire_time"].astimezone(UTC).strftime("%H:%M:%S") for r in rows]
+        assert fired == expected
+        events = await tap.take(len(expected))
+        assert [e["time"][11:19] for e in events] == expected
 
 
 async def test_at_schedule_fires_once_then_stops(database_dsn: str, nats_url: str) -> None:
