@@ -187,38 +187,53 @@ async def refuse_nats_plaintext(servers: str | Sequence[str], where: str) -> Non
     nats-py (2.16) starts TLS only when the server's INFO says ``tls_required``, even for a
     ``tls://`` URL or a connection given a TLS context: a server without TLS (misconfigured,
     or not the one meant) got the CONNECT, password included, in plain text. Each server is
-    asked for its INFO first; one that answers it without ``tls_required`` is refused.
-    (nats-py fixed this after 2.16, nats-io/nats.py#912: its reconnects to a server are not
-    checked here.) A server that cannot be reached or says nothing is left to the client.
+    asked for its INFO first (all at once); one that answers it without ``tls_required`` is
+    refused, and so is a ``ws://`` URL (a websocket that nats-py never upgrades); ``wss://``
+    is TLS from the start and not asked. (nats-py fixed this after 2.16,
+    nats-io/nats.py#912: its reconnects to a server are not checked here.) A server that
+    cannot be reached or says nothing (one that expects TLS first) is left to the client.
     Raises PermissionError naming ``where`` and the server.
     """
     urls = [servers] if isinstance(servers, str) else list(servers)
+    probed: list[tuple[str, int]] = []
     for url in (u.strip() for joined in urls for u in joined.split(",") if u.strip()):
         parts = urlsplit(url if "://" in url else f"nats://{url}")
-        if parts.hostname is None:
+        if parts.scheme == "wss" or parts.hostname is None:
             continue
-        try:
-            async with asyncio.timeout(_HANDSHAKE_WAIT):
-                reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 4222)
-                try:
-                    line = await reader.readline()
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError, ValueError):
-            continue
-        if not line.startswith(b"INFO "):
-            continue
-        try:
-            info = json.loads(line[5:])
-        except ValueError:
-            continue
-        if isinstance(info, dict) and not info.get("tls_required"):
-            shown = f"{parts.hostname}:{parts.port or 4222}"
+        if parts.scheme == "ws":
             raise PermissionError(
-                f"{where}: the NATS server at {shown} does not require TLS, though TLS is "
-                "configured for it (a tls block or a tls:// URL): not connecting, so the "
+                f"{where}: {parts.hostname}: a ws:// URL carries no TLS, though TLS is "
+                "configured for it: use wss://"
+            )
+        probed.append((parts.hostname, parts.port or 4222))
+    refusals = await asyncio.gather(*(_plain_nats(host, port) for host, port in probed))
+    for (host, port), plain in zip(probed, refusals, strict=True):
+        if plain:
+            raise PermissionError(
+                f"{where}: the NATS server at {host}:{port} does not require TLS, though TLS "
+                "is configured for it (a tls block or a tls:// URL): not connecting, so the "
                 "credentials and events are not sent in clear (enable TLS on the server)"
             )
+
+
+async def _plain_nats(host: str, port: int) -> bool:
+    """Whether the server at ``host:port`` greets with an INFO that does not require TLS."""
+    try:
+        async with asyncio.timeout(_HANDSHAKE_WAIT):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ValueError):
+        return False
+    if not line.startswith(b"INFO "):
+        return False
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return False
+    return isinstance(info, dict) and not info.get("tls_required")
 
 
 _HANDSHAKE_WAIT = 2.0

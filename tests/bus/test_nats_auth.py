@@ -23,7 +23,7 @@ import pytest
 import eventbus.sources  # noqa: F401  (registers every connector type)
 from eventbus._errors import BusError, ConfigError
 from eventbus.bus import NatsBusConfig, open_bus
-from eventbus.config import NatsSettings
+from eventbus.config import NatsSettings, refuse_nats_plaintext
 from eventbus.sources import SourceStatus, build_source
 from eventbus.targets import NatsTarget, NatsTargetSpec
 from tests.fixtures.certs import Pki, make_pki
@@ -303,6 +303,18 @@ async def test_a_server_without_tls_gets_no_credentials_when_tls_is_configured(
         async with running(build_source(source), ctx):
             await eventually(lambda: _backing_off(ctx.status))
     assert refused in (ctx.status.last_error or "")
+
+
+async def test_websocket_urls_under_tls_are_not_probed_as_nats_ports(with_token: int) -> None:
+    # wss:// was probed on port 4222 (a plain NATS port there refused a sound connection);
+    # ws:// was let through, and nats-py never starts TLS on it.
+    with pytest.raises(PermissionError, match="a ws:// URL carries no TLS"):
+        await refuse_nats_plaintext("ws://127.0.0.1:8080", "NATS target t")
+    await refuse_nats_plaintext(f"wss://127.0.0.1:{with_token}", "NATS target t")  # no probe
+    with pytest.raises(PermissionError, match=f"127.0.0.1:{with_token} does not require TLS"):
+        await refuse_nats_plaintext(
+            [f"wss://127.0.0.1:{with_token}", f"nats://127.0.0.1:{with_token}"], "t"
+        )
 
 
 def test_credentials_are_one_way_in_and_files_are_checked(tmp_path: Path) -> None:
