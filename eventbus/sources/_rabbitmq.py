@@ -106,8 +106,9 @@ class RabbitMQSource:
             url = url.with_password(config.password.reveal())
         self._url = url
         where = f"rabbitmq source {config.name!r}"
-        if url.query.get("no_verify_ssl", "0").lower() not in ("0", "false", "no", ""):
-            # aio-pika's own switch, which the tls block's insecure_skip_verify spells out
+        if config.tls is None and url.query.get("no_verify_ssl", "0") != "0":
+            # aiormq's own switch (anything but "0" turns verification off; a tls block's
+            # context overrides it), which insecure_skip_verify spells out
             logging.getLogger("eventbus.sources").warning(
                 "%s: TLS CERTIFICATE VERIFICATION IS OFF (no_verify_ssl in the URL): anyone "
                 "between eventbus and the broker can read and change the traffic",

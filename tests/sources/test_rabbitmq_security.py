@@ -145,11 +145,20 @@ def test_bad_rabbitmq_security_names_the_source(extra: dict[str, Any], fragment:
         build_source(spec)
 
 
-@pytest.mark.parametrize(("query", "warned"), [("?no_verify_ssl=1", True), ("", False)])
+@pytest.mark.parametrize(
+    ("query", "warned"),
+    [
+        ("?no_verify_ssl=1", True),
+        ("?no_verify_ssl=false", True),  # aiormq verifies only with exactly "0"
+        ("?no_verify_ssl=", True),
+        ("?no_verify_ssl=0", False),
+        ("", False),
+    ],
+)
 def test_verification_turned_off_in_the_url_is_warned_about(
     caplog: pytest.LogCaptureFixture, query: str, warned: bool
 ) -> None:
-    # aio-pika's own switch took every certificate without a word, unlike the tls block's
+    # aiormq's own switch took every certificate without a word, unlike the tls block's
     # insecure_skip_verify
     spec = {"name": "r", "type": "rabbitmq", "url": f"amqps://h/{query}", "queue": "q"}
     with caplog.at_level(logging.WARNING, logger="eventbus.sources"):
