@@ -38,7 +38,13 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 import orjson
 from aiokafka.abc import AbstractTokenProvider
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
 from eventbus._errors import ConfigError
 from eventbus.config import KafkaAuth, OAuth2Spec, tls_refusal
@@ -410,6 +416,9 @@ async def start_refusals(
     A refusal becomes PermissionError; a token endpoint that may answer later, and a TLS
     failure (a server's certificate may be renewed), ConnectionError.
     """
+    refusals = _Refusals(servers)
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(refusals)
     try:
         yield
     except KeyError as exc:
@@ -417,6 +426,10 @@ async def start_refusals(
     except TokenError as exc:
         raise (ConnectionError if exc.retryable else PermissionError)(str(exc)) from exc
     except KafkaConnectionError as exc:
+        if refusals.seen:
+            raise PermissionError(
+                f"the broker refused the SASL credentials: {refusals.seen[-1]}"
+            ) from exc
         context = (options or {}).get("ssl_context")
         first = _first_server(servers)
         if context is None or first is None:
@@ -426,6 +439,40 @@ async def start_refusals(
             raise
         host, port = first
         raise ConnectionError(f"TLS with {host}:{port} failed: {reason}") from exc
+    finally:
+        logger.removeHandler(refusals)
+
+
+class _Refusals(logging.Handler):
+    """The SASL refusals aiokafka's bootstrap met on ``servers`` while it is attached.
+
+    aiokafka turns every failed bootstrap connection into "Unable to bootstrap from [...]"; the
+    broker's answer (a refused password, a mechanism it does not offer, as Apache Kafka says
+    them) is only in the error it logs for the connection (``Unable connect to "host:port":
+    <error>``), whose arguments carry the error itself."""
+
+    _REFUSED = (
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+        AuthenticationFailedError,
+        IllegalSaslStateError,
+    )
+
+    def __init__(self, servers: str | Sequence[str]) -> None:
+        super().__init__(logging.ERROR)
+        listed = servers.split(",") if isinstance(servers, str) else list(servers)
+        self._hosts = {s.strip().rsplit(":", 1)[0].strip("[]") for s in listed if s.strip()}
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if (
+            isinstance(args, tuple)
+            and len(args) == 3
+            and isinstance(args[2], self._REFUSED)
+            and (str(args[0]) in self._hosts or not self._hosts)
+        ):
+            self.seen.append(f"{type(args[2]).__name__}: {args[2]}"[:300])
 
 
 def _first_server(servers: str | Sequence[str]) -> tuple[str, int] | None:

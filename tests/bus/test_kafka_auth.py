@@ -26,6 +26,11 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
+from aiokafka.errors import (
+    KafkaConnectionError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 from pydantic import ValidationError
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
@@ -315,6 +320,39 @@ async def test_what_a_sasl_exchange_raises_becomes_a_connection_failure_saying_w
         await start(TokenError("OAuth2 token endpoint x: timeout after 5s", retryable=True))
     with pytest.raises(PermissionError, match="the broker refused the SASL credentials"):
         await start(KeyError("v"))
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        SaslAuthenticationFailed("Authentication failed: Invalid username or password"),
+        UnsupportedSaslMechanismError("Enabled mechanisms are: ['SCRAM-SHA-512']"),
+    ],
+)
+async def test_apache_kafkas_refusals_are_named_not_unable_to_bootstrap(
+    refusal: Exception,
+) -> None:
+    # aiokafka's bootstrap turns them into "Unable to bootstrap from [...]" (retried as a
+    # connection failure for ever); the broker's answer is only in the error it logs for the
+    # connection, as here (aiokafka 0.14, client.py; Tansu closes the connection instead, so
+    # this cannot be shown against the test broker).
+    async def start() -> None:
+        async with start_refusals("broker.internal:9092"):
+            logging.getLogger("aiokafka").error(
+                'Unable connect to "%s:%s": %s', "broker.internal", 9092, refusal
+            )
+            raise KafkaConnectionError("Unable to bootstrap from [('broker.internal', 9092)]")
+
+    with pytest.raises(PermissionError, match="the broker refused the SASL credentials: ") as e:
+        await start()
+    assert str(refusal) in str(e.value)
+    # another broker's refusal, logged meanwhile, is not this one's
+    with pytest.raises(KafkaConnectionError):
+        async with start_refusals("other.internal:9092"):
+            logging.getLogger("aiokafka").error(
+                'Unable connect to "%s:%s": %s', "broker.internal", 9092, refusal
+            )
+            raise KafkaConnectionError("Unable to bootstrap")
 
 
 # --- OAUTHBEARER with a token command ---------------------------------------------------------
