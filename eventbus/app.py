@@ -525,7 +525,12 @@ class Service:
             )
             raise
         count = len(self.rules.current.rules)
-        log.info("rules reloaded: %d rules from %s", count, self.settings.rules)
+        log.info(
+            "rules reloaded: %d rules from %s (fingerprint %s)",
+            count,
+            self.settings.rules,
+            self.rules.current.fingerprint,
+        )
         if announce and self.rules_reloaded is not None:
             self.rules_reloaded()
         return count
@@ -738,6 +743,10 @@ class Service:
     def current_rules(self) -> Sequence[Rule]:
         """The rules routing now, in load order, disabled ones included."""
         return self.rules.current.rules
+
+    def rules_fingerprint(self) -> str:
+        """A short hash of the rules routing now (``RuleSet.fingerprint``)."""
+        return self.rules.current.fingerprint
 
     async def dead_letters(
         self, flt: DeadLetterFilter, *, limit: int, after: int | None = None

@@ -253,7 +253,8 @@ def _accepted(body: Any, out: TextIO) -> None:
 
 
 def _reloaded(body: Any, out: TextIO) -> None:
-    out.write(f"{_plural(body['rules'], 'rule')} loaded\n")
+    shown = f" (fingerprint {body['fingerprint']})" if body.get("fingerprint") else ""
+    out.write(f"{_plural(body['rules'], 'rule')} loaded{shown}\n")
 
 
 SHOW: Mapping[str, Callable[[Any, TextIO], None]] = {

@@ -129,9 +129,11 @@ async def search_events(request: Request, search: Search) -> Response:
 
 @admin.get("/rules", response_model=schemas.Rules, summary="The rules routing now")
 async def list_rules(request: Request) -> Response:
-    rules = _service(request).current_rules()
+    service = _service(request)
+    rules = service.current_rules()
     return _json(
         {
+            "fingerprint": service.rules_fingerprint(),
             "rules": [
                 {
                     "name": r.name,
@@ -143,7 +145,7 @@ async def list_rules(request: Request) -> Response:
                     "definition": r.definition,
                 }
                 for r in rules
-            ]
+            ],
         }
     )
 
@@ -161,7 +163,7 @@ async def reload_rules(request: Request) -> Response:
         raise Problem(400, str(exc), title="Invalid rule set; the previous one stays") from None
     except ConfigError as exc:
         raise Problem(400, str(exc), title="Invalid connectors") from None
-    return _json({"rules": count})
+    return _json({"rules": count, "fingerprint": _service(request).rules_fingerprint()})
 
 
 @admin.get(

@@ -168,6 +168,8 @@ class Rule(_Body):
 class Rules(_Body):
     """The rules routing now, in load order."""
 
+    fingerprint: str
+    """A short hash of the rules as written: instances showing the same one route alike"""
     rules: list[Rule]
 
 
@@ -175,6 +177,8 @@ class Reloaded(_Body):
     """How many rules the new rule set holds."""
 
     rules: int
+    fingerprint: str
+    """A short hash of the rules now routing (see ``Rules``)"""
 
 
 class DeadLetterSummary(_Body):

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import gc
+import hashlib
 import logging
 import re
 import time
@@ -195,6 +197,18 @@ class RuleSet:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the rules as written, in their order: processes (the workers of one
+        service, or instances sharing a bus) showing the same fingerprint route with the same
+        rules. A reload reaches one service's workers, not other instances: compare theirs."""
+        digest = hashlib.sha256()
+        option = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+        for rule in self.rules:
+            digest.update(orjson.dumps(rule.definition, option=option, default=str))
+            digest.update(b"\n")
+        return digest.hexdigest()[:12]
 
     def route(self, event: dict[str, Any]) -> list[Route]:
         """Every route ``event`` takes, in rule order then target order; never raises for a

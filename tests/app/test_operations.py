@@ -133,9 +133,14 @@ async def test_rules_reload_swaps_and_an_invalid_set_keeps_the_old(
     status, _, body = await svc.request("GET", "/rules")
     assert [r["name"] for r in body["rules"]] == ["a"]  # the old set stays
 
+    _, _, before = await svc.request("GET", "/rules")
     rules_file.write_text("- name: b\n  match: {type: [b]}\n  targets: [fn]\n")
     status, _, body = await svc.request("POST", "/rules/reload")
-    assert (status, body) == (200, {"rules": 1})
+    # another set of rules, another fingerprint: what tells instances' rule sets apart
+    assert status == 200 and body["rules"] == 1
+    assert body["fingerprint"] != before["fingerprint"]
+    _, _, after = await svc.request("GET", "/rules")
+    assert after["fingerprint"] == body["fingerprint"] and len(body["fingerprint"]) == 12
     await svc.post_event(ev("2", "a"))  # no longer routed
     await svc.post_event(ev("3", "b"))
     await receiver.wait_for(2)

@@ -459,9 +459,10 @@ async def test_rules_reload_prints_the_count_or_every_problem(
     rules = tmp_path / "rules" / "rules.yaml"
     rules.write_text(RULES + "- name: two\n  targets: [fn]\n")
     code, out, err = await _cli("rules", "reload", "--url", svc.url)
-    assert (code, out) == (0, "2 rules loaded\n"), err
+    fingerprint = (await svc.request("GET", "/rules"))[2]["fingerprint"]
+    assert (code, out) == (0, f"2 rules loaded (fingerprint {fingerprint})\n"), err
     code, out, _ = await _cli("rules", "reload", "--url", svc.url, "--json")
-    assert (code, out) == (0, {"rules": 2})
+    assert (code, out) == (0, {"rules": 2, "fingerprint": fingerprint})
 
     rules.write_text(RULES + "- name: bad\n  targets: [nope]\n- name: cel\n  when: 'x >'\n")
     code, out, err = await _cli("rules", "reload", "--url", svc.url)

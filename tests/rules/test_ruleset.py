@@ -399,3 +399,16 @@ def test_odd_events_never_break_routing(odd: dict[str, Any]) -> None:
     rules = load_rules(DATA / "good", known_targets=KNOWN)
     routes = rules.route(odd)
     assert [(r.rule, r.target) for r in routes][-1:] == [("everything", "audit-log")]
+
+
+def test_the_fingerprint_follows_the_rules_as_written_not_their_layout(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(rule_yaml("one", "event.data.n > 1"))
+    first = load_rules(tmp_path, known_targets=KNOWN).fingerprint
+    # a comment and another file layout: the same rules
+    (tmp_path / "a.yaml").write_text("# the same rule\n" + rule_yaml("one", "event.data.n > 1"))
+    assert load_rules(tmp_path, known_targets=KNOWN).fingerprint == first
+    (tmp_path / "a.yaml").write_text(rule_yaml("one", "event.data.n > 2"))
+    changed = load_rules(tmp_path, known_targets=KNOWN).fingerprint
+    assert changed != first and len(changed) == 12
+    (tmp_path / "a.yaml").write_text(rule_yaml("one", "event.data.n > 2") + "  enabled: false\n")
+    assert load_rules(tmp_path, known_targets=KNOWN).fingerprint not in (first, changed)
