@@ -114,7 +114,9 @@ async def test_service_logs_connections_reloads_and_a_busy_minute(
     reloads = [
         (r.levelname, r.getMessage()) for r in caplog.records if "rules reload" in r.getMessage()
     ]
-    assert reloads[0] == ("INFO", f"rules reloaded: 1 rules from {tmp_path / 'rules'}")
+    level, said = reloads[0]
+    assert level == "INFO" and said.startswith(f"rules reloaded: 1 rules from {tmp_path / 'rules'}")
+    assert said.endswith(f"(fingerprint {svc.service.rules_fingerprint()})")
     assert reloads[1][0] == "WARNING"
     assert reloads[1][1].startswith("rules reload failed, 1 rules stay in use: ")
     assert "nowhere" in reloads[1][1] and "\n" not in reloads[1][1]

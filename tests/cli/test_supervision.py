@@ -60,6 +60,11 @@ async def _two_workers(
     config.write_text(yaml.safe_dump(settings))
     service = ServeProcess(config, port, tmp_path / "serve.log", workers=2)
     await service.start()
+    # ready answers once one worker is: the other may still be reading the files (under load,
+    # after a test has broken them on disk)
+    await eventually(
+        lambda: service.log.read_text().count("eventbus ready") >= 2, what="both workers ready"
+    )
     return service
 
 
