@@ -231,6 +231,23 @@ async def test_claimant_whose_publish_hangs_gives_the_tick_up(
         assert [e["id"] for e in await tap.take(1)] == ["lease/2026-01-01T10:01:00Z"]
 
 
+async def _frozen_claim(
+    dsn: str, schedule: str, tick: datetime, released_after_ms: int
+) -> asyncpg.Connection:
+    """A claim of ``tick`` held by a session that never publishes nor commits: exactly what
+    TimerSource does before publishing, then nothing (a frozen or dead claimant). PostgreSQL
+    ends the session after ``released_after_ms``."""
+    frozen = await asyncpg.connect(dsn)
+    await frozen.execute("BEGIN")
+    await frozen.execute(f"SET LOCAL idle_in_transaction_session_timeout = {released_after_ms}")
+    await frozen.execute(
+        "INSERT INTO timer_fires (schedule, fire_time, instance) VALUES ($1, $2, 'x')",
+        schedule,
+        tick.replace(tzinfo=UTC),
+    )
+    return frozen
+
+
 async def test_dead_claimant_loses_its_claim_after_the_lease(
     database_dsn: str, nats_url: str
 ) -> None:
@@ -238,16 +255,8 @@ async def test_dead_claimant_loses_its_claim_after_the_lease(
     is released by Postgres after the lease, and the tick is fired by a live instance."""
     clock = ManualClock(START)
     async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
-        frozen = await asyncpg.connect(database_dsn)
+        frozen = await _frozen_claim(database_dsn, "frozen", datetime(2026, 1, 1, 10, 1), 500)
         try:
-            # Exactly what TimerSource does before publishing, then nothing.
-            await frozen.execute("BEGIN")
-            await frozen.execute("SET LOCAL idle_in_transaction_session_timeout = 500")
-            await frozen.execute(
-                "INSERT INTO timer_fires (schedule, fire_time, instance) VALUES ($1, $2, 'x')",
-                "frozen",
-                datetime(2026, 1, 1, 10, 1, tzinfo=UTC),
-            )
             ctx = context(pool, "frozen", tap, type="timer", clock=clock)
             async with running(timer("frozen", claim_lease=0.5), ctx):
                 await settle(clock)
@@ -270,15 +279,8 @@ async def test_ticks_due_while_waiting_on_a_frozen_claimant_are_fired_not_skippe
     longer for a claim (a stalled database), are missed ticks."""
     clock = ManualClock(START)  # 10:00:30
     async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
-        frozen = await asyncpg.connect(database_dsn)
+        frozen = await _frozen_claim(database_dsn, "held", datetime(2026, 1, 1, 10, 0, 31), 3000)
         try:
-            await frozen.execute("BEGIN")
-            await frozen.execute("SET LOCAL idle_in_transaction_session_timeout = 3000")
-            await frozen.execute(
-                "INSERT INTO timer_fires (schedule, fire_time, instance) VALUES ($1, $2, 'x')",
-                "held",
-                datetime(2026, 1, 1, 10, 0, 31, tzinfo=UTC),
-            )
             ctx = context(pool, "held", tap, type="timer", clock=clock)
             every = timer("held", schedule="* * * * * *", claim_lease=3, missed="skip")
             async with running(every, ctx):
