@@ -49,8 +49,7 @@ async def test_the_standby_takes_a_directory_over_from_a_killed_instance(
     rules = "- name: files\n  targets: [fn]\n"
     first = serve_process(rules=rules, targets=[target], sources=[source], settings=settings)
     await first.start()
-    await eventually(lambda: _state(first, "drop"), within=20, what="the first running it")
-    assert await _state(first, "drop") == "running"
+    await eventually(lambda: _is(first, "running"), within=20, what="the first running it")
     second = serve_process(rules=rules, targets=[target], sources=[source], settings=settings)
     await second.start()
     await eventually(lambda: _is(second, "standby"), within=20, what="the second standing by")
