@@ -214,11 +214,11 @@ class Settings(_Model):
     """False in the extra worker processes of `serve --workers N`: sources run once (but
     webhooks, which serve requests, run in every worker)."""
     source_lease: float = Field(30.0, ge=1, le=3600)
+    """Seconds a directory, log-tail or s3-poll source's lease lasts: how long the other
+    instances wait before taking it over from one that died or froze (renewed every third)."""
     worker_hang_timeout: float = Field(30.0, ge=2, le=3600)
     """Seconds a worker of `serve --workers N` may go without its beat (a frozen process, an
     event loop blocked) before its parent kills it and starts it again."""
-    """Seconds a directory, log-tail or s3-poll source's lease lasts: how long the other
-    instances wait before taking it over from one that died or froze (renewed every third)."""
 
     @field_validator("api_keys")
     @classmethod

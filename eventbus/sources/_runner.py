@@ -159,9 +159,9 @@ class SourceRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._shared = shared
         self._lease = lease
-        # Who holds the leases: stable across restarts of one installation (host and data
-        # directory), so a process restarted after a crash takes its sources back at once
-        # instead of waiting out its own lease.
+        # Who holds the leases: the service passes its installation's id (kept in its data
+        # directory), stable across restarts, so a process restarted after a crash takes its
+        # sources back at once instead of waiting out its own lease.
         self._lease_owner = lease_owner or instance
 
     async def __aenter__(self) -> Self:
