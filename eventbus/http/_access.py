@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from eventbus import metrics
 from eventbus.config import ApiKey
+from eventbus.http._addresses import Networks, client_address
 from eventbus.http._problem import Problem
 
 if TYPE_CHECKING:
@@ -102,14 +103,24 @@ class Access:
     (``local``) is for this machine's programs, not for the web pages its browser shows: a
     request addressed to another host name (DNS rebinding: a page whose name resolves to
     127.0.0.1 reads what it likes) or sent from a page of another origin (a cross-site form
-    posting to ``/dead-letters/replay``) is refused with 403."""
+    posting to ``/dead-letters/replay``) is refused with 403. So is one a proxy relayed
+    (``X-Forwarded-For`` or ``Forwarded``) for a client other than this machine: behind a
+    proxy on this machine, its Host and Origin can say loopback while the client is anyone.
+    ``trusted``: the proxies whose ``X-Forwarded-For`` names the client (the service's
+    ``client_addresses.trusted_proxies``)."""
 
     def __init__(
-        self, keys: tuple[ApiKey, ...], refusals: RefusalLog, *, local: bool = False
+        self,
+        keys: tuple[ApiKey, ...],
+        refusals: RefusalLog,
+        *,
+        local: bool = False,
+        trusted: Networks = (),
     ) -> None:
         self._keys = [(k.key.reveal().encode(), frozenset(k.scopes), k.name) for k in keys]
         self._refusals = refusals
         self._local = local and not keys
+        self._trusted = trusted
         self._hosts: dict[str, bool] = {}
 
     async def check(
@@ -169,7 +180,9 @@ class Access:
                 f"Host {host[:100]!r} is not a loopback name: without API keys eventbus answers "
                 "requests to localhost or a loopback address only"
             )
-        else:
+        elif "x-forwarded-for" in headers or "forwarded" in headers:
+            reason = self._relayed(headers, remote)
+        if local and reason is None:
             origin = headers.get("origin")
             # a browser names the page that sent the request; this machine's own programs
             # (curl, SDKs, the CLI) send no Origin, the console the service's own
@@ -183,3 +196,20 @@ class Access:
             self._refusals.record(remote=remote, path=path, reason=reason)
             metrics.EVENTS_REJECTED.labels("http", "forbidden").inc()
             raise Problem(403, reason)
+
+    def _relayed(self, headers: Mapping[str, str], remote: str | None) -> str | None:
+        """Why a request a proxy relayed is refused, or None when a trusted proxy's
+        ``X-Forwarded-For`` names this machine as the client."""
+        forwarded = headers.get("x-forwarded-for", "")
+        peer = client_address((), remote, "")
+        client = None
+        if forwarded and peer is not None and any(peer in net for net in self._trusted):
+            client = client_address(self._trusted, remote, forwarded)
+            if client is not None and client.is_loopback:
+                return None
+        who = f"client {client}" if client is not None else "a client it does not name"
+        return (
+            f"a request a proxy relayed for {who} is refused: without API keys eventbus "
+            "answers this machine's programs only; set api_keys (a proxy on this machine "
+            "relaying for itself: list it in client_addresses.trusted_proxies)"
+        )

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from eventbus import metrics
 from eventbus.config import AddressLists
-from eventbus.http._access import RefusalLog
 from eventbus.http._problem import PROBLEM, Problem
 from eventbus.http._types import ASGIApp, Receive, Scope, Send, send_answer
+
+if TYPE_CHECKING:
+    from eventbus.http._access import RefusalLog
 
 __all__ = ["AddressGate", "allowed", "client_address", "forwarded_for"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 _PROBES = frozenset({"/healthz", "/readyz"})
 
 
@@ -46,17 +50,17 @@ def forwarded_for(headers: Iterable[tuple[bytes, bytes]]) -> str:
     return ",".join(v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for")
 
 
-def client_address(lists: AddressLists, peer: str | None, forwarded: str) -> Address | None:
-    """The client's address: the ``peer``'s, or when the peer is a trusted proxy the right-most
-    address of ``forwarded`` (the ``X-Forwarded-For`` value) that is not a trusted proxy
-    itself (the left part of the header is whatever the client wrote, so it counts for
+def client_address(trusted: Networks, peer: str | None, forwarded: str) -> Address | None:
+    """The client's address: the ``peer``'s, or when the peer is a ``trusted`` proxy the
+    right-most address of ``forwarded`` (the ``X-Forwarded-For`` value) that is not a trusted
+    proxy itself (the left part of the header is whatever the client wrote, so it counts for
     nothing). None when the address that counts is not one, or a trusted proxy sent no
     ``X-Forwarded-For``: the client is then unknown."""
     address = _address(peer)
-    if address is None or not lists.trusted_proxies:
+    if address is None or not trusted:
         return address
     hops = forwarded.split(",")
-    while address is not None and any(address in net for net in lists.trusted_proxies):
+    while address is not None and any(address in net for net in trusted):
         if not hops:
             break
         address = _address(hops.pop())
@@ -91,7 +95,9 @@ class AddressGate:
             return
         peer = scope.get("client")
         remote = peer[0] if peer else None
-        address = client_address(self._lists, remote, forwarded_for(scope["headers"]))
+        address = client_address(
+            self._lists.trusted_proxies, remote, forwarded_for(scope["headers"])
+        )
         if allowed(self._lists, address):
             await self._app(scope, receive, send)
             return

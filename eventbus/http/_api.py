@@ -453,7 +453,12 @@ def create_app(service: Service) -> ASGIApp:
     # one budget of refusal rows a second for the whole edge
     refusals = RefusalLog(service)
     settings = service.settings
-    access = Access(settings.api_keys, refusals, local=is_loopback(settings.listen.host))
+    access = Access(
+        settings.api_keys,
+        refusals,
+        local=is_loopback(settings.listen.host),
+        trusted=settings.client_addresses.trusted_proxies,
+    )
     app = _App(title="eventbus", version=__version__, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.access = access

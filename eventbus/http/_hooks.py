@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from eventbus import metrics
 from eventbus._errors import CloudEventError
 from eventbus.http._access import Access, RefusalLog
-from eventbus.http._addresses import allowed, client_address, forwarded_for
+from eventbus.http._addresses import Networks, allowed, client_address, forwarded_for
 from eventbus.http._problem import PROBLEM, Problem, problem_for
 from eventbus.http._types import (
     ASGIApp,
@@ -121,6 +121,7 @@ class HookApp:
         self._fallback = fallback
         self._refusals = refusals
         self._max_event = service.settings.max_event_size
+        self._service_proxies = service.settings.client_addresses.trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -151,7 +152,7 @@ class HookApp:
         headers = request_headers(scope["headers"])
         peer = scope.get("client")
         remote = peer[0] if peer else None
-        address = client_address(spec, remote, forwarded_for(scope["headers"]))
+        address = client_address(self._trusted(spec), remote, forwarded_for(scope["headers"]))
         path = scope["path"]
         if not allowed(spec, address):
             who = f"address {address}" if address is not None else "a client of unknown address"
@@ -201,6 +202,14 @@ class HookApp:
         self._refuse(remote, path, reason)
         metrics.EVENTS_REJECTED.labels("hook", "unauthorized").inc()
         raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
+
+    def _trusted(self, spec: WebhookSourceSpec) -> Networks:
+        """The proxies whose ``X-Forwarded-For`` names a caller of ``spec``'s trigger: its own
+        and the service's (a proxy in front of the whole service relays to every trigger; a
+        trigger's deny list judged the proxy's address and let a denied client through)."""
+        if not self._service_proxies:
+            return spec.trusted_proxies
+        return spec.trusted_proxies + self._service_proxies
 
     def _refuse(self, remote: str | None, path: str, reason: str) -> None:
         self._refusals.record(remote=remote, path=path, reason=reason)

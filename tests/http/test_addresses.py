@@ -96,6 +96,7 @@ async def test_every_route_but_the_probes_checks_the_address(eventbus: StartServ
 
 
 async def test_forwarded_for_counts_from_trusted_proxies_only(eventbus: StartService) -> None:
+    # with API keys: without, a client a proxy relays for is not this machine's (403)
     svc = await eventbus(
         rules="[]",
         targets=[],
@@ -104,12 +105,15 @@ async def test_forwarded_for_counts_from_trusted_proxies_only(eventbus: StartSer
                 "allow": ["10.0.0.0/8"],
                 "deny": ["10.0.0.13/32"],
                 "trusted_proxies": ["127.0.0.1/32", "127.0.0.2/32"],
-            }
+            },
+            "api_keys": [{"name": "adm", "key": KEY, "scopes": ["admin"]}],
         },
     )
 
     async def rules(local: str, forwarded: str | None) -> tuple[int, Any]:
-        headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        if forwarded is not None:
+            headers["X-Forwarded-For"] = forwarded
         return await _from(svc, local, "GET", "/rules", **headers)
 
     assert (await rules("127.0.0.1", "10.1.2.3"))[0] == 200
@@ -153,19 +157,19 @@ def test_client_address_ipv6_and_proxy_chains() -> None:
         {"trusted_proxies": ["::1/128", "fd00::/8", "127.0.0.1/32"]}
     )
     v6 = ipaddress.ip_address
-    assert client_address(lists, "::1", "2001:db8::5") == v6("2001:db8::5")
+    assert client_address(lists.trusted_proxies, "::1", "2001:db8::5") == v6("2001:db8::5")
     chain = "6.6.6.6, 2001:db8::7, fd00::1"
-    assert client_address(lists, "::1", chain) == v6("2001:db8::7")
-    assert client_address(lists, "2001:db8::9", chain) == v6("2001:db8::9")
-    assert client_address(lists, "127.0.0.1", "[::1]") == v6("::1")
-    assert client_address(lists, "127.0.0.1", "garbage") is None
-    assert client_address(lists, "127.0.0.1", "") is None
-    assert client_address(lists, None, "") is None
+    assert client_address(lists.trusted_proxies, "::1", chain) == v6("2001:db8::7")
+    assert client_address(lists.trusted_proxies, "2001:db8::9", chain) == v6("2001:db8::9")
+    assert client_address(lists.trusted_proxies, "127.0.0.1", "[::1]") == v6("::1")
+    assert client_address(lists.trusted_proxies, "127.0.0.1", "garbage") is None
+    assert client_address(lists.trusted_proxies, "127.0.0.1", "") is None
+    assert client_address(lists.trusted_proxies, None, "") is None
     # IPv4 clients of a dual-stack socket are IPv4 addresses to the lists
     four = ipaddress.ip_address("127.0.0.1")
-    assert client_address(lists, "::ffff:127.0.0.1", "[::ffff:127.0.0.1]") == four
+    assert client_address(lists.trusted_proxies, "::ffff:127.0.0.1", "[::ffff:127.0.0.1]") == four
     # no trusted proxies: the header is never read
-    assert client_address(AddressLists(), "127.0.0.1", "10.0.0.1") == four
+    assert client_address((), "127.0.0.1", "10.0.0.1") == four
 
 
 _V4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
@@ -197,11 +201,11 @@ def test_an_ipv4_mapped_block_in_a_list_is_its_ipv4_block() -> None:
     # ::ffff:10.0.0.13 let 10.0.0.13 through
     deny = AddressLists.model_validate({"deny": ["::ffff:10.0.0.13/128", "::ffff:192.168.0.0/112"]})
     for text in ("10.0.0.13", "::ffff:10.0.0.13", "192.168.7.7"):
-        assert not allowed(deny, client_address(deny, text, "")), text
-    assert allowed(deny, client_address(deny, "10.0.0.14", ""))
+        assert not allowed(deny, client_address(deny.trusted_proxies, text, "")), text
+    assert allowed(deny, client_address(deny.trusted_proxies, "10.0.0.14", ""))
     allow = AddressLists.model_validate({"allow": ["::ffff:0:0/96"]})  # every IPv4 client
-    assert allowed(allow, client_address(allow, "10.0.0.14", ""))
-    assert not allowed(allow, client_address(allow, "2001:db8::1", ""))
+    assert allowed(allow, client_address(allow.trusted_proxies, "10.0.0.14", ""))
+    assert not allowed(allow, client_address(allow.trusted_proxies, "2001:db8::1", ""))
 
 
 @given(
@@ -224,7 +228,7 @@ def test_allowed_is_deny_first_then_allow(allow: list[str], deny: list[str], add
     assert allowed(lists, None) is (not allow and not deny)
     # the peer itself is the client when no proxy is trusted, whatever the header says
     if not isinstance(address, ipaddress.IPv6Address) or address.ipv4_mapped is None:
-        assert client_address(lists, str(address), "10.9.9.9") == address
+        assert client_address(lists.trusted_proxies, str(address), "10.9.9.9") == address
 
 
 async def test_eventbus_serve_checks_addresses(

@@ -179,6 +179,38 @@ async def test_ip_lists_over_ipv6(eventbus: StartService) -> None:
     assert (await _problem(svc, "POST", "/hooks/no-six", b"{}"))[0] == 403
 
 
+async def test_a_triggers_lists_judge_the_client_the_services_proxy_names(
+    eventbus: StartService,
+) -> None:
+    # A proxy in front of the whole service (client_addresses.trusted_proxies): a trigger's
+    # own lists judged the proxy's address, so its deny list let a denied client in (202) and
+    # its allow list refused an allowed one (403).
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        sources=[
+            {"name": "deny", **OPEN, "deny": ["10.9.9.9/32"]},
+            {"name": "allow", **OPEN, "allow": ["10.0.0.0/8"]},
+            {"name": "own", **OPEN, "allow": ["10.0.0.0/8"], "trusted_proxies": ["10.5.5.5/32"]},
+        ],
+        settings={
+            "client_addresses": {"trusted_proxies": ["127.0.0.1/32"]},
+            "api_keys": [{"name": "pub", "key": PUBLISH_KEY, "scopes": ["publish"]}],
+        },
+    )
+    assert await _from(svc, "127.0.0.1", "/hooks/deny", **{"X-Forwarded-For": "10.9.9.9"}) == 403
+    assert await _from(svc, "127.0.0.1", "/hooks/deny", **{"X-Forwarded-For": "10.1.1.1"}) == 202
+    assert await _from(svc, "127.0.0.1", "/hooks/allow", **{"X-Forwarded-For": "10.1.1.1"}) == 202
+    assert await _from(svc, "127.0.0.1", "/hooks/allow", **{"X-Forwarded-For": "8.8.8.8"}) == 403
+    # the trigger's own proxies add to the service's: a chain through both names the client
+    chain = {"X-Forwarded-For": "10.1.1.1, 10.5.5.5"}
+    assert await _from(svc, "127.0.0.1", "/hooks/own", **chain) == 202
+    status, _, detail = await _problem(
+        svc, "POST", "/hooks/allow", b"{}", {"X-Forwarded-For": "192.0.2.7"}
+    )
+    assert (status, detail) == (403, "address 192.0.2.7 is not allowed to call hook 'allow'")
+
+
 async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -> None:
     status, headers, detail = await _problem(service, "POST", "/hooks/keyed", b"{}")
     assert (status, detail, headers["WWW-Authenticate"]) == (401, "missing API key", "Bearer")

@@ -140,3 +140,48 @@ async def test_without_keys_only_this_machines_programs_and_the_console_are_answ
     signed = {**github(b"{}"), "Host": "abc.tunnel.example"}
     status, _, _ = await svc.request("POST", "/hooks/signed", b"{}", signed)
     assert status == 202
+
+
+async def test_without_keys_a_request_a_proxy_relayed_for_another_machine_is_refused(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # nginx on this machine with a plain proxy_pass sends Host 127.0.0.1:PORT and no Origin:
+    # its clients, anyone on the internet, looked like this machine's programs (202 to
+    # publish, 200 to reload the rules) though the service had worked out their address.
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=[{"name": "open", "type": "webhook"}],
+        settings={
+            "client_addresses": {"deny": ["192.0.2.0/24"], "trusted_proxies": ["127.0.0.1/32"]}
+        },
+    )
+    body = b'{"specversion": "1.0", "id": "x", "source": "s", "type": "t"}'
+    structured = {"Content-Type": "application/cloudevents+json"}
+    for relayed in ({"X-Forwarded-For": "8.8.8.8"}, {"Forwarded": "for=8.8.8.8"}):
+        for method, path, data, headers in (
+            ("POST", "/rules/reload", b"", relayed),
+            ("GET", "/dead-letters", None, relayed),
+            ("POST", "/events", body, {**structured, **relayed}),
+            ("POST", "/hooks/open", b"{}", relayed),
+        ):
+            status, _, problem = await svc.request(method, path, data, headers)
+            assert status == 403, (path, relayed, problem)
+            # Forwarded alone names no one the edge reads: unknown to the address lists
+            assert "a request a proxy relayed for" in problem["detail"] or (
+                "Forwarded" in relayed and "address is unknown" in problem["detail"]
+            ), problem
+    status, _, problem = await svc.request("GET", "/rules", None, {"X-Forwarded-For": "8.8.8.8"})
+    assert "relayed for client 8.8.8.8 is refused" in problem["detail"], problem
+    # relayed for this machine (a browser here, through the local proxy)
+    for headers in ({"X-Forwarded-For": "127.0.0.1"}, {"X-Forwarded-For": "::1"}):
+        assert (await svc.request("GET", "/rules", None, headers))[0] == 200, headers
+        assert (await svc.request("POST", "/events", body, {**structured, **headers}))[0] == 202
+    # a peer that is not a trusted proxy names no one, whatever it writes
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(svc.url + "/rules", headers={"X-Forwarded-For": "127.0.0.1"}) as resp,
+    ):
+        assert resp.status == 403
+        assert "for a client it does not name" in (await resp.json())["detail"]
