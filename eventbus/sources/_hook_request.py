@@ -20,13 +20,34 @@ if TYPE_CHECKING:
     from jsonpath_ng import JSONPath
     from jsonpath_ng.ext.parser import ExtendedJsonPathParser
 
-__all__ = ["HookRequest", "Template", "template", "unauthorized"]
+__all__ = ["HookRequest", "Template", "raw", "template", "unauthorized"]
 
 _REF = re.compile(r"\{(header|query|body):([^{}]+)\}")
 
 
 def unauthorized(detail: str) -> CloudEventError:
     return CloudEventError(detail, status=401, title="Webhook not verified")
+
+
+def raw(value: str) -> bytes:
+    """A header value as the bytes that were sent (the edge decodes header bytes as latin-1,
+    one character a byte): what a signature over it signed. Text no request header can
+    give (a character over U+00FF) is taken as UTF-8."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode()
+
+
+def _text(value: str) -> str:
+    """A header value as text for an event attribute: its bytes read as UTF-8 where they are
+    that (a ``café`` sent in UTF-8 was ``cafÃ©``), as they came otherwise."""
+    if value.isascii():
+        return value
+    try:
+        return raw(value).decode()
+    except UnicodeDecodeError:
+        return value
 
 
 @dataclass(frozen=True)
@@ -80,8 +101,23 @@ class Template:
             found = _lookup(request, body, *part)
             if found is None or found == "":
                 return None
-            out.append(found)
+            out.append(_text(found) if part[0] == "header" else found)
         return "".join(out)
+
+    def signed(self, request: HookRequest) -> bytes | None:
+        """The bytes a signature over this template signed: header values as they were sent,
+        the rest in UTF-8; None when a reference finds nothing (no body: ``{body}`` is
+        the signer's, not a reference)."""
+        out = []
+        for part in self._parts:
+            if isinstance(part, str):
+                out.append(part.encode())
+                continue
+            found = _lookup(request, None, *part)
+            if found is None or found == "":
+                return None
+            out.append(raw(found) if part[0] == "header" else found.encode())
+        return b"".join(out)
 
 
 @functools.cache

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from eventbus._rfc3339 import unix_seconds
 from eventbus.config import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._units import Duration
-from eventbus.sources._hook_request import HookRequest, Template, unauthorized
+from eventbus.sources._hook_request import HookRequest, Template, raw, unauthorized
 
 __all__ = ["Verify"]
 
@@ -129,7 +129,7 @@ class StripeVerify(_Timestamped):
 
     def signature_of(self, request: HookRequest) -> str:
         stamps, _ = _stripe_parts(request)
-        return _hmac(self.key, stamps[0].encode() + b"." + request.body).hex()
+        return _hmac(self.key, raw(stamps[0]) + b"." + request.body).hex()
 
 
 def _stripe_parts(request: HookRequest) -> tuple[list[str], list[str]]:
@@ -156,7 +156,7 @@ class SlackVerify(_Timestamped):
         return self._digest(request.header("X-Slack-Request-Timestamp").strip(), request)
 
     def _digest(self, stamp: str, request: HookRequest) -> str:
-        return "v0=" + _hmac(self.key, b"v0:" + stamp.encode() + b":" + request.body).hex()
+        return "v0=" + _hmac(self.key, b"v0:" + raw(stamp) + b":" + request.body).hex()
 
 
 class StandardWebhooksVerify(_Timestamped):
@@ -201,7 +201,7 @@ def _standard_signed(request: HookRequest) -> tuple[str, bytes]:
     """The timestamp of a Standard Webhooks request and what its signature signs."""
     msg_id = request.header("webhook-id")
     stamp = request.header("webhook-timestamp").strip()
-    return stamp, f"{msg_id}.{stamp}.".encode() + request.body
+    return stamp, raw(f"{msg_id}.{stamp}.") + request.body
 
 
 class HmacVerify(_Verify):
@@ -255,10 +255,10 @@ class HmacVerify(_Verify):
             _fresh(request.header(self.timestamp).strip(), self.tolerance, now)
         parts = []
         for part in self._signed:
-            rendered = part.render(request)
+            rendered = part.signed(request)
             if rendered is None:
                 raise unauthorized(f"the request lacks a value signed in {self.signed!r}")
-            parts.append(rendered.encode())
+            parts.append(rendered)
         digest = _hmac(self.key, request.body.join(parts), self.algorithm)
         encoded = digest.hex() if self.encoding == "hex" else base64.b64encode(digest).decode()
         if not _same(given, self.prefix + encoded):

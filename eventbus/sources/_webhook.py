@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import time
 import uuid
@@ -66,6 +67,7 @@ _RESERVED = frozenset(
     {"id", "source", "specversion", "type", "time", "subject", "data", "data_base64"}
     | {"datacontenttype", "dataschema"}
 )
+_FORM = "application/x-www-form-urlencoded"
 _EXTENSION = re.compile(r"[a-z0-9]{1,20}\Z")
 _METHOD = re.compile(r"[A-Z]{1,16}\Z")
 
@@ -150,6 +152,19 @@ class WebhookSourceSpec(AddressLists, SourceSpec):
         return extensions
 
 
+def _slack_payload(request: HookRequest, data: dict[str, Any]) -> None:
+    """Slack's interactivity posts a form of one field, ``payload``, holding the JSON of the
+    interaction: read it as JSON (``data.payload.type``), left as text when it is not."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    form = data.get("data")
+    if media != _FORM or not isinstance(form, dict):
+        return
+    payload = form.get("payload")
+    if isinstance(payload, str) and payload.startswith("{"):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            form["payload"] = load_json(payload.encode())
+
+
 def _data(request: HookRequest) -> dict[str, Any]:
     """The body as the event's ``data`` (or ``data_base64``) and its ``datacontenttype``."""
     if not request.body:
@@ -161,9 +176,11 @@ def _data(request: HookRequest) -> dict[str, Any]:
             return {"data": load_json(request.body), "datacontenttype": declared}
         except orjson.JSONDecodeError as exc:
             raise _unreadable(f"the body is not valid JSON: {exc}") from None
-    if media == "application/x-www-form-urlencoded":
+    if media == _FORM:
         try:
-            form = parse_qs(request.body.decode(), keep_blank_values=True, strict_parsing=True)
+            form = parse_qs(
+                request.body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict"
+            )
         except (UnicodeDecodeError, ValueError) as exc:
             raise _unreadable(f"the body is not a valid form post: {exc}") from None
         data = {k: v[0] if len(v) == 1 else v for k, v in form.items()}
@@ -196,6 +213,13 @@ class WebhookSource:
         kind = spec.verify.kind if spec.verify is not None else "hmac"
         default_type, default_id = _PRESETS[kind]
         self._type = Template(spec.event_type or default_type)
+        self._slack = kind == "slack"
+        # Slack's interactivity posts a form whose payload is JSON, carrying the type
+        self._fallback_type = (
+            Template("com.slack.{body:$.payload.type}")
+            if self._slack and spec.event_type is None
+            else None
+        )
         self._id = template(spec.event_id or default_id)
         self._subject = template(spec.subject)
         self._extensions = {k: Template(v) for k, v in spec.extensions.items()}
@@ -226,8 +250,14 @@ class WebhookSource:
         if self.spec.verify is not None:
             self.spec.verify.check(request, time.time() if now is None else now)
         data = _data(request)
+        if self._slack:
+            _slack_payload(request, data)
         body = data.get("data")
         event_type = self._type.render(request, body)
+        if event_type is None and self._fallback_type is not None:
+            event_type = self._fallback_type.render(request, body)
+            if event_type is None and isinstance(body, dict) and "command" in body:
+                event_type = "com.slack.slash_command"
         if event_type is None:
             raise _unreadable(f"the request has no value for the event type {self._type.text!r}")
         event_id = self._id.render(request, body) if self._id is not None else None

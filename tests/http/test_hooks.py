@@ -111,6 +111,11 @@ async def test_requests_the_edge_refuses(service: RunningService, receiver: Rece
         {"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert status == 400 and "not a valid form post" in detail
+    # percent-escapes that are not UTF-8 were replaced by U+FFFD and the event published
+    status, _, detail = await _problem(
+        service, "POST", "/hooks/open", b"t=x&p=%FF%FE", {"Content-Type": FORM}
+    )
+    assert status == 400 and "not a valid form post" in detail, detail
     status, _, detail = await _problem(service, "POST", "/hooks/typed", b"{}")
     assert status == 400 and "no value for the event type" in detail
     status, _, detail = await _problem(service, "POST", "/hooks/open", b"x" * 1001)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -206,6 +207,92 @@ async def test_each_provider_signed_as_it_signs_is_delivered(
     ce = await _delivered(receiver, body["source"], "req-42")
     assert ce["type"] == "com.example.order.created"
     assert (ce["subject"], ce["tenant"], ce["requestid"]) == ("991", "acme", "req-42")
+
+
+async def test_header_values_are_signed_as_the_bytes_sent(
+    service: RunningService, receiver: Receiver
+) -> None:
+    # The edge reads header bytes as latin-1; the signed text was encoded again as UTF-8, so
+    # a request signed over a non-ASCII header value (sent in UTF-8) was refused with 401, and
+    # the value, where it became an attribute, was mojibake ("cafÃ©").
+    order = orjson.dumps({"order": {"id": 7}})
+    stamp = "café-1700000000"
+    digest = hmac.new(HMAC_SECRET.encode(), stamp.encode() + b":" + order, hashlib.sha512)
+    headers = {
+        **generic(order),
+        "X-Timestamp": stamp,
+        "X-Request-Id": "req-café",
+        "X-Signature": "sha512=" + base64.b64encode(digest.digest()).decode(),
+    }
+    status, _, body = await service.request("POST", "/hooks/generic?kind=k", order, headers)
+    assert (status, body["id"]) == (202, "req-café"), body
+    ce = await _delivered(receiver, body["source"], "req-café")
+    assert ce["requestid"] == "req-café"
+    sw = orjson.dumps({"type": "invoice.paid"})
+    status, _, body = await service.request(
+        "POST", "/hooks/standard", sw, standard(sw, msg_id="msg_ünï")
+    )
+    assert (status, body["id"]) == (202, "msg_ünï"), body
+    # bytes that are not UTF-8 still verify, and stay as they came in the attribute
+    latin = "req-\xe9"
+    digest = hmac.new(HMAC_SECRET.encode(), b"1:" + order, hashlib.sha512)
+    raw_headers = [
+        (b"Content-Type", b"application/json"),
+        (b"X-Timestamp", b"1"),
+        (b"X-Request-Id", latin.encode("latin-1")),
+        (b"X-Signature", b"sha512=" + base64.b64encode(digest.digest())),
+    ]
+    status, answer = await _raw_post(service, "/hooks/generic?kind=k", raw_headers, order)
+    assert (status, orjson.loads(answer)["id"]) == (202, latin), answer
+
+
+async def _raw_post(
+    service: RunningService, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[int, bytes]:
+    """POST with header bytes as given (clients encode header text as they see fit)."""
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = [f"POST {path} HTTP/1.1".encode(), f"Host: {host}:{port}".encode()]
+        head += [name + b": " + value for name, value in headers]
+        head += [f"Content-Length: {len(body)}".encode(), b"Connection: close"]
+        writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        answer = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def test_slacks_form_posts_get_their_type(
+    service: RunningService, receiver: Receiver
+) -> None:
+    # Slash commands and interactivity post forms with no top-level type: the documented
+    # trigger refused them (400 "no value for the event type 'com.slack.{body:$.type}'").
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    command = b"command=%2Fdeploy&text=prod&trigger_id=t-1"
+    status, _, body = await service.request(
+        "POST", "/hooks/slack", command, {**slack(command), **form}
+    )
+    assert status == 200, body
+    action = {"type": "block_actions", "trigger_id": "t-2", "actions": [{"value": "ok"}]}
+    interaction = b"payload=" + quote(orjson.dumps(action)).encode()
+    status, _, body = await service.request(
+        "POST", "/hooks/slack", interaction, {**slack(interaction), **form}
+    )
+    assert status == 200, body
+
+    async def both() -> list[dict[str, Any]] | None:
+        found = [r.cloudevent for r in receiver.requests if r.cloudevent is not None]
+        slack_events = [ce for ce in found if ce["source"] == "urn:eventbus:source:slack"]
+        return slack_events if len(slack_events) == 2 else None
+
+    events = sorted(
+        await eventually(both, within=15, what="two Slack events"), key=lambda e: e["type"]
+    )
+    assert [e["type"] for e in events] == ["com.slack.block_actions", "com.slack.slash_command"]
+    assert events[0]["data"]["payload"] == action  # the interaction's JSON, read as JSON
+    assert events[1]["data"] == {"command": "/deploy", "text": "prod", "trigger_id": "t-1"}
 
 
 async def test_a_redelivered_webhook_is_one_event(
