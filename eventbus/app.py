@@ -75,6 +75,8 @@ from eventbus.sources import (
     Source,
     SourceRunner,
     SourceStatus,
+    WebhookSource,
+    body_limit,
     build_source,
     in_every_process,
     list_dead_letters,
@@ -209,6 +211,21 @@ def _new_installation_id(path: Path) -> str:
     return made
 
 
+def _warn_of_unread_bodies(sources: list[Source], max_event_size: int) -> None:
+    """Say which webhook triggers allow bodies larger than any trigger reads."""
+    limit = body_limit(max_event_size)
+    for source in sources:
+        if isinstance(source, WebhookSource) and source.spec.max_body > limit:
+            log.warning(
+                "source %r: max_body %d is over the %d bytes a body can have to fit an event "
+                "of max_event_size (%d); larger bodies are refused (413)",
+                source.name,
+                source.spec.max_body,
+                limit,
+                max_event_size,
+            )
+
+
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
     return target_policies({name: spec.delivery for name, spec in connectors.targets.items()})
 
@@ -273,6 +290,7 @@ class Service:
         s = self.settings
         # Validate user files first: a typo should not cost a database start.
         rules, targets, sources = self.read_files()
+        _warn_of_unread_bodies(sources, s.max_event_size)
 
         embedded = await start_embedded(self._stack, s)
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url

@@ -184,6 +184,7 @@ EXPORTS: dict[str, list[str]] = {
         "SourceStatus",
         "SystemClock",
         "WebhookSource",
+        "body_limit",
         "build_source",
         "in_every_process",
         "list_dead_letters",

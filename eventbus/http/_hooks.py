@@ -34,7 +34,7 @@ from eventbus.http._types import (
     request_headers,
     send_answer,
 )
-from eventbus.sources import HookRequest, WebhookSource
+from eventbus.sources import HookRequest, WebhookSource, body_limit
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -121,6 +121,7 @@ class HookApp:
         self._fallback = fallback
         self._refusals = refusals
         self._max_event = service.settings.max_event_size
+        self._max_body = body_limit(self._max_event)
         self._service_proxies = service.settings.client_addresses.trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,11 +170,12 @@ class HookApp:
             self._access.from_this_machine(headers, path, remote, remedy)
         if spec.keys or spec.takes_service_keys:
             await self._check_key(spec, headers, path, remote)
-        raw = await read_body(receive, headers, spec.max_body)
-        request = HookRequest(
-            scope["method"], headers, scope.get("query_string", b"").decode("latin-1"), raw
-        )
+        query = scope.get("query_string", b"").decode("latin-1")
         try:
+            # a request without its signature, or too old, is refused before its body is read
+            source.precheck(HookRequest(scope["method"], headers, query, b""))
+            raw = await read_body(receive, headers, min(spec.max_body, self._max_body))
+            request = HookRequest(scope["method"], headers, query, raw)
             event = source.event_for(request, max_size=self._max_event)
         except CloudEventError as exc:
             if exc.status in (401, 403):

@@ -32,7 +32,7 @@ from eventbus.sources._s3_poll import S3PollSource, S3PollSourceSpec
 from eventbus.sources._shared import SharedStatuses
 from eventbus.sources._syslog import SyslogSource, SyslogSourceSpec
 from eventbus.sources._timer import TimerSource, TimerSourceSpec
-from eventbus.sources._webhook import WebhookSource, WebhookSourceSpec
+from eventbus.sources._webhook import WebhookSource, WebhookSourceSpec, body_limit
 
 register_source("directory", DirectorySourceSpec, DirectorySource)
 register_source("jetstream", JetStreamSourceSpec, JetStreamSource)
@@ -58,6 +58,7 @@ __all__ = [
     "SourceStatus",
     "SystemClock",
     "WebhookSource",
+    "body_limit",
     "build_source",
     "in_every_process",
     "list_dead_letters",

@@ -47,7 +47,14 @@ from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
 from eventbus.sources._signatures import Verify
 
-__all__ = ["WebhookSource", "WebhookSourceSpec"]
+__all__ = ["WebhookSource", "WebhookSourceSpec", "body_limit"]
+
+
+def body_limit(max_event_size: int) -> int:
+    """The largest body any trigger reads, whatever its ``max_body``: a larger one cannot
+    become an event of ``max_event_size`` bytes (a form's percent-escape takes 3 bytes for
+    one, base64 4 for 3), and each body is held whole in memory while it is verified."""
+    return 4 * max_event_size
 
 
 def _unreadable(detail: str) -> CloudEventError:
@@ -275,6 +282,12 @@ class WebhookSource:
             event[name] = extension.render(request, body)
         # a null attribute is an absent one (validate drops it)
         return validate(event, max_size=max_size)
+
+    def precheck(self, request: HookRequest, *, now: float | None = None) -> None:
+        """Raise CloudEventError 401 for what refuses ``request`` before its body is read (its
+        ``body`` empty): a signature header missing, a timestamp out of tolerance."""
+        if self.spec.verify is not None:
+            self.spec.verify.precheck(request, time.time() if now is None else now)
 
     def answer(
         self, request: HookRequest, event: dict[str, Any], duplicate: bool

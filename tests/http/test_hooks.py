@@ -8,6 +8,7 @@ problem+json, refusals recorded, and the service still taking events afterwards.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ SOURCES: list[dict[str, Any]] = [
     {"name": "both", "type": "webhook", "keys": [KEY], "service_keys": True},
     {"name": "default", "type": "webhook"},
     {"name": "signed", "type": "webhook", "verify": {"kind": "gitlab", "secret": KEY}},
+    {
+        "name": "big",
+        "type": "webhook",
+        "verify": {"kind": "github", "secret": KEY},
+        "max_body": 64 * 1024 * 1024,
+    },
     {"name": "yearly", "type": "timer", "schedule": "0 3 1 1 *"},
 ]
 
@@ -140,6 +147,39 @@ async def test_requests_the_edge_refuses(service: RunningService, receiver: Rece
     status, _, answer = await service.request("POST", "/hooks/typed", b"{}", {"X-Kind": "ok"})
     assert status == 202, answer
     assert (await receiver.wait_for(1))[0].cloudevent["type"] == "com.example.ok"
+
+
+async def _head_only(svc: RunningService, path: str, *headers: str) -> bytes:
+    """Send a request's head declaring a 60 MB body, none of it, and read the answer."""
+    host, port = svc.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 60000000"]
+        writer.write("\r\n".join([*head, *headers]).encode() + b"\r\n\r\n")
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_large_body_is_not_read_when_it_cannot_be_taken(service: RunningService) -> None:
+    # A trigger allowing 64 MiB: 60 MB bodies without a signature were read whole (about
+    # 95 MB of memory each) before the 401, and the limit allowed bodies no event can hold.
+    answer = await _head_only(service, "/hooks/big")
+    assert answer.startswith(b"HTTP/1.1 401"), answer  # no signature header: refused at once
+    # signed (the signature is checked once the body is read): over what max_event_size
+    # (64 KiB here) can hold in any encoding, refused before a byte is read
+    answer = await _head_only(service, "/hooks/big", "X-Hub-Signature-256: sha256=00")
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    big = b"{}" + b" " * 300_000
+    status, _, detail = await _problem(
+        service, "POST", "/hooks/big", big, {"X-Hub-Signature-256": "sha256=00"}
+    )
+    assert (status, detail) == (413, f"request body of 300002 bytes exceeds {4 * 64 * 1024} bytes")
+    await service.service.store.audit.flush()
+    rows = await service.service.store.pool.fetch(
+        "SELECT reason FROM refusals WHERE path = '/hooks/big'"
+    )
+    assert [r["reason"] for r in rows] == ["header X-Hub-Signature-256 is missing"]
 
 
 async def test_ip_lists_and_trusted_proxies(service: RunningService) -> None:
