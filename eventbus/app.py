@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, EventBusError, StoreUnavailable
+from eventbus._errors import ConfigError, EventBusError, StoreError, StoreUnavailable
 from eventbus._rates import Rates, deliveries_by_target, gauge_by_target
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus._tasks import cancel_and_wait, report_stuck
@@ -82,8 +82,6 @@ from eventbus.sources import (
     list_dead_letters,
 )
 from eventbus.store import (
-    Attempt,
-    AttemptOutcome,
     EmbeddedPostgres,
     EventCursor,
     EventTrail,
@@ -556,24 +554,23 @@ class Service:
     async def replay(self, flt: DeadLetterFilter) -> tuple[list[dict[str, Any]], int]:
         """Move dead letters back into the retry schedule (audited), due now, a batch at a
         time; returns the first ``REPLAYS_LISTED`` of them (oldest first) and how many there
-        were."""
+        were. A store failure after some batches says how many had moved."""
         shown: list[dict[str, Any]] = []
         count = 0
-        async for batch in self.deliveries.replay(flt):
-            for item in batch:
-                await self.store.audit.attempt(
-                    Attempt(
-                        event={"source": item["event_source"], "id": item["event_id"]},
-                        rule=item["rule"],
-                        target=item["target"],
-                        number=0,
-                        outcome=AttemptOutcome.REPLAY_REQUESTED,
-                    )
-                )
-            shown.extend(batch[: REPLAYS_LISTED - len(shown)])
-            count += len(batch)
-            if self._retries is not None:
-                self._retries.wake()  # the first batches go out while the next are moved
+        try:
+            async for batch in self.deliveries.replay(flt):
+                shown.extend(batch[: REPLAYS_LISTED - len(shown)])
+                count += len(batch)
+                if self._retries is not None:
+                    self._retries.wake()  # the first batches go out while the next are moved
+        except StoreError as exc:
+            if not count:
+                raise
+            # the operator must not take a replay three quarters done for one that failed
+            raise type(exc)(
+                f"{exc}; {count} dead letters were replayed before it (and perhaps the batch "
+                "it was moving): list the dead letters for what is left"
+            ) from exc
         return shown, count
 
     def liveness(self) -> str | None:

@@ -21,7 +21,14 @@ from typing import Any
 import asyncpg
 
 from eventbus.delivery._model import DeadLetterReason, Delivery, split_stored_rule
-from eventbus.store import READ_TIMEOUT, Outstanding, dumps_jsonb, loads_jsonb, run_db
+from eventbus.store import (
+    READ_TIMEOUT,
+    AttemptOutcome,
+    Outstanding,
+    dumps_jsonb,
+    loads_jsonb,
+    run_db,
+)
 
 __all__ = ["REPLAY_BATCH", "UNKNOWN_TARGET_GRACE", "DeadLetterFilter", "DeliveryStore"]
 
@@ -413,9 +420,10 @@ class DeliveryStore:
     async def replay(self, flt: DeadLetterFilter) -> AsyncIterator[list[dict[str, Any]]]:
         """Move matching dead letters back into the retry schedule, due now, with a fresh
         attempt budget, their history and one more replay counted, ``REPLAY_BATCH`` at a time
-        (oldest first, each batch in its own statement); yields what each batch replayed (id,
-        source, event id, rule, target). One statement moved them all: 200,000 dead letters
-        held their locks, and their rows in memory, at once."""
+        (oldest first, each batch in its own statement, which writes its ``replay-requested``
+        audit rows too); yields what each batch replayed (id, source, event id, rule, target).
+        One statement moved them all: 200,000 dead letters held their locks, and their rows in
+        memory, at once."""
         where, args = flt.where()
         # Only those there now: a replayed delivery that fails again while later batches move
         # is a new dead letter (a higher id), which a batch moved again (replayed twice by one
@@ -439,7 +447,12 @@ class DeliveryStore:
                     " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"
                     " waiting_for, replay_count)"
                     " SELECT now(), event_source, event_id, event, rule, target, payload,"
-                    " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1 FROM moved)"
+                    " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1 FROM moved),"
+                    # the audit's replay-requested row, in the move's transaction: written
+                    # through the audit buffer after the answer, a crash lost every one
+                    " audited AS (INSERT INTO attempts (source, id, rule, target, attempt,"
+                    " outcome, duration_ms, at) SELECT event_source, event_id, rule, target, 0,"
+                    f" '{AttemptOutcome.REPLAY_REQUESTED.value}', 0, now() FROM moved)"
                     " SELECT id, event_source, event_id, rule, target FROM moved ORDER BY id",
                     *args,
                 ),

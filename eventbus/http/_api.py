@@ -109,8 +109,9 @@ async def event_trail(
     responses=_problems(400),
     summary="Accepted events, newest first, by source, type and time, one page at a time",
     description=(
-        "From the audit trail: every event the bus stored and the router took (an event "
-        "accepted again, by a redelivery or a replay, once per acceptance). `since` and "
+        "From the audit trail: every event the bus stored and the router took (one sent "
+        "again after the duplicate window, once per acceptance; a redelivery by the bus or a "
+        "replay of a dead letter adds none). `since` and "
         "`until` bound when the bus stored it (`received_at`); `next_after` of an answer "
         "asks for the page after it. `GET /events/trail` gives one event whole."
     ),

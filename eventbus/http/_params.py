@@ -10,6 +10,7 @@ naming the parameter, not a failed query.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -40,6 +41,7 @@ __all__ = [
 _BIGINT = 64
 _INTEGER = 32
 _MAX_LIMIT = 1000
+_DECIMAL = re.compile(r"-?[0-9]{1,40}")
 
 
 def _clip(value: str) -> str:
@@ -58,10 +60,11 @@ def _text(name: str) -> BeforeValidator:
 
 
 def _parse_integer(name: str, raw: str, bits: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {_clip(raw)}") from None
+    # ASCII digits only: int() also takes a fullwidth 7, "1_000" and "+7", so an odd
+    # spelling named, replayed or deleted a real dead letter
+    if not _DECIMAL.fullmatch(raw):
+        raise ValueError(f"{name} must be an integer, got {_clip(raw)}")
+    value = int(raw)
     bound = 2 ** (bits - 1)
     if not -bound <= value < bound:
         raise ValueError(f"{name} must be a {bits}-bit integer, got {_clip(raw)}")
@@ -207,6 +210,7 @@ def _dead_letter_filter(
     ] = None,
     source: Annotated[str | None, Query(description="The event's source."), _text("source")] = None,
 ) -> DeadLetterFilter:
+    _in_order(since, until)
     return DeadLetterFilter(
         ids=tuple(ids or ()),
         rule=rule,
@@ -217,6 +221,13 @@ def _dead_letter_filter(
         until=until,
         source=source,
     )
+
+
+def _in_order(since: datetime | None, until: datetime | None) -> None:
+    """Refuse (400) a window that ends before it begins: it selects nothing, and a replay or
+    purge by it did nothing, answered as done."""
+    if since is not None and until is not None and since > until:
+        raise Problem(400, f"since ({since.isoformat()}) is later than until ({until.isoformat()})")
 
 
 @dataclass(frozen=True)

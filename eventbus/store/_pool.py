@@ -200,11 +200,11 @@ class Store:
     async def event_trail(self, source: str, id: str) -> EventTrail | None:
         """The audit trail of the event ``(source, id)``, or None if it was never accepted.
 
-        If the event was accepted several times (redelivery, replay) the trail shows the first
-        acceptance and every match and attempt of all of them. Raises StoreError if Postgres
-        cannot be queried within ``READ_TIMEOUT`` seconds, StoreDataError if it refuses the
-        values (a NUL character, say). Only committed rows are visible: flush the audit first
-        if needed.
+        If the event was accepted several times (sent again after the duplicate window) the
+        trail shows the first acceptance and every match and attempt of all of them. Raises
+        StoreError if Postgres cannot be queried within ``READ_TIMEOUT`` seconds,
+        StoreDataError if it refuses the values (a NUL character, say). Only committed rows are
+        visible: flush the audit first if needed.
         """
         rows = await run_db(
             f"cannot read the trail of event {id[:200]!r} from {source[:200]!r}",
@@ -240,7 +240,8 @@ class Store:
         ``subject``, ``time``, ``received_at``, ``via``, ``size``; times as ISO 8601) and the
         cursor of the next page, None when this one is the last (fewer than ``limit``).
 
-        An event accepted several times (redelivery, replay) appears once per acceptance.
+        An event accepted several times (sent again after the duplicate window) appears once
+        per acceptance; a redelivery by the bus (the same ``bus_ref``) or a replay adds none.
         Each filter has an index that yields its rows in this order (migration 0005), so a
         page costs its own rows, however long the trail. Raises as :meth:`event_trail`.
         """

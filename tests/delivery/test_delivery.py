@@ -5,13 +5,17 @@ kind of failure, the circuit breaker, destinations, and a PostgreSQL restart mid
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
 from eventbus import app as eventbus_app
+from eventbus._errors import StoreError
+from eventbus.delivery import DeadLetterFilter, DeadLetterReason, Delivery
 from eventbus.delivery import _store as eventbus_store
 from eventbus.store import EmbeddedPostgres
 from tests.fixtures.receiver import Receiver, Response
@@ -600,3 +604,64 @@ async def test_a_retry_after_past_max_age_says_so_in_the_dead_letter(
     status, _, detail = await svc.request("GET", f"/dead-letters/{item['id']}")
     assert status == 200, detail
     assert "Retry-After (60 s) falls past max_age (30 s)" in orjson.dumps(detail).decode()
+
+
+async def _replays_audited(dsn: str, source: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM attempts WHERE source = $1 AND outcome = 'replay-requested'",
+                source,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_replay_is_audited_with_its_move_and_a_failure_midway_says_what_moved(
+    eventbus: StartService,
+    receiver: Receiver,
+    database_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The replay-requested rows went through the audit buffer after the move had committed
+    # and after the answer: eventbus killed then lost every one (300 of 300 delivered, not one
+    # replay in their trails), and PostgreSQL lost mid-replay answered 503 "replaying dead
+    # letters: ..." though three quarters had moved, their batch in flight unaudited.
+    monkeypatch.setattr(eventbus_store, "REPLAY_BATCH", 1)
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    source = "tests/replay-audit"
+    failed = {"last_status": 400, "final_error": "x", "reason": DeadLetterReason.NON_RETRYABLE}
+    deliveries = svc.service.deliveries
+    for i in range(400):
+        event = {**_event(i), "source": source}
+        routed = Delivery(event=event, rule="all", target="fn", payload=event, is_cloudevent=True)
+        await deliveries.dead_letter(routed, **failed)
+    replay = asyncio.create_task(svc.service.replay(DeadLetterFilter(source=source)))
+
+    async def begun() -> bool:
+        return await _replays_audited(database_dsn, source) > 0
+
+    await eventually(begun, within=20, every=0.01, what="the first batch moved")
+    killer = await asyncpg.connect(database_dsn)
+    try:
+        await killer.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await killer.close()
+    with pytest.raises(StoreError) as failure:
+        await replay
+    moved = int(re.search(r"; (\d+) dead letters were replayed before it", str(failure.value))[1])
+    assert 0 < moved < 400, failure.value
+    # each dead letter that left was audited in the same transaction, no more, no less
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        left = await conn.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE event_source = $1", source
+        )
+    finally:
+        await conn.close()
+    assert await _replays_audited(database_dsn, source) == 400 - left >= moved

@@ -47,6 +47,16 @@ BAD_INPUT = [
     ("GET", "/sources/dead-letters?payload_bytes=0", "payload_bytes"),
     ("GET", f"/sources/dead-letters?payload_bytes={HUGE}", "payload_bytes"),
     ("POST", "/targets/a%00b/enable", "target name"),
+    # int() takes these, and an odd spelling named, replayed or deleted a real dead letter
+    ("GET", "/dead-letters/%EF%BC%97", "dl_id"),  # a fullwidth 7
+    ("DELETE", "/dead-letters/1_000", "dl_id"),
+    ("POST", "/dead-letters/+7/replay", "dl_id"),
+    ("GET", "/dead-letters?id=%E0%A5%AD", "id"),  # a Devanagari 7
+    ("DELETE", "/dead-letters?id=%207", "id"),
+    # a window ending before it begins selects nothing: a replay or purge by it did nothing
+    ("POST", "/dead-letters/replay?since=2027-01-01&until=2020-01-01", "since"),
+    ("DELETE", "/dead-letters?since=2027-01-01&until=2020-01-01", "since"),
+    ("GET", "/dead-letters?since=2027-01-01&until=2020-01-01", "since"),
 ]
 
 
