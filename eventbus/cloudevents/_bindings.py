@@ -332,9 +332,18 @@ def from_nats(
     Binary mode (NATS binding 1.0.2+) when there is a ``ce-specversion`` header and the
     Content-Type is not a CloudEvents format: ``ce-`` headers, percent-decoded, with
     ``ce-datacontenttype`` (or else Content-Type) typing the payload. Otherwise the payload is
-    the JSON event format. Raises :class:`CloudEventError` as :func:`from_http` does.
+    the JSON event format. Raises :class:`CloudEventError` as :func:`from_http` does, and
+    (400) for a header that was not UTF-8.
     """
     lowered = {name.lower(): value for name, value in headers.items()} if headers else {}
+    for name, value in lowered.items():
+        if "\ufffd" in value and (name.startswith("ce-") or name == "content-type"):
+            # nats-py reads header values as UTF-8 with replacement: ids that differ only in
+            # such bytes became one id, and the bus dropped the second as a duplicate
+            raise CloudEventError(
+                f"NATS header {name!r} is not UTF-8 (or holds U+FFFD, which stands for bytes "
+                "that were not)"
+            )
     media = media_type(lowered.get("content-type", ""))
     if media.startswith(_CLOUDEVENTS_MEDIA) or "ce-specversion" not in lowered:
         if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:

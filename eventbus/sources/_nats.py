@@ -185,7 +185,10 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             stop_if_cancelled()  # nats-py's fetch may lose a cancellation (3.11)
             try:
                 batch = await psub.fetch(self.config.batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:
+                # nothing to read: nats.errors.TimeoutError, or (nats-py 2.16, when its first
+                # request took the whole timeout) a bare asyncio.TimeoutError, which was taken
+                # for a broker failure: backoff, an error counted, the connection rebuilt
                 continue
             for i, msg in enumerate(batch):
                 try:

@@ -171,11 +171,21 @@ async def publish_held(
     for a message its broker will not send again (core NATS, MQTT at QoS 0; dropped with the
     connection, it was lost) or whose redelivery would cost a reconnect (MQTT at QoS 1: each
     reconnect every half second had the broker resend its whole in-flight window). Each
-    failure is reported in the status; retried after a capped backoff."""
+    failure is reported in the status; retried after a capped backoff, with the events the
+    first try made: converted again, a message without an id of its own (raw MQTT or core
+    NATS) got a fresh random id on each try, so a publish that timed out but was stored, then
+    retried, reached the targets twice under two ids."""
+    made: list[list[dict[str, Any]]] = []
+
+    def once() -> list[dict[str, Any]]:
+        if not made:
+            made.append(convert())
+        return made[0]
+
     retry = Backoff(ctx.clock)
     while True:
         try:
-            return await publish_message(ctx, payload, convert, meta)
+            return await publish_message(ctx, payload, once, meta)
         except (BusError, StoreError) as exc:
             ctx.report_error(exc)
             await retry.wait()

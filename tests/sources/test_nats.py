@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import nats
 import orjson
@@ -92,6 +94,60 @@ async def test_jetstream_messages_arrive_and_malformed_ones_are_kept(
             "subject": f"{prefix}.c",
         }
         assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 1, 0)
+
+
+async def _hpub(url: str, subject: str, headers: list[bytes], payload: bytes) -> None:
+    """Publish with header bytes as given, over the protocol itself (nats-py encodes header
+    text as UTF-8, so it cannot send what another client may)."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        await reader.readline()  # INFO
+        head = b"NATS/1.0\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+        options = {"headers": True, "verbose": False, "pedantic": False}
+        if parts.username:
+            options |= {"user": unquote(parts.username), "pass": unquote(parts.password or "")}
+        writer.write(b"CONNECT " + orjson.dumps(options) + b"\r\n")
+        writer.write(
+            f"HPUB {subject} {len(head)} {len(head) + len(payload)}\r\n".encode()
+            + head
+            + payload
+            + b"\r\nPING\r\n"
+        )
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"PONG"), "the server did not take it"
+    finally:
+        writer.close()
+
+
+async def test_header_bytes_that_are_not_utf8_are_dead_lettered(
+    nats_url: str, database_dsn: str
+) -> None:
+    # nats-py reads header values as UTF-8 with replacement: ce-id "\xff-y1" and "\xfe-y1"
+    # both became "\ufffd-y1", the first was delivered under it and the bus dropped the second
+    # as its duplicate, acked, with no dead letter, log line or error counted.
+    async with (
+        client(nats_url) as nc,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        name, prefix = await stream(nc)
+        common = [b"ce-specversion: 1.0", b"ce-source: /b", b"ce-type: t"]
+        for raw_id in (b"\xff-y1", b"\xfe-y1"):
+            await _hpub(nats_url, f"{prefix}.a", [*common, b"ce-id: " + raw_id], b"{}")
+        await nc.jetstream().publish(f"{prefix}.a", ce(3))
+        ctx = context(pool, "js", tap, type="jetstream")
+        async with running(jetstream("js", nats_url, name), ctx):
+            events = await tap.take(1)
+            await eventually(lambda: _errors_counted(ctx, 2), what="two errors counted")
+        assert [e["id"] for e in events] == ["m3"]
+        rows = await dead_letters(pool, "js")
+        assert len(rows) == 2
+        assert all("NATS header 'ce-id' is not UTF-8" in r["error"] for r in rows), rows
+
+
+async def _errors_counted(ctx: SourceContext, n: int) -> bool:
+    return ctx.status.errors == n
 
 
 async def test_jetstream_raw_format_ids_are_stream_positions(

@@ -1,5 +1,6 @@
-"""Helpers for the timer and queue source tests: the real NatsBus on a per-test stream, with a
-switch that makes publishing fail as it does when the bus is unreachable. Holds no tests."""
+"""Helpers for the timer and queue source tests: the real NatsBus on a per-test stream, with
+switches that make publishing fail as it does when the bus is unreachable or slow to answer;
+and the tests of what every queue source shares (publish_message, publish_held)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from eventbus.bus import NatsBus, NatsBusConfig
 from eventbus.cloudevents import new_event
 from eventbus.sources import Checkpoints, Clock, SourceContext, SourceStatus, SystemClock
 from eventbus.sources._base import MAX_SET_ASIDE
-from eventbus.sources._queues import publish_message
+from eventbus.sources._queues import publish_held, publish_message
 from tests.fixtures.nats import unique_name
 from tests.sources._harness import WAIT, dead_letters, source_pool
 
@@ -25,12 +26,14 @@ class BusTap:
 
     ``down = True`` refuses publishes with BusUnavailable (counted in ``refused``); ``published``
     counts publish calls the bus accepted, so a test can tell a duplicate publish from one the
-    bus deduplicated.
+    bus deduplicated. ``acks_lost = n``: the next ``n`` publishes reach the bus, then fail with
+    BusUnavailable, as when its acknowledgement did not arrive in time.
     """
 
     def __init__(self, bus: NatsBus) -> None:
         self.bus = bus
         self.down = False
+        self.acks_lost = 0
         self.refused = 0
         self.published = 0
         self._changed = asyncio.Condition()
@@ -50,6 +53,9 @@ class BusTap:
         self.published += 1
         async with self._changed:
             self._changed.notify_all()
+        if self.acks_lost:
+            self.acks_lost -= 1
+            raise BusUnavailable("no acknowledgement in time (test)")
 
     async def wait_refused(self, count: int = 1) -> None:
         async with asyncio.timeout(WAIT), self._changed:
@@ -140,3 +146,22 @@ async def test_a_message_too_large_for_the_bus_is_dead_lettered(
         assert row["error"].startswith("the event takes") and "max_payload" in row["error"]
         assert len(row["payload"]) == MAX_SET_ASIDE
         assert tap.published == 0 and ctx.status.errors == 1
+
+
+async def test_a_retried_publish_carries_the_events_the_first_try_made(
+    database_dsn: str, nats_url: str
+) -> None:
+    # A message without an id of its own (raw MQTT, core NATS) was converted again on each
+    # try, with a fresh random id: a publish stored by the bus but not acknowledged in time,
+    # then retried, reached the targets twice under two ids.
+    def convert() -> list[dict[str, Any]]:
+        return [new_event(type="t", source="/q", data="once")]
+
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "q", tap, type="mqtt")
+        tap.acks_lost = 1
+        assert await publish_held(ctx, b"once", convert, {"topic": "a"})
+        assert tap.published == 2  # tried twice, taken both times
+        await tap.publish(new_event(type="t", source="/q", data="after"))
+        events = await tap.take(2)
+        assert [e["data"] for e in events] == ["once", "after"]  # the retry was a duplicate
