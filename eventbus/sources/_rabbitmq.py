@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError
 from yarl import URL
 
-from eventbus._errors import BusError, StoreError
+from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus._tasks import cancel_and_wait
 from eventbus.cloudevents import format_time, from_kafka
 from eventbus.config import Secret, TlsSpec
@@ -71,24 +71,34 @@ def _cloudevent(message: AbstractIncomingMessage, max_size: int) -> dict[str, An
     for name, value in (message.headers or {}).items():
         for prefix in _PREFIXES:
             if name.startswith(prefix):
-                headers.append(("ce_" + name.removeprefix(prefix), _property_bytes(value)))
+                headers.append(("ce_" + name.removeprefix(prefix), _property_bytes(name, value)))
     if message.content_type:
         headers.append(("content-type", message.content_type.encode()))
     return from_kafka(headers, None, message.body, max_size=max_size)
 
 
-def _property_bytes(value: object) -> bytes:
+def _property_bytes(name: str, value: object) -> bytes:
     """An application property as the attribute's text: the AMQP binding maps a timestamp to
     ``time`` and a boolean to ``true``/``false`` (``str()`` gave "2026-01-02 03:04:05+00:00",
-    refused as no RFC 3339 time, and "True")."""
+    refused as no RFC 3339 time, and "True"). A value of no CloudEvents type (null, a table,
+    an array, a float) is refused: ``str()`` made ``type`` "None" and ``source`` a Python
+    repr, and the event was delivered."""
     if isinstance(value, bytes):
         return value
+    if isinstance(value, str):
+        return value.encode()
     if isinstance(value, bool):
         return b"true" if value else b"false"
+    if isinstance(value, int):
+        return str(value).encode()
     if isinstance(value, datetime):
         moment = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
         return format_time(moment).encode()
-    return str(value).encode()
+    kind = "null" if value is None else type(value).__name__
+    raise CloudEventError(
+        f"AMQP application property {name!r} is {kind}, not a CloudEvents attribute value "
+        "(a string, boolean, integer or timestamp)"
+    )
 
 
 class RabbitMQSource:

@@ -104,6 +104,11 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         }
         await send(channel, name, b'{"n": 2}', headers=binary, content_type="application/json")
         await send(channel, name, b"<xml/>")
+        # values of no CloudEvents type: str() made type "None" and source a Python repr
+        odd = {**binary, "cloudEvents:id": "odd", "cloudEvents:type": None}
+        await send(channel, name, b"{}", headers=odd, content_type="application/json")
+        table = {**binary, "cloudEvents:id": "table", "cloudEvents:source": {"nested": [1, 2]}}
+        await send(channel, name, b"{}", headers=table, content_type="application/json")
         await send(channel, name, ce(3))
         ctx = context(pool, "amqp", tap, type="rabbitmq")
         async with running(rabbit("amqp", name), ctx):
@@ -118,9 +123,11 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         assert (events[1]["source"], events[1]["data"]) == ("/amqp", {"n": 2})
         assert (events[1]["time"], events[1]["flagged"]) == ("2026-01-02T03:04:05.000000Z", "true")
         rows = await dead_letters(pool, "amqp")
-        assert [r["payload"] for r in rows] == [b"<xml/>"]
+        assert [r["payload"] for r in rows] == [b"<xml/>", b"{}", b"{}"]
         assert orjson.loads(rows[0]["meta"])["queue"] == name
-        assert (ctx.status.events, ctx.status.errors) == (3, 1)
+        assert "'cloudEvents:type' is null, not a CloudEvents attribute" in rows[1]["error"]
+        assert "'cloudEvents:source' is dict, not a CloudEvents attribute" in rows[2]["error"]
+        assert (ctx.status.events, ctx.status.errors) == (3, 3)
 
 
 @needs_rabbitmq
