@@ -11,7 +11,9 @@ first record not yet on the bus and retries after backoff; broker failures recon
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import pydantic
@@ -30,6 +32,10 @@ from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of
 __all__ = ["KafkaSource", "KafkaSourceSpec"]
 
 log = logging.getLogger("eventbus.sources")
+
+
+PROBE_EVERY = 10.0  # seconds between checks that a broker answers
+PROBE_TIMEOUT = 10.0
 
 
 class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
@@ -82,8 +88,12 @@ class KafkaSource:
                 await consumer.start()
             ctx.status.state = "running"
             backoff.reset()
+            probed = time.monotonic()
             while True:
                 stop_if_cancelled()
+                if time.monotonic() - probed >= PROBE_EVERY:
+                    await _probe(ctx, consumer)
+                    probed = time.monotonic()
                 try:
                     batches = await consumer.getmany(timeout_ms=1000, max_records=self.config.batch)
                 except (CorruptRecordException, ValueError) as exc:
@@ -153,6 +163,22 @@ class KafkaSource:
 
         meta = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         await publish_message(ctx, value, convert, meta)
+
+
+async def _probe(ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
+    """Ask the brokers for metadata: the source showed ``running`` for as long as they were
+    down or frozen (aiokafka's fetches reconnect by themselves and never raise), while the
+    client logged each failed connection. No answer: ``backoff``, with the reason; the
+    consumer is kept, to go on where it was once a broker answers."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            await consumer.topics()
+    except (KafkaError, OSError, TimeoutError) as exc:
+        reason = str(exc) or f"no answer within {PROBE_TIMEOUT:g} s"
+        ctx.report_error(ConnectionError(f"no Kafka broker answers a metadata request: {reason}"))
+        return
+    if ctx.status.state == "backoff":
+        ctx.status.state = "running"
 
 
 async def _lag(consumer: AIOKafkaConsumer) -> int:

@@ -15,9 +15,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import from_kafka
 from eventbus.sources import SourceContext, build_source
+from eventbus.sources import _kafka as kafka_module
 from eventbus.sources._kafka import KafkaSource
 from eventbus.sources._queues import events_of, raw_event
 from tests.bus.test_kafka import _produce_unreadable
+from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
@@ -320,3 +322,42 @@ def test_every_format_holds_events_to_the_service_size_limit(fmt: str) -> None:
     with pytest.raises(CloudEventError, match="4096-byte limit") as refused:
         events_of(source.config, payload, cloudevent, max_size=4096)
     assert refused.value.status == 413
+
+
+async def test_the_status_says_backoff_while_no_broker_answers(
+    tansu_binary: str, database_dsn: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiokafka's fetches reconnect by themselves and never raise: the source showed running,
+    # no error, for as long as its broker was dead (or frozen), the client logging each failed
+    # connection.
+    monkeypatch.setattr(kafka_module, "PROBE_EVERY", 0.5)
+    monkeypatch.setattr(kafka_module, "PROBE_TIMEOUT", 2.0)
+    broker = TansuBroker(tansu_binary)
+    broker.start()
+    try:
+        async with (
+            topic(broker.bootstrap) as (name, producer),
+            source_pool(database_dsn) as pool,
+            bus_tap(nats_url) as tap,
+        ):
+            await producer.send_and_wait(name, b"{}")
+            ctx = context(pool, "k", tap, type="kafka")
+            raw = {"format": "raw", "event_type": "t", "event_source": "/k"}
+            async with running(kafka("k", broker.bootstrap, name, **raw), ctx):
+                await tap.take(1)
+                assert ctx.status.state == "running"
+                broker.stop()
+
+                async def backing_off() -> bool:
+                    return ctx.status.state == "backoff"
+
+                await eventually(backing_off, within=20, what="backoff with the broker dead")
+                assert "no Kafka broker answers a metadata request" in (ctx.status.last_error or "")
+                broker.start()
+
+                async def running_again() -> bool:
+                    return ctx.status.state == "running"
+
+                await eventually(running_again, within=30, what="running once it answers")
+    finally:
+        broker.stop()
