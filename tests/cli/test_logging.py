@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,3 +139,40 @@ async def test_a_shutdown_says_what_it_waits_for(
     proc.proc.send_signal(signal.SIGINT)  # Ctrl-C
     assert await asyncio.wait_for(proc.proc.wait(), 60) == 0
     assert "waiting for 1 deliveries (up to 20 s)" in proc.log.read_text()
+
+
+def test_a_librarys_repeated_message_is_one_line_a_window(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiokafka logged each failed reconnection to a dead broker at ERROR: about 150 lines a
+    # second for as long as it was down.
+    from eventbus.cli import _logging
+
+    monkeypatch.setattr(_logging, "REPEAT_WINDOW", 0.5)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        _logging.configure_logging("info", "json")
+        conn = logging.getLogger("aiokafka.conn")
+        for node in range(200):
+            conn.error("Unable connect to node with id %s: %s", node, "refused")
+        logging.getLogger("aiokafka.client").error("Unable to update metadata from %s", [1])
+        logging.getLogger("eventbus.sources").warning("source k: %s", "down")
+        logging.getLogger("eventbus.sources").warning("source k: %s", "down")
+        time.sleep(0.6)
+        conn.error("Unable connect to node with id %s: %s", 7, "refused")
+        lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    messages = [(line["logger"], line["message"]) for line in lines]
+    assert messages[:4] == [
+        ("aiokafka.conn", "Unable connect to node with id 0: refused"),
+        ("aiokafka.client", "Unable to update metadata from [1]"),
+        ("eventbus.sources", "source k: down"),  # eventbus's own lines are all kept
+        ("eventbus.sources", "source k: down"),
+    ]
+    assert len(lines) == 5 and lines[4]["repeated"] == 199
+    assert lines[4]["message"].startswith(
+        "Unable connect to node with id 7: refused [199 more like it in the last"
+    )
