@@ -19,6 +19,7 @@ broker redelivers what was not acked: at-least-once. The broker's in-flight limi
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 import aiomqtt
@@ -120,12 +121,29 @@ class MqttSource:
                 _check_granted(topic, granted)
             ctx.status.state = "running"
             async for message in client.messages:
-                await self._publish(ctx, message)
+                if message.retain:
+                    await self._publish_retained(ctx, message)
+                else:
+                    await self._publish(ctx, message)
                 if message.qos > 0:
                     paho.ack(message.mid, message.qos)
                 # after a message, not at the connect: a connection that breaks at once
                 # again and again backs off as it should (it reconnected every 0.5 s)
                 backoff.reset()
+
+    async def _publish_retained(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
+        """A retained message (the broker's last word on its topic, sent at each subscribe):
+        published only when it differs from the one last published for the topic. Each
+        reconnect and restart re-subscribes, and every retained message reached the targets
+        again (a ``raw`` one under a new id each time)."""
+        raw = message.payload
+        payload = raw if isinstance(raw, bytes) else str(raw).encode()
+        key = f"retained:{message.topic.value}"
+        digest = hashlib.sha256(payload).hexdigest()
+        if await ctx.checkpoints.get(key) == digest:
+            return
+        await self._publish(ctx, message)
+        await ctx.checkpoints.put(key, digest)
 
     async def _publish(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
         raw = message.payload

@@ -133,6 +133,35 @@ async def test_unacked_messages_come_back_after_bus_outage_and_restart(
     assert sorted(ids) == ["q0", "q1", "q2"]
 
 
+async def test_a_retained_message_is_published_once_until_it_changes(
+    database_dsn: str, nats_url: str
+) -> None:
+    # Each (re)connect subscribes again, and the broker sends the topic's retained message
+    # with it: it reached the targets again at every reconnect and restart (raw: under a new
+    # id each time).
+    topic = unique_name("state") + "/lamp"
+    raw = {"format": "raw", "event_type": "t", "event_source": "/mq"}
+    async with _rig(database_dsn, nats_url) as (name, _pool, tap, pub, ctx):
+        await pub.publish(topic, b"on", qos=1, retain=True)
+        try:
+            for expected in (2, 3, 4):  # the first start ("on", "live"), then two restarts
+                async with running(mqtt(name, topic, **raw), ctx):
+                    await eventually(lambda: _state_is(ctx, "running"))
+                    await pub.publish(topic, b"live", qos=1)  # not retained: every one counts
+                    await tap.wait_published(expected)
+            await pub.publish(topic, b"off", qos=1, retain=True)  # while the source is away
+            async with running(mqtt(name, topic, **raw), ctx):
+                await eventually(lambda: _state_is(ctx, "running"))
+                await pub.publish(topic, b"end", qos=1)
+                events = await tap.take(7)
+        finally:
+            await pub.publish(topic, b"", qos=1, retain=True)  # the broker forgets it
+    data = [e["data"] for e in events]
+    assert sorted(data) == ["end", "live", "live", "live", "off", "off", "on"], data
+    # "off" twice: published live to the session while away (not retained on that path),
+    # then the retained copy sent at the subscribe, which differs from the last one published
+
+
 async def test_a_message_the_bus_refuses_is_held_qos_0_too(
     database_dsn: str, nats_url: str
 ) -> None:
