@@ -137,11 +137,24 @@ def _event_trail(body: Any, out: TextIO) -> None:
     out.write(f"\nmatched {_plural(len(body['matches']), 'route')}\n")
     if body["matches"]:
         out.write(table(body["matches"], (("AT", "at"), ("RULE", "rule"), ("TARGET", "target"))))
-    out.write(f"\n{_plural(len(body['attempts']), 'attempt')}\n")
+    rows = body["attempts"]
+    made = sum(1 for row in rows if _is_attempt(row))
+    others = f", {_plural(len(rows) - made, 'other row')}" if len(rows) > made else ""
+    out.write(f"\n{_plural(made, 'attempt')}{others}\n")
     if body["attempts"]:
         out.write(table(body["attempts"], _ATTEMPT_COLUMNS))
     if body.get("truncated"):
         out.write("\n(only the latest 1,000 matches and 1,000 attempts are listed)\n")
+
+
+def _is_attempt(row: Any) -> bool:
+    """Whether a row of the trail's attempts is a request made to the target: not a replay
+    asked for, a refusal, or a dead letter written without one (its target unknown or
+    disabled: no time spent). "5 attempts" were shown for 2 made."""
+    outcome = row.get("outcome")
+    if outcome in ("replay-requested", "refused"):
+        return False
+    return outcome != "dead-lettered" or bool(row.get("duration_ms"))
 
 
 def _dead_letter(body: Any, out: TextIO) -> None:

@@ -445,9 +445,12 @@ class DeliveryStore:
                     " FOR UPDATE SKIP LOCKED) RETURNING *),"
                     " queued AS (INSERT INTO delivery_retries (due_at, event_source, event_id,"
                     " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"
-                    " waiting_for, replay_count)"
+                    " waiting_for, replay_count, first_attempt_at)"
                     " SELECT now(), event_source, event_id, event, rule, target, payload,"
-                    " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1 FROM moved),"
+                    " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1,"
+                    # the history goes on from the first attempt (the default, now(), made
+                    # the replay's time the "first attempt" above a history older than it)
+                    " first_attempt_at FROM moved),"
                     # the audit's replay-requested row, in the move's transaction: written
                     # through the audit buffer after the answer, a crash lost every one
                     " audited AS (INSERT INTO attempts (source, id, rule, target, attempt,"

@@ -4,6 +4,7 @@ cell holds, times in UTC to the second, ``-`` for nothing."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from eventbus.cli._output import MAX_CELL, SHOW, printable, table
 
@@ -69,3 +70,28 @@ def test_what_a_function_answered_cannot_drive_the_terminal() -> None:
     assert "\\x1b]8;;http://evil\\x07click" in text and "\\u202eevil" in text
     assert "e\\x1b[31m" in text
     assert printable("two\nlines\tand a tab") == "two\nlines\\tand a tab"
+
+
+def test_a_trail_counts_the_attempts_made() -> None:
+    # The replay asked for and the dead letter written without a request (its target
+    # disabled) were counted as attempts: "5 attempts" for 2 made.
+    def row(outcome: str, attempt: int, ms: float, status: int | None = None) -> dict[str, Any]:
+        where = {"at": "2026-01-31T12:00:00Z", "rule": "r", "target": "fn", "attempt": attempt}
+        return where | {"outcome": outcome, "status": status, "duration_ms": ms, "error": None}
+
+    trail = {
+        "event": {"id": "e", "source": "s", "type": "t"},
+        "received_at": "2026-01-31T12:00:00Z",
+        "via": "http",
+        "matches": [],
+        "attempts": [
+            row("failed", 1, 12.5, 503),
+            row("dead-lettered", 2, 8.0, 503),
+            row("replay-requested", 0, 0),
+            row("dead-lettered", 2, 0),
+            row("replay-requested", 0, 0),
+        ],
+    }
+    out = io.StringIO()
+    SHOW["event-trail"](trail, out)
+    assert "\n2 attempts, 3 other rows\n" in out.getvalue()

@@ -468,6 +468,8 @@ async def test_a_replayed_dead_letter_keeps_its_history_and_counts_its_replays(
         )
         status, _, full = await svc.request("GET", f"/dead-letters/{dead['id']}")
         assert status == 200 and full["replay_count"] == replays
+        # the first attempt stays the first (a replay's time was shown above older history)
+        assert full["first_attempt_at"] <= full["history"][0]["at"], full
         assert [(h["attempt"], h.get("replay", 0)) for h in full["history"]] == [
             (1, n) for n in range(replays + 1)
         ]
