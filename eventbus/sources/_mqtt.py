@@ -55,6 +55,12 @@ class MqttSourceSpec(QueueSourceSpec):
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     tls: TlsSpec | None = None
 
+    @pydantic.field_validator("protocol", mode="before")
+    @classmethod
+    def _version_as_written(cls, value: object) -> object:
+        # YAML reads ``protocol: 5`` as a number, refused as "Input should be '3.1.1' or '5'"
+        return "5" if value == 5 and not isinstance(value, bool) else value
+
     @pydantic.model_validator(mode="after")
     def _password_needs_username(self) -> MqttSourceSpec:
         if self.password is not None and self.username is None:
@@ -65,6 +71,11 @@ class MqttSourceSpec(QueueSourceSpec):
 MAX_QUEUED = 10_000
 """Messages the client keeps waiting while one is held (the bus down): beyond, aiomqtt drops
 new ones with a warning (QoS 0 ones are lost; QoS 1 ones the broker sends again)."""
+
+KEEPALIVE = 20
+"""Seconds between the client's pings: a broker that stops answering (frozen, cut off without
+a reset) is found in about 1.5 times that (aiomqtt's default, 60 s, kept such a source
+showing running for a minute and a half)."""
 
 SESSION_EXPIRY = 7 * 24 * 3600
 """MQTT 5: seconds the broker keeps the session (and messages for it) while the source is away."""
@@ -108,6 +119,7 @@ class MqttSource:
             password=None if cfg.password is None else cfg.password.reveal(),
             identifier=cfg.client_id or f"eventbus-source-{self.name}",
             timeout=10,
+            keepalive=KEEPALIVE,
             tls_context=self._tls,
             max_queued_incoming_messages=MAX_QUEUED,
             **session,

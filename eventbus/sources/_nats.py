@@ -70,6 +70,10 @@ class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
     batch: int = pydantic.Field(100, ge=1, le=10_000)
 
 
+PING_INTERVAL = 10.0
+MAX_OUTSTANDING_PINGS = 2
+
+
 async def _connect(url: str, closed: asyncio.Event, auth: dict[str, Any]) -> Client:
     async def on_closed() -> None:
         closed.set()
@@ -87,6 +91,11 @@ async def _connect(url: str, closed: asyncio.Event, auth: dict[str, Any]) -> Cli
         max_reconnect_attempts=1,
         reconnect_time_wait=0,
         connect_timeout=5,
+        # a server that stops answering (frozen, or cut off without a reset) is found in
+        # about PING_INTERVAL * (MAX_OUTSTANDING_PINGS + 1) s; nats-py's defaults (2 min, 2)
+        # showed such a source running for some 6 minutes
+        ping_interval=PING_INTERVAL,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         closed_cb=on_closed,
         error_cb=on_error,
         **auth,

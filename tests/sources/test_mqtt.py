@@ -3,6 +3,7 @@ the real bus. Skipped, with the reason, when that broker is not reachable."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
+from eventbus.sources import _mqtt as mqtt_module
 from eventbus.sources._mqtt import MqttSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
@@ -188,9 +190,71 @@ async def test_a_message_the_bus_refuses_is_held_qos_0_too(
         ({"port": 0}, "field 'port'"),
         ({"qos": 2}, "field 'qos'"),
         ({"format": "raw", "event_type": "t"}, "needs both"),
+        ({"protocol": 4}, "field 'protocol'"),
+        ({"protocol": True}, "field 'protocol'"),
     ],
 )
 def test_bad_mqtt_config_names_the_source(settings: dict[str, Any], fragment: str) -> None:
     spec = {"name": "m", "type": "mqtt", "topics": ["a/#"], **settings}
     with pytest.raises(ConfigError, match=f"source 'm' \\(mqtt\\): .*{fragment}"):
         build_source(spec)
+
+
+def test_protocol_5_may_be_written_as_a_number() -> None:
+    # YAML reads `protocol: 5` as a number: refused with "Input should be '3.1.1' or '5'"
+    source = mqtt("m", "a/#", protocol=5)
+    assert source.config.protocol == "5"
+
+
+class _Relay:
+    """A TCP relay to the broker that can stop passing bytes (``flowing.clear()``), as a
+    frozen broker (or a path cut without a reset) does: the connection stays open, nothing
+    comes back."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> _Relay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 1883)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_broker_that_stops_answering_is_found_by_the_keepalive(
+    database_dsn: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiomqtt's default keepalive (60 s): a source whose broker froze showed running for a
+    # minute and a half.
+    monkeypatch.setattr(mqtt_module, "KEEPALIVE", 1)
+    async with _rig(database_dsn, nats_url) as (name, _pool, _tap, _pub, ctx), _Relay() as relay:
+        source = mqtt(name, unique_name("k") + "/#", port=relay.port)
+        async with running(source, ctx):
+            await eventually(lambda: _state_is(ctx, "running"))
+            relay.flowing.clear()
+            await eventually(lambda: _state_is(ctx, "backoff"), within=10, what="backoff")
+            relay.flowing.set()
+            await eventually(lambda: _state_is(ctx, "running"), within=30, what="running")

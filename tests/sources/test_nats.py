@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 import nats
 import orjson
+import psutil
 import pytest
 from nats.aio.client import Client
 from nats.js.api import ConsumerInfo
@@ -18,6 +19,7 @@ from nats.js.api import ConsumerInfo
 from eventbus._errors import ConfigError
 from eventbus.bus import NatsServer
 from eventbus.sources import SourceContext, build_source
+from eventbus.sources import _nats as nats_source_module
 from eventbus.sources._nats import JetStreamSource, NatsSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
@@ -260,6 +262,37 @@ async def test_source_broker_outage_backs_off_and_resumes(
             await tap.wait_published(2)
         assert [e["id"] for e in await tap.take(2)] == ["m0", "m1"]
         assert ctx.status.errors >= 1
+
+
+async def test_a_frozen_source_server_is_found_by_its_unanswered_pings(
+    tmp_path: Path, nats_url: str, database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With nats-py's defaults (a ping every 2 minutes, 2 unanswered allowed) a frozen server's
+    # source showed running for minutes.
+    monkeypatch.setattr(nats_source_module, "PING_INTERVAL", 0.5)
+    async with (
+        NatsServer(tmp_path) as server,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        port = urlsplit(server.url).port
+        (frozen,) = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if "nats-server" in p.name() and str(port) in p.cmdline()
+        ]
+        source = build_source(
+            {"name": "frozen", "type": "nats", "url": server.url, "subjects": ["x.>"]}
+        )
+        ctx = context(pool, "frozen", tap, type="nats")
+        async with running(source, ctx):
+            await eventually(lambda: _is_running(ctx))
+            frozen.suspend()
+            try:
+                await eventually(lambda: _backing_off(ctx), within=10, what="backoff")
+            finally:
+                frozen.resume()
+            await eventually(lambda: _is_running(ctx), within=30, what="running again")
 
 
 @pytest.mark.parametrize(
