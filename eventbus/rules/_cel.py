@@ -306,14 +306,21 @@ class _InterpretedRunner(celpy.InterpretedRunner):
         return _Evaluator(ast=self.ast, activation=self.new_activation()).evaluate(context)
 
 
-# cel-python 0.5 builds its lark parser once per process, with the tree class of the first
-# Environment created. The compiled runner (~5x faster) needs its own tree class, so this
-# environment must be created before any default one; if one came first, the parser is rebuilt
-# (its trees suit the interpreter too, TranspilerTree being a lark.Tree).
-_SHARED = CELParser.CEL_PARSER
-if _SHARED is not None and _SHARED.options.tree_class is not TranspilerTree:
-    CELParser.CEL_PARSER = None
-_ENV = celpy.Environment(runner_class=_CompiledRunner)
+@functools.cache
+def _env() -> celpy.Environment:
+    """The environment every condition compiles in, made at the first condition: building its
+    parser takes 0.3 s, which every process paid at import (the CLI's, a worker restarted, a
+    service whose rules hold no CEL).
+
+    cel-python 0.5 builds its lark parser once per process, with the tree class of the first
+    Environment created. The compiled runner (~5x faster) needs its own tree class, so this
+    environment must be created before any default one; if one came first, the parser is
+    rebuilt (its trees suit the interpreter too, TranspilerTree being a lark.Tree)."""
+    shared = CELParser.CEL_PARSER
+    if shared is not None and shared.options.tree_class is not TranspilerTree:
+        CELParser.CEL_PARSER = None
+    return celpy.Environment(runner_class=_CompiledRunner)
+
 
 # The transpiler logs every evaluation error at ERROR; here such errors are expected ("no match")
 # and the rule set counts them and logs them rate-limited instead.
@@ -358,7 +365,7 @@ class OnFirstUse:
     def get(self) -> celpy.Runner:
         """The runner, built on the first call (the source compiled at load: it compiles)."""
         if self._runner is None:
-            self._runner = _runner(_ENV.compile(self._source), interpreted=self._interpreted)
+            self._runner = _runner(_env().compile(self._source), interpreted=self._interpreted)
         return self._runner
 
     def evaluate(self, context: Any) -> Any:
@@ -587,7 +594,7 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
             continue  # the parser leaves some ternary branches without positions
         text = source[start:end]
         try:
-            value = _ENV.program(_ENV.compile(text)).evaluate({})
+            value = _env().program(_env().compile(text)).evaluate({})
         except CELParseError:
             continue
         except CELEvalError as exc:
@@ -616,7 +623,7 @@ def compile_condition(source: str, *, native: bool = False) -> Condition:
 
 def _compile(source: str, native: bool) -> Condition:
     try:
-        tree = _ENV.compile(source)
+        tree = _env().compile(source)
     except CELParseError as exc:
         line, column = getattr(exc, "line", None), getattr(exc, "column", None)
         where = f" at line {line} column {column}" if line and column else ""
@@ -646,12 +653,12 @@ def _runner(tree: lark.Tree[lark.Token], *, interpreted: bool) -> celpy.Runner:
     those its transpiler cannot write as Python."""
     if not interpreted:
         try:
-            return _ENV.program(tree)
+            return _env().program(tree)
         except SyntaxError:
             # The transpiler writes some valid CEL as invalid Python (`010`, a decimal with a
             # leading zero, becomes the Python literal 010): the interpreter reads it right.
             pass
-    return _InterpretedRunner(_ENV, tree, _TYPED_FUNCTIONS)
+    return _InterpretedRunner(_env(), tree, _TYPED_FUNCTIONS)
 
 
 def _calls_has(tree: lark.Tree[lark.Token]) -> bool:

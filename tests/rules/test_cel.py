@@ -14,11 +14,11 @@ from celpy.adapter import json_to_cel
 
 from eventbus._errors import RuleError
 from eventbus.rules._cel import (
-    _ENV,
     Condition,
     OnFirstUse,
     Verdict,
     _celpy_context,
+    _env,
     _runner,
     activation,
     compile_condition,
@@ -145,7 +145,7 @@ def test_a_chain_of_errors_on_cel_python_gives_one_short_reason(
     # cel-python's own text for the error of two errors holds both, escaped again at each level:
     # it doubles per operator (8 MB at 20 operands, 3.6 GiB and 29 s at 26).
     source = f" {symbol} ".join(f"event.data.gone{i}.field == 1" for i in range(22))
-    tree = _ENV.compile(source)
+    tree = _env().compile(source)
     condition = Condition(source, _runner(tree, interpreted=interpreted))
     verdict, reason = condition.evaluate(activation(EVENT))
     assert verdict is Verdict.ERROR
@@ -166,7 +166,7 @@ def test_logic_on_cel_python_keeps_its_answers(interpreted: bool) -> None:
         "true && event.data.gone": "no such member in mapping",
     }
     for source, expected in cases.items():
-        condition = Condition(source, _runner(_ENV.compile(source), interpreted=interpreted))
+        condition = Condition(source, _runner(_env().compile(source), interpreted=interpreted))
         verdict, reason = condition.evaluate(activation(EVENT))
         if expected:
             assert verdict is Verdict.ERROR and expected in reason, source
@@ -201,9 +201,9 @@ def test_a_macro_over_failing_elements_on_the_interpreter_gives_one_short_reason
 @pytest.mark.parametrize("macro", ["exists", "all"])
 def test_macros_on_the_interpreter_keep_cel_pythons_verdicts(macro: str, items: list[Any]) -> None:
     source = f"has(event.data.items) && event.data.items.{macro}(x, x.n == 1)"
-    tree = _ENV.compile(source)
+    tree = _env().compile(source)
     ours = Condition(source, _runner(tree, interpreted=True))
-    stock = Condition(source, celpy.InterpretedRunner(_ENV, tree))
+    stock = Condition(source, celpy.InterpretedRunner(_env(), tree))
     context = activation({"data": {"items": items}})
     assert ours.evaluate(context)[0] is stock.evaluate(context)[0]
 
@@ -221,7 +221,7 @@ def test_macros_stop_at_their_budget(source: str, interpreted: bool) -> None:
     # Two nested macros over lists of 1,000 (an 8.9 KB event) held the router's loop 46 s;
     # lists of 25,000 fit in an event.
     event = {"data": {"items": list(range(1000)), "blocked": list(range(-1000, 0))}}
-    condition = Condition(source, _runner(_ENV.compile(source), interpreted=interpreted))
+    condition = Condition(source, _runner(_env().compile(source), interpreted=interpreted))
     verdict, reason = condition.evaluate(activation(event))
     assert verdict is Verdict.ERROR
     assert reason.startswith("evaluation stopped: "), reason

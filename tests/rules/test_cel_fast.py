@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel import _ENV, Condition, Verdict, activation, compile_condition
+from eventbus.rules._cel import Condition, Verdict, _env, activation, compile_condition
 from eventbus.rules._cel_fast import Unsure
 
 TABLE = yaml.safe_load((Path(__file__).parent / "data" / "cel_cases.yaml").read_text())
@@ -252,7 +252,7 @@ LITERALS = [
 
 @pytest.mark.parametrize("literal", LITERALS)
 def test_literals_read_as_cel_python_reads_them(literal: str) -> None:
-    value = _ENV.program(_ENV.compile(literal)).evaluate({})
+    value = _env().program(_env().compile(literal)).evaluate({})
     plain = {bool: bool, int: int, float: float, str: str}[
         next(t for t in (bool, int, float, str) if isinstance(value, t))
     ](value)

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from eventbus._errors import RuleError
 from eventbus.rules import RuleSetHolder, load_rules
 from eventbus.rules._cel import (
-    _ENV,
     Condition,
     Verdict,
     _calls_has,
     _check_names,
+    _env,
     activation,
     compile_condition,
 )
@@ -51,9 +51,9 @@ NATIVE_DEPARTS = {
 def _on_cel_python(source: str) -> Condition:
     # compile_condition without its load-time evaluation of constant parts: nearly every
     # conformance case is a constant, and the point here is what each runtime computes.
-    tree = _ENV.compile(source)
+    tree = _env().compile(source)
     _check_names(tree)
-    runner = celpy.InterpretedRunner(_ENV, tree) if _calls_has(tree) else _ENV.program(tree)
+    runner = celpy.InterpretedRunner(_env(), tree) if _calls_has(tree) else _env().program(tree)
     return Condition(source, runner)
 
 

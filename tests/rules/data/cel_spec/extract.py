@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from eventbus._errors import RuleError
-from eventbus.rules._cel import _ENV, _check_names
+from eventbus.rules._cel import _check_names, _env
 
 _TOKEN = re.compile(
     r"""\s+|\#[^\n]*|(?P<str>(?:"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')\s*)+"""
@@ -127,7 +127,7 @@ def _verdict(test: dict[str, list[Any]]) -> str | None:
 
 def _accepted(expr: str) -> str | None:
     try:
-        _check_names(_ENV.compile(expr))
+        _check_names(_env().compile(expr))
     except RuleError as exc:
         return " ".join(exc.message.split()[:2])  # "unknown name", "unknown method" ...
     except Exception:
