@@ -324,7 +324,7 @@ def _kind_of_difference(source: str, cel_python: Verdict, native: tuple[Verdict,
 
 @pytest.mark.slow
 @settings(
-    max_examples=600,
+    max_examples=300,
     deadline=None,
     derandomize=True,
     suppress_health_check=list(HealthCheck),
