@@ -169,4 +169,29 @@ class UnreadablePaths:
     def skip(self, path: str, exc: OSError) -> None:
         if path not in self._seen:
             self._seen.add(path)
-            self._log.warning("%s: skipping %s: %s", self._source, path, exc.strerror or exc)
+            self._log.warning(
+                "%s: skipping %s: %s", self._source, _shown(path), exc.strerror or exc
+            )
+
+    def named(self, path: str) -> bool:
+        """Whether ``path`` is UTF-8 text, as every event and checkpoint that names it must be;
+        one that is not (the OS hands it over with surrogates) is skipped, warned about once.
+        It stopped the source for good: each scan failed on it, and no other file got
+        through until it was removed."""
+        try:
+            path.encode()
+        except UnicodeEncodeError:
+            if path not in self._seen:
+                self._seen.add(path)
+                self._log.warning(
+                    "%s: skipping %s: its name is not UTF-8, which no event can carry; rename it",
+                    self._source,
+                    _shown(path),
+                )
+            return False
+        return True
+
+
+def _shown(path: str) -> str:
+    """``path`` as a log line can hold it: bytes that are not UTF-8 as ``\\xNN``."""
+    return path.encode(errors="surrogateescape").decode(errors="backslashreplace")

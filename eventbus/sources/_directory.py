@@ -86,6 +86,8 @@ class DirectorySource:
         """Every file matching the pattern with its marker (size, mtime). Runs in a thread."""
         files = []
         for path in self.root.glob(self.config.pattern):
+            if not self._unreadable.named(str(path)):
+                continue
             try:
                 stat = path.stat()
             except FileNotFoundError:

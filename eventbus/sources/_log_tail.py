@@ -385,6 +385,8 @@ class LogTailSource:
         """Identity -> (path, size, mtime_ns) of every regular file the glob matches now."""
         found: dict[str, tuple[str, int, int]] = {}
         for path in sorted(glob.glob(self.config.path, recursive=True)):
+            if not self._unreadable.named(path):
+                continue
             try:
                 st = os.stat(path)
             except FileNotFoundError:
