@@ -512,3 +512,18 @@ async def test_a_batch_too_big_for_one_event_goes_record_by_record(
         starts = [r["message"][:3] for e in recorder.events for r in e["data"]["records"]]
         assert starts == [f"{i:03}" for i in range(101)]
         assert await dead_letters(pool, "app-log") == []
+
+
+async def test_a_busy_file_does_not_hold_the_others_back(tmp_path: Path, database_dsn: str) -> None:
+    # A turn of a file read up to 1 MiB: with short lines some 35,000 records, published one
+    # by one before the next file's turn (a line of another file waited 46 s in a review).
+    (tmp_path / "a.log").write_text("".join(f"busy {i:06}\n" for i in range(30_000)))
+    (tmp_path / "b.log").write_text("quiet\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(tmp_path / "*.log")), ctx):
+            await recorder.wait_for(30_001)
+    messages = _messages(recorder)
+    assert messages.index("quiet") < 10_000, messages.index("quiet")
+    assert [m for m in messages if m != "quiet"] == [f"busy {i:06}" for i in range(30_000)]
