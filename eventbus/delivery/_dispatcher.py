@@ -200,6 +200,12 @@ class Dispatcher:
         else:
             await self._failed(job, outcome, policy)
 
+    def concurrency_of(self, name: str) -> int | None:
+        """How many requests target ``name`` takes at once, None when it sets no cap (or this
+        process has no such target)."""
+        target = self._targets.get(name)
+        return target.concurrency if isinstance(target, Capped) else None
+
     def _saturated(self, name: str, target: Target) -> bool:
         """Whether the router's deliveries to ``target`` fill its slots and more than its
         share of the window wait behind them (a burst of a few hundred waits in memory)."""
@@ -477,6 +483,10 @@ def _destination(
     }
     ok = kind is DeliveryKind.ON_SUCCESS
     cause: dict[str, Any] = _cause(job)  # as new_event's **ext
+    if _hops(job.event):
+        # the count goes on: a destination's reply routed back to the first target looped
+        # for ever, each outcome event starting again at hop 0
+        cause[HOPS] = _hops(job.event)
     return new_event(
         type="eventbus.delivery." + ("succeeded" if ok else "failed"),
         source=f"eventbus/targets/{job.target}",

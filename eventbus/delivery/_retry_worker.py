@@ -116,7 +116,7 @@ class RetryWorker:
                 self._sem.release()
                 free = self._concurrency - len(self._inflight)
                 per_target = Counter(job.target for job in self._running.values())
-                full = [t for t, n in per_target.items() if n >= self._share]
+                full = [t for t, n in per_target.items() if n >= self._room(t)]
                 claimed = await self._store.claim_due(
                     limit=max(1, min(self._batch, free)),
                     lease=self._lease,
@@ -124,6 +124,7 @@ class RetryWorker:
                     skip=full,
                     known=self._dispatcher.target_names(),
                 )
+                claimed = await self._within_room(claimed, per_target)
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
                 if self._failing_since is None:
@@ -147,6 +148,29 @@ class RetryWorker:
                     if due is not None:
                         self.due_in(due + _CLOCK_MARGIN)
                 await self._idle()
+
+    def _room(self, target: str) -> int:
+        """The slots ``target``'s rows may hold: half the worker's, and no more than the
+        target takes requests at once (two slow targets taking one at a time held every slot,
+        31 of each one's 32 rows waiting for their own target, the others' retries behind)."""
+        concurrency = self._dispatcher.concurrency_of(target)
+        return self._share if concurrency is None else max(1, min(self._share, concurrency))
+
+    async def _within_room(self, claimed: list[Delivery], running: Counter[str]) -> list[Delivery]:
+        """``claimed`` but the rows beyond their target's room, which are given back (one
+        claim took rows in due order, as many of one target as the batch held)."""
+        kept: list[Delivery] = []
+        extra: list[Delivery] = []
+        taken = Counter(running)
+        for job in claimed:
+            if taken[job.target] < self._room(job.target):
+                taken[job.target] += 1
+                kept.append(job)
+            else:
+                extra.append(job)
+        if extra:
+            await self._store.release(extra)
+        return kept
 
     async def _idle(self) -> None:
         """Sleep until the next poll, the earliest known due time, or a wake-up."""

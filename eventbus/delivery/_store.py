@@ -257,6 +257,20 @@ class DeliveryStore:
             watched=True,
         )
 
+    async def release(self, claimed: Sequence[Delivery]) -> None:
+        """Give back rows claimed but not attempted, due as they were, for any claimer."""
+        await self._run(
+            "giving back claimed retries",
+            self._pool.execute(
+                "UPDATE delivery_retries r SET locked_by = NULL, locked_until = NULL"
+                " FROM unnest($1::bigint[], $2::text[]) AS c(id, claim)"
+                " WHERE r.id = c.id AND r.locked_by = c.claim",
+                [d.pending_id for d in claimed],
+                [d.claim for d in claimed],
+            ),
+            watched=True,
+        )
+
     async def next_due_in(self) -> float | None:
         """Seconds until the earliest unclaimed row that is not yet due becomes due, by the
         database's clock (the one ``due_at`` is written and claimed by); None if none."""

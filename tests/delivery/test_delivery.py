@@ -426,6 +426,35 @@ async def test_destinations_and_dead_letter_target(
     assert [(r["rule"], r["target"]) for r in waiting["items"]] == [("all#on-success", "audit")]
 
 
+async def test_a_destinations_replies_are_held_to_the_hop_limit(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The outcome event sent to a destination carried no hop count, so a destination whose
+    # reply the rules routed back to the first target looped for ever (some 70 deliveries a
+    # second in a review, every one at hop 1).
+    async with Receiver() as destination:
+        replies = [
+            Response(200, reply={"specversion": "1.0", "id": f"r{i}", "source": "fn", "type": "t"})
+            for i in range(20)
+        ]
+        destination.script(*replies)
+        targets = [
+            _target(receiver, on_success="dest"),
+            {"name": "dest", "type": "http", "url": destination.url("/dest")},
+        ]
+        svc = await eventbus(rules=RULES, targets=targets, settings={"router": {"hop_limit": 3}})
+        await _publish(svc, [1])
+        await destination.wait_for(4)
+        await svc.drained()
+        await asyncio.sleep(1)  # a loop would go on meanwhile
+        await svc.drained()
+        # the event, then the replies at hops 1, 2 and 3; the one at hop 4 is dropped
+        assert len(receiver.requests) == 4, [r.cloudevent for r in receiver.requests]
+        assert len(destination.requests) == 4
+        hops = [int(r.cloudevent.get("eventbushops", 0)) for r in receiver.requests]
+        assert hops == [0, 1, 2, 3]
+
+
 async def test_an_error_answer_with_control_characters_is_dead_lettered_once(
     eventbus: StartService, receiver: Receiver
 ) -> None:

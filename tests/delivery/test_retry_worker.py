@@ -174,9 +174,15 @@ async def test_an_override_the_running_policy_refuses_is_delivered_with_the_targ
 
 @asynccontextmanager
 async def _worker(
-    dsn: str, receiver: Receiver, *, lease: float, concurrency: int
+    dsn: str,
+    receiver: Receiver,
+    *,
+    lease: float,
+    concurrency: int,
+    names: tuple[str, ...] = ("slow", "fast"),
 ) -> AsyncIterator[DeliveryStore]:
-    """A retry worker over two targets with a concurrency cap of one, /slow and /fast."""
+    """A retry worker over targets with a concurrency cap of one, /slow and /fast (or
+    ``names``)."""
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(await Store.open(dsn))
         targets = {
@@ -187,7 +193,7 @@ async def _worker(
                     )
                 )
             )
-            for name in ("slow", "fast")
+            for name in names
         }
         policies = target_policies({name: {"circuit_breaker": False} for name in targets})
         deliveries = DeliveryStore(store.pool)
@@ -242,3 +248,20 @@ async def test_one_slow_target_leaves_the_other_targets_retries_slots(
         await receiver.wait_for(1, path="/fast", timeout=30)
         slow_before = len([r for r in receiver.requests if r.path == "/slow"])
     assert slow_before <= 3, slow_before
+
+
+async def test_targets_that_take_one_request_at_a_time_leave_the_others_slots(
+    database_dsn: str, receiver: Receiver
+) -> None:
+    # Each target could claim half the worker's slots whatever its own concurrency: two slow
+    # targets taking one request at a time held them all (31 of 32 rows each waiting for its
+    # own target), and a third target's retries waited 14 s instead of 1.
+    receiver.respond(Response(204, delay=1.0))
+    names = ("slow1", "slow2", "fast")
+    async with _worker(database_dsn, receiver, lease=60, concurrency=4, names=names) as deliveries:
+        await _due(deliveries, "slow1", range(10))
+        await _due(deliveries, "slow2", range(10, 20))
+        await _due(deliveries, "fast", range(20, 21))
+        await receiver.wait_for(1, path="/fast", timeout=30)
+        slow_before = len([r for r in receiver.requests if r.path != "/fast"])
+    assert slow_before <= 2, slow_before  # the first of each, at most
