@@ -43,6 +43,7 @@ from tests.chaos._ledger import (
 )
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import ServeProcess, settings_for, write_config
+from tests.fixtures.wait import eventually
 
 __all__ = ["MAX_IN_FLIGHT", "Rig"]
 
@@ -89,6 +90,7 @@ class Rig:
         group of the rig's own) instead of the embedded nats-server; ``workers``: processes."""
         self.root = root
         self.kafka = kafka is not None
+        self._processes = workers
         self.receiver = receiver
         self.data = root / "data"
         target = {
@@ -124,6 +126,20 @@ class Rig:
             return [p for p in children if "--reuse-port" in p.cmdline()]
         return []
 
+    def _group_settled(self) -> bool:
+        """Whether, since the last partitions revoked, as many workers as the rig runs were
+        given partitions (the bus logs each assignment)."""
+        assert self.service.log is not None
+        assigned = 0
+        for line in self.service.log.read_text(errors="replace").splitlines():
+            if "Kafka rebalance: partitions" not in line:
+                continue
+            if " revoked" in line:
+                assigned = 0
+            elif "partitions [] of" not in line:
+                assigned += 1
+        return assigned >= self._processes
+
     def nats_server(self) -> psutil.Process | None:
         return _process(self.data / "nats" / "nats-server.pid", "nats-server")
 
@@ -158,6 +174,13 @@ class Rig:
         accepted, settle, stop the service with SIGTERM (which flushes its audit) and reconcile
         the ledgers."""
         await self.service.start()
+        if self.kafka and self._processes > 1:
+            # Ready is one worker ready: the other joining the group mid-stream moved
+            # partitions, and what the first had not committed came again before any fault
+            # (10 "unexplained" duplicates in a loaded run).
+            await eventually(
+                self._group_settled, within=60, every=0.2, what="every worker given partitions"
+            )
         publisher = Publisher(self.service.url, count, rate=rate, hook=HOOK if webhooks else None)
         publishing = asyncio.create_task(publisher.run())
         try:
