@@ -25,6 +25,7 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 import pydantic
@@ -54,6 +55,25 @@ class TimerSourceSpec(SourceSpec):
     missed: Literal["skip", "once", "catch-up"] = "skip"
     max_catch_up: int = pydantic.Field(100, ge=1, le=10_000)
     claim_lease: float = pydantic.Field(30.0, gt=0, le=3600)
+
+    @pydantic.field_validator("schedule")
+    @classmethod
+    def _schedule_parses(cls, schedule: str) -> str:
+        # here, not only below, so the error names the field and its line, not the entry's
+        try:
+            parse_schedule(schedule)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return schedule
+
+    @pydantic.field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, timezone: str) -> str:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {timezone!r}") from None
+        return timezone
 
     @pydantic.model_validator(mode="after")
     def _check_schedule(self) -> TimerSourceSpec:
