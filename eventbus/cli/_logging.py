@@ -28,17 +28,20 @@ REPEAT_WINDOW = 10.0  # seconds: one line of a library's repeated message per wi
 
 
 class _Repeats(logging.Filter):
-    """Lets one record of a third-party message (by logger and text template) through per
-    ``REPEAT_WINDOW`` seconds; the next one shown counts the others (``repeated``, and in its
-    text). aiokafka logged each failed reconnection to a dead broker at ERROR, about 150
-    lines a second for as long as it was down."""
+    """Lets one warning or error of a third-party message (by logger and text template)
+    through per ``REPEAT_WINDOW`` seconds; the next one shown counts the others (``repeated``,
+    and in its text; those of a run that ends are not counted anywhere). aiokafka logged each
+    failed reconnection to a dead broker at ERROR, about 150 lines a second for as long as it
+    was down."""
 
     def __init__(self) -> None:
         super().__init__()
         self._seen: dict[tuple[str, str], list[float | int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(_NOISY):
+        # warnings and errors only: at debug every line is wanted (the access log's share
+        # one template, and all but one a window were hidden)
+        if record.levelno < logging.WARNING or not record.name.startswith(_NOISY):
             return True
         key = (record.name, str(record.msg))
         now = time.monotonic()

@@ -169,7 +169,11 @@ def _dead_letter(body: Any, out: TextIO) -> None:
             ("attempts", body["attempts"]),
             ("last status", body.get("last_status")),
             ("final error", body.get("final_error")),
-            ("first attempt", body["first_attempt_at"]),
+            # after a replay, when its fresh attempt budget began (max_age counts from it)
+            (
+                "first attempt" if not body.get("replay_count") else "replayed at",
+                body["first_attempt_at"],
+            ),
             ("dead-lettered", body["created_at"]),
             ("replayed", _plural(body.get("replay_count", 0), "time")),
         ],

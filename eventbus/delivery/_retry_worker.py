@@ -169,7 +169,10 @@ class RetryWorker:
             else:
                 extra.append(job)
         if extra:
-            await self._store.release(extra)
+            try:
+                await self._store.release(extra)
+            except StoreError as exc:  # they wait out their lease; the kept ones still run
+                log.warning("giving back %d claimed retries failed: %s", len(extra), exc)
         return kept
 
     async def _idle(self) -> None:

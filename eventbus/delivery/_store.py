@@ -459,12 +459,13 @@ class DeliveryStore:
                     " FOR UPDATE SKIP LOCKED) RETURNING *),"
                     " queued AS (INSERT INTO delivery_retries (due_at, event_source, event_id,"
                     " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"
-                    " waiting_for, replay_count, first_attempt_at)"
+                    " waiting_for, replay_count)"
                     " SELECT now(), event_source, event_id, event, rule, target, payload,"
-                    " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1,"
-                    # the history goes on from the first attempt (the default, now(), made
-                    # the replay's time the "first attempt" above a history older than it)
-                    " first_attempt_at FROM moved),"
+                    # first_attempt_at: now() (the default), the start of the fresh budget
+                    # max_age is counted from (the first attempt's time made an old dead
+                    # letter's replay one attempt, then too-old)
+                    " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1"
+                    " FROM moved),"
                     # the audit's replay-requested row, in the move's transaction: written
                     # through the audit buffer after the answer, a crash lost every one
                     " audited AS (INSERT INTO attempts (source, id, rule, target, attempt,"

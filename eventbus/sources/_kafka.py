@@ -88,14 +88,17 @@ class KafkaSource:
                 await consumer.start()
             ctx.status.state = "running"
             backoff.reset()
-            probed = time.monotonic()
+            heard = time.monotonic()  # records arrived, or a probe was answered
+            unreachable = False
             while True:
                 stop_if_cancelled()
-                if time.monotonic() - probed >= PROBE_EVERY:
-                    await _probe(ctx, consumer)
-                    probed = time.monotonic()
+                if time.monotonic() - heard >= PROBE_EVERY:
+                    unreachable = await _probe(ctx, consumer, unreachable)
+                    heard = time.monotonic()
                 try:
                     batches = await consumer.getmany(timeout_ms=1000, max_records=self.config.batch)
+                    if batches:
+                        heard = time.monotonic()  # a broker answers: no probe needed
                 except (CorruptRecordException, ValueError) as exc:
                     # A record aiokafka cannot read (a header key that is not UTF-8, a bad
                     # checksum) fails every fetch from it: the source restarted on it for ever
@@ -165,20 +168,23 @@ class KafkaSource:
         await publish_message(ctx, value, convert, meta)
 
 
-async def _probe(ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
-    """Ask the brokers for metadata: the source showed ``running`` for as long as they were
-    down or frozen (aiokafka's fetches reconnect by themselves and never raise), while the
-    client logged each failed connection. No answer: ``backoff``, with the reason; the
-    consumer is kept, to go on where it was once a broker answers."""
+async def _probe(ctx: SourceContext, consumer: AIOKafkaConsumer, unreachable: bool) -> bool:
+    """Ask the brokers for metadata when no record came for ``PROBE_EVERY`` s: the source
+    showed ``running`` for as long as they were down or frozen (aiokafka's fetches reconnect
+    by themselves and never raise), while the client logged each failed connection. No
+    answer: ``backoff``, with the reason; the consumer is kept, to go on where it was once a
+    broker answers. Returns whether the brokers are unreachable; only a probe's own
+    ``backoff`` is cleared by a probe (the bus down keeps its own)."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             await consumer.topics()
     except (KafkaError, OSError, TimeoutError) as exc:
         reason = str(exc) or f"no answer within {PROBE_TIMEOUT:g} s"
         ctx.report_error(ConnectionError(f"no Kafka broker answers a metadata request: {reason}"))
-        return
-    if ctx.status.state == "backoff":
-        ctx.status.state = "running"
+        return True
+    if unreachable:
+        ctx.recovered()
+    return False
 
 
 async def _lag(consumer: AIOKafkaConsumer) -> int:

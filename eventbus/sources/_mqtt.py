@@ -20,6 +20,7 @@ broker redelivers what was not acked: at-least-once. The broker's in-flight limi
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, Literal
 
 import aiomqtt
@@ -27,6 +28,7 @@ import pydantic
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from eventbus._errors import StoreError
 from eventbus.cloudevents import decode
 from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
@@ -34,6 +36,8 @@ from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_held
 
 __all__ = ["MqttSource", "MqttSourceSpec"]
+
+log = logging.getLogger(__name__)
 
 
 class MqttSourceSpec(QueueSourceSpec):
@@ -152,10 +156,19 @@ class MqttSource:
         payload = raw if isinstance(raw, bytes) else str(raw).encode()
         key = f"retained:{message.topic.value}"
         digest = hashlib.sha256(payload).hexdigest()
-        if await ctx.checkpoints.get(key) == digest:
-            return
+        # The digest is a saving, not a guarantee: with the database unreachable the message
+        # is published (once more, perhaps) rather than the connection dropped for it, which
+        # lost the QoS 0 messages queued behind it and had the broker resend everything.
+        try:
+            if await ctx.checkpoints.get(key) == digest:
+                return
+        except StoreError as exc:
+            log.warning("mqtt source %s: retained message of %s: %s", self.name, key[9:], exc)
         await self._publish(ctx, message)
-        await ctx.checkpoints.put(key, digest)
+        try:
+            await ctx.checkpoints.put(key, digest)
+        except StoreError as exc:
+            log.warning("mqtt source %s: retained message of %s: %s", self.name, key[9:], exc)
 
     async def _publish(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
         raw = message.payload

@@ -149,10 +149,13 @@ def _forget(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _message_id(event: dict[str, Any], body: bytes) -> str:
-    """One delivery's JetStream message id: the event's source and id, and the bytes sent
-    (two rules' transforms of one event are two messages; a retry is the same one)."""
-    identity = orjson.dumps([event.get("source"), event.get("id")])
+def _message_id(target: str, subject: str, event: dict[str, Any], body: bytes) -> str:
+    """One delivery's JetStream message id: the target, its subject, the event's source and
+    id, and the bytes sent. A stream drops repeats by id whatever the subject: two targets
+    whose subjects one stream captures sent the same event as one id, and the second was
+    acknowledged as a duplicate and never stored. Two rules' transforms of one event are two
+    messages; a retry is the same one."""
+    identity = orjson.dumps([target, subject, event.get("source"), event.get("id")])
     return hashlib.sha256(identity + b"\n" + body).hexdigest()
 
 
@@ -400,7 +403,7 @@ class NatsTarget:
             # the server drops a repeat within its stream's duplicate window: each attempt a
             # frozen server had taken before the timeout was stored (460 messages for 300
             # events in a review)
-            headers["Nats-Msg-Id"] = _message_id(event, body)
+            headers["Nats-Msg-Id"] = _message_id(self.name, cfg.subject, event, body)
 
         async def send() -> None:
             nc: Client | None = None

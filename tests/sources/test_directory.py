@@ -159,8 +159,7 @@ async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9")  # no content, and no reason given
     os.utime(tmp_path / "latin.txt", ns=(1_003 * 10**9, 1_003 * 10**9))
     # a name that is not UTF-8: each scan failed on it, and no file after it got through
-    with open(os.fsencode(tmp_path) + b"/bad\xffname.txt", "wb") as named:
-        named.write(b"x")
+    (tmp_path / os.fsdecode(b"bad\xffname.txt")).write_bytes(b"x")
     recorder = Recorder()
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "drop", recorder)

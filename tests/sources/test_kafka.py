@@ -359,5 +359,6 @@ async def test_the_status_says_backoff_while_no_broker_answers(
                     return ctx.status.state == "running"
 
                 await eventually(running_again, within=30, what="running once it answers")
+                assert ctx.status.last_error is None  # the reason went with the failure
     finally:
         broker.stop()

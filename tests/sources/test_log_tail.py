@@ -479,8 +479,7 @@ async def test_records_no_event_can_carry_do_not_stop_the_tail(
     (tmp_path / "b\x1bc.log").write_text("odd\n")
     (tmp_path / "loop.log").symlink_to(tmp_path / "loop.log")
     # a name that is not UTF-8: the source crashed on it again and again, every file waiting
-    with open(os.fsencode(tmp_path) + b"/a\xff.log", "wb") as named:
-        named.write(b"unnamed\n")
+    (tmp_path / os.fsdecode(b"a\xff.log")).write_bytes(b"unnamed\n")
     recorder = Recorder()
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "app-log", recorder)

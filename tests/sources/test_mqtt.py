@@ -164,6 +164,28 @@ async def test_a_retained_message_is_published_once_until_it_changes(
     # then the retained copy sent at the subscribe, which differs from the last one published
 
 
+async def test_a_retained_message_is_published_while_its_digest_cannot_be_read(
+    database_dsn: str, nats_url: str
+) -> None:
+    # The digest's read or write failing (the database away) dropped the connection: the
+    # QoS 0 messages queued behind were lost and the broker sent everything again.
+    topic = unique_name("state") + "/door"
+    raw = {"format": "raw", "event_type": "t", "event_source": "/mq"}
+    async with _rig(database_dsn, nats_url) as (name, pool, tap, pub, ctx):
+        await pool.execute("ALTER TABLE source_checkpoints RENAME TO checkpoints_away")
+        try:
+            await pub.publish(topic, b"open", qos=1, retain=True)
+            async with running(mqtt(name, topic, **raw), ctx):
+                await tap.wait_published(1)
+                await pub.publish(topic, b"live", qos=1)
+                await tap.wait_published(2)
+                assert ctx.status.errors == 0 and ctx.status.state == "running"
+        finally:
+            await pub.publish(topic, b"", qos=1, retain=True)
+            await pool.execute("ALTER TABLE checkpoints_away RENAME TO source_checkpoints")
+        assert [e["data"] for e in await tap.take(2)] == ["open", "live"]
+
+
 async def test_a_message_the_bus_refuses_is_held_qos_0_too(
     database_dsn: str, nats_url: str
 ) -> None:

@@ -159,8 +159,15 @@ async def test_a_jetstream_delivery_sent_again_is_stored_once(
             # another rule's transform of the same event is a message of its own
             outcome = await target.deliver(event, {"n": 7}, is_cloudevent=False, attempt=1)
             assert outcome.delivered, outcome.error
+        # another target whose subject the same stream captures: its own message too
+        other = config_for(nats_url, jetstream=True, subject=config.subject + ".audit")
+        await js.update_stream(
+            StreamConfig(name=stream, subjects=[config.subject + ".>", config.subject])
+        )
+        outcome = await deliver_once(other.model_copy(update={"name": "audit"}), event, event)
+        assert outcome.delivered, outcome.error
         info = await js.stream_info(stream)
-        assert info.state.messages == 2
+        assert info.state.messages == 3
     finally:
         await js.delete_stream(stream)
 
