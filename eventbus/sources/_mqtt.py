@@ -85,6 +85,11 @@ SESSION_EXPIRY = 7 * 24 * 3600
 """MQTT 5: seconds the broker keeps the session (and messages for it) while the source is away."""
 
 
+def _payload(message: aiomqtt.Message) -> bytes:
+    raw = message.payload
+    return raw if isinstance(raw, bytes) else str(raw).encode()
+
+
 class MqttSource:
     """Subscribes to ``topics`` at QoS 1; acks after publishing (see the module docstring)."""
 
@@ -152,10 +157,9 @@ class MqttSource:
         published only when it differs from the one last published for the topic. Each
         reconnect and restart re-subscribes, and every retained message reached the targets
         again (a ``raw`` one under a new id each time)."""
-        raw = message.payload
-        payload = raw if isinstance(raw, bytes) else str(raw).encode()
-        key = f"retained:{message.topic.value}"
-        digest = hashlib.sha256(payload).hexdigest()
+        topic = message.topic.value
+        key = f"retained:{topic}"
+        digest = hashlib.sha256(_payload(message)).hexdigest()
         # The digest is a saving, not a guarantee: with the database unreachable the message
         # is published (once more, perhaps) rather than the connection dropped for it, which
         # lost the QoS 0 messages queued behind it and had the broker resend everything.
@@ -163,16 +167,15 @@ class MqttSource:
             if await ctx.checkpoints.get(key) == digest:
                 return
         except StoreError as exc:
-            log.warning("mqtt source %s: retained message of %s: %s", self.name, key[9:], exc)
+            log.warning("mqtt source %s: retained message of %s: %s", self.name, topic, exc)
         await self._publish(ctx, message)
         try:
             await ctx.checkpoints.put(key, digest)
         except StoreError as exc:
-            log.warning("mqtt source %s: retained message of %s: %s", self.name, key[9:], exc)
+            log.warning("mqtt source %s: retained message of %s: %s", self.name, topic, exc)
 
     async def _publish(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
-        raw = message.payload
-        payload = raw if isinstance(raw, bytes) else str(raw).encode()
+        payload = _payload(message)
         topic = message.topic.value
 
         def convert() -> list[dict[str, Any]]:
