@@ -39,6 +39,10 @@ RecursionError out of the loader); no settings, connector or rule file needs mor
 MAX_REPEATED = 100_000
 """Values a document may build again through aliases: a few hundred bytes of aliases of
 aliases (the "billion laughs") expanded to gigabytes and stalled the process for minutes."""
+MAX_REPEATED_TEXT = 8 * 1024 * 1024
+"""Characters of scalars a document may repeat through aliases: 20,000 aliases of one 100 KB
+string (a 180 KB file) cost 2 GB and 6 s when the rule set was written out as JSON, and with
+less memory than that the process crashed."""
 # Flow collections ([ {) nested this deep are refused before parsing: libyaml's composer
 # recurses in C, and 50,000 levels crashed the process (a segmentation fault).
 _MAX_FLOW_DEPTH = 1_000
@@ -95,6 +99,7 @@ class NodeBuilder:
         self._open: set[int] = set()
         self._built: set[int] = set()  # nodes built once: building one again is an alias
         self._repeated = 0
+        self._repeated_text = 0
         self._merged: dict[int, int] = {}  # mapping node -> pairs its `<<` merged in
 
     def build(self, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
@@ -108,13 +113,24 @@ class NodeBuilder:
             return None
         if id(node) not in self._built:
             self._built.add(id(node))
-        elif self._repeated >= MAX_REPEATED:
+        elif self._repeated >= MAX_REPEATED or self._repeated_text > MAX_REPEATED_TEXT:
             return None  # reported once, below
         else:
             self._repeated += 1
+            if isinstance(node, yaml.ScalarNode):
+                self._repeated_text += len(node.value)
             if self._repeated == MAX_REPEATED:
                 self.problems.append(
                     (line, f"aliases repeat more than {MAX_REPEATED:,} values: write them out")
+                )
+                return None
+            if self._repeated_text > MAX_REPEATED_TEXT:
+                self.problems.append(
+                    (
+                        line,
+                        f"aliases repeat more than {MAX_REPEATED_TEXT:,} characters of text: "
+                        "write them out",
+                    )
                 )
                 return None
         if isinstance(node, yaml.ScalarNode):

@@ -70,7 +70,7 @@ MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 
 class TransformTooLarge(Exception):
     """A transform's output for this event is over its bound (``MAX_SELECTED``,
-    ``MAX_OUTPUT_BYTES``)."""
+    ``MAX_OUTPUT_BYTES``), or holds a value JSON cannot write (an integer beyond 64 bits)."""
 
 
 _PLACEHOLDER = re.compile(r"<([A-Za-z_][A-Za-z0-9_.-]*)>")
@@ -257,11 +257,20 @@ _JSON_INT_MIN, _JSON_INT_MAX = -(2**63), 2**64 - 1  # what orjson writes
 
 def _size(output: Any) -> int:
     """The bytes ``output`` takes as UTF-8 text or JSON."""
-    return len(output.encode() if isinstance(output, str) else orjson.dumps(output))
+    return len(output.encode() if isinstance(output, str) else _json(output))
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    return value if isinstance(value, str) else _json(value).decode()
+
+
+def _json(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:
+        # An integer beyond 64 bits (an event handed to ``RuleSet.route`` directly; ingestion
+        # refuses them): a failed transform, not an exception out of routing.
+        raise TransformTooLarge(f"a selected value cannot be written as JSON: {exc}") from None
 
 
 def _placeholders(template: Any) -> set[str]:
@@ -371,8 +380,9 @@ class Transform:
     def apply(self, event: dict[str, Any]) -> Any:
         """The payload for a target: the rendered output, or with ``keep_cloudevent`` a copy of
         ``event`` whose ``data`` is that output (``data_base64`` and ``dataschema`` dropped,
-        ``datacontenttype`` set to match). Raises TransformTooLarge only for a transform with a
-        multi-valued path, whose output is over its bound."""
+        ``datacontenttype`` set to match). Raises TransformTooLarge for a transform with a
+        multi-valued path whose output is over its bound, and for a selected value JSON
+        cannot write put into text."""
         output = self.render({v.name: v.value(event) for v in self.variables})
         if self.many and _size(output) > MAX_OUTPUT_BYTES:
             raise TransformTooLarge(f"the output is more than {MAX_OUTPUT_BYTES} bytes")

@@ -108,6 +108,10 @@ def test_a_mapping_with_merge_keys_reused_through_an_alias_reads_the_same(tmp_pa
 
 _BOMB = "- name: bomb\n  x:\n    - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
 _BOMB += "".join(f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 8))
+_WIDE = (
+    f"- name: r1\n  description: &s {'x' * 100_000}\n  targets: [t]\n- name: r2\n"
+    f"  match: {{source: [{', '.join(['*s'] * 20_000)}]}}\n  targets: [t]\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -128,6 +132,8 @@ _BOMB += "".join(f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in ra
         ("- name: a\n  x: " + "[" * 50_000 + "]" * 50_000 + "\n", 2, "nested too deep"),
         # a few hundred bytes of aliases of aliases: gigabytes, minutes (billion laughs)
         (_BOMB, 3, "aliases repeat more than 100,000 values"),
+        # few aliases of one long string: 2 GB and 6 s once the rule set was written out
+        (_WIDE, 2, "aliases repeat more than 8,388,608 characters"),
         ("- name: a\n  targets: [t]\n- name: b\x00\n", 3, "control characters"),
     ],
     ids=[
@@ -143,6 +149,7 @@ _BOMB += "".join(f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in ra
         "deep",
         "deeper",
         "aliases",
+        "long-aliases",
         "nul",
     ],
 )

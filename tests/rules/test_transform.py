@@ -155,6 +155,31 @@ def test_a_number_json_cannot_write_is_refused(value: float) -> None:
 
 
 @pytest.mark.parametrize(
+    ("path", "template"),
+    [("$.data.n", "n=<v>"), ("$.data.n", {"v": "at <v>"}), ("$.data.m[*]", {"v": "<v>"})],
+)
+def test_an_integer_beyond_64_bits_in_an_event_skips_the_target_not_the_routing(
+    path: str, template: Any
+) -> None:
+    # ingestion refuses such integers; an event handed to route() directly made it raise
+    # orjson's TypeError (route promises never to raise for a JSON-shaped event)
+    rules = compile_rules(
+        [
+            {
+                "name": "r",
+                "targets": [
+                    {"name": "t", "transform": {"input_paths": {"v": path}, "template": template}},
+                    "plain",
+                ],
+            }
+        ]
+    )
+    event = {"id": "1", "source": "s", "type": "t", "data": {"n": 2**64, "m": [2**64]}}
+    assert [r.target for r in rules.route(event)] == ["plain"]
+    assert rules.transform_errors["r"] == 1
+
+
+@pytest.mark.parametrize(
     ("path", "expected"),
     [
         # jsonpath-ng turned the event's value into an int when the literal was one
