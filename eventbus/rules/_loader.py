@@ -9,7 +9,8 @@ differences: every problem of every file is reported at once as ``RuleError``s, 
 dialect is narrower, because rules carry event-pattern values that must stay the strings the
 user typed:
 
-* only ``true``/``false`` are booleans (``on``, ``off``, ``yes``, ``no`` stay strings);
+* only ``true``/``false`` (any of YAML 1.2's casings) are booleans (``on``, ``off``, ``yes``,
+  ``no`` stay strings);
 * timestamps stay strings (an ISO date in a pattern compares against event strings);
 * a key repeated in one mapping is an error instead of silently keeping the last value;
 * every key is a string (``1: x`` is an error: quote the key).
