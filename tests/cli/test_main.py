@@ -241,7 +241,7 @@ async def test_serve_refuses_bad_rules_with_file_and_line(tmp_path: Path) -> Non
         f"rules: {tmp_path / 'rules'}\nconnectors: {tmp_path / 'connectors'}\n"
         f"data_dir: {tmp_path / 'data'}\n"
     )
-    code, _, err = await _cli("serve", "--config", str(cfg))
+    code, _, err = await _cli("serve", "--config", str(cfg), "--port", str(free_port()))
     assert code == 1 and "Traceback" not in err
     assert "r.yaml:4" in err and "bad-cel" in err
     assert "r.yaml:7" in err and "nope" in err

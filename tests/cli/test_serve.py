@@ -74,6 +74,8 @@ async def test_serve_refuses_an_open_bind_before_starting_anything(
 
 async def _serve_refused(cwd: Path, *args: str) -> str:
     """``eventbus serve`` in ``cwd`` exiting 1 before it starts anything: its stderr."""
+    if "--port" not in args:  # not the default 8080: another program may hold it
+        args = (*args, "--port", str(free_port()))
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "eventbus", "serve", *args),
         cwd=cwd,
