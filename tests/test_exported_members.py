@@ -75,6 +75,7 @@ EXPORTS: dict[str, list[str]] = {
         "CompiledPattern",
         "DeliveryCheck",
         "PatternError",
+        "PatternIndex",
         "Route",
         "Rule",
         "RuleError",

@@ -8,6 +8,7 @@ The rule format is specified in ``docs/rules.md``, the pattern language in ``doc
 """
 
 from eventbus._errors import PatternError, RuleError, RuleSetError
+from eventbus.rules._index import PatternIndex
 from eventbus.rules._pattern import CompiledPattern, compile_pattern, matches
 from eventbus.rules._ruleset import (
     DeliveryCheck,
@@ -24,6 +25,7 @@ __all__ = [
     "CompiledPattern",
     "DeliveryCheck",
     "PatternError",
+    "PatternIndex",
     "Route",
     "Rule",
     "RuleError",

@@ -74,6 +74,8 @@ class CompiledPattern:
         ``{"exists": false}``, no value), and the chosen values are array-consistent.
         """
         found: dict[tuple[str, ...], list[tuple[object, Membership]]] = {}
+        # A leaf outside every "$or" is in each of up to 1,024 alternatives: tested once.
+        tested: dict[int, list[Membership]] = {}
         for conjunction in self.alternatives:
             options: list[list[Membership]] = []
             for leaf in conjunction:
@@ -85,9 +87,10 @@ class CompiledPattern:
                         break
                     options.append([_TOP])
                     continue
-                fits = list(
-                    dict.fromkeys(m for v, m in members if any(t.test(v) for t in leaf.matchers))
-                )
+                fits = tested.get(id(leaf))
+                if fits is None:
+                    holds = leaf.holds
+                    fits = tested[id(leaf)] = list(dict.fromkeys(m for v, m in members if holds(v)))
                 if not fits:
                     break
                 options.append(fits)
@@ -111,7 +114,7 @@ class CompiledPattern:
                 if not members and not leaf.absent_ok:
                     reason = f"{field}: absent"
                     break
-                if members and not any(t.test(v) for v, _ in members for t in leaf.matchers):
+                if members and not any(leaf.holds(v) for v, _ in members):
                     shown = [v for v, _ in members[:3]]
                     value = shown[0] if len(shown) == 1 else shown
                     reason = f"{field}: {_short(value)} does not match"

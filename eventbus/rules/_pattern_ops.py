@@ -239,8 +239,21 @@ class Leaf:
     path: tuple[str, ...]
     matchers: tuple[Matcher, ...]
     absent_ok: bool
+    # The exact values as one set, the other matchers apart: a leaf of 600 values tested one
+    # matcher at a time against an array of 100 cost 60,000 tests per event.
+    exact: frozenset[object] = field(init=False, compare=False, repr=False)
+    others: tuple[Matcher, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        exact = frozenset(m.key for m in self.matchers if type(m) is Exact)
+        object.__setattr__(self, "exact", exact)
+        object.__setattr__(self, "others", tuple(m for m in self.matchers if type(m) is not Exact))
+
+    def holds(self, value: object) -> bool:
+        """Whether one leaf value satisfies one of the matchers."""
+        return exact_key(value) in self.exact or any(m.test(value) for m in self.others)
 
     def test(self, values: list[object]) -> bool:
         if not values:
             return self.absent_ok
-        return any(m.test(v) for v in values for m in self.matchers)
+        return any(self.holds(v) for v in values)
