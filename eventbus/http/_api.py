@@ -434,8 +434,9 @@ _ASSETS = "/docs/assets"
 
 @public.get("/docs", include_in_schema=False)
 async def docs() -> HTMLResponse:
-    """Swagger UI over ``/openapi.json``, every asset served from the package."""
-    return get_swagger_ui_html(
+    """Swagger UI over ``/openapi.json``, every asset served from the package. No other site
+    may frame it (its "Try it out" sends this service's own Origin, as the console does)."""
+    page = get_swagger_ui_html(
         openapi_url="/openapi.json",
         title="eventbus API",
         swagger_js_url=f"{_ASSETS}/swagger-ui-bundle.js",
@@ -444,6 +445,14 @@ async def docs() -> HTMLResponse:
         # No badge fetched from validator.swagger.io: the page makes no outside request.
         swagger_ui_parameters={"validatorUrl": None},
     )
+    page.headers.update(
+        {
+            "Content-Security-Policy": "frame-ancestors 'none'",
+            "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff",
+        }
+    )
+    return page
 
 
 def create_app(service: Service) -> ASGIApp:

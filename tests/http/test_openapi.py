@@ -145,6 +145,10 @@ async def test_the_docs_page_works_offline(eventbus: StartService) -> None:
     svc = await eventbus(rules="[]", targets=[])
     status, headers, page = await svc.request("GET", "/docs")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
+    # no other site may frame it: its "Try it out" would send the service's own Origin
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert headers["X-Content-Type-Options"] == "nosniff"
     assets = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert len(assets) == 3
     assert not re.search(r"https?://", page)

@@ -175,6 +175,14 @@ async function readStream(controller) {
     try {
       const resp = await fetch(`/events/live${query}`, { headers: headers(), signal: controller.signal });
       if (resp.status === 401) return askForKey("");
+      if (resp.status >= 400 && resp.status < 500) {
+        // Refused (the filter, most likely): asking again every 2 s would change nothing.
+        let detail = `HTTP ${resp.status}`;
+        try {
+          detail = (await resp.json()).detail || detail;
+        } catch {}
+        return setStatus(`stopped: ${detail}`);
+      }
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       $("live-status").dataset.pattern = live.pattern; // which filter the stream applies
       setStatus("live");
@@ -308,6 +316,7 @@ $("live-clear").addEventListener("click", () => {
 });
 
 let filterTimer = 0;
+const LIVE_FILTER_BYTES = 4096; // the server's bound: the filter travels in the stream's URL
 $("live-filter").addEventListener("input", () => {
   clearTimeout(filterTimer);
   filterTimer = setTimeout(checkFilter, 250);
@@ -320,6 +329,9 @@ async function checkFilter() {
   const stale = () => $("live-filter").value.trim() !== text;
   if (text) {
     try {
+      if (new TextEncoder().encode(text).length > LIVE_FILTER_BYTES) {
+        throw new Error(`a live filter is at most ${LIVE_FILTER_BYTES} bytes long`);
+      }
       await api("POST", "/patterns/validate", text);
     } catch (err) {
       if (stale()) return;
@@ -592,9 +604,9 @@ async function onFiltered(verb, method, path) {
   }
   // Act on those counted, not on those dead-lettered while the dialog waits: before the
   // newest of them (a millisecond past it, as the server's times have microseconds).
-  const bound = newest + 1;
-  const until = params.get("until");
-  if (until === null || Date.parse(until) > bound) params.set("until", new Date(bound).toISOString());
+  // Always this bound: the counted ones matched the user's own "until", so it is never later,
+  // and a "until" without a zone is UTC to the server but local time to Date.parse.
+  params.set("until", new Date(newest + 1).toISOString());
   params.delete("all");
   const scope = filtered ? "matching the filter" : "(every dead letter: no filter given)";
   if (!(await confirmAction(`${verb} ${count} dead letter${count === 1 ? "" : "s"} ${scope}?`))) return;
