@@ -69,6 +69,11 @@ class RetryWorker:
         self._share = max(1, concurrency // 2)
         self._wake = asyncio.Event()
         self._next_due = float("inf")
+        # Targets whose due rows the last claim left for lack of room: a slot of theirs freeing
+        # wakes the loop (it slept until the next poll: 32 rows each half second, 1,200 retries
+        # after an outage drained at 32 a second).
+        self._held: set[str] = set()
+        self._look = False  # asked to look now (wake), not for a due time
         # Since when, and why, every pass of the loop has failed (None: the last one worked).
         self._failing_since: float | None = None
         self._failure = ""
@@ -82,6 +87,7 @@ class RetryWorker:
 
     def wake(self) -> None:
         """Look for due rows now (after a replay, say) instead of at the next poll."""
+        self._look = True
         self._wake.set()
 
     def health(self, after: float = STALLED_AFTER) -> tuple[bool, str]:
@@ -117,13 +123,19 @@ class RetryWorker:
                 free = self._concurrency - len(self._inflight)
                 per_target = Counter(job.target for job in self._running.values())
                 full = [t for t, n in per_target.items() if n >= self._room(t)]
+                limit = max(1, min(self._batch, free))
                 claimed = await self._store.claim_due(
-                    limit=max(1, min(self._batch, free)),
+                    limit=limit,
                     lease=self._lease,
                     instance=self._instance,
                     skip=full,
                     known=self._dispatcher.target_names(),
                 )
+                # Rows of full targets may be due (not known without asking): a slot of
+                # theirs freeing looks again. So does any slot when the claim took its limit.
+                self._held = set(full)
+                if len(claimed) >= limit:
+                    self._held.update(job.target for job in claimed)
                 claimed = await self._within_room(claimed, per_target)
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
@@ -168,6 +180,7 @@ class RetryWorker:
                 kept.append(job)
             else:
                 extra.append(job)
+                self._held.add(job.target)
         if extra:
             try:
                 await self._store.release(extra)
@@ -178,6 +191,9 @@ class RetryWorker:
     async def _idle(self) -> None:
         """Sleep until the next poll, the earliest known due time, or a wake-up."""
         while True:
+            if self._look:  # asked while the last claim ran
+                self._look = False
+                return
             self._wake.clear()
             now = time.monotonic()
             if self._next_due <= now:
@@ -188,8 +204,9 @@ class RetryWorker:
                 if self._next_due <= time.monotonic():
                     self._next_due = float("inf")
                 return
-            if self._next_due == float("inf"):
-                return  # woken by wake(): a replay
+            if self._look or self._next_due == float("inf"):
+                self._look = False
+                return  # woken by wake(): a replay, or a target with room again
 
     async def _one(self, pending: Delivery) -> None:
         try:
@@ -203,6 +220,13 @@ class RetryWorker:
             self._sem.release()
             if pending.pending_id is not None:
                 self._running.pop(pending.pending_id, None)
+            target = pending.target
+            if target in self._held:
+                # Once half its room is free, not at every slot: claims in batches.
+                running = sum(1 for job in self._running.values() if job.target == target)
+                if running <= self._room(target) // 2:
+                    self._held.discard(target)
+                    self.wake()
 
     async def _extend(self) -> None:
         """Every third of a lease, extend the leases of the rows being attempted: a row

@@ -180,6 +180,8 @@ async def _worker(
     lease: float,
     concurrency: int,
     names: tuple[str, ...] = ("slow", "fast"),
+    idle_poll: float = 0.5,
+    due: dict[str, range] | None = None,
 ) -> AsyncIterator[DeliveryStore]:
     """A retry worker over targets with a concurrency cap of one, /slow and /fast (or
     ``names``)."""
@@ -203,8 +205,15 @@ async def _worker(
 
         dispatcher = Dispatcher(targets, policies, deliveries, store.audit, publish)
         worker = RetryWorker(
-            dispatcher, deliveries, instance="t", lease=lease, concurrency=concurrency
+            dispatcher,
+            deliveries,
+            instance="t",
+            lease=lease,
+            concurrency=concurrency,
+            idle_poll=idle_poll,
         )
+        for target, ids in (due or {}).items():  # due before the worker's first look
+            await _due(deliveries, target, ids)
         worker.start()
         stack.push_async_callback(worker.stop, 5.0)
         yield deliveries
@@ -265,3 +274,24 @@ async def test_targets_that_take_one_request_at_a_time_leave_the_others_slots(
         await receiver.wait_for(1, path="/fast", timeout=30)
         slow_before = len([r for r in receiver.requests if r.path != "/fast"])
     assert slow_before <= 2, slow_before  # the first of each, at most
+
+
+async def test_a_full_targets_rows_are_claimed_as_its_slots_free_not_at_the_next_poll(
+    database_dsn: str, receiver: Receiver
+) -> None:
+    # The claim skips a target whose slots are all taken; nothing looked again until the next
+    # poll: after an outage 1,200 retries of one target drained 32 each half second. Here the
+    # poll is a minute away and the target takes one request at a time.
+    receiver.respond(Response(204, delay=0.05))
+    due = {"slow": range(12)}
+    async with _worker(
+        database_dsn, receiver, lease=60, concurrency=8, idle_poll=60, due=due
+    ) as rows:
+
+        async def done() -> bool:
+            return await rows.backlog() == 0
+
+        await eventually(done, within=20, what="every retry delivered before the next poll")
+    assert sorted(r.cloudevent["id"] for r in receiver.requests) == sorted(
+        f"r-{i}" for i in range(12)
+    )
