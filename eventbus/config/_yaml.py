@@ -44,8 +44,10 @@ MAX_REPEATED_TEXT = 8 * 1024 * 1024
 string (a 180 KB file) cost 2 GB and 6 s when the rule set was written out as JSON, and with
 less memory than that the process crashed."""
 # Flow collections ([ {) nested this deep are refused before parsing: libyaml's composer
-# recurses in C, and 50,000 levels crashed the process (a segmentation fault).
-_MAX_FLOW_DEPTH = 1_000
+# recurses in C, and 50,000 levels crashed the process (a segmentation fault). Below the
+# thousand levels PyYAML 6.0.4's libyaml refuses in its own words, so that every PyYAML
+# says the same; above MAX_DEPTH, so that the builder names the line of a deep value.
+_MAX_FLOW_DEPTH = 256
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
