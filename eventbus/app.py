@@ -225,7 +225,10 @@ def _warn_of_unread_bodies(sources: list[Source], max_event_size: int) -> None:
 
 
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
-    return target_policies({name: spec.delivery for name, spec in connectors.targets.items()})
+    return target_policies(
+        {name: spec.delivery for name, spec in connectors.targets.items()},
+        located=lambda name, problem: connectors.located("target", name, problem),
+    )
 
 
 class Service:

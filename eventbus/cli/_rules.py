@@ -188,7 +188,10 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
     found = load_connectors(connectors)
     build_adapters(found)  # what the adapters refuse, serve refuses too (tls on http://)
     targets = found.targets
-    policies = target_policies({name: spec.delivery for name, spec in targets.items()})
+    policies = target_policies(
+        {name: spec.delivery for name, spec in targets.items()},
+        located=lambda name, problem: found.located("target", name, problem),
+    )
     return set(targets), override_checker(policies)
 
 

@@ -20,9 +20,10 @@ jitter), ``alibaba-backoff`` (3 retries, random 10-20 s apart), ``alibaba-expone
 
 from __future__ import annotations
 
+import difflib
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -263,20 +264,45 @@ def parse_delivery(
     return policy
 
 
-def target_policies(specs: Mapping[str, Mapping[str, Any] | None]) -> dict[str, DeliveryPolicy]:
+_REFERENCES = ("dead_letter_target", "on_success", "on_failure")
+"""Delivery settings that name another target."""
+
+
+def target_policies(
+    specs: Mapping[str, Mapping[str, Any] | None],
+    *,
+    located: Callable[[str, str], str] = lambda name, problem: problem,
+) -> dict[str, DeliveryPolicy]:
     """Each target's policy from its ``delivery:`` block (target name -> block or None).
 
-    Raises ConfigError listing every invalid block, each naming its target."""
+    Raises ConfigError listing every invalid block, each naming its target (and where it is
+    defined, by ``located(name, problem)``), and every setting naming a target not in
+    ``specs`` (found only when a delivery failed: a dead letter of its own, unknown-target)."""
     errors = []
     out = {}
     for name, spec in specs.items():
         try:
             out[name] = parse_delivery(spec, where=f"target {name!r}")
         except ConfigError as exc:
-            errors.append(str(exc))
+            errors.append(located(name, str(exc)))
+            continue
+        for problem in _unknown_references(out[name], specs):
+            errors.append(located(name, f"target {name!r}: delivery: {problem}"))
     if errors:
         raise ConfigError("\n".join(errors))
     return out
+
+
+def _unknown_references(policy: DeliveryPolicy, known: Collection[str]) -> list[str]:
+    """``field: no target 'x'`` for each setting of ``policy`` naming a target not ``known``."""
+    problems = []
+    for field in _REFERENCES:
+        name = getattr(policy, field)
+        if name is not None and name not in known:
+            hint = difflib.get_close_matches(name, list(known), n=1)
+            also = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(f"{field}: no target {name!r}{also}")
+    return problems
 
 
 _TARGET_ONLY = ("rate_limit", "circuit_breaker")
@@ -302,9 +328,12 @@ def override_checker(
                     target,
                 )
         try:
-            parse_delivery(override, base.get(target, DeliveryPolicy()), where="")
+            policy = parse_delivery(override, base.get(target, DeliveryPolicy()), where="")
         except ConfigError as exc:
             raise ConfigError(str(exc).removeprefix(": ")) from exc
+        unknown = _unknown_references(policy, base)
+        if unknown:
+            raise ConfigError("; ".join(f"delivery: {problem}" for problem in unknown))
 
     return check
 

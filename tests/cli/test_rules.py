@@ -245,6 +245,39 @@ def test_validate_refuses_what_the_adapters_refuse(tmp_path: Path) -> None:
         args.func(args)
 
 
+def test_validate_refuses_delivery_settings_naming_unknown_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "1 rule OK", then every dead letter a dead letter of its own (unknown-target)
+    connectors = tmp_path / "connectors.yaml"
+    connectors.write_text(
+        "targets:\n"
+        "  - {name: fn, type: http, url: 'http://127.0.0.1:9/fn'}\n"
+        "  - name: billing\n"
+        "    type: http\n"
+        "    url: 'http://127.0.0.1:9/b'\n"
+        "    delivery: {retry: eventbrige}\n"
+        "  - name: orders\n"
+        "    type: http\n"
+        "    url: 'http://127.0.0.1:9/o'\n"
+        "    delivery: {dead_letter_target: nope}\n"
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- name: r\n  targets:\n    - {name: fn, delivery: {on_failure: nada}}\n")
+    args = parse(["validate", str(rules), "--connectors", str(connectors)])
+    with pytest.raises(ConfigError) as caught:
+        args.func(args)
+    assert str(caught.value).splitlines() == [
+        f"{connectors}:3: target 'billing': delivery: unknown retry preset 'eventbrige'; known: "
+        + str(caught.value).split("known: ", 1)[1].splitlines()[0],
+        f"{connectors}:7: target 'orders': delivery: dead_letter_target: no target 'nope'",
+    ]
+    connectors.write_text("targets:\n  - {name: fn, type: http, url: 'http://127.0.0.1:9/fn'}\n")
+    assert args.func(args) == 1
+    out = capsys.readouterr().out
+    assert f"{rules}:3 rule 'r': " in out and "on_failure: no target 'nada'" in out, out
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eventbus rules")
     register(parser.add_subparsers(dest="rules_command", required=True))

@@ -14,6 +14,7 @@ from eventbus.delivery import (
     RetryPolicy,
     override_checker,
     parse_delivery,
+    target_policies,
 )
 
 
@@ -129,3 +130,28 @@ def test_a_routes_own_guard_settings_are_ignored_with_a_warning(
         check("fn", {"rate_limit": 1, "circuit_breaker": False, "retry": "none"})
     assert "delivery rate_limit to target 'fn' is ignored" in caplog.text
     assert "delivery circuit_breaker to target 'fn' is ignored" in caplog.text
+
+
+def test_settings_naming_a_target_that_does_not_exist_are_refused_at_load() -> None:
+    # they passed `rules validate` and the start; each dead letter then went to a dead letter
+    # of its own, unknown-target, and no failure event reached anyone
+    specs = {
+        "fn": {"dead_letter_target": "dlq", "on_success": "audit", "on_failure": "alerts"},
+        "audit": {"on_failure": "audti"},
+        "alerts": None,
+    }
+    with pytest.raises(ConfigError) as caught:
+        target_policies(specs, located=lambda name, problem: f"c.yaml:{len(name)}: {problem}")
+    assert str(caught.value).splitlines() == [
+        "c.yaml:2: target 'fn': delivery: dead_letter_target: no target 'dlq'",
+        "c.yaml:5: target 'audit': delivery: on_failure: no target 'audti' (did you mean 'audit'?)",
+    ]
+    check = override_checker(target_policies({"fn": None, "alerts": None}))
+    check("fn", {"on_failure": "alerts"})
+    with pytest.raises(ConfigError, match=r"^delivery: on_success: no target 'nope'$"):
+        check("fn", {"on_success": "nope"})
+
+
+def test_a_bad_delivery_block_is_located() -> None:
+    with pytest.raises(ConfigError, match=r"^c\.yaml:7: target 'fn': delivery: unknown retry"):
+        target_policies({"fn": {"retry": "eventbrige"}}, located=lambda n, p: f"c.yaml:7: {p}")
