@@ -139,8 +139,40 @@ def running_service(data_dir: str | Path) -> str | None:
 
 def default_url() -> str:
     """Where the commands find the service: ``$EVENTBUS_URL``, else the service running on the
-    data directory here (``$EVENTBUS_DATA_DIR`` or ``.eventbus``), else http://127.0.0.1:8080."""
+    data directory here (``$EVENTBUS_DATA_DIR`` or ``.eventbus``), else http://127.0.0.1:8080
+    when there is no data directory here.
+
+    Raises ConfigError when the data directory here was used by a service that is not running
+    now: the fallback would have been another instance (a purge or a replay acting on it)."""
     url = os.environ.get("EVENTBUS_URL")
     if url:
         return url
-    return running_service(os.environ.get("EVENTBUS_DATA_DIR") or ".eventbus") or _FALLBACK_URL
+    data_dir = Path(os.environ.get("EVENTBUS_DATA_DIR") or ".eventbus")
+    url = running_service(data_dir)
+    if url is not None:
+        return url
+    if _used(data_dir):
+        last = _last_owner(data_dir / LOCK_NAME)
+        gone = f" (its last one, {_describe(last)}, is gone)" if last else ""
+        raise ConfigError(
+            f"no eventbus serve is running on data dir {data_dir}{gone}: start it, or name the "
+            "service with --url or EVENTBUS_URL"
+        )
+    return _FALLBACK_URL
+
+
+def _used(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds anything (a service ran on it): not an empty directory."""
+    try:
+        return any(data_dir.iterdir())
+    except OSError:  # absent, not a directory, unreadable
+        return False
+
+
+def _last_owner(path: Path) -> dict[str, object] | None:
+    """What a lock file left by an owner that is gone (killed) says about it, or None."""
+    try:
+        owner = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return owner if isinstance(owner, dict) and "pid" in owner else None

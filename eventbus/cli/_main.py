@@ -80,7 +80,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
         "--url",
         help="the running service's HTTP API (default: $EVENTBUS_URL, else the eventbus serve "
         "running on the data directory here, ./.eventbus or $EVENTBUS_DATA_DIR, else "
-        "http://127.0.0.1:8080)",
+        "http://127.0.0.1:8080 when there is no data directory here)",
     )
     p.add_argument(
         "--api-key",
@@ -609,9 +609,9 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "url", "") is None:
-        args.url = _datadir.default_url()
     try:
+        if getattr(args, "url", "") is None:
+            args.url = _datadir.default_url()
         return int(args.func(args))
     except BrokenPipeError:
         # the reader left: nothing more to say to it (and no traceback on exit either)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 import yaml
@@ -79,6 +80,31 @@ def test_default_url_prefers_the_environment_then_the_running_service(
         assert default_url() == "http://127.0.0.1:8765"
         monkeypatch.setenv("EVENTBUS_URL", "http://elsewhere:1")
         assert default_url() == "http://elsewhere:1"
+
+
+def test_a_data_dir_whose_service_is_gone_is_an_error_not_another_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a killed service's lock file named it; the commands asked 127.0.0.1:8080, another
+    # instance, and `rules reload` (or a purge) acted on that one without a word
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
+    monkeypatch.setenv("EVENTBUS_DATA_DIR", str(tmp_path))
+    (tmp_path / LOCK_NAME).write_bytes(
+        orjson.dumps({"pid": 999_999, "listen": "127.0.0.1:8083", "url": "http://127.0.0.1:8083"})
+    )
+    with pytest.raises(ConfigError) as caught:
+        default_url()
+    assert str(caught.value) == (
+        f"no eventbus serve is running on data dir {tmp_path} (its last one, PID 999999 "
+        "(eventbus serve on 127.0.0.1:8083), is gone): start it, or name the service with "
+        "--url or EVENTBUS_URL"
+    )
+    (tmp_path / LOCK_NAME).unlink()
+    (tmp_path / "postgres").mkdir()  # stopped cleanly: no lock file, its servers' files stay
+    with pytest.raises(ConfigError, match=r"^no eventbus serve is running on data dir \S+: "):
+        default_url()
+    monkeypatch.setenv("EVENTBUS_URL", "http://elsewhere:1")
+    assert default_url() == "http://elsewhere:1"
 
 
 async def _cli(*args: str, cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
