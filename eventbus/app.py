@@ -267,6 +267,8 @@ class Service:
         self.supervisor: Supervisor | None = None
         self.feed = LiveFeed()
         self._rates = Rates()
+        self.reload_notes: list[str] = []
+        """What the last rules reload left for the next start (connector files changed)."""
 
     async def __aenter__(self) -> Self:
         try:
@@ -517,23 +519,14 @@ class Service:
         reload too)."""
         try:
             connectors = load_connectors(self.settings.connectors)
-            missing = set(connectors.targets) - set(self.targets)
-            if missing:
-                raise ConfigError(
-                    f"new targets {sorted(missing)} need a restart; rules were not reloaded"
-                )
-            if _policies(connectors) != self._delivery_policies:
-                log.warning(
-                    "the targets' delivery settings changed in %s: they take effect at the next "
-                    "start; rules' overrides are checked against those in use",
-                    self.settings.connectors,
-                )
-            # Against the policies the dispatcher uses: checked against the files' new ones, an
-            # override valid there but not on the running policy was accepted, and every
-            # delivery of its route then failed (redelivered for ever).
+            notes = self._connector_changes(connectors)
+            # Against the targets and policies in use, which a reload does not change: a new
+            # target in the files held every reload until a restart, a rule naming it or not.
+            # Against the files' policies, an override valid there but not on the running
+            # policy was accepted, and every delivery of its route failed (redelivered for ever).
             self.rules.reload(
                 self.settings.rules,
-                known_targets=connectors.targets.keys(),
+                known_targets=self.targets.keys(),
                 check_delivery=override_checker(self._delivery_policies),
             )
         except EventBusError as exc:
@@ -543,6 +536,9 @@ class Service:
                 " | ".join(str(exc).splitlines()),
             )
             raise
+        for note in notes:
+            log.warning("%s", note)
+        self.reload_notes = notes
         count = len(self.rules.current.rules)
         log.info(
             "rules reloaded: %d rules from %s (fingerprint %s)",
@@ -553,6 +549,32 @@ class Service:
         if announce and self.rules_reloaded is not None:
             self.rules_reloaded()
         return count
+
+    def _connector_changes(self, connectors: ConnectorSet) -> list[str]:
+        """What in the connector files differs from the targets in use (read at start): a
+        reload applies none of it, and says so."""
+        where = self.settings.connectors
+        notes = []
+        new = sorted(set(connectors.targets) - set(self.targets))
+        if new:
+            notes.append(
+                f"targets {', '.join(new)} are new in {where}: they start at the next start, "
+                "and rules may name them from then on"
+            )
+        gone = sorted(set(self.targets) - set(connectors.targets))
+        if gone:
+            notes.append(
+                f"targets {', '.join(gone)} are no longer in {where}: they run until the next "
+                "start, and rules naming them are refused from then on"
+            )
+        files = _policies(connectors)
+        in_use = self._delivery_policies
+        if any(files[name] != in_use[name] for name in files.keys() & in_use.keys()):
+            notes.append(
+                f"the targets' delivery settings changed in {where}: they take effect at the "
+                "next start; rules' overrides are checked against those in use"
+            )
+        return notes
 
     async def replay(self, flt: DeadLetterFilter) -> tuple[list[dict[str, Any]], int]:
         """Move dead letters back into the retry schedule (audited), due now, a batch at a

@@ -272,6 +272,8 @@ def _accepted(body: Any, out: TextIO) -> None:
 def _reloaded(body: Any, out: TextIO) -> None:
     shown = f" (fingerprint {body['fingerprint']})" if body.get("fingerprint") else ""
     out.write(f"{_plural(body['rules'], 'rule')} loaded{shown}\n")
+    for note in body.get("notes") or ():
+        out.write(f"note: {printable(str(note))}\n")
 
 
 SHOW: Mapping[str, Callable[[Any, TextIO], None]] = {

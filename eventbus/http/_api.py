@@ -164,7 +164,10 @@ async def reload_rules(request: Request) -> Response:
         raise Problem(400, str(exc), title="Invalid rule set; the previous one stays") from None
     except ConfigError as exc:
         raise Problem(400, str(exc), title="Invalid connectors") from None
-    return _json({"rules": count, "fingerprint": _service(request).rules_fingerprint()})
+    service = _service(request)
+    return _json(
+        {"rules": count, "fingerprint": service.rules_fingerprint(), "notes": service.reload_notes}
+    )
 
 
 @admin.get(

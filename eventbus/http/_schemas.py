@@ -179,6 +179,9 @@ class Reloaded(_Body):
     rules: int
     fingerprint: str
     """A short hash of the rules now routing (see ``Rules``)"""
+    notes: list[str] = []
+    """What changed in the connector files and waits for the next start (a reload reads
+    them but changes no target): new or removed targets, changed delivery settings"""
 
 
 class DeadLetterSummary(_Body):

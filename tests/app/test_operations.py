@@ -170,6 +170,32 @@ async def test_a_reload_checks_overrides_against_the_delivery_settings_in_use(
     await receiver.wait_for(1)
 
 
+async def test_a_new_target_in_the_files_waits_for_a_restart_without_holding_reloads(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    # a target added to connectors/ refused every reload ("new targets need a restart") until
+    # a restart, even once no rule named it
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    svc = await eventbus(rules="- name: a\n  targets: [fn]\n", targets=targets)
+    more = [*targets, {"name": "new-fn", "type": "http", "url": receiver.url("/new")}]
+    (tmp_path / "connectors" / "connectors.yaml").write_text(yaml.safe_dump({"targets": more}))
+    rules = tmp_path / "rules" / "rules.yaml"
+    rules.write_text("- name: a\n  targets: [fn]\n- name: b\n  targets: [fn]\n")
+    status, _, answer = await svc.request("POST", "/rules/reload")
+    assert status == 200 and answer["rules"] == 2, answer
+    assert answer["notes"] == [
+        f"targets new-fn are new in {tmp_path / 'connectors'}: they start at the next start, "
+        "and rules may name them from then on"
+    ]
+    rules.write_text("- name: a\n  targets: [new-fn]\n")
+    status, _, problem = await svc.request("POST", "/rules/reload")
+    assert status == 400 and "unknown target 'new-fn'" in problem["detail"], problem
+    (tmp_path / "connectors" / "connectors.yaml").write_text(yaml.safe_dump({"targets": []}))
+    rules.write_text("- name: a\n  targets: [fn]\n")
+    status, _, answer = await svc.request("POST", "/rules/reload")
+    assert status == 200 and answer["notes"][0].startswith("targets fn are no longer in "), answer
+
+
 S3_NOTIFICATION = {
     "Records": [
         {

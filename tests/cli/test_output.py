@@ -40,6 +40,11 @@ def test_empty_listings_say_so() -> None:
         ("purged", {"purged": 1}, "purged 1 dead letter\n"),
         ("reloaded", {"rules": 3}, "3 rules loaded\n"),
         ("reloaded", {"rules": 1, "fingerprint": "0a1b"}, "1 rule loaded (fingerprint 0a1b)\n"),
+        (
+            "reloaded",
+            {"rules": 1, "notes": ["targets x are new"]},
+            "1 rule loaded\nnote: targets x are new\n",
+        ),
     ):
         out = io.StringIO()
         SHOW[kind](body, out)
