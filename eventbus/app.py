@@ -426,6 +426,9 @@ class Service:
                 "pip install 'eventbus[fast-cel]'"
             )
         if not path.exists():
+            if "rules" in self.settings.model_fields_set:
+                # named in the settings or $EVENTBUS_RULES: a typo, not a first start
+                raise ConfigError(f"rules: no such file or directory: {path}")
             log.warning("no rules at %s: routing nothing until rules are added", path)
             return compile_rules([], known_targets=connectors.targets.keys(), native_cel=native_cel)
         return load_rules(

@@ -225,6 +225,19 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     assert proc.returncode == 141 and b"Traceback" not in err, err
 
 
+async def test_serve_refuses_a_rules_path_it_was_given_that_does_not_exist(
+    tmp_path: Path,
+) -> None:
+    # a typo in EVENTBUS_RULES (or the settings' rules:) started a service routing nothing,
+    # with one warning line; `rules validate` refused the same path
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(f"rules: {tmp_path / 'rulez'}\ndata_dir: {tmp_path / 'data'}\n")
+    code, _, err = await _cli("serve", "--config", str(cfg), "--port", str(free_port()))
+    assert code == 1 and "Traceback" not in err
+    assert f"eventbus: rules: no such file or directory: {tmp_path / 'rulez'}" in err, err
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
 async def test_serve_refuses_bad_rules_with_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "rules").mkdir()
     (tmp_path / "connectors").mkdir()
