@@ -27,6 +27,7 @@ import argparse
 import base64
 import http.client
 import io
+import math
 import os
 import sys
 import urllib.error
@@ -44,9 +45,28 @@ from eventbus.cli import _datadir, _rules
 __all__ = ["build_parser", "main"]
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
-_TIMEOUT = 930.0
-"""Seconds a request may take: a synchronous invocation waits for its target, whose timeout
-may be up to 900 s."""
+_TIMEOUT = 60.0
+"""Seconds a request may take: a service that does not answer (frozen, say) is said so, not
+waited on for a quarter of an hour."""
+_INVOKE_TIMEOUT = 930.0
+"""Seconds a synchronous invocation may take: it waits for its target, whose timeout may be up
+to 900 s."""
+_NO_LIMIT = 1 << 40
+"""The size bound of the events the CLI builds: the service's own (its max_event_size, 256
+KiB unless set) is the one that counts, and may be larger than the default."""
+_BULK_TIMEOUT = 600.0
+"""Seconds a replay or a purge of many dead letters may take (a batch at a time)."""
+
+REASONS = (
+    "attempts-exhausted",
+    "too-old",
+    "non-retryable",
+    "gone",
+    "target-disabled",
+    "unknown-target",
+)
+"""Why a delivery was dead-lettered: the values of the ``reason`` filter (the delivery layer's
+``DeadLetterReason``, which this module does not import: it loads every driver)."""
 
 
 class _Help(argparse.HelpFormatter):
@@ -88,13 +108,30 @@ def _client_args(p: argparse.ArgumentParser) -> None:
         "$EVENTBUS_API_KEY; never shown here)",
     )
     p.add_argument("--json", action="store_true", help="print the API's JSON answer, for scripts")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        help=f"seconds to wait for the answer (default: {_TIMEOUT:g}; a replay or a purge "
+        f"{_BULK_TIMEOUT:g}, a synchronous invoke {_INVOKE_TIMEOUT:g})",
+    )
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``'s value: a positive number of seconds (argparse's ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be seconds from 0 to 86400, got {text!r}")
+    return value
 
 
 def _filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", help="only this rule's dead letters")
     p.add_argument("--target", help="only this target's dead letters")
     p.add_argument("--status", type=int, help="last HTTP status")
-    p.add_argument("--reason", help="attempts-exhausted, too-old, non-retryable, gone, ...")
+    p.add_argument("--reason", choices=REASONS, help="why it was dead-lettered")
     p.add_argument("--since", help="ISO 8601 time")
     p.add_argument("--until", help="ISO 8601 time")
     p.add_argument("--source", help="event source")
@@ -119,9 +156,22 @@ def _request(
     path: str,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    timeout: float = _TIMEOUT,
 ) -> Any:
-    raw = _send(args, method, path, body, headers)[2]
-    return orjson.loads(raw) if raw else None
+    raw = _send(args, method, path, body, headers, timeout=timeout)[2]
+    return _request_body(args, raw) if raw else None
+
+
+def _request_body(args: argparse.Namespace, raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _not_eventbus(args, "not JSON") from None
+
+
+def _not_eventbus(args: argparse.Namespace, what: str) -> _ApiError:
+    return _ApiError(f"the answer from {args.url} is not eventbus's ({what}): check --url")
 
 
 def _send(
@@ -130,6 +180,8 @@ def _send(
     path: str,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    timeout: float = _TIMEOUT,
 ) -> tuple[int, Message, bytes]:
     """One request to the service: its 2xx status, headers and body; _ApiError otherwise."""
     try:
@@ -143,9 +195,12 @@ def _send(
         if any(c in api_key for c in "\r\n\0"):
             raise _BadInput("the API key holds a line break: check --api-key or EVENTBUS_API_KEY")
         req.add_header("Authorization", f"Bearer {api_key}")
+    timeout = getattr(args, "timeout", None) or timeout
     try:
-        with urllib.request.urlopen(req, timeout=_TIMEOUT) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.headers, resp.read()
+    except TimeoutError:
+        raise _ApiError(f"eventbus at {args.url} did not answer within {timeout:g} s") from None
     except (UnicodeEncodeError, http.client.InvalidURL) as exc:
         # a key or header that HTTP cannot carry; a URL http.client refuses
         raise _BadInput(f"cannot send the request: {exc}") from None
@@ -168,8 +223,11 @@ def _show(args: argparse.Namespace, kind: str, body: Any) -> int:
 
     if args.json:
         print_json(body, sys.stdout)
-    else:
+        return 0
+    try:
         SHOW[kind](body, sys.stdout)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise _not_eventbus(args, f"no {exc}" if isinstance(exc, KeyError) else str(exc)) from None
     return 0
 
 
@@ -273,7 +331,7 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     from eventbus._errors import CloudEventError
-    from eventbus.cloudevents import new_event, to_http
+    from eventbus.cloudevents import from_http, new_event, to_http
 
     extensions: dict[str, Any] = {}  # as new_event's **ext
     for name, value in args.extension:
@@ -287,11 +345,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             type=args.type,
             source=args.source,
             subject=args.subject,
+            max_size=_NO_LIMIT,
             **payload,
             **{k: v for k, v in optional.items() if v is not None},
             **extensions,
         )
         headers, body = to_http(event, structured=args.mode == "structured")
+        # Read back as the service reads it: bytes that are not UTF-8 under a text type went
+        # out in binary mode as a text body, which the service refused (400)
+        from_http(headers, body, max_size=_NO_LIMIT)
     except CloudEventError as exc:
         raise _BadInput(f"invalid event: {exc.detail}") from None
     return _show(args, "accepted", _request(args, "POST", "/events", body, headers))
@@ -307,6 +369,7 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
             type=args.type,
             source=args.source,
             subject=args.subject,
+            max_size=_NO_LIMIT,
             **_payload(args),
             **{k: v for k, v in optional.items() if v is not None},
         )
@@ -320,15 +383,23 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     path = f"/targets/{urllib.parse.quote(args.target, safe='')}/invoke"
     if args.reply:
         path += "?reply=true"
-    status, answer_headers, raw = _send(args, "POST", path, body, headers)
-    if args.asynchronous:
-        queued = orjson.loads(raw)
+    status, answer_headers, raw = _send(args, "POST", path, body, headers, timeout=_INVOKE_TIMEOUT)
+    if args.asynchronous or status == 202:  # 202 to a synchronous call: a repeat, dropped
+        queued = _request_body(args, raw)
         if args.json:
             return _show(args, "accepted", queued)
-        sys.stdout.write(f"queued for {queued['target']}: {queued['source']} {queued['id']}\n")
+        try:
+            what = "not invoked, a repeat of" if queued.get("duplicate") else "queued for"
+            line = f"{what} {queued['target']}: {queued['source']} {queued['id']}\n"
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise _not_eventbus(args, f"no {exc}") from None
+        sys.stdout.write(line)
         return 0
     content_type = answer_headers.get("Content-Type")
-    duration = float(answer_headers.get("X-Eventbus-Duration-Ms", "nan"))
+    try:  # every synchronous answer of eventbus's carries it
+        duration = float(answer_headers.get("X-Eventbus-Duration-Ms", ""))
+    except ValueError:
+        raise _not_eventbus(args, "no X-Eventbus-Duration-Ms header") from None
     if args.json:
         answer: dict[str, Any] = {
             "status": status,
@@ -365,17 +436,22 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         return _show(args, "dead-letters", _request(args, "GET", "/dead-letters" + query))
     if action == "show":
         return _show(args, "dead-letter", _request(args, "GET", f"/dead-letters/{args.id}"))
+    if args.id is not None and (args.all or _query(args)):
+        # the filters were dropped: `purge 5 --target fnn` purged dead letter 5 of another
+        raise _BadInput(f"dlq {action}: give a dead letter's id or filters (or --all), not both")
+    if args.id is None and not args.all and not _query(args):
+        raise _BadInput(f"dlq {action}: give a dead letter's id, filters, or --all for every one")
     if action == "replay":
         if args.id is not None:
             path = f"/dead-letters/{args.id}/replay"
         else:
             path = "/dead-letters/replay" + _query(args, all="true" if args.all else None)
-        return _show(args, "replayed", _request(args, "POST", path))
+        return _show(args, "replayed", _request(args, "POST", path, timeout=_BULK_TIMEOUT))
     if args.id is not None:
         path = f"/dead-letters/{args.id}"
     else:
         path = "/dead-letters" + _query(args, all="true" if args.all else None)
-    return _show(args, "purged", _request(args, "DELETE", path))
+    return _show(args, "purged", _request(args, "DELETE", path, timeout=_BULK_TIMEOUT))
 
 
 def _cmd_retries(args: argparse.Namespace) -> int:

@@ -169,7 +169,7 @@ def test_pattern_command(pattern_file: str | Path, event_file: str | Path, *, ou
     return EXIT_OK
 
 
-def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryCheck | None]:
+def _known_targets(connectors: str | None) -> tuple[Collection[str] | None, DeliveryCheck | None]:
     """Target names from the connector definitions and a check of the rules' delivery
     overrides against their targets' policies; (None, None), no checks, when there are none.
 
@@ -183,8 +183,13 @@ def _known_targets(connectors: str) -> tuple[Collection[str] | None, DeliveryChe
     from eventbus.config import load_connectors
     from eventbus.delivery import override_checker, target_policies
 
-    if not Path(connectors).exists():
-        return None, None
+    if connectors is None:
+        if not Path("connectors").exists():
+            return None, None
+        connectors = "connectors"
+    elif not Path(connectors).exists():
+        # a typo checked no target at all, and said "OK"
+        raise ConfigError(f"--connectors: no such file or directory: {connectors}")
     found = load_connectors(connectors)
     build_adapters(found)  # what the adapters refuse, serve refuses too (tls on http://)
     targets = found.targets
@@ -238,8 +243,8 @@ def register(subparsers: Any) -> None:
     common.add_argument("path", nargs="?", default="rules", help="rule file or directory")
     common.add_argument(
         "--connectors",
-        default="connectors",
-        help="connector definitions naming the targets (targets are not checked when absent)",
+        help="connector definitions naming the targets (default: connectors, and targets are "
+        "not checked when it is absent; a path given must exist)",
     )
     common.add_argument(
         "--cel",

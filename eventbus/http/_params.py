@@ -18,7 +18,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Query
 from pydantic import BeforeValidator
 
-from eventbus.delivery import DeadLetterFilter
+from eventbus.delivery import DeadLetterFilter, DeadLetterReason
 from eventbus.http._problem import Problem
 from eventbus.store import EventCursor
 
@@ -57,6 +57,21 @@ def _text(name: str) -> BeforeValidator:
         return value
 
     return BeforeValidator(check)
+
+
+def _one_of(name: str, values: tuple[str, ...]) -> BeforeValidator:
+    """One of ``values``: a misspelt filter selected nothing, and a purge or a replay by it
+    answered "0" as done."""
+
+    def check(value: str) -> str:
+        if value not in values:
+            raise ValueError(f"{name} must be one of {', '.join(values)}, got {_clip(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+REASONS = tuple(reason.value for reason in DeadLetterReason)
 
 
 def _parse_integer(name: str, raw: str, bits: int) -> int:
@@ -195,8 +210,8 @@ def _dead_letter_filter(
     ] = None,
     reason: Annotated[
         str | None,
-        Query(description="attempts-exhausted, too-old, non-retryable, gone, ..."),
-        _text("reason"),
+        Query(description=f"Why it was dead-lettered: {', '.join(REASONS)}."),
+        _one_of("reason", REASONS),
     ] = None,
     since: Annotated[
         datetime | None,

@@ -118,7 +118,7 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     code, out, err = unknown
     assert code == 1 and err.startswith("eventbus: 404") and "Traceback" not in err
     code, out, err = unfiltered
-    assert code == 1 and "filter" in err
+    assert code == 2 and "filters, or --all for every one" in err, err
     code, out, _ = purged
     assert code == 0 and out == {"purged": 0}
     code, out, _ = sources
@@ -340,7 +340,20 @@ async def test_publish_refuses_bad_input_with_a_clear_message(tmp_path: Path) ->
         (["--data", "@" + str(tmp_path / "bad.json")], f"--data @{tmp_path}/bad.json is not valid"),
         (["--data", "@" + str(tmp_path / "none.json")], "cannot read"),
         (["--data", "{bad"], "--data is not valid JSON"),
+        # bytes that are not UTF-8 as a text body: the service refused them (400)
+        (
+            [
+                "--data",
+                "@" + str(tmp_path / "bytes"),
+                "--datacontenttype",
+                "text/plain",
+                "--mode",
+                "binary",
+            ],
+            "invalid event: body is not valid utf-8 text",
+        ),
     ]
+    (tmp_path / "bytes").write_bytes(b"\xae\xff\x00text")
     answers = await _side_by_side(
         *(_cli(*base, *extra) for extra, _ in cases),
         _cli(*base, "--data", "-", stdin=b"[1,"),
@@ -475,7 +488,7 @@ async def test_rules_reload_prints_the_count_or_every_problem(
     fingerprint = (await svc.request("GET", "/rules"))[2]["fingerprint"]
     assert (code, out) == (0, f"2 rules loaded (fingerprint {fingerprint})\n"), err
     code, out, _ = await _cli("rules", "reload", "--url", svc.url, "--json")
-    assert (code, out) == (0, {"rules": 2, "fingerprint": fingerprint})
+    assert (code, out) == (0, {"rules": 2, "fingerprint": fingerprint, "notes": []})
 
     rules.write_text(RULES + "- name: bad\n  targets: [nope]\n- name: cel\n  when: 'x >'\n")
     code, out, err = await _cli("rules", "reload", "--url", svc.url)
@@ -576,3 +589,62 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
     trail = await svc.trail("eventbus/cli", "q-1", attempts=1)
     assert trail["via"] == "invoke:async:fn:remote=127.0.0.1"
     assert len(receiver.requests) == 4
+
+
+async def test_a_service_that_does_not_answer_is_said_so_within_the_timeout() -> None:
+    # every command waited up to 930 s (a synchronous invocation's bound) on a frozen service
+    with socket.create_server(("127.0.0.1", 0)) as frozen:  # connects, never answers
+        url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        code, _, err = await _cli("dlq", "list", "--url", url, "--timeout", "1")
+    assert code == 1 and err == f"eventbus: eventbus at {url} did not answer within 1 s\n", err
+    code, _, err = await _cli("dlq", "list", "--timeout", "0")
+    assert code == 2 and "argument --timeout: must be seconds from 0 to 86400" in err, err
+
+
+async def test_an_answer_that_is_not_eventbuss_is_said_so_not_a_traceback(
+    receiver: Receiver,
+) -> None:
+    # --url at another server: orjson's and KeyError's tracebacks, or "fn answered 200 in nan ms"
+    url = receiver.url("")
+    for body, what in ((b"hello", "not JSON"), (b"{}", "no 'items'")):
+        receiver.respond(Response(200, {"Content-Type": "application/json"}, body))
+        code, _, err = await _cli("dlq", "list", "--url", url)
+        assert code == 1 and "Traceback" not in err, err
+        assert err == f"eventbus: the answer from {url} is not eventbus's ({what}): check --url\n"
+    code, out, err = await _cli("invoke", "fn", "--type", "t", "--source", "s", "--url", url)
+    assert code == 1 and out is None and "Traceback" not in err, err
+    assert "(no X-Eventbus-Duration-Ms header)" in err, err
+
+
+async def test_dead_letter_filters_are_checked_before_anything_is_sent() -> None:
+    # a misspelt reason matched nothing and a purge by it said "purged 0"; an id with filters
+    # dropped the filters (`purge 5 --target fnn` purged dead letter 5 of another target)
+    nowhere = ("--url", f"http://127.0.0.1:{free_port()}")
+    answers = await _side_by_side(
+        _cli("dlq", "purge", "--reason", "unknwon", *nowhere),
+        _cli("dlq", "purge", "5", "--target", "fnn", *nowhere),
+        _cli("dlq", "replay", "5", "--all", *nowhere),
+        _cli("dlq", "replay", *nowhere),
+    )
+    messages = [
+        "argument --reason: invalid choice: 'unknwon'",
+        "dlq purge: give a dead letter's id or filters (or --all), not both",
+        "dlq replay: give a dead letter's id or filters (or --all), not both",
+        "dlq replay: give a dead letter's id, filters, or --all for every one",
+    ]
+    for (code, _, err), message in zip(answers, messages, strict=True):
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
+async def test_publish_leaves_the_size_bound_to_the_service(tmp_path: Path) -> None:
+    # the CLI refused 300 KB events by the default bound (256 KiB) that a service set to 1 MiB
+    # took
+    (tmp_path / "big.json").write_bytes(orjson.dumps({"blob": "x" * 300_000}))
+    url = f"http://127.0.0.1:{free_port()}"
+    for command in ("publish", "invoke"):
+        target = ["fn"] if command == "invoke" else []
+        code, _, err = await _cli(
+            command, *target, "--type", "t", "--source", "s", "--data", f"@{tmp_path / 'big.json'}",
+            "--url", url,
+        )  # fmt: skip
+        assert code == 1 and err.startswith(f"eventbus: cannot reach eventbus at {url}"), err

@@ -284,7 +284,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_register_wires_the_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_register_wires_the_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no connectors/ here: targets are not checked by default
     connectors = tmp_path / "connectors.yaml"
     connectors.write_text(
         "targets:\n  - {name: audit-log, type: http, url: 'http://127.0.0.1:9000/audit'}\n"
@@ -293,9 +296,13 @@ def test_register_wires_the_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert args.func(args) == 1
     assert "unknown target 'thumbnailer'" in capsys.readouterr().out
 
-    args = parse(["validate", str(DATA / "good"), "--connectors", str(tmp_path / "none")])
+    args = parse(["validate", str(DATA / "good")])
     assert args.func(args) == 0
     assert capsys.readouterr().out == "5 rules OK (1 disabled)\n"
+    # a path given that is not there: a typo checked no target and said OK
+    args = parse(["validate", str(DATA / "good"), "--connectors", str(tmp_path / "none")])
+    with pytest.raises(ConfigError, match=r"^--connectors: no such file or directory: "):
+        args.func(args)
 
     args = parse(
         [
@@ -303,8 +310,6 @@ def test_register_wires_the_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
             "--event",
             str(EVENTS / "binary.json"),
             str(DATA / "good"),
-            "--connectors",
-            str(tmp_path / "none"),
         ]
     )
     assert args.func(args) == 0
@@ -321,6 +326,6 @@ def test_register_wires_the_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_register_defaults() -> None:
     args = parse(["validate"])
-    assert (args.path, args.connectors) == ("rules", "connectors")
+    assert (args.path, args.connectors) == ("rules", None)  # connectors/, if there
     with pytest.raises(SystemExit):
         parse(["test"])

@@ -26,6 +26,7 @@ BAD_INPUT = [
     ("GET", "/dead-letters?rule=a%00b", "rule"),
     ("GET", "/dead-letters?target=%00", "target"),
     ("GET", "/dead-letters?reason=x%00", "reason"),
+    ("DELETE", "/dead-letters?reason=unknwon", "reason"),  # must be one of ..., got 'unknwon'
     ("GET", "/dead-letters?source=%00", "source"),
     ("GET", "/dead-letters?since=0000-01-01", "since"),
     ("GET", "/dead-letters?since=10000-01-01", "since"),
