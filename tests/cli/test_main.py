@@ -648,3 +648,10 @@ async def test_publish_leaves_the_size_bound_to_the_service(tmp_path: Path) -> N
             "--url", url,
         )  # fmt: skip
         assert code == 1 and err.startswith(f"eventbus: cannot reach eventbus at {url}"), err
+
+
+def test_the_reasons_the_cli_takes_are_the_delivery_layers() -> None:
+    from eventbus.cli._main import REASONS
+    from eventbus.delivery import DeadLetterReason
+
+    assert tuple(reason.value for reason in DeadLetterReason) == REASONS
