@@ -12,6 +12,7 @@ CloudEvents JSON of the event) and the in-flight window that bounds un-acked mes
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -25,6 +26,8 @@ __all__ = [
     "DIRECT",
     "DUPLICATE",
     "MAX_BUS_MESSAGE",
+    "STALL_AFTER",
+    "Behind",
     "Bus",
     "BusMessage",
     "DecodedMessage",
@@ -278,6 +281,7 @@ class InFlightWindow:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
+        self.released_at = time.monotonic()  # the last settle: room to fetch since then
         self._changed = asyncio.Event()
 
     @property
@@ -289,6 +293,7 @@ class InFlightWindow:
 
     def release(self) -> None:
         self.count -= 1
+        self.released_at = time.monotonic()
         self._changed.set()
 
     def poke(self) -> None:
@@ -299,3 +304,40 @@ class InFlightWindow:
         """Wait until a slot is released or :meth:`poke` is called, at most ``at_most`` s."""
         self._changed.clear()
         await wait_event(self._changed, at_most)
+
+
+STALL_AFTER = 30.0
+"""Seconds a consumer with room may receive nothing while its broker says events wait for it
+before readiness reports the bus stalled."""
+
+
+class Behind:
+    """How many events the broker said were waiting for this consumer (beyond those it had
+    handed out), as of the last message or the last check: a consumer with room that receives
+    nothing while some wait is stalled. A broker answering every request but handing out
+    nothing (a paused consumer; a fetch wait shorter than a slow broker's reads) kept
+    readiness green while events were accepted and none was routed."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.at = time.monotonic()  # the last message received
+
+    def received(self, waiting: int) -> None:
+        self.waiting = waiting
+        self.at = time.monotonic()
+
+    def idle(self, window: InFlightWindow) -> float:
+        """Seconds the consumer has had room and received nothing."""
+        return time.monotonic() - max(self.at, window.released_at)
+
+    def stalled(self, window: InFlightWindow, after: float) -> str | None:
+        """Why the consumer is stalled, or None."""
+        if self.waiting <= 0 or window.free <= 0:
+            return None
+        idle = self.idle(window)
+        if idle < after:
+            return None
+        return (
+            f"{self.waiting} events wait on the broker for this consumer, and none has come "
+            f"for {idle:.0f} s though it has room"
+        )

@@ -42,6 +42,8 @@ from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, wait_event
 from eventbus.bus._base import (
     DIRECT,
+    STALL_AFTER,
+    Behind,
     BusMessage,
     DecodedMessage,
     InFlightWindow,
@@ -316,6 +318,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self._committer: asyncio.Task[None] | None = None
         self._joining: asyncio.Task[None] | None = None
         self.commits = FailureRun()  # offset commits failing in a row
+        self.behind = Behind()  # when the last record came (what waits is read when asked)
 
     async def join(self) -> None:
         """Start the consumer, which joins the group (no deadline: a join legitimately waits
@@ -456,6 +459,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 msg.deliveries += 1
                 msg._settled = False
                 msg._part.handling += 1
+                self.behind.received(0)
                 yield msg
                 continue
             if self.window.free == 0:
@@ -521,7 +525,20 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     msg = _KafkaMessage(record, self, tp, part)
                     if self.unreadable and (why := self.unreadable.pop((tp, record.offset), None)):
                         msg.event, msg.rejected = {}, why
+                    self.behind.received(0)
                     yield msg
+
+    def stalled(self, after: float) -> str | None:
+        """Why this member makes no progress though its broker answers: records wait past the
+        offsets it has reached (the partitions' high watermarks, as the last fetches gave
+        them), it has room, and none has come for ``after`` s."""
+        waiting = 0
+        for tp, part in self.partitions.items():
+            high = self.consumer.highwater(tp)
+            if high is not None and part.next_offset is not None:
+                waiting += max(0, high - part.next_offset)
+        self.behind.waiting = waiting
+        return self.behind.stalled(self.window, after)
 
     async def _gap_taken(self, tp: TopicPartition, part: _Partition, offset: int) -> bool:
         """A record at ``offset`` comes after offsets that were never handed out. Not expected
@@ -706,6 +723,7 @@ class KafkaBus:
         self._security = {} if config.auth is None else kafka_options(config.auth, "Kafka bus")
         self._producer: AIOKafkaProducer | None = None
         self._consumptions: set[_Consumption] = set()
+        self.stall_after = STALL_AFTER
 
     async def __aenter__(self) -> Self:
         """Make sure the topic exists and start the producer.
@@ -865,11 +883,16 @@ class KafkaBus:
     def stalled(self) -> str | None:
         """Why the bus does not progress though a broker answers: the group's offset commits
         failing for ``COMMITS_STALL_AFTER`` s (readiness stayed green while every commit failed
-        for minutes, and a rebalance then redelivered everything since the last one)."""
+        for minutes, and a rebalance then redelivered everything since the last one), or a
+        member with room receiving nothing for ``stall_after`` s while records wait past its
+        offsets (a broker answering every fetch empty)."""
         for consumption in self._consumptions:
             failing = consumption.commits.longer_than(COMMITS_STALL_AFTER)
             if failing is not None:
                 return f"offset commits failing for {failing:.0f} s: {consumption.commits.last}"
+            behind = consumption.stalled(self.stall_after)
+            if behind is not None:
+                return behind
         return None
 
     async def ping(self) -> bool:

@@ -35,6 +35,8 @@ from eventbus._tasks import stop_if_cancelled
 from eventbus.bus._base import (
     DIRECT,
     DUPLICATE,
+    STALL_AFTER,
+    Behind,
     BusMessage,
     DecodedMessage,
     InFlightWindow,
@@ -223,6 +225,8 @@ class NatsBus:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._unsettled: set[_NatsMessage] = set()
+        self._behind: list[tuple[Behind, InFlightWindow]] = []  # one per consuming iterator
+        self.stall_after = STALL_AFTER
         # Per iterator: fetched but not yet handed out (handed back on close).
         self._batches: list[deque[Msg]] = []
         self._pulls: set[JetStreamContext.PullSubscription] = set()
@@ -492,6 +496,9 @@ class NatsBus:
                 ) from exc
             raise _translate(exc, f"create consumer {cfg.durable}") from exc
         window = InFlightWindow(cfg.max_in_flight)
+        behind = Behind()
+        watched = (behind, window)
+        self._behind.append(watched)
         batch: deque[Msg] = deque()
         self._batches.append(batch)
         self._pulls.add(psub)
@@ -507,6 +514,10 @@ class NatsBus:
                         continue
                     want = min(free - psub.pending_msgs, cfg.fetch_batch)
                     await self._fetch(psub, max(1, want), batch)
+                    stale = behind.idle(window) > self.stall_after / 2
+                    if not batch and behind.waiting > 0 and stale:
+                        # Shared by every instance: others may have taken what was waiting.
+                        await self._still_waiting(behind)
                     # Never hold more than the window: hand back whatever does not fit.
                     excess: deque[Msg] = deque()
                     while len(batch) > free:
@@ -523,8 +534,10 @@ class NatsBus:
                     continue
                 window.take()
                 self._unsettled.add(msg)
+                behind.received(raw.metadata.num_pending or 0)
                 yield msg
         finally:
+            self._behind.remove(watched)
             self._batches.remove(batch)
             self._pulls.discard(psub)
             if not self._closing:  # (closing, the bus did this while it could)
@@ -535,6 +548,12 @@ class NatsBus:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
             await _hand_back(batch)
+
+    async def _still_waiting(self, behind: Behind) -> None:
+        """Ask the server how many events wait for the consumer now (no answer: as before)."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError, BusError):
+            info = await self._jetstream().consumer_info(self.config.stream, self.config.durable)
+            behind.waiting = info.num_pending or 0
 
     async def _fetch(
         self, psub: JetStreamContext.PullSubscription, n: int, into: deque[Msg]
@@ -586,8 +605,14 @@ class NatsBus:
         return False
 
     def stalled(self) -> str | None:
-        """None: a JetStream consumer's acknowledgements fail as its requests do, which the
+        """Why the consumer makes no progress though the server answers: it has room, the
+        server said events wait for it, and none has come for ``STALL_AFTER`` s (a consumer
+        paused on the server, say). Acknowledgements fail as its requests do, which the
         router's own health reports."""
+        for behind, window in self._behind:
+            why = behind.stalled(window, self.stall_after)
+            if why is not None:
+                return why
         return None
 
     async def ping(self) -> bool:

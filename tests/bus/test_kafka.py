@@ -418,3 +418,32 @@ async def test_a_record_that_cannot_be_read_is_set_aside_and_routing_goes_on(
         assert ("Corrupt" if flaw == "checksum" else "UnicodeDecodeError") in reason, reason
         for msg in got:
             await msg.ack()
+
+
+async def test_a_member_that_receives_nothing_while_records_wait_is_stalled(
+    kafka_bootstrap: str,
+) -> None:
+    # A broker answering every fetch empty (Tansu on slow storage with a short fetch wait):
+    # readiness stayed green, events were accepted (202) and none was routed. The partition
+    # is paused here, on the client, to the same effect.
+    config = kafka_config(kafka_bootstrap, partitions=1, max_in_flight=1)
+    async with open_bus(config) as bus:
+        bus.stall_after = 1.0
+        reading = aiter(bus.messages())
+        for i in range(5):
+            await bus.publish(event(i))
+        first = await anext(reading)
+        assert bus.stalled() is None  # the window is full: waiting on us
+        (member,) = bus._consumptions
+        (tp,) = member.partitions
+        member.consumer.pause(tp)
+        await first.ack()
+        waiting = asyncio.create_task(anext(reading))
+        why = await eventually(bus.stalled, within=PATIENCE, every=0.1, what="a stall")
+        assert why.startswith("4 events wait on the broker for this consumer, and none "), why
+        member.consumer.resume(tp)
+        async with asyncio.timeout(PATIENCE):
+            second = await waiting
+        assert bus.stalled() is None
+        await second.ack()
+        await reading.aclose()

@@ -9,9 +9,11 @@ import os
 import socket
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
+import orjson
 import psutil
 import pytest
 from nats.aio.msg import Msg
@@ -376,3 +378,63 @@ async def test_messages_that_came_late_for_a_pull_are_handed_back_at_the_end(
         holding = False
         thread.join()
     assert stranded == []
+
+
+async def test_a_consumer_the_server_hands_nothing_is_reported_stalled(nats_url: str) -> None:
+    # A consumer paused on the server: every request answered (ping, publish), nothing handed
+    # out; readiness stayed green while events were accepted and none was routed.
+    config = nats_config(nats_url, max_in_flight=1)
+    admin = await nats.connect(nats_url)
+    try:
+        async with open_bus(config) as bus:
+            bus.stall_after = 2.0
+            messages = bus.messages()
+            for i in range(5):
+                await bus.publish(event(i))
+            [first] = await take(messages, 1)
+            await first.ack()
+            [second] = await take(messages, 1)
+            assert bus.stalled() is None  # the window is full: waiting on us, not the server
+            until = datetime.now(UTC) + timedelta(minutes=5)
+            answer = await admin.request(
+                f"$JS.API.CONSUMER.PAUSE.{config.stream}.{config.durable}",
+                orjson.dumps({"pause_until": until.isoformat().replace("+00:00", "Z")}),
+            )
+            assert b"paused" in answer.data, answer.data
+            await second.ack()
+            waiting = asyncio.create_task(anext(messages))
+            await asyncio.sleep(0.5)
+            assert bus.stalled() is None  # not yet: room for half a second
+            why = await eventually(bus.stalled, within=PATIENCE, every=0.2, what="a stall")
+            assert why.startswith("3 events wait on the broker for this consumer, and none "), why
+            # resumed (a pause without a time): the next comes, and the stall is over
+            await admin.request(f"$JS.API.CONSUMER.PAUSE.{config.stream}.{config.durable}", b"")
+            async with asyncio.timeout(PATIENCE):
+                third = await waiting
+            assert bus.stalled() is None
+            await third.ack()
+    finally:
+        await admin.close()
+
+
+async def test_events_another_consumer_took_are_no_stall(nats_url: str) -> None:
+    # every instance shares the durable consumer: what waited when the last came may have gone
+    # to another one
+    config = nats_config(nats_url, max_in_flight=1)
+    async with open_bus(config) as one, open_bus(config) as other:
+        one.stall_after = 2.0
+        mine = one.messages()
+        for i in range(3):
+            await one.publish(event(i))
+        [first] = await take(mine, 1)
+        theirs = other.messages()
+        for _ in range(2):  # the two that waited
+            [taken] = await take(theirs, 1)
+            await taken.ack()
+        await first.ack()
+        waiting = asyncio.create_task(anext(mine))
+        await asyncio.sleep(2 * one.stall_after)
+        assert one.stalled() is None
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
