@@ -182,8 +182,11 @@ def _send(
     headers: dict[str, str] | None = None,
     *,
     timeout: float = _TIMEOUT,
+    answers: bool = False,
 ) -> tuple[int, Message, bytes]:
-    """One request to the service: its 2xx status, headers and body; _ApiError otherwise."""
+    """One request to the service: its 2xx status, headers and body; _ApiError otherwise.
+    With ``answers``, an error status that is not eventbus's own (not problem+json: a
+    function's answer to a synchronous invocation) is returned as it came too."""
     try:
         req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
     except ValueError as exc:
@@ -206,6 +209,9 @@ def _send(
         raise _BadInput(f"cannot send the request: {exc}") from None
     except urllib.error.HTTPError as exc:
         raw = exc.read()
+        problem = (exc.headers.get("Content-Type") or "").startswith("application/problem+json")
+        if answers and not problem:
+            return exc.code, exc.headers, raw
         try:
             problem = orjson.loads(raw)
             detail = str(problem.get("detail") or problem)
@@ -383,7 +389,9 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     path = f"/targets/{urllib.parse.quote(args.target, safe='')}/invoke"
     if args.reply:
         path += "?reply=true"
-    status, answer_headers, raw = _send(args, "POST", path, body, headers, timeout=_INVOKE_TIMEOUT)
+    status, answer_headers, raw = _send(
+        args, "POST", path, body, headers, timeout=_INVOKE_TIMEOUT, answers=True
+    )
     if args.asynchronous or status == 202:  # 202 to a synchronous call: a repeat, dropped
         queued = _request_body(args, raw)
         if args.json:
@@ -417,11 +425,19 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
         from eventbus.cli._output import print_json
 
         print_json(answer, sys.stdout)
-        return 0
+        return _failed_if_error(status)
     sys.stderr.write(f"{args.target} answered {status} in {duration:g} ms\n")
     sys.stdout.buffer.write(raw)
+    if raw and not raw.endswith(b"\n") and sys.stdout.isatty():
+        sys.stdout.buffer.write(b"\n")  # the prompt on a line of its own; a pipe gets the bytes
     sys.stdout.flush()
-    return 0
+    return _failed_if_error(status)
+
+
+def _failed_if_error(status: int) -> int:
+    """The exit code of a function's answer: 1 for an error status (4xx, 5xx), which is shown
+    as it came (it was an eventbus error message before, without its body)."""
+    return EXIT_FAILED if status >= 400 else 0
 
 
 def _cmd_events_show(args: argparse.Namespace) -> int:

@@ -558,6 +558,7 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
         Response(200, headers={"Content-Type": "text/plain"}, body=b"resized"),
         Response(201, headers={"Content-Type": "application/json"}, body=b'{"n": 2}'),
         Response(422, headers={"Content-Type": "text/plain"}, body=b"width must be > 0"),
+        Response(503, headers={"Content-Type": "application/json"}, body=b'{"busy": true}'),
     )
     code, out, err = await _cli("invoke", "fn", "--data", '{"w": 10}', "--id", "i-1", *url)
     assert (code, out) == (0, "resized"), err
@@ -566,9 +567,14 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
     assert code == 0, err
     assert (out["status"], out["body"], out["content_type"]) == (201, {"n": 2}, "application/json")
     assert out["duration_ms"] > 0 and out["event"]["source"] == "eventbus/cli"
+    # the function's own error answer as it came, status on stderr (it was an error line
+    # without the body, and --json printed nothing)
     code, out, err = await _cli("invoke", "fn", "--data", '{"w": 0}', *url)
-    assert code == 1 and "422" in err and "width must be > 0" in err, err
-    first, second, third = (r.cloudevent or {} for r in receiver.requests)
+    assert (code, out) == (1, "width must be > 0"), err
+    assert err.startswith("fn answered 422 in "), err
+    code, out, err = await _cli("invoke", "fn", "--json", *url)
+    assert code == 1 and (out["status"], out["body"]) == (503, {"busy": True}), (out, err)
+    first, second, third, _ = (r.cloudevent or {} for r in receiver.requests)
     assert (first["id"], first["type"], first["data"]) == ("i-1", "eventbus.invoke", {"w": 10})
     assert "data" not in second and third["data"] == {"w": 0}
 
@@ -584,11 +590,11 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
         "invoke", "fn", "--async", "--id", "q-1", "--type", "com.example.q", *url
     )
     assert (code, out) == (0, "queued for fn: eventbus/cli q-1\n"), err
-    (*_, queued) = await receiver.wait_for(4)
+    (*_, queued) = await receiver.wait_for(5)
     assert queued.cloudevent is not None and queued.cloudevent["type"] == "com.example.q"
     trail = await svc.trail("eventbus/cli", "q-1", attempts=1)
     assert trail["via"] == "invoke:async:fn:remote=127.0.0.1"
-    assert len(receiver.requests) == 4
+    assert len(receiver.requests) == 5
 
 
 async def test_a_service_that_does_not_answer_is_said_so_within_the_timeout() -> None:
