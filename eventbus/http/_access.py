@@ -191,6 +191,13 @@ class Access:
                     f"a request from the web page of {origin[:100]!r} is refused: without API "
                     "keys only this machine's programs and the console may call eventbus"
                 )
+            elif headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+                # A GET from another site's page (an <img>, a no-cors fetch) carries no
+                # Origin; browsers say where it came from here.
+                reason = (
+                    "a request from another site's web page is refused: without API keys only "
+                    "this machine's programs and the console may call eventbus"
+                )
         if reason is not None:
             reason += remedy
             self._refusals.record(remote=remote, path=path, reason=reason)

@@ -114,6 +114,15 @@ async def test_without_keys_only_this_machines_programs_and_the_console_are_answ
     assert status == 403 and "web page of 'http://evil.example'" in problem["detail"], problem
     status, _, problem = await svc.request("GET", "/rules", None, {"Host": "evil.example"})
     assert status == 403 and "is not a loopback name" in problem["detail"], problem
+    # another site's <img src> or no-cors fetch sends no Origin; the browser says cross-site
+    # (a live stream of every event, a GET trigger)
+    for site in ("cross-site", "same-site"):
+        foreign = {"Sec-Fetch-Site": site, "Sec-Fetch-Mode": "no-cors"}
+        status, _, problem = await svc.request("GET", "/rules", None, foreign)
+        assert status == 403 and "another site's web page" in problem["detail"], problem
+    for site in ("same-origin", "none"):  # the console's own; an address typed in
+        status, _, _ = await svc.request("GET", "/rules", None, {"Sec-Fetch-Site": site})
+        assert status == 200, site
     event = {"specversion": "1.0", "id": "x", "source": "s", "type": "t"}
     body = b'{"specversion": "1.0", "id": "x", "source": "s", "type": "t"}'
     structured = {"Content-Type": "application/cloudevents+json"}
