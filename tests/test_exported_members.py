@@ -126,6 +126,7 @@ EXPORTS: dict[str, list[str]] = {
         "Secret",
         "Settings",
         "SourceSpec",
+        "StandIns",
         "TargetSpec",
         "TlsSpec",
         "YamlDoc",
