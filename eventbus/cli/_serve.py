@@ -140,8 +140,10 @@ def settle_gc() -> None:
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     # A SIGHUP while the service starts (a reload asked too early, a parent passing one on, a
     # closed terminal) is not the end of it: its default action ended the process, leaving the
-    # embedded servers running unowned. Once started, SIGHUP reloads the rules.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # embedded servers running unowned. It is remembered, and the rules are reloaded once
+    # started (a worker starting while the others reloaded kept the old rules: it had read
+    # the files before they changed, and the signal was dropped). Once started, SIGHUP reloads.
+    signal.signal(signal.SIGHUP, _hup_while_starting)
     if reuse_port:
         _end_with_parent()
         beat = asyncio.create_task(_beat(_workers_dir(settings) / "beats" / str(os.getpid())))
@@ -227,15 +229,26 @@ def _end_with_parent() -> None:
         raise EventBusError(f"the parent process {parent} is gone")
 
 
+_hups_while_starting: list[int] = []
+
+
+def _hup_while_starting(signum: int, frame: object) -> None:
+    _hups_while_starting.append(signum)
+
+
 def _reload_on_sighup(service: Service) -> None:
     """SIGHUP reloads the rules, as ``POST /rules/reload`` does (and as it reloads nginx's
-    configuration); a rule set that does not load is logged, the running one stays."""
+    configuration); a rule set that does not load is logged, the running one stays. One that
+    came while the service started is acted on now."""
 
     def reload() -> None:
         with contextlib.suppress(EventBusError):  # logged by reload_rules
             service.reload_rules(announce=False)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    if _hups_while_starting:
+        _hups_while_starting.clear()
+        reload()
 
 
 def _tell_parent(parent: int) -> None:
@@ -389,6 +402,12 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     restart_at[i] = None
                     procs[i] = spawn(i)
                     metrics.WORKER_RESTARTS.labels(str(i)).inc()
+                    # It reads the rule files as they are now, edited since the others loaded
+                    # them perhaps: they reload too, so that every worker routes by one set
+                    # (a third of the events went by rules nobody had applied).
+                    for j, other in enumerate(procs):
+                        if j != i and other is not None and other.poll() is None:
+                            other.send_signal(signal.SIGHUP)
             if failed is not None:
                 break
         for proc in procs:

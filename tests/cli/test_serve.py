@@ -398,3 +398,48 @@ async def test_ctrl_c_during_the_first_start_is_an_interruption_not_a_broken_dat
     finally:
         stop_servers_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+async def test_a_reload_asked_while_the_service_starts_is_done_once_it_has(
+    nats_url: str,
+) -> None:
+    # SIGHUP was ignored for the whole start: a worker starting while the others reloaded
+    # (the parent passes the signal on) kept the rules it had read before the files changed
+    root = private_data_root()
+    try:
+        write_config(
+            root, rules="[]", targets=[{"name": "fn", "type": "http", "url": "http://127.0.0.1:9/"}]
+        )
+        port = free_port()
+        config = root / "settings.yaml"
+        settings = settings_for(root, database_url=None, nats_url=nats_url, port=port)
+        config.write_text(yaml.safe_dump(settings))
+        proc = ServeProcess(config, port, root / "serve.log")
+        starting = asyncio.create_task(proc.start())
+        try:
+
+            def database_starting() -> bool:  # the files were read before the database starts
+                if proc.proc is None:
+                    return False
+                children = psutil.Process(proc.proc.pid).children(recursive=True)
+                return any(c.name() in ("initdb", "pg_ctl", "postgres") for c in children)
+
+            await eventually(database_starting, within=60, every=0.01, what="the database start")
+            (root / "rules" / "rules.yaml").write_text("- name: a\n  targets: [fn]\n")
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGHUP)
+            await starting
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(proc.url + "/rules") as resp,
+            ):
+                body = await resp.json()
+            assert [rule["name"] for rule in body["rules"]] == ["a"], body
+        finally:
+            if not starting.done():
+                starting.cancel()
+            assert await proc.terminate() == 0
+    finally:
+        stop_servers_under(root)
+        shutil.rmtree(root, ignore_errors=True)

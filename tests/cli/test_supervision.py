@@ -44,10 +44,12 @@ async def _two_workers(
     nats_url: str,
     database_dsn: str,
     router: dict[str, Any] | None = None,
+    rules: str = "[]",
+    targets: list[dict[str, Any]] | None = None,
     **more: Any,
 ) -> ServeProcess:
-    """``eventbus serve --workers 2`` with no rules, started and ready."""
-    write_config(tmp_path, rules="[]", targets=[])
+    """``eventbus serve --workers 2`` with ``rules`` (none by default), started and ready."""
+    write_config(tmp_path, rules=rules, targets=targets or [])
     port = free_port()
     config = tmp_path / "settings.yaml"
     settings = settings_for(
@@ -187,3 +189,38 @@ async def test_a_worker_that_cannot_start_again_leaves_the_others_serving(
         assert "giving up" not in service.log.read_text()
     finally:
         await service.kill()
+
+
+async def _fingerprints(url: str, asks: int) -> set[str]:
+    """The rule sets' fingerprints ``asks`` new connections were answered with (the kernel
+    hands each to any worker)."""
+    found = set()
+    for _ in range(asks):
+        async with aiohttp.ClientSession() as session, session.get(url + "/rules") as resp:
+            found.add((await resp.json())["fingerprint"])
+    return found
+
+
+async def test_a_restarted_worker_and_the_others_route_by_one_rule_set(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # The rule files edited (validly) and not reloaded, then a worker restarted: it read the
+    # new rules, the others kept theirs, and a share of the events went by rules nobody had
+    # applied, until the next reload.
+    targets = [{"name": "fn", "type": "http", "url": "http://127.0.0.1:9/"}]
+    rules = "- name: a\n  targets: [fn]\n"
+    service = await _two_workers(tmp_path, nats_url, database_dsn, rules=rules, targets=targets)
+    assert service.proc is not None
+    try:
+        (before,) = await _fingerprints(service.url, 4)
+        (tmp_path / "rules" / "more.yaml").write_text("- name: b\n  targets: [fn]\n")
+        killed, _ = _workers_of(service.proc.pid)
+        killed.kill()
+
+        async def one_new_set() -> set[str] | None:
+            found = await _fingerprints(service.url, 12)
+            return found if len(found) == 1 and before not in found else None
+
+        await eventually(one_new_set, within=60, every=0.5, what="every worker on the new rules")
+    finally:
+        await service.terminate()
