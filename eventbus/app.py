@@ -282,11 +282,33 @@ class Service:
         """Read the connectors and the rules as the start does, building (not opening) the
         adapters. Raises ConfigError or RuleSetError naming file and line; the parent of
         ``serve --workers N`` calls it before starting any worker."""
-        self.connectors = load_connectors(self.settings.connectors)
-        policies = _policies(self.connectors)
+        # Every problem of every file at once: connectors, delivery settings, adapters and
+        # rules came in as many rounds, each fix showing the next.
+        problems: list[str] = []
+        connectors: ConnectorSet | None = None
+        policies: dict[str, DeliveryPolicy] | None = None
+        try:
+            connectors = load_connectors(self.settings.connectors)
+            policies = _policies(connectors)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        built: tuple[dict[str, Target], list[Source]] | None = None
+        if connectors is not None:
+            self.connectors = connectors
+            try:
+                built = self._build_connectors()
+            except ConfigError as exc:
+                problems.append(str(exc))
+        try:
+            rules = self._load_rules(connectors, policies)
+        except EventBusError as exc:  # RuleSetError, ConfigError
+            if not problems:
+                raise
+            problems.append(str(exc))
+        if problems or built is None or policies is None:
+            raise ConfigError("\n".join(problems))
         self._delivery_policies = policies  # connectors are read at start: these stay in use
-        rules = self._load_rules(self.connectors, policies)
-        targets, sources = self._build_connectors()
+        targets, sources = built
         return rules, targets, sources
 
     async def _start(self) -> None:
@@ -416,8 +438,12 @@ class Service:
         )
 
     def _load_rules(
-        self, connectors: ConnectorSet, policies: Mapping[str, DeliveryPolicy]
+        self, connectors: ConnectorSet | None, policies: Mapping[str, DeliveryPolicy] | None
     ) -> RuleSet:
+        """The rules, checked against the targets and delivery settings (not when the
+        connectors did not load: the rules' own problems are reported beside theirs)."""
+        known = None if connectors is None else connectors.targets.keys()
+        check = None if policies is None else override_checker(policies)
         path = Path(self.settings.rules)
         native_cel = self.settings.router.cel == "cel-expr-python"
         if native_cel and importlib.util.find_spec("cel_expr_python") is None:
@@ -430,13 +456,8 @@ class Service:
                 # named in the settings or $EVENTBUS_RULES: a typo, not a first start
                 raise ConfigError(f"rules: no such file or directory: {path}")
             log.warning("no rules at %s: routing nothing until rules are added", path)
-            return compile_rules([], known_targets=connectors.targets.keys(), native_cel=native_cel)
-        return load_rules(
-            path,
-            known_targets=connectors.targets.keys(),
-            check_delivery=override_checker(policies),
-            native_cel=native_cel,
-        )
+            return compile_rules([], known_targets=known, native_cel=native_cel)
+        return load_rules(path, known_targets=known, check_delivery=check, native_cel=native_cel)
 
     def _build_connectors(self) -> tuple[dict[str, Target], list[Source]]:
         """The adapters of every target and of the sources this process runs (with

@@ -220,13 +220,21 @@ def _native_cel(args: argparse.Namespace) -> bool:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    targets, check = _known_targets(args.connectors)
+    native_cel = _native_cel(args)
+    try:
+        targets, check = _known_targets(args.connectors)
+    except ConfigError as exc:
+        # The rules are still checked (without their targets): the connectors' problems and
+        # the rules' came in two rounds, each fix showing the next.
+        sys.stderr.write("".join(f"eventbus: {line}\n" for line in str(exc).splitlines()))
+        validate_command(args.path, known_targets=None, out=sys.stdout, native_cel=native_cel)
+        return 1
     return validate_command(
         args.path,
         known_targets=targets,
         out=sys.stdout,
         check_delivery=check,
-        native_cel=_native_cel(args),
+        native_cel=native_cel,
     )
 
 

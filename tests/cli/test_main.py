@@ -238,6 +238,25 @@ async def test_serve_refuses_a_rules_path_it_was_given_that_does_not_exist(
     assert not (tmp_path / "data").exists()  # nothing was started
 
 
+async def test_serve_names_the_connectors_and_the_rules_problems_at_once(tmp_path: Path) -> None:
+    # a typo in a connector, then one in a delivery block, then one in a rule: three runs
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "connectors").mkdir()
+    (tmp_path / "connectors" / "t.yaml").write_text(
+        "targets:\n  - {name: fn, type: http, url: 'http://127.0.0.1:1/', timout: 3}\n"
+    )
+    (tmp_path / "rules" / "r.yaml").write_text("- name: r\n  mtach: {}\n  targets: [fn]\n")
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(
+        f"rules: {tmp_path / 'rules'}\nconnectors: {tmp_path / 'connectors'}\n"
+        f"data_dir: {tmp_path / 'data'}\n"
+    )
+    code, _, err = await _cli("serve", "--config", str(cfg), "--port", str(free_port()))
+    assert code == 1 and "Traceback" not in err, err
+    assert "t.yaml:2: targets.0.timout" in err and "r.yaml:2 rule 'r': mtach" in err, err
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
 async def test_serve_refuses_bad_rules_with_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "rules").mkdir()
     (tmp_path / "connectors").mkdir()
