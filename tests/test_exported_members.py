@@ -126,7 +126,6 @@ EXPORTS: dict[str, list[str]] = {
         "Secret",
         "Settings",
         "SourceSpec",
-        "StandIns",
         "TargetSpec",
         "TlsSpec",
         "YamlDoc",

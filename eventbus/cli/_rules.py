@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -181,7 +180,7 @@ def _known_targets(connectors: str | None) -> tuple[Collection[str] | None, Deli
     # registers the target and source types the connector files are validated with.
     import eventbus.sources  # noqa: F401
     from eventbus.app import build_adapters
-    from eventbus.config import StandIns, load_connectors
+    from eventbus.config import load_connectors
     from eventbus.delivery import override_checker, target_policies
 
     if connectors is None:
@@ -191,16 +190,7 @@ def _known_targets(connectors: str | None) -> tuple[Collection[str] | None, Deli
     elif not Path(connectors).exists():
         # a typo checked no target at all, and said "OK"
         raise ConfigError(f"--connectors: no such file or directory: {connectors}")
-    # Checked where the service's variables (its secrets) are not set, CI say: each one
-    # stands in for, and is named, instead of no rule being checked at all.
-    env = StandIns(os.environ)
-    found = load_connectors(connectors, env=env)
-    if env.missing:
-        sys.stderr.write(
-            f"note: {', '.join(env.missing)} not set here: the connectors naming "
-            f"{'it' if len(env.missing) == 1 else 'them'} were checked with a stand-in value; "
-            "serve needs them set\n"
-        )
+    found = load_connectors(connectors)
     build_adapters(found)  # what the adapters refuse, serve refuses too (tls on http://)
     targets = found.targets
     policies = target_policies(

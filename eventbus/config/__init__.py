@@ -38,13 +38,7 @@ from eventbus.config._connectors import (
     register_connector,
 )
 from eventbus.config._redact import redact_url
-from eventbus.config._secrets import (
-    MIN_SECRET_CHARS,
-    Secret,
-    StandIns,
-    header_token,
-    long_enough,
-)
+from eventbus.config._secrets import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._settings import (
     PARENT_ENV,
     ApiKey,
@@ -94,7 +88,6 @@ __all__ = [
     "Secret",
     "Settings",
     "SourceSpec",
-    "StandIns",
     "TargetSpec",
     "TlsSpec",
     "YamlDoc",

@@ -33,7 +33,6 @@ __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
     "Secret",
-    "StandIns",
     "header_token",
     "literal_secrets",
     "long_enough",
@@ -113,38 +112,9 @@ def resolve_reference(value: Mapping[str, Any], env: Mapping[str, str]) -> tuple
         raise ValueError(f"the default of {name} must be a string")
     found = env.get(name) or default
     if not found:
-        if isinstance(env, StandIns):
-            return env.stand_in(name), f"env {name}"
         given = "no default is given" if default is None else "its default is empty"
         raise ValueError(f"environment variable {name} is not set and {given}")
     return found, f"env {name}"
-
-
-class StandIns(Mapping[str, str]):
-    """An environment in which a variable that is not set (and has no default) reads as a
-    stand-in value, each one noted in ``missing``: for checking files where the service's
-    variables are not set (``eventbus rules validate`` in CI, without its secrets)."""
-
-    STAND_IN = "http://unset.invalid/"
-    """A value every reference takes: a URL (a target's ``url``) and a secret alike."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-        self.missing: list[str] = []
-
-    def __getitem__(self, name: str) -> str:
-        return self._env[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._env)
-
-    def __len__(self) -> int:
-        return len(self._env)
-
-    def stand_in(self, name: str) -> str:
-        if name not in self.missing:
-            self.missing.append(name)
-        return self.STAND_IN
 
 
 class Secret:

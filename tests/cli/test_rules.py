@@ -284,34 +284,6 @@ def test_validate_refuses_delivery_settings_naming_unknown_targets(
     assert f"{rules}:3 rule 'r': " in out and "on_failure: no target 'nada'" in out, out
 
 
-def test_validate_checks_the_rules_where_the_services_variables_are_not_set(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # in CI, without the service's secrets: "GH_SECRET is not set" and no rule was checked
-    monkeypatch.delenv("EB_TEST_UNSET_SECRET", raising=False)
-    monkeypatch.delenv("EB_TEST_UNSET_URL", raising=False)
-    connectors = tmp_path / "connectors.yaml"
-    connectors.write_text(
-        "targets:\n"
-        "  - {name: fn, type: http, url: {env: EB_TEST_UNSET_URL}}\n"
-        "  - {name: other, type: http, url: {env: EB_TEST_UNSET_URL, default: 'http://127.0.0.1:9/'}}\n"
-        "sources:\n"
-        "  - name: gh\n"
-        "    type: webhook\n"
-        "    verify: {kind: github, secret: {env: EB_TEST_UNSET_SECRET}}\n"
-    )
-    rules = tmp_path / "rules.yaml"
-    rules.write_text("- name: r\n  targets: [fn, nope]\n")
-    args = parse(["validate", str(rules), "--connectors", str(connectors)])
-    assert args.func(args) == 1  # the rules were checked: an unknown target
-    out, err = capsys.readouterr()
-    assert "unknown target 'nope'" in out, out
-    assert err == (
-        "note: EB_TEST_UNSET_URL, EB_TEST_UNSET_SECRET not set here: the connectors naming them "
-        "were checked with a stand-in value; serve needs them set\n"
-    )
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eventbus rules")
     register(parser.add_subparsers(dest="rules_command", required=True))
