@@ -284,6 +284,22 @@ def test_validate_refuses_delivery_settings_naming_unknown_targets(
     assert f"{rules}:3 rule 'r': " in out and "on_failure: no target 'nada'" in out, out
 
 
+def test_validate_still_checks_the_rules_where_a_variable_is_not_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # in CI, without the service's secrets: "X is not set", and no rule was checked
+    monkeypatch.delenv("EB_TEST_UNSET_URL", raising=False)
+    connectors = tmp_path / "connectors.yaml"
+    connectors.write_text("targets:\n  - {name: fn, type: http, url: {env: EB_TEST_UNSET_URL}}\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- name: r\n  mtach: {}\n  targets: [fn]\n")
+    args = parse(["validate", str(rules), "--connectors", str(connectors)])
+    assert args.func(args) == 1
+    out, err = capsys.readouterr()
+    assert "environment variable EB_TEST_UNSET_URL is not set" in err, err
+    assert f"{rules}:2 rule 'r': mtach" in out, out
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eventbus rules")
     register(parser.add_subparsers(dest="rules_command", required=True))
