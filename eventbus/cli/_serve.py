@@ -144,6 +144,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     # started (a worker starting while the others reloaded kept the old rules: it had read
     # the files before they changed, and the signal was dropped). Once started, SIGHUP reloads.
     signal.signal(signal.SIGHUP, _hup_while_starting)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker is born with it blocked
     if reuse_port:
         _end_with_parent()
         beat = asyncio.create_task(_beat(_workers_dir(settings) / "beats" / str(os.getpid())))
@@ -351,7 +352,14 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             )
             started[i] = time.monotonic()
             worker_env[PARENT_ENV] = str(os.getpid())
-            return subprocess.Popen(cmd, env=worker_env)
+            # Born with SIGHUP blocked (the mask is inherited): one sent before the worker
+            # installs its handler (a reload, another worker's restart) killed it, its
+            # default action; it waits, pending, and is taken once the handler is there.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            try:
+                return subprocess.Popen(cmd, env=worker_env)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
         for i in range(workers):
             procs[i] = spawn(i)

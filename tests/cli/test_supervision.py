@@ -224,3 +224,29 @@ async def test_a_restarted_worker_and_the_others_route_by_one_rule_set(
         await eventually(one_new_set, within=60, every=0.5, what="every worker on the new rules")
     finally:
         await service.terminate()
+
+
+async def test_workers_restarted_together_do_not_end_each_other(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # A restart passes SIGHUP to the other workers (they reload); one spawned a moment before
+    # had no handler yet, and SIGHUP's default action ended it: two workers dying together
+    # (an OOM kill, a machine paused) then took each other down at every restart.
+    service = await _two_workers(tmp_path, nats_url, database_dsn)
+    assert service.proc is not None
+    try:
+        first, second = _workers_of(service.proc.pid)
+        first.kill()
+        second.kill()
+
+        def both_replaced() -> bool:
+            log = service.log.read_text()
+            return log.count("eventbus ready") >= 4
+
+        await eventually(both_replaced, within=60, every=0.2, what="both workers ready again")
+        workers = _workers_of(service.proc.pid)
+        assert len(workers) == 2 and {first.pid, second.pid}.isdisjoint(w.pid for w in workers)
+        log = service.log.read_text()
+        assert "exited with -1;" not in log, log[-3000:]  # -1: ended by SIGHUP
+    finally:
+        await service.terminate()
