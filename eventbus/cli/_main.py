@@ -51,6 +51,8 @@ waited on for a quarter of an hour."""
 _INVOKE_TIMEOUT = 930.0
 """Seconds a synchronous invocation may take: it waits for its target, whose timeout may be up
 to 900 s."""
+_ANSWERED_BY = "X-Eventbus-Answered-By"
+"""The header on a target's own answer to a synchronous invocation (eventbus.http's)."""
 _NO_LIMIT = 1 << 40
 """The size bound of the events the CLI builds: the service's own (its max_event_size, 256
 KiB unless set) is the one that counts, and may be larger than the default."""
@@ -185,8 +187,8 @@ def _send(
     answers: bool = False,
 ) -> tuple[int, Message, bytes]:
     """One request to the service: its 2xx status, headers and body; _ApiError otherwise.
-    With ``answers``, an error status that is not eventbus's own (not problem+json: a
-    function's answer to a synchronous invocation) is returned as it came too."""
+    With ``answers``, a target's own error answer to a synchronous invocation (it names
+    the target in ``X-Eventbus-Answered-By``) is returned as it came too."""
     try:
         req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
     except ValueError as exc:
@@ -209,8 +211,7 @@ def _send(
         raise _BadInput(f"cannot send the request: {exc}") from None
     except urllib.error.HTTPError as exc:
         raw = exc.read()
-        problem = (exc.headers.get("Content-Type") or "").startswith("application/problem+json")
-        if answers and not problem:
+        if answers and _ANSWERED_BY in exc.headers:  # the target's own error answer
             return exc.code, exc.headers, raw
         try:
             problem = orjson.loads(raw)
@@ -392,7 +393,8 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     status, answer_headers, raw = _send(
         args, "POST", path, body, headers, timeout=_INVOKE_TIMEOUT, answers=True
     )
-    if args.asynchronous or status == 202:  # 202 to a synchronous call: a repeat, dropped
+    answered = _ANSWERED_BY in answer_headers
+    if args.asynchronous or (status == 202 and not answered):  # eventbus's own: a repeat
         queued = _request_body(args, raw)
         if args.json:
             return _show(args, "accepted", queued)
@@ -403,8 +405,10 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
             raise _not_eventbus(args, f"no {exc}") from None
         sys.stdout.write(line)
         return 0
+    if not answered:
+        raise _not_eventbus(args, f"no {_ANSWERED_BY} header")
     content_type = answer_headers.get("Content-Type")
-    try:  # every synchronous answer of eventbus's carries it
+    try:
         duration = float(answer_headers.get("X-Eventbus-Duration-Ms", ""))
     except ValueError:
         raise _not_eventbus(args, "no X-Eventbus-Duration-Ms header") from None

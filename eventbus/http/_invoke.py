@@ -45,10 +45,13 @@ from eventbus.http._types import read_body, request_headers
 if TYPE_CHECKING:
     from eventbus.app import Service
 
-__all__ = ["DURATION_HEADER", "INVOCATION_TYPE_HEADER", "caller", "invoke"]
+__all__ = ["ANSWERED_BY_HEADER", "DURATION_HEADER", "INVOCATION_TYPE_HEADER", "caller", "invoke"]
 
 INVOCATION_TYPE_HEADER = "X-Eventbus-Invocation-Type"
 DURATION_HEADER = "X-Eventbus-Duration-Ms"
+ANSWERED_BY_HEADER = "X-Eventbus-Answered-By"
+"""On the target's own answer (its name): how a caller tells it from eventbus's, whatever its
+status and Content-Type (a function's 202 or problem+json looked like eventbus's own)."""
 DEFAULT_TYPE = "eventbus.invoke"
 DEFAULT_SOURCE = "eventbus/invoke"
 
@@ -229,7 +232,7 @@ def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
     outcome = result.answer.outcome
     identity[DURATION_HEADER] = f"{outcome.duration_ms:.1f}"
     if outcome.status is not None or outcome.delivered:
-        headers = {**result.answer.headers, **identity}
+        headers = {**result.answer.headers, **identity, ANSWERED_BY_HEADER: name}
         if outcome.retry_after is not None:
             headers["Retry-After"] = str(math.ceil(outcome.retry_after))
         if result.answer.content_type is not None:

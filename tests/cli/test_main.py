@@ -578,6 +578,13 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
         Response(201, headers={"Content-Type": "application/json"}, body=b'{"n": 2}'),
         Response(422, headers={"Content-Type": "text/plain"}, body=b"width must be > 0"),
         Response(503, headers={"Content-Type": "application/json"}, body=b'{"busy": true}'),
+        # a function's own 202 and problem+json are its answers too, not eventbus's
+        Response(202, headers={"Content-Type": "application/json"}, body=b'{"job": 7}'),
+        Response(
+            409,
+            headers={"Content-Type": "application/problem+json"},
+            body=b'{"title": "out of stock"}',
+        ),
     )
     code, out, err = await _cli("invoke", "fn", "--data", '{"w": 10}', "--id", "i-1", *url)
     assert (code, out) == (0, "resized"), err
@@ -593,7 +600,11 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
     assert err.startswith("fn answered 422 in "), err
     code, out, err = await _cli("invoke", "fn", "--json", *url)
     assert code == 1 and (out["status"], out["body"]) == (503, {"busy": True}), (out, err)
-    first, second, third, _ = (r.cloudevent or {} for r in receiver.requests)
+    code, out, err = await _cli("invoke", "fn", *url)
+    assert (code, out) == (0, {"job": 7}) and err.startswith("fn answered 202 in "), err
+    code, out, err = await _cli("invoke", "fn", "--json", *url)
+    assert code == 1 and out["body"] == {"title": "out of stock"}, (out, err)
+    first, second, third, *_ = (r.cloudevent or {} for r in receiver.requests)
     assert (first["id"], first["type"], first["data"]) == ("i-1", "eventbus.invoke", {"w": 10})
     assert "data" not in second and third["data"] == {"w": 0}
 
@@ -609,11 +620,11 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
         "invoke", "fn", "--async", "--id", "q-1", "--type", "com.example.q", *url
     )
     assert (code, out) == (0, "queued for fn: eventbus/cli q-1\n"), err
-    (*_, queued) = await receiver.wait_for(5)
+    (*_, queued) = await receiver.wait_for(7)
     assert queued.cloudevent is not None and queued.cloudevent["type"] == "com.example.q"
     trail = await svc.trail("eventbus/cli", "q-1", attempts=1)
     assert trail["via"] == "invoke:async:fn:remote=127.0.0.1"
-    assert len(receiver.requests) == 5
+    assert len(receiver.requests) == 7
 
 
 async def test_a_service_that_does_not_answer_is_said_so_within_the_timeout() -> None:
@@ -638,7 +649,7 @@ async def test_an_answer_that_is_not_eventbuss_is_said_so_not_a_traceback(
         assert err == f"eventbus: the answer from {url} is not eventbus's ({what}): check --url\n"
     code, out, err = await _cli("invoke", "fn", "--type", "t", "--source", "s", "--url", url)
     assert code == 1 and out is None and "Traceback" not in err, err
-    assert "(no X-Eventbus-Duration-Ms header)" in err, err
+    assert "(no X-Eventbus-Answered-By header)" in err, err
 
 
 async def test_dead_letter_filters_are_checked_before_anything_is_sent() -> None:
