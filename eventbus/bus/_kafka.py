@@ -533,8 +533,11 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         offsets it has reached (the partitions' high watermarks, as the last fetches gave
         them), it has room, and none has come for ``after`` s."""
         waiting = 0
-        for tp, part in self.partitions.items():
-            high = self.consumer.highwater(tp)
+        for tp, part in list(self.partitions.items()):
+            try:
+                high = self.consumer.highwater(tp)
+            except (AssertionError, kerr.IllegalStateError):  # not assigned (a rebalance)
+                continue
             if high is not None and part.next_offset is not None:
                 waiting += max(0, high - part.next_offset)
         self.behind.waiting = waiting

@@ -148,9 +148,12 @@ def default_url() -> str:
     if url:
         return url
     data_dir = Path(os.environ.get("EVENTBUS_DATA_DIR") or ".eventbus")
-    url = running_service(data_dir)
-    if url is not None:
-        return url
+    owner = _owner(data_dir / LOCK_NAME)
+    if owner is not None:  # held: a service runs there
+        held = owner.get("url")
+        if isinstance(held, str):
+            return held
+        raise ConfigError(f"the eventbus serve on data dir {data_dir} is starting: try again")
     if _used(data_dir):
         last = _last_owner(data_dir / LOCK_NAME)
         gone = f" (its last one, {_describe(last)}, is gone)" if last else ""

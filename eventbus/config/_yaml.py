@@ -52,8 +52,8 @@ _BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def flow_too_deep(text: str) -> int | None:
-    """The line where ``[`` and ``{`` nest more than a thousand levels deep (counted without
-    regard to quoting: a bound, not a parse), or None."""
+    """The line where ``[`` and ``{`` nest more than ``_MAX_FLOW_DEPTH`` levels deep (counted
+    without regard to quoting: a bound, not a parse), or None."""
     depth = 0
     for match in _BRACKETS.finditer(text):
         depth += 1 if match[0] in "[{" else -1

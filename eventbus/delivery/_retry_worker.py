@@ -124,6 +124,9 @@ class RetryWorker:
                 per_target = Counter(job.target for job in self._running.values())
                 full = [t for t, n in per_target.items() if n >= self._room(t)]
                 limit = max(1, min(self._batch, free))
+                # Held before the claim waits on the database: a full target's slots freeing
+                # meanwhile must wake the loop too.
+                self._held = set(full)
                 claimed = await self._store.claim_due(
                     limit=limit,
                     lease=self._lease,
@@ -133,7 +136,6 @@ class RetryWorker:
                 )
                 # Rows of full targets may be due (not known without asking): a slot of
                 # theirs freeing looks again. So does any slot when the claim took its limit.
-                self._held = set(full)
                 if len(claimed) >= limit:
                     self._held.update(job.target for job in claimed)
                 claimed = await self._within_room(claimed, per_target)

@@ -6,6 +6,7 @@ find the running service through the lock file when no URL is given."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import sys
@@ -105,6 +106,22 @@ def test_a_data_dir_whose_service_is_gone_is_an_error_not_another_instance(
         default_url()
     monkeypatch.setenv("EVENTBUS_URL", "http://elsewhere:1")
     assert default_url() == "http://elsewhere:1"
+
+
+def test_a_service_still_writing_its_lock_file_is_starting_not_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
+    monkeypatch.setenv("EVENTBUS_DATA_DIR", str(tmp_path))
+    path = tmp_path / LOCK_NAME
+    path.write_text('{"pid": 1')  # held, and half written
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match=r"is starting: try again$"):
+            default_url()
+    finally:
+        os.close(fd)
 
 
 async def _cli(*args: str, cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:

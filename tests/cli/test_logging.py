@@ -214,3 +214,18 @@ def test_a_librarys_long_error_is_cut_to_its_first_and_last_lines(
         *(f"log line {i}" for i in range(488, 500)),
     ]
     assert len(ours) == 501  # eventbus's own lines are never cut
+
+
+def test_a_librarys_malformed_log_call_does_not_raise_at_its_call_site() -> None:
+    # the filter that cuts long lines formatted the message itself: a call with too few
+    # arguments raised TypeError into the library (the handler reports it instead)
+    from eventbus.cli import _logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        _logging.configure_logging("info", "json")
+        logging.getLogger("nats.t3").error("%s and %s", "one")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)

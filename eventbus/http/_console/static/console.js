@@ -175,7 +175,7 @@ async function readStream(controller) {
     try {
       const resp = await fetch(`/events/live${query}`, { headers: headers(), signal: controller.signal });
       if (resp.status === 401) return askForKey("");
-      if (resp.status >= 400 && resp.status < 500) {
+      if ([400, 403, 404, 413, 414, 431].includes(resp.status)) {
         // Refused (the filter, most likely): asking again every 2 s would change nothing.
         let detail = `HTTP ${resp.status}`;
         try {
