@@ -29,7 +29,14 @@ from types import TracebackType
 from typing import Any, Self
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, EventBusError, StoreError, StoreUnavailable
+from eventbus._errors import (
+    ConfigError,
+    EventBusError,
+    RuleError,
+    RuleSetError,
+    StoreError,
+    StoreUnavailable,
+)
 from eventbus._rates import Rates, deliveries_by_target, gauge_by_target
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus._tasks import cancel_and_wait, report_stuck
@@ -548,11 +555,18 @@ class Service:
             # target in the files held every reload until a restart, a rule naming it or not.
             # Against the files' policies, an override valid there but not on the running
             # policy was accepted, and every delivery of its route failed (redelivered for ever).
-            self.rules.reload(
-                self.settings.rules,
-                known_targets=self.targets.keys(),
-                check_delivery=override_checker(self._delivery_policies),
-            )
+            try:
+                self.rules.reload(
+                    self.settings.rules,
+                    known_targets=self.targets.keys(),
+                    check_delivery=override_checker(self._delivery_policies),
+                )
+            except RuleSetError as exc:
+                # A rule naming a target new in the files: say why it is unknown still.
+                new = set(connectors.targets) - set(self.targets)
+                if not any(repr(name) in str(exc) for name in new):
+                    raise
+                raise RuleSetError([*exc.errors, *(RuleError(n) for n in notes[:1])]) from exc
         except EventBusError as exc:
             log.warning(
                 "rules reload failed, %d rules stay in use: %s",

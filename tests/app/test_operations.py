@@ -190,6 +190,7 @@ async def test_a_new_target_in_the_files_waits_for_a_restart_without_holding_rel
     rules.write_text("- name: a\n  targets: [new-fn]\n")
     status, _, problem = await svc.request("POST", "/rules/reload")
     assert status == 400 and "unknown target 'new-fn'" in problem["detail"], problem
+    assert "targets new-fn are new in " in problem["detail"], problem  # and why it is unknown
     (tmp_path / "connectors" / "connectors.yaml").write_text(yaml.safe_dump({"targets": []}))
     rules.write_text("- name: a\n  targets: [fn]\n")
     status, _, answer = await svc.request("POST", "/rules/reload")
