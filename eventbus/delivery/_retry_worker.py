@@ -139,6 +139,19 @@ class RetryWorker:
                 if len(claimed) >= limit:
                     self._held.update(job.target for job in claimed)
                 claimed = await self._within_room(claimed, per_target)
+                if not claimed and full:
+                    # Nothing else is due: the full targets may take the idle slots too, up to
+                    # their own concurrency (the share keeps room for others while theirs
+                    # wait; one target's backlog after an outage drained on half the slots).
+                    busy = [t for t in full if per_target[t] >= self._room(t, alone=True)]
+                    claimed = await self._store.claim_due(
+                        limit=limit,
+                        lease=self._lease,
+                        instance=self._instance,
+                        skip=busy,
+                        known=self._dispatcher.target_names(),
+                    )
+                    claimed = await self._within_room(claimed, per_target, alone=True)
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
                 if self._failing_since is None:
@@ -163,21 +176,25 @@ class RetryWorker:
                         self.due_in(due + _CLOCK_MARGIN)
                 await self._idle()
 
-    def _room(self, target: str) -> int:
-        """The slots ``target``'s rows may hold: half the worker's, and no more than the
-        target takes requests at once (two slow targets taking one at a time held every slot,
-        31 of each one's 32 rows waiting for their own target, the others' retries behind)."""
+    def _room(self, target: str, *, alone: bool = False) -> int:
+        """The slots ``target``'s rows may hold: half the worker's (all of them when no other
+        target's rows are due, ``alone``), and no more than the target takes requests at once
+        (two slow targets taking one at a time held every slot, 31 of each one's 32 rows
+        waiting for their own target, the others' retries behind)."""
+        share = self._concurrency if alone else self._share
         concurrency = self._dispatcher.concurrency_of(target)
-        return self._share if concurrency is None else max(1, min(self._share, concurrency))
+        return share if concurrency is None else max(1, min(share, concurrency))
 
-    async def _within_room(self, claimed: list[Delivery], running: Counter[str]) -> list[Delivery]:
+    async def _within_room(
+        self, claimed: list[Delivery], running: Counter[str], *, alone: bool = False
+    ) -> list[Delivery]:
         """``claimed`` but the rows beyond their target's room, which are given back (one
         claim took rows in due order, as many of one target as the batch held)."""
         kept: list[Delivery] = []
         extra: list[Delivery] = []
         taken = Counter(running)
         for job in claimed:
-            if taken[job.target] < self._room(job.target):
+            if taken[job.target] < self._room(job.target, alone=alone):
                 taken[job.target] += 1
                 kept.append(job)
             else:
@@ -224,9 +241,9 @@ class RetryWorker:
                 self._running.pop(pending.pending_id, None)
             target = pending.target
             if target in self._held:
-                # Once half its room is free, not at every slot: claims in batches.
+                # Once a quarter of its room is free, not at every slot: claims in batches.
                 running = sum(1 for job in self._running.values() if job.target == target)
-                if running <= self._room(target) // 2:
+                if running <= self._room(target, alone=True) * 3 // 4:
                     self._held.discard(target)
                     self.wake()
 
