@@ -65,6 +65,7 @@ _QUICK_EXITS_TO_GIVE_UP = 5
 """Such exits in a row of every worker after which the parent stops everything and exits
 non-zero."""
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIVE_PREFIX = "eventbus-live-"  # the workers' live-feed sockets' directory, in the temporary one
 
 
 def _stop_on_signals(server: HttpServer) -> None:
@@ -323,14 +324,20 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         sock = _bind(settings, listen=False)
         stack.callback(sock.close)
         shared = _workers_dir(settings)
-        shutil.rmtree(shared, ignore_errors=True)  # a crashed run's, counting nothing now
+        # A crashed run's, counting nothing now, and the live-feed directory it linked to (a
+        # parent killed with SIGKILL left one in the temporary directory at each run).
+        with contextlib.suppress(OSError):
+            left = (shared / "live").readlink()
+            if left.parent == Path(tempfile.gettempdir()) and left.name.startswith(_LIVE_PREFIX):
+                shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
         (shared / "metrics").mkdir(parents=True)
         (shared / "sources").mkdir()
         (shared / "beats").mkdir()
         stack.callback(shutil.rmtree, shared, True)
         # The workers' live-feed sockets: in a new private directory (0700) of the temporary
         # one, linked from the shared one, for a Unix socket's path must stay short.
-        live = tempfile.mkdtemp(prefix="eventbus-live-")
+        live = tempfile.mkdtemp(prefix=_LIVE_PREFIX)
         stack.callback(shutil.rmtree, live, True)
         (shared / "live").symlink_to(live, target_is_directory=True)
         env[metrics.MULTIPROC_ENV] = str(shared / "metrics")

@@ -155,6 +155,12 @@ async def test_the_workers_end_with_their_parent(
             return not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
         await eventually(ended, within=60, every=0.2, what="the workers ended")
+        # its workers' live-feed directory, in the temporary one, is the next parent's to
+        # remove (one was left at each such run)
+        left = (tmp_path / "data" / "workers" / "live").readlink()
+        assert left.is_dir()
+        await service.start()
+        assert not left.exists()
     finally:
         for worker in workers:
             with contextlib.suppress(psutil.Error):
