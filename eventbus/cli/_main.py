@@ -10,6 +10,7 @@
     eventbus events show SOURCE ID
     eventbus dlq list|show ID|replay [ID]|purge [ID]   (filters: --rule --target --status ...)
     eventbus retries list [--limit N]
+    eventbus targets [enable TARGET]                    (circuits, retries, 410-disabled targets)
     eventbus sources [--dead-letters]
     eventbus display [--port 9000]                      (a function endpoint that prints events)
 
@@ -501,6 +502,13 @@ def _cmd_display(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_targets(args: argparse.Namespace) -> int:
+    if args.action == "enable":
+        name = urllib.parse.quote(args.name, safe="")
+        return _show(args, "enabled", _request(args, "POST", f"/targets/{name}/enable"))
+    return _show(args, "targets", _request(args, "GET", "/targets"))
+
+
 def _cmd_sources(args: argparse.Namespace) -> int:
     if args.dead_letters:
         # the table shows no payload: fetched whole only for --json (each may be megabytes)
@@ -672,6 +680,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of --fail-rate's random choices")
     p.set_defaults(func=_cmd_display)
 
+    p = sub.add_parser(
+        "targets", help="show each target's circuit, retries waiting and whether it is disabled"
+    )
+    actions = p.add_subparsers(dest="action")
+    enable = actions.add_parser(
+        "enable", help="deliver again to a target disabled after it answered 410 Gone"
+    )
+    enable.add_argument("name", help="the target's name")
+    _client_args(enable)
+    _client_args(p)
+    p.set_defaults(func=_cmd_targets, action=None)
     p = sub.add_parser("sources", help="show each source's state, last event, errors and lag")
     p.add_argument("--dead-letters", action="store_true", help="input that became no event")
     _client_args(p)

@@ -223,6 +223,34 @@ _SOURCE_COLUMNS = (
 )
 
 
+def _targets(body: Any, out: TextIO) -> None:
+    if not body["targets"]:
+        out.write("no targets\n")
+        return
+    rows = [
+        {
+            **target,
+            "circuit": target.get("circuit") or "-",
+            "disabled": (target.get("disabled") or {}).get("reason"),
+            "disabled_at": (target.get("disabled") or {}).get("at"),
+        }
+        for target in body["targets"]
+    ]
+    columns = (
+        ("NAME", "name"),
+        ("TYPE", "type"),
+        ("CIRCUIT", "circuit"),
+        ("RETRIES", "retries"),
+        ("DISABLED", "disabled"),
+        ("SINCE", "disabled_at"),
+    )
+    out.write(table(rows, columns))
+
+
+def _enabled(body: Any, out: TextIO) -> None:
+    out.write(f"{body['enabled']} enabled: deliveries to it go out again\n")
+
+
 def _sources(body: Any, out: TextIO) -> None:
     if not body["sources"]:
         out.write("no sources running\n")
@@ -283,6 +311,8 @@ SHOW: Mapping[str, Callable[[Any, TextIO], None]] = {
     "event-trail": _event_trail,
     "purged": _purged,
     "reloaded": _reloaded,
+    "targets": _targets,
+    "enabled": _enabled,
     "replayed": _replayed,
     "retries": _retries,
     "source-dead-letters": _source_dead_letters,

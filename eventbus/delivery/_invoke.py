@@ -129,7 +129,10 @@ class Invoker:
             )
         why = self._dispatcher.disabled(target)
         if why is not None:
-            detail = f"target {target!r} is disabled ({why}); POST /targets/{target}/enable"
+            detail = (
+                f"target {target!r} is disabled ({why}); POST /targets/{target}/enable "
+                f"(eventbus targets enable {target})"
+            )
             return Invocation(target, refusal=Refusal.TARGET_DISABLED, detail=detail)
         return None
 

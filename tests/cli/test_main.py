@@ -691,3 +691,29 @@ def test_the_reasons_the_cli_takes_are_the_delivery_layers() -> None:
     from eventbus.delivery import DeadLetterReason
 
     assert tuple(reason.value for reason in DeadLetterReason) == REASONS
+
+
+async def test_targets_lists_them_and_enables_one_a_410_switched_off(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # a disabled target was to be enabled with a raw POST /targets/NAME/enable
+    svc = await eventbus(
+        rules="- name: all\n  targets: [fn]\n",
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+    )
+    url = ("--url", svc.url)
+    receiver.script(410)
+    status, _ = await svc.post_event({"specversion": "1.0", "id": "g1", "source": "s", "type": "t"})
+    assert status == 202
+    await svc.drained()
+    code, out, err = await _cli("targets", *url)
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split() == ["NAME", "TYPE", "CIRCUIT", "RETRIES", "DISABLED", "SINCE"]
+    assert row.startswith("fn ") and "410 Gone" in row, row
+    code, out, err = await _cli("targets", "enable", "fn", *url)
+    assert (code, out) == (0, "fn enabled: deliveries to it go out again\n"), err
+    code, out, err = await _cli("targets", "--json", *url)
+    assert code == 0 and out["targets"][0]["disabled"] is None, out
+    code, out, err = await _cli("targets", "enable", "fn", *url)
+    assert code == 1 and "target 'fn' is not disabled" in err, err
