@@ -78,13 +78,16 @@ def stop_if_cancelled() -> None:
 
 async def stop_with_grace(
     loop: asyncio.Task[Any] | None, inflight: Collection[asyncio.Task[Any]], grace: float
-) -> None:
+) -> int:
     """Stop ``loop`` (the task that starts work), give the tasks it started (``inflight``) up
-    to ``grace`` seconds to finish, then cancel the rest and wait for them to end."""
+    to ``grace`` seconds to finish, then cancel the rest and wait for them to end; returns how
+    many were cancelled so."""
     await cancel_and_wait(loop)
-    if inflight:
-        _, late = await asyncio.wait(set(inflight), timeout=grace)
-        await asyncio.gather(*(cancel_and_wait(task) for task in late))
+    if not inflight:
+        return 0
+    _, late = await asyncio.wait(set(inflight), timeout=grace)
+    await asyncio.gather(*(cancel_and_wait(task) for task in late))
+    return len(late)
 
 
 async def report_stuck(what: str, after: float, every: float = 30.0) -> None:

@@ -231,6 +231,10 @@ def _warn_of_unread_bodies(sources: list[Source], max_event_size: int) -> None:
             )
 
 
+async def _none() -> int:
+    return 0
+
+
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
     return target_policies(
         {name: spec.delivery for name, spec in connectors.targets.items()},
@@ -518,9 +522,18 @@ class Service:
         grace = self.settings.router.shutdown_grace
         if self.dispatcher.in_flight:
             log.info("waiting for %d deliveries (up to %g s)", self.dispatcher.in_flight, grace)
-        await asyncio.gather(
-            *(w.stop(grace) for w in (self._router, self._retries) if w is not None)
+        routing, retrying = await asyncio.gather(
+            self._router.stop(grace) if self._router is not None else _none(),
+            self._retries.stop(grace) if self._retries is not None else _none(),
         )
+        if routing or retrying:  # cut short: nothing said so, they were just gone
+            log.warning(
+                "cut short after the %g s grace: %d events being handled (the bus delivers them "
+                "again) and %d retries (tried again when their lease ends)",
+                grace,
+                routing,
+                retrying,
+            )
 
     async def __aexit__(
         self,

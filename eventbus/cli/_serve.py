@@ -429,13 +429,17 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         # a worker's grace for deliveries, then the audit flush (up to 10 s), then margin
-        deadline = settings.router.shutdown_grace + 30
+        # One deadline for all of them (each had its own: N times that, one after another).
+        deadline = time.monotonic() + settings.router.shutdown_grace + 30
         for proc in procs:
             if proc is None:
                 continue
             try:
-                await asyncio.to_thread(proc.wait, deadline)
+                await asyncio.to_thread(proc.wait, max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                log.warning(
+                    "worker (pid %d) still running at the shutdown deadline: killed", proc.pid
+                )
                 proc.kill()
                 proc.wait()
     if failed is not None:

@@ -261,11 +261,12 @@ class RetryWorker:
             except Exception as exc:  # StoreError, or Postgres restarting: tried again
                 log.warning("extending the leases of running retries failed: %s", exc)
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float) -> int:
         """Stop claiming rows; attempts still running after ``grace`` seconds are cancelled
-        (their rows stay claimed until the lease ends, then are tried again)."""
+        (their rows stay claimed until the lease ends, then are tried again); returns how many
+        were."""
         try:
-            await stop_with_grace(self._task, self._inflight, grace)
+            return await stop_with_grace(self._task, self._inflight, grace)
         finally:
             if self._heartbeat is not None:
                 await cancel_and_wait(self._heartbeat)

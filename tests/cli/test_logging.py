@@ -141,6 +141,27 @@ async def test_a_shutdown_says_what_it_waits_for(
     assert "waiting for 1 deliveries (up to 20 s)" in proc.log.read_text()
 
 
+async def test_a_shutdown_says_what_it_cut_short(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver
+) -> None:
+    # past the grace the handlers were cancelled without a word: the events were redelivered
+    # after the restart, and nothing said why they came twice or late
+    receiver.respond(Response(204, delay=10))
+    proc = serve_process(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        settings={"router": {"shutdown_grace": 1}},
+    )
+    await proc.start()
+    await proc.publish({"specversion": "1.0", "id": "slow", "source": "tests/stop", "type": "t"})
+    await receiver.wait_for(1)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 60) == 0
+    log = proc.log.read_text()
+    assert "cut short after the 1 s grace: 1 events being handled" in log, log[-2000:]
+
+
 def test_a_librarys_repeated_message_is_one_line_a_window(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
