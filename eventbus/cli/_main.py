@@ -143,10 +143,13 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
 class _ApiError(Exception):
     """The service refused a request (``status``) or could not be reached (``status`` None)."""
 
-    def __init__(self, message: str, *, status: int | None = None, detail: str = "") -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, detail: str = "", problem: Any = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = detail
+        self.problem = problem  # the service's problem+json answer, parsed (for --json)
 
 
 class _BadInput(Exception):
@@ -214,13 +217,15 @@ def _send(
         raw = exc.read()
         if answers and _ANSWERED_BY in exc.headers:  # the target's own error answer
             return exc.code, exc.headers, raw
+        problem: Any = None
         try:
             problem = orjson.loads(raw)
             detail = str(problem.get("detail") or problem)
         except (orjson.JSONDecodeError, AttributeError):
+            problem = None
             detail = raw.decode(errors="replace")[:500]
         message = f"{exc.code} {exc.reason}: {detail}"
-        raise _ApiError(message, status=exc.code, detail=detail) from None
+        raise _ApiError(message, status=exc.code, detail=detail, problem=problem) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _ApiError(f"cannot reach eventbus at {args.url}: {reason}") from None
@@ -737,8 +742,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"eventbus: {exc}\n")
         return EXIT_BAD_INPUT
     except (_ApiError, EventBusError) as exc:
-        from eventbus.cli._output import printable
+        from eventbus.cli._output import print_json, printable
 
+        problem = getattr(exc, "problem", None)
+        if getattr(args, "json", False) and isinstance(problem, dict):
+            print_json(problem, sys.stdout)  # a script reads the refusal as it reads answers
         sys.stderr.write(f"eventbus: {printable(str(exc))}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:

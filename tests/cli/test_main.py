@@ -717,3 +717,7 @@ async def test_targets_lists_them_and_enables_one_a_410_switched_off(
     assert code == 0 and out["targets"][0]["disabled"] is None, out
     code, out, err = await _cli("targets", "enable", "fn", *url)
     assert code == 1 and "target 'fn' is not disabled" in err, err
+    # with --json a refusal is the service's problem JSON on stdout (it printed nothing)
+    code, out, err = await _cli("targets", "enable", "fn", "--json", *url)
+    assert code == 1 and out["status"] == 404, (out, err)
+    assert out["detail"] == "target 'fn' is not disabled", out
