@@ -203,6 +203,11 @@ def _send(
     if api_key:
         if any(c in api_key for c in "\r\n\0"):
             raise _BadInput("the API key holds a line break: check --api-key or EVENTBUS_API_KEY")
+        if not api_key.isascii():
+            raise _BadInput(
+                "the API key holds characters an HTTP header cannot carry (not ASCII): check "
+                "--api-key or EVENTBUS_API_KEY"
+            )
         req.add_header("Authorization", f"Bearer {api_key}")
     timeout = getattr(args, "timeout", None) or timeout
     try:

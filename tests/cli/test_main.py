@@ -359,6 +359,7 @@ async def test_publish_refuses_bad_input_with_a_clear_message(tmp_path: Path) ->
         (["--data", "@" + str(tmp_path / "bad.json")], f"--data @{tmp_path}/bad.json is not valid"),
         (["--data", "@" + str(tmp_path / "none.json")], "cannot read"),
         (["--data", "{bad"], "--data is not valid JSON"),
+        (["--api-key", "ключ-0123456789abcdef"], "an HTTP header cannot carry (not ASCII)"),
         # bytes that are not UTF-8 as a text body: the service refused them (400)
         (
             [
