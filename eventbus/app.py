@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
@@ -627,16 +628,21 @@ class Service:
             )
         return notes
 
-    async def replay(self, flt: DeadLetterFilter) -> tuple[list[dict[str, Any]], int]:
+    async def replay(self, flt: DeadLetterFilter) -> tuple[list[dict[str, Any]], int, list[str]]:
         """Move dead letters back into the retry schedule (audited), due now, a batch at a
-        time; returns the first ``REPLAYS_LISTED`` of them (oldest first) and how many there
-        were. A store failure after some batches says how many had moved."""
+        time; returns the first ``REPLAYS_LISTED`` of them (oldest first), how many there
+        were, and notes: the targets among them this process does not have (their retries wait
+        for an instance that has them, or for ever). A store failure after some batches says
+        how many had moved."""
         shown: list[dict[str, Any]] = []
         count = 0
+        unknown: Counter[str] = Counter()
+        known = set(self.dispatcher.target_names())
         try:
             async for batch in self.deliveries.replay(flt):
                 shown.extend(batch[: REPLAYS_LISTED - len(shown)])
                 count += len(batch)
+                unknown.update(row["target"] for row in batch if row["target"] not in known)
                 if self._retries is not None:
                     self._retries.wake()  # the first batches go out while the next are moved
         except StoreError as exc:
@@ -647,7 +653,14 @@ class Service:
                 f"{exc}; {count} dead letters were replayed before it (and perhaps the batch "
                 "it was moving): list the dead letters for what is left"
             ) from exc
-        return shown, count
+        notes = [
+            f"target {target!r} is not defined here: its {n} replayed retries wait in the retry "
+            "schedule for an instance that has it (eventbus retries list)"
+            for target, n in sorted(unknown.items())
+        ]
+        for note in notes:
+            log.warning("replay: %s", note)
+        return shown, count, notes
 
     def liveness(self) -> str | None:
         """Why this process should be restarted (an embedded server that cannot be brought

@@ -205,6 +205,8 @@ def _replayed(body: Any, out: TextIO) -> None:
         columns = (("ID", "id"), ("RULE", "rule"), ("TARGET", "target"), ("EVENT", "event"))
         rows = [{**i, "event": f"{i['event_source']} {i['event_id']}"} for i in items]
         out.write(table(rows, columns))
+    for note in body.get("notes") or ():
+        out.write(f"note: {printable(str(note))}\n")
 
 
 def _purged(body: Any, out: TextIO) -> None:

@@ -203,10 +203,10 @@ async def show_dead_letter(request: Request, dl_id: DeadLetterId) -> Response:
     summary="Deliver one dead letter again, with a fresh attempt budget",
 )
 async def replay_one(request: Request, dl_id: DeadLetterId) -> Response:
-    replayed, count = await _service(request).replay(DeadLetterFilter(ids=(dl_id,)))
+    replayed, count, notes = await _service(request).replay(DeadLetterFilter(ids=(dl_id,)))
     if not count:
         raise Problem(404, f"no dead letter {dl_id}")
-    return _json({"replayed": replayed, "count": count, "truncated": False}, 202)
+    return _json({"replayed": replayed, "count": count, "truncated": False, "notes": notes}, 202)
 
 
 @admin.post(
@@ -218,8 +218,11 @@ async def replay_one(request: Request, dl_id: DeadLetterId) -> Response:
 )
 async def replay_many(request: Request, flt: Filter, every: All = None) -> Response:
     _require_filter(flt, every)
-    replayed, count = await _service(request).replay(flt)
-    return _json({"replayed": replayed, "count": count, "truncated": count > len(replayed)}, 202)
+    replayed, count, notes = await _service(request).replay(flt)
+    truncated = count > len(replayed)
+    return _json(
+        {"replayed": replayed, "count": count, "truncated": truncated, "notes": notes}, 202
+    )
 
 
 @admin.delete(

@@ -235,6 +235,9 @@ class Replayed(_Body):
     replayed: list[ReplayedItem]
     count: int
     truncated: bool
+    notes: list[str] = []
+    """Targets among them this instance does not have (removed from the connector files): their
+    retries wait in the schedule for an instance that has them"""
 
 
 class PendingRetry(_Body):

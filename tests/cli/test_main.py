@@ -124,7 +124,7 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     code, out, _ = sources
     assert code == 0 and out == {"sources": []}
     code, out, _ = replayed
-    assert code == 0 and out == {"replayed": [], "count": 0, "truncated": False}
+    assert code == 0 and out == {"replayed": [], "count": 0, "truncated": False, "notes": []}
 
     # the same answers as tables, for people
     receiver.respond(503)

@@ -670,6 +670,25 @@ async def _replays_audited(dsn: str, source: str) -> int:
         await conn.close()
 
 
+async def test_a_replay_names_the_targets_this_instance_does_not_have(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # dead letters of a target since removed from the files: "replayed 3", and the retries then
+    # waited in the schedule for an instance that has the target, for ever, without a word
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    failed = {"last_status": 400, "final_error": "x", "reason": DeadLetterReason.NON_RETRYABLE}
+    for i, target in enumerate(("old", "old", "fn")):
+        event = {**_event(i), "source": "tests/replay-removed"}
+        job = Delivery(event=event, rule="all", target=target, payload=event, is_cloudevent=True)
+        await svc.service.deliveries.dead_letter(job, **failed)
+    status, _, body = await svc.request("POST", "/dead-letters/replay?source=tests/replay-removed")
+    assert status == 202 and body["count"] == 3, body
+    assert body["notes"] == [
+        "target 'old' is not defined here: its 2 replayed retries wait in the retry schedule "
+        "for an instance that has it (eventbus retries list)"
+    ]
+
+
 async def test_a_replay_is_audited_with_its_move_and_a_failure_midway_says_what_moved(
     eventbus: StartService,
     receiver: Receiver,
