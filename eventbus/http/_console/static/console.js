@@ -613,7 +613,7 @@ async function onFiltered(verb, method, path) {
   await act(async () => {
     const answer = await api(method, `${path}?${params}`);
     const n = answer.replayed ? answer.count : answer.purged;
-    return `${verb === "Replay" ? "replayed" : "purged"} ${n}`;
+    return [`${verb === "Replay" ? "replayed" : "purged"} ${n}`, ...(answer.notes || [])].join("; ");
   });
 }
 
@@ -637,8 +637,8 @@ $("dl-replay-one").addEventListener("click", async () => {
   const item = dead.current;
   if (!(await confirmAction(`Replay dead letter #${item.id} (${item.rule} → ${item.target})?`))) return;
   await act(async () => {
-    await api("POST", `/dead-letters/${item.id}/replay`);
-    return `replayed #${item.id}`;
+    const answer = await api("POST", `/dead-letters/${item.id}/replay`);
+    return [`replayed #${item.id}`, ...(answer.notes || [])].join("; ");
   });
 });
 
@@ -672,7 +672,7 @@ $("rules-reload").addEventListener("click", async () => {
   try {
     const answer = await api("POST", "/rules/reload");
     box.className = "";
-    box.textContent = `reloaded: ${answer.rules} rules`;
+    box.textContent = [`reloaded: ${answer.rules} rules`, ...(answer.notes || [])].join("; ");
     await loadRules();
   } catch (err) {
     box.className = "error";
