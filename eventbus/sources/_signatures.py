@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from eventbus._errors import CloudEventError
 from eventbus._rfc3339 import unix_seconds
 from eventbus.config import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._units import Duration
@@ -48,6 +49,9 @@ class _Verify(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     secret: Secret
+    previous_secret: Secret | None = None
+    """The secret being replaced, still accepted while the sender moves to the new one (a
+    rotation: GitHub, Stripe and the others let a webhook's secret change without a gap)."""
 
     @property
     def window(self) -> float | None:
@@ -62,14 +66,31 @@ class _Verify(BaseModel):
         order of its parts); a provider's own retry is signed anew (a new timestamp)."""
         raise NotImplementedError
 
-    @field_validator("secret")
+    @field_validator("secret", "previous_secret")
     @classmethod
-    def _long_enough(cls, secret: Secret) -> Secret:
-        return long_enough(secret, "a webhook secret")
+    def _long_enough(cls, secret: Secret | None) -> Secret | None:
+        return None if secret is None else long_enough(secret, "a webhook secret")
 
     @property
     def key(self) -> bytes:
         return self.secret.reveal().encode()
+
+    def verify(self, request: HookRequest, now: float) -> None:
+        """Raise CloudEventError 401 unless ``request`` is signed with the secret or, during
+        a rotation, with ``previous_secret`` (the refusal then says what the secret's check
+        found)."""
+        try:
+            self.check(request, now)
+        except CloudEventError as refused:
+            if self.previous_secret is None:
+                raise
+            previous = self.model_copy(
+                update={"secret": self.previous_secret, "previous_secret": None}
+            )
+            try:
+                previous.check(request, now)
+            except CloudEventError:
+                raise refused from None
 
     def check(self, request: HookRequest, now: float) -> None:
         """Raise CloudEventError 401 unless ``request`` is signed with the secret."""
@@ -111,13 +132,13 @@ class GitLabVerify(_Verify):
 
     kind: Literal["gitlab"]
 
-    @field_validator("secret")
+    @field_validator("secret", "previous_secret")
     @classmethod
-    def _header_token(cls, secret: Secret) -> Secret:
-        return header_token(secret, "a GitLab token")
+    def _header_token(cls, secret: Secret | None) -> Secret | None:
+        return None if secret is None else header_token(secret, "a GitLab token")
 
     def precheck(self, request: HookRequest, now: float) -> None:
-        self.check(request, now)  # the token is the whole check
+        self.verify(request, now)  # the token is the whole check
 
     def check(self, request: HookRequest, now: float) -> None:
         if not _same(request.header("X-Gitlab-Token"), self.key):
@@ -184,10 +205,12 @@ class StandardWebhooksVerify(_Timestamped):
 
     kind: Literal["standard-webhooks"]
 
-    @field_validator("secret")
+    @field_validator("secret", "previous_secret")
     @classmethod
-    def _long_enough(cls, secret: Secret) -> Secret:
+    def _long_enough(cls, secret: Secret | None) -> Secret | None:
         # In place of the characters counted for the other kinds: the key is what is encoded.
+        if secret is None:
+            return None
         try:
             key = base64.b64decode(secret.reveal().removeprefix("whsec_"), validate=True)
         except binascii.Error:

@@ -255,7 +255,7 @@ class WebhookSource:
         cannot be read, the event type has no value or an attribute is not valid, 413 when
         the event is over ``max_size`` bytes."""
         if self.spec.verify is not None:
-            self.spec.verify.check(request, time.time() if now is None else now)
+            self.spec.verify.verify(request, time.time() if now is None else now)
         data = _data(request)
         if self._slack:
             _slack_payload(request, data)

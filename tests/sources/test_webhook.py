@@ -479,6 +479,33 @@ def _event(spec: dict[str, Any], request: HookRequest, now: float | None = None)
     return source.event_for(request, now=now)
 
 
+def test_a_secret_being_rotated_verifies_with_either_the_new_or_the_previous_one() -> None:
+    # a provider moves to a new secret while requests signed with the old one are in flight:
+    # with one secret, every one of them was refused (401) and lost to the sender's retries
+    body = b'{"id": "evt_9", "type": "x"}'
+    old, new = "old-secret-0123456789", "new-secret-0123456789"
+    spec = {"verify": {"kind": "github", "secret": new, "previous_secret": old}}
+    for secret in (new, old):
+        headers = {k.lower(): v for k, v in github(body, secret=secret).items()}
+        assert _event(spec, HookRequest("POST", headers, "", body))["type"]
+    headers = {k.lower(): v for k, v in github(body, secret="other-secret-0123456789").items()}
+    with pytest.raises(CloudEventError, match="X-Hub-Signature-256 does not match") as info:
+        _event(spec, HookRequest("POST", headers, "", body))
+    assert info.value.status == 401
+    # a token is checked before the body is read: either token passes that check too
+    gitlab = {"verify": {"kind": "gitlab", "secret": new, "previous_secret": old}}
+    source = build_source({"name": "gl", "type": "webhook", **gitlab})
+    assert isinstance(source, WebhookSource)
+    source.precheck(HookRequest("POST", {"x-gitlab-token": old}, "", b""))
+    with pytest.raises(CloudEventError):
+        source.precheck(HookRequest("POST", {"x-gitlab-token": "nope-0123456789abc"}, "", b""))
+    # the previous one is held to the same rules as the secret
+    with pytest.raises(ConfigError, match="previous_secret"):
+        build_source(
+            {"name": "h", "type": "webhook", "verify": {**spec["verify"], "previous_secret": "x"}}
+        )
+
+
 def test_templates_find_values_in_headers_query_and_body() -> None:
     body = orjson.dumps({"a": {"n": 3, "ok": True, "obj": {}}, "list": [None]})
     request = HookRequest("POST", {"x-kind": "k", "content-type": "application/json"}, "q=1", body)
