@@ -25,7 +25,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -121,7 +121,11 @@ class TlsSpec(BaseModel):
         return ctx
 
     def _load_chain(self, ctx: ssl.SSLContext, where: str) -> None:
-        password = None if self.key_password is None else self.key_password.reveal()
+        # Never None: OpenSSL then asks for an encrypted key's passphrase on the terminal, and
+        # the start waited for it for ever (or failed with "Invalid argument" without one).
+        password: str | Callable[[], str] = (
+            _no_key_password if self.key_password is None else self.key_password.reveal()
+        )
         key = self.key
         try:
             if isinstance(key, Secret):
@@ -135,11 +139,25 @@ class TlsSpec(BaseModel):
                     ctx.load_cert_chain(str(self.cert), path, password)
             else:
                 ctx.load_cert_chain(str(self.cert), None if key is None else str(key), password)
-        except (OSError, ssl.SSLError) as exc:
+        except _EncryptedKey:
             shown = key.origin if isinstance(key, Secret) else key
             raise ConfigError(
-                f"{where}: tls.cert {self.cert} / tls.key {shown}: {_reason(exc)}"
-            ) from exc
+                f"{where}: tls.key {shown} is encrypted: give its passphrase as tls.key_password"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            shown = key.origin if isinstance(key, Secret) else key
+            reason = _reason(exc)
+            if self.key_password is not None and "PEM lib" in str(exc):
+                reason = "tls.key_password does not decrypt the key (or it is not the cert's)"
+            raise ConfigError(f"{where}: tls.cert {self.cert} / tls.key {shown}: {reason}") from exc
+
+
+class _EncryptedKey(Exception):
+    """The key is encrypted and no passphrase was given."""
+
+
+def _no_key_password() -> str:
+    raise _EncryptedKey
 
 
 def _reason(exc: OSError | ssl.SSLError) -> str:

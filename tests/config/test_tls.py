@@ -128,3 +128,31 @@ def test_incomplete_blocks_are_refused() -> None:
         TlsSpec.model_validate({"key_password": "x"})
     with pytest.raises(ValidationError, match="Extra inputs"):
         TlsSpec.model_validate({"verify": False})
+
+
+def test_an_encrypted_key_needs_its_passphrase_and_the_right_one(pki: Pki, tmp_path: Path) -> None:
+    # without key_password OpenSSL asked for it on the terminal: the start waited for ever
+    # (or, with no terminal, failed with "Invalid argument"); a wrong one said "PEM lib"
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), None)
+    encrypted = tmp_path / "client-enc.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"the passphrase"),
+        )
+    )
+    spec = TlsSpec(cert=pki.client_cert, key=encrypted)
+    with pytest.raises(ConfigError, match=r"client-enc.key is encrypted: give its passphrase"):
+        spec.context("NATS target 'out'")
+    wrong = TlsSpec.model_validate(
+        {"cert": str(pki.client_cert), "key": str(encrypted), "key_password": "not it"}
+    )
+    with pytest.raises(ConfigError, match=r"tls\.key_password does not decrypt the key"):
+        wrong.context("NATS target 'out'")
+    right = TlsSpec.model_validate(
+        {"cert": str(pki.client_cert), "key": str(encrypted), "key_password": "the passphrase"}
+    )
+    right.context("NATS target 'out'")
