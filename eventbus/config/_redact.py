@@ -8,11 +8,12 @@ import re
 
 __all__ = ["redact_url"]
 
-# scheme://user:password@host, for each URL of a comma-separated list of servers; the password
-# runs to the last "@" of its URL, so one that holds an unencoded "@" is masked whole
-_PASSWORD = re.compile(r"(//[^:/@?,\s]*:)[^/?,\s]*@")
-# NATS takes a bare token as the user part: nats://TOKEN@host
-_TOKEN = re.compile(r"\b((?:nats|tls|ws|wss)://)[^:/@?,\s]+@")
+# Each URL of a comma-separated list starts at its scheme (a comma inside a password stays
+# in its URL); a NATS URL may carry a bare token as its user part: nats://TOKEN@host
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_TOKEN_SCHEMES = frozenset({"nats://", "tls://", "ws://", "wss://"})
+# host, host:port, [v6]:port, or a list of them: what may follow the userinfo's "@"
+_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:@\[\]]*)(:\d*)?")
 # libpq's and asyncpg's query parameters: postgresql://u@h/db?password=...
 _QUERY = re.compile(r"([?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
 
@@ -20,5 +21,42 @@ _QUERY = re.compile(r"([?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
 def redact_url(url: str) -> str:
     """``url`` with every ``user:password@`` part shown as ``user:***@``, a NATS token
     (``nats://token@``) as ``***``, and a ``password`` or ``sslpassword`` query parameter as
-    ``password=***``."""
-    return _QUERY.sub(r"\1***", _TOKEN.sub(r"\1***@", _PASSWORD.sub(r"\1***@", url)))
+    ``password=***``. A password holding an unencoded ``@``, ``/``, ``?``, ``,`` or space is
+    masked whole: where the part before the first ``/`` or ``?`` is no host, the password runs
+    to the URL's last ``@``."""
+    starts = [m.start() for m in _SCHEME.finditer(url)]
+    if not starts:
+        return _QUERY.sub(r"\1***", url)
+    pieces = [url[: starts[0]]]
+    pieces += [url[a:b] for a, b in zip(starts, [*starts[1:], len(url)], strict=True)]
+    return _QUERY.sub(r"\1***", "".join(_masked(piece) for piece in pieces))
+
+
+def _masked(piece: str) -> str:
+    found = _SCHEME.match(piece)
+    if found is None:
+        return piece
+    scheme, rest = found.group(0), piece[found.end() :]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if not _is_host(rest[at + 1 : end]):
+        # no host before the path: a password holding "/" or "?" runs to the last "@"
+        if "@" not in rest[end:]:
+            return piece if at < 0 else _masked_at(scheme, rest, at)
+        at = rest.rfind("@")
+    elif at < 0:
+        return piece
+    return _masked_at(scheme, rest, at)
+
+
+def _masked_at(scheme: str, rest: str, at: int) -> str:
+    userinfo, tail = rest[:at], rest[at:]
+    if ":" in userinfo:
+        return f"{scheme}{userinfo.split(':', 1)[0]}:***{tail}"
+    if scheme.lower() in _TOKEN_SCHEMES:
+        return f"{scheme}***{tail}"
+    return scheme + rest
+
+
+def _is_host(authority: str) -> bool:
+    return all(_HOST_PORT.fullmatch(part) for part in authority.rstrip(",").split(","))

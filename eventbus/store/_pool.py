@@ -368,8 +368,16 @@ async def _connect(
                 password=password,
                 ssl=ssl,
             )
+        except ssl_module.SSLError as exc:  # a ValueError too: not the DSN's fault
+            raise StoreError(f"TLS with Postgres at {redact_url(dsn)} failed: {exc}") from exc
         except (asyncpg.ClientConfigurationError, ValueError) as exc:
-            raise StoreError(f"invalid Postgres DSN {redact_url(dsn)}: {exc}") from exc
+            # The parser's own words may quote a piece of a password it misread (an unencoded
+            # "/" or "@" in it): not shown when the URL holds one.
+            masked = redact_url(dsn)
+            why = str(exc)
+            if masked != dsn:
+                why = "it cannot be parsed (percent-encode @ : / ? # in the user and password)"
+            raise StoreError(f"invalid Postgres DSN {masked}: {why}") from exc
         except _NOT_YET as exc:
             last: BaseException = exc
         except asyncpg.PostgresError as exc:

@@ -33,6 +33,17 @@ from eventbus.targets import build_target
             "postgresql://u@h/db?password=***&sslmode=require&sslpassword=***",
         ),
         ("postgresql://u@h/db?PASSWORD=s3cret", "postgresql://u@h/db?PASSWORD=***"),
+        # unencoded "/", "?", "," or a space in a password (it went into an error whole)
+        (
+            "postgresql://postgres:hunter@2:TopSecret/x@127.0.0.1:15433/postgres",
+            "postgresql://postgres:***@127.0.0.1:15433/postgres",
+        ),
+        ("nats://alice:pa/ss@h", "nats://alice:***@h"),
+        ("nats://alice:pa?ss@h", "nats://alice:***@h"),
+        ("amqp://guest:gu,est@h/", "amqp://guest:***@h/"),
+        ("nats://alice:a b@h", "nats://alice:***@h"),
+        ("http://h:8080/a@b", "http://h:8080/a@b"),
+        ("nats://h1:4222,h2:4222", "nats://h1:4222,h2:4222"),
     ],
 )
 def test_passwords_are_masked(url: str, shown: str) -> None:

@@ -190,6 +190,18 @@ async def test_malformed_dsn_is_a_clear_error(dsn: str) -> None:
         await asyncio.wait_for(Store.open(dsn, connect_timeout=1), 30)
 
 
+async def test_a_malformed_dsn_with_a_password_shows_no_piece_of_it() -> None:
+    # an unencoded "/" in the password: the URL's masking stopped there, and asyncpg's own
+    # message quoted the rest ("invalid literal for int(): 'TopSecret'")
+    dsn = "postgresql://postgres:hunter@2:TopSecret/x@127.0.0.1:1/postgres"
+    with pytest.raises(StoreError) as refused:
+        await asyncio.wait_for(Store.open(dsn, connect_timeout=1), 30)
+    assert "TopSecret" not in str(refused.value) and "hunter" not in str(refused.value)
+    assert "invalid Postgres DSN postgresql://postgres:***@127.0.0.1:1/postgres" in str(
+        refused.value
+    )
+
+
 @pytest.mark.parametrize(
     "settings",
     [{"audit_batch": 0}, {"audit_batch": 10, "audit_buffer": 5}, {"audit_interval": -1.0}],

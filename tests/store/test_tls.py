@@ -42,8 +42,10 @@ async def test_verify_full_with_the_right_ca_connects(tls_postgres: tuple[str, s
 
 async def test_verify_full_with_another_ca_is_refused(tls_postgres: tuple[str, str, Pki]) -> None:
     dsn, password, pki = tls_postgres
-    with pytest.raises(StoreError, match="certificate verify failed"):
+    with pytest.raises(StoreError, match="certificate verify failed") as refused:
         await _open(dsn, password, sslmode="verify-full", tls={"ca": str(pki.other_ca)})
+    # named as what it is: it read "invalid Postgres DSN ..."
+    assert str(refused.value).startswith("TLS with Postgres at "), refused.value
 
 
 async def test_require_encrypts_without_checking_the_server_unless_a_ca_is_given(
