@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import http.client
 import io
 import math
@@ -513,6 +514,8 @@ def _cmd_display(args: argparse.Namespace) -> int:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
+    if (args.action == "enable") != (args.name is not None):
+        raise _BadInput("give `targets enable NAME` to enable a target, or no argument to list")
     if args.action == "enable":
         name = urllib.parse.quote(args.name, safe="")
         return _show(args, "enabled", _request(args, "POST", f"/targets/{name}/enable"))
@@ -693,14 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "targets", help="show each target's circuit, retries waiting and whether it is disabled"
     )
-    actions = p.add_subparsers(dest="action")
-    enable = actions.add_parser(
-        "enable", help="deliver again to a target disabled after it answered 410 Gone"
+    # Positionals, not a subcommand: a subcommand's defaults overwrote the options given
+    # before it (`targets --url X enable fn` went to the default URL).
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("enable",),
+        help="enable: deliver again to a target disabled after it answered 410 Gone",
     )
-    enable.add_argument("name", help="the target's name")
-    _client_args(enable)
+    p.add_argument("name", nargs="?", help="the target to enable")
     _client_args(p)
-    p.set_defaults(func=_cmd_targets, action=None)
+    p.set_defaults(func=_cmd_targets)
     p = sub.add_parser("sources", help="show each source's state, last event, errors and lag")
     p.add_argument("--dead-letters", action="store_true", help="input that became no event")
     _client_args(p)
@@ -751,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
 
         problem = getattr(exc, "problem", None)
         if getattr(args, "json", False) and isinstance(problem, dict):
-            print_json(problem, sys.stdout)  # a script reads the refusal as it reads answers
+            with contextlib.suppress(BrokenPipeError):  # (| head: the reader left)
+                print_json(problem, sys.stdout)  # a script reads the refusal as it reads answers
         sys.stderr.write(f"eventbus: {printable(str(exc))}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:

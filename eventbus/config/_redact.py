@@ -12,8 +12,9 @@ __all__ = ["redact_url"]
 # in its URL); a NATS URL may carry a bare token as its user part: nats://TOKEN@host
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _TOKEN_SCHEMES = frozenset({"nats://", "tls://", "ws://", "wss://"})
+_WEB_SCHEMES = frozenset({"http://", "https://"})
 # host, host:port, [v6]:port, or a list of them: what may follow the userinfo's "@"
-_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:@\[\]]*)(:\d*)?")
+_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:@/?#\[\]]*)(:\d+)?")
 # libpq's and asyncpg's query parameters: postgresql://u@h/db?password=...
 _QUERY = re.compile(r"([?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
 
@@ -21,10 +22,13 @@ _QUERY = re.compile(r"([?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
 def redact_url(url: str) -> str:
     """``url`` with every ``user:password@`` part shown as ``user:***@``, a NATS token
     (``nats://token@``) as ``***``, and a ``password`` or ``sslpassword`` query parameter as
-    ``password=***``. A password holding an unencoded ``@``, ``/``, ``?``, ``,`` or space is
-    masked whole: where the part before the first ``/`` or ``?`` is no host, the password runs
-    to the URL's last ``@``."""
-    starts = [m.start() for m in _SCHEME.finditer(url)]
+    ``password=***``. A password holding an unencoded ``@``, ``/``, ``?``, ``#``, ``,`` or a
+    space is masked whole: it runs to the URL's last ``@`` (in a web URL, unless that ``@``
+    starts a path segment after a host: ``https://u:1/x/@h`` is taken for a path)."""
+    # a URL starts the text or follows a list's comma ("://" inside a password starts none)
+    starts = [
+        m.start() for m in _SCHEME.finditer(url) if m.start() == 0 or url[m.start() - 1] in ", "
+    ]
     if not starts:
         return _QUERY.sub(r"\1***", url)
     pieces = [url[: starts[0]]]
@@ -37,15 +41,16 @@ def _masked(piece: str) -> str:
     if found is None:
         return piece
     scheme, rest = found.group(0), piece[found.end() :]
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    at = rest.rfind("@", 0, end)
-    if not _is_host(rest[at + 1 : end]):
-        # no host before the path: a password holding "/" or "?" runs to the last "@"
-        if "@" not in rest[end:]:
-            return piece if at < 0 else _masked_at(scheme, rest, at)
-        at = rest.rfind("@")
-    elif at < 0:
+    # The password runs to the URL's last "@", whatever it holds ("/", "?", "#", ","): a
+    # broker's or a database's URL has no "@" after its host (over-masking a query or path that
+    # has one hides the host, never the password). A web URL's path segment may start with one.
+    at = rest.rfind("@")
+    if at < 0:
         return piece
+    if scheme.lower() in _WEB_SCHEMES and rest[at - 1 : at] == "/":
+        end = rest.find("/")
+        if _is_host(rest[:end]):  # a path segment of a web URL: /users/@me, /@scope/pkg
+            return piece
     return _masked_at(scheme, rest, at)
 
 

@@ -148,7 +148,10 @@ class TlsSpec(BaseModel):
             shown = key.origin if isinstance(key, Secret) else key
             reason = _reason(exc)
             if self.key_password is not None and "PEM lib" in str(exc):
-                reason = "tls.key_password does not decrypt the key (or it is not the cert's)"
+                reason = (
+                    "the cert and key do not load with tls.key_password (a wrong passphrase, or "
+                    "a file that is not PEM)"
+                )
             raise ConfigError(f"{where}: tls.cert {self.cert} / tls.key {shown}: {reason}") from exc
 
 

@@ -368,7 +368,7 @@ async def _connect(
                 password=password,
                 ssl=ssl,
             )
-        except ssl_module.SSLError as exc:  # a ValueError too: not the DSN's fault
+        except ssl_module.SSLCertVerificationError as exc:  # a ValueError: not the DSN's fault
             raise StoreError(f"TLS with Postgres at {redact_url(dsn)} failed: {exc}") from exc
         except (asyncpg.ClientConfigurationError, ValueError) as exc:
             # The parser's own words may quote a piece of a password it misread (an unencoded

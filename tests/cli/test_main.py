@@ -712,12 +712,15 @@ async def test_targets_lists_them_and_enables_one_a_410_switched_off(
     header, row = out.splitlines()
     assert header.split() == ["NAME", "TYPE", "CIRCUIT", "RETRIES", "DISABLED", "SINCE"]
     assert row.startswith("fn ") and "410 Gone" in row, row
-    code, out, err = await _cli("targets", "enable", "fn", *url)
+    # the options before the action count too (a subcommand's defaults dropped them)
+    code, out, err = await _cli("targets", *url, "enable", "fn")
     assert (code, out) == (0, "fn enabled: deliveries to it go out again\n"), err
     code, out, err = await _cli("targets", "--json", *url)
     assert code == 0 and out["targets"][0]["disabled"] is None, out
     code, out, err = await _cli("targets", "enable", "fn", *url)
     assert code == 1 and "target 'fn' is not disabled" in err, err
+    code, out, err = await _cli("targets", "enable", *url)
+    assert code == 2 and "give `targets enable NAME`" in err, err
     # with --json a refusal is the service's problem JSON on stdout (it printed nothing)
     code, out, err = await _cli("targets", "enable", "fn", "--json", *url)
     assert code == 1 and out["status"] == 404, (out, err)

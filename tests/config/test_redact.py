@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventbus._errors import ConfigError
 from eventbus.config import TargetSpec, connector_spec, redact_url
@@ -42,7 +44,19 @@ from eventbus.targets import build_target
         ("nats://alice:pa?ss@h", "nats://alice:***@h"),
         ("amqp://guest:gu,est@h/", "amqp://guest:***@h/"),
         ("nats://alice:a b@h", "nats://alice:***@h"),
-        ("http://h:8080/a@b", "http://h:8080/a@b"),
+        ("http://h:8080/users/@me", "http://h:8080/users/@me"),
+        ("https://user:pa/ss@h/x", "https://user:***@h/x"),
+        # "#", "/" or "?" after a password or token that looks like a port
+        ("nats://user:#secret@h", "nats://user:***@h"),
+        ("postgresql://app:2024#Winter@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("nats://s3cr#t@h", "nats://***@h"),
+        (
+            "postgresql://admin:2023/pass@db.example:5432/app",
+            "postgresql://admin:***@db.example:5432/app",
+        ),
+        ("postgresql://admin:12?x@h/db", "postgresql://admin:***@h/db"),
+        ("nats://abc/def+ghi=@host:4222", "nats://***@host:4222"),
+        ("nats://u:1,2/3@h", "nats://u:***@h"),
         ("nats://h1:4222,h2:4222", "nats://h1:4222,h2:4222"),
     ],
 )
@@ -68,3 +82,17 @@ def test_a_target_url_refused_is_shown_without_its_password(
         build_target(cast(TargetSpec, validated))
     assert password not in str(info.value)
     assert ":***@" in str(info.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    # not http(s): there an "@" right after a "/" is a path's (/users/@me), so a password that
+    # ends with "/" after a host-like "user:1" stays ambiguous (redact_url's docstring)
+    scheme=st.sampled_from(["nats", "tls", "postgresql", "amqp", "amqps", "mqtt", "ws"]),
+    around=st.tuples(*[st.text(alphabet=st.sampled_from("xyz0129@:/?#,% +=&!$"), max_size=10)] * 2),
+)
+def test_no_password_shows_whatever_it_holds(scheme: str, around: tuple[str, str]) -> None:
+    # "#", "/" or "?" after a password that looked like a port let it through whole
+    password = around[0] + "QQQ" + around[1]
+    shown = redact_url(f"{scheme}://user:{password}@broker.example:4222/db")
+    assert "QQQ" not in shown, shown

@@ -150,7 +150,7 @@ def test_an_encrypted_key_needs_its_passphrase_and_the_right_one(pki: Pki, tmp_p
     wrong = TlsSpec.model_validate(
         {"cert": str(pki.client_cert), "key": str(encrypted), "key_password": "not it"}
     )
-    with pytest.raises(ConfigError, match=r"tls\.key_password does not decrypt the key"):
+    with pytest.raises(ConfigError, match=r"do not load with tls\.key_password \(a wrong pass"):
         wrong.context("NATS target 'out'")
     right = TlsSpec.model_validate(
         {"cert": str(pki.client_cert), "key": str(encrypted), "key_password": "the passphrase"}
