@@ -127,13 +127,7 @@ class RetryWorker:
                 # Held before the claim waits on the database: a full target's slots freeing
                 # meanwhile must wake the loop too.
                 self._held = set(full)
-                claimed = await self._store.claim_due(
-                    limit=limit,
-                    lease=self._lease,
-                    instance=self._instance,
-                    skip=full,
-                    known=self._dispatcher.target_names(),
-                )
+                claimed = await self._claim(limit, skip=full)
                 # Rows of full targets may be due (not known without asking): a slot of
                 # theirs freeing looks again. So does any slot when the claim took its limit.
                 if len(claimed) >= limit:
@@ -144,13 +138,7 @@ class RetryWorker:
                     # their own concurrency (the share keeps room for others while theirs
                     # wait; one target's backlog after an outage drained on half the slots).
                     busy = [t for t in full if per_target[t] >= self._room(t, alone=True)]
-                    claimed = await self._store.claim_due(
-                        limit=limit,
-                        lease=self._lease,
-                        instance=self._instance,
-                        skip=busy,
-                        known=self._dispatcher.target_names(),
-                    )
+                    claimed = await self._claim(limit, skip=busy)
                     claimed = await self._within_room(claimed, per_target, alone=True)
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
@@ -175,6 +163,16 @@ class RetryWorker:
                     if due is not None:
                         self.due_in(due + _CLOCK_MARGIN)
                 await self._idle()
+
+    async def _claim(self, limit: int, *, skip: list[str]) -> list[Delivery]:
+        """Up to ``limit`` due rows of the targets this process has, but ``skip``'s."""
+        return await self._store.claim_due(
+            limit=limit,
+            lease=self._lease,
+            instance=self._instance,
+            skip=skip,
+            known=self._dispatcher.target_names(),
+        )
 
     def _room(self, target: str, *, alone: bool = False) -> int:
         """The slots ``target``'s rows may hold: half the worker's (all of them when no other
