@@ -252,8 +252,10 @@ def _validate(
             {k: v for k, v in raw.items() if k != "type"}, context={"env": env}
         )
     except ValidationError as exc:
+        fields = spec_type.model_fields.keys()
         errors.extend(
-            f"{line} ({kind} {name!r})" for line in pydantic_errors(doc, exc, prefix=(section, i))
+            f"{line} ({kind} {name!r})"
+            for line in pydantic_errors(doc, exc, prefix=(section, i), fields=fields)
         )
         return None
     warn_literal_secrets(doc, spec, (section, i), f" ({kind} {name!r})")

@@ -11,8 +11,9 @@ dialect by the loader class they hand in (rules use a narrower one; see ``eventb
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,13 +224,21 @@ def load_yaml(text: str, file: str) -> YamlDoc:
     return YamlDoc(data, file, lines)
 
 
-def pydantic_errors(doc: YamlDoc, exc: Any, *, prefix: KeyPath = ()) -> list[str]:
-    """Render a pydantic ValidationError as ``file:line: field.path: message`` lines."""
+def pydantic_errors(
+    doc: YamlDoc, exc: Any, *, prefix: KeyPath = (), fields: Collection[str] = ()
+) -> list[str]:
+    """Render a pydantic ValidationError as ``file:line: field.path: message`` lines; a key
+    the model does not have gets the closest of its top-level ``fields`` suggested."""
     out = []
     for err in exc.errors():
         loc = doc.normalize((*prefix, *err["loc"]))
         line = doc.line(loc)
         where = f"{doc.file}:{line}" if line is not None else doc.file
         dotted = ".".join(str(p) for p in loc) or "(document)"
-        out.append(f"{where}: {dotted}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1 and fields:
+            hint = difflib.get_close_matches(str(err["loc"][0]), list(fields), n=1)
+            if hint:
+                message += f" (did you mean {hint[0]!r}?)"
+        out.append(f"{where}: {dotted}: {message}")
     return out

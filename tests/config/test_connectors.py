@@ -259,7 +259,9 @@ def test_a_registered_target_types_settings_are_checked_with_file_and_line(
     )
     assert sorted(problems) == [
         "c.yaml:2: targets.0.label: Field required (target 'mem')",
-        "c.yaml:4: targets.0.lable: Extra inputs are not permitted (target 'mem')",
+        # the closest key of the type's own, as rules have it ("timout" got no hint)
+        "c.yaml:4: targets.0.lable: Extra inputs are not permitted (did you mean 'label'?) "
+        "(target 'mem')",
     ]
 
 
