@@ -131,6 +131,7 @@ EXPORTS: dict[str, list[str]] = {
         "YamlDoc",
         "connector_adapter",
         "connector_spec",
+        "did_you_mean",
         "flow_too_deep",
         "header_token",
         "load_connectors",

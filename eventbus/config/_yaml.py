@@ -26,6 +26,7 @@ __all__ = [
     "KeyPath",
     "NodeBuilder",
     "YamlDoc",
+    "did_you_mean",
     "flow_too_deep",
     "load_yaml",
     "pydantic_errors",
@@ -236,9 +237,14 @@ def pydantic_errors(
         where = f"{doc.file}:{line}" if line is not None else doc.file
         dotted = ".".join(str(p) for p in loc) or "(document)"
         message = err["msg"]
-        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1 and fields:
-            hint = difflib.get_close_matches(str(err["loc"][0]), list(fields), n=1)
-            if hint:
-                message += f" (did you mean {hint[0]!r}?)"
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            message += did_you_mean(str(err["loc"][0]), fields)
         out.append(f"{where}: {dotted}: {message}")
     return out
+
+
+def did_you_mean(name: str, known: Collection[str]) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``known`` to a misspelt ``name``, or
+    ``""`` when none is close."""
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""

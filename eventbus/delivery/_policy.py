@@ -20,7 +20,6 @@ jitter), ``alibaba-backoff`` (3 retries, random 10-20 s apart), ``alibaba-expone
 
 from __future__ import annotations
 
-import difflib
 import logging
 import random
 from collections.abc import Callable, Collection, Mapping
@@ -37,7 +36,7 @@ from pydantic import (
 )
 
 from eventbus._errors import ConfigError
-from eventbus.config import parse_duration
+from eventbus.config import did_you_mean, parse_duration
 
 __all__ = [
     "PRESETS",
@@ -299,9 +298,7 @@ def _unknown_references(policy: DeliveryPolicy, known: Collection[str]) -> list[
     for field in _REFERENCES:
         name = getattr(policy, field)
         if name is not None and name not in known:
-            hint = difflib.get_close_matches(name, list(known), n=1)
-            also = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.append(f"{field}: no target {name!r}{also}")
+            problems.append(f"{field}: no target {name!r}{did_you_mean(name, known)}")
     return problems
 
 

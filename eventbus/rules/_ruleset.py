@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import gc
 import hashlib
@@ -44,6 +43,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
+from eventbus.config import did_you_mean
 from eventbus.rules._cel import Activation, Condition, Verdict, activation, compile_condition
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._loader import KeyPath, ParsedFiles, RuleDoc, read_rule_files
@@ -349,8 +349,7 @@ def _pattern_loc(path: str) -> KeyPath:
 def _describe(error: ErrorDetails) -> str:
     kind, loc = error["type"], error["loc"]
     if kind == "extra_forbidden" and loc:
-        hint = difflib.get_close_matches(str(loc[-1]), _KEYS, n=1)
-        return f"unknown key {loc[-1]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        return f"unknown key {loc[-1]!r}" + did_you_mean(str(loc[-1]), _KEYS)
     if kind == "missing" and loc:
         return f"missing required key {loc[-1]!r}"
     if kind == "too_short" and loc == ("targets",):
@@ -555,10 +554,7 @@ def _compile(
 
 
 def _suggest(name: str, known: Collection[str]) -> str:
-    hint = difflib.get_close_matches(name, list(known), n=1)
-    if hint:
-        return f" (did you mean {hint[0]!r}?)"
-    return f" (defined targets: {', '.join(sorted(known)) or 'none'})"
+    return did_you_mean(name, known) or f" (defined targets: {', '.join(sorted(known)) or 'none'})"
 
 
 def compile_rules(
