@@ -564,7 +564,8 @@ class Service:
         reload too)."""
         try:
             connectors = load_connectors(self.settings.connectors)
-            notes = self._connector_changes(connectors)
+            new = sorted(set(connectors.targets) - set(self.targets))
+            notes = self._connector_changes(connectors, new)
             # Against the targets and policies in use, which a reload does not change: a new
             # target in the files held every reload until a restart, a rule naming it or not.
             # Against the files' policies, an override valid there but not on the running
@@ -577,10 +578,9 @@ class Service:
                 )
             except RuleSetError as exc:
                 # A rule naming a target new in the files: say why it is unknown still.
-                new = set(connectors.targets) - set(self.targets)
                 if not any(repr(name) in str(exc) for name in new):
                     raise
-                raise RuleSetError([*exc.errors, *(RuleError(n) for n in notes[:1])]) from exc
+                raise RuleSetError([*exc.errors, RuleError(notes[0])]) from exc
         except EventBusError as exc:
             log.warning(
                 "rules reload failed, %d rules stay in use: %s",
@@ -602,12 +602,11 @@ class Service:
             self.rules_reloaded()
         return count
 
-    def _connector_changes(self, connectors: ConnectorSet) -> list[str]:
-        """What in the connector files differs from the targets in use (read at start): a
-        reload applies none of it, and says so."""
+    def _connector_changes(self, connectors: ConnectorSet, new: list[str]) -> list[str]:
+        """What in the connector files differs from the targets in use (read at start), the
+        targets ``new`` there first: a reload applies none of it, and says so."""
         where = self.settings.connectors
         notes = []
-        new = sorted(set(connectors.targets) - set(self.targets))
         if new:
             notes.append(
                 f"targets {', '.join(new)} are new in {where}: they start at the next start, "
