@@ -296,9 +296,10 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     env = dict(os.environ)
     procs: list[subprocess.Popen[bytes] | None] = [None] * workers
 
-    def reload_all() -> None:
-        for proc in procs:
-            if proc is not None and proc.poll() is None:
+    def reload_all(but: int | None = None) -> None:
+        """SIGHUP to every live worker (but worker ``but``): each reloads its rules."""
+        for i, proc in enumerate(procs):
+            if i != but and proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
 
     loop = asyncio.get_running_loop()
@@ -420,9 +421,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     # It reads the rule files as they are now, edited since the others loaded
                     # them perhaps: they reload too, so that every worker routes by one set
                     # (a third of the events went by rules nobody had applied).
-                    for j, other in enumerate(procs):
-                        if j != i and other is not None and other.poll() is None:
-                            other.send_signal(signal.SIGHUP)
+                    reload_all(but=i)
             if failed is not None:
                 break
         for proc in procs:
