@@ -118,10 +118,15 @@ def _owner(path: Path) -> dict[str, object] | None:
         raw = os.pread(fd, 4096, 0)
     finally:
         os.close(fd)
+    return _said(raw)
+
+
+def _said(raw: bytes) -> dict[str, object]:
+    """What a lock file holds: ``{}`` while its owner is still writing it (or for junk)."""
     try:
         owner = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return {}  # the owner is still writing it
+        return {}
     return owner if isinstance(owner, dict) else {}
 
 
@@ -175,7 +180,7 @@ def _used(data_dir: Path) -> bool:
 def _last_owner(path: Path) -> dict[str, object] | None:
     """What a lock file left by an owner that is gone (killed) says about it, or None."""
     try:
-        owner = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+        owner = _said(path.read_bytes())
+    except OSError:
         return None
-    return owner if isinstance(owner, dict) and "pid" in owner else None
+    return owner if "pid" in owner else None
