@@ -694,6 +694,14 @@ def test_the_reasons_the_cli_takes_are_the_delivery_layers() -> None:
     assert tuple(reason.value for reason in DeadLetterReason) == REASONS
 
 
+def test_the_header_the_cli_reads_is_the_one_the_edge_sends() -> None:
+    # written twice: the CLI does not import the HTTP edge (FastAPI) to start
+    from eventbus.cli._main import _ANSWERED_BY
+    from eventbus.http._invoke import ANSWERED_BY_HEADER
+
+    assert ANSWERED_BY_HEADER == _ANSWERED_BY
+
+
 async def test_targets_lists_them_and_enables_one_a_410_switched_off(
     eventbus: StartService, receiver: Receiver
 ) -> None:
