@@ -688,7 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("display", help="a function endpoint that prints what it receives")
     p.add_argument("--host", default="127.0.0.1", help="listen on this address")
     p.add_argument("--port", type=_bounded(1, 65535), default=9000, help="listen on this port")
-    p.add_argument("--fail-rate", type=float, default=0.0, help="answer 503 to this fraction")
+    p.add_argument(
+        "--fail-rate", type=_fraction, default=0.0, help="answer 503 to this fraction (0 to 1)"
+    )
     p.add_argument("--secret", help="verify Standard Webhooks signatures with this secret")
     p.add_argument("--seed", type=int, help="seed of --fail-rate's random choices")
     p.set_defaults(func=_cmd_display)
@@ -727,6 +729,17 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
 
 
 # Exit status of a command whose reader went away (``| head -1``), as if SIGPIPE had ended it.

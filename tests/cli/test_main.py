@@ -192,13 +192,15 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     (tmp_path / "a-file").write_text("x")
     settings = tmp_path / "s.yaml"
     settings.write_text(f"data_dir: {tmp_path / 'a-file'}\nlisten: {{port: {free_port()}}}\n")
-    url, port, latin1, connectors, data_dir = await _side_by_side(
+    url, port, latin1, connectors, data_dir, rate = await _side_by_side(
         _cli("sources", "--url", "foo"),
         _cli("serve", "--port", "70000"),
         _cli("serve", "--config", str(tmp_path / "latin1.yaml")),
         _cli("rules", "validate", str(tmp_path / "rules"), "--connectors", str(connectors_dir)),
         _cli("serve", "--config", str(settings)),
+        _cli("display", "--fail-rate", "1.5"),
     )
+    assert rate[0] == 2 and "--fail-rate: must be from 0 to 1, got 1.5" in rate[2], rate
     assert url[0] == 2 and "invalid --url 'foo'" in url[2], url
     assert port[0] == 2 and "must be from 1 to 65535, got 70000" in port[2], port
     assert latin1[0] == 1 and "cannot read settings: not UTF-8 text" in latin1[2], latin1
@@ -206,7 +208,7 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     assert "c.yaml: cannot read connectors: not UTF-8 text" in connectors[2], connectors
     assert "gone.yaml: cannot read connectors: No such file or directory" in connectors[2]
     assert data_dir[0] == 1 and "cannot be used: File exists" in data_dir[2], data_dir
-    for _, out, err in (url, port, latin1, connectors, data_dir):
+    for _, out, err in (url, port, latin1, connectors, data_dir, rate):
         assert "Traceback" not in f"{out}{err}"
     with socket.create_server(("127.0.0.1", 0)) as taken:
         held = str(taken.getsockname()[1])
