@@ -79,7 +79,27 @@ class NatsTargetSpec(TargetSpec, NatsAuth):
 
 
 class _PublishRefused(Exception):
-    """The server refused a core NATS publish (its permissions): reported after the flush."""
+    """The server refused a publish (its permissions): it says so only with an -ERR on the
+    connection, never in answer to the publish itself."""
+
+
+class _Refusals:
+    """The publish permission violations one connection's server reported: how many, the
+    last one's text, and an event set by the next one. A target's connection publishes to its
+    one subject only, so a refusal on it is a refusal of every publish on it."""
+
+    __slots__ = ("count", "next", "why")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.why = ""
+        self.next = asyncio.Event()
+
+    def add(self, why: str) -> None:
+        self.count += 1
+        self.why = why
+        self.next.set()
+        self.next = asyncio.Event()
 
 
 def _outcome_from_error(
@@ -149,14 +169,16 @@ def _forget(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _message_id(target: str, subject: str, event: dict[str, Any], body: bytes) -> str:
+def _message_id(target: str, subject: str, event: dict[str, Any], payload: Any) -> str:
     """One delivery's JetStream message id: the target, its subject, the event's source and
-    id, and the bytes sent. A stream drops repeats by id whatever the subject: two targets
+    id, and the payload sent. A stream drops repeats by id whatever the subject: two targets
     whose subjects one stream captures sent the same event as one id, and the second was
     acknowledged as a duplicate and never stored. Two rules' transforms of one event are two
-    messages; a retry is the same one."""
-    identity = orjson.dumps([target, subject, event.get("source"), event.get("id")])
-    return hashlib.sha256(identity + b"\n" + body).hexdigest()
+    messages; a retry is the same one. The payload counts with its objects' keys sorted: a
+    retry's comes back from the database's jsonb, which orders them its own way (the bytes
+    differed, and every retried event was stored twice)."""
+    identity = [target, subject, event.get("source"), event.get("id"), payload]
+    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 class NatsTarget:
@@ -205,10 +227,8 @@ class NatsTarget:
         self._retiring: set[asyncio.Task[None]] = set()
         # set when a connection is closed (its server lost: it does not reconnect)
         self._lost: weakref.WeakKeyDictionary[Client, asyncio.Event] = weakref.WeakKeyDictionary()
-        # the publish permission violations each connection's server reported, and the last
-        self._refused: weakref.WeakKeyDictionary[Client, tuple[int, str]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # the publish permission violations each connection's server reported
+        self._refused: weakref.WeakKeyDictionary[Client, _Refusals] = weakref.WeakKeyDictionary()
         # why the last TLS handshake of the connect under way failed (None once connected)
         self._handshake: str | None = None
 
@@ -251,6 +271,7 @@ class NatsTarget:
         nc = Client()
         attempts: list[Exception] = []
         lost = self._lost[nc] = asyncio.Event()
+        refusals = self._refused[nc] = _Refusals()
 
         async def on_closed() -> None:
             lost.set()
@@ -262,8 +283,7 @@ class NatsTarget:
             if nc.is_connected:
                 log.warning("NATS target %s: %r", self.name, exc)
                 if "permissions violation for publish" in str(exc).lower():
-                    count, _ = self._refused.get(nc, (0, ""))
-                    self._refused[nc] = (count + 1, str(exc))
+                    refusals.add(str(exc))
             else:
                 attempts.append(exc)
                 if isinstance(exc, ssl.SSLError):
@@ -300,25 +320,36 @@ class NatsTarget:
         self._handshake = None
         return nc
 
-    async def _unless_lost(self, nc: Client, step: Awaitable[T]) -> T:
-        """``step`` on ``nc``, or ConnectionClosedError as soon as ``nc`` closes: nats-py leaves
-        a request, a JetStream publish or a flush waiting for its answer until the timeout when
-        the server goes away (reported as a timeout, the caller's 504 rather than 502)."""
+    async def _unless_lost(self, nc: Client, step: Awaitable[T], *, refusable: bool = False) -> T:
+        """``step`` on ``nc``; ConnectionClosedError as soon as ``nc`` closes and, if
+        ``refusable`` (a request: a JetStream publish is one), _PublishRefused as soon as its
+        server refuses a publish. nats-py leaves a request, a JetStream publish or a flush
+        waiting for its answer until the timeout in either case (reported as a retryable
+        timeout: a JetStream publish the user may not make was retried for a day, then
+        dead-lettered as timed out). A flush is not ``refusable``: its answer follows the
+        refusal, and a flush cut short leaves a PONG that breaks the connection's reader."""
         lost = self._lost.get(nc)
-        if lost is None:
+        refusals = self._refused.get(nc)
+        if lost is None or refusals is None:
             return await step
         work = asyncio.ensure_future(step)
         closed = asyncio.ensure_future(lost.wait())
+        refused = asyncio.ensure_future(refusals.next.wait()) if refusable else None
+        watched = (work, closed) if refused is None else (work, closed, refused)
         try:
-            await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
+            if refused is not None:
+                refused.cancel()
             if not work.done():
                 work.cancel()  # its failure, if any, is not this attempt's outcome
                 work.add_done_callback(_forget)
-        if not work.done():
-            raise nats.errors.ConnectionClosedError
-        return work.result()
+        if work.done():
+            return work.result()
+        if refused is not None and refused.done() and not refused.cancelled():
+            raise _PublishRefused(refusals.why)
+        raise nats.errors.ConnectionClosedError
 
     def _message(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool
@@ -373,13 +404,15 @@ class NatsTarget:
                 nc = await self._nc.get()
                 replies.append(
                     await self._unless_lost(
-                        nc, nc.request(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                        nc,
+                        nc.request(cfg.subject, body, timeout=cfg.timeout, headers=headers),
+                        refusable=True,
                     )
                 )
 
         outcome = await send_once(
             send,
-            errors=(nats.errors.Error, OSError, TimeoutError),
+            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused),
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg, self._handshake),
         )
         trace_attempt(log, self.name, event.get("id"), 1, outcome)
@@ -403,7 +436,7 @@ class NatsTarget:
             # the server drops a repeat within its stream's duplicate window: each attempt a
             # frozen server had taken before the timeout was stored (460 messages for 300
             # events in a review)
-            headers["Nats-Msg-Id"] = _message_id(self.name, cfg.subject, event, body)
+            headers["Nats-Msg-Id"] = _message_id(self.name, cfg.subject, event, payload)
 
         async def send() -> None:
             nc: Client | None = None
@@ -413,20 +446,22 @@ class NatsTarget:
                     if cfg.jetstream:
                         js = nc.jetstream(timeout=cfg.timeout)
                         stored = await self._unless_lost(
-                            nc, js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers)
+                            nc,
+                            js.publish(cfg.subject, body, timeout=cfg.timeout, headers=headers),
+                            refusable=True,
                         )
                         ack.update(
                             stream=stored.stream, seq=stored.seq, duplicate=bool(stored.duplicate)
                         )
                     else:
-                        refused, _ = self._refused.get(nc, (0, ""))
+                        refusals = self._refused.get(nc)
+                        before = 0 if refusals is None else refusals.count
                         await nc.publish(cfg.subject, body, headers=headers)
                         await self._unless_lost(nc, nc.flush(timeout=math.ceil(cfg.timeout)))
                         # The server answers a refused publish with -ERR before the flush's
                         # PONG: it was reported delivered, and the message was lost.
-                        count, why = self._refused.get(nc, (0, ""))
-                        if count != refused:
-                            raise _PublishRefused(why)
+                        if refusals is not None and refusals.count != before:
+                            raise _PublishRefused(refusals.why)
             except TimeoutError:
                 if nc is not None and not cfg.jetstream and self._nc.discard(nc):
                     # nats-py keeps the PONG future of a flush that timed out queued, and the

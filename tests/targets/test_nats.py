@@ -152,9 +152,14 @@ async def test_a_jetstream_delivery_sent_again_is_stored_once(
     await js.add_stream(StreamConfig(name=stream, subjects=[config.subject]))
     try:
         event = make_event()
+        # a retry's event as the database's jsonb gives it back: its keys in another order
+        reread = {k: dict(reversed(v.items())) if k == "data" else v for k, v in event.items()}
+        reread = dict(reversed(reread.items()))
+        assert orjson.dumps(reread) != orjson.dumps(event)
         async with NatsTarget(config) as target:
-            for attempt in (1, 2):  # the first stored, its acknowledgement lost: sent again
-                outcome = await target.deliver(event, event, is_cloudevent=True, attempt=attempt)
+            # the first stored, its acknowledgement lost: sent again, as it was and as a retry
+            for attempt, sent in ((1, event), (2, event), (3, reread)):
+                outcome = await target.deliver(sent, sent, is_cloudevent=True, attempt=attempt)
                 assert outcome.delivered, outcome.error
             # another rule's transform of the same event is a message of its own
             outcome = await target.deliver(event, {"n": 7}, is_cloudevent=False, attempt=1)
@@ -266,6 +271,38 @@ authorization { users: [
         assert (
             await deliver_once(config_for(url, subject="allowed.orders"), event, event)
         ).delivered
+
+
+async def test_a_jetstream_publish_the_server_refuses_is_final_at_once(tmp_path: Path) -> None:
+    # The server answers a publish the user may not make with an -ERR on the connection, not
+    # on the publish: the JetStream publish waited for its acknowledgement until the timeout,
+    # a retryable failure (retried for a day, then dead-lettered as timed out; a sync call 504)
+    config = """
+jetstream { store_dir: "{store}" }
+authorization { users: [
+  {user: admin, password: "admin-password-0001"},
+  {user: pub, password: "pub-password-0001",
+   permissions: {publish: {allow: ["$JS.API.>", "_INBOX.>"], deny: ["denied.>"]},
+                 subscribe: {allow: ["_INBOX.>"]}}}
+] }
+"""
+    async with configured_nats_server(tmp_path / "nats", config) as port:
+        admin = await nats.connect(f"nats://admin:admin-password-0001@127.0.0.1:{port}")
+        try:
+            await admin.jetstream().add_stream(StreamConfig(name="DENIED", subjects=["denied.>"]))
+        finally:
+            await admin.close()
+        url = f"nats://pub:pub-password-0001@127.0.0.1:{port}"
+        event = make_event()
+        spec = config_for(url, subject="denied.orders", jetstream=True, timeout=10.0)
+        async with NatsTarget(spec) as denied:
+            for attempt in (1, 2):  # each on the same connection
+                outcome = await denied.deliver(event, event, is_cloudevent=True, attempt=attempt)
+                assert not outcome.delivered and not outcome.retryable, outcome
+                assert "permissions violation for publish" in (outcome.error or "")
+                assert outcome.duration_ms < 5_000, outcome
+            answer = await denied.request(event, event, is_cloudevent=True)
+            assert not answer.outcome.retryable and answer.outcome.duration_ms < 5_000, answer
 
 
 async def test_a_server_lost_mid_request_fails_at_once_not_at_the_timeout(
