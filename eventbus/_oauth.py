@@ -33,7 +33,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
 import aiohttp
 import orjson
@@ -227,6 +227,11 @@ class OAuth2Client:
             error = str(data.get("error", "")) if data else ""
             described = str(data.get("error_description", "")) if data else ""
             reason = " ".join(p for p in (f"HTTP {status}", error, described) if p)
+            # the endpoint's own words go into dead letters and logs: never the secret, should
+            # it echo the request back
+            secret = spec.client_secret.reveal()
+            for form in {secret, quote(secret, safe=""), quote_plus(secret)} - {""}:
+                reason = reason.replace(form, "***")
             # 400/401/403: the client is unknown, revoked or not allowed this grant or scope;
             # the same request will be refused again until an operator acts.
             final = status in (400, 401, 403)

@@ -80,7 +80,12 @@ class TokenEndpoint:
             await asyncio.sleep(self.delay)
         if self.revoked or unquote(password) != CLIENT_SECRET:
             return web.json_response(
-                {"error": "invalid_client", "error_description": "client revoked"}, status=401
+                # echoing what it was sent, as some do: eventbus must not repeat it
+                {
+                    "error": "invalid_client",
+                    "error_description": f"client revoked (sent {unquote(password)}, {password})",
+                },
+                status=401,
             )
         body: dict[str, Any] = {"access_token": f"tok-{len(self.requests)}", "token_type": "Bearer"}
         if self.expires_in is not None:
@@ -346,7 +351,7 @@ async def test_a_revoked_client_fails_for_good_with_the_endpoints_reason(
     assert {o.retryable for o in outcomes} == {False}
     assert {o.error for o in outcomes} == {
         f"HTTP target 'fn': OAuth2 token endpoint {idp.url} refused client 'eventbus': "
-        "HTTP 401 invalid_client client revoked"
+        "HTTP 401 invalid_client client revoked (sent ***, ***)"
     }
     assert len(idp.requests) == 1  # the waiting deliveries share the refusal
     assert CLIENT_SECRET not in caplog.text
