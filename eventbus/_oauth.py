@@ -230,8 +230,8 @@ class OAuth2Client:
             # the endpoint's own words go into dead letters and logs: never the secret, should
             # it echo the request back
             secret = spec.client_secret.reveal()
-            for form in {secret, quote(secret, safe=""), quote_plus(secret)} - {""}:
-                reason = reason.replace(form, "***")
+            for spelled in {secret, quote(secret, safe=""), quote_plus(secret)} - {""}:
+                reason = reason.replace(spelled, "***")
             # 400/401/403: the client is unknown, revoked or not allowed this grant or scope;
             # the same request will be refused again until an operator acts.
             final = status in (400, 401, 403)
