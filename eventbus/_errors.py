@@ -171,17 +171,20 @@ class FailureRun:
     """Failures in a row of one repeated operation (a component's health reads it): since
     when, and the last one's text; ``ended`` once the operation succeeds."""
 
-    __slots__ = ("last", "since")
+    __slots__ = ("at", "last", "since")
 
     def __init__(self) -> None:
         self.since: float | None = None
         """``time.monotonic()`` of the run's first failure; None while not failing."""
+        self.at = 0.0
+        """``time.monotonic()`` of the run's last failure."""
         self.last = ""
 
     def failed(self, exc: BaseException, *, new: bool = False) -> None:
         """Count ``exc``: the first of a run unless one is under way (or ``new``)."""
+        self.at = time.monotonic()
         if self.since is None or new:
-            self.since = time.monotonic()
+            self.since = self.at
         self.last = truncate_error(f"{type(exc).__name__}: {exc}")
 
     def ended(self) -> None:

@@ -18,7 +18,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, Self
 
-from eventbus._errors import BusError, CloudEventError, ConfigError
+from eventbus._errors import BusError, BusUnavailable, CloudEventError, ConfigError, FailureRun
 from eventbus._tasks import wait_event
 from eventbus.cloudevents import encode, event_key, parse_json, validate
 
@@ -26,6 +26,7 @@ __all__ = [
     "DIRECT",
     "DUPLICATE",
     "MAX_BUS_MESSAGE",
+    "PUBLISHES_STALL_AFTER",
     "STALL_AFTER",
     "Behind",
     "Bus",
@@ -35,6 +36,8 @@ __all__ = [
     "PublishOutcome",
     "bus_message_limit",
     "collect_acks",
+    "note_publishes",
+    "publishes_failing",
     "require_positive",
     "wire_decode",
     "wire_encode",
@@ -197,6 +200,37 @@ class DecodedMessage:
         self.published_at = published_at
         self.ref = ref
         self.deliveries = deliveries
+
+
+PUBLISHES_STALL_AFTER = 10.0
+"""Seconds of publishes failing in a row (the last within as long) before readiness says so."""
+
+
+def note_publishes(run: FailureRun, results: Sequence[PublishOutcome]) -> None:
+    """Keep ``run``, a bus's publishes failing in a row, up to date with one call's
+    ``results``: any event stored ends it, one the broker could not take (BusUnavailable)
+    extends it; an event refused for itself (a BusError) says nothing about the broker."""
+    failure = None
+    for result in results:
+        if result is None or result is DUPLICATE:
+            run.ended()
+            return
+        if failure is None and isinstance(result, BusUnavailable):
+            failure = result
+    if failure is not None:
+        run.failed(failure)
+
+
+def publishes_failing(run: FailureRun, after: float) -> str | None:
+    """Readiness's reason while publishes have failed for ``after`` s, the last of them
+    within as long, or None. A broker that answers every request but stores
+    nothing (its disk full, and stuck so once space was freed) kept readiness green while
+    every publish answered 503. With no publish since, the run is not news: it stays shown
+    only that long."""
+    lasted = run.longer_than(after)
+    if lasted is None or time.monotonic() - run.at > after:
+        return None
+    return f"publishes failing for {lasted:.0f} s: {run.last}"
 
 
 async def collect_acks(

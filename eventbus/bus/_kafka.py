@@ -42,6 +42,7 @@ from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import cancel_and_wait, stop_if_cancelled, wait_event
 from eventbus.bus._base import (
     DIRECT,
+    PUBLISHES_STALL_AFTER,
     STALL_AFTER,
     Behind,
     BusMessage,
@@ -50,6 +51,8 @@ from eventbus.bus._base import (
     PublishOutcome,
     bus_message_limit,
     collect_acks,
+    note_publishes,
+    publishes_failing,
     require_positive,
     wire_encode,
 )
@@ -726,7 +729,9 @@ class KafkaBus:
         self._security = {} if config.auth is None else kafka_options(config.auth, "Kafka bus")
         self._producer: AIOKafkaProducer | None = None
         self._consumptions: set[_Consumption] = set()
+        self._publishes = FailureRun()  # publishes the brokers could not take, in a row
         self.stall_after = STALL_AFTER
+        self.publish_stall_after = PUBLISHES_STALL_AFTER
 
     async def __aenter__(self) -> Self:
         """Make sure the topic exists and start the producer.
@@ -858,6 +863,7 @@ class KafkaBus:
         await collect_acks(
             pending, results, cfg.publish_timeout, lambda exc: _translate(exc, "publish")
         )
+        note_publishes(self._publishes, results)
         return results
 
     async def messages(self) -> AsyncIterator[BusMessage]:
@@ -888,7 +894,11 @@ class KafkaBus:
         failing for ``COMMITS_STALL_AFTER`` s (readiness stayed green while every commit failed
         for minutes, and a rebalance then redelivered everything since the last one), or a
         member with room receiving nothing for ``stall_after`` s while records wait past its
-        offsets (a broker answering every fetch empty)."""
+        offsets (a broker answering every fetch empty), or publishes failing though it answers
+        (see ``publishes_failing``)."""
+        publishing = publishes_failing(self._publishes, self.publish_stall_after)
+        if publishing is not None:
+            return publishing
         for consumption in self._consumptions:
             failing = consumption.commits.longer_than(COMMITS_STALL_AFTER)
             if failing is not None:

@@ -39,11 +39,18 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from eventbus._errors import BusError, BusUnavailable, ConfigError, EventTooLargeForBus
+from eventbus._errors import (
+    BusError,
+    BusUnavailable,
+    ConfigError,
+    EventTooLargeForBus,
+    FailureRun,
+)
 from eventbus._tasks import stop_if_cancelled
 from eventbus.bus._base import (
     DIRECT,
     DUPLICATE,
+    PUBLISHES_STALL_AFTER,
     STALL_AFTER,
     Behind,
     BusMessage,
@@ -52,6 +59,8 @@ from eventbus.bus._base import (
     PublishOutcome,
     bus_message_limit,
     collect_acks,
+    note_publishes,
+    publishes_failing,
     require_positive,
     wire_encode,
 )
@@ -326,11 +335,13 @@ class NatsBus:
         self._unsettled: set[_NatsMessage] = set()
         self._behind: list[tuple[Behind, InFlightWindow]] = []  # one per consuming iterator
         self.stall_after = STALL_AFTER
+        self.publish_stall_after = PUBLISHES_STALL_AFTER
         # Per iterator: fetched but not yet handed out (handed back on close).
         self._batches: list[deque[Msg]] = []
         self._pulls: set[JetStreamContext.PullSubscription] = set()
         self._violation: tuple[float, str] | None = None
         self._acks = _Acks()
+        self._publishes = FailureRun()  # publishes the server could not take, in a row
 
     async def __aenter__(self) -> Self:
         """Connect and make sure the stream exists.
@@ -549,6 +560,7 @@ class NatsBus:
             lambda exc: _translate(exc, "publish"),
             duplicate=lambda ack: bool(ack.duplicate),
         )
+        note_publishes(self._publishes, results)
         return results
 
     async def _align_consumer(self, js: JetStreamContext) -> None:
@@ -728,8 +740,12 @@ class NatsBus:
     def stalled(self) -> str | None:
         """Why the consumer makes no progress though the server answers: it has room, the
         server said events wait for it, and none has come for ``STALL_AFTER`` s (a consumer
-        paused on the server, say). Acknowledgements fail as its requests do, which the
-        router's own health reports."""
+        paused on the server, say); or publishes failing though it answers (its store unable
+        to write: see ``publishes_failing``). Acknowledgements fail as its requests do, which
+        the router's own health reports."""
+        failing = publishes_failing(self._publishes, self.publish_stall_after)
+        if failing is not None:
+            return failing
         for behind, window in self._behind:
             why = behind.stalled(window, self.stall_after)
             if why is not None:

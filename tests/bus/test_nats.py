@@ -124,6 +124,45 @@ async def test_existing_stream_with_other_settings_is_used(nats_url: str) -> Non
         assert "maximum messages exceeded" in str(refused), refused
 
 
+async def test_publishes_failing_though_the_server_answers_are_a_stall(nats_url: str) -> None:
+    # a store that cannot write (its disk full, and stuck so once space was freed) answers
+    # account requests, so readiness stayed green while every publish answered 503
+    config = nats_config(nats_url)
+    await _make_stream(
+        nats_url,
+        StreamConfig(
+            name=config.stream, subjects=[config.subject], max_msgs=1, discard=DiscardPolicy.NEW
+        ),
+    )
+    async with open_bus(config) as bus:
+        bus.publish_stall_after = 0.3
+        await bus.publish(event(1))
+        with pytest.raises(BusUnavailable):
+            await bus.publish(event(2))
+        assert bus.stalled() is None  # one failure is not a stall
+        await asyncio.sleep(0.4)
+        with pytest.raises(BusError, match="cannot publish event"):  # the event's own fault:
+            await bus.publish({"id": "no source"})  # says nothing about the server
+        assert bus.stalled() is None
+        with pytest.raises(BusUnavailable):
+            await bus.publish(event(3))
+        why = bus.stalled()
+        assert why is not None and why.startswith("publishes failing for 0 s: "), why
+        assert "maximum messages exceeded" in why, why
+        await asyncio.sleep(0.4)
+        assert bus.stalled() is None  # no publish since: not news
+        with pytest.raises(BusUnavailable):
+            await bus.publish(event(4))
+        assert bus.stalled() is not None
+        nc = await nats.connect(nats_url)
+        try:  # room made: the next publish ends the run
+            await nc.jetstream().purge_stream(config.stream)
+        finally:
+            await nc.close()
+        await bus.publish(event(5))
+        assert bus.stalled() is None
+
+
 @pytest.mark.parametrize(
     "limit", [{"max_msgs": 100}, {"max_bytes": 1 << 20}, {"max_msgs_per_subject": 100}]
 )
