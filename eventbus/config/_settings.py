@@ -318,6 +318,15 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         lines = []
         for err, line in zip(exc.errors(), pydantic_errors(doc, exc), strict=True):
             variable = _variable(env, err["loc"])
+            if variable is not None and err["type"] == "extra_forbidden":
+                # a variable a secret was to be read from ({env: EVENTBUS_DB_PASSWORD})
+                # stopped the service with "Extra inputs are not permitted"
+                lines.append(
+                    f"{variable}: not a setting ({'.'.join(map(str, err['loc']))}): every "
+                    f"{ENV_PREFIX}* variable is read as one; a variable a secret is read from "
+                    "({env: NAME}) needs a name without that prefix"
+                )
+                continue
             # an overridden value's error names its variable, not the file's first line
             lines.append(line if variable is None else f"{variable}: {line.split(': ', 1)[1]}")
         raise ConfigError("\n".join(lines)) from exc
