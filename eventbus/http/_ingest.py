@@ -254,6 +254,10 @@ class IngestApp:
                 raise
             status, extra, media = problem.status, problem.headers, PROBLEM
             body = problem.body(path)
+            # the exception's traceback holds this frame, which held it: a cycle keeping the
+            # request's body (the reading frame's chunks) until the next full collection,
+            # hundreds of MB after a few hundred refused large bodies
+            del problem
         await send_answer(send, status, media, body, extra)
 
     async def _events(self, headers: Mapping[str, str], raw: bytes) -> _Answer:

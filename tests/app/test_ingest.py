@@ -4,6 +4,7 @@ keys, and every kind of bad input (the service stays up and loses nothing else).
 
 from __future__ import annotations
 
+import gc
 import gzip
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from cloudevents.v1.http import CloudEvent, to_binary, to_structured
 
 from eventbus.bus import NatsServer
+from eventbus.http._problem import Problem
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
@@ -384,6 +386,29 @@ async def test_bad_input_gets_problem_details_and_service_stays_up(
     assert status == 200 and body["items"] == []
     status, _, problem = await svc.request("POST", "/dead-letters/999999/replay")
     assert status == 404 and "999999" in problem["detail"]
+
+
+async def test_a_refused_body_is_freed_with_its_answer(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The answer's exception held the handler's frame through its traceback, and the frame held
+    # the exception: a cycle that kept each refused request's body until the next full
+    # collection (600 refused bodies of 1 MB: 810 MB, with the service's collector tuning)
+    svc = await _start(eventbus, receiver)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            status, _, _ = await svc.request(
+                "POST", "/events", b"[" + b" " * 2_000_000 + b"]", {"Content-Type": BATCH}
+            )
+            assert status == 413
+            status, _, _ = await svc.request("POST", "/hooks/nowhere", b"{}")
+            assert status == 404
+        left = [o for o in gc.get_objects() if isinstance(o, Problem)]
+    finally:
+        gc.enable()
+    assert left == []
 
 
 async def test_api_keys_refuse_and_audit(eventbus: StartService, receiver: Receiver) -> None:
