@@ -68,6 +68,9 @@ _TOO_LARGE = f"the request head exceeds {MAX_HEAD} bytes"
 # A request is shed for a slow body only once it has been reading it this long: every body
 # has received nothing at its start.
 _SHED_BODY_AFTER = 1.0
+# At the cap, a connection waiting this long for its request is shed before a slow body; one
+# that has waited less is most likely a client whose request is on its way.
+_SHED_WAITING_AFTER = 1.0
 
 
 def _refuse(transport: asyncio.Transport, status: bytes, problem: Problem) -> None:
@@ -159,16 +162,26 @@ class ConnectionGuard:
         return guarded
 
     def _admit(self, connection: _Connection) -> bool:
+        """Count ``connection`` in, making room at the cap: shed the connection waiting longest
+        for a request if it has waited ``_SHED_WAITING_AFTER`` s, else the slowest body, else
+        the one waiting longest however briefly; False (refuse it) when every connection has
+        a request under way. The slow bodies were looked at only with none waiting: a client
+        reconnecting as fast as it was dropped shed each newer connection, a health probe's
+        before its request arrived, while trickled bodies held the rest of the cap."""
         if len(self._open) >= self.max_connections:
-            if self._waiting:
-                metrics.HTTP_CONNECTIONS_DROPPED.labels("shed").inc()
-                next(iter(self._waiting)).close()
-            elif (slowest := self._slowest_body()) is not None:
-                metrics.HTTP_CONNECTIONS_DROPPED.labels("shed_body").inc()
-                slowest.close()
-            else:
+            oldest = next(iter(self._waiting), None)
+            if oldest is None or not oldest.waited(_SHED_WAITING_AFTER):
+                slowest = self._slowest_body()
+                if slowest is not None:
+                    metrics.HTTP_CONNECTIONS_DROPPED.labels("shed_body").inc()
+                    slowest.close()
+                    self._open.add(connection)
+                    return True
+            if oldest is None:
                 metrics.HTTP_CONNECTIONS_DROPPED.labels("refused").inc()
                 return False
+            metrics.HTTP_CONNECTIONS_DROPPED.labels("shed").inc()
+            oldest.close()
         self._open.add(connection)
         return True
 
@@ -305,6 +318,10 @@ class _Connection(asyncio.Protocol):
         self._requests -= 1
         if self._requests == 0 and self._live:
             self._wait_for_request(unread)
+
+    def waited(self, seconds: float) -> bool:
+        """Whether it has been waiting for a request at least ``seconds``."""
+        return self._loop is not None and self._loop.time() - self._waiting_since >= seconds
 
     def body_rate(self, now: float) -> float | None:
         """Bytes per second of the body its request is reading, once it has been reading it

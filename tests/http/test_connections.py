@@ -238,6 +238,28 @@ async def test_at_the_cap_the_slowest_body_is_shed_for_a_new_connection(
         sending.cancel()
 
 
+@pytest.mark.timeout(120)
+async def test_at_the_cap_a_connection_just_opened_is_not_shed_for_a_newer_one(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # With a trickled body on every other connection, a client reconnecting as fast as it was
+    # dropped shed each newer connection (the one waiting longest, for milliseconds): a health
+    # probe's before its request came, while the bodies held the cap (0 of 36 probes answered)
+    svc = await _capped(eventbus, receiver, "httptools")
+    await svc.session.close()  # its idle keep-alive connection would be shed first
+    stalled = [await _open(svc.url, _head("/events", b"", 1000) + b"{") for _ in range(19)]
+    async with _closing(stalled):
+        await asyncio.sleep(1.5)  # reading their bodies for a second: sheddable
+        probe = await _open(svc.url, b"")  # the twentieth: its request is on its way
+        churner = await _open(svc.url, b"")
+        async with _closing([probe, churner]):
+            probe[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await _until_closed(probe)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            shed = [conn for conn in stalled if not await _quiet(conn)]
+            assert len(shed) == 1 and await _until_closed(shed[0]) == b""
+
+
 @PARSERS
 async def test_request_heads_are_bounded_but_bodies_that_come_with_them_are_not(
     eventbus: StartService, receiver: Receiver, http: str
