@@ -300,7 +300,12 @@ class Service:
         connectors: ConnectorSet | None = None
         policies: dict[str, DeliveryPolicy] | None = None
         try:
-            connectors = load_connectors(self.settings.connectors)
+            path = Path(self.settings.connectors)
+            if "connectors" in self.settings.model_fields_set and not path.exists():
+                # named in the settings or $EVENTBUS_CONNECTORS: a typo, not a first start (it
+                # ran with no target and no source, and said nothing)
+                raise ConfigError(f"connectors: no such file or directory: {path}")
+            connectors = load_connectors(path)
             policies = _policies(connectors)
         except ConfigError as exc:
             problems.append(str(exc))

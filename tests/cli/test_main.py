@@ -227,16 +227,21 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     assert proc.returncode == 141 and b"Traceback" not in err, err
 
 
-async def test_serve_refuses_a_rules_path_it_was_given_that_does_not_exist(
+async def test_serve_refuses_a_rules_or_connectors_path_it_was_given_that_does_not_exist(
     tmp_path: Path,
 ) -> None:
     # a typo in EVENTBUS_RULES (or the settings' rules:) started a service routing nothing,
-    # with one warning line; `rules validate` refused the same path
+    # with one warning line; `rules validate` refused the same path. One in connectors: ran
+    # with no target and no source, without a word.
     cfg = tmp_path / "eventbus.yaml"
-    cfg.write_text(f"rules: {tmp_path / 'rulez'}\ndata_dir: {tmp_path / 'data'}\n")
+    cfg.write_text(
+        f"rules: {tmp_path / 'rulez'}\nconnectors: {tmp_path / 'connectorz'}\n"
+        f"data_dir: {tmp_path / 'data'}\n"
+    )
     code, _, err = await _cli("serve", "--config", str(cfg), "--port", str(free_port()))
     assert code == 1 and "Traceback" not in err
-    assert f"eventbus: rules: no such file or directory: {tmp_path / 'rulez'}" in err, err
+    assert f"eventbus: connectors: no such file or directory: {tmp_path / 'connectorz'}" in err
+    assert f"rules: no such file or directory: {tmp_path / 'rulez'}" in err, err
     assert not (tmp_path / "data").exists()  # nothing was started
 
 
