@@ -37,6 +37,7 @@ __all__ = [
     "literal_secrets",
     "long_enough",
     "resolve_reference",
+    "validate_secret",
 ]
 
 MASK = "***"
@@ -161,7 +162,7 @@ class Secret:
         cls, source: type[Any], handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         return core_schema.with_info_plain_validator_function(
-            _validate,
+            validate_secret,
             serialization=core_schema.plain_serializer_function_ser_schema(
                 lambda s: MASK, when_used="always"
             ),
@@ -184,7 +185,10 @@ class Secret:
         }
 
 
-def _validate(value: Any, info: ValidationInfo) -> Secret:
+def validate_secret(value: Any, info: ValidationInfo) -> Secret:
+    """A secret's setting (a literal, ``{env: NAME}``, ``{file: PATH}``) read as a field's
+    validator would, the environment taken from the validation's context; raises ValueError
+    saying what is wrong."""
     if isinstance(value, Secret):
         return value
     if isinstance(value, str):

@@ -25,15 +25,15 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from eventbus._errors import ConfigError
-from eventbus.config._secrets import Secret
+from eventbus.config._secrets import Secret, validate_secret
 
 __all__ = ["TlsSpec", "refuse_nats_plaintext", "tls_refusal"]
 
@@ -79,11 +79,18 @@ class TlsSpec(BaseModel):
 
     @field_validator("key", mode="before")
     @classmethod
-    def _key_form(cls, value: Any) -> Any:
+    def _key_form(cls, value: Any, info: ValidationInfo) -> Any:
         # A plain string is a path (as for ca and cert); a reference is the PEM text itself.
+        # Each is made here, as its form says: left to the union, a reference whose file
+        # could not be read was an error for each of its members, the first one pydantic's
+        # schema of a path.
         if isinstance(value, str):
             return Path(value)
-        return value
+        if isinstance(value, Mapping):
+            return validate_secret(value, info)
+        if value is None or isinstance(value, Path | Secret):
+            return value
+        raise ValueError("write a path, {env: NAME} or {file: PATH}")
 
     @model_validator(mode="after")
     def _pairs(self) -> TlsSpec:

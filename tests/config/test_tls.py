@@ -121,6 +121,23 @@ def test_unreadable_files_name_the_connection_and_field(pki: Pki, tmp_path: Path
         ).context("x")
 
 
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ({"file": "/nope/eb.key"}, "cannot read /nope/eb.key: No such file or directory"),
+        ({"env": "NOPE_KEY"}, "environment variable NOPE_KEY is not set"),
+        (5, "write a path, {env: NAME} or {file: PATH}"),
+    ],
+)
+def test_a_key_that_cannot_be_read_is_one_error(key: object, reason: str) -> None:
+    # a path or a reference: the union of the two reported an error for each member, the
+    # first pydantic's schema of a path ("lax-or-strict[lax=union[json-or-python[...")
+    with pytest.raises(ValidationError) as info:
+        TlsSpec.model_validate({"cert": "/c.pem", "key": key}, context={"env": {}})
+    (error,) = info.value.errors()
+    assert error["loc"] == ("key",) and reason in error["msg"], error
+
+
 def test_incomplete_blocks_are_refused() -> None:
     with pytest.raises(ValidationError, match="cert and key go together"):
         TlsSpec(cert=Path("/c.pem"))
