@@ -86,8 +86,10 @@ def validate_command(
     out: TextIO,
     check_delivery: DeliveryCheck | None = None,
     native_cel: bool = False,
+    note: str = "",
 ) -> int:
-    """Load the rules at ``path``; print ``N rules OK`` (exit 0) or every problem (exit 1)."""
+    """Load the rules at ``path``; print ``N rules OK`` (exit 0) or every problem (exit 1).
+    ``note`` follows the OK (what was not checked)."""
     from eventbus.rules import load_rules
 
     try:
@@ -98,8 +100,10 @@ def validate_command(
         return _write_errors(exc, out)
     disabled = sum(1 for rule in rules.rules if not rule.enabled)
     count = len(rules.rules)
-    note = f" ({disabled} disabled)" if disabled else ""
-    out.write(f"{count} rule{'s' if count != 1 else ''} OK{note}\n")
+    notes = [f"{disabled} disabled"] if disabled else []
+    notes += [note] if note else []
+    shown = f" ({'; '.join(notes)})" if notes else ""
+    out.write(f"{count} rule{'s' if count != 1 else ''} OK{shown}\n")
     return EXIT_OK
 
 
@@ -217,7 +221,13 @@ def _run_validate(args: argparse.Namespace) -> int:
         # The rules are still checked (without their targets): the connectors' problems and
         # the rules' came in two rounds, each fix showing the next.
         sys.stderr.write("".join(f"eventbus: {line}\n" for line in str(exc).splitlines()))
-        validate_command(args.path, known_targets=None, out=sys.stdout, native_cel=native_cel)
+        validate_command(
+            args.path,
+            known_targets=None,
+            out=sys.stdout,
+            native_cel=native_cel,
+            note="their targets not checked: the connectors did not load",
+        )
         return 1
     return validate_command(
         args.path,

@@ -298,6 +298,11 @@ def test_validate_still_checks_the_rules_where_a_variable_is_not_set(
     out, err = capsys.readouterr()
     assert "environment variable EB_TEST_UNSET_URL is not set" in err, err
     assert f"{rules}:2 rule 'r': mtach" in out, out
+    # valid rules: OK, and what was not checked (it said "1 rules OK" and exited 1)
+    rules.write_text("- name: r\n  match: {}\n  targets: [fn]\n")
+    assert args.func(args) == 1
+    out, _ = capsys.readouterr()
+    assert out == "1 rule OK (their targets not checked: the connectors did not load)\n", out
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
