@@ -42,6 +42,10 @@ MAX_DATA_DEPTH = 64
 """Levels of objects and arrays ``data`` may nest (``{"a": [1]}`` is two). The JSON serializer
 stops at 254 levels, and the audit trail and dead-letter views wrap an event a few levels
 deeper; 64 leaves room for that and for transform templates, and no real payload needs more."""
+MAX_STORED_DEPTH = 200
+"""The nesting a ``stored`` event's ``data`` may have: one accepted before MAX_DATA_DEPTH was
+a rule is delivered as it was accepted, within what the serializer and the audit's wrapping
+still take."""
 MAX_EXTENSIONS = 50
 """Extension attributes per event: with the context attributes and a delivery's own headers a
 binary-mode request stays under the 100 header fields that Apache httpd, for one, accepts."""
@@ -343,16 +347,14 @@ def _check_headers(event: dict[str, Any]) -> None:
         )
 
 
-def _check_depth(data: object) -> None:
+def _check_depth(data: object, limit: int = MAX_DATA_DEPTH) -> None:
     # Depth first with a budget, stopping at the first branch too deep: a typical event's
     # few containers cost a call each (the level-by-level walk built a list per level, most of
     # a small event's validation). Exact types, not isinstance: parsed JSON holds no
-    # subclasses, and this is the hot path. Recursion stays within MAX_DATA_DEPTH frames.
+    # subclasses, and this is the hot path. Recursion stays within ``limit`` frames.
     kind = type(data)
-    if (kind is dict or kind is list or kind is tuple) and _too_deep(data, MAX_DATA_DEPTH):
-        raise CloudEventError(
-            f"'data' nests objects and arrays more than {MAX_DATA_DEPTH} levels deep"
-        )
+    if (kind is dict or kind is list or kind is tuple) and _too_deep(data, limit):
+        raise CloudEventError(f"'data' nests objects and arrays more than {limit} levels deep")
 
 
 def _too_deep(container: Any, budget: int) -> bool:
@@ -387,9 +389,15 @@ def validate(
     outside years 1-9999 in UTC, ``data`` nested deeper than :data:`MAX_DATA_DEPTH`, more than
     :data:`MAX_EXTENSIONS` extensions or attributes over :data:`MAX_HEADER_BYTES` as headers;
     413 when the event is larger than ``max_size`` bytes. Data that is not a string under a
-    ``datacontenttype`` that is not JSON is refused too, unless the event is ``stored``: one the
-    bus holds, accepted before that rule (it is then delivered as it was accepted); so is
-    ``data_base64`` under a JSON ``datacontenttype`` whose bytes are not JSON text.
+    ``datacontenttype`` that is not JSON is refused too; so is ``data_base64`` under a JSON
+    ``datacontenttype`` whose bytes are not JSON text, and data its ``charset`` cannot encode.
+
+    A ``stored`` event (one the bus holds) is checked only against what every release has
+    refused: one accepted by an older release, before the rules on extensions, headers,
+    charsets, non-string data and ``data_base64`` came, and with data nested up to
+    :data:`MAX_STORED_DEPTH`, is delivered as it was accepted (such events waiting on the bus
+    through an upgrade were set aside, never delivered). A target that cannot take it fails
+    the delivery, which the audit and the dead letters show.
     """
     if type(event) is not dict:
         raise CloudEventError(f"an event must be a JSON object, got {type(event).__name__}")
@@ -411,7 +419,7 @@ def validate(
         else:
             _extension(name, value)
             extensions += 1
-            if extensions > MAX_EXTENSIONS:
+            if extensions > MAX_EXTENSIONS and not stored:
                 raise CloudEventError(
                     f"the event has more than {MAX_EXTENSIONS} extension attributes"
                 )
@@ -438,14 +446,14 @@ def validate(
                 f"'data' under datacontenttype {_clip(content_type)} must be a string; "
                 "carry bytes as 'data_base64'"
             )
-        if ";" in content_type:
+        if ";" in content_type and not stored:
             _check_charset(content_type, data)
         encoded = event.get("data_base64")
         if encoded is not None and not stored and is_json(media_type(content_type)):
             _check_json_bytes(content_type, encoded)
-    if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES:
+    if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES and not stored:
         _check_headers(event)
-    _check_depth(event.get("data"))
+    _check_depth(event.get("data"), MAX_STORED_DEPTH if stored else MAX_DATA_DEPTH)
     if size is None:
         size = len(encode(event))
     check_size(size, max_size)
