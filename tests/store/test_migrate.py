@@ -58,6 +58,37 @@ async def test_applies_every_migration_once_then_nothing(database_dsn: str) -> N
         await conn.close()
 
 
+async def test_indexes_an_earlier_form_of_a_migration_made_are_repaired(database_dsn: str) -> None:
+    # 0006 and 0001 were edited after some databases had applied them: those kept the first
+    # form (a trail index the query cannot use, so every trail lookup read all of events)
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await migrate(conn)
+        await conn.execute(
+            """
+            DROP INDEX events_caused_by;
+            CREATE INDEX events_caused_by ON events
+                ((event->>'eventbuscausesource'), (event->>'eventbuscauseid'), received_at, seq)
+                WHERE event ? 'eventbuscauseid';
+            CREATE INDEX events_type_received_at ON events (type, received_at);
+            DELETE FROM schema_migrations WHERE version = 10;
+            """
+        )
+        assert [m.name for m in await migrate(conn)] == ["index_repairs"]
+        defined = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'events_caused_by'"
+        )
+        assert defined.endswith("WHERE (via = 'reply'::text)"), defined
+        assert await conn.fetchval("SELECT to_regclass('events_type_received_at')") is None
+        plan = await conn.fetchval(
+            "EXPLAIN SELECT seq FROM events WHERE via = 'reply' "
+            "AND event->>'eventbuscausesource' = 'a' AND event->>'eventbuscauseid' = 'b'"
+        )
+        assert "events_caused_by" in plan, plan
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_opens_on_a_fresh_database_both_succeed(database_dsn: str) -> None:
     stores = await asyncio.gather(*(Store.open(database_dsn) for _ in range(3)))
     try:
