@@ -368,6 +368,28 @@ async def test_a_delivery_parked_behind_the_circuit_is_held_to_max_age(
     assert len(receiver.requests) == sum(i["attempts"] for i in items) <= 20
 
 
+async def test_a_retry_taken_up_past_max_age_is_not_attempted(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # max_age was checked only when a retry was scheduled: one due within it but taken up
+    # later (here behind a one-at-a-time target's backlog of due retries) was still sent, up
+    # to 2.5 x max_age after the first attempt in a review's run
+    receiver.respond(503)
+    retry = {**FAST, "initial_delay": "100ms", "max_age": "2s"}
+    target = {**_target(receiver, retry=retry), "concurrency": 1}
+    svc = await eventbus(rules=RULES, targets=[target])
+    await _publish(svc, range(100))
+    items = await _all_dead_lettered(svc, 100, "every delivery too old")
+    assert {i["reason"] for i in items} == {"too-old"}
+    first: dict[str, float] = {}
+    for request in receiver.requests:
+        event_id = request.cloudevent["id"]
+        first.setdefault(event_id, request.at)
+        # 2 s, the grace of 1 s, and the attempt itself (its wait for the target's slot)
+        assert request.at - first[event_id] < 4.0, (event_id, request.at - first[event_id])
+    assert any("past max_age (2 s): not made" in (i["final_error"] or "") for i in items), items
+
+
 async def test_destinations_and_dead_letter_target(
     eventbus: StartService, receiver: Receiver
 ) -> None:
