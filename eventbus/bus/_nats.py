@@ -219,21 +219,30 @@ def _refuse_dropping(stream: StreamConfig) -> None:
     """Raise BusError for a stream that makes room by dropping its oldest messages: it would
     drop events answered 202 that the router had not read yet, with no trace anywhere (63 of
     300 in a review, the service ready throughout). With ``discard: new`` a full stream
-    refuses new events instead (503, the publisher retries)."""
-    if stream.discard not in (None, DiscardPolicy.OLD):
-        return
+    refuses new events instead (503, the publisher retries); its per-subject limit only with
+    ``discard_new_per_subject`` too (the bus publishes on one subject: without it that limit
+    dropped the oldest whatever the discard policy)."""
+    drops_old = stream.discard in (None, DiscardPolicy.OLD)
     limits = {
-        "max_msgs": stream.max_msgs,
-        "max_bytes": stream.max_bytes,
-        "max_msgs_per_subject": stream.max_msgs_per_subject,
+        "max_msgs": (stream.max_msgs, drops_old),
+        "max_bytes": (stream.max_bytes, drops_old),
+        "max_msgs_per_subject": (
+            stream.max_msgs_per_subject,
+            drops_old or not stream.discard_new_per_subject,
+        ),
     }
-    limited = [f"{name} {value}" for name, value in limits.items() if value and value > 0]
+    limited = [
+        f"{name} {value}"
+        for name, (value, dropping) in limits.items()
+        if dropping and value is not None and value > 0
+    ]
     if limited:
         raise BusError(
             f"stream {stream.name} drops its oldest messages when full ({', '.join(limited)}, "
-            "discard: old): events answered 202 would be lost before they are routed; set "
-            "its discard policy to new (a full stream then refuses new events, 503) or remove "
-            "the limit"
+            f"discard: {'old' if drops_old else 'new without discard_new_per_subject'}): events "
+            "answered 202 would be lost before they are routed; set its discard policy to new "
+            "(and discard_new_per_subject with max_msgs_per_subject: a full stream then refuses "
+            "new events, 503) or remove the limit"
         )
 
 

@@ -109,7 +109,9 @@ async def test_existing_stream_with_other_settings_is_used(nats_url: str) -> Non
             name=config.stream,
             subjects=[config.subject],
             max_msgs=2,
+            max_msgs_per_subject=1000,
             discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
             duplicate_window=5.0,
         ),
     )
@@ -164,7 +166,14 @@ async def test_publishes_failing_though_the_server_answers_are_a_stall(nats_url:
 
 
 @pytest.mark.parametrize(
-    "limit", [{"max_msgs": 100}, {"max_bytes": 1 << 20}, {"max_msgs_per_subject": 100}]
+    "limit",
+    [
+        {"max_msgs": 100},
+        {"max_bytes": 1 << 20},
+        {"max_msgs_per_subject": 100},
+        # discard: new leaves the per-subject limit dropping the oldest (the bus's one subject)
+        {"max_msgs_per_subject": 100, "discard": DiscardPolicy.NEW},
+    ],
 )
 async def test_a_stream_that_drops_unread_events_is_refused(
     nats_url: str, limit: dict[str, int]
