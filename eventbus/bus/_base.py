@@ -206,10 +206,12 @@ PUBLISHES_STALL_AFTER = 10.0
 """Seconds of publishes failing in a row (the last within as long) before readiness says so."""
 
 
-def note_publishes(run: FailureRun, results: Sequence[PublishOutcome]) -> None:
+def note_publishes(run: FailureRun, results: Sequence[PublishOutcome], after: float) -> None:
     """Keep ``run``, a bus's publishes failing in a row, up to date with one call's
     ``results``: any event stored ends it, one the broker could not take (BusUnavailable)
-    extends it; an event refused for itself (a BusError) says nothing about the broker."""
+    extends it, or begins a new one when the last failure is more than ``after`` s old (no
+    publish since: one failure after a quiet hour was "failing for an hour"); an event
+    refused for itself (a BusError) says nothing about the broker."""
     failure = None
     for result in results:
         if result is None or result is DUPLICATE:
@@ -218,7 +220,7 @@ def note_publishes(run: FailureRun, results: Sequence[PublishOutcome]) -> None:
         if failure is None and isinstance(result, BusUnavailable):
             failure = result
     if failure is not None:
-        run.failed(failure)
+        run.failed(failure, new=time.monotonic() - run.at > after)
 
 
 def publishes_failing(run: FailureRun, after: float) -> str | None:

@@ -863,7 +863,7 @@ class KafkaBus:
         await collect_acks(
             pending, results, cfg.publish_timeout, lambda exc: _translate(exc, "publish")
         )
-        note_publishes(self._publishes, results)
+        note_publishes(self._publishes, results, self.publish_stall_after)
         return results
 
     async def messages(self) -> AsyncIterator[BusMessage]:

@@ -569,7 +569,7 @@ class NatsBus:
             lambda exc: _translate(exc, "publish"),
             duplicate=lambda ack: bool(ack.duplicate),
         )
-        note_publishes(self._publishes, results)
+        note_publishes(self._publishes, results, self.publish_stall_after)
         return results
 
     async def _align_consumer(self, js: JetStreamContext) -> None:
