@@ -146,6 +146,10 @@ def test_bad_environment_value_names_the_variable_and_field(tmp_path: Path) -> N
     assert first.startswith("environment EVENTBUS_DB_PASSWORD: not a setting (db_password): ")
     assert "needs a name without that prefix" in first and "s3cret" not in str(info.value)
     assert second.startswith("environment EVENTBUS_LISTEN__PROT: not a setting (listen.prot)")
+    # a key inside a variable's value that is no setting: the variable is one
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={"EVENTBUS_BUS__NATS": "{urll: nats://x:1}"})
+    assert str(info.value).startswith("environment EVENTBUS_BUS__NATS: bus.nats.urll: Extra")
 
 
 def test_ingest_limits_default_to_the_cloudevents_ones() -> None:
