@@ -530,45 +530,52 @@ class NatsBus:
         results: list[PublishOutcome] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
-        for i, event in enumerate(events):
-            try:
-                payload, key = wire_encode(event)
-                if scope is not None:
-                    key = f"{key}/{scope}"
-                nc = self._client()
-                reply, future = self._acks.expect()
+        try:
+            for i, event in enumerate(events):
                 try:
-                    # a publish waits when the client's buffer is full: one deadline bounds
-                    # the loop
-                    async with asyncio.timeout_at(deadline):
-                        await nc.publish(
-                            cfg.subject,
-                            payload,
-                            reply=reply,
-                            headers={"Nats-Msg-Id": key, _VIA: via},
-                        )
-                except BaseException:
-                    future.cancel()
-                    raise
-            except BusError as exc:
-                results[i] = exc
-            except nats.errors.MaxPayloadError:
-                results[i] = EventTooLargeForBus(
-                    f"the event takes {len(payload)} bytes on the bus, more than the NATS "
-                    f"server's max_payload ({self._nc.max_payload if self._nc else '?'} bytes)"
-                )
-            except (nats.errors.Error, OSError, TimeoutError) as exc:
-                stop_if_cancelled()  # this task's own cancellation must not become a result
-                results[i] = _translate(exc, "publish")
-            else:
-                pending[future] = i
-        await collect_acks(
-            pending,
-            results,
-            cfg.publish_timeout,
-            lambda exc: _translate(exc, "publish"),
-            duplicate=lambda ack: bool(ack.duplicate),
-        )
+                    payload, key = wire_encode(event)
+                    if scope is not None:
+                        key = f"{key}/{scope}"
+                    nc = self._client()
+                    reply, future = self._acks.expect()
+                    try:
+                        # a publish waits when the client's buffer is full: one deadline bounds
+                        # the loop
+                        async with asyncio.timeout_at(deadline):
+                            await nc.publish(
+                                cfg.subject,
+                                payload,
+                                reply=reply,
+                                headers={"Nats-Msg-Id": key, _VIA: via},
+                            )
+                    except BaseException:
+                        future.cancel()
+                        raise
+                except BusError as exc:
+                    results[i] = exc
+                except nats.errors.MaxPayloadError:
+                    results[i] = EventTooLargeForBus(
+                        f"the event takes {len(payload)} bytes on the bus, more than the NATS "
+                        f"server's max_payload ({self._nc.max_payload if self._nc else '?'} bytes)"
+                    )
+                except (nats.errors.Error, OSError, TimeoutError) as exc:
+                    stop_if_cancelled()  # this task's own cancellation must not become a result
+                    results[i] = _translate(exc, "publish")
+                else:
+                    pending[future] = i
+            await collect_acks(
+                pending,
+                results,
+                cfg.publish_timeout,
+                lambda exc: _translate(exc, "publish"),
+                duplicate=lambda ack: bool(ack.duplicate),
+            )
+        except BaseException:
+            # cancelled (or worse): the acknowledgements no one waits for leave the inbox's
+            # table now, not when an answer comes (a server gone, never)
+            for future in pending:
+                future.cancel()
+            raise
         note_publishes(self._publishes, results, self.publish_stall_after)
         return results
 

@@ -188,7 +188,8 @@ class ConnectionGuard:
     def _slowest_body(self) -> _Connection | None:
         """The connection whose request has received its body slowest, of those reading one
         for at least ``_SHED_BODY_AFTER`` s. A scan of those reading a body, made only at the
-        cap with none idle (of every connection, it cost a refused one 61 us at 1,000)."""
+        cap when no connection has waited long for its request (of every connection, it cost
+        a refused one 61 us at 1,000)."""
         now = asyncio.get_running_loop().time()
         slowest, lowest = None, float("inf")
         for candidate in self._reading:

@@ -174,6 +174,28 @@ async def test_publishes_failing_though_the_server_answers_are_a_stall(nats_url:
         assert bus.stalled() is None
 
 
+async def test_a_cancelled_publish_leaves_no_acknowledgement_waiting(nats_url: str) -> None:
+    # the bus reads its acknowledgements on its own inbox: those of a publish cancelled while
+    # it waited stayed in its table until an answer came, and from a server gone, never
+    config = nats_config(nats_url, publish_timeout=30.0)
+    async with open_bus(config) as bus:
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jetstream().delete_stream(config.stream)
+            await nc.subscribe(config.subject)  # a listener, no stream: nobody answers
+            await nc.flush()
+            for events in ([event(1)], [event(2), event(3)]):
+                publishing = asyncio.create_task(bus.publish_many(events))
+                await asyncio.sleep(0.2)
+                assert not publishing.done()
+                publishing.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await publishing
+                assert bus._acks._waiting == {}
+        finally:
+            await nc.close()
+
+
 @pytest.mark.parametrize(
     "limit",
     [
