@@ -321,12 +321,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             if (
                 variable is not None
                 and err["type"] == "extra_forbidden"
-                and variable
-                == (
-                    # the variable itself names no setting (a typo in a key inside its value is
-                    # reported as the other errors are)
-                    f"environment {ENV_PREFIX}{'__'.join(str(p) for p in err['loc']).upper()}"
-                )
+                # the variable itself names no setting (a typo in a key inside its value is
+                # reported as the other errors are); names are read in any case
+                and variable.upper()
+                == f"ENVIRONMENT {ENV_PREFIX}{'__'.join(str(p) for p in err['loc'])}".upper()
             ):
                 # a variable a secret was to be read from ({env: EVENTBUS_DB_PASSWORD})
                 # stopped the service with "Extra inputs are not permitted"

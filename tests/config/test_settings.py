@@ -141,11 +141,11 @@ def test_bad_environment_value_names_the_variable_and_field(tmp_path: Path) -> N
     assert str(info.value).startswith("environment EVENTBUS_CLIENT_ADDRESSES: client_addresses.")
     # a variable that names no setting (one meant for a secret's {env: ...}) says so and why
     with pytest.raises(ConfigError) as info:
-        load_settings(cfg, env={"EVENTBUS_DB_PASSWORD": "s3cret", "EVENTBUS_LISTEN__PROT": "1"})
+        load_settings(cfg, env={"EVENTBUS_DB_PASSWORD": "s3cret", "EVENTBUS_Listen__Prot": "1"})
     first, second = sorted(str(info.value).splitlines())
     assert first.startswith("environment EVENTBUS_DB_PASSWORD: not a setting (db_password): ")
     assert "needs a name without that prefix" in first and "s3cret" not in str(info.value)
-    assert second.startswith("environment EVENTBUS_LISTEN__PROT: not a setting (listen.prot)")
+    assert second.startswith("environment EVENTBUS_Listen__Prot: not a setting (listen.prot)")
     # a key inside a variable's value that is no setting: the variable is one
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, env={"EVENTBUS_BUS__NATS": "{urll: nats://x:1}"})
