@@ -225,6 +225,15 @@ class Dispatcher:
     ) -> Outcome | None:
         """One attempt through the target's guard; None when its circuit parked the job, or
         dead-lettered it for waiting past ``max_age``."""
+        if job.attempts and job.first_attempt_at is not None:
+            age = (datetime.now(UTC) - job.first_attempt_at).total_seconds()
+            if age > policy.retry.max_age + _LATE_GRACE:
+                # Due within max_age but taken up past it (behind a backlog of due retries,
+                # a crashed worker's lease): 1,409 of 1,500 such retries were still sent, up
+                # to 2.5 x max_age after the first attempt. Checked before the circuit's
+                # probe or a rate-limit token is taken: neither is used for it.
+                await self._dead_letter(*self._too_late(job, age, policy), policy)
+                return None
         guard = self._guards.get(job.target)
         if guard is not None:
             admission = guard.admit()
@@ -234,18 +243,6 @@ class Dispatcher:
             await guard.wait_turn()
         if job.first_attempt_at is None:
             job.first_attempt_at = datetime.now(UTC)
-        elif job.attempts:
-            age = (datetime.now(UTC) - job.first_attempt_at).total_seconds()
-            if age > policy.retry.max_age + _LATE_GRACE:
-                # Due within max_age but taken up past it (behind a backlog of due retries,
-                # a crashed worker's lease, the target's rate limit): 1,409 of 1,500 such
-                # retries were still sent, up to 2.5 x max_age after the first attempt.
-                why = (
-                    f"its next attempt came {age:.0f} s after the first, past max_age "
-                    f"({policy.retry.max_age:g} s): not made"
-                )
-                await self._dead_letter(job, None, DeadLetterReason.TOO_OLD, why, policy)
-                return None
         try:
             outcome = await target.deliver(
                 job.event, job.payload, is_cloudevent=job.is_cloudevent, attempt=job.attempts + 1
@@ -258,6 +255,28 @@ class Dispatcher:
             # a non-retryable 4xx is the request's fault, not the endpoint's health
             guard.record(outcome.delivered or not outcome.retryable)
         return outcome
+
+    @staticmethod
+    def _too_late(
+        job: Delivery, age: float, policy: DeliveryPolicy
+    ) -> tuple[Delivery, Outcome, DeadLetterReason, str]:
+        """The dead letter of a retry not made for coming past ``max_age``: the last attempt's
+        status and error stay the delivery's, as for one dead-lettered after its attempt."""
+        last = job.history[-1] if job.history else {}
+        why = (
+            f"its next attempt came {age:.0f} s after the first, past max_age "
+            f"({policy.retry.max_age:g} s): not made"
+        )
+        error = f"{last['error']}; {why}" if last.get("error") else why
+        outcome = Outcome(
+            delivered=False,
+            status=last.get("status"),
+            duration_ms=0.0,
+            error=error,
+            retryable=True,
+            retry_after=None,
+        )
+        return job, outcome, DeadLetterReason.TOO_OLD, error
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         await self._record(job, AttemptOutcome.DELIVERED, outcome)

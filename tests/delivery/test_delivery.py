@@ -387,7 +387,32 @@ async def test_a_retry_taken_up_past_max_age_is_not_attempted(
         first.setdefault(event_id, request.at)
         # 2 s, the grace of 1 s, and the attempt itself (its wait for the target's slot)
         assert request.at - first[event_id] < 4.0, (event_id, request.at - first[event_id])
-    assert any("past max_age (2 s): not made" in (i["final_error"] or "") for i in items), items
+    late = [i for i in items if "past max_age (2 s): not made" in (i["final_error"] or "")]
+    assert late, items
+    # the last attempt's status and error stay the dead letter's (filters by status find it)
+    assert {i["last_status"] for i in late} == {503}, late
+    assert all(i["final_error"].startswith("HTTP 503") for i in late), late
+
+
+async def test_a_late_retry_leaves_the_circuit_and_the_rate_limit_as_they_were(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The lateness was checked after the half-open circuit had let the retry through as its
+    # probe (and after it took a rate-limit token): dead-lettered there, the probe was never
+    # given back, and every later delivery to the target was refused as behind the circuit
+    # until a restart, though the function had recovered.
+    receiver.respond(503)
+    retry = {**FAST, "initial_delay": "100ms", "max_age": "5s"}
+    breaker = {"failures": 1, "open_for": "1s"}
+    target = _target(receiver, retry=retry, circuit_breaker=breaker, rate_limit=0.25)
+    svc = await eventbus(rules=RULES, targets=[target])
+    await _publish(svc, [1])
+    (dead,) = await _all_dead_lettered(svc, 1, "the first delivery too old")
+    assert dead["reason"] == "too-old", dead
+    receiver.respond(204)
+    await _publish(svc, [2])
+    ok = await eventually(lambda: _ok_ids(receiver), within=30, every=POLL, what="delivered")
+    assert ok == {"d-2": 1}
 
 
 async def test_destinations_and_dead_letter_target(
