@@ -393,6 +393,18 @@ def kafka_options(auth: KafkaAuth, where: str, timeout: float = 10.0) -> dict[st
     program is not found.
     """
     options = auth.kafka_options(where)
+    if auth.security_protocol == "SASL_PLAINTEXT" and auth.sasl_mechanism in (
+        "PLAIN",
+        "OAUTHBEARER",
+    ):
+        # SCRAM proves the password without sending it; these send it (or the token) as is
+        what = "password" if auth.sasl_mechanism == "PLAIN" else "token"
+        log.warning(
+            "%s: SASL %s over SASL_PLAINTEXT sends the %s in clear; use SASL_SSL",
+            where,
+            auth.sasl_mechanism,
+            what,
+        )
     if auth.oauth2 is not None:
         client = OAuth2Client(auth.oauth2, where, timeout)
         options["sasl_oauth_token_provider"] = _KafkaTokens(lambda: client.token(None))

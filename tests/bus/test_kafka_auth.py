@@ -87,6 +87,36 @@ def test_sasl_plaintext_reaches_aiokafkas_parameters() -> None:
     assert PASSWORD not in repr(auth) and PASSWORD not in auth.model_dump_json()
 
 
+@pytest.mark.parametrize(
+    ("protocol", "mechanism", "warned"),
+    [
+        ("SASL_PLAINTEXT", "PLAIN", "SASL PLAIN over SASL_PLAINTEXT sends the password in clear"),
+        ("SASL_PLAINTEXT", "SCRAM-SHA-256", None),  # proves the password without sending it
+        ("SASL_SSL", "PLAIN", None),
+    ],
+)
+def test_a_password_sent_in_clear_is_warned_about(
+    protocol: str, mechanism: str, warned: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    auth = KafkaSettings.model_validate(
+        {
+            "security_protocol": protocol,
+            "sasl_mechanism": mechanism,
+            "username": "eventbus",
+            "password": {"env": "KPW"},
+        },
+        context={"env": {"KPW": PASSWORD}},
+    )
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        oauth_kafka_options(auth, "Kafka bus")
+    messages = [r.getMessage() for r in caplog.records]
+    if warned is None:
+        assert messages == [], messages
+    else:
+        assert messages == [f"Kafka bus: {warned}; use SASL_SSL"], messages
+    assert PASSWORD not in caplog.text
+
+
 def test_sasl_ssl_with_scram_and_a_ca(pki: Pki) -> None:
     auth = KafkaTargetSpec.model_validate(
         {
