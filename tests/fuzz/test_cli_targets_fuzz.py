@@ -1,0 +1,84 @@
+"""Fuzzing ``eventbus targets enable NAME`` in process, against an HTTP server of the test's own
+that records the request line and answers as the service does for an unknown target (404,
+problem+json).
+
+The property: whatever the name, the command asks for exactly that target (one path segment,
+percent-encoded, which decodes back to the name: no name reaches another route or another
+target), ends with exit code 1 and the service's one-line reason, never a traceback; a name
+argparse cannot take (one starting with ``-``) is a usage error (2)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eventbus.cli import main
+from tests.fuzz._inputs import FUZZ
+
+# argv cannot hold NUL or lone surrogates
+names = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=40)
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    paths: list[str] = []
+
+    def do_POST(self) -> None:
+        type(self).paths.append(self.path)
+        body = orjson.dumps({"title": "Not Found", "status": 404, "detail": "no such target"})
+        self.send_response(404)
+        self.send_header("Content-Type", "application/problem+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = int(exc.code or 0)
+    return code, err.getvalue()
+
+
+@FUZZ
+@given(name=names)
+def test_enable_asks_for_exactly_the_named_target(service: str, name: str) -> None:
+    _Recorder.paths.clear()
+    code, err = _run(["targets", "--url", service, "enable", name])
+    assert "Traceback" not in err, err
+    if name.startswith("-"):
+        assert code == 2 and err.startswith("usage: "), (name, code, err)
+        return
+    assert code == 1 and "no such target" in err, (name, code, err)
+    (path,) = _Recorder.paths
+    prefix, segment, suffix = path[: len("/targets/")], path[9 : -len("/enable")], path[-7:]
+    assert (prefix, suffix) == ("/targets/", "/enable"), path
+    assert "/" not in segment and "?" not in segment and "#" not in segment, path
+    assert unquote(segment) == name, (path, name)
