@@ -1,9 +1,13 @@
-"""The fuzz suite's property for one HTTP request to a running service."""
+"""The fuzz suite's properties: one HTTP request to a running service; one CLI command run in
+process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
+from eventbus.cli import main
 from tests.fixtures.service import RunningService
 
 
@@ -20,3 +24,15 @@ async def check_answer(
         assert resp_headers["Content-Type"].startswith("application/problem+json"), answer
         assert answer["status"] == status and answer["detail"], answer
     return status, answer
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """Run ``eventbus ARGV`` in this process: its exit code (argparse's own errors included)
+    and what it wrote to standard error."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = int(exc.code or 0)
+    return code, err.getvalue()

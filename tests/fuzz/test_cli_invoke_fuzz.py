@@ -6,8 +6,6 @@ input the event could carry is sent (exit 1 here), never refused."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
@@ -15,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from eventbus.bus._nats_server import free_port
-from eventbus.cli import main
+from tests.fuzz._checks import run_cli
 from tests.fuzz._inputs import FUZZ, json_values
 
 NOWHERE = f"http://127.0.0.1:{free_port()}"
@@ -25,16 +23,6 @@ arguments = st.text(
 )
 # not "-" or "@FILE": standard input and files are not this test's input
 inline_data = arguments.filter(lambda d: d != "-" and not d.startswith("@"))
-
-
-def _run(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse's own errors
-            code = int(exc.code or 0)
-    return code, err.getvalue()
 
 
 @FUZZ
@@ -63,7 +51,7 @@ def test_invoke_options(
         argv.append(f"--data={data}")
     if asynchronous:
         argv.append("--async")
-    code, err = _run(argv)
+    code, err = run_cli(argv)
     assert code in (1, 2), (argv, code, err)
     assert "Traceback" not in err and err.startswith(("eventbus: ", "usage: ")), err
     if code == 1:
@@ -80,5 +68,5 @@ def test_invoke_options(
     ],
 )
 def test_invoke_bad_input(argv: list[str], message: str) -> None:
-    code, err = _run([*argv, "--url", NOWHERE])
+    code, err = run_cli([*argv, "--url", NOWHERE])
     assert code == 2 and message in err, err

@@ -9,8 +9,6 @@ argparse cannot take (one starting with ``-``) is a usage error (2)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventbus.cli import main
+from tests.fuzz._checks import run_cli
 from tests.fuzz._inputs import FUZZ
 
 # argv cannot hold NUL or lone surrogates
@@ -57,21 +55,11 @@ def service() -> Iterator[str]:
         thread.join()
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse's own errors
-            code = int(exc.code or 0)
-    return code, err.getvalue()
-
-
 @FUZZ
 @given(name=names)
 def test_enable_asks_for_exactly_the_named_target(service: str, name: str) -> None:
     _Recorder.paths.clear()
-    code, err = _run(["targets", "--url", service, "enable", name])
+    code, err = run_cli(["targets", "--url", service, "enable", name])
     assert "Traceback" not in err, err
     if name.startswith("-"):
         assert code == 2 and err.startswith("usage: "), (name, code, err)
