@@ -148,7 +148,7 @@ async def main(args: argparse.Namespace) -> str:
                     "name": "fn",
                     "type": "http",
                     "url": receiver.url("/fn"),
-                    "concurrency": TARGET_CONCURRENCY,
+                    "concurrency": args.target_concurrency,
                     "delivery": {"circuit_breaker": False},
                 }
                 url, service = await h.start_eventbus(
@@ -185,7 +185,7 @@ def _render(rows: list[list[str]], args: argparse.Namespace, loads: tuple[str, s
         f"run, {loads[1]} after (other engineers' test suites share the machine).",
         "",
         f"`eventbus serve --workers {args.workers}` on JetStream and PostgreSQL (both started "
-        f"by the benchmark), one HTTP target (concurrency {TARGET_CONCURRENCY} per worker, "
+        f"by the benchmark), one HTTP target (concurrency {args.target_concurrency} per worker, "
         f"circuit breaker off), audit on; load: closed loop, {CONCURRENCY} requests "
         "outstanding, one small CloudEvent per request. The endpoint's failures are seeded "
         f"(seed {SEED}).",
@@ -203,6 +203,12 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=10_000, help="events per retry phase")
     parser.add_argument("--backlog", type=int, default=5_000, help="rows in the drain phase")
     parser.add_argument("--workers", type=int, default=2, help="eventbus worker processes")
+    parser.add_argument(
+        "--target-concurrency",
+        type=int,
+        default=TARGET_CONCURRENCY,
+        help="the target's concurrency cap per worker",
+    )
     parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
     args.command = "python bench/delivery_bench.py " + " ".join(sys.argv[1:])

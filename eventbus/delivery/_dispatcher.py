@@ -251,6 +251,9 @@ class Dispatcher:
             if guard is not None:
                 guard.record(False)  # never leave a half-open probe outstanding
             raise
+        finally:
+            if job.sent is not None:
+                job.sent()
         if guard is not None:
             # a non-retryable 4xx is the request's fault, not the endpoint's health
             guard.record(outcome.delivered or not outcome.retryable)

@@ -21,6 +21,7 @@ the stored form is unambiguous; it is made by :attr:`Delivery.stored_rule` and r
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -91,6 +92,9 @@ class Delivery:
     last_outcome: AttemptOutcome | None = None
     """What became of the latest attempt (None while none was recorded, e.g. parked behind
     an open circuit): what ``Dispatcher.dispatch`` reports to the router's live feed."""
+    sent: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    """Called by the dispatcher once the attempt's request is over, before its outcome is
+    recorded (the retry worker counts a target's rows by the requests they have under way)."""
 
     @property
     def trail_event(self) -> dict[str, Any]:

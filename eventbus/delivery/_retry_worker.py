@@ -66,6 +66,11 @@ class RetryWorker:
         # target may hold at most half the slots (a slow one with a concurrency cap held them
         # all, waiting for its own slots, and the others' retries waited behind it).
         self._running: dict[int, Delivery] = {}
+        # Of those, the rows whose request is over (their outcome being recorded): a target's
+        # room counts its requests, not its rows; a row held its slot while its outcome was
+        # written (up to the audit's interval), and a target's retries drained at its
+        # concurrency per audit flush however fast it answered.
+        self._recording: set[int] = set()
         self._share = max(1, concurrency // 2)
         self._wake = asyncio.Event()
         self._next_due = float("inf")
@@ -121,7 +126,9 @@ class RetryWorker:
                 await self._sem.acquire()
                 self._sem.release()
                 free = self._concurrency - len(self._inflight)
-                per_target = Counter(job.target for job in self._running.values())
+                per_target = Counter(
+                    job.target for i, job in self._running.items() if i not in self._recording
+                )
                 full = [t for t, n in per_target.items() if n >= self._room(t)]
                 limit = max(1, min(self._batch, free))
                 # Held before the claim waits on the database: a full target's slots freeing
@@ -152,6 +159,7 @@ class RetryWorker:
                 await self._sem.acquire()
                 if pending.pending_id is not None:  # always, for a claimed row
                     self._running[pending.pending_id] = pending
+                    pending.sent = self._sent_callback(pending)
                 task = asyncio.create_task(self._one(pending))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
@@ -237,13 +245,33 @@ class RetryWorker:
             self._sem.release()
             if pending.pending_id is not None:
                 self._running.pop(pending.pending_id, None)
-            target = pending.target
-            if target in self._held:
-                # Once a quarter of its room is free, not at every slot: claims in batches.
-                running = sum(1 for job in self._running.values() if job.target == target)
-                if running <= self._room(target, alone=True) * 3 // 4:
-                    self._held.discard(target)
-                    self.wake()
+                if pending.pending_id in self._recording:
+                    self._recording.discard(pending.pending_id)
+                else:  # no request was made (parked behind the circuit, too old): freed now
+                    self._freed(pending.target)
+
+    def _sent_callback(self, pending: Delivery) -> Callable[[], None]:
+        def sent() -> None:
+            if pending.pending_id in self._running and pending.pending_id not in self._recording:
+                self._recording.add(pending.pending_id)
+                self._freed(pending.target)
+
+        return sent
+
+    def _freed(self, target: str) -> None:
+        """A request of ``target``'s rows is over: wake the loop once a quarter of its room
+        is free, if the last claim left its rows for lack of room (not at every slot: claims
+        in batches)."""
+        if target not in self._held:
+            return
+        requesting = sum(
+            1
+            for i, job in self._running.items()
+            if job.target == target and i not in self._recording
+        )
+        if requesting <= self._room(target, alone=True) * 3 // 4:
+            self._held.discard(target)
+            self.wake()
 
     async def _extend(self) -> None:
         """Every third of a lease, extend the leases of the rows being attempted: a row

@@ -183,11 +183,14 @@ async def _worker(
     idle_poll: float = 0.5,
     due: dict[str, range] | None = None,
     cap: int = 1,
+    audit_interval: float = 0.05,
 ) -> AsyncIterator[DeliveryStore]:
     """A retry worker over targets with a concurrency cap of one, /slow and /fast (or
     ``names``)."""
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(await Store.open(dsn))
+        store = await stack.enter_async_context(
+            await Store.open(dsn, audit_interval=audit_interval)
+        )
         targets = {
             name: await stack.enter_async_context(
                 HttpTarget(
@@ -313,3 +316,25 @@ async def test_one_targets_rows_take_every_slot_while_no_other_target_has_any_du
 
         await eventually(done, within=20, what="every retry delivered")
     assert receiver.max_in_flight == 8, receiver.max_in_flight
+
+
+async def test_a_targets_room_counts_its_requests_not_the_outcomes_being_recorded(
+    database_dsn: str, receiver: Receiver
+) -> None:
+    # A row held its target's room until its outcome was written, which waits for the audit's
+    # next batch: a target's retries drained at its concurrency per audit interval however
+    # fast it answered (a review's 5,000 due retries: 6.6 s late at the median for a 1 s
+    # backoff). One request at a time here, an audit interval of 0.4 s.
+    receiver.respond(204)
+    due = {"fast": range(6)}
+    async with _worker(
+        database_dsn, receiver, lease=60, concurrency=8, due=due, audit_interval=0.4
+    ) as rows:
+
+        async def done() -> bool:
+            return await rows.backlog() == 0
+
+        await eventually(done, within=20, what="every retry delivered")
+    times = sorted(r.at for r in receiver.requests)
+    assert len(times) == 6 and receiver.max_in_flight == 1, times
+    assert times[-1] - times[0] < 1.0, [round(t - times[0], 3) for t in times]
