@@ -126,10 +126,8 @@ class RetryWorker:
                 await self._sem.acquire()
                 self._sem.release()
                 free = self._concurrency - len(self._inflight)
-                per_target = Counter(
-                    job.target for i, job in self._running.items() if i not in self._recording
-                )
-                full = [t for t, n in per_target.items() if n >= self._room(t)]
+                held = self._held_rows()
+                full = [t for t in held.rows if not held.room_for(t)]
                 limit = max(1, min(self._batch, free))
                 # Held before the claim waits on the database: a full target's slots freeing
                 # meanwhile must wake the loop too.
@@ -139,14 +137,14 @@ class RetryWorker:
                 # theirs freeing looks again. So does any slot when the claim took its limit.
                 if len(claimed) >= limit:
                     self._held.update(job.target for job in claimed)
-                claimed = await self._within_room(claimed, per_target)
+                claimed = await self._within_room(claimed, held)
                 if not claimed and full:
                     # Nothing else is due: the full targets may take the idle slots too, up to
                     # their own concurrency (the share keeps room for others while theirs
                     # wait; one target's backlog after an outage drained on half the slots).
-                    busy = [t for t in full if per_target[t] >= self._room(t, alone=True)]
+                    busy = [t for t in full if not held.room_for(t, alone=True)]
                     claimed = await self._claim(limit, skip=busy)
-                    claimed = await self._within_room(claimed, per_target, alone=True)
+                    claimed = await self._within_room(claimed, held, alone=True)
             except Exception as exc:  # StoreError, or Postgres restarting
                 log.warning("retry schedule unavailable: %s; retrying in 2 s", exc)
                 if self._failing_since is None:
@@ -182,26 +180,39 @@ class RetryWorker:
             known=self._dispatcher.target_names(),
         )
 
-    def _room(self, target: str, *, alone: bool = False) -> int:
-        """The slots ``target``'s rows may hold: half the worker's (all of them when no other
-        target's rows are due, ``alone``), and no more than the target takes requests at once
-        (two slow targets taking one at a time held every slot, 31 of each one's 32 rows
-        waiting for their own target, the others' retries behind)."""
+    def _held_rows(self) -> _Held:
+        """The rows each target holds, and of those the ones whose request is under way."""
+        rows: Counter[str] = Counter()
+        requests: Counter[str] = Counter()
+        for i, job in self._running.items():
+            rows[job.target] += 1
+            if i not in self._recording:
+                requests[job.target] += 1
+        return _Held(self, rows, requests)
+
+    def _limits(self, target: str, *, alone: bool = False) -> tuple[int, int]:
+        """The rows ``target`` may hold, half the worker's slots (all of them when no other
+        target's rows are due, ``alone``), and of those the requests it may have under way: no
+        more than it takes at once (two slow targets taking one at a time held every slot,
+        31 of each one's 32 rows waiting for their own target, the others' retries behind).
+        A row whose request is over still holds a slot while its outcome is recorded (and
+        its follow-ups run): it counts against the first, not the second."""
         share = self._concurrency if alone else self._share
         concurrency = self._dispatcher.concurrency_of(target)
-        return share if concurrency is None else max(1, min(share, concurrency))
+        return share, share if concurrency is None else max(1, min(share, concurrency))
 
     async def _within_room(
-        self, claimed: list[Delivery], running: Counter[str], *, alone: bool = False
+        self, claimed: list[Delivery], held: _Held, *, alone: bool = False
     ) -> list[Delivery]:
         """``claimed`` but the rows beyond their target's room, which are given back (one
         claim took rows in due order, as many of one target as the batch held)."""
         kept: list[Delivery] = []
         extra: list[Delivery] = []
-        taken = Counter(running)
+        held = held.copy()
         for job in claimed:
-            if taken[job.target] < self._room(job.target, alone=alone):
-                taken[job.target] += 1
+            if held.room_for(job.target, alone=alone):
+                held.rows[job.target] += 1
+                held.requests[job.target] += 1
                 kept.append(job)
             else:
                 extra.append(job)
@@ -245,10 +256,8 @@ class RetryWorker:
             self._sem.release()
             if pending.pending_id is not None:
                 self._running.pop(pending.pending_id, None)
-                if pending.pending_id in self._recording:
-                    self._recording.discard(pending.pending_id)
-                else:  # no request was made (parked behind the circuit, too old): freed now
-                    self._freed(pending.target)
+                self._recording.discard(pending.pending_id)
+                self._freed(pending.target)
 
     def _sent_callback(self, pending: Delivery) -> Callable[[], None]:
         def sent() -> None:
@@ -259,17 +268,17 @@ class RetryWorker:
         return sent
 
     def _freed(self, target: str) -> None:
-        """A request of ``target``'s rows is over: wake the loop once a quarter of its room
-        is free, if the last claim left its rows for lack of room (not at every slot: claims
-        in batches)."""
+        """A request or a row of ``target``'s is over: wake the loop once a quarter of its
+        room is free, if the last claim left its rows for lack of room (not at every slot:
+        claims in batches)."""
         if target not in self._held:
             return
-        requesting = sum(
-            1
-            for i, job in self._running.items()
-            if job.target == target and i not in self._recording
-        )
-        if requesting <= self._room(target, alone=True) * 3 // 4:
+        held = self._held_rows()
+        most_rows, most_requests = self._limits(target, alone=True)
+        if (
+            held.requests[target] <= most_requests * 3 // 4
+            and held.rows[target] <= most_rows * 3 // 4
+        ):
             self._held.discard(target)
             self.wake()
 
@@ -296,3 +305,22 @@ class RetryWorker:
         finally:
             if self._heartbeat is not None:
                 await cancel_and_wait(self._heartbeat)
+
+
+class _Held:
+    """The rows each target holds in a worker, and of those the ones whose request is under
+    way (see ``RetryWorker._limits``)."""
+
+    __slots__ = ("requests", "rows", "worker")
+
+    def __init__(self, worker: RetryWorker, rows: Counter[str], requests: Counter[str]) -> None:
+        self.worker = worker
+        self.rows = rows
+        self.requests = requests
+
+    def copy(self) -> _Held:
+        return _Held(self.worker, Counter(self.rows), Counter(self.requests))
+
+    def room_for(self, target: str, *, alone: bool = False) -> bool:
+        most_rows, most_requests = self.worker._limits(target, alone=alone)
+        return self.rows[target] < most_rows and self.requests[target] < most_requests

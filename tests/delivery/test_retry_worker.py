@@ -338,3 +338,35 @@ async def test_a_targets_room_counts_its_requests_not_the_outcomes_being_recorde
     times = sorted(r.at for r in receiver.requests)
     assert len(times) == 6 and receiver.max_in_flight == 1, times
     assert times[-1] - times[0] < 1.0, [round(t - times[0], 3) for t in times]
+
+
+async def test_rows_recording_their_outcome_still_count_against_their_targets_share(
+    database_dsn: str, receiver: Receiver
+) -> None:
+    # Counted by their requests only, one target's rows waiting for the audit (or running
+    # their follow-ups) took every slot of the worker, and another target's retries, due a
+    # moment later, waited for that whole backlog to be claimed. Eight slots, four a
+    # target's share.
+    receiver.respond(204)
+    async with _worker(
+        database_dsn,
+        receiver,
+        lease=60,
+        concurrency=8,
+        names=("a", "b"),
+        cap=4,
+        audit_interval=0.5,
+        due={"a": range(40)},
+    ) as rows:
+        for i in range(40, 44):
+            job = _delivery(i)
+            job.target = "b"
+            await rows.schedule(job, due_in=0.3)
+
+        async def done() -> bool:
+            return await rows.backlog() == 0
+
+        await eventually(done, within=30, what="every retry delivered")
+    first = min(r.at for r in receiver.requests)
+    b_first = min(r.at for r in receiver.requests if r.path == "/b")
+    assert b_first - first < 1.2, b_first - first
