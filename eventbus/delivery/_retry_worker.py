@@ -156,7 +156,10 @@ class RetryWorker:
             for pending in claimed:
                 await self._sem.acquire()
                 if pending.pending_id is not None:  # always, for a claimed row
+                    # (a row rescheduled and claimed again while its last attempt's task ends
+                    # is a new entry: that task leaves it alone)
                     self._running[pending.pending_id] = pending
+                    self._recording.discard(pending.pending_id)
                     pending.sent = self._sent_callback(pending)
                 task = asyncio.create_task(self._one(pending))
                 self._inflight.add(task)
@@ -255,14 +258,16 @@ class RetryWorker:
         finally:
             self._sem.release()
             if pending.pending_id is not None:
-                self._running.pop(pending.pending_id, None)
-                self._recording.discard(pending.pending_id)
+                if self._running.get(pending.pending_id) is pending:
+                    del self._running[pending.pending_id]
+                    self._recording.discard(pending.pending_id)
                 self._freed(pending.target)
 
     def _sent_callback(self, pending: Delivery) -> Callable[[], None]:
         def sent() -> None:
-            if pending.pending_id in self._running and pending.pending_id not in self._recording:
-                self._recording.add(pending.pending_id)
+            row = pending.pending_id
+            if row is not None and self._running.get(row) is pending and row not in self._recording:
+                self._recording.add(row)
                 self._freed(pending.target)
 
         return sent
