@@ -24,7 +24,7 @@ from eventbus import metrics
 from eventbus._errors import CloudEventError
 from eventbus.http._access import Access, RefusalLog
 from eventbus.http._addresses import Networks, allowed, client_address, forwarded_for
-from eventbus.http._problem import PROBLEM, Problem, problem_for
+from eventbus.http._problem import PROBLEM, Problem, problem_answer
 from eventbus.http._types import (
     ASGIApp,
     Receive,
@@ -132,15 +132,11 @@ class HookApp:
         try:
             status, media, body, extra = await self._hook(scope, receive, path[len(_PREFIX) :])
         except Exception as exc:
-            problem = problem_for(exc)
-            if problem is None:
+            answer = problem_answer(exc, path)
+            if answer is None:
                 raise
-            status, extra, media = problem.status, problem.headers, PROBLEM
-            body = problem.body(path)
-            # the exception's traceback holds this frame, which held it: a cycle keeping the
-            # request's body (the reading frame's chunks) until the next full collection,
-            # hundreds of MB after a few hundred refused large bodies
-            del problem
+            status, extra, body = answer
+            media = PROBLEM
         await send_answer(send, status, media, body, extra)
 
     async def _hook(

@@ -25,7 +25,7 @@ from eventbus.cloudevents import (
     parse_http,
 )
 from eventbus.http._access import Access
-from eventbus.http._problem import PROBLEM, Problem, problem_for
+from eventbus.http._problem import PROBLEM, Problem, problem_answer
 from eventbus.http._types import (
     ASGIApp,
     Receive,
@@ -249,15 +249,11 @@ class IngestApp:
             status, payload, extra = await handler(headers, raw)
             body = orjson.dumps(payload)
         except Exception as exc:
-            problem = problem_for(exc)
-            if problem is None:
+            answer = problem_answer(exc, path)
+            if answer is None:
                 raise
-            status, extra, media = problem.status, problem.headers, PROBLEM
-            body = problem.body(path)
-            # the exception's traceback holds this frame, which held it: a cycle keeping the
-            # request's body (the reading frame's chunks) until the next full collection,
-            # hundreds of MB after a few hundred refused large bodies
-            del problem
+            status, extra, body = answer
+            media = PROBLEM
         await send_answer(send, status, media, body, extra)
 
     async def _events(self, headers: Mapping[str, str], raw: bytes) -> _Answer:

@@ -19,7 +19,7 @@ from eventbus._errors import (
     StoreError,
 )
 
-__all__ = ["PROBLEM", "Problem", "problem_for"]
+__all__ = ["PROBLEM", "Problem", "problem_answer", "problem_for"]
 
 PROBLEM = "application/problem+json"
 _TITLES = {
@@ -70,6 +70,20 @@ class Problem(Exception):
                 **({} if instance is None else {"instance": instance}),
             }
         )
+
+
+def problem_answer(exc: Exception, path: str) -> tuple[int, dict[str, str], bytes] | None:
+    """The status, extra headers and problem+json body answering ``exc`` on ``path``, or None
+    when it is no error an operation raises on purpose (see :func:`problem_for`).
+
+    For the bare-ASGI handlers, which answer from their own ``except``: the answer is made
+    here, so no local of theirs keeps the problem (its traceback holds their frame, the frame
+    held it: a cycle keeping the request's body until a full collection, hundreds of MB after
+    a few hundred refused large bodies)."""
+    problem = problem_for(exc)
+    if problem is None:
+        return None
+    return problem.status, problem.headers, problem.body(path)
 
 
 def problem_for(exc: Exception) -> Problem | None:
