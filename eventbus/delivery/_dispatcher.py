@@ -232,7 +232,8 @@ class Dispatcher:
                 # a crashed worker's lease): 1,409 of 1,500 such retries were still sent, up
                 # to 2.5 x max_age after the first attempt. Checked before the circuit's
                 # probe or a rate-limit token is taken: neither is used for it.
-                await self._dead_letter(*self._too_late(job, age, policy), policy)
+                late = _too_late(job, age, policy)
+                await self._dead_letter(job, late, DeadLetterReason.TOO_OLD, late.error, policy)
                 return None
         guard = self._guards.get(job.target)
         if guard is not None:
@@ -258,28 +259,6 @@ class Dispatcher:
             # a non-retryable 4xx is the request's fault, not the endpoint's health
             guard.record(outcome.delivered or not outcome.retryable)
         return outcome
-
-    @staticmethod
-    def _too_late(
-        job: Delivery, age: float, policy: DeliveryPolicy
-    ) -> tuple[Delivery, Outcome, DeadLetterReason, str]:
-        """The dead letter of a retry not made for coming past ``max_age``: the last attempt's
-        status and error stay the delivery's, as for one dead-lettered after its attempt."""
-        last = job.history[-1] if job.history else {}
-        why = (
-            f"its next attempt came {age:.0f} s after the first, past max_age "
-            f"({policy.retry.max_age:g} s): not made"
-        )
-        error = f"{last['error']}; {why}" if last.get("error") else why
-        outcome = Outcome(
-            delivered=False,
-            status=last.get("status"),
-            duration_ms=0.0,
-            error=error,
-            retryable=True,
-            retry_after=None,
-        )
-        return job, outcome, DeadLetterReason.TOO_OLD, error
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
         await self._record(job, AttemptOutcome.DELIVERED, outcome)
@@ -500,6 +479,24 @@ async def _durably(write: Callable[[], Awaitable[_T]]) -> _T:
             log.warning("recording a delivery outcome: %s; retrying in %.1f s", exc, delay)
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         delay = min(delay * 2, _OUTAGE_BACKOFF_MAX)
+
+
+def _too_late(job: Delivery, age: float, policy: DeliveryPolicy) -> Outcome:
+    """The outcome of a retry not made for coming past ``max_age``: the last attempt's status
+    and error stay the delivery's, as for one dead-lettered after its attempt."""
+    last = job.history[-1] if job.history else {}
+    why = (
+        f"its next attempt came {age:.0f} s after the first, past max_age "
+        f"({policy.retry.max_age:g} s): not made"
+    )
+    return Outcome(
+        delivered=False,
+        status=last.get("status"),
+        duration_ms=0.0,
+        error=f"{last['error']}; {why}" if last.get("error") else why,
+        retryable=True,
+        retry_after=None,
+    )
 
 
 def _destination(
