@@ -162,27 +162,32 @@ class ConnectionGuard:
         return guarded
 
     def _admit(self, connection: _Connection) -> bool:
-        """Count ``connection`` in, making room at the cap: shed the connection waiting longest
-        for a request if it has waited ``_SHED_WAITING_AFTER`` s, else the slowest body, else
-        the one waiting longest however briefly; False (refuse it) when every connection has
-        a request under way. The slow bodies were looked at only with none waiting: a client
-        reconnecting as fast as it was dropped shed each newer connection, a health probe's
-        before its request arrived, while trickled bodies held the rest of the cap."""
-        if len(self._open) >= self.max_connections:
-            oldest = next(iter(self._waiting), None)
-            if oldest is None or not oldest.waited(_SHED_WAITING_AFTER):
-                slowest = self._slowest_body()
-                if slowest is not None:
-                    metrics.HTTP_CONNECTIONS_DROPPED.labels("shed_body").inc()
-                    slowest.close()
-                    self._open.add(connection)
-                    return True
-            if oldest is None:
-                metrics.HTTP_CONNECTIONS_DROPPED.labels("refused").inc()
-                return False
-            metrics.HTTP_CONNECTIONS_DROPPED.labels("shed").inc()
-            oldest.close()
+        """Count ``connection`` in, making room at the cap (see :meth:`_shed`); False (refuse
+        it) when every connection has a request under way."""
+        if len(self._open) >= self.max_connections and not self._shed():
+            metrics.HTTP_CONNECTIONS_DROPPED.labels("refused").inc()
+            return False
         self._open.add(connection)
+        return True
+
+    def _shed(self) -> bool:
+        """Close one connection to make room: the one waiting longest for a request if it has
+        waited ``_SHED_WAITING_AFTER`` s, else the slowest body, else the one waiting longest
+        however briefly; False when there is none of them. The slow bodies were looked at only
+        with none waiting: a client reconnecting as fast as it was dropped shed each newer
+        connection, a health probe's before its request arrived, while trickled bodies held
+        the rest of the cap."""
+        oldest = next(iter(self._waiting), None)
+        if oldest is None or not oldest.waited(_SHED_WAITING_AFTER):
+            slowest = self._slowest_body()
+            if slowest is not None:
+                metrics.HTTP_CONNECTIONS_DROPPED.labels("shed_body").inc()
+                slowest.close()
+                return True
+        if oldest is None:
+            return False
+        metrics.HTTP_CONNECTIONS_DROPPED.labels("shed").inc()
+        oldest.close()
         return True
 
     def _slowest_body(self) -> _Connection | None:
