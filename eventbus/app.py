@@ -300,12 +300,7 @@ class Service:
         connectors: ConnectorSet | None = None
         policies: dict[str, DeliveryPolicy] | None = None
         try:
-            path = Path(self.settings.connectors)
-            if "connectors" in self.settings.model_fields_set and not path.exists():
-                # named in the settings or $EVENTBUS_CONNECTORS: a typo, not a first start (it
-                # ran with no target and no source, and said nothing)
-                raise ConfigError(f"connectors: no such file or directory: {path}")
-            connectors = load_connectors(path)
+            connectors = load_connectors(self._named_path("connectors"))
             policies = _policies(connectors)
         except ConfigError as exc:
             problems.append(str(exc))
@@ -454,6 +449,16 @@ class Service:
             max_event_size=s.max_event_size,
         )
 
+    def _named_path(self, name: str) -> Path:
+        """The settings' ``name`` path (``rules``, ``connectors``). Raises ConfigError when the
+        settings or ``EVENTBUS_<NAME>`` named it and it does not exist: a typo, not a first
+        start (the service ran routing nothing, or with no target and no source, saying
+        nothing); the default may be absent."""
+        path = Path(getattr(self.settings, name))
+        if name in self.settings.model_fields_set and not path.exists():
+            raise ConfigError(f"{name}: no such file or directory: {path}")
+        return path
+
     def _load_rules(
         self, connectors: ConnectorSet | None, policies: Mapping[str, DeliveryPolicy] | None
     ) -> RuleSet:
@@ -461,17 +466,14 @@ class Service:
         connectors did not load: the rules' own problems are reported beside theirs)."""
         known = None if connectors is None else connectors.targets.keys()
         check = None if policies is None else override_checker(policies)
-        path = Path(self.settings.rules)
         native_cel = self.settings.router.cel == "cel-expr-python"
         if native_cel and importlib.util.find_spec("cel_expr_python") is None:
             raise ConfigError(
                 "router.cel is cel-expr-python, which is not installed: "
                 "pip install 'eventbus[fast-cel]'"
             )
+        path = self._named_path("rules")
         if not path.exists():
-            if "rules" in self.settings.model_fields_set:
-                # named in the settings or $EVENTBUS_RULES: a typo, not a first start
-                raise ConfigError(f"rules: no such file or directory: {path}")
             log.warning("no rules at %s: routing nothing until rules are added", path)
             return compile_rules([], known_targets=known, native_cel=native_cel)
         return load_rules(path, known_targets=known, check_delivery=check, native_cel=native_cel)
