@@ -141,7 +141,6 @@ def _translate(exc: BaseException, doing: str) -> BusError:
         nats.errors.OutboundBufferLimitError,
         nats.js.errors.NoStreamResponseError,
         nats.js.errors.ServiceUnavailableError,
-        nats.js.errors.TooManyStalledMsgsError,
     )
     kind = BusUnavailable if isinstance(exc, unavailable) else BusError
     if isinstance(exc, nats.js.errors.APIError) and exc.description:
