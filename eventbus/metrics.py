@@ -94,6 +94,13 @@ DELIVERIES = Counter(
     ["target", "outcome"],
     registry=REGISTRY,
 )
+DELIVERIES_PARKED = Counter(
+    "eventbus_deliveries_parked",
+    "Deliveries written to the durable schedule without an attempt, by target and what they "
+    "wait for (capacity: the target's slots, circuit: its open circuit)",
+    ["target", "waiting_for"],
+    registry=REGISTRY,
+)
 DELIVERY_SECONDS = Histogram(
     "eventbus_delivery_seconds",
     "Duration of one delivery attempt",
