@@ -77,7 +77,8 @@ INVOCATIONS = Counter(
 )
 EVENTS_REJECTED = Counter(
     "eventbus_events_rejected",
-    "Events or requests refused at an entry point, by reason",
+    "Events or requests refused at an entry point, by reason (over HTTP the status answered: "
+    "each refused event, single or an entry of a batch, invalid or not taken by the bus)",
     ["via", "reason"],
     registry=REGISTRY,
 )

@@ -25,7 +25,7 @@ from eventbus.cloudevents import (
     parse_http,
 )
 from eventbus.http._access import Access
-from eventbus.http._problem import PROBLEM, Problem, problem_answer
+from eventbus.http._problem import PROBLEM, Problem, problem_answer, problem_for
 from eventbus.http._types import (
     ASGIApp,
     Receive,
@@ -290,6 +290,8 @@ class IngestApp:
             (single,) = valid  # a single bad event raised in parse_http already
             err = next(results)
             if isinstance(err, BaseException):
+                problem = problem_for(err)
+                _refused(via, 500 if problem is None else problem.status)
                 raise err
             duplicate = err == "duplicate"
             body = {"id": single["id"], "source": single["source"], "duplicate": duplicate}
@@ -299,6 +301,7 @@ class IngestApp:
         for entry in events:
             if isinstance(entry, CloudEventError):
                 failed += 1
+                _refused(via, entry.status)
                 entries.append({"status": entry.status, "error": entry.detail})
                 continue
             err = next(results)
@@ -315,9 +318,11 @@ class IngestApp:
             failed += 1
             down = isinstance(err, BusUnavailable)
             unavailable += down
+            status = 503 if down else _entry_status(err)
+            _refused(via, status)
             entries.append(
                 {
-                    "status": 503 if down else _entry_status(err),
+                    "status": status,
                     "id": entry["id"],
                     "source": entry["source"],
                     "error": str(err),
@@ -328,6 +333,13 @@ class IngestApp:
         body = {"failed": failed, "duplicates": duplicates, "entries": entries}
         headers = {"Eventbus-Duplicates": str(duplicates)} if duplicates else {}
         return (207 if failed else 202), body, headers
+
+
+def _refused(via: str, status: int) -> None:
+    """Count one event refused (``eventbus_events_rejected_total``, the status it was answered
+    as its reason): a single one the bus could not take, any refused entry of a batch. A single
+    invalid event is counted where its error is answered (``problem_for``)."""
+    metrics.EVENTS_REJECTED.labels(via, str(status)).inc()
 
 
 def _entry_status(err: BaseException) -> int:

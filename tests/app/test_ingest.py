@@ -136,6 +136,13 @@ async def _counted(svc: RunningService, via: str = "http", counter: str = "dupli
     return 0.0
 
 
+async def _refused(svc: RunningService, reason: str) -> float:
+    """``eventbus_events_rejected_total{reason,via="http"}`` now."""
+    _, _, text = await svc.request("GET", "/metrics")
+    line = f'eventbus_events_rejected_total{{reason="{reason}",via="http"}} '
+    return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
+
+
 @pytest.mark.parametrize("backend", ["nats", "kafka"])
 @pytest.mark.timeout(120)
 async def test_a_republished_event_is_answered_as_a_duplicate_when_it_is_one(
@@ -356,7 +363,9 @@ async def test_bad_input_gets_problem_details_and_service_stays_up(
         assert problem["status"] == want and problem["detail"], name
         assert word.lower() in problem["detail"].lower(), (name, problem["detail"])
 
-    # a batch with one bad entry: the good ones are accepted, the bad one reported
+    # a batch with one bad entry: the good ones are accepted, the bad one reported (and
+    # counted, as a single bad event is: a batch's refused entries were not)
+    refused = await _refused(svc, "400")
     batch = [_event("ok-1"), {"specversion": "1.0", "id": "bad"}, _event("ok-2")]
     status, _, body = await svc.request(
         "POST",
@@ -368,6 +377,7 @@ async def test_bad_input_gets_problem_details_and_service_stays_up(
     assert body["failed"] == 1
     assert [e["status"] for e in body["entries"]] == [202, 400, 202]
     assert "source" in body["entries"][1]["error"]
+    assert await _refused(svc, "400") - refused == 1
 
     status, _ = await svc.post_event(_event("after-bad"))
     assert status == 202
@@ -467,6 +477,7 @@ async def test_bus_down_answers_503_with_retry_after_then_recovers(
             {"Content-Type": "application/cloudevents+json"},
         )
         assert status == 503, problem
+        assert await _refused(svc, "503") == 1
         status, _headers, _ = await svc.request("GET", "/readyz")
         assert status == 503
         await nats.start()
