@@ -6,11 +6,15 @@ Configured once by the CLI from the settings; library code only calls ``logging.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
+
+from eventbus.config import WORKER_ENV
 
 __all__ = ["configure_logging"]
 
@@ -85,13 +89,22 @@ def _as_debug(record: logging.LogRecord) -> bool:
 
 
 class JsonFormatter(logging.Formatter):
+    """``worker``: the number of the worker of ``serve --workers N`` logging, on every line (the
+    workers' lines share one stream, and their per-minute summaries could not be told apart)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            out["worker"] = self._worker
         for key, value in record.__dict__.items():
             if key not in _RESERVED:
                 out[key] = value
@@ -104,10 +117,15 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Log ``level`` and up to stderr as JSON lines (or text); third-party chatter and the
     access log (one line per HTTP request) only at ``debug``."""
     handler = logging.StreamHandler(sys.stderr)
+    worker = os.environ.get(WORKER_ENV)
+    number = int(worker) if worker is not None and worker.isdigit() else None
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(number))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        who = "" if number is None else f" [worker {number}]"
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
+        )
     handler.addFilter(_Repeats())
     handler.addFilter(_shortened)
     root = logging.getLogger()

@@ -49,7 +49,7 @@ from eventbus._errors import ConfigError, EventBusError
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
-from eventbus.config import PARENT_ENV, Settings
+from eventbus.config import PARENT_ENV, WORKER_ENV, Settings
 from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
 
 __all__ = ["serve"]
@@ -360,6 +360,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             )
             started[i] = time.monotonic()
             worker_env[PARENT_ENV] = str(os.getpid())
+            worker_env[WORKER_ENV] = str(i)
             # Born with SIGHUP blocked (the mask is inherited): one sent before the worker
             # installs its handler (a reload, another worker's restart) killed it, its
             # default action; it waits, pending, and is taken once the handler is there.

@@ -40,6 +40,7 @@ from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
     "PARENT_ENV",
+    "WORKER_ENV",
     "ApiKey",
     "BusSettings",
     "DatabaseSettings",
@@ -242,9 +243,14 @@ class Settings(_Model):
 PARENT_ENV = "EVENTBUS_PARENT_PID"
 """The pid of a worker's parent (``serve --workers N``), which the worker must not outlive."""
 
+WORKER_ENV = "EVENTBUS_WORKER"
+"""The number of a worker of ``serve --workers N`` (0 to N-1), which its log lines carry."""
+
 # Read by the commands, not settings: where the settings file is, the service and key the
-# client commands (publish, dead-letters ...) talk to, and a worker's parent.
-_NOT_SETTINGS = frozenset({"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY", PARENT_ENV})
+# client commands (publish, dead-letters ...) talk to, a worker's parent and its number.
+_NOT_SETTINGS = frozenset(
+    {"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY", PARENT_ENV, WORKER_ENV}
+)
 
 
 def _env_value(raw: str) -> Any:

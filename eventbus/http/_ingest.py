@@ -290,7 +290,7 @@ class IngestApp:
             (single,) = valid  # a single bad event raised in parse_http already
             err = next(results)
             if isinstance(err, BaseException):
-                problem = problem_for(err)
+                problem = problem_for(err) if isinstance(err, Exception) else None
                 _refused(via, 500 if problem is None else problem.status)
                 raise err
             duplicate = err == "duplicate"

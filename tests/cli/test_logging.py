@@ -250,3 +250,29 @@ def test_a_librarys_malformed_log_call_does_not_raise_at_its_call_site() -> None
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def test_a_workers_json_lines_carry_its_number(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventbus.cli import _logging
+    from eventbus.config import WORKER_ENV
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        monkeypatch.setenv(WORKER_ENV, "1")
+        _logging.configure_logging("info", "json")
+        logging.getLogger("eventbus.t2").info("in a worker")
+        monkeypatch.delenv(WORKER_ENV)
+        _logging.configure_logging("info", "json")
+        logging.getLogger("eventbus.t2").info("in the parent")
+        lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    mine = [line for line in lines if line["logger"] == "eventbus.t2"]
+    assert [(line["message"], line.get("worker")) for line in mine] == [
+        ("in a worker", 1),
+        ("in the parent", None),
+    ]

@@ -94,6 +94,9 @@ async def _answers_for_all(
         within=60,
         what="both workers ready",
     )
+    # each worker's lines say which one logged them (their summaries could not be told apart)
+    ready = [line for line in proc.log.read_text().splitlines() if "eventbus ready" in line]
+    assert sorted(re.search(r"\[worker (\d)\]", line)[1] for line in ready) == ["0", "1"]
     session = await stack.enter_async_context(aiohttp.ClientSession())
     stream = await stack.enter_async_context(watch(session, proc.url + "/events/live"))
     # one connection per event: both workers take some (all on one: odds 2 ** -59)
