@@ -232,14 +232,18 @@ def from_kafka(
     otherwise ``ce_`` headers mean binary mode (a record with no value has no data); a record
     with neither is read as a structured event. A UTF-8 record key becomes the ``partitionkey``
     extension unless the event sets one, or could not stay valid with it. Raises
-    :class:`CloudEventError`: 400 (invalid event, header that is not UTF-8, structured record
-    without value), 413, or 415 (a CloudEvents format other than JSON).
+    :class:`CloudEventError`: 400 (invalid event, header that is not UTF-8 or repeated (names
+    compared without case), structured record without value), 413, or 415 (a CloudEvents
+    format other than JSON).
     """
     lowered: dict[str, str] = {}
     for name, raw in headers:
         name = name.lower()
         # a header without a value (Kafka allows it) is read as absent
         if raw is not None and (name.startswith("ce_") or name == "content-type"):
+            if name in lowered:
+                # as over HTTP: which of the values counts would be a guess (the last one won)
+                raise CloudEventError(f"the Kafka record has more than one {name!r} header")
             lowered[name] = _kafka_text(name, raw)
     content_type = lowered.get("content-type")
     media = media_type(content_type) if content_type else ""
