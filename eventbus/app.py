@@ -684,7 +684,15 @@ class Service:
                 # Not awaited: cancelling a query on a frozen server can itself wait on it.
                 ping.cancel()
                 ping.add_done_callback(_ignore_outcome)
-        bus_ok, db_ok = (p.done() and not p.cancelled() and p.result() for p in pings)
+        # a ping left unanswered (a frozen or overloaded server) is told apart from one
+        # refused: "unreachable" read as down while publishes were being answered 202
+        bus_said, db_said = (
+            ("ok" if p.result() else "unreachable")
+            if p.done() and not p.cancelled()
+            else f"no answer within {within:g} s"
+            for p in pings
+        )
+        bus_ok, db_ok = bus_said == "ok", db_said == "ok"
         bus_stalled = self.bus.stalled() if bus_ok else None
         audit_ok, audit = self.store.audit.health()
         # A write that never returns (a COMMIT waiting on a synchronous standby) raises nothing
@@ -693,8 +701,8 @@ class Service:
         router_ok, router = (True, "ok") if self._router is None else self._router.health()
         retries_ok, retries = (True, "ok") if self._retries is None else self._retries.health()
         body = {
-            "bus": bus_stalled or ("ok" if bus_ok else "unreachable"),
-            "database": stalled or ("ok" if db_ok else "unreachable"),
+            "bus": bus_stalled or bus_said,
+            "database": stalled or db_said,
             "audit": audit,
             "router": router,
             "retries": retries,
