@@ -51,6 +51,7 @@ from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
 from eventbus.config import PARENT_ENV, WORKER_ENV, Settings
 from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
+from eventbus.sources import SharedStatuses
 
 __all__ = ["serve"]
 
@@ -394,7 +395,11 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     _kill_if_hung(i, proc, shared / "beats", settings.worker_hang_timeout)
                 if proc is not None and proc.poll() is not None:
                     metrics.forget_process(proc.pid, shared / "metrics")
-                    (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
+                    try:
+                        SharedStatuses.retire(shared / "sources", proc.pid)
+                    except OSError as exc:  # a full disk: its counts leave the sums
+                        log.warning("cannot keep worker %d's source counts: %s", i, exc)
+                        (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
                     (shared / "live" / str(proc.pid)).unlink(missing_ok=True)
                     (shared / "beats" / str(proc.pid)).unlink(missing_ok=True)
                     procs[i] = None

@@ -4,7 +4,9 @@ Each worker runs its own sources (the first one runs the configured ones, every 
 ingest) but any worker may answer ``GET /sources``. So each keeps its statuses in a file of a
 directory the workers share (``<pid>.json``, replaced at once, rewritten when it changes) and
 answers with its own live statuses merged with the others' files. The parent that runs the
-workers makes the directory afresh at start and removes a worker's file when it reaps it.
+workers makes the directory afresh at start and, when it reaps a worker, folds its file into
+``retired.json`` (:meth:`SharedStatuses.retire`): the counts of a worker that died stay
+counted, as the metrics keep them, instead of the sums going back.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = ["SharedStatuses", "merge_statuses"]
 
 # A source that runs in several workers shows the state of its worst copy.
 _WORST_FIRST = ("failed", "backoff", "starting", "running", "standby", "stopped")
+_RETIRED = "retired.json"  # the statuses of the workers reaped
 
 
 class SharedStatuses:
@@ -40,21 +43,45 @@ class SharedStatuses:
         raw = orjson.dumps([s.to_dict() for s in statuses])
         if raw == self._written:
             return
-        tmp = self._own.with_name(f".{self._own.name}.tmp")
-        tmp.write_bytes(raw)
-        os.replace(tmp, self._own)
+        _replace(self._own, raw)
         self._written = raw
 
     def read(self, own: Sequence[SourceStatus]) -> list[SourceStatus]:
         """``own`` (live) merged with what the other workers' files say."""
         others: list[SourceStatus] = []
         for path in sorted(self.directory.glob("*.json")):
-            if path == self._own:
-                continue
-            # a worker that is gone, or one that wrote something unexpected: skipped
-            with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
-                others.extend(_status(item) for item in orjson.loads(path.read_bytes()))
+            if path != self._own:
+                others.extend(_read(path))
         return merge_statuses([*own, *others])
+
+    @staticmethod
+    def retire(directory: Path, pid: int) -> None:
+        """Fold the statuses of the worker ``pid``, reaped, into ``retired.json`` of
+        ``directory`` and remove its file: its counts and latest event stay in the sums (the
+        copies kept are ``stopped``, without lag or error, so they never make a live source
+        look worse)."""
+        own = directory / f"{pid}.json"
+        kept = [*_read(directory / _RETIRED), *_read(own)]
+        retired = [
+            SourceStatus(**{**vars(s), "state": "stopped", "lag": None, "last_error": None})
+            for s in merge_statuses(kept)
+        ]
+        if retired:
+            _replace(directory / _RETIRED, orjson.dumps([s.to_dict() for s in retired]))
+        own.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> list[SourceStatus]:
+    # a file that is gone, or that says something unexpected: nothing
+    with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
+        return [_status(item) for item in orjson.loads(path.read_bytes())]
+    return []
+
+
+def _replace(path: Path, raw: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
 
 
 def _status(item: Any) -> SourceStatus:

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from eventbus.sources import SourceStatus
-from eventbus.sources._shared import merge_statuses
+from eventbus.sources._shared import SharedStatuses, merge_statuses
 from tests.fixtures.live import watch
 from tests.fixtures.service import ServeProcess
 from tests.fixtures.wait import eventually
@@ -238,3 +238,32 @@ def test_copies_of_a_source_merge_into_one(
 ) -> None:
     other = SourceStatus("t", "timer", "failed", 1, 1, None, "bad", None)
     assert merge_statuses([copies[0], other, *copies[1:]]) == [expected, other]
+
+
+def test_a_reaped_workers_source_counts_stay_in_the_sums(tmp_path: Path) -> None:
+    # The parent removed a dead worker's file: the Kafka ingest's count in GET /sources fell
+    # from 324 to 107 while the metric went on counting.
+    live = SharedStatuses(tmp_path)
+    dead = tmp_path / "4242.json"
+    dead.write_bytes(
+        orjson.dumps(
+            [
+                SourceStatus("k", "kafka", "failed", 300, 2, T2, "broker gone", 5).to_dict(),
+                SourceStatus("t", "timer", "running", 4, 0, T1, None, None).to_dict(),
+            ]
+        )
+    )
+    SharedStatuses.retire(tmp_path, 4242)
+    SharedStatuses.retire(tmp_path, 4243)  # one that never wrote a file
+    assert not dead.exists()
+    own = [SourceStatus("k", "kafka", "running", 7, 0, T1, None, 0)]
+    assert live.read(own) == [
+        SourceStatus("k", "kafka", "running", 307, 2, T2, None, 0),
+        SourceStatus("t", "timer", "stopped", 4, 0, T1, None, None),
+    ]
+    # a second worker reaped adds to what the first left
+    (tmp_path / "4244.json").write_bytes(
+        orjson.dumps([SourceStatus("k", "kafka", "running", 10, 0, T1, None, 0).to_dict()])
+    )
+    SharedStatuses.retire(tmp_path, 4244)
+    assert live.read(own)[0].events == 317
