@@ -36,6 +36,7 @@ log = logging.getLogger("eventbus.sources")
 
 PROBE_EVERY = 10.0  # seconds between checks that a broker answers
 PROBE_TIMEOUT = 10.0
+_PUBLISHING = 64  # records of a fetched batch being published at once
 
 
 class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
@@ -103,13 +104,8 @@ class KafkaSource:
                     # A record aiokafka cannot read (a header key that is not UTF-8, a bad
                     # checksum) fails every fetch from it: the source restarted on it for ever
                     batches = await self._read_past_unreadable(ctx, consumer, exc)
-                done: dict[TopicPartition, int] = {}
-                try:
-                    for tp, records in batches.items():
-                        for record in records:
-                            await self._publish(ctx, record)
-                            done[tp] = record.offset + 1
-                except (BusError, StoreError) as exc:
+                done, failure = await self._publish_batch(ctx, batches)
+                if failure is not None:
                     # Keep the consumer (rejoining a group is slow): commit the prefix that is
                     # on the bus, rewind to the first record that is not, back off, go again.
                     if done:
@@ -118,7 +114,7 @@ class KafkaSource:
                     for tp, records in batches.items():
                         if tp in assigned:
                             consumer.seek(tp, done.get(tp, records[0].offset))
-                    ctx.report_error(exc)
+                    ctx.report_error(failure)
                     await backoff.wait()
                     continue
                 if done:
@@ -127,6 +123,39 @@ class KafkaSource:
                 ctx.status.lag = await _lag(consumer)
         finally:
             await consumer.stop()
+
+    async def _publish_batch(
+        self, ctx: SourceContext, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> tuple[dict[TopicPartition, int], BusError | StoreError | None]:
+        """Publish the records of ``batches``, up to ``_PUBLISHING`` at a time; return, per
+        partition, the offset after its longest run of records from the first that are on the
+        bus (or dead-lettered), and the first failure that stopped a run (BusError or
+        StoreError), if any. One at a time, each record waited for the bus's acknowledgement
+        of the one before it: the ingest took no more than one record per round trip."""
+        slots = asyncio.Semaphore(_PUBLISHING)
+
+        async def publish(record: ConsumerRecord[bytes, bytes]) -> None:
+            async with slots:
+                await self._publish(ctx, record)
+
+        started = [
+            (tp, record, asyncio.ensure_future(publish(record)))
+            for tp, records in batches.items()
+            for record in records
+        ]
+        outcomes = await asyncio.gather(*(t for _, _, t in started), return_exceptions=True)
+        done: dict[TopicPartition, int] = {}
+        stopped: set[TopicPartition] = set()
+        failure: BusError | StoreError | None = None
+        for (tp, record, _), outcome in zip(started, outcomes, strict=True):
+            if isinstance(outcome, (BusError, StoreError)):
+                failure = failure or outcome
+                stopped.add(tp)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            elif tp not in stopped:
+                done[tp] = record.offset + 1
+        return done, failure
 
     async def _read_past_unreadable(
         self, ctx: SourceContext, consumer: AIOKafkaConsumer, error: Exception

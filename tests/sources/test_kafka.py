@@ -12,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from eventbus._errors import CloudEventError, ConfigError
+from eventbus._errors import BusUnavailable, CloudEventError, ConfigError
 from eventbus.cloudevents import from_kafka
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources import _kafka as kafka_module
@@ -362,3 +362,47 @@ async def test_the_status_says_backoff_while_no_broker_answers(
                 assert ctx.status.last_error is None  # the reason went with the failure
     finally:
         broker.stop()
+
+
+async def test_a_batch_is_published_at_once_and_a_failure_rewinds_to_its_record(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    # One record at a time, each waited for the bus's acknowledgement of the one before: the
+    # ingest took no more than a record per round trip. Now a fetched batch is published
+    # concurrently; a record the bus refuses stops its partition's commit just before it.
+    def event(i: int) -> bytes:
+        return orjson.dumps({"specversion": "1.0", "id": f"b{i}", "source": "/s", "type": "t"})
+
+    group = "eventbus-source-batch"
+    async with (
+        topic(kafka_bootstrap) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        for i in range(40):
+            await producer.send(name, event(i))
+        await producer.flush()
+        ctx = context(pool, "batch", tap, type="kafka")
+        under_way = most = 0
+        refused: list[str] = []
+
+        async def publish(event: dict[str, Any], *, via: str = "test") -> None:
+            nonlocal under_way, most
+            under_way += 1
+            most = max(most, under_way)
+            try:
+                if event["id"] == "b7" and not refused:
+                    refused.append(event["id"])
+                    raise BusUnavailable("the bus refused b7 (test)")
+                await tap.publish(event, via=via)
+            finally:
+                under_way -= 1
+
+        ctx.publish = publish
+        async with running(kafka("batch", kafka_bootstrap, name), ctx):
+            await wait_committed(kafka_bootstrap, group, name, 40)
+        assert refused == ["b7"]
+        assert most > 1
+        # everything after b7 was published again from it (the bus drops the repeats)
+        ids = [e["id"] for e in await tap.take(40)]
+    assert sorted(ids) == sorted(f"b{i}" for i in range(40))
