@@ -177,9 +177,12 @@ async def reload_rules(request: Request) -> Response:
     summary="Dead letters, newest first, one page at a time",
 )
 async def list_dead_letters(request: Request, page: Paging, flt: Filter) -> Response:
-    items = await _service(request).dead_letters(flt, limit=page.limit, after=page.after)
-    nxt = items[-1]["id"] if len(items) == page.limit else None
-    return _json({"items": items, "next_after": nxt})
+    # one more than the page: a page exactly full is the last one when nothing follows it
+    # ("Next page" led to an empty one)
+    items = await _service(request).dead_letters(flt, limit=page.limit + 1, after=page.after)
+    more = len(items) > page.limit
+    del items[page.limit :]
+    return _json({"items": items, "next_after": items[-1]["id"] if more else None})
 
 
 @admin.get(

@@ -811,3 +811,27 @@ async def test_a_replay_is_audited_with_its_move_and_a_failure_midway_says_what_
     finally:
         await conn.close()
     assert await _replays_audited(database_dsn, source) == 400 - left >= moved
+
+
+async def test_a_page_of_dead_letters_exactly_full_is_the_last(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # next_after was set whenever a page was full: with 4 dead letters and pages of 2, the
+    # console's "Next page" after the second page led to an empty one.
+    receiver.respond(400)  # not retried: dead-lettered at once
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    await _publish(svc, range(4))
+    dead = await _all_dead_lettered(svc, 4, "every delivery dead-lettered")
+    newest_first = [d["id"] for d in dead]
+
+    async def page(query: str) -> tuple[list[int], Any]:
+        status, _, body = await svc.request("GET", f"/dead-letters?{query}")
+        assert status == 200, body
+        return [d["id"] for d in body["items"]], body["next_after"]
+
+    first, after = await page("limit=2")
+    assert first == newest_first[:2] and after == newest_first[1]
+    second, after = await page(f"limit=2&after={after}")
+    assert second == newest_first[2:] and after is None
+    assert await page("limit=4") == (newest_first, None)
+    assert await page("limit=5") == (newest_first, None)

@@ -398,6 +398,23 @@ async def test_page_asks_for_an_api_key(
     auth = {"Authorization": f"Bearer {key}"}
     assert (await svc.post_event(_event("with-key"), **auth))[0] == 202
     await page.wait_text(ROW % "with-key", "delivered")
+    # A key the service stops taking (rotated): forgotten, and the overview's refreshing,
+    # which sent it again every 5 s (and, without it, a refusal row each time), stops.
+    await page.js(
+        "window.sent = [];"
+        "const held = window.fetch;"  # the service refuses the key from now on
+        "window.fetch = (url, init) => {"
+        "  if (init && init.headers && init.headers.Authorization)"
+        "    init.headers.Authorization = 'Bearer rotated-away-key-0001';"
+        "  return held(url, init);"
+        "};"
+        "location.hash = 'overview';"
+    )
+    await page.wait("return !document.getElementById('key-form').hidden")
+    assert await page.js("return sessionStorage.getItem('eventbus-key')") is None
+    await page.js("window.sent = [];")
+    await asyncio.sleep(6)  # past the refresh period: what is measured is that nothing happens
+    assert await page.js("return window.sent") == []
 
 
 async def test_overview_targets_and_sources(

@@ -74,6 +74,12 @@ const clock = (iso) => (iso ? iso.replace(/^.*T/, "").replace(/(\.\d{3})\d*/, "$
 // -- the API key ----------------------------------------------------------------------------
 
 function askForKey(error) {
+  // The key held, if any, was refused (rotated, revoked): forget it, and stop the refreshing
+  // that would send it, or no key, again every 5 s until one is given.
+  apiKey = "";
+  sessionStorage.removeItem("eventbus-key");
+  $("key-forget").hidden = true;
+  clearInterval(refresh);
   $("key-form").hidden = false;
   $("key-error").textContent = error;
   stopLive();
@@ -142,7 +148,9 @@ async function load(page) {
     await pages[page]();
     $("page-error").textContent = "";
   } catch (err) {
-    if (err.status !== 401) $("page-error").textContent = `Could not load this page: ${err.message}`;
+    if (err.status === 401) return;
+    const what = err.partial ? "Part of this page could not load" : "Could not load this page";
+    $("page-error").textContent = `${what}: ${err.message}`;
   }
 }
 
@@ -516,10 +524,18 @@ async function loadDeadLetters(more = false) {
   try {
     page = await api("GET", `/dead-letters?${params}`);
   } catch (err) {
+    if (!more) {
+      // not the rows of another filter, or of before, under this one's error
+      $("dl-rows").replaceChildren();
+      $("dl-next").hidden = true;
+    }
     $("dl-message").textContent = err.message;
     return;
   }
-  if (!more) $("dl-rows").replaceChildren();
+  if (!more) {
+    $("dl-rows").replaceChildren();
+    $("dl-message").textContent = ""; // an earlier load's error is over
+  }
   for (const d of page.items) {
     const tr = row([d.id, d.created_at, d.event_source, d.event_id, d.rule, d.target, d.attempts, d.last_status, d.reason, d.final_error]);
     tr.dataset.id = d.id;
@@ -735,8 +751,12 @@ $("sandbox-run").addEventListener("click", async () => {
 
 // -- targets, sources, readiness ------------------------------------------------------------
 
+// Each part of the targets page on its own: one that fails (the source dead letters while the
+// database is down) left the whole page empty, the circuits' states too, when most needed.
+const UNKNOWN = Symbol("unknown");
+
 async function loadTargets() {
-  const [{ targets }, { sources }, stats, activity, setAside] = await Promise.all([
+  const parts = await Promise.allSettled([
     api("GET", "/targets"),
     api("GET", "/sources"),
     api("GET", "/stats/rates"),
@@ -744,8 +764,15 @@ async function loadTargets() {
     // the start of each payload only: a set-aside message may be megabytes
     api("GET", "/sources/dead-letters?limit=50&payload_bytes=200"),
   ]);
-  const span = activity.window; // 5 minutes, less while the process is younger
-  $("targets-window").textContent = `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
+  const failures = parts.filter((p) => p.status === "rejected").map((p) => p.reason);
+  if (failures.some((err) => err.status === 401)) throw failures.find((err) => err.status === 401);
+  const [targetsPart, sourcesPart, statsPart, activityPart, setAsidePart] = parts.map((p) =>
+    p.status === "fulfilled" ? p.value : UNKNOWN,
+  );
+  const targets = targetsPart === UNKNOWN ? [] : targetsPart.targets;
+  const span = activityPart === UNKNOWN ? null : activityPart.window; // 5 minutes, less while the process is younger
+  $("targets-window").textContent =
+    span === null ? "" : `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
   const ms = (value) => (value === null ? "" : value.toFixed(1));
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
@@ -764,9 +791,11 @@ async function loadTargets() {
         });
         disabled.append(el("span", `disabled ${t.disabled.at ?? ""} (${t.disabled.reason}) `, "error"), button);
       }
-      const counts = stats.targets[t.name] || {};
-      const n = (outcome) => counts[outcome] ?? 0;
-      const now = activity.targets[t.name] || { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
+      const counts = statsPart === UNKNOWN ? null : statsPart.targets[t.name] || {};
+      const n = (outcome) => (counts === null ? "?" : counts[outcome] ?? 0);
+      const idle = { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
+      const unknown = { in_flight: "?", delivered: "?", failed: "?", latency_ms: null, p95_ms: null };
+      const now = activityPart === UNKNOWN ? unknown : activityPart.targets[t.name] || idle;
       return row([
         t.name,
         t.type,
@@ -784,17 +813,24 @@ async function loadTargets() {
       ]);
     }),
   );
+  const sources = sourcesPart === UNKNOWN ? [] : sourcesPart.sources;
   $("sources-rows").replaceChildren(
     ...sources.map((s) => row([s.name, s.type, s.state, s.events, s.errors, s.last_event_at, s.last_error, s.lag])),
   );
+  const setAside = setAsidePart === UNKNOWN ? [] : setAsidePart.items;
   $("source-dl-rows").replaceChildren(
-    ...setAside.items.map((d) => {
+    ...setAside.map((d) => {
       const payload = d.payload ?? (d.payload_base64 ? `base64: ${d.payload_base64}` : "");
       const shown = payload.length > 200 ? `${payload.slice(0, 200)}…` : payload;
       const cut = d.payload_size > 200 ? ` (${d.payload_size} bytes)` : "";
       return row([d.id, d.source, d.received_at, d.error, shown + cut]);
     }),
   );
+  if (failures.length) {
+    const err = new Error(failures.map((f) => f.message).join("; "));
+    err.partial = targetsPart !== UNKNOWN; // the rest is shown ("?" where unknown)
+    throw err;
+  }
 }
 
 // -- overview: rates over the last hour as small hand-drawn SVG charts ---------------------
