@@ -180,7 +180,11 @@ class KafkaSource:
 
     async def _publish(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> None:
         value = record.value or b""
-        position = f"{record.topic}/{record.partition}/{record.offset}"
+        # The record's timestamp too: a topic deleted and made again, or a broker that lost its
+        # log, hands the same offsets out again for other records, which took the ids of earlier
+        # events (dropped as duplicates by the bus within its window, and later shown as them).
+        # A re-read of the same record keeps its id.
+        position = f"{record.topic}/{record.partition}/{record.offset}/{record.timestamp}"
 
         def convert() -> list[dict[str, Any]]:
             return events_of(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import nats
@@ -224,10 +225,20 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
                 msg.data,
                 lambda size: from_nats(msg.headers, msg.data, max_size=size),
                 max_size=ctx.max_event_size,
-                id=f"{meta.stream}/{meta.sequence.stream}",
+                # the time the stream stored it too: a stream deleted and made again numbers
+                # its messages from 1 again (see the kafka source)
+                id=f"{meta.stream}/{meta.sequence.stream}/{_micros(meta.timestamp)}",
                 subject=msg.subject,
                 time=meta.timestamp,
             )
 
         where = {"stream": meta.stream, "sequence": meta.sequence.stream, "subject": msg.subject}
         await publish_message(ctx, msg.data, convert, where)
+
+
+def _micros(at: datetime) -> int:
+    """Microseconds since the epoch of the time JetStream stored a message."""
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -168,8 +169,13 @@ async def test_jetstream_raw_format_ids_are_stream_positions(
         )
         async with running(source, context(pool, "raw", tap, type="jetstream")):
             first, second = await tap.take(2)
-    assert (first["id"], first["subject"], first["data"]) == (f"{name}/1", f"{prefix}.temp", 21.5)
-    assert (second["id"], second["data"]) == (f"{name}/2", "plain words")
+    # <stream>/<sequence>/<stored time, microseconds>: a stream made again numbers from 1
+    assert (first["subject"], first["data"]) == (f"{prefix}.temp", 21.5)
+    assert second["data"] == "plain words"
+    for seq, event in enumerate((first, second), 1):
+        stored = datetime.fromisoformat(event["time"])
+        micros = (stored - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        assert event["id"] == f"{name}/{seq}/{micros}"
     assert first["type"] == "sensor" and first["source"] == "/nats"
 
 
