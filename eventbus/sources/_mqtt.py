@@ -93,6 +93,11 @@ def _payload(message: aiomqtt.Message) -> bytes:
 class MqttSource:
     """Subscribes to ``topics`` at QoS 1; acks after publishing (see the module docstring)."""
 
+    # Under a lease (see SourceRunner): two instances of one source either share its client id,
+    # and the broker closes one connection for the other every few seconds, or subscribe each
+    # with its own and both get every message (MQTT 3.1.1 has no shared subscriptions).
+    one_instance = True
+
     def __init__(self, config: MqttSourceSpec) -> None:
         """Raises ConfigError when a file of the TLS block cannot be read."""
         self.name = config.name
@@ -142,6 +147,11 @@ class MqttSource:
                 _check_granted(topic, granted)
             ctx.status.state = "running"
             async for message in client.messages:
+                if message.qos > 0 and not paho.is_connected():
+                    # Queued before the connection broke: it cannot be acknowledged now, and
+                    # the broker sends it again on the next session (published from the queue
+                    # as well, each reached the targets twice, a raw one under two ids).
+                    continue
                 if message.retain:
                     await self._publish_retained(ctx, message)
                 else:

@@ -146,6 +146,13 @@ class _NatsConsumer(ABC, Generic[_C]):
 class NatsSource(_NatsConsumer[NatsSourceSpec]):
     """Subscribes to core NATS subjects; at-most-once (see the module docstring)."""
 
+    @property
+    def one_instance(self) -> bool:
+        """Under a lease (see SourceRunner) without a queue group: every instance subscribed
+        would get every message, and a raw one reached the targets once per instance, each
+        time under another id. With one, the server hands each message to one member."""
+        return self.config.queue_group is None
+
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
     ) -> None:

@@ -166,3 +166,45 @@ def test_the_lease_owner_is_one_per_installation_and_kept(tmp_path: Path) -> Non
     assert _installation_id(tmp_path / "a") == first  # kept across restarts
     assert _installation_id(tmp_path / "b") != first  # same host, another installation
     assert (tmp_path / "a" / "installation-id").read_text().strip() == first
+
+
+async def test_a_core_nats_source_without_a_queue_group_runs_in_one_instance(
+    database_dsn: str, nats_url: str
+) -> None:
+    # Each instance subscribed, and every message reached the targets once per instance (a
+    # raw one under another id each time). With a queue group the server hands each message to
+    # one member: those run everywhere. MQTT sources run under a lease too.
+    subject = unique_name("lone")
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    def runner(instance: str, pool: asyncpg.Pool, **spec: Any) -> SourceRunner:
+        async def publish(event: dict[str, Any], *, via: str) -> bool:
+            got[instance].append(event["data"])
+            return False
+
+        source = build_source({"name": f"n-{subject}", "type": "nats", "url": nats_url, **spec})
+        return SourceRunner([source], pool=pool, publish=publish, instance_id=instance, lease=1.5)
+
+    mqtt = build_source({"name": "m", "type": "mqtt", "topics": ["t/#"]})
+    assert getattr(mqtt, "one_instance", False) is True
+    async with (
+        source_pool(database_dsn) as pool,
+        runner("a", pool, subjects=[subject], format="raw", event_type="t", event_source="/n") as a,
+        runner("b", pool, subjects=[subject], format="raw", event_type="t", event_source="/n") as b,
+    ):
+        await eventually(
+            lambda: {a.statuses()[0].state, b.statuses()[0].state} == {"running", "standby"}
+        )
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.publish(subject, b"one")
+            await nc.flush()
+            await eventually(lambda: len(got["a"]) + len(got["b"]) >= 1)
+            await asyncio.sleep(0.3)  # the other instance's copy, were it subscribed
+        finally:
+            await nc.close()
+    assert sorted(got["a"] + got["b"]) == ["one"]
+    grouped = build_source(
+        {"name": "g", "type": "nats", "url": nats_url, "subjects": ["x"], "queue_group": "q"}
+    )
+    assert getattr(grouped, "one_instance", True) is False
