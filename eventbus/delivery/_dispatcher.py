@@ -48,10 +48,6 @@ _OUTAGE_BACKOFF_MAX = 5.0
 # Seconds a retry may be taken up past its max_age and still be attempted: one due at the
 # edge is claimed a little after it.
 _LATE_GRACE = 1.0
-# Seconds the router's deliveries to a saturated target may expect to wait for its slots before
-# the next ones are parked in the durable schedule (docs/delivery.md, "capacity").
-_PARK_AFTER = 1.0
-_PACE_WEIGHT = 0.2  # of the latest attempt in a target's moving mean duration
 _T = TypeVar("_T")
 
 # The labelled metrics of each target, looked up once: ``labels()`` takes a lock and checks
@@ -60,30 +56,6 @@ _delivery_seconds = functools.cache(metrics.DELIVERY_SECONDS.labels)
 _deliveries = functools.cache(metrics.DELIVERIES.labels)
 _in_flight = functools.cache(metrics.DELIVERIES_IN_FLIGHT.labels)
 _parked = functools.cache(metrics.DELIVERIES_PARKED.labels)
-
-
-class _Pace:
-    """How fast a target gets through its deliveries: the moving mean of its attempts'
-    durations, and when it last finished one (or, idle until then, began to be busy)."""
-
-    __slots__ = ("last", "mean")
-
-    def __init__(self, now: float) -> None:
-        self.mean: float | None = None
-        self.last = now
-
-    def finished(self, seconds: float, now: float) -> None:
-        self.mean = (
-            seconds if self.mean is None else self.mean + _PACE_WEIGHT * (seconds - self.mean)
-        )
-        self.last = now
-
-    def slow(self, waiting: int, slots: int, now: float) -> bool:
-        """Whether ``waiting`` deliveries on ``slots`` slots would wait longer than
-        ``_PARK_AFTER``: by the mean duration, or as nothing finished for that long."""
-        if now - self.last > _PARK_AFTER:
-            return True
-        return self.mean is not None and waiting * self.mean / slots > _PARK_AFTER
 
 
 class Dispatcher:
@@ -112,7 +84,6 @@ class Dispatcher:
         self._guards = {name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()}
         self._override_cache: dict[tuple[str, bytes], DeliveryPolicy] = {}
         self._waiting: Counter[str] = Counter()
-        self._paces: dict[str, _Pace] = {}
         # Told about every retry this process schedules (RetryWorker.due_in), so a retry due
         # sooner than the worker's next poll is not late by up to a poll interval.
         self.scheduled: Callable[[float], None] = lambda delay: None
@@ -218,13 +189,6 @@ class Dispatcher:
             # the whole window, and routing to every other target stopped behind it).
             await self._park(job, 0.0, "capacity")
             return
-        loop = asyncio.get_running_loop()
-        if routed and not self._waiting[name]:  # busy from now
-            pace = self._paces.get(name)
-            if pace is None:
-                self._paces[name] = _Pace(loop.time())
-            else:
-                pace.last = loop.time()
         self._waiting[name] += routed
         try:
             outcome = await self._attempt(job, target, policy)
@@ -232,9 +196,6 @@ class Dispatcher:
             self._waiting[name] -= routed
         if outcome is None:  # parked behind an open circuit, or too old to wait any more
             return
-        pace = self._paces.get(name)
-        if pace is not None:
-            pace.finished(outcome.duration_ms / 1000, loop.time())
         job.attempts += 1
         job.history.append(_history_entry(job.attempts, outcome, job.replay_count))
         _delivery_seconds(name).observe(outcome.duration_ms / 1000)
@@ -250,20 +211,15 @@ class Dispatcher:
         return target.concurrency if isinstance(target, Capped) else None
 
     def _saturated(self, name: str, target: Target) -> bool:
-        """Whether the router's deliveries to ``target`` fill its slots, more than its share
-        of the window wait behind them (a burst of a few hundred waits in memory), and they
-        would wait more than ``_PARK_AFTER`` seconds. A target keeping up is never parked for
-        a full window: its deliveries went through Postgres (a schedule row written, claimed
-        and deleted) for no one's gain, 3 % of a worker's CPU under load in a profile."""
+        """Whether the router's deliveries to ``target`` fill its slots and more than its
+        share of the window wait behind them (a burst of a few hundred waits in memory)."""
         waiting = self._waiting[name]
         # the count first: a runtime protocol check costs microseconds, on every delivery
-        if waiting < self._route_share or not isinstance(target, Capped):
-            return False
-        slots = target.concurrency
-        if waiting < slots:
-            return False
-        pace = self._paces.get(name)
-        return pace is None or pace.slow(waiting, slots, asyncio.get_running_loop().time())
+        return (
+            waiting >= self._route_share
+            and isinstance(target, Capped)
+            and waiting >= target.concurrency
+        )
 
     async def _attempt(
         self, job: Delivery, target: Target, policy: DeliveryPolicy
@@ -367,8 +323,6 @@ class Dispatcher:
         await self._park(job, min(reopen_in, left), "circuit")
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
-        if waiting_for != "retry":  # a retry after an attempt counts as retry-scheduled
-            _parked(job.target, waiting_for).inc()
         if job.pending_id is None:
             job.pending_id = await _durably(
                 lambda: self._store.schedule(job, due_in=delay, waiting_for=waiting_for)
@@ -378,6 +332,8 @@ class Dispatcher:
             if not await self._settle_row(job, row):
                 log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
                 return
+        if waiting_for != "retry":  # a retry after an attempt counts as retry-scheduled
+            _parked(job.target, waiting_for).inc()
         # Told once the row is written: the timer then cannot run out before the row is due.
         self.scheduled(delay)
 
