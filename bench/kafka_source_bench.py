@@ -79,7 +79,7 @@ async def _produce(bootstrap: str, topic: str, records: int, partitions: int) ->
         try:
             await admin.start()
             break
-        except Exception:  # noqa: BLE001 - any failure to reach it: try again, bounded
+        except Exception:  # any failure to reach it: try again, bounded
             await asyncio.sleep(0.1)
     try:
         await admin.create_topics([NewTopic(topic, partitions, 1)])
@@ -112,7 +112,7 @@ class _Counted:
         if self.count >= self.expected:
             self.done.set()
 
-    async def publish(self, event: dict[str, Any], *, via: str) -> bool:
+    async def publish(self, event: dict[str, Any], *, via: str = "source:bench") -> bool:
         duplicate = await self.bus.publish(event, via=via)
         self._counted(1)
         return duplicate
