@@ -110,6 +110,8 @@ class KafkaSource:
                     # on the bus, rewind to the first record that is not, back off, go again.
                     if done:
                         await consumer.commit(done)
+                    if not isinstance(failure, (BusError, StoreError)):
+                        raise failure  # the source starts again, from the prefix committed
                     assigned = consumer.assignment()
                     for tp, records in batches.items():
                         if tp in assigned:
@@ -126,12 +128,13 @@ class KafkaSource:
 
     async def _publish_batch(
         self, ctx: SourceContext, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> tuple[dict[TopicPartition, int], BusError | StoreError | None]:
+    ) -> tuple[dict[TopicPartition, int], BaseException | None]:
         """Publish the records of ``batches``, up to ``_PUBLISHING`` at a time; return, per
         partition, the offset after its longest run of records from the first that are on the
         bus (or dead-lettered), and the first failure that stopped a run (BusError or
-        StoreError), if any. One at a time, each record waited for the bus's acknowledgement
-        of the one before it: the ingest took no more than one record per round trip."""
+        StoreError, or whatever else a publish raised), if any. One at a time, each record
+        waited for the bus's acknowledgement of the one before it: the ingest took no more
+        than one record per round trip."""
         slots = asyncio.Semaphore(_PUBLISHING)
 
         async def publish(record: ConsumerRecord[bytes, bytes]) -> None:
@@ -146,13 +149,11 @@ class KafkaSource:
         outcomes = await asyncio.gather(*(t for _, _, t in started), return_exceptions=True)
         done: dict[TopicPartition, int] = {}
         stopped: set[TopicPartition] = set()
-        failure: BusError | StoreError | None = None
+        failure: BaseException | None = None
         for (tp, record, _), outcome in zip(started, outcomes, strict=True):
-            if isinstance(outcome, (BusError, StoreError)):
+            if isinstance(outcome, BaseException):
                 failure = failure or outcome
                 stopped.add(tp)
-            elif isinstance(outcome, BaseException):
-                raise outcome
             elif tp not in stopped:
                 done[tp] = record.offset + 1
         return done, failure

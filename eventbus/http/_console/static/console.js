@@ -532,10 +532,8 @@ async function loadDeadLetters(more = false) {
     $("dl-message").textContent = err.message;
     return;
   }
-  if (!more) {
-    $("dl-rows").replaceChildren();
-    $("dl-message").textContent = ""; // an earlier load's error is over
-  }
+  if (!more) $("dl-rows").replaceChildren();
+  $("dl-message").textContent = ""; // an earlier load's error is over
   for (const d of page.items) {
     const tr = row([d.id, d.created_at, d.event_source, d.event_id, d.rule, d.target, d.attempts, d.last_status, d.reason, d.final_error]);
     tr.dataset.id = d.id;
