@@ -270,6 +270,13 @@ class _Evaluator(Evaluator):
     reason doubled per element (134 MB and 1.4 s at 24 elements of an event under 1 KB).
     Every macro spends a step of the budget per element (``_Budget``)."""
 
+    def sub_evaluator(self, ast: lark.Tree[lark.Token]) -> Evaluator:
+        """The evaluator of a macro's element expression: this one's kind, so the macros nested
+        in it spend the budget too (cel-python's makes a plain ``Evaluator``: three nested over
+        lists of 30, 60 and 100 items, a 0.4 KB event, ran 5.3 s past the 0.25 s budget, the
+        outer macro's 30 elements too few for the time to be checked)."""
+        return _Evaluator(ast, activation=self.activation)
+
     def build_macro_eval(self, child: lark.Tree[lark.Token]) -> Callable[[Any], Any]:
         return _counted(super().build_macro_eval(child))
 

@@ -13,7 +13,9 @@ import yaml
 from celpy.adapter import json_to_cel
 
 from eventbus._errors import RuleError
+from eventbus.rules import _cel
 from eventbus.rules._cel import (
+    MAX_MACRO_STEPS,
     Condition,
     OnFirstUse,
     Verdict,
@@ -229,6 +231,27 @@ def test_macros_stop_at_their_budget(source: str, interpreted: bool) -> None:
     small = {"data": {"items": list(range(30)), "blocked": [29]}}
     expected = Verdict.NO_MATCH if ".all(" in source else Verdict.MATCH
     assert condition.evaluate(activation(small))[0] is expected
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
+def test_macros_nested_in_macros_spend_the_budget_too(
+    interpreted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the interpreter (conditions calling has()), a macro's element ran on a plain
+    # cel-python evaluator: the macros nested in it were not counted, and three nested over
+    # lists of 30, 60 and 100 items (a 0.4 KB event) took 5.3 s, the outer one's 30 elements
+    # too few for the time to be checked.
+    source = (
+        "has(event.data.a) && event.data.a.all(x, event.data.b.all(y, "
+        "event.data.c.all(z, x + y + z >= 0)))"
+    )
+    event = {"data": {"a": list(range(30)), "b": list(range(60)), "c": list(range(100))}}
+    # the steps alone stop it here (the inner ones counted), whatever this machine's speed
+    monkeypatch.setattr(_cel, "MAX_EVALUATION_SECONDS", 120.0)
+    condition = Condition(source, _runner(_env().compile(source), interpreted=interpreted))
+    verdict, reason = condition.evaluate(activation(event))
+    assert verdict is Verdict.ERROR
+    assert reason == f"evaluation stopped: more than {MAX_MACRO_STEPS} macro steps", reason
 
 
 @pytest.mark.parametrize(
