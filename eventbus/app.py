@@ -918,8 +918,8 @@ class Service:
         and why each enabled rule that took no route did not (rule name to reason: the field
         its pattern failed on, or its condition's verdict)."""
         rules = self.rules.current
-        routes = rules.route(event)
-        failed = rules.condition_errors(event)
+        failed: dict[str, str] = {}
+        routes = rules.route(event, trial=failed)
         routed = {route.rule for route in routes}
         for rule in rules.rules:
             if not rule.enabled or rule.name in routed or rule.name in failed:

@@ -95,6 +95,13 @@ DELIVERIES = Counter(
     ["target", "outcome"],
     registry=REGISTRY,
 )
+RULE_FAILURES = Counter(
+    "eventbus_rule_failures",
+    "Events whose rule's condition failed (counted as no match) or whose transform for a "
+    "target failed (that target skipped), by rule and what failed (condition, transform)",
+    ["rule", "what"],
+    registry=REGISTRY,
+)
 DELIVERIES_PARKED = Counter(
     "eventbus_deliveries_parked",
     "Deliveries written to the durable schedule without an attempt, by target and what they "

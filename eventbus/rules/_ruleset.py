@@ -42,6 +42,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from eventbus import metrics
 from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
 from eventbus.config import did_you_mean
 from eventbus.rules._cel import Activation, Condition, Verdict, activation, compile_condition
@@ -210,9 +211,13 @@ class RuleSet:
             digest.update(b"\n")
         return digest.hexdigest()[:12]
 
-    def route(self, event: dict[str, Any]) -> list[Route]:
+    def route(self, event: dict[str, Any], *, trial: dict[str, str] | None = None) -> list[Route]:
         """Every route ``event`` takes, in rule order then target order; never raises for a
-        JSON-shaped event (a failing condition means no match for that rule)."""
+        JSON-shaped event (a failing condition means no match for that rule).
+
+        ``trial``: the event is only tried (the console's sandbox): a failing condition or
+        transform is put there (rule name to why) instead of being counted and logged, where
+        it read as a real event's failure and took the rule's one log line of the minute."""
         routes: list[Route] = []
         context: Activation | None = None
         for position in self._index.match(event):
@@ -222,7 +227,11 @@ class RuleSet:
                     context = activation(event)
                 verdict, reason = rule.condition.evaluate(context)
                 if verdict is not Verdict.MATCH:
-                    if verdict is not Verdict.NO_MATCH:
+                    if verdict is Verdict.NO_MATCH:
+                        pass
+                    elif trial is not None:
+                        trial[rule.name] = reason
+                    else:
                         self._failed(
                             self.cel_errors, rule, event, "condition", "treated as no match", reason
                         )
@@ -239,6 +248,9 @@ class RuleSet:
                     except TransformTooLarge as exc:
                         last = None
                         what = f"transform for target {target.name!r}"
+                        if trial is not None:
+                            trial[rule.name] = f"{what}: {exc}"
+                            continue
                         counter = self.transform_errors
                         self._failed(counter, rule, event, what, "target skipped", str(exc))
                         continue
@@ -285,6 +297,8 @@ class RuleSet:
         skipped, the ``outcome``): counted in ``counter``, logged at most once a minute per
         rule."""
         counter[rule.name] += 1
+        failed = "condition" if counter is self.cel_errors else "transform"
+        metrics.RULE_FAILURES.labels(rule.name, failed).inc()
         now = time.monotonic()
         if now < self._next_log.get(rule.name, 0.0):
             self._unlogged[rule.name] += 1

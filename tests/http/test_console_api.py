@@ -277,6 +277,9 @@ async def test_sandbox_says_why_a_rule_did_not_match(
     assert unmatched["big"] == "condition: false"
     assert "nothing" in unmatched["broken"] and not unmatched["broken"].startswith("pattern")
     assert set(unmatched) == {"either", "big", "broken"}  # a disabled rule is not tried
+    # only tried: the broken condition was counted and logged as a real event's failure (and
+    # took the rule's one log line of the minute)
+    assert svc.service.rules.current.cel_errors == {}
     no_subject = {k: v for k, v in _event("w2").items() if k != "subject"}
     _, _, body = await svc.request("POST", "/rules/sandbox", orjson.dumps(no_subject))
     assert "subject: absent" in body["unmatched"]["either"]

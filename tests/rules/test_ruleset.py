@@ -13,6 +13,7 @@ import orjson
 import pytest
 import yaml
 
+from eventbus import metrics
 from eventbus.rules import (
     Route,
     RuleError,
@@ -261,6 +262,18 @@ def test_failing_conditions_are_counted_and_logged_rate_limited(
             {"name": "fine", "targets": ["y"]},
         ]
     )
+
+    def counted() -> float:
+        labels = {"rule": "not-bool", "what": "condition"}
+        return metrics.REGISTRY.get_sample_value("eventbus_rule_failures_total", labels) or 0.0
+
+    before = counted()
+    # a sandbox's trial says why, counts and logs nothing
+    tried: dict[str, str] = {}
+    assert [r.rule for r in rules.route({"id": "t", "source": "s", "data": {}}, trial=tried)] == [
+        "fine"
+    ]
+    assert sorted(tried) == ["fails", "not-bool"] and rules.cel_errors == {}
     with caplog.at_level(logging.WARNING, logger="eventbus.rules"):
         for i in range(3):
             routes = rules.route({"id": str(i), "source": "s", "data": {}})
@@ -268,6 +281,8 @@ def test_failing_conditions_are_counted_and_logged_rate_limited(
         routes = rules.route({"id": "3", "source": "s", "data": {"size": 5}})
         assert [r.rule for r in routes] == ["fails", "fine"]
     assert rules.cel_errors == {"fails": 3, "not-bool": 4}
+    # and seen outside the process (it was only in the log, once a minute)
+    assert counted() - before == 4
     logged = [r.getMessage() for r in caplog.records if r.name == "eventbus.rules"]
     assert len(logged) == 2, logged
     assert "rule 'fails'" in logged[0] and "size" in logged[0]
