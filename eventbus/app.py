@@ -280,7 +280,6 @@ class Service:
         self.feed = LiveFeed()
         self._rates = Rates()
         self.reload_notes: list[str] = []
-        self._reloading = asyncio.Lock()
         """What the last rules reload left for the next start (connector files changed)."""
 
     async def __aenter__(self) -> Self:
@@ -565,22 +564,11 @@ class Service:
     # The HTTP edge and the CLI go through these methods only, never through the components
     # behind them, so those can change without the edge noticing.
 
-    async def reload_rules(self, *, announce: bool = True) -> int:
+    def reload_rules(self, *, announce: bool = True) -> int:
         """Reload connectors' target names and rules; an invalid set keeps the old one (and
         raises what is wrong with it). Logs one line either way. A reload that took, when
         ``announce``d, calls ``rules_reloaded`` (the other workers of ``serve --workers N``
-        reload too).
-
-        Off the event loop, one at a time: compiling the conditions of thousands of rules
-        takes seconds, during which the loop answered nothing (a publish waited 11 s, and a
-        delivery timed out while its function had answered, so it was sent twice)."""
-        async with self._reloading:
-            count = await asyncio.to_thread(self._reload_rules)
-        if announce and self.rules_reloaded is not None:
-            self.rules_reloaded()
-        return count
-
-    def _reload_rules(self) -> int:
+        reload too)."""
         try:
             connectors = load_connectors(self.settings.connectors)
             new = sorted(set(connectors.targets) - set(self.targets))
@@ -617,6 +605,8 @@ class Service:
             self.settings.rules,
             self.rules.current.fingerprint,
         )
+        if announce and self.rules_reloaded is not None:
+            self.rules_reloaded()
         return count
 
     def _connector_changes(self, connectors: ConnectorSet, new: list[str]) -> list[str]:

@@ -244,17 +244,9 @@ def _reload_on_sighup(service: Service) -> None:
     configuration); a rule set that does not load is logged, the running one stays. One that
     came while the service started is acted on now."""
 
-    reloads: set[asyncio.Task[None]] = set()
-
-    async def reload_now() -> None:
-        with contextlib.suppress(EventBusError):  # logged by reload_rules
-            await service.reload_rules(announce=False)
-
     def reload() -> None:
-        # a task (kept until done): the handler itself must not wait for the reload
-        task = asyncio.get_running_loop().create_task(reload_now(), name="eventbus-reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        with contextlib.suppress(EventBusError):  # logged by reload_rules
+            service.reload_rules(announce=False)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     if _hups_while_starting:
