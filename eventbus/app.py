@@ -106,6 +106,10 @@ _SUMMARY_EVERY = 60.0  # seconds between activity summaries in the log
 REPLAYS_LISTED = 1000  # replayed dead letters named in the answer (all are counted)
 
 
+def _count_rule_failure(rule: str, what: str) -> None:
+    metrics.RULE_FAILURES.labels(rule, what).inc()
+
+
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -361,6 +365,7 @@ class Service:
             )
 
         self.rules = RuleSetHolder(rules)
+        RuleSet.on_failure = _count_rule_failure
         for name, target in targets.items():
             self.targets[name] = await self._stack.enter_async_context(target)
         self.deliveries = DeliveryStore(self.store.pool)

@@ -30,6 +30,7 @@ __all__ = [
     "CIRCUIT_STATE",
     "DELIVERIES",
     "DELIVERIES_IN_FLIGHT",
+    "DELIVERIES_PARKED",
     "DELIVERY_SECONDS",
     "EMBEDDED_RESTARTS",
     "EVENTS_DUPLICATE",
@@ -43,6 +44,7 @@ __all__ = [
     "REFUSALS_UNRECORDED",
     "REGISTRY",
     "RETRY_BACKLOG",
+    "RULE_FAILURES",
     "WORKER_RESTARTS",
     "ParentFigures",
     "activity",
@@ -98,7 +100,8 @@ DELIVERIES = Counter(
 RULE_FAILURES = Counter(
     "eventbus_rule_failures",
     "Events whose rule's condition failed (counted as no match) or whose transform for a "
-    "target failed (that target skipped), by rule and what failed (condition, transform)",
+    "target failed (that target skipped), by rule and what failed (condition, transform); a "
+    "synchronous request's evaluation of the rules counts too",
     ["rule", "what"],
     registry=REGISTRY,
 )

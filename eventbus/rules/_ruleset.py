@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import orjson
 from pydantic import (
@@ -42,7 +42,6 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from eventbus import metrics
 from eventbus._errors import EventBusError, PatternError, RuleError, RuleSetError
 from eventbus.config import did_you_mean
 from eventbus.rules._cel import Activation, Condition, Verdict, activation, compile_condition
@@ -180,6 +179,10 @@ class RuleSet:
     ``native_cel`` says whether the conditions run on cel-expr-python.
     """
 
+    on_failure: ClassVar[Callable[[str, str], None] | None] = None
+    """Told of each failure counted (rule name, ``condition`` or ``transform``), by every rule
+    set of the process: the service counts them in a metric (this package imports none)."""
+
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self._active = tuple(rule for rule in self.rules if rule.enabled)
@@ -297,8 +300,10 @@ class RuleSet:
         skipped, the ``outcome``): counted in ``counter``, logged at most once a minute per
         rule."""
         counter[rule.name] += 1
-        failed = "condition" if counter is self.cel_errors else "transform"
-        metrics.RULE_FAILURES.labels(rule.name, failed).inc()
+        if RuleSet.on_failure is not None:
+            RuleSet.on_failure(
+                rule.name, "condition" if counter is self.cel_errors else "transform"
+            )
         now = time.monotonic()
         if now < self._next_log.get(rule.name, 0.0):
             self._unlogged[rule.name] += 1

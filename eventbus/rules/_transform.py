@@ -19,7 +19,8 @@ is always a list; any other path gives one value or ``null``. With ``keep_cloude
 the result replaces only ``data`` and the attributes stay, so the target still gets a CloudEvent.
 
 Bounded: a path may descend recursively (``..``) once; a transform with a path that selects
-several values gives at most ``MAX_SELECTED`` values and ``MAX_OUTPUT_BYTES`` of output, or
+several values (or a template placing values more than 4 times) gives at most ``MAX_SELECTED``
+values and ``MAX_OUTPUT_BYTES`` of output, or
 raises :class:`TransformTooLarge` (``$..*`` gave 64 times a deep event, 16 MB of 256 KiB).
 """
 
@@ -65,6 +66,10 @@ __all__ = [
 MAX_SELECTED = 10_000
 """Values one path may select in one event."""
 MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+# Uses of variables in a template up to which its output is not measured: it stays within a few
+# times the event. More (400 uses of ``$`` made 80 MB of a 200 KB event) are measured as a
+# multi-valued path's output is.
+_UNMEASURED_USES = 4
 """JSON bytes the output of a transform with a multi-valued path may take."""
 
 
@@ -282,6 +287,15 @@ def _placeholders(template: Any) -> set[str]:
     return set(_PLACEHOLDER.findall(template)) if isinstance(template, str) else set()
 
 
+def _uses(template: Any) -> int:
+    """How many times ``template`` places a variable's value."""
+    if isinstance(template, dict):
+        return sum(_uses(value) for value in template.values())
+    if isinstance(template, list):
+        return sum(_uses(item) for item in template)
+    return len(_PLACEHOLDER.findall(template)) if isinstance(template, str) else 0
+
+
 def _compile_template(template: Any) -> Render:
     if isinstance(template, dict):
         items = [(key, _compile_template(value)) for key, value in template.items()]
@@ -363,7 +377,8 @@ class Transform:
     render: Render
     keep_cloudevent: bool
     many: bool = False
-    """Whether a path may select several values (the output is then measured)."""
+    """Whether the output is measured: a path may select several values, or the template
+    places its values more than ``_UNMEASURED_USES`` times."""
 
     @classmethod
     def compile(cls, spec: TransformSpec) -> Transform:
@@ -376,14 +391,16 @@ class Transform:
             render: Render = lambda values: constant  # noqa: E731
         else:
             render = _compile_template(spec.template)
-        return cls(variables, render, spec.keep_cloudevent, any(v.many for v in variables))
+        uses = _uses(spec.template) if "template" in spec.model_fields_set else 0
+        many = uses > _UNMEASURED_USES or any(v.many for v in variables)
+        return cls(variables, render, spec.keep_cloudevent, many)
 
     def apply(self, event: dict[str, Any]) -> Any:
         """The payload for a target: the rendered output, or with ``keep_cloudevent`` a copy of
         ``event`` whose ``data`` is that output (``data_base64`` and ``dataschema`` dropped,
         ``datacontenttype`` set to match). Raises TransformTooLarge for a transform with a
-        multi-valued path whose output is over its bound, and for a selected value JSON
-        cannot write put into text."""
+        multi-valued path (or a template placing values many times) whose output is over its
+        bound, and for a selected value JSON cannot write put into text."""
         output = self.render({v.name: v.value(event) for v in self.variables})
         if self.many and _size(output) > MAX_OUTPUT_BYTES:
             raise TransformTooLarge(f"the output is more than {MAX_OUTPUT_BYTES} bytes")

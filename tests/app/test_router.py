@@ -92,3 +92,25 @@ async def test_the_router_records_acceptance_once_per_bus_message(
     status, _, trail = await svc.request("GET", "/events/trail?source=tests/router&id=e-1")
     assert status == 200 and trail["via"] == "http"
     assert [a["outcome"] for a in trail["attempts"]] == ["delivered"]
+
+
+async def test_a_failing_condition_is_counted_in_the_metrics(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # A condition failing at run time (a missing field) means no match; it was only in a log
+    # line once a minute per rule.
+    rules = (
+        "- name: strict\n  match: {source: [tests/router]}\n"
+        "  when: event.data.total > 1\n  targets: [fn]\n"
+        "- name: all\n  match: {source: [tests/router]}\n  targets: [fn]\n"
+    )
+    svc = await eventbus(
+        rules=rules, targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    )
+    event = {"specversion": "1.0", "id": "m-1", "source": "tests/router", "type": "t"}
+    assert (await svc.post_event({**event, "data": {}}))[0] == 202
+    await receiver.wait_for(1, path="/fn")
+    await svc.drained()
+    _, _, text = await svc.request("GET", "/metrics")
+    line = 'eventbus_rule_failures_total{rule="strict",what="condition"} '
+    assert [row for row in text.splitlines() if row.startswith(line)] == [line + "1.0"]
