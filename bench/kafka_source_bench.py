@@ -62,15 +62,8 @@ class Tansu:
 
 
 def _event(i: int) -> bytes:
-    return orjson.dumps(
-        {
-            "specversion": "1.0",
-            "id": f"k{i}",
-            "source": "/bench/kafka",
-            "type": "t",
-            "data": {"i": i},
-        }
-    )
+    attributes = {"specversion": "1.0", "id": f"k{i}", "source": "/bench/kafka", "type": "t"}
+    return orjson.dumps({**attributes, "data": {"i": i}})
 
 
 async def _produce(bootstrap: str, topic: str, records: int, partitions: int) -> None:

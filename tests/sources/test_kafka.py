@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -24,7 +26,7 @@ from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
-from tests.sources.test_queue_support import bus_tap, context
+from tests.sources.test_queue_support import BusTap, bus_tap, context
 
 
 @contextlib.asynccontextmanager
@@ -192,21 +194,36 @@ async def test_s3_notification_format_maps_every_record(
     assert [e["subject"] for e in events] == ["a.jpg", "b.jpg"]
 
 
-@pytest.mark.slow
-async def test_bus_down_commits_nothing_then_restart_loses_nothing(
-    kafka_bootstrap: str, database_dsn: str, nats_url: str
-) -> None:
-    def event(i: int) -> bytes:
-        return orjson.dumps({"specversion": "1.0", "id": f"n{i}", "source": "/s", "type": "t"})
+def _numbered(prefix: str, i: int) -> bytes:
+    """A record: the structured CloudEvent with id ``<prefix><i>``."""
+    return orjson.dumps({"specversion": "1.0", "id": f"{prefix}{i}", "source": "/s", "type": "t"})
 
-    group = "eventbus-source-restart"
+
+@contextlib.asynccontextmanager
+async def _loaded_topic(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str, records: list[bytes]
+) -> AsyncIterator[tuple[str, AIOKafkaProducer, asyncpg.Pool, BusTap]]:
+    """A fresh topic holding ``records``, its producer, a source pool and a bus tap."""
     async with (
         topic(kafka_bootstrap) as (name, producer),
         source_pool(database_dsn) as pool,
         bus_tap(nats_url) as tap,
     ):
-        for i in range(3):
-            await producer.send_and_wait(name, event(i))
+        for record in records:
+            await producer.send(name, record)
+        await producer.flush()
+        yield name, producer, pool, tap
+
+
+@pytest.mark.slow
+async def test_bus_down_commits_nothing_then_restart_loses_nothing(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    event = functools.partial(_numbered, "n")
+    group = "eventbus-source-restart"
+    first = [event(i) for i in range(3)]
+    async with _loaded_topic(kafka_bootstrap, database_dsn, nats_url, first) as loaded:
+        name, producer, pool, tap = loaded
         ctx = context(pool, "restart", tap, type="kafka")
         async with running(kafka("restart", kafka_bootstrap, name), ctx):
             await tap.wait_published(3)
@@ -374,18 +391,10 @@ async def test_a_batch_is_published_at_once_and_a_failure_rewinds_to_its_record(
     # One record at a time, each waited for the bus's acknowledgement of the one before: the
     # ingest took no more than a record per round trip. Now a fetched batch is published
     # concurrently; a record the bus refuses stops its partition's commit just before it.
-    def event(i: int) -> bytes:
-        return orjson.dumps({"specversion": "1.0", "id": f"b{i}", "source": "/s", "type": "t"})
-
+    records = [_numbered("b", i) for i in range(40)]
     group = "eventbus-source-batch"
-    async with (
-        topic(kafka_bootstrap) as (name, producer),
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-    ):
-        for i in range(40):
-            await producer.send(name, event(i))
-        await producer.flush()
+    async with _loaded_topic(kafka_bootstrap, database_dsn, nats_url, records) as loaded:
+        name, _, pool, tap = loaded
         ctx = context(pool, "batch", tap, type="kafka")
         under_way = most = 0
         refused: list[str] = []
