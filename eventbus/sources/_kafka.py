@@ -117,6 +117,8 @@ class KafkaSource:
                         if tp in assigned:
                             consumer.seek(tp, done.get(tp, records[0].offset))
                     ctx.report_error(failure)
+                    # what waits, the records given back included (it said 0 while backing off)
+                    ctx.status.lag = await _lag(consumer)
                     await backoff.wait()
                     continue
                 if done:

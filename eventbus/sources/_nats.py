@@ -216,6 +216,8 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
                     for rest in batch[i:]:
                         await rest.nak()
                     ctx.report_error(exc)
+                    # what waits, those given back included (it said nothing while backing off)
+                    ctx.status.lag = msg.metadata.num_pending + len(batch) - i
                     await backoff.wait()
                     break
                 await msg.ack()

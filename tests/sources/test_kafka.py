@@ -233,6 +233,8 @@ async def test_bus_down_commits_nothing_then_restart_loses_nothing(
                 await producer.send_and_wait(name, event(i))
             await tap.wait_refused(1)
             await eventually(lambda: _backing_off(ctx))
+            # the three waiting (it said 0 while backing off)
+            await eventually(lambda: ctx.status.lag == 3, what="the lag of a source backing off")
             assert await committed(kafka_bootstrap, group, name) == 3
         # Stopped while the bus was down (a crash); produce more, come back with the bus up.
         for i in range(6, 8):

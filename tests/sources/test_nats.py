@@ -199,6 +199,8 @@ async def test_jetstream_bus_down_acks_nothing_and_restart_loses_nothing(
                 await js.publish(f"{prefix}.x", ce(i))
             await tap.wait_refused(1)
             await eventually(lambda: _backing_off(ctx))
+            # the three waiting (it said nothing while backing off)
+            await eventually(lambda: ctx.status.lag == 3, what="the lag of a source backing off")
             info = await consumer(nc, name, "restart")
             assert info.ack_floor.stream_seq == 3  # nothing after the outage was acked
         # Stopped while the bus was down (a crash): more arrives, then the bus comes back.
