@@ -66,11 +66,12 @@ __all__ = [
 MAX_SELECTED = 10_000
 """Values one path may select in one event."""
 MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+"""JSON bytes the output of a transform with a multi-valued path (or a template placing values
+more than ``_UNMEASURED_USES`` times) may take."""
 # Uses of variables in a template up to which its output is not measured: it stays within a few
 # times the event. More (400 uses of ``$`` made 80 MB of a 200 KB event) are measured as a
 # multi-valued path's output is.
 _UNMEASURED_USES = 4
-"""JSON bytes the output of a transform with a multi-valued path may take."""
 
 
 class TransformTooLarge(Exception):
@@ -279,21 +280,13 @@ def _json(value: Any) -> bytes:
         raise TransformTooLarge(f"a selected value cannot be written as JSON: {exc}") from None
 
 
-def _placeholders(template: Any) -> set[str]:
+def _uses(template: Any) -> list[str]:
+    """The variables ``template`` places, a name for each use."""
     if isinstance(template, dict):
-        return set().union(*(_placeholders(value) for value in template.values()))
+        return [name for value in template.values() for name in _uses(value)]
     if isinstance(template, list):
-        return set().union(*(_placeholders(item) for item in template))
-    return set(_PLACEHOLDER.findall(template)) if isinstance(template, str) else set()
-
-
-def _uses(template: Any) -> int:
-    """How many times ``template`` places a variable's value."""
-    if isinstance(template, dict):
-        return sum(_uses(value) for value in template.values())
-    if isinstance(template, list):
-        return sum(_uses(item) for item in template)
-    return len(_PLACEHOLDER.findall(template)) if isinstance(template, str) else 0
+        return [name for item in template for name in _uses(item)]
+    return _PLACEHOLDER.findall(template) if isinstance(template, str) else []
 
 
 def _compile_template(template: Any) -> Render:
@@ -347,7 +340,7 @@ class TransformSpec(BaseModel):
     def _known_placeholders(cls, template: Any, info: ValidationInfo) -> Any:
         if "input_paths" not in info.data:
             return template  # already reported: a broken input_paths
-        unknown = _placeholders(template) - set(info.data["input_paths"])
+        unknown = set(_uses(template)) - set(info.data["input_paths"])
         if unknown:
             raise PydanticCustomError(
                 "template",
@@ -391,7 +384,7 @@ class Transform:
             render: Render = lambda values: constant  # noqa: E731
         else:
             render = _compile_template(spec.template)
-        uses = _uses(spec.template) if "template" in spec.model_fields_set else 0
+        uses = len(_uses(spec.template)) if "template" in spec.model_fields_set else 0
         many = uses > _UNMEASURED_USES or any(v.many for v in variables)
         return cls(variables, render, spec.keep_cloudevent, many)
 
