@@ -763,7 +763,8 @@ async function loadTargets() {
     api("GET", "/sources/dead-letters?limit=50&payload_bytes=200"),
   ]);
   const failures = parts.filter((p) => p.status === "rejected").map((p) => p.reason);
-  if (failures.some((err) => err.status === 401)) throw failures.find((err) => err.status === 401);
+  const refused = failures.find((err) => err.status === 401);
+  if (refused) throw refused;
   const [targetsPart, sourcesPart, statsPart, activityPart, setAsidePart] = parts.map((p) =>
     p.status === "fulfilled" ? p.value : UNKNOWN,
   );
@@ -772,6 +773,8 @@ async function loadTargets() {
   $("targets-window").textContent =
     span === null ? "" : `last ${span < 60 ? `${Math.ceil(span)} s` : `${Math.round(span / 60)} min`}`;
   const ms = (value) => (value === null ? "" : value.toFixed(1));
+  const idle = { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
+  const unknown = { in_flight: "?", delivered: "?", failed: "?", latency_ms: null, p95_ms: null };
   $("targets-rows").replaceChildren(
     ...targets.map((t) => {
       const disabled = el("span");
@@ -791,8 +794,6 @@ async function loadTargets() {
       }
       const counts = statsPart === UNKNOWN ? null : statsPart.targets[t.name] || {};
       const n = (outcome) => (counts === null ? "?" : counts[outcome] ?? 0);
-      const idle = { in_flight: 0, delivered: 0, failed: 0, latency_ms: null, p95_ms: null };
-      const unknown = { in_flight: "?", delivered: "?", failed: "?", latency_ms: null, p95_ms: null };
       const now = activityPart === UNKNOWN ? unknown : activityPart.targets[t.name] || idle;
       return row([
         t.name,
