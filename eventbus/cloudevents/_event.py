@@ -469,7 +469,20 @@ def parse_json(body: bytes) -> Any:
         raise CloudEventError(f"malformed JSON: {exc}") from exc
 
 
-_LONG_INTEGER = re.compile(rb"-[0-9]{19}|[0-9]{20}")  # past int64 or uint64 if an integer
+# Past int64 or uint64 if an integer: 20 digits in a row, or a minus and 19. Looked for in the
+# body with its digits made "0" and every other byte but "-" made "." (a C translate and two
+# substring searches: a sixth of a regular expression's time on an event, and it stays linear).
+_DIGITS_AS_ZERO = bytes(
+    byte if byte == ord("-") else ord("0") if ord("0") <= byte <= ord("9") else ord(".")
+    for byte in range(256)
+)
+_LONG_RUN = b"0" * 20
+_LONG_NEGATIVE_RUN = b"-" + b"0" * 19
+
+
+def _long_integer(body: bytes) -> bool:
+    shape = body.translate(_DIGITS_AS_ZERO)
+    return _LONG_RUN in shape or _LONG_NEGATIVE_RUN in shape
 
 
 def load_json(body: bytes) -> Any:
@@ -478,7 +491,7 @@ def load_json(body: bytes) -> Any:
     function). Raises ``orjson.JSONDecodeError`` for malformed JSON, :class:`CloudEventError`
     (400) for such an integer: a string carries it exactly."""
     value = orjson.loads(body)
-    if _LONG_INTEGER.search(body) is not None:  # a long run of digits: look closer
+    if _long_integer(body):  # a long run of digits: look closer
         # (unless nested deeper than the standard parser goes: then not checked)
         with contextlib.suppress(RecursionError):
             json.loads(body, parse_int=_within_64_bits)
