@@ -521,6 +521,7 @@ class Service:
             SourceRunner(
                 sources,
                 publish=self._publish_one,
+                publish_many=self._publish_counted,
                 pool=self.store.pool,
                 instance_id=self.instance,
                 shared=None if shared is None else SharedStatuses(shared),
@@ -817,17 +818,27 @@ class Service:
         return None if self._sources is None else self._sources.source(name)
 
     async def _publish_one(self, event: dict[str, Any], *, via: str) -> bool:
-        """:meth:`Bus.publish` for the sources and replies, counted as the HTTP edge counts its
-        own: ``eventbus_events_received_total{via}`` when stored,
-        ``eventbus_events_duplicate_total{via}`` when the bus already held its source+id.
-        Returns True for such a duplicate. Raises BusUnavailable or BusError as
-        ``Bus.publish``."""
-        (outcome,) = await self.bus.publish_many([from_outside(event, via)], via=via)
+        """:meth:`Bus.publish` for the sources and replies, counted as
+        :meth:`_publish_counted` counts. Returns True for a duplicate. Raises BusUnavailable or
+        BusError as ``Bus.publish``."""
+        (outcome,) = await self._publish_counted([event], via=via)
         if isinstance(outcome, BaseException):
             raise outcome
-        counter = metrics.EVENTS_DUPLICATE if outcome == DUPLICATE else metrics.EVENTS_RECEIVED
-        counter.labels(via).inc()
         return outcome == DUPLICATE
+
+    async def _publish_counted(
+        self, events: Sequence[dict[str, Any]], *, via: str
+    ) -> list[PublishOutcome]:
+        """:meth:`publish_many` for the sources, counted as the HTTP edge counts its own:
+        ``eventbus_events_received_total{via}`` for those stored,
+        ``eventbus_events_duplicate_total{via}`` for those whose source+id the bus held."""
+        outcomes = await self.publish_many(events, via=via)
+        stored, duplicates = outcomes.count(None), outcomes.count(DUPLICATE)
+        if stored:
+            metrics.EVENTS_RECEIVED.labels(via).inc(stored)
+        if duplicates:
+            metrics.EVENTS_DUPLICATE.labels(via).inc(duplicates)
+        return outcomes
 
     async def publish_many(
         self, events: Sequence[dict[str, Any]], *, via: str

@@ -16,11 +16,12 @@ Here: the contract (:class:`Source`, :class:`SourceContext`, :class:`SourceStatu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -87,6 +88,9 @@ class SourceContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("eventbus.sources"))
     max_event_size: int = DEFAULT_MAX_EVENT_SIZE
     """The service's ``max_event_size``: an input making a larger event is dead-lettered."""
+    publish_many: Callable[[Sequence[dict[str, Any]]], Awaitable[Sequence[object]]] | None = None
+    """Many events in one call, one outcome per event in order: an exception where ``publish``
+    would have raised, else the event is durable. None: ``publish`` for each, concurrently."""
     _failing: bool = field(default=False, init=False, repr=False)
 
     async def emit(self, event: dict[str, Any]) -> bool:
@@ -103,6 +107,25 @@ class SourceContext:
         self.status.last_event_at = self.clock.now()
         self.recovered()
         return duplicate
+
+    async def emit_many(self, events: Sequence[dict[str, Any]]) -> list[BaseException | None]:
+        """:meth:`emit` for many events at once (a broker's fetched batch): one outcome per
+        event, in order: None once it is durable (stored, or a duplicate the bus held), else
+        the BusUnavailable/BusError ``emit`` would have raised. Only what is durable is
+        counted; the caller must not acknowledge the input behind a failed one."""
+        if not events:
+            return []
+        if self.publish_many is not None:
+            got: Sequence[object] = await self.publish_many(events)
+        else:
+            got = await asyncio.gather(*map(self.publish, events), return_exceptions=True)
+        outcomes = [o if isinstance(o, BaseException) else None for o in got]
+        stored = outcomes.count(None)
+        if stored:
+            self.status.events += stored
+            self.status.last_event_at = self.clock.now()
+            self.recovered()
+        return outcomes
 
     def recovered(self) -> None:
         """The source has done a whole round of its work since it failed (an event published,

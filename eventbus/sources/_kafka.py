@@ -1,6 +1,6 @@
 """The ``kafka`` source: records of Kafka topics become events on the bus (consumer group).
 
-Place in the pipeline: Kafka topic → this consumer group → :func:`_queues.publish_message` → bus →
+Place in the pipeline: Kafka topic → this consumer group → :func:`_queues.publish_messages` → bus →
 offset commit. Offsets are committed by hand and only after every record before them in their
 partition is on the bus (or dead-lettered), so committed offsets are always contiguous and a
 crash re-reads, never skips. Several eventbus instances with the same ``group_id`` share the
@@ -27,7 +27,13 @@ from eventbus.cloudevents import from_kafka, kafka_key_attribute, kafka_record_t
 from eventbus.config import KafkaAuth
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
+from eventbus.sources._queues import (
+    Message,
+    QueueSourceSpec,
+    consume_forever,
+    events_of,
+    publish_messages,
+)
 
 __all__ = ["KafkaSource", "KafkaSourceSpec"]
 
@@ -36,7 +42,7 @@ log = logging.getLogger("eventbus.sources")
 
 PROBE_EVERY = 10.0  # seconds between checks that a broker answers
 PROBE_TIMEOUT = 10.0
-_PUBLISHING = 64  # records of a fetched batch being published at once
+_PUBLISHING = 256  # records of a fetched batch published in one call to the bus at most
 
 
 class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
@@ -131,33 +137,33 @@ class KafkaSource:
     async def _publish_batch(
         self, ctx: SourceContext, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> tuple[dict[TopicPartition, int], BaseException | None]:
-        """Publish the records of ``batches``, up to ``_PUBLISHING`` at a time; return, per
-        partition, the offset after its longest run of records from the first that are on the
-        bus (or dead-lettered), and the first failure that stopped a run (BusError or
-        StoreError, or whatever else a publish raised), if any. One at a time, each record
-        waited for the bus's acknowledgement of the one before it: the ingest took no more
-        than one record per round trip."""
-        slots = asyncio.Semaphore(_PUBLISHING)
-
-        async def publish(record: ConsumerRecord[bytes, bytes]) -> None:
-            async with slots:
-                await self._publish(ctx, record)
-
-        started = [
-            (tp, record, asyncio.ensure_future(publish(record)))
-            for tp, records in batches.items()
-            for record in records
-        ]
-        outcomes = await asyncio.gather(*(t for _, _, t in started), return_exceptions=True)
+        """Publish the records of ``batches``, up to ``_PUBLISHING`` in one call to the bus;
+        return, per partition, the offset after its longest run of records from the first that
+        are on the bus (or dead-lettered), and the first failure that stopped a run (BusError
+        or StoreError, or whatever else the publishing raised), if any. One at a time, each
+        record waited for the bus's acknowledgement of the one before it: the ingest took no
+        more than one record per round trip; then one call per record cost 90 µs of CPU per
+        event against 30-40 for the bus's own batch publish."""
+        records = [(tp, record) for tp, partition in batches.items() for record in partition]
         done: dict[TopicPartition, int] = {}
         stopped: set[TopicPartition] = set()
         failure: BaseException | None = None
-        for (tp, record, _), outcome in zip(started, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failure = failure or outcome
-                stopped.add(tp)
-            elif tp not in stopped:
-                done[tp] = record.offset + 1
+        for first in range(0, len(records), _PUBLISHING):
+            chunk = records[first : first + _PUBLISHING]
+            try:
+                outcomes = await publish_messages(
+                    ctx, [self._message(ctx, record) for _, record in chunk]
+                )
+            except Exception as exc:  # the prefixes before this chunk are still committed
+                outcomes = [exc] * len(chunk)
+            for (tp, record), outcome in zip(chunk, outcomes, strict=True):
+                if outcome is not None:
+                    failure = failure or outcome
+                    stopped.add(tp)
+                elif tp not in stopped:
+                    done[tp] = record.offset + 1
+            if failure is not None:  # the rest is read again from the prefixes
+                break
         return done, failure
 
     async def _read_past_unreadable(
@@ -181,7 +187,7 @@ class KafkaSource:
             found.update(got)
         return found
 
-    async def _publish(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> None:
+    def _message(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> Message:
         value = record.value or b""
         # The record's timestamp too: a topic deleted and made again, or a broker that lost its
         # log, hands the same offsets out again for other records, which took the ids of earlier
@@ -201,7 +207,7 @@ class KafkaSource:
             )
 
         meta = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        await publish_message(ctx, value, convert, meta)
+        return Message(value, convert, meta)
 
 
 async def _probe(ctx: SourceContext, consumer: AIOKafkaConsumer, unreachable: bool) -> bool:

@@ -1,7 +1,8 @@
 """The ``nats`` and ``jetstream`` sources: NATS messages become events on the bus.
 
 Place in the pipeline: NATS subject or JetStream stream → this source →
-:func:`_queues.publish_message` → bus → ack. The two differ in what they can promise:
+:func:`_queues.publish_held` (``nats``) or :func:`_queues.publish_messages` (``jetstream``, a
+fetched batch in one call) → bus → ack. The two differ in what they can promise:
 
 * ``jetstream`` reads a durable pull consumer on an existing stream and acks a message only
   after its events are on the bus (nak when publishing fails, so it comes back): at-least-once.
@@ -35,11 +36,12 @@ from eventbus.config import NatsAuth, redact_url, refuse_nats_plaintext
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import (
+    Message,
     QueueSourceSpec,
     consume_forever,
     events_of,
     publish_held,
-    publish_message,
+    publish_messages,
 )
 
 __all__ = ["JetStreamSource", "JetStreamSourceSpec", "NatsSource", "NatsSourceSpec"]
@@ -207,25 +209,28 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
                 # request took the whole timeout) a bare asyncio.TimeoutError, which was taken
                 # for a broker failure: backoff, an error counted, the connection rebuilt
                 continue
-            for i, msg in enumerate(batch):
-                try:
-                    await self._publish(ctx, msg)
-                except (BusError, StoreError) as exc:
-                    # Give back everything not yet on the bus; it is redelivered after the
-                    # backoff, in order, to this or another instance.
-                    for rest in batch[i:]:
-                        await rest.nak()
-                    ctx.report_error(exc)
-                    # what waits, those given back included (it said nothing while backing off)
-                    ctx.status.lag = msg.metadata.num_pending + len(batch) - i
-                    await backoff.wait()
-                    break
-                await msg.ack()
-                ctx.status.lag = msg.metadata.num_pending
-            else:
+            outcomes = await publish_messages(ctx, [self._message(ctx, msg) for msg in batch])
+            failure = next((o for o in outcomes if o is not None), None)
+            for msg, outcome in zip(batch, outcomes, strict=True):
+                if outcome is None:
+                    await msg.ack()
+                else:
+                    # Give back what is not on the bus; it is redelivered after the backoff,
+                    # to this or another instance.
+                    await msg.nak()
+            if batch:
+                ctx.status.lag = batch[-1].metadata.num_pending
+            if failure is None:
                 backoff.reset()
+                continue
+            if not isinstance(failure, (BusError, StoreError)):
+                raise failure
+            ctx.report_error(failure)
+            # what waits, those given back included (it said nothing while backing off)
+            ctx.status.lag = (ctx.status.lag or 0) + sum(o is not None for o in outcomes)
+            await backoff.wait()
 
-    async def _publish(self, ctx: SourceContext, msg: Msg) -> None:
+    def _message(self, ctx: SourceContext, msg: Msg) -> Message:
         meta = msg.metadata
 
         def convert() -> list[dict[str, Any]]:
@@ -242,7 +247,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             )
 
         where = {"stream": meta.stream, "sequence": meta.sequence.stream, "subject": msg.subject}
-        await publish_message(ctx, msg.data, convert, where)
+        return Message(msg.data, convert, where)
 
 
 def _micros(at: datetime) -> int:

@@ -17,9 +17,9 @@ wrapped: JSON if it parses, else UTF-8 text, else base64, with the configured ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 import pydantic
@@ -38,11 +38,13 @@ from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 
 __all__ = [
+    "Message",
     "QueueSourceSpec",
     "consume_forever",
     "events_of",
     "publish_held",
     "publish_message",
+    "publish_messages",
     "raw_event",
 ]
 
@@ -139,16 +141,8 @@ async def publish_message(
     be acknowledged; some of a multi-event message may be on the bus already, which a redelivery
     repeats with the same ids) or StoreError (the dead letter was not written: do not ack).
     """
-    try:
-        events = convert()
-    except CloudEventError as exc:
-        await ctx.dead_letter(payload, str(exc), meta)
-        return False
-    except Exception as exc:  # one unreadable message must not stop the source
-        # Not a message the binding refuses but one the reading failed on: set aside like one,
-        # or the source would restart on it for ever (redelivered from the same position).
-        log.exception("cannot read a message (%s): dead-lettered", dict(meta))
-        await ctx.dead_letter(payload, f"cannot read the message: {exc!r}", meta)
+    events = await _converted(ctx, payload, convert, meta)
+    if events is None:
         return False
     try:
         for event in events:
@@ -159,6 +153,71 @@ async def publish_message(
         await ctx.dead_letter(payload, str(exc), meta)
         return False
     return True
+
+
+class Message(NamedTuple):
+    """One message of a fetched batch, as :func:`publish_messages` takes it: its payload, how
+    it becomes events, and where it came from (kept with its dead letter)."""
+
+    payload: bytes
+    convert: Callable[[], list[dict[str, Any]]]
+    meta: Mapping[str, Any]
+
+
+async def publish_messages(
+    ctx: SourceContext, messages: Sequence[Message]
+) -> list[BaseException | None]:
+    """:func:`publish_message` for a fetched batch, its events published in one call: one
+    outcome per message, in order. None: the message may be acknowledged (its events are on
+    the bus, or it was dead-lettered); else the BusError (nothing of it may be acknowledged;
+    some of its events may be on the bus) or StoreError (its dead letter was not written)."""
+    outcomes: list[BaseException | None] = [None] * len(messages)
+    events: list[dict[str, Any]] = []
+    owners: list[int] = []
+    for i, message in enumerate(messages):
+        try:
+            made = await _converted(ctx, *message)
+        except StoreError as exc:
+            outcomes[i] = exc
+            continue
+        for event in made or ():
+            events.append(event)
+            owners.append(i)
+    too_large: dict[int, BaseException] = {}
+    for owner, outcome in zip(owners, await ctx.emit_many(events), strict=True):
+        if isinstance(outcome, EventTooLargeForBus):
+            too_large.setdefault(owner, outcome)
+        elif outcome is not None and outcomes[owner] is None:
+            outcomes[owner] = outcome
+    for owner, refusal in too_large.items():
+        if outcomes[owner] is None:
+            # never taken by the bus (see publish_message): set aside, or it held the source
+            message = messages[owner]
+            try:
+                await ctx.dead_letter(message.payload, str(refusal), message.meta)
+            except StoreError as failed:
+                outcomes[owner] = failed
+    return outcomes
+
+
+async def _converted(
+    ctx: SourceContext,
+    payload: bytes,
+    convert: Callable[[], list[dict[str, Any]]],
+    meta: Mapping[str, Any],
+) -> list[dict[str, Any]] | None:
+    """The events ``convert`` makes, or None once the message is dead-lettered for what
+    stopped it. Raises StoreError when the dead letter was not written."""
+    try:
+        return convert()
+    except CloudEventError as exc:
+        await ctx.dead_letter(payload, str(exc), meta)
+    except Exception as exc:  # one unreadable message must not stop the source
+        # Not a message the binding refuses but one the reading failed on: set aside like one,
+        # or the source would restart on it for ever (redelivered from the same position).
+        log.exception("cannot read a message (%s): dead-lettered", dict(meta))
+        await ctx.dead_letter(payload, f"cannot read the message: {exc!r}", meta)
+    return None
 
 
 async def publish_held(

@@ -111,7 +111,9 @@ class SourceRunner:
     A source whose ``run`` raises is restarted after a capped exponential backoff (reset once
     it has emitted again); a ConfigError raised at run time marks it ``failed`` for good.
     Leaving the context cancels every source and waits for it to stop. ``publish`` is called
-    as ``publish(event, via="source:<name>")`` (:meth:`eventbus.bus.Bus.publish` fits).
+    as ``publish(event, via="source:<name>")`` (:meth:`eventbus.bus.Bus.publish` fits), and
+    ``publish_many``, when given, as ``publish_many(events, via=...)`` for a fetched batch
+    (:meth:`eventbus.bus.Bus.publish_many` fits).
     A one-instance source (:func:`one_instance`) runs only while ``lease_owner`` (default: the
     instance id) holds its lease of ``lease`` seconds, and stands by while another does.
     With ``shared`` (a worker of ``serve --workers N``) the statuses are kept where the other
@@ -124,6 +126,7 @@ class SourceRunner:
         *,
         pool: asyncpg.Pool,
         publish: Callable[..., Awaitable[object]],
+        publish_many: Callable[..., Awaitable[Sequence[object]]] | None = None,
         clock: Clock | None = None,
         instance_id: str | None = None,
         backoff_initial: float = 1.0,
@@ -146,6 +149,9 @@ class SourceRunner:
             SourceContext(
                 name=s.name,
                 publish=functools.partial(publish, via=f"source:{s.name}"),
+                publish_many=None
+                if publish_many is None
+                else functools.partial(publish_many, via=f"source:{s.name}"),
                 pool=pool,
                 checkpoints=Checkpoints(pool, s.name),
                 status=SourceStatus(name=s.name, type=s.type),

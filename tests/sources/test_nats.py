@@ -218,6 +218,38 @@ async def test_jetstream_bus_down_acks_nothing_and_restart_loses_nothing(
     assert sorted(ids) == [f"m{i}" for i in range(8)]
 
 
+async def test_jetstream_batch_goes_to_the_bus_in_one_call_and_a_refused_message_comes_back(
+    nats_url: str, database_dsn: str
+) -> None:
+    # Each message of a fetched batch waited for the bus's acknowledgement of the one before
+    # it (a round trip per message). Now the batch is one call; the message the bus refused is
+    # given back (nak) and comes again, the others are acknowledged.
+    async with (
+        client(nats_url) as nc,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        name, prefix = await stream(nc)
+        js = nc.jetstream()
+        for i in range(20):
+            await js.publish(f"{prefix}.x", ce(i))
+        ctx = context(pool, "batched", tap, type="jetstream")
+        ctx.publish_many = tap.publish_many
+        tap.refuse_once = {"m5"}
+        async with running(jetstream("batched", nats_url, name), ctx):
+            await tap.wait_published(20)
+
+            async def all_acked() -> bool:
+                info = await consumer(nc, name, "batched")
+                return info.ack_floor.stream_seq == 20 and info.num_ack_pending == 0
+
+            await eventually(all_acked)
+        ids = [e["id"] for e in await tap.take(20)]
+    assert sorted(ids) == sorted(f"m{i}" for i in range(20))
+    assert tap.refused == 1 and max(tap.calls) > 1 and sum(tap.calls) == 21
+    assert (ctx.status.events, ctx.status.errors) == (20, 1)
+
+
 async def test_core_nats_subjects_and_dead_letters(nats_url: str, database_dsn: str) -> None:
     prefix = unique_name("core")
     async with (

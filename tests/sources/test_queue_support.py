@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import asyncpg
 
-from eventbus._errors import BusUnavailable
+from eventbus._errors import BusUnavailable, CloudEventError
 from eventbus.bus import NatsBus, NatsBusConfig
 from eventbus.cloudevents import new_event
 from eventbus.sources import Checkpoints, Clock, SourceContext, SourceStatus, SystemClock
 from eventbus.sources._base import MAX_SET_ASIDE
-from eventbus.sources._queues import publish_held, publish_message
+from eventbus.sources._queues import Message, publish_held, publish_message, publish_messages
 from tests.fixtures.nats import unique_name
 from tests.sources._harness import WAIT, dead_letters, source_pool
 
@@ -27,7 +27,9 @@ class BusTap:
     ``down = True`` refuses publishes with BusUnavailable (counted in ``refused``); ``published``
     counts publish calls the bus accepted, so a test can tell a duplicate publish from one the
     bus deduplicated. ``acks_lost = n``: the next ``n`` publishes reach the bus, then fail with
-    BusUnavailable, as when its acknowledgement did not arrive in time.
+    BusUnavailable, as when its acknowledgement did not arrive in time. ``publish_many`` is the
+    batch seam (``SourceContext.publish_many``): ``calls`` keeps the size of each call, and an
+    id in ``refuse_once`` is refused (BusUnavailable) the first time it comes.
     """
 
     def __init__(self, bus: NatsBus) -> None:
@@ -36,6 +38,8 @@ class BusTap:
         self.acks_lost = 0
         self.refused = 0
         self.published = 0
+        self.calls: list[int] = []
+        self.refuse_once: set[str] = set()
         self._changed = asyncio.Condition()
         self._messages = bus.messages()
 
@@ -56,6 +60,27 @@ class BusTap:
         if self.acks_lost:
             self.acks_lost -= 1
             raise BusUnavailable("no acknowledgement in time (test)")
+
+    async def publish_many(
+        self, events: Sequence[dict[str, Any]], *, via: str = "test"
+    ) -> list[object]:
+        self.calls.append(len(events))
+        refused = BusUnavailable("bus is down (test)")
+        outcomes: list[object] = [refused] * len(events)
+        sent = []
+        for i, event in enumerate(events):
+            if self.down or event["id"] in self.refuse_once:
+                self.refuse_once.discard(event["id"])
+                self.refused += 1
+            else:
+                sent.append(i)
+        stored = await self.bus.publish_many([events[i] for i in sent], via=via)
+        for i, outcome in zip(sent, stored, strict=True):
+            outcomes[i] = outcome
+            self.published += not isinstance(outcome, BaseException)
+        async with self._changed:
+            self._changed.notify_all()
+        return outcomes
 
     async def wait_refused(self, count: int = 1) -> None:
         async with asyncio.timeout(WAIT), self._changed:
@@ -146,6 +171,53 @@ async def test_a_message_too_large_for_the_bus_is_dead_lettered(
         assert row["error"].startswith("the event takes") and "max_payload" in row["error"]
         assert len(row["payload"]) == MAX_SET_ASIDE
         assert tap.published == 0 and ctx.status.errors == 1
+
+
+async def test_a_fetched_batch_is_published_in_one_call_with_its_refusals_per_message(
+    database_dsn: str, nats_url: str
+) -> None:
+    # A queue source's fetched batch went to the bus one message after the other's
+    # acknowledgement (Kafka: one call per record, 90 µs of CPU per event against 30-40 for the
+    # bus's batch publish; JetStream: a round trip per message).
+    def made(*ids: str, size: int = 0) -> Callable[[], list[dict[str, Any]]]:
+        def convert() -> list[dict[str, Any]]:
+            data = "x" * size if size else "small"
+            return [
+                new_event(type="t", source="/q", id=i, data=data, max_size=4 << 20) for i in ids
+            ]
+
+        return convert
+
+    def unreadable() -> list[dict[str, Any]]:
+        raise CloudEventError("not an event (test)")
+
+    too_large = made("big", size=2_000_000)
+    messages = [
+        Message(b"m0", made("a0"), {"offset": 0}),
+        Message(b"m1", unreadable, {"offset": 1}),
+        Message(b"m2", lambda: too_large() + made("a2")(), {"offset": 2}),
+        Message(b"m3", made("a3", "b3"), {"offset": 3}),
+        Message(b"m4", made("a4"), {"offset": 4}),
+    ]
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "q", tap, type="kafka")
+        ctx.publish_many = tap.publish_many
+        tap.refuse_once = {"b3"}
+        outcomes = await publish_messages(ctx, messages)
+        assert tap.calls == [6]  # every event the batch made, in one call
+        assert [type(o).__name__ for o in outcomes] == ["NoneType"] * 3 + [
+            "BusUnavailable",
+            "NoneType",
+        ]
+        rows = await dead_letters(pool, "q")
+        assert sorted((r["payload"][:2], r["error"][:12]) for r in rows) == [
+            (b"m1", "not an event"),
+            (b"m2", "the event ta"),
+        ]
+        # counted: what is on the bus (a0, a2, a3, a4), not the refused one
+        assert (ctx.status.events, ctx.status.errors) == (4, 2)
+        on_bus = sorted(e["id"] for e in await tap.take(4))
+    assert on_bus == ["a0", "a2", "a3", "a4"]
 
 
 async def test_a_retried_publish_carries_the_events_the_first_try_made(
