@@ -182,7 +182,9 @@ class HookApp:
                 self._refuse(remote, path, exc.detail)
             raise
         # counted in eventbus_events_received_total{via="source:<name>"} by the service
-        duplicate = await source.publish(event, source.signature_of(request))
+        duplicate, event_id = await source.publish(event, source.signature_of(request))
+        if event_id != event["id"]:  # a replay: answered with the id of the event it repeats
+            event = {**event, "id": event_id}
         status, media, body = source.answer(request, event, duplicate)
         return status, media, body, {"Eventbus-Duplicate": "true"} if duplicate else {}
 

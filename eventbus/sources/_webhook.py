@@ -310,14 +310,18 @@ class WebhookSource:
             return None
         return self.spec.verify.signature_of(request)
 
-    async def publish(self, event: dict[str, Any], signature: str | None = None) -> bool:
-        """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there:
-        True when the bus already held its source+id (a redelivered webhook), or when this
-        process published a request of the same ``signature`` (:meth:`signature_of`) within
-        the scheme's tolerance: a captured request sent again, which verifies until its
-        timestamp is too old, beyond the bus's duplicate window (the Kafka bus has none).
-        Raises CloudEventError 503 when the source is not running, BusUnavailable / BusError
-        when the bus does not take the event."""
+    async def publish(
+        self, event: dict[str, Any], signature: str | None = None
+    ) -> tuple[bool, str]:
+        """Put ``event`` (from :meth:`event_for`) on the durable bus; returns once it is there,
+        whether it was a duplicate and the id of the event on the bus. A duplicate: the bus
+        already held its source+id (a redelivered webhook), or this process published a
+        request of the same ``signature`` (:meth:`signature_of`) within the scheme's
+        tolerance (a captured request sent again, which verifies until its timestamp is too
+        old, beyond the bus's duplicate window; the Kafka bus has none): then the id is that
+        request's event's. A copy that comes while the first is being published waits for
+        it, and is published itself if that fails. Raises CloudEventError 503 when the source
+        is not running, BusUnavailable / BusError when the bus does not take the event."""
         ctx = self._ctx
         if ctx is None:
             raise CloudEventError(
@@ -325,43 +329,57 @@ class WebhookSource:
             )
         replays = self._replays
         if signature is None or replays is None:
-            return await ctx.emit(event)
-        now = time.monotonic()
-        if replays.holds(signature, now):
-            return True
-        # held before the publish: copies sent at once waited on it together and each was
-        # published (on the Kafka bus, an event each)
-        replays.add(signature, now)
+            return await ctx.emit(event), event["id"]
+        while (earlier := replays.find(signature, time.monotonic())) is not None:
+            # A copy sent while the first was on its way (a sender's retry on a timeout) was
+            # answered "duplicate" at once; when that publish then failed, the event was lost.
+            first = await asyncio.shield(earlier)
+            if first is not None:
+                return True, first
+        published = replays.add(signature, time.monotonic())
         try:
-            return await ctx.emit(event)
+            duplicate = await ctx.emit(event)
         except BaseException:
             replays.forget(signature)  # not on the bus: the sender's retry must get through
             raise
+        published.set_result(event["id"])
+        return duplicate, event["id"]
 
 
 class _Replays:
     """The signatures of requests published in the last ``2 * window`` seconds (a sender's
-    clock may run ahead of this one's by up to the window), oldest first. Only requests that
-    verified enter, so only a sender's own rate fills it; past ``most`` the oldest go."""
+    clock may run ahead of this one's by up to the window), oldest first, each with the id of
+    the event its request became, once that event is on the bus. Only requests that verified
+    enter, so only a sender's own rate fills it; past ``most`` the oldest go."""
 
     def __init__(self, window: float, most: int = 100_000) -> None:
         self._keep = 2 * window
         self._most = most
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
 
-    def holds(self, signature: str, now: float) -> bool:
+    def find(self, signature: str, now: float) -> asyncio.Future[str | None] | None:
+        """The event id of a request of ``signature`` published (done) or being published
+        (pending; None if that publish fails), or None when there is no such request."""
         while self._seen:
-            oldest, when = next(iter(self._seen.items()))
+            oldest, (when, _) = next(iter(self._seen.items()))
             if now - when <= self._keep:
                 break
             del self._seen[oldest]
-        return signature in self._seen
+        found = self._seen.get(signature)
+        return None if found is None else found[1]
 
     def forget(self, signature: str) -> None:
-        self._seen.pop(signature, None)
+        """The publish of ``signature``'s request failed: a copy waiting on it learns so."""
+        found = self._seen.pop(signature, None)
+        if found is not None and not found[1].done():
+            found[1].set_result(None)
 
-    def add(self, signature: str, now: float) -> None:
+    def add(self, signature: str, now: float) -> asyncio.Future[str | None]:
+        """Start publishing ``signature``'s request: set the returned future to its event's id
+        once it is on the bus."""
         self._seen.pop(signature, None)
-        self._seen[signature] = now
+        published: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._seen[signature] = (now, published)
         if len(self._seen) > self._most:
             del self._seen[next(iter(self._seen))]
+        return published

@@ -22,13 +22,14 @@ import orjson
 import pytest
 import standardwebhooks
 
-from eventbus._errors import CloudEventError, ConfigError
+from eventbus._errors import BusUnavailable, CloudEventError, ConfigError
 from eventbus.config import load_connectors
 from eventbus.sources import HookRequest, WebhookSource, build_source
 from eventbus.sources._webhook import WebhookSourceSpec
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
+from tests.sources._harness import Recorder, make_context, running, source_pool
 
 GITHUB_SECRET = "gh-secret-0123456789"
 GITLAB_TOKEN = "gl-token-0123456789"
@@ -76,6 +77,12 @@ SOURCES: list[dict[str, Any]] = [
         "response": {"status": 200, "body": "ok", "content_type": "text/plain"},
     },
 ]
+# The generic scheme with its timestamp checked, and the events' ids left random.
+_PARTNER: dict[str, Any] = {
+    "name": "partner",
+    "type": "webhook",
+    "verify": {**cast(dict[str, Any], SOURCES[5]["verify"]), "timestamp": "X-Timestamp"},
+}
 RULES = "- name: all\n  targets: [fn]\n"
 
 
@@ -594,7 +601,7 @@ async def test_a_webhook_on_the_kafka_bus(
     svc = await eventbus(
         rules=RULES,
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
-        sources=[SOURCES[0], SOURCES[2]],
+        sources=[SOURCES[0], SOURCES[2], _PARTNER],
         kafka_bootstrap=kafka_bootstrap,
     )
     push = orjson.dumps({"ref": "refs/heads/main"})
@@ -619,6 +626,60 @@ async def test_a_webhook_on_the_kafka_bus(
     assert [a[0] for a in answers] == [202] * 6
     assert sorted(a[2]["duplicate"] for a in answers) == [False] + [True] * 5
     await _delivered(receiver, "urn:eventbus:source:stripe", "evt_replayed")
+    # a replay of a trigger whose events take a random id: answered with the id of the event
+    # on the bus (it was a new random id each time, of an event that never was)
+    order = b'{"order": {"id": 8}}'
+    partner = generic(order, stamp=str(int(time.time())))
+    answers = [await svc.request("POST", "/hooks/partner", order, partner) for _ in range(3)]
+    assert [(a[0], a[2]["duplicate"]) for a in answers] == [(202, False), (202, True), (202, True)]
+    assert len({a[2]["id"] for a in answers}) == 1, answers
+    await _delivered(receiver, "urn:eventbus:source:partner", answers[0][2]["id"])
     await svc.drained()
     ids = [r.cloudevent["id"] for r in receiver.requests if r.cloudevent is not None]
     assert ids.count("evt_replayed") == 1, ids
+    assert ids.count(answers[0][2]["id"]) == 1, ids
+
+
+async def test_a_copy_sent_while_the_first_is_on_its_way_waits_for_it(database_dsn: str) -> None:
+    # A sender's retry of a signed request (same bytes, same signature) was answered 202
+    # "duplicate" at once while the first copy's publish was still waiting for the bus; that
+    # publish then failed (503), and the event was on the bus under neither copy. And a replay
+    # was answered with the id of an event made for it, which never was on the bus.
+    source = build_source(_PARTNER)
+    assert isinstance(source, WebhookSource)
+    gate = asyncio.Event()
+    published: list[dict[str, Any]] = []
+
+    async def publish(event: dict[str, Any]) -> None:
+        if not published and not gate.is_set():
+            await gate.wait()
+            raise BusUnavailable("no acknowledgement in time (test)")
+        published.append(event)
+
+    body = b'{"order": {"id": 7}}'
+    headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
+    request = HookRequest("POST", headers, "", body)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "partner", Recorder())
+        ctx.publish = publish
+        async with running(source, ctx):
+            await asyncio.sleep(0)  # the source's task takes its context
+            signature = source.signature_of(request)
+            assert signature is not None
+            first = asyncio.create_task(source.publish(source.event_for(request), signature))
+            await asyncio.sleep(0.01)  # the first waits for the bus
+            retry = source.event_for(request)
+            copy = asyncio.create_task(source.publish(retry, signature))
+            await asyncio.sleep(0.05)
+            assert not copy.done()  # not answered before the first copy's publish ends
+            gate.set()
+            with pytest.raises(BusUnavailable):
+                await first
+            assert await copy == (False, retry["id"])  # published itself
+            assert published == [retry]
+            # sent again later: the duplicate it is, named by the event on the bus
+            assert await source.publish(source.event_for(request), signature) == (
+                True,
+                retry["id"],
+            )
+            assert published == [retry]
