@@ -236,6 +236,26 @@ def _warn_of_unread_bodies(sources: list[Source], max_event_size: int) -> None:
             )
 
 
+def _warn_of_open_triggers(sources: list[Source], settings: Settings) -> None:
+    """Say which webhook triggers anyone may post to though the service has API keys: those
+    taking no key (``service_keys: false``, neither ``verify`` nor ``keys``) and no address
+    list. Without API keys such a trigger answers this machine's programs only."""
+    if not settings.api_keys:
+        return
+    for source in sources:
+        if not isinstance(source, WebhookSource):
+            continue
+        spec = source.spec
+        keyless = spec.verify is None and not spec.keys and not spec.takes_service_keys
+        if keyless and not spec.allow:
+            log.warning(
+                "source %r: this webhook trigger takes no key (service_keys: false, neither "
+                "verify nor keys) and has no allow list: anyone who reaches the service may "
+                "post events to it, web pages in a browser included",
+                source.name,
+            )
+
+
 async def _none() -> int:
     return 0
 
@@ -332,6 +352,7 @@ class Service:
         # Validate user files first: a typo should not cost a database start.
         rules, targets, sources = self.read_files()
         _warn_of_unread_bodies(sources, s.max_event_size)
+        _warn_of_open_triggers(sources, s)
 
         embedded = await start_embedded(self._stack, s)
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url

@@ -92,6 +92,11 @@ class Template:
                 f"{text!r}: write references as {{header:NAME}}, {{query:NAME}} or {{body:$.path}}"
             )
 
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of reference in the text: ``header``, ``query``, ``body``."""
+        return {part[0] for part in self._parts if not isinstance(part, str)}
+
     def render(self, request: HookRequest, body: Any = None) -> str | None:
         out = []
         for part in self._parts:

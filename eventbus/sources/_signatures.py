@@ -270,7 +270,13 @@ class HmacVerify(_Verify):
     @classmethod
     def _compiles(cls, signed: str) -> str:
         for part in signed.split("{body}"):
-            Template(part)
+            if "body" in Template(part).kinds:
+                # the signature is checked before the body is read: such a template loaded,
+                # and every request was refused (401) for lacking the value
+                raise ValueError(
+                    f"{signed!r}: a signature covers the raw body as {{body}}, not values in "
+                    "it ({body:$.path}); name headers and query parameters besides"
+                )
         return signed
 
     @cached_property

@@ -9,6 +9,7 @@ problem+json, refusals recorded, and the service still taking events afterwards.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,25 @@ async def test_every_worker_of_serve_serves_the_hooks(
         assert sorted(r.json()["new"] for r in got[40:]) == list(range(40, 60))
     finally:
         assert await proc.terminate() == 0
+
+
+async def test_a_trigger_open_to_anyone_though_the_service_has_keys_is_named_at_start(
+    eventbus: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    # service_keys: false with neither verify nor keys: without API keys the trigger answers
+    # this machine's programs only, with them anyone (a web page's form included), silently.
+    caplog.set_level(logging.WARNING, logger="eventbus")
+    await eventbus(
+        rules="[]",
+        targets=[],
+        sources=[
+            {"name": "wide", **OPEN},
+            {"name": "listed", **OPEN, "allow": ["10.0.0.0/8"]},
+            {"name": "default", "type": "webhook"},
+            {"name": "keyed", "type": "webhook", "keys": [KEY]},
+        ],
+        settings={"api_keys": [{"name": "pub", "key": PUBLISH_KEY, "scopes": ["publish"]}]},
+    )
+    warned = [r.getMessage() for r in caplog.records if "takes no key" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("source 'wide':"), warned
+    assert "anyone who reaches the service may post events to it" in warned[0]

@@ -433,6 +433,12 @@ BAD_HOOKS = [
     ("keys", "[fifteen-chars-]", "a trigger key must have at least 16 characters"),
     ("verify", "{kind: hmac, secret: sixteen-chars-ok, header: X-S, algorithm: md5}", "algorithm"),
     ("verify", "{kind: hmac, secret: sixteen-chars-ok, header: X-S, signed: '{x}'}", "references"),
+    # checked before the body is read: it loaded, and every request was refused (401)
+    (
+        "verify",
+        "{kind: hmac, secret: sixteen-chars-ok, header: X-S, signed: '{body:$.ts}.{body}'}",
+        "covers the raw body as {body}, not values in it",
+    ),
     ("event_type", "'com.{header:X}.{broken'", "write references as"),
     ("event_id", "'{body:id}'", "a JSONPath starting at '$'"),
     ("subject", "'{body:$[[[}'", "invalid JSONPath"),
