@@ -95,13 +95,18 @@ HOOK_OPERATIONS: dict[str, dict[str, Any]] = {
                 **_problem(403, "The client's address is not allowed"),
                 **_problem(404, "No webhook source of this name"),
                 **_problem(405, "A method the trigger does not accept"),
+                **_problem(408, "The body did not arrive in time"),
                 **_problem(413, "The body or the event is too large"),
+                **_problem(415, "A Content-Encoding other than identity"),
                 **_problem(503, "The event bus is unavailable: retry later"),
             },
         }
     }
 }
 """The hook route in the OpenAPI document (``GET /openapi.json``)."""
+
+
+_REASONS = {401: "unauthorized", 403: "forbidden"}
 
 
 def _given_key(headers: Mapping[str, str]) -> str:
@@ -180,7 +185,11 @@ class HookApp:
         except CloudEventError as exc:
             if exc.status in (401, 403):
                 self._refuse(remote, path, exc.detail)
-            raise
+            # counted as the trigger's key and address refusals are (a signature refused
+            # was counted under via="http", reason="401")
+            reason = _REASONS.get(exc.status, str(exc.status))
+            metrics.EVENTS_REJECTED.labels("hook", reason).inc()
+            raise Problem(exc.status, exc.detail, title=exc.title) from None
         # counted in eventbus_events_received_total{via="source:<name>"} by the service
         duplicate, event_id = await source.publish(event, source.signature_of(request))
         if event_id != event["id"]:  # a replay: answered with the id of the event it repeats

@@ -75,6 +75,9 @@ _RESERVED = frozenset(
     | {"datacontenttype", "dataschema"}
 )
 _FORM = "application/x-www-form-urlencoded"
+_BAD_ESCAPE = re.compile(
+    rb"%(?![0-9A-Fa-f]{2}).{0,2}", re.DOTALL
+)  # a % not followed by two hex digits
 _EXTENSION = re.compile(r"[a-z0-9]{1,20}\Z")
 _METHOD = re.compile(r"[A-Z]{1,16}\Z")
 
@@ -184,6 +187,10 @@ def _data(request: HookRequest) -> dict[str, Any]:
         except orjson.JSONDecodeError as exc:
             raise _unreadable(f"the body is not valid JSON: {exc}") from None
     if media == _FORM:
+        bad = _BAD_ESCAPE.search(request.body)
+        if bad is not None:  # parse_qs keeps it as the text it is: "%ZZ" went out as "%ZZ"
+            escape = bad.group().decode("latin-1")
+            raise _unreadable(f"the body is not a valid form post: {escape!r} is not a %XX escape")
         try:
             form = parse_qs(
                 request.body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict"

@@ -119,6 +119,12 @@ async def test_requests_the_edge_refuses(service: RunningService, receiver: Rece
         {"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert status == 400 and "not a valid form post" in detail
+    # an escape that is not one was kept as its text ("%ZZ") and the event published
+    for body in (b"a=1&b=%ZZ", b"a=%", b"a=%4"):
+        status, _, detail = await _problem(
+            service, "POST", "/hooks/open", body, {"Content-Type": FORM}
+        )
+        assert status == 400 and "is not a %XX escape" in detail, (body, detail)
     # percent-escapes that are not UTF-8 were replaced by U+FFFD and the event published
     status, _, detail = await _problem(
         service, "POST", "/hooks/open", b"t=x&p=%FF%FE", {"Content-Type": FORM}
@@ -349,7 +355,7 @@ async def test_the_hook_route_is_in_the_openapi_document(service: RunningService
     operation = document["paths"]["/hooks/{name}"]["post"]
     assert operation["operationId"] == "webhook"
     assert set(operation["responses"]) == {
-        *("200", "202", "400", "401", "403", "404", "405", "413", "503")
+        *("200", "202", "400", "401", "403", "404", "405", "408", "413", "415", "503")
     }
     assert operation["responses"]["401"]["content"]["application/problem+json"]
 

@@ -368,6 +368,20 @@ async def _refusal_rows(service: RunningService, path: str) -> list[str]:
     return [r["reason"] for r in rows]
 
 
+async def _rejected(service: RunningService) -> dict[tuple[str, str], float]:
+    """``eventbus_events_rejected_total`` now, by via and reason (the process's metrics: read
+    the change a test makes)."""
+    _, _, text = await service.request("GET", "/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("eventbus_events_rejected_total{"):
+            labels, _, value = line.rpartition(" ")
+            reason = labels.split('reason="')[1].split('"')[0]
+            via = labels.split('via="')[1].split('"')[0]
+            found[via, reason] = float(value)
+    return found
+
+
 async def test_wrong_signatures_are_refused_and_recorded(
     service: RunningService, receiver: Receiver
 ) -> None:
@@ -401,6 +415,7 @@ async def test_wrong_signatures_are_refused_and_recorded(
         ("generic", changed, generic(body), "does not match"),
         ("generic", body, {**generic(body), "X-Timestamp": "1700000001"}, "does not match"),
     ]
+    before = await _rejected(service)
     for hook, payload, headers, detail in cases:
         path = f"/hooks/{hook}?kind=k"
         status, resp_headers, answer = await service.request("POST", path, payload, headers)
@@ -409,6 +424,12 @@ async def test_wrong_signatures_are_refused_and_recorded(
         assert detail in answer["detail"], (hook, answer)
     reasons = await _refusal_rows(service, "/hooks/stripe")
     assert any("tolerance" in r for r in reasons) and len(reasons) == 6
+    # counted where a trigger's key and address refusals are (they went to via="http")
+    after = await _rejected(service)
+    assert after.get(("hook", "unauthorized"), 0) - before.get(("hook", "unauthorized"), 0) == len(
+        cases
+    )
+    assert after.get(("http", "401")) == before.get(("http", "401")), (before, after)
     await service.drained()
     assert receiver.requests == []
     status, _, _ = await service.request("GET", "/readyz")
