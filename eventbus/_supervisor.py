@@ -61,10 +61,13 @@ class Supervisor:
 
     @property
     def failed(self) -> str | None:
-        """Why liveness fails: the servers that could not be brought back, or None."""
-        if not self._failed:
-            return None
-        return "; ".join(f"{name}: {why}" for name, why in self._failed.items())
+        """Why liveness fails: the servers that could not be brought back, or the watching
+        itself ended, or None."""
+        reasons = [f"{name}: {why}" for name, why in self._failed.items()]
+        task = self._task
+        if task is not None and task.done() and not task.cancelled():
+            reasons.append(f"the supervisor stopped: {task.exception()!r}")
+        return "; ".join(reasons) or None
 
     def start(self) -> None:
         if self._task is None and self._servers:
@@ -76,10 +79,21 @@ class Supervisor:
         await cancel_and_wait(task)
 
     async def _run(self) -> None:
+        failing: set[str] = set()  # servers whose check raised, said once until it works
         while True:
             await asyncio.sleep(self._check_every)
             for server in self._servers:
-                if not server.alive():
+                try:
+                    alive = server.alive()
+                except Exception as exc:
+                    # Out of file descriptors, a check of /proc raised OSError: it ended this
+                    # task, and no server was restarted again (nothing said so, liveness green).
+                    if server.name not in failing:
+                        failing.add(server.name)
+                        log.error("cannot check embedded %s: %r; trying again", server.name, exc)
+                    continue
+                failing.discard(server.name)
+                if not alive:
                     await self._bring_back(server)
 
     async def _bring_back(self, server: Supervised) -> None:

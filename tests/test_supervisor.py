@@ -70,3 +70,35 @@ async def test_stop_is_idempotent_and_nothing_to_watch_is_fine() -> None:
     await sup.stop()
     await sup.stop()
     assert sup.failed is None
+
+
+class Unreadable(Scripted):
+    """A server whose check raises (as reading /proc does out of file descriptors) ``times``
+    times before it answers."""
+
+    def __init__(self, name: str, times: int) -> None:
+        super().__init__(name)
+        self.times = times
+
+    def alive(self) -> bool:
+        if self.times:
+            self.times -= 1
+            raise OSError(24, "Too many open files")
+        return self.up
+
+
+async def test_a_check_that_raises_does_not_end_the_watching() -> None:
+    # Out of file descriptors once, the check of /proc raised: the supervisor's task ended
+    # silently, and a server killed afterwards was never restarted (liveness stayed green).
+    server = Unreadable("postgres", times=3)
+    sup = Supervisor([server], check_every=0.01)
+    sup.start()
+    try:
+        await eventually(lambda: server.times == 0, within=10, every=0.005)
+        assert sup.failed is None
+        server.up = False
+        async with asyncio.timeout(10):
+            await server.restarted.wait()
+        assert server.restarts == 1 and sup.failed is None
+    finally:
+        await sup.stop()

@@ -94,6 +94,10 @@ class EmbeddedPostgres:
             return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
+        except OSError:
+            # /proc could not be read (out of file descriptors): not known to be gone; a
+            # restart beside a running postmaster would fail on its data directory anyway
+            return True
 
     async def restart(self) -> None:
         """Start a server that died again on the same data (raises as :meth:`start`).
