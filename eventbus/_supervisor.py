@@ -5,6 +5,9 @@
         restart fails ─> back off (0.5 s doubling to ``backoff_max``), try again
         ``give_up_after`` failures in a row ─> ``failed`` set: liveness (GET /healthz) fails,
         so whatever runs eventbus (systemd, Kubernetes, the ``--workers`` parent) restarts it
+    alive, but its ``stuck`` probe (:meth:`Supervisor.restart_when_stuck`) gives a reason
+        ─> restarted the same way; again only after twice as long (30 s, doubling to 10 min)
+        while it stays stuck
 
 Clients need no help: the bus reconnects to the same URL (the server keeps its port and its
 JetStream store) and the database pool opens new connections. What a dead server costs is
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from eventbus import metrics
@@ -24,6 +28,13 @@ from eventbus._tasks import cancel_and_wait
 __all__ = ["Supervised", "Supervisor"]
 
 log = logging.getLogger("eventbus.supervisor")
+
+STUCK_RETRY_FIRST = 30.0
+"""Seconds after restarting a stuck server before it may be restarted for that again."""
+STUCK_RETRY_MAX = 600.0
+
+Probe = Callable[[], Awaitable[str | None]]
+"""Why a running server is stuck, or None."""
 
 
 class Supervised(Protocol):
@@ -58,6 +69,10 @@ class Supervisor:
         self._give_up_after = give_up_after
         self._failed: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        # server name -> its stuck probe, and when it may next be restarted for it (and the
+        # wait after that)
+        self._stuck: dict[str, Probe] = {}
+        self._stuck_next: dict[str, tuple[float, float]] = {}
 
     @property
     def failed(self) -> str | None:
@@ -68,6 +83,14 @@ class Supervisor:
         if task is not None and task.done() and not task.cancelled():
             reasons.append(f"the supervisor stopped: {task.exception()!r}")
         return "; ".join(reasons) or None
+
+    def restart_when_stuck(self, name: str, probe: Probe) -> None:
+        """Restart the server ``name`` also while it runs but ``probe`` says why it is stuck
+        (a reason, else None): a nats-server whose store hit a full disk answers everything
+        but stores nothing, and stays so after the space is freed until it is restarted.
+        Restarted at once the first time, then after ``STUCK_RETRY_FIRST`` s doubling to
+        ``STUCK_RETRY_MAX`` while it stays stuck (a restart cannot free the disk)."""
+        self._stuck[name] = probe
 
     def start(self) -> None:
         if self._task is None and self._servers:
@@ -95,9 +118,27 @@ class Supervisor:
                 failing.discard(server.name)
                 if not alive:
                     await self._bring_back(server)
+                elif server.name in self._stuck:
+                    await self._unstick(server, self._stuck[server.name])
 
-    async def _bring_back(self, server: Supervised) -> None:
-        log.error("embedded %s is gone; restarting it", server.name)
+    async def _unstick(self, server: Supervised, probe: Probe) -> None:
+        now = time.monotonic()
+        allowed, wait = self._stuck_next.get(server.name, (now, STUCK_RETRY_FIRST))
+        if now < allowed:
+            return
+        try:
+            why = await probe()
+        except Exception as exc:  # a probe's own failure says nothing of the server
+            log.warning("cannot tell whether embedded %s is stuck: %r", server.name, exc)
+            return
+        if why is None:
+            self._stuck_next.pop(server.name, None)
+            return
+        self._stuck_next[server.name] = (now + wait, min(wait * 2, STUCK_RETRY_MAX))
+        await self._bring_back(server, f"runs but is stuck ({why})")
+
+    async def _bring_back(self, server: Supervised, why: str = "is gone") -> None:
+        log.error("embedded %s %s; restarting it", server.name, why)
         delay, most = self._backoff
         failures = 0
         while True:

@@ -45,6 +45,7 @@ from eventbus.bus import (
     DUPLICATE,
     Bus,
     KafkaBusConfig,
+    NatsBus,
     NatsBusConfig,
     NatsServer,
     PublishOutcome,
@@ -256,6 +257,21 @@ def _warn_of_open_triggers(sources: list[Source], settings: Settings) -> None:
             )
 
 
+STUCK_AFTER = 30.0
+"""Seconds of publishes unacknowledged by the embedded nats-server, while it answers, before
+it is restarted."""
+
+
+async def _stuck(bus: NatsBus) -> str | None:
+    """Why the embedded nats-server behind ``bus`` is stuck: publishes unacknowledged for
+    ``STUCK_AFTER`` s while it answers a request (a frozen or unreachable one is not stuck,
+    only slow or gone: the supervisor's other checks)."""
+    why = bus.unanswered(STUCK_AFTER)
+    if why is None or not await bus.ping():
+        return None
+    return why
+
+
 async def _none() -> int:
     return 0
 
@@ -372,6 +388,8 @@ class Service:
         log.info("database: %s", redact_url(self.database_url))
         bus_config = self._bus_config()
         self.bus = await self._stack.enter_async_context(open_bus(bus_config))
+        if s.embedded_bus and isinstance(self.bus, NatsBus):
+            self.supervisor.restart_when_stuck(NatsServer.name, functools.partial(_stuck, self.bus))
         if isinstance(bus_config, NatsBusConfig):
             log.info(
                 "bus: NATS JetStream at %s, stream %s",

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from eventbus import _supervisor as supervisor_module
 from eventbus._supervisor import Supervisor
 from tests.fixtures.wait import eventually
 
@@ -100,5 +103,41 @@ async def test_a_check_that_raises_does_not_end_the_watching() -> None:
         async with asyncio.timeout(10):
             await server.restarted.wait()
         assert server.restarts == 1 and sup.failed is None
+    finally:
+        await sup.stop()
+
+
+async def test_a_server_that_runs_but_is_stuck_is_restarted_and_not_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A nats-server whose store hit a full disk answered everything and stored nothing, and
+    # stayed so after the space was freed: alive, so never restarted (by hand only).
+    monkeypatch.setattr(supervisor_module, "STUCK_RETRY_FIRST", 0.3)
+    server = Scripted("nats-server")
+    stuck = ["no publish acknowledged for 30 s"]
+    asked = 0
+
+    async def probe() -> str | None:
+        nonlocal asked
+        asked += 1
+        return stuck[0] if stuck else None
+
+    sup = Supervisor([server], check_every=0.01)
+    sup.restart_when_stuck("nats-server", probe)
+    sup.start()
+    try:
+        async with asyncio.timeout(10):
+            await server.restarted.wait()
+        assert server.restarts == 1
+        server.restarted.clear()
+        await asyncio.sleep(0.1)  # still stuck, but restarted moments ago: not again yet
+        assert server.restarts == 1
+        async with asyncio.timeout(10):
+            await server.restarted.wait()  # after the wait
+        assert server.restarts == 2
+        stuck.clear()  # unstuck: no more restarts
+        seen = asked
+        await eventually(lambda: asked > seen + 5, within=10, every=0.01)
+        assert server.restarts == 2 and sup.failed is None
     finally:
         await sup.stop()

@@ -350,6 +350,7 @@ class NatsBus:
         self._violation: tuple[float, str] | None = None
         self._acks = _Acks()
         self._publishes = FailureRun()  # publishes the server could not take, in a row
+        self._unanswered = FailureRun()  # publishes sent whose acknowledgement never came
 
     async def __aenter__(self) -> Self:
         """Connect and make sure the stream exists.
@@ -562,13 +563,24 @@ class NatsBus:
                     results[i] = _translate(exc, "publish")
                 else:
                     pending[future] = i
+            unanswered: list[BaseException] = []
+
+            def translate(exc: BaseException) -> BusError:
+                if isinstance(exc, TimeoutError):
+                    unanswered.append(exc)
+                return _translate(exc, "publish")
+
             await collect_acks(
                 pending,
                 results,
                 cfg.publish_timeout,
-                lambda exc: _translate(exc, "publish"),
+                translate,
                 duplicate=lambda ack: bool(ack.duplicate),
             )
+            if any(result is None or result is DUPLICATE for result in results):
+                self._unanswered.ended()
+            elif unanswered:
+                self._unanswered.failed(unanswered[0])
         except BaseException:
             # cancelled (or worse): the acknowledgements no one waits for leave the inbox's
             # table now, not when an answer comes (a server gone, never)
@@ -766,6 +778,17 @@ class NatsBus:
             if why is not None:
                 return why
         return None
+
+    def unanswered(self, after: float) -> str | None:
+        """Why the server looks stuck, or None: publishes sent to it have had no
+        acknowledgement for ``after`` s, none stored since, the last within as long (a
+        nats-server whose store hit a full disk answers everything else and stores nothing
+        again, the space freed or not, until it is restarted)."""
+        run = self._unanswered
+        lasted = run.longer_than(after)
+        if lasted is None or time.monotonic() - run.at > after:
+            return None
+        return f"no publish acknowledged for {lasted:.0f} s: {run.last}"
 
     async def ping(self) -> bool:
         """True when the server answers a JetStream account request right now."""

@@ -196,6 +196,45 @@ async def test_a_cancelled_publish_leaves_no_acknowledgement_waiting(nats_url: s
             await nc.close()
 
 
+async def test_publishes_the_server_never_acknowledges_are_told_apart(nats_url: str) -> None:
+    # A nats-server whose store hit a full disk answers every request and acknowledges no
+    # publish, and stays so once space is freed: the supervisor restarts an embedded one
+    # when publishes go unanswered while it answers. A stream that refuses (full) answers.
+    config = nats_config(nats_url, publish_timeout=0.2)
+    stream = StreamConfig(name=config.stream, subjects=[config.subject], no_ack=True)
+    await _make_stream(nats_url, stream)
+    async with open_bus(config) as bus:
+        for i in range(3):
+            (outcome,) = await bus.publish_many([event(i)])
+            assert isinstance(outcome, BusUnavailable) and "no ack" in str(outcome), outcome
+        assert bus.unanswered(10.0) is None  # not for that long yet
+        why = bus.unanswered(0.3)
+        assert why is not None and why.startswith("no publish acknowledged for "), why
+        assert await bus.ping()  # the server answers
+        nc = await nats.connect(nats_url)
+        try:  # acknowledging again: the next publish ends the run
+            await nc.jetstream().update_stream(dataclasses.replace(stream, no_ack=False))
+        finally:
+            await nc.close()
+        await bus.publish(event(9))
+        assert bus.unanswered(0.0) is None
+    # refusals are answers
+    config = nats_config(nats_url)
+    await _make_stream(
+        nats_url,
+        StreamConfig(
+            name=config.stream, subjects=[config.subject], max_msgs=1, discard=DiscardPolicy.NEW
+        ),
+    )
+    async with open_bus(config) as bus:
+        await bus.publish(event(1))
+        for i in range(2, 5):
+            with pytest.raises(BusUnavailable, match="maximum messages"):
+                await bus.publish(event(i))
+        await asyncio.sleep(0.3)
+        assert bus.unanswered(0.2) is None
+
+
 @pytest.mark.parametrize(
     "limit",
     [
