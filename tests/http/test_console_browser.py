@@ -200,6 +200,34 @@ async def test_trail_page_shows_every_attempt(
     await page.wait_text("#sandbox-result", "summary → fn")
 
 
+async def test_the_live_stream_says_why_it_is_refused(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    # The service refuses a watcher past its limit (32) with the reason in the stream; the page
+    # showed it for a moment, then "reconnecting…" alone, every 2 s, for as long as it lasted.
+    svc = await _start(eventbus, receiver)
+    watchers = []
+    try:
+        for _ in range(32):
+            resp = await svc.session.get(svc.url + "/events/live")
+            assert resp.status == 200
+            assert (await resp.content.readuntil(b"\n\n")).startswith(b"retry:")
+            watchers.append(resp)
+        page = browser(svc.url)
+        await page.open("/console")
+        status = await page.wait_text("#live-status", "reconnecting")
+        assert "32 watchers already: try again later" in status, status
+        watchers.pop().close()  # room again (once the service sees it gone): the page connects
+        await page.wait(
+            "return document.getElementById('live-status').textContent === 'live'",
+            within=30,
+            what="the live stream connected once there is room",
+        )
+    finally:
+        for resp in watchers:
+            resp.close()
+
+
 async def test_live_row_opens_its_trail(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:

@@ -158,7 +158,7 @@ window.addEventListener("hashchange", show);
 
 // -- live events ----------------------------------------------------------------------------
 
-const live = { controller: null, paused: false, pending: [], rows: new Map(), pattern: "", frame: 0, dropped: 0, heldBack: 0 };
+const live = { controller: null, paused: false, pending: [], rows: new Map(), pattern: "", frame: 0, dropped: 0, heldBack: 0, problem: "" };
 
 async function showLive() {
   if (!live.controller) startLive();
@@ -191,7 +191,14 @@ async function readStream(controller) {
         } catch {}
         return setStatus(`stopped: ${detail}`);
       }
-      if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+      if (!resp.ok) {
+        let detail = `HTTP ${resp.status}`;
+        try {
+          detail = (await resp.json()).detail || detail;
+        } catch {}
+        throw new Error(detail);
+      }
+      live.problem = "";
       $("live-status").dataset.pattern = live.pattern; // which filter the stream applies
       setStatus("live");
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -208,8 +215,10 @@ async function readStream(controller) {
       }
     } catch (err) {
       if (controller.signal.aborted) return;
+      live.problem = err.message;
     }
-    setStatus("reconnecting…");
+    // why, when the service said (too many watchers, say): "reconnecting…" alone hid it
+    setStatus(live.problem ? `${live.problem}; reconnecting…` : "reconnecting…");
     await new Promise((resolve) => setTimeout(resolve, 2000));
   }
 }
@@ -232,7 +241,8 @@ function onMessage(block) {
     live.dropped = JSON.parse(data).dropped;
     setStatus("live");
   } else if (kind === "problem") {
-    setStatus(JSON.parse(data).detail);
+    live.problem = JSON.parse(data).detail;
+    setStatus(live.problem);
   }
 }
 
