@@ -255,6 +255,17 @@ async def test_live_row_opens_its_trail(
     await page.wait_text("#trail-caused", "tests/fn re-1")
     assert await page.js("return document.getElementById('trail-id').value") == "click-me"
     assert await page.js("return document.getElementById('trail-cause').hidden")
+    # a subject that reorders itself (a right-to-left override) is shown as its escape: the
+    # row read "reportexe.pdf"
+    await page.click("a[href='#live']")
+    await _live(page)
+    assert (await svc.post_event(_event("bidi", subject="report\u202efdp.exe")))[0] == 202
+    shown = await page.wait_text(ROW % "bidi", "delivered")
+    assert "report\\u202efdp.exe" in shown and "\u202e" not in shown, shown
+    await page.click(ROW % "bidi")
+    await page.wait_text("#trail-attempts", "delivered")
+    payload = await page.text("#trail-event")
+    assert '"subject": "report\\u202efdp.exe"' in payload and "\u202e" not in payload, payload
 
 
 async def test_dead_letters_replayed_after_confirmation(

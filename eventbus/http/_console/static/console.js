@@ -39,9 +39,15 @@ async function api(method, path, body) {
   return parsed;
 }
 
+// Characters that reorder or hide text (bidi embeddings, overrides, isolates and marks; zero
+// widths): shown as the \u escapes they are, so that event content cannot make a row or a
+// payload read otherwise than it is ("txt.exe" written backwards, say).
+const HIDDEN = /[\u061c\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]/g;
+const shown = (text) => String(text).replace(HIDDEN, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+
 function el(tag, text, cls) {
   const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (text !== undefined && text !== null) node.textContent = shown(text);
   if (cls) node.className = cls;
   return node;
 }
@@ -51,7 +57,7 @@ function row(cells) {
   for (const cell of cells) {
     const td = document.createElement("td");
     if (cell instanceof Node) td.append(cell);
-    else td.textContent = cell === null || cell === undefined ? "" : String(cell);
+    else td.textContent = cell === null || cell === undefined ? "" : shown(cell);
     tr.append(td);
   }
   return tr;
@@ -68,7 +74,8 @@ function formParams(fields) {
 }
 
 const trailPath = (source, id) => `/events/trail?source=${encodeURIComponent(source)}&id=${encodeURIComponent(id)}`;
-const pretty = (value) => JSON.stringify(value, null, 2);
+// JSON text in which HIDDEN characters are escapes: the same JSON, seen as it is
+const pretty = (value) => shown(JSON.stringify(value, null, 2));
 const clock = (iso) => (iso ? iso.replace(/^.*T/, "").replace(/(\.\d{3})\d*/, "$1") : "");
 
 // -- the API key ----------------------------------------------------------------------------
@@ -296,10 +303,10 @@ function fillRow(tr, r) {
   const cells = tr.cells;
   if (r.time !== null || !tr.dataset.id) {
     cells[0].textContent = clock(r.time);
-    cells[1].textContent = r.source;
-    cells[2].textContent = r.type;
-    cells[3].textContent = r.subject ?? "";
-    cells[4].textContent = r.id;
+    cells[1].textContent = shown(r.source);
+    cells[2].textContent = shown(r.type);
+    cells[3].textContent = shown(r.subject ?? "");
+    cells[4].textContent = shown(r.id);
     cells[5].textContent = r.rules.length ? `${r.rules.length}: ${r.rules.join(", ")}` : "0";
     tr.dataset.source = r.source;
     tr.dataset.id = r.id;
