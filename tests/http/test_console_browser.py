@@ -335,9 +335,16 @@ async def test_dead_letters_replayed_after_confirmation(
     assert (await svc.request("DELETE", f"/dead-letters/{gone}"))[0] == 200
     await page.click(f"#dl-rows tr[data-id='{gone}']")
     await page.wait_text("#dl-message", f"no dead letter {gone}")
-    await page.fill("#dl-since", "yesterday")
+    # a filter typed but not searched: not the list shown, which is what a replay acted on
+    await page.fill("#dl-rule", "orders")
     await page.click("#dl-replay-all")
+    await page.wait_text("#dl-message", "not the one of the list shown: press Search")
+    assert await page.js("return document.getElementById('confirm').open") is False
+    await page.fill("#dl-since", "yesterday")
+    await page.click("#dl-search")
     await page.wait_text("#dl-message", "since must be an ISO 8601 time")
+    await page.click("#dl-replay-all")  # no list shown under that error
+    await page.wait_text("#dl-message", "press Search")
     assert await page.js("return document.getElementById('confirm').open") is False
 
     # the replay and its delivery, in the trail of a replayed event

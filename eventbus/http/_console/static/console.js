@@ -519,7 +519,7 @@ $("trail-copy").addEventListener("click", async () => {
 
 // -- dead letters ---------------------------------------------------------------------------
 
-const dead = { after: null, current: null };
+const dead = { after: null, current: null, shown: null }; // shown: the filter of the list shown
 
 function deadFilter() {
   return formParams([
@@ -534,7 +534,8 @@ function deadFilter() {
 }
 
 async function loadDeadLetters(more = false) {
-  const params = deadFilter();
+  const filter = deadFilter().toString();
+  const params = new URLSearchParams(filter);
   params.set("limit", "50");
   if (more && dead.after !== null) params.set("after", dead.after);
   let page;
@@ -545,11 +546,15 @@ async function loadDeadLetters(more = false) {
       // not the rows of another filter, or of before, under this one's error
       $("dl-rows").replaceChildren();
       $("dl-next").hidden = true;
+      dead.shown = null;
     }
     $("dl-message").textContent = err.message;
     return;
   }
-  if (!more) $("dl-rows").replaceChildren();
+  if (!more) {
+    $("dl-rows").replaceChildren();
+    dead.shown = filter;
+  }
   $("dl-message").textContent = ""; // an earlier load's error is over
   for (const d of page.items) {
     const tr = row([d.id, d.created_at, d.event_source, d.event_id, d.rule, d.target, d.attempts, d.last_status, d.reason, d.final_error]);
@@ -620,6 +625,11 @@ function confirmAction(text) {
 
 async function onFiltered(verb, method, path) {
   const params = deadFilter();
+  if (params.toString() !== dead.shown) {
+    // It acted on the fields as typed, which need not be the list shown above them.
+    $("dl-message").textContent = `the filter is not the one of the list shown: press Search, check the list, then ${verb.toLowerCase()}`;
+    return;
+  }
   const filtered = params.toString() !== "";
   if (!filtered) params.set("all", "true");
   let count, newest;
