@@ -262,12 +262,26 @@ STUCK_AFTER = 30.0
 it is restarted."""
 
 
+STUCK_PING = 1.0
+"""Seconds the stuck probe waits for the server's answer (the supervisor's loop waits too)."""
+
+
 async def _stuck(bus: NatsBus) -> str | None:
     """Why the embedded nats-server behind ``bus`` is stuck: publishes unacknowledged for
-    ``STUCK_AFTER`` s while it answers a request (a frozen or unreachable one is not stuck,
-    only slow or gone: the supervisor's other checks)."""
+    ``STUCK_AFTER`` s while it answers a request. One that does not answer either (frozen,
+    unreachable) is not stuck but slow or gone, for the supervisor's other checks: what went
+    unanswered until then is forgotten, so a server frozen for 35 s is not restarted for it
+    the moment it answers again."""
     why = bus.unanswered(STUCK_AFTER)
-    if why is None or not await bus.ping():
+    if why is None:
+        return None
+    try:
+        async with asyncio.timeout(STUCK_PING):
+            answers = await bus.ping()
+    except TimeoutError:
+        answers = False
+    if not answers:
+        bus.forget_unanswered()
         return None
     return why
 

@@ -580,7 +580,11 @@ class NatsBus:
             if any(result is None or result is DUPLICATE for result in results):
                 self._unanswered.ended()
             elif unanswered:
-                self._unanswered.failed(unanswered[0])
+                # Timeouts far apart (two short stalls with nothing published between them)
+                # are not one run: a run held the first one's time, and a healthy server was
+                # restarted as stuck for 30 s after two 5 s freezes half a minute apart.
+                apart = time.monotonic() - self._unanswered.at > 2 * cfg.publish_timeout
+                self._unanswered.failed(unanswered[0], new=apart)
         except BaseException:
             # cancelled (or worse): the acknowledgements no one waits for leave the inbox's
             # table now, not when an answer comes (a server gone, never)
@@ -789,6 +793,12 @@ class NatsBus:
         if lasted is None or time.monotonic() - run.at > after:
             return None
         return f"no publish acknowledged for {lasted:.0f} s: {run.last}"
+
+    def forget_unanswered(self) -> None:
+        """Forget the publishes gone unanswered so far: the server did not answer a request
+        either (frozen, unreachable), so they say nothing of its store. A run counts again
+        from the next one."""
+        self._unanswered.ended()
 
     async def ping(self) -> bool:
         """True when the server answers a JetStream account request right now."""

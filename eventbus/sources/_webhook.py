@@ -347,7 +347,8 @@ class WebhookSource:
         try:
             duplicate = await ctx.emit(event)
         except BaseException:
-            replays.forget(signature)  # not on the bus: the sender's retry must get through
+            # not on the bus: the sender's retry must get through
+            replays.forget(signature, published)
             raise
         published.set_result(event["id"])
         return duplicate, event["id"]
@@ -375,11 +376,16 @@ class _Replays:
         found = self._seen.get(signature)
         return None if found is None else found[1]
 
-    def forget(self, signature: str) -> None:
-        """The publish of ``signature``'s request failed: a copy waiting on it learns so."""
-        found = self._seen.pop(signature, None)
-        if found is not None and not found[1].done():
-            found[1].set_result(None)
+    def forget(self, signature: str, published: asyncio.Future[str | None]) -> None:
+        """The publish ``published`` (from :meth:`add`) of ``signature``'s request failed: a
+        copy waiting on it learns so, and the entry goes if it is still that publish's (it may
+        have gone already, the oldest past ``most`` or past its time, and the waiting copies
+        with it: resolved here all the same, or they waited for ever)."""
+        if not published.done():
+            published.set_result(None)
+        found = self._seen.get(signature)
+        if found is not None and found[1] is published:
+            del self._seen[signature]
 
     def add(self, signature: str, now: float) -> asyncio.Future[str | None]:
         """Start publishing ``signature``'s request: set the returned future to its event's id

@@ -19,6 +19,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StreamConfig
 
+from eventbus import app as app_module
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import DUPLICATE, NatsBus, NatsBusConfig, NatsServer, open_bus
 from eventbus.bus._nats_server import free_port
@@ -210,6 +211,12 @@ async def test_publishes_the_server_never_acknowledges_are_told_apart(nats_url: 
         assert bus.unanswered(10.0) is None  # not for that long yet
         why = bus.unanswered(0.3)
         assert why is not None and why.startswith("no publish acknowledged for "), why
+        # timeouts far apart (nothing published between them) are not one run: two short
+        # stalls half a minute apart had a healthy server restarted as stuck for 30 s
+        await asyncio.sleep(0.5)
+        (outcome,) = await bus.publish_many([event(3)])
+        assert isinstance(outcome, BusUnavailable)
+        assert bus.unanswered(0.3) is None, bus.unanswered(0.3)
         assert await bus.ping()  # the server answers
         nc = await nats.connect(nats_url)
         try:  # acknowledging again: the next publish ends the run
@@ -590,3 +597,48 @@ async def test_events_another_consumer_took_are_no_stall(nats_url: str) -> None:
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
+
+
+async def test_the_stuck_probe_forgets_what_a_frozen_server_left_unanswered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server frozen for 35 s was restarted as stuck the moment it answered again: the
+    # publishes it had left unanswered while frozen counted, though a frozen server is slow,
+    # not stuck. A server that answers and stores nothing is.
+    monkeypatch.setattr(app_module, "STUCK_AFTER", 0.3)
+    monkeypatch.setattr(app_module, "STUCK_PING", 0.3)
+    async with NatsServer(tmp_path / "nats") as server:
+        config = nats_config(server.url, publish_timeout=0.15)
+        async with open_bus(config) as bus:
+            assert isinstance(bus, NatsBus)
+            (frozen,) = [
+                p
+                for p in psutil.Process().children(recursive=True)
+                if "nats-server" in p.name() and str(server.port) in p.cmdline()
+            ]
+
+            async def unanswered_for(seconds: float) -> None:
+                started = time.monotonic()
+                while time.monotonic() - started < seconds:
+                    (outcome,) = await bus.publish_many([event(1)])
+                    assert isinstance(outcome, BusUnavailable), outcome
+
+            frozen.suspend()
+            try:
+                await unanswered_for(0.5)
+                assert bus.unanswered(0.3) is not None
+                assert await app_module._stuck(bus) is None  # frozen: not stuck
+            finally:
+                frozen.resume()
+            assert bus.unanswered(0.0) is None  # forgotten
+            await bus.publish(event(2))  # it answers and stores
+            nc = await nats.connect(server.url)
+            try:  # now it answers and acknowledges nothing: stuck
+                info = await nc.jetstream().stream_info(config.stream)
+                no_ack = dataclasses.replace(info.config, no_ack=True)
+                await nc.jetstream().update_stream(no_ack)
+            finally:
+                await nc.close()
+            await unanswered_for(0.5)
+            why = await app_module._stuck(bus)
+            assert why is not None and why.startswith("no publish acknowledged"), why

@@ -710,3 +710,54 @@ async def test_a_copy_sent_while_the_first_is_on_its_way_waits_for_it(database_d
                 retry["id"],
             )
             assert published == [retry]
+
+
+async def test_a_copy_waiting_on_a_publish_whose_entry_went_is_still_answered(
+    database_dsn: str,
+) -> None:
+    # The replay memory let go of the first copy's entry while it was still being published
+    # (past twice the tolerance, or the oldest past its bound); when that publish failed,
+    # nothing resolved what the copy waited on, and its request hung for ever.
+    verify = {**cast(dict[str, Any], _PARTNER["verify"]), "tolerance": 0.1}
+    source = build_source({**_PARTNER, "verify": verify})
+    assert isinstance(source, WebhookSource)
+    gate = asyncio.Event()
+    published: list[dict[str, Any]] = []
+
+    async def publish(event: dict[str, Any]) -> None:
+        if event["data"] == {"n": 1} and not gate.is_set():
+            await gate.wait()
+            raise BusUnavailable("no acknowledgement in time (test)")
+        published.append(event)
+
+    stamp = int(time.time())
+
+    def request(n: int) -> HookRequest:
+        body = orjson.dumps({"n": n})
+        headers = {k.lower(): v for k, v in generic(body, str(stamp)).items()}
+        return HookRequest("POST", headers, "", body)
+
+    def event_of(request: HookRequest) -> dict[str, Any]:
+        return cast(dict[str, Any], source.event_for(request, now=stamp))  # within tolerance
+
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "partner", Recorder())
+        ctx.publish = publish
+        async with running(source, ctx):
+            await asyncio.sleep(0)  # the source's task takes its context
+            first_request = request(1)
+            signature = source.signature_of(first_request)
+            assert signature is not None
+            first = asyncio.create_task(source.publish(event_of(first_request), signature))
+            await asyncio.sleep(0.01)
+            retry = event_of(first_request)
+            copy = asyncio.create_task(source.publish(retry, signature))
+            await asyncio.sleep(0.3)  # past twice the tolerance: the entry goes at the next look
+            other = request(2)
+            await source.publish(event_of(other), source.signature_of(other))
+            gate.set()
+            with pytest.raises(BusUnavailable):
+                await first
+            async with asyncio.timeout(5):
+                assert await copy == (False, retry["id"])
+    assert [e["data"] for e in published] == [{"n": 2}, {"n": 1}]
