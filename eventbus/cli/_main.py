@@ -127,7 +127,9 @@ def _seconds(text: str) -> float:
     except ValueError:
         value = math.nan
     if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"must be seconds from 0 to 86400, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be seconds, more than 0 and at most 86400, got {text!r}"
+        )
     return value
 
 
@@ -194,6 +196,11 @@ def _send(
     """One request to the service: its 2xx status, headers and body; _ApiError otherwise.
     With ``answers``, a target's own error answer to a synchronous invocation (it names
     the target in ``X-Eventbus-Answered-By``) is returned as it came too."""
+    if urllib.parse.urlsplit(args.url).scheme.lower() not in ("http", "https"):
+        # "127.0.0.1:8080" read as the scheme "127.0.0.1": "cannot reach eventbus", exit 1
+        raise _BadInput(
+            f"invalid --url {args.url!r} (or EVENTBUS_URL): give http://HOST:PORT (or https://)"
+        )
     try:
         req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
     except ValueError as exc:
@@ -497,9 +504,13 @@ def _cmd_rules_reload(args: argparse.Namespace) -> int:
     except _ApiError as exc:
         if exc.status != 400:
             raise
+        from eventbus.cli._output import print_json, printable
+
+        if args.json and isinstance(exc.problem, dict):  # the refusal as it came, as elsewhere
+            with contextlib.suppress(BrokenPipeError):
+                print_json(exc.problem, sys.stdout)
         # every problem, one a line, as `eventbus rules validate` prints them
         sys.stderr.write("eventbus: rules not reloaded, the running ones stay:\n")
-        from eventbus.cli._output import printable
 
         sys.stderr.write("".join(f"{printable(line)}\n" for line in exc.detail.splitlines()))
         return EXIT_FAILED

@@ -188,3 +188,27 @@ async def test_a_second_serve_is_refused_and_the_first_survives_until_killed() -
     finally:
         stop_servers_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_service_of_another_user_is_not_taken_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its lock file is readable by its owner only: a command run as another user could not
+    # open it and said "no eventbus serve is running" while one was.
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
+    monkeypatch.setenv("EVENTBUS_DATA_DIR", str(tmp_path))
+    lock = tmp_path / LOCK_NAME
+    real_open = os.open
+
+    def as_another_user(path: object, flags: int, *args: int) -> int:
+        if Path(str(path)) == lock and not flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    with hold_data_dir(tmp_path, host="127.0.0.1", port=8765):
+        monkeypatch.setattr(os, "open", as_another_user)
+        with pytest.raises(ConfigError, match=r"runs as another user; run this command as that"):
+            default_url()
+        monkeypatch.setenv("EVENTBUS_URL", "http://127.0.0.1:8765")
+        assert default_url() == "http://127.0.0.1:8765"
+        monkeypatch.undo()

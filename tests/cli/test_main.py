@@ -192,8 +192,9 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     (tmp_path / "a-file").write_text("x")
     settings = tmp_path / "s.yaml"
     settings.write_text(f"data_dir: {tmp_path / 'a-file'}\nlisten: {{port: {free_port()}}}\n")
-    url, port, latin1, connectors, data_dir, rate = await _side_by_side(
+    url, schemeless, port, latin1, connectors, data_dir, rate = await _side_by_side(
         _cli("sources", "--url", "foo"),
+        _cli("sources", "--url", "127.0.0.1:1"),
         _cli("serve", "--port", "70000"),
         _cli("serve", "--config", str(tmp_path / "latin1.yaml")),
         _cli("rules", "validate", str(tmp_path / "rules"), "--connectors", str(connectors_dir)),
@@ -202,6 +203,8 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     )
     assert rate[0] == 2 and "--fail-rate: must be from 0 to 1, got 1.5" in rate[2], rate
     assert url[0] == 2 and "invalid --url 'foo'" in url[2], url
+    # read as the scheme "127.0.0.1": "cannot reach eventbus ... unknown url type", exit 1
+    assert schemeless[0] == 2 and "give http://HOST:PORT" in schemeless[2], schemeless
     assert port[0] == 2 and "must be from 1 to 65535, got 70000" in port[2], port
     assert latin1[0] == 1 and "cannot read settings: not UTF-8 text" in latin1[2], latin1
     assert connectors[0] == 1, connectors
@@ -524,6 +527,11 @@ async def test_rules_reload_prints_the_count_or_every_problem(
     assert "rules.yaml:5 rule 'bad'" in err and "nope" in err, err
     assert "rules.yaml:7 rule 'cel': when: CEL syntax error" in err, err
     assert len(svc.service.current_rules()) == 2  # the previous set routes on
+    # --json: the refusal's problem JSON on stdout, as every other command prints it (it
+    # printed nothing there)
+    code, out, err = await _cli("rules", "reload", "--url", svc.url, "--json")
+    assert code == 1 and out["status"] == 400, (out, err)
+    assert "rules.yaml:5 rule 'bad'" in out["detail"] and "nope" in out["detail"], out
 
 
 async def test_display_prints_one_event_per_block() -> None:
@@ -642,7 +650,7 @@ async def test_a_service_that_does_not_answer_is_said_so_within_the_timeout() ->
         code, _, err = await _cli("dlq", "list", "--url", url, "--timeout", "1")
     assert code == 1 and err == f"eventbus: eventbus at {url} did not answer within 1 s\n", err
     code, _, err = await _cli("dlq", "list", "--timeout", "0")
-    assert code == 2 and "argument --timeout: must be seconds from 0 to 86400" in err, err
+    assert code == 2 and "--timeout: must be seconds, more than 0 and at most 86400" in err, err
 
 
 async def test_an_answer_that_is_not_eventbuss_is_said_so_not_a_traceback(
