@@ -332,6 +332,11 @@ class _NatsMessage(DecodedMessage):
                 raise _translate(exc, "nak") from exc
 
 
+UNANSWERED_GAP = 30.0
+"""Seconds between two unacknowledged publishes (none acknowledged between them) past which
+they are two runs, not one (:meth:`NatsBus.unanswered`)."""
+
+
 class NatsBus:
     """The :class:`~eventbus.bus.Bus` on JetStream; use as ``async with NatsBus(cfg) as bus``."""
 
@@ -580,10 +585,11 @@ class NatsBus:
             if any(result is None or result is DUPLICATE for result in results):
                 self._unanswered.ended()
             elif unanswered:
-                # Timeouts far apart (two short stalls with nothing published between them)
-                # are not one run: a run held the first one's time, and a healthy server was
-                # restarted as stuck for 30 s after two 5 s freezes half a minute apart.
-                apart = time.monotonic() - self._unanswered.at > 2 * cfg.publish_timeout
+                # Timeouts further apart than UNANSWERED_GAP (two short stalls with nothing
+                # published between them) are not one run: a run held the first one's time,
+                # and a healthy server was restarted as stuck after two 5 s freezes half a
+                # minute apart. Closer ones are (a sparse sender's publishes, 12 s apart).
+                apart = time.monotonic() - self._unanswered.at > UNANSWERED_GAP
                 self._unanswered.failed(unanswered[0], new=apart)
         except BaseException:
             # cancelled (or worse): the acknowledgements no one waits for leave the inbox's

@@ -104,14 +104,15 @@ def _lock(path: Path, data_dir: Path) -> int:
 
 def _owner(path: Path) -> dict[str, object] | None:
     """What the lock file at ``path`` says about its live owner, or None if nobody holds it.
-    Raises ConfigError when it cannot be read (another user's service, its lock readable by
-    that user only: it read as "nobody runs here")."""
+    Raises ConfigError when it cannot be read (another user's, readable by that user only: it
+    read as "nobody runs here" while that user's service ran)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except PermissionError:
         raise ConfigError(
-            f"cannot read {path}: the eventbus serve on that data dir runs as another user; run "
-            "this command as that user, or name the service with --url or EVENTBUS_URL"
+            f"cannot read {path}: that data dir belongs to another user, whose eventbus serve "
+            "may be running there; run this command as that user, or name the service with "
+            "--url or EVENTBUS_URL"
         ) from None
     except OSError:
         return None

@@ -196,7 +196,8 @@ def _send(
     """One request to the service: its 2xx status, headers and body; _ApiError otherwise.
     With ``answers``, a target's own error answer to a synchronous invocation (it names
     the target in ``X-Eventbus-Answered-By``) is returned as it came too."""
-    if urllib.parse.urlsplit(args.url).scheme.lower() not in ("http", "https"):
+    parts = urllib.parse.urlsplit(args.url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         # "127.0.0.1:8080" read as the scheme "127.0.0.1": "cannot reach eventbus", exit 1
         raise _BadInput(
             f"invalid --url {args.url!r} (or EVENTBUS_URL): give http://HOST:PORT (or https://)"

@@ -22,6 +22,7 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from eventbus import app as app_module
 from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import DUPLICATE, NatsBus, NatsBusConfig, NatsServer, open_bus
+from eventbus.bus import _nats as nats_bus_module
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import event_key
 from tests.bus.conftest import PATIENCE, event, nats_config, take, take_until
@@ -197,10 +198,13 @@ async def test_a_cancelled_publish_leaves_no_acknowledgement_waiting(nats_url: s
             await nc.close()
 
 
-async def test_publishes_the_server_never_acknowledges_are_told_apart(nats_url: str) -> None:
+async def test_publishes_the_server_never_acknowledges_are_told_apart(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A nats-server whose store hit a full disk answers every request and acknowledges no
     # publish, and stays so once space is freed: the supervisor restarts an embedded one
     # when publishes go unanswered while it answers. A stream that refuses (full) answers.
+    monkeypatch.setattr(nats_bus_module, "UNANSWERED_GAP", 1.0)
     config = nats_config(nats_url, publish_timeout=0.2)
     stream = StreamConfig(name=config.stream, subjects=[config.subject], no_ack=True)
     await _make_stream(nats_url, stream)
@@ -211,10 +215,16 @@ async def test_publishes_the_server_never_acknowledges_are_told_apart(nats_url: 
         assert bus.unanswered(10.0) is None  # not for that long yet
         why = bus.unanswered(0.3)
         assert why is not None and why.startswith("no publish acknowledged for "), why
-        # timeouts far apart (nothing published between them) are not one run: two short
-        # stalls half a minute apart had a healthy server restarted as stuck for 30 s
-        await asyncio.sleep(0.5)
+        # a sparse sender's timeouts, closer than UNANSWERED_GAP, are one run (split at twice
+        # publish_timeout, a server stuck under light traffic was never restarted)
+        await asyncio.sleep(0.2)
         (outcome,) = await bus.publish_many([event(3)])
+        assert isinstance(outcome, BusUnavailable)
+        assert bus.unanswered(0.6) is not None
+        # timeouts further apart (nothing published between them) are not: two short stalls
+        # half a minute apart had a healthy server restarted as stuck
+        await asyncio.sleep(1.3)
+        (outcome,) = await bus.publish_many([event(4)])
         assert isinstance(outcome, BusUnavailable)
         assert bus.unanswered(0.3) is None, bus.unanswered(0.3)
         assert await bus.ping()  # the server answers

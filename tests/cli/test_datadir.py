@@ -207,7 +207,7 @@ def test_a_service_of_another_user_is_not_taken_for_none(
 
     with hold_data_dir(tmp_path, host="127.0.0.1", port=8765):
         monkeypatch.setattr(os, "open", as_another_user)
-        with pytest.raises(ConfigError, match=r"runs as another user; run this command as that"):
+        with pytest.raises(ConfigError, match=r"belongs to another user, whose eventbus serve"):
             default_url()
         monkeypatch.setenv("EVENTBUS_URL", "http://127.0.0.1:8765")
         assert default_url() == "http://127.0.0.1:8765"

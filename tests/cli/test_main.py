@@ -192,9 +192,10 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     (tmp_path / "a-file").write_text("x")
     settings = tmp_path / "s.yaml"
     settings.write_text(f"data_dir: {tmp_path / 'a-file'}\nlisten: {{port: {free_port()}}}\n")
-    url, schemeless, port, latin1, connectors, data_dir, rate = await _side_by_side(
+    url, schemeless, hostless, port, latin1, connectors, data_dir, rate = await _side_by_side(
         _cli("sources", "--url", "foo"),
         _cli("sources", "--url", "127.0.0.1:1"),
+        _cli("sources", "--url", "http:127.0.0.1:1"),
         _cli("serve", "--port", "70000"),
         _cli("serve", "--config", str(tmp_path / "latin1.yaml")),
         _cli("rules", "validate", str(tmp_path / "rules"), "--connectors", str(connectors_dir)),
@@ -205,6 +206,7 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     assert url[0] == 2 and "invalid --url 'foo'" in url[2], url
     # read as the scheme "127.0.0.1": "cannot reach eventbus ... unknown url type", exit 1
     assert schemeless[0] == 2 and "give http://HOST:PORT" in schemeless[2], schemeless
+    assert hostless[0] == 2 and "give http://HOST:PORT" in hostless[2], hostless
     assert port[0] == 2 and "must be from 1 to 65535, got 70000" in port[2], port
     assert latin1[0] == 1 and "cannot read settings: not UTF-8 text" in latin1[2], latin1
     assert connectors[0] == 1, connectors

@@ -256,16 +256,18 @@ async def test_live_row_opens_its_trail(
     assert await page.js("return document.getElementById('trail-id').value") == "click-me"
     assert await page.js("return document.getElementById('trail-cause').hidden")
     # a subject that reorders itself (a right-to-left override) is shown as its escape: the
-    # row read "reportexe.pdf"
+    # row read "reportexe.pdf"; and a tag character (beyond U+FFFF), invisible
     await page.click("a[href='#live']")
     await _live(page)
-    assert (await svc.post_event(_event("bidi", subject="report\u202efdp.exe")))[0] == 202
+    hidden = {"data": {"total": 150, "note": "a\U000e0041b"}}
+    assert (await svc.post_event(_event("bidi", subject="report\u202efdp.exe", **hidden)))[0] == 202
     shown = await page.wait_text(ROW % "bidi", "delivered")
     assert "report\\u202efdp.exe" in shown and "\u202e" not in shown, shown
     await page.click(ROW % "bidi")
     await page.wait_text("#trail-attempts", "delivered")
     payload = await page.text("#trail-event")
     assert '"subject": "report\\u202efdp.exe"' in payload and "\u202e" not in payload, payload
+    assert '"note": "a\\udb40\\udc41b"' in payload, payload
 
 
 async def test_dead_letters_replayed_after_confirmation(
@@ -338,13 +340,13 @@ async def test_dead_letters_replayed_after_confirmation(
     # a filter typed but not searched: not the list shown, which is what a replay acted on
     await page.fill("#dl-rule", "orders")
     await page.click("#dl-replay-all")
-    await page.wait_text("#dl-message", "not the one of the list shown: press Search")
+    await page.wait_text("#dl-message", "not the one of the list shown: press Filter")
     assert await page.js("return document.getElementById('confirm').open") is False
     await page.fill("#dl-since", "yesterday")
     await page.click("#dl-search")
     await page.wait_text("#dl-message", "since must be an ISO 8601 time")
     await page.click("#dl-replay-all")  # no list shown under that error
-    await page.wait_text("#dl-message", "press Search")
+    await page.wait_text("#dl-message", "press Filter")
     assert await page.js("return document.getElementById('confirm').open") is False
 
     # the replay and its delivery, in the trail of a replayed event

@@ -40,10 +40,12 @@ async function api(method, path, body) {
 }
 
 // Characters that reorder or hide text (bidi embeddings, overrides, isolates and marks; zero
-// widths): shown as the \u escapes they are, so that event content cannot make a row or a
-// payload read otherwise than it is ("txt.exe" written backwards, say).
-const HIDDEN = /[\u061c\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]/g;
-const shown = (text) => String(text).replace(HIDDEN, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+// widths, invisible operators, soft hyphens, tags): shown as the \u escapes they are (a tag,
+// beyond U+FFFF, as its two UTF-16 halves, as JSON writes it), so that event content cannot
+// make a row or a payload read otherwise than it is ("txt.exe" written backwards, say).
+const HIDDEN = /[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u{e0000}-\u{e007f}]/gu;
+const escaped = (c) => Array.from({ length: c.length }, (_, i) => `\\u${c.charCodeAt(i).toString(16).padStart(4, "0")}`).join("");
+const shown = (text) => String(text).replace(HIDDEN, escaped);
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -534,7 +536,9 @@ function deadFilter() {
 }
 
 async function loadDeadLetters(more = false) {
-  const filter = deadFilter().toString();
+  // the next page of the list shown, not of the fields as typed since (its rows went under
+  // the first page's)
+  const filter = more && dead.shown !== null ? dead.shown : deadFilter().toString();
   const params = new URLSearchParams(filter);
   params.set("limit", "50");
   if (more && dead.after !== null) params.set("after", dead.after);
@@ -627,7 +631,7 @@ async function onFiltered(verb, method, path) {
   const params = deadFilter();
   if (params.toString() !== dead.shown) {
     // It acted on the fields as typed, which need not be the list shown above them.
-    $("dl-message").textContent = `the filter is not the one of the list shown: press Search, check the list, then ${verb.toLowerCase()}`;
+    $("dl-message").textContent = `the filter is not the one of the list shown: press Filter, check the list, then ${verb.toLowerCase()}`;
     return;
   }
   const filtered = params.toString() !== "";
