@@ -306,8 +306,10 @@ class NatsTarget:
                     **self._auth,
                 )
         except BaseException as exc:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await nc.close()
+            # Closed aside, bounded: after a failed TLS handshake the close waited for ever
+            # (the transport never closed), and every later delivery joined this connect
+            # and timed out, the server fixed or not.
+            self._retire(nc)
             handshakes = [e for e in attempts if isinstance(e, ssl.SSLError)]
             if isinstance(exc, TimeoutError) and handshakes:
                 # the timeout ran out while nats-py kept trying: a failed TLS handshake (a

@@ -136,7 +136,14 @@ async def test_a_certificate_from_another_ca_is_named_not_a_timeout(
             pass
     async with _target(secured, auth) as target:
         outcome = await _publish(target)
-    assert not outcome.delivered and "certificate verify failed" in (outcome.error or ""), outcome
+        assert not outcome.delivered, outcome
+        assert "certificate verify failed" in (outcome.error or ""), outcome
+        # Again: the failed connect's close waited for ever (a TLS transport that never
+        # closed), and every later attempt joined it and timed out, the server fixed or not.
+        started = time.monotonic()
+        again = await _publish(target)
+        assert "certificate verify failed" in (again.error or ""), again
+        assert time.monotonic() - started < 2.5, again  # not the 3 s timeout
 
 
 def _target(port: int, auth: dict[str, Any]) -> NatsTarget:
