@@ -332,6 +332,8 @@ class _NatsMessage(DecodedMessage):
                 raise _translate(exc, "nak") from exc
 
 
+_RECONNECT_SAY_EVERY = 60.0  # seconds between warnings of the same failing reconnect
+
 UNANSWERED_GAP = 30.0
 """Seconds between two unacknowledged publishes (none acknowledged between them) past which
 they are two runs, not one (:meth:`NatsBus.unanswered`)."""
@@ -356,6 +358,9 @@ class NatsBus:
         self._acks = _Acks()
         self._publishes = FailureRun()  # publishes the server could not take, in a row
         self._unanswered = FailureRun()  # publishes sent whose acknowledgement never came
+        self._reconnect_reason = ""  # why the last reconnect failed, while not connected
+        self._reconnect_said = ("", 0.0)  # the reason last logged, and when
+        self._reconnect_told = -math.inf  # when a reconnect was last refused (not just reset)
 
     async def __aenter__(self) -> Self:
         """Connect and make sure the stream exists.
@@ -371,9 +376,12 @@ class NatsBus:
 
         async def on_error(exc: Exception) -> None:
             # Until connected, the failed attempts explain a timeout (a refused password);
-            # afterwards, errors are the open connection's.
+            # afterwards, errors are the open connection's, or its reconnects' (they were
+            # kept in that list, one a second for as long as a reconnect failed, unsaid).
             if nc.is_connected:
                 await self._on_error(exc)
+            elif self._nc is nc:
+                self._reconnect_failed(exc)
             else:
                 attempts.append(exc)
 
@@ -427,6 +435,24 @@ class NatsBus:
             await self._nc.close()
             raise
         return self
+
+    def _reconnect_failed(self, exc: Exception) -> None:
+        """A reconnect failed (a password changed, a certificate expired, the server down):
+        the reason is what ``publish`` says while not connected (a refusal rather than the
+        connection reset that follows it), and a warning at once, then once a minute."""
+        now = time.monotonic()
+        telling = _refused(exc) or isinstance(exc, ssl.SSLError)
+        if not telling and now - self._reconnect_told < _RECONNECT_WAIT * 5:
+            # the connection reset that follows a refusal says less than the refusal
+            return
+        if telling:
+            self._reconnect_told = now
+        reason = str(_translate(exc, "reconnect"))
+        self._reconnect_reason = reason
+        said, at = self._reconnect_said
+        if not said or now - at >= _RECONNECT_SAY_EVERY:
+            self._reconnect_said = (reason, now)
+            log.warning("%s (trying again)", reason)
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("NATS connection to %s: %r", redact_url(self.config.url), exc)
@@ -502,7 +528,11 @@ class NatsBus:
         if self._js is None or self._nc is None:
             raise BusError("the bus is not open: use it inside `async with`")
         if not self._nc.is_connected:
-            raise BusUnavailable(f"NATS at {redact_url(self.config.url)} is not connected")
+            why = f": {self._reconnect_reason}" if self._reconnect_reason else ""
+            raise BusUnavailable(f"NATS at {redact_url(self.config.url)} is not connected{why}")
+        if self._reconnect_reason:  # connected again: a next failing run is said at once
+            self._reconnect_reason = ""
+            self._reconnect_said = ("", 0.0)
         return self._nc
 
     async def publish(

@@ -6,6 +6,7 @@ connects; a wrong one fails with an error naming the connection and never quotin
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -18,10 +19,11 @@ from typing import Any
 
 import nacl.signing
 import nkeys
+import psutil
 import pytest
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
-from eventbus._errors import BusError, ConfigError
+from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import NatsBusConfig, open_bus
 from eventbus.config import NatsSettings, refuse_nats_plaintext
 from eventbus.sources import SourceStatus, build_source
@@ -472,3 +474,47 @@ async def test_the_bus_with_a_creds_file(operator_mode: tuple[int, Path, Path]) 
             pass
     assert f"NATS connect to nats://127.0.0.1:{port} failed" in str(info.value)
     assert "authorization violation" in str(info.value).lower()
+
+
+async def test_a_failing_reconnect_says_why_once_not_every_second(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server came back with another password under a connected bus: each reconnect (one
+    # a second) was refused, and each refusal kept in a list for ever, unsaid (publishes:
+    # "not connected").
+    caplog.set_level(logging.WARNING)
+    users = 'authorization {{ users: [ {{user: alice, password: "{}"}} ] }}'
+    config = 'jetstream { store_dir: "{store}" }\n' + users.format(PASSWORD)
+    async with configured_nats_server(tmp_path / "nats", config) as port:
+        (first,) = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if "nats-server" in p.name() and str(tmp_path) in " ".join(p.cmdline())
+        ]
+        async with open_bus(_bus_config(port, {"user": "alice", "password": PASSWORD})) as bus:
+            await bus.publish(_event(1))
+            conf = tmp_path / "nats" / "nats.conf"
+            conf.write_text(conf.read_text().replace(PASSWORD, "changed-" + PASSWORD))
+            first.terminate()
+            first.wait(10)
+            again = await asyncio.create_subprocess_exec(
+                "nats-server", "-c", str(conf), stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+
+                async def refused() -> bool:
+                    try:
+                        await bus.publish(_event(2))
+                    except BusUnavailable as exc:
+                        return "authorization violation" in str(exc).lower()
+                    return False
+
+                await eventually(refused, within=20, what="a publish saying why")
+                await asyncio.sleep(3)  # three more reconnects refused
+            finally:
+                again.terminate()
+                await again.wait()
+    said = [r.getMessage() for r in caplog.records if "(trying again)" in r.getMessage()]
+    assert len(said) == 1 and "authorization violation" in said[0].lower(), said
+    assert PASSWORD not in caplog.text
