@@ -332,7 +332,7 @@ class _NatsMessage(DecodedMessage):
                 raise _translate(exc, "nak") from exc
 
 
-_RECONNECT_SAY_EVERY = 60.0  # seconds between warnings of the same failing reconnect
+_RECONNECT_SAY_EVERY = 60.0  # seconds between warnings while reconnects keep failing
 
 UNANSWERED_GAP = 30.0
 """Seconds between two unacknowledged publishes (none acknowledged between them) past which
