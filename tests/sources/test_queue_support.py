@@ -28,8 +28,8 @@ class BusTap:
     counts publish calls the bus accepted, so a test can tell a duplicate publish from one the
     bus deduplicated. ``acks_lost = n``: the next ``n`` publishes reach the bus, then fail with
     BusUnavailable, as when its acknowledgement did not arrive in time. ``publish_many`` is the
-    batch seam (``SourceContext.publish_many``): ``calls`` keeps the size of each call, and an
-    id in ``refuse_once`` is refused (BusUnavailable) the first time it comes.
+    batch seam (``SourceContext.publish_many``): ``calls`` keeps the size of each call. An id
+    in ``refuse_once`` is refused (BusUnavailable) the first time it comes, by either.
     """
 
     def __init__(self, bus: NatsBus) -> None:
@@ -48,7 +48,8 @@ class BusTap:
         await self._messages.aclose()
 
     async def publish(self, event: dict[str, Any], *, via: str = "test") -> None:
-        if self.down:
+        if self.down or event["id"] in self.refuse_once:
+            self.refuse_once.discard(event["id"])
             self.refused += 1
             async with self._changed:
                 self._changed.notify_all()
