@@ -128,9 +128,9 @@ async def test_existing_stream_with_other_settings_is_used(nats_url: str) -> Non
         assert "maximum messages exceeded" in str(refused), refused
 
 
-async def test_publishes_failing_though_the_server_answers_are_a_stall(nats_url: str) -> None:
-    # a store that cannot write (its disk full, and stuck so once space was freed) answers
-    # account requests, so readiness stayed green while every publish answered 503
+async def _full_after_one(nats_url: str) -> NatsBusConfig:
+    """A bus config on a new stream that holds one message and refuses the next (discard new:
+    a refusal the server answers)."""
     config = nats_config(nats_url)
     await _make_stream(
         nats_url,
@@ -138,6 +138,13 @@ async def test_publishes_failing_though_the_server_answers_are_a_stall(nats_url:
             name=config.stream, subjects=[config.subject], max_msgs=1, discard=DiscardPolicy.NEW
         ),
     )
+    return config
+
+
+async def test_publishes_failing_though_the_server_answers_are_a_stall(nats_url: str) -> None:
+    # a store that cannot write (its disk full, and stuck so once space was freed) answers
+    # account requests, so readiness stayed green while every publish answered 503
+    config = await _full_after_one(nats_url)
     async with open_bus(config) as bus:
         bus.publish_stall_after = 0.6  # failures 0.35 s apart continue a run, 0.8 s apart not
 
@@ -236,13 +243,7 @@ async def test_publishes_the_server_never_acknowledges_are_told_apart(
         await bus.publish(event(9))
         assert bus.unanswered(0.0) is None
     # refusals are answers
-    config = nats_config(nats_url)
-    await _make_stream(
-        nats_url,
-        StreamConfig(
-            name=config.stream, subjects=[config.subject], max_msgs=1, discard=DiscardPolicy.NEW
-        ),
-    )
+    config = await _full_after_one(nats_url)
     async with open_bus(config) as bus:
         await bus.publish(event(1))
         for i in range(2, 5):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import asyncpg
 import nats
 import orjson
 import psutil
@@ -25,7 +26,7 @@ from eventbus.sources._nats import JetStreamSource, NatsSource
 from tests.fixtures.nats import unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
-from tests.sources.test_queue_support import bus_tap, context
+from tests.sources.test_queue_support import BusTap, bus_tap, context
 
 
 def ce(i: int | str) -> bytes:
@@ -179,18 +180,28 @@ async def test_jetstream_raw_format_ids_are_stream_positions(
     assert first["type"] == "sensor" and first["source"] == "/nats"
 
 
-async def test_jetstream_bus_down_acks_nothing_and_restart_loses_nothing(
-    nats_url: str, database_dsn: str
-) -> None:
+@contextlib.asynccontextmanager
+async def _loaded_stream(
+    nats_url: str, database_dsn: str, count: int
+) -> AsyncIterator[tuple[Client, asyncpg.Pool, BusTap, str, str]]:
+    """A client, a source pool, a bus tap, and a fresh stream (its name and subject prefix)
+    holding ``count`` CloudEvents with ids ``m0``, ``m1``..."""
     async with (
         client(nats_url) as nc,
         source_pool(database_dsn) as pool,
         bus_tap(nats_url) as tap,
     ):
         name, prefix = await stream(nc)
+        for i in range(count):
+            await nc.jetstream().publish(f"{prefix}.x", ce(i))
+        yield nc, pool, tap, name, prefix
+
+
+async def test_jetstream_bus_down_acks_nothing_and_restart_loses_nothing(
+    nats_url: str, database_dsn: str
+) -> None:
+    async with _loaded_stream(nats_url, database_dsn, 3) as (nc, pool, tap, name, prefix):
         js = nc.jetstream()
-        for i in range(3):
-            await js.publish(f"{prefix}.x", ce(i))
         ctx = context(pool, "restart", tap, type="jetstream")
         async with running(jetstream("restart", nats_url, name), ctx):
             await tap.wait_published(3)
@@ -224,15 +235,7 @@ async def test_jetstream_batch_goes_to_the_bus_in_one_call_and_a_refused_message
     # Each message of a fetched batch waited for the bus's acknowledgement of the one before
     # it (a round trip per message). Now the batch is one call; the message the bus refused is
     # given back (nak) and comes again, the others are acknowledged.
-    async with (
-        client(nats_url) as nc,
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-    ):
-        name, prefix = await stream(nc)
-        js = nc.jetstream()
-        for i in range(20):
-            await js.publish(f"{prefix}.x", ce(i))
+    async with _loaded_stream(nats_url, database_dsn, 20) as (nc, pool, tap, name, _):
         ctx = context(pool, "batched", tap, type="jetstream")
         ctx.publish_many = tap.publish_many
         tap.refuse_once = {"m5"}
