@@ -197,3 +197,10 @@ class FailureRun:
             return None
         lasted = time.monotonic() - self.since
         return lasted if lasted >= seconds else None
+
+    def still_longer_than(self, seconds: float) -> float | None:
+        """:meth:`longer_than`, while the last failure is within ``seconds`` too (an operation
+        not tried since is not news); else None."""
+        if time.monotonic() - self.at > seconds:
+            return None
+        return self.longer_than(seconds)

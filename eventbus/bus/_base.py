@@ -229,10 +229,8 @@ def publishes_failing(run: FailureRun, after: float) -> str | None:
     nothing (its disk full, and stuck so once space was freed) kept readiness green while
     every publish answered 503. With no publish since, the run is not news: it stays shown
     only that long."""
-    lasted = run.longer_than(after)
-    if lasted is None or time.monotonic() - run.at > after:
-        return None
-    return f"publishes failing for {lasted:.0f} s: {run.last}"
+    lasted = run.still_longer_than(after)
+    return None if lasted is None else f"publishes failing for {lasted:.0f} s: {run.last}"
 
 
 async def collect_acks(

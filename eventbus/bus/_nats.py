@@ -824,11 +824,10 @@ class NatsBus:
         acknowledgement for ``after`` s, none stored since, the last within as long (a
         nats-server whose store hit a full disk answers everything else and stores nothing
         again, the space freed or not, until it is restarted)."""
-        run = self._unanswered
-        lasted = run.longer_than(after)
-        if lasted is None or time.monotonic() - run.at > after:
+        lasted = self._unanswered.still_longer_than(after)
+        if lasted is None:
             return None
-        return f"no publish acknowledged for {lasted:.0f} s: {run.last}"
+        return f"no publish acknowledged for {lasted:.0f} s: {self._unanswered.last}"
 
     def forget_unanswered(self) -> None:
         """Forget the publishes gone unanswered so far: the server did not answer a request
