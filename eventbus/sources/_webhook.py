@@ -75,9 +75,8 @@ _RESERVED = frozenset(
     | {"datacontenttype", "dataschema"}
 )
 _FORM = "application/x-www-form-urlencoded"
-_BAD_ESCAPE = re.compile(
-    rb"%(?![0-9A-Fa-f]{2}).{0,2}", re.DOTALL
-)  # a % not followed by two hex digits
+# a "%" not followed by two hex digits (and what follows it, for the error)
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2}).{0,2}", re.DOTALL)
 _EXTENSION = re.compile(r"[a-z0-9]{1,20}\Z")
 _METHOD = re.compile(r"[A-Z]{1,16}\Z")
 
