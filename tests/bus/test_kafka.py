@@ -21,7 +21,13 @@ from eventbus._errors import BusError, BusUnavailable, ConfigError
 from eventbus.bus import KafkaBus, KafkaBusConfig, open_bus
 from eventbus.bus import _kafka as kafka_module
 from eventbus.bus._base import DIRECT
-from eventbus.bus._kafka import GAP_PATIENCE, MAX_REREADS, _Partition, resume_point
+from eventbus.bus._kafka import (
+    GAP_PATIENCE,
+    MAX_REREADS,
+    _Partition,
+    bus_partition,
+    resume_point,
+)
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
 from tests.bus.conftest import PATIENCE, event, kafka_config, take
@@ -81,9 +87,10 @@ def test_where_a_group_resumes_and_what_retention_took(
 
 async def test_record_layout(kafka_bootstrap: str) -> None:
     config = kafka_config(kafka_bootstrap)
+    sent = [event(1), event(1), *(event(n) for n in range(2, 10))]
     async with open_bus(config) as bus:
-        await bus.publish(event(1))
-        await bus.publish(event(1))
+        for e in sent:
+            await bus.publish(e)
     reader = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
     await reader.start()
     try:
@@ -91,16 +98,31 @@ async def test_record_layout(kafka_bootstrap: str) -> None:
         reader.assign(partitions)
         records: list[ConsumerRecord[bytes, bytes]] = []
         async with asyncio.timeout(PATIENCE):
-            while len(records) < 2:
+            while len(records) < len(sent):
                 for batch in (await reader.getmany(timeout_ms=200)).values():
                     records.extend(batch)
     finally:
         await reader.stop()
-    assert records[0].partition == records[1].partition
+    by_key = {event_key(e).encode(): e for e in sent}
+    assert sorted(r.key for r in records) == sorted(event_key(e).encode() for e in sent)
+    numbers = list(range(config.partitions))
     for record in records:
-        assert record.key == event_key(event(1)).encode()
-        assert record.value == encode(event(1))
+        assert record.key is not None
+        assert record.value == encode(by_key[record.key])
         assert ("content-type", b"application/cloudevents+json") in list(record.headers)
+        # The partition follows from the key alone (the bus's own partitioner, not murmur2).
+        assert record.partition == bus_partition(record.key, numbers, numbers)
+    assert len({r.partition for r in records}) > 1, "ten keys spread over the partitions"
+
+
+def test_bus_partition_is_stable_and_spread() -> None:
+    numbers = list(range(8))
+    keys = [f"https://example.com/source{n}".encode() for n in range(4000)]
+    chosen = [bus_partition(k, numbers, numbers) for k in keys]
+    assert chosen == [bus_partition(k, numbers, numbers) for k in keys]
+    counts = [chosen.count(p) for p in numbers]
+    assert min(counts) > 400, counts  # 500 each on average
+    assert bus_partition(None, numbers, [3]) == 3  # no key: one of the available ones
 
 
 async def test_offsets_are_committed_only_up_to_the_lowest_unacked(kafka_bootstrap: str) -> None:
@@ -316,6 +338,33 @@ async def test_closing_while_the_broker_is_down_is_bounded(tansu_binary: str) ->
             task.cancel()
         names = [getattr(t.get_coro(), "__qualname__", "?") for t in left]
         assert set(names) <= {"AIOKafkaClient._md_synchronizer"}, names
+    finally:
+        broker.stop()
+
+
+async def test_a_batch_that_waits_past_its_deadline_reports_every_event(
+    tansu_binary: str,
+) -> None:
+    # One deadline bounds a batch's sends: with the broker frozen the producer's buffer fills
+    # and a send waits for room; that event and every one after it are reported unavailable,
+    # none raised, and the call returns soon after the deadline.
+    broker = TansuBroker(tansu_binary)
+    broker.start()
+    try:
+        config = kafka_config(broker.bootstrap, partitions=1, publish_timeout=1.0)
+        async with open_bus(config) as bus:
+            await bus.publish(event(0))
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                batch = [event(n, data="x" * 4096) for n in range(1, 200)]
+                async with asyncio.timeout(10):
+                    results = await bus.publish_many(batch)
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+        assert len(results) == len(batch)
+        assert all(isinstance(r, BusUnavailable) for r in results), {
+            type(r).__name__ for r in results
+        }
     finally:
         broker.stop()
 
