@@ -257,8 +257,11 @@ class Dispatcher:
             if job.sent is not None:
                 job.sent()
         if guard is not None:
-            # a non-retryable 4xx is the request's fault, not the endpoint's health
-            guard.record(outcome.delivered or not outcome.retryable)
+            if outcome.unsent:
+                guard.release()  # never sent: says nothing of the endpoint's health
+            else:
+                # a non-retryable 4xx is the request's fault, not the endpoint's health
+                guard.record(outcome.delivered or not outcome.retryable)
         return outcome
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:

@@ -102,7 +102,8 @@ class Guard:
 
     def release(self) -> None:
         """An admitted attempt was not made after all (a synchronous invocation found the
-        target's concurrency cap full): a half-open circuit lets the next one probe."""
+        target's concurrency cap full, a request found no place in the HTTP client's pool): a
+        half-open circuit lets the next one probe."""
         self._probing = False
 
     def _set(self, state: int) -> None:

@@ -43,6 +43,9 @@ class Outcome:
     asked for (429/503 only). ``reply`` is a validated CloudEvent the function answered with.
     ``error`` is a short description (at most ``MAX_ERROR_CHARS``); None when delivered.
     ``timed_out`` marks an attempt that got no answer within the target's ``timeout``.
+    ``unsent`` marks one that never left eventbus: its ``timeout`` passed while it waited for a
+    connection of the HTTP client's shared pool (every one of them carrying a request, to this
+    target or others). It says nothing of the target's health: a circuit breaker skips it.
     """
 
     delivered: bool
@@ -54,6 +57,7 @@ class Outcome:
     gone: bool = False
     reply: dict[str, Any] | None = None
     timed_out: bool = False
+    unsent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,14 @@ class Answer:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-def failure(error: str, duration_ms: float, *, retryable: bool, timed_out: bool = False) -> Outcome:
+def failure(
+    error: str,
+    duration_ms: float,
+    *,
+    retryable: bool,
+    timed_out: bool = False,
+    unsent: bool = False,
+) -> Outcome:
     """The ``Outcome`` of an attempt that got no status from the endpoint, ``error`` truncated."""
     return Outcome(
         delivered=False,
@@ -86,6 +97,7 @@ def failure(error: str, duration_ms: float, *, retryable: bool, timed_out: bool 
         retryable=retryable,
         retry_after=None,
         timed_out=timed_out,
+        unsent=unsent,
     )
 
 

@@ -52,6 +52,7 @@ from eventbus.targets._http1 import (
     Origin,
     Pool,
     Response,
+    Ticket,
 )
 from eventbus.targets._http_auth import HttpAuthSpec, auth_header_name, auth_headers
 from eventbus.targets._signing import decode_secret, signature, webhook_id
@@ -67,8 +68,9 @@ _IDENTITY = ("specversion", "id", "source", "type")
 
 CONNECTION_LIMIT = 512
 """Requests in flight over all HTTP targets of a process (one shared pool); each target's own
-``concurrency`` caps its share. A request waiting for a free connection counts towards its
-attempt's timeout."""
+``concurrency`` caps its share. A delivery waiting for a free connection counts towards its
+attempt's timeout, and one that got none by then is ``unsent`` (not the target's failure); an
+invocation finding none free is answered busy at once."""
 
 KEEPALIVE_SECONDS = 15.0
 """How long an idle connection is kept for reuse: one per endpoint host and port, not per target."""
@@ -315,6 +317,16 @@ def parse_retry_after(value: str | None) -> float | None:
 _YEAR = 365 * 86400.0
 
 
+def _pool_full(pool: Pool, duration_ms: float) -> Outcome:
+    """The ``Outcome`` of a request that got no place in the shared pool: not sent, and not
+    the target's failure (``unsent``)."""
+    error = (
+        f"not sent: all {pool.limit} connections of the HTTP client were carrying requests "
+        f"(to this target or others)"
+    )
+    return failure(error, duration_ms, retryable=True, unsent=True)
+
+
 def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> Outcome:
     """Translate a failed request into an ``Outcome``: the only place that knows the client's
     failures."""
@@ -402,6 +414,15 @@ class HttpTarget:
         self._pool: Pool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.concurrency)
+        if config.concurrency > CONNECTION_LIMIT:
+            log.warning(
+                "target %s: concurrency %d is more than the %d connections all HTTP targets "
+                "of a process share; at its cap it holds every one, and the other targets' "
+                "requests wait for a connection (invocations are answered 429)",
+                self.name,
+                config.concurrency,
+                CONNECTION_LIMIT,
+            )
 
     @property
     def concurrency(self) -> int:
@@ -483,6 +504,11 @@ class HttpTarget:
             cap = self.config.concurrency
             busy = failure(f"concurrency cap of {cap} requests reached", 0.0, retryable=True)
             return Answer(busy, busy=True)
+        if not wait and pool.full:
+            # An invocation is answered at once rather than wait for a connection that other
+            # targets' requests hold (a slow target's backlog timed out a healthy one's calls,
+            # and opened its circuit).
+            return Answer(_pool_full(pool, 0.0), busy=True)
         # Not locked (checked above, nothing awaited since) when not waiting: taken at once.
         async with self._slots:
             start = time.perf_counter()
@@ -538,13 +564,18 @@ class HttpTarget:
         lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         request = "".join(lines).encode()
+        ticket = Ticket()
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await pool.request(self._origin, request, body, max_body=MAX_RESPONSE_BYTES)
+                resp = await pool.request(
+                    self._origin, request, body, max_body=MAX_RESPONSE_BYTES, ticket=ticket
+                )
         except (HttpError, TimeoutError, OSError) as exc:
-            return Answer(
-                _outcome_from_error(exc, (time.perf_counter() - start) * 1000, self.config.timeout)
-            )
+            duration_ms = (time.perf_counter() - start) * 1000
+            if isinstance(exc, TimeoutError) and not ticket.admitted:
+                # Nothing was sent: the pool's places were all taken until the deadline.
+                return Answer(_pool_full(pool, duration_ms), busy=not wait)
+            return Answer(_outcome_from_error(exc, duration_ms, self.config.timeout))
         duration_ms = (time.perf_counter() - start) * 1000
         if not resp.complete and not wait:
             too_large = f"the answer is larger than {MAX_RESPONSE_BYTES} bytes"

@@ -338,6 +338,14 @@ _SETTLED = 0.5
 """A connection idle this long (s) is checked for a close the loop has not read yet."""
 
 
+@dataclass(slots=True)
+class Ticket:
+    """How far one request got in the pool: ``admitted`` once it holds one of the pool's
+    ``limit`` places (a request that fails before then never reached its server)."""
+
+    admitted: bool = False
+
+
 class Pool:
     """Connections for every HTTP target of an event loop.
 
@@ -347,6 +355,7 @@ class Pool:
     """
 
     def __init__(self, limit: int, keepalive: float) -> None:
+        self.limit = limit
         self._slots = asyncio.Semaphore(limit)
         self._keepalive = keepalive
         self._idle: dict[Origin, deque[_Connection]] = {}
@@ -354,12 +363,26 @@ class Pool:
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
+    @property
+    def full(self) -> bool:
+        """Whether ``limit`` requests are in flight: another one would wait for a place."""
+        return self._slots.locked()
+
     async def request(
-        self, origin: Origin, request: bytes, body: bytes, *, max_body: int
+        self,
+        origin: Origin,
+        request: bytes,
+        body: bytes,
+        *,
+        max_body: int,
+        ticket: Ticket | None = None,
     ) -> Response:
         """Send ``request`` (the request line and headers, ending with the blank line) and
-        ``body``; raises ``HttpError`` (``PoolClosed`` once the pool is closed)."""
+        ``body``; raises ``HttpError`` (``PoolClosed`` once the pool is closed). ``ticket``
+        is marked admitted once the request holds a place in the pool."""
         async with self._slots:
+            if ticket is not None:
+                ticket.admitted = True
             self._check_open()
             conn = await self._reusable(origin)
             if conn is not None:

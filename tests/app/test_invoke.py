@@ -18,6 +18,7 @@ from nats.js.api import StreamConfig
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventbus.bus._nats_server import free_port
+from eventbus.targets import _http as http_module
 from eventbus.targets import register_target
 from tests.fixtures.nats import unique_name
 from tests.fixtures.receiver import Receiver, Response
@@ -287,6 +288,45 @@ async def test_sync_full_concurrency_cap_is_429_with_retry_after(
     # the slot is free again
     status, _, _ = await _invoke(svc, _event("busy3"))
     assert status == 204
+
+
+async def test_a_target_holding_every_pooled_connection_fails_no_other_target(
+    eventbus: StartService, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # All HTTP targets share one pool of connections (512; 2 here). A slow target with a
+    # high concurrency held every one: a healthy target's calls waited for a connection,
+    # were answered 504 "timeout" and counted as its failures, and opened its circuit, its
+    # function having received nothing.
+    monkeypatch.setattr(http_module, "CONNECTION_LIMIT", 2)
+    breaker = {"failures": 1, "open_for": "60s"}
+    fn = _fn(
+        receiver, delivery={"retry": {**FAST, "max_attempts": 100}, "circuit_breaker": breaker}
+    )
+    rules = (
+        "- name: hog\n  match: {type: [hog]}\n  targets: [hog]\n"
+        "- name: fn\n  match: {type: [t]}\n  targets: [fn]\n"
+    )
+    async with Receiver() as slow:
+        slow.respond(Response(204, delay=4))
+        hog = {"name": "hog", "type": "http", "url": slow.url("/hog"), "concurrency": 8}
+        svc = await eventbus(rules=rules, targets=[fn, hog])
+        for i in range(2):
+            assert (await svc.post_event(_event(f"h{i}", type="hog")))[0] == 202
+        await slow.wait_for(2)  # both connections taken for 4 s
+        status, headers, problem = await _invoke(svc, _event("called"))
+        assert status == 429, problem  # answered at once, not after fn's 2 s timeout
+        assert headers["Retry-After"] == "1"
+        assert "all 2 connections of the HTTP client" in problem["detail"], problem
+        assert (await svc.post_event(_event("routed")))[0] == 202
+        await receiver.wait_for(1, timeout=30)  # once the hog's requests end
+        trail = await svc.trail("tests/invoke", "routed", attempts=2)
+    attempts = [(a["outcome"], a["error"]) for a in trail["attempts"]]
+    assert attempts[0][0] == "retry-scheduled", attempts  # fn's 2 s timeout spent waiting
+    assert "not sent: all 2 connections" in attempts[0][1], attempts
+    assert attempts[-1] == ("delivered", None), attempts
+    assert [r.cloudevent["id"] for r in receiver.requests if r.cloudevent] == ["routed"]
+    _, _, listing = await svc.request("GET", "/targets")
+    assert {t["name"]: t["circuit"] for t in listing["targets"]}["fn"] == "closed"
 
 
 async def test_sync_past_the_rate_limit_is_429_not_a_queue(

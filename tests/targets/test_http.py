@@ -568,3 +568,13 @@ async def test_requests_ask_for_an_uncompressed_answer(receiver: Receiver) -> No
     (req,) = await receiver.wait_for(1)
     assert req.headers["Accept-Encoding"] == "identity"
     assert req.headers["Content-Type"] == "application/json"
+
+
+def test_a_concurrency_above_the_shared_pool_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="eventbus.targets._http"):
+        HttpTarget(HttpTargetSpec(name="fits", url="http://127.0.0.1:9/", concurrency=512))
+        assert caplog.text == ""
+        HttpTarget(HttpTargetSpec(name="hog", url="http://127.0.0.1:9/", concurrency=600))
+    assert "target hog: concurrency 600 is more than the 512 connections" in caplog.text
