@@ -332,6 +332,8 @@ class Service:
         self.database_url: str | None = None
         self.supervisor: Supervisor | None = None
         self.feed = LiveFeed()
+        self.stopping = False
+        """The HTTP server's shutdown has begun (requests still running may be cut off)."""
         self._rates = Rates()
         self.reload_notes: list[str] = []
         """What the last rules reload left for the next start (connector files changed)."""
@@ -980,6 +982,7 @@ class Service:
 
     def closing(self) -> None:
         """The HTTP server is shutting down: tell the live streams to end."""
+        self.stopping = True
         self.feed.close()
 
     def try_rules(self, event: dict[str, Any]) -> tuple[list[Route], dict[str, str]]:

@@ -43,6 +43,9 @@ __all__ = [
 
 _PREFIX = "invoke:"
 
+CUT_OFF = "cut off before the target answered: the service stopped (router.shutdown_grace)"
+"""The error of an invocation's attempt its caller's request ended before it did."""
+
 
 def invoke_rule(target: str) -> str:
     """The pseudo-rule an invocation of ``target`` is recorded under: ``invoke:<target>``."""
@@ -200,9 +203,13 @@ class Invoker:
                         event, payload, is_cloudevent=is_cloudevent, attempt=1
                     )
                     answer = Answer(outcome)
-        except BaseException:
+        except BaseException as exc:
             if guard is not None:
                 guard.record(False)  # never leave a half-open probe outstanding
+            if isinstance(exc, asyncio.CancelledError):
+                # The call was cut off (the server's shutdown outlasted router.shutdown_grace):
+                # the request may have reached the function, so the trail says so.
+                self._cut_off(event, rule, target)
             raise
         if answer.busy:
             if guard is not None:
@@ -229,6 +236,21 @@ class Invoker:
             )
         )
         return Invocation(target, answer=answer)
+
+    def _cut_off(self, event: dict[str, Any], rule: str, target: str) -> None:
+        """Audit and count an attempt cancelled before the target answered. Nothing waits for
+        its row in a full buffer: the task is ending; a closed writer is left as it is."""
+        metrics.DELIVERIES.labels(target, AttemptOutcome.FAILED.value).inc()
+        self._audit.attempt_nowait(
+            Attempt(
+                event=event,
+                rule=rule,
+                target=target,
+                number=1,
+                outcome=AttemptOutcome.FAILED,
+                error=CUT_OFF,
+            )
+        )
 
     async def _busy(self, event: dict[str, Any], rule: str, target: str, detail: str) -> Invocation:
         """Refuse (429, ``Retry-After``) and audit an invocation ``target`` has no room for."""

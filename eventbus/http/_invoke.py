@@ -17,8 +17,10 @@ included), a broker's acknowledgement as JSON; eventbus's own errors are problem
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
@@ -174,10 +176,8 @@ async def invoke_target(
     body = await read_body(request.receive, headers, limit)
     attributes = {"type": event_type, "source": source, "subject": subject}
     event = _event_from_request(headers, body, attributes, max_size=limit)
-    result = await service.invoke(
-        name, event, invoker=invoker, asynchronous=mode == "async", reply=reply
-    )
-    return _answer(result, event, "invoke")
+    call = service.invoke(name, event, invoker=invoker, asynchronous=mode == "async", reply=reply)
+    return _answer(await _unless_cut_off(service, call, event), event, "invoke")
 
 
 @invoke.post("/events", include_in_schema=False)
@@ -197,8 +197,29 @@ async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publis
     if parsed.batch:
         raise Problem(400, "a synchronous request carries one event, not a batch")
     (event,) = cast("list[dict[str, Any]]", parsed.events)
-    result = await service.invoke_sync_rule(event, invoker=invoker)
-    return _answer(result, event, "http:sync")
+    call = service.invoke_sync_rule(event, invoker=invoker)
+    return _answer(await _unless_cut_off(service, call, event), event, "http:sync")
+
+
+async def _unless_cut_off(
+    service: Service, call: Awaitable[Invocation], event: dict[str, Any]
+) -> Invocation:
+    """``call``'s result. One the server's shutdown cancels (it outlasted
+    ``router.shutdown_grace``) is answered 503 with the event's identity, rather than the
+    server's bare 500: the caller learns that the function may have run."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not service.stopping or task is None:
+            raise
+        task.uncancel()  # answered instead: the task ends with the answer written
+        raise Problem(
+            503,
+            "the service stopped before the call ended (router.shutdown_grace passed): the "
+            "function may have run",
+            headers=_identity(event),
+        ) from None
 
 
 def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
@@ -214,10 +235,7 @@ def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
         counter = metrics.INVOCATIONS
     counter.labels(via).inc()
     name = result.target
-    identity = {
-        "X-Eventbus-Event-Id": header_value(event["id"], percent=True),
-        "X-Eventbus-Event-Source": header_value(event["source"], percent=True),
-    }
+    identity = _identity(event)
     if result.answer is None:
         # as POST /events says it: a repeat dropped within the bus's window was not invoked
         accepted = {
@@ -242,6 +260,13 @@ def _answer(result: Invocation, event: dict[str, Any], via: str) -> Response:
     if outcome.timed_out:
         raise Problem(504, f"target {name!r}: {outcome.error}", headers=identity)
     raise Problem(502, f"target {name!r}: {outcome.error}", headers=identity)
+
+
+def _identity(event: dict[str, Any]) -> dict[str, str]:
+    return {
+        "X-Eventbus-Event-Id": header_value(event["id"], percent=True),
+        "X-Eventbus-Event-Source": header_value(event["source"], percent=True),
+    }
 
 
 def _refused(result: Invocation) -> Problem:

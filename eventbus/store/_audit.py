@@ -249,22 +249,15 @@ class AuditWriter:
     async def attempt(self, record: Attempt) -> None:
         """Record one delivery attempt and its outcome; the error text is cut to
         ``MAX_ERROR_CHARS``."""
-        attrs = _attributes(record.event)
-        await self._put(
-            "attempts",
-            (
-                _text(attrs.get("source")),
-                _text(attrs.get("id")),
-                record.rule,
-                record.target,
-                record.number,
-                record.outcome.value,
-                record.status,
-                record.duration_ms,
-                None if record.error is None else truncate_error(record.error),
-                datetime.now(UTC),
-            ),
-        )
+        await self._put("attempts", _attempt_row(record))
+
+    def attempt_nowait(self, record: Attempt) -> bool:
+        """:meth:`attempt` for a task that is ending (cancelled): never waits, so with the
+        buffer full, or the writer closing, the row is not recorded and False is returned."""
+        if self._held >= self._capacity or self._closing:
+            return False
+        self._append("attempts", _attempt_row(record))
+        return True
 
     def refused(self, *, remote: str | None, path: str, reason: str) -> bool:
         """Record a refused request (for example a missing or invalid API key).
@@ -541,6 +534,22 @@ async def _insert_new_events(conn: asyncpg.Connection, records: list[tuple[Any, 
         f"INSERT INTO events ({columns}) SELECT {columns} FROM events_incoming"
         " ON CONFLICT (bus_ref) DO NOTHING",
         timeout=_WRITE_TIMEOUT,
+    )
+
+
+def _attempt_row(record: Attempt) -> tuple[Any, ...]:
+    attrs = _attributes(record.event)
+    return (
+        _text(attrs.get("source")),
+        _text(attrs.get("id")),
+        record.rule,
+        record.target,
+        record.number,
+        record.outcome.value,
+        record.status,
+        record.duration_ms,
+        None if record.error is None else truncate_error(record.error),
+        datetime.now(UTC),
     )
 
 

@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
+from eventbus.delivery._invoke import CUT_OFF
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import ServeProcess
 from tests.fixtures.wait import eventually
@@ -138,3 +139,44 @@ async def test_sigterm_finishes_in_flight_and_acks_nothing_undelivered(
     await second.start()
     await _wait_all(receiver, accepted, timeout=90)
     await second.terminate()
+
+
+@pytest.mark.timeout(120)
+async def test_a_sync_call_cut_off_by_the_shutdown_is_answered_503_and_audited(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
+) -> None:
+    # Calls outlasting router.shutdown_grace were cancelled by the server: their callers got
+    # a bare 500 "Internal Server Error" without the event's id, and the audit held no attempt
+    # though the function had received them.
+    receiver.respond(Response(200, delay=30))
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 60}]
+    service = serve_process(
+        rules=RULES, targets=targets, settings={"router": {"shutdown_grace": 1}}
+    )
+    await service.start()
+
+    async def call(session: aiohttp.ClientSession, n: int) -> tuple[int, str, Any]:
+        async with session.post(
+            service.url + "/targets/fn/invoke",
+            data=orjson.dumps({"n": n}),
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            body = await resp.json(content_type=None)
+            return resp.status, resp.headers.get("X-Eventbus-Event-Id", ""), body
+
+    async with aiohttp.ClientSession() as session:
+        calls = [asyncio.create_task(call(session, n)) for n in range(3)]
+        await receiver.wait_for(3)
+        await service.terminate()
+        answers = await asyncio.gather(*calls)
+    for status, event_id, body in answers:
+        assert status == 503, body
+        assert "stopped before the call ended" in body["detail"], body
+        assert event_id, "the answer names the event"
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        rows = await conn.fetch("SELECT id, outcome, error FROM attempts WHERE target = 'fn'")
+    finally:
+        await conn.close()
+    assert sorted(r["id"] for r in rows) == sorted(e for _, e, _ in answers)
+    assert {(r["outcome"], r["error"]) for r in rows} == {("failed", CUT_OFF)}
