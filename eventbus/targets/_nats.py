@@ -44,7 +44,14 @@ from pydantic import Field
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.cloudevents import to_nats
 from eventbus.config import Duration, NatsAuth, TargetSpec, redact_url, refuse_nats_plaintext
-from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
+from eventbus.targets._base import (
+    Answer,
+    Outcome,
+    failure,
+    send_once,
+    trace_attempt,
+    truncate_error,
+)
 from eventbus.targets._lazy import LazyClient
 
 __all__ = ["NatsTarget", "NatsTargetSpec"]
@@ -100,6 +107,31 @@ class _Refusals:
         self.why = why
         self.next.set()
         self.next = asyncio.Event()
+
+
+_SERVICE_ERROR = "Nats-Service-Error"
+_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+"""The headers of a NATS micro service's error reply: its description and code."""
+
+
+def _error_reply(reply: Msg, headers: dict[str, str], duration_ms: float) -> Answer:
+    """A reply that says the request failed (a NATS micro service's error headers): a failed
+    attempt with the error's code as its status (an HTTP one, 400-599, else 500), answered
+    as an HTTP function's error is, its data as the body (the description when it has none)."""
+    code = headers.get(_SERVICE_ERROR_CODE, "").strip()
+    status = int(code) if code.isdigit() and 400 <= int(code) <= 599 else 500
+    why = headers.get(_SERVICE_ERROR, "").strip() or "no description"
+    outcome = Outcome(
+        delivered=False,
+        status=status,
+        duration_ms=duration_ms,
+        error=truncate_error(f"the service replied with error {code or '(no code)'}: {why}"),
+        retryable=status in (408, 429) or status >= 500,
+        retry_after=None,
+    )
+    if reply.data:
+        return Answer(outcome, headers.get("Content-Type"), reply.data)
+    return Answer(outcome, "text/plain; charset=utf-8", why.encode())
 
 
 def _outcome_from_error(
@@ -423,7 +455,10 @@ class NatsTarget:
         if not outcome.delivered:
             return Answer(outcome)
         (reply,) = replies
-        return Answer(outcome, (reply.headers or {}).get("Content-Type"), reply.data)
+        headers = reply.headers or {}
+        if _SERVICE_ERROR in headers or _SERVICE_ERROR_CODE in headers:
+            return _error_reply(reply, headers, outcome.duration_ms)
+        return Answer(outcome, headers.get("Content-Type"), reply.data)
 
     async def _publish(
         self, event: dict[str, Any], payload: Any, is_cloudevent: bool, attempt: int

@@ -150,3 +150,37 @@ async def test_nats_request_returns_the_subscribers_reply(nats_url: str) -> None
     assert orjson.loads(replied.body) == {"echo": "inv-1"}
     assert not unanswered.outcome.delivered and unanswered.outcome.retryable
     assert "no responders" in (unanswered.outcome.error or "")
+
+
+async def test_a_nats_micro_error_reply_is_a_failed_call(nats_url: str) -> None:
+    # A NATS micro service answers an error with its headers: it was answered 200 and audited
+    # delivered, the caller unable to tell the call failed.
+    subject = unique_name("micro")
+    nc = await nats.connect(nats_url)
+    errors = {
+        "bad": ({"Nats-Service-Error": "bad input", "Nats-Service-Error-Code": "400"}, b""),
+        "odd": ({"Nats-Service-Error": "exploded", "Nats-Service-Error-Code": "1001"}, b"{}"),
+    }
+
+    async def answer(msg: Msg) -> None:
+        headers, data = errors[orjson.loads(msg.data)["data"]["kind"]]
+        await nc.publish(msg.reply, data, headers=headers)
+
+    try:
+        await nc.subscribe(subject, cb=answer)
+        await nc.flush()
+        config = NatsTargetSpec(name="n", url=nats_url, subject=subject, timeout=2)
+        async with NatsTarget(config) as target:
+            answers = {}
+            for kind in errors:
+                event = {**EVENT, "data": {"kind": kind}}
+                answers[kind] = await target.request(event, event, is_cloudevent=True)
+    finally:
+        await nc.close()
+    bad, odd = answers["bad"], answers["odd"]
+    assert not bad.outcome.delivered and bad.outcome.status == 400
+    assert not bad.outcome.retryable
+    assert bad.outcome.error == "the service replied with error 400: bad input"
+    assert (bad.content_type, bad.body) == ("text/plain; charset=utf-8", b"bad input")
+    assert odd.outcome.status == 500 and odd.outcome.retryable  # not an HTTP status
+    assert odd.body == b"{}"
