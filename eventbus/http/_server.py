@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import math
 import socket
 from collections.abc import Callable
 
@@ -68,6 +69,7 @@ def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> Http
         # loopback peer (or $FORWARDED_ALLOW_IPS): the address lists trust only the proxies
         # they name (_addresses)
         proxy_headers=False,
-        timeout_graceful_shutdown=int(settings.router.shutdown_grace),
+        # whole seconds (uvicorn's type): rounded up, a grace of 0.5 s is not none at all
+        timeout_graceful_shutdown=math.ceil(settings.router.shutdown_grace),
     )
     return HttpServer(config)
