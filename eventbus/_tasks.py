@@ -9,13 +9,16 @@ claimed retry row is due again when its lease ends), but finishing it spares the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
-from collections.abc import Collection
-from typing import Any
+import threading
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
 
 __all__ = [
     "cancel_and_wait",
+    "in_daemon_thread",
     "report_stuck",
     "stop_if_cancelled",
     "stop_with_grace",
@@ -23,6 +26,37 @@ __all__ = [
 ]
 
 log = logging.getLogger("eventbus")
+
+T = TypeVar("T")
+
+
+async def in_daemon_thread(fn: Callable[[], T], name: str) -> T:
+    """``fn()`` run in a thread of its own that nothing waits for: a blocking network call
+    (a listing from an endpoint that stopped answering) neither holds the process's exit, as
+    ``asyncio.to_thread``'s pool does (``asyncio.run`` and the interpreter join its threads),
+    nor its caller's cancellation, which returns at once and leaves the thread to end by
+    itself, its result dropped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # handed to the caller, whatever it is
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await done
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None, *, again_after: float = 10.0) -> None:

@@ -14,7 +14,6 @@ boto3 is synchronous: its calls run in a worker thread so the event loop never b
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from urllib.parse import quote_plus
 import pydantic
 
 from eventbus._errors import BusError, ConfigError, StoreError
+from eventbus._tasks import in_daemon_thread
 from eventbus.cloudevents import s3_event
 from eventbus.config import Secret, SourceSpec, TlsSpec
 from eventbus.sources._base import SourceContext
@@ -32,6 +32,9 @@ from eventbus.sources._changes import poll_changes
 __all__ = ["S3PollSource", "S3PollSourceSpec"]
 
 _NAMESPACE = uuid.UUID("5a3c9b1e-2f0d-4c4e-9a53-0b7e2f6d1c11")
+
+READ_TIMEOUT = 10.0
+"""Seconds an S3 request waits for the endpoint's answer (botocore's default: 60)."""
 
 
 class S3PollSourceSpec(SourceSpec):
@@ -85,7 +88,7 @@ def _botocore_tls(
     return verify, client_cert
 
 
-class _BucketError(Exception):
+class BucketError(Exception):
     """Listing the bucket failed for a reason that may pass (network, 5xx, throttling)."""
 
 
@@ -117,8 +120,15 @@ class S3PollSource:
                 aws_access_key_id=config.access_key_id,
                 aws_secret_access_key=None if secret is None else secret.reveal(),
                 verify=verify,
+                # An endpoint that accepts connections and never answers: botocore's 60 s read
+                # timeout, three tries, kept the source showing running for two minutes. Two
+                # tries of 10 s (a page of 1,000 keys takes well under a second); the poll's
+                # own backoff retries after that.
                 config=botocore.config.Config(
-                    retries={"max_attempts": 2}, connect_timeout=5, client_cert=client_cert
+                    retries={"mode": "standard", "total_max_attempts": 2},
+                    connect_timeout=5,
+                    read_timeout=READ_TIMEOUT,
+                    client_cert=client_cert,
                 ),
             )
         except (ValueError, botocore.exceptions.BotoCoreError) as exc:
@@ -132,7 +142,7 @@ class S3PollSource:
             ctx,
             prefix="o:",
             interval=self.config.interval,
-            transient=(_BucketError, BusError, StoreError),
+            transient=(BucketError, BusError, StoreError),
             scan=self._scan,
             order=lambda obj: (obj["LastModified"], obj["Key"]),
             event=self._event,
@@ -140,7 +150,9 @@ class S3PollSource:
         )
 
     async def _scan(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
-        objects = await asyncio.to_thread(self._list_all)
+        # Not in asyncio's thread pool: a listing waiting on a frozen endpoint held the
+        # service's exit for its timeouts (117 s after SIGTERM in a review).
+        objects = await in_daemon_thread(self._list_all, f"s3-poll {self.name}")
         return [
             (
                 obj["Key"],
@@ -169,10 +181,10 @@ class S3PollSource:
             if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId"):
                 # Retried (backoff up to 30 s), not failed for good: a bucket made after the
                 # source, keys that take seconds to be known, a policy fixed meanwhile.
-                raise _BucketError(f"bucket {self.config.bucket!r}: {code}") from exc
-            raise _BucketError(f"listing bucket {self.config.bucket!r}: {exc}") from exc
+                raise BucketError(f"bucket {self.config.bucket!r}: {code}") from exc
+            raise BucketError(f"listing bucket {self.config.bucket!r}: {exc}") from exc
         except botocore.exceptions.BotoCoreError as exc:
-            raise _BucketError(f"listing bucket {self.config.bucket!r}: {exc}") from exc
+            raise BucketError(f"listing bucket {self.config.bucket!r}: {exc}") from exc
 
     async def _event(self, obj: dict[str, Any], known: bool) -> dict[str, Any]:
         # ``known`` is not asked: S3 reports an overwritten object as ObjectCreated:Put too.

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import boto3
@@ -15,7 +16,9 @@ from moto.server import ThreadedMotoServer
 from eventbus._errors import ConfigError
 from eventbus.bus._nats_server import free_port
 from eventbus.sources import SourceContext, build_source
+from eventbus.sources import _s3_poll as s3_module
 from tests.fixtures.certs import Pki, make_pki
+from tests.fixtures.service import ServeProcess
 from tests.fixtures.tls_relay import tls_relay
 from tests.sources._harness import (
     Recorder,
@@ -269,3 +272,54 @@ async def test_an_https_endpoint_refused_backs_off_saying_why(
         async with running(source, ctx):
             await eventually(backing_off)
     assert re.search(reason, ctx.status.last_error or ""), ctx.status.last_error
+
+
+@contextlib.asynccontextmanager
+async def _never_answering() -> AsyncIterator[tuple[str, list[asyncio.StreamWriter]]]:
+    """An endpoint that accepts connections and never answers (a frozen S3 service); yields
+    its URL and the connections it holds."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", held
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+async def test_an_endpoint_that_never_answers_is_reported_within_its_read_timeout(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # botocore's 60 s read timeout, tried three times, showed the source running for two
+    # minutes; two tries of READ_TIMEOUT now.
+    monkeypatch.setattr(s3_module, "READ_TIMEOUT", 0.5)
+    async with _never_answering() as (url, held):
+        spec = _spec(url, "frozen")
+        async with started(database_dsn, spec, Recorder()) as ctx:
+            await eventually(failing_with(ctx, "Read timeout"), within=10, what="reported")
+    assert len(held) >= 2  # botocore tried twice
+
+
+async def test_a_listing_waiting_on_a_frozen_endpoint_does_not_hold_the_exit(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    # The listing ran in asyncio's thread pool, which the exit waits for: SIGTERM took 117 s
+    # (three tries of botocore's 60 s read timeout) in a review, past any stop timeout.
+    async with _never_answering() as (url, held):
+        source = {**_spec(url, "frozen"), "interval": 1}
+        service = serve_process(
+            rules="- name: none\n  match: {type: [x]}\n  targets: [fn]\n",
+            targets=[{"name": "fn", "type": "http", "url": "http://127.0.0.1:9/"}],
+            settings={"router": {"shutdown_grace": 1}},
+            sources=[source],
+        )
+        await service.start()
+        await eventually(lambda: len(held) >= 1, what="a listing waiting for its answer")
+        # exits by itself within the bound; a process still there is killed (not 0)
+        assert await service.terminate(timeout=15) == 0, service.log.read_text()[-2000:]
