@@ -132,7 +132,17 @@ class RabbitMQSource:
         await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), transient)
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
-        connection = await aio_pika.connect(self._url, timeout=10, ssl_context=self._ssl)
+        connection = await aio_pika.connect(
+            self._url,
+            timeout=10,
+            ssl_context=self._ssl,
+            # named in the broker's connection list (rabbitmqctl, the management UI)
+            client_properties={"connection_name": f"eventbus source {self.name}"},
+        )
+        # Why the broker closed the connection (CONNECTION_FORCED by an operator, a node going
+        # down): the reading just ends, and the status said only that the subscription ended.
+        closed: list[BaseException | None] = []
+        connection.close_callbacks.add(lambda _sender, exc: closed.append(exc))
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.config.prefetch)
@@ -158,6 +168,8 @@ class RabbitMQSource:
                         f"the broker cancelled the consumer of {self.config.queue!r} (the "
                         "queue deleted, or moved to another node)"
                     )
+                if closed and closed[0] is not None:
+                    raise ConnectionError(f"the broker closed the connection: {closed[0]}")
         finally:
             await connection.close()
 

@@ -3,8 +3,10 @@ real Postgres and the real bus. Skipped, with the reason, when that broker is no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -210,3 +212,54 @@ def test_bad_rabbitmq_config_names_the_source(settings: dict[str, Any], fragment
     spec = {"name": "r", "type": "rabbitmq", "url": URL, "queue": "q", **settings}
     with pytest.raises(ConfigError, match=f"source 'r' \\(rabbitmq\\): .*{fragment}"):
         build_source(spec)
+
+
+def _close_connections_named(name: str, reason: str) -> int:
+    """Close, as an operator would with rabbitmqctl, the broker's connections whose client
+    named them ``name``; how many it closed."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    pids = [line.split()[0] for line in listed.stdout.splitlines() if f'"{name}"' in line]
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", pid, reason], timeout=30, check=True
+        )
+    return len(pids)
+
+
+def _rabbitmqctl_works() -> bool:
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+@needs_rabbitmq
+async def test_a_connection_the_broker_closes_says_why_and_is_made_again(
+    database_dsn: str, nats_url: str
+) -> None:
+    # An operator's close (CONNECTION_FORCED) just ended the reading: the status said "the
+    # broker ended the subscription", nothing of why.
+    if not await asyncio.to_thread(_rabbitmqctl_works):
+        pytest.skip("rabbitmqctl cannot manage the broker on this machine")
+    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
+        ctx = context(pool, name, tap, type="rabbitmq")
+        async with running(rabbit(name, name), ctx):
+            await send(channel, name, ce("before"))
+            await tap.wait_published(1)
+            closed = await asyncio.to_thread(
+                _close_connections_named, f"eventbus source {name}", "closed by the test"
+            )
+            assert closed == 1
+            await eventually(lambda: ctx.status.errors >= 1, what="the close reported")
+            assert "CONNECTION_FORCED" in (ctx.status.last_error or ""), ctx.status.last_error
+            assert "closed by the test" in (ctx.status.last_error or ""), ctx.status.last_error
+            await send(channel, name, ce("after"))
+            events = await tap.take(2)
+        assert [e["id"] for e in events] == ["rbefore", "rafter"]
