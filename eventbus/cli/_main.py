@@ -180,7 +180,21 @@ def _request_body(args: argparse.Namespace, raw: bytes) -> Any:
 
 
 def _not_eventbus(args: argparse.Namespace, what: str) -> _ApiError:
-    return _ApiError(f"the answer from {args.url} is not eventbus's ({what}): check --url")
+    return _ApiError(
+        f"the answer from {args.url} is not eventbus's, or is an other version's ({what}): "
+        "check --url, and that this CLI and the service are the same version"
+    )
+
+
+def _answered_by_target(headers: Message) -> bool:
+    """Whether a synchronous invocation's answer is the target's own: named in
+    ``X-Eventbus-Answered-By``; from a service older than that header, any answer with the
+    duration it measured that is not eventbus's own problem+json."""
+    if _ANSWERED_BY in headers:
+        return True
+    return "X-Eventbus-Duration-Ms" in headers and not (
+        headers.get("Content-Type", "").startswith("application/problem+json")
+    )
 
 
 def _send(
@@ -229,7 +243,7 @@ def _send(
         raise _BadInput(f"cannot send the request: {exc}") from None
     except urllib.error.HTTPError as exc:
         raw = exc.read()
-        if answers and _ANSWERED_BY in exc.headers:  # the target's own error answer
+        if answers and _answered_by_target(exc.headers):  # the target's own error answer
             return exc.code, exc.headers, raw
         problem: Any = None
         try:
@@ -413,7 +427,7 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     status, answer_headers, raw = _send(
         args, "POST", path, body, headers, timeout=_INVOKE_TIMEOUT, answers=True
     )
-    answered = _ANSWERED_BY in answer_headers
+    answered = _answered_by_target(answer_headers)
     if args.asynchronous or (status == 202 and not answered):  # eventbus's own: a repeat
         queued = _request_body(args, raw)
         if args.json:

@@ -198,8 +198,9 @@ def _dead_letter(body: Any, out: TextIO) -> None:
 
 def _replayed(body: Any, out: TextIO) -> None:
     items = body["replayed"]
-    out.write(f"replayed {_plural(body['count'], 'dead letter')}\n")
-    if body["truncated"]:
+    # a service older than "count" lists every dead letter it replayed
+    out.write(f"replayed {_plural(body.get('count', len(items)), 'dead letter')}\n")
+    if body.get("truncated"):
         out.write(f"the first {len(items)}:\n")
     if items:
         columns = (("ID", "id"), ("RULE", "rule"), ("TARGET", "target"), ("EVENT", "event"))

@@ -664,10 +664,39 @@ async def test_an_answer_that_is_not_eventbuss_is_said_so_not_a_traceback(
         receiver.respond(Response(200, {"Content-Type": "application/json"}, body))
         code, _, err = await _cli("dlq", "list", "--url", url)
         assert code == 1 and "Traceback" not in err, err
-        assert err == f"eventbus: the answer from {url} is not eventbus's ({what}): check --url\n"
+        assert err == (
+            f"eventbus: the answer from {url} is not eventbus's, or is an other version's "
+            f"({what}): check --url, and that this CLI and the service are the same version\n"
+        )
     code, out, err = await _cli("invoke", "fn", "--type", "t", "--source", "s", "--url", url)
     assert code == 1 and out is None and "Traceback" not in err, err
     assert "(no X-Eventbus-Answered-By header)" in err, err
+
+
+async def test_answers_of_a_service_older_than_this_cli_are_read(receiver: Receiver) -> None:
+    # After an upgrade, before the service restarts: a synchronous call answered without
+    # X-Eventbus-Answered-By (older services did not send it) and a replay without "count"
+    # were reported as "not eventbus's, check --url", exit 1, though the function had been
+    # called and the dead letters replayed: run again, they ran twice.
+    url = receiver.url("")
+    old_answer = {"Content-Type": "application/json", "X-Eventbus-Duration-Ms": "4.2"}
+    receiver.respond(Response(200, old_answer, b'{"done": true}'))
+    code, out, err = await _cli("invoke", "fn", "--type", "t", "--source", "s", "--url", url)
+    assert (code, out) == (0, {"done": True}), err
+    replayed = {
+        "replayed": [
+            {"id": 3, "rule": "r", "target": "fn", "event_source": "s", "event_id": "e-3"}
+        ],
+        "truncated": False,
+    }
+    receiver.respond(Response(200, {"Content-Type": "application/json"}, orjson.dumps(replayed)))
+    code, out, err = await _cli("dlq", "replay", "--target", "fn", "--url", url)
+    assert code == 0 and out.startswith("replayed 1 dead letter\n"), (out, err)
+    # eventbus's own problem (no duration measured) is still an error of eventbus's
+    problem = {"Content-Type": "application/problem+json", "X-Eventbus-Duration-Ms": "1.0"}
+    receiver.respond(Response(503, problem, b'{"title": "Service Unavailable", "detail": "down"}'))
+    code, _, err = await _cli("invoke", "fn", "--type", "t", "--source", "s", "--url", url)
+    assert code == 1 and err == "eventbus: 503 Service Unavailable: down\n", err
 
 
 async def test_dead_letter_filters_are_checked_before_anything_is_sent() -> None:
