@@ -71,11 +71,11 @@ def _read_cloudevent(path: str | Path) -> dict[str, Any]:
         raise _InputError(f"event file {str(path)!r} is not a valid CloudEvent: {exc}") from exc
 
 
-def _write_errors(exc: RuleSetError, out: TextIO) -> int:
+def _write_errors(exc: RuleSetError, out: TextIO, besides: str = "") -> int:
     for error in exc.errors:
         out.write(f"{error}\n")
     count = len(exc.errors)
-    out.write(f"{count} problem{'s' if count != 1 else ''} found\n")
+    out.write(f"{count} problem{'s' if count != 1 else ''} found{besides}\n")
     return EXIT_INVALID_RULES
 
 
@@ -87,9 +87,11 @@ def validate_command(
     check_delivery: DeliveryCheck | None = None,
     native_cel: bool = False,
     note: str = "",
+    besides: str = "",
 ) -> int:
     """Load the rules at ``path``; print ``N rules OK`` (exit 0) or every problem (exit 1).
-    ``note`` follows the OK (what was not checked)."""
+    ``note`` follows the OK (what was not checked), ``besides`` the count of problems (those
+    found elsewhere)."""
     from eventbus.rules import load_rules
 
     try:
@@ -97,7 +99,7 @@ def validate_command(
             path, known_targets=known_targets, check_delivery=check_delivery, native_cel=native_cel
         )
     except RuleSetError as exc:
-        return _write_errors(exc, out)
+        return _write_errors(exc, out, besides)
     disabled = sum(1 for rule in rules.rules if not rule.enabled)
     count = len(rules.rules)
     notes = [f"{disabled} disabled"] if disabled else []
@@ -227,6 +229,7 @@ def _run_validate(args: argparse.Namespace) -> int:
             out=sys.stdout,
             native_cel=native_cel,
             note="their targets not checked: the connectors did not load",
+            besides=" in the rules, besides the connectors' (above, on stderr)",
         )
         return 1
     return validate_command(

@@ -302,6 +302,11 @@ def test_validate_still_checks_the_rules_where_a_variable_is_not_set(
     out, err = capsys.readouterr()
     assert "environment variable EB_TEST_UNSET_URL is not set" in err, err
     assert f"{rules}:2 rule 'r': mtach" in out, out
+    # counted as what it is: the rules' problems, the connectors' told apart (it said "1
+    # problem found" for two)
+    assert out.endswith(
+        "1 problem found in the rules, besides the connectors' (above, on stderr)\n"
+    ), out
     # valid rules: OK, and what was not checked (it said "1 rules OK" and exited 1)
     rules.write_text("- name: r\n  match: {}\n  targets: [fn]\n")
     assert args.func(args) == 1
