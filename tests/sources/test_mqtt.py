@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiomqtt
@@ -18,6 +19,8 @@ from eventbus.sources import SourceContext, build_source
 from eventbus.sources import _mqtt as mqtt_module
 from eventbus.sources._mqtt import MqttSource
 from tests.fixtures.nats import unique_name
+from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.service import ServeProcess
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
 from tests.sources.test_queue_support import BusTap, bus_tap, context
@@ -239,6 +242,8 @@ class _Relay:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
+        self._clients: list[asyncio.StreamWriter] = []
+        self._held: list[bytes] | None = None  # what the broker sent, while holding it
 
     async def __aenter__(self) -> _Relay:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -257,14 +262,40 @@ class _Relay:
             writer.close()
         self._writers.clear()
 
+    @property
+    def held(self) -> int:
+        """Bytes held so far."""
+        return sum(map(len, self._held or ()))
+
+    def hold(self) -> None:
+        """Keep what the broker sends from the client from now on (see :meth:`reset`)."""
+        self._held = []
+
+    def reset(self) -> int:
+        """Hand the client what was held, with a reset (TCP RST) right behind it: its socket
+        then holds unread packets and an error at once. Returns the bytes handed over."""
+        held, self._held = b"".join(self._held or ()), None
+        for client in self._clients:
+            client.write(held)  # on loopback, in the client's receive buffer at once
+            sock = client.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.transport.abort()
+        self._clients.clear()
+        self.cut()
+        return len(held)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 1883)
         self._writers += [writer, up_writer]
+        self._clients.append(writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
                 while data := await src.read(65536):
                     await self.flowing.wait()
+                    if dst is writer and self._held is not None:
+                        self._held.append(data)
+                        continue
                     dst.write(data)
                     await dst.drain()
             dst.close()
@@ -313,3 +344,46 @@ async def test_messages_queued_when_the_connection_broke_are_left_to_the_brokers
             await asyncio.sleep(1.0)
         payloads = sorted(event["data"] for event in await tap.take(tap.published))
     assert payloads == ["m0", "m0", "m1", "m2", "m3", "m4"]
+
+
+async def test_a_reset_behind_unread_messages_is_seen_at_once_on_uvloop(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver
+) -> None:
+    # On uvloop (as eventbus serve runs), a connection reset while packets were still unread
+    # stopped the source for its keepalive (20 to 40 s): uvloop gave the reader one last call,
+    # paho read one packet of it, never saw the reset, and nothing was read or written until
+    # the keepalive gave up; the broker dropped what it queued meanwhile (1,581 messages in a
+    # review's run). A process of its own: the tests' own loop is asyncio's.
+    receiver.respond(Response(204))
+    prefix = unique_name("rst")
+    async with session(unique_name("mq")) as name, _Relay() as relay, publisher() as pub:
+        source = {
+            "name": name,
+            "type": "mqtt",
+            "port": relay.port,
+            "topics": [f"{prefix}/#"],
+            "format": "raw",
+            "event_type": "t.raw",
+            "event_source": "/mqtt",
+        }
+        service = serve_process(
+            rules="- name: all\n  targets: [fn]\n",
+            targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+            sources=[source],
+        )
+        await service.start()
+        await pub.publish(f"{prefix}/x", b"first", qos=1)
+        await receiver.wait_for(1, timeout=30)
+        held = 10 * len(f"{prefix}/x")  # ten PUBLISH packets, each with its topic
+        for round_ in range(2):
+            relay.hold()
+            for i in range(10):
+                await pub.publish(f"{prefix}/x", f"r{round_}-{i}".encode(), qos=1)
+            await eventually(lambda: relay.held >= held, what="messages held unread")
+            relay.reset()
+            # all of them, resent by the broker on the next connection, long before the
+            # keepalive (and the next round on a connection made again)
+            await receiver.wait_for(1 + 10 * (round_ + 1), timeout=10)
+        await service.terminate()
+    payloads = {r.body for r in receiver.requests}
+    assert payloads >= {b"first", *(f"r{n}-{i}".encode() for n in range(2) for i in range(10))}
