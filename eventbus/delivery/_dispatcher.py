@@ -257,11 +257,7 @@ class Dispatcher:
             if job.sent is not None:
                 job.sent()
         if guard is not None:
-            if outcome.unsent:
-                guard.release()  # never sent: says nothing of the endpoint's health
-            else:
-                # a non-retryable 4xx is the request's fault, not the endpoint's health
-                guard.record(outcome.delivered or not outcome.retryable)
+            guard.settle(outcome)
         return outcome
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:

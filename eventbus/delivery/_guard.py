@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from eventbus import metrics
 from eventbus.delivery._policy import BreakerPolicy
+from eventbus.targets import Outcome
 
 __all__ = ["CIRCUIT_STATES", "Admission", "Guard"]
 
@@ -99,6 +100,21 @@ class Guard:
             self._probing = False
             self._opened_at = self._clock()
             self._set(OPEN)
+
+    def settle(self, outcome: Outcome) -> None:
+        """Report an admitted attempt's outcome. An answer from the target tells its health: a
+        2xx, or a 4xx that is the request's fault, is a success; a retryable failure (5xx, no
+        answer in time, unreachable) a failure. One that tells nothing of it is neither: not
+        sent (no connection of the pool), or refused for good without an answer (a record too
+        large for the client, a payload that cannot be built, a rejected certificate); it
+        closed the count of failures, and a circuit never opened in an outage that such
+        failures were mixed into."""
+        if outcome.unsent or (
+            not outcome.delivered and not outcome.retryable and outcome.status is None
+        ):
+            self.release()
+        else:
+            self.record(outcome.delivered or not outcome.retryable)
 
     def release(self) -> None:
         """An admitted attempt was not made after all (a synchronous invocation found the

@@ -218,8 +218,7 @@ class Invoker:
             return await self._busy(event, rule, target, detail)
         outcome = answer.outcome
         if guard is not None:
-            # as for rule deliveries: a non-retryable 4xx is the request's fault
-            guard.record(outcome.delivered or not outcome.retryable)
+            guard.settle(outcome)  # as for rule deliveries
         result = AttemptOutcome.DELIVERED if outcome.delivered else AttemptOutcome.FAILED
         metrics.DELIVERIES.labels(target, result.value).inc()
         metrics.DELIVERY_SECONDS.labels(target).observe(outcome.duration_ms / 1000)

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 
 from eventbus.delivery import BreakerPolicy, Guard
+from eventbus.targets import Outcome
+from eventbus.targets._base import failure
 
 
 class Clock:
@@ -120,3 +122,27 @@ async def test_a_probe_cancelled_while_waiting_for_its_token_is_released() -> No
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
     assert guard.admit().allowed  # another may probe
+
+
+def test_outcomes_that_tell_nothing_of_the_target_neither_open_nor_close_it() -> None:
+    # Failures raised before anything reached the target (a record too large for the client,
+    # no connection of the pool) counted as successes: mixed into an outage, the circuit never
+    # opened (31 timeouts in 30 s, nothing parked, in a review).
+    clock = Clock()
+    guard = Guard("t4", BreakerPolicy(failures=3, open_for=60), None, clock)
+    timeout = failure("timeout after 10s", 10_000, retryable=True, timed_out=True)
+    too_large = failure("record too large", 1, retryable=False)
+    unsent = failure("not sent: all 512 connections ...", 10_000, retryable=True, unsent=True)
+    refused = Outcome(
+        delivered=False, status=400, duration_ms=3, error="400", retryable=False, retry_after=None
+    )
+    for outcome in (timeout, too_large, timeout, unsent, timeout):
+        assert guard.admit().allowed
+        guard.settle(outcome)
+    assert guard.state == "open"  # three timeouts, the others not counted either way
+    clock.now += 60
+    assert guard.admit().allowed  # the probe
+    guard.settle(too_large)
+    assert guard.state == "half-open" and guard.admit().allowed  # the next one probes
+    guard.settle(refused)  # the target answered: the request's fault, the target is up
+    assert guard.state == "closed"
