@@ -60,6 +60,10 @@ _NOT_RETRYABLE = (
 """Errors that the same record meets again on every retry until an operator changes something."""
 
 
+class _IdempotenceRefused(Exception):
+    """The broker answered the idempotent producer's start with an unknown error."""
+
+
 class KafkaTargetSpec(TargetSpec, KafkaAuth):
     """``type: kafka``: one Kafka topic.
 
@@ -107,6 +111,18 @@ def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTar
     if isinstance(exc, kerr.UnknownTopicOrPartitionError):
         # The topic may be created later (brokers often disable auto-creation): worth a retry.
         return failure(f"topic {config.topic!r} does not exist", duration_ms, retryable=True)
+    if isinstance(exc, _IdempotenceRefused):
+        return failure(str(exc), duration_ms, retryable=False)
+    if isinstance(exc, kerr.UnknownError | kerr.CorruptRecordException):
+        # The broker refused this record and says no more (UNKNOWN_SERVER_ERROR, and the
+        # codes aiokafka has no class for, such as INVALID_RECORD): the Java client does not
+        # retry them either. Retried, a few such records kept the circuit open for the others.
+        return failure(
+            f"the broker refused the record ({type(exc).__name__}: {exc}); its log says why "
+            "(a compacted topic needs a key, a schema the record does not match ...)",
+            duration_ms,
+            retryable=False,
+        )
     retryable = not isinstance(exc, _NOT_RETRYABLE)
     return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=retryable)
 
@@ -202,6 +218,20 @@ class KafkaTarget:
                 log.warning("Kafka target %s: stopping the producer failed: %r", self.name, exc)
 
     async def _start(self) -> AIOKafkaProducer:
+        """A started producer. Raises ``_IdempotenceRefused`` for a broker that answers the
+        idempotent producer's InitProducerId with an unknown error (every attempt failed
+        "UnknownError", retried for a day)."""
+        try:
+            return await self._start_producer()
+        except kerr.UnknownError as exc:
+            if not self.config.idempotent:
+                raise
+            raise _IdempotenceRefused(
+                f"the broker refused to start an idempotent producer ({exc!r}): a broker "
+                "without InitProducerId needs the target's idempotent: false"
+            ) from exc
+
+    async def _start_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self._servers,
             **self._security,
@@ -278,7 +308,7 @@ class KafkaTarget:
 
         outcome = await send_once(
             send,
-            errors=(kerr.KafkaError, OSError, TimeoutError),
+            errors=(kerr.KafkaError, OSError, TimeoutError, _IdempotenceRefused),
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, self.config),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiokafka.errors as kerr
 import orjson
 import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.cloudevents import from_kafka
 from eventbus.targets import KafkaTarget, KafkaTargetSpec, Outcome
+from eventbus.targets import _kafka as kafka_target_module
 from tests.fixtures.nats import unique_name
 from tests.targets.conftest import read_records
 
@@ -167,17 +169,32 @@ async def test_concurrent_deliveries_share_one_producer(kafka_bootstrap: str) ->
 # --- failures -------------------------------------------------------------------------------
 
 
-async def test_idempotent_producer_on_a_broker_without_it_is_a_retryable_failure(
+async def test_idempotent_producer_on_a_broker_without_it_says_what_to_set(
     kafka_bootstrap: str,
 ) -> None:
     # Tansu lacks InitProducerId: the default idempotent producer cannot start there. The
     # failure must be an outcome, not an exception, and must not stop the target from closing.
+    # It read "UnknownError: [Error -1]", retryable: every event waited a day to be
+    # dead-lettered, nothing pointing at the setting.
     config = KafkaTargetSpec(
         name="orders", bootstrap_servers=kafka_bootstrap, topic=unique_name("target")
     )
     event = make_event()
     outcome = await deliver_once(config, event, event)
-    assert not outcome.delivered and outcome.retryable and outcome.error
+    assert not outcome.delivered and not outcome.retryable
+    assert "needs the target's idempotent: false" in (outcome.error or ""), outcome.error
+
+
+@pytest.mark.parametrize(
+    "exc", [kerr.UnknownError(), kerr.CorruptRecordException(), kerr.for_code(87)()]
+)
+def test_a_record_the_broker_refuses_without_a_reason_is_not_retried(exc: Exception) -> None:
+    # Retried (a schema the record did not match, INVALID_RECORD, which aiokafka has no class
+    # for), a few such records kept the target's circuit open for every other event.
+    config = KafkaTargetSpec(name="orders", bootstrap_servers="127.0.0.1:9092", topic="t")
+    outcome = kafka_target_module._outcome_from_error(exc, 1.0, config)
+    assert not outcome.retryable and outcome.status is None
+    assert (outcome.error or "").startswith("the broker refused the record ("), outcome.error
 
 
 # --- configuration --------------------------------------------------------------------------
