@@ -565,46 +565,41 @@ class NatsBus:
         results: list[PublishOutcome] = [None] * len(events)
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
-        i = 0
         try:
-            try:
-                # a publish waits when the client's buffer is full: one deadline bounds the
-                # loop (one timeout for the batch, not one per event: 3.6 µs each)
-                async with asyncio.timeout_at(deadline):
-                    for i, event in enumerate(events):
-                        try:
-                            payload, key = wire_encode(event)
-                            if scope is not None:
-                                key = f"{key}/{scope}"
-                            nc = self._client()
-                            reply, future = self._acks.expect()
-                            try:
-                                await nc.publish(
-                                    cfg.subject,
-                                    payload,
-                                    reply=reply,
-                                    headers={"Nats-Msg-Id": key, _VIA: via},
-                                )
-                            except BaseException:
-                                future.cancel()
-                                raise
-                        except BusError as exc:
-                            results[i] = exc
-                        except nats.errors.MaxPayloadError:
-                            results[i] = EventTooLargeForBus(
-                                f"the event takes {len(payload)} bytes on the bus, more than "
-                                f"the NATS server's max_payload "
-                                f"({self._nc.max_payload if self._nc else '?'} bytes)"
+            for i, event in enumerate(events):
+                try:
+                    payload, key = wire_encode(event)
+                    if scope is not None:
+                        key = f"{key}/{scope}"
+                    nc = self._client()
+                    reply, future = self._acks.expect()
+                    try:
+                        # a publish waits when the client's buffer is full: one deadline bounds
+                        # the loop, entered for each publish (nats-py's forced flush swallows a
+                        # cancellation: one timeout over the batch was lost there, and the next
+                        # publish waited for as long as the server stayed frozen)
+                        async with asyncio.timeout_at(deadline):
+                            await nc.publish(
+                                cfg.subject,
+                                payload,
+                                reply=reply,
+                                headers={"Nats-Msg-Id": key, _VIA: via},
                             )
-                        except (nats.errors.Error, OSError, TimeoutError) as exc:
-                            stop_if_cancelled()  # this task's own cancellation: not a result
-                            results[i] = _translate(exc, "publish")
-                        else:
-                            pending[future] = i
-            except TimeoutError as exc:
-                # The deadline passed in a publish: that event and those after it were not sent.
-                for late in range(i, len(events)):
-                    results[late] = _translate(exc, "publish")
+                    except BaseException:
+                        future.cancel()
+                        raise
+                except BusError as exc:
+                    results[i] = exc
+                except nats.errors.MaxPayloadError:
+                    results[i] = EventTooLargeForBus(
+                        f"the event takes {len(payload)} bytes on the bus, more than the NATS "
+                        f"server's max_payload ({self._nc.max_payload if self._nc else '?'} bytes)"
+                    )
+                except (nats.errors.Error, OSError, TimeoutError) as exc:
+                    stop_if_cancelled()  # this task's own cancellation must not become a result
+                    results[i] = _translate(exc, "publish")
+                else:
+                    pending[future] = i
             unanswered: list[BaseException] = []
 
             def translate(exc: BaseException) -> BusError:

@@ -653,3 +653,32 @@ async def test_the_stuck_probe_forgets_what_a_frozen_server_left_unanswered(
             await unanswered_for(0.5)
             why = await app_module._stuck(bus)
             assert why is not None and why.startswith("no publish acknowledged"), why
+
+
+async def test_a_batch_publish_to_a_frozen_server_ends_by_its_deadline(tmp_path: Path) -> None:
+    # nats-py's forced flush (its send buffer full, 2 MB) swallows a cancellation: with one
+    # timeout for the whole batch, that one was lost and the next publish waited for as long
+    # as the server stayed frozen (60 s in a review). Each publish has its deadline.
+    async with NatsServer(tmp_path / "nats") as server:
+        config = nats_config(server.url, publish_timeout=1.0)
+        async with open_bus(config) as bus:
+            await bus.publish(event(0))
+            (frozen,) = [
+                p
+                for p in psutil.Process().children(recursive=True)
+                if "nats-server" in p.name() and str(server.port) in p.cmdline()
+            ]
+            frozen.suspend()
+            # a publish that lost its cancellation ends once the server thaws: then, not never
+            thaw = asyncio.get_running_loop().call_later(20, frozen.resume)
+            try:
+                batch = [event(n, data="x" * 40_000) for n in range(1, 400)]  # ~16 MB
+                started = time.monotonic()
+                results = await bus.publish_many(batch)
+                took = time.monotonic() - started
+            finally:
+                thaw.cancel()
+                frozen.resume()
+    assert took < 15, f"the batch took {took:.1f} s, publish_timeout 1 s"
+    assert len(results) == len(batch)
+    assert all(isinstance(r, BusUnavailable) for r in results), {type(r) for r in results}
