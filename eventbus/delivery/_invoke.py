@@ -20,6 +20,7 @@ and by whom: ``invoke:sync:<target>:<who>`` (``who`` is ``key=<API key name>`` o
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -191,6 +192,7 @@ class Invoker:
                 # bound (six at once on a 1/s target waited up to 5 s).
                 detail = f"target {target!r} is at its rate_limit"
                 return await self._busy(event, rule, target, detail)
+        started = time.perf_counter()
         try:
             with self._dispatcher.delivering(target):
                 if reply:
@@ -209,7 +211,7 @@ class Invoker:
             if isinstance(exc, asyncio.CancelledError):
                 # The call was cut off (the server's shutdown outlasted router.shutdown_grace):
                 # the request may have reached the function, so the trail says so.
-                self._cut_off(event, rule, target)
+                self._cut_off(event, rule, target, (time.perf_counter() - started) * 1000)
             raise
         if answer.busy:
             if guard is not None:
@@ -236,7 +238,7 @@ class Invoker:
         )
         return Invocation(target, answer=answer)
 
-    def _cut_off(self, event: dict[str, Any], rule: str, target: str) -> None:
+    def _cut_off(self, event: dict[str, Any], rule: str, target: str, duration_ms: float) -> None:
         """Audit and count an attempt cancelled before the target answered. Nothing waits for
         its row in a full buffer: the task is ending; a closed writer is left as it is."""
         metrics.DELIVERIES.labels(target, AttemptOutcome.FAILED.value).inc()
@@ -247,6 +249,7 @@ class Invoker:
                 target=target,
                 number=1,
                 outcome=AttemptOutcome.FAILED,
+                duration_ms=duration_ms,
                 error=CUT_OFF,
             )
         )

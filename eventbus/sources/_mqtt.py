@@ -85,8 +85,8 @@ a reset) is found in about 1.5 times that (aiomqtt's default, 60 s, kept such a 
 showing running for a minute and a half)."""
 
 MAX_READS = 100
-"""Reads one wake-up of the client's reader makes at most while its socket stays readable (see
-:func:`_read_to_the_end`); the broker's in-flight window keeps fewer packets waiting."""
+"""Packets a wake-up of the client's reader reads at most on a connection reset behind unread
+ones (see :func:`_read_to_the_end`); the broker's in-flight window keeps fewer waiting."""
 
 SESSION_EXPIRY = 7 * 24 * 3600
 """MQTT 5: seconds the broker keeps the session (and messages for it) while the source is away."""
@@ -209,7 +209,7 @@ class MqttSource:
 
 
 def _read_to_the_end(paho: paho_mqtt.Client) -> None:
-    """Have each wake-up of the client's reader read while the socket has bytes (or an error).
+    """Have a wake-up of the client's reader that finds the connection reset read on to it.
 
     aiomqtt reads with paho's ``loop_read``, one packet a call, each time the loop says the
     socket is readable. A connection reset while packets were still unread (the socket
@@ -217,11 +217,15 @@ def _read_to_the_end(paho: paho_mqtt.Client) -> None:
     of the socket for good, saying nothing: paho read one packet, never saw the reset, and the
     source neither read nor wrote (each ``add_writer`` raised "unable to perform operation on
     <UVPoll closed=True>") until the keepalive gave up, 20 to 40 s later, while the broker
-    dropped what it queued meanwhile (1,581 QoS 1 messages in a review's run). Read on in that
-    call, paho reaches the reset and closes the connection at once. Replaces ``loop_read`` on
-    this one client: aiomqtt makes its reader inside its own socket callback, out of reach.
+    dropped what it queued meanwhile (1,581 QoS 1 messages in a review's run). When the socket
+    reports an error or a hang-up, the call reads on (at most MAX_READS packets) so paho
+    reaches the reset and closes the connection at once; otherwise it reads its one packet as
+    before (reading on whenever bytes waited held the loop for seconds under a flood). Replaces
+    ``loop_read`` on this one client: aiomqtt makes its reader inside its own socket callback,
+    out of reach.
     """
     read_once = paho.loop_read
+    broken = select.POLLERR | select.POLLHUP
 
     def loop_read(max_packets: int = 1) -> MQTTErrorCode:
         rc = read_once(max_packets)
@@ -230,10 +234,11 @@ def _read_to_the_end(paho: paho_mqtt.Client) -> None:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None:
                 break
             try:
-                readable, _, _ = select.select([sock], [], [], 0)
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | broken)
+                if not any(events & broken for _, events in poller.poll(0)):
+                    break  # a healthy connection: one packet a call, as paho reads
             except (OSError, ValueError):  # closed meanwhile: the next read says so
-                break
-            if not readable:
                 break
             rc = read_once(max_packets)
         return rc

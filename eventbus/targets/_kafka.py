@@ -115,8 +115,9 @@ def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTar
         return failure(str(exc), duration_ms, retryable=False)
     if isinstance(exc, kerr.UnknownError | kerr.CorruptRecordException):
         # The broker refused this record and says no more (UNKNOWN_SERVER_ERROR, and the
-        # codes aiokafka has no class for, such as INVALID_RECORD): the Java client does not
-        # retry them either. Retried, a few such records kept the circuit open for the others.
+        # codes aiokafka has no class for, such as INVALID_RECORD), or refused it as corrupt:
+        # aiokafka marks both final. Retried, a few such records kept the circuit open for
+        # every other event.
         return failure(
             f"the broker refused the record ({type(exc).__name__}: {exc}); its log says why "
             "(a compacted topic needs a key, a schema the record does not match ...)",

@@ -119,13 +119,15 @@ def _error_reply(reply: Msg, headers: dict[str, str], duration_ms: float) -> Ans
     attempt with the error's code as its status (an HTTP one, 400-599, else 500), answered
     as an HTTP function's error is, its data as the body (the description when it has none)."""
     code = headers.get(_SERVICE_ERROR_CODE, "").strip()
-    status = int(code) if code.isdigit() and 400 <= int(code) <= 599 else 500
+    # three ASCII digits, not any str.isdigit() text ("²" passed it, and int() raised)
+    http = len(code) == 3 and code.isascii() and code.isdigit() and 400 <= int(code) <= 599
+    status = int(code) if http else 500
     why = headers.get(_SERVICE_ERROR, "").strip() or "no description"
     outcome = Outcome(
         delivered=False,
         status=status,
         duration_ms=duration_ms,
-        error=truncate_error(f"the service replied with error {code or '(no code)'}: {why}"),
+        error=truncate_error(f"the service replied with error {code[:20] or '(no code)'}: {why}"),
         retryable=status in (408, 429) or status >= 500,
         retry_after=None,
     )

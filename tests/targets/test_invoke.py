@@ -160,6 +160,8 @@ async def test_a_nats_micro_error_reply_is_a_failed_call(nats_url: str) -> None:
     errors = {
         "bad": ({"Nats-Service-Error": "bad input", "Nats-Service-Error-Code": "400"}, b""),
         "odd": ({"Nats-Service-Error": "exploded", "Nats-Service-Error-Code": "1001"}, b"{}"),
+        "sup": ({"Nats-Service-Error": "x", "Nats-Service-Error-Code": "4\u00b2"}, b"{}"),
+        "long": ({"Nats-Service-Error": "x", "Nats-Service-Error-Code": "4" * 5000}, b"{}"),
     }
 
     async def answer(msg: Msg) -> None:
@@ -184,3 +186,6 @@ async def test_a_nats_micro_error_reply_is_a_failed_call(nats_url: str) -> None:
     assert (bad.content_type, bad.body) == ("text/plain; charset=utf-8", b"bad input")
     assert odd.outcome.status == 500 and odd.outcome.retryable  # not an HTTP status
     assert odd.body == b"{}"
+    # a code int() refuses (a superscript digit, 5,000 digits) raised: a bare 500, unaudited
+    assert answers["sup"].outcome.status == 500 and answers["long"].outcome.status == 500
+    assert len(answers["long"].outcome.error or "") < 200
