@@ -504,11 +504,6 @@ class HttpTarget:
             cap = self.config.concurrency
             busy = failure(f"concurrency cap of {cap} requests reached", 0.0, retryable=True)
             return Answer(busy, busy=True)
-        if not wait and pool.full:
-            # An invocation is answered at once rather than wait for a connection that other
-            # targets' requests hold (a slow target's backlog timed out a healthy one's calls,
-            # and opened its circuit).
-            return Answer(_pool_full(pool, 0.0), busy=True)
         # Not locked (checked above, nothing awaited since) when not waiting: taken at once.
         async with self._slots:
             start = time.perf_counter()
@@ -537,7 +532,9 @@ class HttpTarget:
                     async with asyncio.timeout_at(deadline):
                         fresh = await oauth.refresh(self._session, token)
                     headers["Authorization"] = f"Bearer {fresh}"
-                    answer = await self._send(pool, headers, body, msg_id, start, deadline, wait)
+                    again = await self._send(pool, headers, body, msg_id, start, deadline, wait)
+                    # not sent again (the pool full): the function's own refusal stands
+                    answer = answer if again.busy else again
             except TokenError as exc:
                 duration_ms = (time.perf_counter() - start) * 1000
                 answer = Answer(failure(str(exc), duration_ms, retryable=exc.retryable))
@@ -564,6 +561,11 @@ class HttpTarget:
         lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         request = "".join(lines).encode()
+        if not wait and pool.full:
+            # An invocation is answered at once rather than wait for a connection that other
+            # targets' requests hold (a slow target's backlog timed out a healthy one's calls,
+            # and opened its circuit); checked here, after a token was fetched, too.
+            return Answer(_pool_full(pool, (time.perf_counter() - start) * 1000), busy=True)
         ticket = Ticket()
         try:
             async with asyncio.timeout_at(deadline):

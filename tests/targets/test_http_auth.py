@@ -23,8 +23,10 @@ from eventbus._errors import ConfigError
 from eventbus._oauth import OAuth2Client
 from eventbus.config import OAuth2Spec, load_connectors
 from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome
+from eventbus.targets import _http as http_module
 from tests.fixtures.certs import Pki, make_pki
 from tests.fixtures.receiver import Receiver, Response
+from tests.fixtures.wait import eventually
 
 CLIENT_SECRET = "cl!ent/secret:42"  # characters that must be form-encoded in Basic credentials
 PASSWORD = "pa55-w0rd-Basic"
@@ -472,3 +474,29 @@ def test_a_credential_with_a_line_break_is_refused_without_showing_it() -> None:
     with pytest.raises(ConfigError, match="'Authorization' contains a line break") as info:
         HttpTarget(spec)
     assert BEARER not in str(info.value)
+
+
+async def test_an_invocation_whose_pool_fills_while_its_token_comes_is_answered_busy(
+    function: Receiver, pki: Pki, idp: TokenEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool was looked at before the token was fetched: one that filled meanwhile had the
+    # invocation wait for a connection up to its whole timeout, and only then answered busy.
+    monkeypatch.setattr(http_module, "CONNECTION_LIMIT", 1)  # the loop's pool: made below
+    idp.delay = 0.5
+    async with Receiver() as slow:
+        slow.respond(Response(204, delay=3))
+        hog_spec = HttpTargetSpec(name="hog", url=slow.url("/hog"), timeout=10)
+        async with (
+            HttpTarget(_spec(function, pki, _oauth(idp), timeout=5)) as target,
+            HttpTarget(hog_spec) as hog,
+        ):
+            event = _event()
+            calling = asyncio.create_task(target.invoke(event, event, is_cloudevent=True))
+            await eventually(lambda: bool(idp.requests), what="the invocation asking a token")
+            hogging = asyncio.create_task(hog.deliver(event, event, is_cloudevent=True, attempt=1))
+            await slow.wait_for(1)  # the pool's one connection taken
+            answer = await calling
+            hogging.cancel()
+    assert answer.busy and answer.outcome.unsent, answer
+    assert answer.outcome.duration_ms < 2500, answer.outcome  # not at its 5 s timeout
+    assert function.requests == []
