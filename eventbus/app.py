@@ -200,6 +200,11 @@ async def _log_activity() -> None:
             )
 
 
+def _host() -> str:
+    """This host's name, as a claim on the retry schedule carries it (no ``|`` or ``/``)."""
+    return socket.gethostname().replace("|", "_").replace("/", "_")
+
+
 def _installation_id(data_dir: Path) -> str:
     """This installation's id, made once and kept in ``data_dir/installation-id``: who holds
     its sources' leases, so that a process restarted after a crash takes them back at once.
@@ -440,8 +445,16 @@ class Service:
         # included), so it only decides how soon a dead instance's rows are taken over.
         # Writes check the claim token regardless.
         slowest = max((spec.timeout for spec in self.connectors.targets.values()), default=10.0)
+        here = f"{await asyncio.to_thread(_installation_id, Path(s.data_dir))}|{_host()}|"
+        for pid, given in (await self.deliveries.take_back(here)).items():
+            log.info(
+                "%d retries claimed by a process that ended (pid %d) are due again", given, pid
+            )
         self._retries = RetryWorker(
-            self.dispatcher, self.deliveries, instance=self.instance, lease=slowest * 2 + 10
+            self.dispatcher,
+            self.deliveries,
+            instance=f"{here}{os.getpid()}|{self.instance}",
+            lease=slowest * 2 + 10,
         )
         self.dispatcher.scheduled = self._retries.due_in
         self._invoker = Invoker(self.targets, self.dispatcher, self.store.audit)

@@ -12,6 +12,7 @@ again when its lease runs out.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import psutil
 
 from eventbus.delivery._model import DeadLetterReason, Delivery, split_stored_rule
 from eventbus.store import (
@@ -256,6 +258,39 @@ class DeliveryStore:
             ),
             watched=True,
         )
+
+    async def take_back(self, here: str) -> dict[int, int]:
+        """Give back, due as they were, the rows held by claimers named ``here<pid>|...`` (a
+        process of this installation on this host) whose process no longer runs (SIGKILL,
+        OOM): they waited for their lease, twice the slowest target's timeout plus 10 s,
+        before anyone tried them again. One whose pid runs (another worker, this process, or
+        a pid taken again) is left alone. Returns the rows given back by pid."""
+        rows = await self._run(
+            "listing retry claimers",
+            self._pool.fetch(
+                "SELECT DISTINCT split_part(locked_by, '/', 1) AS claimer FROM delivery_retries"
+                " WHERE starts_with(locked_by, $1) AND locked_until > now()",
+                here,
+            ),
+            watched=True,
+        )
+        given: dict[int, int] = {}
+        for row in rows:
+            claimer: str = row["claimer"]
+            pid = claimer[len(here) :].split("|", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid() or psutil.pid_exists(int(pid)):
+                continue
+            released = await self._run(
+                "giving back a claimer's retries",
+                self._pool.fetch(
+                    "UPDATE delivery_retries SET locked_by = NULL, locked_until = NULL"
+                    " WHERE split_part(locked_by, '/', 1) = $1 RETURNING id",
+                    claimer,
+                ),
+                watched=True,
+            )
+            given[int(pid)] = len(released)
+        return given
 
     async def release(self, claimed: Sequence[Delivery]) -> None:
         """Give back rows claimed but not attempted, due as they were, for any claimer."""

@@ -4,6 +4,7 @@ cannot overwrite what the row's new owner decided."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -184,3 +185,34 @@ async def test_an_operators_bulk_work_is_not_a_stalled_write(
         assert not purging.done()
         assert store.writes.stalled(after=0.1) is None
     assert await asyncio.wait_for(purging, 30) == 0
+
+
+async def test_claims_of_a_process_that_ended_are_given_back_at_once(
+    store: DeliveryStore,
+) -> None:
+    # A process killed while it held retries: they waited for its lease (30 s by default)
+    # before anyone tried them. Given back at the next start of this installation on this
+    # host, but only a dead process's: a running one (another worker) keeps its claims.
+    here = "inst-1|host-a|"
+    ended = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await ended.wait()  # its pid runs no more (and is not taken again within this test)
+    running = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)"
+    )
+    try:
+        for i in range(6):
+            await store.schedule(_delivery(i), due_in=0)
+        claimers = {
+            "dead": f"{here}{ended.pid}|x",
+            "alive": f"{here}{running.pid}|y",
+            "elsewhere": f"inst-1|host-b|{ended.pid}|z",
+        }
+        for claimer in claimers.values():
+            assert len(await store.claim_due(limit=2, lease=3600, instance=claimer)) == 2
+        assert await store.take_back(here) == {ended.pid: 2}
+        again = await store.claim_due(limit=10, lease=60, instance="next")
+        assert sorted(d.claim.split("/")[0] for d in again if d.claim) == ["next", "next"]
+        assert await store.take_back(here) == {}  # nothing more of the dead one's
+    finally:
+        running.kill()
+        await running.wait()
