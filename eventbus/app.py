@@ -200,9 +200,16 @@ async def _log_activity() -> None:
             )
 
 
-def _host() -> str:
-    """This host's name, as a claim on the retry schedule carries it (no ``|`` or ``/``)."""
-    return socket.gethostname().replace("|", "_").replace("/", "_")
+def _host() -> str | None:
+    """Where this process's pids mean something, as a claim on the retry schedule carries it:
+    the host's name and the pid namespace (a container's own; two containers sharing a host
+    name and a copied data directory each saw the other's pids as ended). None where the pid
+    namespace cannot be read (no /proc): nothing is taken back there."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{socket.gethostname().replace('|', '_').replace('/', '_')}:{namespace}"
 
 
 def _installation_id(data_dir: Path) -> str:
@@ -445,8 +452,9 @@ class Service:
         # included), so it only decides how soon a dead instance's rows are taken over.
         # Writes check the claim token regardless.
         slowest = max((spec.timeout for spec in self.connectors.targets.values()), default=10.0)
-        here = f"{await asyncio.to_thread(_installation_id, Path(s.data_dir))}|{_host()}|"
-        for pid, given in (await self.deliveries.take_back(here)).items():
+        host = _host()
+        here = f"{await asyncio.to_thread(_installation_id, Path(s.data_dir))}|{host}|"
+        for pid, given in (await self.deliveries.take_back(here) if host else {}).items():
             log.info(
                 "%d retries claimed by a process that ended (pid %d) are due again", given, pid
             )

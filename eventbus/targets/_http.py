@@ -532,9 +532,7 @@ class HttpTarget:
                     async with asyncio.timeout_at(deadline):
                         fresh = await oauth.refresh(self._session, token)
                     headers["Authorization"] = f"Bearer {fresh}"
-                    again = await self._send(pool, headers, body, msg_id, start, deadline, wait)
-                    # not sent again (the pool full): the function's own refusal stands
-                    answer = answer if again.busy else again
+                    answer = await self._send(pool, headers, body, msg_id, start, deadline, wait)
             except TokenError as exc:
                 duration_ms = (time.perf_counter() - start) * 1000
                 answer = Answer(failure(str(exc), duration_ms, retryable=exc.retryable))
