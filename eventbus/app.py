@@ -452,8 +452,9 @@ class Service:
         # included), so it only decides how soon a dead instance's rows are taken over.
         # Writes check the claim token regardless.
         slowest = max((spec.timeout for spec in self.connectors.targets.values()), default=10.0)
+        installation = await asyncio.to_thread(_installation_id, Path(s.data_dir))
         host = _host()
-        here = f"{await asyncio.to_thread(_installation_id, Path(s.data_dir))}|{host}|"
+        here = f"{installation}|{host}|"
         for pid, given in (await self.deliveries.take_back(here) if host else {}).items():
             log.info(
                 "%d retries claimed by a process that ended (pid %d) are due again", given, pid
@@ -488,7 +489,7 @@ class Service:
         self._stack.push_async_callback(self._stop_workers)
         summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
         self._stack.push_async_callback(cancel_and_wait, summary)
-        await self._start_sources(sources)
+        await self._start_sources(sources, installation)
         log.info(
             "eventbus ready: %d rules, %d targets, %d sources, bus=%s",
             len(rules.rules),
@@ -568,9 +569,10 @@ class Service:
         run_all = self.settings.run_sources
         return build_adapters(self.connectors, lambda spec: run_all or in_every_process(spec))
 
-    async def _start_sources(self, sources: list[Source]) -> None:
+    async def _start_sources(self, sources: list[Source], installation: str) -> None:
         """Run ``sources`` and, when configured, ``kafka_ingest``: a ``kafka`` source named
-        ``kafka-ingest`` reading CloudEvents."""
+        ``kafka-ingest`` reading CloudEvents; one-instance sources under leases held in the
+        name of ``installation``."""
         s = self.settings
         if s.kafka_ingest is not None:
             sources.append(
@@ -603,7 +605,7 @@ class Service:
                 shared=None if shared is None else SharedStatuses(shared),
                 max_event_size=self.settings.max_event_size,
                 lease=self.settings.source_lease,
-                lease_owner=await asyncio.to_thread(_installation_id, Path(s.data_dir)),
+                lease_owner=installation,
             )
         )
 
