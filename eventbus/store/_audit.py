@@ -254,20 +254,14 @@ class AuditWriter:
     def attempt_nowait(self, record: Attempt) -> bool:
         """:meth:`attempt` for a task that is ending (cancelled): never waits, so with the
         buffer full, or the writer closing, the row is not recorded and False is returned."""
-        if self._held >= self._capacity or self._closing:
-            return False
-        self._append("attempts", _attempt_row(record))
-        return True
+        return self._offer("attempts", _attempt_row(record))
 
     def refused(self, *, remote: str | None, path: str, reason: str) -> bool:
         """Record a refused request (for example a missing or invalid API key).
 
         Never waits: a refusal must not hold up the refusing of the next one, so with the
         buffer full the row is not recorded and False is returned."""
-        if self._held >= self._capacity or self._closing:
-            return False
-        self._append("refusals", (datetime.now(UTC), remote, path, reason))
-        return True
+        return self._offer("refusals", (datetime.now(UTC), remote, path, reason))
 
     async def flush(self, *, urgent: bool = True) -> None:
         """Return once every row recorded before this call is committed (or set aside as bad).
@@ -320,6 +314,14 @@ class AuditWriter:
         if self._closing:
             raise StoreError("the audit writer is closed")
         self._append(table, record)
+
+    def _offer(self, table: str, record: tuple[Any, ...]) -> bool:
+        """Buffer ``record`` if there is room and the writer is open, without waiting; whether
+        it was."""
+        if self._held >= self._capacity or self._closing:
+            return False
+        self._append(table, record)
+        return True
 
     def _append(self, table: str, record: tuple[Any, ...]) -> None:
         self._rows.append((table, record))
