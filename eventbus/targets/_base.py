@@ -27,6 +27,7 @@ __all__ = [
     "Requester",
     "Target",
     "failure",
+    "retryable_status",
     "send_once",
     "trace_attempt",
     "truncate_error",
@@ -78,6 +79,12 @@ class Answer:
     body: bytes = b""
     busy: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def retryable_status(status: int) -> bool:
+    """Whether a function's error status may pass if the attempt is made again: a timeout or
+    throttle (408, 429) or a server error (5xx); any other 4xx is the request's fault."""
+    return status in (408, 429) or status >= 500
 
 
 def failure(

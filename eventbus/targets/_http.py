@@ -39,6 +39,7 @@ from eventbus.targets._base import (
     Answer,
     Outcome,
     failure,
+    retryable_status,
     trace_attempt,
     truncate_error,
 )
@@ -608,7 +609,7 @@ class HttpTarget:
             status=status,
             duration_ms=duration_ms,
             error=truncate_error(error),
-            retryable=status in (408, 429) or status >= 500,
+            retryable=retryable_status(status),
             retry_after=(
                 parse_retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
             ),

@@ -48,6 +48,7 @@ from eventbus.targets._base import (
     Answer,
     Outcome,
     failure,
+    retryable_status,
     send_once,
     trace_attempt,
     truncate_error,
@@ -128,7 +129,7 @@ def _error_reply(reply: Msg, headers: dict[str, str], duration_ms: float) -> Ans
         status=status,
         duration_ms=duration_ms,
         error=truncate_error(f"the service replied with error {code[:20] or '(no code)'}: {why}"),
-        retryable=status in (408, 429) or status >= 500,
+        retryable=retryable_status(status),
         retry_after=None,
     )
     if reply.data:
