@@ -40,7 +40,7 @@ from eventbus._errors import (
 )
 from eventbus._rates import Rates, deliveries_by_target, gauge_by_target
 from eventbus._supervisor import Supervised, Supervisor
-from eventbus._tasks import cancel_and_wait, report_stuck
+from eventbus._tasks import cancel_and_wait, in_daemon_thread, report_stuck
 from eventbus.bus import (
     DUPLICATE,
     Bus,
@@ -349,6 +349,7 @@ class Service:
         self._rates = Rates()
         self.reload_notes: list[str] = []
         """What the last rules reload left for the next start (connector files changed)."""
+        self._reloading = asyncio.Lock()  # one rules reload at a time
 
     async def __aenter__(self) -> Self:
         try:
@@ -648,37 +649,30 @@ class Service:
     # The HTTP edge and the CLI go through these methods only, never through the components
     # behind them, so those can change without the edge noticing.
 
-    def reload_rules(self, *, announce: bool = True) -> int:
+    async def reload_rules(self, *, announce: bool = True) -> int:
         """Reload connectors' target names and rules; an invalid set keeps the old one (and
         raises what is wrong with it). Logs one line either way. A reload that took, when
         ``announce``d, calls ``rules_reloaded`` (the other workers of ``serve --workers N``
-        reload too)."""
-        try:
-            connectors = load_connectors(self.settings.connectors)
-            new = sorted(set(connectors.targets) - set(self.targets))
-            notes = self._connector_changes(connectors, new)
-            # Against the targets and policies in use, which a reload does not change: a new
-            # target in the files held every reload until a restart, a rule naming it or not.
-            # Against the files' policies, an override valid there but not on the running
-            # policy was accepted, and every delivery of its route failed (redelivered for ever).
+        reload too).
+
+        The files are read and compiled in a thread, one reload at a time: compiling
+        thousands of CEL conditions takes seconds, during which the event loop held by it
+        answered nothing (probes, ingest, deliveries; a worker of ``--workers N`` not heard
+        from is killed). A caller that stops waiting (a client gone) does not stop the
+        reload: it finishes, and takes."""
+        return await asyncio.shield(self._reload_rules(announce))
+
+    async def _reload_rules(self, announce: bool) -> int:
+        async with self._reloading:
             try:
-                self.rules.reload(
-                    self.settings.rules,
-                    known_targets=self.targets.keys(),
-                    check_delivery=override_checker(self._delivery_policies),
+                notes = await in_daemon_thread(self._swap_rules, "rules-reload")
+            except EventBusError as exc:
+                log.warning(
+                    "rules reload failed, %d rules stay in use: %s",
+                    len(self.rules.current.rules),
+                    " | ".join(str(exc).splitlines()),
                 )
-            except RuleSetError as exc:
-                # A rule naming a target new in the files: say why it is unknown still.
-                if not any(repr(name) in str(exc) for name in new):
-                    raise
-                raise RuleSetError([*exc.errors, RuleError(notes[0])]) from exc
-        except EventBusError as exc:
-            log.warning(
-                "rules reload failed, %d rules stay in use: %s",
-                len(self.rules.current.rules),
-                " | ".join(str(exc).splitlines()),
-            )
-            raise
+                raise
         for note in notes:
             log.warning("%s", note)
         self.reload_notes = notes
@@ -692,6 +686,29 @@ class Service:
         if announce and self.rules_reloaded is not None:
             self.rules_reloaded()
         return count
+
+    def _swap_rules(self) -> list[str]:
+        """Load and swap in the rule files (in a thread: see ``reload_rules``); returns the
+        notes on the connector files."""
+        connectors = load_connectors(self.settings.connectors)
+        new = sorted(set(connectors.targets) - set(self.targets))
+        notes = self._connector_changes(connectors, new)
+        # Against the targets and policies in use, which a reload does not change: a new
+        # target in the files held every reload until a restart, a rule naming it or not.
+        # Against the files' policies, an override valid there but not on the running
+        # policy was accepted, and every delivery of its route failed (redelivered for ever).
+        try:
+            self.rules.reload(
+                self.settings.rules,
+                known_targets=self.targets.keys(),
+                check_delivery=override_checker(self._delivery_policies),
+            )
+        except RuleSetError as exc:
+            # A rule naming a target new in the files: say why it is unknown still.
+            if not any(repr(name) in str(exc) for name in new):
+                raise
+            raise RuleSetError([*exc.errors, RuleError(notes[0])]) from exc
+        return notes
 
     def _connector_changes(self, connectors: ConnectorSet, new: list[str]) -> list[str]:
         """What in the connector files differs from the targets in use (read at start), the

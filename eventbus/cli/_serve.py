@@ -233,6 +233,7 @@ def _end_with_parent() -> None:
 
 
 _hups_while_starting: list[int] = []
+_reloads: set[asyncio.Task[None]] = set()  # the reloads SIGHUP started (a task needs an owner)
 
 
 def _hup_while_starting(signum: int, frame: object) -> None:
@@ -244,9 +245,14 @@ def _reload_on_sighup(service: Service) -> None:
     configuration); a rule set that does not load is logged, the running one stays. One that
     came while the service started is acted on now."""
 
-    def reload() -> None:
+    async def reloading() -> None:
         with contextlib.suppress(EventBusError):  # logged by reload_rules
-            service.reload_rules(announce=False)
+            await service.reload_rules(announce=False)
+
+    def reload() -> None:
+        task = asyncio.create_task(reloading(), name="rules-reload")
+        _reloads.add(task)
+        task.add_done_callback(_reloads.discard)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     if _hups_while_starting:

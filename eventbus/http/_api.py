@@ -159,7 +159,7 @@ async def list_rules(request: Request) -> Response:
 )
 async def reload_rules(request: Request) -> Response:
     try:
-        count = _service(request).reload_rules()
+        count = await _service(request).reload_rules()
     except RuleSetError as exc:
         raise Problem(400, str(exc), title="Invalid rule set; the previous one stays") from None
     except ConfigError as exc:

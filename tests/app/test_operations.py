@@ -197,6 +197,36 @@ async def test_a_new_target_in_the_files_waits_for_a_restart_without_holding_rel
     assert status == 200 and answer["notes"][0].startswith("targets fn are no longer in "), answer
 
 
+async def test_the_service_answers_and_routes_while_a_large_rule_set_compiles(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    # Compiling CEL is slow (about a millisecond a condition): a reload of thousands of rules
+    # held the event loop for seconds, no probe, ingest or delivery answered meanwhile.
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    first = "- name: a\n  match: {type: [a]}\n  targets: [fn]\n"
+    svc = await eventbus(rules=first, targets=targets)
+    many = "".join(
+        f"- name: c{i}\n  match: {{type: [c]}}\n  when: event.data.n == {i} || event.data.m > {i}"
+        "\n  targets: [fn]\n"
+        for i in range(1500)
+    )
+    (tmp_path / "rules" / "rules.yaml").write_text(first + many)
+    reload = asyncio.create_task(svc.request("POST", "/rules/reload"))
+    await asyncio.sleep(0.3)
+    answered = 0
+    while not reload.done():
+        probe, _, _ = await svc.request("GET", "/healthz")
+        accepted, _ = await svc.post_event(
+            {"specversion": "1.0", "id": str(answered), "source": "tests/reload", "type": "a"}
+        )
+        assert probe == 200 and accepted == 202
+        answered += not reload.done()
+    status, _, body = await reload
+    assert status == 200 and body["rules"] == 1501, body
+    assert answered >= 3, answered
+    await receiver.wait_for(answered)  # routed by one rule set or the other: "a" is in both
+
+
 S3_NOTIFICATION = {
     "Records": [
         {
