@@ -113,6 +113,11 @@ class NatsServer:
     def display_url(self) -> str:
         return f"nats://{_USER}:***@{_HOST}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while this object runs one."""
+        return self._proc.pid if self._proc is not None else None
+
     def alive(self) -> bool:
         """Whether the server process this object started is still running."""
         return self._proc is not None and self._proc.returncode is None

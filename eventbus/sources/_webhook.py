@@ -274,6 +274,12 @@ class WebhookSource:
         if event_type is None:
             raise _unreadable(f"the request has no value for the event type {self._type.text!r}")
         event_id = self._id.render(request, body) if self._id is not None else None
+        if event_id is None and (signature := self.signature_of(request)) is not None:
+            # The signature's id, not a random one: a publish that failed on a slow bus (no
+            # acknowledgement in time) may have landed all the same, and the sender's retry
+            # of the request, published again, was a second event. Under one id the bus's
+            # duplicate window drops it, after a restart too.
+            event_id = str(uuid.uuid5(_SIGNED_IDS, signature))
         event: dict[str, Any] = {
             "specversion": SPEC_VERSION,
             "id": event_id or str(uuid.uuid4()),
@@ -351,6 +357,9 @@ class WebhookSource:
             raise
         published.set_result(event["id"])
         return duplicate, event["id"]
+
+
+_SIGNED_IDS = uuid.UUID("5d7f0a52-2b43-4b8e-9a51-3c1b6f0e8d27")  # namespace of the ids above
 
 
 class _Replays:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from eventbus.bus._nats_server import NatsServer
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, ServeProcess, StartService
 from tests.fixtures.wait import eventually
+from tests.sources.test_webhook import _PARTNER, generic
 
 JSON = {"Content-Type": "application/json"}
 FORM = "application/x-www-form-urlencoded"
@@ -327,6 +331,46 @@ async def test_bus_down_answers_503_then_recovers(
         await eventually(accepted, within=20, every=0.2, what="the hook once NATS is back")
         got = await receiver.wait_for(1, timeout=30)
         assert got[0].cloudevent["data"] == {"n": 2}
+
+
+@pytest.mark.timeout(120)
+async def test_a_signed_request_retried_after_a_publish_timed_out_is_one_event(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    # A trigger whose events take no id from the request: a publish that timed out on a
+    # frozen bus landed once the bus woke, and the sender's retry of the same signed request
+    # was published again under another random id: two events at the function.
+    async with NatsServer(tmp_path / "own-nats") as nats:
+        svc = await eventbus(
+            rules=RULES,
+            targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+            sources=[_PARTNER],
+            settings={
+                "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
+            },
+        )
+        body = orjson.dumps({"order": 7})
+        signed = generic(body, stamp=str(int(time.time())))
+        assert nats.pid is not None
+        os.kill(nats.pid, signal.SIGSTOP)
+        try:
+            status, _, detail = await _problem(svc, "POST", "/hooks/partner", body, signed)
+            assert status == 503, detail
+        finally:
+            os.kill(nats.pid, signal.SIGCONT)
+        answer: dict[str, Any] = {}
+
+        async def accepted() -> bool:
+            status, _, got = await svc.request("POST", "/hooks/partner", body, signed)
+            answer.update(got if status == 202 else {})
+            return status == 202
+
+        await eventually(accepted, within=20, every=0.2, what="the retry once NATS is back")
+        assert answer["duplicate"] is True, answer  # the first landed after all
+        got = await receiver.wait_for(1, timeout=30)
+        await svc.drained()
+        assert [r.cloudevent["id"] for r in receiver.requests] == [answer["id"]]
+        assert got[0].cloudevent["data"] == {"order": 7}
 
 
 async def test_hooks_are_served_where_other_sources_do_not_run(
