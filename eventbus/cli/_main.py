@@ -8,7 +8,7 @@
     eventbus rules validate [PATH] | test --event E.json [PATH] | test-pattern --pattern P --event E
     eventbus rules reload                               (the running service loads its rules again)
     eventbus events show SOURCE ID
-    eventbus dlq list|show ID|replay [ID]|purge [ID]   (filters: --rule --target --status ...)
+    eventbus dlq list|show ID|replay [ID...]|purge [ID...]   (filters: --rule --target ...)
     eventbus retries list [--limit N]
     eventbus targets [enable TARGET]                    (circuits, retries, 410-disabled targets)
     eventbus sources [--dead-letters]
@@ -486,26 +486,24 @@ def _cmd_events_show(args: argparse.Namespace) -> int:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     action = args.action
     if action == "list":
-        query = _query(args, limit=args.limit, after=args.after)
+        query = _query(args, id=args.ids or None, limit=args.limit, after=args.after)
         return _show(args, "dead-letters", _request(args, "GET", "/dead-letters" + query))
     if action == "show":
         return _show(args, "dead-letter", _request(args, "GET", f"/dead-letters/{args.id}"))
-    if args.id is not None and (args.all or _query(args)):
+    ids: list[int] = args.ids
+    if ids and (args.all or _query(args)):
         # the filters were dropped: `purge 5 --target fnn` purged dead letter 5 of another
-        raise _BadInput(f"dlq {action}: give a dead letter's id or filters (or --all), not both")
-    if args.id is None and not args.all and not _query(args):
-        raise _BadInput(f"dlq {action}: give a dead letter's id, filters, or --all for every one")
+        raise _BadInput(f"dlq {action}: give dead letters' ids or filters (or --all), not both")
+    if not ids and not args.all and not _query(args):
+        raise _BadInput(f"dlq {action}: give dead letters' ids, filters, or --all for every one")
+    # one id by its own route (404 when it does not exist), several as the filter ?id=&id=
+    one = f"/dead-letters/{ids[0]}" if len(ids) == 1 else None
+    many = "/dead-letters" + ("/replay" if action == "replay" else "")
+    many += _query(args, id=ids or None, all="true" if args.all else None)
     if action == "replay":
-        if args.id is not None:
-            path = f"/dead-letters/{args.id}/replay"
-        else:
-            path = "/dead-letters/replay" + _query(args, all="true" if args.all else None)
+        path = many if one is None else f"{one}/replay"
         return _show(args, "replayed", _request(args, "POST", path, timeout=_BULK_TIMEOUT))
-    if args.id is not None:
-        path = f"/dead-letters/{args.id}"
-    else:
-        path = "/dead-letters" + _query(args, all="true" if args.all else None)
-    return _show(args, "purged", _request(args, "DELETE", path, timeout=_BULK_TIMEOUT))
+    return _show(args, "purged", _request(args, "DELETE", one or many, timeout=_BULK_TIMEOUT))
 
 
 def _cmd_retries(args: argparse.Namespace) -> int:
@@ -646,11 +644,22 @@ def _add_dlq(sub: Any) -> None:
         else:
             if action != "list":
                 a.add_argument(
-                    "id", type=int, nargs="?", help="one dead letter's id (else: the filters)"
+                    "ids",
+                    type=int,
+                    nargs="*",
+                    metavar="ID",
+                    help="dead letters' ids (else: the filters)",
                 )
                 a.add_argument("--all", action="store_true", help="every dead letter")
             _filter_args(a)
         if action == "list":
+            a.add_argument(
+                "--id",
+                dest="ids",
+                type=int,
+                action="append",
+                help="only the dead letter of this id (repeat it for several)",
+            )
             a.add_argument("--limit", type=int, default=100, help="dead letters per page")
             a.add_argument("--after", type=int, help="page: the last id of the previous page")
         _client_args(a)

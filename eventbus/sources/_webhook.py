@@ -181,6 +181,10 @@ def _data(request: HookRequest) -> dict[str, Any]:
     declared = request.headers.get("content-type", "").strip()
     media = declared.partition(";")[0].strip().lower()
     if is_json(media):  # as the event's datacontenttype is read: text/json too
+        if media.startswith("application/cloudevents"):
+            # the body is this event's data, not a CloudEvent: under its declared type a
+            # binary-mode delivery told receivers it was the structured event
+            declared = "application/json"
         try:
             return {"data": load_json(request.body), "datacontenttype": declared}
         except orjson.JSONDecodeError as exc:
@@ -191,9 +195,8 @@ def _data(request: HookRequest) -> dict[str, Any]:
             escape = bad.group().decode("latin-1")
             raise _unreadable(f"the body is not a valid form post: {escape!r} is not a %XX escape")
         try:
-            form = parse_qs(
-                request.body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict"
-            )
+            # as the WHATWG form parsing reads it: empty fields skipped, "a" is a=""
+            form = parse_qs(request.body.decode(), keep_blank_values=True, errors="strict")
         except (UnicodeDecodeError, ValueError) as exc:
             raise _unreadable(f"the body is not a valid form post: {exc}") from None
         data = {k: v[0] if len(v) == 1 else v for k, v in form.items()}

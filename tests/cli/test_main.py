@@ -132,9 +132,10 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     code, out, err = await eventually(listed, every=0.2, what="the second dead letter")
     plain = ("--url", svc.url)
     await svc.service.store.audit.flush()
+    second = str(out["items"][0]["id"])
     listing, shown, trail = await _side_by_side(  # reads only
-        _cli("dlq", "list", *plain),
-        _cli("dlq", "show", str(out["items"][0]["id"]), *plain),
+        _cli("dlq", "list", "--id", second, "--id", "424242", *plain),  # ids, as documented
+        _cli("dlq", "show", second, *plain),
         _cli("events", "show", "cli", "e-2", *plain),
     )
     code, text, _ = listing
@@ -151,7 +152,7 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     assert code == 0 and "matched 1 route" in text and "2 attempts" in text
     assert "retry-scheduled" in text and "dead-lettered" in text
     purged, sources, set_aside = await _side_by_side(
-        _cli("dlq", "purge", "--all", *plain),
+        _cli("dlq", "purge", second, "424242", *plain),  # several ids: those that exist
         _cli("sources", *plain),
         _cli("sources", "--dead-letters", *plain),
     )
@@ -711,9 +712,9 @@ async def test_dead_letter_filters_are_checked_before_anything_is_sent() -> None
     )
     messages = [
         "argument --reason: invalid choice: 'unknwon'",
-        "dlq purge: give a dead letter's id or filters (or --all), not both",
-        "dlq replay: give a dead letter's id or filters (or --all), not both",
-        "dlq replay: give a dead letter's id, filters, or --all for every one",
+        "dlq purge: give dead letters' ids or filters (or --all), not both",
+        "dlq replay: give dead letters' ids or filters (or --all), not both",
+        "dlq replay: give dead letters' ids, filters, or --all for every one",
     ]
     for (code, _, err), message in zip(answers, messages, strict=True):
         assert code == 2 and message in err and "Traceback" not in err, err

@@ -334,6 +334,14 @@ async def test_bodies_become_data_by_their_content_type(
     form = await post(b"a=1&b=2&b=3&empty=", "application/x-www-form-urlencoded")
     assert form["data"] == {"a": "1", "b": ["2", "3"], "empty": ""}
     assert form["type"] == "com.eventbus.webhook"
+    # as browsers send forms: a trailing "&", a field without "=" (each was refused, 400)
+    loose = await post(b"a=1&flag&", "application/x-www-form-urlencoded")
+    assert loose["data"] == {"a": "1", "flag": ""}
+    # A body calling itself a structured CloudEvent is the trigger's data, JSON: delivered
+    # in binary mode under "application/cloudevents+json", a receiver read it as the event.
+    for media in ("application/cloudevents+json", "application/cloudevents-batch+json"):
+        wrapped = await post(b'{"a": 1}', media)
+        assert (wrapped["data"], wrapped["datacontenttype"]) == ({"a": 1}, "application/json")
     text = await post("héllo".encode(), "text/plain; charset=utf-8", method="PUT")
     assert (text["data"], text["datacontenttype"]) == ("héllo", "text/plain; charset=utf-8")
     # in its declared charset (it was read as UTF-8, then written back as UTF-16 twice over)
