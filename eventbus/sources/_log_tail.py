@@ -263,14 +263,18 @@ class LogTailSource:
         await self._save(ctx)
         try:
             current = await asyncio.to_thread(self._scan)
-            # Rotated away or deleted: finish the old file before reading its successor.
+            # Rotated away or deleted: finish the old file before reading its successor. It
+            # stays tracked until then: when the bus refuses its last lines, the retry rewinds
+            # and reads them again from the handle still open (a file taken out first lost
+            # them, the next scan no longer finding it).
             for key in [k for k in self._files if k not in current]:
-                f = self._files.pop(key)
+                f = self._files[key]
                 if f.handle is not None:
                     while await self._read(ctx, f):
                         pass
                     await self._finish(ctx, f)
                     f.handle.close()
+                del self._files[key]
             await self._forget_gone(ctx, current)
             await self._open_what_grew(current, first_start)
             more = False

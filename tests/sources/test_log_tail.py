@@ -91,6 +91,35 @@ async def test_rename_rotation_finishes_old_file_first(tmp_path: Path, database_
         assert recorder.events[3]["data"]["offset"] == 0
 
 
+@pytest.mark.parametrize("how", ["deleted", "renamed out of the glob"])
+async def test_a_file_gone_while_the_bus_is_down_is_read_to_its_end(
+    tmp_path: Path, database_dsn: str, how: str
+) -> None:
+    # The file gone was taken out of the tracked ones before its last lines were published:
+    # the bus refusing them, nothing rewound them, the next scan no longer listed the file,
+    # and they were lost, with no error left and the deleted file held open.
+    log = tmp_path / "app.log"
+    log.write_text("before\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(_spec(log)), ctx):
+            await recorder.wait_for(1)
+            recorder.down = True
+            _append(log, "while down 1\nwhile down 2\nno newline")
+            await recorder.wait_refused(1)
+            if how == "deleted":
+                log.unlink()
+            else:
+                log.rename(tmp_path / "app.log.old")
+            refused = recorder.refused
+            await recorder.wait_refused(refused + 2)  # tried again, the file gone
+            recorder.down = False
+            await recorder.wait_for(4)
+            await eventually(lambda: ctx.status.state == "running" and ctx.status.lag == 0)
+        assert _messages(recorder) == ["before", "while down 1", "while down 2", "no newline"]
+
+
 async def test_copy_truncate_restarts_at_zero(tmp_path: Path, database_dsn: str) -> None:
     log = tmp_path / "app.log"
     log.write_text("old line one\nold line two\n")
