@@ -358,20 +358,22 @@ class LogTailSource:
                 f.handle is not None or (size == f.committed and mtime == f.mtime_ns)
             ):
                 continue
-            if room <= 0:
-                waiting += 1
-                continue
             if f is None:
-                opened = await asyncio.to_thread(self._open, key, path, first_start)
+                if room <= 0 and not self._read_to(key, size):
+                    waiting += 1
+                    continue
+                opened = await asyncio.to_thread(self._open, key, path, first_start, room > 0)
                 if opened is not None:
                     opened.grew_at = now
                     self._files[key] = opened
-                    room -= 1
+                    room -= opened.handle is not None
                     if self.config.start_at == "end" and key not in self._saved:
                         # Where it starts is a checkpoint at once: with start_at: end, lines
                         # written before the first read and while stopped were skipped at the
                         # next start, which again found no checkpoint and began at the end.
                         self._mark(opened)
+            elif room <= 0:
+                waiting += 1
             elif await asyncio.to_thread(self._reopen, f, path):
                 f.grew_at = now
                 room -= 1
@@ -434,7 +436,17 @@ class LogTailSource:
             self._mark(f)
         return True
 
-    def _open(self, key: str, path: str, first_start: bool) -> _File | None:
+    def _read_to(self, key: str, size: int) -> bool:
+        """Whether file ``key``'s checkpoint says it was read to ``size``, its size now."""
+        saved = self._saved.get(key)
+        return isinstance(saved, dict) and int(saved.get("offset", -1)) == size
+
+    def _open(self, key: str, path: str, first_start: bool, room: bool) -> _File | None:
+        """``path`` (the file ``key``) opened where its checkpoint says it was read to; one
+        read to its end is checked and closed again, holding none of ``max_open_files`` until
+        it grows (a folder of old logs read before a restart held them all, opened in name
+        order, and the live log waited ``close_inactive`` for each round of them); one with
+        more to read is kept open only with ``room``."""
         handle = self._handle(key, path)
         if handle is None:
             return None
@@ -466,7 +478,12 @@ class LogTailSource:
         f.opened_as = str(saved.get("path", path)) if isinstance(saved, dict) else path
         f.tail, f.tail_at = _tail_at(handle.fileno(), offset), offset
         f.rewind()
-        return f
+        if offset == st.st_size:
+            f.mtime_ns = st.st_mtime_ns
+            f.handle = None
+        if f.handle is None or not room:
+            handle.close()
+        return f if f.handle is None or room else None
 
     async def _read(self, ctx: SourceContext, f: _File) -> bool:
         """Consume new bytes of ``f`` (open); True when more remain than one chunk held."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,37 @@ async def test_a_file_gone_while_the_bus_is_down_is_read_to_its_end(
             await recorder.wait_for(4)
             await eventually(lambda: ctx.status.state == "running" and ctx.status.lag == 0)
         assert _messages(recorder) == ["before", "while down 1", "while down 2", "no newline"]
+
+
+async def test_after_a_restart_files_read_to_their_end_hold_no_open_slot(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # At start every tracked file was opened, in name order, up to max_open_files: old logs
+    # read to their end held every slot, and the live log (last in name order) waited
+    # close_inactive for each round of them before a line of it was read.
+    logs = [tmp_path / f"app-2026-11-0{day}.log" for day in range(1, 6)]
+    for day, path in enumerate(logs[:-1], 1):
+        path.write_text(f"old {day}\n")
+    live = logs[-1]
+    live.write_text("live 1\n")
+    spec = _spec(tmp_path / "*.log", max_open_files=2, close_inactive=0.2)
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "app-log", recorder)
+        async with running(build_source(spec), ctx):
+            await recorder.wait_for(5)
+            for path in logs:
+                await eventually(lambda path=path: _committed(ctx, path))
+        again = Recorder()
+        ctx = make_context(pool, "app-log", again)
+        restarted = build_source({**spec, "close_inactive": 600})
+        async with running(restarted, ctx):
+            await asyncio.sleep(0.3)  # scanned: every file read to its end, none open
+            _append(live, "live 2\n")
+            _append(logs[0], "old 1 again\n")
+            await again.wait_for(2)
+        assert sorted(_messages(again)) == ["live 2", "old 1 again"]
+        assert _messages(recorder).count("live 1") == 1
 
 
 async def test_copy_truncate_restarts_at_zero(tmp_path: Path, database_dsn: str) -> None:
