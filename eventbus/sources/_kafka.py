@@ -6,7 +6,8 @@ partition is on the bus (or dead-lettered), so committed offsets are always cont
 crash re-reads, never skips. Several eventbus instances with the same ``group_id`` share the
 partitions. When the bus or Postgres fails, the consumer stays in its group, rewinds to the
 first record not yet on the bus and retries after backoff; broker failures reconnect.
-``status.lag`` is the sum over assigned partitions of high watermark minus position.
+``status.lag`` is the sum over assigned partitions of high watermark minus position; a
+position past its partition's end (a topic made again) goes back to the partition's start.
 """
 
 from __future__ import annotations
@@ -230,9 +231,38 @@ async def _probe(ctx: SourceContext, consumer: AIOKafkaConsumer, unreachable: bo
 
 
 async def _lag(consumer: AIOKafkaConsumer) -> int:
+    """The records waiting in the assigned partitions. A position past its partition's end, as
+    the broker says it now, goes back to the partition's start: its topic was deleted and
+    made again, or the broker lost its log, and the records there now were never read. (A
+    broker may answer such a fetch with nothing rather than "out of range", which is what
+    moves a consumer by itself: the source read nothing more of the partition, or skipped the
+    new records below its old position, its lag saying 0.)"""
     total = 0
+    past: dict[TopicPartition, int] = {}
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
-        if highwater is not None:
-            total += max(0, highwater - await consumer.position(tp))
+        if highwater is None:
+            continue
+        position = await consumer.position(tp)
+        if position > highwater:
+            past[tp] = position
+        else:
+            total += highwater - position
+    if past:
+        ends = await consumer.end_offsets(list(past))  # asked afresh: not a stale fetch's
+        for tp, position in past.items():
+            end = ends.get(tp)
+            if end is None or position <= end:
+                continue
+            log.warning(
+                "kafka source: %s partition %d ends at offset %d, before the position %d it was"
+                " read to (the topic made again, or the broker lost its log): reading it again"
+                " from its start",
+                tp.topic,
+                tp.partition,
+                end,
+                position,
+            )
+            await consumer.seek_to_beginning(tp)
+            total += end
     return total

@@ -134,6 +134,40 @@ async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(
         assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 2, 0)
 
 
+RAW = {"format": "raw", "event_type": "com.example.n", "event_source": "/tests/remade"}
+
+
+@pytest.mark.timeout(120)
+async def test_a_topic_made_again_is_read_from_its_start(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    # The consumer kept its position (5) in the partition of a topic deleted and made again:
+    # the broker answered its fetches with nothing, not "out of range", and the new records
+    # (offsets 0-2) were never read, the source running with a lag of 0.
+    async with (
+        topic(kafka_bootstrap) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        ctx = context(pool, "remade", tap, type="kafka")
+        async with running(kafka("remade", kafka_bootstrap, name, **RAW), ctx):
+            for i in range(5):
+                await producer.send_and_wait(name, orjson.dumps({"n": i}))
+            await tap.take(5)
+            await wait_committed(kafka_bootstrap, "eventbus-source-remade", name, 5)
+            admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+            await admin.start()
+            try:
+                await admin.delete_topics([name])
+                await admin.create_topics([NewTopic(name, 1, 1)])
+            finally:
+                await admin.close()
+            for i in range(3):
+                await producer.send_and_wait(name, orjson.dumps({"again": i}))
+            again = await tap.take(3)
+        assert [e["data"] for e in again] == [{"again": i} for i in range(3)]
+
+
 async def _backing_off(ctx: SourceContext) -> bool:
     return ctx.status.state == "backoff"
 
