@@ -52,10 +52,14 @@ class HttpParse:
     batch: bool
 
 
-def _unsupported(media: str) -> CloudEventError:
+def _unsupported(media: str, *, batches: bool = True) -> CloudEventError:
+    """``media``, a CloudEvents format this binding does not read; ``batches``: whether it
+    reads the batch format (HTTP does; a Kafka record or a reply message carries one event,
+    and "use the batch format" was the advice given for a batch)."""
+    formats = f"{STRUCTURED_CONTENT_TYPE} or {BATCH_CONTENT_TYPE}" if batches else None
     return CloudEventError(
-        f"unsupported event format {media!r}: use {STRUCTURED_CONTENT_TYPE} "
-        f"or {BATCH_CONTENT_TYPE}",
+        f"unsupported event format {media!r}: use {formats or STRUCTURED_CONTENT_TYPE}"
+        + ("" if batches else " (one event a message; a batch is not read here)"),
         status=415,
         title="Unsupported CloudEvent format",
     )
@@ -250,7 +254,7 @@ def from_kafka(
     partition_key = kafka_key_attribute(key)
     if media.startswith(_CLOUDEVENTS_MEDIA) or "ce_specversion" not in lowered:
         if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:
-            raise _unsupported(media)
+            raise _unsupported(media, batches=False)
         if value is None:
             raise CloudEventError("the Kafka record has no value and no ce_specversion header")
         check_size(len(value), max_size)
@@ -351,7 +355,7 @@ def from_nats(
     media = media_type(lowered.get("content-type", ""))
     if media.startswith(_CLOUDEVENTS_MEDIA) or "ce-specversion" not in lowered:
         if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:
-            raise _unsupported(media)
+            raise _unsupported(media, batches=False)
         return decode(payload, max_size=max_size)
     return _from_ce_headers(
         lowered, payload, content_header_first=False, max_size=max_size, ascii_only=False

@@ -170,22 +170,33 @@ class KafkaSource:
     async def _read_past_unreadable(
         self, ctx: SourceContext, consumer: AIOKafkaConsumer, error: Exception
     ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-        """Read each assigned partition one record at a time: the records that can be read
-        are returned, and the one that cannot is dead-lettered (its position in ``meta``, no
-        payload: the client could not read it), committed and read past."""
+        """Read each assigned partition one record at a time, up to ``batch`` records in all:
+        the records that can be read are returned, and one that cannot is dead-lettered (its
+        position in ``meta``, no payload: the client could not read it), committed and read
+        past when it comes first in its partition (after records not yet on the bus, the
+        partition stops there: its offset is committed after them, next time). One record of
+        each partition a time, an empty one waiting a second, took a record past per
+        partition and second: hours to reach a bad record behind thousands."""
         log.warning("kafka source %s: a fetch could not read a record (%r)", self.name, error)
         found: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        room = self.config.batch
         for tp in consumer.assignment():
-            try:
-                got = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
-            except (CorruptRecordException, ValueError) as exc:
-                offset = await consumer.position(tp)
-                meta = {"topic": tp.topic, "partition": tp.partition, "offset": offset}
-                await ctx.dead_letter(b"", f"the record cannot be read: {exc!r}", meta)
-                consumer.seek(tp, offset + 1)
-                await consumer.commit({tp: offset + 1})
-                continue
-            found.update(got)
+            while room > 0:
+                try:
+                    got = await consumer.getmany(tp, timeout_ms=200, max_records=1)
+                except (CorruptRecordException, ValueError) as exc:
+                    if tp in found:
+                        break
+                    offset = await consumer.position(tp)
+                    meta = {"topic": tp.topic, "partition": tp.partition, "offset": offset}
+                    await ctx.dead_letter(b"", f"the record cannot be read: {exc!r}", meta)
+                    consumer.seek(tp, offset + 1)
+                    await consumer.commit({tp: offset + 1})
+                    continue
+                if not got:
+                    break
+                found.setdefault(tp, []).extend(got.get(tp, []))
+                room -= 1
         return found
 
     def _message(self, ctx: SourceContext, record: ConsumerRecord[bytes, bytes]) -> Message:

@@ -30,13 +30,13 @@ from tests.sources.test_queue_support import BusTap, bus_tap, context
 
 
 @contextlib.asynccontextmanager
-async def topic(bootstrap: str) -> AsyncIterator[tuple[str, AIOKafkaProducer]]:
-    """A fresh one-partition topic and a producer for it."""
+async def topic(bootstrap: str, partitions: int = 1) -> AsyncIterator[tuple[str, AIOKafkaProducer]]:
+    """A fresh topic (one partition, unless told) and a producer for it."""
     name = unique_name("src")
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(name, 1, 1)])
+        await admin.create_topics([NewTopic(name, partitions, 1)])
     finally:
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
@@ -166,6 +166,33 @@ async def test_a_topic_made_again_is_read_from_its_start(
                 await producer.send_and_wait(name, orjson.dumps({"again": i}))
             again = await tap.take(3)
         assert [e["data"] for e in again] == [{"again": i} for i in range(3)]
+
+
+@pytest.mark.timeout(120)
+async def test_records_before_and_after_an_unreadable_one_come_at_once(
+    kafka_bootstrap: str, database_dsn: str, nats_url: str
+) -> None:
+    # Past an unreadable record, each partition was read one record at a time, an empty one
+    # waiting a second: a record of the partition per round of (partitions - 1) seconds, up
+    # to the bad one (hours behind thousands).
+    async with (
+        topic(kafka_bootstrap, partitions=4) as (name, producer),
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        for i in range(60):
+            await producer.send(name, orjson.dumps({"n": i}), partition=0)
+        await producer.flush()
+        await _produce_unreadable(kafka_bootstrap, name, b"{}", "header-name")
+        for i in range(60, 80):
+            await producer.send(name, orjson.dumps({"n": i}), partition=0)
+        await producer.flush()
+        ctx = context(pool, "walk", tap, type="kafka")
+        async with running(kafka("walk", kafka_bootstrap, name, **RAW), ctx):
+            events = await tap.take(80)  # within the tap's bound, 10 s
+        assert sorted(e["data"]["n"] for e in events) == list(range(80))
+        (row,) = await dead_letters(pool, "walk")
+        assert orjson.loads(row["meta"]) == {"topic": name, "partition": 0, "offset": 60}
 
 
 async def _backing_off(ctx: SourceContext) -> bool:
