@@ -49,7 +49,7 @@ from eventbus._errors import ConfigError, EventBusError
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
-from eventbus.config import PARENT_ENV, WORKER_ENV, Settings
+from eventbus.config import PARENT_ENV, RESTARTED_ENV, WORKER_ENV, Settings
 from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
 from eventbus.sources import SharedStatuses
 
@@ -194,6 +194,8 @@ async def _serve_worker(settings: Settings) -> None:
         _reload_on_sighup(svc)
         parent = os.getppid()
         svc.rules_reloaded = functools.partial(_tell_parent, parent)
+        if os.environ.get(RESTARTED_ENV):
+            _tell_parent(parent)  # see _supervise: every worker reads the files it read
         server = http_server(create_app(svc), settings)
         server.on_shutdown = svc.closing
         _stop_on_signals(server)
@@ -303,10 +305,10 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     env = dict(os.environ)
     procs: list[subprocess.Popen[bytes] | None] = [None] * workers
 
-    def reload_all(but: int | None = None) -> None:
-        """SIGHUP to every live worker (but worker ``but``): each reloads its rules."""
-        for i, proc in enumerate(procs):
-            if i != but and proc is not None and proc.poll() is None:
+    def reload_all() -> None:
+        """SIGHUP to every live worker: each reloads its rules."""
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
 
     loop = asyncio.get_running_loop()
@@ -355,7 +357,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         quick_exits = [0] * workers  # exits in a row within _QUICK_EXIT of the spawn
         restart_at: list[float | None] = [None] * workers
 
-        def spawn(i: int) -> subprocess.Popen[bytes]:
+        def spawn(i: int, again: bool = False) -> subprocess.Popen[bytes]:
             cmd = [sys.executable, "-m", "eventbus", "serve", "--reuse-port"]
             if config_path:
                 cmd += ["--config", config_path]
@@ -368,6 +370,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             started[i] = time.monotonic()
             worker_env[PARENT_ENV] = str(os.getpid())
             worker_env[WORKER_ENV] = str(i)
+            if again:
+                worker_env[RESTARTED_ENV] = "1"
             # Born with SIGHUP blocked (the mask is inherited): one sent before the worker
             # installs its handler (a reload, another worker's restart) killed it, its
             # default action; it waits, pending, and is taken once the handler is there.
@@ -428,12 +432,13 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     restart_at[i] = now + delay
                 if procs[i] is None and (due := restart_at[i]) is not None and now >= due:
                     restart_at[i] = None
-                    procs[i] = spawn(i)
+                    # It reads the rule files as they are then, edited since the others
+                    # loaded them perhaps, and once it has, asks (SIGHUP) that every worker
+                    # reloads, so that all route by one set (a third of the events went by
+                    # rules nobody had applied). Reloaded here at its spawn, the others read
+                    # the files seconds before it did: an edit meanwhile split them again.
+                    procs[i] = spawn(i, again=True)
                     metrics.WORKER_RESTARTS.labels(str(i)).inc()
-                    # It reads the rule files as they are now, edited since the others loaded
-                    # them perhaps: they reload too, so that every worker routes by one set
-                    # (a third of the events went by rules nobody had applied).
-                    reload_all(but=i)
             if failed is not None:
                 break
         for proc in procs:

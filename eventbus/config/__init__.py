@@ -41,6 +41,7 @@ from eventbus.config._redact import redact_url
 from eventbus.config._secrets import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._settings import (
     PARENT_ENV,
+    RESTARTED_ENV,
     WORKER_ENV,
     ApiKey,
     BusSettings,
@@ -69,6 +70,7 @@ from eventbus.config._yaml import (
 __all__ = [
     "MIN_SECRET_CHARS",
     "PARENT_ENV",
+    "RESTARTED_ENV",
     "WORKER_ENV",
     "AddressLists",
     "ApiKey",

@@ -40,6 +40,7 @@ from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
     "PARENT_ENV",
+    "RESTARTED_ENV",
     "WORKER_ENV",
     "ApiKey",
     "BusSettings",
@@ -246,10 +247,14 @@ PARENT_ENV = "EVENTBUS_PARENT_PID"
 WORKER_ENV = "EVENTBUS_WORKER"
 """The number of a worker of ``serve --workers N`` (0 to N-1), which its log lines carry."""
 
+RESTARTED_ENV = "EVENTBUS_WORKER_RESTARTED"
+"""Set for a worker of ``serve --workers N`` started again: once it has read the rule files,
+it asks its parent to have the others read them too."""
+
 # Read by the commands, not settings: where the settings file is, the service and key the
 # client commands (publish, dead-letters ...) talk to, a worker's parent and its number.
 _NOT_SETTINGS = frozenset(
-    {"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY", PARENT_ENV, WORKER_ENV}
+    {"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY", PARENT_ENV, WORKER_ENV, RESTARTED_ENV}
 )
 
 

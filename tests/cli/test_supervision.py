@@ -207,21 +207,33 @@ async def _fingerprints(url: str, asks: int) -> set[str]:
     return found
 
 
+@pytest.mark.parametrize("edited", ["before the kill", "while it starts again"])
 async def test_a_restarted_worker_and_the_others_route_by_one_rule_set(
-    tmp_path: Path, nats_url: str, database_dsn: str
+    tmp_path: Path, nats_url: str, database_dsn: str, edited: str
 ) -> None:
     # The rule files edited (validly) and not reloaded, then a worker restarted: it read the
     # new rules, the others kept theirs, and a share of the events went by rules nobody had
-    # applied, until the next reload.
+    # applied, until the next reload. Then the others reloaded as it was spawned: an edit
+    # made in the seconds before it read the files split them again.
     targets = [{"name": "fn", "type": "http", "url": "http://127.0.0.1:9/"}]
     rules = "- name: a\n  targets: [fn]\n"
     service = await _two_workers(tmp_path, nats_url, database_dsn, rules=rules, targets=targets)
     assert service.proc is not None
     try:
         (before,) = await _fingerprints(service.url, 4)
-        (tmp_path / "rules" / "more.yaml").write_text("- name: b\n  targets: [fn]\n")
+        more = tmp_path / "rules" / "more.yaml"
+        if edited == "before the kill":
+            more.write_text("- name: b\n  targets: [fn]\n")
         killed, _ = _workers_of(service.proc.pid)
         killed.kill()
+        if edited == "while it starts again":
+            parent = service.proc.pid
+            await eventually(
+                lambda: len(_workers_of(parent)) == 2 and killed not in _workers_of(parent),
+                every=0.02,
+                what="the worker spawned again",
+            )  # seconds from reading the files
+            more.write_text("- name: b\n  targets: [fn]\n")
 
         async def one_new_set() -> set[str] | None:
             found = await _fingerprints(service.url, 12)
