@@ -182,10 +182,16 @@ class NodeBuilder:
 
 
 def yaml_files(path: Path) -> list[Path]:
-    """``path`` itself, or every ``*.yaml``/``*.yml`` file of a directory in name order."""
+    """``path`` itself, or every ``*.yaml``/``*.yml`` file of a directory in name order, but
+    hidden ones (a name starting with a dot: an editor's lock or backup file, such as Emacs's
+    ``.#rules.yaml``, a link to nothing that refused every reload while the file was open)."""
     if path.is_dir():
         # not is_file(): a link to nothing is named as unreadable, not silently skipped
-        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.is_dir())
+        return sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and not p.is_dir()
+        )
     return [path]
 
 

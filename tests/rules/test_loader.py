@@ -70,6 +70,18 @@ def test_directory_reads_yaml_files_in_name_order() -> None:
     assert [Path(d.file).name for d in docs] == ["01-uploads.yaml"] * 2 + ["02-orders.yml"] * 3
 
 
+def test_hidden_files_of_a_directory_are_not_rules(tmp_path: Path) -> None:
+    # An editor's lock file (Emacs: .#rules.yaml, a link to nothing while the file is open)
+    # was read: every reload was refused, "cannot read rule file", until the editor closed.
+    write(tmp_path, "- name: a\n  targets: [t]\n")
+    (tmp_path / ".#rules.yaml").symlink_to("user@host.1234:1700000000")
+    (tmp_path / ".rules.yaml.bak").write_text("- name: old\n  targets: [t]\n")
+    (tmp_path / ".old.yml").write_text("- name: older\n  targets: [t]\n")
+    docs, errors = read_rule_files(tmp_path)
+    assert errors == []
+    assert [d.data["name"] for d in docs] == ["a"]
+
+
 def test_merge_keys_yield_to_own_keys(tmp_path: Path) -> None:
     path = write(
         tmp_path,
