@@ -204,16 +204,24 @@ class NatsServer:
             if await self._greets():
                 return
             await asyncio.sleep(0.05)
+        if self._proc.returncode is not None:  # it failed while the last greeting waited
+            raise BusError(
+                f"nats-server exited with code {self._proc.returncode}: {self._log_tail()}"
+            )
         raise BusError(
             f"nats-server did not accept connections on {self.display_url} within "
             f"{self.startup_timeout} s: {self._log_tail()}"
         )
 
     async def _greets(self) -> bool:
-        """True when the port answers with the NATS ``INFO`` greeting (so it is a server)."""
+        """True when the port answers with the NATS ``INFO`` greeting (so it is a server)
+        within a second. The connection too is bounded: to a port another program holds
+        without accepting (its queue full), a connect waited for the kernel's retries, two
+        minutes, while the server had exited at once."""
         try:
-            reader, writer = await asyncio.open_connection(_HOST, self.port)
-        except OSError:
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_connection(_HOST, self.port)
+        except (OSError, TimeoutError):
             return False
         try:
             async with asyncio.timeout(1.0):

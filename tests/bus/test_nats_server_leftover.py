@@ -5,11 +5,13 @@ under a graceful shutdown. A clean stop removes its pid file; its log is rotated
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import psutil
 import pytest
 
+from eventbus._errors import BusError
 from eventbus.bus import NatsServer, _nats_server
 
 
@@ -48,3 +50,22 @@ async def test_the_server_log_is_rotated_and_capped(
     rotated = [p for p in log.parent.iterdir() if p.name.startswith(log.name + ".")]
     # the current file and the two newest old ones
     assert log.exists() and len(rotated) == 2, sorted(p.name for p in rotated)
+
+
+@pytest.mark.timeout(60)
+async def test_a_port_held_by_a_program_that_never_accepts_is_named_at_once(
+    tmp_path: Path,
+) -> None:
+    # Another program listens on the port and accepts nothing, its queue full: nats-server
+    # exits at once (address in use), but each look for its greeting waited on a connect
+    # the kernel retried for two minutes, and the failure was then told as "did not accept
+    # connections within 10 s".
+    with socket.socket() as squatter, socket.socket() as queued:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(0)
+        port = squatter.getsockname()[1]
+        queued.connect(("127.0.0.1", port))  # fills the accept queue: the next SYN waits
+        server = NatsServer(tmp_path / "store", port=port)
+        with pytest.raises(BusError, match="exited with code"):
+            await server.start()
+        await server.stop()
