@@ -113,13 +113,19 @@ class DirectorySource:
             "mtime": modified.isoformat(),
         }
         if 0 < stat.st_size <= self.config.content_max_bytes:
-            # Binary or vanished: the event still reports the file, without content, and why.
+            # Binary, vanished or changed: the event still reports the file, without content,
+            # and why.
             try:
-                data["content"] = path.read_bytes()[: self.config.content_max_bytes].decode()
+                data["content"] = _content(path, stat).decode()
             except UnicodeDecodeError:
                 data["content_omitted"] = "the file is not UTF-8 text"
             except OSError as exc:
                 data["content_omitted"] = f"the file could not be read: {exc.strerror or exc}"
+        elif stat.st_size > self.config.content_max_bytes > 0:
+            limit = self.config.content_max_bytes
+            data["content_omitted"] = f"the file is larger than content_max_bytes ({limit})"
+        elif self.config.content_max_bytes:
+            data["content"] = ""
         event = {
             "specversion": "1.0",
             # The file version names the event, so a re-emitted one has the same id.
@@ -143,6 +149,21 @@ class DirectorySource:
             del data["content"]
             data["content_omitted"] = exc.detail
             return validate(event, max_size=max_size)
+
+
+def _content(path: Path, stat: os.stat_result) -> bytes:
+    """The bytes of the file ``path`` as ``stat`` saw it; OSError when it has changed since
+    (read after it grew, the content did not match the size and id of its event, which a
+    later event has: its size and mtime moved, the next scan sees them)."""
+    with path.open("rb") as handle:
+        content = handle.read(stat.st_size + 1)
+        now = os.fstat(handle.fileno())
+    if len(content) != stat.st_size or (now.st_size, now.st_mtime_ns) != (
+        stat.st_size,
+        stat.st_mtime_ns,
+    ):
+        raise OSError(0, "it changed while it was read (the next event has it)")
+    return content
 
 
 async def _emit_file(ctx: SourceContext, made: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from eventbus._errors import ConfigError
-from eventbus.sources import build_source
+from eventbus.sources import DirectorySource, build_source
 from tests.fixtures.nats import configured_nats_server
 from tests.fixtures.wait import eventually
 from tests.sources._harness import (
@@ -67,7 +67,8 @@ async def test_new_and_changed_files_once_across_restart(tmp_path: Path, databas
         }
         second, third = recorder.events[1:]
         assert second["subject"] == "sub/b.csv"
-        assert "content" not in second["data"]  # larger than content_max_bytes
+        assert "content" not in second["data"]  # larger than content_max_bytes, and it says so
+        assert second["data"]["content_omitted"] == "the file is larger than content_max_bytes (64)"
         assert third["type"] == "eventbus.file.modified"
         assert third["data"]["content"] == "id\n1\n2\n"
 
@@ -145,6 +146,25 @@ async def test_a_missing_directory_backs_off_until_it_is_there(
 def test_bad_settings_name_the_field(tmp_path: Path, extra: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         build_source(_spec(tmp_path, **extra))
+
+
+def test_content_is_the_file_as_its_size_says(tmp_path: Path) -> None:
+    # The content was read after the file's stat: a file still being written went out with a
+    # size of 63 bytes (and the id of that version) and 84 bytes of content. And an empty
+    # file had neither content nor a reason.
+    source = build_source(_spec(tmp_path, content_max_bytes=100))
+    assert isinstance(source, DirectorySource)
+    growing = tmp_path / "slow.txt"
+    growing.write_text("a" * 63)
+    seen = growing.stat()
+    with growing.open("a") as handle:
+        handle.write("b" * 21)
+    data = source._event("slow.txt", seen, False, 1 << 20)["data"]
+    assert data["size"] == 63 and "content" not in data
+    assert "changed while it was read" in data["content_omitted"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert source._event("empty.txt", empty.stat(), False, 1 << 20)["data"]["content"] == ""
 
 
 async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_dsn: str) -> None:
