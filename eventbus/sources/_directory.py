@@ -18,7 +18,7 @@ import logging
 import os
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pydantic
@@ -45,6 +45,19 @@ class DirectorySourceSpec(SourceSpec):
     # Files up to this many bytes that decode as UTF-8 carry their text in data.content;
     # 0 (the default) never reads file contents.
     content_max_bytes: int = pydantic.Field(default=0, ge=0, le=1024 * 1024)
+
+    @pydantic.field_validator("pattern")
+    @classmethod
+    def _within_path(cls, pattern: str) -> str:
+        # Refused here, with the file and line: each failed every scan (a source crashing
+        # and restarted for ever), or reported files outside the directory.
+        if not pattern:
+            raise ValueError("the pattern is empty ('*' matches every file of path)")
+        if PurePosixPath(pattern).is_absolute():
+            raise ValueError("a pattern is relative to path (put the directory in path)")
+        if ".." in PurePosixPath(pattern).parts:
+            raise ValueError("a pattern may not leave path ('..')")
+        return pattern
 
 
 class DirectorySource:

@@ -141,6 +141,12 @@ async def test_a_missing_directory_backs_off_until_it_is_there(
         ({"interval": -1}, "field 'interval'"),
         ({"content_max_bytes": 10**9}, "field 'content_max_bytes'"),
         ({"glob": "*"}, "field 'glob'"),
+        # each passed, then failed every scan (the source crashing, restarted for ever), or
+        # reported files outside the directory
+        ({"pattern": ""}, "field 'pattern': .*empty"),
+        ({"pattern": "/etc/*"}, "field 'pattern': .*relative"),
+        ({"pattern": "../../outside/*"}, "field 'pattern': .*'\\.\\.'"),
+        ({"pattern": "logs/../../*"}, "field 'pattern': .*'\\.\\.'"),
     ],
 )
 def test_bad_settings_name_the_field(tmp_path: Path, extra: dict[str, Any], fragment: str) -> None:
