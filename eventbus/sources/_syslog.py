@@ -279,6 +279,9 @@ class SyslogSourceSpec(SourceSpec):
     max_message_bytes: int = pydantic.Field(default=64 * 1024, ge=480, le=1024 * 1024)
     udp_receive_buffer: int = pydantic.Field(default=4 * 1024 * 1024, ge=4096, le=256 * 1024 * 1024)
     """SO_RCVBUF of the UDP socket (the kernel caps it at net.core.rmem_max)."""
+    max_connections: int = pydantic.Field(default=1000, ge=1, le=100_000)
+    """TCP connections held at once; one past them is closed as it comes (idle connections
+    without a bound took every file descriptor of the process: its HTTP, the other sources)."""
 
 
 def _udp_socket(host: str, port: int, buffer: int) -> socket.socket:
@@ -339,9 +342,24 @@ class SyslogSource:
         cfg = self.config
         connections: set[asyncio.Task[Any]] = set()
 
+        full = False  # said once for each time the connections reach max_connections
+
         async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal full
             task = asyncio.current_task()
             assert task is not None
+            if len(connections) >= cfg.max_connections:
+                writer.close()
+                ctx.status.errors += 1
+                ctx.status.last_error = (
+                    f"TCP connection refused: {cfg.max_connections} connections"
+                    " (max_connections) are open"
+                )
+                if not full:
+                    ctx.logger.warning("syslog %s: %s", self.name, ctx.status.last_error)
+                full = True
+                return
+            full = False
             connections.add(task)
             try:
                 await self._connection(ctx, reader, writer)

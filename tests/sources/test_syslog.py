@@ -258,6 +258,46 @@ async def test_bus_down_holds_the_message_and_retries(database_dsn: str) -> None
     assert [e["data"]["message"] for e in recorder.events] == ["one", "two"]
 
 
+async def test_tcp_connections_past_max_connections_are_closed(database_dsn: str) -> None:
+    # Idle connections had no bound: enough of them took every file descriptor of the
+    # process, and its HTTP and other sources with it.
+    port = free_port()
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "syslog", recorder)
+        spec = _spec(port, protocols=["tcp"], max_connections=2)
+        async with running(build_source(spec), ctx):
+            _, first = await _connect(port)
+            _, second = await _connect(port)
+            for n, writer in enumerate((first, second)):
+                writer.write(b"<14>held %d\n" % n)
+                await writer.drain()
+            await recorder.wait_for(2)  # both connections are the source's
+            assert await _held(port) is None  # a third is closed at once
+            assert "max_connections" in (ctx.status.last_error or "")
+            first.close()
+            fourth = await eventually(lambda: _held(port), what="room for a connection again")
+            fourth.write(b"<14>after\n")
+            await fourth.drain()
+            await recorder.wait_for(3)
+            second.close()
+            fourth.close()
+    assert sorted(e["data"]["message"] for e in recorder.events) == ["after", "held 0", "held 1"]
+
+
+async def _held(port: int) -> asyncio.StreamWriter | None:
+    """A connection to ``port`` the listener keeps (nothing read from it for 0.3 s), or None
+    when it closes it at once."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(0.3):
+            await reader.read()
+    except TimeoutError:
+        return writer
+    writer.close()
+    return None
+
+
 async def _running(ctx: Any) -> bool:
     return bool(ctx.status.state == "running")
 
