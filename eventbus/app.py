@@ -984,12 +984,12 @@ class Service:
         return await self.deliveries.list_dead_letters(flt, limit=limit, after_id=after)
 
     async def pending_retries(
-        self, *, limit: int, event: tuple[str, str] | None = None
+        self, *, limit: int, event: tuple[str, str] | None = None, target: str | None = None
     ) -> tuple[list[dict[str, Any]], int]:
-        """The deliveries waiting for their next attempt (of the ``(source, id)`` event only,
-        when given), the next due first, at most ``limit``, and how many wait in all. Raises
-        StoreError."""
-        return await self.deliveries.list_retries(limit=limit, event=event)
+        """The deliveries waiting for their next attempt (of the ``(source, id)`` event and
+        of ``target`` only, when given), the next due first, at most ``limit``, and how many
+        wait in all (of those). Raises StoreError."""
+        return await self.deliveries.list_retries(limit=limit, event=event, target=target)
 
     async def dead_letter(self, dl_id: int) -> dict[str, Any] | None:
         """One dead letter with its event and every attempt, or None."""

@@ -507,8 +507,8 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _cmd_retries(args: argparse.Namespace) -> int:
-    query = urllib.parse.urlencode({"limit": args.limit})
-    return _show(args, "retries", _request(args, "GET", f"/retries?{query}"))
+    query = _query(args, limit=args.limit)
+    return _show(args, "retries", _request(args, "GET", f"/retries{query}"))
 
 
 def _cmd_rules_reload(args: argparse.Namespace) -> int:
@@ -717,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt = p.add_subparsers(dest="retries_command", required=True)
     a = rt.add_parser("list", help="pending retries, the next due first")
     a.add_argument("--limit", type=int, default=100, help="at most this many")
+    a.add_argument("--target", help="only this target's retries")
     _client_args(a)
     a.set_defaults(func=_cmd_retries)
 

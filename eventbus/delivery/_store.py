@@ -406,14 +406,23 @@ class DeliveryStore:
         )
 
     async def list_retries(
-        self, *, limit: int = 100, event: tuple[str, str] | None = None
+        self,
+        *,
+        limit: int = 100,
+        event: tuple[str, str] | None = None,
+        target: str | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
-        """The pending retries (of the ``(source, id)`` event only, when given: an index of
-        migration 0006 finds them), the next due first (claimed ones too: their attempt is
-        under way), at most ``limit`` of them, and how many are pending in all. Each names the
-        last attempt's status and error; ``rule`` as rows name it (``orders#dead-letter`` for
-        a follow-up)."""
-        where = "" if event is None else " WHERE event_source = $2 AND event_id = $3"
+        """The pending retries (of the ``(source, id)`` event, and of ``target``, only, when
+        given: indexes of migrations 0002 and 0006 find them), the next due first (claimed
+        ones too: their attempt is under way), at most ``limit`` of them, and how many are
+        pending in all (of those). Each names the last attempt's status and error; ``rule``
+        as rows name it (``orders#dead-letter`` for a follow-up)."""
+        args: list[Any] = [*(event or ())]
+        conditions = [] if event is None else ["event_source = $2", "event_id = $3"]
+        if target is not None:
+            args.append(target)
+            conditions.append(f"target = ${len(args) + 1}")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = await self._run(
             "listing retries",
             self._pool.fetch(
@@ -423,7 +432,7 @@ class DeliveryStore:
                 " history->-1->>'error' AS last_error, count(*) OVER () AS total"
                 f" FROM delivery_retries{where} ORDER BY due_at, id LIMIT $1",
                 limit,
-                *(event or ()),
+                *args,
             ),
             deadline=READ_TIMEOUT,
         )

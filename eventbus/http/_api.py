@@ -46,6 +46,7 @@ from eventbus.http._params import (
     PayloadBytes,
     RetryEventId,
     RetrySource,
+    RetryTarget,
     Search,
     SourceName,
     TargetName,
@@ -272,11 +273,12 @@ async def list_retries(
     limit: Limit = 100,
     source: RetrySource = None,
     event_id: RetryEventId = None,
+    target: RetryTarget = None,
 ) -> Response:
     if (source is None) != (event_id is None):
         raise Problem(400, "query parameters 'source' and 'id' go together")
     event = None if source is None or event_id is None else (source, event_id)
-    items, total = await _service(request).pending_retries(limit=limit, event=event)
+    items, total = await _service(request).pending_retries(limit=limit, event=event, target=target)
     return _json({"items": items, "total": total})
 
 

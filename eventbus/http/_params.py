@@ -31,6 +31,9 @@ __all__ = [
     "Page",
     "Paging",
     "PayloadBytes",
+    "RetryEventId",
+    "RetrySource",
+    "RetryTarget",
     "Search",
     "SourceName",
     "TargetName",
@@ -153,6 +156,9 @@ RetryEventId = Annotated[
     str | None,
     Query(alias="id", description="Only the retries of the event with this id (with source)."),
     _text("id"),
+]
+RetryTarget = Annotated[
+    str | None, Query(description="Only the retries of this target."), _text("target")
 ]
 SourceName = Annotated[
     str | None, Query(description="Only this source's dead letters."), _text("source")

@@ -505,6 +505,8 @@ async def test_retries_list_shows_pending_retries(
     ]
     assert row.split()[1:4] == ["all", "fn", "1"] and "503" in row
     assert more == "1 of 2 pending retries shown (--limit)"
+    code, text, _ = await _cli("retries", "list", "--target", "nope", *url)
+    assert (code, text) == (0, "no pending retries\n")  # one target's only
     status, _, document = await svc.request("GET", "/openapi.json")
     assert document["paths"]["/retries"]["get"]["parameters"][0]["name"] == "limit"
 

@@ -490,6 +490,15 @@ async def test_targets_count_their_retries_waiting(
     ]
     status, _, problem = await svc.request("GET", f"/retries?source={source}")
     assert status == 400 and "'source' and 'id' go together" in problem["detail"], problem
+    # a target's only (the filter was ignored: every target's retries listed, as its own)
+    status, _, of_fn = await svc.request("GET", "/retries?target=fn&limit=5")
+    assert (status, of_fn["total"], len(of_fn["items"])) == (200, 1001, 5), of_fn
+    status, _, of_idle = await svc.request("GET", "/retries?target=idle")
+    assert (status, of_idle) == (200, {"items": [], "total": 0}), of_idle
+    status, _, both = await svc.request(
+        "GET", f"/retries?target=idle&source={source}&id={event_id}"
+    )
+    assert (status, both["total"]) == (200, 0), both
 
 
 async def test_answers_are_the_documented_bodies(
