@@ -113,11 +113,17 @@ class Variable:
     name: str
     path: JSONPath
     many: bool
+    filters: bool = False
+    """Whether the path has a filter (``[?(...)]``): jsonpath-ng's filter applied to an object
+    replaces the object, in the document it searches, by the list of its values. Such a path
+    searches a copy: the event itself was changed, for every other rule and target."""
 
     def value(self, event: dict[str, Any]) -> Any:
         """The selected value (or list of values when ``many``); ``None`` when nothing matches."""
         try:
-            found = [match.value for match in self.path.find(event)]
+            found = [
+                match.value for match in self.path.find(_copy(event) if self.filters else event)
+            ]
         except Exception:
             # jsonpath-ng filters coerce with int() and raise on a null or object value: a path
             # that cannot be followed in this event selects nothing, like a missing field.
@@ -130,6 +136,16 @@ class Variable:
                 )
             return found
         return found[0] if found else None
+
+
+def _copy(value: Any) -> Any:
+    """``value`` with every object and array copied (the scalars they hold are immutable); an
+    event nests at most ``MAX_STORED_DEPTH`` levels, well within Python's recursion."""
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value
 
 
 def _parse_path(source: object) -> JSONPath:
@@ -377,7 +393,8 @@ class Transform:
     def compile(cls, spec: TransformSpec) -> Transform:
         """Compile a validated spec; never raises (validation already checked everything)."""
         variables = tuple(
-            Variable(name, path, not _definite(path)) for name, path in spec.input_paths.items()
+            Variable(name, path, not _definite(path), _count(path, Filter) > 0)
+            for name, path in spec.input_paths.items()
         )
         if "constant" in spec.model_fields_set:
             constant = spec.constant
