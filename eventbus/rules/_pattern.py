@@ -164,15 +164,52 @@ def _shared(options: list[list[Membership]]) -> list[list[Membership]]:
 
 
 def _choose(options: list[list[Membership]], constraint: dict[int, int]) -> bool:
-    """Whether one membership per entry of ``options`` can be picked, all consistent."""
-    if not options:
+    """Whether one membership per entry of ``options`` can be picked, all consistent. Each
+    entry's memberships are looked up by the array positions already chosen: tried one by
+    one, two fields in different elements of one array of n tried n^2/4 pairs (18 s for an
+    event of 210 KB, the router held meanwhile)."""
+    return _pick([_Places(fits) for fits in options], 0, constraint)
+
+
+def _pick(options: list[_Places], at: int, constraint: dict[int, int]) -> bool:
+    if at == len(options):
         return True
-    first, rest = options[0], options[1:]
-    for membership in first:
+    for membership in options[at].fitting(constraint):
         extended = consistent(constraint, membership)
-        if extended is not None and _choose(rest, extended):
+        if extended is not None and _pick(options, at + 1, extended):
             return True
     return False
+
+
+class _Places:
+    """The memberships of one field's fitting values, found by an array position they take
+    (and, for each array, those not under it: they fit any of its positions)."""
+
+    def __init__(self, fits: list[Membership]) -> None:
+        self.fits = fits
+        self._at: dict[tuple[int, int], list[Membership]] = {}
+        for membership in fits:
+            for place in membership:
+                self._at.setdefault(place, []).append(membership)
+        self._arrays = {array for array, _ in self._at}
+        self._outside: dict[int, list[Membership]] = {}
+
+    def fitting(self, constraint: dict[int, int]) -> list[Membership]:
+        """A list holding every membership consistent with ``constraint`` (and perhaps some
+        others, ruled out by ``consistent``): the shortest that one chosen array gives."""
+        best = self.fits
+        for array in self._arrays:
+            position = constraint.get(array)
+            if position is None:
+                continue
+            outside = self._outside.get(array)
+            if outside is None:
+                outside = [m for m in self.fits if all(a != array for a, _ in m)]
+                self._outside[array] = outside
+            found = self._at.get((array, position), [])
+            if len(found) + len(outside) < len(best):
+                best = found + outside
+        return best
 
 
 def compile_pattern(pattern: object) -> CompiledPattern:
