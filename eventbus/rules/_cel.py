@@ -578,6 +578,39 @@ def _lone_literal(tree: lark.Tree[lark.Token]) -> bool:
     return tree.data == "literal"
 
 
+def _number_literal(tree: lark.Tree[lark.Token]) -> bool:
+    return any(
+        isinstance(token, lark.Token) and token.type in ("INT_LIT", "UINT_LIT")
+        for node in tree.iter_subtrees()
+        if node.data == "literal"
+        for token in node.children
+    )
+
+
+def _check_patterns(tree: lark.Tree[lark.Token]) -> None:
+    """Refuse a constant regular expression of ``matches`` that does not compile: it failed
+    every evaluation (re2 writing its error to standard error each time)."""
+    for node in tree.iter_subtrees():
+        if node.data == "member_dot_arg" and len(node.children) == 3:
+            name, arguments = node.children[1], node.children[2]
+        elif node.data == "ident_arg" and len(node.children) == 2:
+            name, arguments = node.children[0], node.children[1]
+        else:
+            continue
+        if str(name) != "matches" or not isinstance(arguments, lark.Tree):
+            continue
+        pattern = arguments.children[-1]
+        if not isinstance(pattern, lark.Tree) or not _lone_literal(pattern):
+            continue
+        literal = next(pattern.find_data("literal")).children[0]
+        if not isinstance(literal, lark.Token) or literal.type != "STRING_LIT":
+            continue
+        try:
+            _env().program(_env().compile(f"''.matches({literal})")).evaluate({})
+        except CELEvalError as exc:
+            raise RuleError(f"matches({literal}): not a valid regular expression") from exc
+
+
 def _constant_subtrees(
     tree: lark.Tree[lark.Token], variable: set[int]
 ) -> Iterator[lark.Tree[lark.Token]]:
@@ -594,8 +627,8 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
     # Sub-expressions made only of literals evaluate the same for every event: evaluating them
     # now turns an obvious type error such as `"a" + 1` into a load error.
     for node in _constant_subtrees(tree, _with_variables(tree)):
-        if node is not tree and _lone_literal(node):
-            continue  # the `3` of `x < 3` cannot fail
+        if node is not tree and _lone_literal(node) and not _number_literal(node):
+            continue  # the `"a"` of `x == "a"` cannot fail (`9223372036854775808` can)
         start, end = getattr(node.meta, "start_pos", None), getattr(node.meta, "end_pos", None)
         if start is None or end is None:
             continue  # the parser leaves some ternary branches without positions
@@ -639,6 +672,7 @@ def _compile(source: str, native: bool) -> Condition:
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
     _check_names(tree)
     _check_constants(source, tree)
+    _check_patterns(tree)
     if native:
         from eventbus.rules._cel_native import compile_native
 
