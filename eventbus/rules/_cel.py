@@ -635,7 +635,9 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
         text = source[start:end]
         try:
             value = _env().program(_env().compile(text)).evaluate({})
-        except CELParseError:
+        except (CELParseError, SyntaxError):
+            # SyntaxError: the transpiler writes `010` as invalid Python (see _runner); the
+            # interpreter runs it
             continue
         except CELEvalError as exc:
             raise RuleError(f"{text!r} can never be evaluated: {_reason(exc)}") from exc
