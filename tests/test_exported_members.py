@@ -105,6 +105,7 @@ EXPORTS: dict[str, list[str]] = {
     "eventbus.config": [
         "MIN_SECRET_CHARS",
         "PARENT_ENV",
+        "RESTARTED_ENV",
         "WORKER_ENV",
         "AddressLists",
         "ApiKey",
