@@ -113,6 +113,26 @@ async def test_jsonb_wraps_a_nul_only_not_its_text(
     assert loads_jsonb(back) == value
 
 
+async def test_an_object_wrapped_for_a_nul_keeps_its_other_entries_readable(
+    database_dsn: str,
+) -> None:
+    # A reply whose data held U+0000 was stored whole as base64: its eventbuscausesource was
+    # hidden from SQL, and its cause's trail did not list it.
+    event = {"id": "r-1", "eventbuscausesource": "/rep", "data": {"x": "a\x00b"}, "n": 2}
+    stored = dumps_jsonb(event)
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT $1::text::jsonb->>'eventbuscausesource' AS cause,"
+            " $1::text::jsonb->'data' AS data, $1::text::jsonb::text AS back",
+            stored,
+        )
+    finally:
+        await conn.close()
+    assert (row["cause"], row["data"]) == ("/rep", None)
+    assert loads_jsonb(row["back"]) == event
+
+
 @pytest.mark.parametrize(
     ("exc", "blames_the_rows"),
     [
