@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 import pydantic
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
 from eventbus._errors import BusError, StoreError
 from eventbus._tasks import stop_if_cancelled
@@ -68,16 +71,30 @@ class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
 
     url: str = pydantic.Field(pattern=r"^(nats|tls)://")
     stream: str = pydantic.Field(min_length=1)
-    durable: str | None = None
+    # a consumer's name: no ".", "*", ">" or white space (refused by the server at run time)
+    durable: str | None = pydantic.Field(None, pattern=r"^[^.*>\s]+$")
     subject: str | None = None
     batch: int = pydantic.Field(100, ge=1, le=10_000)
+
+    @property
+    def durable_name(self) -> str:
+        """``durable``, or ``eventbus-source-<name>`` with what a consumer's name may not hold
+        (a source name may have dots) as ``_``: the source never ran."""
+        return self.durable or "eventbus-source-" + re.sub(r"[.*>\s]", "_", self.name)
 
 
 PING_INTERVAL = 10.0
 MAX_OUTSTANDING_PINGS = 2
 
 
-async def _connect(url: str, closed: asyncio.Event, auth: dict[str, Any]) -> Client:
+async def _connect(
+    url: str, closed: asyncio.Event, auth: dict[str, Any], refused: list[Exception] | None = None
+) -> Client:
+    """A connection to ``url``; ``closed`` is set when it closes, and when the server refuses
+    a subscription (kept in ``refused``, when given): such a refusal may come after the
+    flush that follows the subscriptions (nats-py reads it in its own time), and the source
+    showed running while every message on that subject was lost."""
+
     async def on_closed() -> None:
         closed.set()
 
@@ -85,6 +102,9 @@ async def _connect(url: str, closed: asyncio.Event, auth: dict[str, Any]) -> Cli
         # The consume loop reports the failure that matters; nats-py's default handler would
         # print a traceback for every attempt.
         log.debug("nats %s: %r", redact_url(url), exc)
+        if refused is not None and "violation for subscription" in str(exc).lower():
+            refused.append(exc)
+            closed.set()
 
     # No client-side reconnect, and one connect attempt: the consume loop reconnects with
     # backoff and reports it in the status.
@@ -131,11 +151,14 @@ class _NatsConsumer(ABC, Generic[_C]):
         if self.config.wants_tls(self.config.url):
             where = f"{self.config.type} source {self.config.name!r}"
             await refuse_nats_plaintext(self.config.url, where)  # PermissionError: backoff
-        nc = await _connect(self.config.url, closed, self._auth)
+        refused: list[Exception] = []
+        nc = await _connect(self.config.url, closed, self._auth, refused)
         try:
             await self._serve(ctx, nc, closed, backoff)
         finally:
             await nc.close()
+        if refused:
+            raise nats.errors.Error(f"subscribing failed: {refused[0]}")
         raise ConnectionError(f"connection to {redact_url(self.config.url)} closed")
 
     @abstractmethod
@@ -186,17 +209,23 @@ class NatsSource(_NatsConsumer[NatsSourceSpec]):
         await publish_held(ctx, msg.data, convert, {"subject": msg.subject})
 
 
+_CONSUMER_NOT_FOUND = 10014  # JetStream's err_code: the stream is there, the consumer not
+
+
 class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
     """Reads a durable pull consumer; acks after publishing (at-least-once)."""
+
+    def __init__(self, config: JetStreamSourceSpec) -> None:
+        super().__init__(config)
+        self._acked = 0  # the highest stream sequence acked by this source in this process
 
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
     ) -> None:
-        psub = await nc.jetstream().pull_subscribe(
-            self.config.subject or "",
-            durable=self.config.durable or f"eventbus-source-{self.name}",
-            stream=self.config.stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+        js = nc.jetstream()
+        await self._consumer(js)
+        psub = await js.pull_subscribe_bind(
+            durable=self.config.durable_name, stream=self.config.stream
         )
         ctx.status.state = "running"
         backoff.reset()
@@ -214,6 +243,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             for msg, outcome in zip(batch, outcomes, strict=True):
                 if outcome is None:
                     await msg.ack()
+                    self._acked = max(self._acked, msg.metadata.sequence.stream)
                 else:
                     # Give back what is not on the bus; it is redelivered after the backoff,
                     # to this or another instance.
@@ -229,6 +259,49 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             # what waits, those given back included (it said nothing while backing off)
             ctx.status.lag = (ctx.status.lag or 0) + sum(o is not None for o in outcomes)
             await backoff.wait()
+
+    async def _consumer(self, js: JetStreamContext) -> None:
+        """Make the durable consumer, or check the one there: explicit acks, pulled, the
+        source's subject, no cap on redeliveries. One made beforehand with other settings
+        was read as it was (acks none: a message given back on a bus failure was lost; a push
+        consumer: nothing read; another filter: the subject asked for never read), the source
+        running. One deleted while this process read it is made again from the message after
+        the last one acked here (from the stream's start, every message older than the bus's
+        duplicate window reached the targets again)."""
+        cfg = self.config
+        durable = cfg.durable_name
+        try:
+            info = await js.consumer_info(cfg.stream, durable)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code != _CONSUMER_NOT_FOUND:
+                raise  # the stream itself: backoff, "stream not found"
+            start: dict[str, Any] = {"deliver_policy": DeliverPolicy.ALL}
+            if self._acked:
+                start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE}
+                start["opt_start_seq"] = self._acked + 1
+                log.warning(
+                    "jetstream source %s: consumer %s of stream %s is gone; made again from"
+                    " stream sequence %d, after the last message acked",
+                    self.name,
+                    durable,
+                    cfg.stream,
+                    self._acked + 1,
+                )
+            config = ConsumerConfig(
+                durable_name=durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject=cfg.subject or None,
+                **start,
+            )
+            await js.add_consumer(cfg.stream, config)
+            return
+        problems = _unfit(info.config, cfg.subject)
+        if problems:
+            raise nats.errors.Error(
+                f"consumer {durable} of stream {cfg.stream} exists with settings this source"
+                f" cannot read it by: {'; '.join(problems)} (delete it, or give the source"
+                " another durable)"
+            )
 
     def _message(self, ctx: SourceContext, msg: Msg) -> Message:
         meta = msg.metadata
@@ -248,6 +321,30 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
 
         where = {"stream": meta.stream, "sequence": meta.sequence.stream, "subject": msg.subject}
         return Message(msg.data, convert, where)
+
+
+def _unfit(config: ConsumerConfig, subject: str | None) -> list[str]:
+    """What in an existing consumer's ``config`` the jetstream source cannot work with."""
+    problems = []
+    # an enum member or its text, as nats-py reads the server's answer
+    policy = getattr(config.ack_policy, "value", config.ack_policy)
+    if policy not in (None, AckPolicy.EXPLICIT.value):
+        problems.append(f"ack_policy {policy} (explicit acks are needed)")
+    if config.deliver_subject:
+        problems.append("a push consumer (a pull consumer is needed)")
+    filters = set(config.filter_subjects or ())
+    if config.filter_subject:
+        filters.add(config.filter_subject)
+    wanted = {subject} if subject else set()
+    if filters != wanted:
+        have = ", ".join(sorted(filters)) or "every subject"
+        problems.append(f"it filters {have}, the source reads {subject or 'every subject'}")
+    if config.max_deliver not in (None, -1, 0):
+        problems.append(
+            f"max_deliver {config.max_deliver} (a message given back on each bus failure"
+            " would be dropped after so many)"
+        )
+    return problems
 
 
 def _micros(at: datetime) -> int:

@@ -12,18 +12,19 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import nats
+import nats.js.errors
 import orjson
 import psutil
 import pytest
 from nats.aio.client import Client
-from nats.js.api import ConsumerInfo
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo
 
 from eventbus._errors import ConfigError
 from eventbus.bus import NatsServer
 from eventbus.sources import SourceContext, build_source
 from eventbus.sources import _nats as nats_source_module
 from eventbus.sources._nats import JetStreamSource, NatsSource
-from tests.fixtures.nats import unique_name
+from tests.fixtures.nats import configured_nats_server, unique_name
 from tests.fixtures.wait import eventually
 from tests.sources._harness import dead_letters, running, source_pool
 from tests.sources.test_queue_support import BusTap, bus_tap, context
@@ -251,6 +252,113 @@ async def test_jetstream_batch_goes_to_the_bus_in_one_call_and_a_refused_message
     assert sorted(ids) == sorted(f"m{i}" for i in range(20))
     assert tap.refused == 1 and max(tap.calls) > 1 and sum(tap.calls) == 21
     assert (ctx.status.events, ctx.status.errors) == (20, 1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"ack_policy": AckPolicy.NONE}, "ack_policy none"),
+        ({"deliver_subject": "push.here"}, "a push consumer"),
+        ({"filter_subject": "{prefix}.a"}, "it filters {prefix}.a, the source reads {prefix}.b"),
+        ({"max_deliver": 2}, "max_deliver 2"),
+    ],
+    ids=["acks-none", "push", "other-filter", "max-deliver"],
+)
+async def test_an_existing_consumer_the_source_cannot_read_by_is_refused(
+    nats_url: str, database_dsn: str, settings: dict[str, Any], problem: str
+) -> None:
+    # A durable made beforehand was read as it was, its settings never looked at: with acks
+    # none a message given back on a bus failure was lost, a push consumer read nothing, another
+    # filter never read the subject asked for; the source said running.
+    async with _loaded_stream(nats_url, database_dsn, 0) as (nc, pool, tap, name, prefix):
+        config = {
+            k: v.format(prefix=prefix) if isinstance(v, str) else v for k, v in settings.items()
+        }
+        await nc.jetstream().add_consumer(
+            name, ConsumerConfig(durable_name="eventbus-source-premade", **config)
+        )
+        ctx = context(pool, "premade", tap, type="jetstream")
+        source = jetstream("premade", nats_url, name, subject=f"{prefix}.b")
+        async with running(source, ctx):
+            await eventually(lambda: _backing_off(ctx))
+        assert problem.format(prefix=prefix) in (ctx.status.last_error or ""), ctx.status
+
+
+async def test_a_consumer_deleted_while_read_is_made_again_after_the_last_acked(
+    nats_url: str, database_dsn: str
+) -> None:
+    # Made again from the stream's start: every message older than the bus's duplicate window
+    # reached the targets a second time (and bad ones were dead-lettered again).
+    async with _loaded_stream(nats_url, database_dsn, 5) as (nc, pool, tap, name, prefix):
+        js = nc.jetstream()
+        ctx = context(pool, "deleted", tap, type="jetstream")
+        async with running(jetstream("deleted", nats_url, name), ctx):
+            await tap.wait_published(5)
+            await eventually(
+                lambda: _acked_to(nc, name, "deleted", 5), what="the five acknowledged"
+            )
+            await js.delete_consumer(name, "eventbus-source-deleted")
+            for i in range(5, 7):
+                await js.publish(f"{prefix}.x", ce(i))
+            await eventually(
+                lambda: _acked_to(nc, name, "deleted", 7), what="the consumer made again"
+            )
+        ids = [e["id"] for e in await tap.take(7)]
+    assert sorted(ids) == [f"m{i}" for i in range(7)]
+    assert tap.published == 7  # the first five were not published again
+
+
+async def _acked_to(nc: Client, stream_name: str, source: str, sequence: int) -> bool:
+    try:
+        info = await consumer(nc, stream_name, source)
+    except nats.js.errors.NotFoundError:
+        return False
+    return info.ack_floor.stream_seq == sequence and info.num_ack_pending == 0
+
+
+async def test_a_source_whose_name_has_a_dot_reads_its_stream(
+    nats_url: str, database_dsn: str
+) -> None:
+    # Names take dots; the default durable, eventbus-source-<name>, then was no valid consumer
+    # name, and the source crashed at every start. A durable given so is refused at load.
+    async with _loaded_stream(nats_url, database_dsn, 2) as (nc, pool, tap, name, _):
+        ctx = context(pool, "js.dot", tap, type="jetstream")
+        async with running(jetstream("js.dot", nats_url, name), ctx):
+            await tap.wait_published(2)
+            await eventually(lambda: _acked_to(nc, name, "js_dot", 2), what="both acknowledged")
+    with pytest.raises(ConfigError, match="field 'durable'"):
+        jetstream("n", nats_url, "S", durable="a.b")
+
+
+async def test_a_subscription_the_server_refuses_is_never_running(
+    tmp_path: Path, nats_url: str, database_dsn: str
+) -> None:
+    # The refusal (-ERR "Permissions Violation for Subscription") could be read after the
+    # flush that follows the subscriptions: in about 3 tries of 10 the source said running,
+    # and every message on the refused subject was lost. Each try is now an error, whenever
+    # the refusal is read; three in a row would have passed about one run in three.
+    password = "bob-password-0123456789"
+    permissions = '{subscribe: {deny: ["secret.>"]}}'
+    config = f"authorization {{ users = [ {{user: bob, password: {password},"
+    config += f" permissions: {permissions}}} ] }}"
+    async with (
+        configured_nats_server(tmp_path / "nats", config) as port,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        spec = {
+            "name": "refused",
+            "type": "nats",
+            "url": f"nats://127.0.0.1:{port}",
+            "user": "bob",
+            "password": password,
+            "subjects": ["ok.x", "secret.x"],
+        }
+        ctx = context(pool, "refused", tap, type="nats")
+        async with running(build_source(spec), ctx):
+            await eventually(lambda: ctx.status.errors >= 3, within=40, what="three refusals")
+            assert ctx.status.state == "backoff"
+        assert "violation for subscription" in (ctx.status.last_error or "")
 
 
 async def test_core_nats_subjects_and_dead_letters(nats_url: str, database_dsn: str) -> None:
