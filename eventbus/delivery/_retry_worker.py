@@ -174,14 +174,30 @@ class RetryWorker:
                 await self._idle()
 
     async def _claim(self, limit: int, *, skip: list[str]) -> list[Delivery]:
-        """Up to ``limit`` due rows of the targets this process has, but ``skip``'s."""
-        return await self._store.claim_due(
+        """Up to ``limit`` due rows of the targets this process has, but ``skip``'s. A claim
+        whose answer took half its lease or more (the database frozen meanwhile, its commit
+        late) is given back, not attempted: its lease may run out before the attempt ends,
+        and another claimer attempt the rows too (six events were delivered twice so)."""
+        asked = time.monotonic()
+        claimed = await self._store.claim_due(
             limit=limit,
             lease=self._lease,
             instance=self._instance,
             skip=skip,
             known=self._dispatcher.target_names(),
         )
+        took = time.monotonic() - asked
+        if claimed and took >= self._lease / 2:
+            log.warning(
+                "a claim of %d retries took %.1f s of its %g s lease: given back",
+                len(claimed),
+                took,
+                self._lease,
+            )
+            with contextlib.suppress(StoreError):  # if not, they wait for their lease
+                await self._store.release(claimed)
+            return []
+        return claimed
 
     def _held_rows(self) -> _Held:
         """The rows each target holds, and of those the ones whose request is under way."""

@@ -223,7 +223,10 @@ class DeliveryStore:
             "claiming due retries",
             self._pool.fetch(
                 f"UPDATE delivery_retries SET locked_by = $3 || '/' || gen_random_uuid(),"
-                f" locked_until = now() + make_interval(secs => $2)"
+                # clock_timestamp(), not now() (the statement's start): a claim that waited
+                # (a lock, a server frozen) wrote a lease already run out, which another
+                # claimer took again at once, and both attempted the row
+                f" locked_until = clock_timestamp() + make_interval(secs => $2)"
                 f" WHERE id IN (SELECT id FROM delivery_retries"
                 f"   WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now())"
                 f"   AND target <> ALL($4::text[])"
@@ -249,7 +252,8 @@ class DeliveryStore:
         await self._run(
             "extending retry leases",
             self._pool.execute(
-                "UPDATE delivery_retries r SET locked_until = now() + make_interval(secs => $3)"
+                "UPDATE delivery_retries r"
+                " SET locked_until = clock_timestamp() + make_interval(secs => $3)"
                 " FROM unnest($1::bigint[], $2::text[]) AS c(id, claim)"
                 " WHERE r.id = c.id AND r.locked_by = c.claim",
                 list(claims),

@@ -51,6 +51,26 @@ async def test_two_claimers_split_due_rows(store: DeliveryStore) -> None:
     assert await store.claim_due(limit=10, lease=60, instance="c") == []
 
 
+async def test_a_claim_that_waited_holds_its_whole_lease(
+    store: DeliveryStore, database_dsn: str
+) -> None:
+    # The lease counted from the statement's start: a claim that waited (a lock, a server
+    # frozen) wrote one already run out, another claimer took the rows at once, and both
+    # attempted them.
+    await store.schedule(_delivery(1), due_in=0)
+    async with table_locked(database_dsn, "delivery_retries"):
+        claim = asyncio.create_task(store.claim_due(limit=1, lease=1.0, instance="a"))
+        await asyncio.sleep(1.5)  # past the lease, the claim waiting on the lock
+    (claimed,) = await claim
+    assert await store.claim_due(limit=1, lease=1.0, instance="b") == []  # still a's
+    left = await store._pool.fetchval(
+        "SELECT extract(epoch FROM locked_until - clock_timestamp()) FROM delivery_retries"
+        " WHERE id = $1",
+        claimed.pending_id,
+    )
+    assert 0.5 < left <= 1.0, left
+
+
 async def test_rows_of_a_target_the_claimer_lacks_wait_for_one_that_has_it(
     store: DeliveryStore,
 ) -> None:
