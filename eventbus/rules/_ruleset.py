@@ -36,6 +36,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -104,13 +105,13 @@ class _RuleSpec(BaseModel):
 
     name: str = Field(pattern=_NAME)
     description: str = ""
-    enabled: bool = True
+    enabled: StrictBool = True
     match: Annotated[CompiledPattern, BeforeValidator(_compile_match)] = Field(
         default_factory=lambda: compile_pattern({})
     )
     when: Annotated[Condition, BeforeValidator(_compile_when)] | None = None
     transform: TransformSpec | None = None
-    sync: bool = False
+    sync: StrictBool = False
     targets: list[Annotated[_TargetSpec, BeforeValidator(_name_only)]] = Field(min_length=1)
 
     @field_validator("targets")

@@ -48,6 +48,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -341,7 +342,7 @@ class TransformSpec(BaseModel):
     ] = Field(default_factory=dict)
     template: Any = None
     constant: Any = None
-    keep_cloudevent: bool = False
+    keep_cloudevent: StrictBool = False
 
     @field_validator("template", "constant")
     @classmethod
