@@ -29,6 +29,7 @@ import base64
 import contextlib
 import http.client
 import io
+import logging
 import math
 import os
 import sys
@@ -808,7 +809,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False) and isinstance(problem, dict):
             with contextlib.suppress(BrokenPipeError):  # (| head: the reader left)
                 print_json(problem, sys.stdout)  # a script reads the refusal as it reads answers
-        sys.stderr.write(f"eventbus: {printable(str(exc))}\n")
+        from eventbus.config import WORKER_ENV
+
+        if os.environ.get(WORKER_ENV) is not None and logging.getLogger().handlers:
+            # a worker of serve --workers N: a line of the log, with its time, level and
+            # number, as its others (a bare "eventbus: ..." among JSON lines named no worker)
+            logging.getLogger("eventbus").error("%s", printable(str(exc)))
+        else:
+            sys.stderr.write(f"eventbus: {printable(str(exc))}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

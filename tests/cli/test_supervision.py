@@ -112,6 +112,9 @@ async def test_a_worker_failing_at_its_start_is_restarted_later_each_time_then_g
     for delay in ("1 s", "2 s", "4 s", "8 s"):
         assert f"restarting in {delay}" in err, err[-3000:]
     assert "giving up: every worker exited 5 times or more in a row within 10 s" in err
+    # a worker's failure is a line of its log, numbered (it was a bare "eventbus: ..." line)
+    failures = [line for line in err.splitlines() if "is unreachable (gave up" in line]
+    assert failures and all("ERROR [worker " in line for line in failures), err[-3000:]
 
 
 async def test_a_frozen_worker_is_killed_and_started_again(
