@@ -39,6 +39,7 @@ __all__ = [
     "StoreDataError",
     "StoreError",
     "StoreUnavailable",
+    "error_text",
     "truncate_error",
 ]
 
@@ -167,6 +168,15 @@ def truncate_error(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
+def error_text(exc: BaseException) -> str:
+    """``exc`` for a status or a health answer: its type and its text, or what the type
+    means where it has none (a bare TimeoutError read "TimeoutError: ")."""
+    text = str(exc)
+    if not text and isinstance(exc, TimeoutError):
+        text = "no answer in time"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class FailureRun:
     """Failures in a row of one repeated operation (a component's health reads it): since
     when, and the last one's text; ``ended`` once the operation succeeds."""
@@ -185,7 +195,7 @@ class FailureRun:
         self.at = time.monotonic()
         if self.since is None or new:
             self.since = self.at
-        self.last = truncate_error(f"{type(exc).__name__}: {exc}")
+        self.last = truncate_error(error_text(exc))
 
     def ended(self) -> None:
         self.since = None

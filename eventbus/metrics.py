@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __all__ = [
+    "AUDIT_PENDING",
     "AUDIT_QUARANTINED",
     "BUS_REJECTED",
     "CIRCUIT_STATE",
@@ -152,6 +153,12 @@ RETRY_BACKLOG = Gauge(
     "Deliveries waiting in the durable retry schedule",
     registry=REGISTRY,
     multiprocess_mode="livemostrecent",
+)
+AUDIT_PENDING = Gauge(
+    "eventbus_audit_pending",
+    "Audit rows accepted but not yet written to the database (held in memory)",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 AUDIT_QUARANTINED = Counter(
     "eventbus_audit_quarantined",

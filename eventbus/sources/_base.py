@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from eventbus._errors import error_text
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Clock, SystemClock
@@ -161,7 +162,7 @@ class SourceContext:
         """Record a transient failure the source is about to back off from."""
         self.status.state = "backoff"
         self.status.errors += 1
-        self.status.last_error = f"{type(exc).__name__}: {exc}"
+        self.status.last_error = error_text(exc)
         self._failing = True
         self.logger.warning("source %s: %s", self.name, self.status.last_error)
 

@@ -348,6 +348,7 @@ class AuditWriter:
                 self._urgent = False
             await self._write(rows)
             self._held -= count
+            metrics.AUDIT_PENDING.set(self._held)
             self._done += count
             self._space.set()
             while self._waiters and self._waiters[0][0] <= self._done:
@@ -377,6 +378,7 @@ class AuditWriter:
                     await self._isolate(rows, exc, skip_known)
                     return
                 self._failed(exc)
+                metrics.AUDIT_PENDING.set(self._held)  # growing while the writes fail
                 unsure = True
                 _log.warning("audit: writing %d rows failed, retrying: %r", len(rows), exc)
             else:

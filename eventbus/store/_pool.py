@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from eventbus._errors import StoreError
+from eventbus._errors import StoreError, error_text
 from eventbus.config import redact_url
 from eventbus.store._audit import AuditWriter
 from eventbus.store._failures import READ_TIMEOUT, run_db
@@ -387,7 +387,7 @@ async def _connect(
         if loop.time() + delay > deadline:
             raise StoreError(
                 f"Postgres at {redact_url(dsn)} is unreachable (gave up after {wait:g} s): "
-                f"{type(last).__name__}: {last}"
+                f"{error_text(last)}"
             ) from last
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from eventbus import metrics
 from eventbus._errors import MAX_ERROR_CHARS, StoreError
 from eventbus.cloudevents import validate
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
@@ -326,9 +327,12 @@ async def test_a_server_side_failure_is_retried_not_quarantined_and_reported(
             why = await _unhealthy(store, stall_after=0.2)
             assert "1 rows waiting" in why and "matches" in why
             assert not flushed.done()
+            # the backlog is a metric too (it was only in the health answer)
+            assert metrics.REGISTRY.get_sample_value("eventbus_audit_pending") == 1
         finally:
             await store.pool.execute("ALTER TABLE matches_away RENAME TO matches")
         await asyncio.wait_for(flushed, BOUND)
+        assert metrics.REGISTRY.get_sample_value("eventbus_audit_pending") == 0
         assert await _count(store, "matches") == 1
         assert store.audit.quarantined == 0
         assert store.audit.health(stall_after=0.2) == (True, "ok")
