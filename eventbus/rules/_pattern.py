@@ -188,28 +188,35 @@ class _Places:
     def __init__(self, fits: list[Membership]) -> None:
         self.fits = fits
         self._at: dict[tuple[int, int], list[Membership]] = {}
+        self._under: dict[int, int] = {}  # array -> how many memberships lie under it
         for membership in fits:
             for place in membership:
                 self._at.setdefault(place, []).append(membership)
-        self._arrays = {array for array, _ in self._at}
+                self._under[place[0]] = self._under.get(place[0], 0) + 1
         self._outside: dict[int, list[Membership]] = {}
 
     def fitting(self, constraint: dict[int, int]) -> list[Membership]:
         """A list holding every membership consistent with ``constraint`` (and perhaps some
-        others, ruled out by ``consistent``): the shortest that one chosen array gives."""
-        best = self.fits
-        for array in self._arrays:
-            position = constraint.get(array)
-            if position is None:
+        others, ruled out by ``consistent``): the shortest that one chosen array gives. Only
+        the chosen arrays this field lies under are looked at, and the memberships outside an
+        array are listed only for the array picked (for every array, with arrays nested in
+        an array's elements, it was quadratic again, in time and memory)."""
+        best, size = None, len(self.fits)
+        for array, position in constraint.items():
+            under = self._under.get(array)
+            if under is None:
                 continue
-            outside = self._outside.get(array)
-            if outside is None:
-                outside = [m for m in self.fits if all(a != array for a, _ in m)]
-                self._outside[array] = outside
-            found = self._at.get((array, position), [])
-            if len(found) + len(outside) < len(best):
-                best = found + outside
-        return best
+            found = len(self._at.get((array, position), ())) + len(self.fits) - under
+            if found < size:
+                best, size = (array, position), found
+        if best is None:
+            return self.fits
+        array, position = best
+        outside = self._outside.get(array)
+        if outside is None:
+            outside = [m for m in self.fits if all(a != array for a, _ in m)]
+            self._outside[array] = outside
+        return self._at.get(best, []) + outside
 
 
 def compile_pattern(pattern: object) -> CompiledPattern:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -29,7 +30,7 @@ import nats.js.errors
 import pydantic
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from eventbus._errors import BusError, StoreError
@@ -84,6 +85,7 @@ class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
 
 
 PING_INTERVAL = 10.0
+FLOOR_EVERY = 10.0  # seconds between two reads of a jetstream source's consumer's ack floor
 MAX_OUTSTANDING_PINGS = 2
 
 
@@ -217,7 +219,10 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
 
     def __init__(self, config: JetStreamSourceSpec) -> None:
         super().__init__(config)
-        self._acked = 0  # the highest stream sequence acked by this source in this process
+        # The durable's ack floor (every message up to it acked, by any instance) as last read,
+        # with the stream's creation time then: where a durable deleted while this process
+        # read it is made again from (see _consumer).
+        self._floor: tuple[datetime | None, int] | None = None
 
     async def _serve(
         self, ctx: SourceContext, nc: Client, closed: asyncio.Event, backoff: Backoff
@@ -229,8 +234,12 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
         )
         ctx.status.state = "running"
         backoff.reset()
+        floor_read = time.monotonic()
         while not closed.is_set():
             stop_if_cancelled()  # nats-py's fetch may lose a cancellation (3.11)
+            if time.monotonic() - floor_read >= FLOOR_EVERY:
+                floor_read = time.monotonic()
+                await self._read_floor(js, await psub.consumer_info())
             try:
                 batch = await psub.fetch(self.config.batch, timeout=1.0)
             except TimeoutError:
@@ -243,7 +252,6 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             for msg, outcome in zip(batch, outcomes, strict=True):
                 if outcome is None:
                     await msg.ack()
-                    self._acked = max(self._acked, msg.metadata.sequence.stream)
                 else:
                     # Give back what is not on the bus; it is redelivered after the backoff,
                     # to this or another instance.
@@ -276,16 +284,19 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             if exc.err_code != _CONSUMER_NOT_FOUND:
                 raise  # the stream itself: backoff, "stream not found"
             start: dict[str, Any] = {"deliver_policy": DeliverPolicy.ALL}
-            if self._acked:
+            stream = await js.stream_info(cfg.stream)
+            if self._floor is not None and stream.created and self._floor[0] == stream.created:
+                # not a stream made again (its sequences start over): the messages after
+                # the floor, those acked since included (within the bus's duplicate window)
                 start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE}
-                start["opt_start_seq"] = self._acked + 1
+                start["opt_start_seq"] = self._floor[1] + 1
                 log.warning(
                     "jetstream source %s: consumer %s of stream %s is gone; made again from"
-                    " stream sequence %d, after the last message acked",
+                    " stream sequence %d, after its ack floor as last read",
                     self.name,
                     durable,
                     cfg.stream,
-                    self._acked + 1,
+                    self._floor[1] + 1,
                 )
             config = ConsumerConfig(
                 durable_name=durable,
@@ -302,6 +313,14 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
                 f" cannot read it by: {'; '.join(problems)} (delete it, or give the source"
                 " another durable)"
             )
+        await self._read_floor(js, info)
+
+    async def _read_floor(self, js: JetStreamContext, info: ConsumerInfo) -> None:
+        """Keep the consumer's ack floor (``info``: its ConsumerInfo), with its stream's
+        creation time."""
+        stream = await js.stream_info(self.config.stream)
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        self._floor = (stream.created, floor)
 
     def _message(self, ctx: SourceContext, msg: Msg) -> Message:
         meta = msg.metadata

@@ -261,6 +261,13 @@ def test_two_fields_in_different_elements_of_one_array_are_not_tried_pair_by_pai
     assert not pattern.matches({"data": {"items": items}})
     assert calls <= 2 * len(items), calls  # old: 4 million
     assert pattern.matches({"data": {"items": [*items, {"p": "v", "q": "v"}]}})
+    # ... and under arrays nested in an array's elements (each element's own array): the
+    # join looked at every array crossed, listing for each the memberships outside it
+    calls = 0
+    tagged = compile_pattern({"data": {"items": {"tags": {"k": ["a"], "v": ["b"]}}}})
+    rows = [{"tags": [{"k": "a"}, {"v": "b"}, {"k": "a"}, {"v": "b"}]} for _ in range(1000)]
+    assert not tagged.matches({"data": {"items": rows}})
+    assert calls <= 2 * 4 * len(rows), calls
     # fields under two arrays, one of them nested in the other's elements
     nested = {"data": {"a": [{"b": [{"p": "v"}, {"q": "v"}]}, {"b": [{"p": "v", "q": "v"}]}]}}
     deep = compile_pattern({"data": {"a": {"b": {"p": ["v"], "q": ["v"]}}}})

@@ -284,18 +284,25 @@ async def test_an_existing_consumer_the_source_cannot_read_by_is_refused(
         assert problem.format(prefix=prefix) in (ctx.status.last_error or ""), ctx.status
 
 
-async def test_a_consumer_deleted_while_read_is_made_again_after_the_last_acked(
-    nats_url: str, database_dsn: str
+async def test_a_consumer_deleted_while_read_is_made_again_after_its_ack_floor(
+    nats_url: str, database_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Made again from the stream's start: every message older than the bus's duplicate window
-    # reached the targets a second time (and bad ones were dead-lettered again).
+    # reached the targets a second time (and bad ones were dead-lettered again). From the ack
+    # floor as last read (every FLOOR_EVERY s), not from the last message this process acked:
+    # one given back (nak) below it, or another instance's in flight, would be skipped.
+    monkeypatch.setattr(nats_source_module, "FLOOR_EVERY", 0.1)
     async with _loaded_stream(nats_url, database_dsn, 5) as (nc, pool, tap, name, prefix):
         js = nc.jetstream()
         ctx = context(pool, "deleted", tap, type="jetstream")
-        async with running(jetstream("deleted", nats_url, name), ctx):
+        source = jetstream("deleted", nats_url, name)
+        async with running(source, ctx):
             await tap.wait_published(5)
             await eventually(
                 lambda: _acked_to(nc, name, "deleted", 5), what="the five acknowledged"
+            )
+            await eventually(
+                lambda: source._floor is not None and source._floor[1] == 5, what="floor read"
             )
             await js.delete_consumer(name, "eventbus-source-deleted")
             for i in range(5, 7):
@@ -306,6 +313,30 @@ async def test_a_consumer_deleted_while_read_is_made_again_after_the_last_acked(
         ids = [e["id"] for e in await tap.take(7)]
     assert sorted(ids) == [f"m{i}" for i in range(7)]
     assert tap.published == 7  # the first five were not published again
+
+
+async def test_a_stream_made_again_is_read_from_its_first_message(
+    nats_url: str, database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its sequences start over: a consumer made again after the old stream's ack floor (5)
+    # would skip the new stream's first five messages.
+    monkeypatch.setattr(nats_source_module, "FLOOR_EVERY", 0.1)
+    async with _loaded_stream(nats_url, database_dsn, 5) as (nc, pool, tap, name, prefix):
+        js = nc.jetstream()
+        ctx = context(pool, "remade", tap, type="jetstream")
+        source = jetstream("remade", nats_url, name)
+        async with running(source, ctx):
+            await tap.wait_published(5)
+            await eventually(
+                lambda: source._floor is not None and source._floor[1] == 5, what="floor read"
+            )
+            await js.delete_stream(name)
+            await js.add_stream(name=name, subjects=[f"{prefix}.>"])
+            for i in range(5, 8):
+                await js.publish(f"{prefix}.x", ce(i))
+            await tap.wait_published(8)
+        ids = [e["id"] for e in await tap.take(8)]
+    assert sorted(ids) == [f"m{i}" for i in range(8)]
 
 
 async def _acked_to(nc: Client, stream_name: str, source: str, sequence: int) -> bool:
