@@ -170,7 +170,7 @@ class KafkaSource:
     async def _read_past_unreadable(
         self, ctx: SourceContext, consumer: AIOKafkaConsumer, error: Exception
     ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-        """Read each assigned partition one record at a time, up to ``batch`` records in all:
+        """Read each assigned partition one record at a time, up to its share of ``batch``:
         the records that can be read are returned, and one that cannot is dead-lettered (its
         position in ``meta``, no payload: the client could not read it), committed and read
         past when it comes first in its partition (after records not yet on the bus, the
@@ -179,8 +179,11 @@ class KafkaSource:
         partition and second: hours to reach a bad record behind thousands."""
         log.warning("kafka source %s: a fetch could not read a record (%r)", self.name, error)
         found: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
-        room = self.config.batch
-        for tp in consumer.assignment():
+        assigned = consumer.assignment()
+        # each partition its share: one busy partition first in the set's order took the
+        # whole batch every round, and the one holding the bad record was never reached
+        for tp in assigned:
+            room = max(1, self.config.batch // len(assigned))
             while room > 0:
                 try:
                     got = await consumer.getmany(tp, timeout_ms=200, max_records=1)
