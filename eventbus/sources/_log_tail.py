@@ -270,8 +270,19 @@ class LogTailSource:
             for key in [k for k in self._files if k not in current]:
                 f = self._files[key]
                 if f.handle is not None:
-                    while await self._read(ctx, f):
-                        pass
+                    try:
+                        while await self._read(ctx, f):
+                            pass
+                    except OSError as exc:
+                        # its handle fails (EIO, a stale NFS handle): retried, it held the
+                        # source in backoff for good, no other file read
+                        log.warning(
+                            "log-tail %s: %s is gone and its handle cannot be read (%s): "
+                            "the rest of it is not read",
+                            self.name,
+                            f.path,
+                            exc,
+                        )
                     await self._finish(ctx, f)
                     f.handle.close()
                 del self._files[key]
