@@ -602,7 +602,10 @@ def _collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off for the block. Loading allocates hundreds of thousands
     of objects, and each full collection it triggers walks every object of the process (the
     current rule set's compiled conditions included): with 10,000 rules that was most of a
-    reload's time. What the block leaves behind is collected afterwards as usual."""
+    reload's time. What the block leaves behind is collected afterwards as usual. The pause is
+    the process's: a reload runs in a thread while the event loop goes on (``Service.
+    reload_rules``), so the loop's own cyclic garbage waits for the load's end too (seconds
+    for thousands of conditions; freed by reference counting, most of it never waits)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import re
 from types import TracebackType
@@ -137,9 +138,12 @@ def _key_bytes(value: Any) -> bytes | None:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def _find_key(path: JSONPath, event: dict[str, Any]) -> bytes | None:
+def _find_key(path: JSONPath, event: dict[str, Any], filters: bool) -> bytes | None:
+    """The record key ``path`` finds in ``event``; a path with a filter (``filters``) searches
+    a copy: jsonpath-ng's filter applied to an object replaces it, in the document it
+    searches, by the list of its values (the event other targets deliver)."""
     try:
-        found = path.find(event)
+        found = path.find(copy.deepcopy(event) if filters else event)
     except Exception:
         # jsonpath-ng filters coerce with int() and raise on a null or object value: a path
         # that cannot be followed in this event selects nothing, like a missing field.
@@ -171,6 +175,7 @@ class KafkaTarget:
                 f"{where}: topic must be 1-249 characters of A-Z a-z 0-9 . _ -: {config.topic!r}"
             )
         self._key_path: JSONPath | None = None
+        self._key_filters = "?(" in (config.key or "")  # see _find_key
         if config.key is not None:
             if not config.key.startswith("$"):
                 raise ConfigError(
@@ -267,7 +272,7 @@ class KafkaTarget:
                 value = orjson.dumps(payload)
                 headers.append(("content-type", b"application/json"))
         if self._key_path is not None:
-            key = _find_key(self._key_path, event)
+            key = _find_key(self._key_path, event, self._key_filters)
         return key, headers, value
 
     async def deliver(

@@ -605,6 +605,19 @@ def test_a_signature_is_checked_against_the_time_of_the_request() -> None:
         )
 
 
+def test_a_filter_in_a_template_leaves_the_body_as_it_came() -> None:
+    # jsonpath-ng's filter applied to an object replaced it, in the body it searched, by the
+    # list of its values: the event's data went out changed.
+    source = build_source(
+        {"name": "f", "type": "webhook", "event_type": "com.x.{body:$.order[?(@ > 1)]}"}
+    )
+    assert isinstance(source, WebhookSource)
+    body = b'{"order": {"a": 2, "b": 0}}'
+    request = HookRequest("POST", {"content-type": "application/json"}, "", body)
+    event = source.event_for(request)
+    assert (event["type"], event["data"]) == ("com.x.2", {"order": {"a": 2, "b": 0}})
+
+
 def test_the_examples_of_the_docs_load_as_printed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

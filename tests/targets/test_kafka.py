@@ -218,3 +218,14 @@ def test_bad_config_names_the_target(field: str, value: Any, reason: str) -> Non
     settings[field] = value
     with pytest.raises(ConfigError, match=rf"Kafka target 'orders'.*{reason}"):
         KafkaTarget(KafkaTargetSpec(name="orders", **settings))
+
+
+def test_a_key_path_with_a_filter_leaves_the_event_as_it_is() -> None:
+    # jsonpath-ng's filter applied to an object replaced it, in the event it searched, by the
+    # list of its values: the event every other target of the route delivers.
+    from jsonpath_ng.ext import parse
+
+    event = {"id": "1", "data": {"order": {"a": 2, "b": 0}}}
+    path = parse("$.data.order[?(@ > 1)]")
+    assert kafka_target_module._find_key(path, event, True) == b"2"
+    assert event == {"id": "1", "data": {"order": {"a": 2, "b": 0}}}
