@@ -683,7 +683,9 @@ class Service:
             self.settings.rules,
             self.rules.current.fingerprint,
         )
-        if announce and self.rules_reloaded is not None:
+        if announce and self.rules_reloaded is not None and not self.stopping:
+            # (not once the service stops: a reload that ends then would have the parent of
+            # --workers N pass SIGHUP to workers that are ending)
             self.rules_reloaded()
         return count
 

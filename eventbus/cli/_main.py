@@ -9,7 +9,7 @@
     eventbus rules reload                               (the running service loads its rules again)
     eventbus events show SOURCE ID
     eventbus dlq list|show ID|replay [ID...]|purge [ID...]   (filters: --rule --target ...)
-    eventbus retries list [--limit N]
+    eventbus retries list [--limit N] [--target T]
     eventbus targets [enable TARGET]                    (circuits, retries, 410-disabled targets)
     eventbus sources [--dead-letters]
     eventbus display [--port 9000]                      (a function endpoint that prints events)

@@ -578,13 +578,24 @@ def _lone_literal(tree: lark.Tree[lark.Token]) -> bool:
     return tree.data == "literal"
 
 
-def _number_literal(tree: lark.Tree[lark.Token]) -> bool:
-    return any(
-        isinstance(token, lark.Token) and token.type in ("INT_LIT", "UINT_LIT")
-        for node in tree.iter_subtrees()
-        if node.data == "literal"
-        for token in node.children
-    )
+def _number_out_of_range(tree: lark.Tree[lark.Token]) -> str | None:
+    """Why the lone integer literal ``tree`` is none CEL takes (past int64, or uint64 with
+    ``u``), read in Python (evaluating each literal with cel-python slowed the load by a
+    fifth); None for any other literal."""
+    literal = next(tree.find_data("literal"), None)
+    token = literal.children[0] if literal is not None and literal.children else None
+    if not isinstance(token, lark.Token) or token.type not in ("INT_LIT", "UINT_LIT"):
+        return None
+    unsigned = token.type == "UINT_LIT"
+    text = token.value[:-1] if unsigned else token.value
+    digits = text.lstrip("-")
+    value = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 10)
+    value = -value if text.startswith("-") else value
+    if unsigned and not 0 <= value < 2**64:
+        return "past the uint64 range"
+    if not unsigned and not -(2**63) <= value < 2**63:
+        return "past the int64 range"
+    return None
 
 
 def _check_patterns(tree: lark.Tree[lark.Token]) -> None:
@@ -603,7 +614,8 @@ def _check_patterns(tree: lark.Tree[lark.Token]) -> None:
         if not isinstance(pattern, lark.Tree) or not _lone_literal(pattern):
             continue
         literal = next(pattern.find_data("literal")).children[0]
-        if not isinstance(literal, lark.Token) or literal.type != "STRING_LIT":
+        strings = ("STRING_LIT", "MLSTRING_LIT")
+        if not isinstance(literal, lark.Token) or literal.type not in strings:
             continue
         try:
             _env().program(_env().compile(f"''.matches({literal})")).evaluate({})
@@ -627,8 +639,12 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
     # Sub-expressions made only of literals evaluate the same for every event: evaluating them
     # now turns an obvious type error such as `"a" + 1` into a load error.
     for node in _constant_subtrees(tree, _with_variables(tree)):
-        if node is not tree and _lone_literal(node) and not _number_literal(node):
-            continue  # the `"a"` of `x == "a"` cannot fail (`9223372036854775808` can)
+        if node is not tree and _lone_literal(node):
+            # the `3` of `x < 3` cannot fail, but `9223372036854775808` failed every time
+            if (past := _number_out_of_range(node)) is not None:
+                literal = next(node.find_data("literal")).children[0]
+                raise RuleError(f"{str(literal)!r} can never be evaluated: {past}")
+            continue
         start, end = getattr(node.meta, "start_pos", None), getattr(node.meta, "end_pos", None)
         if start is None or end is None:
             continue  # the parser leaves some ternary branches without positions

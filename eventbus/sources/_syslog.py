@@ -359,12 +359,13 @@ class SyslogSource:
                     ctx.logger.warning("syslog %s: %s", self.name, ctx.status.last_error)
                 full = True
                 return
-            full = False
             connections.add(task)
             try:
                 await self._connection(ctx, reader, writer)
             finally:
                 connections.discard(task)
+                if len(connections) < cfg.max_connections * 0.9:
+                    full = False  # said again only once it has room again, not per churn
 
         async with contextlib.AsyncExitStack() as stack:
             waiters: list[asyncio.Future[Any]] = []
