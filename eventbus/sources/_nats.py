@@ -72,8 +72,9 @@ class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
 
     url: str = pydantic.Field(pattern=r"^(nats|tls)://")
     stream: str = pydantic.Field(min_length=1)
-    # a consumer's name: no ".", "*", ">" or white space (refused by the server at run time)
-    durable: str | None = pydantic.Field(None, pattern=r"^[^.*>\s]+$")
+    # a consumer's name: no ".", "*", ">", "/", "\\" or white space (refused by the server at
+    # run time, the source backing off for ever)
+    durable: str | None = pydantic.Field(None, pattern=r"^[^.*>/\\\s]+$")
     subject: str | None = None
     batch: int = pydantic.Field(100, ge=1, le=10_000)
 
@@ -81,7 +82,7 @@ class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
     def durable_name(self) -> str:
         """``durable``, or ``eventbus-source-<name>`` with what a consumer's name may not hold
         (a source name may have dots) as ``_``: the source never ran."""
-        return self.durable or "eventbus-source-" + re.sub(r"[.*>\s]", "_", self.name)
+        return self.durable or "eventbus-source-" + re.sub(r"[.*>/\\\s]", "_", self.name)
 
 
 PING_INTERVAL = 10.0
