@@ -581,7 +581,7 @@ def _lone_literal(tree: lark.Tree[lark.Token]) -> bool:
 def _number_out_of_range(tree: lark.Tree[lark.Token]) -> str | None:
     """Why the lone integer literal ``tree`` is none CEL takes (past int64, or uint64 with
     ``u``), read in Python (evaluating each literal with cel-python slowed the load by a
-    fifth); None for any other literal."""
+    third); None for any other literal."""
     literal = next(tree.find_data("literal"), None)
     token = literal.children[0] if literal is not None and literal.children else None
     if not isinstance(token, lark.Token) or token.type not in ("INT_LIT", "UINT_LIT"):

@@ -156,9 +156,10 @@ def _lookup(
         values = request.params.get(what)
         return values[0] if values else None
     assert path is not None
-    if "?(" in what and isinstance(body, dict | list):
-        # jsonpath-ng's filter applied to an object replaces it, in the document it
-        # searches, by the list of its values: the body is the event's data
+    if "?" in what and isinstance(body, dict | list):
+        # jsonpath-ng's filter ("?", its parentheses optional) applied to an object replaces
+        # it, in the document it searches, by the list of its values: the body is the
+        # event's data
         body = copy.deepcopy(body)
     try:
         found = path.find(body) if isinstance(body, dict | list) else []

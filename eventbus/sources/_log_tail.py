@@ -19,6 +19,7 @@ File I/O runs in a worker thread, so a slow disk never stalls the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import glob
 import logging
@@ -276,6 +277,8 @@ class LogTailSource:
                     except OSError as exc:
                         # its handle fails (EIO, a stale NFS handle): retried, it held the
                         # source in backoff for good, no other file read
+                        if isinstance(exc, ConnectionError):
+                            raise  # a publish's, retried as any
                         log.warning(
                             "log-tail %s: %s is gone and its handle cannot be read (%s): "
                             "the rest of it is not read",
@@ -284,7 +287,8 @@ class LogTailSource:
                             exc,
                         )
                     await self._finish(ctx, f)
-                    f.handle.close()
+                    with contextlib.suppress(OSError):  # a stale handle may fail to close too
+                        f.handle.close()
                 del self._files[key]
             await self._forget_gone(ctx, current)
             await self._open_what_grew(current, first_start)

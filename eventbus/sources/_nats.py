@@ -274,9 +274,10 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
         source's subject, no cap on redeliveries. One made beforehand with other settings
         was read as it was (acks none: a message given back on a bus failure was lost; a push
         consumer: nothing read; another filter: the subject asked for never read), the source
-        running. One deleted while this process read it is made again from the message after
-        the last one acked here (from the stream's start, every message older than the bus's
-        duplicate window reached the targets again)."""
+        running. One deleted while this process read it is made again after its ack floor as
+        last read (from the stream's start, every message older than the bus's duplicate
+        window reached the targets again), or from the first message of a stream made again
+        (its creation time changed: its sequences started over)."""
         cfg = self.config
         durable = cfg.durable_name
         try:
@@ -306,6 +307,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
                 **start,
             )
             await js.add_consumer(cfg.stream, config)
+            self._floor = (stream.created, start.get("opt_start_seq", 1) - 1)
             return
         problems = _unfit(info.config, cfg.subject)
         if problems:

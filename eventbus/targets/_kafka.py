@@ -175,7 +175,8 @@ class KafkaTarget:
                 f"{where}: topic must be 1-249 characters of A-Z a-z 0-9 . _ -: {config.topic!r}"
             )
         self._key_path: JSONPath | None = None
-        self._key_filters = "?(" in (config.key or "")  # see _find_key
+        # jsonpath-ng's filter is "?" and its expressions, parentheses optional: see _find_key
+        self._key_filters = "?" in (config.key or "")
         if config.key is not None:
             if not config.key.startswith("$"):
                 raise ConfigError(
