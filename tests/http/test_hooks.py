@@ -306,19 +306,24 @@ async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -
     ]
 
 
+async def _on_own_bus(
+    eventbus: StartService, receiver: Receiver, nats: NatsServer, trigger: dict[str, Any]
+) -> RunningService:
+    """The service with ``trigger``, its bus on ``nats`` (a publish given up after 1 s)."""
+    return await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
+        sources=[trigger],
+        settings={"bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}},
+    )
+
+
 @pytest.mark.timeout(120)
 async def test_bus_down_answers_503_then_recovers(
     eventbus: StartService, receiver: Receiver, tmp_path: Path
 ) -> None:
     async with NatsServer(tmp_path / "own-nats") as nats:
-        svc = await eventbus(
-            rules=RULES,
-            targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
-            sources=[{"name": "open", "type": "webhook"}],
-            settings={
-                "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
-            },
-        )
+        svc = await _on_own_bus(eventbus, receiver, nats, {"name": "open", "type": "webhook"})
         await nats.stop()
         status, headers, detail = await _problem(svc, "POST", "/hooks/open", b'{"n": 1}')
         assert status == 503 and headers["Retry-After"] == "5", detail
@@ -341,14 +346,7 @@ async def test_a_signed_request_retried_after_a_publish_timed_out_is_one_event(
     # frozen bus landed once the bus woke, and the sender's retry of the same signed request
     # was published again under another random id: two events at the function.
     async with NatsServer(tmp_path / "own-nats") as nats:
-        svc = await eventbus(
-            rules=RULES,
-            targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
-            sources=[_PARTNER],
-            settings={
-                "bus": {"backend": "nats", "nats": {"url": nats.url}, "publish_timeout": 1.0}
-            },
-        )
+        svc = await _on_own_bus(eventbus, receiver, nats, _PARTNER)
         body = orjson.dumps({"order": 7})
         signed = generic(body, stamp=str(int(time.time())))
         assert nats.pid is not None

@@ -284,6 +284,25 @@ async def test_an_existing_consumer_the_source_cannot_read_by_is_refused(
         assert problem.format(prefix=prefix) in (ctx.status.last_error or ""), ctx.status
 
 
+@contextlib.asynccontextmanager
+async def _five_read(
+    nats_url: str, database_dsn: str, source_name: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Client, BusTap, str, str]]:
+    """A stream of five messages read by a running jetstream source, its consumer's ack floor
+    (read every 0.1 s here) known to be 5; yields the client, the bus tap, the stream's name
+    and its subject prefix."""
+    monkeypatch.setattr(nats_source_module, "FLOOR_EVERY", 0.1)
+    async with _loaded_stream(nats_url, database_dsn, 5) as (nc, pool, tap, name, prefix):
+        ctx = context(pool, source_name, tap, type="jetstream")
+        source = jetstream(source_name, nats_url, name)
+        async with running(source, ctx):
+            await tap.wait_published(5)
+            await eventually(
+                lambda: source._floor is not None and source._floor[1] == 5, what="floor read"
+            )
+            yield nc, tap, name, prefix
+
+
 async def test_a_consumer_deleted_while_read_is_made_again_after_its_ack_floor(
     nats_url: str, database_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -291,25 +310,12 @@ async def test_a_consumer_deleted_while_read_is_made_again_after_its_ack_floor(
     # reached the targets a second time (and bad ones were dead-lettered again). From the ack
     # floor as last read (every FLOOR_EVERY s), not from the last message this process acked:
     # one given back (nak) below it, or another instance's in flight, would be skipped.
-    monkeypatch.setattr(nats_source_module, "FLOOR_EVERY", 0.1)
-    async with _loaded_stream(nats_url, database_dsn, 5) as (nc, pool, tap, name, prefix):
+    async with _five_read(nats_url, database_dsn, "deleted", monkeypatch) as (nc, tap, name, at):
         js = nc.jetstream()
-        ctx = context(pool, "deleted", tap, type="jetstream")
-        source = jetstream("deleted", nats_url, name)
-        async with running(source, ctx):
-            await tap.wait_published(5)
-            await eventually(
-                lambda: _acked_to(nc, name, "deleted", 5), what="the five acknowledged"
-            )
-            await eventually(
-                lambda: source._floor is not None and source._floor[1] == 5, what="floor read"
-            )
-            await js.delete_consumer(name, "eventbus-source-deleted")
-            for i in range(5, 7):
-                await js.publish(f"{prefix}.x", ce(i))
-            await eventually(
-                lambda: _acked_to(nc, name, "deleted", 7), what="the consumer made again"
-            )
+        await js.delete_consumer(name, "eventbus-source-deleted")
+        for i in range(5, 7):
+            await js.publish(f"{at}.x", ce(i))
+        await eventually(lambda: _acked_to(nc, name, "deleted", 7), what="the consumer again")
         ids = [e["id"] for e in await tap.take(7)]
     assert sorted(ids) == [f"m{i}" for i in range(7)]
     assert tap.published == 7  # the first five were not published again
@@ -320,21 +326,13 @@ async def test_a_stream_made_again_is_read_from_its_first_message(
 ) -> None:
     # Its sequences start over: a consumer made again after the old stream's ack floor (5)
     # would skip the new stream's first five messages.
-    monkeypatch.setattr(nats_source_module, "FLOOR_EVERY", 0.1)
-    async with _loaded_stream(nats_url, database_dsn, 5) as (nc, pool, tap, name, prefix):
+    async with _five_read(nats_url, database_dsn, "remade", monkeypatch) as (nc, tap, name, at):
         js = nc.jetstream()
-        ctx = context(pool, "remade", tap, type="jetstream")
-        source = jetstream("remade", nats_url, name)
-        async with running(source, ctx):
-            await tap.wait_published(5)
-            await eventually(
-                lambda: source._floor is not None and source._floor[1] == 5, what="floor read"
-            )
-            await js.delete_stream(name)
-            await js.add_stream(name=name, subjects=[f"{prefix}.>"])
-            for i in range(5, 8):
-                await js.publish(f"{prefix}.x", ce(i))
-            await tap.wait_published(8)
+        await js.delete_stream(name)
+        await js.add_stream(name=name, subjects=[f"{at}.>"])
+        for i in range(5, 8):
+            await js.publish(f"{at}.x", ce(i))
+        await tap.wait_published(8)
         ids = [e["id"] for e in await tap.take(8)]
     assert sorted(ids) == [f"m{i}" for i in range(8)]
 
