@@ -264,6 +264,8 @@ async def test_live_row_opens_its_trail(
     shown = await page.wait_text(ROW % "bidi", "delivered")
     assert "report\\u202efdp.exe" in shown and "\u202e" not in shown, shown
     await page.click(ROW % "bidi")
+    # its own trail, not the one before it still shown (its attempts read "delivered" too)
+    await page.wait_text("#trail-event", '"id": "bidi"')
     await page.wait_text("#trail-attempts", "delivered")
     payload = await page.text("#trail-event")
     assert '"subject": "report\\u202efdp.exe"' in payload and "\u202e" not in payload, payload
