@@ -66,6 +66,8 @@ class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
 class KafkaSource:
     """Consumes ``topics`` in a consumer group; commits an offset only after publishing."""
 
+    reports_running = True  # once connected and subscribed (see SourceRunner)
+
     def __init__(self, config: KafkaSourceSpec) -> None:
         """Raises ConfigError when a file of the TLS block cannot be read or the program of
         OAUTHBEARER's token_command is not found."""

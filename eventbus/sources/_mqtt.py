@@ -104,6 +104,7 @@ class MqttSource:
     # and the broker closes one connection for the other every few seconds, or subscribe each
     # with its own and both get every message (MQTT 3.1.1 has no shared subscriptions).
     one_instance = True
+    reports_running = True  # once subscribed (see SourceRunner)
 
     def __init__(self, config: MqttSourceSpec) -> None:
         """Raises ConfigError when a file of the TLS block cannot be read."""

@@ -138,6 +138,8 @@ class _NatsConsumer(ABC, Generic[_C]):
     ``backoff.reset()`` once it is reading.
     """
 
+    reports_running = True  # once connected and subscribed (see SourceRunner)
+
     def __init__(self, config: _C) -> None:
         """Raises ConfigError when a TLS or creds file cannot be read."""
         self.name = config.name

@@ -104,6 +104,8 @@ def _property_bytes(name: str, value: object) -> bytes:
 class RabbitMQSource:
     """Consumes one queue; acks after publishing, rejects with requeue when that fails."""
 
+    reports_running = True  # once connected and subscribed (see SourceRunner)
+
     def __init__(self, config: RabbitMQSourceSpec) -> None:
         """Raises ConfigError when a file of the TLS block cannot be read."""
         self.name = config.name
@@ -152,8 +154,8 @@ class RabbitMQSource:
             cancelled = asyncio.Event()
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(lambda _frame: cancelled.set())
-            ctx.status.state = "running"
-            async with queue.iterator() as messages:
+            async with queue.iterator() as messages:  # consuming once entered
+                ctx.status.state = "running"
                 reading = asyncio.ensure_future(self._read(ctx, messages, backoff))
                 gone = asyncio.ensure_future(cancelled.wait())
                 try:

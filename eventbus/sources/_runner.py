@@ -81,6 +81,15 @@ def one_instance(source: Source) -> bool:
     return bool(getattr(source, "one_instance", False))
 
 
+def reports_running(source: Source) -> bool:
+    """Whether ``source`` shows itself running once it reads its input (connected, subscribed:
+    its adapter sets ``reports_running = True``); until then it shows starting, or backoff
+    after a failure. Other sources show running once started. A source shown running while it
+    still connected had a message published meanwhile taken for received: an MQTT broker keeps
+    nothing for a topic not yet subscribed to."""
+    return bool(getattr(source, "reports_running", False))
+
+
 def _validate(entry: Mapping[str, Any]) -> SourceSpec:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"a source must be a mapping, got {type(entry).__name__}")
@@ -299,7 +308,10 @@ class SourceRunner:
         while True:
             stop_if_cancelled()
             events_before = ctx.status.events
-            ctx.status.state = "running"
+            if not reports_running(source):
+                ctx.status.state = "running"
+            elif ctx.status.state != "backoff":
+                ctx.status.state = "starting"
             try:
                 await source.run(ctx)
             except asyncio.CancelledError:

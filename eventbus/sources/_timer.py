@@ -113,6 +113,8 @@ class TimerSource:
     StoreError from the checkpoint store propagates to the runner, which restarts the source.
     """
 
+    reports_running = True  # once its checkpoint is read (see SourceRunner)
+
     def __init__(self, config: TimerSourceSpec) -> None:
         self.name = config.name
         self.type = config.type

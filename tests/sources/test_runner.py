@@ -208,3 +208,38 @@ async def test_a_core_nats_source_without_a_queue_group_runs_in_one_instance(
         {"name": "g", "type": "nats", "url": nats_url, "subjects": ["x"], "queue_group": "q"}
     )
     assert getattr(grouped, "one_instance", True) is False
+
+
+async def test_a_connecting_source_shows_starting_then_backoff_until_it_reads(
+    database_dsn: str,
+) -> None:
+    # The runner showed every source running as it started it: an MQTT source still
+    # connecting showed running, and a message published meanwhile, taken for received, was
+    # lost (the broker keeps nothing for a topic not yet subscribed to).
+    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the CONNECT: the source is connecting; it gets no CONNACK
+        accepted.put_nowait(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    source = build_source({"name": "m", "type": "mqtt", "port": port, "topics": ["a/#"]})
+
+    async def publish(event: dict[str, Any], *, via: str) -> bool:
+        return True
+
+    try:
+        async with (
+            source_pool(database_dsn) as pool,
+            SourceRunner([source], pool=pool, publish=publish) as runner,
+        ):
+            first = await asyncio.wait_for(accepted.get(), 10)
+            assert runner.statuses()[0].state == "starting"
+            first.write(b"\x20\x02\x00\x03")  # CONNACK: server unavailable; it backs off
+            second = await asyncio.wait_for(accepted.get(), 10)
+            status = runner.statuses()[0]
+            assert (status.state, status.errors) == ("backoff", 1)
+            second.transport.abort()
+    finally:
+        server.close()
