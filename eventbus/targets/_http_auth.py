@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventbus.config import OAuth2Spec, Secret
 
@@ -46,9 +46,26 @@ class BasicAuthSpec(_Spec):
     password: Secret
 
 
+# Headers the client writes itself, and those eventbus sets per event (ce-*, webhook-* too):
+# an API key in one went out beside the client's own (Transfer-Encoding with the Content-Length
+# it sends, a second Host: a strict server refused every delivery, a lenient one could be
+# desynchronized), or was replaced by eventbus's value.
+_NOT_A_KEY_HEADER = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "content-type"}
+)
+
+
 class ApiKeySpec(_Spec):
     header: str = Field("X-API-Key", pattern=_TOKEN.pattern)
     value: Secret
+
+    @field_validator("header")
+    @classmethod
+    def _not_written_by_eventbus(cls, header: str) -> str:
+        lowered = header.lower()
+        if lowered in _NOT_A_KEY_HEADER or lowered.startswith(("ce-", "webhook-")):
+            raise ValueError(f"{header!r} is a header the client or eventbus writes itself")
+        return header
 
 
 class HttpAuthSpec(_Spec):

@@ -407,6 +407,10 @@ def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
         "    type: http\n"
         "    url: https://fn.test/\n"
         "    auth: {api_key: {header: 'X Bad', value: {env: K}}}\n"
+        "  - name: framing\n"
+        "    type: http\n"
+        "    url: https://fn.test/\n"
+        "    auth: {api_key: {header: Transfer-Encoding, value: chunked}}\n"
         "  - name: oauth\n"
         "    type: http\n"
         "    url: https://fn.test/\n"
@@ -432,11 +436,13 @@ def test_bad_auth_blocks_name_file_line_and_field(tmp_path: Path) -> None:
         "oauth2 (target 'none')",
         "t.yaml:13: targets.2.auth.api_key.header: String should match pattern "
         "'^[!#$%&'*+.^_`|~0-9A-Za-z-]+$' (target 'header')",
-        "t.yaml:18: targets.3.auth.oauth2.token_url: String should match pattern '^https?://' "
+        "t.yaml:17: targets.3.auth.api_key.header: Value error, 'Transfer-Encoding' is a header "
+        "the client or eventbus writes itself (target 'framing')",
+        "t.yaml:22: targets.4.auth.oauth2.token_url: String should match pattern '^https?://' "
         "(target 'oauth')",
-        "t.yaml:22: targets.4.headers.X-Fn-Key: Value error, environment variable FN_KEY is not "
+        "t.yaml:26: targets.5.headers.X-Fn-Key: Value error, environment variable FN_KEY is not "
         "set and no default is given (target 'headers')",
-        "t.yaml:27: targets.5.auth.oauth2.token_url: Value error, credentials in the token_url "
+        "t.yaml:31: targets.6.auth.oauth2.token_url: Value error, credentials in the token_url "
         "are not sent: the client_id and client_secret authenticate the request "
         "(target 'userinfo')",
     ]
