@@ -22,6 +22,7 @@ and its ``deadlettererror`` attribute, a health reason), is cut by ``truncate_er
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 __all__ = [
     "MAX_ERROR_CHARS",
@@ -40,6 +41,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "error_text",
+    "masked",
     "truncate_error",
 ]
 
@@ -166,6 +168,17 @@ def truncate_error(text: str) -> str:
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def masked(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every one of ``secrets`` in it replaced by ``***`` (the longest first, so
+    that one containing another goes whole). Error texts quote what a function or an identity
+    provider answered, and some echo the request back, credentials included; a secret shorter
+    than 4 characters is left (it would mask ordinary words)."""
+    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def error_text(exc: BaseException) -> str:

@@ -46,7 +46,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
-from eventbus._errors import ConfigError
+from eventbus._errors import ConfigError, masked
 from eventbus.config import KafkaAuth, OAuth2Spec, tls_refusal
 
 __all__ = ["OAuth2Client", "TokenCommand", "TokenError", "kafka_options", "start_refusals"]
@@ -148,6 +148,13 @@ def _lifetime(value: Any, default: float) -> float:
     return default
 
 
+def _basic(spec: OAuth2Spec) -> str:
+    """The client's Basic credentials: RFC 6749 2.3.1 form-urlencodes the id and secret
+    before the Basic encoding."""
+    pair = f"{quote(spec.client_id, safe='')}:{quote(spec.client_secret.reveal(), safe='')}"
+    return base64.b64encode(pair.encode()).decode()
+
+
 class OAuth2Client:
     """Client-credentials tokens for one connection: cached, renewed before expiry, fetched once
     under concurrency. ``where`` names the connection in errors; ``timeout`` bounds one token
@@ -166,6 +173,10 @@ class OAuth2Client:
         self._cache = _TokenCache()
         self.fetched = 0
         """How many tokens were fetched (for the metrics of tests and operators)."""
+        secret = spec.client_secret.reveal()
+        self.secrets = (secret, quote(secret, safe=""), quote_plus(secret), _basic(spec))
+        """The client secret as it may be echoed back (plain, percent-encoded, and the Basic
+        credentials that carry it), for masking in error texts."""
 
     async def token(self, session: aiohttp.ClientSession | None) -> str:
         """A fresh token, fetched when there is none (or it is about to expire).
@@ -189,10 +200,8 @@ class OAuth2Client:
             form["scope"] = " ".join(spec.scopes)
         if spec.audience is not None:
             form["audience"] = spec.audience
-        # RFC 6749 2.3.1: the id and secret are form-urlencoded before Basic encoding.
-        pair = f"{quote(spec.client_id, safe='')}:{quote(spec.client_secret.reveal(), safe='')}"
         headers = {
-            "Authorization": "Basic " + base64.b64encode(pair.encode()).decode(),
+            "Authorization": "Basic " + _basic(spec),
             "Accept": "application/json",
             # Written out: the HTTP targets' shared session sends no default Content-Type.
             "Content-Type": "application/x-www-form-urlencoded",
@@ -229,9 +238,7 @@ class OAuth2Client:
             reason = " ".join(p for p in (f"HTTP {status}", error, described) if p)
             # the endpoint's own words go into dead letters and logs: never the secret, should
             # it echo the request back
-            secret = spec.client_secret.reveal()
-            for spelled in {secret, quote(secret, safe=""), quote_plus(secret)} - {""}:
-                reason = reason.replace(spelled, "***")
+            reason = masked(reason, self.secrets)
             # 400/401/403: the client is unknown, revoked or not allowed this grant or scope;
             # the same request will be refused again until an operator acts.
             final = status in (400, 401, 403)

@@ -30,7 +30,7 @@ import orjson
 from pydantic import Field, field_validator
 from yarl import URL
 
-from eventbus._errors import CloudEventError, ConfigError
+from eventbus._errors import CloudEventError, ConfigError, masked
 from eventbus._oauth import OAuth2Client, TokenError
 from eventbus.cloudevents import from_http, to_http
 from eventbus.config import MIN_SECRET_CHARS, Secret, TargetSpec, TlsSpec, redact_url
@@ -55,7 +55,7 @@ from eventbus.targets._http1 import (
     Response,
     Ticket,
 )
-from eventbus.targets._http_auth import HttpAuthSpec, auth_header_name, auth_headers
+from eventbus.targets._http_auth import HttpAuthSpec, auth_header_name, auth_headers, auth_secrets
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
 __all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetSpec", "parse_retry_after"]
@@ -403,6 +403,13 @@ class HttpTarget:
         self._oauth: OAuth2Client | None = None
         if config.auth is not None and config.auth.oauth2 is not None:
             self._oauth = OAuth2Client(config.auth.oauth2, where, config.timeout)
+        # What a function that echoes its request (many error pages do) must not have written
+        # into the audit trail and dead letters: the credentials, as configured and as sent.
+        self._secrets = (
+            *(v.reveal() for v in config.headers.values() if v.origin != "plain"),
+            *([] if config.auth is None else auth_secrets(config.auth)),
+            *(() if self._oauth is None else self._oauth.secrets),
+        )
         tls: ssl.SSLContext | None = None
         if url.scheme == "https":
             tls = _default_tls() if config.tls is None else config.tls.context(where)
@@ -581,11 +588,13 @@ class HttpTarget:
         if not resp.complete and not wait:
             too_large = f"the answer is larger than {MAX_RESPONSE_BYTES} bytes"
             return Answer(failure(too_large, duration_ms, retryable=False))
-        outcome = self._classify(resp, duration_ms, msg_id)
+        outcome = self._classify(resp, duration_ms, msg_id, headers.get("Authorization"))
         passed = _passed_headers(resp.headers)
         return Answer(outcome, resp.headers.get("Content-Type"), resp.content, headers=passed)
 
-    def _classify(self, resp: Response, duration_ms: float, msg_id: str) -> Outcome:
+    def _classify(
+        self, resp: Response, duration_ms: float, msg_id: str, authorization: str | None
+    ) -> Outcome:
         status = resp.status
         if 200 <= status < 300:
             return Outcome(
@@ -603,7 +612,9 @@ class HttpTarget:
             # Redirects are not followed: most clients would turn the POST into a bodiless GET.
             error += f" (redirect to {resp.headers['Location']} not followed)"
         if text:
-            error += f": {text}"
+            # the credentials sent (an OAuth token's too) masked, should the answer echo them
+            sent = () if authorization is None else (authorization, authorization.split(" ")[-1])
+            error += f": {masked(text, (*self._secrets, *sent))}"
         return Outcome(
             delivered=False,
             status=status,

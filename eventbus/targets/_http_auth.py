@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from eventbus.config import OAuth2Spec, Secret
 
-__all__ = ["HttpAuthSpec", "auth_header_name", "auth_headers"]
+__all__ = ["HttpAuthSpec", "auth_header_name", "auth_headers", "auth_secrets"]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
 
@@ -103,3 +103,15 @@ def auth_headers(spec: HttpAuthSpec) -> dict[str, str]:
     if spec.bearer is not None:
         return {"Authorization": "Bearer " + spec.bearer.reveal()}
     return {}
+
+
+def auth_secrets(spec: HttpAuthSpec) -> list[str]:
+    """The secrets of Basic, API-key and bearer authentication as configured and as sent (the
+    header's value), for masking in error texts (OAuth 2.0's: see ``OAuth2Client.secrets``)."""
+    if spec.basic is not None:
+        return [spec.basic.password.reveal(), *auth_headers(spec).values()]
+    if spec.api_key is not None:
+        return [spec.api_key.value.reveal()]
+    if spec.bearer is not None:
+        return [spec.bearer.reveal(), *auth_headers(spec).values()]
+    return []

@@ -85,7 +85,8 @@ class TokenEndpoint:
                 # echoing what it was sent, as some do: eventbus must not repeat it
                 {
                     "error": "invalid_client",
-                    "error_description": f"client revoked (sent {unquote(password)}, {password})",
+                    "error_description": f"client revoked (sent {unquote(password)}, {password}, "
+                    f"{request.headers.get('Authorization')})",
                 },
                 status=401,
             )
@@ -176,6 +177,44 @@ async def test_static_credentials_arrive_over_mutual_tls(
     assert request.headers[header] == expected
     assert request.headers["X-Static"] == "yes"
     assert not any(s in caplog.text for s in SECRETS)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"basic": {"username": "eventbus", "password": PASSWORD}},
+        {"api_key": {"header": "X-Fn-Key", "value": API_KEY}},
+        {"bearer": BEARER},
+        "oauth2",
+    ],
+)
+async def test_a_function_echoing_the_credentials_has_them_masked_in_the_error(
+    function: Receiver,
+    pki: Pki,
+    idp: TokenEndpoint,
+    auth: dict[str, Any] | str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The function's answer goes into the attempt's error (audit trail, dead letters): one
+    # that echoes its request wrote the credentials there as sent.
+    monkeypatch.setenv("FN_TOKEN", HEADER_TOKEN)
+    spec = _spec(
+        function,
+        pki,
+        _oauth(idp) if auth == "oauth2" else auth,
+        headers={"X-Auth-Token": {"env": "FN_TOKEN"}, "X-Team": "billing"},
+    )
+    async with HttpTarget(spec) as target:
+        assert (await _deliver(target)).delivered
+        headers = function.requests[0].headers
+        echo = "\n".join(f"{k}: {v}" for k, v in headers.items())
+        function.respond(Response(400, body=echo.encode()))
+        outcome = await _deliver(target, 1)
+    assert outcome.error is not None
+    assert "X-Team: billing" in outcome.error and "X-Auth-Token: ***" in outcome.error
+    authorization = headers.get("Authorization", "")
+    credentials = [*SECRETS, HEADER_TOKEN, "tok-1", authorization.partition(" ")[2]]
+    assert not [c for c in credentials if c and c in outcome.error], outcome.error
 
 
 HEADER_TOKEN = "h3ader-T0ken-from-env"
@@ -353,7 +392,7 @@ async def test_a_revoked_client_fails_for_good_with_the_endpoints_reason(
     assert {o.retryable for o in outcomes} == {False}
     assert {o.error for o in outcomes} == {
         f"HTTP target 'fn': OAuth2 token endpoint {idp.url} refused client 'eventbus': "
-        "HTTP 401 invalid_client client revoked (sent ***, ***)"
+        "HTTP 401 invalid_client client revoked (sent ***, ***, Basic ***)"
     }
     assert len(idp.requests) == 1  # the waiting deliveries share the refusal
     assert CLIENT_SECRET not in caplog.text
