@@ -36,6 +36,10 @@ __all__ = ["Access", "RefusalLog", "is_loopback"]
 log = logging.getLogger("eventbus.http")
 
 
+# What a proxy adds to a request it relays (nginx setups often add X-Real-IP alone)
+_RELAY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
 class RefusalLog:
     """Records refusals through ``service``, at most ``per_second`` one by one each second."""
 
@@ -180,7 +184,7 @@ class Access:
                 f"Host {host[:100]!r} is not a loopback name: without API keys eventbus answers "
                 "requests to localhost or a loopback address only"
             )
-        elif "x-forwarded-for" in headers or "forwarded" in headers:
+        elif any(name in headers for name in _RELAY_HEADERS):
             reason = self._relayed(headers, remote)
         if local and reason is None:
             origin = headers.get("origin")

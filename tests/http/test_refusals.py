@@ -154,9 +154,10 @@ async def test_without_keys_only_this_machines_programs_and_the_console_are_answ
 async def test_without_keys_a_request_a_proxy_relayed_for_another_machine_is_refused(
     eventbus: StartService, receiver: Receiver
 ) -> None:
-    # nginx on this machine with a plain proxy_pass sends Host 127.0.0.1:PORT and no Origin:
-    # its clients, anyone on the internet, looked like this machine's programs (202 to
-    # publish, 200 to reload the rules) though the service had worked out their address.
+    # nginx on this machine sends Host 127.0.0.1:PORT and no Origin: its clients, anyone on
+    # the internet, looked like this machine's programs (202 to publish, 200 to reload the
+    # rules) though the service had worked out their address; with X-Real-IP alone (a common
+    # nginx setup), too.
     svc = await eventbus(
         rules=RULES,
         targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn")}],
@@ -167,7 +168,12 @@ async def test_without_keys_a_request_a_proxy_relayed_for_another_machine_is_ref
     )
     body = b'{"specversion": "1.0", "id": "x", "source": "s", "type": "t"}'
     structured = {"Content-Type": "application/cloudevents+json"}
-    for relayed in ({"X-Forwarded-For": "8.8.8.8"}, {"Forwarded": "for=8.8.8.8"}):
+    relays = (
+        {"X-Forwarded-For": "8.8.8.8"},
+        {"Forwarded": "for=8.8.8.8"},
+        {"X-Real-IP": "8.8.8.8"},
+    )
+    for relayed in relays:
         for method, path, data, headers in (
             ("POST", "/rules/reload", b"", relayed),
             ("GET", "/dead-letters", None, relayed),
@@ -176,9 +182,10 @@ async def test_without_keys_a_request_a_proxy_relayed_for_another_machine_is_ref
         ):
             status, _, problem = await svc.request(method, path, data, headers)
             assert status == 403, (path, relayed, problem)
-            # Forwarded alone names no one the edge reads: unknown to the address lists
+            # Forwarded or X-Real-IP alone names no one the edge reads: unknown to the address
+            # lists (as without them: see below)
             assert "a request a proxy relayed for" in problem["detail"] or (
-                "Forwarded" in relayed and "address is unknown" in problem["detail"]
+                "X-Forwarded-For" not in relayed and "address is unknown" in problem["detail"]
             ), problem
     status, _, problem = await svc.request("GET", "/rules", None, {"X-Forwarded-For": "8.8.8.8"})
     assert "relayed for client 8.8.8.8 is refused" in problem["detail"], problem
@@ -194,3 +201,13 @@ async def test_without_keys_a_request_a_proxy_relayed_for_another_machine_is_ref
     ):
         assert resp.status == 403
         assert "for a client it does not name" in (await resp.json())["detail"]
+
+
+async def test_without_keys_a_request_carrying_only_x_real_ip_is_taken_for_relayed(
+    eventbus: StartService,
+) -> None:
+    # nginx set up with `proxy_set_header X-Real-IP $remote_addr` alone: its clients passed
+    svc = await eventbus(rules="[]\n", targets=[])
+    status, _, problem = await svc.request("GET", "/rules", None, {"X-Real-IP": "203.0.113.9"})
+    assert status == 403 and "relayed for a client it does not name" in problem["detail"]
+    assert (await svc.request("GET", "/rules", None, {}))[0] == 200
