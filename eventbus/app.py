@@ -700,6 +700,13 @@ class Service:
         """Load and swap in the rule files (in a thread: see ``reload_rules``); returns the
         notes on the connector files."""
         connectors = load_connectors(self.settings.connectors)
+        # What the next start would refuse in them (a port out of range, a header with a line
+        # break, a TLS file missing), as `rules validate` and the start check it: the reload
+        # said OK, and the next restart failed.
+        try:
+            build_adapters(connectors)
+        except ConfigError as exc:
+            raise ConfigError(f"the next start would refuse the connector files:\n{exc}") from exc
         new = sorted(set(connectors.targets) - set(self.targets))
         notes = self._connector_changes(connectors, new)
         # Against the targets and policies in use, which a reload does not change: a new

@@ -197,6 +197,23 @@ async def test_a_new_target_in_the_files_waits_for_a_restart_without_holding_rel
     assert status == 200 and answer["notes"][0].startswith("targets fn are no longer in "), answer
 
 
+async def test_a_reload_refuses_connector_files_the_next_start_would_refuse(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    # The reload checked the files' syntax only: a target the adapter refuses (a port out of
+    # range) got 200 "starts at the next start", and the next restart failed on it.
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    svc = await eventbus(rules="- name: a\n  targets: [fn]\n", targets=targets)
+    bad = [*targets, {"name": "bad", "type": "http", "url": "http://127.0.0.1:99999/"}]
+    (tmp_path / "connectors" / "connectors.yaml").write_text(yaml.safe_dump({"targets": bad}))
+    status, _, problem = await svc.request("POST", "/rules/reload")
+    assert status == 400, problem
+    assert "the next start would refuse the connector files" in problem["detail"], problem
+    assert "connectors.yaml:" in problem["detail"] and "'bad'" in problem["detail"], problem
+    await svc.post_event({"specversion": "1.0", "id": "1", "source": "tests/reload", "type": "a"})
+    await receiver.wait_for(1)  # the rules in use stay
+
+
 async def test_the_service_answers_and_routes_while_a_large_rule_set_compiles(
     eventbus: StartService, receiver: Receiver, tmp_path: Path
 ) -> None:
