@@ -1,6 +1,7 @@
 """Fuzzing the admin API's query and path parameters on one running service (real NATS and
 PostgreSQL, with dead letters in it): the event trail, the dead letters (list, show, replay,
-purge, by id and by filter) and the sources' dead letters.
+purge, by one id or several and by filter), the sources' dead letters and the pending retries
+(by event, by target).
 
 The property: no parameter value is a 5xx, every 4xx is problem+json, and the service is ready
 afterwards.
@@ -83,9 +84,11 @@ async def test_path_parameters(
 
 @FUZZ
 @given(
-    path=st.sampled_from(["/events/trail", "/sources/dead-letters"]),
+    path=st.sampled_from(["/events/trail", "/sources/dead-letters", "/retries"]),
     params=st.lists(
-        st.tuples(st.sampled_from(["source", "id", "limit", "payload_bytes"]), query_values),
+        st.tuples(
+            st.sampled_from(["source", "id", "limit", "payload_bytes", "target"]), query_values
+        ),
         max_size=4,
     ),
 )
