@@ -25,6 +25,7 @@ from eventbus.bus._kafka import (
     GAP_PATIENCE,
     MAX_REREADS,
     _Partition,
+    _Recent,
     bus_partition,
     resume_point,
 )
@@ -496,3 +497,15 @@ async def test_a_member_that_receives_nothing_while_records_wait_is_stalled(
         assert bus.stalled() is None
         await second.ack()
         await reading.aclose()
+
+
+def test_a_copy_is_told_from_the_same_record_handed_out_again() -> None:
+    recent = _Recent(window=10.0, kept=3)
+    assert not recent.copy(b"k1", "kafka:t:0:5:1", now=0.0)
+    assert not recent.copy(b"k1", "kafka:t:0:5:1", now=1.0)  # a nak's redelivery
+    assert recent.copy(b"k1", "kafka:t:0:9:2", now=2.0)  # a second record: a copy
+    assert not recent.copy(None, "kafka:t:0:10:2", now=2.0)  # no key: nothing to tell
+    assert not recent.copy(b"k1", "kafka:t:0:11:3", now=12.5)  # past the window: an event
+    for i in range(2, 6):  # beyond `kept`, the oldest are forgotten first
+        assert not recent.copy(b"k%d" % i, f"kafka:t:0:{20 + i}:4", now=13.0)
+    assert not recent.copy(b"k1", "kafka:t:0:30:5", now=13.0)
