@@ -1,9 +1,13 @@
 """The ``rabbitmq`` source: messages of an AMQP 0-9-1 queue become events on the bus.
 
 Place in the pipeline: RabbitMQ queue → this consumer (manual acks, ``prefetch`` unacked at
-most) → :func:`_queues.publish_message` → bus → ack. A message whose events cannot be published is
-rejected with requeue and the consumer backs off, so it comes back; a crash leaves it unacked
-and RabbitMQ redelivers it: at-least-once. The queue must exist (it is not declared here, so
+most) → :func:`_queues.publish_held` → bus → ack. A message whose events the bus does not take
+is held, unacked, and published again with backoff (the same events, ids included) until the
+bus takes them: it was rejected with requeue, and each rejection counted toward a quorum
+queue's delivery limit (a bus outage of seconds dead-lettered or dropped good messages), and a
+raw message without a ``message_id`` came back under a new random id (delivered twice when the
+first publish was stored late). A crash leaves it unacked and RabbitMQ redelivers it:
+at-least-once. The queue must exist (it is not declared here, so
 its durability and arguments stay the operator's). Several instances on one queue share it.
 
 ``format: cloudevents`` reads the AMQP binding: binary mode when the message has
@@ -26,17 +30,19 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError
 from yarl import URL
 
-from eventbus._errors import BusError, CloudEventError, StoreError
+from eventbus._errors import CloudEventError, error_text
 from eventbus._tasks import cancel_and_wait
 from eventbus.cloudevents import format_time, from_kafka
 from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_message
+from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_held
 
 __all__ = ["RabbitMQSource", "RabbitMQSourceSpec"]
 
 _PREFIXES = ("cloudEvents:", "cloudEvents_")
+HEARTBEAT = 20
+"""Seconds between AMQP heartbeats unless the URL's ``heartbeat`` says otherwise."""
 
 
 class RabbitMQSourceSpec(QueueSourceSpec):
@@ -68,10 +74,17 @@ def _cloudevent(message: AbstractIncomingMessage, max_size: int) -> dict[str, An
     # The AMQP binary mode is the Kafka one with another header prefix: translate the names
     # and let the Kafka binding do the reading.
     headers: list[tuple[str, bytes]] = []
+    named: dict[str, str] = {}
     for name, value in (message.headers or {}).items():
         for prefix in _PREFIXES:
             if name.startswith(prefix):
-                headers.append(("ce_" + name.removeprefix(prefix), _property_bytes(name, value)))
+                attribute = name.removeprefix(prefix)
+                if attribute.lower() in named:
+                    raise CloudEventError(
+                        f"the AMQP message has both {named[attribute.lower()]!r} and {name!r}"
+                    )
+                named[attribute.lower()] = name
+                headers.append(("ce_" + attribute, _property_bytes(name, value)))
     if message.content_type:
         headers.append(("content-type", message.content_type.encode()))
     return from_kafka(headers, None, message.body, max_size=max_size)
@@ -83,8 +96,8 @@ def _property_bytes(name: str, value: object) -> bytes:
     refused as no RFC 3339 time, and "True"). A value of no CloudEvents type (null, a table,
     an array, a float) is refused: ``str()`` made ``type`` "None" and ``source`` a Python
     repr, and the event was delivered."""
-    if isinstance(value, bytes):
-        return value
+    if isinstance(value, bytes | bytearray):  # a byte array (Java's byte[], Go's []byte)
+        return bytes(value)
     if isinstance(value, str):
         return value.encode()
     if isinstance(value, bool):
@@ -102,7 +115,7 @@ def _property_bytes(name: str, value: object) -> bytes:
 
 
 class RabbitMQSource:
-    """Consumes one queue; acks after publishing, rejects with requeue when that fails."""
+    """Consumes one queue; acks after publishing, holding a message until the bus takes it."""
 
     reports_running = True  # once connected and subscribed (see SourceRunner)
 
@@ -116,6 +129,10 @@ class RabbitMQSource:
             url = url.with_user(config.username)
         if config.password is not None:
             url = url.with_password(config.password.reveal())
+        if "heartbeat" not in url.query:
+            # aiormq gives a broker that stopped answering three heartbeats: at the broker's
+            # 60 s, a frozen broker showed running for three minutes
+            url = url.update_query(heartbeat=HEARTBEAT)
         self._url = url
         where = f"rabbitmq source {config.name!r}"
         if config.tls is None and url.query.get("no_verify_ssl", "0") != "0":
@@ -134,13 +151,24 @@ class RabbitMQSource:
         await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), transient)
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
-        connection = await aio_pika.connect(
-            self._url,
-            timeout=10,
-            ssl_context=self._ssl,
-            # named in the broker's connection list (rabbitmqctl, the management UI)
-            client_properties={"connection_name": f"eventbus source {self.name}"},
-        )
+        try:
+            connection = await aio_pika.connect(
+                self._url,
+                timeout=10,
+                ssl_context=self._ssl,
+                # named in the broker's connection list (rabbitmqctl, the management UI)
+                client_properties={"connection_name": f"eventbus source {self.name}"},
+            )
+        except aiormq.exceptions.InvalidFrameError as exc:
+            if "Connection.OpenOk" not in str(exc):
+                raise
+            # The broker closed the connection at its Connection.Open (aiormq keeps only the
+            # frame's repr: "Expected one of ['Connection.OpenOk'], got <Connection.Close
+            # object at 0x...>")
+            raise ConnectionError(
+                f"the broker refused virtual host {self._url.path[1:] or '/'!r}: it does not "
+                "exist, or the user may not use it"
+            ) from exc
         # Why the broker closed the connection (CONNECTION_FORCED by an operator, a node going
         # down): the reading just ends, and the status said only that the subscription ended.
         closed: list[BaseException | None] = []
@@ -171,7 +199,9 @@ class RabbitMQSource:
                         "queue deleted, or moved to another node)"
                     )
                 if closed and closed[0] is not None:
-                    raise ConnectionError(f"the broker closed the connection: {closed[0]}")
+                    # not always the broker: aiormq ends a connection whose broker stopped
+                    # answering (its heartbeats missed), with an exception of no text
+                    raise ConnectionError(f"the connection closed: {error_text(closed[0])}")
         finally:
             await connection.close()
 
@@ -179,13 +209,7 @@ class RabbitMQSource:
         self, ctx: SourceContext, messages: AsyncIterator[AbstractIncomingMessage], backoff: Backoff
     ) -> None:
         async for message in messages:
-            try:
-                await self._publish(ctx, message)
-            except (BusError, StoreError) as exc:
-                await message.reject(requeue=True)
-                ctx.report_error(exc)
-                await backoff.wait()
-                continue
+            await self._publish(ctx, message)
             await message.ack()
             # after an ack, not at the connect: a message that breaks the connection as it
             # arrives (one the client cannot decode) makes it back off, not retry every 0.5 s
@@ -208,4 +232,4 @@ class RabbitMQSource:
             "routing_key": message.routing_key,
             "message_id": message.message_id,
         }
-        await publish_message(ctx, message.body, convert, meta)
+        await publish_held(ctx, message.body, convert, meta)

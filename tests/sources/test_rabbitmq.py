@@ -111,25 +111,41 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         await send(channel, name, b"{}", headers=odd, content_type="application/json")
         table = {**binary, "cloudEvents:id": "table", "cloudEvents:source": {"nested": [1, 2]}}
         await send(channel, name, b"{}", headers=table, content_type="application/json")
-        await send(channel, name, ce(3))
+        # the attribute under both prefixes: which one counts would be a guess
+        both = {**binary, "cloudEvents_id": "other"}
+        await send(channel, name, b"{}", headers=both, content_type="application/json")
+        # byte arrays, as Java's byte[] and Go's []byte are sent: refused as "bytearray"
+        raw = {
+            f"cloudEvents:{k}": bytearray(v)
+            for k, v in (
+                ("specversion", b"1.0"),
+                ("id", b"r3"),
+                ("source", b"/amqp"),
+                ("type", b"t.bytes"),
+            )
+        }
+        await send(channel, name, b"{}", headers=raw, content_type="application/json")
+        await send(channel, name, ce(4))
         ctx = context(pool, "amqp", tap, type="rabbitmq")
         async with running(rabbit("amqp", name), ctx):
-            events = await tap.take(3)
+            events = await tap.take(4)
 
             async def drained() -> bool:
                 info = await channel.declare_queue(name, passive=True)
                 return info.declaration_result.message_count == 0
 
             await eventually(drained)
-        assert [e["id"] for e in events] == ["r1", "r2", "r3"]
+        assert [e["id"] for e in events] == ["r1", "r2", "r3", "r4"]
+        assert events[2]["type"] == "t.bytes"
         assert (events[1]["source"], events[1]["data"]) == ("/amqp", {"n": 2})
         assert (events[1]["time"], events[1]["flagged"]) == ("2026-01-02T03:04:05.000000Z", "true")
         rows = await dead_letters(pool, "amqp")
-        assert [r["payload"] for r in rows] == [b"<xml/>", b"{}", b"{}"]
+        assert [r["payload"] for r in rows] == [b"<xml/>", b"{}", b"{}", b"{}"]
         assert orjson.loads(rows[0]["meta"])["queue"] == name
         assert "'cloudEvents:type' is null, not a CloudEvents attribute" in rows[1]["error"]
         assert "'cloudEvents:source' is dict, not a CloudEvents attribute" in rows[2]["error"]
-        assert (ctx.status.events, ctx.status.errors) == (3, 3)
+        assert "has both 'cloudEvents:id' and 'cloudEvents_id'" in rows[3]["error"], rows[3]
+        assert (ctx.status.events, ctx.status.errors) == (4, 4)
 
 
 @needs_rabbitmq
@@ -158,7 +174,7 @@ async def test_bus_down_requeues_and_restart_loses_nothing(
             tap.down = True
             for i in range(3, 6):
                 await send(channel, name, ce(i))
-            await tap.wait_refused(2)  # the same message, requeued and refused again
+            await tap.wait_refused(2)  # the same message, held and refused again
             await eventually(lambda: _backing_off(ctx))
         # Stopped while the bus was down (a crash): unacked messages went back to the queue.
         info = await channel.declare_queue(name, passive=True)
@@ -168,6 +184,34 @@ async def test_bus_down_requeues_and_restart_loses_nothing(
             await tap.wait_published(6)
         ids = [e["id"] for e in await tap.take(6)]
     assert sorted(ids) == [f"r{i}" for i in range(6)]
+
+
+@needs_rabbitmq
+async def test_a_bus_outage_counts_nothing_toward_a_delivery_limit(
+    database_dsn: str, nats_url: str
+) -> None:
+    # Each failed publish rejected the message with requeue, and each rejection counted toward
+    # a quorum queue's delivery limit: seconds of bus outage dropped a good message (or
+    # dead-lettered it, with a dead-letter exchange).
+    connection = await aio_pika.connect(URL)
+    name = unique_name("qq")
+    try:
+        channel = await connection.channel()
+        limited = {"x-queue-type": "quorum", "x-delivery-limit": 1}
+        declared = await channel.declare_queue(name, durable=True, arguments=limited)
+        try:
+            async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+                tap.down = True
+                await send(channel, name, ce("held"))
+                async with running(rabbit("qq", name), context(pool, "qq", tap, type="rabbitmq")):
+                    await tap.wait_refused(3)
+                    tap.down = False
+                    (event,) = await tap.take(1)
+            assert event["id"] == "rheld"
+        finally:
+            await declared.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
 
 
 @needs_rabbitmq
@@ -197,6 +241,21 @@ async def test_missing_queue_backs_off_without_stopping(database_dsn: str, nats_
             await eventually(lambda: _backing_off(ctx))
             assert not task.done()
         assert "NOT_FOUND" in (ctx.status.last_error or ""), ctx.status.last_error
+
+
+@needs_rabbitmq
+async def test_a_virtual_host_the_broker_refuses_is_named(database_dsn: str, nats_url: str) -> None:
+    # it read "InvalidFrameError: Expected one of ['Connection.OpenOk'], got <Connection.Close
+    # object at 0x7f...>"
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "vhost", tap, type="rabbitmq")
+        source = rabbit("vhost", "q", url="amqp://guest:guest@127.0.0.1:5672/nowhere")
+        async with running(source, ctx):
+            await eventually(lambda: _backing_off(ctx))
+        assert ctx.status.last_error == (
+            "ConnectionError: the broker refused virtual host 'nowhere': it does not exist, or "
+            "the user may not use it"
+        )
 
 
 @pytest.mark.parametrize(
