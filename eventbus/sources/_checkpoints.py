@@ -17,14 +17,16 @@ from typing import Any, cast
 import asyncpg
 import orjson
 
-from eventbus._errors import StoreError
 from eventbus.store import READ_TIMEOUT, run_db
 
 __all__ = ["Checkpoints", "Lease", "list_dead_letters"]
 
 
 # What asyncpg raises when Postgres rejects a statement or the connection is gone.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+CHECKPOINT_TIMEOUT = 10.0
+"""Seconds a checkpoint's read or write may take, a connection's wait included: a frozen
+PostgreSQL held a source's reading (an s3 poll showed running, its lag standing) until its
+lease ran out, and a source without a lease for ever."""
 
 
 # PostgreSQL's text holds no NUL, which an S3 object key may: keys are stored with ESC as
@@ -59,27 +61,29 @@ class Checkpoints:
 
     async def get(self, key: str) -> Any | None:
         """Return the stored value for ``key``, or None when nothing was stored."""
-        try:
-            text = await self._pool.fetchval(
+        text = await run_db(
+            f"reading checkpoint {self._source}/{key!r}",
+            self._pool.fetchval(
                 "SELECT value::text FROM source_checkpoints WHERE source = $1 AND key = $2",
                 self._source,
                 _stored(key),
-            )
-        except _DB_ERRORS as exc:
-            raise StoreError(f"reading checkpoint {self._source}/{key!r}: {exc}") from exc
+            ),
+            deadline=CHECKPOINT_TIMEOUT,
+        )
         return None if text is None else orjson.loads(text)
 
     async def items(self, prefix: str = "") -> dict[str, Any]:
         """Return every stored key starting with ``prefix`` and its value."""
-        try:
-            rows = await self._pool.fetch(
+        rows = await run_db(
+            f"reading checkpoints of {self._source}",
+            self._pool.fetch(
                 "SELECT key, value::text AS value FROM source_checkpoints"
                 " WHERE source = $1 AND starts_with(key, $2)",
                 self._source,
                 _stored(prefix),
-            )
-        except _DB_ERRORS as exc:
-            raise StoreError(f"reading checkpoints of {self._source}: {exc}") from exc
+            ),
+            deadline=CHECKPOINT_TIMEOUT,
+        )
         return {_key(row["key"]): orjson.loads(row["value"]) for row in rows}
 
     async def put(self, key: str, value: Any) -> None:
@@ -91,7 +95,8 @@ class Checkpoints:
         rows = [(self._source, _stored(k), orjson.dumps(v).decode()) for k, v in values.items()]
         if not rows:
             return
-        try:
+
+        async def write() -> None:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.executemany(
                     "INSERT INTO source_checkpoints (source, key, value, updated_at)"
@@ -100,21 +105,22 @@ class Checkpoints:
                     " SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at",
                     rows,
                 )
-        except _DB_ERRORS as exc:
-            raise StoreError(f"writing checkpoints of {self._source}: {exc}") from exc
+
+        await run_db(f"writing checkpoints of {self._source}", write(), deadline=CHECKPOINT_TIMEOUT)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Forget ``keys`` (those of items that are gone)."""
         if not keys:
             return
-        try:
-            await self._pool.execute(
+        await run_db(
+            f"deleting checkpoints of {self._source}",
+            self._pool.execute(
                 "DELETE FROM source_checkpoints WHERE source = $1 AND key = ANY($2::text[])",
                 self._source,
                 [_stored(k) for k in keys],
-            )
-        except _DB_ERRORS as exc:
-            raise StoreError(f"deleting checkpoints of {self._source}: {exc}") from exc
+            ),
+            deadline=CHECKPOINT_TIMEOUT,
+        )
 
 
 class Lease:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import pytest
 
+from eventbus._errors import StoreUnavailable
 from eventbus.sources import Checkpoints, list_dead_letters
+from eventbus.sources import _checkpoints as checkpoints_module
 from eventbus.sources._base import MAX_SET_ASIDE
 from tests.sources._harness import Recorder, make_context, source_pool
 
@@ -76,3 +81,25 @@ async def test_a_listing_reads_only_the_start_of_each_payload_when_asked(
         assert binary["payload_base64"] == "/" * 268 and binary["payload_size"] == 1000
         whole, _ = await list_dead_letters(pool, source="big", limit=2)
         assert whole["payload_size"] == 1000 and len(whole["payload_base64"]) == 1336
+
+
+async def test_a_checkpoint_the_database_does_not_answer_for_fails_in_time(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checkpoint reads and writes waited as long as PostgreSQL did: a frozen one held an s3
+    # poll (showing running) until its lease ran out, a source without a lease for ever.
+    monkeypatch.setattr(checkpoints_module, "CHECKPOINT_TIMEOUT", 0.5)
+    async with source_pool(database_dsn) as pool:
+        cp = Checkpoints(pool, "held")
+        await cp.put("k", 1)
+        blocker = await asyncpg.connect(database_dsn)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE source_checkpoints IN ACCESS EXCLUSIVE MODE")
+                for operation in (cp.get("k"), cp.items(), cp.put("k", 2), cp.delete_many(["k"])):
+                    # without the deadline: the wait_for's TimeoutError, the lock held for ever
+                    with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5 s"):
+                        await asyncio.wait_for(operation, 10)
+        finally:
+            await blocker.close()
+        assert await cp.get("k") == 1
