@@ -606,15 +606,18 @@ class HttpTarget:
                 retry_after=None,
                 reply=self._reply(resp, msg_id),
             )
-        text = resp.content[:MAX_ERROR_CHARS].decode(errors="replace").strip()
+        # masked before it is cut, the cut reaching past the longest secret: one that ran past
+        # the cut was matched by no secret whole, and its start was kept
+        sent = () if authorization is None else (authorization, authorization.split(" ")[-1])
+        secrets = (*self._secrets, *sent)
+        reach = MAX_ERROR_CHARS + max((len(s.encode()) for s in secrets), default=0)
+        text = masked(resp.content[:reach].decode(errors="replace").strip(), secrets)
         error = f"HTTP {status} {resp.reason or ''}".rstrip()
         if 300 <= status < 400 and "Location" in resp.headers:
             # Redirects are not followed: most clients would turn the POST into a bodiless GET.
             error += f" (redirect to {resp.headers['Location']} not followed)"
         if text:
-            # the credentials sent (an OAuth token's too) masked, should the answer echo them
-            sent = () if authorization is None else (authorization, authorization.split(" ")[-1])
-            error += f": {masked(text, (*self._secrets, *sent))}"
+            error += f": {text}"
         return Outcome(
             delivered=False,
             status=status,

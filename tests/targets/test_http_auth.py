@@ -19,7 +19,7 @@ from aiohttp import web
 
 import eventbus.sources  # noqa: F401  (registers every connector type)
 from eventbus import _oauth as oauth_module
-from eventbus._errors import ConfigError
+from eventbus._errors import MAX_ERROR_CHARS, ConfigError
 from eventbus._oauth import OAuth2Client
 from eventbus.config import OAuth2Spec, load_connectors
 from eventbus.targets import HttpTarget, HttpTargetSpec, Outcome
@@ -33,6 +33,7 @@ PASSWORD = "pa55-w0rd-Basic"
 API_KEY = "k3y-0f-the-api-xyz"
 BEARER = "bearer-t0ken-abc"
 SECRETS = (CLIENT_SECRET, PASSWORD, API_KEY, BEARER)
+LONG_TOKEN = "L0ng-" + "t0ken-" * 12  # long enough to cross an error's cut
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ async def test_a_function_echoing_the_credentials_has_them_masked_in_the_error(
 ) -> None:
     # The function's answer goes into the attempt's error (audit trail, dead letters): one
     # that echoes its request wrote the credentials there as sent.
-    monkeypatch.setenv("FN_TOKEN", HEADER_TOKEN)
+    monkeypatch.setenv("FN_TOKEN", LONG_TOKEN)
     spec = _spec(
         function,
         pki,
@@ -210,11 +211,18 @@ async def test_a_function_echoing_the_credentials_has_them_masked_in_the_error(
         echo = "\n".join(f"{k}: {v}" for k, v in headers.items())
         function.respond(Response(400, body=echo.encode()))
         outcome = await _deliver(target, 1)
-    assert outcome.error is not None
-    assert "X-Team: billing" in outcome.error and "X-Auth-Token: ***" in outcome.error
-    authorization = headers.get("Authorization", "")
-    credentials = [*SECRETS, HEADER_TOKEN, "tok-1", authorization.partition(" ")[2]]
-    assert not [c for c in credentials if c and c in outcome.error], outcome.error
+        assert outcome.error is not None
+        assert "X-Team: billing" in outcome.error and "X-Auth-Token: ***" in outcome.error
+        authorization = headers.get("Authorization", "")
+        credentials = [*SECRETS, LONG_TOKEN, "tok-1", authorization.partition(" ")[2]]
+        assert not [c for c in credentials if c and c in outcome.error], outcome.error
+        # a long one across the cut of the answer (1024 bytes, then masked): its start was
+        # kept in the error
+        token = headers["X-Auth-Token"]
+        pad = MAX_ERROR_CHARS - len(token) // 2 - len("got ")
+        function.respond(Response(400, body=b"x" * pad + f"got {token}".encode()))
+        cut = await _deliver(target, 2)
+        assert cut.error is not None and token[:6] not in cut.error, cut.error
 
 
 HEADER_TOKEN = "h3ader-T0ken-from-env"
