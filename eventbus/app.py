@@ -574,8 +574,11 @@ class Service:
         must), built before anything starts. Raises one ConfigError listing each setting an
         adapter refuses (a TLS file that cannot be read, an endpoint that is no URL), with
         file and line: they came one at a time, without either, once the database was up."""
-        run_all = self.settings.run_sources
-        return build_adapters(self.connectors, lambda spec: run_all or in_every_process(spec))
+        return build_adapters(self.connectors, self._runs)
+
+    def _runs(self, spec: SourceSpec) -> bool:
+        """Whether this process runs (and so builds) the source ``spec``."""
+        return self.settings.run_sources or in_every_process(spec)
 
     async def _start_sources(self, sources: list[Source], installation: str) -> None:
         """Run ``sources`` and, when configured, ``kafka_ingest``: a ``kafka`` source named
@@ -704,7 +707,7 @@ class Service:
         # break, a TLS file missing), as `rules validate` and the start check it: the reload
         # said OK, and the next restart failed.
         try:
-            build_adapters(connectors)
+            build_adapters(connectors, self._runs)  # as this process's start builds them
         except ConfigError as exc:
             raise ConfigError(f"the next start would refuse the connector files:\n{exc}") from exc
         new = sorted(set(connectors.targets) - set(self.targets))

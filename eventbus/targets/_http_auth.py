@@ -46,12 +46,28 @@ class BasicAuthSpec(_Spec):
     password: Secret
 
 
-# Headers the client writes itself, and those eventbus sets per event (ce-*, webhook-* too):
-# an API key in one went out beside the client's own (Transfer-Encoding with the Content-Length
-# it sends, a second Host: a strict server refused every delivery, a lenient one could be
-# desynchronized), or was replaced by eventbus's value.
+# Headers the client writes itself or eventbus sets (per event: Content-Type, ce-*,
+# webhook-*), and hop-by-hop ones: an API key in one went out beside the client's own
+# (Transfer-Encoding with the Content-Length it sends, a second Host: a strict server refused
+# every delivery, a lenient one could be desynchronized), was replaced by eventbus's value, or
+# asked something of the connection (Expect: every delivery answered 417).
 _NOT_A_KEY_HEADER = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "content-type"}
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "content-type",
+        "user-agent",
+        "accept",
+        "accept-encoding",
+        "expect",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "proxy-connection",
+    }
 )
 
 

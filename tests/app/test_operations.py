@@ -214,6 +214,24 @@ async def test_a_reload_refuses_connector_files_the_next_start_would_refuse(
     await receiver.wait_for(1)  # the rules in use stay
 
 
+async def test_a_reload_checks_the_sources_this_process_runs_only(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    # With run_sources off the start builds no queue source; the reload built them all, and a
+    # CA file only the source-running host has refused every reload here.
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    elsewhere = {"ca": str(tmp_path / "only-on-the-source-host.pem")}
+    mqtt = {"name": "mq", "type": "mqtt", "port": 8883, "topics": ["a"], "tls": elsewhere}
+    svc = await eventbus(
+        rules="- name: a\n  targets: [fn]\n",
+        targets=targets,
+        sources=[mqtt],
+        settings={"run_sources": False},
+    )
+    status, _, answer = await svc.request("POST", "/rules/reload")
+    assert status == 200, answer
+
+
 async def test_the_service_answers_and_routes_while_a_large_rule_set_compiles(
     eventbus: StartService, receiver: Receiver, tmp_path: Path
 ) -> None:
