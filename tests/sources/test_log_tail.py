@@ -486,7 +486,7 @@ async def test_postgres_outage_neither_loses_nor_repeats_lines(
                 _append(log, "during outage\n")
                 await recorder.wait_for(2)  # the bus is up: the line is published
                 await eventually(lambda: _state_is(ctx, "backoff"))
-                assert "StoreError" in (ctx.status.last_error or "")
+                assert "StoreUnavailable" in (ctx.status.last_error or "")
                 _append(log, "after outage\n")
             finally:
                 await postgres_server.start()
