@@ -53,6 +53,7 @@ from eventbus.bus import (
     open_bus,
 )
 from eventbus.config import (
+    EMBEDDED_NATS_ENV,
     ConnectorSet,
     KafkaAuth,
     NatsAuth,
@@ -165,6 +166,9 @@ async def start_embedded(stack: AsyncExitStack, settings: Settings) -> Embedded:
     nats_url, database_url = settings.bus.nats.url, settings.database.url
     servers: list[Supervised] = []
     nats_auth: NatsAuth | None = None
+    if (seed := os.environ.get(EMBEDDED_NATS_ENV)) and settings.bus.backend == "nats":
+        # a worker of serve --workers N, on its parent's embedded server (bus.nats.url)
+        nats_auth = NatsAuth(nkey_seed=Secret(seed, "embedded"))
     if settings.embedded_bus:
         nats = await stack.enter_async_context(
             NatsServer(data_dir / "nats", max_payload=bus_message_limit(settings.max_event_size))
@@ -535,7 +539,7 @@ class Service:
             ack_wait=s.bus.nats.ack_wait,
             duplicate_window=s.bus.nats.duplicate_window,
             publish_timeout=s.bus.publish_timeout,
-            auth=self._nats_auth if s.embedded_bus else s.bus.nats,
+            auth=s.bus.nats if self._nats_auth is None else self._nats_auth,
             max_event_size=s.max_event_size,
         )
 

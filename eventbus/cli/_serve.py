@@ -49,7 +49,7 @@ from eventbus._errors import ConfigError, EventBusError
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.app import Service, start_embedded
 from eventbus.cli._datadir import hold_data_dir
-from eventbus.config import PARENT_ENV, RESTARTED_ENV, WORKER_ENV, Settings
+from eventbus.config import EMBEDDED_NATS_ENV, PARENT_ENV, RESTARTED_ENV, WORKER_ENV, Settings
 from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
 from eventbus.sources import SharedStatuses
 
@@ -334,7 +334,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         if settings.embedded_bus:
             assert embedded.nats_auth is not None and embedded.nats_auth.nkey_seed is not None
             env["EVENTBUS_BUS__NATS__URL"] = str(embedded.nats_url)
-            env["EVENTBUS_BUS__NATS__NKEY_SEED"] = embedded.nats_auth.nkey_seed.reveal()
+            env[EMBEDDED_NATS_ENV] = embedded.nats_auth.nkey_seed.reveal()
         if settings.embedded_database:
             env["EVENTBUS_DATABASE__URL"] = embedded.database_url
         sock = _bind(settings, listen=False)

@@ -40,6 +40,7 @@ from eventbus.config._connectors import (
 from eventbus.config._redact import redact_url
 from eventbus.config._secrets import MIN_SECRET_CHARS, Secret, header_token, long_enough
 from eventbus.config._settings import (
+    EMBEDDED_NATS_ENV,
     PARENT_ENV,
     RESTARTED_ENV,
     WORKER_ENV,
@@ -68,6 +69,7 @@ from eventbus.config._yaml import (
 )
 
 __all__ = [
+    "EMBEDDED_NATS_ENV",
     "MIN_SECRET_CHARS",
     "PARENT_ENV",
     "RESTARTED_ENV",

@@ -39,6 +39,7 @@ from eventbus.config._tls import TlsSpec
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
+    "EMBEDDED_NATS_ENV",
     "PARENT_ENV",
     "RESTARTED_ENV",
     "WORKER_ENV",
@@ -251,10 +252,23 @@ RESTARTED_ENV = "EVENTBUS_WORKER_RESTARTED"
 """Set for a worker of ``serve --workers N`` started again: once it has read the rule files,
 it asks its parent to have the others read them too."""
 
+EMBEDDED_NATS_ENV = "EVENTBUS_EMBEDDED_NATS_SEED"
+"""The NKey seed a worker of ``serve --workers N`` signs in to its parent's embedded
+nats-server with (``bus.nats.url`` is set to that server): not a setting, so the settings'
+own ``bus.nats`` credentials, ignored with the embedded server, stay ignored."""
+
 # Read by the commands, not settings: where the settings file is, the service and key the
 # client commands (publish, dead-letters ...) talk to, a worker's parent and its number.
 _NOT_SETTINGS = frozenset(
-    {"EVENTBUS_CONFIG", "EVENTBUS_URL", "EVENTBUS_API_KEY", PARENT_ENV, WORKER_ENV, RESTARTED_ENV}
+    {
+        "EVENTBUS_CONFIG",
+        "EVENTBUS_URL",
+        "EVENTBUS_API_KEY",
+        PARENT_ENV,
+        WORKER_ENV,
+        RESTARTED_ENV,
+        EMBEDDED_NATS_ENV,
+    }
 )
 
 

@@ -204,6 +204,42 @@ async def test_the_embedded_database_password_stays_out_of_logs_and_command_line
         shutil.rmtree(root, ignore_errors=True)
 
 
+async def test_workers_sign_in_to_the_embedded_bus_whatever_bus_nats_says() -> None:
+    # bus.nats credentials are ignored with the embedded server; a worker, given the server's
+    # URL, read them as its own and failed ("choose one way to authenticate, not user and
+    # nkey_seed"), restarted for ever. The seed reaches it in its environment only.
+    root = private_data_root()
+    try:
+        write_config(root, rules="[]", targets=[])
+        port = free_port()
+        config = root / "settings.yaml"
+        ignored = {"bus": {"nats": {"user": "someone", "password": "not-used-with-embedded"}}}
+        config.write_text(
+            yaml.safe_dump(settings_for(root, database_url=None, port=port, extra=ignored))
+        )
+        proc = ServeProcess(config, port, root / "serve.log", workers=2)
+        await proc.start()
+        try:
+            await eventually(
+                lambda: proc.log.read_text().count("eventbus ready") == 2,
+                within=60,
+                what="both workers ready",
+            )
+            seeds = set()
+            assert proc.proc is not None
+            for worker in psutil.Process(proc.proc.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    seeds.add(worker.environ().get("EVENTBUS_EMBEDDED_NATS_SEED"))
+            (seed,) = seeds - {None}
+            await proc.publish({"specversion": "1.0", "id": "w", "source": "s", "type": "t"})
+        finally:
+            assert await proc.terminate() == 0
+        assert seed not in proc.log.read_text()
+    finally:
+        stop_servers_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.timeout(120)
 async def test_healthz_answers_as_soon_as_the_process_listens(
     tmp_path: Path, nats_url: str
