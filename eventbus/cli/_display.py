@@ -61,6 +61,12 @@ def _app(fail_rate: float, secret: str | None, seed: int | None) -> web.Applicat
     return app
 
 
+def _listening(host: str, port: int) -> None:
+    """Said once listening (it printed nothing: was it up?); on stderr, the events' stream
+    being stdout."""
+    sys.stderr.write(f"eventbus display: listening on http://{host}:{port}/ (Ctrl-C stops it)\n")
+
+
 def run_display(
     host: str,
     port: int,
@@ -71,6 +77,11 @@ def run_display(
 ) -> None:
     """Serve until interrupted. Raises ConfigError when the address cannot be listened on."""
     try:
-        web.run_app(_app(fail_rate, secret, seed), host=host, port=port, print=None)
+        web.run_app(
+            _app(fail_rate, secret, seed),
+            host=host,
+            port=port,
+            print=lambda _: _listening(host, port),
+        )
     except OSError as exc:  # taken, not this machine's
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

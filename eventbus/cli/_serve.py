@@ -69,6 +69,20 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LIVE_PREFIX = "eventbus-live-"  # the workers' live-feed sockets' directory, in the temporary one
 
 
+def _address(settings: Settings) -> tuple[str, int]:
+    return settings.listen.host, settings.listen.port
+
+
+def _console_url(settings: Settings) -> str:
+    """Where a browser on this machine finds the console (``GET /`` leads there too)."""
+    host = settings.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.listen.port}/console"
+
+
 def _stop_on_signals(server: HttpServer) -> None:
     """SIGTERM/SIGINT tell ``server`` to stop, before it runs and takes them itself (and after,
     when uvicorn raises the signal it caught again: harmless here, the service below it still
@@ -162,7 +176,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
     server = http_server(front, settings)
     _stop_on_signals(server)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    log.info("listening on %s:%d", settings.listen.host, settings.listen.port)
+    log.info("listening on %s:%d (the console: %s)", *_address(settings), _console_url(settings))
     async with contextlib.AsyncExitStack() as stack:
         # Leaving early (the service failed to start): stop listening too. A signal during the
         # start stops the HTTP server at once; the start is let finish (cutting it short could
@@ -389,7 +403,12 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
 
         for i in range(workers):
             procs[i] = spawn(i)
-        log.info("started %d workers on %s:%d", workers, settings.listen.host, settings.listen.port)
+        log.info(
+            "started %d workers on %s:%d (the console: %s)",
+            workers,
+            *_address(settings),
+            _console_url(settings),
+        )
         while not stopping.is_set():
             try:
                 figures.publish()

@@ -289,7 +289,10 @@ async def list_retries(
     summary="Deliver to a target again that was disabled after it answered 410 Gone",
 )
 async def enable_target(request: Request, name: TargetName) -> Response:
-    if not await _service(request).enable_target(name):
+    service = _service(request)
+    if not await service.enable_target(name):
+        if name not in service.targets:
+            raise Problem(404, f"no target named {name!r}")
         raise Problem(404, f"target {name!r} is not disabled")
     return _json({"enabled": name})
 

@@ -549,6 +549,7 @@ async def test_display_prints_one_event_per_block() -> None:
         "--port",
         str(port),
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     events = [
         {"specversion": "1.0", "id": f"d-{n}", "source": "s", "type": "t", "data": {"n": n}}
@@ -572,6 +573,9 @@ async def test_display_prints_one_event_per_block() -> None:
                 lambda: post(events[0], "application/cloudevents+json"),
                 what="eventbus display answering",
             )
+            assert proc.stderr is not None  # it says where it listens (it said nothing)
+            said = (await asyncio.wait_for(proc.stderr.readline(), 10)).decode()
+            assert f"listening on http://127.0.0.1:{port}/" in said, said
             assert await post(events[1:], "application/cloudevents-batch+json")
         assert proc.stdout is not None
         lines: list[str] = []
@@ -782,3 +786,6 @@ async def test_targets_lists_them_and_enables_one_a_410_switched_off(
     code, out, err = await _cli("targets", "enable", "fn", "--json", *url)
     assert code == 1 and out["status"] == 404, (out, err)
     assert out["detail"] == "target 'fn' is not disabled", out
+    # a name no target has says so (it said "target 'nope' is not disabled")
+    code, out, err = await _cli("targets", "enable", "nope", *url)
+    assert code == 1 and "no target named 'nope'" in err, err

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import orjson
 import pytest
 
@@ -314,6 +315,9 @@ async def test_page_and_assets(eventbus: StartService, receiver: Receiver) -> No
     policy = headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
     assert "<style" not in page and "style=" not in page and "<script>" not in page
+    # the service's address opened in a browser leads there (a JSON 404 said nothing)
+    async with aiohttp.ClientSession() as http, http.get(svc.url + "/") as resp:
+        assert resp.status == 200 and str(resp.url) == svc.url + "/console", resp.url
     for asset, kind in (("console.js", "text/javascript"), ("console.css", "text/css")):
         status, headers, _ = await svc.request("GET", f"/console/{asset}")
         assert status == 200 and headers["Content-Type"].startswith(kind)

@@ -146,6 +146,13 @@ def _asset(name: str) -> bytes:
     return resources.files(__package__).joinpath("static", name).read_bytes()
 
 
+@public.get("/", include_in_schema=False)
+async def front_page() -> Response:
+    """The service's address opened in a browser: the console (a JSON 404 said nothing)."""
+    # relative: behind a proxy that serves eventbus under a path, the console is there too
+    return Response(status_code=303, headers={"Location": "console"})
+
+
 @public.get(
     "/console",
     response_class=Response,
