@@ -192,7 +192,7 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
             log.info("interrupted while starting; stopping what had started")
             log.debug("the start ended with: %s", exc)
             raise KeyboardInterrupt from None
-        _reload_on_sighup(service)
+        _reload_on_sighup(service, server)
         front.ready(create_app(service))
         server.on_shutdown = service.closing
         settle_gc()
@@ -256,10 +256,35 @@ def _hup_while_starting(signum: int, frame: object) -> None:
     _hups_while_starting.append(signum)
 
 
-def _reload_on_sighup(service: Service) -> None:
+def _has_terminal() -> bool:
+    """Whether this process has a controlling terminal still (one that hung up has none)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+_STARTED_ON_A_TERMINAL = _has_terminal()
+"""Whether eventbus was started from a terminal (not by systemd, a container, nohup ...)."""
+
+
+def _hung_up() -> bool:
+    """Whether a SIGHUP says the terminal eventbus was started from closed (the kernel's
+    hang-up), not "reload the rules": it went on serving unseen, its logs lost, its data
+    directory held (the next start refused), after the window it ran in was closed."""
+    if _STARTED_ON_A_TERMINAL and not _has_terminal():
+        log.warning("the terminal eventbus ran in hung up (SIGHUP): stopping")
+        return True
+    return False
+
+
+def _reload_on_sighup(service: Service, server: HttpServer | None = None) -> None:
     """SIGHUP reloads the rules, as ``POST /rules/reload`` does (and as it reloads nginx's
     configuration); a rule set that does not load is logged, the running one stays. One that
-    came while the service started is acted on now."""
+    came while the service started is acted on now. With ``server`` (one process), a SIGHUP
+    from the terminal hanging up stops it instead (see ``_hung_up``)."""
 
     async def reloading() -> None:
         try:
@@ -270,6 +295,9 @@ def _reload_on_sighup(service: Service) -> None:
             log.exception("rules reload failed")
 
     def reload() -> None:
+        if server is not None and _hung_up():
+            server.should_exit = True
+            return
         task = asyncio.create_task(reloading(), name="rules-reload")
         _reloads.add(task)
         task.add_done_callback(_reloads.discard)
@@ -322,9 +350,14 @@ def _bind(settings: Settings, *, listen: bool, share: bool = True) -> socket.soc
 async def _supervise(settings: Settings, workers: int, config_path: str | None) -> None:
     env = dict(os.environ)
     procs: list[subprocess.Popen[bytes] | None] = [None] * workers
+    stopping = asyncio.Event()
 
     def reload_all() -> None:
-        """SIGHUP to every live worker: each reloads its rules."""
+        """SIGHUP to every live worker: each reloads its rules (the terminal hanging up
+        stops them all instead)."""
+        if _hung_up():
+            stopping.set()
+            return
         for proc in procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
@@ -332,7 +365,6 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reload_all)
     # before the embedded servers start: SIGTERM's default action would leave them running
-    stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     # The rules and connectors, read as a worker will: a mistake in them is the parent's

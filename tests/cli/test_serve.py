@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import shutil
 import signal
 import socket
 import sys
+import termios
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -351,6 +353,61 @@ async def test_a_sighup_during_the_start_is_not_the_end_of_it(
 
             await eventually(ready, within=60, every=0.2, what="ready after the SIGHUP")
         await _terminated(proc)
+
+
+def _take_terminal() -> None:
+    """In the child: a session of its own, whose controlling terminal is its stdin (a pty)."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_terminal_closing_stops_the_service(
+    tmp_path: Path, nats_url: str, database_dsn: str, workers: int
+) -> None:
+    # SIGHUP reloads the rules, and the kernel's hang-up is a SIGHUP too: with its window
+    # closed the service ran on unseen, its logs going nowhere, its data directory held.
+    port = free_port()
+    write_config(tmp_path, rules="[]", targets=[])
+    config = tmp_path / "settings.yaml"
+    settings = settings_for(tmp_path, database_url=database_dsn, nats_url=nats_url, port=port)
+    config.write_text(yaml.safe_dump(settings))
+    terminal, side = os.openpty()
+    log = (tmp_path / "serve.log").open("wb")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "eventbus", "serve", "--config", str(config)),
+            *("--workers", str(workers)),
+            stdin=side,
+            stdout=log,
+            stderr=log,
+            preexec_fn=_take_terminal,
+        )
+    finally:
+        os.close(side)
+        log.close()
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await eventually(ready, within=60, every=0.2, what="ready")
+        os.close(terminal)  # the window closed: the kernel hangs the terminal up
+        terminal = -1
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        assert "hung up (SIGHUP): stopping" in (tmp_path / "serve.log").read_text()
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_the_wait_for_an_unreachable_database_is_the_configured_one(
