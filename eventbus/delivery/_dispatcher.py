@@ -27,7 +27,13 @@ from typing import Any, TypeVar
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, EventTooLargeForBus, StoreUnavailable, truncate_error
+from eventbus._errors import (
+    ConfigError,
+    EventTooLargeForBus,
+    StoreError,
+    StoreUnavailable,
+    truncate_error,
+)
 from eventbus.cloudevents import attribute_text, new_event
 from eventbus.delivery._guard import Guard
 from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind
@@ -258,6 +264,8 @@ class Dispatcher:
                 job.sent()
         if guard is not None:
             guard.settle(outcome)
+            if guard.reclosed():
+                await self._release_parked(job.target)
         return outcome
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
@@ -320,6 +328,19 @@ class Dispatcher:
             await self._dead_letter(job, None, DeadLetterReason.TOO_OLD, why, policy)
             return
         await self._park(job, min(reopen_in, left), "circuit")
+
+    async def _release_parked(self, target: str) -> None:
+        """The circuit of ``target`` closed again: the deliveries parked behind it are due now.
+        They waited on for the rest of their ``open_for`` (a minute by default) while new
+        events went through, and arrived after them."""
+        try:
+            released = await self._store.circuit_closed(target)
+        except StoreError as exc:  # they go when they come due, as before
+            log.warning("target %s: circuit closed; parked deliveries wait: %s", target, exc)
+            return
+        if released:
+            log.info("target %s: circuit closed; %d parked deliveries due now", target, released)
+            self.scheduled(0.0)
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
         if job.pending_id is None:

@@ -55,6 +55,7 @@ class Guard:
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
+        self._reclosed = False
         self._rate = rate_limit
         # A burst of at least one attempt: below 1/s a bucket of ``rate`` tokens never held the
         # one an attempt takes, and every delivery to the target waited for ever.
@@ -94,6 +95,7 @@ class Guard:
             self._probing = False
             if self._state != CLOSED:
                 self._set(CLOSED)
+                self._reclosed = True
             return
         self._failures += 1
         if self._state == HALF_OPEN or self._failures >= b.failures:
@@ -121,6 +123,12 @@ class Guard:
         target's concurrency cap full, a request found no place in the HTTP client's pool): a
         half-open circuit lets the next one probe."""
         self._probing = False
+
+    def reclosed(self) -> bool:
+        """Whether the circuit closed again since the last call (a probe succeeded): the
+        deliveries parked behind it may go now, not a full ``open_for`` later."""
+        reclosed, self._reclosed = self._reclosed, False
+        return reclosed
 
     def _set(self, state: int) -> None:
         self._state = state

@@ -323,6 +323,22 @@ class DeliveryStore:
         )
         return None if value is None else float(value)
 
+    async def circuit_closed(self, target: str) -> int:
+        """Make the deliveries parked behind ``target``'s circuit due now (the circuit closed
+        again); returns how many. Those a worker holds are left to it."""
+        status = await self._run(
+            "releasing the deliveries parked behind a circuit",
+            self._pool.execute(
+                "UPDATE delivery_retries SET due_at = now()"
+                " WHERE target = $1 AND waiting_for = 'circuit' AND due_at > now()"
+                " AND locked_until IS NULL",
+                target,
+            ),
+            deadline=READ_TIMEOUT,  # a saving only: they come due on their own otherwise
+            watched=True,
+        )
+        return int(str(status).rsplit(" ", 1)[-1])
+
     async def reschedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> bool:
         """Set the row's next due time and history and release it; False (nothing written)
         when the row is no longer ``d``'s: its lease ran out and another claim took it."""

@@ -348,6 +348,36 @@ async def test_circuit_breaker_parks_deliveries_and_recovers(
     assert await _dead_letters(svc) == []
 
 
+async def test_deliveries_parked_behind_the_circuit_go_once_it_closes(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # Those not taken as the probe were parked again for a full open_for: after the probe
+    # closed the circuit they waited on (a minute by default) while newer events went first.
+    receiver.respond(503)
+    breaker = {"failures": 1, "open_for": "10s"}
+    svc = await eventbus(rules=RULES, targets=[_target(receiver, circuit_breaker=breaker)])
+    await _publish(svc, range(1))
+    await receiver.wait_for(1)  # the failure that opens the circuit
+    await _publish(svc, range(1, 6))
+    pool = svc.service.store.pool
+
+    async def parked() -> bool:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM delivery_retries WHERE waiting_for = 'circuit'"
+        )
+        return bool(n == 6)
+
+    await eventually(parked, within=20, every=POLL, what="every delivery parked")
+    receiver.respond(204)
+    await receiver.wait_for(2, timeout=30)  # the probe, once open_for has passed
+
+    async def all_delivered() -> bool:
+        return len(_ok_ids(receiver)) == 6
+
+    # within half of open_for: the others were due again only a whole open_for after it
+    await eventually(all_delivered, within=5, every=POLL, what="the parked ones delivered")
+
+
 async def test_a_delivery_parked_behind_the_circuit_is_held_to_max_age(
     eventbus: StartService, receiver: Receiver
 ) -> None:
