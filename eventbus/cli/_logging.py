@@ -113,9 +113,11 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
-    """Log ``level`` and up to stderr as JSON lines (or text); third-party chatter and the
-    access log (one line per HTTP request) only at ``debug``."""
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """Log ``level`` and up to stderr as JSON lines or text (``auto``: text on a terminal);
+    third-party chatter and the access log (one line per HTTP request) only at ``debug``."""
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     worker = os.environ.get(WORKER_ENV)
     number = int(worker) if worker is not None and worker.isdigit() else None

@@ -212,7 +212,8 @@ class Settings(_Model):
     kafka_ingest: KafkaIngestSettings | None = None
     router: RouterSettings = RouterSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["json", "text", "auto"] = "auto"
+    """``auto``: text on a terminal (a person reads it), JSON lines otherwise (a collector)."""
     run_sources: bool = True
     """False in the extra worker processes of `serve --workers N`: sources run once (but
     webhooks, which serve requests, run in every worker)."""

@@ -6,6 +6,7 @@ masked), a summary of each busy minute, and what a shutdown waits for."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import signal
 import sys
@@ -17,6 +18,7 @@ import orjson
 import pytest
 
 from eventbus import app
+from eventbus.cli._logging import JsonFormatter, configure_logging
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import ServeProcess, StartService
 from tests.fixtures.wait import eventually
@@ -276,3 +278,24 @@ def test_a_workers_json_lines_carry_its_number(
         ("in a worker", 1),
         ("in the parent", None),
     ]
+
+
+@pytest.mark.parametrize(("terminal", "json_lines"), [(True, False), (False, True)])
+def test_the_default_format_is_text_on_a_terminal_and_json_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, terminal: bool, json_lines: bool
+) -> None:
+    # JSON lines on a terminal too: a person starting eventbus read objects
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
+    try:
+        configure_logging("info", "auto")
+        (handler,) = root.handlers
+        assert isinstance(handler.formatter, JsonFormatter) == json_lines
+    finally:
+        root.handlers[:], level = kept
+        root.setLevel(level)
