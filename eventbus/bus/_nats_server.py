@@ -187,7 +187,14 @@ class NatsServer:
         )
         # The largest message the bus may have to carry (the server's default is 1 MiB).
         limit = "" if self.max_payload is None else f"max_payload: {self.max_payload}\n"
-        _write_private(conf, f"authorization {{ users: [{users}] }}\n{log_conf}{limit}")
+        # JetStream's storage limit, left to the server, is 75 % of the space free when it
+        # starts: a server started on a nearly full disk answered every publish "insufficient
+        # resources" once space was freed, until eventbus restarted (the supervisor does not
+        # restart a server that answers). The disk's whole size instead: full, it refuses
+        # writes, and takes them again once space is freed.
+        disk = os.statvfs(self.store_dir)
+        store = f"jetstream {{ max_file_store: {disk.f_blocks * disk.f_frsize} }}\n"
+        _write_private(conf, f"authorization {{ users: [{users}] }}\n{log_conf}{limit}{store}")
         self._log = self.log_path.open("ab")
         self._proc = await asyncio.create_subprocess_exec(
             binary,
