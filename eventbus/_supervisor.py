@@ -52,7 +52,9 @@ class Supervised(Protocol):
 
 
 class Supervisor:
-    """Watches ``servers`` from one task; see the module docstring."""
+    """Watches ``servers``, each from a task of its own; see the module docstring. One task
+    for all: a server being brought back (its restarts failing, on a full or read-only disk)
+    held the others' checks, and the database dying meanwhile went unseen."""
 
     def __init__(
         self,
@@ -68,7 +70,7 @@ class Supervisor:
         self._backoff = (backoff_first, backoff_max)
         self._give_up_after = give_up_after
         self._failed: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         # server name -> its stuck probe, and when it may next be restarted for it (and the
         # wait after that)
         self._stuck: dict[str, Probe] = {}
@@ -79,9 +81,9 @@ class Supervisor:
         """Why liveness fails: the servers that could not be brought back, or the watching
         itself ended, or None."""
         reasons = [f"{name}: {why}" for name, why in self._failed.items()]
-        task = self._task
-        if task is not None and task.done() and not task.cancelled():
-            reasons.append(f"the supervisor stopped: {task.exception()!r}")
+        for name, task in self._tasks.items():
+            if task.done() and not task.cancelled():
+                reasons.append(f"the supervision of {name} stopped: {task.exception()!r}")
         return "; ".join(reasons) or None
 
     def restart_when_stuck(self, name: str, probe: Probe) -> None:
@@ -93,33 +95,38 @@ class Supervisor:
         self._stuck[name] = probe
 
     def start(self) -> None:
-        if self._task is None and self._servers:
-            self._task = asyncio.create_task(self._run(), name="eventbus-supervisor")
+        if not self._tasks:
+            self._tasks = {
+                server.name: asyncio.create_task(
+                    self._watch(server), name=f"eventbus-supervisor:{server.name}"
+                )
+                for server in self._servers
+            }
 
     async def stop(self) -> None:
         """Stop watching (before the servers are stopped on purpose). Idempotent."""
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        tasks, self._tasks = self._tasks, {}
+        for task in tasks.values():
+            await cancel_and_wait(task)
 
-    async def _run(self) -> None:
-        failing: set[str] = set()  # servers whose check raised, said once until it works
+    async def _watch(self, server: Supervised) -> None:
+        failing = False  # its check raised: said once until it works
         while True:
             await asyncio.sleep(self._check_every)
-            for server in self._servers:
-                try:
-                    alive = server.alive()
-                except Exception as exc:
-                    # Out of file descriptors, a check of /proc raised OSError: it ended this
-                    # task, and no server was restarted again (nothing said so, liveness green).
-                    if server.name not in failing:
-                        failing.add(server.name)
-                        log.error("cannot check embedded %s: %r; trying again", server.name, exc)
-                    continue
-                failing.discard(server.name)
-                if not alive:
-                    await self._bring_back(server)
-                elif server.name in self._stuck:
-                    await self._unstick(server, self._stuck[server.name])
+            try:
+                alive = server.alive()
+            except Exception as exc:
+                # Out of file descriptors, a check of /proc raised OSError: it ended the
+                # watching, and no server was restarted again (nothing said so, liveness green).
+                if not failing:
+                    failing = True
+                    log.error("cannot check embedded %s: %r; trying again", server.name, exc)
+                continue
+            failing = False
+            if not alive:
+                await self._bring_back(server)
+            elif server.name in self._stuck:
+                await self._unstick(server, self._stuck[server.name])
 
     async def _unstick(self, server: Supervised, probe: Probe) -> None:
         now = time.monotonic()

@@ -67,6 +67,23 @@ async def test_liveness_fails_after_repeated_failures_and_recovers() -> None:
         await sup.stop()
 
 
+async def test_one_server_failing_to_come_back_does_not_hold_the_others() -> None:
+    # One task watched both: while the nats-server's restarts failed (a read-only store), the
+    # database died and was not seen until the nats-server was back.
+    stuck, other = Scripted("nats-server", failures=10**6), Scripted("postgresql")
+    sup = Supervisor([stuck, other], check_every=0.01, backoff_first=0.05, backoff_max=0.05)
+    sup.start()
+    try:
+        stuck.up = False
+        await eventually(lambda: stuck.restarts >= 2, within=10, every=0.01)
+        other.up = False
+        async with asyncio.timeout(10):
+            await other.restarted.wait()
+        assert not stuck.up
+    finally:
+        await sup.stop()
+
+
 async def test_stop_is_idempotent_and_nothing_to_watch_is_fine() -> None:
     sup = Supervisor([])
     sup.start()
