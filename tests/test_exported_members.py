@@ -103,6 +103,7 @@ EXPORTS: dict[str, list[str]] = {
     ],
     "eventbus.cli": ["main"],
     "eventbus.config": [
+        "EMBEDDED_NATS_ENV",
         "MIN_SECRET_CHARS",
         "PARENT_ENV",
         "RESTARTED_ENV",
