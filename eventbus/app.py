@@ -44,6 +44,7 @@ from eventbus._tasks import cancel_and_wait, in_daemon_thread, report_stuck
 from eventbus.bus import (
     DUPLICATE,
     Bus,
+    KafkaBus,
     KafkaBusConfig,
     NatsBus,
     NatsBusConfig,
@@ -108,6 +109,10 @@ log = logging.getLogger("eventbus")
 
 _SUMMARY_EVERY = 60.0  # seconds between activity summaries in the log
 REPLAYS_LISTED = 1000  # replayed dead letters named in the answer (all are counted)
+
+
+def _count_duplicate(via: str) -> None:
+    metrics.EVENTS_DUPLICATE.labels(via).inc()
 
 
 def _count_rule_failure(rule: str, what: str) -> None:
@@ -428,6 +433,9 @@ class Service:
         log.info("database: %s", redact_url(self.database_url))
         bus_config = self._bus_config()
         self.bus = await self._stack.enter_async_context(open_bus(bus_config))
+        if isinstance(self.bus, KafkaBus):
+            # a copy the consumer drops (JetStream drops it on publish): counted alike
+            self.bus.copy_dropped = _count_duplicate
         if s.embedded_bus and isinstance(self.bus, NatsBus):
             self.supervisor.restart_when_stuck(NatsServer.name, functools.partial(_stuck, self.bus))
         if isinstance(bus_config, NatsBusConfig):

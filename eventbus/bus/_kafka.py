@@ -22,7 +22,7 @@ import logging
 import random
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -67,6 +67,7 @@ log = logging.getLogger("eventbus.bus")
 
 _CONTENT_TYPE = ("content-type", b"application/cloudevents+json")
 _VIA = "eventbus-via"
+_SCOPE = "eventbus-scope"  # a publish's scope (an invocation's target): copies are told by it
 
 
 def _via(headers: Sequence[tuple[str, bytes | None]]) -> str:
@@ -330,8 +331,9 @@ class _KafkaMessage(DecodedMessage):
         self._part = part
         self._offset: int = record.offset
         self._settled = False
-        self.key: bytes | None = record.key
-        """The event's source+id key, as it was published."""
+        scope = next((v for k, v in record.headers if k == _SCOPE and v is not None), None)
+        self.key: bytes | None = record.key if scope is None else record.key + b"/" + scope
+        """The event's source+id key, as it was published, with its scope if any."""
 
     async def ack(self) -> None:
         """Mark done; committed with the next contiguous run. Later calls do nothing."""
@@ -788,6 +790,8 @@ class KafkaBus:
         self._producer: AIOKafkaProducer | None = None
         self._consumptions: set[_Consumption] = set()
         self._recent = _Recent()  # the events this process's consumers handed out lately
+        self.copy_dropped: Callable[[str], None] = lambda via: None
+        """Called with a dropped copy's ``via`` (the service counts it as a duplicate)."""
         self._publishes = FailureRun()  # publishes the brokers could not take, in a row
         self.stall_after = STALL_AFTER
         self.publish_stall_after = PUBLISHES_STALL_AFTER
@@ -878,20 +882,21 @@ class KafkaBus:
         self, event: dict[str, Any], *, via: str = DIRECT, scope: str | None = None
     ) -> bool:
         """Store ``event`` on the topic and return once all in-sync replicas have it; False
-        (Kafka keeps every copy: never a duplicate).
+        (Kafka keeps every copy: never a duplicate on publish).
 
         Raises BusUnavailable when no broker acks within ``publish_timeout`` (the event may
         still be stored later), BusError when the event cannot be encoded or is rejected.
-        Kafka keeps every publish (no de-duplication), so ``scope`` changes nothing.
+        ``scope`` (an invocation's target) goes with the record: the consumer drops a copy of
+        an event handed out lately only within one scope (an event invoked on two targets
+        reached one of them).
         """
-        del scope
-        (result,) = await self.publish_many([event], via=via)
+        (result,) = await self.publish_many([event], via=via, scope=scope)
         if isinstance(result, BaseException):
             raise result
         return False
 
     async def publish_many(
-        self, events: Sequence[dict[str, Any]], *, via: str = DIRECT
+        self, events: Sequence[dict[str, Any]], *, via: str = DIRECT, scope: str | None = None
     ) -> list[PublishOutcome]:
         """Publish all events batched by the producer, then wait for their acks together.
 
@@ -905,6 +910,8 @@ class KafkaBus:
         pending: dict[asyncio.Future[Any], int] = {}
         deadline = asyncio.get_running_loop().time() + cfg.publish_timeout
         headers = [_CONTENT_TYPE, (_VIA, via.encode())]
+        if scope is not None:
+            headers.append((_SCOPE, scope.encode()))
         i = 0
         try:
             # send() waits for metadata and buffer space: one deadline bounds the loop (one
@@ -955,6 +962,7 @@ class KafkaBus:
                 if msg.rejected is None and self._recent.copy(msg.key, msg.ref, loop.time()):
                     log.debug("Kafka bus: %s copies an event handed out lately: dropped", msg.ref)
                     await msg.ack()
+                    self.copy_dropped(msg.via)
                     continue
                 yield msg
         finally:

@@ -180,11 +180,13 @@ async def test_a_republished_event_is_answered_as_a_duplicate_when_it_is_one(
     ]
     assert body["duplicates"] == 2 * dropped
     assert headers.get("eventbus-duplicates") == ("2" if dropped else None)
-    assert await _counted(svc) - before == 3 * dropped
+    if dropped:  # on publish; Kafka's consumer drops them (and counts them) later
+        assert await _counted(svc) - before == 3
 
     await svc.drained()
     copies = sorted(r.cloudevent["id"] for r in receiver.requests if r.path == "/fn")
     assert copies == ["e-d1", "e-d2"]
+    assert await _counted(svc) - before == 3
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
