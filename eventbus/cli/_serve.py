@@ -193,6 +193,8 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
             log.debug("the start ended with: %s", exc)
             raise KeyboardInterrupt from None
         _reload_on_sighup(service, server)
+        if _MAY_HANG_UP:
+            stack.push_async_callback(cancel_and_wait, asyncio.create_task(_watch_terminal()))
         front.ready(create_app(service))
         server.on_shutdown = service.closing
         settle_gc()
@@ -266,15 +268,31 @@ def _has_terminal() -> bool:
     return True
 
 
-_STARTED_ON_A_TERMINAL = _has_terminal()
-"""Whether eventbus was started from a terminal (not by systemd, a container, nohup ...)."""
+# Whether a terminal's hang-up may stop eventbus: started from one (not by systemd or a
+# container), and not under nohup (SIGHUP ignored: its user wants it to outlive the terminal).
+_MAY_HANG_UP = _has_terminal() and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+_TERMINAL_SEEN_EVERY = 2.0  # seconds between checks that the terminal is still there
+_terminal_seen = time.monotonic()  # when it was last seen
+
+
+async def _watch_terminal() -> None:
+    """Note, every few seconds, that the terminal eventbus was started from is still there."""
+    global _terminal_seen
+    while _has_terminal():
+        _terminal_seen = time.monotonic()
+        await asyncio.sleep(_TERMINAL_SEEN_EVERY)
 
 
 def _hung_up() -> bool:
-    """Whether a SIGHUP says the terminal eventbus was started from closed (the kernel's
-    hang-up), not "reload the rules": it went on serving unseen, its logs lost, its data
-    directory held (the next start refused), after the window it ran in was closed."""
-    if _STARTED_ON_A_TERMINAL and not _has_terminal():
+    """Whether a SIGHUP is the hang-up of the terminal eventbus was started from (its window
+    closed: gone now, there moments ago), not "reload the rules": it went on serving unseen,
+    its logs lost, its data directory held (the next start refused). A SIGHUP long after the
+    terminal went (eventbus disowned, then an operator's ``kill -HUP``) reloads."""
+    if (
+        _MAY_HANG_UP
+        and not _has_terminal()
+        and time.monotonic() - _terminal_seen < 3 * _TERMINAL_SEEN_EVERY
+    ):
         log.warning("the terminal eventbus ran in hung up (SIGHUP): stopping")
         return True
     return False
@@ -371,6 +389,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     # error, at once, as in one process (each worker failed on it, restarted, for ever).
     Service(settings).read_files()
     async with contextlib.AsyncExitStack() as stack:
+        if _MAY_HANG_UP:
+            stack.push_async_callback(cancel_and_wait, asyncio.create_task(_watch_terminal()))
         embedded = await start_embedded(stack, settings)
         if stopping.is_set():  # a signal during their start: stop them again, start no worker
             return

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import termios
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import yaml
 
 from eventbus._errors import ConfigError
 from eventbus.bus._nats_server import free_port
+from eventbus.cli import _serve as serve_module
 from eventbus.cli._serve import GC_YOUNG_THRESHOLD, _check_exposure
 from eventbus.config import Settings, load_settings
 from tests.fixtures.postgres import private_data_root, stop_servers_under
@@ -361,13 +363,19 @@ def _take_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _take_terminal_under_nohup() -> None:
+    _take_terminal()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "nohup"), [(1, False), (2, False), (1, True)])
 async def test_the_terminal_closing_stops_the_service(
-    tmp_path: Path, nats_url: str, database_dsn: str, workers: int
+    tmp_path: Path, nats_url: str, database_dsn: str, workers: int, nohup: bool
 ) -> None:
     # SIGHUP reloads the rules, and the kernel's hang-up is a SIGHUP too: with its window
     # closed the service ran on unseen, its logs going nowhere, its data directory held.
+    # Under nohup (SIGHUP ignored at its start) it is meant to outlive the terminal.
     port = free_port()
     write_config(tmp_path, rules="[]", targets=[])
     config = tmp_path / "settings.yaml"
@@ -382,7 +390,7 @@ async def test_the_terminal_closing_stops_the_service(
             stdin=side,
             stdout=log,
             stderr=log,
-            preexec_fn=_take_terminal,
+            preexec_fn=_take_terminal_under_nohup if nohup else _take_terminal,
         )
     finally:
         os.close(side)
@@ -400,14 +408,31 @@ async def test_the_terminal_closing_stops_the_service(
             await eventually(ready, within=60, every=0.2, what="ready")
         os.close(terminal)  # the window closed: the kernel hangs the terminal up
         terminal = -1
+        if nohup:
+            # A short settle, kept on purpose: nothing marks "it did not stop"
+            await asyncio.sleep(2.0)
+            async with aiohttp.ClientSession() as session:
+                assert await ready() and proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-        assert "hung up (SIGHUP): stopping" in (tmp_path / "serve.log").read_text()
+        said = (tmp_path / "serve.log").read_text()
+        assert ("hung up (SIGHUP): stopping" in said) != nohup, said[-2000:]
     finally:
         if terminal >= 0:
             os.close(terminal)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_a_sighup_long_after_the_terminal_went_reloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # eventbus disowned, its terminal gone, then an operator's `kill -HUP` to reload: stopped
+    monkeypatch.setattr(serve_module, "_MAY_HANG_UP", True)
+    monkeypatch.setattr(serve_module, "_has_terminal", lambda: False)
+    monkeypatch.setattr(serve_module, "_terminal_seen", time.monotonic() - 60)
+    assert not serve_module._hung_up()
+    monkeypatch.setattr(serve_module, "_terminal_seen", time.monotonic() - 1)
+    assert serve_module._hung_up()  # there a moment ago: its hang-up
 
 
 async def test_the_wait_for_an_unreachable_database_is_the_configured_one(
