@@ -225,6 +225,7 @@ async def publish_held(
     payload: bytes,
     convert: Callable[[], list[dict[str, Any]]],
     meta: Mapping[str, Any],
+    given_back: Callable[[], bool] = lambda: False,
 ) -> bool:
     """:func:`publish_message`, holding the message until the bus and the database take it:
     for a message its broker will not send again (core NATS, MQTT at QoS 0; dropped with the
@@ -248,6 +249,11 @@ async def publish_held(
         except (BusError, StoreError) as exc:
             ctx.report_error(exc)
             await retry.wait()
+        if given_back():
+            # Its broker has it again (``given_back``: the channel it came on closed) and
+            # sends it anew: published from here too, it went twice (a raw one without an id
+            # of its own under two ids).
+            raise ConnectionError("the connection closed while a message was held")
 
 
 async def consume_forever(

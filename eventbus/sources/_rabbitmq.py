@@ -90,6 +90,14 @@ def _cloudevent(message: AbstractIncomingMessage, max_size: int) -> dict[str, An
     return from_kafka(headers, None, message.body, max_size=max_size)
 
 
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel ``message`` came on closed (its broker sends it again)."""
+    try:
+        return bool(message.channel.is_closed)
+    except aiormq.exceptions.ChannelInvalidStateError:  # aio_pika's answer for a closed one
+        return True
+
+
 def _property_bytes(name: str, value: object) -> bytes:
     """An application property as the attribute's text: the AMQP binding maps a timestamp to
     ``time`` and a boolean to ``true``/``false`` (``str()`` gave "2026-01-02 03:04:05+00:00",
@@ -210,7 +218,12 @@ class RabbitMQSource:
     ) -> None:
         async for message in messages:
             await self._publish(ctx, message)
-            await message.ack()
+            try:
+                await message.ack()
+            except aiormq.exceptions.ChannelInvalidStateError as exc:
+                # its channel closed after the bus took it (the connection lost while it was
+                # held): the broker sends it again; this was a crash, with a traceback
+                raise ConnectionError(f"the channel closed before the ack: {exc!r}") from exc
             # after an ack, not at the connect: a message that breaks the connection as it
             # arrives (one the client cannot decode) makes it back off, not retry every 0.5 s
             backoff.reset()
@@ -232,4 +245,4 @@ class RabbitMQSource:
             "routing_key": message.routing_key,
             "message_id": message.message_id,
         }
-        await publish_held(ctx, message.body, convert, meta)
+        await publish_held(ctx, message.body, convert, meta, lambda: _channel_closed(message))
