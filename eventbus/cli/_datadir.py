@@ -25,13 +25,13 @@ import orjson
 
 from eventbus._errors import ConfigError
 
-__all__ = ["LOCK_NAME", "default_url", "hold_data_dir", "running_service"]
+__all__ = ["LOCK_NAME", "client_url", "default_url", "hold_data_dir", "running_service"]
 
 LOCK_NAME = "serve.lock"
 _FALLBACK_URL = "http://127.0.0.1:8080"
 
 
-def _client_url(host: str, port: int) -> str:
+def client_url(host: str, port: int) -> str:
     """The URL a client on this machine reaches a server listening on ``host:port`` at (an
     every-interface address is reached on loopback)."""
     if host in ("", "0.0.0.0"):
@@ -62,7 +62,7 @@ def hold_data_dir(data_dir: Path, *, host: str, port: int) -> Iterator[None]:
             f"data dir {str(data_dir)!r} cannot be used: {exc.strerror or exc}"
         ) from exc
     try:
-        owner = {"pid": os.getpid(), "listen": f"{host}:{port}", "url": _client_url(host, port)}
+        owner = {"pid": os.getpid(), "listen": f"{host}:{port}", "url": client_url(host, port)}
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, orjson.dumps(owner) + b"\n", 0)

@@ -48,7 +48,7 @@ from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.app import Service, start_embedded
-from eventbus.cli._datadir import hold_data_dir
+from eventbus.cli._datadir import client_url, hold_data_dir
 from eventbus.config import EMBEDDED_NATS_ENV, PARENT_ENV, RESTARTED_ENV, WORKER_ENV, Settings
 from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
 from eventbus.sources import SharedStatuses
@@ -75,12 +75,7 @@ def _address(settings: Settings) -> tuple[str, int]:
 
 def _console_url(settings: Settings) -> str:
     """Where a browser on this machine finds the console (``GET /`` leads there too)."""
-    host = settings.listen.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.listen.port}/console"
+    return client_url(settings.listen.host, settings.listen.port) + "/console"
 
 
 def _stop_on_signals(server: HttpServer) -> None:

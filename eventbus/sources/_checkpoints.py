@@ -24,9 +24,13 @@ __all__ = ["Checkpoints", "Lease", "list_dead_letters"]
 
 # What asyncpg raises when Postgres rejects a statement or the connection is gone.
 CHECKPOINT_TIMEOUT = 10.0
-"""Seconds a checkpoint's read or write may take, a connection's wait included: a frozen
+"""Seconds a checkpoint's read or write may take, a connection's wait included, plus a second
+per ``ROWS_A_SECOND`` rows it writes or deletes (a bucket's first listing of a million objects
+is one transaction of ten seconds), and ``READ_ALL_TIMEOUT`` for reading every key: a frozen
 PostgreSQL held a source's reading (an s3 poll showed running, its lag standing) until its
 lease ran out, and a source without a lease for ever."""
+ROWS_A_SECOND = 20_000
+READ_ALL_TIMEOUT = 60.0
 
 
 # PostgreSQL's text holds no NUL, which an S3 object key may: keys are stored with ESC as
@@ -46,6 +50,10 @@ def _key(stored: str) -> str:
     if _ESCAPE not in stored:
         return stored
     return _UNESCAPED.sub(lambda m: "\x00" if m[1] == "0" else m[1], stored)
+
+
+def _deadline(rows: int) -> float:
+    return CHECKPOINT_TIMEOUT + rows / ROWS_A_SECOND
 
 
 class Checkpoints:
@@ -82,7 +90,7 @@ class Checkpoints:
                 self._source,
                 _stored(prefix),
             ),
-            deadline=CHECKPOINT_TIMEOUT,
+            deadline=READ_ALL_TIMEOUT,
         )
         return {_key(row["key"]): orjson.loads(row["value"]) for row in rows}
 
@@ -106,7 +114,8 @@ class Checkpoints:
                     rows,
                 )
 
-        await run_db(f"writing checkpoints of {self._source}", write(), deadline=CHECKPOINT_TIMEOUT)
+        what = f"writing checkpoints of {self._source}"
+        await run_db(what, write(), deadline=_deadline(len(rows)))
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Forget ``keys`` (those of items that are gone)."""
@@ -119,7 +128,7 @@ class Checkpoints:
                 self._source,
                 [_stored(k) for k in keys],
             ),
-            deadline=CHECKPOINT_TIMEOUT,
+            deadline=_deadline(len(keys)),
         )
 
 
