@@ -175,7 +175,7 @@ class RabbitMQSource:
             # object at 0x...>")
             raise ConnectionError(
                 f"the broker refused virtual host {self._url.path[1:] or '/'!r}: it does not "
-                "exist, or the user may not use it"
+                "exist, the user may not use it, or it takes no more connections"
             ) from exc
         # Why the broker closed the connection (CONNECTION_FORCED by an operator, a node going
         # down): the reading just ends, and the status said only that the subscription ended.

@@ -253,8 +253,8 @@ async def test_a_virtual_host_the_broker_refuses_is_named(database_dsn: str, nat
         async with running(source, ctx):
             await eventually(lambda: _backing_off(ctx))
         assert ctx.status.last_error == (
-            "ConnectionError: the broker refused virtual host 'nowhere': it does not exist, or "
-            "the user may not use it"
+            "ConnectionError: the broker refused virtual host 'nowhere': it does not exist, the "
+            "user may not use it, or it takes no more connections"
         )
 
 
