@@ -265,7 +265,7 @@ class Dispatcher:
         if guard is not None:
             guard.settle(outcome)
             if guard.reclosed():
-                await self._release_parked(job.target)
+                await self.release_parked(job.target)
         return outcome
 
     async def _delivered(self, job: Delivery, outcome: Outcome, policy: DeliveryPolicy) -> None:
@@ -329,7 +329,7 @@ class Dispatcher:
             return
         await self._park(job, min(reopen_in, left), "circuit")
 
-    async def _release_parked(self, target: str) -> None:
+    async def release_parked(self, target: str) -> None:
         """The circuit of ``target`` closed again: the deliveries parked behind it are due now.
         They waited on for the rest of their ``open_for`` (a minute by default) while new
         events went through, and arrived after them."""

@@ -221,6 +221,8 @@ class Invoker:
         outcome = answer.outcome
         if guard is not None:
             guard.settle(outcome)  # as for rule deliveries
+            if guard.reclosed():  # this call was the probe that closed the circuit
+                await self._dispatcher.release_parked(target)
         result = AttemptOutcome.DELIVERED if outcome.delivered else AttemptOutcome.FAILED
         metrics.DELIVERIES.labels(target, result.value).inc()
         metrics.DELIVERY_SECONDS.labels(target).observe(outcome.duration_ms / 1000)
