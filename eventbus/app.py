@@ -20,10 +20,11 @@ import importlib.util
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -109,6 +110,26 @@ log = logging.getLogger("eventbus")
 
 _SUMMARY_EVERY = 60.0  # seconds between activity summaries in the log
 REPLAYS_LISTED = 1000  # replayed dead letters named in the answer (all are counted)
+
+
+@contextmanager
+def _unsaid_here() -> Iterator[None]:
+    """Drop what this thread logs at warning or below while the block runs: a reload building
+    the adapters repeated each one's start-time warnings (credentials over plain http, TLS
+    verification off) at every reload, in every worker. Other threads log as before."""
+    here = threading.get_ident()
+
+    def elsewhere(record: logging.LogRecord) -> bool:
+        return record.thread != here or record.levelno > logging.WARNING
+
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(elsewhere)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(elsewhere)
 
 
 def _count_duplicate(via: str) -> None:
@@ -719,7 +740,9 @@ class Service:
         # break, a TLS file missing), as `rules validate` and the start check it: the reload
         # said OK, and the next restart failed.
         try:
-            build_adapters(connectors, self._runs)  # as this process's start builds them
+            # as this process's start builds them, without repeating the start's warnings
+            with _unsaid_here():
+                build_adapters(connectors, self._runs)
         except ConfigError as exc:
             raise ConfigError(f"the next start would refuse the connector files:\n{exc}") from exc
         new = sorted(set(connectors.targets) - set(self.targets))

@@ -5,6 +5,7 @@ rules, with its state under ``GET /sources``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -230,6 +231,22 @@ async def test_a_reload_checks_the_sources_this_process_runs_only(
     )
     status, _, answer = await svc.request("POST", "/rules/reload")
     assert status == 200, answer
+
+
+async def test_a_reload_does_not_repeat_the_warnings_of_the_start(
+    eventbus: StartService, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Building the adapters to check them, each reload said the start's warnings again (in
+    # every worker): credentials over plain http, TLS verification off
+    auth = {"bearer": "a-token-long-enough-for-eventbus"}
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "auth": auth}]
+    caplog.set_level(logging.WARNING, logger="eventbus")
+    svc = await eventbus(rules="- name: a\n  targets: [fn]\n", targets=targets)
+    assert "credentials are sent over plain http" in caplog.text
+    caplog.clear()
+    status, _, answer = await svc.request("POST", "/rules/reload")
+    assert status == 200, answer
+    assert "credentials are sent over plain http" not in caplog.text, caplog.text
 
 
 async def test_the_service_answers_and_routes_while_a_large_rule_set_compiles(
