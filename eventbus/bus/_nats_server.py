@@ -283,11 +283,17 @@ class NatsServer:
             return False
 
     def _log_tail(self) -> str:
+        """The last lines the server process now starting wrote to its log (each begins with
+        its pid): those of an earlier process, on a disk too full for the new one to write
+        any, were given as its reason."""
         try:
             lines = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "(no log)"
-        return " | ".join(lines[-5:]) or "(empty log)"
+        if self._proc is not None:
+            own = f"[{self._proc.pid}]"
+            lines = [line for line in lines if line.startswith(own) or not line.startswith("[")]
+        return " | ".join(lines[-5:]) or "(nothing in its log: is the disk full?)"
 
     async def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after ``stop_timeout``; its pid file goes

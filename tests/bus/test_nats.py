@@ -373,9 +373,29 @@ async def test_server_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         server = NatsServer(tmp_path / "nats", port=port, startup_timeout=5.0)
-        with pytest.raises(BusError, match="nats-server exited"):
+        with pytest.raises(BusError, match="nats-server exited") as raised:
             await server.start()
     await server.stop()
+    assert "address already in use" in str(raised.value)
+
+
+async def test_a_server_that_says_nothing_is_not_given_an_earlier_ones_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a full disk the new process wrote no line: the end of an earlier one's log was given
+    # as its reason
+    fake = tmp_path / "bin" / "nats-server"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "nats").mkdir()
+    (tmp_path / "nats" / "nats-server.log").write_text("[1] 2026/01/01 an earlier server\n")
+    server = NatsServer(tmp_path / "nats", startup_timeout=5.0)
+    with pytest.raises(BusError, match="exited with code 1") as raised:
+        await server.start()
+    assert "an earlier server" not in str(raised.value)
+    assert "nothing in its log" in str(raised.value)
 
 
 async def test_a_server_that_never_answers_fails_without_showing_its_password(
