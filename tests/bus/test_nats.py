@@ -379,16 +379,21 @@ async def test_server_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
     assert "address already in use" in str(raised.value)
 
 
+def _fake_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """A ``nats-server`` on PATH that runs the shell ``script``."""
+    fake = tmp_path / "bin" / "nats-server"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+
+
 async def test_a_server_that_says_nothing_is_not_given_an_earlier_ones_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On a full disk the new process wrote no line: the end of an earlier one's log was given
     # as its reason
-    fake = tmp_path / "bin" / "nats-server"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    _fake_server(tmp_path, monkeypatch, "exit 1")
     (tmp_path / "nats").mkdir()
     (tmp_path / "nats" / "nats-server.log").write_text("[1] 2026/01/01 an earlier server\n")
     server = NatsServer(tmp_path / "nats", startup_timeout=5.0)
@@ -403,11 +408,7 @@ async def test_a_server_that_never_answers_fails_without_showing_its_password(
 ) -> None:
     # The message reaches the log, the console and the unauthenticated /healthz (through the
     # supervisor's reason): it carried the client URL, the bus's password included.
-    fake = tmp_path / "bin" / "nats-server"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexec sleep 30\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    _fake_server(tmp_path, monkeypatch, "exec sleep 30")
     server = NatsServer(tmp_path / "nats", startup_timeout=1.0)
     password = server.url.split(":")[2].split("@")[0]
     with pytest.raises(BusError, match="did not accept connections") as raised:

@@ -22,6 +22,7 @@ import termios
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -185,15 +186,7 @@ async def test_serving_freezes_start_up_objects_and_collects_young_ones_less_oft
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_the_embedded_database_password_stays_out_of_logs_and_command_lines() -> None:
-    # not tmp_path: see private_data_root
-    root = private_data_root()
-    try:
-        write_config(root, rules="[]", targets=[])
-        port = free_port()
-        config = root / "settings.yaml"
-        config.write_text(yaml.safe_dump(settings_for(root, database_url=None, port=port)))
-        proc = ServeProcess(config, port, root / "serve.log", workers=2)
-        await proc.start()
+    async with _two_workers_on_the_embedded_default({}) as (root, proc):
         try:
             password = (root / "data" / "postgres.password").read_text().strip()
             for running in psutil.process_iter(["cmdline"]):
@@ -203,6 +196,26 @@ async def test_the_embedded_database_password_stays_out_of_logs_and_command_line
         log = proc.log.read_text()
         assert "embedded PostgreSQL at postgresql://postgres:***@/postgres?host=" in log
         assert password not in log
+
+
+@contextlib.asynccontextmanager
+async def _two_workers_on_the_embedded_default(
+    extra: dict[str, Any],
+) -> AsyncIterator[tuple[Path, ServeProcess]]:
+    """``serve --workers 2`` on its embedded servers (``extra`` settings added), started;
+    the servers stopped and the directory removed afterwards."""
+    # not tmp_path: see private_data_root
+    root = private_data_root()
+    try:
+        write_config(root, rules="[]", targets=[])
+        port = free_port()
+        config = root / "settings.yaml"
+        config.write_text(
+            yaml.safe_dump(settings_for(root, database_url=None, port=port, extra=extra))
+        )
+        proc = ServeProcess(config, port, root / "serve.log", workers=2)
+        await proc.start()
+        yield root, proc
     finally:
         stop_servers_under(root)
         shutil.rmtree(root, ignore_errors=True)
@@ -212,17 +225,8 @@ async def test_workers_sign_in_to_the_embedded_bus_whatever_bus_nats_says() -> N
     # bus.nats credentials are ignored with the embedded server; a worker, given the server's
     # URL, read them as its own and failed ("choose one way to authenticate, not user and
     # nkey_seed"), restarted for ever. The seed reaches it in its environment only.
-    root = private_data_root()
-    try:
-        write_config(root, rules="[]", targets=[])
-        port = free_port()
-        config = root / "settings.yaml"
-        ignored = {"bus": {"nats": {"user": "someone", "password": "not-used-with-embedded"}}}
-        config.write_text(
-            yaml.safe_dump(settings_for(root, database_url=None, port=port, extra=ignored))
-        )
-        proc = ServeProcess(config, port, root / "serve.log", workers=2)
-        await proc.start()
+    ignored = {"bus": {"nats": {"user": "someone", "password": "not-used-with-embedded"}}}
+    async with _two_workers_on_the_embedded_default(ignored) as (_root, proc):
         try:
             await eventually(
                 lambda: proc.log.read_text().count("eventbus ready") == 2,
@@ -239,9 +243,6 @@ async def test_workers_sign_in_to_the_embedded_bus_whatever_bus_nats_says() -> N
         finally:
             assert await proc.terminate() == 0
         assert seed not in proc.log.read_text()
-    finally:
-        stop_servers_under(root)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.timeout(120)
@@ -316,6 +317,15 @@ async def _started_listening(
             await proc.wait()
 
 
+async def _ready(session: aiohttp.ClientSession, port: int) -> bool:
+    """Whether the service on ``port`` answers ``GET /readyz`` 200."""
+    try:
+        async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
 async def _terminated(proc: asyncio.subprocess.Process) -> str:
     """SIGTERM, then what it wrote until it exited, which it must do with 0."""
     proc.send_signal(signal.SIGTERM)
@@ -347,11 +357,7 @@ async def test_a_sighup_during_the_start_is_not_the_end_of_it(
 
             async def ready() -> bool:
                 assert proc.returncode is None, "the SIGHUP ended it"
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
+                return await _ready(session, port)
 
             await eventually(ready, within=60, every=0.2, what="ready after the SIGHUP")
         await _terminated(proc)
@@ -397,22 +403,14 @@ async def test_the_terminal_closing_stops_the_service(
         log.close()
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await eventually(ready, within=60, every=0.2, what="ready")
+            await eventually(lambda: _ready(session, port), within=60, every=0.2, what="ready")
         os.close(terminal)  # the window closed: the kernel hangs the terminal up
         terminal = -1
         if nohup:
             # A short settle, kept on purpose: nothing marks "it did not stop"
             await asyncio.sleep(2.0)
             async with aiohttp.ClientSession() as session:
-                assert await ready() and proc.returncode is None
+                assert await _ready(session, port) and proc.returncode is None
             proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         said = (tmp_path / "serve.log").read_text()

@@ -299,28 +299,47 @@ def _rabbitmqctl_works() -> bool:
     return True
 
 
+async def _needs_rabbitmqctl() -> None:
+    if not await asyncio.to_thread(_rabbitmqctl_works):
+        pytest.skip("rabbitmqctl cannot manage the broker on this machine")
+
+
+@contextlib.asynccontextmanager
+async def _rabbitmqctl_rig(
+    database_dsn: str, nats_url: str
+) -> AsyncIterator[tuple[str, AbstractChannel, BusTap, SourceContext]]:
+    """The rig and the source running on its queue, where rabbitmqctl can close connections
+    (skipped where it cannot)."""
+    await _needs_rabbitmqctl()
+    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
+        ctx = context(pool, name, tap, type="rabbitmq")
+        async with running(rabbit(name, name), ctx):
+            yield name, channel, tap, ctx
+
+
+async def _close_the_connection_of(source: str) -> None:
+    """Close the source's connection as an operator would (CONNECTION_FORCED)."""
+    closed = await asyncio.to_thread(
+        _close_connections_named, f"eventbus source {source}", "closed by the test"
+    )
+    assert closed == 1
+
+
 @needs_rabbitmq
 async def test_a_connection_the_broker_closes_says_why_and_is_made_again(
     database_dsn: str, nats_url: str
 ) -> None:
     # An operator's close (CONNECTION_FORCED) just ended the reading: the status said "the
     # broker ended the subscription", nothing of why.
-    if not await asyncio.to_thread(_rabbitmqctl_works):
-        pytest.skip("rabbitmqctl cannot manage the broker on this machine")
-    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
-        ctx = context(pool, name, tap, type="rabbitmq")
-        async with running(rabbit(name, name), ctx):
-            await send(channel, name, ce("before"))
-            await tap.wait_published(1)
-            closed = await asyncio.to_thread(
-                _close_connections_named, f"eventbus source {name}", "closed by the test"
-            )
-            assert closed == 1
-            await eventually(lambda: ctx.status.errors >= 1, what="the close reported")
-            assert "CONNECTION_FORCED" in (ctx.status.last_error or ""), ctx.status.last_error
-            assert "closed by the test" in (ctx.status.last_error or ""), ctx.status.last_error
-            await send(channel, name, ce("after"))
-            events = await tap.take(2)
+    async with _rabbitmqctl_rig(database_dsn, nats_url) as (name, channel, tap, ctx):
+        await send(channel, name, ce("before"))
+        await tap.wait_published(1)
+        await _close_the_connection_of(name)
+        await eventually(lambda: ctx.status.errors >= 1, what="the close reported")
+        assert "CONNECTION_FORCED" in (ctx.status.last_error or ""), ctx.status.last_error
+        assert "closed by the test" in (ctx.status.last_error or ""), ctx.status.last_error
+        await send(channel, name, ce("after"))
+        events = await tap.take(2)
         assert [e["id"] for e in events] == ["rbefore", "rafter"]
 
 
@@ -331,23 +350,16 @@ async def test_a_message_held_when_its_connection_closes_goes_once(
     # Held through a bus outage on a connection that then closed, it was published from the
     # hand that held it and again when the broker sent it anew; its ack on the closed channel
     # was a crash, with a traceback.
-    if not await asyncio.to_thread(_rabbitmqctl_works):
-        pytest.skip("rabbitmqctl cannot manage the broker on this machine")
-    async with _rig(database_dsn, nats_url) as (name, channel, pool, tap):
-        ctx = context(pool, name, tap, type="rabbitmq")
-        async with running(rabbit(name, name), ctx):
-            tap.down = True
-            await send(channel, name, ce("held"))
-            await tap.wait_refused(1)
-            closed = await asyncio.to_thread(
-                _close_connections_named, f"eventbus source {name}", "closed by the test"
-            )
-            assert closed == 1
-            await tap.wait_refused(3)  # held again, on the next connection
-            tap.down = False
-            await tap.wait_published(1)
-            # A short settle, kept on purpose: what is measured is that no second copy comes
-            # (the old code's came after the runner's restart, a second or two later)
-            await asyncio.sleep(3.0)
-            assert tap.published == 1
-            assert "ChannelInvalidStateError" not in (ctx.status.last_error or "")
+    async with _rabbitmqctl_rig(database_dsn, nats_url) as (name, channel, tap, ctx):
+        tap.down = True
+        await send(channel, name, ce("held"))
+        await tap.wait_refused(1)
+        await _close_the_connection_of(name)
+        await tap.wait_refused(3)  # held again, on the next connection
+        tap.down = False
+        await tap.wait_published(1)
+        # A short settle, kept on purpose: what is measured is that no second copy comes
+        # (the old code's came after the runner's restart, a second or two later)
+        await asyncio.sleep(3.0)
+        assert tap.published == 1
+        assert "ChannelInvalidStateError" not in (ctx.status.last_error or "")
