@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,6 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
             log.debug("the start ended with: %s", exc)
             raise KeyboardInterrupt from None
         _reload_on_sighup(service, server)
-        if _MAY_HANG_UP:
-            stack.push_async_callback(cancel_and_wait, asyncio.create_task(_watch_terminal()))
         front.ready(create_app(service))
         server.on_shutdown = service.closing
         settle_gc()
@@ -245,12 +244,13 @@ def _end_with_parent() -> None:
         raise EventBusError(f"the parent process {parent} is gone")
 
 
-_hups_while_starting: list[int] = []
+_hups_while_starting: list[bool] = []  # each: whether it was the terminal's hang-up
 _reloads: set[asyncio.Task[None]] = set()  # the reloads SIGHUP started (a task needs an owner)
 
 
 def _hup_while_starting(signum: int, frame: object) -> None:
-    _hups_while_starting.append(signum)
+    # told apart as it comes (see _hung_up): acted on once started, seconds later maybe
+    _hups_while_starting.append(_hung_up())
 
 
 def _has_terminal() -> bool:
@@ -266,16 +266,25 @@ def _has_terminal() -> bool:
 # Whether a terminal's hang-up may stop eventbus: started from one (not by systemd or a
 # container), and not under nohup (SIGHUP ignored: its user wants it to outlive the terminal).
 _MAY_HANG_UP = _has_terminal() and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
-_TERMINAL_SEEN_EVERY = 2.0  # seconds between checks that the terminal is still there
+_TERMINAL_SEEN_EVERY = 1.0  # seconds between checks that the terminal is still there
 _terminal_seen = time.monotonic()  # when it was last seen
 
 
-async def _watch_terminal() -> None:
-    """Note, every few seconds, that the terminal eventbus was started from is still there."""
+def _watch_terminal() -> None:
+    """Note, every second, that the terminal eventbus was started from is still there; in a
+    thread of its own (the event loop may be held for seconds, compiling rules at the start),
+    ended when the terminal is gone."""
     global _terminal_seen
-    while _has_terminal():
+
+    def watch() -> None:
+        global _terminal_seen
+        while _has_terminal():
+            _terminal_seen = time.monotonic()
+            time.sleep(_TERMINAL_SEEN_EVERY)
+
+    if _MAY_HANG_UP:
         _terminal_seen = time.monotonic()
-        await asyncio.sleep(_TERMINAL_SEEN_EVERY)
+        threading.Thread(target=watch, name="eventbus-terminal", daemon=True).start()
 
 
 def _hung_up() -> bool:
@@ -283,14 +292,15 @@ def _hung_up() -> bool:
     closed: gone now, there moments ago), not "reload the rules": it went on serving unseen,
     its logs lost, its data directory held (the next start refused). A SIGHUP long after the
     terminal went (eventbus disowned, then an operator's ``kill -HUP``) reloads."""
-    if (
+    return (
         _MAY_HANG_UP
         and not _has_terminal()
         and time.monotonic() - _terminal_seen < 3 * _TERMINAL_SEEN_EVERY
-    ):
-        log.warning("the terminal eventbus ran in hung up (SIGHUP): stopping")
-        return True
-    return False
+    )
+
+
+def _stop_for_hang_up() -> None:
+    log.warning("the terminal eventbus ran in hung up (SIGHUP): stopping")
 
 
 def _reload_on_sighup(service: Service, server: HttpServer | None = None) -> None:
@@ -307,8 +317,9 @@ def _reload_on_sighup(service: Service, server: HttpServer | None = None) -> Non
         except Exception:  # a defect: said here, not as a task's exception never retrieved
             log.exception("rules reload failed")
 
-    def reload() -> None:
-        if server is not None and _hung_up():
+    def reload(hung_up: bool | None = None) -> None:
+        if server is not None and (_hung_up() if hung_up is None else hung_up):
+            _stop_for_hang_up()
             server.should_exit = True
             return
         task = asyncio.create_task(reloading(), name="rules-reload")
@@ -317,8 +328,9 @@ def _reload_on_sighup(service: Service, server: HttpServer | None = None) -> Non
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     if _hups_while_starting:
+        hung_up = any(_hups_while_starting)
         _hups_while_starting.clear()
-        reload()
+        reload(hung_up)
 
 
 def _tell_parent(parent: int) -> None:
@@ -369,6 +381,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         """SIGHUP to every live worker: each reloads its rules (the terminal hanging up
         stops them all instead)."""
         if _hung_up():
+            _stop_for_hang_up()
             stopping.set()
             return
         for proc in procs:
@@ -376,16 +389,20 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                 proc.send_signal(signal.SIGHUP)
 
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, reload_all)
     # before the embedded servers start: SIGTERM's default action would leave them running
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     # The rules and connectors, read as a worker will: a mistake in them is the parent's
-    # error, at once, as in one process (each worker failed on it, restarted, for ever).
+    # error, at once, as in one process (each worker failed on it, restarted, for ever). A
+    # SIGHUP meanwhile (the loop held: compiling) is told apart as it comes, acted on after.
+    signal.signal(signal.SIGHUP, _hup_while_starting)
     Service(settings).read_files()
+    loop.add_signal_handler(signal.SIGHUP, reload_all)
+    if any(_hups_while_starting):
+        _stop_for_hang_up()
+        stopping.set()
+    _hups_while_starting.clear()
     async with contextlib.AsyncExitStack() as stack:
-        if _MAY_HANG_UP:
-            stack.push_async_callback(cancel_and_wait, asyncio.create_task(_watch_terminal()))
         embedded = await start_embedded(stack, settings)
         if stopping.is_set():  # a signal during their start: stop them again, start no worker
             return
@@ -576,6 +593,8 @@ def serve(
 
 
 def _run(settings: Settings, workers: int, reuse_port: bool, config_path: str | None) -> None:
+    if not reuse_port:  # the one process, or the parent of --workers N; not a worker
+        _watch_terminal()
     runner: Any
     runner = (
         _supervise(settings, workers, config_path)

@@ -433,6 +433,20 @@ def test_a_sighup_long_after_the_terminal_went_reloads(monkeypatch: pytest.Monke
     assert serve_module._hung_up()  # there a moment ago: its hang-up
 
 
+def test_a_hang_up_while_starting_is_told_apart_as_it_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Acted on once started, it was judged then: a start that held the loop for seconds (rules
+    # compiling) made the terminal's hang-up a reload, and eventbus ran on without a terminal.
+    monkeypatch.setattr(serve_module, "_MAY_HANG_UP", True)
+    monkeypatch.setattr(serve_module, "_has_terminal", lambda: False)
+    monkeypatch.setattr(serve_module, "_terminal_seen", time.monotonic() - 0.5)
+    monkeypatch.setattr(serve_module, "_hups_while_starting", [])
+    serve_module._hup_while_starting(signal.SIGHUP, None)
+    monkeypatch.setattr(serve_module, "_terminal_seen", time.monotonic() - 60)  # much later
+    assert [verdict is True for verdict in serve_module._hups_while_starting] == [True]
+
+
 async def test_the_wait_for_an_unreachable_database_is_the_configured_one(
     tmp_path: Path,
 ) -> None:
