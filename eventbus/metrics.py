@@ -66,8 +66,9 @@ EVENTS_RECEIVED = Counter(
 )
 EVENTS_DUPLICATE = Counter(
     "eventbus_events_duplicate",
-    "Events answered as duplicates, by entry point: the bus already held their source+id "
-    "within its duplicate window, so they were not stored or delivered again",
+    "Events taken for duplicates, by entry point: the bus already held their source+id "
+    "within its duplicate window, so they were not stored (JetStream) or not delivered again "
+    "(Kafka, counted where read)",
     ["via"],
     registry=REGISTRY,
 )

@@ -332,7 +332,9 @@ class _KafkaMessage(DecodedMessage):
         self._offset: int = record.offset
         self._settled = False
         scope = next((v for k, v in record.headers if k == _SCOPE and v is not None), None)
-        self.key: bytes | None = record.key if scope is None else record.key + b"/" + scope
+        key = record.key
+        # (a record without a key, written by someone else, is never taken for a copy)
+        self.key: bytes | None = key if scope is None or key is None else key + b"/" + scope
         """The event's source+id key, as it was published, with its scope if any."""
 
     async def ack(self) -> None:

@@ -509,3 +509,14 @@ def test_a_copy_is_told_from_the_same_record_handed_out_again() -> None:
     for i in range(2, 6):  # beyond `kept`, the oldest are forgotten first
         assert not recent.copy(b"k%d" % i, f"kafka:t:0:{20 + i}:4", now=13.0)
     assert not recent.copy(b"k1", "kafka:t:0:30:5", now=13.0)
+
+
+def test_a_record_without_a_key_is_never_a_copy_whatever_its_headers() -> None:
+    # someone else's record with a scope header and no key crashed the consumer
+    # (None + bytes), at the same offset every time
+    from aiokafka.structs import ConsumerRecord as Record
+
+    from eventbus.bus._kafka import _KafkaMessage
+
+    record = Record("t", 0, 5, 0, 0, None, b"{}", None, 0, 2, [("eventbus-scope", b"invoke:a")])
+    assert _KafkaMessage(record, None, TopicPartition("t", 0), _Partition()).key is None  # type: ignore[arg-type]
