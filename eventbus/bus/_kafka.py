@@ -70,11 +70,19 @@ _VIA = "eventbus-via"
 _SCOPE = "eventbus-scope"  # a publish's scope (an invocation's target): copies are told by it
 
 
-def _via(headers: Sequence[tuple[str, bytes | None]]) -> str:
+def _via_and_scope(headers: Sequence[tuple[str, bytes | None]]) -> tuple[str, bytes | None]:
+    """A record's ``eventbus-via`` (text) and ``eventbus-scope``, the first of each, in one
+    pass over its headers; a header without a value is as if absent."""
+    via: str | None = None
+    scope: bytes | None = None
     for name, value in headers:
-        if name == _VIA and value is not None:  # a header without a value: as if absent
-            return value.decode("utf-8", "replace")
-    return DIRECT
+        if value is None:
+            continue
+        if name == _VIA and via is None:
+            via = value.decode("utf-8", "replace")
+        elif name == _SCOPE and scope is None:
+            scope = value
+    return DIRECT if via is None else via, scope
 
 
 def _retry_later(exc: kerr.KafkaError, doing: str) -> None:
@@ -316,9 +324,10 @@ class _KafkaMessage(DecodedMessage):
         tp: TopicPartition,
         part: _Partition,
     ) -> None:
+        via, scope = _via_and_scope(record.headers)
         super().__init__(
             record.value or b"",
-            via=_via(record.headers),
+            via=via,
             # the time it was read when the record's timestamp is no date
             published_at=kafka_record_time(record.timestamp) or datetime.now(UTC),
             # The offset names the record; its timestamp tells apart an offset reused by a
@@ -331,7 +340,6 @@ class _KafkaMessage(DecodedMessage):
         self._part = part
         self._offset: int = record.offset
         self._settled = False
-        scope = next((v for k, v in record.headers if k == _SCOPE and v is not None), None)
         key = record.key
         # (a record without a key, written by someone else, is never taken for a copy)
         self.key: bytes | None = key if scope is None or key is None else key + b"/" + scope
