@@ -55,7 +55,13 @@ from eventbus.targets._http1 import (
     Response,
     Ticket,
 )
-from eventbus.targets._http_auth import HttpAuthSpec, auth_header_name, auth_headers, auth_secrets
+from eventbus.targets._http_auth import (
+    CLIENT_HEADERS,
+    HttpAuthSpec,
+    auth_header_name,
+    auth_headers,
+    auth_secrets,
+)
 from eventbus.targets._signing import decode_secret, signature, webhook_id
 
 __all__ = ["CONNECTION_LIMIT", "HttpTarget", "HttpTargetSpec", "parse_retry_after"]
@@ -164,9 +170,6 @@ def _default_tls() -> ssl.SSLContext:
     """The system's trust store, hostnames checked: https without a ``tls`` block."""
     return ssl.create_default_context()
 
-
-_RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-"""Headers the client writes itself; a target's ``headers`` may not set them."""
 
 _OWN_SPELLING = {
     name.lower(): name
@@ -371,7 +374,7 @@ class HttpTarget:
             )
         auth = {} if config.auth is None else auth_headers(config.auth)
         static = {_spelled_as_ours(name): value.reveal() for name, value in config.headers.items()}
-        reserved = sorted(name for name in static if name.lower() in _RESERVED_HEADERS)
+        reserved = sorted(name for name in static if name.lower() in CLIENT_HEADERS)
         if reserved:
             raise ConfigError(f"{where}: headers may not set {', '.join(reserved)}")
         for key, value in {**static, **auth}.items():

@@ -32,7 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from eventbus.config import OAuth2Spec, Secret
 
-__all__ = ["HttpAuthSpec", "auth_header_name", "auth_headers", "auth_secrets"]
+__all__ = [
+    "CLIENT_HEADERS",
+    "HttpAuthSpec",
+    "auth_header_name",
+    "auth_headers",
+    "auth_secrets",
+]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
 
@@ -46,17 +52,16 @@ class BasicAuthSpec(_Spec):
     password: Secret
 
 
-# Headers the client writes itself or eventbus sets (per event: Content-Type, ce-*,
-# webhook-*), and hop-by-hop ones: an API key in one went out beside the client's own
-# (Transfer-Encoding with the Content-Length it sends, a second Host: a strict server refused
-# every delivery, a lenient one could be desynchronized), was replaced by eventbus's value, or
-# asked something of the connection (Expect: every delivery answered 417).
-_NOT_A_KEY_HEADER = frozenset(
+CLIENT_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+"""Headers the HTTP client writes itself: neither a target's ``headers`` nor its API key's."""
+
+# Those, the ones eventbus sets (per event: Content-Type, ce-*, webhook-*) and hop-by-hop ones:
+# an API key in one went out beside the client's own (Transfer-Encoding with the Content-Length
+# it sends, a second Host: a strict server refused every delivery, a lenient one could be
+# desynchronized), was replaced by eventbus's value, or asked something of the connection
+# (Expect: every delivery answered 417).
+_NOT_A_KEY_HEADER = CLIENT_HEADERS | frozenset(
     {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
         "content-type",
         "user-agent",
         "accept",
@@ -122,12 +127,13 @@ def auth_headers(spec: HttpAuthSpec) -> dict[str, str]:
 
 
 def auth_secrets(spec: HttpAuthSpec) -> list[str]:
-    """The secrets of Basic, API-key and bearer authentication as configured and as sent (the
-    header's value), for masking in error texts (OAuth 2.0's: see ``OAuth2Client.secrets``)."""
+    """The secrets of Basic, API-key and bearer authentication as configured, for masking in
+    error texts (the ``Authorization`` value a request carries is masked with them, as sent;
+    OAuth 2.0's: see ``OAuth2Client.secrets``)."""
     if spec.basic is not None:
-        return [spec.basic.password.reveal(), *auth_headers(spec).values()]
+        return [spec.basic.password.reveal()]
     if spec.api_key is not None:
         return [spec.api_key.value.reveal()]
     if spec.bearer is not None:
-        return [spec.bearer.reveal(), *auth_headers(spec).values()]
+        return [spec.bearer.reveal()]
     return []
