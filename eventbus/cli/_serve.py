@@ -299,7 +299,7 @@ def _hung_up() -> bool:
     )
 
 
-def _stop_for_hang_up() -> None:
+def _say_hung_up() -> None:
     log.warning("the terminal eventbus ran in hung up (SIGHUP): stopping")
 
 
@@ -319,7 +319,7 @@ def _reload_on_sighup(service: Service, server: HttpServer | None = None) -> Non
 
     def reload(hung_up: bool | None = None) -> None:
         if server is not None and (_hung_up() if hung_up is None else hung_up):
-            _stop_for_hang_up()
+            _say_hung_up()
             server.should_exit = True
             return
         task = asyncio.create_task(reloading(), name="rules-reload")
@@ -381,7 +381,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         """SIGHUP to every live worker: each reloads its rules (the terminal hanging up
         stops them all instead)."""
         if _hung_up():
-            _stop_for_hang_up()
+            _say_hung_up()
             stopping.set()
             return
         for proc in procs:
@@ -399,7 +399,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     Service(settings).read_files()
     loop.add_signal_handler(signal.SIGHUP, reload_all)
     if any(_hups_while_starting):
-        _stop_for_hang_up()
+        _say_hung_up()
         stopping.set()
     _hups_while_starting.clear()
     async with contextlib.AsyncExitStack() as stack:

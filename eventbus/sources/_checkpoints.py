@@ -22,7 +22,6 @@ from eventbus.store import READ_TIMEOUT, run_db
 __all__ = ["Checkpoints", "Lease", "list_dead_letters"]
 
 
-# What asyncpg raises when Postgres rejects a statement or the connection is gone.
 CHECKPOINT_TIMEOUT = 10.0
 """Seconds a checkpoint's read or write may take, a connection's wait included, plus a second
 per ``ROWS_A_SECOND`` rows it writes or deletes (a bucket's first listing of a million objects
