@@ -327,6 +327,11 @@ class Dispatcher:
             why = f"waited past max_age ({policy.retry.max_age:g} s) for {job.target}'s circuit"
             await self._dead_letter(job, None, DeadLetterReason.TOO_OLD, why, policy)
             return
+        guard = self._guards.get(job.target)
+        if guard is not None and guard.state == "closed":
+            # the probe closed the circuit meanwhile, and its release of the parked rows may
+            # have run before this one is written: parked for open_for, it waited behind it
+            reopen_in = 0.0
         await self._park(job, min(reopen_in, left), "circuit")
 
     async def release_parked(self, target: str) -> None:
