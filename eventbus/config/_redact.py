@@ -25,10 +25,11 @@ def redact_url(url: str) -> str:
     ``password=***``. A password holding an unencoded ``@``, ``/``, ``?``, ``#``, ``,`` or a
     space is masked whole: it runs to the URL's last ``@`` (in a web URL, unless that ``@``
     starts a path segment after a host: ``https://u:1/x/@h`` is taken for a path)."""
-    # a URL starts the text or follows a list's comma ("://" inside a password starts none)
-    starts = [
-        m.start() for m in _SCHEME.finditer(url) if m.start() == 0 or url[m.start() - 1] in ", "
-    ]
+    # the first URL starts wherever it is ("cannot reach nats://..."); another follows a
+    # list's comma, spaces after it allowed ("://" inside a password starts none, one after a
+    # space in it neither: "u: p://@h" showed " p://")
+    found = [m.start() for m in _SCHEME.finditer(url)]
+    starts = found[:1] + [i for i in found[1:] if url[:i].rstrip(" ").endswith(",")]
     if not starts:
         return _QUERY.sub(r"\1***", url)
     pieces = [url[: starts[0]]]
