@@ -681,6 +681,9 @@ async def test_the_stuck_probe_forgets_what_a_frozen_server_left_unanswered(
                     assert isinstance(outcome, BusUnavailable), outcome
 
             frozen.suspend()
+            # stopped for sure before the first publish (one sent as SIGSTOP was on its way
+            # was answered: a CI run's flake)
+            await eventually(lambda: frozen.status() == psutil.STATUS_STOPPED, what="stopped")
             try:
                 await unanswered_for(0.5)
                 assert bus.unanswered(0.3) is not None
