@@ -192,12 +192,20 @@ async def test_a_cancelled_publish_leaves_no_acknowledgement_waiting(nats_url: s
         nc = await nats.connect(nats_url)
         try:
             await nc.jetstream().delete_stream(config.stream)
-            await nc.subscribe(config.subject)  # a listener, no stream: nobody answers
+            heard: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def listen(msg: Msg) -> None:
+                heard.put_nowait(msg.data)
+
+            # a listener, no stream: the publishes reach someone, and nobody answers
+            await nc.subscribe(config.subject, cb=listen)
             await nc.flush()
             for events in ([event(1)], [event(2), event(3)]):
                 publishing = asyncio.create_task(bus.publish_many(events))
-                await asyncio.sleep(0.2)
-                assert not publishing.done()
+                for _ in events:  # sent and delivered: waiting for its acknowledgement now
+                    await asyncio.wait_for(heard.get(), 10)
+                await asyncio.sleep(0.1)
+                assert not publishing.done(), publishing.result()
                 publishing.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await publishing
