@@ -514,7 +514,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                         )
                         break
                     # one that keeps failing waits longer each time: 1, 2, 4 ... 30 s
-                    delay = min(2.0 ** (quick_exits[i] - 1), 30.0) if quick else 0.0
+                    first = settings.worker_restart_delay
+                    delay = min(first * 2.0 ** (quick_exits[i] - 1), 30.0) if quick else 0.0
                     log.warning(
                         "worker %d exited with %s; restarting in %g s", i, proc.returncode, delay
                     )

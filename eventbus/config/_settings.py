@@ -223,6 +223,9 @@ class Settings(_Model):
     worker_hang_timeout: float = Field(30.0, ge=2, le=3600)
     """Seconds a worker of `serve --workers N` may go without its beat (a frozen process, an
     event loop blocked) before its parent kills it and starts it again."""
+    worker_restart_delay: float = Field(1.0, ge=0.1, le=30)
+    """Seconds before a worker of `serve --workers N` that exited within 10 s of its start is
+    started again; doubled at each such exit in a row, up to 30 s."""
 
     @field_validator("api_keys")
     @classmethod

@@ -103,13 +103,14 @@ async def test_a_worker_failing_at_its_start_is_restarted_later_each_time_then_g
         database_url=f"postgresql://u:p@127.0.0.1:{nowhere}/db",
         nats_url=nats_url,
         port=free_port(),
-        extra={"database": {"connect_timeout": 0.5}},
+        extra={"database": {"connect_timeout": 0.5}, "worker_restart_delay": 0.25},
     )
     config.write_text(yaml.safe_dump(settings))
     code, err = await _serve(config)
     assert code == 1, err[-3000:]
-    # 1, 2, 4 and 8 s between the starts of one worker, then the parent stopped everything
-    for delay in ("1 s", "2 s", "4 s", "8 s"):
+    # 0.25, 0.5, 1 and 2 s between the starts of one worker (worker_restart_delay doubled),
+    # then the parent stopped everything
+    for delay in ("0.25 s", "0.5 s", "1 s", "2 s"):
         assert f"restarting in {delay}" in err, err[-3000:]
     assert "giving up: every worker exited 5 times or more in a row within 10 s" in err
     # a worker's failure is a line of its log, numbered (it was a bare "eventbus: ..." line)
@@ -177,7 +178,7 @@ async def test_a_worker_that_cannot_start_again_leaves_the_others_serving(
     # The rules broken on disk after the start (a reload refuses them; the running rules
     # stay): a worker killed then fails at each start. The parent gave up after five such
     # exits and stopped the healthy worker with it; now it keeps retrying while one serves.
-    service = await _two_workers(tmp_path, nats_url, database_dsn)
+    service = await _two_workers(tmp_path, nats_url, database_dsn, worker_restart_delay=0.25)
     assert service.proc is not None
     try:
         (tmp_path / "rules" / "broken.yaml").write_text("- name: broken\n  targets: [nowhere]\n")
@@ -186,7 +187,7 @@ async def test_a_worker_that_cannot_start_again_leaves_the_others_serving(
 
         def failed_five_times() -> bool:
             log = service.log.read_text()
-            return "restarting in 16 s" in log or "giving up" in log
+            return "restarting in 4 s" in log or "giving up" in log
 
         await eventually(failed_five_times, within=120, every=0.5, what="five failed starts")
         assert service.proc.returncode is None and second.is_running()
