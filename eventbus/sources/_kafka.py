@@ -31,6 +31,7 @@ from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import (
     Message,
     QueueSourceSpec,
+    Whence,
     consume_forever,
     events_of,
     publish_messages,
@@ -231,8 +232,8 @@ class KafkaSource:
                 time=kafka_record_time(record.timestamp),
             )
 
-        meta = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        return Message(value, convert, meta)
+        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        return Message(value, convert, Whence(where, record.headers, record.key))
 
 
 async def _probe(ctx: SourceContext, consumer: AIOKafkaConsumer, unreachable: bool) -> bool:

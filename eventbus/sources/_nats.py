@@ -42,6 +42,7 @@ from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import (
     Message,
     QueueSourceSpec,
+    Whence,
     consume_forever,
     events_of,
     publish_held,
@@ -211,7 +212,8 @@ class NatsSource(_NatsConsumer[NatsSourceSpec]):
             )
 
         # Core NATS will not redeliver, so the message is held here until the bus takes it.
-        await publish_held(ctx, msg.data, convert, {"subject": msg.subject})
+        headers = msg.headers.items() if msg.headers else None
+        await publish_held(ctx, msg.data, convert, Whence({"subject": msg.subject}, headers))
 
 
 _CONSUMER_NOT_FOUND = 10014  # JetStream's err_code: the stream is there, the consumer not
@@ -344,7 +346,8 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             )
 
         where = {"stream": meta.stream, "sequence": meta.sequence.stream, "subject": msg.subject}
-        return Message(msg.data, convert, where)
+        headers = msg.headers.items() if msg.headers else None
+        return Message(msg.data, convert, Whence(where, headers))
 
 
 def _unfit(config: ConsumerConfig, subject: str | None) -> list[str]:

@@ -16,8 +16,9 @@ wrapped: JSON if it parses, else UTF-8 text, else base64, with the configured ``
 
 from __future__ import annotations
 
+import base64
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
@@ -40,6 +41,7 @@ from eventbus.sources._clock import Backoff
 __all__ = [
     "Message",
     "QueueSourceSpec",
+    "Whence",
     "consume_forever",
     "events_of",
     "publish_held",
@@ -153,6 +155,89 @@ async def publish_message(
         await ctx.dead_letter(payload, str(exc), meta)
         return False
     return True
+
+
+MAX_KEPT_HEADERS = 64
+"""Headers of a message kept with its dead letter (the first ones; ``headers_kept`` says so)."""
+MAX_KEPT_HEADER_VALUE = 4096
+"""Bytes of a header value (or a Kafka key) kept with a dead letter."""
+
+
+def _kept(value: Any) -> dict[str, Any]:
+    """A header value (or key) for a dead letter's ``meta``: ``value`` as text when it is, else
+    ``value_base64``; ``truncated`` when longer than ``MAX_KEPT_HEADER_VALUE``."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        kept: dict[str, Any] = {}
+        if len(raw) > MAX_KEPT_HEADER_VALUE:
+            raw = raw[:MAX_KEPT_HEADER_VALUE]
+            kept["truncated"] = True
+        try:
+            kept["value"] = raw.decode()
+        except UnicodeDecodeError:
+            kept["value_base64"] = base64.b64encode(raw).decode()
+        return kept
+    if (
+        value is None
+        or isinstance(value, bool | float)
+        or (isinstance(value, int) and -(2**63) <= value < 2**63)
+    ):
+        return {"value": value}  # typed, as an AMQP header table holds them
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, datetime):
+        text = value.isoformat()
+    else:  # a nested AMQP table or array: as JSON
+        try:
+            text = orjson.dumps(value, default=str).decode()
+        except TypeError:
+            text = str(value)
+    if len(text) > MAX_KEPT_HEADER_VALUE:
+        return {"value": text[:MAX_KEPT_HEADER_VALUE], "truncated": True}
+    return {"value": text}
+
+
+class Whence(Mapping[str, Any]):
+    """Where a message came from, kept with its dead letter: ``where`` as given, and the
+    message's ``headers`` (name, value pairs) and Kafka ``key``, rendered when first read. A
+    binary-mode CloudEvent has its attributes in its headers: without them, a record set aside
+    as invalid (``ce_id`` missing, say) showed only its data, and no one could tell why or send
+    it again. Only a dead letter reads this: a message that becomes an event costs nothing."""
+
+    def __init__(
+        self,
+        where: Mapping[str, Any],
+        headers: Iterable[tuple[str, Any]] | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        self._where = where
+        self._headers = headers
+        self._key = key
+        self._all: dict[str, Any] | None = None
+
+    def _rendered(self) -> dict[str, Any]:
+        if self._all is None:
+            rendered = dict(self._where)
+            if self._key is not None:
+                rendered["key"] = _kept(self._key)
+            if self._headers:
+                pairs = list(self._headers)
+                rendered["headers"] = [
+                    {"name": str(name), **_kept(value)} for name, value in pairs[:MAX_KEPT_HEADERS]
+                ]
+                if len(pairs) > MAX_KEPT_HEADERS:
+                    rendered["headers_kept"] = f"{MAX_KEPT_HEADERS} of {len(pairs)}"
+            self._all = rendered
+        return self._all
+
+    def __getitem__(self, name: str) -> Any:
+        return self._rendered()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rendered())
+
+    def __len__(self) -> int:
+        return len(self._rendered())
 
 
 class Message(NamedTuple):

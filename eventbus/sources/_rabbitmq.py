@@ -36,7 +36,13 @@ from eventbus.cloudevents import format_time, from_kafka
 from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_held
+from eventbus.sources._queues import (
+    QueueSourceSpec,
+    Whence,
+    consume_forever,
+    events_of,
+    publish_held,
+)
 
 __all__ = ["RabbitMQSource", "RabbitMQSourceSpec"]
 
@@ -240,9 +246,12 @@ class RabbitMQSource:
                 time=message.timestamp,
             )
 
-        meta = {
+        where = {
             "queue": self.config.queue,
             "routing_key": message.routing_key,
             "message_id": message.message_id,
+            "content_type": message.content_type,
         }
+        headers = message.headers.items() if message.headers else None
+        meta = Whence(where, headers)
         await publish_held(ctx, message.body, convert, meta, lambda: _channel_closed(message))

@@ -111,6 +111,13 @@ async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(
             headers=[("content-type", b"application/cloudevents+json")],
         )
         await producer.send_and_wait(name, b"{not json")
+        # a binary-mode one without its ce_id: kept with its key and headers (its attributes)
+        await producer.send_and_wait(
+            name,
+            b'{"size": 4}',
+            key=b"k\xff",
+            headers=[("ce_specversion", b"1.0"), ("ce_type", b"t"), ("x-n", b"\xff" * 5000)],
+        )
         # one the client cannot read (a header name that is not UTF-8): every fetch from it
         # failed, and the source restarted on it for ever
         await _produce_unreadable(kafka_bootstrap, name, b"{}", "header-name")
@@ -118,7 +125,7 @@ async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(
         ctx = context(pool, "orders", tap, type="kafka")
         async with running(kafka("orders", kafka_bootstrap, name), ctx):
             first, second, third = await tap.take(3)
-            await wait_committed(kafka_bootstrap, "eventbus-source-orders", name, 5)
+            await wait_committed(kafka_bootstrap, "eventbus-source-orders", name, 6)
         assert (first["id"], first["type"], first["source"]) == ("e-1", "order.created", "/orders")
         assert first["data"] == {"size": 3}
         assert first["partitionkey"] == "k1"
@@ -126,12 +133,27 @@ async def test_cloudevents_records_arrive_and_malformed_ones_are_kept(
         # The malformed record is kept with its error and does not stop the stream.
         assert third["id"] == "e-3"
         rows = sorted(await dead_letters(pool, "orders"), key=lambda r: r["payload"])
-        assert [r["payload"] for r in rows] == [b"", b"{not json"]
-        unreadable, malformed = (orjson.loads(r["meta"]) for r in rows)
+        assert [r["payload"] for r in rows] == [b"", b'{"size": 4}', b"{not json"]
+        unreadable, binary, malformed = (orjson.loads(r["meta"]) for r in rows)
         assert malformed == {"topic": name, "partition": 0, "offset": 2}
-        assert unreadable == {"topic": name, "partition": 0, "offset": 3}
-        assert "cannot be read" in rows[0]["error"] and rows[1]["error"]
-        assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 2, 0)
+        assert binary == {
+            "topic": name,
+            "partition": 0,
+            "offset": 3,
+            "key": {"value_base64": base64.b64encode(b"k\xff").decode()},
+            "headers": [
+                {"name": "ce_specversion", "value": "1.0"},
+                {"name": "ce_type", "value": "t"},
+                {
+                    "name": "x-n",
+                    "value_base64": base64.b64encode(b"\xff" * 4096).decode(),
+                    "truncated": True,
+                },
+            ],
+        }
+        assert unreadable == {"topic": name, "partition": 0, "offset": 4}
+        assert "cannot be read" in rows[0]["error"] and "id" in rows[1]["error"]
+        assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 3, 0)
 
 
 RAW = {"format": "raw", "event_type": "com.example.n", "event_source": "/tests/remade"}

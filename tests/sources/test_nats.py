@@ -78,7 +78,7 @@ async def test_jetstream_messages_arrive_and_malformed_ones_are_kept(
         await js.publish(f"{prefix}.a", ce(1))
         binary = {"ce-specversion": "1.0", "ce-id": "m2", "ce-source": "/b", "ce-type": "t.b"}
         await js.publish(f"{prefix}.b", b'{"x": 1}', headers=binary)
-        await js.publish(f"{prefix}.c", b"\x00garbage")
+        await js.publish(f"{prefix}.c", b"\x00garbage", headers={"ce-type": "t.c"})
         await js.publish(f"{prefix}.a", ce(3))
         ctx = context(pool, "js", tap, type="jetstream")
         async with running(jetstream("js", nats_url, name), ctx):
@@ -97,6 +97,7 @@ async def test_jetstream_messages_arrive_and_malformed_ones_are_kept(
             "stream": name,
             "sequence": 3,
             "subject": f"{prefix}.c",
+            "headers": [{"name": "ce-type", "value": "t.c"}],  # a binary event's attributes
         }
         assert (ctx.status.events, ctx.status.errors, ctx.status.lag) == (3, 1, 0)
 

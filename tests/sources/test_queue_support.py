@@ -10,13 +10,22 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 
 from eventbus._errors import BusUnavailable, CloudEventError
 from eventbus.bus import NatsBus, NatsBusConfig
 from eventbus.cloudevents import new_event
 from eventbus.sources import Checkpoints, Clock, SourceContext, SourceStatus, SystemClock
 from eventbus.sources._base import MAX_SET_ASIDE
-from eventbus.sources._queues import Message, publish_held, publish_message, publish_messages
+from eventbus.sources._queues import (
+    MAX_KEPT_HEADER_VALUE,
+    MAX_KEPT_HEADERS,
+    Message,
+    Whence,
+    publish_held,
+    publish_message,
+    publish_messages,
+)
 from tests.fixtures.nats import unique_name
 from tests.sources._harness import WAIT, dead_letters, source_pool
 
@@ -238,3 +247,29 @@ async def test_a_retried_publish_carries_the_events_the_first_try_made(
         await tap.publish(new_event(type="t", source="/q", data="after"))
         events = await tap.take(2)
         assert [e["data"] for e in events] == ["once", "after"]  # the retry was a duplicate
+
+
+def test_a_dead_letters_headers_are_kept_bounded_and_rendered_only_when_read() -> None:
+    class Counted(list[tuple[str, Any]]):
+        reads = 0
+
+        def __iter__(self) -> Any:
+            Counted.reads += 1
+            return super().__iter__()
+
+    headers = Counted(
+        [(f"h{i}", "v" * (MAX_KEPT_HEADER_VALUE + 1 if i == 0 else 1)) for i in range(70)]
+    )
+    headers[1] = ("big", 2**70)  # no JSON number holds it
+    meta = Whence({"topic": "t"}, headers, key=b"k")
+    assert Counted.reads == 0  # a message that becomes an event pays for no rendering
+    kept = dict(meta)
+    assert Counted.reads == 1 and dict(meta) == kept  # once
+    assert kept["topic"] == "t" and kept["key"] == {"value": "k"}
+    assert kept["headers_kept"] == f"{MAX_KEPT_HEADERS} of 70"
+    assert len(kept["headers"]) == MAX_KEPT_HEADERS
+    first, second = kept["headers"][:2]
+    assert first == {"name": "h0", "value": "v" * MAX_KEPT_HEADER_VALUE, "truncated": True}
+    assert second == {"name": "big", "value": str(2**70)}
+    assert orjson.loads(orjson.dumps(kept)) == kept
+    assert dict(Whence({"queue": "q"})) == {"queue": "q"}  # no headers, no key: as given

@@ -142,6 +142,11 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         rows = await dead_letters(pool, "amqp")
         assert [r["payload"] for r in rows] == [b"<xml/>", b"{}", b"{}", b"{}"]
         assert orjson.loads(rows[0]["meta"])["queue"] == name
+        # kept with its headers, typed as they came (its CloudEvents attributes among them)
+        headers = {h["name"]: h["value"] for h in orjson.loads(rows[2]["meta"])["headers"]}
+        assert headers["cloudEvents:source"] == '{"nested":[1,2]}'
+        assert headers["cloudEvents:time"] == "2026-01-02T03:04:05+00:00"
+        assert (headers["cloudEvents:flagged"], headers["cloudEvents:id"]) == (True, "table")
         assert "'cloudEvents:type' is null, not a CloudEvents attribute" in rows[1]["error"]
         assert "'cloudEvents:source' is dict, not a CloudEvents attribute" in rows[2]["error"]
         assert "has both 'cloudEvents:id' and 'cloudEvents_id'" in rows[3]["error"], rows[3]
