@@ -7,6 +7,7 @@
                      --datacontenttype --async --reply]   (call one target, print its answer)
     eventbus rules validate [PATH] | test --event E.json [PATH] | test-pattern --pattern P --event E
     eventbus rules reload                               (the running service loads its rules again)
+    eventbus events list [--source S] [--type T] [--since T] [--until T]
     eventbus events show SOURCE ID
     eventbus dlq list|show ID|replay [ID...]|purge [ID...]   (filters: --rule --target ...)
     eventbus retries list [--limit N] [--target T]
@@ -479,6 +480,11 @@ def _failed_if_error(status: int) -> int:
     return EXIT_FAILED if status >= 400 else 0
 
 
+def _cmd_events_list(args: argparse.Namespace) -> int:
+    query = _query(args, type=args.type, limit=args.limit, after=args.after)
+    return _show(args, "events", _request(args, "GET", "/events" + query))
+
+
 def _cmd_events_show(args: argparse.Namespace) -> int:
     q = urllib.parse.urlencode({"source": args.source_, "id": args.id})
     return _show(args, "event-trail", _request(args, "GET", f"/events/trail?{q}"))
@@ -706,6 +712,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("events", help="inspect the audit trail")
     ev = p.add_subparsers(dest="events_command", required=True)
+    listing = ev.add_parser(
+        "list",
+        help="accepted events, newest first, one page at a time",
+        description="Accepted events, newest first, from the audit trail; "
+        "`events show SOURCE ID` gives one whole.",
+    )
+    listing.add_argument("--source", help="only events from this source")
+    listing.add_argument("--type", help="only events of this type")
+    listing.add_argument("--since", help="stored on the bus at or after (ISO 8601; UTC if no zone)")
+    listing.add_argument("--until", help="stored on the bus before (ISO 8601; UTC if no zone)")
+    listing.add_argument("--limit", type=int, default=100, help="events per page")
+    listing.add_argument("--after", help="page: the `more: --after` value of the previous page")
+    _client_args(listing)
+    listing.set_defaults(func=_cmd_events_list)
     show = ev.add_parser("show", help="an event's whole trail: matches and delivery attempts")
     show.add_argument("source_", metavar="SOURCE", help="the event's source")
     show.add_argument("id", help="the event's id")

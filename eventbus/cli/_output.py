@@ -103,6 +103,26 @@ def _dead_letters(body: Any, out: TextIO) -> None:
         out.write(f"more: --after {body['next_after']}\n")
 
 
+_EVENT_COLUMNS = (
+    ("RECEIVED", "received_at"),
+    ("SOURCE", "source"),
+    ("ID", "id"),
+    ("TYPE", "type"),
+    ("SUBJECT", "subject"),
+    ("VIA", "via"),
+    ("BYTES", "size"),
+)
+
+
+def _events(body: Any, out: TextIO) -> None:
+    if not body["items"]:
+        out.write("no events\n")
+        return
+    out.write(table(body["items"], _EVENT_COLUMNS))
+    if body.get("next_after") is not None:
+        out.write(f"more: --after {body['next_after']}\n")
+
+
 _ATTEMPT_COLUMNS = (
     ("AT", "at"),
     ("RULE", "rule"),
@@ -312,6 +332,7 @@ SHOW: Mapping[str, Callable[[Any, TextIO], None]] = {
     "dead-letter": _dead_letter,
     "dead-letters": _dead_letters,
     "event-trail": _event_trail,
+    "events": _events,
     "purged": _purged,
     "reloaded": _reloaded,
     "targets": _targets,

@@ -133,11 +133,26 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     plain = ("--url", svc.url)
     await svc.service.store.audit.flush()
     second = str(out["items"][0]["id"])
-    listing, shown, trail = await _side_by_side(  # reads only
+    listing, shown, trail, events, page, typed = await _side_by_side(  # reads only
         _cli("dlq", "list", "--id", second, "--id", "424242", *plain),  # ids, as documented
         _cli("dlq", "show", second, *plain),
         _cli("events", "show", "cli", "e-2", *plain),
+        _cli("events", "list", "--source", "cli", *plain),
+        _cli("events", "list", "--source", "cli", "--limit", "1", *url),
+        _cli("events", "list", "--type", "nope", *plain),
     )
+    code, text, err = events  # newest first
+    assert code == 0, err
+    header, *rows = text.splitlines()
+    assert header.split() == ["RECEIVED", "SOURCE", "ID", "TYPE", "SUBJECT", "VIA", "BYTES"]
+    assert [row.split()[1:4] for row in rows] == [["cli", "e-2", "t"], ["cli", event_id, "t"]]
+    code, out, err = page
+    assert code == 0 and [e["id"] for e in out["items"]] == ["e-2"], (out, err)
+    code, out, err = await _cli("events", "list", "--after", out["next_after"], *url)
+    assert code == 0 and [e["id"] for e in out["items"]] == [event_id] and not out["next_after"]
+    assert typed[:2] == (0, "no events\n"), typed
+    code, _, err = await _cli("events", "list", "--since", "yesterday", *plain)
+    assert code == 1 and "since" in err and "Traceback" not in err, err
     code, text, _ = listing
     header, row = text.splitlines()
     assert header.split() == [

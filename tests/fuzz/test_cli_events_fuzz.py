@@ -1,0 +1,88 @@
+"""Fuzzing ``eventbus events list`` in process, against an HTTP server of the test's own that
+records the request and answers one page of events whose attributes are the fuzzed text.
+
+The property: whatever the filters, the command asks ``GET /events`` with exactly those
+filters as query parameters (each decodes back to the value given, none added or lost: no
+value reaches another parameter or route), prints the page and exits 0, never a traceback."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.fuzz._checks import run_cli
+from tests.fuzz._inputs import FUZZ
+
+# argv cannot hold NUL or lone surrogates
+values = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=30)
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    paths: list[str] = []
+    page: bytes = b""
+
+    def do_GET(self) -> None:
+        type(self).paths.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.page)))
+        self.end_headers()
+        self.wfile.write(self.page)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@FUZZ
+@given(
+    filters=st.dictionaries(
+        st.sampled_from(["source", "type", "since", "until", "after"]), values, max_size=5
+    ),
+    limit=st.integers(-5, 2000),
+    text=values,
+)
+def test_list_asks_for_exactly_the_filters_given(
+    service: str, filters: dict[str, str], limit: int, text: str
+) -> None:
+    _Recorder.paths.clear()
+    item = {
+        "source": text,
+        "id": text,
+        "type": text,
+        "subject": None,
+        "time": None,
+        "received_at": "2026-12-05T12:00:00+00:00",
+        "via": text,
+        "size": 3,
+    }
+    _Recorder.page = orjson.dumps({"items": [item], "next_after": text or None})
+    argv = ["events", "list", "--url", service, f"--limit={limit}"]
+    argv += [f"--{name}={value}" for name, value in filters.items()]
+    code, err = run_cli(argv)
+    assert "Traceback" not in err, err
+    assert code == 0, (argv, code, err)
+    (path,) = _Recorder.paths
+    parts = urlsplit(path)
+    assert parts.path == "/events", path
+    asked = parse_qs(parts.query, keep_blank_values=True)
+    assert asked == {name: [value] for name, value in {**filters, "limit": str(limit)}.items()}
