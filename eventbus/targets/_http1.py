@@ -10,8 +10,9 @@ by ``httptools`` (llhttp, the parser uvicorn runs with) straight from the protoc
 
 ``Pool`` keeps idle connections per origin (host, port and TLS context: targets with different
 client certificates never share a connection) for ``keepalive`` seconds and caps the
-connections in use. Failures are the ``HttpError`` subclasses below, each saying what went
-wrong in words an operator can act on; ``HttpTarget`` maps them into outcomes.
+connections in use, and the idle ones over all origins. Failures are the ``HttpError``
+subclasses below, each saying what went wrong in words an operator can act on; ``HttpTarget``
+maps them into outcomes.
 """
 
 from __future__ import annotations
@@ -351,7 +352,9 @@ class Pool:
 
     At most ``limit`` connections carry a request at once (a request beyond that waits for a
     free one); idle connections are kept per origin for ``keepalive`` seconds and reused most
-    recent first.
+    recent first, at most ``limit`` of them over all origins (the longest idle is closed for a
+    newer one): a burst to each of a thousand hosts kept up to ``limit`` sockets per host
+    open, idle, for ``keepalive`` seconds.
     """
 
     def __init__(self, limit: int, keepalive: float) -> None:
@@ -359,6 +362,7 @@ class Pool:
         self._slots = asyncio.Semaphore(limit)
         self._keepalive = keepalive
         self._idle: dict[Origin, deque[_Connection]] = {}
+        self._idle_order: dict[_Connection, None] = {}  # every idle one, the longest idle first
         self._busy: set[_Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
@@ -436,6 +440,7 @@ class Pool:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
+            del self._idle_order[conn]
             if conn.open:
                 return conn
         return None
@@ -446,6 +451,9 @@ class Pool:
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.origin, deque()).append(conn)
+        self._idle_order[conn] = None
+        if len(self._idle_order) > self.limit:
+            self._close_idle(next(iter(self._idle_order)))
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self._keepalive, self._expire)
 
@@ -455,11 +463,22 @@ class Pool:
         for origin, idle in list(self._idle.items()):
             # The oldest are on the left: close from there until one is young enough.
             while idle and (idle[0].closed or idle[0].idle_since <= horizon):
-                idle.popleft().close()
+                conn = idle.popleft()
+                del self._idle_order[conn]
+                conn.close()
             if not idle:
                 del self._idle[origin]
         if self._idle:
             self._sweep = asyncio.get_running_loop().call_later(self._keepalive / 2, self._expire)
+
+    def _close_idle(self, conn: _Connection) -> None:
+        """Close the idle ``conn`` (the longest idle of its origin too: at its left end)."""
+        del self._idle_order[conn]
+        idle = self._idle[conn.origin]
+        idle.remove(conn)
+        if not idle:
+            del self._idle[conn.origin]
+        conn.close()
 
     async def _connect(self, origin: Origin) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -514,6 +533,7 @@ class Pool:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+        self._idle_order.clear()
         for conn in list(self._busy):
             conn.close()
         await asyncio.sleep(0)  # let the transports run their close callbacks

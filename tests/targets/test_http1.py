@@ -431,6 +431,27 @@ async def test_idle_connections_expire_and_a_closed_pool_refuses(
         await pool.request(origin, request, b"", max_body=10)
 
 
+async def test_idle_connections_over_all_origins_are_capped_the_longest_idle_closed(
+    raw: Callable[..., Any],
+) -> None:
+    # Idle connections were capped per origin only: a burst to each of many hosts kept up to
+    # the pool's limit of sockets per host open, idle, for the whole keep-alive.
+    servers = [await raw(always(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) for _ in range(4)]
+    pool = Pool(limit=2, keepalive=30)
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    try:
+        for server in servers:
+            origin = Origin("127.0.0.1", server.port, None)
+            assert (await pool.request(origin, request, b"", max_body=10)).status == 200
+        # two kept, the longest idle closed for each new one: round again, each needs a new one
+        for server in (*servers, servers[0]):
+            origin = Origin("127.0.0.1", server.port, None)
+            assert (await pool.request(origin, request, b"", max_body=10)).status == 200
+        assert [s.connections for s in servers] == [3, 2, 2, 2]
+    finally:
+        await pool.close()
+
+
 async def test_closing_the_pool_ends_a_request_in_flight(raw: Callable[..., Any]) -> None:
     # The second request rides the kept-alive connection and gets no answer; closing the pool
     # ends it as disconnected, without sending it again on a new connection.
