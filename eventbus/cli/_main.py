@@ -212,7 +212,10 @@ def _send(
     """One request to the service: its 2xx status, headers and body; _ApiError otherwise.
     With ``answers``, a target's own error answer to a synchronous invocation (it names
     the target in ``X-Eventbus-Answered-By``) is returned as it came too."""
-    parts = urllib.parse.urlsplit(args.url)
+    try:
+        parts = urllib.parse.urlsplit(args.url)
+    except ValueError as exc:  # http://[::1:8080: a traceback
+        raise _BadInput(f"invalid --url {args.url!r} (or EVENTBUS_URL): {exc}") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         # "127.0.0.1:8080" read as the scheme "127.0.0.1": "cannot reach eventbus", exit 1
         raise _BadInput(
@@ -680,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the service (embedded NATS + PostgreSQL by default)")
     p.add_argument(
         "--config",
-        default=os.environ.get("EVENTBUS_CONFIG"),
+        default=os.environ.get("EVENTBUS_CONFIG") or None,  # empty is as unset
         help="settings YAML ($EVENTBUS_CONFIG when set; else built-in defaults + EVENTBUS_* env)",
     )
     p.add_argument(

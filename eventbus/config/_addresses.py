@@ -45,7 +45,9 @@ class AddressLists(BaseModel):
     """Which client addresses may call: none listed, every one; a denied address is refused
     even when an allow block holds it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
     allow: tuple[Network, ...] = ()
     """Client networks allowed (none listed: every one not denied)."""

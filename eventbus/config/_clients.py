@@ -36,7 +36,9 @@ class OAuth2Spec(BaseModel):
     """OAuth 2.0 client credentials (RFC 6749 section 4.4): where to get a token, as whom, for
     what; ``tls`` verifies the token endpoint."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
     token_url: str = Field(pattern=r"^https?://")
     client_id: str = Field(min_length=1)
@@ -66,7 +68,9 @@ class NatsAuth(BaseModel):
     Credentials in the URL (``nats://user:pass@host``) still work; these keep them out of it.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
     user: str | None = None
     password: Secret | None = None
@@ -143,7 +147,9 @@ class KafkaAuth(BaseModel):
     token, taken to live ``token_ttl`` seconds when it does not say; ``eventbus._oauth`` gets
     the tokens); for the SSL ones an optional ``tls`` block (the system's CAs when absent)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
     security_protocol: KafkaProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None

@@ -69,7 +69,9 @@ class ConnectorSpec(BaseModel):
 
     # Inputs stay out of error texts: a literal secret that fails validation must not be
     # quoted by a ValidationError that reaches a log.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
     type: ClassVar[str]
     """The YAML ``type`` the spec is registered under: set by registration, written nowhere
@@ -139,7 +141,7 @@ def connector_adapter(kind: ConnectorKind, spec: ConnectorSpec) -> object:
 
 
 class _File(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     targets: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []

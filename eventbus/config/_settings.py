@@ -59,7 +59,9 @@ ENV_PREFIX = "EVENTBUS_"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
 
 class ListenSettings(_Model):
@@ -83,8 +85,8 @@ class NatsSettings(NatsAuth, _Model):
     stream: str = "EVENTBUS"
     subject: str = "eventbus.events"
     durable: str = "eventbus-router"
-    ack_wait: float = Field(30.0, gt=0)
-    duplicate_window: float = Field(120.0, gt=0)
+    ack_wait: float = Field(30.0, gt=0, le=86_400)
+    duplicate_window: float = Field(120.0, gt=0, le=7 * 86_400)
 
 
 class KafkaSettings(KafkaAuth, _Model):
@@ -110,7 +112,7 @@ class BusSettings(_Model):
     nats: NatsSettings = NatsSettings()
     kafka: KafkaSettings = KafkaSettings()
     max_in_flight: int = Field(1000, ge=1, le=100_000)
-    publish_timeout: float = Field(5.0, gt=0)
+    publish_timeout: float = Field(5.0, gt=0, le=600)
 
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -185,7 +187,7 @@ class KafkaIngestSettings(KafkaAuth, _Model):
 
 class RouterSettings(_Model):
     hop_limit: int = Field(8, ge=1, le=100)
-    shutdown_grace: float = Field(20.0, gt=0)
+    shutdown_grace: float = Field(20.0, gt=0, le=3600)
     cel: Literal["cel-python", "cel-expr-python"] = "cel-python"
     """The runtime of the rules' ``when`` conditions; cel-expr-python (the ``fast-cel`` extra)
     is 15-130x faster and follows the CEL spec where cel-python does not (docs/rules.md)."""
@@ -289,7 +291,12 @@ def _env_value(raw: str) -> Any:
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the ``EVENTBUS_*`` variables set, as nested mappings. A shallower one
+    (``EVENTBUS_LISTEN='{port: 1}'``) is applied before a deeper one (``EVENTBUS_LISTEN__HOST``),
+    which sets a key inside it: in the environment's order, the shallower one set later
+    replaced the deeper one's value without a word."""
     out: dict[str, Any] = {}
+    named: list[tuple[list[str], str, str]] = []
     for name, raw in env.items():
         # empty is as unset: the file's value or the default applies (it set the setting to
         # null: EVENTBUS_LOG_LEVEL= refused to start, EVENTBUS_DATABASE__URL= chose the
@@ -297,13 +304,23 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS or raw == "":
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
-        value = _env_value(raw)
+        if "" in path:
+            raise ConfigError(
+                f"environment {name}: names no setting (setting names are joined by '__': "
+                f"{ENV_PREFIX}LISTEN__PORT for listen.port)"
+            )
+        named.append((path, name, raw))
+    by_path: dict[tuple[str, ...], str] = {}
+    for path, name, raw in sorted(named, key=lambda item: len(item[0])):
+        other = by_path.setdefault(tuple(path), name)
+        if other != name:  # names differing in case only
+            raise ConfigError(f"environment {name}: sets the same setting as {other}")
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"environment {name}: conflicts with another override")
-        node[path[-1]] = value
+        node[path[-1]] = _env_value(raw)
     return out
 
 
@@ -380,11 +397,14 @@ def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:
         # an empty one set nothing (see _env_overrides): the file's value is at fault
         if name.startswith(ENV_PREFIX) and name not in _NOT_SETTINGS and value != ""
     }
-    for depth in range(len(loc), 0, -1):
-        name = by_path.get(tuple(str(part) for part in loc[:depth]))
+    at = tuple(str(part) for part in loc)
+    for depth in range(len(at), 0, -1):
+        name = by_path.get(at[:depth])
         if name is not None:
             return f"environment {name}"
-    return None
+    # one that set a key below it (EVENTBUS_LISTEN__PORT__X made listen.port a mapping)
+    below = sorted(name for path, name in by_path.items() if path[: len(at)] == at and at)
+    return f"environment {below[0]}" if below else None
 
 
 def _overridden(overrides: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:

@@ -68,7 +68,9 @@ class _ServerNameContext(ssl.SSLContext):
 class TlsSpec(BaseModel):
     """The ``tls`` block of a connection (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
     ca: Path | None = None
     cert: Path | None = None

@@ -151,7 +151,7 @@ class DeliveryPolicy:
 
 
 class _RetrySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: str | None = None
     strategy: Literal["exponential", "linear", "fixed", "random"] | None = None
@@ -177,7 +177,7 @@ class _RetrySpec(BaseModel):
 
 
 class _BreakerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     failures: int = Field(5, ge=1, le=10_000)
     open_for: float = 60.0
@@ -189,7 +189,7 @@ class _BreakerSpec(BaseModel):
 
 
 class _DeliverySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     retry: str | dict[str, Any] | None = None
     circuit_breaker: bool | dict[str, Any] | None = None

@@ -93,7 +93,7 @@ def _name_only(value: object) -> object:
 
 
 class _TargetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     name: str = Field(min_length=1)
     transform: TransformSpec | None = None
@@ -101,7 +101,9 @@ class _TargetSpec(BaseModel):
 
 
 class _RuleSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, arbitrary_types_allowed=True
+    )
 
     name: str = Field(pattern=_NAME)
     description: str = ""

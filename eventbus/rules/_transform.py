@@ -334,7 +334,9 @@ def _alternating(parts: list[str]) -> list[tuple[bool, str]]:
 class TransformSpec(BaseModel):
     """A transform as written in a rule (validated edge form; see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, arbitrary_types_allowed=True
+    )
 
     input_paths: dict[
         Annotated[str, Field(pattern=_VARIABLE_NAME)],

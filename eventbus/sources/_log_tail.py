@@ -57,7 +57,7 @@ _FORGET_AFTER = 3600.0  # seconds a checkpointed file is gone before its checkpo
 class MultilineConfig(pydantic.BaseModel):
     """Join continuation lines (those matching ``pattern``) onto the record before them."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     pattern: str
     max_lines: int = pydantic.Field(default=500, ge=2, le=100_000)
@@ -76,7 +76,7 @@ class MultilineConfig(pydantic.BaseModel):
 class BatchConfig(pydantic.BaseModel):
     """Send up to ``max_lines`` records of one file in one event, waiting at most ``max_wait``."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     max_lines: int = pydantic.Field(default=100, ge=1, le=10_000)
     max_wait: float = pydantic.Field(default=1.0, gt=0)

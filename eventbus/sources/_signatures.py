@@ -46,7 +46,7 @@ def _fresh(stamp: str, tolerance: float, now: float) -> None:
 
 
 class _Verify(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     secret: Secret
     previous_secret: Secret | None = None

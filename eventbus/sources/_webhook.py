@@ -85,7 +85,7 @@ class StaticResponse(BaseModel):
     """What the trigger answers instead of 202 and the event's id (some providers want 200).
     ``body`` is a template: Slack's URL verification wants ``{body:$.challenge}`` back."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     status: int = Field(200, ge=200, le=299)
     body: str = ""

@@ -804,3 +804,18 @@ async def test_targets_lists_them_and_enables_one_a_410_switched_off(
     # a name no target has says so (it said "target 'nope' is not disabled")
     code, out, err = await _cli("targets", "enable", "nope", *url)
     assert code == 1 and "no target named 'nope'" in err, err
+
+
+def test_an_empty_eventbus_config_is_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # EVENTBUS_CONFIG= (a compose or systemd env file) was the path '.': "Is a directory"
+    monkeypatch.setenv("EVENTBUS_CONFIG", "")
+    assert build_parser().parse_args(["serve"]).config is None
+    monkeypatch.setenv("EVENTBUS_CONFIG", "/etc/eventbus.yaml")
+    assert build_parser().parse_args(["serve"]).config == "/etc/eventbus.yaml"
+
+
+def test_a_url_that_cannot_be_split_is_a_usage_error_not_a_traceback() -> None:
+    from tests.fuzz._checks import run_cli
+
+    code, err = run_cli(["dlq", "list", "--url", "http://[::1:37080"])
+    assert code == 2 and "invalid --url" in err and "Traceback" not in err, (code, err)

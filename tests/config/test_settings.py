@@ -152,6 +152,43 @@ def test_bad_environment_value_names_the_variable_and_field(tmp_path: Path) -> N
     assert str(info.value).startswith("environment EVENTBUS_BUS__NATS: bus.nats.urll: Extra")
 
 
+@pytest.mark.parametrize("deeper_first", [True, False])
+def test_a_deeper_variable_sets_a_key_inside_a_shallower_ones_value(deeper_first: bool) -> None:
+    # in the environment's order, EVENTBUS_LISTEN after EVENTBUS_LISTEN__HOST dropped the host
+    pairs = [("EVENTBUS_LISTEN__HOST", "::1"), ("EVENTBUS_LISTEN", "{port: 1, host: 0.0.0.0}")]
+    env = dict(pairs if deeper_first else pairs[::-1])
+    s = load_settings(None, env=env)
+    assert (s.listen.host, s.listen.port) == ("::1", 1)
+
+
+def test_variables_that_name_no_setting_or_one_setting_twice_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^environment EVENTBUS___: names no setting"):
+        load_settings(None, env={"EVENTBUS___": "1"})
+    with pytest.raises(ConfigError, match="sets the same setting as"):
+        load_settings(None, env={"EVENTBUS_LISTEN__port": "1", "EVENTBUS_LISTEN__PORT": "2"})
+    # one that set a key below a setting names itself (it was "<defaults>: listen.port")
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={"EVENTBUS_LISTEN__PORT__X": "1"})
+    assert str(info.value).startswith("environment EVENTBUS_LISTEN__PORT__X: listen.port: ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "router: {shutdown_grace: .inf}",
+        "bus: {nats: {ack_wait: .nan}}",
+        "bus: {nats: {duplicate_window: 1e300}}",
+        "bus: {publish_timeout: 1e300}",
+    ],
+)
+def test_endless_and_not_a_number_durations_are_refused(tmp_path: Path, text: str) -> None:
+    # loaded before: a grace that never ends, a NATS duration no nanosecond count holds
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}:1: "):
+        load_settings(cfg, env={})
+
+
 def test_ingest_limits_default_to_the_cloudevents_ones() -> None:
     # written twice so that eventbus.config imports no pipeline package: they must agree
     settings = Settings()
