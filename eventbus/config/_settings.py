@@ -66,7 +66,7 @@ class _Model(BaseModel):
 
 class ListenSettings(_Model):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(8080, ge=1, le=65535)
     header_timeout: float = Field(10.0, gt=0, le=3600)
     """Seconds a connection may wait for a complete request head (new or between requests)."""
     body_timeout: float = Field(30.0, gt=0, le=3600)

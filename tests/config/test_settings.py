@@ -179,9 +179,11 @@ def test_variables_that_name_no_setting_or_one_setting_twice_are_refused() -> No
         "bus: {nats: {ack_wait: .nan}}",
         "bus: {nats: {duplicate_window: 1e300}}",
         "bus: {publish_timeout: 1e300}",
+        # a port the service would bind at random: no command could find it
+        "listen: {port: 0}",
     ],
 )
-def test_endless_and_not_a_number_durations_are_refused(tmp_path: Path, text: str) -> None:
+def test_values_no_service_could_run_with_are_refused(tmp_path: Path, text: str) -> None:
     # loaded before: a grace that never ends, a NATS duration no nanosecond count holds
     cfg = tmp_path / "eventbus.yaml"
     cfg.write_text(text + "\n")
