@@ -129,7 +129,32 @@ class _RuleSpec(BaseModel):
         return targets
 
 
-_KEYS = sorted({*_RuleSpec.model_fields, *_TargetSpec.model_fields, *TransformSpec.model_fields})
+_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("a rule", frozenset(_RuleSpec.model_fields)),
+    ("a target entry (targets: [{name: ..., delivery: ...}])", frozenset(_TargetSpec.model_fields)),
+    ("a transform", frozenset(TransformSpec.model_fields)),
+)
+
+
+def _level_keys(loc: tuple[int | str, ...]) -> frozenset[str]:
+    """The keys allowed where the unknown key at ``loc`` was written."""
+    parent = loc[:-1]
+    if parent and parent[-1] == "transform":
+        return _LEVELS[2][1]
+    if len(parent) >= 2 and parent[-2] == "targets":
+        return _LEVELS[1][1]
+    return _LEVELS[0][1]
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """What an unknown key at ``loc`` is: a misspelling of a key allowed there, or one that
+    belongs at another level (``delivery`` on a rule was "did you mean 'delivery'?")."""
+    key = str(loc[-1])
+    here = _level_keys(loc)
+    for where, keys in _LEVELS:
+        if key in keys and keys is not here:
+            return f"unknown key {key!r} here: it belongs in {where}"
+    return f"unknown key {key!r}" + did_you_mean(key, here)
 
 
 @dataclass(frozen=True)
@@ -371,7 +396,7 @@ def _pattern_loc(path: str) -> KeyPath:
 def _describe(error: ErrorDetails) -> str:
     kind, loc = error["type"], error["loc"]
     if kind == "extra_forbidden" and loc:
-        return f"unknown key {loc[-1]!r}" + did_you_mean(str(loc[-1]), _KEYS)
+        return _unknown_key(loc)
     if kind == "missing" and loc:
         return f"missing required key {loc[-1]!r}"
     if kind == "too_short" and loc == ("targets",):
