@@ -115,6 +115,7 @@ def test_command(
     *,
     known_targets: Collection[str] | None,
     out: TextIO,
+    err: TextIO,
     check_delivery: DeliveryCheck | None = None,
     native_cel: bool = False,
 ) -> int:
@@ -122,21 +123,22 @@ def test_command(
     cel-expr-python with ``native_cel``) and print, as JSON, the matched rules, every route
     with the payload its target would receive, and the rules whose condition failed on this
     event. Exit 0, 1 for invalid rules, 2 for an unusable event file (unreadable, not JSON, or
-    not a valid CloudEvent: the service would refuse it).
+    not a valid CloudEvent: the service would refuse it). Problems go to ``err``: ``out``
+    holds the JSON report or nothing (a ``| jq`` got the error text).
     """
     from eventbus.rules import load_rules
 
     try:
         event = _read_cloudevent(event_file)
     except _InputError as exc:
-        out.write(f"error: {exc}\n")
+        err.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT
     try:
         rules = load_rules(
             path, known_targets=known_targets, check_delivery=check_delivery, native_cel=native_cel
         )
     except RuleSetError as exc:
-        return _write_errors(exc, out)
+        return _write_errors(exc, err)
     routes = rules.route(event)
     report = {
         "matched": list(dict.fromkeys(route.rule for route in routes)),
@@ -156,9 +158,12 @@ def test_command(
     return EXIT_OK
 
 
-def test_pattern_command(pattern_file: str | Path, event_file: str | Path, *, out: TextIO) -> int:
+def test_pattern_command(
+    pattern_file: str | Path, event_file: str | Path, *, out: TextIO, err: TextIO
+) -> int:
     """Print ``true`` or ``false``: does the event match the event pattern (as EventBridge's
-    TestEventPattern)? Exit 0, or 2 with a clear message for a bad pattern or JSON file."""
+    TestEventPattern)? Exit 0, or 2 with a clear message on ``err`` for a bad pattern or JSON
+    file."""
     from eventbus.rules import matches
 
     try:
@@ -166,10 +171,10 @@ def test_pattern_command(pattern_file: str | Path, event_file: str | Path, *, ou
         event = _read_object(event_file, "event file")
         matched = matches(pattern, event)
     except _InputError as exc:
-        out.write(f"error: {exc}\n")
+        err.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT
     except PatternError as exc:
-        out.write(f"error: invalid pattern in {str(pattern_file)!r}: {exc}\n")
+        err.write(f"error: invalid pattern in {str(pattern_file)!r}: {exc}\n")
         return EXIT_BAD_INPUT
     out.write("true\n" if matched else "false\n")
     return EXIT_OK
@@ -252,13 +257,14 @@ def _run_test(args: argparse.Namespace) -> int:
         args.path,
         known_targets=targets,
         out=sys.stdout,
+        err=sys.stderr,
         check_delivery=check,
         native_cel=_native_cel(args),
     )
 
 
 def _run_test_pattern(args: argparse.Namespace) -> int:
-    return test_pattern_command(args.pattern, args.event, out=sys.stdout)
+    return test_pattern_command(args.pattern, args.event, out=sys.stdout, err=sys.stderr)
 
 
 def register(subparsers: Any) -> None:

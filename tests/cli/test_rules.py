@@ -22,9 +22,27 @@ KNOWN = {"audit-log", "thumbnailer", "orders-topic"}
 
 
 def run(command: Any, *args: Any, **kwargs: Any) -> tuple[int, str]:
-    out = io.StringIO()
+    """The exit code and the output (``rules test`` and ``test-pattern``: with nothing on
+    their error stream)."""
+    code, out, err = run_both(command, *args, **kwargs)
+    assert err == "", err
+    return code, out
+
+
+def run_both(command: Any, *args: Any, **kwargs: Any) -> tuple[int, str, str]:
+    """The exit code, the output and (``rules test`` and ``test-pattern``) the problems."""
+    out, err = io.StringIO(), io.StringIO()
+    if command is not validate_command:
+        kwargs["err"] = err
     code = command(*args, out=out, **kwargs)
-    return code, out.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def failed(command: Any, *args: Any, **kwargs: Any) -> tuple[int, str]:
+    """The exit code and the problems of a run that printed no output (``| jq`` read none)."""
+    code, out, err = run_both(command, *args, **kwargs)
+    assert out == "", out
+    return code, err
 
 
 def test_validate_ok() -> None:
@@ -105,7 +123,7 @@ def test_test_command_on_cel_expr_python() -> None:
     ],
 )
 def test_test_command_bad_event_file(event_file: str, message: str) -> None:
-    code, text = run(_cli.test_command, EVENTS / event_file, DATA / "good", known_targets=KNOWN)
+    code, text = failed(_cli.test_command, EVENTS / event_file, DATA / "good", known_targets=KNOWN)
     assert code == 2
     assert text.startswith("error: ") and message in text
     assert text.count("\n") == 1
@@ -125,7 +143,7 @@ def test_test_command_refuses_an_invalid_cloudevent(
 ) -> None:
     path = tmp_path / "bad.json"
     path.write_bytes(orjson.dumps(event))
-    code, text = run(_cli.test_command, path, DATA / "good", known_targets=KNOWN)
+    code, text = failed(_cli.test_command, path, DATA / "good", known_targets=KNOWN)
     assert code == 2, text
     assert text.startswith(f"error: event file {str(path)!r} is not a valid CloudEvent: ")
     assert message in text and text.count("\n") == 1
@@ -138,7 +156,7 @@ def test_test_command_refuses_an_integer_the_service_refuses(tmp_path: Path) -> 
         '{"specversion": "1.0", "id": "1", "source": "s", "type": "t",'
         ' "data": {"n": 123456789012345678901234567890}}'
     )
-    code, text = run(_cli.test_command, path, DATA / "good", known_targets=KNOWN)
+    code, text = failed(_cli.test_command, path, DATA / "good", known_targets=KNOWN)
     assert code == 2, text
     assert "is not a valid CloudEvent: the integer '123456789012345678901234567890'" in text
 
@@ -156,7 +174,7 @@ def test_test_command_routes_the_event_as_the_service_would(tmp_path: Path) -> N
 
 
 def test_test_command_with_invalid_rules() -> None:
-    code, text = run(
+    code, text = failed(
         _cli.test_command,
         EVENTS / "binary.json",
         DATA / "bad" / "targets.yaml",
@@ -203,7 +221,7 @@ def test_test_pattern_bad_input(
     pattern_file = tmp_path / "pattern.json"
     if pattern_text is not None:
         pattern_file.write_text(pattern_text)
-    code, text = run(_cli.test_pattern_command, pattern_file, EVENTS / event_file)
+    code, text = failed(_cli.test_pattern_command, pattern_file, EVENTS / event_file)
     assert code == 2
     assert text.startswith("error: ") and message in text
 
