@@ -512,8 +512,33 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     many += _query(args, id=ids or None, all="true" if args.all else None)
     if action == "replay":
         path = many if one is None else f"{one}/replay"
-        return _show(args, "replayed", _request(args, "POST", path, timeout=_BULK_TIMEOUT))
-    return _show(args, "purged", _request(args, "DELETE", one or many, timeout=_BULK_TIMEOUT))
+        answer = _request(args, "POST", path, timeout=_BULK_TIMEOUT)
+        code = _show(args, "replayed", answer)
+        if len(ids) > 1 and isinstance(answer, dict) and not answer.get("truncated"):
+            done = {item.get("id") for item in answer.get("replayed") or ()}
+            code = _missing(sorted(set(ids) - done), "replayed") or code
+        return code
+    answer = _request(args, "DELETE", one or many, timeout=_BULK_TIMEOUT)
+    code = _show(args, "purged", answer)
+    if len(ids) > 1 and isinstance(answer, dict) and isinstance(answer.get("purged"), int):
+        # the answer counts, not names: how many of the ids given were not there
+        unknown = len(set(ids)) - answer["purged"]
+        if unknown > 0:
+            sys.stderr.write(
+                f"eventbus: {unknown} of the {len(set(ids))} ids given had no dead letter\n"
+            )
+            code = EXIT_FAILED
+    return code
+
+
+def _missing(ids: list[int], done: str) -> int:
+    """Say on stderr which of the dead letters asked for by id were not there (a script that
+    gave several ids was told "replayed 0 dead letters", exit 0); EXIT_FAILED if any."""
+    if not ids:
+        return 0
+    listed = ", ".join(map(str, ids))
+    sys.stderr.write(f"eventbus: no dead letter with id {listed}: not {done}\n")
+    return EXIT_FAILED
 
 
 def _cmd_retries(args: argparse.Namespace) -> int:

@@ -108,8 +108,9 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     assert receiver.requests[-1].status == 204
 
     # no dead letter is left (replayed above): none of these changes what another sees
-    unknown, unfiltered, purged, sources, replayed = await _side_by_side(
+    unknown, several, unfiltered, purged, sources, replayed = await _side_by_side(
         _cli("dlq", "replay", "424242", *url),
+        _cli("dlq", "replay", str(dl_id), "424242", *url),  # several ids: by the filter
         _cli("dlq", "purge", *url),
         _cli("dlq", "purge", "--all", *url),
         _cli("sources", *url),
@@ -117,6 +118,9 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     )
     code, out, err = unknown
     assert code == 1 and err.startswith("eventbus: 404") and "Traceback" not in err
+    code, out, err = several  # "replayed 0 dead letters", exit 0, for ids not there
+    assert code == 1 and out["count"] == 0, (out, err)
+    assert err == f"eventbus: no dead letter with id {dl_id}, 424242: not replayed\n", err
     code, out, err = unfiltered
     assert code == 2 and "filters, or --all for every one" in err, err
     code, out, _ = purged
@@ -171,8 +175,9 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
         _cli("sources", *plain),
         _cli("sources", "--dead-letters", *plain),
     )
-    code, text, _ = purged
-    assert (code, text) == (0, "purged 1 dead letter\n")
+    code, text, err = purged
+    assert (code, text) == (1, "purged 1 dead letter\n"), err
+    assert err == "eventbus: 1 of the 2 ids given had no dead letter\n", err
     code, text, _ = sources
     assert (code, text) == (0, "no sources running\n")
     code, text, _ = set_aside
