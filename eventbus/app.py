@@ -337,6 +337,28 @@ async def _none() -> int:
     return 0
 
 
+def _changed(before: Mapping[str, Any], after: Mapping[str, Any], ignore: str = "") -> str:
+    """The connectors in both ``before`` and ``after`` whose definitions differ, each with
+    the settings that do (never their values: some are secrets), ``ignore`` left out:
+    ``"fn (url, headers), cron (schedule)"``; empty when none does."""
+    found = []
+    for name in sorted(before.keys() & after.keys()):
+        old, new = before[name], after[name]
+        if old == new:
+            continue
+        if type(old) is not type(new):
+            found.append(f"{name} (type)")
+            continue
+        fields = [
+            field
+            for field in type(new).model_fields
+            if field != ignore and getattr(old, field) != getattr(new, field)
+        ]
+        if fields:
+            found.append(f"{name} ({', '.join(fields)})")
+    return ", ".join(found)
+
+
 def _policies(connectors: ConnectorSet) -> dict[str, DeliveryPolicy]:
     return target_policies(
         {name: spec.delivery for name, spec in connectors.targets.items()},
@@ -780,12 +802,35 @@ class Service:
                 f"targets {', '.join(gone)} are no longer in {where}: they run until the next "
                 "start, and rules naming them are refused from then on"
             )
+        changed = _changed(self.connectors.targets, connectors.targets, ignore="delivery")
+        if changed:
+            # a URL edited and reloaded: the operator took the new one for live
+            notes.append(
+                f"targets changed in {where}: {changed}; the running ones stay as they were "
+                "until the next start"
+            )
         files = _policies(connectors)
         in_use = self._delivery_policies
         if any(files[name] != in_use[name] for name in files.keys() & in_use.keys()):
             notes.append(
                 f"the targets' delivery settings changed in {where}: they take effect at the "
                 "next start; rules' overrides are checked against those in use"
+            )
+        before, after = self.connectors.sources, connectors.sources
+        edits = [
+            f"{', '.join(names)} {what}"
+            for names, what in (
+                (sorted(after.keys() - before.keys()), "new"),
+                (sorted(before.keys() - after.keys()), "no longer there"),
+            )
+            if names
+        ]
+        if changed_sources := _changed(before, after):
+            edits.append(f"changed: {changed_sources}")
+        if edits:
+            notes.append(
+                f"sources in {where}: {'; '.join(edits)}; sources are read at the start, "
+                "and run as they were until the next start"
             )
         return notes
 

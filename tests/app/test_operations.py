@@ -198,6 +198,32 @@ async def test_a_new_target_in_the_files_waits_for_a_restart_without_holding_rel
     assert status == 200 and answer["notes"][0].startswith("targets fn are no longer in "), answer
 
 
+async def test_a_reload_names_the_targets_and_sources_edited_in_the_files(
+    eventbus: StartService, receiver: Receiver, tmp_path: Path
+) -> None:
+    # A target's URL edited and reloaded: "notes": [], the operator took the new URL for live
+    # (only added, removed and delivery settings were noted; sources not at all).
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    timer = {"name": "tick", "type": "timer", "schedule": "0 * * * *"}
+    svc = await eventbus(rules="- name: a\n  targets: [fn]\n", targets=targets, sources=[timer])
+    edited = [{**targets[0], "url": receiver.url("/fn2"), "headers": {"X-A": "b"}}]
+    sources = [{**timer, "schedule": "30 * * * *"}, {**timer, "name": "tock"}]
+    (tmp_path / "connectors" / "connectors.yaml").write_text(
+        yaml.safe_dump({"targets": edited, "sources": sources})
+    )
+    status, _, answer = await svc.request("POST", "/rules/reload")
+    where = tmp_path / "connectors"
+    assert status == 200 and answer["notes"] == [
+        f"targets changed in {where}: fn (url, headers); the running ones stay as they were "
+        "until the next start",
+        f"sources in {where}: tock new; changed: tick (schedule); sources are read at the "
+        "start, and run as they were until the next start",
+    ], answer
+    await svc.post_event({"specversion": "1.0", "id": "1", "source": "tests/reload", "type": "a"})
+    (request,) = await receiver.wait_for(1)
+    assert request.path == "/fn"  # as the note says
+
+
 async def test_a_reload_refuses_connector_files_the_next_start_would_refuse(
     eventbus: StartService, receiver: Receiver, tmp_path: Path
 ) -> None:
