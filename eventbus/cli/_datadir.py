@@ -158,7 +158,9 @@ def running_service(data_dir: str | Path) -> str | None:
 def default_url() -> str:
     """Where the commands find the service: ``$EVENTBUS_URL``, else the service running on the
     data directory here (``$EVENTBUS_DATA_DIR`` or ``.eventbus``), else http://127.0.0.1:8080
-    when there is no data directory here.
+    when there is no data directory here. With ``$EVENTBUS_CONFIG`` set, the data directory
+    and the address are that settings file's (with the ``EVENTBUS_*`` overrides), as ``serve``
+    reads them: the commands went to 127.0.0.1:8080, perhaps another instance.
 
     Raises ConfigError when the data directory here was used by a service that is not running
     now: the fallback would have been another instance (a purge or a replay acting on it)."""
@@ -166,6 +168,17 @@ def default_url() -> str:
     if url:
         return url
     data_dir = Path(os.environ.get("EVENTBUS_DATA_DIR") or ".eventbus")
+    fallback = _FALLBACK_URL
+    config = os.environ.get("EVENTBUS_CONFIG")
+    if config:
+        from eventbus.config import load_settings
+
+        try:
+            settings = load_settings(config)
+        except ConfigError as exc:
+            raise ConfigError(f"finding the service from EVENTBUS_CONFIG: {exc}") from exc
+        data_dir = Path(settings.data_dir)
+        fallback = client_url(settings.listen.host, settings.listen.port)
     owner = _owner(data_dir / LOCK_NAME)
     if owner is not None:  # held: a service runs there
         held = owner.get("url")
@@ -179,7 +192,7 @@ def default_url() -> str:
             f"no eventbus serve is running on data dir {data_dir}{gone}: start it, or name the "
             "service with --url or EVENTBUS_URL"
         )
-    return _FALLBACK_URL
+    return fallback
 
 
 def _used(data_dir: Path) -> bool:

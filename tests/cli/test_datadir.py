@@ -83,6 +83,25 @@ def test_default_url_prefers_the_environment_then_the_running_service(
         assert default_url() == "http://elsewhere:1"
 
 
+def test_default_url_follows_eventbus_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the commands went to 127.0.0.1:8080 (another instance, perhaps) whatever it said
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
+    monkeypatch.delenv("EVENTBUS_DATA_DIR", raising=False)
+    data = tmp_path / "data"
+    config = tmp_path / "eventbus.yaml"
+    config.write_text(f"data_dir: {data}\nlisten: {{port: 37080}}\n")
+    monkeypatch.setenv("EVENTBUS_CONFIG", str(config))
+    assert default_url() == "http://127.0.0.1:37080"  # nothing ran there yet
+    data.mkdir()
+    with hold_data_dir(data, host="127.0.0.1", port=37081):
+        assert default_url() == "http://127.0.0.1:37081"
+    config.write_text("listen: {port: many}\n")
+    with pytest.raises(ConfigError, match=r"^finding the service from EVENTBUS_CONFIG: .*port"):
+        default_url()
+
+
 def test_a_data_dir_whose_service_is_gone_is_an_error_not_another_instance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
