@@ -695,7 +695,9 @@ def _add_dlq(sub: Any) -> None:
                 action="append",
                 help="only the dead letter of this id (repeat it for several)",
             )
-            a.add_argument("--limit", type=int, default=100, help="dead letters per page")
+            a.add_argument(
+                "--limit", type=_PAGE, default=100, help="dead letters per page (1-1000)"
+            )
             a.add_argument("--after", type=int, help="page: the last id of the previous page")
         _client_args(a)
         a.set_defaults(func=_cmd_dlq)
@@ -750,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--type", help="only events of this type")
     listing.add_argument("--since", help="stored on the bus at or after (ISO 8601; UTC if no zone)")
     listing.add_argument("--until", help="stored on the bus before (ISO 8601; UTC if no zone)")
-    listing.add_argument("--limit", type=int, default=100, help="events per page")
+    listing.add_argument("--limit", type=_PAGE, default=100, help="events per page (1-1000)")
     listing.add_argument("--after", help="page: the `more: --after` value of the previous page")
     _client_args(listing)
     listing.set_defaults(func=_cmd_events_list)
@@ -765,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retries", help="deliveries waiting for their next attempt")
     rt = p.add_subparsers(dest="retries_command", required=True)
     a = rt.add_parser("list", help="pending retries, the next due first")
-    a.add_argument("--limit", type=int, default=100, help="at most this many")
+    a.add_argument("--limit", type=_PAGE, default=100, help="at most this many (1-1000)")
     a.add_argument("--target", help="only this target's retries")
     _client_args(a)
     a.set_defaults(func=_cmd_retries)
@@ -814,6 +816,11 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+MAX_PAGE = 1000
+"""The most items the admin API lists in one answer (its ``limit``)."""
+_PAGE = _bounded(1, MAX_PAGE)
 
 
 def _fraction(text: str) -> float:

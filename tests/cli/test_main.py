@@ -824,3 +824,10 @@ def test_a_url_that_cannot_be_split_is_a_usage_error_not_a_traceback() -> None:
 
     code, err = run_cli(["dlq", "list", "--url", "http://[::1:37080"])
     assert code == 2 and "invalid --url" in err and "Traceback" not in err, (code, err)
+
+
+def test_the_commands_page_bound_is_the_apis() -> None:
+    from eventbus.cli._main import MAX_PAGE
+    from eventbus.http._params import _MAX_LIMIT
+
+    assert MAX_PAGE == _MAX_LIMIT
