@@ -162,6 +162,20 @@ class ConnectorSet:
         return f"{problem}" if loc is None else f"{loc}: {problem}"
 
 
+DeliveryCheck = Callable[[Mapping[str, Any]], list[tuple[tuple[str | int, ...], str]]]
+"""Each problem of a target's ``delivery:`` block, with the path of its setting in the block."""
+
+_delivery_check: list[DeliveryCheck] = []
+
+
+def check_deliveries_with(check: DeliveryCheck) -> None:
+    """Have :func:`load_connectors` check each target's ``delivery:`` block with ``check``
+    (``eventbus.delivery`` registers its parser when imported; this package does not import
+    it), so that its problems come with the others, each on its own line: they came in a
+    second round, once the rest was right, on the line of the target's name."""
+    _delivery_check[:] = [check]
+
+
 def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> ConnectorSet:
     """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file); a target's
     ``url: {env: NAME, default: VALUE}`` and every secret's ``{env: NAME}`` are read from
@@ -204,15 +218,18 @@ def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> C
         for kind, raws in entries.items():
             for i, raw in enumerate(raws):
                 spec = _validate(doc, kind, i, raw, env, errors)
-                if spec is None:
+                # an invalid one's name counts too: its duplicate came in a second round
+                name = spec.name if spec is not None else raw.get("name")
+                if not isinstance(name, str):
                     continue
                 loc = f"{doc.file}:{doc.line((f'{kind}s', i))}"
-                if spec.name in found[kind]:
-                    first = where[kind, spec.name]
-                    errors.append(f"{loc}: {kind} {spec.name!r}: duplicate name (first at {first})")
+                if (kind, name) in where:
+                    first = where[kind, name]
+                    errors.append(f"{loc}: {kind} {name!r}: duplicate name (first at {first})")
                     continue
-                found[kind][spec.name] = spec
-                where[kind, spec.name] = loc
+                where[kind, name] = loc
+                if spec is not None:
+                    found[kind][name] = spec
     if errors:
         raise ConfigError("\n".join(errors))
     # Registration guarantees each kind's specs derive from its base (TargetSpec, SourceSpec).
@@ -260,6 +277,14 @@ def _validate(
             for line in pydantic_errors(doc, exc, prefix=(section, i), fields=fields)
         )
         return None
+    if kind == "target" and _delivery_check and isinstance(spec, TargetSpec) and spec.delivery:
+        problems = _delivery_check[0](spec.delivery)
+        for at, problem in problems:
+            loc = (section, i, "delivery", *at)
+            dotted = ".".join(str(p) for p in loc)
+            errors.append(f"{doc.file}:{doc.line(loc)}: {dotted}: {problem} ({kind} {name!r})")
+        if problems:
+            return None
     warn_literal_secrets(doc, spec, (section, i), f" ({kind} {name!r})")
     return spec
 

@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from eventbus._errors import ConfigError
-from eventbus.config import did_you_mean, parse_duration
+from eventbus.config import check_deliveries_with, did_you_mean, parse_duration
 
 __all__ = [
     "PRESETS",
@@ -262,6 +262,41 @@ def parse_delivery(
             policy = replace(policy, **{name: value})
     return policy
 
+
+def delivery_problems(spec: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Each problem of a target's ``delivery:`` block with the path of its setting in the
+    block (empty: none there), for ``load_connectors`` to report on its line: those of the
+    block and of its ``retry`` and ``circuit_breaker`` blocks, all at once."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+
+    def check(at: tuple[str, ...], run: Callable[[], object]) -> None:
+        try:
+            run()
+        except ValueError as exc:  # ValidationError too
+            inner = exc if isinstance(exc, ValidationError) else exc.__cause__
+            if isinstance(inner, ValidationError):
+                problems.extend(
+                    ((*at, *e["loc"]), e["msg"].removeprefix("Value error, "))
+                    for e in inner.errors()
+                )
+            else:
+                problems.append((at, str(exc)))
+
+    check((), lambda: _DeliverySpec.model_validate(dict(spec)))
+    retry, breaker = spec.get("retry"), spec.get("circuit_breaker")
+    if isinstance(retry, dict):
+        check(("retry",), lambda: _apply_retry(DeliveryPolicy().retry, retry))
+    if isinstance(breaker, dict):
+        check(("circuit_breaker",), lambda: _breaker(breaker))
+    if not problems:
+        try:
+            parse_delivery(spec)
+        except ConfigError as exc:  # what the checks above do not see
+            problems.append(((), str(exc.__cause__ or exc)))
+    return problems
+
+
+check_deliveries_with(delivery_problems)
 
 _REFERENCES = ("dead_letter_target", "on_success", "on_failure")
 """Delivery settings that name another target."""

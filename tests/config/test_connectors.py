@@ -62,8 +62,8 @@ def test_bad_connectors_are_all_reported(tmp_path: Path) -> None:
     assert any("a.yaml:10" in line and "carrier-pigeon" in line for line in lines), lines
     assert "b.yaml:2: invalid YAML" in "\n".join(lines) or any("b.yaml" in x for x in lines)
     assert any(line.startswith("c.yaml:3: extra: Extra inputs") for line in lines), lines
-    # the duplicate 'fn' is only detected among valid targets: here the first one was invalid
-    assert not any("duplicate" in line for line in lines)
+    # the duplicate 'fn' too, the first one invalid (it came in a second round, once fixed)
+    assert any(line.startswith("a.yaml:5: target 'fn': duplicate name") for line in lines), lines
 
 
 def test_a_target_url_comes_from_the_environment_or_its_default(tmp_path: Path) -> None:
@@ -305,3 +305,33 @@ def test_a_file_nested_too_deep_or_aliased_too_often_is_an_error(text: str, mess
     # every user file: RecursionError, a crash in libyaml, or gigabytes before
     with pytest.raises(ConfigError, match=message):
         load_yaml(text, "c.yaml")
+
+
+def test_delivery_problems_come_with_the_others_each_on_its_line(tmp_path: Path) -> None:
+    # They came in a second round, once the rest was right, on the line of the target's name.
+    import eventbus.delivery  # noqa: F401  (registers the delivery check, as the service does)
+
+    (tmp_path / "a.yaml").write_text(
+        "targets:\n"
+        "  - name: fn\n"
+        "    type: http\n"
+        "    url: ftp://nope\n"
+        "  - name: b\n"
+        "    type: http\n"
+        "    url: http://127.0.0.1:9/\n"
+        "    delivery:\n"
+        "      retry: {initial_delay: 10s, max_delay: 1s}\n"
+        "      circuit_breaker:\n"
+        "        failures: 0\n"
+        "      rate_limit: -1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path)
+    lines = sorted(str(info.value).replace(str(tmp_path) + "/", "").splitlines())
+    assert [line.split(": ")[0:2] for line in lines] == [
+        ["a.yaml:11", "targets.1.delivery.circuit_breaker.failures"],
+        ["a.yaml:12", "targets.1.delivery.rate_limit"],
+        ["a.yaml:4", "targets.0.url"],
+        ["a.yaml:9", "targets.1.delivery.retry"],
+    ], lines
+    assert all(line.endswith(("(target 'b')", "(target 'fn')")) for line in lines), lines
