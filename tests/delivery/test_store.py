@@ -4,6 +4,7 @@ cannot overwrite what the row's new owner decided."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from collections.abc import AsyncIterator
 
@@ -131,9 +132,21 @@ async def test_a_write_made_again_finds_the_row_its_first_try_wrote(
     dl_id = await store.dead_letter(routed, **failed)
     assert await store.dead_letter(routed, **failed) == dl_id
     assert len(await store.list_dead_letters(DeadLetterFilter())) == 1
-    # and another delivery of the same event is a row of its own
-    assert await store.schedule(_delivery(1), due_in=60) != first
-    assert await store.backlog() == 2
+    # and so does the same delivery made by another process (the bus delivered its event
+    # again after a crash: the retry row of the first was committed as it died), whose chain
+    # ran beside the first one's: twice the attempts, two dead letters for one event
+    assert await store.schedule(_delivery(1), due_in=60) == first
+    assert await store.dead_letter(_delivery(2), **failed) == dl_id
+    assert await store.backlog() == 1
+    # another target, rule, kind or replay round of the same event is a row of its own
+    others = [
+        dataclasses.replace(_delivery(1), target="other"),
+        dataclasses.replace(_delivery(1), rule="other"),
+        dataclasses.replace(_delivery(1), kind=DeliveryKind.DEAD_LETTER),
+        dataclasses.replace(_delivery(1), replay_count=1),
+    ]
+    ids = {first, *[await store.schedule(d, due_in=60) for d in others]}
+    assert len(ids) == 5 and await store.backlog() == 5
 
 
 async def test_a_replay_moves_only_the_dead_letters_there_when_it_began(
