@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -55,6 +56,12 @@ _OUTAGE_BACKOFF_MAX = 5.0
 # edge is claimed a little after it.
 _LATE_GRACE = 1.0
 _T = TypeVar("_T")
+
+CUT_OFF_DELIVERY = (
+    "cut off before the target answered: the service stopped (router.shutdown_grace); "
+    "the event is delivered again"
+)
+"""The error of a delivery's attempt cancelled by the service's stop."""
 
 # The labelled metrics of each target, looked up once: ``labels()`` takes a lock and checks
 # its arguments each time, a visible share of a delivery's bookkeeping.
@@ -251,13 +258,16 @@ class Dispatcher:
             await guard.wait_turn()
         if job.first_attempt_at is None:
             job.first_attempt_at = datetime.now(UTC)
+        started = time.perf_counter()
         try:
             outcome = await target.deliver(
                 job.event, job.payload, is_cloudevent=job.is_cloudevent, attempt=job.attempts + 1
             )
-        except BaseException:
+        except BaseException as exc:
             if guard is not None:
                 guard.record(False)  # never leave a half-open probe outstanding
+            if isinstance(exc, asyncio.CancelledError):
+                self._cut_off(job, (time.perf_counter() - started) * 1000)
             raise
         finally:
             if job.sent is not None:
@@ -465,6 +475,25 @@ class Dispatcher:
         if job.pending_id is not None:
             await self._audit.flush(urgent=False)
         return await _durably(lambda: write(job))
+
+    def _cut_off(self, job: Delivery, duration_ms: float) -> None:
+        """Audit and count ``job``'s attempt cancelled before its target answered (the service
+        stopping past ``router.shutdown_grace``: its event is delivered again, by the bus or
+        the retry schedule). The request may have reached the function: with no row, a
+        function slower than the grace saw the event at every restart, and the trail showed
+        none of it. Nothing waits for the row in a full buffer: the task is ending."""
+        _deliveries(job.target, AttemptOutcome.FAILED.value).inc()
+        self._audit.attempt_nowait(
+            Attempt(
+                event=job.trail_event,
+                rule=job.stored_rule,
+                target=job.target,
+                number=job.attempts + 1,
+                outcome=AttemptOutcome.FAILED,
+                duration_ms=duration_ms,
+                error=CUT_OFF_DELIVERY,
+            )
+        )
 
     async def _record(
         self,
