@@ -3,6 +3,7 @@ one whole answer sent through them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -92,7 +93,22 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) ->
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            message = await receive()
+        except asyncio.CancelledError:
+            # The server's shutdown cancels what outlasts router.shutdown_grace (nothing else
+            # cancels a request): a body still coming then got uvicorn's bare 500 text and an
+            # ERROR traceback in the log. Answered instead, the task ends with the answer.
+            task = asyncio.current_task()
+            if task is None:
+                raise
+            task.uncancel()
+            raise Problem(
+                503,
+                "the service stopped before the request's body arrived (router.shutdown_grace "
+                "passed): nothing of it was taken; send it again",
+                headers={"Retry-After": "1"},
+            ) from None
         if message["type"] == "http.disconnect":
             raise Problem(400, "the client went away before the body was read")
         chunk = message.get("body", b"")

@@ -208,3 +208,37 @@ async def test_a_sync_call_cut_off_by_the_shutdown_is_answered_503_and_audited(
         (hangs, "failed", CUT_OFF_DELIVERY),
     }
     assert all(r["duration_ms"] >= grace * 1000 - 100 for r in rows), rows  # after the grace
+
+
+@pytest.mark.timeout(120)
+async def test_a_body_still_coming_at_the_end_of_the_grace_is_answered_503(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver
+) -> None:
+    # It got uvicorn's bare 500 text, and the log an ERROR traceback (the cancelled read).
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    service = serve_process(
+        rules=RULES, targets=targets, settings={"router": {"shutdown_grace": 1}}
+    )
+    await service.start()
+    port = int(service.url.rsplit(":", 1)[1])
+    answers = []
+    for path in ("/events", "/targets/fn/invoke"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"half": ')
+        await writer.drain()
+        answers.append((reader, writer))
+    await asyncio.sleep(0.5)  # both reading their bodies
+    assert await service.terminate() == 0
+    for reader, writer in answers:
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), answer
+        assert b"content-type: application/problem+json" in head.lower(), answer
+        assert b"retry-after: 1" in head.lower(), answer
+        assert b"before the request's body arrived" in body, answer
+    assert "Exception in ASGI application" not in service.log.read_text()
