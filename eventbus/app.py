@@ -85,6 +85,7 @@ from eventbus.delivery import (
 from eventbus.router import LiveFeed, PeerFeed, Router, Watcher
 from eventbus.rules import Route, Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
 from eventbus.sources import (
+    MqttSourceSpec,
     SharedStatuses,
     Source,
     SourceRunner,
@@ -92,6 +93,7 @@ from eventbus.sources import (
     WebhookSource,
     body_limit,
     build_source,
+    duplicate_sessions,
     in_every_process,
     list_dead_letters,
 )
@@ -159,6 +161,10 @@ def build_adapters(
             targets[name] = build_target(target_spec)
         except ConfigError as exc:
             errors.append(found.located("target", name, exc))
+    mqtt = [spec for spec in found.sources.values() if isinstance(spec, MqttSourceSpec)]
+    errors.extend(
+        found.located("source", name, problem) for name, problem in duplicate_sessions(mqtt)
+    )
     sources: list[Source] = []
     for name, source_spec in found.sources.items():
         if not runs(source_spec):

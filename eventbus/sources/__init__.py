@@ -14,7 +14,7 @@ from eventbus.sources._directory import DirectorySource, DirectorySourceSpec
 from eventbus.sources._hook_request import HookRequest
 from eventbus.sources._kafka import KafkaSource, KafkaSourceSpec
 from eventbus.sources._log_tail import LogTailSource, LogTailSourceSpec
-from eventbus.sources._mqtt import MqttSource, MqttSourceSpec
+from eventbus.sources._mqtt import MqttSource, MqttSourceSpec, duplicate_sessions
 from eventbus.sources._nats import (
     JetStreamSource,
     JetStreamSourceSpec,
@@ -51,6 +51,7 @@ __all__ = [
     "Checkpoints",
     "Clock",
     "HookRequest",
+    "MqttSourceSpec",
     "SharedStatuses",
     "Source",
     "SourceContext",
@@ -60,6 +61,7 @@ __all__ = [
     "WebhookSource",
     "body_limit",
     "build_source",
+    "duplicate_sessions",
     "in_every_process",
     "list_dead_letters",
     "register_source",

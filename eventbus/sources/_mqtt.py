@@ -25,6 +25,7 @@ import select
 from typing import Any, Literal
 
 import aiomqtt
+import orjson
 import paho.mqtt.client as paho_mqtt
 import pydantic
 from paho.mqtt.enums import MQTTErrorCode
@@ -38,7 +39,7 @@ from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_held
 
-__all__ = ["MqttSource", "MqttSourceSpec"]
+__all__ = ["MqttSource", "MqttSourceSpec", "duplicate_sessions", "topic_filter_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ class MqttSourceSpec(QueueSourceSpec):
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     tls: TlsSpec | None = None
 
+    @pydantic.field_validator("topics")
+    @classmethod
+    def _valid_filters(cls, topics: list[str]) -> list[str]:
+        # refused by the client at subscribe only: the source retried for ever, in backoff
+        for topic in topics:
+            problem = topic_filter_problem(topic)
+            if problem is not None:
+                raise ValueError(f"topic filter {topic!r}: {problem}")
+        return topics
+
+    def client_identifier(self) -> str:
+        """The client id the broker knows this source's session by."""
+        return self.client_id or f"eventbus-source-{self.name}"
+
+    def broker(self) -> tuple[str, int]:
+        return self.host, self.port or (1883 if self.tls is None else 8883)
+
     @pydantic.field_validator("protocol", mode="before")
     @classmethod
     def _version_as_written(cls, value: object) -> object:
@@ -73,6 +91,46 @@ class MqttSourceSpec(QueueSourceSpec):
         if self.password is not None and self.username is None:
             raise ValueError("password needs a username")
         return self
+
+
+def topic_filter_problem(topic: str) -> str | None:
+    """What makes ``topic`` no MQTT topic filter (MQTT 3.1.1 section 4.7), or None: empty,
+    longer than 65,535 bytes of UTF-8, a NUL, ``#`` other than a whole last level, ``+`` other
+    than a whole level."""
+    if not topic:
+        return "empty"
+    if len(topic.encode("utf-8", "surrogatepass")) > 65_535:
+        return "longer than 65,535 bytes"
+    if "\x00" in topic:
+        return "holds a NUL character"
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level, the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
+
+
+def duplicate_sessions(specs: list[MqttSourceSpec]) -> list[tuple[str, str]]:
+    """(source name, problem) for each source sharing its broker and client id with an
+    earlier one: the broker keeps one session per client id, closes one connection for the
+    other every few seconds, and each source got the other's messages under its own name."""
+    problems = []
+    first: dict[tuple[str, int, str], str] = {}
+    for spec in specs:
+        host, port = spec.broker()
+        key = (host, port, spec.client_identifier())
+        other = first.setdefault(key, spec.name)
+        if other != spec.name:
+            problems.append(
+                (
+                    spec.name,
+                    f"mqtt source {spec.name!r}: client id {key[2]!r} on {host}:{port} is "
+                    f"also source {other!r}'s: each source needs its own (client_id)",
+                )
+            )
+    return problems
 
 
 MAX_QUEUED = 10_000
@@ -87,6 +145,9 @@ showing running for a minute and a half)."""
 MAX_READS = 100
 """Packets a wake-up of the client's reader reads at most on a connection reset behind unread
 ones (see :func:`_read_to_the_end`); the broker's in-flight window keeps fewer waiting."""
+
+_TOPICS = "topics"
+"""Checkpoint key: the topic filters subscribed (JSON), to unsubscribe those later dropped."""
 
 SESSION_EXPIRY = 7 * 24 * 3600
 """MQTT 5: seconds the broker keeps the session (and messages for it) while the source is away."""
@@ -113,6 +174,7 @@ class MqttSource:
         self.config = config
         where = f"mqtt source {config.name!r}"
         self._tls = None if config.tls is None else config.tls.context(where)
+        self._paho: paho_mqtt.Client | None = None  # the connection's
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the broker goes away."""
@@ -135,11 +197,10 @@ class MqttSource:
         else:
             session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
         client = aiomqtt.Client(
-            cfg.host,
-            cfg.port or (1883 if self._tls is None else 8883),
+            *cfg.broker(),
             username=cfg.username,
             password=None if cfg.password is None else cfg.password.reveal(),
-            identifier=cfg.client_id or f"eventbus-source-{self.name}",
+            identifier=cfg.client_identifier(),
             timeout=10,
             keepalive=KEEPALIVE,
             tls_context=self._tls,
@@ -147,13 +208,14 @@ class MqttSource:
             **session,
         )
         # aiomqtt exposes no manual ack; its paho client does (see the module docstring).
-        paho = client._client
+        paho = self._paho = client._client
         paho.manual_ack_set(True)
         _read_to_the_end(paho)
         async with client:
             for topic in self.config.topics:
                 granted = await client.subscribe(topic, qos=1)
                 _check_granted(topic, granted)
+            await self._unsubscribe_dropped(ctx, client)
             ctx.status.state = "running"
             async for message in client.messages:
                 if message.qos > 0 and not paho.is_connected():
@@ -170,6 +232,27 @@ class MqttSource:
                 # after a message, not at the connect: a connection that breaks at once
                 # again and again backs off as it should (it reconnected every 0.5 s)
                 backoff.reset()
+
+    async def _unsubscribe_dropped(self, ctx: SourceContext, client: aiomqtt.Client) -> None:
+        """Unsubscribe the topics subscribed at an earlier start and no longer configured: the
+        persistent session keeps its subscriptions, and a topic removed from ``topics`` kept
+        arriving for ever. The topics subscribed are kept as a checkpoint; with the database
+        unreachable, the ones dropped are unsubscribed at a later connect."""
+        topics = self.config.topics
+        try:
+            before = await ctx.checkpoints.get(_TOPICS)
+        except StoreError as exc:
+            log.warning("mqtt source %s: the topics subscribed before: %s", self.name, exc)
+            return
+        dropped = [t for t in orjson.loads(before) if t not in topics] if before else []
+        for topic in dropped:
+            await client.unsubscribe(topic)
+            log.info("mqtt source %s: unsubscribed %r (no longer in topics)", self.name, topic)
+        if before is None or dropped or sorted(orjson.loads(before)) != sorted(topics):
+            try:
+                await ctx.checkpoints.put(_TOPICS, orjson.dumps(topics).decode())
+            except StoreError as exc:
+                log.warning("mqtt source %s: the topics subscribed: %s", self.name, exc)
 
     async def _publish_retained(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
         """A retained message (the broker's last word on its topic, sent at each subscribe):
@@ -206,7 +289,15 @@ class MqttSource:
                 subject=topic,
             )
 
-        await publish_held(ctx, payload, convert, {"topic": topic})
+        # A QoS 1 message held (the bus down) whose connection broke meanwhile: the broker
+        # sends it again on the next one, so it is let go (published as well, it reached the
+        # targets twice, a raw one under two ids).
+        paho = self._paho
+
+        def given_back() -> bool:
+            return message.qos > 0 and paho is not None and not paho.is_connected()
+
+        await publish_held(ctx, payload, convert, {"topic": topic}, given_back)
 
 
 def _read_to_the_end(paho: paho_mqtt.Client) -> None:

@@ -136,6 +136,8 @@ BAD_SOURCES = [
     ("kafka", {"bootstrap_servers": "h:9092", "topics": ["t"], "start": "middle"}, "start"),
     ("rabbitmq", {"queue": "q", "url": "http://h"}, "url"),
     ("mqtt", {"topics": ["a"], "port": 0}, "port"),
+    ("mqtt", {"topics": ["a/#/b"]}, "topics"),  # the client refused it at each subscribe
+    ("mqtt", {"topics": ["a/b+"]}, "topics"),
     ("nats", {"subjects": ["a"], "url": "http://h:4222"}, "url"),
     ("jetstream", {"url": "nats://h:4222", "stream": "S", "batch": 0}, "batch"),
 ]

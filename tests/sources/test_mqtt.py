@@ -398,3 +398,61 @@ async def test_a_reset_behind_unread_messages_is_seen_at_once_on_uvloop(
         await service.terminate()
     payloads = {r.body for r in receiver.requests}
     assert payloads >= {b"first", *(f"r{n}-{i}".encode() for n in range(2) for i in range(10))}
+
+
+async def test_a_topic_dropped_from_the_settings_no_longer_arrives(
+    database_dsn: str, nats_url: str
+) -> None:
+    # The persistent session kept its subscriptions: a topic removed from `topics` (and the
+    # service restarted) kept arriving for ever.
+    prefix = unique_name("drop")
+    async with _rig(database_dsn, nats_url) as (name, _pool, tap, pub, ctx):
+
+        def source(*topics: str) -> MqttSource:
+            built = build_source({"name": name, "type": "mqtt", "topics": list(topics)})
+            assert isinstance(built, MqttSource)
+            return built
+
+        async with running(source(f"{prefix}/a", f"{prefix}/b"), ctx):
+            await eventually(lambda: _state_is(ctx, "running"))
+            await pub.publish(f"{prefix}/b", ce("b1"), qos=1)
+            (first,) = await tap.take(1)
+        assert first["id"] == "qb1"
+        ctx.status.state = "starting"
+        async with running(source(f"{prefix}/a"), ctx):
+            await eventually(lambda: _state_is(ctx, "running"))
+            # in order on one session: b2 would come first were it still subscribed
+            await pub.publish(f"{prefix}/b", ce("b2"), qos=1)
+            await pub.publish(f"{prefix}/a", ce("a1"), qos=1)
+            (second,) = await tap.take(1)
+        assert second["id"] == "qa1"
+
+
+def test_two_sources_of_one_broker_session_are_refused() -> None:
+    # They shared the broker's session: each closed the other's connection every few
+    # seconds, and got the other's messages under its own name.
+    from eventbus.app import build_adapters
+    from eventbus.config import ConnectorSet, connector_spec
+
+    spec = connector_spec("source", "mqtt")
+    found = ConnectorSet(
+        sources={
+            "a": spec.model_validate({"name": "a", "topics": ["x"], "client_id": "same"}),
+            "b": spec.model_validate({"name": "b", "topics": ["y"], "client_id": "same"}),
+            "c": spec.model_validate(
+                {"name": "c", "topics": ["y"], "client_id": "same", "port": 1884}
+            ),
+            "e": spec.model_validate({"name": "e", "topics": ["z"]}),  # its default id
+            "f": spec.model_validate(
+                {"name": "f", "topics": ["z"], "client_id": "eventbus-source-e"}
+            ),
+        }
+    )
+    with pytest.raises(ConfigError) as info:
+        build_adapters(found)
+    assert str(info.value).splitlines() == [
+        "mqtt source 'b': client id 'same' on 127.0.0.1:1883 is also source 'a''s: each "
+        "source needs its own (client_id)",
+        "mqtt source 'f': client id 'eventbus-source-e' on 127.0.0.1:1883 is also source "
+        "'e''s: each source needs its own (client_id)",
+    ]
