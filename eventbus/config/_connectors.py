@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -162,8 +162,11 @@ class ConnectorSet:
         return f"{problem}" if loc is None else f"{loc}: {problem}"
 
 
-DeliveryCheck = Callable[[Mapping[str, Any]], list[tuple[tuple[str | int, ...], str]]]
-"""Each problem of a target's ``delivery:`` block, with the path of its setting in the block."""
+DeliveryCheck = Callable[
+    [Mapping[str, Any], Collection[str]], list[tuple[tuple[str | int, ...], str]]
+]
+"""Each problem of a target's ``delivery:`` block (given every target's name, for the settings
+that name one), with the path of its setting in the block."""
 
 _delivery_check: list[DeliveryCheck] = []
 
@@ -191,6 +194,7 @@ def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> C
     errors: list[str] = []
     found: dict[ConnectorKind, dict[str, ConnectorSpec]] = {"source": {}, "target": {}}
     where: dict[tuple[ConnectorKind, str], str] = {}
+    deliveries: list[tuple[YamlDoc, int, TargetSpec]] = []
     root = Path(path)
     for file in yaml_files(root) if root.exists() else []:
         try:
@@ -230,6 +234,18 @@ def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> C
                 where[kind, name] = loc
                 if spec is not None:
                     found[kind][name] = spec
+                    if isinstance(spec, TargetSpec) and spec.delivery:
+                        deliveries.append((doc, i, spec))
+    if _delivery_check:
+        # once every file is read: a setting may name a target of another file
+        known = {name for kind, name in where if kind == "target"}
+        for doc, i, spec in deliveries:
+            for at, problem in _delivery_check[0](spec.delivery or {}, known):
+                at_path = ("targets", i, "delivery", *at)
+                dotted = ".".join(str(p) for p in at_path)
+                errors.append(
+                    f"{doc.file}:{doc.line(at_path)}: {dotted}: {problem} (target {spec.name!r})"
+                )
     if errors:
         raise ConfigError("\n".join(errors))
     # Registration guarantees each kind's specs derive from its base (TargetSpec, SourceSpec).
@@ -277,14 +293,6 @@ def _validate(
             for line in pydantic_errors(doc, exc, prefix=(section, i), fields=fields)
         )
         return None
-    if kind == "target" and _delivery_check and isinstance(spec, TargetSpec) and spec.delivery:
-        problems = _delivery_check[0](spec.delivery)
-        for at, problem in problems:
-            loc = (section, i, "delivery", *at)
-            dotted = ".".join(str(p) for p in loc)
-            errors.append(f"{doc.file}:{doc.line(loc)}: {dotted}: {problem} ({kind} {name!r})")
-        if problems:
-            return None
     warn_literal_secrets(doc, spec, (section, i), f" ({kind} {name!r})")
     return spec
 

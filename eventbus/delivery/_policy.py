@@ -263,10 +263,13 @@ def parse_delivery(
     return policy
 
 
-def delivery_problems(spec: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+def delivery_problems(
+    spec: Mapping[str, Any], known: Collection[str]
+) -> list[tuple[tuple[str | int, ...], str]]:
     """Each problem of a target's ``delivery:`` block with the path of its setting in the
     block (empty: none there), for ``load_connectors`` to report on its line: those of the
-    block and of its ``retry`` and ``circuit_breaker`` blocks, all at once."""
+    block, of its ``retry`` and ``circuit_breaker`` blocks, and its settings naming a target
+    not ``known``, all at once."""
     problems: list[tuple[tuple[str | int, ...], str]] = []
 
     def check(at: tuple[str, ...], run: Callable[[], object]) -> None:
@@ -288,6 +291,10 @@ def delivery_problems(spec: Mapping[str, Any]) -> list[tuple[tuple[str | int, ..
         check(("retry",), lambda: _apply_retry(DeliveryPolicy().retry, retry))
     if isinstance(breaker, dict):
         check(("circuit_breaker",), lambda: _breaker(breaker))
+    for field in _REFERENCES:
+        name = spec.get(field)
+        if isinstance(name, str) and name not in known:
+            problems.append(((field,), f"no target {name!r}{did_you_mean(name, known)}"))
     if not problems:
         try:
             parse_delivery(spec)

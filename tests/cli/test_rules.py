@@ -291,11 +291,14 @@ def test_validate_refuses_delivery_settings_naming_unknown_targets(
     args = parse(["validate", str(rules), "--connectors", str(connectors)])
     assert args.func(args) == 1
     out, err = capsys.readouterr()
+    # both at once, each on the line of its setting
     assert err.splitlines() == [
-        f"eventbus: {connectors}:3: target 'billing': delivery: unknown retry preset "
-        f"'eventbrige'; known: " + err.split("known: ", 1)[1].splitlines()[0],
-        f"eventbus: {connectors}:7: target 'orders': delivery: dead_letter_target: no target "
-        "'nope'",
+        f"eventbus: {connectors}:6: targets.1.delivery: unknown retry preset "
+        f"'eventbrige'; known: "
+        + err.split("known: ", 1)[1].splitlines()[0].removesuffix(" (target 'billing')")
+        + " (target 'billing')",
+        f"eventbus: {connectors}:10: targets.2.delivery.dead_letter_target: no target "
+        "'nope' (target 'orders')",
     ]
     assert (
         out == "1 rule OK (their targets not checked: the connectors did not load)\n"
