@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from eventbus.delivery._model import DeadLetterReason, Delivery, split_stored_rule
+from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind, split_stored_rule
 from eventbus.store import (
     READ_TIMEOUT,
     AttemptOutcome,
@@ -142,19 +142,26 @@ _WRITE_KEYS = uuid.UUID("6f1d2a8e-5b7c-4c1e-9a43-0e8b2f6d7c15")
 
 
 def _write_key(d: Delivery) -> uuid.UUID:
-    """``d``'s write key: the same for every write of this delivery of this event, by
-    whichever process makes it. Its event's ``source`` and ``id``, the rule, the kind, the
-    target and the replay round name it (a rule lists a target once). A random key made per
-    process let a retry row committed as its process died (PostgreSQL frozen, the commit in
-    its socket) and the chain the bus's redelivery began both run: twice the attempts, and
-    two dead letters for one event."""
+    """``d``'s write key: the same on every write of it made again.
+
+    A rule's delivery (``kind`` route) has the same key in whichever process makes it: its
+    event's ``source`` and ``id``, the rule, the target and the replay round name it (a rule
+    lists a target once). A random key made per process let a retry row committed as its
+    process died (PostgreSQL frozen, the commit in its socket) and the chain the bus's
+    redelivery began both run: twice the attempts, and two dead letters for one event.
+
+    A follow-up (a dead letter's copy, an outcome event) keeps a random key, made on its first
+    write: the copies of two targets' dead letters to one ``dead_letter_target`` carry the
+    same event, rule and target, and one key for both lost the second copy."""
     if d.write_key is None:
+        if d.kind is not DeliveryKind.ROUTE:
+            d.write_key = uuid.uuid4()
+            return d.write_key
         name = "\x00".join(
             (
                 str(d.event.get("source")),
                 str(d.event.get("id")),
                 d.rule,
-                d.kind.value,
                 d.target,
                 str(d.replay_count),
             )

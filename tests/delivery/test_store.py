@@ -147,6 +147,10 @@ async def test_a_write_made_again_finds_the_row_its_first_try_wrote(
     ]
     ids = {first, *[await store.schedule(d, due_in=60) for d in others]}
     assert len(ids) == 5 and await store.backlog() == 5
+    # follow-ups alike are not one: two targets' dead letters copied to one dead-letter
+    # target carry the same event, rule and target (one key for both lost the second copy)
+    copies = [dataclasses.replace(_delivery(3), kind=DeliveryKind.DEAD_LETTER) for _ in "ab"]
+    assert len({await store.dead_letter(copy, **failed) for copy in copies}) == 2
 
 
 async def test_a_replay_moves_only_the_dead_letters_there_when_it_began(
