@@ -174,7 +174,6 @@ class MqttSource:
         self.config = config
         where = f"mqtt source {config.name!r}"
         self._tls = None if config.tls is None else config.tls.context(where)
-        self._paho: paho_mqtt.Client | None = None  # the connection's
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the broker goes away."""
@@ -208,7 +207,7 @@ class MqttSource:
             **session,
         )
         # aiomqtt exposes no manual ack; its paho client does (see the module docstring).
-        paho = self._paho = client._client
+        paho = client._client
         paho.manual_ack_set(True)
         _read_to_the_end(paho)
         async with client:
@@ -289,15 +288,11 @@ class MqttSource:
                 subject=topic,
             )
 
-        # A QoS 1 message held (the bus down) whose connection broke meanwhile: the broker
-        # sends it again on the next one, so it is let go (published as well, it reached the
-        # targets twice, a raw one under two ids).
-        paho = self._paho
-
-        def given_back() -> bool:
-            return message.qos > 0 and paho is not None and not paho.is_connected()
-
-        await publish_held(ctx, payload, convert, {"topic": topic}, given_back)
+        # A QoS 1 message held (the bus down) whose connection broke meanwhile is published
+        # all the same: the broker sends it again only if it kept the session (a broker
+        # restarted without persistence has none, and a message let go was lost), so it
+        # may arrive twice, a raw one under two ids.
+        await publish_held(ctx, payload, convert, {"topic": topic})
 
 
 def _read_to_the_end(paho: paho_mqtt.Client) -> None:
