@@ -171,14 +171,13 @@ def default_url() -> str:
     fallback = _FALLBACK_URL
     config = os.environ.get("EVENTBUS_CONFIG")
     if config:
-        from eventbus.config import load_settings
+        from eventbus.config import service_address
 
         try:
-            settings = load_settings(config)
+            data_dir, host, port = service_address(config)
         except ConfigError as exc:
             raise ConfigError(f"finding the service from EVENTBUS_CONFIG: {exc}") from exc
-        data_dir = Path(settings.data_dir)
-        fallback = client_url(settings.listen.host, settings.listen.port)
+        fallback = client_url(host, port)
     owner = _owner(data_dir / LOCK_NAME)
     if owner is not None:  # held: a service runs there
         held = owner.get("url")

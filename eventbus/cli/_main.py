@@ -105,8 +105,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
         help="the running service's HTTP API (default: $EVENTBUS_URL, else the eventbus serve "
-        "running on the data directory here, ./.eventbus or $EVENTBUS_DATA_DIR, else "
-        "http://127.0.0.1:8080 when there is no data directory here)",
+        "running on the data directory here, ./.eventbus or $EVENTBUS_DATA_DIR, or that of "
+        "the settings file $EVENTBUS_CONFIG, else the address it would listen on)",
     )
     p.add_argument(
         "--api-key",

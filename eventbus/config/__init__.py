@@ -55,6 +55,7 @@ from eventbus.config._settings import (
     RouterSettings,
     Settings,
     load_settings,
+    service_address,
 )
 from eventbus.config._tls import TlsSpec, refuse_nats_plaintext, tls_refusal
 from eventbus.config._units import Duration, parse_duration
@@ -114,6 +115,7 @@ __all__ = [
     "redact_url",
     "refuse_nats_plaintext",
     "register_connector",
+    "service_address",
     "tls_refusal",
     "yaml_files",
 ]

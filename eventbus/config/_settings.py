@@ -388,6 +388,37 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     return settings
 
 
+def service_address(
+    path: str | Path, env: Mapping[str, str] | None = None
+) -> tuple[Path, str, int]:
+    """The data directory and the listen host and port the settings at ``path`` (with the
+    ``EVENTBUS_*`` overrides) give ``serve``: what the client commands need to find it. Only
+    those are read: loading the settings whole resolves every secret, and a client without
+    read access to the service's secret files could not find it. Raises ConfigError."""
+    env = os.environ if env is None else env
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read settings: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: cannot read settings: not UTF-8 text ({exc})") from exc
+    data = load_yaml(text, str(p)).data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}:1: settings must be a mapping")
+    data = _merge(data, _env_overrides(env))
+    try:
+        listen = ListenSettings.model_validate(data.get("listen") or {})
+        data_dir = Settings.model_fields["data_dir"].default
+        if data.get("data_dir") is not None:
+            data_dir = Path(str(data["data_dir"]))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{p}: listen.{where}: {first['msg']}") from exc
+    return Path(data_dir), listen.host, listen.port
+
+
 def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:
     """``environment EVENTBUS_X__Y`` when that variable set the value at ``loc`` (or above it,
     a list or mapping of YAML)."""

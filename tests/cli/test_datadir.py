@@ -91,7 +91,11 @@ def test_default_url_follows_eventbus_config(
     monkeypatch.delenv("EVENTBUS_DATA_DIR", raising=False)
     data = tmp_path / "data"
     config = tmp_path / "eventbus.yaml"
-    config.write_text(f"data_dir: {data}\nlisten: {{port: 37080}}\n")
+    # its secrets are none of the commands' business (a client may not read their files)
+    config.write_text(
+        f"data_dir: {data}\nlisten: {{port: 37080}}\n"
+        f"database: {{url: 'postgresql://u@h/d', password: {{file: {tmp_path / 'none'}}}}}\n"
+    )
     monkeypatch.setenv("EVENTBUS_CONFIG", str(config))
     assert default_url() == "http://127.0.0.1:37080"  # nothing ran there yet
     data.mkdir()
