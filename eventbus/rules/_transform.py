@@ -30,6 +30,7 @@ import functools
 import math
 import operator
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -73,6 +74,10 @@ more than ``_UNMEASURED_USES`` times) may take."""
 # times the event. More (400 uses of ``$`` made 80 MB of a 200 KB event) are measured as a
 # multi-valued path's output is.
 _UNMEASURED_USES = 4
+
+
+MAX_TRANSFORM_SECONDS = 0.25
+"""The time a transform's input paths may take on one event (as a condition's budget)."""
 
 
 class TransformTooLarge(Exception):
@@ -395,18 +400,36 @@ class Transform:
     @classmethod
     def compile(cls, spec: TransformSpec) -> Transform:
         """Compile a validated spec; never raises (validation already checked everything)."""
+        placed = _uses(spec.template) if "template" in spec.model_fields_set else []
+        # Only the variables the template places are evaluated: each one unused cost its
+        # search all the same (40 unused filter paths over a 250 KB event: 8 s of the router)
         variables = tuple(
             Variable(name, path, not _definite(path), _count(path, Filter) > 0)
             for name, path in spec.input_paths.items()
+            if name in placed
         )
         if "constant" in spec.model_fields_set:
             constant = spec.constant
             render: Render = lambda values: constant  # noqa: E731
         else:
             render = _compile_template(spec.template)
-        uses = len(_uses(spec.template)) if "template" in spec.model_fields_set else 0
+        uses = len(placed)
         many = uses > _UNMEASURED_USES or any(v.many for v in variables)
         return cls(variables, render, spec.keep_cloudevent, many)
+
+    def _values(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Each variable's value in ``event``; raises TransformTooLarge once the searches have
+        taken more than ``MAX_TRANSFORM_SECONDS`` (each search is bounded by the event's size;
+        their number, by nothing: they ran on the router's loop for seconds)."""
+        values = {}
+        deadline = time.perf_counter() + MAX_TRANSFORM_SECONDS
+        for variable in self.variables:
+            values[variable.name] = variable.value(event)
+            if time.perf_counter() > deadline:
+                raise TransformTooLarge(
+                    f"its input paths took more than {MAX_TRANSFORM_SECONDS:g} s on this event"
+                )
+        return values
 
     def apply(self, event: dict[str, Any]) -> Any:
         """The payload for a target: the rendered output, or with ``keep_cloudevent`` a copy of
@@ -414,7 +437,7 @@ class Transform:
         ``datacontenttype`` set to match). Raises TransformTooLarge for a transform with a
         multi-valued path (or a template placing values many times) whose output is over its
         bound, and for a selected value JSON cannot write put into text."""
-        output = self.render({v.name: v.value(event) for v in self.variables})
+        output = self.render(self._values(event))
         if self.many and _size(output) > MAX_OUTPUT_BYTES:
             raise TransformTooLarge(f"the output is more than {MAX_OUTPUT_BYTES} bytes")
         if not self.keep_cloudevent:
