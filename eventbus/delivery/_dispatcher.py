@@ -343,6 +343,10 @@ class Dispatcher:
             # have run before this one is written: parked for open_for, it waited behind it
             reopen_in = 0.0
         await self._park(job, min(reopen_in, left), "circuit")
+        if reopen_in > 0 and guard is not None and guard.state == "closed":
+            # closed while this row was being written: the probe's release passed it by (a
+            # claimed row is left to its worker), and it waited a whole open_for (1 run in 5)
+            await self.release_parked(job.target)
 
     async def release_parked(self, target: str) -> None:
         """The circuit of ``target`` closed again: the deliveries parked behind it are due now.
