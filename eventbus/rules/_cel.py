@@ -112,9 +112,35 @@ _COMPARISONS = {
     "gt": ("_>_", ">"),
     "ge": ("_>=_", ">="),
 }
-_TYPED_OPERATORS = {name: _typed(getattr(operator, name), s) for name, (_, s) in _OPERATORS.items()}
+_NUMBERS = (celtypes.IntType, celtypes.UintType, celtypes.DoubleType)
+
+
+def _no_bool_numbers(function: Callable[..., Any], symbol: str) -> Callable[..., Any]:
+    """``function`` (an operator) that takes a bool for no number: cel-python's bool is a
+    Python int, and ``event.data.qty == 1`` matched ``qty: true`` (``t > 0``, ``t + 1 == 2``
+    too), where CEL has no such overload. As for other values of different types here
+    (``int == double``, ``list == map``), it is a no-overload error (cel-expr-python: false
+    for ``==``). A bool as a map key is left alone (``[]``)."""
+
+    def checked(*args: Any) -> Any:
+        if (
+            symbol != "[]"
+            and any(isinstance(arg, celtypes.BoolType) for arg in args)
+            and (len(args) == 1 or any(isinstance(arg, _NUMBERS) for arg in args))
+        ):
+            names = f" {symbol} ".join(cel_type_name(arg) for arg in args)
+            raise TypeError(_NO_OVERLOAD + (symbol + names if len(args) == 1 else names))
+        return function(*args)
+
+    return checked
+
+
+_TYPED_OPERATORS = {
+    name: _no_bool_numbers(_typed(getattr(operator, name), s), s)
+    for name, (_, s) in _OPERATORS.items()
+}
 _TYPED_COMPARISONS = {
-    f"bool_{name}": _typed(getattr(celpy.evaluation, f"bool_{name}"), s)
+    f"bool_{name}": _no_bool_numbers(_typed(getattr(celpy.evaluation, f"bool_{name}"), s), s)
     for name, (_, s) in _COMPARISONS.items()
 }
 
