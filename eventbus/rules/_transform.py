@@ -447,8 +447,10 @@ class Transform:
             for key, value in event.items()
             if key not in ("data", "data_base64", "dataschema")
         }
+        # the charset said: a receiver taking text/* for ISO-8859-1 (servlets, requests)
+        # garbled the UTF-8 it got, as without keep_cloudevent it was never told to
         attributes["datacontenttype"] = (
-            "text/plain" if isinstance(output, str) else "application/json"
+            "text/plain; charset=utf-8" if isinstance(output, str) else "application/json"
         )
         attributes["data"] = output
         return attributes
