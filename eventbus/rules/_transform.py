@@ -176,14 +176,24 @@ def _parse_path(source: object) -> JSONPath:
         # each more multiplies what is selected: $..*..*..*..* made 683 MB of a 1.4 KB event,
         # $..k[?(@..x)] took 5 s of the router's loop
         refused = "more than one recursive descent (..)"
+    # jsonpath-ng reads a filter's null as the string "null": `[?(@.qty == null)]` selected
+    # the items whose qty was the text "null", not null. Written unquoted, it is JSON's null;
+    # quoted too in one path, which is which cannot be told apart after parsing.
+    nulls = _UNQUOTED_NULL.search(source) is not None
+    if refused is None and nulls and _QUOTED_NULL.search(source):
+        refused = "null and the string 'null' in one path"
     if refused is not None:
         raise PydanticCustomError(
             "jsonpath",
             "JSONPath '{source}': {what} is not supported",
             {"source": source, "what": refused},
         )
-    _compare_as_json(path)
+    _compare_as_json(path, nulls)
     return path
+
+
+_UNQUOTED_NULL = re.compile(r"""(?<![\w'"])null(?![\w'"])""")
+_QUOTED_NULL = re.compile(r"""['"]null['"]""")
 
 
 _ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
@@ -219,15 +229,18 @@ class _JsonExpression(Expression):  # type: ignore[misc,unused-ignore]
         return [d for d in found if _json_compare(d.value, self.op, self.value)]
 
 
-def _compare_as_json(node: Any) -> None:
-    """Give every filter of the parsed ``node`` JSON comparisons (``_JsonExpression``)."""
+def _compare_as_json(node: Any, nulls: bool = False) -> None:
+    """Give every filter of the parsed ``node`` JSON comparisons (``_JsonExpression``); with
+    ``nulls`` (the path wrote ``null`` unquoted), a literal "null" is JSON's null."""
     if isinstance(node, Filter):
         node.expressions = [
-            _JsonExpression(e.target, e.op, e.value) if type(e) is Expression else e
+            _JsonExpression(e.target, e.op, None if nulls and e.value == "null" else e.value)
+            if type(e) is Expression
+            else e
             for e in node.expressions
         ]
     for child in _children(node):
-        _compare_as_json(child)
+        _compare_as_json(child, nulls)
 
 
 def _unsupported(node: Any) -> str | None:

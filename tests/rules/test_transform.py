@@ -247,3 +247,17 @@ def test_input_paths_past_the_time_budget_fail_the_transform(
     monkeypatch.setattr(transform_module, "MAX_TRANSFORM_SECONDS", -1.0)  # over at once
     with pytest.raises(TransformTooLarge, match="input paths took more than"):
         transform.apply({"data": {"a": 1, "b": 2}})
+
+
+def test_a_filters_null_is_jsons_null_not_the_text() -> None:
+    # jsonpath-ng reads it as the string "null": [?(@.qty == null)] selected qty: "null"
+    event = {"data": {"items": [{"sku": "A", "qty": None}, {"sku": "S", "qty": "null"}]}}
+
+    def selected(path: str) -> Any:
+        return build({"input_paths": {"x": path}, "template": {"v": "<x>"}}).apply(event)["v"]
+
+    assert selected("$.data.items[?(@.qty == null)].sku") == ["A"]
+    assert selected("$.data.items[?(@.qty != null)].sku") == ["S"]
+    assert selected("$.data.items[?(@.qty == 'null')].sku") == ["S"]
+    with pytest.raises(ValidationError, match="null and the string 'null' in one path"):
+        selected("$.data.items[?(@.qty == null & @.sku == 'null')].sku")
