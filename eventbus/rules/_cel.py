@@ -687,22 +687,21 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
             raise RuleError(f"condition is always {cel_type_name(value)}, not bool")
 
 
-_LIST_BUILDING = re.compile(r"\.\s*(?:map|filter)\s*\(")
-
-
-def builds_lists(source: str) -> bool:
-    """Whether the condition calls a macro that builds a list (``map``, ``filter``; a match
-    inside a string literal counts too). cel-expr-python builds such lists in quadratic time
-    and memory, bounded only by its iteration budget (10,000 items: 1.5 s and 1.6 GB on the
-    router's loop for one event before it gave up): these conditions run on cel-python, under
-    its budget (``MAX_MACRO_STEPS``, ``MAX_EVALUATION_SECONDS``), whatever ``router.cel``."""
-    return _LIST_BUILDING.search(source) is not None
+def builds_lists(tree: lark.Tree[lark.Token]) -> bool:
+    """Whether the parsed condition calls a macro that builds a list (``map``, ``filter``)."""
+    return any(
+        sub.data == "member_dot_arg"
+        and any(
+            isinstance(child, lark.Token) and child.value in ("map", "filter")
+            for child in sub.children
+        )
+        for sub in tree.iter_subtrees()
+    )
 
 
 def compile_condition(source: str, *, native: bool = False) -> Condition:
     """Compile a CEL condition once, for cel-python, or with ``native`` for cel-expr-python
-    (cel-python for the rare condition that runtime cannot compile, and for those that build
-    lists: ``builds_lists``).
+    (cel-python for the rare condition that runtime cannot compile).
 
     Raises ``RuleError`` without a location (the caller adds it) for a syntax error (with line
     and column inside the expression), an unknown variable, function or method, or a
@@ -730,10 +729,10 @@ def _compile(source: str, native: bool) -> Condition:
     _check_names(tree)
     _check_constants(source, tree)
     _check_patterns(tree)
-    if native and not builds_lists(source):
+    if native:
         from eventbus.rules._cel_native import compile_native
 
-        if (compiled := compile_native(source)) is not None:
+        if (compiled := compile_native(source, lists=builds_lists(tree))) is not None:
             return compiled
     interpreted = _calls_has(tree)
     # The fast path is built for the runner cel-python would use. Should the transpiler fail to
