@@ -192,7 +192,7 @@ def _parse_path(source: object) -> JSONPath:
     return path
 
 
-_UNQUOTED_NULL = re.compile(r"""(?<![\w'"])null(?![\w'"])""")
+_UNQUOTED_NULL = re.compile(r"""[=!<>]\s*null(?![\w'"])""")  # compared with, not a field
 _QUOTED_NULL = re.compile(r"""['"]null['"]""")
 
 

@@ -261,3 +261,11 @@ def test_a_filters_null_is_jsons_null_not_the_text() -> None:
     assert selected("$.data.items[?(@.qty == 'null')].sku") == ["S"]
     with pytest.raises(ValidationError, match="null and the string 'null' in one path"):
         selected("$.data.items[?(@.qty == null & @.sku == 'null')].sku")
+    # a field named null is no literal (such paths were refused at load)
+    named = {"data": {"null": [{"kind": "null"}], "items": [{"null": "null", "sku": "A"}]}}
+    for path, values in (
+        ("$.data.null[?(@.kind == 'null')].kind", ["null"]),
+        ("$.data.items[?(@.null == 'null')].sku", ["A"]),
+    ):
+        spec = {"input_paths": {"x": path}, "template": {"v": "<x>"}}
+        assert build(spec).apply(named)["v"] == values
