@@ -147,6 +147,7 @@ EXPORTS: dict[str, list[str]] = {
         "redact_url",
         "refuse_nats_plaintext",
         "register_connector",
+        "rule_paths",
         "service_address",
         "tls_refusal",
         "yaml_files",

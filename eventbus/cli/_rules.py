@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -180,7 +181,29 @@ def test_pattern_command(
     return EXIT_OK
 
 
-def _known_targets(connectors: str | None) -> tuple[Collection[str] | None, DeliveryCheck | None]:
+def _settings_paths(args: argparse.Namespace) -> bool:
+    """Fill ``args.path`` and ``args.connectors`` where not given: with ``$EVENTBUS_CONFIG``
+    set, those of that settings file, as ``serve`` reads them (the commands checked ./rules
+    and ./connectors instead, while the other commands followed the variable); else rules/
+    here. Returns whether the connectors came from the settings (then a missing directory is
+    an empty set, as at the service's start). Raises ConfigError."""
+    config = os.environ.get("EVENTBUS_CONFIG")
+    if not config:
+        args.path = args.path or "rules"
+        return False
+    from eventbus.config import rule_paths
+
+    rules, connectors = rule_paths(config)
+    args.path = args.path or str(rules)
+    if args.connectors is None:
+        args.connectors = str(connectors)
+        return True
+    return False
+
+
+def _known_targets(
+    connectors: str | None, *, from_settings: bool = False
+) -> tuple[Collection[str] | None, DeliveryCheck | None]:
     """Target names from the connector definitions and a check of the rules' delivery
     overrides against their targets' policies; (None, None), no checks, when there are none.
 
@@ -198,7 +221,7 @@ def _known_targets(connectors: str | None) -> tuple[Collection[str] | None, Deli
         if not Path("connectors").exists():
             return None, None
         connectors = "connectors"
-    elif not Path(connectors).exists():
+    elif not Path(connectors).exists() and not from_settings:
         # a typo checked no target at all, and said "OK"
         raise ConfigError(f"--connectors: no such file or directory: {connectors}")
     found = load_connectors(connectors)
@@ -222,8 +245,9 @@ def _native_cel(args: argparse.Namespace) -> bool:
 
 def _run_validate(args: argparse.Namespace) -> int:
     native_cel = _native_cel(args)
+    from_settings = _settings_paths(args)
     try:
-        targets, check = _known_targets(args.connectors)
+        targets, check = _known_targets(args.connectors, from_settings=from_settings)
     except ConfigError as exc:
         # The rules are still checked (without their targets): the connectors' problems and
         # the rules' came in two rounds, each fix showing the next.
@@ -251,7 +275,8 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    targets, check = _known_targets(args.connectors)
+    from_settings = _settings_paths(args)
+    targets, check = _known_targets(args.connectors, from_settings=from_settings)
     return test_command(
         args.event,
         args.path,
@@ -271,11 +296,17 @@ def register(subparsers: Any) -> None:
     """Add ``validate``, ``test`` and ``test-pattern`` to the ``eventbus rules`` subparsers
     (an ``argparse`` subparsers action); each sets ``func(args) -> exit code``."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("path", nargs="?", default="rules", help="rule file or directory")
+    common.add_argument(
+        "path",
+        nargs="?",
+        help="rule file or directory (default: the rules of the settings file $EVENTBUS_CONFIG "
+        "when set, else rules)",
+    )
     common.add_argument(
         "--connectors",
-        help="connector definitions naming the targets (default: connectors, and targets are "
-        "not checked when it is absent; a path given must exist)",
+        help="connector definitions naming the targets (default: those of $EVENTBUS_CONFIG "
+        "when set, else connectors, and targets are not checked when it is absent; a path "
+        "given must exist)",
     )
     common.add_argument(
         "--cel",

@@ -55,6 +55,7 @@ from eventbus.config._settings import (
     RouterSettings,
     Settings,
     load_settings,
+    rule_paths,
     service_address,
 )
 from eventbus.config._tls import TlsSpec, refuse_nats_plaintext, tls_refusal
@@ -115,6 +116,7 @@ __all__ = [
     "redact_url",
     "refuse_nats_plaintext",
     "register_connector",
+    "rule_paths",
     "service_address",
     "tls_refusal",
     "yaml_files",

@@ -395,18 +395,8 @@ def service_address(
     ``EVENTBUS_*`` overrides) give ``serve``: what the client commands need to find it. Only
     those are read: loading the settings whole resolves every secret, and a client without
     read access to the service's secret files could not find it. Raises ConfigError."""
-    env = os.environ if env is None else env
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read settings: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: cannot read settings: not UTF-8 text ({exc})") from exc
-    data = load_yaml(text, str(p)).data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}:1: settings must be a mapping")
-    data = _merge(data, _env_overrides(env))
+    data = _unresolved(p, env)
     try:
         listen = ListenSettings.model_validate(data.get("listen") or {})
         data_dir = Settings.model_fields["data_dir"].default
@@ -417,6 +407,40 @@ def service_address(
         where = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"{p}: listen.{where}: {first['msg']}") from exc
     return Path(data_dir), listen.host, listen.port
+
+
+def rule_paths(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[Path, Path]:
+    """The rules and connectors the settings at ``path`` (with the ``EVENTBUS_*`` overrides)
+    give ``serve``, read as ``service_address`` reads (no secret resolved). Raises
+    ConfigError."""
+    p = Path(path)
+    data = _unresolved(p, env)
+    found = []
+    for key in ("rules", "connectors"):
+        value = data.get(key)
+        if value is None:
+            found.append(Path(str(Settings.model_fields[key].default)))
+        elif isinstance(value, str) and value:
+            found.append(Path(value))
+        else:
+            raise ConfigError(f"{p}: {key}: a path (text), not {type(value).__name__}")
+    return found[0], found[1]
+
+
+def _unresolved(p: Path, env: Mapping[str, str] | None) -> dict[str, Any]:
+    """The settings at ``p`` with the ``EVENTBUS_*`` overrides, as data: nothing validated,
+    no secret resolved. Raises ConfigError."""
+    env = os.environ if env is None else env
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read settings: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: cannot read settings: not UTF-8 text ({exc})") from exc
+    data = load_yaml(text, str(p)).data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}:1: settings must be a mapping")
+    return _merge(data, _env_overrides(env))
 
 
 def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:

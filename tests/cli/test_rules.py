@@ -386,8 +386,34 @@ def test_register_wires_the_commands(
     assert capsys.readouterr().out == "true\n"
 
 
-def test_register_defaults() -> None:
+def test_register_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EVENTBUS_CONFIG", raising=False)
     args = parse(["validate"])
+    assert not _cli._settings_paths(args)
     assert (args.path, args.connectors) == ("rules", None)  # connectors/, if there
     with pytest.raises(SystemExit):
         parse(["test"])
+
+
+def test_validate_follows_eventbus_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it checked ./rules and ./connectors while the other commands followed the variable
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "a.yaml").write_text("- name: a\n  targets: [fn]\n")
+    (tmp_path / "c.yaml").write_text("targets: [{name: fn, type: http, url: 'http://h:9/'}]\n")
+    settings = tmp_path / "eventbus.yaml"
+    settings.write_text(
+        f"rules: {tmp_path / 'r'}\nconnectors: {tmp_path / 'c.yaml'}\n"
+        f"database: {{url: 'postgresql://u@h/d', password: {{file: {tmp_path / 'none'}}}}}\n"
+    )
+    monkeypatch.setenv("EVENTBUS_CONFIG", str(settings))
+    monkeypatch.chdir(tmp_path)  # no rules/ nor connectors/ here
+    args = parse(["validate"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == "1 rule OK\n"
+    # its connectors gone: no target, as at the service's start (not "targets not checked")
+    (tmp_path / "c.yaml").unlink()
+    args = parse(["validate"])
+    assert args.func(args) == 1
+    assert "unknown target 'fn'" in capsys.readouterr().out
