@@ -271,6 +271,9 @@ def _targets(body: Any, out: TextIO) -> None:
 
 
 def _enabled(body: Any, out: TextIO) -> None:
+    if body.get("was_disabled") is False:
+        out.write(f"{body['enabled']} was not disabled: nothing changed\n")
+        return
     out.write(f"{body['enabled']} enabled: deliveries to it go out again\n")
 
 

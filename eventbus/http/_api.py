@@ -290,11 +290,12 @@ async def list_retries(
 )
 async def enable_target(request: Request, name: TargetName) -> Response:
     service = _service(request)
-    if not await service.enable_target(name):
-        if name not in service.targets:
-            raise Problem(404, f"no target named {name!r}")
-        raise Problem(404, f"target {name!r} is not disabled")
-    return _json({"enabled": name})
+    # idempotent: enabling a target that is not disabled asks for what already is (it was a
+    # 404, "not found", for a target that exists; a script enabling every target failed)
+    was_disabled = await service.enable_target(name)
+    if not was_disabled and name not in service.targets:
+        raise Problem(404, f"no target named {name!r}")
+    return _json({"enabled": name, "was_disabled": was_disabled})
 
 
 @admin.get(

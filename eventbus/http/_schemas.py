@@ -296,6 +296,8 @@ class Purged(_Body):
 
 class Enabled(_Body):
     enabled: str
+    was_disabled: bool
+    """false: it was not disabled, and nothing changed"""
 
 
 class TargetDisabled(_Body):

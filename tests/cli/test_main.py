@@ -798,15 +798,16 @@ async def test_targets_lists_them_and_enables_one_a_410_switched_off(
     assert (code, out) == (0, "fn enabled: deliveries to it go out again\n"), err
     code, out, err = await _cli("targets", "--json", *url)
     assert code == 0 and out["targets"][0]["disabled"] is None, out
+    # enabled again: nothing to do, and no failure (it was a 404 for a target that exists)
     code, out, err = await _cli("targets", "enable", "fn", *url)
-    assert code == 1 and "target 'fn' is not disabled" in err, err
+    assert (code, out) == (0, "fn was not disabled: nothing changed\n"), err
     code, out, err = await _cli("targets", "enable", *url)
     assert code == 2 and "give `targets enable NAME`" in err, err
-    # with --json a refusal is the service's problem JSON on stdout (it printed nothing)
-    code, out, err = await _cli("targets", "enable", "fn", "--json", *url)
+    # with --json a refusal is the service's problem JSON on stdout (it printed nothing); a
+    # name no target has says so
+    code, out, err = await _cli("targets", "enable", "nope", "--json", *url)
     assert code == 1 and out["status"] == 404, (out, err)
-    assert out["detail"] == "target 'fn' is not disabled", out
-    # a name no target has says so (it said "target 'nope' is not disabled")
+    assert out["detail"] == "no target named 'nope'", out
     code, out, err = await _cli("targets", "enable", "nope", *url)
     assert code == 1 and "no target named 'nope'" in err, err
 

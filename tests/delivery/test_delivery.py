@@ -266,12 +266,12 @@ async def test_410_dead_letters_and_disables_the_target(
     assert fn["disabled"]["reason"] == "410 Gone at attempt 1", fn
     assert fn["disabled"]["at"] <= items[0]["created_at"], (fn, items[0])
 
-    status, _, _ = await svc.request("POST", "/targets/fn/enable")
-    assert status == 200
+    status, _, body = await svc.request("POST", "/targets/fn/enable")
+    assert status == 200 and body == {"enabled": "fn", "was_disabled": True}, body
     _, _, body = await svc.request("GET", "/targets")
     assert body["targets"][0]["disabled"] is None
-    status, _, _ = await svc.request("POST", "/targets/fn/enable")
-    assert status == 404
+    status, _, body = await svc.request("POST", "/targets/fn/enable")  # idempotent
+    assert status == 200 and body == {"enabled": "fn", "was_disabled": False}, body
     status, _, body = await svc.request("POST", "/dead-letters/replay?reason=target-disabled")
     assert status == 202 and len(body["replayed"]) == 1
     await receiver.wait_for(2)
