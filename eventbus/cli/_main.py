@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -488,9 +489,24 @@ def _cmd_events_list(args: argparse.Namespace) -> int:
     return _show(args, "events", _request(args, "GET", "/events" + query))
 
 
+_TRAIL_WAIT = 3.0
+"""Seconds ``events show`` asks again for an event not found yet."""
+
+
 def _cmd_events_show(args: argparse.Namespace) -> int:
     q = urllib.parse.urlencode({"source": args.source_, "id": args.id})
-    return _show(args, "event-trail", _request(args, "GET", f"/events/trail?{q}"))
+    # The trail is written once the router takes the event from the bus, a moment after its
+    # 202: the README's publish then show answered 404 once, on a cold first event.
+    deadline = time.monotonic() + _TRAIL_WAIT
+    while True:
+        try:
+            answer = _request(args, "GET", f"/events/trail?{q}")
+            break
+        except _ApiError as exc:
+            if exc.status != 404 or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.25)
+    return _show(args, "event-trail", answer)
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:

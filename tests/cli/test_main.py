@@ -157,6 +157,14 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     assert typed[:2] == (0, "no events\n"), typed
     code, _, err = await _cli("events", "list", "--since", "yesterday", *plain)
     assert code == 1 and "since" in err and "Traceback" not in err, err
+    # shown as soon as it is recorded, a moment after its 202 (a show right after the
+    # publish answered 404 once, on a cold first event)
+    showing = asyncio.create_task(_cli("events", "show", "cli", "late-1", *url))
+    await asyncio.sleep(0.5)
+    code, _, err = await _cli("publish", "--type", "t", "--source", "cli", "--id", "late-1", *url)
+    assert code == 0, err
+    code, out, err = await showing
+    assert code == 0 and out["event"]["id"] == "late-1", (out, err)
     code, text, _ = listing
     header, row = text.splitlines()
     assert header.split() == [

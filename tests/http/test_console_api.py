@@ -315,10 +315,14 @@ async def test_page_and_assets(eventbus: StartService, receiver: Receiver) -> No
     policy = headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
     assert "<style" not in page and "style=" not in page and "<script>" not in page
+    # nothing from elsewhere, an icon in a data: URL included (the policy refused it at
+    # every load: an error in the browser's console)
+    assert "data:" not in page and "http" not in page, page
     # the service's address opened in a browser leads there (a JSON 404 said nothing)
     async with aiohttp.ClientSession() as http, http.get(svc.url + "/") as resp:
         assert resp.status == 200 and str(resp.url) == svc.url + "/console", resp.url
-    for asset, kind in (("console.js", "text/javascript"), ("console.css", "text/css")):
+    assets = (("console.js", "text/javascript"), ("console.css", "text/css"))
+    for asset, kind in (*assets, ("favicon.svg", "image/svg+xml")):
         status, headers, _ = await svc.request("GET", f"/console/{asset}")
         assert status == 200 and headers["Content-Type"].startswith(kind)
         assert headers["X-Content-Type-Options"] == "nosniff"

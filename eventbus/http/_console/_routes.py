@@ -51,6 +51,8 @@ _MAX_PATTERN = 4 * 1024
 _ASSETS = {
     "console.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
+    # its own file: a data: URL icon broke the page's policy (default-src 'self') at each load
+    "favicon.svg": "image/svg+xml",
 }
 
 admin = APIRouter(dependencies=[Depends(_admin_scope)], responses=_problems(401, 403, 503))
@@ -173,11 +175,12 @@ async def console_page() -> Response:
             "content": {
                 "text/javascript": {"schema": {"type": "string"}},
                 "text/css": {"schema": {"type": "string"}},
+                "image/svg+xml": {"schema": {"type": "string"}},
             }
         },
         **_problems(404),
     },
-    summary="One of the console's scripts or style sheets",
+    summary="One of the console's scripts, style sheets or its icon",
 )
 async def console_asset(asset: str) -> Response:
     media_type = _ASSETS.get(asset)
