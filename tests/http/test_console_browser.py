@@ -335,6 +335,9 @@ async def test_dead_letters_replayed_after_confirmation(
     await page.fill("#dl-rule", "")
     await page.click("#dl-search")
     gone = left["items"][0]["id"]
+    # the unfiltered list rendered (a row of the filtered one, found first, went stale)
+    shown = len(left["items"])
+    await page.wait(f"return document.querySelectorAll('#dl-rows tr').length === {shown}")
     await page.wait(f"return document.querySelector(\"#dl-rows tr[data-id='{gone}']\")")
     assert (await svc.request("DELETE", f"/dead-letters/{gone}"))[0] == 200
     await page.click(f"#dl-rows tr[data-id='{gone}']")
