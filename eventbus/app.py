@@ -556,7 +556,7 @@ class Service:
         )
         self._retries.ran = self._router.retried
         self._router.start()
-        self._stack.push_async_callback(self._workers_stopped)
+        self._stack.push_async_callback(self._stop_workers_now)
         summary = asyncio.create_task(_log_activity(), name="eventbus-summary")
         self._stack.push_async_callback(cancel_and_wait, summary)
         await self._start_sources(sources, installation)
@@ -689,9 +689,6 @@ class Service:
                 self._stop_workers(), name="eventbus-stop-workers"
             )
         return self._workers_stop
-
-    async def _workers_stopped(self) -> None:
-        await self._stop_workers_now()
 
     async def _stop_workers(self) -> None:
         # both under one deadline, so a worker's whole shutdown fits the supervisor's wait

@@ -95,12 +95,7 @@ def _dead_letters(body: Any, out: TextIO) -> None:
     items = [
         {**item, "event": f"{item['event_source']} {item['event_id']}"} for item in body["items"]
     ]
-    if not items:
-        out.write("no dead letters\n")
-        return
-    out.write(table(items, _DEAD_LETTER_COLUMNS))
-    if body.get("next_after") is not None:
-        out.write(f"more: --after {body['next_after']}\n")
+    _page(items, body.get("next_after"), _DEAD_LETTER_COLUMNS, "dead letters", out)
 
 
 _EVENT_COLUMNS = (
@@ -115,12 +110,23 @@ _EVENT_COLUMNS = (
 
 
 def _events(body: Any, out: TextIO) -> None:
-    if not body["items"]:
-        out.write("no events\n")
+    _page(body["items"], body.get("next_after"), _EVENT_COLUMNS, "events", out)
+
+
+def _page(
+    items: Sequence[Mapping[str, Any]],
+    next_after: Any,
+    columns: Sequence[tuple[str, str]],
+    noun: str,
+    out: TextIO,
+) -> None:
+    """One page of a listing: its table (or "no <noun>"), and how to ask for the next."""
+    if not items:
+        out.write(f"no {noun}\n")
         return
-    out.write(table(body["items"], _EVENT_COLUMNS))
-    if body.get("next_after") is not None:
-        out.write(f"more: --after {body['next_after']}\n")
+    out.write(table(items, columns))
+    if next_after is not None:
+        out.write(f"more: --after {next_after}\n")
 
 
 _ATTEMPT_COLUMNS = (

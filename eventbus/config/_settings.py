@@ -342,20 +342,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     env = os.environ if env is None else env
     if path is None and env.get("EVENTBUS_CONFIG"):
         path = env["EVENTBUS_CONFIG"]
-    doc = YamlDoc({}, "<defaults>")
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{p}: cannot read settings: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{p}: cannot read settings: not UTF-8 text ({exc})") from exc
-        doc = load_yaml(text, str(p))
-        if doc.data is None:
-            doc = YamlDoc({}, str(p), doc.lines)
-        if not isinstance(doc.data, dict):
-            raise ConfigError(f"{p}:1: settings must be a mapping")
+    doc = YamlDoc({}, "<defaults>") if path is None else _read_settings(Path(path))
     overrides = _env_overrides(env)
     data = _merge(doc.data, overrides)
     try:
@@ -431,16 +418,24 @@ def _unresolved(p: Path, env: Mapping[str, str] | None) -> dict[str, Any]:
     """The settings at ``p`` with the ``EVENTBUS_*`` overrides, as data: nothing validated,
     no secret resolved. Raises ConfigError."""
     env = os.environ if env is None else env
+    return _merge(_read_settings(p).data, _env_overrides(env))
+
+
+def _read_settings(p: Path) -> YamlDoc:
+    """The settings file ``p`` parsed (an empty one as an empty mapping); raises ConfigError
+    when it cannot be read or is no mapping."""
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read settings: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: cannot read settings: not UTF-8 text ({exc})") from exc
-    data = load_yaml(text, str(p)).data or {}
-    if not isinstance(data, dict):
+    doc = load_yaml(text, str(p))
+    if doc.data is None:
+        doc = YamlDoc({}, str(p), doc.lines)
+    if not isinstance(doc.data, dict):
         raise ConfigError(f"{p}:1: settings must be a mapping")
-    return _merge(data, _env_overrides(env))
+    return doc
 
 
 def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:

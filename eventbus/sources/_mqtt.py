@@ -243,11 +243,12 @@ class MqttSource:
         except StoreError as exc:
             log.warning("mqtt source %s: the topics subscribed before: %s", self.name, exc)
             return
-        dropped = [t for t in orjson.loads(before) if t not in topics] if before else []
-        for topic in dropped:
-            await client.unsubscribe(topic)
-            log.info("mqtt source %s: unsubscribed %r (no longer in topics)", self.name, topic)
-        if before is None or dropped or sorted(orjson.loads(before)) != sorted(topics):
+        held: list[str] | None = orjson.loads(before) if before else None
+        for topic in held or ():
+            if topic not in topics:
+                await client.unsubscribe(topic)
+                log.info("mqtt source %s: unsubscribed %r (no longer in topics)", self.name, topic)
+        if held is None or sorted(held) != sorted(topics):
             try:
                 await ctx.checkpoints.put(_TOPICS, orjson.dumps(topics).decode())
             except StoreError as exc:

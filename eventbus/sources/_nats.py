@@ -212,8 +212,7 @@ class NatsSource(_NatsConsumer[NatsSourceSpec]):
             )
 
         # Core NATS will not redeliver, so the message is held here until the bus takes it.
-        headers = msg.headers.items() if msg.headers else None
-        await publish_held(ctx, msg.data, convert, Whence({"subject": msg.subject}, headers))
+        await publish_held(ctx, msg.data, convert, Whence({"subject": msg.subject}, msg.headers))
 
 
 _CONSUMER_NOT_FOUND = 10014  # JetStream's err_code: the stream is there, the consumer not
@@ -346,8 +345,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
             )
 
         where = {"stream": meta.stream, "sequence": meta.sequence.stream, "subject": msg.subject}
-        headers = msg.headers.items() if msg.headers else None
-        return Message(msg.data, convert, Whence(where, headers))
+        return Message(msg.data, convert, Whence(where, msg.headers))
 
 
 def _unfit(config: ConsumerConfig, subject: str | None) -> list[str]:

@@ -199,7 +199,8 @@ def _kept(value: Any) -> dict[str, Any]:
 
 class Whence(Mapping[str, Any]):
     """Where a message came from, kept with its dead letter: ``where`` as given, and the
-    message's ``headers`` (name, value pairs) and Kafka ``key``, rendered when first read. A
+    message's ``headers`` (a mapping, or name, value pairs) and Kafka ``key``, rendered when
+    first read. A
     binary-mode CloudEvent has its attributes in its headers: without them, a record set aside
     as invalid (``ce_id`` missing, say) showed only its data, and no one could tell why or send
     it again. Only a dead letter reads this: a message that becomes an event costs nothing."""
@@ -207,7 +208,7 @@ class Whence(Mapping[str, Any]):
     def __init__(
         self,
         where: Mapping[str, Any],
-        headers: Iterable[tuple[str, Any]] | None = None,
+        headers: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
         key: bytes | None = None,
     ) -> None:
         self._where = where
@@ -221,7 +222,8 @@ class Whence(Mapping[str, Any]):
             if self._key is not None:
                 rendered["key"] = _kept(self._key)
             if self._headers:
-                pairs = list(self._headers)
+                headers = self._headers
+                pairs = list(headers.items() if isinstance(headers, Mapping) else headers)
                 rendered["headers"] = [
                     {"name": str(name), **_kept(value)} for name, value in pairs[:MAX_KEPT_HEADERS]
                 ]

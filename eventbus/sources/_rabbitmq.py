@@ -252,6 +252,5 @@ class RabbitMQSource:
             "message_id": message.message_id,
             "content_type": message.content_type,
         }
-        headers = message.headers.items() if message.headers else None
-        meta = Whence(where, headers)
+        meta = Whence(where, message.headers)
         await publish_held(ctx, message.body, convert, meta, lambda: _channel_closed(message))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 from eventbus.cli import main
 from tests.fixtures.service import RunningService
@@ -36,3 +39,41 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
         except SystemExit as exc:  # argparse's own errors
             code = int(exc.code or 0)
     return code, err.getvalue()
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """A stand-in for the service that the CLI talks to: records each request's path and
+    answers every GET and POST with ``status``, ``content_type`` and ``body`` (class
+    attributes a test's subclass sets, and may change between examples)."""
+
+    paths: ClassVar[list[str]]
+    status: ClassVar[int] = 200
+    content_type: ClassVar[str] = "application/json"
+    body: ClassVar[bytes] = b""
+
+    def _answer(self) -> None:
+        type(self).paths.append(self.path)
+        self.send_response(self.status)
+        self.send_header("Content-Type", self.content_type)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler: type[Recorder]) -> Iterator[str]:
+    """``handler`` on a loopback port of its own, in a thread; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

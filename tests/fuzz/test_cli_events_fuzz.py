@@ -7,9 +7,8 @@ value reaches another parameter or route), prints the page and exits 0, never a 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -17,40 +16,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fuzz._checks import run_cli
+from tests.fuzz._checks import Recorder, run_cli, serving
 from tests.fuzz._inputs import FUZZ
 
 # argv cannot hold NUL or lone surrogates
 values = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=30)
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    paths: list[str] = []
-    page: bytes = b""
-
-    def do_GET(self) -> None:
-        type(self).paths.append(self.path)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(self.page)))
-        self.end_headers()
-        self.wfile.write(self.page)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+class _Recorder(Recorder):
+    paths: ClassVar[list[str]] = []
 
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(_Recorder) as url:
+        yield url
 
 
 @FUZZ
@@ -75,7 +55,7 @@ def test_list_asks_for_exactly_the_filters_given(
         "via": text,
         "size": 3,
     }
-    _Recorder.page = orjson.dumps({"items": [item], "next_after": text or None})
+    _Recorder.body = orjson.dumps({"items": [item], "next_after": text or None})
     argv = ["events", "list", "--url", service, f"--limit={limit}"]
     argv += [f"--{name}={value}" for name, value in filters.items()]
     code, err = run_cli(argv)

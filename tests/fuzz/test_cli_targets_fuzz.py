@@ -9,9 +9,8 @@ argparse cannot take (one starting with ``-``) is a usage error (2)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 from urllib.parse import unquote
 
 import orjson
@@ -19,40 +18,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fuzz._checks import run_cli
+from tests.fuzz._checks import Recorder, run_cli, serving
 from tests.fuzz._inputs import FUZZ
 
 # argv cannot hold NUL or lone surrogates
 names = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=40)
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    paths: list[str] = []
+class _Recorder(Recorder):
+    """Answers as the service does for an unknown target."""
 
-    def do_POST(self) -> None:
-        type(self).paths.append(self.path)
-        body = orjson.dumps({"title": "Not Found", "status": 404, "detail": "no such target"})
-        self.send_response(404)
-        self.send_header("Content-Type", "application/problem+json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+    paths: ClassVar[list[str]] = []
+    status = 404
+    content_type = "application/problem+json"
+    body = orjson.dumps({"title": "Not Found", "status": 404, "detail": "no such target"})
 
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(_Recorder) as url:
+        yield url
 
 
 @FUZZ
