@@ -4,8 +4,6 @@ outage is in the bus contract, test_contract.py)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import struct
 from typing import Any
 
@@ -33,7 +31,7 @@ from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import encode, event_key
 from tests.bus.conftest import PATIENCE, event, kafka_config, take
 from tests.fixtures.kafka import TansuBroker
-from tests.fixtures.wait import eventually
+from tests.fixtures.wait import eventually, frozen
 
 
 def test_commit_point_is_the_lowest_unacked_offset() -> None:
@@ -355,13 +353,10 @@ async def test_a_batch_that_waits_past_its_deadline_reports_every_event(
         config = kafka_config(broker.bootstrap, partitions=1, publish_timeout=1.0)
         async with open_bus(config) as bus:
             await bus.publish(event(0))
-            os.kill(broker.pid, signal.SIGSTOP)
-            try:
+            async with frozen(broker.pid):
                 batch = [event(n, data="x" * 4096) for n in range(1, 200)]
                 async with asyncio.timeout(10):
                     results = await bus.publish_many(batch)
-            finally:
-                os.kill(broker.pid, signal.SIGCONT)
         assert len(results) == len(batch)
         assert all(isinstance(r, BusUnavailable) for r in results), {
             type(r).__name__ for r in results
@@ -390,8 +385,7 @@ async def test_offset_commits_failing_for_a_while_say_the_bus_is_stalled(
             first, second = await anext(reading), await anext(reading)
             await first.ack()
             await eventually(lambda: bus.stalled() is None, what="a commit that worked")
-            os.kill(broker.pid, signal.SIGSTOP)
-            try:
+            async with frozen(broker.pid):
                 await second.ack()
 
                 def stalled() -> str | None:
@@ -400,8 +394,6 @@ async def test_offset_commits_failing_for_a_while_say_the_bus_is_stalled(
                 why = await eventually(stalled, within=20, what="the commits reported failing")
                 assert why.startswith("offset commits failing for "), why
                 assert "TimeoutError" in why, why
-            finally:
-                os.kill(broker.pid, signal.SIGCONT)
             # a commit that works (or nothing left to commit) ends it
             await eventually(lambda: bus.stalled() is None, within=30, what="commits again")
         finally:

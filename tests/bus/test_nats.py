@@ -27,7 +27,7 @@ from eventbus.bus import _nats as nats_bus_module
 from eventbus.bus._nats_server import free_port
 from eventbus.cloudevents import event_key
 from tests.bus.conftest import PATIENCE, event, nats_config, take, take_until
-from tests.fixtures.wait import eventually
+from tests.fixtures.wait import eventually, frozen
 
 
 async def test_same_source_and_id_is_stored_once(nats_url: str) -> None:
@@ -676,11 +676,7 @@ async def test_the_stuck_probe_forgets_what_a_frozen_server_left_unanswered(
         config = nats_config(server.url, publish_timeout=0.15)
         async with open_bus(config) as bus:
             assert isinstance(bus, NatsBus)
-            (frozen,) = [
-                p
-                for p in psutil.Process().children(recursive=True)
-                if "nats-server" in p.name() and str(server.port) in p.cmdline()
-            ]
+            assert server.pid is not None
 
             async def unanswered_for(seconds: float) -> None:
                 started = time.monotonic()
@@ -688,16 +684,10 @@ async def test_the_stuck_probe_forgets_what_a_frozen_server_left_unanswered(
                     (outcome,) = await bus.publish_many([event(1)])
                     assert isinstance(outcome, BusUnavailable), outcome
 
-            frozen.suspend()
-            # stopped for sure before the first publish (one sent as SIGSTOP was on its way
-            # was answered: a CI run's flake)
-            await eventually(lambda: frozen.status() == psutil.STATUS_STOPPED, what="stopped")
-            try:
+            async with frozen(server.pid):
                 await unanswered_for(0.5)
                 assert bus.unanswered(0.3) is not None
                 assert await app_module._stuck(bus) is None  # frozen: not stuck
-            finally:
-                frozen.resume()
             assert bus.unanswered(0.0) is None  # forgotten
             await bus.publish(event(2))  # it answers and stores
             nc = await nats.connect(server.url)

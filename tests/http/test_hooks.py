@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ import yaml
 from eventbus.bus._nats_server import NatsServer
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, ServeProcess, StartService
-from tests.fixtures.wait import eventually
+from tests.fixtures.wait import eventually, frozen
 from tests.sources.test_webhook import _PARTNER, generic
 
 JSON = {"Content-Type": "application/json"}
@@ -350,12 +348,9 @@ async def test_a_signed_request_retried_after_a_publish_timed_out_is_one_event(
         body = orjson.dumps({"order": 7})
         signed = generic(body, stamp=str(int(time.time())))
         assert nats.pid is not None
-        os.kill(nats.pid, signal.SIGSTOP)
-        try:
+        async with frozen(nats.pid):
             status, _, detail = await _problem(svc, "POST", "/hooks/partner", body, signed)
             assert status == 503, detail
-        finally:
-            os.kill(nats.pid, signal.SIGCONT)
         answer: dict[str, Any] = {}
 
         async def accepted() -> bool:

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import nats
-import psutil
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer
@@ -39,7 +38,7 @@ from eventbus.targets import (
 from tests.fixtures.kafka import TansuBroker
 from tests.fixtures.nats import unique_name
 from tests.fixtures.receiver import Receiver, Response
-from tests.fixtures.wait import eventually
+from tests.fixtures.wait import eventually, frozen
 
 NAME = "contract"
 """Every kit's target has this name: errors about it must say it."""
@@ -91,26 +90,6 @@ class Kit(Protocol):
     async def received(self, count: int) -> list[dict[str, Any]]:
         """The first ``count`` messages the endpoint got since it last came up, decoded with the
         protocol's binding; fails the test if they do not arrive within PATIENCE."""
-
-
-@contextlib.asynccontextmanager
-async def frozen(pid: int) -> AsyncIterator[None]:
-    """The server process ``pid`` stopped (SIGSTOP) for the block: its connections stay open
-    and nothing is answered. Entered once every thread of it is stopped (a signal reaches a
-    thread running on another core a little later), so nothing sent inside gets an answer."""
-    proc = psutil.Process(pid)
-    proc.suspend()
-    try:
-
-        def all_stopped() -> bool:
-            return all(
-                psutil.Process(t.id).status() == psutil.STATUS_STOPPED for t in proc.threads()
-            )
-
-        await eventually(all_stopped, within=PATIENCE, every=0.001, what=f"process {pid} stopped")
-        yield
-    finally:
-        proc.resume()
 
 
 class HttpKit:
