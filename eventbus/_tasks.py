@@ -111,15 +111,31 @@ def stop_if_cancelled() -> None:
 
 
 async def stop_with_grace(
-    loop: asyncio.Task[Any] | None, inflight: Collection[asyncio.Task[Any]], grace: float
+    loop: asyncio.Task[Any] | None,
+    inflight: Collection[asyncio.Task[Any]],
+    grace: float,
+    hurry: asyncio.Event | None = None,
 ) -> int:
     """Stop ``loop`` (the task that starts work), give the tasks it started (``inflight``) up
-    to ``grace`` seconds to finish, then cancel the rest and wait for them to end; returns how
-    many were cancelled so."""
+    to ``grace`` seconds to finish, or until ``hurry`` is set, then cancel the rest and wait
+    for them to end; returns how many were cancelled so."""
     await cancel_and_wait(loop)
     if not inflight:
         return 0
-    _, late = await asyncio.wait(set(inflight), timeout=grace)
+    tasks = set(inflight)
+    if hurry is None:
+        await asyncio.wait(tasks, timeout=grace)
+    elif not hurry.is_set():
+        finished = asyncio.create_task(asyncio.wait(tasks))
+        hurried = asyncio.create_task(hurry.wait())
+        try:
+            await asyncio.wait(
+                (finished, hurried), timeout=grace, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            await cancel_and_wait(finished)
+            await cancel_and_wait(hurried)
+    late = [task for task in tasks if not task.done()]
     await asyncio.gather(*(cancel_and_wait(task) for task in late))
     return len(late)
 

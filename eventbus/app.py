@@ -411,6 +411,7 @@ class Service:
         self.stopping = False
         """The HTTP server's shutdown has begun (requests still running may be cut off)."""
         self._workers_stop: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
         self._rates = Rates()
         self.reload_notes: list[str] = []
         """What the last rules reload left for the next start (connector files changed)."""
@@ -696,17 +697,26 @@ class Service:
         if self.dispatcher.in_flight:
             log.info("waiting for %d deliveries (up to %g s)", self.dispatcher.in_flight, grace)
         routing, retrying = await asyncio.gather(
-            self._router.stop(grace) if self._router is not None else _none(),
-            self._retries.stop(grace) if self._retries is not None else _none(),
+            self._router.stop(grace, self._hurry) if self._router is not None else _none(),
+            self._retries.stop(grace, self._hurry) if self._retries is not None else _none(),
         )
         if routing or retrying:  # cut short: nothing said so, they were just gone
             log.warning(
-                "cut short after the %g s grace: %d events being handled (the bus delivers them "
-                "again) and %d retries (tried again when their lease ends)",
-                grace,
+                "cut short %s: %d events being handled (the bus delivers them again) and %d "
+                "retries (tried again when their lease ends)",
+                "by a second signal" if self._hurry.is_set() else f"after the {grace:g} s grace",
                 routing,
                 retrying,
             )
+
+    def hurry(self) -> None:
+        """A second stop signal: the deliveries still under way end now, not at the end of
+        ``router.shutdown_grace`` (each is audited as cut off; the bus and the retry schedule
+        still hold them, so they are delivered again). The rest of the stop (the audit's
+        flush, the sources, the embedded servers) goes on as before."""
+        if not self._hurry.is_set():
+            log.warning("stopping now: the deliveries still under way are cut off")
+            self._hurry.set()
 
     async def __aexit__(
         self,

@@ -80,13 +80,12 @@ def _console_url(settings: Settings) -> str:
 
 
 def _stop_on_signals(server: HttpServer) -> None:
-    """SIGTERM/SIGINT tell ``server`` to stop, before it runs and takes them itself (and after,
-    when uvicorn raises the signal it caught again: harmless here, the service below it still
-    shuts down gracefully). Ignored until then, a signal during the start was lost: the
-    service started and ran on."""
+    """SIGTERM/SIGINT tell ``server`` to stop, before it runs and takes them itself, and
+    after, to stop at once (see ``HttpServer.stop_signal``). Ignored until then, a signal
+    during the start was lost: the service started and ran on."""
 
     def stop(signum: int, frame: object) -> None:
-        server.should_exit = True
+        server.stop_signal()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
@@ -191,6 +190,8 @@ async def _serve_one(settings: Settings, reuse_port: bool) -> None:
         _reload_on_sighup(service, server)
         front.ready(create_app(service))
         server.on_shutdown = service.closing
+        # Not under --workers N: Ctrl-C reaches a worker beside the parent's SIGTERM.
+        server.on_hurry = service.hurry
         settle_gc()
         await serving
         log.info("HTTP server stopped; shutting the service down")

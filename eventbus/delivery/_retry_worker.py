@@ -317,12 +317,12 @@ class RetryWorker:
             except Exception as exc:  # StoreError, or Postgres restarting: tried again
                 log.warning("extending the leases of running retries failed: %s", exc)
 
-    async def stop(self, grace: float) -> int:
-        """Stop claiming rows; attempts still running after ``grace`` seconds are cancelled
-        (their rows stay claimed until the lease ends, then are tried again); returns how many
-        were."""
+    async def stop(self, grace: float, hurry: asyncio.Event | None = None) -> int:
+        """Stop claiming rows; attempts still running after ``grace`` seconds (or once
+        ``hurry`` is set) are cancelled (their rows stay claimed until the lease ends, then
+        are tried again); returns how many were."""
         try:
-            return await stop_with_grace(self._task, self._inflight, grace)
+            return await stop_with_grace(self._task, self._inflight, grace, hurry)
         finally:
             if self._heartbeat is not None:
                 await cancel_and_wait(self._heartbeat)

@@ -12,6 +12,7 @@ import logging
 import math
 import socket
 from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 
@@ -27,14 +28,64 @@ log = logging.getLogger("eventbus.http")
 class HttpServer(uvicorn.Server):
     """uvicorn's server, calling ``on_shutdown`` (when set) as its shutdown begins: long-lived
     responses (the console's live stream) end then, instead of holding the shutdown for the
-    whole ``router.shutdown_grace``."""
+    whole ``router.shutdown_grace``. With ``on_hurry`` set, a second SIGTERM or SIGINT, while
+    it shuts down or after (the service's own stop), ends the requests still running (as the
+    end of the grace does) and calls ``on_hurry``; uvicorn alone took only a second SIGINT,
+    and only to stop waiting for them."""
 
     on_shutdown: Callable[[], None] | None = None
+    on_hurry: Callable[[], None] | None = None
+    served = False
+    """Whether ``serve`` has returned: a signal now comes after the first."""
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await super().serve(sockets)
+        finally:
+            # (uvicorn raised the signals it caught again before returning: they were seen)
+            self.served = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.on_hurry is not None:
+            log.info(
+                "stopping: up to %g s for the work under way (router.shutdown_grace); "
+                "a second SIGTERM or Ctrl-C stops at once",
+                self.config.timeout_graceful_shutdown,
+            )
         if self.on_shutdown is not None:
             self.on_shutdown()
         await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's handler while it serves."""
+        if self.should_exit:
+            self._hurry_soon()
+        super().handle_exit(sig, frame)
+
+    def stop_signal(self) -> None:
+        """A SIGTERM or SIGINT outside uvicorn's handling: before it serves (stop when it
+        starts), or once it has served (stop at once)."""
+        if self.served:
+            self._hurry_soon()
+        else:
+            self.should_exit = True
+
+    def _hurry_soon(self) -> None:
+        # a signal handler runs between any two bytecodes: the work goes to the loop
+        loop = self._loop
+        if self.on_hurry is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.hurry)
+
+    def hurry(self) -> None:
+        """Stop now: end the requests still running (each answered as cut off by the end of
+        the grace) and call ``on_hurry``."""
+        self.force_exit = True
+        for task in self.server_state.tasks:
+            task.cancel(msg="a second signal: stopping now")
+        if self.on_hurry is not None:
+            self.on_hurry()
 
 
 def http_server(app: ASGIApp, settings: Settings, *, http: str = "auto") -> HttpServer:

@@ -264,10 +264,11 @@ class Router:
             # The bus connection dropped: the message stays un-acked and is redelivered.
             log.warning("could not settle a bus message: %s", exc)
 
-    async def stop(self, grace: float) -> int:
-        """Stop pulling, let in-flight handlers finish for up to ``grace`` seconds, then cancel
-        the rest (their messages stay un-acked and are redelivered); returns how many were."""
-        late = await stop_with_grace(self._pump, self._tasks, grace)
+    async def stop(self, grace: float, hurry: asyncio.Event | None = None) -> int:
+        """Stop pulling, let in-flight handlers finish for up to ``grace`` seconds (or until
+        ``hurry`` is set), then cancel the rest (their messages stay un-acked and are
+        redelivered); returns how many were."""
+        late = await stop_with_grace(self._pump, self._tasks, grace, hurry)
         # Last: messages still being handled during the grace period need their progress reports.
         await cancel_and_wait(self._keeper)
         return late

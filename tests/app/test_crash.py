@@ -254,3 +254,88 @@ async def test_a_body_still_coming_at_the_end_of_the_grace_is_answered_503(
         assert b"retry-after: 1" in head.lower(), answer
         assert b"before the request's body arrived" in body, answer
     assert "Exception in ASGI application" not in service.log.read_text()
+
+
+async def _second_signal_after(service: ServeProcess, line: str, grace: float) -> float:
+    """SIGTERM ``service``; once its log shows ``line``, SIGTERM it again; how long from the
+    first signal it took to exit (asserted 0)."""
+    assert service.proc is not None
+    began = time.monotonic()
+    service.proc.terminate()
+    await eventually(lambda: line in service.log.read_text(), within=grace, what=line)
+    service.proc.terminate()
+    assert await asyncio.wait_for(service.proc.wait(), 2 * grace) == 0
+    assert "stopping now: the deliveries still under way are cut off" in service.log.read_text()
+    return time.monotonic() - began
+
+
+async def _attempts(database_dsn: str) -> set[tuple[str, str, str | None]]:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        rows = await conn.fetch("SELECT id, outcome, error FROM attempts WHERE target = 'fn'")
+    finally:
+        await conn.close()
+    return {(r["id"], r["outcome"], r["error"]) for r in rows}
+
+
+@pytest.mark.timeout(120)
+async def test_a_second_signal_while_deliveries_finish_stops_at_once(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
+) -> None:
+    # A second Ctrl-C (or SIGTERM) did nothing: the stop waited out router.shutdown_grace for
+    # a function that hung. Now it cuts the deliveries short; each is audited as cut off and
+    # the bus delivers it again at the next start.
+    receiver.respond(Response(200, delay=60))
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 90}]
+    grace = 30
+    settings = {"router": {"shutdown_grace": grace}}
+    service = serve_process(rules=RULES, targets=targets, settings=settings)
+    await service.start()
+    (hangs,) = await _publish(service.url, 1, batch=1, prefix="hangs")
+    await receiver.wait_for(1)
+    took = await _second_signal_after(service, "a second SIGTERM or Ctrl-C stops at once", grace)
+    assert took < grace / 2, took
+    assert await _attempts(database_dsn) == {(hangs, "failed", CUT_OFF_DELIVERY)}
+
+    receiver.respond(Response(204))
+    again = serve_process(rules=RULES, targets=targets, settings=settings)
+    await again.start()
+    await _wait_all(receiver, {hangs}, timeout=60)  # the bus still held it
+    await again.terminate()
+
+
+@pytest.mark.timeout(120)
+async def test_a_second_signal_while_sync_calls_run_answers_them_at_once(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
+) -> None:
+    # The HTTP server's wait for open requests: uvicorn took a second SIGINT to stop waiting
+    # (its log says "CTRL+C to force quit") but left the calls running, and a second SIGTERM
+    # not at all. Both now end the calls as the end of the grace would: 503, audited.
+    receiver.respond(Response(200, delay=60))
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 90}]
+    grace = 30
+    service = serve_process(
+        rules=RULES, targets=targets, settings={"router": {"shutdown_grace": grace}}
+    )
+    await service.start()
+
+    async def call(session: aiohttp.ClientSession) -> tuple[int, str, Any]:
+        async with session.post(
+            service.url + "/targets/fn/invoke",
+            data=b'{"n": 1}',
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            body = await resp.json(content_type=None)
+            return resp.status, resp.headers.get("X-Eventbus-Event-Id", ""), body
+
+    async with aiohttp.ClientSession() as session:
+        calling = asyncio.create_task(call(session))
+        await receiver.wait_for(1)
+        took = await _second_signal_after(
+            service, "a second SIGTERM or Ctrl-C stops at once", grace
+        )
+        status, event_id, body = await calling
+    assert took < grace / 2, took
+    assert status == 503, body
+    assert "stopped before the call ended" in body["detail"], body
+    assert await _attempts(database_dsn) == {(event_id, "failed", CUT_OFF)}
