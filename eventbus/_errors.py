@@ -86,11 +86,18 @@ class RuleError(EventBusError):
 
 
 class PatternError(RuleError):
-    """An event pattern is malformed; ``path`` is the dotted field path inside the pattern."""
+    """An event pattern is malformed; ``path`` is the dotted field path inside the pattern,
+    ``keys`` the same place as the pattern's keys and ``$or`` indexes (a key may hold a dot or
+    brackets: the text alone did not tell where, and the error named the wrong line)."""
 
     def __init__(self, message: str, *, path: str = "") -> None:
         self.path = path
+        self.keys: tuple[str | int, ...] = ()
         super().__init__(f"{path}: {message}" if path else message)
+
+    def within(self, key: str | int) -> None:
+        """Place this error under ``key`` of the object or array it came from."""
+        self.keys = (key, *self.keys)
 
 
 class RuleSetError(EventBusError):

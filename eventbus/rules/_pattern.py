@@ -253,14 +253,18 @@ def _compile_object(
         if not isinstance(key, str):
             raise PatternError(f"field names must be strings, got {key!r}", path=where)
         at = f"{where}.{key}" if where else key
-        if key == "$or":
-            any_of.append(_compile_or(spec, prefix, at, depth + 1))
-        elif isinstance(spec, dict):
-            sub = _compile_object(spec, (*prefix, key), at, depth=depth + 1)
-            leaves.extend(sub.leaves)
-            any_of.extend(sub.any_of)
-        else:
-            leaves.append(parse_leaf(spec, (*prefix, key), at))
+        try:
+            if key == "$or":
+                any_of.append(_compile_or(spec, prefix, at, depth + 1))
+            elif isinstance(spec, dict):
+                sub = _compile_object(spec, (*prefix, key), at, depth=depth + 1)
+                leaves.extend(sub.leaves)
+                any_of.extend(sub.any_of)
+            else:
+                leaves.append(parse_leaf(spec, (*prefix, key), at))
+        except PatternError as exc:
+            exc.within(key)
+            raise
     alternatives = _multiply(tuple(leaves), any_of, where)
     return CompiledPattern(tuple(leaves), tuple(any_of), alternatives)
 
@@ -273,9 +277,13 @@ def _compile_or(
     subs: list[CompiledPattern] = []
     for i, sub in enumerate(spec):
         at = f"{where}[{i}]"
-        if not isinstance(sub, dict):
-            raise PatternError("each $or alternative must be a pattern object", path=at)
-        subs.append(_compile_object(sub, prefix, at, depth=depth))
+        try:
+            if not isinstance(sub, dict):
+                raise PatternError("each $or alternative must be a pattern object", path=at)
+            subs.append(_compile_object(sub, prefix, at, depth=depth))
+        except PatternError as exc:
+            exc.within(i)
+            raise
     return tuple(subs)
 
 

@@ -214,7 +214,8 @@ def _cidr(operand: object, where: str) -> Cidr:
         if slash and not length.isdigit():
             # a netmask ("/255.0.0.0") or host mask: the stdlib reads them, CIDR is a length
             raise ValueError(f"prefix length {length!r} is not a number")
-        # Host bits set ("10.0.0.7/24") are accepted and masked, as EventBridge does.
+        # Host bits set ("10.0.0.7/24") are accepted and masked: the block the address is in
+        # (event-ruler ranges from the address to the block's end; docs/patterns.md).
         return Cidr(ipaddress.ip_network(text, strict=False))
     except ValueError as exc:
         raise PatternError(f"cidr: {text!r} is not an IPv4 or IPv6 CIDR block", path=where) from exc

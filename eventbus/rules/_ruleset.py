@@ -22,7 +22,6 @@ import functools
 import gc
 import hashlib
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -74,7 +73,7 @@ def _compile_match(value: object) -> CompiledPattern:
         return compile_pattern({} if value is None else value)
     except PatternError as exc:
         raise PydanticCustomError(
-            "pattern", "{message}", {"message": exc.message, "path": exc.path}
+            "pattern", "{message}", {"message": exc.message, "path": exc.path, "keys": exc.keys}
         ) from exc
 
 
@@ -386,13 +385,6 @@ class RuleSetHolder:
         return rules
 
 
-def _pattern_loc(path: str) -> KeyPath:
-    # PatternError paths look like "detail.state" or "$or[1].source".
-    return tuple(
-        int(index) if index else key for key, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path)
-    )
-
-
 def _describe(error: ErrorDetails) -> str:
     kind, loc = error["type"], error["loc"]
     if kind == "extra_forbidden" and loc:
@@ -412,8 +404,7 @@ def _validation_errors(
         loc: KeyPath = tuple(error["loc"])
         message = _describe(error)
         if error["type"] == "pattern":
-            path = (error.get("ctx") or {}).get("path", "")
-            loc = (*loc, *_pattern_loc(str(path)))
+            loc = (*loc, *(error.get("ctx") or {}).get("keys", ()))
         elif loc[-1:] == ("[key]",):
             loc = loc[:-1]
         where = ".".join(str(step) for step in error["loc"] if step != "[key]")
