@@ -141,8 +141,16 @@ class DirectorySource:
             data["content"] = ""
         event = {
             "specversion": "1.0",
-            # The file version names the event, so a re-emitted one has the same id.
-            "id": str(uuid.uuid5(_NAMESPACE, f"{path}#{stat.st_size}@{stat.st_mtime_ns}")),
+            # The file version names the event, so a re-emitted one has the same id; its
+            # change time tells a file that came back (moved out and in again, copied with
+            # its mtime) from the one reported before: by size and mtime alone it had that
+            # event's id, and the bus dropped it as a copy.
+            "id": str(
+                uuid.uuid5(
+                    _NAMESPACE,
+                    f"{path}#{stat.st_size}@{stat.st_mtime_ns}^{stat.st_ctime_ns}",
+                )
+            ),
             "source": f"urn:eventbus:source:{self.name}",
             "type": "eventbus.file.modified" if known else "eventbus.file.created",
             # a control character in a name is none in an attribute (data has the name)
