@@ -62,7 +62,15 @@ _FACILITIES = [
 _SEVERITIES = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
 
 _PRI = re.compile(r"<(\d{1,3})>")
-_RFC3164_HEADER = re.compile(r"([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) (\S+) ?(.*)", re.DOTALL)
+# The BSD header's timestamp as senders write it: "Mmm dd hh:mm:ss" (RFC 3164), with a
+# fraction of a second or a year (rsyslog's high-precision and Cisco's formats), or RFC 3339
+# (rsyslog's forwarding format, RSYSLOG_ForwardFormat): that one was read as an app named
+# "2026-12-05T21" and the rest of the header as the message.
+_RFC3164_TIMESTAMP = (
+    r"[A-Z][a-z]{2} [ \d]\d(?: \d{4})? \d\d:\d\d:\d\d(?:\.\d{1,9})?"
+    r"|\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:[Zz]|[+-]\d\d:\d\d)"
+)
+_RFC3164_HEADER = re.compile(rf"({_RFC3164_TIMESTAMP}) (\S+) ?(.*)", re.DOTALL)
 _RFC3164_TAG = re.compile(r"([^\s:\[\]]{1,48})(?:\[([^\]\s]{1,128})\])?: ?(.*)", re.DOTALL)
 _OCTET_COUNT = re.compile(rb"(\d{1,10}) ")
 _UDP_QUEUE = 10_000
@@ -479,9 +487,12 @@ class SyslogSource:
             "data": {**data, "peer": peer, "transport": transport},
             "max_size": ctx.max_event_size,
         }
-        if data["format"] == "rfc5424" and data["timestamp"] is not None:
+        stamp = data["timestamp"]
+        # RFC 5424's, or RFC 3339 in a BSD header (rsyslog's forwarding format); the BSD
+        # "Mmm dd hh:mm:ss" has no year or zone
+        if stamp is not None and stamp[:1].isdigit():
             try:
-                return new_event(time=data["timestamp"], **attributes)
+                return new_event(time=stamp, **attributes)
             except CloudEventError:
                 # Python reads it but it is no RFC 3339 time (no offset, a bare date): the
                 # time received stands in; data keeps the sender's text.

@@ -81,6 +81,32 @@ def test_rfc5424_with_structured_data() -> None:
             b"<13>Dec  4 13:44:00 sshd[12]: opened",
             {"hostname": None, "app": "sshd", "procid": "12", "message": "opened"},
         ),
+        # rsyslog's forwarding format (an RFC 3339 timestamp in the BSD header), and the
+        # BSD timestamp with a fraction or a year: the app was "2026-12-05T21" and the rest of
+        # the header the message, or nothing was read at all
+        (
+            b"<13>2026-12-05T21:00:00.123456+00:00 web1 myapp[12]: msg",
+            {
+                "format": "rfc3164",
+                "timestamp": "2026-12-05T21:00:00.123456+00:00",
+                "hostname": "web1",
+                "app": "myapp",
+                "procid": "12",
+                "message": "msg",
+            },
+        ),
+        (
+            b"<13>2026-12-05T21:00:00Z web1 cron: ran",
+            {"timestamp": "2026-12-05T21:00:00Z", "hostname": "web1", "app": "cron"},
+        ),
+        (
+            b"<13>Dec  5 21:00:00.123 web1 app: m",
+            {"timestamp": "Dec  5 21:00:00.123", "hostname": "web1", "app": "app", "message": "m"},
+        ),
+        (
+            b"<13>Dec  5 2026 21:00:00 web1 app: m",
+            {"timestamp": "Dec  5 2026 21:00:00", "hostname": "web1", "app": "app", "message": "m"},
+        ),
     ],
 )
 def test_parse_variants(raw: bytes, expected: dict[str, Any]) -> None:
@@ -153,8 +179,13 @@ async def test_udp_and_tcp_messages_become_events(database_dsn: str) -> None:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 udp.sendto(b"<11>1 - h app - - - over udp", ("127.0.0.1", port))
                 await recorder.wait_for(3)
+                # rsyslog's forwarding format: its RFC 3339 time is the event's
+                forwarded = b"<13>2026-12-05T21:00:00.123+01:00 web1 app: m"
+                udp.sendto(forwarded, ("127.0.0.1", port))
+                await recorder.wait_for(4)
             writer.close()
-    tcp1, tcp2, udp_event = recorder.events
+    tcp1, tcp2, udp_event, forwarded_event = recorder.events
+    assert forwarded_event["time"] == "2026-12-05T21:00:00.123+01:00"
     assert tcp1["type"] == "eventbus.syslog.message"
     assert tcp1["source"] == "urn:eventbus:source:syslog"
     assert tcp1["subject"] == "nginx"
