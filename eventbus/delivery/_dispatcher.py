@@ -133,8 +133,11 @@ class Dispatcher:
         since = await self._store.disabled_since()
         self._disabled = {target: about["reason"] for target, about in since.items()}
 
-    async def dispatch(self, event: dict[str, Any], route: Route) -> AttemptOutcome | None:
+    async def dispatch(
+        self, event: dict[str, Any], route: Route, acceptance: str | None = None
+    ) -> AttemptOutcome | None:
         """Deliver ``route`` for ``event`` once; on failure record a retry or a dead letter.
+        ``acceptance`` is the bus message the event came in (see ``Delivery.acceptance``).
         Returns what became of the attempt (None: parked behind an open circuit).
 
         Raises StoreError if that record cannot be written (the caller must not ack)."""
@@ -145,6 +148,7 @@ class Dispatcher:
             payload=route.payload,
             is_cloudevent=route.is_cloudevent,
             override=dict(route.delivery) if route.delivery else None,
+            acceptance=acceptance,
         )
         await self.run(job)
         return job.last_outcome

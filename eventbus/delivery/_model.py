@@ -86,6 +86,9 @@ class Delivery:
     claim: str | None = None
     """The token of the claim that handed this row out; writes to the row check it, so an
     attempt whose lease ran out cannot overwrite what the row's new owner decided."""
+    acceptance: str | None = None
+    """The bus message a rule's delivery came from (its ``ref``, the same at a redelivery of
+    it): an event accepted twice is two bus messages, each with a delivery of its own."""
     write_key: uuid.UUID | None = None
     """Set by the store's first write of this delivery's row (its retry row, or the dead letter
     of one never scheduled): a write made again after a broken connection finds that row."""

@@ -144,17 +144,21 @@ _WRITE_KEYS = uuid.UUID("6f1d2a8e-5b7c-4c1e-9a43-0e8b2f6d7c15")
 def _write_key(d: Delivery) -> uuid.UUID:
     """``d``'s write key: the same on every write of it made again.
 
-    A rule's delivery (``kind`` route) has the same key in whichever process makes it: its
-    event's ``source`` and ``id``, the rule, the target and the replay round name it (a rule
-    lists a target once). A random key made per process let a retry row committed as its
-    process died (PostgreSQL frozen, the commit in its socket) and the chain the bus's
-    redelivery began both run: twice the attempts, and two dead letters for one event.
+    A rule's delivery taken from the bus (``kind`` route, no schedule row yet) has the same
+    key in whichever process makes it: its event's ``source`` and ``id``, the rule, the target
+    and the bus message it came from (``acceptance``) name it (a rule lists a target once). A
+    random key made per process let a retry row committed as its process died (PostgreSQL
+    frozen, the commit in its socket) and the chain the bus's redelivery of that message began
+    both run: twice the attempts, and two dead letters for one event. Without the bus message,
+    an event accepted a second time (past the bus's duplicate window: two messages) found the
+    first acceptance's row, and its own delivery had no retry and no dead letter.
 
-    A follow-up (a dead letter's copy, an outcome event) keeps a random key, made on its first
-    write: the copies of two targets' dead letters to one ``dead_letter_target`` carry the
-    same event, rule and target, and one key for both lost the second copy."""
+    Any other write keeps a random key, made on its first call: a follow-up (the copies of two
+    targets' dead letters to one ``dead_letter_target`` carry the same event, rule and target,
+    and one key for both lost the second copy), and the dead letter of a row from the schedule
+    (its transaction deletes that row: made again, it finds none and writes nothing)."""
     if d.write_key is None:
-        if d.kind is not DeliveryKind.ROUTE:
+        if d.kind is not DeliveryKind.ROUTE or d.pending_id is not None:
             d.write_key = uuid.uuid4()
             return d.write_key
         name = "\x00".join(
@@ -164,6 +168,7 @@ def _write_key(d: Delivery) -> uuid.UUID:
                 d.rule,
                 d.target,
                 str(d.replay_count),
+                d.acceptance or "",
             )
         )
         d.write_key = uuid.uuid5(_WRITE_KEYS, name)

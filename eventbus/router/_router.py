@@ -205,13 +205,13 @@ class Router:
         if routes:
             metrics.EVENTS_MATCHED.inc()
             if len(routes) == 1:  # the common case, without gather's task and loop turn
-                outcomes = [await self._dispatcher.dispatch(event, routes[0])]
+                outcomes = [await self._dispatcher.dispatch(event, routes[0], msg.ref)]
             else:
                 # Every route runs to its end before one's failure naks the message: a plain
                 # gather returned at the first exception, the others running on untracked (the
                 # shutdown's grace neither waited for them nor stopped them).
                 results = await asyncio.gather(
-                    *(self._dispatcher.dispatch(event, route) for route in routes),
+                    *(self._dispatcher.dispatch(event, route, msg.ref) for route in routes),
                     return_exceptions=True,
                 )
                 outcomes = []

@@ -111,7 +111,9 @@ class _Dispatcher:
     def __init__(self) -> None:
         self.ended: list[tuple[str, float]] = []
 
-    async def dispatch(self, event: dict[str, Any], route: Route) -> None:
+    async def dispatch(
+        self, event: dict[str, Any], route: Route, acceptance: str | None = None
+    ) -> None:
         if route.target == "a":
             raise StoreError("could not record a retry")
         await asyncio.sleep(0.3)

@@ -36,7 +36,14 @@ async def store(database_dsn: str) -> AsyncIterator[DeliveryStore]:
 
 def _delivery(i: int) -> Delivery:
     event = {"specversion": "1.0", "id": f"s-{i}", "source": "tests/store", "type": "t"}
-    return Delivery(event=event, rule="rule", target="fn", payload=event, is_cloudevent=True)
+    return Delivery(
+        event=event,
+        rule="rule",
+        target="fn",
+        payload=event,
+        is_cloudevent=True,
+        acceptance="nats:stream:1:0",
+    )
 
 
 async def test_two_claimers_split_due_rows(store: DeliveryStore) -> None:
@@ -138,15 +145,26 @@ async def test_a_write_made_again_finds_the_row_its_first_try_wrote(
     assert await store.schedule(_delivery(1), due_in=60) == first
     assert await store.dead_letter(_delivery(2), **failed) == dl_id
     assert await store.backlog() == 1
-    # another target, rule, kind or replay round of the same event is a row of its own
+    # another target, rule, kind or replay round of the same event is a row of its own, and
+    # so is another acceptance of it (a second bus message, past the duplicate window: it
+    # found the first one's row, and its own delivery had no retry and no dead letter)
     others = [
         dataclasses.replace(_delivery(1), target="other"),
         dataclasses.replace(_delivery(1), rule="other"),
         dataclasses.replace(_delivery(1), kind=DeliveryKind.DEAD_LETTER),
         dataclasses.replace(_delivery(1), replay_count=1),
+        dataclasses.replace(_delivery(1), acceptance="nats:stream:2:0"),
     ]
     ids = {first, *[await store.schedule(d, due_in=60) for d in others]}
-    assert len(ids) == 5 and await store.backlog() == 5
+    assert len(ids) == 6 and await store.backlog() == 6
+    again = dataclasses.replace(_delivery(2), acceptance="nats:stream:3:0")
+    assert await store.dead_letter(again, **failed) != dl_id
+    # two acceptances' chains, each dead-lettered from the schedule: two dead letters
+    for bus_message in ("nats:stream:4:0", "nats:stream:5:0"):
+        await store.schedule(dataclasses.replace(_delivery(5), acceptance=bus_message), due_in=0)
+    chains = await store.claim_due(limit=10, lease=60, instance="a")
+    assert [d.event["id"] for d in chains] == ["s-5", "s-5"]
+    assert len({await store.dead_letter(d, **failed) for d in chains}) == 2
     # follow-ups alike are not one: two targets' dead letters copied to one dead-letter
     # target carry the same event, rule and target (one key for both lost the second copy)
     copies = [dataclasses.replace(_delivery(3), kind=DeliveryKind.DEAD_LETTER) for _ in "ab"]
