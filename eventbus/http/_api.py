@@ -48,6 +48,7 @@ from eventbus.http._params import (
     RetrySource,
     RetryTarget,
     Search,
+    Selection,
     SourceName,
     TargetName,
     TrailId,
@@ -220,7 +221,7 @@ async def replay_one(request: Request, dl_id: DeadLetterId) -> Response:
     responses=_problems(400),
     summary="Deliver the dead letters the filter selects again (all=true: every one)",
 )
-async def replay_many(request: Request, flt: Filter, every: All = None) -> Response:
+async def replay_many(request: Request, flt: Selection, every: All = None) -> Response:
     _require_filter(flt, every)
     replayed, count, notes = await _service(request).replay(flt)
     truncated = count > len(replayed)
@@ -248,7 +249,7 @@ async def delete_one(request: Request, dl_id: DeadLetterId) -> Response:
     responses=_problems(400),
     summary="Delete the dead letters the filter selects (all=true: every one)",
 )
-async def purge(request: Request, flt: Filter, every: All = None) -> Response:
+async def purge(request: Request, flt: Selection, every: All = None) -> Response:
     _require_filter(flt, every)
     return _json({"purged": await _service(request).purge(flt)})
 

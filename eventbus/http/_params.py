@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, Path, Query
+from fastapi import Depends, Path, Query, Request
 from pydantic import BeforeValidator
 
 from eventbus.delivery import DeadLetterFilter, DeadLetterReason
@@ -35,6 +35,7 @@ __all__ = [
     "RetrySource",
     "RetryTarget",
     "Search",
+    "Selection",
     "SourceName",
     "TargetName",
     "TrailId",
@@ -297,4 +298,23 @@ def _event_search(
 # page before the filter), so the first bad parameter a request has is the one its 400 names.
 Paging = Annotated[Page, Depends(_page)]
 Filter = Annotated[DeadLetterFilter, Depends(_dead_letter_filter)]
+
+_SELECTING = ("id", "rule", "target", "status", "reason", "since", "until", "source", "all")
+
+
+def _selection(request: Request, flt: Filter) -> DeadLetterFilter:
+    """The filter of a replay or purge, refusing (400) a parameter it does not know: a
+    misspelt one (``reson=``) was dropped, and the call replayed or deleted more than asked."""
+    unknown = sorted(set(request.query_params) - set(_SELECTING))
+    if unknown:
+        names = " and ".join(n if n.isidentifier() else _clip(n) for n in unknown)
+        raise Problem(
+            400,
+            f"{names} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of "
+            f"a replay or purge; they take {', '.join(_SELECTING)}",
+        )
+    return flt
+
+
+Selection = Annotated[DeadLetterFilter, Depends(_selection)]
 Search = Annotated[EventSearch, Depends(_event_search)]

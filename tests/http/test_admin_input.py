@@ -58,6 +58,10 @@ BAD_INPUT = [
     ("POST", "/dead-letters/replay?since=2027-01-01&until=2020-01-01", "since"),
     ("DELETE", "/dead-letters?since=2027-01-01&until=2020-01-01", "since"),
     ("GET", "/dead-letters?since=2027-01-01&until=2020-01-01", "since"),
+    # a misspelt parameter was dropped: the call replayed or deleted more than it asked for
+    ("DELETE", "/dead-letters?source=s&reson=non-retryable", "reson"),
+    ("POST", "/dead-letters/replay?rule=r&traget=fn", "traget"),
+    ("DELETE", "/dead-letters?all=true&limit=5", "limit"),
 ]
 
 
