@@ -16,6 +16,7 @@ from tests.fixtures.wait import eventually
 from tests.sources._harness import (
     Recorder,
     dead_letters,
+    failing_with,
     make_context,
     running,
     source_pool,
@@ -488,6 +489,11 @@ async def test_postgres_outage_neither_loses_nor_repeats_lines(
                 await eventually(lambda: _state_is(ctx, "backoff"))
                 assert "StoreUnavailable" in (ctx.status.last_error or "")
                 _append(log, "after outage\n")
+
+                async def waiting_counted() -> bool:  # it read 0 through the outage
+                    return ctx.status.lag == len("after outage\n")
+
+                await eventually(waiting_counted, what="the unread line in lag")
             finally:
                 await postgres_server.start()
             await recorder.wait_for(3)
@@ -587,3 +593,20 @@ async def test_a_busy_file_does_not_hold_the_others_back(tmp_path: Path, databas
     messages = _messages(recorder)
     assert messages.index("quiet") < 10_000, messages.index("quiet")
     assert [m for m in messages if m != "quiet"] == [f"busy {i:06}" for i in range(30_000)]
+
+
+async def test_a_glob_under_a_missing_directory_backs_off_until_it_is_there(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # It showed running, 0 events, no warning, for ever (a typo in the directory); the
+    # directory source in that case backs off and says so.
+    logs = tmp_path / "logs"
+    recorder = Recorder()
+    async with started(database_dsn, _spec(logs / "*.log"), recorder) as ctx:
+        await eventually(failing_with(ctx, "does not exist"), what="the missing directory said")
+        assert str(logs) in (ctx.status.last_error or "")
+        logs.mkdir()
+        (logs / "app.log").write_text("hello\n")
+        await recorder.wait_for(1)
+        await eventually(lambda: _state_is(ctx, "running"))
+    assert _messages(recorder) == ["hello"]
