@@ -321,6 +321,10 @@ class SourceRunner:
                 ctx.status.state = "failed"
                 ctx.logger.error("source %s failed: %s", ctx.name, exc)
                 return
+            except OSError as exc:
+                # The machine's, not a defect (a port taken, a path not there): one line, as
+                # any transient failure, not a traceback at every restart (12 in 30 s)
+                ctx.report_error(exc)
             except Exception as exc:
                 ctx.report_error(exc)
                 ctx.logger.exception("source %s crashed; restarting after backoff", ctx.name)

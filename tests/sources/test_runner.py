@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import nats
 import orjson
+import pytest
 
 from eventbus.app import _installation_id
 from eventbus.bus._nats_server import free_port
@@ -243,3 +245,35 @@ async def test_a_connecting_source_shows_starting_then_backoff_until_it_reads(
             second.transport.abort()
     finally:
         server.close()
+
+
+async def test_a_port_taken_is_one_line_per_restart_not_a_traceback(
+    database_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A syslog source on a port another process held logged "crashed" with a whole
+    # traceback at every restart (12 in 30 s); the status said it well already.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        source = build_source({"name": "s", "type": "syslog", "port": port})
+        async with (
+            source_pool(database_dsn) as pool,
+            SourceRunner(
+                [source], pool=pool, publish=_refuse, backoff_initial=0.01, backoff_max=0.05
+            ) as runner,
+        ):
+
+            def restarted() -> bool:
+                (status,) = runner.statuses()
+                return status.state == "backoff" and status.errors >= 3
+
+            await eventually(restarted, what="three restarts")
+            (status,) = runner.statuses()
+            assert "in use" in (status.last_error or ""), status.last_error
+    mine = [r for r in caplog.records if "source s" in r.getMessage()]
+    assert mine and all(r.exc_info is None for r in mine), [r.getMessage() for r in mine]
+
+
+async def _refuse(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("nothing is published")
