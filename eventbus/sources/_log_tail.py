@@ -277,6 +277,9 @@ class LogTailSource:
                     try:
                         while await self._read(ctx, f):
                             pass
+                        if self._written_elsewhere(f):
+                            await self._flush_due(ctx, f)
+                            continue
                     except OSError as exc:
                         # its handle fails (EIO, a stale NFS handle): retried, it held the
                         # source in backoff for good, no other file read
@@ -299,6 +302,9 @@ class LogTailSource:
             lag = 0
             now = asyncio.get_running_loop().time()
             for f in list(self._files.values()):
+                if f.key not in current:  # renamed out of the glob: read above
+                    lag += _unread(f)
+                    continue
                 f.path, size, _mtime = current[f.key]
                 if f.handle is None:
                     lag += max(size - f.committed, 0)
@@ -330,6 +336,18 @@ class LogTailSource:
             return more
         finally:
             await self._save(ctx)
+
+    def _written_elsewhere(self, f: _File) -> bool:
+        """Whether ``f``, open but no longer matched by the glob, is still a file (renamed, not
+        deleted) that grew within ``close_inactive``: read on, as one renamed within the glob
+        is. Rotated to a name the glob does not match (``0.log`` to ``0.log.2``), it was
+        finished at once, and the lines its writer added before reopening its log (logrotate's
+        ``create``) were lost. A deleted one is finished at once (its space is freed once
+        closed)."""
+        assert f.handle is not None
+        if os.fstat(f.handle.fileno()).st_nlink == 0:
+            return False
+        return asyncio.get_running_loop().time() - f.grew_at < self.config.close_inactive
 
     async def _forget_gone(self, ctx: SourceContext, current: dict[str, Any]) -> None:
         """Delete the checkpoints of files gone for ``_FORGET_AFTER`` s (their path no longer

@@ -75,22 +75,35 @@ async def test_lines_become_events_and_restart_resumes_exactly(
         assert _messages(again) == ["while stopped", "after restart"]
 
 
-async def test_rename_rotation_finishes_old_file_first(tmp_path: Path, database_dsn: str) -> None:
+async def test_rename_rotation_reads_the_old_file_on_until_it_is_quiet(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # Rotated to a name the glob does not match, the old file was finished at once: what its
+    # writer added before reopening its log (logrotate's "create") was lost. It is read on
+    # until quiet for close_inactive; its last line without a newline goes out then.
     log = tmp_path / "app.log"
     log.write_text("a1\n")
     recorder = Recorder()
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "app-log", recorder)
-        async with running(build_source(_spec(log)), ctx):
+        async with running(build_source(_spec(log, close_inactive=0.5)), ctx):
             await recorder.wait_for(1)
-            _append(log, "a2\na3 no newline")
-            log.rename(tmp_path / "app.log.1")
-            log.write_text("b1\n")
-            await recorder.wait_for(4)
-            _append(log, "b2\n")
+            with log.open("a", encoding="utf-8") as writer:  # the app's handle
+                writer.write("a2\n")
+                writer.flush()
+                log.rename(tmp_path / "app.log.1")
+                log.write_text("b1\n")
+                await recorder.wait_for(3)
+                writer.write("a3 written after the rotation\na4 no newline")
             await recorder.wait_for(5)
-        assert _messages(recorder) == ["a1", "a2", "a3 no newline", "b1", "b2"]
-        assert recorder.events[3]["data"]["offset"] == 0
+            _append(log, "b2\n")
+            await recorder.wait_for(6)
+        messages = _messages(recorder)
+        old = [m for m in messages if m.startswith("a")]
+        assert old == ["a1", "a2", "a3 written after the rotation", "a4 no newline"], messages
+        assert [m for m in messages if m.startswith("b")] == ["b1", "b2"], messages
+        (b1,) = [e for e in recorder.events if e["data"]["message"] == "b1"]
+        assert b1["data"]["offset"] == 0
 
 
 @pytest.mark.parametrize("how", ["deleted", "renamed out of the glob"])
@@ -105,7 +118,8 @@ async def test_a_file_gone_while_the_bus_is_down_is_read_to_its_end(
     recorder = Recorder()
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "app-log", recorder)
-        async with running(build_source(_spec(log)), ctx):
+        # (renamed, it is read on until quiet for close_inactive: its last line goes out then)
+        async with running(build_source(_spec(log, close_inactive=0.5)), ctx):
             await recorder.wait_for(1)
             recorder.down = True
             _append(log, "while down 1\nwhile down 2\nno newline")
