@@ -58,7 +58,8 @@ _LATE_GRACE = 1.0
 _T = TypeVar("_T")
 
 CUT_OFF_DELIVERY = (
-    "cut off before the target answered: the service stopped (router.shutdown_grace); "
+    "cut off before the target answered: the service stopped (router.shutdown_grace, or a "
+    "second signal); "
     "the event is delivered again"
 )
 """The error of a delivery's attempt cancelled by the service's stop."""

@@ -44,7 +44,10 @@ __all__ = [
 
 _PREFIX = "invoke:"
 
-CUT_OFF = "cut off before the target answered: the service stopped (router.shutdown_grace)"
+CUT_OFF = (
+    "cut off before the target answered: the service stopped (router.shutdown_grace, or a "
+    "second signal)"
+)
 """The error of an invocation's attempt its caller's request ended before it did."""
 
 

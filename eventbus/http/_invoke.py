@@ -216,7 +216,8 @@ async def _unless_cut_off(
         task.uncancel()  # answered instead: the task ends with the answer written
         raise Problem(
             503,
-            "the service stopped before the call ended (router.shutdown_grace passed): the "
+            "the service stopped before the call ended (router.shutdown_grace passed, or a second "
+            "signal came): the "
             "function may have run",
             headers=_identity(event),
         ) from None

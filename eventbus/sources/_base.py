@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,13 @@ __all__ = [
 
 MAX_SET_ASIDE = 256 * 1024
 """Bytes of an input kept with its dead letter at most."""
+SET_ASIDE_RATE = 100.0
+"""Dead letters a source writes per second at most, after a burst of ``SET_ASIDE_BURST``; the
+input behind them waits (a TCP sender is pushed back, a UDP one's datagrams dropped and
+counted). A syslog port sent garbage wrote 1,700 rows and as many warnings a second."""
+SET_ASIDE_BURST = 1000.0
+SET_ASIDE_SAID_EVERY = 10.0
+"""Seconds between a source's warnings about its dead letters (each names how many more)."""
 
 
 @dataclass
@@ -93,6 +102,10 @@ class SourceContext:
     """Many events in one call, one outcome per event in order: an exception where ``publish``
     would have raised, else the event is durable. None: ``publish`` for each, concurrently."""
     _failing: bool = field(default=False, init=False, repr=False)
+    _tokens: float = field(default=SET_ASIDE_BURST, init=False, repr=False)
+    _refilled: float = field(default_factory=time.monotonic, init=False, repr=False)
+    _said_at: float = field(default=-math.inf, init=False, repr=False)
+    _unsaid: int = field(default=0, init=False, repr=False)
 
     async def emit(self, event: dict[str, Any]) -> bool:
         """Publish ``event`` onto the bus and count it.
@@ -153,10 +166,30 @@ class SourceContext:
         if len(raw) > MAX_SET_ASIDE:
             meta = {**(meta or {}), "size": len(raw), "kept": MAX_SET_ASIDE}
             raw = raw[:MAX_SET_ASIDE]
+        await self._turn()
         await set_aside(self.pool, self.name, raw, error, meta)
         self.status.errors += 1
         self.status.last_error = error
-        self.logger.warning("source %s: dead-lettered input: %s", self.name, error)
+        now = time.monotonic()
+        if now - self._said_at < SET_ASIDE_SAID_EVERY:
+            self._unsaid += 1
+            return
+        more = f" (and {self._unsaid} more since the last warning)" if self._unsaid else ""
+        self.logger.warning("source %s: dead-lettered input: %s%s", self.name, error, more)
+        self._said_at, self._unsaid = now, 0
+
+    async def _turn(self) -> None:
+        """Wait for a dead letter's place within ``SET_ASIDE_RATE``."""
+        while True:
+            now = time.monotonic()
+            self._tokens = min(
+                SET_ASIDE_BURST, self._tokens + (now - self._refilled) * SET_ASIDE_RATE
+            )
+            self._refilled = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - self._tokens) / SET_ASIDE_RATE)
 
     def report_error(self, exc: BaseException) -> None:
         """Record a transient failure the source is about to back off from."""

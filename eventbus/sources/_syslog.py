@@ -67,8 +67,8 @@ _PRI = re.compile(r"<(\d{1,3})>")
 # (rsyslog's forwarding format, RSYSLOG_ForwardFormat): that one was read as an app named
 # "2026-12-05T21" and the rest of the header as the message.
 _RFC3164_TIMESTAMP = (
-    r"[A-Z][a-z]{2} [ \d]\d(?: \d{4})? \d\d:\d\d:\d\d(?:\.\d{1,9})?"
-    r"|\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:[Zz]|[+-]\d\d:\d\d)"
+    r"[A-Z][a-z]{2} [ \d]\d(?: \d{4})? \d\d:\d\d:\d\d(?:\.\d+)?"
+    r"|\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)?"
 )
 _RFC3164_HEADER = re.compile(rf"({_RFC3164_TIMESTAMP}) (\S+) ?(.*)", re.DOTALL)
 _RFC3164_TAG = re.compile(r"([^\s:\[\]]{1,48})(?:\[([^\]\s]{1,128})\])?: ?(.*)", re.DOTALL)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 import pytest
 
 from eventbus._errors import StoreUnavailable
 from eventbus.sources import Checkpoints, list_dead_letters
+from eventbus.sources import _base as base_module
 from eventbus.sources import _checkpoints as checkpoints_module
 from eventbus.sources._base import MAX_SET_ASIDE
 from tests.sources._harness import Recorder, make_context, source_pool
@@ -62,6 +64,29 @@ async def test_dead_letters_keep_payload_error_and_meta(database_dsn: str) -> No
         assert ctx.status.last_error == "binary junk"
         with pytest.raises(ValueError, match="limit"):
             await list_dead_letters(pool, limit=0)
+
+
+async def test_dead_letters_are_written_at_a_bounded_rate_and_said_in_summary(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Garbage sent to a syslog port wrote 1,700 rows and as many warnings a second, for as
+    # long as it came.
+    monkeypatch.setattr(base_module, "SET_ASIDE_RATE", 40.0)
+    monkeypatch.setattr(base_module, "SET_ASIDE_BURST", 5.0)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "flood", Recorder())
+        ctx._tokens = 5.0  # (the field's default was read at import)
+        began = time.monotonic()
+        for n in range(25):
+            await ctx.dead_letter(f"junk {n}", "no PRI")
+        took = time.monotonic() - began
+        assert len(await list_dead_letters(pool, source="flood")) == 25
+    # 20 past the burst at 40 a second: half a second at least (a lower bound: a slow
+    # machine only adds to it)
+    assert took >= 0.45, took
+    said = [r.getMessage() for r in caplog.records if "source flood" in r.getMessage()]
+    assert said == ["source flood: dead-lettered input: no PRI"], said
+    assert ctx.status.errors == 25
 
 
 async def test_a_listing_reads_only_the_start_of_each_payload_when_asked(

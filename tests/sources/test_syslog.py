@@ -99,6 +99,10 @@ def test_rfc5424_with_structured_data() -> None:
             b"<13>2026-12-05T21:00:00Z web1 cron: ran",
             {"timestamp": "2026-12-05T21:00:00Z", "hostname": "web1", "app": "cron"},
         ),
+        (  # without a zone (the event's time is then the time received)
+            b"<13>2026-12-05T21:43:11 host app: m",
+            {"timestamp": "2026-12-05T21:43:11", "hostname": "host", "app": "app"},
+        ),
         (
             b"<13>Dec  5 21:00:00.123 web1 app: m",
             {"timestamp": "Dec  5 21:00:00.123", "hostname": "web1", "app": "app", "message": "m"},
