@@ -531,8 +531,11 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         answer = _request(args, "POST", path, timeout=_BULK_TIMEOUT)
         code = _show(args, "replayed", answer)
         if len(ids) > 1 and isinstance(answer, dict) and not answer.get("truncated"):
-            done = {item.get("id") for item in answer.get("replayed") or ()}
-            code = _missing(sorted(set(ids) - done), "replayed") or code
+            missing = answer.get("missing")
+            if not isinstance(missing, list):  # a service from before it said
+                done = {item.get("id") for item in answer.get("replayed") or ()}
+                missing = sorted(set(ids) - done)
+            code = _missing(missing, "replayed") or code
         return code
     answer = _request(args, "DELETE", one or many, timeout=_BULK_TIMEOUT)
     code = _show(args, "purged", answer)

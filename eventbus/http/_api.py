@@ -225,9 +225,11 @@ async def replay_many(request: Request, flt: Selection, every: All = None) -> Re
     _require_filter(flt, every)
     replayed, count, notes = await _service(request).replay(flt)
     truncated = count > len(replayed)
-    return _json(
-        {"replayed": replayed, "count": count, "truncated": truncated, "notes": notes}, 202
-    )
+    answer = {"replayed": replayed, "count": count, "truncated": truncated, "notes": notes}
+    if flt.ids and not truncated:
+        # ids given that had no dead letter (answered 202 "count: 1" for two ids, unnamed)
+        answer["missing"] = sorted(set(flt.ids) - {item["id"] for item in replayed})
+    return _json(answer, 202)
 
 
 @admin.delete(

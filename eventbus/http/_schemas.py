@@ -238,6 +238,8 @@ class Replayed(_Body):
     notes: list[str] = []
     """Targets among them this instance does not have (removed from the connector files): their
     retries wait in the schedule for an instance that has them"""
+    missing: list[int] = []
+    """Of the ids the request named (``id=``), those that had no dead letter"""
 
 
 class PendingRetry(_Body):

@@ -156,6 +156,11 @@ async def test_target_down_dead_letters_then_replay_by_filter(
 
     await eventually(all_delivered, within=30, every=POLL, what="replayed events delivered")
     assert await _dead_letters(svc) == []
+    # ids that have no dead letter are named (202 "count: 0" named none of them)
+    gone = items[0]["id"]
+    status, _, body = await svc.request("POST", f"/dead-letters/replay?id={gone}&id=424242")
+    assert status == 202 and body["count"] == 0, body
+    assert body["missing"] == [gone, 424242]
     await svc.service.store.audit.flush()
     replays = await svc.service.store.pool.fetchval(
         "SELECT count(*) FROM attempts WHERE outcome = 'replay-requested'"
