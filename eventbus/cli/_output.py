@@ -208,18 +208,12 @@ def _dead_letter(body: Any, out: TextIO) -> None:
     history = body.get("history") or []
     if history:
         out.write("\n")
-        out.write(
-            table(
-                history,
-                (
-                    ("AT", "at"),
-                    ("ATTEMPT", "attempt"),
-                    ("STATUS", "status"),
-                    ("MS", "duration_ms"),
-                    ("ERROR", "error"),
-                ),
-            )
-        )
+        columns = [("AT", "at"), ("ATTEMPT", "attempt")]
+        if any(isinstance(row, dict) and row.get("replay") for row in history):
+            # attempts count from 1 again after each replay: the round tells them apart
+            columns.append(("REPLAY", "replay"))
+        columns += [("STATUS", "status"), ("MS", "duration_ms"), ("ERROR", "error")]
+        out.write(table(history, tuple(columns)))
 
 
 def _replayed(body: Any, out: TextIO) -> None:

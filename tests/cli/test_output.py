@@ -77,6 +77,34 @@ def test_what_a_function_answered_cannot_drive_the_terminal() -> None:
     assert printable("two\nlines\tand a tab") == "two\nlines\\tand a tab"
 
 
+def test_a_replayed_dead_letters_attempts_name_their_round() -> None:
+    # Attempts count from 1 again after each replay: the table showed 1, 2, 1, 2 with
+    # nothing between the rounds (the JSON has "replay").
+    dead_letter = {
+        "id": 7,
+        "event_source": "s",
+        "event_id": "e",
+        "rule": "r",
+        "target": "fn",
+        "reason": "max-attempts",
+        "attempts": 2,
+        "first_attempt_at": "2026-01-31T12:00:00Z",
+        "created_at": "2026-01-31T12:00:01Z",
+        "replay_count": 1,
+        "history": [
+            {"at": "2026-01-31T12:00:00Z", "attempt": 1, "status": 503},
+            {"at": "2026-01-31T12:01:00Z", "attempt": 1, "status": 503, "replay": 1},
+        ],
+    }
+    out = io.StringIO()
+    SHOW["dead-letter"](dead_letter, out)
+    lines = out.getvalue().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("AT"))
+    assert lines[head].split() == ["AT", "ATTEMPT", "REPLAY", "STATUS", "MS", "ERROR"]
+    assert lines[head + 1].split()[:4] == ["2026-01-31T12:00:00Z", "1", "-", "503"]
+    assert lines[head + 2].split()[:4] == ["2026-01-31T12:01:00Z", "1", "1", "503"]
+
+
 def test_a_trail_counts_the_attempts_made() -> None:
     # The replay asked for and the dead letter written without a request (its target
     # disabled) were counted as attempts: "5 attempts" for 2 made.
