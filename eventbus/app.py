@@ -1107,6 +1107,11 @@ class Service:
         """One page of the dead letters ``flt`` selects, by id, after the id ``after``."""
         return await self.deliveries.list_dead_letters(flt, limit=limit, after_id=after)
 
+    async def count_dead_letters(self, flt: DeadLetterFilter) -> tuple[int, datetime | None]:
+        """How many dead letters ``flt`` selects and when the newest was written (what a
+        replay or purge by ``flt`` would act on now)."""
+        return await self.deliveries.count_dead_letters(flt)
+
     async def pending_retries(
         self, *, limit: int, event: tuple[str, str] | None = None, target: str | None = None
     ) -> tuple[list[dict[str, Any]], int]:

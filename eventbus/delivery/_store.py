@@ -518,6 +518,19 @@ class DeliveryStore:
         )
         return [_dead_letter(r) for r in rows]
 
+    async def count_dead_letters(self, flt: DeadLetterFilter) -> tuple[int, datetime | None]:
+        """How many dead letters ``flt`` selects, and when the newest of them was written."""
+        where, args = flt.where()
+        row = await self._run(
+            "counting dead letters",
+            self._pool.fetchrow(
+                f"SELECT count(*) AS n, max(created_at) AS newest FROM dead_letters WHERE {where}",
+                *args,
+            ),
+            deadline=READ_TIMEOUT,
+        )
+        return int(row["n"]), row["newest"]
+
     async def get_dead_letter(self, dl_id: int) -> dict[str, Any] | None:
         row = await self._run(
             "reading a dead letter",

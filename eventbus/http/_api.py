@@ -188,6 +188,17 @@ async def list_dead_letters(request: Request, page: Paging, flt: Filter) -> Resp
 
 
 @admin.get(
+    "/dead-letters/count",
+    response_model=schemas.DeadLetterCount,
+    responses=_problems(400),
+    summary="How many dead letters the filter selects (what a replay or purge by it acts on)",
+)
+async def count_dead_letters(request: Request, flt: Filter) -> Response:
+    count, newest = await _service(request).count_dead_letters(flt)
+    return _json({"count": count, "newest": None if newest is None else newest.isoformat()})
+
+
+@admin.get(
     "/dead-letters/{dl_id}",
     response_model=schemas.DeadLetter,
     responses=_problems(400, 404),

@@ -220,6 +220,14 @@ class DeadLetterPage(_Body):
     next_after: int | None
 
 
+class DeadLetterCount(_Body):
+    """How many dead letters the filter selects now, and when the newest of them was written
+    (null: none)."""
+
+    count: int
+    newest: str | None
+
+
 class ReplayedItem(_Body):
     id: int
     event_source: str

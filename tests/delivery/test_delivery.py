@@ -129,6 +129,14 @@ async def test_target_down_dead_letters_then_replay_by_filter(
 
     # filters and paging
     assert len(await _dead_letters(svc, "?target=fn&status=503")) == 20
+    # counted by the database, for the console's "replay/purge filtered" (it walked the pages)
+    status, _, counted = await svc.request("GET", "/dead-letters/count?target=fn&status=503")
+    assert status == 200 and counted["count"] == 20, counted
+    assert counted["newest"] == max(i["created_at"] for i in items)
+    status, _, counted = await svc.request("GET", "/dead-letters/count?target=other")
+    assert (status, counted) == (200, {"count": 0, "newest": None})
+    status, _, problem = await svc.request("GET", "/dead-letters/count?status=x")
+    assert status == 400 and problem["detail"].startswith("status "), problem
     assert await _dead_letters(svc, "?target=other") == []
     first_page = await _dead_letters(svc, "?limit=15")
     rest = await _dead_letters(svc, f"?limit=15&after={first_page[-1]['id']}")

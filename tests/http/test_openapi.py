@@ -28,6 +28,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("get", "/dead-letters"): "DeadLetterPage",
     ("delete", "/dead-letters"): "Purged",
     ("post", "/dead-letters/replay"): "Replayed",
+    ("get", "/dead-letters/count"): "DeadLetterCount",
     ("get", "/dead-letters/{dl_id}"): "DeadLetter",
     ("delete", "/dead-letters/{dl_id}"): "Purged",
     ("post", "/dead-letters/{dl_id}/replay"): "Replayed",

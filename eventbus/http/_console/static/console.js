@@ -596,19 +596,9 @@ $("dl-rows").addEventListener("click", async (e) => {
 
 // How many dead letters match, and the newest time among them (the server's clock).
 async function countDeadLetters(params) {
-  let count = 0;
-  let newest = -Infinity;
-  let after = null;
-  for (;;) {
-    const query = new URLSearchParams(params);
-    query.set("limit", "1000");
-    if (after !== null) query.set("after", after);
-    const page = await api("GET", `/dead-letters?${query}`);
-    count += page.items.length;
-    for (const d of page.items) newest = Math.max(newest, Date.parse(d.created_at));
-    if (page.next_after === null) return { count, newest };
-    after = page.next_after;
-  }
+  // counted by the database (walking every page took 507 requests and 12 s at 507,000)
+  const answer = await api("GET", `/dead-letters/count?${new URLSearchParams(params)}`);
+  return { count: answer.count, newest: answer.newest === null ? -Infinity : Date.parse(answer.newest) };
 }
 
 function confirmAction(text) {
