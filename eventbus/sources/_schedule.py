@@ -38,7 +38,7 @@ __all__ = [
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TINY = timedelta(microseconds=1)
-_RATE = re.compile(r"rate\(\s*(\d+)\s+([a-z]+)\s*\)")
+_RATE = re.compile(r"rate\(\s*(\d{1,15})\s+([a-z]+)\s*\)")
 _AT = re.compile(r"at\(\s*([^)]*?)\s*\)")
 _UNITS = {"minute": 60, "hour": 3600, "day": 86400}
 
@@ -125,12 +125,19 @@ def parse_schedule(expression: str, zone: str = "UTC") -> Schedule:
     return _parse_cron(text, tz)
 
 
+_MOST_RATE_SECONDS = 100 * 366 * 86400
+
+
 def _parse_rate(value: int, unit: str) -> RateSchedule:
     base = unit[:-1] if unit.endswith("s") else unit
     if base not in _UNITS:
         raise ConfigError(f"rate unit {unit!r} is not one of minute(s), hour(s), day(s)")
     if value < 1:
         raise ConfigError("rate value must be a positive whole number")
+    if value * _UNITS[base] > _MOST_RATE_SECONDS:
+        # a datetime ends at year 9999: rate(3000000 days) loaded, then its first tick failed
+        # at every restart (and rate(1000000000 days) was a traceback at load)
+        raise ConfigError(f"rate({value} {unit}) is longer than 100 years")
     # EventBridge insists on the singular for 1 and the plural otherwise; accepting either costs
     # nothing and the meaning is unambiguous.
     return RateSchedule(timedelta(seconds=value * _UNITS[base]))

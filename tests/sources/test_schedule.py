@@ -76,6 +76,10 @@ def test_missed_ticks_keeps_the_latest_within_the_limit() -> None:
         ("0 0 30 2 *", "UTC", "invalid cron expression"),
         ("rate(5 fortnights)", "UTC", "rate unit 'fortnights'"),
         ("rate(0 minutes)", "UTC", "positive"),
+        # loaded, then its first tick failed at every restart; a traceback at load
+        ("rate(3000000 days)", "UTC", "longer than 100 years"),
+        ("rate(1000000000 days)", "UTC", "longer than 100 years"),
+        ("rate(99999999999999999999 days)", "UTC", "malformed schedule"),
         ("rate(five minutes)", "UTC", "malformed schedule"),
         ("at(tomorrow)", "UTC", "is not YYYY-MM-DDTHH:MM:SS"),
         ("at(2030-01-01T00:00:00+02:00)", "UTC", "must not carry an offset"),
