@@ -55,6 +55,23 @@ _TRANSIENT = (nats.errors.Error, OSError)
 log = logging.getLogger("eventbus.sources")
 
 
+# a stream's name: what the server accepts (nats-py refused "BAD.NAME" at every retry)
+_STREAM_NAME = r"^[^.*>/\\\s]+$"
+
+
+def _subscribable(subject: str) -> str:
+    """``subject`` when the server takes a subscription to it: dot-separated tokens, none
+    empty or with white space, ``>`` only as the last (the server's own check). Refused only
+    when the source subscribed ("a..b", "a.>.b"), the source backed off for ever."""
+    tokens = subject.split(".")
+    if not all(t and not any(c.isspace() for c in t) for t in tokens) or ">" in tokens[:-1]:
+        raise ValueError(
+            "a subject is dot-separated tokens, none empty or with white space; '>' only as "
+            f"the last: {subject!r}"
+        )
+    return subject
+
+
 class NatsSourceSpec(QueueSourceSpec, NatsAuth):
     """YAML settings of a ``type: nats`` source (core NATS subscription); credentials and
     ``tls`` as every NATS connection (:class:`eventbus.config.NatsAuth`)."""
@@ -62,6 +79,11 @@ class NatsSourceSpec(QueueSourceSpec, NatsAuth):
     url: str = pydantic.Field(pattern=r"^(nats|tls)://")
     subjects: list[str] = pydantic.Field(min_length=1)
     queue_group: str | None = None
+
+    @pydantic.field_validator("subjects")
+    @classmethod
+    def _subjects(cls, subjects: list[str]) -> list[str]:
+        return [_subscribable(subject) for subject in subjects]
 
 
 class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
@@ -72,12 +94,17 @@ class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
     """
 
     url: str = pydantic.Field(pattern=r"^(nats|tls)://")
-    stream: str = pydantic.Field(min_length=1)
+    stream: str = pydantic.Field(min_length=1, pattern=_STREAM_NAME)
     # a consumer's name: no ".", "*", ">", "/", "\\" or white space (refused by the server at
     # run time, the source backing off for ever)
     durable: str | None = pydantic.Field(None, pattern=r"^[^.*>/\\\s]+$")
     subject: str | None = None
     batch: int = pydantic.Field(100, ge=1, le=10_000)
+
+    @pydantic.field_validator("subject")
+    @classmethod
+    def _subject(cls, subject: str | None) -> str | None:
+        return None if subject is None else _subscribable(subject)
 
     @property
     def durable_name(self) -> str:

@@ -490,6 +490,22 @@ async def test_a_frozen_source_server_is_found_by_its_unanswered_pings(
             {"type": "jetstream", "url": "nats://127.0.0.1:4222", "stream": "S", "format": "raw"},
             "needs both 'event_type' and 'event_source'",
         ),
+        # refused by the server only when the source subscribed: it backed off for ever
+        ({"type": "nats", "url": "nats://127.0.0.1:4222", "subjects": ["a..b"]}, "'a..b'"),
+        ({"type": "nats", "url": "nats://127.0.0.1:4222", "subjects": ["ok", "a b"]}, "'a b'"),
+        (
+            {
+                "type": "jetstream",
+                "url": "nats://127.0.0.1:4222",
+                "stream": "S",
+                "subject": "a.>.b",
+            },
+            "'>' only as the last",
+        ),
+        (
+            {"type": "jetstream", "url": "nats://127.0.0.1:4222", "stream": "BAD.NAME"},
+            "field 'stream'",
+        ),
     ],
 )
 def test_bad_nats_config_names_the_source(spec: dict[str, Any], fragment: str) -> None:
