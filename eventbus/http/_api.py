@@ -237,7 +237,7 @@ async def replay_many(request: Request, flt: Selection, every: All = None) -> Re
     replayed, count, notes = await _service(request).replay(flt)
     truncated = count > len(replayed)
     answer = {"replayed": replayed, "count": count, "truncated": truncated, "notes": notes}
-    if flt.ids and not truncated:
+    if flt.ids and flt == DeadLetterFilter(ids=flt.ids) and not truncated:
         # ids given that had no dead letter (answered 202 "count: 1" for two ids, unnamed)
         answer["missing"] = sorted(set(flt.ids) - {item["id"] for item in replayed})
     return _json(answer, 202)

@@ -56,7 +56,10 @@ log = logging.getLogger("eventbus.sources")
 
 
 # a stream's name: what the server accepts (nats-py refused "BAD.NAME" at every retry)
-_STREAM_NAME = r"^[^.*>/\\\s]+$"
+_STREAM_NAME = r"^[^.*>/\\ \t\r\n\f]+$"  # (the server's white space: these five)
+
+
+_SERVER_SPACE = frozenset(" \t\r\n\f")
 
 
 def _subscribable(subject: str) -> str:
@@ -64,7 +67,7 @@ def _subscribable(subject: str) -> str:
     empty or with white space, ``>`` only as the last (the server's own check). Refused only
     when the source subscribed ("a..b", "a.>.b"), the source backed off for ever."""
     tokens = subject.split(".")
-    if not all(t and not any(c.isspace() for c in t) for t in tokens) or ">" in tokens[:-1]:
+    if not all(t and not _SERVER_SPACE.intersection(t) for t in tokens) or ">" in tokens[:-1]:
         raise ValueError(
             "a subject is dot-separated tokens, none empty or with white space; '>' only as "
             f"the last: {subject!r}"
