@@ -106,6 +106,7 @@ class SourceContext:
     _refilled: float = field(default_factory=time.monotonic, init=False, repr=False)
     _said_at: float = field(default=-math.inf, init=False, repr=False)
     _unsaid: int = field(default=0, init=False, repr=False)
+    _unkept: int = field(default=0, init=False, repr=False)
 
     async def emit(self, event: dict[str, Any]) -> bool:
         """Publish ``event`` onto the bus and count it.
@@ -153,11 +154,19 @@ class SourceContext:
             self.status.last_error = None
 
     async def dead_letter(
-        self, payload: bytes | str, error: str, meta: Mapping[str, Any] | None = None
+        self,
+        payload: bytes | str,
+        error: str,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        lossy: bool = False,
     ) -> None:
         """Keep input that could not become an event, with its error (``source_dead_letters``):
         its first ``MAX_SET_ASIDE`` bytes, and ``size`` (its length) in ``meta`` when it was
-        longer (a 32 MiB MQTT message was kept whole, in memory and in the table).
+        longer (a 32 MiB MQTT message was kept whole, in memory and in the table). At most
+        ``SET_ASIDE_RATE`` a second: past it the caller waits, or with ``lossy`` (input that
+        may be lost anyway: a datagram) the input is counted in ``errors`` and not kept, so
+        that one sender's garbage holds up no other sender's messages.
 
         Raises StoreError when the row could not be written; the caller must then not skip the
         input.
@@ -166,28 +175,48 @@ class SourceContext:
         if len(raw) > MAX_SET_ASIDE:
             meta = {**(meta or {}), "size": len(raw), "kept": MAX_SET_ASIDE}
             raw = raw[:MAX_SET_ASIDE]
-        await self._turn()
+        if not self._take():
+            if lossy:
+                self.status.errors += 1
+                self.status.last_error = error
+                self._unkept += 1
+                self._say(error)
+                return
+            await self._turn()
         await set_aside(self.pool, self.name, raw, error, meta)
         self.status.errors += 1
         self.status.last_error = error
+        self._say(error)
+
+    def _say(self, error: str) -> None:
+        """Warn of a dead letter, once in ``SET_ASIDE_SAID_EVERY`` s with how many more came."""
         now = time.monotonic()
         if now - self._said_at < SET_ASIDE_SAID_EVERY:
             self._unsaid += 1
             return
-        more = f" (and {self._unsaid} more since the last warning)" if self._unsaid else ""
+        parts = []
+        if self._unsaid:
+            parts.append(f"and {self._unsaid} more since the last warning")
+        if self._unkept:
+            parts.append(f"{self._unkept} not kept: over {SET_ASIDE_RATE:g} a second")
+        more = f" ({'; '.join(parts)})" if parts else ""
         self.logger.warning("source %s: dead-lettered input: %s%s", self.name, error, more)
-        self._said_at, self._unsaid = now, 0
+        self._said_at, self._unsaid, self._unkept = now, 0, 0
+
+    def _take(self) -> bool:
+        """Take a dead letter's place within ``SET_ASIDE_RATE``, if there is one now."""
+        now = time.monotonic()
+        self._tokens = min(SET_ASIDE_BURST, self._tokens + (now - self._refilled) * SET_ASIDE_RATE)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
     async def _turn(self) -> None:
         """Wait for a dead letter's place within ``SET_ASIDE_RATE``."""
         while True:
-            now = time.monotonic()
-            self._tokens = min(
-                SET_ASIDE_BURST, self._tokens + (now - self._refilled) * SET_ASIDE_RATE
-            )
-            self._refilled = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            if self._take():
                 return
             await asyncio.sleep((1.0 - self._tokens) / SET_ASIDE_RATE)
 

@@ -466,7 +466,10 @@ class SyslogSource:
                     await ctx.emit(event)
                 else:
                     meta = {"peer": peer, "transport": transport}
-                    await ctx.dead_letter(raw, error or "unparseable", meta)
+                    # a datagram past the dead-letter rate is counted, not waited for: one
+                    # sender's garbage held up every sender's messages behind it
+                    lossy = transport == "udp"
+                    await ctx.dead_letter(raw, error or "unparseable", meta, lossy=lossy)
                 return
             except EventTooLargeForBus as exc:  # never passes: kept aside instead
                 event, error = None, str(exc)

@@ -89,6 +89,26 @@ async def test_dead_letters_are_written_at_a_bounded_rate_and_said_in_summary(
     assert ctx.status.errors == 25
 
 
+async def test_lossy_input_past_the_rate_is_counted_not_waited_for(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Datagrams: waiting for a dead letter's place held up every other sender's messages
+    # behind one sender's garbage. Past the rate they are counted and not kept.
+    monkeypatch.setattr(base_module, "SET_ASIDE_RATE", 2.0)
+    monkeypatch.setattr(base_module, "SET_ASIDE_BURST", 5.0)
+    monkeypatch.setattr(base_module, "SET_ASIDE_SAID_EVERY", 0.0)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "udp", Recorder())
+        ctx._tokens = 5.0  # (the field's default was read at import)
+        for n in range(25):
+            await ctx.dead_letter(f"junk {n}", "no PRI", lossy=True)
+        kept = await list_dead_letters(pool, source="udp")
+    assert 5 <= len(kept) < 25, len(kept)
+    assert ctx.status.errors == 25
+    said = [r.getMessage() for r in caplog.records if "source udp" in r.getMessage()]
+    assert any("not kept: over 2 a second" in line for line in said), said
+
+
 async def test_a_listing_reads_only_the_start_of_each_payload_when_asked(
     database_dsn: str,
 ) -> None:
