@@ -164,6 +164,17 @@ async def test_sigterm_finishes_in_flight_and_acks_nothing_undelivered(
     await second.terminate()
 
 
+async def _invoke(session: aiohttp.ClientSession, url: str, n: int) -> tuple[int, str, Any]:
+    """A sync call of ``fn`` with ``{"n": n}``: its status, its event's id, its answer."""
+    async with session.post(
+        url + "/targets/fn/invoke",
+        data=orjson.dumps({"n": n}),
+        headers={"Content-Type": "application/json"},
+    ) as resp:
+        body = await resp.json(content_type=None)
+        return resp.status, resp.headers.get("X-Eventbus-Event-Id", ""), body
+
+
 @pytest.mark.timeout(120)
 async def test_a_sync_call_cut_off_by_the_shutdown_is_answered_503_and_audited(
     serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
@@ -183,17 +194,8 @@ async def test_a_sync_call_cut_off_by_the_shutdown_is_answered_503_and_audited(
     (hangs,) = await _publish(service.url, 1, batch=1, prefix="hangs")
     await receiver.wait_for(1)
 
-    async def call(session: aiohttp.ClientSession, n: int) -> tuple[int, str, Any]:
-        async with session.post(
-            service.url + "/targets/fn/invoke",
-            data=orjson.dumps({"n": n}),
-            headers={"Content-Type": "application/json"},
-        ) as resp:
-            body = await resp.json(content_type=None)
-            return resp.status, resp.headers.get("X-Eventbus-Event-Id", ""), body
-
     async with aiohttp.ClientSession() as session:
-        calls = [asyncio.create_task(call(session, n)) for n in range(3)]
+        calls = [asyncio.create_task(_invoke(session, service.url, n)) for n in range(3)]
         await receiver.wait_for(4)
         began = time.monotonic()
         await service.terminate()
@@ -319,17 +321,8 @@ async def test_a_second_signal_while_sync_calls_run_answers_them_at_once(
     )
     await service.start()
 
-    async def call(session: aiohttp.ClientSession) -> tuple[int, str, Any]:
-        async with session.post(
-            service.url + "/targets/fn/invoke",
-            data=b'{"n": 1}',
-            headers={"Content-Type": "application/json"},
-        ) as resp:
-            body = await resp.json(content_type=None)
-            return resp.status, resp.headers.get("X-Eventbus-Event-Id", ""), body
-
     async with aiohttp.ClientSession() as session:
-        calling = asyncio.create_task(call(session))
+        calling = asyncio.create_task(_invoke(session, service.url, 1))
         await receiver.wait_for(1)
         took = await _second_signal_after(
             service, "a second SIGTERM or Ctrl-C stops at once", grace
