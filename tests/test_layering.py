@@ -28,8 +28,9 @@ PACKAGE = Path(eventbus.__file__).parent
 
 # Bottom to top: a unit may import itself and the units of earlier layers only.
 LAYERS: list[set[str]] = [
-    # the error tree; stopping tasks (grace, lost cancellations); reading RFC 3339 times
-    {"_errors", "_tasks", "_rfc3339"},
+    # the error tree; stopping tasks (grace, lost cancellations); reading RFC 3339 times; a
+    # token bucket
+    {"_errors", "_tasks", "_rfc3339", "_bucket"},
     {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
@@ -47,6 +48,7 @@ RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 # What importing each package loads of eventbus, besides itself and the package root. The
 # delivery layer's set recurs: the router, the composition root and the edge stand on it.
 _DELIVERY = {
+    "_bucket",
     "_errors",
     "_rfc3339",
     "_oauth",

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from eventbus import metrics
+from eventbus._bucket import TokenBucket
 from eventbus.delivery._policy import BreakerPolicy
 from eventbus.targets import Outcome
 
@@ -56,12 +57,7 @@ class Guard:
         self._opened_at = 0.0
         self._probing = False
         self._reclosed = False
-        self._rate = rate_limit
-        # A burst of at least one attempt: below 1/s a bucket of ``rate`` tokens never held the
-        # one an attempt takes, and every delivery to the target waited for ever.
-        self._burst = max(1.0, rate_limit or 0.0)
-        self._tokens = self._burst
-        self._refilled = clock()
+        self._bucket = None if rate_limit is None else TokenBucket(rate_limit, rate_limit, clock)
         self._lock = asyncio.Lock()
         metrics.CIRCUIT_STATE.labels(target).set(CLOSED)
 
@@ -147,15 +143,9 @@ class Guard:
     async def throttle(self) -> None:
         """Wait for a rate-limit token (no-op without a limit). Waits are short and bounded:
         at most one token interval per waiter ahead in line."""
-        if self._rate is None:
+        bucket = self._bucket
+        if bucket is None:
             return
         async with self._lock:
-            while True:
-                now = self._clock()
-                self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
-                self._refilled = now
-                # the epsilon keeps float rounding (0.1 * 10 == 0.9999...) from looping forever
-                if self._tokens >= 1.0 - 1e-9:
-                    self._tokens = max(self._tokens - 1.0, 0.0)
-                    return
-                await self._sleep(max((1.0 - self._tokens) / self._rate, 1e-3))
+            while not bucket.take():
+                await self._sleep(bucket.wait())

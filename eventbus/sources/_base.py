@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from eventbus._bucket import TokenBucket
 from eventbus._errors import error_text
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.sources._checkpoints import Checkpoints
@@ -102,8 +103,11 @@ class SourceContext:
     """Many events in one call, one outcome per event in order: an exception where ``publish``
     would have raised, else the event is durable. None: ``publish`` for each, concurrently."""
     _failing: bool = field(default=False, init=False, repr=False)
-    _tokens: float = field(default=SET_ASIDE_BURST, init=False, repr=False)
-    _refilled: float = field(default_factory=time.monotonic, init=False, repr=False)
+    _set_aside: TokenBucket = field(
+        default_factory=lambda: TokenBucket(SET_ASIDE_RATE, SET_ASIDE_BURST),
+        init=False,
+        repr=False,
+    )
     _said_at: float = field(default=-math.inf, init=False, repr=False)
     _unsaid: int = field(default=0, init=False, repr=False)
     _unkept: int = field(default=0, init=False, repr=False)
@@ -175,7 +179,7 @@ class SourceContext:
         if len(raw) > MAX_SET_ASIDE:
             meta = {**(meta or {}), "size": len(raw), "kept": MAX_SET_ASIDE}
             raw = raw[:MAX_SET_ASIDE]
-        if not self._take():
+        if not self._set_aside.take():
             if lossy:
                 self.status.errors += 1
                 self.status.last_error = error
@@ -198,27 +202,17 @@ class SourceContext:
         if self._unsaid:
             parts.append(f"and {self._unsaid} more since the last warning")
         if self._unkept:
-            parts.append(f"{self._unkept} not kept: over {SET_ASIDE_RATE:g} a second")
+            parts.append(f"{self._unkept} not kept: over {self._set_aside.rate:g} a second")
         more = f" ({'; '.join(parts)})" if parts else ""
         self.logger.warning("source %s: dead-lettered input: %s%s", self.name, error, more)
         self._said_at, self._unsaid, self._unkept = now, 0, 0
 
-    def _take(self) -> bool:
-        """Take a dead letter's place within ``SET_ASIDE_RATE``, if there is one now."""
-        now = time.monotonic()
-        self._tokens = min(SET_ASIDE_BURST, self._tokens + (now - self._refilled) * SET_ASIDE_RATE)
-        self._refilled = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
     async def _turn(self) -> None:
         """Wait for a dead letter's place within ``SET_ASIDE_RATE``."""
         while True:
-            if self._take():
+            if self._set_aside.take():
                 return
-            await asyncio.sleep((1.0 - self._tokens) / SET_ASIDE_RATE)
+            await asyncio.sleep(self._set_aside.wait())
 
     def report_error(self, exc: BaseException) -> None:
         """Record a transient failure the source is about to back off from."""

@@ -75,7 +75,6 @@ async def test_dead_letters_are_written_at_a_bounded_rate_and_said_in_summary(
     monkeypatch.setattr(base_module, "SET_ASIDE_BURST", 5.0)
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "flood", Recorder())
-        ctx._tokens = 5.0  # (the field's default was read at import)
         began = time.monotonic()
         for n in range(25):
             await ctx.dead_letter(f"junk {n}", "no PRI")
@@ -99,7 +98,6 @@ async def test_lossy_input_past_the_rate_is_counted_not_waited_for(
     monkeypatch.setattr(base_module, "SET_ASIDE_SAID_EVERY", 0.0)
     async with source_pool(database_dsn) as pool:
         ctx = make_context(pool, "udp", Recorder())
-        ctx._tokens = 5.0  # (the field's default was read at import)
         for n in range(25):
             await ctx.dead_letter(f"junk {n}", "no PRI", lossy=True)
         kept = await list_dead_letters(pool, source="udp")
