@@ -56,10 +56,8 @@ log = logging.getLogger("eventbus.sources")
 
 
 # a stream's name: what the server accepts (nats-py refused "BAD.NAME" at every retry)
-_STREAM_NAME = r"^[^.*>/\\ \t\r\n\f]+$"  # (the server's white space: these five)
-
-
-_SERVER_SPACE = frozenset(" \t\r\n\f")
+_STREAM_NAME = r"^[^.*>/\\ \t\r\n\f]+$"
+_SERVER_SPACE = frozenset(" \t\r\n\f")  # what the server takes for white space
 
 
 def _subscribable(subject: str) -> str:

@@ -258,10 +258,27 @@ async def test_a_body_still_coming_at_the_end_of_the_grace_is_answered_503(
     assert "Exception in ASGI application" not in service.log.read_text()
 
 
-async def _second_signal_after(service: ServeProcess, line: str, grace: float) -> float:
-    """SIGTERM ``service``; once its log shows ``line``, SIGTERM it again; how long from the
-    first signal it took to exit (asserted 0)."""
+_HANGS_GRACE = 30.0  # router.shutdown_grace of the second-signal tests
+
+
+async def _serving_a_function_that_hangs(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver
+) -> tuple[ServeProcess, list[dict[str, Any]], dict[str, Any]]:
+    """A started service whose target ``fn`` answers after 60 s, with its targets and
+    settings (a grace of ``_HANGS_GRACE``) for one started after it."""
+    receiver.respond(Response(200, delay=60))
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 90}]
+    settings = {"router": {"shutdown_grace": _HANGS_GRACE}}
+    service = serve_process(rules=RULES, targets=targets, settings=settings)
+    await service.start()
+    return service, targets, settings
+
+
+async def _second_signal(service: ServeProcess) -> float:
+    """SIGTERM ``service``; once its log says a second signal stops it at once, SIGTERM it
+    again; how long from the first signal it took to exit (asserted 0)."""
     assert service.proc is not None
+    line, grace = "a second SIGTERM or Ctrl-C stops at once", _HANGS_GRACE
     began = time.monotonic()
     service.proc.terminate()
     await eventually(lambda: line in service.log.read_text(), within=grace, what=line)
@@ -287,16 +304,11 @@ async def test_a_second_signal_while_deliveries_finish_stops_at_once(
     # A second Ctrl-C (or SIGTERM) did nothing: the stop waited out router.shutdown_grace for
     # a function that hung. Now it cuts the deliveries short; each is audited as cut off and
     # the bus delivers it again at the next start.
-    receiver.respond(Response(200, delay=60))
-    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 90}]
-    grace = 30
-    settings = {"router": {"shutdown_grace": grace}}
-    service = serve_process(rules=RULES, targets=targets, settings=settings)
-    await service.start()
+    service, targets, settings = await _serving_a_function_that_hangs(serve_process, receiver)
     (hangs,) = await _publish(service.url, 1, batch=1, prefix="hangs")
     await receiver.wait_for(1)
-    took = await _second_signal_after(service, "a second SIGTERM or Ctrl-C stops at once", grace)
-    assert took < grace / 2, took
+    took = await _second_signal(service)
+    assert took < _HANGS_GRACE / 2, took
     assert await _attempts(database_dsn) == {(hangs, "failed", CUT_OFF_DELIVERY)}
 
     receiver.respond(Response(204))
@@ -313,22 +325,13 @@ async def test_a_second_signal_while_sync_calls_run_answers_them_at_once(
     # The HTTP server's wait for open requests: uvicorn took a second SIGINT to stop waiting
     # (its log says "CTRL+C to force quit") but left the calls running, and a second SIGTERM
     # not at all. Both now end the calls as the end of the grace would: 503, audited.
-    receiver.respond(Response(200, delay=60))
-    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 90}]
-    grace = 30
-    service = serve_process(
-        rules=RULES, targets=targets, settings={"router": {"shutdown_grace": grace}}
-    )
-    await service.start()
-
+    service, _, _ = await _serving_a_function_that_hangs(serve_process, receiver)
     async with aiohttp.ClientSession() as session:
         calling = asyncio.create_task(_invoke(session, service.url, 1))
         await receiver.wait_for(1)
-        took = await _second_signal_after(
-            service, "a second SIGTERM or Ctrl-C stops at once", grace
-        )
+        took = await _second_signal(service)
         status, event_id, body = await calling
-    assert took < grace / 2, took
+    assert took < _HANGS_GRACE / 2, took
     assert status == 503, body
     assert "stopped before the call ended" in body["detail"], body
     assert await _attempts(database_dsn) == {(event_id, "failed", CUT_OFF)}
