@@ -101,6 +101,8 @@ from eventbus.store import (
     EmbeddedPostgres,
     EventCursor,
     EventTrail,
+    Pruner,
+    RetentionPolicy,
     Store,
     set_aside,
 )
@@ -482,6 +484,17 @@ class Service:
         )
         self._stack.push_async_callback(self.store.close)
         log.info("database: %s", redact_url(self.database_url))
+        kept = s.retention
+        retention = RetentionPolicy(
+            audit=kept.audit,
+            dead_letters=kept.dead_letters,
+            source_dead_letters=kept.source_dead_letters,
+            every=kept.every,
+        )
+        pruner = Pruner(self.store.pool, retention)
+        pruner.start()
+        self._stack.push_async_callback(pruner.stop)
+        log.info("retention: %s", retention.describe())
         bus_config = self._bus_config()
         self.bus = await self._stack.enter_async_context(open_bus(bus_config))
         if isinstance(self.bus, KafkaBus):

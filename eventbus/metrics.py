@@ -44,6 +44,7 @@ __all__ = [
     "MULTIPROC_ENV",
     "REFUSALS_UNRECORDED",
     "REGISTRY",
+    "RETENTION_DELETED",
     "RETRY_BACKLOG",
     "RULE_FAILURES",
     "WORKER_RESTARTS",
@@ -164,6 +165,12 @@ AUDIT_PENDING = Gauge(
 AUDIT_QUARANTINED = Counter(
     "eventbus_audit_quarantined",
     "Audit rows the database could not take, set aside in audit_quarantine, by table",
+    ["table"],
+    registry=REGISTRY,
+)
+RETENTION_DELETED = Counter(
+    "eventbus_retention_deleted",
+    "Rows deleted for being older than the retention settings allow, by table",
     ["table"],
     registry=REGISTRY,
 )

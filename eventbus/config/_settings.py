@@ -18,11 +18,12 @@ import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -36,6 +37,7 @@ from eventbus.config._clients import KafkaAuth, NatsAuth
 from eventbus.config._connectors import warn_literal_secrets
 from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._tls import TlsSpec
+from eventbus.config._units import Duration, parse_duration
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "KafkaSettings",
     "ListenSettings",
     "NatsSettings",
+    "RetentionSettings",
     "RouterSettings",
     "Settings",
     "load_settings",
@@ -193,6 +196,37 @@ class RouterSettings(_Model):
     is 15-130x faster and follows the CEL spec where cel-python does not (docs/rules.md)."""
 
 
+_MIN_RETENTION = 3600.0
+
+
+def _kept_for(value: object) -> float | None:
+    """A retention age: a duration of at least an hour, or ``forever`` (or null)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "forever"):
+        return None
+    seconds = parse_duration(value)
+    if seconds < _MIN_RETENTION:
+        raise ValueError(f"must be at least 1h (or forever), got {value!r}")
+    return seconds
+
+
+KeptFor = Annotated[float | None, BeforeValidator(_kept_for)]
+
+
+class RetentionSettings(_Model):
+    """How long rows are kept in the database before eventbus deletes them (docs/audit.md):
+    a duration (``30d``) or ``forever``."""
+
+    audit: KeptFor = 30 * 86400.0
+    """Accepted events, rule matches, delivery attempts, refused requests and quarantined
+    audit rows; an event's rows stay as long as a dead letter or a waiting retry of it."""
+    dead_letters: KeptFor = None
+    """Dead letters not replayed or purged (kept for ever by default)."""
+    source_dead_letters: KeptFor = 30 * 86400.0
+    """Input a source could not turn into an event."""
+    every: Duration = Field(3600.0, ge=1, le=7 * 86400)
+    """Seconds between two rounds of pruning (one instance prunes at a time)."""
+
+
 class Settings(_Model):
     listen: ListenSettings = ListenSettings()
     data_dir: Path = Path(".eventbus")
@@ -213,6 +247,7 @@ class Settings(_Model):
     """Who may reach any route but the probes (``/healthz``, ``/readyz``): CIDR lists."""
     kafka_ingest: KafkaIngestSettings | None = None
     router: RouterSettings = RouterSettings()
+    retention: RetentionSettings = RetentionSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text", "auto"] = "auto"
     """``auto``: text on a terminal (a person reads it), JSON lines otherwise (a collector)."""

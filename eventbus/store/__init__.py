@@ -26,6 +26,7 @@ from eventbus.store._pool import (
     cause_of,
     set_aside,
 )
+from eventbus.store._retention import Pruner, RetentionPolicy
 
 __all__ = [
     "CAUSE_ID",
@@ -39,6 +40,8 @@ __all__ = [
     "EventCursor",
     "EventTrail",
     "Outstanding",
+    "Pruner",
+    "RetentionPolicy",
     "Store",
     "cause_of",
     "dumps_jsonb",

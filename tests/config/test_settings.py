@@ -73,6 +73,14 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("source_lease: 0.5\n", "eventbus.yaml:1: source_lease: Input should be greater than"),
         ("source_lease: never\n", "eventbus.yaml:1: source_lease: Input should be a valid num"),
         ("worker_hang_timeout: 1\n", "eventbus.yaml:1: worker_hang_timeout: Input should be gr"),
+        (
+            "retention:\n  audit: 10m\n",
+            "eventbus.yaml:2: retention.audit: Value error, must be at least 1h (or forever), "
+            "got '10m'",
+        ),
+        ("retention:\n  dead_letters: -1d\n", "eventbus.yaml:2: retention.dead_letters: Value"),
+        ("retention:\n  every: 0\n", "eventbus.yaml:2: retention.every: Input should be gre"),
+        ("retention: {audit: 1 week}\n", "eventbus.yaml:1: retention.audit: Value error, not a"),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
@@ -196,3 +204,22 @@ def test_ingest_limits_default_to_the_cloudevents_ones() -> None:
     settings = Settings()
     assert settings.max_event_size == DEFAULT_MAX_EVENT_SIZE
     assert settings.max_batch_entries == DEFAULT_MAX_BATCH_ENTRIES
+
+
+def test_retention_defaults_and_forever(tmp_path: Path) -> None:
+    kept = load_settings(None, env={}).retention
+    assert (kept.audit, kept.dead_letters, kept.source_dead_letters, kept.every) == (
+        30 * 86400,
+        None,
+        30 * 86400,
+        3600,
+    )
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text("retention: {audit: forever, dead_letters: 14d, every: 10m}\n")
+    kept = load_settings(cfg, env={"EVENTBUS_RETENTION__SOURCE_DEAD_LETTERS": "Forever"}).retention
+    assert (kept.audit, kept.dead_letters, kept.source_dead_letters, kept.every) == (
+        None,
+        14 * 86400,
+        None,
+        600,
+    )

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import string
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -18,8 +17,6 @@ from eventbus.cloudevents import validate
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
 from tests.fixtures.postgres import table_locked
 from tests.fixtures.wait import eventually
-
-AUDIT_DOC = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text("utf-8")
 
 # Guards against a hang, not speed assertions: every wait in these tests is bounded.
 BOUND = 60.0
@@ -395,31 +392,3 @@ async def test_a_write_that_never_returns_turns_health_red(database_dsn: str) ->
             assert not flushed.done()
         await asyncio.wait_for(flushed, BOUND)
         assert store.audit.health(unanswered_after=0.3) == (True, "ok")
-
-
-async def test_the_documented_retention_keeps_what_a_replay_needs(database_dsn: str) -> None:
-    # The statements of docs/audit.md "Retention", run as printed: the events row of a dead
-    # letter was deleted with the others, and once replayed its trail answered 404.
-    section = AUDIT_DOC[AUDIT_DOC.index("## Retention") :]
-    start = section.index("```sql") + len("```sql")
-    sql = section[start : section.index("```", start)]
-    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
-    statements = [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
-    assert len(statements) == 4, statements
-    old = datetime.now(UTC) - timedelta(days=40)
-    async with await Store.open(database_dsn, audit_interval=0.01) as store:
-        for n in (1, 2):
-            await store.audit.event_accepted(_event(n), via="http", received_at=old)
-        await asyncio.wait_for(store.audit.flush(), BOUND)
-        await store.pool.execute(
-            "INSERT INTO dead_letters (event_source, event_id, event, rule, target, payload,"
-            " is_cloudevent, attempts, history, reason, first_attempt_at, created_at)"
-            " VALUES ('/test', 'e2', '{}', 'r', 't', '{}', true, 1, '[]', 'non-retryable',"
-            " $1, $1)",
-            old,
-        )
-        for statement in statements:
-            await store.pool.execute(statement)
-        assert await store.event_trail("/test", "e1") is None  # pruned
-        trail = await store.event_trail("/test", "e2")  # kept: its dead letter is
-        assert trail is not None and trail.event["id"] == "e2"
