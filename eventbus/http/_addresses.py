@@ -3,7 +3,8 @@ webhook trigger.
 
     request ─> AddressGate: /healthz or /readyz? (always answered)
             ─> client address: the peer's, or from X-Forwarded-For when the peer is a trusted
-               proxy ─> denied, or not allowed? 403 problem+json, refusal recorded
+               proxy (for /hooks/<name>, the trigger's trusted proxies too) ─> denied, or not
+               allowed? 403 problem+json, refusal recorded
             ─> the rest of the edge (API keys, routes)
 
 Where it sits: outermost in ``create_app``, before any route reads a header or a body, and only
@@ -14,7 +15,7 @@ when the ``client_addresses`` settings refuse some address (otherwise it costs n
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from eventbus import metrics
@@ -83,10 +84,19 @@ class AddressGate:
     """ASGI: answers 403 problem+json to a client ``lists`` refuses (every route but the
     probes), recording the refusal in ``refusals``; hands the rest to ``app``."""
 
-    def __init__(self, lists: AddressLists, refusals: RefusalLog, app: ASGIApp) -> None:
+    def __init__(
+        self,
+        lists: AddressLists,
+        refusals: RefusalLog,
+        app: ASGIApp,
+        proxies: Callable[[str], Networks] | None = None,
+    ) -> None:
+        """``proxies``: the trusted proxies for a request's path (``lists.trusted_proxies``
+        for every path without it)."""
         self._lists = lists
         self._refusals = refusals
         self._app = app
+        self._proxies = proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The edge serves no websocket route: only http scopes reach a route.
@@ -95,13 +105,12 @@ class AddressGate:
             return
         peer = scope.get("client")
         remote = peer[0] if peer else None
-        address = client_address(
-            self._lists.trusted_proxies, remote, forwarded_for(scope["headers"])
-        )
+        path = scope["path"]
+        trusted = self._lists.trusted_proxies if self._proxies is None else self._proxies(path)
+        address = client_address(trusted, remote, forwarded_for(scope["headers"]))
         if allowed(self._lists, address):
             await self._app(scope, receive, send)
             return
-        path = scope["path"]
         reason = (
             f"address {address} is not allowed"
             if address is not None

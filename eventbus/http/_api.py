@@ -34,7 +34,7 @@ from eventbus.delivery import DeadLetterFilter
 from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access, RefusalLog, is_loopback
 from eventbus.http._addresses import AddressGate
-from eventbus.http._hooks import HOOK_OPERATIONS, HookApp
+from eventbus.http._hooks import HOOK_OPERATIONS, HookApp, proxies_for
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
 from eventbus.http._invoke import caller, invoke
 from eventbus.http._params import (
@@ -513,4 +513,6 @@ def create_app(service: Service) -> ASGIApp:
     app.add_exception_handler(EventBusError, _on_error)
     edge = IngestApp(service, access, HookApp(service, access, refusals, app))
     lists = service.settings.client_addresses
-    return AddressGate(lists, refusals, edge) if lists.restricted else edge
+    if not lists.restricted:
+        return edge
+    return AddressGate(lists, refusals, edge, proxies_for(service))

@@ -17,7 +17,7 @@ bounded rate of :class:`RefusalLog`.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from eventbus import metrics
@@ -113,6 +113,32 @@ def _given_key(headers: Mapping[str, str]) -> str:
     header = headers.get("authorization", "")
     given = header[7:].strip() if header[:7].lower() == "bearer " else ""
     return given or headers.get("x-api-key", "")
+
+
+def _trusted(spec: WebhookSourceSpec, service_proxies: Networks) -> Networks:
+    """The proxies whose ``X-Forwarded-For`` names a caller of ``spec``'s trigger: its own
+    and the service's (a proxy in front of the whole service relays to every trigger; a
+    trigger's deny list judged the proxy's address and let a denied client through)."""
+    if not service_proxies:
+        return spec.trusted_proxies
+    return spec.trusted_proxies + service_proxies
+
+
+def proxies_for(service: Service) -> Callable[[str], Networks]:
+    """The proxies whose ``X-Forwarded-For`` names the client of a request, by its path: a
+    trigger's own and the service's for ``/hooks/<name>``, the service's elsewhere. The
+    service-wide address lists judge that client: judging a trigger's proxy instead let a
+    client the service denies through it, and refused one the service allows."""
+    service_proxies = service.settings.client_addresses.trusted_proxies
+
+    def proxies(path: str) -> Networks:
+        if path.startswith(_PREFIX):
+            source = service.source(path[len(_PREFIX) :])
+            if isinstance(source, WebhookSource):
+                return _trusted(source.spec, service_proxies)
+        return service_proxies
+
+    return proxies
 
 
 class HookApp:
@@ -217,12 +243,7 @@ class HookApp:
         raise Problem(401, reason, headers={"WWW-Authenticate": "Bearer"})
 
     def _trusted(self, spec: WebhookSourceSpec) -> Networks:
-        """The proxies whose ``X-Forwarded-For`` names a caller of ``spec``'s trigger: its own
-        and the service's (a proxy in front of the whole service relays to every trigger; a
-        trigger's deny list judged the proxy's address and let a denied client through)."""
-        if not self._service_proxies:
-            return spec.trusted_proxies
-        return spec.trusted_proxies + self._service_proxies
+        return _trusted(spec, self._service_proxies)
 
     def _refuse(self, remote: str | None, path: str, reason: str) -> None:
         self._refusals.record(remote=remote, path=path, reason=reason)

@@ -46,30 +46,43 @@ async def send_answer(
     await send({"type": "http.response.body", "body": body})
 
 
-# Headers a request may repeat: lists by definition, read whole (X-Forwarded-For's lines are
-# joined by ``_addresses``). Any other header repeated is refused: which of its values counts
-# is a choice a proxy in front may make differently (the first, where eventbus took the last),
+# Headers a request may repeat: lists by definition, and the ones proxies and tracing add on
+# the way (a chain of proxies may each add its own), which eventbus reads nowhere but where a
+# webhook's template names one. Their lines are read as one value, joined by ", " (RFC 9110:
+# field lines of one name are one comma-separated list; X-Forwarded-For's are joined by
+# ``_addresses`` too). Any other header repeated is refused: which of its values counts is a
+# choice a proxy in front may make differently (the first, where eventbus took the last),
 # and it decides what the event is (``ce-*``, Content-Type) or who sends it (Authorization,
 # X-API-Key, a webhook's signature).
 REPEATABLE_HEADERS = frozenset(
     {
         "accept", "accept-encoding", "accept-language", "cache-control", "cookie", "forwarded",
         "pragma", "te", "via", "warning", "x-forwarded-for",
+        # proxies and load balancers
+        "x-forwarded-host", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-proto",
+        "x-forwarded-scheme", "x-forwarded-server", "x-real-ip", "x-request-id",
+        "x-correlation-id", "x-amzn-trace-id", "x-cloud-trace-context", "cdn-loop",
+        # tracing (W3C Trace Context and Baggage, Zipkin B3)
+        "traceparent", "tracestate", "baggage", "b3", "x-b3-traceid", "x-b3-spanid",
+        "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
     }
 )  # fmt: skip
 
 
 def request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    """A request's headers by lower-case name; raises ``Problem`` (400) for one repeated that
-    is not in ``REPEATABLE_HEADERS``."""
+    """A request's headers by lower-case name; the lines of a header in
+    ``REPEATABLE_HEADERS`` joined by ", "; raises ``Problem`` (400) for any other repeated."""
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
     if len(headers) < len(raw):
-        seen: set[str] = set()
-        for key, _ in raw:
+        lines: dict[str, list[str]] = {}
+        for key, value in raw:
             name = key.decode("latin-1").lower()
-            if name in seen and name not in REPEATABLE_HEADERS:
+            if name in lines and name not in REPEATABLE_HEADERS:
                 raise Problem(400, f"header {name!r} appears more than once; send it once")
-            seen.add(name)
+            lines.setdefault(name, []).append(value.decode("latin-1"))
+        for name, values in lines.items():
+            if len(values) > 1:
+                headers[name] = ", ".join(values)
     return headers
 
 

@@ -265,6 +265,37 @@ async def test_a_triggers_lists_judge_the_client_the_services_proxy_names(
     assert (status, detail) == (403, "address 192.0.2.7 is not allowed to call hook 'allow'")
 
 
+async def test_the_services_lists_judge_the_client_a_triggers_proxy_names(
+    eventbus: StartService,
+) -> None:
+    # A proxy in front of one trigger (its own trusted_proxies): the service-wide lists judged
+    # the proxy's address, so a client the service denies got through the trigger (202) and
+    # one the service allows was refused (403). Elsewhere the trigger's proxy is not trusted.
+    svc = await eventbus(
+        rules="[]",
+        targets=[],
+        sources=[
+            {
+                "name": "tunnel",
+                "type": "webhook",
+                "keys": [KEY],
+                "trusted_proxies": ["127.0.0.1/32"],
+            }
+        ],
+        settings={"client_addresses": {"allow": ["10.0.0.0/8"], "deny": ["10.9.9.0/24"]}},
+    )
+    key = {"Authorization": f"Bearer {KEY}"}
+    client = {**key, "X-Forwarded-For": "10.1.2.3"}
+    assert await _from(svc, "127.0.0.1", "/hooks/tunnel", **client) == 202
+    status, _, detail = await _problem(
+        svc, "POST", "/hooks/tunnel", b"{}", {**key, "X-Forwarded-For": "10.9.9.9"}
+    )
+    assert (status, detail) == (403, "address 10.9.9.9 is not allowed")
+    assert await _from(svc, "127.0.0.1", "/hooks/tunnel", **key) == 403  # the proxy: not allowed
+    assert await _from(svc, "127.0.0.1", "/events", **client) == 403
+    assert await _from(svc, "127.0.0.1", "/hooks/nope", **client) == 403
+
+
 async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -> None:
     status, headers, detail = await _problem(service, "POST", "/hooks/keyed", b"{}")
     assert (status, detail, headers["WWW-Authenticate"]) == (401, "missing API key", "Bearer")

@@ -271,6 +271,33 @@ async def _raw_post(
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
 
+async def test_headers_proxies_and_tracing_add_may_come_twice(
+    service: RunningService, receiver: Receiver
+) -> None:
+    # A chain of proxies each adding its own X-Forwarded-Proto or traceparent: a verified
+    # delivery was refused 400 for it (and GitHub does not send it again).
+    push = orjson.dumps({"ref": "refs/heads/main"})
+    signed = [(k.encode(), v.encode()) for k, v in github(push, delivery="d-twice").items()]
+    added = [
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Proto", b"http"),
+        (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        (b"Traceparent", b"00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"),
+    ]
+    status, _ = await _raw_post(service, "/hooks/github", signed + added, push)
+    assert status == 202
+    await _delivered(receiver, "urn:eventbus:source:github", "d-twice")
+    # a template reading one sees every line, as one list
+    order = orjson.dumps({"order": {"id": 5}})
+    lines = [(k.encode(), v.encode()) for k, v in generic(order).items() if k != "X-Request-Id"]
+    lines += [(b"X-Request-Id", b"req-a"), (b"X-Request-Id", b"req-b")]
+    status, body = await _raw_post(service, "/hooks/generic?kind=k", lines, order)
+    assert (status, orjson.loads(body)["id"]) == (202, "req-a, req-b")
+    # the signature itself may not come twice
+    status, body = await _raw_post(service, "/hooks/github", signed + signed[-1:], push)
+    assert status == 400 and b"appears more than once" in body
+
+
 async def test_slacks_form_posts_get_their_type(
     service: RunningService, receiver: Receiver
 ) -> None:
