@@ -70,6 +70,13 @@ _PRESETS: dict[str, tuple[str, str | None]] = {
     "standard-webhooks": ("{body:$.type}", "{header:webhook-id}"),
     "hmac": ("com.eventbus.webhook", None),
 }
+# Where the preset's type has no value: Slack's interactivity posts a form whose payload is
+# JSON carrying the type; GitLab's system hooks name their event in event_name, not
+# object_kind.
+_FALLBACK_TYPES = {
+    "slack": "com.slack.{body:$.payload.type}",
+    "gitlab": "com.gitlab.{body:$.event_name}",
+}
 _RESERVED = frozenset(
     {"id", "source", "specversion", "type", "time", "subject", "data", "data_base64"}
     | {"datacontenttype", "dataschema"}
@@ -174,6 +181,22 @@ def _slack_payload(request: HookRequest, data: dict[str, Any]) -> None:
             form["payload"] = load_json(payload.encode())
 
 
+def _github_payload(request: HookRequest, data: dict[str, Any]) -> None:
+    """GitHub's form content type (``application/x-www-form-urlencoded``, the default of a
+    webhook made through its API) posts the JSON a JSON webhook sends as its one field
+    ``payload``: that JSON is the event's data, as with the JSON content type (rules and
+    ``{body:...}`` templates read the same event either way). Left as the form when it is
+    not JSON."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    form = data.get("data")
+    if media != _FORM or not isinstance(form, dict) or set(form) != {"payload"}:
+        return
+    payload = form["payload"]
+    if isinstance(payload, str):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            data["data"] = load_json(payload.encode())
+
+
 def _data(request: HookRequest) -> dict[str, Any]:
     """The body as the event's ``data`` (or ``data_base64``) and its ``datacontenttype``."""
     if not request.body:
@@ -230,12 +253,9 @@ class WebhookSource:
         default_type, default_id = _PRESETS[kind]
         self._type = Template(spec.event_type or default_type)
         self._slack = kind == "slack"
-        # Slack's interactivity posts a form whose payload is JSON, carrying the type
-        self._fallback_type = (
-            Template("com.slack.{body:$.payload.type}")
-            if self._slack and spec.event_type is None
-            else None
-        )
+        self._github = kind == "github"
+        fallback = _FALLBACK_TYPES.get(kind) if spec.event_type is None else None
+        self._fallback_type = None if fallback is None else Template(fallback)
         self._id = template(spec.event_id or default_id)
         self._subject = template(spec.subject)
         self._extensions = {k: Template(v) for k, v in spec.extensions.items()}
@@ -268,6 +288,8 @@ class WebhookSource:
         data = _data(request)
         if self._slack:
             _slack_payload(request, data)
+        elif self._github:
+            _github_payload(request, data)
         body = data.get("data")
         event_type = self._type.render(request, body)
         if event_type is None and self._fallback_type is not None:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +85,7 @@ _PARTNER: dict[str, Any] = {
     "verify": {**cast(dict[str, Any], SOURCES[5]["verify"]), "timestamp": "X-Timestamp"},
 }
 RULES = "- name: all\n  targets: [fn]\n"
+FORM = "application/x-www-form-urlencoded"
 
 
 def github(body: bytes, delivery: str = "d-1", secret: str = GITHUB_SECRET) -> dict[str, str]:
@@ -810,3 +812,47 @@ async def test_a_copy_waiting_on_a_publish_whose_entry_went_is_still_answered(
             async with asyncio.timeout(5):
                 assert await copy == (False, retry["id"])
     assert [e["data"] for e in published] == [{"n": 2}, {"n": 1}]
+
+
+def test_githubs_form_content_type_makes_the_event_its_json_does() -> None:
+    # GitHub's form content type (the default of a hook made through its API) posts the JSON
+    # as the field `payload`: the event's data was {"payload": "<the JSON as text>"}, so
+    # rules on data.repository and the subject template found nothing.
+    spec = {
+        "verify": {"kind": "github", "secret": GITHUB_SECRET},
+        "subject": "{body:$.repository.full_name}",
+    }
+    push = {"ref": "refs/heads/main", "repository": {"full_name": "o/r"}, "n": [1, 2]}
+    as_json = orjson.dumps(push)
+    as_form = b"payload=" + urllib.parse.quote_plus(as_json.decode()).encode()
+    events = []
+    for body, media in ((as_json, "application/json"), (as_form, FORM)):
+        headers = {k.lower(): v for k, v in github(body).items()} | {"content-type": media}
+        events.append(_event(spec, HookRequest("POST", headers, "", body)))
+    for event in events:
+        assert (event["data"], event["subject"], event["type"]) == (
+            push,
+            "o/r",
+            "com.github.push",
+        )
+        assert event["datacontenttype"] == "application/json"
+    # a form that is not GitHub's one JSON field stays a form
+    other = b"payload=not-json&x=1"
+    headers = {k.lower(): v for k, v in github(other).items()} | {"content-type": FORM}
+    assert _event(spec, HookRequest("POST", headers, "", other))["data"] == {
+        "payload": "not-json",
+        "x": "1",
+    }
+
+
+def test_gitlab_system_hooks_are_typed_by_their_event_name() -> None:
+    # A system hook (project_create ...) carries event_name and no object_kind: refused 400
+    # "no value for the event type", and GitLab disables a hook that keeps failing.
+    spec = {"verify": {"kind": "gitlab", "secret": GITLAB_TOKEN}}
+    headers = {"x-gitlab-token": GITLAB_TOKEN, "content-type": "application/json"}
+    system = orjson.dumps({"event_name": "project_create", "name": "p"})
+    assert _event(spec, HookRequest("POST", headers, "", system))["type"] == (
+        "com.gitlab.project_create"
+    )
+    both = orjson.dumps({"event_name": "push", "object_kind": "push_system"})
+    assert _event(spec, HookRequest("POST", headers, "", both))["type"] == "com.gitlab.push_system"
