@@ -17,6 +17,8 @@ bounded rate of :class:`RefusalLog`.
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["HOOK_OPERATIONS", "HookApp"]
 
 _PREFIX = "/hooks/"
+_TELL_EVERY = 10.0
+_log = logging.getLogger(__name__)
 
 
 def _problem(status: int, description: str) -> dict[str, Any]:
@@ -154,6 +158,7 @@ class HookApp:
         self._max_event = service.settings.max_event_size
         self._max_body = body_limit(self._max_event)
         self._service_proxies = service.settings.client_addresses.trusted_proxies
+        self._told_at = -_TELL_EVERY
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -163,12 +168,22 @@ class HookApp:
         try:
             status, media, body, extra = await self._hook(scope, receive, path[len(_PREFIX) :])
         except Exception as exc:
-            answer = problem_answer(exc, path)
+            # The sender is a stranger: not told the servers behind (the operator is, in the
+            # log, at most every 10 s)
+            answer = problem_answer(exc, path, reveal=False)
             if answer is None:
                 raise
             status, extra, body = answer
             media = PROBLEM
+            if status >= 500 or status == 422:
+                self._tell_operator(path, status, exc)
         await send_answer(send, status, media, body, extra)
+
+    def _tell_operator(self, path: str, status: int, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._told_at >= _TELL_EVERY:
+            self._told_at = now
+            _log.warning("%s answered %d: %s", path, status, exc)
 
     async def _hook(
         self, scope: Scope, receive: Receive, name: str

@@ -72,7 +72,9 @@ class Problem(Exception):
         )
 
 
-def problem_answer(exc: Exception, path: str) -> tuple[int, dict[str, str], bytes] | None:
+def problem_answer(
+    exc: Exception, path: str, *, reveal: bool = True
+) -> tuple[int, dict[str, str], bytes] | None:
     """The status, extra headers and problem+json body answering ``exc`` on ``path``, or None
     when it is no error an operation raises on purpose (see :func:`problem_for`).
 
@@ -80,28 +82,31 @@ def problem_answer(exc: Exception, path: str) -> tuple[int, dict[str, str], byte
     here, so no local of theirs keeps the problem (its traceback holds their frame, the frame
     held it: a cycle keeping the request's body until a full collection, hundreds of MB after
     a few hundred refused large bodies)."""
-    problem = problem_for(exc)
+    problem = problem_for(exc, reveal=reveal)
     if problem is None:
         return None
     return problem.status, problem.headers, problem.body(path)
 
 
-def problem_for(exc: Exception) -> Problem | None:
-    """The answer for an error an API operation may raise on purpose; None for the others."""
+def problem_for(exc: Exception, *, reveal: bool = True) -> Problem | None:
+    """The answer for an error an API operation may raise on purpose; None for the others.
+    Without ``reveal`` (an answer to a stranger: a webhook's sender), a failure of the bus or
+    the database is answered without its error, which names the servers behind."""
     if isinstance(exc, Problem):
         return exc
     if isinstance(exc, CloudEventError):
         metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
         return Problem(exc.status, exc.detail, title=exc.title)
+    why = f": {exc}" if reveal else ""
     if isinstance(exc, BusUnavailable):
-        return Problem(503, f"the event bus is unavailable: {exc}", headers={"Retry-After": "5"})
+        return Problem(503, f"the event bus is unavailable{why}", headers={"Retry-After": "5"})
     if isinstance(exc, StoreDataError):
-        return Problem(400, f"the database cannot take a value of this request: {exc}")
+        return Problem(400, f"the database cannot take a value of this request{why}")
     if isinstance(exc, StoreError):
-        return Problem(503, f"the database is unavailable: {exc}", headers={"Retry-After": "5"})
+        return Problem(503, f"the database is unavailable{why}", headers={"Retry-After": "5"})
     if isinstance(exc, EventTooLargeForBus):
-        return Problem(413, f"the event is too large for the event bus: {exc}")
+        return Problem(413, f"the event is too large for the event bus{why}")
     if isinstance(exc, BusError):
         # the broker refused this event: retrying will not help
-        return Problem(422, f"the event bus refused the event: {exc}")
+        return Problem(422, f"the event bus refused the event{why}")
     return None

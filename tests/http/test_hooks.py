@@ -349,13 +349,17 @@ async def _on_own_bus(
 
 @pytest.mark.timeout(120)
 async def test_bus_down_answers_503_then_recovers(
-    eventbus: StartService, receiver: Receiver, tmp_path: Path
+    eventbus: StartService, receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with NatsServer(tmp_path / "own-nats") as nats:
         svc = await _on_own_bus(eventbus, receiver, nats, {"name": "open", "type": "webhook"})
         await nats.stop()
         status, headers, detail = await _problem(svc, "POST", "/hooks/open", b'{"n": 1}')
         assert status == 503 and headers["Retry-After"] == "5", detail
+        # the sender is not told the servers behind (it was "NATS at nats://127.0.0.1:PORT is
+        # not connected: ..."); the log is
+        assert detail == "the event bus is unavailable"
+        assert "/hooks/open answered 503: NATS at nats://" in caplog.text
         await nats.start()
 
         async def accepted() -> bool:
