@@ -15,6 +15,7 @@ when the ``client_addresses`` settings refuse some address (otherwise it costs n
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -31,13 +32,26 @@ __all__ = ["AddressGate", "allowed", "client_address", "forwarded_for"]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 _PROBES = frozenset({"/healthz", "/readyz"})
+_PORT = re.compile(r":[0-9]{1,5}")
 
 
 def _address(text: str | None) -> Address | None:
+    """The address ``text`` names: ``a.b.c.d``, an IPv6 address, bracketed or not, and either
+    with a port (``a.b.c.d:port``, ``[v6]:port``: some load balancers write one); None for
+    anything else."""
     if not text:
         return None
+    text = text.strip()
+    if text.startswith("["):
+        text, closed, port = text[1:].partition("]")
+        if not closed or (port and not _PORT.fullmatch(port)):
+            return None
+    elif text.count(":") == 1:  # not IPv6, which has two or more
+        text, _, port = text.partition(":")
+        if not port.isascii() or not port.isdigit():
+            return None
     try:
-        address = ipaddress.ip_address(text.strip().strip("[]"))
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
     # a dual-stack socket (listen on ::) sees IPv4 clients as ::ffff:a.b.c.d

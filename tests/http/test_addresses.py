@@ -170,6 +170,11 @@ def test_client_address_ipv6_and_proxy_chains() -> None:
     assert client_address(lists.trusted_proxies, "::ffff:127.0.0.1", "[::ffff:127.0.0.1]") == four
     # no trusted proxies: the header is never read
     assert client_address((), "127.0.0.1", "10.0.0.1") == four
+    # with a port, as some load balancers write it (read as an unknown client before)
+    assert client_address(lists.trusted_proxies, "::1", "10.1.2.3:5555") == v6("10.1.2.3")
+    assert client_address(lists.trusted_proxies, "::1", "[2001:db8::5]:443") == v6("2001:db8::5")
+    assert client_address(lists.trusted_proxies, "::1", "10.1.2.3:x") is None
+    assert client_address(lists.trusted_proxies, "::1", "[2001:db8::5") is None
 
 
 _V4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
