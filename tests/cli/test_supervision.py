@@ -135,8 +135,8 @@ async def test_a_frozen_worker_is_killed_and_started_again(
 
         await eventually(replaced, within=30, what="the frozen worker replaced")
         assert not psutil.pid_exists(frozen.pid) or frozen.status() == psutil.STATUS_ZOMBIE
-        assert other.is_running()
         log = service.log.read_text()
+        assert other.is_running(), log[-3000:]  # (seen once on a loaded machine: why, then?)
         assert f"(pid {frozen.pid}) has not been heard from for" in log, log[-2000:]
     finally:
         await service.terminate()
