@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import orjson
+
 from eventbus import metrics
 from eventbus._errors import (
     ConfigError,
@@ -108,7 +110,13 @@ from eventbus.store import (
 )
 from eventbus.targets import Target, build_target
 
-__all__ = ["Embedded", "Service", "start_embedded"]
+__all__ = ["CONNECTORS_SNAPSHOT", "Embedded", "Service", "start_embedded"]
+
+CONNECTORS_SNAPSHOT = "connectors.json"
+"""The file of the shared directory of ``serve --workers N`` holding the connectors' texts as
+the parent read them (``connector_texts``): every worker starts with those, one restarted
+after an edit too, so that all run one configuration (the edit applies at the next start of
+the service, as in one process)."""
 
 log = logging.getLogger("eventbus")
 
@@ -427,17 +435,22 @@ class Service:
             raise
         return self
 
-    def read_files(self) -> tuple[RuleSet, dict[str, Target], list[Source]]:
+    def read_files(
+        self, texts: Mapping[str, str | None] | None = None
+    ) -> tuple[RuleSet, dict[str, Target], list[Source]]:
         """Read the connectors and the rules as the start does, building (not opening) the
         adapters. Raises ConfigError or RuleSetError naming file and line; the parent of
-        ``serve --workers N`` calls it before starting any worker."""
+        ``serve --workers N`` calls it before starting any worker, with the connectors'
+        ``texts`` it gives them (a worker reads those, see :data:`CONNECTORS_SNAPSHOT`)."""
         # Every problem of every file at once: connectors, delivery settings, adapters and
         # rules came in as many rounds, each fix showing the next.
         problems: list[str] = []
         connectors: ConnectorSet | None = None
         policies: dict[str, DeliveryPolicy] | None = None
         try:
-            connectors = load_connectors(self._named_path("connectors"))
+            connectors = load_connectors(
+                self._named_path("connectors"), texts=texts or self._connector_snapshot()
+            )
             policies = _policies(connectors)
         except ConfigError as exc:
             problems.append(str(exc))
@@ -614,6 +627,17 @@ class Service:
             auth=s.bus.nats if self._nats_auth is None else self._nats_auth,
             max_event_size=s.max_event_size,
         )
+
+    def _connector_snapshot(self) -> dict[str, str | None] | None:
+        """A worker's connectors: their texts as its parent read them at its start."""
+        if self._shared is None:
+            return None
+        try:
+            snapshot = (self._shared / CONNECTORS_SNAPSHOT).read_bytes()
+        except FileNotFoundError:
+            return None
+        texts: dict[str, str | None] = orjson.loads(snapshot)
+        return texts
 
     def _named_path(self, name: str) -> Path:
         """The settings' ``name`` path (``rules``, ``connectors``). Raises ConfigError when the

@@ -136,6 +136,7 @@ EXPORTS: dict[str, list[str]] = {
         "check_deliveries_with",
         "connector_adapter",
         "connector_spec",
+        "connector_texts",
         "did_you_mean",
         "flow_too_deep",
         "header_token",

@@ -45,12 +45,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus._tasks import cancel_and_wait, wait_event
-from eventbus.app import Service, start_embedded
+from eventbus.app import CONNECTORS_SNAPSHOT, Service, start_embedded
 from eventbus.cli._datadir import client_url, hold_data_dir
-from eventbus.config import EMBEDDED_NATS_ENV, PARENT_ENV, RESTARTED_ENV, WORKER_ENV, Settings
+from eventbus.config import (
+    EMBEDDED_NATS_ENV,
+    PARENT_ENV,
+    RESTARTED_ENV,
+    WORKER_ENV,
+    Settings,
+    connector_texts,
+)
 from eventbus.http import HttpServer, Starting, create_app, http_server, is_loopback
 from eventbus.sources import SharedStatuses
 
@@ -67,6 +76,7 @@ _QUICK_EXITS_TO_GIVE_UP = 5
 """Such exits in a row of every worker after which the parent stops everything and exits
 non-zero."""
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_SETTINGS_SNAPSHOT = "settings.yaml"  # the settings file as the parent read it, in the shared dir
 _LIVE_PREFIX = "eventbus-live-"  # the workers' live-feed sockets' directory, in the temporary one
 
 
@@ -397,7 +407,11 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     # error, at once, as in one process (each worker failed on it, restarted, for ever). A
     # SIGHUP meanwhile (the loop held: compiling) is told apart as it comes, acted on after.
     signal.signal(signal.SIGHUP, _hup_while_starting)
-    Service(settings).read_files()
+    # What every worker starts with, one restarted later too: the settings file and the
+    # connectors as read now (a worker restarted after an edit ran the edit beside the
+    # others: another target URL, API keys, a second durable consumer). The rules are read
+    # by each, and a restarted one has the others read them again (below).
+    settings_text, texts = _read_configuration(settings, config_path)
     loop.add_signal_handler(signal.SIGHUP, reload_all)
     if any(_hups_while_starting):
         _say_hung_up()
@@ -430,6 +444,9 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         (shared / "sources").mkdir()
         (shared / "beats").mkdir()
         stack.callback(shutil.rmtree, shared, True)
+        (shared / CONNECTORS_SNAPSHOT).write_bytes(orjson.dumps(texts))
+        if settings_text is not None:
+            (shared / _SETTINGS_SNAPSHOT).write_bytes(settings_text)
         # The workers' live-feed sockets: in a new private directory (0700) of the temporary
         # one, linked from the shared one, for a Unix socket's path must stay short.
         live = tempfile.mkdtemp(prefix=_LIVE_PREFIX)
@@ -444,8 +461,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
 
         def spawn(i: int, again: bool = False) -> subprocess.Popen[bytes]:
             cmd = [sys.executable, "-m", "eventbus", "serve", "--reuse-port"]
-            if config_path:
-                cmd += ["--config", config_path]
+            if settings_text is not None:
+                cmd += ["--config", str(shared / _SETTINGS_SNAPSHOT)]
             worker_env = dict(
                 env,
                 EVENTBUS_RUN_SOURCES="true" if i == 0 else "false",
@@ -552,6 +569,18 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
     if failed is not None:
         log.error("giving up: %s", failed)
         raise EventBusError(f"stopped: {failed}")
+
+
+def _read_configuration(
+    settings: Settings, config_path: str | None
+) -> tuple[bytes | None, dict[str, str | None]]:
+    """The settings file's bytes (None without one) and the connectors' texts, checked as a
+    worker reads them (raises ConfigError or RuleSetError, the rules checked too)."""
+    config_file = config_path or os.environ.get("EVENTBUS_CONFIG")
+    settings_text = Path(config_file).read_bytes() if config_file else None
+    texts = connector_texts(settings.connectors)
+    Service(settings).read_files(texts)
+    return settings_text, texts
 
 
 def _kill_if_hung(index: int, proc: subprocess.Popen[bytes], beats: Path, timeout: float) -> None:

@@ -35,6 +35,7 @@ from eventbus.config._connectors import (
     check_deliveries_with,
     connector_adapter,
     connector_spec,
+    connector_texts,
     load_connectors,
     register_connector,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "check_deliveries_with",
     "connector_adapter",
     "connector_spec",
+    "connector_texts",
     "did_you_mean",
     "flow_too_deep",
     "header_token",

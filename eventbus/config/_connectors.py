@@ -179,16 +179,38 @@ def check_deliveries_with(check: DeliveryCheck) -> None:
     _delivery_check[:] = [check]
 
 
-def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> ConnectorSet:
+def connector_texts(path: str | Path) -> dict[str, str | None]:
+    """The text of every file :func:`load_connectors` reads at ``path``, by file name (None
+    for one that cannot be read as UTF-8 text: loaded from these, it is read again and its
+    error reported): what ``serve --workers N`` starts every worker with, a restarted one too,
+    so that all run one configuration (one restarted after an edit delivered to the target's
+    new URL while the others kept the old)."""
+    root = Path(path)
+    texts: dict[str, str | None] = {}
+    for file in yaml_files(root) if root.exists() else []:
+        try:
+            texts[str(file)] = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            texts[str(file)] = None
+    return texts
+
+
+def load_connectors(
+    path: str | Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    texts: Mapping[str, str | None] | None = None,
+) -> ConnectorSet:
     """Load every ``*.yaml``/``*.yml`` file of ``path`` (a directory or one file); a target's
     ``url: {env: NAME, default: VALUE}`` and every secret's ``{env: NAME}`` are read from
     ``env`` (default: the process's), a ``{file: PATH}`` from its file. A secret written as a
     literal is logged as a warning (file, line, field).
 
-    A missing directory is an empty set. Types are those registered when this is called (import
-    ``eventbus.targets`` and ``eventbus.sources`` first). Raises ConfigError listing every
-    problem, each with file, line and connector: invalid YAML, unknown keys or types, bad
-    values, duplicate names, an unset variable without a default.
+    With ``texts`` (from :func:`connector_texts`), the files' texts are those, not what
+    the files hold now. A missing directory is an empty set. Types are those registered when
+    this is called (import ``eventbus.targets`` and ``eventbus.sources`` first). Raises
+    ConfigError listing every problem, each with file, line and connector: invalid YAML,
+    unknown keys or types, bad values, duplicate names, an unset variable without a default.
     """
     env = os.environ if env is None else env
     errors: list[str] = []
@@ -196,9 +218,12 @@ def load_connectors(path: str | Path, env: Mapping[str, str] | None = None) -> C
     where: dict[tuple[ConnectorKind, str], str] = {}
     deliveries: list[tuple[YamlDoc, int, TargetSpec]] = []
     root = Path(path)
-    for file in yaml_files(root) if root.exists() else []:
+    if texts is None:
+        texts = dict.fromkeys(map(str, yaml_files(root) if root.exists() else []))
+    for file_name, text in texts.items():
+        file = Path(file_name)
         try:
-            doc = load_yaml(file.read_text(encoding="utf-8"), str(file))
+            doc = load_yaml(file.read_text(encoding="utf-8") if text is None else text, file_name)
         except ConfigError as exc:
             errors.append(str(exc))
             continue

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from eventbus.bus._nats_server import free_port
+from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import ServeProcess, settings_for, write_config
 from tests.fixtures.wait import eventually
 
@@ -249,6 +250,40 @@ async def test_a_restarted_worker_and_the_others_route_by_one_rule_set(
             return found if len(found) == 1 and before not in found else None
 
         await eventually(one_new_set, within=60, every=0.5, what="every worker on the new rules")
+    finally:
+        await service.terminate()
+
+
+async def test_a_restarted_worker_runs_the_settings_and_connectors_the_others_run(
+    tmp_path: Path, nats_url: str, database_dsn: str, receiver: Receiver
+) -> None:
+    # The settings file and the connectors edited, not applied (they are read at the start),
+    # then a worker killed: it came back with the edits beside the others, half the events
+    # going to the target's new URL, half the requests asked for the new API keys.
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/old")}]
+    rules = "- name: a\n  targets: [fn]\n"
+    service = await _two_workers(tmp_path, nats_url, database_dsn, rules=rules, targets=targets)
+    assert service.proc is not None
+    try:
+        write_config(
+            tmp_path,
+            rules=rules,
+            targets=[{"name": "fn", "type": "http", "url": receiver.url("/new")}],
+        )
+        settings = yaml.safe_load(service.config.read_text())
+        settings["api_keys"] = [{"name": "k", "key": "key-0123456789abcdef", "scopes": ["admin"]}]
+        service.config.write_text(yaml.safe_dump(settings))
+        killed, _ = _workers_of(service.proc.pid)
+        killed.kill()
+        await eventually(
+            lambda: service.log.read_text().count("eventbus ready") >= 3,
+            within=60,
+            what="the killed worker ready again",
+        )
+        for n in range(20):  # each on a connection of its own: the kernel picks the worker
+            await service.publish({"specversion": "1.0", "id": f"e{n}", "source": "s", "type": "t"})
+        got = await receiver.wait_for(20, timeout=30)
+        assert {r.path for r in got} == {"/old"}
     finally:
         await service.terminate()
 
