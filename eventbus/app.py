@@ -110,7 +110,16 @@ from eventbus.store import (
 )
 from eventbus.targets import Target, build_target
 
-__all__ = ["CONNECTORS_SNAPSHOT", "Embedded", "Service", "start_embedded"]
+__all__ = ["CONNECTORS_SNAPSHOT", "FINGERPRINTS", "Embedded", "Service", "start_embedded"]
+
+FINGERPRINTS = "rules"
+"""The folder of the shared directory of ``serve --workers N`` where each worker keeps the
+fingerprint of the rules it routes by (a file named by its pid)."""
+
+PEERS_RELOAD_WITHIN = 10.0
+"""Seconds a reload asked over HTTP of one worker of ``serve --workers N`` waits for the
+others to route by the same rules before it answers (it answered at once: the events sent
+next, handed to a worker still on the old rules, went by them)."""
 
 CONNECTORS_SNAPSHOT = "connectors.json"
 """The file of the shared directory of ``serve --workers N`` holding the connectors' texts as
@@ -529,6 +538,7 @@ class Service:
             )
 
         self.rules = RuleSetHolder(rules)
+        self._share_fingerprint()
         RuleSet.on_failure = _count_rule_failure
         for name, target in targets.items():
             self.targets[name] = await self._stack.enter_async_context(target)
@@ -804,17 +814,49 @@ class Service:
             log.warning("%s", note)
         self.reload_notes = notes
         count = len(self.rules.current.rules)
+        fingerprint = self.rules.current.fingerprint
         log.info(
             "rules reloaded: %d rules from %s (fingerprint %s)",
             count,
             self.settings.rules,
-            self.rules.current.fingerprint,
+            fingerprint,
         )
+        self._share_fingerprint()
         if announce and self.rules_reloaded is not None and not self.stopping:
             # (not once the service stops: a reload that ends then would have the parent of
             # --workers N pass SIGHUP to workers that are ending)
             self.rules_reloaded()
+            behind = await self._workers_behind(fingerprint, PEERS_RELOAD_WITHIN)
+            if behind:
+                self.reload_notes = [*notes, _behind_note(behind, fingerprint)]
+                log.warning("%s", self.reload_notes[-1])
         return count
+
+    def _share_fingerprint(self) -> None:
+        """A worker of ``serve --workers N``: the fingerprint of the rules it routes by now,
+        in its file of the shared directory, which a reload asked of another worker waits on."""
+        if self._shared is None:
+            return
+        folder = self._shared / FINGERPRINTS
+        try:
+            folder.mkdir(exist_ok=True)
+            written = folder / f".{os.getpid()}.tmp"
+            written.write_text(self.rules.current.fingerprint)
+            written.replace(folder / str(os.getpid()))
+        except OSError as exc:  # a full disk: a reload elsewhere waits for it in vain
+            log.warning("cannot share the rules' fingerprint with the other workers: %s", exc)
+
+    async def _workers_behind(self, fingerprint: str, within: float) -> dict[int, str]:
+        """The live workers (each with its beat file) not routing by ``fingerprint`` once
+        ``within`` seconds have passed (or none as soon as all do), with what they route by."""
+        if self._shared is None:
+            return {}
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            behind = await asyncio.to_thread(_fingerprints_besides, self._shared, fingerprint)
+            if not behind or asyncio.get_running_loop().time() >= deadline:
+                return behind
+            await asyncio.sleep(0.05)
 
     def _swap_rules(self) -> list[str]:
         """Load and swap in the rule files (in a thread: see ``reload_rules``); returns the
@@ -1237,3 +1279,29 @@ class Service:
         over the last hour (see :class:`eventbus._rates.Rates`), and the delivery attempts per
         target and outcome since the service started; every worker's together."""
         return {**self._rates.snapshot(), "targets": deliveries_by_target()}
+
+
+def _fingerprints_besides(shared: Path, fingerprint: str) -> dict[int, str]:
+    """The live workers (a beat file each) whose rules' fingerprint is not ``fingerprint``,
+    with theirs ("" when it is not known yet)."""
+    behind: dict[int, str] = {}
+    for beat in (shared / "beats").iterdir():
+        if not beat.name.isdigit():
+            continue
+        try:
+            theirs = (shared / FINGERPRINTS / beat.name).read_text()
+        except OSError:
+            theirs = ""
+        if theirs != fingerprint:
+            behind[int(beat.name)] = theirs
+    return behind
+
+
+def _behind_note(behind: Mapping[int, str], fingerprint: str) -> str:
+    workers = ", ".join(
+        f"pid {pid} ({theirs or 'not known'})" for pid, theirs in sorted(behind.items())
+    )
+    return (
+        f"{len(behind)} other worker(s) still route by other rules than {fingerprint} after "
+        f"{PEERS_RELOAD_WITHIN:g} s: {workers} (its reload failed or has not ended: see the log)"
+    )

@@ -50,7 +50,7 @@ import orjson
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
 from eventbus._tasks import cancel_and_wait, wait_event
-from eventbus.app import CONNECTORS_SNAPSHOT, Service, start_embedded
+from eventbus.app import CONNECTORS_SNAPSHOT, FINGERPRINTS, Service, start_embedded
 from eventbus.cli._datadir import client_url, hold_data_dir
 from eventbus.config import (
     EMBEDDED_NATS_ENV,
@@ -443,6 +443,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         (shared / "metrics").mkdir(parents=True)
         (shared / "sources").mkdir()
         (shared / "beats").mkdir()
+        (shared / FINGERPRINTS).mkdir()
         stack.callback(shutil.rmtree, shared, True)
         (shared / CONNECTORS_SNAPSHOT).write_bytes(orjson.dumps(texts))
         if settings_text is not None:
@@ -519,6 +520,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                         (shared / "sources" / f"{proc.pid}.json").unlink(missing_ok=True)
                     (shared / "live" / str(proc.pid)).unlink(missing_ok=True)
                     (shared / "beats" / str(proc.pid)).unlink(missing_ok=True)
+                    (shared / FINGERPRINTS / str(proc.pid)).unlink(missing_ok=True)
                     procs[i] = None
                     quick = now - started[i] < _QUICK_EXIT
                     quick_exits[i] = quick_exits[i] + 1 if quick else 0

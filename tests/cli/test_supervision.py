@@ -288,6 +288,45 @@ async def test_a_restarted_worker_runs_the_settings_and_connectors_the_others_ru
         await service.terminate()
 
 
+async def test_a_reload_answers_once_every_worker_routes_by_the_new_rules(
+    tmp_path: Path, nats_url: str, database_dsn: str, receiver: Receiver
+) -> None:
+    # POST /rules/reload answered 200 as soon as the worker it reached had reloaded: events
+    # sent next went, on a connection the kernel gave another worker, by the rules before
+    # (matching nothing) and were gone.
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
+    service = await _two_workers(tmp_path, nats_url, database_dsn, targets=targets)
+    sent = 0
+    try:
+        async with aiohttp.ClientSession() as session:
+            for round_ in range(6):
+                # new conditions to compile (a reload takes a while); one rule matches
+                rules = "".join(
+                    f"- name: r{round_}-{k}\n  match: {{source: [s{round_}{'-not' * (k > 0)}]}}\n"
+                    f"  when: event.id != 'x{k}' || event.type == 'y{k}'\n  targets: [fn]\n"
+                    for k in range(40)
+                )
+                (tmp_path / "rules" / f"r{round_}.yaml").write_text(rules)  # the earlier stay
+                async with session.post(service.url + "/rules/reload") as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert (await resp.json())["notes"] == []
+                events = [
+                    {
+                        "specversion": "1.0",
+                        "id": f"{round_}-{n}",
+                        "source": f"s{round_}",
+                        "type": "t",
+                    }
+                    for n in range(16)
+                ]
+                await asyncio.gather(*(service.publish(event) for event in events))
+                sent += len(events)
+        got = await receiver.wait_for(sent, timeout=30)
+        assert len({r.cloudevent["id"] for r in got if r.cloudevent}) == sent
+    finally:
+        await service.terminate()
+
+
 async def test_workers_restarted_together_do_not_end_each_other(
     tmp_path: Path, nats_url: str, database_dsn: str
 ) -> None:
