@@ -25,7 +25,7 @@ connector types are not here: each lives, spec and adapter, in ``eventbus.source
 from __future__ import annotations
 
 from eventbus.config._addresses import AddressLists
-from eventbus.config._clients import KafkaAuth, NatsAuth, OAuth2Spec
+from eventbus.config._clients import KafkaAuth, KafkaServers, KafkaTopic, NatsAuth, OAuth2Spec
 from eventbus.config._connectors import (
     ConnectorKind,
     ConnectorSet,
@@ -89,7 +89,9 @@ __all__ = [
     "Duration",
     "KafkaAuth",
     "KafkaIngestSettings",
+    "KafkaServers",
     "KafkaSettings",
+    "KafkaTopic",
     "KeyPath",
     "ListenSettings",
     "NatsAuth",

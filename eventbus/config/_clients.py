@@ -20,16 +20,45 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret
 from eventbus.config._tls import TlsSpec
 from eventbus.config._units import Duration
 
-__all__ = ["KafkaAuth", "NatsAuth", "OAuth2Spec"]
+__all__ = ["KafkaAuth", "KafkaServers", "KafkaTopic", "NatsAuth", "OAuth2Spec"]
 
 _NKEY_SEED = re.compile(r"S[A-Z][A-Z2-7]{56}")
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _kafka_topic(topic: str) -> str:
+    if not _KAFKA_TOPIC.fullmatch(topic) or topic in (".", ".."):
+        raise ValueError(f"a topic is 1-249 characters of A-Z a-z 0-9 . _ -: {topic!r}")
+    return topic
+
+
+def _kafka_servers(servers: str) -> str:
+    # an empty entry ("a:9092,") was taken for the default, and a client asked ":9092" again
+    # and again
+    if not all(part.strip() for part in servers.split(",")):
+        raise ValueError(f"must be host:port[,host:port...]: {servers!r}")
+    return servers
+
+
+KafkaTopic = Annotated[str, AfterValidator(_kafka_topic)]
+"""A Kafka topic name, as the broker takes it (a source subscribed to another sat in
+"starting" for ever, its client logging the refusal ten times a second)."""
+KafkaServers = Annotated[str, AfterValidator(_kafka_servers)]
+"""``bootstrap_servers``: ``host:port`` entries, comma-separated, none empty."""
 
 
 class OAuth2Spec(BaseModel):

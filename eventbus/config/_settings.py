@@ -33,7 +33,7 @@ from pydantic import (
 
 from eventbus._errors import ConfigError
 from eventbus.config._addresses import AddressLists
-from eventbus.config._clients import KafkaAuth, NatsAuth
+from eventbus.config._clients import KafkaAuth, KafkaServers, KafkaTopic, NatsAuth
 from eventbus.config._connectors import warn_literal_secrets
 from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._tls import TlsSpec
@@ -95,8 +95,8 @@ class NatsSettings(NatsAuth, _Model):
 class KafkaSettings(KafkaAuth, _Model):
     """The Kafka bus; security as every Kafka connection (``KafkaAuth``)."""
 
-    bootstrap_servers: str | None = None
-    topic: str = "eventbus.events"
+    bootstrap_servers: KafkaServers | None = None
+    topic: KafkaTopic = "eventbus.events"
     group_id: str = "eventbus-router"
     partitions: int = Field(6, ge=1)
     idempotent: bool = True
@@ -181,8 +181,8 @@ class ApiKey(_Model):
 class KafkaIngestSettings(KafkaAuth, _Model):
     """Consume CloudEvents (Kafka protocol binding) from these topics onto the bus."""
 
-    bootstrap_servers: str
-    topics: tuple[str, ...] = Field(min_length=1)
+    bootstrap_servers: KafkaServers
+    topics: tuple[KafkaTopic, ...] = Field(min_length=1)
     group_id: str = "eventbus-ingest"
     session_timeout: float = Field(10.0, gt=0, le=300)
     """Seconds a silent process keeps its partitions before they move to another."""

@@ -25,7 +25,7 @@ from eventbus._errors import BusError, StoreError
 from eventbus._oauth import kafka_options, start_refusals
 from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import from_kafka, kafka_key_attribute, kafka_record_time
-from eventbus.config import KafkaAuth
+from eventbus.config import KafkaAuth, KafkaServers, KafkaTopic
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
 from eventbus.sources._queues import (
@@ -55,8 +55,8 @@ class KafkaSourceSpec(QueueSourceSpec, KafkaAuth):
     ``password`` and ``tls`` secure the connection (:class:`eventbus.config.KafkaAuth`).
     """
 
-    bootstrap_servers: str
-    topics: list[str] = pydantic.Field(min_length=1)
+    bootstrap_servers: KafkaServers
+    topics: list[KafkaTopic] = pydantic.Field(min_length=1)
     group_id: str | None = None
     start: str = pydantic.Field("earliest", pattern="^(earliest|latest)$")
     batch: int = pydantic.Field(100, ge=1, le=10_000)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import copy
 import logging
-import re
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -32,7 +31,7 @@ from pydantic import Field
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus._oauth import kafka_options, start_refusals
 from eventbus.cloudevents import to_kafka
-from eventbus.config import Duration, KafkaAuth, TargetSpec
+from eventbus.config import Duration, KafkaAuth, KafkaServers, KafkaTopic, TargetSpec
 from eventbus.targets._base import Answer, Outcome, failure, send_once, trace_attempt
 from eventbus.targets._lazy import LazyClient
 
@@ -41,7 +40,6 @@ __all__ = ["KafkaTarget", "KafkaTargetSpec"]
 log = logging.getLogger(__name__)
 
 _IDENTITY = ("specversion", "id", "source", "type")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 _NOT_RETRYABLE = (
     kerr.MessageSizeTooLargeError,
@@ -78,8 +76,8 @@ class KafkaTargetSpec(TargetSpec, KafkaAuth):
     connection (:class:`eventbus.config.KafkaAuth`).
     """
 
-    bootstrap_servers: str
-    topic: str
+    bootstrap_servers: KafkaServers
+    topic: KafkaTopic
     key: str | None = None
     mode: Literal["binary", "structured"] = "binary"
     timeout: Duration = Field(10.0, gt=0, le=300)
@@ -161,19 +159,9 @@ class KafkaTarget:
     """
 
     def __init__(self, config: KafkaTargetSpec) -> None:
-        """Raises ``ConfigError`` if the servers, topic or key path is invalid, a file of the
-        TLS block cannot be read or the program of OAUTHBEARER's token_command is not found."""
+        """Raises ``ConfigError`` if the key path is invalid, a file of the TLS block cannot
+        be read or the program of OAUTHBEARER's token_command is not found."""
         where = f"Kafka target {config.name!r}"
-        servers = [s.strip() for s in config.bootstrap_servers.split(",")]
-        if not all(servers):
-            raise ConfigError(
-                f"{where}: bootstrap_servers must be host:port[,host:port...]: "
-                f"{config.bootstrap_servers!r}"
-            )
-        if not _TOPIC.match(config.topic) or config.topic in (".", ".."):
-            raise ConfigError(
-                f"{where}: topic must be 1-249 characters of A-Z a-z 0-9 . _ -: {config.topic!r}"
-            )
         self._key_path: JSONPath | None = None
         # jsonpath-ng's filter is "?" and its expressions, parentheses optional: see _find_key
         self._key_filters = "?" in (config.key or "")
@@ -189,7 +177,7 @@ class KafkaTarget:
                 raise ConfigError(f"{where}: invalid key JSONPath {config.key!r}: {exc}") from exc
         self.name = config.name
         self.config = config
-        self._servers = ",".join(servers)
+        self._servers = ",".join(s.strip() for s in config.bootstrap_servers.split(","))
         self._security = kafka_options(config, where, config.timeout)
         self._structured = config.mode == "structured"
         self._producer = LazyClient(

@@ -81,6 +81,11 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("retention:\n  dead_letters: -1d\n", "eventbus.yaml:2: retention.dead_letters: Value"),
         ("retention:\n  every: 0\n", "eventbus.yaml:2: retention.every: Input should be gre"),
         ("retention: {audit: 1 week}\n", "eventbus.yaml:1: retention.audit: Value error, not a"),
+        (
+            "kafka_ingest: {bootstrap_servers: 'k:9092', topics: [ok, 'no good']}\n",
+            "eventbus.yaml:1: kafka_ingest.topics.1: Value error, a topic is 1-249 characters",
+        ),
+        ("bus: {kafka: {bootstrap_servers: 'k:9092,'}}\n", "bus.kafka.bootstrap_servers: Va"),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:

@@ -8,15 +8,18 @@ does (lifecycle, timeouts, refusals, outcomes) is test_contract.py.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiokafka.errors as kerr
 import orjson
 import pytest
+import yaml
 
 from eventbus._errors import ConfigError
 from eventbus.cloudevents import from_kafka
-from eventbus.targets import KafkaTarget, KafkaTargetSpec, Outcome
+from eventbus.config import load_connectors
+from eventbus.targets import KafkaTarget, KafkaTargetSpec, Outcome, build_target
 from eventbus.targets import _kafka as kafka_target_module
 from tests.fixtures.nats import unique_name
 from tests.targets.conftest import read_records
@@ -203,21 +206,23 @@ def test_a_record_the_broker_refuses_without_a_reason_is_not_retried(exc: Except
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("topic", "", "topic must be"),
-        ("topic", "has space", "topic must be"),
-        ("topic", "..", "topic must be"),
-        ("topic", "t" * 250, "topic must be"),
-        ("key", "$.data[", "invalid key JSONPath"),
-        ("key", "data.customer.id", "must be a JSONPath"),
-        ("bootstrap_servers", "", "bootstrap_servers"),
-        ("bootstrap_servers", "a:9092,,b:9092", "bootstrap_servers"),
+        ("topic", "", "topic: Value error, a topic is 1-249 characters"),
+        ("topic", "has space", "topic: Value error, a topic is"),
+        ("topic", "..", "topic: Value error, a topic is"),
+        ("topic", "t" * 250, "topic: Value error, a topic is"),
+        ("key", "$.data[", "Kafka target 'orders'.*invalid key JSONPath"),
+        ("key", "data.customer.id", "Kafka target 'orders'.*must be a JSONPath"),
+        ("bootstrap_servers", "", "bootstrap_servers: Value error, must be host:port"),
+        ("bootstrap_servers", "a:9092,,b:9092", "bootstrap_servers: Value error, must be"),
     ],
 )
-def test_bad_config_names_the_target(field: str, value: Any, reason: str) -> None:
+def test_bad_config_names_the_target(field: str, value: Any, reason: str, tmp_path: Path) -> None:
     settings: dict[str, Any] = {"bootstrap_servers": "127.0.0.1:9092", "topic": "t"}
     settings[field] = value
-    with pytest.raises(ConfigError, match=rf"Kafka target 'orders'.*{reason}"):
-        KafkaTarget(KafkaTargetSpec(name="orders", **settings))
+    file = tmp_path / "targets.yaml"
+    file.write_text(yaml.safe_dump({"targets": [{"name": "orders", "type": "kafka", **settings}]}))
+    with pytest.raises(ConfigError, match=reason):
+        build_target(load_connectors(file).targets["orders"])
 
 
 @pytest.mark.parametrize("key", ["$.data.order[?(@ > 1)]", "$.data.order[?@ > 1]"])
