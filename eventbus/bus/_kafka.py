@@ -860,8 +860,14 @@ class KafkaBus:
                         )
                     ]
                 )
-        except (kerr.KafkaError, OSError, TimeoutError) as exc:
-            raise _translate(exc, f"create topic {cfg.topic}") from exc
+        except TimeoutError as exc:
+            # (it said "create topic failed: TimeoutError()", naming neither broker nor time)
+            raise BusUnavailable(
+                f"Kafka at {cfg.bootstrap_servers} did not answer within "
+                f"{cfg.connect_timeout:g} s (creating topic {cfg.topic})"
+            ) from exc
+        except (kerr.KafkaError, OSError) as exc:
+            raise _translate(exc, f"create topic {cfg.topic} at {cfg.bootstrap_servers}") from exc
         except ValueError as exc:
             bad = cfg.bootstrap_servers
             raise ConfigError(f"bad Kafka bootstrap_servers {bad!r}: {exc}") from exc

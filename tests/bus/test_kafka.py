@@ -512,3 +512,25 @@ def test_a_record_without_a_key_is_never_a_copy_whatever_its_headers() -> None:
 
     record = Record("t", 0, 5, 0, 0, None, b"{}", None, 0, 2, [("eventbus-scope", b"invoke:a")])
     assert _KafkaMessage(record, None, TopicPartition("t", 0), _Partition()).key is None  # type: ignore[arg-type]
+
+
+async def test_a_broker_that_accepts_and_never_answers_is_named_at_the_start() -> None:
+    # It said "Kafka create topic eventbus.events failed: TimeoutError()": which broker, and
+    # after how long, the operator had to guess.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads whatever comes, answers nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = kafka_config(f"127.0.0.1:{port}", connect_timeout=1.0)
+        with pytest.raises(BusUnavailable) as info:
+            async with open_bus(config):
+                pass
+        assert str(info.value).startswith(
+            f"Kafka at 127.0.0.1:{port} did not answer within 1 s (creating topic {config.topic})"
+        ), info.value
+    finally:
+        server.close()
+        await server.wait_closed()
