@@ -384,7 +384,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         settings = Settings.model_validate(data, context={"env": env})
     except ValidationError as exc:
         lines = []
-        for err, line in zip(exc.errors(), pydantic_errors(doc, exc), strict=True):
+        for err, line in zip(exc.errors(), pydantic_errors(doc, exc, model=Settings), strict=True):
             variable = _variable(env, err["loc"])
             if (
                 variable is not None

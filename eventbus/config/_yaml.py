@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from eventbus._errors import ConfigError
 
@@ -232,10 +234,16 @@ def load_yaml(text: str, file: str) -> YamlDoc:
 
 
 def pydantic_errors(
-    doc: YamlDoc, exc: Any, *, prefix: KeyPath = (), fields: Collection[str] = ()
+    doc: YamlDoc,
+    exc: Any,
+    *,
+    prefix: KeyPath = (),
+    fields: Collection[str] = (),
+    model: type[BaseModel] | None = None,
 ) -> list[str]:
     """Render a pydantic ValidationError as ``file:line: field.path: message`` lines; a key
-    the model does not have gets the closest of its top-level ``fields`` suggested."""
+    the model does not have gets the closest of its top-level ``fields`` suggested, or, with
+    ``model``, of the fields of the model where it stands, at any depth."""
     out = []
     for err in exc.errors():
         loc = doc.normalize((*prefix, *err["loc"]))
@@ -243,10 +251,29 @@ def pydantic_errors(
         where = f"{doc.file}:{line}" if line is not None else doc.file
         dotted = ".".join(str(p) for p in loc) or "(document)"
         message = err["msg"]
-        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+        if err["type"] == "extra_forbidden" and model is not None:
+            message += did_you_mean(str(err["loc"][-1]), _fields_at(model, err["loc"][:-1]))
+        elif err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
             message += did_you_mean(str(err["loc"][0]), fields)
         out.append(f"{where}: {dotted}: {message}")
     return out
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Collection[str]:
+    """The fields of the model nested in ``model`` at ``loc`` (none when there is none)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ()
+        nested = [
+            arg
+            for arg in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ]
+        if not nested:
+            return ()
+        model = nested[0]
+    return model.model_fields.keys()
 
 
 def did_you_mean(name: str, known: Collection[str]) -> str:

@@ -86,6 +86,13 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
             "eventbus.yaml:1: kafka_ingest.topics.1: Value error, a topic is 1-249 characters",
         ),
         ("bus: {kafka: {bootstrap_servers: 'k:9092,'}}\n", "bus.kafka.bootstrap_servers: Va"),
+        # a misspelt key at any depth gets its suggestion (only top-level ones did)
+        (
+            "bus:\n  kafka:\n    partitons: 3\n",
+            "eventbus.yaml:3: bus.kafka.partitons: Extra inputs are not permitted "
+            "(did you mean 'partitions'?)",
+        ),
+        ("retenton: {}\n", "retenton: Extra inputs are not permitted (did you mean 'retention'"),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
