@@ -70,6 +70,7 @@ log = logging.getLogger("eventbus")
 # descriptors a process needs besides client connections: database pool, bus, targets, logs
 _OTHER_FILES = 256
 _QUICK_EXIT = 10.0
+_FIRST_BEAT = 30.0  # seconds from a worker's spawn to its first beat, besides worker_hang_timeout
 _BEAT_EVERY = 1.0  # seconds between two beats of a worker (see _beat)
 """Seconds after its start within which a worker's exit counts as failing to start."""
 _QUICK_EXITS_TO_GIVE_UP = 5
@@ -510,7 +511,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                 if proc is not None and proc.returncode is None and now - started[i] > _QUICK_EXIT:
                     quick_exits[i] = 0  # it started: a run of failures ends
                 if proc is not None and proc.poll() is None:
-                    _kill_if_hung(i, proc, shared / "beats", settings.worker_hang_timeout)
+                    hang = settings.worker_hang_timeout
+                    _kill_if_hung(i, proc, shared / "beats", hang, now - started[i])
                 if proc is not None and proc.poll() is not None:
                     metrics.forget_process(proc.pid, shared / "metrics")
                     try:
@@ -585,15 +587,19 @@ def _read_configuration(
     return settings_text, texts
 
 
-def _kill_if_hung(index: int, proc: subprocess.Popen[bytes], beats: Path, timeout: float) -> None:
+def _kill_if_hung(
+    index: int, proc: subprocess.Popen[bytes], beats: Path, timeout: float, spawned_ago: float
+) -> None:
     """SIGKILL worker ``index`` when its beat (see ``_beat``) is older than ``timeout`` seconds:
     frozen, or its event loop blocked, it answered none of the connections the kernel handed it
-    and no probe (the parent's exit check then restarts it). A worker that has not beaten yet is
-    still starting, and is left to its start's own timeouts."""
+    and no probe (the parent's exit check then restarts it). A worker that has not beaten yet
+    (spawned ``spawned_ago`` seconds ago) gets :data:`_FIRST_BEAT` seconds more, for its
+    imports and the start of its loop (one frozen then was left alone for ever, the service a
+    worker short)."""
     try:
         age = time.time() - (beats / str(proc.pid)).stat().st_mtime
     except OSError:
-        return
+        age = spawned_ago - _FIRST_BEAT
     if age > timeout:
         log.error(
             "worker %d (pid %d) has not been heard from for %.0f s (frozen, or its event loop "

@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from eventbus.bus._nats_server import free_port
+from eventbus.cli import _serve as serve_module
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import ServeProcess, settings_for, write_config
 from tests.fixtures.wait import eventually
@@ -351,3 +354,30 @@ async def test_workers_restarted_together_do_not_end_each_other(
         assert "exited with -1;" not in log, log[-3000:]  # -1: ended by SIGHUP
     finally:
         await service.terminate()
+
+
+@pytest.mark.parametrize(
+    ("beaten_ago", "spawned_ago", "killed"),
+    [
+        (None, 5.0, False),  # starting: imports, the loop not yet turning
+        (None, 34.5, True),  # never heard from, past the first beat's allowance and the timeout
+        (1.0, 100.0, False),
+        (5.0, 100.0, True),
+    ],
+)
+def test_a_worker_silent_since_its_spawn_is_killed_too(
+    tmp_path: Path, beaten_ago: float | None, spawned_ago: float, killed: bool
+) -> None:
+    # A worker frozen before its first beat was left alone for ever: the parent skipped any
+    # worker without a beat file, the service running one worker short.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if beaten_ago is not None:
+            beat = tmp_path / str(proc.pid)
+            beat.touch()
+            os.utime(beat, (time.time() - beaten_ago,) * 2)
+        serve_module._kill_if_hung(0, proc, tmp_path, 4.0, spawned_ago)
+        assert (proc.poll() is not None) == killed
+    finally:
+        proc.kill()
+        proc.wait()
