@@ -14,6 +14,7 @@ the workers through one more file there (:class:`ParentFigures`).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from contextlib import suppress
@@ -54,6 +55,8 @@ __all__ = [
     "forget_process",
     "render",
 ]
+
+_log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -280,6 +283,9 @@ class _ParentFile:
                 yield metric
 
 
+_LISTINGS = 5  # tries at reading the workers' files while workers that ended are forgotten
+
+
 class _WorkerFiles:
     """Every worker's files in ``directory``, merged as prometheus-client's own multiprocess
     collector merges them, leaving out a file a worker has created but not yet sized: its first
@@ -291,15 +297,20 @@ class _WorkerFiles:
         self._directory = directory
 
     def collect(self) -> Iterable[Metric]:
-        files = []
-        for path in self._directory.glob("*.db"):
+        for _ in range(_LISTINGS):
+            files = []
+            for path in self._directory.glob("*.db"):
+                try:
+                    if path.stat().st_size > 0:
+                        files.append(str(path))
+                except FileNotFoundError:  # a live gauge's file, removed as its worker ended
+                    continue
             try:
-                if path.stat().st_size > 0:
-                    files.append(str(path))
-            except FileNotFoundError:  # a live gauge's file, removed as its worker ended
+                merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+            except FileNotFoundError:  # removed between the listing and the reading: again
                 continue
-        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
-        return merged
+            return merged
+        raise OSError(f"the metrics files in {self._directory} kept changing while read")
 
 
 def render() -> bytes:
@@ -318,5 +329,17 @@ def families() -> dict[str, Metric]:
 
 
 def forget_process(pid: int, directory: Path) -> None:
-    """Drop the gauges of a worker that ended from ``directory`` (its counts stay counted)."""
+    """Drop the gauges of a worker that ended from ``directory`` (its counts stay counted),
+    and its files that count nothing: a worker failing at its start again and again left a
+    file of zeros at each start (thousands a day, every scrape reading them all)."""
     mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+    for path in directory.glob(f"*_{pid}.db"):
+        try:
+            merged = MultiProcessCollector.merge(  # type: ignore[no-untyped-call]
+                [str(path)], accumulate=False
+            )
+        except (OSError, ValueError) as exc:  # unreadable: left as it is, as a scrape does
+            _log.debug("metrics file %s not read: %s", path, exc)
+            continue
+        if all(sample.value == 0 for metric in merged for sample in metric.samples):
+            path.unlink(missing_ok=True)

@@ -60,3 +60,29 @@ def test_the_parents_counts_are_served_by_the_workers(
     figures.publish()
     assert b'eventbus_worker_restarts_total{worker="7"} 3.0' in metrics.render()
     assert [p.name for p in tmp_path.iterdir()] == ["parent.json"]
+
+
+def test_a_worker_that_counted_nothing_leaves_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker failing at its start again and again left a file of zeros at each start:
+    # thousands a day, every reading of the figures reading them all.
+    def worker(code: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", f"{code}\nimport os; print(os.getpid())"],
+            env={**os.environ, metrics.MULTIPROC_ENV: str(tmp_path)},
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return int(done.stdout)
+
+    idle = worker("from eventbus import metrics")
+    busy = worker(COUNT_IN_A_WORKER)
+    assert list(tmp_path.glob(f"*_{idle}.db")), "no file to forget: the test proves nothing"
+    metrics.forget_process(idle, tmp_path)
+    metrics.forget_process(busy, tmp_path)
+    assert not list(tmp_path.glob(f"*_{idle}.db"))
+    assert list(tmp_path.glob(f"counter_{busy}.db"))  # its counts stay counted
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    assert b'eventbus_deliveries_total{outcome="delivered",target="fn"} 3.0' in metrics.render()
