@@ -174,8 +174,10 @@ async def test_live_stream_narrowed_by_a_pattern(
         ("[1]", "a pattern must be a JSON object"),
         ('{"type": "x"}', "type"),
         ('{"data": {"n": [{"numeric": [">", "a"]}]}}', "data.n"),
+        # read as /patterns/validate reads it: rounded, it was taken as another number
+        ('{"x": [123456789012345678901234567890]}', "beyond 64 bits"),
     ],
-    ids=["malformed", "not-an-object", "not-a-list", "bad-operand"],
+    ids=["malformed", "not-an-object", "not-a-list", "bad-operand", "long-integer"],
 )
 async def test_live_stream_refuses_a_bad_pattern(
     eventbus: StartService, receiver: Receiver, pattern: str, detail: str

@@ -411,6 +411,31 @@ async def test_rules_page_sandbox_and_reload(
     assert receiver.requests == []  # the sandbox published nothing
 
 
+async def test_the_next_page_of_found_events_is_of_the_list_shown(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    # "Next page" read the fields as edited since: the list went on with another search's
+    # events, from the first one's cursor.
+    svc = await _start(eventbus, receiver)
+    for n in range(52):
+        assert (await svc.post_event(_event(f"np-{n}")))[0] == 202
+    assert (await svc.post_event(_event("np-other", type="com.example.other")))[0] == 202
+    await svc.trail("tests/console", "np-other")
+    await svc.trail("tests/console", "np-51")
+    page = browser(svc.url)
+    await page.open("/console#trail")
+    await page.fill("#search-type", "com.example.order.created")
+    await page.click("#search-go")
+    await page.wait("return document.querySelectorAll('#search-rows tr').length === 50")
+    await page.fill("#search-type", "com.example.other")  # edited, not searched
+    await page.click("#search-next")
+    await page.wait("return document.querySelectorAll('#search-rows tr').length > 50")
+    ids = await page.js(
+        "return [...document.querySelectorAll('#search-rows tr')].map(tr => tr.dataset.id)"
+    )
+    assert sorted(ids) == sorted(f"np-{n}" for n in range(52)), ids
+
+
 async def test_page_asks_for_an_api_key(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:
@@ -468,6 +493,14 @@ async def test_page_asks_for_an_api_key(
     await page.js("window.sent = [];")
     await asyncio.sleep(6)  # past the refresh period: what is measured is that nothing happens
     assert await page.js("return window.sent") == []
+    # A key held that the service now refuses for its scope (made publish-only): forgotten and
+    # another asked for, after the page is opened again too (403 kept it: it was sent every
+    # 5 s, and opened again the page had neither the form nor "Forget key")
+    await page.js("sessionStorage.setItem('eventbus-key', 'console-publish-key-01')")
+    await page.open("/console")
+    await page.wait_text("#key-error", "lacks scope 'admin'")
+    assert not await page.js("return document.getElementById('key-form').hidden")
+    assert await page.js("return sessionStorage.getItem('eventbus-key')") is None
 
 
 async def test_overview_targets_and_sources(

@@ -29,7 +29,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from eventbus._errors import PatternError
+from eventbus._errors import CloudEventError, PatternError
 from eventbus.cloudevents import parse_json, validate
 from eventbus.http._api import _admin_scope, _json, _problems, _service
 from eventbus.http._problem import Problem
@@ -196,9 +196,10 @@ def _pattern(text: str) -> CompiledPattern:
     if len(text.encode()) > _MAX_PATTERN:
         raise Problem(400, f"pattern: longer than {_MAX_PATTERN} bytes")
     try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise Problem(400, f"pattern: malformed JSON: {exc}") from None
+        # as /patterns/validate reads it (an integer beyond 64 bits, rounded, was taken)
+        value = parse_json(text.encode())
+    except CloudEventError as exc:
+        raise Problem(400, f"pattern: {exc.detail}") from None
     try:
         return compile_pattern(value)
     except PatternError as exc:

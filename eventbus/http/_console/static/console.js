@@ -33,11 +33,18 @@ async function api(method, path, body) {
     parsed = text;
   }
   if (!resp.ok) {
+    const detail = (parsed && parsed.detail) || `HTTP ${resp.status}`;
     if (resp.status === 401) askForKey("");
-    throw new ApiError(resp.status, (parsed && parsed.detail) || `HTTP ${resp.status}`);
+    else if (keyRefused(resp.status, detail)) askForKey(detail);
+    throw new ApiError(resp.status, detail);
   }
   return parsed;
 }
+
+// A key held and refused later for its scope (rotated to publish only, say): as a key
+// refused outright, it is forgotten and another asked for (it was sent again every 5 s, and
+// after a reload of the page no form was left to give another).
+const keyRefused = (status, detail) => status === 403 && Boolean(apiKey) && / lacks scope /.test(detail);
 
 // Characters that reorder or hide text (bidi embeddings, overrides, isolates and marks; zero
 // widths, invisible operators, soft hyphens, tags): shown as the \u escapes they are (a tag,
@@ -129,9 +136,13 @@ const pages = {
 let refresh = 0; // the overview and targets pages refresh themselves while shown
 let refreshing = false; // one refresh at a time: a slow one is not joined by the next
 
-function show() {
+function shownPage() {
   const name = location.hash.slice(1).split("?")[0] || "live";
-  const page = name in pages ? name : "live";
+  return name in pages ? name : "live";
+}
+
+function show() {
+  const page = shownPage();
   for (const section of document.querySelectorAll(".page")) section.hidden = section.id !== `page-${page}`;
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.page === page);
   if (page !== "live") stopLive();
@@ -155,9 +166,10 @@ function show() {
 async function load(page) {
   try {
     await pages[page]();
-    $("page-error").textContent = "";
+    if (page === shownPage()) $("page-error").textContent = "";
   } catch (err) {
-    if (err.status === 401) return;
+    // (a slow page's failure was written above the page shown since)
+    if (err.status === 401 || page !== shownPage()) return;
     const what = err.partial ? "Part of this page could not load" : "Could not load this page";
     $("page-error").textContent = `${what}: ${err.message}`;
   }
@@ -198,6 +210,7 @@ async function readStream(controller) {
         try {
           detail = (await resp.json()).detail || detail;
         } catch {}
+        if (keyRefused(resp.status, detail)) return askForKey(detail);
         return setStatus(`stopped: ${detail}`);
       }
       if (!resp.ok) {
@@ -381,16 +394,23 @@ async function checkFilter() {
 
 // -- event trail: find accepted events, then one event's trail --------------------------------
 
-const found = { after: null };
+const found = { after: null, shown: null }; // shown: the filter of the list shown
 
 async function searchEvents(more = false) {
-  const params = formParams([
-    ["source", "search-source"],
-    ["type", "search-type"],
-    ["since", "search-since"],
-    ["until", "search-until"],
-  ]);
+  // The next page is of the list shown, whatever the fields say since (the list mixed two
+  // searches, the second from the first one's cursor)
+  const params =
+    more && found.shown !== null
+      ? new URLSearchParams(found.shown)
+      : formParams([
+          ["source", "search-source"],
+          ["type", "search-type"],
+          ["since", "search-since"],
+          ["until", "search-until"],
+        ]);
   params.set("limit", "50");
+  params.delete("after");
+  const filter = params.toString();
   if (more && found.after !== null) params.set("after", found.after);
   $("search-error").textContent = "";
   let page;
@@ -408,6 +428,7 @@ async function searchEvents(more = false) {
     $("search-rows").append(tr);
   }
   found.after = page.next_after;
+  found.shown = filter;
   $("search-next").hidden = page.next_after === null;
   $("search-message").textContent = !more && !page.items.length ? "no accepted event matches" : "";
   $("search-result").hidden = false;
@@ -847,7 +868,7 @@ async function loadTargets() {
     }),
   );
   if (failures.length) {
-    const err = new Error(failures.map((f) => f.message).join("; "));
+    const err = new Error([...new Set(failures.map((f) => f.message))].join("; "));
     err.partial = targetsPart !== UNKNOWN; // the rest is shown ("?" where unknown)
     throw err;
   }
@@ -903,8 +924,9 @@ async function loadOverview() {
   try {
     await api("GET", "/rules"); // answered without the database: the console opens while it is down
   } catch (err) {
-    if (err.status === 401) return; // api() asked for a key
+    if (err.status === 401 || keyRefused(err.status, err.message)) return; // api() asked for a key
     $("page-error").textContent = `Could not reach the service: ${err.message}`;
+    $("key-forget").hidden = !apiKey; // whatever went wrong, a key held can be let go
     return;
   }
   $("key-forget").hidden = !apiKey;
