@@ -468,7 +468,21 @@ _CELTYPE_NAMES = {"Null": "null_type"}
 def _cel_names(message: str) -> str:
     """``message`` with cel-python's own type classes (``<class 'celpy.celtypes.ListType'>``,
     from overloads it checks itself, such as ``!``) written as CEL's names (``list``)."""
-    return _CELTYPE_CLASS.sub(lambda m: _CELTYPE_NAMES.get(m.group(1), m.group(1).lower()), message)
+    named = _CELTYPE_CLASS.sub(
+        lambda m: _CELTYPE_NAMES.get(m.group(1), m.group(1).lower()), message
+    )
+    # a field selected on a value that has none (event.data.total on a text body): cel-python
+    # let Python's own AttributeError through
+    return _NO_FIELDS.sub(
+        lambda m: (
+            f"type '{_CELTYPE_NAMES.get(m.group(1), m.group(1).lower())}' does not "
+            "support field selection"
+        ),
+        named,
+    )
+
+
+_NO_FIELDS = re.compile(r"'(\w+)Type' object has no attribute '\w+'")
 
 
 class Activation:

@@ -262,3 +262,15 @@ def test_a_condition_nested_too_deeply_is_a_rule_error(source: str) -> None:
     # RecursionError raised out of the whole load: the other rules' errors went unreported
     with pytest.raises(RuleError, match="nested too deeply"):
         compile_condition(source)
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
+def test_a_field_of_a_value_without_fields_is_a_readable_error(interpreted: bool) -> None:
+    # event.data.total on a text body: "'StringType' object has no attribute 'get'", Python's
+    # own words, reached the log and the sandbox
+    source = "event.data.total > 5"
+    condition = Condition(source, _runner(_env().compile(source), interpreted=interpreted))
+    verdict, reason = condition.evaluate(activation({"data": "text"}))
+    assert verdict is Verdict.ERROR
+    assert "'string' does not support field selection" in reason, reason
+    assert "attribute" not in reason, reason
