@@ -457,9 +457,11 @@ class Service:
         connectors: ConnectorSet | None = None
         policies: dict[str, DeliveryPolicy] | None = None
         try:
-            connectors = load_connectors(
-                self._named_path("connectors"), texts=texts or self._connector_snapshot()
-            )
+            texts = texts or self._connector_snapshot()
+            # a worker's snapshot needs no file (one removed since the start failed every
+            # restarted worker)
+            path = self._named_path("connectors") if texts is None else self.settings.connectors
+            connectors = load_connectors(path, texts=texts)
             policies = _policies(connectors)
         except ConfigError as exc:
             problems.append(str(exc))

@@ -446,9 +446,10 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         (shared / "beats").mkdir()
         (shared / FINGERPRINTS).mkdir()
         stack.callback(shutil.rmtree, shared, True)
-        (shared / CONNECTORS_SNAPSHOT).write_bytes(orjson.dumps(texts))
+        # owner-only: they hold whatever secrets the files hold literally
+        _write_private(shared / CONNECTORS_SNAPSHOT, orjson.dumps(texts))
         if settings_text is not None:
-            (shared / _SETTINGS_SNAPSHOT).write_bytes(settings_text)
+            _write_private(shared / _SETTINGS_SNAPSHOT, settings_text)
         # The workers' live-feed sockets: in a new private directory (0700) of the temporary
         # one, linked from the shared one, for a Unix socket's path must stay short.
         live = tempfile.mkdtemp(prefix=_LIVE_PREFIX)
@@ -598,18 +599,28 @@ def _kill_if_hung(
     worker short)."""
     try:
         age = time.time() - (beats / str(proc.pid)).stat().st_mtime
+        silence = f"for {age:.0f} s"
     except OSError:
         age = spawned_ago - _FIRST_BEAT
+        silence = f"since its spawn {spawned_ago:.0f} s ago"
     if age > timeout:
         log.error(
-            "worker %d (pid %d) has not been heard from for %.0f s (frozen, or its event loop "
+            "worker %d (pid %d) has not been heard from %s (frozen, or its event loop "
             "blocked): killing it to start it again",
             index,
             proc.pid,
-            age,
+            silence,
         )
         proc.kill()
         proc.wait()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """``data`` into a new file ``path`` only its owner may read (0600 from its creation)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
 
 
 def serve(

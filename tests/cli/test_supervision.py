@@ -287,6 +287,18 @@ async def test_a_restarted_worker_runs_the_settings_and_connectors_the_others_ru
             await service.publish({"specversion": "1.0", "id": f"e{n}", "source": "s", "type": "t"})
         got = await receiver.wait_for(20, timeout=30)
         assert {r.path for r in got} == {"/old"}
+        # the copies hold what the files hold, secrets included: only their owner reads them
+        for copy in ("settings.yaml", "connectors.json"):
+            mode = (tmp_path / "data" / "workers" / copy).stat().st_mode & 0o777
+            assert mode == 0o600, (copy, oct(mode))
+        # the connectors gone from disk since: a restarted worker needs them not
+        (tmp_path / "connectors").rename(tmp_path / "connectors-gone")
+        _workers_of(service.proc.pid)[0].kill()
+        await eventually(
+            lambda: service.log.read_text().count("eventbus ready") >= 4,
+            within=60,
+            what="a worker ready again without the connectors on disk",
+        )
     finally:
         await service.terminate()
 
