@@ -297,7 +297,10 @@ class WebhookSource:
             if event_type is None and isinstance(body, dict) and "command" in body:
                 event_type = "com.slack.slash_command"
         if event_type is None:
-            raise _unreadable(f"the request has no value for the event type {self._type.text!r}")
+            tried = repr(self._type.text)
+            if self._fallback_type is not None:
+                tried += f" nor {self._fallback_type.text!r}"
+            raise _unreadable(f"the request has no value for the event type {tried}")
         event_id = self._id.render(request, body) if self._id is not None else None
         if event_id is None and (signature := self.signature_of(request)) is not None:
             # The signature's id, not a random one: a publish that failed on a slow bus (no

@@ -856,3 +856,9 @@ def test_gitlab_system_hooks_are_typed_by_their_event_name() -> None:
     )
     both = orjson.dumps({"event_name": "push", "object_kind": "push_system"})
     assert _event(spec, HookRequest("POST", headers, "", both))["type"] == "com.gitlab.push_system"
+    with pytest.raises(CloudEventError) as info:  # neither: both named
+        _event(spec, HookRequest("POST", headers, "", b"{}"))
+    assert info.value.detail == (
+        "the request has no value for the event type 'com.gitlab.{body:$.object_kind}' "
+        "nor 'com.gitlab.{body:$.event_name}'"
+    )
