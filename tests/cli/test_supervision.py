@@ -74,6 +74,11 @@ async def _two_workers(
     return service
 
 
+def _fn(receiver: Receiver, path: str) -> list[dict[str, Any]]:
+    """The one target, ``fn``: ``receiver`` at ``path``."""
+    return [{"name": "fn", "type": "http", "url": receiver.url(path)}]
+
+
 def _workers_of(parent: int) -> list[psutil.Process]:
     with contextlib.suppress(psutil.Error):
         return [p for p in psutil.Process(parent).children() if "--reuse-port" in p.cmdline()]
@@ -263,16 +268,13 @@ async def test_a_restarted_worker_runs_the_settings_and_connectors_the_others_ru
     # The settings file and the connectors edited, not applied (they are read at the start),
     # then a worker killed: it came back with the edits beside the others, half the events
     # going to the target's new URL, half the requests asked for the new API keys.
-    targets = [{"name": "fn", "type": "http", "url": receiver.url("/old")}]
     rules = "- name: a\n  targets: [fn]\n"
-    service = await _two_workers(tmp_path, nats_url, database_dsn, rules=rules, targets=targets)
+    service = await _two_workers(
+        tmp_path, nats_url, database_dsn, rules=rules, targets=_fn(receiver, "/old")
+    )
     assert service.proc is not None
     try:
-        write_config(
-            tmp_path,
-            rules=rules,
-            targets=[{"name": "fn", "type": "http", "url": receiver.url("/new")}],
-        )
+        write_config(tmp_path, rules=rules, targets=_fn(receiver, "/new"))
         settings = yaml.safe_load(service.config.read_text())
         settings["api_keys"] = [{"name": "k", "key": "key-0123456789abcdef", "scopes": ["admin"]}]
         service.config.write_text(yaml.safe_dump(settings))
@@ -309,8 +311,7 @@ async def test_a_reload_answers_once_every_worker_routes_by_the_new_rules(
     # POST /rules/reload answered 200 as soon as the worker it reached had reloaded: events
     # sent next went, on a connection the kernel gave another worker, by the rules before
     # (matching nothing) and were gone.
-    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn")}]
-    service = await _two_workers(tmp_path, nats_url, database_dsn, targets=targets)
+    service = await _two_workers(tmp_path, nats_url, database_dsn, targets=_fn(receiver, "/fn"))
     sent = 0
     try:
         async with aiohttp.ClientSession() as session:

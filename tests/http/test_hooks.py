@@ -233,24 +233,28 @@ async def test_ip_lists_over_ipv6(eventbus: StartService) -> None:
     assert (await _problem(svc, "POST", "/hooks/no-six", b"{}"))[0] == 403
 
 
+async def _triggers(
+    eventbus: StartService, sources: list[dict[str, Any]], **settings: Any
+) -> RunningService:
+    """The service with webhook ``sources`` only (no rule, no target) and ``settings``."""
+    return await eventbus(rules="[]", targets=[], sources=sources, settings=settings)
+
+
 async def test_a_triggers_lists_judge_the_client_the_services_proxy_names(
     eventbus: StartService,
 ) -> None:
     # A proxy in front of the whole service (client_addresses.trusted_proxies): a trigger's
     # own lists judged the proxy's address, so its deny list let a denied client in (202) and
     # its allow list refused an allowed one (403).
-    svc = await eventbus(
-        rules="[]",
-        targets=[],
-        sources=[
+    svc = await _triggers(
+        eventbus,
+        [
             {"name": "deny", **OPEN, "deny": ["10.9.9.9/32"]},
             {"name": "allow", **OPEN, "allow": ["10.0.0.0/8"]},
             {"name": "own", **OPEN, "allow": ["10.0.0.0/8"], "trusted_proxies": ["10.5.5.5/32"]},
         ],
-        settings={
-            "client_addresses": {"trusted_proxies": ["127.0.0.1/32"]},
-            "api_keys": [{"name": "pub", "key": PUBLISH_KEY, "scopes": ["publish"]}],
-        },
+        client_addresses={"trusted_proxies": ["127.0.0.1/32"]},
+        api_keys=[{"name": "pub", "key": PUBLISH_KEY, "scopes": ["publish"]}],
     )
     assert await _from(svc, "127.0.0.1", "/hooks/deny", **{"X-Forwarded-For": "10.9.9.9"}) == 403
     assert await _from(svc, "127.0.0.1", "/hooks/deny", **{"X-Forwarded-For": "10.1.1.1"}) == 202
@@ -271,18 +275,11 @@ async def test_the_services_lists_judge_the_client_a_triggers_proxy_names(
     # A proxy in front of one trigger (its own trusted_proxies): the service-wide lists judged
     # the proxy's address, so a client the service denies got through the trigger (202) and
     # one the service allows was refused (403). Elsewhere the trigger's proxy is not trusted.
-    svc = await eventbus(
-        rules="[]",
-        targets=[],
-        sources=[
-            {
-                "name": "tunnel",
-                "type": "webhook",
-                "keys": [KEY],
-                "trusted_proxies": ["127.0.0.1/32"],
-            }
-        ],
-        settings={"client_addresses": {"allow": ["10.0.0.0/8"], "deny": ["10.9.9.0/24"]}},
+    tunnel = {"name": "tunnel", "type": "webhook", "keys": [KEY]}
+    svc = await _triggers(
+        eventbus,
+        [{**tunnel, "trusted_proxies": ["127.0.0.1/32"]}],
+        client_addresses={"allow": ["10.0.0.0/8"], "deny": ["10.9.9.0/24"]},
     )
     key = {"Authorization": f"Bearer {KEY}"}
     client = {**key, "X-Forwarded-For": "10.1.2.3"}
