@@ -446,10 +446,18 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
         (shared / "beats").mkdir()
         (shared / FINGERPRINTS).mkdir()
         stack.callback(shutil.rmtree, shared, True)
-        # owner-only: they hold whatever secrets the files hold literally
-        _write_private(shared / CONNECTORS_SNAPSHOT, orjson.dumps(texts))
+        snapshot = {CONNECTORS_SNAPSHOT: orjson.dumps(texts)}
         if settings_text is not None:
-            _write_private(shared / _SETTINGS_SNAPSHOT, settings_text)
+            snapshot[_SETTINGS_SNAPSHOT] = settings_text
+
+        def write_snapshot() -> None:
+            """The copies every worker starts from, written again before each start (a
+            cleaner that took them from under the parent failed every restarted worker);
+            owner-only, for they hold whatever secrets the files hold literally."""
+            for name, data in snapshot.items():
+                _write_private(shared / name, data)
+
+        write_snapshot()
         # The workers' live-feed sockets: in a new private directory (0700) of the temporary
         # one, linked from the shared one, for a Unix socket's path must stay short.
         live = tempfile.mkdtemp(prefix=_LIVE_PREFIX)
@@ -550,6 +558,10 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     # reloads, so that all route by one set (a third of the events went by
                     # rules nobody had applied). Reloaded here at its spawn, the others read
                     # the files seconds before it did: an edit meanwhile split them again.
+                    try:
+                        write_snapshot()
+                    except OSError as exc:  # a full disk: the copies there serve
+                        log.warning("cannot write the workers' settings and connectors: %s", exc)
                     procs[i] = spawn(i, again=True)
                     metrics.WORKER_RESTARTS.labels(str(i)).inc()
             if failed is not None:
@@ -616,11 +628,18 @@ def _kill_if_hung(
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """``data`` into a new file ``path`` only its owner may read (0600 from its creation)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
+    """``data`` as the file ``path``, which only its owner may read (0600 from its creation),
+    whole or not at all (written beside it, then renamed over it)."""
+    written = path.with_name(f".{path.name}.{os.getpid()}")
+    written.unlink(missing_ok=True)
+    fd = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        written.replace(path)
+    except BaseException:
+        written.unlink(missing_ok=True)
+        raise
 
 
 def serve(

@@ -293,14 +293,21 @@ async def test_a_restarted_worker_runs_the_settings_and_connectors_the_others_ru
         for copy in ("settings.yaml", "connectors.json"):
             mode = (tmp_path / "data" / "workers" / copy).stat().st_mode & 0o777
             assert mode == 0o600, (copy, oct(mode))
-        # the connectors gone from disk since: a restarted worker needs them not
+        # the connectors gone from disk since, and the copies too (a cleaner): a restarted
+        # worker needs the first not, and the parent writes the copies again
         (tmp_path / "connectors").rename(tmp_path / "connectors-gone")
+        for copy in ("settings.yaml", "connectors.json"):
+            (tmp_path / "data" / "workers" / copy).unlink()
         _workers_of(service.proc.pid)[0].kill()
         await eventually(
             lambda: service.log.read_text().count("eventbus ready") >= 4,
             within=60,
             what="a worker ready again without the connectors on disk",
         )
+        receiver.requests.clear()
+        for n in range(8):
+            await service.publish({"specversion": "1.0", "id": f"f{n}", "source": "s", "type": "t"})
+        assert {r.path for r in await receiver.wait_for(8, timeout=30)} == {"/old"}
     finally:
         await service.terminate()
 
