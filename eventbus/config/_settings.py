@@ -38,7 +38,7 @@ from eventbus.config._connectors import warn_literal_secrets
 from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._tls import TlsSpec
 from eventbus.config._units import Duration, parse_duration
-from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors
+from eventbus.config._yaml import YamlDoc, did_you_mean, fields_at, load_yaml, pydantic_errors
 
 __all__ = [
     "EMBEDDED_NATS_ENV",
@@ -396,8 +396,9 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             ):
                 # a variable a secret was to be read from ({env: EVENTBUS_DB_PASSWORD})
                 # stopped the service with "Extra inputs are not permitted"
+                hint = did_you_mean(str(err["loc"][-1]), fields_at(Settings, err["loc"][:-1]))
                 lines.append(
-                    f"{variable}: not a setting ({'.'.join(map(str, err['loc']))}): every "
+                    f"{variable}: not a setting ({'.'.join(map(str, err['loc']))}){hint}: every "
                     f"{ENV_PREFIX}* variable is read as one; a variable a secret is read from "
                     "({env: NAME}) needs a name without that prefix"
                 )

@@ -252,16 +252,18 @@ def pydantic_errors(
         dotted = ".".join(str(p) for p in loc) or "(document)"
         message = err["msg"]
         if err["type"] == "extra_forbidden" and model is not None:
-            message += did_you_mean(str(err["loc"][-1]), _fields_at(model, err["loc"][:-1]))
+            message += did_you_mean(str(err["loc"][-1]), fields_at(model, err["loc"][:-1]))
         elif err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
             message += did_you_mean(str(err["loc"][0]), fields)
         out.append(f"{where}: {dotted}: {message}")
     return out
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Collection[str]:
+def fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Collection[str]:
     """The fields of the model nested in ``model`` at ``loc`` (none when there is none)."""
     for part in loc:
+        if isinstance(part, int):  # an item of a list: its model is the list's
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return ()

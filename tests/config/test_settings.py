@@ -93,6 +93,11 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
             "(did you mean 'partitions'?)",
         ),
         ("retenton: {}\n", "retenton: Extra inputs are not permitted (did you mean 'retention'"),
+        (  # in an item of a list too
+            "api_keys:\n  - {name: a, key: abcdefghijklmnop1234, scope: [admin]}\n",
+            "eventbus.yaml:2: api_keys.0.scope: Extra inputs are not permitted (did you mean "
+            "'scopes'?)",
+        ),
     ],
 )
 def test_bad_settings_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
@@ -165,7 +170,9 @@ def test_bad_environment_value_names_the_variable_and_field(tmp_path: Path) -> N
     first, second = sorted(str(info.value).splitlines())
     assert first.startswith("environment EVENTBUS_DB_PASSWORD: not a setting (db_password): ")
     assert "needs a name without that prefix" in first and "s3cret" not in str(info.value)
-    assert second.startswith("environment EVENTBUS_Listen__Prot: not a setting (listen.prot)")
+    assert second.startswith(
+        "environment EVENTBUS_Listen__Prot: not a setting (listen.prot) (did you mean 'port'?)"
+    )
     # a key inside a variable's value that is no setting: the variable is one
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, env={"EVENTBUS_BUS__NATS": "{urll: nats://x:1}"})
