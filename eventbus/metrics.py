@@ -335,11 +335,14 @@ def forget_process(pid: int, directory: Path) -> None:
     mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     for path in directory.glob(f"*_{pid}.db"):
         try:
+            if path.stat().st_size == 0:  # never sized (killed as it opened it): as a scrape
+                continue
             merged = MultiProcessCollector.merge(  # type: ignore[no-untyped-call]
                 [str(path)], accumulate=False
             )
-        except (OSError, ValueError) as exc:  # unreadable: left as it is, as a scrape does
-            _log.debug("metrics file %s not read: %s", path, exc)
+        except Exception as exc:  # any file, however broken, is only left
+            # (struct.error, RuntimeError: escaped, they ended the parent and every worker)
+            _log.debug("metrics file %s not read: %r", path, exc)
             continue
         if all(sample.value == 0 for metric in merged for sample in metric.samples):
             path.unlink(missing_ok=True)

@@ -462,7 +462,7 @@ def _reason(exc: CELEvalError) -> str:
 
 
 _CELTYPE_CLASS = re.compile(r"<class 'celpy\.celtypes\.(\w+)Type'>")
-_CELTYPE_NAMES = {"Null": "null_type"}
+_CELTYPE_NAMES = {"Null": "null_type", "None": "null_type"}  # None: Python's, in its errors
 
 
 def _cel_names(message: str) -> str:

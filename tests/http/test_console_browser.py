@@ -501,6 +501,7 @@ async def test_page_asks_for_an_api_key(
     await page.wait_text("#key-error", "lacks scope 'admin'")
     assert not await page.js("return document.getElementById('key-form').hidden")
     assert await page.js("return sessionStorage.getItem('eventbus-key')") is None
+    assert await page.text("#page-error") == ""  # the service was reached: no other error
 
 
 async def test_overview_targets_and_sources(

@@ -274,3 +274,6 @@ def test_a_field_of_a_value_without_fields_is_a_readable_error(interpreted: bool
     assert verdict is Verdict.ERROR
     assert "'string' does not support field selection" in reason, reason
     assert "attribute" not in reason, reason
+    if not interpreted:  # (the interpreter words it itself)
+        verdict, reason = condition.evaluate(activation({"data": None}))
+        assert reason == "type 'null_type' does not support field selection", reason

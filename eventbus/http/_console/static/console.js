@@ -169,7 +169,7 @@ async function load(page) {
     if (page === shownPage()) $("page-error").textContent = "";
   } catch (err) {
     // (a slow page's failure was written above the page shown since)
-    if (err.status === 401 || page !== shownPage()) return;
+    if (!$("key-form").hidden || page !== shownPage()) return; // a key is asked for instead
     const what = err.partial ? "Part of this page could not load" : "Could not load this page";
     $("page-error").textContent = `${what}: ${err.message}`;
   }
@@ -924,7 +924,7 @@ async function loadOverview() {
   try {
     await api("GET", "/rules"); // answered without the database: the console opens while it is down
   } catch (err) {
-    if (err.status === 401 || keyRefused(err.status, err.message)) return; // api() asked for a key
+    if (!$("key-form").hidden) return; // api() asked for a key (a 401, or a key's scope)
     $("page-error").textContent = `Could not reach the service: ${err.message}`;
     $("key-forget").hidden = !apiKey; // whatever went wrong, a key held can be let go
     return;
