@@ -32,7 +32,7 @@ from urllib.parse import parse_qs
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eventbus._errors import CloudEventError
+from eventbus._errors import BusError, CloudEventError
 from eventbus.cloudevents import (
     DEFAULT_MAX_EVENT_SIZE,
     SPEC_VERSION,
@@ -360,7 +360,8 @@ class WebhookSource:
         tolerance (a captured request sent again, which verifies until its timestamp is too
         old, beyond the bus's duplicate window; the Kafka bus has none): then the id is that
         request's event's. A copy that comes while the first is being published waits for
-        it, and is published itself if that fails. Raises CloudEventError 503 when the source
+        it: answered as the first was when the bus did not take it (at once, not after a
+        publish of its own), published itself when the first ended otherwise. Raises CloudEventError 503 when the source
         is not running, BusUnavailable / BusError when the bus does not take the event."""
         ctx = self._ctx
         if ctx is None:
@@ -374,20 +375,32 @@ class WebhookSource:
             # A copy sent while the first was on its way (a sender's retry on a timeout) was
             # answered "duplicate" at once; when that publish then failed, the event was lost.
             first = await asyncio.shield(earlier)
+            if isinstance(first, BusError):
+                # The bus did not take the first: the copy is answered as it was, at once (each
+                # copy waited for the one before it, then tried itself: 5, 10, 15 s ... on a
+                # bus that did not answer). The sender's next retry gets through.
+                raise first
             if first is not None:
                 return True, first
         published = replays.add(signature, time.monotonic())
         try:
             duplicate = await ctx.emit(event)
+        except BusError as exc:
+            replays.forget(signature, published, exc)  # not on the bus: a retry gets through
+            raise
         except BaseException:
-            # not on the bus: the sender's retry must get through
-            replays.forget(signature, published)
+            replays.forget(signature, published)  # (its request gone): a copy publishes itself
             raise
         published.set_result(event["id"])
         return duplicate, event["id"]
 
 
 _SIGNED_IDS = uuid.UUID("5d7f0a52-2b43-4b8e-9a51-3c1b6f0e8d27")  # namespace of the ids above
+
+
+_Published = str | BusError | None
+"""What a copy waiting on a publish learns: the event's id, the bus's refusal, or None (the
+publish ended otherwise: the copy publishes itself)."""
 
 
 class _Replays:
@@ -399,9 +412,9 @@ class _Replays:
     def __init__(self, window: float, most: int = 100_000) -> None:
         self._keep = 2 * window
         self._most = most
-        self._seen: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
+        self._seen: dict[str, tuple[float, asyncio.Future[_Published]]] = {}
 
-    def find(self, signature: str, now: float) -> asyncio.Future[str | None] | None:
+    def find(self, signature: str, now: float) -> asyncio.Future[_Published] | None:
         """The event id of a request of ``signature`` published (done) or being published
         (pending; None if that publish fails), or None when there is no such request."""
         while self._seen:
@@ -412,22 +425,25 @@ class _Replays:
         found = self._seen.get(signature)
         return None if found is None else found[1]
 
-    def forget(self, signature: str, published: asyncio.Future[str | None]) -> None:
-        """The publish ``published`` (from :meth:`add`) of ``signature``'s request failed: a
-        copy waiting on it learns so, and the entry goes if it is still that publish's (it may
-        have gone already, the oldest past ``most`` or past its time, and the waiting copies
-        with it: resolved here all the same, or they waited for ever)."""
+    def forget(
+        self, signature: str, published: asyncio.Future[_Published], why: BusError | None = None
+    ) -> None:
+        """The publish ``published`` (from :meth:`add`) of ``signature``'s request failed (the
+        bus's ``why``, or None: ended otherwise): a copy waiting on it learns so, and the entry
+        goes if it is still that publish's (it may have gone already, the oldest past ``most``
+        or past its time, and the waiting copies with it: resolved here all the same, or they
+        waited for ever)."""
         if not published.done():
-            published.set_result(None)
+            published.set_result(why)
         found = self._seen.get(signature)
         if found is not None and found[1] is published:
             del self._seen[signature]
 
-    def add(self, signature: str, now: float) -> asyncio.Future[str | None]:
+    def add(self, signature: str, now: float) -> asyncio.Future[_Published]:
         """Start publishing ``signature``'s request: set the returned future to its event's id
         once it is on the bus."""
         self._seen.pop(signature, None)
-        published: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        published: asyncio.Future[_Published] = asyncio.get_running_loop().create_future()
         self._seen[signature] = (now, published)
         if len(self._seen) > self._most:
             del self._seen[next(iter(self._seen))]
