@@ -152,6 +152,29 @@ async def test_live_stream_filter_and_pause(
     await page.wait_text(ROW % "later", "delivered")
 
 
+async def test_a_row_whose_delivery_ends_while_paused_shows_it_on_resume(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    # Paused, the oldest rows waiting went first past the page's bound, the update of a row
+    # shown among them: after Resume it read "routing" for good, its trail "delivered".
+    svc = await _start(eventbus, receiver)
+    page = browser(svc.url)
+    await page.open("/console")
+    await _live(page)
+    receiver.script(Response(delay=2.0), Response(delay=2.0))  # both deliveries of "slow"
+    assert (await svc.post_event(_event("slow")))[0] == 202
+    await page.wait_text(ROW % "slow", "routing")
+    await page.click("#live-pause")
+    await svc.trail("tests/console", "slow", attempts=2)  # delivered, while paused
+    for n in range(520):  # a row each (no rule matches): past the 500 kept while paused
+        assert (await svc.post_event(_event(f"burst-{n}", type="com.example.other")))[0] == 202
+    # every row has come (each later one would push the oldest out of the 500 shown): 521
+    # waiting, "slow"'s update kept, and of the 520 others the 21 oldest events gone
+    await page.wait_text("#live-status", "21 older events skipped while paused", within=30)
+    await page.click("#live-pause")
+    await page.wait_text(ROW % "slow", "delivered")
+
+
 async def test_trail_page_shows_every_attempt(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:

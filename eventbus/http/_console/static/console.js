@@ -254,10 +254,7 @@ function onMessage(block) {
   }
   if (kind === "rows") {
     live.pending.push(...JSON.parse(data));
-    if (live.paused && live.pending.length > MAX_ROWS) {
-      live.heldBack += live.pending.length - MAX_ROWS;
-      live.pending.splice(0, live.pending.length - MAX_ROWS);
-    }
+    if (live.paused && live.pending.length > MAX_ROWS) trimWhilePaused();
     scheduleFlush();
   } else if (kind === "dropped") {
     live.dropped = JSON.parse(data).dropped;
@@ -268,10 +265,39 @@ function onMessage(block) {
   }
 }
 
+// Paused, the rows waiting are bounded: the updates of the rows shown are kept, folded into
+// one per row (a row whose delivery ended while paused stayed "routing" for good: its update
+// was among the oldest, dropped), and of the others the newest; what goes is counted in
+// events, not rows (each event sends two).
+function trimWhilePaused() {
+  const folded = new Map();
+  const others = [];
+  for (const r of live.pending) {
+    const key = `${r.source}\n${r.id}`;
+    if (!live.rows.has(key)) {
+      others.push(r);
+      continue;
+    }
+    const into = folded.get(key);
+    const latest = new Map((into ? into.deliveries : []).map((d) => [`${d.rule}\n${d.target}`, d]));
+    for (const d of r.deliveries) latest.set(`${d.rule}\n${d.target}`, d);
+    // the latest whole row (time set) with every delivery's latest state, one per delivery:
+    // bounded however many updates come
+    const base = r.time !== null || !into ? r : into;
+    folded.set(key, { ...base, state: r.state, deliveries: [...latest.values()] });
+  }
+  const room = Math.max(0, MAX_ROWS - folded.size);
+  const gone = others.slice(0, Math.max(0, others.length - room));
+  const kept = others.slice(gone.length);
+  const still = new Set(kept.map((r) => `${r.source}\n${r.id}`));
+  live.heldBack += new Set(gone.map((r) => `${r.source}\n${r.id}`).filter((k) => !still.has(k))).size;
+  live.pending = [...folded.values(), ...kept];
+}
+
 function setStatus(text) {
   const extra = [];
   if (live.paused) extra.push(`paused, ${live.pending.length} waiting`);
-  if (live.heldBack) extra.push(`${live.heldBack} older skipped while paused`);
+  if (live.heldBack) extra.push(`${live.heldBack} older events skipped while paused`);
   if (live.dropped) extra.push(`${live.dropped} dropped (too slow)`);
   $("live-status").textContent = extra.length ? `${text} (${extra.join("; ")})` : text;
 }
