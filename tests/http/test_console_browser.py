@@ -107,13 +107,21 @@ async def _live(page: Page, pattern: str = "") -> None:
     )
 
 
-async def test_live_stream_filter_and_pause(
+async def _on_the_live_page(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
-) -> None:
+) -> tuple[RunningService, Page]:
+    """The service (``_start``) and its console open on the live page, the stream connected."""
     svc = await _start(eventbus, receiver)
     page = browser(svc.url)
     await page.open("/console")
     await _live(page)
+    return svc, page
+
+
+async def test_live_stream_filter_and_pause(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    svc, page = await _on_the_live_page(eventbus, receiver, browser)
     assert (await svc.post_event(_event("one")))[0] == 202
     await page.wait_text(ROW % "one", "delivered")
     row = await page.text(ROW % "one")
@@ -157,10 +165,7 @@ async def test_a_row_whose_delivery_ends_while_paused_shows_it_on_resume(
 ) -> None:
     # Paused, the oldest rows waiting went first past the page's bound, the update of a row
     # shown among them: after Resume it read "routing" for good, its trail "delivered".
-    svc = await _start(eventbus, receiver)
-    page = browser(svc.url)
-    await page.open("/console")
-    await _live(page)
+    svc, page = await _on_the_live_page(eventbus, receiver, browser)
     receiver.script(Response(delay=2.0), Response(delay=2.0))  # both deliveries of "slow"
     assert (await svc.post_event(_event("slow")))[0] == 202
     await page.wait_text(ROW % "slow", "routing")
@@ -254,10 +259,7 @@ async def test_the_live_stream_says_why_it_is_refused(
 async def test_live_row_opens_its_trail(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:
-    svc = await _start(eventbus, receiver)
-    page = browser(svc.url)
-    await page.open("/console")
-    await _live(page)
+    svc, page = await _on_the_live_page(eventbus, receiver, browser)
     # the function answers one of its two deliveries with an event: a reply, on the bus
     reply = {"specversion": "1.0", "id": "re-1", "source": "tests/fn", "type": "t.reply"}
     receiver.script(Response(200, reply=reply))
@@ -618,10 +620,7 @@ async def test_overview_targets_and_sources(
 async def test_a_burst_keeps_the_page_bounded_and_responsive(
     eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
 ) -> None:
-    svc = await _start(eventbus, receiver)
-    page = browser(svc.url)
-    await page.open("/console")
-    await _live(page)
+    svc, page = await _on_the_live_page(eventbus, receiver, browser)
     batch = [_event(f"b-{i}") for i in range(1200)]
     for start in range(0, len(batch), 300):
         status, _, answer = await svc.request(
