@@ -361,8 +361,9 @@ class WebhookSource:
         old, beyond the bus's duplicate window; the Kafka bus has none): then the id is that
         request's event's. A copy that comes while the first is being published waits for
         it: answered as the first was when the bus did not take it (at once, not after a
-        publish of its own), published itself when the first ended otherwise. Raises CloudEventError 503 when the source
-        is not running, BusUnavailable / BusError when the bus does not take the event."""
+        publish of its own), published itself when the first ended otherwise. Raises
+        CloudEventError 503 when the source is not running, BusUnavailable / BusError when
+        the bus does not take the event."""
         ctx = self._ctx
         if ctx is None:
             raise CloudEventError(
