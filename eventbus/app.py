@@ -41,6 +41,7 @@ from eventbus._errors import (
     StoreError,
     StoreUnavailable,
 )
+from eventbus._files import replace_file
 from eventbus._rates import Rates, deliveries_by_target, gauge_by_target
 from eventbus._supervisor import Supervised, Supervisor
 from eventbus._tasks import cancel_and_wait, in_daemon_thread, report_stuck
@@ -842,9 +843,7 @@ class Service:
         folder = self._shared / FINGERPRINTS
         try:
             folder.mkdir(exist_ok=True)
-            written = folder / f".{os.getpid()}.tmp"
-            written.write_text(self.rules.current.fingerprint)
-            written.replace(folder / str(os.getpid()))
+            replace_file(folder / str(os.getpid()), self.rules.current.fingerprint)
         except OSError as exc:  # a full disk: a reload elsewhere waits for it in vain
             log.warning("cannot share the rules' fingerprint with the other workers: %s", exc)
 

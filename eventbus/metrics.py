@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from eventbus._files import replace_file
+
 __all__ = [
     "AUDIT_PENDING",
     "AUDIT_QUARANTINED",
@@ -262,9 +264,7 @@ class ParentFigures:
         text = orjson.dumps(families)
         if text == self._written:
             return
-        partial = self._path.with_suffix(".tmp")
-        partial.write_bytes(text)
-        partial.replace(self._path)
+        replace_file(self._path, text)
         self._written = text
 
 

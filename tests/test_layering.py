@@ -29,8 +29,8 @@ PACKAGE = Path(eventbus.__file__).parent
 # Bottom to top: a unit may import itself and the units of earlier layers only.
 LAYERS: list[set[str]] = [
     # the error tree; stopping tasks (grace, lost cancellations); reading RFC 3339 times; a
-    # token bucket
-    {"_errors", "_tasks", "_rfc3339", "_bucket"},
+    # token bucket; a file written whole or not at all
+    {"_errors", "_tasks", "_rfc3339", "_bucket", "_files"},
     {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
@@ -50,6 +50,7 @@ RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 _DELIVERY = {
     "_bucket",
     "_errors",
+    "_files",
     "_rfc3339",
     "_oauth",
     "_tasks",
@@ -64,8 +65,8 @@ PULLS: dict[str, set[str]] = {
     "eventbus.cloudevents": {"_errors", "_rfc3339"},
     "eventbus.config": {"_errors"},
     "eventbus.rules": {"_errors", "config"},
-    "eventbus.bus": {"_errors", "_oauth", "_rfc3339", "_tasks", "cloudevents", "config"},
-    "eventbus.store": {"_errors", "_rfc3339", "_tasks", "config", "metrics"},
+    "eventbus.bus": {"_errors", "_files", "_oauth", "_rfc3339", "_tasks", "cloudevents", "config"},
+    "eventbus.store": {"_errors", "_files", "_rfc3339", "_tasks", "config", "metrics"},
     "eventbus.targets": {"_errors", "_oauth", "_rfc3339", "_tasks", "cloudevents", "config"},
     "eventbus.delivery": _DELIVERY,
     "eventbus.sources": _DELIVERY - {"rules", "targets"},

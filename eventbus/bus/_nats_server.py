@@ -38,6 +38,7 @@ import orjson
 import psutil
 
 from eventbus._errors import BusError, ConfigError
+from eventbus._files import replace_file
 
 __all__ = ["NatsServer", "free_port"]
 
@@ -76,14 +77,6 @@ def _stop_leftover(pid_file: Path, timeout: float = 5.0) -> None:
             proc.wait(timeout)
     except psutil.Error:
         return
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only, from the first byte on."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
 
 
 class NatsServer:
@@ -195,7 +188,8 @@ class NatsServer:
             # writes, and takes them again once space is freed.
             disk = os.statvfs(self.store_dir)
             store = f"jetstream {{ max_file_store: {disk.f_blocks * disk.f_frsize} }}\n"
-            _write_private(conf, f"authorization {{ users: [{users}] }}\n{log_conf}{limit}{store}")
+            text = f"authorization {{ users: [{users}] }}\n{log_conf}{limit}{store}"
+            replace_file(conf, text, private=True)
             self._log = self.log_path.open("ab")
         except OSError as exc:  # a read-only or full disk: a traceback said so, at start
             raise BusError(

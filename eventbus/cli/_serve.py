@@ -49,6 +49,7 @@ import orjson
 
 from eventbus import metrics
 from eventbus._errors import ConfigError, EventBusError
+from eventbus._files import replace_file
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.app import CONNECTORS_SNAPSHOT, FINGERPRINTS, Service, start_embedded
 from eventbus.cli._datadir import client_url, hold_data_dir
@@ -455,7 +456,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             cleaner that took them from under the parent failed every restarted worker);
             owner-only, for they hold whatever secrets the files hold literally."""
             for name, data in snapshot.items():
-                _write_private(shared / name, data)
+                replace_file(shared / name, data, private=True)
 
         write_snapshot()
         # The workers' live-feed sockets: in a new private directory (0700) of the temporary
@@ -625,21 +626,6 @@ def _kill_if_hung(
         )
         proc.kill()
         proc.wait()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """``data`` as the file ``path``, which only its owner may read (0600 from its creation),
-    whole or not at all (written beside it, then renamed over it)."""
-    written = path.with_name(f".{path.name}.{os.getpid()}")
-    written.unlink(missing_ok=True)
-    fd = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        written.replace(path)
-    except BaseException:
-        written.unlink(missing_ok=True)
-        raise
 
 
 def serve(

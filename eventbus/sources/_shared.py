@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from eventbus._files import replace_file
 from eventbus.sources._base import SourceStatus
 
 __all__ = ["SharedStatuses", "merge_statuses"]
@@ -43,7 +44,7 @@ class SharedStatuses:
         raw = orjson.dumps([s.to_dict() for s in statuses])
         if raw == self._written:
             return
-        _replace(self._own, raw)
+        replace_file(self._own, raw)
         self._written = raw
 
     def read(self, own: Sequence[SourceStatus]) -> list[SourceStatus]:
@@ -67,7 +68,7 @@ class SharedStatuses:
             for s in merge_statuses(kept)
         ]
         if retired:
-            _replace(directory / _RETIRED, orjson.dumps([s.to_dict() for s in retired]))
+            replace_file(directory / _RETIRED, orjson.dumps([s.to_dict() for s in retired]))
         own.unlink(missing_ok=True)
 
 
@@ -76,12 +77,6 @@ def _read(path: Path) -> list[SourceStatus]:
     with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
         return [_status(item) for item in orjson.loads(path.read_bytes())]
     return []
-
-
-def _replace(path: Path, raw: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(raw)
-    os.replace(tmp, path)
 
 
 def _status(item: Any) -> SourceStatus:
