@@ -20,7 +20,7 @@ import asyncpg
 
 from eventbus._errors import StoreDataError, StoreError, StoreUnavailable
 
-__all__ = ["READ_TIMEOUT", "STALLED_AFTER", "Outstanding", "run_db"]
+__all__ = ["DB_FAILURES", "READ_TIMEOUT", "STALLED_AFTER", "Outstanding", "run_db"]
 
 READ_TIMEOUT = 5.0
 """Seconds an API read (event trail, dead letters) may take, waiting for a connection included:
@@ -44,6 +44,9 @@ _UNREACHABLE = (
     # took it for a failed delivery and had the bus deliver the event again
     asyncpg.InternalClientError,
 )
+DB_FAILURES = (*_DB_ERRORS, asyncpg.InternalClientError)
+"""Everything a statement may raise for the database's sake (refused, unreachable, timed out,
+the driver's state broken with the connection): what a background task catches to go on."""
 _DATA_EXCEPTION = "22"  # SQLSTATE class: a value the statement cannot take
 
 _T = TypeVar("_T")

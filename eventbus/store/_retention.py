@@ -26,6 +26,7 @@ import asyncpg
 
 from eventbus import metrics
 from eventbus._tasks import cancel_and_wait
+from eventbus.store._failures import DB_FAILURES
 
 __all__ = ["BATCH", "LOCK_KEY", "Pruner", "RetentionPolicy"]
 
@@ -40,16 +41,6 @@ _STATEMENT_TIMEOUT = 120.0
 _FIRST_AFTER = 30.0
 """Seconds from the start to the first round (at most ``every``): a process restarted
 more often than ``every`` still prunes."""
-
-_DB_FAILURES = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    # asyncpg's state gone wrong as the connection broke ("cannot switch to state 12",
-    # seen with PostgreSQL killed during a DELETE)
-    asyncpg.InternalClientError,
-)
 
 # An event's rows are kept while a dead letter or a waiting retry of it exists.
 _TRAIL_IN_USE = (
@@ -154,7 +145,7 @@ class Pruner:
             wait = self._policy.every
             try:
                 deleted = await self.prune()
-            except _DB_FAILURES as exc:
+            except DB_FAILURES as exc:  # (InternalClientError: PostgreSQL killed mid-DELETE)
                 _log.warning("retention: pruning failed (tried again in %g s): %r", wait, exc)
                 continue
             except Exception:  # a housekeeping loop outlives its rounds, whatever ends one
