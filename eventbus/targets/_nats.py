@@ -91,6 +91,29 @@ class _PublishRefused(Exception):
     connection, never in answer to the publish itself."""
 
 
+class _TooLarge(Exception):
+    """The message is over the server's ``max_payload``. nats-py checks the body alone; the
+    server counts the headers too, and it answers a larger message by closing the connection
+    (every publish in flight on it lost): a retry would close it again."""
+
+
+def _check_size(nc: Client, headers: dict[str, str] | None, body: bytes) -> None:
+    """Raise :class:`_TooLarge` unless headers and body fit the server's ``max_payload``."""
+    size = len(body)
+    header_size = 0
+    if headers:
+        # as nats-py writes them: "NATS/1.0\r\n", "key: value\r\n" each, "\r\n"
+        header_size = 12 + sum(
+            len(k.strip().encode()) + len(v.strip().encode()) + 4 for k, v in headers.items()
+        )
+    if size + header_size > nc.max_payload:
+        headed = f" with {header_size} bytes of headers" if header_size else ""
+        raise _TooLarge(
+            f"message of {size} bytes{headed} larger than the server's max_payload "
+            f"({nc.max_payload} bytes)"
+        )
+
+
 class _Refusals:
     """The publish permission violations one connection's server reported: how many, the
     last one's text, and an event set by the next one. A target's connection publishes to its
@@ -174,6 +197,8 @@ def _outcome_from_error(
             duration_ms,
             retryable=exc.code != 400,
         )
+    if isinstance(exc, _TooLarge):
+        return failure(str(exc), duration_ms, retryable=False)
     if isinstance(exc, nats.errors.MaxPayloadError):
         return failure("message larger than the server's max_payload", duration_ms, retryable=False)
     if isinstance(exc, nats.errors.AuthorizationError) or (
@@ -441,6 +466,7 @@ class NatsTarget:
         async def send() -> None:
             async with asyncio.timeout(cfg.timeout):
                 nc = await self._nc.get()
+                _check_size(nc, headers, body)
                 replies.append(
                     await self._unless_lost(
                         nc,
@@ -451,7 +477,7 @@ class NatsTarget:
 
         outcome = await send_once(
             send,
-            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused),
+            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused, _TooLarge),
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg, self._handshake),
         )
         trace_attempt(log, self.name, event.get("id"), 1, outcome)
@@ -485,6 +511,7 @@ class NatsTarget:
             try:
                 async with asyncio.timeout(cfg.timeout):
                     nc = await self._nc.get()
+                    _check_size(nc, headers, body)
                     if cfg.jetstream:
                         js = nc.jetstream(timeout=cfg.timeout)
                         stored = await self._unless_lost(
@@ -514,7 +541,7 @@ class NatsTarget:
 
         outcome = await send_once(
             send,
-            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused),
+            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused, _TooLarge),
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg, self._handshake),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)

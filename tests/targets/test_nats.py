@@ -378,3 +378,46 @@ def test_several_server_urls_are_accepted() -> None:
         name="orders", url="nats://127.0.0.1:4222, tls://127.0.0.1:4223", subject="a.b-c_d"
     )
     assert NatsTarget(config).name == "orders"
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_a_message_whose_headers_take_it_past_max_payload_is_final_not_a_lost_server(
+    tmp_path: Path, mode: str
+) -> None:
+    # nats-py checks the body alone against max_payload; the server counts the headers too
+    # and answers a larger message by closing the connection: the outcome read "cannot reach
+    # NATS" and was retried, each retry closing the connection again.
+    limit = 2048
+    async with configured_nats_server(tmp_path / "nats", f"max_payload: {limit}") as port:
+        spec = config_for(f"nats://127.0.0.1:{port}", mode=mode, timeout=5.0)
+        sub_client = await nats.connect(f"nats://127.0.0.1:{port}")
+        try:
+            sub = await sub_client.subscribe(spec.subject)
+            await sub_client.flush()
+            outcomes: list[tuple[int, Outcome]] = []
+            async with NatsTarget(spec) as target:
+                for size in range(limit - 400, limit + 1):
+                    event = make_event(id=f"evt-{size}", data="x" * size)
+                    outcome = await target.deliver(event, event, is_cloudevent=True, attempt=1)
+                    outcomes.append((size, outcome))
+                small = make_event(id="evt-small")
+                after = await target.deliver(small, small, is_cloudevent=True, attempt=1)
+                answer = await target.request(event, event, is_cloudevent=True)
+            delivered = [size for size, outcome in outcomes if outcome.delivered]
+            refused = [(size, o) for size, o in outcomes if not o.delivered]
+            assert delivered and refused, outcomes
+            assert max(delivered) < refused[0][0], "the sizes that fit come first"
+            for _, outcome in refused:
+                assert not outcome.retryable, outcome
+                assert f"max_payload ({limit} bytes)" in (outcome.error or ""), outcome
+            # the first size refused is one byte over the limit, headers counted as sent
+            first = refused[0][1].error or ""
+            sizes = [int(word) for word in first.split() if word.isdigit()]
+            assert sum(sizes[:2]) == limit + 1, first
+            assert after.delivered, after  # the connection was not closed under the target
+            assert not answer.outcome.retryable and "max_payload" in (answer.outcome.error or "")
+            for _ in delivered:
+                await next_message(sub)
+            assert (await next_message(sub)).headers is not None or mode == "structured"
+        finally:
+            await sub_client.close()
