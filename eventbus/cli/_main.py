@@ -141,8 +141,8 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="only this target's dead letters")
     p.add_argument("--status", type=int, help="last HTTP status")
     p.add_argument("--reason", choices=REASONS, help="why it was dead-lettered")
-    p.add_argument("--since", help="ISO 8601 time")
-    p.add_argument("--until", help="ISO 8601 time")
+    p.add_argument("--since", help="ISO 8601 time, or a duration ago (30m, 6h, 7d)")
+    p.add_argument("--until", help="ISO 8601 time, or a duration ago (30m, 6h, 7d)")
     p.add_argument("--source", help="event source")
 
 
@@ -769,8 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--source", help="only events from this source")
     listing.add_argument("--type", help="only events of this type")
-    listing.add_argument("--since", help="stored on the bus at or after (ISO 8601; UTC if no zone)")
-    listing.add_argument("--until", help="stored on the bus before (ISO 8601; UTC if no zone)")
+    listing.add_argument(
+        "--since", help="stored on the bus at or after (ISO 8601, UTC if no zone; or 6h ago)"
+    )
+    listing.add_argument(
+        "--until", help="stored on the bus before (ISO 8601, UTC if no zone; or 6h ago)"
+    )
     listing.add_argument("--limit", type=_PAGE, default=100, help="events per page (1-1000)")
     listing.add_argument("--after", help="page: the `more: --after` value of the previous page")
     _client_args(listing)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from pydantic import BeforeValidator
 
+from eventbus.config import parse_duration
 from eventbus.delivery import DeadLetterFilter, DeadLetterReason
 from eventbus.http._problem import Problem
 from eventbus.store import EventCursor
@@ -98,8 +99,19 @@ def _integers(name: str) -> BeforeValidator:
     return BeforeValidator(lambda raws: [_parse_integer(name, raw, _BIGINT) for raw in raws])
 
 
+_AGO = re.compile(r"\d+(?:\.\d+)?(?:ms|s|m|h|d)")
+"""A duration with its unit (``15m``, ``6h``, ``7d``): that long before now, as ``docker logs
+--since`` and ``kubectl logs --since`` take it. The unit is required: ``20261201`` is a date."""
+
+
 def _parse_moment(name: str, raw: str) -> datetime:
-    """An ISO 8601 time; one without a zone is UTC (not the server's local time)."""
+    """An ISO 8601 time (one without a zone is UTC, not the server's local time), or a
+    duration ago by the server's clock (``_AGO``)."""
+    if _AGO.fullmatch(raw):
+        try:
+            return datetime.now(UTC) - timedelta(seconds=parse_duration(raw))
+        except (ValueError, OverflowError):
+            raise ValueError(f"{name} must be at most 3650d ago, got {_clip(raw)}") from None
     try:
         moment = datetime.fromisoformat(raw)
         if moment.tzinfo is None:
@@ -107,7 +119,9 @@ def _parse_moment(name: str, raw: str) -> datetime:
         # The instant must exist in UTC, where PostgreSQL receives it.
         moment.astimezone(UTC)
     except ValueError:
-        raise ValueError(f"{name} must be an ISO 8601 time, got {_clip(raw)}") from None
+        raise ValueError(
+            f"{name} must be an ISO 8601 time or a duration ago (30m, 6h, 7d), got {_clip(raw)}"
+        ) from None
     except OverflowError:
         raise ValueError(f"{name} must fall within years 0001-9999 in UTC") from None
     return moment

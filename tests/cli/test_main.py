@@ -157,6 +157,11 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     assert typed[:2] == (0, "no events\n"), typed
     code, _, err = await _cli("events", "list", "--since", "yesterday", *plain)
     assert code == 1 and "since" in err and "Traceback" not in err, err
+    recent, older = await _side_by_side(  # a duration: that long ago
+        _cli("dlq", "list", "--since", "1h", *url), _cli("dlq", "list", "--until", "1h", *url)
+    )
+    assert recent[0] == 0 and [str(d["id"]) for d in recent[1]["items"]] == [second], recent
+    assert older[0] == 0 and older[1]["items"] == [], older
     # shown as soon as it is recorded, a moment after its 202 (a show right after the
     # publish answered 404 once, on a cold first event)
     showing = asyncio.create_task(_cli("events", "show", "cli", "late-1", *url))

@@ -112,7 +112,14 @@ async def test_search_by_source_type_and_time_newest_first_bad_parameters_refuse
 
 
 BAD = [
-    ("since=yesterday", "since must be an ISO 8601 time, got 'yesterday'"),
+    (
+        "since=yesterday",
+        "since must be an ISO 8601 time or a duration ago (30m, 6h, 7d), got 'yesterday'",
+    ),
+    ("since=1y", "since must be an ISO 8601 time or a duration ago"),
+    ("since=-1h", "since must be an ISO 8601 time or a duration ago"),
+    ("until=3651d", "until must be at most 3650d ago, got '3651d'"),
+    ("since=0h&until=1h", "since ("),
     ("until=2026-13-01", "until must be an ISO 8601 time"),
     ("since=10000-01-01", "since must be an ISO 8601 time"),
     ("until=0001-01-01T00:00:00%2B01:00", "until must fall within years 0001-9999"),
@@ -149,6 +156,10 @@ async def _refuses_bad_parameters(svc: RunningService) -> None:
         ("limit=1000", 9),
         ("since=0001-01-01T00:00:00-01:00&until=9999-12-31T23:59:59%2B01:00", 9),
         ("since=2026-01-01&until=2026-01-01", 0),
+        ("since=1h", 9),  # a duration ago, by the server's clock
+        ("since=3650d&until=0s", 9),
+        ("until=1h", 0),
+        ("since=1.5d&type=ping", 3),
         ("source=&type=", 0),
         (f"after={-(6 * 10**16)}-0", 0),  # the year 68
         (f"after=1-{2**63 - 1}", 0),
