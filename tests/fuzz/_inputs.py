@@ -204,6 +204,11 @@ def binary_headers(draw: st.DrawFn) -> dict[str, str]:
     return headers
 
 
+durations_ago = st.tuples(  # since=/until= take them: that long before now
+    st.integers(0, 10**25).map(str) | st.floats(0, 1e12).map(lambda f: f"{f:f}"),
+    st.sampled_from(["ms", "s", "m", "h", "d"]),
+).map("".join)
+
 query_values = (
     st.sampled_from(
         [
@@ -223,6 +228,7 @@ query_values = (
     | text
     | st.integers(-(2**80), 2**80).map(str)
     | odd_times
+    | durations_ago
 )
 
 
