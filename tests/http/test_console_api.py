@@ -310,7 +310,7 @@ async def test_page_and_assets(eventbus: StartService, receiver: Receiver) -> No
     svc = await _start(eventbus, receiver, settings=KEYS)
     status, headers, page = await svc.request("GET", "/console")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert '<script type="module" src="/console/console.js">' in page
+    assert '<script type="module" src="console/console.js">' in page
     # in no other site's frame (its own requests pass the keyless loopback guard), and only
     # its own scripts and styles (it has no inline ones)
     assert headers["X-Frame-Options"] == "DENY"

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.fixtures.browser import Page
 from tests.fixtures.receiver import Receiver, Response
@@ -491,8 +493,8 @@ async def test_page_asks_for_an_api_key(
         "};"
         "location.hash = 'rules';"
     )
-    sent = await page.wait("return window.sent.find(([url]) => url === '/rules')")
-    assert sent == ["/rules", ""], sent
+    sent = await page.wait("return window.sent.find(([url]) => url === 'rules')")
+    assert sent == ["rules", ""], sent
     await page.js("location.hash = 'live'")
     await page.fill("#key-input", key)
     await page.click("#key-form button[type=submit]")
@@ -692,3 +694,62 @@ async def test_the_console_of_a_two_worker_serve(
         what="both workers' deliveries counted (two rules per event)",
     )
     assert await proc.terminate(timeout=30) == 0
+
+
+async def test_the_console_behind_a_proxy_that_serves_eventbus_under_a_path(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    # The page asked for /rules, /events/live and its own script at the proxy's root, not
+    # under the path the proxy gives eventbus: nothing loaded.
+    svc = await _start(eventbus, receiver)
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            tail = request.match_info["tail"]
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            async with session.request(
+                request.method,
+                f"{svc.url}/{tail}",
+                params=request.query,
+                headers=headers,
+                data=await request.read(),
+                allow_redirects=False,
+            ) as upstream:
+                answer = web.StreamResponse(status=upstream.status)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        answer.headers.add(name, value)
+                await answer.prepare(request)
+                async for chunk in upstream.content.iter_any():  # the live stream, as it comes
+                    await answer.write(chunk)
+                await answer.write_eof()
+                return answer
+
+        proxy = web.Application()
+        proxy.router.add_route("*", "/eb/{tail:.*}", forward)
+        runner = web.AppRunner(proxy, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            port = runner.addresses[0][1]
+            page = browser(f"http://127.0.0.1:{port}/eb")
+            await page.open("/")  # the service's front page sends the browser on to its console
+            await _live(page)
+            assert (await page.js("return location.pathname")) == "/eb/console"
+            await page.open("/console/")  # a slash too many: to the page, under the path
+            await _live(page)
+            assert (await page.js("return location.pathname")) == "/eb/console"
+            assert (await svc.post_event(_event("proxied")))[0] == 202
+            await page.wait_text(ROW % "proxied", "delivered")
+            assert await page.js(  # the style sheet came through the proxy too
+                "return getComputedStyle(document.body).fontFamily !== ''"
+                " && document.styleSheets[0].cssRules.length > 0"
+            )
+            await page.click("nav a[data-page=targets]")
+            await page.wait_text("#targets-rows", "fn")
+            await page.click("nav a[data-page=overview]")
+            await page.wait_text("#overview-ready", '"database": "ok"')
+            assert await page.text("#page-error") == ""
+        finally:
+            await runner.cleanup()

@@ -167,6 +167,13 @@ async def console_page() -> Response:
     )
 
 
+@public.get("/console/", include_in_schema=False)
+async def console_slash() -> Response:
+    """``/console/`` to the page, relatively: the router's own slash redirect named the
+    service's address, which behind a proxy serving eventbus under a path is not the page's."""
+    return Response(status_code=303, headers={"Location": "../console"})
+
+
 @public.get(
     "/console/{asset}",
     response_class=Response,

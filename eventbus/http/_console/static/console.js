@@ -18,13 +18,17 @@ class ApiError extends Error {
   }
 }
 
+// The API's paths, relative to the page (/console): behind a proxy that serves eventbus under
+// a path of its own (/eventbus/console), "/rules" went to the proxy's root, not to eventbus.
+const relative = (path) => path.replace(/^\//, "");
+
 async function api(method, path, body) {
   const init = { method, headers: headers() };
   if (body !== undefined) {
     init.body = typeof body === "string" ? body : JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
   }
-  const resp = await fetch(path, init);
+  const resp = await fetch(relative(path), init);
   const text = await resp.text();
   let parsed = null;
   try {
@@ -202,7 +206,7 @@ async function readStream(controller) {
   const query = live.pattern ? `?pattern=${encodeURIComponent(live.pattern)}` : "";
   while (!controller.signal.aborted) {
     try {
-      const resp = await fetch(`/events/live${query}`, { headers: headers(), signal: controller.signal });
+      const resp = await fetch(`events/live${query}`, { headers: headers(), signal: controller.signal });
       if (resp.status === 401) return askForKey("");
       if ([400, 403, 404, 413, 414, 431].includes(resp.status)) {
         // Refused (the filter, most likely): asking again every 2 s would change nothing.
@@ -940,7 +944,7 @@ async function loadOverview() {
   const minutes = Math.round((stats.points.length * stats.every) / 60);
   $("overview-note").textContent = `one point every ${stats.every} s, the last ${minutes} min (up to an hour)`;
   $("charts").replaceChildren(...SERIES.map(([key, title]) => chart(title, stats.points, key)));
-  const ready = await fetch("/readyz");
+  const ready = await fetch("readyz");
   $("overview-ready").textContent = pretty(await ready.json());
 }
 
