@@ -351,19 +351,26 @@ class Dispatcher:
         if reopen_in > 0 and guard is not None and guard.state == "closed":
             # closed while this row was being written: the probe's release passed it by (a
             # claimed row is left to its worker), and it waited a whole open_for (1 run in 5)
-            await self.release_parked(job.target)
+            await self.release_parked(job.target, late=True)
 
-    async def release_parked(self, target: str) -> None:
+    async def release_parked(self, target: str, *, late: bool = False) -> None:
         """The circuit of ``target`` closed again: the deliveries parked behind it are due now.
         They waited on for the rest of their ``open_for`` (a minute by default) while new
-        events went through, and arrived after them."""
+        events went through, and arrived after them. ``late``: a row parked as the circuit
+        closed, released on its own (logged at debug: many such races follow one closing, and
+        each logged the closing again)."""
         try:
             released = await self._store.circuit_closed(target)
         except StoreError as exc:  # they go when they come due, as before
             log.warning("target %s: circuit closed; parked deliveries wait: %s", target, exc)
             return
         if released:
-            log.info("target %s: circuit closed; %d parked deliveries due now", target, released)
+            log.log(
+                logging.DEBUG if late else logging.INFO,
+                "target %s: circuit closed; %d parked deliveries due now",
+                target,
+                released,
+            )
             self.scheduled(0.0)
 
     async def _park(self, job: Delivery, delay: float, waiting_for: str) -> None:
