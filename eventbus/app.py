@@ -1092,7 +1092,12 @@ class Service:
         that ``event`` matches sends it (transformed as the rule says) to its target once, and
         the target's answer is the result. None or several such rules: a refusal naming them.
         The event is not put on the bus: that rule alone handles it."""
-        routes = self.rules.current.sync_routes(event)
+        routes, failed = self.rules.current.sync_routes(event)
+        if failed:
+            # matched, but nothing to send: not "no rule matches" (a 404 that hid the rule)
+            why = "; ".join(f"rule {rule!r}: {reason}" for rule, reason in failed.items())
+            detail = f"the transform of a rule with sync: true failed on the event: {why}"
+            return Invocation("", refusal=Refusal.SYNC_TRANSFORM, detail=detail)
         if len(routes) != 1:
             names = ", ".join(route.rule for route in routes)
             refusal, detail = (

@@ -96,6 +96,9 @@ class Refusal(StrEnum):
     """A synchronous ``POST /events``: no rule marked ``sync`` matches the event."""
     SYNC_RULES = "several-sync-rules"
     """A synchronous ``POST /events``: several rules marked ``sync`` match the event."""
+    SYNC_TRANSFORM = "sync-transform-failed"
+    """A synchronous ``POST /events``: the transform of a rule marked ``sync`` that matches
+    the event failed on it (too many values selected, say)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,8 @@ _TITLES = {
     415: "A CloudEvents format other than JSON",
     404: "Synchronous: no rule with sync: true matches the event",
     409: "Synchronous: several rules with sync: true match the event, or its target is disabled",
-    422: "The event bus refused the event",
+    422: "The event bus refused the event (or, synchronous: the transform of the rule with "
+    "sync: true that matches the event failed on it)",
     429: "Synchronous: the target's concurrency cap is full (Retry-After)",
     502: "Synchronous: the target could not be reached",
     503: "The event bus is unavailable (or, synchronous: the target's circuit is open): retry "

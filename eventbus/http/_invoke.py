@@ -65,6 +65,7 @@ _REFUSALS = {
     Refusal.NO_REPLY: 400,
     Refusal.NO_SYNC_RULE: 404,
     Refusal.SYNC_RULES: 409,
+    Refusal.SYNC_TRANSFORM: 422,
 }
 
 

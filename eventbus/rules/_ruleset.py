@@ -241,13 +241,21 @@ class RuleSet:
             digest.update(b"\n")
         return digest.hexdigest()[:12]
 
-    def route(self, event: dict[str, Any], *, trial: dict[str, str] | None = None) -> list[Route]:
+    def route(
+        self,
+        event: dict[str, Any],
+        *,
+        trial: dict[str, str] | None = None,
+        skipped: dict[str, str] | None = None,
+    ) -> list[Route]:
         """Every route ``event`` takes, in rule order then target order; never raises for a
         JSON-shaped event (a failing condition means no match for that rule).
 
         ``trial``: the event is only tried (the console's sandbox): a failing condition or
         transform is put there (rule name to why) instead of being counted and logged, where
-        it read as a real event's failure and took the rule's one log line of the minute."""
+        it read as a real event's failure and took the rule's one log line of the minute.
+        ``skipped``: each rule a failing transform took a target from, and why (counted and
+        logged as well)."""
         routes: list[Route] = []
         context: Activation | None = None
         for position in self._index.match(event):
@@ -283,6 +291,8 @@ class RuleSet:
                             continue
                         counter = self.transform_errors
                         self._failed(counter, rule, event, what, "target skipped", str(exc))
+                        if skipped is not None:
+                            skipped[rule.name] = f"{what}: {exc}"
                         continue
                 routes.append(
                     Route(
@@ -295,12 +305,15 @@ class RuleSet:
                 )
         return routes
 
-    def sync_routes(self, event: dict[str, Any]) -> list[Route]:
+    def sync_routes(self, event: dict[str, Any]) -> tuple[list[Route], dict[str, str]]:
         """The routes of the enabled rules marked ``sync: true`` that ``event`` matches (one
-        per rule: such a rule has one target)."""
+        per rule: such a rule has one target), and those of them whose transform failed on
+        it (rule name to why): matched, with nothing to send."""
         if not self._sync:
-            return []
-        return [route for route in self.route(event) if route.rule in self._sync]
+            return [], {}
+        skipped: dict[str, str] = {}
+        routes = [route for route in self.route(event, skipped=skipped) if route.rule in self._sync]
+        return routes, {rule: why for rule, why in skipped.items() if rule in self._sync}
 
     def condition_errors(self, event: dict[str, Any]) -> dict[str, str]:
         """Why the ``when`` condition of each rule counted in ``cel_errors`` fails on ``event``

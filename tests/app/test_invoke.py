@@ -694,6 +694,13 @@ SYNC_RULES = (
     input_paths: {w: $.data.w}
     template: {"width": <w>}
   targets: [fn]
+- name: listed
+  sync: true
+  match: {subject: [listed]}
+  transform:
+    input_paths: {items: "$.data.items[*]"}
+    template: {"items": <items>}
+  targets: [fn]
 - name: twice-a
   sync: true
   match: {subject: [twice]}
@@ -734,6 +741,14 @@ async def test_a_synchronous_publish_is_answered_by_the_rule_marked_sync(
     status, _, problem = await _invoke_events(svc, _event("p3", subject="twice"))
     assert status == 409, problem
     assert "2 rules with sync: true (twice-a, twice-b)" in problem["detail"]
+    # matched, and its transform failed on the event: said so, not "no rule matches"
+    many = {**_event("p3b", subject="listed"), "data": {"items": list(range(10_001))}}
+    status, _, problem = await _invoke_events(svc, many)
+    assert status == 422, problem
+    assert problem["detail"].startswith(
+        "the transform of a rule with sync: true failed on the event: rule 'listed': "
+    ), problem
+    assert "10001 values" in problem["detail"], problem
     batch = orjson.dumps([_event("p4", subject="resize")])
     status, _, problem = await svc.request(
         "POST",
