@@ -226,7 +226,13 @@ class Invoker:
             return await self._busy(event, rule, target, detail)
         outcome = answer.outcome
         if guard is not None:
-            guard.settle(outcome)  # as for rule deliveries
+            if reply and not outcome.delivered:
+                # No responder, or one slow or failing, says nothing of the server that
+                # takes the target's publishes: counted, they opened the circuit of the rule
+                # deliveries and invocations of a healthy subject.
+                guard.release()
+            else:
+                guard.settle(outcome)  # as for rule deliveries
             if guard.reclosed():  # this call was the probe that closed the circuit
                 await self._dispatcher.release_parked(target)
         result = AttemptOutcome.DELIVERED if outcome.delivered else AttemptOutcome.FAILED

@@ -631,6 +631,15 @@ async def test_sync_nats_request_reply(
         assert (status, ack) == (200, {"subject": subject})  # without reply: the server took it
     finally:
         await nc.close()
+    # nobody answers now: each request fails, and the publishes to the subject still go (the
+    # failures of responders opened the target's circuit, 5 by default, for its publishes)
+    for i in range(6):
+        status, _, problem = await _invoke(
+            svc, _event(f"nr{i}"), target="subj", query="?reply=true"
+        )
+        assert status == 502 and "no responders" in problem["detail"], (i, problem)
+    status, _, ack = await _invoke(svc, _event("r2b"), target="subj")
+    assert (status, ack) == (200, {"subject": subject}), ack
     status, _, problem = await _invoke(svc, _event("r3"), query="?reply=true")
     assert status == 400 and "NATS targets only" in problem["detail"], problem
     status, _, problem = await _invoke(
