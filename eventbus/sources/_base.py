@@ -111,6 +111,8 @@ class SourceContext:
     _said_at: float = field(default=-math.inf, init=False, repr=False)
     _unsaid: int = field(default=0, init=False, repr=False)
     _unkept: int = field(default=0, init=False, repr=False)
+    _last_unsaid: str = field(default="", init=False, repr=False)
+    _summary: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     async def emit(self, event: dict[str, Any]) -> bool:
         """Publish ``event`` onto the bus and count it.
@@ -188,16 +190,38 @@ class SourceContext:
                 return
             await self._turn()
         await set_aside(self.pool, self.name, raw, error, meta)
+        # the input is dealt with: a source backing off from a failure has recovered (a
+        # database hiccup while writing this row left it in backoff until its next event)
+        self.recovered()
         self.status.errors += 1
         self.status.last_error = error
         self._say(error)
 
     def _say(self, error: str) -> None:
-        """Warn of a dead letter, once in ``SET_ASIDE_SAID_EVERY`` s with how many more came."""
+        """Warn of a dead letter, once in ``SET_ASIDE_SAID_EVERY`` s with how many more came:
+        those are told at the end of the period, not only with the next dead letter (after a
+        burst, the one warning said nothing of the 1,499 that followed it)."""
         now = time.monotonic()
         if now - self._said_at < SET_ASIDE_SAID_EVERY:
             self._unsaid += 1
+            self._last_unsaid = error
+            if self._summary is None:
+                self._summary = asyncio.get_running_loop().call_later(
+                    self._said_at + SET_ASIDE_SAID_EVERY - now, self._say_summary
+                )
             return
+        self._say_now(error, now)
+
+    def _say_summary(self) -> None:
+        self._summary = None
+        if self._unsaid:
+            self._unsaid -= 1  # the last one is the warning's own
+            self._say_now(self._last_unsaid, time.monotonic())
+
+    def _say_now(self, error: str, now: float) -> None:
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
         parts = []
         if self._unsaid:
             parts.append(f"and {self._unsaid} more since the last warning")

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -117,20 +119,29 @@ class JetStreamSourceSpec(QueueSourceSpec, NatsAuth):
 PING_INTERVAL = 10.0
 FLOOR_EVERY = 10.0  # seconds between two reads of a jetstream source's consumer's ack floor
 MAX_OUTSTANDING_PINGS = 2
+DROPS_SAID_EVERY = 10.0  # seconds between two warnings of messages a slow consumer dropped
 
 
 async def _connect(
-    url: str, closed: asyncio.Event, auth: dict[str, Any], refused: list[Exception] | None = None
+    url: str,
+    closed: asyncio.Event,
+    auth: dict[str, Any],
+    refused: list[Exception] | None = None,
+    dropped: Callable[[nats.errors.SlowConsumerError], None] | None = None,
 ) -> Client:
     """A connection to ``url``; ``closed`` is set when it closes, and when the server refuses
     a subscription (kept in ``refused``, when given): such a refusal may come after the
     flush that follows the subscriptions (nats-py reads it in its own time), and the source
-    showed running while every message on that subject was lost."""
+    showed running while every message on that subject was lost. ``dropped`` is told of each
+    message nats-py drops because its subscription's buffer is full (a slow consumer)."""
 
     async def on_closed() -> None:
         closed.set()
 
     async def on_error(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError) and dropped is not None:
+            dropped(exc)
+            return
         # The consume loop reports the failure that matters; nats-py's default handler would
         # print a traceback for every attempt.
         log.debug("nats %s: %r", redact_url(url), exc)
@@ -175,6 +186,8 @@ class _NatsConsumer(ABC, Generic[_C]):
         self.type = config.type
         self.config = config
         self._auth = config.nats_options(f"{config.type} source {config.name!r}")
+        self._drops_said_at = -math.inf
+        self._unsaid_drops = 0
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the server goes away."""
@@ -186,7 +199,9 @@ class _NatsConsumer(ABC, Generic[_C]):
             where = f"{self.config.type} source {self.config.name!r}"
             await refuse_nats_plaintext(self.config.url, where)  # PermissionError: backoff
         refused: list[Exception] = []
-        nc = await _connect(self.config.url, closed, self._auth, refused)
+        nc = await _connect(
+            self.config.url, closed, self._auth, refused, lambda exc: self._dropped(ctx, exc)
+        )
         try:
             await self._serve(ctx, nc, closed, backoff)
         finally:
@@ -194,6 +209,27 @@ class _NatsConsumer(ABC, Generic[_C]):
         if refused:
             raise nats.errors.Error(f"subscribing failed: {refused[0]}")
         raise ConnectionError(f"connection to {redact_url(self.config.url)} closed")
+
+    def _dropped(self, ctx: SourceContext, exc: nats.errors.SlowConsumerError) -> None:
+        """nats-py dropped a message: the subscription's buffer was full (the bus slower than
+        the subject for a while). It said so only at debug level: messages went missing
+        while the source showed running, without an error."""
+        ctx.status.errors += 1
+        ctx.status.last_error = (
+            f"slow consumer: a message on {exc.subject!r} was dropped, the subscription's "
+            "buffer full (core NATS does not redeliver it)"
+        )
+        self._unsaid_drops += 1
+        now = time.monotonic()
+        if now - self._drops_said_at >= DROPS_SAID_EVERY:
+            log.warning(
+                "%s source %s: %s; %d dropped since the last warning",
+                self.type,
+                self.name,
+                ctx.status.last_error,
+                self._unsaid_drops,
+            )
+            self._drops_said_at, self._unsaid_drops = now, 0
 
     @abstractmethod
     async def _serve(

@@ -13,6 +13,7 @@ from eventbus.sources import Checkpoints, list_dead_letters
 from eventbus.sources import _base as base_module
 from eventbus.sources import _checkpoints as checkpoints_module
 from eventbus.sources._base import MAX_SET_ASIDE
+from tests.fixtures.wait import eventually
 from tests.sources._harness import Recorder, make_context, source_pool
 
 
@@ -86,6 +87,41 @@ async def test_dead_letters_are_written_at_a_bounded_rate_and_said_in_summary(
     said = [r.getMessage() for r in caplog.records if "source flood" in r.getMessage()]
     assert said == ["source flood: dead-lettered input: no PRI"], said
     assert ctx.status.errors == 25
+
+
+async def test_the_dead_letters_after_a_warning_are_told_at_the_end_of_its_period(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # After a burst the one warning was all: "(and 1499 more)" came only with a later dead
+    # letter, and never if none came.
+    monkeypatch.setattr(base_module, "SET_ASIDE_SAID_EVERY", 0.5)
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "burst", Recorder())
+        for n in range(6):
+            await ctx.dead_letter(f"junk {n}", "no PRI" if n < 5 else "last one")
+
+        def said() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "source burst" in r.getMessage()]
+
+        await eventually(lambda: len(said()) == 2, what="the summary warning")
+        assert said() == [
+            "source burst: dead-lettered input: no PRI",
+            "source burst: dead-lettered input: last one (and 4 more since the last warning)",
+        ]
+        await asyncio.sleep(0.7)
+        assert len(said()) == 2  # nothing more to tell, nothing more told
+
+
+async def test_a_dead_letter_written_ends_a_backoff(database_dsn: str) -> None:
+    # A source whose dead letter could not be written (the database held) showed backoff, its
+    # error, until its next event: minutes or hours for a quiet one, though it was working.
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "hiccup", Recorder())
+        ctx.report_error(StoreUnavailable("the database did not answer"))
+        assert ctx.status.state == "backoff"
+        await ctx.dead_letter("junk", "not JSON")
+        assert ctx.status.state == "running"
+        assert ctx.status.last_error == "not JSON"
 
 
 async def test_lossy_input_past_the_rate_is_counted_not_waited_for(

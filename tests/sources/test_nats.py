@@ -416,6 +416,42 @@ async def test_core_nats_subjects_and_dead_letters(nats_url: str, database_dsn: 
         assert orjson.loads(rows[0]["meta"]) == {"subject": f"{prefix}.b"}
 
 
+async def test_core_nats_messages_a_slow_consumer_drops_are_counted_and_said(
+    nats_url: str, database_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the bus held the source up, nats-py dropped what overflowed the subscription's
+    # buffer (128 MiB) and said so at debug level: messages lost, the source running with
+    # no error counted.
+    prefix = unique_name("slow")
+    async with (
+        client(nats_url) as nc,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+    ):
+        source = build_source(
+            {"name": "slow", "type": "nats", "url": nats_url, "subjects": [f"{prefix}.*"]}
+        )
+        ctx = context(pool, "slow", tap, type="nats")
+        async with running(source, ctx):
+            await eventually(lambda: _is_running(ctx))
+            tap.down = True
+            blob = "x" * 200 * 1024  # under max_event_size: held for the bus, not set aside
+            for i in range(750):  # 150 MiB
+                event = {"specversion": "1.0", "id": f"m{i}", "source": "/s", "type": "t"}
+                await nc.publish(f"{prefix}.a", orjson.dumps({**event, "data": blob}))
+            await nc.flush()
+
+            def said() -> list[str]:
+                return [r.getMessage() for r in caplog.records if "source slow" in r.getMessage()]
+
+            await eventually(
+                lambda: any("slow consumer" in line for line in said()), what="the drops said"
+            )
+            line = next(line for line in said() if "slow consumer" in line)
+            assert "was dropped" in line and "dropped since the last warning" in line, line
+            tap.down = False
+
+
 async def _is_running(ctx: SourceContext) -> bool:
     return ctx.status.state == "running"
 
