@@ -111,6 +111,11 @@ def _property_bytes(name: str, value: object) -> bytes:
     an array, a float) is refused: ``str()`` made ``type`` "None" and ``source`` a Python
     repr, and the event was delivered."""
     if isinstance(value, bytes | bytearray):  # a byte array (Java's byte[], Go's []byte)
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # read by the Kafka binding, it was said to be the "Kafka header 'ce_...'"
+            raise CloudEventError(f"the AMQP property {name!r} is not UTF-8: {exc}") from None
         return bytes(value)
     if isinstance(value, str):
         return value.encode()

@@ -125,6 +125,10 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
             )
         }
         await send(channel, name, b"{}", headers=raw, content_type="application/json")
+        # a byte array that is not UTF-8: named as the AMQP property it is (it read "Kafka
+        # header 'ce_ext3'", the binding's reader underneath)
+        bad = {**raw, "cloudEvents:id": bytearray(b"bad"), "cloudEvents:ext3": bytearray(b"\xff")}
+        await send(channel, name, b"{}", headers=bad, content_type="application/json")
         await send(channel, name, ce(4))
         ctx = context(pool, "amqp", tap, type="rabbitmq")
         async with running(rabbit("amqp", name), ctx):
@@ -140,7 +144,7 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         assert (events[1]["source"], events[1]["data"]) == ("/amqp", {"n": 2})
         assert (events[1]["time"], events[1]["flagged"]) == ("2026-01-02T03:04:05.000000Z", "true")
         rows = await dead_letters(pool, "amqp")
-        assert [r["payload"] for r in rows] == [b"<xml/>", b"{}", b"{}", b"{}"]
+        assert [r["payload"] for r in rows] == [b"<xml/>", b"{}", b"{}", b"{}", b"{}"]
         assert orjson.loads(rows[0]["meta"])["queue"] == name
         # kept with its headers, typed as they came (its CloudEvents attributes among them)
         headers = {h["name"]: h["value"] for h in orjson.loads(rows[2]["meta"])["headers"]}
@@ -150,7 +154,8 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         assert "'cloudEvents:type' is null, not a CloudEvents attribute" in rows[1]["error"]
         assert "'cloudEvents:source' is dict, not a CloudEvents attribute" in rows[2]["error"]
         assert "has both 'cloudEvents:id' and 'cloudEvents_id'" in rows[3]["error"], rows[3]
-        assert (ctx.status.events, ctx.status.errors) == (4, 4)
+        assert rows[4]["error"].startswith("the AMQP property 'cloudEvents:ext3' is not UTF-8")
+        assert (ctx.status.events, ctx.status.errors) == (4, 5)
 
 
 @needs_rabbitmq
