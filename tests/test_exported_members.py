@@ -52,6 +52,7 @@ EXPORTS: dict[str, list[str]] = {
         "format_time",
         "from_http",
         "from_kafka",
+        "from_mqtt",
         "from_nats",
         "header_value",
         "is_json",

@@ -1,4 +1,4 @@
-"""CloudEvents 1.0 for eventbus: the event model, its HTTP, Kafka and NATS bindings, and the
+"""CloudEvents 1.0 for eventbus: the event model, its HTTP, Kafka, NATS and MQTT bindings, and the
 adapter mapping of bucket notifications (S3, MinIO, Alibaba OSS).
 
 Everything that enters the pipeline (ingest API, sources, bus consumers) becomes a plain ``dict``
@@ -13,6 +13,7 @@ event. Errors are :class:`eventbus._errors.CloudEventError` carrying the HTTP st
     DEFAULT_MAX_BATCH_ENTRIES, check_entries                      batch size
     from_kafka, to_kafka                                          Kafka binding
     from_nats, to_nats                                            NATS binding
+    from_mqtt                                                     MQTT binding (5: binary)
     notification_to_events, s3_records_to_events,                 bucket notifications
     oss_records_to_events, s3_event                               (_notifications)
 
@@ -30,6 +31,7 @@ from eventbus.cloudevents._bindings import (
     check_entries,
     from_http,
     from_kafka,
+    from_mqtt,
     from_nats,
     kafka_key_attribute,
     kafka_record_time,
@@ -92,6 +94,7 @@ __all__ = [
     "format_time",
     "from_http",
     "from_kafka",
+    "from_mqtt",
     "from_nats",
     "header_value",
     "is_json",

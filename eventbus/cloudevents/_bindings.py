@@ -10,6 +10,7 @@ the whole body) and *binary* (attributes as headers, ``data`` as the raw body; s
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -359,6 +360,50 @@ def from_nats(
         return decode(payload, max_size=max_size)
     return _from_ce_headers(
         lowered, payload, content_header_first=False, max_size=max_size, ascii_only=False
+    )
+
+
+_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+\Z", re.ASCII)
+
+
+def from_mqtt(
+    content_type: str | None,
+    user_properties: Sequence[tuple[str, str]],
+    payload: bytes,
+    *,
+    max_size: int = DEFAULT_MAX_EVENT_SIZE,
+) -> dict[str, Any]:
+    """The valid event carried by an MQTT 5 PUBLISH (the MQTT binding).
+
+    Structured mode when its Content Type property is a CloudEvents format, or when no user
+    property is named ``specversion`` (so MQTT 3.1.1, which has no properties, is always
+    structured). Otherwise binary mode: each user property named as an attribute can be
+    (lowercase letters and digits) is that attribute, its value unchanged; the Content Type
+    property is ``datacontenttype`` and types the payload, the data. User properties of other
+    names are the application's own, not attributes. Raises :class:`CloudEventError` as
+    :func:`from_http` does, and (400) for an attribute given twice.
+    """
+    media = media_type(content_type) if content_type else ""
+    binary = any(name == "specversion" for name, _ in user_properties)
+    if media.startswith(_CLOUDEVENTS_MEDIA) or not binary:
+        if media.startswith(_CLOUDEVENTS_MEDIA) and media != STRUCTURED_CONTENT_TYPE:
+            raise _unsupported(media, batches=False)
+        return decode(payload, max_size=max_size)
+    attributes: dict[str, str] = {}
+    header_size = 0
+    for name, value in user_properties:
+        if not _ATTRIBUTE_NAME.match(name):
+            continue
+        if name in attributes:  # which one counts would be a guess
+            raise CloudEventError(f"the MQTT message has more than one {name!r} user property")
+        attributes[name] = value
+        header_size += len(name.encode()) + len(value.encode())
+    return event_from_binary(
+        attributes,
+        content_type or attributes.get("datacontenttype"),
+        payload,
+        header_size=header_size,
+        max_size=max_size,
     )
 
 

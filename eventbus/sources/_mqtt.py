@@ -14,7 +14,8 @@ with the connection, it was lost). A broken connection is made again with backof
 broker redelivers what was not acked: at-least-once. The broker's in-flight limit (Mosquitto:
 ``max_inflight_messages``, 20) bounds how many unacked messages the client holds, and
 ``MAX_QUEUED`` how many it keeps waiting. MQTT 3.1.1 carries no headers, so
-``format: cloudevents`` means structured mode.
+``format: cloudevents`` means structured mode; with MQTT 5 a message whose user properties
+name a ``specversion`` is a binary-mode event (``from_mqtt``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from eventbus._errors import StoreError
-from eventbus.cloudevents import decode
+from eventbus.cloudevents import from_mqtt
 from eventbus.config import Secret, TlsSpec
 from eventbus.sources._base import SourceContext
 from eventbus.sources._clock import Backoff
-from eventbus.sources._queues import QueueSourceSpec, consume_forever, events_of, publish_held
+from eventbus.sources._queues import (
+    QueueSourceSpec,
+    Whence,
+    consume_forever,
+    events_of,
+    publish_held,
+)
 
 __all__ = ["MqttSource", "MqttSourceSpec", "duplicate_sessions", "topic_filter_problem"]
 
@@ -279,21 +286,29 @@ class MqttSource:
     async def _publish(self, ctx: SourceContext, message: aiomqtt.Message) -> None:
         payload = _payload(message)
         topic = message.topic.value
+        # MQTT 5's properties: a binary-mode CloudEvent's attributes are its user properties
+        # (read as structured JSON, it was dead-lettered "missing required attribute 'id'")
+        properties = message.properties
+        content_type: str | None = getattr(properties, "ContentType", None)
+        user: list[tuple[str, str]] = list(getattr(properties, "UserProperty", None) or ())
 
         def convert() -> list[dict[str, Any]]:
             return events_of(
                 self.config,
                 payload,
-                lambda size: decode(payload, max_size=size),
+                lambda size: from_mqtt(content_type, user, payload, max_size=size),
                 max_size=ctx.max_event_size,
                 subject=topic,
             )
 
+        where: dict[str, Any] = {"topic": topic}
+        if content_type is not None:
+            where["content_type"] = content_type
         # A QoS 1 message held (the bus down) whose connection broke meanwhile is published
         # all the same: the broker sends it again only if it kept the session (a broker
         # restarted without persistence has none, and a message let go was lost), so it
         # may arrive twice, a raw one under two ids.
-        await publish_held(ctx, payload, convert, {"topic": topic})
+        await publish_held(ctx, payload, convert, Whence(where, user))
 
 
 def _read_to_the_end(paho: paho_mqtt.Client) -> None:

@@ -17,6 +17,7 @@ from eventbus.cloudevents import (
     DEFAULT_MAX_EVENT_SIZE,
     from_http,
     from_kafka,
+    from_mqtt,
     from_nats,
     new_event,
     parse_http,
@@ -114,6 +115,31 @@ def test_from_nats(case: dict[str, Any]) -> None:
         _check_error(info.value, case["error"])
     else:
         assert from_nats(case["headers"], payload) == case["event"]
+
+
+def test_from_mqtt_reads_both_modes_and_refuses_what_it_cannot_read() -> None:
+    required = [("specversion", "1.0"), ("id", "m1"), ("source", "/m"), ("type", "t")]
+    event = from_mqtt("application/xml", [*required, ("Trace", "x"), ("tenant", "a")], b"<a/>")
+    assert event == {
+        "specversion": "1.0",
+        "id": "m1",
+        "source": "/m",
+        "type": "t",
+        "tenant": "a",
+        "datacontenttype": "application/xml",
+        "data": "<a/>",
+    }
+    # the Content Type property wins over a datacontenttype user property
+    typed = from_mqtt("text/plain", [*required, ("datacontenttype", "application/json")], b"1")
+    assert (typed["datacontenttype"], typed["data"]) == ("text/plain", "1")
+    structured = b'{"specversion": "1.0", "id": "s", "source": "/m", "type": "t"}'
+    assert from_mqtt(None, [], structured)["id"] == "s"
+    assert from_mqtt("application/cloudevents+json", required, structured)["id"] == "s"
+    with pytest.raises(CloudEventError) as info:
+        from_mqtt("application/cloudevents-batch+json", [], b"[]")
+    assert info.value.status == 415
+    with pytest.raises(CloudEventError, match="more than one 'type' user property"):
+        from_mqtt(None, [*required, ("type", "u")], b"")
 
 
 def _binary_view(event: dict[str, Any]) -> dict[str, Any]:

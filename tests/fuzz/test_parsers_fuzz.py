@@ -1,5 +1,6 @@
-"""Fuzzing the pure binding readers (``parse_http``, ``from_kafka``, ``from_nats``) with random
-bytes and near-valid events, many examples per kind of change since they cost no I/O.
+"""Fuzzing the pure binding readers (``parse_http``, ``from_kafka``, ``from_nats``,
+``from_mqtt``) with random bytes and near-valid events, many examples per kind of change since
+they cost no I/O.
 
 The property: a reader either returns valid events or raises CloudEventError with a 4xx status
 (nothing else escapes), and every event it returns can be carried to the end: encoded for the
@@ -27,6 +28,7 @@ from eventbus.cloudevents import (
     encode,
     from_http,
     from_kafka,
+    from_mqtt,
     from_nats,
     load_json,
     parse_http,
@@ -94,6 +96,7 @@ def test_readers_of_random_bytes(body: bytes, media: dict[str, str]) -> None:
     read_or_refuse(lambda: parse_http(media, body).events)
     read_or_refuse(lambda: from_nats(None, body))
     read_or_refuse(lambda: from_kafka([], None, body))
+    read_or_refuse(lambda: from_mqtt(None, [], body))
 
 
 @FUZZ
@@ -105,6 +108,11 @@ def test_binary_mode_readers(headers: dict[str, str], body: bytes) -> None:
     read_or_refuse(lambda: from_nats(headers, body))
     kafka = [(name.replace("ce-", "ce_", 1), value.encode()) for name, value in headers.items()]
     read_or_refuse(lambda: from_kafka(kafka, None, body))
+    # MQTT 5: the attributes as user properties, named without a prefix, repeats possible
+    user = [(name.removeprefix("ce-"), value) for name, value in headers.items()]
+    content_type = headers.get("content-type")
+    read_or_refuse(lambda: from_mqtt(content_type, user, body))
+    read_or_refuse(lambda: from_mqtt(content_type, user + user[:1], body))
 
 
 @FUZZ

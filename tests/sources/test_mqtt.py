@@ -14,6 +14,8 @@ import aiohttp
 import aiomqtt
 import orjson
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, build_source
@@ -103,6 +105,67 @@ async def test_messages_arrive_and_malformed_ones_are_kept(
         rows = await dead_letters(pool, name)
         assert [r["payload"] for r in rows] == [b"\xffnot json"]
         assert orjson.loads(rows[0]["meta"]) == {"topic": f"{prefix}/b"}
+
+
+def _properties(content_type: str | None, *user: tuple[str, str]) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    if content_type is not None:
+        props.ContentType = content_type
+    if user:
+        props.UserProperty = list(user)
+    return props
+
+
+async def test_mqtt_5_binary_mode_events_are_read_from_user_properties(
+    database_dsn: str, nats_url: str
+) -> None:
+    # MQTT 5's binding: attributes as user properties, the Content Type property typing the
+    # payload. Read as structured JSON, such an event was dead-lettered "missing required
+    # attribute 'id'", its properties not kept.
+    prefix = unique_name("v5")
+    attributes = (("specversion", "1.0"), ("id", "b1"), ("source", "/v5"), ("type", "t.v5"))
+    async with (
+        session(unique_name("mq")) as name,
+        source_pool(database_dsn) as pool,
+        bus_tap(nats_url) as tap,
+        aiomqtt.Client(
+            "127.0.0.1",
+            1883,
+            identifier=unique_name("pub"),
+            protocol=aiomqtt.ProtocolVersion.V5,
+        ) as pub,
+    ):
+        ctx = context(pool, name, tap, type="mqtt")
+        async with running(mqtt(name, f"{prefix}/#", protocol="5"), ctx):
+            await eventually(lambda: _state_is(ctx, "running"))
+            binary = _properties("application/json", *attributes, ("region", "eu"))
+            await pub.publish(f"{prefix}/a", b'{"n": 1}', qos=1, properties=binary)
+            # an application's own property (not an attribute name) is left out
+            text = _properties("text/plain", *attributes[:1], ("id", "b2"), *attributes[2:])
+            text.UserProperty.append(("X-Trace", "abc"))
+            await pub.publish(f"{prefix}/b", b"hello", qos=1, properties=text)
+            # structured mode: the Content Type says so, the properties are not read
+            structured = _properties("application/cloudevents+json", ("id", "ignored"))
+            await pub.publish(f"{prefix}/c", ce(3), qos=1, properties=structured)
+            twice = _properties(None, *attributes, ("id", "b4"))
+            await pub.publish(f"{prefix}/d", b"{}", qos=1, properties=twice)
+            nameless = _properties("application/json", *attributes[:1], *attributes[2:])
+            await pub.publish(f"{prefix}/e", b"{}", qos=1, properties=nameless)
+            await pub.publish(f"{prefix}/f", ce(6), qos=1)  # no properties: structured
+            events = await tap.take(4)
+        assert [e["id"] for e in events] == ["b1", "b2", "q3", "q6"]
+        first, second = events[0], events[1]
+        assert (first["type"], first["source"], first["region"]) == ("t.v5", "/v5", "eu")
+        assert (first["datacontenttype"], first["data"]) == ("application/json", {"n": 1})
+        assert (second["data"], "x-trace" in second) == ("hello", False)
+        rows = await dead_letters(pool, name)
+        assert len(rows) == 2, rows
+        assert "more than one 'id' user property" in rows[0]["error"], rows[0]
+        assert "missing required attribute 'id'" in rows[1]["error"], rows[1]
+        meta = orjson.loads(rows[1]["meta"])
+        assert meta["topic"] == f"{prefix}/e" and meta["content_type"] == "application/json"
+        kept = {h["name"]: h["value"] for h in meta["headers"]}
+        assert kept == {"specversion": "1.0", "source": "/v5", "type": "t.v5"}, meta
 
 
 async def test_raw_format_subject_is_the_topic(database_dsn: str, nats_url: str) -> None:
