@@ -177,8 +177,7 @@ def _outcome_from_error(
         )
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return failure(
-            f"no JetStream stream captures subject {config.subject!r} (no responders); "
-            "create one and the delivery will be retried",
+            f"no JetStream stream captures subject {config.subject!r} (no responders); create one",
             duration_ms,
             retryable=True,
         )
