@@ -12,7 +12,7 @@
     eventbus dlq list|show ID|replay [ID...]|purge [ID...]   (filters: --rule --target ...)
     eventbus retries list [--limit N] [--target T]
     eventbus targets [enable TARGET]                    (circuits, retries, 410-disabled targets)
-    eventbus sources [--dead-letters]
+    eventbus sources [--dead-letters [--source S] [--limit N]]
     eventbus display [--port 9000]                      (a function endpoint that prints events)
 
 Commands that inspect a running service talk to its HTTP API (``--url``, default
@@ -603,8 +603,15 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 def _cmd_sources(args: argparse.Namespace) -> int:
     if args.dead_letters:
         # the table shows no payload: fetched whole only for --json (each may be megabytes)
-        path = "/sources/dead-letters" + ("" if args.json else "?payload_bytes=1")
+        query: dict[str, Any] = {"limit": args.limit}
+        if args.source is not None:
+            query["source"] = args.source
+        if not args.json:
+            query["payload_bytes"] = 1
+        path = "/sources/dead-letters?" + urllib.parse.urlencode(query)
         return _show(args, "source-dead-letters", _request(args, "GET", path))
+    if args.source is not None:
+        raise _BadInput("--source goes with --dead-letters")
     return _show(args, "sources", _request(args, "GET", "/sources"))
 
 
@@ -820,7 +827,13 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(func=_cmd_targets)
     p = sub.add_parser("sources", help="show each source's state, last event, errors and lag")
-    p.add_argument("--dead-letters", action="store_true", help="input that became no event")
+    p.add_argument(
+        "--dead-letters", action="store_true", help="input that became no event, newest first"
+    )
+    p.add_argument("--source", help="with --dead-letters: only this source's")
+    p.add_argument(
+        "--limit", type=_PAGE, default=100, help="with --dead-letters: at most this many (1-1000)"
+    )
     _client_args(p)
     p.set_defaults(func=_cmd_sources)
     return parser

@@ -183,11 +183,17 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     code, text, _ = trail
     assert code == 0 and "matched 1 route" in text and "2 attempts" in text
     assert "retry-scheduled" in text and "dead-lettered" in text
-    purged, sources, set_aside = await _side_by_side(
+    purged, sources, set_aside, one_source, misplaced = await _side_by_side(
         _cli("dlq", "purge", second, "424242", *plain),  # several ids: those that exist
         _cli("sources", *plain),
         _cli("sources", "--dead-letters", *plain),
+        _cli("sources", "--dead-letters", "--source", "tick", "--limit", "5", *url),
+        _cli("sources", "--source", "tick", *plain),
     )
+    code, out, err = one_source
+    assert (code, out) == (0, {"items": []}), err
+    code, _, err = misplaced
+    assert (code, err) == (2, "eventbus: --source goes with --dead-letters\n"), err
     code, text, err = purged
     assert (code, text) == (1, "purged 1 dead letter\n"), err
     assert err == "eventbus: 1 of the 2 ids given had no dead letter\n", err
