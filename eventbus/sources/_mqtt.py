@@ -74,10 +74,13 @@ class MqttSourceSpec(QueueSourceSpec):
     @classmethod
     def _valid_filters(cls, topics: list[str]) -> list[str]:
         # refused by the client at subscribe only: the source retried for ever, in backoff
-        for topic in topics:
-            problem = topic_filter_problem(topic)
-            if problem is not None:
-                raise ValueError(f"topic filter {topic!r}: {problem}")
+        problems = [
+            f"topic filter {topic!r}: {problem}"
+            for topic in topics
+            if (problem := topic_filter_problem(topic)) is not None
+        ]
+        if problems:  # all of them: one fixed, the next one came only at the next start
+            raise ValueError("; ".join(problems))
         return topics
 
     def client_identifier(self) -> str:

@@ -281,6 +281,8 @@ async def test_a_message_the_bus_refuses_is_held_qos_0_too(
         ({"format": "raw", "event_type": "t"}, "needs both"),
         ({"protocol": 4}, "field 'protocol'"),
         ({"protocol": True}, "field 'protocol'"),
+        # every bad filter at once: one fixed, the next came only at the next start
+        ({"topics": ["a/#/b", "ok/+", "x+/y"]}, "topic filter 'a/#/b': .*; topic filter 'x\\+/y'"),
     ],
 )
 def test_bad_mqtt_config_names_the_source(settings: dict[str, Any], fragment: str) -> None:
