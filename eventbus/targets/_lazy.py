@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -20,6 +22,9 @@ from eventbus._tasks import cancel_and_wait
 __all__ = ["LazyClient"]
 
 T = TypeVar("T")
+
+FAILED_SAID_EVERY = 10.0
+"""Seconds between two warnings of a client's failed starts (debug in between)."""
 
 
 class LazyClient(Generic[T]):
@@ -50,6 +55,8 @@ class LazyClient(Generic[T]):
         self._client: T | None = None
         self._task: asyncio.Task[T] | None = None
         self._open = False
+        self._said_at = -math.inf
+        self._unsaid = 0
 
     def open(self) -> None:
         """Begin a start in the background and return at once.
@@ -116,4 +123,13 @@ class LazyClient(Generic[T]):
     def _done(self, task: asyncio.Task[T]) -> None:
         # Retrieve the failure here so a start nobody awaited does not warn at garbage collection.
         if not task.cancelled() and (exc := task.exception()) is not None:
-            self._log.warning("%s: %r", self._failed, exc)
+            # Each call while the broker is down begins a start: one warning a call (a line
+            # per synchronous invocation) became one per FAILED_SAID_EVERY s, counting the rest.
+            now = time.monotonic()
+            if now - self._said_at < FAILED_SAID_EVERY:
+                self._unsaid += 1
+                self._log.debug("%s: %r", self._failed, exc)
+                return
+            more = f" ({self._unsaid} more failed starts not shown)" if self._unsaid else ""
+            self._log.warning("%s: %r%s", self._failed, exc, more)
+            self._said_at, self._unsaid = now, 0

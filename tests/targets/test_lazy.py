@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from eventbus.targets import _lazy as lazy_module
 from eventbus.targets._lazy import LazyClient
 
 log = logging.getLogger("tests.targets.lazy")
@@ -72,6 +73,30 @@ async def test_failed_start_is_logged_and_retried_by_the_next_caller(
     conn = await client.get()
     assert (starter.calls, conn.number) == (2, 2)
     assert await client.close() is conn
+
+
+async def test_failed_starts_are_warned_of_once_a_period_with_how_many_more(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each call while the broker was down began a start, and each failed start a warning:
+    # a line per synchronous invocation.
+    monkeypatch.setattr(lazy_module, "FAILED_SAID_EVERY", 0.3)
+    starter = _Starter(failures=6)
+    client = _lazy(starter)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(5):
+            with pytest.raises(ConnectionRefusedError):
+                await client.get()
+        await asyncio.sleep(0.35)
+        with pytest.raises(ConnectionRefusedError):
+            await client.get()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [
+        "test client: cannot start: ConnectionRefusedError('refused')",
+        "test client: cannot start: ConnectionRefusedError('refused') (4 more failed starts not "
+        "shown)",
+    ], said
+    await client.close()
 
 
 async def test_unusable_client_is_replaced() -> None:
