@@ -37,7 +37,7 @@ import pydantic
 from eventbus._errors import BusError, CloudEventError, EventTooLargeForBus, StoreError
 from eventbus.cloudevents import attribute_text, load_json, new_event
 from eventbus.config import SourceSpec
-from eventbus.sources._base import MAX_SET_ASIDE, SourceContext, UnreadablePaths
+from eventbus.sources._base import SourceContext, UnreadablePaths
 from eventbus.sources._clock import Backoff
 
 __all__ = ["LogTailSource", "LogTailSourceSpec"]
@@ -674,7 +674,9 @@ class LogTailSource:
                 pass
             else:
                 return
-        text = "\n".join(record.lines).encode()[:MAX_SET_ASIDE]
+        # whole: dead_letter keeps its first MAX_SET_ASIDE bytes, and says in meta how long it
+        # was (cut here, it read as a record of exactly that size)
+        text = "\n".join(record.lines).encode()
         meta = {"path": f.path, "offset": record.start, "lines": len(record.lines)}
         await ctx.dead_letter(text, f"a log record no event can carry: {reason}", meta)
 

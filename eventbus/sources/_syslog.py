@@ -67,9 +67,13 @@ _PRI = re.compile(r"<(\d{1,3})>")
 # (rsyslog's forwarding format, RSYSLOG_ForwardFormat): that one was read as an app named
 # "2026-12-05T21" and the rest of the header as the message.
 _RFC3164_TIMESTAMP = (
-    r"[A-Z][a-z]{2} [ \d]\d(?: \d{4})? \d\d:\d\d:\d\d(?:\.\d+)?"
+    r"[A-Z][a-z]{2} (?:[ \d]\d|\d)(?: \d{4})? \d\d:\d\d:\d\d(?:\.\d+)?"
     r"|\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)?"
 )
+# RFC 5424's VERSION is known by what follows it, a TIMESTAMP or "-": a header-less message
+# whose text starts with a number ("<14>3 files uploaded", as Python's SysLogHandler sends)
+# was read as version 3 and dead-lettered.
+_RFC5424_VERSION = re.compile(r"([1-9]\d?) (?=- |\d{4}-\d\d-\d\d)")
 _RFC3164_HEADER = re.compile(rf"({_RFC3164_TIMESTAMP}) (\S+) ?(.*)", re.DOTALL)
 _RFC3164_TAG = re.compile(r"([^\s:\[\]]{1,48})(?:\[([^\]\s]{1,128})\])?: ?(.*)", re.DOTALL)
 _OCTET_COUNT = re.compile(rb"(\d{1,10}) ")
@@ -192,7 +196,7 @@ def parse_syslog(raw: bytes) -> dict[str, Any]:
         "severity_name": _SEVERITIES[value % 8],
         "version": None,
     }
-    version = re.match(r"([1-9]\d?) ", rest)
+    version = _RFC5424_VERSION.match(rest)
     if version is not None:
         fields["version"] = int(version.group(1))
         _rfc5424(fields, rest[version.end() :])
@@ -351,6 +355,7 @@ class SyslogSource:
         connections: set[asyncio.Task[Any]] = set()
 
         full = False  # said once for each time the connections reach max_connections
+        closing = False  # the source stops: its connections are cancelled
 
         async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal full
@@ -370,6 +375,14 @@ class SyslogSource:
             connections.add(task)
             try:
                 await self._connection(ctx, reader, writer)
+            except asyncio.CancelledError:
+                if not closing:
+                    raise
+                # Ended by the source's own stop: a task the server made that ends cancelled
+                # is logged as an ERROR with its traceback by asyncio (Python 3.11's
+                # start_server asks it for its exception), at every stop while a forwarder
+                # holds a connection open.
+                writer.close()
             finally:
                 connections.discard(task)
                 if len(connections) < cfg.max_connections * 0.9:
@@ -395,6 +408,7 @@ class SyslogSource:
                 await asyncio.gather(*waiters)
             finally:
                 # Open connections are not the server's to end (Python 3.11): end them here.
+                closing = True
                 pending = [*waiters, *connections]
                 for task in pending:
                     task.cancel()

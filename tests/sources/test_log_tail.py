@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from eventbus._errors import ConfigError
 from eventbus.sources import SourceContext, _log_tail, build_source
+from eventbus.sources._base import MAX_SET_ASIDE
 from eventbus.store import EmbeddedPostgres
 from tests.fixtures.wait import eventually
 from tests.sources._harness import (
@@ -574,6 +576,28 @@ async def test_records_no_event_can_carry_do_not_stop_the_tail(
         [dead] = await dead_letters(pool, "app-log")
         assert dead["payload"] == b"\x00" * 60_000
         assert "a log record no event can carry" in dead["error"]
+
+
+async def test_a_record_too_big_to_keep_whole_says_how_big_it_was(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # Cut before it was handed over, its dead letter read as a record of exactly 262,144
+    # bytes: nothing said it had been longer.
+    log = tmp_path / "big.log"
+    line = '{"big": "' + "x" * 300_000 + '"}'
+    log.write_text(f"{line}\nafter\n")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "big-log", recorder)
+        spec = _spec(tmp_path / "*.log", format="json", max_line_bytes=400_000)
+        async with running(build_source(spec), ctx):
+            await recorder.wait_for(1)
+            await eventually(lambda: _committed(ctx, log))
+        [dead] = await dead_letters(pool, "big-log")
+    assert dead["payload"] == line.encode()[:MAX_SET_ASIDE]
+    meta = orjson.loads(dead["meta"])
+    assert (meta["size"], meta["kept"], meta["lines"]) == (len(line), MAX_SET_ASIDE, 1), meta
+    assert _messages(recorder) == ["after"]
 
 
 async def test_a_batch_too_big_for_one_event_goes_record_by_record(

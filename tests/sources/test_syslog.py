@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -111,6 +112,23 @@ def test_rfc5424_with_structured_data() -> None:
             b"<13>Dec  5 2026 21:00:00 web1 app: m",
             {"timestamp": "Dec  5 2026 21:00:00", "hostname": "web1", "app": "app", "message": "m"},
         ),
+        # a day of one digit without its padding space
+        (
+            b"<13>Dec 6 03:00:00 web1 app[1]: m",
+            {"timestamp": "Dec 6 03:00:00", "hostname": "web1", "app": "app", "procid": "1"},
+        ),
+        # no header, a text starting with a number (Python's SysLogHandler sends such): read
+        # as RFC 5424 version 3 and dead-lettered, "header needs TIMESTAMP ..."
+        (
+            b"<14>3 files uploaded to the archive",
+            {"format": "rfc3164", "version": None, "message": "3 files uploaded to the archive"},
+        ),
+        (b"<12>12 retries left\x00", {"format": "rfc3164", "message": "12 retries left"}),
+        (b"<13>5 apples were eaten", {"format": "rfc3164", "message": "5 apples were eaten"}),
+        (
+            b"<13>1 2003-10-11T22:14:15.003Z host app - - - hi",
+            {"format": "rfc5424", "timestamp": "2003-10-11T22:14:15.003Z", "message": "hi"},
+        ),
     ],
 )
 def test_parse_variants(raw: bytes, expected: dict[str, Any]) -> None:
@@ -124,7 +142,7 @@ def test_parse_variants(raw: bytes, expected: dict[str, Any]) -> None:
         (b"no pri here", "missing PRI"),
         (b"<192>1 - - - - - -", "out of range"),
         (b"<34>1 - host app", "RFC 5424 header needs"),
-        (b"<34>1 yesterday h a p m - x", "invalid TIMESTAMP"),
+        (b"<34>1 2026-13-45T00:00:00Z h a p m - x", "invalid TIMESTAMP"),
         (b"<34>1 - h a p m nosd", "STRUCTURED-DATA must be"),
         (b'<34>1 - h a p m [id k="v', "unterminated value"),
         (b'<34>1 - h a p m [id k="v"', "missing ']'"),
@@ -291,6 +309,27 @@ async def test_bus_down_holds_the_message_and_retries(database_dsn: str) -> None
             await eventually(lambda: _running(ctx))
             writer.close()
     assert [e["data"]["message"] for e in recorder.events] == ["one", "two"]
+
+
+async def test_a_stop_with_a_connection_open_logs_no_traceback(
+    database_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncio logged "Exception in callback ... CancelledError" with its traceback at every
+    # stop while a forwarder (rsyslog) held its connection open.
+    port = free_port()
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "syslog", recorder)
+        async with running(build_source(_spec(port, protocols=["tcp"])), ctx):
+            reader, writer = await _connect(port)
+            writer.write(b"<14>sent\n<14>held open, partial")
+            await writer.drain()
+            await recorder.wait_for(1)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the stop
+        writer.close()
+        await asyncio.sleep(0.1)  # the loop's callbacks of the ended connection run
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
 
 
 async def test_tcp_connections_past_max_connections_are_closed(database_dsn: str) -> None:
