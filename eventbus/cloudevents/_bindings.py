@@ -271,14 +271,7 @@ def from_kafka(
     attributes = {name[3:]: text for name, text in lowered.items() if name.startswith("ce_")}
 
     def binary(attributes: dict[str, str]) -> dict[str, Any]:
-        header_size = sum(len(name) + len(text) for name, text in attributes.items())
-        return event_from_binary(
-            attributes,
-            content_type or attributes.get("datacontenttype"),
-            value,
-            header_size=header_size,
-            max_size=max_size,
-        )
+        return _binary_event(attributes, content_type, value, max_size)
 
     if partition_key is not None and "partitionkey" not in attributes:  # as above
         with contextlib.suppress(CloudEventError):
@@ -390,18 +383,26 @@ def from_mqtt(
             raise _unsupported(media, batches=False)
         return decode(payload, max_size=max_size)
     attributes: dict[str, str] = {}
-    header_size = 0
     for name, value in user_properties:
         if not _ATTRIBUTE_NAME.match(name):
             continue
         if name in attributes:  # which one counts would be a guess
             raise CloudEventError(f"the MQTT message has more than one {name!r} user property")
         attributes[name] = value
-        header_size += len(name.encode()) + len(value.encode())
+    return _binary_event(attributes, content_type, payload, max_size)
+
+
+def _binary_event(
+    attributes: dict[str, str], content_type: str | None, body: bytes | None, max_size: int
+) -> dict[str, Any]:
+    """A binary-mode event of Kafka or MQTT: ``content_type`` (the message's own) types the
+    body, else the ``datacontenttype`` attribute; the attributes' size counts towards
+    ``max_size``."""
+    header_size = sum(len(name) + len(text) for name, text in attributes.items())
     return event_from_binary(
         attributes,
         content_type or attributes.get("datacontenttype"),
-        payload,
+        body,
         header_size=header_size,
         max_size=max_size,
     )

@@ -393,23 +393,12 @@ async def test_a_subscription_the_server_refuses_is_never_running(
 
 async def test_core_nats_subjects_and_dead_letters(nats_url: str, database_dsn: str) -> None:
     prefix = unique_name("core")
-    async with (
-        client(nats_url) as nc,
-        source_pool(database_dsn) as pool,
-        bus_tap(nats_url) as tap,
-    ):
-        source = build_source(
-            {"name": "core", "type": "nats", "url": nats_url, "subjects": [f"{prefix}.*"]}
-        )
-        assert isinstance(source, NatsSource)
-        ctx = context(pool, "core", tap, type="nats")
-        async with running(source, ctx):
-            await eventually(lambda: _is_running(ctx))
-            await nc.publish(f"{prefix}.a", ce("a"))
-            await nc.publish(f"{prefix}.b", b"not an event")
-            await nc.publish(f"{prefix}.c", ce("c"))
-            await nc.flush()
-            events = await tap.take(2)
+    async with _core(nats_url, database_dsn, "core", prefix) as (nc, pool, tap, _):
+        await nc.publish(f"{prefix}.a", ce("a"))
+        await nc.publish(f"{prefix}.b", b"not an event")
+        await nc.publish(f"{prefix}.c", ce("c"))
+        await nc.flush()
+        events = await tap.take(2)
         assert [e["id"] for e in events] == ["ma", "mc"]
         rows = await dead_letters(pool, "core")
         assert [r["payload"] for r in rows] == [b"not an event"]
@@ -423,33 +412,42 @@ async def test_core_nats_messages_a_slow_consumer_drops_are_counted_and_said(
     # buffer (128 MiB) and said so at debug level: messages lost, the source running with
     # no error counted.
     prefix = unique_name("slow")
+    async with _core(nats_url, database_dsn, "slow", prefix) as (nc, _, tap, _):
+        tap.down = True
+        blob = "x" * 200 * 1024  # under max_event_size: held for the bus, not set aside
+        for i in range(750):  # 150 MiB
+            event = {"specversion": "1.0", "id": f"m{i}", "source": "/s", "type": "t"}
+            await nc.publish(f"{prefix}.a", orjson.dumps({**event, "data": blob}))
+        await nc.flush()
+
+        def said() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "source slow" in r.getMessage()]
+
+        await eventually(
+            lambda: any("slow consumer" in line for line in said()), what="the drops said"
+        )
+        line = next(line for line in said() if "slow consumer" in line)
+        assert "was dropped" in line and "dropped since the last warning" in line, line
+        tap.down = False
+
+
+@contextlib.asynccontextmanager
+async def _core(
+    nats_url: str, database_dsn: str, name: str, prefix: str
+) -> AsyncIterator[tuple[Client, asyncpg.Pool, BusTap, SourceContext]]:
+    """A running core ``nats`` source ``name`` on ``prefix.*``, and a client to publish."""
     async with (
         client(nats_url) as nc,
         source_pool(database_dsn) as pool,
         bus_tap(nats_url) as tap,
     ):
-        source = build_source(
-            {"name": "slow", "type": "nats", "url": nats_url, "subjects": [f"{prefix}.*"]}
-        )
-        ctx = context(pool, "slow", tap, type="nats")
+        spec = {"name": name, "type": "nats", "url": nats_url, "subjects": [f"{prefix}.*"]}
+        source = build_source(spec)
+        assert isinstance(source, NatsSource)
+        ctx = context(pool, name, tap, type="nats")
         async with running(source, ctx):
             await eventually(lambda: _is_running(ctx))
-            tap.down = True
-            blob = "x" * 200 * 1024  # under max_event_size: held for the bus, not set aside
-            for i in range(750):  # 150 MiB
-                event = {"specversion": "1.0", "id": f"m{i}", "source": "/s", "type": "t"}
-                await nc.publish(f"{prefix}.a", orjson.dumps({**event, "data": blob}))
-            await nc.flush()
-
-            def said() -> list[str]:
-                return [r.getMessage() for r in caplog.records if "source slow" in r.getMessage()]
-
-            await eventually(
-                lambda: any("slow consumer" in line for line in said()), what="the drops said"
-            )
-            line = next(line for line in said() if "slow consumer" in line)
-            assert "was dropped" in line and "dropped since the last warning" in line, line
-            tap.down = False
+            yield nc, pool, tap, ctx
 
 
 async def _is_running(ctx: SourceContext) -> bool:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from eventbus._errors import CloudEventError, ConfigError
 from eventbus.bus._nats_server import free_port
-from eventbus.sources import build_source
+from eventbus.sources import SourceContext, build_source
 from eventbus.sources._syslog import _Framer, parse_syslog
 from tests.sources._harness import (
     Recorder,
@@ -246,16 +249,11 @@ async def test_datagrams_the_kernel_dropped_are_counted(database_dsn: str) -> No
 async def test_unparseable_messages_are_dead_lettered_and_stream_continues(
     database_dsn: str,
 ) -> None:
-    port = free_port()
     recorder = Recorder()
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "syslog", recorder)
-        async with running(build_source(_spec(port, protocols=["tcp"])), ctx):
-            _, writer = await _connect(port)
-            writer.write(b"garbage without pri\n<14>fine after garbage\n")
-            await writer.drain()
-            await recorder.wait_for(1)
-            writer.close()
+    async with _over_tcp(database_dsn, recorder) as (pool, _, _, writer):
+        writer.write(b"garbage without pri\n<14>fine after garbage\n")
+        await writer.drain()
+        await recorder.wait_for(1)
         [letter] = await dead_letters(pool, "syslog")
     assert bytes(letter["payload"]) == b"garbage without pri"
     assert "missing PRI" in letter["error"]
@@ -293,21 +291,16 @@ async def test_messages_no_event_attribute_can_hold_as_sent_are_kept(database_ds
 
 
 async def test_bus_down_holds_the_message_and_retries(database_dsn: str) -> None:
-    port = free_port()
     recorder = Recorder()
     recorder.down = True
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "syslog", recorder)
-        async with running(build_source(_spec(port, protocols=["tcp"])), ctx):
-            _, writer = await _connect(port)
-            writer.write(b"<14>one\n<14>two\n")
-            await writer.drain()
-            await recorder.wait_refused(2)
-            assert ctx.status.state == "backoff"
-            recorder.down = False
-            await recorder.wait_for(2)
-            await eventually(lambda: _running(ctx))
-            writer.close()
+    async with _over_tcp(database_dsn, recorder) as (_, ctx, _, writer):
+        writer.write(b"<14>one\n<14>two\n")
+        await writer.drain()
+        await recorder.wait_refused(2)
+        assert ctx.status.state == "backoff"
+        recorder.down = False
+        await recorder.wait_for(2)
+        await eventually(lambda: _running(ctx))
     assert [e["data"]["message"] for e in recorder.events] == ["one", "two"]
 
 
@@ -316,18 +309,14 @@ async def test_a_stop_with_a_connection_open_logs_no_traceback(
 ) -> None:
     # asyncio logged "Exception in callback ... CancelledError" with its traceback at every
     # stop while a forwarder (rsyslog) held its connection open.
-    port = free_port()
     recorder = Recorder()
-    async with source_pool(database_dsn) as pool:
-        ctx = make_context(pool, "syslog", recorder)
-        async with running(build_source(_spec(port, protocols=["tcp"])), ctx):
-            reader, writer = await _connect(port)
-            writer.write(b"<14>sent\n<14>held open, partial")
-            await writer.drain()
-            await recorder.wait_for(1)
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the stop
-        writer.close()
-        await asyncio.sleep(0.1)  # the loop's callbacks of the ended connection run
+    async with _over_tcp(database_dsn, recorder, stop_first=True) as (_, _, reader, writer):
+        writer.write(b"<14>sent\n<14>held open, partial")
+        await writer.drain()
+        await recorder.wait_for(1)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the stop
+    writer.close()
+    await asyncio.sleep(0.1)  # the loop's callbacks of the ended connection run
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
 
@@ -374,6 +363,24 @@ async def _held(port: int) -> asyncio.StreamWriter | None:
 
 async def _running(ctx: Any) -> bool:
     return bool(ctx.status.state == "running")
+
+
+@contextlib.asynccontextmanager
+async def _over_tcp(
+    database_dsn: str, recorder: Recorder, *, stop_first: bool = False
+) -> AsyncIterator[tuple[asyncpg.Pool, SourceContext, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A TCP-only syslog source publishing to ``recorder``, and a connection to it, closed
+    before the source stops (with ``stop_first``, left to the caller to close)."""
+    port = free_port()
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "syslog", recorder)
+        async with running(build_source(_spec(port, protocols=["tcp"])), ctx):
+            reader, writer = await _connect(port)
+            try:
+                yield pool, ctx, reader, writer
+            finally:
+                if not stop_first:
+                    writer.close()
 
 
 async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
