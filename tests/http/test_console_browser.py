@@ -224,6 +224,20 @@ async def test_trail_page_shows_every_attempt(
     assert event["id"] == "tr-1" and event["data"] == {"total": 150}
     assert "orders → fn" in await page.text("#trail-matches")
     await _shot(page, "trail")
+    assert "only the latest" not in await page.text("#trail-received")
+    # a trail longer than the API gives whole says so (it read as the whole of it)
+    await svc.service.store.pool.execute(
+        "INSERT INTO attempts (source, id, rule, target, attempt, outcome, duration_ms, at)"
+        " SELECT 'tests/console', 'tr-0', 'orders', 'fn', n, 'failed', 1, now()"
+        " FROM generate_series(1, 1001) AS n"
+    )
+    await page.fill("#trail-source", "tests/console")
+    await page.fill("#trail-id", "tr-0")
+    await page.click("#trail-go")
+    await page.wait_text("#trail-received", "only the latest 1,000 matches and attempts are shown")
+    await page.fill("#trail-id", "tr-1")
+    await page.click("#trail-go")
+    await page.wait_text("#trail-attempts", "delivered")
     await page.click("#trail-sandbox")  # the event, into the rules sandbox
     await page.wait("return location.hash === '#rules'")
     await page.click("#sandbox-run")

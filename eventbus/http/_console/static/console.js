@@ -510,7 +510,10 @@ async function loadTrail() {
     return;
   }
   $("trail-result").hidden = false;
-  $("trail-received").textContent = `received ${trail.received_at} via ${trail.via}`;
+  // a long trail comes as its latest 1,000 matches and attempts: said, not left to be taken
+  // for the whole of it
+  const cut = trail.truncated ? " · only the latest 1,000 matches and attempts are shown" : "";
+  $("trail-received").textContent = `received ${trail.received_at} via ${trail.via}${cut}`;
   $("trail-event").textContent = pretty(trail.event);
   const cause = $("trail-cause");
   cause.hidden = trail.cause === null;
