@@ -98,6 +98,15 @@ class Dispatcher:
         self._guards = {name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()}
         self._override_cache: dict[tuple[str, bytes], DeliveryPolicy] = {}
         self._waiting: Counter[str] = Counter()
+        # A capped target's slots, taken here before its own: a delivery that waited for one
+        # is checked against the circuit once it has it (a circuit opened meanwhile let every
+        # queued delivery through, two a second to a dead function for 18 s in a review), and
+        # one stopped while waiting is known never to have been sent.
+        self._slots = {
+            name: asyncio.Semaphore(target.concurrency)
+            for name, target in targets.items()
+            if isinstance(target, Capped)
+        }
         # Told about every retry this process schedules (RetryWorker.due_in), so a retry due
         # sooner than the worker's next poll is not late by up to a poll interval.
         self.scheduled: Callable[[float], None] = lambda delay: None
@@ -255,12 +264,38 @@ class Dispatcher:
                 await self._dead_letter(job, late, DeadLetterReason.TOO_OLD, late.error, policy)
                 return None
         guard = self._guards.get(job.target)
+        slots = self._slots.get(job.target)
         if guard is not None:
             admission = guard.admit()
             if not admission.allowed:
                 await self._behind_circuit(job, admission.reopen_in, policy)
                 return None
+            closed = guard.state == "closed"  # else this one is the half-open circuit's probe
             await guard.wait_turn()
+            if slots is not None:
+                try:
+                    await slots.acquire()
+                except BaseException:
+                    guard.release()  # never leave a half-open probe outstanding
+                    raise
+            if closed and guard.state != "closed":
+                # The circuit opened while this one waited for its token or its slot: it goes
+                # as the others do now (parked; or the probe, if its period is over already).
+                admission = guard.admit()
+                if not admission.allowed:
+                    if slots is not None:
+                        slots.release()
+                    await self._behind_circuit(job, admission.reopen_in, policy)
+                    return None
+        elif slots is not None:
+            await slots.acquire()
+        try:
+            return await self._send(job, target, guard)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _send(self, job: Delivery, target: Target, guard: Guard | None) -> Outcome:
         if job.first_attempt_at is None:
             job.first_attempt_at = datetime.now(UTC)
         started = time.perf_counter()

@@ -262,12 +262,13 @@ _HANGS_GRACE = 30.0  # router.shutdown_grace of the second-signal tests
 
 
 async def _serving_a_function_that_hangs(
-    serve_process: Callable[..., ServeProcess], receiver: Receiver
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, **target: Any
 ) -> tuple[ServeProcess, list[dict[str, Any]], dict[str, Any]]:
-    """A started service whose target ``fn`` answers after 60 s, with its targets and
-    settings (a grace of ``_HANGS_GRACE``) for one started after it."""
+    """A started service whose target ``fn`` (with the settings ``target``) answers after
+    60 s, with its targets and settings (a grace of ``_HANGS_GRACE``) for one started after
+    it."""
     receiver.respond(Response(200, delay=60))
-    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 90}]
+    targets = [{"name": "fn", "type": "http", "url": receiver.url("/fn"), "timeout": 90, **target}]
     settings = {"router": {"shutdown_grace": _HANGS_GRACE}}
     service = serve_process(rules=RULES, targets=targets, settings=settings)
     await service.start()
@@ -316,6 +317,22 @@ async def test_a_second_signal_while_deliveries_finish_stops_at_once(
     await again.start()
     await _wait_all(receiver, {hangs}, timeout=60)  # the bus still held it
     await again.terminate()
+
+
+@pytest.mark.timeout(120)
+async def test_deliveries_stopped_while_waiting_for_a_slot_are_not_audited_as_sent(
+    serve_process: Callable[..., ServeProcess], receiver: Receiver, database_dsn: str
+) -> None:
+    # Those queued behind the concurrency cap were audited "cut off before the target
+    # answered" too, as if sent: 100 such rows of 200 in a review's run, each event then
+    # with two attempts numbered 1.
+    service, _, _ = await _serving_a_function_that_hangs(serve_process, receiver, concurrency=1)
+    assert len(await _publish(service.url, 3, batch=3, prefix="capped")) == 3
+    await receiver.wait_for(1)
+    (request,) = receiver.requests
+    assert request.cloudevent is not None
+    await _second_signal(service)
+    assert await _attempts(database_dsn) == {(request.cloudevent["id"], "failed", CUT_OFF_DELIVERY)}
 
 
 @pytest.mark.timeout(120)

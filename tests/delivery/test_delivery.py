@@ -361,6 +361,33 @@ async def test_circuit_breaker_parks_deliveries_and_recovers(
     assert await _dead_letters(svc) == []
 
 
+@pytest.mark.parametrize("waits_for", ["slot", "token"])
+async def test_deliveries_waiting_their_turn_are_parked_when_the_circuit_opens(
+    eventbus: StartService, receiver: Receiver, waits_for: str
+) -> None:
+    # The circuit was checked before the wait for a slot of the concurrency cap or a token of
+    # the rate limit, not after: once it opened, the deliveries queued behind them went to the
+    # dead function all the same (40 of 40 in a review's run, two at a time for 18 s).
+    receiver.respond(Response(503, delay=0.3 if waits_for == "slot" else 0.0))
+    breaker = {"failures": 2, "open_for": "30s"}
+    if waits_for == "slot":
+        spec = _target(receiver, circuit_breaker=breaker)
+        spec["concurrency"] = 2
+    else:
+        spec = _target(receiver, circuit_breaker=breaker, rate_limit=4)
+    svc = await eventbus(rules=RULES, targets=[spec])
+    await _publish(svc, range(20))
+    pool = svc.service.store.pool
+
+    async def all_parked() -> bool:
+        n = await pool.fetchval("SELECT count(*) FROM delivery_retries")
+        return bool(n == 20)
+
+    await eventually(all_parked, within=20, every=POLL, what="every delivery in the schedule")
+    # the two that opened it, and at most the two that held the slots meanwhile
+    assert len(receiver.requests) <= 4, len(receiver.requests)
+
+
 async def test_deliveries_parked_behind_the_circuit_go_once_it_closes(
     eventbus: StartService, receiver: Receiver
 ) -> None:
