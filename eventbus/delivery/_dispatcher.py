@@ -95,6 +95,7 @@ class Dispatcher:
         self._publish = publish
         self._hop_limit = hop_limit
         self._disabled = dict(disabled or {})
+        self._disabled_changes = 0  # enable and disable here: see refresh_disabled
         self._guards = {name: Guard(name, p.breaker, p.rate_limit) for name, p in policies.items()}
         self._override_cache: dict[tuple[str, bytes], DeliveryPolicy] = {}
         self._waiting: Counter[str] = Counter()
@@ -135,13 +136,19 @@ class Dispatcher:
 
     def enable(self, target: str) -> None:
         self._disabled.pop(target, None)
+        self._disabled_changes += 1
 
     async def refresh_disabled(self) -> None:
         """Re-read which targets are switched off: another instance may have seen a 410, or an
         operator enabled one through another instance. Gives up after ``READ_TIMEOUT``
-        seconds (a lock on the table held the retry worker for as long as it lasted)."""
+        seconds (a lock on the table held the retry worker for as long as it lasted). A read
+        that a change made here overtook is not taken (the next one is): a target enabled
+        while it ran was disabled again by it until the next read, its deliveries meanwhile
+        dead-lettered."""
+        changes = self._disabled_changes
         since = await self._store.disabled_since()
-        self._disabled = {target: about["reason"] for target, about in since.items()}
+        if changes == self._disabled_changes:
+            self._disabled = {target: about["reason"] for target, about in since.items()}
 
     async def dispatch(
         self, event: dict[str, Any], route: Route, acceptance: str | None = None
@@ -338,7 +345,8 @@ class Dispatcher:
             if policy.disable_on_gone:
                 why = f"410 Gone at attempt {job.attempts}"
                 await _durably(lambda: self._store.disable_target(job.target, why))
-                self._disabled[job.target] = "answered 410 Gone"
+                self._disabled[job.target] = why  # as the database has it, for every instance
+                self._disabled_changes += 1
                 log.warning("target %s answered 410 Gone: disabled", job.target)
         elif not outcome.retryable:
             reason = DeadLetterReason.NON_RETRYABLE

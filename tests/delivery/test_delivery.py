@@ -316,6 +316,36 @@ async def test_a_disabled_target_stays_disabled_after_a_restart(
     assert len(receiver.requests) == 1  # only the first event reached the gone endpoint
 
 
+async def test_a_target_enabled_while_the_disabled_ones_are_read_stays_enabled(
+    eventbus: StartService, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The retry worker's read of the disabled targets, taken before an operator's enable and
+    # applied after it, disabled the target again until the next read: its deliveries were
+    # dead-lettered "target-disabled" though `eventbus targets enable` had said they go out.
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    receiver.script(410)
+    await _publish(svc, [1])
+    await eventually(lambda: _dead_letters(svc), within=20, every=POLL, what="gone")
+    dispatcher, store = svc.service.dispatcher, svc.service.deliveries
+    assert dispatcher.disabled("fn") == "410 Gone at attempt 1"  # as the database says
+    read, applied = asyncio.Event(), asyncio.Event()
+    real = store.disabled_since
+
+    async def read_then_wait() -> dict[str, dict[str, str]]:
+        rows = await real()
+        read.set()
+        await applied.wait()
+        return rows
+
+    monkeypatch.setattr(store, "disabled_since", read_then_wait)
+    refreshing = asyncio.create_task(dispatcher.refresh_disabled())
+    await read.wait()  # it read "fn" disabled
+    assert await svc.service.enable_target("fn")
+    applied.set()
+    await refreshing
+    assert dispatcher.disabled("fn") is None
+
+
 async def test_circuit_breaker_parks_deliveries_and_recovers(
     eventbus: StartService, receiver: Receiver
 ) -> None:
