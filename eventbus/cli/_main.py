@@ -213,19 +213,30 @@ def _send(
     """One request to the service: its 2xx status, headers and body; _ApiError otherwise.
     With ``answers``, a target's own error answer to a synchronous invocation (it names
     the target in ``X-Eventbus-Answered-By``) is returned as it came too."""
+    from eventbus.config import redact_url
+
+    shown = redact_url(args.url)
     try:
         parts = urllib.parse.urlsplit(args.url)
     except ValueError as exc:  # http://[::1:8080: a traceback
-        raise _BadInput(f"invalid --url {args.url!r} (or EVENTBUS_URL): {exc}") from None
+        raise _BadInput(f"invalid --url {shown!r} (or EVENTBUS_URL): {exc}") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         # "127.0.0.1:8080" read as the scheme "127.0.0.1": "cannot reach eventbus", exit 1
         raise _BadInput(
-            f"invalid --url {args.url!r} (or EVENTBUS_URL): give http://HOST:PORT (or https://)"
+            f"invalid --url {shown!r} (or EVENTBUS_URL): give http://HOST:PORT (or https://)"
+        )
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        # urllib took user:password@ for part of the host name ("Name or service not known",
+        # the password in the message and so in a CI job's log), and a query ended up
+        # before the path (/?token=x/targets)
+        raise _BadInput(
+            "--url (or EVENTBUS_URL) takes no credentials, query or fragment: give "
+            "http://HOST:PORT[/PATH], and the API key with --api-key or EVENTBUS_API_KEY"
         )
     try:
         req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
     except ValueError as exc:
-        raise _BadInput(f"invalid --url {args.url!r}: {exc}") from None
+        raise _BadInput(f"invalid --url {shown!r}: {exc}") from None
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     api_key = args.api_key or os.environ.get("EVENTBUS_API_KEY")

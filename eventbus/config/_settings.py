@@ -170,7 +170,8 @@ class ApiKey(_Model):
 
     name: str
     key: Secret
-    scopes: tuple[Literal["publish", "admin"], ...] = ("publish",)
+    scopes: tuple[Literal["publish", "admin"], ...] = Field(("publish",), min_length=1)
+    """A key without a scope was refused on every route."""
 
     @field_validator("key")
     @classmethod
@@ -270,6 +271,12 @@ class Settings(_Model):
         names = [k.name for k in keys]
         if len(set(names)) != len(names):
             raise ValueError("api key names must be unique")
+        named: dict[str, str] = {}
+        for k in keys:
+            other = named.setdefault(k.key.reveal(), k.name)
+            if other != k.name:
+                # one of the two took effect (the last: its scopes, its name in the audit)
+                raise ValueError(f"api keys {other!r} and {k.name!r} are the same key")
         return keys
 
     @property

@@ -255,6 +255,14 @@ async def test_bad_values_files_and_pipes_are_one_line_not_a_traceback(tmp_path:
     assert data_dir[0] == 1 and "cannot be used: File exists" in data_dir[2], data_dir
     for _, out, err in (url, port, latin1, connectors, data_dir, rate):
         assert "Traceback" not in f"{out}{err}"
+    # credentials in the URL: printed in a "Name or service not known" error (a CI job's log)
+    for given in (
+        "http://u:SEKRET-pw@127.0.0.1:1",
+        "http://127.0.0.1:1/?token=SEKRET",
+        "s://u:SEKRET@h",
+    ):
+        code, _, err = await _cli("targets", "--url", given)
+        assert code == 2 and "SEKRET" not in err and "Traceback" not in err, (given, err)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         held = str(taken.getsockname()[1])
         code, _, err = await _cli("display", "--port", held)

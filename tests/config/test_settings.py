@@ -48,6 +48,16 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         ("bus:\n  backend: rabbit\n", "eventbus.yaml:2: bus.backend: Input should be 'nats'"),
         ("bus:\n  nats:\n    stream: S\n    typo: 1\n", "eventbus.yaml:4: bus.nats.typo: Extra"),
         ("api_keys:\n  - {name: a, key: short}\n", "eventbus.yaml:2: api_keys.0.key"),
+        # a key that can do nothing; one key twice, one of the two taking effect
+        (
+            "api_keys:\n  - {name: a, key: abcdefghijklmnop1234, scopes: []}\n",
+            "eventbus.yaml:2: api_keys.0.scopes: Tuple should have at least 1 item",
+        ),
+        (
+            "api_keys:\n  - {name: a, key: abcdefghijklmnop1234, scopes: [admin]}\n"
+            "  - {name: b, key: abcdefghijklmnop1234}\n",
+            "api_keys: Value error, api keys 'a' and 'b' are the same key",
+        ),
         ("bus:\n  kafka:\n    fetch_wait: 0\n", "eventbus.yaml:3: bus.kafka.fetch_wait: Input"),
         ("bus:\n  kafka:\n    linger_ms: -1\n", "eventbus.yaml:3: bus.kafka.linger_ms: Input"),
         ("router:\n  cel: fast\n", "eventbus.yaml:2: router.cel: Input should be 'cel-python'"),
