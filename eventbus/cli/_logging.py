@@ -5,10 +5,12 @@ Configured once by the CLI from the settings; library code only calls ``logging.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +18,7 @@ import orjson
 
 from eventbus.config import WORKER_ENV
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "held_until_configured", "replay"]
 
 # uvicorn adds ``color_message`` (the message with ANSI colour codes) to its records: not data.
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -111,6 +113,41 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_until_configured() -> Iterator[list[logging.LogRecord]]:
+    """Hold the warnings logged in the block (reading the settings file: its literal secrets)
+    for :func:`replay` once logging is configured by those settings: Python's last-resort
+    handler wrote them as plain text, the first line of a ``log_format: json`` stream. Given
+    back to that handler when the block raises (the settings unusable: no format to wait
+    for)."""
+    held = _Held()
+    root = logging.getLogger()
+    root.addHandler(held)
+    try:
+        yield held.records
+    except BaseException:
+        root.removeHandler(held)
+        replay(held.records)
+        raise
+    finally:
+        root.removeHandler(held)
+
+
+def replay(records: list[logging.LogRecord]) -> None:
+    """Log ``records`` (held by :func:`held_until_configured`) as they would have been."""
+    for record in records:
+        logging.getLogger(record.name).handle(record)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:

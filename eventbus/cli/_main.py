@@ -300,17 +300,19 @@ def _query(args: argparse.Namespace, **extra: Any) -> str:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from eventbus.cli._logging import configure_logging
+    from eventbus.cli._logging import configure_logging, held_until_configured, replay
     from eventbus.cli._serve import serve
     from eventbus.config import load_settings
 
-    settings = load_settings(args.config)
+    with held_until_configured() as held:
+        settings = load_settings(args.config)
     if args.host or args.port is not None:
         listen = settings.listen.model_copy(
             update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         )
         settings = settings.model_copy(update={"listen": listen})
     configure_logging(settings.log_level, settings.log_format)
+    replay(held)
     serve(settings, workers=args.workers, reuse_port=args.reuse_port, config_path=args.config)
     return 0
 

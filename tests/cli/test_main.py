@@ -203,6 +203,26 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     assert (code, text) == (0, "no source dead letters\n")
 
 
+async def test_the_settings_files_warnings_are_logged_in_its_log_format(tmp_path: Path) -> None:
+    # Logged while the settings were read, before logging was set up by them: Python's
+    # last-resort handler wrote the literal secret's warning as plain text, the first line of
+    # a stream that log_format: json promises to be JSON lines.
+    (tmp_path / "a-file").write_text("x")
+    settings = tmp_path / "s.yaml"
+    settings.write_text(
+        f"data_dir: {tmp_path / 'a-file'}\nlog_format: json\nlisten: {{port: {free_port()}}}\n"
+        "api_keys:\n  - {name: a, key: abcdefghijklmnop1234}\n"
+    )
+    code, _, err = await _cli("serve", "--config", str(settings))
+    assert code == 1, err
+    first, *_ = err.splitlines()
+    line = orjson.loads(first)
+    assert line["level"] == "warning", line
+    assert line["message"].endswith(
+        "s.yaml:5: api_keys.0.key: a secret given as a literal; use {env: NAME} or {file: PATH}"
+    ), line
+
+
 async def test_cli_errors_are_one_line() -> None:
     unreachable, bad_data, no_config = await _side_by_side(
         _cli("dlq", "list", "--url", f"http://127.0.0.1:{free_port()}"),
