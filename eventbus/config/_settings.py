@@ -411,7 +411,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
                 )
                 continue
             # an overridden value's error names its variable, not the file's first line
-            lines.append(line if variable is None else f"{variable}: {line.split(': ', 1)[1]}")
+            if variable is None:
+                lines.append(line)
+                continue
+            lines.append(f"{variable}: {line.split(': ', 1)[1]}{_not_yaml(env, variable)}")
         raise ConfigError("\n".join(lines)) from exc
     # A secret set by an EVENTBUS_* variable is already out of the file: no warning.
     warn_literal_secrets(doc, settings, (), given=lambda loc: _overridden(overrides, loc))
@@ -479,6 +482,24 @@ def _read_settings(p: Path) -> YamlDoc:
     if not isinstance(doc.data, dict):
         raise ConfigError(f"{p}:1: settings must be a mapping")
     return doc
+
+
+def _not_yaml(env: Mapping[str, str], variable: str) -> str:
+    """Why the value of ``variable`` (``environment NAME``), which starts as a YAML list or
+    mapping does, was read as plain text: its YAML error, without the value (a key's); the
+    error was only the setting's ("Input should be a valid tuple"). Empty otherwise."""
+    raw = env.get(variable.removeprefix("environment "), "")
+    if raw.lstrip()[:1] not in ("[", "{"):
+        return ""
+    try:
+        yaml.safe_load(raw)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        return f" (the value is not valid YAML{where}: {exc.problem}; it was read as text)"
+    except yaml.YAMLError:
+        return " (the value is not valid YAML; it was read as text)"
+    return ""
 
 
 def _variable(env: Mapping[str, str], loc: tuple[str | int, ...]) -> str | None:

@@ -187,6 +187,15 @@ def test_bad_environment_value_names_the_variable_and_field(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, env={"EVENTBUS_BUS__NATS": "{urll: nats://x:1}"})
     assert str(info.value).startswith("environment EVENTBUS_BUS__NATS: bus.nats.urll: Extra")
+    # a value that starts as YAML does and does not parse: said so, without the value (it read
+    # "Input should be a valid tuple" and nothing more)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={"EVENTBUS_API_KEYS": '[{name: x, key: "a"bSEKRET"}]'})
+    assert str(info.value) == (
+        "environment EVENTBUS_API_KEYS: api_keys: Input should be a valid tuple (the value is not"
+        " valid YAML at line 1, column 20: expected ',' or '}', but got '<scalar>'; it was read"
+        " as text)"
+    )
 
 
 @pytest.mark.parametrize("deeper_first", [True, False])
