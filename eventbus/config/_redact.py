@@ -58,7 +58,12 @@ def _masked(piece: str) -> str:
 def _masked_at(scheme: str, rest: str, at: int) -> str:
     userinfo, tail = rest[:at], rest[at:]
     if ":" in userinfo:
-        return f"{scheme}{userinfo.split(':', 1)[0]}:***{tail}"
+        user = userinfo.split(":", 1)[0]
+        if "@" in user:
+            # not a user's name: a token URL and text after it up to another URL's password
+            # ("tls://TOKEN@h; also ws://u:pw@h2" showed the token): all of it masked
+            return f"{scheme}***{tail}"
+        return f"{scheme}{user}:***{tail}"
     if scheme.lower() in _TOKEN_SCHEMES:
         return f"{scheme}***{tail}"
     return scheme + rest

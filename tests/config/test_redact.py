@@ -17,6 +17,9 @@ from eventbus.targets import build_target
     ("url", "shown"),
     [
         ("nats://eventbus:s3cret@127.0.0.1:4222", "nats://eventbus:***@127.0.0.1:4222"),
+        # a token URL, then text, then another URL's password: the token showed
+        ("at tls://s3cret@h; also ws://u:s3cret@h2", "at tls://***@h2"),
+        ("postgresql://me@example.com:s3cret@h/db", "postgresql://***@h/db"),
         (
             "postgresql://postgres:p%40ss@/db?host=/tmp/x&port=5432",
             "postgresql://postgres:***@/db?host=/tmp/x&port=5432",
