@@ -486,17 +486,20 @@ def _read_settings(p: Path) -> YamlDoc:
 
 def _not_yaml(env: Mapping[str, str], variable: str) -> str:
     """Why the value of ``variable`` (``environment NAME``), which starts as a YAML list or
-    mapping does, was read as plain text: its YAML error, without the value (a key's); the
-    error was only the setting's ("Input should be a valid tuple"). Empty otherwise."""
+    mapping does, was read as plain text: where its YAML is broken, never what it holds (a
+    key's); the error was only the setting's ("Input should be a valid tuple"). Empty
+    otherwise."""
     raw = env.get(variable.removeprefix("environment "), "")
     if raw.lstrip()[:1] not in ("[", "{"):
         return ""
     try:
         yaml.safe_load(raw)
     except yaml.MarkedYAMLError as exc:
+        # where only: the parser's own words may quote the value ("found undefined alias
+        # 'KEY'" for a key starting with "*")
         mark = exc.problem_mark
         where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
-        return f" (the value is not valid YAML{where}: {exc.problem}; it was read as text)"
+        return f" (the value is not valid YAML{where}; it was read as text)"
     except yaml.YAMLError:
         return " (the value is not valid YAML; it was read as text)"
     return ""
