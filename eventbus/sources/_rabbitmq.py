@@ -80,6 +80,12 @@ def _cloudevent(message: AbstractIncomingMessage, max_size: int) -> dict[str, An
     # The AMQP binary mode is the Kafka one with another header prefix: translate the names
     # and let the Kafka binding do the reading.
     headers: list[tuple[str, bytes]] = []
+    if message.content_type:
+        headers.append(("content-type", message.content_type.encode()))
+        if message.content_type.lower().startswith("application/cloudevents"):
+            # structured mode: the properties are not read (one of them unreadable refused
+            # the event they do not belong to)
+            return from_kafka(headers, None, message.body, max_size=max_size)
     named: dict[str, str] = {}
     for name, value in (message.headers or {}).items():
         for prefix in _PREFIXES:
@@ -91,8 +97,6 @@ def _cloudevent(message: AbstractIncomingMessage, max_size: int) -> dict[str, An
                     )
                 named[attribute.lower()] = name
                 headers.append(("ce_" + attribute, _property_bytes(name, value)))
-    if message.content_type:
-        headers.append(("content-type", message.content_type.encode()))
     return from_kafka(headers, None, message.body, max_size=max_size)
 
 

@@ -129,17 +129,19 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         # header 'ce_ext3'", the binding's reader underneath)
         bad = {**raw, "cloudEvents:id": bytearray(b"bad"), "cloudEvents:ext3": bytearray(b"\xff")}
         await send(channel, name, b"{}", headers=bad, content_type="application/json")
+        # structured mode: the properties are not read, the unreadable one included
+        await send(channel, name, ce(5), headers=bad, content_type="application/cloudevents+json")
         await send(channel, name, ce(4))
         ctx = context(pool, "amqp", tap, type="rabbitmq")
         async with running(rabbit("amqp", name), ctx):
-            events = await tap.take(4)
+            events = await tap.take(5)
 
             async def drained() -> bool:
                 info = await channel.declare_queue(name, passive=True)
                 return info.declaration_result.message_count == 0
 
             await eventually(drained)
-        assert [e["id"] for e in events] == ["r1", "r2", "r3", "r4"]
+        assert [e["id"] for e in events] == ["r1", "r2", "r3", "r5", "r4"]
         assert events[2]["type"] == "t.bytes"
         assert (events[1]["source"], events[1]["data"]) == ("/amqp", {"n": 2})
         assert (events[1]["time"], events[1]["flagged"]) == ("2026-01-02T03:04:05.000000Z", "true")
@@ -155,7 +157,7 @@ async def test_messages_arrive_in_both_modes_and_malformed_ones_are_kept(
         assert "'cloudEvents:source' is dict, not a CloudEvents attribute" in rows[2]["error"]
         assert "has both 'cloudEvents:id' and 'cloudEvents_id'" in rows[3]["error"], rows[3]
         assert rows[4]["error"].startswith("the AMQP property 'cloudEvents:ext3' is not UTF-8")
-        assert (ctx.status.events, ctx.status.errors) == (4, 5)
+        assert (ctx.status.events, ctx.status.errors) == (5, 5)
 
 
 @needs_rabbitmq
