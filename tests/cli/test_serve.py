@@ -506,8 +506,12 @@ async def test_ctrl_c_during_the_first_start_is_an_interruption_not_a_broken_dat
         try:
 
             def initdb_runs() -> bool:
-                children = psutil.Process(proc.pid).children(recursive=True)
-                return any(c.name() == "initdb" for c in children)
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    # a child may end between the listing and the look at its name
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if child.name() == "initdb":
+                            return True
+                return False
 
             await eventually(initdb_runs, within=60, every=0.01, what="initdb running")
             os.killpg(proc.pid, signal.SIGINT)
