@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from eventbus._bucket import TokenBucket
-from eventbus._errors import error_text
+from eventbus._errors import StoreError, error_text
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Clock, SystemClock
@@ -103,6 +103,7 @@ class SourceContext:
     """Many events in one call, one outcome per event in order: an exception where ``publish``
     would have raised, else the event is durable. None: ``publish`` for each, concurrently."""
     _failing: bool = field(default=False, init=False, repr=False)
+    _failing_store: bool = field(default=False, init=False, repr=False)
     _set_aside: TokenBucket = field(
         default_factory=lambda: TokenBucket(SET_ASIDE_RATE, SET_ASIDE_BURST),
         init=False,
@@ -190,9 +191,10 @@ class SourceContext:
                 return
             await self._turn()
         await set_aside(self.pool, self.name, raw, error, meta)
-        # the input is dealt with: a source backing off from a failure has recovered (a
-        # database hiccup while writing this row left it in backoff until its next event)
-        self.recovered()
+        if self._failing_store:
+            # the database it backed off from took this row: recovered (a hiccup while writing
+            # one left it in backoff until its next event); a bus still down is not
+            self.recovered()
         self.status.errors += 1
         self.status.last_error = error
         self._say(error)
@@ -244,6 +246,7 @@ class SourceContext:
         self.status.errors += 1
         self.status.last_error = error_text(exc)
         self._failing = True
+        self._failing_store = isinstance(exc, StoreError)
         self.logger.warning("source %s: %s", self.name, self.status.last_error)
 
 

@@ -8,7 +8,7 @@ import time
 import asyncpg
 import pytest
 
-from eventbus._errors import StoreUnavailable
+from eventbus._errors import BusUnavailable, StoreUnavailable
 from eventbus.sources import Checkpoints, list_dead_letters
 from eventbus.sources import _base as base_module
 from eventbus.sources import _checkpoints as checkpoints_module
@@ -122,6 +122,10 @@ async def test_a_dead_letter_written_ends_a_backoff(database_dsn: str) -> None:
         await ctx.dead_letter("junk", "not JSON")
         assert ctx.status.state == "running"
         assert ctx.status.last_error == "not JSON"
+        # backing off from the bus: a dead letter written says nothing of it
+        ctx.report_error(BusUnavailable("the bus is down"))
+        await ctx.dead_letter("junk", "not JSON")
+        assert ctx.status.state == "backoff"
 
 
 async def test_lossy_input_past_the_rate_is_counted_not_waited_for(
