@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -238,6 +238,25 @@ class Dispatcher:
         else:
             await self._failed(job, outcome, policy)
 
+    @contextlib.asynccontextmanager
+    async def slot_now(self, name: str) -> AsyncIterator[bool]:
+        """A slot of capped target ``name`` for a synchronous invocation, taken at once: the
+        block gets False when all are taken (nothing may be sent), True otherwise (a target
+        without a cap too). These slots are the ones this dispatcher's deliveries take before
+        the target's own."""
+        slots = self._slots.get(name)
+        if slots is None:
+            yield True
+            return
+        if slots.locked():
+            yield False
+            return
+        await slots.acquire()  # free (checked above, nothing awaited since): taken at once
+        try:
+            yield True
+        finally:
+            slots.release()
+
     def concurrency_of(self, name: str) -> int | None:
         """How many requests target ``name`` takes at once, None when it sets no cap (or this
         process has no such target)."""
@@ -283,7 +302,8 @@ class Dispatcher:
                 try:
                     await slots.acquire()
                 except BaseException:
-                    guard.release()  # never leave a half-open probe outstanding
+                    if not closed:
+                        guard.release()  # never leave the half-open probe outstanding
                     raise
             if closed and guard.state != "closed":
                 # The circuit opened while this one waited for its token or its slot: it goes

@@ -30,7 +30,7 @@ from eventbus import metrics
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.rules import Route
 from eventbus.store import Attempt, AttemptOutcome, AuditWriter
-from eventbus.targets import Answer, Invocable, Requester, Target
+from eventbus.targets import Answer, Invocable, Outcome, Requester, Target
 
 __all__ = [
     "Invocation",
@@ -179,8 +179,10 @@ class Invoker:
             await self._refused(event, rule, refused)
             return refused
         guard = self._dispatcher.guard(target)
+        probe = False  # this call is the half-open circuit's probe
         if guard is not None:
             admission = guard.admit()
+            probe = guard.state == "half-open"
             if not admission.allowed:
                 refused = Invocation(
                     target,
@@ -200,17 +202,25 @@ class Invoker:
                 return await self._busy(event, rule, target, detail)
         started = time.perf_counter()
         try:
-            with self._dispatcher.delivering(target):
-                if reply:
-                    assert isinstance(adapter, Requester)
-                    answer = await adapter.request(event, payload, is_cloudevent=is_cloudevent)
-                elif isinstance(adapter, Invocable):
-                    answer = await adapter.invoke(event, payload, is_cloudevent=is_cloudevent)
-                else:
-                    outcome = await adapter.deliver(
-                        event, payload, is_cloudevent=is_cloudevent, attempt=1
-                    )
-                    answer = Answer(outcome)
+            # the slots the dispatcher's deliveries take too: one of them that has its slot
+            # never waits inside the target behind a call (unsent, it was audited as cut off
+            # at a stop, and went out past a circuit opened meanwhile)
+            async with self._dispatcher.slot_now(target) as free:
+                with self._dispatcher.delivering(target):
+                    if not free:
+                        cap = self._dispatcher.concurrency_of(target)
+                        full = f"concurrency cap of {cap} requests reached"
+                        answer = Answer(Outcome(False, None, 0.0, full, True, None), busy=True)
+                    elif reply:
+                        assert isinstance(adapter, Requester)
+                        answer = await adapter.request(event, payload, is_cloudevent=is_cloudevent)
+                    elif isinstance(adapter, Invocable):
+                        answer = await adapter.invoke(event, payload, is_cloudevent=is_cloudevent)
+                    else:
+                        outcome = await adapter.deliver(
+                            event, payload, is_cloudevent=is_cloudevent, attempt=1
+                        )
+                        answer = Answer(outcome)
         except BaseException as exc:
             if guard is not None:
                 guard.record(False)  # never leave a half-open probe outstanding
@@ -229,8 +239,10 @@ class Invoker:
             if reply and not outcome.delivered:
                 # No responder, or one slow or failing, says nothing of the server that
                 # takes the target's publishes: counted, they opened the circuit of the rule
-                # deliveries and invocations of a healthy subject.
-                guard.release()
+                # deliveries and invocations of a healthy subject. Neither way, then: a probe
+                # lets the next one probe.
+                if probe:
+                    guard.release()
             else:
                 guard.settle(outcome)  # as for rule deliveries
             if guard.reclosed():  # this call was the probe that closed the circuit

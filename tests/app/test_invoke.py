@@ -5,6 +5,7 @@ function got counted (no retry on the sync path), and the audit trail of each in
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,29 @@ async def test_sync_open_circuit_is_503_with_retry_after(
     (parked,) = (await svc.request("GET", "/retries"))[2]["items"]
     assert (parked["event_id"], parked["waiting_for"], parked["attempts"]) == ("c3", "circuit", 0)
     assert len(receiver.requests) == 2
+
+
+async def test_a_delivery_behind_a_sync_call_holding_the_slot_meets_the_circuit_it_opened(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # A sync call held the target's own slot, which the dispatcher's deliveries did not
+    # count: one of them went on into the target and waited there, past the check of the
+    # circuit, and was sent once the call's failure had opened it.
+    breaker = {"failures": 1, "open_for": "30s"}
+    delivery = {"retry": FAST, "circuit_breaker": breaker}
+    rules = RULES + "- name: to-fn\n  match: {type: [c]}\n  targets: [fn]\n"
+    fn = _fn(receiver, delivery=delivery, concurrency=1)
+    svc = await eventbus(rules=rules, targets=[fn, _other(receiver)])
+    receiver.script(Response(500, delay=1.0))
+    calling = asyncio.create_task(_invoke(svc, _event("s1")))
+    await receiver.wait_for(1)
+    status, _ = await svc.post_event(_event("behind", type="c"))
+    assert status == 202
+    assert (await calling)[0] == 500  # the failure that opens the circuit
+    await svc.drained()
+    (parked,) = (await svc.request("GET", "/retries"))[2]["items"]
+    assert (parked["event_id"], parked["waiting_for"]) == ("behind", "circuit"), parked
+    assert len(receiver.requests) == 1
 
 
 async def test_sync_full_concurrency_cap_is_429_with_retry_after(
