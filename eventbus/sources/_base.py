@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from eventbus._bucket import TokenBucket
+from eventbus._burst import Burst
 from eventbus._errors import StoreError, error_text
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.sources._checkpoints import Checkpoints
@@ -109,11 +108,8 @@ class SourceContext:
         init=False,
         repr=False,
     )
-    _said_at: float = field(default=-math.inf, init=False, repr=False)
-    _unsaid: int = field(default=0, init=False, repr=False)
+    _said: Burst | None = field(default=None, init=False, repr=False)
     _unkept: int = field(default=0, init=False, repr=False)
-    _last_unsaid: str = field(default="", init=False, repr=False)
-    _summary: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     async def emit(self, event: dict[str, Any]) -> bool:
         """Publish ``event`` onto the bus and count it.
@@ -201,37 +197,26 @@ class SourceContext:
 
     def _say(self, error: str) -> None:
         """Warn of a dead letter, once in ``SET_ASIDE_SAID_EVERY`` s with how many more came:
-        those are told at the end of the period, not only with the next dead letter (after a
-        burst, the one warning said nothing of the 1,499 that followed it)."""
-        now = time.monotonic()
-        if now - self._said_at < SET_ASIDE_SAID_EVERY:
-            self._unsaid += 1
-            self._last_unsaid = error
-            if self._summary is None:
-                self._summary = asyncio.get_running_loop().call_later(
-                    self._said_at + SET_ASIDE_SAID_EVERY - now, self._say_summary
-                )
-            return
-        self._say_now(error, now)
+        those are told at the end of the period (after a burst, the one warning said nothing
+        of the 1,499 that followed it) or when the source stops (:meth:`flush_warnings`)."""
+        if self._said is None:
+            self._said = Burst(self._tell, SET_ASIDE_SAID_EVERY)
+        self._said(error)
 
-    def _say_summary(self) -> None:
-        self._summary = None
-        if self._unsaid:
-            self._unsaid -= 1  # the last one is the warning's own
-            self._say_now(self._last_unsaid, time.monotonic())
-
-    def _say_now(self, error: str, now: float) -> None:
-        if self._summary is not None:
-            self._summary.cancel()
-            self._summary = None
+    def _tell(self, error: str, more: int) -> None:
         parts = []
-        if self._unsaid:
-            parts.append(f"and {self._unsaid} more since the last warning")
+        if more:
+            parts.append(f"and {more} more since the last warning")
         if self._unkept:
             parts.append(f"{self._unkept} not kept: over {self._set_aside.rate:g} a second")
-        more = f" ({'; '.join(parts)})" if parts else ""
-        self.logger.warning("source %s: dead-lettered input: %s%s", self.name, error, more)
-        self._said_at, self._unsaid, self._unkept = now, 0, 0
+        said = f" ({'; '.join(parts)})" if parts else ""
+        self.logger.warning("source %s: dead-lettered input: %s%s", self.name, error, said)
+        self._unkept = 0
+
+    def flush_warnings(self) -> None:
+        """The source stops: what its warnings counted and did not tell yet is told now."""
+        if self._said is not None:
+            self._said.flush()
 
     async def _turn(self) -> None:
         """Wait for a dead letter's place within ``SET_ASIDE_RATE``."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from abc import ABC, abstractmethod
@@ -35,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from eventbus._burst import Burst
 from eventbus._errors import BusError, StoreError
 from eventbus._tasks import stop_if_cancelled
 from eventbus.cloudevents import from_nats
@@ -186,12 +186,14 @@ class _NatsConsumer(ABC, Generic[_C]):
         self.type = config.type
         self.config = config
         self._auth = config.nats_options(f"{config.type} source {config.name!r}")
-        self._drops_said_at = -math.inf
-        self._unsaid_drops = 0
+        self._drops = Burst(self._tell_drops, DROPS_SAID_EVERY)
 
     async def run(self, ctx: SourceContext) -> None:
         """Consume until cancelled; reconnects with backoff when the server goes away."""
-        await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), _TRANSIENT)
+        try:
+            await consume_forever(ctx, lambda backoff: self._consume(ctx, backoff), _TRANSIENT)
+        finally:
+            self._drops.flush()
 
     async def _consume(self, ctx: SourceContext, backoff: Backoff) -> None:
         closed = asyncio.Event()
@@ -219,17 +221,10 @@ class _NatsConsumer(ABC, Generic[_C]):
             f"slow consumer: a message on {exc.subject!r} was dropped, the subscription's "
             "buffer full (core NATS does not redeliver it)"
         )
-        self._unsaid_drops += 1
-        now = time.monotonic()
-        if now - self._drops_said_at >= DROPS_SAID_EVERY:
-            log.warning(
-                "%s source %s: %s; %d dropped since the last warning",
-                self.type,
-                self.name,
-                ctx.status.last_error,
-                self._unsaid_drops,
-            )
-            self._drops_said_at, self._unsaid_drops = now, 0
+        self._drops(ctx.status.last_error)
+
+    def _tell_drops(self, message: str, more: int) -> None:
+        log.warning("%s source %s: %s; %d more dropped", self.type, self.name, message, more)
 
     @abstractmethod
     async def _serve(

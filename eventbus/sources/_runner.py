@@ -305,32 +305,36 @@ class SourceRunner:
 
     async def _restarting(self, source: Source, ctx: SourceContext) -> None:
         backoff = Backoff(self._clock, initial=self._backoff[0], maximum=self._backoff[1])
-        while True:
-            stop_if_cancelled()
-            events_before = ctx.status.events
-            if not reports_running(source):
-                ctx.status.state = "running"
-            elif ctx.status.state != "backoff":
-                ctx.status.state = "starting"
-            try:
-                await source.run(ctx)
-            except asyncio.CancelledError:
-                raise
-            except ConfigError as exc:
-                ctx.report_error(exc)
-                ctx.status.state = "failed"
-                ctx.logger.error("source %s failed: %s", ctx.name, exc)
-                return
-            except OSError as exc:
-                # The machine's, not a defect (a port taken, a path not there): one line, as
-                # any transient failure, not a traceback at every restart (12 in 30 s)
-                ctx.report_error(exc)
-            except Exception as exc:
-                ctx.report_error(exc)
-                ctx.logger.exception("source %s crashed; restarting after backoff", ctx.name)
-            else:
-                ctx.status.state = "stopped"
-                return
-            if ctx.status.events != events_before:
-                backoff.reset()
-            await backoff.wait()
+        try:
+            while True:
+                stop_if_cancelled()
+                events_before = ctx.status.events
+                if not reports_running(source):
+                    ctx.status.state = "running"
+                elif ctx.status.state != "backoff":
+                    ctx.status.state = "starting"
+                try:
+                    await source.run(ctx)
+                except asyncio.CancelledError:
+                    raise
+                except ConfigError as exc:
+                    ctx.report_error(exc)
+                    ctx.status.state = "failed"
+                    ctx.logger.error("source %s failed: %s", ctx.name, exc)
+                    return
+                except OSError as exc:
+                    # The machine's, not a defect (a port taken, a path not there): one line, as
+                    # any transient failure, not a traceback at every restart (12 in 30 s)
+                    ctx.report_error(exc)
+                except Exception as exc:
+                    ctx.report_error(exc)
+                    ctx.logger.exception("source %s crashed; restarting after backoff", ctx.name)
+                else:
+                    ctx.status.state = "stopped"
+                    return
+                if ctx.status.events != events_before:
+                    backoff.reset()
+                await backoff.wait()
+        finally:
+            # what its warnings counted and had not told yet (the burst it stopped in)
+            ctx.flush_warnings()

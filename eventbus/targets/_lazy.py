@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from eventbus._burst import Burst
 from eventbus._tasks import cancel_and_wait
 
 __all__ = ["LazyClient"]
@@ -55,8 +54,7 @@ class LazyClient(Generic[T]):
         self._client: T | None = None
         self._task: asyncio.Task[T] | None = None
         self._open = False
-        self._said_at = -math.inf
-        self._unsaid = 0
+        self._failures = Burst(self._tell, FAILED_SAID_EVERY)
 
     def open(self) -> None:
         """Begin a start in the background and return at once.
@@ -103,6 +101,7 @@ class LazyClient(Generic[T]):
         Never raises for the start: its failure has already been logged.
         """
         self._open = False
+        self._failures.flush()
         task, self._task = self._task, None
         if task is not None and not task.done():
             await cancel_and_wait(task)
@@ -125,11 +124,8 @@ class LazyClient(Generic[T]):
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Each call while the broker is down begins a start: one warning a call (a line
             # per synchronous invocation) became one per FAILED_SAID_EVERY s, counting the rest.
-            now = time.monotonic()
-            if now - self._said_at < FAILED_SAID_EVERY:
-                self._unsaid += 1
-                self._log.debug("%s: %r", self._failed, exc)
-                return
-            more = f" ({self._unsaid} more failed starts not shown)" if self._unsaid else ""
-            self._log.warning("%s: %r%s", self._failed, exc, more)
-            self._said_at, self._unsaid = now, 0
+            self._failures(repr(exc))
+
+    def _tell(self, failed: str, more: int) -> None:
+        shown = f" ({more} more failed starts not shown)" if more else ""
+        self._log.warning("%s: %s%s", self._failed, failed, shown)

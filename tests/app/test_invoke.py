@@ -238,13 +238,21 @@ async def _failed_counts(svc: RunningService) -> dict[str, float]:
     }
 
 
+async def _behind_a_breaker(
+    eventbus: StartService, receiver: Receiver, *, failures: int, **fn: Any
+) -> RunningService:
+    """A service whose target ``fn`` opens its circuit after ``failures`` (for 30 s), and a
+    rule sending events of type ``c`` to it."""
+    delivery = {"retry": FAST, "circuit_breaker": {"failures": failures, "open_for": "30s"}}
+    rules = RULES + "- name: to-fn\n  match: {type: [c]}\n  targets: [fn]\n"
+    targets = [_fn(receiver, delivery=delivery, **fn), _other(receiver)]
+    return await eventbus(rules=rules, targets=targets)
+
+
 async def test_sync_open_circuit_is_503_with_retry_after(
     eventbus: StartService, receiver: Receiver
 ) -> None:
-    breaker = {"failures": 2, "open_for": "30s"}
-    delivery = {"retry": FAST, "circuit_breaker": breaker}
-    rules = RULES + "- name: to-fn\n  match: {type: [c]}\n  targets: [fn]\n"
-    svc = await eventbus(rules=rules, targets=[_fn(receiver, delivery=delivery), _other(receiver)])
+    svc = await _behind_a_breaker(eventbus, receiver, failures=2)
     receiver.respond(500)
     for i in range(2):
         status, _, _ = await _invoke(svc, _event(f"c{i}"))
@@ -274,17 +282,13 @@ async def test_a_delivery_behind_a_sync_call_holding_the_slot_meets_the_circuit_
     # A sync call held the target's own slot, which the dispatcher's deliveries did not
     # count: one of them went on into the target and waited there, past the check of the
     # circuit, and was sent once the call's failure had opened it.
-    breaker = {"failures": 1, "open_for": "30s"}
-    delivery = {"retry": FAST, "circuit_breaker": breaker}
-    rules = RULES + "- name: to-fn\n  match: {type: [c]}\n  targets: [fn]\n"
-    fn = _fn(receiver, delivery=delivery, concurrency=1)
-    svc = await eventbus(rules=rules, targets=[fn, _other(receiver)])
+    svc = await _behind_a_breaker(eventbus, receiver, failures=1, concurrency=1)
     receiver.script(Response(500, delay=1.0))
-    calling = asyncio.create_task(_invoke(svc, _event("s1")))
-    await receiver.wait_for(1)
-    status, _ = await svc.post_event(_event("behind", type="c"))
-    assert status == 202
-    assert (await calling)[0] == 500  # the failure that opens the circuit
+    async with asyncio.TaskGroup() as calls:
+        calling = calls.create_task(_invoke(svc, _event("s1")))
+        await receiver.wait_for(1)  # the call holds the slot
+        assert (await svc.post_event(_event("behind", type="c")))[0] == 202
+    assert calling.result()[0] == 500  # the failure that opens the circuit
     await svc.drained()
     (parked,) = (await svc.request("GET", "/retries"))[2]["items"]
     assert (parked["event_id"], parked["waiting_for"]) == ("behind", "circuit"), parked
@@ -294,8 +298,6 @@ async def test_a_delivery_behind_a_sync_call_holding_the_slot_meets_the_circuit_
 async def test_sync_full_concurrency_cap_is_429_with_retry_after(
     eventbus: StartService, receiver: Receiver
 ) -> None:
-    import asyncio
-
     svc = await _start(eventbus, receiver, concurrency=1, timeout=10)
     receiver.script(Response(200, delay=1.5))
     first = asyncio.create_task(_invoke(svc, _event("busy1")))

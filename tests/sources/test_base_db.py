@@ -110,6 +110,14 @@ async def test_the_dead_letters_after_a_warning_are_told_at_the_end_of_its_perio
         ]
         await asyncio.sleep(0.7)
         assert len(said()) == 2  # nothing more to tell, nothing more told
+        # the source stopping within a period: what it counted is told then (it was lost)
+        for n in range(3):
+            await ctx.dead_letter(f"late {n}", "stopping")
+        ctx.flush_warnings()
+        assert said()[2:] == [
+            "source burst: dead-lettered input: stopping",
+            "source burst: dead-lettered input: stopping (and 1 more since the last warning)",
+        ]
 
 
 async def test_a_dead_letter_written_ends_a_backoff(database_dsn: str) -> None:
