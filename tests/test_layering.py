@@ -29,8 +29,8 @@ PACKAGE = Path(eventbus.__file__).parent
 # Bottom to top: a unit may import itself and the units of earlier layers only.
 LAYERS: list[set[str]] = [
     # the error tree; stopping tasks (grace, lost cancellations); reading RFC 3339 times; a
-    # token bucket; a file written whole or not at all
-    {"_errors", "_tasks", "_rfc3339", "_bucket", "_files"},
+    # token bucket; a file written whole or not at all; warning of bursts
+    {"_errors", "_tasks", "_rfc3339", "_bucket", "_files", "_burst"},
     {"__init__", "metrics"},  # the package root: the error tree and __version__
     {"_rates"},  # the metrics as rates over the last hour (the console's overview)
     {"cloudevents", "config"},
@@ -49,6 +49,7 @@ RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
 # delivery layer's set recurs: the router, the composition root and the edge stand on it.
 _DELIVERY = {
     "_bucket",
+    "_burst",
     "_errors",
     "_files",
     "_rfc3339",
@@ -67,7 +68,15 @@ PULLS: dict[str, set[str]] = {
     "eventbus.rules": {"_errors", "config"},
     "eventbus.bus": {"_errors", "_files", "_oauth", "_rfc3339", "_tasks", "cloudevents", "config"},
     "eventbus.store": {"_errors", "_files", "_rfc3339", "_tasks", "config", "metrics"},
-    "eventbus.targets": {"_errors", "_oauth", "_rfc3339", "_tasks", "cloudevents", "config"},
+    "eventbus.targets": {
+        "_burst",
+        "_errors",
+        "_oauth",
+        "_rfc3339",
+        "_tasks",
+        "cloudevents",
+        "config",
+    },
     "eventbus.delivery": _DELIVERY,
     "eventbus.sources": _DELIVERY - {"rules", "targets"},
     "eventbus.router": _DELIVERY | {"bus", "delivery"},
