@@ -147,7 +147,9 @@ def held_until_configured() -> Iterator[list[logging.LogRecord]]:
 def replay(records: list[logging.LogRecord]) -> None:
     """Log ``records`` (held by :func:`held_until_configured`) as they would have been."""
     for record in records:
-        logging.getLogger(record.name).handle(record)
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):  # log_level: error silences them
+            logger.handle(record)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:

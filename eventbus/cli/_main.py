@@ -616,15 +616,15 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 def _cmd_sources(args: argparse.Namespace) -> int:
     if args.dead_letters:
         # the table shows no payload: fetched whole only for --json (each may be megabytes)
-        query: dict[str, Any] = {"limit": args.limit}
+        query: dict[str, Any] = {"limit": 100 if args.limit is None else args.limit}
         if args.source is not None:
             query["source"] = args.source
         if not args.json:
             query["payload_bytes"] = 1
         path = "/sources/dead-letters?" + urllib.parse.urlencode(query)
         return _show(args, "source-dead-letters", _request(args, "GET", path))
-    if args.source is not None:
-        raise _BadInput("--source goes with --dead-letters")
+    if args.source is not None or args.limit is not None:
+        raise _BadInput("--source and --limit go with --dead-letters")
     return _show(args, "sources", _request(args, "GET", "/sources"))
 
 
@@ -845,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--source", help="with --dead-letters: only this source's")
     p.add_argument(
-        "--limit", type=_PAGE, default=100, help="with --dead-letters: at most this many (1-1000)"
+        "--limit", type=_PAGE, help="with --dead-letters: at most this many (1-1000, default 100)"
     )
     _client_args(p)
     p.set_defaults(func=_cmd_sources)

@@ -384,8 +384,8 @@ def from_mqtt(
         return decode(payload, max_size=max_size)
     attributes: dict[str, str] = {}
     for name, value in user_properties:
-        if not _ATTRIBUTE_NAME.match(name):
-            continue
+        if not _ATTRIBUTE_NAME.match(name) or name in ("data", "data_base64"):
+            continue  # the application's own: the data is the payload
         if name in attributes:  # which one counts would be a guess
             raise CloudEventError(f"the MQTT message has more than one {name!r} user property")
         attributes[name] = value

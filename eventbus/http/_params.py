@@ -99,7 +99,7 @@ def _integers(name: str) -> BeforeValidator:
     return BeforeValidator(lambda raws: [_parse_integer(name, raw, _BIGINT) for raw in raws])
 
 
-_AGO = re.compile(r"\d+(?:\.\d+)?(?:ms|s|m|h|d)")
+_AGO = re.compile(r"\d+(?:\.\d+)?(?:ms|s|m|h|d)", re.ASCII)  # ASCII digits only
 """A duration with its unit (``15m``, ``6h``, ``7d``): that long before now, as ``docker logs
 --since`` and ``kubectl logs --since`` take it. The unit is required: ``20261201`` is a date."""
 

@@ -193,7 +193,7 @@ async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> Non
     code, out, err = one_source
     assert (code, out) == (0, {"items": []}), err
     code, _, err = misplaced
-    assert (code, err) == (2, "eventbus: --source goes with --dead-letters\n"), err
+    assert (code, err) == (2, "eventbus: --source and --limit go with --dead-letters\n"), err
     code, text, err = purged
     assert (code, text) == (1, "purged 1 dead letter\n"), err
     assert err == "eventbus: 1 of the 2 ids given had no dead letter\n", err

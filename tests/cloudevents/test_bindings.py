@@ -119,7 +119,8 @@ def test_from_nats(case: dict[str, Any]) -> None:
 
 def test_from_mqtt_reads_both_modes_and_refuses_what_it_cannot_read() -> None:
     required = [("specversion", "1.0"), ("id", "m1"), ("source", "/m"), ("type", "t")]
-    event = from_mqtt("application/xml", [*required, ("Trace", "x"), ("tenant", "a")], b"<a/>")
+    odd = [("Trace", "x"), ("tenant", "a"), ("data", "not the data")]
+    event = from_mqtt("application/xml", [*required, *odd], b"<a/>")
     assert event == {
         "specversion": "1.0",
         "id": "m1",

@@ -118,6 +118,7 @@ BAD = [
     ),
     ("since=1y", "since must be an ISO 8601 time or a duration ago"),
     ("since=-1h", "since must be an ISO 8601 time or a duration ago"),
+    ("since=%EF%BC%97d", "since must be an ISO 8601 time or a duration ago"),  # a fullwidth 7
     ("until=3651d", "until must be at most 3650d ago, got '3651d'"),
     ("since=0h&until=1h", "since ("),
     ("until=2026-13-01", "until must be an ISO 8601 time"),

@@ -128,6 +128,12 @@ def test_rfc5424_with_structured_data() -> None:
         ),
         (b"<12>12 retries left\x00", {"format": "rfc3164", "message": "12 retries left"}),
         (b"<13>5 apples were eaten", {"format": "rfc3164", "message": "5 apples were eaten"}),
+        # so is an RFC 5424 header whose TIMESTAMP is no date at all: it cannot be told from
+        # such a text, and is kept whole as the message
+        (
+            b"<34>1 yesterday h a p m - x",
+            {"format": "rfc3164", "message": "1 yesterday h a p m - x"},
+        ),
         (
             b"<13>1 2003-10-11T22:14:15.003Z host app - - - hi",
             {"format": "rfc5424", "timestamp": "2003-10-11T22:14:15.003Z", "message": "hi"},
