@@ -45,10 +45,8 @@ class Burst:
             self._later = loop.call_later(self._said_at + self._every - now, self.flush)
 
     def flush(self) -> None:
-        """Tell what is counted and not told yet (the period ended, or the owner stops)."""
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
+        """Tell what is counted and not told yet (the period ended, or the owner stops); a
+        timer is pending only while something is."""
         if self._unsaid:
             self._tell(self._last, self._unsaid - 1, time.monotonic())  # the last is the line's
 

@@ -10,15 +10,15 @@ the whole body) and *binary* (attributes as headers, ``data`` as the raw body; s
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from eventbus._errors import CloudEventError
-from eventbus.cloudevents._codec import body_of, decode_header, event_from_binary
+from eventbus.cloudevents._codec import _DATA_ATTRIBUTES, body_of, decode_header, event_from_binary
 from eventbus.cloudevents._event import (
+    _EXTENSION_NAME,
     DEFAULT_MAX_EVENT_SIZE,
     as_attribute,
     check_size,
@@ -356,9 +356,6 @@ def from_nats(
     )
 
 
-_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+\Z", re.ASCII)
-
-
 def from_mqtt(
     content_type: str | None,
     user_properties: Sequence[tuple[str, str]],
@@ -384,7 +381,7 @@ def from_mqtt(
         return decode(payload, max_size=max_size)
     attributes: dict[str, str] = {}
     for name, value in user_properties:
-        if not _ATTRIBUTE_NAME.match(name) or name in ("data", "data_base64"):
+        if not _EXTENSION_NAME.match(name) or name in _DATA_ATTRIBUTES:
             continue  # the application's own: the data is the payload
         if name in attributes:  # which one counts would be a guess
             raise CloudEventError(f"the MQTT message has more than one {name!r} user property")

@@ -291,31 +291,30 @@ class Dispatcher:
                 return None
         guard = self._guards.get(job.target)
         slots = self._slots.get(job.target)
+        probe = False  # this one is the half-open circuit's probe
         if guard is not None:
             admission = guard.admit()
             if not admission.allowed:
                 await self._behind_circuit(job, admission.reopen_in, policy)
                 return None
-            closed = guard.state == "closed"  # else this one is the half-open circuit's probe
+            probe = guard.state != "closed"
             await guard.wait_turn()
-            if slots is not None:
-                try:
-                    await slots.acquire()
-                except BaseException:
-                    if not closed:
-                        guard.release()  # never leave the half-open probe outstanding
-                    raise
-            if closed and guard.state != "closed":
-                # The circuit opened while this one waited for its token or its slot: it goes
-                # as the others do now (parked; or the probe, if its period is over already).
-                admission = guard.admit()
-                if not admission.allowed:
-                    if slots is not None:
-                        slots.release()
-                    await self._behind_circuit(job, admission.reopen_in, policy)
-                    return None
-        elif slots is not None:
-            await slots.acquire()
+        if slots is not None:
+            try:
+                await slots.acquire()
+            except BaseException:
+                if guard is not None and probe:
+                    guard.release()  # never leave the half-open probe outstanding
+                raise
+        if guard is not None and not probe and guard.state != "closed":
+            # The circuit opened while this one waited for its token or its slot: it goes as
+            # the others do now (parked; or the probe, if its period is over already).
+            admission = guard.admit()
+            if not admission.allowed:
+                if slots is not None:
+                    slots.release()
+                await self._behind_circuit(job, admission.reopen_in, policy)
+                return None
         try:
             return await self._send(job, target, guard)
         finally:

@@ -210,7 +210,15 @@ class Invoker:
                     if not free:
                         cap = self._dispatcher.concurrency_of(target)
                         full = f"concurrency cap of {cap} requests reached"
-                        answer = Answer(Outcome(False, None, 0.0, full, True, None), busy=True)
+                        busy = Outcome(
+                            delivered=False,
+                            status=None,
+                            duration_ms=0.0,
+                            error=full,
+                            retryable=True,
+                            retry_after=None,
+                        )
+                        answer = Answer(busy, busy=True)
                     elif reply:
                         assert isinstance(adapter, Requester)
                         answer = await adapter.request(event, payload, is_cloudevent=is_cloudevent)

@@ -101,15 +101,18 @@ class SourceContext:
     publish_many: Callable[[Sequence[dict[str, Any]]], Awaitable[Sequence[object]]] | None = None
     """Many events in one call, one outcome per event in order: an exception where ``publish``
     would have raised, else the event is durable. None: ``publish`` for each, concurrently."""
-    _failing: bool = field(default=False, init=False, repr=False)
-    _failing_store: bool = field(default=False, init=False, repr=False)
+    _failure: BaseException | None = field(default=None, init=False, repr=False)
+    """What the source backs off from (``report_error``), until it has recovered."""
     _set_aside: TokenBucket = field(
         default_factory=lambda: TokenBucket(SET_ASIDE_RATE, SET_ASIDE_BURST),
         init=False,
         repr=False,
     )
-    _said: Burst | None = field(default=None, init=False, repr=False)
+    _said: Burst = field(init=False, repr=False)
     _unkept: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._said = Burst(self._tell, SET_ASIDE_SAID_EVERY)
 
     async def emit(self, event: dict[str, Any]) -> bool:
         """Publish ``event`` onto the bus and count it.
@@ -152,8 +155,8 @@ class SourceContext:
         event, hours later)."""
         if self.status.state == "backoff":
             self.status.state = "running"
-        if self._failing:
-            self._failing = False
+        if self._failure is not None:
+            self._failure = None
             self.status.last_error = None
 
     async def dead_letter(
@@ -187,7 +190,7 @@ class SourceContext:
                 return
             await self._turn()
         await set_aside(self.pool, self.name, raw, error, meta)
-        if self._failing_store:
+        if isinstance(self._failure, StoreError):
             # the database it backed off from took this row: recovered (a hiccup while writing
             # one left it in backoff until its next event); a bus still down is not
             self.recovered()
@@ -199,8 +202,6 @@ class SourceContext:
         """Warn of a dead letter, once in ``SET_ASIDE_SAID_EVERY`` s with how many more came:
         those are told at the end of the period (after a burst, the one warning said nothing
         of the 1,499 that followed it) or when the source stops (:meth:`flush_warnings`)."""
-        if self._said is None:
-            self._said = Burst(self._tell, SET_ASIDE_SAID_EVERY)
         self._said(error)
 
     def _tell(self, error: str, more: int) -> None:
@@ -215,8 +216,7 @@ class SourceContext:
 
     def flush_warnings(self) -> None:
         """The source stops: what its warnings counted and did not tell yet is told now."""
-        if self._said is not None:
-            self._said.flush()
+        self._said.flush()
 
     async def _turn(self) -> None:
         """Wait for a dead letter's place within ``SET_ASIDE_RATE``."""
@@ -230,8 +230,7 @@ class SourceContext:
         self.status.state = "backoff"
         self.status.errors += 1
         self.status.last_error = error_text(exc)
-        self._failing = True
-        self._failing_store = isinstance(exc, StoreError)
+        self._failure = exc
         self.logger.warning("source %s: %s", self.name, self.status.last_error)
 
 

@@ -23,7 +23,7 @@ __all__ = ["LazyClient"]
 T = TypeVar("T")
 
 FAILED_SAID_EVERY = 10.0
-"""Seconds between two warnings of a client's failed starts (debug in between)."""
+"""Seconds between two warnings of a client's failed starts (counted in between)."""
 
 
 class LazyClient(Generic[T]):

@@ -114,6 +114,10 @@ def _check_size(nc: Client, headers: dict[str, str] | None, body: bytes) -> None
         )
 
 
+_SEND_ERRORS = (nats.errors.Error, OSError, TimeoutError, _PublishRefused, _TooLarge)
+"""What a publish or a request may raise; ``_outcome_from_error`` reads each."""
+
+
 class _Refusals:
     """The publish permission violations one connection's server reported: how many, the
     last one's text, and an event set by the next one. A target's connection publishes to its
@@ -476,7 +480,7 @@ class NatsTarget:
 
         outcome = await send_once(
             send,
-            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused, _TooLarge),
+            errors=_SEND_ERRORS,
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg, self._handshake),
         )
         trace_attempt(log, self.name, event.get("id"), 1, outcome)
@@ -540,7 +544,7 @@ class NatsTarget:
 
         outcome = await send_once(
             send,
-            errors=(nats.errors.Error, OSError, TimeoutError, _PublishRefused, _TooLarge),
+            errors=_SEND_ERRORS,
             outcome_from_error=lambda exc, ms: _outcome_from_error(exc, ms, cfg, self._handshake),
         )
         trace_attempt(log, self.name, event.get("id"), attempt, outcome)
