@@ -79,6 +79,8 @@ async def test_the_router_records_acceptance_once_per_bus_message(
     for i in range(3):
         assert (await svc.post_event(_event(i)))[0] == 202
     await receiver.wait_for(3, path="/fn", timeout=30)
+    # their attempts are recorded once the function's answers are read, after it saw them
+    await svc.drained()
     await svc.service.store.audit.flush()
     rows = await svc.service.store.pool.fetch(
         "SELECT id, via, bus_ref, received_at FROM events ORDER BY id"
