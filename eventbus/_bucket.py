@@ -34,6 +34,10 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self) -> None:
+        """Return a token taken for a turn that was not used after all."""
+        self._tokens = min(self.burst, self._tokens + 1.0)
+
     def wait(self) -> float:
         """Seconds until the next token is there (a millisecond at least)."""
         return max((1.0 - self._tokens) / self.rate, 1e-3)

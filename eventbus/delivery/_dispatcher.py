@@ -313,6 +313,7 @@ class Dispatcher:
             if not admission.allowed:
                 if slots is not None:
                     slots.release()
+                guard.give_back_turn()
                 await self._behind_circuit(job, admission.reopen_in, policy)
                 return None
         try:

@@ -140,6 +140,12 @@ class Guard:
             self.release()
             raise
 
+    def give_back_turn(self) -> None:
+        """An attempt that took its rate-limit token was not made after all (parked behind a
+        circuit that opened while it waited): the token goes to the next one."""
+        if self._bucket is not None:
+            self._bucket.give_back()
+
     async def throttle(self) -> None:
         """Wait for a rate-limit token (no-op without a limit). Waits are short and bounded:
         at most one token interval per waiter ahead in line."""

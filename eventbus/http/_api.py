@@ -195,7 +195,9 @@ async def list_dead_letters(request: Request, page: Paging, flt: Filter) -> Resp
 )
 async def count_dead_letters(request: Request, flt: Filter) -> Response:
     count, newest = await _service(request).count_dead_letters(flt)
-    return _json({"count": count, "newest": None if newest is None else newest.isoformat()})
+    newest_at = None if newest is None else newest.isoformat()
+    since = None if flt.since is None else flt.since.isoformat()
+    return _json({"count": count, "newest": newest_at, "since": since})
 
 
 @admin.get(

@@ -222,10 +222,13 @@ class DeadLetterPage(_Body):
 
 class DeadLetterCount(_Body):
     """How many dead letters the filter selects now, and when the newest of them was written
-    (null: none)."""
+    (null: none); ``since`` is the filter's as the server took it (a duration ago made a time
+    by its clock, null without one): a replay or purge given it acts on those counted, where
+    the duration would be taken again from a later now."""
 
     count: int
     newest: str | None
+    since: str | None
 
 
 class ReplayedItem(_Body):

@@ -179,6 +179,7 @@ class _NatsConsumer(ABC, Generic[_C]):
     """
 
     reports_running = True  # once connected and subscribed (see SourceRunner)
+    _after_drop = "core NATS does not redeliver it"
 
     def __init__(self, config: _C) -> None:
         """Raises ConfigError when a TLS or creds file cannot be read."""
@@ -219,7 +220,7 @@ class _NatsConsumer(ABC, Generic[_C]):
         ctx.status.errors += 1
         ctx.status.last_error = (
             f"slow consumer: a message on {exc.subject!r} was dropped, the subscription's "
-            "buffer full (core NATS does not redeliver it)"
+            f"buffer full ({self._after_drop})"
         )
         self._drops(ctx.status.last_error)
 
@@ -279,6 +280,8 @@ _CONSUMER_NOT_FOUND = 10014  # JetStream's err_code: the stream is there, the co
 
 class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
     """Reads a durable pull consumer; acks after publishing (at-least-once)."""
+
+    _after_drop = "unacked, JetStream redelivers it once the consumer's ack_wait has passed"
 
     def __init__(self, config: JetStreamSourceSpec) -> None:
         super().__init__(config)

@@ -146,3 +146,25 @@ def test_outcomes_that_tell_nothing_of_the_target_neither_open_nor_close_it() ->
     assert guard.state == "half-open" and guard.admit().allowed  # the next one probes
     guard.settle(refused)  # the target answered: the request's fault, the target is up
     assert guard.state == "closed"
+
+
+async def test_a_turn_given_back_goes_to_the_next_attempt() -> None:
+    # A delivery that took its token and was then parked behind a circuit that opened while
+    # it waited spent the token all the same: the next attempt waited a whole interval more.
+    clock = Clock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    guard = Guard("given-back", None, 1.0, clock, sleep)
+    await guard.throttle()  # the burst's one token
+    guard.give_back_turn()
+    await guard.throttle()
+    assert slept == []
+    guard.give_back_turn()
+    guard.give_back_turn()  # never more than the burst
+    await guard.throttle()
+    await guard.throttle()
+    assert slept == [1.0]
