@@ -27,23 +27,30 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+_NO_BODY = frozenset({204, 205})
+"""Statuses whose answer has no body (nor a length): 304 is never sent here."""
+
+
 async def send_answer(
     send: Send, status: int, media: str, body: bytes, headers: Mapping[str, str] | None = None
 ) -> None:
     """Send one complete answer: ``status``, ``Content-Type: media``, its length, ``headers``
-    and ``body``."""
+    and ``body``; a 204 or 205 goes without either (RFC 9110: it has none, and bytes sent
+    after it are the next answer to a keep-alive client)."""
+    bodiless = status in _NO_BODY
+    framing = [] if bodiless else [(b"content-type", media.encode())]
+    framing += [] if bodiless else [(b"content-length", str(len(body)).encode())]
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", media.encode()),
-                (b"content-length", str(len(body)).encode()),
+                *framing,
                 *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if bodiless else body})
 
 
 # Headers a request may repeat: lists by definition, and the ones proxies and tracing add on

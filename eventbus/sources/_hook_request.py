@@ -98,6 +98,10 @@ class Template:
         """The kinds of reference in the text: ``header``, ``query``, ``body``."""
         return {part[0] for part in self._parts if not isinstance(part, str)}
 
+    def names(self, kind: str) -> set[str]:
+        """The names the text's references of ``kind`` read, as they are looked up."""
+        return {part[1] for part in self._parts if not isinstance(part, str) and part[0] == kind}
+
     def render(self, request: HookRequest, body: Any = None) -> str | None:
         out = []
         for part in self._parts:

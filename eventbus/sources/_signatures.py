@@ -286,9 +286,9 @@ class HmacVerify(_Verify):
     @model_validator(mode="after")
     def _timestamp_signed(self) -> Self:
         # an unsigned timestamp is whatever a replay says it is
-        if self.timestamp is not None and f"{{header:{self.timestamp}}}".lower() not in (
-            self.signed.lower()
-        ):
+        # as the template reads it: "{header: X-Ts}" names X-Ts too
+        headers = {name.lower() for part in self._signed for name in part.names("header")}
+        if self.timestamp is not None and self.timestamp.lower() not in headers:
             raise ValueError(
                 f"timestamp {self.timestamp!r} must be signed: name "
                 f"{{header:{self.timestamp}}} in signed"

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventbus._errors import BusError, CloudEventError
 from eventbus.cloudevents import (
@@ -103,6 +103,15 @@ class StaticResponse(BaseModel):
     def _compiles(cls, body: str) -> str:
         Template(body)
         return body
+
+    @model_validator(mode="after")
+    def _bodiless(self) -> StaticResponse:
+        # A 204 or 205 has no body (RFC 9110): one written after it, with its length, was read
+        # by a keep-alive client as the start of the next answer (a body rendered from the
+        # request could forge that answer for whoever came next on a proxy's connection).
+        if self.status in (204, 205) and self.body:
+            raise ValueError(f"a {self.status} answer has no body: remove body or use 200")
+        return self
 
 
 class WebhookSourceSpec(AddressLists, SourceSpec):

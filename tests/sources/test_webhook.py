@@ -77,6 +77,7 @@ SOURCES: list[dict[str, Any]] = [
         "type": "webhook",
         "response": {"status": 200, "body": "ok", "content_type": "text/plain"},
     },
+    {"name": "nocontent", "type": "webhook", "response": {"status": 204}},
 ]
 # The generic scheme with its timestamp checked, and the events' ids left random.
 _PARTNER: dict[str, Any] = {
@@ -396,6 +397,21 @@ async def test_bodies_become_data_by_their_content_type(
     assert (status, answer) == (200, "ok")
     assert headers["Content-Type"].startswith("text/plain")
 
+    # a 204 has neither body nor length (RFC 9110), and the connection goes on with the next
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = f"Host: {host}:{port}\r\n"
+        writer.write(
+            f"POST /hooks/nocontent HTTP/1.1\r\n{head}Content-Length: 2\r\n\r\n{{}}".encode()
+        )
+        writer.write(f"GET /healthz HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode())
+        first, second = (await reader.read()).split(b"HTTP/1.1 ")[1:]
+    finally:
+        writer.close()
+    assert first.startswith(b"204 ") and b"content-length" not in first.lower(), first
+    assert first.endswith(b"\r\n\r\n") and second.startswith(b"200 "), (first, second)
+
 
 async def _refusal_rows(service: RunningService, path: str) -> list[str]:
     await service.service.store.audit.flush()
@@ -508,6 +524,9 @@ BAD_HOOKS = [
     ("trusted_proxies", "['::1/129']", "not a CIDR block"),
     ("max_body", "0", "greater than or equal to 1"),
     ("response", "{status: 302}", "less than or equal to 299"),
+    # written after the 204 with its length, a body rendered from the request was read by a
+    # keep-alive client (a proxy's pooled connection) as the answer to its next request
+    ("response", "{status: 204, body: '{body:$.x}'}", "a 204 answer has no body"),
 ]
 
 
@@ -632,6 +651,9 @@ def test_a_signature_is_checked_against_the_time_of_the_request() -> None:
         build_source(
             {"name": "h", "type": "webhook", "verify": hmac_spec | {"timestamp": "X-Date"}}
         )
+    # named as the template reads it, spaces and case aside (refused as unsigned before)
+    spaced = hmac_spec | {"signed": "{header: x-timestamp }:{body}"}
+    assert _event({"verify": spaced}, request, now=1_000_299)["type"]
 
 
 @pytest.mark.parametrize("path", ["$.order[?(@ > 1)]", "$.order[?@ > 1]", "$.order[? (@ > 1)]"])
