@@ -86,7 +86,15 @@ from eventbus.delivery import (
     target_policies,
 )
 from eventbus.router import LiveFeed, PeerFeed, Router, Watcher
-from eventbus.rules import Route, Rule, RuleSet, RuleSetHolder, compile_rules, load_rules
+from eventbus.rules import (
+    Route,
+    Rule,
+    RuleSet,
+    RuleSetHolder,
+    compile_rules,
+    load_rules,
+    routing,
+)
 from eventbus.sources import (
     MqttSourceSpec,
     SharedStatuses,
@@ -1087,12 +1095,17 @@ class Service:
         )
         return Invocation(target, duplicate=duplicate)
 
-    async def invoke_sync_rule(self, event: dict[str, Any], *, invoker: str) -> Invocation:
+    async def invoke_sync_rule(
+        self, event: dict[str, Any], *, invoker: str, size: int
+    ) -> Invocation:
         """Answer a synchronous ``POST /events``: the one enabled rule marked ``sync: true``
         that ``event`` matches sends it (transformed as the rule says) to its target once, and
         the target's answer is the result. None or several such rules: a refusal naming them.
-        The event is not put on the bus: that rule alone handles it."""
-        routes, failed = self.rules.current.sync_routes(event)
+        The event is not put on the bus: that rule alone handles it. ``size``: the request's
+        bytes (a large event is matched off the event loop, see ``eventbus.rules.routing``)."""
+        routes, failed = await routing(
+            size, functools.partial(self.rules.current.sync_routes, event)
+        )
         if failed:
             # matched, but nothing to send: not "no rule matches" (a 404 that hid the rule)
             why = "; ".join(f"rule {rule!r}: {reason}" for rule, reason in failed.items())

@@ -198,7 +198,7 @@ async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publis
     if parsed.batch:
         raise Problem(400, "a synchronous request carries one event, not a batch")
     (event,) = cast("list[dict[str, Any]]", parsed.events)
-    call = service.invoke_sync_rule(event, invoker=invoker)
+    call = service.invoke_sync_rule(event, invoker=invoker, size=len(body))
     return _answer(await _unless_cut_off(service, call, event), event, "http:sync")
 
 

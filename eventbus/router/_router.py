@@ -28,6 +28,7 @@ that is not done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,7 +40,7 @@ from eventbus._tasks import cancel_and_wait, stop_if_cancelled, stop_with_grace
 from eventbus.bus import Bus, BusMessage
 from eventbus.delivery import Delivery, DeliveryKind, Dispatcher, invoke_rule, invoked_target
 from eventbus.router._feed import LiveFeed, Routed
-from eventbus.rules import Route, RuleSetHolder
+from eventbus.rules import Route, RuleSetHolder, routing
 from eventbus.store import AttemptOutcome, AuditWriter
 
 __all__ = ["Router"]
@@ -189,7 +190,9 @@ class Router:
         )
         target = invoked_target(msg.via)
         if target is None:
-            routes = self._rules.current.route(event)
+            routes = await routing(
+                len(msg.payload), functools.partial(self._rules.current.route, event)
+            )
         else:
             # An asynchronous invocation: that target alone, whatever the rules say.
             routes = [Route(invoke_rule(target), target, event, True, None)]

@@ -11,6 +11,7 @@ from eventbus._errors import PatternError, RuleError, RuleSetError
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._pattern import CompiledPattern, compile_pattern, matches
 from eventbus.rules._ruleset import (
+    OFF_LOOP_BYTES,
     DeliveryCheck,
     Route,
     Rule,
@@ -19,9 +20,11 @@ from eventbus.rules._ruleset import (
     RuleTarget,
     compile_rules,
     load_rules,
+    routing,
 )
 
 __all__ = [
+    "OFF_LOOP_BYTES",
     "CompiledPattern",
     "DeliveryCheck",
     "PatternError",
@@ -37,4 +40,5 @@ __all__ = [
     "compile_rules",
     "load_rules",
     "matches",
+    "routing",
 ]

@@ -17,6 +17,7 @@ import functools
 import logging
 import operator
 import re
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -196,26 +197,28 @@ class _OverBudget(BaseException):
     keeps it from ending the whole evaluation at once."""
 
 
-class _Budget:
-    """What the evaluation running now may still spend (evaluations are synchronous, one at a
-    time per process: one budget, reset by each)."""
+class _Budget(threading.local):
+    """What the evaluation running now may still spend (evaluations are synchronous: one at a
+    time per thread, each with its budget, reset by each; a large event is routed on a thread
+    of its own, see ``eventbus.rules.routed``)."""
 
     steps = 0
     deadline = 0.0
 
-    @classmethod
-    def reset(cls) -> None:
-        cls.steps = MAX_MACRO_STEPS
-        cls.deadline = time.monotonic() + MAX_EVALUATION_SECONDS
+    def reset(self) -> None:
+        self.steps = MAX_MACRO_STEPS
+        self.deadline = time.monotonic() + MAX_EVALUATION_SECONDS
 
-    @classmethod
-    def spend(cls) -> None:
-        cls.steps -= 1
-        if cls.steps < 0:
+    def spend(self) -> None:
+        self.steps -= 1
+        if self.steps < 0:
             raise _OverBudget(f"more than {MAX_MACRO_STEPS} macro steps")
-        if cls.steps % _CHECK_TIME_EVERY == 0 and time.monotonic() > cls.deadline:
-            cls.steps = -1  # and every step after it
+        if self.steps % _CHECK_TIME_EVERY == 0 and time.monotonic() > self.deadline:
+            self.steps = -1  # and every step after it
             raise _OverBudget(f"macros ran longer than {MAX_EVALUATION_SECONDS} s")
+
+
+_BUDGET = _Budget()
 
 
 def _budgeted(macro: Callable[..., Any]) -> Callable[..., Any]:
@@ -224,7 +227,7 @@ def _budgeted(macro: Callable[..., Any]) -> Callable[..., Any]:
     def run(activation: Any, bind: str, expr: Callable[..., Any], gen: Callable[..., Any]) -> Any:
         def counted(context: Any) -> Iterator[Any]:
             for item in gen(context):
-                _Budget.spend()
+                _BUDGET.spend()
                 yield item
 
         return macro(activation, bind, expr, counted)
@@ -294,7 +297,7 @@ class _Evaluator(Evaluator):
     with ``_logic``. Its own call ``celtypes.logical_and``/``logical_or`` themselves, not the
     ``_&&_``/``_||_`` functions given to it: over a list of elements that each fail, the
     reason doubled per element (134 MB and 1.4 s at 24 elements of an event under 1 KB).
-    Every macro spends a step of the budget per element (``_Budget``)."""
+    Every macro spends a step of the budget per element (``_BUDGET``)."""
 
     def sub_evaluator(self, ast: lark.Tree[lark.Token]) -> Evaluator:
         """The evaluator of a macro's element expression: this one's kind, so the macros nested
@@ -326,7 +329,7 @@ class _Evaluator(Evaluator):
 
 def _counted(element: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def counted(value: Any) -> Any:
-        _Budget.spend()
+        _BUDGET.spend()
         return element(value)
 
     return counted
@@ -432,7 +435,7 @@ class Condition:
                     return Verdict.MATCH, ""
                 if value is False:
                     return Verdict.NO_MATCH, ""
-        _Budget.reset()
+        _BUDGET.reset()
         try:
             value = self.runner.evaluate(context.converted(_celpy_context))
         except _OverBudget as exc:

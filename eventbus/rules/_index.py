@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
-from eventbus.rules._pattern import CompiledPattern, Membership, consistent, members_at
+from eventbus.rules._pattern import CompiledPattern, Membership, Memo, consistent, members_at
 from eventbus.rules._pattern_ops import (
     EqualsIgnoreCase,
     Exact,
@@ -115,10 +115,12 @@ class _Node:
     cache misses, not instructions, are much of the cost of an event).
     """
 
-    __slots__ = ("absent", "edges", "ends")
+    __slots__ = ("absent", "children", "edges", "ends")
 
     def __init__(self) -> None:
         self.ends: tuple[int, ...] = ()
+        # Every node an edge leads to: what may match below it, when the walk gives up.
+        self.children: tuple[_Node, ...] = ()
         # Per path number (``PatternIndex._paths``): the field's index, and its exact-value
         # dict when that is all it holds (the walk then looks the value up inline).
         self.edges: tuple[tuple[int, FieldIndex[_Node], dict[object, list[_Node]] | None], ...] = ()
@@ -159,6 +161,8 @@ class _Draft:
             node.ends = tuple(self.ends)
         if self.absent:
             node.absent = tuple(self.absent)
+        if self.children:
+            node.children = tuple(draft.node for draft in self.children.values())
         node.edges = tuple(
             (path, index, index.exact if index.exact_only else None)
             for path, index in self.fields.items()
@@ -300,6 +304,26 @@ class PatternIndex(Generic[K]):
                     bound.append((child, positions))
         return True
 
+    def _reference(self, event: dict[str, Any], found: list[int], starts: list[_Node]) -> list[int]:
+        """The slots of the patterns ``event`` matches among those ending at or below
+        ``starts`` or in ``found``, each tested by its ``matches`` (sharing one memo: rules
+        testing the same fields of one array look at it once)."""
+        candidates = set(found)
+        stack, reached = list(starts), set()
+        while stack:
+            node = stack.pop()
+            if node in reached:
+                continue
+            reached.add(node)
+            candidates.update(node.ends)
+            stack.extend(node.children)
+        memo = Memo()
+        return [
+            slot
+            for slot, pattern in self._patterns
+            if slot in candidates and pattern.matches(event, memo)
+        ]
+
     def match(self, event: dict[str, Any]) -> list[K]:
         """Keys of every pattern ``event`` matches, each once, in first-insertion order.
 
@@ -354,8 +378,13 @@ class PatternIndex(Generic[K]):
                     found = seen[path] = _lookup(event, paths[path])
                 if found is _ABSENT:
                     stack.append(child)
-        if bound and not self._walk_bound(event, seen, bound, slots):
-            slots = [slot for slot, pattern in self._patterns if pattern.matches(event)]
+        if bound:
+            # The nodes the bound walk starts from: if it gives up, every pattern that can
+            # match is one found already or one ending below them (the reference tested every
+            # pattern of the set, its cost the number of rules times the event's arrays).
+            starts = [node for node, _ in bound]
+            if not self._walk_bound(event, seen, bound, slots):
+                slots = self._reference(event, slots, starts)
         if len(slots) < 2:
             return [self._keys[slot] for slot in slots]
         keys = self._keys

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventbus._errors import PatternError
-from eventbus.rules._pattern_ops import Leaf
+from eventbus.rules._pattern_ops import Leaf, exact_key
 from eventbus.rules._pattern_parse import parse_leaf
 
 __all__ = [
     "MAX_ALTERNATIVES",
     "CompiledPattern",
     "Membership",
+    "Memo",
     "compile_pattern",
     "consistent",
     "matches",
@@ -47,9 +48,46 @@ MAX_ALTERNATIVES = 1024
 # Deeper patterns than any real event shape are refused rather than risking recursion limits.
 _MAX_DEPTH = 32
 
+# Values at one path from which a condition of exact values looks them up (see Memo.fitting).
+_LOOKUP_FROM = 16
+
 Membership = tuple[tuple[int, int], ...]
 """Where a leaf value sits in the event's arrays: ``(array id, position)`` per array crossed."""
 _TOP: Membership = ()
+
+
+class Memo:
+    """What testing patterns against one event found, for the next pattern tested against it:
+    the values at each path, the values each condition holds for (equal conditions of
+    different patterns share them), and each conjunction's verdict. A leaf outside every
+    "$or" is in each of up to 1,024 alternatives, and 300 rules testing the same fields of
+    an array of 3,000 elements each walked it again (14 s for one event)."""
+
+    __slots__ = ("by_value", "decided", "found", "tested")
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[str, ...], list[tuple[object, Membership]]] = {}
+        self.tested: dict[Leaf, list[Membership]] = {}
+        self.decided: dict[tuple[Leaf, ...], bool] = {}
+        # per path with many values, the memberships of each value (by its exact key)
+        self.by_value: dict[tuple[str, ...], dict[object, list[Membership]]] = {}
+
+    def fitting(self, leaf: Leaf, members: list[tuple[object, Membership]]) -> list[Membership]:
+        """The memberships of the values at ``leaf``'s path that it holds for, once each.
+        Exact values only, among many values: looked up (300 rules each naming another value
+        of one field of an array of 3,000 elements tested 900,000 values)."""
+        if leaf.others or len(members) < _LOOKUP_FROM:
+            holds = leaf.holds
+            return list(dict.fromkeys(m for v, m in members if holds(v)))
+        table = self.by_value.get(leaf.path)
+        if table is None:
+            table = self.by_value[leaf.path] = {}
+            for value, membership in members:
+                table.setdefault(exact_key(value), []).append(membership)
+        fits: list[Membership] = []
+        for key in leaf.exact:
+            fits.extend(table.get(key, ()))
+        return list(dict.fromkeys(fits))
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +104,24 @@ class CompiledPattern:
     any_of: tuple[tuple[CompiledPattern, ...], ...]
     alternatives: tuple[tuple[Leaf, ...], ...]
 
-    def matches(self, event: dict[str, Any]) -> bool:
+    def matches(self, event: dict[str, Any], memo: Memo | None = None) -> bool:
         """True when ``event`` satisfies the pattern; never raises for any JSON-shaped event.
 
         The reference semantics the index must agree with: some conjunction of
         ``alternatives`` has, for every condition, a value satisfying it (or, for
         ``{"exists": false}``, no value), and the chosen values are array-consistent.
+        ``memo``: what testing other patterns against the same event found, shared (see
+        :class:`Memo`).
         """
-        found: dict[tuple[str, ...], list[tuple[object, Membership]]] = {}
-        # A leaf outside every "$or" is in each of up to 1,024 alternatives: tested once.
-        tested: dict[int, list[Membership]] = {}
+        if memo is None:
+            memo = Memo()
+        found, tested, decided = memo.found, memo.tested, memo.decided
         for conjunction in self.alternatives:
+            verdict = decided.get(conjunction)
+            if verdict is not None:
+                if verdict:
+                    return True
+                continue
             options: list[list[Membership]] = []
             for leaf in conjunction:
                 members = found.get(leaf.path)
@@ -87,16 +132,19 @@ class CompiledPattern:
                         break
                     options.append([_TOP])
                     continue
-                fits = tested.get(id(leaf))
+                fits = tested.get(leaf)
                 if fits is None:
-                    holds = leaf.holds
-                    fits = tested[id(leaf)] = list(dict.fromkeys(m for v, m in members if holds(v)))
+                    fits = tested[leaf] = memo.fitting(leaf, members)
                 if not fits:
                     break
                 options.append(fits)
             else:
-                if len(options) < 2 or _choose(sorted(_shared(options), key=len), {}):
+                verdict = len(options) < 2 or _choose(sorted(_shared(options), key=len), {})
+                decided[conjunction] = verdict
+                if verdict:
                     return True
+                continue
+            decided[conjunction] = False
         return False
 
     def mismatch(self, event: dict[str, Any]) -> str | None:

@@ -243,11 +243,17 @@ class Leaf:
     # matcher at a time against an array of 100 cost 60,000 tests per event.
     exact: frozenset[object] = field(init=False, compare=False, repr=False)
     others: tuple[Matcher, ...] = field(init=False, compare=False, repr=False)
+    # Computed once: leaves key the index's drafts and a pattern test's memo, per event.
+    _hash: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         exact = frozenset(m.key for m in self.matchers if type(m) is Exact)
         object.__setattr__(self, "exact", exact)
         object.__setattr__(self, "others", tuple(m for m in self.matchers if type(m) is not Exact))
+        object.__setattr__(self, "_hash", hash((self.path, self.matchers, self.absent_ok)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def holds(self, value: object) -> bool:
         """Whether one leaf value satisfies one of the matchers."""

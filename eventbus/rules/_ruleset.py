@@ -16,18 +16,21 @@ set and an invalid set never replaces a valid one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
 import gc
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import orjson
 from pydantic import (
@@ -51,6 +54,7 @@ from eventbus.rules._pattern import CompiledPattern, compile_pattern
 from eventbus.rules._transform import Transform, TransformSpec, TransformTooLarge
 
 __all__ = [
+    "OFF_LOOP_BYTES",
     "Route",
     "Rule",
     "RuleSet",
@@ -58,6 +62,7 @@ __all__ = [
     "RuleTarget",
     "compile_rules",
     "load_rules",
+    "routing",
 ]
 
 log = logging.getLogger("eventbus.rules")
@@ -66,6 +71,30 @@ log = logging.getLogger("eventbus.rules")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # A failing condition is logged at most once per rule per interval; the rest are counted.
 _LOG_INTERVAL = 60.0
+
+OFF_LOOP_BYTES = 16 * 1024
+"""Events of this size and more are routed on a thread of their own (``routing``): matching,
+conditions and transforms are bounded per rule, not per event, and an event's arrays met by
+hundreds of rules looking into them, or a search through all of a large event, held the
+service's event loop for seconds (its health checks, every other request and delivery)."""
+
+_T = TypeVar("_T")
+
+
+@functools.cache
+def _routing_thread() -> ThreadPoolExecutor:
+    # One: large events are routed one at a time, beside the loop, never more than a core.
+    return ThreadPoolExecutor(1, thread_name_prefix="eventbus-routing")
+
+
+async def routing(size: int, route: Callable[[], _T]) -> _T:
+    """``route()`` (a rule set's ``route`` or ``sync_routes`` for an event of ``size``
+    bytes): called at once for a small event, on the routing thread for one of
+    ``OFF_LOOP_BYTES`` or more, the event loop free meanwhile. Cancelled, it stops waiting;
+    the routing ends on its thread (bounded by the rules' own limits) and is dropped."""
+    if size < OFF_LOOP_BYTES:
+        return route()
+    return await asyncio.get_running_loop().run_in_executor(_routing_thread(), route)
 
 
 def _compile_match(value: object) -> CompiledPattern:
@@ -221,6 +250,7 @@ class RuleSet:
         self.transform_errors: Counter[str] = Counter()
         self._next_log: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
+        self._lock = threading.Lock()
         # What the next load may reuse: each rule by its definition's text, each file by its.
         self._by_text: dict[bytes, Rule] = {}
         self.native_cel = False  # set by the compiler: conditions on cel-expr-python
@@ -338,7 +368,19 @@ class RuleSet:
     ) -> None:
         """``what`` failed on ``event`` (a condition: no match; a transform: that target
         skipped, the ``outcome``): counted in ``counter``, logged at most once a minute per
-        rule."""
+        rule. Under a lock: a large event is routed on the routing thread."""
+        with self._lock:
+            self._count_failure(counter, rule, event, what, outcome, reason)
+
+    def _count_failure(
+        self,
+        counter: Counter[str],
+        rule: Rule,
+        event: dict[str, Any],
+        what: str,
+        outcome: str,
+        reason: str,
+    ) -> None:
         counter[rule.name] += 1
         if RuleSet.on_failure is not None:
             RuleSet.on_failure(

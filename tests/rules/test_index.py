@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from eventbus.rules import _index
+from eventbus.rules import _index, _pattern
 from eventbus.rules._index import PatternIndex
 from eventbus.rules._pattern import CompiledPattern, compile_pattern
 from eventbus.rules._pattern_ops import Cidr, Wildcard
@@ -279,3 +279,34 @@ def test_cidr_blocks_are_looked_up_by_prefix_length(monkeypatch: pytest.MonkeyPa
         "v6",
     ]
     assert index.match({"ip": "11.7.0.9"}) == []
+
+
+def test_a_large_array_is_read_once_for_every_rule_looking_into_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past the walk's budget, every rule of the set was tested by its own pattern, each
+    # reading the event's array again: 300 rules on two fields of an array of 3,000
+    # elements held the router's loop 14 s for one event. Now only the rules the walk could
+    # still reach are tested, sharing what one read found.
+    items = [{"sku": f"s{i % 7}", "qty": i % 5} for i in range(3000)]
+    event = {"type": "order", "data": {"items": items}}
+
+    def rule(i: int, kind: str) -> CompiledPattern:
+        fields = {"sku": [f"s{i % 7}"], "qty": [{"numeric": [">", i % 5]}]}
+        return compile_pattern({"type": [kind], "data": {"items": fields}})
+
+    entries = [(f"r{i}", rule(i, "order")) for i in range(300)]
+    entries += [(f"other{i}", rule(i, f"other{i}")) for i in range(300)]
+    # an element of each sku has every qty but one above 4 (3,000 elements: 7 x 5 kinds)
+    expected = [f"r{i}" for i in range(300) if i % 5 != 4]
+    read: list[tuple[str, ...]] = []
+    members_at = _pattern.members_at
+
+    def counted(event: dict[str, Any], path: tuple[str, ...]) -> list[Any]:
+        read.append(path)
+        return members_at(event, path)
+
+    monkeypatch.setattr(_pattern, "members_at", counted)
+    assert PatternIndex(entries).match(event) == expected
+    # the reference answered (the walk gave up), reading each path once, not once a rule
+    assert sorted(read) == [("data", "items", "qty"), ("data", "items", "sku"), ("type",)]

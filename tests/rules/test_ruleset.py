@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from eventbus.rules import (
+    OFF_LOOP_BYTES,
     Route,
     RuleError,
     RuleSet,
@@ -22,6 +24,7 @@ from eventbus.rules import (
     _ruleset,
     compile_rules,
     load_rules,
+    routing,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -424,3 +427,20 @@ def test_the_fingerprint_follows_the_rules_as_written_not_their_layout(tmp_path:
     assert changed != first and len(changed) == 12
     (tmp_path / "a.yaml").write_text(rule_yaml("one", "event.data.n > 2") + "  enabled: false\n")
     assert load_rules(tmp_path, known_targets=KNOWN).fingerprint not in (first, changed)
+
+
+async def test_a_large_event_is_routed_beside_the_event_loop() -> None:
+    # Matching, conditions and transforms are bounded per rule, not per event: hundreds of
+    # rules looking into a large event's arrays held the loop (health checks, every request
+    # and delivery) for seconds. A large event is routed on a thread of its own, one at a time.
+    threads: list[threading.Thread] = []
+
+    def route() -> int:
+        threads.append(threading.current_thread())
+        return len(threads)
+
+    assert await routing(OFF_LOOP_BYTES - 1, route) == 1
+    assert await routing(OFF_LOOP_BYTES, route) == 2
+    assert await routing(10 * OFF_LOOP_BYTES, route) == 3
+    loop = threading.current_thread()
+    assert threads[0] is loop and threads[1] is not loop and threads[2] is threads[1]
