@@ -22,7 +22,7 @@ import logging
 import random
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -235,6 +235,7 @@ class _Partition:
         "handling",
         "next_offset",
         "pending",
+        "reread_from",
         "rereads",
     )
 
@@ -247,6 +248,9 @@ class _Partition:
         self.gap_at: int | None = None
         self.gap_since = 0.0
         self.rereads = 0
+        # Where this consumer last sought to read again (below ``next_offset``): the records
+        # from there up to it were handed out already. None once one past them came.
+        self.reread_from: int | None = None
 
     def gap_before(self, offset: int) -> int:
         """How many offsets right before ``offset`` were expected and not handed out (0 when
@@ -266,6 +270,12 @@ class _Partition:
         """Record ``offset`` as handed out."""
         self.pending.append(offset)
         self.next_offset = offset + 1
+        self.reread_from = None
+
+    def handed_out(self, offset: int) -> bool:
+        """Whether a record at ``offset``, below ``next_offset``, was handed out already: read
+        again from where this consumer sought. Otherwise the log went back under it."""
+        return self.reread_from is not None and offset >= self.reread_from
 
     def commit_point(self) -> int | None:
         """The offset to commit: the lowest un-acked one, or the next to fetch if all are done."""
@@ -557,6 +567,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 _retry_later(exc, "fetch")
                 await asyncio.sleep(cfg.poll_timeout)
                 continue
+            await self._find_logs_gone_back(batches)
             # The partition state each batch was fetched under, taken before any await: a
             # rebalance meanwhile may give a partition back to this consumer as a new state,
             # under which these records (fetched under the old one) must not be handed out.
@@ -589,7 +600,9 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                         break
                     expected = part.next_offset
                     if expected is not None and record.offset < expected:
-                        continue  # handed out already (fetched again after a seek)
+                        if part.handed_out(record.offset):
+                            continue  # fetched again after a seek
+                        part = parts[tp] = self._log_went_back(tp, record.offset, expected)
                     if part.gap_before(record.offset):
                         taken = await self._gap_taken(tp, part, record.offset)
                         # and the partition may have moved during the broker's answers
@@ -707,8 +720,55 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                 found.update(got)
         return found
 
+    async def _find_logs_gone_back(self, fetched: Mapping[TopicPartition, object]) -> None:
+        """After a fetch, for the partitions it found nothing in: does one's log now end
+        before the offset this consumer reached (the topic deleted and made again, its offsets
+        counted from 0)? A broker answers a fetch past the end with an error (the client then
+        reads from the start, see ``_log_went_back``), or, as Tansu does, with nothing: the
+        consumer waited there for ever, the new log's events never routed, readiness green
+        (no record waits past its position). Then it is read from its start. A log that grew
+        past that offset before this consumer fetched again is not told from the old one."""
+        for tp, part in list(self.partitions.items()):
+            if tp in fetched:
+                continue
+            try:
+                high = self.consumer.highwater(tp)
+            except (AssertionError, kerr.IllegalStateError):  # not assigned (a rebalance)
+                continue
+            reached = part.next_offset
+            if high is None or reached is None or high >= reached:
+                continue
+            # asked afresh (not a fetch's word), as a re-read of the whole log depends on it
+            end, start = await self._log_end(tp), await self._log_start(tp)
+            if end is None or start is None or end >= reached:
+                continue  # asked again after the next fetch
+            if not self.closed and self.partitions.get(tp) is part:
+                self._seek(tp, self._log_went_back(tp, start, reached), start)
+
+    def _log_went_back(self, tp: TopicPartition, offset: int, expected: int) -> _Partition:
+        """The broker hands out ``offset`` of ``tp``, below the ``expected`` one, without this
+        consumer having sought there: the partition's log is another (the topic deleted and
+        made again by a publish, or a broker that lost it), its offsets counted from the start
+        again. Every record there was dropped as handed out already, accepted events never
+        routed, with readiness green. It is read as a new log from here (the offsets of the
+        old one in flight are settled apart and never committed on it)."""
+        log.warning(
+            "Kafka %s partition %d: its log goes on at offset %d, below offset %d this consumer "
+            "reached: the topic was made again (or its log lost); reading it from there",
+            tp.topic,
+            tp.partition,
+            offset,
+            expected,
+        )
+        fresh = _Partition()
+        fresh.next_offset = offset
+        self.partitions[tp] = fresh
+        return fresh
+
     def _seek(self, tp: TopicPartition, part: _Partition, offset: int) -> None:
         """Fetch ``tp`` from ``offset`` next, if it is still ``part``'s."""
+        if part.next_offset is not None and offset < part.next_offset:
+            part.reread_from = offset if part.reread_from is None else min(offset, part.reread_from)
         if self.partitions.get(tp) is part and not self.closed:
             # IllegalStateError: the partition is being reassigned; its commit point is at or
             # below ``offset``, so its next owner reads from there.
@@ -732,6 +792,15 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             self.consumer.resume(*(tp for tp in assigned if tp in self.consumer.assignment()))
         return True
+
+    async def _log_end(self, tp: TopicPartition) -> int | None:
+        """The offset after the last ``tp`` holds; None when the broker does not say in time."""
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                end = (await self.consumer.end_offsets([tp]))[tp]
+        except (kerr.KafkaError, OSError, KeyError, TimeoutError):
+            return None
+        return int(end) if end is not None and end >= 0 else None
 
     async def _log_start(self, tp: TopicPartition) -> int | None:
         """The first offset ``tp`` still holds; None when the broker does not say in time."""

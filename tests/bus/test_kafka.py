@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka import errors as kerr
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -489,6 +490,48 @@ async def test_a_member_that_receives_nothing_while_records_wait_is_stalled(
         assert bus.stalled() is None
         await second.ack()
         await reading.aclose()
+
+
+async def test_a_topic_made_again_under_the_consumer_is_read_from_its_start(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deleted, then made again by the next publish: the consumer waited at the offset it had
+    # reached in the old log (Tansu answers a fetch past the end with nothing), and every
+    # event of the new one was accepted (202) and never routed, readiness green.
+    config = kafka_config(kafka_bootstrap, partitions=1)
+    async with open_bus(config) as bus:
+        reading = aiter(bus.messages())
+        for n in range(10):
+            await bus.publish(event(n))
+        for msg in await take(reading, 10):
+            await msg.ack()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([config.topic])
+        finally:
+            await admin.close()
+        for n in range(100, 103):
+            await bus.publish(event(n))
+        got = await take(reading, 3)
+        assert [m.event["id"] for m in got] == ["e-100", "e-101", "e-102"]
+        assert "below offset 10 this consumer reached: the topic was made again" in caplog.text
+        for msg in got:
+            await msg.ack()
+        await reading.aclose()
+
+
+def test_a_record_below_the_offset_reached_is_a_re_read_only_after_a_seek() -> None:
+    # A broker that answers a fetch past the end with an error has the client read from the
+    # log's start: those records were dropped as handed out already, as re-read ones are.
+    part = _Partition()
+    for offset in range(10):
+        part.fetched(offset)
+    assert not part.handed_out(4)  # no seek of this consumer's: the log went back
+    part.reread_from = 3  # sought there to read again
+    assert part.handed_out(4) and part.handed_out(3) and not part.handed_out(2)
+    part.fetched(10)  # one past them came: the re-read is over
+    assert not part.handed_out(4)
 
 
 def test_a_copy_is_told_from_the_same_record_handed_out_again() -> None:
