@@ -352,17 +352,32 @@ class Behind:
     nothing (a paused consumer; a fetch wait shorter than a slow broker's reads) kept
     readiness green while events were accepted and none was routed."""
 
-    def __init__(self) -> None:
-        self.waiting = 0
-        self.at = time.monotonic()  # the last message received
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._waiting = 0
+        self.at = clock()  # the last message received
+        # when events began to wait (the count went from none to some): a consumer idle for
+        # minutes before a burst was reported stalled "for 114 s" within a second of it, and
+        # every instance out of readiness at once
+        self.since = self.at
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, count: int) -> None:
+        if count > 0 >= self._waiting:
+            self.since = self._clock()
+        self._waiting = count
 
     def received(self, waiting: int) -> None:
         self.waiting = waiting
-        self.at = time.monotonic()
+        self.at = self._clock()
 
     def idle(self, window: InFlightWindow) -> float:
-        """Seconds the consumer has had room and received nothing."""
-        return time.monotonic() - max(self.at, window.released_at)
+        """Seconds the consumer has had room, events have waited, and it received nothing."""
+        return self._clock() - max(self.at, window.released_at, self.since)
 
     def stalled(self, window: InFlightWindow, after: float) -> str | None:
         """Why the consumer is stalled, or None."""

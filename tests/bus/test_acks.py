@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from eventbus._errors import BusError, BusUnavailable
-from eventbus.bus._base import DUPLICATE, PublishOutcome, collect_acks
+from eventbus.bus._base import DUPLICATE, Behind, InFlightWindow, PublishOutcome, collect_acks
 
 
 def _translate(exc: BaseException) -> BusError:
@@ -78,3 +78,27 @@ async def test_a_cancelled_caller_stays_cancelled() -> None:
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+def test_events_that_begin_to_wait_after_a_quiet_spell_are_not_a_stall_at_once() -> None:
+    # The quiet time was counted from the last message received: a consumer idle for minutes
+    # was reported stalled "for 114 s" within a second of a burst reaching the broker, and
+    # every instance of a group out of readiness at once.
+    now = [100.0]
+    behind = Behind(lambda: now[0])
+    window = InFlightWindow(10)
+    window.released_at = 0.0
+    now[0] = 500.0  # minutes without a message, and none waiting
+    assert behind.stalled(window, 30.0) is None
+    behind.waiting = 39  # a burst
+    now[0] = 529.0
+    behind.waiting = 40
+    assert behind.stalled(window, 30.0) is None  # waiting for 29 s
+    now[0] = 531.0
+    assert behind.stalled(window, 30.0) == (
+        "40 events wait on the broker for this consumer, and none has come for 31 s though "
+        "it has room"
+    )
+    behind.waiting = 0  # read meanwhile, then more
+    behind.waiting = 3
+    assert behind.stalled(window, 30.0) is None
