@@ -72,6 +72,17 @@ _in_flight = functools.cache(metrics.DELIVERIES_IN_FLIGHT.labels)
 _parked = functools.cache(metrics.DELIVERIES_PARKED.labels)
 
 
+def _ended_already(job: Delivery) -> None:
+    log.info(
+        "%s/%s rule=%s target=%s: its retries ended already (this bus message was delivered "
+        "again after the chain its first delivery began was over); none begun again",
+        job.event.get("source"),
+        job.event.get("id"),
+        job.stored_rule,
+        job.target,
+    )
+
+
 class Dispatcher:
     """See the module docstring. One per process; shared by the router and the retry worker."""
 
@@ -441,6 +452,9 @@ class Dispatcher:
             job.pending_id = await _durably(
                 lambda: self._store.schedule(job, due_in=delay, waiting_for=waiting_for)
             )
+            if job.pending_id is None:
+                _ended_already(job)
+                return
         else:
             row = functools.partial(self._store.reschedule, due_in=delay, waiting_for=waiting_for)
             if not await self._settle_row(job, row):
@@ -473,7 +487,10 @@ class Dispatcher:
         )
         stored = await self._settle_row(job, row)
         if stored is None:
-            log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
+            if job.pending_id is None:
+                _ended_already(job)
+            else:
+                log.warning("retry row %s was taken over while its attempt ran", job.pending_id)
             return
         log.info(
             "dead-lettered %s/%s rule=%s target=%s reason=%s",

@@ -33,6 +33,10 @@ log = logging.getLogger("eventbus.delivery")
 _CLOCK_MARGIN = 0.002  # seconds past a row's due time before claiming it
 
 
+_PRUNE_ENDS_EVERY = 600.0
+"""Seconds between deletions of the chain ends kept past ``ENDS_KEPT`` (``delivery_ends``)."""
+
+
 class RetryWorker:
     """Claims due rows from the durable schedule and runs their next attempt.
 
@@ -114,13 +118,16 @@ class RetryWorker:
             self._wake.set()
 
     async def _loop(self) -> None:
-        last_count = 0.0
+        last_count = last_pruned = float("-inf")
         while True:
             try:
                 if time.monotonic() - last_count > 5:
                     metrics.RETRY_BACKLOG.set(await self._store.backlog())
                     await self._dispatcher.refresh_disabled()
                     last_count = time.monotonic()
+                if time.monotonic() - last_pruned > _PRUNE_ENDS_EVERY:
+                    await self._store.prune_ends()
+                    last_pruned = time.monotonic()
                 # Claim only what can start now: a claimed row waiting here for a free slot
                 # would spend its lease waiting.
                 await self._sem.acquire()

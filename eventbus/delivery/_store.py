@@ -66,6 +66,17 @@ _SHARED = (
 _SHARED_VALUES = "$1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10::jsonb"
 # An insert made again finds the row its first try wrote (migration 0008).
 _FOUND_BY_KEY = " ON CONFLICT (write_key) DO UPDATE SET write_key = EXCLUDED.write_key RETURNING id"
+# A first write of a chain (a retry row, or a dead letter with no row before it) is not made
+# when a chain under its key ($14) ended already: see schedule and migration 0012.
+_UNLESS_ENDED = " WHERE NOT EXISTS (SELECT 1 FROM delivery_ends WHERE write_key = $14)"
+# With ``gone`` (the rows a DELETE ... RETURNING write_key took), the ends of their chains.
+_ENDED = (
+    " ended AS (INSERT INTO delivery_ends (write_key) SELECT write_key FROM gone"
+    " WHERE write_key IS NOT NULL ON CONFLICT (write_key) DO NOTHING)"
+)
+ENDS_KEPT = 86_400.0
+"""Seconds the end of a chain is kept (``delivery_ends``): far past any bus's ack wait and
+redelivery backoff."""
 
 
 @dataclass(frozen=True)
@@ -213,27 +224,31 @@ class DeliveryStore:
         with self.writes.write(what):
             return await run_db(what, coro, deadline=deadline)
 
-    async def schedule(self, d: Delivery, *, due_in: float, waiting_for: str = "retry") -> int:
+    async def schedule(
+        self, d: Delivery, *, due_in: float, waiting_for: str = "retry"
+    ) -> int | None:
         """Insert ``d`` into the schedule, due in ``due_in`` seconds; durable when this returns.
         Made again after a failure (its commit may have landed), it finds the row it wrote by
-        ``d.write_key`` (set on the first call) instead of writing a second one."""
-        return int(
-            await self._run(
-                "scheduling a retry",
-                self._pool.fetchval(
-                    f"INSERT INTO delivery_retries ({_SHARED}, due_at, waiting_for,"
-                    f" first_attempt_at, write_key) VALUES ({_SHARED_VALUES},"
-                    " now() + make_interval(secs => $11), $12, coalesce($13, now()), $14)"
-                    + _FOUND_BY_KEY,
-                    *_columns(d),
-                    due_in,
-                    waiting_for,
-                    d.first_attempt_at,
-                    _write_key(d),
-                ),
-                watched=True,
-            )
+        ``d.write_key`` (set on the first call) instead of writing a second one. None, with
+        nothing written, when a chain under that key ended already (``delivery_ends``: the
+        bus delivered its message again after the chain its first delivery began was over)."""
+        found = await self._run(
+            "scheduling a retry",
+            self._pool.fetchval(
+                f"INSERT INTO delivery_retries ({_SHARED}, due_at, waiting_for,"
+                f" first_attempt_at, write_key) SELECT {_SHARED_VALUES},"
+                " now() + make_interval(secs => $11), $12, coalesce($13, now()), $14"
+                + _UNLESS_ENDED
+                + _FOUND_BY_KEY,
+                *_columns(d),
+                due_in,
+                waiting_for,
+                d.first_attempt_at,
+                _write_key(d),
+            ),
+            watched=True,
         )
+        return None if found is None else int(found)
 
     async def claim_due(
         self,
@@ -392,17 +407,21 @@ class DeliveryStore:
         return str(status) != "UPDATE 0"
 
     async def complete(self, d: Delivery) -> bool:
-        """Drop the row of a delivered ``d``; False when the row is no longer ``d``'s."""
-        status = await self._run(
+        """Drop the row of a delivered ``d`` (its chain's end kept, see ``delivery_ends``);
+        False when the row is no longer ``d``'s."""
+        gone = await self._run(
             "completing a retry",
-            self._pool.execute(
-                "DELETE FROM delivery_retries WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2",
+            self._pool.fetchval(
+                "WITH gone AS (DELETE FROM delivery_retries"
+                " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2 RETURNING write_key),"
+                + _ENDED
+                + " SELECT count(*) FROM gone",
                 d.pending_id,
                 d.claim,
             ),
             watched=True,
         )
-        return str(status) != "DELETE 0"
+        return bool(gone)
 
     async def dead_letter(
         self,
@@ -421,17 +440,20 @@ class DeliveryStore:
             async with self._pool.acquire() as conn, conn.transaction():
                 if d.pending_id is not None:
                     mine = await conn.fetchval(
-                        "DELETE FROM delivery_retries"
-                        " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2 RETURNING id",
+                        "WITH gone AS (DELETE FROM delivery_retries"
+                        " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2 RETURNING write_key),"
+                        + _ENDED
+                        + " SELECT count(*) FROM gone",
                         d.pending_id,
                         d.claim,
                     )
-                    if mine is None:
+                    if not mine:
                         return None
                 dl_id = await conn.fetchval(
                     f"INSERT INTO dead_letters ({_SHARED}, event_type, last_status, final_error,"
-                    f" reason, first_attempt_at, replay_count, write_key) VALUES"
-                    f" ({_SHARED_VALUES}, $11, $12, $13, $14, coalesce($15, now()), $16, $17)"
+                    f" reason, first_attempt_at, replay_count, write_key) SELECT"
+                    f" {_SHARED_VALUES}, $11, $12, $13, $14, coalesce($15, now()), $16, $17"
+                    + _UNLESS_ENDED.replace("$14", "$17")
                     + _FOUND_BY_KEY,
                     *_columns(d),
                     d.event.get("type"),
@@ -442,10 +464,22 @@ class DeliveryStore:
                     d.replay_count,
                     key,
                 )
-                return int(dl_id)
+                return None if dl_id is None else int(dl_id)
 
         result: int | None = await self._run("storing a dead letter", tx(), watched=True)
         return result
+
+    async def prune_ends(self) -> int:
+        """Forget the chain ends older than ``ENDS_KEPT``; how many went."""
+        status = await self._run(
+            "forgetting ended retry chains",
+            self._pool.execute(
+                "DELETE FROM delivery_ends WHERE ended_at < now() - make_interval(secs => $1)",
+                ENDS_KEPT,
+            ),
+            deadline=READ_TIMEOUT,
+        )
+        return int(str(status).split()[-1])
 
     async def backlog(self) -> int:
         return int(

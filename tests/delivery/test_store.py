@@ -171,6 +171,36 @@ async def test_a_write_made_again_finds_the_row_its_first_try_wrote(
     assert len({await store.dead_letter(copy, **failed) for copy in copies}) == 2
 
 
+@pytest.mark.parametrize("end", ["dead-lettered", "delivered"])
+async def test_a_chain_that_ended_is_not_begun_again_by_its_bus_messages_redelivery(
+    store: DeliveryStore, end: str
+) -> None:
+    # A process wrote a delivery's retry row and died before acking its bus message; another
+    # instance ran the chain to its end within seconds, deleting the row. The bus delivered
+    # the message again after its ack wait: its delivery found no row under its key and began
+    # a second chain (twice the attempts, two dead letters for one message).
+    failed = {"last_status": 500, "final_error": "x", "reason": DeadLetterReason.ATTEMPTS_EXHAUSTED}
+    await store.schedule(_delivery(1), due_in=0)
+    (chain,) = await store.claim_due(limit=1, lease=60, instance="b")
+    if end == "delivered":
+        assert await store.complete(chain)
+    else:
+        assert await store.dead_letter(chain, **failed) is not None
+    # the redelivery's first attempt failed: neither a row nor a dead letter of its own
+    assert await store.schedule(_delivery(1), due_in=0) is None
+    assert await store.dead_letter(_delivery(1), **failed) is None
+    assert await store.backlog() == 0
+    dead = await store.list_dead_letters(DeadLetterFilter())
+    assert len(dead) == (1 if end == "dead-lettered" else 0)
+    # another bus message of the event (accepted again) is a chain of its own
+    assert await store.schedule(dataclasses.replace(_delivery(1), acceptance="b:2"), due_in=0)
+    # the ends are kept a day, then forgotten
+    assert await store.prune_ends() == 0
+    await store._pool.execute("UPDATE delivery_ends SET ended_at = now() - interval '2 days'")
+    assert await store.prune_ends() == 1
+    assert await store.schedule(_delivery(1), due_in=0) is not None
+
+
 async def test_a_replay_moves_only_the_dead_letters_there_when_it_began(
     store: DeliveryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
