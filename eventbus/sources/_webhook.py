@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import logging
 import re
 import time
 import uuid
@@ -29,10 +31,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
+import asyncpg
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from eventbus._errors import BusError, CloudEventError
+from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import (
     DEFAULT_MAX_EVENT_SIZE,
     SPEC_VERSION,
@@ -46,6 +49,9 @@ from eventbus.config import AddressLists, Secret, SourceSpec, header_token, long
 from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
 from eventbus.sources._signatures import Verify
+from eventbus.store import READ_TIMEOUT, run_db
+
+log = logging.getLogger("eventbus.sources")
 
 __all__ = ["WebhookSource", "WebhookSourceSpec", "body_limit"]
 
@@ -273,6 +279,7 @@ class WebhookSource:
         self._ctx: SourceContext | None = None
         window = spec.verify.window if spec.verify is not None else None
         self._replays = _Replays(window) if window is not None else None
+        self._shared = _SharedReplays(spec.name, window or 0.0)
 
     async def run(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -394,12 +401,20 @@ class WebhookSource:
                 return True, first
         published = replays.add(signature, time.monotonic())
         try:
+            # published by another process (a worker of serve --workers N, an instance
+            # before a restart) within the tolerance: the bus's duplicate window is shorter
+            earlier_id = await self._shared.claim(ctx.pool, signature, event["id"])
+            if earlier_id is not None:
+                published.set_result(earlier_id)
+                return True, earlier_id
             duplicate = await ctx.emit(event)
         except BusError as exc:
             replays.forget(signature, published, exc)  # not on the bus: a retry gets through
+            await self._shared.release(ctx.pool, signature)
             raise
         except BaseException:
             replays.forget(signature, published)  # (its request gone): a copy publishes itself
+            await asyncio.shield(self._shared.release(ctx.pool, signature))
             raise
         published.set_result(event["id"])
         return duplicate, event["id"]
@@ -411,6 +426,95 @@ _SIGNED_IDS = uuid.UUID("5d7f0a52-2b43-4b8e-9a51-3c1b6f0e8d27")  # namespace of 
 _Published = str | BusError | None
 """What a copy waiting on a publish learns: the event's id, the bus's refusal, or None (the
 publish ended otherwise: the copy publishes itself)."""
+
+
+class _SharedReplays:
+    """The signatures every process published, in PostgreSQL (``webhook_signatures``), for
+    twice the tolerance: each process remembers its own (:class:`_Replays`), and a copy sent
+    to another worker, or after a restart, was published again once the bus's duplicate
+    window (2 minutes) had passed, the signature still valid (5 minutes by default). The
+    database unreachable, a copy is told only by the process's own memory and the bus's
+    window (said at most once a minute), not refused: webhooks do not wait on it."""
+
+    def __init__(self, source: str, window: float) -> None:
+        self._source = source
+        self._keep = 2 * window
+        self._pruned = float("-inf")
+        self._said = float("-inf")
+
+    @staticmethod
+    def _digest(signature: str) -> bytes:
+        return hashlib.sha256(signature.encode()).digest()
+
+    async def claim(self, pool: asyncpg.Pool, signature: str, event_id: str) -> str | None:
+        """Record ``signature`` as published as ``event_id``; the id of the event an unexpired
+        earlier record names (a copy), or None: this one is first (or the database did not
+        answer)."""
+        try:
+            now = time.monotonic()
+            if now - self._pruned > _PRUNE_SIGNATURES_EVERY:
+                self._pruned = now
+                await run_db(
+                    "forgetting old webhook signatures",
+                    pool.execute("DELETE FROM webhook_signatures WHERE expires_at < now()"),
+                    deadline=READ_TIMEOUT,
+                )
+            row = await run_db(
+                "remembering a webhook signature",
+                pool.fetchrow(
+                    "WITH mine AS (INSERT INTO webhook_signatures"
+                    " (source, digest, event_id, expires_at)"
+                    " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
+                    " ON CONFLICT (source, digest) DO UPDATE SET event_id = EXCLUDED.event_id,"
+                    " expires_at = EXCLUDED.expires_at"
+                    " WHERE webhook_signatures.expires_at < now() RETURNING event_id)"
+                    " SELECT (SELECT event_id FROM mine) AS mine, (SELECT event_id FROM"
+                    " webhook_signatures WHERE source = $1 AND digest = $2) AS earlier",
+                    self._source,
+                    self._digest(signature),
+                    event_id,
+                    self._keep,
+                ),
+                deadline=READ_TIMEOUT,
+            )
+        except StoreError as exc:
+            self._unremembered(exc)
+            return None
+        if row is None or row["mine"] is not None:
+            return None
+        earlier: str | None = row["earlier"]
+        return earlier
+
+    async def release(self, pool: asyncpg.Pool, signature: str) -> None:
+        """The publish of ``signature``'s request failed: a copy may publish itself."""
+        try:
+            await run_db(
+                "forgetting a webhook signature",
+                pool.execute(
+                    "DELETE FROM webhook_signatures WHERE source = $1 AND digest = $2",
+                    self._source,
+                    self._digest(signature),
+                ),
+                deadline=READ_TIMEOUT,
+            )
+        except StoreError as exc:
+            self._unremembered(exc)
+
+    def _unremembered(self, exc: StoreError) -> None:
+        now = time.monotonic()
+        if now - self._said >= 60.0:
+            self._said = now
+            log.warning(
+                "webhook source %s: signatures not shared with the other processes (%s): a "
+                "copy of a request sent to another one is told by the bus's duplicate window "
+                "only",
+                self._source,
+                exc,
+            )
+
+
+_PRUNE_SIGNATURES_EVERY = 600.0
+"""Seconds between deletions of expired signatures, per trigger and process."""
 
 
 class _Replays:

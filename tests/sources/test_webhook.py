@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
@@ -802,6 +803,45 @@ async def test_a_copy_sent_while_the_first_is_on_its_way_waits_for_it(
                 retry["id"],
             )
             assert published == [retry]
+
+
+async def test_a_copy_sent_to_another_process_is_a_duplicate_for_the_whole_tolerance(
+    database_dsn: str,
+) -> None:
+    # Each worker of serve --workers N (and an instance after a restart) remembered only the
+    # signatures it had published: a captured request sent again to another one, past the
+    # bus's duplicate window (2 minutes) and within the tolerance (5), was published again.
+    workers = [build_source(_PARTNER) for _ in range(2)]
+    published: list[dict[str, Any]] = []
+    down = False
+
+    async def publish(event: dict[str, Any]) -> None:
+        if down:
+            raise BusUnavailable("no acknowledgement in time (test)")
+        published.append(event)
+
+    body = b'{"order": {"id": "shared"}}'
+    headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
+    request = HookRequest("POST", headers, "", body)
+    async with source_pool(database_dsn) as pool, contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            assert isinstance(worker, WebhookSource)
+            ctx = make_context(pool, "partner", Recorder())
+            ctx.publish = publish
+            await stack.enter_async_context(running(worker, ctx))
+        await asyncio.sleep(0)  # the sources' tasks take their contexts
+        first, other = cast(list[WebhookSource], workers)
+        signature = first.signature_of(request)
+        assert signature is not None
+        # the first publish fails: the copy at the other process is not taken for it
+        down = True
+        with pytest.raises(BusUnavailable):
+            await first.publish(first.event_for(request), signature)
+        down = False
+        event = other.event_for(request)
+        assert await other.publish(event, signature) == (False, event["id"])
+        assert await first.publish(first.event_for(request), signature) == (True, event["id"])
+    assert published == [event]
 
 
 async def test_a_copy_waiting_on_a_publish_whose_entry_went_is_still_answered(
