@@ -73,6 +73,7 @@ EXPORTS: dict[str, list[str]] = {
         "validate",
     ],
     "eventbus.rules": [
+        "OFF_LOOP_BYTES",
         "CompiledPattern",
         "DeliveryCheck",
         "PatternError",
@@ -88,6 +89,7 @@ EXPORTS: dict[str, list[str]] = {
         "compile_rules",
         "load_rules",
         "matches",
+        "routing",
     ],
     "eventbus.bus": [
         "DUPLICATE",
@@ -155,6 +157,7 @@ EXPORTS: dict[str, list[str]] = {
         "rule_paths",
         "service_address",
         "tls_refusal",
+        "yaml_error_at",
         "yaml_files",
     ],
     "eventbus.delivery": [

@@ -70,6 +70,7 @@ from eventbus.config._yaml import (
     flow_too_deep,
     load_yaml,
     pydantic_errors,
+    yaml_error_at,
     yaml_files,
 )
 
@@ -125,5 +126,6 @@ __all__ = [
     "rule_paths",
     "service_address",
     "tls_refusal",
+    "yaml_error_at",
     "yaml_files",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "flow_too_deep",
     "load_yaml",
     "pydantic_errors",
+    "yaml_error_at",
     "yaml_files",
 ]
 
@@ -216,9 +217,8 @@ def load_yaml(text: str, file: str) -> YamlDoc:
         builder = NodeBuilder(loader)
         data = builder.build(node, (), lines)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "invalid YAML"
+        at, _, problem = yaml_error_at(text, exc)
+        line = "" if at is None else f":{at}"
         raise ConfigError(f"{file}{line}: invalid YAML: {problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {exc}") from exc
@@ -283,3 +283,22 @@ def did_you_mean(name: str, known: Collection[str]) -> str:
     ``""`` when none is close."""
     hint = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def yaml_error_at(text: str, exc: yaml.MarkedYAMLError) -> tuple[int | None, int | None, str]:
+    """The line of a YAML error, the line of what the parser was reading then (a rule file
+    names the rule holding it), and what it says. The parser reading a quote or a bracket
+    that was never closed finds the mistake further on (the end of the text, the next rule):
+    the error named the rule there, and its line was the end's."""
+    problem = exc.problem or exc.context or "invalid YAML"
+    mark, begun = exc.problem_mark, exc.context_mark
+    if mark is None:
+        mark = begun
+    elif exc.context and begun is not None and begun.line != mark.line:
+        problem = f"{problem} ({exc.context}, from line {begun.line + 1})"
+        if mark.index >= len(text.rstrip()):
+            mark = begun
+    else:
+        begun = mark
+    line = None if mark is None else mark.line + 1
+    return line, (None if begun is None else begun.line + 1), problem

@@ -24,7 +24,14 @@ from pathlib import Path
 import yaml
 
 from eventbus._errors import RuleError
-from eventbus.config import KeyPath, NodeBuilder, YamlDoc, flow_too_deep, yaml_files
+from eventbus.config import (
+    KeyPath,
+    NodeBuilder,
+    YamlDoc,
+    flow_too_deep,
+    yaml_error_at,
+    yaml_files,
+)
 
 __all__ = ["KeyPath", "ParsedFiles", "RuleDoc", "read_rule_files"]
 
@@ -150,10 +157,8 @@ def _parse(name: str, text: str, errors: list[RuleError]) -> list[RuleDoc]:
             rule = data.get("name") if isinstance(data, dict) else None
             owners += [rule if isinstance(rule, str) else None] * (len(builder.problems) - found)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = None if mark is None else mark.line + 1
-        problem = exc.problem or exc.context or "invalid YAML"
-        rule = None if line is None else _rule_at(text, line)
+        line, begun, problem = yaml_error_at(text, exc)
+        rule = None if begun is None else _rule_at(text, begun)
         errors.append(RuleError(f"invalid YAML: {problem}", file=name, line=line, rule=rule))
         return []
     except yaml.YAMLError as exc:  # the reader's: a character YAML does not allow (NUL)

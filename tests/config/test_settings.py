@@ -41,7 +41,7 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("listen: [1\n", "eventbus.yaml:2: invalid YAML"),
+        ("listen: [1\n", "eventbus.yaml:1: invalid YAML"),
         ("listen: {port: 1}\nlisten: {port: 2}\n", "eventbus.yaml:2: duplicate key 'listen'"),
         ("- 1\n", "eventbus.yaml:1: settings must be a mapping"),
         ("listen:\n  port: 99999\n", "eventbus.yaml:2: listen.port: Input should be less than"),

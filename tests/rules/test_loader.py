@@ -129,7 +129,8 @@ _WIDE = (
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
-        ("- name: a\n  match: {x: [1]\n", 3, "invalid YAML"),
+        # unclosed: where it began (the end of the file was named, and its last rule)
+        ("- name: a\n  match: {x: [1]\n", 2, "(while parsing a flow mapping, from line 2)"),
         ("- name: a\n\tmatch: {}\n", 2, "invalid YAML"),
         ("name: a\ntargets: [t]\n", 1, "a rule file holds a YAML list of rules"),
         ("just text\n", 1, "a rule file holds a YAML list of rules"),
@@ -203,3 +204,13 @@ def test_empty_file_and_missing_path(tmp_path: Path) -> None:
     docs, errors = read_rule_files(tmp_path / "absent")
     assert docs == []
     assert [e.message for e in errors] == ["no such rule file or directory"]
+
+
+def test_a_quote_never_closed_names_the_rule_it_is_in(tmp_path: Path) -> None:
+    # The parser read on to the end of the file: the error named the last rule and line.
+    text = (
+        '- name: first\n  description: "unclosed\n  targets: [t]\n- name: third\n  targets: [t]\n'
+    )
+    _, (error,) = read_rule_files(write(tmp_path, text))
+    assert (error.line, error.rule) == (2, "first"), error
+    assert "while scanning a quoted scalar, from line 2" in error.message, error
