@@ -56,6 +56,7 @@ EXPORTS: dict[str, list[str]] = {
         "from_nats",
         "header_value",
         "is_json",
+        "json_body",
         "kafka_key_attribute",
         "kafka_record_time",
         "load_json",

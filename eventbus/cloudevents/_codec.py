@@ -22,6 +22,7 @@ from eventbus.cloudevents._event import (
     charset_of,
     check_size,
     is_json,
+    json_body,
     json_bytes,
     load_json,
     media_type,
@@ -66,7 +67,7 @@ def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -
     media = media_type(content_type)
     if is_json(media):
         try:
-            event["data"] = load_json(body)
+            event["data"], event["datacontenttype"] = json_body(body, content_type)
         except orjson.JSONDecodeError as exc:
             raise CloudEventError(f"malformed JSON in the {content_type} body: {exc}") from exc
     elif _is_text(media):

@@ -42,6 +42,7 @@ from eventbus.cloudevents import (
     charset_of,
     format_time,
     is_json,
+    json_body,
     load_json,
     validate,
 )
@@ -224,9 +225,12 @@ def _data(request: HookRequest) -> dict[str, Any]:
             # binary-mode delivery told receivers it was the structured event
             declared = "application/json"
         try:
-            return {"data": load_json(request.body), "datacontenttype": declared}
+            data, datacontenttype = json_body(request.body, declared)
+        except CloudEventError as exc:
+            raise _unreadable(exc.detail) from None
         except orjson.JSONDecodeError as exc:
             raise _unreadable(f"the body is not valid JSON: {exc}") from None
+        return {"data": data, "datacontenttype": datacontenttype}
     if media == _FORM:
         bad = _BAD_ESCAPE.search(request.body)
         if bad is not None:  # parse_qs keeps it as the text it is: "%ZZ" went out as "%ZZ"

@@ -401,3 +401,14 @@ def test_a_key_that_cannot_join_a_valid_event_stays_out_of_it() -> None:
     assert from_kafka(headers[:4], b"short-key", b"")["partitionkey"] == "short-key"
     with pytest.raises(CloudEventError, match="'type'"):
         from_kafka(headers[:3], long_key, b"")
+
+
+def test_a_json_body_is_read_in_its_declared_charset() -> None:
+    # Read as UTF-8 whatever the charset said: a UTF-16 body was refused, and a UTF-8 one
+    # declared UTF-16 kept that label, which binary-mode deliveries (UTF-8 bytes) then carried.
+    headers = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}
+    headers["content-type"] = "application/json; charset=utf-16; v=1"
+    (event,) = from_http(headers, '{"k": "é"}'.encode("utf-16"))
+    assert (event["data"], event["datacontenttype"]) == ({"k": "é"}, "application/json; v=1")
+    with pytest.raises(CloudEventError, match="the body is not utf-16 text"):
+        from_http(headers, b'{"k": 10}')

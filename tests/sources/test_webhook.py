@@ -391,6 +391,14 @@ async def test_bodies_become_data_by_their_content_type(
     # a JSON type, then refused)
     legacy = await post(b'{"kind": "y"}', "text/json")
     assert (legacy["data"], legacy["datacontenttype"]) == ({"kind": "y"}, "text/json")
+    # JSON in its declared charset, written out as UTF-8 without it (a UTF-8 body labelled
+    # UTF-16 went out as UTF-8 bytes under that label; a UTF-16 body was refused)
+    utf16 = await post('{"k": "é"}'.encode("utf-16"), "application/json; charset=utf-16")
+    assert (utf16["data"], utf16["datacontenttype"]) == ({"k": "é"}, "application/json")
+    status, _, answer = await service.request(
+        "POST", "/hooks/plain", b'{"k": 10}', {"Content-Type": "application/json; charset=utf-16"}
+    )
+    assert status == 400 and "not utf-16 text" in answer["detail"], answer
     empty = await post(b"", None)
     assert "data" not in empty and "data_base64" not in empty
 
