@@ -177,7 +177,8 @@ class TimerSource:
             return cursor
         chosen = missed_ticks(self._schedule, cursor, now, limit)
         ctx.logger.info(
-            "timer %s: ticks missed since %s; policy %s fires %d of them",
+            "timer %s: ticks missed since %s; policy %s takes %d of them (each fired here "
+            "unless another instance has)",
             self.name,
             _iso(cursor),
             self.config.missed,
