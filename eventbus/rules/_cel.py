@@ -264,6 +264,16 @@ _NAMESPACE: dict[str, Any] = {
 }
 
 
+class _Namespaces(threading.local):
+    """``_NAMESPACE``, a copy per thread (see ``_CompiledRunner.evaluate``)."""
+
+    def __init__(self) -> None:
+        self.namespace = dict(_NAMESPACE)
+
+
+_SPACES = _Namespaces()
+
+
 class _CompiledRunner(celpy.CompiledRunner):
     """cel-python's compiled runner, its code run in ``_NAMESPACE`` (type errors that name CEL
     types, see :func:`_typed`).
@@ -275,16 +285,19 @@ class _CompiledRunner(celpy.CompiledRunner):
 
     def evaluate(self, context: Any) -> Any:
         """As ``Transpiler.evaluate``, which runs the code in cel-python's own module namespace.
-        Synchronous, so one shared namespace serves every condition."""
+        Synchronous, so one namespace serves every condition of a thread; one per thread, as a
+        large event's conditions run on the routing thread (two evaluations sharing one took
+        each other's activation: the verdict of another event)."""
         tp = self.tp
         activation = tp.base_activation
         if context:
             activation = activation.clone()
             activation.identifiers.load_values(context)
-        _NAMESPACE["base_activation"] = activation
+        namespace = _SPACES.namespace
+        namespace["base_activation"] = activation
         try:
-            exec(tp.executable_code, _NAMESPACE)
-            value = _NAMESPACE["CEL"]
+            exec(tp.executable_code, namespace)
+            value = namespace["CEL"]
         except Exception as exc:
             raise CELEvalError("evaluation error", type(exc), exc.args) from exc
         if isinstance(value, CELEvalError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,31 @@ def test_a_field_of_a_value_without_fields_is_a_readable_error(interpreted: bool
     if not interpreted:  # (the interpreter words it itself)
         verdict, reason = condition.evaluate(activation({"data": None}))
         assert reason == "type 'null_type' does not support field selection", reason
+
+
+def test_conditions_run_on_two_threads_each_see_their_own_event() -> None:
+    # A large event's rules run on the routing thread while the loop routes small ones: the
+    # compiled runner's one namespace held the activation being evaluated, and an evaluation
+    # on one thread read the other's event (the verdict of another event).
+    condition = compile_condition("event.data.n % 2 == 0")  # on the compiled runner
+    assert condition.fast is None
+    wrong: list[int] = []
+
+    def evaluate(n: int) -> None:
+        context = activation({"data": {"n": n}})
+        for _ in range(3000):
+            verdict, _ = condition.evaluate(context)
+            if verdict is not (Verdict.MATCH if n % 2 == 0 else Verdict.NO_MATCH):
+                wrong.append(n)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=evaluate, args=(n,)) for n in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
