@@ -407,20 +407,19 @@ class WebhookSource:
         try:
             # published by another process (a worker of serve --workers N, an instance
             # before a restart) within the tolerance: the bus's duplicate window is shorter
-            earlier_id = await self._shared.claim(ctx.pool, signature, event["id"])
+            earlier_id = await self._shared.published(ctx.pool, signature)
             if earlier_id is not None:
                 published.set_result(earlier_id)
                 return True, earlier_id
             duplicate = await ctx.emit(event)
         except BusError as exc:
             replays.forget(signature, published, exc)  # not on the bus: a retry gets through
-            await self._shared.release(ctx.pool, signature)
             raise
         except BaseException:
             replays.forget(signature, published)  # (its request gone): a copy publishes itself
-            await asyncio.shield(self._shared.release(ctx.pool, signature))
             raise
         published.set_result(event["id"])
+        await self._shared.remember(ctx.pool, signature, event["id"])
         return duplicate, event["id"]
 
 
@@ -436,7 +435,12 @@ class _SharedReplays:
     """The signatures every process published, in PostgreSQL (``webhook_signatures``), for
     twice the tolerance: each process remembers its own (:class:`_Replays`), and a copy sent
     to another worker, or after a restart, was published again once the bus's duplicate
-    window (2 minutes) had passed, the signature still valid (5 minutes by default). The
+    window (2 minutes) had passed, the signature still valid (5 minutes by default).
+
+    A signature is written once its request's event is on the bus, never before: a copy
+    arriving at another process while the first is being published is published too (the
+    bus's duplicate window drops it: both carry one id), where a signature written first
+    answered it "duplicate" and the event was lost when that first publish failed. The
     database unreachable, a copy is told only by the process's own memory and the bus's
     window (said at most once a minute), not refused: webhooks do not wait on it."""
 
@@ -450,10 +454,28 @@ class _SharedReplays:
     def _digest(signature: str) -> bytes:
         return hashlib.sha256(signature.encode()).digest()
 
-    async def claim(self, pool: asyncpg.Pool, signature: str, event_id: str) -> str | None:
-        """Record ``signature`` as published as ``event_id``; the id of the event an unexpired
-        earlier record names (a copy), or None: this one is first (or the database did not
-        answer)."""
+    async def published(self, pool: asyncpg.Pool, signature: str) -> str | None:
+        """The id of the event a request of ``signature`` became, if one was published and its
+        record has not expired; None otherwise (or when the database does not answer)."""
+        try:
+            found: str | None = await run_db(
+                "looking up a webhook signature",
+                pool.fetchval(
+                    "SELECT event_id FROM webhook_signatures"
+                    " WHERE source = $1 AND digest = $2 AND expires_at > now()",
+                    self._source,
+                    self._digest(signature),
+                ),
+                deadline=READ_TIMEOUT,
+            )
+        except StoreError as exc:
+            self._unremembered(exc)
+            return None
+        return found
+
+    async def remember(self, pool: asyncpg.Pool, signature: str, event_id: str) -> None:
+        """``signature``'s request is on the bus as ``event_id`` (a record of the first one
+        to get there, if several did, is kept; an expired one is replaced)."""
         try:
             now = time.monotonic()
             if now - self._pruned > _PRUNE_SIGNATURES_EVERY:
@@ -463,41 +485,18 @@ class _SharedReplays:
                     pool.execute("DELETE FROM webhook_signatures WHERE expires_at < now()"),
                     deadline=READ_TIMEOUT,
                 )
-            row = await run_db(
+            await run_db(
                 "remembering a webhook signature",
-                pool.fetchrow(
-                    "WITH mine AS (INSERT INTO webhook_signatures"
-                    " (source, digest, event_id, expires_at)"
+                pool.execute(
+                    "INSERT INTO webhook_signatures (source, digest, event_id, expires_at)"
                     " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
                     " ON CONFLICT (source, digest) DO UPDATE SET event_id = EXCLUDED.event_id,"
                     " expires_at = EXCLUDED.expires_at"
-                    " WHERE webhook_signatures.expires_at < now() RETURNING event_id)"
-                    " SELECT (SELECT event_id FROM mine) AS mine, (SELECT event_id FROM"
-                    " webhook_signatures WHERE source = $1 AND digest = $2) AS earlier",
+                    " WHERE webhook_signatures.expires_at < now()",
                     self._source,
                     self._digest(signature),
                     event_id,
                     self._keep,
-                ),
-                deadline=READ_TIMEOUT,
-            )
-        except StoreError as exc:
-            self._unremembered(exc)
-            return None
-        if row is None or row["mine"] is not None:
-            return None
-        earlier: str | None = row["earlier"]
-        return earlier
-
-    async def release(self, pool: asyncpg.Pool, signature: str) -> None:
-        """The publish of ``signature``'s request failed: a copy may publish itself."""
-        try:
-            await run_db(
-                "forgetting a webhook signature",
-                pool.execute(
-                    "DELETE FROM webhook_signatures WHERE source = $1 AND digest = $2",
-                    self._source,
-                    self._digest(signature),
                 ),
                 deadline=READ_TIMEOUT,
             )

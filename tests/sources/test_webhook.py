@@ -821,16 +821,20 @@ async def test_a_copy_sent_to_another_process_is_a_duplicate_for_the_whole_toler
     # bus's duplicate window (2 minutes) and within the tolerance (5), was published again.
     workers = [build_source(_PARTNER) for _ in range(2)]
     published: list[dict[str, Any]] = []
-    down = False
+    gate = asyncio.Event()
+    gate.set()
 
     async def publish(event: dict[str, Any]) -> None:
-        if down:
+        if not gate.is_set():
+            await gate.wait()
             raise BusUnavailable("no acknowledgement in time (test)")
         published.append(event)
 
-    body = b'{"order": {"id": "shared"}}'
-    headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
-    request = HookRequest("POST", headers, "", body)
+    def signed(order: str) -> HookRequest:
+        body = orjson.dumps({"order": {"id": order}})
+        headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
+        return HookRequest("POST", headers, "", body)
+
     async with source_pool(database_dsn) as pool, contextlib.AsyncExitStack() as stack:
         for worker in workers:
             assert isinstance(worker, WebhookSource)
@@ -839,17 +843,27 @@ async def test_a_copy_sent_to_another_process_is_a_duplicate_for_the_whole_toler
             await stack.enter_async_context(running(worker, ctx))
         await asyncio.sleep(0)  # the sources' tasks take their contexts
         first, other = cast(list[WebhookSource], workers)
+        request = signed("shared")
         signature = first.signature_of(request)
         assert signature is not None
-        # the first publish fails: the copy at the other process is not taken for it
-        down = True
+        event = first.event_for(request)
+        assert await first.publish(event, signature) == (False, event["id"])
+        assert await other.publish(other.event_for(request), signature) == (True, event["id"])
+        # A copy reaching the other process while the first is still being published goes to
+        # the bus itself (which drops it as a duplicate when the first gets there): it was
+        # answered "duplicate" at once, and lost when the first publish then failed.
+        request = signed("in flight")
+        signature = first.signature_of(request)
+        assert signature is not None
+        gate.clear()
+        failing = asyncio.create_task(first.publish(first.event_for(request), signature))
+        await asyncio.sleep(0.05)  # the first waits for the bus
+        gate.set()
+        copy = other.event_for(request)
+        assert await other.publish(copy, signature) == (False, copy["id"])
         with pytest.raises(BusUnavailable):
-            await first.publish(first.event_for(request), signature)
-        down = False
-        event = other.event_for(request)
-        assert await other.publish(event, signature) == (False, event["id"])
-        assert await first.publish(first.event_for(request), signature) == (True, event["id"])
-    assert published == [event]
+            await failing
+    assert published == [event, copy]
 
 
 async def test_a_copy_waiting_on_a_publish_whose_entry_went_is_still_answered(
