@@ -298,7 +298,13 @@ def yaml_error_at(text: str, exc: yaml.MarkedYAMLError) -> tuple[int | None, int
         problem = f"{problem} ({exc.context}, from line {begun.line + 1})"
         if mark.index >= len(text.rstrip()):
             mark = begun
+        elif not _UNCLOSED.search(exc.context):
+            begun = mark  # a block collection's start is the file's list: not the rule's
     else:
         begun = mark
     line = None if mark is None else mark.line + 1
     return line, (None if begun is None else begun.line + 1), problem
+
+
+# What the parser reads until a closing character: the part of the text the mistake is in.
+_UNCLOSED = re.compile(r"\b(?:quoted scalar|flow (?:sequence|mapping))\b")

@@ -214,3 +214,11 @@ def test_a_quote_never_closed_names_the_rule_it_is_in(tmp_path: Path) -> None:
     _, (error,) = read_rule_files(write(tmp_path, text))
     assert (error.line, error.rule) == (2, "first"), error
     assert "while scanning a quoted scalar, from line 2" in error.message, error
+
+
+def test_a_mistake_in_a_block_names_the_rule_where_it_is_found(tmp_path: Path) -> None:
+    # The parser's context is then the file's list, from line 1: naming the rule by it named
+    # the first rule of the file for a mistake in its third.
+    text = "- name: first\n  targets: [t]\n- name: second\n  targets: [t]\n - name: third\n"
+    _, (error,) = read_rule_files(write(tmp_path, text))
+    assert (error.line, error.rule) == (5, "second"), error
