@@ -250,8 +250,8 @@ def json_body(body: bytes, content_type: str) -> tuple[Any, str]:
     """A JSON body as UTF-8 when it is that, otherwise in the charset ``content_type``
     declares: its value, and ``content_type`` without a charset other than UTF-8, as eventbus
     writes JSON in UTF-8 (a UTF-8 body declared UTF-16 went out as UTF-8 bytes labelled
-    UTF-16; a UTF-16 one was refused). Raises CloudEventError (400) for an unknown charset or a body not in it,
-    ``orjson.JSONDecodeError`` for malformed JSON."""
+    UTF-16; a UTF-16 one was refused). Raises CloudEventError (400) for an unknown charset
+    or a body in neither, ``orjson.JSONDecodeError`` for malformed JSON."""
     charset = charset_of(content_type)
     if charset == "utf-8":  # as eventbus writes it: the type as it came (a round trip)
         return load_json(body), content_type
