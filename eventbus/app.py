@@ -1104,7 +1104,7 @@ class Service:
         The event is not put on the bus: that rule alone handles it. ``size``: the request's
         bytes (a large event is matched off the event loop, see ``eventbus.rules.routing``)."""
         routes, failed = await routing(
-            size, functools.partial(self.rules.current.sync_routes, event)
+            self.rules.current, size, lambda rules: rules.sync_routes(event)
         )
         if failed:
             # matched, but nothing to send: not "no rule matches" (a 404 that hid the rule)

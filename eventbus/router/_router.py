@@ -28,7 +28,6 @@ that is not done.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -190,9 +189,7 @@ class Router:
         )
         target = invoked_target(msg.via)
         if target is None:
-            routes = await routing(
-                len(msg.payload), functools.partial(self._rules.current.route, event)
-            )
+            routes = await routing(self._rules.current, len(msg.payload), lambda r: r.route(event))
         else:
             # An asynchronous invocation: that target alone, whatever the rules say.
             routes = [Route(invoke_rule(target), target, event, True, None)]
