@@ -378,11 +378,17 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
     raw, where = _data_bytes(args.data)
     media = (args.datacontenttype or "application/json").partition(";")[0].strip().lower()
     if media.endswith(("/json", "+json")):  # the JSON event format's test for JSON data
+        from eventbus._errors import CloudEventError
+        from eventbus.cloudevents import load_json
+
         try:
-            return {"data": orjson.loads(raw)}
+            # as the service reads it: an integer beyond 64 bits refused, not sent rounded
+            return {"data": load_json(raw)}
         except orjson.JSONDecodeError as exc:
             hint = "" if args.datacontenttype else " (for text, give --datacontenttype text/plain)"
             raise _BadInput(f"{where} is not valid JSON: {exc}{hint}") from None
+        except CloudEventError as exc:
+            raise _BadInput(f"{where}: {exc.detail}") from None
     try:
         return {"data": raw.decode("utf-8")}
     except UnicodeDecodeError:
@@ -887,7 +893,23 @@ def _fraction(text: str) -> float:
 EXIT_BROKEN_PIPE = 141
 
 
+def _not_text(argv: list[str]) -> str:
+    """Which argument is not text (bytes that are not UTF-8, as Python keeps them), as
+    ``--target: `` (or ``argument 3: ``); empty when none is."""
+    for i, arg in enumerate(argv):
+        if any("\udc80" <= c <= "\udcff" for c in arg):
+            before = argv[i - 1] if i else ""
+            name = before if before.startswith("-") else f"argument {i + 1}"
+            return f"{name}: not UTF-8 text: "
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Closed (>&-, <&-): written to nowhere and read as empty rather than a traceback.
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115
     # What the terminal cannot show is escaped rather than a UnicodeEncodeError's traceback.
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
@@ -902,9 +924,12 @@ def main(argv: list[str] | None = None) -> int:
         # the reader left: nothing more to say to it (and no traceback on exit either)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except (_BadInput, UnicodeError) as exc:
-        # UnicodeError: an argument the shell passed as bytes that are not text
+    except _BadInput as exc:
         sys.stderr.write(f"eventbus: {exc}\n")
+        return EXIT_BAD_INPUT
+    except UnicodeError as exc:
+        # an argument the shell passed as bytes that are not text: named, as others are
+        sys.stderr.write(f"eventbus: {_not_text(sys.argv[1:] if argv is None else argv)}{exc}\n")
         return EXIT_BAD_INPUT
     except (_ApiError, EventBusError) as exc:
         from eventbus.cli._output import print_json, printable
@@ -924,3 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # standard output unusable (a full disk, closed): one line, not a traceback
+        sys.stderr.write(f"eventbus: {exc.strerror or exc}\n")
+        return EXIT_FAILED

@@ -40,17 +40,27 @@ class _InputError(Exception):
     """An input file is missing or not the JSON expected; never escapes this module."""
 
 
-def _read_json(path: str | Path, what: str, loads: Callable[[bytes], Any] = orjson.loads) -> Any:
+def _exact_json(raw: bytes) -> Any:
+    """JSON as the service reads it: an integer beyond 64 bits is refused, not rounded (an
+    event's 18446744073709551617 matched a pattern's 18446744073709551616)."""
+    from eventbus.cloudevents import load_json
+
+    return load_json(raw)
+
+
+def _read_json(path: str | Path, what: str, loads: Callable[[bytes], Any] = _exact_json) -> Any:
     try:
         return loads(Path(path).read_bytes())
     except OSError as exc:
         raise _InputError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
     except orjson.JSONDecodeError as exc:
         raise _InputError(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
+    except CloudEventError as exc:
+        raise _InputError(f"{what} {str(path)!r}: {exc.detail}") from exc
 
 
 def _read_object(
-    path: str | Path, what: str, loads: Callable[[bytes], Any] = orjson.loads
+    path: str | Path, what: str, loads: Callable[[bytes], Any] = _exact_json
 ) -> dict[str, Any]:
     value = _read_json(path, what, loads)
     if not isinstance(value, dict):

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
@@ -439,6 +440,8 @@ async def test_publish_refuses_bad_input_with_a_clear_message(tmp_path: Path) ->
         (["--data", "@" + str(tmp_path / "bad.json")], f"--data @{tmp_path}/bad.json is not valid"),
         (["--data", "@" + str(tmp_path / "none.json")], "cannot read"),
         (["--data", "{bad"], "--data is not valid JSON"),
+        # read as JSON by the service: sent rounded (1.2345678901234568e+29) and accepted
+        (["--data", '{"n": 123456789012345678901234567890}'], "--data: the integer"),
         (["--api-key", "ключ-0123456789abcdef"], "an HTTP header cannot carry (not ASCII)"),
         # bytes that are not UTF-8 as a text body: the service refused them (400)
         (
@@ -879,3 +882,34 @@ def test_the_commands_page_bound_is_the_apis() -> None:
     from eventbus.http._params import _MAX_LIMIT
 
     assert MAX_PAGE == _MAX_LIMIT
+
+
+def test_an_unusable_standard_stream_or_an_argument_not_text_is_one_line(tmp_path: Path) -> None:
+    # A full disk or a closed stdout ended in a traceback; an argument of bytes that are not
+    # UTF-8 gave a codec's error naming no option.
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text("- {name: r, targets: [t]}\n")
+    eventbus = f"'{sys.executable}' -m eventbus"
+    publish = "publish --type t --source s --data - --url http://127.0.0.1:9"
+
+    def shell(line: str) -> tuple[int, str]:
+        done = subprocess.run(["bash", "-c", line], capture_output=True, timeout=60, check=False)
+        return done.returncode, done.stderr.decode()
+
+    rules = tmp_path / "rules"
+    assert shell(f"{eventbus} rules validate {rules} > /dev/full") == (
+        1,
+        "eventbus: No space left on device\n",
+    )
+    code, err = shell(f"{eventbus} rules validate {tmp_path / 'nothing'} >&-")
+    assert code == 1 and "Traceback" not in err, err
+    code, err = shell(f"{eventbus} {publish} <&-")
+    assert code == 2 and "--data - (standard input) is not valid JSON" in err, err
+    done = subprocess.run(
+        [sys.executable, "-m", "eventbus", "dlq", "list", "--target", os.fsdecode(b"\xff")],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.decode().startswith("eventbus: --target: not UTF-8 text"), done

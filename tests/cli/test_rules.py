@@ -226,6 +226,18 @@ def test_test_pattern_bad_input(
     assert text.startswith("error: ") and message in text
 
 
+def test_test_pattern_reads_integers_as_the_service_does(tmp_path: Path) -> None:
+    # Read by orjson, both integers were rounded to one float: an event's
+    # 18446744073709551617 matched a pattern's 18446744073709551616 ("true"), where the
+    # service refuses such an event.
+    pattern_file, event_file = tmp_path / "pattern.json", tmp_path / "event.json"
+    pattern_file.write_text('{"data": {"n": [5]}}')
+    event = '{"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data": {"n": %s}}'
+    event_file.write_text(event % "18446744073709551617")
+    code, text = failed(_cli.test_pattern_command, pattern_file, event_file)
+    assert code == 2 and "beyond 64 bits" in text, text
+
+
 def test_validate_reports_bad_delivery_overrides_with_the_other_problems(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
