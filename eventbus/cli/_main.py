@@ -273,6 +273,14 @@ def _send(
         raise _ApiError(message, status=exc.code, detail=detail, problem=problem) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if body and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
+            # The service answered 413 before reading a body over its limit and closed the
+            # connection while urllib was still sending it: "cannot reach" said it was down.
+            raise _ApiError(
+                f"eventbus at {shown} closed the connection while the request's {len(body)} "
+                "bytes were being sent: a body over its max_event_size (1 MiB by default) is "
+                "refused (413) before it is read"
+            ) from None
         raise _ApiError(f"cannot reach eventbus at {args.url}: {reason}") from None
 
 

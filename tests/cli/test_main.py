@@ -476,6 +476,11 @@ async def test_publish_sets_every_attribute_in_either_mode(
     payload = tmp_path / "order.json"
     payload.write_text('{"order": "o-1", "total": 12.5}')
     common = ("--type", "com.example.t", "--source", "shop/cli", "--url", svc.url)
+    # a body far over max_event_size: the service answers 413 and closes while it is sent
+    (tmp_path / "big.json").write_text('{"x": "%s"}' % ("a" * 8_000_000))
+    code, _, err = await _cli("publish", *common, "--data", f"@{tmp_path / 'big.json'}")
+    assert code == 1 and ("413" in err or "max_event_size" in err), err
+    assert "cannot reach" not in err, err
     code, out, err = await _cli(
         "publish",
         *common,
