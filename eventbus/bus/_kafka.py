@@ -233,9 +233,9 @@ class _Partition:
         "gap_at",
         "gap_since",
         "handling",
+        "last_time",
         "next_offset",
         "pending",
-        "reread_from",
         "rereads",
     )
 
@@ -248,9 +248,9 @@ class _Partition:
         self.gap_at: int | None = None
         self.gap_since = 0.0
         self.rereads = 0
-        # Where this consumer last sought to read again (below ``next_offset``): the records
-        # from there up to it were handed out already. None once one past them came.
-        self.reread_from: int | None = None
+        # The time (ms) of the last record handed out: where a log that went back (truncated,
+        # or made again) is read again from (see ``_find_logs_gone_back``).
+        self.last_time: int | None = None
 
     def gap_before(self, offset: int) -> int:
         """How many offsets right before ``offset`` were expected and not handed out (0 when
@@ -266,16 +266,12 @@ class _Partition:
         self.rereads += 1
         return self.rereads <= MAX_REREADS or now - self.gap_since < GAP_PATIENCE
 
-    def fetched(self, offset: int) -> None:
-        """Record ``offset`` as handed out."""
+    def fetched(self, offset: int, at: int | None = None) -> None:
+        """Record ``offset`` (of time ``at``, ms) as handed out."""
         self.pending.append(offset)
         self.next_offset = offset + 1
-        self.reread_from = None
-
-    def handed_out(self, offset: int) -> bool:
-        """Whether a record at ``offset``, below ``next_offset``, was handed out already: read
-        again from where this consumer sought. Otherwise the log went back under it."""
-        return self.reread_from is not None and offset >= self.reread_from
+        if at is not None and at >= 0:
+            self.last_time = at
 
     def commit_point(self) -> int | None:
         """The offset to commit: the lowest un-acked one, or the next to fetch if all are done."""
@@ -600,15 +596,14 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                         break
                     expected = part.next_offset
                     if expected is not None and record.offset < expected:
-                        if part.handed_out(record.offset):
-                            continue  # fetched again after a seek
+                        # never sought below what it reached: the log went back under it
                         part = parts[tp] = self._log_went_back(tp, record.offset, expected)
                     if part.gap_before(record.offset):
                         taken = await self._gap_taken(tp, part, record.offset)
                         # and the partition may have moved during the broker's answers
                         if not taken or self.closed or self.partitions.get(tp) is not part:
                             break
-                    part.fetched(record.offset)
+                    part.fetched(record.offset, record.timestamp)
                     part.handling += 1
                     self.window.take()
                     msg = _KafkaMessage(record, self, tp, part)
@@ -726,8 +721,9 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         counted from 0)? A broker answers a fetch past the end with an error (the client then
         reads from the start, see ``_log_went_back``), or, as Tansu does, with nothing: the
         consumer waited there for ever, the new log's events never routed, readiness green
-        (no record waits past its position). Then it is read from its start. A log that grew
-        past that offset before this consumer fetched again is not told from the old one."""
+        (no record waits past its position). Then it is read again (``_read_again_from``). A
+        log that grew past that offset before this consumer fetched again is not told from the
+        old one."""
         for tp, part in list(self.partitions.items()):
             if tp in fetched:
                 continue
@@ -738,12 +734,28 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             reached = part.next_offset
             if high is None or reached is None or high >= reached:
                 continue
-            # asked afresh (not a fetch's word), as a re-read of the whole log depends on it
-            end, start = await self._log_end(tp), await self._log_start(tp)
-            if end is None or start is None or end >= reached:
+            # asked afresh (not a fetch's word), as a re-read of the log depends on it
+            end = await self._log_end(tp)
+            if end is None or end >= reached:
                 continue  # asked again after the next fetch
-            if not self.closed and self.partitions.get(tp) is part:
+            start = await self._read_again_from(tp, part.last_time, end)
+            if start is not None and not self.closed and self.partitions.get(tp) is part:
                 self._seek(tp, self._log_went_back(tp, start, reached), start)
+
+    async def _read_again_from(self, tp: TopicPartition, last: int | None, end: int) -> int | None:
+        """Where to read a log that went back: from its first record as new as the last one
+        handed out (a topic made again: its start; a log cut short by a broker: about where
+        this consumer was, not its whole retention again), else from its end (no record is);
+        from its start when the broker cannot say by time. None: no answer in time."""
+        if last is not None:
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    found = (await self.consumer.offsets_for_times({tp: last})).get(tp)
+            except (kerr.KafkaError, OSError, TimeoutError, ValueError):
+                found = None
+            else:
+                return end if found is None else int(found.offset)
+        return await self._log_start(tp)
 
     def _log_went_back(self, tp: TopicPartition, offset: int, expected: int) -> _Partition:
         """The broker hands out ``offset`` of ``tp``, below the ``expected`` one, without this
@@ -767,8 +779,6 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _seek(self, tp: TopicPartition, part: _Partition, offset: int) -> None:
         """Fetch ``tp`` from ``offset`` next, if it is still ``part``'s."""
-        if part.next_offset is not None and offset < part.next_offset:
-            part.reread_from = offset if part.reread_from is None else min(offset, part.reread_from)
         if self.partitions.get(tp) is part and not self.closed:
             # IllegalStateError: the partition is being reassigned; its commit point is at or
             # below ``offset``, so its next owner reads from there.

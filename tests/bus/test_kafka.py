@@ -521,19 +521,6 @@ async def test_a_topic_made_again_under_the_consumer_is_read_from_its_start(
         await reading.aclose()
 
 
-def test_a_record_below_the_offset_reached_is_a_re_read_only_after_a_seek() -> None:
-    # A broker that answers a fetch past the end with an error has the client read from the
-    # log's start: those records were dropped as handed out already, as re-read ones are.
-    part = _Partition()
-    for offset in range(10):
-        part.fetched(offset)
-    assert not part.handed_out(4)  # no seek of this consumer's: the log went back
-    part.reread_from = 3  # sought there to read again
-    assert part.handed_out(4) and part.handed_out(3) and not part.handed_out(2)
-    part.fetched(10)  # one past them came: the re-read is over
-    assert not part.handed_out(4)
-
-
 def test_a_copy_is_told_from_the_same_record_handed_out_again() -> None:
     recent = _Recent(window=10.0, kept=3)
     assert not recent.copy(b"k1", "kafka:t:0:5:1", now=0.0)
