@@ -23,11 +23,14 @@ class TokenBucket:
         self._tokens = self.burst
         self._refilled = clock()
 
-    def take(self) -> bool:
-        """Take a token, if one is there now."""
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
         self._refilled = now
+
+    def take(self) -> bool:
+        """Take a token, if one is there now."""
+        self._refill()
         # the epsilon keeps float rounding (0.1 * 10 == 0.9999...) from looping forever
         if self._tokens >= 1.0 - 1e-9:
             self._tokens = max(self._tokens - 1.0, 0.0)
@@ -35,7 +38,9 @@ class TokenBucket:
         return False
 
     def give_back(self) -> None:
-        """Return a token taken for a turn that was not used after all."""
+        """Return a token taken for a turn that was not used after all (the time since the
+        last take counted first: capped before it, the refill was lost)."""
+        self._refill()
         self._tokens = min(self.burst, self._tokens + 1.0)
 
     def wait(self) -> float:
