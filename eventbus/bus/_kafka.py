@@ -22,7 +22,7 @@ import logging
 import random
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -805,21 +805,23 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _log_end(self, tp: TopicPartition) -> int | None:
         """The offset after the last ``tp`` holds; None when the broker does not say in time."""
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                end = (await self.consumer.end_offsets([tp]))[tp]
-        except (kerr.KafkaError, OSError, KeyError, TimeoutError):
-            return None
-        return int(end) if end is not None and end >= 0 else None
+        return await self._log_offset(tp, self.consumer.end_offsets)
 
     async def _log_start(self, tp: TopicPartition) -> int | None:
         """The first offset ``tp`` still holds; None when the broker does not say in time."""
+        return await self._log_offset(tp, self.consumer.beginning_offsets)
+
+    async def _log_offset(
+        self,
+        tp: TopicPartition,
+        ask: Callable[[list[TopicPartition]], Awaitable[dict[TopicPartition, int]]],
+    ) -> int | None:
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                start = (await self.consumer.beginning_offsets([tp]))[tp]
+                offset = (await ask([tp]))[tp]
         except (kerr.KafkaError, OSError, KeyError, TimeoutError):
             return None
-        return int(start) if start is not None and start >= 0 else None
+        return int(offset) if offset is not None and offset >= 0 else None
 
     async def _resumed_at(self, tp: TopicPartition) -> int | None:
         """Where the group resumes reading ``tp``: its committed offset (or the log's start,

@@ -382,28 +382,20 @@ class RuleSet:
         skipped, the ``outcome``): counted in ``counter``, logged at most once a minute per
         rule. Under a lock: a large event is routed on the routing thread."""
         with self._lock:
-            self._count_failure(counter, rule, event, what, outcome, reason)
-
-    def _count_failure(
-        self,
-        counter: Counter[str],
-        rule: Rule,
-        event: dict[str, Any],
-        what: str,
-        outcome: str,
-        reason: str,
-    ) -> None:
-        counter[rule.name] += 1
+            counter[rule.name] += 1
+            now = time.monotonic()
+            if now < self._next_log.get(rule.name, 0.0):
+                self._unlogged[rule.name] += 1
+                skipped = None
+            else:
+                self._next_log[rule.name] = now + _LOG_INTERVAL
+                skipped = self._unlogged.pop(rule.name, 0)
         if RuleSet.on_failure is not None:
             RuleSet.on_failure(
                 rule.name, "condition" if counter is self.cel_errors else "transform"
             )
-        now = time.monotonic()
-        if now < self._next_log.get(rule.name, 0.0):
-            self._unlogged[rule.name] += 1
+        if skipped is None:
             return
-        self._next_log[rule.name] = now + _LOG_INTERVAL
-        skipped = self._unlogged.pop(rule.name, 0)
         log.warning(
             "rule %r: %s failed for event %s/%s, %s: %s%s",
             rule.name,
