@@ -89,6 +89,8 @@ class _Message:
 
 class _TwoRoutes:
     class current:  # the holder's attribute
+        macros = False  # (every event routed on the loop: see eventbus.rules.routing)
+
         @staticmethod
         def route(event: dict[str, Any]) -> list[Route]:
             return [Route("r1", "a", event, True, None), Route("r2", "b", event, True, None)]
