@@ -13,6 +13,7 @@ non-bool result is "no match", reported through ``Verdict`` so that the caller c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import operator
@@ -200,7 +201,7 @@ class _OverBudget(BaseException):
 class _Budget(threading.local):
     """What the evaluation running now may still spend (evaluations are synchronous: one at a
     time per thread, each with its budget, reset by each; a large event is routed on a thread
-    of its own, see ``eventbus.rules.routed``)."""
+    of its own, see ``eventbus.rules.routing``)."""
 
     steps = 0
     deadline = 0.0
@@ -430,6 +431,9 @@ class Condition:
     runner: celpy.Runner | OnFirstUse
     fast: FastCondition | None = None
     """The same condition on plain JSON (``_cel_fast``), where it can be; asked first."""
+    macros: bool = False
+    """Whether it calls a macro (``all``, ``exists``, ...): each evaluation may spend its
+    budget (see ``eventbus.rules.routing``)."""
 
     def evaluate(self, context: Activation) -> tuple[Verdict, str]:
         """Evaluate against an ``activation(event)``; never raises.
@@ -719,12 +723,14 @@ def _check_constants(source: str, tree: lark.Tree[lark.Token]) -> None:
 
 def builds_lists(tree: lark.Tree[lark.Token]) -> bool:
     """Whether the parsed condition calls a macro that builds a list (``map``, ``filter``)."""
+    return _calls(tree, frozenset({"map", "filter"}))
+
+
+def _calls(tree: lark.Tree[lark.Token], methods: frozenset[str]) -> bool:
+    """Whether the parsed condition calls one of ``methods``."""
     return any(
         sub.data == "member_dot_arg"
-        and any(
-            isinstance(child, lark.Token) and child.value in ("map", "filter")
-            for child in sub.children
-        )
+        and any(isinstance(child, lark.Token) and child.value in methods for child in sub.children)
         for sub in tree.iter_subtrees()
     )
 
@@ -759,11 +765,12 @@ def _compile(source: str, native: bool) -> Condition:
     _check_names(tree)
     _check_constants(source, tree)
     _check_patterns(tree)
+    macros = _calls(tree, _MACROS)
     if native:
         from eventbus.rules._cel_native import compile_native
 
         if (compiled := compile_native(source, lists=builds_lists(tree))) is not None:
-            return compiled
+            return dataclasses.replace(compiled, macros=macros)
     interpreted = _calls_has(tree)
     # The fast path is built for the runner cel-python would use. Should the transpiler fail to
     # write the condition (``_runner``), the interpreter runs it instead; the fast path built
@@ -771,8 +778,8 @@ def _compile(source: str, native: bool) -> Condition:
     # same values (it only leaves more to cel-python: ``_cel_fast._Compiler._target``).
     fast = compile_fast(tree, interpreted=interpreted)
     if fast is not None:
-        return Condition(source, OnFirstUse(source, interpreted=interpreted), fast)
-    return Condition(source, _runner(tree, interpreted=interpreted))
+        return Condition(source, OnFirstUse(source, interpreted=interpreted), fast, macros)
+    return Condition(source, _runner(tree, interpreted=interpreted), macros=macros)
 
 
 def _runner(tree: lark.Tree[lark.Token], *, interpreted: bool) -> celpy.Runner:

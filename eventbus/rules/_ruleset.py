@@ -23,7 +23,6 @@ import functools
 import gc
 import hashlib
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -98,10 +97,6 @@ async def routing(rules: RuleSet, size: int, route: Callable[[RuleSet], _T]) -> 
     if size < OFF_LOOP_BYTES and not rules.macros:
         return route(rules)
     return await asyncio.get_running_loop().run_in_executor(_routing_thread(), route, rules)
-
-
-# A macro called in a condition (its elements are a budget's worth of work each time).
-_MACRO_CALL = re.compile(r"\.\s*(?:all|exists|exists_one|filter|map)\s*\(")
 
 
 def _compile_match(value: object) -> CompiledPattern:
@@ -254,8 +249,7 @@ class RuleSet:
         )
         self._sync = frozenset(rule.name for rule in self._active if rule.sync)
         self.macros = any(
-            rule.condition is not None and _MACRO_CALL.search(rule.condition.source)
-            for rule in self._active
+            rule.condition is not None and rule.condition.macros for rule in self._active
         )
         """Whether a condition calls a macro: then every event is routed off the loop."""
         self.cel_errors: Counter[str] = Counter()
