@@ -66,13 +66,22 @@ _SHARED = (
 _SHARED_VALUES = "$1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10::jsonb"
 # An insert made again finds the row its first try wrote (migration 0008).
 _FOUND_BY_KEY = " ON CONFLICT (write_key) DO UPDATE SET write_key = EXCLUDED.write_key RETURNING id"
-# A first write of a chain (a retry row, or a dead letter with no row before it) is not made
-# when a chain under its key ($14) ended already: see schedule and migration 0012.
-_UNLESS_ENDED = " WHERE NOT EXISTS (SELECT 1 FROM delivery_ends WHERE write_key = $14)"
-# With ``gone`` (the rows a DELETE ... RETURNING write_key took), the ends of their chains.
-_ENDED = (
+
+
+def _unless_ended(key: str) -> str:
+    """A first write of a chain (a retry row, or a dead letter with no row before it) is not
+    made when a chain under its write key (the parameter ``key``) ended already: see
+    ``schedule`` and migration 0012."""
+    return f" WHERE NOT EXISTS (SELECT 1 FROM delivery_ends WHERE write_key = {key})"
+
+
+# Delete retry row $1 if claim $2 still holds it, keeping the end of its chain; how many went.
+_END_ROW = (
+    "WITH gone AS (DELETE FROM delivery_retries"
+    " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2 RETURNING write_key),"
     " ended AS (INSERT INTO delivery_ends (write_key) SELECT write_key FROM gone"
     " WHERE write_key IS NOT NULL ON CONFLICT (write_key) DO NOTHING)"
+    " SELECT count(*) FROM gone"
 )
 ENDS_KEPT = 86_400.0
 """Seconds the end of a chain is kept (``delivery_ends``): far past any bus's ack wait and
@@ -238,7 +247,7 @@ class DeliveryStore:
                 f"INSERT INTO delivery_retries ({_SHARED}, due_at, waiting_for,"
                 f" first_attempt_at, write_key) SELECT {_SHARED_VALUES},"
                 " now() + make_interval(secs => $11), $12, coalesce($13, now()), $14"
-                + _UNLESS_ENDED
+                + _unless_ended("$14")
                 + _FOUND_BY_KEY,
                 *_columns(d),
                 due_in,
@@ -411,14 +420,7 @@ class DeliveryStore:
         False when the row is no longer ``d``'s."""
         gone = await self._run(
             "completing a retry",
-            self._pool.fetchval(
-                "WITH gone AS (DELETE FROM delivery_retries"
-                " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2 RETURNING write_key),"
-                + _ENDED
-                + " SELECT count(*) FROM gone",
-                d.pending_id,
-                d.claim,
-            ),
+            self._pool.fetchval(_END_ROW, d.pending_id, d.claim),
             watched=True,
         )
         return bool(gone)
@@ -439,21 +441,14 @@ class DeliveryStore:
         async def tx() -> int | None:
             async with self._pool.acquire() as conn, conn.transaction():
                 if d.pending_id is not None:
-                    mine = await conn.fetchval(
-                        "WITH gone AS (DELETE FROM delivery_retries"
-                        " WHERE id = $1 AND locked_by IS NOT DISTINCT FROM $2 RETURNING write_key),"
-                        + _ENDED
-                        + " SELECT count(*) FROM gone",
-                        d.pending_id,
-                        d.claim,
-                    )
+                    mine = await conn.fetchval(_END_ROW, d.pending_id, d.claim)
                     if not mine:
                         return None
                 dl_id = await conn.fetchval(
                     f"INSERT INTO dead_letters ({_SHARED}, event_type, last_status, final_error,"
                     f" reason, first_attempt_at, replay_count, write_key) SELECT"
                     f" {_SHARED_VALUES}, $11, $12, $13, $14, coalesce($15, now()), $16, $17"
-                    + _UNLESS_ENDED.replace("$14", "$17")
+                    + _unless_ended("$17")
                     + _FOUND_BY_KEY,
                     *_columns(d),
                     d.event.get("type"),
