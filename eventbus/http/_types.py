@@ -38,8 +38,11 @@ async def send_answer(
     and ``body``; a 204 or 205 goes without either (RFC 9110: it has none, and bytes sent
     after it are the next answer to a keep-alive client)."""
     bodiless = status in _NO_BODY
-    framing = [] if bodiless else [(b"content-type", media.encode())]
-    framing += [] if bodiless else [(b"content-length", str(len(body)).encode())]
+    framing = (
+        []
+        if bodiless
+        else [(b"content-type", media.encode()), (b"content-length", str(len(body)).encode())]
+    )
     await send(
         {
             "type": "http.response.start",

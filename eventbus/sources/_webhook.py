@@ -35,6 +35,7 @@ import asyncpg
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from eventbus._burst import Burst
 from eventbus._errors import BusError, CloudEventError, StoreError
 from eventbus.cloudevents import (
     DEFAULT_MAX_EVENT_SIZE,
@@ -282,8 +283,10 @@ class WebhookSource:
         self._answer = template(spec.response.body if spec.response is not None else None)
         self._ctx: SourceContext | None = None
         window = spec.verify.window if spec.verify is not None else None
-        self._replays = _Replays(window) if window is not None else None
-        self._shared = _SharedReplays(spec.name, window or 0.0)
+        # a signed time: copies of a request verify for as long, remembered here and shared
+        self._replays = (
+            None if window is None else (_Replays(window), _SharedReplays(spec.name, window))
+        )
 
     async def run(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -389,9 +392,9 @@ class WebhookSource:
             raise CloudEventError(
                 f"webhook source {self.name!r} is not running", status=503, title="Not running"
             )
-        replays = self._replays
-        if signature is None or replays is None:
+        if signature is None or self._replays is None:
             return await ctx.emit(event), event["id"]
+        replays, shared = self._replays
         while (earlier := replays.find(signature, time.monotonic())) is not None:
             # A copy sent while the first was on its way (a sender's retry on a timeout) was
             # answered "duplicate" at once; when that publish then failed, the event was lost.
@@ -407,7 +410,7 @@ class WebhookSource:
         try:
             # published by another process (a worker of serve --workers N, an instance
             # before a restart) within the tolerance: the bus's duplicate window is shorter
-            earlier_id = await self._shared.published(ctx.pool, signature)
+            earlier_id = await shared.published(ctx.pool, signature)
             if earlier_id is not None:
                 published.set_result(earlier_id)
                 return True, earlier_id
@@ -419,7 +422,7 @@ class WebhookSource:
             replays.forget(signature, published)  # (its request gone): a copy publishes itself
             raise
         published.set_result(event["id"])
-        await self._shared.remember(ctx.pool, signature, event["id"])
+        await shared.remember(ctx.pool, signature, event["id"])
         return duplicate, event["id"]
 
 
@@ -448,7 +451,7 @@ class _SharedReplays:
         self._source = source
         self._keep = 2 * window
         self._pruned = float("-inf")
-        self._said = float("-inf")
+        self._unshared = Burst(self._tell_unshared, 60.0)
 
     @staticmethod
     def _digest(signature: str) -> bytes:
@@ -504,16 +507,16 @@ class _SharedReplays:
             self._unremembered(exc)
 
     def _unremembered(self, exc: StoreError) -> None:
-        now = time.monotonic()
-        if now - self._said >= 60.0:
-            self._said = now
-            log.warning(
-                "webhook source %s: signatures not shared with the other processes (%s): a "
-                "copy of a request sent to another one is told by the bus's duplicate window "
-                "only",
-                self._source,
-                exc,
-            )
+        self._unshared(str(exc))
+
+    def _tell_unshared(self, why: str, more: int) -> None:
+        log.warning(
+            "webhook source %s: signatures not shared with the other processes (%s): a copy of "
+            "a request sent to another one is told by the bus's duplicate window only%s",
+            self._source,
+            why,
+            f" ({more} more since)" if more else "",
+        )
 
 
 _PRUNE_SIGNATURES_EVERY = 600.0
