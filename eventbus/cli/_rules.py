@@ -15,7 +15,7 @@ import argparse
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -40,17 +40,13 @@ class _InputError(Exception):
     """An input file is missing or not the JSON expected; never escapes this module."""
 
 
-def _exact_json(raw: bytes) -> Any:
-    """JSON as the service reads it: an integer beyond 64 bits is refused, not rounded (an
-    event's 18446744073709551617 matched a pattern's 18446744073709551616)."""
+def _read_json(path: str | Path, what: str) -> Any:
+    """JSON read as the service reads it: an integer beyond 64 bits is refused, not rounded
+    (an event's 18446744073709551617 matched a pattern's 18446744073709551616)."""
     from eventbus.cloudevents import load_json
 
-    return load_json(raw)
-
-
-def _read_json(path: str | Path, what: str, loads: Callable[[bytes], Any] = _exact_json) -> Any:
     try:
-        return loads(Path(path).read_bytes())
+        return load_json(Path(path).read_bytes())
     except OSError as exc:
         raise _InputError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
     except orjson.JSONDecodeError as exc:
@@ -59,10 +55,8 @@ def _read_json(path: str | Path, what: str, loads: Callable[[bytes], Any] = _exa
         raise _InputError(f"{what} {str(path)!r}: {exc.detail}") from exc
 
 
-def _read_object(
-    path: str | Path, what: str, loads: Callable[[bytes], Any] = _exact_json
-) -> dict[str, Any]:
-    value = _read_json(path, what, loads)
+def _read_object(path: str | Path, what: str) -> dict[str, Any]:
+    value = _read_json(path, what)
     if not isinstance(value, dict):
         raise _InputError(f"{what} {str(path)!r} must be a JSON object, not {type(value).__name__}")
     return value
@@ -72,11 +66,10 @@ def _read_cloudevent(path: str | Path) -> dict[str, Any]:
     """The event in ``path`` as the service would route it: a valid CloudEvent (JSON format),
     null attributes dropped. Its size is not checked: the limit is the service's setting."""
     # Imported here: ``eventbus rules validate`` and ``--help`` do without the event model.
-    from eventbus.cloudevents import load_json, validate
+    from eventbus.cloudevents import validate
 
     try:
-        # read as the service reads it: an integer beyond 64 bits is refused, not rounded
-        event = _read_object(path, "event file", load_json)
+        event = _read_object(path, "event file")
         return validate(event, max_size=_ANY_SIZE)
     except CloudEventError as exc:
         raise _InputError(f"event file {str(path)!r} is not a valid CloudEvent: {exc}") from exc
