@@ -236,16 +236,18 @@ def load_connectors(
         if doc.data is None:
             continue
         try:
-            parsed = _File.model_validate(doc.data)
+            _File.model_validate(doc.data)
         except ValidationError as exc:
             errors.extend(pydantic_errors(doc, exc))
-            continue
-        entries: dict[ConnectorKind, list[dict[str, Any]]] = {
-            "target": parsed.targets,
-            "source": parsed.sources,
-        }
-        for kind, raws in entries.items():
-            for i, raw in enumerate(raws):
+        # Every entry that is a mapping is checked even so: one that was not (or a misspelt
+        # top-level key) hid every other problem of its file, fixed one run at a time.
+        data = doc.data if isinstance(doc.data, dict) else {}
+        kinds: tuple[ConnectorKind, ...] = ("target", "source")
+        for kind in kinds:
+            raws = data.get(f"{kind}s")
+            for i, raw in enumerate(raws if isinstance(raws, list) else ()):
+                if not isinstance(raw, dict):
+                    continue  # said by _File
                 spec = _validate(doc, kind, i, raw, env, errors)
                 # an invalid one's name counts too: its duplicate came in a second round
                 name = spec.name if spec is not None else raw.get("name")

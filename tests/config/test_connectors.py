@@ -55,6 +55,10 @@ def test_bad_connectors_are_all_reported(tmp_path: Path) -> None:
     )
     (tmp_path / "b.yaml").write_text("targets: [\n")
     (tmp_path / "c.yaml").write_text("sources:\n  - {type: timer}\nextra: 1\n")
+    # an entry that is not a mapping, then one with a bad value: both (the first hid the rest)
+    (tmp_path / "d.yaml").write_text(
+        "sources:\n  - just-a-string\n  - name: b\n    type: timer\n    schedule: bad\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_connectors(tmp_path)
     lines = str(info.value).replace(str(tmp_path) + "/", "").splitlines()
@@ -62,6 +66,9 @@ def test_bad_connectors_are_all_reported(tmp_path: Path) -> None:
     assert any("a.yaml:10" in line and "carrier-pigeon" in line for line in lines), lines
     assert "b.yaml:2: invalid YAML" in "\n".join(lines) or any("b.yaml" in x for x in lines)
     assert any(line.startswith("c.yaml:3: extra: Extra inputs") for line in lines), lines
+    assert any(line.startswith("c.yaml:2: sources.0") for line in lines), lines
+    assert any(line.startswith("d.yaml:2: sources.0: Input should be a valid") for line in lines)
+    assert any(line.startswith("d.yaml:5: sources.1.schedule") for line in lines), lines
     # the duplicate 'fn' too, the first one invalid (it came in a second round, once fixed)
     assert any(line.startswith("a.yaml:5: target 'fn': duplicate name") for line in lines), lines
 
