@@ -96,6 +96,11 @@ class TimerSourceSpec(SourceSpec):
 _KEEP_CLAIMS = timedelta(days=7)
 _PRUNE_EVERY = 3600.0
 _PRUNE_BATCH = 10_000
+_LOOK_EVERY = 30.0
+"""Seconds at most between two readings of the wall clock while waiting for a tick: a sleep
+runs on the monotonic clock, which stands still while the machine is suspended (and ignores a
+step of the wall clock), so a ``0 3 * * *`` timer on a laptop suspended 8 hours woke 8 hours
+after its 03:00."""
 _CONTESTED = 1.0
 """Seconds of claiming a tick past which the wait was for another instance's claim of it, not
 the database's own pace (a claim takes milliseconds)."""
@@ -148,7 +153,7 @@ class TimerSource:
         through: datetime | None = None
         while (tick := self._schedule.next_after(cursor)) is not None:
             while (now := ctx.clock.now()) < tick:
-                await ctx.clock.sleep((tick - now).total_seconds())
+                await ctx.clock.sleep(min((tick - now).total_seconds(), _LOOK_EVERY))
             claiming = ctx.clock.now()
             waited = await self._fire(ctx, tick)
             cursor = tick

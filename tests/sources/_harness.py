@@ -167,6 +167,13 @@ class ManualClock:
             if not fut.done():
                 fut.set_result(None)
 
+    def suspend(self, seconds: float) -> None:
+        """The machine suspended for ``seconds``: the wall clock moves on, and every sleep
+        under way (on the monotonic clock, which stands still meanwhile) ends that much later."""
+        shift = timedelta(seconds=seconds)
+        self._now += shift
+        self._sleepers = [(deadline + shift, n, fut) for deadline, n, fut in self._sleepers]
+
     async def wait_for_sleepers(self, count: int = 1) -> None:
         """Return once at least ``count`` sleepers are waiting (wrap in ``asyncio.timeout``)."""
         while self.sleepers < count:

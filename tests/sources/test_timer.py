@@ -77,6 +77,24 @@ async def test_ticks_arrive_on_the_bus_with_documented_attributes(
         assert await ctx.checkpoints.get("through") == "2026-01-01T10:02:00Z"
 
 
+async def test_ticks_due_while_the_machine_slept_fire_when_it_wakes(
+    database_dsn: str, nats_url: str
+) -> None:
+    # Suspended 8 hours while sleeping toward 11:00: a sleep is on the monotonic clock, which
+    # stood still, and the timer woke at 19:00 (8 hours after its tick) when it slept the whole
+    # wait at once. It reads the wall clock at least every 30 s.
+    clock = ManualClock(START)
+    async with source_pool(database_dsn) as pool, bus_tap(nats_url) as tap:
+        ctx = context(pool, "hourly", tap, type="timer", clock=clock)
+        async with running(timer("hourly", schedule="0 * * * *", missed="skip"), ctx):
+            await settle(clock)
+            clock.suspend(8 * 3600)  # from 10:00:30 to 18:00:30
+            clock.advance(30)
+            await eventually(lambda: _fired(pool, "hourly", ["11:00"]), what="the 11:00 tick")
+            await settle(clock)
+        assert [e["time"][11:16] for e in await tap.take(1)] == ["11:00"]
+
+
 async def test_two_instances_fire_each_tick_exactly_once(database_dsn: str, nats_url: str) -> None:
     clock = ManualClock(START)
     async with (
