@@ -9,6 +9,7 @@
      ├── BusError                 the durable bus refused or could not be reached
      │    ├── BusUnavailable      not reachable right now: retry later (HTTP 503)
      │    └── EventTooLargeForBus this event is over the broker's message limit (HTTP 413)
+     ├── SelectionChanged         a replay or purge's confirmed count no longer matches (409)
      ├── StoreError               Postgres could not be reached or rejected a write
      │    ├── StoreUnavailable    not reachable right now: retry later (HTTP 503)
      │    └── StoreDataError      Postgres refused a value of the statement (HTTP 400)
@@ -37,6 +38,7 @@ __all__ = [
     "PatternError",
     "RuleError",
     "RuleSetError",
+    "SelectionChanged",
     "StoreDataError",
     "StoreError",
     "StoreUnavailable",
@@ -131,6 +133,19 @@ class BusUnavailable(BusError):
 class EventTooLargeForBus(BusError):
     """The broker's message limit is below this event on the bus (HTTP 413): the bus itself is
     fine, other events pass, and this one never will as configured."""
+
+
+class SelectionChanged(EventBusError):
+    """A replay or purge given the count the operator confirmed (``expect``) found another
+    number of dead letters selected: nothing was done; ``count`` is how many match now."""
+
+    def __init__(self, expected: int, count: int) -> None:
+        self.expected = expected
+        self.count = count
+        super().__init__(
+            f"{count} dead letters match now, not the {expected} confirmed: nothing was done "
+            "(count them again, and confirm that number)"
+        )
 
 
 class StoreError(EventBusError):

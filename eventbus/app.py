@@ -70,6 +70,7 @@ from eventbus.config import (
 )
 from eventbus.delivery import (
     CIRCUIT_STATES,
+    DeadLetterCount,
     DeadLetterFilter,
     DeliveryPolicy,
     DeliveryStore,
@@ -947,18 +948,21 @@ class Service:
             )
         return notes
 
-    async def replay(self, flt: DeadLetterFilter) -> tuple[list[dict[str, Any]], int, list[str]]:
+    async def replay(
+        self, flt: DeadLetterFilter, *, expect: int | None = None
+    ) -> tuple[list[dict[str, Any]], int, list[str]]:
         """Move dead letters back into the retry schedule (audited), due now, a batch at a
         time; returns the first ``REPLAYS_LISTED`` of them (oldest first), how many there
         were, and notes: the targets among them this process does not have (their retries wait
         for an instance that has them, or for ever). A store failure after some batches says
-        how many had moved."""
+        how many had moved. With ``expect``, SelectionChanged (nothing moved) unless exactly
+        that many match."""
         shown: list[dict[str, Any]] = []
         count = 0
         unknown: Counter[str] = Counter()
         known = set(self.dispatcher.target_names())
         try:
-            async for batch in self.deliveries.replay(flt):
+            async for batch in self.deliveries.replay(flt, expect=expect):
                 shown.extend(batch[: REPLAYS_LISTED - len(shown)])
                 count += len(batch)
                 unknown.update(row["target"] for row in batch if row["target"] not in known)
@@ -1205,9 +1209,9 @@ class Service:
         """One page of the dead letters ``flt`` selects, by id, after the id ``after``."""
         return await self.deliveries.list_dead_letters(flt, limit=limit, after_id=after)
 
-    async def count_dead_letters(self, flt: DeadLetterFilter) -> tuple[int, datetime | None]:
-        """How many dead letters ``flt`` selects and when the newest was written (what a
-        replay or purge by ``flt`` would act on now)."""
+    async def count_dead_letters(self, flt: DeadLetterFilter) -> DeadLetterCount:
+        """How many dead letters ``flt`` selects, when the newest was written and its highest
+        id (what a replay or purge by ``flt`` would act on now)."""
         return await self.deliveries.count_dead_letters(flt)
 
     async def pending_retries(
@@ -1222,9 +1226,10 @@ class Service:
         """One dead letter with its event and every attempt, or None."""
         return await self.deliveries.get_dead_letter(dl_id)
 
-    async def purge(self, flt: DeadLetterFilter) -> int:
-        """Delete the dead letters ``flt`` selects; how many were deleted."""
-        return await self.deliveries.purge(flt)
+    async def purge(self, flt: DeadLetterFilter, *, expect: int | None = None) -> int:
+        """Delete the dead letters ``flt`` selects; how many were deleted. With ``expect``,
+        SelectionChanged (nothing deleted) unless exactly that many match."""
+        return await self.deliveries.purge(flt, expect=expect)
 
     async def source_dead_letters(
         self, *, source: str | None = None, limit: int = 100, payload_bytes: int | None = None

@@ -24,12 +24,13 @@ from eventbus.delivery._policy import (
     target_policies,
 )
 from eventbus.delivery._retry_worker import RetryWorker
-from eventbus.delivery._store import DeadLetterFilter, DeliveryStore
+from eventbus.delivery._store import DeadLetterCount, DeadLetterFilter, DeliveryStore
 
 __all__ = [
     "CIRCUIT_STATES",
     "PRESETS",
     "BreakerPolicy",
+    "DeadLetterCount",
     "DeadLetterFilter",
     "DeadLetterReason",
     "Delivery",

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import psutil
 
+from eventbus._errors import SelectionChanged
 from eventbus.delivery._model import DeadLetterReason, Delivery, DeliveryKind, split_stored_rule
 from eventbus.store import (
     READ_TIMEOUT,
@@ -32,7 +33,13 @@ from eventbus.store import (
     run_db,
 )
 
-__all__ = ["REPLAY_BATCH", "UNKNOWN_TARGET_GRACE", "DeadLetterFilter", "DeliveryStore"]
+__all__ = [
+    "REPLAY_BATCH",
+    "UNKNOWN_TARGET_GRACE",
+    "DeadLetterCount",
+    "DeadLetterFilter",
+    "DeliveryStore",
+]
 
 REPLAY_BATCH = 1000  # dead letters moved back into the retry schedule by one statement
 
@@ -100,6 +107,9 @@ class DeadLetterFilter:
     since: datetime | None = None
     until: datetime | None = None
     source: str | None = None
+    through: int | None = None
+    """Only ids up to this one: the newest a count found (``last_id``), so that a replay or
+    purge confirmed by that count leaves out those dead-lettered since."""
 
     def where(self, first_param: int = 1) -> tuple[str, list[Any]]:
         clauses: list[str] = []
@@ -125,7 +135,19 @@ class DeadLetterFilter:
             add("created_at < {}", self.until)
         if self.source is not None:
             add("event_source = {}", self.source)
+        if self.through is not None:
+            add("id <= {}", self.through)
         return (" AND ".join(clauses) or "TRUE"), args
+
+
+@dataclass(frozen=True)
+class DeadLetterCount:
+    """What a filter selects now: how many, the newest's time and the highest id (None: none);
+    a replay or purge given ``through=last_id`` and ``expect=count`` acts on exactly these."""
+
+    count: int
+    newest: datetime | None
+    last_id: int | None
 
 
 _json = dumps_jsonb
@@ -547,18 +569,20 @@ class DeliveryStore:
         )
         return [_dead_letter(r) for r in rows]
 
-    async def count_dead_letters(self, flt: DeadLetterFilter) -> tuple[int, datetime | None]:
-        """How many dead letters ``flt`` selects, and when the newest of them was written."""
+    async def count_dead_letters(self, flt: DeadLetterFilter) -> DeadLetterCount:
+        """How many dead letters ``flt`` selects, when the newest of them was written and the
+        highest id among them."""
         where, args = flt.where()
         row = await self._run(
             "counting dead letters",
             self._pool.fetchrow(
-                f"SELECT count(*) AS n, max(created_at) AS newest FROM dead_letters WHERE {where}",
+                "SELECT count(*) AS n, max(created_at) AS newest, max(id) AS last_id"
+                f" FROM dead_letters WHERE {where}",
                 *args,
             ),
             deadline=READ_TIMEOUT,
         )
-        return int(row["n"]), row["newest"]
+        return DeadLetterCount(int(row["n"]), row["newest"], row["last_id"])
 
     async def get_dead_letter(self, dl_id: int) -> dict[str, Any] | None:
         row = await self._run(
@@ -568,32 +592,40 @@ class DeliveryStore:
         )
         return None if row is None else _dead_letter(row)
 
-    async def replay(self, flt: DeadLetterFilter) -> AsyncIterator[list[dict[str, Any]]]:
+    async def replay(
+        self, flt: DeadLetterFilter, *, expect: int | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         """Move matching dead letters back into the retry schedule, due now, with a fresh
         attempt budget, their history and one more replay counted, ``REPLAY_BATCH`` at a time
         (oldest first, each batch in its own statement, which writes its ``replay-requested``
         audit rows too); yields what each batch replayed (id, source, event id, rule, target).
         One statement moved them all: 200,000 dead letters held their locks, and their rows in
-        memory, at once."""
+        memory, at once. With ``expect``, raises SelectionChanged (nothing moved) unless
+        exactly that many match."""
+        # Only those there now, by their ids: a replayed delivery that fails again while later
+        # batches move is a new dead letter, which a batch moved again (replayed twice by one
+        # request, and new ones arriving as fast as batches move kept it going); and a bound
+        # on the id or the time let in those whose transaction began before the count and
+        # committed after it (more replayed than the operator confirmed).
         where, args = flt.where()
-        # Only those there now: a replayed delivery that fails again while later batches move
-        # is a new dead letter (a higher id), which a batch moved again (replayed twice by one
-        # request, and new ones arriving as fast as batches move kept it going).
-        newest = await self._run(
+        ids = await self._run(
             "replaying dead letters",
-            self._pool.fetchval(f"SELECT max(id) FROM dead_letters WHERE {where}", *args),
+            self._pool.fetchval(
+                f"SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM dead_letters"
+                f" WHERE {where}",
+                *args,
+            ),
         )
-        if newest is None:
-            return
-        args = [*args, newest]
-        where = f"{where} AND id <= ${len(args)}"
-        while True:
+        if expect is not None and len(ids) != expect:
+            raise SelectionChanged(expect, len(ids))
+        for start in range(0, len(ids), REPLAY_BATCH):
             rows = await self._run(
                 "replaying dead letters",
                 self._pool.fetch(
+                    # (one another replay or a purge holds, or took, is left to it)
                     "WITH moved AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM"
-                    f" dead_letters WHERE {where} ORDER BY id LIMIT {REPLAY_BATCH}"
-                    " FOR UPDATE SKIP LOCKED) RETURNING *),"
+                    " dead_letters WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)"
+                    " RETURNING *),"
                     " queued AS (INSERT INTO delivery_retries (due_at, event_source, event_id,"
                     " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"
                     " waiting_for, replay_count)"
@@ -609,20 +641,29 @@ class DeliveryStore:
                     " outcome, duration_ms, at) SELECT event_source, event_id, rule, target, 0,"
                     f" '{AttemptOutcome.REPLAY_REQUESTED.value}', 0, now() FROM moved)"
                     " SELECT id, event_source, event_id, rule, target FROM moved ORDER BY id",
-                    *args,
+                    ids[start : start + REPLAY_BATCH],
                 ),
             )
-            if not rows:
-                return
-            yield [dict(r) for r in rows]
+            if rows:
+                yield [dict(r) for r in rows]
 
-    async def purge(self, flt: DeadLetterFilter) -> int:
+    async def purge(self, flt: DeadLetterFilter, *, expect: int | None = None) -> int:
+        """Delete the dead letters ``flt`` selects; how many. With ``expect``, raises
+        SelectionChanged (nothing deleted) unless exactly that many match."""
         where, args = flt.where()
-        status = await self._run(
-            "purging dead letters",
-            self._pool.execute(f"DELETE FROM dead_letters WHERE {where}", *args),
-        )
-        return int(str(status).split()[-1])
+
+        async def tx() -> int:
+            async with self._pool.acquire() as conn, conn.transaction():
+                n = await conn.fetchval(
+                    f"WITH gone AS (DELETE FROM dead_letters WHERE {where} RETURNING 1)"
+                    " SELECT count(*) FROM gone",
+                    *args,
+                )
+                if expect is not None and n != expect:
+                    raise SelectionChanged(expect, n)  # rolls the delete back
+                return int(n)
+
+        return int(await self._run("purging dead letters", tx()))
 
     async def disable_target(self, target: str, reason: str) -> None:
         await self._run(

@@ -40,6 +40,7 @@ from eventbus.http._invoke import caller, invoke
 from eventbus.http._params import (
     All,
     DeadLetterId,
+    Expect,
     Filter,
     Limit,
     Paging,
@@ -194,10 +195,10 @@ async def list_dead_letters(request: Request, page: Paging, flt: Filter) -> Resp
     summary="How many dead letters the filter selects (what a replay or purge by it acts on)",
 )
 async def count_dead_letters(request: Request, flt: Filter) -> Response:
-    count, newest = await _service(request).count_dead_letters(flt)
-    newest_at = None if newest is None else newest.isoformat()
+    found = await _service(request).count_dead_letters(flt)
+    newest = None if found.newest is None else found.newest.isoformat()
     since = None if flt.since is None else flt.since.isoformat()
-    return _json({"count": count, "newest": newest_at, "since": since})
+    return _json({"count": found.count, "newest": newest, "last_id": found.last_id, "since": since})
 
 
 @admin.get(
@@ -231,12 +232,14 @@ async def replay_one(request: Request, dl_id: DeadLetterId) -> Response:
     "/dead-letters/replay",
     status_code=202,
     response_model=schemas.Replayed,
-    responses=_problems(400),
+    responses=_problems(400, 409),
     summary="Deliver the dead letters the filter selects again (all=true: every one)",
 )
-async def replay_many(request: Request, flt: Selection, every: All = None) -> Response:
+async def replay_many(
+    request: Request, flt: Selection, every: All = None, expect: Expect = None
+) -> Response:
     _require_filter(flt, every)
-    replayed, count, notes = await _service(request).replay(flt)
+    replayed, count, notes = await _service(request).replay(flt, expect=expect)
     truncated = count > len(replayed)
     answer = {"replayed": replayed, "count": count, "truncated": truncated, "notes": notes}
     if flt.ids and flt == DeadLetterFilter(ids=flt.ids) and not truncated:
@@ -261,12 +264,14 @@ async def delete_one(request: Request, dl_id: DeadLetterId) -> Response:
 @admin.delete(
     "/dead-letters",
     response_model=schemas.Purged,
-    responses=_problems(400),
+    responses=_problems(400, 409),
     summary="Delete the dead letters the filter selects (all=true: every one)",
 )
-async def purge(request: Request, flt: Selection, every: All = None) -> Response:
+async def purge(
+    request: Request, flt: Selection, every: All = None, expect: Expect = None
+) -> Response:
     _require_filter(flt, every)
-    return _json({"purged": await _service(request).purge(flt)})
+    return _json({"purged": await _service(request).purge(flt, expect=expect)})
 
 
 def _require_filter(flt: DeadLetterFilter, every: str | None) -> None:

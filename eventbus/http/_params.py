@@ -27,6 +27,7 @@ __all__ = [
     "All",
     "DeadLetterId",
     "EventSearch",
+    "Expect",
     "Filter",
     "Limit",
     "Page",
@@ -198,6 +199,14 @@ After = Annotated[
     Query(description="The next page: the last id of the previous one (``next_after``)."),
     _integer("after"),
 ]
+Expect = Annotated[
+    int | None,
+    Query(
+        description="The count the operator confirmed: unless exactly this many match, nothing "
+        "is done and the answer is 409."
+    ),
+    _integer("expect"),
+]
 All = Annotated[
     str | None,
     Query(alias="all", description="``true`` to select every dead letter (no other filter)."),
@@ -245,6 +254,14 @@ def _dead_letter_filter(
         _moment("until"),
     ] = None,
     source: Annotated[str | None, Query(description="The event's source."), _text("source")] = None,
+    through: Annotated[
+        int | None,
+        Query(
+            description="Ids up to this one: a count's ``last_id``, leaving out those "
+            "dead-lettered since."
+        ),
+        _integer("through"),
+    ] = None,
 ) -> DeadLetterFilter:
     _in_order(since, until)
     return DeadLetterFilter(
@@ -256,6 +273,7 @@ def _dead_letter_filter(
         since=since,
         until=until,
         source=source,
+        through=through,
     )
 
 
@@ -313,7 +331,19 @@ def _event_search(
 Paging = Annotated[Page, Depends(_page)]
 Filter = Annotated[DeadLetterFilter, Depends(_dead_letter_filter)]
 
-_SELECTING = ("id", "rule", "target", "status", "reason", "since", "until", "source", "all")
+_SELECTING = (
+    "id",
+    "rule",
+    "target",
+    "status",
+    "reason",
+    "since",
+    "until",
+    "source",
+    "through",
+    "all",
+    "expect",
+)
 
 
 def _selection(request: Request, flt: Filter) -> DeadLetterFilter:

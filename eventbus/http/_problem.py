@@ -15,6 +15,7 @@ from eventbus._errors import (
     BusUnavailable,
     CloudEventError,
     EventTooLargeForBus,
+    SelectionChanged,
     StoreDataError,
     StoreError,
 )
@@ -97,6 +98,8 @@ def problem_for(exc: Exception, *, reveal: bool = True) -> Problem | None:
     if isinstance(exc, CloudEventError):
         metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
         return Problem(exc.status, exc.detail, title=exc.title)
+    if isinstance(exc, SelectionChanged):
+        return Problem(409, str(exc), title="The selection changed")
     why = f": {exc}" if reveal else ""
     if isinstance(exc, BusUnavailable):
         return Problem(503, f"the event bus is unavailable{why}", headers={"Retry-After": "5"})

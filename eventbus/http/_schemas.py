@@ -222,12 +222,14 @@ class DeadLetterPage(_Body):
 
 class DeadLetterCount(_Body):
     """How many dead letters the filter selects now, and when the newest of them was written
-    (null: none); ``since`` is the filter's as the server took it (a duration ago made a time
-    by its clock, null without one): a replay or purge given it acts on those counted, where
-    the duration would be taken again from a later now."""
+    (null: none), and the highest id among them; ``since`` is the filter's as the server took
+    it (a duration ago made a time by its clock, null without one). A replay or purge given the
+    same filter with ``since`` as answered, ``through=last_id`` and ``expect=count`` acts on
+    exactly those counted, or on none (409) when that is no longer the count."""
 
     count: int
     newest: str | None
+    last_id: int | None
     since: str | None
 
 

@@ -135,7 +135,10 @@ async def test_target_down_dead_letters_then_replay_by_filter(
     assert status == 200 and counted["count"] == 20, counted
     assert counted["newest"] == max(i["created_at"] for i in items)
     status, _, counted = await svc.request("GET", "/dead-letters/count?target=other")
-    assert (status, counted) == (200, {"count": 0, "newest": None, "since": None})
+    assert (status, counted) == (
+        200,
+        {"count": 0, "newest": None, "last_id": None, "since": None},
+    )
     # a duration ago is answered as the time it was taken for: a purge given it acts on those
     # counted (the console's "1h" was taken again from a later now at the confirmation)
     before = datetime.now(UTC)
@@ -182,6 +185,69 @@ async def test_target_down_dead_letters_then_replay_by_filter(
         "SELECT count(*) FROM attempts WHERE outcome = 'replay-requested'"
     )
     assert replays == 20
+
+
+async def _dead_letter_row(conn: Any, event_id: str) -> int:
+    """A dead letter written straight to the table, in ``conn``'s transaction if it has one."""
+    event = orjson.dumps({"id": event_id, "source": "tests/sel"}).decode()
+    return int(
+        await conn.fetchval(
+            "INSERT INTO dead_letters (event_source, event_id, event, rule, target, payload,"
+            " is_cloudevent, attempts, history, reason, first_attempt_at) VALUES ('tests/sel',"
+            " $1, $2::jsonb, 'all', 'fn', $2::jsonb, true, 1, '[]', 'attempts-exhausted',"
+            " now()) RETURNING id",
+            event_id,
+            event,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "done"),
+    [("DELETE", "/dead-letters", "purged"), ("POST", "/dead-letters/replay", "count")],
+)
+async def test_a_confirmed_replay_or_purge_acts_on_the_counted_dead_letters_only(
+    eventbus: StartService, receiver: Receiver, method: str, path: str, done: str
+) -> None:
+    """The console counts, asks, then acts with ``through`` (the highest id counted) and
+    ``expect`` (the count). A dead letter whose write began before the count and committed
+    after it has a lower id and an older time than those counted: a bound on the time (the
+    console's before) let it in, and the purge deleted more than the dialog said."""
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    pool = svc.service.store.pool
+    async with pool.acquire() as held:
+        late = held.transaction()
+        await late.start()
+        late_id = await _dead_letter_row(held, "late")  # under way while counted
+        counted_ids = [await _dead_letter_row(pool, f"c{i}") for i in range(3)]
+        status, _, counted = await svc.request("GET", "/dead-letters/count?target=fn")
+        assert status == 200 and counted["count"] == 3, counted
+        assert counted["last_id"] == max(counted_ids) > late_id
+        await late.commit()
+    after = await _dead_letter_row(pool, "after")  # dead-lettered while the dialog waited
+
+    confirmed = f"{path}?target=fn&through={counted['last_id']}&expect=3"
+    status, _, problem = await svc.request(method, confirmed)
+    assert status == 409, problem
+    assert problem["detail"].startswith("4 dead letters match now, not the 3 confirmed")
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 5  # nothing done
+    assert await pool.fetchval("SELECT count(*) FROM delivery_retries") == 0
+
+    # counted again, confirmed again: those four, not the one written since
+    through = max(counted_ids)
+    status, _, counted = await svc.request(
+        "GET", f"/dead-letters/count?target=fn&through={through}"
+    )
+    assert (status, counted["count"]) == (200, 4), counted
+    status, _, body = await svc.request(method, confirmed.replace("expect=3", "expect=4"))
+    assert status in (200, 202) and body[done] == 4, body
+    left = await pool.fetch("SELECT id FROM dead_letters")
+    assert [r["id"] for r in left] == [after]
+    # without expect, as before: whatever matches
+    status, _, body = await svc.request(method, f"{path}?target=fn")
+    assert status in (200, 202) and body[done] == 1, body
+    status, _, problem = await svc.request(method, f"{path}?target=fn&expect=x")
+    assert status == 400 and problem["detail"].startswith("expect "), problem
 
 
 async def test_classification_of_failures(

@@ -156,7 +156,7 @@ async def test_live_stream_filter_and_pause(
 
     await page.click("#live-pause")
     assert (await svc.post_event(_event("keep", id="later")))[0] == 202
-    await page.wait_text("#live-status", "paused, 2 waiting")
+    await page.wait_text("#live-status", "paused, 1 waiting")  # events, not their rows
     assert await page.js("return document.querySelectorAll('#live-rows tr').length") == 1
     await page.click("#live-pause")
     await page.wait_text(ROW % "later", "delivered")
@@ -180,6 +180,25 @@ async def test_a_row_whose_delivery_ends_while_paused_shows_it_on_resume(
     await page.wait_text("#live-status", "21 older events skipped while paused", within=30)
     await page.click("#live-pause")
     await page.wait_text(ROW % "slow", "delivered")
+
+
+async def test_paused_the_page_keeps_the_newest_500_events_not_500_rows(
+    eventbus: StartService, receiver: Receiver, browser: Callable[[str], Page]
+) -> None:
+    # Each delivered event sends a row when routed and one when its deliveries end: bounded in
+    # rows, the 500 kept while paused were some 250 events, and 270 of these 520 were skipped.
+    svc, page = await _on_the_live_page(eventbus, receiver, browser)
+    await page.click("#live-pause")
+    for n in range(520):
+        assert (await svc.post_event(_event(f"many-{n}")))[0] == 202
+    await svc.drained()
+    await page.wait_text("#live-status", "paused, 500 waiting; 20 older events skipped", within=30)
+    await page.click("#live-pause")
+    await page.wait_text(ROW % "many-519", "delivered")
+    await page.wait_text(ROW % "many-20", "delivered")
+    shown = "return document.querySelectorAll('#live-rows tr').length"
+    assert await page.js(shown) == 500
+    assert await page.js(f"return document.querySelectorAll({ROW % 'many-19'!r}).length") == 0
 
 
 async def test_trail_page_shows_every_attempt(

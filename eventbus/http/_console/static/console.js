@@ -183,7 +183,7 @@ window.addEventListener("hashchange", show);
 
 // -- live events ----------------------------------------------------------------------------
 
-const live = { controller: null, paused: false, pending: [], rows: new Map(), pattern: "", frame: 0, dropped: 0, heldBack: 0, problem: "" };
+const live = { controller: null, paused: false, pending: [], rows: new Map(), pattern: "", frame: 0, dropped: 0, heldBack: 0, skipped: new Set(), problem: "" };
 
 async function showLive() {
   if (!live.controller) startLive();
@@ -269,38 +269,48 @@ function onMessage(block) {
   }
 }
 
-// Paused, the rows waiting are bounded: the updates of the rows shown are kept, folded into
-// one per row (a row whose delivery ended while paused stayed "routing" for good: its update
-// was among the oldest, dropped), and of the others the newest; what goes is counted in
-// events, not rows (each event sends two).
+// Paused, the rows waiting are bounded in events, not rows (each event sends two, or more
+// with retries: bounded in rows, 500 kept some 250 events, and the rest of the page's room went
+// unused): the rows of one event are folded into one, with every delivery's latest state (a row
+// whose delivery ended while paused stayed "routing" for good: its update was among the oldest,
+// dropped); those of the rows shown are all kept, and of the others the newest events. An
+// event skipped stays skipped: its later updates are dropped too (they were drawn as a row of
+// their own, and the event counted as skipped and shown).
+const SKIPPED_REMEMBERED = 10 * MAX_ROWS;
+
 function trimWhilePaused() {
-  const folded = new Map();
-  const others = [];
+  const folded = new Map(); // in the order each event first came
   for (const r of live.pending) {
     const key = `${r.source}\n${r.id}`;
-    if (!live.rows.has(key)) {
-      others.push(r);
-      continue;
-    }
+    if (live.skipped.has(key)) continue;
     const into = folded.get(key);
-    const latest = new Map((into ? into.deliveries : []).map((d) => [`${d.rule}\n${d.target}`, d]));
-    for (const d of r.deliveries) latest.set(`${d.rule}\n${d.target}`, d);
-    // the latest whole row (time set) with every delivery's latest state, one per delivery:
-    // bounded however many updates come
-    const base = r.time !== null || !into ? r : into;
-    folded.set(key, { ...base, state: r.state, deliveries: [...latest.values()] });
+    folded.set(key, into ? foldRow(into, r) : r);
   }
-  const room = Math.max(0, MAX_ROWS - folded.size);
-  const gone = others.slice(0, Math.max(0, others.length - room));
-  const kept = others.slice(gone.length);
-  const still = new Set(kept.map((r) => `${r.source}\n${r.id}`));
-  live.heldBack += new Set(gone.map((r) => `${r.source}\n${r.id}`).filter((k) => !still.has(k))).size;
-  live.pending = [...folded.values(), ...kept];
+  const shown = [];
+  const others = [];
+  for (const [key, r] of folded) (live.rows.has(key) ? shown : others).push([key, r]);
+  const gone = others.splice(0, Math.max(0, others.length - Math.max(0, MAX_ROWS - shown.length)));
+  live.heldBack += gone.length;
+  for (const [key] of gone) live.skipped.add(key);
+  for (const key of live.skipped) {
+    if (live.skipped.size <= SKIPPED_REMEMBERED) break;
+    live.skipped.delete(key); // the oldest first
+  }
+  live.pending = [...shown, ...others].map(([, r]) => r);
+}
+
+// One row of an event from two: the latest whole row (time set) with every delivery's latest
+// state, one per delivery (bounded however many updates come).
+function foldRow(into, r) {
+  const latest = new Map(into.deliveries.map((d) => [`${d.rule}\n${d.target}`, d]));
+  for (const d of r.deliveries) latest.set(`${d.rule}\n${d.target}`, d);
+  const base = r.time !== null ? r : into;
+  return { ...base, state: r.state, deliveries: [...latest.values()] };
 }
 
 function setStatus(text) {
   const extra = [];
-  if (live.paused) extra.push(`paused, ${live.pending.length} waiting`);
+  if (live.paused) extra.push(`paused, ${new Set(live.pending.map((r) => `${r.source}\n${r.id}`)).size} waiting`);
   if (live.heldBack) extra.push(`${live.heldBack} older events skipped while paused`);
   if (live.dropped) extra.push(`${live.dropped} dropped (too slow)`);
   $("live-status").textContent = extra.length ? `${text} (${extra.join("; ")})` : text;
@@ -374,6 +384,7 @@ $("live-pause").addEventListener("click", () => {
   $("live-pause").textContent = live.paused ? "Resume" : "Pause";
   if (!live.paused) {
     live.heldBack = 0;
+    live.skipped.clear();
     scheduleFlush();
   }
   setStatus("live");
@@ -648,15 +659,11 @@ $("dl-rows").addEventListener("click", async (e) => {
   $("dl-detail").hidden = false;
 });
 
-// How many dead letters match, and the newest time among them (the server's clock).
+// How many dead letters match, the highest id among them, and the "since" the server took.
 async function countDeadLetters(params) {
   // counted by the database (walking every page took 507 requests and 12 s at 507,000)
   const answer = await api("GET", `/dead-letters/count?${new URLSearchParams(params)}`);
-  return {
-    count: answer.count,
-    newest: answer.newest === null ? -Infinity : Date.parse(answer.newest),
-    since: answer.since,
-  };
+  return { count: answer.count, lastId: answer.last_id, since: answer.since };
 }
 
 function confirmAction(text) {
@@ -684,9 +691,9 @@ async function onFiltered(verb, method, path) {
   }
   const filtered = params.toString() !== "";
   if (!filtered) params.set("all", "true");
-  let count, newest, since;
+  let count, lastId, since;
   try {
-    ({ count, newest, since } = await countDeadLetters(deadFilter()));
+    ({ count, lastId, since } = await countDeadLetters(deadFilter()));
   } catch (err) {
     $("dl-message").textContent = err.message;
     return;
@@ -695,11 +702,12 @@ async function onFiltered(verb, method, path) {
     $("dl-message").textContent = "no dead letters match";
     return;
   }
-  // Act on those counted, not on those dead-lettered while the dialog waits: before the
-  // newest of them (a millisecond past it, as the server's times have microseconds).
-  // Always this bound: the counted ones matched the user's own "until", so it is never later,
-  // and a "until" without a zone is UTC to the server but local time to Date.parse.
-  params.set("until", new Date(newest + 1).toISOString());
+  // Act on those counted and no other: not those dead-lettered while the dialog waits (ids
+  // up to the highest counted), nor those whose write was under way when they were counted
+  // (the server does nothing, answering 409, unless exactly the confirmed number match; a
+  // bound on the time let them in, and the purge deleted more than the dialog said).
+  params.set("through", String(lastId));
+  params.set("expect", String(count));
   // and after the "since" they were counted from: "1h" taken again at the confirmation would
   // leave out those that turned older than an hour while the dialog waited
   if (since) params.set("since", since);
