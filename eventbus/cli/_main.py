@@ -200,6 +200,17 @@ def _answered_by_target(headers: Message) -> bool:
     )
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx comes back as the answer it is: the service passes a function's own redirect on
+    (``invoke``), and urllib followed it, sending the API key to the host the function named."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _send(
     args: argparse.Namespace,
     method: str,
@@ -251,7 +262,7 @@ def _send(
         req.add_header("Authorization", f"Bearer {api_key}")
     timeout = getattr(args, "timeout", None) or timeout
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _OPENER.open(req, timeout=timeout) as resp:
             return resp.status, resp.headers, resp.read()
     except TimeoutError:
         raise _ApiError(f"eventbus at {args.url} did not answer within {timeout:g} s") from None

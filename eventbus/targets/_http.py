@@ -57,6 +57,7 @@ from eventbus.targets._http1 import (
 )
 from eventbus.targets._http_auth import (
     CLIENT_HEADERS,
+    HEADER_NAME,
     HttpAuthSpec,
     auth_header_name,
     auth_headers,
@@ -245,6 +246,14 @@ class HttpTargetSpec(TargetSpec):
     @field_validator("headers")
     @classmethod
     def _plain_headers(cls, headers: dict[str, Secret]) -> dict[str, Secret]:
+        # A name HTTP cannot carry went out as it was: "X Bad" had every delivery refused by
+        # the function (400, dead-lettered), "X-A: x\tX-B" sent a header the file did not name.
+        bad = [name for name in headers if HEADER_NAME.match(name) is None]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: not a header name (letters, digits and "
+                "!#$%&'*+-.^_`|~ only)"
+            )
         # Custom headers are often credentials, so every value is a secret (masked wherever
         # the spec is shown), but "X-Team: billing" belongs in the file: no warning for it.
         return {

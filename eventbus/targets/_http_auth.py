@@ -34,13 +34,15 @@ from eventbus.config import OAuth2Spec, Secret
 
 __all__ = [
     "CLIENT_HEADERS",
+    "HEADER_NAME",
     "HttpAuthSpec",
     "auth_header_name",
     "auth_headers",
     "auth_secrets",
 ]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""What an HTTP header name may be: an RFC 9110 token."""
 
 
 class _Spec(BaseModel):
@@ -79,7 +81,7 @@ _NOT_A_KEY_HEADER = CLIENT_HEADERS | frozenset(
 
 
 class ApiKeySpec(_Spec):
-    header: str = Field("X-API-Key", pattern=_TOKEN.pattern)
+    header: str = Field("X-API-Key", pattern=HEADER_NAME.pattern)
     value: Secret
 
     @field_validator("header")

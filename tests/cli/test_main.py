@@ -685,6 +685,7 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
             headers={"Content-Type": "application/problem+json"},
             body=b'{"title": "out of stock"}',
         ),
+        Response(302, headers={"Location": receiver.url("/elsewhere")}, body=b"moved"),
     )
     code, out, err = await _cli("invoke", "fn", "--data", '{"w": 10}', "--id", "i-1", *url)
     assert (code, out) == (0, "resized"), err
@@ -704,6 +705,10 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
     assert (code, out) == (0, {"job": 7}) and err.startswith("fn answered 202 in "), err
     code, out, err = await _cli("invoke", "fn", "--json", *url)
     assert code == 1 and out["body"] == {"title": "out of stock"}, (out, err)
+    # a function's redirect is its answer: urllib followed it, with the API key
+    code, out, err = await _cli("invoke", "fn", "--api-key", "k-secret", *url)
+    assert (code, out) == (0, "moved") and err.startswith("fn answered 302 in "), (out, err)
+    assert [r.path for r in receiver.requests].count("/elsewhere") == 0
     first, second, third, *_ = (r.cloudevent or {} for r in receiver.requests)
     assert (first["id"], first["type"], first["data"]) == ("i-1", "eventbus.invoke", {"w": 10})
     assert "data" not in second and third["data"] == {"w": 0}
@@ -720,11 +725,11 @@ async def test_invoke_prints_the_answer_or_queues_the_call(
         "invoke", "fn", "--async", "--id", "q-1", "--type", "com.example.q", *url
     )
     assert (code, out) == (0, "queued for fn: eventbus/cli q-1\n"), err
-    (*_, queued) = await receiver.wait_for(7)
+    (*_, queued) = await receiver.wait_for(8)
     assert queued.cloudevent is not None and queued.cloudevent["type"] == "com.example.q"
     trail = await svc.trail("eventbus/cli", "q-1", attempts=1)
     assert trail["via"] == "invoke:async:fn:remote=127.0.0.1"
-    assert len(receiver.requests) == 7
+    assert len(receiver.requests) == 8
 
 
 async def test_a_service_that_does_not_answer_is_said_so_within_the_timeout() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import orjson
 import pytest
 
 # Importing the two packages registers the built-in source and target types.
@@ -344,3 +345,25 @@ def test_delivery_problems_come_with_the_others_each_on_its_line(tmp_path: Path)
         ["a.yaml:9", "targets.1.delivery.retry"],
     ], lines
     assert all(line.endswith(("(target 'b')", "(target 'fn')")) for line in lines), lines
+
+
+@pytest.mark.parametrize("name", ["X Bad", "X-A: x\tX-B", "", "Ümlaut", "X-A\r"])
+def test_a_header_name_http_cannot_carry_is_refused_with_its_line(
+    tmp_path: Path, name: str
+) -> None:
+    # It went out as written: "X Bad" had every delivery refused by the function (a 400,
+    # dead-lettered), "X-A: x<TAB>X-B" sent a header the file did not name.
+    (tmp_path / "t.yaml").write_text(
+        "targets:\n"
+        "  - name: fn\n"
+        "    type: http\n"
+        "    url: http://127.0.0.1:1/x\n"
+        "    headers:\n"
+        "      X-Team: billing\n"
+        f"      {orjson.dumps(name).decode()}: v\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path)
+    message = str(info.value).replace(str(tmp_path) + "/", "")
+    assert message.startswith("t.yaml:5: targets.0.headers: "), message
+    assert "not a header name" in message and "(target 'fn')" in message, message
