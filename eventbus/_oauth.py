@@ -32,6 +32,7 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
@@ -424,7 +425,10 @@ def kafka_options(auth: KafkaAuth, where: str, timeout: float = 10.0) -> dict[st
 
 @contextlib.asynccontextmanager
 async def start_refusals(
-    servers: str | Sequence[str] = (), options: dict[str, Any] | None = None
+    servers: str | Sequence[str] = (),
+    options: dict[str, Any] | None = None,
+    *,
+    within: float | None = None,
 ) -> AsyncIterator[None]:
     """Around starting an aiokafka client on ``servers`` with ``options`` (from
     :func:`kafka_options`): what it raises for a refused connection, made to say why, as
@@ -438,13 +442,22 @@ async def start_refusals(
       bootstrap server is asked once more, by :func:`tls_refusal`, and its reason raised.
 
     A refusal becomes PermissionError; a token endpoint that may answer later, and a TLS
-    failure (a server's certificate may be renewed), ConnectionError.
+    failure (a server's certificate may be renewed), ConnectionError. With ``within``, the
+    start is given that many seconds (TimeoutError); over SSL, a start that ran out of them
+    asks the first server too (an SSL client on a port without TLS waits for ever, the server
+    waiting for a request it can read).
     """
     refusals = _Refusals(servers)
-    logger = logging.getLogger("aiokafka")
-    logger.addHandler(refusals)
+    _listen_once()
+    watching = _WATCHING.set(refusals)
     try:
-        yield
+        async with asyncio.timeout(within):
+            yield
+    except TimeoutError:
+        reason = await _tls_reason(servers, options)
+        if reason is None:
+            raise
+        raise ConnectionError(reason) from None
     except KeyError as exc:
         raise PermissionError("the broker refused the SASL credentials") from exc
     except TokenError as exc:
@@ -454,26 +467,62 @@ async def start_refusals(
             raise PermissionError(
                 f"the broker refused the SASL credentials: {refusals.seen[-1]}"
             ) from exc
-        context = (options or {}).get("ssl_context")
-        first = _first_server(servers)
-        if context is None or first is None:
-            raise
-        reason = await tls_refusal(*first, context)
+        reason = await _tls_reason(servers, options)
         if reason is None:
             raise
-        host, port = first
-        raise ConnectionError(f"TLS with {host}:{port} failed: {reason}") from exc
+        raise ConnectionError(reason) from exc
     finally:
-        logger.removeHandler(refusals)
+        _WATCHING.reset(watching)
 
 
-class _Refusals(logging.Handler):
-    """The SASL refusals aiokafka's bootstrap met on ``servers`` while it is attached.
+async def _tls_reason(servers: str | Sequence[str], options: dict[str, Any] | None) -> str | None:
+    """Why TLS with the first of ``servers`` fails under ``options``' context, None when it
+    does not (or when there is no TLS)."""
+    context = (options or {}).get("ssl_context")
+    first = _first_server(servers)
+    if context is None or first is None:
+        return None
+    reason = await tls_refusal(*first, context)
+    host, port = first
+    return None if reason is None else f"TLS with {host}:{port} failed: {reason}"
+
+
+_WATCHING: ContextVar[_Refusals | None] = ContextVar("eventbus_kafka_refusals", default=None)
+"""The refusals of the client starting in this task (aiokafka bootstraps in the task that
+starts the client, and logs each failed connection there). A handler per client on aiokafka's
+logger took every client's: a source refused its password had a healthy target on the same
+host told "refused the SASL credentials", dead-lettered after one attempt."""
+
+
+class _ToStarting(logging.Handler):
+    """On aiokafka's logger, once: each error record to the refusals of the client whose
+    start logged it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        refusals = _WATCHING.get()
+        if refusals is not None:
+            refusals.take(record)
+
+
+_LISTENING: list[_ToStarting] = []
+
+
+def _listen_once() -> None:
+    if not _LISTENING:
+        _LISTENING.append(_ToStarting())
+        logging.getLogger("aiokafka").addHandler(_LISTENING[0])
+
+
+class _Refusals:
+    """The SASL refusals aiokafka's bootstrap met on ``servers`` while one client starts.
 
     aiokafka turns every failed bootstrap connection into "Unable to bootstrap from [...]"; the
     broker's answer (a refused password, a mechanism it does not offer, as Apache Kafka says
     them) is only in the error it logs for the connection (``Unable connect to "host:port":
-    <error>``), whose arguments carry the error itself."""
+    <error>``), whose arguments carry the host, the port and the error itself."""
 
     _REFUSED = (
         SaslAuthenticationFailed,
@@ -483,36 +532,49 @@ class _Refusals(logging.Handler):
     )
 
     def __init__(self, servers: str | Sequence[str]) -> None:
-        super().__init__(logging.ERROR)
         listed = servers.split(",") if isinstance(servers, str) else list(servers)
-        self._hosts = {s.strip().rsplit(":", 1)[0].strip("[]") for s in listed if s.strip()}
+        self._servers = {s for s in map(_host_port, listed) if s is not None}
         self.seen: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def take(self, record: logging.LogRecord) -> None:
         args = record.args
         if (
             isinstance(args, tuple)
             and len(args) == 3
             and isinstance(args[2], self._REFUSED)
-            and (str(args[0]) in self._hosts or not self._hosts)
+            and (_logged_server(args[0], args[1]) in self._servers or not self._servers)
         ):
             self.seen.append(f"{type(args[2]).__name__}: {args[2]}"[:300])
 
 
+def _logged_server(host: Any, port: Any) -> tuple[str, int] | None:
+    try:
+        return str(host).strip("[]"), int(port)
+    except (TypeError, ValueError):
+        return None
+
+
 def _first_server(servers: str | Sequence[str]) -> tuple[str, int] | None:
     """The host and port of the first of aiokafka's ``bootstrap_servers`` (``"h1:9093,h2"`` or
-    a list; the port defaults to 9092, an IPv6 host is bracketed), None when there is none."""
+    a list), None when there is none."""
     listed = servers.split(",") if isinstance(servers, str) else list(servers)
     first = next((s.strip() for s in listed if s.strip()), None)
-    if first is None:
+    return None if first is None else _host_port(first)
+
+
+def _host_port(server: str) -> tuple[str, int] | None:
+    """One of ``bootstrap_servers`` as host and port (the port defaults to 9092, an IPv6 host
+    is bracketed), None when it is none."""
+    server = server.strip()
+    if not server:
         return None
-    if first.startswith("["):  # [::1]:9093
-        host, _, rest = first[1:].partition("]")
+    if server.startswith("["):  # [::1]:9093
+        host, _, rest = server[1:].partition("]")
         port = rest.removeprefix(":")
-    elif ":" in first:
-        host, _, port = first.rpartition(":")
+    elif ":" in server:
+        host, _, port = server.rpartition(":")
     else:
-        host, port = first, ""
+        host, port = server, ""
     try:
         return host, int(port or 9092)
     except ValueError:

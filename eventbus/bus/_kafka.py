@@ -909,9 +909,10 @@ class KafkaBus:
             partitioner=bus_partition,
         )
         try:
-            async with asyncio.timeout(cfg.connect_timeout):
-                async with start_refusals(cfg.bootstrap_servers, self._security):
-                    await producer.start()
+            async with start_refusals(
+                cfg.bootstrap_servers, self._security, within=cfg.connect_timeout
+            ):
+                await producer.start()
         except BaseException as exc:
             # A cancellation too: a half-started producer keeps its sender task and sockets.
             with contextlib.suppress(kerr.KafkaError, OSError):
@@ -930,10 +931,12 @@ class KafkaBus:
             request_timeout_ms=int(cfg.connect_timeout * 1000),
         )
         try:
+            async with start_refusals(
+                cfg.bootstrap_servers, self._security, within=cfg.connect_timeout
+            ):
+                await admin.start()
+            limit = {"max.message.bytes": str(bus_message_limit(cfg.max_event_size))}
             async with asyncio.timeout(cfg.connect_timeout):
-                async with start_refusals(cfg.bootstrap_servers, self._security):
-                    await admin.start()
-                limit = {"max.message.bytes": str(bus_message_limit(cfg.max_event_size))}
                 response = await admin.create_topics(
                     [
                         NewTopic(

@@ -189,10 +189,23 @@ async def tls_refusal(host: str, port: int, context: ssl.SSLContext) -> str | No
     """
     try:
         async with asyncio.timeout(_HANDSHAKE_WAIT):
+            plain = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return None  # not reached at all
+    plain[1].close()
+    try:
+        async with asyncio.timeout(_HANDSHAKE_WAIT):
             reader, writer = await asyncio.open_connection(host, port, ssl=context)
     except ssl.SSLError as exc:
         return _handshake_reason(exc)
-    except (OSError, TimeoutError):
+    except TimeoutError:
+        # reached, and silent: a listener without TLS waits for a request it can read (an
+        # SSL client on a Kafka plaintext port showed only "Unable to bootstrap")
+        return (
+            f"no answer to the TLS handshake within {_HANDSHAKE_WAIT:g} s: is this a port "
+            "without TLS?"
+        )
+    except OSError:
         return None
     try:
         async with asyncio.timeout(_ALERT_WAIT):

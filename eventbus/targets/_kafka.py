@@ -235,9 +235,8 @@ class KafkaTarget:
             request_timeout_ms=int(self.config.timeout * 1000),
         )
         try:
-            async with asyncio.timeout(self.config.timeout):
-                async with start_refusals(self._servers, self._security):
-                    await producer.start()
+            async with start_refusals(self._servers, self._security, within=self.config.timeout):
+                await producer.start()
         except BaseException:
             with contextlib.suppress(kerr.KafkaError, OSError):
                 await producer.stop()
@@ -295,8 +294,10 @@ class KafkaTarget:
         ack: dict[str, Any] = {}
 
         async def send() -> None:
+            # its start bounded by its own timeout, which asks why TLS failed once it runs out
+            # (this one, running out first, said "timeout after 10s" for a port without TLS)
+            producer = await self._producer.get()
             async with asyncio.timeout(self.config.timeout):
-                producer = await self._producer.get()
                 sent = await producer.send(self.config.topic, value, key=key, headers=headers)
                 stored = await sent
             ack.update(topic=stored.topic, partition=stored.partition, offset=stored.offset)

@@ -385,6 +385,50 @@ async def test_apache_kafkas_refusals_are_named_not_unable_to_bootstrap(
             raise KafkaConnectionError("Unable to bootstrap")
 
 
+async def test_a_refusal_met_by_one_client_is_not_another_clients() -> None:
+    # A handler per start on aiokafka's (process-wide) logger, matched by host: a source
+    # refused its password had a target on the same cluster, down a moment, told "refused the
+    # SASL credentials" (not retried, dead-lettered), and one on another port of the host too.
+    refusal = SaslAuthenticationFailed("Authentication failed: Invalid username or password")
+    refused_logged = asyncio.Event()
+    other_failed = asyncio.Event()
+    other_starting = asyncio.Event()
+
+    async def refused() -> None:
+        async with start_refusals("broker.internal:9092"):
+            await other_starting.wait()
+            logging.getLogger("aiokafka").error(
+                'Unable connect to "%s:%s": %s', "broker.internal", 9092, refusal
+            )
+            refused_logged.set()
+            await other_failed.wait()
+            raise KafkaConnectionError("Unable to bootstrap from [('broker.internal', 9092)]")
+
+    async def unreachable(servers: str) -> None:
+        async with start_refusals(servers):
+            other_starting.set()
+            await refused_logged.wait()
+            try:
+                raise KafkaConnectionError("Unable to bootstrap from [('broker.internal', 9092)]")
+            finally:
+                other_failed.set()
+
+    for servers in ("broker.internal:9092", "broker.internal:9093"):
+        refused_logged.clear()
+        other_failed.clear()
+        other_starting.clear()
+        mine, theirs = await asyncio.gather(refused(), unreachable(servers), return_exceptions=True)
+        assert isinstance(mine, PermissionError), mine
+        assert type(theirs) is KafkaConnectionError, theirs
+    # one broker of several, logged without its brackets as aiokafka does for IPv6
+    with pytest.raises(PermissionError, match="refused the SASL credentials"):
+        async with start_refusals("h1:9092,[::1]:9093"):
+            logging.getLogger("aiokafka").error(
+                'Unable connect to "%s:%s": %s', "::1", 9093, refusal
+            )
+            raise KafkaConnectionError("Unable to bootstrap")
+
+
 # --- OAUTHBEARER with a token command ---------------------------------------------------------
 
 TOKEN_SCRIPT = """

@@ -183,6 +183,30 @@ async def test_the_bus_says_why_tls_failed(
     assert re.search(reason, message), message
 
 
+async def test_tls_to_a_port_without_it_is_named(kafka_bootstrap: str, pki: Pki) -> None:
+    # The broker waits for a request it can read, the handshake for an answer: "Unable to
+    # bootstrap", and the reason nowhere.
+    config = kafka_config(
+        kafka_bootstrap, connect_timeout=5.0, auth=KafkaSettings.model_validate(_mutual_tls(pki))
+    )
+    with pytest.raises(BusUnavailable) as info:
+        async with open_bus(config):
+            pass
+    message = str(info.value)
+    assert f"TLS with {kafka_bootstrap} failed: no answer to the TLS handshake" in message
+    assert "is this a port without TLS?" in message, message
+    # a target: "timeout after 3s", retried for ever
+    spec = KafkaTargetSpec.model_validate(
+        {"name": "k", "bootstrap_servers": kafka_bootstrap, "topic": "t", "timeout": "3s"}
+        | _mutual_tls(pki)
+    )
+    sent = event(1)
+    async with KafkaTarget(spec) as target:
+        outcome = await target.deliver(sent, sent, is_cloudevent=True, attempt=1)
+    assert not outcome.delivered and outcome.retryable
+    assert "no answer to the TLS handshake" in (outcome.error or ""), outcome.error
+
+
 async def test_the_target_and_source_say_why_tls_failed(
     tls_broker: TlsBroker, pki: Pki, database_dsn: str
 ) -> None:
