@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -90,6 +91,10 @@ def test_overrides_layer_on_the_target_policy() -> None:
     assert over.rate_limit == 5 and over.breaker is None
     assert parse_delivery(None, base) is base
     assert parse_delivery({}) == DeliveryPolicy()
+    # from "none", what it does not change is delivery.md's defaults (eventbridge's), not
+    # RetryPolicy's own (max_delay 5 min where the table said 10)
+    few = parse_delivery({"retry": {"preset": "none", "max_attempts": 5}}).retry
+    assert few == replace(PRESETS["eventbridge"], max_attempts=5)
 
 
 @pytest.mark.parametrize(
