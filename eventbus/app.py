@@ -981,6 +981,12 @@ class Service:
             "schedule for an instance that has it (eventbus retries list)"
             for target, n in sorted(unknown.items())
         ]
+        if expect is not None and count < expect:
+            # another replay or a purge took the others while this one moved its batches
+            notes.append(
+                f"{expect - count} of the {expect} confirmed were no longer dead letters when "
+                "their batch came: another replay or a purge took them meanwhile"
+            )
         for note in notes:
             log.warning("replay: %s", note)
         return shown, count, notes

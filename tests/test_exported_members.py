@@ -165,6 +165,7 @@ EXPORTS: dict[str, list[str]] = {
         "CIRCUIT_STATES",
         "PRESETS",
         "BreakerPolicy",
+        "DeadLetterCount",
         "DeadLetterFilter",
         "DeadLetterReason",
         "Delivery",

@@ -273,6 +273,15 @@ def _send(
         raw = exc.read()
         if answers and _answered_by_target(exc.headers):  # the target's own error answer
             return exc.code, exc.headers, raw
+        if 300 <= exc.code < 400:
+            # not followed (_NoRedirects): said where to, or "301 Moved Permanently:" alone
+            to = redact_url(exc.headers.get("Location") or "nowhere it named")
+            raise _ApiError(
+                f"{shown} answered {exc.code}, sending the request to {to}: eventbus itself "
+                "does not redirect (a proxy, http to https?); give --url (or EVENTBUS_URL) the "
+                "address to use",
+                status=exc.code,
+            ) from None
         problem: Any = None
         try:
             problem = orjson.loads(raw)

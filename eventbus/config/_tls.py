@@ -219,8 +219,9 @@ async def tls_refusal(host: str, port: int, context: ssl.SSLContext) -> str | No
         pass  # nothing said: the session stands (Kafka brokers never speak first)
     finally:
         writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+            async with asyncio.timeout(_ALERT_WAIT):  # (asyncio's own: 30 s)
+                await writer.wait_closed()
     return None
 
 

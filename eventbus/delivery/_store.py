@@ -622,9 +622,12 @@ class DeliveryStore:
             rows = await self._run(
                 "replaying dead letters",
                 self._pool.fetch(
-                    # (one another replay or a purge holds, or took, is left to it)
+                    # One another replay or a purge holds is waited for, in id order (no
+                    # deadlock between replays): skipped, it was left as a dead letter when
+                    # that purge rolled back (a count it was confirmed by no longer matched),
+                    # and the replay answered fewer than confirmed. One they took is gone.
                     "WITH moved AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM"
-                    " dead_letters WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)"
+                    " dead_letters WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE)"
                     " RETURNING *),"
                     " queued AS (INSERT INTO delivery_retries (due_at, event_source, event_id,"
                     " event, rule, target, payload, is_cloudevent, delivery, attempts, history,"

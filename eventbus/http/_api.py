@@ -15,6 +15,7 @@ on the application's state, where the dependencies below find them.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from pathlib import Path
@@ -56,7 +57,7 @@ from eventbus.http._params import (
     TrailSource,
 )
 from eventbus.http._problem import PROBLEM, Problem, problem_for
-from eventbus.http._types import ASGIApp
+from eventbus.http._types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from eventbus.app import Service
@@ -279,7 +280,7 @@ def _require_filter(flt: DeadLetterFilter, every: str | None) -> None:
         raise Problem(
             400,
             "give at least one filter (rule, target, status, reason, since, "
-            "until, source, id) or all=true",
+            "until, source, id, through) or all=true",
         )
 
 
@@ -415,7 +416,52 @@ async def _on_invalid(request: Request, exc: Exception) -> Response:
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     http_error = cast(StarletteHTTPException, exc)
-    return _answer(Problem(http_error.status_code, str(http_error.detail)), request)
+    headers = dict(http_error.headers or {})  # a 405's Allow (RFC 9110: it must have one)
+    allow = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+    if "GET" in allow and "HEAD" not in allow:
+        headers["Allow"] = ", ".join([*allow, "HEAD"])  # served by _HeadAsGet
+    return _answer(
+        Problem(http_error.status_code, str(http_error.detail), headers=headers), request
+    )
+
+
+_GONE: Message = {"type": "http.disconnect"}
+
+
+class _HeadAsGet:
+    """ASGI: a HEAD request answered as its GET, without the body (RFC 9110 9.3.2). FastAPI's
+    routes take the methods they name only: ``HEAD /healthz`` was refused 405, and an uptime
+    check or a load balancer probing with HEAD saw the service down. A streamed answer (the
+    live feed) is told the client left once its head is sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self._app(scope, receive, send)
+            return
+        headed = asyncio.Event()
+
+        async def head_only(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                await send(message)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                headed.set()
+
+        async def until_headed() -> Message:
+            # a receive under way when the head goes (the live feed waits in one) ends too
+            got = asyncio.ensure_future(receive())
+            ended = asyncio.ensure_future(headed.wait())
+            try:
+                await asyncio.wait((got, ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+                if not got.done():
+                    got.cancel()
+            return got.result() if got.done() and not got.cancelled() else _GONE
+
+        await self._app({**scope, "method": "GET"}, until_headed, head_only)
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
@@ -518,7 +564,7 @@ def create_app(service: Service) -> ASGIApp:
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(EventBusError, _on_error)
-    edge = IngestApp(service, access, HookApp(service, access, refusals, app))
+    edge = IngestApp(service, access, HookApp(service, access, refusals, _HeadAsGet(app)))
     lists = service.settings.client_addresses
     if not lists.restricted:
         return edge

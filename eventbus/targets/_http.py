@@ -248,7 +248,7 @@ class HttpTargetSpec(TargetSpec):
     def _plain_headers(cls, headers: dict[str, Secret]) -> dict[str, Secret]:
         # A name HTTP cannot carry went out as it was: "X Bad" had every delivery refused by
         # the function (400, dead-lettered), "X-A: x\tX-B" sent a header the file did not name.
-        bad = [name for name in headers if HEADER_NAME.match(name) is None]
+        bad = [name for name in headers if HEADER_NAME.fullmatch(name) is None]
         if bad:
             raise ValueError(
                 f"{', '.join(map(repr, bad))}: not a header name (letters, digits and "

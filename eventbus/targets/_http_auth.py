@@ -41,8 +41,8 @@ __all__ = [
     "auth_secrets",
 ]
 
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-"""What an HTTP header name may be: an RFC 9110 token."""
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""What an HTTP header name may be: an RFC 9110 token (``fullmatch``: ``$`` let "X-A\n" in)."""
 
 
 class _Spec(BaseModel):
@@ -81,7 +81,7 @@ _NOT_A_KEY_HEADER = CLIENT_HEADERS | frozenset(
 
 
 class ApiKeySpec(_Spec):
-    header: str = Field("X-API-Key", pattern=HEADER_NAME.pattern)
+    header: str = Field("X-API-Key", pattern=f"^{HEADER_NAME.pattern}$")
     value: Secret
 
     @field_validator("header")

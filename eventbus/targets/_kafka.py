@@ -294,10 +294,12 @@ class KafkaTarget:
         ack: dict[str, Any] = {}
 
         async def send() -> None:
-            # its start bounded by its own timeout, which asks why TLS failed once it runs out
-            # (this one, running out first, said "timeout after 10s" for a port without TLS)
+            # One timeout for the producer's start and the send: the start's own, which asks
+            # why TLS failed once it runs out (this one, running out first, said "timeout after
+            # 10s" for a port without TLS), then what is left of it.
+            ends = asyncio.get_running_loop().time() + self.config.timeout
             producer = await self._producer.get()
-            async with asyncio.timeout(self.config.timeout):
+            async with asyncio.timeout_at(ends):
                 sent = await producer.send(self.config.topic, value, key=key, headers=headers)
                 stored = await sent
             ack.update(topic=stored.topic, partition=stored.partition, offset=stored.offset)

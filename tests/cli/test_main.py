@@ -758,6 +758,17 @@ async def test_an_answer_that_is_not_eventbuss_is_said_so_not_a_traceback(
     code, out, err = await _cli("invoke", "fn", "--type", "t", "--source", "s", "--url", url)
     assert code == 1 and out is None and "Traceback" not in err, err
     assert "(no X-Eventbus-Answered-By header)" in err, err
+    # a redirect (a proxy's, http to https) is not followed, and says where it went ("301
+    # Moved Permanently:" alone, once the CLI stopped following them with the API key)
+    receiver.respond(Response(301, {"Location": "https://u:pw@eventbus.test/"}, b""))
+    code, _, err = await _cli("dlq", "list", "--url", url)
+    assert (code, err) == (
+        1,
+        f"eventbus: {url} answered 301, sending the request to https://u:***@eventbus.test/: "
+        "eventbus itself does not redirect (a proxy, http to https?); give --url (or "
+        "EVENTBUS_URL) the address to use\n",
+    )
+    assert all(r.headers.get("Authorization") is None for r in receiver.requests)
 
 
 async def test_answers_of_a_service_older_than_this_cli_are_read(receiver: Receiver) -> None:

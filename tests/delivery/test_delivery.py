@@ -250,6 +250,44 @@ async def test_a_confirmed_replay_or_purge_acts_on_the_counted_dead_letters_only
     assert status == 400 and problem["detail"].startswith("expect "), problem
 
 
+async def test_a_confirmed_replay_waits_for_dead_letters_another_action_holds(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # A confirmed purge that found another count rolls back; a replay that skipped the rows it
+    # held (SKIP LOCKED) left them as dead letters, and answered fewer than it was confirmed.
+    svc = await eventbus(rules=RULES, targets=[_target(receiver)])
+    pool = svc.service.store.pool
+    ids = [await _dead_letter_row(pool, f"h{i}") for i in range(4)]
+    async with pool.acquire() as held:
+        purge = held.transaction()
+        await purge.start()
+        await held.execute("SELECT id FROM dead_letters WHERE id = ANY($1) FOR UPDATE", ids[1:3])
+        confirmed = f"/dead-letters/replay?target=fn&through={max(ids)}&expect=4"
+        replay = asyncio.create_task(svc.request("POST", confirmed))
+        await asyncio.sleep(0.5)
+        assert not replay.done()  # waits for the rows held
+        await purge.rollback()
+    status, _, body = await replay
+    assert (status, body["count"], body["notes"]) == (202, 4, []), body
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+    # held by one that deletes them: the replay says how many it did not get
+    ids = [await _dead_letter_row(pool, f"g{i}") for i in range(3)]
+    async with pool.acquire() as held:
+        other = held.transaction()
+        await other.start()
+        await held.execute("DELETE FROM dead_letters WHERE id = $1", ids[0])
+        confirmed = f"/dead-letters/replay?target=fn&through={max(ids)}&expect=3"
+        replay = asyncio.create_task(svc.request("POST", confirmed))
+        await asyncio.sleep(0.5)
+        await other.commit()
+    status, _, body = await replay
+    assert (status, body["count"]) == (202, 2), body
+    assert body["notes"] == [
+        "1 of the 3 confirmed were no longer dead letters when their batch came: another "
+        "replay or a purge took them meanwhile"
+    ]
+
+
 async def test_classification_of_failures(
     eventbus: StartService, receiver: Receiver, refused_port: int
 ) -> None:

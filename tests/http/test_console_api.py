@@ -5,6 +5,7 @@ and API keys. The browser side is ``test_console_browser.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -92,6 +93,32 @@ async def test_a_client_that_leaves_frees_its_watcher(
     await eventually(lambda: not feed.watched, within=2, what="the watchers released")
     assert (await svc.post_event(_event(1)))[0] == 202
     await svc.drained()
+
+
+async def test_head_is_answered_as_get_without_its_body_and_a_405_says_what_is_allowed(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # HEAD /healthz was refused 405 (an uptime check probing with HEAD saw the service down),
+    # and that 405, as every one of the API's routes, had no Allow header (RFC 9110: it must)
+    svc = await _start(eventbus, receiver)
+    feed = svc.service.feed
+    for path in ("/healthz", "/readyz", "/metrics", "/console", "/targets"):
+        async with svc.session.get(svc.url + path) as got:
+            body = await got.read()
+        async with svc.session.head(svc.url + path) as head:
+            assert head.status == got.status == 200, (path, head.status, got.status)
+            assert await head.read() == b""
+            assert head.headers["Content-Type"] == got.headers["Content-Type"]
+            if "Content-Length" in got.headers and path != "/metrics":  # (metrics move)
+                assert head.headers["Content-Length"] == str(len(body))
+    # a stream: its head, then the stream is told the client left (its watcher freed)
+    async with asyncio.timeout(5), svc.session.head(svc.url + "/events/live") as head:
+        assert head.status == 200 and head.headers["Content-Type"].startswith("text/event-stream")
+    await eventually(lambda: not feed.watched, within=2, what="the HEAD's watcher released")
+    status, headers, problem = await svc.request("POST", "/healthz")
+    assert (status, headers.get("Allow")) == (405, "GET, HEAD"), (headers, problem)
+    status, headers, _ = await svc.request("DELETE", "/targets")
+    assert (status, headers.get("Allow")) == (405, "GET, HEAD"), headers
 
 
 async def test_live_stream_reports_dead_letters(eventbus: StartService, receiver: Receiver) -> None:

@@ -393,8 +393,16 @@ $("live-pause").addEventListener("click", () => {
 $("live-clear").addEventListener("click", () => {
   $("live-rows").replaceChildren();
   live.rows.clear();
-  live.pending = [];
+  forgetWaiting();
+  setStatus("live");
 });
+
+// Nothing waits any more: what was skipped while paused is no news of what will be shown.
+function forgetWaiting() {
+  live.pending = [];
+  live.heldBack = 0;
+  live.skipped.clear();
+}
 
 let filterTimer = 0;
 const LIVE_FILTER_BYTES = 4096; // the server's bound: the filter travels in the stream's URL
@@ -428,7 +436,7 @@ async function checkFilter() {
     live.pattern = text;
     $("live-rows").replaceChildren();
     live.rows.clear();
-    live.pending = [];
+    forgetWaiting();
     startLive();
   }
 }
