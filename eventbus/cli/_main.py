@@ -741,7 +741,7 @@ def _add_dlq(sub: Any) -> None:
     dl = p.add_subparsers(dest="action", required=True)
     helps = {
         "list": "dead letters, newest first, one page at a time",
-        "show": "one dead letter with its event and every attempt",
+        "show": "one dead letter and every attempt (--json: with its event and payload)",
         "replay": "deliver dead letters again, with a fresh attempt budget",
         "purge": "delete dead letters",
     }
@@ -824,16 +824,21 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--source", help="only events from this source")
     listing.add_argument("--type", help="only events of this type")
     listing.add_argument(
-        "--since", help="stored on the bus at or after (ISO 8601, UTC if no zone; or 6h ago)"
+        "--since",
+        help="stored on the bus at or after (ISO 8601, UTC if no zone; or a duration ago: 6h)",
     )
     listing.add_argument(
-        "--until", help="stored on the bus before (ISO 8601, UTC if no zone; or 6h ago)"
+        "--until",
+        help="stored on the bus before (ISO 8601, UTC if no zone; or a duration ago: 6h)",
     )
     listing.add_argument("--limit", type=_PAGE, default=100, help="events per page (1-1000)")
     listing.add_argument("--after", help="page: the `more: --after` value of the previous page")
     _client_args(listing)
     listing.set_defaults(func=_cmd_events_list)
-    show = ev.add_parser("show", help="an event's whole trail: matches and delivery attempts")
+    show = ev.add_parser(
+        "show",
+        help="an event's trail: matches and delivery attempts (--json: with its reply links)",
+    )
     show.add_argument("source_", metavar="SOURCE", help="the event's source")
     show.add_argument("id", help="the event's id")
     _client_args(show)
