@@ -247,28 +247,63 @@ def charset_of(content_type: str) -> str:
 
 
 def json_body(body: bytes, content_type: str) -> tuple[Any, str]:
-    """A JSON body as UTF-8 when it is that, otherwise in the charset ``content_type``
-    declares: its value, and ``content_type`` without a charset other than UTF-8, as eventbus
-    writes JSON in UTF-8 (a UTF-8 body declared UTF-16 went out as UTF-8 bytes labelled
-    UTF-16; a UTF-16 one was refused). Raises CloudEventError (400) for an unknown charset
-    or a body in neither, ``orjson.JSONDecodeError`` for malformed JSON."""
+    """A JSON body in the encoding its bytes show (a byte order mark, or the zero bytes of
+    UTF-16 or UTF-32 around its first two characters, which are ASCII: RFC 4627, 3), else as
+    UTF-8 when it is that, else in the charset ``content_type`` declares: its value, and
+    ``content_type`` without a charset other than UTF-8, as eventbus writes JSON in UTF-8 (a
+    UTF-8 body declared UTF-16 went out as UTF-8 bytes labelled UTF-16; a UTF-16 one was
+    refused; one in UTF-16LE without a mark, zero bytes being valid UTF-8, was read as UTF-8
+    and refused as malformed). Raises CloudEventError (400) for an unknown charset or a body
+    in none of these, ``orjson.JSONDecodeError`` for malformed JSON."""
     charset = charset_of(content_type)
-    if charset == "utf-8":  # as eventbus writes it: the type as it came (a round trip)
+    shown = _json_encoding(body)
+    if shown is None and charset == "utf-8":  # as eventbus writes it: the type as it came
         return load_json(body), content_type
     try:
-        # UTF-8 whatever the label when it is that (RFC 8259: JSON between systems is UTF-8,
-        # and many clients label it ISO-8859-1: read in that, "Zoë" became "ZoÃ«")
-        body.decode("utf-8")
-    except UnicodeDecodeError:
-        try:
-            body = body.decode(charset).encode()
-        except UnicodeError:
-            raise CloudEventError(
-                f"the body is neither UTF-8 nor {charset} text, its declared charset"
-            ) from None
+        if shown is not None:
+            body = body.decode(shown).encode()
+        else:
+            # UTF-8 whatever the label when it is that (RFC 8259: JSON between systems is
+            # UTF-8, and many clients label it ISO-8859-1: read in that, "Zoë" became "ZoÃ«")
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                body = body.decode(charset).encode()
+    except UnicodeError:
+        raise CloudEventError(
+            f"the body is neither UTF-8 nor {shown or charset} text"
+            + ("" if shown else ", its declared charset")
+        ) from None
     media, *params = content_type.split(";")
     kept = [p for p in params if p.partition("=")[0].strip().lower() != "charset"]
     return load_json(body), ";".join([media, *kept])
+
+
+_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16's, which it starts with
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _json_encoding(body: bytes) -> str | None:
+    """The encoding a JSON text's first bytes show (a mark, or where its first two characters,
+    ASCII, have zero bytes), None when they show none (UTF-8 or a one-byte charset: a raw zero
+    byte is never in a JSON text)."""
+    for mark, name in _MARKS:
+        if body.startswith(mark):
+            return name
+    if len(body) >= 4 and body[:3] == b"\0\0\0":
+        return "utf-32-be"
+    if len(body) >= 4 and body[1:4] == b"\0\0\0":
+        return "utf-32-le"
+    if len(body) >= 2 and body[0] == 0:
+        return "utf-16-be"
+    if len(body) >= 2 and body[1] == 0:
+        return "utf-16-le"
+    return None
 
 
 def _check_charset(content_type: str, data: object) -> None:

@@ -418,3 +418,10 @@ def test_a_json_body_is_read_in_its_declared_charset() -> None:
     assert (event["data"], event["datacontenttype"]) == ({"name": "Zoë"}, "application/json")
     (event,) = from_http(headers, '{"name": "Zoë"}'.encode("latin-1"))
     assert event["data"] == {"name": "Zoë"}
+    # UTF-16 and UTF-32 without a mark show in the bytes (their zero bytes are valid UTF-8:
+    # read as that, '{"k": 1}' in UTF-16LE was refused as malformed JSON), whatever the label
+    for codec, label in (("utf-16-le", "utf-16le"), ("utf-16-be", "utf-8"), ("utf-32-le", "")):
+        headers["content-type"] = f"application/json; charset={label}" if label else "text/json"
+        (event,) = from_http(headers, '{"k": "é", "n": 1}'.encode(codec))
+        assert event["data"] == {"k": "é", "n": 1}, codec
+        assert event["datacontenttype"] == ("text/json" if not label else "application/json")
