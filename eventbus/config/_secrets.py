@@ -21,8 +21,8 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler, ValidationInfo
@@ -89,7 +89,12 @@ def resolve_reference(value: Mapping[str, Any], env: Mapping[str, str]) -> tuple
         if not isinstance(path, str) or not path:
             raise ValueError("'file' must be a path")
         try:
-            with Path(path).open("rb") as handle:
+            # Without waiting: a FIFO with no writer held the start, silent, for ever (the
+            # settings are read before anything listens or logs); only a file is a secret.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise ValueError(f"{path} is not a regular file")
                 raw = handle.read(_MAX_SECRET_FILE + 1)
             if len(raw) > _MAX_SECRET_FILE:
                 raise ValueError(f"{path} is larger than a secret ({_MAX_SECRET_FILE} bytes)")

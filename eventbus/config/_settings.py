@@ -18,7 +18,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -65,6 +66,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true for 1: "max_in_flight: on" routed one message at a time, and
+        # "port: yes" listened on port 1, where the same from the environment was refused
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) or {annotation}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError("a number, not true or false")
+        return value
 
 
 class ListenSettings(_Model):
@@ -233,6 +246,16 @@ class Settings(_Model):
     data_dir: Path = Path(".eventbus")
     rules: Path = Path("rules")
     connectors: Path = Path("connectors")
+
+    @field_validator("data_dir", "rules", "connectors", mode="before")
+    @classmethod
+    def _a_path(cls, value: Any) -> Any:
+        # '' is Path('.'): the data directory was the working directory (the servers' files
+        # among the project's), and every YAML file there, this one included, rules
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("an empty path; leave the key out for its default")
+        return value
+
     bus: BusSettings = BusSettings()
     database: DatabaseSettings = DatabaseSettings()
     # These two defaults are eventbus.cloudevents' DEFAULT_MAX_EVENT_SIZE and

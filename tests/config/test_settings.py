@@ -103,6 +103,13 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
             "(did you mean 'partitions'?)",
         ),
         ("retenton: {}\n", "retenton: Extra inputs are not permitted (did you mean 'retention'"),
+        # true for a number was 1: "max_in_flight: on" routed one message at a time
+        ("bus:\n  max_in_flight: on\n", "eventbus.yaml:2: bus.max_in_flight: Value error, a num"),
+        ("listen: {port: yes}\n", "eventbus.yaml:1: listen.port: Value error, a number, not tr"),
+        ("retention: {every: true}\n", "retention.every: Value error, a number, not true or fa"),
+        # '' was the working directory: the servers' files among the project's
+        ("data_dir: ''\n", "eventbus.yaml:1: data_dir: Value error, an empty path"),
+        ("rules: ' '\n", "eventbus.yaml:1: rules: Value error, an empty path"),
         (  # in an item of a list too
             "api_keys:\n  - {name: a, key: abcdefghijklmnop1234, scope: [admin]}\n",
             "eventbus.yaml:2: api_keys.0.scope: Extra inputs are not permitted (did you mean "
