@@ -39,6 +39,7 @@ from eventbus.http._hooks import HOOK_OPERATIONS, HookApp, proxies_for
 from eventbus.http._ingest import INGEST_OPERATIONS, IngestApp
 from eventbus.http._invoke import caller, invoke
 from eventbus.http._params import (
+    FILTERING,
     All,
     DeadLetterId,
     Expect,
@@ -55,6 +56,7 @@ from eventbus.http._params import (
     TargetName,
     TrailId,
     TrailSource,
+    only_parameters,
 )
 from eventbus.http._problem import PROBLEM, Problem, problem_for
 from eventbus.http._types import ASGIApp, Message, Receive, Scope, Send
@@ -111,6 +113,9 @@ async def event_trail(
     "/events",
     response_model=schemas.EventPage,
     responses=_problems(400),
+    dependencies=[
+        only_parameters("source", "type", "since", "until", "limit", "after", of="GET /events")
+    ],
     summary="Accepted events, newest first, by source, type and time, one page at a time",
     description=(
         "From the audit trail: every event the bus stored and the router took (one sent "
@@ -179,6 +184,7 @@ async def reload_rules(request: Request) -> Response:
     response_model=schemas.DeadLetterPage,
     responses=_problems(400),
     summary="Dead letters, newest first, one page at a time",
+    dependencies=[only_parameters(*FILTERING, "limit", "after", of="GET /dead-letters")],
 )
 async def list_dead_letters(request: Request, page: Paging, flt: Filter) -> Response:
     # one more than the page: a page exactly full is the last one when nothing follows it
@@ -194,6 +200,7 @@ async def list_dead_letters(request: Request, page: Paging, flt: Filter) -> Resp
     response_model=schemas.DeadLetterCount,
     responses=_problems(400),
     summary="How many dead letters the filter selects (what a replay or purge by it acts on)",
+    dependencies=[only_parameters(*FILTERING, of="GET /dead-letters/count")],
 )
 async def count_dead_letters(request: Request, flt: Filter) -> Response:
     found = await _service(request).count_dead_letters(flt)

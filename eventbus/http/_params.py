@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
 from pydantic import BeforeValidator
@@ -24,6 +24,7 @@ from eventbus.http._problem import Problem
 from eventbus.store import EventCursor
 
 __all__ = [
+    "FILTERING",
     "All",
     "DeadLetterId",
     "EventSearch",
@@ -42,6 +43,7 @@ __all__ = [
     "TargetName",
     "TrailId",
     "TrailSource",
+    "only_parameters",
 ]
 
 _BIGINT = 64
@@ -331,33 +333,38 @@ def _event_search(
 Paging = Annotated[Page, Depends(_page)]
 Filter = Annotated[DeadLetterFilter, Depends(_dead_letter_filter)]
 
-_SELECTING = (
-    "id",
-    "rule",
-    "target",
-    "status",
-    "reason",
-    "since",
-    "until",
-    "source",
-    "through",
-    "all",
-    "expect",
-)
+FILTERING = ("id", "rule", "target", "status", "reason", "since", "until", "source", "through")
+"""The query parameters of a dead-letter filter (``Filter``)."""
+
+_SELECTING = (*FILTERING, "all", "expect")
 
 
-def _selection(request: Request, flt: Filter) -> DeadLetterFilter:
-    """The filter of a replay or purge, refusing (400) a parameter it does not know: a
-    misspelt one (``reson=``) was dropped, and the call replayed or deleted more than asked."""
-    unknown = sorted(set(request.query_params) - set(_SELECTING))
+def _refuse_unknown(request: Request, known: tuple[str, ...], of: str) -> None:
+    unknown = sorted(set(request.query_params) - set(known))
     if unknown:
         names = " and ".join(n if n.isidentifier() else _clip(n) for n in unknown)
         raise Problem(
             400,
             f"{names} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of "
-            f"a replay or purge; they take {', '.join(_SELECTING)}",
+            f"{of}; {'they take' if of.startswith('a ') else 'it takes'} {', '.join(known)}",
         )
+
+
+def _selection(request: Request, flt: Filter) -> DeadLetterFilter:
+    """The filter of a replay or purge, refusing (400) a parameter it does not know: a
+    misspelt one (``reson=``) was dropped, and the call replayed or deleted more than asked."""
+    _refuse_unknown(request, _SELECTING, "a replay or purge")
     return flt
+
+
+def only_parameters(*known: str, of: str) -> Any:
+    """A route's dependency refusing (400) a query parameter not among ``known``: a misspelt
+    filter (``GET /events?sorce=``) was dropped, and the answer listed everything unfiltered."""
+
+    def check(request: Request) -> None:
+        _refuse_unknown(request, known, of)
+
+    return Depends(check)
 
 
 Selection = Annotated[DeadLetterFilter, Depends(_selection)]

@@ -148,6 +148,9 @@ async def test_target_down_dead_letters_then_replay_by_filter(
     assert before - timedelta(hours=1) <= since <= datetime.now(UTC) - timedelta(hours=1)
     status, _, problem = await svc.request("GET", "/dead-letters/count?status=x")
     assert status == 400 and problem["detail"].startswith("status "), problem
+    for path in ("/dead-letters?reson=gone", "/dead-letters/count?taget=fn"):  # not dropped
+        status, _, problem = await svc.request("GET", path)
+        assert status == 400 and " is not a parameter of GET /dead-letters" in problem["detail"]
     assert await _dead_letters(svc, "?target=other") == []
     first_page = await _dead_letters(svc, "?limit=15")
     rest = await _dead_letters(svc, f"?limit=15&after={first_page[-1]['id']}")

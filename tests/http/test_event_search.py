@@ -142,6 +142,8 @@ BAD = [
     ("after=999999999999999999-1", "after must be the next_after of a previous page"),
     ("source=a%00", "source must not contain the character U+0000"),
     ("type=%00", "type must not contain the character U+0000"),
+    # a misspelt filter was dropped, and every event listed
+    ("sorce=iot/x", "sorce is not a parameter of GET /events; it takes source, type, since"),
 ]
 
 
