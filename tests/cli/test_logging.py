@@ -239,6 +239,41 @@ def test_a_librarys_long_error_is_cut_to_its_first_and_last_lines(
     assert len(ours) == 501  # eventbus's own lines are never cut
 
 
+def _raise_deep(depth: int) -> None:
+    """A chain of ``depth`` errors, each caught and another raised from it: a long traceback
+    (frames repeated in one are folded into a line)."""
+    if not depth:
+        raise OSError("the first")
+    try:
+        _raise_deep(depth - 1)
+    except OSError as exc:
+        raise ConnectionRefusedError(f"connect call failed {depth}") from exc
+
+
+def test_a_librarys_long_traceback_is_cut_too(capsys: pytest.CaptureFixture[str]) -> None:
+    # asyncpg's pool warned with a traceback of some 30 lines at every connection it could not
+    # make while PostgreSQL restarted (and asyncpg was not taken for a library at all)
+    from eventbus.cli import _logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        _logging.configure_logging("info", "json")
+        try:
+            _raise_deep(8)
+        except ConnectionRefusedError:
+            logging.getLogger("asyncpg.pool").warning("Failed to restore", exc_info=True)
+            logging.getLogger("eventbus.t3").warning("ours", exc_info=True)
+        lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    theirs, ours = (line["exception"].splitlines() for line in lines[-2:])
+    assert theirs[0] == "Traceback (most recent call last):" and len(theirs) == 14, theirs
+    assert theirs[1].startswith("[... ") and theirs[-1].startswith("ConnectionRefusedError")
+    assert len(ours) > 40  # eventbus's own are whole
+
+
 def test_a_librarys_malformed_log_call_does_not_raise_at_its_call_site() -> None:
     # the filter that cuts long lines formatted the message itself: a call with too few
     # arguments raised TypeError into the library (the handler reports it instead)
