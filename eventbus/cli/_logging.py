@@ -54,7 +54,8 @@ def _shortened(record: logging.LogRecord) -> bool:
         if len(lines) > _LONG_LINES + 1:
             record.msg = _cut(lines)
             record.args = None
-        if record.exc_info and not record.exc_text:
+        if record.exc_info and not record.exc_text and not record.name.startswith("asyncio"):
+            # (asyncio's are eventbus's own: a task's error never retrieved, kept whole)
             # its traceback too (asyncpg's pool warned with 30 lines of one at every connection
             # it could not make while PostgreSQL restarted): formatted once, here
             text = logging.Formatter().formatException(record.exc_info)

@@ -92,10 +92,12 @@ def resolve_reference(value: Mapping[str, Any], env: Mapping[str, str]) -> tuple
             # Without waiting: a FIFO with no writer held the start, silent, for ever (the
             # settings are read before anything listens or logs); only a file is a secret.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            with os.fdopen(fd, "rb") as handle:
-                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise ValueError(f"{path} is not a regular file")
-                raw = handle.read(_MAX_SECRET_FILE + 1)
+                raw = os.read(fd, _MAX_SECRET_FILE + 1)
+            finally:
+                os.close(fd)  # (fdopen of a directory raised, its descriptor left open)
             if len(raw) > _MAX_SECRET_FILE:
                 raise ValueError(f"{path} is larger than a secret ({_MAX_SECRET_FILE} bytes)")
             text = raw.decode("utf-8")

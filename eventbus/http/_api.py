@@ -28,6 +28,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from eventbus import __version__, metrics
 from eventbus._errors import ConfigError, EventBusError, RuleSetError
@@ -423,13 +424,29 @@ async def _on_invalid(request: Request, exc: Exception) -> Response:
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     http_error = cast(StarletteHTTPException, exc)
-    headers = dict(http_error.headers or {})  # a 405's Allow (RFC 9110: it must have one)
-    allow = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
-    if "GET" in allow and "HEAD" not in allow:
-        headers["Allow"] = ", ".join([*allow, "HEAD"])  # served by _HeadAsGet
+    headers = dict(http_error.headers or {})
+    if http_error.status_code == 405:
+        # RFC 9110: a 405 says which methods the resource takes. Starlette names those of
+        # the first route of the path only (DELETE /dead-letters was left out of GET's).
+        headers["Allow"] = ", ".join(_methods_of(request))
     return _answer(
         Problem(http_error.status_code, str(http_error.detail), headers=headers), request
     )
+
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _methods_of(request: Request) -> list[str]:
+    """The methods a route of ``request``'s path takes fully (HEAD wherever GET is, served by
+    ``_HeadAsGet``), each asked of the routes as a request of that method would be."""
+    routes = request.app.router.routes
+    taken = [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+    ]
+    return [m for method in taken for m in ((method, "HEAD") if method == "GET" else (method,))]
 
 
 _GONE: Message = {"type": "http.disconnect"}

@@ -230,10 +230,10 @@ class IngestApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         if handler is None or (
-            handler == self._events and (scope["method"] == "GET" or _synchronous(scope))
+            handler == self._events and (scope["method"] in ("GET", "HEAD") or _synchronous(scope))
         ):
-            # GET /events searches the audit (_api); a synchronous POST /events waits for a
-            # target's answer (_invoke)
+            # GET (and HEAD) /events searches the audit (_api); a synchronous POST /events
+            # waits for a target's answer (_invoke)
             await self._fallback(scope, receive, send)
             return
         path = scope["path"]
@@ -241,7 +241,7 @@ class IngestApp:
         status, body, media = 200, b"", "application/json"
         try:
             if scope["method"] != "POST":
-                allow = "GET, POST" if handler == self._events else "POST"
+                allow = "GET, HEAD, POST" if handler == self._events else "POST"
                 raise Problem(405, f"{path} accepts {allow} only", headers={"Allow": allow})
             headers = request_headers(scope["headers"])
             client = scope.get("client")

@@ -91,8 +91,7 @@ def test_bad_secret_references_name_file_line_and_field(tmp_path: Path) -> None:
         "t.yaml:5: targets.3.token: Value error, unknown key 'vault'; write a string, "
         "{env: NAME}, {env: NAME, default: VALUE} or {file: /path} (target 'd')",
         "t.yaml:6: targets.4.token: Value error, a secret must not be empty (target 'e')",
-        f"t.yaml:7: targets.5.token: Value error, cannot read {tmp_path}: Is a directory "
-        "(target 'f')",
+        f"t.yaml:7: targets.5.token: Value error, {tmp_path} is not a regular file (target 'f')",
         "t.yaml:8: targets.6.token: Value error, environment variable U is not set and its "
         "default is empty (target 'g')",
     ]
@@ -124,6 +123,17 @@ def test_a_secret_file_larger_than_64_kib_is_refused(tmp_path: Path) -> None:
     cfg.write_text(f"database: {{password: {{file: {tmp_path / 'big'}}}}}\n")
     with pytest.raises(ConfigError, match=r"database.password: .* is larger than a secret"):
         load_settings(cfg, env={})
+
+
+def test_a_secret_that_is_a_directory_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    # each refused load of it (a reload asked again and again) kept one open
+    cfg = tmp_path / "eventbus.yaml"
+    cfg.write_text(f"database: {{password: {{file: {tmp_path}}}}}\n")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(ConfigError, match=r"database\.password: .* is not a regular file"):
+            load_settings(cfg, env={})
+    assert len(os.listdir("/proc/self/fd")) - before < 5
 
 
 @pytest.mark.timeout(20)

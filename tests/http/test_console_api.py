@@ -115,10 +115,17 @@ async def test_head_is_answered_as_get_without_its_body_and_a_405_says_what_is_a
     async with asyncio.timeout(5), svc.session.head(svc.url + "/events/live") as head:
         assert head.status == 200 and head.headers["Content-Type"].startswith("text/event-stream")
     await eventually(lambda: not feed.watched, within=2, what="the HEAD's watcher released")
+    async with svc.session.head(svc.url + "/events?limit=1") as head:  # the ingest's path
+        assert head.status == 200 and await head.read() == b""
     status, headers, problem = await svc.request("POST", "/healthz")
     assert (status, headers.get("Allow")) == (405, "GET, HEAD"), (headers, problem)
     status, headers, _ = await svc.request("DELETE", "/targets")
     assert (status, headers.get("Allow")) == (405, "GET, HEAD"), headers
+    # every method of the path, not the first route's (DELETE /dead-letters was left out)
+    status, headers, _ = await svc.request("PUT", "/dead-letters")
+    assert (status, headers.get("Allow")) == (405, "GET, HEAD, DELETE"), headers
+    status, headers, _ = await svc.request("PUT", "/events")
+    assert (status, headers.get("Allow")) == (405, "GET, HEAD, POST"), headers
 
 
 async def test_live_stream_reports_dead_letters(eventbus: StartService, receiver: Receiver) -> None:
