@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import literal_secrets, resolve_reference
-from eventbus.config._units import Duration
+from eventbus.config._units import Duration, not_true_for_a_number
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors, yaml_files
 
 __all__ = [
@@ -79,6 +79,11 @@ class ConnectorSpec(BaseModel):
 
     name: str = Field(pattern=_NAME)
     description: str = ""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        return not_true_for_a_number(cls, value, info)
 
 
 class SourceSpec(ConnectorSpec):

@@ -18,7 +18,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,7 +38,7 @@ from eventbus.config._clients import KafkaAuth, KafkaServers, KafkaTopic, NatsAu
 from eventbus.config._connectors import warn_literal_secrets
 from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._tls import TlsSpec
-from eventbus.config._units import Duration, parse_duration
+from eventbus.config._units import Duration, not_true_for_a_number, parse_duration
 from eventbus.config._yaml import YamlDoc, did_you_mean, fields_at, load_yaml, pydantic_errors
 
 __all__ = [
@@ -70,14 +70,7 @@ class _Model(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _not_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic takes true for 1: "max_in_flight: on" routed one message at a time, and
-        # "port: yes" listened on port 1, where the same from the environment was refused
-        if isinstance(value, bool) and info.field_name is not None:
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(annotation)) or {annotation}
-            if kinds & {int, float} and bool not in kinds:
-                raise ValueError("a number, not true or false")
-        return value
+        return not_true_for_a_number(cls, value, info)
 
 
 class ListenSettings(_Model):

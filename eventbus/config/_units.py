@@ -9,11 +9,12 @@ durations the same way without either importing the other.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+import types
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BeforeValidator
+from pydantic import BaseModel, BeforeValidator, ValidationInfo
 
-__all__ = ["MAX_DURATION", "Duration", "parse_duration"]
+__all__ = ["MAX_DURATION", "Duration", "not_true_for_a_number", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -50,3 +51,26 @@ def parse_duration(value: object) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """A pydantic field type accepting ``10``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"``."""
+
+
+def not_true_for_a_number(owner: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """``value`` for ``owner``'s field ``info.field_name``, refused (ValueError) when it is
+    true or false and the field a number: pydantic takes true for 1 ("max_in_flight: on"
+    routed one message at a time, "port: yes" listened on port 1). For a ``mode="before"``
+    validator of every field."""
+    field = None if info.field_name is None else owner.model_fields[info.field_name]
+    if isinstance(value, bool) and field is not None and _a_number(field.annotation):
+        raise ValueError("a number, not true or false")
+    return value
+
+
+def _a_number(annotation: object) -> bool:
+    """Whether a field typed ``annotation`` takes a number and not a bool (``int``,
+    ``float | None``, ``Annotated[int, ...] | None``; not ``list[int]``)."""
+    union = get_origin(annotation) in (Union, types.UnionType)
+    kinds = set()
+    for kind in get_args(annotation) if union else (annotation,):
+        if get_origin(kind) is Annotated:
+            kind = get_args(kind)[0]
+        kinds.add(kind)
+    return bool(kinds & {int, float}) and bool not in kinds

@@ -367,3 +367,19 @@ def test_a_header_name_http_cannot_carry_is_refused_with_its_line(
     message = str(info.value).replace(str(tmp_path) + "/", "")
     assert message.startswith("t.yaml:5: targets.0.headers: "), message
     assert "not a header name" in message and "(target 'fn')" in message, message
+
+
+def test_true_for_a_number_is_refused_with_its_line(tmp_path: Path) -> None:
+    # pydantic took true for 1: a timeout of 1 s, one catch-up tick
+    (tmp_path / "c.yaml").write_text(
+        "targets:\n"
+        "  - {name: fn, type: http, url: 'http://127.0.0.1:1/', timeout: true}\n"
+        "sources:\n"
+        "  - {name: t, type: timer, schedule: 'rate(1 minute)', max_catch_up: yes}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path)
+    assert str(info.value).replace(str(tmp_path) + "/", "").splitlines() == [
+        "c.yaml:2: targets.0.timeout: Value error, a number, not true or false (target 'fn')",
+        "c.yaml:4: sources.0.max_catch_up: Value error, a number, not true or false (source 't')",
+    ]

@@ -272,3 +272,16 @@ def test_retention_defaults_and_forever(tmp_path: Path) -> None:
         None,
         600,
     )
+
+
+def test_a_number_field_is_told_from_others_whatever_its_annotation() -> None:
+    from typing import Annotated, Any
+
+    from pydantic import Field
+
+    from eventbus.config._units import _a_number
+
+    assert _a_number(int) and _a_number(float | None)
+    assert _a_number(Annotated[int, Field(ge=1)] | None)  # (read as not a number before)
+    assert not _a_number(int | bool) and not _a_number(bool)
+    assert not _a_number(list[int]) and not _a_number(dict[str, int]) and not _a_number(Any)
