@@ -120,15 +120,7 @@ PRESETS: Mapping[str, RetryPolicy] = {
     "alibaba-backoff": RetryPolicy(
         strategy="random", initial_delay=10.0, max_delay=20.0, max_attempts=4, jitter=False
     ),
-    "alibaba-exponential": RetryPolicy(
-        strategy="exponential",
-        initial_delay=1.0,
-        factor=2.0,
-        max_delay=512.0,
-        max_attempts=177,
-        max_age=86400.0,
-        jitter=False,
-    ),
+    "alibaba-exponential": replace(_EVENTBRIDGE, max_delay=512.0, max_attempts=177, jitter=False),
     # the defaults of docs/delivery.md for what a mapping from it changes (max_attempts: 5
     # waited at most 5 min between attempts, RetryPolicy's own, where the table says 10)
     "none": replace(_EVENTBRIDGE, max_attempts=1),
