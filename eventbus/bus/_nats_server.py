@@ -49,11 +49,35 @@ _LOG_FILES = 10
 
 
 def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago (the OS picks it)."""
+    """A loopback TCP port that was free a moment ago. Below the kernel's range for the local
+    ports of outgoing connections where it says which that is (Linux): a port the OS picked
+    from that range was taken by a client connection before the server given it could bind
+    it ("Address already in use", seen under a loaded test run). Else one the OS picks."""
+    low = _outgoing_ports_start()
+    for _ in range(100):
+        port = secrets.randbelow(low - _LOWEST) + _LOWEST if low > _LOWEST + 1000 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((_HOST, port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            return chosen
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        picked: int = sock.getsockname()[1]
+        return picked
+
+
+_LOWEST = 20_000  # above the well-known and most registered services' ports
+
+
+def _outgoing_ports_start() -> int:
+    """The first port of the kernel's range for outgoing connections (0 when unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _stop_leftover(pid_file: Path, timeout: float = 5.0) -> None:
