@@ -507,13 +507,11 @@ class _ToStarting(logging.Handler):
             refusals.take(record)
 
 
-_LISTENING: list[_ToStarting] = []
+_TO_STARTING = _ToStarting()
 
 
 def _listen_once() -> None:
-    if not _LISTENING:
-        _LISTENING.append(_ToStarting())
-        logging.getLogger("aiokafka").addHandler(_LISTENING[0])
+    logging.getLogger("aiokafka").addHandler(_TO_STARTING)  # a handler already there is kept once
 
 
 class _Refusals:

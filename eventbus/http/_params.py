@@ -346,7 +346,7 @@ def _refuse_unknown(request: Request, known: tuple[str, ...], of: str) -> None:
         raise Problem(
             400,
             f"{names} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of "
-            f"{of}; {'they take' if of.startswith('a ') else 'it takes'} {', '.join(known)}",
+            f"{of}; its parameters are {', '.join(known)}",
         )
 
 

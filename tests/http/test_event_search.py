@@ -143,7 +143,10 @@ BAD = [
     ("source=a%00", "source must not contain the character U+0000"),
     ("type=%00", "type must not contain the character U+0000"),
     # a misspelt filter was dropped, and every event listed
-    ("sorce=iot/x", "sorce is not a parameter of GET /events; it takes source, type, since"),
+    (
+        "sorce=iot/x",
+        "sorce is not a parameter of GET /events; its parameters are source, type, since",
+    ),
 ]
 
 
