@@ -5,6 +5,7 @@
     register_connector            the registry of source and target types (_connectors)
     every user file ─────────────> load_yaml: data + the line of each key (_yaml)
     Duration, parse_duration      ``10s``, ``5m``, ``1d`` in any of them (_units)
+    NumbersNotBools               a model whose number fields refuse true and false (_units)
     redact_url                    a configured URL as logs and errors may show it (_redact)
     Secret                        a password, token or key: env, file or literal (_secrets)
     TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
@@ -61,7 +62,7 @@ from eventbus.config._settings import (
     service_address,
 )
 from eventbus.config._tls import TlsSpec, refuse_nats_plaintext, tls_refusal
-from eventbus.config._units import Duration, parse_duration
+from eventbus.config._units import Duration, NumbersNotBools, parse_duration
 from eventbus.config._yaml import (
     KeyPath,
     NodeBuilder,
@@ -98,6 +99,7 @@ __all__ = [
     "NatsAuth",
     "NatsSettings",
     "NodeBuilder",
+    "NumbersNotBools",
     "OAuth2Spec",
     "RetentionSettings",
     "RouterSettings",

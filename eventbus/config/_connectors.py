@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import literal_secrets, resolve_reference
-from eventbus.config._units import Duration, not_true_for_a_number
+from eventbus.config._units import Duration, NumbersNotBools
 from eventbus.config._yaml import YamlDoc, load_yaml, pydantic_errors, yaml_files
 
 __all__ = [
@@ -64,7 +64,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ConnectorKind = Literal["source", "target"]
 
 
-class ConnectorSpec(BaseModel):
+class ConnectorSpec(NumbersNotBools):
     """What every connector definition has; a type's spec adds its own settings."""
 
     # Inputs stay out of error texts: a literal secret that fails validation must not be
@@ -79,11 +79,6 @@ class ConnectorSpec(BaseModel):
 
     name: str = Field(pattern=_NAME)
     description: str = ""
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _not_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        return not_true_for_a_number(cls, value, info)
 
 
 class SourceSpec(ConnectorSpec):

@@ -22,12 +22,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -38,7 +36,7 @@ from eventbus.config._clients import KafkaAuth, KafkaServers, KafkaTopic, NatsAu
 from eventbus.config._connectors import warn_literal_secrets
 from eventbus.config._secrets import Secret, header_token, long_enough
 from eventbus.config._tls import TlsSpec
-from eventbus.config._units import Duration, not_true_for_a_number, parse_duration
+from eventbus.config._units import Duration, NumbersNotBools, parse_duration
 from eventbus.config._yaml import YamlDoc, did_you_mean, fields_at, load_yaml, pydantic_errors
 
 __all__ = [
@@ -62,15 +60,10 @@ __all__ = [
 ENV_PREFIX = "EVENTBUS_"
 
 
-class _Model(BaseModel):
+class _Model(NumbersNotBools):
     model_config = ConfigDict(
         extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
     )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _not_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        return not_true_for_a_number(cls, value, info)
 
 
 class ListenSettings(_Model):

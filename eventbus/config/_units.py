@@ -12,9 +12,9 @@ import re
 import types
 from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ValidationInfo, field_validator
 
-__all__ = ["MAX_DURATION", "Duration", "not_true_for_a_number", "parse_duration"]
+__all__ = ["MAX_DURATION", "Duration", "NumbersNotBools", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -53,15 +53,19 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 """A pydantic field type accepting ``10``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"6h"``, ``"1d"``."""
 
 
-def not_true_for_a_number(owner: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
-    """``value`` for ``owner``'s field ``info.field_name``, refused (ValueError) when it is
-    true or false and the field a number: pydantic takes true for 1 ("max_in_flight: on"
-    routed one message at a time, "port: yes" listened on port 1). For a ``mode="before"``
-    validator of every field."""
-    field = None if info.field_name is None else owner.model_fields[info.field_name]
-    if isinstance(value, bool) and field is not None and _a_number(field.annotation):
-        raise ValueError("a number, not true or false")
-    return value
+class NumbersNotBools(BaseModel):
+    """The base of a model read from a file users write: a number field refuses true and
+    false, which pydantic takes for 1 and 0 ("max_in_flight: on" routed one message at a
+    time, "port: yes" listened on port 1, a delivery's "rate_limit: yes" sent one event a
+    second)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = None if info.field_name is None else cls.model_fields[info.field_name]
+        if isinstance(value, bool) and field is not None and _a_number(field.annotation):
+            raise ValueError("a number, not true or false")
+        return value
 
 
 def _a_number(annotation: object) -> bool:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -36,7 +35,12 @@ from pydantic import (
 )
 
 from eventbus._errors import ConfigError
-from eventbus.config import check_deliveries_with, did_you_mean, parse_duration
+from eventbus.config import (
+    NumbersNotBools,
+    check_deliveries_with,
+    did_you_mean,
+    parse_duration,
+)
 
 __all__ = [
     "PRESETS",
@@ -146,7 +150,7 @@ class DeliveryPolicy:
     on_failure: str | None = None
 
 
-class _RetrySpec(BaseModel):
+class _RetrySpec(NumbersNotBools):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: str | None = None
@@ -172,7 +176,7 @@ class _RetrySpec(BaseModel):
         return v
 
 
-class _BreakerSpec(BaseModel):
+class _BreakerSpec(NumbersNotBools):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     failures: int = Field(5, ge=1, le=10_000)
@@ -184,7 +188,7 @@ class _BreakerSpec(BaseModel):
         return parse_duration(v)
 
 
-class _DeliverySpec(BaseModel):
+class _DeliverySpec(NumbersNotBools):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     retry: str | dict[str, Any] | None = None

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs
 
 import asyncpg
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from eventbus._burst import Burst
 from eventbus._errors import BusError, CloudEventError, StoreError
@@ -47,7 +47,14 @@ from eventbus.cloudevents import (
     load_json,
     validate,
 )
-from eventbus.config import AddressLists, Secret, SourceSpec, header_token, long_enough
+from eventbus.config import (
+    AddressLists,
+    NumbersNotBools,
+    Secret,
+    SourceSpec,
+    header_token,
+    long_enough,
+)
 from eventbus.sources._base import SourceContext
 from eventbus.sources._hook_request import HookRequest, Template, template
 from eventbus.sources._signatures import Verify
@@ -96,7 +103,7 @@ _EXTENSION = re.compile(r"[a-z0-9]{1,20}\Z")
 _METHOD = re.compile(r"[A-Z]{1,16}\Z")
 
 
-class StaticResponse(BaseModel):
+class StaticResponse(NumbersNotBools):
     """What the trigger answers instead of 202 and the event's id (some providers want 200).
     ``body`` is a template: Slack's URL verification wants ``{body:$.challenge}`` back."""
 

@@ -111,6 +111,11 @@ def test_overrides_layer_on_the_target_policy() -> None:
         ({"circuit_breaker": {"open_for": "-5s"}}, "circuit_breaker.open_for"),
         ({"rate_limit": -3}, "rate_limit"),
         ({"retries": 3}, "retries: Extra inputs are not permitted"),
+        # pydantic took true for 1: one event a second, one attempt, a breaker opened by one
+        ({"rate_limit": True}, "rate_limit: a number, not true or false"),
+        ({"retry": {"max_attempts": True}}, "retry.max_attempts: a number, not true or false"),
+        ({"retry": {"factor": True}}, "retry.factor: a number, not true or false"),
+        ({"circuit_breaker": {"failures": False}}, "circuit_breaker.failures: a number, not true"),
     ],
 )
 def test_bad_policies_are_refused_with_the_field(spec: dict[str, object], message: str) -> None:
