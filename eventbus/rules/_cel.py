@@ -187,6 +187,13 @@ MAX_MACRO_STEPS = 10_000
 """Elements a condition's macros (``all``, ``exists``, ``map`` ...) may visit in one evaluation,
 nested macros counted by every inner element: two nested over a list of 1,000 items took 46 s
 of the router's loop on cel-python."""
+MAX_NESTING = 200
+"""Operations a condition may nest, one in another (``a || b || c`` nests two): cel-python
+evaluates each level a few Python calls deeper, and a condition of 830 ``||`` comparisons
+loaded and then failed on every event (maximum recursion depth); a sum of 250 terms did
+where the router's own calls were already on the stack. 200 levels evaluated with 250 frames
+below them, for every shape tried (``||``, ``&&``, ``!``, unary ``-``, ``+``, ``*``,
+``has()``)."""
 MAX_EVALUATION_SECONDS = 0.25
 """And the time they may take (cel-python's interpreter visits as few as 5,000 a second)."""
 _CHECK_TIME_EVERY = 64
@@ -573,6 +580,20 @@ def _walk(tree: lark.Tree[lark.Token]) -> Iterator[lark.Tree[lark.Token]]:
             yield from _walk(child)
 
 
+def _nesting(tree: lark.Tree[lark.Token]) -> int:
+    """How many operations ``tree`` nests, one in another: the most nodes of more than one
+    child (an operator and its operands, a call and its arguments) on a path from the root.
+    The nodes of one child between them (the grammar's levels, a parenthesis) cost no
+    evaluation. Iterative: the tree may be deeper than Python's recursion."""
+    deepest, stack = 0, [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        depth += len(node.children) > 1
+        deepest = max(deepest, depth)
+        stack.extend((c, depth) for c in node.children if isinstance(c, lark.Tree))
+    return deepest
+
+
 def _first_token(tree: lark.Tree[lark.Token]) -> str:
     child = tree.children[0]
     return str(child) if isinstance(child, lark.Token) else ""
@@ -762,6 +783,11 @@ def _compile(source: str, native: bool) -> Condition:
         first = str(exc.args[0]).strip().splitlines() if exc.args else []
         detail = f": {first[0]}" if first else ""
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
+    if (depth := _nesting(tree)) > MAX_NESTING:
+        raise RuleError(
+            f"the condition is nested too deeply: {depth} operations one in another, at most "
+            f"{MAX_NESTING} (a long chain of || comparisons reads better as `x in [a, b, ...]`)"
+        )
     _check_names(tree)
     _check_constants(source, tree)
     _check_patterns(tree)

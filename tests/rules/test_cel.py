@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from eventbus._errors import RuleError
 from eventbus.rules import _cel
 from eventbus.rules._cel import (
     MAX_MACRO_STEPS,
+    MAX_NESTING,
     Condition,
     OnFirstUse,
     Verdict,
@@ -263,6 +265,37 @@ def test_a_condition_nested_too_deeply_is_a_rule_error(source: str) -> None:
     # RecursionError raised out of the whole load: the other rules' errors went unreported
     with pytest.raises(RuleError, match="nested too deeply"):
         compile_condition(source)
+
+
+def _nested(levels: int, call: Callable[[], Verdict]) -> Verdict:
+    return call() if levels == 0 else _nested(levels - 1, call)
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        lambda n: " || ".join(f"event.data.n == {i}" for i in range(n)),
+        lambda n: " && ".join(["event.data.n >= 0"] * n),
+        lambda n: " + ".join(["event.data.n"] * n) + " == 0",
+        lambda n: "!" * (n - n % 2) + "true",
+        lambda n: " || ".join([*(f"has(event.data.x{i})" for i in range(n)), "event.data.n == 0"]),
+    ],
+    ids=["or", "and", "sum", "not", "has"],
+)
+@pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
+def test_a_condition_either_evaluates_or_is_refused_at_load(
+    chain: Callable[[int], str], interpreted: bool
+) -> None:
+    # 830 || comparisons loaded, then failed on every event (maximum recursion depth): what
+    # loads must evaluate, on cel-python, with the router's calls on the stack below it
+    deepest = chain(MAX_NESTING - 5)
+    condition = compile_condition(deepest)
+    runner = Condition(deepest, _runner(_env().compile(deepest), interpreted=interpreted))
+    event = activation({"data": {"n": 0}})
+    assert _nested(250, lambda: runner.evaluate(event)[0]) is Verdict.MATCH
+    assert condition.evaluate(event)[0] is Verdict.MATCH
+    with pytest.raises(RuleError, match=r"nested too deeply: 2\d\d operations"):
+        compile_condition(chain(MAX_NESTING + 5))
 
 
 @pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])

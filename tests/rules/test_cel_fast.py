@@ -130,8 +130,6 @@ def test_the_unusual_is_left_to_cel_python(source: str, event: dict[str, Any]) -
         "event.data.n in [1, event.data.m]",
         "event.data.n in [[1]]",  # a nested list
         "has(event.a, event.b)",
-        " && ".join(["event.b"] * 900),  # deeper than cel-python's stack
-        "has(event.a) || " + "!" * 600 + "event.b",
     ],
 )
 def test_anything_else_runs_on_cel_python_alone(source: str) -> None:
