@@ -37,6 +37,7 @@ from eventbus.rules._pattern_ops import (
     Numeric,
     Prefix,
     Suffix,
+    exact_key,
 )
 from eventbus.rules._pattern_tables import FieldIndex
 
@@ -364,8 +365,7 @@ class PatternIndex(Generic[K]):
                 if type(found) is list:
                     _bind(found, {}, index, bound)
                 elif exact is not None:
-                    # The key of ``exact_key``, inlined.
-                    hit = exact.get(found if type(found) is str else (type(found), found))
+                    hit = exact.get(found if type(found) is str else exact_key(found))
                     if hit:
                         stack.extend(hit)
                 else:

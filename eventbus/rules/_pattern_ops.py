@@ -49,17 +49,22 @@ def exact_key(value: object) -> object:
     """The hash key under which a leaf value is compared for exact equality.
 
     Strings are their own key (the common case stays a plain dict lookup). Other scalars are
-    tagged with their type: JSON ``300`` and ``300.0`` are different texts and EventBridge does
-    not equate them in an exact match, and Python's ``True == 1`` must not leak into matching.
+    tagged with their kind, so that Python's ``True == 1`` does not leak into matching; an
+    integer is tagged as a float is: JSON ``300``, ``300.0`` and ``3e2`` are one number, equal
+    in an exact match as in EventBridge, whose matcher compares a pattern's numbers by value as
+    well as by text. (Python compares an int and a float exactly, and hashes equal ones alike:
+    ``2**63 + 1`` is not the float nearest it.)
     """
-    if type(value) is str:
+    kind = type(value)
+    if kind is str:
         return value
-    return (type(value), value)
+    return (float if kind is int else kind, value)
 
 
 @dataclass(frozen=True, slots=True)
 class Exact:
-    """``"x"``, ``5``, ``true``, ``null``: the leaf value equals this one (same JSON type).
+    """``"x"``, ``5``, ``true``, ``null``: the leaf value equals this one (same JSON type;
+    numbers by value).
 
     Equality and hashing go by ``key`` alone: as plain values ``1``, ``1.0`` and ``true`` would
     be one dict key and two different conditions would share one index edge.

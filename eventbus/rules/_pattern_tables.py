@@ -26,6 +26,7 @@ from eventbus.rules._pattern_ops import (
     Prefix,
     Suffix,
     Wildcard,
+    exact_key,
     ip_address_of,
 )
 
@@ -312,10 +313,8 @@ class FieldIndex(Generic[N]):
 
     def collect(self, value: object, out: set[N]) -> None:
         """Add to ``out`` every child whose edge condition the leaf ``value`` satisfies."""
-        kind = type(value)
         if self.exact:
-            # The key of ``exact_key``, inlined.
-            hit = self.exact.get(value if kind is str else (kind, value))
+            hit = self.exact.get(value if type(value) is str else exact_key(value))
             if hit:
                 out.update(hit)
         # Exact types, as the matchers test them: ``bool`` is an ``int`` but no JSON number.
