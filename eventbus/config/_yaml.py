@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 import typing
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -141,7 +142,19 @@ class NodeBuilder:
                 )
                 return None
         if isinstance(node, yaml.ScalarNode):
-            return self.loader.construct_object(node)
+            try:
+                return self.loader.construct_object(node)
+            except ValueError:
+                # Python reads at most 4,300 digits into an int: the error escaped the loaders
+                # without file or line (a reload answered 500)
+                if node.tag == "tag:yaml.org,2002:int":
+                    most = sys.get_int_max_str_digits()
+                    self.problems.append(
+                        (line, f"an integer of more than {most:,} digits (quote it for text)")
+                    )
+                else:
+                    self.problems.append((line, f"{node.tag} value YAML cannot read"))
+                return None
         if node.tag not in ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
             self.problems.append((node.start_mark.line + 1, f"unsupported YAML tag {node.tag}"))
             return None
@@ -163,7 +176,9 @@ class NodeBuilder:
             from_merge: set[str] = set()
             for index, (key_node, value_node) in enumerate(node.value):
                 line = key_node.start_mark.line + 1
-                key = self.build(key_node, (*path, "<key>"), {})
+                # at the mapping's depth: a key past the limit was said "nested too deep" and
+                # then "None must be a string"
+                key = self.build(key_node, path, {})
                 if not isinstance(key, str):
                     self.problems.append((line, f"key {key!r} must be a string (quote it)"))
                     continue

@@ -369,6 +369,18 @@ def test_a_header_name_http_cannot_carry_is_refused_with_its_line(
     assert "not a header name" in message and "(target 'fn')" in message, message
 
 
+def test_an_integer_python_will_not_read_is_refused_with_its_line(tmp_path: Path) -> None:
+    # Python reads at most 4,300 digits into an int: a ValueError out of the load, no line
+    (tmp_path / "c.yaml").write_text(
+        "targets:\n  - name: fn\n    type: http\n    url: 'http://127.0.0.1:1/'\n"
+        f"    timeout: {'9' * 5000}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_connectors(tmp_path)
+    message = str(info.value).replace(str(tmp_path) + "/", "")
+    assert message == "c.yaml:5: an integer of more than 4,300 digits (quote it for text)"
+
+
 def test_true_for_a_number_is_refused_with_its_line(tmp_path: Path) -> None:
     # pydantic took true for 1: a timeout of 1 s, one catch-up tick
     (tmp_path / "c.yaml").write_text(

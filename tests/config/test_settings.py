@@ -110,6 +110,12 @@ def test_file_and_environment_overrides(tmp_path: Path) -> None:
         # '' was the working directory: the servers' files among the project's
         ("data_dir: ''\n", "eventbus.yaml:1: data_dir: Value error, an empty path"),
         ("rules: ' '\n", "eventbus.yaml:1: rules: Value error, an empty path"),
+        # Python reads at most 4,300 digits into an int: a ValueError, no file or line
+        pytest.param(
+            "listen:\n  port: " + "9" * 5000 + "\n",
+            "eventbus.yaml:2: an integer of more than",
+            id="long-integer",
+        ),
         (  # in an item of a list too
             "api_keys:\n  - {name: a, key: abcdefghijklmnop1234, scope: [admin]}\n",
             "eventbus.yaml:2: api_keys.0.scope: Extra inputs are not permitted (did you mean "

@@ -148,6 +148,10 @@ _WIDE = (
         # few aliases of one long string: 2 GB and 6 s once the rule set was written out
         (_WIDE, 2, "aliases repeat more than 8,388,608 characters"),
         ("- name: a\n  targets: [t]\n- name: b\x00\n", 3, "control characters"),
+        # mappings: each key past the limit was also said "key None must be a string"
+        ("- x: " + "{a: " * 200 + "1" + "}" * 200 + "\n", 1, "nested more than 128 levels deep"),
+        # Python's own limit on reading an int: a ValueError out of the load, a reload's 500
+        ("- name: a\n  x: " + "9" * 5000 + "\n", 2, "an integer of more than 4,300 digits"),
     ],
     ids=[
         "unclosed",
@@ -164,6 +168,8 @@ _WIDE = (
         "aliases",
         "long-aliases",
         "nul",
+        "deep-mappings",
+        "long-integer",
     ],
 )
 def test_file_level_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
