@@ -240,6 +240,12 @@ def _anything_but(operand: object, where: str) -> AnythingBut:
         inner: list[Prefix | Suffix | EqualsIgnoreCase | Wildcard] = []
         for text in strings:
             value = _string(text, where, f"anything-but {name}")
+            if not value and name in ("prefix", "suffix"):
+                # every string starts and ends with "": no string would match (EventBridge's
+                # matcher refuses it too)
+                raise PatternError(
+                    f"anything-but {name}: empty, it excludes every string", path=where
+                )
             if name == "prefix":
                 inner.append(Prefix(value, False))
             elif name == "suffix":

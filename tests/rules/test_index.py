@@ -63,7 +63,8 @@ def _operator(rng: random.Random) -> Any:
         return {"anything-but": rng.choice([text, number, rng.sample(STRINGS, 2)])}
     if choice == 11:
         kind = rng.choice(["prefix", "suffix", "equals-ignore-case", "wildcard"])
-        operand = "a*" if kind == "wildcard" else text
+        # an empty prefix or suffix is refused there (it would exclude every string)
+        operand = "a*" if kind == "wildcard" else text or "a"
         return {"anything-but": {kind: operand}}
     return rng.choice(SCALARS)
 
