@@ -143,7 +143,8 @@ class SelectionChanged(EventBusError):
         self.expected = expected
         self.count = count
         super().__init__(
-            f"{count} dead letters match now, not the {expected} confirmed: nothing was done "
+            f"{count} dead letter{'' if count == 1 else 's'} match{'es' if count == 1 else ''} "
+            f"now, not the {expected} confirmed: nothing was done "
             "(count them again, and confirm that number)"
         )
 

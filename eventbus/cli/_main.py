@@ -144,6 +144,9 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="ISO 8601 time, or a duration ago (30m, 6h, 7d)")
     p.add_argument("--until", help="ISO 8601 time, or a duration ago (30m, 6h, 7d)")
     p.add_argument("--source", help="event source")
+    p.add_argument(
+        "--through", type=int, metavar="ID", help="ids up to this one (a count's last id)"
+    )
 
 
 class _ApiError(Exception):
@@ -320,7 +323,7 @@ def _show(args: argparse.Namespace, kind: str, body: Any) -> int:
 def _query(args: argparse.Namespace, **extra: Any) -> str:
     q = {
         k: getattr(args, k)
-        for k in ("rule", "target", "status", "reason", "since", "until", "source")
+        for k in ("rule", "target", "status", "reason", "since", "until", "source", "through")
         if getattr(args, k, None) is not None
     }
     q.update({k: v for k, v in extra.items() if v is not None})
@@ -563,6 +566,8 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         return _show(args, "dead-letters", _request(args, "GET", "/dead-letters" + query))
     if action == "show":
         return _show(args, "dead-letter", _request(args, "GET", f"/dead-letters/{args.id}"))
+    if action == "count":
+        return _show(args, "dead-letter-count", _request(args, "GET", _count_path(args)))
     ids: list[int] = args.ids
     if ids and (args.all or _query(args)):
         # the filters were dropped: `purge 5 --target fnn` purged dead letter 5 of another
@@ -572,7 +577,9 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     # one id by its own route (404 when it does not exist), several as the filter ?id=&id=
     one = f"/dead-letters/{ids[0]}" if len(ids) == 1 else None
     many = "/dead-letters" + ("/replay" if action == "replay" else "")
-    many += _query(args, id=ids or None, all="true" if args.all else None)
+    many += _query(args, id=ids or None, all="true" if args.all else None, expect=args.expect)
+    if one is not None and args.expect is not None:
+        one = None  # the filter ?id= checks the number; the route of one id does not take it
     if action == "replay":
         path = many if one is None else f"{one}/replay"
         answer = _request(args, "POST", path, timeout=_BULK_TIMEOUT)
@@ -595,6 +602,10 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
             )
             code = EXIT_FAILED
     return code
+
+
+def _count_path(args: argparse.Namespace) -> str:
+    return "/dead-letters/count" + _query(args)
 
 
 def _missing(ids: list[int], done: str) -> int:
@@ -742,6 +753,8 @@ def _add_dlq(sub: Any) -> None:
     helps = {
         "list": "dead letters, newest first, one page at a time",
         "show": "one dead letter and every attempt (--json: with its event and payload)",
+        "count": "how many dead letters the filters select, and the options that replay or "
+        "purge exactly those",
         "replay": "deliver dead letters again, with a fresh attempt budget",
         "purge": "delete dead letters",
     }
@@ -750,7 +763,7 @@ def _add_dlq(sub: Any) -> None:
         if action == "show":
             a.add_argument("id", type=int, help="the dead letter's id")
         else:
-            if action != "list":
+            if action in ("replay", "purge"):
                 a.add_argument(
                     "ids",
                     type=int,
@@ -759,6 +772,13 @@ def _add_dlq(sub: Any) -> None:
                     help="dead letters' ids (else: the filters)",
                 )
                 a.add_argument("--all", action="store_true", help="every dead letter")
+                a.add_argument(
+                    "--expect",
+                    type=int,
+                    metavar="N",
+                    help="act only if exactly N dead letters match (as `dlq count` said), "
+                    "else nothing is done",
+                )
             _filter_args(a)
         if action == "list":
             a.add_argument(

@@ -230,6 +230,20 @@ def _replayed(body: Any, out: TextIO) -> None:
         out.write(f"note: {printable(str(note))}\n")
 
 
+def _dead_letter_count(body: Any, out: TextIO) -> None:
+    count = body["count"]
+    if not count:
+        out.write("no dead letters match\n")
+        return
+    out.write(f"{_plural(count, 'dead letter')}, the newest written {body['newest']}\n")
+    # a duration ago moves with the clock: the time the service made of it stays put
+    since = f"--since {body['since']} " if body.get("since") else ""
+    out.write(
+        "to replay or purge exactly these, give the same filters and "
+        f"{since}--through {body['last_id']} --expect {count}\n"
+    )
+
+
 def _purged(body: Any, out: TextIO) -> None:
     out.write(f"purged {_plural(body['purged'], 'dead letter')}\n")
 
@@ -333,6 +347,7 @@ def _reloaded(body: Any, out: TextIO) -> None:
 SHOW: Mapping[str, Callable[[Any, TextIO], None]] = {
     "accepted": _accepted,
     "dead-letter": _dead_letter,
+    "dead-letter-count": _dead_letter_count,
     "dead-letters": _dead_letters,
     "event-trail": _event_trail,
     "events": _events,

@@ -66,6 +66,65 @@ async def _side_by_side(*runs: Awaitable[T]) -> list[T]:
 
 
 @pytest.mark.slow
+async def test_dlq_count_then_a_replay_and_a_purge_of_exactly_those(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # The command line had no way to act on what a count found: a purge by filter took
+    # those dead-lettered after the count too (the console's confirmation could; scripts not)
+    receiver.respond(503)
+    policy = {
+        "retry": {"strategy": "fixed", "initial_delay": "10ms", "max_attempts": 1},
+        "circuit_breaker": False,
+    }
+    svc = await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn"), "delivery": policy}],
+    )
+    url, plain = ("--url", svc.url, "--json"), ("--url", svc.url)
+
+    async def dead_letters(n: int) -> bool:
+        code, out, _ = await _cli("dlq", "count", "--target", "fn", *url)
+        return code == 0 and out["count"] == n
+
+    for i in range(2):
+        await _cli("publish", "--type", "t", "--source", "cli", "--id", f"c-{i}", *url)
+    await eventually(lambda: dead_letters(2), every=0.2, what="two dead letters")
+    (code, counted, err), (_, text, _) = await _side_by_side(
+        _cli("dlq", "count", "--target", "fn", "--since", "1h", *url),
+        _cli("dlq", "count", "--target", "fn", *plain),
+    )
+    assert code == 0 and counted["count"] == 2 and counted["since"], (counted, err)
+    last = str(counted["last_id"])
+    assert text.splitlines() == [
+        f"2 dead letters, the newest written {counted['newest']}",
+        f"to replay or purge exactly these, give the same filters and --through {last} --expect 2",
+    ], text
+    # one more, after the count: not among those confirmed
+    await _cli("publish", "--type", "t", "--source", "cli", "--id", "c-late", *url)
+    await eventually(lambda: dead_letters(3), every=0.2, what="the third dead letter")
+    selected = ("--target", "fn", "--since", counted["since"], "--through", last)
+    (code, _, refused), (listed_code, listed, _) = await _side_by_side(
+        _cli("dlq", "purge", *selected, "--expect", "3", *plain),
+        _cli("dlq", "list", "--through", last, *url),
+    )
+    assert code == 1 and "2 dead letters match now, not the 3 confirmed" in refused, refused
+    assert listed_code == 0 and len(listed["items"]) == 2, listed
+    code, out, err = await _cli("dlq", "purge", *selected, "--expect", "2", *url)
+    assert (code, out) == (0, {"purged": 2}), err
+    code, out, err = await _cli("dlq", "count", "--target", "fn", *url)
+    assert out["count"] == 1 and out["last_id"] > int(last), (out, err)  # the late one
+    # one id with --expect goes by the filter, which checks the number
+    late = str(out["last_id"])
+    receiver.respond(204)
+    code, _, refused = await _cli("dlq", "replay", late, "--expect", "2", *plain)
+    assert code == 1 and "1 dead letter matches now, not the 2" in refused, refused
+    code, out, err = await _cli("dlq", "replay", late, "--expect", "1", *url)
+    assert code == 0 and [r["id"] for r in out["replayed"]] == [int(late)], (out, err)
+    code, text, _ = await _cli("dlq", "count", "--target", "fn", *plain)
+    assert (code, text) == (0, "no dead letters match\n")
+
+
+@pytest.mark.slow
 async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> None:
     receiver.respond(503)
     policy = {
