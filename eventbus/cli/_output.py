@@ -235,9 +235,11 @@ def _dead_letter_count(body: Any, out: TextIO) -> None:
     if not count:
         out.write("no dead letters match\n")
         return
-    out.write(f"{_plural(count, 'dead letter')}, the newest written {body['newest']}\n")
+    out.write(
+        f"{_plural(count, 'dead letter')}, the newest written {printable(str(body['newest']))}\n"
+    )
     # a duration ago moves with the clock: the time the service made of it stays put
-    since = f"--since {body['since']} " if body.get("since") else ""
+    since = f"--since {printable(body['since'])} " if body.get("since") else ""
     out.write(
         "to replay or purge exactly these, give the same filters and "
         f"{since}--through {body['last_id']} --expect {count}\n"
