@@ -567,7 +567,8 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     if action == "show":
         return _show(args, "dead-letter", _request(args, "GET", f"/dead-letters/{args.id}"))
     if action == "count":
-        return _show(args, "dead-letter-count", _request(args, "GET", _count_path(args)))
+        count = _request(args, "GET", "/dead-letters/count" + _query(args))
+        return _show(args, "dead-letter-count", count)
     ids: list[int] = args.ids
     if ids and (args.all or _query(args)):
         # the filters were dropped: `purge 5 --target fnn` purged dead letter 5 of another
@@ -602,10 +603,6 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
             )
             code = EXIT_FAILED
     return code
-
-
-def _count_path(args: argparse.Namespace) -> str:
-    return "/dead-letters/count" + _query(args)
 
 
 def _missing(ids: list[int], done: str) -> int:

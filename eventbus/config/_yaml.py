@@ -144,16 +144,16 @@ class NodeBuilder:
         if isinstance(node, yaml.ScalarNode):
             try:
                 return self.loader.construct_object(node)
-            except ValueError:
-                # Python reads at most 4,300 digits into an int: the error escaped the loaders
-                # without file or line (a reload answered 500)
+            except ValueError as exc:
+                # Python reads at most 4,300 digits into an int; `!!timestamp 2020-13-45` is no
+                # date: the error escaped the loaders without file or line (a reload's 500)
                 if node.tag == "tag:yaml.org,2002:int":
                     most = sys.get_int_max_str_digits()
-                    self.problems.append(
-                        (line, f"an integer of more than {most:,} digits (quote it for text)")
-                    )
+                    problem = f"an integer of more than {most:,} digits (quote it for text)"
                 else:
-                    self.problems.append((line, f"{node.tag} value YAML cannot read"))
+                    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+                    problem = f"cannot read {node.value[:40]!r} as {tag}: {exc}"
+                self.problems.append((line, problem))
                 return None
         if node.tag not in ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
             self.problems.append((node.start_mark.line + 1, f"unsupported YAML tag {node.tag}"))

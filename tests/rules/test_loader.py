@@ -152,6 +152,7 @@ _WIDE = (
         ("- x: " + "{a: " * 200 + "1" + "}" * 200 + "\n", 1, "nested more than 128 levels deep"),
         # Python's own limit on reading an int: a ValueError out of the load, a reload's 500
         ("- name: a\n  x: " + "9" * 5000 + "\n", 2, "an integer of more than 4,300 digits"),
+        ("- name: a\n  x: !!timestamp 2020-13-45\n", 2, "'2020-13-45' as !!timestamp: month"),
     ],
     ids=[
         "unclosed",
@@ -170,6 +171,7 @@ _WIDE = (
         "nul",
         "deep-mappings",
         "long-integer",
+        "no-date",
     ],
 )
 def test_file_level_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
