@@ -76,7 +76,14 @@ _RFC3164_TIMESTAMP = (
 _RFC5424_VERSION = re.compile(r"([1-9]\d?) (?=- |\d{4}-\d\d-\d\d)")
 _RFC3164_HEADER = re.compile(rf"({_RFC3164_TIMESTAMP}) (\S+) ?(.*)", re.DOTALL)
 _RFC3164_TAG = re.compile(r"([^\s:\[\]]{1,48})(?:\[([^\]\s]{1,128})\])?: ?(.*)", re.DOTALL)
-_OCTET_COUNT = re.compile(rb"(\d{1,10}) ")
+# An octet count (RFC 6587) is digits and a space before the message's PRI: a line without a
+# PRI that began "3000 records exported" was taken for the count of a 3,000-byte frame, and the
+# messages after it were swallowed.
+_OCTET_COUNT = re.compile(rb"(\d{1,10}) (?=<)")
+# A message without an octet count ends at a line feed or a NUL: Python's SysLogHandler ends
+# each message over TCP with a NUL alone, and all of them were read as one line.
+_TRAILER = re.compile(rb"[\n\x00]")
+_COUNT_ARRIVING = re.compile(rb"\d{1,10} ?")
 _UDP_QUEUE = 10_000
 _DROPS_EVERY = 2.0  # seconds between reads of the kernel's drop count
 
@@ -230,13 +237,13 @@ class _Framer:
                 if self._skip:
                     return frames
             if self._skip_line:
-                newline = self._buf.find(b"\n")
-                if newline < 0:
+                trailer = _TRAILER.search(self._buf)
+                if trailer is None:
                     self._buf.clear()
                     return frames
-                del self._buf[: newline + 1]
+                del self._buf[: trailer.end()]
                 self._skip_line = False
-            del self._buf[: len(self._buf) - len(self._buf.lstrip(b"\r\n"))]
+            del self._buf[: len(self._buf) - len(self._buf.lstrip(b"\r\n\x00"))]
             if not self._buf:
                 return frames
             count = _OCTET_COUNT.match(self._buf)
@@ -252,29 +259,37 @@ class _Framer:
                 frames.append((bytes(self._buf[count.end() : count.end() + size]), None))
                 del self._buf[: count.end() + size]
                 continue
-            if self._buf[:10].isdigit() and len(self._buf) <= 10:
-                return frames  # an octet count still arriving
-            newline = self._buf.find(b"\n")
-            if newline < 0:
+            if _COUNT_ARRIVING.fullmatch(self._buf):
+                return frames  # an octet count still arriving, or its space
+            trailer = _TRAILER.search(self._buf)
+            if trailer is None:
                 if len(self._buf) > self._limit:
                     frames.append((bytes(self._buf[: self._limit]), self._too_long()))
                     self._buf.clear()
                     self._skip_line = True
                 return frames
-            frame = bytes(self._buf[:newline]).rstrip(b"\r")
-            del self._buf[: newline + 1]
+            frame = bytes(self._buf[: trailer.start()]).rstrip(b"\r")
+            del self._buf[: trailer.end()]
             if len(frame) > self._limit:
                 frames.append((frame[: self._limit], self._too_long()))
             else:
                 frames.append((frame, None))
 
     def close(self) -> list[tuple[bytes, str | None]]:
-        """The last frame of a stream that ended without a newline."""
-        rest = bytes(self._buf).strip(b"\r\n")
+        """The last frame of a stream that ended without a newline; an octet-counted frame
+        cut short by the end is an error saying so (it was "missing PRI", the count read as
+        the message's start)."""
+        rest = bytes(self._buf).strip(b"\r\n\x00")
         self._buf.clear()
-        if rest and not self._skip and not self._skip_line:
-            return [(rest, None)]
-        return []
+        if not rest or self._skip or self._skip_line:
+            return []
+        count = _OCTET_COUNT.match(rest)
+        if count is not None:
+            size, got = int(count.group(1)), len(rest) - count.end()
+            return [
+                (rest[count.end() :], f"the connection closed {got} bytes into a {size}-byte frame")
+            ]
+        return [(rest, None)]
 
     def _too_long(self) -> str:
         return f"message exceeds {self._limit} bytes"

@@ -181,7 +181,7 @@ def test_framer_mixes_octet_counting_and_newlines_across_chunks() -> None:
 
 def test_framer_bounds_oversized_frames_and_resynchronizes() -> None:
     framer = _Framer(limit=480)
-    frames = framer.feed(b"9999 " + b"x" * 5000)
+    frames = framer.feed(b"9999 <" + b"x" * 4999)
     frames += framer.feed(b"x" * 4999 + b"<5>ok\n" + b"y" * 600)
     frames += framer.feed(b"yyy\n<6>fine\n")
     assert frames == [
@@ -189,6 +189,47 @@ def test_framer_bounds_oversized_frames_and_resynchronizes() -> None:
         (b"<5>ok", None),
         (b"y" * 480, "message exceeds 480 bytes"),
         (b"<6>fine", None),
+    ]
+
+
+def test_framer_ends_a_message_at_a_nul_as_at_a_line_feed() -> None:
+    # Python's SysLogHandler over TCP ends each message with a NUL and no line feed: they were
+    # read as one line, over the limit at 1 KiB, the rest up to a line feed thrown away
+    framer = _Framer(limit=480)
+    frames = framer.feed(b"".join(b"<14>record %d\x00" % i for i in range(300)))
+    frames += framer.feed(b"<14>and a line\n<14>last\x00")
+    assert frames == [
+        *((b"<14>record %d" % i, None) for i in range(300)),
+        (b"<14>and a line", None),
+        (b"<14>last", None),
+    ]
+    too_long = framer.feed(b"<14>" + b"x" * 600 + b"\x00<14>after\x00")
+    assert too_long == [(b"<14>" + b"x" * 476, "message exceeds 480 bytes"), (b"<14>after", None)]
+
+
+def test_a_line_starting_with_a_number_is_no_octet_count() -> None:
+    # "3000 records exported" (no PRI) was taken for the count of a 3,000-byte frame: the
+    # messages after it were swallowed, or merged into one dead letter
+    framer = _Framer(limit=1024)
+    frames = framer.feed(b"<14>NUM-0\n3000 records exported\n")
+    frames += framer.feed(b"".join(b"<14>NUM-%d\n" % i for i in range(1, 101)))
+    frames += framer.feed(b"12 records\n11")
+    frames += framer.feed(b" ")
+    frames += framer.feed(b"<14>counted")
+    assert frames == [
+        (b"<14>NUM-0", None),
+        (b"3000 records exported", None),  # then "missing PRI", its own dead letter
+        *((b"<14>NUM-%d" % i, None) for i in range(1, 101)),
+        (b"12 records", None),
+        (b"<14>counted", None),
+    ]
+
+
+def test_a_frame_cut_short_by_the_connection_says_so() -> None:
+    framer = _Framer(limit=1024)
+    assert framer.feed(b"100 <14>only part") == []
+    assert framer.close() == [
+        (b"<14>only part", "the connection closed 13 bytes into a 100-byte frame")
     ]
 
 
