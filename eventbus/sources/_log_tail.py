@@ -52,6 +52,7 @@ _CHUNK = 64 << 10
 _HEAD = 128
 _TAIL = 64  # bytes before the checkpointed offset that must still be there
 _FORGET_AFTER = 3600.0  # seconds a checkpointed file is gone before its checkpoint is deleted
+_STARTED = "started"  # the row saying the source's first start is done (file rows are dev:ino)
 
 
 class MultilineConfig(pydantic.BaseModel):
@@ -230,10 +231,18 @@ class LogTailSource:
                 try:
                     if not loaded:
                         self._saved = await ctx.checkpoints.items()
-                        first_start = not self._saved
+                        # No row at all was taken for the first start: a file that came while
+                        # stopped, the glob having matched nothing before, began at its end
+                        # (its lines lost with start_at: end), as did every file once the rows
+                        # of those gone were deleted.
+                        started = self._saved.pop(_STARTED, None) is not None
+                        first_start = not started and not self._saved
                         loaded = True
                     more = await self._cycle(ctx, first_start)
-                    first_start = False
+                    if first_start:
+                        await self._save(ctx)  # the files' rows before the row saying so
+                        await ctx.checkpoints.put(_STARTED, True)
+                        first_start = False
                 except StoreError as exc:
                     # What is on the bus stays known in memory (and in _dirty until saved):
                     # re-reading it would publish it again on every retry.

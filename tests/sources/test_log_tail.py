@@ -229,6 +229,26 @@ async def test_start_at_end_keeps_what_was_written_while_stopped(
     assert _messages(recorder) == ["while stopped"]
 
 
+async def test_start_at_end_reads_a_file_that_came_while_stopped_from_its_start(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # The glob matched nothing at the first start, which left no row: the next start was
+    # taken for the first again, and the file that came meanwhile began at its end (its ten
+    # lines lost). Files present at the very first start alone begin at their end.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    spec = _spec(logs / "*.log", start_at="end")
+    recorder = Recorder()
+    async with started(database_dsn, spec, recorder) as ctx:
+        await eventually(lambda: ctx.checkpoints.get("started"), what="the first start saved")
+    lines = [f"F-{i}" for i in range(1, 21)]
+    _append(logs / "e.log", "".join(f"{line}\n" for line in lines[:10]))
+    async with started(database_dsn, spec, recorder):
+        _append(logs / "e.log", "".join(f"{line}\n" for line in lines[10:]))
+        await recorder.wait_for(20)
+    assert _messages(recorder) == lines
+
+
 async def test_bus_down_checkpoints_nothing_then_delivers_everything(
     tmp_path: Path, database_dsn: str
 ) -> None:
@@ -453,7 +473,7 @@ async def test_the_checkpoint_of_a_file_gone_is_deleted(
         old.unlink()
 
         async def forgotten() -> bool:
-            return set(await ctx.checkpoints.items()) == {_key(kept)}
+            return set(await ctx.checkpoints.items()) == {_key(kept), "started"}
 
         await eventually(forgotten, what="the deleted file's checkpoint deleted")
     assert old_key != _key(kept)
