@@ -583,6 +583,10 @@ class LogTailSource:
         self, f: _File, raw: bytes, start: int, end: int, now: datetime, truncated: bool
     ) -> None:
         text = raw.decode("utf-8", errors="replace").removesuffix("\r")
+        if start == 0:
+            # a byte order mark (files written on Windows): the first record began with
+            # U+FEFF, and in JSON it was "BOM is not supported"
+            text = text.removeprefix("\ufeff")
         record = f.record
         multiline = self.config.multiline
         if (

@@ -290,6 +290,25 @@ async def test_json_lines_and_bad_json_kept_with_error(tmp_path: Path, database_
     assert long["data"]["message"] == huge and "beyond 64 bits" in long["data"]["json_error"]
 
 
+@pytest.mark.parametrize("format", ["json", "text"])
+async def test_a_byte_order_mark_is_not_part_of_the_first_record(
+    tmp_path: Path, database_dsn: str, format: str
+) -> None:
+    # a file written on Windows: its first record was "BOM is not supported" in JSON, and
+    # began with U+FEFF as text
+    log = tmp_path / "app.json"
+    log.write_bytes('\ufeff{"n": 1}\n\ufeff{"n": 2}\n'.encode())
+    recorder = Recorder()
+    async with started(database_dsn, _spec(log, format=format), recorder):
+        first, second = await recorder.wait_for(2)
+    if format == "json":
+        assert first["data"]["json"] == {"n": 1}, first["data"]
+        assert "json_error" in second["data"]  # a BOM inside the file is no byte order mark
+    else:
+        assert first["data"]["message"] == '{"n": 1}'
+        assert second["data"]["message"] == '\ufeff{"n": 2}'
+
+
 async def test_multiline_joins_continuations_with_bounds(tmp_path: Path, database_dsn: str) -> None:
     log = tmp_path / "app.log"
     log.write_text(
