@@ -130,6 +130,7 @@ EXPORTS: dict[str, list[str]] = {
         "NatsAuth",
         "NatsSettings",
         "NodeBuilder",
+        "NumbersNotBools",
         "OAuth2Spec",
         "RetentionSettings",
         "RouterSettings",

@@ -815,7 +815,9 @@ async def test_a_saturated_target_does_not_hold_routing_for_the_others(
         await receiver.wait_for(1)
         assert (await svc.post_event({**_event("f"), "type": "fast"}))[0] == 202
         await fast.wait_for(1, timeout=30)
-        assert len(receiver.requests) <= 4, len(receiver.requests)
+        # behind the window it came after a dozen slow requests or more; a loaded machine
+        # (three test processes, two reviews) saw five before it, the fast one on time
+        assert len(receiver.requests) <= 7, len(receiver.requests)
         await receiver.wait_for(20, timeout=90)
         await svc.drained()
         assert sorted(_ok_ids(receiver).values()) == [1] * 20
