@@ -69,7 +69,9 @@ class DirectorySource:
         self.name = config.name
         self.type = config.type
         self.config = config
-        self.root = Path(config.path).expanduser().resolve()
+        # not resolved: a drop folder that is a symlink re-pointed (a deploy) is followed to its
+        # new target at the next scan, not watched where it pointed at the start
+        self.root = Path(config.path).expanduser().absolute()
         self._unreadable = UnreadablePaths(log, f"directory {self.name}")
 
     async def run(self, ctx: SourceContext) -> None:

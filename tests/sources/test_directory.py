@@ -173,6 +173,27 @@ def test_content_is_the_file_as_its_size_says(tmp_path: Path) -> None:
     assert source._event("empty.txt", empty.stat(), False, 1 << 20)["data"]["content"] == ""
 
 
+async def test_a_drop_folder_that_is_a_symlink_is_followed_where_it_points_now(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # The path was resolved once, at the start: a symlink re-pointed on a deploy kept the
+    # source watching the old folder, and the new one's files were never reported.
+    old, new, link = tmp_path / "release-1", tmp_path / "release-2", tmp_path / "current"
+    old.mkdir()
+    new.mkdir()
+    _write(old / "a.txt", "a", 1_000)
+    _write(new / "b.txt", "b", 1_001)
+    link.symlink_to(old)
+    recorder = Recorder()
+    async with started(database_dsn, _spec(link), recorder):
+        (first,) = await recorder.wait_for(1)
+        link.unlink()
+        link.symlink_to(new)
+        _, second = await recorder.wait_for(2)
+    assert first["data"]["path"] == str(link / "a.txt")
+    assert second["data"]["path"] == str(link / "b.txt")
+
+
 async def test_big_content_odd_names_and_removed_files(tmp_path: Path, database_dsn: str) -> None:
     # A text over the event size with content_max_bytes at its maximum (the bus refused the
     # event for good and every newer file waited behind it), a name with a control character
