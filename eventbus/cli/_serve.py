@@ -495,6 +495,19 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
+        # Each worker takes some 1.5 s of CPU to import and start: 64 on 2 cores took minutes,
+        # and the parent killed each at its first beat's deadline, for ever, all at once.
+        cores = os.cpu_count() or 1
+        first_beat = _FIRST_BEAT * max(1.0, workers / cores)
+        if workers > 4 * cores:
+            log.warning(
+                "%d workers on %d cores: each needs its own CPU to start and to serve (one per "
+                "core is the usual count); they get %g s to start instead of %g",
+                workers,
+                cores,
+                first_beat,
+                _FIRST_BEAT,
+            )
         for i in range(workers):
             procs[i] = spawn(i)
         log.info(
@@ -522,7 +535,7 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                     quick_exits[i] = 0  # it started: a run of failures ends
                 if proc is not None and proc.poll() is None:
                     hang = settings.worker_hang_timeout
-                    _kill_if_hung(i, proc, shared / "beats", hang, now - started[i])
+                    _kill_if_hung(i, proc, shared / "beats", hang, now - started[i], first_beat)
                 if proc is not None and proc.poll() is not None:
                     metrics.forget_process(proc.pid, shared / "metrics")
                     try:
@@ -602,19 +615,24 @@ def _read_configuration(
 
 
 def _kill_if_hung(
-    index: int, proc: subprocess.Popen[bytes], beats: Path, timeout: float, spawned_ago: float
+    index: int,
+    proc: subprocess.Popen[bytes],
+    beats: Path,
+    timeout: float,
+    spawned_ago: float,
+    first_beat: float = _FIRST_BEAT,
 ) -> None:
     """SIGKILL worker ``index`` when its beat (see ``_beat``) is older than ``timeout`` seconds:
     frozen, or its event loop blocked, it answered none of the connections the kernel handed it
     and no probe (the parent's exit check then restarts it). A worker that has not beaten yet
-    (spawned ``spawned_ago`` seconds ago) gets :data:`_FIRST_BEAT` seconds more, for its
-    imports and the start of its loop (one frozen then was left alone for ever, the service a
-    worker short)."""
+    (spawned ``spawned_ago`` seconds ago) gets ``first_beat`` seconds more, for its imports
+    and the start of its loop (one frozen then was left alone for ever, the service a worker
+    short)."""
     try:
         age = time.time() - (beats / str(proc.pid)).stat().st_mtime
         silence = f"for {age:.0f} s"
     except OSError:
-        age = spawned_ago - _FIRST_BEAT
+        age = spawned_ago - first_beat
         silence = f"since its spawn {spawned_ago:.0f} s ago"
     if age > timeout:
         log.error(

@@ -377,16 +377,19 @@ async def test_workers_restarted_together_do_not_end_each_other(
 
 
 @pytest.mark.parametrize(
-    ("beaten_ago", "spawned_ago", "killed"),
+    ("beaten_ago", "spawned_ago", "first_beat", "killed"),
     [
-        (None, 5.0, False),  # starting: imports, the loop not yet turning
-        (None, 34.5, True),  # never heard from, past the first beat's allowance and the timeout
-        (1.0, 100.0, False),
-        (5.0, 100.0, True),
+        (None, 5.0, 30.0, False),  # starting: imports, the loop not yet turning
+        (None, 34.5, 30.0, True),  # never heard from, past the first beat's allowance and timeout
+        # 64 workers on 2 cores: each took minutes of shared CPU to start, and was killed at
+        # 61 s, all of them, for ever; the allowance grows with the workers per core
+        (None, 100.0, 960.0, False),
+        (1.0, 100.0, 30.0, False),
+        (5.0, 100.0, 960.0, True),  # once heard from, the timeout alone
     ],
 )
 def test_a_worker_silent_since_its_spawn_is_killed_too(
-    tmp_path: Path, beaten_ago: float | None, spawned_ago: float, killed: bool
+    tmp_path: Path, beaten_ago: float | None, spawned_ago: float, first_beat: float, killed: bool
 ) -> None:
     # A worker frozen before its first beat was left alone for ever: the parent skipped any
     # worker without a beat file, the service running one worker short.
@@ -396,7 +399,7 @@ def test_a_worker_silent_since_its_spawn_is_killed_too(
             beat = tmp_path / str(proc.pid)
             beat.touch()
             os.utime(beat, (time.time() - beaten_ago,) * 2)
-        serve_module._kill_if_hung(0, proc, tmp_path, 4.0, spawned_ago)
+        serve_module._kill_if_hung(0, proc, tmp_path, 4.0, spawned_ago, first_beat)
         assert (proc.poll() is not None) == killed
     finally:
         proc.kill()
