@@ -21,7 +21,7 @@ import pytest
 from eventbus.cli._main import build_parser
 from eventbus.http import _schemas as schemas
 from tests.fixtures.receiver import Receiver, Response
-from tests.fixtures.service import StartService, free_port
+from tests.fixtures.service import RunningService, StartService, free_port
 from tests.fixtures.wait import eventually
 
 T = TypeVar("T")
@@ -53,6 +53,22 @@ async def _cli(*args: str, stdin: bytes | None = None) -> tuple[int, Any, str]:
     return int(proc.returncode or 0), parsed, err.decode()
 
 
+async def _dead_lettering(
+    eventbus: StartService, receiver: Receiver, attempts: int
+) -> RunningService:
+    """A service whose one rule sends every event to target ``fn`` at ``receiver``, which
+    answers 503: each event is a dead letter after ``attempts`` attempts 50 ms apart."""
+    receiver.respond(503)
+    policy = {
+        "retry": {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": attempts},
+        "circuit_breaker": False,
+    }
+    return await eventbus(
+        rules=RULES,
+        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn"), "delivery": policy}],
+    )
+
+
 async def _side_by_side(*runs: Awaitable[T]) -> list[T]:
     """Await independent ``_cli`` runs two at a time, in order: each is mostly an interpreter
     starting, so two keep both cores busy where one at a time leaves one idle."""
@@ -71,15 +87,7 @@ async def test_dlq_count_then_a_replay_and_a_purge_of_exactly_those(
 ) -> None:
     # The command line had no way to act on what a count found: a purge by filter took
     # those dead-lettered after the count too (the console's confirmation could; scripts not)
-    receiver.respond(503)
-    policy = {
-        "retry": {"strategy": "fixed", "initial_delay": "10ms", "max_attempts": 1},
-        "circuit_breaker": False,
-    }
-    svc = await eventbus(
-        rules=RULES,
-        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn"), "delivery": policy}],
-    )
+    svc = await _dead_lettering(eventbus, receiver, attempts=1)
     url, plain = ("--url", svc.url, "--json"), ("--url", svc.url)
 
     async def dead_letters(n: int) -> bool:
@@ -126,15 +134,7 @@ async def test_dlq_count_then_a_replay_and_a_purge_of_exactly_those(
 
 @pytest.mark.slow
 async def test_cli_round_trip(eventbus: StartService, receiver: Receiver) -> None:
-    receiver.respond(503)
-    policy = {
-        "retry": {"strategy": "fixed", "initial_delay": "50ms", "max_attempts": 2},
-        "circuit_breaker": False,
-    }
-    svc = await eventbus(
-        rules=RULES,
-        targets=[{"name": "fn", "type": "http", "url": receiver.url("/fn"), "delivery": policy}],
-    )
+    svc = await _dead_lettering(eventbus, receiver, attempts=2)
     url = ("--url", svc.url, "--json")
 
     code, out, err = await _cli(
