@@ -188,12 +188,15 @@ MAX_MACRO_STEPS = 10_000
 nested macros counted by every inner element: two nested over a list of 1,000 items took 46 s
 of the router's loop on cel-python."""
 MAX_NESTING = 200
-"""Operations a condition may nest, one in another (``a || b || c`` nests two): cel-python
-evaluates each level a few Python calls deeper, and a condition of 830 ``||`` comparisons
-loaded and then failed on every event (maximum recursion depth); a sum of 250 terms did
-where the router's own calls were already on the stack. 200 levels evaluated with 250 frames
-below them, for every shape tried (``||``, ``&&``, ``!``, unary ``-``, ``+``, ``*``,
-``has()``)."""
+"""Operations a condition may nest, one in another (``a || b || c`` nests two), and
+:data:`MAX_LEVELS` the levels of its syntax tree: cel-python evaluates each a few Python
+calls deeper (its interpreter, which runs conditions calling ``has()``, about two per level),
+and conditions deeper than Python's recursion allows loaded and then failed on every event
+(830 ``||`` comparisons; 45 nested parentheses after a ``has()``; 45 nested lists). Both
+bounds evaluated, on either of cel-python's runners, with 250 frames below them, for every
+shape tried (chains of ``||``, ``&&``, ``+`` and ``!``; nested parentheses, calls, ternaries,
+lists, maps and macros)."""
+MAX_LEVELS = 400
 MAX_EVALUATION_SECONDS = 0.25
 """And the time they may take (cel-python's interpreter visits as few as 5,000 a second)."""
 _CHECK_TIME_EVERY = 64
@@ -580,18 +583,18 @@ def _walk(tree: lark.Tree[lark.Token]) -> Iterator[lark.Tree[lark.Token]]:
             yield from _walk(child)
 
 
-def _nesting(tree: lark.Tree[lark.Token]) -> int:
-    """How many operations ``tree`` nests, one in another: the most nodes of more than one
-    child (an operator and its operands, a call and its arguments) on a path from the root.
-    The nodes of one child between them (the grammar's levels, a parenthesis) cost no
-    evaluation. Iterative: the tree may be deeper than Python's recursion."""
-    deepest, stack = 0, [(tree, 0)]
+def _nesting(tree: lark.Tree[lark.Token]) -> tuple[int, int]:
+    """How deep ``tree`` nests: the most operations on a path from the root, one in another
+    (nodes of more than one child: an operator and its operands, a call and its arguments),
+    and the most levels. Iterative: the tree may be deeper than Python's recursion."""
+    operations = levels = 0
+    stack = [(tree, 0, 1)]
     while stack:
-        node, depth = stack.pop()
-        depth += len(node.children) > 1
-        deepest = max(deepest, depth)
-        stack.extend((c, depth) for c in node.children if isinstance(c, lark.Tree))
-    return deepest
+        node, ops, depth = stack.pop()
+        ops += len(node.children) > 1
+        operations, levels = max(operations, ops), max(levels, depth)
+        stack.extend((c, ops, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+    return operations, levels
 
 
 def _first_token(tree: lark.Tree[lark.Token]) -> str:
@@ -783,10 +786,12 @@ def _compile(source: str, native: bool) -> Condition:
         first = str(exc.args[0]).strip().splitlines() if exc.args else []
         detail = f": {first[0]}" if first else ""
         raise RuleError(f"CEL syntax error{where}{detail}") from exc
-    if (depth := _nesting(tree)) > MAX_NESTING:
+    operations, levels = _nesting(tree)
+    if operations > MAX_NESTING or levels > MAX_LEVELS:
         raise RuleError(
-            f"the condition is nested too deeply: {depth} operations one in another, at most "
-            f"{MAX_NESTING} (a long chain of || comparisons reads better as `x in [a, b, ...]`)"
+            f"the condition is nested too deeply: {operations} operations one in another (at "
+            f"most {MAX_NESTING}), {levels} levels of syntax (at most {MAX_LEVELS}); a long "
+            "chain of || comparisons reads better as `x in [a, b, ...]`"
         )
     _check_names(tree)
     _check_constants(source, tree)

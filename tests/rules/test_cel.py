@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import threading
@@ -18,7 +19,6 @@ from eventbus._errors import RuleError
 from eventbus.rules import _cel
 from eventbus.rules._cel import (
     MAX_MACRO_STEPS,
-    MAX_NESTING,
     Condition,
     OnFirstUse,
     Verdict,
@@ -267,8 +267,15 @@ def test_a_condition_nested_too_deeply_is_a_rule_error(source: str) -> None:
         compile_condition(source)
 
 
+def _verdict(condition: Condition, event: Any) -> Verdict:
+    return condition.evaluate(event)[0]
+
+
 def _nested(levels: int, call: Callable[[], Verdict]) -> Verdict:
     return call() if levels == 0 else _nested(levels - 1, call)
+
+
+_HAS = "has(event.data.n) && "  # a condition calling has() runs on cel-python's interpreter
 
 
 @pytest.mark.parametrize(
@@ -279,23 +286,36 @@ def _nested(levels: int, call: Callable[[], Verdict]) -> Verdict:
         lambda n: " + ".join(["event.data.n"] * n) + " == 0",
         lambda n: "!" * (n - n % 2) + "true",
         lambda n: " || ".join([*(f"has(event.data.x{i})" for i in range(n)), "event.data.n == 0"]),
+        lambda n: _HAS + "(" * n + "event.data.n" + " + 1)" * n + " > 0",
+        lambda n: _HAS + "!(" * (n - n % 2) + "event.data.n == 0" + ")" * (n - n % 2),
+        lambda n: _HAS + "int(" * n + "event.data.n" + ")" * n + " == 0",
+        lambda n: _HAS + "(event.data.n == 0 ? " * n + "true" + " : false)" * n,
+        lambda n: "size(" + "[" * n + "event.data.n" + "]" * n + ") == 1",
+        lambda n: "size(" + "{'a': " * n + "event.data.n" + "}" * n + ") == 1",
+        lambda n: _HAS + "[1].exists(x, " * n + "event.data.n == 0" + ")" * n,
     ],
-    ids=["or", "and", "sum", "not", "has"],
+    ids=[
+        *("or", "and", "sum", "not", "has", "parens", "not-calls", "int", "ternary", "lists"),
+        *("maps", "macros"),
+    ],
 )
-@pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
-def test_a_condition_either_evaluates_or_is_refused_at_load(
-    chain: Callable[[int], str], interpreted: bool
-) -> None:
-    # 830 || comparisons loaded, then failed on every event (maximum recursion depth): what
-    # loads must evaluate, on cel-python, with the router's calls on the stack below it
-    deepest = chain(MAX_NESTING - 5)
-    condition = compile_condition(deepest)
-    runner = Condition(deepest, _runner(_env().compile(deepest), interpreted=interpreted))
+def test_a_condition_either_evaluates_or_is_refused_at_load(chain: Callable[[int], str]) -> None:
+    # 830 || comparisons, or 45 nested parentheses after a has(), loaded and then failed on
+    # every event (maximum recursion depth): the deepest that loads must evaluate, on both of
+    # cel-python's runners, with the router's calls (and more) on the stack below it
+    deepest = None
+    for n in range(5, 1000, 5):
+        try:
+            compile_condition(chain(n))
+        except RuleError as exc:
+            assert "nested too deeply" in str(exc), exc
+            break
+        deepest = chain(n)
+    assert deepest is not None and n < 1000
     event = activation({"data": {"n": 0}})
-    assert _nested(250, lambda: runner.evaluate(event)[0]) is Verdict.MATCH
-    assert condition.evaluate(event)[0] is Verdict.MATCH
-    with pytest.raises(RuleError, match=r"nested too deeply: 2\d\d operations"):
-        compile_condition(chain(MAX_NESTING + 5))
+    for interpreted in (False, True):
+        runner = Condition(deepest, _runner(_env().compile(deepest), interpreted=interpreted))
+        assert _nested(250, functools.partial(_verdict, runner, event)) is Verdict.MATCH
 
 
 @pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
