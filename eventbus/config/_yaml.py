@@ -55,6 +55,7 @@ less memory than that the process crashed."""
 # says the same; above MAX_DEPTH, so that the builder names the line of a deep value.
 _MAX_FLOW_DEPTH = 256
 _BRACKETS = re.compile(r"[\[\]{}]")
+_LONG_INTEGER = re.compile(r"[-+]?[0-9_]+")
 
 
 def flow_too_deep(text: str) -> int | None:
@@ -144,15 +145,19 @@ class NodeBuilder:
         if isinstance(node, yaml.ScalarNode):
             try:
                 return self.loader.construct_object(node)
-            except ValueError as exc:
+            except yaml.YAMLError:
+                raise  # the loaders' own, with its mark
+            except Exception as exc:  # what PyYAML's constructors let escape
                 # Python reads at most 4,300 digits into an int; `!!timestamp 2020-13-45` is no
-                # date: the error escaped the loaders without file or line (a reload's 500)
-                if node.tag == "tag:yaml.org,2002:int":
-                    most = sys.get_int_max_str_digits()
+                # date, `!!bool maybe` no bool (ValueError, KeyError, IndexError): each escaped
+                # the loaders without file or line (a rules reload answered 500)
+                most = sys.get_int_max_str_digits()
+                if _LONG_INTEGER.fullmatch(node.value) and len(node.value) > most:
                     problem = f"an integer of more than {most:,} digits (quote it for text)"
                 else:
                     tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-                    problem = f"cannot read {node.value[:40]!r} as {tag}: {exc}"
+                    why = f": {exc}" if isinstance(exc, ValueError) else ""  # a KeyError: 'maybe'
+                    problem = f"cannot read {node.value[:40]!r} as {tag}{why}"
                 self.problems.append((line, problem))
                 return None
         if node.tag not in ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
@@ -178,7 +183,10 @@ class NodeBuilder:
                 line = key_node.start_mark.line + 1
                 # at the mapping's depth: a key past the limit was said "nested too deep" and
                 # then "None must be a string"
+                noted = len(self.problems)
                 key = self.build(key_node, path, {})
+                if key is None and len(self.problems) > noted:
+                    continue  # said already (too deep, or a value YAML cannot read)
                 if not isinstance(key, str):
                     self.problems.append((line, f"key {key!r} must be a string (quote it)"))
                     continue

@@ -153,6 +153,12 @@ _WIDE = (
         # Python's own limit on reading an int: a ValueError out of the load, a reload's 500
         ("- name: a\n  x: " + "9" * 5000 + "\n", 2, "an integer of more than 4,300 digits"),
         ("- name: a\n  x: !!timestamp 2020-13-45\n", 2, "'2020-13-45' as !!timestamp: month"),
+        # a KeyError and an IndexError of PyYAML's constructors escaped the same way
+        ("- name: a\n  x: !!bool maybe\n", 2, "cannot read 'maybe' as !!bool"),
+        ("- name: a\n  x: !!int ''\n", 2, "cannot read '' as !!int"),
+        ("- name: a\n  x: !!int 12abc\n", 2, "cannot read '12abc' as !!int: invalid literal"),
+        # a key: not also "None must be a string"
+        ("- name: a\n  ? " + "1" * 5000 + "\n  : 1\n", 2, "an integer of more than 4,300"),
     ],
     ids=[
         "unclosed",
@@ -172,6 +178,10 @@ _WIDE = (
         "deep-mappings",
         "long-integer",
         "no-date",
+        "no-bool",
+        "empty-int",
+        "not-int",
+        "long-key",
     ],
 )
 def test_file_level_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
