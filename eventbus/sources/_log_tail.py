@@ -225,7 +225,7 @@ class LogTailSource:
         """Tail until cancelled. Bus, database and file errors are reported in ``ctx.status``
         and retried with backoff from the last checkpointed offsets."""
         backoff = Backoff(ctx.clock, maximum=max(self.config.interval, 30.0))
-        loaded = first_start = False
+        loaded = first_start = started = False
         try:
             while True:
                 try:
@@ -239,10 +239,11 @@ class LogTailSource:
                         first_start = not started and not self._saved
                         loaded = True
                     more = await self._cycle(ctx, first_start)
-                    if first_start:
+                    if not started:  # a first start, or rows an older eventbus wrote
                         await self._save(ctx)  # the files' rows before the row saying so
                         await ctx.checkpoints.put(_STARTED, True)
-                        first_start = False
+                        started = True
+                    first_start = False
                 except StoreError as exc:
                     # What is on the bus stays known in memory (and in _dirty until saved):
                     # re-reading it would publish it again on every retry.

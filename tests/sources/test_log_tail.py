@@ -249,6 +249,24 @@ async def test_start_at_end_reads_a_file_that_came_while_stopped_from_its_start(
     assert _messages(recorder) == lines
 
 
+async def test_rows_an_older_eventbus_wrote_get_the_started_row_too(
+    tmp_path: Path, database_dsn: str
+) -> None:
+    # A table of file rows without `started` (written before there was one) was never given
+    # it: once those rows were deleted (the files gone an hour), a start was a first start
+    # again, and with start_at: end a file that came while stopped lost its lines.
+    log = tmp_path / "a.log"
+    log.write_text("a1\n")
+    spec = _spec(tmp_path / "*.log", start_at="end")
+    recorder = Recorder()
+    async with started(database_dsn, spec, recorder) as ctx:
+        await eventually(lambda: ctx.checkpoints.get("started"), what="the first start saved")
+        await ctx.checkpoints.delete_many(["started"])  # as an older eventbus left the table
+    async with started(database_dsn, spec, recorder) as ctx:
+        await eventually(lambda: ctx.checkpoints.get("started"), what="the started row")
+        assert set(await ctx.checkpoints.items()) == {"started", _key(log)}
+
+
 async def test_bus_down_checkpoints_nothing_then_delivers_everything(
     tmp_path: Path, database_dsn: str
 ) -> None:
