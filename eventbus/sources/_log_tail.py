@@ -36,7 +36,7 @@ import pydantic
 
 from eventbus._errors import BusError, CloudEventError, EventTooLargeForBus, StoreError
 from eventbus.cloudevents import attribute_text, load_json, new_event
-from eventbus.config import SourceSpec
+from eventbus.config import NumbersNotBools, SourceSpec
 from eventbus.sources._base import SourceContext, UnreadablePaths
 from eventbus.sources._clock import Backoff
 
@@ -55,7 +55,7 @@ _FORGET_AFTER = 3600.0  # seconds a checkpointed file is gone before its checkpo
 _STARTED = "started"  # the row saying the source's first start is done (file rows are dev:ino)
 
 
-class MultilineConfig(pydantic.BaseModel):
+class MultilineConfig(NumbersNotBools):
     """Join continuation lines (those matching ``pattern``) onto the record before them."""
 
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
@@ -74,7 +74,7 @@ class MultilineConfig(pydantic.BaseModel):
         return value
 
 
-class BatchConfig(pydantic.BaseModel):
+class BatchConfig(NumbersNotBools):
     """Send up to ``max_lines`` records of one file in one event, waiting at most ``max_wait``."""
 
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)

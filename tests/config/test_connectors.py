@@ -382,16 +382,20 @@ def test_an_integer_python_will_not_read_is_refused_with_its_line(tmp_path: Path
 
 
 def test_true_for_a_number_is_refused_with_its_line(tmp_path: Path) -> None:
-    # pydantic took true for 1: a timeout of 1 s, one catch-up tick
+    # pydantic took true for 1: a timeout of 1 s, one catch-up tick, a log tail's batches of
+    # one line (a nested block's numbers too)
     (tmp_path / "c.yaml").write_text(
         "targets:\n"
         "  - {name: fn, type: http, url: 'http://127.0.0.1:1/', timeout: true}\n"
         "sources:\n"
         "  - {name: t, type: timer, schedule: 'rate(1 minute)', max_catch_up: yes}\n"
+        "  - {name: l, type: log-tail, path: /x/*.log, batch: {max_lines: yes}}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_connectors(tmp_path)
     assert str(info.value).replace(str(tmp_path) + "/", "").splitlines() == [
         "c.yaml:2: targets.0.timeout: Value error, a number, not true or false (target 'fn')",
         "c.yaml:4: sources.0.max_catch_up: Value error, a number, not true or false (source 't')",
+        "c.yaml:5: sources.1.batch.max_lines: Value error, a number, not true or false "
+        "(source 'l')",
     ]
