@@ -70,8 +70,9 @@ class DirectorySource:
         self.type = config.type
         self.config = config
         # not resolved: a drop folder that is a symlink re-pointed (a deploy) is followed to its
-        # new target at the next scan, not watched where it pointed at the start
-        self.root = Path(config.path).expanduser().absolute()
+        # new target at the next scan, not watched where it pointed at the start (abspath
+        # takes out "..", as resolving did, without following links)
+        self.root = Path(os.path.abspath(Path(config.path).expanduser()))
         self._unreadable = UnreadablePaths(log, f"directory {self.name}")
 
     async def run(self, ctx: SourceContext) -> None:
