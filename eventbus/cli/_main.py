@@ -145,7 +145,10 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", help="ISO 8601 time, or a duration ago (30m, 6h, 7d)")
     p.add_argument("--source", help="event source")
     p.add_argument(
-        "--through", type=int, metavar="ID", help="ids up to this one (a count's last id)"
+        "--through",
+        type=_bounded(1, 2**63 - 1),
+        metavar="ID",
+        help="ids up to this one (a count's last id)",
     )
 
 
@@ -581,11 +584,13 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     many += _query(args, id=ids or None, all="true" if args.all else None, expect=args.expect)
     if one is not None and args.expect is not None:
         one = None  # the filter ?id= checks the number; the route of one id does not take it
+    # ids by the filter: those not there are said (the answer counts, it does not refuse)
+    by_filter = bool(ids) and one is None
     if action == "replay":
         path = many if one is None else f"{one}/replay"
         answer = _request(args, "POST", path, timeout=_BULK_TIMEOUT)
         code = _show(args, "replayed", answer)
-        if len(ids) > 1 and isinstance(answer, dict) and not answer.get("truncated"):
+        if by_filter and isinstance(answer, dict) and not answer.get("truncated"):
             missing = answer.get("missing")
             if not isinstance(missing, list):  # a service from before it said
                 done = {item.get("id") for item in answer.get("replayed") or ()}
@@ -594,7 +599,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         return code
     answer = _request(args, "DELETE", one or many, timeout=_BULK_TIMEOUT)
     code = _show(args, "purged", answer)
-    if len(ids) > 1 and isinstance(answer, dict) and isinstance(answer.get("purged"), int):
+    if by_filter and isinstance(answer, dict) and isinstance(answer.get("purged"), int):
         # the answer counts, not names: how many of the ids given were not there
         unknown = len(set(ids)) - answer["purged"]
         if unknown > 0:
@@ -771,7 +776,7 @@ def _add_dlq(sub: Any) -> None:
                 a.add_argument("--all", action="store_true", help="every dead letter")
                 a.add_argument(
                     "--expect",
-                    type=int,
+                    type=_bounded(0, 2**63 - 1),
                     metavar="N",
                     help="act only if exactly N dead letters match (as `dlq count` said), "
                     "else nothing is done",

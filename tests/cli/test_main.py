@@ -126,6 +126,10 @@ async def test_dlq_count_then_a_replay_and_a_purge_of_exactly_those(
     receiver.respond(204)
     code, _, refused = await _cli("dlq", "replay", late, "--expect", "2", *plain)
     assert code == 1 and "1 dead letter matches now, not the 2" in refused, refused
+    # an id not there, by the filter: said, and the exit status says so (it was 0)
+    code, text, err = await _cli("dlq", "purge", "424242", "--expect", "0", *plain)
+    assert (code, text) == (1, "purged 0 dead letters\n"), err
+    assert err == "eventbus: 1 of the 1 ids given had no dead letter\n", err
     code, out, err = await _cli("dlq", "replay", late, "--expect", "1", *url)
     assert code == 0 and [r["id"] for r in out["replayed"]] == [int(late)], (out, err)
     code, text, _ = await _cli("dlq", "count", "--target", "fn", *plain)

@@ -92,6 +92,10 @@ def test_count_asks_for_exactly_the_filters_given(
         argv.append(f"--through={through}")
     code, out, err = _run(argv)
     assert "Traceback" not in err, err
+    if through is not None and through < 1:  # refused before anything is sent
+        assert code == 2 and "--through: must be from 1" in err, (argv, code, err)
+        assert _Recorder.paths == []
+        return
     assert code == 0, (argv, code, err)
     (path,) = _Recorder.paths
     asked = {**filters, **({} if through is None else {"through": str(through)})}
@@ -118,6 +122,10 @@ def test_a_confirmed_purge_sends_its_filters_through_and_expect(
     argv += [f"--{name}={value}" for name, value in filters.items()]
     code, out, err = _run(argv)
     assert "Traceback" not in err, err
+    if through < 1 or expect < 0:  # refused before anything is sent
+        assert code == 2 and "must be from" in err, (argv, code, err)
+        assert _Recorder.paths == []
+        return
     assert code == 0, (argv, code, err)
     (path,) = _Recorder.paths
     asked = {**filters, "through": str(through), "expect": str(expect)}
