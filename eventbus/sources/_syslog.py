@@ -263,7 +263,8 @@ class _Framer:
                 return frames  # an octet count still arriving, or its space
             trailer = _TRAILER.search(self._buf)
             if trailer is None:
-                if len(self._buf) > self._limit:
+                # a last "\r" may be the start of the CRLF after a message of the limit's size
+                if len(self._buf) - self._buf.endswith(b"\r") > self._limit:
                     frames.append((bytes(self._buf[: self._limit]), self._too_long()))
                     self._buf.clear()
                     self._skip_line = True

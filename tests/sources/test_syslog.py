@@ -225,6 +225,14 @@ def test_a_line_starting_with_a_number_is_no_octet_count() -> None:
     ]
 
 
+def test_a_message_of_the_limits_size_split_inside_its_crlf_is_whole() -> None:
+    # fed in two reads, between the "\r" and the "\n", it was "message exceeds 480 bytes"
+    message = b"<14>" + b"x" * 476
+    framer = _Framer(limit=480)
+    assert framer.feed(message + b"\r") == []
+    assert framer.feed(b"\n<14>next\n") == [(message, None), (b"<14>next", None)]
+
+
 def test_a_frame_cut_short_by_the_connection_says_so() -> None:
     framer = _Framer(limit=1024)
     assert framer.feed(b"100 <14>only part") == []
