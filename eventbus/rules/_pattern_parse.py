@@ -246,6 +246,10 @@ def _anything_but(operand: object, where: str) -> AnythingBut:
                 raise PatternError(
                     f"anything-but {name}: empty, it excludes every string", path=where
                 )
+            if name == "wildcard" and value == "*":  # ("**" is refused as any wildcard)
+                raise PatternError(
+                    f"anything-but wildcard {value!r} excludes every string", path=where
+                )
             if name == "prefix":
                 inner.append(Prefix(value, False))
             elif name == "suffix":
