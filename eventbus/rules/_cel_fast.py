@@ -119,6 +119,17 @@ def _unwrap(node: lark.Tree[lark.Token]) -> tuple[lark.Tree[lark.Token], int]:
     return node, levels
 
 
+def _not_logic(node: Any) -> None:
+    """Refuse (``_Refused``) a size() of a `&&`, `||` or `?:`: of their error values
+    cel-python's size() answers in words of its own (`(a && a).size()` of a missing `a` is "no
+    such overload: ... 'CELEvalError' has no len()", where the fast path said the field's
+    error). The size of a bool is no condition anyone means."""
+    if isinstance(node, lark.Tree):
+        inner = _unwrapped(node)
+        if inner.data in ("expr", "conditionalor", "conditionaland") and len(inner.children) > 1:
+            raise _Refused(inner.data)
+
+
 def _unwrapped(node: lark.Tree[lark.Token]) -> lark.Tree[lark.Token]:
     return _unwrap(node)[0]
 
@@ -357,9 +368,11 @@ class _Compiler:
         return item
 
     def _member_dot_arg(self, target: Any, name: lark.Token, *args: Any) -> FastCondition:
+        method = str(name)
+        if method == "size":
+            _not_logic(target)
         receiver = self.node(target)
         arguments = self._arguments(args)
-        method = str(name)
         if method == "size" and not arguments:
             return _sized(receiver)
         if method in _STRING_TESTS and len(arguments) == 1:
@@ -369,6 +382,8 @@ class _Compiler:
     def _ident_arg(self, name: lark.Token, *args: Any) -> FastCondition:
         function = str(name)
         if function == "size":
+            for part in args[0].children if args else ():
+                _not_logic(part)
             arguments = self._arguments(args)
             if len(arguments) == 1:
                 return _sized(arguments[0])

@@ -130,6 +130,11 @@ def test_the_unusual_is_left_to_cel_python(source: str, event: dict[str, Any]) -
         "event.data.n in [1, event.data.m]",
         "event.data.n in [[1]]",  # a nested list
         "has(event.a, event.b)",
+        # size() of a && || ?: : cel-python's own words for their error values (found by the
+        # generated conditions below)
+        "((event.data) && (event.data)).size() == 1",
+        "size(event.a || event.b) == 1",
+        "(event.a ? event.b : event.c).size() == 1",
     ],
 )
 def test_anything_else_runs_on_cel_python_alone(source: str) -> None:
