@@ -496,8 +496,8 @@ async def _supervise(settings: Settings, workers: int, config_path: str | None) 
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
         # Each worker takes some 1.5 s of CPU to import and start: 64 on 2 cores took minutes,
-        # and the parent killed each at its first beat's deadline, for ever, all at once.
-        # the CPUs this process may run on (a container's, a taskset's), not the machine's
+        # and the parent killed each at its first beat's deadline, for ever, all at once. The
+        # cores are those this process may run on (a container's, a taskset's).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
         cores = cores or os.cpu_count() or 1
         first_beat = _FIRST_BEAT * max(1.0, workers / cores)

@@ -119,17 +119,6 @@ def _unwrap(node: lark.Tree[lark.Token]) -> tuple[lark.Tree[lark.Token], int]:
     return node, levels
 
 
-def _not_logic(node: Any) -> None:
-    """Refuse (``_Refused``) a size() of a `&&`, `||` or `?:`: of their error values
-    cel-python's size() answers in words of its own (`(a && a).size()` of a missing `a` is "no
-    such overload: ... 'CELEvalError' has no len()", where the fast path said the field's
-    error). The size of a bool is no condition anyone means."""
-    if isinstance(node, lark.Tree):
-        inner = _unwrapped(node)
-        if inner.data in ("expr", "conditionalor", "conditionaland") and len(inner.children) > 1:
-            raise _Refused(inner.data)
-
-
 def _unwrapped(node: lark.Tree[lark.Token]) -> lark.Tree[lark.Token]:
     return _unwrap(node)[0]
 
@@ -369,24 +358,18 @@ class _Compiler:
 
     def _member_dot_arg(self, target: Any, name: lark.Token, *args: Any) -> FastCondition:
         method = str(name)
-        if method == "size":
-            _not_logic(target)
+        if method == "size" and not args:
+            return self._size(target)
         receiver = self.node(target)
         arguments = self._arguments(args)
-        if method == "size" and not arguments:
-            return _sized(receiver)
         if method in _STRING_TESTS and len(arguments) == 1:
             return _string_test(_STRING_TESTS[method], receiver, arguments[0])
         raise _Refused(method)
 
     def _ident_arg(self, name: lark.Token, *args: Any) -> FastCondition:
         function = str(name)
-        if function == "size":
-            for part in args[0].children if args else ():
-                _not_logic(part)
-            arguments = self._arguments(args)
-            if len(arguments) == 1:
-                return _sized(arguments[0])
+        if function == "size" and len(args) == 1 and len(args[0].children) == 1:
+            return self._size(args[0].children[0])
         if function == "has" and len(args) == 1:
             return self._has(args[0])
         raise _Refused(function)
@@ -411,6 +394,16 @@ class _Compiler:
             return key in value
 
         return present
+
+    def _size(self, of: Any) -> FastCondition:
+        """``size()`` of ``of``; refused for a `&&`, `||` or `?:`: of their error values
+        cel-python's size() answers in words of its own (`(a && a).size()` of a missing `a`
+        is "no such overload: ... 'CELEvalError' has no len()", where the fast path said the
+        field's error). The size of a bool is no condition anyone means."""
+        inner = _unwrapped(of)
+        if inner.data in ("expr", "conditionalor", "conditionaland") and len(inner.children) > 1:
+            raise _Refused(inner.data)
+        return _sized(self.node(of))
 
     def _arguments(self, args: tuple[Any, ...]) -> list[FastCondition]:
         if not args:
