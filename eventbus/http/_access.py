@@ -165,11 +165,18 @@ class Access:
         return name
 
     def from_this_machine(
-        self, headers: Mapping[str, str], path: str, remote: str | None, remedy: str = ""
+        self,
+        headers: Mapping[str, str],
+        path: str,
+        remote: str | None,
+        remedy: str = "",
+        trusted: Networks | None = None,
     ) -> None:
         """Without API keys on loopback, refuse (403) a request that is not from this
         machine's programs or the console, its reason ending with ``remedy``; with keys, or
-        exposed on purpose, nothing to check."""
+        exposed on purpose, nothing to check. ``trusted``: the proxies whose
+        ``X-Forwarded-For`` names the client (the service's unless given: a trigger adds its
+        own)."""
         if not self._local:
             return
         host = headers.get("host", "")
@@ -185,7 +192,7 @@ class Access:
                 "requests to localhost or a loopback address only"
             )
         elif any(name in headers for name in _RELAY_HEADERS):
-            reason = self._relayed(headers, remote)
+            reason = self._relayed(headers, remote, self._trusted if trusted is None else trusted)
         if local and reason is None:
             origin = headers.get("origin")
             # a browser names the page that sent the request; this machine's own programs
@@ -208,14 +215,15 @@ class Access:
             metrics.EVENTS_REJECTED.labels("http", "forbidden").inc()
             raise Problem(403, reason)
 
-    def _relayed(self, headers: Mapping[str, str], remote: str | None) -> str | None:
-        """Why a request a proxy relayed is refused, or None when a trusted proxy's
+    @staticmethod
+    def _relayed(headers: Mapping[str, str], remote: str | None, trusted: Networks) -> str | None:
+        """Why a request a proxy relayed is refused, or None when a ``trusted`` proxy's
         ``X-Forwarded-For`` names this machine as the client."""
         forwarded = headers.get("x-forwarded-for", "")
         peer = client_address((), remote, "")
         client = None
-        if forwarded and peer is not None and any(peer in net for net in self._trusted):
-            client = client_address(self._trusted, remote, forwarded)
+        if forwarded and peer is not None and any(peer in net for net in trusted):
+            client = client_address(trusted, remote, forwarded)
             if client is not None and client.is_loopback:
                 return None
         who = f"client {client}" if client is not None else "a client it does not name"

@@ -193,13 +193,11 @@ class HookApp:
         if not isinstance(source, WebhookSource):
             raise Problem(404, f"no webhook source {name!r}")
         spec = source.spec
-        if scope["method"] not in spec.methods:
-            allow = ", ".join(spec.methods)
-            raise Problem(405, f"hook {name!r} accepts {allow}", headers={"Allow": allow})
         headers = request_headers(scope["headers"])
         peer = scope.get("client")
         remote = peer[0] if peer else None
-        address = client_address(self._trusted(spec), remote, forwarded_for(scope["headers"]))
+        trusted = self._trusted(spec)
+        address = client_address(trusted, remote, forwarded_for(scope["headers"]))
         path = scope["path"]
         if not allowed(spec, address):
             who = f"address {address}" if address is not None else "a client of unknown address"
@@ -213,9 +211,13 @@ class HookApp:
             # page a developer opened posted events to it, by a cross-site form or by DNS
             # rebinding). Providers that sign or send a key call from their own names.
             remedy = f" (for senders elsewhere, give hook {spec.name!r} verify or keys)"
-            self._access.from_this_machine(headers, path, remote, remedy)
+            self._access.from_this_machine(headers, path, remote, remedy, trusted)
         if spec.keys or spec.takes_service_keys:
             await self._check_key(spec, headers, path, remote)
+        if scope["method"] not in spec.methods:
+            # after the address and the key: a client refused those is not told the methods
+            allow = ", ".join(spec.methods)
+            raise Problem(405, f"hook {name!r} accepts {allow}", headers={"Allow": allow})
         query = scope.get("query_string", b"").decode("latin-1")
         try:
             # a request without its signature, or too old, is refused before its body is read

@@ -79,7 +79,10 @@ def _unreadable(detail: str) -> CloudEventError:
 # What each verification kind implies for the event when the trigger does not say.
 _PRESETS: dict[str, tuple[str, str | None]] = {
     "github": ("com.github.{header:X-GitHub-Event}", "{header:X-GitHub-Delivery}"),
-    "gitlab": ("com.gitlab.{body:$.object_kind}", "{header:X-Gitlab-Event-UUID}"),
+    # GitLab's Idempotency-Key stays the same across its retries of one event; its
+    # X-Gitlab-Event-UUID is new on each retry and shared by the hooks one request fires (a
+    # note and the push before it were one id: the second was dropped as a copy)
+    "gitlab": ("com.gitlab.{body:$.object_kind}", "{header:Idempotency-Key}"),
     "stripe": ("com.stripe.{body:$.type}", "{body:$.id}"),
     "slack": ("com.slack.{body:$.type}", "{body:$.event_id}"),
     "standard-webhooks": ("{body:$.type}", "{header:webhook-id}"),
@@ -195,14 +198,23 @@ class WebhookSourceSpec(AddressLists, SourceSpec):
 def _slack_payload(request: HookRequest, data: dict[str, Any]) -> None:
     """Slack's interactivity posts a form of one field, ``payload``, holding the JSON of the
     interaction: read it as JSON (``data.payload.type``), left as text when it is not."""
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     form = data.get("data")
-    if media != _FORM or not isinstance(form, dict):
+    if _media(request) != _FORM or not isinstance(form, dict):
         return
     payload = form.get("payload")
     if isinstance(payload, str) and payload.startswith("{"):
         with contextlib.suppress(orjson.JSONDecodeError):
             form["payload"] = load_json(payload.encode())
+
+
+def _slash_command(request: HookRequest, body: Any) -> bool:
+    """Whether ``body`` is Slack's slash command: a form with ``command`` (a JSON body with a
+    ``command`` key, or a GitLab hook's, was typed a slash command too)."""
+    return _media(request) == _FORM and isinstance(body, dict) and "command" in body
+
+
+def _media(request: HookRequest) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 def _github_payload(request: HookRequest, data: dict[str, Any]) -> None:
@@ -211,9 +223,8 @@ def _github_payload(request: HookRequest, data: dict[str, Any]) -> None:
     ``payload``: that JSON is the event's data, as with the JSON content type (rules and
     ``{body:...}`` templates read the same event either way). Left as the form when it is
     not JSON."""
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     form = data.get("data")
-    if media != _FORM or not isinstance(form, dict) or set(form) != {"payload"}:
+    if _media(request) != _FORM or not isinstance(form, dict) or set(form) != {"payload"}:
         return
     payload = form["payload"]
     if isinstance(payload, str):
@@ -298,7 +309,12 @@ class WebhookSource:
     async def run(self, ctx: SourceContext) -> None:
         self._ctx = ctx
         try:
-            await asyncio.Future()  # requests arrive through the edge until cancelled
+            # requests arrive through the edge until cancelled; meanwhile expired signatures
+            # are deleted (here, not in a request's time)
+            while True:
+                if self._replays is not None:
+                    await self._replays[1].prune(ctx.pool)
+                await ctx.clock.sleep(_PRUNE_SIGNATURES_EVERY)
         finally:
             self._ctx = None
 
@@ -324,7 +340,7 @@ class WebhookSource:
         event_type = self._type.render(request, body)
         if event_type is None and self._fallback_type is not None:
             event_type = self._fallback_type.render(request, body)
-            if event_type is None and isinstance(body, dict) and "command" in body:
+            if event_type is None and self._slack and _slash_command(request, body):
                 event_type = "com.slack.slash_command"
         if event_type is None:
             tried = repr(self._type.text)
@@ -452,13 +468,17 @@ class _SharedReplays:
     bus's duplicate window drops it: both carry one id), where a signature written first
     answered it "duplicate" and the event was lost when that first publish failed. The
     database unreachable, a copy is told only by the process's own memory and the bus's
-    window (said at most once a minute), not refused: webhooks do not wait on it."""
+    window (said at most once a minute), not refused: webhooks do not wait on it. Each look
+    and write is given :data:`_SHARED_DEADLINE`, and after one fails the table is left alone
+    for :data:`_SHARED_PAUSE` (a server that hangs, rather than refusing connections, made
+    every signed request wait twice the store's read timeout: 10 s, where Slack wants an
+    answer within 3)."""
 
     def __init__(self, source: str, window: float) -> None:
         self._source = source
         self._keep = 2 * window
-        self._pruned = float("-inf")
         self._unshared = Burst(self._tell_unshared, 60.0)
+        self._paused_until = float("-inf")
 
     @staticmethod
     def _digest(signature: str) -> bytes:
@@ -467,6 +487,8 @@ class _SharedReplays:
     async def published(self, pool: asyncpg.Pool, signature: str) -> str | None:
         """The id of the event a request of ``signature`` became, if one was published and its
         record has not expired; None otherwise (or when the database does not answer)."""
+        if self._paused():
+            return None
         try:
             found: str | None = await run_db(
                 "looking up a webhook signature",
@@ -476,7 +498,7 @@ class _SharedReplays:
                     self._source,
                     self._digest(signature),
                 ),
-                deadline=READ_TIMEOUT,
+                deadline=_SHARED_DEADLINE,
             )
         except StoreError as exc:
             self._unremembered(exc)
@@ -486,15 +508,9 @@ class _SharedReplays:
     async def remember(self, pool: asyncpg.Pool, signature: str, event_id: str) -> None:
         """``signature``'s request is on the bus as ``event_id`` (a record of the first one
         to get there, if several did, is kept; an expired one is replaced)."""
+        if self._paused():
+            return
         try:
-            now = time.monotonic()
-            if now - self._pruned > _PRUNE_SIGNATURES_EVERY:
-                self._pruned = now
-                await run_db(
-                    "forgetting old webhook signatures",
-                    pool.execute("DELETE FROM webhook_signatures WHERE expires_at < now()"),
-                    deadline=READ_TIMEOUT,
-                )
             await run_db(
                 "remembering a webhook signature",
                 pool.execute(
@@ -508,12 +524,27 @@ class _SharedReplays:
                     event_id,
                     self._keep,
                 ),
-                deadline=READ_TIMEOUT,
+                deadline=_SHARED_DEADLINE,
             )
         except StoreError as exc:
             self._unremembered(exc)
 
+    async def prune(self, pool: asyncpg.Pool) -> None:
+        """Delete the expired signatures (of every trigger: one statement, by its index)."""
+        try:
+            await run_db(
+                "forgetting old webhook signatures",
+                pool.execute("DELETE FROM webhook_signatures WHERE expires_at < now()"),
+                deadline=READ_TIMEOUT,
+            )
+        except StoreError as exc:
+            log.debug("webhook source %s: expired signatures kept: %s", self._source, exc)
+
+    def _paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
     def _unremembered(self, exc: StoreError) -> None:
+        self._paused_until = time.monotonic() + _SHARED_PAUSE
         self._unshared(str(exc))
 
     def _tell_unshared(self, why: str, more: int) -> None:
@@ -526,8 +557,15 @@ class _SharedReplays:
         )
 
 
+_SHARED_DEADLINE = 1.0
+"""Seconds a look into, or a write to, the shared signatures may take: past it the request
+goes on without (the bus's duplicate window and the process's memory still tell copies)."""
+
+_SHARED_PAUSE = 30.0
+"""Seconds the shared signatures are not looked at after a look or a write failed."""
+
 _PRUNE_SIGNATURES_EVERY = 600.0
-"""Seconds between deletions of expired signatures, per trigger and process."""
+"""Seconds between deletions of expired signatures, by each running trigger."""
 
 
 class _Replays:

@@ -208,6 +208,10 @@ async def test_ip_lists_and_trusted_proxies(service: RunningService) -> None:
     )
     status, _, detail = await _problem(service, "POST", "/hooks/local2", b"{}")
     assert status == 403 and detail == "address 127.0.0.1 is not allowed to call hook 'local2'"
+    # a client the address refuses is not told the methods (405 with Allow came first), nor
+    # one without the trigger's key
+    assert (await _problem(service, "GET", "/hooks/denied"))[0] == 403
+    assert (await _problem(service, "GET", "/hooks/keyed"))[0] == 401
     await service.service.store.audit.flush()
     rows = await service.service.store.pool.fetch(
         "SELECT remote, reason FROM refusals WHERE path = '/hooks/local2'"
@@ -291,6 +295,22 @@ async def test_the_services_lists_judge_the_client_a_triggers_proxy_names(
     assert await _from(svc, "127.0.0.1", "/hooks/tunnel", **key) == 403  # the proxy: not allowed
     assert await _from(svc, "127.0.0.1", "/events", **client) == 403
     assert await _from(svc, "127.0.0.1", "/hooks/nope", **client) == 403
+
+
+async def test_a_trigger_open_to_this_machine_takes_its_own_proxys_word(
+    eventbus: StartService,
+) -> None:
+    # Without API keys, a trigger with neither verify nor keys answers this machine's
+    # programs only; relayed by a proxy in its own trusted_proxies for this machine, it was
+    # refused as relayed (only the service's proxies were asked who the client was).
+    svc = await _triggers(
+        eventbus, [{"name": "local", "type": "webhook", "trusted_proxies": ["127.0.0.2/32"]}]
+    )
+    here, there = {"X-Forwarded-For": "127.0.0.1"}, {"X-Forwarded-For": "10.1.1.1"}
+    assert await _from(svc, "127.0.0.2", "/hooks/local", **here) == 202
+    assert await _from(svc, "127.0.0.2", "/hooks/local", **there) == 403
+    assert await _from(svc, "127.0.0.3", "/hooks/local", **here) == 403  # not its proxy
+    assert await _from(svc, "127.0.0.2", "/events", **here) == 403  # the trigger's alone
 
 
 async def test_keys_of_the_trigger_and_of_the_service(service: RunningService) -> None:

@@ -27,7 +27,9 @@ import standardwebhooks
 from eventbus._errors import BusUnavailable, CloudEventError, ConfigError
 from eventbus.config import load_connectors
 from eventbus.sources import HookRequest, WebhookSource, build_source
+from eventbus.sources import _webhook as webhook_module
 from eventbus.sources._webhook import WebhookSourceSpec
+from tests.fixtures.postgres import table_locked
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
@@ -179,13 +181,25 @@ async def test_each_provider_signed_as_it_signs_is_delivered(
     headers = {
         "Content-Type": "application/json",
         "X-Gitlab-Token": GITLAB_TOKEN,
-        "X-Gitlab-Event-UUID": "gl-uuid-1",
+        "X-Gitlab-Event-UUID": "shared-by-the-hooks-of-one-action",
+        "Idempotency-Key": "gl-key-1",
     }
     status, _, body = await service.request("POST", "/hooks/gitlab", gl, headers)
     assert status == 202, body
-    assert (await _delivered(receiver, body["source"], "gl-uuid-1"))["type"] == (
+    assert (await _delivered(receiver, body["source"], "gl-key-1"))["type"] == (
         "com.gitlab.merge_request"
     )
+    # GitLab's retry: a new Event-UUID, the same Idempotency-Key (it went to the bus again);
+    # another hook of the same action: the same Event-UUID, another key (it was dropped)
+    retry = {**headers, "X-Gitlab-Event-UUID": "another"}
+    status, _, body = await service.request("POST", "/hooks/gitlab", gl, retry)
+    assert (status, body["id"], body["duplicate"]) == (202, "gl-key-1", True)
+    note = orjson.dumps({"object_kind": "note", "project": {"id": 7}})
+    status, _, body = await service.request(
+        "POST", "/hooks/gitlab", note, {**headers, "Idempotency-Key": "gl-key-2"}
+    )
+    assert (status, body["id"], body["duplicate"]) == (202, "gl-key-2", False)
+    assert (await _delivered(receiver, body["source"], "gl-key-2"))["type"] == "com.gitlab.note"
 
     st = orjson.dumps({"id": "evt_1NG8Du", "type": "payment_intent.succeeded", "data": {}})
     status, _, body = await service.request("POST", "/hooks/stripe", st, stripe(st))
@@ -869,6 +883,65 @@ async def test_a_copy_sent_to_another_process_is_a_duplicate_for_the_whole_toler
     assert published == [event, copy]
 
 
+async def test_a_hanging_database_holds_one_signed_request_a_second_not_each_ten(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The look into the shared signatures and the write after the publish each waited the
+    # store's read timeout when PostgreSQL hung (rather than refusing connections): 10 s for
+    # every signed request, where Slack wants its answer within 3.
+    monkeypatch.setattr(webhook_module, "_SHARED_PAUSE", 1.5)
+    workers = cast(list[WebhookSource], [build_source(_PARTNER) for _ in range(2)])
+    published: list[dict[str, Any]] = []
+
+    async def publish(event: dict[str, Any]) -> None:
+        published.append(event)
+
+    def signed(order: str) -> HookRequest:
+        body = orjson.dumps({"order": {"id": order}})
+        headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
+        return HookRequest("POST", headers, "", body)
+
+    async def send(worker: WebhookSource, request: HookRequest) -> tuple[bool, str]:
+        return await worker.publish(worker.event_for(request), worker.signature_of(request))
+
+    async with source_pool(database_dsn) as pool, contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            ctx = make_context(pool, "partner", Recorder())
+            ctx.publish = publish
+            await stack.enter_async_context(running(worker, ctx))
+        await asyncio.sleep(0)  # the sources' tasks take their contexts
+        first, other = workers
+        async with table_locked(database_dsn, "webhook_signatures"):
+            # the first waits the look's deadline (1 s), the rest nothing: 10 s each before
+            async with asyncio.timeout(4):
+                for n in range(5):
+                    assert (await send(first, signed(f"hung {n}")))[0] is False
+        assert len(published) == 5  # each published, none refused
+        # still paused: a copy at the other process is told by the bus's window only
+        assert (await send(first, signed("while paused")))[0] is False
+        await asyncio.sleep(1.6)  # the pause over, signatures are shared again
+        request = signed("after")
+        _, event_id = await send(first, request)
+        assert await send(other, request) == (True, event_id)
+    assert len(published) == 7
+
+
+async def test_expired_signatures_are_deleted_by_a_running_trigger(database_dsn: str) -> None:
+    source = build_source(_PARTNER)
+    async with source_pool(database_dsn) as pool:
+        await pool.execute(
+            "INSERT INTO webhook_signatures (source, digest, event_id, expires_at) VALUES"
+            " ('partner', 'old', 'e-1', now() - interval '1 s'),"
+            " ('partner', 'new', 'e-2', now() + interval '1 h')"
+        )
+        async with running(source, make_context(pool, "partner", Recorder())):
+            await eventually(lambda: _only_live_left(pool), what="the expired one deleted")
+
+
+async def _only_live_left(pool: Any) -> bool:
+    return await pool.fetchval("SELECT array_agg(event_id) FROM webhook_signatures") == ["e-2"]
+
+
 async def test_a_copy_waiting_on_a_publish_whose_entry_went_is_still_answered(
     database_dsn: str,
 ) -> None:
@@ -969,3 +1042,29 @@ def test_gitlab_system_hooks_are_typed_by_their_event_name() -> None:
         "the request has no value for the event type 'com.gitlab.{body:$.object_kind}' "
         "nor 'com.gitlab.{body:$.event_name}'"
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "content_type", "body"),
+    [
+        ("gitlab", "application/json", b'{"command": "x"}'),
+        ("gitlab", FORM, b"command=x"),
+        ("slack", "application/json", b'{"command": "/deploy"}'),
+        ("slack", FORM, b"command=%2Fdeploy"),
+    ],
+)
+def test_only_slacks_forms_are_slash_commands(kind: str, content_type: str, body: bytes) -> None:
+    # Any body with a command key was typed com.slack.slash_command, a GitLab hook's and a
+    # JSON body too: Slack posts its slash commands as forms.
+    if kind == "slack":
+        spec = {"verify": {"kind": "slack", "secret": SLACK_SECRET}}
+        headers = {k.lower(): v for k, v in slack(body).items()}
+    else:
+        spec = {"verify": {"kind": "gitlab", "secret": GITLAB_TOKEN}}
+        headers = {"x-gitlab-token": GITLAB_TOKEN}
+    request = HookRequest("POST", {**headers, "content-type": content_type}, "", body)
+    if kind == "slack" and content_type == FORM:
+        assert _event(spec, request)["type"] == "com.slack.slash_command"
+        return
+    with pytest.raises(CloudEventError, match="no value for the event type"):
+        _event(spec, request)
