@@ -22,19 +22,17 @@ from eventbus.cloudevents._event import (
     charset_of,
     check_size,
     is_json,
+    is_text,
     json_body,
     json_bytes,
     load_json,
     media_type,
     validate,
+    without_charset,
 )
 
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _DATA_ATTRIBUTES = ("data", "data_base64")
-
-
-def _is_text(media: str) -> bool:
-    return media.startswith("text/") or media.endswith("/xml") or media.endswith("+xml")
 
 
 def decode_header(name: str, value: str) -> str:
@@ -70,7 +68,7 @@ def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -
             event["data"], event["datacontenttype"] = json_body(body, content_type)
         except orjson.JSONDecodeError as exc:
             raise CloudEventError(f"malformed JSON in the {content_type} body: {exc}") from exc
-    elif _is_text(media):
+    elif is_text(media):
         charset = charset_of(content_type)
         try:
             event["data"] = body.decode(charset)
@@ -78,6 +76,13 @@ def _attach_data(event: dict[str, Any], content_type: str | None, body: bytes) -
             raise CloudEventError(f"body is not valid {charset} text: {exc}") from exc
     else:
         event["data_base64"] = b64encode(body).decode("ascii")
+
+
+def _charset_or_none(content_type: str) -> str | None:
+    try:
+        return charset_of(content_type)
+    except CloudEventError:  # an unknown one (an event an older release accepted)
+        return None
 
 
 def event_from_binary(
@@ -134,8 +139,14 @@ def body_of(event: dict[str, Any]) -> tuple[str | None, bytes | None]:
     if "data" not in event:
         return content_type, None
     data = event["data"]
-    if content_type is None or is_json(media_type(content_type)):
-        return content_type or "application/json", json_bytes(data)
+    if content_type is None:
+        return "application/json", json_bytes(data)
+    if is_json(media_type(content_type)):
+        # written in UTF-8, whatever charset it came with (labelled UTF-16, say, a reader
+        # that follows the label read other characters)
+        if "charset" in content_type.lower() and _charset_or_none(content_type) != "utf-8":
+            content_type = without_charset(content_type)
+        return content_type, json_bytes(data)
     if isinstance(data, str):
         charset = charset_of(content_type)
         try:

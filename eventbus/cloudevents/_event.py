@@ -213,6 +213,18 @@ def is_json(media: str) -> bool:
     return media.endswith("/json") or media.endswith("+json")
 
 
+def is_text(media: str) -> bool:
+    """True for ``text/*`` and XML: binary mode reads such a body as text in its charset."""
+    return media.startswith("text/") or media.endswith("/xml") or media.endswith("+xml")
+
+
+def without_charset(content_type: str) -> str:
+    """``content_type`` without its ``charset`` parameter (the other parameters kept)."""
+    media, *params = content_type.split(";")
+    kept = [p for p in params if p.partition("=")[0].strip().lower() != "charset"]
+    return ";".join([media, *kept])
+
+
 # The charsets text data may be in: Python's codecs for these take time in proportion to the
 # text. Others are refused: punycode and idna (names, not text) take time quadratic in it (24 KB
 # stalled the event loop for seconds), utf-7 and the escape codecs yield lone surrogates, and
@@ -274,9 +286,7 @@ def json_body(body: bytes, content_type: str) -> tuple[Any, str]:
             f"the body is neither UTF-8 nor {shown or charset} text"
             + ("" if shown else ", its declared charset")
         ) from None
-    media, *params = content_type.split(";")
-    kept = [p for p in params if p.partition("=")[0].strip().lower() != "charset"]
-    return load_json(body), ";".join([media, *kept])
+    return load_json(body), without_charset(content_type)
 
 
 _MARKS = (
@@ -344,6 +354,21 @@ def _check_json_bytes(content_type: str, encoded: str) -> None:
         raise CloudEventError(
             f"'data_base64' under datacontenttype {_clip(content_type)} must hold JSON text: "
             f"{exc}; declare the bytes' own type (application/octet-stream)"
+        ) from None
+
+
+def _check_text_bytes(content_type: str, encoded: str) -> None:
+    """Bytes declared text must be text in its charset (UTF-8 unless named): sent as they are
+    in binary mode, they are the body of that type, which binary mode's ingest (this service's
+    own, over HTTP, Kafka and NATS) reads as such and refuses otherwise."""
+    charset = charset_of(content_type)
+    try:
+        binascii.a2b_base64(encoded).decode(charset)
+    except UnicodeDecodeError as exc:
+        raise CloudEventError(
+            f"'data_base64' under datacontenttype {_clip(content_type)} must hold {charset} "
+            f"text: {exc.reason} at position {exc.start}; name the bytes' charset, or declare "
+            "their own type (application/octet-stream)"
         ) from None
 
 
@@ -509,8 +534,12 @@ def validate(
         if ";" in content_type and not stored:
             _check_charset(content_type, data)
         encoded = event.get("data_base64")
-        if encoded is not None and not stored and is_json(media_type(content_type)):
-            _check_json_bytes(content_type, encoded)
+        if encoded is not None and not stored:
+            media = media_type(content_type)
+            if is_json(media):
+                _check_json_bytes(content_type, encoded)
+            elif is_text(media):
+                _check_text_bytes(content_type, encoded)
     if header_chars * _HEADER_EXPANSION > MAX_HEADER_BYTES and not stored:
         _check_headers(event)
     _check_depth(event.get("data"), MAX_STORED_DEPTH if stored else MAX_DATA_DEPTH)

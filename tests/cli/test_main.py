@@ -516,7 +516,7 @@ async def test_publish_refuses_bad_input_with_a_clear_message(tmp_path: Path) ->
                 "--mode",
                 "binary",
             ],
-            "invalid event: body is not valid utf-8 text",
+            "invalid event: 'data_base64' under datacontenttype 'text/plain' must hold utf-8",
         ),
     ]
     (tmp_path / "bytes").write_bytes(b"\xae\xff\x00text")

@@ -25,6 +25,7 @@ from eventbus.cloudevents import (
     to_http_batch,
     to_kafka,
     to_nats,
+    validate,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -425,3 +426,37 @@ def test_a_json_body_is_read_in_its_declared_charset() -> None:
         (event,) = from_http(headers, '{"k": "é", "n": 1}'.encode(codec))
         assert event["data"] == {"k": "é", "n": 1}, codec
         assert event["datacontenttype"] == ("text/json" if not label else "application/json")
+
+
+def test_text_bytes_in_their_own_charset_cross_binary_mode_as_that_text() -> None:
+    # Bytes under a text type went out as its body, which binary mode's ingest read in that
+    # charset: Latin-1 bytes under text/plain were accepted, then refused by every reader.
+    event = {
+        "specversion": "1.0",
+        "id": "1",
+        "source": "/s",
+        "type": "t",
+        "datacontenttype": "text/csv; charset=iso-8859-1",
+        "data_base64": base64.b64encode("café;1".encode("latin-1")).decode(),
+    }
+    headers, body = to_http(validate(event))
+    assert body == "café;1".encode("latin-1")
+    assert from_http(headers, body)[0]["data"] == "café;1"
+
+
+def test_json_data_goes_out_in_utf8_under_a_type_saying_so() -> None:
+    # JSON data is written in UTF-8: a charset=utf-16 it came with stayed on the type, and a
+    # function that followed it read other characters.
+    event = {
+        "specversion": "1.0",
+        "id": "1",
+        "source": "/s",
+        "type": "t",
+        "datacontenttype": "application/json; charset=utf-16; v=2",
+        "data": {"a": "é"},
+    }
+    headers, body = to_http(validate(event))
+    assert (headers["Content-Type"], body) == ("application/json; v=2", '{"a":"é"}'.encode())
+    assert from_http(headers, body)[0]["data"] == {"a": "é"}
+    utf8 = {**event, "datacontenttype": "application/json; charset=UTF-8"}
+    assert to_http(utf8)[0]["Content-Type"] == "application/json; charset=UTF-8"
