@@ -296,17 +296,28 @@ def _event_from_request(
             raise Problem(400, "an invocation carries one event, not a batch")
         (event,) = parse_http(headers, body, max_size=max_size, max_entries=1).events
         return cast("dict[str, Any]", event)
-    values = {
-        "type": DEFAULT_TYPE,
-        "source": DEFAULT_SOURCE,
-        **{k: headers[f"x-eventbus-{k}"] for k in attributes if f"x-eventbus-{k}" in headers},
-        **{k: v for k, v in attributes.items() if v is not None},
-    }
+    values = {"type": DEFAULT_TYPE, "source": DEFAULT_SOURCE}
+    # the headers as sent, read as the binding reads ce-* headers (percent-decoded, raw
+    # non-ASCII refused: "café" in UTF-8 bytes became "cafÃ©"); the query's text encoded
+    wire = {f"ce-{k}": header_value(v, percent=True) for k, v in values.items()}
+    for name in attributes:
+        sent = headers.get(f"x-eventbus-{name}")
+        if sent is not None:
+            if not sent.isascii():
+                raise Problem(
+                    400,
+                    f"header 'X-Eventbus-{name.title()}' holds raw non-ASCII bytes: "
+                    "percent-encode its UTF-8 (café as caf%C3%A9)",
+                )
+            wire[f"ce-{name}"] = sent
+    for name, value in attributes.items():
+        if value is not None:
+            wire[f"ce-{name}"] = header_value(value, percent=True)
     wrapped = {
         "ce-specversion": "1.0",
         "ce-id": str(uuid.uuid4()),
         "ce-time": format_time(datetime.now(UTC)),
-        **{f"ce-{k}": header_value(v, percent=True) for k, v in values.items()},
+        **wire,
     }
     if "content-type" in headers:
         wrapped["content-type"] = headers["content-type"]

@@ -416,6 +416,8 @@ async def test_unknown_and_disabled_targets(eventbus: StartService, receiver: Re
         (b"x", {"Content-Type": "text/plain"}, "?type=", 400, "type"),
         (b"x", {"X-Eventbus-Invocation-Type": "later"}, "", 400, "sync or async"),
         (b"x" * 300_000, {"Content-Type": "text/plain"}, "", 413, "exceeds"),
+        # UTF-8 bytes in a header were read as Latin-1: the source "café" became "cafÃ©"
+        (b"x", {"X-Eventbus-Source": "café"}, "", 400, "'X-Eventbus-Source' holds raw non-ASCII"),
     ],
 )
 async def test_malformed_requests_are_400s_naming_the_problem(
@@ -449,7 +451,7 @@ async def test_raw_data_is_wrapped_and_binary_mode_kept(
         body=b"hello",
         Content_Type="text/plain; charset=utf-8",
         X_Eventbus_Type="com.example.text",
-        X_Eventbus_Subject="s",
+        X_Eventbus_Subject="s%C3%A9",  # percent-encoded UTF-8, as a ce- header carries it
     )
     assert status == 204
     status, _, _ = await _invoke(svc, body=b"")
@@ -468,7 +470,7 @@ async def test_raw_data_is_wrapped_and_binary_mode_kept(
     assert (text["type"], text["source"], text["subject"], text["data"]) == (
         "com.example.text",
         "eventbus/invoke",
-        "s",
+        "sé",
         "hello",
     )
     assert (empty["type"], "data" not in empty) == ("eventbus.invoke", True)
