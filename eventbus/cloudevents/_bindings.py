@@ -338,6 +338,15 @@ def from_nats(
     (400) for a header that was not UTF-8.
     """
     lowered = {name.lower(): value for name, value in headers.items()} if headers else {}
+    if headers and len(lowered) < len(headers):
+        # ce-id and CE-ID: which one was the id depended on their order (Kafka's and HTTP's
+        # bindings refuse a header that comes twice)
+        seen: set[str] = set()
+        for name in headers:
+            low = name.lower()
+            if low in seen and (low.startswith("ce-") or low == "content-type"):
+                raise CloudEventError(f"the NATS message has more than one {low!r} header")
+            seen.add(low)
     for name, value in lowered.items():
         if "\ufffd" in value and (name.startswith("ce-") or name == "content-type"):
             # nats-py reads header values as UTF-8 with replacement: ids that differ only in

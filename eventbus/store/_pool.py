@@ -238,21 +238,25 @@ class Store:
         ``limit``: those from ``source``, of ``type``, stored at or after ``since`` and before
         ``until``, older than ``after``. Returns their summaries (``source``, ``id``, ``type``,
         ``subject``, ``time``, ``received_at``, ``via``, ``size``; times as ISO 8601) and the
-        cursor of the next page, None when this one is the last (fewer than ``limit``).
+        cursor of the next page, None when this one is the last.
 
         An event accepted several times (sent again after the duplicate window) appears once
         per acceptance; a redelivery by the bus (the same ``bus_ref``) or a replay adds none.
         Each filter has an index that yields its rows in this order (migration 0005), so a
         page costs its own rows, however long the trail. Raises as :meth:`event_trail`.
         """
-        query, args = _search_query(source, type, since, until, limit, after)
+        # one row more than the page: a last page exactly full had a cursor, and the console
+        # and the CLI offered a next page that was empty
+        query, args = _search_query(source, type, since, until, limit + 1, after)
         rows = await run_db(
             "cannot search the accepted events",
             self.pool.fetch(query, *args),
             deadline=READ_TIMEOUT,
         )
+        more = len(rows) > limit
+        rows = rows[:limit]
         items = [_jsonable({k: v for k, v in row.items() if k != "seq"}) for row in rows]
-        last = rows[-1] if len(rows) == limit else None
+        last = rows[-1] if more else None
         return items, None if last is None else EventCursor(last["received_at"], last["seq"])
 
     async def _trail_rows(

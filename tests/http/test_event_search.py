@@ -101,6 +101,10 @@ async def test_search_by_source_type_and_time_newest_first_bad_parameters_refuse
     page = await _search(svc, type="order.created", limit=1)
     page = await _search(svc, type="order.created", limit=5, after=page["next_after"])
     assert _ids(page) == ["s-3", "s-0"] and page["next_after"] is None
+    # a last page exactly full is the last: its next page was offered, and empty
+    page = await _search(svc, type="order.created", limit=1)
+    page = await _search(svc, type="order.created", limit=2, after=page["next_after"])
+    assert _ids(page) == ["s-3", "s-0"] and page["next_after"] is None
 
     # each item opens its trail
     item = everything["items"][-1]
