@@ -20,6 +20,7 @@ and by whom: ``invoke:sync:<target>:<who>`` (``who`` is ``key=<API key name>`` o
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from eventbus import metrics
+from eventbus._errors import StoreUnavailable
 from eventbus.delivery._dispatcher import Dispatcher
 from eventbus.rules import Route
 from eventbus.store import Attempt, AttemptOutcome, AuditWriter
@@ -119,6 +121,11 @@ class Invocation:
 _BUSY_RETRY_AFTER = 1.0
 _TOKEN_WAIT = 1.0
 """Seconds a synchronous invocation waits for its target's rate-limit token, then 429."""
+_AUDIT_WAIT = 5.0
+"""Seconds an invocation waits for room in a full audit buffer (PostgreSQL not taking rows)
+before it is refused (503, nothing sent): the caller waited until the database came back."""
+
+log = logging.getLogger("eventbus.delivery")
 
 
 class Invoker:
@@ -162,7 +169,9 @@ class Invoker:
 
         Audits the event (accepted ``via``), the match and the attempt (or the refusal) unless
         the target is unknown; the rows are committed with the writer's next batch. Raises
-        StoreError only once the audit writer is closed."""
+        StoreError once the audit writer is closed, StoreUnavailable when its buffer stays
+        full for :data:`_AUDIT_WAIT` s before the call (nothing sent); the attempt's row of a
+        call made is left out, and logged, when the buffer stays full that long after it."""
         rule = invoke_rule(target) if route is None else route.rule
         payload: Any = event if route is None else route.payload
         is_cloudevent = route is None or route.is_cloudevent
@@ -173,8 +182,8 @@ class Invoker:
         if reply and not isinstance(adapter, Requester):
             detail = f"target {target!r} cannot be invoked for a reply: NATS targets only"
             return Invocation(target, refusal=Refusal.NO_REPLY, detail=detail)
-        await self._audit.event_accepted(event, via=via)
-        await self._audit.rule_matched(event, rule, target)
+        await self._audit.event_accepted(event, via=via, within=_AUDIT_WAIT)
+        await self._audit.rule_matched(event, rule, target, within=_AUDIT_WAIT)
         if refused is not None:
             await self._refused(event, rule, refused)
             return refused
@@ -258,18 +267,28 @@ class Invoker:
         result = AttemptOutcome.DELIVERED if outcome.delivered else AttemptOutcome.FAILED
         metrics.DELIVERIES.labels(target, result.value).inc()
         metrics.DELIVERY_SECONDS.labels(target).observe(outcome.duration_ms / 1000)
-        await self._audit.attempt(
-            Attempt(
-                event=event,
-                rule=rule,
-                target=target,
-                number=1,
-                outcome=result,
-                status=outcome.status,
-                duration_ms=outcome.duration_ms,
-                error=outcome.error,
-            )
+        made = Attempt(
+            event=event,
+            rule=rule,
+            target=target,
+            number=1,
+            outcome=result,
+            status=outcome.status,
+            duration_ms=outcome.duration_ms,
+            error=outcome.error,
         )
+        try:
+            await self._audit.attempt(made, within=_AUDIT_WAIT)
+        except StoreUnavailable as exc:
+            # The call was made: its answer is the caller's (a 503 now, and the caller's
+            # retry called the function again), its row is not (the log has it).
+            log.warning(
+                "the attempt of %s (source %r, id %r) is not audited: %s",
+                target,
+                event.get("source"),
+                event.get("id"),
+                exc,
+            )
         return Invocation(target, answer=answer)
 
     def _cut_off(self, event: dict[str, Any], rule: str, target: str, duration_ms: float) -> None:
@@ -305,5 +324,6 @@ class Invoker:
                 number=0,
                 outcome=AttemptOutcome.REFUSED,
                 error=refused.detail,
-            )
+            ),
+            within=_AUDIT_WAIT,
         )

@@ -8,7 +8,8 @@ batch, so a batch lands entirely or not at all.
 Guarantees:
 
 - Bounded memory: at most ``capacity`` rows are held (buffered or being written); a producer
-  that finds the buffer full waits for room (backpressure).
+  that finds the buffer full waits for room (backpressure), or, given ``within``, at most
+  that long (a caller who waits for an answer: a synchronous invocation).
 - Nothing buffered is lost while the process lives: when Postgres is unreachable or restarts,
   the writer retries the same batch with capped exponential backoff until it lands.
 - One bad row never stops the writer: a batch rejected for its data (SQLSTATE class 22/23, or
@@ -40,7 +41,13 @@ import asyncpg
 import orjson
 
 from eventbus import metrics
-from eventbus._errors import ConfigError, FailureRun, StoreError, truncate_error
+from eventbus._errors import (
+    ConfigError,
+    FailureRun,
+    StoreError,
+    StoreUnavailable,
+    truncate_error,
+)
 from eventbus._rfc3339 import read_time
 from eventbus._tasks import cancel_and_wait, wait_event
 from eventbus.store._failures import STALLED_AFTER, Outstanding
@@ -209,12 +216,14 @@ class AuditWriter:
         received_at: datetime | None = None,
         ref: str | None = None,
         size: int | None = None,
+        within: float | None = None,
     ) -> None:
         """Record that ``event`` was accepted (``via``: http, kafka, source:<name>, reply, ...).
 
         ``received_at`` defaults to now; ``ref`` names the bus message the event came in, so a
         redelivery of it is recorded once. Missing or odd attributes are stored as NULL or
-        text; ``size`` defaults to the length of the event's JSON form.
+        text; ``size`` defaults to the length of the event's JSON form. With ``within``, a full
+        buffer is waited on that many seconds at most, then StoreUnavailable is raised.
         """
         try:
             body = dumps_jsonb(event, default=str)
@@ -236,20 +245,25 @@ class AuditWriter:
                 len(body) if size is None else size,
                 ref,
             ),
+            within,
         )
 
-    async def rule_matched(self, event: dict[str, Any], rule: str, target: str) -> None:
-        """Record that ``rule`` matched ``event`` and routes it to ``target``."""
+    async def rule_matched(
+        self, event: dict[str, Any], rule: str, target: str, *, within: float | None = None
+    ) -> None:
+        """Record that ``rule`` matched ``event`` and routes it to ``target`` (``within`` as
+        for :meth:`event_accepted`)."""
         attrs = _attributes(event)
         await self._put(
             "matches",
             (_text(attrs.get("source")), _text(attrs.get("id")), rule, target, datetime.now(UTC)),
+            within,
         )
 
-    async def attempt(self, record: Attempt) -> None:
+    async def attempt(self, record: Attempt, *, within: float | None = None) -> None:
         """Record one delivery attempt and its outcome; the error text is cut to
-        ``MAX_ERROR_CHARS``."""
-        await self._put("attempts", _attempt_row(record))
+        ``MAX_ERROR_CHARS`` (``within`` as for :meth:`event_accepted`)."""
+        await self._put("attempts", _attempt_row(record), within)
 
     def attempt_nowait(self, record: Attempt) -> bool:
         """:meth:`attempt` for a task that is ending (cancelled): never waits, so with the
@@ -307,10 +321,17 @@ class AuditWriter:
             # also when this close is cancelled: pending flushes must not wait for ever
             self._stop("the audit writer closed before these rows were written")
 
-    async def _put(self, table: str, record: tuple[Any, ...]) -> None:
-        while self._held >= self._capacity and not self._closing:
-            self._space.clear()
-            await self._space.wait()
+    async def _put(self, table: str, record: tuple[Any, ...], within: float | None = None) -> None:
+        if self._held >= self._capacity and not self._closing:
+            try:
+                async with asyncio.timeout(within):
+                    while self._held >= self._capacity and not self._closing:
+                        self._space.clear()
+                        await self._space.wait()
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"the audit trail is full: {self._held} rows wait for PostgreSQL"
+                ) from None
         if self._closing:
             raise StoreError("the audit writer is closed")
         self._append(table, record)

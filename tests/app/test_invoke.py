@@ -18,10 +18,13 @@ from multidict import CIMultiDict
 from nats.js.api import StreamConfig
 from prometheus_client.parser import text_string_to_metric_families
 
+from eventbus import app as app_module
 from eventbus.bus._nats_server import free_port
+from eventbus.store import Store
 from eventbus.targets import _http as http_module
 from eventbus.targets import register_target
 from tests.fixtures.nats import unique_name
+from tests.fixtures.postgres import table_locked
 from tests.fixtures.receiver import Receiver, Response
 from tests.fixtures.service import RunningService, StartService
 from tests.fixtures.wait import eventually
@@ -842,3 +845,31 @@ async def test_a_synchronous_publish_needs_scope_publish_and_names_the_key(
     await svc.service.store.audit.flush()
     via = await svc.service.store.pool.fetchval("SELECT via FROM events WHERE id = 'ks1'")
     assert via == "http:sync:resize:key=pub"
+
+
+async def test_an_invocation_the_audit_trail_cannot_take_is_answered_503_not_held(
+    eventbus: StartService,
+    receiver: Receiver,
+    database_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its rows are written before the call; with PostgreSQL not taking them and the audit
+    # buffer full, a synchronous call (and a sync POST /events) waited for ever.
+    class SmallBuffer(Store):
+        @classmethod
+        async def open(cls, *args: Any, **kwargs: Any) -> Store:
+            return await Store.open(*args, **kwargs, audit_batch=3, audit_buffer=6)
+
+    monkeypatch.setattr(app_module, "Store", SmallBuffer)
+    svc = await _start(eventbus, receiver)
+    async with table_locked(database_dsn, "events"):
+        for n in range(2):  # three rows each: the buffer is full after two
+            assert (await _invoke(svc, _event(f"full-{n}")))[0] == 204
+        status, headers, problem = await _invoke(svc, _event("full-2"))
+        assert (status, headers["Retry-After"]) == (503, "5"), problem
+        assert "the audit trail is full: 6 rows wait for PostgreSQL" in problem["detail"]
+        assert len(receiver.requests) == 2  # nothing sent
+    assert (await _invoke(svc, _event("full-3")))[0] == 204
+    await svc.service.store.audit.flush()
+    ids = await svc.service.store.pool.fetch("SELECT id FROM attempts ORDER BY id")
+    assert [r["id"] for r in ids] == ["full-0", "full-1", "full-3"]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from eventbus import metrics
-from eventbus._errors import MAX_ERROR_CHARS, StoreError
+from eventbus._errors import MAX_ERROR_CHARS, StoreError, StoreUnavailable
 from eventbus.cloudevents import validate
 from eventbus.store import Attempt, AttemptOutcome, EmbeddedPostgres, Store
 from tests.fixtures.postgres import table_locked
@@ -392,3 +392,25 @@ async def test_a_write_that_never_returns_turns_health_red(database_dsn: str) ->
             assert not flushed.done()
         await asyncio.wait_for(flushed, BOUND)
         assert store.audit.health(unanswered_after=0.3) == (True, "ok")
+
+
+async def test_a_caller_who_waits_for_an_answer_waits_for_room_within_its_bound(
+    database_dsn: str,
+) -> None:
+    # A synchronous invocation audits its rows before the call: with the buffer full and
+    # PostgreSQL not taking rows, it waited until the database came back (its caller, an API
+    # gateway's client, for ever). Given within, it is told so instead.
+    async with await Store.open(database_dsn, audit_batch=2, audit_buffer=4) as store:
+        async with table_locked(database_dsn, "events"):
+            for n in range(4):
+                await store.audit.event_accepted(_event(n), via="http", within=1.0)
+            with pytest.raises(StoreUnavailable, match="the audit trail is full: 4 rows wait"):
+                await store.audit.event_accepted(_event(4), via="http", within=0.2)
+            with pytest.raises(StoreUnavailable):
+                await store.audit.rule_matched(_event(4), "r", "t", within=0.2)
+            waiting = asyncio.create_task(store.audit.event_accepted(_event(5), via="http"))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # without within: backpressure, as before
+        await asyncio.wait_for(waiting, BOUND)  # room once the table is free
+        await asyncio.wait_for(store.audit.flush(), BOUND)
+        assert await _count(store, "events") == 5
