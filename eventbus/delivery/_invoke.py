@@ -316,6 +316,7 @@ class Invoker:
         return refused
 
     async def _refused(self, event: dict[str, Any], rule: str, refused: Invocation) -> None:
+        metrics.DELIVERIES.labels(refused.target, AttemptOutcome.REFUSED.value).inc()
         await self._audit.attempt(
             Attempt(
                 event=event,

@@ -25,7 +25,7 @@ from eventbus.cloudevents import (
     parse_http,
 )
 from eventbus.http._access import Access
-from eventbus.http._problem import PROBLEM, Problem, problem_answer, problem_for
+from eventbus.http._problem import PROBLEM, Problem, count_refused, problem_answer, problem_for
 from eventbus.http._types import (
     ASGIApp,
     Receive,
@@ -239,6 +239,7 @@ class IngestApp:
         path = scope["path"]
         extra: Mapping[str, str] = {}
         status, body, media = 200, b"", "application/json"
+        via = "http" if handler == self._events else "http:notification"
         try:
             if scope["method"] != "POST":
                 allow = "GET, HEAD, POST" if handler == self._events else "POST"
@@ -250,6 +251,7 @@ class IngestApp:
             status, payload, extra = await handler(headers, raw)
             body = orjson.dumps(payload)
         except Exception as exc:
+            count_refused(via, exc)
             answer = problem_answer(exc, path)
             if answer is None:
                 raise
@@ -338,8 +340,8 @@ class IngestApp:
 
 def _refused(via: str, status: int) -> None:
     """Count one event refused (``eventbus_events_rejected_total``, the status it was answered
-    as its reason): a single one the bus could not take, any refused entry of a batch. A single
-    invalid event is counted where its error is answered (``problem_for``)."""
+    as its reason): a single one the bus could not take, any refused entry of a batch. A
+    request refused for its event or body is counted where it is answered (``count_refused``)."""
     metrics.EVENTS_REJECTED.labels(via, str(status)).inc()
 
 

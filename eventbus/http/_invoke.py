@@ -41,7 +41,7 @@ from eventbus.delivery import Invocation, Refusal
 from eventbus.http import _schemas as schemas
 from eventbus.http._access import Access
 from eventbus.http._params import TargetName
-from eventbus.http._problem import Problem
+from eventbus.http._problem import Problem, count_refused
 from eventbus.http._types import read_body, request_headers
 
 if TYPE_CHECKING:
@@ -174,9 +174,13 @@ async def invoke_target(
         raise Problem(400, "reply=true needs a synchronous invocation")
     limit = service.settings.max_event_size
     headers = request_headers(request.scope["headers"])
-    body = await read_body(request.receive, headers, limit)
     attributes = {"type": event_type, "source": source, "subject": subject}
-    event = _event_from_request(headers, body, attributes, max_size=limit)
+    try:
+        body = await read_body(request.receive, headers, limit)
+        event = _event_from_request(headers, body, attributes, max_size=limit)
+    except Exception as exc:
+        count_refused("invoke", exc)
+        raise
     call = service.invoke(name, event, invoker=invoker, asynchronous=mode == "async", reply=reply)
     return _answer(await _unless_cut_off(service, call, event), event, "invoke")
 
@@ -193,10 +197,14 @@ async def publish_sync(request: Request, invoker: Annotated[str, Depends(_publis
     service = cast("Service", request.app.state.service)
     limit = service.settings.max_event_size
     headers = request_headers(request.scope["headers"])
-    body = await read_body(request.receive, headers, limit)
-    parsed = parse_http(headers, body, max_size=limit)
-    if parsed.batch:
-        raise Problem(400, "a synchronous request carries one event, not a batch")
+    try:
+        body = await read_body(request.receive, headers, limit)
+        parsed = parse_http(headers, body, max_size=limit)
+        if parsed.batch:
+            raise Problem(400, "a synchronous request carries one event, not a batch")
+    except Exception as exc:
+        count_refused("http:sync", exc)
+        raise
     (event,) = cast("list[dict[str, Any]]", parsed.events)
     call = service.invoke_sync_rule(event, invoker=invoker, size=len(body))
     return _answer(await _unless_cut_off(service, call, event), event, "http:sync")

@@ -20,7 +20,7 @@ from eventbus._errors import (
     StoreError,
 )
 
-__all__ = ["PROBLEM", "Problem", "problem_answer", "problem_for"]
+__all__ = ["PROBLEM", "Problem", "count_refused", "problem_answer", "problem_for"]
 
 PROBLEM = "application/problem+json"
 _TITLES = {
@@ -73,6 +73,16 @@ class Problem(Exception):
         )
 
 
+def count_refused(via: str, exc: BaseException) -> None:
+    """Count a request refused for the event it carries, in
+    ``eventbus_events_rejected_total{via, reason}`` (the status answered): an invalid event, a
+    body too large, unreadable or compressed. A 401 or 403 is counted where the key or the
+    address is refused (``unauthorized``, ``forbidden``); a 405 carries no event."""
+    status = exc.status if isinstance(exc, (CloudEventError, Problem)) else None
+    if status is not None and 400 <= status < 500 and status not in (401, 403, 405):
+        metrics.EVENTS_REJECTED.labels(via, str(status)).inc()
+
+
 def problem_answer(
     exc: Exception, path: str, *, reveal: bool = True
 ) -> tuple[int, dict[str, str], bytes] | None:
@@ -96,7 +106,6 @@ def problem_for(exc: Exception, *, reveal: bool = True) -> Problem | None:
     if isinstance(exc, Problem):
         return exc
     if isinstance(exc, CloudEventError):
-        metrics.EVENTS_REJECTED.labels("http", str(exc.status)).inc()
         return Problem(exc.status, exc.detail, title=exc.title)
     if isinstance(exc, SelectionChanged):
         return Problem(409, str(exc), title="The selection changed")

@@ -96,8 +96,8 @@ _Row = tuple[str, tuple[Any, ...]]
 
 class AttemptOutcome(StrEnum):
     """What became of a delivery attempt. Each value is spelled as the ``outcome`` column of
-    ``attempts`` stores it and, but for ``REPLAY_REQUESTED`` and ``REFUSED`` (not attempts),
-    as the ``outcome`` label of the metric ``eventbus_deliveries_total``."""
+    ``attempts`` stores it and, but for ``REPLAY_REQUESTED`` (no attempt of a target), as the
+    ``outcome`` label of the metric ``eventbus_deliveries_total``."""
 
     DELIVERED = "delivered"
     RETRY_SCHEDULED = "retry-scheduled"

@@ -136,11 +136,37 @@ async def _counted(svc: RunningService, via: str = "http", counter: str = "dupli
     return 0.0
 
 
-async def _refused(svc: RunningService, reason: str) -> float:
-    """``eventbus_events_rejected_total{reason,via="http"}`` now."""
+async def _refused(svc: RunningService, reason: str, via: str = "http") -> float:
+    """``eventbus_events_rejected_total{reason,via}`` now."""
     _, _, text = await svc.request("GET", "/metrics")
-    line = f'eventbus_events_rejected_total{{reason="{reason}",via="http"}} '
+    line = f'eventbus_events_rejected_total{{reason="{reason}",via="{via}"}} '
     return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
+
+
+async def test_each_refused_request_is_counted_under_its_own_via(
+    eventbus: StartService, receiver: Receiver
+) -> None:
+    # A request refused whole (a body over the limit, compressed, a bad Content-Length) was
+    # not counted; an invalid event sent to /targets/x/invoke or /notifications was counted
+    # as via="http", a publish.
+    svc = await _start(eventbus, receiver, settings={"max_event_size": 1024})
+    json_type = {"Content-Type": STRUCTURED}
+    gzipped = {**json_type, "Content-Encoding": "gzip"}
+    sends = [
+        ("/events", b"x" * 5000, json_type, 413, "http"),
+        ("/events", orjson.dumps(_event("g")), gzipped, 415, "http"),
+        ("/events", b"{", json_type, 400, "http"),
+        ("/targets/fn/invoke", b"{", json_type, 400, "invoke"),
+        ("/targets/fn/invoke", b"x" * 5000, json_type, 413, "invoke"),
+        ("/notifications", b"{", {"Content-Type": "application/json"}, 400, "http:notification"),
+    ]
+    for path, body, headers, status, via in sends:
+        before = await _refused(svc, str(status), via)
+        publishes = await _refused(svc, str(status))
+        assert (await svc.request("POST", path, body, headers))[0] == status, path
+        assert await _refused(svc, str(status), via) - before == 1, (path, status)
+        if via != "http":
+            assert await _refused(svc, str(status)) == publishes, (path, status)
 
 
 @pytest.mark.parametrize("backend", ["nats", "kafka"])

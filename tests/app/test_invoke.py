@@ -230,14 +230,14 @@ async def test_sync_timeout_is_504_and_a_closed_port_502(
     assert {t: after.get(t, 0) - before.get(t, 0) for t in ("fn", "down")} == {"fn": 1, "down": 1}
 
 
-async def _failed_counts(svc: RunningService) -> dict[str, float]:
-    """``eventbus_deliveries_total{outcome="failed"}`` by target."""
+async def _failed_counts(svc: RunningService, outcome: str = "failed") -> dict[str, float]:
+    """``eventbus_deliveries_total{outcome}`` by target."""
     _, _, text = await svc.request("GET", "/metrics")
     return {
         sample.labels["target"]: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "eventbus_deliveries_total" and sample.labels["outcome"] == "failed"
+        if sample.name == "eventbus_deliveries_total" and sample.labels["outcome"] == outcome
     }
 
 
@@ -305,8 +305,11 @@ async def test_sync_full_concurrency_cap_is_429_with_retry_after(
     receiver.script(Response(200, delay=1.5))
     first = asyncio.create_task(_invoke(svc, _event("busy1")))
     await receiver.wait_for(1)
+    before = await _failed_counts(svc, "refused")
     status, headers, problem = await _invoke(svc, _event("busy2"))
     assert status == 429, problem
+    # counted as its attempts row says (it was not counted at all)
+    assert (await _failed_counts(svc, "refused")).get("fn", 0) - before.get("fn", 0) == 1
     assert headers["Retry-After"] == "1"
     assert "concurrency cap of 1" in problem["detail"]
     status, _, _ = await first

@@ -76,7 +76,8 @@ async def test_audit_rows_and_metrics_count_the_same_outcomes(
 
     await eventually(all_audited, what="four attempt rows")
     assert await _counted(svc) == expected
-    # failed and refused are synchronous invocations' (tests/app/test_invoke.py)
+    # failed and refused are synchronous invocations' (tests/app/test_invoke.py, which
+    # counts both)
     assert set(expected) == {o.value for o in AttemptOutcome} - {
         "replay-requested",
         "failed",
