@@ -30,7 +30,7 @@ import asyncpg
 
 from eventbus._bucket import TokenBucket
 from eventbus._burst import Burst
-from eventbus._errors import StoreError, error_text
+from eventbus._errors import BusError, StoreError, error_text
 from eventbus.cloudevents import DEFAULT_MAX_EVENT_SIZE
 from eventbus.sources._checkpoints import Checkpoints
 from eventbus.sources._clock import Clock, SystemClock
@@ -158,6 +158,15 @@ class SourceContext:
         if self._failure is not None:
             self._failure = None
             self.status.last_error = None
+
+    def connected(self) -> None:
+        """The source's broker took it (connected, subscribed, consuming): ``state`` is running,
+        and a broker failure it backed off from is cleared (``last_error`` kept the old
+        connection's error, the source running and quiet, until its next event). A bus or
+        database failure stays until an event is published."""
+        self.status.state = "running"
+        if self._failure is not None and not isinstance(self._failure, (BusError, StoreError)):
+            self.recovered()
 
     async def dead_letter(
         self,

@@ -97,7 +97,7 @@ class KafkaSource:
         try:
             async with start_refusals(self.config.bootstrap_servers, self._security):
                 await consumer.start()
-            ctx.status.state = "running"
+            ctx.connected()
             backoff.reset()
             heard = time.monotonic()  # records arrived, or a probe was answered
             unreachable = False

@@ -225,7 +225,7 @@ class MqttSource:
                 granted = await client.subscribe(topic, qos=1)
                 _check_granted(topic, granted)
             await self._unsubscribe_dropped(ctx, client)
-            ctx.status.state = "running"
+            ctx.connected()
             async for message in client.messages:
                 if message.qos > 0 and not paho.is_connected():
                     # Queued before the connection broke: it cannot be acknowledged now, and

@@ -257,7 +257,7 @@ class NatsSource(_NatsConsumer[NatsSourceSpec]):
             # a subscription the server refused ("Permissions Violation for Subscription"):
             # the source showed running, and every message on that subject was lost
             raise nats.errors.Error(f"subscribing failed: {nc.last_error}")
-        ctx.status.state = "running"
+        ctx.connected()
         backoff.reset()
         await closed.wait()
 
@@ -298,7 +298,7 @@ class JetStreamSource(_NatsConsumer[JetStreamSourceSpec]):
         psub = await js.pull_subscribe_bind(
             durable=self.config.durable_name, stream=self.config.stream
         )
-        ctx.status.state = "running"
+        ctx.connected()
         backoff.reset()
         floor_read = time.monotonic()
         while not closed.is_set():

@@ -206,7 +206,7 @@ class RabbitMQSource:
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(lambda _frame: cancelled.set())
             async with queue.iterator() as messages:  # consuming once entered
-                ctx.status.state = "running"
+                ctx.connected()
                 reading = asyncio.ensure_future(self._read(ctx, messages, backoff))
                 gone = asyncio.ensure_future(cancelled.wait())
                 try:

@@ -136,6 +136,18 @@ async def test_a_dead_letter_written_ends_a_backoff(database_dsn: str) -> None:
         assert ctx.status.state == "backoff"
 
 
+async def test_connected_again_clears_a_broker_failure_not_the_buss(database_dsn: str) -> None:
+    async with source_pool(database_dsn) as pool:
+        ctx = make_context(pool, "broker", Recorder())
+        ctx.report_error(ConnectionError("nats: no servers available for connection"))
+        ctx.connected()
+        assert (ctx.status.state, ctx.status.last_error) == ("running", None)
+        for failure in (BusUnavailable("the bus is down"), StoreUnavailable("no answer")):
+            ctx.report_error(failure)
+            ctx.connected()  # its broker took it again: the bus or database may still be down
+            assert (ctx.status.last_error or "").endswith(str(failure))
+
+
 async def test_lossy_input_past_the_rate_is_counted_not_waited_for(
     database_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -481,6 +481,12 @@ async def test_source_broker_outage_backs_off_and_resumes(
             await server.stop()
             await eventually(lambda: _backing_off(ctx))
             await server.start()
+            # connected again, before any message: the old connection's error is gone (a
+            # quiet source showed running with it until its next event)
+            await eventually(
+                lambda: ctx.status.state == "running" and ctx.status.last_error is None,
+                what="running without the outage's error",
+            )
             async with client(server.url) as nc:
                 await nc.jetstream().publish(f"{prefix}.x", ce(1))
             await tap.wait_published(2)
