@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -639,12 +639,15 @@ class DeliveryStore:
                     " is_cloudevent, delivery, 0, history, 'replay', replay_count + 1"
                     " FROM moved),"
                     # the audit's replay-requested row, in the move's transaction: written
-                    # through the audit buffer after the answer, a crash lost every one
+                    # through the audit buffer after the answer, a crash lost every one. Its
+                    # time is this process's, as every attempt row's is (PostgreSQL's clock,
+                    # on another host running ahead, put it after the attempt it caused)
                     " audited AS (INSERT INTO attempts (source, id, rule, target, attempt,"
                     " outcome, duration_ms, at) SELECT event_source, event_id, rule, target, 0,"
-                    f" '{AttemptOutcome.REPLAY_REQUESTED.value}', 0, now() FROM moved)"
+                    f" '{AttemptOutcome.REPLAY_REQUESTED.value}', 0, $2 FROM moved)"
                     " SELECT id, event_source, event_id, rule, target FROM moved ORDER BY id",
                     ids[start : start + REPLAY_BATCH],
+                    datetime.now(UTC),
                 ),
             )
             if rows:
