@@ -27,6 +27,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -368,6 +369,24 @@ class WebhookSource:
             event[name] = extension.render(request, body)
         # a null attribute is an absent one (validate drops it)
         return validate(event, max_size=max_size)
+
+    def unsigned_form(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request with ``headers`` may be Slack's check of a slash command's
+        certificate (:meth:`ssl_check`): a Slack trigger, a form, no signature."""
+        return (
+            self._slack
+            and "x-slack-signature" not in headers
+            and headers.get("content-type", "").partition(";")[0].strip().lower() == _FORM
+        )
+
+    def ssl_check(self, request: HookRequest) -> bool:
+        """Whether ``request`` is Slack's periodic check of a slash command URL's certificate
+        (a form of ``ssl_check=1``, unsigned), answered 200 with nothing published: refused
+        401, Slack reported the command's URL as failing, and the refusals filled up."""
+        if not self.unsigned_form(request.headers):
+            return False
+        form = parse_qs(request.body.decode("latin-1"), keep_blank_values=True)
+        return form.get("ssl_check") == ["1"]
 
     def precheck(self, request: HookRequest, *, now: float | None = None) -> None:
         """Raise CloudEventError 401 for what refuses ``request`` before its body is read (its

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
+from unittest.mock import ANY
 from urllib.parse import quote
 
 import orjson
@@ -345,6 +346,25 @@ async def test_slacks_form_posts_get_their_type(
     assert [e["type"] for e in events] == ["com.slack.block_actions", "com.slack.slash_command"]
     assert events[0]["data"]["payload"] == action  # the interaction's JSON, read as JSON
     assert events[1]["data"] == {"command": "/deploy", "text": "prod", "trigger_id": "t-1"}
+
+
+async def test_slacks_certificate_check_is_answered_and_nothing_else_unsigned(
+    service: RunningService, receiver: Receiver
+) -> None:
+    # Slack checks a slash command URL's certificate now and then with an unsigned form of
+    # ssl_check=1 and wants a 200: it got 401, and Slack reported the command failing.
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    check = b"ssl_check=1&token=legacy-token"
+    assert await service.request("POST", "/hooks/slack", check, form) == (200, ANY, None)
+    status, _, _ = await service.request("POST", "/hooks/slack", b"command=%2Fdeploy", form)
+    assert status == 401  # an unsigned slash command is still refused
+    status, _, _ = await service.request("POST", "/hooks/github", check, form)
+    assert status == 401  # and the check is Slack's only
+    signed = b"ssl_check=1"
+    status, _, _ = await service.request("POST", "/hooks/slack", signed, {**slack(signed), **form})
+    assert status == 400  # signed, it is an ordinary request: no event type
+    await service.drained()
+    assert [r for r in receiver.requests if r.path == "/fn"] == []
 
 
 async def test_a_redelivered_webhook_is_one_event(
