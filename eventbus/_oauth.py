@@ -464,9 +464,13 @@ async def start_refusals(
         raise (ConnectionError if exc.retryable else PermissionError)(str(exc)) from exc
     except KafkaConnectionError as exc:
         if refusals.seen:
-            raise PermissionError(
-                f"the broker refused the SASL credentials: {refusals.seen[-1]}"
-            ) from exc
+            said = refusals.seen[-1]
+            what = (
+                "does not offer the SASL mechanism"  # not the password's fault
+                if said.startswith(UnsupportedSaslMechanismError.__name__)
+                else "refused the SASL credentials"
+            )
+            raise PermissionError(f"the broker {what}: {said}") from exc
         reason = await _tls_reason(servers, options)
         if reason is None:
             raise

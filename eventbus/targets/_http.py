@@ -54,6 +54,7 @@ from eventbus.targets._http1 import (
     Pool,
     Response,
     Ticket,
+    TlsRefused,
 )
 from eventbus.targets._http_auth import (
     CLIENT_HEADERS,
@@ -353,8 +354,11 @@ def _outcome_from_error(exc: Exception, duration_ms: float, timeout: float) -> O
         return failure(f"connection refused by {exc.host}:{exc.port}", duration_ms, retryable=True)
     if isinstance(exc, DnsError | ConnectError):
         return failure(str(exc), duration_ms, retryable=True)
+    if isinstance(exc, TlsRefused):
+        # as a rejected certificate: the same until an operator fixes it (tls.cert, tls.key)
+        return failure(f"{exc} (tls.cert and tls.key?)", duration_ms, retryable=False)
     if isinstance(exc, Disconnected):
-        return failure("server disconnected before answering", duration_ms, retryable=True)
+        return failure(str(exc), duration_ms, retryable=True)
     if isinstance(exc, MalformedResponse):
         return failure(f"malformed response: {exc}", duration_ms, retryable=True)
     return failure(f"{type(exc).__name__}: {exc}", duration_ms, retryable=True)

@@ -72,6 +72,28 @@ class Disconnected(HttpError):
     """The server closed the connection before a whole answer arrived."""
 
 
+class TlsRefused(Disconnected):
+    """The server ended the TLS session with an alert refusing this client (its certificate
+    missing, from a CA the server does not know, or refused): it is refused again until an
+    operator fixes the certificate."""
+
+
+_REFUSING_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE")
+
+
+def _disconnected(exc: Exception | None) -> Disconnected:
+    """Why a connection closed before its answer came: the TLS alert the server ended it
+    with, where it sent one (the reason was dropped: "server disconnected" and retried, for a
+    server that wanted a client certificate)."""
+    reason = exc.reason if isinstance(exc, ssl.SSLError) else None
+    if not reason:
+        return Disconnected("server disconnected before answering")
+    said = reason.lower().replace("_", " ")  # TLSV13_ALERT_CERTIFICATE_REQUIRED
+    if "ALERT" in reason and any(alert in reason for alert in _REFUSING_ALERTS):
+        return TlsRefused(f"the server refused the TLS connection: {said}")
+    return Disconnected(f"server disconnected before answering: {said}")
+
+
 class MalformedResponse(HttpError):
     """The answer is not HTTP/1.x as the parser reads it."""
 
@@ -131,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._lost: Exception | None = None  # what connection_lost was told
         self.reusable = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
@@ -162,7 +185,9 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, request: bytes, body: bytes, max_body: int) -> Response:
         transport = self.transport
         if transport is None or not self.open:
-            raise Disconnected("server disconnected before answering")
+            # lost before the request went (a TLS 1.3 server refuses the client's
+            # certificate once the client's side of the handshake is done)
+            raise _disconnected(self._lost)
         self.reusable = False
         self._reset()
         self._max_body = max_body
@@ -211,6 +236,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._lost = exc
         self.reusable = False
         if self._waiter is None or self._waiter.done():
             return
@@ -224,7 +250,7 @@ class _Connection(asyncio.Protocol):
         elif self._headers_done:
             self._fail(MalformedResponse("the connection closed in the middle of the body"))
         else:
-            self._fail(Disconnected("server disconnected before answering"))
+            self._fail(_disconnected(exc))
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None or self._waiter.done():

@@ -104,7 +104,12 @@ def _outcome_from_error(exc: BaseException, duration_ms: float, config: KafkaTar
             duration_ms,
             retryable=False,
         )
-    if isinstance(exc, kerr.SaslAuthenticationFailed | kerr.UnsupportedSaslMechanismError):
+    if isinstance(exc, kerr.UnsupportedSaslMechanismError):
+        # as refused credentials: the same until an operator fixes the mechanism
+        return failure(
+            f"Kafka does not offer the SASL mechanism: {exc}", duration_ms, retryable=False
+        )
+    if isinstance(exc, kerr.SaslAuthenticationFailed):
         # Fails the same way until an operator fixes the credentials: dead-letter (replayable).
         return failure(f"Kafka refused the credentials: {exc}", duration_ms, retryable=False)
     if isinstance(exc, kerr.UnknownTopicOrPartitionError):

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -277,6 +280,50 @@ async def test_without_the_client_certificate_the_function_is_not_reached(
     async with HttpTarget(spec) as target:
         outcome = await _deliver(target)
     assert not outcome.delivered and function.requests == []
+
+
+async def test_a_server_alert_refusing_the_client_is_named_and_final(pki: Pki) -> None:
+    # A server that wants a client certificate ends the handshake with an alert saying so:
+    # the delivery said "server disconnected before answering" and was retried until it was
+    # dead-lettered. (asyncio's TLS servers close without the alert; OpenSSL's own send it.)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    context = _server_context(pki, client_cert=True)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            with tls, contextlib.suppress(OSError):
+                try:
+                    tls.do_handshake()
+                except ssl.SSLError:
+                    # the alert is out; closed gracefully, what the client sent read first
+                    # (closed with it unread, the kernel resets the connection, alert unread)
+                    tls.shutdown(socket.SHUT_WR)
+                    while tls.recv(65536):
+                        pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    spec = HttpTargetSpec.model_validate(
+        {"name": "fn", "url": f"https://127.0.0.1:{port}/fn", "tls": {"ca": str(pki.ca)}}
+    )
+    try:
+        async with HttpTarget(spec) as target:
+            outcome = await _deliver(target)
+    finally:
+        done.set()
+        await asyncio.to_thread(thread.join, 10)
+        listener.close()
+    assert outcome.error is not None and not outcome.retryable, outcome
+    assert "refused the TLS connection: tlsv13 alert certificate required" in outcome.error
 
 
 async def test_a_function_certificate_from_another_ca_is_refused_for_good(
