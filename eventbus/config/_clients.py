@@ -157,12 +157,39 @@ class NatsAuth(BaseModel):
         if self.nkey_seed is not None:
             options["nkeys_seed_str"] = self.nkey_seed.reveal()
         if self.creds is not None:
-            if not self.creds.is_file():
-                raise ConfigError(f"{where}: creds {self.creds}: no such file")
+            _check_creds(self.creds, where)
             options["user_credentials"] = str(self.creds)
         if self.tls is not None:
             options["tls"] = self.tls.context(where)
         return options
+
+
+_CREDS_JWT = re.compile(r"-{3,}BEGIN NATS USER JWT-{3,}\s+[A-Za-z0-9_=-]+\.")
+_CREDS_SEED = re.compile(r"-{3,}BEGIN USER NKEY SEED-{3,}\s+SU[A-Z2-7]{50,}")
+
+
+def _check_creds(path: Path, where: str) -> None:
+    """Raise ConfigError naming ``where`` and ``path`` unless it is a creds file: a user JWT
+    and its ``SU...`` seed, as ``nsc`` writes them. (nats-py reads it only while connecting:
+    a wrong one started the service, then failed every connection with a TypeError, or, at
+    a server without JWTs, as "Authorization Violation", naming no file.)"""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"{where}: creds {path}: {exc.strerror or exc}") from None
+    missing = [
+        what
+        for what, found in (
+            ("user JWT (-----BEGIN NATS USER JWT-----)", _CREDS_JWT.search(text)),
+            ("user seed (-----BEGIN USER NKEY SEED----- SU...)", _CREDS_SEED.search(text)),
+        )
+        if found is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"{where}: creds {path} holds no {' and no '.join(missing)}: is it the .creds "
+            "file nsc wrote?"
+        )
 
 
 KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]

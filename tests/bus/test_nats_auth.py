@@ -355,8 +355,24 @@ def test_credentials_are_one_way_in_and_files_are_checked(tmp_path: Path) -> Non
         )
     assert "SUnot" not in str(info.value) and "SUnot" not in str(info.value.__cause__)
     spec = NatsTargetSpec(name="t", url="nats://h:1", subject="s", creds=tmp_path / "no.creds")
-    with pytest.raises(ConfigError, match=r"NATS target 't': creds .*no\.creds: no such file"):
+    with pytest.raises(ConfigError, match=r"NATS target 't': creds .*no\.creds: No such file"):
         NatsTarget(spec)
+    # a file that is no creds file: the service started, then every connection failed with a
+    # TypeError, or as "Authorization Violation", naming no file
+    jwt_only = (
+        "-----BEGIN NATS USER JWT-----\neyJhbGciOi.eyJqdGkiOi.c2ln\n------END NATS USER JWT------\n"
+    )
+    for text, said in (
+        ("garbage\n", "no user JWT"),
+        (jwt_only, "no user seed"),
+    ):
+        (tmp_path / "wrong.creds").write_text(text)
+        spec = NatsTargetSpec(
+            name="t", url="nats://h:1", subject="s", creds=tmp_path / "wrong.creds"
+        )
+        with pytest.raises(ConfigError, match=rf"creds .*wrong\.creds holds {said}") as info:
+            NatsTarget(spec)
+        assert "nsc" in str(info.value)
 
 
 # --- operator mode: JWTs and a .creds file ---------------------------------------------------
