@@ -416,6 +416,14 @@ async def test_bodies_become_data_by_their_content_type(
         "POST", "/hooks/plain", b"a..b", {"Content-Type": "text/plain; charset=idna"}
     )
     assert status == 400 and "unsupported charset" in answer["detail"], answer
+    # bytes the type's charset does not read are kept as they came, and reach the function
+    # as sent (a CSV in Latin-1 without a charset, XML whose prolog names its encoding)
+    for body, media in (
+        ("café;1".encode("latin-1"), "text/csv"),
+        ('<?xml version="1.0" encoding="ISO-8859-1"?><a>é</a>'.encode("latin-1"), "text/xml"),
+    ):
+        kept = await post(body, media)
+        assert (base64.b64decode(kept["data_base64"]), kept["datacontenttype"]) == (body, media)
     raw = bytes(range(256))
     binary = await post(raw, "application/octet-stream")
     assert base64.b64decode(binary["data_base64"]) == raw
