@@ -182,8 +182,11 @@ class Invoker:
         if reply and not isinstance(adapter, Requester):
             detail = f"target {target!r} cannot be invoked for a reply: NATS targets only"
             return Invocation(target, refusal=Refusal.NO_REPLY, detail=detail)
+        # one bound for the rows before the call: each waited its own 5 s
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _AUDIT_WAIT
         await self._audit.event_accepted(event, via=via, within=_AUDIT_WAIT)
-        await self._audit.rule_matched(event, rule, target, within=_AUDIT_WAIT)
+        await self._audit.rule_matched(event, rule, target, within=max(0.0, until - loop.time()))
         if refused is not None:
             await self._refused(event, rule, refused)
             return refused

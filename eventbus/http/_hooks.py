@@ -26,7 +26,7 @@ from eventbus import metrics
 from eventbus._errors import CloudEventError
 from eventbus.http._access import Access, RefusalLog
 from eventbus.http._addresses import Networks, allowed, client_address, forwarded_for
-from eventbus.http._problem import PROBLEM, Problem, problem_answer
+from eventbus.http._problem import PROBLEM, Problem, count_refused, problem_answer
 from eventbus.http._types import (
     ASGIApp,
     Receive,
@@ -231,7 +231,12 @@ class HookApp:
             if raw is None:
                 raw = await read_body(receive, headers, limit)
             request = HookRequest(scope["method"], headers, query, raw)
+            if source.ssl_check(request):  # signed: verified there
+                return 200, "text/plain", b"", {}
             event = source.event_for(request, max_size=self._max_event)
+        except Problem as exc:  # the body refused whole (413, 408, 415, Content-Length)
+            count_refused("hook", exc)
+            raise
         except CloudEventError as exc:
             if exc.status in (401, 403):
                 self._refuse(remote, path, exc.detail)

@@ -30,6 +30,7 @@ from fastapi.responses import Response
 from pydantic import BeforeValidator
 
 from eventbus import metrics
+from eventbus._errors import CloudEventError
 from eventbus.cloudevents import (
     BATCH_CONTENT_TYPE,
     STRUCTURED_CONTENT_TYPE,
@@ -329,5 +330,14 @@ def _event_from_request(
     }
     if "content-type" in headers:
         wrapped["content-type"] = headers["content-type"]
-    (event,) = parse_http(wrapped, body, max_size=max_size).events
+    try:
+        (event,) = parse_http(wrapped, body, max_size=max_size).events
+    except CloudEventError as exc:
+        # named as the caller sent it ("header 'ce-subject' is not percent-encoded UTF-8"
+        # named a header it never sent)
+        detail = exc.detail
+        for name in attributes:
+            if f"x-eventbus-{name}" in headers and attributes[name] is None:
+                detail = detail.replace(f"'ce-{name}'", f"'X-Eventbus-{name.title()}'")
+        raise CloudEventError(detail, status=exc.status, title=exc.title) from None
     return cast("dict[str, Any]", event)

@@ -215,7 +215,11 @@ def _slash_command(request: HookRequest, body: Any) -> bool:
 
 
 def _media(request: HookRequest) -> str:
-    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return _media_of(request.headers)
+
+
+def _media_of(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 def _github_payload(request: HookRequest, data: dict[str, Any]) -> None:
@@ -373,20 +377,21 @@ class WebhookSource:
     def unsigned_form(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with ``headers`` may be Slack's check of a slash command's
         certificate (:meth:`ssl_check`): a Slack trigger, a form, no signature."""
-        return (
-            self._slack
-            and "x-slack-signature" not in headers
-            and headers.get("content-type", "").partition(";")[0].strip().lower() == _FORM
-        )
+        return self._slack and "x-slack-signature" not in headers and _media_of(headers) == _FORM
 
-    def ssl_check(self, request: HookRequest) -> bool:
+    def ssl_check(self, request: HookRequest, *, now: float | None = None) -> bool:
         """Whether ``request`` is Slack's periodic check of a slash command URL's certificate
-        (a form of ``ssl_check=1``, unsigned), answered 200 with nothing published: refused
-        401, Slack reported the command's URL as failing, and the refusals filled up."""
-        if not self.unsigned_form(request.headers):
+        (a form of ``ssl_check=1``), answered 200 with nothing published: refused, Slack
+        reported the command's URL as failing. Unsigned, it is answered as Slack's own SDKs
+        answer it; signed, the signature is verified first (CloudEventError 401)."""
+        if not self._slack or _media(request) != _FORM:
             return False
         form = parse_qs(request.body.decode("latin-1"), keep_blank_values=True)
-        return form.get("ssl_check") == ["1"]
+        if form.get("ssl_check") != ["1"]:
+            return False
+        if "x-slack-signature" in request.headers and self.spec.verify is not None:
+            self.spec.verify.verify(request, time.time() if now is None else now)
+        return True
 
     def precheck(self, request: HookRequest, *, now: float | None = None) -> None:
         """Raise CloudEventError 401 for what refuses ``request`` before its body is read (its
@@ -498,6 +503,7 @@ class _SharedReplays:
         self._keep = 2 * window
         self._unshared = Burst(self._tell_unshared, 60.0)
         self._paused_until = float("-inf")
+        self._in_flight = 0  # looks and writes under way (at most _SHARED_AT_ONCE)
 
     @staticmethod
     def _digest(signature: str) -> bytes:
@@ -506,8 +512,9 @@ class _SharedReplays:
     async def published(self, pool: asyncpg.Pool, signature: str) -> str | None:
         """The id of the event a request of ``signature`` became, if one was published and its
         record has not expired; None otherwise (or when the database does not answer)."""
-        if self._paused():
+        if self._paused() or self._in_flight >= _SHARED_AT_ONCE:
             return None
+        self._in_flight += 1
         try:
             found: str | None = await run_db(
                 "looking up a webhook signature",
@@ -522,13 +529,16 @@ class _SharedReplays:
         except StoreError as exc:
             self._unremembered(exc)
             return None
+        finally:
+            self._in_flight -= 1
         return found
 
     async def remember(self, pool: asyncpg.Pool, signature: str, event_id: str) -> None:
         """``signature``'s request is on the bus as ``event_id`` (a record of the first one
         to get there, if several did, is kept; an expired one is replaced)."""
-        if self._paused():
+        if self._paused() or self._in_flight >= _SHARED_AT_ONCE:
             return
+        self._in_flight += 1
         try:
             await run_db(
                 "remembering a webhook signature",
@@ -547,6 +557,8 @@ class _SharedReplays:
             )
         except StoreError as exc:
             self._unremembered(exc)
+        finally:
+            self._in_flight -= 1
 
     async def prune(self, pool: asyncpg.Pool) -> None:
         """Delete the expired signatures (of every trigger: one statement, by its index)."""
@@ -579,6 +591,11 @@ class _SharedReplays:
 _SHARED_DEADLINE = 1.0
 """Seconds a look into, or a write to, the shared signatures may take: past it the request
 goes on without (the bus's duplicate window and the process's memory still tell copies)."""
+
+_SHARED_AT_ONCE = 4
+"""Looks and writes of the shared signatures under way at once, per trigger and process; past
+it a request goes on without (a database that hangs keeps each one's connection until it
+answers: a burst of requests had taken the whole pool)."""
 
 _SHARED_PAUSE = 30.0
 """Seconds the shared signatures are not looked at after a look or a write failed."""

@@ -424,6 +424,7 @@ async def test_unknown_and_disabled_targets(eventbus: StartService, receiver: Re
         (b"x" * 300_000, {"Content-Type": "text/plain"}, "", 413, "exceeds"),
         # UTF-8 bytes in a header were read as Latin-1: the source "café" became "cafÃ©"
         (b"x", {"X-Eventbus-Source": "café"}, "", 400, "'X-Eventbus-Source' holds raw non-ASCII"),
+        (b"x", {"X-Eventbus-Subject": "%FF"}, "", 400, "'X-Eventbus-Subject' is not percent"),
     ],
 )
 async def test_malformed_requests_are_400s_naming_the_problem(

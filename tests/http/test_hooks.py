@@ -24,7 +24,7 @@ from eventbus.bus._nats_server import NatsServer
 from tests.fixtures.receiver import Receiver
 from tests.fixtures.service import RunningService, ServeProcess, StartService
 from tests.fixtures.wait import eventually, frozen
-from tests.sources.test_webhook import _PARTNER, generic
+from tests.sources.test_webhook import _PARTNER, _rejected, generic
 
 JSON = {"Content-Type": "application/json"}
 FORM = "application/x-www-form-urlencoded"
@@ -180,10 +180,13 @@ async def test_a_large_body_is_not_read_when_it_cannot_be_taken(service: Running
     answer = await _head_only(service, "/hooks/big", "X-Hub-Signature-256: sha256=00")
     assert answer.startswith(b"HTTP/1.1 413"), answer
     big = b"{}" + b" " * 300_000
+    before = (await _rejected(service)).get(("hook", "413"), 0)
     status, _, detail = await _problem(
         service, "POST", "/hooks/big", big, {"X-Hub-Signature-256": "sha256=00"}
     )
     assert (status, detail) == (413, f"request body of 300002 bytes exceeds {4 * 64 * 1024} bytes")
+    # counted, as the docs say of a body refused whole (it was not)
+    assert (await _rejected(service)).get(("hook", "413"), 0) - before == 1
     await service.service.store.audit.flush()
     rows = await service.service.store.pool.fetch(
         "SELECT reason FROM refusals WHERE path = '/hooks/big'"
