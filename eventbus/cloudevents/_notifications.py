@@ -95,7 +95,9 @@ def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     digits of a digest of the object's key and ``sequencer``: one request notifies each object
     it touched (a multi-object delete), in one body or one message each, all under the
     request's ids, and the bus dropped all but the first as duplicates; a notification sent
-    again keeps its id. ``source`` = eventSource + "." +
+    again keeps its id. Without both request ids (MinIO's lifecycle expiry, replication):
+    ``x-amz-request-id`` or ``internal``, "." and 32 hex digits of a digest of eventName,
+    eventTime, key and sequencer. ``source`` = eventSource + "." +
     awsRegion + "." + bucket (without the region when it is empty); ``type`` =
     "com.amazonaws.s3." + eventName; ``subject`` = object key (URL-encoded, as S3 sends it);
     ``time`` = eventTime; ``data`` = the record. An S3 ``s3:TestEvent`` body maps to no events.
@@ -107,13 +109,27 @@ def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     records = _records(body, "Records")
     for i, record in enumerate(records):
         where = f"Records[{i}]"
-        request_id = _field(record, "responseElements.x-amz-request-id", where)
-        host_id = _field(record, "responseElements.x-amz-id-2", where)
         key = _field(record, "s3.object.key", where)
         s3_object = record["s3"]["object"]  # there: _field found its key
         sequencer = _optional(s3_object, "sequencer")
         which = hashlib.sha256(f"{key}\n{sequencer}".encode()).hexdigest()[:16]
-        events.append(s3_event(record, f"{request_id}.{host_id}.{which}", where))
+        answered = record.get("responseElements")
+        request_id, host_id = (
+            (_optional(answered, "x-amz-request-id"), _optional(answered, "x-amz-id-2"))
+            if isinstance(answered, Mapping)
+            else ("", "")
+        )
+        if request_id and host_id:
+            event_id = f"{request_id}.{host_id}.{which}"
+        else:
+            # No request made it: MinIO's own deletions (lifecycle expiry), replication and
+            # transitions carry empty request ids (older MinIO releases an empty
+            # x-amz-id-2 on every event), and each was refused for good, MinIO retrying it.
+            # Named by what it did to which object version, when: the same when sent again.
+            name, at = _field(record, "eventName", where), _field(record, "eventTime", where)
+            made = hashlib.sha256(f"{name}\n{at}\n{key}\n{sequencer}".encode()).hexdigest()
+            event_id = f"{request_id or 'internal'}.{made[:32]}"
+        events.append(s3_event(record, event_id, where))
     return events
 
 
