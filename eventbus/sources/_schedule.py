@@ -3,10 +3,12 @@
 Place in the pipeline: ``timer`` source → here (which instants are ticks) → the timer source
 claims, publishes and checkpoints each tick. Three forms are accepted, all with an IANA zone:
 
-* a cron expression: five fields (minute first), or six with seconds first; evaluated by
-  croniter in the schedule's zone, so DST follows croniter: a wall-clock time skipped by the
-  spring-forward jump fires at the first instant after the jump, and during the fall-back hour a
-  schedule fires once per real (UTC) instant that matches;
+* a cron expression: five fields (minute first), or six with seconds first, or one of
+  ``@hourly``, ``@daily`` (``@midnight``), ``@weekly``, ``@monthly``, ``@yearly``
+  (``@annually``); evaluated by croniter in the schedule's zone: a wall-clock time skipped by
+  the spring-forward jump fires at the first instant after the jump; a time the fall-back
+  hour repeats fires once (its first occurrence) for a schedule at set hours, and at both
+  for one whose hour field is ``*``;
 * ``rate(N unit)`` (EventBridge syntax; unit minute(s), hour(s), day(s)): ticks every N units of
   elapsed time counted from the Unix epoch, so every instance agrees on the ticks without
   coordination (the zone does not matter to a rate);
@@ -55,7 +57,11 @@ class Schedule(Protocol):
 
 @dataclass(frozen=True)
 class CronSchedule:
-    """A cron expression evaluated in ``zone`` (six fields mean seconds first)."""
+    """A cron expression evaluated in ``zone`` (six fields mean seconds first).
+
+    A schedule at set hours (its hour field not ``*``) fires once at a wall-clock time the
+    fall-back hour repeats, at its first occurrence, as Vixie cron and EventBridge Scheduler
+    do (a daily 01:30 job in New York ran twice that night); one every hour fires in both."""
 
     expression: str
     zone: ZoneInfo
@@ -67,15 +73,45 @@ class CronSchedule:
             second_at_beginning=len(self.expression.split()) == 6,
         )
 
+    @property
+    def _set_hours(self) -> bool:
+        fields = self.expression.split()
+        hour = fields[2] if len(fields) == 6 else fields[1]
+        return not hour.startswith("*")
+
+    def _repeated(self, tick: datetime) -> bool:
+        """Whether ``tick`` is the second occurrence of a wall-clock time (fall-back) that a
+        schedule at set hours skips."""
+        local = tick.astimezone(self.zone)
+        return (
+            local.fold == 1
+            and local.replace(fold=0).utcoffset() != local.utcoffset()
+            and self._set_hours
+        )
+
     def next_after(self, t: datetime) -> datetime | None:
-        tick: datetime = self._iter(t).get_next(datetime)
+        ticks = self._iter(t)
+        tick: datetime = ticks.get_next(datetime)
+        for _ in range(_MOST_REPEATED):  # the repeated hour's ticks (3,600 at most, a year)
+            if not self._repeated(tick):
+                break
+            tick = ticks.get_next(datetime)
         return tick.astimezone(UTC)
 
     def at_or_before(self, t: datetime) -> datetime | None:
         # croniter's get_prev is strictly before its start; ticks are whole seconds, so starting
         # a microsecond later makes a tick exactly at ``t`` count.
-        tick: datetime = self._iter(t + _TINY).get_prev(datetime)
+        ticks = self._iter(t + _TINY)
+        tick: datetime = ticks.get_prev(datetime)
+        for _ in range(_MOST_REPEATED):
+            if not self._repeated(tick):
+                break
+            tick = ticks.get_prev(datetime)
         return tick.astimezone(UTC)
+
+
+_MOST_REPEATED = 3700
+"""Ticks skipped at most in one repeated hour (one a second, with margin)."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +189,31 @@ def _parse_at(text: str, tz: ZoneInfo) -> datetime:
     return when.replace(tzinfo=tz).astimezone(UTC)
 
 
+_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
 def _parse_cron(text: str, tz: ZoneInfo) -> CronSchedule:
+    if text.startswith("@"):
+        if text.lower() not in _ALIASES:
+            raise ConfigError(
+                f"unknown schedule {text!r}: the @ forms are {', '.join(_ALIASES)}"
+                " (for a period, rate(N minutes | hours | days))"
+            )
+        text = _ALIASES[text.lower()]
+    if text.startswith("cron(") and text.endswith(")"):
+        raise ConfigError(
+            f"{text!r} is EventBridge's form: write the five cron fields without cron( ), "
+            "its year field and ? (cron's day of week counts from SUN=0, EventBridge's "
+            "from SUN=1)"
+        )
     fields = text.split()
     if len(fields) not in (5, 6):
         raise ConfigError(

@@ -51,6 +51,41 @@ def test_fall_back_hour_fires_every_real_hour() -> None:
     assert ticks == [utc(2026, 10, 25, h) for h in (0, 1, 2, 3)]
 
 
+@pytest.mark.parametrize(
+    ("expression", "zone", "night", "once"),
+    [
+        # 02:30 Berlin comes at 00:30 and 01:30 UTC that night; 01:30 New York at 05:30, 06:30
+        ("30 2 * * *", "Europe/Berlin", utc(2026, 10, 24, 22), utc(2026, 10, 25, 0, 30)),
+        ("30 1 * * *", "America/New_York", utc(2026, 11, 1, 3), utc(2026, 11, 1, 5, 30)),
+        ("0 30 1 * * *", "America/New_York", utc(2026, 11, 1, 3), utc(2026, 11, 1, 5, 30)),
+        # Lord Howe goes back half an hour
+        ("45 1 * * *", "Australia/Lord_Howe", utc(2026, 4, 4, 13), utc(2026, 4, 4, 14, 45)),
+    ],
+)
+def test_a_schedule_at_set_hours_fires_once_on_the_fall_back_night(
+    expression: str, zone: str, night: datetime, once: datetime
+) -> None:
+    # It fired at both instants the wall-clock time came (a daily report went out twice);
+    # Vixie cron and EventBridge Scheduler fire it once.
+    schedule = parse_schedule(expression, zone)
+    day_later = night.replace(day=night.day + 1)
+    assert missed_ticks(schedule, night, day_later, 100) == [once]
+    assert schedule.next_after(night) == once
+    assert schedule.next_after(once).date() > once.date()  # tomorrow's, not the repeat
+    assert schedule.at_or_before(day_later) == once
+
+
+def test_aliases_and_eventbridges_cron_form() -> None:
+    daily = parse_schedule("@daily", "Europe/Berlin")
+    assert daily.next_after(utc(2026, 1, 1, 12)) == utc(2026, 1, 1, 23)
+    assert parse_schedule("@HOURLY").next_after(utc(2026, 1, 1, 10, 5)) == utc(2026, 1, 1, 11)
+    assert parse_schedule("@weekly").next_after(utc(2026, 1, 1)) == utc(2026, 1, 4)  # a Sunday
+    with pytest.raises(ConfigError, match="the @ forms are @yearly"):
+        parse_schedule("@every 5m")
+    with pytest.raises(ConfigError, match="EventBridge's form: write the five cron fields"):
+        parse_schedule("cron(0 12 * * ? *)")
+
+
 def test_missed_ticks_keeps_the_latest_within_the_limit() -> None:
     schedule = parse_schedule("rate(1 minute)")
     after, until = utc(2026, 1, 1, 0, 0), utc(2026, 1, 8)  # a week: 10,080 ticks
