@@ -14,6 +14,7 @@ boto3 is synchronous: its calls run in a worker thread so the event loop never b
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,10 @@ _NAMESPACE = uuid.UUID("5a3c9b1e-2f0d-4c4e-9a53-0b7e2f6d1c11")
 
 READ_TIMEOUT = 10.0
 """Seconds an S3 request waits for the endpoint's answer (botocore's default: 60)."""
+
+
+_GONE_KEPT = 600.0
+"""Seconds a key gone from the listing is remembered (the bus's duplicate window is 2 min)."""
 
 
 class S3PollSourceSpec(SourceSpec):
@@ -134,6 +139,8 @@ class S3PollSource:
         except (ValueError, botocore.exceptions.BotoCoreError) as exc:
             # botocore checks endpoint_url and region only here; report them like other fields.
             raise ConfigError(f"source {self.name!r} ({self.type}): {exc}") from exc
+        self._listed: set[str] | None = None  # the keys of the last listing
+        self._gone: dict[str, float] = {}  # key -> when a listing no longer had it
 
     async def run(self, ctx: SourceContext) -> None:
         """Poll until cancelled. Failures (bucket unreachable, missing or denied, the bus or the
@@ -153,6 +160,7 @@ class S3PollSource:
         # Not in asyncio's thread pool: a listing waiting on a frozen endpoint held the
         # service's exit for its timeouts (117 s after SIGTERM in a review).
         objects = await in_daemon_thread(self._list_all, f"s3-poll {self.name}")
+        self._note_gone({obj["Key"] for obj in objects})
         return [
             (
                 obj["Key"],
@@ -161,6 +169,19 @@ class S3PollSource:
             )
             for obj in objects
         ]
+
+    def _note_gone(self, keys: set[str]) -> None:
+        """Remember when each key the last listing had and this one has not went, for
+        :data:`_GONE_KEPT` s: an object that comes back (its delete marker removed, a version
+        restored) has the ETag and LastModified it had, and its event the id of the one before,
+        which the bus dropped as a copy within its duplicate window."""
+        now = time.time()
+        if self._listed is not None:
+            for key in self._listed - keys:
+                self._gone[key] = now
+        self._listed = keys
+        if self._gone:
+            self._gone = {k: at for k, at in self._gone.items() if now - at < _GONE_KEPT}
 
     def _list_all(self) -> list[dict[str, Any]]:
         """Every object under the prefix (all pages). Runs in a worker thread."""
@@ -206,8 +227,11 @@ class S3PollSource:
                 },
             },
         }
-        # Derived from the object version, so a re-emitted event after a crash has the same id.
-        event_id = str(
-            uuid.uuid5(_NAMESPACE, f"{self.config.bucket}/{obj['Key']}#{etag}@{modified}")
-        )
+        # Derived from the object version, so a re-emitted event after a crash has the same id;
+        # one that came back after it was gone names when it went (see _note_gone)
+        version = f"{self.config.bucket}/{obj['Key']}#{etag}@{modified}"
+        gone = self._gone.get(obj["Key"])
+        if gone is not None:
+            version += f"~{gone!r}"
+        event_id = str(uuid.uuid5(_NAMESPACE, version))
         return s3_event(record, event_id)

@@ -108,6 +108,38 @@ async def test_new_and_changed_objects_become_events_once_across_restart(
         assert [e["subject"] for e in restarted.events] == ["in/d.jpg", "in/e.jpg"]
 
 
+async def test_an_object_that_comes_back_is_an_event_of_its_own(
+    s3_endpoint: str, database_dsn: str
+) -> None:
+    # A version made current again (its delete marker removed) has the ETag and LastModified
+    # it had: its event had the first one's id, and the bus dropped it as a copy.
+    s3 = _client(s3_endpoint)
+    s3.create_bucket(Bucket="restored")
+    s3.put_bucket_versioning(Bucket="restored", VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket="restored", Key="doc.txt", Body=b"v1")
+    recorder = Recorder()
+    async with source_pool(database_dsn) as pool:
+        source = build_source(_spec(s3_endpoint, "restored"))
+        ctx = make_context(pool, source.name, recorder)
+        async with running(source, ctx):
+            [first] = await recorder.wait_for(1)
+            marker = (await asyncio.to_thread(s3.delete_object, Bucket="restored", Key="doc.txt"))[
+                "VersionId"
+            ]
+            await eventually(lambda: _gone(ctx, "o:doc.txt"), what="the checkpoint gone")
+            await asyncio.to_thread(
+                s3.delete_object, Bucket="restored", Key="doc.txt", VersionId=marker
+            )
+            [_, again] = await recorder.wait_for(2)
+    assert again["data"]["s3"]["object"]["eTag"] == first["data"]["s3"]["object"]["eTag"]
+    assert again["time"] == first["time"]  # the same version
+    assert again["id"] != first["id"]
+
+
+async def _gone(ctx: SourceContext, key: str) -> bool:
+    return await ctx.checkpoints.get(key) is None
+
+
 async def test_bus_down_checkpoints_nothing_and_retries(
     s3_endpoint: str, database_dsn: str
 ) -> None:
