@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -401,6 +402,9 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         self._joining: asyncio.Task[None] | None = None
         self.commits = FailureRun()  # offset commits failing in a row
         self.behind = Behind()  # when the last record came (what waits is read when asked)
+        # since when the member has been joining the group (from its start, and from each
+        # revocation), None once partitions (or none, past the partition count) are assigned
+        self.joining_since: float | None = time.monotonic()
 
     async def join(self) -> None:
         """Start the consumer, which joins the group (no deadline: a join legitimately waits
@@ -422,6 +426,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         # Let the messages being handled finish (up to revoke_wait), commit what is done and
         # forget the rest: the next owner redelivers it. Without the wait, every rebalance (a
         # worker joining or leaving) would deliver each message in flight a second time.
+        self.joining_since = time.monotonic()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.revoke_wait
         while any(p.handling for tp, p in self.partitions.items() if tp in revoked):
@@ -449,6 +454,7 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             )
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.joining_since = None
         for tp in assigned:
             self.partitions[tp] = _Partition()
         log.info(
@@ -613,9 +619,17 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
                     yield msg
 
     def stalled(self, after: float) -> str | None:
-        """Why this member makes no progress though its broker answers: records wait past the
+        """Why this member makes no progress though its broker answers: its join of the group
+        has not ended for ``after`` s (no assignment: a coordinator that kept a departed leader
+        left every member rejoining for ever, readiness green), or records wait past the
         offsets it has reached (the partitions' high watermarks, as the last fetches gave
         them), it has room, and none has come for ``after`` s."""
+        since = self.joining_since
+        if since is not None and time.monotonic() - since >= after:
+            return (
+                f"the Kafka consumer group {self.config.group_id!r} has been rebalancing for "
+                f"{time.monotonic() - since:.0f} s: no partitions assigned to this member"
+            )
         waiting = 0
         for tp, part in list(self.partitions.items()):
             try:

@@ -492,6 +492,29 @@ async def test_a_member_that_receives_nothing_while_records_wait_is_stalled(
         await reading.aclose()
 
 
+async def test_a_member_whose_rebalance_never_ends_is_stalled(kafka_bootstrap: str) -> None:
+    # Tansu's coordinator, a leader leaving while another member joined, kept the departed
+    # leader: every member rejoined for ever, none was assigned a partition, and readiness
+    # stayed green (the stall check looked only at the partitions a member held). The
+    # rebalance is begun here by the listener's own call, as the client makes it, and ended
+    # by the assignment.
+    config = kafka_config(kafka_bootstrap, partitions=1)
+    async with open_bus(config) as bus:
+        bus.stall_after = 0.5
+        await bus.publish(event(0))
+        reading = aiter(bus.messages())
+        await (await anext(reading)).ack()
+        (member,) = bus._consumptions
+        assert bus.stalled() is None
+        assigned = set(member.partitions)
+        await member.on_partitions_revoked(assigned)
+        why = await eventually(bus.stalled, within=PATIENCE, every=0.1, what="a stall")
+        assert why.startswith(f"the Kafka consumer group {config.group_id!r} has been rebalancing")
+        await member.on_partitions_assigned(assigned)
+        assert bus.stalled() is None
+        await reading.aclose()
+
+
 async def test_a_topic_made_again_under_the_consumer_is_read_from_its_start(
     kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
 ) -> None:
