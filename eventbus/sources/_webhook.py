@@ -27,7 +27,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -503,7 +503,9 @@ class _SharedReplays:
         self._keep = 2 * window
         self._unshared = Burst(self._tell_unshared, 60.0)
         self._paused_until = float("-inf")
-        self._in_flight = 0  # looks and writes under way (at most _SHARED_AT_ONCE)
+        # looks and writes under way at once: an abandoned one (a database that hangs) keeps
+        # its connection until the database answers, and a burst of them took the whole pool
+        self._slots = asyncio.Semaphore(_SHARED_AT_ONCE)
 
     @staticmethod
     def _digest(signature: str) -> bytes:
@@ -512,53 +514,54 @@ class _SharedReplays:
     async def published(self, pool: asyncpg.Pool, signature: str) -> str | None:
         """The id of the event a request of ``signature`` became, if one was published and its
         record has not expired; None otherwise (or when the database does not answer)."""
-        if self._paused() or self._in_flight >= _SHARED_AT_ONCE:
-            return None
-        self._in_flight += 1
-        try:
-            found: str | None = await run_db(
-                "looking up a webhook signature",
-                pool.fetchval(
-                    "SELECT event_id FROM webhook_signatures"
-                    " WHERE source = $1 AND digest = $2 AND expires_at > now()",
-                    self._source,
-                    self._digest(signature),
-                ),
-                deadline=_SHARED_DEADLINE,
-            )
-        except StoreError as exc:
-            self._unremembered(exc)
-            return None
-        finally:
-            self._in_flight -= 1
+        found: str | None = await self._shared(
+            "looking up a webhook signature",
+            lambda: pool.fetchval(
+                "SELECT event_id FROM webhook_signatures"
+                " WHERE source = $1 AND digest = $2 AND expires_at > now()",
+                self._source,
+                self._digest(signature),
+            ),
+        )
         return found
 
     async def remember(self, pool: asyncpg.Pool, signature: str, event_id: str) -> None:
         """``signature``'s request is on the bus as ``event_id`` (a record of the first one
         to get there, if several did, is kept; an expired one is replaced)."""
-        if self._paused() or self._in_flight >= _SHARED_AT_ONCE:
-            return
-        self._in_flight += 1
+        await self._shared(
+            "remembering a webhook signature",
+            lambda: pool.execute(
+                "INSERT INTO webhook_signatures (source, digest, event_id, expires_at)"
+                " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
+                " ON CONFLICT (source, digest) DO UPDATE SET event_id = EXCLUDED.event_id,"
+                " expires_at = EXCLUDED.expires_at"
+                " WHERE webhook_signatures.expires_at < now()",
+                self._source,
+                self._digest(signature),
+                event_id,
+                self._keep,
+            ),
+        )
+
+    async def _shared(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        """``operation()``'s result within :data:`_SHARED_DEADLINE` for a slot and as much
+        for the database; None, without waiting, while paused, or when either runs out."""
+        if self._paused():
+            return None
         try:
-            await run_db(
-                "remembering a webhook signature",
-                pool.execute(
-                    "INSERT INTO webhook_signatures (source, digest, event_id, expires_at)"
-                    " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
-                    " ON CONFLICT (source, digest) DO UPDATE SET event_id = EXCLUDED.event_id,"
-                    " expires_at = EXCLUDED.expires_at"
-                    " WHERE webhook_signatures.expires_at < now()",
-                    self._source,
-                    self._digest(signature),
-                    event_id,
-                    self._keep,
-                ),
-                deadline=_SHARED_DEADLINE,
-            )
+            async with asyncio.timeout(_SHARED_DEADLINE):
+                await self._slots.acquire()
+        except TimeoutError:
+            return None  # the slots held by looks the database does not answer
+        try:
+            if self._paused():  # the look that held the slot found the database hanging
+                return None
+            return await run_db(what, operation(), deadline=_SHARED_DEADLINE)
         except StoreError as exc:
             self._unremembered(exc)
+            return None
         finally:
-            self._in_flight -= 1
+            self._slots.release()
 
     async def prune(self, pool: asyncpg.Pool) -> None:
         """Delete the expired signatures (of every trigger: one statement, by its index)."""
@@ -593,9 +596,9 @@ _SHARED_DEADLINE = 1.0
 goes on without (the bus's duplicate window and the process's memory still tell copies)."""
 
 _SHARED_AT_ONCE = 4
-"""Looks and writes of the shared signatures under way at once, per trigger and process; past
-it a request goes on without (a database that hangs keeps each one's connection until it
-answers: a burst of requests had taken the whole pool)."""
+"""Looks and writes of the shared signatures under way at once, per trigger and process; the
+others wait for a slot (within :data:`_SHARED_DEADLINE`): a database that hangs keeps each
+abandoned one's connection until it answers, and a burst of requests had taken the pool."""
 
 _SHARED_PAUSE = 30.0
 """Seconds the shared signatures are not looked at after a look or a write failed."""

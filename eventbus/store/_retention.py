@@ -171,6 +171,10 @@ class Pruner:
             # Not unlocked on the way out of a failure or a cancellation (no statement more
             # on a connection that failed): the pool's reset on release unlocks it, or the
             # session ends with the connection.
+            # Each batch planned for its own bounds: a prepared statement's generic plan
+            # (from its sixth run on) read, and sorted, all that was left of the old rows for
+            # every batch. (RESET ALL, as the pool releases it, undoes this.)
+            await conn.execute("SET plan_cache_mode = force_custom_plan", timeout=self._timeout)
             for table, age in self._policy.plan():
                 n = await self._prune_table(conn, table, timedelta(seconds=age))
                 if n:
@@ -201,7 +205,7 @@ class Pruner:
             " SELECT count(*), max(at) FROM gone"
         )
         cutoff = await conn.fetchval("SELECT now() - $1::interval", age, timeout=self._timeout)
-        low = datetime.min.replace(tzinfo=UTC)  # -infinity as asyncpg sends a timestamptz
+        low = datetime.min.replace(tzinfo=UTC)  # before any row
         total = 0
         while True:
             n, last = await conn.fetchrow(sql, cutoff, low, timeout=self._timeout)

@@ -967,6 +967,37 @@ async def test_a_hanging_database_holds_one_signed_request_a_second_not_each_ten
     assert len(published) == 23
 
 
+async def test_a_burst_of_signed_requests_is_shared_whole(database_dsn: str) -> None:
+    # Past 4 looks and writes at once a request went on without: of 20 sent at once, 15
+    # copies sent to another process were published again, the database healthy.
+    workers = cast(list[WebhookSource], [build_source(_PARTNER) for _ in range(2)])
+    published: list[dict[str, Any]] = []
+
+    async def publish(event: dict[str, Any]) -> None:
+        published.append(event)
+
+    def signed(order: str) -> HookRequest:
+        body = orjson.dumps({"order": {"id": order}})
+        headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
+        return HookRequest("POST", headers, "", body)
+
+    async def send(worker: WebhookSource, request: HookRequest) -> tuple[bool, str]:
+        return await worker.publish(worker.event_for(request), worker.signature_of(request))
+
+    async with source_pool(database_dsn) as pool, contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            ctx = make_context(pool, "partner", Recorder())
+            ctx.publish = publish
+            await stack.enter_async_context(running(worker, ctx))
+        await asyncio.sleep(0)  # the sources' tasks take their contexts
+        first, other = workers
+        requests = [signed(f"burst {n}") for n in range(20)]
+        await asyncio.gather(*(send(first, request) for request in requests))
+        copies = await asyncio.gather(*(send(other, request) for request in requests))
+    assert [duplicate for duplicate, _ in copies] == [True] * 20
+    assert len(published) == 20
+
+
 async def test_expired_signatures_are_deleted_by_a_running_trigger(database_dsn: str) -> None:
     source = build_source(_PARTNER)
     async with source_pool(database_dsn) as pool:
