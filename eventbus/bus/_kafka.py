@@ -426,7 +426,6 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
         # Let the messages being handled finish (up to revoke_wait), commit what is done and
         # forget the rest: the next owner redelivers it. Without the wait, every rebalance (a
         # worker joining or leaving) would deliver each message in flight a second time.
-        self.joining_since = time.monotonic()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.revoke_wait
         while any(p.handling for tp, p in self.partitions.items() if tp in revoked):
@@ -445,6 +444,9 @@ class _Consumption(ConsumerRebalanceListener):  # type: ignore[misc]
             self.partitions.pop(tp, None)
         if self.unreadable:  # the next owner reads those records again and finds out itself
             self.unreadable = {k: v for k, v in self.unreadable.items() if k[0] not in revoked}
+        # joining from here (not while the messages being handled finished: a long
+        # revoke_wait made every ordinary rebalance a stall)
+        self.joining_since = time.monotonic()
         if revoked:
             log.info(
                 "Kafka rebalance: partitions %s of %s revoked; redelivery from %s",

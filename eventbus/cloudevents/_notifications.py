@@ -97,7 +97,7 @@ def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     request's ids, and the bus dropped all but the first as duplicates; a notification sent
     again keeps its id. Without both request ids (MinIO's lifecycle expiry, replication):
     ``x-amz-request-id`` or ``internal``, "." and 32 hex digits of a digest of eventName,
-    eventTime, key and sequencer. ``source`` = eventSource + "." +
+    eventTime, key, sequencer and versionId. ``source`` = eventSource + "." +
     awsRegion + "." + bucket (without the region when it is empty); ``type`` =
     "com.amazonaws.s3." + eventName; ``subject`` = object key (URL-encoded, as S3 sends it);
     ``time`` = eventTime; ``data`` = the record. An S3 ``s3:TestEvent`` body maps to no events.
@@ -127,7 +127,10 @@ def s3_records_to_events(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             # x-amz-id-2 on every event), and each was refused for good, MinIO retrying it.
             # Named by what it did to which object version, when: the same when sent again.
             name, at = _field(record, "eventName", where), _field(record, "eventTime", where)
-            made = hashlib.sha256(f"{name}\n{at}\n{key}\n{sequencer}".encode()).hexdigest()
+            version = _optional(s3_object, "versionId")
+            made = hashlib.sha256(
+                f"{name}\n{at}\n{key}\n{sequencer}\n{version}".encode()
+            ).hexdigest()
             event_id = f"{request_id or 'internal'}.{made[:32]}"
         events.append(s3_event(record, event_id, where))
     return events

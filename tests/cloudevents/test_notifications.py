@@ -229,6 +229,11 @@ def test_minios_own_deletions_without_request_ids_get_ids_of_their_own() -> None
     assert s3_records_to_events({"Records": [expiry]})[0]["id"] == first["id"]  # sent again
     later = _with(expiry, "eventTime", "2026-02-01T00:00:00.000Z")
     assert s3_records_to_events({"Records": [later]})[0]["id"] != first["id"]
+    # two versions of one key expired at once, a store sending no sequencer
+    unsequenced = _with(expiry, "s3.object.sequencer", "")
+    versions = [_with(unsequenced, "s3.object.versionId", v) for v in ("v1", "v2")]
+    ids = {e["id"] for e in s3_records_to_events({"Records": versions})}
+    assert len(ids) == 2
     no_host = _with(S3_RECORD, "responseElements.x-amz-id-2", "")
     assert s3_records_to_events({"Records": [no_host]})[0]["id"].startswith("C3D13FE58DE4C810.")
     for gone in ("responseElements.x-amz-id-2", "responseElements"):
