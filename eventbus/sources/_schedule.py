@@ -208,7 +208,7 @@ def _parse_cron(text: str, tz: ZoneInfo) -> CronSchedule:
                 " (for a period, rate(N minutes | hours | days))"
             )
         text = _ALIASES[text.lower()]
-    if text.startswith("cron(") and text.endswith(")"):
+    if text.lower().startswith("cron(") and text.endswith(")"):
         raise ConfigError(
             f"{text!r} is EventBridge's form: write the five cron fields without cron( ), "
             "its year field and ? (cron's day of week counts from SUN=0, EventBridge's "

@@ -82,8 +82,9 @@ def test_aliases_and_eventbridges_cron_form() -> None:
     assert parse_schedule("@weekly").next_after(utc(2026, 1, 1)) == utc(2026, 1, 4)  # a Sunday
     with pytest.raises(ConfigError, match="the @ forms are @yearly"):
         parse_schedule("@every 5m")
-    with pytest.raises(ConfigError, match="EventBridge's form: write the five cron fields"):
-        parse_schedule("cron(0 12 * * ? *)")
+    for eventbridge in ("cron(0 12 * * ? *)", "CRON(0 12 * * ? *)"):
+        with pytest.raises(ConfigError, match="EventBridge's form: write the five cron fields"):
+            parse_schedule(eventbridge)
 
 
 def test_missed_ticks_keeps_the_latest_within_the_limit() -> None:
