@@ -60,6 +60,7 @@ EXPORTS: dict[str, list[str]] = {
         "kafka_key_attribute",
         "kafka_record_time",
         "load_json",
+        "media_type",
         "new_event",
         "notification_to_events",
         "oss_records_to_events",

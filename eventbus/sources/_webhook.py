@@ -46,6 +46,7 @@ from eventbus.cloudevents import (
     is_json,
     json_body,
     load_json,
+    media_type,
     validate,
 )
 from eventbus.config import (
@@ -200,7 +201,7 @@ def _slack_payload(request: HookRequest, data: dict[str, Any]) -> None:
     """Slack's interactivity posts a form of one field, ``payload``, holding the JSON of the
     interaction: read it as JSON (``data.payload.type``), left as text when it is not."""
     form = data.get("data")
-    if _media(request) != _FORM or not isinstance(form, dict):
+    if _media(request.headers) != _FORM or not isinstance(form, dict):
         return
     payload = form.get("payload")
     if isinstance(payload, str) and payload.startswith("{"):
@@ -211,15 +212,11 @@ def _slack_payload(request: HookRequest, data: dict[str, Any]) -> None:
 def _slash_command(request: HookRequest, body: Any) -> bool:
     """Whether ``body`` is Slack's slash command: a form with ``command`` (a JSON body with a
     ``command`` key, or a GitLab hook's, was typed a slash command too)."""
-    return _media(request) == _FORM and isinstance(body, dict) and "command" in body
+    return _media(request.headers) == _FORM and isinstance(body, dict) and "command" in body
 
 
-def _media(request: HookRequest) -> str:
-    return _media_of(request.headers)
-
-
-def _media_of(headers: Mapping[str, str]) -> str:
-    return headers.get("content-type", "").partition(";")[0].strip().lower()
+def _media(headers: Mapping[str, str]) -> str:
+    return media_type(headers.get("content-type", ""))
 
 
 def _github_payload(request: HookRequest, data: dict[str, Any]) -> None:
@@ -229,7 +226,7 @@ def _github_payload(request: HookRequest, data: dict[str, Any]) -> None:
     ``{body:...}`` templates read the same event either way). Left as the form when it is
     not JSON."""
     form = data.get("data")
-    if _media(request) != _FORM or not isinstance(form, dict) or set(form) != {"payload"}:
+    if _media(request.headers) != _FORM or not isinstance(form, dict) or set(form) != {"payload"}:
         return
     payload = form["payload"]
     if isinstance(payload, str):
@@ -242,7 +239,7 @@ def _data(request: HookRequest) -> dict[str, Any]:
     if not request.body:
         return {}
     declared = request.headers.get("content-type", "").strip()
-    media = declared.partition(";")[0].strip().lower()
+    media = media_type(declared)
     if is_json(media):  # as the event's datacontenttype is read: text/json too
         if media.startswith("application/cloudevents"):
             # the body is this event's data, not a CloudEvent: under its declared type a
@@ -377,14 +374,14 @@ class WebhookSource:
     def unsigned_form(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with ``headers`` may be Slack's check of a slash command's
         certificate (:meth:`ssl_check`): a Slack trigger, a form, no signature."""
-        return self._slack and "x-slack-signature" not in headers and _media_of(headers) == _FORM
+        return self._slack and "x-slack-signature" not in headers and _media(headers) == _FORM
 
     def ssl_check(self, request: HookRequest, *, now: float | None = None) -> bool:
         """Whether ``request`` is Slack's periodic check of a slash command URL's certificate
         (a form of ``ssl_check=1``), answered 200 with nothing published: refused, Slack
         reported the command's URL as failing. Unsigned, it is answered as Slack's own SDKs
         answer it; signed, the signature is verified first (CloudEventError 401)."""
-        if not self._slack or _media(request) != _FORM:
+        if not self._slack or _media(request.headers) != _FORM:
             return False
         form = parse_qs(request.body.decode("latin-1"), keep_blank_values=True)
         if form.get("ssl_check") != ["1"]:
