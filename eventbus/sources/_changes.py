@@ -38,6 +38,7 @@ async def poll_changes(
     event: Callable[[T, bool], Awaitable[dict[str, Any]]],
     start_at_end: bool = False,
     emit: Callable[[dict[str, Any]], Awaitable[object]] | None = None,
+    went: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Poll until cancelled.
 
@@ -49,7 +50,8 @@ async def poll_changes(
     else propagates (the runner marks the source failed). With ``start_at_end``, what the
     first scan of the source's first start lists is checkpointed without events (a marker
     checkpoint says it was done, so a later start reports what came meanwhile). ``emit``
-    publishes each event (``ctx.emit`` unless given).
+    publishes each event (``ctx.emit`` unless given); ``went`` is told the names of the items
+    a scan no longer lists, as their checkpoints are deleted.
     """
     seen: dict[str, Any] | None = None
     backoff = Backoff(ctx.clock, maximum=max(interval, 30.0))
@@ -62,7 +64,9 @@ async def poll_changes(
                     await ctx.checkpoints.put_many(baseline)
                     await ctx.checkpoints.put(_STARTED, True)
                     seen.update(baseline)
-            await _emit_changes(ctx, prefix, seen, await scan(), order, event, emit or ctx.emit)
+            await _emit_changes(
+                ctx, prefix, seen, await scan(), order, event, emit or ctx.emit, went
+            )
         except transient as exc:
             # Progress is rebuilt from checkpoints, so nothing half-done is trusted.
             ctx.report_error(exc)
@@ -82,6 +86,7 @@ async def _emit_changes(
     order: Callable[[T], Any],
     event: Callable[[T, bool], Awaitable[dict[str, Any]]],
     emit: Callable[[dict[str, Any]], Awaitable[object]],
+    went: Callable[[list[str]], None] | None,
 ) -> None:
     listed = {prefix + name: (marker, item) for name, marker, item in present}
     changed = [
@@ -110,3 +115,5 @@ async def _emit_changes(
         await ctx.checkpoints.delete_many(gone)
         for key in gone:
             del seen[key]
+        if went is not None:
+            went([key.removeprefix(prefix) for key in gone])

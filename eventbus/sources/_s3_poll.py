@@ -139,7 +139,6 @@ class S3PollSource:
         except (ValueError, botocore.exceptions.BotoCoreError) as exc:
             # botocore checks endpoint_url and region only here; report them like other fields.
             raise ConfigError(f"source {self.name!r} ({self.type}): {exc}") from exc
-        self._listed: set[str] | None = None  # the keys of the last listing
         self._gone: dict[str, float] = {}  # key -> when a listing no longer had it
 
     async def run(self, ctx: SourceContext) -> None:
@@ -154,13 +153,13 @@ class S3PollSource:
             order=lambda obj: (obj["LastModified"], obj["Key"]),
             event=self._event,
             start_at_end=self.config.start_at == "end",
+            went=self._went,
         )
 
     async def _scan(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
         # Not in asyncio's thread pool: a listing waiting on a frozen endpoint held the
         # service's exit for its timeouts (117 s after SIGTERM in a review).
         objects = await in_daemon_thread(self._list_all, f"s3-poll {self.name}")
-        self._note_gone({obj["Key"] for obj in objects})
         return [
             (
                 obj["Key"],
@@ -170,18 +169,14 @@ class S3PollSource:
             for obj in objects
         ]
 
-    def _note_gone(self, keys: set[str]) -> None:
-        """Remember when each key the last listing had and this one has not went, for
-        :data:`_GONE_KEPT` s: an object that comes back (its delete marker removed, a version
-        restored) has the ETag and LastModified it had, and its event the id of the one before,
-        which the bus dropped as a copy within its duplicate window."""
+    def _went(self, keys: list[str]) -> None:
+        """Remember when ``keys`` went from the listing, for :data:`_GONE_KEPT` s: an object
+        that comes back (its delete marker removed, a version restored) has the ETag and
+        LastModified it had, and its event the id of the one before, which the bus dropped as
+        a copy within its duplicate window."""
         now = time.time()
-        if self._listed is not None:
-            for key in self._listed - keys:
-                self._gone[key] = now
-        self._listed = keys
-        if self._gone:
-            self._gone = {k: at for k, at in self._gone.items() if now - at < _GONE_KEPT}
+        self._gone = {k: at for k, at in self._gone.items() if now - at < _GONE_KEPT}
+        self._gone.update(dict.fromkeys(keys, now))
 
     def _list_all(self) -> list[dict[str, Any]]:
         """Every object under the prefix (all pages). Runs in a worker thread."""
@@ -228,10 +223,10 @@ class S3PollSource:
             },
         }
         # Derived from the object version, so a re-emitted event after a crash has the same id;
-        # one that came back after it was gone names when it went (see _note_gone)
+        # one that came back after it was gone names when it went (see _went)
         version = f"{self.config.bucket}/{obj['Key']}#{etag}@{modified}"
         gone = self._gone.get(obj["Key"])
-        if gone is not None:
+        if gone is not None and time.time() - gone < _GONE_KEPT:
             version += f"~{gone!r}"
         event_id = str(uuid.uuid5(_NAMESPACE, version))
         return s3_event(record, event_id)
