@@ -20,6 +20,7 @@ Every tick is an aware ``datetime`` in UTC.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -89,25 +90,23 @@ class CronSchedule:
             and self._set_hours
         )
 
-    def next_after(self, t: datetime) -> datetime | None:
-        ticks = self._iter(t)
-        tick: datetime = ticks.get_next(datetime)
+    def _first(self, step: Callable[[type[datetime]], datetime]) -> datetime:
+        """The first tick ``step`` (an iterator's get_next or get_prev) gives that is not a
+        repeated one, in UTC."""
+        tick = step(datetime)
         for _ in range(_MOST_REPEATED):  # the repeated hour's ticks (3,600 at most, a year)
             if not self._repeated(tick):
                 break
-            tick = ticks.get_next(datetime)
+            tick = step(datetime)
         return tick.astimezone(UTC)
+
+    def next_after(self, t: datetime) -> datetime | None:
+        return self._first(self._iter(t).get_next)
 
     def at_or_before(self, t: datetime) -> datetime | None:
         # croniter's get_prev is strictly before its start; ticks are whole seconds, so starting
         # a microsecond later makes a tick exactly at ``t`` count.
-        ticks = self._iter(t + _TINY)
-        tick: datetime = ticks.get_prev(datetime)
-        for _ in range(_MOST_REPEATED):
-            if not self._repeated(tick):
-                break
-            tick = ticks.get_prev(datetime)
-        return tick.astimezone(UTC)
+        return self._first(self._iter(t + _TINY).get_prev)
 
 
 _MOST_REPEATED = 3700
