@@ -14,14 +14,13 @@ import hmac
 import re
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from unittest.mock import ANY
 from urllib.parse import quote
 
-import asyncpg
 import orjson
 import pytest
 import standardwebhooks
@@ -862,13 +861,39 @@ async def test_a_copy_sent_while_the_first_is_on_its_way_waits_for_it(
             assert published == [retry]
 
 
+@contextlib.asynccontextmanager
+async def _two_workers(
+    pool: Any, publish: Callable[[dict[str, Any]], Awaitable[None]]
+) -> AsyncIterator[tuple[WebhookSource, WebhookSource]]:
+    """Two processes' triggers of ``_PARTNER`` (serve --workers 2, say) on one database,
+    running, each publishing through ``publish``."""
+    workers = cast(list[WebhookSource], [build_source(_PARTNER) for _ in range(2)])
+    async with contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            ctx = make_context(pool, "partner", Recorder())
+            ctx.publish = publish
+            await stack.enter_async_context(running(worker, ctx))
+        await asyncio.sleep(0)  # the sources' tasks take their contexts
+        yield workers[0], workers[1]
+
+
+def _signed(order: str) -> HookRequest:
+    """A ``_PARTNER`` request signed now, for the order ``order``."""
+    body = orjson.dumps({"order": {"id": order}})
+    headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
+    return HookRequest("POST", headers, "", body)
+
+
+async def _send(worker: WebhookSource, request: HookRequest) -> tuple[bool, str]:
+    return await worker.publish(worker.event_for(request), worker.signature_of(request))
+
+
 async def test_a_copy_sent_to_another_process_is_a_duplicate_for_the_whole_tolerance(
     database_dsn: str,
 ) -> None:
     # Each worker of serve --workers N (and an instance after a restart) remembered only the
     # signatures it had published: a captured request sent again to another one, past the
     # bus's duplicate window (2 minutes) and within the tolerance (5), was published again.
-    workers = [build_source(_PARTNER) for _ in range(2)]
     published: list[dict[str, Any]] = []
     gate = asyncio.Event()
     gate.set()
@@ -879,20 +904,8 @@ async def test_a_copy_sent_to_another_process_is_a_duplicate_for_the_whole_toler
             raise BusUnavailable("no acknowledgement in time (test)")
         published.append(event)
 
-    def signed(order: str) -> HookRequest:
-        body = orjson.dumps({"order": {"id": order}})
-        headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
-        return HookRequest("POST", headers, "", body)
-
-    async with source_pool(database_dsn) as pool, contextlib.AsyncExitStack() as stack:
-        for worker in workers:
-            assert isinstance(worker, WebhookSource)
-            ctx = make_context(pool, "partner", Recorder())
-            ctx.publish = publish
-            await stack.enter_async_context(running(worker, ctx))
-        await asyncio.sleep(0)  # the sources' tasks take their contexts
-        first, other = cast(list[WebhookSource], workers)
-        request = signed("shared")
+    async with source_pool(database_dsn) as pool, _two_workers(pool, publish) as (first, other):
+        request = _signed("shared")
         signature = first.signature_of(request)
         assert signature is not None
         event = first.event_for(request)
@@ -901,7 +914,7 @@ async def test_a_copy_sent_to_another_process_is_a_duplicate_for_the_whole_toler
         # A copy reaching the other process while the first is still being published goes to
         # the bus itself (which drops it as a duplicate when the first gets there): it was
         # answered "duplicate" at once, and lost when the first publish then failed.
-        request = signed("in flight")
+        request = _signed("in flight")
         signature = first.signature_of(request)
         assert signature is not None
         gate.clear()
@@ -922,78 +935,44 @@ async def test_a_hanging_database_holds_one_signed_request_a_second_not_each_ten
     # store's read timeout when PostgreSQL hung (rather than refusing connections): 10 s for
     # every signed request, where Slack wants its answer within 3.
     monkeypatch.setattr(webhook_module, "_SHARED_PAUSE", 1.5)
-    workers = cast(list[WebhookSource], [build_source(_PARTNER) for _ in range(2)])
     published: list[dict[str, Any]] = []
 
     async def publish(event: dict[str, Any]) -> None:
         published.append(event)
 
-    def signed(order: str) -> HookRequest:
-        body = orjson.dumps({"order": {"id": order}})
-        headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
-        return HookRequest("POST", headers, "", body)
-
-    async def send(worker: WebhookSource, request: HookRequest) -> tuple[bool, str]:
-        return await worker.publish(worker.event_for(request), worker.signature_of(request))
-
-    async with contextlib.AsyncExitStack() as stack:
-        async with source_pool(database_dsn):
-            pass  # the tables made
-        pool = await asyncpg.create_pool(database_dsn, min_size=1, max_size=10)
-        stack.push_async_callback(pool.close)
-        for worker in workers:
-            ctx = make_context(pool, "partner", Recorder())
-            ctx.publish = publish
-            await stack.enter_async_context(running(worker, ctx))
-        await asyncio.sleep(0)  # the sources' tasks take their contexts
-        first, other = workers
+    async with source_pool(database_dsn) as pool, _two_workers(pool, publish) as (first, other):
         async with table_locked(database_dsn, "webhook_signatures"):
             # the first wait the look's deadline (1 s), the rest nothing: 10 s each before
             async with asyncio.timeout(4):
                 answers = await asyncio.gather(
-                    *(send(first, signed(f"hung {n}")) for n in range(20))
+                    *(_send(first, _signed(f"hung {n}")) for n in range(20))
                 )
             assert all(duplicate is False for duplicate, _ in answers)
         assert len(published) == 20  # each published, none refused
         # still paused: what the first publishes now is not shared, so a copy sent to the
         # other is published again (the bus's window tells it)
-        request = signed("while paused")
-        assert (await send(first, request))[0] is False
-        assert (await send(other, request))[0] is False
+        request = _signed("while paused")
+        assert (await _send(first, request))[0] is False
+        assert (await _send(other, request))[0] is False
         await asyncio.sleep(1.6)  # the pause over, signatures are shared again
-        request = signed("after")
-        _, event_id = await send(first, request)
-        assert await send(other, request) == (True, event_id)
+        request = _signed("after")
+        _, event_id = await _send(first, request)
+        assert await _send(other, request) == (True, event_id)
     assert len(published) == 23
 
 
 async def test_a_burst_of_signed_requests_is_shared_whole(database_dsn: str) -> None:
     # Past 4 looks and writes at once a request went on without: of 20 sent at once, 15
     # copies sent to another process were published again, the database healthy.
-    workers = cast(list[WebhookSource], [build_source(_PARTNER) for _ in range(2)])
     published: list[dict[str, Any]] = []
 
     async def publish(event: dict[str, Any]) -> None:
         published.append(event)
 
-    def signed(order: str) -> HookRequest:
-        body = orjson.dumps({"order": {"id": order}})
-        headers = {k.lower(): v for k, v in generic(body, stamp=str(int(time.time()))).items()}
-        return HookRequest("POST", headers, "", body)
-
-    async def send(worker: WebhookSource, request: HookRequest) -> tuple[bool, str]:
-        return await worker.publish(worker.event_for(request), worker.signature_of(request))
-
-    async with source_pool(database_dsn) as pool, contextlib.AsyncExitStack() as stack:
-        for worker in workers:
-            ctx = make_context(pool, "partner", Recorder())
-            ctx.publish = publish
-            await stack.enter_async_context(running(worker, ctx))
-        await asyncio.sleep(0)  # the sources' tasks take their contexts
-        first, other = workers
-        requests = [signed(f"burst {n}") for n in range(20)]
-        await asyncio.gather(*(send(first, request) for request in requests))
-        copies = await asyncio.gather(*(send(other, request) for request in requests))
+    async with source_pool(database_dsn) as pool, _two_workers(pool, publish) as (first, other):
+        requests = [_signed(f"burst {n}") for n in range(20)]
+        await asyncio.gather(*(_send(first, request) for request in requests))
+        copies = await asyncio.gather(*(_send(other, request) for request in requests))
     assert [duplicate for duplicate, _ in copies] == [True] * 20
     assert len(published) == 20
 
