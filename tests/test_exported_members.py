@@ -159,6 +159,7 @@ EXPORTS: dict[str, list[str]] = {
         "register_connector",
         "rule_paths",
         "service_address",
+        "tls_reason",
         "tls_refusal",
         "yaml_error_at",
         "yaml_files",

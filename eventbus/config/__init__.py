@@ -10,6 +10,7 @@
     Secret                        a password, token or key: env, file or literal (_secrets)
     TlsSpec                       the tls block of every client connection -> SSLContext (_tls)
     tls_refusal                   why a TLS session with a server fails, for clients that hide it
+    tls_reason                    what a TLS error says (the failed check, the server's alert)
     refuse_nats_plaintext         refuse a NATS server that would take a TLS connection in clear
     NatsAuth, KafkaAuth           broker credentials, shared by bus, sources and targets (_clients)
     OAuth2Spec                    OAuth 2.0 client credentials: HTTP targets, Kafka OAUTHBEARER
@@ -61,7 +62,7 @@ from eventbus.config._settings import (
     rule_paths,
     service_address,
 )
-from eventbus.config._tls import TlsSpec, refuse_nats_plaintext, tls_refusal
+from eventbus.config._tls import TlsSpec, refuse_nats_plaintext, tls_reason, tls_refusal
 from eventbus.config._units import Duration, NumbersNotBools, parse_duration
 from eventbus.config._yaml import (
     KeyPath,
@@ -127,6 +128,7 @@ __all__ = [
     "register_connector",
     "rule_paths",
     "service_address",
+    "tls_reason",
     "tls_refusal",
     "yaml_error_at",
     "yaml_files",

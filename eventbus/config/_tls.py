@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 from eventbus._errors import ConfigError
 from eventbus.config._secrets import Secret, validate_secret
 
-__all__ = ["TlsSpec", "refuse_nats_plaintext", "tls_refusal"]
+__all__ = ["TlsSpec", "refuse_nats_plaintext", "tls_reason", "tls_refusal"]
 
 log = logging.getLogger("eventbus.config")
 
@@ -197,7 +197,7 @@ async def tls_refusal(host: str, port: int, context: ssl.SSLContext) -> str | No
         async with asyncio.timeout(_HANDSHAKE_WAIT):
             reader, writer = await asyncio.open_connection(host, port, ssl=context)
     except ssl.SSLError as exc:
-        return _handshake_reason(exc)
+        return tls_reason(exc)
     except TimeoutError:
         # reached, and silent: a listener without TLS waits for a request it can read (an
         # SSL client on a Kafka plaintext port showed only "Unable to bootstrap")
@@ -212,7 +212,7 @@ async def tls_refusal(host: str, port: int, context: ssl.SSLContext) -> str | No
             if not await reader.read(1):
                 return "the server closed the connection right after the TLS handshake"
     except ssl.SSLError as exc:
-        return _handshake_reason(exc)
+        return tls_reason(exc)
     except ConnectionError:
         return "the server reset the connection right after the TLS handshake"
     except TimeoutError:
@@ -285,7 +285,9 @@ _ALERT_WAIT = 0.5
 """How long :func:`tls_refusal` waits for the handshake, then listens for the server's alert."""
 
 
-def _handshake_reason(exc: ssl.SSLError) -> str:
+def tls_reason(exc: ssl.SSLError) -> str:
+    """What a TLS error says, as people read it: the certificate check that failed, or the
+    alert the server sent (``tlsv13 alert certificate required``)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if exc.reason:

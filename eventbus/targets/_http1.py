@@ -28,6 +28,8 @@ from typing import Any, cast
 
 import httptools
 
+from eventbus.config import tls_reason
+
 __all__ = [
     "CertificateError",
     "ConnectError",
@@ -85,10 +87,9 @@ def _disconnected(exc: Exception | None) -> Disconnected:
     """Why a connection closed before its answer came: the TLS alert the server ended it
     with, where it sent one (the reason was dropped: "server disconnected" and retried, for a
     server that wanted a client certificate)."""
-    reason = exc.reason if isinstance(exc, ssl.SSLError) else None
-    if not reason:
+    if not isinstance(exc, ssl.SSLError) or not exc.reason:
         return Disconnected("server disconnected before answering")
-    said = reason.lower().replace("_", " ")  # TLSV13_ALERT_CERTIFICATE_REQUIRED
+    reason, said = exc.reason, tls_reason(exc)  # TLSV13_ALERT_CERTIFICATE_REQUIRED
     if "ALERT" in reason and any(alert in reason for alert in _REFUSING_ALERTS):
         return TlsRefused(f"the server refused the TLS connection: {said}")
     return Disconnected(f"server disconnected before answering: {said}")
